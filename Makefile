@@ -1,0 +1,50 @@
+# The two commands that matter: `make run` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# Local plain-http development defaults for `make run` (the environment or .env still wins).
+export COOKIE_SECURE ?= false
+export WEBHOOK_ALLOW_PRIVATE_NETWORKS ?= true
+
+.PHONY: run test lint fmt schema install install-dev bench bench-quick clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(PY)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(PY)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@ $(VENV)/.runtime
+
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
+
+run: $(VENV)/.runtime
+	@echo "Serving on http://$(HOST):$(PORT)  (docs: /docs). COOKIE_SECURE=$(COOKIE_SECURE): plain-http cookies for local development."
+	$(PY) -m app.cli init
+	$(VENV)/bin/uvicorn --factory main:create_app --host $(HOST) --port $(PORT) --no-access-log
+
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: $(VENV)/.dev
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+schema: $(VENV)/.dev
+	$(PY) -m tools.schema_sql
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,169 @@
+"""Passwords, JWTs and the `CurrentUser` / `AdminUser` dependencies."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import anyio
+import bcrypt
+import jwt
+from fastapi import Depends, Request
+from fastapi.security import OAuth2PasswordBearer
+
+from app.config import Settings
+from app.db import SessionDep, utcnow
+from app.errors import Forbidden, Unauthorized
+from app.models import User
+
+TokenType = Literal["access", "refresh"]
+REQUIRED_CLAIMS = ["sub", "team_id", "type", "jti", "iat", "exp", "iss", "aud"]
+INVALID_TOKEN = "Could not validate credentials"
+
+# Documents the Bearer scheme for Swagger's Authorize button; we read the header ourselves.
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/auth/token", auto_error=False)
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+# --- passwords -------------------------------------------------------------------------------
+
+
+def _prehash(password: str) -> bytes:
+    """SHA-256 then base64 before bcrypt, so long passwords are neither truncated at 72 bytes nor rejected."""
+    return base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
+
+
+def hash_password_sync(password: str, rounds: int) -> str:
+    return bcrypt.hashpw(_prehash(password), bcrypt.gensalt(rounds=rounds)).decode()
+
+
+async def hash_password(password: str, rounds: int) -> str:
+    """bcrypt runs in a worker thread: at cost 12 it takes ~250 ms, which must not block the event loop."""
+    return await anyio.to_thread.run_sync(hash_password_sync, password, rounds)
+
+
+async def verify_password(password: str, password_hash: str) -> bool:
+    def _check() -> bool:
+        try:
+            return bcrypt.checkpw(_prehash(password), password_hash.encode())
+        except ValueError:
+            return False
+
+    return await anyio.to_thread.run_sync(_check)
+
+
+# --- tokens ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str
+    jti: str
+    expires_at: datetime
+    expires_in: int
+
+
+def create_token(
+    *,
+    settings: Settings,
+    user_id: uuid.UUID,
+    team_id: uuid.UUID,
+    token_type: TokenType,
+    extra: dict[str, Any] | None = None,
+) -> IssuedToken:
+    now = utcnow()
+    lifetime = (
+        timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES)
+        if token_type == "access"
+        else timedelta(days=settings.REFRESH_TOKEN_EXPIRE_DAYS)
+    )
+    jti = uuid.uuid4().hex
+    claims: dict[str, Any] = {
+        "sub": str(user_id),
+        "team_id": str(team_id),
+        "type": token_type,
+        "jti": jti,
+        "iat": int(now.timestamp()),
+        "exp": int((now + lifetime).timestamp()),
+        "iss": settings.JWT_ISSUER,
+        "aud": settings.JWT_AUDIENCE,
+        **(extra or {}),
+    }
+    token = jwt.encode(claims, settings.JWT_SECRET, algorithm=settings.JWT_ALGORITHM)
+    return IssuedToken(token=token, jti=jti, expires_at=now + lifetime, expires_in=int(lifetime.total_seconds()))
+
+
+def decode_token(token: str, *, settings: Settings, expected_type: TokenType) -> dict[str, Any]:
+    """Verify signature, algorithm (pinned), issuer, audience, expiry, required claims and type."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            settings.JWT_SECRET,
+            algorithms=[settings.JWT_ALGORITHM],
+            audience=settings.JWT_AUDIENCE,
+            issuer=settings.JWT_ISSUER,
+            options={"require": REQUIRED_CLAIMS},
+        )
+        if claims.get("type") != expected_type:
+            raise Unauthorized(INVALID_TOKEN)
+        uuid.UUID(str(claims["sub"]))
+        uuid.UUID(str(claims["team_id"]))
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        raise Unauthorized(INVALID_TOKEN) from exc
+    return claims
+
+
+def token_from_request(request: Request) -> str | None:
+    """The Bearer header wins over the cookie; a token in the query string is never read."""
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None
+    return request.cookies.get("access_token") or None
+
+
+async def current_user(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    _bearer: Annotated[str | None, Depends(oauth2_scheme)] = None,
+) -> User:
+    token = token_from_request(request)
+    if not token:
+        raise Unauthorized()
+    claims = decode_token(token, settings=settings, expected_type="access")
+    revocations = getattr(request.app.state, "revocations", None)
+    if revocations is not None and await revocations.is_revoked(claims["jti"]):
+        raise Unauthorized(INVALID_TOKEN)
+    user = await session.get(User, uuid.UUID(claims["sub"]))
+    if user is None or not user.is_active or str(user.team_id) != claims["team_id"]:
+        raise Unauthorized(INVALID_TOKEN)
+    if user.tokens_valid_after is not None and claims["iat"] < int(user.tokens_valid_after.timestamp()):
+        raise Unauthorized(INVALID_TOKEN)
+    request.state.token_claims = claims
+    return user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+
+
+async def admin_user(user: CurrentUser) -> User:
+    if user.role != "admin":
+        raise Forbidden("Admin role required")
+    return user
+
+
+AdminUser = Annotated[User, Depends(admin_user)]

@@ -1,0 +1,136 @@
+"""Operator commands: `python -m app.cli init | create-admin | reset-password`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import func, select
+
+from app.auth import hash_password
+from app.config import Settings, load_settings
+from app.db import Database, utcnow
+from app.models import Team, User
+from app.services.teams import create_team_with_admin, database_is_empty
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def migrate(settings: Settings) -> None:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", settings.DATABASE_URL)
+    command.upgrade(config, "head")
+
+
+async def first_admin(settings: Settings) -> None:
+    db = Database(settings)
+    try:
+        async with db.sessionmaker() as session:
+            if not await database_is_empty(session):
+                out("Database already has data: keeping it (no first admin created).")
+                return
+            password = settings.FIRST_ADMIN_PASSWORD or secrets.token_urlsafe(12)
+            team, user = await create_team_with_admin(
+                session=session,
+                name=settings.FIRST_TEAM_NAME,
+                admin_email=settings.FIRST_ADMIN_EMAIL,
+                admin_password=password,
+                admin_full_name="Administrator",
+                bcrypt_rounds=settings.BCRYPT_ROUNDS,
+            )
+            out("First team and admin created:")
+            out(f"  team:     {team.name} (team_id {team.id})")
+            out(f"  email:    {user.email}")
+            if settings.FIRST_ADMIN_PASSWORD:
+                out("  password: (from FIRST_ADMIN_PASSWORD)")
+            else:
+                out(f"  password: {password}   <- shown once; change it or set FIRST_ADMIN_PASSWORD")
+    finally:
+        await db.dispose()
+
+
+async def create_admin(settings: Settings, team_name: str, email: str, password: str) -> None:
+    db = Database(settings)
+    try:
+        async with db.sessionmaker() as session:
+            team, user = await create_team_with_admin(
+                session=session,
+                name=team_name,
+                admin_email=email,
+                admin_password=password,
+                admin_full_name=None,
+                bcrypt_rounds=settings.BCRYPT_ROUNDS,
+            )
+            out(f"Created team {team.name} ({team.id}) with admin {user.email} ({user.id})")
+    finally:
+        await db.dispose()
+
+
+async def reset_password(settings: Settings, email: str, password: str, team_id: str | None) -> int:
+    db = Database(settings)
+    try:
+        async with db.sessionmaker() as session:
+            query = select(User).where(func.lower(User.email) == email.strip().lower())
+            if team_id:
+                query = query.where(User.team_id == team_id)
+            users = list((await session.execute(query)).scalars())
+            if len(users) != 1:
+                out("No such user" if not users else "Email exists in several teams: pass --team-id")
+                return 1
+            user = users[0]
+            user.password_hash = await hash_password(password, settings.BCRYPT_ROUNDS)
+            user.tokens_valid_after = utcnow()
+            await session.commit()
+            team = await session.get(Team, user.team_id)
+            out(f"Password reset for {user.email} in team {team.name if team else user.team_id}")
+            return 0
+    finally:
+        await db.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.cli")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("migrate", help="apply migrations (alembic upgrade head)")
+    sub.add_parser("init", help="migrate, then create the first team and admin if the database is empty")
+    p_admin = sub.add_parser("create-admin", help="create a team and its first admin")
+    p_admin.add_argument("--team", required=True)
+    p_admin.add_argument("--email", required=True)
+    p_admin.add_argument("--password", required=True)
+    p_reset = sub.add_parser("reset-password", help="set a user's password and revoke their tokens")
+    p_reset.add_argument("--email", required=True)
+    p_reset.add_argument("--password", required=True)
+    p_reset.add_argument("--team-id")
+    args = parser.parse_args(argv)
+
+    settings = load_settings()
+    if args.cmd in ("migrate", "init"):
+        migrate(settings)
+    if args.cmd == "init":
+        asyncio.run(first_admin(settings))
+    elif args.cmd == "create-admin":
+        if len(args.password) < 8:
+            out("Password must be at least 8 characters")
+            return 2
+        asyncio.run(create_admin(settings, args.team, args.email, args.password))
+    elif args.cmd == "reset-password":
+        if len(args.password) < 8:
+            out("Password must be at least 8 characters")
+            return 2
+        return asyncio.run(reset_password(settings, args.email, args.password, args.team_id))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Application settings, read once from the environment and an optional `.env` file."""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from cryptography.fernet import Fernet
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class ConfigError(SystemExit):
+    """Raised at start-up when the configuration is invalid; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """Every tunable of the service. Names are the environment variables (see .env.example)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=True)
+
+    APP_ENV: Literal["development", "production", "test"] = "development"
+    DATA_DIR: Path = Path("./data")
+    DATABASE_URL: str = ""
+    DB_POOL_SIZE: int = Field(10, ge=1, le=1000)
+    DB_MAX_OVERFLOW: int = Field(10, ge=0, le=1000)
+    DB_CONNECT_TIMEOUT: float = Field(5.0, gt=0)
+    REDIS_URL: str | None = None
+
+    JWT_SECRET: str = ""
+    JWT_ALGORITHM: Literal["HS256", "HS384", "HS512"] = "HS256"
+    JWT_ISSUER: str = "n8n-chat-relay"
+    JWT_AUDIENCE: str = "n8n-chat-relay"
+    ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(60, ge=1)
+    REFRESH_TOKEN_EXPIRE_DAYS: int = Field(7, ge=1)
+    ENCRYPTION_KEY: str = ""
+    BCRYPT_ROUNDS: int = Field(12, ge=4, le=16)
+
+    COOKIE_SECURE: bool = True
+    COOKIE_SAMESITE: Literal["strict", "lax", "none"] = "strict"
+    COOKIE_DOMAIN: str | None = None
+    CORS_ORIGINS: CommaList = []
+    TRUSTED_PROXIES: CommaList = []
+
+    TEAM_SIGNUP_ENABLED: bool = True
+    RATE_LIMIT_ENABLED: bool = True
+    RATE_LIMIT_LOGIN: str = "5/minute"
+    RATE_LIMIT_REGISTER: str = "10/hour"
+    RATE_LIMIT_TEAM_SIGNUP: str = "5/hour"
+
+    MAX_REQUEST_BODY_BYTES: int = Field(1_048_576, ge=1024)
+    MESSAGE_MAX_CHARS: int = Field(32_000, ge=1)
+    AVATAR_MAX_BYTES: int = Field(2_097_152, ge=1024)
+    AVATAR_MAX_PIXELS: int = Field(40_000_000, ge=1)
+    AVATAR_MAX_SIDE: int = Field(512, ge=16)
+
+    WEBHOOK_ALLOW_PRIVATE_NETWORKS: bool = False
+    WEBHOOK_ALLOWED_HOSTS: CommaList = []
+    N8N_CONNECT_TIMEOUT: float = Field(10.0, gt=0)
+    N8N_FIRST_BYTE_TIMEOUT: float = Field(120.0, gt=0)
+    N8N_READ_TIMEOUT: float = Field(120.0, gt=0)
+    N8N_TOTAL_TIMEOUT: float = Field(900.0, gt=0)
+    N8N_MAX_LINE_BYTES: int = Field(1_048_576, ge=1024)
+    N8N_MAX_RESPONSE_BYTES: int = Field(10_485_760, ge=1024)
+    N8N_HISTORY_MAX_MESSAGES: int = Field(50, ge=1)
+    N8N_HISTORY_MAX_BYTES: int = Field(200_000, ge=1024)
+    N8N_POOL_LIMIT: int = Field(0, ge=0)
+
+    STREAM_PING_INTERVAL: float = Field(15.0, gt=0)
+    STREAM_CHECKPOINT_INTERVAL: float = Field(5.0, gt=0)
+    SHUTDOWN_GRACE_SECONDS: float = Field(10.0, ge=0)
+    WORKER_HEARTBEAT_INTERVAL: float = Field(10.0, gt=0)
+
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    LOG_FORMAT: Literal["text", "json"] = "text"
+
+    FIRST_TEAM_NAME: str = "My team"
+    FIRST_ADMIN_EMAIL: str = "admin@example.com"
+    FIRST_ADMIN_PASSWORD: str = ""
+
+    @field_validator("CORS_ORIGINS", "TRUSTED_PROXIES", "WEBHOOK_ALLOWED_HOSTS", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("CORS_ORIGINS")
+    @classmethod
+    def _no_wildcard_origin(cls, value: list[str]) -> list[str]:
+        # Credentials (cookies) are allowed, and browsers reject `*` with credentials anyway.
+        if "*" in value:
+            raise ValueError("'*' is not allowed; list the SPA origins explicitly")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_and_check(self) -> Settings:
+        if not self.DATABASE_URL:
+            self.DATABASE_URL = f"sqlite+aiosqlite:///{self.DATA_DIR / 'app.db'}"
+        if self.APP_ENV == "production":
+            missing = [name for name in ("JWT_SECRET", "ENCRYPTION_KEY") if not getattr(self, name)]
+            if missing:
+                raise ValueError(f"{', '.join(missing)} must be set when APP_ENV=production")
+            if len(self.JWT_SECRET) < 32:
+                raise ValueError("JWT_SECRET must be at least 32 characters in production")
+            if not self.COOKIE_SECURE:
+                raise ValueError("COOKIE_SECURE must be true in production")
+        else:
+            if not self.JWT_SECRET:
+                self.JWT_SECRET = _persistent_secret(self.DATA_DIR / "jwt_secret", lambda: secrets.token_urlsafe(48))
+            if not self.ENCRYPTION_KEY:
+                self.ENCRYPTION_KEY = _persistent_secret(
+                    self.DATA_DIR / "encryption_key", lambda: Fernet.generate_key().decode()
+                )
+        try:
+            Fernet(self.ENCRYPTION_KEY.encode())
+        except (ValueError, TypeError) as exc:
+            raise ValueError("ENCRYPTION_KEY must be a url-safe base64 32-byte Fernet key") from exc
+        if self.COOKIE_SAMESITE == "none" and not self.COOKIE_SECURE:
+            raise ValueError("COOKIE_SAMESITE=none requires COOKIE_SECURE=true")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.DATABASE_URL.startswith("sqlite")
+
+
+def _persistent_secret(path: Path, make: object) -> str:
+    """Generate a development secret once and keep it, so restarts keep sessions and encrypted data."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = make() if callable(make) else str(make)
+    path.write_text(value)
+    path.chmod(0o600)
+    return str(value)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning a validation failure into a message that names each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_input=False, include_url=False):
+            name = ".".join(str(part) for part in err["loc"]) or "configuration"
+            lines.append(f"  {name}: {err['msg']}")
+        raise ConfigError("Invalid configuration:\n" + "\n".join(lines)) from None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,107 @@
+"""The one application error type, and the handlers that render every error as `{"detail": ...}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class AppError(Exception):
+    """Raised by services; the handler turns it into a JSON error with this status code."""
+
+    status_code = 400
+    default_detail = "Bad request"
+
+    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+        self.detail = detail or self.default_detail
+        self.headers = headers
+        super().__init__(self.detail)
+
+
+class BadRequest(AppError):
+    status_code = 400
+
+
+class Unauthorized(AppError):
+    status_code = 401
+    default_detail = "Not authenticated"
+
+    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer", **(headers or {})})
+
+
+class Forbidden(AppError):
+    status_code = 403
+    default_detail = "Not allowed"
+
+
+class NotFound(AppError):
+    status_code = 404
+    default_detail = "Not found"
+
+
+class Conflict(AppError):
+    status_code = 409
+    default_detail = "Conflict"
+
+
+class PayloadTooLarge(AppError):
+    status_code = 413
+    default_detail = "Request body too large"
+
+
+class UnsupportedMediaType(AppError):
+    status_code = 415
+    default_detail = "Unsupported media type"
+
+
+class Unprocessable(AppError):
+    status_code = 422
+    default_detail = "Unprocessable input"
+
+
+class RateLimited(AppError):
+    status_code = 429
+    default_detail = "Too many requests"
+
+
+class ServiceUnavailable(AppError):
+    status_code = 503
+    default_detail = "Service unavailable"
+
+
+def safe_validation_errors(errors: Any) -> list[dict[str, Any]]:
+    """FastAPI's 422 shape without `input` and `ctx`, which would echo what was sent (passwords, secrets)."""
+    cleaned = []
+    for err in errors:
+        cleaned.append({"type": err.get("type"), "loc": list(err.get("loc", ())), "msg": err.get("msg")})
+    return cleaned
+
+
+async def _app_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AppError)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": safe_validation_errors(exc.errors())}, status_code=422)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = getattr(exc, "headers", None)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

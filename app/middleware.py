@@ -1,0 +1,144 @@
+"""Pure ASGI middleware: request id, security headers, body size limit, access log, last-resort 500.
+
+Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through unbuffered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.config import Settings
+from app.logs import request_id_var
+
+logger = logging.getLogger("app.access")
+error_logger = logging.getLogger("app.errors")
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
+AVATAR_UPLOAD_RE = re.compile(r"^/api/agents/[^/]+/avatar/?$")
+#: Room for multipart boundaries and part headers around the avatar file itself.
+MULTIPART_OVERHEAD = 64 * 1024
+
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
+)
+DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """An HTTPException so FastAPI's body parsing re-raises it instead of turning it into a 400."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=413, detail="Request body too large")
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.hsts = settings.COOKIE_SECURE
+
+    def body_limit(self, scope: Scope) -> int:
+        if scope.get("method") == "POST" and AVATAR_UPLOAD_RE.match(scope.get("path", "")):
+            return self.settings.AVATAR_MAX_BYTES + MULTIPART_OVERHEAD
+        return self.settings.MAX_REQUEST_BODY_BYTES
+
+    def security_headers(self, path: str) -> list[tuple[bytes, bytes]]:
+        csp = DOCS_CSP if path in DOCS_PATHS else API_CSP
+        headers = [
+            (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", b"DENY"),
+            (b"referrer-policy", b"no-referrer"),
+            (b"content-security-policy", csp.encode()),
+            (b"cross-origin-opener-policy", b"same-origin"),
+        ]
+        if self.hsts:
+            headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
+        return headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        raw_id = _header(scope, b"x-request-id")
+        request_id = raw_id if raw_id and REQUEST_ID_RE.match(raw_id) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        path: str = scope.get("path", "")
+        started = time.perf_counter()
+        state: dict[str, Any] = {"started": False, "status": 0}
+        limit = self.body_limit(scope)
+        extra_headers = [(b"x-request-id", request_id.encode()), *self.security_headers(path)]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                state["status"] = message["status"]
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [
+                    (name, value) for name, value in extra_headers if name not in present
+                ]
+            await send(message)
+
+        received = 0
+
+        async def receive_wrapper() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge()
+            return message
+
+        try:
+            declared = _header(scope, b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await self._send_json(send_wrapper, 413, {"detail": "Request body too large"})
+                return
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except BodyTooLarge:
+            if not state["started"]:
+                await self._send_json(send_wrapper, 413, {"detail": "Request body too large"})
+        except Exception:
+            error_logger.exception("unhandled error on %s %s", scope.get("method"), path)
+            if not state["started"]:
+                await self._send_json(send_wrapper, 500, {"detail": "Internal server error", "request_id": request_id})
+        finally:
+            logger.info(
+                "%s %s %s %.1fms",
+                scope.get("method"),
+                path,
+                state["status"] or "-",
+                (time.perf_counter() - started) * 1000,
+            )
+            request_id_var.reset(token)
+
+    @staticmethod
+    async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+        payload = json.dumps(body).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return str(value.decode("latin-1"))
+    return None

@@ -1,0 +1,31 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from app.schemas import HealthRead
+from app.services import health as health_service
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", response_model=HealthRead, summary="The process is running")
+async def health() -> HealthRead:
+    return HealthRead(status="ok")
+
+
+@router.get(
+    "/ready",
+    response_model=HealthRead,
+    summary="Database (and Redis, when configured) reachable and migrated",
+    responses={503: {"description": "Not ready; `detail` says why", "content": {"application/json": {}}}},
+)
+async def ready(request: Request) -> HealthRead | JSONResponse:
+    problem = await health_service.readiness_problem(
+        db=request.app.state.db, redis=request.app.state.redis, expected_revision=request.app.state.migration_head
+    )
+    if problem:
+        return JSONResponse({"detail": problem}, status_code=503)
+    return HealthRead(status="ready")

@@ -1,0 +1,1 @@
+"""Business logic: queries, rules and commits. No FastAPI imports here."""

@@ -1,0 +1,48 @@
+"""Readiness checks: the database answers and is at the migration head; Redis answers when configured."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+
+from app.db import Database
+
+logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent.parent
+CHECK_TIMEOUT = 3.0
+
+
+def migration_head() -> str | None:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+async def readiness_problem(*, db: Database, redis: Any, expected_revision: str | None) -> str | None:
+    """None when ready, else a short reason (no connection strings, no driver messages)."""
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            async with db.engine.connect() as conn:
+                revision = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+    except Exception as exc:
+        logger.warning("readiness: database check failed: %s", type(exc).__name__)
+        msg = str(exc).lower()
+        if "alembic_version" in msg:
+            return "database not migrated: run `alembic upgrade head`"
+        return "database unreachable"
+    if revision != expected_revision:
+        return f"database not migrated: at {revision}, expected {expected_revision}"
+    if redis is not None:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                await redis.ping()
+        except Exception as exc:
+            logger.warning("readiness: redis check failed: %s", type(exc).__name__)
+            return "redis unreachable"
+    return None

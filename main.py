@@ -1,0 +1,75 @@
+"""Application factory: `create_app()` wires settings, database, middleware, errors and routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.config import Settings, get_settings
+from app.db import Database
+from app.errors import install_error_handlers
+from app.logs import setup_logging
+from app.middleware import RequestContextMiddleware
+from app.routers import health
+from app.services.health import migration_head
+
+logger = logging.getLogger("app")
+
+DESCRIPTION = """
+Chat with your team's n8n agents. Authenticate with the **Authorize** button (email as username,
+your team id as `client_id` when your email exists in several teams), or send
+`Authorization: Bearer <token>`. Message answers stream as Server-Sent Events.
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    logger.info("starting (database: %s)", app.state.settings.DATABASE_URL.split(":", 1)[0])
+    try:
+        yield
+    finally:
+        await shutdown(app)
+
+
+async def shutdown(app: FastAPI) -> None:
+    """Release what `create_app` opened; tests call it for apps they never ran a lifespan on."""
+    if app.state.redis is not None:
+        await app.state.redis.aclose()
+    await app.state.db.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    setup_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    app = FastAPI(
+        title="n8n Chat Relay",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        swagger_ui_parameters={"persistAuthorization": True},
+    )
+    app.state.settings = settings
+    app.state.db = Database(settings)
+    app.state.redis = aioredis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
+    app.state.migration_head = migration_head()
+
+    install_error_handlers(app)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.CORS_ORIGINS,
+        allow_credentials=True,
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Last-Event-ID"],
+        expose_headers=["X-Total-Count", "X-Request-ID", "Retry-After"],
+        max_age=600,
+    )
+    # Outermost, so even CORS and error responses carry the request id and security headers.
+    app.add_middleware(RequestContextMiddleware, settings=settings)
+
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,150 @@
+-- Generated from migrations/ by `make schema` (python -m tools.schema_sql). Do not edit.
+BEGIN;
+
+CREATE TABLE alembic_version (
+    version_num VARCHAR(32) NOT NULL, 
+    CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num)
+);
+
+-- Running upgrade  -> 0001
+
+CREATE TABLE revoked_tokens (
+    jti VARCHAR(64) NOT NULL, 
+    expires_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_revoked_tokens PRIMARY KEY (jti)
+);
+
+CREATE INDEX ix_revoked_tokens_expires_at ON revoked_tokens (expires_at);
+
+CREATE TABLE teams (
+    id UUID NOT NULL, 
+    name VARCHAR(100) NOT NULL, 
+    slug VARCHAR(120) NOT NULL, 
+    settings JSONB NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_teams PRIMARY KEY (id), 
+    CONSTRAINT uq_teams_slug UNIQUE (slug)
+);
+
+CREATE TABLE workers (
+    id UUID NOT NULL, 
+    started_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    heartbeat_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_workers PRIMARY KEY (id)
+);
+
+CREATE TABLE users (
+    id UUID NOT NULL, 
+    team_id UUID NOT NULL, 
+    email VARCHAR(320) NOT NULL, 
+    password_hash VARCHAR(100) NOT NULL, 
+    full_name VARCHAR(200), 
+    role VARCHAR(10) NOT NULL, 
+    is_active BOOLEAN NOT NULL, 
+    preferences JSONB NOT NULL, 
+    tokens_valid_after TIMESTAMP WITH TIME ZONE, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    last_login_at TIMESTAMP WITH TIME ZONE, 
+    CONSTRAINT pk_users PRIMARY KEY (id), 
+    CONSTRAINT ck_users_role CHECK (role IN ('user', 'admin')), 
+    CONSTRAINT fk_users_team_id_teams FOREIGN KEY(team_id) REFERENCES teams (id) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_users_team_id ON users (team_id);
+
+CREATE UNIQUE INDEX uq_users_team_id_lower_email ON users (team_id, lower(email));
+
+CREATE TABLE agents (
+    id UUID NOT NULL, 
+    team_id UUID NOT NULL, 
+    name VARCHAR(100) NOT NULL, 
+    description TEXT, 
+    webhook_url VARCHAR(2048) NOT NULL, 
+    webhook_headers_encrypted TEXT, 
+    system_prompt TEXT, 
+    config JSONB NOT NULL, 
+    avatar BYTEA, 
+    avatar_content_type VARCHAR(50), 
+    avatar_version INTEGER NOT NULL, 
+    is_active BOOLEAN NOT NULL, 
+    created_by UUID, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_agents PRIMARY KEY (id), 
+    CONSTRAINT fk_agents_created_by_users FOREIGN KEY(created_by) REFERENCES users (id) ON DELETE SET NULL, 
+    CONSTRAINT fk_agents_team_id_teams FOREIGN KEY(team_id) REFERENCES teams (id) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_agents_team_id_is_active ON agents (team_id, is_active);
+
+CREATE TABLE refresh_tokens (
+    id UUID NOT NULL, 
+    user_id UUID NOT NULL, 
+    family_id UUID NOT NULL, 
+    token_hash VARCHAR(64) NOT NULL, 
+    expires_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    used_at TIMESTAMP WITH TIME ZONE, 
+    revoked_at TIMESTAMP WITH TIME ZONE, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_refresh_tokens PRIMARY KEY (id), 
+    CONSTRAINT fk_refresh_tokens_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE, 
+    CONSTRAINT uq_refresh_tokens_token_hash UNIQUE (token_hash)
+);
+
+CREATE INDEX ix_refresh_tokens_family_id ON refresh_tokens (family_id);
+
+CREATE INDEX ix_refresh_tokens_user_id ON refresh_tokens (user_id);
+
+CREATE TABLE chats (
+    id UUID NOT NULL, 
+    team_id UUID NOT NULL, 
+    user_id UUID NOT NULL, 
+    agent_id UUID NOT NULL, 
+    title VARCHAR(200), 
+    archived BOOLEAN NOT NULL, 
+    pinned BOOLEAN NOT NULL, 
+    messages JSONB NOT NULL, 
+    message_count INTEGER NOT NULL, 
+    last_message_at TIMESTAMP WITH TIME ZONE, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_chats PRIMARY KEY (id), 
+    CONSTRAINT fk_chats_agent_id_agents FOREIGN KEY(agent_id) REFERENCES agents (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_chats_team_id_teams FOREIGN KEY(team_id) REFERENCES teams (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_chats_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_chats_agent_id ON chats (agent_id);
+
+CREATE INDEX ix_chats_messages ON chats USING gin (messages jsonb_path_ops);
+
+CREATE INDEX ix_chats_team_id ON chats (team_id);
+
+CREATE INDEX ix_chats_user_listing ON chats (user_id, archived, pinned, updated_at);
+
+CREATE TABLE error_logs (
+    id UUID NOT NULL, 
+    team_id UUID NOT NULL, 
+    user_id UUID, 
+    chat_id UUID, 
+    agent_id UUID, 
+    code VARCHAR(50) NOT NULL, 
+    message TEXT NOT NULL, 
+    upstream_status INTEGER, 
+    detail JSONB NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_error_logs PRIMARY KEY (id), 
+    CONSTRAINT fk_error_logs_agent_id_agents FOREIGN KEY(agent_id) REFERENCES agents (id) ON DELETE SET NULL, 
+    CONSTRAINT fk_error_logs_chat_id_chats FOREIGN KEY(chat_id) REFERENCES chats (id) ON DELETE SET NULL, 
+    CONSTRAINT fk_error_logs_team_id_teams FOREIGN KEY(team_id) REFERENCES teams (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_error_logs_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE SET NULL
+);
+
+CREATE INDEX ix_error_logs_team_id_created_at ON error_logs (team_id, created_at);
+
+INSERT INTO alembic_version (version_num) VALUES ('0001') RETURNING alembic_version.version_num;
+
+COMMIT;
+

@@ -1,0 +1,154 @@
+"""Test fixtures: one fresh PostgreSQL database per run, migrated once, truncated after every test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from alembic import command
+from alembic.config import Config
+from cryptography.fernet import Fernet
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings, load_settings
+from app.models import Base
+from main import create_app, shutdown
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+PG_HELP = (
+    "PostgreSQL is not reachable at {url} ({error}). Start it with:\n"
+    "  pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n"
+    "or point TEST_DATABASE_URL at a server where the user may create databases."
+)
+TEST_JWT_SECRET = "test-secret-" + "x" * 40
+TEST_ENCRYPTION_KEY = Fernet.generate_key().decode()
+
+
+def _plain_url(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, _ = _plain_url(url).rpartition("/")
+    return f"{base}/{name}"
+
+
+async def _admin_execute(sql: str) -> None:
+    conn = await asyncpg.connect(_plain_url(ADMIN_URL), timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def run_migrations(url: str, revision: str = "head", *, downgrade: bool = False) -> None:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", url)
+    config.attributes["configure_logging"] = False
+    if downgrade:
+        command.downgrade(config, revision)
+    else:
+        command.upgrade(config, revision)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """Create `test_<random>` for this run, migrate it, drop it at the end. Never skips."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    try:
+        asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        pytest.exit(PG_HELP.format(url=ADMIN_URL, error=type(exc).__name__), returncode=3)
+    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        run_migrations(url)
+        yield url
+    finally:
+        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def make_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "APP_ENV": "test",
+        "DATABASE_URL": database_url,
+        "DATA_DIR": tmp_path / "data",
+        "JWT_SECRET": TEST_JWT_SECRET,
+        "ENCRYPTION_KEY": TEST_ENCRYPTION_KEY,
+        "BCRYPT_ROUNDS": 4,
+        "COOKIE_SECURE": True,
+        "CORS_ORIGINS": ["http://spa.test"],
+        "WEBHOOK_ALLOW_PRIVATE_NETWORKS": True,
+        "REDIS_URL": None,
+        "LOG_LEVEL": "INFO",
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return make_settings(database_url, tmp_path)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    try:
+        yield application
+    finally:
+        await shutdown(application)
+        await truncate_all(settings.DATABASE_URL)
+
+
+async def truncate_all(database_url: str) -> None:
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    conn = await asyncpg.connect(_plain_url(database_url), timeout=5)
+    try:
+        await conn.execute(f"TRUNCATE {tables} CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+@pytest.fixture
+async def session(app: FastAPI) -> AsyncIterator[AsyncSession]:
+    async with app.state.db.sessionmaker() as s:
+        yield s
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    """A Redis database reserved for tests, flushed before and after; fails (never skips) when down."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        await client.flushdb()
+    except Exception as exc:  # pragma: no cover - environment problem
+        await client.aclose()
+        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
+    yield REDIS_URL
+    await client.flushdb()
+    await client.aclose()
+
+
+async def count_rows(session: AsyncSession, table: str) -> int:
+    return int((await session.execute(text(f'SELECT count(*) FROM "{table}"'))).scalar_one())

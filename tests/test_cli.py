@@ -1,0 +1,44 @@
+"""`python -m app.cli init`: migrate, first admin once, data reused on the next run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "JWT_SECRET", "FIRST_ADMIN_PASSWORD"}}
+    full_env.update({"DATA_DIR": str(tmp_path / "data"), "BCRYPT_ROUNDS": "4", **env})
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_init_creates_first_admin_once(tmp_path: Path) -> None:
+    first = _cli(tmp_path, "init")
+    assert first.returncode == 0, first.stderr
+    assert "First team and admin created" in first.stdout
+    assert "admin@example.com" in first.stdout
+    assert "password:" in first.stdout
+    assert (tmp_path / "data" / "app.db").exists()
+    second = _cli(tmp_path, "init")
+    assert second.returncode == 0, second.stderr
+    assert "already has data" in second.stdout
+
+
+def test_init_with_password_from_env_does_not_print_it(tmp_path: Path) -> None:
+    result = _cli(tmp_path, "init", FIRST_ADMIN_PASSWORD="from-env-password-123")
+    assert result.returncode == 0, result.stderr
+    assert "from-env-password-123" not in result.stdout
+
+
+def test_reset_password_of_unknown_user_fails(tmp_path: Path) -> None:
+    assert _cli(tmp_path, "init").returncode == 0
+    result = _cli(tmp_path, "reset-password", "--email", "nobody@example.com", "--password", "long-enough-pw")
+    assert result.returncode == 1
+    ok = _cli(tmp_path, "reset-password", "--email", "ADMIN@example.com", "--password", "long-enough-pw")
+    assert ok.returncode == 0, ok.stdout + ok.stderr

@@ -1,0 +1,54 @@
+"""GET /health and GET /ready."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from main import create_app, shutdown
+from tests.conftest import make_settings
+
+
+async def _get(settings, path: str) -> httpx.Response:
+    app = create_app(settings)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.get(path)
+    finally:
+        await shutdown(app)
+
+
+async def test_health_is_ok(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_ready_when_database_migrated(client: httpx.AsyncClient) -> None:
+    response = await client.get("/ready")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready"}
+
+
+async def test_ready_is_503_when_database_down(tmp_path: Path) -> None:
+    settings = make_settings("postgresql+asyncpg://postgres@127.0.0.1:1/nothing", tmp_path, DB_CONNECT_TIMEOUT=1.0)
+    response = await _get(settings, "/ready")
+    assert response.status_code == 503
+    assert response.json() == {"detail": "database unreachable"}
+    assert "127.0.0.1" not in response.text
+
+
+async def test_ready_is_503_when_database_not_migrated(tmp_path: Path) -> None:
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", tmp_path)
+    response = await _get(settings, "/ready")
+    assert response.status_code == 503
+    assert "not migrated" in response.json()["detail"]
+
+
+async def test_ready_checks_redis_when_configured(database_url: str, tmp_path: Path, redis_url: str) -> None:
+    good = await _get(make_settings(database_url, tmp_path, REDIS_URL=redis_url), "/ready")
+    assert good.status_code == 200
+    bad = await _get(make_settings(database_url, tmp_path, REDIS_URL="redis://127.0.0.1:1/0"), "/ready")
+    assert bad.status_code == 503
+    assert bad.json() == {"detail": "redis unreachable"}

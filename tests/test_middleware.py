@@ -1,0 +1,168 @@
+"""Request ids, security headers, CORS, body size limit, validation errors and the last-resort 500."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict
+
+from app.logs import JsonFormatter, RequestIdFilter, request_id_var
+from main import create_app, shutdown
+from tests.conftest import make_settings
+
+
+class Secretive(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    password: str
+    count: int
+
+
+def add_test_routes(app: FastAPI) -> None:
+    async def boom() -> None:
+        raise RuntimeError("secret internal detail")
+
+    async def echo(body: Secretive) -> dict[str, int]:
+        return {"count": body.count}
+
+    app.add_api_route("/test/boom", boom, methods=["GET"])
+    app.add_api_route("/test/echo", echo, methods=["POST"])
+
+
+@pytest.fixture
+async def tclient(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    add_test_routes(app)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        yield c
+
+
+async def test_request_id_is_generated(tclient: httpx.AsyncClient) -> None:
+    response = await tclient.get("/health")
+    assert len(response.headers["x-request-id"]) == 32
+
+
+async def test_well_formed_request_id_is_kept(tclient: httpx.AsyncClient) -> None:
+    response = await tclient.get("/health", headers={"X-Request-ID": "abc-123.DEF_4"})
+    assert response.headers["x-request-id"] == "abc-123.DEF_4"
+
+
+async def test_malformed_request_id_is_replaced(tclient: httpx.AsyncClient) -> None:
+    response = await tclient.get("/health", headers={"X-Request-ID": "bad id<script>"})
+    assert response.headers["x-request-id"] != "bad id<script>"
+    assert len(response.headers["x-request-id"]) == 32
+
+
+async def test_security_headers_on_every_response(tclient: httpx.AsyncClient) -> None:
+    for path in ("/health", "/nope"):
+        response = await tclient.get(path)
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["content-security-policy"].startswith("default-src 'none'")
+        assert "max-age" in response.headers["strict-transport-security"]
+
+
+async def test_docs_page_has_a_csp_that_lets_swagger_load(tclient: httpx.AsyncClient) -> None:
+    response = await tclient.get("/docs")
+    assert response.status_code == 200
+    csp = response.headers["content-security-policy"]
+    assert "https://cdn.jsdelivr.net" in csp
+    assert "frame-ancestors 'none'" in csp
+    openapi = await tclient.get("/openapi.json")
+    assert openapi.status_code == 200
+
+
+async def test_no_hsts_when_cookies_are_not_secure(database_url: str, tmp_path) -> None:
+    app = create_app(make_settings(database_url, tmp_path, COOKIE_SECURE=False))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            response = await c.get("/health")
+        assert "strict-transport-security" not in response.headers
+    finally:
+        await shutdown(app)
+
+
+async def test_unknown_route_is_json_404(tclient: httpx.AsyncClient) -> None:
+    response = await tclient.get("/api/definitely-not-here")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not Found"}
+
+
+async def test_unhandled_error_is_generic_500_without_trace(
+    tclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = await tclient.get("/test/boom", headers={"X-Request-ID": "req-500"})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "Internal server error", "request_id": "req-500"}
+    assert "secret internal detail" not in response.text
+    assert "Traceback" not in response.text
+    assert response.headers["x-request-id"] == "req-500"
+    assert any("unhandled error" in r.getMessage() for r in caplog.records)
+
+
+async def test_validation_error_does_not_echo_input(tclient: httpx.AsyncClient) -> None:
+    response = await tclient.post("/test/echo", json={"password": "hunter2-SECRET", "count": "many", "x": 1})
+    assert response.status_code == 422
+    assert "hunter2-SECRET" not in response.text
+    assert "many" not in response.text
+    detail = response.json()["detail"]
+    assert {tuple(d["loc"]) for d in detail} == {("body", "count"), ("body", "x")}
+    assert all(set(d) == {"type", "loc", "msg"} for d in detail)
+
+
+async def test_malformed_json_is_422(tclient: httpx.AsyncClient) -> None:
+    response = await tclient.post(
+        "/test/echo", content=b'{"password": "hunter2-SECRET", ', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "hunter2-SECRET" not in response.text
+
+
+async def test_body_over_limit_is_413_by_content_length(tclient: httpx.AsyncClient) -> None:
+    body = json.dumps({"password": "x" * 2_000_000, "count": 1})
+    response = await tclient.post("/test/echo", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json() == {"detail": "Request body too large"}
+
+
+async def test_body_over_limit_is_413_when_streamed_without_length(tclient: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"password": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'", "count": 1}'
+
+    response = await tclient.post("/test/echo", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+async def test_cors_allows_listed_origin_with_credentials(tclient: httpx.AsyncClient) -> None:
+    response = await tclient.options(
+        "/health", headers={"Origin": "http://spa.test", "Access-Control-Request-Method": "GET"}
+    )
+    assert response.headers["access-control-allow-origin"] == "http://spa.test"
+    assert response.headers["access-control-allow-credentials"] == "true"
+    simple = await tclient.get("/health", headers={"Origin": "http://spa.test"})
+    assert "x-total-count" in simple.headers["access-control-expose-headers"].lower()
+
+
+async def test_cors_ignores_other_origins(tclient: httpx.AsyncClient) -> None:
+    response = await tclient.get("/health", headers={"Origin": "http://evil.test"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_json_log_lines_carry_the_request_id() -> None:
+    record = logging.LogRecord("app", logging.INFO, __file__, 1, "hello %s", ("world",), None)
+    token = request_id_var.set("rid-42")
+    try:
+        RequestIdFilter().filter(record)
+    finally:
+        request_id_var.reset(token)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["request_id"] == "rid-42"
+    assert line["message"] == "hello world"
+    assert line["level"] == "INFO"

@@ -1,0 +1,1 @@
+"""Developer tools: schema.sql generation and the fake n8n server."""

@@ -1,0 +1,42 @@
+"""Render schema.sql from the Alembic migrations (offline mode, PostgreSQL dialect).
+
+`python -m tools.schema_sql` rewrites schema.sql; `--check` exits 1 when it is out of date.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER = "-- Generated from migrations/ by `make schema` (python -m tools.schema_sql). Do not edit.\n"
+
+
+def render_schema(script_location: Path = ROOT / "migrations") -> str:
+    buffer = io.StringIO()
+    config = Config(str(ROOT / "alembic.ini"), output_buffer=buffer)
+    config.set_main_option("script_location", str(script_location))
+    config.set_main_option("sqlalchemy.url", "postgresql+asyncpg://schema@localhost/schema")
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, "head", sql=True)
+    return HEADER + buffer.getvalue()
+
+
+def main(argv: list[str]) -> int:
+    target = ROOT / "schema.sql"
+    rendered = render_schema()
+    if "--check" in argv:
+        if not target.exists() or target.read_text() != rendered:
+            sys.stderr.write("schema.sql is out of date: run `make schema`\n")
+            return 1
+        return 0
+    target.write_text(rendered)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
