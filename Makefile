@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-# Local plain-http development defaults for `make run` (the environment or .env still wins).
-export COOKIE_SECURE ?= false
-export WEBHOOK_ALLOW_PRIVATE_NETWORKS ?= true
+# Local plain-http development defaults for `make run` only (the environment still wins).
+run: export COOKIE_SECURE ?= false
+run: export WEBHOOK_ALLOW_PRIVATE_NETWORKS ?= true
 
 .PHONY: run test lint fmt schema install install-dev bench bench-quick clean
 

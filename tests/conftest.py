@@ -79,6 +79,13 @@ def database_url() -> Iterator[str]:
         asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings in tests come from the test itself, never from the caller's environment."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name, raising=False)
+
+
 def make_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "APP_ENV": "test",
@@ -94,7 +101,7 @@ def make_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settin
         "LOG_LEVEL": "INFO",
     }
     values.update(overrides)
-    return load_settings(**values)
+    return load_settings(_env_file=None, **values)
 
 
 @pytest.fixture
