@@ -1,0 +1,146 @@
+"""SSRF policy for agent webhook URLs: checked when an admin saves one and again on every send.
+
+At send time the check runs inside the DNS resolution aiohttp connects with (`PolicyResolver`), so a
+name that later resolves somewhere forbidden is caught and there is no gap between check and connect.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+from app.config import Settings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+MAX_URL_LENGTH = 2048
+#: Never reachable, whatever the settings: link-local (cloud metadata lives there) and metadata services.
+ALWAYS_BLOCKED = [
+    ipaddress.ip_network("169.254.0.0/16"),
+    ipaddress.ip_network("fe80::/10"),
+    ipaddress.ip_network("fd00:ec2::254/128"),
+    ipaddress.ip_network("100.100.100.200/32"),
+    ipaddress.ip_network("0.0.0.0/8"),
+    ipaddress.ip_network("::/128"),
+    ipaddress.ip_network("224.0.0.0/4"),
+    ipaddress.ip_network("ff00::/8"),
+    ipaddress.ip_network("240.0.0.0/4"),
+    ipaddress.ip_network("255.255.255.255/32"),
+]
+BLOCKED_NAMES = {"metadata.google.internal", "metadata.goog", "metadata", "instance-data", "instance-data.ec2.internal"}
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class WebhookPolicyError(ValueError):
+    """The URL or one of its addresses is not allowed; the message is safe to show an admin."""
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """IPv4 hidden in an IPv6 spelling: mapped (::ffff:a.b.c.d), 6to4, Teredo, NAT64, compatible (::a.b.c.d)."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    if addr in NAT64:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    if int(addr) >> 32 == 0 and int(addr) > 1:
+        return ipaddress.IPv4Address(int(addr))
+    return None
+
+
+def parse_ip_literal(host: str) -> IPAddress | None:
+    """An IP address in any spelling a resolver or browser accepts: dotted, decimal, hex, octal, short."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    if host and all(c in "0123456789abcdefxABCDEFX." for c in host) and host[0].isdigit():
+        try:
+            # inet_aton accepts 2130706433, 0x7f000001, 0177.0.0.1 and 127.1, exactly like the C resolver.
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def check_address(addr: IPAddress, *, host: str, settings: Settings) -> None:
+    candidates: list[IPAddress] = [addr]
+    if isinstance(addr, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(addr)
+        if embedded is not None:
+            candidates.append(embedded)
+    for candidate in candidates:
+        if any(candidate in net for net in ALWAYS_BLOCKED if candidate.version == net.version):
+            raise WebhookPolicyError("webhook address is link-local, metadata or reserved, which is never allowed")
+    if host.lower() in {h.lower() for h in settings.WEBHOOK_ALLOWED_HOSTS} or settings.WEBHOOK_ALLOW_PRIVATE_NETWORKS:
+        return
+    for candidate in candidates:
+        if candidate.is_loopback or candidate.is_private or candidate in ipaddress.ip_network("100.64.0.0/10"):
+            raise WebhookPolicyError(
+                "webhook address is private or loopback; set WEBHOOK_ALLOW_PRIVATE_NETWORKS or WEBHOOK_ALLOWED_HOSTS"
+            )
+        if not candidate.is_global:
+            raise WebhookPolicyError("webhook address is not a public address")
+
+
+def check_webhook_url(url: str, settings: Settings) -> str:
+    """Validate a webhook URL (no DNS); return it unchanged. Raises WebhookPolicyError with a reason."""
+    if len(url) > MAX_URL_LENGTH:
+        raise WebhookPolicyError(f"webhook_url is longer than {MAX_URL_LENGTH} characters")
+    if any(c in url for c in "\r\n\t\x00 "):
+        raise WebhookPolicyError("webhook_url contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise WebhookPolicyError("webhook_url is not a valid URL") from exc
+    if parts.scheme not in ("http", "https"):
+        raise WebhookPolicyError("webhook_url must start with http:// or https://")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise WebhookPolicyError("webhook_url must not contain a user name or password; use webhook_headers")
+    host = parts.hostname or ""
+    if not host:
+        raise WebhookPolicyError("webhook_url has no host")
+    if port == 0:
+        raise WebhookPolicyError("webhook_url has an invalid port")
+    name = host.rstrip(".").lower()
+    if name in BLOCKED_NAMES:
+        raise WebhookPolicyError("webhook host is a cloud metadata service, which is never allowed")
+    literal = parse_ip_literal(name)
+    if literal is not None:
+        check_address(literal, host=name, settings=settings)
+    elif (name == "localhost" or name.endswith(".localhost")) and not (
+        settings.WEBHOOK_ALLOW_PRIVATE_NETWORKS or name in {h.lower() for h in settings.WEBHOOK_ALLOWED_HOSTS}
+    ):
+        raise WebhookPolicyError(
+            "webhook address is private or loopback; set WEBHOOK_ALLOW_PRIVATE_NETWORKS or WEBHOOK_ALLOWED_HOSTS"
+        )
+    return url
+
+
+class PolicyResolver(AbstractResolver):
+    """aiohttp resolver that refuses any resolved address the policy forbids (DNS rebinding included)."""
+
+    def __init__(self, settings: Settings, inner: AbstractResolver | None = None) -> None:
+        self.settings = settings
+        self.inner = inner or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host.rstrip(".").lower() in BLOCKED_NAMES:
+            raise WebhookPolicyError("webhook host is a cloud metadata service, which is never allowed")
+        results = await self.inner.resolve(host, port, family)
+        for result in results:
+            check_address(ipaddress.ip_address(result["host"]), host=host.rstrip(".").lower(), settings=self.settings)
+        return results
+
+    async def close(self) -> None:
+        await self.inner.close()
