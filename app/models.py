@@ -109,7 +109,13 @@ class Agent(Base):
 
 
 class Chat(Base):
-    """A conversation; `messages` is a JSON array of message objects appended in SQL."""
+    """A conversation; `messages` is a JSON array of message objects, appended in SQL (never rewritten whole).
+
+    One element: `{"id": "<uuid>", "role": "user"|"assistant", "content": "...", "status": "complete"|
+    "streaming"|"error"|"cancelled"|"interrupted", "created_at": "<ISO 8601 UTC>", "error"?: {"message",
+    "code"}, "metadata"?: {...}}`. Keys starting with `_` are internal (e.g. `_worker`) and never returned.
+    `message_count` and `last_message_at` are kept in step by the same UPDATE that appends.
+    """
 
     __tablename__ = "chats"
     __table_args__ = (
