@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import utcnow
 from app.ratelimit import client_ip, parse_networks
+from app.services.revocation import DatabaseRevocationStore, RedisRevocationStore
 from main import create_app, shutdown
 from tests.authhelpers import bearer, login
 from tests.conftest import count_rows, make_settings
@@ -174,3 +177,32 @@ async def test_logout_revocation_in_redis_is_seen_by_another_instance(
 
 def _family(token: str) -> str:
     return str(jwt.decode(token, options={"verify_signature": False})["fam"])
+
+
+async def test_database_revocation_store(app: FastAPI, session: AsyncSession) -> None:
+    store = app.state.revocations
+    assert isinstance(store, DatabaseRevocationStore)
+    now = utcnow()
+    await store.revoke("expired-already", now - timedelta(seconds=1))
+    await store.revoke("live", now + timedelta(minutes=5))
+    await store.revoke("live", now + timedelta(minutes=5))  # idempotent
+    assert await store.is_revoked("live")
+    assert not await store.is_revoked("expired-already")
+    assert not await store.is_any_revoked([])
+    assert await store.is_any_revoked(["other", "live"])
+    assert await count_rows(session, "revoked_tokens") == 1
+
+
+async def test_redis_revocation_store(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        store = RedisRevocationStore(client)
+        await store.revoke("gone", utcnow() - timedelta(seconds=5))
+        await store.revoke("live", utcnow() + timedelta(seconds=30))
+        assert await store.is_revoked("live")
+        assert not await store.is_revoked("gone")
+        assert await store.is_any_revoked(["x", "live"])
+        assert not await store.is_any_revoked([])
+        assert 29 <= await client.ttl("revoked:live") <= 31
+    finally:
+        await client.aclose()

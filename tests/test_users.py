@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.models import User
 from tests.authhelpers import bearer, https_client, login
-from tests.conftest import count_rows, make_settings
+from tests.conftest import ROOT, count_rows, make_settings
 from tests.factories import auth_headers, create_admin, create_team, create_user
 
 
@@ -228,3 +231,58 @@ async def test_demoted_admin_loses_admin_access_at_once(
     assert demote.status_code == 200
     assert (await web.get("/api/users", headers=second_headers)).status_code == 403
     assert (await web.get("/api/auth/me", headers=second_headers)).json()["role"] == "user"
+
+
+# --- operator commands -----------------------------------------------------------------------
+
+
+def _cli(tmp_path: Path, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}
+    env.update({"DATA_DIR": str(tmp_path / "cli"), "BCRYPT_ROUNDS": "4", "DATABASE_URL": database_url})
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_cli_reset_password_revokes_sessions(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, tmp_path: Path
+) -> None:
+    team = await create_team(session)
+    await create_user(session, team=team, email="ops@example.com")
+    tokens = (await login(web, "ops@example.com")).json()
+    web.cookies.clear()
+    result = await asyncio.to_thread(
+        _cli,
+        tmp_path,
+        settings.DATABASE_URL,
+        "reset-password",
+        "--email",
+        "OPS@example.com",
+        "--password",
+        "new-pw-123",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "new-pw-123" not in result.stdout
+    assert (await web.get("/api/auth/me", headers=bearer(tokens["access_token"]))).status_code == 401
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]})).status_code == 401
+    assert (await login(web, "ops@example.com", "new-pw-123")).status_code == 200
+
+
+async def test_cli_create_admin_validates_input(session: AsyncSession, settings: Settings, tmp_path: Path) -> None:
+    url = settings.DATABASE_URL
+    bad_email = await asyncio.to_thread(
+        _cli, tmp_path, url, "create-admin", "--team", "T", "--email", "nope", "--password", "long-enough"
+    )
+    assert bad_email.returncode == 2
+    short = await asyncio.to_thread(
+        _cli, tmp_path, url, "create-admin", "--team", "T", "--email", "a@example.com", "--password", "short"
+    )
+    assert short.returncode == 2
+    assert await count_rows(session, "teams") == 0
+    ok = await asyncio.to_thread(
+        _cli, tmp_path, url, "create-admin", "--team", "T", "--email", " Ops@Example.com", "--password", "long-enough"
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    admin = (await session.execute(select(User))).scalar_one()
+    assert admin.email == "ops@example.com"
+    assert admin.role == "admin"
