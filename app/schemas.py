@@ -110,6 +110,20 @@ class TeamRead(ReadModel):
 
 
 class TeamCreate(InputModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "Acme support",
+                    "admin_email": "boss@acme.example.com",
+                    "admin_password": "correct-horse-battery",
+                    "admin_full_name": "Ada Lovelace",
+                }
+            ]
+        },
+    )
+
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)] = Field(
         examples=["Acme support"]
     )
@@ -119,6 +133,11 @@ class TeamCreate(InputModel):
 
 
 class TeamUpdate(_NoNulls):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "Acme support", "settings": {"open_registration": False}}]},
+    )
+
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)] | None = Field(
         None, examples=["Acme support"]
     )
@@ -143,6 +162,20 @@ class TeamSignupRead(BaseModel):
 
 
 class UserCreate(InputModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "email": "grace@example.com",
+                    "password": "correct-horse-battery",
+                    "full_name": "Grace Hopper",
+                    "role": "user",
+                }
+            ]
+        },
+    )
+
     email: Email
     password: NewPassword
     full_name: FullName = None
@@ -150,6 +183,11 @@ class UserCreate(InputModel):
 
 
 class UserUpdate(_NoNulls):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"role": "admin", "is_active": True, "full_name": "Grace Hopper"}]},
+    )
+
     _nullable: ClassVar[frozenset[str]] = frozenset({"full_name"})
 
     role: Role | None = Field(None, examples=["admin"])
@@ -158,6 +196,11 @@ class UserUpdate(_NoNulls):
 
 
 class MeUpdate(_NoNulls):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"full_name": "Grace Hopper", "preferences": {"theme": "dark"}}]},
+    )
+
     _nullable: ClassVar[frozenset[str]] = frozenset({"full_name"})
 
     full_name: FullName = None
@@ -172,11 +215,32 @@ class MeUpdate(_NoNulls):
 
 
 class PasswordChange(InputModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"current_password": "correct-horse-battery", "new_password": "a-much-longer-passphrase"}]
+        },
+    )
+
     current_password: str = Field(min_length=1, max_length=PASSWORD_MAX_LENGTH)
     new_password: NewPassword
 
 
 class RegisterRequest(InputModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "team_id": "7d3c1d8e-6b1e-4c1f-9a53-2a0e8b1d4f00",
+                    "email": "grace@example.com",
+                    "password": "correct-horse-battery",
+                    "full_name": "Grace Hopper",
+                }
+            ]
+        },
+    )
+
     team_id: uuid.UUID
     email: Email
     password: NewPassword
@@ -184,6 +248,11 @@ class RegisterRequest(InputModel):
 
 
 class LoginRequest(InputModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"email": "grace@example.com", "password": "correct-horse-battery"}]},
+    )
+
     # Not syntax-checked: a malformed email is simply a failed login (the same 401 as any other).
     email: Annotated[str, Field(min_length=1, max_length=EMAIL_MAX_LENGTH, examples=["ada@example.com"])]
     password: str = Field(min_length=1, max_length=PASSWORD_MAX_LENGTH, examples=["correct-horse-battery"])
@@ -209,6 +278,10 @@ class TokenRead(BaseModel):
 
 
 class RefreshRequest(InputModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"refresh_token": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9..."}]}
+    )
+
     refresh_token: str | None = Field(None, max_length=4096, description="Leave out to use the refresh cookie.")
 
 

@@ -74,6 +74,8 @@ async def authenticate(
     if team_id is not None:
         query = query.where(User.team_id == team_id)
     candidates = list((await session.execute(query.order_by(User.created_at).limit(MAX_LOGIN_CANDIDATES))).scalars())
+    # End the read transaction: no pooled connection is held while bcrypt runs (~250 ms per hash).
+    await session.commit()
     if not candidates:
         dummy = await anyio.to_thread.run_sync(_dummy_hash, settings.BCRYPT_ROUNDS)
         await verify_password(password, dummy)

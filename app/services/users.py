@@ -64,6 +64,7 @@ async def create_user(
     """Insert a user; the unique index on (team_id, lower(email)) settles races as a 409."""
     if await _email_taken(session, team_id, email):
         raise Conflict(EMAIL_TAKEN)
+    await session.commit()  # release the connection while bcrypt runs
     password_hash = await hash_password(password, settings.BCRYPT_ROUNDS)
     user = User(
         team_id=team_id,
@@ -133,6 +134,7 @@ async def change_password(
     *, session: AsyncSession, settings: Settings, user: User, current_password: str, new_password: str
 ) -> User:
     """Check the current password, store the new one and revoke every token issued so far."""
+    await session.commit()  # release the connection while bcrypt runs
     if not await verify_password(current_password, user.password_hash):
         raise BadRequest("Current password is incorrect")
     user.password_hash = await hash_password(new_password, settings.BCRYPT_ROUNDS)
