@@ -14,11 +14,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.models import User
+from app.errors import Conflict
+from app.models import Team, User
+from app.services import users as users_service
 from tests.authhelpers import bearer, https_client, login
 from tests.conftest import ROOT, count_rows, make_settings
 from tests.factories import auth_headers, create_admin, create_team, create_user
@@ -286,3 +288,27 @@ async def test_cli_create_admin_validates_input(session: AsyncSession, settings:
     admin = (await session.execute(select(User))).scalar_one()
     assert admin.email == "ops@example.com"
     assert admin.role == "admin"
+
+
+async def test_last_admin_check_waits_for_a_concurrent_change(app: FastAPI, session: AsyncSession) -> None:
+    """While another transaction holds the team lock and demotes admin B, deactivating admin A must wait,
+    then see that A is the last admin (409). Without the lock both changes would pass."""
+    team = await create_team(session)
+    first = await create_admin(session, team=team)
+    second = await create_admin(session, team=team)
+    sessionmaker = app.state.db.sessionmaker
+    async with sessionmaker() as holder, sessionmaker() as contender:
+        await holder.execute(select(Team.id).where(Team.id == team.id).with_for_update())
+        actor = await contender.get(User, second.id)
+        assert actor is not None
+        attempt = asyncio.create_task(
+            users_service.update_user(session=contender, admin=actor, user_id=first.id, changes={"is_active": False})
+        )
+        await asyncio.sleep(0.3)
+        assert not attempt.done()  # blocked on the team row
+        await holder.execute(update(User).where(User.id == second.id).values(role="user"))
+        await holder.commit()
+        with pytest.raises(Conflict):
+            await attempt
+    await session.refresh(first)
+    assert first.is_active is True
