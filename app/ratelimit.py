@@ -1,9 +1,10 @@
 """Per-client-IP rate limits on the auth endpoints, one limiter per application instance.
 
-Built on `limits` (the engine slowapi wraps): a moving window in Redis when `REDIS_URL` is set, so every
-worker shares the counters, else in process memory. slowapi's decorator keeps one module-global Limiter,
-which would leak counters between application instances; a per-app object on `app.state.limiter`
-used from a dependency does not.
+Built on `limits` (the engine slowapi wraps), through its asyncio API: a moving window in Redis when
+`REDIS_URL` is set, so every worker shares the counters, else in process memory. slowapi's decorators
+keep one module-global Limiter (counters would leak between application instances) and call the
+synchronous storage (blocking Redis I/O); a per-app object on `app.state.limiter` used from a
+dependency has neither problem.
 """
 
 from __future__ import annotations
