@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -16,11 +19,12 @@ from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import create_token, issued_before, verify_password
+from app.auth import create_token, hash_password, issued_before, verify_password
 from app.config import Settings
 from app.db import utcnow
 from app.models import RefreshToken, RevokedToken, User
 from app.services import auth as auth_service
+from main import create_app, shutdown
 from tests.authhelpers import bearer, https_client, login, set_cookies
 from tests.conftest import TEST_JWT_SECRET, count_rows, make_settings
 from tests.factories import DEFAULT_PASSWORD, auth_headers, create_team, create_user
@@ -186,8 +190,6 @@ async def test_login_returns_tokens_and_sets_cookies(
 
 
 async def test_login_cookies_follow_settings(database_url: str, tmp_path: Path, session: AsyncSession) -> None:
-    from main import create_app, shutdown
-
     local = make_settings(database_url, tmp_path, COOKIE_SECURE=False, COOKIE_SAMESITE="lax", RATE_LIMIT_ENABLED=False)
     app = create_app(local)
     try:
@@ -360,8 +362,6 @@ def _claims(settings: Settings, user: User, **changes: Any) -> dict[str, Any]:
 
 def _none_token(claims: dict[str, Any]) -> str:
     def part(data: dict[str, Any]) -> str:
-        import json
-
         return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
     return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
@@ -639,3 +639,34 @@ async def test_cookie_write_from_foreign_origin_is_403(web: httpx.AsyncClient, s
     assert with_bearer.status_code == 200
     me = (await web.get("/api/auth/me")).json()
     assert me["full_name"] == "bearer"
+
+
+async def test_bcrypt_runs_off_the_event_loop(database_url: str, tmp_path: Path, session: AsyncSession) -> None:
+    """At cost 12 a verification takes ~250 ms; meanwhile the loop keeps ticking every few ms."""
+    app = create_app(make_settings(database_url, tmp_path, BCRYPT_ROUNDS=12, RATE_LIMIT_ENABLED=False))
+    try:
+        password_hash = await hash_password("slow-but-safe", 12)
+        await create_user(session, email="slow@example.com", password_hash=password_hash)
+        gaps: list[float] = []
+
+        async def ticker(stop: asyncio.Event) -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        stop = asyncio.Event()
+        task = asyncio.create_task(ticker(stop))
+        async with https_client(app) as c:
+            started = time.perf_counter()
+            response = await login(c, "slow@example.com", "slow-but-safe")
+            elapsed = time.perf_counter() - started
+        stop.set()
+        await task
+        assert response.status_code == 200
+        assert elapsed > 0.1  # the real cost-12 work was done...
+        assert max(gaps) < 0.1  # ...without stalling the loop
+    finally:
+        await shutdown(app)
