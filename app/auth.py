@@ -173,7 +173,7 @@ def check_cookie_origin(request: Request, settings: Settings) -> None:
     origin = request.headers.get("origin")
     if origin is None:
         return
-    if origin in settings.CORS_ORIGINS:
+    if origin.rstrip("/").lower() in {allowed.rstrip("/").lower() for allowed in settings.CORS_ORIGINS}:
         return
     host = request.headers.get("host", "").lower()
     if host and urlsplit(origin).netloc.lower() == host:

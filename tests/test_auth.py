@@ -629,7 +629,7 @@ async def test_cookie_write_from_foreign_origin_is_403(web: httpx.AsyncClient, s
     assert (await web.post("/api/auth/logout", headers=evil)).status_code == 403
     # Reads are fine; allowed origins, the server's own origin and no Origin at all are fine.
     assert (await web.get("/api/auth/me", headers=evil)).status_code == 200
-    for headers in ({"Origin": "http://spa.test"}, {"Origin": "https://test"}, {}):
+    for headers in ({"Origin": "http://spa.test"}, {"Origin": "HTTP://SPA.test"}, {"Origin": "https://test"}, {}):
         response = await web.patch("/api/auth/me", json={"full_name": "ok"}, headers=headers)
         assert response.status_code == 200, headers
     # Bearer authentication is not a cookie: no CSRF risk, no Origin check.
