@@ -15,8 +15,10 @@ from app.db import Database
 from app.errors import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
-from app.routers import health
+from app.ratelimit import RateLimiter
+from app.routers import auth, health, teams, users
 from app.services.health import migration_head
+from app.services.revocation import make_revocation_store
 
 logger = logging.getLogger("app")
 
@@ -57,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = Database(settings)
     app.state.redis = aioredis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
     app.state.migration_head = migration_head()
+    app.state.revocations = make_revocation_store(redis=app.state.redis, sessionmaker=app.state.db.sessionmaker)
+    app.state.limiter = RateLimiter(settings, app.state.redis)
 
     install_error_handlers(app)
     app.add_middleware(
@@ -72,4 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, settings=settings)
 
     app.include_router(health.router)
+    app.include_router(auth.router)
+    app.include_router(teams.router)
+    app.include_router(users.router)
     return app
