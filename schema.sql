@@ -146,5 +146,11 @@ CREATE INDEX ix_error_logs_team_id_created_at ON error_logs (team_id, created_at
 
 INSERT INTO alembic_version (version_num) VALUES ('0001') RETURNING alembic_version.version_num;
 
+-- Running upgrade 0001 -> 0002
+
+CREATE INDEX ix_users_lower_email ON users (lower(email));
+
+UPDATE alembic_version SET version_num='0002' WHERE alembic_version.version_num = '0001';
+
 COMMIT;
 

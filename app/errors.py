@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -101,7 +103,27 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
 
+#: Infrastructure down (database, Redis): the client did nothing wrong and may retry, so 503, not 500.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    RedisError,
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("dependency unavailable: %s", type(exc).__name__)
+    return JSONResponse(
+        {"detail": "Service temporarily unavailable, try again shortly"}, status_code=503, headers={"Retry-After": "5"}
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for exc_type in UNAVAILABLE_ERRORS:
+        app.add_exception_handler(exc_type, _unavailable)

@@ -69,6 +69,8 @@ class User(Base):
     __table_args__ = (
         CheckConstraint("role IN ('user', 'admin')", name="role"),
         Index("uq_users_team_id_lower_email", "team_id", func.lower(text("email")), unique=True),
+        # Login without team_id looks the email up across teams.
+        Index("ix_users_lower_email", func.lower(text("email"))),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
@@ -166,3 +167,35 @@ def test_json_log_lines_carry_the_request_id() -> None:
     assert line["request_id"] == "rid-42"
     assert line["message"] == "hello world"
     assert line["level"] == "INFO"
+
+
+async def test_redis_down_gives_503_not_500(database_url: str, tmp_path, session) -> None:
+    from tests.factories import auth_headers, create_user
+
+    settings = make_settings(database_url, tmp_path, REDIS_URL="redis://127.0.0.1:1/0")
+    user = await create_user(session)
+    app = create_app(settings)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            response = await c.get("/api/auth/me", headers=auth_headers(settings, user))
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert "redis" not in response.text.lower()
+    finally:
+        await shutdown(app)
+
+
+async def test_database_down_gives_503_not_500(tmp_path) -> None:
+    from app.models import User
+    from tests.factories import auth_headers
+
+    settings = make_settings("postgresql+asyncpg://postgres@127.0.0.1:1/nothing", tmp_path, DB_CONNECT_TIMEOUT=1.0)
+    ghost = User(id=uuid.uuid4(), team_id=uuid.uuid4())
+    app = create_app(settings)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            response = await c.get("/api/auth/me", headers=auth_headers(settings, ghost))
+        assert response.status_code == 503
+        assert response.json() == {"detail": "Service temporarily unavailable, try again shortly"}
+    finally:
+        await shutdown(app)

@@ -14,6 +14,7 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from app.services.health import migration_head
 from main import create_app, shutdown
 from tests.conftest import ADMIN_URL, ROOT, _admin_execute, _plain_url, _with_database, make_settings, run_migrations
 from tools.schema_sql import render_schema
@@ -83,7 +84,7 @@ def test_schema_check_fails_when_a_migration_changes(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "migrations", migrations, ignore=shutil.ignore_patterns("__pycache__"))
     (migrations / "versions" / "2099_01_01_9999_extra.py").write_text(
         '"""extra"""\nimport sqlalchemy as sa\nfrom alembic import op\n\n'
-        "revision = '9999'\ndown_revision = '0001'\nbranch_labels = None\ndepends_on = None\n\n\n"
+        f"revision = '9999'\ndown_revision = '{migration_head()}'\nbranch_labels = None\ndepends_on = None\n\n\n"
         "def upgrade() -> None:\n    op.add_column('teams', sa.Column('extra', sa.Integer()))\n\n\n"
         "def downgrade() -> None:\n    op.drop_column('teams', 'extra')\n"
     )
