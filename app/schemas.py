@@ -289,7 +289,9 @@ class RefreshRead(BaseModel):
     access_token: str
     token_type: Literal["bearer"] = "bearer"
     expires_in: int
-    refresh_token: str
+    refresh_token: str | None = Field(
+        None, description="The rotated refresh token, only when the old one was sent in the JSON body (curl)."
+    )
 
 
 class TeamChoice(BaseModel):

@@ -206,6 +206,7 @@ async def refresh(
 ) -> RefreshRead:
     """A refresh token works once. Presenting a used one revokes its whole family (every device's copy)."""
     presented = body.refresh_token if body is not None and body.refresh_token else None
+    from_body = presented is not None
     if presented is None:
         presented = request.cookies.get(REFRESH_COOKIE)
         if presented:
@@ -217,8 +218,12 @@ async def refresh(
     )
     set_session_cookies(response, settings, tokens)
     assert tokens.refresh is not None
+    # A browser refreshing by cookie never sees the new refresh token in the body: script (or an XSS) cannot
+    # read what stays in the httpOnly cookie. Callers that sent it in the body get the rotated one back.
     return RefreshRead(
-        access_token=tokens.access.token, expires_in=tokens.access.expires_in, refresh_token=tokens.refresh.token
+        access_token=tokens.access.token,
+        expires_in=tokens.access.expires_in,
+        refresh_token=tokens.refresh.token if from_body else None,
     )
 
 
