@@ -15,7 +15,7 @@ from app.db import Database
 from app.errors import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
-from app.routers import health
+from app.routers import agents, chats, health
 from app.services.health import migration_head
 
 logger = logging.getLogger("app")
@@ -72,4 +72,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, settings=settings)
 
     app.include_router(health.router)
+    app.include_router(agents.router)
+    app.include_router(chats.router)
     return app
