@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 
 class InputModel(BaseModel):
@@ -128,7 +128,7 @@ class AgentCreate(InputModel):
     webhook_headers: WebhookHeaders | None = None
     system_prompt: SystemPrompt | None = None
     config: AgentConfig = Field(default_factory=dict)
-    is_active: bool = True
+    is_active: StrictBool = True
 
     _headers = field_validator("webhook_headers")(_check_webhook_headers)
     _config = field_validator("config")(_check_config)
@@ -147,7 +147,7 @@ class AgentUpdate(InputModel):
     webhook_headers: WebhookHeaders | None = None
     system_prompt: SystemPrompt | None = None
     config: AgentConfig | None = None
-    is_active: bool | None = None
+    is_active: StrictBool | None = None
 
     _headers = field_validator("webhook_headers")(_check_webhook_headers)
     _config = field_validator("config")(_check_config)
@@ -200,8 +200,8 @@ class ChatCreate(InputModel):
 
 class ChatUpdate(InputModel):
     title: ChatTitle | None = Field(None, description="null or empty makes the chat untitled.")
-    archived: bool | None = None
-    pinned: bool | None = None
+    archived: StrictBool | None = None
+    pinned: StrictBool | None = None
 
     @model_validator(mode="after")
     def _no_null_flags(self) -> ChatUpdate:
