@@ -347,6 +347,31 @@ async def test_search_takes_percent_and_underscore_literally(
     assert backslash.json() == []
 
 
+async def test_search_finds_quotes_backslashes_newlines_and_accents_in_messages(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    hit = await create_chat(
+        session,
+        user=world.member,
+        agent=world.agent,
+        title="t",
+        messages=[message('Open C:\\temp\\"quoted" file\nthen the café')],
+    )
+    await create_chat(session, user=world.member, agent=world.agent, title="u", messages=[message("temp quoted")])
+    for q in ('\\temp\\"quoted"', "file\nthen", "café", '"QUOTED"'):
+        response = await client.get("/api/chats", params={"q": q}, headers=world.h(world.member))
+        assert [c["id"] for c in response.json()] == [str(hit.id)], q
+
+
+async def test_search_does_not_match_across_two_messages(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    await create_chat(session, user=world.member, agent=world.agent, title="t", messages=[message("ab"), message("cd")])
+    for q in ('ab", "cd', "abcd", "content"):
+        response = await client.get("/api/chats", params={"q": q}, headers=world.h(world.member))
+        assert response.json() == [], q
+
+
 async def test_search_does_not_match_internal_keys_or_ids(
     client: httpx.AsyncClient, world: World, session: AsyncSession
 ) -> None:
