@@ -8,7 +8,59 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+
+def _storable_text(value: str) -> str:
+    """PostgreSQL text and JSONB cannot hold NUL or lone surrogates: refuse them as a 422, not a 500."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode") from None
+    return value
+
+
+#: Use for every free-text input field that is stored.
+StorableText = AfterValidator(_storable_text)
+
+
+JSON_MAX_DEPTH = 32
+
+
+def _json_problem(value: Any) -> str | None:
+    """Walk the value without recursion: too deep, or a NUL in any key or string."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > JSON_MAX_DEPTH:
+            return f"is nested deeper than {JSON_MAX_DEPTH} levels"
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "must not contain NUL characters"
+        elif isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return None
+
+
+def check_storable_json(value: Any, *, max_bytes: int, label: str) -> Any:
+    """JSON that PostgreSQL's JSONB accepts (no NaN/Infinity, NUL or lone surrogates) within size caps."""
+    problem = _json_problem(value)
+    if problem:
+        raise ValueError(f"{label} {problem}")
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{label} must be valid Unicode") from None
+    except ValueError:
+        raise ValueError(f"{label} must not contain NaN or Infinity") from None
+    if size > max_bytes:
+        raise ValueError(f"{label} is larger than {max_bytes} bytes of JSON")
+    return value
 
 
 class InputModel(BaseModel):
@@ -87,12 +139,12 @@ def _check_webhook_headers(headers: dict[str, str] | None) -> dict[str, str] | N
 
 
 def _check_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    if config is not None and len(json.dumps(config, separators=(",", ":"))) > AGENT_CONFIG_MAX_BYTES:
-        raise ValueError(f"config is larger than {AGENT_CONFIG_MAX_BYTES} bytes of JSON")
+    if config is not None:
+        check_storable_json(config, max_bytes=AGENT_CONFIG_MAX_BYTES, label="config")
     return config
 
 
-AgentName = Annotated[str, Field(min_length=1, max_length=AGENT_NAME_MAX, examples=["Support bot"])]
+AgentName = Annotated[str, Field(min_length=1, max_length=AGENT_NAME_MAX, examples=["Support bot"]), StorableText]
 WebhookUrl = Annotated[
     str,
     Field(
@@ -101,6 +153,7 @@ WebhookUrl = Annotated[
         description="http(s) URL of the n8n Webhook (or Chat Trigger) node; checked against the SSRF policy.",
         examples=["https://n8n.example.com/webhook/support-agent"],
     ),
+    StorableText,
 ]
 WebhookHeaders = Annotated[
     dict[str, str],
@@ -117,8 +170,8 @@ AgentConfig = Annotated[
         examples=[{"model": "gpt-4", "temperature": 0.7}],
     ),
 ]
-AgentDescription = Annotated[str, Field(max_length=AGENT_DESCRIPTION_MAX)]
-SystemPrompt = Annotated[str, Field(max_length=AGENT_SYSTEM_PROMPT_MAX, examples=["You answer briefly."])]
+AgentDescription = Annotated[str, Field(max_length=AGENT_DESCRIPTION_MAX), StorableText]
+SystemPrompt = Annotated[str, Field(max_length=AGENT_SYSTEM_PROMPT_MAX, examples=["You answer briefly."]), StorableText]
 
 
 class AgentCreate(InputModel):
@@ -188,7 +241,7 @@ class AgentAdminRead(AgentRead):
 # --- chats and messages ----------------------------------------------------------------------
 
 CHAT_TITLE_MAX = 200
-ChatTitle = Annotated[str, Field(max_length=CHAT_TITLE_MAX, examples=["Quarterly report questions"])]
+ChatTitle = Annotated[str, Field(max_length=CHAT_TITLE_MAX, examples=["Quarterly report questions"]), StorableText]
 MessageRole = Literal["user", "assistant"]
 MessageStatus = Literal["complete", "streaming", "error", "cancelled", "interrupted"]
 

@@ -454,3 +454,29 @@ async def test_openapi_documents_agent_schemas(client: httpx.AsyncClient) -> Non
     assert "webhook_headers" not in components["AgentAdminRead"]["properties"]
     assert "webhook_headers" in components["AgentCreate"]["properties"]
     assert json.dumps(components).count("webhook_url") >= 3
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        r'{"name": "a\u0000b", "webhook_url": "https://n8n.example.com/w"}',
+        r'{"name": "a\ud800b", "webhook_url": "https://n8n.example.com/w"}',
+        r'{"name": "ab", "webhook_url": "https://n8n.example.com/w", "description": "\u0000"}',
+        r'{"name": "ab", "webhook_url": "https://n8n.example.com/w", "system_prompt": "x\u0000"}',
+        r'{"name": "ab", "webhook_url": "https://n8n.example.com/w", "config": {"k": "v\u0000"}}',
+        r'{"name": "ab", "webhook_url": "https://n8n.example.com/w", "config": {"k\u0000": "v"}}',
+        r'{"name": "ab", "webhook_url": "https://n8n.example.com/w", "config": {"k": ["\ud800"]}}',
+        r'{"name": "ab", "webhook_url": "https://n8n.example.com/w", "config": {"a": 1e400}}',
+        r'{"name": "ab", "webhook_url": "https://n8n.example.com/w", "config": {"a": NaN}}',
+        '{"name": "ab", "webhook_url": "https://n8n.example.com/w", "config": ' + '{"a":' * 40 + "1" + "}" * 40 + "}",
+        r'{"name": "ab", "webhook_url": "https://n8n.example.com/w", "webhook_headers": {"X-\ud800": "v"}}',
+        r'{"name": "ab", "webhook_url": "https://n8n.example.com/w\u0000"}',
+    ],
+)
+async def test_create_agent_unstorable_text_is_422_not_500(
+    client: httpx.AsyncClient, world: World, session: AsyncSession, raw: str
+) -> None:
+    headers = {**world.h(world.admin), "Content-Type": "application/json"}
+    response = await client.post("/api/agents", content=raw.encode(), headers=headers)
+    assert response.status_code == 422
+    assert await count_rows(session, "agents") == 0

@@ -123,6 +123,7 @@ async def test_create_chat_with_inactive_agent_is_409(
         {"agent_id": "AGENT", "title": "x" * 201},
         {"agent_id": "AGENT", "unknown": True},
         {"agent_id": "AGENT", "title": 5},
+        {"agent_id": "AGENT", "title": "nul\u0000"},
     ],
 )
 async def test_create_chat_bad_body_is_422(
@@ -262,7 +263,18 @@ async def test_list_chats_paging_and_total(client: httpx.AsyncClient, world: Wor
 
 
 @pytest.mark.parametrize(
-    "query", ["limit=0", "limit=101", "limit=-1", "offset=-1", "limit=abc", "archived=maybe", "q=" + "x" * 201]
+    "query",
+    [
+        "limit=0",
+        "limit=101",
+        "limit=-1",
+        "offset=-1",
+        "offset=99999999999999999999999",
+        "limit=abc",
+        "archived=maybe",
+        "q=" + "x" * 201,
+        "q=a%00b",
+    ],
 )
 async def test_list_chats_bad_query_is_422(client: httpx.AsyncClient, world: World, query: str) -> None:
     response = await client.get(f"/api/chats?{query}", headers=world.h(world.member))
@@ -404,7 +416,16 @@ async def test_update_chat_changes_only_sent_fields(
 
 
 @pytest.mark.parametrize(
-    "body", [{"title": "x" * 201}, {"archived": None}, {"pinned": "yes"}, {"messages": []}, {"agent_id": None}]
+    "body",
+    [
+        {"title": "x" * 201},
+        {"title": "a\u0000"},
+        {"archived": None},
+        {"pinned": "yes"},
+        {"pinned": 1},
+        {"messages": []},
+        {"agent_id": None},
+    ],
 )
 async def test_update_chat_bad_body_is_422_and_changes_nothing(
     client: httpx.AsyncClient, world: World, session: AsyncSession, body: dict[str, Any]

@@ -41,7 +41,9 @@ async def list_chats(
     archived: Annotated[bool, Query(description="Archived chats instead of current ones")] = False,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
-    q: Annotated[str | None, Query(max_length=200, description="Words to find in titles and messages")] = None,
+    q: Annotated[
+        str | None, Query(max_length=200, pattern=r"^[^\x00]*$", description="Text to find in titles and messages")
+    ] = None,
 ) -> list[ChatSummary]:
     page = await chats_service.list_chats(
         session=session, user=user, archived=archived, limit=limit, offset=offset, q=q
