@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import uuid
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -480,3 +482,71 @@ async def test_create_agent_unstorable_text_is_422_not_500(
     response = await client.post("/api/agents", content=raw.encode(), headers=headers)
     assert response.status_code == 422
     assert await count_rows(session, "agents") == 0
+
+
+async def test_webhook_headers_absent_from_every_agent_response(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    created = await _create(client, world, webhook_headers={"X-N8N-Auth": SECRET})
+    agent_id = created.json()["id"]
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    admin, member = world.h(world.admin), world.h(world.member)
+    responses = [
+        created,
+        await client.get("/api/agents", headers=admin),
+        await client.get("/api/agents?include_inactive=true", headers=admin),
+        await client.get("/api/agents", headers=member),
+        await client.get("/api/agents?include_inactive=true", headers=member),
+        await client.get(f"/api/agents/{agent_id}", headers=admin),
+        await client.get(f"/api/agents/{agent_id}", headers=member),
+        await client.put(f"/api/agents/{agent_id}", json={"name": "n"}, headers=admin),
+        await client.put(f"/api/agents/{agent_id}", json={"webhook_headers": {"X-N8N-Auth": SECRET}}, headers=admin),
+        await client.post(f"/api/agents/{agent_id}/avatar", files={"file": ("a.png", png.getvalue())}, headers=admin),
+    ]
+    for response in responses:
+        assert response.status_code in (200, 201), response.text
+        assert SECRET not in response.text
+        items = response.json() if isinstance(response.json(), list) else [response.json()]
+        assert items
+        for item in items:
+            assert "webhook_headers" not in item
+            assert "webhook_headers_encrypted" not in item
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/agents"),
+        ("POST", "/api/agents"),
+        ("GET", "/api/agents/{id}"),
+        ("PUT", "/api/agents/{id}"),
+        ("DELETE", "/api/agents/{id}"),
+        ("POST", "/api/agents/{id}/avatar"),
+        ("GET", "/api/agents/{id}/avatar"),
+    ],
+)
+async def test_agent_endpoints_without_token_are_401(
+    client: httpx.AsyncClient, world: World, session: AsyncSession, method: str, path: str
+) -> None:
+    agent = await create_agent(session, team=world.team)
+    response = await client.request(method, path.format(id=agent.id), headers={"Authorization": "Bearer junk"})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    await session.refresh(agent)
+    assert (agent.name, agent.is_active) == ("Helper", True)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("PUT", "/api/agents/{id}"), ("DELETE", "/api/agents/{id}"), ("GET", "/api/agents/{id}/avatar")],
+)
+async def test_agent_endpoints_with_random_id_are_404_and_malformed_422(
+    client: httpx.AsyncClient, world: World, method: str, path: str
+) -> None:
+    body = {"json": {"name": "x"}} if method == "PUT" else {}
+    random_id = await client.request(method, path.format(id=uuid.uuid4()), headers=world.h(world.admin), **body)
+    assert random_id.status_code == 404
+    assert random_id.json() == {"detail": "Agent not found"}
+    malformed = await client.request(method, path.format(id="nope"), headers=world.h(world.admin), **body)
+    assert malformed.status_code == 422

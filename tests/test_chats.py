@@ -538,3 +538,30 @@ async def test_list_and_search_work_on_sqlite(tmp_path: Path) -> None:
             assert read.json()["messages"][0]["content"] == "Find the WALRUS"
     finally:
         await shutdown(app)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/chats"),
+        ("POST", "/api/chats"),
+        ("GET", "/api/chats/{id}"),
+        ("PUT", "/api/chats/{id}"),
+        ("DELETE", "/api/chats/{id}"),
+    ],
+)
+async def test_chat_endpoints_without_token_are_401(
+    client: httpx.AsyncClient, world: World, session: AsyncSession, method: str, path: str
+) -> None:
+    chat = await create_chat(session, user=world.member, agent=world.agent)
+    response = await client.request(method, path.format(id=chat.id))
+    assert response.status_code == 401
+    assert await session.get(Chat, chat.id) is not None
+
+
+async def test_update_chat_random_and_malformed_ids(client: httpx.AsyncClient, world: World) -> None:
+    random_id = await client.put(f"/api/chats/{uuid.uuid4()}", json={"title": "x"}, headers=world.h(world.member))
+    assert random_id.status_code == 404
+    assert random_id.json() == {"detail": "Chat not found"}
+    malformed = await client.put("/api/chats/zzz", json={"title": "x"}, headers=world.h(world.member))
+    assert malformed.status_code == 422
