@@ -544,9 +544,9 @@ async def test_agent_endpoints_without_token_are_401(
 async def test_agent_endpoints_with_random_id_are_404_and_malformed_422(
     client: httpx.AsyncClient, world: World, method: str, path: str
 ) -> None:
-    body = {"json": {"name": "x"}} if method == "PUT" else {}
-    random_id = await client.request(method, path.format(id=uuid.uuid4()), headers=world.h(world.admin), **body)
+    body = {"name": "x"} if method == "PUT" else None
+    random_id = await client.request(method, path.format(id=uuid.uuid4()), headers=world.h(world.admin), json=body)
     assert random_id.status_code == 404
     assert random_id.json() == {"detail": "Agent not found"}
-    malformed = await client.request(method, path.format(id="nope"), headers=world.h(world.admin), **body)
+    malformed = await client.request(method, path.format(id="nope"), headers=world.h(world.admin), json=body)
     assert malformed.status_code == 422
