@@ -385,3 +385,28 @@ async def test_foreign_team_agent_avatar_is_hidden(
     response = await client.get(f"/api/agents/{other.id}/avatar", headers=world.h(world.admin))
     assert response.status_code == 404
     assert response.json() == {"detail": "Agent not found"}
+
+
+async def test_delete_avatar_clears_it(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:
+    url = (await upload(client, world, png_bytes())).json()["avatar_url"]
+    response = await client.delete(f"/api/agents/{world.agent.id}/avatar", headers=world.h(world.admin))
+    assert response.status_code == 204
+    assert await stored(session, world.agent) == (None, None, 2)
+    agent = await client.get(f"/api/agents/{world.agent.id}", headers=world.h(world.member))
+    assert agent.json()["avatar_url"] is None
+    gone = await client.get(url, headers=world.h(world.member))
+    assert gone.status_code == 404
+    again = await client.delete(f"/api/agents/{world.agent.id}/avatar", headers=world.h(world.admin))
+    assert again.status_code == 204
+    assert await stored(session, world.agent) == (None, None, 2)
+
+
+@pytest.mark.parametrize("who", ["member", "foreigner"])
+async def test_delete_avatar_by_member_or_other_team_is_refused(
+    client: httpx.AsyncClient, world: World, session: AsyncSession, who: str
+) -> None:
+    await upload(client, world, png_bytes())
+    response = await client.delete(f"/api/agents/{world.agent.id}/avatar", headers=world.h(getattr(world, who)))
+    assert response.status_code == (403 if who == "member" else 404)
+    _, content_type, version = await stored(session, world.agent)
+    assert (content_type, version) == ("image/png", 1)

@@ -133,6 +133,17 @@ async def upload_avatar(
     return agents_service.agent_view(agent, user=user, settings=settings)
 
 
+@router.delete(
+    "/{agent_id}/avatar",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Remove the agent's avatar (idempotent; `avatar_url` becomes null)",
+    responses={**ADMIN_ERRORS, **NOT_FOUND},
+)
+async def delete_avatar(agent_id: uuid.UUID, session: SessionDep, user: AdminUser) -> Response:
+    await avatars_service.remove_avatar(session=session, user=user, agent_id=agent_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.get(
     "/{agent_id}/avatar",
     summary="Download the agent's avatar",

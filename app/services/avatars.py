@@ -124,6 +124,18 @@ async def set_avatar(
     return agent
 
 
+async def remove_avatar(*, session: AsyncSession, user: User, agent_id: uuid.UUID) -> Agent:
+    """Drop the avatar (idempotent); the version still grows so no cache keeps showing the old one."""
+    agent = await get_team_agent(session=session, user=user, agent_id=agent_id)
+    if agent.avatar_content_type is not None:
+        agent.avatar = None
+        agent.avatar_content_type = None
+        agent.avatar_version = agent.avatar_version + 1
+        await session.commit()
+        logger.info("agent %s avatar removed", agent.id)
+    return agent
+
+
 @dataclass(frozen=True)
 class AvatarFile:
     data: bytes | None
