@@ -91,7 +91,7 @@ WEBHOOK_HEADER_NAME_MAX = 100
 WEBHOOK_HEADER_VALUE_MAX = 4_096
 #: RFC 7230 `token`: the only characters a header name may contain.
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-#: Headers the relay owns (framing, hop-by-hop, routing, the JSON body type); an admin cannot set them.
+#: Headers the relay owns (framing, hop-by-hop, routing, body type and encodings); an admin cannot set them.
 FORBIDDEN_HEADERS = frozenset(
     {
         "host",
@@ -104,6 +104,7 @@ FORBIDDEN_HEADERS = frozenset(
         "trailer",
         "content-type",
         "content-encoding",
+        "accept-encoding",
         "expect",
     }
 )

@@ -199,6 +199,8 @@ async def test_private_webhook_url_refused_unless_allowed(
         {"Trailer": "x"},
         {"Proxy-Authorization": "Basic x"},
         {"Content-Type": "text/plain"},
+        {"Accept-Encoding": "br"},
+        {"Expect": "100-continue"},
         {"Bad Name": "x"},
         {"Bad:Name": "x"},
         {"": "x"},
