@@ -410,3 +410,13 @@ async def test_delete_avatar_by_member_or_other_team_is_refused(
     assert response.status_code == (403 if who == "member" else 404)
     _, content_type, version = await stored(session, world.agent)
     assert (content_type, version) == ("image/png", 1)
+
+
+async def test_openapi_documents_the_multipart_file_field(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    upload_op = schema["paths"]["/api/agents/{agent_id}/avatar"]["post"]
+    content = upload_op["requestBody"]["content"]
+    assert "multipart/form-data" in content
+    assert {"413", "415"} <= set(upload_op["responses"])
+    download = schema["paths"]["/api/agents/{agent_id}/avatar"]["get"]
+    assert "image/png" in download["responses"]["200"]["content"]
