@@ -16,7 +16,7 @@ from app.errors import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
-from app.routers import auth, health, teams, users
+from app.routers import agents, auth, chats, health, teams, users
 from app.services.health import migration_head
 from app.services.revocation import make_revocation_store
 
@@ -79,4 +79,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(teams.router)
     app.include_router(users.router)
+    app.include_router(agents.router)
+    app.include_router(chats.router)
     return app

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import uuid
+from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, bindparam, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
 
 from app.errors import NotFound
 from app.models import Chat, User
+from app.schemas import ChatCreate, ChatUpdate
+from app.services.agents import get_active_team_agent
+
+logger = logging.getLogger(__name__)
 
 CHAT_NOT_FOUND = "Chat not found"
+TITLE_MAX_CHARS = 60
+UNTITLED = "New chat"
 
 
 async def get_owned_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> Chat:
@@ -20,3 +31,122 @@ async def get_owned_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUI
     if chat is None:
         raise NotFound(CHAT_NOT_FOUND)
     return chat
+
+
+def title_from_message(text: str) -> str:
+    """A chat title from its first user message: whitespace collapsed, at most ~60 characters cut on a word."""
+    words = " ".join(text.split())
+    if not words:
+        return UNTITLED
+    if len(words) <= TITLE_MAX_CHARS:
+        return words
+    cut = words[: TITLE_MAX_CHARS + 1]
+    space = cut.rfind(" ")
+    # Cut on the last word boundary unless that would leave almost nothing (one very long word).
+    head = cut[:space] if space >= TITLE_MAX_CHARS // 2 else words[:TITLE_MAX_CHARS]
+    return head.rstrip(" .,;:!?-") + "…"
+
+
+def _clean_title(title: str | None) -> str | None:
+    """Blank titles are no titles: the first message will name the chat."""
+    if title is None:
+        return None
+    title = title.strip()
+    return title or None
+
+
+async def create_chat(*, session: AsyncSession, user: User, data: ChatCreate) -> Chat:
+    """A new empty chat with an active agent of the caller's team (foreign/missing 404, inactive 409)."""
+    agent = await get_active_team_agent(session=session, user=user, agent_id=data.agent_id)
+    chat = Chat(
+        team_id=user.team_id,
+        user_id=user.id,
+        agent_id=agent.id,
+        title=_clean_title(data.title),
+        messages=[],
+        message_count=0,
+    )
+    session.add(chat)
+    await session.commit()
+    logger.info("chat %s created with agent %s", chat.id, agent.id)
+    return chat
+
+
+def like_pattern(q: str) -> str:
+    """`%q%` with the user's own `%`, `_` and `\\` taken literally (escape character `\\`)."""
+    return "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
+
+
+def _message_text_matches(dialect: str) -> ColumnElement[bool]:
+    """Some message's `content` contains the pattern (case-insensitive); correlated to the outer `chats` row.
+
+    PostgreSQL matches `:body_pattern` against the JSON text of the array of contents, an expression a
+    pg_trgm GIN index can serve (docs/PERFORMANCE.md); the pattern is JSON-escaped like that text.
+    """
+    if dialect == "postgresql":
+        return text("jsonb_path_query_array(chats.messages, '$[*].content')::text ILIKE :body_pattern ESCAPE '\\'")  # type: ignore[return-value]
+    # SQLite's LIKE is case-insensitive for ASCII letters only.
+    return text(
+        "EXISTS (SELECT 1 FROM json_each(chats.messages) AS m "
+        "WHERE json_extract(m.value, '$.content') LIKE :pattern ESCAPE '\\')"
+    )  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ChatPage:
+    chats: list[Chat]
+    total: int
+
+
+async def list_chats(
+    *, session: AsyncSession, user: User, archived: bool = False, limit: int = 50, offset: int = 0, q: str | None = None
+) -> ChatPage:
+    """The caller's chats, pinned first then newest activity, without loading any message."""
+    conditions: list[ColumnElement[bool]] = [
+        Chat.user_id == user.id,
+        Chat.team_id == user.team_id,
+        Chat.archived.is_(archived),
+    ]
+    params: dict[str, str] = {}
+    if q and q.strip():
+        needle = q.strip()
+        params["pattern"] = like_pattern(needle)
+        params["body_pattern"] = like_pattern(json.dumps(needle, ensure_ascii=False)[1:-1])
+        dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
+        title_match = Chat.title.ilike(bindparam("pattern"), escape="\\")
+        conditions.append(or_(title_match, _message_text_matches(dialect)))
+    # One query for the page and the total (a window count), so a search scans the messages once.
+    query = (
+        select(Chat, func.count().over().label("total"))
+        .options(defer(Chat.messages))
+        .where(*conditions)
+        .order_by(Chat.pinned.desc(), Chat.updated_at.desc(), Chat.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    rows = (await session.execute(query, params)).all()
+    if rows:
+        return ChatPage(chats=[row[0] for row in rows], total=int(rows[0][1]))
+    if offset == 0:
+        return ChatPage(chats=[], total=0)
+    count = select(func.count()).select_from(Chat).where(*conditions)
+    return ChatPage(chats=[], total=int((await session.execute(count, params)).scalar_one()))
+
+
+async def update_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID, data: ChatUpdate) -> Chat:
+    """Rename, archive, pin: only the fields sent change; messages are never rewritten here."""
+    chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
+    changes = data.model_dump(exclude_unset=True)
+    if "title" in changes:
+        chat.title = _clean_title(changes.pop("title"))
+    for name, value in changes.items():
+        setattr(chat, name, value)
+    await session.commit()
+    return chat
+
+
+async def delete_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> None:
+    chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
+    await session.delete(chat)
+    await session.commit()
+    logger.info("chat %s deleted", chat.id)

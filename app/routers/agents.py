@@ -1,0 +1,179 @@
+"""Agents: admins write, members read, within the caller's team; avatars upload and download."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Header, Query, Request, Response, UploadFile, status
+
+from app.auth import AdminUser, CurrentUser, SettingsDep
+from app.db import SessionDep
+from app.errors import PayloadTooLarge
+from app.schemas import AgentAdminRead, AgentCreate, AgentRead, AgentUpdate
+from app.services import agents as agents_service
+from app.services import avatars as avatars_service
+
+router = APIRouter(prefix="/api/agents", tags=["agents"])
+
+AgentOut = AgentAdminRead | AgentRead
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"example": {"detail": description}}}}
+
+
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: _err("Not authenticated")}
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {**AUTH_ERRORS, 403: _err("Admin role required")}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _err("Agent not found")}
+SSRF_422: dict[int | str, dict[str, Any]] = {
+    422: {
+        "description": "Invalid body, or the webhook URL is refused by the SSRF policy (`detail` gives the reason)",
+    }
+}
+
+
+@router.get(
+    "",
+    response_model=list[AgentOut],
+    summary="List the team's agents",
+    description="Active agents of the caller's team. Admins may add `include_inactive=true`; members passing it "
+    "get the active agents only. Admins see `webhook_url` and `webhook_header_names`; members never do.",
+    responses=AUTH_ERRORS,
+)
+async def list_agents(
+    session: SessionDep,
+    settings: SettingsDep,
+    user: CurrentUser,
+    include_inactive: Annotated[bool, Query(description="Admins only: also list deactivated agents")] = False,
+) -> list[AgentRead | AgentAdminRead]:
+    agents = await agents_service.list_agents(session=session, user=user, include_inactive=include_inactive)
+    return [agents_service.agent_view(agent, user=user, settings=settings) for agent in agents]
+
+
+@router.post(
+    "",
+    response_model=AgentAdminRead,
+    status_code=status.HTTP_201_CREATED,
+    summary="Register an n8n workflow as an agent",
+    responses={**ADMIN_ERRORS, **SSRF_422},
+)
+async def create_agent(
+    data: AgentCreate, session: SessionDep, settings: SettingsDep, user: AdminUser
+) -> AgentRead | AgentAdminRead:
+    agent = await agents_service.create_agent(session=session, settings=settings, user=user, data=data)
+    return agents_service.agent_view(agent, user=user, settings=settings)
+
+
+@router.get(
+    "/{agent_id}",
+    response_model=AgentOut,
+    summary="Read one agent (active or not, so old chats can show it)",
+    responses={**AUTH_ERRORS, **NOT_FOUND},
+)
+async def read_agent(
+    agent_id: uuid.UUID, session: SessionDep, settings: SettingsDep, user: CurrentUser
+) -> AgentRead | AgentAdminRead:
+    agent = await agents_service.get_team_agent(session=session, user=user, agent_id=agent_id)
+    return agents_service.agent_view(agent, user=user, settings=settings)
+
+
+@router.put(
+    "/{agent_id}",
+    response_model=AgentAdminRead,
+    summary="Update an agent (partial: only the fields sent change)",
+    description="`webhook_headers`: sent = the whole set is replaced, left out = kept, `{}` = cleared.",
+    responses={**ADMIN_ERRORS, **NOT_FOUND, **SSRF_422},
+)
+async def update_agent(
+    agent_id: uuid.UUID, data: AgentUpdate, session: SessionDep, settings: SettingsDep, user: AdminUser
+) -> AgentRead | AgentAdminRead:
+    agent = await agents_service.update_agent(
+        session=session, settings=settings, user=user, agent_id=agent_id, data=data
+    )
+    return agents_service.agent_view(agent, user=user, settings=settings)
+
+
+@router.delete(
+    "/{agent_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Deactivate an agent (soft delete; its chats keep their history)",
+    responses={**ADMIN_ERRORS, **NOT_FOUND},
+)
+async def delete_agent(agent_id: uuid.UUID, session: SessionDep, user: AdminUser) -> Response:
+    await agents_service.deactivate_agent(session=session, user=user, agent_id=agent_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/{agent_id}/avatar",
+    response_model=AgentAdminRead,
+    summary="Upload the agent's avatar (PNG, JPEG, WebP or GIF, judged by content)",
+    description="Multipart field `file`. Re-encoded with metadata stripped and the longest side at most "
+    "AVATAR_MAX_SIDE pixels; GIFs keep their first frame.",
+    responses={
+        **ADMIN_ERRORS,
+        **NOT_FOUND,
+        413: _err("Avatar is larger than AVATAR_MAX_BYTES (or has more than AVATAR_MAX_PIXELS pixels)"),
+        415: _err(avatars_service.UNSUPPORTED),
+    },
+)
+async def upload_avatar(
+    agent_id: uuid.UUID,
+    file: Annotated[UploadFile, File(description="The image")],
+    session: SessionDep,
+    settings: SettingsDep,
+    user: AdminUser,
+) -> AgentRead | AgentAdminRead:
+    # The middleware already capped the whole body while it arrived; this caps the file part itself.
+    raw = await file.read(settings.AVATAR_MAX_BYTES + 1)
+    if len(raw) > settings.AVATAR_MAX_BYTES:
+        raise PayloadTooLarge(f"Avatar is larger than {settings.AVATAR_MAX_BYTES} bytes")
+    agent = await avatars_service.set_avatar(session=session, settings=settings, user=user, agent_id=agent_id, raw=raw)
+    return agents_service.agent_view(agent, user=user, settings=settings)
+
+
+@router.delete(
+    "/{agent_id}/avatar",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Remove the agent's avatar (idempotent; `avatar_url` becomes null)",
+    responses={**ADMIN_ERRORS, **NOT_FOUND},
+)
+async def delete_avatar(agent_id: uuid.UUID, session: SessionDep, user: AdminUser) -> Response:
+    await avatars_service.remove_avatar(session=session, user=user, agent_id=agent_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{agent_id}/avatar",
+    summary="Download the agent's avatar",
+    description="Served with its real content type, `X-Content-Type-Options: nosniff` and an ETag "
+    "(`If-None-Match` gives 304). With the current `?v=` it may be cached for a year.",
+    response_class=Response,
+    responses={
+        200: {"content": {t: {} for t in avatars_service.FORMATS.values()}, "description": "The image"},
+        304: {"description": "Not modified"},
+        **AUTH_ERRORS,
+        404: _err("Agent not found / Avatar not found"),
+    },
+)
+async def read_avatar(
+    agent_id: uuid.UUID,
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    avatar = await avatars_service.read_avatar(
+        session=session, user=user, agent_id=agent_id, if_none_match=if_none_match
+    )
+    current = request.query_params.get("v") == str(avatar.version)
+    headers = {
+        "ETag": avatar.etag,
+        "Cache-Control": "private, max-age=31536000, immutable" if current else "private, no-cache",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+    }
+    if avatar.data is None:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return Response(content=avatar.data, media_type=avatar.content_type, headers=headers)

@@ -1,0 +1,101 @@
+"""Chats of the caller: create, list (search, paging), read with every message, update, delete."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response, status
+
+from app.auth import CurrentUser
+from app.db import SessionDep
+from app.schemas import ChatCreate, ChatRead, ChatSummary, ChatUpdate
+from app.services import chats as chats_service
+
+router = APIRouter(prefix="/api/chats", tags=["chats"])
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"example": {"detail": description}}}}
+
+
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: _err("Not authenticated")}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _err(chats_service.CHAT_NOT_FOUND)}
+
+
+@router.get(
+    "",
+    response_model=list[ChatSummary],
+    summary="List my chats",
+    description="Pinned first, then newest activity (`updated_at`). `q` searches titles and message text, "
+    "case-insensitively. The total number of matches is in the `X-Total-Count` header.",
+    responses={
+        200: {"headers": {"X-Total-Count": {"description": "Matches before paging", "schema": {"type": "integer"}}}},
+        **AUTH_ERRORS,
+    },
+)
+async def list_chats(
+    response: Response,
+    session: SessionDep,
+    user: CurrentUser,
+    archived: Annotated[bool, Query(description="Archived chats instead of current ones")] = False,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    q: Annotated[
+        str | None, Query(max_length=200, pattern=r"^[^\x00]*$", description="Text to find in titles and messages")
+    ] = None,
+) -> list[ChatSummary]:
+    page = await chats_service.list_chats(
+        session=session, user=user, archived=archived, limit=limit, offset=offset, q=q
+    )
+    response.headers["X-Total-Count"] = str(page.total)
+    return [ChatSummary.model_validate(chat) for chat in page.chats]
+
+
+@router.post(
+    "",
+    response_model=ChatRead,
+    status_code=status.HTTP_201_CREATED,
+    summary="Start a chat with an agent",
+    responses={
+        **AUTH_ERRORS,
+        404: _err("Agent not found"),
+        409: _err("Agent is inactive; an admin must reactivate it before new chats can use it"),
+    },
+)
+async def create_chat(data: ChatCreate, session: SessionDep, user: CurrentUser) -> ChatRead:
+    chat = await chats_service.create_chat(session=session, user=user, data=data)
+    return ChatRead.model_validate(chat)
+
+
+@router.get(
+    "/{chat_id}",
+    response_model=ChatRead,
+    summary="Read one of my chats with all its messages (one query)",
+    responses={**AUTH_ERRORS, **NOT_FOUND},
+)
+async def read_chat(chat_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> ChatRead:
+    chat = await chats_service.get_owned_chat(session=session, user=user, chat_id=chat_id)
+    return ChatRead.model_validate(chat)
+
+
+@router.put(
+    "/{chat_id}",
+    response_model=ChatRead,
+    summary="Rename, archive or pin one of my chats (only the fields sent change)",
+    responses={**AUTH_ERRORS, **NOT_FOUND},
+)
+async def update_chat(chat_id: uuid.UUID, data: ChatUpdate, session: SessionDep, user: CurrentUser) -> ChatRead:
+    chat = await chats_service.update_chat(session=session, user=user, chat_id=chat_id, data=data)
+    return ChatRead.model_validate(chat)
+
+
+@router.delete(
+    "/{chat_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete one of my chats and its messages",
+    responses={**AUTH_ERRORS, **NOT_FOUND},
+)
+async def delete_chat(chat_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> Response:
+    await chats_service.delete_chat(session=session, user=user, chat_id=chat_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,170 @@
+"""Agent avatars: judge the upload by its content, refuse bombs and polyglots, re-encode, store in the database.
+
+The image is decoded and re-encoded from its pixels only, so no metadata (EXIF, GPS, ICC, text chunks) and no
+appended payload survives. GIFs keep their first frame only (a static GIF): animation would multiply the
+decoding cost by the frame count for an avatar nobody needs animated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import uuid
+import warnings
+from dataclasses import dataclass
+
+import anyio
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.errors import NotFound, PayloadTooLarge, UnsupportedMediaType
+from app.models import Agent, User
+from app.services.agents import AGENT_NOT_FOUND, get_team_agent
+
+logger = logging.getLogger(__name__)
+
+AVATAR_NOT_FOUND = "Avatar not found"
+UNSUPPORTED = "Unsupported image: send a PNG, JPEG, WebP or GIF file"
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+#: Markup that makes a file a polyglot a browser could render as HTML/SVG/XML; no real image needs it.
+MARKUP_RE = re.compile(rb"<(?:script|html|body|iframe|svg[\s>/]|\?xml|!doctype)", re.IGNORECASE)
+PNG_END = b"IEND\xaeB`\x82"
+
+
+@dataclass(frozen=True)
+class StoredAvatar:
+    data: bytes
+    content_type: str
+
+
+def process_avatar(raw: bytes, settings: Settings) -> StoredAvatar:
+    """Validate and re-encode one upload (CPU-bound: run it in a thread). Raises 413 or 415."""
+    if len(raw) > settings.AVATAR_MAX_BYTES:
+        raise PayloadTooLarge(f"Avatar is larger than {settings.AVATAR_MAX_BYTES} bytes")
+    if MARKUP_RE.search(raw):
+        raise UnsupportedMediaType(UNSUPPORTED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(raw), formats=list(FORMATS))
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError):
+            raise UnsupportedMediaType(UNSUPPORTED) from None
+        with image:
+            fmt = image.format or ""
+            if fmt not in FORMATS:
+                raise UnsupportedMediaType(UNSUPPORTED)
+            # Checked on the header, before a single pixel is decoded.
+            if image.width * image.height > settings.AVATAR_MAX_PIXELS:
+                raise PayloadTooLarge(f"Avatar has more than {settings.AVATAR_MAX_PIXELS} pixels")
+            if fmt == "PNG" and raw.rstrip(b"\x00")[-len(PNG_END) :] != PNG_END:
+                # Bytes after the final IEND chunk: a PNG with something else appended.
+                raise UnsupportedMediaType(UNSUPPORTED)
+            try:
+                image.seek(0)
+                image.load()
+                data = _reencode(image, fmt, settings.AVATAR_MAX_SIDE)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning):
+                raise UnsupportedMediaType(UNSUPPORTED) from None
+    return StoredAvatar(data=data, content_type=FORMATS[fmt])
+
+
+def _reencode(image: Image.Image, fmt: str, max_side: int) -> bytes:
+    if fmt == "JPEG":
+        image = ImageOps.exif_transpose(image)
+    if fmt == "GIF":
+        frame = image.convert("RGBA")
+    elif image.mode in ("1", "L", "LA", "RGB", "RGBA"):
+        frame = image.copy()
+    elif image.mode == "P":
+        frame = image.convert("RGBA")
+    else:
+        frame = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    frame.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    # A fresh image from raw pixels carries no `info` (EXIF, ICC, text chunks, comments).
+    clean = Image.frombytes(frame.mode, frame.size, frame.tobytes())
+    out = io.BytesIO()
+    if fmt == "PNG":
+        clean.save(out, "PNG", optimize=True)
+    elif fmt == "JPEG":
+        clean.convert("RGB").save(out, "JPEG", quality=85, optimize=True)
+    elif fmt == "WEBP":
+        clean.save(out, "WEBP", quality=85)
+    else:
+        _save_gif(clean, out)
+    return out.getvalue()
+
+
+def _save_gif(frame: Image.Image, out: io.BytesIO) -> None:
+    """One static frame; fully transparent pixels stay transparent through the palette."""
+    if frame.mode != "RGBA":
+        frame.convert("RGB").quantize(colors=256).save(out, "GIF")
+        return
+    alpha = frame.getchannel("A")
+    paletted = frame.convert("RGB").quantize(colors=255)
+    transparent = alpha.point(lambda a: 255 if a < 128 else 0)
+    paletted.paste(255, mask=transparent)
+    paletted.save(out, "GIF", transparency=255)
+
+
+async def set_avatar(
+    *, session: AsyncSession, settings: Settings, user: User, agent_id: uuid.UUID, raw: bytes
+) -> Agent:
+    """Store a new avatar and bump `avatar_version`, so `avatar_url` (and every cache key) changes."""
+    agent = await get_team_agent(session=session, user=user, agent_id=agent_id)
+    stored = await anyio.to_thread.run_sync(process_avatar, raw, settings)
+    agent.avatar = stored.data
+    agent.avatar_content_type = stored.content_type
+    agent.avatar_version = agent.avatar_version + 1
+    await session.commit()
+    logger.info("agent %s avatar set (%s, %d bytes)", agent.id, stored.content_type, len(stored.data))
+    return agent
+
+
+async def remove_avatar(*, session: AsyncSession, user: User, agent_id: uuid.UUID) -> Agent:
+    """Drop the avatar (idempotent); the version still grows so no cache keeps showing the old one."""
+    agent = await get_team_agent(session=session, user=user, agent_id=agent_id)
+    if agent.avatar_content_type is not None:
+        agent.avatar = None
+        agent.avatar_content_type = None
+        agent.avatar_version = agent.avatar_version + 1
+        await session.commit()
+        logger.info("agent %s avatar removed", agent.id)
+    return agent
+
+
+@dataclass(frozen=True)
+class AvatarFile:
+    data: bytes | None
+    content_type: str
+    version: int
+    etag: str
+
+
+def avatar_etag(agent_id: uuid.UUID, version: int) -> str:
+    return '"' + hashlib.sha256(f"{agent_id}:{version}".encode()).hexdigest()[:32] + '"'
+
+
+async def read_avatar(
+    *, session: AsyncSession, user: User, agent_id: uuid.UUID, if_none_match: str | None
+) -> AvatarFile:
+    """The avatar of a team agent; `data` is None when the client's ETag still matches (the bytes are not read)."""
+    query = select(Agent.avatar_content_type, Agent.avatar_version).where(
+        Agent.id == agent_id, Agent.team_id == user.team_id
+    )
+    row = (await session.execute(query)).one_or_none()
+    if row is None:
+        raise NotFound(AGENT_NOT_FOUND)
+    content_type, version = row
+    if content_type is None:
+        raise NotFound(AVATAR_NOT_FOUND)
+    etag = avatar_etag(agent_id, version)
+    if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
+        return AvatarFile(data=None, content_type=content_type, version=version, etag=etag)
+    data = (await session.execute(select(Agent.avatar).where(Agent.id == agent_id))).scalar_one()
+    if data is None:
+        raise NotFound(AVATAR_NOT_FOUND)
+    return AvatarFile(data=data, content_type=content_type, version=version, etag=etag)

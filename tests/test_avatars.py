@@ -1,0 +1,422 @@
+"""Avatars: size cap while the body arrives, type by content, bombs and polyglots refused, re-encoding, serving."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image, PngImagePlugin
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.models import Agent, Team, User
+from main import create_app, shutdown
+from tests.conftest import make_settings
+from tests.factories import auth_headers, create_admin, create_agent, create_team, create_user
+
+MB = 1024 * 1024
+
+
+def png_bytes(size: tuple[int, int] = (64, 48), mode: str = "RGB", **save: Any) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, "red" if mode != "1" else 1).save(out, "PNG", **save)
+    return out.getvalue()
+
+
+def noise_png(side: int) -> bytes:
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(out, "PNG")
+    return out.getvalue()
+
+
+def image_bytes(fmt: str, size: tuple[int, int] = (64, 48), **save: Any) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, "blue").save(out, fmt, **save)
+    return out.getvalue()
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("P", (40, 40), i) for i in (1, 2, 3)]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return out.getvalue()
+
+
+SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"><rect width="9"/></svg>'
+HTML = b"<!DOCTYPE html><html><body><script>alert(document.cookie)</script></body></html>"
+
+
+@dataclass
+class World:
+    team: Team
+    admin: User
+    member: User
+    foreigner: User
+    agent: Agent
+    settings: Settings
+
+    def h(self, user: User) -> dict[str, str]:
+        return auth_headers(self.settings, user)
+
+
+@pytest.fixture
+async def world(session: AsyncSession, settings: Settings) -> World:
+    team = await create_team(session)
+    return World(
+        team=team,
+        admin=await create_admin(session, team=team),
+        member=await create_user(session, team=team),
+        foreigner=await create_admin(session),
+        agent=await create_agent(session, team=team),
+        settings=settings,
+    )
+
+
+async def upload(
+    client: httpx.AsyncClient, world: World, data: bytes, filename: str = "a.png", ctype: str = "image/png"
+) -> httpx.Response:
+    return await client.post(
+        f"/api/agents/{world.agent.id}/avatar", files={"file": (filename, data, ctype)}, headers=world.h(world.admin)
+    )
+
+
+async def stored(session: AsyncSession, agent: Agent) -> tuple[bytes | None, str | None, int]:
+    row = (
+        await session.execute(
+            select(Agent.avatar, Agent.avatar_content_type, Agent.avatar_version).where(Agent.id == agent.id)
+        )
+    ).one()
+    return row[0], row[1], row[2]
+
+
+# --- accepted ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "ctype"), [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif")]
+)
+async def test_upload_avatar_accepts_each_format(
+    client: httpx.AsyncClient, world: World, session: AsyncSession, fmt: str, ctype: str
+) -> None:
+    response = await upload(client, world, image_bytes(fmt), filename="x.bin", ctype="application/octet-stream")
+    assert response.status_code == 200
+    assert response.json()["avatar_url"] == f"/api/agents/{world.agent.id}/avatar?v=1"
+    data, content_type, version = await stored(session, world.agent)
+    assert content_type == ctype
+    assert version == 1
+    assert data is not None
+    assert Image.open(io.BytesIO(data)).format == fmt
+
+
+async def test_png_renamed_gif_is_stored_as_png(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:
+    response = await upload(client, world, png_bytes(), filename="cat.gif", ctype="image/gif")
+    assert response.status_code == 200
+    served = await client.get(response.json()["avatar_url"], headers=world.h(world.member))
+    assert served.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(served.content)).format == "PNG"
+
+
+async def test_avatar_is_resized_to_max_side(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:
+    response = await upload(client, world, image_bytes("JPEG", (1600, 900)), filename="big.jpg", ctype="image/jpeg")
+    assert response.status_code == 200
+    data, _, _ = await stored(session, world.agent)
+    assert data is not None
+    assert Image.open(io.BytesIO(data)).size == (512, 288)
+
+
+async def test_avatar_metadata_is_stripped(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCameraMaker"  # Make
+    exif[0x8825] = {2: (48.0, 51.0, 0.0)}  # GPS latitude
+    jpeg = image_bytes("JPEG", exif=exif.tobytes())
+    assert b"SecretCameraMaker" in jpeg
+    assert (await upload(client, world, jpeg, ctype="image/jpeg")).status_code == 200
+    data, _, _ = await stored(session, world.agent)
+    assert data is not None
+    assert b"SecretCameraMaker" not in data
+    assert not Image.open(io.BytesIO(data)).getexif()
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "private-note")
+    png = png_bytes(pnginfo=info)
+    assert (await upload(client, world, png)).status_code == 200
+    data, _, _ = await stored(session, world.agent)
+    assert data is not None
+    assert b"private-note" not in data
+    assert "Comment" not in Image.open(io.BytesIO(data)).info
+
+
+async def test_animated_gif_keeps_its_first_frame(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    response = await upload(client, world, animated_gif(), filename="a.gif", ctype="image/gif")
+    assert response.status_code == 200
+    data, content_type, _ = await stored(session, world.agent)
+    assert data is not None
+    assert content_type == "image/gif"
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "GIF"
+    assert getattr(image, "n_frames", 1) == 1
+
+
+# --- refused ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "filename"),
+    [
+        (SVG, "logo.png"),
+        (HTML, "page.png"),
+        (b"GIF89a" + HTML, "poly.gif"),
+        (png_bytes() + HTML, "poly.png"),
+        (image_bytes("JPEG") + b"<script>alert(1)</script>", "poly.jpg"),
+        (png_bytes()[:60], "truncated.png"),
+        (image_bytes("BMP"), "bitmap.png"),
+        (image_bytes("TIFF"), "photo.png"),
+        (b"", "empty.png"),
+        (b"%PDF-1.4 hello", "doc.png"),
+    ],
+)
+async def test_upload_avatar_refuses_non_images_with_415(
+    client: httpx.AsyncClient, world: World, session: AsyncSession, data: bytes, filename: str
+) -> None:
+    response = await upload(client, world, data, filename=filename)
+    assert response.status_code == 415
+    assert "PNG, JPEG, WebP or GIF" in response.json()["detail"]
+    assert await stored(session, world.agent) == (None, None, 0)
+
+
+async def test_decompression_bomb_is_refused(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:
+    bomb = png_bytes((8000, 8000), mode="1")  # 64 million pixels in a few kilobytes
+    assert len(bomb) < 100_000
+    response = await upload(client, world, bomb)
+    assert response.status_code == 413
+    assert "pixels" in response.json()["detail"]
+    assert await stored(session, world.agent) == (None, None, 0)
+
+
+async def test_upload_avatar_by_member_is_403(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:
+    response = await client.post(
+        f"/api/agents/{world.agent.id}/avatar", files={"file": ("a.png", png_bytes())}, headers=world.h(world.member)
+    )
+    assert response.status_code == 403
+    assert await stored(session, world.agent) == (None, None, 0)
+
+
+async def test_upload_avatar_to_other_team_agent_is_404(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    response = await client.post(
+        f"/api/agents/{world.agent.id}/avatar",
+        files={"file": ("a.png", png_bytes())},
+        headers=world.h(world.foreigner),
+    )
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Agent not found"}
+    assert await stored(session, world.agent) == (None, None, 0)
+
+
+async def test_upload_avatar_without_file_field_is_422(client: httpx.AsyncClient, world: World) -> None:
+    response = await client.post(
+        f"/api/agents/{world.agent.id}/avatar", files={"image": ("a.png", png_bytes())}, headers=world.h(world.admin)
+    )
+    assert response.status_code == 422
+
+
+# --- size cap while the body arrives ------------------------------------------------------------
+
+
+class CountingApp:
+    """Counts the request-body bytes the application actually pulled from the server."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.received = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def counted() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.received += len(message.get("body", b""))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def multipart_stream(total: int, produced: list[int]) -> AsyncIterator[bytes]:
+    async def gen() -> AsyncIterator[bytes]:
+        yield b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+        yield b"Content-Type: image/png\r\n\r\n" + png_bytes()
+        chunk = b"\0" * 65536
+        for _ in range(total // len(chunk)):
+            produced[0] += len(chunk)
+            yield chunk
+        yield b"\r\n--XyZ--\r\n"
+
+    return gen()
+
+
+@pytest.mark.parametrize("content_length", [None, "1000"])
+async def test_oversized_avatar_is_413_after_reading_at_most_the_cap(
+    app: Any, world: World, session: AsyncSession, content_length: str | None
+) -> None:
+    counting = CountingApp(app)
+    produced = [0]
+    headers = {**world.h(world.admin), "Content-Type": "multipart/form-data; boundary=XyZ"}
+    if content_length:
+        headers["Content-Length"] = content_length  # a lie: 50 MB follow
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=counting), base_url="http://test") as c:
+        response = await c.post(
+            f"/api/agents/{world.agent.id}/avatar", content=multipart_stream(50 * MB, produced), headers=headers
+        )
+    assert response.status_code == 413
+    cap = world.settings.AVATAR_MAX_BYTES + 64 * 1024
+    assert counting.received <= cap + 65536 + 1024
+    assert produced[0] < 3 * MB
+    assert await stored(session, world.agent) == (None, None, 0)
+
+
+async def test_declared_oversized_avatar_is_413_before_reading(app: Any, world: World) -> None:
+    counting = CountingApp(app)
+    produced = [0]
+    headers = {
+        **world.h(world.admin),
+        "Content-Type": "multipart/form-data; boundary=XyZ",
+        "Content-Length": str(50 * MB),
+    }
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=counting), base_url="http://test") as c:
+        response = await c.post(
+            f"/api/agents/{world.agent.id}/avatar", content=multipart_stream(50 * MB, produced), headers=headers
+        )
+    assert response.status_code == 413
+    assert counting.received == 0
+
+
+async def test_file_part_over_avatar_cap_is_413(
+    database_url: str, tmp_path: Path, session: AsyncSession, world: World
+) -> None:
+    small = make_settings(database_url, tmp_path, AVATAR_MAX_BYTES=4096)
+    app = create_app(small)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            image = noise_png(64)
+            assert 4096 < len(image) < 64 * 1024
+            response = await c.post(
+                f"/api/agents/{world.agent.id}/avatar",
+                files={"file": ("n.png", image, "image/png")},
+                headers=auth_headers(small, world.admin),
+            )
+            assert response.status_code == 413
+            assert "larger than 4096 bytes" in response.json()["detail"]
+            ok = await c.post(
+                f"/api/agents/{world.agent.id}/avatar",
+                files={"file": ("n.png", png_bytes(), "image/png")},
+                headers=auth_headers(small, world.admin),
+            )
+            assert ok.status_code == 200
+    finally:
+        await shutdown(app)
+
+
+# --- serving ----------------------------------------------------------------------------------
+
+
+async def test_read_avatar_serves_real_type_with_validators(client: httpx.AsyncClient, world: World) -> None:
+    url = (await upload(client, world, image_bytes("WEBP"), filename="a.png")).json()["avatar_url"]
+    response = await client.get(url, headers=world.h(world.member))
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/webp"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "immutable" in response.headers["cache-control"]
+    etag = response.headers["etag"]
+    assert etag.startswith('"')
+    again = await client.get(url, headers={**world.h(world.member), "If-None-Match": etag})
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["etag"] == etag
+    no_version = await client.get(f"/api/agents/{world.agent.id}/avatar", headers=world.h(world.member))
+    assert no_version.headers["cache-control"] == "private, no-cache"
+    assert no_version.content == response.content
+
+
+async def test_avatar_url_and_etag_change_with_the_avatar(client: httpx.AsyncClient, world: World) -> None:
+    first = await upload(client, world, png_bytes())
+    old_etag = (await client.get(first.json()["avatar_url"], headers=world.h(world.admin))).headers["etag"]
+    second = await upload(client, world, image_bytes("JPEG"), ctype="image/jpeg")
+    assert second.json()["avatar_url"] != first.json()["avatar_url"]
+    assert second.json()["avatar_url"].endswith("?v=2")
+    fresh = await client.get(second.json()["avatar_url"], headers={**world.h(world.admin), "If-None-Match": old_etag})
+    assert fresh.status_code == 200
+    assert fresh.headers["content-type"] == "image/jpeg"
+    listed = await client.get("/api/agents", headers=world.h(world.member))
+    assert listed.json()[0]["avatar_url"] == second.json()["avatar_url"]
+
+
+async def test_read_avatar_when_none_is_404(client: httpx.AsyncClient, world: World) -> None:
+    response = await client.get(f"/api/agents/{world.agent.id}/avatar", headers=world.h(world.member))
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Avatar not found"}
+
+
+async def test_read_avatar_of_other_team_is_404(client: httpx.AsyncClient, world: World) -> None:
+    await upload(client, world, png_bytes())
+    response = await client.get(f"/api/agents/{world.agent.id}/avatar", headers=world.h(world.foreigner))
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Agent not found"}
+
+
+async def test_read_avatar_without_token_is_401(client: httpx.AsyncClient, world: World) -> None:
+    await upload(client, world, png_bytes())
+    response = await client.get(f"/api/agents/{world.agent.id}/avatar")
+    assert response.status_code == 401
+
+
+async def test_foreign_team_agent_avatar_is_hidden(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    other = await create_agent(session, team=await create_team(session))
+    response = await client.get(f"/api/agents/{other.id}/avatar", headers=world.h(world.admin))
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Agent not found"}
+
+
+async def test_delete_avatar_clears_it(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:
+    url = (await upload(client, world, png_bytes())).json()["avatar_url"]
+    response = await client.delete(f"/api/agents/{world.agent.id}/avatar", headers=world.h(world.admin))
+    assert response.status_code == 204
+    assert await stored(session, world.agent) == (None, None, 2)
+    agent = await client.get(f"/api/agents/{world.agent.id}", headers=world.h(world.member))
+    assert agent.json()["avatar_url"] is None
+    gone = await client.get(url, headers=world.h(world.member))
+    assert gone.status_code == 404
+    again = await client.delete(f"/api/agents/{world.agent.id}/avatar", headers=world.h(world.admin))
+    assert again.status_code == 204
+    assert await stored(session, world.agent) == (None, None, 2)
+
+
+@pytest.mark.parametrize("who", ["member", "foreigner"])
+async def test_delete_avatar_by_member_or_other_team_is_refused(
+    client: httpx.AsyncClient, world: World, session: AsyncSession, who: str
+) -> None:
+    await upload(client, world, png_bytes())
+    response = await client.delete(f"/api/agents/{world.agent.id}/avatar", headers=world.h(getattr(world, who)))
+    assert response.status_code == (403 if who == "member" else 404)
+    _, content_type, version = await stored(session, world.agent)
+    assert (content_type, version) == ("image/png", 1)
+
+
+async def test_openapi_documents_the_multipart_file_field(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    upload_op = schema["paths"]["/api/agents/{agent_id}/avatar"]["post"]
+    content = upload_op["requestBody"]["content"]
+    assert "multipart/form-data" in content
+    assert {"413", "415"} <= set(upload_op["responses"])
+    download = schema["paths"]["/api/agents/{agent_id}/avatar"]["get"]
+    assert "image/png" in download["responses"]["200"]["content"]
