@@ -49,6 +49,11 @@ def _json_problem(value: Any) -> str | None:
         if isinstance(item, str):
             if "\x00" in item:
                 return "must not contain NUL characters"
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "must be valid Unicode"
         elif isinstance(item, dict):
             stack.extend((k, depth + 1) for k in item)
             stack.extend((v, depth + 1) for v in item.values())
@@ -77,6 +82,15 @@ class InputModel(BaseModel):
     """Base of every request body: unknown fields are a 422, never silently dropped."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_input(cls, data: Any) -> Any:
+        """One guard for every body: text PostgreSQL cannot store (NUL, lone surrogates) is a 422, never a 500."""
+        problem = _json_problem(data)
+        if problem:
+            raise ValueError(f"request body {problem}")
+        return data
 
 
 class ReadModel(BaseModel):
