@@ -15,8 +15,9 @@ from app.db import Database
 from app.errors import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
-from app.routers import health
+from app.routers import error_logs, health, messages
 from app.services.health import migration_head
+from app.streaming import GenerationRegistry
 
 logger = logging.getLogger("app")
 
@@ -30,6 +31,7 @@ your team id as `client_id` when your email exists in several teams), or send
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     logger.info("starting (database: %s)", app.state.settings.DATABASE_URL.split(":", 1)[0])
+    await app.state.generations.startup()
     try:
         yield
     finally:
@@ -38,6 +40,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def shutdown(app: FastAPI) -> None:
     """Release what `create_app` opened; tests call it for apps they never ran a lifespan on."""
+    # First: running generations get their grace period and their final write while the database is up.
+    await app.state.generations.shutdown()
     if app.state.redis is not None:
         await app.state.redis.aclose()
     await app.state.db.dispose()
@@ -57,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = Database(settings)
     app.state.redis = aioredis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
     app.state.migration_head = migration_head()
+    app.state.generations = GenerationRegistry(settings=settings, db=app.state.db)
 
     install_error_handlers(app)
     app.add_middleware(
@@ -72,4 +77,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, settings=settings)
 
     app.include_router(health.router)
+    app.include_router(messages.router)
+    app.include_router(error_logs.router)
     return app
