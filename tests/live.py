@@ -90,7 +90,7 @@ async def chat_with_agent(
 class LiveServer:
     """`create_app(settings)` served by uvicorn in a background thread with its own event loop."""
 
-    def __init__(self, settings: Settings, *, graceful_timeout: float | None = None) -> None:
+    def __init__(self, settings: Settings, *, graceful_timeout: int | None = None) -> None:
         self.settings = settings
         self.port = free_port()
         self.app = create_app(settings)
