@@ -36,7 +36,7 @@ async def fake() -> AsyncIterator[FakeN8n]:
 
 async def stored(app: FastAPI, chat_id: uuid.UUID) -> Chat:
     async with app.state.db.sessionmaker() as s:
-        chat = (await s.execute(select(Chat).where(Chat.id == chat_id))).scalar_one()
+        chat: Chat = (await s.execute(select(Chat).where(Chat.id == chat_id))).scalar_one()
         return chat
 
 
