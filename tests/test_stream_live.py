@@ -106,7 +106,7 @@ async def test_live_pings_while_waiting(
 ) -> None:
     settings = fast_settings(database_url, tmp_path, N8N_READ_TIMEOUT=2, N8N_FIRST_BYTE_TIMEOUT=2)
     async with live_server(settings) as server:
-        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=500")
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=300")
         text = await read_events(server, setup)
         await idle(server)
     blocks = parse_sse(text)

@@ -176,7 +176,7 @@ class FakeN8n:
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start listening (port 0 = a free one); return the base URL."""
-        self._runner = web.AppRunner(self.app, keepalive_timeout=max(self.linger, 0.1), shutdown_timeout=0.5)
+        self._runner = web.AppRunner(self.app, keepalive_timeout=max(self.linger, 0.1), shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
