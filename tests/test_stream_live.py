@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -54,9 +53,9 @@ async def assistant_of(app: FastAPI, chat_id: uuid.UUID) -> dict[str, Any]:
         return message
 
 
-async def settled(app: FastAPI, chat_id: uuid.UUID, timeout: float = 5) -> dict[str, Any]:
+async def settled(app: FastAPI, chat_id: uuid.UUID, within: float = 5) -> dict[str, Any]:
     """The assistant message once it is no longer streaming."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while True:
             message = await assistant_of(app, chat_id)
             if message["status"] != "streaming":
@@ -69,10 +68,12 @@ async def error_codes(app: FastAPI) -> list[str]:
         return list((await s.execute(select(ErrorLog.code))).scalars())
 
 
-async def idle(server: LiveServer, timeout: float = 5) -> None:
+async def idle(server: LiveServer, within: float = 5) -> None:
     """No generation running and no database connection checked out on the live server."""
-    async with asyncio.timeout(timeout):
-        while server.running_generations() or server.app.state.db.engine.pool.checkedout():
+    async with asyncio.timeout(within):
+        while True:
+            if not server.running_generations() and not server.app.state.db.engine.pool.checkedout():
+                return
             await asyncio.sleep(0.02)
 
 
@@ -176,7 +177,9 @@ async def test_live_no_database_connection_held_while_waiting(
         setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=stall&hang=1.5")
         task = asyncio.create_task(read_events(server, setup))
         async with asyncio.timeout(5):
-            while server.running_generations() == 0:
+            while True:
+                if server.running_generations():
+                    break
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.5)
         assert server.running_generations() == 1
@@ -260,7 +263,7 @@ async def test_kill_mid_stream_then_restart_marks_interrupted(
     settings = fast_settings(database_url, tmp_path)
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "--factory", "main:create_app", "--port", str(port), "--no-access-log"]
-    process = subprocess.Popen(command, cwd=ROOT, env=_subprocess_env(settings))
+    process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env=_subprocess_env(settings))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             async with asyncio.timeout(20):
@@ -281,11 +284,12 @@ async def test_kill_mid_stream_then_restart_marks_interrupted(
                     if seen.count('"type": "message"') >= 4:
                         process.send_signal(signal.SIGKILL)
                         break
-        process.wait(10)
+        async with asyncio.timeout(10):
+            await process.wait()
     finally:
-        if process.poll() is None:
+        if process.returncode is None:
             process.kill()
-            process.wait(10)
+            await process.wait()
     left = await assistant_of(app, setup.chat.id)
     assert left["status"] == "streaming"
 
