@@ -23,6 +23,7 @@ from fastapi.sse import ServerSentEvent
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
+from app.errors import ServiceUnavailable
 from app.services import messages as message_service
 from app.webhooks import PolicyResolver, WebhookPolicyError, check_webhook_url
 
@@ -665,6 +666,11 @@ class GenerationRegistry:
         await self.streamer.close()
 
     # --- generations ----------------------------------------------------------------------------
+    def check_accepting(self) -> None:
+        """New generations are refused once shutdown began (they would only be interrupted)."""
+        if self._closing:
+            raise ServiceUnavailable("The server is shutting down; try again")
+
     def start(self, new: message_service.NewGeneration) -> Generation:
         generation = Generation(new=new)
         generation.add_event("status", WAITING)

@@ -487,3 +487,14 @@ async def test_send_message_on_sqlite(tmp_path: Path, fake: FakeN8n) -> None:
         assert len(await error_rows(application)) == 1
     finally:
         await shutdown(application)
+
+
+async def test_send_message_during_shutdown_is_503(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    await app.state.generations.shutdown()
+    response = await send(client, setup)
+    assert response.status_code == 503
+    assert (await stored(app, setup.chat.id)).messages == []
+    assert fake.requests == []
