@@ -541,8 +541,8 @@ def _event_json(kind: str, data: Any) -> str:
 
 
 def _sse(event_id: int, kind: str, data: Any) -> ServerSentEvent:
-    # model_construct: the id and payload are ours (no newlines), so skip validation on the hot path.
-    return ServerSentEvent.model_construct(raw_data=_event_json(kind, data), id=str(event_id))
+    # raw_data: serialized once here with json.dumps (FastAPI would run jsonable_encoder first).
+    return ServerSentEvent(raw_data=_event_json(kind, data), id=str(event_id))
 
 
 PING = ServerSentEvent(comment="ping")
@@ -550,13 +550,14 @@ PING = ServerSentEvent(comment="ping")
 
 @dataclass
 class Generation:
-    """One running answer. `events` is the ordered list the SSE readers replay: ("message", text) or (type, data).
+    """One running answer. `events` is what SSE readers replay: a text chunk (str) or a (type, data) pair.
 
-    Event ids are positions: `start` is 1 and `events[i]` is i + 2, so they are the same for every reader.
+    Readers number their events 1, 2, 3… and merge text chunks that piled up while they were busy into
+    one `message` event (same concatenation, fewer writes when a client or the event loop is slow).
     """
 
     new: message_service.NewGeneration
-    events: list[tuple[str, Any]] = field(default_factory=list)
+    events: list[str | tuple[str, Any]] = field(default_factory=list)
     chunks: list[str] = field(default_factory=list)
     terminal: tuple[str, dict[str, Any]] | None = None
     task: asyncio.Task[None] | None = None
@@ -564,8 +565,7 @@ class Generation:
 
     def add_chunks(self, chunks: list[str]) -> None:
         self.chunks.extend(chunks)
-        for chunk in chunks:
-            self.events.append(("message", chunk))
+        self.events.extend(chunks)
         self._notify()
 
     def add_event(self, kind: str, data: Any) -> None:
@@ -585,20 +585,29 @@ class Generation:
     async def sse(self, ping_interval: float) -> AsyncIterator[ServerSentEvent]:
         """The SSE events of this generation from the start; `: ping` comments while nothing happens."""
         start = {"user_message": self.new.user_message, "assistant_message_id": self.new.assistant_id}
-        yield _sse(1, "start", start)
+        event_id = 1
+        yield _sse(event_id, "start", start)
         index = 0
         events = self.events
         while True:
-            while index < len(events):
-                kind, data = events[index]
-                index += 1
-                if kind == "message":
-                    yield _sse(index + 1, "message", {"content": data})
+            available = len(events)
+            while index < available:
+                item = events[index]
+                event_id += 1
+                if isinstance(item, str):
+                    end = index + 1
+                    while end < available and isinstance(events[end], str):
+                        end += 1
+                    text = item if end == index + 1 else "".join(events[index:end])  # type: ignore[arg-type]
+                    index = end
+                    yield _sse(event_id, "message", {"content": text})
                 else:
-                    yield _sse(index + 1, kind, data)
+                    index += 1
+                    yield _sse(event_id, item[0], item[1])
+                available = len(events)
             if self.terminal is not None:
                 kind, data = self.terminal
-                yield _sse(len(events) + 2, kind, data)
+                yield _sse(event_id + 1, kind, data)
                 return
             if self._waiter is None:
                 self._waiter = asyncio.Event()

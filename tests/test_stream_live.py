@@ -21,7 +21,16 @@ from app.config import Settings
 from app.models import Chat, ErrorLog, Worker
 from main import create_app, shutdown
 from tests.conftest import ROOT, TEST_ENCRYPTION_KEY, TEST_JWT_SECRET, make_settings
-from tests.live import ChatSetup, LiveServer, chat_with_agent, data_events, free_port, live_server, parse_sse
+from tests.live import (
+    ChatSetup,
+    LiveServer,
+    chat_with_agent,
+    data_events,
+    free_port,
+    live_server,
+    parse_sse,
+    streamed_text,
+)
 from tools.fake_n8n import FakeN8n
 
 pytestmark = pytest.mark.slow
@@ -87,8 +96,8 @@ async def read_events(server: LiveServer, setup: ChatSetup, content: str = "hell
         return response.text
 
 
-async def read_then_leave(server: LiveServer, setup: ChatSetup, *, messages: int, content: str = "hello there") -> str:
-    """Read until `messages` message events (or any terminal one) arrived, then drop the connection."""
+async def read_then_leave(server: LiveServer, setup: ChatSetup, *, until: str, content: str = "hello there") -> str:
+    """Read until the streamed text has `until` (or a terminal event arrived), then drop the connection."""
     seen = ""
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         url = f"/api/chats/{setup.chat.id}/messages"
@@ -97,7 +106,7 @@ async def read_then_leave(server: LiveServer, setup: ChatSetup, *, messages: int
             async for chunk in response.aiter_text():
                 seen += chunk
                 events = data_events(parse_sse(seen.rsplit("\n\n", 1)[0]))
-                if [e.type for e in events].count("message") >= messages or events[-1].type in ("done", "error"):
+                if until in streamed_text(events) or events[-1].type in ("done", "error"):
                     break
     return seen
 
@@ -151,7 +160,7 @@ async def test_live_fault_outcome(
     async with live_server(settings) as server:
         setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario={scenario}")
         if leave:
-            seen = await read_then_leave(server, setup, messages=1, content=text_in)
+            seen = await read_then_leave(server, setup, until="Echo:", content=text_in)
         else:
             seen = await read_events(server, setup, content=text_in)
         message = await settled(app, setup.chat.id)
@@ -217,7 +226,7 @@ async def test_live_shutdown_interrupts_after_grace(
     server = LiveServer(settings, graceful_timeout=1)
     await server.start()
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=stall&hang=30&after=2")
-    await read_then_leave(server, setup, messages=2)
+    await read_then_leave(server, setup, until="Echo: hello")
     await server.stop()
     message = await assistant_of(app, setup.chat.id)
     assert message["status"] == "interrupted"
@@ -235,7 +244,7 @@ async def test_live_shutdown_lets_short_generation_finish(
     server = LiveServer(settings, graceful_timeout=1)
     await server.start()
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=150")
-    await read_then_leave(server, setup, messages=1, content="a b c d e")
+    await read_then_leave(server, setup, until="Echo:", content="a b c d e")
     await server.stop()
     message = await assistant_of(app, setup.chat.id)
     assert (message["status"], message["content"]) == ("complete", "Echo: a b c d e")
@@ -281,7 +290,7 @@ async def test_kill_mid_stream_then_restart_marks_interrupted(
             async with client.stream("POST", url, json=body, headers=setup.headers) as response:
                 async for chunk in response.aiter_text():
                     seen += chunk
-                    if seen.count('"type": "message"') >= 4:
+                    if " three" in streamed_text(data_events(parse_sse(seen.rsplit("\n\n", 1)[0]))):
                         process.send_signal(signal.SIGKILL)
                         break
         async with asyncio.timeout(10):
