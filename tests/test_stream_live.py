@@ -314,6 +314,7 @@ async def test_kill_mid_stream_then_restart_marks_interrupted(
     assert message["error"]["code"] == "interrupted"
     assert message["content"].startswith("Echo: one")
     assert "Echo: one two three four five six seven eight".startswith(message["content"])
+    assert await error_codes(app) == ["interrupted"]
 
 
 async def test_starting_worker_leaves_live_workers_streams_alone(
@@ -336,6 +337,7 @@ async def test_starting_worker_leaves_live_workers_streams_alone(
         await idle(first)
     assert during["status"] == "streaming"
     assert final["status"] == "complete"
+    assert await error_codes(app) == []
     assert final["content"] == "Echo: a b c d e f"
     assert data_events(parse_sse(text))[-1].type == "done"
 
@@ -360,3 +362,4 @@ async def test_startup_marks_streams_of_missing_workers_interrupted(
     assert chat.messages[0] == done
     assert chat.messages[1]["status"] == "interrupted"
     assert chat.messages[1]["content"] == "half"
+    assert await error_codes(app) == ["interrupted"]

@@ -331,20 +331,19 @@ async def recover_interrupted(*, session: AsyncSession, settings: Settings, work
         streaming = text(
             "EXISTS (SELECT 1 FROM json_each(chats.messages) WHERE json_extract(value, '$.status') = 'streaming')"
         )
-    rows = (await session.execute(select(Chat.id, Chat.messages).where(streaming))).all()
+    columns = (Chat.id, Chat.team_id, Chat.user_id, Chat.agent_id, Chat.messages)
+    rows = (await session.execute(select(*columns).where(streaming))).all()
     await session.commit()
-    patch = {
-        "status": "interrupted",
-        "error": {"message": "The server stopped before the answer was complete", "code": "interrupted"},
-    }
+    error = {"message": "The server stopped before the answer was complete", "code": "interrupted"}
+    patch = {"status": "interrupted", "error": error}
     marked = 0
-    for chat_id, messages in rows:
+    for chat_id, team_id, user_id, agent_id, messages in rows:
         for index, element in enumerate(messages or []):
             if not isinstance(element, dict) or element.get("status") != "streaming":
                 continue
             if str(element.get("_worker")) in live:
                 continue
-            marked += await _patch_message(
+            written = await _patch_message(
                 session,
                 chat_id=chat_id,
                 index=index,
@@ -353,6 +352,19 @@ async def recover_interrupted(*, session: AsyncSession, settings: Settings, work
                 only_streaming=True,
                 touch=True,
             )
+            if written:
+                marked += 1
+                await error_logs.record_error(
+                    session=session,
+                    team_id=team_id,
+                    user_id=user_id,
+                    chat_id=chat_id,
+                    agent_id=agent_id,
+                    code="interrupted",
+                    message=error["message"],
+                    upstream_status=None,
+                    detail={"reason": "its worker stopped", "worker": str(element.get("_worker"))},
+                )
         await session.commit()
     await session.execute(delete(Worker).where(Worker.heartbeat_at < cutoff, Worker.id != worker_id))
     await session.commit()
