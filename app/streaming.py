@@ -633,7 +633,8 @@ class GenerationRegistry:
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
-        """Register this worker, mark dead workers' streams interrupted, start the heartbeat."""
+        """Open the shared n8n client, register this worker, mark dead workers' streams, start the heartbeat."""
+        self.streamer.session()
         async with self.db.sessionmaker() as session:
             await message_service.register_worker(session=session, worker_id=self.worker_id)
             recovered = await message_service.recover_interrupted(

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from app.config import Settings
@@ -510,3 +511,16 @@ async def test_generation_streams_chunks_as_they_come_and_pings_when_idle() -> N
     pings = [e for e in events if e[1] == "ping"]
     assert pings
     assert all(p[0] is None for p in pings)
+
+
+async def test_streamer_session_has_no_hidden_total_timeout(streamer: N8nStreamer) -> None:
+    session = streamer.session()
+    assert session is streamer.session()
+    assert session.timeout.total is None
+    assert session.timeout.connect == 0.5
+    assert session.timeout.sock_read is None
+    connector = session.connector
+    assert isinstance(connector, aiohttp.TCPConnector)
+    assert connector.limit == 0
+    await streamer.close()
+    assert session.closed
