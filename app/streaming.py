@@ -403,6 +403,7 @@ class N8nStreamer:
                 "upstream_blocked", "The agent's webhook address is not allowed", detail={"reason": str(exc)}
             ) from None
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        del payload  # the encoded body is all that is needed from here on
         send_headers = {**headers, "Content-Type": "application/json", "Accept": ACCEPT}
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -714,7 +715,7 @@ class GenerationRegistry:
                     detail={"reason": "webhook headers cannot be decrypted with the configured key"},
                 ) from None
             await self.streamer.run(
-                url=new.webhook_url, headers=headers, payload=new.payload, on_chunks=on_chunks, stats=stats
+                url=new.webhook_url, headers=headers, payload=new.take_payload(), on_chunks=on_chunks, stats=stats
             )
         except StreamFailure as exc:
             failure = exc

@@ -58,7 +58,7 @@ _SQLITE_STREAMING = " AND json_extract(messages, '$[' || :idx || '].status') = '
 _TOUCH = ", updated_at = :now, last_message_at = :now"
 
 
-@dataclass(frozen=True)
+@dataclass
 class NewGeneration:
     """Everything the generation task needs, captured while the request still had its session."""
 
@@ -72,6 +72,11 @@ class NewGeneration:
     webhook_url: str
     webhook_headers_encrypted: str | None
     payload: dict[str, Any]
+
+    def take_payload(self) -> dict[str, Any]:
+        """The request body for n8n, handed over once (a long history is not kept for the whole stream)."""
+        payload, self.payload = self.payload, {}
+        return payload
 
 
 def public_message(element: dict[str, Any]) -> dict[str, Any]:
