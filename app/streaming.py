@@ -56,11 +56,23 @@ class StreamFailure(Exception):
         self.detail = detail or {}
 
 
+def clean_text(text: str) -> str:
+    """Text PostgreSQL can store and UTF-8 can carry: U+0000 and lone surrogates become replacements."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
 def _excerpt(value: Any) -> str | None:
     """Short single-line text for the error log; None for anything that is not text."""
     if not isinstance(value, str):
         return None
-    text = " ".join(value.split())
+    text = " ".join(clean_text(value).replace("\ufffd", "").split())
     return text[:EXCERPT_CHARS] + ("…" if len(text) > EXCERPT_CHARS else "")
 
 
@@ -700,7 +712,7 @@ class GenerationRegistry:
         checkpoint = _Checkpointer(self, generation)
 
         def on_chunks(chunks: list[str]) -> None:
-            generation.add_chunks(chunks)
+            generation.add_chunks([clean_text(c) for c in chunks])
             checkpoint.touch()
 
         failure: StreamFailure | None = None

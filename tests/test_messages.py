@@ -217,7 +217,20 @@ async def test_send_message_to_other_users_chat_is_404_like_random_id(
     assert fake.requests == []
 
 
-@pytest.mark.parametrize("body", [{"content": ""}, {"content": "  \n\t "}, {"content": "x" * 101}, {}, {"x": 1}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"content": ""},
+        {"content": "  \n\t "},
+        {"content": "x" * 101},
+        {"content": "nul \x00 inside"},
+        {"content": 42},
+        {"content": None},
+        {},
+        {"x": 1},
+        {"content": "ok", "extra": 1},
+    ],
+)
 async def test_send_message_invalid_content_is_422(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, body: dict[str, Any]
 ) -> None:
@@ -511,3 +524,31 @@ async def test_openapi_documents_stream_and_error_logs(client: httpx.AsyncClient
     assert send_op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("MessageCreate")
     logs_op = spec["paths"]["/api/error-logs"]["get"]
     assert {p["name"] for p in logs_op["parameters"]} == {"limit", "offset"}
+
+
+async def test_nul_characters_from_n8n_are_stored_as_replacement(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=nul")
+    response = await send(client, setup)
+    events = data_events(parse_sse(response.text))
+    assert streamed_text(events) == "a\ufffdb ? lone surrogate"
+    assert events[-1].data["data"]["code"] == "upstream_error"  # type: ignore[index]
+    assistant = (await stored(app, setup.chat.id)).messages[1]
+    assert (assistant["content"], assistant["status"]) == ("a\ufffdb ? lone surrogate", "error")
+    (row,) = await error_rows(app)
+    assert row.detail["n8n_error"] == "bad"
+
+
+async def test_send_message_with_lone_surrogate_is_422(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream")
+    response = await client.post(
+        f"/api/chats/{setup.chat.id}/messages",
+        content=b'{"content": "lone \\ud800 surrogate"}',
+        headers={**setup.headers, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert (await stored(app, setup.chat.id)).messages == []
+    assert fake.requests == []

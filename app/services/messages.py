@@ -124,6 +124,14 @@ def build_history(messages: list[dict[str, Any]], latest: str, settings: Setting
     return kept
 
 
+def _encodable(text_: str) -> bool:
+    try:
+        text_.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_postgres(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
@@ -138,6 +146,9 @@ async def start_message(
     """
     if not content.strip():
         raise Unprocessable(EMPTY_CONTENT)
+    if "\x00" in content or not _encodable(content):
+        # PostgreSQL cannot store U+0000 in JSONB text, nor a lone surrogate (not valid UTF-8).
+        raise Unprocessable("Message content must not contain NUL characters or invalid Unicode")
     if len(content) > settings.MESSAGE_MAX_CHARS:
         raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
     chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
