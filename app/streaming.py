@@ -643,28 +643,44 @@ class GenerationRegistry:
         self.running: dict[str, Generation] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
+        self.recovered = False
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
-        """Open the shared n8n client, register this worker, mark dead workers' streams, start the heartbeat."""
+        """Open the shared n8n client, register this worker, mark dead workers' streams, start the heartbeat.
+
+        A database that is not reachable or not migrated yet does not stop start-up (`/ready` reports
+        it); registration and recovery are retried on every heartbeat until they succeed.
+        """
         self.streamer.session()
-        async with self.db.sessionmaker() as session:
-            await message_service.register_worker(session=session, worker_id=self.worker_id)
-            recovered = await message_service.recover_interrupted(
-                session=session, settings=self.settings, worker_id=self.worker_id
-            )
+        await self._register_and_recover()
+        self._heartbeat = asyncio.create_task(self._beat(), name="worker-heartbeat")
+
+    async def _register_and_recover(self) -> None:
+        try:
+            async with self.db.sessionmaker() as session:
+                await message_service.heartbeat(session=session, worker_id=self.worker_id)
+                recovered = await message_service.recover_interrupted(
+                    session=session, settings=self.settings, worker_id=self.worker_id
+                )
+        except Exception as exc:
+            logger.warning("worker registration and recovery postponed (%s)", type(exc).__name__)
+            return
+        self.recovered = True
         if recovered:
             logger.warning("marked %d message(s) of stopped workers as interrupted", recovered)
-        self._heartbeat = asyncio.create_task(self._beat(), name="worker-heartbeat")
 
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.settings.WORKER_HEARTBEAT_INTERVAL)
+            if not self.recovered:
+                await self._register_and_recover()
+                continue
             try:
                 async with self.db.sessionmaker() as session:
                     await message_service.heartbeat(session=session, worker_id=self.worker_id)
-            except Exception:
-                logger.exception("worker heartbeat failed")
+            except Exception as exc:
+                logger.warning("worker heartbeat failed (%s)", type(exc).__name__)
 
     async def shutdown(self) -> None:
         """Give running generations SHUTDOWN_GRACE_SECONDS, then store them as interrupted."""
@@ -684,8 +700,8 @@ class GenerationRegistry:
             try:
                 async with self.db.sessionmaker() as session:
                     await message_service.unregister_worker(session=session, worker_id=self.worker_id)
-            except Exception:
-                logger.exception("could not unregister worker")
+            except Exception as exc:
+                logger.warning("could not unregister worker (%s)", type(exc).__name__)
         await self.streamer.close()
 
     # --- generations ----------------------------------------------------------------------------

@@ -363,3 +363,26 @@ async def test_startup_marks_streams_of_missing_workers_interrupted(
     assert chat.messages[1]["status"] == "interrupted"
     assert chat.messages[1]["content"] == "half"
     assert await error_codes(app) == ["interrupted"]
+
+
+async def test_startup_survives_unmigrated_database_and_retries(tmp_path: Path, database_url: str) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+    settings = make_settings(url, tmp_path, WORKER_HEARTBEAT_INTERVAL=0.05)
+    application = create_app(settings)
+    try:
+        await application.state.generations.startup()
+        assert application.state.generations.recovered is False
+        from tests.conftest import run_migrations
+
+        await asyncio.to_thread(run_migrations, url)
+        async with asyncio.timeout(5):
+            while True:
+                if application.state.generations.recovered:
+                    break
+                await asyncio.sleep(0.02)
+        async with application.state.db.sessionmaker() as s:
+            workers = (await s.execute(select(Worker.id))).scalars().all()
+        assert workers == [application.state.generations.worker_id]
+    finally:
+        await application.state.generations.shutdown()
+        await shutdown(application)

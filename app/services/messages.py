@@ -312,13 +312,8 @@ async def finish_message(
 # --- workers and start-up recovery ------------------------------------------------------------
 
 
-async def register_worker(*, session: AsyncSession, worker_id: uuid.UUID) -> None:
-    session.add(Worker(id=worker_id))
-    await session.commit()
-
-
 async def heartbeat(*, session: AsyncSession, worker_id: uuid.UUID) -> None:
-    """Refresh this worker's liveness; re-register if another worker removed the row meanwhile."""
+    """Register this worker or refresh its liveness (re-registers if another worker removed the row)."""
     result = await session.execute(update(Worker).where(Worker.id == worker_id).values(heartbeat_at=utcnow()))
     if not getattr(result, "rowcount", 0):
         session.add(Worker(id=worker_id))
