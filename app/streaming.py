@@ -671,9 +671,13 @@ class GenerationRegistry:
             logger.warning("marked %d message(s) of stopped workers as interrupted", recovered)
 
     async def _beat(self) -> None:
+        """Heartbeat; every few beats also recover streams of workers that died since (a worker restarted
+        quickly after a crash would otherwise leave its chats blocked by a `streaming` message)."""
+        beats = 0
         while True:
             await asyncio.sleep(self.settings.WORKER_HEARTBEAT_INTERVAL)
-            if not self.recovered:
+            beats += 1
+            if not self.recovered or beats % message_service.STALE_HEARTBEATS == 0:
                 await self._register_and_recover()
                 continue
             try:

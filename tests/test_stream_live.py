@@ -386,3 +386,32 @@ async def test_startup_survives_unmigrated_database_and_retries(tmp_path: Path, 
     finally:
         await application.state.generations.shutdown()
         await shutdown(application)
+
+
+async def test_running_worker_recovers_streams_of_a_worker_that_died_later(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = make_settings(database_url, tmp_path, WORKER_HEARTBEAT_INTERVAL=0.05)
+    dead = uuid.uuid4()
+    async with app.state.db.sessionmaker() as s:
+        s.add(Worker(id=dead))
+        await s.commit()
+    orphan = {
+        "id": str(uuid.uuid4()),
+        "role": "assistant",
+        "content": "half",
+        "status": "streaming",
+        "created_at": "x",
+        "_worker": str(dead),
+    }
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream", messages=[orphan])
+    running = create_app(settings)
+    try:
+        await running.state.generations.startup()
+        assert (await assistant_of(app, setup.chat.id))["status"] == "streaming"  # the dead worker looks alive
+        message = await settled(app, setup.chat.id, within=3)
+    finally:
+        await running.state.generations.shutdown()
+        await shutdown(running)
+    assert message["status"] == "interrupted"
+    assert message["content"] == "half"
