@@ -415,3 +415,30 @@ async def test_running_worker_recovers_streams_of_a_worker_that_died_later(
         await shutdown(running)
     assert message["status"] == "interrupted"
     assert message["content"] == "half"
+
+
+async def test_live_shutdown_with_client_connected_interrupts(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = fast_settings(database_url, tmp_path, N8N_READ_TIMEOUT=30, SHUTDOWN_GRACE_SECONDS=0.2)
+    server = LiveServer(settings, graceful_timeout=1)
+    await server.start()
+    try:
+        url = f"{fake.url}/webhook/agent-stream?scenario=stall&hang=30&after=2"
+        setup = await chat_with_agent(session, settings, url)
+        reader = asyncio.create_task(read_events(server, setup))
+        async with asyncio.timeout(5):
+            while True:
+                if any(f.get("path") == "/webhook/agent-stream" for f in fake.requests):
+                    break
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+    finally:
+        await server.stop()
+    outcome = (await asyncio.gather(reader, return_exceptions=True))[0]
+    message = await assistant_of(app, setup.chat.id)
+    assert message["status"] == "interrupted"
+    assert message["content"] == "Echo: hello"
+    assert await error_codes(app) == ["interrupted"]
+    # The connection was closed under the client: no `done` reached it.
+    assert isinstance(outcome, BaseException) or '"type": "done"' not in outcome
