@@ -16,9 +16,10 @@ from app.errors import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
-from app.routers import agents, auth, chats, health, teams, users
+from app.routers import agents, auth, chats, error_logs, health, messages, teams, users
 from app.services.health import migration_head
 from app.services.revocation import make_revocation_store
+from app.streaming import GenerationRegistry
 
 logger = logging.getLogger("app")
 
@@ -32,6 +33,7 @@ your team id as `client_id` when your email exists in several teams), or send
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     logger.info("starting (database: %s)", app.state.settings.DATABASE_URL.split(":", 1)[0])
+    await app.state.generations.startup()
     try:
         yield
     finally:
@@ -40,6 +42,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def shutdown(app: FastAPI) -> None:
     """Release what `create_app` opened; tests call it for apps they never ran a lifespan on."""
+    # First: running generations get their grace period and their final write while the database is up.
+    await app.state.generations.shutdown()
     if app.state.redis is not None:
         await app.state.redis.aclose()
     await app.state.db.dispose()
@@ -61,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.migration_head = migration_head()
     app.state.revocations = make_revocation_store(redis=app.state.redis, sessionmaker=app.state.db.sessionmaker)
     app.state.limiter = RateLimiter(settings, app.state.redis)
+    app.state.generations = GenerationRegistry(settings=settings, db=app.state.db)
 
     install_error_handlers(app)
     app.add_middleware(
@@ -81,4 +86,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(users.router)
     app.include_router(agents.router)
     app.include_router(chats.router)
+    app.include_router(messages.router)
+    app.include_router(error_logs.router)
     return app

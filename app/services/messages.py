@@ -1,0 +1,382 @@
+"""Chat messages in SQL: the atomic append that starts a generation, checkpoints, the final write, recovery.
+
+Every write changes the `messages` JSON array in place with one conditional UPDATE (never a read-modify-
+write in Python), so concurrent sends, checkpoints and recovery can never lose or duplicate a message.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Uuid, bindparam, delete, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.db import UTCDateTime, utcnow
+from app.errors import Conflict, Unprocessable
+from app.models import Agent, Chat, User, Worker
+from app.services import error_logs
+from app.services.chats import get_owned_chat
+
+GENERATION_RUNNING = "A generation is already running in this chat"
+AGENT_INACTIVE = "This chat's agent is no longer active"
+EMPTY_CONTENT = "Message content must not be empty"
+TITLE_CHARS = 60
+#: A worker whose heartbeat is older than this many intervals is considered dead by start-up recovery.
+STALE_HEARTBEATS = 3
+
+_PG_APPEND = text(
+    "UPDATE chats SET messages = messages || CAST(:new AS jsonb), message_count = message_count + 2, "
+    "last_message_at = :now, updated_at = :now, title = COALESCE(title, :title) "
+    'WHERE id = :id AND user_id = :uid AND NOT (messages @> CAST(\'[{"status": "streaming"}]\' AS jsonb)) '
+    "RETURNING jsonb_array_length(messages)"
+)
+_SQLITE_APPEND = text(
+    "UPDATE chats SET messages = json_insert(json_insert(messages, '$[#]', json(:m1)), '$[#]', json(:m2)), "
+    "message_count = message_count + 2, last_message_at = :now, updated_at = :now, title = COALESCE(title, :title) "
+    "WHERE id = :id AND user_id = :uid AND NOT EXISTS "
+    "(SELECT 1 FROM json_each(chats.messages) WHERE json_extract(value, '$.status') = 'streaming') "
+    "RETURNING json_array_length(messages)"
+)
+# Merge `patch` into element `idx`, guarded by its id (and, for checkpoints and recovery, its status).
+_PG_PATCH = (
+    "UPDATE chats SET messages = jsonb_set(messages, ARRAY[CAST(:idx_s AS text)], "
+    "(messages -> CAST(:idx AS integer)) || CAST(:patch AS jsonb)){touch} "
+    "WHERE id = :id AND messages -> CAST(:idx AS integer) ->> 'id' = :mid{streaming}"
+)
+_SQLITE_PATCH = (
+    "UPDATE chats SET messages = json_set(messages, '$[' || :idx || ']', "
+    "json_patch(json_extract(messages, '$[' || :idx || ']'), json(:patch))){touch} "
+    "WHERE id = :id AND json_extract(messages, '$[' || :idx || '].id') = :mid{streaming}"
+)
+_PG_STREAMING = " AND messages -> CAST(:idx AS integer) ->> 'status' = 'streaming'"
+_SQLITE_STREAMING = " AND json_extract(messages, '$[' || :idx || '].status') = 'streaming'"
+_TOUCH = ", updated_at = :now, last_message_at = :now"
+
+
+@dataclass
+class NewGeneration:
+    """Everything the generation task needs, captured while the request still had its session."""
+
+    chat_id: uuid.UUID
+    team_id: uuid.UUID
+    user_id: uuid.UUID
+    agent_id: uuid.UUID
+    index: int
+    assistant_id: str
+    user_message: dict[str, Any]
+    webhook_url: str
+    webhook_headers_encrypted: str | None
+    payload: dict[str, Any]
+
+    def take_payload(self) -> dict[str, Any]:
+        """The request body for n8n, handed over once (a long history is not kept for the whole stream)."""
+        payload, self.payload = self.payload, {}
+        return payload
+
+
+def public_message(element: dict[str, Any]) -> dict[str, Any]:
+    """The Message the API returns: no internal `_` keys; `error`/`metadata` only when present."""
+    message = {key: element.get(key) for key in ("id", "role", "content", "status", "created_at")}
+    for key in ("error", "metadata"):
+        if element.get(key) is not None:
+            message[key] = element[key]
+    return message
+
+
+def _first_title(text_: str) -> str:
+    """A chat title from its first message: whitespace folded, at most 60 characters on a word boundary."""
+    folded = " ".join(text_.split())
+    if len(folded) <= TITLE_CHARS:
+        return folded
+    cut = folded[:TITLE_CHARS]
+    space = cut.rfind(" ")
+    if space >= TITLE_CHARS // 3:
+        cut = cut[:space]
+    return cut.rstrip(" ,.;:") + "…"
+
+
+def build_history(messages: list[dict[str, Any]], latest: str, settings: Settings) -> list[dict[str, str]]:
+    """The prior conversation sent to n8n: finished messages with text, newest first within both budgets."""
+    budget_messages = settings.N8N_HISTORY_MAX_MESSAGES - 1
+    budget_bytes = settings.N8N_HISTORY_MAX_BYTES - len(latest.encode())
+    kept: list[dict[str, str]] = []
+    for element in reversed(messages):
+        if budget_messages <= 0:
+            break
+        content = element.get("content")
+        if element.get("status") == "streaming" or not isinstance(content, str) or not content:
+            continue
+        if element.get("role") not in ("user", "assistant"):
+            continue
+        size = len(content.encode())
+        if size > budget_bytes:
+            break
+        budget_bytes -= size
+        budget_messages -= 1
+        kept.append({"role": str(element["role"]), "content": content})
+    kept.reverse()
+    kept.append({"role": "user", "content": latest})
+    return kept
+
+
+def _encodable(text_: str) -> bool:
+    try:
+        text_.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_postgres(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+async def start_message(
+    *, session: AsyncSession, settings: Settings, user: User, chat_id: uuid.UUID, content: str, worker_id: uuid.UUID
+) -> NewGeneration:
+    """Check everything a stream needs, then append [user message, assistant placeholder] in one UPDATE.
+
+    Raises 422 (empty / too long), 404 (not the caller's chat), 409 (agent inactive, generation running).
+    Commits, so the request's connection goes back to the pool before n8n is called.
+    """
+    if not content.strip():
+        raise Unprocessable(EMPTY_CONTENT)
+    if "\x00" in content or not _encodable(content):
+        # PostgreSQL cannot store U+0000 in JSONB text, nor a lone surrogate (not valid UTF-8).
+        raise Unprocessable("Message content must not contain NUL characters or invalid Unicode")
+    if len(content) > settings.MESSAGE_MAX_CHARS:
+        raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
+    chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
+    agent = await session.get(Agent, chat.agent_id)
+    if agent is None or not agent.is_active or agent.team_id != user.team_id:
+        raise Conflict(AGENT_INACTIVE)
+    prior = list(chat.messages or [])
+    if any(isinstance(m, dict) and m.get("status") == "streaming" for m in prior):
+        raise Conflict(GENERATION_RUNNING)
+
+    now = utcnow()
+    stamp = now.isoformat()
+    user_message = {
+        "id": str(uuid.uuid4()),
+        "role": "user",
+        "content": content,
+        "status": "complete",
+        "created_at": stamp,
+    }
+    assistant_id = str(uuid.uuid4())
+    placeholder = {
+        "id": assistant_id,
+        "role": "assistant",
+        "content": "",
+        "status": "streaming",
+        "created_at": stamp,
+        "_worker": str(worker_id),
+    }
+    params: dict[str, Any] = {"now": now, "title": _first_title(content), "id": chat.id, "uid": user.id}
+    if _is_postgres(session):
+        statement = _PG_APPEND.bindparams(
+            bindparam("now", type_=UTCDateTime()), bindparam("id", type_=Uuid()), bindparam("uid", type_=Uuid())
+        )
+        params["new"] = json.dumps([user_message, placeholder])
+    else:
+        statement = _SQLITE_APPEND.bindparams(
+            bindparam("now", type_=UTCDateTime()), bindparam("id", type_=Uuid()), bindparam("uid", type_=Uuid())
+        )
+        params["m1"] = json.dumps(user_message)
+        params["m2"] = json.dumps(placeholder)
+    length = (await session.execute(statement, params)).scalar_one_or_none()
+    if length is None:
+        await session.rollback()
+        raise Conflict(GENERATION_RUNNING)
+    await session.commit()
+
+    payload = {
+        "messages": build_history(prior, content, settings),
+        "system_prompt": agent.system_prompt or "",
+        "config": agent.config or {},
+        "chatInput": content,
+        "sessionId": str(chat.id),
+        "metadata": {
+            "chat_id": str(chat.id),
+            "agent_id": str(agent.id),
+            "user_id": str(user.id),
+            "team_id": str(user.team_id),
+            "message_id": assistant_id,
+        },
+    }
+    return NewGeneration(
+        chat_id=chat.id,
+        team_id=user.team_id,
+        user_id=user.id,
+        agent_id=agent.id,
+        index=int(length) - 1,
+        assistant_id=assistant_id,
+        user_message=public_message(user_message),
+        webhook_url=agent.webhook_url,
+        webhook_headers_encrypted=agent.webhook_headers_encrypted,
+        payload=payload,
+    )
+
+
+async def _patch_message(
+    session: AsyncSession,
+    *,
+    chat_id: uuid.UUID,
+    index: int,
+    message_id: str,
+    patch: dict[str, Any],
+    only_streaming: bool,
+    touch: bool,
+) -> bool:
+    """Merge `patch` into one element in SQL; False when the guard did not match (no write happened)."""
+    postgres = _is_postgres(session)
+    template = _PG_PATCH if postgres else _SQLITE_PATCH
+    streaming = (_PG_STREAMING if postgres else _SQLITE_STREAMING) if only_streaming else ""
+    statement = text(template.format(touch=_TOUCH if touch else "", streaming=streaming))
+    binds: list[Any] = [bindparam("id", type_=Uuid())]
+    params: dict[str, Any] = {"id": chat_id, "mid": message_id, "patch": json.dumps(patch), "idx": index}
+    if postgres:
+        params["idx_s"] = str(index)
+    if touch:
+        binds.append(bindparam("now", type_=UTCDateTime()))
+        params["now"] = utcnow()
+    result = await session.execute(statement.bindparams(*binds), params)
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def checkpoint_message(*, session: AsyncSession, settings: Settings, new: NewGeneration, content: str) -> bool:
+    """Save the partial text of a still-streaming answer (so a crash loses at most one interval)."""
+    written = await _patch_message(
+        session,
+        chat_id=new.chat_id,
+        index=new.index,
+        message_id=new.assistant_id,
+        patch={"content": content},
+        only_streaming=True,
+        touch=False,
+    )
+    await session.commit()
+    return written
+
+
+async def finish_message(
+    *,
+    session: AsyncSession,
+    settings: Settings,
+    new: NewGeneration,
+    content: str,
+    status: str,
+    error: dict[str, str] | None,
+    metadata: dict[str, Any],
+    failure_detail: dict[str, Any] | None,
+    upstream_status: int | None,
+) -> dict[str, Any]:
+    """The one final write of an answer, plus its error_logs row on failure, in one transaction."""
+    patch: dict[str, Any] = {"content": content, "status": status, "metadata": metadata}
+    if error is not None:
+        patch["error"] = error
+    written = await _patch_message(
+        session,
+        chat_id=new.chat_id,
+        index=new.index,
+        message_id=new.assistant_id,
+        patch=patch,
+        only_streaming=False,
+        touch=True,
+    )
+    if error is not None:
+        detail = dict(failure_detail or {})
+        if not written:
+            detail["stored"] = False
+        await error_logs.record_error(
+            session=session,
+            team_id=new.team_id,
+            user_id=new.user_id,
+            chat_id=new.chat_id,
+            agent_id=new.agent_id,
+            code=error["code"],
+            message=error["message"],
+            upstream_status=upstream_status,
+            detail=detail,
+        )
+    await session.commit()
+    element = {"id": new.assistant_id, "role": "assistant", "created_at": new.user_message["created_at"], **patch}
+    return public_message(element)
+
+
+# --- workers and start-up recovery ------------------------------------------------------------
+
+
+async def heartbeat(*, session: AsyncSession, worker_id: uuid.UUID) -> None:
+    """Register this worker or refresh its liveness (re-registers if another worker removed the row)."""
+    result = await session.execute(update(Worker).where(Worker.id == worker_id).values(heartbeat_at=utcnow()))
+    if not getattr(result, "rowcount", 0):
+        session.add(Worker(id=worker_id))
+    await session.commit()
+
+
+async def unregister_worker(*, session: AsyncSession, worker_id: uuid.UUID) -> None:
+    await session.execute(delete(Worker).where(Worker.id == worker_id))
+    await session.commit()
+
+
+async def recover_interrupted(*, session: AsyncSession, settings: Settings, worker_id: uuid.UUID) -> int:
+    """Mark `streaming` messages of dead workers `interrupted` (keeping their checkpointed text).
+
+    A worker is alive when its heartbeat is younger than STALE_HEARTBEATS intervals; its streams are left
+    alone. Each element is patched by index with a guard on its id and status, so a live worker finishing
+    a stream concurrently is never overwritten. Returns how many messages were marked.
+    """
+    cutoff = utcnow() - timedelta(seconds=settings.WORKER_HEARTBEAT_INTERVAL * STALE_HEARTBEATS)
+    live = {str(w) for w in (await session.execute(select(Worker.id).where(Worker.heartbeat_at >= cutoff))).scalars()}
+    live.add(str(worker_id))
+    streaming: Any
+    if _is_postgres(session):
+        streaming = Chat.messages.op("@>")(text('CAST(\'[{"status": "streaming"}]\' AS jsonb)'))
+    else:
+        streaming = text(
+            "EXISTS (SELECT 1 FROM json_each(chats.messages) WHERE json_extract(value, '$.status') = 'streaming')"
+        )
+    columns = (Chat.id, Chat.team_id, Chat.user_id, Chat.agent_id, Chat.messages)
+    rows = (await session.execute(select(*columns).where(streaming))).all()
+    await session.commit()
+    error = {"message": "The server stopped before the answer was complete", "code": "interrupted"}
+    patch = {"status": "interrupted", "error": error}
+    marked = 0
+    for chat_id, team_id, user_id, agent_id, messages in rows:
+        for index, element in enumerate(messages or []):
+            if not isinstance(element, dict) or element.get("status") != "streaming":
+                continue
+            if str(element.get("_worker")) in live:
+                continue
+            written = await _patch_message(
+                session,
+                chat_id=chat_id,
+                index=index,
+                message_id=str(element.get("id")),
+                patch=patch,
+                only_streaming=True,
+                touch=True,
+            )
+            if written:
+                marked += 1
+                await error_logs.record_error(
+                    session=session,
+                    team_id=team_id,
+                    user_id=user_id,
+                    chat_id=chat_id,
+                    agent_id=agent_id,
+                    code="interrupted",
+                    message=error["message"],
+                    upstream_status=None,
+                    detail={"reason": "its worker stopped", "worker": str(element.get("_worker"))},
+                )
+        await session.commit()
+    await session.execute(delete(Worker).where(Worker.heartbeat_at < cutoff, Worker.id != worker_id))
+    await session.commit()
+    return marked

@@ -1,0 +1,145 @@
+"""Helpers for stream tests: a live uvicorn on a free port, the SSE wire parser, rows for a chat with an agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.crypto import encrypt_headers
+from app.models import Agent, Chat, Team, User
+from main import create_app
+from tests.factories import auth_headers, create_agent, create_chat, create_user
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class SSE:
+    """One parsed SSE block: `id`, the decoded `data` JSON, or a comment."""
+
+    id: str | None
+    data: dict[str, Any] | None
+    comment: str | None = None
+
+    @property
+    def type(self) -> str | None:
+        return None if self.data is None else str(self.data["type"])
+
+
+def parse_sse(text: str) -> list[SSE]:
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        event_id, data, comment = None, [], None
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                comment = line[1:].strip()
+            elif line.startswith("id:"):
+                event_id = line[3:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+        events.append(SSE(event_id, json.loads("\n".join(data)) if data else None, comment))
+    return events
+
+
+def data_events(events: list[SSE]) -> list[SSE]:
+    return [e for e in events if e.data is not None]
+
+
+def streamed_text(events: list[SSE]) -> str:
+    return "".join(e.data["data"]["content"] for e in events if e.data is not None and e.type == "message")
+
+
+@dataclass
+class ChatSetup:
+    user: User
+    agent: Agent
+    chat: Chat
+    headers: dict[str, str]
+
+
+async def chat_with_agent(
+    session: AsyncSession, settings: Settings, url: str, *, webhook_headers: dict[str, str] | None = None, **chat: Any
+) -> ChatSetup:
+    user = await create_user(session)
+    encrypted = encrypt_headers(webhook_headers or {}, settings.ENCRYPTION_KEY)
+    team = await session.get(Team, user.team_id)
+    assert team is not None
+    agent = await create_agent(session, team=team, webhook_url=url, webhook_headers_encrypted=encrypted)
+    created = await create_chat(session, user=user, agent=agent, **chat)
+    return ChatSetup(user, agent, created, auth_headers(settings, user))
+
+
+class LiveServer:
+    """`create_app(settings)` served by uvicorn in a background thread with its own event loop."""
+
+    def __init__(self, settings: Settings, *, graceful_timeout: int | None = None) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.app = create_app(settings)
+        config = uvicorn.Config(
+            app=self.app,
+            host="127.0.0.1",
+            port=self.port,
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=graceful_timeout,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(self.server.serve())
+        finally:
+            self.loop.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                return
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            await asyncio.sleep(0.01)
+        raise RuntimeError("uvicorn did not start in time")
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await asyncio.to_thread(self.thread.join, 30)
+        assert not self.thread.is_alive(), "uvicorn did not stop"
+
+    def running_generations(self) -> int:
+        return len(self.app.state.generations.running)
+
+
+@asynccontextmanager
+async def live_server(settings: Settings, **kwargs: Any) -> AsyncIterator[LiveServer]:
+    server = LiveServer(settings, **kwargs)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -1,0 +1,528 @@
+"""A fake n8n: a real aiohttp server that replays the captured n8n answers and injects faults on demand.
+
+Run it with `python -m tools.fake_n8n --port 5678`. Every request is answered according to a *scenario*,
+chosen per request by the `X-Fake-Scenario` header or the `?scenario=` query parameter, else by the path:
+
+| path | default scenario |
+|---|---|
+| `POST /webhook/agent-stream` | `echo`: NDJSON like `stream_ok` echoing `chatInput` (`__llm_error__` fails in-band, |
+|   | `[delay=N]` paces tokens N ms apart) |
+| `POST /webhook/agent-stream-off` | capture `stream_agent_streaming_off` (200, empty body) |
+| `POST /webhook/agent-json`, `/webhook/agent-json-respond` | `echo_json`: `{"output": "Echo: ..."}` |
+|   | (`__llm_error__` gives the error capture) |
+| `POST /webhook/error-stream` / `/webhook/error-json` | captures `stream_code_error` / `json_code_error` |
+| `POST /webhook/<id>/chat` | the Chat Trigger captures (`sendMessage` echoes, `loadPreviousSession`) |
+| `POST /webhook-test/...` | capture `test_url_not_listening` |
+| `GET /webhook/...` | capture `wrong_method_get` |
+| anything else | capture `notfound_post` (404 "not registered") |
+
+Scenarios: the stem of any capture in shared/n8n/captures (`stream_ok`, `json_ok`, `notfound_post`, ...)
+replays it faithfully (status, headers, body, one HTTP chunk per line with the recorded pacing scaled by
+`speed`, gzip per line when the request accepts it, and the keep-alive linger after the last chunk); and the
+synthetic ones in `SCENARIOS` below. Query parameters tune them: `delay_ms` (per token), `chunks` and
+`interval_ms` (paced), `size` (oversized line), `after` (tokens before a fault), `hang` (seconds), `status`.
+
+`GET /__requests` lists what was received (method, path, query, headers, json body); `DELETE /__requests`
+forgets it. Tests running the server in-process read `FakeN8n.requests` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import re
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+CAPTURES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "n8n" / "captures"
+#: The streamed answer of a request, so a client disconnect can be answered quietly.
+RESPONSE_KEY = web.RequestKey("fake_response", web.StreamResponse)
+NODE_ID = "f2152913-e824-5ebc-90ca-6750e2bdc080"
+#: Headers aiohttp writes itself; replaying them verbatim would duplicate or contradict its framing.
+HOP_HEADERS = {"transfer-encoding", "content-length", "date", "connection", "keep-alive", "content-encoding"}
+SCENARIOS = {
+    "echo": "n8n NDJSON echoing chatInput word by word (begin, items, end)",
+    "echo_json": '{"output": "Echo: ..."} with Content-Length',
+    "json_text": '{"text": "Echo: ..."}',
+    "json_message": '{"message": "Echo: ..."}',
+    "json_content": '{"content": "Echo: ..."}',
+    "json_array": '[{"output": "Echo: ..."}]',
+    "plain": "text/plain body 'Echo: ...'",
+    "sse_openai": "text/event-stream, OpenAI chat.completion.chunk deltas, then data: [DONE]",
+    "sse_n8n": 'text/event-stream whose data lines are n8n objects ({"type":"item",...})',
+    "multi_block": "two begin..end blocks (runIndex 0 and 1) and an item with content null",
+    "fragmented": "the echo NDJSON with CRLF, re-cut into 7-byte chunks (lines and UTF-8 characters split)",
+    "batched": "the whole echo NDJSON in one chunk (many lines per read)",
+    "empty": "200 with an empty chunked body",
+    "hang_headers": "never sends headers (hang seconds, default 3600)",
+    "stall": "sends `after` tokens (default 2), then nothing for `hang` seconds",
+    "reset": "sends `after` tokens (default 2), then aborts the TCP connection mid-body",
+    "malformed": "sends `after` tokens (default 2), then a line that is not JSON, then end",
+    "oversized": "sends `after` tokens (default 2), then one line of `size` bytes (default 2 MiB)",
+    "slow": "echo with `delay_ms` (default 200) between tokens",
+    "paced": "`chunks` tokens (default 100) every `interval_ms` (default 10), for benchmarks",
+    "status": 'answers HTTP `status` (default 500) with {"message": "Error in workflow"}',
+    "in_band_error": 'begin, `after` tokens (default 2), then {"type":"error"}',
+    "nul": "items and an in-band error containing U+0000 and a lone surrogate escape",
+}
+
+
+@dataclass
+class Capture:
+    """One recorded answer: status line, headers, body pieces (one per HTTP chunk) and their delays."""
+
+    name: str
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    chunked: bool
+    pieces: list[bytes]
+    delays: list[float] = field(default_factory=list)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+def _split_head(raw: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    _, code, reason = ([*lines[0].split(" ", 2), ""])[:3]
+    headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:] if line)]
+    return int(code), reason, headers, body
+
+
+def _dechunk(body: bytes) -> list[bytes]:
+    pieces, pos = [], 0
+    while pos < len(body):
+        end = body.index(b"\r\n", pos)
+        size = int(body[pos:end], 16)
+        if size == 0:
+            break
+        pieces.append(body[end + 2 : end + 2 + size])
+        pos = end + 2 + size + 2
+    return pieces
+
+
+def _read_delays(path: Path) -> list[float]:
+    """Seconds between the headers and each following read in a `.reads.txt` file."""
+    stamps = [float(m.group(1)) for m in re.finditer(r"^\+\s+([\d.]+)ms\s+\d+B", path.read_text(), re.M)]
+    return [(b - a) / 1000 for a, b in itertools.pairwise(stamps)]
+
+
+def load_captures(directory: Path = CAPTURES_DIR) -> dict[str, Capture]:
+    """Every HTTP answer in the captures folder, keyed by file stem (`stream_ok`, `json_ok`, ...)."""
+    captures: dict[str, Capture] = {}
+    stems = {p.name.split(".")[0] for p in directory.glob("*.txt")}
+    for stem in sorted(stems):
+        wire, plain = directory / f"{stem}.wire.txt", directory / f"{stem}.txt"
+        source = wire if wire.exists() else plain
+        if not source.exists() or not source.read_bytes().startswith(b"HTTP/"):
+            continue
+        status, reason, headers, body = _split_head(source.read_bytes())
+        chunked = any(k.lower() == "transfer-encoding" and "chunked" in v for k, v in headers)
+        if chunked and source is wire:
+            pieces = _dechunk(body)
+        elif chunked:
+            pieces = [line for line in body.splitlines(keepends=True) if line]
+        else:
+            pieces = [body] if body else []
+        reads = directory / f"{stem}.reads.txt"
+        delays = _read_delays(reads) if reads.exists() else [0.05] * (len(pieces) + 1)
+        captures[stem] = Capture(stem, status, reason, headers, chunked, pieces, delays)
+    return captures
+
+
+def _meta(run: int = 0, *, timestamp: bool = True) -> dict[str, Any]:
+    meta: dict[str, Any] = {"nodeId": NODE_ID, "nodeName": "AI Agent", "itemIndex": 0, "runIndex": run}
+    if timestamp:
+        meta["timestamp"] = int(time.time() * 1000)
+    else:
+        meta = {"nodeId": NODE_ID, "nodeName": "AI Agent", "runIndex": run, "itemIndex": 0}
+    return meta
+
+
+def ndjson(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def echo_tokens(text: str) -> list[str]:
+    """`"Echo: " + text` word by word, each token with its leading space, like the captured model."""
+    words = text.split()
+    return ["Echo:"] + [" " + w for w in words]
+
+
+class FakeN8n:
+    """The server; `requests` records every request received, in order."""
+
+    def __init__(self, *, captures_dir: Path = CAPTURES_DIR, speed: float = 1.0, linger: float = 5.0) -> None:
+        self.captures = load_captures(captures_dir)
+        self.speed = speed
+        self.linger = linger
+        self.requests: list[dict[str, Any]] = []
+        self.app = web.Application()
+        self.app.router.add_get("/__requests", self._list_requests)
+        self.app.router.add_delete("/__requests", self._clear_requests)
+        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Start listening (port 0 = a free one); return the base URL."""
+        self._runner = web.AppRunner(self.app, keepalive_timeout=max(self.linger, 0.1), shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1]
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # --- recording ----------------------------------------------------------------------------
+    async def _list_requests(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.requests)
+
+    async def _clear_requests(self, _request: web.Request) -> web.Response:
+        self.requests.clear()
+        return web.Response(status=204)
+
+    # --- dispatch -----------------------------------------------------------------------------
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        body: Any
+        try:
+            body = json.loads(raw) if raw else None
+            valid = True
+        except ValueError:
+            body, valid = raw.decode("utf-8", "replace"), False
+        self.requests.append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": dict(request.query),
+                "headers": dict(request.headers),
+                "json": body,
+            }
+        )
+        scenario = request.headers.get("X-Fake-Scenario") or request.query.get("scenario") or ""
+        chat_input = body.get("chatInput", "") if isinstance(body, dict) else ""
+        if not scenario:
+            scenario = self._default_scenario(request, body, valid, chat_input)
+        try:
+            if scenario in self.captures:
+                return await self._replay(request, self.captures[scenario])
+            handler = getattr(self, f"_s_{scenario}", None)
+            if handler is None:
+                return web.json_response({"message": f"fake n8n: unknown scenario {scenario!r}"}, status=400)
+            response: web.StreamResponse = await handler(request, chat_input if isinstance(chat_input, str) else "")
+            return response
+        except ConnectionResetError:
+            # The client went away mid-answer (that is what several tests do); nothing to report.
+            started: web.StreamResponse | None = request.get(RESPONSE_KEY)
+            return started if started is not None else web.Response(status=499)
+
+    def _default_scenario(self, request: web.Request, body: Any, valid: bool, chat_input: Any) -> str:
+        path = request.path
+        if path.startswith("/webhook-test/"):
+            return "test_url_not_listening"
+        if request.method != "POST":
+            return "wrong_method_get"
+        if not valid:
+            return "stream_invalid_json_body"
+        llm_error = chat_input == "__llm_error__"
+        if path.endswith("/chat"):
+            action = body.get("action") if isinstance(body, dict) else None
+            streaming = "0f0669d7" not in path
+            if action == "loadPreviousSession":
+                return "chat_stream_load" if streaming else "chat_lastnode_load"
+            if isinstance(body, dict) and not body.get("sessionId"):
+                return "chat_stream_no_session"
+            if llm_error:
+                return "chat_stream_llm_error" if streaming else "chat_lastnode_llm_error"
+            return "echo" if streaming else "echo_json"
+        routes = {
+            "/webhook/agent-stream": "stream_llm_error" if llm_error else "echo",
+            "/webhook/agent-stream-off": "stream_agent_streaming_off",
+            "/webhook/agent-json": "json_llm_error" if llm_error else "echo_json",
+            "/webhook/agent-json-respond": "json_respond_node_llm_error" if llm_error else "echo_json",
+            "/webhook/error-stream": "stream_code_error",
+            "/webhook/error-json": "json_code_error",
+        }
+        return routes.get(path, "notfound_post")
+
+    # --- capture replay -----------------------------------------------------------------------
+    async def _replay(self, request: web.Request, capture: Capture) -> web.StreamResponse:
+        speed = float(request.query.get("speed", self.speed))
+        headers = [(k, v) for k, v in capture.headers if k.lower() not in HOP_HEADERS]
+        if not capture.chunked:
+            body = capture.body
+            if capture.name == "notfound_post" and request.path != "/webhook/does-not-exist":
+                name = request.path.removeprefix("/webhook/")
+                body = body.replace(b"POST does-not-exist", f"{request.method} {name}".encode())
+            response = web.Response(status=capture.status, reason=capture.reason, body=body)
+            response.headers.popall("Content-Type", None)
+            for key, value in headers:
+                response.headers.add(key, value)
+            return response
+        delays = [d / speed if speed > 0 else 0.0 for d in capture.delays]
+        return await self._stream(request, capture.status, headers, capture.pieces, delays, reason=capture.reason)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        status: int,
+        headers: list[tuple[str, str]],
+        pieces: list[bytes],
+        delays: list[float] | float,
+        *,
+        reason: str | None = None,
+    ) -> web.StreamResponse:
+        """Send `pieces` as separate HTTP chunks (gzip per piece when the client accepts it)."""
+        response = web.StreamResponse(status=status, reason=reason)
+        for key, value in headers:
+            response.headers.add(key, value)
+        gzip = "gzip" in request.headers.get("Accept-Encoding", "")
+        compressor = zlib.compressobj(wbits=31) if gzip else None
+        if compressor is not None:
+            response.headers["Content-Encoding"] = "gzip"
+        response.enable_chunked_encoding()
+        request[RESPONSE_KEY] = response
+        await response.prepare(request)
+        if compressor is not None:
+            await response.write(compressor.compress(b"") + compressor.flush(zlib.Z_SYNC_FLUSH))
+        for index, piece in enumerate(pieces):
+            delay = delays if isinstance(delays, float) else (delays[index] if index < len(delays) else 0.0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            data = piece if compressor is None else compressor.compress(piece) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            if data:
+                await response.write(data)
+        if compressor is not None:
+            await response.write(compressor.flush(zlib.Z_FINISH))
+        await response.write_eof()
+        await self._linger(request)
+        return response
+
+    async def _linger(self, request: web.Request) -> None:
+        """n8n keeps the socket open ~5 s after the terminating chunk, even when asked to close."""
+        if request.headers.get("Connection", "").lower() == "close":
+            await asyncio.sleep(float(request.query.get("linger", self.linger)))
+
+    # --- synthetic scenarios ------------------------------------------------------------------
+    @staticmethod
+    def _n8n_headers() -> list[tuple[str, str]]:
+        return [
+            ("Content-Type", "application/json; charset=utf-8"),
+            ("Cache-Control", "no-cache"),
+            ("Vary", "Accept-Encoding"),
+        ]
+
+    @staticmethod
+    def _q(request: web.Request, name: str, default: float) -> float:
+        try:
+            return float(request.query.get(name, default))
+        except ValueError:
+            return default
+
+    def _echo_lines(self, text: str) -> list[bytes]:
+        lines = [ndjson({"type": "begin", "metadata": _meta()})]
+        lines += [ndjson({"type": "item", "content": t, "metadata": _meta()}) for t in echo_tokens(text)]
+        lines.append(ndjson({"type": "end", "metadata": _meta()}))
+        return lines
+
+    async def _s_echo(self, request: web.Request, text: str) -> web.StreamResponse:
+        match = re.search(r"\[delay=(\d+)\]", text)
+        delay = self._q(request, "delay_ms", float(match.group(1)) if match else 5.0) / 1000
+        return await self._stream(request, 200, self._n8n_headers(), self._echo_lines(text), delay)
+
+    async def _s_slow(self, request: web.Request, text: str) -> web.StreamResponse:
+        delay = self._q(request, "delay_ms", 200) / 1000
+        return await self._stream(request, 200, self._n8n_headers(), self._echo_lines(text), delay)
+
+    async def _s_paced(self, request: web.Request, text: str) -> web.StreamResponse:
+        count = int(self._q(request, "chunks", 100))
+        delay = self._q(request, "interval_ms", 10) / 1000
+        lines = [ndjson({"type": "begin", "metadata": _meta()})]
+        lines += [ndjson({"type": "item", "content": f" t{i}", "metadata": _meta()}) for i in range(count)]
+        lines.append(ndjson({"type": "end", "metadata": _meta()}))
+        return await self._stream(request, 200, self._n8n_headers(), lines, delay)
+
+    async def _s_multi_block(self, request: web.Request, text: str) -> web.StreamResponse:
+        lines = [ndjson({"type": "begin", "metadata": _meta(0)})]
+        lines += [ndjson({"type": "item", "content": t, "metadata": _meta(0)}) for t in echo_tokens(text)]
+        lines.append(ndjson({"type": "end", "metadata": _meta(0)}))
+        lines.append(ndjson({"type": "begin", "metadata": _meta(1)}))
+        lines.append(ndjson({"type": "item", "content": None, "metadata": _meta(1)}))
+        lines.append(ndjson({"type": "item", "content": " (again)", "metadata": _meta(1)}))
+        lines.append(ndjson({"type": "end", "metadata": _meta(1)}))
+        return await self._stream(request, 200, self._n8n_headers(), lines, 0.002)
+
+    async def _s_fragmented(self, request: web.Request, text: str) -> web.StreamResponse:
+        body = b"".join(line.replace(b"\n", b"\r\n") for line in self._echo_lines(text))
+        cuts = set(range(0, len(body), 7)) | {i + 1 for i, byte in enumerate(body) if byte >= 0xC0}
+        bounds = [*sorted(cuts), len(body)]
+        pieces = [body[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+        return await self._stream(request, 200, self._n8n_headers(), pieces, 0.001)
+
+    async def _s_batched(self, request: web.Request, text: str) -> web.StreamResponse:
+        return await self._stream(request, 200, self._n8n_headers(), [b"".join(self._echo_lines(text))], 0.0)
+
+    async def _s_empty(self, request: web.Request, text: str) -> web.StreamResponse:
+        return await self._stream(request, 200, self._n8n_headers(), [], 0.0)
+
+    def _json(self, payload: Any, content_type: str = "application/json; charset=utf-8") -> web.Response:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    async def _s_echo_json(self, request: web.Request, text: str) -> web.StreamResponse:
+        return self._json({"output": "".join(echo_tokens(text))})
+
+    async def _s_json_text(self, request: web.Request, text: str) -> web.StreamResponse:
+        return self._json({"text": "".join(echo_tokens(text))})
+
+    async def _s_json_message(self, request: web.Request, text: str) -> web.StreamResponse:
+        return self._json({"message": "".join(echo_tokens(text))})
+
+    async def _s_json_content(self, request: web.Request, text: str) -> web.StreamResponse:
+        return self._json({"content": "".join(echo_tokens(text))})
+
+    async def _s_json_array(self, request: web.Request, text: str) -> web.StreamResponse:
+        return self._json([{"output": "".join(echo_tokens(text))}])
+
+    async def _s_plain(self, request: web.Request, text: str) -> web.StreamResponse:
+        return self._json("".join(echo_tokens(text)).encode(), "text/plain; charset=utf-8")
+
+    async def _s_status(self, request: web.Request, text: str) -> web.StreamResponse:
+        response = self._json({"message": "Error in workflow"})
+        response.set_status(int(self._q(request, "status", 500)))
+        return response
+
+    async def _s_sse_openai(self, request: web.Request, text: str) -> web.StreamResponse:
+        pieces = [b": proxy keep-alive\n\n"]
+        for token in echo_tokens(text):
+            chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": token}}]}
+            pieces.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        pieces.append(b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
+        pieces.append(b"data: [DONE]\n\n")
+        return await self._stream(request, 200, [("Content-Type", "text/event-stream")], pieces, 0.002)
+
+    async def _s_sse_n8n(self, request: web.Request, text: str) -> web.StreamResponse:
+        pieces = [b"event: message\ndata: " + line.rstrip(b"\n") + b"\n\n" for line in self._echo_lines(text)]
+        return await self._stream(request, 200, [("Content-Type", "text/event-stream")], pieces, 0.002)
+
+    async def _s_hang_headers(self, request: web.Request, text: str) -> web.StreamResponse:
+        await asyncio.sleep(self._q(request, "hang", 3600))
+        return self._json({"output": "too late"})
+
+    async def _start_tokens(self, request: web.Request, text: str) -> web.StreamResponse:
+        """Headers, begin and the first `after` echo tokens: the common prefix of the mid-stream faults."""
+        response = web.StreamResponse(status=200)
+        for key, value in self._n8n_headers():
+            response.headers.add(key, value)
+        response.enable_chunked_encoding()
+        request[RESPONSE_KEY] = response
+        await response.prepare(request)
+        await response.write(ndjson({"type": "begin", "metadata": _meta()}))
+        tokens = echo_tokens(text)
+        for token in tokens[: int(self._q(request, "after", 2))]:
+            await response.write(ndjson({"type": "item", "content": token, "metadata": _meta()}))
+        return response
+
+    async def _s_stall(self, request: web.Request, text: str) -> web.StreamResponse:
+        response = await self._start_tokens(request, text)
+        await asyncio.sleep(self._q(request, "hang", 3600))
+        await response.write_eof()
+        return response
+
+    async def _s_reset(self, request: web.Request, text: str) -> web.StreamResponse:
+        response = await self._start_tokens(request, text)
+        await asyncio.sleep(0.02)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    async def _s_malformed(self, request: web.Request, text: str) -> web.StreamResponse:
+        response = await self._start_tokens(request, text)
+        await response.write(b'{"type":"item","content": oops\n')
+        await response.write(ndjson({"type": "end", "metadata": _meta()}))
+        await response.write_eof()
+        return response
+
+    async def _s_oversized(self, request: web.Request, text: str) -> web.StreamResponse:
+        response = await self._start_tokens(request, text)
+        size = int(self._q(request, "size", 2 * 1024 * 1024))
+        filler = b"x" * 65536
+        await response.write(b'{"type":"item","content":"')
+        written = 0
+        while written < size:
+            await response.write(filler)
+            written += len(filler)
+        await response.write(b'"}\n')
+        await response.write(ndjson({"type": "end", "metadata": _meta()}))
+        await response.write_eof()
+        return response
+
+    async def _s_nul(self, request: web.Request, text: str) -> web.StreamResponse:
+        lines = [
+            ndjson({"type": "begin", "metadata": _meta()}),
+            ndjson({"type": "item", "content": "a\x00b", "metadata": _meta()}),
+            b'{"type":"item","content":" \\ud800 lone surrogate"}\n',
+            ndjson({"type": "error", "content": "bad\x00", "metadata": _meta(timestamp=False)}),
+        ]
+        return await self._stream(request, 200, self._n8n_headers(), lines, 0.0)
+
+    async def _s_in_band_error(self, request: web.Request, text: str) -> web.StreamResponse:
+        response = await self._start_tokens(request, text)
+        error = {"type": "error", "content": "Fake upstream failure", "metadata": _meta(timestamp=False)}
+        await response.write(ndjson(error))
+        await response.write_eof()
+        return response
+
+
+async def _serve(host: str, port: int, speed: float, linger: float) -> None:
+    fake = FakeN8n(speed=speed, linger=linger)
+    url = await fake.start(host, port)
+    print(f"fake n8n listening on {url} ({len(fake.captures)} captures)", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await fake.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5678)
+    parser.add_argument(
+        "--speed", type=float, default=1.0, help="replay captures this many times faster (0 = no delay)"
+    )
+    parser.add_argument("--linger", type=float, default=5.0, help="seconds the socket stays open after a stream")
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(_serve(args.host, args.port, args.speed, args.linger))
+    except KeyboardInterrupt:
+        return
+
+
+if __name__ == "__main__":
+    main()
