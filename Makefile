@@ -29,10 +29,11 @@ install-dev: $(VENV)/.dev
 run: $(VENV)/.runtime
 	@echo "Serving on http://$(HOST):$(PORT)  (docs: /docs). COOKIE_SECURE=$(COOKIE_SECURE): plain-http cookies for local development."
 	$(PY) -m app.cli init
-	$(VENV)/bin/uvicorn --factory main:create_app --host $(HOST) --port $(PORT) --no-access-log
+	$(VENV)/bin/uvicorn --factory main:create_app --host $(HOST) --port $(PORT) --no-access-log --timeout-graceful-shutdown 10
 
 test: $(VENV)/.dev
 	$(PY) -m pytest
+	PYTHON=$(CURDIR)/$(PY) bash test_streaming.sh --ci
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.models import Chat, ErrorLog
-from app.services.messages import _first_title, build_history, public_message
+from app.services.messages import build_history, public_message
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
 from tests.factories import auth_headers, create_user
@@ -99,15 +99,6 @@ async def test_send_message_keeps_existing_title(
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream", title="Mine")
     assert (await send(client, setup)).status_code == 200
     assert (await stored(app, setup.chat.id)).title == "Mine"
-
-
-def test_first_title_cuts_on_a_word_boundary() -> None:
-    assert _first_title("  short   one ") == "short one"
-    long = "word " * 30
-    title = _first_title(long)
-    assert title.endswith("…")
-    assert len(title) <= 61
-    assert title == ("word " * 12).strip() + "…"
 
 
 async def test_second_message_sends_history(

@@ -20,12 +20,11 @@ from app.db import UTCDateTime, utcnow
 from app.errors import Conflict, Unprocessable
 from app.models import Agent, Chat, User, Worker
 from app.services import error_logs
-from app.services.chats import get_owned_chat
+from app.services.chats import get_owned_chat, title_from_message
 
 GENERATION_RUNNING = "A generation is already running in this chat"
 AGENT_INACTIVE = "This chat's agent is no longer active"
 EMPTY_CONTENT = "Message content must not be empty"
-TITLE_CHARS = 60
 #: A worker whose heartbeat is older than this many intervals is considered dead by start-up recovery.
 STALE_HEARTBEATS = 3
 
@@ -88,18 +87,6 @@ def public_message(element: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-def _first_title(text_: str) -> str:
-    """A chat title from its first message: whitespace folded, at most 60 characters on a word boundary."""
-    folded = " ".join(text_.split())
-    if len(folded) <= TITLE_CHARS:
-        return folded
-    cut = folded[:TITLE_CHARS]
-    space = cut.rfind(" ")
-    if space >= TITLE_CHARS // 3:
-        cut = cut[:space]
-    return cut.rstrip(" ,.;:") + "…"
-
-
 def build_history(messages: list[dict[str, Any]], latest: str, settings: Settings) -> list[dict[str, str]]:
     """The prior conversation sent to n8n: finished messages with text, newest first within both budgets."""
     budget_messages = settings.N8N_HISTORY_MAX_MESSAGES - 1
@@ -124,14 +111,6 @@ def build_history(messages: list[dict[str, Any]], latest: str, settings: Setting
     return kept
 
 
-def _encodable(text_: str) -> bool:
-    try:
-        text_.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _is_postgres(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
@@ -146,9 +125,7 @@ async def start_message(
     """
     if not content.strip():
         raise Unprocessable(EMPTY_CONTENT)
-    if "\x00" in content or not _encodable(content):
-        # PostgreSQL cannot store U+0000 in JSONB text, nor a lone surrogate (not valid UTF-8).
-        raise Unprocessable("Message content must not contain NUL characters or invalid Unicode")
+    # NUL and lone surrogates never get here: every request body refuses them (app.schemas.InputModel).
     if len(content) > settings.MESSAGE_MAX_CHARS:
         raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
     chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
@@ -177,7 +154,7 @@ async def start_message(
         "created_at": stamp,
         "_worker": str(worker_id),
     }
-    params: dict[str, Any] = {"now": now, "title": _first_title(content), "id": chat.id, "uid": user.id}
+    params: dict[str, Any] = {"now": now, "title": title_from_message(content), "id": chat.id, "uid": user.id}
     if _is_postgres(session):
         statement = _PG_APPEND.bindparams(
             bindparam("now", type_=UTCDateTime()), bindparam("id", type_=Uuid()), bindparam("uid", type_=Uuid())
