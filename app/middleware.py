@@ -118,7 +118,7 @@ class RequestContextMiddleware:
             logger.info(
                 "%s %s %s %.1fms",
                 scope.get("method"),
-                path,
+                _printable(path),
                 state["status"] or "-",
                 (time.perf_counter() - started) * 1000,
             )
@@ -135,6 +135,11 @@ class RequestContextMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+
+def _printable(text: str) -> str:
+    """A decoded path can hold newlines (`%0a`): escape control characters so no one can forge log lines."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

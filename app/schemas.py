@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from datetime import datetime
@@ -54,6 +55,9 @@ def _json_problem(value: Any) -> str | None:
                     item.encode("utf-8")
                 except UnicodeEncodeError:
                     return "must be valid Unicode"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "must not contain NaN or Infinity"
         elif isinstance(item, dict):
             stack.extend((k, depth + 1) for k in item)
             stack.extend((v, depth + 1) for v in item.values())
@@ -276,9 +280,9 @@ class MeUpdate(_NoNulls):
     @field_validator("preferences")
     @classmethod
     def _small_preferences(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(json.dumps(value)) > PREFERENCES_MAX_BYTES:
-            raise ValueError(f"preferences must serialize to at most {PREFERENCES_MAX_BYTES} bytes")
-        return value
+        if value is None:
+            return value
+        return check_storable_json(value, max_bytes=PREFERENCES_MAX_BYTES, label="preferences")  # type: ignore[no-any-return]
 
 
 class PasswordChange(InputModel):

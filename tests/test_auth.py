@@ -671,3 +671,17 @@ async def test_bcrypt_runs_off_the_event_loop(database_url: str, tmp_path: Path,
         assert max(gaps) < 0.1  # ...without stalling the loop
     finally:
         await shutdown(app)
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"username": "a\x00@example.com", "password": "x" * 10},
+        {"username": "a@example.com", "password": "pass\x00word1"},
+        {"username": "a@example.com", "password": "password1", "client_id": "\x00"},
+    ],
+)
+async def test_token_form_with_nul_is_422(web: httpx.AsyncClient, form: dict[str, str]) -> None:
+    response = await web.post("/api/auth/token", data=form)
+    assert response.status_code == 422
+    assert "NUL" in response.json()["detail"]

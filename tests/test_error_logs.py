@@ -120,3 +120,12 @@ async def test_record_error_drops_secret_keys_and_missing_ids(session: AsyncSess
     row = (await session.execute(select(ErrorLog))).scalar_one()
     assert row.detail == {"reason": "r"}
     assert (row.user_id, row.chat_id, row.agent_id) == (user.id, None, None)
+
+
+async def test_read_error_logs_offset_out_of_range_is_422(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    admin = await create_admin(session)
+    for offset in ("9223372036854775808", "1000001", "-1"):
+        response = await client.get(f"/api/error-logs?offset={offset}", headers=auth_headers(settings, admin))
+        assert response.status_code == 422, offset

@@ -199,3 +199,14 @@ async def test_database_down_gives_503_not_500(tmp_path) -> None:
         assert response.json() == {"detail": "Service temporarily unavailable, try again shortly"}
     finally:
         await shutdown(app)
+
+
+async def test_access_log_escapes_control_characters(
+    tclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="app.access")
+    await tclient.get("/health/%0a2026-12-02 ERROR forged")
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.access"]
+    assert lines
+    assert all("\n" not in line for line in lines)
+    assert any("\\n2026-12-02 ERROR forged" in line for line in lines)

@@ -49,3 +49,18 @@ async def test_nul_in_nested_preferences_is_422(
 async def test_clean_body_still_accepted(client: httpx.AsyncClient) -> None:
     response = await client.post("/api/teams", json={**SIGNUP, "name": "Zoë & Co"})
     assert response.status_code == 201
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+async def test_non_finite_numbers_are_422(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, number: str
+) -> None:
+    user = await create_user(session)
+    response = await client.patch(
+        "/api/auth/me",
+        content=f'{{"preferences": {{"t": {number}}}}}',
+        headers={**auth_headers(settings, user), "content-type": "application/json"},
+    )
+    assert response.status_code == 422
+    await session.refresh(user)
+    assert user.preferences == {}

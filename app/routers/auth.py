@@ -168,6 +168,8 @@ async def token(
     """Returns an access token only (no cookies, no refresh token): for Swagger and scripts."""
     if len(form.password) > PASSWORD_MAX_LENGTH or len(form.username) > 320:
         raise Unprocessable("username or password too long")
+    if "\x00" in f"{form.username}{form.password}{form.client_id or ''}":
+        raise Unprocessable("username, password and client_id must not contain NUL characters")
     client_id = form.client_id or _client_id_from_basic(request)
     team_id: uuid.UUID | None = None
     if client_id:

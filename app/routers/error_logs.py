@@ -29,7 +29,7 @@ async def read_error_logs(
     admin: AdminUser,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Rows per page")] = 50,
-    offset: Annotated[int, Query(ge=0, description="Rows to skip")] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="Rows to skip")] = 0,
 ) -> list[ErrorLogRead]:
     rows, total = await list_error_logs(session=session, user=admin, limit=limit, offset=offset)
     response.headers["X-Total-Count"] = str(total)
