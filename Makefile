@@ -29,7 +29,7 @@ install-dev: $(VENV)/.dev
 run: $(VENV)/.runtime
 	@echo "Serving on http://$(HOST):$(PORT)  (docs: /docs). COOKIE_SECURE=$(COOKIE_SECURE): plain-http cookies for local development."
 	$(PY) -m app.cli init
-	$(VENV)/bin/uvicorn --factory main:create_app --host $(HOST) --port $(PORT) --no-access-log --timeout-graceful-shutdown 10
+	$(VENV)/bin/uvicorn --factory main:create_app --host $(HOST) --port $(PORT) --no-access-log --timeout-graceful-shutdown 15
 
 test: $(VENV)/.dev
 	$(PY) -m pytest

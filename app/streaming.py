@@ -10,8 +10,10 @@ not stop the generation, and per chunk there is no database work and no re-encod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ NDJSON_TYPES = {"begin", "item", "end", "error"}
 SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
 #: Bytes of an error body kept to extract n8n's `message` / `hint` for the error log (never shown to clients).
 ERROR_BODY_EXCERPT = 4096
+UTF8_BOM = b"\xef\xbb\xbf"
 EXCERPT_CHARS = 300
 WAITING = {"description": "Waiting for the agent", "done": False}
 
@@ -164,6 +167,10 @@ class BodyParser:
 
     # --- format detection -----------------------------------------------------------------------
     def _sniff(self, *, final: bool) -> bool:
+        if self._buffer.startswith(UTF8_BOM):
+            del self._buffer[: len(UTF8_BOM)]  # some proxies and editors prefix UTF-8 bodies with a BOM
+        elif not final and UTF8_BOM.startswith(bytes(self._buffer)) and self._buffer:
+            return False
         start = 0
         buffer = self._buffer
         while start < len(buffer) and buffer[start] in b" \t\r\n":
@@ -314,9 +321,13 @@ class BodyParser:
         stripped = text.strip()
         if not stripped:
             return
+        if stripped[:15].lower().startswith(("<!doctype html", "<html")):
+            # A proxy's login or error page answered instead of n8n: not the agent's words.
+            self._fail("bad_upstream_response", "The agent's answer could not be read", reason="an HTML page")
+            return
         try:
             value = json.loads(stripped)
-        except ValueError:
+        except (ValueError, RecursionError):
             if stripped[0] in "{[":
                 self._fail("bad_upstream_response", "The agent's answer could not be read", reason="invalid JSON")
                 return
@@ -643,6 +654,7 @@ class GenerationRegistry:
         self.running: dict[str, Generation] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
+        self._draining: asyncio.Task[None] | None = None
         self.recovered = False
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -653,6 +665,7 @@ class GenerationRegistry:
         it); registration and recovery are retried on every heartbeat until they succeed.
         """
         self.streamer.session()
+        self.install_signal_hook()
         await self._register_and_recover()
         self._heartbeat = asyncio.create_task(self._beat(), name="worker-heartbeat")
 
@@ -661,7 +674,10 @@ class GenerationRegistry:
             async with self.db.sessionmaker() as session:
                 await message_service.heartbeat(session=session, worker_id=self.worker_id)
                 recovered = await message_service.recover_interrupted(
-                    session=session, settings=self.settings, worker_id=self.worker_id
+                    session=session,
+                    settings=self.settings,
+                    worker_id=self.worker_id,
+                    running=frozenset(self.running),
                 )
         except Exception as exc:
             logger.warning("worker registration and recovery postponed (%s)", type(exc).__name__)
@@ -686,17 +702,52 @@ class GenerationRegistry:
             except Exception as exc:
                 logger.warning("worker heartbeat failed (%s)", type(exc).__name__)
 
-    async def shutdown(self) -> None:
-        """Give running generations SHUTDOWN_GRACE_SECONDS, then store them as interrupted."""
+    def install_signal_hook(self) -> None:
+        """Start the grace period when the server is told to stop, not when the application shutdown runs.
+
+        uvicorn first waits for open connections (SSE clients included) and only then runs the lifespan
+        shutdown; a generation still running then would be cut without a terminal event. Chaining the
+        server's SIGTERM/SIGINT handler lets the grace period run while clients are still connected, so they
+        receive the `done`, or the `interrupted` error once the grace is over, before their connection ends.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            owner = getattr(previous, "__self__", None)
+            if not callable(previous) or not type(owner).__module__.startswith("uvicorn"):
+                continue  # only uvicorn's own handler is chained (not pytest's, not an ignored signal)
+
+            def handler(signum: int, frame: Any, previous: Callable[[int, Any], Any] = previous) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
+                    loop.call_soon_threadsafe(self.begin_shutdown)
+                previous(signum, frame)
+
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. uvicorn run in a test thread)
+                return
+
+    def begin_shutdown(self) -> asyncio.Task[None]:
+        """Refuse new generations; give running ones SHUTDOWN_GRACE_SECONDS, then store them interrupted."""
         self._closing = True
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain(), name="generations-drain")
+        return self._draining
+
+    async def _drain(self) -> None:
         tasks = [g.task for g in self.running.values() if g.task is not None]
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=self.settings.SHUTDOWN_GRACE_SECONDS)
-            for task in pending:
-                task.cancel()
-            if pending:
-                logger.warning("interrupting %d running generation(s) at shutdown", len(pending))
-                await asyncio.gather(*pending, return_exceptions=True)
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=self.settings.SHUTDOWN_GRACE_SECONDS)
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.warning("interrupting %d running generation(s) at shutdown", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        """Drain generations (if the signal hook did not start it already), stop the heartbeat, unregister."""
+        await self.begin_shutdown()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)

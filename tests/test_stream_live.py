@@ -8,6 +8,7 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.db import utcnow
 from app.models import Chat, ErrorLog, Worker
 from main import create_app, shutdown
 from tests.conftest import ROOT, TEST_ENCRYPTION_KEY, TEST_JWT_SECRET, make_settings
@@ -442,3 +444,92 @@ async def test_live_shutdown_with_client_connected_interrupts(
     assert await error_codes(app) == ["interrupted"]
     # The connection was closed under the client: no `done` reached it.
     assert isinstance(outcome, BaseException) or '"type": "done"' not in outcome
+
+
+async def _start_subprocess(settings: Settings, *extra: str, **env: str) -> tuple[asyncio.subprocess.Process, int]:
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "--factory", "main:create_app", "--port", str(port), "--no-access-log"]
+    process = await asyncio.create_subprocess_exec(*command, *extra, cwd=ROOT, env={**_subprocess_env(settings), **env})
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        return process, port
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+
+
+async def test_sigterm_with_client_connected_sends_terminal_event(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """uvicorn waits for open streams before the app shutdown runs; the grace starts at the signal instead,
+    so a connected client still gets its one terminal event before the connection ends."""
+    settings = fast_settings(database_url, tmp_path)
+    process, port = await _start_subprocess(settings, "--timeout-graceful-shutdown", "10", SHUTDOWN_GRACE_SECONDS="0.5")
+    try:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=300")
+        url = f"http://127.0.0.1:{port}/api/chats/{setup.chat.id}/messages"
+        seen = ""
+        signalled = False
+        async with asyncio.timeout(15), httpx.AsyncClient(timeout=10) as client:
+            body = {"content": " ".join(f"w{i}" for i in range(40))}
+            async with client.stream("POST", url, json=body, headers=setup.headers) as response:
+                async for chunk in response.aiter_text():
+                    seen += chunk
+                    if not signalled and "Echo:" in seen:
+                        process.send_signal(signal.SIGTERM)
+                        signalled = True
+        async with asyncio.timeout(15):
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    events = data_events(parse_sse(seen))
+    terminal = [e for e in events if e.type in ("done", "error")]
+    assert len(terminal) == 1
+    assert terminal[0].data is not None
+    assert terminal[0].data["data"]["code"] == "interrupted"
+    message = await assistant_of(app, setup.chat.id)
+    assert message["status"] == "interrupted"
+    assert message["content"] == streamed_text(events)
+    assert message["content"].startswith("Echo: w0")
+
+
+async def test_own_orphaned_streaming_message_is_recovered(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """A `streaming` message of this very worker that it no longer runs (its final write failed) would
+    block the chat with 409 forever; recovery marks it once older than the stale window."""
+    settings = fast_settings(database_url, tmp_path)
+    running = create_app(settings)
+    worker = running.state.generations.worker_id
+    old = (utcnow() - timedelta(seconds=5)).isoformat()
+    orphan = {
+        "id": str(uuid.uuid4()),
+        "role": "assistant",
+        "content": "half",
+        "status": "streaming",
+        "created_at": old,
+        "_worker": str(worker),
+    }
+    fresh = {
+        "id": str(uuid.uuid4()),
+        "role": "assistant",
+        "content": "",
+        "status": "streaming",
+        "created_at": utcnow().isoformat(),
+        "_worker": str(worker),
+    }
+    first = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream", messages=[orphan])
+    second = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream", messages=[fresh])
+    try:
+        await running.state.generations.startup()
+        recovered = await assistant_of(app, first.chat.id)
+        just_started = await assistant_of(app, second.chat.id)
+    finally:
+        await running.state.generations.shutdown()
+        await shutdown(running)
+    assert (recovered["status"], recovered["content"]) == ("interrupted", "half")
+    assert just_started["status"] == "streaming"

@@ -524,3 +524,30 @@ async def test_streamer_session_has_no_hidden_total_timeout(streamer: N8nStreame
     assert connector.limit == 0
     await streamer.close()
     assert session.closed
+
+
+# --- parser: odd bodies seen behind proxies --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'\xef\xbb\xbf{"output": "Echo: hi"}', b'\xef\xbb\xbf{"type":"item","content":"Echo: hi"}\n'],
+)
+def test_parse_body_with_utf8_bom(body: bytes) -> None:
+    for pieces in every_cut(body):
+        text, parser = parse(pieces)
+        assert (text, parser.failure) == ("Echo: hi", None)
+
+
+@pytest.mark.parametrize("page", [b"<!DOCTYPE html><html><body>Sign in</body></html>", b"\n  <html><p>502</p></html>"])
+def test_parse_html_page_is_bad_upstream_response(page: bytes) -> None:
+    text, parser = parse([page])
+    assert text == ""
+    assert parser.failure is not None
+    assert parser.failure.code == "bad_upstream_response"
+
+
+def test_parse_deeply_nested_json_is_bad_upstream_response() -> None:
+    _text, parser = parse([b"[" * 100_000 + b"]" * 100_000])
+    assert parser.failure is not None
+    assert parser.failure.code == "bad_upstream_response"

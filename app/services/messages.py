@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Uuid, bindparam, delete, select, text, update
@@ -297,17 +297,34 @@ async def heartbeat(*, session: AsyncSession, worker_id: uuid.UUID) -> None:
     await session.commit()
 
 
+def _older_than(element: dict[str, Any], cutoff: datetime) -> bool:
+    try:
+        created = datetime.fromisoformat(str(element.get("created_at")))
+    except ValueError:
+        return True
+    return created < cutoff
+
+
 async def unregister_worker(*, session: AsyncSession, worker_id: uuid.UUID) -> None:
     await session.execute(delete(Worker).where(Worker.id == worker_id))
     await session.commit()
 
 
-async def recover_interrupted(*, session: AsyncSession, settings: Settings, worker_id: uuid.UUID) -> int:
+async def recover_interrupted(
+    *,
+    session: AsyncSession,
+    settings: Settings,
+    worker_id: uuid.UUID,
+    running: frozenset[str] = frozenset(),
+) -> int:
     """Mark `streaming` messages of dead workers `interrupted` (keeping their checkpointed text).
 
     A worker is alive when its heartbeat is younger than STALE_HEARTBEATS intervals; its streams are left
-    alone. Each element is patched by index with a guard on its id and status, so a live worker finishing
-    a stream concurrently is never overwritten. Returns how many messages were marked.
+    alone. This worker's own `streaming` messages that it no longer runs (`running`: assistant ids of its
+    live generations), for instance because the final write failed, are orphans and marked too, once older
+    than the stale window (so a generation that is just being started is never caught). Each element is
+    patched by index with a guard on its id and status, so a live worker finishing a stream concurrently is
+    never overwritten. Returns how many messages were marked.
     """
     cutoff = utcnow() - timedelta(seconds=settings.WORKER_HEARTBEAT_INTERVAL * STALE_HEARTBEATS)
     live = {str(w) for w in (await session.execute(select(Worker.id).where(Worker.heartbeat_at >= cutoff))).scalars()}
@@ -329,7 +346,11 @@ async def recover_interrupted(*, session: AsyncSession, settings: Settings, work
         for index, element in enumerate(messages or []):
             if not isinstance(element, dict) or element.get("status") != "streaming":
                 continue
-            if str(element.get("_worker")) in live:
+            owner = str(element.get("_worker"))
+            if owner == str(worker_id):
+                if str(element.get("id")) in running or not _older_than(element, cutoff):
+                    continue
+            elif owner in live:
                 continue
             written = await _patch_message(
                 session,
