@@ -15,8 +15,10 @@ from app.db import Database
 from app.errors import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
-from app.routers import error_logs, health, messages
+from app.ratelimit import RateLimiter
+from app.routers import auth, error_logs, health, messages, teams, users
 from app.services.health import migration_head
+from app.services.revocation import make_revocation_store
 from app.streaming import GenerationRegistry
 
 logger = logging.getLogger("app")
@@ -62,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.redis = aioredis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
     app.state.migration_head = migration_head()
     app.state.generations = GenerationRegistry(settings=settings, db=app.state.db)
+    app.state.revocations = make_revocation_store(redis=app.state.redis, sessionmaker=app.state.db.sessionmaker)
+    app.state.limiter = RateLimiter(settings, app.state.redis)
 
     install_error_handlers(app)
     app.add_middleware(
@@ -77,6 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, settings=settings)
 
     app.include_router(health.router)
+    app.include_router(auth.router)
+    app.include_router(teams.router)
+    app.include_router(users.router)
     app.include_router(messages.router)
     app.include_router(error_logs.router)
     return app

@@ -6,8 +6,9 @@ import base64
 import hashlib
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 import anyio
 import bcrypt
@@ -95,6 +96,8 @@ def create_token(
         "type": token_type,
         "jti": jti,
         "iat": int(now.timestamp()),
+        # `iat` has whole seconds; revocation by `tokens_valid_after` needs finer grain (see token_issued_us).
+        "iat_us": _epoch_us(now),
         "exp": int((now + lifetime).timestamp()),
         "iss": settings.JWT_ISSUER,
         "aud": settings.JWT_AUDIENCE,
@@ -124,6 +127,26 @@ def decode_token(token: str, *, settings: Settings, expected_type: TokenType) ->
     return claims
 
 
+def token_issued_us(claims: dict[str, Any]) -> int:
+    """Issue instant in microseconds; a token without `iat_us` counts as issued at the start of its second."""
+    value = claims.get("iat_us")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(claims["iat"]) * 1_000_000
+
+
+def issued_before(claims: dict[str, Any], instant: datetime | None) -> bool:
+    """True when the token predates `instant` (a user's `tokens_valid_after`), at microsecond precision."""
+    if instant is None:
+        return False
+    return token_issued_us(claims) < _epoch_us(instant)
+
+
+def _epoch_us(instant: datetime) -> int:
+    delta = instant - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
 def token_from_request(request: Request) -> str | None:
     """The Bearer header wins over the cookie; a token in the query string is never read."""
     header = request.headers.get("authorization")
@@ -135,23 +158,72 @@ def token_from_request(request: Request) -> str | None:
     return request.cookies.get("access_token") or None
 
 
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def check_cookie_origin(request: Request, settings: Settings) -> None:
+    """CSRF defence in depth for cookie-authenticated writes (next to SameSite=Strict).
+
+    An unsafe method whose `Origin` is neither an allowed CORS origin nor this server's own host is refused.
+    No `Origin` at all is allowed: curl and other non-browser clients send none, and browsers always send
+    one on cross-origin writes.
+    """
+    if request.method not in UNSAFE_METHODS:
+        return
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    if origin.rstrip("/").lower() in {allowed.rstrip("/").lower() for allowed in settings.CORS_ORIGINS}:
+        return
+    host = request.headers.get("host", "").lower()
+    if host and urlsplit(origin).netloc.lower() == host:
+        return
+    raise Forbidden("Origin not allowed")
+
+
+class RevocationStore(Protocol):
+    """What `app.state.revocations` provides (see app/services/revocation.py)."""
+
+    async def is_revoked(self, jti: str) -> bool: ...
+
+    async def is_any_revoked(self, ids: list[str]) -> bool: ...
+
+    async def revoke(self, jti: str, expires_at: datetime) -> None: ...
+
+
+def family_key(family_id: str) -> str:
+    """Revocation-store key of a refresh family: revoking it also kills the family's access tokens."""
+    return f"fam:{family_id}"
+
+
 async def current_user(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
     _bearer: Annotated[str | None, Depends(oauth2_scheme)] = None,
 ) -> User:
+    """The user of the access token (Bearer header, else cookie), re-checked against the database each time.
+
+    A deactivated user, a revoked token or family, or a token older than the user's `tokens_valid_after`
+    is refused at once; roles are read fresh, so a demoted admin loses admin access on the next request.
+    """
     token = token_from_request(request)
     if not token:
         raise Unauthorized()
+    if "authorization" not in request.headers:
+        check_cookie_origin(request, settings)
     claims = decode_token(token, settings=settings, expected_type="access")
-    revocations = getattr(request.app.state, "revocations", None)
-    if revocations is not None and await revocations.is_revoked(claims["jti"]):
-        raise Unauthorized(INVALID_TOKEN)
-    user = await session.get(User, uuid.UUID(claims["sub"]))
+    revocations: RevocationStore | None = getattr(request.app.state, "revocations", None)
+    if revocations is not None:
+        ids = [claims["jti"]]
+        if isinstance(claims.get("fam"), str):
+            ids.append(family_key(claims["fam"]))
+        if await revocations.is_any_revoked(ids):
+            raise Unauthorized(INVALID_TOKEN)
+    user = await session.get(User, uuid.UUID(claims["sub"]), populate_existing=True)
     if user is None or not user.is_active or str(user.team_id) != claims["team_id"]:
         raise Unauthorized(INVALID_TOKEN)
-    if user.tokens_valid_after is not None and claims["iat"] < int(user.tokens_valid_after.timestamp()):
+    if issued_before(claims, user.tokens_valid_after):
         raise Unauthorized(INVALID_TOKEN)
     request.state.token_claims = claims
     return user

@@ -12,10 +12,11 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import func, select
 
-from app.auth import hash_password
 from app.config import Settings, load_settings
-from app.db import Database, utcnow
+from app.db import Database
 from app.models import Team, User
+from app.schemas import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, normalize_email
+from app.services import users as users_service
 from app.services.teams import create_team_with_admin, database_is_empty
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,15 +89,21 @@ async def reset_password(settings: Settings, email: str, password: str, team_id:
             if len(users) != 1:
                 out("No such user" if not users else "Email exists in several teams: pass --team-id")
                 return 1
-            user = users[0]
-            user.password_hash = await hash_password(password, settings.BCRYPT_ROUNDS)
-            user.tokens_valid_after = utcnow()
-            await session.commit()
+            user = await users_service.reset_password(
+                session=session, settings=settings, user=users[0], new_password=password
+            )
             team = await session.get(Team, user.team_id)
             out(f"Password reset for {user.email} in team {team.name if team else user.team_id}")
             return 0
     finally:
         await db.dispose()
+
+
+def password_problem(password: str) -> str | None:
+    """The API's password rule, for operator commands."""
+    if not PASSWORD_MIN_LENGTH <= len(password) <= PASSWORD_MAX_LENGTH:
+        return f"Password must be {PASSWORD_MIN_LENGTH} to {PASSWORD_MAX_LENGTH} characters"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,13 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "init":
         asyncio.run(first_admin(settings))
     elif args.cmd == "create-admin":
-        if len(args.password) < 8:
-            out("Password must be at least 8 characters")
+        problem = password_problem(args.password)
+        try:
+            email = normalize_email(args.email)
+        except ValueError:
+            problem = problem or "Not a valid email address"
+        if problem:
+            out(problem)
             return 2
-        asyncio.run(create_admin(settings, args.team, args.email, args.password))
+        asyncio.run(create_admin(settings, args.team, email, args.password))
     elif args.cmd == "reset-password":
-        if len(args.password) < 8:
-            out("Password must be at least 8 characters")
+        problem = password_problem(args.password)
+        if problem:
+            out(problem)
             return 2
         return asyncio.run(reset_password(settings, args.email, args.password, args.team_id))
     return 0

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import secrets
 from functools import lru_cache
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
 from cryptography.fernet import Fernet
+from limits import parse as parse_limit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -95,6 +97,22 @@ class Settings(BaseSettings):
         # Credentials (cookies) are allowed, and browsers reject `*` with credentials anyway.
         if "*" in value:
             raise ValueError("'*' is not allowed; list the SPA origins explicitly")
+        return value
+
+    @field_validator("TRUSTED_PROXIES")
+    @classmethod
+    def _proxies_are_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ip_network(entry, strict=False)  # ValueError names the bad entry
+        return value
+
+    @field_validator("RATE_LIMIT_LOGIN", "RATE_LIMIT_REGISTER", "RATE_LIMIT_TEAM_SIGNUP")
+    @classmethod
+    def _limit_syntax(cls, value: str) -> str:
+        try:
+            parse_limit(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit like '5/minute': {value!r}") from exc
         return value
 
     @model_validator(mode="after")

@@ -1,17 +1,23 @@
-"""Teams: creation with their first admin, in one transaction."""
+"""Teams: creation with their first admin in one transaction, reading and updating the caller's team."""
 
 from __future__ import annotations
 
 import re
 import secrets
 import unicodedata
+import uuid
+from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import hash_password
-from app.errors import Conflict
-from app.models import Team, User
+from app.errors import Conflict, NotFound
+from app.models import Team, User, default_team_settings
+
+#: Attempts at a free slug when concurrent sign-ups pick the same one.
+SLUG_ATTEMPTS = 5
 
 
 def slugify(name: str) -> str:
@@ -37,22 +43,53 @@ async def create_team_with_admin(
     admin_full_name: str | None,
     bcrypt_rounds: int,
 ) -> tuple[Team, User]:
-    """Create a team and its first admin atomically (one commit, or nothing)."""
+    """Create a team and its first admin atomically (one commit, or nothing).
+
+    The slug is unique; a concurrent sign-up that takes the same slug first makes us retry with another.
+    """
     password_hash = await hash_password(admin_password, bcrypt_rounds)
-    team = Team(name=name, slug=await unique_slug(session, name))
-    session.add(team)
-    await session.flush()
-    user = User(
-        team_id=team.id,
-        email=admin_email.strip().lower(),
-        password_hash=password_hash,
-        full_name=admin_full_name,
-        role="admin",
-        is_active=True,
-    )
-    session.add(user)
+    for attempt in range(SLUG_ATTEMPTS):
+        team = Team(name=name, slug=await unique_slug(session, name), settings=default_team_settings())
+        session.add(team)
+        try:
+            await session.flush()
+        except IntegrityError as exc:
+            await session.rollback()
+            if attempt == SLUG_ATTEMPTS - 1:
+                raise Conflict("Could not allocate a team slug; try again") from exc
+            continue
+        user = User(
+            team_id=team.id,
+            email=admin_email.strip().lower(),
+            password_hash=password_hash,
+            full_name=admin_full_name,
+            role="admin",
+            is_active=True,
+            preferences={},
+        )
+        session.add(user)
+        await session.commit()
+        return team, user
+    raise Conflict("Could not allocate a team slug; try again")  # pragma: no cover - loop always returns
+
+
+async def get_team(*, session: AsyncSession, team_id: uuid.UUID) -> Team:
+    team = await session.get(Team, team_id)
+    if team is None:
+        raise NotFound("Team not found")
+    return team
+
+
+async def update_team(*, session: AsyncSession, team_id: uuid.UUID, changes: dict[str, Any]) -> Team:
+    """Rename and/or change settings; settings keys are merged, so unspecified ones keep their value."""
+    team = await get_team(session=session, team_id=team_id)
+    if "name" in changes:
+        team.name = changes["name"]
+    if changes.get("settings"):
+        # A new dict (not an in-place change) so the JSON column is seen as modified.
+        team.settings = {**default_team_settings(), **(team.settings or {}), **changes["settings"]}
     await session.commit()
-    return team, user
+    return team
 
 
 async def database_is_empty(session: AsyncSession) -> bool:
@@ -60,4 +97,4 @@ async def database_is_empty(session: AsyncSession) -> bool:
     return count == 0
 
 
-__all__ = ["Conflict", "create_team_with_admin", "database_is_empty", "slugify"]
+__all__ = ["Conflict", "create_team_with_admin", "database_is_empty", "get_team", "slugify", "update_team"]

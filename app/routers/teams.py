@@ -1,0 +1,62 @@
+"""Team sign-up and the caller's own team."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, status
+
+from app.auth import AdminUser, CurrentUser, SettingsDep
+from app.db import SessionDep
+from app.errors import Forbidden
+from app.ratelimit import rate_limit
+from app.routers.responses import R401, R429, error_doc
+from app.schemas import TeamCreate, TeamRead, TeamSignupRead, TeamUpdate, UserRead
+from app.services import teams as teams_service
+
+router = APIRouter(prefix="/api/teams", tags=["teams"])
+
+
+def signup_enabled(settings: SettingsDep) -> None:
+    if not settings.TEAM_SIGNUP_ENABLED:
+        raise Forbidden("Team sign-up is disabled on this server")
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TeamSignupRead,
+    summary="Sign up: create a team and its first admin",
+    dependencies=[Depends(signup_enabled), Depends(rate_limit("team_signup"))],
+    responses={
+        403: error_doc("Team sign-up is disabled (TEAM_SIGNUP_ENABLED=false)", "Team sign-up is disabled"),
+        **R429,
+    },
+)
+async def create_team(body: TeamCreate, session: SessionDep, settings: SettingsDep) -> TeamSignupRead:
+    """One transaction: either both the team and its admin exist afterwards, or neither. Log in next."""
+    team, user = await teams_service.create_team_with_admin(
+        session=session,
+        name=body.name,
+        admin_email=body.admin_email,
+        admin_password=body.admin_password,
+        admin_full_name=body.admin_full_name,
+        bcrypt_rounds=settings.BCRYPT_ROUNDS,
+    )
+    return TeamSignupRead(team=TeamRead.model_validate(team), user=UserRead.model_validate(user))
+
+
+@router.get("/current", response_model=TeamRead, summary="Your team", responses={**R401})
+async def current_team(user: CurrentUser, session: SessionDep) -> TeamRead:
+    return TeamRead.model_validate(await teams_service.get_team(session=session, team_id=user.team_id))
+
+
+@router.put(
+    "/current",
+    response_model=TeamRead,
+    summary="Rename your team or change its settings",
+    responses={**R401, 403: error_doc("Admin role required", "Admin role required")},
+)
+async def update_team(body: TeamUpdate, admin: AdminUser, session: SessionDep) -> TeamRead:
+    """Unknown settings keys are a 422; settings left out keep their value."""
+    changes = body.model_dump(exclude_unset=True)
+    team = await teams_service.update_team(session=session, team_id=admin.team_id, changes=changes)
+    return TeamRead.model_validate(team)

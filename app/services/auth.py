@@ -1,0 +1,228 @@
+"""Sessions: password login, refresh-token rotation with reuse detection, logout and revocation."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import lru_cache
+from typing import Any
+
+import anyio
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth import (
+    INVALID_TOKEN,
+    IssuedToken,
+    RevocationStore,
+    create_token,
+    decode_token,
+    family_key,
+    hash_password_sync,
+    issued_before,
+    verify_password,
+)
+from app.config import Settings
+from app.db import utcnow
+from app.errors import Unauthorized
+from app.models import RefreshToken, Team, User
+
+LOGIN_FAILED = "Incorrect email or password"
+#: Bounds the bcrypt work of one login without team_id (an email registered in many teams).
+MAX_LOGIN_CANDIDATES = 10
+
+
+class AmbiguousLogin(Unauthorized):
+    """The credentials are right in several teams: the caller must pick one with team_id / client_id.
+
+    Only reachable with a correct password, so listing those teams reveals nothing to a guesser.
+    """
+
+    def __init__(self, teams: list[Team]) -> None:
+        super().__init__("These credentials match accounts in several teams; send team_id (client_id for /token)")
+        self.teams = teams
+
+
+@dataclass(frozen=True)
+class SessionTokens:
+    user: User
+    access: IssuedToken
+    refresh: IssuedToken | None
+
+
+@lru_cache
+def _dummy_hash(rounds: int) -> str:
+    return hash_password_sync("no-such-user-dummy-password", rounds)
+
+
+def hash_refresh_token(token: str) -> str:
+    """Refresh tokens are stored as SHA-256: a database leak does not hand out live sessions."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def authenticate(
+    *, session: AsyncSession, settings: Settings, email: str, password: str, team_id: uuid.UUID | None
+) -> User:
+    """The one active user these credentials name, or the generic 401.
+
+    Every candidate's hash is checked (an unknown email checks a dummy hash), so a wrong password,
+    an unknown email and an inactive user cost the same bcrypt work and give the same answer.
+    """
+    query = select(User).where(func.lower(User.email) == email.strip().lower())
+    if team_id is not None:
+        query = query.where(User.team_id == team_id)
+    candidates = list((await session.execute(query.order_by(User.created_at).limit(MAX_LOGIN_CANDIDATES))).scalars())
+    # End the read transaction: no pooled connection is held while bcrypt runs (~250 ms per hash).
+    await session.commit()
+    if not candidates:
+        dummy = await anyio.to_thread.run_sync(_dummy_hash, settings.BCRYPT_ROUNDS)
+        await verify_password(password, dummy)
+        raise Unauthorized(LOGIN_FAILED)
+    matches = [user for user in candidates if await verify_password(password, user.password_hash)]
+    active = [user for user in matches if user.is_active]
+    if not active:
+        raise Unauthorized(LOGIN_FAILED)
+    if len(active) > 1:
+        teams = (await session.execute(select(Team).where(Team.id.in_([u.team_id for u in active])))).scalars()
+        raise AmbiguousLogin(sorted(teams, key=lambda team: team.name))
+    return active[0]
+
+
+async def start_session(
+    *, session: AsyncSession, settings: Settings, user: User, with_refresh: bool = True
+) -> SessionTokens:
+    """Issue an access token and, for browser/API sessions, a refresh token opening a new family."""
+    user.last_login_at = utcnow()
+    if not with_refresh:
+        access = create_token(settings=settings, user_id=user.id, team_id=user.team_id, token_type="access")
+        await session.commit()
+        return SessionTokens(user=user, access=access, refresh=None)
+    tokens = _issue_pair(session=session, settings=settings, user=user, family_id=uuid.uuid4())
+    await session.commit()
+    return tokens
+
+
+def _issue_pair(*, session: AsyncSession, settings: Settings, user: User, family_id: uuid.UUID) -> SessionTokens:
+    extra = {"fam": family_id.hex}
+    refresh = create_token(settings=settings, user_id=user.id, team_id=user.team_id, token_type="refresh", extra=extra)
+    access = create_token(settings=settings, user_id=user.id, team_id=user.team_id, token_type="access", extra=extra)
+    session.add(
+        RefreshToken(
+            user_id=user.id,
+            family_id=family_id,
+            token_hash=hash_refresh_token(refresh.token),
+            expires_at=refresh.expires_at,
+        )
+    )
+    return SessionTokens(user=user, access=access, refresh=refresh)
+
+
+async def refresh_session(
+    *, session: AsyncSession, settings: Settings, revocations: RevocationStore, token: str
+) -> SessionTokens:
+    """Spend the refresh token and issue a new pair in its family; a spent token revokes the family."""
+    claims = decode_token(token, settings=settings, expected_type="refresh")
+    now = utcnow()
+    token_hash = hash_refresh_token(token)
+    spent = await session.execute(
+        update(RefreshToken)
+        .where(
+            RefreshToken.token_hash == token_hash,
+            RefreshToken.used_at.is_(None),
+            RefreshToken.revoked_at.is_(None),
+            RefreshToken.expires_at > now,
+        )
+        .values(used_at=now)
+        .returning(RefreshToken.family_id)
+    )
+    family_id = spent.scalar_one_or_none()
+    if family_id is None:
+        row = (await session.execute(select(RefreshToken).where(RefreshToken.token_hash == token_hash))).scalar()
+        if row is not None and row.used_at is not None:
+            # Reuse of a spent token: whoever holds the newer one may be a thief. End the whole family.
+            await revoke_family(session=session, settings=settings, revocations=revocations, family_id=row.family_id)
+        await session.rollback()
+        raise Unauthorized(INVALID_TOKEN)
+    user = await session.get(User, uuid.UUID(claims["sub"]), populate_existing=True)
+    if (
+        user is None
+        or not user.is_active
+        or str(user.team_id) != claims["team_id"]
+        or issued_before(claims, user.tokens_valid_after)
+    ):
+        await session.rollback()
+        raise Unauthorized(INVALID_TOKEN)
+    tokens = _issue_pair(session=session, settings=settings, user=user, family_id=family_id)
+    await session.commit()
+    return tokens
+
+
+async def revoke_family(
+    *, session: AsyncSession, settings: Settings, revocations: RevocationStore, family_id: uuid.UUID
+) -> None:
+    """Revoke every refresh token of the family and, through the store, the access tokens it issued."""
+    await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    await session.commit()
+    # Access tokens of this family live at most one access lifetime from now.
+    until = utcnow() + timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES)
+    await revocations.revoke(family_key(family_id.hex), until)
+
+
+def _claims_or_none(token: str | None, *, settings: Settings, expected: Any) -> dict[str, Any] | None:
+    if not token:
+        return None
+    try:
+        return decode_token(token, settings=settings, expected_type=expected)
+    except Unauthorized:
+        return None
+
+
+async def logout(
+    *,
+    session: AsyncSession,
+    settings: Settings,
+    revocations: RevocationStore,
+    access_token: str | None,
+    refresh_token: str | None,
+) -> None:
+    """Revoke the presented access token (by jti, until it expires) and the refresh families presented.
+
+    Invalid or expired tokens are ignored: logging out always succeeds and always clears the cookies.
+    """
+    families: set[str] = set()
+    access = _claims_or_none(access_token, settings=settings, expected="access")
+    if access is not None:
+        expires_at = utcnow() + timedelta(seconds=max(0, int(access["exp"]) - int(utcnow().timestamp())))
+        await revocations.revoke(str(access["jti"]), expires_at)
+        if isinstance(access.get("fam"), str):
+            families.add(access["fam"])
+    refresh = _claims_or_none(refresh_token, settings=settings, expected="refresh")
+    if refresh is not None and isinstance(refresh.get("fam"), str):
+        families.add(refresh["fam"])
+    for family in families:
+        try:
+            family_id = uuid.UUID(family)
+        except ValueError:
+            continue
+        await revoke_family(session=session, settings=settings, revocations=revocations, family_id=family_id)
+
+
+async def revoke_all_user_tokens(*, session: AsyncSession, user: User) -> None:
+    """Password change or deactivation: every token issued until now stops working (caller commits).
+
+    Access tokens are refused by `tokens_valid_after` (compared at microsecond precision), refresh
+    tokens by their `revoked_at`.
+    """
+    now = utcnow()
+    user.tokens_valid_after = now
+    await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )

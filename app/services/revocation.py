@@ -1,0 +1,77 @@
+"""Revoked token ids (access-token `jti`s and refresh families) until their natural expiry.
+
+Redis when `REDIS_URL` is set (one key per id, expiring with the token), else the `revoked_tokens` table:
+either way every worker sees a revocation at once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from redis.asyncio import Redis
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db import utcnow
+from app.models import RevokedToken
+
+REDIS_PREFIX = "revoked:"
+
+
+class RedisRevocationStore:
+    """One key per revoked id with a TTL equal to the token's remaining lifetime."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def revoke(self, jti: str, expires_at: datetime) -> None:
+        seconds = int((expires_at - utcnow()).total_seconds()) + 1
+        if seconds > 0:
+            await self.redis.set(REDIS_PREFIX + jti, b"1", ex=seconds)
+
+    async def is_revoked(self, jti: str) -> bool:
+        return await self.is_any_revoked([jti])
+
+    async def is_any_revoked(self, ids: list[str]) -> bool:
+        if not ids:
+            return False
+        return int(await self.redis.exists(*(REDIS_PREFIX + i for i in ids))) > 0
+
+
+class DatabaseRevocationStore:
+    """Rows in `revoked_tokens`; expired rows are pruned whenever something is revoked."""
+
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+        self.sessionmaker = sessionmaker
+
+    async def revoke(self, jti: str, expires_at: datetime) -> None:
+        if expires_at <= utcnow():
+            return
+        async with self.sessionmaker() as session:
+            dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
+            insert = sqlite_insert if dialect == "sqlite" else pg_insert
+            await session.execute(delete(RevokedToken).where(RevokedToken.expires_at <= utcnow()))
+            statement = insert(RevokedToken).values(jti=jti, expires_at=expires_at)
+            await session.execute(statement.on_conflict_do_nothing(index_elements=["jti"]))
+            await session.commit()
+
+    async def is_revoked(self, jti: str) -> bool:
+        return await self.is_any_revoked([jti])
+
+    async def is_any_revoked(self, ids: list[str]) -> bool:
+        if not ids:
+            return False
+        async with self.sessionmaker() as session:
+            query = select(RevokedToken.jti).where(RevokedToken.jti.in_(ids), RevokedToken.expires_at > utcnow())
+            return (await session.execute(query.limit(1))).first() is not None
+
+
+RevocationStoreImpl = RedisRevocationStore | DatabaseRevocationStore
+
+
+def make_revocation_store(
+    *, redis: Redis | None, sessionmaker: async_sessionmaker[AsyncSession]
+) -> RevocationStoreImpl:
+    return RedisRevocationStore(redis) if redis is not None else DatabaseRevocationStore(sessionmaker)

@@ -1,0 +1,151 @@
+"""Users of a team: admin management, self-service, registration; the last-admin rule."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth import hash_password, verify_password
+from app.config import Settings
+from app.errors import BadRequest, Conflict, Forbidden, NotFound
+from app.models import Team, User
+from app.services.auth import revoke_all_user_tokens
+
+EMAIL_TAKEN = "This email is already registered in this team"
+USER_NOT_FOUND = "User not found"
+LAST_ADMIN = "The team's last active admin cannot be demoted or deactivated"
+
+
+async def list_users(*, session: AsyncSession, admin: User) -> list[User]:
+    query = select(User).where(User.team_id == admin.team_id).order_by(User.created_at, User.id)
+    return list((await session.execute(query)).scalars())
+
+
+async def get_team_user(*, session: AsyncSession, admin: User, user_id: uuid.UUID, lock: bool = False) -> User:
+    """The ownership helper: a missing id and another team's user are the same 404."""
+    query = select(User).where(User.id == user_id, User.team_id == admin.team_id)
+    if lock:
+        query = query.with_for_update()
+    user = (await session.execute(query.execution_options(populate_existing=True))).scalar_one_or_none()
+    if user is None:
+        raise NotFound(USER_NOT_FOUND)
+    return user
+
+
+async def _insert_user(*, session: AsyncSession, user: User) -> User:
+    session.add(user)
+    try:
+        await session.commit()
+    except IntegrityError as exc:
+        await session.rollback()
+        raise Conflict(EMAIL_TAKEN) from exc
+    return user
+
+
+async def _email_taken(session: AsyncSession, team_id: uuid.UUID, email: str) -> bool:
+    query = select(User.id).where(User.team_id == team_id, func.lower(User.email) == email.lower())
+    return (await session.execute(query)).first() is not None
+
+
+async def create_user(
+    *,
+    session: AsyncSession,
+    settings: Settings,
+    team_id: uuid.UUID,
+    email: str,
+    password: str,
+    full_name: str | None,
+    role: str = "user",
+) -> User:
+    """Insert a user; the unique index on (team_id, lower(email)) settles races as a 409."""
+    if await _email_taken(session, team_id, email):
+        raise Conflict(EMAIL_TAKEN)
+    await session.commit()  # release the connection while bcrypt runs
+    password_hash = await hash_password(password, settings.BCRYPT_ROUNDS)
+    user = User(
+        team_id=team_id,
+        email=email,
+        password_hash=password_hash,
+        full_name=full_name,
+        role=role,
+        is_active=True,
+        preferences={},
+    )
+    return await _insert_user(session=session, user=user)
+
+
+async def register(
+    *, session: AsyncSession, settings: Settings, team_id: uuid.UUID, email: str, password: str, full_name: str | None
+) -> User:
+    """Self-registration into a team whose `open_registration` setting is on; always role `user`."""
+    team = await session.get(Team, team_id)
+    if team is None:
+        raise NotFound("Team not found")
+    if not bool((team.settings or {}).get("open_registration", True)):
+        raise Forbidden("Registration is closed for this team")
+    return await create_user(
+        session=session, settings=settings, team_id=team_id, email=email, password=password, full_name=full_name
+    )
+
+
+async def update_user(*, session: AsyncSession, admin: User, user_id: uuid.UUID, changes: dict[str, Any]) -> User:
+    """Apply an admin's changes; deactivation revokes every token of the user.
+
+    The team row is locked (SELECT ... FOR UPDATE) before counting admins, so two admins demoting each
+    other at the same moment cannot leave the team without one: the second waits and then sees one left.
+    """
+    await session.execute(select(Team.id).where(Team.id == admin.team_id).with_for_update())
+    user = await get_team_user(session=session, admin=admin, user_id=user_id, lock=True)
+    demoting = changes.get("role") == "user" and user.role == "admin"
+    deactivating = changes.get("is_active") is False and user.is_active
+    if user.role == "admin" and user.is_active and (demoting or deactivating):
+        others = await session.execute(
+            select(func.count())
+            .select_from(User)
+            .where(User.team_id == admin.team_id, User.role == "admin", User.is_active.is_(True), User.id != user.id)
+        )
+        if others.scalar_one() == 0:
+            await session.rollback()
+            raise Conflict(LAST_ADMIN)
+    for name in ("role", "is_active", "full_name"):
+        if name in changes:
+            setattr(user, name, changes[name])
+    if deactivating:
+        await revoke_all_user_tokens(session=session, user=user)
+    await session.commit()
+    return user
+
+
+async def update_me(*, session: AsyncSession, user: User, changes: dict[str, Any]) -> User:
+    """Self-service: only the name and preferences; the schema refuses every other field."""
+    if "full_name" in changes:
+        user.full_name = changes["full_name"]
+    if "preferences" in changes:
+        user.preferences = dict(changes["preferences"])
+    await session.commit()
+    return user
+
+
+async def change_password(
+    *, session: AsyncSession, settings: Settings, user: User, current_password: str, new_password: str
+) -> User:
+    """Check the current password, store the new one and revoke every token issued so far."""
+    await session.commit()  # release the connection while bcrypt runs
+    if not await verify_password(current_password, user.password_hash):
+        raise BadRequest("Current password is incorrect")
+    user.password_hash = await hash_password(new_password, settings.BCRYPT_ROUNDS)
+    await revoke_all_user_tokens(session=session, user=user)
+    await session.commit()
+    return user
+
+
+async def reset_password(*, session: AsyncSession, settings: Settings, user: User, new_password: str) -> User:
+    """Operator reset (CLI): new password, every existing token revoked."""
+    user.password_hash = await hash_password(new_password, settings.BCRYPT_ROUNDS)
+    await revoke_all_user_tokens(session=session, user=user)
+    await session.commit()
+    return user

@@ -1,0 +1,672 @@
+"""/api/auth: register, login, token, refresh, logout, me, password; token validation and cookies."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth import create_token, hash_password, issued_before, verify_password
+from app.config import Settings
+from app.db import utcnow
+from app.models import RefreshToken, RevokedToken, User
+from app.services import auth as auth_service
+from main import create_app, shutdown
+from tests.authhelpers import bearer, https_client, login, set_cookies
+from tests.conftest import TEST_JWT_SECRET, count_rows, make_settings
+from tests.factories import DEFAULT_PASSWORD, auth_headers, create_team, create_user
+
+GENERIC_401 = {"detail": "Incorrect email or password"}
+INVALID = {"detail": "Could not validate credentials"}
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    # These tests log in often; the limits themselves are tested in test_ratelimit.py.
+    return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
+
+
+@pytest.fixture
+async def web(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with https_client(app) as c:
+        yield c
+
+
+# --- register --------------------------------------------------------------------------------
+
+
+async def test_register_creates_user_with_role_user(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    team = await create_team(session)
+    body = {"team_id": str(team.id), "email": "  Ada@Example.COM ", "password": "long-enough", "full_name": "Ada"}
+    response = await web.post("/api/auth/register", json=body)
+    assert response.status_code == 201, response.text
+    user = response.json()
+    assert set(user) == {
+        "id",
+        "team_id",
+        "email",
+        "full_name",
+        "role",
+        "is_active",
+        "preferences",
+        "created_at",
+        "last_login_at",
+    }
+    assert user["email"] == "ada@example.com"
+    assert user["role"] == "user"
+    assert user["is_active"] is True
+    assert user["team_id"] == str(team.id)
+    assert "hash" not in response.text
+    assert (await login(web, "ADA@example.com", "long-enough")).status_code == 200
+
+
+async def test_register_closed_team_is_403(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    team = await create_team(session, settings={"open_registration": False})
+    body = {"team_id": str(team.id), "email": "a@example.com", "password": "long-enough"}
+    response = await web.post("/api/auth/register", json=body)
+    assert response.status_code == 403
+    assert response.json() == {"detail": "Registration is closed for this team"}
+    assert await count_rows(session, "users") == 0
+
+
+async def test_register_unknown_team_is_404(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    body = {"team_id": str(uuid.uuid4()), "email": "a@example.com", "password": "long-enough"}
+    response = await web.post("/api/auth/register", json=body)
+    assert response.status_code == 404
+    assert await count_rows(session, "users") == 0
+
+
+async def test_register_taken_email_is_409_case_insensitive(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    team = await create_team(session)
+    await create_user(session, team=team, email="taken@example.com")
+    body = {"team_id": str(team.id), "email": "TAKEN@example.com", "password": "long-enough"}
+    response = await web.post("/api/auth/register", json=body)
+    assert response.status_code == 409
+    assert response.json() == {"detail": "This email is already registered in this team"}
+    assert await count_rows(session, "users") == 1
+    # The same email in another team is a different account.
+    other = await create_team(session)
+    body["team_id"] = str(other.id)
+    assert (await web.post("/api/auth/register", json=body)).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"password": "short"}, "password"),
+        ({"password": "x" * 1025}, "password"),
+        ({"email": "not-an-email"}, "email"),
+        ({"role": "admin"}, "role"),
+        ({"is_active": False}, "is_active"),
+        ({"team": "other"}, "team"),
+    ],
+)
+async def test_register_bad_input_is_422_and_creates_nothing(
+    web: httpx.AsyncClient, session: AsyncSession, changes: dict[str, Any], field: str
+) -> None:
+    team = await create_team(session)
+    body = {"team_id": str(team.id), "email": "a@example.com", "password": "long-enough", **changes}
+    response = await web.post("/api/auth/register", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][-1] == field
+    assert "long-enough" not in response.text
+    assert "xxxxxxxx" not in response.text
+    assert await count_rows(session, "users") == 0
+
+
+# --- passwords -------------------------------------------------------------------------------
+
+
+async def test_passwords_sharing_first_72_bytes_do_not_both_verify(
+    web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    team = await create_team(session)
+    first = "a" * 72 + "-first"
+    second = "a" * 72 + "-second"
+    response = await web.post(
+        "/api/auth/register", json={"team_id": str(team.id), "email": "long@example.com", "password": first}
+    )
+    assert response.status_code == 201
+    assert (await login(web, "long@example.com", first)).status_code == 200
+    assert (await login(web, "long@example.com", second)).status_code == 401
+    assert (await login(web, "long@example.com", "a" * 72)).status_code == 401
+
+
+async def test_password_is_stored_as_bcrypt_with_configured_cost(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    team = await create_team(session)
+    body = {"team_id": str(team.id), "email": "cost@example.com", "password": "long-enough"}
+    assert (await web.post("/api/auth/register", json=body)).status_code == 201
+    stored = (await session.execute(select(User.password_hash))).scalar_one()
+    assert stored.startswith("$2b$04$")
+    assert "long-enough" not in stored
+
+
+# --- login -----------------------------------------------------------------------------------
+
+
+async def test_login_returns_tokens_and_sets_cookies(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    user = await create_user(session, email="c@example.com")
+    response = await login(web, "C@example.com ")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["token_type"] == "bearer"
+    assert body["expires_in"] == 3600
+    assert body["user"]["id"] == str(user.id)
+    assert body["user"]["last_login_at"] is not None
+    assert response.headers["cache-control"] == "no-store"
+    cookies = set_cookies(response)
+    access, refresh = cookies["access_token"], cookies["refresh_token"]
+    assert access["value"] == body["access_token"]
+    assert refresh["value"] == body["refresh_token"]
+    assert access["path"] == "/"
+    assert refresh["path"] == "/api/auth"
+    assert access["max-age"] == "3600"
+    assert refresh["max-age"] == str(7 * 86400)
+    for cookie in (access, refresh):
+        assert cookie["httponly"] == "true"
+        assert cookie["secure"] == "true"
+        assert cookie["samesite"].lower() == "strict"
+    me = await web.get("/api/auth/me", headers=bearer(body["access_token"]))
+    assert me.status_code == 200
+    assert me.json()["email"] == "c@example.com"
+    claims = jwt.decode(body["access_token"], TEST_JWT_SECRET, algorithms=["HS256"], audience=settings.JWT_AUDIENCE)
+    assert {"sub", "team_id", "type", "jti", "iat", "exp", "iss", "aud"} <= set(claims)
+    assert claims["type"] == "access"
+
+
+async def test_login_cookies_follow_settings(database_url: str, tmp_path: Path, session: AsyncSession) -> None:
+    local = make_settings(database_url, tmp_path, COOKIE_SECURE=False, COOKIE_SAMESITE="lax", RATE_LIMIT_ENABLED=False)
+    app = create_app(local)
+    try:
+        await create_user(session, email="lax@example.com")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            response = await login(c, "lax@example.com")
+            cookies = set_cookies(response)
+            assert cookies["access_token"]["secure"] == ""
+            assert cookies["access_token"]["samesite"].lower() == "lax"
+            # Plain-http cookie flow works end to end.
+            assert (await c.get("/api/auth/me")).status_code == 200
+    finally:
+        await shutdown(app)
+
+
+async def test_login_failures_share_one_401(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    team = await create_team(session)
+    await create_user(session, team=team, email="known@example.com")
+    await create_user(session, team=team, email="gone@example.com", is_active=False)
+    attempts = [
+        await login(web, "nobody@example.com"),
+        await login(web, "known@example.com", "wrong-password"),
+        await login(web, "gone@example.com"),
+        await login(web, "known@example.com", team_id=uuid.uuid4()),
+        await login(web, "not an email"),
+    ]
+    for response in attempts:
+        assert response.status_code == 401
+        assert response.json() == GENERIC_401
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert "set-cookie" not in response.headers
+
+
+async def test_login_unknown_email_does_bcrypt_work(
+    web: httpx.AsyncClient, session: AsyncSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[str] = []
+    real = verify_password
+
+    async def counting(password: str, password_hash: str) -> bool:
+        checked.append(password_hash[:7])
+        return await real(password, password_hash)
+
+    monkeypatch.setattr(auth_service, "verify_password", counting)
+    await create_user(session, email="known@example.com")
+    assert (await login(web, "nobody@example.com")).status_code == 401
+    assert (await login(web, "known@example.com", "wrong-password")).status_code == 401
+    # One bcrypt verification each, at the configured cost.
+    assert checked == ["$2b$04$", "$2b$04$"]
+
+
+async def test_login_without_team_id_picks_the_only_matching_team(
+    web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    first, second = await create_team(session), await create_team(session)
+    await create_user(session, team=first, email="two@example.com", password="password-one")
+    mine = await create_user(session, team=second, email="two@example.com", password="password-two")
+    response = await login(web, "two@example.com", "password-two")
+    assert response.status_code == 200
+    assert response.json()["user"]["id"] == str(mine.id)
+
+
+async def test_login_without_team_id_matching_several_teams_lists_them(
+    web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    first, second = await create_team(session, name="Alpha"), await create_team(session, name="Beta")
+    await create_user(session, team=first, email="both@example.com")
+    await create_user(session, team=second, email="both@example.com")
+    response = await login(web, "both@example.com")
+    assert response.status_code == 401
+    body = response.json()
+    assert "team_id" in body["detail"]
+    assert [t["id"] for t in body["teams"]] == [str(first.id), str(second.id)]
+    assert "set-cookie" not in response.headers
+    # A wrong password never reveals the teams.
+    wrong = await login(web, "both@example.com", "wrong-password")
+    assert wrong.json() == GENERIC_401
+    chosen = await login(web, "both@example.com", team_id=second.id)
+    assert chosen.status_code == 200
+    assert chosen.json()["user"]["team_id"] == str(second.id)
+
+
+async def test_login_unknown_field_is_422(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    await create_user(session, email="u@example.com")
+    response = await web.post(
+        "/api/auth/login", json={"email": "u@example.com", "password": DEFAULT_PASSWORD, "role": "admin"}
+    )
+    assert response.status_code == 422
+
+
+# --- OAuth2 token endpoint -------------------------------------------------------------------
+
+
+async def test_token_endpoint_password_form(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    user = await create_user(session, email="swagger@example.com")
+    response = await web.post("/api/auth/token", data={"username": "swagger@example.com", "password": DEFAULT_PASSWORD})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"access_token", "token_type"}
+    assert body["token_type"] == "bearer"
+    assert response.headers["cache-control"] == "no-store"
+    me = await web.get("/api/auth/me", headers=bearer(body["access_token"]))
+    assert me.json()["id"] == str(user.id)
+
+
+async def test_token_endpoint_client_id_is_team_id(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    first, second = await create_team(session), await create_team(session)
+    await create_user(session, team=first, email="multi@example.com")
+    await create_user(session, team=second, email="multi@example.com")
+    form = {"username": "multi@example.com", "password": DEFAULT_PASSWORD}
+    ambiguous = await web.post("/api/auth/token", data=form)
+    assert ambiguous.status_code == 401
+    assert len(ambiguous.json()["teams"]) == 2
+    in_body = await web.post("/api/auth/token", data={**form, "client_id": str(second.id)})
+    assert in_body.status_code == 200
+    # Swagger UI's default "Authorization header" location sends client_id as Basic credentials.
+    basic = base64.b64encode(f"{first.id}:".encode()).decode()
+    in_header = await web.post("/api/auth/token", data=form, headers={"Authorization": f"Basic {basic}"})
+    assert in_header.status_code == 200
+    claims = jwt.decode(in_header.json()["access_token"], options={"verify_signature": False})
+    assert claims["team_id"] == str(first.id)
+    bad_client = await web.post("/api/auth/token", data={**form, "client_id": "not-a-uuid"})
+    assert bad_client.status_code == 401
+    assert bad_client.json() == GENERIC_401
+
+
+async def test_token_endpoint_wrong_password_is_401(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    await create_user(session, email="t@example.com")
+    response = await web.post("/api/auth/token", data={"username": "t@example.com", "password": "nope-nope"})
+    assert response.status_code == 401
+    assert response.json() == GENERIC_401
+    missing = await web.post("/api/auth/token", data={"username": "t@example.com"})
+    assert missing.status_code == 422
+
+
+async def test_openapi_documents_password_flow_and_errors(web: httpx.AsyncClient) -> None:
+    spec = (await web.get("/openapi.json")).json()
+    schemes = spec["components"]["securitySchemes"]
+    flows = next(iter(schemes.values()))["flows"]
+    assert flows["password"]["tokenUrl"] == "/api/auth/token"
+    paths = spec["paths"]
+    for path in ("/api/auth/login", "/api/auth/token"):
+        assert {"401", "429"} <= set(paths[path]["post"]["responses"])
+    assert {"403", "404", "409", "429"} <= set(paths["/api/auth/register"]["post"]["responses"])
+    assert "401" in paths["/api/auth/refresh"]["post"]["responses"]
+    assert "401" in paths["/api/auth/me"]["get"]["responses"]
+    assert "204" in paths["/api/auth/logout"]["post"]["responses"]
+    login_example = paths["/api/auth/login"]["post"]["responses"]["401"]["content"]["application/json"]["examples"]
+    assert login_example["failed"]["value"] == GENERIC_401
+
+
+# --- token validation ------------------------------------------------------------------------
+
+
+def _claims(settings: Settings, user: User, **changes: Any) -> dict[str, Any]:
+    now = int(utcnow().timestamp())
+    claims: dict[str, Any] = {
+        "sub": str(user.id),
+        "team_id": str(user.team_id),
+        "type": "access",
+        "jti": uuid.uuid4().hex,
+        "iat": now,
+        "exp": now + 600,
+        "iss": settings.JWT_ISSUER,
+        "aud": settings.JWT_AUDIENCE,
+    }
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def _none_token(claims: dict[str, Any]) -> str:
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+
+
+async def test_forged_expired_wrong_type_and_alg_none_tokens_are_401(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    user = await create_user(session)
+    good = jwt.encode(_claims(settings, user), TEST_JWT_SECRET, algorithm="HS256")
+    assert (await web.get("/api/auth/me", headers=bearer(good))).status_code == 200
+    refresh = create_token(settings=settings, user_id=user.id, team_id=user.team_id, token_type="refresh").token
+    past = int(utcnow().timestamp()) - 7200
+    bad_tokens = {
+        "bad signature": jwt.encode(_claims(settings, user), "another-secret-" + "y" * 40, algorithm="HS256"),
+        "alg none": _none_token(_claims(settings, user)),
+        "other algorithm": jwt.encode(_claims(settings, user), TEST_JWT_SECRET, algorithm="HS384"),
+        "expired": jwt.encode(_claims(settings, user, iat=past, exp=past + 60), TEST_JWT_SECRET, algorithm="HS256"),
+        "refresh as access": refresh,
+        "missing jti": jwt.encode(_claims(settings, user, jti=None), TEST_JWT_SECRET, algorithm="HS256"),
+        "missing team": jwt.encode(_claims(settings, user, team_id=None), TEST_JWT_SECRET, algorithm="HS256"),
+        "wrong audience": jwt.encode(_claims(settings, user, aud="elsewhere"), TEST_JWT_SECRET, algorithm="HS256"),
+        "wrong issuer": jwt.encode(_claims(settings, user, iss="elsewhere"), TEST_JWT_SECRET, algorithm="HS256"),
+        "other team": jwt.encode(
+            _claims(settings, user, team_id=str(uuid.uuid4())), TEST_JWT_SECRET, algorithm="HS256"
+        ),
+        "unknown user": jwt.encode(_claims(settings, user, sub=str(uuid.uuid4())), TEST_JWT_SECRET, algorithm="HS256"),
+        "garbage": "not.a.token",
+    }
+    for name, token in bad_tokens.items():
+        response = await web.get("/api/auth/me", headers=bearer(token))
+        assert response.status_code == 401, name
+        assert response.json() == INVALID, name
+        assert response.headers["www-authenticate"] == "Bearer", name
+
+
+async def test_access_token_is_refused_as_refresh_token(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    user = await create_user(session)
+    access = create_token(settings=settings, user_id=user.id, team_id=user.team_id, token_type="access").token
+    response = await web.post("/api/auth/refresh", json={"refresh_token": access})
+    assert response.status_code == 401
+    assert response.json() == INVALID
+
+
+async def test_missing_token_is_401(web: httpx.AsyncClient) -> None:
+    response = await web.get("/api/auth/me")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_token_in_query_string_is_ignored(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    user = await create_user(session)
+    token = auth_headers(settings, user)["Authorization"].split()[1]
+    for name in ("access_token", "token"):
+        assert (await web.get(f"/api/auth/me?{name}={token}")).status_code == 401
+
+
+async def test_bearer_wins_over_cookie(web: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
+    cookie_user = await create_user(session, email="cookie@example.com")
+    bearer_user = await create_user(session, email="bearer@example.com")
+    assert (await login(web, "cookie@example.com")).status_code == 200
+    assert (await web.get("/api/auth/me")).json()["id"] == str(cookie_user.id)
+    with_bearer = await web.get("/api/auth/me", headers=auth_headers(settings, bearer_user))
+    assert with_bearer.json()["id"] == str(bearer_user.id)
+    # A bad Bearer token is not rescued by a good cookie.
+    assert (await web.get("/api/auth/me", headers=bearer("garbage"))).status_code == 401
+
+
+# --- refresh ---------------------------------------------------------------------------------
+
+
+async def test_refresh_with_cookie_rotates(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    await create_user(session, email="r@example.com")
+    first = await login(web, "r@example.com")
+    old_refresh = first.json()["refresh_token"]
+    response = await web.post("/api/auth/refresh")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"access_token", "token_type", "expires_in", "refresh_token"}
+    assert body["token_type"] == "bearer"
+    assert body["refresh_token"] != old_refresh
+    assert response.headers["cache-control"] == "no-store"
+    cookies = set_cookies(response)
+    assert cookies["refresh_token"]["value"] == body["refresh_token"]
+    assert cookies["access_token"]["value"] == body["access_token"]
+    assert (await web.get("/api/auth/me", headers=bearer(body["access_token"]))).status_code == 200
+    rows = list((await session.execute(select(RefreshToken))).scalars())
+    assert len(rows) == 2
+    assert len({row.family_id for row in rows}) == 1
+    assert old_refresh not in {row.token_hash for row in rows}
+
+
+async def test_refresh_reuse_revokes_the_family(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    await create_user(session, email="reuse@example.com")
+    first = (await login(web, "reuse@example.com")).json()
+    second = (await web.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})).json()
+    # The stolen, already used token comes back.
+    reuse = await web.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert reuse.status_code == 401
+    assert reuse.json() == INVALID
+    # Now the legitimate newer token is dead too, and so are the family's access tokens.
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": second["refresh_token"]})).status_code == 401
+    assert (await web.get("/api/auth/me", headers=bearer(second["access_token"]))).status_code == 401
+    assert (await web.get("/api/auth/me", headers=bearer(first["access_token"]))).status_code == 401
+    # A fresh login opens a new family that works.
+    again = (await login(web, "reuse@example.com")).json()
+    assert (await web.get("/api/auth/me", headers=bearer(again["access_token"]))).status_code == 200
+
+
+async def test_refresh_without_token_is_401(web: httpx.AsyncClient) -> None:
+    response = await web.post("/api/auth/refresh")
+    assert response.status_code == 401
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": "garbage"})).status_code == 401
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": "x", "extra": 1})).status_code == 422
+
+
+async def test_refresh_of_unrecorded_token_is_401(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    user = await create_user(session)
+    forged = create_token(settings=settings, user_id=user.id, team_id=user.team_id, token_type="refresh").token
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": forged})).status_code == 401
+
+
+# --- logout ----------------------------------------------------------------------------------
+
+
+async def test_logout_revokes_both_tokens_and_clears_cookies(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    await create_user(session, email="out@example.com")
+    tokens = (await login(web, "out@example.com")).json()
+    response = await web.post("/api/auth/logout")
+    assert response.status_code == 204
+    assert response.content == b""
+    cookies = set_cookies(response)
+    assert cookies["access_token"]["max-age"] == "0"
+    assert cookies["refresh_token"]["max-age"] == "0"
+    assert cookies["refresh_token"]["path"] == "/api/auth"
+    assert (await web.get("/api/auth/me", headers=bearer(tokens["access_token"]))).status_code == 401
+    reuse = await web.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert reuse.status_code == 401
+    assert await count_rows(session, "revoked_tokens") >= 1
+
+
+async def test_logout_with_bearer_revokes_its_jti_until_expiry(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    await create_user(session, email="b@example.com")
+    tokens = (await login(web, "b@example.com")).json()
+    web.cookies.clear()
+    assert (await web.post("/api/auth/logout", headers=bearer(tokens["access_token"]))).status_code == 204
+    assert (await web.get("/api/auth/me", headers=bearer(tokens["access_token"]))).status_code == 401
+    claims = jwt.decode(tokens["access_token"], options={"verify_signature": False})
+    row = await session.get(RevokedToken, claims["jti"])
+    assert row is not None
+    assert abs(row.expires_at.timestamp() - claims["exp"]) <= 1
+    # The access token carried its family: the refresh token is revoked too.
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]})).status_code == 401
+
+
+async def test_logout_without_tokens_is_204(web: httpx.AsyncClient) -> None:
+    assert (await web.post("/api/auth/logout")).status_code == 204
+    assert (await web.post("/api/auth/logout", headers=bearer("garbage"))).status_code == 204
+
+
+async def test_logout_revokes_only_that_session(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    await create_user(session, email="two-devices@example.com")
+    laptop = (await login(web, "two-devices@example.com")).json()
+    phone = (await login(web, "two-devices@example.com")).json()
+    web.cookies.clear()
+    assert (await web.post("/api/auth/logout", headers=bearer(laptop["access_token"]))).status_code == 204
+    assert (await web.get("/api/auth/me", headers=bearer(phone["access_token"]))).status_code == 200
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": phone["refresh_token"]})).status_code == 200
+
+
+# --- me and password -------------------------------------------------------------------------
+
+
+async def test_update_me_changes_name_and_preferences_only(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    await create_user(session, email="me@example.com")
+    await login(web, "me@example.com")
+    response = await web.patch("/api/auth/me", json={"full_name": " Grace ", "preferences": {"theme": "dark"}})
+    assert response.status_code == 200
+    assert response.json()["full_name"] == "Grace"
+    assert response.json()["preferences"] == {"theme": "dark"}
+    for field, value in (("role", "admin"), ("is_active", True), ("team_id", str(uuid.uuid4())), ("email", "x@y.z")):
+        refused = await web.patch("/api/auth/me", json={field: value})
+        assert refused.status_code == 422, field
+    me = (await web.get("/api/auth/me")).json()
+    assert me["role"] == "user"
+    assert me["email"] == "me@example.com"
+    too_big = await web.patch("/api/auth/me", json={"preferences": {"k": "v" * 20000}})
+    assert too_big.status_code == 422
+
+
+async def test_change_password_revokes_other_sessions(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    await create_user(session, email="pw@example.com")
+    other = (await login(web, "pw@example.com")).json()
+    mine = (await login(web, "pw@example.com")).json()
+    wrong = await web.post(
+        "/api/auth/password",
+        json={"current_password": "wrong-password", "new_password": "brand-new-password"},
+        headers=bearer(mine["access_token"]),
+    )
+    assert wrong.status_code == 400
+    response = await web.post(
+        "/api/auth/password",
+        json={"current_password": DEFAULT_PASSWORD, "new_password": "brand-new-password"},
+        headers=bearer(mine["access_token"]),
+    )
+    assert response.status_code == 200, response.text
+    fresh = response.json()
+    assert (await web.get("/api/auth/me", headers=bearer(fresh["access_token"]))).status_code == 200
+    assert (await web.get("/api/auth/me", headers=bearer(mine["access_token"]))).status_code == 401
+    assert (await web.get("/api/auth/me", headers=bearer(other["access_token"]))).status_code == 401
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": other["refresh_token"]})).status_code == 401
+    assert (await login(web, "pw@example.com")).status_code == 401
+    assert (await login(web, "pw@example.com", "brand-new-password")).status_code == 200
+    short = await web.post(
+        "/api/auth/password",
+        json={"current_password": "brand-new-password", "new_password": "short"},
+        headers=bearer(fresh["access_token"]),
+    )
+    assert short.status_code == 422
+
+
+async def test_revocation_in_the_same_second_refuses_older_token_only(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    user = await create_user(session)
+    before = create_token(settings=settings, user_id=user.id, team_id=user.team_id, token_type="access")
+    user.tokens_valid_after = utcnow()
+    await session.commit()
+    after = create_token(settings=settings, user_id=user.id, team_id=user.team_id, token_type="access")
+    assert (await web.get("/api/auth/me", headers=bearer(before.token))).status_code == 401
+    assert (await web.get("/api/auth/me", headers=bearer(after.token))).status_code == 200
+
+
+def test_issued_before_compares_below_one_second() -> None:
+    instant = utcnow().replace(microsecond=500_000)
+    second = int(instant.timestamp())
+    iat_us = second * 1_000_000
+    assert issued_before({"iat": second, "iat_us": iat_us + 499_999}, instant)
+    assert not issued_before({"iat": second, "iat_us": iat_us + 500_000}, instant)
+    # Without the private claim a token counts from the start of its second: refused, never wrongly kept.
+    assert issued_before({"iat": second}, instant)
+    assert not issued_before({"iat": second}, None)
+    assert not issued_before({"iat": second + 1}, instant - timedelta(seconds=0))
+
+
+# --- Origin check on cookie-authenticated writes ---------------------------------------------
+
+
+async def test_cookie_write_from_foreign_origin_is_403(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    await create_user(session, email="o@example.com")
+    tokens = (await login(web, "o@example.com")).json()
+    evil = {"Origin": "https://evil.example"}
+    refused = await web.patch("/api/auth/me", json={"full_name": "pwned"}, headers=evil)
+    assert refused.status_code == 403
+    assert refused.json() == {"detail": "Origin not allowed"}
+    assert (await web.post("/api/auth/refresh", headers=evil)).status_code == 403
+    assert (await web.post("/api/auth/logout", headers=evil)).status_code == 403
+    # Reads are fine; allowed origins, the server's own origin and no Origin at all are fine.
+    assert (await web.get("/api/auth/me", headers=evil)).status_code == 200
+    for headers in ({"Origin": "http://spa.test"}, {"Origin": "HTTP://SPA.test"}, {"Origin": "https://test"}, {}):
+        response = await web.patch("/api/auth/me", json={"full_name": "ok"}, headers=headers)
+        assert response.status_code == 200, headers
+    # Bearer authentication is not a cookie: no CSRF risk, no Origin check.
+    with_bearer = await web.patch(
+        "/api/auth/me", json={"full_name": "bearer"}, headers={**evil, **bearer(tokens["access_token"])}
+    )
+    assert with_bearer.status_code == 200
+    me = (await web.get("/api/auth/me")).json()
+    assert me["full_name"] == "bearer"
+
+
+async def test_bcrypt_runs_off_the_event_loop(database_url: str, tmp_path: Path, session: AsyncSession) -> None:
+    """At cost 12 a verification takes ~250 ms; meanwhile the loop keeps ticking every few ms."""
+    app = create_app(make_settings(database_url, tmp_path, BCRYPT_ROUNDS=12, RATE_LIMIT_ENABLED=False))
+    try:
+        password_hash = await hash_password("slow-but-safe", 12)
+        await create_user(session, email="slow@example.com", password_hash=password_hash)
+        gaps: list[float] = []
+
+        async def ticker(stop: asyncio.Event) -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        stop = asyncio.Event()
+        task = asyncio.create_task(ticker(stop))
+        async with https_client(app) as c:
+            started = time.perf_counter()
+            response = await login(c, "slow@example.com", "slow-but-safe")
+            elapsed = time.perf_counter() - started
+        stop.set()
+        await task
+        assert response.status_code == 200
+        assert elapsed > 0.1  # the real cost-12 work was done...
+        assert max(gaps) < 0.1  # ...without stalling the loop
+    finally:
+        await shutdown(app)

@@ -1,0 +1,208 @@
+"""Rate limits per client IP (memory and shared Redis), trusted proxies, and the Redis revocation store."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import utcnow
+from app.ratelimit import client_ip, parse_networks
+from app.services.revocation import DatabaseRevocationStore, RedisRevocationStore
+from main import create_app, shutdown
+from tests.authhelpers import bearer, login
+from tests.conftest import count_rows, make_settings
+from tests.factories import create_team, create_user
+
+AppFactory = Callable[..., FastAPI]
+
+
+@pytest.fixture
+async def make_app(database_url: str, tmp_path: Path) -> AsyncIterator[AppFactory]:
+    """Build apps with rate limits on (the defaults); each is shut down after the test."""
+    apps: list[FastAPI] = []
+
+    def factory(**overrides: Any) -> FastAPI:
+        app = create_app(make_settings(database_url, tmp_path, **overrides))
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        await shutdown(app)
+
+
+def client_for(app: FastAPI, ip: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(ip, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="https://test")
+
+
+async def test_sixth_login_in_a_minute_is_429_other_ip_is_fine(make_app: AppFactory, session: AsyncSession) -> None:
+    await create_user(session, email="rl@example.com")
+    app = make_app()
+    async with client_for(app, "1.2.3.4") as attacker, client_for(app, "5.6.7.8") as other:
+        codes = [(await login(attacker, "rl@example.com", "wrong-password")).status_code for _ in range(5)]
+        assert codes == [401] * 5
+        limited = await login(attacker, "rl@example.com")
+        assert limited.status_code == 429
+        assert limited.json()["detail"].startswith("Too many requests")
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        # The token endpoint shares the login budget of that IP.
+        form = {"username": "rl@example.com", "password": "whatever-pw"}
+        assert (await attacker.post("/api/auth/token", data=form)).status_code == 429
+        assert (await login(other, "rl@example.com")).status_code == 200
+
+
+async def test_login_limit_is_shared_by_two_instances_through_redis(
+    make_app: AppFactory, session: AsyncSession, redis_url: str
+) -> None:
+    await create_user(session, email="shared@example.com")
+    first, second = make_app(REDIS_URL=redis_url), make_app(REDIS_URL=redis_url)
+    async with client_for(first, "9.9.9.9") as a, client_for(second, "9.9.9.9") as b:
+        for client in (a, b, a, b, a):
+            assert (await login(client, "shared@example.com", "wrong-password")).status_code == 401
+        assert (await login(b, "shared@example.com")).status_code == 429
+        assert (await login(a, "shared@example.com")).status_code == 429
+    # Without Redis each process counts alone: a fresh instance still answers.
+    async with client_for(make_app(), "9.9.9.9") as alone:
+        assert (await login(alone, "shared@example.com")).status_code == 200
+
+
+async def test_spoofed_forwarded_for_from_untrusted_peer_changes_nothing(
+    make_app: AppFactory, session: AsyncSession
+) -> None:
+    await create_user(session, email="spoof@example.com")
+    app = make_app(TRUSTED_PROXIES=["10.0.0.0/8"])
+    async with client_for(app, "203.0.113.7") as client:
+        for i in range(5):
+            headers = {"X-Forwarded-For": f"198.51.100.{i}"}
+            assert (await login(client, "spoof@example.com", "wrong-pw", headers=headers)).status_code == 401
+        spoofed = await login(client, "spoof@example.com", headers={"X-Forwarded-For": "198.51.100.99"})
+        assert spoofed.status_code == 429
+
+
+async def test_forwarded_for_from_trusted_proxy_separates_clients(make_app: AppFactory, session: AsyncSession) -> None:
+    await create_user(session, email="proxied@example.com")
+    app = make_app(TRUSTED_PROXIES=["10.0.0.0/8"])
+    async with client_for(app, "10.1.2.3") as proxy:
+        for _ in range(5):
+            headers = {"X-Forwarded-For": "198.51.100.1"}
+            assert (await login(proxy, "proxied@example.com", "wrong-pw", headers=headers)).status_code == 401
+        assert (
+            await login(proxy, "proxied@example.com", headers={"X-Forwarded-For": "198.51.100.1"})
+        ).status_code == 429
+        # Another client behind the same proxy has its own budget, even if it prepends a fake hop.
+        other = await login(proxy, "proxied@example.com", headers={"X-Forwarded-For": "198.51.100.1, 198.51.100.2"})
+        assert other.status_code == 200
+
+
+async def test_register_and_team_signup_have_their_own_limits(make_app: AppFactory, session: AsyncSession) -> None:
+    team = await create_team(session)
+    app = make_app(RATE_LIMIT_REGISTER="2/minute", RATE_LIMIT_TEAM_SIGNUP="1/minute")
+    async with client_for(app, "1.1.1.1") as client:
+        codes = []
+        for i in range(3):
+            body = {"team_id": str(team.id), "email": f"r{i}@example.com", "password": "long-enough"}
+            codes.append((await client.post("/api/auth/register", json=body)).status_code)
+        assert codes == [201, 201, 429]
+        signup = {"name": "T", "admin_email": "a@example.com", "admin_password": "long-enough"}
+        assert (await client.post("/api/teams", json=signup)).status_code == 201
+        assert (await client.post("/api/teams", json=signup)).status_code == 429
+        # Logging in is a separate budget.
+        assert (await login(client, "r0@example.com", "long-enough")).status_code == 200
+
+
+async def test_rate_limit_can_be_turned_off(make_app: AppFactory, session: AsyncSession) -> None:
+    await create_user(session, email="off@example.com")
+    app = make_app(RATE_LIMIT_ENABLED=False)
+    async with client_for(app, "2.2.2.2") as client:
+        codes = {(await login(client, "off@example.com", "wrong-pw")).status_code for _ in range(8)}
+    assert codes == {401}
+
+
+def _request(peer: str, *forwarded: str) -> Request:
+    headers = [(b"x-forwarded-for", value.encode()) for value in forwarded]
+    return Request({"type": "http", "client": (peer, 1), "headers": headers, "method": "GET", "path": "/"})
+
+
+def test_client_ip_walks_forwarded_for_from_the_right() -> None:
+    trusted = parse_networks(["10.0.0.0/8", "192.0.2.1"])
+    assert client_ip(_request("203.0.113.5", "1.1.1.1"), trusted) == "203.0.113.5"
+    assert client_ip(_request("10.0.0.1"), trusted) == "10.0.0.1"
+    assert client_ip(_request("10.0.0.1", "1.1.1.1"), trusted) == "1.1.1.1"
+    assert client_ip(_request("10.0.0.1", "6.6.6.6, 1.1.1.1, 192.0.2.1"), trusted) == "1.1.1.1"
+    assert client_ip(_request("10.0.0.1", "6.6.6.6", "1.1.1.1"), trusted) == "1.1.1.1"
+    assert client_ip(_request("10.0.0.1", "garbage"), trusted) == "10.0.0.1"
+    assert client_ip(_request("10.0.0.1", "10.0.0.2"), trusted) == "10.0.0.2"
+    assert client_ip(_request("1.1.1.1", "2.2.2.2"), []) == "1.1.1.1"
+
+
+# --- Redis revocation store ------------------------------------------------------------------
+
+
+async def test_logout_revocation_in_redis_is_seen_by_another_instance(
+    make_app: AppFactory, session: AsyncSession, redis_url: str
+) -> None:
+    await create_user(session, email="redis@example.com")
+    first = make_app(REDIS_URL=redis_url, RATE_LIMIT_ENABLED=False)
+    second = make_app(REDIS_URL=redis_url, RATE_LIMIT_ENABLED=False)
+    async with client_for(first, "3.3.3.3") as a, client_for(second, "3.3.3.3") as b:
+        tokens = (await login(a, "redis@example.com")).json()
+        a.cookies.clear()
+        assert (await b.get("/api/auth/me", headers=bearer(tokens["access_token"]))).status_code == 200
+        assert (await a.post("/api/auth/logout", headers=bearer(tokens["access_token"]))).status_code == 204
+        assert (await b.get("/api/auth/me", headers=bearer(tokens["access_token"]))).status_code == 401
+        reuse = await b.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+        assert reuse.status_code == 401
+    jti = jwt.decode(tokens["access_token"], options={"verify_signature": False})["jti"]
+    client = aioredis.from_url(redis_url)
+    try:
+        ttl = await client.ttl(f"revoked:{jti}")
+        assert 3500 < ttl <= 3601
+        assert await client.exists(f"revoked:fam:{uuid.UUID(hex=_family(tokens['access_token'])).hex}") == 1
+    finally:
+        await client.aclose()
+    # The database store was not used.
+    assert await count_rows(session, "revoked_tokens") == 0
+
+
+def _family(token: str) -> str:
+    return str(jwt.decode(token, options={"verify_signature": False})["fam"])
+
+
+async def test_database_revocation_store(app: FastAPI, session: AsyncSession) -> None:
+    store = app.state.revocations
+    assert isinstance(store, DatabaseRevocationStore)
+    now = utcnow()
+    await store.revoke("expired-already", now - timedelta(seconds=1))
+    await store.revoke("live", now + timedelta(minutes=5))
+    await store.revoke("live", now + timedelta(minutes=5))  # idempotent
+    assert await store.is_revoked("live")
+    assert not await store.is_revoked("expired-already")
+    assert not await store.is_any_revoked([])
+    assert await store.is_any_revoked(["other", "live"])
+    assert await count_rows(session, "revoked_tokens") == 1
+
+
+async def test_redis_revocation_store(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        store = RedisRevocationStore(client)
+        await store.revoke("gone", utcnow() - timedelta(seconds=5))
+        await store.revoke("live", utcnow() + timedelta(seconds=30))
+        assert await store.is_revoked("live")
+        assert not await store.is_revoked("gone")
+        assert await store.is_any_revoked(["x", "live"])
+        assert not await store.is_any_revoked([])
+        assert 29 <= await client.ttl("revoked:live") <= 31
+    finally:
+        await client.aclose()

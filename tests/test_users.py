@@ -1,0 +1,314 @@
+"""/api/users: admins manage their own team's users; last-admin rule; deactivation is immediate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.errors import Conflict
+from app.models import Team, User
+from app.services import users as users_service
+from tests.authhelpers import bearer, https_client, login
+from tests.conftest import ROOT, count_rows, make_settings
+from tests.factories import auth_headers, create_admin, create_team, create_user
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
+
+
+@pytest.fixture
+async def web(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with https_client(app) as c:
+        yield c
+
+
+async def test_list_users_of_own_team_only(web: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    member = await create_user(session, team=team)
+    await create_user(session)  # another team
+    response = await web.get("/api/users", headers=auth_headers(settings, admin))
+    assert response.status_code == 200
+    assert {u["id"] for u in response.json()} == {str(admin.id), str(member.id)}
+    assert "password" not in response.text
+    assert "$2b$" not in response.text
+
+
+async def test_users_endpoints_need_admin(web: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
+    member = await create_user(session)
+    headers = auth_headers(settings, member)
+    assert (await web.get("/api/users", headers=headers)).status_code == 403
+    body = {"email": "x@example.com", "password": "long-enough"}
+    assert (await web.post("/api/users", json=body, headers=headers)).status_code == 403
+    assert (await web.patch(f"/api/users/{member.id}", json={"role": "admin"}, headers=headers)).status_code == 403
+    assert (await web.get("/api/users")).status_code == 401
+    await session.refresh(member)
+    assert member.role == "user"
+
+
+async def test_create_user(web: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
+    admin = await create_admin(session)
+    body = {"email": " New@Example.com", "password": "long-enough", "full_name": "New", "role": "admin"}
+    response = await web.post("/api/users", json=body, headers=auth_headers(settings, admin))
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert created["email"] == "new@example.com"
+    assert created["role"] == "admin"
+    assert created["team_id"] == str(admin.team_id)
+    assert (await login(web, "new@example.com", "long-enough")).status_code == 200
+
+
+async def test_create_user_taken_email_is_409(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    await create_user(session, team=team, email="dup@example.com")
+    body = {"email": "DUP@example.com", "password": "long-enough"}
+    response = await web.post("/api/users", json=body, headers=auth_headers(settings, admin))
+    assert response.status_code == 409
+    assert await count_rows(session, "users") == 2
+
+
+async def test_create_user_concurrent_duplicates_give_one_409(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    admin = await create_admin(session)
+    headers = auth_headers(settings, admin)
+    body = {"email": "race@example.com", "password": "long-enough"}
+    responses = await asyncio.gather(*(web.post("/api/users", json=body, headers=headers) for _ in range(4)))
+    assert sorted(r.status_code for r in responses) == [201, 409, 409, 409]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"team_id": str(uuid.uuid4())}, {"is_active": False}, {"role": "owner"}, {"password": "short"}, {"email": "x"}],
+)
+async def test_create_user_bad_input_is_422(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, changes: dict[str, Any]
+) -> None:
+    admin = await create_admin(session)
+    body = {"email": "x@example.com", "password": "long-enough", **changes}
+    response = await web.post("/api/users", json=body, headers=auth_headers(settings, admin))
+    assert response.status_code == 422
+    assert await count_rows(session, "users") == 1
+
+
+async def test_update_user(web: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    member = await create_user(session, team=team)
+    headers = auth_headers(settings, admin)
+    response = await web.patch(
+        f"/api/users/{member.id}", json={"role": "admin", "full_name": "Promoted"}, headers=headers
+    )
+    assert response.status_code == 200
+    assert response.json()["role"] == "admin"
+    assert response.json()["full_name"] == "Promoted"
+    cleared = await web.patch(f"/api/users/{member.id}", json={"full_name": None}, headers=headers)
+    assert cleared.json()["full_name"] is None
+    unchanged = await web.patch(f"/api/users/{member.id}", json={}, headers=headers)
+    assert unchanged.status_code == 200
+    assert unchanged.json()["role"] == "admin"
+
+
+async def test_update_user_of_other_team_is_404_like_random_id(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    admin = await create_admin(session)
+    stranger = await create_user(session)
+    headers = auth_headers(settings, admin)
+    foreign = await web.patch(f"/api/users/{stranger.id}", json={"is_active": False}, headers=headers)
+    random = await web.patch(f"/api/users/{uuid.uuid4()}", json={"is_active": False}, headers=headers)
+    assert foreign.status_code == random.status_code == 404
+    assert foreign.json() == random.json() == {"detail": "User not found"}
+    await session.refresh(stranger)
+    assert stranger.is_active is True
+    assert (await web.patch("/api/users/not-a-uuid", json={}, headers=headers)).status_code == 422
+
+
+@pytest.mark.parametrize("body", [{"role": None}, {"is_active": None}, {"is_active": "no"}, {"email": "a@b.c"}])
+async def test_update_user_bad_input_is_422(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, body: dict[str, Any]
+) -> None:
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    member = await create_user(session, team=team)
+    response = await web.patch(f"/api/users/{member.id}", json=body, headers=auth_headers(settings, admin))
+    assert response.status_code == 422
+    await session.refresh(member)
+    assert member.is_active is True
+    assert member.role == "user"
+
+
+async def test_last_active_admin_cannot_be_demoted_or_deactivated(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    await create_admin(session, team=team, is_active=False)  # an inactive admin does not count
+    headers = auth_headers(settings, admin)
+    for body in ({"role": "user"}, {"is_active": False}):
+        response = await web.patch(f"/api/users/{admin.id}", json=body, headers=headers)
+        assert response.status_code == 409
+        assert response.json() == {"detail": "The team's last active admin cannot be demoted or deactivated"}
+    await session.refresh(admin)
+    assert admin.role == "admin"
+    assert admin.is_active is True
+    # With a second active admin, demoting yourself is fine.
+    await create_admin(session, team=team)
+    assert (await web.patch(f"/api/users/{admin.id}", json={"role": "user"}, headers=headers)).status_code == 200
+
+
+async def test_admins_demoting_each_other_at_once_leave_one_admin(
+    app: FastAPI, session: AsyncSession, settings: Settings
+) -> None:
+    team = await create_team(session)
+    first = await create_admin(session, team=team)
+    second = await create_admin(session, team=team)
+    async with https_client(app) as a, https_client(app) as b:
+        responses = await asyncio.gather(
+            a.patch(f"/api/users/{second.id}", json={"role": "user"}, headers=auth_headers(settings, first)),
+            b.patch(f"/api/users/{first.id}", json={"is_active": False}, headers=auth_headers(settings, second)),
+        )
+    codes = sorted(r.status_code for r in responses)
+    # Whichever runs second sees the first one's change; it is refused (409) or no longer an admin (403).
+    assert codes in ([200, 403], [200, 409], [200, 401])
+    admins = (
+        await session.execute(
+            select(User).where(User.team_id == team.id, User.role == "admin", User.is_active.is_(True))
+        )
+    ).scalars()
+    assert len(list(admins)) == 1
+
+
+async def test_deactivation_takes_effect_on_next_request(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    member = await create_user(session, team=team, email="soon-gone@example.com")
+    tokens = (await login(web, "soon-gone@example.com")).json()
+    web.cookies.clear()
+    assert (await web.get("/api/auth/me", headers=bearer(tokens["access_token"]))).status_code == 200
+    response = await web.patch(
+        f"/api/users/{member.id}", json={"is_active": False}, headers=auth_headers(settings, admin)
+    )
+    assert response.status_code == 200
+    assert response.json()["is_active"] is False
+    assert (await web.get("/api/auth/me", headers=bearer(tokens["access_token"]))).status_code == 401
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]})).status_code == 401
+    assert (await login(web, "soon-gone@example.com")).status_code == 401
+    # Reactivated, the user logs in again; the old tokens stay dead.
+    await web.patch(f"/api/users/{member.id}", json={"is_active": True}, headers=auth_headers(settings, admin))
+    assert (await login(web, "soon-gone@example.com")).status_code == 200
+    web.cookies.clear()
+    assert (await web.get("/api/auth/me", headers=bearer(tokens["access_token"]))).status_code == 401
+
+
+async def test_demoted_admin_loses_admin_access_at_once(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    team = await create_team(session)
+    first = await create_admin(session, team=team)
+    second = await create_admin(session, team=team)
+    second_headers = auth_headers(settings, second)
+    assert (await web.get("/api/users", headers=second_headers)).status_code == 200
+    demote = await web.patch(f"/api/users/{second.id}", json={"role": "user"}, headers=auth_headers(settings, first))
+    assert demote.status_code == 200
+    assert (await web.get("/api/users", headers=second_headers)).status_code == 403
+    assert (await web.get("/api/auth/me", headers=second_headers)).json()["role"] == "user"
+
+
+# --- operator commands -----------------------------------------------------------------------
+
+
+def _cli(tmp_path: Path, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}
+    env.update({"DATA_DIR": str(tmp_path / "cli"), "BCRYPT_ROUNDS": "4", "DATABASE_URL": database_url})
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_cli_reset_password_revokes_sessions(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, tmp_path: Path
+) -> None:
+    team = await create_team(session)
+    await create_user(session, team=team, email="ops@example.com")
+    tokens = (await login(web, "ops@example.com")).json()
+    web.cookies.clear()
+    result = await asyncio.to_thread(
+        _cli,
+        tmp_path,
+        settings.DATABASE_URL,
+        "reset-password",
+        "--email",
+        "OPS@example.com",
+        "--password",
+        "new-pw-123",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "new-pw-123" not in result.stdout
+    assert (await web.get("/api/auth/me", headers=bearer(tokens["access_token"]))).status_code == 401
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]})).status_code == 401
+    assert (await login(web, "ops@example.com", "new-pw-123")).status_code == 200
+
+
+async def test_cli_create_admin_validates_input(session: AsyncSession, settings: Settings, tmp_path: Path) -> None:
+    url = settings.DATABASE_URL
+    bad_email = await asyncio.to_thread(
+        _cli, tmp_path, url, "create-admin", "--team", "T", "--email", "nope", "--password", "long-enough"
+    )
+    assert bad_email.returncode == 2
+    short = await asyncio.to_thread(
+        _cli, tmp_path, url, "create-admin", "--team", "T", "--email", "a@example.com", "--password", "short"
+    )
+    assert short.returncode == 2
+    assert await count_rows(session, "teams") == 0
+    ok = await asyncio.to_thread(
+        _cli, tmp_path, url, "create-admin", "--team", "T", "--email", " Ops@Example.com", "--password", "long-enough"
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    admin = (await session.execute(select(User))).scalar_one()
+    assert admin.email == "ops@example.com"
+    assert admin.role == "admin"
+
+
+async def test_last_admin_check_waits_for_a_concurrent_change(app: FastAPI, session: AsyncSession) -> None:
+    """While another transaction holds the team lock and demotes admin B, deactivating admin A must wait,
+    then see that A is the last admin (409). Without the lock both changes would pass."""
+    team = await create_team(session)
+    first = await create_admin(session, team=team)
+    second = await create_admin(session, team=team)
+    sessionmaker = app.state.db.sessionmaker
+    async with sessionmaker() as holder, sessionmaker() as contender:
+        await holder.execute(select(Team.id).where(Team.id == team.id).with_for_update())
+        actor = await contender.get(User, second.id)
+        assert actor is not None
+        attempt = asyncio.create_task(
+            users_service.update_user(session=contender, admin=actor, user_id=first.id, changes={"is_active": False})
+        )
+        await asyncio.sleep(0.3)
+        assert not attempt.done()  # blocked on the team row
+        await holder.execute(update(User).where(User.id == second.id).values(role="user"))
+        await holder.commit()
+        with pytest.raises(Conflict):
+            await attempt
+    await session.refresh(first)
+    assert first.is_active is True
