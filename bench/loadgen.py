@@ -156,6 +156,7 @@ class ContractChecker:
         self.last_id = 0
         self.seen_start = False
         self.terminal: str | None = None
+        self.error_code: str | None = None
         self.violation: str | None = None
 
     def event(self, event: Event) -> bool:
@@ -184,6 +185,8 @@ class ContractChecker:
             return True
         if kind in TERMINAL:
             self.terminal = kind
+            if kind == "error" and isinstance(event.data.get("data"), dict):
+                self.error_code = str(event.data["data"].get("code"))
             return False
         if kind in ("status", "start") and self.kind == "service":
             return False
@@ -274,7 +277,7 @@ async def one_stream(
     if checker.terminal == "done" and ended_cleanly and not sse.pending:
         result.outcome = "complete"
     elif checker.terminal == "error":
-        result.outcome, result.reason = "failed", "error event"
+        result.outcome, result.reason = "failed", f"error event: {checker.error_code}"
     elif ended_cleanly:
         result.outcome, result.reason = "truncated", "ended without a terminal event"
     return result

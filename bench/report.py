@@ -162,8 +162,14 @@ def rows(report: dict[str, Any]) -> list[Row]:
             )
         )
         out.append(
-            ("chunk-gap p99 raise by the login burst (ms)", _f(raise_), "", "", "≤ 5 ms", _verdict(
-                raise_ is not None and raise_ <= 5))
+            (
+                "chunk-gap p99 raise by the login burst (ms)",
+                _f(raise_),
+                "",
+                "",
+                "≤ 5 ms",
+                _verdict(raise_ is not None and raise_ <= 5),
+            )
         )
     return out
 
@@ -190,15 +196,23 @@ def multi_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
             )
         )
     out.append(
-        ("unpaced chunks/s (all workers)", _f(get(one, "throughput", "chunks_per_s"), 0),
-         _f(get(two, "throughput", "chunks_per_s"), 0))
+        (
+            "unpaced chunks/s (all workers)",
+            _f(get(one, "throughput", "chunks_per_s"), 0),
+            _f(get(two, "throughput", "chunks_per_s"), 0),
+        )
     )
     out.append(
-        ("server CPU per chunk, unpaced (µs)", _f(get(one, "throughput", "cpu_us_per_chunk")),
-         _f(get(two, "throughput", "cpu_us_per_chunk")))
+        (
+            "server CPU per chunk, unpaced (µs)",
+            _f(get(one, "throughput", "cpu_us_per_chunk")),
+            _f(get(two, "throughput", "cpu_us_per_chunk")),
+        )
     )
-    for label, phase in (("streams complete / total (TTFC run)", "ttfc"), ("streams complete / total (unpaced)",
-                                                                              "throughput")):
+    for label, phase in (
+        ("streams complete / total (TTFC run)", "ttfc"),
+        ("streams complete / total (unpaced)", "throughput"),
+    ):
         out.append(
             (
                 label,
@@ -223,8 +237,13 @@ def render(report: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows(report)]
     multi = multi_rows(report)
     if multi:
-        lines += ["", "Multi-worker (REDIS_URL set, uvicorn --workers N):", "", "| metric | 1 worker | 2 workers |",
-                  "|---|---:|---:|"]
+        lines += [
+            "",
+            "Multi-worker (REDIS_URL set, uvicorn --workers N):",
+            "",
+            "| metric | 1 worker | 2 workers |",
+            "|---|---:|---:|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in multi]
     return "\n".join(lines) + "\n"
 

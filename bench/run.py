@@ -15,6 +15,9 @@ import datetime as dt
 import json
 import os
 import resource
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -149,8 +152,17 @@ async def new_chats(seed_: Seed, count: int) -> list[uuid.UUID]:
             (i, seed_.team_id, seed_.user_id, seed_.agent_id, "bench", False, False, "[]", 0, now, now) for i in ids
         ],
         columns=[
-            "id", "team_id", "user_id", "agent_id", "title", "archived", "pinned", "messages", "message_count",
-            "created_at", "updated_at",
+            "id",
+            "team_id",
+            "user_id",
+            "agent_id",
+            "title",
+            "archived",
+            "pinned",
+            "messages",
+            "message_count",
+            "created_at",
+            "updated_at",
         ],
     )
     return ids
@@ -158,7 +170,9 @@ async def new_chats(seed_: Seed, count: int) -> list[uuid.UUID]:
 
 async def set_upstream(seed_: Seed, fake_url: str, params: dict[str, str]) -> None:
     await seed_.conn.execute(
-        "UPDATE agents SET webhook_url = $1 WHERE id = $2", f"{fake_url}/webhook/agent-stream?{qs(params)}", seed_.agent_id
+        "UPDATE agents SET webhook_url = $1 WHERE id = $2",
+        f"{fake_url}/webhook/agent-stream?{qs(params)}",
+        seed_.agent_id,
     )
 
 
@@ -224,6 +238,8 @@ class Bench:
     seed: Seed | None = None
     procs: list[Proc] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
+    profile_dir: Path | None = None
+    phase: str = ""
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
         proc = Proc(name, cmd, {**self.env, **(env or {})}, self.log_dir)
@@ -305,6 +321,7 @@ async def run_closed(
     chats = await bench.chats(users) if target.kind == "service" else []
     make = target.make(params, chats)
     pids = target.pids()
+    spy = start_py_spy(bench, target, users) if bench.profile_dir is not None and target.kind == "service" else None
     cpu0, t0 = cpu_seconds(pids), time.perf_counter()
     loop = asyncio.get_running_loop()
     async with loadgen.client_session() as session:
@@ -325,6 +342,8 @@ async def run_closed(
             results = await work
     wall = time.perf_counter() - t0
     cpu = cpu_seconds(pids) - cpu0
+    if spy is not None:
+        stop_py_spy(spy)
     summary = loadgen.summarize(results)
     summary.update(extra)
     summary["wall_s"] = round(wall, 2)
@@ -340,6 +359,26 @@ async def run_closed(
         + (f"  {summary['reasons']}" if summary["reasons"] else "")
     )
     return summary
+
+
+def start_py_spy(bench: Bench, target: Target, users: int) -> subprocess.Popen[bytes]:
+    """`py-spy record` of the service's processes while the run lasts (bench --profile; py-spy optional)."""
+    assert bench.profile_dir is not None and target.proc is not None
+    bench.profile_dir.mkdir(parents=True, exist_ok=True)
+    out = bench.profile_dir / f"{bench.phase}-{users}.txt"
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    cmd = [spy, "record", "--pid", str(target.proc.pid), "--rate", "250", "--format", "raw", "--output", str(out)]
+    cmd += ["--nonblocking", "--subprocesses"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(20)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait(5)
 
 
 async def run_hold(bench: Bench, target: Target, streams: int) -> dict[str, Any]:
@@ -454,15 +493,20 @@ async def start_service(bench: Bench, name: str, workers: int = 1, redis: bool =
     return proc, port
 
 
-async def benchmark(profile: Profile) -> dict[str, Any]:
+PHASES = ("ttfc", "throughput", "hold", "login", "multi")
+
+
+async def benchmark(
+    profile: Profile, phases: tuple[str, ...] = PHASES, profile_dir: Path | None = None
+) -> dict[str, Any]:
     started = dt.datetime.now(dt.UTC)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     log_dir = RESULTS / f"logs-{stamp}"
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     dbname = f"bench_{uuid.uuid4().hex[:10]}"
-    bench = Bench(profile, log_dir, base_env(tmp, dbname), dbname)
+    bench = Bench(profile, log_dir, base_env(tmp, dbname), dbname, profile_dir=profile_dir)
     report: dict[str, Any] = {
         "profile": profile.name,
         "date": started.isoformat(timespec="seconds"),
@@ -507,14 +551,16 @@ async def benchmark(profile: Profile) -> dict[str, Any]:
             async with aiohttp.ClientSession(trust_env=False) as s, s.delete(f"{bench.fake_url}/__requests"):
                 pass
 
+        only = set(phases)
         log("warm-up")
         for target in trio:
             await run_closed(bench, target, PACED, users=20, rounds=2, seconds=20, stagger=0.2)
 
+        bench.phase = "ttfc"
         log("time to first chunk, paced 50 chunks x 20 ms")
         ttfc: dict[str, Any] = {}
         pg: dict[str, Any] = {}
-        for users, rounds in profile.ttfc_levels:
+        for users, rounds in profile.ttfc_levels if "ttfc" in only else ():
             level: dict[str, Any] = {}
             for target in trio:
                 await clear_fake()
@@ -531,16 +577,15 @@ async def benchmark(profile: Profile) -> dict[str, Any]:
                         "complete": level[target.kind]["complete"],
                     }
                 else:
-                    level[target.kind] = await run_closed(
-                        bench, target, PACED, users=users, rounds=rounds, seconds=90
-                    )
+                    level[target.kind] = await run_closed(bench, target, PACED, users=users, rounds=rounds, seconds=90)
             ttfc[str(users)] = level
         report["ttfc"] = ttfc
         report["db_connections"] = pg
 
         log(f"unpaced throughput, {profile.throughput_users} streams of 2000 chunks, {profile.throughput_seconds} s")
         throughput: dict[str, Any] = {}
-        for target in trio:
+        bench.phase = "unpaced"
+        for target in trio if "throughput" in only else ():
             await clear_fake()
             throughput[target.kind] = await run_closed(
                 bench,
@@ -555,55 +600,20 @@ async def benchmark(profile: Profile) -> dict[str, Any]:
 
         log("streams held open")
         hold: dict[str, Any] = {}
-        for streams in profile.hold_levels:
+        for streams in profile.hold_levels if "hold" in only else ():
             hold[str(streams)] = {}
             for target in (bare, service):
                 await clear_fake()
                 hold[str(streams)][target.kind] = await run_hold(bench, target, streams)
         report["hold"] = hold
 
-        log("chunk gaps while logins run at the rate limit (paced 100 chunks x 20 ms)")
-        users = profile.login_users
-        baseline = await run_closed(bench, service, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=0.2)
-        burst = await run_closed(
-            bench,
-            service,
-            LOGIN_PACED,
-            users=users,
-            rounds=1,
-            seconds=30,
-            stagger=0.2,
-            side=lambda: login_burst(bench, service_port, 2.2),
-        )
-        bare_base = await run_closed(bench, bare, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=0.2)
-        report["login_burst"] = {"baseline": baseline, "burst": burst, "bare_baseline": bare_base}
-        log(f"  logins: {burst.get('logins')}")
+        bench.phase = "login"
+        if "login" in only:
+            report["login_burst"] = await login_phase(bench, service, bare, service_port)
 
         bench.stop(service_proc)
-        log("multi-worker (REDIS_URL set): 1 and 2 workers")
-        multi: dict[str, Any] = {}
-        for workers in (1, 2):
-            proc, port = await start_service(bench, f"service_w{workers}", workers=workers, redis=True)
-            target = service_target(f"http://127.0.0.1:{port}", bench.seed.token)
-            target.proc = proc
-            await run_closed(bench, target, PACED, users=20, rounds=1, seconds=10, stagger=0.2)
-            multi[str(workers)] = {
-                "ttfc": await run_closed(
-                    bench, target, PACED, users=profile.multi_ttfc_users, rounds=2, seconds=30
-                ),
-                "throughput": await run_closed(
-                    bench,
-                    target,
-                    UNPACED,
-                    users=profile.throughput_users * workers,
-                    rounds=1000,
-                    seconds=profile.multi_seconds,
-                    stagger=0.1,
-                ),
-                "processes": len(target.pids()),
-            }
-            bench.stop(proc)
-        report["multi_worker"] = multi
+        if "multi" in only:
+            report["multi_worker"] = await multi_phase(bench)
     finally:
         for proc in list(reversed(bench.procs)):
             proc.stop()
@@ -617,14 +627,68 @@ async def benchmark(profile: Profile) -> dict[str, Any]:
     return report
 
 
+async def login_phase(bench: Bench, service: Target, bare: Target, service_port: int) -> dict[str, Any]:
+    log("chunk gaps while logins run at the rate limit (paced 100 chunks x 20 ms)")
+    profile = bench.profile
+    users = profile.login_users
+    baseline = await run_closed(bench, service, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=0.2)
+    burst = await run_closed(
+        bench,
+        service,
+        LOGIN_PACED,
+        users=users,
+        rounds=1,
+        seconds=30,
+        stagger=0.2,
+        side=lambda: login_burst(bench, service_port, 2.2),
+    )
+    bare_base = await run_closed(bench, bare, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=0.2)
+    log(f"  logins: {burst.get('logins')}")
+    return {"baseline": baseline, "burst": burst, "bare_baseline": bare_base}
+
+
+async def multi_phase(bench: Bench) -> dict[str, Any]:
+    log("multi-worker (REDIS_URL set): 1 and 2 workers")
+    assert bench.seed is not None
+    profile = bench.profile
+    multi: dict[str, Any] = {}
+    for workers in (1, 2):
+        bench.phase = f"multi{workers}"
+        proc, port = await start_service(bench, f"service_w{workers}", workers=workers, redis=True)
+        try:
+            target = service_target(f"http://127.0.0.1:{port}", bench.seed.token)
+            target.proc = proc
+            await run_closed(bench, target, PACED, users=20, rounds=1, seconds=10, stagger=0.2)
+            multi[str(workers)] = {
+                "ttfc": await run_closed(bench, target, PACED, users=profile.multi_ttfc_users, rounds=2, seconds=30),
+                "throughput": await run_closed(
+                    bench,
+                    target,
+                    UNPACED,
+                    users=profile.throughput_users * workers,
+                    rounds=1000,
+                    seconds=profile.multi_seconds,
+                    stagger=0.1,
+                ),
+                "processes": len(target.pids()),
+            }
+        finally:
+            bench.stop(proc)
+    return multi
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the streaming relay against a bare relay.")
     parser.add_argument("--quick", action="store_true", help="the < 2 minute variant (make bench-quick)")
+    parser.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases of {PHASES}")
+    parser.add_argument("--profile", action="store_true", help="py-spy record the service during its runs")
     args = parser.parse_args(argv)
     from bench.report import render, write
 
     profile = QUICK if args.quick else FULL
-    report = asyncio.run(benchmark(profile))
+    phases = tuple(p for p in args.only.split(",") if p in PHASES)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    report = asyncio.run(benchmark(profile, phases, RESULTS / f"profile-{stamp}" if args.profile else None))
     table = render(report)
     print(table, flush=True)
     paths = write(report, table, RESULTS)
