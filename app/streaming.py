@@ -23,6 +23,7 @@ from fastapi.sse import ServerSentEvent
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
+from app.errors import ServiceUnavailable
 from app.services import messages as message_service
 from app.webhooks import PolicyResolver, WebhookPolicyError, check_webhook_url
 
@@ -665,6 +666,11 @@ class GenerationRegistry:
         await self.streamer.close()
 
     # --- generations ----------------------------------------------------------------------------
+    def check_accepting(self) -> None:
+        """New generations are refused once shutdown began (they would only be interrupted)."""
+        if self._closing:
+            raise ServiceUnavailable("The server is shutting down; try again")
+
     def start(self, new: message_service.NewGeneration) -> Generation:
         generation = Generation(new=new)
         generation.add_event("status", WAITING)
@@ -680,14 +686,11 @@ class GenerationRegistry:
         loop = asyncio.get_running_loop()
         started = loop.time()
         stats = StreamStats()
-        checkpoint: dict[str, Any] = {"next": started + s.STREAM_CHECKPOINT_INTERVAL, "task": None}
+        checkpoint = _Checkpointer(self, generation)
 
         def on_chunks(chunks: list[str]) -> None:
             generation.add_chunks(chunks)
-            now = loop.time()
-            if now >= checkpoint["next"] and checkpoint["task"] is None:
-                checkpoint["next"] = now + s.STREAM_CHECKPOINT_INTERVAL
-                checkpoint["task"] = asyncio.create_task(self._checkpoint(generation, checkpoint))
+            checkpoint.touch()
 
         failure: StreamFailure | None = None
         cancelled = False
@@ -729,31 +732,17 @@ class GenerationRegistry:
         if cancelled:
             raise asyncio.CancelledError
 
-    async def _checkpoint(self, generation: Generation, state: dict[str, Any]) -> None:
-        new = generation.new
-        try:
-            async with self.db.sessionmaker() as session:
-                await message_service.checkpoint_message(
-                    session=session, new=new, content="".join(generation.chunks), settings=self.settings
-                )
-        except Exception:
-            logger.exception("checkpoint of %s failed", new.assistant_id)
-        finally:
-            state["task"] = None
-
     async def _finish(
         self,
         generation: Generation,
         failure: StreamFailure | None,
         metadata: dict[str, Any],
-        checkpoint: dict[str, Any],
+        checkpoint: _Checkpointer,
         *,
         cancelled: bool,
     ) -> None:
         """The single final write, then the terminal event (so a reload after `done` shows the message)."""
-        pending = checkpoint["task"]
-        if pending is not None:
-            await asyncio.gather(pending, return_exceptions=True)
+        await checkpoint.close()
         new = generation.new
         if failure is None:
             status, error = "complete", None
@@ -781,6 +770,62 @@ class GenerationRegistry:
             generation.finish("done", {"message": stored})
         else:
             generation.finish("error", error)
+
+
+class _Checkpointer:
+    """Saves a generation's partial text at most every STREAM_CHECKPOINT_INTERVAL seconds, off the read loop.
+
+    New text arms one timer for the next allowed instant; the write runs as its own task, so reading from
+    n8n never waits for the database. Text that arrives during a write arms the timer again afterwards.
+    """
+
+    def __init__(self, registry: GenerationRegistry, generation: Generation) -> None:
+        self.registry = registry
+        self.generation = generation
+        self.loop = asyncio.get_running_loop()
+        self.interval = registry.settings.STREAM_CHECKPOINT_INTERVAL
+        self.next_at = self.loop.time() + self.interval
+        self.saved = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    def touch(self) -> None:
+        if self.timer is None and self.task is None and not self.closed:
+            self.timer = self.loop.call_at(self.next_at, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        self.next_at = self.loop.time() + self.interval
+        self.task = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        chunks = self.generation.chunks
+        count = len(chunks)
+        new = self.generation.new
+        try:
+            async with self.registry.db.sessionmaker() as session:
+                await message_service.checkpoint_message(
+                    session=session, settings=self.registry.settings, new=new, content="".join(chunks[:count])
+                )
+            self.saved = count
+        except Exception:
+            logger.exception("checkpoint of %s failed", new.assistant_id)
+        finally:
+            self.task = None
+        if len(chunks) > self.saved:
+            self.touch()
+
+    async def close(self) -> None:
+        """Before the final write: no new checkpoint, and wait for one in flight."""
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
 
 
 async def _shielded(coro: Coroutine[Any, Any, None]) -> None:

@@ -42,6 +42,8 @@ from typing import Any
 from aiohttp import web
 
 CAPTURES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "n8n" / "captures"
+#: The streamed answer of a request, so a client disconnect can be answered quietly.
+RESPONSE_KEY = web.RequestKey("fake_response", web.StreamResponse)
 NODE_ID = "f2152913-e824-5ebc-90ca-6750e2bdc080"
 #: Headers aiohttp writes itself; replaying them verbatim would duplicate or contradict its framing.
 HOP_HEADERS = {"transfer-encoding", "content-length", "date", "connection", "keep-alive", "content-encoding"}
@@ -174,7 +176,7 @@ class FakeN8n:
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start listening (port 0 = a free one); return the base URL."""
-        self._runner = web.AppRunner(self.app, keepalive_timeout=max(self.linger, 0.1), shutdown_timeout=0.5)
+        self._runner = web.AppRunner(self.app, keepalive_timeout=max(self.linger, 0.1), shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -223,13 +225,18 @@ class FakeN8n:
         chat_input = body.get("chatInput", "") if isinstance(body, dict) else ""
         if not scenario:
             scenario = self._default_scenario(request, body, valid, chat_input)
-        if scenario in self.captures:
-            return await self._replay(request, self.captures[scenario])
-        handler = getattr(self, f"_s_{scenario}", None)
-        if handler is None:
-            return web.json_response({"message": f"fake n8n: unknown scenario {scenario!r}"}, status=400)
-        response: web.StreamResponse = await handler(request, chat_input if isinstance(chat_input, str) else "")
-        return response
+        try:
+            if scenario in self.captures:
+                return await self._replay(request, self.captures[scenario])
+            handler = getattr(self, f"_s_{scenario}", None)
+            if handler is None:
+                return web.json_response({"message": f"fake n8n: unknown scenario {scenario!r}"}, status=400)
+            response: web.StreamResponse = await handler(request, chat_input if isinstance(chat_input, str) else "")
+            return response
+        except ConnectionResetError:
+            # The client went away mid-answer (that is what several tests do); nothing to report.
+            started: web.StreamResponse | None = request.get(RESPONSE_KEY)
+            return started if started is not None else web.Response(status=499)
 
     def _default_scenario(self, request: web.Request, body: Any, valid: bool, chat_input: Any) -> str:
         path = request.path
@@ -296,6 +303,7 @@ class FakeN8n:
         if compressor is not None:
             response.headers["Content-Encoding"] = "gzip"
         response.enable_chunked_encoding()
+        request[RESPONSE_KEY] = response
         await response.prepare(request)
         if compressor is not None:
             await response.write(compressor.compress(b"") + compressor.flush(zlib.Z_SYNC_FLUSH))
@@ -431,6 +439,7 @@ class FakeN8n:
         for key, value in self._n8n_headers():
             response.headers.add(key, value)
         response.enable_chunked_encoding()
+        request[RESPONSE_KEY] = response
         await response.prepare(request)
         await response.write(ndjson({"type": "begin", "metadata": _meta()}))
         tokens = echo_tokens(text)

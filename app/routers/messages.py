@@ -37,6 +37,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such chat, or not yours"},
     409: {"description": "The chat's agent is inactive, or a generation is already running in this chat"},
     422: {"description": "Content empty, too long, or the body is invalid"},
+    503: {"description": "The server is shutting down; retry on another worker"},
 }
 
 
@@ -50,6 +51,7 @@ async def start_generation(
 ) -> Generation:
     """Everything that can fail with a plain JSON error happens here, before the 200 and the stream."""
     registry: GenerationRegistry = request.app.state.generations
+    registry.check_accepting()
     new = await start_message(
         session=session,
         settings=settings,

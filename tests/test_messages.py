@@ -1,0 +1,500 @@
+"""POST /api/chats/{id}/messages in-process: pre-stream errors, the events, what is stored, what n8n receives."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.models import Chat, ErrorLog
+from app.services.messages import _first_title, build_history, public_message
+from main import create_app, shutdown
+from tests.conftest import count_rows, make_settings, run_migrations
+from tests.factories import auth_headers, create_user
+from tests.live import ChatSetup, chat_with_agent, data_events, parse_sse, streamed_text
+from tools.fake_n8n import FakeN8n, load_captures
+
+CAPTURES = load_captures()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeN8n]:
+    server = FakeN8n(speed=0, linger=0.2)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def stored(app: FastAPI, chat_id: uuid.UUID) -> Chat:
+    async with app.state.db.sessionmaker() as s:
+        chat: Chat = (await s.execute(select(Chat).where(Chat.id == chat_id))).scalar_one()
+        return chat
+
+
+async def error_rows(app: FastAPI) -> list[ErrorLog]:
+    async with app.state.db.sessionmaker() as s:
+        return list((await s.execute(select(ErrorLog).order_by(ErrorLog.created_at))).scalars())
+
+
+async def send(client: httpx.AsyncClient, setup: ChatSetup, content: Any = "hello there") -> httpx.Response:
+    return await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": content}, headers=setup.headers)
+
+
+# --- the happy path ------------------------------------------------------------------------------
+
+
+async def test_send_message_streams_events_and_stores_answer(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream", title=None)
+    response = await send(client, setup)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+    events = data_events(parse_sse(response.text))
+    assert [e.id for e in events] == [str(i) for i in range(1, len(events) + 1)]
+    assert [e.type for e in events] == ["start", "status", "message", "message", "message", "done"]
+    assert "_worker" not in response.text
+    start = events[0].data["data"]  # type: ignore[index]
+    assert start["user_message"]["content"] == "hello there"
+    assert start["user_message"]["status"] == "complete"
+    assert set(start["user_message"]) == {"id", "role", "content", "status", "created_at"}
+    assert events[1].data == {"type": "status", "data": {"description": "Waiting for the agent", "done": False}}
+    assert streamed_text(events) == "Echo: hello there"
+    done = events[-1].data["data"]["message"]  # type: ignore[index]
+    assert done["id"] == start["assistant_message_id"]
+    assert done["status"] == "complete"
+    assert done["content"] == "Echo: hello there"
+    assert done["metadata"]["chunks"] == 3
+    assert done["metadata"]["format"] == "ndjson"
+
+    chat = await stored(app, setup.chat.id)
+    assert chat.message_count == 2
+    assert chat.last_message_at is not None
+    assert chat.title == "hello there"
+    user_msg, assistant = chat.messages
+    assert public_message(user_msg) == start["user_message"]
+    assert public_message(assistant) == done
+    assert assistant["_worker"] == str(app.state.generations.worker_id)
+    assert await error_rows(app) == []
+    assert app.state.generations.running == {}
+
+
+async def test_send_message_keeps_existing_title(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream", title="Mine")
+    assert (await send(client, setup)).status_code == 200
+    assert (await stored(app, setup.chat.id)).title == "Mine"
+
+
+def test_first_title_cuts_on_a_word_boundary() -> None:
+    assert _first_title("  short   one ") == "short one"
+    long = "word " * 30
+    title = _first_title(long)
+    assert title.endswith("…")
+    assert len(title) <= 61
+    assert title == ("word " * 12).strip() + "…"
+
+
+async def test_second_message_sends_history(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    assert (await send(client, setup, "first question")).status_code == 200
+    response = await send(client, setup, "second question")
+    assert streamed_text(parse_sse(response.text)) == "Echo: second question"
+    assert fake.requests[-1]["json"]["messages"] == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "Echo: first question"},
+        {"role": "user", "content": "second question"},
+    ]
+    chat = await stored(app, setup.chat.id)
+    assert chat.message_count == 4
+    assert [m["status"] for m in chat.messages] == ["complete"] * 4
+
+
+async def test_payload_n8n_receives(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    prior = [
+        {"id": "1", "role": "user", "content": "old question", "status": "complete", "created_at": "x"},
+        {"id": "2", "role": "assistant", "content": "", "status": "error", "created_at": "x"},
+        {"id": "3", "role": "assistant", "content": "partial", "status": "interrupted", "created_at": "x"},
+    ]
+    setup = await chat_with_agent(
+        session,
+        settings,
+        fake.url + "/webhook/agent-stream",
+        webhook_headers={"X-N8N-Key": "top-secret-value"},
+        messages=prior,
+        message_count=3,
+    )
+    response = await send(client, setup, "new question")
+    start = data_events(parse_sse(response.text))[0].data["data"]  # type: ignore[index]
+    received = fake.requests[-1]
+    body = received["json"]
+    assert received["method"] == "POST"
+    assert received["path"] == "/webhook/agent-stream"
+    assert received["headers"]["X-N8N-Key"] == "top-secret-value"
+    assert body["chatInput"] == "new question"
+    assert body["sessionId"] == str(setup.chat.id)
+    assert body["system_prompt"] == "be brief"
+    assert body["config"] == {"model": "gpt-4"}
+    assert body["messages"] == [
+        {"role": "user", "content": "old question"},
+        {"role": "assistant", "content": "partial"},
+        {"role": "user", "content": "new question"},
+    ]
+    assert body["metadata"] == {
+        "chat_id": str(setup.chat.id),
+        "agent_id": str(setup.agent.id),
+        "user_id": str(setup.user.id),
+        "team_id": str(setup.user.team_id),
+        "message_id": start["assistant_message_id"],
+    }
+    assert "top-secret-value" not in response.text
+
+
+def test_history_budget_keeps_newest(settings: Settings, database_url: str, tmp_path: Path) -> None:
+    small = make_settings(database_url, tmp_path, N8N_HISTORY_MAX_MESSAGES=3, N8N_HISTORY_MAX_BYTES=1024)
+    messages = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}", "status": "complete"} for i in range(6)
+    ]
+    assert build_history(messages, "new", small) == [
+        {"role": "user", "content": "m4"},
+        {"role": "assistant", "content": "m5"},
+        {"role": "user", "content": "new"},
+    ]
+    big = [{"role": "user", "content": "x" * 800, "status": "complete"}, {"role": "assistant", "content": "y" * 200}]
+    big[1]["status"] = "complete"
+    assert build_history(big, "z" * 100, small) == [
+        {"role": "assistant", "content": "y" * 200},
+        {"role": "user", "content": "z" * 100},
+    ]
+
+
+# --- failures before the stream: plain JSON, nothing changes -------------------------------------
+
+
+async def test_send_message_without_auth_is_401(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    response = await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"})
+    assert response.status_code == 401
+    assert (await stored(app, setup.chat.id)).messages == []
+    assert fake.requests == []
+
+
+async def test_send_message_to_other_users_chat_is_404_like_random_id(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    stranger = await create_user(session)
+    foreign = await client.post(
+        f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=auth_headers(settings, stranger)
+    )
+    missing = await client.post(
+        f"/api/chats/{uuid.uuid4()}/messages", json={"content": "hi"}, headers=auth_headers(settings, stranger)
+    )
+    assert foreign.status_code == missing.status_code == 404
+    assert foreign.json() == missing.json() == {"detail": "Chat not found"}
+    assert (await stored(app, setup.chat.id)).messages == []
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("body", [{"content": ""}, {"content": "  \n\t "}, {"content": "x" * 101}, {}, {"x": 1}])
+async def test_send_message_invalid_content_is_422(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, body: dict[str, Any]
+) -> None:
+    settings = make_settings(database_url, tmp_path, MESSAGE_MAX_CHARS=100)
+    application = create_app(settings)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://t") as c:
+            setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+            response = await c.post(f"/api/chats/{setup.chat.id}/messages", json=body, headers=setup.headers)
+            ok = await c.post(
+                f"/api/chats/{setup.chat.id}/messages", json={"content": "x" * 100}, headers=setup.headers
+            )
+    finally:
+        await shutdown(application)
+    assert response.status_code == 422
+    assert '"input"' not in response.text
+    assert "x" * 50 not in response.text
+    assert ok.status_code == 200
+    assert len(fake.requests) == 1
+
+
+async def test_send_message_with_inactive_agent_is_409(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    setup.agent.is_active = False
+    await session.commit()
+    response = await send(client, setup)
+    assert response.status_code == 409
+    assert response.json() == {"detail": "This chat's agent is no longer active"}
+    assert (await stored(app, setup.chat.id)).messages == []
+    assert fake.requests == []
+
+
+async def test_send_message_while_generation_runs_is_409(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    running = [{"id": "a", "role": "assistant", "content": "", "status": "streaming", "created_at": "x"}]
+    setup = await chat_with_agent(
+        session, settings, fake.url + "/webhook/agent-stream", messages=running, message_count=1
+    )
+    response = await send(client, setup)
+    assert response.status_code == 409
+    assert response.json() == {"detail": "A generation is already running in this chat"}
+    chat = await stored(app, setup.chat.id)
+    assert chat.messages == running
+    assert chat.message_count == 1
+
+
+async def test_concurrent_sends_give_one_200_and_409s(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream?scenario=slow&delay_ms=20")
+    responses = await asyncio.gather(*(send(client, setup, f"message {i}") for i in range(6)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] + [409] * 5
+    chat = await stored(app, setup.chat.id)
+    assert chat.message_count == 2
+    assert len(chat.messages) == 2
+    assert [m["status"] for m in chat.messages] == ["complete", "complete"]
+    assert len(fake.requests) == 1
+
+
+# --- outcomes: every capture, through the API ----------------------------------------------------
+
+CAPTURE_OUTCOMES: dict[str, tuple[str, str, str | None]] = {
+    "stream_ok": ("Echo: hello there", "complete", None),
+    "stream_messages_only": ("Echo: second question", "complete", None),
+    "chat_stream_send1": ("Echo: hello there", "complete", None),
+    "chat_stream_send2": ("Echo: second message", "complete", None),
+    "chat_stream_send": ("Echo: hello there", "complete", None),
+    "stream_slow": ("Echo: slow tokens please [delay=400]", "complete", None),
+    "json_ok": ("Echo: hello there", "complete", None),
+    "json_respond_node_ok": ("Echo: hello there", "complete", None),
+    "chat_lastnode_send": ("Echo: hello there", "complete", None),
+    "stream_llm_error": ("", "error", "upstream_error"),
+    "chat_stream_llm_error": ("", "error", "upstream_error"),
+    "chat_stream_no_session": ("", "error", "upstream_error"),
+    "stream_code_error": ("", "error", "upstream_error"),
+    "stream_agent_streaming_off": ("", "error", "empty_response"),
+    "json_respond_node_llm_error": ("", "error", "empty_response"),
+    "json_llm_error": ("", "error", "upstream_error"),
+    "json_code_error": ("", "error", "upstream_error"),
+    "chat_lastnode_llm_error": ("", "error", "upstream_error"),
+    "notfound_post": ("", "error", "upstream_error"),
+    "test_url_not_listening": ("", "error", "upstream_error"),
+    "wrong_method_get": ("", "error", "upstream_error"),
+    "stream_invalid_json_body": ("", "error", "upstream_error"),
+    "chat_stream_load": ("", "error", "bad_upstream_response"),
+    "chat_lastnode_load": ("", "error", "bad_upstream_response"),
+    "chat_stream_load_unknown": ("", "error", "bad_upstream_response"),
+    "chat_cors_post": ("", "error", "bad_upstream_response"),
+    "chat_cors_preflight": ("", "error", "empty_response"),
+}
+
+
+def test_every_capture_is_covered() -> None:
+    assert set(CAPTURE_OUTCOMES) == set(CAPTURES)
+
+
+@pytest.mark.parametrize("name", sorted(CAPTURE_OUTCOMES))
+async def test_capture_relayed_and_stored(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n, name: str
+) -> None:
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/does-not-exist?scenario={name}&speed=50")
+    response = await send(client, setup)
+    assert response.status_code == 200
+    events = data_events(parse_sse(response.text))
+    text, status, code = CAPTURE_OUTCOMES[name]
+    terminal = [e for e in events if e.type in ("done", "error")]
+    assert len(terminal) == 1
+    assert terminal[0] is events[-1]
+    assert streamed_text(events) == text
+    assistant = (await stored(app, setup.chat.id)).messages[1]
+    assert assistant["content"] == text
+    assert assistant["status"] == status
+    rows = await error_rows(app)
+    if code is None:
+        assert terminal[0].type == "done"
+        assert rows == []
+        return
+    assert terminal[0].type == "error"
+    data = terminal[0].data["data"]  # type: ignore[index]
+    assert set(data) == {"message", "code"}
+    assert data["code"] == code
+    assert assistant["error"] == data
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.code, row.message) == (code, data["message"])
+    assert (row.chat_id, row.agent_id, row.user_id, row.team_id) == (
+        setup.chat.id,
+        setup.agent.id,
+        setup.user.id,
+        setup.user.team_id,
+    )
+    assert row.upstream_status == CAPTURES[name].status
+    # n8n's raw body never reaches the client.
+    assert "Error in workflow" not in response.text
+    assert "hint" not in response.text
+    assert "Fake upstream failure" not in response.text
+
+
+async def test_not_registered_404_hint_goes_to_error_log(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/does-not-exist")
+    response = await send(client, setup)
+    error = data_events(parse_sse(response.text))[-1].data["data"]  # type: ignore[index]
+    assert error["code"] == "upstream_error"
+    assert "not registered" in error["message"]
+    (row,) = await error_rows(app)
+    assert row.upstream_status == 404
+    assert "not registered" in row.detail["n8n_message"]
+    assert "activate the workflow" in row.detail["n8n_hint"]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "code", "partial"),
+    [
+        ("stall&hang=3", "upstream_timeout", "Echo: hello"),
+        ("hang_headers&hang=3", "upstream_timeout", ""),
+        ("reset", "upstream_disconnected", "Echo: hello"),
+        ("malformed", "bad_upstream_response", "Echo: hello"),
+        ("oversized&size=300000", "bad_upstream_response", "Echo: hello"),
+        ("in_band_error", "upstream_error", "Echo: hello"),
+    ],
+)
+async def test_fault_keeps_partial_text_with_status_error(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, scenario: str, code: str, partial: str
+) -> None:
+    settings = make_settings(
+        database_url, tmp_path, N8N_READ_TIMEOUT=0.4, N8N_FIRST_BYTE_TIMEOUT=0.4, N8N_MAX_LINE_BYTES=100_000
+    )
+    application = create_app(settings)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://t") as c:
+            setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario={scenario}")
+            response = await c.post(
+                f"/api/chats/{setup.chat.id}/messages", json={"content": "hello there"}, headers=setup.headers
+            )
+        events = data_events(parse_sse(response.text))
+        assert streamed_text(events) == partial
+        assert events[-1].type == "error"
+        assert events[-1].data["data"]["code"] == code  # type: ignore[index]
+        assert [e.type for e in events].count("error") == 1
+        assistant = (await stored(application, setup.chat.id)).messages[1]
+        assert (assistant["content"], assistant["status"], assistant["error"]["code"]) == (partial, "error", code)
+        rows = await error_rows(application)
+        assert [r.code for r in rows] == [code]
+        assert application.state.generations.running == {}
+    finally:
+        await shutdown(application)
+
+
+async def test_unreachable_agent_is_fast(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    from tests.live import free_port
+
+    setup = await chat_with_agent(session, settings, f"http://127.0.0.1:{free_port()}/webhook/x")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await send(client, setup)
+    assert loop.time() - started < 1
+    assert data_events(parse_sse(response.text))[-1].data["data"]["code"] == "upstream_unreachable"  # type: ignore[index]
+    assert await count_rows(session, "error_logs") == 1
+
+
+async def test_policy_refusal_at_send_is_upstream_blocked(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = make_settings(database_url, tmp_path, WEBHOOK_ALLOW_PRIVATE_NETWORKS=False)
+    application = create_app(settings)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://t") as c:
+            setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream")
+            response = await c.post(
+                f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
+            )
+        error = data_events(parse_sse(response.text))[-1].data["data"]  # type: ignore[index]
+        assert error["code"] == "upstream_blocked"
+        assert fake.requests == []
+        rows = await error_rows(application)
+        assert [r.code for r in rows] == ["upstream_blocked"]
+    finally:
+        await shutdown(application)
+
+
+async def test_undecryptable_headers_fail_cleanly(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream")
+    setup.agent.webhook_headers_encrypted = "not-a-fernet-token"
+    await session.commit()
+    response = await send(client, setup)
+    error = data_events(parse_sse(response.text))[-1].data["data"]  # type: ignore[index]
+    assert error["code"] == "agent_misconfigured"
+    assert fake.requests == []
+    assert (await stored(app, setup.chat.id)).messages[1]["status"] == "error"
+
+
+# --- the embedded SQLite database ----------------------------------------------------------------
+
+
+async def test_send_message_on_sqlite(tmp_path: Path, fake: FakeN8n) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+    await asyncio.to_thread(run_migrations, url)
+    settings = make_settings(url, tmp_path)
+    application = create_app(settings)
+    try:
+        async with application.state.db.sessionmaker() as s:
+            setup = await chat_with_agent(s, settings, f"{fake.url}/webhook/agent-stream", title=None)
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            url_ = f"/api/chats/{setup.chat.id}/messages"
+            first, second = await asyncio.gather(
+                c.post(url_, json={"content": "hello there"}, headers=setup.headers),
+                c.post(url_, json={"content": "hello there"}, headers=setup.headers),
+            )
+            assert sorted([first.status_code, second.status_code]) == [200, 409]
+            again = await c.post(url_, json={"content": "and again"}, headers=setup.headers)
+            failing = await c.post(url_, json={"content": "__llm_error__"}, headers=setup.headers)
+        assert streamed_text(parse_sse(again.text)) == "Echo: and again"
+        assert data_events(parse_sse(failing.text))[-1].type == "error"
+        chat = await stored(application, setup.chat.id)
+        assert chat.title == "hello there"
+        assert chat.message_count == 6
+        assert [m["status"] for m in chat.messages] == ["complete"] * 5 + ["error"]
+        assert chat.messages[3]["content"] == "Echo: and again"
+        assert len(await error_rows(application)) == 1
+    finally:
+        await shutdown(application)
+
+
+async def test_send_message_during_shutdown_is_503(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    await app.state.generations.shutdown()
+    response = await send(client, setup)
+    assert response.status_code == 503
+    assert (await stored(app, setup.chat.id)).messages == []
+    assert fake.requests == []

@@ -1,0 +1,353 @@
+"""The stream against a live uvicorn: pings, disconnects, checkpoints, shutdown, kill + restart, two workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.models import Chat, ErrorLog, Worker
+from main import create_app, shutdown
+from tests.conftest import ROOT, TEST_ENCRYPTION_KEY, TEST_JWT_SECRET, make_settings
+from tests.live import ChatSetup, LiveServer, chat_with_agent, data_events, free_port, live_server, parse_sse
+from tools.fake_n8n import FakeN8n
+
+pytestmark = pytest.mark.slow
+FAST = {
+    "N8N_READ_TIMEOUT": 0.5,
+    "N8N_FIRST_BYTE_TIMEOUT": 0.5,
+    "STREAM_PING_INTERVAL": 0.2,
+    "WORKER_HEARTBEAT_INTERVAL": 0.2,
+    "SHUTDOWN_GRACE_SECONDS": 0.3,
+}
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeN8n]:
+    server = FakeN8n(speed=0, linger=0.2)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def fast_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    return make_settings(database_url, tmp_path, **{**FAST, **overrides})
+
+
+async def assistant_of(app: FastAPI, chat_id: uuid.UUID) -> dict[str, Any]:
+    async with app.state.db.sessionmaker() as s:
+        chat = (await s.execute(select(Chat).where(Chat.id == chat_id))).scalar_one()
+        message: dict[str, Any] = chat.messages[-1]
+        return message
+
+
+async def settled(app: FastAPI, chat_id: uuid.UUID, within: float = 5) -> dict[str, Any]:
+    """The assistant message once it is no longer streaming."""
+    async with asyncio.timeout(within):
+        while True:
+            message = await assistant_of(app, chat_id)
+            if message["status"] != "streaming":
+                return message
+            await asyncio.sleep(0.05)
+
+
+async def error_codes(app: FastAPI) -> list[str]:
+    async with app.state.db.sessionmaker() as s:
+        return list((await s.execute(select(ErrorLog.code))).scalars())
+
+
+async def idle(server: LiveServer, within: float = 5) -> None:
+    """No generation running and no database connection checked out on the live server."""
+    async with asyncio.timeout(within):
+        while True:
+            if not server.running_generations() and not server.app.state.db.engine.pool.checkedout():
+                return
+            await asyncio.sleep(0.02)
+
+
+async def read_events(server: LiveServer, setup: ChatSetup, content: str = "hello there", **kw: Any) -> str:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        url = f"/api/chats/{setup.chat.id}/messages"
+        response = await client.post(url, json={"content": content}, headers=setup.headers, **kw)
+        assert response.status_code == 200
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
+        return response.text
+
+
+async def read_then_leave(server: LiveServer, setup: ChatSetup, *, messages: int, content: str = "hello there") -> str:
+    """Read until `messages` message events (or any terminal one) arrived, then drop the connection."""
+    seen = ""
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        url = f"/api/chats/{setup.chat.id}/messages"
+        async with client.stream("POST", url, json={"content": content}, headers=setup.headers) as response:
+            assert response.status_code == 200
+            async for chunk in response.aiter_text():
+                seen += chunk
+                events = data_events(parse_sse(seen.rsplit("\n\n", 1)[0]))
+                if [e.type for e in events].count("message") >= messages or events[-1].type in ("done", "error"):
+                    break
+    return seen
+
+
+async def test_live_pings_while_waiting(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = fast_settings(database_url, tmp_path, N8N_READ_TIMEOUT=2, N8N_FIRST_BYTE_TIMEOUT=2)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=300")
+        text = await read_events(server, setup)
+        await idle(server)
+    blocks = parse_sse(text)
+    first_message = next(i for i, b in enumerate(blocks) if b.type == "message")
+    assert any(b.comment == "ping" and b.id is None for b in blocks[:first_message])
+    assert ": ping\n\n" in text
+    events = data_events(blocks)
+    assert [e.id for e in events] == [str(i) for i in range(1, len(events) + 1)]
+    assert events[-1].type == "done"
+
+
+OUTCOMES = [
+    ("slow&delay_ms=80", "complete", None, "Echo: hello there and more words"),
+    ("stall&hang=5&after=3", "error", "upstream_timeout", "Echo: hello there"),
+    ("hang_headers&hang=5", "error", "upstream_timeout", ""),
+    ("reset&after=3", "error", "upstream_disconnected", "Echo: hello there"),
+    ("malformed&after=3", "error", "bad_upstream_response", "Echo: hello there"),
+    ("oversized&after=3&size=300000", "error", "bad_upstream_response", "Echo: hello there"),
+    ("in_band_error&after=3", "error", "upstream_error", "Echo: hello there"),
+]
+
+
+@pytest.mark.parametrize("leave", [False, True], ids=["client-stays", "client-leaves"])
+@pytest.mark.parametrize(
+    ("scenario", "status", "code", "content"), OUTCOMES, ids=[o[0].split("&")[0] for o in OUTCOMES]
+)
+async def test_live_fault_outcome(
+    app: FastAPI,
+    session: AsyncSession,
+    database_url: str,
+    tmp_path: Path,
+    fake: FakeN8n,
+    scenario: str,
+    status: str,
+    code: str | None,
+    content: str,
+    leave: bool,
+) -> None:
+    settings = fast_settings(database_url, tmp_path, N8N_MAX_LINE_BYTES=100_000)
+    text_in = "hello there and more words"
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario={scenario}")
+        if leave:
+            seen = await read_then_leave(server, setup, messages=1, content=text_in)
+        else:
+            seen = await read_events(server, setup, content=text_in)
+        message = await settled(app, setup.chat.id)
+        await idle(server)
+        codes = await error_codes(app)
+    assert (message["status"], message["content"]) == (status, content)
+    assert codes == ([] if code is None else [code])
+    if code is not None:
+        assert message["error"]["code"] == code
+    if not leave:
+        events = data_events(parse_sse(seen))
+        terminal = [e for e in events if e.type in ("done", "error")]
+        assert len(terminal) == 1
+        assert terminal[0] is events[-1]
+        assert terminal[0].type == ("done" if code is None else "error")
+
+
+async def test_live_no_database_connection_held_while_waiting(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = fast_settings(database_url, tmp_path, N8N_READ_TIMEOUT=3)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=stall&hang=1.5")
+        task = asyncio.create_task(read_events(server, setup))
+        async with asyncio.timeout(5):
+            while True:
+                if server.running_generations():
+                    break
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        assert server.running_generations() == 1
+        assert server.app.state.db.engine.pool.checkedout() == 0
+        text = await task
+        await idle(server)
+    assert data_events(parse_sse(text))[-1].type == "done"
+
+
+async def test_live_checkpoints_partial_text(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = fast_settings(database_url, tmp_path, STREAM_CHECKPOINT_INTERVAL=0.2)
+    words = " ".join(f"w{i}" for i in range(12))
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=100")
+        task = asyncio.create_task(read_events(server, setup, content=words))
+        await asyncio.sleep(0.8)
+        partial = await assistant_of(app, setup.chat.id)
+        text = await task
+        final = await settled(app, setup.chat.id)
+        await idle(server)
+    assert partial["status"] == "streaming"
+    assert partial["content"].startswith("Echo: w0")
+    assert len(partial["content"]) < len(final["content"])
+    assert final["content"] == "Echo: " + words
+    assert final["status"] == "complete"
+    assert data_events(parse_sse(text))[-1].type == "done"
+
+
+async def test_live_shutdown_interrupts_after_grace(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = fast_settings(database_url, tmp_path, N8N_READ_TIMEOUT=30, SHUTDOWN_GRACE_SECONDS=0.3)
+    server = LiveServer(settings, graceful_timeout=1)
+    await server.start()
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=stall&hang=30&after=2")
+    await read_then_leave(server, setup, messages=2)
+    await server.stop()
+    message = await assistant_of(app, setup.chat.id)
+    assert message["status"] == "interrupted"
+    assert message["content"] == "Echo: hello"
+    assert message["error"]["code"] == "interrupted"
+    assert await error_codes(app) == ["interrupted"]
+    async with app.state.db.sessionmaker() as s:
+        assert (await s.execute(select(Worker))).scalars().all() == []
+
+
+async def test_live_shutdown_lets_short_generation_finish(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = fast_settings(database_url, tmp_path, SHUTDOWN_GRACE_SECONDS=5)
+    server = LiveServer(settings, graceful_timeout=1)
+    await server.start()
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=150")
+    await read_then_leave(server, setup, messages=1, content="a b c d e")
+    await server.stop()
+    message = await assistant_of(app, setup.chat.id)
+    assert (message["status"], message["content"]) == ("complete", "Echo: a b c d e")
+
+
+def _subprocess_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}
+    env.update(
+        APP_ENV="test",
+        DATABASE_URL=settings.DATABASE_URL,
+        DATA_DIR=str(settings.DATA_DIR),
+        JWT_SECRET=TEST_JWT_SECRET,
+        ENCRYPTION_KEY=TEST_ENCRYPTION_KEY,
+        WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
+        WORKER_HEARTBEAT_INTERVAL="0.2",
+        STREAM_CHECKPOINT_INTERVAL="0.1",
+        LOG_LEVEL="WARNING",
+    )
+    return env
+
+
+async def test_kill_mid_stream_then_restart_marks_interrupted(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = fast_settings(database_url, tmp_path)
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "--factory", "main:create_app", "--port", str(port), "--no-access-log"]
+    process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env=_subprocess_env(settings))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            async with asyncio.timeout(20):
+                while True:
+                    try:
+                        if (await client.get("/health")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.05)
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=150")
+        url = f"http://127.0.0.1:{port}/api/chats/{setup.chat.id}/messages"
+        seen = ""
+        async with httpx.AsyncClient(timeout=10) as client:
+            body = {"content": "one two three four five six seven eight"}
+            async with client.stream("POST", url, json=body, headers=setup.headers) as response:
+                async for chunk in response.aiter_text():
+                    seen += chunk
+                    if seen.count('"type": "message"') >= 4:
+                        process.send_signal(signal.SIGKILL)
+                        break
+        async with asyncio.timeout(10):
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    left = await assistant_of(app, setup.chat.id)
+    assert left["status"] == "streaming"
+
+    await asyncio.sleep(0.7)  # > 3 heartbeats of 0.2 s: the killed worker is now stale
+    restarted = create_app(settings)
+    try:
+        await restarted.state.generations.startup()
+        message = await assistant_of(restarted, setup.chat.id)
+        await restarted.state.generations.shutdown()
+    finally:
+        await shutdown(restarted)
+    assert message["status"] == "interrupted"
+    assert message["error"]["code"] == "interrupted"
+    assert message["content"].startswith("Echo: one")
+    assert "Echo: one two three four five six seven eight".startswith(message["content"])
+
+
+async def test_starting_worker_leaves_live_workers_streams_alone(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = fast_settings(database_url, tmp_path)
+    async with live_server(settings) as first:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=200")
+        task = asyncio.create_task(read_events(first, setup, content="a b c d e f"))
+        await asyncio.sleep(0.8)  # several heartbeats, longer than the 3 x 0.2 s staleness window
+        second = create_app(settings)
+        try:
+            await second.state.generations.startup()
+            during = await assistant_of(second, setup.chat.id)
+            await second.state.generations.shutdown()
+        finally:
+            await shutdown(second)
+        text = await task
+        final = await settled(app, setup.chat.id)
+        await idle(first)
+    assert during["status"] == "streaming"
+    assert final["status"] == "complete"
+    assert final["content"] == "Echo: a b c d e f"
+    assert data_events(parse_sse(text))[-1].type == "done"
+
+
+async def test_startup_marks_streams_of_missing_workers_interrupted(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    orphan = {
+        "id": str(uuid.uuid4()),
+        "role": "assistant",
+        "content": "half",
+        "status": "streaming",
+        "created_at": "x",
+        "_worker": str(uuid.uuid4()),
+    }
+    done = {"id": str(uuid.uuid4()), "role": "assistant", "content": "ok", "status": "complete", "created_at": "x"}
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream", messages=[done, orphan])
+    await app.state.generations.startup()
+    await app.state.generations.shutdown()
+    async with app.state.db.sessionmaker() as s:
+        chat = (await s.execute(select(Chat).where(Chat.id == setup.chat.id))).scalar_one()
+    assert chat.messages[0] == done
+    assert chat.messages[1]["status"] == "interrupted"
+    assert chat.messages[1]["content"] == "half"
