@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -209,7 +210,7 @@ async def one_stream(
     request: Request,
     kind: Kind,
     *,
-    timeout: float,
+    stream_timeout: float,
     live: Live,
     on_first: Callable[[], None] | None = None,
 ) -> StreamResult:
@@ -225,7 +226,7 @@ async def one_stream(
     nd = NDJSONParser()
     ended_cleanly = False
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(stream_timeout):
             async with session.post(request.url, data=request.body, headers=request.headers) as response:
                 result.status = response.status
                 if response.status != 200:
@@ -298,14 +299,14 @@ async def closed_loop(
     *,
     users: int,
     rounds: int,
-    timeout: float,
+    stream_timeout: float,
     deadline: float,
     stagger: float,
     live: Live | None = None,
 ) -> list[StreamResult]:
     """`users` virtual users, each sending `rounds` streams back to back (stops early at `deadline`).
 
-    User i starts after i/users × `stagger` seconds, so arrivals are spread and the figures are a steady
+    User i starts after i/users x `stagger` seconds, so arrivals are spread and the figures are a steady
     state of `users` open streams rather than one thundering herd.
     """
     live = live or Live()
@@ -317,7 +318,9 @@ async def closed_loop(
         for round_ in range(rounds):
             if loop.time() >= deadline:
                 return
-            results.append(await one_stream(session, make(index, round_), kind, timeout=timeout, live=live))
+            results.append(
+                await one_stream(session, make(index, round_), kind, stream_timeout=stream_timeout, live=live)
+            )
 
     await asyncio.gather(*(user(i) for i in range(users)))
     return results
@@ -330,7 +333,7 @@ async def hold_open(
     *,
     streams: int,
     max_opening: int,
-    timeout: float,
+    stream_timeout: float,
     live: Live,
 ) -> list[StreamResult]:
     """Open `streams` long streams, at most `max_opening` not yet streaming at a time (a ramp the server
@@ -350,7 +353,9 @@ async def hold_open(
 
         try:
             results.append(
-                await one_stream(session, make(index, 0), kind, timeout=timeout, live=live, on_first=release)
+                await one_stream(
+                    session, make(index, 0), kind, stream_timeout=stream_timeout, live=live, on_first=release
+                )
             )
         finally:
             release()
@@ -364,7 +369,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[rank]
 
 

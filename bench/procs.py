@@ -65,9 +65,9 @@ class Proc:
             return ""
 
 
-async def wait_http(url: str, proc: Proc, timeout: float = 30.0) -> None:
+async def wait_http(url: str, proc: Proc, limit_s: float = 30.0) -> None:
     """Poll `url` until it answers (any status below 500); fail early if the process died."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_s
     async with aiohttp.ClientSession(trust_env=False) as session:
         while time.monotonic() < deadline:
             if not proc.alive():
@@ -79,7 +79,7 @@ async def wait_http(url: str, proc: Proc, timeout: float = 30.0) -> None:
             except (aiohttp.ClientError, OSError, TimeoutError):
                 pass
             await asyncio.sleep(0.1)
-    raise RuntimeError(f"{proc.name} did not answer {url} within {timeout:.0f} s:\n{proc.tail()}")
+    raise RuntimeError(f"{proc.name} did not answer {url} within {limit_s:.0f} s:\n{proc.tail()}")
 
 
 def tree(pid: int) -> list[int]:

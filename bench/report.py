@@ -48,7 +48,7 @@ def rows(report: dict[str, Any]) -> list[Row]:
             key = f"ttfc_{q}_ms"
             s_add, b_add = _sub(service.get(key), direct.get(key)), _sub(bare.get(key), direct.get(key))
             ratio = _ratio(s_add, b_add)
-            target = "≤ 1.5× bare" if level == "100" else ""
+            target = "≤ 1.5x bare" if level == "100" else ""
             ok = None if not target else (ratio is not None and ratio <= 1.5)
             out.append((f"added TTFC {q} @{level} (ms)", _f(s_add), _f(b_add), _f(ratio, 2), target, _verdict(ok)))
         fails = service.get("failed", 0) + service.get("truncated", 0)
@@ -72,7 +72,7 @@ def rows(report: dict[str, Any]) -> list[Row]:
                 _f(s.get("chunks_per_s"), 0),
                 _f(b.get("chunks_per_s"), 0),
                 _f(ratio, 2),
-                "≥ 0.70× bare",
+                "≥ 0.70x bare",
                 _verdict(ratio is not None and ratio >= 0.7),
             )
         )

@@ -331,7 +331,7 @@ async def run_closed(
             target.kind,
             users=users,
             rounds=rounds,
-            timeout=60.0,
+            stream_timeout=60.0,
             deadline=loop.time() + seconds,
             stagger=stagger,
         )
@@ -363,7 +363,8 @@ async def run_closed(
 
 def start_py_spy(bench: Bench, target: Target, users: int) -> subprocess.Popen[bytes]:
     """`py-spy record` of the service's processes while the run lasts (bench --profile; py-spy optional)."""
-    assert bench.profile_dir is not None and target.proc is not None
+    assert bench.profile_dir is not None
+    assert target.proc is not None
     bench.profile_dir.mkdir(parents=True, exist_ok=True)
     out = bench.profile_dir / f"{bench.phase}-{users}.txt"
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
@@ -394,14 +395,14 @@ async def run_hold(bench: Bench, target: Target, streams: int) -> dict[str, Any]
     await asyncio.sleep(1.0)
     rss_before = rss_kb(pids)
     live = Live()
-    peak = {"rss": rss_before, "open": 0, "rss_all_open": None}
+    peak: dict[str, int] = {"rss": rss_before, "open": 0}
 
     async def sample() -> None:
         while True:
             rss = rss_kb(pids)
             peak["rss"] = max(peak["rss"], rss)
             peak["open"] = max(peak["open"], live.open_with_chunk)
-            if live.open_with_chunk >= streams and peak["rss_all_open"] is None:
+            if live.open_with_chunk >= streams and "rss_all_open" not in peak:
                 await asyncio.sleep(0.5)  # let buffers settle, then take the figure with all open
                 peak["rss_all_open"] = rss_kb(pids)
             await asyncio.sleep(0.1)
@@ -411,13 +412,13 @@ async def run_hold(bench: Bench, target: Target, streams: int) -> dict[str, Any]
     try:
         async with loadgen.client_session() as session:
             results = await loadgen.hold_open(
-                session, make, target.kind, streams=streams, max_opening=200, timeout=hang + 60, live=live
+                session, make, target.kind, streams=streams, max_opening=200, stream_timeout=hang + 60, live=live
             )
     finally:
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
     summary = loadgen.summarize(results)
-    all_open = peak["rss_all_open"]
+    all_open = peak.get("rss_all_open")
     figure = all_open if all_open is not None else peak["rss"]
     summary.update(
         {
@@ -489,7 +490,7 @@ async def start_service(bench: Bench, name: str, workers: int = 1, redis: bool =
     port = free_port()
     env = {"REDIS_URL": REDIS_URL} if redis else {}
     proc = bench.start(name, uvicorn_cmd("main:create_app", port, workers), env)
-    await wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=60)
+    await wait_http(f"http://127.0.0.1:{port}/health", proc, limit_s=60)
     return proc, port
 
 
@@ -631,7 +632,7 @@ async def login_phase(bench: Bench, service: Target, bare: Target, service_port:
     log("chunk gaps while logins run at the rate limit (paced 100 chunks x 20 ms)")
     profile = bench.profile
     users = profile.login_users
-    baseline = await run_closed(bench, service, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=0.2)
+    baseline = await run_closed(bench, service, LOGIN_PACED, users=users, rounds=1, seconds=30)
     burst = await run_closed(
         bench,
         service,
@@ -639,10 +640,9 @@ async def login_phase(bench: Bench, service: Target, bare: Target, service_port:
         users=users,
         rounds=1,
         seconds=30,
-        stagger=0.2,
-        side=lambda: login_burst(bench, service_port, 2.2),
+        side=lambda: login_burst(bench, service_port, 2.5),
     )
-    bare_base = await run_closed(bench, bare, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=0.2)
+    bare_base = await run_closed(bench, bare, LOGIN_PACED, users=users, rounds=1, seconds=30)
     log(f"  logins: {burst.get('logins')}")
     return {"baseline": baseline, "burst": burst, "bare_baseline": bare_base}
 
