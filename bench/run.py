@@ -60,7 +60,7 @@ class Profile:
     multi_seconds: float
 
 
-FULL = Profile("full", ((1, 20), (100, 3), (1000, 2)), 20, 8.0, (1000, 5000), 100, 100, 6.0)
+FULL = Profile("full", ((1, 10), (100, 3), (1000, 2)), 20, 8.0, (1000, 5000), 100, 100, 6.0)
 QUICK = Profile("quick", ((1, 6), (100, 2), (300, 1)), 20, 3.0, (500,), 100, 100, 3.0)
 
 
@@ -176,6 +176,19 @@ async def set_upstream(seed_: Seed, fake_url: str, params: dict[str, str]) -> No
     )
 
 
+async def db_in_use(dbname: str) -> tuple[int, int]:
+    """(connections not idle, connections open) of the bench database right now."""
+    rows = await admin(PG_COUNT, dbname)
+    return int(rows[0]["busy"]), int(rows[0]["total"])
+
+
+PG_COUNT = (
+    "SELECT count(*) AS total, count(*) FILTER (WHERE state IS DISTINCT FROM 'idle') AS busy "
+    "FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' "
+    "AND application_name <> 'bench-seed'"
+)
+
+
 class PgSampler:
     """Counts the bench database's connections in pg_stat_activity every 20 ms while running."""
 
@@ -193,12 +206,7 @@ class PgSampler:
 
     async def _run(self) -> None:
         while True:
-            row = await self._conn.fetchrow(
-                "SELECT count(*) AS total, count(*) FILTER (WHERE state IS DISTINCT FROM 'idle') AS busy "
-                "FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' "
-                "AND application_name <> 'bench-seed'",
-                self.dbname,
-            )
+            row = await self._conn.fetchrow(PG_COUNT, self.dbname)
             assert row is not None
             self.max_total = max(self.max_total, int(row["total"]))
             self.max_busy = max(self.max_busy, int(row["busy"]))
@@ -384,7 +392,7 @@ def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
 
 async def run_hold(bench: Bench, target: Target, streams: int) -> dict[str, Any]:
     """Hold `streams` open at once (one chunk each, then the fake stalls), sample RSS, let them finish."""
-    hang = round(10 + streams / 150, 1)
+    hang = round(15 + streams / 80, 1)
     params = {"scenario": "stall", "after": "1", "hang": str(hang)}
     if target.kind == "service":
         assert bench.seed is not None
@@ -405,6 +413,9 @@ async def run_hold(bench: Bench, target: Target, streams: int) -> dict[str, Any]
             if live.open_with_chunk >= streams and "rss_all_open" not in peak:
                 await asyncio.sleep(0.5)  # let buffers settle, then take the figure with all open
                 peak["rss_all_open"] = rss_kb(pids)
+                if target.kind == "service":
+                    busy, total = await db_in_use(bench.dbname)
+                    peak["db_busy_all_open"], peak["db_open_all_open"] = busy, total
             await asyncio.sleep(0.1)
 
     t0 = time.perf_counter()
@@ -429,6 +440,8 @@ async def run_hold(bench: Bench, target: Target, streams: int) -> dict[str, Any]
             "rss_before_kb": rss_before,
             "rss_open_kb": figure,
             "kb_per_stream": round((figure - rss_before) / streams, 1),
+            "db_busy_all_open": peak.get("db_busy_all_open"),
+            "db_open_all_open": peak.get("db_open_all_open"),
         }
     )
     log(
@@ -486,12 +499,22 @@ def base_env(tmp: Path, dbname: str) -> dict[str, str]:
     return env
 
 
-async def start_service(bench: Bench, name: str, workers: int = 1, redis: bool = False) -> tuple[Proc, int]:
-    port = free_port()
+async def start_service(
+    bench: Bench, name: str, workers: int = 1, redis: bool = False, port: int = 0
+) -> tuple[Proc, int]:
+    port = port or free_port()
     env = {"REDIS_URL": REDIS_URL} if redis else {}
     proc = bench.start(name, uvicorn_cmd("main:create_app", port, workers), env)
     await wait_http(f"http://127.0.0.1:{port}/health", proc, limit_s=60)
     return proc, port
+
+
+async def start_bare(bench: Bench, port: int) -> Proc:
+    proc = bench.start(
+        "bare_relay", uvicorn_cmd("bench.bare_relay:create_app", port), {"BARE_UPSTREAM": bench.fake_url}
+    )
+    await wait_http(f"http://127.0.0.1:{port}/", proc)
+    return proc
 
 
 PHASES = ("ttfc", "throughput", "hold", "login", "multi")
@@ -535,10 +558,7 @@ async def benchmark(
         bench.seed = await seed(dbname, settings, bench.fake_url)
 
         bare_port = free_port()
-        bare_proc = bench.start(
-            "bare_relay", uvicorn_cmd("bench.bare_relay:create_app", bare_port), {"BARE_UPSTREAM": bench.fake_url}
-        )
-        await wait_http(f"http://127.0.0.1:{bare_port}/", bare_proc)
+        bare_proc = await start_bare(bench, bare_port)
         service_proc, service_port = await start_service(bench, "service")
 
         direct = direct_target(bench.fake_url)
@@ -603,8 +623,15 @@ async def benchmark(
         hold: dict[str, Any] = {}
         for streams in profile.hold_levels if "hold" in only else ():
             hold[str(streams)] = {}
+            # Fresh processes, so the figure is not hidden in memory a previous phase already grew into.
+            bench.stop(bare_proc)
+            bench.stop(service_proc)
+            bare.proc = bare_proc = await start_bare(bench, bare_port)
+            service.proc, _ = await start_service(bench, "service", port=service_port)
+            service_proc = service.proc
             for target in (bare, service):
                 await clear_fake()
+                await run_closed(bench, target, PACED, users=20, rounds=2, seconds=20, stagger=0.2)
                 hold[str(streams)][target.kind] = await run_hold(bench, target, streams)
         report["hold"] = hold
 
@@ -632,7 +659,8 @@ async def login_phase(bench: Bench, service: Target, bare: Target, service_port:
     log("chunk gaps while logins run at the rate limit (paced 100 chunks x 20 ms)")
     profile = bench.profile
     users = profile.login_users
-    baseline = await run_closed(bench, service, LOGIN_PACED, users=users, rounds=1, seconds=30)
+    # Arrivals spread over one stream's length (2 s), so the service is in a steady state, not a burst.
+    baseline = await run_closed(bench, service, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=2.0)
     burst = await run_closed(
         bench,
         service,
@@ -640,11 +668,13 @@ async def login_phase(bench: Bench, service: Target, bare: Target, service_port:
         users=users,
         rounds=1,
         seconds=30,
+        stagger=2.0,
         side=lambda: login_burst(bench, service_port, 2.5),
     )
-    bare_base = await run_closed(bench, bare, LOGIN_PACED, users=users, rounds=1, seconds=30)
+    again = await run_closed(bench, service, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=2.0)
+    bare_base = await run_closed(bench, bare, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=2.0)
     log(f"  logins: {burst.get('logins')}")
-    return {"baseline": baseline, "burst": burst, "bare_baseline": bare_base}
+    return {"baseline": baseline, "burst": burst, "baseline_after": again, "bare_baseline": bare_base}
 
 
 async def multi_phase(bench: Bench) -> dict[str, Any]:
