@@ -717,6 +717,13 @@ async def multi_phase(bench: Bench) -> dict[str, Any]:
     return multi
 
 
+async def _cancellable(work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """SIGTERM (e.g. from `timeout`) cancels the run, so its `finally` still kills children and drops the DB."""
+    task = asyncio.ensure_future(work)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await task
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the streaming relay against a bare relay.")
     parser.add_argument("--quick", action="store_true", help="the < 2 minute variant (make bench-quick)")
@@ -728,7 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     profile = QUICK if args.quick else FULL
     phases = tuple(p for p in args.only.split(",") if p in PHASES)
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    report = asyncio.run(benchmark(profile, phases, RESULTS / f"profile-{stamp}" if args.profile else None))
+    report = asyncio.run(
+        _cancellable(benchmark(profile, phases, RESULTS / f"profile-{stamp}" if args.profile else None))
+    )
     table = render(report)
     print(table, flush=True)
     paths = write(report, table, RESULTS)
