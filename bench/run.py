@@ -58,10 +58,12 @@ class Profile:
     login_users: int
     multi_ttfc_users: int
     multi_seconds: float
+    hold_base_s: float  # a held stream stalls hold_base_s + N/80 s (time for the server to open all N)
+    multi_rounds: int
 
 
-FULL = Profile("full", ((1, 10), (100, 3), (1000, 2)), 20, 8.0, (1000, 5000), 100, 100, 6.0)
-QUICK = Profile("quick", ((1, 6), (100, 2), (300, 1)), 20, 3.0, (500,), 100, 100, 3.0)
+FULL = Profile("full", ((1, 10), (100, 3), (1000, 2)), 20, 8.0, (1000, 5000), 100, 100, 6.0, 15.0, 2)
+QUICK = Profile("quick", ((1, 3), (100, 2), (300, 1)), 20, 3.0, (500,), 100, 100, 3.0, 6.0, 1)
 
 
 def qs(params: dict[str, str]) -> str:
@@ -400,7 +402,7 @@ def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
 
 async def run_hold(bench: Bench, target: Target, streams: int) -> dict[str, Any]:
     """Hold `streams` open at once (one chunk each, then the fake stalls), sample RSS, let them finish."""
-    hang = round(15 + streams / 80, 1)
+    hang = round(bench.profile.hold_base_s + streams / 80, 1)
     params = {"scenario": "stall", "after": "1", "hang": str(hang)}
     if target.kind == "service":
         assert bench.seed is not None
@@ -582,8 +584,9 @@ async def benchmark(
 
         only = set(phases)
         log("warm-up")
+        warm_rounds = 1 if profile is QUICK else 2
         for target in trio:
-            await run_closed(bench, target, PACED, users=20, rounds=2, seconds=20, stagger=0.2)
+            await run_closed(bench, target, PACED, users=20, rounds=warm_rounds, seconds=20, stagger=0.2)
 
         bench.phase = "ttfc"
         log("time to first chunk, paced 50 chunks x 20 ms")
@@ -697,9 +700,12 @@ async def multi_phase(bench: Bench) -> dict[str, Any]:
         try:
             target = service_target(f"http://127.0.0.1:{port}", bench.seed.token)
             target.proc = proc
-            await run_closed(bench, target, PACED, users=20, rounds=1, seconds=10, stagger=0.2)
+            if profile is not QUICK:
+                await run_closed(bench, target, PACED, users=20, rounds=1, seconds=10, stagger=0.2)
             multi[str(workers)] = {
-                "ttfc": await run_closed(bench, target, PACED, users=profile.multi_ttfc_users, rounds=2, seconds=30),
+                "ttfc": await run_closed(
+                    bench, target, PACED, users=profile.multi_ttfc_users, rounds=profile.multi_rounds, seconds=30
+                ),
                 "throughput": await run_closed(
                     bench,
                     target,
