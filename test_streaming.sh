@@ -255,7 +255,7 @@ ci() {
 
   # 1. A streamed answer: events, stored message, what n8n received.
   local sse summary
-  sse="$(stream "$chat_id" "hello there")"
+  sse="$(stream "$chat_id" "hello there")" || die "stream 1: curl failed"
   summary="$(sse_check done "Echo: hello there" <<<"$sse")" || die "stream 1: $summary"
   ok "stream 1 $summary"
   local stored
@@ -274,14 +274,14 @@ ci() {
   ok "stored answer and n8n payload"
 
   # 2. A second message carries the history.
-  sse="$(stream "$chat_id" "second question")"
+  sse="$(stream "$chat_id" "second question")" || die "stream 2: curl failed"
   summary="$(sse_check done "Echo: second question" <<<"$sse")" || die "stream 2: $summary"
   received="$(curl -sS --max-time 5 "$FAKE/__requests")"
   [[ "$(json .[1].json.messages[1].content <<<"$received")" == "Echo: hello there" ]] || die "history: $received"
   ok "stream 2 with history $summary"
 
   # 3. An in-band n8n error: one error event, stored with status error, one error log row.
-  sse="$(stream "$chat_id" "__llm_error__")"
+  sse="$(stream "$chat_id" "__llm_error__")" || die "stream 3: curl failed"
   summary="$(sse_check error <<<"$sse")" || die "stream 3: $summary"
   [[ "$summary" == *upstream_error* ]] || die "stream 3 code: $summary"
   api GET "/api/chats/$chat_id"
@@ -300,7 +300,7 @@ ci() {
   [[ "$STATUS" == 201 ]] || die "POST /api/agents (2): HTTP $STATUS $agent"
   api POST /api/chats "{\"agent_id\": \"$(json .id <<<"$agent")\"}"
   chat="$BODY"
-  sse="$(stream "$(json .id <<<"$chat")" "anyone there?")"
+  sse="$(stream "$(json .id <<<"$chat")" "anyone there?")" || die "stream 4: curl failed"
   summary="$(sse_check error <<<"$sse")" || die "stream 4: $summary"
   [[ "$sse" != *"hint"* ]] || die "n8n's raw 404 body reached the client"
   ok "webhook not registered $summary"

@@ -58,11 +58,23 @@ class StreamFailure(Exception):
         self.detail = detail or {}
 
 
+def clean_text(text: str) -> str:
+    """Text PostgreSQL can store and UTF-8 can carry: U+0000 and lone surrogates become replacements."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
 def _excerpt(value: Any) -> str | None:
     """Short single-line text for the error log; None for anything that is not text."""
     if not isinstance(value, str):
         return None
-    text = " ".join(value.split())
+    text = " ".join(clean_text(value).replace("\ufffd", "").split())
     return text[:EXCERPT_CHARS] + ("…" if len(text) > EXCERPT_CHARS else "")
 
 
@@ -409,6 +421,7 @@ class N8nStreamer:
                 "upstream_blocked", "The agent's webhook address is not allowed", detail={"reason": str(exc)}
             ) from None
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        del payload  # the encoded body is all that is needed from here on
         send_headers = {**headers, "Content-Type": "application/json", "Accept": ACCEPT}
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -558,13 +571,14 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @dataclass
 class Generation:
-    """One running answer. `events` is the ordered list the SSE readers replay: ("message", text) or (type, data).
+    """One running answer. `events` is what SSE readers replay: a text chunk (str) or a (type, data) pair.
 
-    Event ids are positions: `start` is 1 and `events[i]` is i + 2, so they are the same for every reader.
+    Readers number their events 1, 2, 3… and merge text chunks that piled up while they were busy into
+    one `message` event (same concatenation, fewer writes when a client or the event loop is slow).
     """
 
     new: message_service.NewGeneration
-    events: list[tuple[str, Any]] = field(default_factory=list)
+    events: list[str | tuple[str, Any]] = field(default_factory=list)
     chunks: list[str] = field(default_factory=list)
     terminal: tuple[str, dict[str, Any]] | None = None
     task: asyncio.Task[None] | None = None
@@ -572,8 +586,7 @@ class Generation:
 
     def add_chunks(self, chunks: list[str]) -> None:
         self.chunks.extend(chunks)
-        for chunk in chunks:
-            self.events.append(("message", chunk))
+        self.events.extend(chunks)
         self._notify()
 
     def add_event(self, kind: str, data: Any) -> None:
@@ -597,18 +610,29 @@ class Generation:
         holding many chunks costs one ASGI message, not one per chunk (see docs/PERFORMANCE.md).
         """
         start = {"user_message": self.new.user_message, "assistant_message_id": self.new.assistant_id}
-        yield _frame(1, "start", start)
+        event_id = 1
+        yield _frame(event_id, "start", start)
         index = 0
         events = self.events
         while True:
             frames: list[bytes] = []
-            while index < len(events):
-                kind, data = events[index]
-                index += 1
-                frames.append(_frame(index + 1, kind, {"content": data} if kind == "message" else data))
+            available = len(events)
+            while index < available:
+                item = events[index]
+                event_id += 1
+                if isinstance(item, str):
+                    end = index + 1
+                    while end < available and isinstance(events[end], str):
+                        end += 1
+                    text = item if end == index + 1 else "".join(events[index:end])  # type: ignore[arg-type]
+                    index = end
+                    frames.append(_frame(event_id, "message", {"content": text}))
+                else:
+                    index += 1
+                    frames.append(_frame(event_id, item[0], item[1]))
             if self.terminal is not None:
                 kind, data = self.terminal
-                frames.append(_frame(len(events) + 2, kind, data))
+                frames.append(_frame(event_id + 1, kind, data))
                 yield b"".join(frames)
                 return
             if frames:
@@ -636,27 +660,48 @@ class GenerationRegistry:
         self.running: dict[str, Generation] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
+        self.recovered = False
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
-        """Register this worker, mark dead workers' streams interrupted, start the heartbeat."""
-        async with self.db.sessionmaker() as session:
-            await message_service.register_worker(session=session, worker_id=self.worker_id)
-            recovered = await message_service.recover_interrupted(
-                session=session, settings=self.settings, worker_id=self.worker_id
-            )
-        if recovered:
-            logger.warning("marked %d message(s) of stopped workers as interrupted", recovered)
+        """Open the shared n8n client, register this worker, mark dead workers' streams, start the heartbeat.
+
+        A database that is not reachable or not migrated yet does not stop start-up (`/ready` reports
+        it); registration and recovery are retried on every heartbeat until they succeed.
+        """
+        self.streamer.session()
+        await self._register_and_recover()
         self._heartbeat = asyncio.create_task(self._beat(), name="worker-heartbeat")
 
+    async def _register_and_recover(self) -> None:
+        try:
+            async with self.db.sessionmaker() as session:
+                await message_service.heartbeat(session=session, worker_id=self.worker_id)
+                recovered = await message_service.recover_interrupted(
+                    session=session, settings=self.settings, worker_id=self.worker_id
+                )
+        except Exception as exc:
+            logger.warning("worker registration and recovery postponed (%s)", type(exc).__name__)
+            return
+        self.recovered = True
+        if recovered:
+            logger.warning("marked %d message(s) of stopped workers as interrupted", recovered)
+
     async def _beat(self) -> None:
+        """Heartbeat; every few beats also recover streams of workers that died since (a worker restarted
+        quickly after a crash would otherwise leave its chats blocked by a `streaming` message)."""
+        beats = 0
         while True:
             await asyncio.sleep(self.settings.WORKER_HEARTBEAT_INTERVAL)
+            beats += 1
+            if not self.recovered or beats % message_service.STALE_HEARTBEATS == 0:
+                await self._register_and_recover()
+                continue
             try:
                 async with self.db.sessionmaker() as session:
                     await message_service.heartbeat(session=session, worker_id=self.worker_id)
-            except Exception:
-                logger.exception("worker heartbeat failed")
+            except Exception as exc:
+                logger.warning("worker heartbeat failed (%s)", type(exc).__name__)
 
     async def shutdown(self) -> None:
         """Give running generations SHUTDOWN_GRACE_SECONDS, then store them as interrupted."""
@@ -676,8 +721,8 @@ class GenerationRegistry:
             try:
                 async with self.db.sessionmaker() as session:
                     await message_service.unregister_worker(session=session, worker_id=self.worker_id)
-            except Exception:
-                logger.exception("could not unregister worker")
+            except Exception as exc:
+                logger.warning("could not unregister worker (%s)", type(exc).__name__)
         await self.streamer.close()
 
     # --- generations ----------------------------------------------------------------------------
@@ -704,7 +749,7 @@ class GenerationRegistry:
         checkpoint = _Checkpointer(self, generation)
 
         def on_chunks(chunks: list[str]) -> None:
-            generation.add_chunks(chunks)
+            generation.add_chunks([clean_text(c) for c in chunks])
             checkpoint.touch()
 
         failure: StreamFailure | None = None
@@ -719,7 +764,7 @@ class GenerationRegistry:
                     detail={"reason": "webhook headers cannot be decrypted with the configured key"},
                 ) from None
             await self.streamer.run(
-                url=new.webhook_url, headers=headers, payload=new.payload, on_chunks=on_chunks, stats=stats
+                url=new.webhook_url, headers=headers, payload=new.take_payload(), on_chunks=on_chunks, stats=stats
             )
         except StreamFailure as exc:
             failure = exc

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.crypto import encrypt_headers
-from app.models import Agent, Chat, User
+from app.models import Agent, Chat, Team, User
 from main import create_app
 from tests.factories import auth_headers, create_agent, create_chat, create_user
 
@@ -78,8 +78,6 @@ async def chat_with_agent(
 ) -> ChatSetup:
     user = await create_user(session)
     encrypted = encrypt_headers(webhook_headers or {}, settings.ENCRYPTION_KEY)
-    from app.models import Team
-
     team = await session.get(Team, user.team_id)
     assert team is not None
     agent = await create_agent(session, team=team, webhook_url=url, webhook_headers_encrypted=encrypted)

@@ -21,7 +21,16 @@ from app.config import Settings
 from app.models import Chat, ErrorLog, Worker
 from main import create_app, shutdown
 from tests.conftest import ROOT, TEST_ENCRYPTION_KEY, TEST_JWT_SECRET, make_settings
-from tests.live import ChatSetup, LiveServer, chat_with_agent, data_events, free_port, live_server, parse_sse
+from tests.live import (
+    ChatSetup,
+    LiveServer,
+    chat_with_agent,
+    data_events,
+    free_port,
+    live_server,
+    parse_sse,
+    streamed_text,
+)
 from tools.fake_n8n import FakeN8n
 
 pytestmark = pytest.mark.slow
@@ -87,8 +96,8 @@ async def read_events(server: LiveServer, setup: ChatSetup, content: str = "hell
         return response.text
 
 
-async def read_then_leave(server: LiveServer, setup: ChatSetup, *, messages: int, content: str = "hello there") -> str:
-    """Read until `messages` message events (or any terminal one) arrived, then drop the connection."""
+async def read_then_leave(server: LiveServer, setup: ChatSetup, *, until: str, content: str = "hello there") -> str:
+    """Read until the streamed text has `until` (or a terminal event arrived), then drop the connection."""
     seen = ""
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         url = f"/api/chats/{setup.chat.id}/messages"
@@ -97,7 +106,7 @@ async def read_then_leave(server: LiveServer, setup: ChatSetup, *, messages: int
             async for chunk in response.aiter_text():
                 seen += chunk
                 events = data_events(parse_sse(seen.rsplit("\n\n", 1)[0]))
-                if [e.type for e in events].count("message") >= messages or events[-1].type in ("done", "error"):
+                if until in streamed_text(events) or events[-1].type in ("done", "error"):
                     break
     return seen
 
@@ -151,7 +160,7 @@ async def test_live_fault_outcome(
     async with live_server(settings) as server:
         setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario={scenario}")
         if leave:
-            seen = await read_then_leave(server, setup, messages=1, content=text_in)
+            seen = await read_then_leave(server, setup, until="Echo:", content=text_in)
         else:
             seen = await read_events(server, setup, content=text_in)
         message = await settled(app, setup.chat.id)
@@ -217,7 +226,7 @@ async def test_live_shutdown_interrupts_after_grace(
     server = LiveServer(settings, graceful_timeout=1)
     await server.start()
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=stall&hang=30&after=2")
-    await read_then_leave(server, setup, messages=2)
+    await read_then_leave(server, setup, until="Echo: hello")
     await server.stop()
     message = await assistant_of(app, setup.chat.id)
     assert message["status"] == "interrupted"
@@ -235,7 +244,7 @@ async def test_live_shutdown_lets_short_generation_finish(
     server = LiveServer(settings, graceful_timeout=1)
     await server.start()
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=150")
-    await read_then_leave(server, setup, messages=1, content="a b c d e")
+    await read_then_leave(server, setup, until="Echo:", content="a b c d e")
     await server.stop()
     message = await assistant_of(app, setup.chat.id)
     assert (message["status"], message["content"]) == ("complete", "Echo: a b c d e")
@@ -281,7 +290,7 @@ async def test_kill_mid_stream_then_restart_marks_interrupted(
             async with client.stream("POST", url, json=body, headers=setup.headers) as response:
                 async for chunk in response.aiter_text():
                     seen += chunk
-                    if seen.count('"type": "message"') >= 4:
+                    if " three" in streamed_text(data_events(parse_sse(seen.rsplit("\n\n", 1)[0]))):
                         process.send_signal(signal.SIGKILL)
                         break
         async with asyncio.timeout(10):
@@ -305,6 +314,7 @@ async def test_kill_mid_stream_then_restart_marks_interrupted(
     assert message["error"]["code"] == "interrupted"
     assert message["content"].startswith("Echo: one")
     assert "Echo: one two three four five six seven eight".startswith(message["content"])
+    assert await error_codes(app) == ["interrupted"]
 
 
 async def test_starting_worker_leaves_live_workers_streams_alone(
@@ -327,6 +337,7 @@ async def test_starting_worker_leaves_live_workers_streams_alone(
         await idle(first)
     assert during["status"] == "streaming"
     assert final["status"] == "complete"
+    assert await error_codes(app) == []
     assert final["content"] == "Echo: a b c d e f"
     assert data_events(parse_sse(text))[-1].type == "done"
 
@@ -351,3 +362,83 @@ async def test_startup_marks_streams_of_missing_workers_interrupted(
     assert chat.messages[0] == done
     assert chat.messages[1]["status"] == "interrupted"
     assert chat.messages[1]["content"] == "half"
+    assert await error_codes(app) == ["interrupted"]
+
+
+async def test_startup_survives_unmigrated_database_and_retries(tmp_path: Path, database_url: str) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+    settings = make_settings(url, tmp_path, WORKER_HEARTBEAT_INTERVAL=0.05)
+    application = create_app(settings)
+    try:
+        await application.state.generations.startup()
+        assert application.state.generations.recovered is False
+        from tests.conftest import run_migrations
+
+        await asyncio.to_thread(run_migrations, url)
+        async with asyncio.timeout(5):
+            while True:
+                if application.state.generations.recovered:
+                    break
+                await asyncio.sleep(0.02)
+        async with application.state.db.sessionmaker() as s:
+            workers = (await s.execute(select(Worker.id))).scalars().all()
+        assert workers == [application.state.generations.worker_id]
+    finally:
+        await application.state.generations.shutdown()
+        await shutdown(application)
+
+
+async def test_running_worker_recovers_streams_of_a_worker_that_died_later(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = make_settings(database_url, tmp_path, WORKER_HEARTBEAT_INTERVAL=0.05)
+    dead = uuid.uuid4()
+    async with app.state.db.sessionmaker() as s:
+        s.add(Worker(id=dead))
+        await s.commit()
+    orphan = {
+        "id": str(uuid.uuid4()),
+        "role": "assistant",
+        "content": "half",
+        "status": "streaming",
+        "created_at": "x",
+        "_worker": str(dead),
+    }
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream", messages=[orphan])
+    running = create_app(settings)
+    try:
+        await running.state.generations.startup()
+        assert (await assistant_of(app, setup.chat.id))["status"] == "streaming"  # the dead worker looks alive
+        message = await settled(app, setup.chat.id, within=3)
+    finally:
+        await running.state.generations.shutdown()
+        await shutdown(running)
+    assert message["status"] == "interrupted"
+    assert message["content"] == "half"
+
+
+async def test_live_shutdown_with_client_connected_interrupts(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = fast_settings(database_url, tmp_path, N8N_READ_TIMEOUT=30, SHUTDOWN_GRACE_SECONDS=0.2)
+    server = LiveServer(settings, graceful_timeout=1)
+    await server.start()
+    try:
+        url = f"{fake.url}/webhook/agent-stream?scenario=stall&hang=30&after=2"
+        setup = await chat_with_agent(session, settings, url)
+        reader = asyncio.create_task(read_events(server, setup))
+        async with asyncio.timeout(5):
+            while True:
+                if any(f.get("path") == "/webhook/agent-stream" for f in fake.requests):
+                    break
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+    finally:
+        await server.stop()
+    outcome = (await asyncio.gather(reader, return_exceptions=True))[0]
+    message = await assistant_of(app, setup.chat.id)
+    assert message["status"] == "interrupted"
+    assert message["content"] == "Echo: hello"
+    assert await error_codes(app) == ["interrupted"]
+    # The connection was closed under the client: no `done` reached it.
+    assert isinstance(outcome, BaseException) or '"type": "done"' not in outcome

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from app.config import Settings
-from app.streaming import BodyParser, N8nStreamer, StreamFailure, StreamStats
+from app.services.messages import NewGeneration
+from app.streaming import BodyParser, Generation, N8nStreamer, StreamFailure, StreamStats
 from tests.conftest import make_settings
+from tests.live import parse_sse
 from tools.fake_n8n import FakeN8n, load_captures
 
 CAPTURES = load_captures()
@@ -450,3 +455,74 @@ async def test_streamer_sends_body_and_headers(streamer: N8nStreamer, fake: Fake
     assert received["json"] == {"chatInput": "hi", "sessionId": "c1"}
     assert received["headers"]["X-N8N-Auth"] == "s3cret"
     assert received["headers"]["Content-Type"] == "application/json"
+
+
+# --- Generation: what SSE readers see ------------------------------------------------------------
+
+
+def _generation() -> Generation:
+    new = NewGeneration(
+        chat_id=uuid.uuid4(),
+        team_id=uuid.uuid4(),
+        user_id=uuid.uuid4(),
+        agent_id=uuid.uuid4(),
+        index=1,
+        assistant_id="a1",
+        user_message={"id": "u1", "role": "user", "content": "hi", "status": "complete", "created_at": "t"},
+        webhook_url="http://x",
+        webhook_headers_encrypted=None,
+        payload={},
+    )
+    return Generation(new=new)
+
+
+async def _collect(generation: Generation, ping: float = 5) -> list[tuple[str | None, str | None, Any]]:
+    out = []
+    async for block in generation.sse(ping):
+        # One write may hold several events (everything available when the reader woke).
+        for event in parse_sse(block.decode()):
+            out.append((event.id, event.comment, event.data))
+    return out
+
+
+async def test_generation_merges_pending_chunks_into_one_event() -> None:
+    generation = _generation()
+    generation.add_event("status", {"description": "Waiting for the agent", "done": False})
+    generation.add_chunks(["Hel", "lo"])
+    generation.add_chunks([" there"])
+    generation.finish("done", {"message": {"id": "a1"}})
+    events = await _collect(generation)
+    assert [e[0] for e in events] == ["1", "2", "3", "4"]
+    assert events[2][2] == {"type": "message", "data": {"content": "Hello there"}}
+    assert events[3][2] == {"type": "done", "data": {"message": {"id": "a1"}}}
+
+
+async def test_generation_streams_chunks_as_they_come_and_pings_when_idle() -> None:
+    generation = _generation()
+    reader = asyncio.create_task(_collect(generation, ping=0.05))
+    await asyncio.sleep(0.01)
+    generation.add_chunks(["a"])
+    await asyncio.sleep(0.12)
+    generation.add_chunks(["b"])
+    await asyncio.sleep(0.01)
+    generation.finish("error", {"message": "m", "code": "upstream_timeout"})
+    events = await reader
+    data = [e[2] for e in events if e[2] is not None]
+    assert [d["type"] for d in data] == ["start", "message", "message", "error"]
+    assert [e[0] for e in events if e[2] is not None] == ["1", "2", "3", "4"]
+    pings = [e for e in events if e[1] == "ping"]
+    assert pings
+    assert all(p[0] is None for p in pings)
+
+
+async def test_streamer_session_has_no_hidden_total_timeout(streamer: N8nStreamer) -> None:
+    session = streamer.session()
+    assert session is streamer.session()
+    assert session.timeout.total is None
+    assert session.timeout.connect == 0.5
+    assert session.timeout.sock_read is None
+    connector = session.connector
+    assert isinstance(connector, aiohttp.TCPConnector)
+    assert connector.limit == 0
+    await streamer.close()
+    assert session.closed

@@ -70,6 +70,7 @@ SCENARIOS = {
     "paced": "`chunks` tokens (default 100) every `interval_ms` (default 10), for benchmarks",
     "status": 'answers HTTP `status` (default 500) with {"message": "Error in workflow"}',
     "in_band_error": 'begin, `after` tokens (default 2), then {"type":"error"}',
+    "nul": "items and an in-band error containing U+0000 and a lone surrogate escape",
 }
 
 
@@ -480,6 +481,15 @@ class FakeN8n:
         await response.write(ndjson({"type": "end", "metadata": _meta()}))
         await response.write_eof()
         return response
+
+    async def _s_nul(self, request: web.Request, text: str) -> web.StreamResponse:
+        lines = [
+            ndjson({"type": "begin", "metadata": _meta()}),
+            ndjson({"type": "item", "content": "a\x00b", "metadata": _meta()}),
+            b'{"type":"item","content":" \\ud800 lone surrogate"}\n',
+            ndjson({"type": "error", "content": "bad\x00", "metadata": _meta(timestamp=False)}),
+        ]
+        return await self._stream(request, 200, self._n8n_headers(), lines, 0.0)
 
     async def _s_in_band_error(self, request: web.Request, text: str) -> web.StreamResponse:
         response = await self._start_tokens(request, text)

@@ -58,7 +58,7 @@ _SQLITE_STREAMING = " AND json_extract(messages, '$[' || :idx || '].status') = '
 _TOUCH = ", updated_at = :now, last_message_at = :now"
 
 
-@dataclass(frozen=True)
+@dataclass
 class NewGeneration:
     """Everything the generation task needs, captured while the request still had its session."""
 
@@ -72,6 +72,11 @@ class NewGeneration:
     webhook_url: str
     webhook_headers_encrypted: str | None
     payload: dict[str, Any]
+
+    def take_payload(self) -> dict[str, Any]:
+        """The request body for n8n, handed over once (a long history is not kept for the whole stream)."""
+        payload, self.payload = self.payload, {}
+        return payload
 
 
 def public_message(element: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +124,14 @@ def build_history(messages: list[dict[str, Any]], latest: str, settings: Setting
     return kept
 
 
+def _encodable(text_: str) -> bool:
+    try:
+        text_.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_postgres(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
@@ -133,6 +146,9 @@ async def start_message(
     """
     if not content.strip():
         raise Unprocessable(EMPTY_CONTENT)
+    if "\x00" in content or not _encodable(content):
+        # PostgreSQL cannot store U+0000 in JSONB text, nor a lone surrogate (not valid UTF-8).
+        raise Unprocessable("Message content must not contain NUL characters or invalid Unicode")
     if len(content) > settings.MESSAGE_MAX_CHARS:
         raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
     chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
@@ -296,13 +312,8 @@ async def finish_message(
 # --- workers and start-up recovery ------------------------------------------------------------
 
 
-async def register_worker(*, session: AsyncSession, worker_id: uuid.UUID) -> None:
-    session.add(Worker(id=worker_id))
-    await session.commit()
-
-
 async def heartbeat(*, session: AsyncSession, worker_id: uuid.UUID) -> None:
-    """Refresh this worker's liveness; re-register if another worker removed the row meanwhile."""
+    """Register this worker or refresh its liveness (re-registers if another worker removed the row)."""
     result = await session.execute(update(Worker).where(Worker.id == worker_id).values(heartbeat_at=utcnow()))
     if not getattr(result, "rowcount", 0):
         session.add(Worker(id=worker_id))
@@ -331,20 +342,19 @@ async def recover_interrupted(*, session: AsyncSession, settings: Settings, work
         streaming = text(
             "EXISTS (SELECT 1 FROM json_each(chats.messages) WHERE json_extract(value, '$.status') = 'streaming')"
         )
-    rows = (await session.execute(select(Chat.id, Chat.messages).where(streaming))).all()
+    columns = (Chat.id, Chat.team_id, Chat.user_id, Chat.agent_id, Chat.messages)
+    rows = (await session.execute(select(*columns).where(streaming))).all()
     await session.commit()
-    patch = {
-        "status": "interrupted",
-        "error": {"message": "The server stopped before the answer was complete", "code": "interrupted"},
-    }
+    error = {"message": "The server stopped before the answer was complete", "code": "interrupted"}
+    patch = {"status": "interrupted", "error": error}
     marked = 0
-    for chat_id, messages in rows:
+    for chat_id, team_id, user_id, agent_id, messages in rows:
         for index, element in enumerate(messages or []):
             if not isinstance(element, dict) or element.get("status") != "streaming":
                 continue
             if str(element.get("_worker")) in live:
                 continue
-            marked += await _patch_message(
+            written = await _patch_message(
                 session,
                 chat_id=chat_id,
                 index=index,
@@ -353,6 +363,19 @@ async def recover_interrupted(*, session: AsyncSession, settings: Settings, work
                 only_streaming=True,
                 touch=True,
             )
+            if written:
+                marked += 1
+                await error_logs.record_error(
+                    session=session,
+                    team_id=team_id,
+                    user_id=user_id,
+                    chat_id=chat_id,
+                    agent_id=agent_id,
+                    code="interrupted",
+                    message=error["message"],
+                    upstream_status=None,
+                    detail={"reason": "its worker stopped", "worker": str(element.get("_worker"))},
+                )
         await session.commit()
     await session.execute(delete(Worker).where(Worker.heartbeat_at < cutoff, Worker.id != worker_id))
     await session.commit()
