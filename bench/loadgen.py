@@ -137,6 +137,8 @@ class StreamResult:
     #: Time to the response head (for the service: auth, checks and the append done, before n8n answers).
     head: float | None = None
     chunks: int = 0
+    #: Characters of text received (merged `message` events carry several upstream chunks).
+    chars: int = 0
     gaps: list[float] = field(default_factory=list)
     duration: float = 0.0
     reason: str | None = None
@@ -243,6 +245,7 @@ async def one_stream(
                         for obj in nd.feed(data):
                             if obj.get("type") == "item" and isinstance(obj.get("content"), str):
                                 chunks += 1
+                                result.chars += len(obj["content"])
                             elif obj.get("type") == "end":
                                 checker.terminal = "done"
                             elif obj.get("type") in ("error", "invalid"):
@@ -251,6 +254,7 @@ async def one_stream(
                         for event in sse.feed(data):
                             if checker.event(event):
                                 chunks += 1
+                                result.chars += len(event.data["data"]["content"])
                         if checker.violation is not None:
                             result.outcome, result.reason = "failed", checker.violation
                             return result
@@ -398,6 +402,7 @@ def summarize(results: list[StreamResult]) -> dict[str, Any]:
         "truncated": sum(r.outcome == "truncated" for r in results),
         "reasons": reasons,
         "chunks": sum(r.chunks for r in results),
+        "chars": sum(r.chars for r in results),
         "ttfc_p50_ms": ms(percentile(ttfc, 50)),
         "ttfc_p99_ms": ms(percentile(ttfc, 99)),
         "head_p50_ms": ms(percentile(heads, 50)),

@@ -250,6 +250,7 @@ class Bench:
     results: dict[str, Any] = field(default_factory=dict)
     profile_dir: Path | None = None
     phase: str = ""
+    chars_per_chunk: float | None = None
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
         proc = Proc(name, cmd, {**self.env, **(env or {})}, self.log_dir)
@@ -398,6 +399,17 @@ def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         spy.kill()
         spy.wait(5)
+
+
+def per_chunk(bench: Bench, summary: dict[str, Any]) -> None:
+    """Express an unpaced run in upstream chunks (text received ÷ the upstream's characters per chunk)."""
+    if bench.chars_per_chunk is None or not summary.get("chars"):
+        return
+    chunks = summary["chars"] / bench.chars_per_chunk
+    summary["events_per_s"] = summary["chunks_per_s"]
+    summary["chunks_per_s"] = round(chunks / summary["wall_s"], 1)
+    if summary.get("server_cpu_s") is not None:
+        summary["cpu_us_per_chunk"] = round(summary["server_cpu_s"] / chunks * 1e6, 1)
 
 
 async def run_hold(bench: Bench, target: Target, streams: int) -> dict[str, Any]:
@@ -629,6 +641,13 @@ async def benchmark(
                 stagger=0.1,
                 fresh_chats=True,
             )
+        # Upstream chunks relayed, from the text received: the service merges chunks that piled up into one
+        # event, the bare relay never does, so events are not comparable but the text is.
+        direct_tp = throughput.get("direct", {})
+        if direct_tp.get("chunks") and direct_tp.get("chars"):
+            bench.chars_per_chunk = direct_tp["chars"] / direct_tp["chunks"]
+        for summary in throughput.values():
+            per_chunk(bench, summary)
         report["throughput"] = throughput
 
         log("streams held open")
@@ -718,6 +737,7 @@ async def multi_phase(bench: Bench) -> dict[str, Any]:
                 ),
                 "processes": len(target.pids()),
             }
+            per_chunk(bench, multi[str(workers)]["throughput"])
         finally:
             bench.stop(proc)
     return multi
