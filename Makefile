@@ -47,5 +47,12 @@ fmt: $(VENV)/.dev
 schema: $(VENV)/.dev
 	$(PY) -m tools.schema_sql
 
+# Streaming benchmark (bench/README.md): PostgreSQL at 127.0.0.1:5432, loopback only; results in bench/results/.
+bench: $(VENV)/.dev
+	ulimit -n 65536 2>/dev/null || true; $(PY) -m bench.run
+
+bench-quick: $(VENV)/.dev
+	ulimit -n 65536 2>/dev/null || true; $(PY) -m bench.run --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

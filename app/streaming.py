@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from fastapi.sse import ServerSentEvent
 
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
@@ -40,6 +39,9 @@ ERROR_BODY_EXCERPT = 4096
 UTF8_BOM = b"\xef\xbb\xbf"
 EXCERPT_CHARS = 300
 WAITING = {"description": "Waiting for the agent", "done": False}
+#: Idle pooled connections to n8n are dropped before n8n (Node's 5 s keep-alive) closes them; reusing one
+#: n8n is closing fails the POST with ServerDisconnectedError (seen under load in the benchmark).
+N8N_KEEPALIVE_SECONDS = 4.0
 
 
 class StreamFailure(Exception):
@@ -388,7 +390,11 @@ class N8nStreamer:
         if self._session is None or self._session.closed:
             s = self.settings
             connector = aiohttp.TCPConnector(
-                resolver=PolicyResolver(s), limit=s.N8N_POOL_LIMIT, limit_per_host=0, ttl_dns_cache=10
+                resolver=PolicyResolver(s),
+                limit=s.N8N_POOL_LIMIT,
+                limit_per_host=0,
+                ttl_dns_cache=10,
+                keepalive_timeout=N8N_KEEPALIVE_SECONDS,
             )
             # total=None: no hidden cap shorter than N8N_TOTAL_TIMEOUT (aiohttp's default total is 300 s).
             timeout = aiohttp.ClientTimeout(
@@ -564,12 +570,14 @@ def _event_json(kind: str, data: Any) -> str:
     return json.dumps({"type": kind, "data": data}, ensure_ascii=False)
 
 
-def _sse(event_id: int, kind: str, data: Any) -> ServerSentEvent:
-    # raw_data: serialized once here with json.dumps (FastAPI would run jsonable_encoder first).
-    return ServerSentEvent(raw_data=_event_json(kind, data), id=str(event_id))
+def _frame(event_id: int, kind: str, data: Any) -> bytes:
+    # The bytes FastAPI's format_sse_event writes (data line, then id); our JSON never holds a raw newline.
+    return b"data: " + _event_json(kind, data).encode() + b"\nid: " + str(event_id).encode() + b"\n\n"
 
 
-PING = ServerSentEvent(comment="ping")
+PING = b": ping\n\n"
+#: What FastAPI's EventSourceResponse adds; the stream is a plain StreamingResponse of pre-encoded bytes.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -606,14 +614,19 @@ class Generation:
             self._waiter = None
             waiter.set()
 
-    async def sse(self, ping_interval: float) -> AsyncIterator[ServerSentEvent]:
-        """The SSE events of this generation from the start; `: ping` comments while nothing happens."""
+    async def sse(self, ping_interval: float) -> AsyncIterator[bytes]:
+        """The SSE bytes of this generation from the start; `: ping` comments while nothing happens.
+
+        Every event already available when the reader wakes goes out in one write, so an upstream read
+        holding many chunks costs one ASGI message, not one per chunk (see docs/PERFORMANCE.md).
+        """
         start = {"user_message": self.new.user_message, "assistant_message_id": self.new.assistant_id}
         event_id = 1
-        yield _sse(event_id, "start", start)
+        yield _frame(event_id, "start", start)
         index = 0
         events = self.events
         while True:
+            frames: list[bytes] = []
             available = len(events)
             while index < available:
                 item = events[index]
@@ -624,15 +637,19 @@ class Generation:
                         end += 1
                     text = item if end == index + 1 else "".join(events[index:end])  # type: ignore[arg-type]
                     index = end
-                    yield _sse(event_id, "message", {"content": text})
+                    frames.append(_frame(event_id, "message", {"content": text}))
                 else:
                     index += 1
-                    yield _sse(event_id, item[0], item[1])
-                available = len(events)
+                    frames.append(_frame(event_id, item[0], item[1]))
             if self.terminal is not None:
                 kind, data = self.terminal
-                yield _sse(event_id + 1, kind, data)
+                frames.append(_frame(event_id + 1, kind, data))
+                yield b"".join(frames)
                 return
+            if frames:
+                yield b"".join(frames)
+                # New events may have arrived while the write was awaited: send them before sleeping.
+                continue
             if self._waiter is None:
                 self._waiter = asyncio.Event()
             waiter = self._waiter

@@ -16,6 +16,7 @@ from app.config import Settings
 from app.services.messages import NewGeneration
 from app.streaming import BodyParser, Generation, N8nStreamer, StreamFailure, StreamStats
 from tests.conftest import make_settings
+from tests.live import parse_sse
 from tools.fake_n8n import FakeN8n, load_captures
 
 CAPTURES = load_captures()
@@ -477,9 +478,10 @@ def _generation() -> Generation:
 
 async def _collect(generation: Generation, ping: float = 5) -> list[tuple[str | None, str | None, Any]]:
     out = []
-    async for event in generation.sse(ping):
-        data = json.loads(event.raw_data) if event.raw_data else None
-        out.append((event.id, event.comment, data))
+    async for block in generation.sse(ping):
+        # One write may hold several events (everything available when the reader woke).
+        for event in parse_sse(block.decode()):
+            out.append((event.id, event.comment, event.data))
     return out
 
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.responses import StreamingResponse
 
 from app.auth import CurrentUser, SettingsDep
 from app.db import SessionDep
 from app.schemas import MessageCreate
 from app.services.messages import start_message
-from app.streaming import Generation, GenerationRegistry
+from app.streaming import SSE_HEADERS, Generation, GenerationRegistry
 
 router = APIRouter(prefix="/api/chats", tags=["messages"])
 
@@ -41,6 +40,10 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class EventStreamResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+
 async def start_generation(
     request: Request,
     chat_id: uuid.UUID,
@@ -65,12 +68,13 @@ async def start_generation(
 
 @router.post(
     "/{chat_id}/messages",
-    response_class=EventSourceResponse,
+    response_class=EventStreamResponse,
     summary="Send a message; the answer streams back as Server-Sent Events",
     responses=RESPONSES,
 )
 async def send_message(
     generation: Annotated[Generation, Depends(start_generation)], settings: SettingsDep
-) -> AsyncIterator[ServerSentEvent]:
-    async for event in generation.sse(settings.STREAM_PING_INTERVAL):
-        yield event
+) -> StreamingResponse:
+    # A plain StreamingResponse of pre-encoded events: FastAPI's EventSourceResponse runs two extra tasks,
+    # two memory streams and a timeout scope per event, which cost 5x the bare relay's CPU per chunk.
+    return EventStreamResponse(generation.sse(settings.STREAM_PING_INTERVAL), headers=SSE_HEADERS)

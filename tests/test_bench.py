@@ -1,0 +1,104 @@
+"""The benchmark's own parsers and contract checks (no benchmarking here: bench/ is run by `make bench`)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.loadgen import ContractChecker, Event, NDJSONParser, SSEParser, StreamResult, percentile, summarize
+
+
+def frame(event_id: int, kind: str, data: object) -> bytes:
+    return f"data: {json.dumps({'type': kind, 'data': data})}\nid: {event_id}\n\n".encode()
+
+
+def test_sse_parser_reassembles_events_cut_anywhere() -> None:
+    wire = frame(1, "start", {}) + b": ping\n\n" + frame(2, "message", {"content": "h\u00e9"}) + frame(3, "done", {})
+    for size in (1, 2, 3, 7, len(wire)):
+        parser = SSEParser()
+        events: list[Event] = []
+        for pos in range(0, len(wire), size):
+            events += parser.feed(wire[pos : pos + size])
+        assert [(e.id, e.type, e.comment) for e in events] == [
+            ("1", "start", None),
+            (None, None, "ping"),
+            ("2", "message", None),
+            ("3", "done", None),
+        ]
+        assert events[2].data["data"]["content"] == "h\u00e9"
+        assert not parser.pending
+
+
+def test_sse_parser_accepts_crlf_split_between_reads() -> None:
+    parser = SSEParser()
+    events = parser.feed(b'id: 1\r\ndata: {"type": "message", "data": {"content": "a"}}\r')
+    assert events == []
+    events = parser.feed(b"\n\r\n")
+    assert [(e.id, e.type) for e in events] == [("1", "message")]
+
+
+def test_sse_parser_joins_multiline_data_and_flags_invalid_json() -> None:
+    parser = SSEParser()
+    events = parser.feed(b'data: {"type":\ndata: "done"}\nid: 9\n\ndata: not json\n\n')
+    assert events[0].type == "done"
+    assert events[0].id == "9"
+    assert events[1].type == "invalid"
+
+
+def test_sse_parser_reports_an_unfinished_block_as_pending() -> None:
+    parser = SSEParser()
+    assert parser.feed(b'data: {"type": "message"') == []
+    assert parser.pending
+
+
+def test_ndjson_parser_keeps_a_partial_line_for_the_next_read() -> None:
+    parser = NDJSONParser()
+    assert parser.feed(b'{"type":"begin"}\n{"type":"it') == [{"type": "begin"}]
+    assert parser.feed(b'em","content":"x"}\n[1]\n') == [{"type": "item", "content": "x"}, {"type": "invalid"}]
+
+
+def _check(kind: str, events: list[tuple[str, str, object]]) -> ContractChecker:
+    checker = ContractChecker(kind)  # type: ignore[arg-type]
+    for event_id, type_, data in events:
+        checker.event(Event(event_id, {"type": type_, "data": data}))
+    return checker
+
+
+def test_contract_accepts_the_service_stream() -> None:
+    checker = _check(
+        "service",
+        [("1", "start", {}), ("2", "status", {}), ("3", "message", {"content": "a"}), ("4", "done", {})],
+    )
+    assert checker.violation is None
+    assert checker.terminal == "done"
+
+
+def test_contract_rejects_a_missing_start_a_gap_in_ids_and_events_after_the_end() -> None:
+    assert _check("service", [("1", "message", {"content": "a"})]).violation == "first event is 'message', not 'start'"
+    gap = _check("bare", [("1", "message", {"content": "a"}), ("3", "message", {"content": "b"})])
+    assert gap.violation == "event id '3' after 1"
+    late = _check("bare", [("1", "done", {}), ("2", "message", {"content": "a"})])
+    assert late.violation == "event after the terminal event"
+    assert _check("bare", [("1", "message", {"content": 5})]).violation == "message event without text content"
+
+
+def test_contract_keeps_the_error_code() -> None:
+    checker = _check("service", [("1", "start", {}), ("2", "error", {"code": "upstream_timeout", "message": "x"})])
+    assert checker.terminal == "error"
+    assert checker.error_code == "upstream_timeout"
+
+
+def test_summary_counts_outcomes_and_percentiles() -> None:
+    results = [
+        StreamResult(outcome="complete", ttfc=0.010, chunks=3, gaps=[0.02, 0.0]),
+        StreamResult(outcome="complete", ttfc=0.030, chunks=1),
+        StreamResult(outcome="failed", reason="HTTP 409"),
+        StreamResult(outcome="truncated", reason="timeout", ttfc=0.020, chunks=1),
+    ]
+    summary = summarize(results)
+    assert (summary["complete"], summary["failed"], summary["truncated"]) == (2, 1, 1)
+    assert summary["reasons"] == {"HTTP 409": 1, "timeout": 1}
+    assert summary["chunks"] == 5
+    assert summary["ttfc_p50_ms"] == 20.0
+    assert summary["ttfc_p99_ms"] == 30.0
+    assert percentile([], 50) is None
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
