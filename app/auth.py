@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import os
 import uuid
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Protocol
@@ -29,7 +32,7 @@ INVALID_TOKEN = "Could not validate credentials"
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/auth/token", auto_error=False)
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -49,9 +52,23 @@ def hash_password_sync(password: str, rounds: int) -> str:
     return bcrypt.hashpw(_prehash(password), bcrypt.gensalt(rounds=rounds)).decode()
 
 
+#: bcrypt threads per process: all cores but one, so a login burst never takes the core the event loop
+#: (and every open stream) runs on. bcrypt releases the GIL; the contention is for CPU, not the lock.
+BCRYPT_THREADS = max(1, (os.cpu_count() or 2) - 1)
+_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = weakref.WeakKeyDictionary()
+
+
+def _bcrypt_limiter() -> anyio.CapacityLimiter:
+    loop = asyncio.get_running_loop()
+    limiter = _limiters.get(loop)
+    if limiter is None:
+        limiter = _limiters[loop] = anyio.CapacityLimiter(BCRYPT_THREADS)
+    return limiter
+
+
 async def hash_password(password: str, rounds: int) -> str:
     """bcrypt runs in a worker thread: at cost 12 it takes ~250 ms, which must not block the event loop."""
-    return await anyio.to_thread.run_sync(hash_password_sync, password, rounds)
+    return await anyio.to_thread.run_sync(hash_password_sync, password, rounds, limiter=_bcrypt_limiter())
 
 
 async def verify_password(password: str, password_hash: str) -> bool:
@@ -61,7 +78,7 @@ async def verify_password(password: str, password_hash: str) -> bool:
         except ValueError:
             return False
 
-    return await anyio.to_thread.run_sync(_check)
+    return await anyio.to_thread.run_sync(_check, limiter=_bcrypt_limiter())
 
 
 # --- tokens ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse
 
 from app.auth import CurrentUser, SettingsDep
 from app.db import SessionDep
@@ -40,10 +40,6 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class EventStreamResponse(StreamingResponse):
-    media_type = "text/event-stream"
-
-
 async def start_generation(
     request: Request,
     chat_id: uuid.UUID,
@@ -68,13 +64,16 @@ async def start_generation(
 
 @router.post(
     "/{chat_id}/messages",
-    response_class=EventStreamResponse,
+    # No response_class here: with EventSourceResponse as the class FastAPI expects a generator of events;
+    # the endpoint returns the EventSourceResponse itself, and RESPONSES documents text/event-stream.
+    response_model=None,
     summary="Send a message; the answer streams back as Server-Sent Events",
     responses=RESPONSES,
 )
 async def send_message(
     generation: Annotated[Generation, Depends(start_generation)], settings: SettingsDep
-) -> StreamingResponse:
-    # A plain StreamingResponse of pre-encoded events: FastAPI's EventSourceResponse runs two extra tasks,
-    # two memory streams and a timeout scope per event, which cost 5x the bare relay's CPU per chunk.
-    return EventStreamResponse(generation.sse(settings.STREAM_PING_INTERVAL), headers=SSE_HEADERS)
+) -> EventSourceResponse:
+    # FastAPI's EventSourceResponse over pre-encoded events (fastapi.sse.format_sse_event), not a generator
+    # of ServerSentEvent: that path runs two extra tasks, two memory streams and a timeout scope per event,
+    # 5x the bare relay's CPU per chunk. Events available together go out in one write.
+    return EventSourceResponse(generation.sse(settings.STREAM_PING_INTERVAL), headers=SSE_HEADERS)
