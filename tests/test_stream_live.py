@@ -183,7 +183,10 @@ async def test_live_fault_outcome(
 async def test_live_no_database_connection_held_while_waiting(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:
-    settings = fast_settings(database_url, tmp_path, N8N_READ_TIMEOUT=3)
+    # Heartbeat and checkpoints slowed down: they use a connection for a moment, the waiting stream must not.
+    settings = fast_settings(
+        database_url, tmp_path, N8N_READ_TIMEOUT=3, WORKER_HEARTBEAT_INTERVAL=60, STREAM_CHECKPOINT_INTERVAL=60
+    )
     async with live_server(settings) as server:
         setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=stall&hang=1.5")
         task = asyncio.create_task(read_events(server, setup))
