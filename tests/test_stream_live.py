@@ -275,18 +275,8 @@ async def test_kill_mid_stream_then_restart_marks_interrupted(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:
     settings = fast_settings(database_url, tmp_path)
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "--factory", "main:create_app", "--port", str(port), "--no-access-log"]
-    process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env=_subprocess_env(settings))
+    process, port = await _start_subprocess(settings)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            async with asyncio.timeout(20):
-                while True:
-                    try:
-                        if (await client.get("/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.05)
         setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=150")
         url = f"http://127.0.0.1:{port}/api/chats/{setup.chat.id}/messages"
         seen = ""

@@ -49,13 +49,17 @@ def no_store(response: Response) -> None:
 router = APIRouter(prefix=AUTH_PATH, tags=["auth"], dependencies=[Depends(no_store)])
 
 
-def set_session_cookies(response: Response, settings: Settings, tokens: SessionTokens) -> None:
-    common: dict[str, Any] = {
+def _cookie_flags(settings: Settings) -> dict[str, Any]:
+    return {
         "httponly": True,
         "secure": settings.COOKIE_SECURE,
         "samesite": settings.COOKIE_SAMESITE,
         "domain": settings.COOKIE_DOMAIN,
     }
+
+
+def set_session_cookies(response: Response, settings: Settings, tokens: SessionTokens) -> None:
+    common = _cookie_flags(settings)
     response.set_cookie(ACCESS_COOKIE, tokens.access.token, max_age=tokens.access.expires_in, path="/", **common)
     if tokens.refresh is not None:
         response.set_cookie(
@@ -64,12 +68,7 @@ def set_session_cookies(response: Response, settings: Settings, tokens: SessionT
 
 
 def clear_session_cookies(response: Response, settings: Settings) -> None:
-    common: dict[str, Any] = {
-        "httponly": True,
-        "secure": settings.COOKIE_SECURE,
-        "samesite": settings.COOKIE_SAMESITE,
-        "domain": settings.COOKIE_DOMAIN,
-    }
+    common = _cookie_flags(settings)
     response.delete_cookie(ACCESS_COOKIE, path="/", **common)
     response.delete_cookie(REFRESH_COOKIE, path=AUTH_PATH, **common)
 
