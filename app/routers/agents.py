@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Header, Query, Request, Response, UploadFile, status
 
 from app.auth import AdminUser, CurrentUser, SettingsDep
 from app.db import SessionDep
 from app.errors import PayloadTooLarge
+from app.routers.responses import R401, R403_ADMIN, Responses, error_doc
 from app.schemas import AgentAdminRead, AgentCreate, AgentRead, AgentUpdate
 from app.services import agents as agents_service
 from app.services import avatars as avatars_service
@@ -19,14 +20,10 @@ router = APIRouter(prefix="/api/agents", tags=["agents"])
 AgentOut = AgentAdminRead | AgentRead
 
 
-def _err(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"example": {"detail": description}}}}
-
-
-AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: _err("Not authenticated")}
-ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {**AUTH_ERRORS, 403: _err("Admin role required")}
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _err("Agent not found")}
-SSRF_422: dict[int | str, dict[str, Any]] = {
+AUTH_ERRORS: Responses = R401
+ADMIN_ERRORS: Responses = {**R401, **R403_ADMIN}
+NOT_FOUND: Responses = {404: error_doc("Agent not found")}
+SSRF_422: Responses = {
     422: {
         "description": "Invalid body, or the webhook URL is refused by the SSRF policy (`detail` gives the reason)",
     }
@@ -114,8 +111,8 @@ async def delete_agent(agent_id: uuid.UUID, session: SessionDep, user: AdminUser
     responses={
         **ADMIN_ERRORS,
         **NOT_FOUND,
-        413: _err("Avatar is larger than AVATAR_MAX_BYTES (or has more than AVATAR_MAX_PIXELS pixels)"),
-        415: _err(avatars_service.UNSUPPORTED),
+        413: error_doc("Avatar is larger than AVATAR_MAX_BYTES (or has more than AVATAR_MAX_PIXELS pixels)"),
+        415: error_doc(avatars_service.UNSUPPORTED),
     },
 )
 async def upload_avatar(
@@ -154,7 +151,7 @@ async def delete_avatar(agent_id: uuid.UUID, session: SessionDep, user: AdminUse
         200: {"content": {t: {} for t in avatars_service.FORMATS.values()}, "description": "The image"},
         304: {"description": "Not modified"},
         **AUTH_ERRORS,
-        404: _err("Agent not found / Avatar not found"),
+        404: error_doc("Agent not found / Avatar not found"),
     },
 )
 async def read_avatar(

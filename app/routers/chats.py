@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
 from app.auth import CurrentUser
 from app.db import SessionDep
+from app.routers.responses import R401, Responses, error_doc
 from app.schemas import ChatCreate, ChatRead, ChatSummary, ChatUpdate
 from app.services import chats as chats_service
 
 router = APIRouter(prefix="/api/chats", tags=["chats"])
 
 
-def _err(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"example": {"detail": description}}}}
-
-
-AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: _err("Not authenticated")}
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _err(chats_service.CHAT_NOT_FOUND)}
+AUTH_ERRORS: Responses = R401
+NOT_FOUND: Responses = {404: error_doc(chats_service.CHAT_NOT_FOUND)}
 
 
 @router.get(
@@ -59,8 +56,8 @@ async def list_chats(
     summary="Start a chat with an agent",
     responses={
         **AUTH_ERRORS,
-        404: _err("Agent not found"),
-        409: _err("Agent is inactive; an admin must reactivate it before new chats can use it"),
+        404: error_doc("Agent not found"),
+        409: error_doc("Agent is inactive; an admin must reactivate it before new chats can use it"),
     },
 )
 async def create_chat(data: ChatCreate, session: SessionDep, user: CurrentUser) -> ChatRead:

@@ -10,11 +10,12 @@ from app.services.auth import LOGIN_FAILED
 Responses = dict[int | str, dict[str, Any]]
 
 
-def error_doc(description: str, example: str) -> dict[str, Any]:
+def error_doc(description: str, example: str | None = None) -> dict[str, Any]:
+    """One documented `{"detail": ...}` error; the example is the description unless given."""
     return {
         "model": ErrorRead,
         "description": description,
-        "content": {"application/json": {"example": {"detail": example}}},
+        "content": {"application/json": {"example": {"detail": example or description}}},
     }
 
 
@@ -39,6 +40,7 @@ R401_LOGIN: Responses = {
         },
     }
 }
+R403_ADMIN: Responses = {403: error_doc("Admin role required")}
 R403_ORIGIN: Responses = {
     403: error_doc("Cookie-authenticated write from an origin that is not allowed", "Origin not allowed")
 }

@@ -8,19 +8,18 @@ from fastapi import APIRouter, status
 
 from app.auth import AdminUser, SettingsDep
 from app.db import SessionDep
-from app.routers.responses import R401, Responses, error_doc
+from app.routers.responses import R401, R403_ADMIN, Responses, error_doc
 from app.schemas import UserCreate, UserRead, UserUpdate
 from app.services import users as users_service
 
 router = APIRouter(prefix="/api/users", tags=["users"])
 
-R403: Responses = {403: error_doc("Admin role required", "Admin role required")}
 R404: Responses = {
     404: error_doc("No such user in your team (another team's id looks the same)", users_service.USER_NOT_FOUND)
 }
 
 
-@router.get("", response_model=list[UserRead], summary="Users of your team", responses={**R401, **R403})
+@router.get("", response_model=list[UserRead], summary="Users of your team", responses={**R401, **R403_ADMIN})
 async def list_users(admin: AdminUser, session: SessionDep) -> list[UserRead]:
     return [UserRead.model_validate(u) for u in await users_service.list_users(session=session, admin=admin)]
 
@@ -30,7 +29,11 @@ async def list_users(admin: AdminUser, session: SessionDep) -> list[UserRead]:
     status_code=status.HTTP_201_CREATED,
     response_model=UserRead,
     summary="Create a user in your team",
-    responses={**R401, **R403, 409: error_doc("Email already registered in this team", users_service.EMAIL_TAKEN)},
+    responses={
+        **R401,
+        **R403_ADMIN,
+        409: error_doc("Email already registered in this team", users_service.EMAIL_TAKEN),
+    },
 )
 async def create_user(body: UserCreate, admin: AdminUser, session: SessionDep, settings: SettingsDep) -> UserRead:
     user = await users_service.create_user(
@@ -51,7 +54,7 @@ async def create_user(body: UserCreate, admin: AdminUser, session: SessionDep, s
     summary="Change a user's role, activation or name",
     responses={
         **R401,
-        **R403,
+        **R403_ADMIN,
         **R404,
         409: error_doc("Would leave the team without an active admin", users_service.LAST_ADMIN),
     },
