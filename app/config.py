@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     DB_POOL_SIZE: int = Field(10, ge=1, le=1000)
     DB_MAX_OVERFLOW: int = Field(10, ge=0, le=1000)
     DB_CONNECT_TIMEOUT: float = Field(5.0, gt=0)
+    DB_POOL_PRE_PING: bool = False
+    DB_POOL_RECYCLE_SECONDS: int = Field(1800, ge=0)
     REDIS_URL: str | None = None
 
     JWT_SECRET: str = ""

@@ -44,7 +44,9 @@ def utcnow() -> datetime:
 
 def make_engine(settings: Settings) -> AsyncEngine:
     url = settings.DATABASE_URL
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # No pre-ping by default: it is a round trip on every checkout (two per stream). SQLAlchemy already
+    # invalidates the whole pool when a statement fails on a dead connection (see DB_POOL_PRE_PING).
+    kwargs: dict[str, Any] = {"pool_pre_ping": settings.DB_POOL_PRE_PING}
     if settings.is_sqlite:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -57,6 +59,7 @@ def make_engine(settings: Settings) -> AsyncEngine:
             pool_size=settings.DB_POOL_SIZE,
             max_overflow=settings.DB_MAX_OVERFLOW,
             pool_timeout=30,
+            pool_recycle=settings.DB_POOL_RECYCLE_SECONDS or -1,
             connect_args={"timeout": settings.DB_CONNECT_TIMEOUT},
         )
     engine = create_async_engine(url, **kwargs)

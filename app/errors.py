@@ -121,9 +121,21 @@ async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A statement that failed because its pooled connection was dead (database restarted): retryable 503.
+
+    SQLAlchemy has already dropped the pool's older connections, so the retry gets a fresh one. Any other
+    database error is a bug and goes on to the last-resort 500.
+    """
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return await _unavailable(request, exc)
+    raise exc
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for exc_type in UNAVAILABLE_ERRORS:
         app.add_exception_handler(exc_type, _unavailable)
+    app.add_exception_handler(sa_exc.DBAPIError, _database_error)

@@ -201,6 +201,39 @@ async def test_database_down_gives_503_not_500(tmp_path) -> None:
         await shutdown(app)
 
 
+async def test_pool_recovers_after_the_database_drops_its_connections(
+    app: FastAPI, client: httpx.AsyncClient, settings, session
+) -> None:
+    """Without pre-ping (the default), a dead pooled connection costs one 503 at most, never a 500."""
+    import asyncpg
+    from sqlalchemy import text
+
+    from tests.conftest import _plain_url
+    from tests.factories import auth_headers, create_user
+
+    assert settings.DB_POOL_PRE_PING is False
+    user = await create_user(session)
+    await session.close()
+    headers = auth_headers(settings, user)
+    assert (await client.get("/api/auth/me", headers=headers)).status_code == 200
+    async with app.state.db.engine.connect() as conn:
+        own_pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    # What a database restart does to every pooled connection.
+    admin = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
+    try:
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await admin.close()
+    assert own_pid
+    assert killed >= 1
+    statuses = [(await client.get("/api/auth/me", headers=headers)).status_code for _ in range(3)]
+    assert statuses[0] in (200, 503)
+    assert statuses[1:] == [200, 200]
+
+
 async def test_access_log_escapes_control_characters(
     tclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
