@@ -30,7 +30,13 @@ def add_test_routes(app: FastAPI) -> None:
     async def echo(body: Secretive) -> dict[str, int]:
         return {"count": body.count}
 
+    async def db_bug() -> None:
+        from sqlalchemy import exc as sa_exc
+
+        raise sa_exc.ProgrammingError("SELECT secret_column", {}, Exception("secret sql detail"))
+
     app.add_api_route("/test/boom", boom, methods=["GET"])
+    app.add_api_route("/test/db-bug", db_bug, methods=["GET"])
     app.add_api_route("/test/echo", echo, methods=["POST"])
 
 
@@ -103,6 +109,14 @@ async def test_unhandled_error_is_generic_500_without_trace(
     assert "Traceback" not in response.text
     assert response.headers["x-request-id"] == "req-500"
     assert any("unhandled error" in r.getMessage() for r in caplog.records)
+
+
+async def test_database_error_on_a_live_connection_is_generic_500(tclient: httpx.AsyncClient) -> None:
+    """Only a dead connection is retryable (503); a failing statement is a bug and stays a plain 500."""
+    response = await tclient.get("/test/db-bug", headers={"X-Request-ID": "req-db"})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "Internal server error", "request_id": "req-db"}
+    assert "secret" not in response.text
 
 
 async def test_validation_error_does_not_echo_input(tclient: httpx.AsyncClient) -> None:
