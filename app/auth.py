@@ -18,11 +18,13 @@ import bcrypt
 import jwt
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
+from sqlalchemy import bindparam, literal, select
 
 from app.config import Settings
 from app.db import SessionDep, utcnow
 from app.errors import Forbidden, Unauthorized
 from app.models import User
+from app.services.revocation import REVOKED, revoked_params
 
 TokenType = Literal["access", "refresh"]
 REQUIRED_CLAIMS = ["sub", "team_id", "type", "jti", "iat", "exp", "iss", "aud"]
@@ -199,13 +201,25 @@ def check_cookie_origin(request: Request, settings: Settings) -> None:
 
 
 class RevocationStore(Protocol):
-    """What `app.state.revocations` provides (see app/services/revocation.py)."""
+    """What `app.state.revocations` provides (see app/services/revocation.py).
+
+    `in_database`: revocations are rows in this database, so `current_user` checks them in its own query.
+    """
+
+    in_database: bool
 
     async def is_revoked(self, jti: str) -> bool: ...
 
     async def is_any_revoked(self, ids: list[str]) -> bool: ...
 
     async def revoke(self, jti: str, expires_at: datetime) -> None: ...
+
+
+#: The user of a token, and whether any of its ids is revoked (one round trip with the database store).
+_USER_AND_REVOKED = select(User, REVOKED).where(User.id == bindparam("uid")).execution_options(populate_existing=True)
+_USER_NOT_REVOKED = (
+    select(User, literal(False)).where(User.id == bindparam("uid")).execution_options(populate_existing=True)
+)
 
 
 def family_key(family_id: str) -> str:
@@ -230,15 +244,22 @@ async def current_user(
     if "authorization" not in request.headers:
         check_cookie_origin(request, settings)
     claims = decode_token(token, settings=settings, expected_type="access")
+    ids = [claims["jti"]]
+    if isinstance(claims.get("fam"), str):
+        ids.append(family_key(claims["fam"]))
     revocations: RevocationStore | None = getattr(request.app.state, "revocations", None)
-    if revocations is not None:
-        ids = [claims["jti"]]
-        if isinstance(claims.get("fam"), str):
-            ids.append(family_key(claims["fam"]))
-        if await revocations.is_any_revoked(ids):
+    params: dict[str, Any] = {"uid": uuid.UUID(claims["sub"])}
+    if revocations is not None and revocations.in_database:
+        query, params = _USER_AND_REVOKED, {**params, **revoked_params(ids)}
+    else:
+        if revocations is not None and await revocations.is_any_revoked(ids):
             raise Unauthorized(INVALID_TOKEN)
-    user = await session.get(User, uuid.UUID(claims["sub"]), populate_existing=True)
-    if user is None or not user.is_active or str(user.team_id) != claims["team_id"]:
+        query = _USER_NOT_REVOKED
+    row = (await session.execute(query, params)).first()
+    if row is None or row[1]:
+        raise Unauthorized(INVALID_TOKEN)
+    user: User = row[0]
+    if not user.is_active or str(user.team_id) != claims["team_id"]:
         raise Unauthorized(INVALID_TOKEN)
     if issued_before(claims, user.tokens_valid_after):
         raise Unauthorized(INVALID_TOKEN)

@@ -82,6 +82,11 @@ class Database:
     def __init__(self, settings: Settings) -> None:
         self.engine = make_engine(settings)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        # Same pool, no BEGIN/COMMIT: for work that is one statement (a checkpoint, a successful final
+        # write), where a transaction only adds two round trips.
+        self.autocommit = async_sessionmaker(
+            self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False, autoflush=False
+        )
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -863,8 +863,10 @@ class GenerationRegistry:
         else:
             status = "interrupted" if cancelled else "error"
             error = {"message": failure.message, "code": failure.code}
+        # A success is one UPDATE; a failure also writes its error_logs row, in the same transaction.
+        sessionmaker = self.db.autocommit if error is None else self.db.sessionmaker
         try:
-            async with self.db.sessionmaker() as session:
+            async with sessionmaker() as session:
                 stored = await message_service.finish_message(
                     session=session,
                     settings=self.settings,
@@ -920,7 +922,7 @@ class _Checkpointer:
         count = len(chunks)
         new = self.generation.new
         try:
-            async with self.registry.db.sessionmaker() as session:
+            async with self.registry.db.autocommit() as session:
                 await message_service.checkpoint_message(
                     session=session, settings=self.registry.settings, new=new, content="".join(chunks[:count])
                 )

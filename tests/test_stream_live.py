@@ -386,7 +386,9 @@ async def test_startup_survives_unmigrated_database_and_retries(tmp_path: Path, 
 async def test_running_worker_recovers_streams_of_a_worker_that_died_later(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:
-    settings = make_settings(database_url, tmp_path, WORKER_HEARTBEAT_INTERVAL=0.05)
+    # Stale after 3 beats (0.6 s): long enough that the fresh dead-worker row still looks alive on a busy
+    # machine when the first check runs (0.05 s made this test flaky), short enough to settle quickly.
+    settings = make_settings(database_url, tmp_path, WORKER_HEARTBEAT_INTERVAL=0.2)
     dead = uuid.uuid4()
     async with app.state.db.sessionmaker() as s:
         s.add(Worker(id=dead))
@@ -404,7 +406,7 @@ async def test_running_worker_recovers_streams_of_a_worker_that_died_later(
     try:
         await running.state.generations.startup()
         assert (await assistant_of(app, setup.chat.id))["status"] == "streaming"  # the dead worker looks alive
-        message = await settled(app, setup.chat.id, within=3)
+        message = await settled(app, setup.chat.id, within=5)
     finally:
         await running.state.generations.shutdown()
         await shutdown(running)

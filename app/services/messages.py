@@ -6,21 +6,24 @@ write in Python), so concurrent sends, checkpoints and recovery can never lose o
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Uuid, bindparam, delete, select, text, update
+from sqlalchemy import TextClause, Uuid, bindparam, delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Bundle
 
 from app.config import Settings
 from app.db import UTCDateTime, utcnow
-from app.errors import Conflict, Unprocessable
+from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Agent, Chat, User, Worker
 from app.services import error_logs
-from app.services.chats import get_owned_chat, title_from_message
+from app.services.chats import CHAT_NOT_FOUND, title_from_message
 
 GENERATION_RUNNING = "A generation is already running in this chat"
 AGENT_INACTIVE = "This chat's agent is no longer active"
@@ -28,13 +31,13 @@ EMPTY_CONTENT = "Message content must not be empty"
 #: A worker whose heartbeat is older than this many intervals is considered dead by start-up recovery.
 STALE_HEARTBEATS = 3
 
-_PG_APPEND = text(
+_PG_APPEND_SQL = (
     "UPDATE chats SET messages = messages || CAST(:new AS jsonb), message_count = message_count + 2, "
     "last_message_at = :now, updated_at = :now, title = COALESCE(title, :title) "
     'WHERE id = :id AND user_id = :uid AND NOT (messages @> CAST(\'[{"status": "streaming"}]\' AS jsonb)) '
     "RETURNING jsonb_array_length(messages)"
 )
-_SQLITE_APPEND = text(
+_SQLITE_APPEND_SQL = (
     "UPDATE chats SET messages = json_insert(json_insert(messages, '$[#]', json(:m1)), '$[#]', json(:m2)), "
     "message_count = message_count + 2, last_message_at = :now, updated_at = :now, title = COALESCE(title, :title) "
     "WHERE id = :id AND user_id = :uid AND NOT EXISTS "
@@ -55,6 +58,45 @@ _SQLITE_PATCH = (
 _PG_STREAMING = " AND messages -> CAST(:idx AS integer) ->> 'status' = 'streaming'"
 _SQLITE_STREAMING = " AND json_extract(messages, '$[' || :idx || '].status') = 'streaming'"
 _TOUCH = ", updated_at = :now, last_message_at = :now"
+
+
+def _typed(statement: str) -> TextClause:
+    """A text() statement built once, with the types of the parameters it uses (`:now`, `:id`, `:uid`)."""
+    types = {"now": UTCDateTime(), "id": Uuid(), "uid": Uuid()}
+    used = set(re.findall(r":(\w+)", statement))
+    return text(statement).bindparams(*(bindparam(name, type_=type_) for name, type_ in types.items() if name in used))
+
+
+_PG_APPEND = _typed(_PG_APPEND_SQL)
+_SQLITE_APPEND = _typed(_SQLITE_APPEND_SQL)
+
+
+@functools.cache
+def _patch_statement(postgres: bool, only_streaming: bool, touch: bool) -> TextClause:
+    """Each variant of the element patch is built once (not one `text()` per write)."""
+    template = _PG_PATCH if postgres else _SQLITE_PATCH
+    streaming = (_PG_STREAMING if postgres else _SQLITE_STREAMING) if only_streaming else ""
+    return _typed(template.format(touch=_TOUCH if touch else "", streaming=streaming))
+
+
+#: The caller's own chat (same 404 rule as `get_owned_chat`) with what its agent needs, in one round trip.
+_CHAT_AND_AGENT = (
+    select(
+        Bundle("chat", Chat.id, Chat.messages),
+        Bundle(
+            "agent",
+            Agent.id,
+            Agent.team_id,
+            Agent.is_active,
+            Agent.webhook_url,
+            Agent.webhook_headers_encrypted,
+            Agent.system_prompt,
+            Agent.config,
+        ),
+    )
+    .join(Agent, Agent.id == Chat.agent_id)
+    .where(Chat.id == bindparam("cid"), Chat.user_id == bindparam("uid"), Chat.team_id == bindparam("tid"))
+)
 
 
 @dataclass
@@ -128,9 +170,11 @@ async def start_message(
     # NUL and lone surrogates never get here: every request body refuses them (app.schemas.InputModel).
     if len(content) > settings.MESSAGE_MAX_CHARS:
         raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
-    chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
-    agent = await session.get(Agent, chat.agent_id)
-    if agent is None or not agent.is_active or agent.team_id != user.team_id:
+    row = (await session.execute(_CHAT_AND_AGENT, {"cid": chat_id, "uid": user.id, "tid": user.team_id})).first()
+    if row is None:
+        raise NotFound(CHAT_NOT_FOUND)
+    chat, agent = row.chat, row.agent
+    if not agent.is_active or agent.team_id != user.team_id:
         raise Conflict(AGENT_INACTIVE)
     prior = list(chat.messages or [])
     if any(isinstance(m, dict) and m.get("status") == "streaming" for m in prior):
@@ -156,14 +200,10 @@ async def start_message(
     }
     params: dict[str, Any] = {"now": now, "title": title_from_message(content), "id": chat.id, "uid": user.id}
     if _is_postgres(session):
-        statement = _PG_APPEND.bindparams(
-            bindparam("now", type_=UTCDateTime()), bindparam("id", type_=Uuid()), bindparam("uid", type_=Uuid())
-        )
+        statement = _PG_APPEND
         params["new"] = json.dumps([user_message, placeholder])
     else:
-        statement = _SQLITE_APPEND.bindparams(
-            bindparam("now", type_=UTCDateTime()), bindparam("id", type_=Uuid()), bindparam("uid", type_=Uuid())
-        )
+        statement = _SQLITE_APPEND
         params["m1"] = json.dumps(user_message)
         params["m2"] = json.dumps(placeholder)
     length = (await session.execute(statement, params)).scalar_one_or_none()
@@ -212,17 +252,12 @@ async def _patch_message(
 ) -> bool:
     """Merge `patch` into one element in SQL; False when the guard did not match (no write happened)."""
     postgres = _is_postgres(session)
-    template = _PG_PATCH if postgres else _SQLITE_PATCH
-    streaming = (_PG_STREAMING if postgres else _SQLITE_STREAMING) if only_streaming else ""
-    statement = text(template.format(touch=_TOUCH if touch else "", streaming=streaming))
-    binds: list[Any] = [bindparam("id", type_=Uuid())]
     params: dict[str, Any] = {"id": chat_id, "mid": message_id, "patch": json.dumps(patch), "idx": index}
     if postgres:
         params["idx_s"] = str(index)
     if touch:
-        binds.append(bindparam("now", type_=UTCDateTime()))
         params["now"] = utcnow()
-    result = await session.execute(statement.bindparams(*binds), params)
+    result = await session.execute(_patch_statement(postgres, only_streaming, touch), params)
     return bool(getattr(result, "rowcount", 0))
 
 
