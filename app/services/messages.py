@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import TextClause, Uuid, bindparam, delete, select, text, update
+from sqlalchemy import Select, TextClause, Uuid, bindparam, delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Bundle
+from sqlalchemy.types import TypeEngine
 
 from app.config import Settings
 from app.db import UTCDateTime, utcnow
@@ -62,7 +63,7 @@ _TOUCH = ", updated_at = :now, last_message_at = :now"
 
 def _typed(statement: str) -> TextClause:
     """A text() statement built once, with the types of the parameters it uses (`:now`, `:id`, `:uid`)."""
-    types = {"now": UTCDateTime(), "id": Uuid(), "uid": Uuid()}
+    types: dict[str, TypeEngine[Any]] = {"now": UTCDateTime(), "id": Uuid(), "uid": Uuid()}
     used = set(re.findall(r":(\w+)", statement))
     return text(statement).bindparams(*(bindparam(name, type_=type_) for name, type_ in types.items() if name in used))
 
@@ -80,7 +81,7 @@ def _patch_statement(postgres: bool, only_streaming: bool, touch: bool) -> TextC
 
 
 #: The caller's own chat (same 404 rule as `get_owned_chat`) with what its agent needs, in one round trip.
-_CHAT_AND_AGENT = (
+_CHAT_AND_AGENT: Select[Any, Any] = (
     select(
         Bundle("chat", Chat.id, Chat.messages),
         Bundle(
