@@ -19,9 +19,10 @@ import jwt
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy import bindparam, literal, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.db import SessionDep, utcnow
+from app.db import AutocommitSessionDep, SessionDep, utcnow
 from app.errors import Forbidden, Unauthorized
 from app.models import User
 from app.services.revocation import REVOKED, revoked_params
@@ -227,12 +228,7 @@ def family_key(family_id: str) -> str:
     return f"fam:{family_id}"
 
 
-async def current_user(
-    request: Request,
-    session: SessionDep,
-    settings: SettingsDep,
-    _bearer: Annotated[str | None, Depends(oauth2_scheme)] = None,
-) -> User:
+async def authenticate(request: Request, session: AsyncSession, settings: Settings) -> User:
     """The user of the access token (Bearer header, else cookie), re-checked against the database each time.
 
     A deactivated user, a revoked token or family, or a token older than the user's `tokens_valid_after`
@@ -267,7 +263,28 @@ async def current_user(
     return user
 
 
+async def current_user(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    _bearer: Annotated[str | None, Depends(oauth2_scheme)] = None,
+) -> User:
+    """The caller, loaded in the request's session (so services can change it and commit)."""
+    return await authenticate(request, session, settings)
+
+
+async def current_user_autocommit(
+    request: Request,
+    session: AutocommitSessionDep,
+    settings: SettingsDep,
+    _bearer: Annotated[str | None, Depends(oauth2_scheme)] = None,
+) -> User:
+    """The caller, for routes whose every write is one atomic statement (sending a message)."""
+    return await authenticate(request, session, settings)
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
+AutocommitUser = Annotated[User, Depends(current_user_autocommit)]
 
 
 async def admin_user(user: CurrentUser) -> User:

@@ -104,5 +104,18 @@ async def get_session(db: Annotated[Database, Depends(get_db)]) -> AsyncIterator
         yield session
 
 
+async def get_autocommit_session(db: Annotated[Database, Depends(get_db)]) -> AsyncIterator[AsyncSession]:
+    """A request session without BEGIN/COMMIT, for a route whose writes are each one atomic statement.
+
+    Sending a message is three statements (user, chat with agent, the conditional append): in a
+    transaction that is five round trips on the hot path, here three. Never for multi-statement writes.
+    """
+    async with db.autocommit() as session:
+        yield session
+
+
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+#: scope="function": closed as soon as the endpoint returns, not when its (possibly hour-long) stream ends,
+#: so an open stream keeps no session, identity map or loaded user alive.
+AutocommitSessionDep = Annotated[AsyncSession, Depends(get_autocommit_session, scope="function")]
 DatabaseDep = Annotated[Database, Depends(get_db)]

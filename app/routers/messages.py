@@ -8,8 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse
 
-from app.auth import CurrentUser, SettingsDep
-from app.db import SessionDep
+from app.auth import AutocommitUser, SettingsDep
+from app.db import AutocommitSessionDep
 from app.schemas import MessageCreate
 from app.services.messages import start_message
 from app.streaming import SSE_HEADERS, Generation, GenerationRegistry
@@ -44,11 +44,15 @@ async def start_generation(
     request: Request,
     chat_id: uuid.UUID,
     body: MessageCreate,
-    user: CurrentUser,
-    session: SessionDep,
+    user: AutocommitUser,
+    session: AutocommitSessionDep,
     settings: SettingsDep,
 ) -> Generation:
-    """Everything that can fail with a plain JSON error happens here, before the 200 and the stream."""
+    """Everything that can fail with a plain JSON error happens here, before the 200 and the stream.
+
+    Its session has no transaction: each statement (the user, the chat with its agent, the conditional
+    append of the two messages) is atomic on its own, and a transaction would only add two round trips.
+    """
     registry: GenerationRegistry = request.app.state.generations
     registry.check_accepting()
     new = await start_message(
