@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.auth import create_token, family_key
 from app.config import Settings
-from app.models import Chat, ErrorLog
+from app.db import utcnow
+from app.models import Chat, ErrorLog, User
 from app.services.messages import build_history, public_message
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
@@ -187,6 +190,38 @@ async def test_send_message_without_auth_is_401(
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
     response = await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"})
     assert response.status_code == 401
+    assert (await stored(app, setup.chat.id)).messages == []
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("case", ["revoked token", "revoked family", "deactivated user", "tokens_valid_after"])
+async def test_send_message_refuses_a_token_that_is_no_longer_valid(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n, case: str
+) -> None:
+    """The send route checks the user and the revocations in its own (transaction-less) query: same rules."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    family = uuid.uuid4().hex
+    issued = create_token(
+        settings=settings, user_id=setup.user.id, team_id=setup.user.team_id, token_type="access", extra={"fam": family}
+    )
+    headers = {"Authorization": f"Bearer {issued.token}"}
+    assert (await client.get(f"/api/chats/{setup.chat.id}", headers=headers)).status_code == 200
+    if case == "revoked token":
+        await app.state.revocations.revoke(issued.jti, issued.expires_at)
+    elif case == "revoked family":
+        await app.state.revocations.revoke(family_key(family), issued.expires_at)
+    else:
+        async with app.state.db.sessionmaker() as s:
+            user = await s.get(User, setup.user.id)
+            assert user is not None
+            if case == "deactivated user":
+                user.is_active = False
+            else:
+                user.tokens_valid_after = utcnow() + timedelta(seconds=1)
+            await s.commit()
+    response = await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=headers)
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Could not validate credentials"}
     assert (await stored(app, setup.chat.id)).messages == []
     assert fake.requests == []
 
