@@ -16,11 +16,10 @@ from typing import Any
 
 from sqlalchemy import Select, TextClause, Uuid, bindparam, delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Bundle
 from sqlalchemy.types import TypeEngine
 
 from app.config import Settings
-from app.db import UTCDateTime, utcnow
+from app.db import UTCDateTime, execute_core, utcnow
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Agent, Chat, User, Worker
 from app.services import error_logs
@@ -83,17 +82,14 @@ def _patch_statement(postgres: bool, only_streaming: bool, touch: bool) -> TextC
 #: The caller's own chat (same 404 rule as `get_owned_chat`) with what its agent needs, in one round trip.
 _CHAT_AND_AGENT: Select[Any, Any] = (
     select(
-        Bundle("chat", Chat.id, Chat.messages),
-        Bundle(
-            "agent",
-            Agent.id,
-            Agent.team_id,
-            Agent.is_active,
-            Agent.webhook_url,
-            Agent.webhook_headers_encrypted,
-            Agent.system_prompt,
-            Agent.config,
-        ),
+        Chat.messages,
+        Agent.id.label("agent_id"),
+        Agent.team_id.label("agent_team_id"),
+        Agent.is_active,
+        Agent.webhook_url,
+        Agent.webhook_headers_encrypted,
+        Agent.system_prompt,
+        Agent.config,
     )
     .join(Agent, Agent.id == Chat.agent_id)
     .where(Chat.id == bindparam("cid"), Chat.user_id == bindparam("uid"), Chat.team_id == bindparam("tid"))
@@ -171,13 +167,12 @@ async def start_message(
     # NUL and lone surrogates never get here: every request body refuses them (app.schemas.InputModel).
     if len(content) > settings.MESSAGE_MAX_CHARS:
         raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
-    row = (await session.execute(_CHAT_AND_AGENT, {"cid": chat_id, "uid": user.id, "tid": user.team_id})).first()
+    row = (await execute_core(session, _CHAT_AND_AGENT, {"cid": chat_id, "uid": user.id, "tid": user.team_id})).first()
     if row is None:
         raise NotFound(CHAT_NOT_FOUND)
-    chat, agent = row.chat, row.agent
-    if not agent.is_active or agent.team_id != user.team_id:
+    if not row.is_active or row.agent_team_id != user.team_id:
         raise Conflict(AGENT_INACTIVE)
-    prior = list(chat.messages or [])
+    prior = list(row.messages or [])
     if any(isinstance(m, dict) and m.get("status") == "streaming" for m in prior):
         raise Conflict(GENERATION_RUNNING)
 
@@ -199,7 +194,7 @@ async def start_message(
         "created_at": stamp,
         "_worker": str(worker_id),
     }
-    params: dict[str, Any] = {"now": now, "title": title_from_message(content), "id": chat.id, "uid": user.id}
+    params: dict[str, Any] = {"now": now, "title": title_from_message(content), "id": chat_id, "uid": user.id}
     if _is_postgres(session):
         statement = _PG_APPEND
         params["new"] = json.dumps([user_message, placeholder])
@@ -207,7 +202,7 @@ async def start_message(
         statement = _SQLITE_APPEND
         params["m1"] = json.dumps(user_message)
         params["m2"] = json.dumps(placeholder)
-    length = (await session.execute(statement, params)).scalar_one_or_none()
+    length = (await execute_core(session, statement, params)).scalar_one_or_none()
     if length is None:
         await session.rollback()
         raise Conflict(GENERATION_RUNNING)
@@ -215,28 +210,28 @@ async def start_message(
 
     payload = {
         "messages": build_history(prior, content, settings),
-        "system_prompt": agent.system_prompt or "",
-        "config": agent.config or {},
+        "system_prompt": row.system_prompt or "",
+        "config": row.config or {},
         "chatInput": content,
-        "sessionId": str(chat.id),
+        "sessionId": str(chat_id),
         "metadata": {
-            "chat_id": str(chat.id),
-            "agent_id": str(agent.id),
+            "chat_id": str(chat_id),
+            "agent_id": str(row.agent_id),
             "user_id": str(user.id),
             "team_id": str(user.team_id),
             "message_id": assistant_id,
         },
     }
     return NewGeneration(
-        chat_id=chat.id,
+        chat_id=chat_id,
         team_id=user.team_id,
         user_id=user.id,
-        agent_id=agent.id,
+        agent_id=row.agent_id,
         index=int(length) - 1,
         assistant_id=assistant_id,
         user_message=public_message(user_message),
-        webhook_url=agent.webhook_url,
-        webhook_headers_encrypted=agent.webhook_headers_encrypted,
+        webhook_url=row.webhook_url,
+        webhook_headers_encrypted=row.webhook_headers_encrypted,
         payload=payload,
     )
 
@@ -258,7 +253,7 @@ async def _patch_message(
         params["idx_s"] = str(index)
     if touch:
         params["now"] = utcnow()
-    result = await session.execute(_patch_statement(postgres, only_streaming, touch), params)
+    result = await execute_core(session, _patch_statement(postgres, only_streaming, touch), params)
     return bool(getattr(result, "rowcount", 0))
 
 
