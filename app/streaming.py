@@ -624,43 +624,60 @@ class Generation:
         holding many chunks costs one ASGI message, not one per chunk (see docs/PERFORMANCE.md).
         """
         start = {"user_message": self.new.user_message, "assistant_message_id": self.new.assistant_id}
+        loop = asyncio.get_running_loop()
+        # One timer per quiet interval, not one `asyncio.timeout` per wait (that is, per chunk): the timer
+        # only wakes the reader, which pings if nothing went out since `ping_at`, else re-arms for it.
+        timer: asyncio.TimerHandle | None = None
+
+        def wake() -> None:
+            nonlocal timer
+            timer = None
+            self._notify()
+
         event_id = 1
         yield _frame(event_id, "start", start)
+        ping_at = loop.time() + ping_interval
         index = 0
         events = self.events
-        while True:
-            frames: list[bytes] = []
-            available = len(events)
-            while index < available:
-                item = events[index]
-                event_id += 1
-                if isinstance(item, str):
-                    end = index + 1
-                    while end < available and isinstance(events[end], str):
-                        end += 1
-                    text = item if end == index + 1 else "".join(events[index:end])  # type: ignore[arg-type]
-                    index = end
-                    frames.append(_frame(event_id, "message", {"content": text}))
-                else:
-                    index += 1
-                    frames.append(_frame(event_id, item[0], item[1]))
-            if self.terminal is not None:
-                kind, data = self.terminal
-                frames.append(_frame(event_id + 1, kind, data))
-                yield b"".join(frames)
-                return
-            if frames:
-                yield b"".join(frames)
-                # New events may have arrived while the write was awaited: send them before sleeping.
-                continue
-            if self._waiter is None:
-                self._waiter = asyncio.Event()
-            waiter = self._waiter
-            try:
-                async with asyncio.timeout(ping_interval):
-                    await waiter.wait()
-            except TimeoutError:
-                yield PING
+        try:
+            while True:
+                frames: list[bytes] = []
+                available = len(events)
+                while index < available:
+                    item = events[index]
+                    event_id += 1
+                    if isinstance(item, str):
+                        end = index + 1
+                        while end < available and isinstance(events[end], str):
+                            end += 1
+                        text = item if end == index + 1 else "".join(events[index:end])  # type: ignore[arg-type]
+                        index = end
+                        frames.append(_frame(event_id, "message", {"content": text}))
+                    else:
+                        index += 1
+                        frames.append(_frame(event_id, item[0], item[1]))
+                if self.terminal is not None:
+                    kind, data = self.terminal
+                    frames.append(_frame(event_id + 1, kind, data))
+                    yield b"".join(frames)
+                    return
+                if frames:
+                    yield b"".join(frames)
+                    ping_at = loop.time() + ping_interval
+                    # New events may have arrived while the write was awaited: send them before sleeping.
+                    continue
+                if loop.time() >= ping_at:
+                    yield PING
+                    ping_at = loop.time() + ping_interval
+                    continue
+                if timer is None:
+                    timer = loop.call_at(ping_at, wake)
+                if self._waiter is None:
+                    self._waiter = asyncio.Event()
+                await self._waiter.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
 class GenerationRegistry:

@@ -515,6 +515,26 @@ async def test_generation_streams_chunks_as_they_come_and_pings_when_idle() -> N
     assert all(p[0] is None for p in pings)
 
 
+async def test_generation_pings_only_after_a_quiet_interval_and_leaves_no_timer() -> None:
+    """Chunks every 30 ms with a 200 ms ping interval: no ping; then 500 ms of silence: about two pings."""
+    generation = _generation()
+    reader = asyncio.create_task(_collect(generation, ping=0.2))
+    for i in range(8):
+        await asyncio.sleep(0.03)
+        generation.add_chunks([str(i)])
+    await asyncio.sleep(0.5)
+    generation.finish("done", {"message": {"id": "a1"}})
+    events = await reader
+    kinds = ["ping" if e[1] == "ping" else e[2]["type"] for e in events]
+    last_message = max(i for i, kind in enumerate(kinds) if kind == "message")
+    assert "ping" not in kinds[:last_message]
+    assert 1 <= kinds[last_message:].count("ping") <= 3
+    assert kinds[-1] == "done"
+    # The reader's timer is cancelled when the stream ends: nothing stays scheduled for it.
+    loop = asyncio.get_running_loop()
+    assert not [h for h in loop._scheduled if not h.cancelled() and "wake" in repr(h)]  # type: ignore[attr-defined]
+
+
 async def test_streamer_session_has_no_hidden_total_timeout(streamer: N8nStreamer) -> None:
     session = streamer.session()
     assert session is streamer.session()
