@@ -18,11 +18,11 @@ import bcrypt
 import jwt
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
-from sqlalchemy import bindparam, literal, select
+from sqlalchemy import Row, bindparam, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.db import AutocommitSessionDep, SessionDep, utcnow
+from app.db import AutocommitSessionDep, SessionDep, execute_core, utcnow
 from app.errors import Forbidden, Unauthorized
 from app.models import User
 from app.services.revocation import REVOKED, revoked_params
@@ -221,6 +221,22 @@ _USER_AND_REVOKED = select(User, REVOKED).where(User.id == bindparam("uid")).exe
 _USER_NOT_REVOKED = (
     select(User, literal(False)).where(User.id == bindparam("uid")).execution_options(populate_existing=True)
 )
+#: The same check for `Caller`: plain columns, no ORM instance.
+_ACCOUNT = (User.id, User.team_id, User.is_active, User.tokens_valid_after)
+_CALLER_AND_REVOKED = select(*_ACCOUNT, REVOKED).where(User.id == bindparam("uid"))
+_CALLER_NOT_REVOKED = select(*_ACCOUNT, literal(False)).where(User.id == bindparam("uid"))
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The authenticated caller as the send path needs it: ids only.
+
+    FastAPI keeps resolved dependencies until the response ends, so an ORM `User` (and its session) would
+    live as long as the stream; this costs a few KB per open stream less (docs/PERFORMANCE.md).
+    """
+
+    id: uuid.UUID
+    team_id: uuid.UUID
 
 
 def family_key(family_id: str) -> str:
@@ -228,39 +244,44 @@ def family_key(family_id: str) -> str:
     return f"fam:{family_id}"
 
 
-async def authenticate(request: Request, session: AsyncSession, settings: Settings) -> User:
-    """The user of the access token (Bearer header, else cookie), re-checked against the database each time.
-
-    A deactivated user, a revoked token or family, or a token older than the user's `tokens_valid_after`
-    is refused at once; roles are read fresh, so a demoted admin loses admin access on the next request.
-    """
+def access_claims(request: Request, settings: Settings) -> dict[str, Any]:
+    """The verified claims of the request's access token (Bearer header, else cookie)."""
     token = token_from_request(request)
     if not token:
         raise Unauthorized()
     if "authorization" not in request.headers:
         check_cookie_origin(request, settings)
     claims = decode_token(token, settings=settings, expected_type="access")
+    return claims
+
+
+async def _account_row(request: Request, session: AsyncSession, claims: dict[str, Any], *, orm: bool) -> Row[Any]:
+    """The token's user row with the revocation verdict as its last column (folded into the same SELECT
+    with the database store); a missing user or a revoked token or family is a 401."""
     ids = [claims["jti"]]
     if isinstance(claims.get("fam"), str):
         ids.append(family_key(claims["fam"]))
     revocations: RevocationStore | None = getattr(request.app.state, "revocations", None)
     params: dict[str, Any] = {"uid": uuid.UUID(claims["sub"])}
     if revocations is not None and revocations.in_database:
-        query, params = _USER_AND_REVOKED, {**params, **revoked_params(ids)}
+        query = _USER_AND_REVOKED if orm else _CALLER_AND_REVOKED
+        params.update(revoked_params(ids))
     else:
         if revocations is not None and await revocations.is_any_revoked(ids):
             raise Unauthorized(INVALID_TOKEN)
-        query = _USER_NOT_REVOKED
-    row = (await session.execute(query, params)).first()
-    if row is None or row[1]:
+        query = _USER_NOT_REVOKED if orm else _CALLER_NOT_REVOKED
+    result = await (session.execute(query, params) if orm else execute_core(session, query, params))
+    row = result.first()
+    if row is None or row[-1]:
         raise Unauthorized(INVALID_TOKEN)
-    user: User = row[0]
-    if not user.is_active or str(user.team_id) != claims["team_id"]:
+    return row
+
+
+def _check_account(
+    claims: dict[str, Any], *, is_active: bool, team_id: uuid.UUID, tokens_valid_after: datetime | None
+) -> None:
+    if not is_active or str(team_id) != claims["team_id"] or issued_before(claims, tokens_valid_after):
         raise Unauthorized(INVALID_TOKEN)
-    if issued_before(claims, user.tokens_valid_after):
-        raise Unauthorized(INVALID_TOKEN)
-    request.state.token_claims = claims
-    return user
 
 
 async def current_user(
@@ -269,22 +290,33 @@ async def current_user(
     settings: SettingsDep,
     _bearer: Annotated[str | None, Depends(oauth2_scheme)] = None,
 ) -> User:
-    """The caller, loaded in the request's session (so services can change it and commit)."""
-    return await authenticate(request, session, settings)
+    """The user of the access token, re-checked against the database each time, in the request's session
+    (so services can change it and commit).
+
+    A deactivated user, a revoked token or family, or a token older than the user's `tokens_valid_after`
+    is refused at once; roles are read fresh, so a demoted admin loses admin access on the next request.
+    """
+    claims = access_claims(request, settings)
+    user: User = (await _account_row(request, session, claims, orm=True))[0]
+    _check_account(claims, is_active=user.is_active, team_id=user.team_id, tokens_valid_after=user.tokens_valid_after)
+    return user
 
 
-async def current_user_autocommit(
+async def current_caller(
     request: Request,
     session: AutocommitSessionDep,
     settings: SettingsDep,
     _bearer: Annotated[str | None, Depends(oauth2_scheme)] = None,
-) -> User:
-    """The caller, for routes whose every write is one atomic statement (sending a message)."""
-    return await authenticate(request, session, settings)
+) -> Caller:
+    """`current_user`'s checks, for the send route: its own transaction-less session, ids only."""
+    claims = access_claims(request, settings)
+    row = await _account_row(request, session, claims, orm=False)
+    _check_account(claims, is_active=row.is_active, team_id=row.team_id, tokens_valid_after=row.tokens_valid_after)
+    return Caller(id=row.id, team_id=row.team_id)
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
-AutocommitUser = Annotated[User, Depends(current_user_autocommit)]
+CurrentCaller = Annotated[Caller, Depends(current_caller)]
 
 
 async def admin_user(user: CurrentUser) -> User:

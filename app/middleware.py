@@ -47,14 +47,17 @@ class RequestContextMiddleware:
         self.app = app
         self.settings = settings
         self.hsts = settings.COOKIE_SECURE
+        # Built once: these are the same for every request (per CSP), and an open stream holds its copy.
+        self._api_headers = self.security_headers(docs=False)
+        self._docs_headers = self.security_headers(docs=True)
 
     def body_limit(self, scope: Scope) -> int:
         if scope.get("method") == "POST" and AVATAR_UPLOAD_RE.match(scope.get("path", "")):
             return self.settings.AVATAR_MAX_BYTES + MULTIPART_OVERHEAD
         return self.settings.MAX_REQUEST_BODY_BYTES
 
-    def security_headers(self, path: str) -> list[tuple[bytes, bytes]]:
-        csp = DOCS_CSP if path in DOCS_PATHS else API_CSP
+    def security_headers(self, *, docs: bool) -> list[tuple[bytes, bytes]]:
+        csp = DOCS_CSP if docs else API_CSP
         headers = [
             (b"x-content-type-options", b"nosniff"),
             (b"x-frame-options", b"DENY"),
@@ -78,7 +81,10 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         state: dict[str, Any] = {"started": False, "status": 0}
         limit = self.body_limit(scope)
-        extra_headers = [(b"x-request-id", request_id.encode()), *self.security_headers(path)]
+        extra_headers = [
+            (b"x-request-id", request_id.encode()),
+            *(self._docs_headers if path in DOCS_PATHS else self._api_headers),
+        ]
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":

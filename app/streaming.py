@@ -369,7 +369,7 @@ class BodyParser:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamStats:
     """What one call to n8n looked like, for the stored message's metadata and the error log."""
 
@@ -583,7 +583,7 @@ PING = KEEPALIVE_COMMENT
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@dataclass
+@dataclass(slots=True)
 class Generation:
     """One running answer. `events` is what SSE readers replay: a text chunk (str) or a (type, data) pair.
 
@@ -911,6 +911,8 @@ class _Checkpointer:
     New text arms one timer for the next allowed instant; the write runs as its own task, so reading from
     n8n never waits for the database. Text that arrives during a write arms the timer again afterwards.
     """
+
+    __slots__ = ("registry", "generation", "loop", "interval", "next_at", "saved", "timer", "task", "closed")
 
     def __init__(self, registry: GenerationRegistry, generation: Generation) -> None:
         self.registry = registry

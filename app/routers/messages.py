@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse
 
-from app.auth import AutocommitUser, SettingsDep
+from app.auth import CurrentCaller, SettingsDep
 from app.db import AutocommitSessionDep
 from app.schemas import MessageCreate
 from app.services.messages import start_message
@@ -44,7 +44,7 @@ async def start_generation(
     request: Request,
     chat_id: uuid.UUID,
     body: MessageCreate,
-    user: AutocommitUser,
+    user: CurrentCaller,
     session: AutocommitSessionDep,
     settings: SettingsDep,
 ) -> Generation:

@@ -18,10 +18,11 @@ from sqlalchemy import Select, TextClause, Uuid, bindparam, delete, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import TypeEngine
 
+from app.auth import Caller
 from app.config import Settings
 from app.db import UTCDateTime, execute_core, utcnow
 from app.errors import Conflict, NotFound, Unprocessable
-from app.models import Agent, Chat, User, Worker
+from app.models import Agent, Chat, Worker
 from app.services import error_logs
 from app.services.chats import CHAT_NOT_FOUND, title_from_message
 
@@ -96,7 +97,7 @@ _CHAT_AND_AGENT: Select[Any, Any] = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class NewGeneration:
     """Everything the generation task needs, captured while the request still had its session."""
 
@@ -155,7 +156,7 @@ def _is_postgres(session: AsyncSession) -> bool:
 
 
 async def start_message(
-    *, session: AsyncSession, settings: Settings, user: User, chat_id: uuid.UUID, content: str, worker_id: uuid.UUID
+    *, session: AsyncSession, settings: Settings, user: Caller, chat_id: uuid.UUID, content: str, worker_id: uuid.UUID
 ) -> NewGeneration:
     """Check everything a stream needs, then append [user message, assistant placeholder] in one UPDATE.
 
