@@ -912,7 +912,7 @@ class _Checkpointer:
     n8n never waits for the database. Text that arrives during a write arms the timer again afterwards.
     """
 
-    __slots__ = ("registry", "generation", "loop", "interval", "next_at", "saved", "timer", "task", "closed")
+    __slots__ = ("closed", "generation", "interval", "loop", "next_at", "registry", "saved", "task", "timer")
 
     def __init__(self, registry: GenerationRegistry, generation: Generation) -> None:
         self.registry = registry
