@@ -93,9 +93,15 @@ class Database:
         self.engine = make_engine(settings)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         # Same pool, no BEGIN/COMMIT: for work that is one statement (a checkpoint, a successful final
-        # write), where a transaction only adds two round trips.
-        self.autocommit = async_sessionmaker(
-            self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False, autoflush=False
+        # write), where a transaction only adds two round trips. PostgreSQL only: on SQLite (one file, a
+        # thread per connection) switching the isolation level costs more thread hops than it saves, so
+        # there these sessions are ordinary ones.
+        self.autocommit = (
+            self.sessionmaker
+            if settings.is_sqlite
+            else async_sessionmaker(
+                self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False, autoflush=False
+            )
         )
 
     async def dispose(self) -> None:
@@ -115,7 +121,8 @@ async def get_session(db: Annotated[Database, Depends(get_db)]) -> AsyncIterator
 
 
 async def get_autocommit_session(db: Annotated[Database, Depends(get_db)]) -> AsyncIterator[AsyncSession]:
-    """A request session without BEGIN/COMMIT, for a route whose writes are each one atomic statement.
+    """A request session without BEGIN/COMMIT (PostgreSQL), for a route whose writes are each one atomic
+    statement.
 
     Sending a message is three statements (user, chat with agent, the conditional append): in a
     transaction that is five round trips on the hot path, here three. Never for multi-statement writes.

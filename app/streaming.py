@@ -666,7 +666,8 @@ class Generation:
                     ping_at = loop.time() + ping_interval
                     # New events may have arrived while the write was awaited: send them before sleeping.
                     continue
-                if loop.time() >= ping_at:
+                # (1 ms early counts: a timer may fire within the loop's clock resolution of its deadline.)
+                if loop.time() + 0.001 >= ping_at:
                     yield PING
                     ping_at = loop.time() + ping_interval
                     continue

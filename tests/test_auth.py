@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -671,6 +673,22 @@ async def test_bcrypt_runs_off_the_event_loop(database_url: str, tmp_path: Path,
         assert max(gaps) < 0.1  # ...without stalling the loop
     finally:
         await shutdown(app)
+
+
+async def test_bcrypt_threads_run_at_lower_priority_and_never_take_every_core() -> None:
+    """A login burst on a busy small machine must leave the event loop's core (and priority) to streams."""
+    from app import auth
+
+    def probe() -> tuple[str, int]:
+        return threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    name, nice = await auth._in_bcrypt_thread(probe)
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert name.startswith("bcrypt")
+    assert nice == min(19, loop_nice + auth.BCRYPT_NICE)
+    assert auth._bcrypt_pool._max_workers == max(1, (os.cpu_count() or 2) - 1)
+    assert await verify_password("pw-123456", await hash_password("pw-123456", 4))
+    assert not await verify_password("pw-123456", "not a bcrypt hash")
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import create_token, family_key
@@ -194,23 +194,31 @@ async def test_send_message_without_auth_is_401(
     assert fake.requests == []
 
 
-@pytest.mark.parametrize("case", ["revoked token", "revoked family", "deactivated user", "tokens_valid_after"])
+@pytest.mark.parametrize(
+    "case",
+    ["revoked token", "revoked family", "deactivated user", "tokens_valid_after", "unknown user", "other team"],
+)
 async def test_send_message_refuses_a_token_that_is_no_longer_valid(
     app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n, case: str
 ) -> None:
     """The send route checks the user and the revocations in its own (transaction-less) query: same rules."""
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
     family = uuid.uuid4().hex
+    user_id, team_id = setup.user.id, setup.user.team_id
+    if case == "unknown user":
+        user_id = uuid.uuid4()
+    elif case == "other team":
+        team_id = (await create_user(session)).team_id
     issued = create_token(
-        settings=settings, user_id=setup.user.id, team_id=setup.user.team_id, token_type="access", extra={"fam": family}
+        settings=settings, user_id=user_id, team_id=team_id, token_type="access", extra={"fam": family}
     )
     headers = {"Authorization": f"Bearer {issued.token}"}
-    assert (await client.get(f"/api/chats/{setup.chat.id}", headers=headers)).status_code == 200
     if case == "revoked token":
         await app.state.revocations.revoke(issued.jti, issued.expires_at)
     elif case == "revoked family":
         await app.state.revocations.revoke(family_key(family), issued.expires_at)
-    else:
+    elif case in ("deactivated user", "tokens_valid_after"):
+        assert (await client.get(f"/api/chats/{setup.chat.id}", headers=headers)).status_code == 200
         async with app.state.db.sessionmaker() as s:
             user = await s.get(User, setup.user.id)
             assert user is not None
@@ -501,6 +509,30 @@ async def test_undecryptable_headers_fail_cleanly(
 # --- the embedded SQLite database ----------------------------------------------------------------
 
 
+async def test_send_path_gives_its_pooled_connection_back_transactional(
+    database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """The send route's session runs without BEGIN; the one pooled connection must come back to the pool
+    in its normal mode, so the next session's rollback still undoes its writes."""
+    settings = make_settings(database_url, tmp_path, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
+    application = create_app(settings)
+    try:
+        async with application.state.db.sessionmaker() as s:
+            setup = await chat_with_agent(s, settings, f"{fake.url}/webhook/agent-stream")
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            response = await c.post(
+                f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
+            )
+        assert data_events(parse_sse(response.text))[-1].type == "done"
+        async with application.state.db.sessionmaker() as s:
+            await s.execute(text("UPDATE chats SET title = 'rolled back' WHERE id = :id"), {"id": setup.chat.id})
+            await s.rollback()
+        assert (await stored(application, setup.chat.id)).title != "rolled back"
+    finally:
+        await shutdown(application)
+
+
 async def test_send_message_on_sqlite(tmp_path: Path, fake: FakeN8n) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
     await asyncio.to_thread(run_migrations, url)
@@ -519,6 +551,12 @@ async def test_send_message_on_sqlite(tmp_path: Path, fake: FakeN8n) -> None:
             assert sorted([first.status_code, second.status_code]) == [200, 409]
             again = await c.post(url_, json={"content": "and again"}, headers=setup.headers)
             failing = await c.post(url_, json={"content": "__llm_error__"}, headers=setup.headers)
+            issued = create_token(
+                settings=settings, user_id=setup.user.id, team_id=setup.user.team_id, token_type="access"
+            )
+            await application.state.revocations.revoke(issued.jti, issued.expires_at)
+            revoked = await c.post(url_, json={"content": "x"}, headers={"Authorization": f"Bearer {issued.token}"})
+        assert revoked.status_code == 401
         assert streamed_text(parse_sse(again.text)) == "Echo: and again"
         assert data_events(parse_sse(failing.text))[-1].type == "error"
         chat = await stored(application, setup.chat.id)

@@ -9,27 +9,16 @@ from __future__ import annotations
 from datetime import datetime
 
 from redis.asyncio import Redis
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.auth import REVOKED, revoked_params
 from app.db import utcnow
 from app.models import RevokedToken
 
 REDIS_PREFIX = "revoked:"
-
-#: Is any of `:ids` revoked and not expired at `:now`? Built once: building the `IN` clause per request
-#: showed up in the profile. `app.auth.current_user` folds it into the user's SELECT (one round trip).
-REVOKED = (
-    select(RevokedToken.jti)
-    .where(RevokedToken.jti.in_(bindparam("ids", expanding=True)), RevokedToken.expires_at > bindparam("now"))
-    .exists()
-)
-
-
-def revoked_params(ids: list[str]) -> dict[str, object]:
-    return {"ids": ids, "now": utcnow()}
 
 
 class RedisRevocationStore:
