@@ -24,10 +24,18 @@ TITLE_MAX_CHARS = 60
 UNTITLED = "New chat"
 
 
+#: The one ownership rule (`:cid` is the caller's chat: `:uid`'s, in team `:tid`), shared with the send path.
+OWNED_CHAT = (Chat.id == bindparam("cid"), Chat.user_id == bindparam("uid"), Chat.team_id == bindparam("tid"))
+
+
+def owned_chat_params(chat_id: uuid.UUID, user_id: uuid.UUID, team_id: uuid.UUID) -> dict[str, uuid.UUID]:
+    return {"cid": chat_id, "uid": user_id, "tid": team_id}
+
+
 async def get_owned_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> Chat:
     """The caller's own chat. Missing, another user's and another team's chats all give the same 404."""
-    query = select(Chat).where(Chat.id == chat_id, Chat.user_id == user.id, Chat.team_id == user.team_id)
-    chat = (await session.execute(query)).scalar_one_or_none()
+    query = select(Chat).where(*OWNED_CHAT)
+    chat = (await session.execute(query, owned_chat_params(chat_id, user.id, user.team_id))).scalar_one_or_none()
     if chat is None:
         raise NotFound(CHAT_NOT_FOUND)
     return chat

@@ -24,7 +24,7 @@ from app.db import UTCDateTime, execute_core, utcnow
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Agent, Chat, Worker
 from app.services import error_logs
-from app.services.chats import CHAT_NOT_FOUND, title_from_message
+from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params, title_from_message
 
 GENERATION_RUNNING = "A generation is already running in this chat"
 AGENT_INACTIVE = "This chat's agent is no longer active"
@@ -80,7 +80,7 @@ def _patch_statement(postgres: bool, only_streaming: bool, touch: bool) -> TextC
     return _typed(template.format(touch=_TOUCH if touch else "", streaming=streaming))
 
 
-#: The caller's own chat (same 404 rule as `get_owned_chat`) with what its agent needs, in one round trip.
+#: The caller's own chat (the 404 rule of `get_owned_chat`) with what its agent needs, in one round trip.
 _CHAT_AND_AGENT: Select[Any, Any] = (
     select(
         Chat.messages,
@@ -93,7 +93,7 @@ _CHAT_AND_AGENT: Select[Any, Any] = (
         Agent.config,
     )
     .join(Agent, Agent.id == Chat.agent_id)
-    .where(Chat.id == bindparam("cid"), Chat.user_id == bindparam("uid"), Chat.team_id == bindparam("tid"))
+    .where(*OWNED_CHAT)
 )
 
 
@@ -168,7 +168,7 @@ async def start_message(
     # NUL and lone surrogates never get here: every request body refuses them (app.schemas.InputModel).
     if len(content) > settings.MESSAGE_MAX_CHARS:
         raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
-    row = (await execute_core(session, _CHAT_AND_AGENT, {"cid": chat_id, "uid": user.id, "tid": user.team_id})).first()
+    row = (await execute_core(session, _CHAT_AND_AGENT, owned_chat_params(chat_id, user.id, user.team_id))).first()
     if row is None:
         raise NotFound(CHAT_NOT_FOUND)
     if not row.is_active or row.agent_team_id != user.team_id:
