@@ -20,7 +20,7 @@ import bcrypt
 import jwt
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
-from sqlalchemy import Row, bindparam, literal, select
+from sqlalchemy import Row, Select, bindparam, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -240,15 +240,21 @@ def revoked_params(ids: list[str]) -> dict[str, Any]:
     return {"ids": ids, "now": utcnow()}
 
 
-#: The user of a token, and whether any of its ids is revoked (one round trip with the database store).
-_USER_AND_REVOKED = select(User, REVOKED).where(User.id == bindparam("uid")).execution_options(populate_existing=True)
-_USER_NOT_REVOKED = (
-    select(User, literal(False)).where(User.id == bindparam("uid")).execution_options(populate_existing=True)
-)
-#: The same check for `Caller`: plain columns, no ORM instance.
-_ACCOUNT = (User.id, User.team_id, User.is_active, User.tokens_valid_after)
-_CALLER_AND_REVOKED = select(*_ACCOUNT, REVOKED).where(User.id == bindparam("uid"))
-_CALLER_NOT_REVOKED = select(*_ACCOUNT, literal(False)).where(User.id == bindparam("uid"))
+def _account_query(*columns: Any, revocation_in_query: bool) -> Select[Any]:
+    """The token's user, and whether any of its ids is revoked as the last column (the `REVOKED` check
+    with the database store, one round trip; a constant false when revocations are checked elsewhere)."""
+    return select(*columns, REVOKED if revocation_in_query else literal(False)).where(User.id == bindparam("uid"))
+
+
+#: By `revocation_in_query`: the ORM user (`current_user`) and plain columns (`current_caller`).
+_USER: dict[bool, Select[Any]] = {
+    flag: _account_query(User, revocation_in_query=flag).execution_options(populate_existing=True)
+    for flag in (True, False)
+}
+_CALLER: dict[bool, Select[Any]] = {
+    flag: _account_query(User.id, User.team_id, User.is_active, User.tokens_valid_after, revocation_in_query=flag)
+    for flag in (True, False)
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,15 +293,17 @@ async def _account_row(request: Request, session: AsyncSession, claims: dict[str
         ids.append(family_key(claims["fam"]))
     revocations: RevocationStore | None = getattr(request.app.state, "revocations", None)
     params: dict[str, Any] = {"uid": uuid.UUID(claims["sub"])}
-    if revocations is not None and revocations.in_database:
-        query = _USER_AND_REVOKED if orm else _CALLER_AND_REVOKED
+    in_query = revocations is not None and revocations.in_database
+    if in_query:
         params.update(revoked_params(ids))
+    elif revocations is not None and await revocations.is_any_revoked(ids):
+        raise Unauthorized(INVALID_TOKEN)
+    query = (_USER if orm else _CALLER)[in_query]
+    row: Row[Any] | None
+    if orm:
+        row = (await session.execute(query, params)).first()
     else:
-        if revocations is not None and await revocations.is_any_revoked(ids):
-            raise Unauthorized(INVALID_TOKEN)
-        query = _USER_NOT_REVOKED if orm else _CALLER_NOT_REVOKED
-    result = await (session.execute(query, params) if orm else execute_core(session, query, params))
-    row = result.first()
+        row = (await execute_core(session, query, params)).first()
     if row is None or row[-1]:
         raise Unauthorized(INVALID_TOKEN)
     return row

@@ -661,15 +661,11 @@ class Generation:
                     frames.append(_frame(event_id + 1, kind, data))
                     yield b"".join(frames)
                     return
-                if frames:
-                    yield b"".join(frames)
+                # (A ping 1 ms early counts: a timer may fire within the loop's clock resolution of its deadline.)
+                if frames or loop.time() + 0.001 >= ping_at:
+                    yield b"".join(frames) if frames else PING
                     ping_at = loop.time() + ping_interval
                     # New events may have arrived while the write was awaited: send them before sleeping.
-                    continue
-                # (1 ms early counts: a timer may fire within the loop's clock resolution of its deadline.)
-                if loop.time() + 0.001 >= ping_at:
-                    yield PING
-                    ping_at = loop.time() + ping_interval
                     continue
                 if timer is None:
                     timer = loop.call_at(ping_at, wake)
