@@ -27,7 +27,7 @@ from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
 from app.errors import ServiceUnavailable
 from app.services import messages as message_service
-from app.webhooks import PolicyResolver, WebhookPolicyError, check_webhook_url
+from app.webhooks import PolicyResolver, WebhookPolicyError, webhook_target
 
 logger = logging.getLogger(__name__)
 
@@ -427,7 +427,8 @@ class N8nStreamer:
         """POST `payload` to `url` and hand every parsed text chunk to `on_chunks`; raise StreamFailure."""
         s = self.settings
         try:
-            check_webhook_url(url, s)
+            # The checked yarl.URL itself is posted to: aiohttp connects to exactly the host judged here.
+            target = webhook_target(url, s)
         except WebhookPolicyError as exc:
             raise StreamFailure(
                 "upstream_blocked", "The agent's webhook address is not allowed", detail={"reason": str(exc)}
@@ -445,7 +446,7 @@ class N8nStreamer:
                     # One deadline object, moved forward on every read: first byte, then between chunks.
                     async with asyncio.timeout(s.N8N_FIRST_BYTE_TIMEOUT) as idle:
                         async with self.session().post(
-                            url, data=body, headers=send_headers, allow_redirects=False
+                            target, data=body, headers=send_headers, allow_redirects=False
                         ) as response:
                             stats.upstream_status = response.status
                             if not 200 <= response.status < 300:

@@ -1,17 +1,23 @@
 """SSRF policy for agent webhook URLs: checked when an admin saves one and again on every send.
 
-At send time the check runs inside the DNS resolution aiohttp connects with (`PolicyResolver`), so a
-name that later resolves somewhere forbidden is caught and there is no gap between check and connect.
+A URL is judged by the host aiohttp will really connect to: yarl (aiohttp's URL library) IDNA/UTS46-folds
+the host, so full-width digits and letters or ideographic dots (U+3002, U+FF0E...) spell `127.0.0.1` or
+`localhost` there, and the send path connects with the very `yarl.URL` that was checked (`webhook_target`).
+aiohttp skips the resolver for IP literals, so those are judged here; for names the check also runs inside
+the DNS resolution aiohttp connects with (`PolicyResolver`), so a name that later resolves somewhere
+forbidden is caught too.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 import socket
-from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 from app.config import Settings
 
@@ -33,6 +39,8 @@ ALWAYS_BLOCKED = [
 ]
 BLOCKED_NAMES = {"metadata.google.internal", "metadata.goog", "metadata", "instance-data", "instance-data.ec2.internal"}
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+#: A host name as yarl hands it to the resolver (IDNA-encoded, so ASCII); `%` escapes, `@` etc. are no name.
+HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class WebhookPolicyError(ValueError):
@@ -70,6 +78,22 @@ def parse_ip_literal(host: str) -> IPAddress | None:
     return None
 
 
+@functools.lru_cache(maxsize=512)
+def _host_key(host: str) -> str:
+    """`host` as yarl encodes it for the wire, lowercased, without trailing dots: the policy's lookup key."""
+    try:
+        host = URL.build(scheme="http", host=host.strip("[]")).raw_host or host
+    except ValueError:  # a configured name yarl cannot encode is compared as written
+        pass
+    return host.rstrip(".").lower()
+
+
+def _is_allowed_host(host: str, settings: Settings) -> bool:
+    """`host` is listed in WEBHOOK_ALLOWED_HOSTS, whichever spelling (Unicode, xn--, case) either side uses."""
+    key = _host_key(host)
+    return any(key == _host_key(allowed) for allowed in settings.WEBHOOK_ALLOWED_HOSTS)
+
+
 def check_address(addr: IPAddress, *, host: str, settings: Settings) -> None:
     candidates: list[IPAddress] = [addr]
     if isinstance(addr, ipaddress.IPv6Address):
@@ -79,7 +103,7 @@ def check_address(addr: IPAddress, *, host: str, settings: Settings) -> None:
     for candidate in candidates:
         if any(candidate in net for net in ALWAYS_BLOCKED if candidate.version == net.version):
             raise WebhookPolicyError("webhook address is link-local, metadata or reserved, which is never allowed")
-    if host.lower() in {h.lower() for h in settings.WEBHOOK_ALLOWED_HOSTS} or settings.WEBHOOK_ALLOW_PRIVATE_NETWORKS:
+    if settings.WEBHOOK_ALLOW_PRIVATE_NETWORKS or _is_allowed_host(host, settings):
         return
     for candidate in candidates:
         if candidate.is_loopback or candidate.is_private or candidate in ipaddress.ip_network("100.64.0.0/10"):
@@ -90,38 +114,52 @@ def check_address(addr: IPAddress, *, host: str, settings: Settings) -> None:
             raise WebhookPolicyError("webhook address is not a public address")
 
 
-def check_webhook_url(url: str, settings: Settings) -> str:
-    """Validate a webhook URL (no DNS); return it unchanged. Raises WebhookPolicyError with a reason."""
+def webhook_target(url: str, settings: Settings) -> URL:
+    """The `yarl.URL` aiohttp will connect to for `url`, judged by its folded host (no DNS).
+
+    Raises WebhookPolicyError with a reason safe to show an admin. The send path posts to the returned
+    object itself, so what was checked and what is connected to cannot disagree.
+    """
     if len(url) > MAX_URL_LENGTH:
         raise WebhookPolicyError(f"webhook_url is longer than {MAX_URL_LENGTH} characters")
     if any(c in url for c in "\r\n\t\x00 "):
         raise WebhookPolicyError("webhook_url contains whitespace or control characters")
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
+        target = URL(url)
+        scheme, host, port = target.scheme, target.raw_host, target.port
+        has_credentials = target.raw_user is not None or target.raw_password is not None
+        authority = target.raw_authority
+        target.host  # noqa: B018  # decodes the IDNA labels: a broken `xn--` label raises here, not later
+    except ValueError as exc:  # UnicodeError (IDNA) is a ValueError too
         raise WebhookPolicyError("webhook_url is not a valid URL") from exc
-    if parts.scheme not in ("http", "https"):
+    if scheme not in ("http", "https"):
         raise WebhookPolicyError("webhook_url must start with http:// or https://")
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+    if has_credentials or "@" in authority:
         raise WebhookPolicyError("webhook_url must not contain a user name or password; use webhook_headers")
-    host = parts.hostname or ""
     if not host:
         raise WebhookPolicyError("webhook_url has no host")
     if port == 0:
         raise WebhookPolicyError("webhook_url has an invalid port")
     name = host.rstrip(".").lower()
+    literal = parse_ip_literal(name)
+    if literal is None and not HOST_NAME.fullmatch(name):
+        raise WebhookPolicyError("webhook_url has an invalid host")
     if name in BLOCKED_NAMES:
         raise WebhookPolicyError("webhook host is a cloud metadata service, which is never allowed")
-    literal = parse_ip_literal(name)
     if literal is not None:
         check_address(literal, host=name, settings=settings)
     elif (name == "localhost" or name.endswith(".localhost")) and not (
-        settings.WEBHOOK_ALLOW_PRIVATE_NETWORKS or name in {h.lower() for h in settings.WEBHOOK_ALLOWED_HOSTS}
+        settings.WEBHOOK_ALLOW_PRIVATE_NETWORKS or _is_allowed_host(name, settings)
     ):
         raise WebhookPolicyError(
             "webhook address is private or loopback; set WEBHOOK_ALLOW_PRIVATE_NETWORKS or WEBHOOK_ALLOWED_HOSTS"
         )
+    return target
+
+
+def check_webhook_url(url: str, settings: Settings) -> str:
+    """Validate a webhook URL at save time; return it unchanged (stored as the admin wrote it)."""
+    webhook_target(url, settings)
     return url
 
 
