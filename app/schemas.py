@@ -165,7 +165,11 @@ class _NoNulls(InputModel):
 
 
 class TeamSettings(ReadModel):
-    open_registration: bool = Field(True, description="Anyone may register into the team with its id.")
+    open_registration: bool = Field(
+        False,
+        description="Anyone who knows the team id may register into it (role user). Off by default: "
+        "people join with an invite instead.",
+    )
 
 
 class TeamSettingsUpdate(_NoNulls):
