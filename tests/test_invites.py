@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -452,6 +453,21 @@ async def test_preview_is_rate_limited_per_client_ip(database_url: str, tmp_path
             assert (await other.get("/api/invites/guess")).status_code == 404
     finally:
         await shutdown(app)
+
+
+async def test_token_never_reaches_the_logs(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    _, admin = await _team_and_admin(session)
+    invite = await _invite(web, settings, admin)
+    assert (await web.get(f"/api/invites/{invite['token']}")).status_code == 200
+    assert (await _register(web, invite["token"], "logged@example.com")).status_code == 201
+    assert (await web.get(f"/api/invites/{invite['token']}")).status_code == 404
+    # Every server-side record (httpx's own records are the test client's, not the server's).
+    messages = [record.getMessage() for record in caplog.records if not record.name.startswith("httpx")]
+    assert any("/api/invites/<redacted>" in message for message in messages if "GET" in message)
+    assert [m for m in messages if invite["token"] in m] == []
 
 
 # --- OpenAPI and SQLite --------------------------------------------------------------------------
