@@ -116,12 +116,12 @@ def _login_read(tokens: SessionTokens) -> LoginRead:
             },
         },
         409: error_doc("Email already registered in this team (an invite is not used up)", users_service.EMAIL_TAKEN),
-        422: error_doc("Invalid body, e.g. both or neither of team_id and invite_token, or a weak password"),
         **R429,
     },
 )
 async def register(body: RegisterRequest, session: SessionDep, settings: SettingsDep) -> UserRead:
-    """Unknown fields are a 422: role, team membership and activation are not for the caller to choose."""
+    """Send exactly one of `team_id` and `invite_token` (both or neither is a 422). Unknown fields are a 422
+    too: role, team membership and activation are not for the caller to choose."""
     if body.invite_token is not None:
         user = await invites_service.register_with_invite(
             session=session,
