@@ -1,11 +1,4 @@
-"""Invitations: admins mint single- or multi-use tokens; registering with one joins its team atomically.
-
-A token is shown once and stored as its SHA-256 (it is 256 random bits, so no slow hash is needed). Every
-way a token can fail (unknown, used up, expired, revoked, bound to another email) is the same 404, so the
-answer tells a guesser nothing. `uses` only grows through one conditional UPDATE in the transaction that
-inserts the user, so concurrent registrations can never go past `max_uses`, and a failed insert (email
-taken) rolls the use back.
-"""
+"""Invitations into a team: minting, listing and revoking them, and spending one to register."""
 
 from __future__ import annotations
 
@@ -27,9 +20,10 @@ from app.errors import Conflict, NotFound
 from app.models import Invite, Team, User
 from app.services.users import EMAIL_TAKEN
 
+#: Unknown, used up, expired, revoked and bound to another email: one answer tells a guesser nothing.
 INVITE_NOT_FOUND = "Invite not found or no longer valid"
 INVITE_ID_NOT_FOUND = "Invite not found"
-#: Longer than any token we issue (43 characters): looked up without touching the database.
+#: We issue 43-character tokens: a longer one is refused without a database lookup (as in the schema).
 TOKEN_MAX_LENGTH = 128
 
 
@@ -42,6 +36,7 @@ class InvitePreview:
 
 
 def hash_invite_token(token: str) -> str:
+    """Stored instead of the token; 256 random bits need no slow hash, and a leak opens no team."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
