@@ -16,7 +16,7 @@ from app.errors import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
-from app.routers import agents, auth, chats, error_logs, health, messages, teams, users
+from app.routers import agents, auth, chats, error_logs, health, invites, messages, teams, users
 from app.services.health import migration_head
 from app.services.revocation import make_revocation_store
 from app.streaming import GenerationRegistry
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(auth.router)
     app.include_router(teams.router)
+    app.include_router(invites.router)
     app.include_router(users.router)
     app.include_router(agents.router)
     app.include_router(chats.router)

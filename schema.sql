@@ -152,5 +152,31 @@ CREATE INDEX ix_users_lower_email ON users (lower(email));
 
 UPDATE alembic_version SET version_num='0002' WHERE alembic_version.version_num = '0001';
 
+-- Running upgrade 0002 -> 0003
+
+CREATE TABLE invites (
+    id UUID NOT NULL, 
+    team_id UUID NOT NULL, 
+    token_hash VARCHAR(64) NOT NULL, 
+    email VARCHAR(320), 
+    role VARCHAR(10) NOT NULL, 
+    expires_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    max_uses INTEGER NOT NULL, 
+    uses INTEGER NOT NULL, 
+    revoked_at TIMESTAMP WITH TIME ZONE, 
+    created_by UUID, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_invites PRIMARY KEY (id), 
+    CONSTRAINT ck_invites_role CHECK (role IN ('user', 'admin')), 
+    CONSTRAINT ck_invites_uses CHECK (uses >= 0 AND uses <= max_uses), 
+    CONSTRAINT fk_invites_team_id_teams FOREIGN KEY(team_id) REFERENCES teams (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_invites_created_by_users FOREIGN KEY(created_by) REFERENCES users (id) ON DELETE SET NULL, 
+    CONSTRAINT uq_invites_token_hash UNIQUE (token_hash)
+);
+
+CREATE INDEX ix_invites_team_id_created_at ON invites (team_id, created_at);
+
+UPDATE alembic_version SET version_num='0003' WHERE alembic_version.version_num = '0002';
+
 COMMIT;
 

@@ -23,6 +23,8 @@ error_logger = logging.getLogger("app.errors")
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 AVATAR_UPLOAD_RE = re.compile(r"^/api/agents/[^/]+/avatar/?$")
+#: Paths that carry a secret (an invite token): logged with the secret cut out.
+SECRET_PATH_RE = re.compile(r"^(/api/invites/)[^/]+")
 #: Room for multipart boundaries and part headers around the avatar file itself.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -117,14 +119,14 @@ class RequestContextMiddleware:
             if not state["started"]:
                 await self._send_json(send_wrapper, 413, {"detail": "Request body too large"})
         except Exception:
-            error_logger.exception("unhandled error on %s %s", scope.get("method"), path)
+            error_logger.exception("unhandled error on %s %s", scope.get("method"), _log_path(path))
             if not state["started"]:
                 await self._send_json(send_wrapper, 500, {"detail": "Internal server error", "request_id": request_id})
         finally:
             logger.info(
                 "%s %s %s %.1fms",
                 scope.get("method"),
-                _printable(path),
+                _log_path(path),
                 state["status"] or "-",
                 (time.perf_counter() - started) * 1000,
             )
@@ -146,6 +148,11 @@ class RequestContextMiddleware:
 def _printable(text: str) -> str:
     """A decoded path can hold newlines (`%0a`): escape control characters so no one can forge log lines."""
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _log_path(path: str) -> str:
+    """The path as logged: an invite token in it is a live secret, so it is cut out."""
+    return _printable(SECRET_PATH_RE.sub(r"\1<redacted>", path))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -50,7 +50,8 @@ def _updated() -> Mapped[datetime]:
 
 
 def default_team_settings() -> dict[str, Any]:
-    return {"open_registration": True}
+    """New teams are closed: a team id is no secret, so joining takes an invite unless an admin opens it."""
+    return {"open_registration": False}
 
 
 class Team(Base):
@@ -161,6 +162,34 @@ class RevokedToken(Base):
 
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+
+
+class Invite(Base):
+    """An invitation into a team; only the SHA-256 of its token is stored, so a database leak opens no team.
+
+    `uses` is only ever raised by one conditional UPDATE (see app.services.invites.consume), and the check
+    constraint backs it: a team can never be joined more often than `max_uses`.
+    """
+
+    __tablename__ = "invites"
+    __table_args__ = (
+        CheckConstraint("role IN ('user', 'admin')", name="role"),
+        CheckConstraint("uses >= 0 AND uses <= max_uses", name="uses"),
+        Index("ix_invites_team_id_created_at", "team_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), nullable=False)
+    token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    #: Lower-cased; when set, only this email may register with the invite.
+    email: Mapped[str | None] = mapped_column(String(320))
+    role: Mapped[str] = mapped_column(String(10), nullable=False, default="user")
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    max_uses: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    uses: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = _created()
 
 
 class ErrorLog(Base):

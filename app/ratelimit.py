@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from app.config import Settings
 from app.errors import RateLimited
 
-LimitName = Literal["login", "register", "team_signup"]
+LimitName = Literal["login", "register", "team_signup", "invite_preview"]
 Network = IPv4Network | IPv6Network
 Address = IPv4Address | IPv6Address
 
@@ -72,6 +72,8 @@ class RateLimiter:
             "login": parse(settings.RATE_LIMIT_LOGIN),
             "register": parse(settings.RATE_LIMIT_REGISTER),
             "team_signup": parse(settings.RATE_LIMIT_TEAM_SIGNUP),
+            # Its own counter at the register rate: a sign-up page previews, then registers.
+            "invite_preview": parse(settings.RATE_LIMIT_REGISTER),
         }
         storage: RedisStorage | MemoryStorage
         if redis is not None and settings.REDIS_URL:

@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictInt,
     StringConstraints,
     field_validator,
     model_validator,
@@ -165,7 +166,11 @@ class _NoNulls(InputModel):
 
 
 class TeamSettings(ReadModel):
-    open_registration: bool = Field(True, description="Anyone may register into the team with its id.")
+    open_registration: bool = Field(
+        False,
+        description="Anyone who knows the team id may register into it (role user). Off by default: "
+        "people join with an invite instead.",
+    )
 
 
 class TeamSettingsUpdate(_NoNulls):
@@ -297,6 +302,55 @@ class PasswordChange(InputModel):
     new_password: NewPassword
 
 
+# --- invitations ---------------------------------------------------------------------------
+
+#: Tokens we issue are 43 characters; anything much longer is no token of ours.
+INVITE_TOKEN_MAX_LENGTH = 128
+InviteStatus = Literal["active", "used_up", "expired", "revoked"]
+
+
+class InviteCreate(InputModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"email": "grace@example.com", "role": "user", "expires_in_days": 7, "max_uses": 1}]
+        },
+    )
+
+    email: Email | None = Field(None, description="When set, only this email (any case) may use the invite.")
+    role: Role = "user"
+    expires_in_days: StrictInt = Field(7, ge=1, le=30)
+    max_uses: StrictInt = Field(1, ge=1, le=1000)
+
+
+class InviteRead(ReadModel):
+    """An invite as the team's admins see it: never its token, which only its creator saw once."""
+
+    id: uuid.UUID
+    email: str | None
+    role: Role
+    expires_at: datetime
+    max_uses: int
+    uses: int
+    created_at: datetime
+    revoked_at: datetime | None
+    created_by: uuid.UUID | None
+    status: InviteStatus = Field(description="active, or why the token no longer works (revoked wins).")
+
+
+class InviteCreatedRead(InviteRead):
+    token: str = Field(description="Shown only in this answer; the server keeps only a hash of it.")
+
+
+class InvitePreviewRead(BaseModel):
+    """What a sign-up page shows before registering with the token."""
+
+    team_name: str
+    email: str | None
+    role: Role
+    expires_at: datetime
+
+
 class RegisterRequest(InputModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -307,15 +361,34 @@ class RegisterRequest(InputModel):
                     "email": "grace@example.com",
                     "password": "correct-horse-battery",
                     "full_name": "Grace Hopper",
-                }
+                },
+                {
+                    "invite_token": "q7Xo3w0mBv9yC2pL8sZt1rKdE4fGhJ6uNaM5bVcQxYw",
+                    "email": "grace@example.com",
+                    "password": "correct-horse-battery",
+                },
             ]
         },
     )
 
-    team_id: uuid.UUID
+    team_id: uuid.UUID | None = Field(
+        None, description="Join this team (needs its open_registration on). Exactly one of team_id, invite_token."
+    )
+    invite_token: str | None = Field(
+        None,
+        min_length=1,
+        max_length=INVITE_TOKEN_MAX_LENGTH,
+        description="Join the invite's team with the invite's role, whatever open_registration says.",
+    )
     email: Email
     password: NewPassword
     full_name: FullName = None
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> Self:
+        if (self.team_id is None) == (self.invite_token is None):
+            raise ValueError("send exactly one of team_id and invite_token")
+        return self
 
 
 class LoginRequest(InputModel):

@@ -32,6 +32,8 @@ from tests.conftest import TEST_JWT_SECRET, count_rows, make_settings
 from tests.factories import DEFAULT_PASSWORD, auth_headers, create_team, create_user
 
 GENERIC_401 = {"detail": "Incorrect email or password"}
+#: Teams are closed by default; registering by team id needs an admin to have opened it.
+OPEN = {"open_registration": True}
 INVALID = {"detail": "Could not validate credentials"}
 
 
@@ -51,7 +53,7 @@ async def web(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_register_creates_user_with_role_user(web: httpx.AsyncClient, session: AsyncSession) -> None:
-    team = await create_team(session)
+    team = await create_team(session, settings=OPEN)
     body = {"team_id": str(team.id), "email": "  Ada@Example.COM ", "password": "long-enough", "full_name": "Ada"}
     response = await web.post("/api/auth/register", json=body)
     assert response.status_code == 201, response.text
@@ -92,7 +94,7 @@ async def test_register_unknown_team_is_404(web: httpx.AsyncClient, session: Asy
 
 
 async def test_register_taken_email_is_409_case_insensitive(web: httpx.AsyncClient, session: AsyncSession) -> None:
-    team = await create_team(session)
+    team = await create_team(session, settings=OPEN)
     await create_user(session, team=team, email="taken@example.com")
     body = {"team_id": str(team.id), "email": "TAKEN@example.com", "password": "long-enough"}
     response = await web.post("/api/auth/register", json=body)
@@ -100,7 +102,7 @@ async def test_register_taken_email_is_409_case_insensitive(web: httpx.AsyncClie
     assert response.json() == {"detail": "This email is already registered in this team"}
     assert await count_rows(session, "users") == 1
     # The same email in another team is a different account.
-    other = await create_team(session)
+    other = await create_team(session, settings=OPEN)
     body["team_id"] = str(other.id)
     assert (await web.post("/api/auth/register", json=body)).status_code == 201
 
@@ -119,7 +121,7 @@ async def test_register_taken_email_is_409_case_insensitive(web: httpx.AsyncClie
 async def test_register_bad_input_is_422_and_creates_nothing(
     web: httpx.AsyncClient, session: AsyncSession, changes: dict[str, Any], field: str
 ) -> None:
-    team = await create_team(session)
+    team = await create_team(session, settings=OPEN)
     body = {"team_id": str(team.id), "email": "a@example.com", "password": "long-enough", **changes}
     response = await web.post("/api/auth/register", json=body)
     assert response.status_code == 422
@@ -135,7 +137,7 @@ async def test_register_bad_input_is_422_and_creates_nothing(
 async def test_passwords_sharing_first_72_bytes_do_not_both_verify(
     web: httpx.AsyncClient, session: AsyncSession
 ) -> None:
-    team = await create_team(session)
+    team = await create_team(session, settings=OPEN)
     first = "a" * 72 + "-first"
     second = "a" * 72 + "-second"
     response = await web.post(
@@ -148,7 +150,7 @@ async def test_passwords_sharing_first_72_bytes_do_not_both_verify(
 
 
 async def test_password_is_stored_as_bcrypt_with_configured_cost(web: httpx.AsyncClient, session: AsyncSession) -> None:
-    team = await create_team(session)
+    team = await create_team(session, settings=OPEN)
     body = {"team_id": str(team.id), "email": "cost@example.com", "password": "long-enough"}
     assert (await web.post("/api/auth/register", json=body)).status_code == 201
     stored = (await session.execute(select(User.password_hash))).scalar_one()

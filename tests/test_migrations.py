@@ -28,6 +28,7 @@ EXPECTED_TABLES = {
     "revoked_tokens",
     "error_logs",
     "workers",
+    "invites",
     "alembic_version",
 }
 
@@ -111,6 +112,6 @@ async def test_sqlite_smoke(tmp_path: Path) -> None:
         async with app.state.db.sessionmaker() as session:
             team = await create_team(session, name="Smoke")
             assert team.created_at.tzinfo is not None
-            assert team.settings == {"open_registration": True}
+            assert team.settings == {"open_registration": False}
     finally:
         await shutdown(app)

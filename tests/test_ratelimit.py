@@ -106,7 +106,7 @@ async def test_forwarded_for_from_trusted_proxy_separates_clients(make_app: AppF
 
 
 async def test_register_and_team_signup_have_their_own_limits(make_app: AppFactory, session: AsyncSession) -> None:
-    team = await create_team(session)
+    team = await create_team(session, settings={"open_registration": True})
     app = make_app(RATE_LIMIT_REGISTER="2/minute", RATE_LIMIT_TEAM_SIGNUP="1/minute")
     async with client_for(app, "1.1.1.1") as client:
         codes = []

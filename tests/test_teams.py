@@ -39,7 +39,7 @@ async def test_create_team_creates_team_and_admin(web: httpx.AsyncClient, sessio
     assert set(body) == {"team", "user"}
     assert set(body["team"]) == {"id", "name", "slug", "settings", "created_at"}
     assert body["team"]["slug"] == "acme-support"
-    assert body["team"]["settings"] == {"open_registration": True}
+    assert body["team"]["settings"] == {"open_registration": False}
     assert body["user"]["role"] == "admin"
     assert body["user"]["email"] == "boss@acme.example.com"
     assert body["user"]["team_id"] == body["team"]["id"]
@@ -95,7 +95,7 @@ async def test_read_current_team(web: httpx.AsyncClient, session: AsyncSession, 
     assert response.status_code == 200
     assert response.json()["id"] == str(team.id)
     assert response.json()["name"] == "Mine"
-    assert response.json()["settings"] == {"open_registration": True}
+    assert response.json()["settings"] == {"open_registration": False}
     assert (await web.get("/api/teams/current")).status_code == 401
 
 
@@ -106,17 +106,17 @@ async def test_update_team_as_admin(web: httpx.AsyncClient, session: AsyncSessio
     response = await web.put("/api/teams/current", json={"name": " Renamed "}, headers=headers)
     assert response.status_code == 200
     assert response.json()["name"] == "Renamed"
-    assert response.json()["settings"] == {"open_registration": True}
+    assert response.json()["settings"] == {"open_registration": False}
+    opened = await web.put("/api/teams/current", json={"settings": {"open_registration": True}}, headers=headers)
+    assert opened.status_code == 200
+    assert opened.json()["settings"] == {"open_registration": True}
+    assert opened.json()["name"] == "Renamed"
     closed = await web.put("/api/teams/current", json={"settings": {"open_registration": False}}, headers=headers)
-    assert closed.status_code == 200
     assert closed.json()["settings"] == {"open_registration": False}
-    assert closed.json()["name"] == "Renamed"
     register = await web.post(
         "/api/auth/register", json={"team_id": str(team.id), "email": "new@example.com", "password": "long-enough"}
     )
     assert register.status_code == 403
-    reopened = await web.put("/api/teams/current", json={"settings": {"open_registration": True}}, headers=headers)
-    assert reopened.json()["settings"] == {"open_registration": True}
 
 
 @pytest.mark.parametrize(
@@ -139,7 +139,7 @@ async def test_update_team_bad_input_is_422_and_changes_nothing(
     assert response.status_code == 422
     await session.refresh(team)
     assert team.name == "Before"
-    assert team.settings == {"open_registration": True}
+    assert team.settings == {"open_registration": False}
 
 
 async def test_update_team_as_member_is_403(web: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:

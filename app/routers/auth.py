@@ -20,6 +20,7 @@ from app.routers.responses import R401, R401_LOGIN, R403_ORIGIN, R429, error_doc
 from app.schemas import (
     PASSWORD_MAX_LENGTH,
     AmbiguousLoginRead,
+    ErrorRead,
     LoginRead,
     LoginRequest,
     MeUpdate,
@@ -32,12 +33,14 @@ from app.schemas import (
     UserRead,
 )
 from app.services import auth as auth_service
+from app.services import invites as invites_service
 from app.services import users as users_service
 from app.services.auth import AmbiguousLogin, SessionTokens
 
 AUTH_PATH = "/api/auth"
 ACCESS_COOKIE = "access_token"
 REFRESH_COOKIE = "refresh_token"
+CLOSED = "Registration is closed for this team"
 
 
 def no_store(response: Response) -> None:
@@ -95,17 +98,41 @@ def _login_read(tokens: SessionTokens) -> LoginRead:
     "/register",
     status_code=status.HTTP_201_CREATED,
     response_model=UserRead,
-    summary="Register into a team (role user)",
+    summary="Register into a team: by invite (the invite's role) or by team id (role user, open teams only)",
     dependencies=[Depends(rate_limit("register"))],
     responses={
-        403: error_doc("The team's open_registration setting is off", "Registration is closed for this team"),
-        404: error_doc("No team with this id", "Team not found"),
-        409: error_doc("Email already registered in this team", users_service.EMAIL_TAKEN),
+        403: error_doc("team_id given and the team's open_registration setting is off", CLOSED),
+        404: {
+            "model": ErrorRead,
+            "description": "No team with this id, or an invite token that is unknown, used up, expired, revoked "
+            "or bound to another email (one answer for all; the invite is not used up)",
+            "content": {
+                "application/json": {
+                    "examples": {
+                        "team": {"value": {"detail": "Team not found"}},
+                        "invite": {"value": {"detail": invites_service.INVITE_NOT_FOUND}},
+                    }
+                }
+            },
+        },
+        409: error_doc("Email already registered in this team (an invite is not used up)", users_service.EMAIL_TAKEN),
         **R429,
     },
 )
 async def register(body: RegisterRequest, session: SessionDep, settings: SettingsDep) -> UserRead:
-    """Unknown fields are a 422: role, team membership and activation are not for the caller to choose."""
+    """Send exactly one of `team_id` and `invite_token` (both or neither is a 422). Unknown fields are a 422
+    too: role, team membership and activation are not for the caller to choose."""
+    if body.invite_token is not None:
+        user = await invites_service.register_with_invite(
+            session=session,
+            settings=settings,
+            token=body.invite_token,
+            email=body.email,
+            password=body.password,
+            full_name=body.full_name,
+        )
+        return UserRead.model_validate(user)
+    assert body.team_id is not None  # the schema requires exactly one of the two
     user = await users_service.register(
         session=session,
         settings=settings,

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, status
+import uuid
+
+from fastapi import APIRouter, Depends, Response, status
 
 from app.auth import AdminUser, CurrentUser, SettingsDep
 from app.db import SessionDep
 from app.errors import Forbidden
 from app.ratelimit import rate_limit
-from app.routers.responses import R401, R429, error_doc
-from app.schemas import TeamCreate, TeamRead, TeamSignupRead, TeamUpdate, UserRead
+from app.routers.responses import R401, R403_ADMIN, R429, error_doc
+from app.schemas import (
+    InviteCreate,
+    InviteCreatedRead,
+    InviteRead,
+    TeamCreate,
+    TeamRead,
+    TeamSignupRead,
+    TeamUpdate,
+    UserRead,
+)
+from app.services import invites as invites_service
 from app.services import teams as teams_service
 
 router = APIRouter(prefix="/api/teams", tags=["teams"])
@@ -60,3 +72,59 @@ async def update_team(body: TeamUpdate, admin: AdminUser, session: SessionDep) -
     changes = body.model_dump(exclude_unset=True)
     team = await teams_service.update_team(session=session, team_id=admin.team_id, changes=changes)
     return TeamRead.model_validate(team)
+
+
+# --- invitations -------------------------------------------------------------------------------
+
+
+def no_store(response: Response) -> None:
+    """The created invite carries its token: never cached by a browser or a proxy."""
+    response.headers["Cache-Control"] = "no-store"
+
+
+@router.post(
+    "/current/invites",
+    status_code=status.HTTP_201_CREATED,
+    response_model=InviteCreatedRead,
+    summary="Invite people into your team; the token is shown only in this answer",
+    dependencies=[Depends(no_store)],
+    responses={**R401, **R403_ADMIN},
+)
+async def create_invite(body: InviteCreate, admin: AdminUser, session: SessionDep) -> InviteCreatedRead:
+    """Send the token to the invitee (e.g. in a sign-up link); they register with `invite_token`."""
+    invite, token = await invites_service.create_invite(
+        session=session,
+        team_id=admin.team_id,
+        created_by=admin.id,
+        email=body.email,
+        role=body.role,
+        expires_in_days=body.expires_in_days,
+        max_uses=body.max_uses,
+    )
+    return InviteCreatedRead(**invites_service.invite_fields(invite), token=token)
+
+
+@router.get(
+    "/current/invites",
+    response_model=list[InviteRead],
+    summary="Your team's invites, newest first (never their tokens)",
+    responses={**R401, **R403_ADMIN},
+)
+async def list_invites(admin: AdminUser, session: SessionDep) -> list[InviteRead]:
+    invites = await invites_service.list_invites(session=session, team_id=admin.team_id)
+    return [InviteRead(**invites_service.invite_fields(invite)) for invite in invites]
+
+
+@router.delete(
+    "/current/invites/{invite_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Revoke an invite: its token stops working at once",
+    responses={
+        **R401,
+        **R403_ADMIN,
+        404: error_doc("No such invite in your team", invites_service.INVITE_ID_NOT_FOUND),
+    },
+)
+async def revoke_invite(invite_id: uuid.UUID, admin: AdminUser, session: SessionDep) -> None:
+    """Revoking an already revoked invite is a 204 too; users who joined with it stay members."""
+    await invites_service.revoke_invite(session=session, team_id=admin.team_id, invite_id=invite_id)

@@ -85,7 +85,7 @@ async def register(
     team = await session.get(Team, team_id)
     if team is None:
         raise NotFound("Team not found")
-    if not bool((team.settings or {}).get("open_registration", True)):
+    if not bool((team.settings or {}).get("open_registration", False)):
         raise Forbidden("Registration is closed for this team")
     return await create_user(
         session=session, settings=settings, team_id=team_id, email=email, password=password, full_name=full_name

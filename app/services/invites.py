@@ -1,0 +1,208 @@
+"""Invitations into a team: minting, listing and revoking them, and spending one to register."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth import hash_password
+from app.config import Settings
+from app.db import utcnow
+from app.errors import Conflict, NotFound
+from app.models import Invite, Team, User
+from app.services.users import EMAIL_TAKEN
+
+#: Unknown, used up, expired, revoked and bound to another email: one answer tells a guesser nothing.
+INVITE_NOT_FOUND = "Invite not found or no longer valid"
+INVITE_ID_NOT_FOUND = "Invite not found"
+#: We issue 43-character tokens: a longer one is refused without a database lookup (as in the schema).
+TOKEN_MAX_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class InvitePreview:
+    team_name: str
+    email: str | None
+    role: str
+    expires_at: datetime
+
+
+def hash_invite_token(token: str) -> str:
+    """Stored instead of the token; 256 random bits need no slow hash, and a leak opens no team."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_token() -> str:
+    """256 random bits, URL-safe (43 characters): fits in a link without escaping."""
+    return secrets.token_urlsafe(32)
+
+
+def invite_status(invite: Invite, now: datetime | None = None) -> str:
+    """Why a token no longer works, or "active"; revoked wins over used up, which wins over expired."""
+    now = now or utcnow()
+    if invite.revoked_at is not None:
+        return "revoked"
+    if invite.uses >= invite.max_uses:
+        return "used_up"
+    if invite.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def _usable(token_hash: str, now: datetime, email: str | None = None) -> ColumnElement[bool]:
+    """The one definition of a working token, in SQL, so a check and the use that follows agree."""
+    conditions = [
+        Invite.token_hash == token_hash,
+        Invite.revoked_at.is_(None),
+        Invite.expires_at > now,
+        Invite.uses < Invite.max_uses,
+    ]
+    if email is not None:
+        conditions.append(or_(Invite.email.is_(None), func.lower(Invite.email) == email.strip().lower()))
+    return and_(*conditions)
+
+
+def _hash_or_none(token: str) -> str | None:
+    if not token or len(token) > TOKEN_MAX_LENGTH:
+        return None
+    return hash_invite_token(token)
+
+
+async def create_invite(
+    *,
+    session: AsyncSession,
+    team_id: uuid.UUID,
+    created_by: uuid.UUID,
+    email: str | None,
+    role: str,
+    expires_in_days: int,
+    max_uses: int,
+) -> tuple[Invite, str]:
+    """Store a new invite and return it with its token, which nothing can read back later."""
+    token = new_token()
+    invite = Invite(
+        team_id=team_id,
+        token_hash=hash_invite_token(token),
+        email=email.strip().lower() if email else None,
+        role=role,
+        expires_at=utcnow() + timedelta(days=expires_in_days),
+        max_uses=max_uses,
+        uses=0,
+        created_by=created_by,
+    )
+    session.add(invite)
+    await session.commit()
+    return invite, token
+
+
+async def list_invites(*, session: AsyncSession, team_id: uuid.UUID) -> list[Invite]:
+    """Every invite of the team, newest first, revoked and spent ones included (their status says so)."""
+    query = select(Invite).where(Invite.team_id == team_id).order_by(Invite.created_at.desc(), Invite.id)
+    return list((await session.execute(query)).scalars())
+
+
+async def revoke_invite(*, session: AsyncSession, team_id: uuid.UUID, invite_id: uuid.UUID) -> None:
+    """Revoke at once; revoking twice keeps the first instant. Another team's invite is the same 404."""
+    query = select(Invite).where(Invite.id == invite_id, Invite.team_id == team_id)
+    invite = (await session.execute(query)).scalar_one_or_none()
+    if invite is None:
+        raise NotFound(INVITE_ID_NOT_FOUND)
+    if invite.revoked_at is None:
+        invite.revoked_at = utcnow()
+    await session.commit()
+
+
+async def preview_invite(*, session: AsyncSession, token: str) -> InvitePreview:
+    """What a sign-up page may show before registering: the team's name, the bound email, the role."""
+    token_hash = _hash_or_none(token)
+    if token_hash is None:
+        raise NotFound(INVITE_NOT_FOUND)
+    query = (
+        select(Team.name, Invite.email, Invite.role, Invite.expires_at)
+        .join(Team, Team.id == Invite.team_id)
+        .where(_usable(token_hash, utcnow()))
+    )
+    row = (await session.execute(query)).first()
+    await session.commit()
+    if row is None:
+        raise NotFound(INVITE_NOT_FOUND)
+    return InvitePreview(team_name=row.name, email=row.email, role=row.role, expires_at=row.expires_at)
+
+
+async def register_with_invite(
+    *, session: AsyncSession, settings: Settings, token: str, email: str, password: str, full_name: str | None
+) -> User:
+    """Join the invite's team with its role, whatever the team's open_registration says.
+
+    Checked first (cheap 404/409 before bcrypt), then spent for real: the conditional UPDATE re-checks
+    everything and takes the row lock, and the user insert commits with it or not at all.
+    """
+    token_hash = _hash_or_none(token)
+    if token_hash is None:
+        raise NotFound(INVITE_NOT_FOUND)
+    email = email.strip().lower()
+    invite = (await session.execute(select(Invite).where(_usable(token_hash, utcnow(), email)))).scalar_one_or_none()
+    if invite is None:
+        await session.rollback()
+        raise NotFound(INVITE_NOT_FOUND)
+    team_id = invite.team_id
+    taken = select(User.id).where(User.team_id == team_id, func.lower(User.email) == email)
+    if (await session.execute(taken)).first() is not None:
+        await session.rollback()
+        raise Conflict(EMAIL_TAKEN)
+    await session.commit()  # release the connection while bcrypt runs
+    password_hash = await hash_password(password, settings.BCRYPT_ROUNDS)
+
+    spent = await session.execute(
+        update(Invite)
+        .where(_usable(token_hash, utcnow(), email))
+        .values(uses=Invite.uses + 1)
+        .returning(Invite.team_id, Invite.role)
+        .execution_options(synchronize_session=False)
+    )
+    row = spent.first()
+    if row is None:
+        # Used up, revoked or expired while we were hashing.
+        await session.rollback()
+        raise NotFound(INVITE_NOT_FOUND)
+    user = User(
+        team_id=row.team_id,
+        email=email,
+        password_hash=password_hash,
+        full_name=full_name,
+        role=row.role,
+        is_active=True,
+        preferences={},
+    )
+    session.add(user)
+    try:
+        await session.commit()
+    except IntegrityError as exc:
+        # The same email registered meanwhile: the rollback gives the use back.
+        await session.rollback()
+        raise Conflict(EMAIL_TAKEN) from exc
+    return user
+
+
+def invite_fields(invite: Invite, now: datetime | None = None) -> dict[str, Any]:
+    """The admin's view of an invite (never the token or its hash)."""
+    return {
+        "id": invite.id,
+        "email": invite.email,
+        "role": invite.role,
+        "expires_at": invite.expires_at,
+        "max_uses": invite.max_uses,
+        "uses": invite.uses,
+        "created_at": invite.created_at,
+        "revoked_at": invite.revoked_at,
+        "created_by": invite.created_by,
+        "status": invite_status(invite, now),
+    }
