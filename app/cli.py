@@ -13,7 +13,7 @@ from alembic.config import Config
 from sqlalchemy import func, select
 
 from app.config import Settings, load_settings
-from app.db import Database
+from app.db import Database, secure_sqlite_file
 from app.models import Team, User
 from app.schemas import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, normalize_email
 from app.serve import serve
@@ -29,6 +29,7 @@ def out(text: str) -> None:
 
 
 def migrate(settings: Settings) -> None:
+    secure_sqlite_file(settings.DATABASE_URL)  # before Alembic's engine creates the file world-readable
     config = Config(str(ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(ROOT / "migrations"))
     config.set_main_option("sqlalchemy.url", settings.DATABASE_URL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from functools import lru_cache
 from ipaddress import ip_network
@@ -153,11 +154,29 @@ def _persistent_secret(path: Path, make: object) -> str:
     """Generate a development secret once and keep it, so restarts keep sessions and encrypted data."""
     if path.exists():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = make() if callable(make) else str(make)
-    path.write_text(value)
-    path.chmod(0o600)
-    return str(value)
+    private_dir(path.parent)
+    value = str(make() if callable(make) else make)
+    # Created 0600 in one step: never readable by others, not even between writing and a chmod.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(value)
+    return value
+
+
+def private_dir(path: Path) -> None:
+    """Create a directory for secrets (DATA_DIR: keys, the SQLite file with password hashes) as 0700.
+
+    An existing directory keeps its mode: it may be shared on purpose; the files in it are 0600.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def private_file(path: Path) -> None:
+    """Create `path` empty as 0600 if missing, else narrow it to 0600 (a file of an older version)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        path.chmod(0o600)
 
 
 def load_settings(**overrides: object) -> Settings:
