@@ -14,7 +14,7 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
-from app.config import Settings, private_dir, private_file
+from app.config import Settings, narrow_to_owner, private_dir, private_file
 
 #: JSONB on PostgreSQL (indexable, `||` appends), JSON text on SQLite.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
@@ -71,7 +71,7 @@ def secure_sqlite_file(url: str) -> None:
     for suffix in SQLITE_SIDECARS:
         sidecar = path.with_name(path.name + suffix)
         if sidecar.exists():
-            sidecar.chmod(0o600)
+            narrow_to_owner(sidecar)
 
 
 def make_engine(settings: Settings) -> AsyncEngine:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from app.config import ConfigError, Settings, load_settings
+from app.config import ConfigError, Settings, _persistent_secret, load_settings
 from app.db import Database, secure_sqlite_file
 from tests.conftest import ROOT
 
@@ -146,3 +146,28 @@ def test_secure_sqlite_file_leaves_other_databases_alone(tmp_path: Path, monkeyp
     secure_sqlite_file("sqlite+aiosqlite:///:memory:")
     secure_sqlite_file("sqlite+aiosqlite://")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_secret_made_meanwhile_by_another_worker_is_the_one_used(tmp_path: Path) -> None:
+    path = tmp_path / "jwt_secret"
+
+    def make() -> str:
+        path.write_text("made-by-the-other-worker")  # between our exists() check and our create
+        return "ours"
+
+    assert _persistent_secret(path, make) == "made-by-the-other-worker"
+    assert path.read_text() == "made-by-the-other-worker"
+
+
+def test_sqlite_file_we_may_not_chmod_is_used_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "app.db").touch(mode=0o644)
+
+    def refuse(self: Path, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "chmod", refuse)
+    secure_sqlite_file(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    assert "could not make" in caplog.text
+    assert mode(tmp_path / "app.db") == 0o644
