@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: client address, request id, security headers, body size limit, access log, last 500.
+"""Pure ASGI middleware: client address, request id, security headers, body limit, access log, last-resort 500.
 
 Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through unbuffered.
 """
