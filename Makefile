@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
+WORKERS ?= 1
 
 # Local plain-http development defaults for `make run` only (the environment still wins).
 run: export COOKIE_SECURE ?= false
@@ -29,7 +30,7 @@ install-dev: $(VENV)/.dev
 run: $(VENV)/.runtime
 	@echo "Serving on http://$(HOST):$(PORT)  (docs: /docs). COOKIE_SECURE=$(COOKIE_SECURE): plain-http cookies for local development."
 	$(PY) -m app.cli init
-	$(VENV)/bin/uvicorn --factory main:create_app --host $(HOST) --port $(PORT) --no-access-log --timeout-graceful-shutdown 15
+	$(PY) -m app.cli serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 test: $(VENV)/.dev
 	$(PY) -m pytest

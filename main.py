@@ -17,6 +17,7 @@ from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
 from app.routers import agents, auth, chats, error_logs, health, invites, messages, teams, users
+from app.serve import release_uvicorn_proxy_headers
 from app.services.health import migration_head
 from app.services.revocation import make_revocation_store
 from app.streaming import GenerationRegistry
@@ -52,6 +53,7 @@ async def shutdown(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     setup_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    release_uvicorn_proxy_headers()  # when uvicorn calls us as a factory: TRUSTED_PROXIES alone decides
     app = FastAPI(
         title="n8n Chat Relay",
         version="1.0.0",

@@ -1,4 +1,4 @@
-"""Operator commands: `python -m app.cli init | create-admin | reset-password`."""
+"""Operator commands: `python -m app.cli init | migrate | serve | create-admin | reset-password`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from alembic.config import Config
 from sqlalchemy import func, select
 
 from app.config import Settings, load_settings
-from app.db import Database
+from app.db import Database, secure_sqlite_file
 from app.models import Team, User
 from app.schemas import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, normalize_email
+from app.serve import serve
 from app.services import users as users_service
 from app.services.teams import create_team_with_admin, database_is_empty
 
@@ -28,6 +29,7 @@ def out(text: str) -> None:
 
 
 def migrate(settings: Settings) -> None:
+    secure_sqlite_file(settings.DATABASE_URL)  # before Alembic's engine creates the file world-readable
     config = Config(str(ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(ROOT / "migrations"))
     config.set_main_option("sqlalchemy.url", settings.DATABASE_URL)
@@ -111,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("migrate", help="apply migrations (alembic upgrade head)")
     sub.add_parser("init", help="migrate, then create the first team and admin if the database is empty")
+    p_serve = sub.add_parser("serve", help="run the server (uvicorn; TRUSTED_PROXIES decides the client address)")
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--workers", type=int, default=1)
     p_admin = sub.add_parser("create-admin", help="create a team and its first admin")
     p_admin.add_argument("--team", required=True)
     p_admin.add_argument("--email", required=True)
@@ -122,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = load_settings()
+    if args.cmd == "serve":
+        serve(settings, host=args.host, port=args.port, workers=max(1, args.workers))
+        return 0
     if args.cmd in ("migrate", "init"):
         migrate(settings)
     if args.cmd == "init":

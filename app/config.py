@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
+import time
 from functools import lru_cache
 from ipaddress import ip_network
 from pathlib import Path
@@ -14,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
+logger = logging.getLogger("app")
 
 
 class ConfigError(SystemExit):
@@ -152,12 +156,51 @@ class Settings(BaseSettings):
 def _persistent_secret(path: Path, make: object) -> str:
     """Generate a development secret once and keep it, so restarts keep sessions and encrypted data."""
     if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = make() if callable(make) else str(make)
-    path.write_text(value)
-    path.chmod(0o600)
-    return str(value)
+        return _read_secret(path)
+    private_dir(path.parent)
+    value = str(make() if callable(make) else make)
+    # Created 0600 in one step: never readable by others, not even between writing and a chmod.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another worker of `uvicorn --workers N` made it first: everyone uses that one
+        return _read_secret(path)
+    with os.fdopen(fd, "w") as file:
+        file.write(value)
+    return value
+
+
+def _read_secret(path: Path) -> str:
+    """The secret in `path`, waiting briefly while the worker that created it is still writing it."""
+    for _ in range(100):
+        value = path.read_text().strip()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise ConfigError(f"{path} is empty: delete it to generate a new development secret")
+
+
+def private_dir(path: Path) -> None:
+    """Create a directory for secrets (DATA_DIR: keys, the SQLite file with password hashes) as 0700.
+
+    An existing directory keeps its mode: it may be shared on purpose; the files in it are 0600.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def private_file(path: Path) -> None:
+    """Create `path` empty as 0600 if missing, else narrow it to 0600 (a file of an older version)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        narrow_to_owner(path)
+
+
+def narrow_to_owner(path: Path) -> None:
+    """chmod 0600; a file we may use but not chmod (another owner, read-only mount) is left as it is."""
+    try:
+        path.chmod(0o600)
+    except OSError as exc:  # not ours (EPERM) or a read-only mount (EROFS)
+        logger.warning("could not make %s private (chmod 600): %s", path, exc.strerror)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy import JSON, DateTime, Executable, Result, event
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
-from app.config import Settings
+from app.config import Settings, narrow_to_owner, private_dir, private_file
 
 #: JSONB on PostgreSQL (indexable, `||` appends), JSON text on SQLite.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
@@ -52,17 +53,34 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+#: SQLite's companions of the database file; it creates them with the database file's mode.
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+
+
+def secure_sqlite_file(url: str) -> None:
+    """The SQLite file holds password hashes: its directory 0700 when we create it, the file and its
+    companions 0600. Created before SQLite opens it (SQLite would make it 0644), so -wal/-shm/-journal
+    inherit 0600 too. No-op for other databases and for in-memory SQLite.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:") or parsed.query.get("uri"):
+        return  # not a file we can name (another database, in memory, or a `file:` URI)
+    path = Path(parsed.database)
+    private_dir(path.parent)
+    private_file(path)
+    for suffix in SQLITE_SIDECARS:
+        sidecar = path.with_name(path.name + suffix)
+        if sidecar.exists():
+            narrow_to_owner(sidecar)
+
+
 def make_engine(settings: Settings) -> AsyncEngine:
     url = settings.DATABASE_URL
     # No pre-ping by default: it is a round trip on every checkout (two per stream). SQLAlchemy already
     # invalidates the whole pool when a statement fails on a dead connection (see DB_POOL_PRE_PING).
     kwargs: dict[str, Any] = {"pool_pre_ping": settings.DB_POOL_PRE_PING}
     if settings.is_sqlite:
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            from pathlib import Path
-
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        secure_sqlite_file(url)
         kwargs["connect_args"] = {"timeout": 30}
     else:
         kwargs.update(

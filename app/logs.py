@@ -1,12 +1,14 @@
-"""Logging set-up: plain text or JSON lines, each line tagged with the request id."""
+"""Logging set-up: plain text or JSON lines, each line tagged with the request id, secrets left out."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from urllib.parse import unquote_plus
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
@@ -46,7 +48,59 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler._relay_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error"):
         lg = logging.getLogger(name)
         lg.handlers = []
         lg.propagate = True
+    # The app writes the one access line (app.middleware: request id, client, secrets left out). uvicorn
+    # logs its own line only while `uvicorn.access` has a handler, here or through propagation: none.
+    access = logging.getLogger("uvicorn.access")
+    access.handlers = []
+    access.propagate = False
+
+
+#: Paths that carry a secret: everything after one of these prefixes is logged as `***`, so a token
+#: holding a slash or followed by more segments leaks nothing. A feature with a token in its path adds a line.
+SECRET_PATH_PREFIXES: tuple[str, ...] = (
+    "/api/invites/",  # GET /api/invites/{token}: invitation preview
+    "/api/callbacks/",  # signed callback links
+    "/api/files/signed/",  # signed file links
+)
+#: Query parameters whose value is a secret, compared case-insensitively ...
+SECRET_PARAMS = frozenset(
+    {"code", "key", "apikey", "auth", "jwt", "otp", "password", "passwd", "pwd", "secret", "session", "sig", "invite"}
+)
+#: ... and any parameter whose name ends like this (`access_token`, `X-Amz-Signature`, `client_secret`).
+SECRET_SUFFIXES = ("token", "_key", "-key", "secret", "password", "signature", "credential", "_sig")
+REDACTED = "***"
+_SLASHES = re.compile(r"/{2,}")
+
+
+def redact_path(path: str) -> str:
+    """The path as it may be logged: no secret segment, no control character."""
+    collapsed = _SLASHES.sub("/", path)
+    lowered = collapsed.lower()
+    for prefix in SECRET_PATH_PREFIXES:
+        if lowered.startswith(prefix) and len(collapsed) > len(prefix):
+            return prefix + REDACTED
+    return printable(path)
+
+
+def redact_query(query: str) -> str:
+    """The query string as it may be logged: every secret-looking parameter keeps its name, not its value."""
+    parts = []
+    for part in query.split("&"):
+        name = part.partition("=")[0]
+        if _is_secret_param(unquote_plus(name).strip().lower()):
+            part = f"{name}={REDACTED}"
+        parts.append(part)
+    return printable("&".join(parts))
+
+
+def _is_secret_param(name: str) -> bool:
+    return name in SECRET_PARAMS or name.endswith(SECRET_SUFFIXES)
+
+
+def printable(text: str) -> str:
+    """A decoded path can hold newlines (`%0a`): escape control characters so no one can forge log lines."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

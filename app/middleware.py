@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request id, security headers, body size limit, access log, last-resort 500.
+"""Pure ASGI middleware: client address, request id, security headers, body limit, access log, last-resort 500.
 
 Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through unbuffered.
 """
@@ -16,7 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.logs import request_id_var
+from app.logs import redact_path, redact_query, request_id_var
+from app.proxies import client_address, parse_networks
 
 logger = logging.getLogger("app.access")
 error_logger = logging.getLogger("app.errors")
@@ -24,7 +25,6 @@ error_logger = logging.getLogger("app.errors")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 AVATAR_UPLOAD_RE = re.compile(r"^/api/agents/[^/]+/avatar/?$")
 #: Paths that carry a secret (an invite token): logged with the secret cut out.
-SECRET_PATH_RE = re.compile(r"^(/api/invites/)[^/]+")
 #: Room for multipart boundaries and part headers around the avatar file itself.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -49,6 +49,7 @@ class RequestContextMiddleware:
         self.app = app
         self.settings = settings
         self.hsts = settings.COOKIE_SECURE
+        self.trusted = parse_networks(settings.TRUSTED_PROXIES)
         # Built once: these are the same for every request (per CSP), and an open stream holds its copy.
         self._api_headers = self.security_headers(docs=False)
         self._docs_headers = self.security_headers(docs=True)
@@ -76,6 +77,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
 
+        client = self.resolve_client(scope)
         raw_id = _header(scope, b"x-request-id")
         request_id = raw_id if raw_id and REQUEST_ID_RE.match(raw_id) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
@@ -119,18 +121,39 @@ class RequestContextMiddleware:
             if not state["started"]:
                 await self._send_json(send_wrapper, 413, {"detail": "Request body too large"})
         except Exception:
-            error_logger.exception("unhandled error on %s %s", scope.get("method"), _log_path(path))
+            error_logger.exception("unhandled error on %s %s", scope.get("method"), redact_path(path))
             if not state["started"]:
                 await self._send_json(send_wrapper, 500, {"detail": "Internal server error", "request_id": request_id})
         finally:
+            query = scope.get("query_string", b"")
             logger.info(
-                "%s %s %s %.1fms",
+                "%s %s %s%s %s %.1fms",
+                client,
                 scope.get("method"),
-                _log_path(path),
+                redact_path(path),
+                "?" + redact_query(query.decode("latin-1")) if query else "",
                 state["status"] or "-",
                 (time.perf_counter() - started) * 1000,
             )
             request_id_var.reset(token)
+
+    def resolve_client(self, scope: Scope) -> str:
+        """Decide the client address once, from TRUSTED_PROXIES only, and write it into the scope.
+
+        The rate limiter reads `request.client` and the access log this value: both see the same address.
+        """
+        peer = scope.get("client")
+        if not peer:
+            return "-"
+        host = str(peer[0])
+        if not self.trusted:
+            return host
+        headers = scope.get("headers", [])
+        forwarded = [value.decode("latin-1") for key, value in headers if key.lower() == b"x-forwarded-for"]
+        resolved = client_address(host, forwarded, self.trusted)
+        if resolved != host:
+            scope["client"] = (resolved, 0)
+        return resolved
 
     @staticmethod
     async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
@@ -143,16 +166,6 @@ class RequestContextMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": payload})
-
-
-def _printable(text: str) -> str:
-    """A decoded path can hold newlines (`%0a`): escape control characters so no one can forge log lines."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
-def _log_path(path: str) -> str:
-    """The path as logged: an invite token in it is a live secret, so it is cut out."""
-    return _printable(SECRET_PATH_RE.sub(r"\1<redacted>", path))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any, Literal
 
 from fastapi import Request
@@ -25,41 +24,6 @@ from app.config import Settings
 from app.errors import RateLimited
 
 LimitName = Literal["login", "register", "team_signup", "invite_preview"]
-Network = IPv4Network | IPv6Network
-Address = IPv4Address | IPv6Address
-
-
-def parse_networks(entries: list[str]) -> list[Network]:
-    return [ip_network(entry, strict=False) for entry in entries]
-
-
-def client_ip(request: Request, trusted: list[Network]) -> str:
-    """The socket peer, or, when that peer is a trusted proxy, the nearest untrusted X-Forwarded-For hop.
-
-    Walking the header from the right skips only addresses we trust; anything a client wrote further
-    left is never believed, so a spoofed header from an untrusted peer changes nothing.
-    """
-    peer = request.client.host if request.client else ""
-    if not trusted or not _is_trusted(peer, trusted):
-        return peer
-    hops = [hop.strip() for value in request.headers.getlist("x-forwarded-for") for hop in value.split(",")]
-    hops = [hop for hop in hops if hop]
-    for hop in reversed(hops):
-        if not _is_trusted(hop, trusted):
-            return hop if _parse_ip(hop) is not None else peer
-    return hops[0] if hops else peer
-
-
-def _parse_ip(value: str) -> Address | None:
-    try:
-        return ip_address(value)
-    except ValueError:
-        return None
-
-
-def _is_trusted(value: str, trusted: list[Network]) -> bool:
-    address = _parse_ip(value)
-    return address is not None and any(address in network for network in trusted)
 
 
 class RateLimiter:
@@ -67,7 +31,6 @@ class RateLimiter:
 
     def __init__(self, settings: Settings, redis: Redis | None) -> None:
         self.enabled = settings.RATE_LIMIT_ENABLED
-        self.trusted = parse_networks(settings.TRUSTED_PROXIES)
         self.items: dict[LimitName, RateLimitItem] = {
             "login": parse(settings.RATE_LIMIT_LOGIN),
             "register": parse(settings.RATE_LIMIT_REGISTER),
@@ -91,7 +54,8 @@ class RateLimiter:
         if not self.enabled:
             return
         item = self.items[name]
-        key = client_ip(request, self.trusted) or "unknown"
+        # The address app.middleware decided from TRUSTED_PROXIES (app.proxies), the one the access log shows.
+        key = (request.client.host if request.client else "") or "unknown"
         if await self.strategy.hit(item, name, key):
             return
         stats = await self.strategy.get_window_stats(item, name, key)

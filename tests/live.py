@@ -1,23 +1,30 @@
-"""Helpers for stream tests: a live uvicorn on a free port, the SSE wire parser, rows for a chat with an agent."""
+"""Helpers for live tests: uvicorn on a free port (in a thread, or a real `app.cli serve` / `uvicorn` process),
+the SSE wire parser, rows for a chat with an agent."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.crypto import encrypt_headers
 from app.models import Agent, Chat, Team, User
+from app.serve import SERVER_OPTIONS
 from main import create_app
+from tests.conftest import ROOT
 from tests.factories import auth_headers, create_agent, create_chat, create_user
 
 
@@ -92,14 +99,15 @@ class LiveServer:
         self.settings = settings
         self.port = free_port()
         self.app = create_app(settings)
+        # The production server options (no proxy-header rewriting, no uvicorn access line).
         config = uvicorn.Config(
             app=self.app,
             host="127.0.0.1",
             port=self.port,
             lifespan="on",
             log_level="warning",
-            access_log=False,
             timeout_graceful_shutdown=graceful_timeout,
+            **SERVER_OPTIONS,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -143,3 +151,46 @@ async def live_server(settings: Settings, **kwargs: Any) -> AsyncIterator[LiveSe
         yield server
     finally:
         await server.stop()
+
+
+@asynccontextmanager
+async def server_process(command: list[str], env: dict[str, str], log: Path) -> AsyncIterator[str]:
+    """A real server process, as an operator starts it: `command` without `--port` (added here).
+
+    Yields the base url once /health answers. stdout and stderr go to `log`. At the end SIGTERM (uvicorn's
+    supervisor stops its workers), then SIGKILL for the process group if it has not stopped in time.
+    """
+    port = free_port()
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            *command, "--port", str(port), cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_until_healthy(url, process, log)
+        yield url
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                with suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+
+
+async def _wait_until_healthy(url: str, process: asyncio.subprocess.Process, log: Path) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=2) as client:
+        for _ in range(600):
+            if process.returncode is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{tail(log)}")
+            with suppress(httpx.TransportError):
+                if (await client.get("/health")).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"server did not answer in time:\n{tail(log)}")
+
+
+def tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]

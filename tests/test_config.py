@@ -1,12 +1,20 @@
-"""Settings: defaults, validation messages that name the variable, production guards."""
+"""Settings: defaults, validation messages that name the variable, production guards, private data files."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import stat
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
-from app.config import ConfigError, load_settings
+from app.config import ConfigError, Settings, _persistent_secret, load_settings
+from app.db import Database, secure_sqlite_file
+from tests.conftest import ROOT
 
 
 def test_defaults_use_embedded_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,3 +91,83 @@ def test_env_example_lists_every_setting() -> None:
     listed = {line.split("=", 1)[0].lstrip("# ").strip() for line in text.splitlines() if "=" in line}
     missing = set(Settings.model_fields) - listed
     assert not missing, f".env.example lacks {sorted(missing)}"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """The common 022: files anyone may read unless the code asks for less."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.usefixtures("open_umask")
+async def test_init_creates_data_dir_and_sqlite_files_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = {name: value for name, value in os.environ.items() if name not in Settings.model_fields}
+    env.update(DATA_DIR=str(data), BCRYPT_ROUNDS="4", FIRST_ADMIN_PASSWORD="first-admin-password")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.cli", "init", cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL
+    )
+    assert await asyncio.wait_for(process.wait(), 120) == 0
+    assert mode(data) == 0o700
+    for name in ("app.db", "jwt_secret", "encryption_key"):
+        assert mode(data / name) == 0o600, name
+    # The app's engine (WAL) adds -wal and -shm: SQLite gives them the database file's mode.
+    db = Database(load_settings(DATA_DIR=data))
+    try:
+        async with db.sessionmaker() as session:
+            await session.execute(text("UPDATE teams SET name = name"))
+            await session.commit()
+            assert mode(data / "app.db-wal") == 0o600
+            assert mode(data / "app.db-shm") == 0o600
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_sqlite_files_of_an_older_version_are_narrowed(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    for name in ("app.db", "app.db-wal", "app.db-journal"):
+        (tmp_path / name).touch(mode=0o644)
+    secure_sqlite_file(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    assert [mode(tmp_path / name) for name in ("app.db", "app.db-wal", "app.db-journal")] == [0o600] * 3
+    assert not (tmp_path / "app.db-shm").exists()
+    assert mode(tmp_path) == 0o755  # an existing directory may be shared on purpose; only our files change
+
+
+def test_secure_sqlite_file_leaves_other_databases_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    secure_sqlite_file("postgresql+asyncpg://postgres@127.0.0.1/x")
+    secure_sqlite_file("sqlite+aiosqlite:///:memory:")
+    secure_sqlite_file("sqlite+aiosqlite://")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_secret_made_meanwhile_by_another_worker_is_the_one_used(tmp_path: Path) -> None:
+    path = tmp_path / "jwt_secret"
+
+    def make() -> str:
+        path.write_text("made-by-the-other-worker")  # between our exists() check and our create
+        return "ours"
+
+    assert _persistent_secret(path, make) == "made-by-the-other-worker"
+    assert path.read_text() == "made-by-the-other-worker"
+
+
+def test_sqlite_file_we_may_not_chmod_is_used_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "app.db").touch(mode=0o644)
+
+    def refuse(self: Path, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "chmod", refuse)
+    secure_sqlite_file(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    assert "could not make" in caplog.text
+    assert mode(tmp_path / "app.db") == 0o644

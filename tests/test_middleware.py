@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
-from app.logs import JsonFormatter, RequestIdFilter, request_id_var
+from app.logs import JsonFormatter, RequestIdFilter, redact_path, redact_query, request_id_var, setup_logging
 from main import create_app, shutdown
 from tests.conftest import make_settings
 
@@ -36,6 +36,7 @@ def add_test_routes(app: FastAPI) -> None:
         raise sa_exc.ProgrammingError("SELECT secret_column", {}, Exception("secret sql detail"))
 
     app.add_api_route("/test/boom", boom, methods=["GET"])
+    app.add_api_route("/api/callbacks/{signature}", boom, methods=["GET"])
     app.add_api_route("/test/db-bug", db_bug, methods=["GET"])
     app.add_api_route("/test/echo", echo, methods=["POST"])
 
@@ -257,3 +258,63 @@ async def test_access_log_escapes_control_characters(
     assert lines
     assert all("\n" not in line for line in lines)
     assert any("\\n2026-12-02 ERROR forged" in line for line in lines)
+
+
+async def test_access_log_leaves_secrets_out(tclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="app.access")
+    await tclient.get("/health", params={"access_token": "SECRET-1", "page": "2", "API_KEY": "SECRET-2"})
+    await tclient.get("/api/invites/SECRET-3")
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.access"]
+    assert len(lines) == 2
+    assert " GET /health?access_token=***&page=2&API_KEY=*** 200 " in lines[0]
+    assert " GET /api/invites/*** " in lines[1]
+    assert not any("SECRET" in line for line in lines)
+
+
+async def test_unhandled_error_log_leaves_a_path_token_out(
+    tclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert (await tclient.get("/api/callbacks/SECRET-SIG")).status_code == 500
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith(("app", "uvicorn"))]
+    assert "unhandled error on GET /api/callbacks/***" in messages
+    assert not any("SECRET-SIG" in message for message in messages)
+
+
+def test_redact_query_hides_secret_looking_parameters_only() -> None:
+    assert redact_query("page=2&q=token") == "page=2&q=token"
+    assert redact_query("token=a&Refresh_Token=b&invite_token=c") == "token=***&Refresh_Token=***&invite_token=***"
+    assert redact_query("api_key=a&apikey=b&key=c&X-Api-Key=d") == "api_key=***&apikey=***&key=***&X-Api-Key=***"
+    assert redact_query("password=a&client_secret=b&sig=c&X-Amz-Signature=d") == (
+        "password=***&client_secret=***&sig=***&X-Amz-Signature=***"
+    )
+    assert redact_query("code=a&invite=b&monkey=ok&keys=ok") == "code=***&invite=***&monkey=ok&keys=ok"
+    # A name written percent-encoded or with a `+` is still recognised; a value-less flag stays a flag.
+    assert redact_query("access%5Ftoken=a&secret&%20token=b") == "access%5Ftoken=***&secret=***&%20token=***"
+    assert redact_query("next=%0aforged") == "next=%0aforged"
+    assert redact_query("a=\nb") == "a=\\nb"
+
+
+def test_redact_path_hides_tokens_carried_in_paths() -> None:
+    assert redact_path("/api/invites/abc.def") == "/api/invites/***"
+    assert redact_path("/api/invites/abc/extra/segments") == "/api/invites/***"
+    assert redact_path("//API/Invites//abc") == "/api/invites/***"
+    assert redact_path("/api/files/signed/f/123?x") == "/api/files/signed/***"
+    assert redact_path("/api/callbacks/xyz") == "/api/callbacks/***"
+    assert redact_path("/api/invites/") == "/api/invites/"
+    assert redact_path("/api/teams/current/invites/123") == "/api/teams/current/invites/123"
+    assert redact_path("/api/chats/\n") == "/api/chats/\\n"
+
+
+def test_setup_logging_leaves_uvicorn_no_access_handler() -> None:
+    """uvicorn writes its access line (whole query string) whenever `uvicorn.access` has a handler,
+    its own or one reached by propagation; its default logging config gives it one."""
+    access = logging.getLogger("uvicorn.access")
+    saved = access.handlers[:], access.propagate
+    access.addHandler(logging.NullHandler())
+    try:
+        setup_logging("INFO", "text")
+        assert logging.getLogger().handlers  # ours is there ...
+        assert not access.hasHandlers()  # ... and uvicorn.access reaches none
+        assert logging.getLogger("uvicorn.error").hasHandlers()
+    finally:
+        access.handlers, access.propagate = saved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -16,7 +17,7 @@ from fastapi import FastAPI, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
-from app.ratelimit import client_ip, parse_networks
+from app.proxies import client_address, parse_networks
 from app.services.revocation import DatabaseRevocationStore, RedisRevocationStore
 from main import create_app, shutdown
 from tests.authhelpers import bearer, login
@@ -129,21 +130,39 @@ async def test_rate_limit_can_be_turned_off(make_app: AppFactory, session: Async
     assert codes == {401}
 
 
-def _request(peer: str, *forwarded: str) -> Request:
-    headers = [(b"x-forwarded-for", value.encode()) for value in forwarded]
-    return Request({"type": "http", "client": (peer, 1), "headers": headers, "method": "GET", "path": "/"})
-
-
-def test_client_ip_walks_forwarded_for_from_the_right() -> None:
+def test_client_address_walks_forwarded_for_from_the_right() -> None:
     trusted = parse_networks(["10.0.0.0/8", "192.0.2.1"])
-    assert client_ip(_request("203.0.113.5", "1.1.1.1"), trusted) == "203.0.113.5"
-    assert client_ip(_request("10.0.0.1"), trusted) == "10.0.0.1"
-    assert client_ip(_request("10.0.0.1", "1.1.1.1"), trusted) == "1.1.1.1"
-    assert client_ip(_request("10.0.0.1", "6.6.6.6, 1.1.1.1, 192.0.2.1"), trusted) == "1.1.1.1"
-    assert client_ip(_request("10.0.0.1", "6.6.6.6", "1.1.1.1"), trusted) == "1.1.1.1"
-    assert client_ip(_request("10.0.0.1", "garbage"), trusted) == "10.0.0.1"
-    assert client_ip(_request("10.0.0.1", "10.0.0.2"), trusted) == "10.0.0.2"
-    assert client_ip(_request("1.1.1.1", "2.2.2.2"), []) == "1.1.1.1"
+    assert client_address("203.0.113.5", ["1.1.1.1"], trusted) == "203.0.113.5"
+    assert client_address("10.0.0.1", [], trusted) == "10.0.0.1"
+    assert client_address("10.0.0.1", ["1.1.1.1"], trusted) == "1.1.1.1"
+    assert client_address("10.0.0.1", ["6.6.6.6, 1.1.1.1, 192.0.2.1"], trusted) == "1.1.1.1"
+    assert client_address("10.0.0.1", ["6.6.6.6", "1.1.1.1"], trusted) == "1.1.1.1"
+    assert client_address("10.0.0.1", ["garbage"], trusted) == "10.0.0.1"
+    assert client_address("10.0.0.1", ["10.0.0.2"], trusted) == "10.0.0.2"
+    assert client_address("1.1.1.1", ["2.2.2.2"], []) == "1.1.1.1"
+
+
+async def test_limiter_and_access_log_see_the_address_decided_once(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The middleware writes the decided address into the scope: the handler, the limiter and the log
+    agree, and a trusted proxy's own address never becomes anyone's key."""
+    app = make_app(TRUSTED_PROXIES=["10.0.0.0/8"])
+    seen: list[str] = []
+
+    async def whoami(request: Request) -> dict[str, str]:
+        seen.append(request.client.host if request.client else "")
+        return {}
+
+    app.add_api_route("/test/whoami", whoami, methods=["GET"])
+    caplog.set_level(logging.INFO, logger="app.access")
+    async with client_for(app, "10.1.2.3") as proxy:
+        await proxy.get("/test/whoami", headers={"X-Forwarded-For": "6.6.6.6, 198.51.100.7, 10.9.9.9"})
+        await proxy.get("/test/whoami")
+    assert seen == ["198.51.100.7", "10.1.2.3"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.access"]
+    assert lines[0].startswith("198.51.100.7 GET /test/whoami 200 ")
+    assert lines[1].startswith("10.1.2.3 GET /test/whoami 200 ")
 
 
 # --- Redis revocation store ------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""The client address: the socket peer or, behind a proxy listed in TRUSTED_PROXIES, the client it names.
+
+Decided once per request by `app.middleware` (written into `scope["client"]`), so the rate limiter and the
+access log key on the same address. Nothing else may believe X-Forwarded-For: the server's own proxy-header
+handling is turned off (`app.serve`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+
+Network = IPv4Network | IPv6Network
+Address = IPv4Address | IPv6Address
+
+
+def parse_networks(entries: list[str]) -> list[Network]:
+    return [ip_network(entry, strict=False) for entry in entries]
+
+
+def client_address(peer: str, forwarded_for: Iterable[str], trusted: list[Network]) -> str:
+    """The socket peer, or, when that peer is a trusted proxy, the nearest untrusted X-Forwarded-For hop.
+
+    Walking the header from the right skips only addresses we trust; anything a client wrote further
+    left is never believed, so a spoofed header from an untrusted peer changes nothing.
+    """
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
+    hops = [hop for hop in hops if hop]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return hop if _parse_ip(hop) is not None else peer
+    return hops[0] if hops else peer
+
+
+def _parse_ip(value: str) -> Address | None:
+    try:
+        return ip_address(value)
+    except ValueError:
+        return None
+
+
+def _is_trusted(value: str, trusted: list[Network]) -> bool:
+    address = _parse_ip(value)
+    return address is not None and any(address in network for network in trusted)

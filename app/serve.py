@@ -1,0 +1,73 @@
+"""Serving the app with uvicorn so that TRUSTED_PROXIES alone decides the client address.
+
+uvicorn believes X-Forwarded-For from 127.0.0.1 by default (`--proxy-headers`, FORWARDED_ALLOW_IPS) and
+rewrites the client address before the app sees it: a client on the same host could then rotate the
+header and never meet a rate limit. Every way of starting the service goes through here instead:
+`python -m app.cli serve` (Makefile, README), the tests' live servers (`SERVER_OPTIONS`), and a plain
+`uvicorn --factory main:create_app`, whose proxy handling `create_app` turns off
+(`release_uvicorn_proxy_headers`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+import uvicorn
+from uvicorn.config import Config
+
+from app.config import Settings
+from app.logs import setup_logging
+
+logger = logging.getLogger("app")
+
+ROOT = Path(__file__).resolve().parent.parent
+FACTORY = "main:create_app"
+#: Forced on every server we build: no proxy-header rewriting, no uvicorn access line (the app writes one).
+SERVER_OPTIONS: Final[dict[str, Any]] = {"proxy_headers": False, "forwarded_allow_ips": "", "access_log": False}
+
+
+def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
+    """Run the factory under uvicorn, `workers` processes sharing one socket (limits shared through Redis)."""
+    setup_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    if workers > 1 and not settings.REDIS_URL:
+        logger.warning("%d workers without REDIS_URL: each worker counts rate limits on its own", workers)
+    uvicorn.run(
+        FACTORY,
+        factory=True,
+        app_dir=str(ROOT),
+        host=host,
+        port=port,
+        workers=workers,
+        # Longer than the app's own grace, so running answers get their final event and write.
+        timeout_graceful_shutdown=math.ceil(settings.SHUTDOWN_GRACE_SECONDS) + 5,
+        log_level=settings.LOG_LEVEL.lower(),
+        log_config=None,  # ours (setup_logging), in this process and in every worker through the factory
+        **SERVER_OPTIONS,
+    )
+
+
+def release_uvicorn_proxy_headers() -> bool:
+    """Called by `create_app`: when uvicorn is loading it as a factory, turn uvicorn's proxy headers off.
+
+    uvicorn wraps the factory's app in its ProxyHeadersMiddleware after calling the factory, if
+    `config.proxy_headers` is still set: clearing it here makes a plain `uvicorn --factory main:create_app`
+    (with or without --workers) as safe as `app.cli serve`. An app instance handed to uvicorn or gunicorn
+    by other means is not reached: run those with --no-proxy-headers / --forwarded-allow-ips ''.
+    """
+    frame = sys._getframe(1)
+    for _ in range(10):
+        if frame.f_code is Config.load.__code__:
+            config = frame.f_locals.get("self")
+            if isinstance(config, Config) and config.proxy_headers:
+                config.proxy_headers = False
+                logger.info("uvicorn's proxy headers are off: TRUSTED_PROXIES alone decides the client address")
+                return True
+            return False
+        if frame.f_back is None:
+            return False
+        frame = frame.f_back
+    return False
