@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, Self
@@ -114,9 +115,18 @@ PASSWORD_MAX_LENGTH = 1024
 PREFERENCES_MAX_BYTES = 16_384
 
 
+def canonical_email(value: str) -> str:
+    """The form emails are stored and compared in: trimmed, Unicode NFC, lower-case.
+
+    NFC first, so `Ame\u0301lie` (e + combining accent) and `Amélie` (precomposed) are one address;
+    NFC again after lower-casing, which can decompose a few characters.
+    """
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", value.strip()).lower())
+
+
 def normalize_email(value: str) -> str:
-    """Trim and lower-case, then check the syntax (no DNS lookup): emails compare case-insensitively."""
-    value = value.strip().lower()
+    """Canonical form (`canonical_email`), then check the syntax (no DNS lookup)."""
+    value = canonical_email(value)
     try:
         validate_email(value, check_deliverability=False)
     except EmailNotValidError as exc:
@@ -125,7 +135,7 @@ def normalize_email(value: str) -> str:
 
 
 def _strip_login_email(value: str) -> str:
-    return value.strip().lower()
+    return canonical_email(value)
 
 
 def _clean_name(value: str | None) -> str | None:

@@ -282,6 +282,30 @@ async def test_login_unknown_field_is_422(web: httpx.AsyncClient, session: Async
     assert response.status_code == 422
 
 
+async def test_register_and_login_compare_emails_in_nfc(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    team = await create_team(session)
+    decomposed = "Ame\u0301lie@example.com"
+    precomposed = "Am\u00e9lie@example.com"
+    body = {"team_id": str(team.id), "email": precomposed, "password": "long-enough"}
+    assert (await web.post("/api/auth/register", json=body)).status_code == 201
+    body["email"] = decomposed.upper()
+    duplicate = await web.post("/api/auth/register", json=body)
+    assert duplicate.status_code == 409
+    assert await count_rows(session, "users") == 1
+    for form in (decomposed, precomposed):
+        assert (await login(web, form, "long-enough")).status_code == 200, form
+        token = await web.post("/api/auth/token", data={"username": form, "password": "long-enough"})
+        assert token.status_code == 200, form
+
+
+async def test_team_signup_admin_email_is_stored_in_nfc(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    body = {"name": "Accents", "admin_email": "Ame\u0301lie@example.com", "admin_password": "long-enough"}
+    created = await web.post("/api/teams", json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["user"]["email"] == "am\u00e9lie@example.com"
+    assert (await login(web, "Am\u00e9lie@example.com", "long-enough")).status_code == 200
+
+
 # --- OAuth2 token endpoint -------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from app.config import Settings
 from app.db import utcnow
 from app.errors import Unauthorized
 from app.models import RefreshToken, Team, User
+from app.schemas import canonical_email
 
 LOGIN_FAILED = "Incorrect email or password"
 #: Bounds the bcrypt work of one login without team_id (an email registered in many teams).
@@ -70,7 +71,7 @@ async def authenticate(
     Every candidate's hash is checked (an unknown email checks a dummy hash), so a wrong password,
     an unknown email and an inactive user cost the same bcrypt work and give the same answer.
     """
-    query = select(User).where(func.lower(User.email) == email.strip().lower())
+    query = select(User).where(func.lower(User.email) == canonical_email(email))
     if team_id is not None:
         query = query.where(User.team_id == team_id)
     candidates = list((await session.execute(query.order_by(User.created_at).limit(MAX_LOGIN_CANDIDATES))).scalars())
