@@ -7,7 +7,7 @@ import math
 import re
 import unicodedata
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from email_validator import EmailNotValidError, validate_email
@@ -580,14 +580,27 @@ class MessageError(ReadModel):
     code: str | None = None
 
 
+def format_timestamp(value: datetime) -> str:
+    """The API's one timestamp text: ISO 8601 in UTC ending in `Z`, as pydantic renders UTC datetimes."""
+    return _in_utc(value).isoformat().replace("+00:00", "Z")
+
+
+def _in_utc(value: datetime) -> datetime:
+    """Naive values are UTC; any other offset is converted, so every rendered timestamp ends in `Z`."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class MessageRead(ReadModel):
-    """One stored message. `error` and `metadata` are null when absent; internal `_` keys never leave."""
+    """One stored message, the same everywhere (REST and the stream's start/done events).
+
+    Every key is always present (`error` and `metadata` null when absent); internal `_` keys never leave.
+    """
 
     id: uuid.UUID
     role: MessageRole
     content: str
     status: MessageStatus
-    created_at: datetime
+    created_at: Annotated[datetime, AfterValidator(_in_utc)]
     error: MessageError | None = None
     metadata: dict[str, Any] | None = None
 

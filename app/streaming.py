@@ -822,6 +822,7 @@ class GenerationRegistry:
 
         failure: StreamFailure | None = None
         cancelled = False
+        new.stamp_assistant()
         try:
             try:
                 headers = decrypt_headers(new.webhook_headers_encrypted, s.ENCRYPTION_KEY)

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from app.config import Settings
+from app.db import utcnow
 from app.services.messages import NewGeneration
 from app.streaming import BodyParser, Generation, N8nStreamer, StreamFailure, StreamStats
 from tests.conftest import make_settings
@@ -472,6 +473,7 @@ def _generation() -> Generation:
         webhook_url="http://x",
         webhook_headers_encrypted=None,
         payload={},
+        created_at=utcnow(),
     )
     return Generation(new=new)
 
