@@ -167,6 +167,36 @@ async def test_assistant_message_is_stamped_after_the_user_message(
     assert datetime.fromisoformat(assistant["created_at"]) == done_at
 
 
+@pytest.mark.parametrize(
+    ("charset", "outcome"),
+    [("latin-1", "complete"), ("windows-1252", "complete"), ("x-no-such-charset", "bad_upstream_response")],
+)
+async def test_answer_in_a_declared_charset_is_stored_as_text(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    charset: str,
+    outcome: str,
+) -> None:
+    url = f"{fake.url}/webhook/agent-stream?scenario=charset&charset={charset}"
+    setup = await chat_with_agent(session, settings, url)
+    response = await send(client, setup, "café crème")
+    assert response.status_code == 200
+    events = data_events(parse_sse(response.text))
+    assistant = (await stored(app, setup.chat.id)).messages[1]
+    if outcome == "complete":
+        assert events[-1].type == "done"
+        assert assistant["content"] == "Echo: café crème"
+        assert assistant["status"] == "complete"
+    else:
+        assert events[-1].type == "error"
+        assert events[-1].data["data"]["code"] == outcome  # type: ignore[index]
+        assert assistant["status"] == "error"
+        assert [r.code for r in await error_rows(app)] == [outcome]
+
+
 async def test_send_message_keeps_existing_title(
     app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
