@@ -174,6 +174,26 @@ async def test_read_chat_returns_messages_without_internal_keys(
     assert "_checkpoint" not in response.text
 
 
+async def test_read_chat_renders_every_stored_timestamp_in_utc_with_z(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    """Messages stored with an offset (older rows wrote `+00:00`; any offset) all read back as `...Z` UTC."""
+    stored = [
+        message("a", created_at="2026-01-01T00:00:00+00:00"),
+        message("b", created_at="2026-01-01T02:30:00.250000+02:00"),
+        message("c", created_at="2026-01-01T00:31:00Z"),
+    ]
+    chat = await create_chat(session, user=world.member, agent=world.agent, messages=stored, message_count=3)
+    body = (await client.get(f"/api/chats/{chat.id}", headers=world.h(world.member))).json()
+    assert [m["created_at"] for m in body["messages"]] == [
+        "2026-01-01T00:00:00Z",
+        "2026-01-01T00:30:00.250000Z",
+        "2026-01-01T00:31:00Z",
+    ]
+    assert body["created_at"].endswith("Z")
+    assert body["updated_at"].endswith("Z")
+
+
 @pytest.fixture
 def statements(app: FastAPI) -> Iterator[list[str]]:
     seen: list[str] = []
