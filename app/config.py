@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     JWT_AUDIENCE: str = "n8n-chat-relay"
     ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(60, ge=1)
     REFRESH_TOKEN_EXPIRE_DAYS: int = Field(7, ge=1)
+    REFRESH_REUSE_GRACE_SECONDS: int = Field(10, ge=0, le=300)
     ENCRYPTION_KEY: str = ""
     BCRYPT_ROUNDS: int = Field(12, ge=4, le=16)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from email_validator import EmailNotValidError, validate_email
@@ -115,9 +116,18 @@ PASSWORD_MAX_LENGTH = 1024
 PREFERENCES_MAX_BYTES = 16_384
 
 
+def canonical_email(value: str) -> str:
+    """The form emails are stored and compared in: trimmed, Unicode NFC, lower-case.
+
+    NFC first, so `Ame\u0301lie` (e + combining accent) and `Amélie` (precomposed) are one address;
+    NFC again after lower-casing, which can decompose a few characters.
+    """
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", value.strip()).lower())
+
+
 def normalize_email(value: str) -> str:
-    """Trim and lower-case, then check the syntax (no DNS lookup): emails compare case-insensitively."""
-    value = value.strip().lower()
+    """Canonical form (`canonical_email`), then check the syntax (no DNS lookup)."""
+    value = canonical_email(value)
     try:
         validate_email(value, check_deliverability=False)
     except EmailNotValidError as exc:
@@ -126,7 +136,7 @@ def normalize_email(value: str) -> str:
 
 
 def _strip_login_email(value: str) -> str:
-    return value.strip().lower()
+    return canonical_email(value)
 
 
 def _clean_name(value: str | None) -> str | None:
@@ -643,14 +653,27 @@ class MessageError(ReadModel):
     code: str | None = None
 
 
+def format_timestamp(value: datetime) -> str:
+    """The API's one timestamp text: ISO 8601 in UTC ending in `Z`, as pydantic renders UTC datetimes."""
+    return _in_utc(value).isoformat().replace("+00:00", "Z")
+
+
+def _in_utc(value: datetime) -> datetime:
+    """Naive values are UTC; any other offset is converted, so every rendered timestamp ends in `Z`."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class MessageRead(ReadModel):
-    """One stored message. `error` and `metadata` are null when absent; internal `_` keys never leave."""
+    """One stored message, the same everywhere (REST and the stream's start/done events).
+
+    Every key is always present (`error` and `metadata` null when absent); internal `_` keys never leave.
+    """
 
     id: uuid.UUID
     role: MessageRole
     content: str
     status: MessageStatus
-    created_at: datetime
+    created_at: Annotated[datetime, AfterValidator(_in_utc)]
     error: MessageError | None = None
     metadata: dict[str, Any] | None = None
 

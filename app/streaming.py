@@ -10,6 +10,7 @@ not stop the generation, and per chunk there is no database work and no re-encod
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -107,6 +108,10 @@ class BodyParser:
     def __init__(self, *, max_line_bytes: int, max_response_bytes: int) -> None:
         self.max_line = max_line_bytes
         self.max_total = max_response_bytes
+        #: The text encoding of the answer (`use_charset`); UTF-8 unless the answer declares another.
+        self.charset = "utf-8"
+        #: False for encodings where `\n`, `{` or `:` are not single ASCII bytes (UTF-16...): no line modes.
+        self.ascii_lines = True
         self.mode: str | None = None
         self.total = 0
         self.chunks = 0
@@ -117,6 +122,31 @@ class BodyParser:
         self._sse_event = ""
 
     # --- input ----------------------------------------------------------------------------------
+    def use_charset(self, declared: str | None) -> None:
+        """Decode the answer in the charset its Content-Type declares (none declared: UTF-8).
+
+        An unknown name, or a codec that is not a text encoding (`base64`), fails the answer as unreadable.
+        """
+        if not declared or not declared.strip(" \t\"'"):
+            return
+        name = declared.strip(" \t\"'")
+        try:
+            codec = codecs.lookup(name).name
+            b"".decode(codec)  # LookupError for bytes-to-bytes codecs, which are no text encoding
+            probe = '\n{"a": 1}:'
+            self.ascii_lines = probe.encode(codec) == probe.encode("ascii")
+        except (LookupError, ValueError):
+            self._fail(
+                "bad_upstream_response",
+                "The agent's answer could not be read",
+                reason=f"unknown charset {_excerpt(name[:40])!r}",
+            )
+            return
+        self.charset = codec
+
+    def _decode(self, raw: bytes, errors: str = "strict") -> str:
+        return raw.decode(self.charset, errors)
+
     def feed(self, data: bytes) -> list[str]:
         if self.finished:
             return []
@@ -170,10 +200,14 @@ class BodyParser:
 
     # --- format detection -----------------------------------------------------------------------
     def _sniff(self, *, final: bool) -> bool:
-        if self._buffer.startswith(UTF8_BOM):
-            del self._buffer[: len(UTF8_BOM)]  # some proxies and editors prefix UTF-8 bodies with a BOM
-        elif not final and UTF8_BOM.startswith(bytes(self._buffer)) and self._buffer:
-            return False
+        if not self.ascii_lines:
+            self.mode = "buffer"  # lines cannot be split on bytes: read the whole answer, then decode it
+            return True
+        if self.charset == "utf-8":
+            if self._buffer.startswith(UTF8_BOM):
+                del self._buffer[: len(UTF8_BOM)]  # some proxies and editors prefix UTF-8 bodies with a BOM
+            elif not final and UTF8_BOM.startswith(bytes(self._buffer)) and self._buffer:
+                return False
         start = 0
         buffer = self._buffer
         while start < len(buffer) and buffer[start] in b" \t\r\n":
@@ -198,10 +232,9 @@ class BodyParser:
             self.mode = "buffer"
         return True
 
-    @staticmethod
-    def _is_ndjson_line(line: bytes) -> bool:
+    def _is_ndjson_line(self, line: bytes) -> bool:
         try:
-            obj = json.loads(line)
+            obj = json.loads(line if self.charset == "utf-8" else self._decode(line))
         except ValueError:
             return False
         return isinstance(obj, dict) and obj.get("type") in NDJSON_TYPES
@@ -215,7 +248,8 @@ class BodyParser:
         if not line:
             return
         try:
-            obj = json.loads(line)
+            # json.loads reads UTF-8 bytes itself; another declared charset is decoded first.
+            obj = json.loads(line if self.charset == "utf-8" else self._decode(line))
         except ValueError:
             self._fail("bad_upstream_response", "The agent sent an invalid line", reason="line is not JSON")
             return
@@ -248,9 +282,9 @@ class BodyParser:
         if value.startswith(b" "):
             value = value[1:]
         if name == b"data":
-            self._sse_data.append(value.decode("utf-8", "replace"))
+            self._sse_data.append(self._decode(value, "replace"))
         elif name == b"event":
-            self._sse_event = value.decode("utf-8", "replace")
+            self._sse_event = self._decode(value, "replace")
 
     def _dispatch_sse(self, out: list[str]) -> None:
         if not self._sse_data:
@@ -317,9 +351,9 @@ class BodyParser:
         raw = bytes(self._buffer)
         self._buffer.clear()
         try:
-            text = raw.decode("utf-8")
+            text = self._decode(raw)
         except UnicodeDecodeError:
-            self._fail("bad_upstream_response", "The agent's answer could not be read", reason="not UTF-8")
+            self._fail("bad_upstream_response", "The agent's answer could not be read", reason=f"not {self.charset}")
             return
         stripped = text.strip()
         if not stripped:
@@ -452,8 +486,9 @@ class N8nStreamer:
                             if not 200 <= response.status < 300:
                                 idle.reschedule(loop.time() + s.N8N_READ_TIMEOUT)
                                 raise await _status_failure(response)
+                            parser.use_charset(response.charset)
                             content = response.content
-                            while True:
+                            while not parser.finished:
                                 data = await content.readany()
                                 if not data:
                                     break
@@ -464,8 +499,6 @@ class N8nStreamer:
                                 chunks = parser.feed(data)
                                 if chunks:
                                     on_chunks(chunks)
-                                if parser.finished:
-                                    break
                             chunks = parser.finish()
                             if chunks:
                                 on_chunks(chunks)
@@ -823,6 +856,7 @@ class GenerationRegistry:
 
         failure: StreamFailure | None = None
         cancelled = False
+        new.stamp_assistant()
         try:
             try:
                 headers = decrypt_headers(new.webhook_headers_encrypted, s.ENCRYPTION_KEY)

@@ -18,7 +18,7 @@ import httpx
 import jwt
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import create_token, hash_password, issued_before, verify_password
@@ -284,6 +284,30 @@ async def test_login_unknown_field_is_422(web: httpx.AsyncClient, session: Async
     assert response.status_code == 422
 
 
+async def test_register_and_login_compare_emails_in_nfc(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    team = await create_team(session)
+    decomposed = "Ame\u0301lie@example.com"
+    precomposed = "Am\u00e9lie@example.com"
+    body = {"team_id": str(team.id), "email": precomposed, "password": "long-enough"}
+    assert (await web.post("/api/auth/register", json=body)).status_code == 201
+    body["email"] = decomposed.upper()
+    duplicate = await web.post("/api/auth/register", json=body)
+    assert duplicate.status_code == 409
+    assert await count_rows(session, "users") == 1
+    for form in (decomposed, precomposed):
+        assert (await login(web, form, "long-enough")).status_code == 200, form
+        token = await web.post("/api/auth/token", data={"username": form, "password": "long-enough"})
+        assert token.status_code == 200, form
+
+
+async def test_team_signup_admin_email_is_stored_in_nfc(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    body = {"name": "Accents", "admin_email": "Ame\u0301lie@example.com", "admin_password": "long-enough"}
+    created = await web.post("/api/teams", json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["user"]["email"] == "am\u00e9lie@example.com"
+    assert (await login(web, "Am\u00e9lie@example.com", "long-enough")).status_code == 200
+
+
 # --- OAuth2 token endpoint -------------------------------------------------------------------
 
 
@@ -463,21 +487,99 @@ async def test_refresh_with_cookie_rotates(web: httpx.AsyncClient, session: Asyn
     assert old_refresh not in {row.token_hash for row in rows}
 
 
+async def _age_used_tokens(session: AsyncSession, seconds: float) -> None:
+    """Move every spent refresh token's `used_at` into the past (beyond or within the grace window)."""
+    await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.used_at.is_not(None))
+        .values(used_at=utcnow() - timedelta(seconds=seconds))
+    )
+    await session.commit()
+
+
 async def test_refresh_reuse_revokes_the_family(web: httpx.AsyncClient, session: AsyncSession) -> None:
     await create_user(session, email="reuse@example.com")
     first = (await login(web, "reuse@example.com")).json()
     second = (await web.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})).json()
-    # The stolen, already used token comes back.
+    # The stolen, already used token comes back after the grace window.
+    await _age_used_tokens(session, 11)
     reuse = await web.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
     assert reuse.status_code == 401
     assert reuse.json() == INVALID
     # Now the legitimate newer token is dead too, and so are the family's access tokens.
+    rows = list((await session.execute(select(RefreshToken).execution_options(populate_existing=True))).scalars())
+    assert rows
+    assert all(row.revoked_at is not None for row in rows)
     assert (await web.post("/api/auth/refresh", json={"refresh_token": second["refresh_token"]})).status_code == 401
     assert (await web.get("/api/auth/me", headers=bearer(second["access_token"]))).status_code == 401
     assert (await web.get("/api/auth/me", headers=bearer(first["access_token"]))).status_code == 401
     # A fresh login opens a new family that works.
     again = (await login(web, "reuse@example.com")).json()
     assert (await web.get("/api/auth/me", headers=bearer(again["access_token"]))).status_code == 200
+
+
+async def _assert_working_session(web: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    """The pair works: its access token reads /me and its refresh token rotates once more."""
+    assert (await web.get("/api/auth/me", headers=bearer(body["access_token"]))).status_code == 200
+    again = await web.post("/api/auth/refresh", json={"refresh_token": body["refresh_token"]})
+    assert again.status_code == 200, again.text
+    result: dict[str, Any] = again.json()
+    return result
+
+
+async def test_refresh_reuse_within_grace_gives_both_tabs_a_session(
+    web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    await create_user(session, email="tabs@example.com")
+    first = (await login(web, "tabs@example.com")).json()
+    tab_a = await web.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    await _age_used_tokens(session, 5)
+    tab_b = await web.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert tab_a.status_code == 200, tab_a.text
+    assert tab_b.status_code == 200, tab_b.text
+    a, b = tab_a.json(), tab_b.json()
+    assert a["refresh_token"] != b["refresh_token"]
+    assert a["access_token"] != b["access_token"]
+    await _assert_working_session(web, a)
+    await _assert_working_session(web, b)
+    rows = list((await session.execute(select(RefreshToken).execution_options(populate_existing=True))).scalars())
+    assert len({row.family_id for row in rows}) == 1
+    assert all(row.revoked_at is None for row in rows)
+    # Logging out of one tab ends the family: the other tab's tokens die with it.
+    await web.post("/api/auth/logout", headers=bearer(a["access_token"]))
+    assert (await web.get("/api/auth/me", headers=bearer(b["access_token"]))).status_code == 401
+
+
+async def test_refresh_at_the_same_moment_gives_both_callers_a_session(
+    web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    await create_user(session, email="race@example.com")
+    first = (await login(web, "race@example.com")).json()
+    body = {"refresh_token": first["refresh_token"]}
+    responses = await asyncio.gather(*(web.post("/api/auth/refresh", json=body) for _ in range(2)))
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    for response in responses:
+        await _assert_working_session(web, response.json())
+    rows = list((await session.execute(select(RefreshToken).execution_options(populate_existing=True))).scalars())
+    assert len({row.family_id for row in rows}) == 1
+    assert all(row.revoked_at is None for row in rows)
+
+
+async def test_refresh_reuse_with_grace_disabled_revokes_the_family(
+    database_url: str, tmp_path: Path, session: AsyncSession
+) -> None:
+    settings = make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False, REFRESH_REUSE_GRACE_SECONDS=0)
+    application = create_app(settings)
+    try:
+        async with https_client(application) as web:
+            await create_user(session, email="nograce@example.com")
+            first = (await login(web, "nograce@example.com")).json()
+            second = (await web.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})).json()
+            reuse = await web.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+            assert reuse.status_code == 401
+            assert (await web.get("/api/auth/me", headers=bearer(second["access_token"]))).status_code == 401
+    finally:
+        await shutdown(application)
 
 
 async def test_refresh_without_token_is_401(web: httpx.AsyncClient) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +200,43 @@ async def test_decompression_bomb_is_refused(client: httpx.AsyncClient, world: W
     assert len(bomb) < 100_000
     response = await upload(client, world, bomb)
     assert response.status_code == 413
+    assert "pixels" in response.json()["detail"]
+    assert await stored(session, world.agent) == (None, None, 0)
+
+
+def declared_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` pixels (no pixel data behind it)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def declared_gif(width: int, height: int) -> bytes:
+    """A tiny GIF whose logical screen claims `width` x `height` pixels."""
+    image = b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"  # one 1x1 frame, then the trailer
+    return b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0) + image
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        declared_png(100_000, 100_000),  # past twice Pillow's limit: DecompressionBombError on open
+        declared_png(10_000, 10_000),  # past Pillow's limit: DecompressionBombWarning on open
+        declared_png(7_000, 7_000),  # under Pillow's limit, over AVATAR_MAX_PIXELS (40 million)
+        declared_gif(65_535, 65_535),
+    ],
+    ids=["png-100000x100000", "png-10000x10000", "png-7000x7000", "gif-65535x65535"],
+)
+async def test_avatar_declaring_huge_dimensions_is_413(
+    client: httpx.AsyncClient, world: World, session: AsyncSession, data: bytes
+) -> None:
+    assert len(data) < 100
+    response = await upload(client, world, data)
+    assert response.status_code == 413, response.text
     assert "pixels" in response.json()["detail"]
     assert await stored(session, world.agent) == (None, None, 0)
 

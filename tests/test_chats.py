@@ -174,6 +174,26 @@ async def test_read_chat_returns_messages_without_internal_keys(
     assert "_checkpoint" not in response.text
 
 
+async def test_read_chat_renders_every_stored_timestamp_in_utc_with_z(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    """Messages stored with an offset (older rows wrote `+00:00`; any offset) all read back as `...Z` UTC."""
+    stored = [
+        message("a", created_at="2026-01-01T00:00:00+00:00"),
+        message("b", created_at="2026-01-01T02:30:00.250000+02:00"),
+        message("c", created_at="2026-01-01T00:31:00Z"),
+    ]
+    chat = await create_chat(session, user=world.member, agent=world.agent, messages=stored, message_count=3)
+    body = (await client.get(f"/api/chats/{chat.id}", headers=world.h(world.member))).json()
+    assert [m["created_at"] for m in body["messages"]] == [
+        "2026-01-01T00:00:00Z",
+        "2026-01-01T00:30:00.250000Z",
+        "2026-01-01T00:31:00Z",
+    ]
+    assert body["created_at"].endswith("Z")
+    assert body["updated_at"].endswith("Z")
+
+
 @pytest.fixture
 def statements(app: FastAPI) -> Iterator[list[str]]:
     seen: list[str] = []
@@ -224,10 +244,12 @@ async def test_list_chats_orders_pinned_first_then_newest_activity(
     client: httpx.AsyncClient, world: World, session: AsyncSession
 ) -> None:
     now = utcnow()
-    old = await create_chat(session, user=world.member, agent=world.agent, title="old", updated_at=now - timedelta(2))
-    new = await create_chat(session, user=world.member, agent=world.agent, title="new", updated_at=now)
+    old = await create_chat(
+        session, user=world.member, agent=world.agent, title="old", last_message_at=now - timedelta(2)
+    )
+    new = await create_chat(session, user=world.member, agent=world.agent, title="new", last_message_at=now)
     pinned = await create_chat(
-        session, user=world.member, agent=world.agent, title="pinned", pinned=True, updated_at=now - timedelta(9)
+        session, user=world.member, agent=world.agent, title="pinned", pinned=True, last_message_at=now - timedelta(9)
     )
     await create_chat(session, user=world.member, agent=world.agent, title="archived", archived=True)
     response = await client.get("/api/chats", headers=world.h(world.member))
@@ -235,6 +257,34 @@ async def test_list_chats_orders_pinned_first_then_newest_activity(
     assert [c["id"] for c in response.json()] == [str(pinned.id), str(new.id), str(old.id)]
     assert response.headers["x-total-count"] == "3"
     assert all(set(c) == SUMMARY_FIELDS for c in response.json())
+
+
+async def test_list_chats_order_ignores_renames_pins_and_archiving(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    now = utcnow()
+    newest = await create_chat(session, user=world.member, agent=world.agent, last_message_at=now - timedelta(1))
+    # An empty chat counts from its creation.
+    empty = await create_chat(session, user=world.member, agent=world.agent, created_at=now - timedelta(2))
+    older = await create_chat(session, user=world.member, agent=world.agent, last_message_at=now - timedelta(3))
+    oldest = await create_chat(session, user=world.member, agent=world.agent, last_message_at=now - timedelta(4))
+    expected = [str(c.id) for c in (newest, empty, older, oldest)]
+
+    async def order() -> list[str]:
+        response = await client.get("/api/chats", headers=world.h(world.member))
+        return [c["id"] for c in response.json()]
+
+    assert await order() == expected
+    for changes in ({"title": "Renamed"}, {"pinned": True}, {"pinned": False}, {"archived": True}, {"archived": False}):
+        response = await client.put(f"/api/chats/{oldest.id}", json=changes, headers=world.h(world.member))
+        assert response.status_code == 200
+        if changes not in ({"pinned": True}, {"archived": True}):  # pinned: on top; archived: not listed
+            assert await order() == expected, changes
+    # Pinned chats come first, and among them the same activity order holds.
+    for chat in (older, oldest):
+        await client.put(f"/api/chats/{chat.id}", json={"pinned": True}, headers=world.h(world.member))
+    await client.put(f"/api/chats/{older.id}", json={"title": "Renamed too"}, headers=world.h(world.member))
+    assert await order() == [str(older.id), str(oldest.id), str(newest.id), str(empty.id)]
 
 
 async def test_list_chats_archived_filter(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:
@@ -249,7 +299,9 @@ async def test_list_chats_paging_and_total(client: httpx.AsyncClient, world: Wor
     now = utcnow()
     ids = []
     for i in range(7):
-        chat = await create_chat(session, user=world.member, agent=world.agent, updated_at=now - timedelta(minutes=i))
+        chat = await create_chat(
+            session, user=world.member, agent=world.agent, last_message_at=now - timedelta(minutes=i)
+        )
         ids.append(str(chat.id))
     seen = []
     for offset in range(0, 9, 3):
@@ -382,6 +434,35 @@ async def test_search_does_not_match_across_two_messages(
     for q in ('ab", "cd', "abcd", "content"):
         response = await client.get("/api/chats", params={"q": q}, headers=world.h(world.member))
         assert response.json() == [], q
+
+
+async def test_search_matches_message_text_not_its_json(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    """`,` `"` `content` `role` are in every stored message's JSON, never in these texts or titles."""
+    plain = await create_chat(
+        session,
+        user=world.member,
+        agent=world.agent,
+        title="Weekly planning",
+        messages=[message("ab"), message("Budget approved", role="assistant"), message("cd")],
+        message_count=3,
+    )
+    for q in (",", '"', "content", "role", "status", "complete", "created_at", ":", "{", "[", "assistant"):
+        response = await client.get("/api/chats", params={"q": q}, headers=world.h(world.member))
+        assert response.json() == [], q
+        assert response.headers["x-total-count"] == "0", q
+    word = await client.get("/api/chats", params={"q": "budget"}, headers=world.h(world.member))
+    assert [c["id"] for c in word.json()] == [str(plain.id)]
+    # The same characters do match where a title or a message text really holds them.
+    in_title = await create_chat(session, user=world.member, agent=world.agent, title="Costs, roles", messages=[])
+    in_text = await create_chat(
+        session, user=world.member, agent=world.agent, title="x", messages=[message('the "content" of a role')]
+    )
+    expectations = {",": {in_title}, '"': {in_text}, "content": {in_text}, "role": {in_title, in_text}}
+    for q, chats in expectations.items():
+        response = await client.get("/api/chats", params={"q": q}, headers=world.h(world.member))
+        assert {c["id"] for c in response.json()} == {str(chat.id) for chat in chats}, q
 
 
 async def test_search_does_not_match_internal_keys_or_ids(
@@ -532,6 +613,9 @@ async def test_list_and_search_work_on_sqlite(tmp_path: Path) -> None:
             assert [ch["id"] for ch in body_only.json()] == [str(hit.id)]
             percent = await c.get("/api/chats", params={"q": "50%"}, headers=headers)
             assert [ch["title"] for ch in percent.json()] == ["50% walrus-free"]
+            for q in (",", '"', "content", "role"):
+                json_only = await c.get("/api/chats", params={"q": q}, headers=headers)
+                assert json_only.json() == [], q
             created = await c.post("/api/chats", json={"agent_id": str(agent.id)}, headers=headers)
             assert created.status_code == 201
             read = await c.get(f"/api/chats/{hit.id}", headers=headers)

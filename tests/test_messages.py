@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth import create_token, family_key
 from app.config import Settings
 from app.db import utcnow
-from app.models import Chat, ErrorLog, User
+from app.models import Chat, ErrorLog, Team, User
 from app.services.messages import build_history, public_message
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
-from tests.factories import auth_headers, create_user
+from tests.factories import auth_headers, create_admin, create_user
 from tests.live import ChatSetup, chat_with_agent, data_events, parse_sse, streamed_text
 from tools.fake_n8n import FakeN8n, load_captures
 
 CAPTURES = load_captures()
+MESSAGE_FIELDS = {"id", "role", "content", "status", "created_at", "error", "metadata"}
+TIMESTAMP_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 
 
 @pytest.fixture
@@ -74,7 +77,9 @@ async def test_send_message_streams_events_and_stores_answer(
     start = events[0].data["data"]  # type: ignore[index]
     assert start["user_message"]["content"] == "hello there"
     assert start["user_message"]["status"] == "complete"
-    assert set(start["user_message"]) == {"id", "role", "content", "status", "created_at"}
+    assert set(start["user_message"]) == MESSAGE_FIELDS
+    assert start["user_message"]["error"] is None
+    assert start["user_message"]["metadata"] is None
     assert events[1].data == {"type": "status", "data": {"description": "Waiting for the agent", "done": False}}
     assert streamed_text(events) == "Echo: hello there"
     done = events[-1].data["data"]["message"]  # type: ignore[index]
@@ -94,6 +99,102 @@ async def test_send_message_streams_events_and_stores_answer(
     assert assistant["_worker"] == str(app.state.generations.worker_id)
     assert await error_rows(app) == []
     assert app.state.generations.running == {}
+
+
+def timestamps(value: Any, key: str = "") -> list[str]:
+    """Every timestamp in a JSON value: the values of its `*_at` keys (None left out)."""
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in timestamps(v, k)]
+    if isinstance(value, list):
+        return [t for item in value for t in timestamps(item, key)]
+    return [value] if key.endswith("_at") and value is not None else []
+
+
+async def test_message_has_one_shape_and_one_timestamp_format_in_rest_and_stream(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    response = await send(client, setup)
+    events = data_events(parse_sse(response.text))
+    start = events[0].data["data"]["user_message"]  # type: ignore[index]
+    done = events[-1].data["data"]["message"]  # type: ignore[index]
+    read = await client.get(f"/api/chats/{setup.chat.id}", headers=setup.headers)
+    rest_messages = read.json()["messages"]
+    assert set(start) == set(done) == MESSAGE_FIELDS
+    assert all(set(m) == MESSAGE_FIELDS for m in rest_messages)
+    # The same message reads the same in the stream and over REST.
+    assert rest_messages == [start, done]
+    listed = await client.get("/api/chats", headers=setup.headers)
+    sse_stamps = [t for e in events for t in timestamps(e.data)]
+    rest_stamps = timestamps(read.json()) + timestamps(listed.json())
+    assert len(sse_stamps) == 2
+    assert len(rest_stamps) >= 6
+    for stamp in sse_stamps + rest_stamps:
+        assert TIMESTAMP_Z.match(stamp), stamp
+    # Stored in the same format, so an export or a direct reader sees it too.
+    assert all(TIMESTAMP_Z.match(m["created_at"]) for m in (await stored(app, setup.chat.id)).messages)
+
+
+async def test_failed_stream_and_error_log_timestamps_end_in_z(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream?scenario=in_band_error")
+    events = data_events(parse_sse((await send(client, setup)).text))
+    assert events[-1].type == "error"
+    read = (await client.get(f"/api/chats/{setup.chat.id}", headers=setup.headers)).json()
+    assert all(set(m) == MESSAGE_FIELDS for m in read["messages"])
+    assert read["messages"][1]["error"]["code"] == "upstream_error"
+    team = await session.get(Team, setup.user.team_id)
+    assert team is not None
+    admin = await create_admin(session, team=team)
+    logs = (await client.get("/api/error-logs", headers=auth_headers(settings, admin))).json()
+    assert len(logs) == 1
+    for stamp in timestamps(read) + timestamps(logs):
+        assert TIMESTAMP_Z.match(stamp), stamp
+
+
+async def test_assistant_message_is_stamped_after_the_user_message(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    before = utcnow()
+    events = data_events(parse_sse((await send(client, setup)).text))
+    user_at = datetime.fromisoformat(events[0].data["data"]["user_message"]["created_at"])  # type: ignore[index]
+    done_at = datetime.fromisoformat(events[-1].data["data"]["message"]["created_at"])  # type: ignore[index]
+    assert before <= user_at < done_at <= utcnow()
+    user_msg, assistant = (await stored(app, setup.chat.id)).messages
+    assert datetime.fromisoformat(user_msg["created_at"]) == user_at
+    assert datetime.fromisoformat(assistant["created_at"]) == done_at
+
+
+@pytest.mark.parametrize(
+    ("charset", "outcome"),
+    [("latin-1", "complete"), ("windows-1252", "complete"), ("x-no-such-charset", "bad_upstream_response")],
+)
+async def test_answer_in_a_declared_charset_is_stored_as_text(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    charset: str,
+    outcome: str,
+) -> None:
+    url = f"{fake.url}/webhook/agent-stream?scenario=charset&charset={charset}"
+    setup = await chat_with_agent(session, settings, url)
+    response = await send(client, setup, "café crème")
+    assert response.status_code == 200
+    events = data_events(parse_sse(response.text))
+    assistant = (await stored(app, setup.chat.id)).messages[1]
+    if outcome == "complete":
+        assert events[-1].type == "done"
+        assert assistant["content"] == "Echo: café crème"
+        assert assistant["status"] == "complete"
+    else:
+        assert events[-1].type == "error"
+        assert events[-1].data["data"]["code"] == outcome  # type: ignore[index]
+        assert assistant["status"] == "error"
+        assert [r.code for r in await error_rows(app)] == [outcome]
 
 
 async def test_send_message_keeps_existing_title(

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from app.config import Settings
+from app.db import utcnow
 from app.services.messages import NewGeneration
 from app.streaming import BodyParser, Generation, N8nStreamer, StreamFailure, StreamStats
 from tests.conftest import make_settings
@@ -338,6 +339,61 @@ async def test_streamer_formats(streamer: N8nStreamer, fake: FakeN8n, scenario: 
     assert text == expected
 
 
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("charset=latin-1", "café naïve"),
+        ("charset=iso-8859-1", "crème brûlée"),
+        ("charset=ISO-8859-1", "déjà vu"),
+        ("charset=windows-1252", "€5 “quoted” café"),
+        ("charset=latin-1&type=json", "café"),
+        ("charset=%22latin1%22", "café"),  # a quoted parameter value
+        ("charset=utf-16&type=json", "naïve ✓"),  # not ASCII-compatible: read whole, then decoded
+        ("charset=utf-8", "ünïcode ✓"),
+    ],
+)
+async def test_streamer_honours_the_declared_charset(
+    streamer: N8nStreamer, fake: FakeN8n, query: str, said: str
+) -> None:
+    url = f"{fake.url}/webhook/agent-stream?scenario=charset&{query}"
+    text, _stats, failure = await relay(streamer, url, chatInput=said)
+    assert failure is None, failure and failure.detail
+    assert text == f"Echo: {said}"
+
+
+@pytest.mark.parametrize("charset", ["x-no-such-charset", "base64", "rot13"])
+async def test_streamer_unknown_charset_is_bad_upstream_response(
+    streamer: N8nStreamer, fake: FakeN8n, charset: str
+) -> None:
+    url = f"{fake.url}/webhook/agent-stream?scenario=charset&charset={charset}"
+    text, _stats, failure = await relay(streamer, url, chatInput="café")
+    assert failure is not None
+    assert failure.code == "bad_upstream_response"
+    assert "charset" in failure.detail["reason"]
+    assert text == ""
+
+
+def test_parse_ndjson_and_sse_lines_in_a_declared_charset() -> None:
+    ndjson = '{"type":"item","content":"Café"}\n{"type":"item","content":" crème"}\n'.encode("latin-1")
+    parser = BodyParser(max_line_bytes=MB, max_response_bytes=10 * MB)
+    parser.use_charset("latin-1")
+    out = parser.feed(ndjson) + parser.finish()
+    assert ("".join(out), parser.mode, parser.failure) == ("Café crème", "ndjson", None)
+    sse = 'data: {"content": "né"}\n\ndata: [DONE]\n\n'.encode("cp1252")
+    parser = BodyParser(max_line_bytes=MB, max_response_bytes=10 * MB)
+    parser.use_charset("windows-1252")
+    assert "".join(parser.feed(sse) + parser.finish()) == "né"
+
+
+def test_parse_bytes_undefined_in_the_declared_charset_are_bad_upstream_response() -> None:
+    parser = BodyParser(max_line_bytes=MB, max_response_bytes=10 * MB)
+    parser.use_charset("windows-1252")
+    parser.feed(b"caf\x81")
+    parser.finish()
+    assert parser.failure is not None
+    assert parser.failure.code == "bad_upstream_response"
+
+
 async def test_streamer_utf8_split_across_reads(streamer: N8nStreamer, fake: FakeN8n) -> None:
     url = f"{fake.url}/webhook/agent-stream?scenario=fragmented"
     text, _stats, failure = await relay(streamer, url, chatInput="héllo wörld ✓")
@@ -472,6 +528,7 @@ def _generation() -> Generation:
         webhook_url="http://x",
         webhook_headers_encrypted=None,
         payload={},
+        created_at=utcnow(),
     )
     return Generation(new=new)
 

@@ -85,6 +85,23 @@ async def test_create_user_taken_email_is_409(
     assert await count_rows(session, "users") == 2
 
 
+async def test_create_user_email_in_another_unicode_form_is_409(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    admin = await create_admin(session)
+    headers = auth_headers(settings, admin)
+    decomposed = "Ame\u0301lie@example.com"  # e + combining acute accent
+    precomposed = "AM\u00c9LIE@example.com"
+    first = await web.post("/api/users", json={"email": decomposed, "password": "long-enough"}, headers=headers)
+    assert first.status_code == 201, first.text
+    assert first.json()["email"] == "am\u00e9lie@example.com"
+    again = await web.post("/api/users", json={"email": precomposed, "password": "long-enough"}, headers=headers)
+    assert again.status_code == 409
+    assert await count_rows(session, "users") == 2
+    for form in (decomposed, precomposed, "am\u00e9lie@example.com"):
+        assert (await login(web, form, "long-enough")).status_code == 200, form
+
+
 async def test_create_user_concurrent_duplicates_give_one_409(
     web: httpx.AsyncClient, session: AsyncSession, settings: Settings
 ) -> None:

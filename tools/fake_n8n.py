@@ -55,6 +55,7 @@ SCENARIOS = {
     "json_content": '{"content": "Echo: ..."}',
     "json_array": '[{"output": "Echo: ..."}]',
     "plain": "text/plain body 'Echo: ...'",
+    "charset": "'Echo: ...' encoded in and declared as `charset` (default latin-1); text/plain, or `type=json`",
     "sse_openai": "text/event-stream, OpenAI chat.completion.chunk deltas, then data: [DONE]",
     "sse_n8n": 'text/event-stream whose data lines are n8n objects ({"type":"item",...})',
     "multi_block": "two begin..end blocks (runIndex 0 and 1) and an item with content null",
@@ -411,6 +412,19 @@ class FakeN8n:
 
     async def _s_plain(self, request: web.Request, text: str) -> web.StreamResponse:
         return self._json("".join(echo_tokens(text)).encode(), "text/plain; charset=utf-8")
+
+    async def _s_charset(self, request: web.Request, text: str) -> web.StreamResponse:
+        charset = request.query.get("charset", "latin-1")
+        answer = "".join(echo_tokens(text))
+        if request.query.get("type") == "json":
+            body, media = json.dumps({"output": answer}, ensure_ascii=False), "application/json"
+        else:
+            body, media = answer, "text/plain"
+        try:
+            encoded = body.encode(charset)
+        except LookupError:  # an unknown name is declared as is, over UTF-8 bytes
+            encoded = body.encode()
+        return self._json(encoded, f"{media}; charset={charset}")
 
     async def _s_status(self, request: web.Request, text: str) -> web.StreamResponse:
         response = self._json({"message": "Error in workflow"})

@@ -28,6 +28,7 @@ from app.config import Settings
 from app.db import utcnow
 from app.errors import Unauthorized
 from app.models import RefreshToken, Team, User
+from app.schemas import canonical_email
 
 LOGIN_FAILED = "Incorrect email or password"
 #: Bounds the bcrypt work of one login without team_id (an email registered in many teams).
@@ -70,7 +71,7 @@ async def authenticate(
     Every candidate's hash is checked (an unknown email checks a dummy hash), so a wrong password,
     an unknown email and an inactive user cost the same bcrypt work and give the same answer.
     """
-    query = select(User).where(func.lower(User.email) == email.strip().lower())
+    query = select(User).where(func.lower(User.email) == canonical_email(email))
     if team_id is not None:
         query = query.where(User.team_id == team_id)
     candidates = list((await session.execute(query.order_by(User.created_at).limit(MAX_LOGIN_CANDIDATES))).scalars())
@@ -122,22 +123,39 @@ def _issue_pair(*, session: AsyncSession, settings: Settings, user: User, family
 async def refresh_session(
     *, session: AsyncSession, settings: Settings, revocations: RevocationStore, token: str
 ) -> SessionTokens:
-    """Spend the refresh token and issue a new pair in its family; a spent token revokes the family."""
+    """Spend the refresh token and issue a new pair in its family; a spent token revokes the family.
+
+    A token spent less than REFRESH_REUSE_GRACE_SECONDS ago is still accepted (two tabs refreshing at
+    once): the late caller gets its own pair in the same family, and the pair already handed to the first
+    caller stays valid, so both tabs keep a session and a logout still ends both.
+    """
     claims = decode_token(token, settings=settings, expected_type="refresh")
     now = utcnow()
     token_hash = hash_refresh_token(token)
+    live = (
+        RefreshToken.token_hash == token_hash,
+        RefreshToken.revoked_at.is_(None),
+        RefreshToken.expires_at > now,
+    )
+    # Conditional UPDATEs: on PostgreSQL a concurrent refresh of the same token waits for the row lock,
+    # then re-checks the WHERE against the committed row, so exactly one caller spends it.
     spent = await session.execute(
         update(RefreshToken)
-        .where(
-            RefreshToken.token_hash == token_hash,
-            RefreshToken.used_at.is_(None),
-            RefreshToken.revoked_at.is_(None),
-            RefreshToken.expires_at > now,
-        )
+        .where(*live, RefreshToken.used_at.is_(None))
         .values(used_at=now)
         .returning(RefreshToken.family_id)
     )
     family_id = spent.scalar_one_or_none()
+    if family_id is None and settings.REFRESH_REUSE_GRACE_SECONDS > 0:
+        grace_start = now - timedelta(seconds=settings.REFRESH_REUSE_GRACE_SECONDS)
+        # A no-op write, to take the same row lock (and see a concurrent revocation) before accepting.
+        recent = await session.execute(
+            update(RefreshToken)
+            .where(*live, RefreshToken.used_at.is_not(None), RefreshToken.used_at > grace_start)
+            .values(used_at=RefreshToken.used_at)
+            .returning(RefreshToken.family_id)
+        )
+        family_id = recent.scalar_one_or_none()
     if family_id is None:
         row = (await session.execute(select(RefreshToken).where(RefreshToken.token_hash == token_hash))).scalar()
         if row is not None and row.used_at is not None:

@@ -51,7 +51,10 @@ def process_avatar(raw: bytes, settings: Settings) -> StoredAvatar:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(raw), formats=list(FORMATS))
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError):
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            # Pillow's own limit, hit by headers declaring far more pixels than ours: too large, not wrong.
+            raise _too_many_pixels(settings) from None
+        except (UnidentifiedImageError, OSError):
             raise UnsupportedMediaType(UNSUPPORTED) from None
         with image:
             fmt = image.format or ""
@@ -59,7 +62,7 @@ def process_avatar(raw: bytes, settings: Settings) -> StoredAvatar:
                 raise UnsupportedMediaType(UNSUPPORTED)
             # Checked on the header, before a single pixel is decoded.
             if image.width * image.height > settings.AVATAR_MAX_PIXELS:
-                raise PayloadTooLarge(f"Avatar has more than {settings.AVATAR_MAX_PIXELS} pixels")
+                raise _too_many_pixels(settings)
             if fmt == "PNG" and raw.rstrip(b"\x00")[-len(PNG_END) :] != PNG_END:
                 # Bytes after the final IEND chunk: a PNG with something else appended.
                 raise UnsupportedMediaType(UNSUPPORTED)
@@ -67,9 +70,15 @@ def process_avatar(raw: bytes, settings: Settings) -> StoredAvatar:
                 image.seek(0)
                 image.load()
                 data = _reencode(image, fmt, settings.AVATAR_MAX_SIDE)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning):
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise _too_many_pixels(settings) from None
+            except (OSError, ValueError, SyntaxError):
                 raise UnsupportedMediaType(UNSUPPORTED) from None
     return StoredAvatar(data=data, content_type=FORMATS[fmt])
+
+
+def _too_many_pixels(settings: Settings) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Avatar has more than {settings.AVATAR_MAX_PIXELS} pixels")
 
 
 def _reencode(image: Image.Image, fmt: str, max_side: int) -> bytes:

@@ -88,16 +88,26 @@ def like_pattern(q: str) -> str:
 def _message_text_matches(dialect: str) -> ColumnElement[bool]:
     """Some message's `content` contains the pattern (case-insensitive); correlated to the outer `chats` row.
 
-    PostgreSQL matches `:body_pattern` against the JSON text of the array of contents, an expression a
-    pg_trgm GIN index can serve (docs/PERFORMANCE.md); the pattern is JSON-escaped like that text.
+    Only the text of each message is searched, never the JSON around it (keys, quotes, commas). On
+    PostgreSQL a cheap prefilter comes first: `:body_pattern` (the needle JSON-escaped) against the JSON
+    text of the array of contents, an expression a pg_trgm GIN index can serve (docs/PERFORMANCE.md);
+    every content holding the needle passes it. The exact per-message check then runs on those rows only.
     """
     if dialect == "postgresql":
-        return text("jsonb_path_query_array(chats.messages, '$[*].content')::text ILIKE :body_pattern ESCAPE '\\'")  # type: ignore[return-value]
+        return text(
+            "(jsonb_path_query_array(chats.messages, '$[*].content')::text ILIKE :body_pattern ESCAPE '\\' "
+            "AND EXISTS (SELECT 1 FROM jsonb_array_elements(chats.messages) AS m(value) "
+            "WHERE m.value ->> 'content' ILIKE :pattern ESCAPE '\\'))"
+        )  # type: ignore[return-value]
     # SQLite's LIKE is case-insensitive for ASCII letters only.
     return text(
         "EXISTS (SELECT 1 FROM json_each(chats.messages) AS m "
         "WHERE json_extract(m.value, '$.content') LIKE :pattern ESCAPE '\\')"
     )  # type: ignore[return-value]
+
+
+#: When a chat last saw a message; an empty chat counts from its creation.
+LAST_ACTIVITY = func.coalesce(Chat.last_message_at, Chat.created_at)
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,11 @@ class ChatPage:
 async def list_chats(
     *, session: AsyncSession, user: User, archived: bool = False, limit: int = 50, offset: int = 0, q: str | None = None
 ) -> ChatPage:
-    """The caller's chats, pinned first then newest activity, without loading any message."""
+    """The caller's chats, pinned first then newest activity, without loading any message.
+
+    Activity is the last message (creation for an empty chat), never `updated_at`: renaming, pinning or
+    archiving a chat must not move it up the list.
+    """
     conditions: list[ColumnElement[bool]] = [
         Chat.user_id == user.id,
         Chat.team_id == user.team_id,
@@ -128,7 +142,7 @@ async def list_chats(
         select(Chat, func.count().over().label("total"))
         .options(defer(Chat.messages))
         .where(*conditions)
-        .order_by(Chat.pinned.desc(), Chat.updated_at.desc(), Chat.id.desc())
+        .order_by(Chat.pinned.desc(), LAST_ACTIVITY.desc(), Chat.id.desc())
         .limit(limit)
         .offset(offset)
     )

@@ -23,6 +23,7 @@ from app.config import Settings
 from app.db import UTCDateTime, execute_core, utcnow
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Agent, Chat, Worker
+from app.schemas import MessageRead, format_timestamp
 from app.services import error_logs
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params, title_from_message
 
@@ -111,6 +112,14 @@ class NewGeneration:
     webhook_url: str
     webhook_headers_encrypted: str | None
     payload: dict[str, Any]
+    #: When the user message was stored; the assistant message is stamped later, when generation starts.
+    created_at: datetime
+    assistant_created_at: str | None = None
+
+    def stamp_assistant(self) -> None:
+        """The generation starts now: the assistant message's `created_at`, strictly after the user's."""
+        started = max(utcnow(), self.created_at + timedelta(microseconds=1))
+        self.assistant_created_at = format_timestamp(started)
 
     def take_payload(self) -> dict[str, Any]:
         """The request body for n8n, handed over once (a long history is not kept for the whole stream)."""
@@ -119,12 +128,9 @@ class NewGeneration:
 
 
 def public_message(element: dict[str, Any]) -> dict[str, Any]:
-    """The Message the API returns: no internal `_` keys; `error`/`metadata` only when present."""
-    message = {key: element.get(key) for key in ("id", "role", "content", "status", "created_at")}
-    for key in ("error", "metadata"):
-        if element.get(key) is not None:
-            message[key] = element[key]
-    return message
+    """A stored element as the API's Message: through `MessageRead`, the schema REST answers with, so the
+    stream's start/done messages have the same keys (unset ones null) and timestamps (`...Z`) as REST."""
+    return MessageRead.model_validate(element).model_dump(mode="json")
 
 
 def build_history(messages: list[dict[str, Any]], latest: str, settings: Settings) -> list[dict[str, str]]:
@@ -178,7 +184,7 @@ async def start_message(
         raise Conflict(GENERATION_RUNNING)
 
     now = utcnow()
-    stamp = now.isoformat()
+    stamp = format_timestamp(now)
     user_message = {
         "id": str(uuid.uuid4()),
         "role": "user",
@@ -234,6 +240,7 @@ async def start_message(
         webhook_url=row.webhook_url,
         webhook_headers_encrypted=row.webhook_headers_encrypted,
         payload=payload,
+        created_at=now,
     )
 
 
@@ -260,12 +267,15 @@ async def _patch_message(
 
 async def checkpoint_message(*, session: AsyncSession, settings: Settings, new: NewGeneration, content: str) -> bool:
     """Save the partial text of a still-streaming answer (so a crash loses at most one interval)."""
+    patch: dict[str, Any] = {"content": content}
+    if new.assistant_created_at is not None:
+        patch["created_at"] = new.assistant_created_at
     written = await _patch_message(
         session,
         chat_id=new.chat_id,
         index=new.index,
         message_id=new.assistant_id,
-        patch={"content": content},
+        patch=patch,
         only_streaming=True,
         touch=False,
     )
@@ -286,7 +296,14 @@ async def finish_message(
     upstream_status: int | None,
 ) -> dict[str, Any]:
     """The one final write of an answer, plus its error_logs row on failure, in one transaction."""
-    patch: dict[str, Any] = {"content": content, "status": status, "metadata": metadata}
+    if new.assistant_created_at is None:
+        new.stamp_assistant()
+    patch: dict[str, Any] = {
+        "content": content,
+        "status": status,
+        "metadata": metadata,
+        "created_at": new.assistant_created_at,
+    }
     if error is not None:
         patch["error"] = error
     written = await _patch_message(
@@ -314,8 +331,7 @@ async def finish_message(
             detail=detail,
         )
     await session.commit()
-    element = {"id": new.assistant_id, "role": "assistant", "created_at": new.user_message["created_at"], **patch}
-    return public_message(element)
+    return public_message({"id": new.assistant_id, "role": "assistant", **patch})
 
 
 # --- workers and start-up recovery ------------------------------------------------------------

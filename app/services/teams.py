@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth import hash_password
 from app.errors import Conflict, NotFound
 from app.models import Team, User, default_team_settings
+from app.schemas import canonical_email
 
 #: Attempts at a free slug when concurrent sign-ups pick the same one.
 SLUG_ATTEMPTS = 5
@@ -60,7 +61,7 @@ async def create_team_with_admin(
             continue
         user = User(
             team_id=team.id,
-            email=admin_email.strip().lower(),
+            email=canonical_email(admin_email),
             password_hash=password_hash,
             full_name=admin_full_name,
             role="admin",

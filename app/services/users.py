@@ -13,6 +13,7 @@ from app.auth import hash_password, verify_password
 from app.config import Settings
 from app.errors import BadRequest, Conflict, Forbidden, NotFound
 from app.models import Team, User
+from app.schemas import canonical_email
 from app.services.auth import revoke_all_user_tokens
 
 EMAIL_TAKEN = "This email is already registered in this team"
@@ -47,7 +48,7 @@ async def _insert_user(*, session: AsyncSession, user: User) -> User:
 
 
 async def _email_taken(session: AsyncSession, team_id: uuid.UUID, email: str) -> bool:
-    query = select(User.id).where(User.team_id == team_id, func.lower(User.email) == email.lower())
+    query = select(User.id).where(User.team_id == team_id, func.lower(User.email) == canonical_email(email))
     return (await session.execute(query)).first() is not None
 
 
@@ -68,7 +69,7 @@ async def create_user(
     password_hash = await hash_password(password, settings.BCRYPT_ROUNDS)
     user = User(
         team_id=team_id,
-        email=email,
+        email=canonical_email(email),
         password_hash=password_hash,
         full_name=full_name,
         role=role,
