@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from app.config import Settings, load_settings
 from app.db import Database, secure_sqlite_file
 from app.models import Team, User
-from app.schemas import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, normalize_email
+from app.schemas import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, canonical_email, normalize_email
 from app.serve import serve
 from app.services import users as users_service
 from app.services.teams import create_team_with_admin, database_is_empty
@@ -84,7 +84,7 @@ async def reset_password(settings: Settings, email: str, password: str, team_id:
     db = Database(settings)
     try:
         async with db.sessionmaker() as session:
-            query = select(User).where(func.lower(User.email) == email.strip().lower())
+            query = select(User).where(func.lower(User.email) == canonical_email(email))
             if team_id:
                 query = query.where(User.team_id == team_id)
             users = list((await session.execute(query)).scalars())

@@ -24,7 +24,8 @@ NOT_FOUND: Responses = {404: error_doc(chats_service.CHAT_NOT_FOUND)}
     "",
     response_model=list[ChatSummary],
     summary="List my chats",
-    description="Pinned first, then newest activity (`updated_at`). `q` searches titles and message text, "
+    description="Pinned first, then newest activity: the last message (creation for an empty chat); a rename, pin "
+    "or archive never reorders chats within a group. `q` searches titles and message text (not JSON keys), "
     "case-insensitively. The total number of matches is in the `X-Total-Count` header.",
     responses={
         200: {"headers": {"X-Total-Count": {"description": "Matches before paging", "schema": {"type": "integer"}}}},

@@ -18,6 +18,7 @@ from app.config import Settings
 from app.db import utcnow
 from app.errors import Conflict, NotFound
 from app.models import Invite, Team, User
+from app.schemas import canonical_email
 from app.services.users import EMAIL_TAKEN
 
 #: Unknown, used up, expired, revoked and bound to another email: one answer tells a guesser nothing.
@@ -66,7 +67,7 @@ def _usable(token_hash: str, now: datetime, email: str | None = None) -> ColumnE
         Invite.uses < Invite.max_uses,
     ]
     if email is not None:
-        conditions.append(or_(Invite.email.is_(None), func.lower(Invite.email) == email.strip().lower()))
+        conditions.append(or_(Invite.email.is_(None), func.lower(Invite.email) == canonical_email(email)))
     return and_(*conditions)
 
 
@@ -91,7 +92,7 @@ async def create_invite(
     invite = Invite(
         team_id=team_id,
         token_hash=hash_invite_token(token),
-        email=email.strip().lower() if email else None,
+        email=canonical_email(email) if email else None,
         role=role,
         expires_at=utcnow() + timedelta(days=expires_in_days),
         max_uses=max_uses,
@@ -148,7 +149,7 @@ async def register_with_invite(
     token_hash = _hash_or_none(token)
     if token_hash is None:
         raise NotFound(INVITE_NOT_FOUND)
-    email = email.strip().lower()
+    email = canonical_email(email)
     invite = (await session.execute(select(Invite).where(_usable(token_hash, utcnow(), email)))).scalar_one_or_none()
     if invite is None:
         await session.rollback()
