@@ -285,7 +285,7 @@ async def test_login_unknown_field_is_422(web: httpx.AsyncClient, session: Async
 
 
 async def test_register_and_login_compare_emails_in_nfc(web: httpx.AsyncClient, session: AsyncSession) -> None:
-    team = await create_team(session)
+    team = await create_team(session, settings=OPEN)
     decomposed = "Ame\u0301lie@example.com"
     precomposed = "Am\u00e9lie@example.com"
     body = {"team_id": str(team.id), "email": precomposed, "password": "long-enough"}
