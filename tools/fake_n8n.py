@@ -1,7 +1,8 @@
 """A fake n8n: a real aiohttp server that replays the captured n8n answers and injects faults on demand.
 
-Run it with `python -m tools.fake_n8n --port 5678`. Every request is answered according to a *scenario*,
-chosen per request by the `X-Fake-Scenario` header or the `?scenario=` query parameter, else by the path:
+Run it with `make fake-n8n` or `python -m tools.fake_n8n --port 5678`. Every request is answered according
+to a *scenario*, chosen per request by the `X-Fake-Scenario` header or the `?scenario=` query parameter, else
+by the path:
 
 | path | default scenario |
 |---|---|
