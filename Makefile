@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 1
+FAKE_N8N_PORT ?= 5678
 
 # Local plain-http development defaults for `make run` only (the environment still wins).
 run: export COOKIE_SECURE ?= false
 run: export WEBHOOK_ALLOW_PRIVATE_NETWORKS ?= true
 
-.PHONY: run test lint fmt schema install install-dev bench bench-quick clean
+.PHONY: run test fake-n8n lint fmt schema install install-dev bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +33,14 @@ run: $(VENV)/.runtime
 	$(PY) -m app.cli init
 	$(PY) -m app.cli serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
+# Every test has a time limit (pytest-timeout, pyproject.toml), so a failure cannot hang the run.
 test: $(VENV)/.dev
 	$(PY) -m pytest
 	PYTHON=$(CURDIR)/$(PY) bash test_streaming.sh --ci
+
+# A fake n8n replaying recordings/n8n, e.g. http://127.0.0.1:5678/webhook/agent-stream (tools/fake_n8n.py).
+fake-n8n: $(VENV)/.runtime
+	$(PY) -m tools.fake_n8n --host $(HOST) --port $(FAKE_N8N_PORT)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

@@ -7,7 +7,7 @@
 #                                ports), signs up a team, creates agents and a chat, streams answers and checks
 #                                the events and the stored messages. Exits non-zero on the first mismatch.
 #
-# Needs bash, curl and python3 (jq is used when present; NO_JQ=1 forces python). Contract: ../shared/API.md.
+# Needs bash, curl and python3 (jq is used when present; NO_JQ=1 forces python). API: /docs of the server.
 # --ci knobs: CI_DATABASE_URL (default: a temporary SQLite file), APP_FACTORY (default main:create_app),
 # PYTHON (default .venv/bin/python), CURL_MAX (seconds per request, default 60).
 set -euo pipefail
@@ -59,15 +59,26 @@ stream() {
   local body
   body="$(CONTENT="$2" "$PY" -c 'import json, os; print(json.dumps({"content": os.environ["CONTENT"]}))')"
   curl -sS -N --max-time "$CURL_MAX" -X POST -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \
-    -H "Accept: text/event-stream" --data-binary "$body" "$SERVER/api/chats/$1/messages"
+    -H "Accept: text/event-stream" -D "${STREAM_HEADERS:-/dev/null}" --data-binary "$body" "$SERVER/api/chats/$1/messages"
 }
 
-# sse_check EXPECTED_TERMINAL [EXPECTED_TEXT] < sse: validate ids, one terminal event, the text; print a summary.
+# stream_head: "STATUS MEDIA-TYPE" of the last stream's answer (--ci keeps its headers in $STREAM_HEADERS).
+stream_head() {
+  tr -d '\r' <"$STREAM_HEADERS" | awk 'NR == 1 { code = $2 } tolower($1) == "content-type:" { split($2, t, ";"); type = t[1] }
+    END { print code, type }'
+}
+
+# sse_check TYPES TEXT [CODE MESSAGE] < sse: assert the stream exactly and print a summary.
+# TYPES is the expected sequence of event types with consecutive `message` events counted once
+# ("start status message done"); TEXT the concatenated message chunks; a `done` stream must store TEXT with
+# status complete, an `error` stream must end with exactly CODE and MESSAGE. Ids must run 1..n.
 sse_check() {
   "$PY" -c '
 import json, sys
-terminal_wanted = sys.argv[1]
-text_wanted = sys.argv[2] if len(sys.argv) > 2 else None
+types_wanted = sys.argv[1].split()
+text_wanted = sys.argv[2]
+code_wanted = sys.argv[3] if len(sys.argv) > 3 else None
+message_wanted = sys.argv[4] if len(sys.argv) > 4 else None
 events, ids = [], []
 for block in sys.stdin.read().split("\n\n"):
     data = [l[5:].lstrip(" ") for l in block.split("\n") if l.startswith("data:")]
@@ -76,23 +87,40 @@ for block in sys.stdin.read().split("\n\n"):
     ids += [l[3:].strip() for l in block.split("\n") if l.startswith("id:")]
     events.append(json.loads("\n".join(data)))
 types = [e["type"] for e in events]
+collapsed = [t for i, t in enumerate(types) if not (t == "message" and i and types[i - 1] == "message")]
 problems = []
 if ids != [str(i) for i in range(1, len(events) + 1)]:
     problems.append(f"ids {ids}")
-if not types or types[0] != "start":
-    problems.append(f"first event is not start: {types[:1]}")
-terminal = [t for t in types if t in ("done", "error")]
-if terminal != [terminal_wanted] or types[-1] != terminal_wanted:
-    problems.append(f"terminal events {terminal}, wanted exactly one {terminal_wanted} at the end")
+if collapsed != types_wanted:
+    problems.append(f"event types {collapsed}, wanted {types_wanted}")
 text = "".join(e["data"]["content"] for e in events if e["type"] == "message")
-if text_wanted is not None and text != text_wanted:
+if text != text_wanted:
     problems.append(f"text {text!r}, wanted {text_wanted!r}")
+last = events[-1]["data"] if events else {}
+if types_wanted[-1] == "done":
+    stored = last.get("message") or {}
+    got = (stored.get("status"), stored.get("content"))
+    if got != ("complete", text_wanted):
+        problems.append(f"done event stores {got}")
+else:
+    got = (last.get("code"), last.get("message"))
+    if got != (code_wanted, message_wanted):
+        problems.append(f"error {got}, wanted {(code_wanted, message_wanted)}")
 if problems:
     print("; ".join(problems))
     sys.exit(1)
-last = events[-1]["data"]
 print(json.dumps({"events": len(events), "text": text, "terminal": last.get("code") or "done"}))
 ' "$@"
+}
+
+# count PATH: the length of the JSON array at PATH on stdin.
+count() {
+  json "$1" | "$PY" -c 'import json, sys; print(len(json.load(sys.stdin)))'
+}
+
+# expect WHAT ACTUAL WANTED: die unless the two strings are equal.
+expect() {
+  [[ "$2" == "$3" ]] || die "$1: got '$2', wanted '$3'"
 }
 
 # --- interactive mode ----------------------------------------------------------------------------
@@ -188,13 +216,15 @@ cleanup() {
 
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
+# wait_http URL PID LOG: wait until URL answers; fail at once, with the log, when PID exits first.
 wait_http() {
-  local url="$1" i
+  local url="$1" pid="$2" log="$3" i
   for i in $(seq 1 200); do
     curl -s -o /dev/null --max-time 1 "$url" && return 0
+    kill -0 "$pid" 2>/dev/null || die "$url: the process exited: $(tail -n 5 "$log")"
     sleep 0.1
   done
-  die "$url did not come up (logs in $WORK)"
+  die "$url did not come up: $(tail -n 5 "$log")"
 }
 
 ci() {
@@ -205,18 +235,21 @@ ci() {
   app_port="$(free_port)"
   FAKE="http://127.0.0.1:$fake_port"
   SERVER="http://127.0.0.1:$app_port"
+  STREAM_HEADERS="$WORK/stream.headers"
 
   (cd "$ROOT" && exec "$PY" -m tools.fake_n8n --port "$fake_port" --speed 0 --linger 1) >"$WORK/fake.log" 2>&1 &
-  PIDS+=($!)
+  local fake_pid=$!
+  PIDS+=("$fake_pid")
   export APP_ENV=development DATA_DIR="$WORK/data" DATABASE_URL="${CI_DATABASE_URL:-sqlite+aiosqlite:///$WORK/ci.db}"
   export COOKIE_SECURE=false WEBHOOK_ALLOW_PRIVATE_NETWORKS=true RATE_LIMIT_ENABLED=false TEAM_SIGNUP_ENABLED=true
   export REDIS_URL="" LOG_LEVEL=WARNING N8N_READ_TIMEOUT=5 N8N_FIRST_BYTE_TIMEOUT=5
   (cd "$ROOT" && "$PY" -m app.cli migrate) >"$WORK/migrate.log" 2>&1 || die "migrations failed: $(cat "$WORK/migrate.log")"
   (cd "$ROOT" && exec "$PY" -m uvicorn --factory "${APP_FACTORY:-main:create_app}" --host 127.0.0.1 --port "$app_port" \
     --timeout-graceful-shutdown 5) >"$WORK/app.log" 2>&1 &
-  PIDS+=($!)
-  wait_http "$FAKE/__requests"
-  wait_http "$SERVER/health"
+  local app_pid=$!
+  PIDS+=("$app_pid")
+  wait_http "$FAKE/__requests" "$fake_pid" "$WORK/fake.log"
+  wait_http "$SERVER/health" "$app_pid" "$WORK/app.log"
   ok "fake n8n on $FAKE, app on $SERVER"
 
   local email="ci-$RANDOM$RANDOM@example.com" password="Ci-password-$RANDOM-long"
@@ -256,63 +289,89 @@ ci() {
   # 1. A streamed answer: events, stored message, what n8n received.
   local sse summary
   sse="$(stream "$chat_id" "hello there")" || die "stream 1: curl failed"
-  summary="$(sse_check done "Echo: hello there" <<<"$sse")" || die "stream 1: $summary"
+  expect "stream 1 answer" "$(stream_head)" "200 text/event-stream"
+  summary="$(sse_check "start status message done" "Echo: hello there" <<<"$sse")" || die "stream 1: $summary"
   ok "stream 1 $summary"
   local stored
   api GET "/api/chats/$chat_id"
   stored="$BODY"
   [[ "$STATUS" == 200 ]] || die "GET /api/chats/$chat_id: HTTP $STATUS"
-  [[ "$(json .messages[0].content <<<"$stored")" == "hello there" ]] || die "stored user message: $stored"
-  [[ "$(json .messages[1].content <<<"$stored")" == "Echo: hello there" ]] || die "stored answer: $stored"
-  [[ "$(json .messages[1].status <<<"$stored")" == "complete" ]] || die "stored status: $stored"
+  expect "stored message count" "$(count .messages <<<"$stored")" 2
+  expect "stored user message" "$(json .messages[0].content <<<"$stored")" "hello there"
+  expect "stored answer" "$(json .messages[1].content <<<"$stored")" "Echo: hello there"
+  expect "stored status" "$(json .messages[1].status <<<"$stored")" complete
   [[ "$stored" != *_worker* ]] || die "internal keys leak in GET /api/chats/{id}"
   local received
   received="$(curl -sS --max-time 5 "$FAKE/__requests")"
-  [[ "$(json .[0].json.chatInput <<<"$received")" == "hello there" ]] || die "n8n chatInput: $received"
-  [[ "$(json .[0].json.sessionId <<<"$received")" == "$chat_id" ]] || die "n8n sessionId: $received"
+  expect "requests n8n received" "$(count . <<<"$received")" 1
+  expect "n8n path" "$(json .[0].path <<<"$received")" /webhook/agent-stream
+  expect "n8n chatInput" "$(json .[0].json.chatInput <<<"$received")" "hello there"
+  expect "n8n sessionId" "$(json .[0].json.sessionId <<<"$received")" "$chat_id"
   [[ "$received" == *'"X-CI-Secret": "ci-secret-value"'* ]] || die "n8n did not get the agent header"
   ok "stored answer and n8n payload"
 
   # 2. A second message carries the history.
   sse="$(stream "$chat_id" "second question")" || die "stream 2: curl failed"
-  summary="$(sse_check done "Echo: second question" <<<"$sse")" || die "stream 2: $summary"
+  expect "stream 2 answer" "$(stream_head)" "200 text/event-stream"
+  summary="$(sse_check "start status message done" "Echo: second question" <<<"$sse")" || die "stream 2: $summary"
   received="$(curl -sS --max-time 5 "$FAKE/__requests")"
-  [[ "$(json .[1].json.messages[1].content <<<"$received")" == "Echo: hello there" ]] || die "history: $received"
+  expect "requests n8n received" "$(count . <<<"$received")" 2
+  expect "history sent to n8n" "$(json .[1].json.messages[1].content <<<"$received")" "Echo: hello there"
+  expect "n8n chatInput (2)" "$(json .[1].json.chatInput <<<"$received")" "second question"
   ok "stream 2 with history $summary"
 
-  # 3. An in-band n8n error: one error event, stored with status error, one error log row.
+  # 3. An in-band n8n error (the recorded stream_llm_error): one error event, stored with status error,
+  # one error log row. A fake that had lost that recording would answer 400: another message, caught here.
   sse="$(stream "$chat_id" "__llm_error__")" || die "stream 3: curl failed"
-  summary="$(sse_check error <<<"$sse")" || die "stream 3: $summary"
-  [[ "$summary" == *upstream_error* ]] || die "stream 3 code: $summary"
+  expect "stream 3 answer" "$(stream_head)" "200 text/event-stream"
+  summary="$(sse_check "start status error" "" upstream_error "The agent reported an error" <<<"$sse")" \
+    || die "stream 3: $summary"
   api GET "/api/chats/$chat_id"
   stored="$BODY"
-  [[ "$(json .messages[5].status <<<"$stored")" == "error" ]] || die "stored error status: $stored"
+  expect "GET /api/chats/$chat_id (3)" "$STATUS" 200
+  expect "stored message count (3)" "$(count .messages <<<"$stored")" 6
+  expect "stored error content" "$(json .messages[5].content <<<"$stored")" ""
+  expect "stored error status" "$(json .messages[5].status <<<"$stored")" error
   local logs
   api GET "/api/error-logs"
   logs="$BODY"
-  [[ "$STATUS" == 200 ]] || die "GET /api/error-logs: HTTP $STATUS"
-  [[ "$(json .[0].code <<<"$logs")" == "upstream_error" ]] || die "error log: $logs"
+  expect "GET /api/error-logs" "$STATUS" 200
+  expect "error log rows" "$(count . <<<"$logs")" 1
+  expect "error log code" "$(json .[0].code <<<"$logs")" upstream_error
+  expect "error log message" "$(json .[0].message <<<"$logs")" "The agent reported an error"
+  expect "error log upstream status" "$(json .[0].upstream_status <<<"$logs")" 200
   ok "in-band error $summary"
 
-  # 4. Unknown webhook (404 not registered) through a second agent.
+  # 4. Unknown webhook (the recorded 404 "not registered") through a second agent.
   api POST /api/agents "{\"name\": \"Missing\", \"webhook_url\": \"$FAKE/webhook/does-not-exist\"}"
   agent="$BODY"
-  [[ "$STATUS" == 201 ]] || die "POST /api/agents (2): HTTP $STATUS $agent"
+  expect "POST /api/agents (2)" "$STATUS" 201
   api POST /api/chats "{\"agent_id\": \"$(json .id <<<"$agent")\"}"
   chat="$BODY"
+  expect "POST /api/chats (2)" "$STATUS" 201
   sse="$(stream "$(json .id <<<"$chat")" "anyone there?")" || die "stream 4: curl failed"
-  summary="$(sse_check error <<<"$sse")" || die "stream 4: $summary"
+  expect "stream 4 answer" "$(stream_head)" "200 text/event-stream"
+  summary="$(sse_check "start status error" "" upstream_error \
+    "The agent's n8n webhook is not registered (is the workflow active?)" <<<"$sse")" || die "stream 4: $summary"
   [[ "$sse" != *"hint"* ]] || die "n8n's raw 404 body reached the client"
+  received="$(curl -sS --max-time 5 "$FAKE/__requests")"
+  expect "path of the 4th n8n request" "$(json .[3].path <<<"$received")" /webhook/does-not-exist
+  api GET "/api/error-logs"
+  logs="$BODY"
+  expect "error log rows (4)" "$(count . <<<"$logs")" 2
+  expect "error log upstream status (4)" "$(json .[0].upstream_status <<<"$logs")" 404
   ok "webhook not registered $summary"
 
   # 5. Pre-stream errors are plain JSON.
   local answer
   api POST "/api/chats/$chat_id/messages" '{"content": "   "}'
   answer="$BODY"
-  [[ "$STATUS" == 422 ]] || die "blank content: HTTP $STATUS $answer"
+  expect "blank content: $answer" "$STATUS" 422
+  [[ -n "$(json .detail <<<"$answer")" ]] || die "blank content: no detail in $answer"
   api POST "/api/chats/00000000-0000-4000-8000-000000000000/messages" '{"content": "hi"}'
   answer="$BODY"
-  [[ "$STATUS" == 404 ]] || die "unknown chat: HTTP $STATUS $answer"
+  expect "unknown chat: $answer" "$STATUS" 404
+  [[ -n "$(json .detail <<<"$answer")" ]] || die "unknown chat: no detail in $answer"
   ok "422 and 404 before the stream"
   echo "all streaming checks passed"
 }

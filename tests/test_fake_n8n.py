@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tools.fake_n8n import CAPTURES_DIR, FakeN8n, load_captures
+from tools.fake_n8n import CAPTURES_DIR, FakeN8n, RecordingsMissing, load_captures
 
+ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = load_captures()
 
 
@@ -28,6 +32,66 @@ async def fake() -> AsyncIterator[FakeN8n]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+async def read_until_last_chunk(reader: asyncio.StreamReader, end: bytes = b"\r\n0\r\n\r\n") -> bytes:
+    """Raw bytes up to the terminating chunk; a closed socket (read returns b"") fails instead of spinning."""
+    raw = b""
+    while not raw.endswith(end):
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        if not data:
+            pytest.fail(f"connection closed before the terminating chunk; got {raw[-200:]!r}")
+        raw += data
+    return raw
+
+
+async def test_read_until_last_chunk_fails_on_a_closed_socket() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    reader.feed_eof()
+    with pytest.raises(pytest.fail.Exception, match="closed before the terminating chunk"):
+        await asyncio.wait_for(read_until_last_chunk(reader), 2)
+
+
+def test_recordings_live_in_the_repository() -> None:
+    assert CAPTURES_DIR == ROOT / "recordings" / "n8n"
+    assert (CAPTURES_DIR / "README.md").is_file()
+
+
+def test_load_captures_refuses_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(RecordingsMissing, match="not found"):
+        load_captures(tmp_path / "nope")
+    with pytest.raises(RecordingsMissing, match="not found"):
+        FakeN8n(captures_dir=tmp_path / "nope")
+
+
+def test_load_captures_refuses_a_folder_without_recordings(tmp_path: Path) -> None:
+    with pytest.raises(RecordingsMissing, match="no n8n recordings"):
+        load_captures(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an HTTP answer\n")
+    timings = "aiohttp_client_gzip_stream.txt"  # a real recording, but of a client's reads, not an HTTP answer
+    (tmp_path / timings).write_bytes((CAPTURES_DIR / timings).read_bytes())
+    with pytest.raises(RecordingsMissing, match="no n8n recordings"):
+        FakeN8n(captures_dir=tmp_path)
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_cli_refuses_to_start_without_recordings(tmp_path: Path, folder: str) -> None:
+    recordings = tmp_path / folder
+    if folder == "empty":
+        recordings.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.fake_n8n", "--port", "0", "--recordings", str(recordings)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "fake n8n refuses to start" in result.stderr
+    assert str(recordings) in result.stderr
+    assert "listening" not in result.stdout
 
 
 def test_load_captures_finds_every_http_answer() -> None:
@@ -64,9 +128,7 @@ async def test_replay_gzip_when_asked_is_flushed_per_line(fake: FakeN8n) -> None
         "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
     )
     writer.write(request.encode())
-    raw = b""
-    while not raw.endswith(b"\r\n0\r\n\r\n"):
-        raw += await asyncio.wait_for(reader.read(65536), 5)
+    raw = await read_until_last_chunk(reader)
     writer.close()
     await writer.wait_closed()
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -96,9 +158,7 @@ async def test_replay_keeps_socket_open_after_last_chunk(fake: FakeN8n) -> None:
         b"POST /webhook/agent-stream?scenario=stream_ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"Content-Length: 2\r\n\r\n{}"
     )
-    raw = b""
-    while not raw.endswith(b"0\r\n\r\n"):
-        raw += await asyncio.wait_for(reader.read(65536), 5)
+    await read_until_last_chunk(reader)
     done = time.monotonic()
     assert await asyncio.wait_for(reader.read(), 5) == b""
     lingered = time.monotonic() - done

@@ -1,7 +1,8 @@
 """A fake n8n: a real aiohttp server that replays the captured n8n answers and injects faults on demand.
 
-Run it with `python -m tools.fake_n8n --port 5678`. Every request is answered according to a *scenario*,
-chosen per request by the `X-Fake-Scenario` header or the `?scenario=` query parameter, else by the path:
+Run it with `make fake-n8n` or `python -m tools.fake_n8n --port 5678`. Every request is answered according
+to a *scenario*, chosen per request by the `X-Fake-Scenario` header or the `?scenario=` query parameter, else
+by the path:
 
 | path | default scenario |
 |---|---|
@@ -16,7 +17,7 @@ chosen per request by the `X-Fake-Scenario` header or the `?scenario=` query par
 | `GET /webhook/...` | capture `wrong_method_get` |
 | anything else | capture `notfound_post` (404 "not registered") |
 
-Scenarios: the stem of any capture in shared/n8n/captures (`stream_ok`, `json_ok`, `notfound_post`, ...)
+Scenarios: the stem of any recording in recordings/n8n (`stream_ok`, `json_ok`, `notfound_post`, ...)
 replays it faithfully (status, headers, body, one HTTP chunk per line with the recorded pacing scaled by
 `speed`, gzip per line when the request accepts it, and the keep-alive linger after the last chunk); and the
 synthetic ones in `SCENARIOS` below. Query parameters tune them: `delay_ms` (per token), `chunks` and
@@ -24,6 +25,9 @@ synthetic ones in `SCENARIOS` below. Query parameters tune them: `delay_ms` (per
 
 `GET /__requests` lists what was received (method, path, query, headers, json body); `DELETE /__requests`
 forgets it. Tests running the server in-process read `FakeN8n.requests` directly.
+
+Without its recordings the fake is useless (every capture scenario would answer 400), so it refuses to
+start, and `load_captures` raises, when the folder is missing or holds none.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import asyncio
 import itertools
 import json
 import re
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -41,7 +46,8 @@ from typing import Any
 
 from aiohttp import web
 
-CAPTURES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "n8n" / "captures"
+#: Shipped with the repository (recordings/n8n/README.md), so a plain clone can run the fake.
+CAPTURES_DIR = Path(__file__).resolve().parents[1] / "recordings" / "n8n"
 #: The streamed answer of a request, so a client disconnect can be answered quietly.
 RESPONSE_KEY = web.RequestKey("fake_response", web.StreamResponse)
 NODE_ID = "f2152913-e824-5ebc-90ca-6750e2bdc080"
@@ -73,6 +79,10 @@ SCENARIOS = {
     "in_band_error": 'begin, `after` tokens (default 2), then {"type":"error"}',
     "nul": "items and an in-band error containing U+0000 and a lone surrogate escape",
 }
+
+
+class RecordingsMissing(RuntimeError):
+    """The recordings folder is missing or holds no HTTP answer: a fake serving nothing would hide it."""
 
 
 @dataclass
@@ -119,7 +129,12 @@ def _read_delays(path: Path) -> list[float]:
 
 
 def load_captures(directory: Path = CAPTURES_DIR) -> dict[str, Capture]:
-    """Every HTTP answer in the captures folder, keyed by file stem (`stream_ok`, `json_ok`, ...)."""
+    """Every HTTP answer in the recordings folder, keyed by file stem (`stream_ok`, `json_ok`, ...).
+
+    Raises RecordingsMissing rather than returning nothing, so no caller can run on zero recordings.
+    """
+    if not directory.is_dir():
+        raise RecordingsMissing(f"n8n recordings folder not found: {directory}")
     captures: dict[str, Capture] = {}
     stems = {p.name.split(".")[0] for p in directory.glob("*.txt")}
     for stem in sorted(stems):
@@ -138,6 +153,8 @@ def load_captures(directory: Path = CAPTURES_DIR) -> dict[str, Capture]:
         reads = directory / f"{stem}.reads.txt"
         delays = _read_delays(reads) if reads.exists() else [0.05] * (len(pieces) + 1)
         captures[stem] = Capture(stem, status, reason, headers, chunked, pieces, delays)
+    if not captures:
+        raise RecordingsMissing(f"no n8n recordings (*.txt starting with HTTP/) in {directory}")
     return captures
 
 
@@ -513,8 +530,7 @@ class FakeN8n:
         return response
 
 
-async def _serve(host: str, port: int, speed: float, linger: float) -> None:
-    fake = FakeN8n(speed=speed, linger=linger)
+async def _serve(fake: FakeN8n, host: str, port: int) -> None:
     url = await fake.start(host, port)
     print(f"fake n8n listening on {url} ({len(fake.captures)} captures)", flush=True)
     try:
@@ -531,9 +547,14 @@ def main(argv: list[str] | None = None) -> None:
         "--speed", type=float, default=1.0, help="replay captures this many times faster (0 = no delay)"
     )
     parser.add_argument("--linger", type=float, default=5.0, help="seconds the socket stays open after a stream")
+    parser.add_argument("--recordings", type=Path, default=CAPTURES_DIR, help="folder of the n8n recordings")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(_serve(args.host, args.port, args.speed, args.linger))
+        fake = FakeN8n(captures_dir=args.recordings, speed=args.speed, linger=args.linger)
+    except RecordingsMissing as exc:
+        sys.exit(f"fake n8n refuses to start: {exc}")
+    try:
+        asyncio.run(_serve(fake, args.host, args.port))
     except KeyboardInterrupt:
         return
 
