@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
@@ -17,6 +18,7 @@ from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
 from app.routers import agents, auth, chats, error_logs, health, messages, teams, users
+from app.routers.responses import complete_openapi
 from app.services.health import migration_head
 from app.services.revocation import make_revocation_store
 from app.streaming import GenerationRegistry
@@ -88,4 +90,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chats.router)
     app.include_router(messages.router)
     app.include_router(error_logs.router)
+    install_openapi(app, settings)
     return app
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """FastAPI's document, completed with the answers every route shares and this server's limits."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete_openapi(FastAPI.openapi(app), message_max_chars=settings.MESSAGE_MAX_CHARS)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
