@@ -491,12 +491,14 @@ def _check_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 AgentName = Annotated[str, Field(min_length=1, max_length=AGENT_NAME_MAX, examples=["Support bot"]), StorableText]
-#: What the SSRF policy accepts by syntax (app.webhooks.check_webhook_url), for the schema: http(s), a host
-#: name, a port 1-65535, no user info, no whitespace. Which addresses are allowed is policy, not syntax (422).
+#: What check_webhook_url accepts by syntax, for the schema: http(s) in any case, no user info, no CR, LF, tab,
+#: NUL or space anywhere, a port 1-65535. The host must not start with a digit: numeric hosts are IP literals,
+#: and which addresses are allowed is policy, not syntax (a 422 with the reason, like metadata host names).
+_URL_BANNED = r"\r\n\t\x00 "
+_HOST_BANNED = _URL_BANNED + r"/?#@\[\]:"
+_PORT = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 WEBHOOK_URL_PATTERN = (
-    r"^https?://[A-Za-z][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*\.?"
-    r"(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
-    r"([/?#][^\s\x00]*)?$"
+    rf"^[Hh][Tt][Tt][Pp][Ss]?://[^{_HOST_BANNED}0-9][^{_HOST_BANNED}]*(:{_PORT}?)?([/?#][^{_URL_BANNED}]*)?$"
 )
 WebhookUrl = Annotated[
     str,
