@@ -29,6 +29,10 @@ DESCRIPTION = """
 Chat with your team's n8n agents. Authenticate with the **Authorize** button (email as username,
 your team id as `client_id` when your email exists in several teams), or send
 `Authorization: Bearer <token>`. Message answers stream as Server-Sent Events.
+
+Errors are `{"detail": "..."}`; a 422 always has FastAPI's validation shape (`detail[].loc/msg/type`, never
+the value sent). Text anywhere in a JSON body (keys of free JSON included) must not contain NUL characters,
+which PostgreSQL cannot store: 422.
 """
 
 

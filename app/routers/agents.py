@@ -113,7 +113,14 @@ async def delete_agent(agent_id: uuid.UUID, session: SessionDep, user: AdminUser
 )
 async def upload_avatar(
     agent_id: uuid.UUID,
-    file: Annotated[UploadFile, File(description="The image")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="The image: PNG, JPEG, WebP or GIF, judged by its bytes (anything else, an empty file "
+            "included, is a 415)",
+            json_schema_extra={"minLength": 1},
+        ),
+    ],
     session: SessionDep,
     settings: SettingsDep,
     user: AdminUser,

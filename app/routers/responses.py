@@ -72,7 +72,10 @@ R422_WEBHOOK: Responses = {
 }
 
 UNSAFE_METHODS = ("post", "put", "patch", "delete")
-_MALFORMED = error_doc("The body is not valid UTF-8 JSON", "There was an error parsing the body")
+_MALFORMED = error_doc(
+    "The body cannot be parsed (JSON that is not UTF-8, a form without its multipart boundary)",
+    "There was an error parsing the body",
+)
 _TOO_LARGE = error_doc("The body is larger than MAX_REQUEST_BODY_BYTES", "Request body too large")
 _UNAUTHENTICATED = R401[401]
 _FOREIGN_ORIGIN = "Cookie-authenticated write from an origin that is not allowed"
@@ -95,7 +98,7 @@ def json_only(responses: Responses) -> Responses:
 def complete_openapi(schema: dict[str, Any], *, message_max_chars: int) -> dict[str, Any]:
     """Add what every route answers the same way, so no route can forget it (new routes included).
 
-    - 400 on JSON-body routes: a body that is not UTF-8 JSON (FastAPI's parser, before validation);
+    - 400 on routes with a body: one FastAPI's parser cannot read (before validation);
     - 413 on routes with a body: the middleware's MAX_REQUEST_BODY_BYTES cap;
     - 401 on routes with a security requirement, and 403 on their writes (cookie writes from a foreign origin);
     - 422 as actually sent: FastAPI's validation shape without `input` and `ctx` (never echoed);
@@ -115,8 +118,7 @@ def complete_openapi(schema: dict[str, Any], *, message_max_chars: int) -> dict[
             responses = operation.setdefault("responses", {})
             body = operation.get("requestBody")
             if body is not None:
-                if "application/json" in body.get("content", {}):
-                    responses.setdefault("400", _json(_MALFORMED))
+                responses.setdefault("400", _json(_MALFORMED))
                 responses.setdefault("413", _json(_TOO_LARGE))
             if operation.get("security"):
                 responses.setdefault("401", _json(_UNAUTHENTICATED))
