@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
+from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
@@ -21,6 +22,7 @@ from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
 from app.routers import agents, auth, chats, error_logs, health, invites, messages, teams, users
+from app.routers.responses import complete_openapi
 from app.serve import release_uvicorn_proxy_headers
 from app.services.health import migration_head
 from app.services.revocation import make_revocation_store
@@ -32,6 +34,10 @@ DESCRIPTION = """
 Chat with your team's n8n agents. Authenticate with the **Authorize** button (email as username,
 your team id as `client_id` when your email exists in several teams), or send
 `Authorization: Bearer <token>`. Message answers stream as Server-Sent Events.
+
+Errors are `{"detail": "..."}`; a 422 always has FastAPI's validation shape (`detail[].loc/msg/type`, never
+the value sent). Text anywhere in a JSON body (keys of free JSON included) must not contain NUL characters,
+which PostgreSQL cannot store: 422.
 """
 #: Swagger UI and ReDoc builds shipped by the fastapi-offline package, served by the app itself.
 DOCS_ASSETS_DIR = str(files("fastapi_offline") / "static")
@@ -101,7 +107,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(messages.router)
     app.include_router(error_logs.router)
     install_docs(app)
+    install_openapi(app, settings)
     return app
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """FastAPI's document, completed with the answers every route shares and this server's limits."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete_openapi(FastAPI.openapi(app), message_max_chars=settings.MESSAGE_MAX_CHARS)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def install_docs(app: FastAPI) -> None:

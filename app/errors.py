@@ -8,9 +8,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +67,18 @@ class UnsupportedMediaType(AppError):
 
 
 class Unprocessable(AppError):
+    """A 422 found after validation (SSRF policy, blank message); rendered in FastAPI's validation shape.
+
+    The contract keeps one 422 shape, so clients read `detail[0].msg` whoever refused the input; `loc` names
+    the refused field (`("body", "webhook_url")`), never its value.
+    """
+
     status_code = 422
     default_detail = "Unprocessable input"
+
+    def __init__(self, detail: str | None = None, *, loc: tuple[str | int, ...] = ("body",)) -> None:
+        super().__init__(detail)
+        self.loc = loc
 
 
 class RateLimited(AppError):
@@ -89,6 +101,9 @@ def safe_validation_errors(errors: Any) -> list[dict[str, Any]]:
 
 async def _app_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
+    if isinstance(exc, Unprocessable):
+        detail: Any = [{"type": "value_error", "loc": list(exc.loc), "msg": exc.detail}]
+        return JSONResponse({"detail": detail}, status_code=422, headers=exc.headers)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
@@ -97,10 +112,24 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": safe_validation_errors(exc.errors())}, status_code=422)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path: Starlette's 405 names only the first route it matched."""
+    root, path = request.scope.get("root_path", ""), request.scope["path"]
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        if route.path and route.methods and compile_path(route.path)[0].match(path):
+            methods.update(route.methods)
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    headers = getattr(exc, "headers", None)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers or None)
 
 
 #: Infrastructure down (database, Redis): the client did nothing wrong and may retry, so 503, not 500.

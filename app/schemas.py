@@ -7,6 +7,7 @@ import math
 import re
 import unicodedata
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -16,12 +17,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     StrictBool,
     StrictInt,
     StringConstraints,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 
 def _storable_text(value: str) -> str:
@@ -84,10 +88,39 @@ def check_storable_json(value: Any, *, max_bytes: int, label: str) -> Any:
     return value
 
 
+def _drop_null(prop: dict[str, Any]) -> None:
+    """`X | None` in the schema becomes `X`: the field may be left out, but `null` is refused."""
+    options = prop.get("anyOf")
+    if options is not None:
+        kept = [option for option in options if option != {"type": "null"}]
+        del prop["anyOf"]
+        if len(kept) == 1:
+            prop.update(kept[0])
+        else:
+            prop["anyOf"] = kept
+    if "default" in prop and prop["default"] is None:
+        del prop["default"]
+
+
 class InputModel(BaseModel):
     """Base of every request body: unknown fields are a 422, never silently dropped."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    @classmethod
+    def null_refused(cls) -> Iterable[str]:
+        """Optional fields whose `null` a validator refuses; the schema must not offer `null` for them."""
+        return ()
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        json_schema = super().__get_pydantic_json_schema__(core_schema, handler)
+        refused = set(cls.null_refused())
+        if refused:
+            properties = handler.resolve_ref_schema(json_schema).get("properties", {})
+            for name in refused & properties.keys():
+                _drop_null(properties[name])
+        return json_schema
 
     @model_validator(mode="before")
     @classmethod
@@ -147,7 +180,15 @@ def _clean_name(value: str | None) -> str | None:
 
 
 Email = Annotated[
-    str, Field(max_length=EMAIL_MAX_LENGTH, examples=["ada@example.com"]), AfterValidator(normalize_email)
+    str,
+    Field(
+        max_length=EMAIL_MAX_LENGTH,
+        description="Checked with email-validator (no DNS): special-use domains such as `.test` or `.local` "
+        "are refused. Stored lower-case.",
+        examples=["ada@example.com"],
+        json_schema_extra={"format": "email"},
+    ),
+    AfterValidator(normalize_email),
 ]
 NewPassword = Annotated[
     str,
@@ -166,6 +207,10 @@ class _NoNulls(InputModel):
     """Partial updates: a field may be left out, but `null` is refused where the column cannot be empty."""
 
     _nullable: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def null_refused(cls) -> Iterable[str]:
+        return set(cls.model_fields) - cls._nullable
 
     @model_validator(mode="after")
     def _refuse_nulls(self) -> Self:
@@ -529,22 +574,59 @@ def _check_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 AgentName = Annotated[str, Field(min_length=1, max_length=AGENT_NAME_MAX, examples=["Support bot"]), StorableText]
+#: What check_webhook_url accepts by syntax, for the schema: http(s) in any case, no user info, no CR, LF, tab,
+#: NUL or space anywhere, a port 1-65535. The host must not start with a digit: numeric hosts are IP literals,
+#: and which addresses are allowed is policy, not syntax (a 422 with the reason, like metadata host names).
+_URL_BANNED = r"\r\n\t\x00 "
+_HOST_BANNED = _URL_BANNED + r"/?#@\[\]:"
+_PORT = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+WEBHOOK_URL_PATTERN = (
+    rf"^[Hh][Tt][Tt][Pp][Ss]?://[^{_HOST_BANNED}0-9][^{_HOST_BANNED}]*(:{_PORT}?)?([/?#][^{_URL_BANNED}]*)?$"
+)
 WebhookUrl = Annotated[
     str,
     Field(
         min_length=1,
         max_length=2048,
-        description="http(s) URL of the n8n Webhook (or Chat Trigger) node; checked against the SSRF policy.",
+        description="http(s) URL of the n8n Webhook (or Chat Trigger) node; checked against the SSRF policy "
+        "(an IP literal, a private address without WEBHOOK_ALLOW_PRIVATE_NETWORKS, a metadata host: 422).",
         examples=["https://n8n.example.com/webhook/support-agent"],
+        # Documented, not enforced here: check_webhook_url enforces it with a reason a person can act on.
+        json_schema_extra={"pattern": WEBHOOK_URL_PATTERN},
     ),
     StorableText,
 ]
+
+
+def _any_case(word: str) -> str:
+    """`host` -> `[Hh][Oo][Ss][Tt]`: JSON Schema patterns have no case-insensitive flag."""
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in word)
+
+
+#: `_check_webhook_headers` as a schema: token names the relay does not own, printable ASCII values.
+WEBHOOK_HEADERS_SCHEMA: dict[str, Any] = {
+    "maxProperties": WEBHOOK_HEADERS_MAX_COUNT,
+    "propertyNames": {
+        "pattern": f"^[!#$%&'*+\\-.^_`|~0-9A-Za-z]{{1,{WEBHOOK_HEADER_NAME_MAX}}}$",
+        "not": {
+            "pattern": "^("
+            + "|".join(_any_case(name) for name in sorted(FORBIDDEN_HEADERS))
+            + f"|{_any_case('proxy-')}.*)$"
+        },
+    },
+    "additionalProperties": {
+        "type": "string",
+        "maxLength": WEBHOOK_HEADER_VALUE_MAX,
+        "pattern": "^([!-~]([\t -~]*[!-~])?)?$",
+    },
+}
 WebhookHeaders = Annotated[
     dict[str, str],
     Field(
         description="Write-only headers sent with every call (e.g. n8n Header Auth). Replaces the whole set; "
-        "`{}` clears it. Never returned.",
+        "`{}` clears it. Never returned. Names are case-insensitive and must not repeat.",
         examples=[{"X-N8N-Auth": "a-long-random-secret"}],
+        json_schema_extra=WEBHOOK_HEADERS_SCHEMA,
     ),
 ]
 AgentConfig = Annotated[
@@ -588,6 +670,10 @@ class AgentUpdate(InputModel):
 
     _headers = field_validator("webhook_headers")(_check_webhook_headers)
     _config = field_validator("config")(_check_config)
+
+    @classmethod
+    def null_refused(cls) -> Iterable[str]:
+        return _AGENT_REQUIRED
 
     @model_validator(mode="after")
     def _no_null_for_required(self) -> AgentUpdate:
@@ -639,6 +725,10 @@ class ChatUpdate(InputModel):
     title: ChatTitle | None = Field(None, description="null or empty makes the chat untitled.")
     archived: StrictBool | None = None
     pinned: StrictBool | None = None
+
+    @classmethod
+    def null_refused(cls) -> Iterable[str]:
+        return ("archived", "pinned")
 
     @model_validator(mode="after")
     def _no_null_flags(self) -> ChatUpdate:
@@ -704,6 +794,9 @@ class MessageCreate(InputModel):
     content: str = Field(
         description="The message text (not blank; at most MESSAGE_MAX_CHARS characters, default 32,000)",
         examples=["What changed in the Q3 numbers?"],
+        # The service refuses blank and too long content (422); `maxLength` is set from the settings in the
+        # served document (app.routers.responses.complete_openapi).
+        json_schema_extra={"minLength": 1, "pattern": r"\S"},
     )
 
 

@@ -156,7 +156,7 @@ async def test_create_agent_blocked_webhook_url_is_422_with_reason(
 ) -> None:
     response = await _create(client, world, webhook_url=url)
     assert response.status_code == 422
-    assert reason in response.json()["detail"]
+    assert reason in response.json()["detail"][0]["msg"]
     assert await count_rows(session, "agents") == 0
 
 
@@ -175,7 +175,7 @@ async def test_private_webhook_url_refused_unless_allowed(
                 "/api/agents", json={**BASE_BODY, "webhook_url": "http://127.1:5678/webhook/x"}, headers=headers
             )
             assert refused.status_code == 422
-            assert "private or loopback" in refused.json()["detail"]
+            assert "private or loopback" in refused.json()["detail"][0]["msg"]
             assert await count_rows(session, "agents") == 0
             public = await c.post("/api/agents", json=BASE_BODY, headers=headers)
             assert public.status_code == 201

@@ -806,4 +806,4 @@ async def test_bcrypt_threads_run_at_lower_priority_and_never_take_every_core() 
 async def test_token_form_with_nul_is_422(web: httpx.AsyncClient, form: dict[str, str]) -> None:
     response = await web.post("/api/auth/token", data=form)
     assert response.status_code == 422
-    assert "NUL" in response.json()["detail"]
+    assert "NUL" in response.json()["detail"][0]["msg"]

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 import httpx
+import jsonschema_rs
 import pytest
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.schemas import (
+    AgentCreate,
+    AgentUpdate,
+    ChatUpdate,
+    InputModel,
+    MeUpdate,
+    TeamSettingsUpdate,
+    TeamUpdate,
+    UserUpdate,
+)
+from app.webhooks import WebhookPolicyError, check_webhook_url
 from tests.conftest import count_rows, make_settings
 from tests.factories import auth_headers, create_user
 
@@ -64,3 +81,99 @@ async def test_non_finite_numbers_are_422(
     assert response.status_code == 422
     await session.refresh(user)
     assert user.preferences == {}
+
+
+# --- the JSON schema states what validation enforces ------------------------------------------------
+
+
+def _accepts(model: type[InputModel], body: dict[str, Any]) -> bool:
+    try:
+        model.model_validate(body)
+    except ValidationError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "nullable"),
+    [
+        (AgentUpdate, "name", False),
+        (AgentUpdate, "webhook_url", False),
+        (AgentUpdate, "config", False),
+        (AgentUpdate, "is_active", False),
+        (AgentUpdate, "description", True),
+        (AgentUpdate, "webhook_headers", True),
+        (ChatUpdate, "archived", False),
+        (ChatUpdate, "title", True),
+        (UserUpdate, "is_active", False),
+        (UserUpdate, "full_name", True),
+        (MeUpdate, "preferences", False),
+        (TeamUpdate, "settings", False),
+        (TeamSettingsUpdate, "open_registration", False),
+    ],
+)
+def test_update_schema_offers_null_only_where_it_is_accepted(
+    model: type[InputModel], field: str, nullable: bool
+) -> None:
+    schema = model.model_json_schema()
+    assert jsonschema_rs.validator_for(schema).is_valid({field: None}) is nullable
+    assert _accepts(model, {field: None}) is nullable
+
+
+WEBHOOK_URLS = [
+    "https://n8n.example.com/webhook/support",
+    "http://n8n:5678/webhook/x?a=1#f",
+    "http://a.b.c:65535",
+    "https://host_name./p",
+    "ftp://n8n.example.com/webhook",
+    "https://user:pass@n8n.example.com/",
+    "http://n8n.example.com:0/",
+    "http://n8n.example.com:65536/",
+    "http://n8n.example.com/a b",
+    "n8n.example.com/webhook",
+    "http:///webhook",
+    "http://DdL-JAJFw.*",
+    "HTTPS://N8N.example.com/x",
+    "http://n8n.example.com:/x",
+    "http://0",
+    "http://10/x",
+    "http://n8n.example.com/\tx",
+    "http://n8n.example.com/é\x0b",
+    "http://n8n.example.com:99999/",
+]
+
+
+@pytest.mark.parametrize("url", WEBHOOK_URLS)
+def test_webhook_url_pattern_agrees_with_the_policy(url: str) -> None:
+    """A URL the schema allows is one the policy accepts, and the other way round (host names; an IP literal is
+    the policy's to judge, so the schema leaves numeric hosts out)."""
+    pattern = AgentCreate.model_json_schema()["properties"]["webhook_url"]["pattern"]
+    settings = make_settings("postgresql+asyncpg://unused/unused", Path("/tmp"), WEBHOOK_ALLOW_PRIVATE_NETWORKS=True)
+    try:
+        check_webhook_url(url, settings)
+        accepted = True
+    except WebhookPolicyError:
+        accepted = False
+    assert (re.search(pattern, url) is not None) is accepted
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-N8N-Auth": "secret"},
+        {"X-A": "two  words\tand a tab"},
+        {},
+        {"Host": "x"},
+        {"proxy-authorization": "x"},
+        {"Content-Type": "text/plain"},
+        {"X Bad": "x"},
+        {"X-A": " leading"},
+        {"X-A": "é"},
+        {"X-A": "x" * 4097},
+        {f"X-{i}": "x" for i in range(21)},
+    ],
+)
+def test_webhook_headers_schema_agrees_with_validation(headers: dict[str, str]) -> None:
+    body = {"name": "A", "webhook_url": "https://n8n.example.com/webhook", "webhook_headers": headers}
+    schema = AgentCreate.model_json_schema()
+    assert jsonschema_rs.validator_for(schema).is_valid(body) is _accepts(AgentCreate, body)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Header, Query, Request, Response, UploadFil
 from app.auth import AdminUser, CurrentUser, SettingsDep
 from app.db import SessionDep
 from app.errors import PayloadTooLarge
-from app.routers.responses import R401, R403_ADMIN, Responses, error_doc
+from app.routers.responses import R401, R403_ADMIN, R422_WEBHOOK, Responses, error_doc
 from app.schemas import AgentAdminRead, AgentCreate, AgentRead, AgentUpdate
 from app.services import agents as agents_service
 from app.services import avatars as avatars_service
@@ -23,11 +23,7 @@ AgentOut = AgentAdminRead | AgentRead
 AUTH_ERRORS: Responses = R401
 ADMIN_ERRORS: Responses = {**R401, **R403_ADMIN}
 NOT_FOUND: Responses = {404: error_doc("Agent not found")}
-SSRF_422: Responses = {
-    422: {
-        "description": "Invalid body, or the webhook URL is refused by the SSRF policy (`detail` gives the reason)",
-    }
-}
+SSRF_422: Responses = R422_WEBHOOK
 
 
 @router.get(
@@ -117,7 +113,14 @@ async def delete_agent(agent_id: uuid.UUID, session: SessionDep, user: AdminUser
 )
 async def upload_avatar(
     agent_id: uuid.UUID,
-    file: Annotated[UploadFile, File(description="The image")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="The image: PNG, JPEG, WebP or GIF, judged by its bytes (anything else, an empty file "
+            "included, is a 415)",
+            json_schema_extra={"minLength": 1},
+        ),
+    ],
     session: SessionDep,
     settings: SettingsDep,
     user: AdminUser,

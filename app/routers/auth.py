@@ -7,7 +7,7 @@ import binascii
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi import APIRouter, Depends, Form, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordRequestForm
 
@@ -18,6 +18,7 @@ from app.errors import Unauthorized, Unprocessable
 from app.ratelimit import rate_limit
 from app.routers.responses import R401, R401_LOGIN, R403_ORIGIN, R429, error_doc
 from app.schemas import (
+    EMAIL_MAX_LENGTH,
     PASSWORD_MAX_LENGTH,
     AmbiguousLoginRead,
     ErrorRead,
@@ -178,6 +179,29 @@ def _client_id_from_basic(request: Request) -> str | None:
     return decoded.partition(":")[0] or None
 
 
+class TokenForm(OAuth2PasswordRequestForm):
+    """OAuth2's password form, its schema stating the limits `token` enforces (422 past them)."""
+
+    def __init__(
+        self,
+        *,
+        grant_type: Annotated[str | None, Form(pattern="^password$")] = None,
+        username: Annotated[str, Form(json_schema_extra={"maxLength": EMAIL_MAX_LENGTH})],
+        password: Annotated[str, Form(json_schema_extra={"format": "password", "maxLength": PASSWORD_MAX_LENGTH})],
+        scope: Annotated[str, Form()] = "",
+        client_id: Annotated[str | None, Form(description="Your team id, when your email is in several teams")] = None,
+        client_secret: Annotated[str | None, Form(json_schema_extra={"format": "password"})] = None,
+    ) -> None:
+        super().__init__(
+            grant_type=grant_type,
+            username=username,
+            password=password,
+            scope=scope,
+            client_id=client_id,
+            client_secret=client_secret,
+        )
+
+
 @router.post(
     "/token",
     response_model=TokenRead,
@@ -186,13 +210,13 @@ def _client_id_from_basic(request: Request) -> str | None:
     responses={**R401_LOGIN, **R429},
 )
 async def token(
-    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    form: Annotated[TokenForm, Depends()],
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
 ) -> TokenRead | JSONResponse:
     """Returns an access token only (no cookies, no refresh token): for Swagger and scripts."""
-    if len(form.password) > PASSWORD_MAX_LENGTH or len(form.username) > 320:
+    if len(form.password) > PASSWORD_MAX_LENGTH or len(form.username) > EMAIL_MAX_LENGTH:
         raise Unprocessable("username or password too long")
     if "\x00" in f"{form.username}{form.password}{form.client_id or ''}":
         raise Unprocessable("username, password and client_id must not contain NUL characters")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.sse import EventSourceResponse
 
 from app.auth import CurrentCaller, SettingsDep
 from app.db import AutocommitSessionDep
+from app.routers.responses import R401, Responses, error_doc, json_only
 from app.schemas import MessageCreate
-from app.services.messages import start_message
+from app.services.chats import CHAT_NOT_FOUND
+from app.services.messages import AGENT_INACTIVE, start_message
 from app.streaming import SSE_HEADERS, Generation, GenerationRegistry
 
 router = APIRouter(prefix="/api/chats", tags=["messages"])
@@ -26,18 +28,45 @@ STREAM_EXAMPLE = (
     'id: 5\ndata: {"type": "done", "data": {"message": {"id": "…", "role": "assistant", "content": "Hello", '
     '"status": "complete", "created_at": "…", "metadata": {"chunks": 2}}}}\n\n'
 )
-RESPONSES: dict[int | str, dict[str, Any]] = {
+STREAM_GRAMMAR = (
+    "Server-Sent Events (UTF-8). Each event is `id: <n>` then `data: <one JSON object>` and a blank line; "
+    'the object is `{"type": ..., "data": {...}}` with type `start` (`user_message`, '
+    "`assistant_message_id`), `status` (`description`, `done`), `message` (`content`: the next chunk), then "
+    "exactly one terminal `done` (`message`: the stored assistant message) or `error` (`message`, `code`). "
+    "Lines starting with `:` are keep-alive comments (`: ping`)."
+)
+STREAM_SCHEMA = {"type": "string", "description": STREAM_GRAMMAR}
+RESPONSES: Responses = {
     200: {
         "description": "An SSE stream: `start`, `status`, `message`…, then exactly one `done` or `error` "
-        "(`{message, code}`; codes in docs/STREAMING_API_GUIDE.md). `: ping` comments keep it open.",
-        "content": {"text/event-stream": {"example": STREAM_EXAMPLE}},
+        "(`{message, code}`; codes in docs/STREAMING_API_GUIDE.md). `: ping` comments keep it open. "
+        "Every failure before the stream starts is a JSON error below.",
+        "content": {
+            "text/event-stream": {
+                "schema": {"type": "string", "description": STREAM_GRAMMAR},
+                "example": STREAM_EXAMPLE,
+            }
+        },
     },
-    401: {"description": "Not authenticated"},
-    404: {"description": "No such chat, or not yours"},
-    409: {"description": "The chat's agent is inactive, or a generation is already running in this chat"},
-    422: {"description": "Content empty, too long, or the body is invalid"},
-    503: {"description": "The server is shutting down; retry on another worker"},
+    **json_only(
+        {
+            **R401,
+            404: error_doc("No such chat, or not yours", CHAT_NOT_FOUND),
+            409: error_doc(
+                "The chat's agent is inactive, or a generation is already running in this chat", AGENT_INACTIVE
+            ),
+            503: error_doc(
+                "The server is shutting down; retry on another worker", "The server is shutting down; try again"
+            ),
+        }
+    ),
 }
+
+
+class EventStream(Response):
+    """Documents the 200 as `text/event-stream` only; the endpoint returns its EventSourceResponse as is."""
+
+    media_type = "text/event-stream"
 
 
 async def start_generation(
@@ -68,8 +97,9 @@ async def start_generation(
 
 @router.post(
     "/{chat_id}/messages",
-    # No response_class here: with EventSourceResponse as the class FastAPI expects a generator of events;
-    # the endpoint returns the EventSourceResponse itself, and RESPONSES documents text/event-stream.
+    # Not EventSourceResponse as the class: FastAPI would then expect a generator of events. EventStream only
+    # names the media type; the endpoint returns the EventSourceResponse itself.
+    response_class=EventStream,
     response_model=None,
     summary="Send a message; the answer streams back as Server-Sent Events",
     responses=RESPONSES,

@@ -50,3 +50,81 @@ R429: Responses = {
         "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
     }
 }
+R422_WEBHOOK: Responses = {
+    422: {
+        "description": "Invalid body, or the webhook URL is refused by the SSRF policy: both in FastAPI's "
+        'validation shape, the policy\'s reason in `msg` with `loc` `["body", "webhook_url"]`',
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/HTTPValidationError"},
+                "example": {
+                    "detail": [
+                        {
+                            "type": "value_error",
+                            "loc": ["body", "webhook_url"],
+                            "msg": "webhook address is link-local, metadata or reserved, which is never allowed",
+                        }
+                    ]
+                },
+            }
+        },
+    }
+}
+
+UNSAFE_METHODS = ("post", "put", "patch", "delete")
+_MALFORMED = error_doc(
+    "The body cannot be parsed (JSON that is not UTF-8, a form without its multipart boundary)",
+    "There was an error parsing the body",
+)
+_TOO_LARGE = error_doc("The body is larger than MAX_REQUEST_BODY_BYTES", "Request body too large")
+_UNAUTHENTICATED = R401[401]
+_FOREIGN_ORIGIN = "Cookie-authenticated write from an origin that is not allowed"
+
+
+_ERROR_REF = "#/components/schemas/ErrorRead"
+
+
+def _json(doc: dict[str, Any]) -> dict[str, Any]:
+    """An `error_doc` as it appears in the OpenAPI document (`model` becomes a schema reference)."""
+    content = {"application/json": {**doc["content"]["application/json"], "schema": {"$ref": _ERROR_REF}}}
+    return {"description": doc["description"], "content": content}
+
+
+def json_only(responses: Responses) -> Responses:
+    """Error docs for a route whose 200 is not JSON: FastAPI files a `model` under the route's own media type."""
+    return {status: _json(doc) for status, doc in responses.items()}
+
+
+def complete_openapi(schema: dict[str, Any], *, message_max_chars: int) -> dict[str, Any]:
+    """Add what every route answers the same way, so no route can forget it (new routes included).
+
+    - 400 on routes with a body: one FastAPI's parser cannot read (before validation);
+    - 413 on routes with a body: the middleware's MAX_REQUEST_BODY_BYTES cap;
+    - 401 on routes with a security requirement, and 403 on their writes (cookie writes from a foreign origin);
+    - 422 as actually sent: FastAPI's validation shape without `input` and `ctx` (never echoed);
+    - the configured MESSAGE_MAX_CHARS as `maxLength` of a message's content.
+    """
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.setdefault("ErrorRead", ErrorRead.model_json_schema())
+    validation = components.get("ValidationError")
+    if validation is not None:
+        for echoed in ("input", "ctx"):
+            validation["properties"].pop(echoed, None)
+    message = components.get("MessageCreate")
+    if message is not None:
+        message["properties"]["content"]["maxLength"] = message_max_chars
+    for methods in schema.get("paths", {}).values():
+        for method, operation in methods.items():
+            responses = operation.setdefault("responses", {})
+            body = operation.get("requestBody")
+            if body is not None:
+                responses.setdefault("400", _json(_MALFORMED))
+                responses.setdefault("413", _json(_TOO_LARGE))
+            if operation.get("security"):
+                responses.setdefault("401", _json(_UNAUTHENTICATED))
+                if method in UNSAFE_METHODS:
+                    if "403" not in responses:
+                        responses["403"] = _json(error_doc(_FOREIGN_ORIGIN, "Origin not allowed"))
+                    elif _FOREIGN_ORIGIN not in responses["403"]["description"]:
+                        responses["403"]["description"] += f"; or: {_FOREIGN_ORIGIN}"
+    return schema

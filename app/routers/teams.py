@@ -40,6 +40,7 @@ def signup_enabled(settings: SettingsDep) -> None:
     dependencies=[Depends(signup_enabled), Depends(rate_limit("team_signup"))],
     responses={
         403: error_doc("Team sign-up is disabled (TEAM_SIGNUP_ENABLED=false)", "Team sign-up is disabled"),
+        409: error_doc("No free slug for the team name", "Could not allocate a team slug; try again"),
         **R429,
     },
 )

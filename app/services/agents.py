@@ -52,7 +52,7 @@ def _checked_url(url: str, settings: Settings) -> str:
     try:
         return check_webhook_url(url, settings)
     except WebhookPolicyError as exc:
-        raise Unprocessable(str(exc)) from None
+        raise Unprocessable(str(exc), loc=("body", "webhook_url")) from None
 
 
 async def create_agent(*, session: AsyncSession, settings: Settings, user: User, data: AgentCreate) -> Agent:
