@@ -15,6 +15,7 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
@@ -364,6 +365,14 @@ INVITE_TOKEN_MAX_LENGTH = 128
 InviteStatus = Literal["active", "used_up", "expired", "revoked"]
 
 
+def _integral_float_to_int(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+#: An integer as JSON Schema means it: `7` and `7.0` alike, never `"7"`, `true` or `7.5`.
+JsonInt = Annotated[StrictInt, BeforeValidator(_integral_float_to_int)]
+
+
 class InviteCreate(InputModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -374,8 +383,8 @@ class InviteCreate(InputModel):
 
     email: Email | None = Field(None, description="When set, only this email (any case) may use the invite.")
     role: Role = "user"
-    expires_in_days: StrictInt = Field(7, ge=1, le=30)
-    max_uses: StrictInt = Field(1, ge=1, le=1000)
+    expires_in_days: JsonInt = Field(7, ge=1, le=30)
+    max_uses: JsonInt = Field(1, ge=1, le=1000)
 
 
 class InviteRead(ReadModel):
@@ -406,6 +415,12 @@ class InvitePreviewRead(BaseModel):
     expires_at: datetime
 
 
+#: "This key is present with a string value", for RegisterRequest's oneOf.
+_GIVEN: dict[str, dict[str, Any]] = {
+    name: {"required": [name], "properties": {name: {"type": "string"}}} for name in ("team_id", "invite_token")
+}
+
+
 class RegisterRequest(InputModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -422,7 +437,12 @@ class RegisterRequest(InputModel):
                     "email": "grace@example.com",
                     "password": "correct-horse-battery",
                 },
-            ]
+            ],
+            # `_one_way_in`, stated for clients: exactly one of the two is a non-null string.
+            "oneOf": [
+                {"required": [one], "properties": {one: {"type": "string"}}, "not": _GIVEN[other]}
+                for one, other in (("team_id", "invite_token"), ("invite_token", "team_id"))
+            ],
         },
     )
 
@@ -575,14 +595,15 @@ def _check_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
 
 AgentName = Annotated[str, Field(min_length=1, max_length=AGENT_NAME_MAX, examples=["Support bot"]), StorableText]
 #: What check_webhook_url accepts by syntax, for the schema: http(s) in any case, no user info, no CR, LF, tab,
-#: NUL or space anywhere, a port 1-65535. The host must not start with a digit: numeric hosts are IP literals,
-#: and which addresses are allowed is policy, not syntax (a 422 with the reason, like metadata host names).
+#: NUL or space anywhere, a port 1-65535, and a host name of the characters a resolver is handed (letters,
+#: digits, `.`, `_`, `-`, as app.webhooks.HOST_NAME). The host must not start with a digit: numeric hosts are
+#: IP literals, and which addresses are allowed is policy, not syntax (a 422 with the reason, like metadata
+#: host names). A Unicode host name is accepted too (it is IDNA-encoded as the HTTP client will), but the
+#: schema documents its ASCII (`xn--`) form: no pattern can say which Unicode IDNA accepts.
 _URL_BANNED = r"\r\n\t\x00 "
-_HOST_BANNED = _URL_BANNED + r"/?#@\[\]:"
+_HOST = r"[A-Za-z_-][A-Za-z0-9._-]*"
 _PORT = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
-WEBHOOK_URL_PATTERN = (
-    rf"^[Hh][Tt][Tt][Pp][Ss]?://[^{_HOST_BANNED}0-9][^{_HOST_BANNED}]*(:{_PORT}?)?([/?#][^{_URL_BANNED}]*)?$"
-)
+WEBHOOK_URL_PATTERN = rf"^[Hh][Tt][Tt][Pp][Ss]?://{_HOST}(:{_PORT}?)?([/?#][^{_URL_BANNED}]*)?$"
 WebhookUrl = Annotated[
     str,
     Field(

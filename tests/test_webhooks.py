@@ -358,7 +358,7 @@ async def test_create_agent_with_unicode_host_is_422_and_stores_nothing(
         "/api/agents", json={"name": "Sneaky", "webhook_url": url}, headers=auth_headers(settings, admin)
     )
     assert response.status_code == 422
-    assert reason in response.json()["detail"]
+    assert reason in response.json()["detail"][0]["msg"]
     assert await count_rows(session, "agents") == 0
 
 
@@ -373,7 +373,7 @@ async def test_update_agent_with_unicode_host_is_422_and_changes_nothing(
         f"/api/agents/{agent.id}", json={"webhook_url": url}, headers=auth_headers(settings, admin)
     )
     assert response.status_code == 422
-    assert reason in response.json()["detail"]
+    assert reason in response.json()["detail"][0]["msg"]
     await session.refresh(agent)
     assert agent.webhook_url == "https://n8n.example.com/webhook/x"
 
