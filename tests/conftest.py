@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings, load_settings
 from app.models import Base
 from main import create_app, shutdown
+from tests.authhelpers import https_client
+from tools.fake_n8n import FakeN8n
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -133,6 +135,22 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
+
+
+@pytest.fixture
+async def web(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process client over https, so the app's Secure cookies are sent back."""
+    async with https_client(app) as c:
+        yield c
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeN8n]:
+    """The fake n8n on a free port, replaying the recordings at full speed (a module may override it)."""
+    server = FakeN8n(speed=0, linger=0.2)
+    await server.start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture

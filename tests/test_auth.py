@@ -9,7 +9,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -41,12 +39,6 @@ INVALID = {"detail": "Could not validate credentials"}
 def settings(database_url: str, tmp_path: Path) -> Settings:
     # These tests log in often; the limits themselves are tested in test_ratelimit.py.
     return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
-
-
-@pytest.fixture
-async def web(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with https_client(app) as c:
-        yield c
 
 
 # --- register --------------------------------------------------------------------------------

@@ -10,14 +10,12 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -38,12 +36,6 @@ PASSWORD = "long-enough-pw"
 def settings(database_url: str, tmp_path: Path) -> Settings:
     # Registration is rate limited; the limit itself is tested below with its own app.
     return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
-
-
-@pytest.fixture
-async def web(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with https_client(app) as c:
-        yield c
 
 
 async def _team_and_admin(session: AsyncSession, **team: Any) -> tuple[Team, User]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,6 @@ from tools.fake_n8n import FakeN8n, load_captures
 CAPTURES = load_captures()
 MESSAGE_FIELDS = {"id", "role", "content", "status", "created_at", "error", "metadata"}
 TIMESTAMP_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeN8n]:
-    server = FakeN8n(speed=0, linger=0.2)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def stored(app: FastAPI, chat_id: uuid.UUID) -> Chat:

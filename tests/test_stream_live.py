@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,14 +42,6 @@ FAST = {
     "WORKER_HEARTBEAT_INTERVAL": 0.2,
     "SHUTDOWN_GRACE_SECONDS": 0.3,
 }
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeN8n]:
-    server = FakeN8n(speed=0, linger=0.2)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def fast_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -24,12 +22,6 @@ SIGNUP = {"name": "Acme Support", "admin_email": " Boss@Acme.example.com ", "adm
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
-
-
-@pytest.fixture
-async def web(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with https_client(app) as c:
-        yield c
 
 
 async def test_create_team_creates_team_and_admin(web: httpx.AsyncClient, session: AsyncSession) -> None:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,6 @@ from tests.factories import auth_headers, create_admin, create_team, create_user
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
-
-
-@pytest.fixture
-async def web(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with https_client(app) as c:
-        yield c
 
 
 async def test_list_users_of_own_team_only(web: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -321,14 +320,6 @@ def test_webhook_target_is_the_url_aiohttp_connects_to(strict: Settings) -> None
 def settings(database_url: str, tmp_path: Path) -> Settings:
     """The app fixtures of this module run with the default policy: no private networks."""
     return make_settings(database_url, tmp_path, WEBHOOK_ALLOW_PRIVATE_NETWORKS=False, N8N_CONNECT_TIMEOUT=0.5)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeN8n]:
-    server = FakeN8n(speed=0, linger=0.2)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 SAVE_REFUSED = [

@@ -10,7 +10,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import hash_password
@@ -19,7 +18,7 @@ from app.db import utcnow
 from app.errors import Conflict, NotFound
 from app.models import Invite, Team, User
 from app.schemas import canonical_email
-from app.services.users import EMAIL_TAKEN
+from app.services.users import EMAIL_TAKEN, insert_user
 
 #: Unknown, used up, expired, revoked and bound to another email: one answer tells a guesser nothing.
 INVITE_NOT_FOUND = "Invite not found or no longer valid"
@@ -183,14 +182,8 @@ async def register_with_invite(
         is_active=True,
         preferences={},
     )
-    session.add(user)
-    try:
-        await session.commit()
-    except IntegrityError as exc:
-        # The same email registered meanwhile: the rollback gives the use back.
-        await session.rollback()
-        raise Conflict(EMAIL_TAKEN) from exc
-    return user
+    # The same email registered meanwhile: insert_user's rollback (409) gives the use back too.
+    return await insert_user(session=session, user=user)
 
 
 def invite_fields(invite: Invite, now: datetime | None = None) -> dict[str, Any]:

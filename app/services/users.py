@@ -37,7 +37,8 @@ async def get_team_user(*, session: AsyncSession, admin: User, user_id: uuid.UUI
     return user
 
 
-async def _insert_user(*, session: AsyncSession, user: User) -> User:
+async def insert_user(*, session: AsyncSession, user: User) -> User:
+    """Commit a new user; a duplicate email (a unique index, so races too) rolls back and is a 409."""
     session.add(user)
     try:
         await session.commit()
@@ -76,7 +77,7 @@ async def create_user(
         is_active=True,
         preferences={},
     )
-    return await _insert_user(session=session, user=user)
+    return await insert_user(session=session, user=user)
 
 
 async def register(
