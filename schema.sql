@@ -178,5 +178,11 @@ CREATE INDEX ix_invites_team_id_created_at ON invites (team_id, created_at);
 
 UPDATE alembic_version SET version_num='0003' WHERE alembic_version.version_num = '0002';
 
+-- Running upgrade 0003 -> 0004
+
+ALTER TABLE refresh_tokens ADD COLUMN successor_encrypted TEXT;
+
+UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0003';
+
 COMMIT;
 

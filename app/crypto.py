@@ -1,4 +1,5 @@
-"""Encryption at rest for agents' webhook headers (Fernet: AES-128-CBC + HMAC, key from settings)."""
+"""Encryption at rest for stored secrets (Fernet: AES-128-CBC + HMAC, key from settings): agents' webhook
+headers, and a spent refresh token's successor while its reuse grace window lasts."""
 
 from __future__ import annotations
 
@@ -26,3 +27,14 @@ def decrypt_headers(token: str | None, key: str) -> dict[str, str]:
     except (InvalidToken, ValueError) as exc:
         raise DecryptionError("webhook headers cannot be decrypted with the configured ENCRYPTION_KEY") from exc
     return {str(k): str(v) for k, v in data.items()}
+
+
+def encrypt_text(value: str, key: str) -> str:
+    return Fernet(key.encode()).encrypt(value.encode()).decode()
+
+
+def decrypt_text(token: str, key: str) -> str:
+    try:
+        return Fernet(key.encode()).decrypt(token.encode()).decode()
+    except (InvalidToken, ValueError) as exc:
+        raise DecryptionError("a stored secret cannot be decrypted with the configured ENCRYPTION_KEY") from exc

@@ -74,27 +74,38 @@ SECRET_PARAMS = frozenset(
 SECRET_SUFFIXES = ("token", "_key", "-key", "secret", "password", "signature", "credential", "_sig")
 REDACTED = "***"
 _SLASHES = re.compile(r"/{2,}")
+_QUERY_PARTS = re.compile(r"([^&;]*)([&;]?)")
+_PARAM_DECORATION = re.compile(r"[^a-z0-9_-]+")
 
 
 def redact_path(path: str) -> str:
-    """The path as it may be logged: no secret segment, no control character."""
+    """The path as it may be logged: no secret segment, no control character.
+
+    A prefix is looked for anywhere in the path, not only at its start: behind a root path (uvicorn puts
+    `root_path` in front of `scope["path"]`) the route still carries its token.
+    """
     collapsed = _SLASHES.sub("/", path)
     lowered = collapsed.lower()
     for prefix in SECRET_PATH_PREFIXES:
-        if lowered.startswith(prefix) and len(collapsed) > len(prefix):
-            return prefix + REDACTED
+        at = lowered.find(prefix)
+        if at >= 0 and len(collapsed) > at + len(prefix):
+            return printable(collapsed[:at]) + prefix + REDACTED
     return printable(path)
 
 
 def redact_query(query: str) -> str:
-    """The query string as it may be logged: every secret-looking parameter keeps its name, not its value."""
+    """The query string as it may be logged: every secret-looking parameter keeps its name, not its value.
+
+    Split on `;` as well as `&` (some parsers accept both), and names are judged without the decorations
+    frameworks tolerate (`access_token[]`, `token.`, an escaped NUL).
+    """
     parts = []
-    for part in query.split("&"):
+    for part, separator in _QUERY_PARTS.findall(query):
         name = part.partition("=")[0]
-        if _is_secret_param(unquote_plus(name).strip().lower()):
+        if _is_secret_param(_PARAM_DECORATION.sub("", unquote_plus(name).lower().partition("[")[0])):
             part = f"{name}={REDACTED}"
-        parts.append(part)
-    return printable("&".join(parts))
+        parts.append(part + separator)
+    return printable("".join(parts))
 
 
 def _is_secret_param(name: str) -> bool:

@@ -152,6 +152,9 @@ class RefreshToken(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The pair's refresh token this one was rotated into (Fernet), handed again to a caller that presents
+    #: this token within REFRESH_REUSE_GRACE_SECONDS of its use: two tabs share one chain, never fork it.
+    successor_encrypted: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _created()
 
 

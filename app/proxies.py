@@ -30,11 +30,17 @@ def client_address(peer: str, forwarded_for: Iterable[str], trusted: list[Networ
     hops = [hop for hop in hops if hop]
     for hop in reversed(hops):
         if not _is_trusted(hop, trusted):
-            return hop if _parse_ip(hop) is not None else peer
-    return hops[0] if hops else peer
+            address = _parse_ip(hop)
+            return str(address) if address is not None else peer
+    first = _parse_ip(hops[0]) if hops else None
+    return str(first) if first is not None else peer
 
 
 def _parse_ip(value: str) -> Address | None:
+    """An address in its one canonical spelling (so `::1` and `0::1` are one rate-limit key); no scope ids
+    (`fe80::1%anything` would let a client write any text into the key and the log)."""
+    if "%" in value:
+        return None
     try:
         return ip_address(value)
     except ValueError:

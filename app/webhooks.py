@@ -38,7 +38,13 @@ ALWAYS_BLOCKED = [
     ipaddress.ip_network("255.255.255.255/32"),
 ]
 BLOCKED_NAMES = {"metadata.google.internal", "metadata.goog", "metadata", "instance-data", "instance-data.ec2.internal"}
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
+#: Prefixes whose last 32 bits are an IPv4 address a translator (NAT64, SIIT) would connect to: well-known
+#: NAT64, local-use NAT64 (RFC 8215, in its /96 form) and IPv4-translated (::ffff:0:a.b.c.d, RFC 2765).
+TRANSLATED_IPV4 = (
+    ipaddress.ip_network("64:ff9b::/96"),
+    ipaddress.ip_network("64:ff9b:1::/48"),
+    ipaddress.ip_network("::ffff:0:0:0/96"),
+)
 #: A host name as yarl hands it to the resolver (IDNA-encoded, so ASCII); `%` escapes, `@` etc. are no name.
 HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -48,14 +54,14 @@ class WebhookPolicyError(ValueError):
 
 
 def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """IPv4 hidden in an IPv6 spelling: mapped (::ffff:a.b.c.d), 6to4, Teredo, NAT64, compatible (::a.b.c.d)."""
+    """IPv4 hidden in an IPv6 spelling: mapped (::ffff:a.b.c.d), 6to4, Teredo, NAT64/SIIT, compatible (::a.b.c.d)."""
     if addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     if addr.sixtofour is not None:
         return addr.sixtofour
     if addr.teredo is not None:
         return addr.teredo[1]
-    if addr in NAT64:
+    if any(addr in net for net in TRANSLATED_IPV4):
         return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
     if int(addr) >> 32 == 0 and int(addr) > 1:
         return ipaddress.IPv4Address(int(addr))

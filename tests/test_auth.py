@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -530,16 +531,83 @@ async def test_refresh_reuse_within_grace_gives_both_tabs_a_session(
     assert tab_a.status_code == 200, tab_a.text
     assert tab_b.status_code == 200, tab_b.text
     a, b = tab_a.json(), tab_b.json()
-    assert a["refresh_token"] != b["refresh_token"]
+    # One chain: the late tab gets the refresh token the first was rotated into, and its own access token.
+    assert a["refresh_token"] == b["refresh_token"]
     assert a["access_token"] != b["access_token"]
+    assert (await web.get("/api/auth/me", headers=bearer(b["access_token"]))).status_code == 200
     await _assert_working_session(web, a)
-    await _assert_working_session(web, b)
     rows = list((await session.execute(select(RefreshToken).execution_options(populate_existing=True))).scalars())
     assert len({row.family_id for row in rows}) == 1
     assert all(row.revoked_at is None for row in rows)
     # Logging out of one tab ends the family: the other tab's tokens die with it.
     await web.post("/api/auth/logout", headers=bearer(a["access_token"]))
     assert (await web.get("/api/auth/me", headers=bearer(b["access_token"]))).status_code == 401
+
+
+async def test_refresh_reuse_within_grace_never_forks_the_chain(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    await create_user(session, email="fork@example.com")
+    first = (await login(web, "fork@example.com")).json()
+    body = {"refresh_token": first["refresh_token"]}
+    answers = [await web.post("/api/auth/refresh", json=body) for _ in range(6)]
+    assert {a.status_code for a in answers} == {200}
+    # Six presentations of one token inside the window: one successor, no new live chain.
+    assert len({a.json()["refresh_token"] for a in answers}) == 1
+    assert await count_rows(session, "refresh_tokens") == 2
+
+
+async def test_refresh_thief_inside_grace_is_caught_at_the_next_rotation(
+    web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    await create_user(session, email="thief@example.com")
+    stolen = (await login(web, "thief@example.com")).json()["refresh_token"]
+    victim = (await web.post("/api/auth/refresh", json={"refresh_token": stolen})).json()
+    thief = (await web.post("/api/auth/refresh", json={"refresh_token": stolen})).json()
+    assert thief["refresh_token"] == victim["refresh_token"]  # shares the victim's chain, cannot fork it
+    rotated = await web.post("/api/auth/refresh", json={"refresh_token": victim["refresh_token"]})
+    assert rotated.status_code == 200
+    await _age_used_tokens(session, 11)
+    # The thief's copy of the now spent successor, after the window: a reuse, so the family dies.
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": thief["refresh_token"]})).status_code == 401
+    newest = rotated.json()
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": newest["refresh_token"]})).status_code == 401
+    assert (await web.get("/api/auth/me", headers=bearer(newest["access_token"]))).status_code == 401
+
+
+async def test_family_revocation_racing_a_refresh_revokes_its_successor(
+    app: FastAPI, web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """A refresh in flight (its spent row locked, its successor inserted) when the family is revoked."""
+    await create_user(session, email="racing@example.com")
+    first = (await login(web, "racing@example.com")).json()
+    spent_hash = auth_service.hash_refresh_token(first["refresh_token"])
+    family_id = (
+        await session.execute(select(RefreshToken.family_id).where(RefreshToken.token_hash == spent_hash))
+    ).scalar_one()
+    await session.commit()
+    async with app.state.db.sessionmaker() as refreshing, app.state.db.sessionmaker() as revoking:
+        await refreshing.execute(
+            update(RefreshToken).where(RefreshToken.token_hash == spent_hash).values(used_at=utcnow())
+        )
+        successor = RefreshToken(
+            user_id=(await session.execute(select(User.id))).scalar_one(),
+            family_id=family_id,
+            token_hash="f" * 64,
+            expires_at=utcnow() + timedelta(days=1),
+        )
+        refreshing.add(successor)
+        await refreshing.flush()
+        revoke = asyncio.create_task(
+            auth_service.revoke_family(
+                session=revoking, settings=app.state.settings, revocations=app.state.revocations, family_id=family_id
+            )
+        )
+        await asyncio.sleep(0.3)
+        assert not revoke.done()  # waiting for the refresh's row lock
+        await refreshing.commit()
+        await asyncio.wait_for(revoke, 5)
+    rows = list((await session.execute(select(RefreshToken).execution_options(populate_existing=True))).scalars())
+    assert len(rows) == 2
+    assert all(row.revoked_at is not None for row in rows)
 
 
 async def test_refresh_at_the_same_moment_gives_both_callers_a_session(

@@ -294,6 +294,18 @@ def test_redact_query_hides_secret_looking_parameters_only() -> None:
     assert redact_query("a=\nb") == "a=\\nb"
 
 
+def test_redact_query_sees_through_separators_and_decorated_names() -> None:
+    assert redact_query("a=1;access_token=S") == "a=1;access_token=***"
+    assert redact_query("access_token[]=S&token.=S&token%00=S&Token%5B0%5D=S") == (
+        "access_token[]=***&token.=***&token%00=***&Token%5B0%5D=***"
+    )
+
+
+def test_redact_path_finds_a_token_behind_a_root_path() -> None:
+    assert redact_path("/relay/api/invites/SECRET") == "/relay/api/invites/***"
+    assert redact_path("/relay//API/Invites/SECRET/x") == "/relay/api/invites/***"
+
+
 def test_redact_path_hides_tokens_carried_in_paths() -> None:
     assert redact_path("/api/invites/abc.def") == "/api/invites/***"
     assert redact_path("/api/invites/abc/extra/segments") == "/api/invites/***"

@@ -142,6 +142,15 @@ def test_client_address_walks_forwarded_for_from_the_right() -> None:
     assert client_address("1.1.1.1", ["2.2.2.2"], []) == "1.1.1.1"
 
 
+def test_client_address_is_one_canonical_spelling_without_scope_ids() -> None:
+    trusted = parse_networks(["127.0.0.1"])
+    # A client behind the proxy cannot mint keys (or log text) from spellings of one address or scope ids.
+    assert client_address("127.0.0.1", ["2001:db8:0:0::1"], trusted) == "2001:db8::1"
+    assert client_address("127.0.0.1", ["2001:DB8::1"], trusted) == "2001:db8::1"
+    assert client_address("127.0.0.1", ["fe80::1%eth0 forged"], trusted) == "127.0.0.1"
+    assert client_address("127.0.0.1", ["fe80::1%x"], trusted) == "127.0.0.1"
+
+
 async def test_limiter_and_access_log_see_the_address_decided_once(
     make_app: AppFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -40,6 +40,8 @@ ALWAYS_BLOCKED = [
     "http://169.254.43518/",
     "http://[2002:a9fe:a9fe::1]/",
     "http://[64:ff9b::a9fe:a9fe]/",
+    "http://[64:ff9b:1::a9fe:a9fe]/",
+    "http://[::ffff:0:a9fe:a9fe]/",
     "http://0.0.0.0/",
     "http://0/",
     "http://metadata.google.internal/computeMetadata/v1/",
@@ -61,6 +63,8 @@ PRIVATE = [
     "http://127.1/webhook/x",
     "http://[::ffff:127.0.0.1]/webhook/x",
     "http://[::ffff:10.0.0.1]/webhook/x",
+    "http://[::ffff:0:7f00:1]/webhook/x",
+    "http://[64:ff9b:1::a00:1]/webhook/x",
 ]
 MALFORMED = [
     "ftp://n8n.example.com/webhook/x",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 import anyio
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import (
@@ -25,6 +25,7 @@ from app.auth import (
     verify_password,
 )
 from app.config import Settings
+from app.crypto import decrypt_text, encrypt_text
 from app.db import utcnow
 from app.errors import Unauthorized
 from app.models import RefreshToken, Team, User
@@ -33,6 +34,9 @@ from app.schemas import canonical_email
 LOGIN_FAILED = "Incorrect email or password"
 #: Bounds the bcrypt work of one login without team_id (an email registered in many teams).
 MAX_LOGIN_CANDIDATES = 10
+
+#: Bound on revoke passes: each pass catches the successors of refreshes that raced the previous one.
+REVOKE_PASSES = 10
 
 
 class AmbiguousLogin(Unauthorized):
@@ -125,9 +129,10 @@ async def refresh_session(
 ) -> SessionTokens:
     """Spend the refresh token and issue a new pair in its family; a spent token revokes the family.
 
-    A token spent less than REFRESH_REUSE_GRACE_SECONDS ago is still accepted (two tabs refreshing at
-    once): the late caller gets its own pair in the same family, and the pair already handed to the first
-    caller stays valid, so both tabs keep a session and a logout still ends both.
+    A token spent less than REFRESH_REUSE_GRACE_SECONDS ago (two tabs refreshing at once) is answered
+    with the very refresh token it was rotated into, plus a new access token: both callers keep a session
+    on one chain. The chain never forks, so a thief replaying a token inside the window shares the
+    victim's chain, and the next rotation by either side makes the other's token a detected reuse.
     """
     claims = decode_token(token, settings=settings, expected_type="refresh")
     now = utcnow()
@@ -139,30 +144,53 @@ async def refresh_session(
     )
     # Conditional UPDATEs: on PostgreSQL a concurrent refresh of the same token waits for the row lock,
     # then re-checks the WHERE against the committed row, so exactly one caller spends it.
-    spent = await session.execute(
-        update(RefreshToken)
-        .where(*live, RefreshToken.used_at.is_(None))
-        .values(used_at=now)
-        .returning(RefreshToken.family_id)
-    )
-    family_id = spent.scalar_one_or_none()
-    if family_id is None and settings.REFRESH_REUSE_GRACE_SECONDS > 0:
+    spent = (
+        await session.execute(
+            update(RefreshToken)
+            .where(*live, RefreshToken.used_at.is_(None))
+            .values(used_at=now)
+            .returning(RefreshToken.id, RefreshToken.family_id)
+        )
+    ).first()
+    if spent is not None:
+        user = await _session_user(session, claims)
+        tokens = _issue_pair(session=session, settings=settings, user=user, family_id=spent.family_id)
+        if settings.REFRESH_REUSE_GRACE_SECONDS > 0 and tokens.refresh is not None:
+            successor = encrypt_text(tokens.refresh.token, settings.ENCRYPTION_KEY)
+            await session.execute(
+                update(RefreshToken).where(RefreshToken.id == spent.id).values(successor_encrypted=successor)
+            )
+        await session.commit()
+        return tokens
+    if settings.REFRESH_REUSE_GRACE_SECONDS > 0:
         grace_start = now - timedelta(seconds=settings.REFRESH_REUSE_GRACE_SECONDS)
         # A no-op write, to take the same row lock (and see a concurrent revocation) before accepting.
-        recent = await session.execute(
-            update(RefreshToken)
-            .where(*live, RefreshToken.used_at.is_not(None), RefreshToken.used_at > grace_start)
-            .values(used_at=RefreshToken.used_at)
-            .returning(RefreshToken.family_id)
-        )
-        family_id = recent.scalar_one_or_none()
-    if family_id is None:
-        row = (await session.execute(select(RefreshToken).where(RefreshToken.token_hash == token_hash))).scalar()
-        if row is not None and row.used_at is not None:
-            # Reuse of a spent token: whoever holds the newer one may be a thief. End the whole family.
-            await revoke_family(session=session, settings=settings, revocations=revocations, family_id=row.family_id)
-        await session.rollback()
-        raise Unauthorized(INVALID_TOKEN)
+        recent = (
+            await session.execute(
+                update(RefreshToken)
+                .where(*live, RefreshToken.used_at > grace_start, RefreshToken.successor_encrypted.is_not(None))
+                .values(used_at=RefreshToken.used_at)
+                .returning(RefreshToken.family_id, RefreshToken.successor_encrypted)
+            )
+        ).first()
+        if recent is not None and recent.successor_encrypted is not None:
+            return await _hand_out_successor(
+                session=session,
+                settings=settings,
+                claims=claims,
+                family_id=recent.family_id,
+                successor=decrypt_text(recent.successor_encrypted, settings.ENCRYPTION_KEY),
+            )
+    row = (await session.execute(select(RefreshToken).where(RefreshToken.token_hash == token_hash))).scalar()
+    if row is not None and row.used_at is not None:
+        # Reuse of a spent token: whoever holds the newer one may be a thief. End the whole family.
+        await revoke_family(session=session, settings=settings, revocations=revocations, family_id=row.family_id)
+    await session.rollback()
+    raise Unauthorized(INVALID_TOKEN)
+
+
+async def _session_user(session: AsyncSession, claims: dict[str, Any]) -> User:
+    """The refresh token's user, still active, in its team, and not logged out everywhere since."""
     user = await session.get(User, uuid.UUID(claims["sub"]), populate_existing=True)
     if (
         user is None
@@ -172,24 +200,65 @@ async def refresh_session(
     ):
         await session.rollback()
         raise Unauthorized(INVALID_TOKEN)
-    tokens = _issue_pair(session=session, settings=settings, user=user, family_id=family_id)
+    return user
+
+
+async def _hand_out_successor(
+    *, session: AsyncSession, settings: Settings, claims: dict[str, Any], family_id: uuid.UUID, successor: str
+) -> SessionTokens:
+    """The grace answer: the successor refresh token again (if it still lives) and a new access token."""
+    user = await _session_user(session, claims)
+    alive = (
+        await session.execute(
+            select(RefreshToken.id).where(
+                RefreshToken.token_hash == hash_refresh_token(successor),
+                RefreshToken.revoked_at.is_(None),
+                RefreshToken.expires_at > utcnow(),
+            )
+        )
+    ).first()
+    if alive is None:
+        await session.rollback()
+        raise Unauthorized(INVALID_TOKEN)
+    successor_claims = decode_token(successor, settings=settings, expected_type="refresh")
+    expires_at = datetime.fromtimestamp(int(successor_claims["exp"]), UTC)
+    refresh = IssuedToken(
+        token=successor,
+        jti=str(successor_claims["jti"]),
+        expires_at=expires_at,
+        expires_in=max(0, int((expires_at - utcnow()).total_seconds())),
+    )
+    access = create_token(
+        settings=settings, user_id=user.id, team_id=user.team_id, token_type="access", extra={"fam": family_id.hex}
+    )
     await session.commit()
-    return tokens
+    return SessionTokens(user=user, access=access, refresh=refresh)
 
 
 async def revoke_family(
     *, session: AsyncSession, settings: Settings, revocations: RevocationStore, family_id: uuid.UUID
 ) -> None:
     """Revoke every refresh token of the family and, through the store, the access tokens it issued."""
-    await session.execute(
-        update(RefreshToken)
-        .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
-        .values(revoked_at=utcnow())
-    )
+    await _revoke_settled(session, RefreshToken.family_id == family_id)
     await session.commit()
     # Access tokens of this family live at most one access lifetime from now.
     until = utcnow() + timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES)
     await revocations.revoke(family_key(family_id.hex), until)
+
+
+async def _revoke_settled(session: AsyncSession, which: ColumnElement[bool]) -> None:
+    """Revoke the matching refresh tokens, again until none is left unrevoked.
+
+    A refresh racing this holds its spent token's row lock, so the first UPDATE waits for it; but that
+    UPDATE's snapshot predates the successor the refresh inserted. Each repeat is a new statement with a
+    new snapshot (READ COMMITTED), which sees and revokes it; the loop ends when a pass finds nothing.
+    """
+    for _ in range(REVOKE_PASSES):
+        result = await session.execute(
+            update(RefreshToken).where(which, RefreshToken.revoked_at.is_(None)).values(revoked_at=utcnow())
+        )
+        if not getattr(result, "rowcount", 0):
+            return
 
 
 def _claims_or_none(token: str | None, *, settings: Settings, expected: Any) -> dict[str, Any] | None:
@@ -239,8 +308,4 @@ async def revoke_all_user_tokens(*, session: AsyncSession, user: User) -> None:
     """
     now = utcnow()
     user.tokens_valid_after = now
-    await session.execute(
-        update(RefreshToken)
-        .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
-        .values(revoked_at=now)
-    )
+    await _revoke_settled(session, RefreshToken.user_id == user.id)
