@@ -16,6 +16,7 @@ from app.config import Settings
 from app.db import utcnow
 from app.services.messages import NewGeneration
 from app.streaming import BodyParser, Generation, N8nStreamer, StreamFailure, StreamStats
+from app.webhooks import WebhookPolicyError
 from tests.conftest import make_settings
 from tests.live import parse_sse
 from tools.fake_n8n import FakeN8n, load_captures
@@ -630,3 +631,254 @@ def test_parse_deeply_nested_json_is_bad_upstream_response() -> None:
     _text, parser = parse([b"[" * 100_000 + b"]" * 100_000])
     assert parser.failure is not None
     assert parser.failure.code == "bad_upstream_response"
+
+
+# --- N8nStreamer: every way of failing maps to the same code, message, status and detail --------------
+
+
+class _FailingContent:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def readany(self) -> bytes:
+        raise self.exc
+
+
+class _FailingResponse:
+    """A 200 whose body read raises `exc` (or whose opening raises it, with `at="post"`)."""
+
+    status = 200
+    charset = None
+
+    def __init__(self, exc: BaseException, at: str) -> None:
+        self.exc = exc
+        self.at = at
+        self.content = _FailingContent(exc)
+
+    async def __aenter__(self) -> _FailingResponse:
+        if self.at == "post":
+            raise self.exc
+        return self
+
+    async def __aexit__(self, *args: object) -> None:
+        return None
+
+
+class _FailingSession:
+    """Stands in for the pooled aiohttp session: aiohttp's own exceptions, without a network."""
+
+    closed = False
+
+    def __init__(self, exc: BaseException, at: str) -> None:
+        self.exc = exc
+        self.at = at
+
+    def post(self, *args: object, **kwargs: object) -> _FailingResponse:
+        return _FailingResponse(self.exc, self.at)
+
+    async def close(self) -> None:
+        return None
+
+
+def _response_error() -> aiohttp.ClientResponseError:
+    return aiohttp.ClientResponseError(None, (), status=200, message="bad chunk")  # type: ignore[arg-type]
+
+
+TIMEOUT_FIRST = {"timeout": "first_byte", "seconds": 0.5}
+NOT_IN_TIME = "The agent did not answer in time"
+UNREACHABLE = "The agent could not be reached"
+FAILURE_TABLE = [
+    # (exception, raised at, code, message, upstream_status, detail)
+    (TimeoutError(), "post", "upstream_timeout", NOT_IN_TIME, None, TIMEOUT_FIRST),
+    (TimeoutError(), "read", "upstream_timeout", NOT_IN_TIME, 200, TIMEOUT_FIRST),
+    (
+        aiohttp.ConnectionTimeoutError(),
+        "post",
+        "upstream_timeout",
+        "The agent did not answer in time",
+        None,
+        TIMEOUT_FIRST,
+    ),
+    (
+        WebhookPolicyError("no private addresses"),
+        "post",
+        "upstream_blocked",
+        "The agent's webhook address is not allowed",
+        None,
+        {"reason": "no private addresses"},
+    ),
+    (
+        aiohttp.ClientPayloadError("cut"),
+        "read",
+        "upstream_disconnected",
+        "The connection to the agent was lost",
+        200,
+        {"error": "ClientPayloadError"},
+    ),
+    (
+        aiohttp.ServerDisconnectedError(),
+        "post",
+        "upstream_disconnected",
+        "The connection to the agent was lost",
+        None,
+        {"error": "ServerDisconnectedError"},
+    ),
+    (
+        aiohttp.ClientOSError(),
+        "read",
+        "upstream_disconnected",
+        "The connection to the agent was lost",
+        200,
+        {"error": "ClientOSError"},
+    ),
+    (
+        _response_error(),
+        "read",
+        "bad_upstream_response",
+        "The agent's answer could not be read",
+        200,
+        {"error": "ClientResponseError"},
+    ),
+    (
+        aiohttp.ClientError("x"),
+        "read",
+        "upstream_unreachable",
+        "The agent could not be reached",
+        None,
+        {"error": "ClientError"},
+    ),
+    (ValueError("x"), "read", "upstream_unreachable", UNREACHABLE, None, {"error": "ValueError"}),
+    (ValueError("x"), "post", "upstream_unreachable", UNREACHABLE, None, {"error": "ValueError"}),
+]
+
+
+@pytest.mark.parametrize(("exc", "at", "code", "message", "status", "detail"), FAILURE_TABLE)
+async def test_streamer_maps_each_failure_to_its_error(
+    streamer: N8nStreamer, exc: BaseException, at: str, code: str, message: str, status: int | None, detail: Any
+) -> None:
+    streamer._session = _FailingSession(exc, at)  # type: ignore[assignment]
+    _text, stats, failure = await relay(streamer, "http://127.0.0.1:9/webhook/x")
+    assert failure is not None
+    assert (failure.code, failure.message, failure.upstream_status, failure.detail) == (code, message, status, detail)
+    assert failure.__suppress_context__
+    assert stats.format is None
+    assert stats.bytes == 0
+
+
+async def test_streamer_lets_unexpected_errors_through(streamer: N8nStreamer) -> None:
+    """Anything else is a bug, not an upstream failure: it reaches the generation (internal_error)."""
+    streamer._session = _FailingSession(RuntimeError("bug"), "read")  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="bug"):
+        await relay(streamer, "http://127.0.0.1:9/webhook/x")
+
+
+@pytest.mark.parametrize(
+    ("scenario", "code", "message", "status", "detail"),
+    [
+        (
+            "hang_headers&hang=3",
+            "upstream_timeout",
+            "The agent did not answer in time",
+            None,
+            {"timeout": "first_byte", "seconds": 0.5},
+        ),
+        (
+            "stall&hang=3",
+            "upstream_timeout",
+            "The agent stopped sending its answer",
+            200,
+            {"timeout": "read", "seconds": 0.5},
+        ),
+        (
+            "reset",
+            "upstream_disconnected",
+            "The connection to the agent was lost",
+            200,
+            {"error": "ClientPayloadError"},
+        ),
+        (
+            "status&status=502",
+            "upstream_error",
+            "The agent answered with an error (HTTP 502)",
+            502,
+            {"n8n_message": "Error in workflow"},
+        ),
+        (
+            "status&status=302",
+            "upstream_error",
+            "The agent answered with a redirect (HTTP 302), which is not followed",
+            302,
+            {"n8n_message": "Error in workflow"},
+        ),
+        (
+            "malformed",
+            "bad_upstream_response",
+            "The agent sent an invalid line",
+            200,
+            {"reason": "line is not JSON", "format": "ndjson"},
+        ),
+        ("empty", "empty_response", "The agent returned an empty answer", 200, {"format": None}),
+    ],
+)
+async def test_streamer_fault_errors_are_exact(
+    streamer: N8nStreamer, fake: FakeN8n, scenario: str, code: str, message: str, status: int | None, detail: Any
+) -> None:
+    _text, _stats, failure = await relay(streamer, f"{fake.url}/webhook/agent-stream?scenario={scenario}")
+    assert failure is not None
+    assert (failure.code, failure.message, failure.upstream_status, failure.detail) == (code, message, status, detail)
+
+
+async def test_streamer_total_timeout_error_is_exact(fake: FakeN8n, database_url: str, tmp_path: Path) -> None:
+    streamer = N8nStreamer(stream_settings(database_url, tmp_path, N8N_TOTAL_TIMEOUT=0.4, N8N_READ_TIMEOUT=5))
+    try:
+        _text, _stats, failure = await relay(streamer, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=150")
+    finally:
+        await streamer.close()
+    assert failure is not None
+    assert (failure.code, failure.message, failure.upstream_status, failure.detail) == (
+        "upstream_timeout",
+        "The agent's answer took too long",
+        200,
+        {"timeout": "total", "seconds": 0.4},
+    )
+
+
+async def test_streamer_unreachable_and_blocked_errors_are_exact(
+    fake: FakeN8n, database_url: str, tmp_path: Path
+) -> None:
+    from tests.live import free_port
+
+    streamer = N8nStreamer(stream_settings(database_url, tmp_path))
+    port = free_port()
+    try:
+        _t, _s, refused = await relay(streamer, f"http://127.0.0.1:{port}/webhook/x")
+    finally:
+        await streamer.close()
+    assert refused is not None
+    assert (refused.code, refused.message, refused.upstream_status) == (
+        "upstream_unreachable",
+        "The agent could not be reached",
+        None,
+    )
+    assert refused.detail == {
+        "error": "ClientConnectorError",
+        "reason": f"[Errno 111] Connect call failed ('127.0.0.1', {port})",
+    }
+
+    strict = N8nStreamer(stream_settings(database_url, tmp_path, WEBHOOK_ALLOW_PRIVATE_NETWORKS=False))
+    try:
+        _t, _s, literal = await relay(strict, f"{fake.url}/webhook/agent-stream")
+        _t, _s, resolved = await relay(strict, f"http://localhost.:{fake.port}/webhook/agent-stream")
+    finally:
+        await strict.close()
+    for failure in (literal, resolved):
+        assert failure is not None
+        assert (failure.code, failure.message, failure.upstream_status) == (
+            "upstream_blocked",
+            "The agent's webhook address is not allowed",
+            None,
+        )
+        assert failure.detail == {
+            "reason": "webhook address is private or loopback; "
+            "set WEBHOOK_ALLOW_PRIVATE_NETWORKS or WEBHOOK_ALLOWED_HOSTS"
+        }
