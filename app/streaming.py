@@ -34,7 +34,6 @@ __all__ = [
     "clean_text",
 ]
 
-BLOCKED = "The agent's webhook address is not allowed"
 UNREACHABLE = "The agent could not be reached"
 
 
@@ -56,6 +55,15 @@ class _Failure:
     detail: Callable[[BaseException, Settings], dict[str, Any]]
     #: Whether n8n's HTTP status (if it answered at all) is kept with the failure.
     with_status: bool = False
+
+    def of(self, exc: BaseException, stats: StreamStats, settings: Settings) -> StreamFailure:
+        """The failure for `exc` in this call (`stats` holds n8n's status if it answered)."""
+        status = stats.upstream_status if self.with_status else None
+        return StreamFailure(self.code, self.message, upstream_status=status, detail=self.detail(exc, settings))
+
+
+#: The address, or what its name resolves to, is refused by the webhook policy (app.webhooks).
+_BLOCKED = _Failure("upstream_blocked", "The agent's webhook address is not allowed", lambda e, _s: {"reason": str(e)})
 
 
 #: Every way of failing to talk to n8n, the first matching type wins (aiohttp's classes nest: the
@@ -88,7 +96,9 @@ FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], _Fa
             with_status=True,
         ),
     ),
-    (WebhookPolicyError, _Failure("upstream_blocked", BLOCKED, lambda e, _s: {"reason": str(e)})),
+    (WebhookPolicyError, _BLOCKED),
+    # aiohttp's connect timeout is a TimeoutError, which `exchange` already reports as FirstByteTimeout
+    # (connecting counts toward the first byte); this row only applies if it ever escapes that deadline.
     (
         aiohttp.ConnectionTimeoutError,
         _Failure(
@@ -124,12 +134,7 @@ def failure_for(exc: BaseException, stats: StreamStats, settings: Settings) -> S
     exc = _policy_refusal(exc)
     for types, failure in FAILURES:
         if isinstance(exc, types):
-            return StreamFailure(
-                failure.code,
-                failure.message,
-                upstream_status=stats.upstream_status if failure.with_status else None,
-                detail=failure.detail(exc, settings),
-            )
+            return failure.of(exc, stats, settings)
     return None
 
 
@@ -166,7 +171,7 @@ class N8nStreamer:
             # The checked yarl.URL itself is posted to: aiohttp connects to exactly the host judged here.
             target = webhook_target(url, s)
         except WebhookPolicyError as exc:
-            raise StreamFailure("upstream_blocked", BLOCKED, detail={"reason": str(exc)}) from None
+            raise _BLOCKED.of(exc, stats, s) from None
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         del payload  # the encoded body is all that is needed from here on
         parser = BodyParser(max_line_bytes=s.N8N_MAX_LINE_BYTES, max_response_bytes=s.N8N_MAX_RESPONSE_BYTES)
