@@ -26,7 +26,7 @@ from app.routers.responses import complete_openapi
 from app.serve import release_uvicorn_proxy_headers
 from app.services.health import migration_head
 from app.services.revocation import make_revocation_store
-from app.streaming import GenerationRegistry
+from app.streaming import GenerationRegistry, N8nStreamer
 
 logger = logging.getLogger("app")
 
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.migration_head = migration_head()
     app.state.revocations = make_revocation_store(redis=app.state.redis, sessionmaker=app.state.db.sessionmaker)
     app.state.limiter = RateLimiter(settings, app.state.redis)
-    app.state.generations = GenerationRegistry(settings=settings, db=app.state.db)
+    app.state.generations = GenerationRegistry(settings=settings, db=app.state.db, streamer=N8nStreamer(settings))
 
     install_error_handlers(app)
     app.add_middleware(

@@ -1,0 +1,333 @@
+"""The generation registry: this worker's running answers as tasks, its heartbeat and recovery, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from app.config import Settings
+from app.crypto import DecryptionError, decrypt_headers
+from app.db import Database
+from app.errors import ServiceUnavailable
+from app.n8n_parser import StreamFailure, clean_text
+from app.services import messages as message_service
+from app.services import workers as worker_service
+from app.sse import Generation
+from app.upstream import StreamStats
+
+if TYPE_CHECKING:
+    from app.streaming import N8nStreamer
+
+logger = logging.getLogger(__name__)
+
+WAITING = {"description": "Waiting for the agent", "done": False}
+
+
+class GenerationRegistry:
+    """The running generations of this worker, its liveness heartbeat, start-up recovery and shutdown.
+
+    A generation is an asyncio task owned by the registry: it calls n8n, appends each parsed chunk to an
+    in-memory list and wakes the SSE readers, checkpoints the partial text at most every
+    STREAM_CHECKPOINT_INTERVAL seconds, and writes the final message exactly once, shielded from
+    cancellation. The SSE response only reads the generation's event list, so a client that goes away does
+    not stop the generation, and per chunk there is no database work and no re-encoding of the whole answer.
+    """
+
+    def __init__(self, *, settings: Settings, db: Database, streamer: N8nStreamer) -> None:
+        self.settings = settings
+        self.db = db
+        self.worker_id = uuid.uuid4()
+        self.streamer = streamer
+        self.running: dict[str, Generation] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closing = False
+        self._draining: asyncio.Task[None] | None = None
+        self.recovered = False
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        """Open the shared n8n client, register this worker, mark dead workers' streams, start the heartbeat.
+
+        A database that is not reachable or not migrated yet does not stop start-up (`/ready` reports
+        it); registration and recovery are retried on every heartbeat until they succeed.
+        """
+        self.streamer.session()
+        self.install_signal_hook()
+        await self._register_and_recover()
+        self._heartbeat = asyncio.create_task(self._beat(), name="worker-heartbeat")
+
+    async def _register_and_recover(self) -> None:
+        try:
+            async with self.db.sessionmaker() as session:
+                await worker_service.heartbeat(session=session, worker_id=self.worker_id)
+                recovered = await worker_service.recover_interrupted(
+                    session=session,
+                    settings=self.settings,
+                    worker_id=self.worker_id,
+                    running=frozenset(self.running),
+                )
+        except Exception as exc:
+            logger.warning("worker registration and recovery postponed (%s)", type(exc).__name__)
+            return
+        self.recovered = True
+        if recovered:
+            logger.warning("marked %d message(s) of stopped workers as interrupted", recovered)
+
+    async def _beat(self) -> None:
+        """Heartbeat; every few beats also recover streams of workers that died since (a worker restarted
+        quickly after a crash would otherwise leave its chats blocked by a `streaming` message)."""
+        beats = 0
+        while True:
+            await asyncio.sleep(self.settings.WORKER_HEARTBEAT_INTERVAL)
+            beats += 1
+            if not self.recovered or beats % worker_service.STALE_HEARTBEATS == 0:
+                await self._register_and_recover()
+                continue
+            try:
+                async with self.db.sessionmaker() as session:
+                    await worker_service.heartbeat(session=session, worker_id=self.worker_id)
+            except Exception as exc:
+                logger.warning("worker heartbeat failed (%s)", type(exc).__name__)
+
+    def install_signal_hook(self) -> None:
+        """Start the grace period when the server is told to stop, not when the application shutdown runs.
+
+        uvicorn first waits for open connections (SSE clients included) and only then runs the lifespan
+        shutdown; a generation still running then would be cut without a terminal event. Chaining the
+        server's SIGTERM/SIGINT handler lets the grace period run while clients are still connected, so they
+        receive the `done`, or the `interrupted` error once the grace is over, before their connection ends.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            owner = getattr(previous, "__self__", None)
+            if not callable(previous) or not type(owner).__module__.startswith("uvicorn"):
+                continue  # only uvicorn's own handler is chained (not pytest's, not an ignored signal)
+
+            def handler(signum: int, frame: Any, previous: Callable[[int, Any], Any] = previous) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
+                    loop.call_soon_threadsafe(self.begin_shutdown)
+                previous(signum, frame)
+
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. uvicorn run in a test thread)
+                return
+
+    def begin_shutdown(self) -> asyncio.Task[None]:
+        """Refuse new generations; give running ones SHUTDOWN_GRACE_SECONDS, then store them interrupted."""
+        self._closing = True
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain(), name="generations-drain")
+        return self._draining
+
+    async def _drain(self) -> None:
+        tasks = [g.task for g in self.running.values() if g.task is not None]
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=self.settings.SHUTDOWN_GRACE_SECONDS)
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.warning("interrupting %d running generation(s) at shutdown", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        """Drain generations (if the signal hook did not start it already), stop the heartbeat, unregister."""
+        await self.begin_shutdown()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
+            try:
+                async with self.db.sessionmaker() as session:
+                    await worker_service.unregister_worker(session=session, worker_id=self.worker_id)
+            except Exception as exc:
+                logger.warning("could not unregister worker (%s)", type(exc).__name__)
+        await self.streamer.close()
+
+    # --- generations ----------------------------------------------------------------------------
+    def check_accepting(self) -> None:
+        """New generations are refused once shutdown began (they would only be interrupted)."""
+        if self._closing:
+            raise ServiceUnavailable("The server is shutting down; try again")
+
+    def start(self, new: message_service.NewGeneration) -> Generation:
+        generation = Generation(new=new)
+        generation.add_event("status", WAITING)
+        task = asyncio.create_task(self._run(generation), name=f"generation-{new.assistant_id}")
+        generation.task = task
+        self.running[new.assistant_id] = generation
+        task.add_done_callback(lambda _t: self.running.pop(new.assistant_id, None))
+        return generation
+
+    async def _run(self, generation: Generation) -> None:
+        new = generation.new
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stats = StreamStats()
+        checkpoint = _Checkpointer(self, generation)
+
+        def on_chunks(chunks: list[str]) -> None:
+            generation.add_chunks([clean_text(c) for c in chunks])
+            checkpoint.touch()
+
+        failure: StreamFailure | None = None
+        cancelled = False
+        new.stamp_assistant()
+        try:
+            try:
+                headers = decrypt_headers(new.webhook_headers_encrypted, s.ENCRYPTION_KEY)
+            except DecryptionError:
+                raise StreamFailure(
+                    "agent_misconfigured",
+                    "The agent's settings cannot be read; ask an admin to save its webhook headers again",
+                    detail={"reason": "webhook headers cannot be decrypted with the configured key"},
+                ) from None
+            await self.streamer.run(
+                url=new.webhook_url, headers=headers, payload=new.take_payload(), on_chunks=on_chunks, stats=stats
+            )
+        except StreamFailure as exc:
+            failure = exc
+        except asyncio.CancelledError:
+            cancelled = True
+            failure = StreamFailure(
+                "interrupted",
+                "The server stopped before the answer was complete",
+                upstream_status=stats.upstream_status,
+            )
+        except Exception as exc:
+            logger.exception("generation %s failed", new.assistant_id)
+            failure = StreamFailure(
+                "internal_error", "The answer could not be completed", detail={"error": type(exc).__name__}
+            )
+        duration_ms = round((loop.time() - started) * 1000, 1)
+        metadata = {
+            "chunks": len(generation.chunks),
+            "duration_ms": duration_ms,
+            "ttfb_ms": stats.ttfb_ms,
+            "upstream_status": stats.upstream_status,
+            "format": stats.format,
+        }
+        await _shielded(self._finish(generation, failure, metadata, checkpoint, cancelled=cancelled))
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _finish(
+        self,
+        generation: Generation,
+        failure: StreamFailure | None,
+        metadata: dict[str, Any],
+        checkpoint: _Checkpointer,
+        *,
+        cancelled: bool,
+    ) -> None:
+        """The single final write, then the terminal event (so a reload after `done` shows the message)."""
+        await checkpoint.close()
+        new = generation.new
+        if failure is None:
+            status, error = "complete", None
+        else:
+            status = "interrupted" if cancelled else "error"
+            error = {"message": failure.message, "code": failure.code}
+        # A success is one UPDATE; a failure also writes its error_logs row, in the same transaction.
+        sessionmaker = self.db.autocommit if error is None else self.db.sessionmaker
+        try:
+            async with sessionmaker() as session:
+                stored = await message_service.finish_message(
+                    session=session,
+                    settings=self.settings,
+                    new=new,
+                    content="".join(generation.chunks),
+                    status=status,
+                    error=error,
+                    metadata={k: v for k, v in metadata.items() if v is not None},
+                    failure_detail=None if failure is None else {**failure.detail},
+                    upstream_status=None if failure is None else failure.upstream_status,
+                )
+        except Exception:
+            logger.exception("final write of %s failed", new.assistant_id)
+            generation.finish("error", {"message": "The answer could not be stored", "code": "storage_error"})
+            return
+        if error is None:
+            generation.finish("done", {"message": stored})
+        else:
+            generation.finish("error", error)
+
+
+class _Checkpointer:
+    """Saves a generation's partial text at most every STREAM_CHECKPOINT_INTERVAL seconds, off the read loop.
+
+    New text arms one timer for the next allowed instant; the write runs as its own task, so reading from
+    n8n never waits for the database. Text that arrives during a write arms the timer again afterwards.
+    """
+
+    __slots__ = ("closed", "generation", "interval", "loop", "next_at", "registry", "saved", "task", "timer")
+
+    def __init__(self, registry: GenerationRegistry, generation: Generation) -> None:
+        self.registry = registry
+        self.generation = generation
+        self.loop = asyncio.get_running_loop()
+        self.interval = registry.settings.STREAM_CHECKPOINT_INTERVAL
+        self.next_at = self.loop.time() + self.interval
+        self.saved = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    def touch(self) -> None:
+        if self.timer is None and self.task is None and not self.closed:
+            self.timer = self.loop.call_at(self.next_at, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        self.next_at = self.loop.time() + self.interval
+        self.task = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        chunks = self.generation.chunks
+        count = len(chunks)
+        new = self.generation.new
+        try:
+            async with self.registry.db.autocommit() as session:
+                await message_service.checkpoint_message(
+                    session=session, settings=self.registry.settings, new=new, content="".join(chunks[:count])
+                )
+            self.saved = count
+        except Exception:
+            logger.exception("checkpoint of %s failed", new.assistant_id)
+        finally:
+            self.task = None
+        if len(chunks) > self.saved:
+            self.touch()
+
+    async def close(self) -> None:
+        """Before the final write: no new checkpoint, and wait for one in flight."""
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def _shielded(coro: Coroutine[Any, Any, None]) -> None:
+    """Run `coro` to completion even if the caller is cancelled meanwhile (the cancel is re-raised after)."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError

@@ -1,0 +1,142 @@
+"""The HTTP client to n8n: the pooled aiohttp session, one POST read into a BodyParser, non-2xx answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import yarl
+
+from app.config import Settings
+from app.n8n_parser import BodyParser, StreamFailure, excerpt
+from app.webhooks import PolicyResolver
+
+USER_AGENT = "n8n-chat-relay/1.0"
+ACCEPT = "application/x-ndjson, text/event-stream, application/json;q=0.9, text/plain;q=0.8, */*;q=0.5"
+#: Bytes of an error body kept to extract n8n's `message` / `hint` for the error log (never shown to clients).
+ERROR_BODY_EXCERPT = 4096
+#: Idle pooled connections to n8n are dropped before n8n (Node's 5 s keep-alive) closes them; reusing one
+#: n8n is closing fails the POST with ServerDisconnectedError (seen under load in the benchmark).
+N8N_KEEPALIVE_SECONDS = 4.0
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """What one call to n8n looked like, for the stored message's metadata and the error log."""
+
+    upstream_status: int | None = None
+    format: str | None = None
+    bytes: int = 0
+    ttfb_ms: float | None = None
+
+
+class TotalTimeout(Exception):
+    """N8N_TOTAL_TIMEOUT passed before the answer was complete."""
+
+
+class FirstByteTimeout(Exception):
+    """n8n sent nothing within N8N_FIRST_BYTE_TIMEOUT (connecting included)."""
+
+
+class ReadTimeout(Exception):
+    """n8n went quiet for N8N_READ_TIMEOUT after its first byte."""
+
+
+def open_session(s: Settings) -> aiohttp.ClientSession:
+    """The shared session: policy-checking resolver, bounded pool, no hidden total timeout."""
+    connector = aiohttp.TCPConnector(
+        resolver=PolicyResolver(s),
+        limit=s.N8N_POOL_LIMIT,
+        limit_per_host=0,
+        ttl_dns_cache=10,
+        keepalive_timeout=N8N_KEEPALIVE_SECONDS,
+    )
+    # total=None: no hidden cap shorter than N8N_TOTAL_TIMEOUT (aiohttp's default total is 300 s).
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=s.N8N_CONNECT_TIMEOUT, sock_connect=s.N8N_CONNECT_TIMEOUT, sock_read=None
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=True,
+        trust_env=False,
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+async def exchange(
+    session: aiohttp.ClientSession,
+    *,
+    target: yarl.URL,
+    body: bytes,
+    headers: dict[str, str],
+    parser: BodyParser,
+    on_chunks: Callable[[list[str]], None],
+    stats: StreamStats,
+    settings: Settings,
+) -> None:
+    """POST `body` and feed the answer to `parser`; the three deadlines surface as their own exception types."""
+    s = settings
+    send_headers = {**headers, "Content-Type": "application/json", "Accept": ACCEPT}
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    got_first_byte = False
+    try:
+        async with asyncio.timeout(s.N8N_TOTAL_TIMEOUT) as wall:
+            try:
+                # One deadline object, moved forward on every read: first byte, then between chunks.
+                async with asyncio.timeout(s.N8N_FIRST_BYTE_TIMEOUT) as idle:
+                    async with session.post(target, data=body, headers=send_headers, allow_redirects=False) as response:
+                        stats.upstream_status = response.status
+                        if not 200 <= response.status < 300:
+                            idle.reschedule(loop.time() + s.N8N_READ_TIMEOUT)
+                            raise await status_failure(response)
+                        parser.use_charset(response.charset)
+                        content = response.content
+                        while not parser.finished:
+                            data = await content.readany()
+                            if not data:
+                                break
+                            if not got_first_byte:
+                                got_first_byte = True
+                                stats.ttfb_ms = round((loop.time() - started) * 1000, 1)
+                            idle.reschedule(loop.time() + s.N8N_READ_TIMEOUT)
+                            chunks = parser.feed(data)
+                            if chunks:
+                                on_chunks(chunks)
+                        chunks = parser.finish()
+                        if chunks:
+                            on_chunks(chunks)
+            except TimeoutError:
+                if wall.expired():
+                    raise
+                raise (ReadTimeout() if got_first_byte else FirstByteTimeout()) from None
+    except TimeoutError:
+        raise TotalTimeout from None
+
+
+async def status_failure(response: aiohttp.ClientResponse) -> StreamFailure:
+    """A non-2xx answer: n8n's `message`/`hint` (its own text, shortened) for admins, a safe line for users."""
+    status = response.status
+    detail: dict[str, Any] = {}
+    try:
+        raw = await response.content.read(ERROR_BODY_EXCERPT)
+        parsed = json.loads(raw) if raw.strip().startswith(b"{") else None
+    except (aiohttp.ClientError, ValueError):
+        parsed = None
+    if isinstance(parsed, dict):
+        for key in ("message", "hint"):
+            text = excerpt(parsed.get(key))
+            if text:
+                detail[f"n8n_{key}"] = text
+    if status == 404:
+        message = "The agent's n8n webhook is not registered (is the workflow active?)"
+    elif 300 <= status < 400:
+        message = f"The agent answered with a redirect (HTTP {status}), which is not followed"
+    else:
+        message = f"The agent answered with an error (HTTP {status})"
+    return StreamFailure("upstream_error", message, upstream_status=status, detail=detail)

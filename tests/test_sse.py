@@ -1,0 +1,90 @@
+"""SSE framing: what a generation's readers receive (numbering, merged chunks, pings), without a server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from app.db import utcnow
+from app.services.messages import NewGeneration
+from app.sse import Generation
+from tests.live import parse_sse
+
+# --- Generation: what SSE readers see ------------------------------------------------------------
+
+
+def _generation() -> Generation:
+    new = NewGeneration(
+        chat_id=uuid.uuid4(),
+        team_id=uuid.uuid4(),
+        user_id=uuid.uuid4(),
+        agent_id=uuid.uuid4(),
+        index=1,
+        assistant_id="a1",
+        user_message={"id": "u1", "role": "user", "content": "hi", "status": "complete", "created_at": "t"},
+        webhook_url="http://x",
+        webhook_headers_encrypted=None,
+        payload={},
+        created_at=utcnow(),
+    )
+    return Generation(new=new)
+
+
+async def _collect(generation: Generation, ping: float = 5) -> list[tuple[str | None, str | None, Any]]:
+    out = []
+    async for block in generation.sse(ping):
+        # One write may hold several events (everything available when the reader woke).
+        for event in parse_sse(block.decode()):
+            out.append((event.id, event.comment, event.data))
+    return out
+
+
+async def test_generation_merges_pending_chunks_into_one_event() -> None:
+    generation = _generation()
+    generation.add_event("status", {"description": "Waiting for the agent", "done": False})
+    generation.add_chunks(["Hel", "lo"])
+    generation.add_chunks([" there"])
+    generation.finish("done", {"message": {"id": "a1"}})
+    events = await _collect(generation)
+    assert [e[0] for e in events] == ["1", "2", "3", "4"]
+    assert events[2][2] == {"type": "message", "data": {"content": "Hello there"}}
+    assert events[3][2] == {"type": "done", "data": {"message": {"id": "a1"}}}
+
+
+async def test_generation_streams_chunks_as_they_come_and_pings_when_idle() -> None:
+    generation = _generation()
+    reader = asyncio.create_task(_collect(generation, ping=0.05))
+    await asyncio.sleep(0.01)
+    generation.add_chunks(["a"])
+    await asyncio.sleep(0.12)
+    generation.add_chunks(["b"])
+    await asyncio.sleep(0.01)
+    generation.finish("error", {"message": "m", "code": "upstream_timeout"})
+    events = await reader
+    data = [e[2] for e in events if e[2] is not None]
+    assert [d["type"] for d in data] == ["start", "message", "message", "error"]
+    assert [e[0] for e in events if e[2] is not None] == ["1", "2", "3", "4"]
+    pings = [e for e in events if e[1] == "ping"]
+    assert pings
+    assert all(p[0] is None for p in pings)
+
+
+async def test_generation_pings_only_after_a_quiet_interval_and_leaves_no_timer() -> None:
+    """Chunks every 30 ms with a 200 ms ping interval: no ping; then 500 ms of silence: about two pings."""
+    generation = _generation()
+    reader = asyncio.create_task(_collect(generation, ping=0.2))
+    for i in range(8):
+        await asyncio.sleep(0.03)
+        generation.add_chunks([str(i)])
+    await asyncio.sleep(0.5)
+    generation.finish("done", {"message": {"id": "a1"}})
+    events = await reader
+    kinds = ["ping" if e[1] == "ping" else e[2]["type"] for e in events]
+    last_message = max(i for i, kind in enumerate(kinds) if kind == "message")
+    assert "ping" not in kinds[:last_message]
+    assert 1 <= kinds[last_message:].count("ping") <= 3
+    assert kinds[-1] == "done"
+    # The reader's timer is cancelled when the stream ends: nothing stays scheduled for it.
+    loop = asyncio.get_running_loop()
+    assert not [h for h in loop._scheduled if not h.cancelled() and "wake" in repr(h)]  # type: ignore[attr-defined]
