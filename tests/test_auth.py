@@ -19,10 +19,10 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import create_token, hash_password, issued_before, verify_password
 from app.config import Settings
 from app.db import utcnow
 from app.models import RefreshToken, RevokedToken, User
+from app.security import create_token, hash_password, issued_before, verify_password
 from app.services import auth as auth_service
 from main import create_app, shutdown
 from tests.authhelpers import bearer, https_client, login, set_cookies
@@ -773,7 +773,7 @@ async def test_bcrypt_runs_off_the_event_loop(database_url: str, tmp_path: Path,
 
 async def test_bcrypt_threads_run_at_lower_priority_and_never_take_every_core() -> None:
     """A login burst on a busy small machine must leave the event loop's core (and priority) to streams."""
-    from app import auth
+    from app import security as auth
 
     def probe() -> tuple[str, int]:
         return threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,22 +12,23 @@ import anyio
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import (
-    INVALID_TOKEN,
-    IssuedToken,
-    RevocationStore,
-    create_token,
-    decode_token,
-    family_key,
-    hash_password_sync,
-    issued_before,
-    verify_password,
-)
 from app.config import Settings
 from app.db import utcnow
 from app.errors import Unauthorized
 from app.models import RefreshToken, Team, User
 from app.schemas import canonical_email
+from app.security import (
+    INVALID_TOKEN,
+    IssuedToken,
+    create_token,
+    decode_token,
+    family_key,
+    hash_password_sync,
+    hash_refresh_token,
+    issued_before,
+    verify_password,
+)
+from app.services.revocation import RevocationStore
 
 LOGIN_FAILED = "Incorrect email or password"
 #: Bounds the bcrypt work of one login without team_id (an email registered in many teams).
@@ -56,11 +56,6 @@ class SessionTokens:
 @lru_cache
 def _dummy_hash(rounds: int) -> str:
     return hash_password_sync("no-such-user-dummy-password", rounds)
-
-
-def hash_refresh_token(token: str) -> str:
-    """Refresh tokens are stored as SHA-256: a database leak does not hand out live sessions."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 async def authenticate(
