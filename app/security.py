@@ -78,6 +78,19 @@ async def verify_password(password: str, password_hash: str) -> bool:
     return await _in_bcrypt_thread(verify_password_sync, password, password_hash)
 
 
+def hash_cost(password_hash: str) -> int | None:
+    """The cost (log2 rounds) a bcrypt hash was made with, from its `$2b$<cost>$...` prefix; None if unreadable."""
+    parts = password_hash.split("$")
+    if len(parts) < 4 or not parts[2].isdigit():
+        return None
+    return int(parts[2])
+
+
+def needs_rehash(password_hash: str, rounds: int) -> bool:
+    """True when the stored hash was made with another cost than BCRYPT_ROUNDS (raised or lowered since)."""
+    return hash_cost(password_hash) != rounds
+
+
 # --- tokens ----------------------------------------------------------------------------------
 
 

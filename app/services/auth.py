@@ -23,9 +23,11 @@ from app.security import (
     create_token,
     decode_token,
     family_key,
+    hash_password,
     hash_password_sync,
     hash_refresh_token,
     issued_before,
+    needs_rehash,
     verify_password,
 )
 from app.services.revocation import RevocationStore
@@ -83,7 +85,27 @@ async def authenticate(
     if len(active) > 1:
         teams = (await session.execute(select(Team).where(Team.id.in_([u.team_id for u in active])))).scalars()
         raise AmbiguousLogin(sorted(teams, key=lambda team: team.name))
+    await _rehash_if_needed(session=session, settings=settings, user=active[0], password=password)
     return active[0]
+
+
+async def _rehash_if_needed(*, session: AsyncSession, settings: Settings, user: User, password: str) -> None:
+    """A hash made at another cost than BCRYPT_ROUNDS is replaced, so a raised cost reaches existing users at
+    their next login (the template's `verify_and_update`).
+
+    Hashed in the bcrypt pool before any statement (no connection held meanwhile); the UPDATE opens the
+    login's transaction, which `start_session` commits with `last_login_at`. It only replaces the hash just
+    verified: a password changed while this login ran stays changed.
+    """
+    if not needs_rehash(user.password_hash, settings.BCRYPT_ROUNDS):
+        return
+    new_hash = await hash_password(password, settings.BCRYPT_ROUNDS)
+    await session.execute(
+        update(User)
+        .where(User.id == user.id, User.password_hash == user.password_hash)
+        .values(password_hash=new_hash)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def start_session(
