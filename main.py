@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.config import Settings, get_settings
 from app.db import Database
-from app.errors import install_error_handlers
+from app.error_handlers import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
