@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.config import Settings, get_settings
 from app.db import Database
-from app.errors import install_error_handlers
+from app.error_handlers import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
@@ -26,6 +26,7 @@ from app.routers.responses import complete_openapi
 from app.serve import release_uvicorn_proxy_headers
 from app.services.health import migration_head
 from app.services.revocation import make_revocation_store
+from app.state import AppState, app_state
 from app.streaming import GenerationRegistry, N8nStreamer
 
 logger = logging.getLogger("app")
@@ -46,8 +47,9 @@ DOCS_ASSETS_URL = "/docs/assets"
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    logger.info("starting (database: %s)", app.state.settings.DATABASE_URL.split(":", 1)[0])
-    await app.state.generations.startup()
+    state = app_state(app)
+    logger.info("starting (database: %s)", state.settings.DATABASE_URL.split(":", 1)[0])
+    await state.generations.startup()
     try:
         yield
     finally:
@@ -57,10 +59,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def shutdown(app: FastAPI) -> None:
     """Release what `create_app` opened; tests call it for apps they never ran a lifespan on."""
     # First: running generations get their grace period and their final write while the database is up.
-    await app.state.generations.shutdown()
-    if app.state.redis is not None:
-        await app.state.redis.aclose()
-    await app.state.db.dispose()
+    state = app_state(app)
+    await state.generations.shutdown()
+    if state.redis is not None:
+        await state.redis.aclose()
+    await state.db.dispose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -76,13 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         swagger_ui_parameters={"persistAuthorization": True},
     )
-    app.state.settings = settings
-    app.state.db = Database(settings)
-    app.state.redis = aioredis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
-    app.state.migration_head = migration_head()
-    app.state.revocations = make_revocation_store(redis=app.state.redis, sessionmaker=app.state.db.sessionmaker)
-    app.state.limiter = RateLimiter(settings, app.state.redis)
-    app.state.generations = GenerationRegistry(settings=settings, db=app.state.db, streamer=N8nStreamer(settings))
+    app.state.container = build_state(settings)
 
     install_error_handlers(app)
     app.add_middleware(
@@ -109,6 +106,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
     install_openapi(app, settings)
     return app
+
+
+def build_state(settings: Settings) -> AppState:
+    """What the app holds, built once; its stores share the one database and the one Redis client."""
+    db = Database(settings)
+    redis = aioredis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
+    return AppState(
+        settings=settings,
+        db=db,
+        redis=redis,
+        limiter=RateLimiter(settings, redis),
+        revocations=make_revocation_store(redis=redis, sessionmaker=db.sessionmaker),
+        generations=GenerationRegistry(settings=settings, db=db, streamer=N8nStreamer(settings)),
+        migration_head=migration_head(),
+    )
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, Request
 from sqlalchemy import JSON, DateTime, Executable, Result, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect, make_url
@@ -105,7 +103,7 @@ def make_engine(settings: Settings) -> AsyncEngine:
 
 
 class Database:
-    """The engine and session factory of one application instance (kept on `app.state.db`)."""
+    """The engine and session factory of one application instance (held by `AppState`, app/state.py)."""
 
     def __init__(self, settings: Settings) -> None:
         self.engine = make_engine(settings)
@@ -124,33 +122,3 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
-
-
-async def get_db(request: Request) -> Database:
-    """async: a plain `def` dependency costs a thread-pool hop on every request."""
-    db: Database = request.app.state.db
-    return db
-
-
-async def get_session(db: Annotated[Database, Depends(get_db)]) -> AsyncIterator[AsyncSession]:
-    """One session per request. Services commit explicitly; nothing is committed after the response."""
-    async with db.sessionmaker() as session:
-        yield session
-
-
-async def get_autocommit_session(db: Annotated[Database, Depends(get_db)]) -> AsyncIterator[AsyncSession]:
-    """A request session without BEGIN/COMMIT (PostgreSQL), for a route whose writes are each one atomic
-    statement.
-
-    Sending a message is three statements (user, chat with agent, the conditional append): in a
-    transaction that is five round trips on the hot path, here three. Never for multi-statement writes.
-    """
-    async with db.autocommit() as session:
-        yield session
-
-
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
-#: scope="function": closed as soon as the endpoint returns, not when its (possibly hour-long) stream ends,
-#: so an open stream keeps no session, identity map or loaded user alive.
-AutocommitSessionDep = Annotated[AsyncSession, Depends(get_autocommit_session, scope="function")]
-DatabaseDep = Annotated[Database, Depends(get_db)]

@@ -3,7 +3,7 @@
 Built on `limits` (the engine slowapi wraps), through its asyncio API: a moving window in Redis when
 `REDIS_URL` is set, so every worker shares the counters, else in process memory. slowapi's decorators
 keep one module-global Limiter (counters would leak between application instances) and call the
-synchronous storage (blocking Redis I/O); a per-app object on `app.state.limiter` used from a
+synchronous storage (blocking Redis I/O); a per-app object (the app's `AppState.limiter`) used from a
 dependency has neither problem.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Request
+from fastapi import Depends, Request
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -22,12 +22,13 @@ from redis.asyncio import Redis
 
 from app.config import Settings
 from app.errors import RateLimited
+from app.state import app_state
 
 LimitName = Literal["login", "register", "team_signup", "invite_preview"]
 
 
 class RateLimiter:
-    """The limits of one application instance (`app.state.limiter`)."""
+    """The limits of one application instance (`AppState.limiter`)."""
 
     def __init__(self, settings: Settings, redis: Redis | None) -> None:
         self.enabled = settings.RATE_LIMIT_ENABLED
@@ -63,11 +64,17 @@ class RateLimiter:
         raise RateLimited("Too many requests; retry in a moment", headers={"Retry-After": str(retry_after)})
 
 
-def rate_limit(name: LimitName) -> Callable[[Request], Awaitable[None]]:
+async def get_limiter(request: Request) -> RateLimiter:
+    return app_state(request.app).limiter
+
+
+LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
+
+
+def rate_limit(name: LimitName) -> Callable[[Request, RateLimiter], Awaitable[None]]:
     """A dependency counting the request against the app's limiter."""
 
-    async def dependency(request: Request) -> None:
-        limiter: RateLimiter = request.app.state.limiter
+    async def dependency(request: Request, limiter: LimiterDep) -> None:
         await limiter.hit(name, request)
 
     return dependency

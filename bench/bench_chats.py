@@ -32,8 +32,8 @@ from alembic import command
 from alembic.config import Config
 from cryptography.fernet import Fernet
 
-from app.auth import create_token, hash_password_sync
 from app.config import load_settings
+from app.security import create_token, hash_password_sync
 from main import create_app, shutdown
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -111,8 +111,8 @@ async def seed(dbname: str, settings: Any, fake_url: str) -> Seed:
     """One team, one admin (bcrypt at the configured cost, for real logins), one agent on the fake n8n."""
     from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-    from app.auth import create_token, hash_password_sync
     from app.models import Agent, Team, User
+    from app.security import create_token, hash_password_sync
 
     engine = create_async_engine(_db_url(dbname, "postgresql+asyncpg"))
     try:

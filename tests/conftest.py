@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings, load_settings
 from app.models import Base
+from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import https_client
 from tools.fake_n8n import FakeN8n
@@ -155,7 +156,7 @@ async def fake() -> AsyncIterator[FakeN8n]:
 
 @pytest.fixture
 async def session(app: FastAPI) -> AsyncIterator[AsyncSession]:
-    async with app.state.db.sessionmaker() as s:
+    async with app_state(app).db.sessionmaker() as s:
         yield s
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import create_token, hash_password_sync
 from app.config import Settings
 from app.models import Agent, Chat, Team, User
+from app.security import create_token, hash_password_sync
 
 DEFAULT_PASSWORD = "correct-horse-battery"
 _HASH_CACHE: dict[str, str] = {}

@@ -23,6 +23,7 @@ from app.config import Settings
 from app.crypto import encrypt_headers
 from app.models import Agent, Chat, Team, User
 from app.serve import SERVER_OPTIONS
+from app.state import app_state
 from main import create_app
 from tests.conftest import ROOT
 from tests.factories import auth_headers, create_agent, create_chat, create_user
@@ -140,7 +141,7 @@ class LiveServer:
         assert not self.thread.is_alive(), "uvicorn did not stop"
 
     def running_generations(self) -> int:
-        return len(self.app.state.generations.running)
+        return len(app_state(self.app).generations.running)
 
 
 @asynccontextmanager

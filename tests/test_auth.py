@@ -20,11 +20,12 @@ from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import create_token, hash_password, issued_before, verify_password
 from app.config import Settings
 from app.db import utcnow
 from app.models import RefreshToken, RevokedToken, User
+from app.security import create_token, hash_password, hash_refresh_token, issued_before, verify_password
 from app.services import auth as auth_service
+from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import bearer, https_client, login, set_cookies
 from tests.conftest import TEST_JWT_SECRET, count_rows, make_settings
@@ -579,12 +580,13 @@ async def test_family_revocation_racing_a_refresh_revokes_its_successor(
     """A refresh in flight (its spent row locked, its successor inserted) when the family is revoked."""
     await create_user(session, email="racing@example.com")
     first = (await login(web, "racing@example.com")).json()
-    spent_hash = auth_service.hash_refresh_token(first["refresh_token"])
+    spent_hash = hash_refresh_token(first["refresh_token"])
     family_id = (
         await session.execute(select(RefreshToken.family_id).where(RefreshToken.token_hash == spent_hash))
     ).scalar_one()
     await session.commit()
-    async with app.state.db.sessionmaker() as refreshing, app.state.db.sessionmaker() as revoking:
+    state = app_state(app)
+    async with state.db.sessionmaker() as refreshing, state.db.sessionmaker() as revoking:
         await refreshing.execute(
             update(RefreshToken).where(RefreshToken.token_hash == spent_hash).values(used_at=utcnow())
         )
@@ -598,7 +600,7 @@ async def test_family_revocation_racing_a_refresh_revokes_its_successor(
         await refreshing.flush()
         revoke = asyncio.create_task(
             auth_service.revoke_family(
-                session=revoking, settings=app.state.settings, revocations=app.state.revocations, family_id=family_id
+                session=revoking, settings=state.settings, revocations=state.revocations, family_id=family_id
             )
         )
         await asyncio.sleep(0.3)
@@ -839,9 +841,117 @@ async def test_bcrypt_runs_off_the_event_loop(database_url: str, tmp_path: Path,
         await shutdown(app)
 
 
+# --- rehash on login --------------------------------------------------------------------------
+
+
+async def stored_hash(session: AsyncSession, user_id: uuid.UUID) -> str:
+    return str((await session.execute(select(User.password_hash).where(User.id == user_id))).scalar_one())
+
+
+async def log_in(client: httpx.AsyncClient, how: str, email: str, password: str) -> httpx.Response:
+    """The JSON login or the OAuth2 form: both go through one authenticate."""
+    if how == "login":
+        return await login(client, email, password)
+    return await client.post("/api/auth/token", data={"username": email, "password": password})
+
+
+@pytest.mark.parametrize("how", ["login", "token"])
+async def test_login_rehashes_a_hash_of_another_cost(
+    database_url: str, tmp_path: Path, session: AsyncSession, how: str
+) -> None:
+    """BCRYPT_ROUNDS raised from 4 to 5: the next login stores a cost-5 hash, which then works and stays."""
+    app = create_app(make_settings(database_url, tmp_path, BCRYPT_ROUNDS=5, RATE_LIMIT_ENABLED=False))
+    try:
+        user = await create_user(session, email="cost@example.com")
+        assert (await stored_hash(session, user.id)).startswith("$2b$04$")
+        async with https_client(app) as c:
+            assert (await log_in(c, how, "cost@example.com", DEFAULT_PASSWORD)).status_code == 200
+            rehashed = await stored_hash(session, user.id)
+            assert rehashed.startswith("$2b$05$")
+            assert await verify_password(DEFAULT_PASSWORD, rehashed)
+            assert (await log_in(c, how, "cost@example.com", DEFAULT_PASSWORD)).status_code == 200
+        assert await stored_hash(session, user.id) == rehashed
+    finally:
+        await shutdown(app)
+
+
+@pytest.mark.parametrize("how", ["login", "token"])
+async def test_login_at_the_current_cost_keeps_the_hash(
+    web: httpx.AsyncClient, session: AsyncSession, how: str
+) -> None:
+    user = await create_user(session, email="same@example.com")
+    before = await stored_hash(session, user.id)
+    assert (await log_in(web, how, "same@example.com", DEFAULT_PASSWORD)).status_code == 200
+    assert await stored_hash(session, user.id) == before
+
+
+@pytest.mark.parametrize("how", ["login", "token"])
+async def test_login_with_wrong_password_keeps_a_hash_of_another_cost(
+    database_url: str, tmp_path: Path, session: AsyncSession, how: str
+) -> None:
+    app = create_app(make_settings(database_url, tmp_path, BCRYPT_ROUNDS=5, RATE_LIMIT_ENABLED=False))
+    try:
+        user = await create_user(session, email="wrong@example.com")
+        before = await stored_hash(session, user.id)
+        async with https_client(app) as c:
+            assert (await log_in(c, how, "wrong@example.com", "not-the-password")).status_code == 401
+        assert await stored_hash(session, user.id) == before
+    finally:
+        await shutdown(app)
+
+
+async def test_rehash_runs_in_the_bcrypt_pool(
+    database_url: str, tmp_path: Path, session: AsyncSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The extra bcrypt of a rehash never runs on the event loop."""
+    from app import security
+
+    threads: list[str] = []
+    real = security.hash_password_sync
+
+    def recording(password: str, rounds: int) -> str:
+        threads.append(threading.current_thread().name)
+        return real(password, rounds)
+
+    monkeypatch.setattr(security, "hash_password_sync", recording)
+    app = create_app(make_settings(database_url, tmp_path, BCRYPT_ROUNDS=5, RATE_LIMIT_ENABLED=False))
+    try:
+        user = await create_user(session, email="pool@example.com")
+        async with https_client(app) as c:
+            assert (await login(c, "pool@example.com", DEFAULT_PASSWORD)).status_code == 200
+        assert (await stored_hash(session, user.id)).startswith("$2b$05$")
+        assert len(threads) == 1
+        assert threads[0].startswith("bcrypt")
+    finally:
+        await shutdown(app)
+
+
+async def test_rehash_never_undoes_a_password_changed_during_the_login(
+    database_url: str, tmp_path: Path, session: AsyncSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new hash replaces only the hash the login verified: a change committed meanwhile wins."""
+    app = create_app(make_settings(database_url, tmp_path, BCRYPT_ROUNDS=5, RATE_LIMIT_ENABLED=False))
+    user = await create_user(session, email="race@example.com")
+    changed = await hash_password("changed-meanwhile", 4)
+    real = hash_password
+
+    async def change_then_hash(password: str, rounds: int) -> str:
+        await session.execute(update(User).where(User.id == user.id).values(password_hash=changed))
+        await session.commit()
+        return await real(password, rounds)
+
+    monkeypatch.setattr(auth_service, "hash_password", change_then_hash)
+    try:
+        async with https_client(app) as c:
+            assert (await login(c, "race@example.com", DEFAULT_PASSWORD)).status_code == 200
+        assert await stored_hash(session, user.id) == changed
+    finally:
+        await shutdown(app)
+
+
 async def test_bcrypt_threads_run_at_lower_priority_and_never_take_every_core() -> None:
     """A login burst on a busy small machine must leave the event loop's core (and priority) to streams."""
-    from app import auth
+    from app import security as auth
 
     def probe() -> tuple[str, int]:
         return threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

@@ -20,6 +20,7 @@ from app.config import Settings
 from app.db import utcnow
 from app.models import Agent, Chat, Team, User
 from app.services.chats import like_pattern, title_from_message
+from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
 from tests.factories import auth_headers, create_admin, create_agent, create_chat, create_team, create_user
@@ -201,7 +202,7 @@ def statements(app: FastAPI) -> Iterator[list[str]]:
     def _record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.append(statement)
 
-    engine = app.state.db.engine.sync_engine
+    engine = app_state(app).db.engine.sync_engine
     event.listen(engine, "before_cursor_execute", _record)
     yield seen
     event.remove(engine, "before_cursor_execute", _record)
@@ -597,7 +598,7 @@ async def test_list_and_search_work_on_sqlite(tmp_path: Path) -> None:
     settings = make_settings(url, tmp_path)
     app = create_app(settings)
     try:
-        async with app.state.db.sessionmaker() as session:
+        async with app_state(app).db.sessionmaker() as session:
             team = await create_team(session)
             user = await create_user(session, team=team)
             agent = await create_agent(session, team=team)

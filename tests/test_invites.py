@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.db import utcnow
 from app.models import Invite, Team, User
+from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import https_client, login
 from tests.conftest import count_rows, make_settings, run_migrations
@@ -484,7 +485,7 @@ async def test_invites_work_on_sqlite(tmp_path: Path) -> None:
     settings = make_settings(url, tmp_path, RATE_LIMIT_ENABLED=False)
     app = create_app(settings)
     try:
-        async with app.state.db.sessionmaker() as session:
+        async with app_state(app).db.sessionmaker() as session:
             team, admin = await _team_and_admin(session)
         async with https_client(app) as c:
             invite = await _invite(c, settings, admin, role="admin", max_uses=2, email="lite@example.com")
@@ -495,7 +496,7 @@ async def test_invites_work_on_sqlite(tmp_path: Path) -> None:
             assert (joined.json()["role"], joined.json()["team_id"]) == ("admin", str(team.id))
             assert (await _register(c, invite["token"], "lite@example.com")).status_code == 409
             expired_at = utcnow() - timedelta(seconds=1)
-            async with app.state.db.sessionmaker() as session:
+            async with app_state(app).db.sessionmaker() as session:
                 assert (await _row(session, invite["id"])).uses == 1
                 await session.execute(update(Invite).values(expires_at=expired_at))
                 await session.commit()

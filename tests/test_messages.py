@@ -15,11 +15,12 @@ from fastapi import FastAPI
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import create_token, family_key
 from app.config import Settings
 from app.db import utcnow
 from app.models import Chat, ErrorLog, Team, User
+from app.security import create_token, family_key
 from app.services.messages import build_history, public_message
+from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
 from tests.factories import auth_headers, create_admin, create_user
@@ -32,13 +33,13 @@ TIMESTAMP_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 
 
 async def stored(app: FastAPI, chat_id: uuid.UUID) -> Chat:
-    async with app.state.db.sessionmaker() as s:
+    async with app_state(app).db.sessionmaker() as s:
         chat: Chat = (await s.execute(select(Chat).where(Chat.id == chat_id))).scalar_one()
         return chat
 
 
 async def error_rows(app: FastAPI) -> list[ErrorLog]:
-    async with app.state.db.sessionmaker() as s:
+    async with app_state(app).db.sessionmaker() as s:
         return list((await s.execute(select(ErrorLog).order_by(ErrorLog.created_at))).scalars())
 
 
@@ -87,9 +88,9 @@ async def test_send_message_streams_events_and_stores_answer(
     user_msg, assistant = chat.messages
     assert public_message(user_msg) == start["user_message"]
     assert public_message(assistant) == done
-    assert assistant["_worker"] == str(app.state.generations.worker_id)
+    assert assistant["_worker"] == str(app_state(app).generations.worker_id)
     assert await error_rows(app) == []
-    assert app.state.generations.running == {}
+    assert app_state(app).generations.running == {}
 
 
 def timestamps(value: Any, key: str = "") -> list[str]:
@@ -306,12 +307,12 @@ async def test_send_message_refuses_a_token_that_is_no_longer_valid(
     )
     headers = {"Authorization": f"Bearer {issued.token}"}
     if case == "revoked token":
-        await app.state.revocations.revoke(issued.jti, issued.expires_at)
+        await app_state(app).revocations.revoke(issued.jti, issued.expires_at)
     elif case == "revoked family":
-        await app.state.revocations.revoke(family_key(family), issued.expires_at)
+        await app_state(app).revocations.revoke(family_key(family), issued.expires_at)
     elif case in ("deactivated user", "tokens_valid_after"):
         assert (await client.get(f"/api/chats/{setup.chat.id}", headers=headers)).status_code == 200
-        async with app.state.db.sessionmaker() as s:
+        async with app_state(app).db.sessionmaker() as s:
             user = await s.get(User, setup.user.id)
             assert user is not None
             if case == "deactivated user":
@@ -546,7 +547,7 @@ async def test_fault_keeps_partial_text_with_status_error(
         assert (assistant["content"], assistant["status"], assistant["error"]["code"]) == (partial, "error", code)
         rows = await error_rows(application)
         assert [r.code for r in rows] == [code]
-        assert application.state.generations.running == {}
+        assert app_state(application).generations.running == {}
     finally:
         await shutdown(application)
 
@@ -609,7 +610,7 @@ async def test_send_path_gives_its_pooled_connection_back_transactional(
     settings = make_settings(database_url, tmp_path, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
     application = create_app(settings)
     try:
-        async with application.state.db.sessionmaker() as s:
+        async with app_state(application).db.sessionmaker() as s:
             setup = await chat_with_agent(s, settings, f"{fake.url}/webhook/agent-stream")
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
@@ -617,7 +618,7 @@ async def test_send_path_gives_its_pooled_connection_back_transactional(
                 f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
             )
         assert data_events(parse_sse(response.text))[-1].type == "done"
-        async with application.state.db.sessionmaker() as s:
+        async with app_state(application).db.sessionmaker() as s:
             await s.execute(text("UPDATE chats SET title = 'rolled back' WHERE id = :id"), {"id": setup.chat.id})
             await s.rollback()
         assert (await stored(application, setup.chat.id)).title != "rolled back"
@@ -631,7 +632,7 @@ async def test_send_message_on_sqlite(tmp_path: Path, fake: FakeN8n) -> None:
     settings = make_settings(url, tmp_path)
     application = create_app(settings)
     try:
-        async with application.state.db.sessionmaker() as s:
+        async with app_state(application).db.sessionmaker() as s:
             setup = await chat_with_agent(s, settings, f"{fake.url}/webhook/agent-stream", title=None)
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
@@ -646,7 +647,7 @@ async def test_send_message_on_sqlite(tmp_path: Path, fake: FakeN8n) -> None:
             issued = create_token(
                 settings=settings, user_id=setup.user.id, team_id=setup.user.team_id, token_type="access"
             )
-            await application.state.revocations.revoke(issued.jti, issued.expires_at)
+            await app_state(application).revocations.revoke(issued.jti, issued.expires_at)
             revoked = await c.post(url_, json={"content": "x"}, headers={"Authorization": f"Bearer {issued.token}"})
         assert revoked.status_code == 401
         assert streamed_text(parse_sse(again.text)) == "Echo: and again"
@@ -665,7 +666,7 @@ async def test_send_message_during_shutdown_is_503(
     app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
-    await app.state.generations.shutdown()
+    await app_state(app).generations.shutdown()
     response = await send(client, setup)
     assert response.status_code == 503
     assert (await stored(app, setup.chat.id)).messages == []

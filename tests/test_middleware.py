@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
 from app.logs import JsonFormatter, RequestIdFilter, redact_path, redact_query, request_id_var, setup_logging
+from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import make_settings
 
@@ -231,7 +232,7 @@ async def test_pool_recovers_after_the_database_drops_its_connections(
     await session.close()
     headers = auth_headers(settings, user)
     assert (await client.get("/api/auth/me", headers=headers)).status_code == 200
-    async with app.state.db.engine.connect() as conn:
+    async with app_state(app).db.engine.connect() as conn:
         own_pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
     # What a database restart does to every pooled connection.
     admin = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)

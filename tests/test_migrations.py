@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.services.health import migration_head
+from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import ADMIN_URL, ROOT, _admin_execute, _plain_url, _with_database, make_settings, run_migrations
 from tools.schema_sql import render_schema
@@ -109,7 +110,7 @@ async def test_sqlite_smoke(tmp_path: Path) -> None:
             assert (await c.get("/ready")).status_code == 200
         from tests.factories import create_team
 
-        async with app.state.db.sessionmaker() as session:
+        async with app_state(app).db.sessionmaker() as session:
             team = await create_team(session, name="Smoke")
             assert team.created_at.tzinfo is not None
             assert team.settings == {"open_registration": False}

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import utcnow
 from app.proxies import client_address, parse_networks
 from app.services.revocation import DatabaseRevocationStore, RedisRevocationStore
+from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import bearer, login
 from tests.conftest import count_rows, make_settings
@@ -208,7 +209,7 @@ def _family(token: str) -> str:
 
 
 async def test_database_revocation_store(app: FastAPI, session: AsyncSession) -> None:
-    store = app.state.revocations
+    store = app_state(app).revocations
     assert isinstance(store, DatabaseRevocationStore)
     now = utcnow()
     await store.revoke("expired-already", now - timedelta(seconds=1))

@@ -9,17 +9,19 @@ import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.pool import QueuePool
 
 from app.config import Settings
 from app.db import utcnow
 from app.models import Chat, ErrorLog, Worker
+from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import ROOT, TEST_ENCRYPTION_KEY, TEST_JWT_SECRET, make_settings
 from tests.live import (
@@ -49,7 +51,7 @@ def fast_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settin
 
 
 async def assistant_of(app: FastAPI, chat_id: uuid.UUID) -> dict[str, Any]:
-    async with app.state.db.sessionmaker() as s:
+    async with app_state(app).db.sessionmaker() as s:
         chat = (await s.execute(select(Chat).where(Chat.id == chat_id))).scalar_one()
         message: dict[str, Any] = chat.messages[-1]
         return message
@@ -66,15 +68,20 @@ async def settled(app: FastAPI, chat_id: uuid.UUID, within: float = 5) -> dict[s
 
 
 async def error_codes(app: FastAPI) -> list[str]:
-    async with app.state.db.sessionmaker() as s:
+    async with app_state(app).db.sessionmaker() as s:
         return list((await s.execute(select(ErrorLog.code))).scalars())
+
+
+def checked_out(app: FastAPI) -> int:
+    """Connections the app's pool has lent out (a QueuePool: these tests run on PostgreSQL)."""
+    return cast(QueuePool, app_state(app).db.engine.pool).checkedout()
 
 
 async def idle(server: LiveServer, within: float = 5) -> None:
     """No generation running and no database connection checked out on the live server."""
     async with asyncio.timeout(within):
         while True:
-            if not server.running_generations() and not server.app.state.db.engine.pool.checkedout():
+            if not server.running_generations() and not checked_out(server.app):
                 return
             await asyncio.sleep(0.02)
 
@@ -188,7 +195,7 @@ async def test_live_no_database_connection_held_while_waiting(
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.5)
         assert server.running_generations() == 1
-        assert server.app.state.db.engine.pool.checkedout() == 0
+        assert checked_out(server.app) == 0
         text = await task
         await idle(server)
     assert data_events(parse_sse(text))[-1].type == "done"
@@ -229,7 +236,7 @@ async def test_live_shutdown_interrupts_after_grace(
     assert message["content"] == "Echo: hello"
     assert message["error"]["code"] == "interrupted"
     assert await error_codes(app) == ["interrupted"]
-    async with app.state.db.sessionmaker() as s:
+    async with app_state(app).db.sessionmaker() as s:
         assert (await s.execute(select(Worker))).scalars().all() == []
 
 
@@ -291,9 +298,9 @@ async def test_kill_mid_stream_then_restart_marks_interrupted(
     await asyncio.sleep(0.7)  # > 3 heartbeats of 0.2 s: the killed worker is now stale
     restarted = create_app(settings)
     try:
-        await restarted.state.generations.startup()
+        await app_state(restarted).generations.startup()
         message = await assistant_of(restarted, setup.chat.id)
-        await restarted.state.generations.shutdown()
+        await app_state(restarted).generations.shutdown()
     finally:
         await shutdown(restarted)
     assert message["status"] == "interrupted"
@@ -313,9 +320,9 @@ async def test_starting_worker_leaves_live_workers_streams_alone(
         await asyncio.sleep(0.8)  # several heartbeats, longer than the 3 x 0.2 s staleness window
         second = create_app(settings)
         try:
-            await second.state.generations.startup()
+            await app_state(second).generations.startup()
             during = await assistant_of(second, setup.chat.id)
-            await second.state.generations.shutdown()
+            await app_state(second).generations.shutdown()
         finally:
             await shutdown(second)
         text = await task
@@ -341,9 +348,9 @@ async def test_startup_marks_streams_of_missing_workers_interrupted(
     }
     done = {"id": str(uuid.uuid4()), "role": "assistant", "content": "ok", "status": "complete", "created_at": "x"}
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream", messages=[done, orphan])
-    await app.state.generations.startup()
-    await app.state.generations.shutdown()
-    async with app.state.db.sessionmaker() as s:
+    await app_state(app).generations.startup()
+    await app_state(app).generations.shutdown()
+    async with app_state(app).db.sessionmaker() as s:
         chat = (await s.execute(select(Chat).where(Chat.id == setup.chat.id))).scalar_one()
     assert chat.messages[0] == done
     assert chat.messages[1]["status"] == "interrupted"
@@ -356,21 +363,21 @@ async def test_startup_survives_unmigrated_database_and_retries(tmp_path: Path, 
     settings = make_settings(url, tmp_path, WORKER_HEARTBEAT_INTERVAL=0.05)
     application = create_app(settings)
     try:
-        await application.state.generations.startup()
-        assert application.state.generations.recovered is False
+        await app_state(application).generations.startup()
+        assert app_state(application).generations.recovered is False
         from tests.conftest import run_migrations
 
         await asyncio.to_thread(run_migrations, url)
         async with asyncio.timeout(5):
             while True:
-                if application.state.generations.recovered:
+                if app_state(application).generations.recovered:
                     break
                 await asyncio.sleep(0.02)
-        async with application.state.db.sessionmaker() as s:
+        async with app_state(application).db.sessionmaker() as s:
             workers = (await s.execute(select(Worker.id))).scalars().all()
-        assert workers == [application.state.generations.worker_id]
+        assert workers == [app_state(application).generations.worker_id]
     finally:
-        await application.state.generations.shutdown()
+        await app_state(application).generations.shutdown()
         await shutdown(application)
 
 
@@ -381,7 +388,7 @@ async def test_running_worker_recovers_streams_of_a_worker_that_died_later(
     # machine when the first check runs (0.05 s made this test flaky), short enough to settle quickly.
     settings = make_settings(database_url, tmp_path, WORKER_HEARTBEAT_INTERVAL=0.2)
     dead = uuid.uuid4()
-    async with app.state.db.sessionmaker() as s:
+    async with app_state(app).db.sessionmaker() as s:
         s.add(Worker(id=dead))
         await s.commit()
     orphan = {
@@ -395,11 +402,11 @@ async def test_running_worker_recovers_streams_of_a_worker_that_died_later(
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream", messages=[orphan])
     running = create_app(settings)
     try:
-        await running.state.generations.startup()
+        await app_state(running).generations.startup()
         assert (await assistant_of(app, setup.chat.id))["status"] == "streaming"  # the dead worker looks alive
         message = await settled(app, setup.chat.id, within=5)
     finally:
-        await running.state.generations.shutdown()
+        await app_state(running).generations.shutdown()
         await shutdown(running)
     assert message["status"] == "interrupted"
     assert message["content"] == "half"
@@ -490,7 +497,7 @@ async def test_own_orphaned_streaming_message_is_recovered(
     block the chat with 409 forever; recovery marks it once older than the stale window."""
     settings = fast_settings(database_url, tmp_path)
     running = create_app(settings)
-    worker = running.state.generations.worker_id
+    worker = app_state(running).generations.worker_id
     old = (utcnow() - timedelta(seconds=5)).isoformat()
     orphan = {
         "id": str(uuid.uuid4()),
@@ -511,11 +518,11 @@ async def test_own_orphaned_streaming_message_is_recovered(
     first = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream", messages=[orphan])
     second = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream", messages=[fresh])
     try:
-        await running.state.generations.startup()
+        await app_state(running).generations.startup()
         recovered = await assistant_of(app, first.chat.id)
         just_started = await assistant_of(app, second.chat.id)
     finally:
-        await running.state.generations.shutdown()
+        await app_state(running).generations.shutdown()
         await shutdown(running)
     assert (recovered["status"], recovered["content"]) == ("interrupted", "half")
     assert just_started["status"] == "streaming"

@@ -20,6 +20,7 @@ from app.config import Settings
 from app.errors import Conflict
 from app.models import Team, User
 from app.services import users as users_service
+from app.state import app_state
 from tests.authhelpers import bearer, https_client, login
 from tests.conftest import ROOT, count_rows, make_settings
 from tests.factories import auth_headers, create_admin, create_team, create_user
@@ -306,7 +307,7 @@ async def test_last_admin_check_waits_for_a_concurrent_change(app: FastAPI, sess
     team = await create_team(session)
     first = await create_admin(session, team=team)
     second = await create_admin(session, team=team)
-    sessionmaker = app.state.db.sessionmaker
+    sessionmaker = app_state(app).db.sessionmaker
     async with sessionmaker() as holder, sessionmaker() as contender:
         await holder.execute(select(Team.id).where(Team.id == team.id).with_for_update())
         actor = await contender.get(User, second.id)

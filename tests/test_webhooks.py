@@ -18,6 +18,7 @@ from yarl import URL
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers, encrypt_headers
 from app.models import Chat, ErrorLog
+from app.state import app_state
 from app.webhooks import PolicyResolver, WebhookPolicyError, check_webhook_url, webhook_target
 from tests.conftest import count_rows, make_settings
 from tests.factories import auth_headers, create_admin, create_agent, create_team
@@ -415,7 +416,7 @@ async def test_send_to_stored_unicode_host_is_refused_before_connecting(
     assert last["type"] == "error"
     assert last["data"]["code"] == "upstream_blocked"
     assert fake.requests == []
-    async with app.state.db.sessionmaker() as s:
+    async with app_state(app).db.sessionmaker() as s:
         chat = (await s.execute(select(Chat).where(Chat.id == setup.chat.id))).scalar_one()
         codes = list((await s.execute(select(ErrorLog.code))).scalars())
     assert chat.messages[-1]["role"] == "assistant"

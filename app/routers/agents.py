@@ -7,8 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Header, Query, Request, Response, UploadFile, status
 
-from app.auth import AdminUser, CurrentUser, SettingsDep
-from app.db import SessionDep
+from app.auth import AdminUser, CurrentUser
+from app.deps import SessionDep, SettingsDep
 from app.errors import PayloadTooLarge
 from app.routers.responses import R401, R403_ADMIN, R422_WEBHOOK, Responses, error_doc
 from app.schemas import AgentAdminRead, AgentCreate, AgentRead, AgentUpdate

@@ -11,9 +11,9 @@ from fastapi import APIRouter, Depends, Form, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordRequestForm
 
-from app.auth import CurrentUser, SettingsDep, check_cookie_origin, token_from_request
+from app.auth import CurrentUser, check_cookie_origin, token_from_request
 from app.config import Settings
-from app.db import SessionDep
+from app.deps import RevocationsDep, SessionDep, SettingsDep
 from app.errors import Unauthorized, Unprocessable
 from app.ratelimit import rate_limit
 from app.routers.responses import R401, R401_LOGIN, R403_ORIGIN, R429, error_doc
@@ -254,6 +254,7 @@ async def refresh(
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
+    revocations: RevocationsDep,
     body: RefreshRequest | None = None,
 ) -> RefreshRead:
     """A refresh token works once. Presenting a used one revokes its whole family (every device's copy)."""
@@ -266,7 +267,7 @@ async def refresh(
     if not presented:
         raise Unauthorized()
     tokens = await auth_service.refresh_session(
-        session=session, settings=settings, revocations=request.app.state.revocations, token=presented
+        session=session, settings=settings, revocations=revocations, token=presented
     )
     set_session_cookies(response, settings, tokens)
     assert tokens.refresh is not None
@@ -290,6 +291,7 @@ async def logout(
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
+    revocations: RevocationsDep,
     body: RefreshRequest | None = None,
 ) -> None:
     """Always 204, also with expired or no tokens, so a client can always get back to a clean state."""
@@ -301,7 +303,7 @@ async def logout(
     await auth_service.logout(
         session=session,
         settings=settings,
-        revocations=request.app.state.revocations,
+        revocations=revocations,
         access_token=token_from_request(request),
         refresh_token=refresh_token or request.cookies.get(REFRESH_COOKIE),
     )

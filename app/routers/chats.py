@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from app.auth import CurrentUser
-from app.db import SessionDep
+from app.deps import SessionDep
 from app.routers.responses import R401, Responses, error_doc
 from app.schemas import ChatCreate, ChatRead, ChatSummary, ChatUpdate
 from app.services import chats as chats_service

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from app.auth import AdminUser
-from app.db import SessionDep
+from app.deps import SessionDep
 from app.schemas import ErrorLogRead
 from app.services.error_logs import list_error_logs
 

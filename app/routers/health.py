@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.schemas import HealthRead
 from app.services import health as health_service
+from app.state import StateDep
 
 router = APIRouter(tags=["operations"])
 
@@ -22,9 +23,9 @@ async def health() -> HealthRead:
     summary="Database (and Redis, when configured) reachable and migrated",
     responses={503: {"description": "Not ready; `detail` says why", "content": {"application/json": {}}}},
 )
-async def ready(request: Request) -> HealthRead | JSONResponse:
+async def ready(state: StateDep) -> HealthRead | JSONResponse:
     problem = await health_service.readiness_problem(
-        db=request.app.state.db, redis=request.app.state.redis, expected_revision=request.app.state.migration_head
+        db=state.db, redis=state.redis, expected_revision=state.migration_head
     )
     if problem:
         return JSONResponse({"detail": problem}, status_code=503)

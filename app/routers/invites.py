@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from app.db import SessionDep
+from app.deps import SessionDep
 from app.ratelimit import rate_limit
 from app.routers.responses import R429, error_doc
 from app.schemas import InvitePreviewRead

@@ -5,16 +5,16 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.sse import EventSourceResponse
 
-from app.auth import CurrentCaller, SettingsDep
-from app.db import AutocommitSessionDep
+from app.auth import CurrentCaller
+from app.deps import AutocommitSessionDep, GenerationsDep, SettingsDep
 from app.routers.responses import R401, Responses, error_doc, json_only
 from app.schemas import MessageCreate
 from app.services.chats import CHAT_NOT_FOUND
 from app.services.messages import AGENT_INACTIVE, start_message
-from app.streaming import SSE_HEADERS, Generation, GenerationRegistry
+from app.streaming import SSE_HEADERS, Generation
 
 router = APIRouter(prefix="/api/chats", tags=["messages"])
 
@@ -70,19 +70,18 @@ class EventStream(Response):
 
 
 async def start_generation(
-    request: Request,
     chat_id: uuid.UUID,
     body: MessageCreate,
     user: CurrentCaller,
     session: AutocommitSessionDep,
     settings: SettingsDep,
+    registry: GenerationsDep,
 ) -> Generation:
     """Everything that can fail with a plain JSON error happens here, before the 200 and the stream.
 
     Its session has no transaction: each statement (the user, the chat with its agent, the conditional
     append of the two messages) is atomic on its own, and a transaction would only add two round trips.
     """
-    registry: GenerationRegistry = request.app.state.generations
     registry.check_accepting()
     new = await start_message(
         session=session,

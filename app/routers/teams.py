@@ -6,8 +6,8 @@ import uuid
 
 from fastapi import APIRouter, Depends, Response, status
 
-from app.auth import AdminUser, CurrentUser, SettingsDep
-from app.db import SessionDep
+from app.auth import AdminUser, CurrentUser
+from app.deps import SessionDep, SettingsDep
 from app.errors import Forbidden
 from app.ratelimit import rate_limit
 from app.routers.responses import R401, R403_ADMIN, R429, error_doc

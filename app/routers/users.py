@@ -6,8 +6,8 @@ import uuid
 
 from fastapi import APIRouter, status
 
-from app.auth import AdminUser, SettingsDep
-from app.db import SessionDep
+from app.auth import AdminUser
+from app.deps import SessionDep, SettingsDep
 from app.routers.responses import R401, R403_ADMIN, Responses, error_doc
 from app.schemas import UserCreate, UserRead, UserUpdate
 from app.services import users as users_service

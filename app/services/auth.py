@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,23 +12,26 @@ import anyio
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import (
-    INVALID_TOKEN,
-    IssuedToken,
-    RevocationStore,
-    create_token,
-    decode_token,
-    family_key,
-    hash_password_sync,
-    issued_before,
-    verify_password,
-)
 from app.config import Settings
 from app.crypto import decrypt_text, encrypt_text
 from app.db import utcnow
 from app.errors import Unauthorized
 from app.models import RefreshToken, Team, User
 from app.schemas import canonical_email
+from app.security import (
+    INVALID_TOKEN,
+    IssuedToken,
+    create_token,
+    decode_token,
+    family_key,
+    hash_password,
+    hash_password_sync,
+    hash_refresh_token,
+    issued_before,
+    needs_rehash,
+    verify_password,
+)
+from app.services.revocation import RevocationStore
 
 LOGIN_FAILED = "Incorrect email or password"
 #: Bounds the bcrypt work of one login without team_id (an email registered in many teams).
@@ -62,11 +64,6 @@ def _dummy_hash(rounds: int) -> str:
     return hash_password_sync("no-such-user-dummy-password", rounds)
 
 
-def hash_refresh_token(token: str) -> str:
-    """Refresh tokens are stored as SHA-256: a database leak does not hand out live sessions."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 async def authenticate(
     *, session: AsyncSession, settings: Settings, email: str, password: str, team_id: uuid.UUID | None
 ) -> User:
@@ -92,7 +89,27 @@ async def authenticate(
     if len(active) > 1:
         teams = (await session.execute(select(Team).where(Team.id.in_([u.team_id for u in active])))).scalars()
         raise AmbiguousLogin(sorted(teams, key=lambda team: team.name))
+    await _rehash_if_needed(session=session, settings=settings, user=active[0], password=password)
     return active[0]
+
+
+async def _rehash_if_needed(*, session: AsyncSession, settings: Settings, user: User, password: str) -> None:
+    """A hash made at another cost than BCRYPT_ROUNDS is replaced, so a raised cost reaches existing users at
+    their next login (the template's `verify_and_update`).
+
+    Hashed in the bcrypt pool before any statement (no connection held meanwhile); the UPDATE opens the
+    login's transaction, which `start_session` commits with `last_login_at`. It only replaces the hash just
+    verified: a password changed while this login ran stays changed.
+    """
+    if not needs_rehash(user.password_hash, settings.BCRYPT_ROUNDS):
+        return
+    new_hash = await hash_password(password, settings.BCRYPT_ROUNDS)
+    await session.execute(
+        update(User)
+        .where(User.id == user.id, User.password_hash == user.password_hash)
+        .values(password_hash=new_hash)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def start_session(

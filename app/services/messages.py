@@ -18,12 +18,12 @@ from sqlalchemy import Select, TextClause, Uuid, bindparam, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import TypeEngine
 
-from app.auth import Caller
 from app.config import Settings
 from app.db import UTCDateTime, execute_core, utcnow
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Agent, Chat
 from app.schemas import MessageRead, format_timestamp
+from app.security import Caller
 from app.services import error_logs
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params, title_from_message
 

@@ -7,18 +7,46 @@ either way every worker sees a revocation at once.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.auth import REVOKED, revoked_params
 from app.db import utcnow
 from app.models import RevokedToken
 
 REDIS_PREFIX = "revoked:"
+
+
+class RevocationStore(Protocol):
+    """What the app's `revocations` provides (the two stores below).
+
+    `in_database`: revocations are rows in this database, so `current_user` checks them in its own query.
+    """
+
+    in_database: bool
+
+    async def is_revoked(self, jti: str) -> bool: ...
+
+    async def is_any_revoked(self, ids: list[str]) -> bool: ...
+
+    async def revoke(self, jti: str, expires_at: datetime) -> None: ...
+
+
+#: Is any of `:ids` revoked and not expired at `:now`? Built once: building the `IN` clause per request
+#: showed up in the profile. `current_user` folds it into the user's SELECT (one round trip).
+REVOKED = (
+    select(RevokedToken.jti)
+    .where(RevokedToken.jti.in_(bindparam("ids", expanding=True)), RevokedToken.expires_at > bindparam("now"))
+    .exists()
+)
+
+
+def revoked_params(ids: list[str]) -> dict[str, Any]:
+    return {"ids": ids, "now": utcnow()}
 
 
 class RedisRevocationStore:

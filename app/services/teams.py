@@ -12,10 +12,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import hash_password
 from app.errors import Conflict, NotFound
 from app.models import Team, User, default_team_settings
 from app.schemas import canonical_email
+from app.security import hash_password
 
 #: Attempts at a free slug when concurrent sign-ups pick the same one.
 SLUG_ATTEMPTS = 5

@@ -1,0 +1,66 @@
+"""Typed request dependencies on what the application holds: settings, database and sessions, revocations,
+generations.
+
+Each reads the app's `AppState` through its one accessor (no dependency hop in between: `get_db` is on
+every request's path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.db import Database
+from app.services.revocation import RevocationStore
+from app.state import app_state
+from app.streaming import GenerationRegistry
+
+
+async def get_app_settings(request: Request) -> Settings:
+    return app_state(request.app).settings
+
+
+async def get_db(request: Request) -> Database:
+    """async: a plain `def` dependency costs a thread-pool hop on every request."""
+    return app_state(request.app).db
+
+
+async def get_revocations(request: Request) -> RevocationStore:
+    return app_state(request.app).revocations
+
+
+async def get_generations(request: Request) -> GenerationRegistry:
+    return app_state(request.app).generations
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+DatabaseDep = Annotated[Database, Depends(get_db)]
+RevocationsDep = Annotated[RevocationStore, Depends(get_revocations)]
+GenerationsDep = Annotated[GenerationRegistry, Depends(get_generations)]
+
+
+async def get_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:
+    """One session per request. Services commit explicitly; nothing is committed after the response."""
+    async with db.sessionmaker() as session:
+        yield session
+
+
+async def get_autocommit_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:
+    """A request session without BEGIN/COMMIT (PostgreSQL), for a route whose writes are each one atomic
+    statement.
+
+    Sending a message is three statements (user, chat with agent, the conditional append): in a
+    transaction that is five round trips on the hot path, here three. Never for multi-statement writes.
+    """
+    async with db.autocommit() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+#: scope="function": closed as soon as the endpoint returns, not when its (possibly hour-long) stream ends,
+#: so an open stream keeps no session, identity map or loaded user alive.
+AutocommitSessionDep = Annotated[AsyncSession, Depends(get_autocommit_session, scope="function")]

@@ -1,0 +1,196 @@
+"""Security primitives without FastAPI: password hashing in the bcrypt pool, JWTs and token hashes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+import bcrypt
+import jwt
+
+from app.config import Settings
+from app.db import utcnow
+from app.errors import Unauthorized
+
+T = TypeVar("T")
+TokenType = Literal["access", "refresh"]
+REQUIRED_CLAIMS = ["sub", "team_id", "type", "jti", "iat", "exp", "iss", "aud"]
+INVALID_TOKEN = "Could not validate credentials"
+
+
+# --- passwords -------------------------------------------------------------------------------
+
+
+def _prehash(password: str) -> bytes:
+    """SHA-256 then base64 before bcrypt, so long passwords are neither truncated at 72 bytes nor rejected."""
+    return base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
+
+
+def hash_password_sync(password: str, rounds: int) -> str:
+    return bcrypt.hashpw(_prehash(password), bcrypt.gensalt(rounds=rounds)).decode()
+
+
+#: bcrypt threads per process: all cores but one, so a login burst never takes the core the event loop
+#: (and every open stream) runs on. bcrypt releases the GIL; the contention is for CPU, not the lock.
+BCRYPT_THREADS = max(1, (os.cpu_count() or 2) - 1)
+#: ...and they run 10 nice levels below the event loop, so when the machine is busy anyway (a small box
+#: shared with PostgreSQL, n8n or a load generator) the scheduler still gives the event loop the CPU first.
+BCRYPT_NICE = 10
+
+
+def _lower_thread_priority() -> None:
+    # On Linux a thread id is a valid PRIO_PROCESS target and changes only that thread; elsewhere no-op.
+    with contextlib.suppress(AttributeError, OSError):
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + BCRYPT_NICE))
+
+
+_bcrypt_pool = ThreadPoolExecutor(BCRYPT_THREADS, thread_name_prefix="bcrypt", initializer=_lower_thread_priority)
+
+
+async def _in_bcrypt_thread(function: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_bcrypt_pool, function, *args)
+
+
+async def hash_password(password: str, rounds: int) -> str:
+    """bcrypt runs in a worker thread: at cost 12 it takes ~250 ms, which must not block the event loop."""
+    return await _in_bcrypt_thread(hash_password_sync, password, rounds)
+
+
+def verify_password_sync(password: str, password_hash: str) -> bool:
+    try:
+        return bcrypt.checkpw(_prehash(password), password_hash.encode())
+    except ValueError:
+        return False
+
+
+async def verify_password(password: str, password_hash: str) -> bool:
+    return await _in_bcrypt_thread(verify_password_sync, password, password_hash)
+
+
+def hash_cost(password_hash: str) -> int | None:
+    """The cost (log2 rounds) a bcrypt hash was made with, from its `$2b$<cost>$...` prefix; None if unreadable."""
+    parts = password_hash.split("$")
+    if len(parts) < 4 or not parts[2].isdigit():
+        return None
+    return int(parts[2])
+
+
+def needs_rehash(password_hash: str, rounds: int) -> bool:
+    """True when the stored hash was made with another cost than BCRYPT_ROUNDS (raised or lowered since)."""
+    return hash_cost(password_hash) != rounds
+
+
+# --- tokens ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str
+    jti: str
+    expires_at: datetime
+    expires_in: int
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The authenticated caller as the send path needs it: ids only.
+
+    FastAPI keeps resolved dependencies until the response ends, so an ORM `User` (and its session) would
+    live as long as the stream; this costs a few KB per open stream less (docs/PERFORMANCE.md).
+    """
+
+    id: uuid.UUID
+    team_id: uuid.UUID
+
+
+def create_token(
+    *,
+    settings: Settings,
+    user_id: uuid.UUID,
+    team_id: uuid.UUID,
+    token_type: TokenType,
+    extra: dict[str, Any] | None = None,
+) -> IssuedToken:
+    now = utcnow()
+    lifetime = (
+        timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES)
+        if token_type == "access"
+        else timedelta(days=settings.REFRESH_TOKEN_EXPIRE_DAYS)
+    )
+    jti = uuid.uuid4().hex
+    claims: dict[str, Any] = {
+        "sub": str(user_id),
+        "team_id": str(team_id),
+        "type": token_type,
+        "jti": jti,
+        "iat": int(now.timestamp()),
+        # `iat` has whole seconds; revocation by `tokens_valid_after` needs finer grain (see token_issued_us).
+        "iat_us": _epoch_us(now),
+        "exp": int((now + lifetime).timestamp()),
+        "iss": settings.JWT_ISSUER,
+        "aud": settings.JWT_AUDIENCE,
+        **(extra or {}),
+    }
+    token = jwt.encode(claims, settings.JWT_SECRET, algorithm=settings.JWT_ALGORITHM)
+    return IssuedToken(token=token, jti=jti, expires_at=now + lifetime, expires_in=int(lifetime.total_seconds()))
+
+
+def decode_token(token: str, *, settings: Settings, expected_type: TokenType) -> dict[str, Any]:
+    """Verify signature, algorithm (pinned), issuer, audience, expiry, required claims and type."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            settings.JWT_SECRET,
+            algorithms=[settings.JWT_ALGORITHM],
+            audience=settings.JWT_AUDIENCE,
+            issuer=settings.JWT_ISSUER,
+            options={"require": REQUIRED_CLAIMS},
+        )
+        if claims.get("type") != expected_type:
+            raise Unauthorized(INVALID_TOKEN)
+        uuid.UUID(str(claims["sub"]))
+        uuid.UUID(str(claims["team_id"]))
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        raise Unauthorized(INVALID_TOKEN) from exc
+    return claims
+
+
+def token_issued_us(claims: dict[str, Any]) -> int:
+    """Issue instant in microseconds; a token without `iat_us` counts as issued at the start of its second."""
+    value = claims.get("iat_us")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(claims["iat"]) * 1_000_000
+
+
+def issued_before(claims: dict[str, Any], instant: datetime | None) -> bool:
+    """True when the token predates `instant` (a user's `tokens_valid_after`), at microsecond precision."""
+    if instant is None:
+        return False
+    return token_issued_us(claims) < _epoch_us(instant)
+
+
+def _epoch_us(instant: datetime) -> int:
+    delta = instant - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def family_key(family_id: str) -> str:
+    """Revocation-store key of a refresh family: revoking it also kills the family's access tokens."""
+    return f"fam:{family_id}"
+
+
+def hash_refresh_token(token: str) -> str:
+    """Refresh tokens are stored as SHA-256: a database leak does not hand out live sessions."""
+    return hashlib.sha256(token.encode()).hexdigest()
