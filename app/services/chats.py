@@ -8,10 +8,11 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, bindparam, func, or_, select, text
+from sqlalchemy import ColumnElement, bindparam, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
+from app.dialects import statements_of
 from app.errors import NotFound
 from app.models import Chat, User
 from app.schemas import ChatCreate, ChatUpdate
@@ -85,27 +86,6 @@ def like_pattern(q: str) -> str:
     return "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
 
 
-def _message_text_matches(dialect: str) -> ColumnElement[bool]:
-    """Some message's `content` contains the pattern (case-insensitive); correlated to the outer `chats` row.
-
-    Only the text of each message is searched, never the JSON around it (keys, quotes, commas). On
-    PostgreSQL a cheap prefilter comes first: `:body_pattern` (the needle JSON-escaped) against the JSON
-    text of the array of contents, an expression a pg_trgm GIN index can serve (docs/PERFORMANCE.md);
-    every content holding the needle passes it. The exact per-message check then runs on those rows only.
-    """
-    if dialect == "postgresql":
-        return text(
-            "(jsonb_path_query_array(chats.messages, '$[*].content')::text ILIKE :body_pattern ESCAPE '\\' "
-            "AND EXISTS (SELECT 1 FROM jsonb_array_elements(chats.messages) AS m(value) "
-            "WHERE m.value ->> 'content' ILIKE :pattern ESCAPE '\\'))"
-        )  # type: ignore[return-value]
-    # SQLite's LIKE is case-insensitive for ASCII letters only.
-    return text(
-        "EXISTS (SELECT 1 FROM json_each(chats.messages) AS m "
-        "WHERE json_extract(m.value, '$.content') LIKE :pattern ESCAPE '\\')"
-    )  # type: ignore[return-value]
-
-
 #: When a chat last saw a message; an empty chat counts from its creation.
 LAST_ACTIVITY = func.coalesce(Chat.last_message_at, Chat.created_at)
 
@@ -134,9 +114,9 @@ async def list_chats(
         needle = q.strip()
         params["pattern"] = like_pattern(needle)
         params["body_pattern"] = like_pattern(json.dumps(needle, ensure_ascii=False)[1:-1])
-        dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
         title_match = Chat.title.ilike(bindparam("pattern"), escape="\\")
-        conditions.append(or_(title_match, _message_text_matches(dialect)))
+        # Only the text of each message is searched, never the JSON around it (app/dialects.py).
+        conditions.append(or_(title_match, statements_of(session).message_text_matches))
     # One query for the page and the total (a window count), so a search scans the messages once.
     query = (
         select(Chat, func.count().over().label("total"))

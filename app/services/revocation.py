@@ -10,12 +10,11 @@ from datetime import datetime
 
 from redis.asyncio import Redis
 from sqlalchemy import delete, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.auth import REVOKED, revoked_params
 from app.db import utcnow
+from app.dialects import statements_of
 from app.models import RevokedToken
 
 REDIS_PREFIX = "revoked:"
@@ -58,11 +57,9 @@ class DatabaseRevocationStore:
         if expires_at <= utcnow():
             return
         async with self.sessionmaker() as session:
-            dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
-            insert = sqlite_insert if dialect == "sqlite" else pg_insert
             await session.execute(delete(RevokedToken).where(RevokedToken.expires_at <= utcnow()))
-            statement = insert(RevokedToken).values(jti=jti, expires_at=expires_at)
-            await session.execute(statement.on_conflict_do_nothing(index_elements=["jti"]))
+            insert = statements_of(session).insert_ignoring_conflict
+            await session.execute(insert(RevokedToken, ["jti"], jti=jti, expires_at=expires_at))
             await session.commit()
 
     async def is_revoked(self, jti: str) -> bool:
