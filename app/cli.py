@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 
 from app.config import Settings, load_settings
 from app.db import Database, secure_sqlite_file
+from app.fields import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, canonical_email, normalize_email
 from app.models import Team, User
-from app.schemas import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, canonical_email, normalize_email
 from app.serve import serve
 from app.services import users as users_service
 from app.services.teams import create_team_with_admin, database_is_empty

@@ -27,8 +27,8 @@ from schemathesis.python import asgi as schemathesis_asgi
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from app.config import Settings
+from app.fields import normalize_email
 from app.models import User
-from app.schemas import normalize_email
 from main import create_app, shutdown
 from tests.conftest import make_settings, truncate_all
 from tests.factories import auth_headers, create_admin, create_user

@@ -13,11 +13,11 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.fields import InputModel
 from app.schemas import (
     AgentCreate,
     AgentUpdate,
     ChatUpdate,
-    InputModel,
     MeUpdate,
     TeamSettingsUpdate,
     TeamUpdate,
@@ -118,6 +118,24 @@ def test_update_schema_offers_null_only_where_it_is_accepted(
     schema = model.model_json_schema()
     assert jsonschema_rs.validator_for(schema).is_valid({field: None}) is nullable
     assert _accepts(model, {field: None}) is nullable
+
+
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [
+        (AgentUpdate, "name"),
+        (ChatUpdate, "pinned"),
+        (UserUpdate, "role"),
+        (MeUpdate, "preferences"),
+        (TeamUpdate, "name"),
+        (TeamSettingsUpdate, "open_registration"),
+    ],
+)
+def test_update_refuses_null_in_one_way(model: type[InputModel], field: str) -> None:
+    """Every partial update refuses `null` with the same rule and the same message (`NotNull`)."""
+    assert field in model.null_refused()
+    with pytest.raises(ValidationError, match=f"{field} may be left out but not null"):
+        model.model_validate({field: None})
 
 
 WEBHOOK_URLS = [

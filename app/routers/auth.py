@@ -15,11 +15,10 @@ from app.auth import CurrentUser, SettingsDep, check_cookie_origin, token_from_r
 from app.config import Settings
 from app.db import SessionDep
 from app.errors import Unauthorized, Unprocessable
+from app.fields import EMAIL_MAX_LENGTH, PASSWORD_MAX_LENGTH
 from app.ratelimit import rate_limit
 from app.routers.responses import R401, R401_LOGIN, R403_ORIGIN, R429, error_doc
 from app.schemas import (
-    EMAIL_MAX_LENGTH,
-    PASSWORD_MAX_LENGTH,
     AmbiguousLoginRead,
     ErrorRead,
     LoginRead,

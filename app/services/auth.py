@@ -27,8 +27,8 @@ from app.auth import (
 from app.config import Settings
 from app.db import utcnow
 from app.errors import Unauthorized
+from app.fields import canonical_email
 from app.models import RefreshToken, Team, User
-from app.schemas import canonical_email
 
 LOGIN_FAILED = "Incorrect email or password"
 #: Bounds the bcrypt work of one login without team_id (an email registered in many teams).

@@ -16,8 +16,8 @@ from app.auth import hash_password
 from app.config import Settings
 from app.db import utcnow
 from app.errors import Conflict, NotFound
+from app.fields import canonical_email
 from app.models import Invite, Team, User
-from app.schemas import canonical_email
 from app.services.users import EMAIL_TAKEN, insert_user
 
 #: Unknown, used up, expired, revoked and bound to another email: one answer tells a guesser nothing.

@@ -16,12 +16,13 @@ from sqlalchemy import Select, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import Caller
+from app.chat_schemas import format_timestamp
 from app.config import Settings
 from app.db import execute_core, utcnow
 from app.dialects import statements_of
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Agent, Chat, Worker
-from app.schemas import MessageRead, format_timestamp
+from app.schemas import MessageRead
 from app.services import error_logs
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params, title_from_message
 
@@ -117,7 +118,7 @@ async def start_message(
     """
     if not content.strip():
         raise Unprocessable(EMPTY_CONTENT)
-    # NUL and lone surrogates never get here: every request body refuses them (app.schemas.InputModel).
+    # NUL and lone surrogates never get here: every request body refuses them (app.fields.InputModel).
     if len(content) > settings.MESSAGE_MAX_CHARS:
         raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
     row = (await execute_core(session, _CHAT_AND_AGENT, owned_chat_params(chat_id, user.id, user.team_id))).first()

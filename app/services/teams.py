@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import hash_password
 from app.errors import Conflict, NotFound
+from app.fields import canonical_email
 from app.models import Team, User, default_team_settings
-from app.schemas import canonical_email
 
 #: Attempts at a free slug when concurrent sign-ups pick the same one.
 SLUG_ATTEMPTS = 5

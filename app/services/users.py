@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth import hash_password, verify_password
 from app.config import Settings
 from app.errors import BadRequest, Conflict, Forbidden, NotFound
+from app.fields import canonical_email
 from app.models import Team, User
-from app.schemas import canonical_email
 from app.services.auth import revoke_all_user_tokens
 
 EMAIL_TAKEN = "This email is already registered in this team"
