@@ -13,13 +13,13 @@ import asyncpg
 import httpx
 import pytest
 from alembic import command
-from alembic.config import Config
 from cryptography.fernet import Fernet
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings, load_settings
+from app.migrations import alembic_config
 from app.models import Base
 from main import create_app, shutdown
 from tests.authhelpers import https_client
@@ -55,10 +55,7 @@ async def _admin_execute(sql: str) -> None:
 
 
 def run_migrations(url: str, revision: str = "head", *, downgrade: bool = False) -> None:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", url)
-    config.attributes["configure_logging"] = False
+    config = alembic_config(url)
     if downgrade:
         command.downgrade(config, revision)
     else:
