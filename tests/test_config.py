@@ -164,7 +164,7 @@ def test_sqlite_file_we_may_not_chmod_is_used_as_it_is(
 ) -> None:
     (tmp_path / "app.db").touch(mode=0o644)
 
-    def refuse(self: Path, mode: int) -> None:
+    def refuse(_path: Path, _mode: int) -> None:
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(Path, "chmod", refuse)
