@@ -233,6 +233,18 @@ def test_form_and_upload_limits_are_in_the_schema(app: FastAPI) -> None:
     assert "409" in app.openapi()["paths"]["/api/teams"]["post"]["responses"]
 
 
+def test_every_documented_error_states_its_json_body(app: FastAPI) -> None:
+    """4xx/5xx docs come from app/routers/responses.py: `{"detail": ...}` with an example, or the 422 shape."""
+    for path, method, operation in _operations(app.openapi()):
+        for status, doc in operation["responses"].items():
+            if not status.startswith(("4", "5")):
+                continue
+            body = doc.get("content", {}).get("application/json", {})
+            expected = "HTTPValidationError" if status == "422" else "ErrorRead"
+            assert body.get("schema", {}).get("$ref", "").endswith(expected), (method, path, status)
+            assert "example" in body or "examples" in body or status == "422", (method, path, status)
+
+
 def test_secured_routes_document_401_and_their_writes_403(app: FastAPI) -> None:
     for path, method, operation in _operations(app.openapi()):
         if operation.get("security"):

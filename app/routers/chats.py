@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response, status
 
 from app.auth import CurrentUser
 from app.db import SessionDep
-from app.routers.responses import R401, Responses, error_doc
+from app.routers.responses import R401, Responses, error_doc, total_count
 from app.schemas import ChatCreate, ChatRead, ChatSummary, ChatUpdate
 from app.services import chats as chats_service
 
@@ -28,7 +28,7 @@ NOT_FOUND: Responses = {404: error_doc(chats_service.CHAT_NOT_FOUND)}
     "or archive never reorders chats within a group. `q` searches titles and message text (not JSON keys), "
     "case-insensitively. The total number of matches is in the `X-Total-Count` header.",
     responses={
-        200: {"headers": {"X-Total-Count": {"description": "Matches before paging", "schema": {"type": "integer"}}}},
+        **total_count(),
         **AUTH_ERRORS,
     },
 )
