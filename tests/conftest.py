@@ -104,8 +104,12 @@ def make_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settin
 
 
 @pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
-    return make_settings(database_url, tmp_path)
+def settings(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) -> Settings:
+    """The test settings; a module (`pytestmark`) or a test changes some with `@pytest.mark.settings(NAME=value)`."""
+    overrides: dict[str, Any] = {}
+    for marker in reversed(list(request.node.iter_markers("settings"))):  # the closest marker wins
+        overrides.update(marker.kwargs)
+    return make_settings(database_url, tmp_path, **overrides)
 
 
 @pytest.fixture

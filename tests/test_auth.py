@@ -35,10 +35,8 @@ OPEN = {"open_registration": True}
 INVALID = {"detail": "Could not validate credentials"}
 
 
-@pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
-    # These tests log in often; the limits themselves are tested in test_ratelimit.py.
-    return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
+# These tests log in often; the limits themselves are tested in test_ratelimit.py.
+pytestmark = pytest.mark.settings(RATE_LIMIT_ENABLED=False)
 
 
 # --- register --------------------------------------------------------------------------------

@@ -171,3 +171,11 @@ def test_sqlite_file_we_may_not_chmod_is_used_as_it_is(
     secure_sqlite_file(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
     assert "could not make" in caplog.text
     assert mode(tmp_path / "app.db") == 0o644
+
+
+@pytest.mark.settings(RATE_LIMIT_ENABLED=False, MESSAGE_MAX_CHARS=123)
+def test_settings_marker_overrides_the_settings_fixture(settings: Settings) -> None:
+    """`@pytest.mark.settings(...)` (tests/conftest.py): how a test or a module changes its app's settings."""
+    assert settings.RATE_LIMIT_ENABLED is False
+    assert settings.MESSAGE_MAX_CHARS == 123
+    assert settings.BCRYPT_ROUNDS == 4  # the other test values stay

@@ -32,10 +32,8 @@ NOT_FOUND = {"detail": "Invite not found or no longer valid"}
 PASSWORD = "long-enough-pw"
 
 
-@pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
-    # Registration is rate limited; the limit itself is tested below with its own app.
-    return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
+# Registration is rate limited; the limit itself is tested below with its own app.
+pytestmark = pytest.mark.settings(RATE_LIMIT_ENABLED=False)
 
 
 async def _team_and_admin(session: AsyncSession, **team: Any) -> tuple[Team, User]:

@@ -27,10 +27,7 @@ from app.webhooks import WebhookPolicyError, check_webhook_url
 from tests.conftest import count_rows, make_settings
 from tests.factories import auth_headers, create_user
 
-
-@pytest.fixture
-def settings(database_url: str, tmp_path) -> Settings:
-    return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
+pytestmark = pytest.mark.settings(RATE_LIMIT_ENABLED=False)
 
 
 SIGNUP = {"name": "Acme", "admin_email": "a@example.com", "admin_password": "password123"}
