@@ -1,14 +1,22 @@
-"""The repository stands alone: no tracked file points outside it, and the test configuration cannot hang."""
+"""The repository stands alone and keeps its rules: nothing points outside it, the test configuration cannot
+hang, imports are declared, services take no request bodies."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.metadata
+import inspect
+import pkgutil
 import re
 import subprocess
 import sys
 import tomllib
+import typing
 from pathlib import Path
+
+import app.services
+from app.fields import InputModel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,3 +154,18 @@ def test_every_imported_package_is_pinned_in_requirements() -> None:
         if not {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(name, [name])} & pinned
     }
     assert not undeclared, f"imported but not in requirements.txt: {sorted(undeclared)}"
+
+
+def test_services_never_take_a_request_body() -> None:
+    """One way for what services take (docs/CONVENTIONS.md): fields or `changes`, never an input model."""
+    taking_bodies = []
+    for module_info in pkgutil.iter_modules(app.services.__path__):
+        module = importlib.import_module(f"app.services.{module_info.name}")
+        for name, function in inspect.getmembers(module, inspect.isfunction):
+            if function.__module__ != module.__name__:
+                continue
+            hints = typing.get_type_hints(function)
+            for parameter, hint in hints.items():
+                if inspect.isclass(hint) and issubclass(hint, InputModel):
+                    taking_bodies.append(f"{module.__name__}.{name}({parameter}: {hint.__name__})")
+    assert not taking_bodies

@@ -62,7 +62,7 @@ async def list_chats(
     },
 )
 async def create_chat(data: ChatCreate, session: SessionDep, user: CurrentUser) -> ChatRead:
-    chat = await chats_service.create_chat(session=session, user=user, data=data)
+    chat = await chats_service.create_chat(session=session, user=user, agent_id=data.agent_id, title=data.title)
     return ChatRead.model_validate(chat)
 
 
@@ -84,7 +84,8 @@ async def read_chat(chat_id: uuid.UUID, session: SessionDep, user: CurrentUser) 
     responses={**AUTH_ERRORS, **NOT_FOUND},
 )
 async def update_chat(chat_id: uuid.UUID, data: ChatUpdate, session: SessionDep, user: CurrentUser) -> ChatRead:
-    chat = await chats_service.update_chat(session=session, user=user, chat_id=chat_id, data=data)
+    changes = data.model_dump(exclude_unset=True)
+    chat = await chats_service.update_chat(session=session, user=user, chat_id=chat_id, changes=changes)
     return ChatRead.model_validate(chat)
 
 

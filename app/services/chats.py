@@ -7,6 +7,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import ColumnElement, bindparam, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -15,7 +16,6 @@ from sqlalchemy.orm import defer
 from app.dialects import statements_of
 from app.errors import NotFound
 from app.models import Chat, User
-from app.schemas import ChatCreate, ChatUpdate
 from app.services.agents import get_active_team_agent
 
 logger = logging.getLogger(__name__)
@@ -64,14 +64,14 @@ def _clean_title(title: str | None) -> str | None:
     return title or None
 
 
-async def create_chat(*, session: AsyncSession, user: User, data: ChatCreate) -> Chat:
+async def create_chat(*, session: AsyncSession, user: User, agent_id: uuid.UUID, title: str | None) -> Chat:
     """A new empty chat with an active agent of the caller's team (foreign/missing 404, inactive 409)."""
-    agent = await get_active_team_agent(session=session, user=user, agent_id=data.agent_id)
+    agent = await get_active_team_agent(session=session, user=user, agent_id=agent_id)
     chat = Chat(
         team_id=user.team_id,
         user_id=user.id,
         agent_id=agent.id,
-        title=_clean_title(data.title),
+        title=_clean_title(title),
         messages=[],
         message_count=0,
     )
@@ -135,10 +135,10 @@ async def list_chats(
     return ChatPage(chats=[], total=int((await session.execute(count, params)).scalar_one()))
 
 
-async def update_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID, data: ChatUpdate) -> Chat:
+async def update_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID, changes: dict[str, Any]) -> Chat:
     """Rename, archive, pin: only the fields sent change; messages are never rewritten here."""
     chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
-    changes = data.model_dump(exclude_unset=True)
+    changes = dict(changes)
     if "title" in changes:
         chat.title = _clean_title(changes.pop("title"))
     for name, value in changes.items():
