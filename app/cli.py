@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import func, select
 
 from app.config import Settings, load_settings
 from app.db import Database, secure_sqlite_file
+from app.fields import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, canonical_email, normalize_email
+from app.migrations import alembic_config
 from app.models import Team, User
-from app.schemas import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, canonical_email, normalize_email
 from app.serve import serve
 from app.services import users as users_service
 from app.services.teams import create_team_with_admin, database_is_empty
@@ -30,10 +30,7 @@ def out(text: str) -> None:
 
 def migrate(settings: Settings) -> None:
     secure_sqlite_file(settings.DATABASE_URL)  # before Alembic's engine creates the file world-readable
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", settings.DATABASE_URL)
-    command.upgrade(config, "head")
+    command.upgrade(alembic_config(settings.DATABASE_URL, configure_logging=True), "head")
 
 
 async def first_admin(settings: Settings) -> None:

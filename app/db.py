@@ -1,4 +1,4 @@
-"""Database engine, sessions and the column types shared by PostgreSQL and SQLite."""
+"""Database engine and sessions (the dialect's statement set is chosen here, once: app/dialects.py)."""
 
 from __future__ import annotations
 
@@ -6,35 +6,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Executable, Result, event
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy import Executable, Result, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.types import TypeDecorator
 
 from app.config import Settings, narrow_to_owner, private_dir, private_file
-
-#: JSONB on PostgreSQL (indexable, `||` appends), JSON text on SQLite.
-JSONType = JSON().with_variant(JSONB(), "postgresql")
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """`timestamptz` on PostgreSQL; on SQLite, which drops the offset, values come back as UTC."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError("naive datetime stored; use utcnow()")
-        if value is not None and dialect.name == "sqlite":
-            return value.astimezone(UTC).replace(tzinfo=None)
-        return value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
+from app.dialects import session_info, statements_for
 
 
 async def execute_core(session: AsyncSession, statement: Executable, params: dict[str, Any]) -> Result[Any]:
@@ -103,11 +80,14 @@ def make_engine(settings: Settings) -> AsyncEngine:
 
 
 class Database:
-    """The engine and session factory of one application instance (held by `AppState`, app/state.py)."""
+    """The engine, session factories and statement set of one application instance (held by `AppState`)."""
 
     def __init__(self, settings: Settings) -> None:
         self.engine = make_engine(settings)
-        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        #: Chosen once for the engine's dialect; every session made here carries it (`statements_of`).
+        self.statements = statements_for(self.engine.dialect.name)
+        info = session_info(self.statements)
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False, info=info)
         # Same pool, no BEGIN/COMMIT: for work that is one statement (a checkpoint, a successful final
         # write), where a transaction only adds two round trips. PostgreSQL only: on SQLite (one file, a
         # thread per connection) switching the isolation level costs more thread hops than it saves, so
@@ -116,7 +96,10 @@ class Database:
             self.sessionmaker
             if settings.is_sqlite
             else async_sessionmaker(
-                self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False, autoflush=False
+                self.engine.execution_options(isolation_level="AUTOCOMMIT"),
+                expire_on_commit=False,
+                autoflush=False,
+                info=info,
             )
         )
 

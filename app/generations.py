@@ -242,7 +242,6 @@ class GenerationRegistry:
             async with sessionmaker() as session:
                 stored = await message_service.finish_message(
                     session=session,
-                    settings=self.settings,
                     new=new,
                     content="".join(generation.chunks),
                     status=status,
@@ -298,9 +297,7 @@ class _Checkpointer:
         new = self.generation.new
         try:
             async with self.registry.db.autocommit() as session:
-                await message_service.checkpoint_message(
-                    session=session, settings=self.registry.settings, new=new, content="".join(chunks[:count])
-                )
+                await message_service.checkpoint_message(session=session, new=new, content="".join(chunks[:count]))
             self.saved = count
         except Exception:
             logger.exception("checkpoint of %s failed", new.assistant_id)

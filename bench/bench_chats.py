@@ -29,10 +29,10 @@ from pathlib import Path
 import asyncpg
 import httpx
 from alembic import command
-from alembic.config import Config
 from cryptography.fernet import Fernet
 
 from app.config import load_settings
+from app.migrations import alembic_config
 from app.security import create_token, hash_password_sync
 from main import create_app, shutdown
 
@@ -190,11 +190,7 @@ async def run(args: argparse.Namespace) -> None:
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     try:
-        config = Config(str(ROOT / "alembic.ini"))
-        config.set_main_option("script_location", str(ROOT / "migrations"))
-        config.set_main_option("sqlalchemy.url", app_url)
-        config.attributes["configure_logging"] = False
-        await asyncio.to_thread(command.upgrade, config, "head")
+        await asyncio.to_thread(command.upgrade, alembic_config(app_url), "head")
 
         started = time.perf_counter()
         team_id, user_id, ids = await seed(plain_url, chats=args.chats, messages=args.messages)

@@ -88,13 +88,10 @@ async def admin(sql: str, *args: Any) -> Any:
 
 def migrate(url: str) -> None:
     from alembic import command
-    from alembic.config import Config
 
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", url)
-    config.attributes["configure_logging"] = False
-    command.upgrade(config, "head")
+    from app.migrations import alembic_config
+
+    command.upgrade(alembic_config(url), "head")
 
 
 @dataclass

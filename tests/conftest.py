@@ -13,13 +13,13 @@ import asyncpg
 import httpx
 import pytest
 from alembic import command
-from alembic.config import Config
 from cryptography.fernet import Fernet
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings, load_settings
+from app.migrations import alembic_config
 from app.models import Base
 from app.state import app_state
 from main import create_app, shutdown
@@ -56,10 +56,7 @@ async def _admin_execute(sql: str) -> None:
 
 
 def run_migrations(url: str, revision: str = "head", *, downgrade: bool = False) -> None:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", url)
-    config.attributes["configure_logging"] = False
+    config = alembic_config(url)
     if downgrade:
         command.downgrade(config, revision)
     else:
@@ -108,8 +105,12 @@ def make_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settin
 
 
 @pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
-    return make_settings(database_url, tmp_path)
+def settings(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) -> Settings:
+    """The test settings; a module (`pytestmark`) or a test changes some with `@pytest.mark.settings(NAME=value)`."""
+    overrides: dict[str, Any] = {}
+    for marker in reversed(list(request.node.iter_markers("settings"))):  # the closest marker wins
+        overrides.update(marker.kwargs)
+    return make_settings(database_url, tmp_path, **overrides)
 
 
 @pytest.fixture

@@ -232,9 +232,7 @@ async def test_webhook_header_value_must_be_a_string(client: httpx.AsyncClient, 
 # --- read / list -----------------------------------------------------------------------------
 
 
-async def test_member_view_has_no_webhook_fields(
-    client: httpx.AsyncClient, world: World, session: AsyncSession
-) -> None:
+async def test_member_view_has_no_webhook_fields(client: httpx.AsyncClient, world: World) -> None:
     created = await _create(client, world, webhook_headers={"X-N8N-Auth": SECRET})
     agent_id = created.json()["id"]
     one = await client.get(f"/api/agents/{agent_id}", headers=world.h(world.member))
@@ -486,9 +484,7 @@ async def test_create_agent_unstorable_text_is_422_not_500(
     assert await count_rows(session, "agents") == 0
 
 
-async def test_webhook_headers_absent_from_every_agent_response(
-    client: httpx.AsyncClient, world: World, session: AsyncSession
-) -> None:
+async def test_webhook_headers_absent_from_every_agent_response(client: httpx.AsyncClient, world: World) -> None:
     created = await _create(client, world, webhook_headers={"X-N8N-Auth": SECRET})
     agent_id = created.json()["id"]
     png = io.BytesIO()

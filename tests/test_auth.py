@@ -37,10 +37,8 @@ OPEN = {"open_registration": True}
 INVALID = {"detail": "Could not validate credentials"}
 
 
-@pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
-    # These tests log in often; the limits themselves are tested in test_ratelimit.py.
-    return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
+# These tests log in often; the limits themselves are tested in test_ratelimit.py.
+pytestmark = pytest.mark.settings(RATE_LIMIT_ENABLED=False)
 
 
 # --- register --------------------------------------------------------------------------------
@@ -294,7 +292,7 @@ async def test_register_and_login_compare_emails_in_nfc(web: httpx.AsyncClient, 
         assert token.status_code == 200, form
 
 
-async def test_team_signup_admin_email_is_stored_in_nfc(web: httpx.AsyncClient, session: AsyncSession) -> None:
+async def test_team_signup_admin_email_is_stored_in_nfc(web: httpx.AsyncClient) -> None:
     body = {"name": "Accents", "admin_email": "Ame\u0301lie@example.com", "admin_password": "long-enough"}
     created = await web.post("/api/teams", json=body)
     assert created.status_code == 201, created.text
@@ -678,9 +676,7 @@ async def test_logout_revokes_both_tokens_and_clears_cookies(web: httpx.AsyncCli
     assert await count_rows(session, "revoked_tokens") >= 1
 
 
-async def test_logout_with_bearer_revokes_its_jti_until_expiry(
-    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
-) -> None:
+async def test_logout_with_bearer_revokes_its_jti_until_expiry(web: httpx.AsyncClient, session: AsyncSession) -> None:
     await create_user(session, email="b@example.com")
     tokens = (await login(web, "b@example.com")).json()
     web.cookies.clear()

@@ -117,7 +117,7 @@ async def test_upload_avatar_accepts_each_format(
     assert Image.open(io.BytesIO(data)).format == fmt
 
 
-async def test_png_renamed_gif_is_stored_as_png(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:
+async def test_png_renamed_gif_is_stored_as_png(client: httpx.AsyncClient, world: World) -> None:
     response = await upload(client, world, png_bytes(), filename="cat.gif", ctype="image/gif")
     assert response.status_code == 200
     served = await client.get(response.json()["avatar_url"], headers=world.h(world.member))
@@ -338,9 +338,7 @@ async def test_declared_oversized_avatar_is_413_before_reading(app: Any, world: 
     assert counting.received == 0
 
 
-async def test_file_part_over_avatar_cap_is_413(
-    database_url: str, tmp_path: Path, session: AsyncSession, world: World
-) -> None:
+async def test_file_part_over_avatar_cap_is_413(database_url: str, tmp_path: Path, world: World) -> None:
     small = make_settings(database_url, tmp_path, AVATAR_MAX_BYTES=4096)
     app = create_app(small)
     try:

@@ -164,10 +164,18 @@ def test_sqlite_file_we_may_not_chmod_is_used_as_it_is(
 ) -> None:
     (tmp_path / "app.db").touch(mode=0o644)
 
-    def refuse(self: Path, mode: int) -> None:
+    def refuse(_path: Path, _mode: int) -> None:
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(Path, "chmod", refuse)
     secure_sqlite_file(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
     assert "could not make" in caplog.text
     assert mode(tmp_path / "app.db") == 0o644
+
+
+@pytest.mark.settings(RATE_LIMIT_ENABLED=False, MESSAGE_MAX_CHARS=123)
+def test_settings_marker_overrides_the_settings_fixture(settings: Settings) -> None:
+    """`@pytest.mark.settings(...)` (tests/conftest.py): how a test or a module changes its app's settings."""
+    assert settings.RATE_LIMIT_ENABLED is False
+    assert settings.MESSAGE_MAX_CHARS == 123
+    assert settings.BCRYPT_ROUNDS == 4  # the other test values stay

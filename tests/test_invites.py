@@ -33,10 +33,8 @@ NOT_FOUND = {"detail": "Invite not found or no longer valid"}
 PASSWORD = "long-enough-pw"
 
 
-@pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
-    # Registration is rate limited; the limit itself is tested below with its own app.
-    return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
+# Registration is rate limited; the limit itself is tested below with its own app.
+pytestmark = pytest.mark.settings(RATE_LIMIT_ENABLED=False)
 
 
 async def _team_and_admin(session: AsyncSession, **team: Any) -> tuple[Team, User]:
@@ -433,7 +431,8 @@ async def test_preview_shows_what_the_invite_joins(
     assert too_long.json() == NOT_FOUND
 
 
-async def test_preview_is_rate_limited_per_client_ip(database_url: str, tmp_path: Path, session: AsyncSession) -> None:
+@pytest.mark.usefixtures("app")  # its teardown truncates what this test's own app wrote
+async def test_preview_is_rate_limited_per_client_ip(database_url: str, tmp_path: Path) -> None:
     app = create_app(make_settings(database_url, tmp_path, RATE_LIMIT_REGISTER="2/minute"))
     try:
         async with https_client(app, client=("203.0.113.7", 1234)) as c:

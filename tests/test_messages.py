@@ -128,7 +128,7 @@ async def test_message_has_one_shape_and_one_timestamp_format_in_rest_and_stream
 
 
 async def test_failed_stream_and_error_log_timestamps_end_in_z(
-    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream?scenario=in_band_error")
     events = data_events(parse_sse((await send(client, setup)).text))
@@ -215,7 +215,7 @@ async def test_second_message_sends_history(
 
 
 async def test_payload_n8n_receives(
-    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
     prior = [
         {"id": "1", "role": "user", "content": "old question", "status": "complete", "created_at": "x"},
@@ -256,7 +256,7 @@ async def test_payload_n8n_receives(
     assert "top-secret-value" not in response.text
 
 
-def test_history_budget_keeps_newest(settings: Settings, database_url: str, tmp_path: Path) -> None:
+def test_history_budget_keeps_newest(database_url: str, tmp_path: Path) -> None:
     small = make_settings(database_url, tmp_path, N8N_HISTORY_MAX_MESSAGES=3, N8N_HISTORY_MAX_BYTES=1024)
     messages = [
         {"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}", "status": "complete"} for i in range(6)
@@ -359,7 +359,7 @@ async def test_send_message_to_other_users_chat_is_404_like_random_id(
     ],
 )
 async def test_send_message_invalid_content_is_422(
-    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, body: dict[str, Any]
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, body: dict[str, Any]
 ) -> None:
     settings = make_settings(database_url, tmp_path, MESSAGE_MAX_CHARS=100)
     application = create_app(settings)
@@ -552,9 +552,7 @@ async def test_fault_keeps_partial_text_with_status_error(
         await shutdown(application)
 
 
-async def test_unreachable_agent_is_fast(
-    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings
-) -> None:
+async def test_unreachable_agent_is_fast(client: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
     from tests.live import free_port
 
     setup = await chat_with_agent(session, settings, f"http://127.0.0.1:{free_port()}/webhook/x")

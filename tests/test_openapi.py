@@ -27,8 +27,8 @@ from schemathesis.python import asgi as schemathesis_asgi
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from app.config import Settings
+from app.fields import normalize_email
 from app.models import User
-from app.schemas import normalize_email
 from main import create_app, shutdown
 from tests.conftest import make_settings, truncate_all
 from tests.factories import auth_headers, create_admin, create_user
@@ -231,6 +231,18 @@ def test_form_and_upload_limits_are_in_the_schema(app: FastAPI) -> None:
     avatar = schemas["Body_upload_avatar_api_agents__agent_id__avatar_post"]["properties"]["file"]
     assert avatar["minLength"] == 1
     assert "409" in app.openapi()["paths"]["/api/teams"]["post"]["responses"]
+
+
+def test_every_documented_error_states_its_json_body(app: FastAPI) -> None:
+    """4xx/5xx docs come from app/routers/responses.py: `{"detail": ...}` with an example, or the 422 shape."""
+    for path, method, operation in _operations(app.openapi()):
+        for status, doc in operation["responses"].items():
+            if not status.startswith(("4", "5")):
+                continue
+            body = doc.get("content", {}).get("application/json", {})
+            expected = "HTTPValidationError" if status == "422" else "ErrorRead"
+            assert body.get("schema", {}).get("$ref", "").endswith(expected), (method, path, status)
+            assert "example" in body or "examples" in body or status == "422", (method, path, status)
 
 
 def test_secured_routes_document_401_and_their_writes_403(app: FastAPI) -> None:

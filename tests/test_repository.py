@@ -1,12 +1,22 @@
-"""The repository stands alone: no tracked file points outside it, and the test configuration cannot hang."""
+"""The repository stands alone and keeps its rules: nothing points outside it, the test configuration cannot
+hang, imports are declared, services take no request bodies."""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.metadata
+import inspect
+import pkgutil
 import re
 import subprocess
 import sys
 import tomllib
+import typing
 from pathlib import Path
+
+import app.services
+from app.fields import InputModel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,3 +116,56 @@ def test_a_hanging_test_is_stopped_by_the_timeout(tmp_path: Path) -> None:
     assert "2 failed" in result.stdout.splitlines()[-1]
     for name in ("test_hangs", "test_hangs_async"):
         assert re.search(rf"FAILED \S*test_probe.py::{name} - Failed: Timeout \(>1.0s\)", result.stdout), result.stdout
+
+
+def _requirement_names(path: Path) -> set[str]:
+    """Distribution names pinned in a requirements file (and the files it includes), normalized."""
+    names: set[str] = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            names |= _requirement_names(path.parent / line[3:].strip())
+        elif line:
+            names.add(re.sub(r"[-_.]+", "-", re.split(r"[\[=<>~!]", line, maxsplit=1)[0]).lower())
+    return names
+
+
+def _imported_top_levels(paths: list[Path]) -> set[str]:
+    found: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_every_imported_package_is_pinned_in_requirements() -> None:
+    """What the service imports is declared, not merely installed as someone else's dependency."""
+    sources = [ROOT / "main.py", *sorted((ROOT / "app").rglob("*.py")), *sorted((ROOT / "tools").rglob("*.py"))]
+    first_party = {"app", "tools", "main", "migrations"}
+    third_party = _imported_top_levels(sources) - set(sys.stdlib_module_names) - first_party
+    distributions = importlib.metadata.packages_distributions()
+    pinned = _requirement_names(ROOT / "requirements.txt")
+    undeclared = {
+        name
+        for name in third_party
+        if not {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(name, [name])} & pinned
+    }
+    assert not undeclared, f"imported but not in requirements.txt: {sorted(undeclared)}"
+
+
+def test_services_never_take_a_request_body() -> None:
+    """One way for what services take (docs/CONVENTIONS.md): fields or `changes`, never an input model."""
+    taking_bodies = []
+    for module_info in pkgutil.iter_modules(app.services.__path__):
+        module = importlib.import_module(f"app.services.{module_info.name}")
+        for name, function in inspect.getmembers(module, inspect.isfunction):
+            if function.__module__ != module.__name__:
+                continue
+            hints = typing.get_type_hints(function)
+            for parameter, hint in hints.items():
+                if inspect.isclass(hint) and issubclass(hint, InputModel):
+                    taking_bodies.append(f"{module.__name__}.{name}({parameter}: {hint.__name__})")
+    assert not taking_bodies

@@ -13,11 +13,11 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.fields import InputModel
 from app.schemas import (
     AgentCreate,
     AgentUpdate,
     ChatUpdate,
-    InputModel,
     MeUpdate,
     TeamSettingsUpdate,
     TeamUpdate,
@@ -27,10 +27,7 @@ from app.webhooks import WebhookPolicyError, check_webhook_url
 from tests.conftest import count_rows, make_settings
 from tests.factories import auth_headers, create_user
 
-
-@pytest.fixture
-def settings(database_url: str, tmp_path) -> Settings:
-    return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
+pytestmark = pytest.mark.settings(RATE_LIMIT_ENABLED=False)
 
 
 SIGNUP = {"name": "Acme", "admin_email": "a@example.com", "admin_password": "password123"}
@@ -118,6 +115,24 @@ def test_update_schema_offers_null_only_where_it_is_accepted(
     schema = model.model_json_schema()
     assert jsonschema_rs.validator_for(schema).is_valid({field: None}) is nullable
     assert _accepts(model, {field: None}) is nullable
+
+
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [
+        (AgentUpdate, "name"),
+        (ChatUpdate, "pinned"),
+        (UserUpdate, "role"),
+        (MeUpdate, "preferences"),
+        (TeamUpdate, "name"),
+        (TeamSettingsUpdate, "open_registration"),
+    ],
+)
+def test_update_refuses_null_in_one_way(model: type[InputModel], field: str) -> None:
+    """Every partial update refuses `null` with the same rule and the same message (`NotNull`)."""
+    assert field in model.null_refused()
+    with pytest.raises(ValidationError, match=f"{field} may be left out but not null"):
+        model.model_validate({field: None})
 
 
 WEBHOOK_URLS = [

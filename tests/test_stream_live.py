@@ -112,7 +112,7 @@ async def read_then_leave(server: LiveServer, setup: ChatSetup, *, until: str, c
 
 
 async def test_live_pings_while_waiting(
-    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:
     settings = fast_settings(database_url, tmp_path, N8N_READ_TIMEOUT=2, N8N_FIRST_BYTE_TIMEOUT=2)
     async with live_server(settings) as server:
@@ -179,7 +179,7 @@ async def test_live_fault_outcome(
 
 
 async def test_live_no_database_connection_held_while_waiting(
-    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:
     # Heartbeat and checkpoints slowed down: they use a connection for a moment, the waiting stream must not.
     settings = fast_settings(
@@ -358,7 +358,7 @@ async def test_startup_marks_streams_of_missing_workers_interrupted(
     assert await error_codes(app) == ["interrupted"]
 
 
-async def test_startup_survives_unmigrated_database_and_retries(tmp_path: Path, database_url: str) -> None:
+async def test_startup_survives_unmigrated_database_and_retries(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
     settings = make_settings(url, tmp_path, WORKER_HEARTBEAT_INTERVAL=0.05)
     application = create_app(settings)

@@ -340,7 +340,7 @@ class _FailingSession:
         self.exc = exc
         self.at = at
 
-    def post(self, *args: object, **kwargs: object) -> _FailingResponse:
+    def post(self, *_args: object, **_kwargs: object) -> _FailingResponse:
         return _FailingResponse(self.exc, self.at)
 
     async def close(self) -> None:

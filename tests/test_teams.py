@@ -19,12 +19,10 @@ from tests.factories import auth_headers, create_admin, create_team, create_user
 SIGNUP = {"name": "Acme Support", "admin_email": " Boss@Acme.example.com ", "admin_password": "long-enough-pw"}
 
 
-@pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
-    return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
+pytestmark = pytest.mark.settings(RATE_LIMIT_ENABLED=False)
 
 
-async def test_create_team_creates_team_and_admin(web: httpx.AsyncClient, session: AsyncSession) -> None:
+async def test_create_team_creates_team_and_admin(web: httpx.AsyncClient) -> None:
     response = await web.post("/api/teams", json={**SIGNUP, "admin_full_name": "The Boss"})
     assert response.status_code == 201, response.text
     body = response.json()

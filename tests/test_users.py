@@ -22,13 +22,10 @@ from app.models import Team, User
 from app.services import users as users_service
 from app.state import app_state
 from tests.authhelpers import bearer, https_client, login
-from tests.conftest import ROOT, count_rows, make_settings
+from tests.conftest import ROOT, count_rows
 from tests.factories import auth_headers, create_admin, create_team, create_user
 
-
-@pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
-    return make_settings(database_url, tmp_path, RATE_LIMIT_ENABLED=False)
+pytestmark = pytest.mark.settings(RATE_LIMIT_ENABLED=False)
 
 
 async def test_list_users_of_own_team_only(web: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:

@@ -148,7 +148,10 @@ class FixedResolver(AbstractResolver):
         self.address = address
 
     async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+        self,
+        host: str,
+        port: int = 0,
+        family: socket.AddressFamily = socket.AF_INET,  # noqa: ARG002 - aiohttp passes it by name
     ) -> list[ResolveResult]:
         fam = socket.AF_INET6 if ":" in self.address else socket.AF_INET
         return [ResolveResult(hostname=host, host=self.address, port=port, family=fam, proto=0, flags=0)]

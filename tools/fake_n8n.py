@@ -375,7 +375,7 @@ class FakeN8n:
         delay = self._q(request, "delay_ms", 200) / 1000
         return await self._stream(request, 200, self._n8n_headers(), self._echo_lines(text), delay)
 
-    async def _s_paced(self, request: web.Request, text: str) -> web.StreamResponse:
+    async def _s_paced(self, request: web.Request, _text: str) -> web.StreamResponse:
         count = int(self._q(request, "chunks", 100))
         delay = self._q(request, "interval_ms", 10) / 1000
         lines = [ndjson({"type": "begin", "metadata": _meta()})]
@@ -403,7 +403,7 @@ class FakeN8n:
     async def _s_batched(self, request: web.Request, text: str) -> web.StreamResponse:
         return await self._stream(request, 200, self._n8n_headers(), [b"".join(self._echo_lines(text))], 0.0)
 
-    async def _s_empty(self, request: web.Request, text: str) -> web.StreamResponse:
+    async def _s_empty(self, request: web.Request, _text: str) -> web.StreamResponse:
         return await self._stream(request, 200, self._n8n_headers(), [], 0.0)
 
     def _json(self, payload: Any, content_type: str = "application/json; charset=utf-8") -> web.Response:
@@ -412,22 +412,22 @@ class FakeN8n:
         response.headers["Content-Type"] = content_type
         return response
 
-    async def _s_echo_json(self, request: web.Request, text: str) -> web.StreamResponse:
+    async def _s_echo_json(self, _request: web.Request, text: str) -> web.StreamResponse:
         return self._json({"output": "".join(echo_tokens(text))})
 
-    async def _s_json_text(self, request: web.Request, text: str) -> web.StreamResponse:
+    async def _s_json_text(self, _request: web.Request, text: str) -> web.StreamResponse:
         return self._json({"text": "".join(echo_tokens(text))})
 
-    async def _s_json_message(self, request: web.Request, text: str) -> web.StreamResponse:
+    async def _s_json_message(self, _request: web.Request, text: str) -> web.StreamResponse:
         return self._json({"message": "".join(echo_tokens(text))})
 
-    async def _s_json_content(self, request: web.Request, text: str) -> web.StreamResponse:
+    async def _s_json_content(self, _request: web.Request, text: str) -> web.StreamResponse:
         return self._json({"content": "".join(echo_tokens(text))})
 
-    async def _s_json_array(self, request: web.Request, text: str) -> web.StreamResponse:
+    async def _s_json_array(self, _request: web.Request, text: str) -> web.StreamResponse:
         return self._json([{"output": "".join(echo_tokens(text))}])
 
-    async def _s_plain(self, request: web.Request, text: str) -> web.StreamResponse:
+    async def _s_plain(self, _request: web.Request, text: str) -> web.StreamResponse:
         return self._json("".join(echo_tokens(text)).encode(), "text/plain; charset=utf-8")
 
     async def _s_charset(self, request: web.Request, text: str) -> web.StreamResponse:
@@ -443,7 +443,7 @@ class FakeN8n:
             encoded = body.encode()
         return self._json(encoded, f"{media}; charset={charset}")
 
-    async def _s_status(self, request: web.Request, text: str) -> web.StreamResponse:
+    async def _s_status(self, request: web.Request, _text: str) -> web.StreamResponse:
         response = self._json({"message": "Error in workflow"})
         response.set_status(int(self._q(request, "status", 500)))
         return response
@@ -461,7 +461,7 @@ class FakeN8n:
         pieces = [b"event: message\ndata: " + line.rstrip(b"\n") + b"\n\n" for line in self._echo_lines(text)]
         return await self._stream(request, 200, [("Content-Type", "text/event-stream")], pieces, 0.002)
 
-    async def _s_hang_headers(self, request: web.Request, text: str) -> web.StreamResponse:
+    async def _s_hang_headers(self, request: web.Request, _text: str) -> web.StreamResponse:
         await asyncio.sleep(self._q(request, "hang", 3600))
         return self._json({"output": "too late"})
 
@@ -513,7 +513,7 @@ class FakeN8n:
         await response.write_eof()
         return response
 
-    async def _s_nul(self, request: web.Request, text: str) -> web.StreamResponse:
+    async def _s_nul(self, request: web.Request, _text: str) -> web.StreamResponse:
         lines = [
             ndjson({"type": "begin", "metadata": _meta()}),
             ndjson({"type": "item", "content": "a\x00b", "metadata": _meta()}),

@@ -10,18 +10,18 @@ import sys
 from pathlib import Path
 
 from alembic import command
-from alembic.config import Config
+
+from app.migrations import MIGRATIONS, alembic_config
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = "-- Generated from migrations/ by `make schema` (python -m tools.schema_sql). Do not edit.\n"
 
 
-def render_schema(script_location: Path = ROOT / "migrations") -> str:
+def render_schema(script_location: Path = MIGRATIONS) -> str:
     buffer = io.StringIO()
-    config = Config(str(ROOT / "alembic.ini"), output_buffer=buffer)
-    config.set_main_option("script_location", str(script_location))
-    config.set_main_option("sqlalchemy.url", "postgresql+asyncpg://schema@localhost/schema")
-    config.attributes["configure_logging"] = False
+    config = alembic_config(
+        "postgresql+asyncpg://schema@localhost/schema", script_location=script_location, output_buffer=buffer
+    )
     command.upgrade(config, "head", sql=True)
     return HEADER + buffer.getvalue()
 

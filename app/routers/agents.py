@@ -54,7 +54,18 @@ async def list_agents(
 async def create_agent(
     data: AgentCreate, session: SessionDep, settings: SettingsDep, user: AdminUser
 ) -> AgentRead | AgentAdminRead:
-    agent = await agents_service.create_agent(session=session, settings=settings, user=user, data=data)
+    agent = await agents_service.create_agent(
+        session=session,
+        settings=settings,
+        user=user,
+        name=data.name,
+        description=data.description,
+        webhook_url=data.webhook_url,
+        webhook_headers=data.webhook_headers,
+        system_prompt=data.system_prompt,
+        config=data.config,
+        is_active=data.is_active,
+    )
     return agents_service.agent_view(agent, user=user, settings=settings)
 
 
@@ -82,7 +93,7 @@ async def update_agent(
     agent_id: uuid.UUID, data: AgentUpdate, session: SessionDep, settings: SettingsDep, user: AdminUser
 ) -> AgentRead | AgentAdminRead:
     agent = await agents_service.update_agent(
-        session=session, settings=settings, user=user, agent_id=agent_id, data=data
+        session=session, settings=settings, user=user, agent_id=agent_id, changes=data.model_dump(exclude_unset=True)
     )
     return agents_service.agent_view(agent, user=user, settings=settings)
 

@@ -15,13 +15,11 @@ from app.auth import CurrentUser, check_cookie_origin, token_from_request
 from app.config import Settings
 from app.deps import RevocationsDep, SessionDep, SettingsDep
 from app.errors import Unauthorized, Unprocessable
+from app.fields import EMAIL_MAX_LENGTH, PASSWORD_MAX_LENGTH
 from app.ratelimit import rate_limit
-from app.routers.responses import R401, R401_LOGIN, R403_ORIGIN, R429, error_doc
+from app.routers.responses import R401, R401_LOGIN, R403_ORIGIN, R429, error_doc, error_examples
 from app.schemas import (
-    EMAIL_MAX_LENGTH,
-    PASSWORD_MAX_LENGTH,
     AmbiguousLoginRead,
-    ErrorRead,
     LoginRead,
     LoginRequest,
     MeUpdate,
@@ -103,19 +101,11 @@ def _login_read(tokens: SessionTokens) -> LoginRead:
     dependencies=[Depends(rate_limit("register"))],
     responses={
         403: error_doc("team_id given and the team's open_registration setting is off", CLOSED),
-        404: {
-            "model": ErrorRead,
-            "description": "No team with this id, or an invite token that is unknown, used up, expired, revoked "
+        404: error_examples(
+            "No team with this id, or an invite token that is unknown, used up, expired, revoked "
             "or bound to another email (one answer for all; the invite is not used up)",
-            "content": {
-                "application/json": {
-                    "examples": {
-                        "team": {"value": {"detail": "Team not found"}},
-                        "invite": {"value": {"detail": invites_service.INVITE_NOT_FOUND}},
-                    }
-                }
-            },
-        },
+            {"team": {"detail": "Team not found"}, "invite": {"detail": invites_service.INVITE_NOT_FOUND}},
+        ),
         409: error_doc("Email already registered in this team (an invite is not used up)", users_service.EMAIL_TAKEN),
         **R429,
     },

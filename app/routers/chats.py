@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response, status
 
 from app.auth import CurrentUser
 from app.deps import SessionDep
-from app.routers.responses import R401, Responses, error_doc
+from app.routers.responses import R401, Responses, error_doc, total_count
 from app.schemas import ChatCreate, ChatRead, ChatSummary, ChatUpdate
 from app.services import chats as chats_service
 
@@ -28,7 +28,7 @@ NOT_FOUND: Responses = {404: error_doc(chats_service.CHAT_NOT_FOUND)}
     "or archive never reorders chats within a group. `q` searches titles and message text (not JSON keys), "
     "case-insensitively. The total number of matches is in the `X-Total-Count` header.",
     responses={
-        200: {"headers": {"X-Total-Count": {"description": "Matches before paging", "schema": {"type": "integer"}}}},
+        **total_count(),
         **AUTH_ERRORS,
     },
 )
@@ -62,7 +62,7 @@ async def list_chats(
     },
 )
 async def create_chat(data: ChatCreate, session: SessionDep, user: CurrentUser) -> ChatRead:
-    chat = await chats_service.create_chat(session=session, user=user, data=data)
+    chat = await chats_service.create_chat(session=session, user=user, agent_id=data.agent_id, title=data.title)
     return ChatRead.model_validate(chat)
 
 
@@ -84,7 +84,8 @@ async def read_chat(chat_id: uuid.UUID, session: SessionDep, user: CurrentUser) 
     responses={**AUTH_ERRORS, **NOT_FOUND},
 )
 async def update_chat(chat_id: uuid.UUID, data: ChatUpdate, session: SessionDep, user: CurrentUser) -> ChatRead:
-    chat = await chats_service.update_chat(session=session, user=user, chat_id=chat_id, data=data)
+    changes = data.model_dump(exclude_unset=True)
+    chat = await chats_service.update_chat(session=session, user=user, chat_id=chat_id, changes=changes)
     return ChatRead.model_validate(chat)
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Response
 
 from app.auth import AdminUser
 from app.deps import SessionDep
+from app.routers.responses import R401, R403_ADMIN, total_count
 from app.schemas import ErrorLogRead
 from app.services.error_logs import list_error_logs
 
@@ -18,11 +19,7 @@ router = APIRouter(prefix="/api/error-logs", tags=["error logs"])
     "",
     response_model=list[ErrorLogRead],
     summary="Failed generations of your team, newest first (admin)",
-    responses={
-        200: {"description": "Rows of this page; the total is in the `X-Total-Count` header"},
-        401: {"description": "Not authenticated"},
-        403: {"description": "Not an admin"},
-    },
+    responses={**total_count("Rows of this page; the total is in the `X-Total-Count` header"), **R401, **R403_ADMIN},
 )
 async def read_error_logs(
     response: Response,

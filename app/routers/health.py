@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from app.routers.responses import error_doc
 from app.schemas import HealthRead
 from app.services import health as health_service
 from app.state import StateDep
@@ -21,7 +22,7 @@ async def health() -> HealthRead:
     "/ready",
     response_model=HealthRead,
     summary="Database (and Redis, when configured) reachable and migrated",
-    responses={503: {"description": "Not ready; `detail` says why", "content": {"application/json": {}}}},
+    responses={503: error_doc("Not ready; `detail` says why", "database unreachable")},
 )
 async def ready(state: StateDep) -> HealthRead | JSONResponse:
     problem = await health_service.readiness_problem(

@@ -19,26 +19,37 @@ def error_doc(description: str, example: str | None = None) -> dict[str, Any]:
     }
 
 
+def error_examples(description: str, examples: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One documented error with several named example bodies (one answer for several causes)."""
+    return {
+        "model": ErrorRead,
+        "description": description,
+        "content": {"application/json": {"examples": {name: {"value": body} for name, body in examples.items()}}},
+    }
+
+
+def total_count(description: str | None = None) -> Responses:
+    """A paged list's 200: the `X-Total-Count` header (matches before paging)."""
+    header = {"X-Total-Count": {"description": "Matches before paging", "schema": {"type": "integer"}}}
+    doc: dict[str, Any] = {"headers": header}
+    if description is not None:
+        doc["description"] = description
+    return {200: doc}
+
+
 R401: Responses = {401: error_doc("Missing, invalid, expired or revoked credentials", "Could not validate credentials")}
 R401_LOGIN: Responses = {
-    401: {
-        "model": ErrorRead,
-        "description": "Wrong email or password, unknown or inactive user (one message for all). When the "
+    401: error_examples(
+        "Wrong email or password, unknown or inactive user (one message for all). When the "
         "credentials are right in several teams, `teams` lists them: retry with `team_id`.",
-        "content": {
-            "application/json": {
-                "examples": {
-                    "failed": {"value": {"detail": LOGIN_FAILED}},
-                    "several_teams": {
-                        "value": {
-                            "detail": "These credentials match accounts in several teams; send team_id",
-                            "teams": [{"id": "7d3c1d8e-6b1e-4c1f-9a53-2a0e8b1d4f00", "name": "Acme", "slug": "acme"}],
-                        }
-                    },
-                }
-            }
+        {
+            "failed": {"detail": LOGIN_FAILED},
+            "several_teams": {
+                "detail": "These credentials match accounts in several teams; send team_id",
+                "teams": [{"id": "7d3c1d8e-6b1e-4c1f-9a53-2a0e8b1d4f00", "name": "Acme", "slug": "acme"}],
+            },
         },
-    }
+    )
 }
 R403_ADMIN: Responses = {403: error_doc("Admin role required")}
 R403_ORIGIN: Responses = {

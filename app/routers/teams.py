@@ -66,7 +66,7 @@ async def current_team(user: CurrentUser, session: SessionDep) -> TeamRead:
     "/current",
     response_model=TeamRead,
     summary="Rename your team or change its settings",
-    responses={**R401, 403: error_doc("Admin role required", "Admin role required")},
+    responses={**R401, **R403_ADMIN},
 )
 async def update_team(body: TeamUpdate, admin: AdminUser, session: SessionDep) -> TeamRead:
     """Unknown settings keys are a 422; settings left out keep their value."""

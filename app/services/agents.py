@@ -13,7 +13,7 @@ from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers, encrypt_headers
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Agent, User
-from app.schemas import AgentAdminRead, AgentCreate, AgentRead, AgentUpdate
+from app.schemas import AgentAdminRead, AgentRead
 from app.webhooks import WebhookPolicyError, check_webhook_url
 
 logger = logging.getLogger(__name__)
@@ -55,16 +55,28 @@ def _checked_url(url: str, settings: Settings) -> str:
         raise Unprocessable(str(exc), loc=("body", "webhook_url")) from None
 
 
-async def create_agent(*, session: AsyncSession, settings: Settings, user: User, data: AgentCreate) -> Agent:
+async def create_agent(
+    *,
+    session: AsyncSession,
+    settings: Settings,
+    user: User,
+    name: str,
+    description: str | None,
+    webhook_url: str,
+    webhook_headers: dict[str, str] | None,
+    system_prompt: str | None,
+    config: dict[str, Any],
+    is_active: bool,
+) -> Agent:
     agent = Agent(
         team_id=user.team_id,
-        name=data.name,
-        description=data.description,
-        webhook_url=_checked_url(data.webhook_url, settings),
-        webhook_headers_encrypted=encrypt_headers(data.webhook_headers or {}, settings.ENCRYPTION_KEY),
-        system_prompt=data.system_prompt,
-        config=data.config,
-        is_active=data.is_active,
+        name=name,
+        description=description,
+        webhook_url=_checked_url(webhook_url, settings),
+        webhook_headers_encrypted=encrypt_headers(webhook_headers or {}, settings.ENCRYPTION_KEY),
+        system_prompt=system_prompt,
+        config=config,
+        is_active=is_active,
         created_by=user.id,
     )
     session.add(agent)
@@ -74,11 +86,12 @@ async def create_agent(*, session: AsyncSession, settings: Settings, user: User,
 
 
 async def update_agent(
-    *, session: AsyncSession, settings: Settings, user: User, agent_id: uuid.UUID, data: AgentUpdate
+    *, session: AsyncSession, settings: Settings, user: User, agent_id: uuid.UUID, changes: dict[str, Any]
 ) -> Agent:
     """Only the fields sent change; `webhook_headers` sent replaces the whole set, `{}` or null clears it."""
     agent = await get_team_agent(session=session, user=user, agent_id=agent_id)
-    changes: dict[str, Any] = data.model_dump(exclude_unset=True)
+    sent = ", ".join(sorted(changes)) or "no fields"
+    changes = dict(changes)
     if "webhook_url" in changes:
         changes["webhook_url"] = _checked_url(changes["webhook_url"], settings)
     if "webhook_headers" in changes:
@@ -87,7 +100,7 @@ async def update_agent(
     for name, value in changes.items():
         setattr(agent, name, value)
     await session.commit()
-    logger.info("agent %s updated (%s)", agent.id, ", ".join(sorted(data.model_fields_set)) or "no fields")
+    logger.info("agent %s updated (%s)", agent.id, sent)
     return agent
 
 

@@ -16,8 +16,8 @@ from app.config import Settings
 from app.crypto import decrypt_text, encrypt_text
 from app.db import utcnow
 from app.errors import Unauthorized
+from app.fields import canonical_email
 from app.models import RefreshToken, Team, User
-from app.schemas import canonical_email
 from app.security import (
     INVALID_TOKEN,
     IssuedToken,

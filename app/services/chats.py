@@ -7,14 +7,15 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, func, or_, select, text
+from sqlalchemy import ColumnElement, bindparam, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
+from app.dialects import statements_of
 from app.errors import NotFound
 from app.models import Chat, User
-from app.schemas import ChatCreate, ChatUpdate
 from app.services.agents import get_active_team_agent
 
 logger = logging.getLogger(__name__)
@@ -63,14 +64,14 @@ def _clean_title(title: str | None) -> str | None:
     return title or None
 
 
-async def create_chat(*, session: AsyncSession, user: User, data: ChatCreate) -> Chat:
+async def create_chat(*, session: AsyncSession, user: User, agent_id: uuid.UUID, title: str | None) -> Chat:
     """A new empty chat with an active agent of the caller's team (foreign/missing 404, inactive 409)."""
-    agent = await get_active_team_agent(session=session, user=user, agent_id=data.agent_id)
+    agent = await get_active_team_agent(session=session, user=user, agent_id=agent_id)
     chat = Chat(
         team_id=user.team_id,
         user_id=user.id,
         agent_id=agent.id,
-        title=_clean_title(data.title),
+        title=_clean_title(title),
         messages=[],
         message_count=0,
     )
@@ -83,27 +84,6 @@ async def create_chat(*, session: AsyncSession, user: User, data: ChatCreate) ->
 def like_pattern(q: str) -> str:
     """`%q%` with the user's own `%`, `_` and `\\` taken literally (escape character `\\`)."""
     return "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
-
-
-def _message_text_matches(dialect: str) -> ColumnElement[bool]:
-    """Some message's `content` contains the pattern (case-insensitive); correlated to the outer `chats` row.
-
-    Only the text of each message is searched, never the JSON around it (keys, quotes, commas). On
-    PostgreSQL a cheap prefilter comes first: `:body_pattern` (the needle JSON-escaped) against the JSON
-    text of the array of contents, an expression a pg_trgm GIN index can serve (docs/PERFORMANCE.md);
-    every content holding the needle passes it. The exact per-message check then runs on those rows only.
-    """
-    if dialect == "postgresql":
-        return text(
-            "(jsonb_path_query_array(chats.messages, '$[*].content')::text ILIKE :body_pattern ESCAPE '\\' "
-            "AND EXISTS (SELECT 1 FROM jsonb_array_elements(chats.messages) AS m(value) "
-            "WHERE m.value ->> 'content' ILIKE :pattern ESCAPE '\\'))"
-        )  # type: ignore[return-value]
-    # SQLite's LIKE is case-insensitive for ASCII letters only.
-    return text(
-        "EXISTS (SELECT 1 FROM json_each(chats.messages) AS m "
-        "WHERE json_extract(m.value, '$.content') LIKE :pattern ESCAPE '\\')"
-    )  # type: ignore[return-value]
 
 
 #: When a chat last saw a message; an empty chat counts from its creation.
@@ -134,9 +114,9 @@ async def list_chats(
         needle = q.strip()
         params["pattern"] = like_pattern(needle)
         params["body_pattern"] = like_pattern(json.dumps(needle, ensure_ascii=False)[1:-1])
-        dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
         title_match = Chat.title.ilike(bindparam("pattern"), escape="\\")
-        conditions.append(or_(title_match, _message_text_matches(dialect)))
+        # Only the text of each message is searched, never the JSON around it (app/dialects.py).
+        conditions.append(or_(title_match, statements_of(session).message_text_matches))
     # One query for the page and the total (a window count), so a search scans the messages once.
     query = (
         select(Chat, func.count().over().label("total"))
@@ -155,10 +135,10 @@ async def list_chats(
     return ChatPage(chats=[], total=int((await session.execute(count, params)).scalar_one()))
 
 
-async def update_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID, data: ChatUpdate) -> Chat:
+async def update_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID, changes: dict[str, Any]) -> Chat:
     """Rename, archive, pin: only the fields sent change; messages are never rewritten here."""
     chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
-    changes = data.model_dump(exclude_unset=True)
+    changes = dict(changes)
     if "title" in changes:
         chat.title = _clean_title(changes.pop("title"))
     for name, value in changes.items():

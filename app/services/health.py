@@ -7,11 +7,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
 from app.db import Database
+from app.migrations import alembic_config
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -19,9 +19,7 @@ CHECK_TIMEOUT = 3.0
 
 
 def migration_head() -> str | None:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
-    return ScriptDirectory.from_config(config).get_current_head()
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 async def readiness_problem(*, db: Database, redis: Any, expected_revision: str | None) -> str | None:

@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.db import utcnow
 from app.errors import Conflict, NotFound
+from app.fields import canonical_email
 from app.models import Invite, Team, User
-from app.schemas import canonical_email
 from app.security import hash_password
 from app.services.users import EMAIL_TAKEN, insert_user
 

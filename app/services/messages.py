@@ -6,23 +6,22 @@ write in Python), so concurrent sends, checkpoints and recovery can never lose o
 
 from __future__ import annotations
 
-import functools
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, TextClause, Uuid, bindparam, select, text
+from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.types import TypeEngine
 
+from app.chat_schemas import format_timestamp
 from app.config import Settings
-from app.db import UTCDateTime, execute_core, utcnow
+from app.db import execute_core, utcnow
+from app.dialects import statements_of
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Agent, Chat
-from app.schemas import MessageRead, format_timestamp
+from app.schemas import MessageRead
 from app.security import Caller
 from app.services import error_logs
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params, title_from_message
@@ -30,54 +29,6 @@ from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params, ti
 GENERATION_RUNNING = "A generation is already running in this chat"
 AGENT_INACTIVE = "This chat's agent is no longer active"
 EMPTY_CONTENT = "Message content must not be empty"
-
-_PG_APPEND_SQL = (
-    "UPDATE chats SET messages = messages || CAST(:new AS jsonb), message_count = message_count + 2, "
-    "last_message_at = :now, updated_at = :now, title = COALESCE(title, :title) "
-    'WHERE id = :id AND user_id = :uid AND NOT (messages @> CAST(\'[{"status": "streaming"}]\' AS jsonb)) '
-    "RETURNING jsonb_array_length(messages)"
-)
-_SQLITE_APPEND_SQL = (
-    "UPDATE chats SET messages = json_insert(json_insert(messages, '$[#]', json(:m1)), '$[#]', json(:m2)), "
-    "message_count = message_count + 2, last_message_at = :now, updated_at = :now, title = COALESCE(title, :title) "
-    "WHERE id = :id AND user_id = :uid AND NOT EXISTS "
-    "(SELECT 1 FROM json_each(chats.messages) WHERE json_extract(value, '$.status') = 'streaming') "
-    "RETURNING json_array_length(messages)"
-)
-# Merge `patch` into element `idx`, guarded by its id (and, for checkpoints and recovery, its status).
-_PG_PATCH = (
-    "UPDATE chats SET messages = jsonb_set(messages, ARRAY[CAST(:idx_s AS text)], "
-    "(messages -> CAST(:idx AS integer)) || CAST(:patch AS jsonb)){touch} "
-    "WHERE id = :id AND messages -> CAST(:idx AS integer) ->> 'id' = :mid{streaming}"
-)
-_SQLITE_PATCH = (
-    "UPDATE chats SET messages = json_set(messages, '$[' || :idx || ']', "
-    "json_patch(json_extract(messages, '$[' || :idx || ']'), json(:patch))){touch} "
-    "WHERE id = :id AND json_extract(messages, '$[' || :idx || '].id') = :mid{streaming}"
-)
-_PG_STREAMING = " AND messages -> CAST(:idx AS integer) ->> 'status' = 'streaming'"
-_SQLITE_STREAMING = " AND json_extract(messages, '$[' || :idx || '].status') = 'streaming'"
-_TOUCH = ", updated_at = :now, last_message_at = :now"
-
-
-def _typed(statement: str) -> TextClause:
-    """A text() statement built once, with the types of the parameters it uses (`:now`, `:id`, `:uid`)."""
-    types: dict[str, TypeEngine[Any]] = {"now": UTCDateTime(), "id": Uuid(), "uid": Uuid()}
-    used = set(re.findall(r":(\w+)", statement))
-    return text(statement).bindparams(*(bindparam(name, type_=type_) for name, type_ in types.items() if name in used))
-
-
-_PG_APPEND = _typed(_PG_APPEND_SQL)
-_SQLITE_APPEND = _typed(_SQLITE_APPEND_SQL)
-
-
-@functools.cache
-def _patch_statement(postgres: bool, only_streaming: bool, touch: bool) -> TextClause:
-    """Each variant of the element patch is built once (not one `text()` per write)."""
-    template = _PG_PATCH if postgres else _SQLITE_PATCH
-    streaming = (_PG_STREAMING if postgres else _SQLITE_STREAMING) if only_streaming else ""
-    return _typed(template.format(touch=_TOUCH if touch else "", streaming=streaming))
-
 
 #: The caller's own chat (the 404 rule of `get_owned_chat`) with what its agent needs, in one round trip.
 _CHAT_AND_AGENT: Select[Any, Any] = (
@@ -155,10 +106,6 @@ def build_history(messages: list[dict[str, Any]], latest: str, settings: Setting
     return kept
 
 
-def _is_postgres(session: AsyncSession) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
-
-
 async def start_message(
     *, session: AsyncSession, settings: Settings, user: Caller, chat_id: uuid.UUID, content: str, worker_id: uuid.UUID
 ) -> NewGeneration:
@@ -169,7 +116,7 @@ async def start_message(
     """
     if not content.strip():
         raise Unprocessable(EMPTY_CONTENT)
-    # NUL and lone surrogates never get here: every request body refuses them (app.schemas.InputModel).
+    # NUL and lone surrogates never get here: every request body refuses them (app.fields.InputModel).
     if len(content) > settings.MESSAGE_MAX_CHARS:
         raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
     row = (await execute_core(session, _CHAT_AND_AGENT, owned_chat_params(chat_id, user.id, user.team_id))).first()
@@ -199,14 +146,8 @@ async def start_message(
         "created_at": stamp,
         "_worker": str(worker_id),
     }
-    params: dict[str, Any] = {"now": now, "title": title_from_message(content), "id": chat_id, "uid": user.id}
-    if _is_postgres(session):
-        statement = _PG_APPEND
-        params["new"] = json.dumps([user_message, placeholder])
-    else:
-        statement = _SQLITE_APPEND
-        params["m1"] = json.dumps(user_message)
-        params["m2"] = json.dumps(placeholder)
+    statement, params = statements_of(session).append(user_message, placeholder)
+    params.update(now=now, title=title_from_message(content), id=chat_id, uid=user.id)
     length = (await execute_core(session, statement, params)).scalar_one_or_none()
     if length is None:
         await session.rollback()
@@ -242,7 +183,7 @@ async def start_message(
     )
 
 
-async def _patch_message(
+async def patch_message(
     session: AsyncSession,
     *,
     chat_id: uuid.UUID,
@@ -253,22 +194,20 @@ async def _patch_message(
     touch: bool,
 ) -> bool:
     """Merge `patch` into one element in SQL; False when the guard did not match (no write happened)."""
-    postgres = _is_postgres(session)
-    params: dict[str, Any] = {"id": chat_id, "mid": message_id, "patch": json.dumps(patch), "idx": index}
-    if postgres:
-        params["idx_s"] = str(index)
+    statement, params = statements_of(session).patch(index=index, only_streaming=only_streaming, touch=touch)
+    params.update(id=chat_id, mid=message_id, patch=json.dumps(patch))
     if touch:
         params["now"] = utcnow()
-    result = await execute_core(session, _patch_statement(postgres, only_streaming, touch), params)
+    result = await execute_core(session, statement, params)
     return bool(getattr(result, "rowcount", 0))
 
 
-async def checkpoint_message(*, session: AsyncSession, settings: Settings, new: NewGeneration, content: str) -> bool:
+async def checkpoint_message(*, session: AsyncSession, new: NewGeneration, content: str) -> bool:
     """Save the partial text of a still-streaming answer (so a crash loses at most one interval)."""
     patch: dict[str, Any] = {"content": content}
     if new.assistant_created_at is not None:
         patch["created_at"] = new.assistant_created_at
-    written = await _patch_message(
+    written = await patch_message(
         session,
         chat_id=new.chat_id,
         index=new.index,
@@ -284,7 +223,6 @@ async def checkpoint_message(*, session: AsyncSession, settings: Settings, new: 
 async def finish_message(
     *,
     session: AsyncSession,
-    settings: Settings,
     new: NewGeneration,
     content: str,
     status: str,
@@ -304,7 +242,7 @@ async def finish_message(
     }
     if error is not None:
         patch["error"] = error
-    written = await _patch_message(
+    written = await patch_message(
         session,
         chat_id=new.chat_id,
         index=new.index,

@@ -11,11 +11,10 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from sqlalchemy import bindparam, delete, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db import utcnow
+from app.dialects import statements_of
 from app.models import RevokedToken
 
 REDIS_PREFIX = "revoked:"
@@ -86,11 +85,9 @@ class DatabaseRevocationStore:
         if expires_at <= utcnow():
             return
         async with self.sessionmaker() as session:
-            dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
-            insert = sqlite_insert if dialect == "sqlite" else pg_insert
             await session.execute(delete(RevokedToken).where(RevokedToken.expires_at <= utcnow()))
-            statement = insert(RevokedToken).values(jti=jti, expires_at=expires_at)
-            await session.execute(statement.on_conflict_do_nothing(index_elements=["jti"]))
+            insert = statements_of(session).insert_ignoring_conflict
+            await session.execute(insert(RevokedToken, ["jti"], jti=jti, expires_at=expires_at))
             await session.commit()
 
     async def is_revoked(self, jti: str) -> bool:

@@ -13,8 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, NotFound
+from app.fields import canonical_email
 from app.models import Team, User, default_team_settings
-from app.schemas import canonical_email
 from app.security import hash_password
 
 #: Attempts at a free slug when concurrent sign-ups pick the same one.

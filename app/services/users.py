@@ -11,8 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.errors import BadRequest, Conflict, Forbidden, NotFound
+from app.fields import canonical_email
 from app.models import Team, User
-from app.schemas import canonical_email
 from app.security import hash_password, verify_password
 from app.services.auth import revoke_all_user_tokens
 

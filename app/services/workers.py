@@ -6,14 +6,15 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.db import utcnow
+from app.dialects import statements_of
 from app.models import Chat, Worker
 from app.services import error_logs
-from app.services.messages import _is_postgres, _patch_message
+from app.services.messages import patch_message
 
 #: A worker whose heartbeat is older than this many intervals is considered dead by start-up recovery.
 STALE_HEARTBEATS = 3
@@ -59,15 +60,8 @@ async def recover_interrupted(
     cutoff = utcnow() - timedelta(seconds=settings.WORKER_HEARTBEAT_INTERVAL * STALE_HEARTBEATS)
     live = {str(w) for w in (await session.execute(select(Worker.id).where(Worker.heartbeat_at >= cutoff))).scalars()}
     live.add(str(worker_id))
-    streaming: Any
-    if _is_postgres(session):
-        streaming = Chat.messages.op("@>")(text('CAST(\'[{"status": "streaming"}]\' AS jsonb)'))
-    else:
-        streaming = text(
-            "EXISTS (SELECT 1 FROM json_each(chats.messages) WHERE json_extract(value, '$.status') = 'streaming')"
-        )
     columns = (Chat.id, Chat.team_id, Chat.user_id, Chat.agent_id, Chat.messages)
-    rows = (await session.execute(select(*columns).where(streaming))).all()
+    rows = (await session.execute(select(*columns).where(statements_of(session).streaming_chats))).all()
     await session.commit()
     error = {"message": "The server stopped before the answer was complete", "code": "interrupted"}
     patch = {"status": "interrupted", "error": error}
@@ -82,7 +76,7 @@ async def recover_interrupted(
                     continue
             elif owner in live:
                 continue
-            written = await _patch_message(
+            written = await patch_message(
                 session,
                 chat_id=chat_id,
                 index=index,
