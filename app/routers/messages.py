@@ -39,7 +39,7 @@ STREAM_SCHEMA = {"type": "string", "description": STREAM_GRAMMAR}
 RESPONSES: Responses = {
     200: {
         "description": "An SSE stream: `start`, `status`, `message`…, then exactly one `done` or `error` "
-        "(`{message, code}`; codes in docs/STREAMING_API_GUIDE.md). `: ping` comments keep it open. "
+        "(`{message, code}`; codes in docs/API_REFERENCE.md). `: ping` comments keep it open. "
         "Every failure before the stream starts is a JSON error below.",
         "content": {
             "text/event-stream": {
