@@ -313,11 +313,15 @@ async def test_kill_mid_stream_then_restart_marks_interrupted(
 async def test_starting_worker_leaves_live_workers_streams_alone(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:
-    settings = fast_settings(database_url, tmp_path)
+    # A 0.5 s heartbeat (1.5 s staleness window): a loaded machine can delay a beat by a few hundred ms,
+    # which must not make the live worker look dead; the stream outlasts the window, and so does the wait.
+    settings = fast_settings(
+        database_url, tmp_path, WORKER_HEARTBEAT_INTERVAL=0.5, N8N_READ_TIMEOUT=5, N8N_FIRST_BYTE_TIMEOUT=5
+    )
     async with live_server(settings) as first:
-        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=200")
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=500")
         task = asyncio.create_task(read_events(first, setup, content="a b c d e f"))
-        await asyncio.sleep(0.8)  # several heartbeats, longer than the 3 x 0.2 s staleness window
+        await asyncio.sleep(2.0)  # several heartbeats, longer than the 3 x 0.5 s staleness window
         second = create_app(settings)
         try:
             await app_state(second).generations.startup()
