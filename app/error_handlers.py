@@ -20,11 +20,18 @@ from app.errors import AppError, Unprocessable
 logger = logging.getLogger("app.errors")
 
 
+#: pydantic messages that quote a piece of the input (`uuid_parsing`: "... found `x` at 3"), replaced by
+#: their input-free first sentence.
+INPUT_FREE_MESSAGES = {"uuid_parsing": "Input should be a valid UUID"}
+
+
 def safe_validation_errors(errors: Any) -> list[dict[str, Any]]:
     """FastAPI's 422 shape without `input` and `ctx`, which would echo what was sent (passwords, secrets)."""
     cleaned = []
     for err in errors:
-        cleaned.append({"type": err.get("type"), "loc": list(err.get("loc", ())), "msg": err.get("msg")})
+        kind = err.get("type")
+        msg = INPUT_FREE_MESSAGES.get(kind, err.get("msg"))
+        cleaned.append({"type": kind, "loc": list(err.get("loc", ())), "msg": msg})
     return cleaned
 
 

@@ -11,11 +11,14 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import Settings
 from app.logs import JsonFormatter, RequestIdFilter, redact_path, redact_query, request_id_var, setup_logging
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import make_settings
+from tests.factories import auth_headers, create_user
 
 
 class Secretive(BaseModel):
@@ -129,6 +132,26 @@ async def test_validation_error_does_not_echo_input(tclient: httpx.AsyncClient) 
     detail = response.json()["detail"]
     assert {tuple(d["loc"]) for d in detail} == {("body", "count"), ("body", "x")}
     assert all(set(d) == {"type", "loc", "msg"} for d in detail)
+
+
+async def test_invalid_uuid_in_a_path_is_422_without_quoting_it(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    user = await create_user(session)
+    response = await client.get("/api/chats/Q-not-a-uuid", headers=auth_headers(settings, user))
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {"type": "uuid_parsing", "loc": ["path", "chat_id"], "msg": "Input should be a valid UUID"}
+    ]
+
+
+def test_uuid_parsing_message_quotes_nothing() -> None:
+    from app.error_handlers import safe_validation_errors
+
+    errors = [{"type": "uuid_parsing", "loc": ("path", "chat_id"), "msg": "Input should be a valid UUID, found `s`"}]
+    assert safe_validation_errors(errors) == [
+        {"type": "uuid_parsing", "loc": ["path", "chat_id"], "msg": "Input should be a valid UUID"}
+    ]
 
 
 async def test_malformed_json_is_422(tclient: httpx.AsyncClient) -> None:
