@@ -47,7 +47,7 @@ async def first_admin(settings: Settings) -> None:
                 admin_email=settings.FIRST_ADMIN_EMAIL,
                 admin_password=password,
                 admin_full_name="Administrator",
-                bcrypt_rounds=settings.BCRYPT_ROUNDS,
+                settings=settings,
             )
             out("First team and admin created:")
             out(f"  team:     {team.name} (team_id {team.id})")
@@ -70,7 +70,7 @@ async def create_admin(settings: Settings, team_name: str, email: str, password:
                 admin_email=email,
                 admin_password=password,
                 admin_full_name=None,
-                bcrypt_rounds=settings.BCRYPT_ROUNDS,
+                settings=settings,
             )
             out(f"Created team {team.name} ({team.id}) with admin {user.email} ({user.id})")
     finally:

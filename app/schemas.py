@@ -80,6 +80,10 @@ __all__ = [
 ]
 
 
+#: A team's name as typed: surrounding spaces dropped, 1-100 characters.
+TeamName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+
+
 class HealthRead(ReadModel):
     status: str
 
@@ -122,9 +126,7 @@ class TeamCreate(InputModel):
         },
     )
 
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)] = Field(
-        examples=["Acme support"]
-    )
+    name: TeamName = Field(examples=["Acme support"])
     admin_email: Email
     admin_password: NewPassword
     admin_full_name: FullName = None
@@ -136,9 +138,7 @@ class TeamUpdate(InputModel):
         json_schema_extra={"examples": [{"name": "Acme support", "settings": {"open_registration": False}}]},
     )
 
-    name: Annotated[
-        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)] | None, NotNull
-    ] = Field(None, examples=["Acme support"])
+    name: Annotated[TeamName | None, NotNull] = Field(None, examples=["Acme support"])
     settings: Annotated[TeamSettingsUpdate | None, NotNull] = None
 
 

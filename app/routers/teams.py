@@ -52,7 +52,7 @@ async def create_team(body: TeamCreate, session: SessionDep, settings: SettingsD
         admin_email=body.admin_email,
         admin_password=body.admin_password,
         admin_full_name=body.admin_full_name,
-        bcrypt_rounds=settings.BCRYPT_ROUNDS,
+        settings=settings,
     )
     return TeamSignupRead(team=TeamRead.model_validate(team), user=UserRead.model_validate(user))
 

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import Settings
 from app.errors import Conflict, NotFound
 from app.fields import canonical_email
 from app.models import Team, User, default_team_settings
@@ -42,13 +43,13 @@ async def create_team_with_admin(
     admin_email: str,
     admin_password: str,
     admin_full_name: str | None,
-    bcrypt_rounds: int,
+    settings: Settings,
 ) -> tuple[Team, User]:
     """Create a team and its first admin atomically (one commit, or nothing).
 
     The slug is unique; a concurrent sign-up that takes the same slug first makes us retry with another.
     """
-    password_hash = await hash_password(admin_password, bcrypt_rounds)
+    password_hash = await hash_password(admin_password, settings.BCRYPT_ROUNDS)
     for attempt in range(SLUG_ATTEMPTS):
         team = Team(name=name, slug=await unique_slug(session, name), settings=default_team_settings())
         session.add(team)
