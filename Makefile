@@ -11,7 +11,7 @@ FAKE_N8N_PORT ?= 5678
 run: export COOKIE_SECURE ?= false
 run: export WEBHOOK_ALLOW_PRIVATE_NETWORKS ?= true
 
-.PHONY: run test fake-n8n lint fmt schema install install-dev bench bench-quick clean
+.PHONY: run test fake-n8n lint fmt schema install install-dev bench bench-quick bench-history clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ bench: $(VENV)/.dev
 
 bench-quick: $(VENV)/.dev
 	ulimit -n 65536 2>/dev/null || true; $(PY) -m bench.run --quick
+
+# Send, open and list cost vs chat length (bench/bench_history.py), one worker, ~3 minutes.
+bench-history: $(VENV)/.dev
+	$(PY) -m bench.bench_history
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,10 +1,17 @@
-"""The benchmark's own parsers and contract checks (no benchmarking here: bench/ is run by `make bench`)."""
+"""The benchmark's own parsers and contract checks (no benchmarking here: bench/ is run by `make bench`),
+and a tiny run of bench/bench_history.py so it cannot rot."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
+
+from bench import bench_history
 from bench.loadgen import ContractChecker, Event, NDJSONParser, SSEParser, StreamResult, percentile, summarize
+from bench.report import write
+from bench.run import admin
 
 
 def frame(event_id: int, kind: str, data: object) -> bytes:
@@ -102,3 +109,41 @@ def test_summary_counts_outcomes_and_percentiles() -> None:
     assert summary["ttfc_p99_ms"] == 30.0
     assert percentile([], 50) is None
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(45)
+async def test_bench_history_runs_at_tiny_sizes(tmp_path: Path) -> None:
+    """Live uvicorn + fake n8n + a throwaway database: every send completes, the table and files are written."""
+    config = bench_history.Config(
+        lengths=(0, 20),
+        sends=3,
+        warmup=1,
+        opens=3,
+        chars=100,
+        list_chats=20,
+        list_messages=5,
+        list_long=20,
+        list_runs=3,
+    )
+    report = await bench_history.benchmark(config, tmp_path)
+    assert set(report["lengths"]) == {"0", "20"}
+    for length, row in report["lengths"].items():
+        assert row["service"]["complete"] == row["service"]["streams"] == 3, row["service"]["reasons"]
+        assert row["direct"]["complete"] == 3
+        assert row["added_ttfc_p50_ms"] is not None
+        assert row["open"]["runs"] == 3
+        assert len(row["ttfc_ms"]) == 3
+        # The open chat has exactly `length` messages of `chars` characters (JSON body: at least that much).
+        assert row["open"]["bytes"] >= int(length) * 100
+    assert report["list"]["many"]["total"] == "20"
+    assert report["list"]["long"]["total"] == "1"
+    dropped = await admin("SELECT 1 FROM pg_database WHERE datname = $1", report["database"])
+    assert dropped == []
+    table = bench_history.render(report)
+    assert "| 20 | " in table
+    assert "20 chats x 5 messages" in table
+    assert "Send at 20 / send at 0" in table
+    paths = write(report, table, tmp_path)
+    assert (tmp_path / "latest-history.md").read_text() == table
+    assert json.loads(paths[0].read_text())["lengths"]["20"]["messages"] == 20
