@@ -40,7 +40,7 @@ import asyncpg
 
 from bench import loadgen
 from bench.loadgen import Kind, Live, Request, StreamResult, percentile
-from bench.procs import free_port, machine, wait_http
+from bench.procs import machine
 from bench.report import write
 from bench.run import (
     QUICK,
@@ -53,7 +53,6 @@ from bench.run import (
     log,
     migrate,
     qs,
-    seed,
     set_upstream,
     start_service,
 )
@@ -331,24 +330,11 @@ async def benchmark(config: Config, results: Path = RESULTS) -> dict[str, Any]:
             finally:
                 await conn.close()
 
-        fake_port = free_port()
-        fake = bench.start("fake_n8n", [sys.executable, "-m", "tools.fake_n8n", "--port", str(fake_port)])
-        bench.fake_url = f"http://127.0.0.1:{fake_port}"
-        await wait_http(f"{bench.fake_url}/__requests", fake)
-
-        from app.config import load_settings
-
-        settings = load_settings(
-            DATABASE_URL=bench.env["DATABASE_URL"],
-            JWT_SECRET=bench.env["JWT_SECRET"],
-            ENCRYPTION_KEY=bench.env["ENCRYPTION_KEY"],
-            DATA_DIR=tmp,
-        )
         # The admin's password is never used here: a cheap hash instead of the configured cost.
-        bench.seed = await seed(dbname, settings.model_copy(update={"BCRYPT_ROUNDS": 4}), bench.fake_url)
-        await set_upstream(bench.seed, bench.fake_url, IMMEDIATE)
-        await bench.seed.conn.execute(TEXTS_SQL, config.chars)
-        report["postgres"] = await bench.seed.conn.fetchval("SHOW server_version")
+        settings, seeded = await bench.start_fake_and_seed(tmp, bcrypt_rounds=4)
+        await set_upstream(seeded, bench.fake_url, IMMEDIATE)
+        await seeded.conn.execute(TEXTS_SQL, config.chars)
+        report["postgres"] = await seeded.conn.fetchval("SHOW server_version")
 
         service_proc, service_port = await start_service(bench, "service")
         service_url = f"http://127.0.0.1:{service_port}"
@@ -357,7 +343,7 @@ async def benchmark(config: Config, results: Path = RESULTS) -> dict[str, Any]:
         log(f"sends, one at a time, fake n8n answering at once ({qs(IMMEDIATE)})")
         lengths: dict[str, Any] = {}
         for length in config.lengths:
-            lengths[str(length)] = await measure_length(bench, config, length, service_url, bench.seed.token)
+            lengths[str(length)] = await measure_length(bench, config, length, service_url, seeded.token)
         report["lengths"] = lengths
 
         log("chat list")

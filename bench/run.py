@@ -263,6 +263,26 @@ class Bench:
         assert self.seed is not None
         return await new_chats(self.seed, count)
 
+    async def start_fake_and_seed(self, tmp: Path, *, bcrypt_rounds: int | None = None) -> tuple[Any, Seed]:
+        """Start the fake n8n, then seed `self.dbname` (team, admin, agent on it); the settings and the seed."""
+        fake_port = free_port()
+        fake = self.start("fake_n8n", [sys.executable, "-m", "tools.fake_n8n", "--port", str(fake_port)])
+        self.fake_url = f"http://127.0.0.1:{fake_port}"
+        await wait_http(f"{self.fake_url}/__requests", fake)
+
+        from app.config import load_settings  # lazily, like every app import of the benchmark
+
+        settings = load_settings(
+            DATABASE_URL=self.env["DATABASE_URL"],
+            JWT_SECRET=self.env["JWT_SECRET"],
+            ENCRYPTION_KEY=self.env["ENCRYPTION_KEY"],
+            DATA_DIR=tmp,
+        )
+        if bcrypt_rounds is not None:
+            settings = settings.model_copy(update={"BCRYPT_ROUNDS": bcrypt_rounds})
+        self.seed = await seed(self.dbname, settings, self.fake_url)
+        return settings, self.seed
+
 
 def uvicorn_cmd(factory: str, port: int, workers: int = 1) -> list[str]:
     cmd = [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1", "--port", str(port)]
@@ -561,20 +581,7 @@ async def benchmark(
         await admin(f'CREATE DATABASE "{dbname}"')
         await asyncio.to_thread(migrate, _db_url(dbname, "postgresql+asyncpg"))
 
-        fake_port = free_port()
-        fake = bench.start("fake_n8n", [sys.executable, "-m", "tools.fake_n8n", "--port", str(fake_port)])
-        bench.fake_url = f"http://127.0.0.1:{fake_port}"
-        await wait_http(f"{bench.fake_url}/__requests", fake)
-
-        from app.config import load_settings
-
-        settings = load_settings(
-            DATABASE_URL=bench.env["DATABASE_URL"],
-            JWT_SECRET=bench.env["JWT_SECRET"],
-            ENCRYPTION_KEY=bench.env["ENCRYPTION_KEY"],
-            DATA_DIR=tmp,
-        )
-        bench.seed = await seed(dbname, settings, bench.fake_url)
+        _, seeded = await bench.start_fake_and_seed(tmp)
 
         bare_port = free_port()
         bare_proc = await start_bare(bench, bare_port)
@@ -583,7 +590,7 @@ async def benchmark(
         direct = direct_target(bench.fake_url)
         bare = bare_target(f"http://127.0.0.1:{bare_port}")
         bare.proc = bare_proc
-        service = service_target(f"http://127.0.0.1:{service_port}", bench.seed.token)
+        service = service_target(f"http://127.0.0.1:{service_port}", seeded.token)
         service.proc = service_proc
         trio = (direct, bare, service)
 
