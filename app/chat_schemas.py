@@ -79,6 +79,30 @@ class AgentAdminRead(AgentRead):
     webhook_header_names: list[str] = Field(description="Sorted names of the configured webhook headers.")
 
 
+class AgentTestResult(ReadModel):
+    """One probe of an agent's webhook: what n8n answered and, when something is off, what to change."""
+
+    ok: bool = Field(description="The probe got an answer a real message would have stored as complete.")
+    http_status: int | None = Field(description="n8n's HTTP status; null when nothing answered.", examples=[200])
+    format: Literal["ndjson", "sse", "json", "text", "empty"] | None = Field(
+        description="The answer's format, judged by its body; null when there was no answer body to judge.",
+        examples=["ndjson"],
+    )
+    first_byte_ms: float | None = Field(description="Milliseconds to n8n's first body byte.", examples=[41.7])
+    total_ms: float = Field(description="Milliseconds the whole probe took.", examples=[212.3])
+    sample: str | None = Field(
+        description="The first 200 characters of the answer text (secret header values masked); null if none.",
+        examples=["Echo: ping"],
+    )
+    code: str | None = Field(
+        description="The error code a real message would have ended with; null when ok.", examples=[None]
+    )
+    hint: str | None = Field(
+        description="One sentence on what to change in n8n (or in the agent); null when nothing needs changing.",
+        examples=[None],
+    )
+
+
 # --- chats and messages ----------------------------------------------------------------------
 
 MessageRole = Literal["user", "assistant"]

@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     RATE_LIMIT_LOGIN: str = "5/minute"
     RATE_LIMIT_REGISTER: str = "10/hour"
     RATE_LIMIT_TEAM_SIGNUP: str = "5/hour"
+    RATE_LIMIT_AGENT_TEST: str = "10/minute"
 
     MAX_REQUEST_BODY_BYTES: int = Field(1_048_576, ge=1024)
     MESSAGE_MAX_CHARS: int = Field(32_000, ge=1)
@@ -78,6 +79,7 @@ class Settings(BaseSettings):
     N8N_HISTORY_MAX_MESSAGES: int = Field(50, ge=1)
     N8N_HISTORY_MAX_BYTES: int = Field(200_000, ge=1024)
     N8N_POOL_LIMIT: int = Field(0, ge=0)
+    AGENT_TEST_TIMEOUT: float = Field(15.0, gt=0)
 
     STREAM_PING_INTERVAL: float = Field(15.0, gt=0)
     STREAM_CHECKPOINT_INTERVAL: float = Field(5.0, gt=0)
@@ -113,7 +115,7 @@ class Settings(BaseSettings):
             ip_network(entry, strict=False)  # ValueError names the bad entry
         return value
 
-    @field_validator("RATE_LIMIT_LOGIN", "RATE_LIMIT_REGISTER", "RATE_LIMIT_TEAM_SIGNUP")
+    @field_validator("RATE_LIMIT_LOGIN", "RATE_LIMIT_REGISTER", "RATE_LIMIT_TEAM_SIGNUP", "RATE_LIMIT_AGENT_TEST")
     @classmethod
     def _limit_syntax(cls, value: str) -> str:
         try:

@@ -17,7 +17,7 @@ from app.config import Settings
 from app.db import Database
 from app.services.revocation import RevocationStore
 from app.state import app_state
-from app.streaming import GenerationRegistry
+from app.streaming import GenerationRegistry, N8nStreamer
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -37,10 +37,16 @@ async def get_generations(request: Request) -> GenerationRegistry:
     return app_state(request.app).generations
 
 
+async def get_streamer(request: Request) -> N8nStreamer:
+    """The app's one n8n client (pooled connections), for calls outside a generation (the connection test)."""
+    return app_state(request.app).generations.streamer
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 DatabaseDep = Annotated[Database, Depends(get_db)]
 RevocationsDep = Annotated[RevocationStore, Depends(get_revocations)]
 GenerationsDep = Annotated[GenerationRegistry, Depends(get_generations)]
+StreamerDep = Annotated[N8nStreamer, Depends(get_streamer)]
 
 
 async def get_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:

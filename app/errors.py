@@ -42,6 +42,11 @@ class Conflict(AppError):
     default_detail = "Conflict"
 
 
+class MethodNotAllowed(AppError):
+    status_code = 405
+    default_detail = "Method Not Allowed"
+
+
 class PayloadTooLarge(AppError):
     status_code = 413
     default_detail = "Request body too large"

@@ -49,6 +49,18 @@ def excerpt(value: Any) -> str | None:
     return text[:EXCERPT_CHARS] + ("…" if len(text) > EXCERPT_CHARS else "")
 
 
+def usage_of(value: Any) -> tuple[int, int] | None:
+    """Token counts a workflow reported as `usage`: `{input_tokens, output_tokens}` or OpenAI's
+    `{prompt_tokens, completion_tokens}`; None when absent or not two non-negative integers."""
+    if not isinstance(value, dict):
+        return None
+    for names in (("input_tokens", "output_tokens"), ("prompt_tokens", "completion_tokens")):
+        pair = value.get(names[0]), value.get(names[1])
+        if all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in pair):
+            return int(pair[0]), int(pair[1])  # type: ignore[arg-type]
+    return None
+
+
 def _text_of(value: Any) -> str | None:
     """The answer text of one JSON value: a string, or `output ?? text ?? message ?? content` of an object."""
     if isinstance(value, str):
@@ -83,9 +95,25 @@ class BodyParser:
         self.chunks = 0
         self.failure: StreamFailure | None = None
         self.finished = False
+        #: Tokens in/out the workflow reported (`usage` of a JSON answer or of a streamed `end` item's metadata).
+        self.usage: tuple[int, int] | None = None
+        #: What a whole-body answer turned out to be: "json" or "text" (None until one was read).
+        self._whole: str | None = None
         self._buffer = bytearray()
         self._sse_data: list[str] = []
         self._sse_event = ""
+
+    @property
+    def body_format(self) -> str | None:
+        """The answer's format as the connection test names it: ndjson, sse, json, text, empty, or None
+        (nothing read, e.g. an error status or no answer at all)."""
+        if self.mode in ("ndjson", "sse"):
+            return self.mode
+        if self._whole is not None:
+            return self._whole
+        if self.finished and self.failure is not None and self.failure.code == "empty_response":
+            return "empty"  # the body ended holding nothing but whitespace
+        return None
 
     # --- input ----------------------------------------------------------------------------------
     def use_charset(self, declared: str | None) -> None:
@@ -226,7 +254,10 @@ class BodyParser:
 
     def _n8n_object(self, obj: dict[str, Any], out: list[str]) -> None:
         kind = obj.get("type")
-        if kind == "item":
+        if kind == "end":
+            end_meta = obj.get("metadata")
+            self.usage = usage_of(end_meta.get("usage") if isinstance(end_meta, dict) else None) or self.usage
+        elif kind == "item":
             content = obj.get("content")
             if isinstance(content, str) and content:
                 out.append(content)
@@ -324,6 +355,7 @@ class BodyParser:
         stripped = text.strip()
         if not stripped:
             return
+        self._whole = "text"
         if stripped[:15].lower().startswith(("<!doctype html", "<html")):
             # A proxy's login or error page answered instead of n8n: not the agent's words.
             self._fail("bad_upstream_response", "The agent's answer could not be read", reason="an HTML page")
@@ -337,6 +369,9 @@ class BodyParser:
             out.append(text)
             self.chunks += 1
             return
+        self._whole = "json"
+        if isinstance(value, dict):
+            self.usage = usage_of(value.get("usage"))
         if isinstance(value, dict) and value.get("type") in NDJSON_TYPES:
             self._n8n_object(value, out)
             return

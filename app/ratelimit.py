@@ -24,7 +24,7 @@ from app.config import Settings
 from app.errors import RateLimited
 from app.state import app_state
 
-LimitName = Literal["login", "register", "team_signup", "invite_preview"]
+LimitName = Literal["login", "register", "team_signup", "invite_preview", "agent_test"]
 
 
 class RateLimiter:
@@ -38,6 +38,8 @@ class RateLimiter:
             "team_signup": parse(settings.RATE_LIMIT_TEAM_SIGNUP),
             # Its own counter at the register rate: a sign-up page previews, then registers.
             "invite_preview": parse(settings.RATE_LIMIT_REGISTER),
+            # Keyed by the admin, not the address: each test makes an outbound request to n8n.
+            "agent_test": parse(settings.RATE_LIMIT_AGENT_TEST),
         }
         storage: RedisStorage | MemoryStorage
         if redis is not None and settings.REDIS_URL:
@@ -50,13 +52,15 @@ class RateLimiter:
             storage = MemoryStorage()
         self.strategy = MovingWindowRateLimiter(storage)
 
-    async def hit(self, name: LimitName, request: Request) -> None:
-        """Count one request of this client against `name`; over the limit raises 429 with Retry-After."""
+    async def hit(self, name: LimitName, request: Request, *, key: str | None = None) -> None:
+        """Count one request against `name`, per client address unless a `key` (e.g. a user id) is given;
+        over the limit raises 429 with Retry-After."""
         if not self.enabled:
             return
         item = self.items[name]
-        # The address app.middleware decided from TRUSTED_PROXIES (app.proxies), the one the access log shows.
-        key = (request.client.host if request.client else "") or "unknown"
+        if key is None:
+            # The address app.middleware decided from TRUSTED_PROXIES (app.proxies), the one the access log shows.
+            key = (request.client.host if request.client else "") or "unknown"
         if await self.strategy.hit(item, name, key):
             return
         stats = await self.strategy.get_window_stats(item, name, key)

@@ -164,9 +164,13 @@ class N8nStreamer:
         payload: dict[str, Any],
         on_chunks: Callable[[list[str]], None],
         stats: StreamStats,
+        limits: Settings | None = None,
     ) -> None:
-        """POST `payload` to `url` and hand every parsed text chunk to `on_chunks`; raise StreamFailure."""
-        s = self.settings
+        """POST `payload` to `url` and hand every parsed text chunk to `on_chunks`; raise StreamFailure.
+
+        `limits` replaces the settings' timeouts and caps for this call (the connection test's shorter ones).
+        """
+        s = limits or self.settings
         try:
             # The checked yarl.URL itself is posted to: aiohttp connects to exactly the host judged here.
             target = webhook_target(url, s)
@@ -196,6 +200,8 @@ class N8nStreamer:
         finally:
             stats.format = parser.mode
             stats.bytes = parser.total
+            stats.body_format = parser.body_format
+            stats.usage = parser.usage
         if parser.failure is not None:
             parser.failure.upstream_status = stats.upstream_status
             parser.failure.detail.setdefault("format", parser.mode)

@@ -19,6 +19,9 @@ USER_AGENT = "n8n-chat-relay/1.0"
 ACCEPT = "application/x-ndjson, text/event-stream, application/json;q=0.9, text/plain;q=0.8, */*;q=0.5"
 #: Bytes of an error body kept to extract n8n's `message` / `hint` for the error log (never shown to clients).
 ERROR_BODY_EXCERPT = 4096
+#: The plain-text refusals of n8n's Webhook node authentication (Basic, Header, JWT auth), kept as n8n's
+#: message: they carry no secret and tell "no credentials sent" (401) from "wrong credentials" (403).
+N8N_AUTH_REFUSALS = ("Authorization is required!", "Authorization data is wrong!")
 #: Idle pooled connections to n8n are dropped before n8n (Node's 5 s keep-alive) closes them; reusing one
 #: n8n is closing fails the POST with ServerDisconnectedError (seen under load in the benchmark).
 N8N_KEEPALIVE_SECONDS = 4.0
@@ -32,6 +35,12 @@ class StreamStats:
     format: str | None = None
     bytes: int = 0
     ttfb_ms: float | None = None
+    #: Milliseconds to the first text chunk (n8n's `begin` line is a byte, not yet text).
+    ttfc_ms: float | None = None
+    #: The format as the connection test names it (`BodyParser.body_format`).
+    body_format: str | None = None
+    #: (tokens in, tokens out) when the workflow reported its usage.
+    usage: tuple[int, int] | None = None
 
 
 class TotalTimeout(Exception):
@@ -107,9 +116,13 @@ async def exchange(
                             idle.reschedule(loop.time() + s.N8N_READ_TIMEOUT)
                             chunks = parser.feed(data)
                             if chunks:
+                                if stats.ttfc_ms is None:
+                                    stats.ttfc_ms = round((loop.time() - started) * 1000, 1)
                                 on_chunks(chunks)
                         chunks = parser.finish()
                         if chunks:
+                            if stats.ttfc_ms is None:
+                                stats.ttfc_ms = round((loop.time() - started) * 1000, 1)
                             on_chunks(chunks)
             except TimeoutError:
                 if wall.expired():
@@ -123,11 +136,14 @@ async def status_failure(response: aiohttp.ClientResponse) -> StreamFailure:
     """A non-2xx answer: n8n's `message`/`hint` (its own text, shortened) for admins, a safe line for users."""
     status = response.status
     detail: dict[str, Any] = {}
+    raw = b""
     try:
         raw = await response.content.read(ERROR_BODY_EXCERPT)
         parsed = json.loads(raw) if raw.strip().startswith(b"{") else None
     except (aiohttp.ClientError, ValueError):
         parsed = None
+    if parsed is None and raw.strip().decode("utf-8", "replace") in N8N_AUTH_REFUSALS:
+        detail["n8n_message"] = raw.strip().decode()
     if isinstance(parsed, dict):
         for key in ("message", "hint"):
             text = excerpt(parsed.get(key))

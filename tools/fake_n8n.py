@@ -12,6 +12,9 @@ by the path:
 | `POST /webhook/agent-json`, `/webhook/agent-json-respond` | `echo_json`: `{"output": "Echo: ..."}` |
 |   | (`__llm_error__` gives the error capture) |
 | `POST /webhook/error-stream` / `/webhook/error-json` | captures `stream_code_error` / `json_code_error` |
+| `POST /webhook/agent-header-auth` | `header_auth`: Header Auth (`X-N8N-Auth: fake-header-secret`), then `echo` |
+| `POST /webhook/agent-basic-auth` | `basic_auth`: Basic Auth (`n8n` / `fake-basic-secret`), then `echo` |
+| `POST /webhook/agent-get-only` | `wrong_method_post`: a webhook registered for GET only |
 | `POST /webhook/<id>/chat` | the Chat Trigger captures (`sendMessage` echoes, `loadPreviousSession`) |
 | `POST /webhook-test/...` | capture `test_url_not_listening` |
 | `GET /webhook/...` | capture `wrong_method_get` |
@@ -44,13 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BasicAuth, web
 
 #: Shipped with the repository (recordings/n8n/README.md), so a plain clone can run the fake.
 CAPTURES_DIR = Path(__file__).resolve().parents[1] / "recordings" / "n8n"
 #: The streamed answer of a request, so a client disconnect can be answered quietly.
 RESPONSE_KEY = web.RequestKey("fake_response", web.StreamResponse)
 NODE_ID = "f2152913-e824-5ebc-90ca-6750e2bdc080"
+#: The credentials of the auth scenarios: a Header Auth credential and a Basic Auth credential.
+HEADER_AUTH = ("X-N8N-Auth", "fake-header-secret")
+BASIC_AUTH = ("n8n", "fake-basic-secret")
 #: Headers aiohttp writes itself; replaying them verbatim would duplicate or contradict its framing.
 HOP_HEADERS = {"transfer-encoding", "content-length", "date", "connection", "keep-alive", "content-encoding"}
 SCENARIOS = {
@@ -78,6 +84,12 @@ SCENARIOS = {
     "status": 'answers HTTP `status` (default 500) with {"message": "Error in workflow"}',
     "in_band_error": 'begin, `after` tokens (default 2), then {"type":"error"}',
     "nul": "items and an in-band error containing U+0000 and a lone surrogate escape",
+    "header_auth": "n8n's Header Auth: 403 `Authorization data is wrong!` unless HEADER_AUTH is sent, then echo",
+    "basic_auth": "n8n's Basic Auth: 401 `Authorization is required!` without credentials, 403 when wrong, then echo",
+    "wrong_method_post": "404 of a webhook registered for GET only (wrong_method_get with the methods swapped)",
+    "html": "a proxy's HTML error page with status 200 (text/html)",
+    "echo_usage": "echo, with `usage` {input_tokens, output_tokens} in the `end` item's metadata",
+    "json_usage": '{"output": "Echo: ...", "usage": {"prompt_tokens", "completion_tokens"}}',
 }
 
 
@@ -283,6 +295,9 @@ class FakeN8n:
             "/webhook/agent-json-respond": "json_respond_node_llm_error" if llm_error else "echo_json",
             "/webhook/error-stream": "stream_code_error",
             "/webhook/error-json": "json_code_error",
+            "/webhook/agent-header-auth": "header_auth",
+            "/webhook/agent-basic-auth": "basic_auth",
+            "/webhook/agent-get-only": "wrong_method_post",
         }
         return routes.get(path, "notfound_post")
 
@@ -402,6 +417,55 @@ class FakeN8n:
 
     async def _s_batched(self, request: web.Request, text: str) -> web.StreamResponse:
         return await self._stream(request, 200, self._n8n_headers(), [b"".join(self._echo_lines(text))], 0.0)
+
+    async def _s_html(self, _request: web.Request, _text: str) -> web.StreamResponse:
+        page = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Please sign in</body></html>"
+        return self._json(page, "text/html; charset=utf-8")
+
+    async def _s_echo_usage(self, request: web.Request, text: str) -> web.StreamResponse:
+        lines = self._echo_lines(text)
+        usage = {"input_tokens": len(text.split()) + 10, "output_tokens": len(echo_tokens(text))}
+        lines[-1] = ndjson({"type": "end", "metadata": {**_meta(), "usage": usage}})
+        return await self._stream(request, 200, self._n8n_headers(), lines, 0.001)
+
+    async def _s_json_usage(self, _request: web.Request, text: str) -> web.StreamResponse:
+        usage = {"prompt_tokens": len(text.split()) + 10, "completion_tokens": len(echo_tokens(text))}
+        return self._json({"output": "".join(echo_tokens(text)), "usage": usage})
+
+    @staticmethod
+    def _auth_refusal(status: int) -> web.Response:
+        """How n8n's Webhook node refuses (WebhookAuthorizationError): the status, only `WWW-Authenticate`,
+        and its message as a plain body without a Content-Type."""
+        message = "Authorization is required!" if status == 401 else "Authorization data is wrong!"
+        response = web.Response(status=status, body=message.encode())
+        response.headers["WWW-Authenticate"] = 'Basic realm="Webhook"'
+        return response
+
+    async def _s_header_auth(self, request: web.Request, text: str) -> web.StreamResponse:
+        # Header Auth answers 403 whether the header is missing or wrong (n8n's validateWebhookAuthentication).
+        if request.headers.get(HEADER_AUTH[0]) != HEADER_AUTH[1]:
+            return self._auth_refusal(403)
+        return await self._s_echo(request, text)
+
+    async def _s_basic_auth(self, request: web.Request, text: str) -> web.StreamResponse:
+        header = request.headers.get("Authorization")
+        if not header:
+            return self._auth_refusal(401)
+        try:
+            sent = BasicAuth.decode(header)
+        except ValueError:
+            return self._auth_refusal(403)
+        if (sent.login, sent.password) != BASIC_AUTH:
+            return self._auth_refusal(403)
+        return await self._s_echo(request, text)
+
+    async def _s_wrong_method_post(self, _request: web.Request, _text: str) -> web.StreamResponse:
+        capture = self.captures["wrong_method_get"]
+        body = capture.body.replace(b"for GET requests", b"for POST requests")
+        body = body.replace(b"a POST request", b"a GET request")
+        response = web.Response(status=capture.status, reason=capture.reason, body=body)
+        response.headers["Content-Type"] = "application/json; charset=utf-8"
+        return response
 
     async def _s_empty(self, request: web.Request, _text: str) -> web.StreamResponse:
         return await self._stream(request, 200, self._n8n_headers(), [], 0.0)

@@ -8,12 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, Header, Query, Request, Response, UploadFile, status
 
 from app.auth import AdminUser, CurrentUser
-from app.deps import SessionDep, SettingsDep
-from app.errors import PayloadTooLarge
+from app.deps import SessionDep, SettingsDep, StreamerDep
+from app.errors import MethodNotAllowed, PayloadTooLarge
+from app.ratelimit import LimiterDep
 from app.routers.responses import R401, R403_ADMIN, R422_WEBHOOK, Responses, error_doc
-from app.schemas import AgentAdminRead, AgentCreate, AgentRead, AgentUpdate
+from app.schemas import AgentAdminRead, AgentCreate, AgentRead, AgentTestResult, AgentUpdate
 from app.services import agents as agents_service
 from app.services import avatars as avatars_service
+from app.services import connection_test
 
 router = APIRouter(prefix="/api/agents", tags=["agents"])
 
@@ -24,6 +26,14 @@ AUTH_ERRORS: Responses = R401
 ADMIN_ERRORS: Responses = {**R401, **R403_ADMIN}
 NOT_FOUND: Responses = {404: error_doc("Agent not found")}
 SSRF_422: Responses = R422_WEBHOOK
+RATE_LIMITED: Responses = {429: error_doc("Too many connection tests; see `Retry-After`")}
+TEST_DESCRIPTION = (
+    'Sends one probe to the webhook exactly as a message would (`chatInput` "ping", `metadata.probe` true; '
+    "same address policy, parser and size limits, timeouts capped by AGENT_TEST_TIMEOUT) and answers 200 "
+    "whatever n8n did: `ok`, n8n's status, the detected `format`, timings, a short `sample`, the `code` a "
+    "real message would have ended with and a one-sentence `hint`. Rate limited per admin "
+    "(RATE_LIMIT_AGENT_TEST). Header values are never echoed."
+)
 
 
 @router.get(
@@ -67,6 +77,62 @@ async def create_agent(
         is_active=data.is_active,
     )
     return agents_service.agent_view(agent, user=user, settings=settings)
+
+
+@router.post(
+    "/test",
+    response_model=AgentTestResult,
+    summary="Test an unsaved agent's webhook (nothing is stored)",
+    description=TEST_DESCRIPTION,
+    responses={**ADMIN_ERRORS, **RATE_LIMITED},
+)
+async def test_agent_body(
+    data: AgentCreate,
+    request: Request,
+    settings: SettingsDep,
+    streamer: StreamerDep,
+    limiter: LimiterDep,
+    user: AdminUser,
+) -> connection_test.ProbeResult:
+    await limiter.hit("agent_test", request, key=str(user.id))
+    return await connection_test.probe_unsaved_agent(
+        streamer=streamer,
+        settings=settings,
+        user=user,
+        webhook_url=data.webhook_url,
+        webhook_headers=data.webhook_headers,
+        system_prompt=data.system_prompt,
+        config=data.config,
+    )
+
+
+@router.api_route("/test", methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False)
+async def test_other_methods() -> None:
+    """`/test` is a word, not an agent id: without this route, PUT /api/agents/test would be read as an
+    update of agent "test" (422 for a malformed id) instead of the 405 a path without that method gets."""
+    raise MethodNotAllowed(headers={"Allow": "POST"})
+
+
+@router.post(
+    "/{agent_id}/test",
+    response_model=AgentTestResult,
+    summary="Test a saved agent's webhook, with its stored headers",
+    description=TEST_DESCRIPTION,
+    responses={**ADMIN_ERRORS, **NOT_FOUND, **RATE_LIMITED},
+)
+async def test_saved_agent(
+    agent_id: uuid.UUID,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    streamer: StreamerDep,
+    limiter: LimiterDep,
+    user: AdminUser,
+) -> connection_test.ProbeResult:
+    await limiter.hit("agent_test", request, key=str(user.id))
+    agent = await agents_service.get_team_agent(session=session, user=user, agent_id=agent_id)
+    await session.close()  # the probe may take seconds: the connection goes back to the pool first
+    return await connection_test.probe_stored_agent(streamer=streamer, settings=settings, user=user, agent=agent)
 
 
 @router.get(

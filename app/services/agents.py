@@ -48,7 +48,8 @@ async def list_agents(*, session: AsyncSession, user: User, include_inactive: bo
     return list((await session.execute(query)).scalars())
 
 
-def _checked_url(url: str, settings: Settings) -> str:
+def checked_url(url: str, settings: Settings) -> str:
+    """The URL if the address policy allows it, else a 422 on `webhook_url` naming the reason."""
     try:
         return check_webhook_url(url, settings)
     except WebhookPolicyError as exc:
@@ -72,7 +73,7 @@ async def create_agent(
         team_id=user.team_id,
         name=name,
         description=description,
-        webhook_url=_checked_url(webhook_url, settings),
+        webhook_url=checked_url(webhook_url, settings),
         webhook_headers_encrypted=encrypt_headers(webhook_headers or {}, settings.ENCRYPTION_KEY),
         system_prompt=system_prompt,
         config=config,
@@ -93,7 +94,7 @@ async def update_agent(
     sent = ", ".join(sorted(changes)) or "no fields"
     changes = dict(changes)
     if "webhook_url" in changes:
-        changes["webhook_url"] = _checked_url(changes["webhook_url"], settings)
+        changes["webhook_url"] = checked_url(changes["webhook_url"], settings)
     if "webhook_headers" in changes:
         headers = changes.pop("webhook_headers") or {}
         agent.webhook_headers_encrypted = encrypt_headers(headers, settings.ENCRYPTION_KEY)

@@ -1,0 +1,336 @@
+"""The agent connection test: every hint against the fake n8n, what n8n receives, secrets, tenancy, limits."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.crypto import encrypt_headers
+from app.models import Team
+from app.services import connection_test as ct
+from tests.conftest import count_rows
+from tests.factories import auth_headers, create_admin, create_agent, create_team, create_user
+from tools.fake_n8n import BASIC_AUTH, HEADER_AUTH, FakeN8n
+
+RESULT_FIELDS = {"ok", "http_status", "format", "first_byte_ms", "total_ms", "sample", "code", "hint"}
+
+
+def basic(login: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()}
+
+
+async def probe(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, url: str, **body: Any
+) -> dict[str, Any]:
+    admin = await create_admin(session)
+    response = await client.post(
+        "/api/agents/test",
+        json={"name": "Probe", "webhook_url": url, **body},
+        headers=auth_headers(settings, admin),
+    )
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    assert set(result) == RESULT_FIELDS
+    return result
+
+
+# --- every hint, against the fake n8n replaying the recordings ------------------------------------
+
+CASES: list[tuple[str, dict[str, str], dict[str, Any]]] = [
+    # (path on the fake, webhook headers, expected fields of the result)
+    (
+        "/webhook/agent-stream",
+        {},
+        {"ok": True, "http_status": 200, "format": "ndjson", "code": None, "hint": None, "sample": "Echo: ping"},
+    ),
+    ("/webhook/agent-stream?scenario=sse_openai", {}, {"ok": True, "format": "sse", "hint": None}),
+    (
+        "/webhook/agent-json",
+        {},
+        {"ok": True, "format": "json", "code": None, "hint": ct.HINT_NOT_STREAMING, "sample": "Echo: ping"},
+    ),
+    ("/webhook/agent-json?scenario=json_ok", {}, {"ok": True, "format": "json", "hint": ct.HINT_NOT_STREAMING}),
+    ("/webhook/agent-json?scenario=plain", {}, {"ok": True, "format": "text", "hint": ct.HINT_NOT_STREAMING}),
+    (
+        "/webhook/agent-stream-off",
+        {},
+        {"ok": False, "http_status": 200, "format": "empty", "code": "empty_response", "hint": ct.HINT_STREAMING_OFF},
+    ),
+    (
+        "/webhook/does-not-exist",
+        {},
+        {"ok": False, "http_status": 404, "format": None, "code": "upstream_error", "hint": ct.HINT_INACTIVE},
+    ),
+    ("/webhook-test/agent-stream", {}, {"ok": False, "http_status": 404, "hint": ct.HINT_TEST_URL}),
+    ("/webhook/agent-get-only", {}, {"ok": False, "http_status": 404, "hint": ct.HINT_METHOD}),
+    ("/webhook/x?scenario=status&status=404", {}, {"http_status": 404, "hint": ct.HINT_NOT_FOUND}),
+    (
+        "/webhook/agent-header-auth",
+        {},
+        {"ok": False, "http_status": 403, "code": "upstream_error", "hint": ct.HINT_AUTH_WRONG},
+    ),
+    ("/webhook/agent-header-auth", {HEADER_AUTH[0]: "wrong"}, {"http_status": 403, "hint": ct.HINT_AUTH_WRONG}),
+    ("/webhook/agent-header-auth", dict([HEADER_AUTH]), {"ok": True, "format": "ndjson", "hint": None}),
+    ("/webhook/agent-basic-auth", {}, {"ok": False, "http_status": 401, "hint": ct.HINT_AUTH_MISSING}),
+    ("/webhook/agent-basic-auth", basic(BASIC_AUTH[0], "nope"), {"http_status": 403, "hint": ct.HINT_AUTH_WRONG}),
+    ("/webhook/agent-basic-auth", basic(*BASIC_AUTH), {"ok": True, "sample": "Echo: ping"}),
+    ("/webhook/x?scenario=status&status=403", {}, {"http_status": 403, "hint": ct.HINT_FORBIDDEN}),
+    ("/webhook/error-json", {}, {"ok": False, "http_status": 500, "hint": ct.HINT_WORKFLOW_FAILED}),
+    (
+        "/webhook/agent-stream?scenario=stream_llm_error",
+        {},
+        {"ok": False, "http_status": 200, "format": "ndjson", "code": "upstream_error", "hint": ct.HINT_IN_BAND},
+    ),
+    ("/webhook/error-stream", {}, {"code": "upstream_error", "hint": ct.HINT_IN_BAND}),
+    ("/webhook/x?scenario=status&status=302", {}, {"http_status": 302, "hint": ct.HINT_REDIRECT}),
+    ("/webhook/x?scenario=status&status=502", {}, {"http_status": 502, "hint": ct.HINT_STATUS.format(status=502)}),
+    (
+        "/webhook/x?scenario=chat_stream_load",
+        {},
+        {"format": "json", "code": "bad_upstream_response", "hint": ct.HINT_NO_TEXT},
+    ),
+    ("/webhook/x?scenario=html", {}, {"format": "text", "code": "bad_upstream_response", "hint": ct.HINT_HTML}),
+    ("/webhook/x?scenario=malformed", {}, {"code": "bad_upstream_response", "hint": ct.HINT_UNREADABLE}),
+    ("/webhook/x?scenario=reset", {}, {"code": "upstream_disconnected", "hint": ct.HINT_DISCONNECTED}),
+]
+
+
+@pytest.mark.parametrize(("path", "headers", "expected"), CASES, ids=[f"{c[0]}-{sorted(c[1])}" for c in CASES])
+async def test_probe_names_the_problem(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    path: str,
+    headers: dict[str, str],
+    expected: dict[str, Any],
+) -> None:
+    result = await probe(client, session, settings, fake.url + path, webhook_headers=headers or None)
+    assert {k: result[k] for k in expected} == expected
+    assert result["total_ms"] >= 0
+    if result["http_status"] is not None:
+        assert result["first_byte_ms"] is None or result["first_byte_ms"] <= result["total_ms"]
+    if not result["ok"]:
+        assert result["code"]
+        assert result["hint"]
+
+
+async def test_probe_unreachable(client: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = await probe(client, session, settings, f"http://127.0.0.1:{port}/webhook/x")
+    assert result["ok"] is False
+    assert (result["http_status"], result["format"], result["code"]) == (None, None, "upstream_unreachable")
+    assert result["hint"] == ct.HINT_UNREACHABLE
+
+
+@pytest.mark.settings(AGENT_TEST_TIMEOUT=0.5)
+async def test_probe_times_out_with_the_shorter_test_timeout(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    result = await probe(client, session, settings, fake.url + "/webhook/x?scenario=hang_headers&hang=5")
+    assert result["code"] == "upstream_timeout"
+    assert result["hint"] == ct.HINT_TIMEOUT.format(seconds=0.5)
+    assert 400 <= result["total_ms"] < 3000
+
+
+@pytest.mark.settings(WEBHOOK_ALLOW_PRIVATE_NETWORKS=False)
+async def test_probe_applies_the_address_policy(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    admin = await create_admin(session)
+    body = {"name": "P", "webhook_url": fake.url + "/webhook/agent-stream"}
+    response = await client.post("/api/agents/test", json=body, headers=auth_headers(settings, admin))
+    assert response.status_code == 422  # as saving it would be
+    assert response.json()["detail"][0]["loc"] == ["body", "webhook_url"]
+    # A stored agent whose address the policy refuses since (the setting changed) is probed and refused.
+    agent = await create_agent(
+        session, team=await session.get_one(Team, admin.team_id), webhook_url=fake.url + "/webhook/agent-stream"
+    )
+    response = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
+    result = response.json()
+    assert (result["ok"], result["code"], result["hint"]) == (False, "upstream_blocked", ct.HINT_BLOCKED)
+    assert result["http_status"] is None
+    assert fake.requests == []
+
+
+# --- what n8n receives; the stored agent; secrets ---------------------------------------------------
+
+
+async def test_probe_sends_a_real_message_body_marked_as_probe(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    admin = await create_admin(session)
+    response = await client.post(
+        "/api/agents/test",
+        json={
+            "name": "Probe",
+            "webhook_url": fake.url + "/webhook/agent-stream",
+            "system_prompt": "be brief",
+            "config": {"model": "m"},
+        },
+        headers=auth_headers(settings, admin),
+    )
+    assert response.json()["ok"] is True
+    [received] = fake.requests
+    body = received["json"]
+    assert body["chatInput"] == "ping"
+    assert body["messages"] == [{"role": "user", "content": "ping"}]
+    assert (body["system_prompt"], body["config"]) == ("be brief", {"model": "m"})
+    uuid.UUID(body["sessionId"])
+    assert body["metadata"] == {
+        "chat_id": None,
+        "agent_id": None,
+        "user_id": str(admin.id),
+        "team_id": str(admin.team_id),
+        "message_id": None,
+        "probe": True,
+    }
+
+
+async def test_probe_of_stored_agent_uses_its_secret_headers_and_never_echoes_them(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    admin = await create_admin(session)
+    team = await session.get_one(Team, admin.team_id)
+    agent = await create_agent(
+        session,
+        team=team,
+        webhook_url=fake.url + "/webhook/agent-header-auth",
+        webhook_headers_encrypted=encrypt_headers(dict([HEADER_AUTH]), settings.ENCRYPTION_KEY),
+    )
+    response = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
+    assert response.status_code == 200
+    result = response.json()
+    assert (result["ok"], result["format"], result["sample"]) == (True, "ndjson", "Echo: ping")
+    [received] = fake.requests
+    assert received["headers"][HEADER_AUTH[0]] == HEADER_AUTH[1]
+    assert received["json"]["metadata"]["agent_id"] == str(agent.id)
+    assert HEADER_AUTH[1] not in response.text
+    assert HEADER_AUTH[1] not in caplog.text
+
+
+async def test_probe_of_stored_agent_with_refused_secret_names_no_value(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    admin = await create_admin(session)
+    team = await session.get_one(Team, admin.team_id)
+    agent = await create_agent(
+        session,
+        team=team,
+        webhook_url=fake.url + "/webhook/agent-header-auth",
+        webhook_headers_encrypted=encrypt_headers({HEADER_AUTH[0]: "old-secret-value"}, settings.ENCRYPTION_KEY),
+    )
+    response = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
+    assert response.json()["hint"] == ct.HINT_AUTH_WRONG
+    assert "old-secret-value" not in response.text
+
+
+async def test_probe_of_stored_agent_with_unreadable_headers(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    admin = await create_admin(session)
+    team = await session.get_one(Team, admin.team_id)
+    agent = await create_agent(
+        session, team=team, webhook_url=fake.url + "/webhook/agent-stream", webhook_headers_encrypted="not-a-token"
+    )
+    response = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
+    result = response.json()
+    assert (result["ok"], result["code"], result["hint"]) == (False, "agent_misconfigured", ct.HINT_MISCONFIGURED)
+    assert fake.requests == []
+
+
+def test_sample_masks_secret_header_values() -> None:
+    text = "headers were X-Key: abcd-secret and token zz"
+    assert ct.masked(text, ["abcd-secret", "zz"]) == "headers were X-Key: *** and token zz"
+
+
+async def test_probe_stores_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    await probe(client, session, settings, fake.url + "/webhook/does-not-exist")
+    await probe(client, session, settings, fake.url + "/webhook/agent-stream")
+    assert await count_rows(session, "agents") == 0
+    assert await count_rows(session, "error_logs") == 0
+    assert await count_rows(session, "chats") == 0
+
+
+# --- who may test, bad input, rate limit ------------------------------------------------------------
+
+
+async def test_probe_refuses_members_strangers_and_foreign_agents(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    admin = await create_admin(session)
+    member = await create_user(session, team=await session.get_one(Team, admin.team_id))
+    body = {"name": "P", "webhook_url": fake.url + "/webhook/agent-stream"}
+    assert (await client.post("/api/agents/test", json=body)).status_code == 401
+    response = await client.post("/api/agents/test", json=body, headers=auth_headers(settings, member))
+    assert response.status_code == 403
+    other_team = await create_team(session)
+    foreign = await create_agent(session, team=other_team, webhook_url=fake.url + "/webhook/agent-stream")
+    response = await client.post(f"/api/agents/{foreign.id}/test", headers=auth_headers(settings, admin))
+    assert response.status_code == 404
+    response = await client.post(f"/api/agents/{uuid.uuid4()}/test", headers=auth_headers(settings, admin))
+    assert response.status_code == 404
+    response = await client.post(f"/api/agents/{foreign.id}/test", headers=auth_headers(settings, member))
+    assert response.status_code == 403
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "P"},
+        {"name": "P", "webhook_url": ""},
+        {"name": "P", "webhook_url": "http://x/", "webhook_headers": {"Bad Header": "v"}},
+        {"name": "P", "webhook_url": "http://x/", "extra": 1},
+    ],
+)
+async def test_probe_bad_body_is_422_and_sends_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n, body: dict[str, Any]
+) -> None:
+    admin = await create_admin(session)
+    response = await client.post("/api/agents/test", json=body, headers=auth_headers(settings, admin))
+    assert response.status_code == 422
+    assert fake.requests == []
+
+
+@pytest.mark.settings(RATE_LIMIT_AGENT_TEST="2/minute")
+async def test_probe_is_rate_limited_per_admin(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    admin = await create_admin(session)
+    other = await create_admin(session)
+    body = {"name": "P", "webhook_url": fake.url + "/webhook/agent-stream"}
+    for _ in range(2):
+        assert (
+            await client.post("/api/agents/test", json=body, headers=auth_headers(settings, admin))
+        ).status_code == 200
+    refused = await client.post("/api/agents/test", json=body, headers=auth_headers(settings, admin))
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert len(fake.requests) == 2
+    assert (await client.post("/api/agents/test", json=body, headers=auth_headers(settings, other))).status_code == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE", "OPTIONS"])
+async def test_other_methods_on_test_path_are_405(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, method: str
+) -> None:
+    admin = await create_admin(session)
+    response = await client.request(method, "/api/agents/test", headers=auth_headers(settings, admin))
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
