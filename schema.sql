@@ -184,5 +184,41 @@ ALTER TABLE refresh_tokens ADD COLUMN successor_encrypted TEXT;
 
 UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0003';
 
+-- Running upgrade 0004 -> 0006
+
+ALTER TABLE agents ADD COLUMN slug VARCHAR(64);
+
+ALTER TABLE agents ALTER COLUMN slug SET NOT NULL;
+
+CREATE UNIQUE INDEX uq_agents_team_id_slug ON agents (team_id, slug);
+
+CREATE TABLE usage_records (
+    id UUID NOT NULL, 
+    team_id UUID NOT NULL, 
+    user_id UUID, 
+    agent_id UUID, 
+    chat_id UUID, 
+    outcome VARCHAR(20) NOT NULL, 
+    error_code VARCHAR(50), 
+    chars_in INTEGER NOT NULL, 
+    chars_out INTEGER NOT NULL, 
+    tokens_in INTEGER, 
+    tokens_out INTEGER, 
+    ttfc_ms INTEGER, 
+    duration_ms INTEGER NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_usage_records PRIMARY KEY (id), 
+    CONSTRAINT ck_usage_records_outcome CHECK (outcome IN ('complete', 'error', 'cancelled', 'interrupted')), 
+    CONSTRAINT fk_usage_records_team_id_teams FOREIGN KEY(team_id) REFERENCES teams (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_usage_records_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE SET NULL, 
+    CONSTRAINT fk_usage_records_agent_id_agents FOREIGN KEY(agent_id) REFERENCES agents (id) ON DELETE SET NULL
+);
+
+CREATE INDEX ix_usage_records_team_id_created_at ON usage_records (team_id, created_at);
+
+CREATE INDEX ix_usage_records_user_id_created_at ON usage_records (user_id, created_at);
+
+UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num = '0004';
+
 COMMIT;
 

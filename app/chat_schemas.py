@@ -12,6 +12,7 @@ from app.fields import (
     AgentConfig,
     AgentDescription,
     AgentName,
+    AgentSlug,
     ChatTitle,
     InputModel,
     NotNull,
@@ -28,6 +29,7 @@ from app.fields import (
 
 class AgentCreate(InputModel):
     name: AgentName
+    slug: AgentSlug | None = Field(None, description="Left out or null: made from the name. Taken: 409.")
     description: AgentDescription | None = None
     webhook_url: WebhookUrl
     webhook_headers: WebhookHeaders | None = None
@@ -43,6 +45,7 @@ class AgentUpdate(InputModel):
     """Partial update: only the fields sent change. `webhook_headers`: sent = replaced, `{}` or null = cleared."""
 
     name: Annotated[AgentName | None, NotNull] = None
+    slug: Annotated[AgentSlug | None, NotNull] = None
     description: AgentDescription | None = None
     webhook_url: Annotated[WebhookUrl | None, NotNull] = None
     webhook_headers: WebhookHeaders | None = None
@@ -60,6 +63,7 @@ class AgentRead(ReadModel):
     id: uuid.UUID
     team_id: uuid.UUID
     name: str
+    slug: str = Field(description="Unique in the team; the `model` name of the agent.", examples=["support-bot"])
     description: str | None
     system_prompt: str | None
     config: dict[str, Any]

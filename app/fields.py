@@ -279,6 +279,15 @@ def check_agent_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 AgentName = Annotated[str, Field(min_length=1, max_length=AGENT_NAME_MAX, examples=["Support bot"]), StorableText]
+AgentSlug = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z0-9-]{1,64}$",
+        description="Unique in the team (inactive agents keep theirs): lowercase letters, digits and `-`, at "
+        "most 64. Made from the name when not given (`-2`, `-3`... when taken).",
+        examples=["support-bot"],
+    ),
+]
 #: What check_webhook_url accepts by syntax, for the schema: http(s) in any case, no user info, no CR, LF, tab,
 #: NUL or space anywhere, a port 1-65535, and a host name of the characters a resolver is handed (letters,
 #: digits, `.`, `_`, `-`, as app.webhooks.HOST_NAME). The host must not start with a digit: numeric hosts are

@@ -92,11 +92,17 @@ class User(Base):
 
 class Agent(Base):
     __tablename__ = "agents"
-    __table_args__ = (Index("ix_agents_team_id_is_active", "team_id", "is_active"),)
+    __table_args__ = (
+        Index("ix_agents_team_id_is_active", "team_id", "is_active"),
+        # Inactive agents keep theirs: a slug is never reused within the team (it names a `/v1` model).
+        Index("uq_agents_team_id_slug", "team_id", "slug", unique=True),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), nullable=False)
     name: Mapped[str] = mapped_column(String(100), nullable=False)
+    #: `[a-z0-9-]{1,64}`, unique in the team (app.slugs).
+    slug: Mapped[str] = mapped_column(String(64), nullable=False)
     description: Mapped[str | None] = mapped_column(Text)
     webhook_url: Mapped[str] = mapped_column(String(2048), nullable=False)
     #: Fernet token of the JSON object of headers; never leaves the server in clear.
@@ -220,3 +226,34 @@ class Worker(Base):
     id: Mapped[uuid.UUID] = _uuid_pk()
     started_at: Mapped[datetime] = _created()
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class UsageRecord(Base):
+    """The usage ledger: one row per generation, written in the transaction of its final message.
+
+    Never per chunk. Rows outlive their chat, user and agent (usage is history); only the team's go with it.
+    """
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        CheckConstraint("outcome IN ('complete', 'error', 'cancelled', 'interrupted')", name="outcome"),
+        # The usage queries: a team's or a user's rows in a date range (app.services.usage).
+        Index("ix_usage_records_team_id_created_at", "team_id", "created_at"),
+        Index("ix_usage_records_user_id_created_at", "user_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), nullable=False)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    agent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id", ondelete="SET NULL"))
+    #: No foreign key: users delete chats, and each delete would scan the ledger to null the ids out.
+    chat_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    outcome: Mapped[str] = mapped_column(String(20), nullable=False)
+    error_code: Mapped[str | None] = mapped_column(String(50))
+    chars_in: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    chars_out: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    tokens_in: Mapped[int | None] = mapped_column(Integer)
+    tokens_out: Mapped[int | None] = mapped_column(Integer)
+    ttfc_ms: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    created_at: Mapped[datetime] = _created()

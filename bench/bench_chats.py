@@ -98,8 +98,9 @@ async def seed(url: str, *, chats: int, messages: int) -> tuple[uuid.UUID, uuid.
             now,
         )
         await conn.execute(
-            "INSERT INTO agents (id, team_id, name, webhook_url, config, avatar_version, is_active, created_at,"
-            " updated_at) VALUES ($1, $2, 'Bench agent', 'http://127.0.0.1:5678/webhook/x', '{}', 0, true, $3, $3)",
+            "INSERT INTO agents (id, team_id, name, slug, webhook_url, config, avatar_version, is_active, created_at,"
+            " updated_at) VALUES ($1, $2, 'Bench agent', 'bench-agent', 'http://127.0.0.1:5678/webhook/x', '{}', 0,"
+            " true, $3, $3)",
             agent_id,
             team_id,
             now,

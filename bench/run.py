@@ -127,6 +127,7 @@ async def seed(dbname: str, settings: Any, fake_url: str) -> Seed:
                 id=uuid.uuid4(),
                 team_id=team.id,
                 name="Bench agent",
+                slug="bench-agent",
                 webhook_url=f"{fake_url}/webhook/agent-stream?{qs(PACED)}",
                 system_prompt="",
             )

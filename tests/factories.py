@@ -58,6 +58,7 @@ async def create_agent(session: AsyncSession, *, team: Team, **overrides: Any) -
     values: dict[str, Any] = {
         "team_id": team.id,
         "name": "Helper",
+        "slug": f"helper-{uuid.uuid4().hex[:8]}",
         "description": "A test agent",
         "webhook_url": "http://127.0.0.1:5678/webhook/agent-stream",
         "system_prompt": "be brief",

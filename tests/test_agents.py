@@ -26,6 +26,7 @@ MEMBER_FIELDS = {
     "id",
     "team_id",
     "name",
+    "slug",
     "description",
     "system_prompt",
     "config",

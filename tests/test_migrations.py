@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -20,6 +21,7 @@ from main import create_app, shutdown
 from tests.conftest import ADMIN_URL, ROOT, _admin_execute, _plain_url, _with_database, make_settings, run_migrations
 from tools.schema_sql import render_schema
 
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
 EXPECTED_TABLES = {
     "teams",
     "users",
@@ -30,6 +32,7 @@ EXPECTED_TABLES = {
     "error_logs",
     "workers",
     "invites",
+    "usage_records",
     "alembic_version",
 }
 
@@ -116,3 +119,109 @@ async def test_sqlite_smoke(tmp_path: Path) -> None:
             assert team.settings == {"open_registration": False}
     finally:
         await shutdown(app)
+
+
+# --- 0006: agent slugs for the agents made before it, the usage ledger -------------------------------
+
+SLUG_ROWS = [
+    # (name, is_active, seconds after the first): oldest first within a team gets the bare slug
+    ("Support Bot", True, 0),
+    ("support bot", False, 1),
+    ("Support-Bot!", True, 2),
+    ("Café ☕", True, 3),
+    ("☕", True, 4),
+]
+
+
+async def _seed_agents_at_0004(url: str) -> tuple[str, str]:
+    """Two teams with agents whose names collide, inserted with plain SQL (the 0004 schema)."""
+    engine = create_async_engine(url)
+    team_a, team_b = str(uuid.uuid4()), str(uuid.uuid4())
+    async with engine.begin() as conn:
+        for team, slug in ((team_a, "a"), (team_b, "b")):
+            await conn.execute(
+                text(
+                    "INSERT INTO teams (id, name, slug, settings, created_at, updated_at) "
+                    "VALUES (:id, :name, :slug, '{}', :now, :now)"
+                ),
+                {"id": team if "sqlite" not in url else uuid.UUID(team).hex, "name": slug, "slug": slug, "now": NOW},
+            )
+        rows = [(team_a, *row) for row in SLUG_ROWS] + [(team_b, "Support Bot", True, 0)]
+        for team, name, active, offset in rows:
+            await conn.execute(
+                text(
+                    "INSERT INTO agents (id, team_id, name, webhook_url, config, avatar_version, is_active, "
+                    "created_at, updated_at) VALUES (:id, :team, :name, 'http://n8n/webhook/x', '{}', 0, :active, "
+                    ":at, :at)"
+                ),
+                {
+                    "id": uuid.uuid4() if "sqlite" not in url else uuid.uuid4().hex,
+                    "team": team if "sqlite" not in url else uuid.UUID(team).hex,
+                    "name": name,
+                    "active": active,
+                    "at": NOW + timedelta(seconds=offset),
+                },
+            )
+    await engine.dispose()
+    return team_a, team_b
+
+
+async def _slugs(url: str) -> list[tuple[str, str]]:
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT name, slug FROM agents ORDER BY created_at, name"))).all()
+    await engine.dispose()
+    return [(r[0], r[1]) for r in rows]
+
+
+async def _columns(url: str, table: str) -> set[str]:
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        names = set((await conn.execute(text(f"SELECT * FROM {table} LIMIT 0"))).keys())
+    await engine.dispose()
+    return names
+
+
+def _check_0006(url: str) -> None:
+    run_migrations(url, "0004")
+    asyncio.run(_seed_agents_at_0004(url))
+    run_migrations(url, "0006")
+    assert sorted(asyncio.run(_slugs(url))) == sorted(
+        [
+            ("Support Bot", "support-bot"),
+            ("Support Bot", "support-bot"),  # the other team's: slugs are unique per team only
+            ("support bot", "support-bot-2"),  # inactive agents get (and keep) theirs too
+            ("Support-Bot!", "support-bot-3"),
+            ("Café ☕", "cafe"),
+            ("☕", "agent"),
+        ]
+    )
+    assert "usage_records" in (
+        asyncio.run(_pg_tables(url)) if "postgresql" in url else asyncio.run(_sqlite_tables(url))
+    )
+    run_migrations(url, "0004", downgrade=True)
+    assert "slug" not in asyncio.run(_columns(url, "agents"))
+    assert len(asyncio.run(_slugs_or_names(url))) == 6  # the agents themselves stay
+    run_migrations(url)
+
+
+async def _slugs_or_names(url: str) -> list[str]:
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        names = list((await conn.execute(text("SELECT name FROM agents"))).scalars())
+    await engine.dispose()
+    return names
+
+
+def test_0006_gives_existing_agents_slugs_on_postgresql() -> None:
+    name = f"test_mig_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        _check_0006(url)
+    finally:
+        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_0006_gives_existing_agents_slugs_on_sqlite(tmp_path: Path) -> None:
+    _check_0006(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")

@@ -59,7 +59,7 @@ async def list_agents(
     response_model=AgentAdminRead,
     status_code=status.HTTP_201_CREATED,
     summary="Register an n8n workflow as an agent",
-    responses={**ADMIN_ERRORS, **SSRF_422},
+    responses={**ADMIN_ERRORS, **SSRF_422, 409: error_doc("The slug is taken", agents_service.SLUG_TAKEN)},
 )
 async def create_agent(
     data: AgentCreate, session: SessionDep, settings: SettingsDep, user: AdminUser
@@ -69,6 +69,7 @@ async def create_agent(
         settings=settings,
         user=user,
         name=data.name,
+        slug=data.slug,
         description=data.description,
         webhook_url=data.webhook_url,
         webhook_headers=data.webhook_headers,
@@ -153,7 +154,12 @@ async def read_agent(
     response_model=AgentAdminRead,
     summary="Update an agent (partial: only the fields sent change)",
     description="`webhook_headers`: sent = the whole set is replaced, left out = kept, `{}` = cleared.",
-    responses={**ADMIN_ERRORS, **NOT_FOUND, **SSRF_422},
+    responses={
+        **ADMIN_ERRORS,
+        **NOT_FOUND,
+        **SSRF_422,
+        409: error_doc("The slug is taken", agents_service.SLUG_TAKEN),
+    },
 )
 async def update_agent(
     agent_id: uuid.UUID, data: AgentUpdate, session: SessionDep, settings: SettingsDep, user: AdminUser

@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -14,12 +15,16 @@ from app.crypto import DecryptionError, decrypt_headers, encrypt_headers
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Agent, User
 from app.schemas import AgentAdminRead, AgentRead
+from app.slugs import SLUG_MAX, first_free, slugify
 from app.webhooks import WebhookPolicyError, check_webhook_url
 
 logger = logging.getLogger(__name__)
 
 AGENT_NOT_FOUND = "Agent not found"
 AGENT_INACTIVE = "Agent is inactive; an admin must reactivate it before new chats can use it"
+SLUG_TAKEN = "Another agent of this team (active or not) already has this slug"
+#: Tries at a generated slug when concurrent creates of same-named agents keep taking the free one.
+SLUG_ATTEMPTS = 5
 
 
 async def get_team_agent(*, session: AsyncSession, user: User, agent_id: uuid.UUID) -> Agent:
@@ -56,12 +61,28 @@ def checked_url(url: str, settings: Settings) -> str:
         raise Unprocessable(str(exc), loc=("body", "webhook_url")) from None
 
 
+async def _slug_taken(session: AsyncSession, team_id: uuid.UUID, slug: str) -> bool:
+    query = select(Agent.id).where(Agent.team_id == team_id, Agent.slug == slug).limit(1)
+    return (await session.execute(query)).first() is not None
+
+
+async def free_slug(session: AsyncSession, team_id: uuid.UUID, name: str) -> str:
+    """The slug of `name`, suffixed `-2`, `-3`... past the ones the team has (inactive agents included)."""
+    base = slugify(name)
+    # Every candidate starts with this much of the base (suffixes shorten a long base); `[a-z0-9-]` has no
+    # LIKE wildcard, so the prefix needs no escaping.
+    prefix = base[: SLUG_MAX - 8]
+    query = select(Agent.slug).where(Agent.team_id == team_id, Agent.slug.startswith(prefix))
+    return first_free(base, set((await session.execute(query)).scalars()))
+
+
 async def create_agent(
     *,
     session: AsyncSession,
     settings: Settings,
     user: User,
     name: str,
+    slug: str | None,
     description: str | None,
     webhook_url: str,
     webhook_headers: dict[str, str] | None,
@@ -80,7 +101,22 @@ async def create_agent(
         is_active=is_active,
         created_by=user.id,
     )
-    session.add(agent)
+    team_id = user.team_id
+    if slug is not None and await _slug_taken(session, team_id, slug):
+        raise Conflict(SLUG_TAKEN)
+    for _ in range(SLUG_ATTEMPTS):
+        agent.slug = slug if slug is not None else await free_slug(session, team_id, name)
+        try:
+            # A savepoint: losing the race for a slug rolls back this insert only, not the caller's state.
+            async with session.begin_nested():
+                session.add(agent)
+            break
+        except IntegrityError:
+            # A concurrent create took the slug between the check and the insert (the unique key decides).
+            if slug is not None:
+                raise Conflict(SLUG_TAKEN) from None
+    else:
+        raise Conflict(SLUG_TAKEN)
     await session.commit()
     logger.info("agent %s created in team %s", agent.id, agent.team_id)
     return agent
@@ -98,9 +134,15 @@ async def update_agent(
     if "webhook_headers" in changes:
         headers = changes.pop("webhook_headers") or {}
         agent.webhook_headers_encrypted = encrypt_headers(headers, settings.ENCRYPTION_KEY)
+    if changes.get("slug", agent.slug) != agent.slug and await _slug_taken(session, agent.team_id, changes["slug"]):
+        raise Conflict(SLUG_TAKEN)
     for name, value in changes.items():
         setattr(agent, name, value)
-    await session.commit()
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        raise Conflict(SLUG_TAKEN) from None
     logger.info("agent %s updated (%s)", agent.id, sent)
     return agent
 
@@ -140,6 +182,7 @@ def agent_view(agent: Agent, *, user: User, settings: Settings) -> AgentRead | A
         "id": agent.id,
         "team_id": agent.team_id,
         "name": agent.name,
+        "slug": agent.slug,
         "description": agent.description,
         "system_prompt": agent.system_prompt,
         "config": agent.config,
