@@ -21,7 +21,7 @@ from app.error_handlers import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
-from app.routers import agents, auth, chats, error_logs, health, invites, messages, teams, users
+from app.routers import agents, auth, chats, error_logs, health, invites, messages, teams, usage, users
 from app.routers.responses import complete_openapi
 from app.serve import release_uvicorn_proxy_headers
 from app.services.health import migration_head
@@ -103,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chats.router)
     app.include_router(messages.router)
     app.include_router(error_logs.router)
+    app.include_router(usage.router)
     install_docs(app)
     install_openapi(app, settings)
     return app

@@ -218,6 +218,14 @@ CREATE INDEX ix_usage_records_team_id_created_at ON usage_records (team_id, crea
 
 CREATE INDEX ix_usage_records_user_id_created_at ON usage_records (user_id, created_at);
 
+CREATE TABLE usage_daily (
+    user_id UUID NOT NULL, 
+    day DATE NOT NULL, 
+    generations INTEGER NOT NULL, 
+    CONSTRAINT pk_usage_daily PRIMARY KEY (user_id, day), 
+    CONSTRAINT fk_usage_daily_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
+);
+
 UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num = '0004';
 
 COMMIT;

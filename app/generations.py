@@ -212,8 +212,11 @@ class GenerationRegistry:
             "chunks": len(generation.chunks),
             "duration_ms": duration_ms,
             "ttfb_ms": stats.ttfb_ms,
+            "ttfc_ms": stats.ttfc_ms,
             "upstream_status": stats.upstream_status,
             "format": stats.format,
+            "tokens_in": None if stats.usage is None else stats.usage[0],
+            "tokens_out": None if stats.usage is None else stats.usage[1],
         }
         await _shielded(self._finish(generation, failure, metadata, checkpoint, cancelled=cancelled))
         if cancelled:
@@ -236,10 +239,9 @@ class GenerationRegistry:
         else:
             status = "interrupted" if cancelled else "error"
             error = {"message": failure.message, "code": failure.code}
-        # A success is one UPDATE; a failure also writes its error_logs row, in the same transaction.
-        sessionmaker = self.db.autocommit if error is None else self.db.sessionmaker
+        # One transaction: the message, its usage ledger row and, on failure, its error_logs row.
         try:
-            async with sessionmaker() as session:
+            async with self.db.sessionmaker() as session:
                 stored = await message_service.finish_message(
                     session=session,
                     new=new,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
+    Date,
     ForeignKey,
     Index,
     Integer,
@@ -257,3 +258,14 @@ class UsageRecord(Base):
     ttfc_ms: Mapped[int | None] = mapped_column(Integer)
     duration_ms: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     created_at: Mapped[datetime] = _created()
+
+
+class UsageDaily(Base):
+    """Generations started per user and UTC day: the quota's counter, raised by one conditional upsert
+    (app.services.usage.claim_generation), so concurrent sends can never overshoot the quota."""
+
+    __tablename__ = "usage_daily"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    generations: Mapped[int] = mapped_column(Integer, nullable=False, default=0)

@@ -65,6 +65,8 @@ __all__ = [
     "MessageCreate",
     "MessageRead",
     "PasswordChange",
+    "QuotaSettings",
+    "QuotaSettingsUpdate",
     "RefreshRead",
     "RefreshRequest",
     "RegisterRequest",
@@ -76,6 +78,7 @@ __all__ = [
     "TeamSignupRead",
     "TeamUpdate",
     "TokenRead",
+    "UsageRowRead",
     "UserCreate",
     "UserRead",
     "UserUpdate",
@@ -93,16 +96,36 @@ class HealthRead(ReadModel):
 # --- teams, users and auth -------------------------------------------------------------------
 
 
+QUOTA_DESCRIPTION = (
+    "Generations each member may start per UTC day (every send counts, failed ones included); past it a "
+    "send is refused with 429 and `Retry-After` until midnight UTC. null = unlimited."
+)
+
+
+class QuotaSettings(ReadModel):
+    messages_per_user_per_day: int | None = Field(None, description=QUOTA_DESCRIPTION, examples=[200])
+
+
+class QuotaSettingsUpdate(InputModel):
+    messages_per_user_per_day: Annotated[JsonInt, Field(ge=1, le=1_000_000)] | None = Field(
+        None, description=QUOTA_DESCRIPTION, examples=[200]
+    )
+
+
 class TeamSettings(ReadModel):
     open_registration: bool = Field(
         False,
         description="Anyone who knows the team id may register into it (role user). Off by default: "
         "people join with an invite instead.",
     )
+    quota: QuotaSettings = Field(default_factory=QuotaSettings)
 
 
 class TeamSettingsUpdate(InputModel):
     open_registration: Annotated[StrictBool | None, NotNull] = Field(None, examples=[False])
+    quota: Annotated[QuotaSettingsUpdate | None, NotNull] = Field(
+        None, description="Sent = replaced as a whole (`{}` or a null limit = unlimited)."
+    )
 
 
 class TeamRead(ReadModel):
@@ -382,3 +405,23 @@ class AmbiguousLoginRead(BaseModel):
 
 class ErrorRead(BaseModel):
     detail: str
+
+
+class UsageRowRead(ReadModel):
+    """Usage of one day, agent or user in the period asked for."""
+
+    key: str | None = Field(
+        description="The day (`YYYY-MM-DD`, UTC), or the agent's or user's id (null: deleted since).",
+        examples=["2026-12-06"],
+    )
+    label: str = Field(description="The day, the agent's name, or the user's name (else email).")
+    generations: int = Field(description="Answers started (every outcome).")
+    completed: int
+    errors: int = Field(description="Answers that ended in an error or were interrupted by a server stop.")
+    cancelled: int
+    chars_in: int = Field(description="Characters of the user messages sent.")
+    chars_out: int = Field(description="Characters of the answers stored.")
+    tokens_in: int | None = Field(description="Tokens the workflows reported; null when none reported usage.")
+    tokens_out: int | None
+    ttfc_ms_p50: float | None = Field(description="Median milliseconds to the first text chunk.")
+    duration_ms_p50: float | None = Field(description="Median milliseconds from the call to n8n to the end.")

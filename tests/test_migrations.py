@@ -33,6 +33,7 @@ EXPECTED_TABLES = {
     "workers",
     "invites",
     "usage_records",
+    "usage_daily",
     "alembic_version",
 }
 

@@ -18,6 +18,8 @@ from tests.factories import auth_headers, create_admin, create_team, create_user
 
 SIGNUP = {"name": "Acme Support", "admin_email": " Boss@Acme.example.com ", "admin_password": "long-enough-pw"}
 
+NO_QUOTA = {"messages_per_user_per_day": None}
+
 
 pytestmark = pytest.mark.settings(RATE_LIMIT_ENABLED=False)
 
@@ -29,7 +31,7 @@ async def test_create_team_creates_team_and_admin(web: httpx.AsyncClient) -> Non
     assert set(body) == {"team", "user"}
     assert set(body["team"]) == {"id", "name", "slug", "settings", "created_at"}
     assert body["team"]["slug"] == "acme-support"
-    assert body["team"]["settings"] == {"open_registration": False}
+    assert body["team"]["settings"] == {"open_registration": False, "quota": NO_QUOTA}
     assert body["user"]["role"] == "admin"
     assert body["user"]["email"] == "boss@acme.example.com"
     assert body["user"]["team_id"] == body["team"]["id"]
@@ -85,7 +87,7 @@ async def test_read_current_team(web: httpx.AsyncClient, session: AsyncSession, 
     assert response.status_code == 200
     assert response.json()["id"] == str(team.id)
     assert response.json()["name"] == "Mine"
-    assert response.json()["settings"] == {"open_registration": False}
+    assert response.json()["settings"] == {"open_registration": False, "quota": NO_QUOTA}
     assert (await web.get("/api/teams/current")).status_code == 401
 
 
@@ -96,13 +98,13 @@ async def test_update_team_as_admin(web: httpx.AsyncClient, session: AsyncSessio
     response = await web.put("/api/teams/current", json={"name": " Renamed "}, headers=headers)
     assert response.status_code == 200
     assert response.json()["name"] == "Renamed"
-    assert response.json()["settings"] == {"open_registration": False}
+    assert response.json()["settings"] == {"open_registration": False, "quota": NO_QUOTA}
     opened = await web.put("/api/teams/current", json={"settings": {"open_registration": True}}, headers=headers)
     assert opened.status_code == 200
-    assert opened.json()["settings"] == {"open_registration": True}
+    assert opened.json()["settings"] == {"open_registration": True, "quota": NO_QUOTA}
     assert opened.json()["name"] == "Renamed"
     closed = await web.put("/api/teams/current", json={"settings": {"open_registration": False}}, headers=headers)
-    assert closed.json()["settings"] == {"open_registration": False}
+    assert closed.json()["settings"] == {"open_registration": False, "quota": NO_QUOTA}
     register = await web.post(
         "/api/auth/register", json={"team_id": str(team.id), "email": "new@example.com", "password": "long-enough"}
     )

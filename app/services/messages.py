@@ -24,6 +24,7 @@ from app.models import Agent, Chat
 from app.schemas import MessageRead
 from app.security import Caller
 from app.services import error_logs
+from app.services import usage as usage_service
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params, title_from_message
 
 GENERATION_RUNNING = "A generation is already running in this chat"
@@ -146,11 +147,15 @@ async def start_message(
         "created_at": stamp,
         "_worker": str(worker_id),
     }
+    # Usage hook (app.services.usage): the daily quota, counted before anything is stored (429 past it).
+    claimed = await usage_service.claim_generation(session=session, user=user)
     statement, params = statements_of(session).append(user_message, placeholder)
     params.update(now=now, title=title_from_message(content), id=chat_id, uid=user.id)
     length = (await execute_core(session, statement, params)).scalar_one_or_none()
     if length is None:
         await session.rollback()
+        if claimed is not None:  # usage hook: a refused send does not count
+            await usage_service.release_generation(session=session, user=user, day=claimed)
         raise Conflict(GENERATION_RUNNING)
     await session.commit()
 
@@ -231,7 +236,8 @@ async def finish_message(
     failure_detail: dict[str, Any] | None,
     upstream_status: int | None,
 ) -> dict[str, Any]:
-    """The one final write of an answer, plus its error_logs row on failure, in one transaction."""
+    """The one final write of an answer, plus its error_logs row on failure and its usage ledger row, in one
+    transaction."""
     if new.assistant_created_at is None:
         new.stamp_assistant()
     patch: dict[str, Any] = {
@@ -266,5 +272,18 @@ async def finish_message(
             upstream_status=upstream_status,
             detail=detail,
         )
+    # Usage hook (app.services.usage): the generation's ledger row, in this same transaction.
+    await usage_service.record_generation(
+        session=session,
+        team_id=new.team_id,
+        user_id=new.user_id,
+        agent_id=new.agent_id,
+        chat_id=new.chat_id,
+        outcome=status,
+        error_code=None if error is None else error["code"],
+        chars_in=len(str(new.user_message.get("content") or "")),
+        chars_out=len(content),
+        metadata=metadata,
+    )
     await session.commit()
     return public_message({"id": new.assistant_id, "role": "assistant", **patch})

@@ -88,9 +88,20 @@ def upgrade() -> None:
     )
     op.create_index("ix_usage_records_team_id_created_at", "usage_records", ["team_id", "created_at"])
     op.create_index("ix_usage_records_user_id_created_at", "usage_records", ["user_id", "created_at"])
+    op.create_table(
+        "usage_daily",
+        sa.Column("user_id", sa.Uuid(), nullable=False),
+        sa.Column("day", sa.Date(), nullable=False),
+        sa.Column("generations", sa.Integer(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["user_id"], ["users.id"], name=op.f("fk_usage_daily_user_id_users"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("user_id", "day", name=op.f("pk_usage_daily")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("usage_daily")
     op.drop_index("ix_usage_records_user_id_created_at", table_name="usage_records")
     op.drop_index("ix_usage_records_team_id_created_at", table_name="usage_records")
     op.drop_table("usage_records")

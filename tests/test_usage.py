@@ -1,0 +1,441 @@
+"""Usage: a ledger row per generation and outcome, the reports' grouping and tenancy on both databases, quotas."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.db import utcnow
+from app.errors import RateLimited
+from app.models import Agent, Chat, Team, UsageRecord, User
+from app.security import Caller
+from app.services import usage as usage_service
+from app.services.messages import finish_message, start_message
+from app.state import app_state
+from main import create_app, shutdown
+from tests.conftest import count_rows, make_settings, run_migrations
+from tests.factories import auth_headers, create_admin, create_agent, create_chat, create_team, create_user
+from tests.live import chat_with_agent
+from tools.fake_n8n import FakeN8n
+
+ROW_FIELDS = {
+    "key",
+    "label",
+    "generations",
+    "completed",
+    "errors",
+    "cancelled",
+    "chars_in",
+    "chars_out",
+    "tokens_in",
+    "tokens_out",
+    "ttfc_ms_p50",
+    "duration_ms_p50",
+}
+
+
+async def ledger(app: FastAPI) -> list[UsageRecord]:
+    async with app_state(app).db.sessionmaker() as s:
+        return list((await s.execute(select(UsageRecord).order_by(UsageRecord.created_at))).scalars())
+
+
+# --- one ledger row per generation, for every outcome -----------------------------------------------
+
+
+async def test_completed_send_writes_one_ledger_row(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    response = await client.post(
+        f"/api/chats/{setup.chat.id}/messages", json={"content": "hello there"}, headers=setup.headers
+    )
+    assert response.status_code == 200
+    [row] = await ledger(app)
+    assert (row.team_id, row.user_id, row.agent_id, row.chat_id) == (
+        setup.user.team_id,
+        setup.user.id,
+        setup.agent.id,
+        setup.chat.id,
+    )
+    assert (row.outcome, row.error_code) == ("complete", None)
+    assert (row.chars_in, row.chars_out) == (len("hello there"), len("Echo: hello there"))
+    assert (row.tokens_in, row.tokens_out) == (None, None)  # this workflow reported no usage
+    assert row.ttfc_ms is not None
+    assert row.duration_ms >= row.ttfc_ms
+
+
+@pytest.mark.parametrize(
+    ("path", "tokens"),
+    [("/webhook/agent-stream?scenario=echo_usage", (12, 3)), ("/webhook/agent-json?scenario=json_usage", (12, 3))],
+)
+async def test_ledger_keeps_the_token_usage_n8n_reports(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    path: str,
+    tokens: tuple[int, int],
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + path)
+    await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": "hello there"}, headers=setup.headers)
+    [row] = await ledger(app)
+    assert (row.outcome, row.tokens_in, row.tokens_out) == ("complete", *tokens)
+    chat = await session.get_one(Chat, setup.chat.id, populate_existing=True)
+    assert chat.messages[-1]["metadata"]["tokens_in"] == tokens[0]
+
+
+async def test_failed_send_writes_error_row_with_its_code(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/does-not-exist")
+    await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers)
+    [row] = await ledger(app)
+    assert (row.outcome, row.error_code, row.chars_out, row.ttfc_ms) == ("error", "upstream_error", 0, None)
+    assert await count_rows(session, "error_logs") == 1
+
+
+@pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.05)
+async def test_interrupted_generation_writes_interrupted_row(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream?scenario=stall&hang=30&after=2")
+    registry = app_state(app).generations
+    async with app_state(app).db.autocommit() as s:
+        new = await start_message(
+            session=s,
+            settings=settings,
+            user=Caller(id=setup.user.id, team_id=setup.user.team_id),
+            chat_id=setup.chat.id,
+            content="one two",
+            worker_id=registry.worker_id,
+        )
+    generation = registry.start(new)
+    async with asyncio.timeout(10):
+        while not generation.chunks:  # noqa: ASYNC110  # the registry exposes no event for "first chunk"
+            await asyncio.sleep(0.01)
+    await registry.begin_shutdown()
+    [row] = await ledger(app)
+    assert (row.outcome, row.error_code) == ("interrupted", "interrupted")
+    assert row.chars_out == len("".join(generation.chunks)) > 0
+
+
+async def test_cancelled_final_write_writes_cancelled_row(
+    app: FastAPI, session: AsyncSession, settings: Settings
+) -> None:
+    """The stop of a generation ends in a `cancelled` final write; the ledger takes it like any other."""
+    setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
+    async with app_state(app).db.autocommit() as s:
+        new = await start_message(
+            session=s,
+            settings=settings,
+            user=Caller(id=setup.user.id, team_id=setup.user.team_id),
+            chat_id=setup.chat.id,
+            content="abc",
+            worker_id=uuid.uuid4(),
+        )
+    async with app_state(app).db.sessionmaker() as s:
+        await finish_message(
+            session=s,
+            new=new,
+            content="par",
+            status="cancelled",
+            error=None,
+            metadata={"duration_ms": 12.4, "ttfc_ms": 3.6},
+            failure_detail=None,
+            upstream_status=None,
+        )
+    [row] = await ledger(app)
+    assert (row.outcome, row.chars_in, row.chars_out, row.ttfc_ms, row.duration_ms) == ("cancelled", 3, 3, 4, 12)
+
+
+async def test_refused_send_writes_no_row(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    response = await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": " "}, headers=setup.headers)
+    assert response.status_code == 422
+    assert await ledger(app) == []
+
+
+# --- reports ---------------------------------------------------------------------------------------
+
+DAY = date(2026, 11, 20)
+
+
+def at(day: date, hour: int = 12) -> datetime:
+    return datetime(day.year, day.month, day.day, hour, tzinfo=UTC)
+
+
+async def seed_rows(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    session.add_all(UsageRecord(**{"chars_in": 1, "chars_out": 2, "duration_ms": 100, **row}) for row in rows)
+    await session.commit()
+
+
+async def world(session: AsyncSession) -> dict[str, Any]:
+    """Team A (admin, member, two agents) with rows on two days; team B with a row the same day."""
+    team = await create_team(session)
+    admin = await create_admin(session, team=team, full_name="Ada")
+    member = await create_user(session, team=team, full_name=None, email="m@example.com")
+    alpha = await create_agent(session, team=team, name="Alpha")
+    beta = await create_agent(session, team=team, name="Beta")
+    other_team = await create_team(session)
+    stranger = await create_admin(session, team=other_team)
+    other_agent = await create_agent(session, team=other_team)
+    a = {"team_id": team.id}
+    await seed_rows(
+        session,
+        [
+            {**a, "user_id": admin.id, "agent_id": alpha.id, "outcome": "complete", "ttfc_ms": 10, "duration_ms": 100,
+             "tokens_in": 5, "tokens_out": 7, "created_at": at(DAY, 0)},
+            {**a, "user_id": admin.id, "agent_id": alpha.id, "outcome": "complete", "ttfc_ms": 30, "duration_ms": 300,
+             "created_at": at(DAY, 23)},
+            {**a, "user_id": member.id, "agent_id": beta.id, "outcome": "error", "error_code": "upstream_error",
+             "ttfc_ms": None, "duration_ms": 50, "created_at": at(DAY)},
+            {**a, "user_id": member.id, "agent_id": alpha.id, "outcome": "cancelled", "ttfc_ms": 20,
+             "duration_ms": 200, "created_at": at(DAY + timedelta(days=1))},
+            {**a, "user_id": member.id, "agent_id": alpha.id, "outcome": "interrupted", "ttfc_ms": 40,
+             "duration_ms": 400, "created_at": at(DAY + timedelta(days=1))},
+            # Outside the period asked for, and another team's row on the same day.
+            {**a, "user_id": admin.id, "agent_id": alpha.id, "outcome": "complete",
+             "created_at": at(DAY - timedelta(days=1), 23)},
+            {"team_id": other_team.id, "user_id": stranger.id, "agent_id": other_agent.id, "outcome": "complete",
+             "created_at": at(DAY)},
+        ],
+    )  # fmt: skip
+    return {"team": team, "admin": admin, "member": member, "alpha": alpha, "beta": beta, "stranger": stranger}
+
+
+PERIOD = {"from": DAY.isoformat(), "to": (DAY + timedelta(days=1)).isoformat()}
+
+
+async def test_team_usage_by_day(client: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
+    w = await world(session)
+    response = await client.get("/api/usage", params=PERIOD, headers=auth_headers(settings, w["admin"]))
+    assert response.status_code == 200
+    rows = response.json()
+    assert all(set(r) == ROW_FIELDS for r in rows)
+    assert rows == [
+        {"key": "2026-11-20", "label": "2026-11-20", "generations": 3, "completed": 2, "errors": 1, "cancelled": 0,
+         "chars_in": 3, "chars_out": 6, "tokens_in": 5, "tokens_out": 7, "ttfc_ms_p50": 20.0,
+         "duration_ms_p50": 100.0},
+        {"key": "2026-11-21", "label": "2026-11-21", "generations": 2, "completed": 0, "errors": 1, "cancelled": 1,
+         "chars_in": 2, "chars_out": 4, "tokens_in": None, "tokens_out": None, "ttfc_ms_p50": 30.0,
+         "duration_ms_p50": 300.0},
+    ]  # fmt: skip
+
+
+async def test_team_usage_by_agent_and_user(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    w = await world(session)
+    headers = auth_headers(settings, w["admin"])
+    by_agent = (await client.get("/api/usage", params={**PERIOD, "group_by": "agent"}, headers=headers)).json()
+    assert [(r["key"], r["label"], r["generations"]) for r in by_agent] == [
+        (str(w["alpha"].id), "Alpha", 4),
+        (str(w["beta"].id), "Beta", 1),
+    ]
+    assert by_agent[0]["ttfc_ms_p50"] == 25.0  # 10, 20, 30, 40
+    by_user = (await client.get("/api/usage", params={**PERIOD, "group_by": "user"}, headers=headers)).json()
+    assert [(r["key"], r["label"], r["generations"]) for r in by_user] == [
+        (str(w["member"].id), "m@example.com", 3),
+        (str(w["admin"].id), "Ada", 2),
+    ]
+
+
+async def test_my_usage_is_mine_only(client: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
+    w = await world(session)
+    headers = auth_headers(settings, w["member"])
+    mine = (await client.get("/api/usage/me", params=PERIOD, headers=headers)).json()
+    assert [(r["key"], r["generations"]) for r in mine] == [("2026-11-20", 1), ("2026-11-21", 2)]
+    by_agent = (await client.get("/api/usage/me", params={**PERIOD, "group_by": "agent"}, headers=headers)).json()
+    assert [(r["label"], r["generations"]) for r in by_agent] == [("Alpha", 2), ("Beta", 1)]
+    response = await client.get("/api/usage/me", params={"group_by": "user"}, headers=headers)
+    assert response.status_code == 422
+
+
+async def test_usage_tenancy_and_roles(client: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
+    w = await world(session)
+    assert (await client.get("/api/usage")).status_code == 401
+    assert (await client.get("/api/usage", headers=auth_headers(settings, w["member"]))).status_code == 403
+    theirs = (await client.get("/api/usage", params=PERIOD, headers=auth_headers(settings, w["stranger"]))).json()
+    assert [(r["key"], r["generations"]) for r in theirs] == [("2026-11-20", 1)]
+
+
+async def test_usage_default_period_is_the_last_30_days(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    today = utcnow().date()
+    await seed_rows(
+        session,
+        [
+            {"team_id": team.id, "user_id": admin.id, "outcome": "complete", "created_at": at(today, 0)},
+            {"team_id": team.id, "user_id": admin.id, "outcome": "complete",
+             "created_at": at(today - timedelta(days=29), 0)},
+            {"team_id": team.id, "user_id": admin.id, "outcome": "complete",
+             "created_at": at(today - timedelta(days=30), 23)},
+        ],
+    )  # fmt: skip
+    rows = (await client.get("/api/usage", headers=auth_headers(settings, admin))).json()
+    assert [r["key"] for r in rows] == [(today - timedelta(days=29)).isoformat(), today.isoformat()]
+    assert rows[1]["label"] == today.isoformat()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"from": "2026-11-02", "to": "2026-11-01"},
+        {"from": "2025-01-01", "to": "2026-11-01"},
+        {"from": "yesterday"},
+        {"to": "2026-13-01"},
+        {"group_by": "week"},
+    ],
+)
+async def test_usage_bad_query_is_422(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, params: dict[str, str]
+) -> None:
+    admin = await create_admin(session)
+    response = await client.get("/api/usage", params=params, headers=auth_headers(settings, admin))
+    assert response.status_code == 422
+
+
+async def test_usage_report_on_sqlite_matches_postgresql(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, tmp_path: Path
+) -> None:
+    """The embedded database computes the same rows (its medians come from window functions)."""
+    w = await world(session)
+    expected = {
+        group: (await client.get("/api/usage", params={**PERIOD, "group_by": group},
+                                 headers=auth_headers(settings, w["admin"]))).json()
+        for group in ("day", "agent", "user")
+    }  # fmt: skip
+    url = f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}"
+    await asyncio.to_thread(run_migrations, url)
+    lite_settings = make_settings(url, tmp_path)
+    lite = create_app(lite_settings)
+    try:
+        async with app_state(lite).db.sessionmaker() as s:
+            for model in (Team, User, Agent, UsageRecord):
+                rows = [dict(row) for row in (await session.execute(select(model.__table__))).mappings()]
+                await s.execute(insert(model), rows)
+            await s.commit()
+        transport = httpx.ASGITransport(app=lite)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            for group, rows in expected.items():
+                got = await c.get(
+                    "/api/usage", params={**PERIOD, "group_by": group}, headers=auth_headers(lite_settings, w["admin"])
+                )
+                assert got.json() == rows, group
+    finally:
+        await shutdown(lite)
+
+
+# --- quotas ----------------------------------------------------------------------------------------
+
+
+async def set_quota(client: httpx.AsyncClient, settings: Settings, admin: User, value: Any) -> httpx.Response:
+    return await client.put(
+        "/api/teams/current",
+        json={"settings": {"quota": {"messages_per_user_per_day": value}}},
+        headers=auth_headers(settings, admin),
+    )
+
+
+@pytest.mark.parametrize("value", [0, -1, "5", 1.5, True, 1_000_001, {}])
+async def test_quota_setting_is_validated(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, value: Any
+) -> None:
+    admin = await create_admin(session)
+    assert (await set_quota(client, settings, admin, value)).status_code == 422
+    team = (await client.get("/api/teams/current", headers=auth_headers(settings, admin))).json()
+    assert team["settings"]["quota"] == {"messages_per_user_per_day": None}
+
+
+async def test_quota_refuses_past_the_limit_before_storing(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    admin = await create_admin(session, team=await session.get_one(Team, setup.user.team_id))
+    response = await set_quota(client, settings, admin, 2)
+    assert response.status_code == 200
+    assert response.json()["settings"]["quota"] == {"messages_per_user_per_day": 2}
+    url = f"/api/chats/{setup.chat.id}/messages"
+    for _ in range(2):
+        assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 200
+    refused = await client.post(url, json={"content": "hi"}, headers=setup.headers)
+    assert refused.status_code == 429
+    assert refused.json() == {"detail": usage_service.QUOTA_REACHED}
+    now = utcnow()
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+    assert abs(int(refused.headers["Retry-After"]) - (midnight - now).total_seconds()) < 5
+    chat = await session.get_one(Chat, setup.chat.id, populate_existing=True)
+    assert chat.message_count == 4  # two sends of two messages; the refused one stored nothing
+    assert len(fake.requests) == 2
+    # Other members have their own count; lifting the quota lets the user send again.
+    other = await create_user(session, team=await session.get_one(Team, setup.user.team_id))
+    other_chat = await create_chat(session, user=other, agent=setup.agent)
+    sent = await client.post(
+        f"/api/chats/{other_chat.id}/messages", json={"content": "hi"}, headers=auth_headers(settings, other)
+    )
+    assert sent.status_code == 200
+    assert (await set_quota(client, settings, admin, None)).status_code == 200
+    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 200
+
+
+async def test_quota_counts_generations_of_the_day_before_it_was_set(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    admin = await create_admin(session, team=await session.get_one(Team, setup.user.team_id))
+    url = f"/api/chats/{setup.chat.id}/messages"
+    await client.post(url, json={"content": "hi"}, headers=setup.headers)
+    await set_quota(client, settings, admin, 1)
+    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 429
+
+
+async def test_quota_holds_under_concurrent_sends(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    admin = await create_admin(session, team=await session.get_one(Team, setup.user.team_id))
+    await set_quota(client, settings, admin, 3)
+    chats = [setup.chat] + [await create_chat(session, user=setup.user, agent=setup.agent) for _ in range(7)]
+    responses = await asyncio.gather(
+        *(
+            client.post(f"/api/chats/{chat.id}/messages", json={"content": "hi"}, headers=setup.headers)
+            for chat in chats
+        )
+    )
+    assert sorted(r.status_code for r in responses) == [200] * 3 + [429] * 5
+    assert len(await ledger(app)) == 3
+    assert len(fake.requests) == 3
+
+
+async def test_send_refused_for_a_running_generation_gives_its_claim_back(
+    app: FastAPI, session: AsyncSession, settings: Settings
+) -> None:
+    setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
+    team = await session.get_one(Team, setup.user.team_id)
+    team.settings = {**team.settings, "quota": {"messages_per_user_per_day": 5}}
+    await session.commit()
+    caller = Caller(id=setup.user.id, team_id=setup.user.team_id)
+    async with app_state(app).db.autocommit() as s:
+        day = await usage_service.claim_generation(session=s, user=caller)
+        assert day == utcnow().date()
+        await usage_service.release_generation(session=s, user=caller, day=day)
+        for _ in range(5):
+            await usage_service.claim_generation(session=s, user=caller)
+        with pytest.raises(RateLimited):
+            await usage_service.claim_generation(session=s, user=caller)
