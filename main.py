@@ -15,13 +15,14 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagge
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from app import metrics
 from app.config import Settings, get_settings
 from app.db import Database
 from app.error_handlers import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
-from app.routers import agents, auth, chats, error_logs, health, invites, messages, teams, usage, users
+from app.routers import agents, auth, chats, error_logs, health, invites, messages, metrics_route, teams, usage, users
 from app.routers.responses import complete_openapi
 from app.serve import release_uvicorn_proxy_headers
 from app.services.health import migration_head
@@ -64,6 +65,7 @@ async def shutdown(app: FastAPI) -> None:
     if state.redis is not None:
         await state.redis.aclose()
     await state.db.dispose()
+    metrics.worker_exited()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -104,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(messages.router)
     app.include_router(error_logs.router)
     app.include_router(usage.router)
+    app.include_router(metrics_route.router)
     install_docs(app)
     install_openapi(app, settings)
     return app

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     SHUTDOWN_GRACE_SECONDS: float = Field(10.0, ge=0)
     WORKER_HEARTBEAT_INTERVAL: float = Field(10.0, gt=0)
 
+    METRICS_ENABLED: bool = False
+    METRICS_TOKEN: str | None = None
+
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     LOG_FORMAT: Literal["text", "json"] = "text"
 

@@ -103,5 +103,10 @@ class Database:
             )
         )
 
+    def pool_in_use(self) -> int | None:
+        """Connections checked out of the pool now (None for a pool that does not count them)."""
+        checkedout = getattr(self.engine.pool, "checkedout", None)
+        return int(checkedout()) if callable(checkedout) else None
+
     async def dispose(self) -> None:
         await self.engine.dispose()

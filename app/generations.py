@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from app import metrics
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
@@ -162,6 +163,7 @@ class GenerationRegistry:
         generation.add_event("status", WAITING)
         task = asyncio.create_task(self._run(generation), name=f"generation-{new.assistant_id}")
         generation.task = task
+        metrics.generation_started(task)  # metrics hook (app.metrics): an open stream until the task ends
         self.running[new.assistant_id] = generation
         task.add_done_callback(lambda _t: self.running.pop(new.assistant_id, None))
         return generation
@@ -256,6 +258,14 @@ class GenerationRegistry:
             logger.exception("final write of %s failed", new.assistant_id)
             generation.finish("error", {"message": "The answer could not be stored", "code": "storage_error"})
             return
+        # Metrics hook (app.metrics): the outcome, timings and error code of the stored answer.
+        metrics.generation_finished(
+            outcome=status,
+            agent_id=new.agent_id,
+            error_code=None if error is None else error["code"],
+            metadata=metadata,
+            pool_in_use=self.db.pool_in_use(),
+        )
         if error is None:
             generation.finish("done", {"message": stored})
         else:

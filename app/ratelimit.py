@@ -20,6 +20,7 @@ from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio import Redis
 
+from app import metrics
 from app.config import Settings
 from app.errors import RateLimited
 from app.state import app_state
@@ -63,6 +64,7 @@ class RateLimiter:
             key = (request.client.host if request.client else "") or "unknown"
         if await self.strategy.hit(item, name, key):
             return
+        metrics.refused(name)
         stats = await self.strategy.get_window_stats(item, name, key)
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
         raise RateLimited("Too many requests; retry in a moment", headers={"Retry-After": str(retry_after)})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Final
@@ -19,6 +20,7 @@ from typing import Any, Final
 import uvicorn
 from uvicorn.config import Config
 
+from app import metrics
 from app.config import Settings
 from app.logs import setup_logging
 
@@ -35,6 +37,9 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
     setup_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     if workers > 1 and not settings.REDIS_URL:
         logger.warning("%d workers without REDIS_URL: each worker counts rate limits on its own", workers)
+    if settings.METRICS_ENABLED and workers > 1 and not os.environ.get(metrics.MULTIPROC_ENV):
+        # Before the workers start (they inherit it): one directory their metric values are merged from.
+        metrics.prepare_multiprocess_dir(settings.DATA_DIR / "metrics")
     uvicorn.run(
         FACTORY,
         factory=True,

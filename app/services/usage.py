@@ -12,6 +12,7 @@ from sqlalchemy import ColumnElement, Date, Select, case, cast, func, insert, or
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import metrics
 from app.db import utcnow
 from app.errors import RateLimited, Unprocessable
 from app.models import Agent, Team, UsageDaily, UsageRecord, User
@@ -251,6 +252,7 @@ async def claim_generation(*, session: AsyncSession, user: Caller) -> date | Non
     today = now.date()
     refusal = RateLimited(QUOTA_REACHED, headers={"Retry-After": str(seconds_to_midnight(now))})
     if limit <= 0:
+        metrics.refused("quota")
         raise refusal
     so_far = (
         select(func.count())
@@ -275,6 +277,7 @@ async def claim_generation(*, session: AsyncSession, user: Caller) -> date | Non
     count = (await session.execute(statement)).scalar()
     await session.commit()
     if count is None or count > limit:
+        metrics.refused("quota")
         raise refusal
     return today
 

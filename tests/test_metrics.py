@@ -1,0 +1,143 @@
+"""GET /metrics: off by default, bearer-protected, the relay's series, and one view over two workers."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.state import app_state
+from tests.factories import auth_headers, create_admin
+from tests.live import chat_with_agent, server_process
+from tests.test_serve import attempt, server_env
+from tools.fake_n8n import FakeN8n
+
+TOKEN = "metrics-token-0123456789"
+SERIES = {
+    "relay_open_streams",
+    "relay_generations",
+    "relay_time_to_first_chunk_seconds",
+    "relay_generation_duration_seconds",
+    "relay_upstream_errors",
+    "relay_db_pool_in_use",
+    "relay_rate_limit_refusals",
+}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the exposition, parsed by the Prometheus client's own parser."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_are_off_by_default(client: httpx.AsyncClient) -> None:
+    response = await client.get("/metrics")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not Found"}
+
+
+@pytest.mark.settings(METRICS_ENABLED=True)
+async def test_metrics_expose_the_relay_series_and_count_a_generation(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    before = (await client.get("/metrics")).text
+    assert {f.name for f in text_string_to_metric_families(before)} >= SERIES
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    failing = await chat_with_agent(session, settings, fake.url + "/webhook/does-not-exist")
+    for chat in (setup, failing):
+        await client.post(f"/api/chats/{chat.chat.id}/messages", json={"content": "hello"}, headers=chat.headers)
+    registry = app_state(app).generations
+    async with asyncio.timeout(5):
+        while registry.running:  # noqa: ASYNC110  # the tasks end just after their terminal event
+            await asyncio.sleep(0.01)
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    after = response.text
+    agent = str(setup.agent.id)
+    assert value(after, "relay_generations_total", outcome="complete", agent=agent) == 1
+    assert value(after, "relay_generations_total", outcome="error", agent=str(failing.agent.id)) == 1
+    grew = value(after, "relay_upstream_errors_total", code="upstream_error") - value(
+        before, "relay_upstream_errors_total", code="upstream_error"
+    )
+    assert grew == 1
+    observed = value(after, "relay_time_to_first_chunk_seconds_count") - value(
+        before, "relay_time_to_first_chunk_seconds_count"
+    )
+    assert observed == 1  # the failed answer had no first chunk
+    assert (
+        value(after, "relay_generation_duration_seconds_count")
+        - value(before, "relay_generation_duration_seconds_count")
+        == 2
+    )
+    assert value(after, "relay_open_streams") == 0
+    assert value(after, "relay_db_pool_in_use") >= 0
+
+
+@pytest.mark.settings(METRICS_ENABLED=True, METRICS_TOKEN=TOKEN)
+async def test_metrics_token_is_required_when_set(client: httpx.AsyncClient) -> None:
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+    ):
+        response = await client.get("/metrics", headers=headers)
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert TOKEN not in response.text
+    response = await client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200
+    assert TOKEN not in response.text
+
+
+@pytest.mark.settings(METRICS_ENABLED=True, RATE_LIMIT_AGENT_TEST="1/minute")
+async def test_rate_limit_refusals_are_counted(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    before = value((await client.get("/metrics")).text, "relay_rate_limit_refusals_total", limit="agent_test")
+    admin = await create_admin(session)
+    body = {"name": "P", "webhook_url": "http://127.0.0.1:9/webhook/x"}
+    codes = [
+        (await client.post("/api/agents/test", json=body, headers=auth_headers(settings, admin))).status_code
+        for _ in range(3)
+    ]
+    assert codes == [200, 429, 429]
+    after = value((await client.get("/metrics")).text, "relay_rate_limit_refusals_total", limit="agent_test")
+    assert after - before == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_two_workers_answer_with_the_sum_of_both(database_url: str, tmp_path: Path) -> None:
+    """Without Redis each worker keeps its own login budget (1/minute), so 10 logins over two workers give
+    8 refusals only if both served; every scrape, whichever worker answers it, shows all 8."""
+    log = tmp_path / "server.log"
+    env = {**server_env(database_url, tmp_path, METRICS_ENABLED="true"), "RATE_LIMIT_LOGIN": "1/minute"}
+    command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--workers", "2"]
+    async with server_process(command, env, log) as url:
+        codes = [await attempt(url) for _ in range(10)]
+        refused = codes.count(429)
+        assert refused == 8, codes  # each worker let exactly one through: both served
+        seen = []
+        for _ in range(6):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:  # a new connection each time
+                response = await client.get("/metrics")
+            assert response.status_code == 200
+            seen.append(value(response.text, "relay_rate_limit_refusals_total", limit="login"))
+        assert seen == [refused] * 6
+    assert (tmp_path / "data" / "metrics").is_dir()
