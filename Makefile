@@ -11,7 +11,7 @@ FAKE_N8N_PORT ?= 5678
 run: export COOKIE_SECURE ?= false
 run: export WEBHOOK_ALLOW_PRIVATE_NETWORKS ?= true
 
-.PHONY: run test fake-n8n lint fmt schema install install-dev bench bench-quick bench-history clean
+.PHONY: run test fake-n8n lint fmt schema install install-dev bench bench-quick bench-history bench-usage clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ bench-quick: $(VENV)/.dev
 # Send, open and list cost vs chat length (bench/bench_history.py), one worker, ~3 minutes.
 bench-history: $(VENV)/.dev
 	$(PY) -m bench.bench_history
+
+# The usage reports on a million-row ledger (bench/bench_usage.py), its own throwaway database, ~3 minutes.
+bench-usage: $(VENV)/.dev
+	$(PY) -m bench.bench_usage
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

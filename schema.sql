@@ -214,7 +214,7 @@ CREATE TABLE usage_records (
     CONSTRAINT fk_usage_records_agent_id_agents FOREIGN KEY(agent_id) REFERENCES agents (id) ON DELETE SET NULL
 );
 
-CREATE INDEX ix_usage_records_team_id_created_at ON usage_records (team_id, created_at);
+CREATE INDEX ix_usage_records_team_id_created_at ON usage_records (team_id, created_at) INCLUDE (user_id, agent_id, outcome, chars_in, chars_out, tokens_in, tokens_out, ttfc_ms, duration_ms);
 
 CREATE INDEX ix_usage_records_user_id_created_at ON usage_records (user_id, created_at);
 

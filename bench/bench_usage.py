@@ -189,6 +189,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         results["queries"].append(await measure(label, args.runs, _getter(c, path)))
             finally:
                 await shutdown(app)
+        results["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        print(f"load average at the end (1, 5, 15 min): {results['load_average']} on {os.cpu_count()} CPUs", flush=True)
     finally:
         admin = await asyncpg.connect(args.admin_url)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,17 +1,19 @@
 """The benchmark's own parsers and contract checks (no benchmarking here: bench/ is run by `make bench`),
-and a tiny run of bench/bench_history.py so it cannot rot."""
+and tiny runs of bench/bench_history.py and bench/bench_usage.py so they cannot rot."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from bench import bench_history
+from bench import bench_history, bench_usage
 from bench.loadgen import ContractChecker, Event, NDJSONParser, SSEParser, StreamResult, percentile, summarize
 from bench.report import write
 from bench.run import admin
+from tests.conftest import ADMIN_URL, _plain_url
 
 
 def frame(event_id: int, kind: str, data: object) -> bytes:
@@ -147,3 +149,18 @@ async def test_bench_history_runs_at_tiny_sizes(tmp_path: Path) -> None:
     paths = write(report, table, tmp_path)
     assert (tmp_path / "latest-history.md").read_text() == table
     assert json.loads(paths[0].read_text())["lengths"]["20"]["messages"] == 20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_bench_usage_runs_at_tiny_sizes() -> None:
+    """A throwaway database, a few hundred ledger rows, every report answered 200 and timed."""
+    args = argparse.Namespace(admin_url=_plain_url(ADMIN_URL), rows=400, teams=2, days=40, runs=2)
+    results = await bench_usage.run(args)
+    assert [q["name"] for q in results["queries"]][:3] == [
+        "team, 30 days, by day",
+        "team, 30 days, by agent",
+        "team, 30 days, by user",
+    ]
+    assert all(q["runs"] == 2 and q["p50_ms"] > 0 for q in results["queries"])
+    assert 0 < results["team_rows_30_days"] <= 200

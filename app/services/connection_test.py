@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from yarl import URL
 
@@ -17,8 +18,22 @@ from app.n8n_parser import StreamFailure, clean_text
 from app.services.agents import checked_url, webhook_headers_of
 from app.upstream import StreamStats
 
-if TYPE_CHECKING:
-    from app.streaming import N8nStreamer
+
+class N8nStreamer(Protocol):
+    """What the probe needs of `app.streaming.N8nStreamer` (which this layer cannot import: it pulls in the
+    web framework through the SSE module)."""
+
+    async def run(
+        self,
+        *,
+        url: str,
+        headers: dict[str, str],
+        payload: dict[str, Any],
+        on_chunks: Callable[[list[str]], None],
+        stats: StreamStats,
+        limits: Settings | None = None,
+    ) -> None: ...
+
 
 PROBE_TEXT = "ping"
 SAMPLE_CHARS = 200

@@ -86,7 +86,23 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_usage_records")),
     )
-    op.create_index("ix_usage_records_team_id_created_at", "usage_records", ["team_id", "created_at"])
+    # Covering on PostgreSQL (INCLUDE; SQLite ignores it): the team report is an index-only scan.
+    op.create_index(
+        "ix_usage_records_team_id_created_at",
+        "usage_records",
+        ["team_id", "created_at"],
+        postgresql_include=[
+            "user_id",
+            "agent_id",
+            "outcome",
+            "chars_in",
+            "chars_out",
+            "tokens_in",
+            "tokens_out",
+            "ttfc_ms",
+            "duration_ms",
+        ],
+    )
     op.create_index("ix_usage_records_user_id_created_at", "usage_records", ["user_id", "created_at"])
     op.create_table(
         "usage_daily",
