@@ -14,6 +14,7 @@ from app.routers.responses import R401, Responses, error_doc, json_only
 from app.schemas import MessageCreate
 from app.services.chats import CHAT_NOT_FOUND
 from app.services.messages import AGENT_INACTIVE, start_message
+from app.services.usage import QUOTA_REACHED
 from app.streaming import SSE_HEADERS, Generation
 
 router = APIRouter(prefix="/api/chats", tags=["messages"])
@@ -54,6 +55,10 @@ RESPONSES: Responses = {
             404: error_doc("No such chat, or not yours", CHAT_NOT_FOUND),
             409: error_doc(
                 "The chat's agent is inactive, or a generation is already running in this chat", AGENT_INACTIVE
+            ),
+            429: error_doc(
+                "The team's daily message quota is used up for you (`Retry-After`: seconds until midnight UTC)",
+                QUOTA_REACHED,
             ),
             503: error_doc(
                 "The server is shutting down; retry on another worker", "The server is shutting down; try again"
