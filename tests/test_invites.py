@@ -27,6 +27,7 @@ from main import create_app, shutdown
 from tests.authhelpers import https_client, login
 from tests.conftest import count_rows, make_settings, run_migrations
 from tests.factories import auth_headers, create_admin, create_team, create_user
+from tests.test_teams import NO_QUOTA
 
 INVITES = "/api/teams/current/invites"
 NOT_FOUND = {"detail": "Invite not found or no longer valid"}
@@ -71,7 +72,7 @@ async def test_new_team_is_closed_until_an_admin_opens_it(web: httpx.AsyncClient
     signup = {"name": "Closed Co", "admin_email": "boss@closed.example.com", "admin_password": PASSWORD}
     created = await web.post("/api/teams", json=signup)
     assert created.status_code == 201
-    assert created.json()["team"]["settings"] == {"open_registration": False}
+    assert created.json()["team"]["settings"] == {"open_registration": False, "quota": NO_QUOTA}
     team_id = created.json()["team"]["id"]
     body = {"team_id": team_id, "email": "walk-in@example.com", "password": PASSWORD}
     closed = await web.post("/api/auth/register", json=body)
@@ -81,7 +82,7 @@ async def test_new_team_is_closed_until_an_admin_opens_it(web: httpx.AsyncClient
     token = (await login(web, "boss@closed.example.com", PASSWORD)).json()["access_token"]
     headers = {"Authorization": f"Bearer {token}"}
     opened = await web.put("/api/teams/current", json={"settings": {"open_registration": True}}, headers=headers)
-    assert opened.json()["settings"] == {"open_registration": True}
+    assert opened.json()["settings"] == {"open_registration": True, "quota": NO_QUOTA}
     joined = await web.post("/api/auth/register", json=body)
     assert joined.status_code == 201, joined.text
     assert joined.json()["role"] == "user"
@@ -94,7 +95,7 @@ async def test_team_without_the_setting_stored_is_closed(
     """A row whose settings lack the key reads as closed, and registration agrees with what GET shows."""
     team, admin = await _team_and_admin(session, settings={})
     shown = await web.get("/api/teams/current", headers=auth_headers(settings, admin))
-    assert shown.json()["settings"] == {"open_registration": False}
+    assert shown.json()["settings"] == {"open_registration": False, "quota": NO_QUOTA}
     body = {"team_id": str(team.id), "email": "walk-in@example.com", "password": PASSWORD}
     assert (await web.post("/api/auth/register", json=body)).status_code == 403
 
