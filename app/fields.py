@@ -6,6 +6,7 @@ import json
 import math
 import re
 import unicodedata
+from datetime import date
 from typing import Annotated, Any, Literal, Self
 
 from email_validator import EmailNotValidError, validate_email
@@ -213,6 +214,18 @@ def _integral_float_to_int(value: object) -> object:
 
 #: An integer as JSON Schema means it: `7` and `7.0` alike, never `"7"`, `true` or `7.5`.
 JsonInt = Annotated[StrictInt, BeforeValidator(_integral_float_to_int)]
+
+
+def _iso_day(value: object) -> object:
+    if isinstance(value, str) and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("must be a date written YYYY-MM-DD")
+    if not isinstance(value, str | date):
+        raise ValueError("must be a date written YYYY-MM-DD")
+    return value
+
+
+#: A day as `YYYY-MM-DD` only (pydantic alone also takes `0` or `1700000000` as Unix times).
+IsoDate = Annotated[date, BeforeValidator(_iso_day)]
 
 
 AGENT_NAME_MAX = 100

@@ -6,7 +6,16 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from app.chat_schemas import (
     AgentAdminRead,
@@ -107,9 +116,16 @@ class QuotaSettings(ReadModel):
 
 
 class QuotaSettingsUpdate(InputModel):
-    messages_per_user_per_day: Annotated[JsonInt, Field(ge=1, le=1_000_000)] | None = Field(
+    # StrictInt, not JsonInt: inside an optional, JsonInt's validator hides the bounds from the JSON schema;
+    # the validator below gives it JsonInt's meaning (`200.0` is 200).
+    messages_per_user_per_day: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = Field(
         None, description=QUOTA_DESCRIPTION, examples=[200]
     )
+
+    @field_validator("messages_per_user_per_day", mode="before")
+    @classmethod
+    def _integral_float(cls, value: object) -> object:
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 class TeamSettings(ReadModel):

@@ -300,6 +300,8 @@ async def test_usage_default_period_is_the_last_30_days(
         {"from": "2025-01-01", "to": "2026-11-01"},
         {"from": "yesterday"},
         {"to": "2026-13-01"},
+        {"to": "0"},
+        {"from": "1700000000"},
         {"group_by": "week"},
     ],
 )
@@ -368,7 +370,7 @@ async def test_quota_refuses_past_the_limit_before_storing(
 ) -> None:
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
     admin = await create_admin(session, team=await session.get_one(Team, setup.user.team_id))
-    response = await set_quota(client, settings, admin, 2)
+    response = await set_quota(client, settings, admin, 2.0)  # JSON has one number type: 2.0 is 2
     assert response.status_code == 200
     assert response.json()["settings"]["quota"] == {"messages_per_user_per_day": 2}
     url = f"/api/chats/{setup.chat.id}/messages"

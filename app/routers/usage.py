@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
 from app.auth import AdminUser, CurrentUser
 from app.deps import SessionDep
-from app.routers.responses import R401, R403_ADMIN, Responses, error_doc
+from app.fields import IsoDate
+from app.routers.responses import R401, R403_ADMIN, Responses
 from app.schemas import UsageRowRead
 from app.services import usage as usage_service
 
 router = APIRouter(prefix="/api/usage", tags=["usage"])
 
-R422_RANGE: Responses = {422: error_doc("`from` after `to`, or more than 366 days")}
+R422_RANGE: Responses = {
+    422: {
+        "description": "A malformed date or `group_by`, `from` after `to`, or more than 366 days: FastAPI's "
+        "validation shape",
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/HTTPValidationError"},
+                "example": {
+                    "detail": [
+                        {"type": "value_error", "loc": ["query", "from"], "msg": "`from` must not be after `to`"}
+                    ]
+                },
+            }
+        },
+    }
+}
 FROM = Query(alias="from", description="First day (UTC), included; default 29 days before `to`")
 TO = Query(alias="to", description="Last day (UTC), included; default today")
 DESCRIPTION = (
@@ -35,8 +50,8 @@ DESCRIPTION = (
 async def read_team_usage(
     admin: AdminUser,
     session: SessionDep,
-    start: Annotated[dt.date | None, FROM] = None,
-    end: Annotated[dt.date | None, TO] = None,
+    start: Annotated[IsoDate | None, FROM] = None,
+    end: Annotated[IsoDate | None, TO] = None,
     group_by: Annotated[Literal["day", "agent", "user"], Query()] = "day",
 ) -> list[usage_service.UsageRow]:
     first, last = usage_service.date_range(start, end)
@@ -55,8 +70,8 @@ async def read_team_usage(
 async def read_my_usage(
     user: CurrentUser,
     session: SessionDep,
-    start: Annotated[dt.date | None, FROM] = None,
-    end: Annotated[dt.date | None, TO] = None,
+    start: Annotated[IsoDate | None, FROM] = None,
+    end: Annotated[IsoDate | None, TO] = None,
     group_by: Annotated[Literal["day", "agent"], Query()] = "day",
 ) -> list[usage_service.UsageRow]:
     first, last = usage_service.date_range(start, end)
