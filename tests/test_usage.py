@@ -441,3 +441,23 @@ async def test_send_refused_for_a_running_generation_gives_its_claim_back(
             await usage_service.claim_generation(session=s, user=caller)
         with pytest.raises(RateLimited):
             await usage_service.claim_generation(session=s, user=caller)
+
+
+async def test_quota_counter_on_sqlite(tmp_path: Path) -> None:
+    """The embedded database runs the same conditional upsert (SQLite's ON CONFLICT ... WHERE, RETURNING)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}"
+    await asyncio.to_thread(run_migrations, url)
+    lite = create_app(make_settings(url, tmp_path))
+    try:
+        async with app_state(lite).db.sessionmaker() as s:
+            team = await create_team(s, settings={"quota": {"messages_per_user_per_day": 2}})
+            user = await create_user(s, team=team)
+            caller = Caller(id=user.id, team_id=team.id)
+            await seed_rows(
+                s, [{"team_id": team.id, "user_id": user.id, "outcome": "complete", "created_at": utcnow()}]
+            )
+            assert await usage_service.claim_generation(session=s, user=caller) == utcnow().date()
+            with pytest.raises(RateLimited):
+                await usage_service.claim_generation(session=s, user=caller)
+    finally:
+        await shutdown(lite)
