@@ -21,7 +21,7 @@ from app.error_handlers import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
-from app.routers import agents, auth, chats, error_logs, health, invites, messages, teams, users
+from app.routers import agents, auth, chats, error_logs, health, invites, messages, stream, teams, users
 from app.routers.responses import complete_openapi
 from app.serve import release_uvicorn_proxy_headers
 from app.services.health import migration_head
@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(agents.router)
     app.include_router(chats.router)
     app.include_router(messages.router)
+    app.include_router(stream.router)
     app.include_router(error_logs.router)
     install_docs(app)
     install_openapi(app, settings)
@@ -118,7 +119,7 @@ def build_state(settings: Settings) -> AppState:
         redis=redis,
         limiter=RateLimiter(settings, redis),
         revocations=make_revocation_store(redis=redis, sessionmaker=db.sessionmaker),
-        generations=GenerationRegistry(settings=settings, db=db, streamer=N8nStreamer(settings)),
+        generations=GenerationRegistry(settings=settings, db=db, streamer=N8nStreamer(settings), redis=redis),
         migration_head=migration_head(),
     )
 

@@ -195,3 +195,54 @@ async def _wait_until_healthy(url: str, process: asyncio.subprocess.Process, log
 
 def tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:]
+
+
+class EventReader:
+    """One SSE response read in the background: `events` grows block by block; `leave()` drops the connection."""
+
+    def __init__(self, client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> None:
+        self.status_code: int | None = None
+        self.events: list[SSE] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._read(client, method, url, kwargs))
+
+    async def _read(self, client: httpx.AsyncClient, method: str, url: str, kwargs: dict[str, Any]) -> None:
+        buffer = ""
+        try:
+            async with client.stream(method, url, **kwargs) as response:
+                self.status_code = response.status_code
+                self._changed.set()
+                async for text in response.aiter_text():
+                    buffer += text
+                    if "\n\n" in buffer:
+                        complete, buffer = buffer.rsplit("\n\n", 1)
+                        self.events.extend(parse_sse(complete))
+                        self._changed.set()
+        finally:
+            self._changed.set()
+
+    @property
+    def data(self) -> list[SSE]:
+        return data_events(self.events)
+
+    async def wait_for(self, check: Any, within: float = 10) -> None:
+        """Until `check(self)` is true (or the response ended: then `check` must hold anyway)."""
+        async with asyncio.timeout(within):
+            while not check(self):
+                if self._task.done():
+                    self._task.result()
+                    assert check(self), "the stream ended first"
+                    return
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def finish(self, within: float = 10) -> list[SSE]:
+        """Every data event, once the server ended the response."""
+        async with asyncio.timeout(within):
+            await self._task
+        return self.data
+
+    async def leave(self) -> None:
+        self._task.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._task
