@@ -75,7 +75,7 @@ async def wait_until_final(db: Database, chat_id: uuid.UUID, message_id: str, wi
 
 
 async def rebuilt_stream(
-    db: Database, chat_id: uuid.UUID, user_message: dict[str, Any], assistant_id: str, ping: float
+    db: Database, chat_id: uuid.UUID, user_message: dict[str, Any] | None, assistant_id: str, ping: float
 ) -> AsyncIterator[bytes]:
     """A finished (or still running elsewhere) generation told again from storage: `start`, its text in one
     `message` event, and its terminal event, ids 1, 2, 3. While it is still `streaming`, pings until it ends."""

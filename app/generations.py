@@ -14,8 +14,9 @@ from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
 from app.errors import ServiceUnavailable
-from app.eventlog import RedisEventLog, wait_until_final
+from app.eventlog import RedisEventLog, rebuilt_stream, wait_until_final
 from app.n8n_parser import StreamFailure, clean_text
+from app.services import idempotency
 from app.services import messages as message_service
 from app.services import workers as worker_service
 from app.sse import Generation
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from redis.asyncio import Redis
+    from sqlalchemy.ext.asyncio import AsyncSession
 
     from app.streaming import N8nStreamer
 
@@ -88,6 +90,7 @@ class GenerationRegistry:
                     worker_id=self.worker_id,
                     running=frozenset(self.running),
                 )
+                await idempotency.prune(session=session)
         except Exception as exc:
             logger.warning("worker registration and recovery postponed (%s)", type(exc).__name__)
             return
@@ -237,6 +240,25 @@ class GenerationRegistry:
         except Exception as exc:
             logger.warning("redis unreachable, following on this instance only (%s)", type(exc).__name__)
             return None
+
+    async def replay(self, recorded: idempotency.Recorded, *, session: AsyncSession) -> AsyncIterator[bytes]:
+        """A retried send's answer: the same stream again, every event with its id (from this instance's log,
+        else the shared one), else rebuilt from what is stored once the live events are gone."""
+        ping = self.settings.STREAM_PING_INTERVAL
+        chat_id, assistant_id = recorded.chat_id, recorded.assistant_message_id
+        local = self.find(chat_id, assistant_id)
+        if local is not None:
+            return local.sse(ping)
+        if self.shared is not None:
+            try:
+                frames = await self.shared.follow(chat_id, assistant_id, 0, ping)
+            except Exception as exc:
+                logger.warning("redis unreachable, retry answered from storage (%s)", type(exc).__name__)
+                frames = None
+            if frames is not None:
+                return frames
+        found = await message_service.get_public_messages(session, chat_id, [recorded.user_message_id])
+        return rebuilt_stream(self.db, chat_id, found[0] if found else None, assistant_id, ping)
 
     async def stop_chat(self, chat_id: uuid.UUID) -> dict[str, Any] | None:
         """Stop the chat's running generation, on this instance or (through Redis) on the one running it.

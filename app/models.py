@@ -220,3 +220,22 @@ class Worker(Base):
     id: Mapped[uuid.UUID] = _uuid_pk()
     started_at: Mapped[datetime] = _created()
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """A send's `Idempotency-Key`, per user for 24 h: a retry answers the generation it started, never a new one.
+
+    `request_hash` is the SHA-256 of the path and body: the same key with another request is refused.
+    `assistant_message_id` is empty while the first request is still checking and storing its message.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    chat_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"), nullable=False)
+    user_message_id: Mapped[str | None] = mapped_column(String(36))
+    assistant_message_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = _created()
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)

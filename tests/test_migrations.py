@@ -30,6 +30,7 @@ EXPECTED_TABLES = {
     "error_logs",
     "workers",
     "invites",
+    "idempotency_keys",
     "alembic_version",
 }
 

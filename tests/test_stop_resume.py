@@ -16,7 +16,7 @@ from app.config import Settings
 from app.state import app_state
 from tests.conftest import count_rows, make_settings
 from tests.factories import auth_headers, create_user
-from tests.live import ChatSetup, EventReader, chat_with_agent, live_server, streamed_text
+from tests.live import SSE, ChatSetup, EventReader, chat_with_agent, live_server, streamed_text
 from tests.test_stream_live import FAST, assistant_of, idle, settled
 from tools.fake_n8n import FakeN8n
 
@@ -30,9 +30,12 @@ def live_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settin
     return make_settings(database_url, tmp_path, **{**FAST, "N8N_READ_TIMEOUT": 5, **overrides})
 
 
-def send(client: httpx.AsyncClient, setup: ChatSetup, content: str = "hello there", **kw: Any) -> EventReader:
+def send(
+    client: httpx.AsyncClient, setup: ChatSetup, content: str = "hello there", *, key: str | None = None
+) -> EventReader:
+    headers = setup.headers if key is None else {**setup.headers, "Idempotency-Key": key}
     return EventReader(
-        client, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": content}, headers=setup.headers, **kw
+        client, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": content}, headers=headers
     )
 
 
@@ -48,8 +51,8 @@ def has_text(reader: EventReader, words: int = 3) -> bool:
     return len(streamed_text(reader.data).split()) >= words
 
 
-def ids(reader_events: list[Any]) -> list[int]:
-    return [int(e.id) for e in reader_events]
+def ids(events: list[SSE]) -> list[int]:
+    return [int(e.id or 0) for e in events]
 
 
 async def test_stop_stores_cancelled_before_answering_and_ends_every_stream_with_done(
@@ -83,7 +86,7 @@ async def test_stop_stores_cancelled_before_answering_and_ends_every_stream_with
     assert streamed_text(first) == answered["content"]
     assert ids(first) == list(range(1, len(first) + 1))
     # The follower's events are the same events with the same ids.
-    assert [(e.id, e.data) for e in second] == [(e.id, e.data) for e in first if int(e.id) > int(second[0].id) - 1]
+    assert [(e.id, e.data) for e in second] == [(e.id, e.data) for e in first[ids(second)[0] - 1 :]]
     assert len(fake.requests) == 1
     async with app_state(app).db.sessionmaker() as s:
         assert await count_rows(s, "error_logs") == 0
@@ -182,9 +185,10 @@ async def test_follow_after_a_reload_gives_the_rest_with_the_original_ids(
             rest = await follower.finish()
             stored = await settled(app, setup.chat.id)
             # After the end, within the log's lifetime: the tail again, and 204 once everything was seen.
-            tail = await follow(client, setup, last_event_id=str(int(rest[-1].id) - 1)).finish()
+            end = ids(rest)[-1]
+            tail = await follow(client, setup, last_event_id=str(end - 1)).finish()
             nothing = await client.get(
-                f"/api/chats/{setup.chat.id}/stream", headers={**setup.headers, "Last-Event-ID": rest[-1].id}
+                f"/api/chats/{setup.chat.id}/stream", headers={**setup.headers, "Last-Event-ID": str(end)}
             )
         await idle(server)
     assert follower.status_code == 200
