@@ -228,6 +228,12 @@ class GenerationRegistry:
         """The SSE bytes after event `after` of the chat's current (or the named) generation, live up to its
         terminal event: from this instance's log, else from the shared one. None: nothing to follow."""
         ping = self.settings.STREAM_PING_INTERVAL
+        if assistant_id is None and self.shared is not None and self.running_in(chat_id) is None:
+            # The chat's latest generation may have started on another instance since ours ended.
+            try:
+                assistant_id = await self.shared.current(chat_id)
+            except Exception as exc:
+                logger.warning("redis unreachable, following on this instance only (%s)", type(exc).__name__)
         local = self.find(chat_id, assistant_id)
         if local is not None:
             if local.terminal is not None and after >= local.last_id:

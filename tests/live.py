@@ -243,6 +243,7 @@ class EventReader:
         return self.data
 
     async def leave(self) -> None:
+        """Drop the connection (a reload); a connection the server already lost ends the same way."""
         self._task.cancel()
-        with suppress(asyncio.CancelledError):
+        with suppress(asyncio.CancelledError, httpx.TransportError):
             await self._task
