@@ -112,13 +112,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def build_state(settings: Settings) -> AppState:
     """What the app holds, built once; its stores share the one database and the one Redis client."""
     db = Database(settings)
-    redis = aioredis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
+    # A short connect timeout: while Redis is down, the fallbacks answer at once instead of waiting on it.
+    redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=2) if settings.REDIS_URL else None
     return AppState(
         settings=settings,
         db=db,
         redis=redis,
         limiter=RateLimiter(settings, redis),
-        revocations=make_revocation_store(redis=redis, sessionmaker=db.sessionmaker),
+        revocations=make_revocation_store(sessionmaker=db.sessionmaker),
         generations=GenerationRegistry(settings=settings, db=db, streamer=N8nStreamer(settings), redis=redis),
         migration_head=migration_head(),
     )

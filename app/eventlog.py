@@ -217,10 +217,14 @@ class RedisEventLog:
 
     async def listen_for_stops(self, on_stop: Callable[[str], Awaitable[None]]) -> None:
         """Subscribe to the stop channel for the life of the app, resubscribing after a Redis outage."""
+        failing = False
         while True:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(STOP_CHANNEL)
+                if failing:
+                    logger.warning("redis stop channel subscribed again")
+                    failing = False
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         data = message["data"]
@@ -228,7 +232,9 @@ class RedisEventLog:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("redis stop channel lost, resubscribing (%s)", type(exc).__name__)
+                if not failing:
+                    logger.warning("redis stop channel lost, stop works on this instance only (%s)", type(exc).__name__)
+                    failing = True
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
