@@ -117,3 +117,13 @@ async def test_sqlite_smoke(tmp_path: Path) -> None:
             assert team.settings == {"open_registration": False}
     finally:
         await shutdown(app)
+
+
+def test_idempotency_keys_migration_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    """0007 alone: down removes only its table (the rest of the schema stays), up brings it back."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
+    run_migrations(url)
+    run_migrations(url, "0004", downgrade=True)
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"idempotency_keys"}
+    run_migrations(url, "0007")
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES
