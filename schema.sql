@@ -196,7 +196,6 @@ CREATE TABLE idempotency_keys (
     created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
     expires_at TIMESTAMP WITH TIME ZONE NOT NULL, 
     CONSTRAINT pk_idempotency_keys PRIMARY KEY (user_id, key), 
-    CONSTRAINT fk_idempotency_keys_chat_id_chats FOREIGN KEY(chat_id) REFERENCES chats (id) ON DELETE CASCADE, 
     CONSTRAINT fk_idempotency_keys_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
 );
 

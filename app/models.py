@@ -234,7 +234,9 @@ class IdempotencyKey(Base):
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
-    chat_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"), nullable=False)
+    #: Not a foreign key: the key is claimed before the chat is even looked up (a retry is answered before any
+    #: other check), so it may name a chat that does not exist; such a claim is given back at once.
+    chat_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
     user_message_id: Mapped[str | None] = mapped_column(String(36))
     assistant_message_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = _created()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,9 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import utcnow
 from app.models import Chat, IdempotencyKey
 from app.state import app_state
-from tests.conftest import count_rows
+from main import create_app, shutdown
+from tests.conftest import count_rows, make_settings, run_migrations
 from tests.factories import auth_headers, create_chat, create_user
-from tests.live import SSE, chat_with_agent, live_server, streamed_text
+from tests.live import SSE, chat_with_agent, live_server, parse_sse, streamed_text
 from tests.test_stop_resume import LONG, has_text, live_settings, send
 from tools.fake_n8n import FakeN8n
 
@@ -136,6 +139,10 @@ async def test_refused_send_gives_the_key_back_and_an_expired_key_starts_anew(
     # Refused (another user's chat: 404): nothing is remembered for the key.
     refused = await client.post(url, json={"content": "hi"}, headers={**auth_headers(settings, stranger), **key})
     assert refused.status_code == 404
+    missing = await client.post(
+        f"/api/chats/{uuid.uuid4()}/messages", json={"content": "hi"}, headers={**setup.headers, **key}
+    )
+    assert missing.status_code == 404
     assert await count_rows(session, "idempotency_keys") == 0
     first = await client.post(url, json={"content": "hi"}, headers={**setup.headers, **key})
     assert first.status_code == 200
@@ -146,3 +153,26 @@ async def test_refused_send_gives_the_key_back_and_an_expired_key_starts_anew(
     assert second.status_code == 200
     assert len(fake.requests) == 2
     assert len(await messages_of(app, setup.chat)) == 4
+
+
+async def test_retry_on_the_embedded_sqlite_database(tmp_path: Path, fake: FakeN8n) -> None:
+    """The key's claim (INSERT ... ON CONFLICT DO NOTHING) and the replay work on SQLite too."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}"
+    await asyncio.to_thread(run_migrations, url)
+    settings = make_settings(url, tmp_path)
+    application = create_app(settings)
+    try:
+        async with app_state(application).db.sessionmaker() as s:
+            setup = await chat_with_agent(s, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://test") as c:
+            url_ = f"/api/chats/{setup.chat.id}/messages"
+            headers = {**setup.headers, "Idempotency-Key": "lite"}
+            first = await c.post(url_, json={"content": "hi"}, headers=headers)
+            again = await c.post(url_, json={"content": "hi"}, headers=headers)
+            other = await c.post(url_, json={"content": "ho"}, headers=headers)
+    finally:
+        await shutdown(application)
+    assert first.status_code == again.status_code == 200
+    assert parse_sse(again.text) == parse_sse(first.text)
+    assert other.status_code == 422
+    assert len(fake.requests) == 1

@@ -70,6 +70,8 @@ async def test_stop_stores_cancelled_before_answering_and_ends_every_stream_with
             response = await client.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
             assert response.status_code == 200
             answered = response.json()
+            # The task, and with it the request to n8n, ended before the answer.
+            assert server.running_generations() == 0
             # Stored before the answer: the database already says so.
             stored = await assistant_of(app, setup.chat.id)
             assert (stored["status"], stored["content"]) == ("cancelled", answered["content"])
