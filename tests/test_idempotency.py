@@ -109,7 +109,7 @@ async def test_malformed_key_is_422(
         headers={**setup.headers, "Idempotency-Key": value},
     )
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["header", "idempotency-key"]
+    assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
     assert fake.requests == []
     assert await count_rows(session, "idempotency_keys") == 0
 

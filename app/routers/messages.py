@@ -82,6 +82,9 @@ async def start_generation(
         str | None,
         Header(
             alias="Idempotency-Key",
+            min_length=1,
+            max_length=idempotency.KEY_MAX_LENGTH,
+            pattern=idempotency.KEY_PATTERN,
             description="1-255 printable ASCII characters; a retry with the same key (24 h) answers the same "
             "stream and starts nothing",
         ),
@@ -93,7 +96,7 @@ async def start_generation(
     append of the two messages) is atomic on its own, and a transaction would only add two round trips.
     An Idempotency-Key is looked up first: a retry answers the stream its key started, and nothing else runs.
     """
-    key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
+    key = idempotency_key
     if key is not None:
         fingerprint = idempotency.request_hash(f"/api/chats/{chat_id}/messages", body.model_dump(mode="json"))
         recorded = await idempotency.claim(
