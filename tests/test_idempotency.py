@@ -90,7 +90,7 @@ async def test_same_key_with_another_body_or_chat_is_422_and_changes_nothing(
             theirs = await send(client, other, content="one", key="k").finish()
     for response in (other_body, other_path):
         assert response.status_code == 422
-        assert response.json()["detail"][0]["loc"] == ["header", "idempotency-key"]
+        assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
         assert "another request" in response.json()["detail"][0]["msg"]
     assert theirs[-1].type == "done"
     assert len(await messages_of(app, setup.chat)) == 2

@@ -32,7 +32,7 @@ KEY_MAX_LENGTH = 255
 KEY_PATTERN = r"^[ -~]+$"
 KEY_REUSED = "This Idempotency-Key was used with another request; use a new key for a new message"
 STILL_STARTING = "The request with this Idempotency-Key is still starting; retry in a moment"
-_LOC = ("header", "idempotency-key")
+_LOC = ("header", "Idempotency-Key")
 
 
 @dataclass(frozen=True, slots=True)
