@@ -22,7 +22,20 @@ from app.error_handlers import install_error_handlers
 from app.logs import setup_logging
 from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
-from app.routers import agents, auth, chats, error_logs, health, invites, messages, metrics_route, teams, usage, users
+from app.routers import (
+    agents,
+    auth,
+    chats,
+    error_logs,
+    health,
+    invites,
+    messages,
+    metrics_route,
+    stream,
+    teams,
+    usage,
+    users,
+)
 from app.routers.responses import complete_openapi
 from app.serve import release_uvicorn_proxy_headers
 from app.services.health import migration_head
@@ -104,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(agents.router)
     app.include_router(chats.router)
     app.include_router(messages.router)
+    app.include_router(stream.router)
     app.include_router(error_logs.router)
     app.include_router(usage.router)
     app.include_router(metrics_route.router)
@@ -115,14 +129,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def build_state(settings: Settings) -> AppState:
     """What the app holds, built once; its stores share the one database and the one Redis client."""
     db = Database(settings)
-    redis = aioredis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
+    # A short connect timeout: while Redis is down, the fallbacks answer at once instead of waiting on it.
+    redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=2) if settings.REDIS_URL else None
     return AppState(
         settings=settings,
         db=db,
         redis=redis,
         limiter=RateLimiter(settings, redis),
-        revocations=make_revocation_store(redis=redis, sessionmaker=db.sessionmaker),
-        generations=GenerationRegistry(settings=settings, db=db, streamer=N8nStreamer(settings)),
+        revocations=make_revocation_store(sessionmaker=db.sessionmaker),
+        generations=GenerationRegistry(settings=settings, db=db, streamer=N8nStreamer(settings), redis=redis),
         migration_head=migration_head(),
     )
 

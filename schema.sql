@@ -228,5 +228,24 @@ CREATE TABLE usage_daily (
 
 UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num = '0004';
 
+-- Running upgrade 0006 -> 0007
+
+CREATE TABLE idempotency_keys (
+    user_id UUID NOT NULL, 
+    key VARCHAR(255) NOT NULL, 
+    request_hash VARCHAR(64) NOT NULL, 
+    chat_id UUID NOT NULL, 
+    user_message_id VARCHAR(36), 
+    assistant_message_id VARCHAR(36), 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    expires_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_idempotency_keys PRIMARY KEY (user_id, key), 
+    CONSTRAINT fk_idempotency_keys_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_idempotency_keys_expires_at ON idempotency_keys (expires_at);
+
+UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num = '0006';
+
 COMMIT;
 

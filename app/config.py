@@ -83,6 +83,8 @@ class Settings(BaseSettings):
 
     STREAM_PING_INTERVAL: float = Field(15.0, gt=0)
     STREAM_CHECKPOINT_INTERVAL: float = Field(5.0, gt=0)
+    #: How long a generation's events stay followable after its end (GET /api/chats/{id}/stream).
+    STREAM_LOG_TTL: float = Field(60.0, ge=60)
     SHUTDOWN_GRACE_SECONDS: float = Field(10.0, ge=0)
     WORKER_HEARTBEAT_INTERVAL: float = Field(10.0, gt=0)
 

@@ -15,13 +15,20 @@ from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
 from app.errors import ServiceUnavailable
+from app.eventlog import RedisEventLog, rebuilt_stream, wait_until_final
 from app.n8n_parser import StreamFailure, clean_text
+from app.services import idempotency
 from app.services import messages as message_service
 from app.services import workers as worker_service
 from app.sse import Generation
 from app.upstream import StreamStats
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from redis.asyncio import Redis
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from app.streaming import N8nStreamer
 
 logger = logging.getLogger(__name__)
@@ -39,12 +46,20 @@ class GenerationRegistry:
     not stop the generation, and per chunk there is no database work and no re-encoding of the whole answer.
     """
 
-    def __init__(self, *, settings: Settings, db: Database, streamer: N8nStreamer) -> None:
+    def __init__(self, *, settings: Settings, db: Database, streamer: N8nStreamer, redis: Redis | None = None) -> None:
         self.settings = settings
         self.db = db
+        #: The shared event logs and the stop channel, with several instances (None: this process only).
+        self.shared = RedisEventLog(redis, settings, db) if redis is not None else None
+        self._stop_listener: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[dict[str, Any] | None]] = set()
         self.worker_id = uuid.uuid4()
         self.streamer = streamer
         self.running: dict[str, Generation] = {}
+        #: Every generation whose events can still be followed: running ones, and ended ones for STREAM_LOG_TTL.
+        self.logs: dict[str, Generation] = {}
+        #: The latest generation of each chat that has one in `logs`.
+        self.by_chat: dict[uuid.UUID, str] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
         self._draining: asyncio.Task[None] | None = None
@@ -61,6 +76,10 @@ class GenerationRegistry:
         self.install_signal_hook()
         await self._register_and_recover()
         self._heartbeat = asyncio.create_task(self._beat(), name="worker-heartbeat")
+        if self.shared is not None:
+            self._stop_listener = asyncio.create_task(
+                self.shared.listen_for_stops(self._stop_requested), name="generation-stop-listener"
+            )
 
     async def _register_and_recover(self) -> None:
         try:
@@ -72,6 +91,7 @@ class GenerationRegistry:
                     worker_id=self.worker_id,
                     running=frozenset(self.running),
                 )
+                await idempotency.prune(session=session)
         except Exception as exc:
             logger.warning("worker registration and recovery postponed (%s)", type(exc).__name__)
             return
@@ -141,6 +161,12 @@ class GenerationRegistry:
     async def shutdown(self) -> None:
         """Drain generations (if the signal hook did not start it already), stop the heartbeat, unregister."""
         await self.begin_shutdown()
+        if self.shared is not None:
+            await self.shared.drain(within=2.0)
+        if self._stop_listener is not None:
+            self._stop_listener.cancel()
+            await asyncio.gather(self._stop_listener, return_exceptions=True)
+            self._stop_listener = None
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -160,13 +186,125 @@ class GenerationRegistry:
 
     def start(self, new: message_service.NewGeneration) -> Generation:
         generation = Generation(new=new)
+        generation.add_event("start", {"user_message": new.user_message, "assistant_message_id": new.assistant_id})
         generation.add_event("status", WAITING)
         task = asyncio.create_task(self._run(generation), name=f"generation-{new.assistant_id}")
         generation.task = task
         metrics.generation_started(task)  # metrics hook (app.metrics): an open stream until the task ends
-        self.running[new.assistant_id] = generation
-        task.add_done_callback(lambda _t: self.running.pop(new.assistant_id, None))
+        key = new.assistant_id
+        self.running[key] = generation
+        self.logs[key] = generation
+        self.by_chat[new.chat_id] = key
+        if self.shared is not None:
+            self.shared.attach(generation)
+        task.add_done_callback(lambda _t: self._ended(generation))
         return generation
+
+    def _ended(self, generation: Generation) -> None:
+        """The task is over: its log stays followable for STREAM_LOG_TTL, without the text kept for storage."""
+        key = generation.new.assistant_id
+        self.running.pop(key, None)
+        generation.release()
+        asyncio.get_running_loop().call_later(self.settings.STREAM_LOG_TTL, self._forget, generation)
+
+    def _forget(self, generation: Generation) -> None:
+        new = generation.new
+        if self.logs.get(new.assistant_id) is generation:
+            del self.logs[new.assistant_id]
+        if self.by_chat.get(new.chat_id) == new.assistant_id:
+            del self.by_chat[new.chat_id]
+
+    def find(self, chat_id: uuid.UUID, assistant_id: str | None) -> Generation | None:
+        """The chat's current generation on this instance (or the one named), running or recently ended."""
+        key = assistant_id if assistant_id is not None else self.by_chat.get(chat_id)
+        generation = self.logs.get(key) if key is not None else None
+        if generation is None or generation.new.chat_id != chat_id:
+            return None
+        return generation
+
+    def running_in(self, chat_id: uuid.UUID) -> Generation | None:
+        generation = self.find(chat_id, None)
+        return generation if generation is not None and generation.terminal is None else None
+
+    async def follow(self, chat_id: uuid.UUID, assistant_id: str | None, after: int) -> AsyncIterator[bytes] | None:
+        """The SSE bytes after event `after` of the chat's current (or the named) generation, live up to its
+        terminal event: from this instance's log, else from the shared one. None: nothing to follow."""
+        ping = self.settings.STREAM_PING_INTERVAL
+        if assistant_id is None and self.shared is not None and self.running_in(chat_id) is None:
+            # The chat's latest generation may have started on another instance since ours ended.
+            try:
+                assistant_id = await self.shared.current(chat_id)
+            except Exception as exc:
+                logger.warning("redis unreachable, following on this instance only (%s)", type(exc).__name__)
+        local = self.find(chat_id, assistant_id)
+        if local is not None:
+            if local.terminal is not None and after >= local.last_id:
+                return None
+            return local.sse(ping, after)
+        if self.shared is None:
+            return None
+        try:
+            return await self.shared.follow(chat_id, assistant_id, after, ping)
+        except Exception as exc:
+            logger.warning("redis unreachable, following on this instance only (%s)", type(exc).__name__)
+            return None
+
+    async def replay(self, recorded: idempotency.Recorded, *, session: AsyncSession) -> AsyncIterator[bytes]:
+        """A retried send's answer: the same stream again, every event with its id (from this instance's log,
+        else the shared one), else rebuilt from what is stored once the live events are gone."""
+        ping = self.settings.STREAM_PING_INTERVAL
+        chat_id, assistant_id = recorded.chat_id, recorded.assistant_message_id
+        local = self.find(chat_id, assistant_id)
+        if local is not None:
+            return local.sse(ping)
+        if self.shared is not None:
+            try:
+                frames = await self.shared.follow(chat_id, assistant_id, 0, ping)
+            except Exception as exc:
+                logger.warning("redis unreachable, retry answered from storage (%s)", type(exc).__name__)
+                frames = None
+            if frames is not None:
+                return frames
+        found = await message_service.get_public_messages(session, chat_id, [recorded.user_message_id])
+        return rebuilt_stream(self.db, chat_id, found[0] if found else None, assistant_id, ping)
+
+    async def stop_chat(self, chat_id: uuid.UUID) -> dict[str, Any] | None:
+        """Stop the chat's running generation, on this instance or (through Redis) on the one running it.
+
+        The stored message once it ended as `cancelled`; None when nothing was running to be stopped.
+        """
+        local = self.running_in(chat_id)
+        if local is not None:
+            stored = await self.stop(local)
+            return stored if stored is not None and stored["status"] == "cancelled" else None
+        if self.shared is None:
+            return None
+        async with self.db.autocommit() as session:
+            messages = await message_service.get_public_messages(session, chat_id)
+        running = [m for m in messages if m["status"] == "streaming" and m["role"] == "assistant"]
+        if not running or not await self.shared.publish_stop(str(running[-1]["id"])):
+            return None
+        within = self.settings.SHUTDOWN_GRACE_SECONDS + 5.0
+        stored = await wait_until_final(self.db, chat_id, str(running[-1]["id"]), within)
+        return stored if stored is not None and stored["status"] == "cancelled" else None
+
+    async def _stop_requested(self, assistant_id: str) -> None:
+        """Another instance asked to stop a generation: this one stops it if it runs it."""
+        generation = self.running.get(assistant_id)
+        if generation is not None:
+            task = asyncio.create_task(self.stop(generation), name=f"stop-{assistant_id}")
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    async def stop(self, generation: Generation) -> dict[str, Any] | None:
+        """Stop a generation of this instance; the stored message once it ended (status `cancelled` unless
+        the natural end got there first: exactly one final write happens either way)."""
+        task = generation.task
+        if not generation.finishing and task is not None and not task.done():
+            generation.stopping = True
+            task.cancel()
+        await generation.ended()
+        return generation.stored
 
     async def _run(self, generation: Generation) -> None:
         new = generation.new
@@ -181,7 +319,7 @@ class GenerationRegistry:
             checkpoint.touch()
 
         failure: StreamFailure | None = None
-        cancelled = False
+        cancelled = stopped = False
         new.stamp_assistant()
         try:
             try:
@@ -198,17 +336,26 @@ class GenerationRegistry:
         except StreamFailure as exc:
             failure = exc
         except asyncio.CancelledError:
-            cancelled = True
-            failure = StreamFailure(
-                "interrupted",
-                "The server stopped before the answer was complete",
-                upstream_status=stats.upstream_status,
-            )
+            if generation.stopping:
+                # A stop, not a shutdown: the task goes on to store the partial answer as `cancelled`.
+                stopped = True
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+            else:
+                cancelled = True
+                failure = StreamFailure(
+                    "interrupted",
+                    "The server stopped before the answer was complete",
+                    upstream_status=stats.upstream_status,
+                )
         except Exception as exc:
             logger.exception("generation %s failed", new.assistant_id)
             failure = StreamFailure(
                 "internal_error", "The answer could not be completed", detail={"error": type(exc).__name__}
             )
+        # From here on a stop no longer cancels the task: the outcome decided above is the one stored.
+        generation.finishing = True
         duration_ms = round((loop.time() - started) * 1000, 1)
         metadata = {
             "chunks": len(generation.chunks),
@@ -220,7 +367,8 @@ class GenerationRegistry:
             "tokens_in": None if stats.usage is None else stats.usage[0],
             "tokens_out": None if stats.usage is None else stats.usage[1],
         }
-        await _shielded(self._finish(generation, failure, metadata, checkpoint, cancelled=cancelled))
+        outcome = "cancelled" if stopped else "interrupted" if cancelled else "complete" if failure is None else "error"
+        await _shielded(self._finish(generation, failure, metadata, checkpoint, outcome=outcome))
         if cancelled:
             raise asyncio.CancelledError
 
@@ -231,16 +379,16 @@ class GenerationRegistry:
         metadata: dict[str, Any],
         checkpoint: _Checkpointer,
         *,
-        cancelled: bool,
+        outcome: str,
     ) -> None:
-        """The single final write, then the terminal event (so a reload after `done` shows the message)."""
+        """The single final write, then the terminal event (so a reload after `done` shows the message).
+
+        `outcome` is the stored status: `complete`, `cancelled` (stopped: `done` with the partial text),
+        `error` or `interrupted` (`failure` says why).
+        """
         await checkpoint.close()
         new = generation.new
-        if failure is None:
-            status, error = "complete", None
-        else:
-            status = "interrupted" if cancelled else "error"
-            error = {"message": failure.message, "code": failure.code}
+        error = None if failure is None else {"message": failure.message, "code": failure.code}
         # One transaction: the message, its usage ledger row and, on failure, its error_logs row.
         try:
             async with self.db.sessionmaker() as session:
@@ -248,7 +396,7 @@ class GenerationRegistry:
                     session=session,
                     new=new,
                     content="".join(generation.chunks),
-                    status=status,
+                    status=outcome,
                     error=error,
                     metadata={k: v for k, v in metadata.items() if v is not None},
                     failure_detail=None if failure is None else {**failure.detail},
@@ -258,9 +406,10 @@ class GenerationRegistry:
             logger.exception("final write of %s failed", new.assistant_id)
             generation.finish("error", {"message": "The answer could not be stored", "code": "storage_error"})
             return
+        generation.stored = stored
         # Metrics hook (app.metrics): the outcome, timings and error code of the stored answer.
         metrics.generation_finished(
-            outcome=status,
+            outcome=outcome,
             agent_id=new.agent_id,
             error_code=None if error is None else error["code"],
             metadata=metadata,

@@ -290,3 +290,24 @@ class UsageDaily(Base):
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     generations: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+
+
+class IdempotencyKey(Base):
+    """A send's `Idempotency-Key`, per user for 24 h: a retry answers the generation it started, never a new one.
+
+    `request_hash` is the SHA-256 of the path and body: the same key with another request is refused.
+    `assistant_message_id` is empty while the first request is still checking and storing its message.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    #: Not a foreign key: the key is claimed before the chat is even looked up (a retry is answered before any
+    #: other check), so it may name a chat that does not exist; such a claim is given back at once.
+    chat_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    user_message_id: Mapped[str | None] = mapped_column(String(36))
+    assistant_message_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = _created()
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)

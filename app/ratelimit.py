@@ -1,7 +1,9 @@
 """Per-client-IP rate limits on the auth endpoints, one limiter per application instance.
 
 Built on `limits` (the engine slowapi wraps), through its asyncio API: a moving window in Redis when
-`REDIS_URL` is set, so every worker shares the counters, else in process memory. slowapi's decorators
+`REDIS_URL` is set, so every worker shares the counters, else in process memory. While a configured Redis
+is unreachable, each process counts on its own (logged once per outage): a limit per process instead of a
+shared one, never a refusal for want of Redis. slowapi's decorators
 keep one module-global Limiter (counters would leak between application instances) and call the
 synchronous storage (blocking Redis I/O); a per-app object (the app's `AppState.limiter`) used from a
 dependency has neither problem.
@@ -9,6 +11,7 @@ dependency has neither problem.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +27,8 @@ from app import metrics
 from app.config import Settings
 from app.errors import RateLimited
 from app.state import app_state
+
+logger = logging.getLogger(__name__)
 
 LimitName = Literal["login", "register", "team_signup", "invite_preview", "agent_test"]
 
@@ -42,16 +47,17 @@ class RateLimiter:
             # Keyed by the admin, not the address: each test makes an outbound request to n8n.
             "agent_test": parse(settings.RATE_LIMIT_AGENT_TEST),
         }
-        storage: RedisStorage | MemoryStorage
+        #: In process memory: the only counters without Redis, the fallback while Redis is unreachable.
+        self.local = MovingWindowRateLimiter(MemoryStorage())
+        self.shared: MovingWindowRateLimiter | None = None
         if redis is not None and settings.REDIS_URL:
             # Shares the application's connection pool, which `shutdown()` closes.
             options: dict[str, Any] = {"connection_pool": redis.connection_pool}
             storage = RedisStorage(
                 "async+" + settings.REDIS_URL, implementation="redispy", key_prefix="ratelimit", **options
             )
-        else:
-            storage = MemoryStorage()
-        self.strategy = MovingWindowRateLimiter(storage)
+            self.shared = MovingWindowRateLimiter(storage)
+        self.degraded = False
 
     async def hit(self, name: LimitName, request: Request, *, key: str | None = None) -> None:
         """Count one request against `name`, per client address unless a `key` (e.g. a user id) is given;
@@ -62,11 +68,29 @@ class RateLimiter:
         if key is None:
             # The address app.middleware decided from TRUSTED_PROXIES (app.proxies), the one the access log shows.
             key = (request.client.host if request.client else "") or "unknown"
-        if await self.strategy.hit(item, name, key):
+        strategy = self.local
+        allowed: bool | None = None
+        if self.shared is not None:
+            try:
+                allowed = await self.shared.hit(item, name, key)
+                strategy = self.shared
+                if self.degraded:
+                    logger.warning("rate limits: redis reachable again, counting in redis")
+                    self.degraded = False
+            except Exception as exc:
+                if not self.degraded:
+                    logger.warning("rate limits: redis unreachable, counting per process (%s)", type(exc).__name__)
+                    self.degraded = True
+        if allowed is None:
+            allowed = await self.local.hit(item, name, key)
+        if allowed:
             return
         metrics.refused(name)
-        stats = await self.strategy.get_window_stats(item, name, key)
-        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        try:
+            stats = await strategy.get_window_stats(item, name, key)
+            retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        except Exception:  # Redis went away between the two calls: the window's length is a safe answer
+            retry_after = item.get_expiry()
         raise RateLimited("Too many requests; retry in a moment", headers={"Retry-After": str(retry_after)})
 
 

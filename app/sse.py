@@ -1,10 +1,10 @@
-"""SSE framing: a generation's event log and the bytes its readers send (FastAPI's encoding, `: ping` when idle)."""
+"""SSE framing: a generation's event log with its fixed ids, and the bytes its readers send (`: ping` when idle)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,14 +12,13 @@ from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
 from app.services.messages import NewGeneration
 
+#: The event types that end a stream; exactly one of them is the last event of every generation.
+TERMINAL = frozenset({"done", "error"})
 
-def _event_json(kind: str, data: Any) -> str:
-    return json.dumps({"type": kind, "data": data}, ensure_ascii=False)
 
-
-def _frame(event_id: int, kind: str, data: Any) -> bytes:
+def frame(event_id: int, kind: str, data: Any) -> bytes:
     """One event in FastAPI's own SSE encoding (`fastapi.sse.format_sse_event`): `data:` then `id:`."""
-    return format_sse_event(data_str=_event_json(kind, data), id=str(event_id))
+    return format_sse_event(data_str=json.dumps({"type": kind, "data": data}, ensure_ascii=False), id=str(event_id))
 
 
 PING = KEEPALIVE_COMMENT
@@ -31,31 +30,57 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @dataclass(slots=True)
 class Generation:
-    """One running answer. `events` is what SSE readers replay: a text chunk (str) or a (type, data) pair.
+    """One answer's event log: `frames[i]` is the encoded event with id `i + 1`, fixed once written.
 
-    Readers number their events 1, 2, 3… and merge text chunks that piled up while they were busy into
-    one `message` event (same concatenation, fewer writes when a client or the event loop is slow).
+    The producer (the generation task) writes one `message` event per upstream read, so every reader, every
+    follower and every instance sees the same events under the same ids. `chunks` is the answer's text.
+    `on_event`, when set, mirrors each new event elsewhere (the Redis log of app.eventlog).
     """
 
     new: NewGeneration
-    events: list[str | tuple[str, Any]] = field(default_factory=list)
+    frames: list[bytes] = field(default_factory=list)
     chunks: list[str] = field(default_factory=list)
-    terminal: tuple[str, dict[str, Any]] | None = None
+    terminal: str | None = None
     task: asyncio.Task[None] | None = None
+    #: Set by a stop request: the task's cancellation means "store as cancelled", not "interrupted".
+    stopping: bool = False
+    #: Set once the task reached its final write: from then on a stop cannot change the outcome.
+    finishing: bool = False
+    #: The stored message of the final write (or None when it failed), for stop's answer.
+    stored: dict[str, Any] | None = None
+    on_event: Callable[[Generation], None] | None = None
     _waiter: asyncio.Event | None = None
+    _ended: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def add_chunks(self, chunks: list[str]) -> None:
-        self.chunks.extend(chunks)
-        self.events.extend(chunks)
-        self._notify()
+    @property
+    def last_id(self) -> int:
+        return len(self.frames)
 
     def add_event(self, kind: str, data: Any) -> None:
-        self.events.append((kind, data))
+        self.frames.append(frame(len(self.frames) + 1, kind, data))
+        if self.on_event is not None:
+            self.on_event(self)
         self._notify()
 
+    def add_chunks(self, chunks: list[str]) -> None:
+        """One upstream read's text: one `message` event, so the ids do not depend on any reader's speed."""
+        self.chunks.extend(chunks)
+        text = chunks[0] if len(chunks) == 1 else "".join(chunks)
+        if text:
+            self.add_event("message", {"content": text})
+
     def finish(self, kind: str, data: dict[str, Any]) -> None:
-        self.terminal = (kind, data)
-        self._notify()
+        self.terminal = kind
+        self.add_event(kind, data)
+        self._ended.set()
+
+    async def ended(self) -> None:
+        await self._ended.wait()
+
+    def release(self) -> None:
+        """The task is over: the text kept for storage goes (the frames stay for followers)."""
+        self.chunks = []
+        self._ended.set()
 
     def _notify(self) -> None:
         waiter = self._waiter
@@ -63,13 +88,12 @@ class Generation:
             self._waiter = None
             waiter.set()
 
-    async def sse(self, ping_interval: float) -> AsyncIterator[bytes]:
-        """The SSE bytes of this generation from the start; `: ping` comments while nothing happens.
+    async def sse(self, ping_interval: float, after: int = 0) -> AsyncIterator[bytes]:
+        """The events after id `after`, then the live ones up to the terminal one; `: ping` while quiet.
 
         Every event already available when the reader wakes goes out in one write, so an upstream read
         holding many chunks costs one ASGI message, not one per chunk (see docs/PERFORMANCE.md).
         """
-        start = {"user_message": self.new.user_message, "assistant_message_id": self.new.assistant_id}
         loop = asyncio.get_running_loop()
         # One timer per quiet interval, not one `asyncio.timeout` per wait (that is, per chunk): the timer
         # only wakes the reader, which pings if nothing went out since `ping_at`, else re-arms for it.
@@ -80,38 +104,24 @@ class Generation:
             timer = None
             self._notify()
 
-        event_id = 1
-        yield _frame(event_id, "start", start)
+        index = max(0, after)
+        frames = self.frames
         ping_at = loop.time() + ping_interval
-        index = 0
-        events = self.events
         try:
             while True:
-                frames: list[bytes] = []
-                available = len(events)
-                while index < available:
-                    item = events[index]
-                    event_id += 1
-                    if isinstance(item, str):
-                        end = index + 1
-                        while end < available and isinstance(events[end], str):
-                            end += 1
-                        text = item if end == index + 1 else "".join(events[index:end])  # type: ignore[arg-type]
-                        index = end
-                        frames.append(_frame(event_id, "message", {"content": text}))
-                    else:
-                        index += 1
-                        frames.append(_frame(event_id, item[0], item[1]))
+                available = len(frames)
+                if index < available:
+                    chunk = frames[index] if available == index + 1 else b"".join(frames[index:available])
+                    index = available
+                    yield chunk
+                    ping_at = loop.time() + ping_interval
+                    continue  # new events may have arrived while the write was awaited
                 if self.terminal is not None:
-                    kind, data = self.terminal
-                    frames.append(_frame(event_id + 1, kind, data))
-                    yield b"".join(frames)
                     return
                 # (A ping 1 ms early counts: a timer may fire within the loop's clock resolution of its deadline.)
-                if frames or loop.time() + 0.001 >= ping_at:
-                    yield b"".join(frames) if frames else PING
+                if loop.time() + 0.001 >= ping_at:
+                    yield PING
                     ping_at = loop.time() + ping_interval
-                    # New events may have arrived while the write was awaited: send them before sleeping.
                     continue
                 if timer is None:
                     timer = loop.call_at(ping_at, wake)

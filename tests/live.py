@@ -195,3 +195,91 @@ async def _wait_until_healthy(url: str, process: asyncio.subprocess.Process, log
 
 def tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:]
+
+
+class EventReader:
+    """One SSE response read in the background: `events` grows block by block; `leave()` drops the connection."""
+
+    def __init__(self, client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> None:
+        self.status_code: int | None = None
+        self.events: list[SSE] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._read(client, method, url, kwargs))
+
+    async def _read(self, client: httpx.AsyncClient, method: str, url: str, kwargs: dict[str, Any]) -> None:
+        buffer = ""
+        try:
+            async with client.stream(method, url, **kwargs) as response:
+                self.status_code = response.status_code
+                self._changed.set()
+                async for text in response.aiter_text():
+                    buffer += text
+                    if "\n\n" in buffer:
+                        complete, buffer = buffer.rsplit("\n\n", 1)
+                        self.events.extend(parse_sse(complete))
+                        self._changed.set()
+        finally:
+            self._changed.set()
+
+    @property
+    def data(self) -> list[SSE]:
+        return data_events(self.events)
+
+    async def wait_for(self, check: Any, within: float = 10) -> None:
+        """Until `check(self)` is true (or the response ended: then `check` must hold anyway)."""
+        async with asyncio.timeout(within):
+            while not check(self):
+                if self._task.done():
+                    self._task.result()
+                    assert check(self), "the stream ended first"
+                    return
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def finish(self, within: float = 10) -> list[SSE]:
+        """Every data event, once the server ended the response."""
+        async with asyncio.timeout(within):
+            await self._task
+        return self.data
+
+    async def leave(self) -> None:
+        """Drop the connection (a reload); a connection the server already lost ends the same way."""
+        self._task.cancel()
+        with suppress(asyncio.CancelledError, httpx.TransportError):
+            await self._task
+
+
+class RedisProcess:
+    """A `redis-server` of the test's own on a free port (no persistence), to stop and start mid-test."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            "redis-server",
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+            *("--dir", str(self.directory)),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        async with asyncio.timeout(10):
+            while True:
+                with suppress(OSError):
+                    _reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    writer.close()
+                    await writer.wait_closed()
+                    return
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+        self.process = None

@@ -43,6 +43,16 @@ def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert "ACCESS_TOKEN_EXPIRE_MINUTES" in str(excinfo.value)
 
 
+def test_stream_log_ttl_is_at_least_a_minute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Followers that lost their connection just before the end must still find the rest."""
+    monkeypatch.setenv("STREAM_LOG_TTL", "59")
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(DATA_DIR=tmp_path)
+    assert "STREAM_LOG_TTL" in str(excinfo.value)
+    monkeypatch.setenv("STREAM_LOG_TTL", "60")
+    assert load_settings(DATA_DIR=tmp_path).STREAM_LOG_TTL == 60
+
+
 def test_invalid_secret_is_not_echoed(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as excinfo:
         load_settings(DATA_DIR=tmp_path, ENCRYPTION_KEY="not-a-fernet-key-SECRET")

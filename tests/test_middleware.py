@@ -208,7 +208,8 @@ def test_json_log_lines_carry_the_request_id() -> None:
     assert line["level"] == "INFO"
 
 
-async def test_redis_down_gives_503_not_500(database_url: str, tmp_path, session) -> None:
+async def test_redis_down_refuses_nothing(database_url: str, tmp_path, session) -> None:
+    """Redis is an accelerator: authentication (revocations are in the database) does not need it."""
     from tests.factories import auth_headers, create_user
 
     settings = make_settings(database_url, tmp_path, REDIS_URL="redis://127.0.0.1:1/0")
@@ -217,9 +218,8 @@ async def test_redis_down_gives_503_not_500(database_url: str, tmp_path, session
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
             response = await c.get("/api/auth/me", headers=auth_headers(settings, user))
-        assert response.status_code == 503
-        assert response.headers["retry-after"] == "5"
-        assert "redis" not in response.text.lower()
+        assert response.status_code == 200
+        assert response.json()["id"] == str(user.id)
     finally:
         await shutdown(app)
 

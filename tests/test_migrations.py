@@ -34,6 +34,9 @@ EXPECTED_TABLES = {
     "invites",
     "usage_records",
     "usage_daily",
+
+
+    "idempotency_keys",
     "alembic_version",
 }
 
@@ -226,3 +229,13 @@ def test_0006_gives_existing_agents_slugs_on_postgresql() -> None:
 
 def test_0006_gives_existing_agents_slugs_on_sqlite(tmp_path: Path) -> None:
     _check_0006(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+
+
+def test_idempotency_keys_migration_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    """0007 alone: down removes only its table (the rest of the schema stays), up brings it back."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
+    run_migrations(url)
+    run_migrations(url, "0006", downgrade=True)
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"idempotency_keys"}
+    run_migrations(url, "0007")
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES

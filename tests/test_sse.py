@@ -1,4 +1,4 @@
-"""SSE framing: what a generation's readers receive (numbering, merged chunks, pings), without a server."""
+"""SSE framing: a generation's event log (fixed ids, one event per upstream read, replay), pings; no server."""
 
 from __future__ import annotations
 
@@ -31,25 +31,46 @@ def _generation() -> Generation:
     return Generation(new=new)
 
 
-async def _collect(generation: Generation, ping: float = 5) -> list[tuple[str | None, str | None, Any]]:
+async def _collect(generation: Generation, ping: float = 5, after: int = 0) -> list[tuple[str | None, str | None, Any]]:
     out = []
-    async for block in generation.sse(ping):
+    async for block in generation.sse(ping, after):
         # One write may hold several events (everything available when the reader woke).
         for event in parse_sse(block.decode()):
             out.append((event.id, event.comment, event.data))
     return out
 
 
-async def test_generation_merges_pending_chunks_into_one_event() -> None:
+async def test_generation_gives_one_event_per_upstream_read_with_fixed_ids() -> None:
     generation = _generation()
-    generation.add_event("status", {"description": "Waiting for the agent", "done": False})
+    generation.add_event("start", {"assistant_message_id": "a1"})
     generation.add_chunks(["Hel", "lo"])
     generation.add_chunks([" there"])
+    generation.add_chunks([""])  # a read without text adds no event
     generation.finish("done", {"message": {"id": "a1"}})
     events = await _collect(generation)
     assert [e[0] for e in events] == ["1", "2", "3", "4"]
-    assert events[2][2] == {"type": "message", "data": {"content": "Hello there"}}
+    assert events[1][2] == {"type": "message", "data": {"content": "Hello"}}
+    assert events[2][2] == {"type": "message", "data": {"content": " there"}}
     assert events[3][2] == {"type": "done", "data": {"message": {"id": "a1"}}}
+    assert generation.chunks == ["Hel", "lo", " there", ""]
+
+
+async def test_readers_after_an_id_get_the_rest_with_the_same_ids_and_bytes() -> None:
+    """A reader from the start, a follower after id 2, a late follower after the end: same frames, same ids."""
+    generation = _generation()
+    generation.add_event("start", {"assistant_message_id": "a1"})
+    first = asyncio.create_task(_collect(generation))
+    generation.add_chunks(["a"])
+    follower = asyncio.create_task(_collect(generation, after=2))
+    await asyncio.sleep(0.01)
+    generation.add_chunks(["b"])
+    generation.add_chunks(["c"])
+    generation.finish("done", {"message": {"id": "a1"}})
+    everything, rest = await first, await follower
+    assert [e[0] for e in everything] == ["1", "2", "3", "4", "5"]
+    assert rest == everything[2:]
+    assert await _collect(generation, after=3) == everything[3:]
+    assert await _collect(generation, after=5) == []
 
 
 async def test_generation_streams_chunks_as_they_come_and_pings_when_idle() -> None:
@@ -63,8 +84,8 @@ async def test_generation_streams_chunks_as_they_come_and_pings_when_idle() -> N
     generation.finish("error", {"message": "m", "code": "upstream_timeout"})
     events = await reader
     data = [e[2] for e in events if e[2] is not None]
-    assert [d["type"] for d in data] == ["start", "message", "message", "error"]
-    assert [e[0] for e in events if e[2] is not None] == ["1", "2", "3", "4"]
+    assert [d["type"] for d in data] == ["message", "message", "error"]
+    assert [e[0] for e in events if e[2] is not None] == ["1", "2", "3"]
     pings = [e for e in events if e[1] == "ping"]
     assert pings
     assert all(p[0] is None for p in pings)

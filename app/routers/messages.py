@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Header, Response
 from fastapi.sse import EventSourceResponse
 
 from app.auth import CurrentCaller
 from app.deps import AutocommitSessionDep, GenerationsDep, SettingsDep
 from app.routers.responses import R401, Responses, error_doc, json_only
 from app.schemas import MessageCreate
+from app.services import idempotency
 from app.services.chats import CHAT_NOT_FOUND
 from app.services.messages import AGENT_INACTIVE, start_message
 from app.services.usage import QUOTA_REACHED
-from app.streaming import SSE_HEADERS, Generation
+from app.streaming import SSE_HEADERS
 
 router = APIRouter(prefix="/api/chats", tags=["messages"])
 
@@ -81,22 +83,56 @@ async def start_generation(
     session: AutocommitSessionDep,
     settings: SettingsDep,
     registry: GenerationsDep,
-) -> Generation:
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=idempotency.KEY_MAX_LENGTH,
+            pattern=idempotency.KEY_PATTERN,
+            description="1-255 printable ASCII characters; a retry with the same key (24 h) answers the same "
+            "stream and starts nothing",
+        ),
+    ] = None,
+) -> AsyncIterator[bytes]:
     """Everything that can fail with a plain JSON error happens here, before the 200 and the stream.
 
     Its session has no transaction: each statement (the user, the chat with its agent, the conditional
     append of the two messages) is atomic on its own, and a transaction would only add two round trips.
+    An Idempotency-Key is looked up first: a retry answers the stream its key started, and nothing else runs.
     """
-    registry.check_accepting()
-    new = await start_message(
-        session=session,
-        settings=settings,
-        user=user,
-        chat_id=chat_id,
-        content=body.content,
-        worker_id=registry.worker_id,
-    )
-    return registry.start(new)
+    key = idempotency_key
+    if key is not None:
+        fingerprint = idempotency.request_hash(f"/api/chats/{chat_id}/messages", body.model_dump(mode="json"))
+        recorded = await idempotency.claim(
+            session=session, user_id=user.id, key=key, fingerprint=fingerprint, chat_id=chat_id
+        )
+        if recorded is not None:
+            return await registry.replay(recorded, session=session)
+    try:
+        registry.check_accepting()
+        new = await start_message(
+            session=session,
+            settings=settings,
+            user=user,
+            chat_id=chat_id,
+            content=body.content,
+            worker_id=registry.worker_id,
+        )
+    except Exception:
+        if key is not None:
+            await idempotency.release(session=session, user_id=user.id, key=key)
+        raise
+    generation = registry.start(new)
+    if key is not None:
+        await idempotency.record(
+            session=session,
+            user_id=user.id,
+            key=key,
+            user_message_id=str(new.user_message["id"]),
+            assistant_message_id=new.assistant_id,
+        )
+    return generation.sse(settings.STREAM_PING_INTERVAL)
 
 
 @router.post(
@@ -108,10 +144,8 @@ async def start_generation(
     summary="Send a message; the answer streams back as Server-Sent Events",
     responses=RESPONSES,
 )
-async def send_message(
-    generation: Annotated[Generation, Depends(start_generation)], settings: SettingsDep
-) -> EventSourceResponse:
+async def send_message(stream: Annotated[AsyncIterator[bytes], Depends(start_generation)]) -> EventSourceResponse:
     # FastAPI's EventSourceResponse over pre-encoded events (fastapi.sse.format_sse_event), not a generator
     # of ServerSentEvent: that path runs two extra tasks, two memory streams and a timeout scope per event,
     # 5x the bare relay's CPU per chunk. Events available together go out in one write.
-    return EventSourceResponse(generation.sse(settings.STREAM_PING_INTERVAL), headers=SSE_HEADERS)
+    return EventSourceResponse(stream, headers=SSE_HEADERS)

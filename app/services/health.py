@@ -1,4 +1,4 @@
-"""Readiness checks: the database answers and is at the migration head; Redis answers when configured."""
+"""Readiness checks: the database answers and is at the migration head; whether a configured Redis answers."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def migration_head() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-async def readiness_problem(*, db: Database, redis: Any, expected_revision: str | None) -> str | None:
+async def readiness_problem(*, db: Database, expected_revision: str | None) -> str | None:
     """None when ready, else a short reason (no connection strings, no driver messages)."""
     try:
         async with asyncio.timeout(CHECK_TIMEOUT):
@@ -36,11 +36,16 @@ async def readiness_problem(*, db: Database, redis: Any, expected_revision: str 
         return "database unreachable"
     if revision != expected_revision:
         return f"database not migrated: at {revision}, expected {expected_revision}"
-    if redis is not None:
-        try:
-            async with asyncio.timeout(CHECK_TIMEOUT):
-                await redis.ping()
-        except Exception as exc:
-            logger.warning("readiness: redis check failed: %s", type(exc).__name__)
-            return "redis unreachable"
     return None
+
+
+async def redis_reachable(redis: Any) -> bool:
+    """Whether the configured Redis answers. Without it the service still serves everything (degraded:
+    per-process rate limits, stop and follow on the instance that runs the generation)."""
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            await redis.ping()
+    except Exception as exc:
+        logger.warning("readiness: redis check failed: %s", type(exc).__name__)
+        return False
+    return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -287,3 +288,17 @@ async def finish_message(
     )
     await session.commit()
     return public_message({"id": new.assistant_id, "role": "assistant", **patch})
+
+
+async def get_public_messages(
+    session: AsyncSession, chat_id: uuid.UUID, ids: Collection[str] | None = None
+) -> list[dict[str, Any]]:
+    """The chat's stored messages as the API shows them (those named by `ids` only, when given), oldest first.
+
+    No ownership check: callers check the chat first. Used to rebuild a stream from what is stored.
+    """
+    stored = (await session.execute(select(Chat.messages).where(Chat.id == chat_id))).scalar_one_or_none()
+    wanted = None if ids is None else set(ids)
+    return [
+        public_message(m) for m in stored or [] if isinstance(m, dict) and (wanted is None or m.get("id") in wanted)
+    ]

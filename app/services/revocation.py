@@ -1,7 +1,9 @@
 """Revoked token ids (access-token `jti`s and refresh families) until their natural expiry.
 
-Redis when `REDIS_URL` is set (one key per id, expiring with the token), else the `revoked_tokens` table:
-either way every worker sees a revocation at once.
+Always the `revoked_tokens` table, with or without Redis: a revocation is durable and every instance sees it
+at once, and a Redis outage can neither lose one nor refuse a request. The check costs no round trip of its
+own: `current_user` folds it into the SELECT of the token's user, which every authenticated request makes
+anyway (a Redis lookup would add one).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
 from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -17,11 +18,9 @@ from app.db import utcnow
 from app.dialects import statements_of
 from app.models import RevokedToken
 
-REDIS_PREFIX = "revoked:"
-
 
 class RevocationStore(Protocol):
-    """What the app's `revocations` provides (the two stores below).
+    """What the app's `revocations` provides (`DatabaseRevocationStore`; a protocol, so tests may stand in).
 
     `in_database`: revocations are rows in this database, so `current_user` checks them in its own query.
     """
@@ -46,28 +45,6 @@ REVOKED = (
 
 def revoked_params(ids: list[str]) -> dict[str, Any]:
     return {"ids": ids, "now": utcnow()}
-
-
-class RedisRevocationStore:
-    """One key per revoked id with a TTL equal to the token's remaining lifetime."""
-
-    in_database = False
-
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-
-    async def revoke(self, jti: str, expires_at: datetime) -> None:
-        seconds = int((expires_at - utcnow()).total_seconds()) + 1
-        if seconds > 0:
-            await self.redis.set(REDIS_PREFIX + jti, b"1", ex=seconds)
-
-    async def is_revoked(self, jti: str) -> bool:
-        return await self.is_any_revoked([jti])
-
-    async def is_any_revoked(self, ids: list[str]) -> bool:
-        if not ids:
-            return False
-        return int(await self.redis.exists(*(REDIS_PREFIX + i for i in ids))) > 0
 
 
 class DatabaseRevocationStore:
@@ -100,10 +77,5 @@ class DatabaseRevocationStore:
             return bool((await session.execute(select(REVOKED), revoked_params(ids))).scalar())
 
 
-RevocationStoreImpl = RedisRevocationStore | DatabaseRevocationStore
-
-
-def make_revocation_store(
-    *, redis: Redis | None, sessionmaker: async_sessionmaker[AsyncSession]
-) -> RevocationStoreImpl:
-    return RedisRevocationStore(redis) if redis is not None else DatabaseRevocationStore(sessionmaker)
+def make_revocation_store(*, sessionmaker: async_sessionmaker[AsyncSession]) -> DatabaseRevocationStore:
+    return DatabaseRevocationStore(sessionmaker)

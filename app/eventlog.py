@@ -1,0 +1,341 @@
+"""Reading a generation's events again: the shared Redis log (Streams), and streams rebuilt from storage.
+
+The owning instance keeps each generation's log in memory (`app.sse.Generation`, `GenerationRegistry.logs`).
+With Redis, every event is also written to a Redis Stream under its own id (`<n>-0`), so a follower on any
+instance replays and follows the same events with the same ids; the stream expires STREAM_LOG_TTL after the
+generation's end. Redis is an accelerator: when it is unreachable the writer retries, followers fall back to
+the stored message, and nothing that runs on this instance waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from app.config import Settings
+from app.db import Database
+from app.services.messages import get_public_messages
+from app.sse import PING, Generation, frame
+
+logger = logging.getLogger(__name__)
+
+#: Published with an assistant message id: the instance running that generation stops it.
+STOP_CHANNEL = "generations:stop"
+#: Polling the stored message while a stream is rebuilt from storage (seconds).
+STORAGE_POLL = 0.5
+#: How long the writer keeps retrying an unreachable Redis after the generation ended (seconds).
+RETRY_AFTER_END = 30.0
+
+
+def log_key(chat_id: uuid.UUID, assistant_id: str) -> str:
+    """The Redis Stream of one generation; the chat is part of the name, so an id of another chat finds nothing."""
+    return f"genlog:{chat_id}:{assistant_id}"
+
+
+def chat_key(chat_id: uuid.UUID) -> str:
+    """The chat's latest generation (its assistant message id), while its log exists."""
+    return f"genchat:{chat_id}"
+
+
+def terminal_of(message: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The terminal event a stored, final message stands for (None while it is still `streaming`)."""
+    status = message["status"]
+    if status == "streaming":
+        return None
+    if status in ("complete", "cancelled"):
+        return "done", {"message": message}
+    error = message.get("error") or {}
+    return "error", {
+        "message": error.get("message") or "The answer was not completed",
+        "code": error.get("code") or status,
+    }
+
+
+async def stored_message(db: Database, chat_id: uuid.UUID, message_id: str) -> dict[str, Any] | None:
+    async with db.autocommit() as session:
+        found = await get_public_messages(session, chat_id, [message_id])
+    return found[0] if found else None
+
+
+async def wait_until_final(db: Database, chat_id: uuid.UUID, message_id: str, within: float) -> dict[str, Any] | None:
+    """The stored message once it is no longer `streaming` (None if it is not there or still streaming)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        message = await stored_message(db, chat_id, message_id)
+        if message is None or message["status"] != "streaming" or loop.time() >= deadline:
+            return message
+        await asyncio.sleep(0.05)
+
+
+async def rebuilt_stream(
+    db: Database, chat_id: uuid.UUID, user_message: dict[str, Any] | None, assistant_id: str, ping: float
+) -> AsyncIterator[bytes]:
+    """A finished (or still running elsewhere) generation told again from storage: `start`, its text in one
+    `message` event, and its terminal event, ids 1, 2, 3. While it is still `streaming`, pings until it ends."""
+    yield frame(1, "start", {"user_message": user_message, "assistant_message_id": assistant_id})
+    loop = asyncio.get_running_loop()
+    ping_at = loop.time() + ping
+    while True:
+        message = await stored_message(db, chat_id, assistant_id)
+        if message is None:
+            yield frame(2, "error", {"message": "The answer is no longer stored", "code": "not_found"})
+            return
+        terminal = terminal_of(message)
+        if terminal is not None:
+            next_id = 2
+            chunks = []
+            if message["content"]:
+                chunks.append(frame(next_id, "message", {"content": message["content"]}))
+                next_id += 1
+            chunks.append(frame(next_id, *terminal))
+            yield b"".join(chunks)
+            return
+        await asyncio.sleep(STORAGE_POLL)
+        if loop.time() >= ping_at:
+            yield PING
+            ping_at = loop.time() + ping
+
+
+class RedisEventLog:
+    """The generations' events in Redis Streams (one per generation), and the stop channel between instances."""
+
+    def __init__(self, redis: Redis, settings: Settings, db: Database) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.db = db
+        self.writers: set[asyncio.Task[None]] = set()
+        self._failing = False
+
+    # --- writing ---------------------------------------------------------------------------------
+    def attach(self, generation: Generation) -> None:
+        """Mirror every event of `generation` (from now on, and those already in its log) to Redis."""
+        mirror = _Mirror(self, generation)
+        generation.on_event = mirror.notify
+        mirror.notify(generation)
+
+    def _report(self, failing: bool, exc: BaseException | None = None) -> None:
+        """Log once when Redis becomes unreachable and once when it is back (not once per event)."""
+        if failing and not self._failing:
+            logger.warning("redis unreachable, generation logs kept locally (%s)", type(exc).__name__)
+        elif not failing and self._failing:
+            logger.warning("redis reachable again, generation logs shared again")
+        self._failing = failing
+
+    async def drain(self, within: float) -> None:
+        """At shutdown: let the writers put the last events (the terminal ones) into Redis."""
+        if self.writers:
+            await asyncio.wait(list(self.writers), timeout=within)
+        for task in list(self.writers):
+            task.cancel()
+
+    # --- reading ---------------------------------------------------------------------------------
+    async def current(self, chat_id: uuid.UUID) -> str | None:
+        value = await self.redis.get(chat_key(chat_id))
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def follow(
+        self, chat_id: uuid.UUID, assistant_id: str | None, after: int, ping: float
+    ) -> AsyncIterator[bytes] | None:
+        """The events after `after` of the chat's latest (or the named) generation from Redis, then the live
+        ones; None when Redis has no such log or nothing comes after `after`."""
+        if assistant_id is None:
+            assistant_id = await self.current(chat_id)
+            if assistant_id is None:
+                return None
+        key = log_key(chat_id, assistant_id)
+        last = await _last_entry(self.redis, key)
+        if last is None:
+            return None
+        if last[1].get(b"e") and last[0] <= after:
+            return None  # the client has seen the terminal event already
+        return self._frames(key, chat_id, assistant_id, after, ping)
+
+    async def _frames(
+        self, key: str, chat_id: uuid.UUID, assistant_id: str, after: int, ping: float
+    ) -> AsyncIterator[bytes]:
+        last = after
+        block_ms = max(1, int(ping * 1000))
+        while True:
+            try:
+                answer = await _read_after(self.redis, key, last, block_ms)
+            except Exception as exc:
+                logger.warning("redis unreachable while following %s (%s)", assistant_id, type(exc).__name__)
+                answer = []
+                if not await self._storage_ended(chat_id, assistant_id, last):
+                    await asyncio.sleep(STORAGE_POLL)
+                    yield PING
+                    continue
+            if not answer:
+                # Quiet for a ping interval: is the generation still alive? Its owner may have died, or Redis
+                # may have lost the log; then the stored message (interrupted by recovery) ends the stream.
+                ended = await self._storage_ended(chat_id, assistant_id, last)
+                if ended is not None:
+                    yield ended
+                    return
+                yield PING
+                continue
+            out: list[bytes] = []
+            for event_id, fields in answer:
+                last = event_id
+                out.append(fields[b"f"])
+                if fields.get(b"e"):
+                    yield b"".join(out)
+                    return
+            yield b"".join(out)
+
+    async def _storage_ended(self, chat_id: uuid.UUID, assistant_id: str, last: int) -> bytes | None:
+        """The terminal event (id `last + 1`) from storage when the message is final, else None."""
+        message = await stored_message(self.db, chat_id, assistant_id)
+        terminal = None if message is None else terminal_of(message)
+        if message is None:
+            terminal = ("error", {"message": "The answer is no longer stored", "code": "not_found"})
+        if terminal is None:
+            return None
+        with contextlib.suppress(Exception):
+            # The owner may still write its own terminal event: prefer it when it is already there.
+            answer = await _read_after(self.redis, log_key(chat_id, assistant_id), last)
+            if answer and answer[-1][1].get(b"e"):
+                return b"".join(fields[b"f"] for _id, fields in answer)
+        return frame(last + 1, *terminal)
+
+    # --- stop between instances -------------------------------------------------------------------
+    async def publish_stop(self, assistant_id: str) -> bool:
+        """Ask every instance to stop `assistant_id`; False when Redis is unreachable."""
+        try:
+            await self.redis.publish(STOP_CHANNEL, assistant_id)
+        except Exception as exc:
+            logger.warning("redis unreachable, stop not published (%s)", type(exc).__name__)
+            return False
+        return True
+
+    async def listen_for_stops(self, on_stop: Callable[[str], Awaitable[None]]) -> None:
+        """Subscribe to the stop channel for the life of the app, resubscribing after a Redis outage."""
+        failing = False
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(STOP_CHANNEL)
+                if failing:
+                    logger.warning("redis stop channel subscribed again")
+                    failing = False
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        data = message["data"]
+                        await on_stop(data.decode() if isinstance(data, bytes) else str(data))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    logger.warning("redis stop channel lost, stop works on this instance only (%s)", type(exc).__name__)
+                    failing = True
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _event_id(entry_id: Any) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(text.split("-", 1)[0])
+
+
+Entry = tuple[int, dict[bytes, bytes]]
+
+
+def _entries(rows: Any) -> list[Entry]:
+    """XRANGE / XREVRANGE rows as (event id, fields)."""
+    return [(_event_id(entry_id), fields) for entry_id, fields in rows or []]
+
+
+async def _last_entry(redis: Redis, key: str) -> Entry | None:
+    entries = _entries(await redis.xrevrange(key, count=1))
+    return entries[0] if entries else None
+
+
+async def _read_after(redis: Redis, key: str, after: int, block_ms: int | None = None) -> list[Entry]:
+    answer: Any = await redis.xread({key: f"{after}-0"}, count=1000, block=block_ms)
+    return _entries(answer[0][1]) if answer else []  # XREAD answers [[key, rows]] for the one key
+
+
+class _Mirror:
+    """Writes one generation's new events to its Redis Stream, in batches, from one task at a time.
+
+    Events are written with their own ids (`XADD key <n>-0`) in a MULTI/EXEC, so a batch is all or nothing;
+    after a failure the writer asks Redis how far it got and goes on from there.
+    """
+
+    __slots__ = ("gave_up", "generation", "key", "log", "task", "written")
+
+    def __init__(self, log: RedisEventLog, generation: Generation) -> None:
+        self.log = log
+        self.generation = generation
+        self.key = log_key(generation.new.chat_id, generation.new.assistant_id)
+        self.written = 0
+        self.gave_up = False
+        self.task: asyncio.Task[None] | None = None
+
+    def notify(self, _generation: Generation) -> None:
+        if self.task is None and not self.gave_up:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+            self.log.writers.add(self.task)
+            self.task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.log.writers.discard(task)
+        self.task = None
+        if not task.cancelled() and self.written < len(self.generation.frames):
+            self.notify(self.generation)  # events that came during the last batch's final await
+
+    async def _run(self) -> None:
+        generation = self.generation
+        redis = self.log.redis
+        ttl = int(self.log.settings.STREAM_LOG_TTL)
+        # While it runs, the chat's pointer outlives any answer; after the end both expire after the TTL.
+        running_ttl = int(self.log.settings.N8N_TOTAL_TIMEOUT) + ttl
+        chat = chat_key(generation.new.chat_id)
+        loop = asyncio.get_running_loop()
+        delay = 0.2
+        ended_at: float | None = None
+        while self.written < len(generation.frames):
+            frames = generation.frames
+            available = len(frames)
+            ending = generation.terminal is not None and available == len(generation.frames)
+            try:
+                async with redis.pipeline(transaction=True) as pipe:
+                    if self.written == 0:
+                        pipe.set(chat, generation.new.assistant_id, ex=running_ttl)
+                    for n in range(self.written, available):
+                        fields: dict[str, bytes] = {"f": frames[n]}
+                        if ending and n == available - 1:
+                            fields["e"] = b"1"
+                        pipe.xadd(self.key, fields, id=f"{n + 1}-0")  # type: ignore[arg-type]
+                    if ending:
+                        pipe.expire(self.key, ttl)
+                        pipe.expire(chat, ttl)
+                    else:
+                        pipe.expire(self.key, running_ttl)
+                    await pipe.execute()
+                self.written = available
+                self.log._report(False)
+                delay = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log._report(True, exc)
+                if generation.terminal is not None:
+                    ended_at = ended_at if ended_at is not None else loop.time()
+                    if loop.time() - ended_at > RETRY_AFTER_END:
+                        self.gave_up = True
+                        return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                with contextlib.suppress(Exception):
+                    last = await _last_entry(redis, self.key)
+                    self.written = last[0] if last is not None else 0

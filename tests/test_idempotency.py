@@ -1,0 +1,178 @@
+"""Idempotency-Key on POST /api/chats/{id}/messages: retries start nothing and answer the same stream."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import utcnow
+from app.models import Chat, IdempotencyKey
+from app.state import app_state
+from main import create_app, shutdown
+from tests.conftest import count_rows, make_settings, run_migrations
+from tests.factories import auth_headers, create_chat, create_user
+from tests.live import SSE, chat_with_agent, live_server, parse_sse, streamed_text
+from tests.test_stop_resume import LONG, has_text, live_settings, send
+from tools.fake_n8n import FakeN8n
+
+pytestmark = pytest.mark.slow
+KEY = "send-1 retry"
+
+
+def same_events(events: list[SSE]) -> list[tuple[str | None, object]]:
+    return [(e.id, e.data) for e in events]
+
+
+async def messages_of(app: FastAPI, setup_chat: Chat) -> list[dict[str, object]]:
+    async with app_state(app).db.sessionmaker() as s:
+        chat = (await s.execute(select(Chat).where(Chat.id == setup_chat.id))).scalar_one()
+        return list(chat.messages)
+
+
+async def test_retry_during_and_after_the_generation_answers_the_same_stream_and_calls_n8n_once(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = live_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            first = send(client, setup, key=KEY)
+            await first.wait_for(has_text)
+            # A retry while the generation runs: no 409, the same stream from its first event.
+            during = send(client, setup, key=KEY)
+            original, again = await first.finish(), await during.finish()
+            # And after its end, while the live log is kept.
+            after = await send(client, setup, key=KEY).finish()
+            # Once the live log is gone: rebuilt from storage (same generation, same text, same final message).
+            registry = app_state(server.app).generations
+            for generation in list(registry.logs.values()):
+                registry._forget(generation)
+            rebuilt = await send(client, setup, key=KEY).finish()
+    assert original[-1].type == "done"
+    assert same_events(again) == same_events(original)
+    assert same_events(after) == same_events(original)
+    assert len(fake.requests) == 1
+    messages = await messages_of(app, setup.chat)
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert [e.type for e in rebuilt] == ["start", "message", "done"]
+    assert [e.id for e in rebuilt] == ["1", "2", "3"]
+    assert rebuilt[0].data == original[0].data
+    assert rebuilt[-1].data == original[-1].data
+    assert streamed_text(rebuilt) == streamed_text(original) == messages[1]["content"]
+
+
+async def test_same_key_with_another_body_or_chat_is_422_and_changes_nothing(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = live_settings(database_url, tmp_path)
+    key = {"Idempotency-Key": "k"}
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+        other = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            await send(client, setup, content="one", key="k").finish()
+            url = f"/api/chats/{setup.chat.id}/messages"
+            other_body = await client.post(url, json={"content": "two"}, headers={**setup.headers, **key})
+            # The same key and body on another chat of the same user.
+            second_chat = await create_chat(session, user=setup.user, agent=setup.agent)
+            other_path = await client.post(
+                f"/api/chats/{second_chat.id}/messages", json={"content": "one"}, headers={**setup.headers, **key}
+            )
+            # Another user may use the same key: keys are per user (their own chat, their own generation).
+            theirs = await send(client, other, content="one", key="k").finish()
+    for response in (other_body, other_path):
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+        assert "another request" in response.json()["detail"][0]["msg"]
+    assert theirs[-1].type == "done"
+    assert len(await messages_of(app, setup.chat)) == 2
+    assert len(fake.requests) == 2
+
+
+@pytest.mark.parametrize("value", ["", "x" * 256, "tab\there", "del\x7f"])
+async def test_malformed_key_is_422(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, fake: FakeN8n, value: str
+) -> None:
+    settings = app_state(app).settings
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+    response = await client.post(
+        f"/api/chats/{setup.chat.id}/messages",
+        json={"content": "hi"},
+        headers={**setup.headers, "Idempotency-Key": value},
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert fake.requests == []
+    assert await count_rows(session, "idempotency_keys") == 0
+
+
+async def test_non_ascii_key_is_422(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, fake: FakeN8n
+) -> None:
+    settings = app_state(app).settings
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+    response = await client.post(
+        f"/api/chats/{setup.chat.id}/messages",
+        json={"content": "hi"},
+        headers=[*((k.encode(), v.encode()) for k, v in setup.headers.items()), (b"Idempotency-Key", "clé".encode())],
+    )
+    assert response.status_code == 422
+    assert fake.requests == []
+
+
+async def test_refused_send_gives_the_key_back_and_an_expired_key_starts_anew(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, fake: FakeN8n
+) -> None:
+    settings = app_state(app).settings
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+    stranger = await create_user(session)
+    url = f"/api/chats/{setup.chat.id}/messages"
+    key = {"Idempotency-Key": "again"}
+    # Refused (another user's chat: 404): nothing is remembered for the key.
+    refused = await client.post(url, json={"content": "hi"}, headers={**auth_headers(settings, stranger), **key})
+    assert refused.status_code == 404
+    missing = await client.post(
+        f"/api/chats/{uuid.uuid4()}/messages", json={"content": "hi"}, headers={**setup.headers, **key}
+    )
+    assert missing.status_code == 404
+    assert await count_rows(session, "idempotency_keys") == 0
+    first = await client.post(url, json={"content": "hi"}, headers={**setup.headers, **key})
+    assert first.status_code == 200
+    async with app_state(app).db.sessionmaker() as s:
+        await s.execute(update(IdempotencyKey).values(expires_at=utcnow() - timedelta(seconds=1)))
+        await s.commit()
+    second = await client.post(url, json={"content": "hi"}, headers={**setup.headers, **key})
+    assert second.status_code == 200
+    assert len(fake.requests) == 2
+    assert len(await messages_of(app, setup.chat)) == 4
+
+
+async def test_retry_on_the_embedded_sqlite_database(tmp_path: Path, fake: FakeN8n) -> None:
+    """The key's claim (INSERT ... ON CONFLICT DO NOTHING) and the replay work on SQLite too."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}"
+    await asyncio.to_thread(run_migrations, url)
+    settings = make_settings(url, tmp_path)
+    application = create_app(settings)
+    try:
+        async with app_state(application).db.sessionmaker() as s:
+            setup = await chat_with_agent(s, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://test") as c:
+            url_ = f"/api/chats/{setup.chat.id}/messages"
+            headers = {**setup.headers, "Idempotency-Key": "lite"}
+            first = await c.post(url_, json={"content": "hi"}, headers=headers)
+            again = await c.post(url_, json={"content": "hi"}, headers=headers)
+            other = await c.post(url_, json={"content": "ho"}, headers=headers)
+    finally:
+        await shutdown(application)
+    assert first.status_code == again.status_code == 200
+    assert parse_sse(again.text) == parse_sse(first.text)
+    assert other.status_code == 422
+    assert len(fake.requests) == 1

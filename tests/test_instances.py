@@ -1,0 +1,126 @@
+"""Several instances on one PostgreSQL and one Redis: follow, stop and retries work whichever one is asked."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from tests.live import SSE, EventReader, chat_with_agent, streamed_text
+from tests.test_stop_resume import LONG, has_text, live_settings
+from tests.test_stream_live import _start_subprocess, assistant_of, settled
+from tools.fake_n8n import FakeN8n
+
+pytestmark = pytest.mark.slow
+FAST_INSTANCE = {"STREAM_PING_INTERVAL": "0.2", "N8N_READ_TIMEOUT": "5", "SHUTDOWN_GRACE_SECONDS": "0.5"}
+
+
+@asynccontextmanager
+async def instance(settings: Settings, redis_url: str) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """`uvicorn main:create_app` as its own process, sharing the test database and the given Redis."""
+    process, port = await _start_subprocess(settings, REDIS_URL=redis_url, **FAST_INSTANCE)
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                async with asyncio.timeout(15):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+def pairs(events: list[SSE]) -> list[tuple[str | None, object]]:
+    return [(e.id, e.data) for e in events]
+
+
+async def test_two_instances_follow_stop_and_retry_whichever_gets_the_request(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str
+) -> None:
+    settings = live_settings(database_url, tmp_path)
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+    messages = f"/api/chats/{setup.chat.id}/messages"
+    keyed = {**setup.headers, "Idempotency-Key": "two-instances"}
+    async with instance(settings, redis_url) as (url_a, _a), instance(settings, redis_url) as (url_b, _b):
+        async with (
+            httpx.AsyncClient(base_url=url_a, timeout=10) as a,
+            httpx.AsyncClient(base_url=url_b, timeout=10) as b,
+        ):
+            sender = EventReader(a, "POST", messages, json={"content": "hi"}, headers=keyed)
+            await sender.wait_for(has_text)
+            start = sender.data[0].data["data"]  # type: ignore[index]
+            seen = sender.data[-1].id
+            # B follows A's generation from where the client was, and a retry sent to B answers A's stream.
+            follower = EventReader(
+                b,
+                "GET",
+                f"/api/chats/{setup.chat.id}/stream",
+                headers={**setup.headers, "Last-Event-ID": str(seen)},
+                params={"assistant_message_id": start["assistant_message_id"]},
+            )
+            await follower.wait_for(lambda r: len(r.data) > 0)
+            retry = EventReader(b, "POST", messages, json={"content": "hi"}, headers=keyed)
+            await retry.wait_for(has_text)
+            # A second send while it runs, to the other instance: 409, as on one instance.
+            running = await b.post(messages, json={"content": "another"}, headers=setup.headers)
+            # Stop sent to B stops the generation running on A.
+            stopped = await b.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
+            first, followed, retried = await sender.finish(), await follower.finish(), await retry.finish()
+            # Then a generation on B, followed from A from its start.
+            second = EventReader(b, "POST", messages, json={"content": "two"}, headers=setup.headers)
+            await second.wait_for(has_text)
+            tab = EventReader(a, "GET", f"/api/chats/{setup.chat.id}/stream", headers=setup.headers)
+            second_events, tab_events = await second.finish(), await tab.finish()
+    assert running.status_code == 409
+    assert stopped.status_code == 200
+    answer = stopped.json()
+    assert answer["status"] == "cancelled"
+    assert first[-1].type == "done"
+    assert first[-1].data["data"]["message"] == answer  # type: ignore[index]
+    assert streamed_text(first) == answer["content"]
+    assert pairs(followed) == pairs(first)[int(seen or 0) :]
+    assert pairs(retried) == pairs(first)
+    assert pairs(tab_events) == pairs(second_events)
+    assert second_events[-1].type == "done"
+    assert len(fake.requests) == 2
+    stored = await settled(app, setup.chat.id)
+    assert stored["status"] == "complete"
+
+
+async def test_followers_on_another_instance_get_a_terminal_event_when_the_owner_dies(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str
+) -> None:
+    settings = live_settings(database_url, tmp_path)
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+    async with instance(settings, redis_url) as (url_a, process_a), instance(settings, redis_url) as (url_b, _b):
+        async with (
+            httpx.AsyncClient(base_url=url_a, timeout=10) as a,
+            httpx.AsyncClient(base_url=url_b, timeout=10) as b,
+        ):
+            sender = EventReader(
+                a, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
+            )
+            await sender.wait_for(has_text)
+            follower = EventReader(b, "GET", f"/api/chats/{setup.chat.id}/stream", headers=setup.headers)
+            await follower.wait_for(has_text)
+            process_a.send_signal(signal.SIGKILL)
+            await process_a.wait()
+            await sender.leave()
+            events = await follower.finish(within=20)
+    assert events[-1].type == "error"
+    assert events[-1].data["data"]["code"] == "interrupted"  # type: ignore[index]
+    ids = [int(e.id or 0) for e in events]
+    assert ids == list(range(1, len(events) + 1))
+    stored = await assistant_of(app, setup.chat.id)
+    assert stored["status"] == "interrupted"
+    assert streamed_text(events).startswith(stored["content"])

@@ -1,0 +1,109 @@
+"""Redis is an accelerator: stopped and started again mid-run (a redis-server of the test's own), nothing is
+lost and no request is refused for want of it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.eventlog import log_key
+from tests.authhelpers import bearer, login
+from tests.factories import create_chat
+from tests.live import SSE, EventReader, RedisProcess, chat_with_agent, live_server, streamed_text
+from tests.test_stop_resume import LONG, has_text, live_settings, send
+from tests.test_stream_live import settled
+from tools.fake_n8n import FakeN8n
+
+pytestmark = pytest.mark.slow
+
+
+def pairs(events: list[SSE]) -> list[tuple[str | None, object]]:
+    return [(e.id, e.data) for e in events]
+
+
+async def redis_log(url: str, key: str, *, within: float = 10) -> list[bytes]:
+    """The frames of a generation's Redis log once it holds its terminal event."""
+    client = aioredis.from_url(url)
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                rows: Any = await client.xrange(key)
+                if rows and rows[-1][1].get(b"e"):
+                    return [bytes(fields[b"f"]) for _id, fields in rows]
+                await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+
+
+async def test_redis_stopped_and_started_mid_run_refuses_nothing_and_loses_nothing(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    own = RedisProcess(tmp_path)
+    await own.start()
+    try:
+        settings = live_settings(database_url, tmp_path, REDIS_URL=own.url)
+        async with live_server(settings) as server:
+            setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+            echo_chat = await create_chat(session, user=setup.user, agent=setup.agent)
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+                assert (await client.get("/ready")).json() == {"status": "ready"}
+                first_login = await login(client, setup.user.email)
+                assert first_login.status_code == 200
+                sender = send(client, setup, key="outage")
+                await sender.wait_for(has_text)
+
+                await own.stop()  # ------------------------------------------------ Redis down
+                ready = await client.get("/ready")
+                assert (ready.status_code, ready.json()) == (200, {"status": "degraded"})
+                # Logins (rate limited per process now) and authenticated requests are served.
+                during_login = await login(client, setup.user.email)
+                assert during_login.status_code == 200
+                token = during_login.json()["access_token"]
+                assert (await client.get("/api/auth/me", headers=bearer(token))).status_code == 200
+                # A revocation while Redis is down holds (it is a database row) ...
+                assert (await client.post("/api/auth/logout", headers=bearer(token))).status_code == 204
+                assert (await client.get("/api/auth/me", headers=bearer(token))).status_code == 401
+                # ... follow, an idempotent retry and stop work on this instance.
+                follower = EventReader(client, "GET", f"/api/chats/{setup.chat.id}/stream", headers=setup.headers)
+                retry = send(client, setup, key="outage")
+                await follower.wait_for(has_text)
+                stopped = await client.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
+                assert stopped.status_code == 200
+                first, followed, retried = await sender.finish(), await follower.finish(), await retry.finish()
+                assert first[-1].data["data"]["message"]["status"] == "cancelled"  # type: ignore[index]
+                assert pairs(followed) == pairs(first)
+                assert pairs(retried) == pairs(first)
+                # A new generation starts and completes.
+                url = f"/api/chats/{echo_chat.id}/messages"
+                plain = await client.post(url, json={"content": "during"}, headers=setup.headers)
+                assert plain.status_code == 200
+                assert '"type": "done"' in plain.text
+
+                await own.start()  # ----------------------------------------------- Redis back
+                async with asyncio.timeout(10):
+                    while True:
+                        if (await client.get("/ready")).json() == {"status": "ready"}:
+                            break
+                        await asyncio.sleep(0.1)
+                assert (await client.get("/api/auth/me", headers=bearer(token))).status_code == 401
+                # The generation that ended during the outage reaches the Redis log once Redis is back ...
+                start = first[0].data["data"]  # type: ignore[index]
+                frames = await redis_log(own.url, log_key(setup.chat.id, start["assistant_message_id"]))
+                assert len(frames) == len(first)
+                # ... and new ones are shared again.
+                after = await send(client, setup, content="after").finish()
+                assistant_id = after[0].data["data"]["assistant_message_id"]  # type: ignore[index]
+                assert len(await redis_log(own.url, log_key(setup.chat.id, assistant_id))) == len(after)
+                assert (await login(client, setup.user.email)).status_code == 200
+    finally:
+        await own.stop()
+    stored = await settled(app, setup.chat.id)
+    assert stored["status"] == "complete"
+    assert stored["content"] == streamed_text(after)

@@ -1,0 +1,254 @@
+"""Stop and follow (POST /api/chats/{id}/stop, GET /api/chats/{id}/stream) against a live uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.state import app_state
+from tests.conftest import count_rows, make_settings
+from tests.factories import auth_headers, create_user
+from tests.live import SSE, ChatSetup, EventReader, chat_with_agent, live_server, streamed_text
+from tests.test_stream_live import FAST, assistant_of, idle, settled
+from tools.fake_n8n import FakeN8n
+
+pytestmark = pytest.mark.slow
+
+#: 200 chunks 20 ms apart: about 4 s, long enough to stop or follow in the middle.
+LONG = "scenario=paced&chunks=200&interval_ms=20"
+
+
+def live_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    return make_settings(database_url, tmp_path, **{**FAST, "N8N_READ_TIMEOUT": 5, **overrides})
+
+
+def send(
+    client: httpx.AsyncClient, setup: ChatSetup, content: str = "hello there", *, key: str | None = None
+) -> EventReader:
+    headers = setup.headers if key is None else {**setup.headers, "Idempotency-Key": key}
+    return EventReader(
+        client, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": content}, headers=headers
+    )
+
+
+def follow(
+    client: httpx.AsyncClient, setup: ChatSetup, *, headers: dict[str, str] | None = None, **params: Any
+) -> EventReader:
+    return EventReader(
+        client, "GET", f"/api/chats/{setup.chat.id}/stream", headers={**setup.headers, **(headers or {})}, params=params
+    )
+
+
+def has_text(reader: EventReader, words: int = 3) -> bool:
+    return len(streamed_text(reader.data).split()) >= words
+
+
+def ids(events: list[SSE]) -> list[int]:
+    return [int(e.id or 0) for e in events]
+
+
+async def test_stop_stores_cancelled_before_answering_and_ends_every_stream_with_done(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = live_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            sender = send(client, setup)
+            await sender.wait_for(has_text)
+            start = sender.data[0].data["data"]  # type: ignore[index]
+            follower = follow(client, setup, assistant_message_id=start["assistant_message_id"])
+            await follower.wait_for(lambda r: len(r.data) > 1)
+            response = await client.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
+            assert response.status_code == 200
+            answered = response.json()
+            # The task, and with it the request to n8n, ended before the answer.
+            assert server.running_generations() == 0
+            # Stored before the answer: the database already says so.
+            stored = await assistant_of(app, setup.chat.id)
+            assert (stored["status"], stored["content"]) == ("cancelled", answered["content"])
+            first, second = await sender.finish(), await follower.finish()
+        await idle(server)
+    assert answered["status"] == "cancelled"
+    assert answered["id"] == start["assistant_message_id"]
+    assert answered["error"] is None
+    assert 0 < len(answered["content"]) < len(" ".join(f"t{i}" for i in range(200)))
+    for events in (first, second):
+        assert events[-1].type == "done"
+        assert events[-1].data["data"]["message"] == answered  # type: ignore[index]
+        assert [e.type for e in events].count("done") == 1
+    assert streamed_text(first) == answered["content"]
+    assert ids(first) == list(range(1, len(first) + 1))
+    # The follower's events are the same events with the same ids.
+    assert [(e.id, e.data) for e in second] == [(e.id, e.data) for e in first[ids(second)[0] - 1 :]]
+    assert len(fake.requests) == 1
+    async with app_state(app).db.sessionmaker() as s:
+        assert await count_rows(s, "error_logs") == 0
+
+
+async def test_stop_of_a_foreign_chat_is_404_and_changes_nothing(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = live_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+        stranger = auth_headers(settings, await create_user(session))
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            sender = send(client, setup)
+            await sender.wait_for(has_text)
+            for url in (f"/api/chats/{setup.chat.id}/stop", f"/api/chats/{uuid.uuid4()}/stop"):
+                response = await client.post(url, headers=stranger)
+                assert response.status_code == 404
+                assert response.json() == {"detail": "Chat not found"}
+            followed = await client.get(f"/api/chats/{setup.chat.id}/stream", headers=stranger)
+            assert followed.status_code == 404
+            assert (await client.post(f"/api/chats/{setup.chat.id}/stop")).status_code == 401
+            assert server.running_generations() == 1
+            events = await sender.finish()
+        await idle(server)
+    assert events[-1].type == "done"
+    assert (await assistant_of(app, setup.chat.id))["status"] == "complete"
+
+
+async def test_stop_with_nothing_running_is_409(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = live_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            url = f"/api/chats/{setup.chat.id}/stop"
+            empty = await client.post(url, headers=setup.headers)
+            await send(client, setup).finish()
+            ended = await client.post(url, headers=setup.headers)
+        await idle(server)
+    for response in (empty, ended):
+        assert response.status_code == 409
+        assert response.json() == {"detail": "No generation is running in this chat"}
+    assert (await assistant_of(app, setup.chat.id))["status"] == "complete"
+
+
+async def test_stop_racing_the_natural_end_stores_exactly_one_final_state(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """Stops sent as the answer ends (a 6-chunk answer, stops after 0-60 ms): either the stop wins (200,
+    `cancelled`) or the end does (409, `complete`); the stored message and the stream's single `done` agree."""
+    settings = live_settings(database_url, tmp_path)
+    outcomes = set()
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=5")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            for attempt in range(12):
+                sender = send(client, setup, content="one two three four")
+                await sender.wait_for(lambda r: len(r.data) >= 1)
+                await asyncio.sleep(attempt * 0.005)
+                response = await client.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
+                events = await sender.finish()
+                stored = await settled(app, setup.chat.id)
+                done = [e for e in events if e.type in ("done", "error")]
+                assert len(done) == 1
+                assert done[0].type == "done"
+                assert done[0].data["data"]["message"]["status"] == stored["status"]  # type: ignore[index]
+                assert streamed_text(events) == stored["content"]
+                if response.status_code == 200:
+                    assert stored["status"] == "cancelled"
+                    assert response.json()["content"] == stored["content"]
+                else:
+                    assert response.status_code == 409
+                    assert stored["status"] == "complete"
+                outcomes.add(stored["status"])
+        await idle(server)
+    assert outcomes <= {"cancelled", "complete"}
+
+
+async def test_follow_after_a_reload_gives_the_rest_with_the_original_ids(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """The text of the first connection's events up to N plus the follower's equals the stored answer."""
+    settings = live_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            sender = send(client, setup)
+            await sender.wait_for(lambda r: has_text(r, 10))
+            await sender.leave()  # the reload
+            seen = sender.data
+            last = seen[-1].id
+            assistant_id = seen[0].data["data"]["assistant_message_id"]  # type: ignore[index]
+            follower = follow(client, setup, headers={"Last-Event-ID": str(last)}, assistant_message_id=assistant_id)
+            rest = await follower.finish()
+            stored = await settled(app, setup.chat.id)
+            # After the end, within the log's lifetime: the tail again, and 204 once everything was seen.
+            end = ids(rest)[-1]
+            tail = await follow(client, setup, last_event_id=str(end - 1)).finish()
+            nothing = await client.get(
+                f"/api/chats/{setup.chat.id}/stream", headers={**setup.headers, "Last-Event-ID": str(end)}
+            )
+        await idle(server)
+    assert follower.status_code == 200
+    assert ids(seen + rest) == list(range(1, len(seen) + len(rest) + 1))
+    assert streamed_text(seen) + streamed_text(rest) == stored["content"]
+    assert stored["status"] == "complete"
+    assert rest[-1].type == "done"
+    assert [(e.id, e.type) for e in tail] == [(rest[-1].id, "done")]
+    assert nothing.status_code == 204
+
+
+async def test_two_followers_get_the_same_events(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = live_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            sender = send(client, setup)
+            await sender.wait_for(has_text)
+            tabs = [follow(client, setup), follow(client, setup, headers={"Last-Event-ID": "0"})]
+            first = await sender.finish()
+            seen = [await tab.finish() for tab in tabs]
+        await idle(server)
+    for events in seen:
+        assert [(e.id, e.data) for e in events] == [(e.id, e.data) for e in first]
+
+
+async def test_follow_refusals_and_nothing_to_follow(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = live_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+        url = f"/api/chats/{setup.chat.id}/stream"
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            assert (await client.get(url, headers=setup.headers)).status_code == 204
+            for bad in ("x", "-1", "1e3", "9" * 10):
+                response = await client.get(url, headers={**setup.headers, "Last-Event-ID": bad})
+                assert response.status_code == 422
+                assert bad not in response.text
+            # A non-ASCII digit (Arabic-Indic one) in the query form: refused too, not read as 1.
+            arabic_one = await client.get(url, headers=setup.headers, params={"last_event_id": "\u0661"})
+            assert arabic_one.status_code == 422
+            named = await client.get(url, headers=setup.headers, params={"assistant_message_id": str(uuid.uuid4())})
+            assert named.status_code == 204
+            assert (
+                await client.get(url, headers=setup.headers, params={"assistant_message_id": "x"})
+            ).status_code == 422
+            assert (await client.get(url)).status_code == 401
+            events = await send(client, setup).finish()
+            # Another chat's generation id never answers under this chat.
+            other = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+            assistant_id = events[0].data["data"]["assistant_message_id"]  # type: ignore[index]
+            foreign = await client.get(
+                f"/api/chats/{other.chat.id}/stream",
+                headers=other.headers,
+                params={"assistant_message_id": assistant_id},
+            )
+            assert foreign.status_code == 204
+        await idle(server)
