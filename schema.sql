@@ -184,5 +184,39 @@ ALTER TABLE refresh_tokens ADD COLUMN successor_encrypted TEXT;
 
 UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0003';
 
+-- Running upgrade 0004 -> 0005
+
+CREATE TABLE messages (
+    id UUID NOT NULL, 
+    chat_id UUID NOT NULL, 
+    parent_id UUID, 
+    role VARCHAR(10) NOT NULL, 
+    content TEXT NOT NULL, 
+    status VARCHAR(12) NOT NULL, 
+    error JSONB, 
+    metadata JSONB, 
+    feedback JSONB, 
+    worker_id UUID, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_messages PRIMARY KEY (id), 
+    CONSTRAINT fk_messages_chat_id_chats FOREIGN KEY(chat_id) REFERENCES chats (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_messages_parent_id_messages FOREIGN KEY(parent_id) REFERENCES messages (id) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_messages_chat_id_created_at ON messages (chat_id, created_at);
+
+CREATE INDEX ix_messages_parent_id_created_at ON messages (parent_id, created_at);
+
+CREATE UNIQUE INDEX uq_messages_chat_id_streaming ON messages (chat_id) WHERE status = 'streaming';
+
+ALTER TABLE chats ADD COLUMN current_message_id UUID;
+
+DROP INDEX ix_chats_messages;
+
+ALTER TABLE chats DROP COLUMN messages;
+
+UPDATE alembic_version SET version_num='0005' WHERE alembic_version.version_num = '0004';
+
 COMMIT;
 

@@ -18,7 +18,9 @@ from app.chat_schemas import (
     ChatSummary,
     ChatUpdate,
     ErrorLogRead,
+    FeedbackUpdate,
     MessageCreate,
+    MessageFeedback,
     MessageRead,
 )
 from app.fields import (
@@ -51,6 +53,7 @@ __all__ = [
     "ChatUpdate",
     "ErrorLogRead",
     "ErrorRead",
+    "FeedbackUpdate",
     "HealthRead",
     "InviteCreate",
     "InviteCreatedRead",
@@ -61,6 +64,7 @@ __all__ = [
     "LoginRequest",
     "MeUpdate",
     "MessageCreate",
+    "MessageFeedback",
     "MessageRead",
     "PasswordChange",
     "RefreshRead",

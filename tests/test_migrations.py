@@ -25,6 +25,7 @@ EXPECTED_TABLES = {
     "users",
     "agents",
     "chats",
+    "messages",
     "refresh_tokens",
     "revoked_tokens",
     "error_logs",
