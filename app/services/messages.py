@@ -241,6 +241,7 @@ async def start_message(
                 "role": "user",
                 "content": latest,
                 "status": "complete",
+                "worker_id": None,  # every row names every column: a multi-row INSERT takes the first's keys
                 "created_at": now,
                 "updated_at": now,
             }
