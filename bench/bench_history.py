@@ -103,7 +103,7 @@ MESSAGES_SQL = (
     "CASE WHEN g = 0 THEN NULL ELSE md5(c.id::text || '.' || (g - 1))::uuid END, "
     "CASE WHEN g % 2 = 0 THEN 'user' ELSE 'assistant' END, left(c.n || '.' || g || ' ' || t.t, $3), 'complete', "
     "now() - make_interval(secs => $2 - g + c.n * 0.001), now() - make_interval(secs => $2 - g + c.n * 0.001) "
-    "FROM unnest($1::uuid[]) WITH ORDINALITY AS c(id, n), generate_series(0, $2 - 1) g "
+    "FROM unnest($1::uuid[]) WITH ORDINALITY AS c(id, n) CROSS JOIN generate_series(0, $2 - 1) g "
     "JOIN bench_texts t ON t.i = (g * 7919 + c.n * 31) % 1000"
 )
 
@@ -122,10 +122,11 @@ async def insert_chats(
     sql = (
         "INSERT INTO chats (id, team_id, user_id, agent_id, title, archived, pinned, current_message_id,"
         " message_count, last_message_at, created_at, updated_at) "
-        "SELECT x.id, $1, $2, $3, 'bench chat ' || c, false, false, "
+        "SELECT x.id, $1, $2, $3, 'bench chat ' || x.c, false, false, "
         "CASE WHEN $5 > 0 THEN md5(x.id::text || '.' || ($5 - 1))::uuid END, $5, "
-        "now() - make_interval(secs => c), now() - make_interval(secs => $4 + c), now() - make_interval(secs => c) "
-        "FROM generate_series(1, $4) c, LATERAL (SELECT gen_random_uuid() AS id) x ORDER BY c RETURNING id"
+        "now() - make_interval(secs => x.c), now() - make_interval(secs => $4 + x.c), "
+        "now() - make_interval(secs => x.c) "
+        "FROM (SELECT gen_random_uuid() AS id, c FROM generate_series(1, $4) c) x ORDER BY c RETURNING id"
     )
     async with conn.transaction():
         rows = await conn.fetch(sql, team_id, user_id, agent_id, count, length)

@@ -216,7 +216,7 @@ async def _add_sibling_and_switch(url: str, chat_id: uuid.UUID, parent: str) -> 
     try:
         async with engine.begin() as conn:
             await conn.execute(
-                sa.insert(Message.__table__).values(
+                sa.insert(Message).values(
                     id=sibling,
                     chat_id=chat_id,
                     parent_id=uuid.UUID(parent),
@@ -227,9 +227,7 @@ async def _add_sibling_and_switch(url: str, chat_id: uuid.UUID, parent: str) -> 
                     updated_at=now,
                 )
             )
-            await conn.execute(
-                sa.update(Chat.__table__).where(Chat.__table__.c.id == chat_id).values(current_message_id=sibling)
-            )
+            await conn.execute(sa.update(Chat).where(Chat.id == chat_id).values(current_message_id=sibling))
     finally:
         await engine.dispose()
     return sibling
