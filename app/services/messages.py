@@ -15,7 +15,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, TextClause, Uuid, bindparam, exists, func, insert, select, text, update
+from sqlalchemy import (
+    Integer,
+    Select,
+    String,
+    Text,
+    TextualSelect,
+    Uuid,
+    bindparam,
+    exists,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -23,7 +37,7 @@ from sqlalchemy.orm import aliased
 from app.chat_schemas import format_timestamp
 from app.config import Settings
 from app.db import execute_core, utcnow
-from app.dialects import statements_of
+from app.dialects import UTCDateTime, statements_of
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Agent, Chat, Message
 from app.schemas import MessageRead
@@ -74,26 +88,54 @@ _CHAT_AND_AGENT: Select[Any, Any] = (
     .where(*OWNED_CHAT)
 )
 
-#: The branch above a message (`:start` and its ancestors, at most `:depth` + 1), oldest first: what n8n gets.
-_HISTORY: TextClause = text(
-    "WITH RECURSIVE up(id, parent_id, depth) AS ("
-    " SELECT m.id, m.parent_id, 0 FROM messages m WHERE m.id = :start"
-    " UNION ALL"
-    " SELECT m.id, m.parent_id, u.depth + 1 FROM messages m JOIN up u ON m.id = u.parent_id"
-    " WHERE u.depth < :depth"
-    ") SELECT m.role, m.content, m.status FROM up JOIN messages m ON m.id = up.id ORDER BY up.depth DESC"
-).bindparams(bindparam("start", type_=Uuid()))
-
-#: The children of up to two parents (`:p1`, `:p2`; `:root` adds the chat's first messages), oldest first.
-_CHILDREN: Select[Any, Any] = (
-    select(Message.id, Message.parent_id)
-    .where(
-        Message.chat_id == bindparam("cid"),
-        (Message.parent_id == bindparam("p1", type_=Uuid()))
-        | (Message.parent_id == bindparam("p2", type_=Uuid()))
-        | (Message.parent_id.is_(None) & bindparam("root")),
+#: In one round trip after the insert: the branch above the new question (`:start` and its ancestors, at
+#: most `:depth` + 1, kind `h`: what n8n gets) and the children of the question's parent and of the question
+#: (`:p1`, `:p2`; `:root` for the chat's first messages; kind `c`: the new rows' siblings).
+_HISTORY_AND_SIBLINGS: TextualSelect = (
+    text(
+        "WITH RECURSIVE up(id, parent_id, depth) AS ("
+        " SELECT m.id, m.parent_id, 0 FROM messages m WHERE m.id = :start"
+        " UNION ALL"
+        " SELECT m.id, m.parent_id, u.depth + 1 FROM messages m JOIN up u ON m.id = u.parent_id"
+        " WHERE u.depth < :depth"
+        ") "
+        "SELECT 'h' AS kind, m.id, m.parent_id, m.role, m.content, m.status, m.created_at, up.depth"
+        " FROM up JOIN messages m ON m.id = up.id "
+        "UNION ALL "
+        "SELECT 'c', s.id, s.parent_id, NULL, NULL, NULL, s.created_at, NULL FROM messages s"
+        " WHERE s.chat_id = :cid AND (s.parent_id = :p1 OR s.parent_id = :p2 OR (s.parent_id IS NULL AND :root = 1))"
     )
-    .order_by(Message.created_at, Message.id)
+    .bindparams(*(bindparam(name, type_=Uuid()) for name in ("start", "cid", "p1", "p2")))
+    .columns(
+        kind=String(),
+        id=Uuid(),
+        parent_id=Uuid(),
+        role=String(),
+        content=Text(),
+        status=String(),
+        created_at=UTCDateTime(),
+        depth=Integer(),
+    )
+)
+
+#: Prebuilt (docs/CONVENTIONS.md): the new rows (one or two, as one multi-row INSERT), and the chat's new
+#: current leaf, counters and, while it has none, its title.
+_INSERT_MESSAGES = insert(Message)
+_MOVE_LEAF = (
+    update(Chat)
+    .where(Chat.id == bindparam("cid"))
+    .values(
+        current_message_id=bindparam("leaf"),
+        message_count=Chat.message_count + bindparam("added", type_=Integer()),
+        last_message_at=bindparam("now"),
+        updated_at=bindparam("now"),
+        title=func.coalesce(Chat.title, bindparam("title", type_=String())),
+    )
+)
+_CHECKPOINT = (
+    update(Message)
+    .where(Message.id == bindparam("aid"), Message.status == "streaming")
+    .values(content=bindparam("content"), created_at=bindparam("created_at"))
 )
 
 
@@ -159,19 +201,6 @@ def build_history(messages: list[dict[str, Any]], latest: str, settings: Setting
     kept.reverse()
     kept.append({"role": "user", "content": latest})
     return kept
-
-
-async def _branch_above(session: AsyncSession, start: uuid.UUID | None, settings: Settings) -> list[dict[str, Any]]:
-    """The current branch up to `start`, oldest first, no longer than the history budget can use.
-
-    The walk reads twice the message budget: messages without text (a failed answer) are skipped by
-    `build_history` and should not shorten the history.
-    """
-    if start is None:
-        return []
-    depth = 2 * settings.N8N_HISTORY_MAX_MESSAGES
-    rows = (await execute_core(session, _HISTORY, {"start": start, "depth": depth})).all()
-    return [{"role": r.role, "content": r.content, "status": r.status} for r in rows]
 
 
 def _check_content(content: str | None, settings: Settings) -> str:
@@ -262,63 +291,56 @@ async def start_message(
         }
     )
     try:
-        await execute_core(session, insert(Message).values(rows), {})
+        await execute_core(session, _INSERT_MESSAGES, rows)
     except IntegrityError:
         # Another send won the race for this chat's one `streaming` row (the partial unique index).
         await session.rollback()
         raise Conflict(GENERATION_RUNNING) from None
-    touch = (
-        update(Chat)
-        .where(Chat.id == chat_id)
-        .values(
-            current_message_id=assistant_id,
-            message_count=Chat.message_count + len(rows),
-            last_message_at=now,
-            updated_at=now,
-        )
-    )
-    if not regenerate:
-        touch = touch.values(title=func.coalesce(Chat.title, title_from_message(latest)))
-    await execute_core(session, touch, {})
-    history = build_history(await _branch_above(session, question_parent, settings), latest, settings)
-    children = (
+    leaf = {
+        "cid": chat_id,
+        "leaf": assistant_id,
+        "added": len(rows),
+        "now": now,
+        "title": None if regenerate else title_from_message(latest),
+    }
+    await execute_core(session, _MOVE_LEAF, leaf)
+    found = (
         await execute_core(
             session,
-            _CHILDREN,
-            {"cid": chat_id, "p1": question_parent, "p2": question_id, "root": question_parent is None},
+            _HISTORY_AND_SIBLINGS,
+            {
+                "start": question_parent,
+                # Twice the message budget: messages without text (a failed answer) are skipped by
+                # `build_history` and should not shorten the history.
+                "depth": 2 * settings.N8N_HISTORY_MAX_MESSAGES,
+                "cid": chat_id,
+                "p1": question_parent,
+                "p2": question_id,
+                "root": int(question_parent is None),
+            },
         )
     ).all()
     await session.commit()
 
+    above = sorted((r for r in found if r.kind == "h"), key=lambda r: -r.depth)
+    prior = [{"role": r.role, "content": r.content, "status": r.status} for r in above]
+    history = build_history(prior, latest, settings)
     siblings: dict[uuid.UUID | None, list[uuid.UUID]] = {}
-    for child in children:
+    for child in sorted((r for r in found if r.kind == "c"), key=lambda r: (r.created_at, r.id)):
         siblings.setdefault(child.parent_id, []).append(child.id)
-    if regenerate:
-        user_message = message_view(
-            id=question_id,
-            parent_id=question_parent,
-            role="user",
-            content=latest,
-            status=row.q_status,
-            created_at=row.q_created_at,
-            error=row.q_error,
-            metadata=row.q_metadata,
-            feedback=row.q_feedback,
-            sibling_ids=siblings.get(question_parent, [question_id]),
-        )
-    else:
-        user_message = message_view(
-            id=question_id,
-            parent_id=question_parent,
-            role="user",
-            content=latest,
-            status="complete",
-            created_at=now,
-            error=None,
-            metadata=None,
-            feedback=None,
-            sibling_ids=siblings.get(question_parent, [question_id]),
-        )
+    # A regenerate answers the stored question again: the start event shows it as stored.
+    user_message = message_view(
+        id=question_id,
+        parent_id=question_parent,
+        role="user",
+        content=latest,
+        status=row.q_status if regenerate else "complete",
+        created_at=row.q_created_at if regenerate else now,
+        error=row.q_error if regenerate else None,
+        metadata=row.q_metadata if regenerate else None,
+        feedback=row.q_feedback if regenerate else None,
+        sibling_ids=siblings.get(question_parent, [question_id]),
+    )
     payload = {
         "messages": history,
         "system_prompt": row.system_prompt or "",
@@ -350,13 +372,13 @@ async def start_message(
 
 async def checkpoint_message(*, session: AsyncSession, new: NewGeneration, content: str) -> bool:
     """Save the partial text of a still-streaming answer (so a crash loses at most one interval)."""
-    values: dict[str, Any] = {"content": content}
-    if new.assistant_started is not None:
-        values["created_at"] = new.assistant_started
-    statement = (
-        update(Message).where(Message.id == uuid.UUID(new.assistant_id), Message.status == "streaming").values(**values)
-    )
-    result = await execute_core(session, statement, {})
+    params = {
+        "aid": uuid.UUID(new.assistant_id),
+        "content": content,
+        # Until the generation is stamped, the placeholder keeps the time it was stored with.
+        "created_at": new.assistant_started or new.created_at,
+    }
+    result = await execute_core(session, _CHECKPOINT, params)
     await session.commit()
     return bool(getattr(result, "rowcount", 0))
 

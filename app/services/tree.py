@@ -43,8 +43,10 @@ _MESSAGE_COLUMNS: dict[str, TypeEngine[Any]] = {
 }
 
 #: The caller's chat with its current branch (root first, at most `:depth` + 1 messages from the leaf) and
-#: the siblings of every message on it, in ONE statement. Siblings come without their text (only their ids
-#: are shown). `b_depth` is null for a sibling off the branch.
+#: the siblings of every message on it, in ONE statement: the chat's columns on every row, then either a
+#: message of the branch (`b_depth` set) or a sibling (ids and times only, `b_depth` null). Every step is
+#: an index lookup (the primary key up the branch, `(parent_id, created_at)` for the siblings), so the cost
+#: is the branch's length, never the whole tree's.
 _CHAT_VIEW: TextualSelect = (
     text(
         "WITH RECURSIVE branch(id, parent_id, depth) AS ("
@@ -55,17 +57,21 @@ _CHAT_VIEW: TextualSelect = (
         " WHERE b.depth < :depth"
         ") "
         "SELECT c.id, c.team_id, c.user_id, c.agent_id, c.title, c.archived, c.pinned, c.current_message_id,"
-        " c.message_count, c.created_at, c.updated_at,"
-        " m.id AS m_id, m.parent_id AS m_parent_id, m.role AS m_role,"
-        " CASE WHEN b.id IS NULL THEN NULL ELSE m.content END AS m_content, m.status AS m_status,"
-        " CASE WHEN b.id IS NULL THEN NULL ELSE m.error END AS m_error,"
-        " CASE WHEN b.id IS NULL THEN NULL ELSE m.metadata END AS m_metadata,"
-        " CASE WHEN b.id IS NULL THEN NULL ELSE m.feedback END AS m_feedback,"
-        " m.created_at AS m_created_at, b.depth AS b_depth "
-        "FROM chats c "
-        "LEFT JOIN messages m ON m.chat_id = c.id AND (m.parent_id IN (SELECT parent_id FROM branch)"
-        " OR (m.parent_id IS NULL AND EXISTS (SELECT 1 FROM branch WHERE branch.parent_id IS NULL))) "
-        "LEFT JOIN branch b ON b.id = m.id "
+        " c.message_count, c.created_at, c.updated_at, x.* "
+        "FROM chats c LEFT JOIN ("
+        " SELECT m.id AS m_id, m.parent_id AS m_parent_id, m.role AS m_role, m.content AS m_content,"
+        "  m.status AS m_status, m.error AS m_error, m.metadata AS m_metadata, m.feedback AS m_feedback,"
+        "  m.created_at AS m_created_at, b.depth AS b_depth"
+        "  FROM branch b JOIN messages m ON m.id = b.id"
+        " UNION ALL"
+        " SELECT s.id, s.parent_id, NULL, NULL, NULL, NULL, NULL, NULL, s.created_at, NULL"
+        "  FROM (SELECT DISTINCT parent_id FROM branch WHERE parent_id IS NOT NULL) p"
+        "  JOIN messages s ON s.parent_id = p.parent_id"
+        " UNION ALL"
+        " SELECT s.id, s.parent_id, NULL, NULL, NULL, NULL, NULL, NULL, s.created_at, NULL"
+        "  FROM messages s WHERE s.chat_id = :cid AND s.parent_id IS NULL"
+        "  AND EXISTS (SELECT 1 FROM branch WHERE branch.parent_id IS NULL)"
+        ") x ON true "
         "WHERE c.id = :cid AND c.user_id = :uid AND c.team_id = :tid"
     )
     .bindparams(*(bindparam(name, type_=Uuid()) for name in ("cid", "uid", "tid")))
@@ -154,7 +160,9 @@ async def read_chat(
     rows = (await execute_core(session, _CHAT_VIEW, params)).all()
     if not rows:
         raise NotFound(CHAT_NOT_FOUND)
-    siblings = _siblings(_Sibling(r.m_id, r.m_parent_id, r.m_created_at) for r in rows if r.m_id is not None)
+    siblings = _siblings(
+        _Sibling(r.m_id, r.m_parent_id, r.m_created_at) for r in rows if r.m_id is not None and r.b_depth is None
+    )
     branch = sorted((r for r in rows if r.b_depth is not None), key=lambda r: -r.b_depth)
     has_more = last is not None and any(r.b_depth >= last for r in branch)
     shown = [r for r in branch if last is None or r.b_depth < last]
