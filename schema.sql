@@ -208,6 +208,8 @@ CREATE INDEX ix_messages_chat_id_created_at ON messages (chat_id, created_at);
 
 CREATE INDEX ix_messages_parent_id_created_at ON messages (parent_id, created_at);
 
+CREATE INDEX ix_messages_chat_roots ON messages (chat_id, created_at) WHERE parent_id IS NULL;
+
 CREATE UNIQUE INDEX uq_messages_chat_id_streaming ON messages (chat_id) WHERE status = 'streaming';
 
 ALTER TABLE chats ADD COLUMN current_message_id UUID;

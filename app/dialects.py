@@ -61,11 +61,16 @@ class Statements(ABC):
 
     - `finish`: the final write of an assistant message (`:aid`) and the activity stamp of its chat (`:cid`),
       one statement on PostgreSQL (a data-modifying CTE), two in one transaction on SQLite, which has none;
+    - `children_join`: a join from parents `p` to their children `s`, forced to be index lookups;
     - `insert_ignoring_conflict`: an INSERT that keeps the existing row on a unique conflict.
     """
 
     name: str
     _finish_sql: tuple[str, ...]
+    #: `children_of(p)`: the rows `s` (id, parent_id, created_at) whose parent is `p.parent_id`, one index
+    #: lookup per parent (a plain join lets PostgreSQL's planner pick a hash join over the whole table when
+    #: its estimates are off).
+    children_join: str
 
     def __init__(self) -> None:
         self.finish = tuple(_typed(sql) for sql in self._finish_sql)
@@ -91,6 +96,9 @@ class PostgresStatements(Statements):
         + _TOUCH_CHAT
         + " FROM m WHERE chats.id = m.chat_id",
     )
+    children_join = (
+        "CROSS JOIN LATERAL (SELECT c.id, c.parent_id, c.created_at FROM messages c WHERE c.parent_id = p.parent_id) s"
+    )
 
     def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
         return pg_insert(table).values(**values).on_conflict_do_nothing(index_elements=index_elements)
@@ -102,6 +110,8 @@ class SqliteStatements(Statements):
         _FINISH_MESSAGE.format(json_error=":error", json_metadata=":metadata"),
         _TOUCH_CHAT + " WHERE id = :cid",
     )
+    #: SQLite has no LATERAL and no hash join: its nested loop uses the parent index anyway.
+    children_join = "JOIN messages s ON s.parent_id = p.parent_id"
 
     def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
         return sqlite_insert(table).values(**values).on_conflict_do_nothing(index_elements=index_elements)

@@ -140,6 +140,7 @@ class Chat(Base):
 #: At most one `streaming` message per chat, on both databases: "one generation per chat" holds across
 #: branches and server instances because the second placeholder cannot be inserted.
 STREAMING_ONLY = text("status = 'streaming'")
+ROOTS_ONLY = text("parent_id IS NULL")
 
 
 class Message(Base):
@@ -154,8 +155,10 @@ class Message(Base):
     __table_args__ = (
         # Children of a parent, oldest first (siblings; the newest-descendant walk; the parent key's cascade).
         Index("ix_messages_parent_id_created_at", "parent_id", "created_at"),
-        # A chat's messages in order (GET /api/chats/{id}/messages, first messages without a parent).
+        # A chat's messages in order (GET /api/chats/{id}/messages).
         Index("ix_messages_chat_id_created_at", "chat_id", "created_at"),
+        # A chat's first messages (the siblings of its root): one small entry per root.
+        Index("ix_messages_chat_roots", "chat_id", "created_at", postgresql_where=ROOTS_ONLY, sqlite_where=ROOTS_ONLY),
         Index(
             "uq_messages_chat_id_streaming",
             "chat_id",

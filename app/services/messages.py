@@ -102,8 +102,13 @@ _HISTORY_AND_SIBLINGS: TextualSelect = (
         "SELECT 'h' AS kind, m.id, m.parent_id, m.role, m.content, m.status, m.created_at, up.depth"
         " FROM up JOIN messages m ON m.id = up.id "
         "UNION ALL "
+        # Three plain lookups (the parent index twice, the roots index), not one OR the planner may not split.
+        "SELECT 'c', s.id, s.parent_id, NULL, NULL, NULL, s.created_at, NULL FROM messages s WHERE s.parent_id = :p1 "
+        "UNION ALL "
+        "SELECT 'c', s.id, s.parent_id, NULL, NULL, NULL, s.created_at, NULL FROM messages s WHERE s.parent_id = :p2 "
+        "UNION ALL "
         "SELECT 'c', s.id, s.parent_id, NULL, NULL, NULL, s.created_at, NULL FROM messages s"
-        " WHERE s.chat_id = :cid AND (s.parent_id = :p1 OR s.parent_id = :p2 OR (s.parent_id IS NULL AND :root = 1))"
+        " WHERE s.chat_id = :cid AND s.parent_id IS NULL AND :root = 1"
     )
     .bindparams(*(bindparam(name, type_=Uuid()) for name in ("start", "cid", "p1", "p2")))
     .columns(

@@ -7,6 +7,7 @@ branch shown. Reads walk `parent_id` with a recursive CTE from that leaf, so the
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -18,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import TypeEngine
 
 from app.db import execute_core, utcnow
-from app.dialects import JSONType, UTCDateTime
+from app.dialects import JSONType, Statements, UTCDateTime, statements_of
 from app.errors import NotFound, Unprocessable
 from app.models import Message, User
 from app.services.chats import CHAT_NOT_FOUND, apply_changes, get_owned_chat
@@ -42,55 +43,60 @@ _MESSAGE_COLUMNS: dict[str, TypeEngine[Any]] = {
     "m_created_at": UTCDateTime(),
 }
 
-#: The caller's chat with its current branch (root first, at most `:depth` + 1 messages from the leaf) and
-#: the siblings of every message on it, in ONE statement: the chat's columns on every row, then either a
-#: message of the branch (`b_depth` set) or a sibling (ids and times only, `b_depth` null). Every step is
-#: an index lookup (the primary key up the branch, `(parent_id, created_at)` for the siblings), so the cost
-#: is the branch's length, never the whole tree's.
-_CHAT_VIEW: TextualSelect = (
-    text(
-        "WITH RECURSIVE branch(id, parent_id, depth) AS ("
-        " SELECT m.id, m.parent_id, 0 FROM messages m WHERE m.id = (SELECT c.current_message_id FROM chats c"
-        "  WHERE c.id = :cid AND c.user_id = :uid AND c.team_id = :tid)"
-        " UNION ALL"
-        " SELECT m.id, m.parent_id, b.depth + 1 FROM messages m JOIN branch b ON m.id = b.parent_id"
-        " WHERE b.depth < :depth"
-        ") "
-        "SELECT c.id, c.team_id, c.user_id, c.agent_id, c.title, c.archived, c.pinned, c.current_message_id,"
-        " c.message_count, c.created_at, c.updated_at, x.* "
-        "FROM chats c LEFT JOIN ("
-        " SELECT m.id AS m_id, m.parent_id AS m_parent_id, m.role AS m_role, m.content AS m_content,"
-        "  m.status AS m_status, m.error AS m_error, m.metadata AS m_metadata, m.feedback AS m_feedback,"
-        "  m.created_at AS m_created_at, b.depth AS b_depth"
-        "  FROM branch b JOIN messages m ON m.id = b.id"
-        " UNION ALL"
-        " SELECT s.id, s.parent_id, NULL, NULL, NULL, NULL, NULL, NULL, s.created_at, NULL"
-        "  FROM (SELECT DISTINCT parent_id FROM branch WHERE parent_id IS NOT NULL) p"
-        "  JOIN messages s ON s.parent_id = p.parent_id"
-        " UNION ALL"
-        " SELECT s.id, s.parent_id, NULL, NULL, NULL, NULL, NULL, NULL, s.created_at, NULL"
-        "  FROM messages s WHERE s.chat_id = :cid AND s.parent_id IS NULL"
-        "  AND EXISTS (SELECT 1 FROM branch WHERE branch.parent_id IS NULL)"
-        ") x ON true "
-        "WHERE c.id = :cid AND c.user_id = :uid AND c.team_id = :tid"
-    )
-    .bindparams(*(bindparam(name, type_=Uuid()) for name in ("cid", "uid", "tid")))
-    .columns(
-        id=Uuid(),
-        team_id=Uuid(),
-        user_id=Uuid(),
-        agent_id=Uuid(),
-        title=String(),
-        archived=Boolean(),
-        pinned=Boolean(),
-        current_message_id=Uuid(),
-        message_count=Integer(),
-        created_at=UTCDateTime(),
-        updated_at=UTCDateTime(),
-        **_MESSAGE_COLUMNS,
-        b_depth=Integer(),
-    )
+_CHAT_VIEW_SQL = (
+    "WITH RECURSIVE branch(id, parent_id, depth) AS ("
+    " SELECT m.id, m.parent_id, 0 FROM messages m WHERE m.id = (SELECT c.current_message_id FROM chats c"
+    "  WHERE c.id = :cid AND c.user_id = :uid AND c.team_id = :tid)"
+    " UNION ALL"
+    " SELECT m.id, m.parent_id, b.depth + 1 FROM messages m JOIN branch b ON m.id = b.parent_id"
+    " WHERE b.depth < :depth"
+    ") "
+    "SELECT c.id, c.team_id, c.user_id, c.agent_id, c.title, c.archived, c.pinned, c.current_message_id,"
+    " c.message_count, c.created_at, c.updated_at, x.* "
+    "FROM chats c LEFT JOIN ("
+    " SELECT m.id AS m_id, m.parent_id AS m_parent_id, m.role AS m_role, m.content AS m_content,"
+    "  m.status AS m_status, m.error AS m_error, m.metadata AS m_metadata, m.feedback AS m_feedback,"
+    "  m.created_at AS m_created_at, b.depth AS b_depth"
+    "  FROM branch b JOIN messages m ON m.id = b.id"
+    " UNION ALL"
+    " SELECT s.id, s.parent_id, NULL, NULL, NULL, NULL, NULL, NULL, s.created_at, NULL"
+    "  FROM (SELECT DISTINCT parent_id FROM branch WHERE parent_id IS NOT NULL) p {children_join}"
+    " UNION ALL"
+    " SELECT s.id, s.parent_id, NULL, NULL, NULL, NULL, NULL, NULL, s.created_at, NULL"
+    "  FROM messages s WHERE s.chat_id = :cid AND s.parent_id IS NULL"
+    "  AND EXISTS (SELECT 1 FROM branch WHERE branch.parent_id IS NULL)"
+    ") x ON true "
+    "WHERE c.id = :cid AND c.user_id = :uid AND c.team_id = :tid"
 )
+
+
+@functools.cache
+def _chat_view(statements: Statements) -> TextualSelect:
+    """The caller's chat with its current branch (root first, at most `:depth` + 1 messages from the leaf)
+    and the siblings of every message on it, in ONE statement: the chat's columns on every row, then either
+    a message of the branch (`b_depth` set) or a sibling (ids and times only, `b_depth` null). Every step is
+    an index lookup (the primary key up the branch, the parent index for siblings, the roots index), so the
+    cost is the branch's length, never the whole tree's. Built once per dialect (its children join)."""
+    return (
+        text(_CHAT_VIEW_SQL.format(children_join=statements.children_join))
+        .bindparams(*(bindparam(name, type_=Uuid()) for name in ("cid", "uid", "tid")))
+        .columns(
+            id=Uuid(),
+            team_id=Uuid(),
+            user_id=Uuid(),
+            agent_id=Uuid(),
+            title=String(),
+            archived=Boolean(),
+            pinned=Boolean(),
+            current_message_id=Uuid(),
+            message_count=Integer(),
+            created_at=UTCDateTime(),
+            updated_at=UTCDateTime(),
+            **_MESSAGE_COLUMNS,
+            b_depth=Integer(),
+        )
+    )
+
 
 #: From a message down to the leaf of its newest descendants: each step takes the newest child.
 _NEWEST_LEAF: TextualSelect = (
@@ -157,7 +163,7 @@ async def read_chat(
     """The caller's chat with its current branch (or its `last` newest messages and `has_more`), one query."""
     depth = MAX_DEPTH if last is None else last
     params = {"cid": chat_id, "uid": user.id, "tid": user.team_id, "depth": depth}
-    rows = (await execute_core(session, _CHAT_VIEW, params)).all()
+    rows = (await execute_core(session, _chat_view(statements_of(session)), params)).all()
     if not rows:
         raise NotFound(CHAT_NOT_FOUND)
     siblings = _siblings(

@@ -25,6 +25,7 @@ depends_on: str | Sequence[str] | None = None
 
 JSON_TYPE = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
 STREAMING_ONLY = sa.text("status = 'streaming'")
+ROOTS_ONLY = sa.text("parent_id IS NULL")
 BATCH = 500
 
 chats = sa.table(
@@ -128,6 +129,14 @@ def upgrade() -> None:
     )
     op.create_index("ix_messages_chat_id_created_at", "messages", ["chat_id", "created_at"], unique=False)
     op.create_index("ix_messages_parent_id_created_at", "messages", ["parent_id", "created_at"], unique=False)
+    op.create_index(
+        "ix_messages_chat_roots",
+        "messages",
+        ["chat_id", "created_at"],
+        unique=False,
+        postgresql_where=ROOTS_ONLY,
+        sqlite_where=ROOTS_ONLY,
+    )
     op.create_index(
         "uq_messages_chat_id_streaming",
         "messages",
