@@ -96,8 +96,10 @@ class PostgresStatements(Statements):
         + _TOUCH_CHAT
         + " FROM m WHERE chats.id = m.chat_id",
     )
+    #: `OFFSET 0` keeps the planner from flattening the subquery back into a (hash) join.
     children_join = (
-        "CROSS JOIN LATERAL (SELECT c.id, c.parent_id, c.created_at FROM messages c WHERE c.parent_id = p.parent_id) s"
+        "CROSS JOIN LATERAL (SELECT c.id, c.parent_id, c.created_at FROM messages c"
+        " WHERE c.parent_id = p.parent_id OFFSET 0) s"
     )
 
     def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
