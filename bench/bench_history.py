@@ -12,7 +12,8 @@ n8n answering at once (`scenario=paced&chunks=5&interval_ms=0`), for chats pre-f
   head and to `done` (which comes after the final write). 100 sends (+ 2 warm-up) per length; each
   length's chats are built (chats, then their messages as one branch), then a `CHECKPOINT` flushes them, then
   the sends run;
-- **open**: `GET /api/chats/{id}` on one chat of that length;
+- **open**: `GET /api/chats/{id}` on one chat of that length, and `GET /api/chats/{id}?last=50` (what a
+  client opening a long chat asks for);
 - **list**: `GET /api/chats` (page 1, limit 50) for a user with `--list-chats` chats of `--list-messages`
   messages (default 10,000 x 100) and for a user with one chat of `--list-long` messages (default 5,000).
 
@@ -240,9 +241,10 @@ async def measure_length(bench: Bench, config: Config, length: int, service_url:
             if index >= config.warmup:
                 direct_results.append(one_direct)
                 service_results.append(one)
-        opened = await timed_gets(
-            session, f"{service_url}/api/chats/{open_chat}", {"Authorization": f"Bearer {token}"}, config.opens
-        )
+        auth = {"Authorization": f"Bearer {token}"}
+        opened = await timed_gets(session, f"{service_url}/api/chats/{open_chat}", auth, config.opens)
+        # What a client opening a long chat asks for: the newest 50 messages of the branch.
+        opened_last = await timed_gets(session, f"{service_url}/api/chats/{open_chat}?last=50", auth, config.opens)
     service = stream_summary(service_results)
     fake = stream_summary(direct_results)
     added = {
@@ -257,7 +259,8 @@ async def measure_length(bench: Bench, config: Config, length: int, service_url:
     log(
         f"  {length:>5} messages: built {built:.1f} s, sends ok {service['complete']}/{service['streams']}, "
         f"added TTFC p50/p99 {added['p50']}/{added['p99']} ms (fake {fake['ttfc_p50_ms']}/{fake['ttfc_p99_ms']}), "
-        f"done p50 {service['done_p50_ms']} ms, open p50/p99 {opened['p50_ms']}/{opened['p99_ms']} ms"
+        f"done p50 {service['done_p50_ms']} ms, open p50/p99 {opened['p50_ms']}/{opened['p99_ms']} ms, "
+        f"?last=50 p50/p99 {opened_last['p50_ms']}/{opened_last['p99_ms']} ms"
         + (f"  {service['reasons']}" if service["reasons"] else "")
     )
     return {
@@ -269,6 +272,7 @@ async def measure_length(bench: Bench, config: Config, length: int, service_url:
         "added_ttfc_p50_ms": added["p50"],
         "added_ttfc_p99_ms": added["p99"],
         "open": opened,
+        "open_last": opened_last,
         # Every measured send in order (ms): service TTFC and the fake's own just before it.
         "ttfc_ms": [None if r.ttfc is None else round(r.ttfc * 1000, 2) for r in service_results],
         "direct_ttfc_ms": [None if r.ttfc is None else round(r.ttfc * 1000, 2) for r in direct_results],
@@ -397,8 +401,8 @@ def render(report: dict[str, Any]) -> str:
         f"messages of {config.get('chars')} characters, took {report.get('duration_s')} s",
         "",
         "| messages in the chat | stored (pglz) | sends ok | added TTFC p50 | added TTFC p99 | response head p50 "
-        "| request to `done` p50 | `GET /api/chats/{id}` p50 | p99 | body |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| request to `done` p50 | `GET /api/chats/{id}` p50 | p99 | body | `?last=50` p50 | p99 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for length, row in report.get("lengths", {}).items():
         svc, opened = row["service"], row["open"]
@@ -406,7 +410,8 @@ def render(report: dict[str, Any]) -> str:
             f"| {int(length):,} | {_f(row['stored_bytes'] / 1024, 0)} kB | {svc['complete']}/{svc['streams']} "
             f"| {_f(row['added_ttfc_p50_ms'])} ms | {_f(row['added_ttfc_p99_ms'])} ms | {_f(svc['head_p50_ms'])} ms "
             f"| {_f(svc['done_p50_ms'])} ms | {_f(opened['p50_ms'])} ms | {_f(opened['p99_ms'])} ms "
-            f"| {_f(opened['bytes'] / 1024, 0)} kB |"
+            f"| {_f(opened['bytes'] / 1024, 0)} kB "
+            f"| {_f(row.get('open_last', {}).get('p50_ms'))} ms | {_f(row.get('open_last', {}).get('p99_ms'))} ms |"
         )
     lines += ["", "| `GET /api/chats` (page 1, limit 50) | runs | p50 | p99 | built in |", "|---|---:|---:|---:|---:|"]
     for row in report.get("list", {}).values():

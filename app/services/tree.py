@@ -27,7 +27,7 @@ from app.services.chats import CHAT_NOT_FOUND, apply_changes, get_owned_chat
 MESSAGE_NOT_FOUND = "Message not found"
 NOT_IN_CHAT = "{field} is not a message of this chat"
 FEEDBACK_ON_USER_MESSAGE = "Feedback is for assistant messages only"
-#: Depth bound of a full branch walk (a guard against a cycle that no write can make, not a real limit).
+#: Depth bound of the newest-descendant walk (a guard against a cycle that no write can make).
 MAX_DEPTH = 1_000_000
 JSON_COLUMN: TypeEngine[Any] = JSONType
 
@@ -157,21 +157,76 @@ class _Sibling:
     created_at: Any
 
 
+#: The caller's chat with every message of its tree (left join: one row with null message columns for a
+#: chat without messages), in ONE statement: one range scan of the chat's index, which for a whole branch
+#: is far cheaper than thousands of recursive steps (docs/PERFORMANCE.md).
+_CHAT_TREE: TextualSelect = (
+    text(
+        "SELECT c.id, c.team_id, c.user_id, c.agent_id, c.title, c.archived, c.pinned, c.current_message_id,"
+        " c.message_count, c.created_at, c.updated_at,"
+        " m.id AS m_id, m.parent_id AS m_parent_id, m.role AS m_role, m.content AS m_content,"
+        " m.status AS m_status, m.error AS m_error, m.metadata AS m_metadata, m.feedback AS m_feedback,"
+        " m.created_at AS m_created_at "
+        "FROM chats c LEFT JOIN messages m ON m.chat_id = c.id "
+        "WHERE c.id = :cid AND c.user_id = :uid AND c.team_id = :tid"
+    )
+    .bindparams(*(bindparam(name, type_=Uuid()) for name in ("cid", "uid", "tid")))
+    .columns(
+        id=Uuid(),
+        team_id=Uuid(),
+        user_id=Uuid(),
+        agent_id=Uuid(),
+        title=String(),
+        archived=Boolean(),
+        pinned=Boolean(),
+        current_message_id=Uuid(),
+        message_count=Integer(),
+        created_at=UTCDateTime(),
+        updated_at=UTCDateTime(),
+        **_MESSAGE_COLUMNS,
+    )
+)
+
+
+def _branch_of_tree(rows: Sequence[Any], leaf: uuid.UUID | None) -> list[Any]:
+    """The path from the root to `leaf` among a chat's rows, root first."""
+    by_id = {r.m_id: r for r in rows if r.m_id is not None}
+    path: list[Any] = []
+    node = by_id.get(leaf) if leaf is not None else None
+    while node is not None and len(path) <= len(by_id):
+        path.append(node)
+        node = by_id.get(node.m_parent_id) if node.m_parent_id is not None else None
+    path.reverse()
+    return path
+
+
 async def read_chat(
     *, session: AsyncSession, user: User, chat_id: uuid.UUID, last: int | None = None
 ) -> dict[str, Any]:
-    """The caller's chat with its current branch (or its `last` newest messages and `has_more`), one query."""
-    depth = MAX_DEPTH if last is None else last
-    params = {"cid": chat_id, "uid": user.id, "tid": user.team_id, "depth": depth}
-    rows = (await execute_core(session, _chat_view(statements_of(session)), params)).all()
-    if not rows:
-        raise NotFound(CHAT_NOT_FOUND)
-    siblings = _siblings(
-        _Sibling(r.m_id, r.m_parent_id, r.m_created_at) for r in rows if r.m_id is not None and r.b_depth is None
-    )
-    branch = sorted((r for r in rows if r.b_depth is not None), key=lambda r: -r.b_depth)
-    has_more = last is not None and any(r.b_depth >= last for r in branch)
-    shown = [r for r in branch if last is None or r.b_depth < last]
+    """The caller's chat with its current branch (or its `last` newest messages and `has_more`), one query.
+
+    The whole branch reads the chat's tree in one range scan and walks it here; `last=N` walks only N + 1
+    steps up from the leaf in SQL (and reads only those messages and their siblings).
+    """
+    params: dict[str, Any] = {"cid": chat_id, "uid": user.id, "tid": user.team_id}
+    if last is None:
+        rows = (await execute_core(session, _CHAT_TREE, params)).all()
+        if not rows:
+            raise NotFound(CHAT_NOT_FOUND)
+        siblings = _siblings(_Sibling(r.m_id, r.m_parent_id, r.m_created_at) for r in rows if r.m_id is not None)
+        shown = _branch_of_tree(rows, rows[0].current_message_id)
+        has_more = False
+    else:
+        params["depth"] = last
+        rows = (await execute_core(session, _chat_view(statements_of(session)), params)).all()
+        if not rows:
+            raise NotFound(CHAT_NOT_FOUND)
+        siblings = _siblings(
+            _Sibling(r.m_id, r.m_parent_id, r.m_created_at) for r in rows if r.m_id is not None and r.b_depth is None
+        )
+        branch = sorted((r for r in rows if r.b_depth is not None), key=lambda r: -r.b_depth)
+        has_more = any(r.b_depth >= last for r in branch)
+        shown = [r for r in branch if r.b_depth < last]
     first = rows[0]
     return {
         "id": first.id,
