@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     Uuid,
     func,
+    literal_column,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -140,6 +141,9 @@ class Chat(Base):
 #: At most one `streaming` message per chat, on both databases: "one generation per chat" holds across
 #: branches and server instances because the second placeholder cannot be inserted.
 STREAMING_ONLY = text("status = 'streaming'")
+#: The same condition for queries: a literal, not a bound parameter, so the partial index serves it even in
+#: a prepared statement's generic plan (which knows no parameter values).
+IS_STREAMING = literal_column("messages.status") == literal_column("'streaming'")
 ROOTS_ONLY = text("parent_id IS NULL")
 
 

@@ -10,8 +10,8 @@ n8n answering at once (`scenario=paced&chunks=5&interval_ms=0`), for chats pre-f
   fake read directly with a body like the service's (the same history: the last 49 messages at most, by
   `N8N_HISTORY_MAX_MESSAGES`), one direct request before each service send; also the time to the response
   head and to `done` (which comes after the final write). 100 sends (+ 2 warm-up) per length; each
-  length's chats are built (chats, then their messages as one branch), then a `CHECKPOINT` flushes them, then
-  the sends run;
+  length's chats are built (chats, then their messages as one branch), then analyzed (`ANALYZE`, as
+  autovacuum would), then a `CHECKPOINT` flushes them, then the sends run;
 - **open**: `GET /api/chats/{id}` on one chat of that length, and `GET /api/chats/{id}?last=50` (what a
   client opening a long chat asks for);
 - **list**: `GET /api/chats` (page 1, limit 50) for a user with `--list-chats` chats of `--list-messages`
@@ -220,6 +220,10 @@ async def measure_length(bench: Bench, config: Config, length: int, service_url:
         chars=config.chars,
     )
     built = time.perf_counter() - t0
+    # Statistics as autovacuum would have them on a live database: without them the planner sees tables of
+    # zero rows and may pick any index for the chat lookup (a team-wide scan instead of the primary key).
+    await s.conn.execute("ANALYZE chats")
+    await s.conn.execute("ANALYZE messages")
     await checkpoint(s.conn)
     open_chat, send_chats = chats[0], chats[1:]
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json", "Accept": "text/event-stream"}

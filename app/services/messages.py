@@ -39,7 +39,7 @@ from app.config import Settings
 from app.db import execute_core, utcnow
 from app.dialects import UTCDateTime, statements_of
 from app.errors import Conflict, NotFound, Unprocessable
-from app.models import Agent, Chat, Message
+from app.models import IS_STREAMING, Agent, Chat, Message
 from app.schemas import MessageRead
 from app.security import Caller
 from app.services import error_logs
@@ -69,7 +69,7 @@ _CHAT_AND_AGENT: Select[Any, Any] = (
         Agent.webhook_headers_encrypted,
         Agent.system_prompt,
         Agent.config,
-        exists().where(Message.chat_id == Chat.id, Message.status == "streaming").correlate(Chat).label("running"),
+        exists().where(Message.chat_id == Chat.id, IS_STREAMING).correlate(Chat).label("running"),
         _target.role.label("target_role"),
         _target.parent_id.label("target_parent_id"),
         _question.id.label("q_id"),

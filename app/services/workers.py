@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.db import utcnow
-from app.models import Chat, Message, Worker
+from app.models import IS_STREAMING, Chat, Message, Worker
 from app.services import error_logs
 from app.services.messages import INTERRUPTED, mark_interrupted
 
@@ -62,7 +62,7 @@ async def recover_interrupted(
             Chat.agent_id,
         )
         .join(Chat, Chat.id == Message.chat_id)
-        .where(Message.status == "streaming")
+        .where(IS_STREAMING)
     )
     rows = (await session.execute(query)).all()
     await session.commit()
