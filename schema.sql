@@ -184,7 +184,43 @@ ALTER TABLE refresh_tokens ADD COLUMN successor_encrypted TEXT;
 
 UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0003';
 
--- Running upgrade 0004 -> 0006
+-- Running upgrade 0004 -> 0005
+
+CREATE TABLE messages (
+    id UUID NOT NULL, 
+    chat_id UUID NOT NULL, 
+    parent_id UUID, 
+    role VARCHAR(10) NOT NULL, 
+    content TEXT NOT NULL, 
+    status VARCHAR(12) NOT NULL, 
+    error JSONB, 
+    metadata JSONB, 
+    feedback JSONB, 
+    worker_id UUID, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_messages PRIMARY KEY (id), 
+    CONSTRAINT fk_messages_chat_id_chats FOREIGN KEY(chat_id) REFERENCES chats (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_messages_parent_id_messages FOREIGN KEY(parent_id) REFERENCES messages (id) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_messages_chat_id_created_at ON messages (chat_id, created_at);
+
+CREATE INDEX ix_messages_parent_id_created_at ON messages (parent_id, created_at);
+
+CREATE INDEX ix_messages_chat_roots ON messages (chat_id, created_at) WHERE parent_id IS NULL;
+
+CREATE UNIQUE INDEX uq_messages_chat_id_streaming ON messages (chat_id) WHERE status = 'streaming';
+
+ALTER TABLE chats ADD COLUMN current_message_id UUID;
+
+DROP INDEX ix_chats_messages;
+
+ALTER TABLE chats DROP COLUMN messages;
+
+UPDATE alembic_version SET version_num='0005' WHERE alembic_version.version_num = '0004';
+
+-- Running upgrade 0005 -> 0006
 
 ALTER TABLE agents ADD COLUMN slug VARCHAR(64);
 
@@ -226,7 +262,7 @@ CREATE TABLE usage_daily (
     CONSTRAINT fk_usage_daily_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
 );
 
-UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num = '0004';
+UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num = '0005';
 
 -- Running upgrade 0006 -> 0007
 

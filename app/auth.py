@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.db import execute_core
-from app.deps import AutocommitSessionDep, RevocationsDep, SessionDep, SettingsDep
+from app.deps import RevocationsDep, SessionDep, SettingsDep, ShortSessionDep
 from app.errors import Forbidden, Unauthorized
 from app.models import User
 from app.security import INVALID_TOKEN, Caller, decode_token, family_key, issued_before
@@ -140,12 +140,13 @@ async def current_user(
 
 async def current_caller(
     request: Request,
-    session: AutocommitSessionDep,
+    session: ShortSessionDep,
     settings: SettingsDep,
     revocations: RevocationsDep,
     _bearer: Annotated[str | None, Depends(oauth2_scheme)] = None,
 ) -> Caller:
-    """`current_user`'s checks, for the send route: its own transaction-less session, ids only."""
+    """`current_user`'s checks, for the send route: its own short session (closed when the endpoint
+    returns, before the stream), ids only."""
     claims = access_claims(request, settings)
     row = await _account_row(revocations, session, claims, orm=False)
     _check_account(claims, is_active=row.is_active, team_id=row.team_id, tokens_valid_after=row.tokens_valid_after)

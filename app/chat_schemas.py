@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, Field, StrictBool, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from app.fields import (
     AgentConfig,
@@ -17,6 +17,7 @@ from app.fields import (
     InputModel,
     NotNull,
     ReadModel,
+    StorableText,
     SystemPrompt,
     WebhookHeaders,
     WebhookUrl,
@@ -122,6 +123,11 @@ class ChatUpdate(InputModel):
     title: ChatTitle | None = Field(None, description="null or empty makes the chat untitled.")
     archived: Annotated[StrictBool | None, NotNull] = None
     pinned: Annotated[StrictBool | None, NotNull] = None
+    current_message_id: Annotated[uuid.UUID | None, NotNull] = Field(
+        None,
+        description="Show the branch through this message of the chat, continued through its newest "
+        "descendants; the answer's `current_message_id` is that leaf. Another chat's message: 422.",
+    )
 
 
 class MessageError(ReadModel):
@@ -139,10 +145,20 @@ def _in_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+FEEDBACK_COMMENT_MAX = 2000
+
+
+class MessageFeedback(ReadModel):
+    rating: Literal[1, -1] | None
+    comment: str | None
+    updated_at: Annotated[datetime, AfterValidator(_in_utc)]
+
+
 class MessageRead(ReadModel):
     """One stored message, the same everywhere (REST and the stream's start/done events).
 
-    Every key is always present (`error` and `metadata` null when absent); internal `_` keys never leave.
+    Every key is always present (`error`, `metadata`, `feedback` null when absent). `sibling_ids`: every
+    message with the same parent, itself included, oldest first (one element when there is no branch).
     """
 
     id: uuid.UUID
@@ -152,6 +168,26 @@ class MessageRead(ReadModel):
     created_at: Annotated[datetime, AfterValidator(_in_utc)]
     error: MessageError | None = None
     metadata: dict[str, Any] | None = None
+    parent_id: uuid.UUID | None = None
+    sibling_ids: list[uuid.UUID] = Field(default_factory=list)
+    feedback: MessageFeedback | None = None
+
+
+class FeedbackUpdate(InputModel):
+    """A rating of an assistant message: 1 (good), -1 (bad) or null (none), with an optional comment."""
+
+    rating: Literal[1, -1] | None = Field(description="1, -1, or null to clear the rating", examples=[1])
+    comment: Annotated[str, Field(max_length=FEEDBACK_COMMENT_MAX), StorableText] | None = Field(
+        None, description=f"At most {FEEDBACK_COMMENT_MAX} characters; blank is no comment"
+    )
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _integer_rating(cls, value: Any) -> Any:
+        """Only the JSON integers 1 and -1 (not `true`, `1.0` or `"1"`, which lax mode would take for 1)."""
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError("rating must be 1, -1 or null")
+        return value
 
 
 class ChatSummary(ReadModel):
@@ -168,22 +204,58 @@ class ChatSummary(ReadModel):
 class ChatRead(ChatSummary):
     team_id: uuid.UUID
     user_id: uuid.UUID
-    messages: list[MessageRead]
+    current_message_id: uuid.UUID | None = Field(description="The leaf of the branch in `messages`")
+    messages: list[MessageRead] = Field(description="The current branch, first message first")
+    has_more: bool = Field(False, description="With `?last=N`: older messages of the branch were left out")
 
 
 # --- message stream and error logs -----------------------------------------------------------
 
 
-class MessageCreate(InputModel):
-    """The user's message; the answer streams back as Server-Sent Events."""
+def _one_of_the_send_bodies(schema: dict[str, Any]) -> None:
+    """The document says exactly which bodies are accepted: `content` (with `edit_of` or not), or
+    `regenerate_of` alone; none of the three is ever null."""
+    properties = schema["properties"]
+    for name in ("content", "edit_of", "regenerate_of"):
+        options = properties[name].pop("anyOf", None)
+        if options:
+            properties[name].update(next(o for o in options if o.get("type") != "null"))
+        properties[name].pop("default", None)
+    schema["oneOf"] = [
+        {"required": ["content"], "not": {"required": ["regenerate_of"]}},
+        {"required": ["regenerate_of"], "not": {"anyOf": [{"required": ["content"]}, {"required": ["edit_of"]}]}},
+    ]
 
-    content: str = Field(
-        description="The message text (not blank; at most MESSAGE_MAX_CHARS characters, default 32,000)",
+
+class MessageCreate(InputModel):
+    """One of: `{content}` (a new message on the current branch), `{content, edit_of}` (a new version of a
+    user message: its sibling) or `{regenerate_of}` (a new answer to the same question: the assistant
+    message's sibling). The answer streams back as Server-Sent Events."""
+
+    content: str | None = Field(
+        None,
+        description="The message text (not blank; at most MESSAGE_MAX_CHARS characters, default 32,000); "
+        "required unless `regenerate_of` is given, refused with it",
         examples=["What changed in the Q3 numbers?"],
         # The service refuses blank and too long content (422); `maxLength` is set from the settings in the
         # served document (app.routers.responses.complete_openapi).
         json_schema_extra={"minLength": 1, "pattern": r"\S"},
     )
+    edit_of: uuid.UUID | None = Field(None, description="A user message of this chat that this one replaces")
+    regenerate_of: uuid.UUID | None = Field(None, description="An assistant message of this chat to answer again")
+
+    model_config = ConfigDict(json_schema_extra=_one_of_the_send_bodies)
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> Self:
+        if self.regenerate_of is not None:
+            if "content" in self.model_fields_set or "edit_of" in self.model_fields_set:
+                raise ValueError("regenerate_of takes no content and no edit_of")
+        elif self.content is None:
+            raise ValueError("content is required")
+        elif "edit_of" in self.model_fields_set and self.edit_of is None:
+            raise ValueError("edit_of may be left out but not null")
+        return self
 
 
 class ErrorLogRead(ReadModel):

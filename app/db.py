@@ -14,7 +14,9 @@ from app.config import Settings, narrow_to_owner, private_dir, private_file
 from app.dialects import session_info, statements_for
 
 
-async def execute_core(session: AsyncSession, statement: Executable, params: dict[str, Any]) -> Result[Any]:
+async def execute_core(
+    session: AsyncSession, statement: Executable, params: dict[str, Any] | list[dict[str, Any]]
+) -> Result[Any]:
     """A Core statement on the session's connection, past the ORM's execution layer.
 
     For the per-stream statements (the chat lookup, the append, checkpoints, the final write): the ORM

@@ -55,18 +55,18 @@ async def get_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-async def get_autocommit_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:
-    """A request session without BEGIN/COMMIT (PostgreSQL), for a route whose writes are each one atomic
-    statement.
+async def get_short_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:
+    """A request session for the send route, closed as soon as the endpoint returns (see ShortSessionDep).
 
-    Sending a message is three statements (user, chat with agent, the conditional append): in a
-    transaction that is five round trips on the hot path, here three. Never for multi-statement writes.
+    Starting a generation is several statements (the caller, the chat with its agent and the message it
+    answers, the two new rows, the chat's current leaf, the history): one transaction, so either all of
+    them happen or none, and its connection goes back to the pool before n8n is called.
     """
-    async with db.autocommit() as session:
+    async with db.sessionmaker() as session:
         yield session
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 #: scope="function": closed as soon as the endpoint returns, not when its (possibly hour-long) stream ends,
 #: so an open stream keeps no session, identity map or loaded user alive.
-AutocommitSessionDep = Annotated[AsyncSession, Depends(get_autocommit_session, scope="function")]
+ShortSessionDep = Annotated[AsyncSession, Depends(get_short_session, scope="function")]

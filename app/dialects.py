@@ -6,7 +6,6 @@ The set is chosen once, where the `Database` is created, and rides on every sess
 
 from __future__ import annotations
 
-import json
 import re
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-#: JSONB on PostgreSQL (indexable, `||` appends), JSON text on SQLite.
+#: JSONB on PostgreSQL, JSON text on SQLite.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 
@@ -44,87 +43,64 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 def _typed(statement: str) -> TextClause:
-    """A text() statement built once, with the types of the parameters it uses (`:now`, `:id`, `:uid`)."""
-    types: dict[str, TypeEngine[Any]] = {"now": UTCDateTime(), "id": Uuid(), "uid": Uuid()}
+    """A text() statement built once, with the types of the parameters it uses (`:now`, `:id`, `:aid`...)."""
+    types: dict[str, TypeEngine[Any]] = {
+        "now": UTCDateTime(),
+        "created_at": UTCDateTime(),
+        "id": Uuid(),
+        "uid": Uuid(),
+        "aid": Uuid(),
+        "cid": Uuid(),
+    }
     used = set(re.findall(r":(\w+)", statement))
     return text(statement).bindparams(*(bindparam(name, type_=type_) for name, type_ in types.items() if name in used))
 
 
-_TOUCH = ", updated_at = :now, last_message_at = :now"
-
-
 class Statements(ABC):
-    """The statements whose SQL differs per dialect; each variant is built once (not one `text()` per write).
+    """The statements whose SQL differs per dialect; each is built once (not one `text()` per write).
 
-    - `append`: [user message, assistant placeholder] appended to a chat unless a generation is running;
-    - `patch`: `:patch` merged into element `:idx`, guarded by its id (and, optionally, its status);
-    - `streaming_chats`: the chats holding a `streaming` message (start-up recovery);
-    - `message_text_matches`: some message's `content` contains `:pattern` (chat search);
+    - `finish`: the final write of an assistant message (`:aid`) and the activity stamp of its chat (`:cid`),
+      one statement on PostgreSQL (a data-modifying CTE), two in one transaction on SQLite, which has none;
+    - `children_join`: a join from parents `p` to their children `s`, forced to be index lookups;
     - `insert_ignoring_conflict`: an INSERT that keeps the existing row on a unique conflict.
     """
 
     name: str
-    _append_sql: str
-    _patch_sql: str
-    _streaming_guard: str
-    streaming_chats: TextClause
-    message_text_matches: TextClause
+    _finish_sql: tuple[str, ...]
+    #: `children_of(p)`: the rows `s` (id, parent_id, created_at) whose parent is `p.parent_id`, one index
+    #: lookup per parent (a plain join lets PostgreSQL's planner pick a hash join over the whole table when
+    #: its estimates are off).
+    children_join: str
 
     def __init__(self) -> None:
-        self._append = _typed(self._append_sql)
-        self._patches = {
-            (only_streaming, touch): _typed(
-                self._patch_sql.format(
-                    touch=_TOUCH if touch else "", streaming=self._streaming_guard if only_streaming else ""
-                )
-            )
-            for only_streaming in (False, True)
-            for touch in (False, True)
-        }
-
-    @abstractmethod
-    def append(self, user_message: dict[str, Any], placeholder: dict[str, Any]) -> tuple[TextClause, dict[str, Any]]:
-        """The append statement and its dialect's own parameters (the caller adds :now, :title, :id, :uid)."""
-
-    @abstractmethod
-    def patch(self, *, index: int, only_streaming: bool, touch: bool) -> tuple[TextClause, dict[str, Any]]:
-        """The element patch and its index parameters (the caller adds :id, :mid, :patch, :now)."""
+        self.finish = tuple(_typed(sql) for sql in self._finish_sql)
 
     @abstractmethod
     def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
         """INSERT ... ON CONFLICT DO NOTHING into an ORM class's table, in the dialect's own construct."""
 
 
+_FINISH_MESSAGE = (
+    "UPDATE messages SET content = :content, status = :status, error = {json_error}, metadata = {json_metadata}, "
+    "created_at = :created_at, updated_at = :now WHERE id = :aid"
+)
+_TOUCH_CHAT = "UPDATE chats SET last_message_at = :now, updated_at = :now"
+
+
 class PostgresStatements(Statements):
     name = "postgresql"
-    _append_sql = (
-        "UPDATE chats SET messages = messages || CAST(:new AS jsonb), message_count = message_count + 2, "
-        "last_message_at = :now, updated_at = :now, title = COALESCE(title, :title) "
-        'WHERE id = :id AND user_id = :uid AND NOT (messages @> CAST(\'[{"status": "streaming"}]\' AS jsonb)) '
-        "RETURNING jsonb_array_length(messages)"
+    _finish_sql = (
+        "WITH m AS ("
+        + _FINISH_MESSAGE.format(json_error="CAST(:error AS jsonb)", json_metadata="CAST(:metadata AS jsonb)")
+        + " RETURNING chat_id) "
+        + _TOUCH_CHAT
+        + " FROM m WHERE chats.id = m.chat_id",
     )
-    _patch_sql = (
-        "UPDATE chats SET messages = jsonb_set(messages, ARRAY[CAST(:idx_s AS text)], "
-        "(messages -> CAST(:idx AS integer)) || CAST(:patch AS jsonb)){touch} "
-        "WHERE id = :id AND messages -> CAST(:idx AS integer) ->> 'id' = :mid{streaming}"
+    #: `OFFSET 0` keeps the planner from flattening the subquery back into a (hash) join.
+    children_join = (
+        "CROSS JOIN LATERAL (SELECT c.id, c.parent_id, c.created_at FROM messages c"
+        " WHERE c.parent_id = p.parent_id OFFSET 0) s"
     )
-    _streaming_guard = " AND messages -> CAST(:idx AS integer) ->> 'status' = 'streaming'"
-    streaming_chats = text('chats.messages @> CAST(\'[{"status": "streaming"}]\' AS jsonb)')
-    #: Only the text of each message is searched, never the JSON around it (keys, quotes, commas). A cheap
-    #: prefilter comes first: `:body_pattern` (the needle JSON-escaped) against the JSON text of the array of
-    #: contents, an expression a pg_trgm GIN index can serve (docs/PERFORMANCE.md); every content holding
-    #: the needle passes it. The exact per-message check then runs on those rows only.
-    message_text_matches = text(
-        "(jsonb_path_query_array(chats.messages, '$[*].content')::text ILIKE :body_pattern ESCAPE '\\' "
-        "AND EXISTS (SELECT 1 FROM jsonb_array_elements(chats.messages) AS m(value) "
-        "WHERE m.value ->> 'content' ILIKE :pattern ESCAPE '\\'))"
-    )
-
-    def append(self, user_message: dict[str, Any], placeholder: dict[str, Any]) -> tuple[TextClause, dict[str, Any]]:
-        return self._append, {"new": json.dumps([user_message, placeholder])}
-
-    def patch(self, *, index: int, only_streaming: bool, touch: bool) -> tuple[TextClause, dict[str, Any]]:
-        return self._patches[only_streaming, touch], {"idx": index, "idx_s": str(index)}
 
     def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
         return pg_insert(table).values(**values).on_conflict_do_nothing(index_elements=index_elements)
@@ -132,34 +108,12 @@ class PostgresStatements(Statements):
 
 class SqliteStatements(Statements):
     name = "sqlite"
-    _append_sql = (
-        "UPDATE chats SET messages = json_insert(json_insert(messages, '$[#]', json(:m1)), '$[#]', json(:m2)), "
-        "message_count = message_count + 2, last_message_at = :now, updated_at = :now, "
-        "title = COALESCE(title, :title) "
-        "WHERE id = :id AND user_id = :uid AND NOT EXISTS "
-        "(SELECT 1 FROM json_each(chats.messages) WHERE json_extract(value, '$.status') = 'streaming') "
-        "RETURNING json_array_length(messages)"
+    _finish_sql = (
+        _FINISH_MESSAGE.format(json_error=":error", json_metadata=":metadata"),
+        _TOUCH_CHAT + " WHERE id = :cid",
     )
-    _patch_sql = (
-        "UPDATE chats SET messages = json_set(messages, '$[' || :idx || ']', "
-        "json_patch(json_extract(messages, '$[' || :idx || ']'), json(:patch))){touch} "
-        "WHERE id = :id AND json_extract(messages, '$[' || :idx || '].id') = :mid{streaming}"
-    )
-    _streaming_guard = " AND json_extract(messages, '$[' || :idx || '].status') = 'streaming'"
-    streaming_chats = text(
-        "EXISTS (SELECT 1 FROM json_each(chats.messages) WHERE json_extract(value, '$.status') = 'streaming')"
-    )
-    #: SQLite's LIKE is case-insensitive for ASCII letters only.
-    message_text_matches = text(
-        "EXISTS (SELECT 1 FROM json_each(chats.messages) AS m "
-        "WHERE json_extract(m.value, '$.content') LIKE :pattern ESCAPE '\\')"
-    )
-
-    def append(self, user_message: dict[str, Any], placeholder: dict[str, Any]) -> tuple[TextClause, dict[str, Any]]:
-        return self._append, {"m1": json.dumps(user_message), "m2": json.dumps(placeholder)}
-
-    def patch(self, *, index: int, only_streaming: bool, touch: bool) -> tuple[TextClause, dict[str, Any]]:
-        return self._patches[only_streaming, touch], {"idx": index}
+    #: SQLite has no LATERAL and no hash join: its nested loop uses the parent index anyway.
+    children_join = "JOIN messages s ON s.parent_id = p.parent_id"
 
     def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
         return sqlite_insert(table).values(**values).on_conflict_do_nothing(index_elements=index_elements)

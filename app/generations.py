@@ -280,12 +280,11 @@ class GenerationRegistry:
         if self.shared is None:
             return None
         async with self.db.autocommit() as session:
-            messages = await message_service.get_public_messages(session, chat_id)
-        running = [m for m in messages if m["status"] == "streaming" and m["role"] == "assistant"]
-        if not running or not await self.shared.publish_stop(str(running[-1]["id"])):
+            running = await message_service.streaming_message_id(session, chat_id)
+        if running is None or not await self.shared.publish_stop(running):
             return None
         within = self.settings.SHUTDOWN_GRACE_SECONDS + 5.0
-        stored = await wait_until_final(self.db, chat_id, str(running[-1]["id"]), within)
+        stored = await wait_until_final(self.db, chat_id, running, within)
         return stored if stored is not None and stored["status"] == "cancelled" else None
 
     async def _stop_requested(self, assistant_id: str) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     Uuid,
     func,
+    literal_column,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -120,19 +121,13 @@ class Agent(Base):
 
 
 class Chat(Base):
-    """A conversation; `messages` is a JSON array of message objects, appended in SQL (never rewritten whole).
-
-    One element: `{"id": "<uuid>", "role": "user"|"assistant", "content": "...", "status": "complete"|
-    "streaming"|"error"|"cancelled"|"interrupted", "created_at": "<ISO 8601 UTC>", "error"?: {"message",
-    "code"}, "metadata"?: {...}}`. Keys starting with `_` are internal (e.g. `_worker`) and never returned.
-    `message_count` and `last_message_at` are kept in step by the same UPDATE that appends.
+    """A conversation. Its messages are rows of `messages` forming a tree; `current_message_id` is the leaf of
+    the branch shown. `message_count` and `last_message_at` are kept in step by the transaction that adds
+    messages (app/services/messages.py), so listing chats never reads a message.
     """
 
     __tablename__ = "chats"
-    __table_args__ = (
-        Index("ix_chats_user_listing", "user_id", "archived", "pinned", "updated_at"),
-        Index("ix_chats_messages", "messages", postgresql_using="gin", postgresql_ops={"messages": "jsonb_path_ops"}),
-    )
+    __table_args__ = (Index("ix_chats_user_listing", "user_id", "archived", "pinned", "updated_at"),)
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), nullable=False, index=True)
@@ -141,9 +136,60 @@ class Chat(Base):
     title: Mapped[str | None] = mapped_column(String(200))
     archived: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     pinned: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
-    messages: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, nullable=False, default=list)
+    #: The leaf of the branch shown (null for an empty chat). No foreign key: chats and messages would
+    #: reference each other, and every write that moves it checks the message's chat itself.
+    current_message_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     message_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     last_message_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+#: At most one `streaming` message per chat, on both databases: "one generation per chat" holds across
+#: branches and server instances because the second placeholder cannot be inserted.
+STREAMING_ONLY = text("status = 'streaming'")
+#: The same condition for queries: a literal, not a bound parameter, so the partial index serves it even in
+#: a prepared statement's generic plan (which knows no parameter values).
+IS_STREAMING = literal_column("messages.status") == literal_column("'streaming'")
+ROOTS_ONLY = text("parent_id IS NULL")
+
+
+class Message(Base):
+    """One message of a chat's tree: `parent_id` is the message it follows (null for a first message).
+
+    A user message's children are the answers to it (regenerations are siblings); an assistant message's
+    children are the next questions (edits are siblings). `worker_id` names the server process streaming an
+    assistant message, so recovery can tell a dead worker's `streaming` rows.
+    """
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        # Children of a parent, oldest first (siblings; the newest-descendant walk; the parent key's cascade).
+        Index("ix_messages_parent_id_created_at", "parent_id", "created_at"),
+        # A chat's messages in order (GET /api/chats/{id}/messages).
+        Index("ix_messages_chat_id_created_at", "chat_id", "created_at"),
+        # A chat's first messages (the siblings of its root): one small entry per root.
+        Index("ix_messages_chat_roots", "chat_id", "created_at", postgresql_where=ROOTS_ONLY, sqlite_where=ROOTS_ONLY),
+        Index(
+            "uq_messages_chat_id_streaming",
+            "chat_id",
+            unique=True,
+            postgresql_where=STREAMING_ONLY,
+            sqlite_where=STREAMING_ONLY,
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    chat_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"), nullable=False)
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(10), nullable=False)
+    content: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    status: Mapped[str] = mapped_column(String(12), nullable=False)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    #: `metadata` is reserved on declarative classes; the column keeps the API's name.
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
+    feedback: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    worker_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 

@@ -28,7 +28,9 @@ from app.chat_schemas import (
     ChatSummary,
     ChatUpdate,
     ErrorLogRead,
+    FeedbackUpdate,
     MessageCreate,
+    MessageFeedback,
     MessageRead,
 )
 from app.fields import (
@@ -62,6 +64,7 @@ __all__ = [
     "ChatUpdate",
     "ErrorLogRead",
     "ErrorRead",
+    "FeedbackUpdate",
     "HealthRead",
     "InviteCreate",
     "InviteCreatedRead",
@@ -72,6 +75,7 @@ __all__ = [
     "LoginRequest",
     "MeUpdate",
     "MessageCreate",
+    "MessageFeedback",
     "MessageRead",
     "PasswordChange",
     "QuotaSettings",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -48,8 +47,7 @@ RARE_WORD = "zanzibar"
 TRGM_DDL = [
     "CREATE EXTENSION IF NOT EXISTS pg_trgm",
     "CREATE INDEX ix_chats_title_trgm ON chats USING gin (title gin_trgm_ops)",
-    "CREATE INDEX ix_chats_content_trgm ON chats USING gin "
-    "((jsonb_path_query_array(messages, '$[*].content')::text) gin_trgm_ops)",
+    "CREATE INDEX ix_messages_content_trgm ON messages USING gin (content gin_trgm_ops)",
 ]
 
 
@@ -57,22 +55,24 @@ def sentence(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
 
 
-def chat_messages(rng: random.Random, count: int, start: datetime, plant: bool) -> str:
-    messages = []
+MESSAGE_COLUMNS = ["id", "chat_id", "parent_id", "role", "content", "status", "created_at", "updated_at"]
+
+
+def chat_messages(
+    rng: random.Random, chat_id: uuid.UUID, count: int, start: datetime, plant: bool
+) -> tuple[list[tuple[object, ...]], uuid.UUID | None]:
+    """One chat's messages as rows of one branch (each the parent of the next), and the last one's id."""
+    rows: list[tuple[object, ...]] = []
+    parent: uuid.UUID | None = None
     for i in range(count):
         content = sentence(rng, rng.randint(8, 30))
         if plant and i == count // 2:
             content += f" The {RARE_WORD} shipment is late."
-        messages.append(
-            {
-                "id": str(uuid.uuid4()),
-                "role": "user" if i % 2 == 0 else "assistant",
-                "content": content,
-                "status": "complete",
-                "created_at": (start + timedelta(seconds=i)).isoformat(),
-            }
-        )
-    return json.dumps(messages, separators=(",", ":"))
+        message_id = uuid.uuid4()
+        at = start + timedelta(seconds=i)
+        rows.append((message_id, chat_id, parent, "user" if i % 2 == 0 else "assistant", content, "complete", at, at))
+        parent = message_id
+    return rows, parent
 
 
 async def seed(url: str, *, chats: int, messages: int) -> tuple[uuid.UUID, uuid.UUID, list[uuid.UUID]]:
@@ -107,6 +107,7 @@ async def seed(url: str, *, chats: int, messages: int) -> tuple[uuid.UUID, uuid.
         )
         ids: list[uuid.UUID] = []
         batch: list[tuple[object, ...]] = []
+        message_batch: list[tuple[object, ...]] = []
         columns = [
             "id",
             "team_id",
@@ -115,7 +116,7 @@ async def seed(url: str, *, chats: int, messages: int) -> tuple[uuid.UUID, uuid.
             "title",
             "archived",
             "pinned",
-            "messages",
+            "current_message_id",
             "message_count",
             "last_message_at",
             "created_at",
@@ -126,6 +127,8 @@ async def seed(url: str, *, chats: int, messages: int) -> tuple[uuid.UUID, uuid.
             ids.append(chat_id)
             started = now - timedelta(minutes=chats - n)
             last = started + timedelta(seconds=messages)
+            rows, leaf = chat_messages(rng, chat_id, messages, started, plant=n % 100 == 7)
+            message_batch.extend(rows)
             batch.append(
                 (
                     chat_id,
@@ -135,7 +138,7 @@ async def seed(url: str, *, chats: int, messages: int) -> tuple[uuid.UUID, uuid.
                     sentence(rng, 5)[:60],
                     n % 10 == 0,
                     n % 500 == 0,
-                    chat_messages(rng, messages, started, plant=n % 100 == 7),
+                    leaf,
                     messages,
                     last,
                     started,
@@ -144,9 +147,11 @@ async def seed(url: str, *, chats: int, messages: int) -> tuple[uuid.UUID, uuid.
             )
             if len(batch) == 500:
                 await conn.copy_records_to_table("chats", records=batch, columns=columns)
-                batch = []
+                await conn.copy_records_to_table("messages", records=message_batch, columns=MESSAGE_COLUMNS)
+                batch, message_batch = [], []
         if batch:
             await conn.copy_records_to_table("chats", records=batch, columns=columns)
+            await conn.copy_records_to_table("messages", records=message_batch, columns=MESSAGE_COLUMNS)
         await conn.execute("ANALYZE")
         return team_id, user_id, ids
     finally:

@@ -1,4 +1,4 @@
-"""Send cost vs chat length: what a chat's stored history costs a send, an open and a list (JSONB array storage).
+"""Send cost vs chat length: what a chat's stored history costs a send, an open and a list (messages table).
 
 `python -m bench.bench_history` (what `make bench-history` runs; 2.5-3.5 minutes on 2 cores). On one uvicorn worker
 against PostgreSQL (its own throwaway database, dropped at the end, even on failure), with bench/run.py's fake
@@ -10,8 +10,10 @@ n8n answering at once (`scenario=paced&chunks=5&interval_ms=0`), for chats pre-f
   fake read directly with a body like the service's (the same history: the last 49 messages at most, by
   `N8N_HISTORY_MAX_MESSAGES`), one direct request before each service send; also the time to the response
   head and to `done` (which comes after the final write). 100 sends (+ 2 warm-up) per length; each
-  length's chats are built, then a `CHECKPOINT` flushes them, then the sends run;
-- **open**: `GET /api/chats/{id}` on one chat of that length;
+  length's chats are built (chats, then their messages as one branch), then analyzed (`ANALYZE`, as
+  autovacuum would), then a `CHECKPOINT` flushes them, then the sends run;
+- **open**: `GET /api/chats/{id}` on one chat of that length, and `GET /api/chats/{id}?last=50` (what a
+  client opening a long chat asks for);
 - **list**: `GET /api/chats` (page 1, limit 50) for a user with `--list-chats` chats of `--list-messages`
   messages (default 10,000 x 100) and for a user with one chat of `--list-long` messages (default 5,000).
 
@@ -73,8 +75,6 @@ class Config:
     list_messages: int = 100
     list_long: int = 5000
     list_runs: int = 100
-    #: An experiment, not the BEFORE figures: drop the GIN index on `chats.messages` after migrating.
-    drop_message_index: bool = False
 
 
 # --- seeding, in SQL --------------------------------------------------------------------------------------
@@ -94,15 +94,18 @@ GROUP BY i
 """
 
 
-#: Chat c's history: `$5` messages, alternating roles, complete. Every message is unique (its id, its text
-#: starts with its chat and position, its time), as in real chats: the GIN index on `messages` (jsonb_path_ops)
-#: hashes every value, so values repeated across chats would make its posting lists, and each send, longer.
+#: The messages of the chats `$1` (in that order: `n` = 1, 2, ...): `$2` each, one branch (each the parent of
+#: the next), alternating roles, complete. Every message is unique (its id, its text starts with its chat and
+#: position, its time), as in real chats. Ids are derived from the chat and the position, so the parent and
+#: the chat's current message can be named without reading anything back.
 MESSAGES_SQL = (
-    "(SELECT coalesce(jsonb_agg(jsonb_build_object('id', gen_random_uuid()::text, 'role', "
-    "CASE WHEN g % 2 = 0 THEN 'user' ELSE 'assistant' END, 'content', left(c || '.' || g || ' ' || t.t, $6), "
-    "'status', 'complete', 'created_at', to_char(now() AT TIME ZONE 'UTC' - make_interval(secs => "
-    "$5 - g + c * 0.001), 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')) ORDER BY g), '[]'::jsonb) "
-    "FROM generate_series(0, $5 - 1) g JOIN bench_texts t ON t.i = (g * 7919 + c * 31) % 1000)"
+    "INSERT INTO messages (id, chat_id, parent_id, role, content, status, created_at, updated_at) "
+    "SELECT md5(c.id::text || '.' || g)::uuid, c.id, "
+    "CASE WHEN g = 0 THEN NULL ELSE md5(c.id::text || '.' || (g - 1))::uuid END, "
+    "CASE WHEN g % 2 = 0 THEN 'user' ELSE 'assistant' END, left(c.n || '.' || g || ' ' || t.t, $3), 'complete', "
+    "now() - make_interval(secs => $2 - g + c.n * 0.001), now() - make_interval(secs => $2 - g + c.n * 0.001) "
+    "FROM unnest($1::uuid[]) WITH ORDINALITY AS c(id, n) CROSS JOIN generate_series(0, $2 - 1) g "
+    "JOIN bench_texts t ON t.i = (g * 7919 + c.n * 31) % 1000"
 )
 
 
@@ -116,16 +119,22 @@ async def insert_chats(
     length: int,
     chars: int,
 ) -> list[uuid.UUID]:
-    """`count` chats of `length` messages of `chars` characters, in one INSERT ... SELECT, newest first."""
+    """`count` chats of `length` messages of `chars` characters (two INSERT ... SELECT), newest first."""
     sql = (
-        "INSERT INTO chats (id, team_id, user_id, agent_id, title, archived, pinned, messages, message_count,"
-        " last_message_at, created_at, updated_at) "
-        f"SELECT gen_random_uuid(), $1, $2, $3, 'bench chat ' || c, false, false, {MESSAGES_SQL}, $5, "
-        "now() - make_interval(secs => c), now() - make_interval(secs => $4 + c), now() - make_interval(secs => c) "
-        "FROM generate_series(1, $4) c ORDER BY c RETURNING id"
+        "INSERT INTO chats (id, team_id, user_id, agent_id, title, archived, pinned, current_message_id,"
+        " message_count, last_message_at, created_at, updated_at) "
+        "SELECT x.id, $1, $2, $3, 'bench chat ' || x.c, false, false, "
+        "CASE WHEN $5 > 0 THEN md5(x.id::text || '.' || ($5 - 1))::uuid END, $5, "
+        "now() - make_interval(secs => x.c), now() - make_interval(secs => $4 + x.c), "
+        "now() - make_interval(secs => x.c) "
+        "FROM (SELECT gen_random_uuid() AS id, c FROM generate_series(1, $4) c) x ORDER BY c RETURNING id"
     )
-    rows = await conn.fetch(sql, team_id, user_id, agent_id, count, length, chars)
-    return [row["id"] for row in rows]
+    async with conn.transaction():
+        rows = await conn.fetch(sql, team_id, user_id, agent_id, count, length)
+        ids = [row["id"] for row in rows]
+        if length:
+            await conn.execute(MESSAGES_SQL, ids, length, chars)
+    return ids
 
 
 async def checkpoint(conn: asyncpg.Connection) -> None:
@@ -211,6 +220,10 @@ async def measure_length(bench: Bench, config: Config, length: int, service_url:
         chars=config.chars,
     )
     built = time.perf_counter() - t0
+    # Statistics as autovacuum would have them on a live database: without them the planner sees tables of
+    # zero rows and may pick any index for the chat lookup (a team-wide scan instead of the primary key).
+    await s.conn.execute("ANALYZE chats")
+    await s.conn.execute("ANALYZE messages")
     await checkpoint(s.conn)
     open_chat, send_chats = chats[0], chats[1:]
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -232,9 +245,10 @@ async def measure_length(bench: Bench, config: Config, length: int, service_url:
             if index >= config.warmup:
                 direct_results.append(one_direct)
                 service_results.append(one)
-        opened = await timed_gets(
-            session, f"{service_url}/api/chats/{open_chat}", {"Authorization": f"Bearer {token}"}, config.opens
-        )
+        auth = {"Authorization": f"Bearer {token}"}
+        opened = await timed_gets(session, f"{service_url}/api/chats/{open_chat}", auth, config.opens)
+        # What a client opening a long chat asks for: the newest 50 messages of the branch.
+        opened_last = await timed_gets(session, f"{service_url}/api/chats/{open_chat}?last=50", auth, config.opens)
     service = stream_summary(service_results)
     fake = stream_summary(direct_results)
     added = {
@@ -243,11 +257,14 @@ async def measure_length(bench: Bench, config: Config, length: int, service_url:
         else round(service[f"ttfc_{q}_ms"] - fake[f"ttfc_{q}_ms"], 2)
         for q in ("p50", "p99")
     }
-    toast = await s.conn.fetchval("SELECT pg_column_size(messages) FROM chats WHERE id = $1", open_chat)
+    toast = await s.conn.fetchval(
+        "SELECT coalesce(sum(pg_column_size(m.*)), 0) FROM messages m WHERE chat_id = $1", open_chat
+    )
     log(
         f"  {length:>5} messages: built {built:.1f} s, sends ok {service['complete']}/{service['streams']}, "
         f"added TTFC p50/p99 {added['p50']}/{added['p99']} ms (fake {fake['ttfc_p50_ms']}/{fake['ttfc_p99_ms']}), "
-        f"done p50 {service['done_p50_ms']} ms, open p50/p99 {opened['p50_ms']}/{opened['p99_ms']} ms"
+        f"done p50 {service['done_p50_ms']} ms, open p50/p99 {opened['p50_ms']}/{opened['p99_ms']} ms, "
+        f"?last=50 p50/p99 {opened_last['p50_ms']}/{opened_last['p99_ms']} ms"
         + (f"  {service['reasons']}" if service["reasons"] else "")
     )
     return {
@@ -259,6 +276,7 @@ async def measure_length(bench: Bench, config: Config, length: int, service_url:
         "added_ttfc_p50_ms": added["p50"],
         "added_ttfc_p99_ms": added["p99"],
         "open": opened,
+        "open_last": opened_last,
         # Every measured send in order (ms): service TTFC and the fake's own just before it.
         "ttfc_ms": [None if r.ttfc is None else round(r.ttfc * 1000, 2) for r in service_results],
         "direct_ttfc_ms": [None if r.ttfc is None else round(r.ttfc * 1000, 2) for r in direct_results],
@@ -289,6 +307,7 @@ async def measure_lists(bench: Bench, config: Config, service_url: str, settings
                 chars=config.chars,
             )
             await s.conn.execute("ANALYZE chats")
+            await s.conn.execute("ANALYZE messages")
             built = time.perf_counter() - t0
             token = create_token(settings=settings, user_id=user_id, team_id=s.team_id, token_type="access").token
             result = await timed_gets(
@@ -323,12 +342,6 @@ async def benchmark(config: Config, results: Path = RESULTS) -> dict[str, Any]:
     try:
         await admin(f'CREATE DATABASE "{dbname}"')
         await asyncio.to_thread(migrate, _db_url(dbname, "postgresql+asyncpg"))
-        if config.drop_message_index:
-            conn = await asyncpg.connect(_db_url(dbname), timeout=5)
-            try:
-                await conn.execute("DROP INDEX ix_chats_messages")
-            finally:
-                await conn.close()
 
         # The admin's password is never used here: a cheap hash instead of the configured cost.
         settings, seeded = await bench.start_fake_and_seed(tmp, bcrypt_rounds=4)
@@ -387,13 +400,13 @@ def render(report: dict[str, Any]) -> str:
     m = report.get("machine", {})
     config = report.get("config", {})
     lines = [
-        f"Send cost vs chat length (JSONB array storage), {report.get('date')}, {m.get('nproc')} cores "
+        f"Send cost vs chat length (messages table), {report.get('date')}, {m.get('nproc')} cores "
         f"({m.get('cpu')}), PostgreSQL {report.get('postgres')}, Python {report.get('python')}, one worker, "
         f"messages of {config.get('chars')} characters, took {report.get('duration_s')} s",
         "",
         "| messages in the chat | stored (pglz) | sends ok | added TTFC p50 | added TTFC p99 | response head p50 "
-        "| request to `done` p50 | `GET /api/chats/{id}` p50 | p99 | body |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| request to `done` p50 | `GET /api/chats/{id}` p50 | p99 | body | `?last=50` p50 | p99 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for length, row in report.get("lengths", {}).items():
         svc, opened = row["service"], row["open"]
@@ -401,7 +414,8 @@ def render(report: dict[str, Any]) -> str:
             f"| {int(length):,} | {_f(row['stored_bytes'] / 1024, 0)} kB | {svc['complete']}/{svc['streams']} "
             f"| {_f(row['added_ttfc_p50_ms'])} ms | {_f(row['added_ttfc_p99_ms'])} ms | {_f(svc['head_p50_ms'])} ms "
             f"| {_f(svc['done_p50_ms'])} ms | {_f(opened['p50_ms'])} ms | {_f(opened['p99_ms'])} ms "
-            f"| {_f(opened['bytes'] / 1024, 0)} kB |"
+            f"| {_f(opened['bytes'] / 1024, 0)} kB "
+            f"| {_f(row.get('open_last', {}).get('p50_ms'))} ms | {_f(row.get('open_last', {}).get('p99_ms'))} ms |"
         )
     lines += ["", "| `GET /api/chats` (page 1, limit 50) | runs | p50 | p99 | built in |", "|---|---:|---:|---:|---:|"]
     for row in report.get("list", {}).values():
@@ -433,11 +447,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list-messages", type=int, default=default.list_messages)
     parser.add_argument("--list-long", type=int, default=default.list_long, help="messages of the one-chat user")
     parser.add_argument("--list-runs", type=int, default=default.list_runs)
-    parser.add_argument(
-        "--drop-message-index",
-        action="store_true",
-        help="experiment: drop the GIN index ix_chats_messages first (not the schema's figures)",
-    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the result files go")
     args = parser.parse_args(argv)
     config = Config(
@@ -449,7 +458,6 @@ def main(argv: list[str] | None = None) -> int:
         list_messages=args.list_messages,
         list_long=args.list_long,
         list_runs=args.list_runs,
-        drop_message_index=args.drop_message_index,
     )
     report = asyncio.run(_cancellable(benchmark(config, args.results)))
     table = render(report)

@@ -148,9 +148,7 @@ async def new_chats(seed_: Seed, count: int) -> list[uuid.UUID]:
     now = dt.datetime.now(dt.UTC)
     await seed_.conn.copy_records_to_table(
         "chats",
-        records=[
-            (i, seed_.team_id, seed_.user_id, seed_.agent_id, "bench", False, False, "[]", 0, now, now) for i in ids
-        ],
+        records=[(i, seed_.team_id, seed_.user_id, seed_.agent_id, "bench", False, False, 0, now, now) for i in ids],
         columns=[
             "id",
             "team_id",
@@ -159,7 +157,6 @@ async def new_chats(seed_: Seed, count: int) -> list[uuid.UUID]:
             "title",
             "archived",
             "pinned",
-            "messages",
             "message_count",
             "created_at",
             "updated_at",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.models import Agent, Chat, Team, User
+from app.db import utcnow
+from app.models import Agent, Chat, Message, Team, User
 from app.security import create_token, hash_password_sync
 
 DEFAULT_PASSWORD = "correct-horse-battery"
@@ -72,20 +76,104 @@ async def create_agent(session: AsyncSession, *, team: Team, **overrides: Any) -
     return agent
 
 
-async def create_chat(session: AsyncSession, *, user: User, agent: Agent, **overrides: Any) -> Chat:
+async def create_chat(
+    session: AsyncSession, *, user: User, agent: Agent, messages: list[dict[str, Any]] | None = None, **overrides: Any
+) -> Chat:
+    """A chat; `messages` (dicts as the API shows them, `_worker` for a streaming row's worker) become one
+    branch, each the parent of the next, the last one current."""
     values: dict[str, Any] = {
         "team_id": user.team_id,
         "user_id": user.id,
         "agent_id": agent.id,
         "title": "A chat",
-        "messages": [],
-        "message_count": 0,
+        "message_count": len(messages or []),
     }
     values.update(overrides)
     chat = Chat(**values)
     session.add(chat)
+    await session.flush()
+    parent: uuid.UUID | None = None
+    for element in messages or []:
+        row = message_row(chat.id, parent, element)
+        session.add(row)
+        await session.flush()
+        parent = row.id
+    chat.current_message_id = parent
     await session.commit()
     return chat
+
+
+def message_row(chat_id: uuid.UUID, parent_id: uuid.UUID | None, element: dict[str, Any]) -> Message:
+    created = element.get("created_at")
+    created_at = datetime.fromisoformat(created) if isinstance(created, str) else created or utcnow()
+    return Message(
+        id=uuid.UUID(str(element["id"])) if "id" in element else uuid.uuid4(),
+        chat_id=chat_id,
+        parent_id=parent_id,
+        role=element.get("role", "user"),
+        content=element.get("content", ""),
+        status=element.get("status", "complete"),
+        error=element.get("error"),
+        meta=element.get("metadata"),
+        feedback=element.get("feedback"),
+        worker_id=uuid.UUID(str(element["_worker"])) if element.get("_worker") else None,
+        created_at=created_at,
+        updated_at=created_at,
+    )
+
+
+@dataclass
+class StoredChat:
+    """A chat row with its current branch as stored (`branch_of`)."""
+
+    chat: Chat
+    messages: list[dict[str, Any]]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.chat, name)
+
+
+async def stored_chat(session: AsyncSession, chat_id: uuid.UUID) -> StoredChat:
+    chat = (
+        await session.execute(select(Chat).where(Chat.id == chat_id).execution_options(populate_existing=True))
+    ).scalar_one()
+    return StoredChat(chat, await branch_of(session, chat_id))
+
+
+async def branch_of(session: AsyncSession, chat_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The chat's current branch as stored, root first (`_worker` for a streaming row's worker): what tests
+    assert on after a send, read from the tables, not through the API."""
+    chat = (
+        await session.execute(select(Chat).where(Chat.id == chat_id).execution_options(populate_existing=True))
+    ).scalar_one()
+    rows = {
+        m.id: m
+        for m in (
+            await session.execute(
+                select(Message).where(Message.chat_id == chat_id).execution_options(populate_existing=True)
+            )
+        ).scalars()
+    }
+    branch: list[dict[str, Any]] = []
+    node = rows.get(chat.current_message_id) if chat.current_message_id else None
+    while node is not None:
+        element: dict[str, Any] = {
+            "id": str(node.id),
+            "role": node.role,
+            "content": node.content,
+            "status": node.status,
+            "created_at": node.created_at.isoformat().replace("+00:00", "Z"),
+        }
+        if node.error is not None:
+            element["error"] = node.error
+        if node.meta is not None:
+            element["metadata"] = node.meta
+        if node.worker_id is not None:
+            element["_worker"] = str(node.worker_id)
+        branch.append(element)
+        node = rows.get(node.parent_id) if node.parent_id else None
+    branch.reverse()
+    return branch
 
 
 def auth_headers(settings: Settings, user: User) -> dict[str, str]:

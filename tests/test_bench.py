@@ -134,7 +134,7 @@ async def test_bench_history_runs_at_tiny_sizes(tmp_path: Path) -> None:
         assert row["service"]["complete"] == row["service"]["streams"] == 3, row["service"]["reasons"]
         assert row["direct"]["complete"] == 3
         assert row["added_ttfc_p50_ms"] is not None
-        assert row["open"]["runs"] == 3
+        assert row["open"]["runs"] == row["open_last"]["runs"] == 3
         assert len(row["ttfc_ms"]) == 3
         # The open chat has exactly `length` messages of `chars` characters (JSON body: at least that much).
         assert row["open"]["bytes"] >= int(length) * 100

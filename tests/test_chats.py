@@ -26,8 +26,19 @@ from tests.conftest import count_rows, make_settings, run_migrations
 from tests.factories import auth_headers, create_admin, create_agent, create_chat, create_team, create_user
 
 SUMMARY_FIELDS = {"id", "agent_id", "title", "archived", "pinned", "message_count", "created_at", "updated_at"}
-CHAT_FIELDS = SUMMARY_FIELDS | {"team_id", "user_id", "messages"}
-MESSAGE_FIELDS = {"id", "role", "content", "status", "created_at", "error", "metadata"}
+CHAT_FIELDS = SUMMARY_FIELDS | {"team_id", "user_id", "messages", "current_message_id", "has_more"}
+MESSAGE_FIELDS = {
+    "id",
+    "role",
+    "content",
+    "status",
+    "created_at",
+    "error",
+    "metadata",
+    "parent_id",
+    "sibling_ids",
+    "feedback",
+}
 
 
 @dataclass
@@ -155,8 +166,7 @@ async def test_read_chat_returns_messages_without_internal_keys(
             status="error",
             error={"message": "n8n timed out", "code": "upstream_timeout"},
             metadata={"model": "gpt-4"},
-            _worker="abc",
-            _checkpoint=3,
+            _worker=str(uuid.uuid4()),
         ),
     ]
     chat = await create_chat(session, user=world.member, agent=world.agent, messages=stored, message_count=2)
@@ -172,7 +182,8 @@ async def test_read_chat_returns_messages_without_internal_keys(
     assert second["error"] == {"message": "n8n timed out", "code": "upstream_timeout"}
     assert second["metadata"] == {"model": "gpt-4"}
     assert "_worker" not in response.text
-    assert "_checkpoint" not in response.text
+    assert "worker" not in response.text
+    assert stored[1]["_worker"] not in response.text
 
 
 async def test_read_chat_renders_every_stored_timestamp_in_utc_with_z(
@@ -469,9 +480,11 @@ async def test_search_matches_message_text_not_its_json(
 async def test_search_does_not_match_internal_keys_or_ids(
     client: httpx.AsyncClient, world: World, session: AsyncSession
 ) -> None:
-    await create_chat(session, user=world.member, agent=world.agent, messages=[message("x", _worker="zebra")])
-    response = await client.get("/api/chats?q=zebra", headers=world.h(world.member))
-    assert response.json() == []
+    stored = message("x", _worker=str(uuid.uuid4()))
+    await create_chat(session, user=world.member, agent=world.agent, messages=[stored])
+    for q in (stored["id"], stored["_worker"], "streaming", "user"):
+        response = await client.get("/api/chats", params={"q": q}, headers=world.h(world.member))
+        assert response.json() == [], q
 
 
 def test_like_pattern_escapes_wildcards() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
@@ -18,7 +18,7 @@ from app.models import Chat, IdempotencyKey
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
-from tests.factories import auth_headers, create_chat, create_user
+from tests.factories import auth_headers, branch_of, create_chat, create_user
 from tests.live import SSE, chat_with_agent, live_server, parse_sse, streamed_text
 from tests.test_stop_resume import LONG, has_text, live_settings, send
 from tools.fake_n8n import FakeN8n
@@ -33,8 +33,7 @@ def same_events(events: list[SSE]) -> list[tuple[str | None, object]]:
 
 async def messages_of(app: FastAPI, setup_chat: Chat) -> list[dict[str, object]]:
     async with app_state(app).db.sessionmaker() as s:
-        chat = (await s.execute(select(Chat).where(Chat.id == setup_chat.id))).scalar_one()
-        return list(chat.messages)
+        return await branch_of(s, setup_chat.id)
 
 
 async def test_retry_during_and_after_the_generation_answers_the_same_stream_and_calls_n8n_once(

@@ -17,25 +17,35 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.db import utcnow
-from app.models import Chat, ErrorLog, Team, User
+from app.models import ErrorLog, Team, User
 from app.security import create_token, family_key
 from app.services.messages import build_history, public_message
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
-from tests.factories import auth_headers, create_admin, create_user
+from tests.factories import StoredChat, auth_headers, create_admin, create_user, stored_chat
 from tests.live import ChatSetup, chat_with_agent, data_events, parse_sse, streamed_text
 from tools.fake_n8n import FakeN8n, load_captures
 
 CAPTURES = load_captures()
-MESSAGE_FIELDS = {"id", "role", "content", "status", "created_at", "error", "metadata"}
+MESSAGE_FIELDS = {
+    "id",
+    "role",
+    "content",
+    "status",
+    "created_at",
+    "error",
+    "metadata",
+    "parent_id",
+    "sibling_ids",
+    "feedback",
+}
 TIMESTAMP_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 
 
-async def stored(app: FastAPI, chat_id: uuid.UUID) -> Chat:
+async def stored(app: FastAPI, chat_id: uuid.UUID) -> StoredChat:
     async with app_state(app).db.sessionmaker() as s:
-        chat: Chat = (await s.execute(select(Chat).where(Chat.id == chat_id))).scalar_one()
-        return chat
+        return await stored_chat(s, chat_id)
 
 
 async def error_rows(app: FastAPI) -> list[ErrorLog]:
@@ -86,8 +96,13 @@ async def test_send_message_streams_events_and_stores_answer(
     assert chat.last_message_at is not None
     assert chat.title == "hello there"
     user_msg, assistant = chat.messages
-    assert public_message(user_msg) == start["user_message"]
-    assert public_message(assistant) == done
+    # The stored rows are what the stream showed (the tree keys come from the stored links).
+    assert public_message(user_msg) == {**start["user_message"], "sibling_ids": []}
+    assert public_message(assistant) == {**done, "parent_id": None, "sibling_ids": []}
+    assert done["parent_id"] == user_msg["id"]
+    assert done["sibling_ids"] == [done["id"]]
+    assert start["user_message"]["parent_id"] is None
+    assert start["user_message"]["sibling_ids"] == [user_msg["id"]]
     assert assistant["_worker"] == str(app_state(app).generations.worker_id)
     assert await error_rows(app) == []
     assert app_state(app).generations.running == {}
@@ -218,9 +233,9 @@ async def test_payload_n8n_receives(
     client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
     prior = [
-        {"id": "1", "role": "user", "content": "old question", "status": "complete", "created_at": "x"},
-        {"id": "2", "role": "assistant", "content": "", "status": "error", "created_at": "x"},
-        {"id": "3", "role": "assistant", "content": "partial", "status": "interrupted", "created_at": "x"},
+        {"role": "user", "content": "old question", "status": "complete"},
+        {"role": "assistant", "content": "", "status": "error"},
+        {"role": "assistant", "content": "partial", "status": "interrupted"},
     ]
     setup = await chat_with_agent(
         session,
@@ -395,7 +410,15 @@ async def test_send_message_with_inactive_agent_is_409(
 async def test_send_message_while_generation_runs_is_409(
     app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
-    running = [{"id": "a", "role": "assistant", "content": "", "status": "streaming", "created_at": "x"}]
+    running = [
+        {
+            "id": str(uuid.uuid4()),
+            "role": "assistant",
+            "content": "",
+            "status": "streaming",
+            "created_at": "2026-01-01T00:00:00Z",
+        }
+    ]
     setup = await chat_with_agent(
         session, settings, fake.url + "/webhook/agent-stream", messages=running, message_count=1
     )

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
+import sqlalchemy as sa
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from app.db import utcnow
+from app.dialects import JSONType, UTCDateTime
+from app.models import Chat, Message, User
 from app.services.health import migration_head
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import ADMIN_URL, ROOT, _admin_execute, _plain_url, _with_database, make_settings, run_migrations
+from tests.factories import auth_headers
 from tools.schema_sql import render_schema
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
@@ -27,6 +34,7 @@ EXPECTED_TABLES = {
     "users",
     "agents",
     "chats",
+    "messages",
     "refresh_tokens",
     "revoked_tokens",
     "error_logs",
@@ -34,8 +42,6 @@ EXPECTED_TABLES = {
     "invites",
     "usage_records",
     "usage_daily",
-
-
     "idempotency_keys",
     "alembic_version",
 }
@@ -239,3 +245,214 @@ def test_idempotency_keys_migration_down_and_up_on_sqlite(tmp_path: Path) -> Non
     assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"idempotency_keys"}
     run_migrations(url, "0007")
     assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES
+
+
+# --- 0005: the JSON array of each chat becomes one branch of rows ---------------------------------------
+
+OLD_CHATS = sa.table(
+    "chats",
+    sa.column("id", sa.Uuid()),
+    sa.column("team_id", sa.Uuid()),
+    sa.column("user_id", sa.Uuid()),
+    sa.column("agent_id", sa.Uuid()),
+    sa.column("title", sa.String()),
+    sa.column("archived", sa.Boolean()),
+    sa.column("pinned", sa.Boolean()),
+    sa.column("messages", JSONType),
+    sa.column("message_count", sa.Integer()),
+    sa.column("created_at", UTCDateTime()),
+    sa.column("updated_at", UTCDateTime()),
+)
+
+
+async def _seed_before_the_tree(url: str, chat_id: uuid.UUID, elements: list[dict[str, Any]]) -> None:
+    """A team, a user, an agent and a chat as revision 0004 stored them (the JSON array)."""
+    engine = create_async_engine(url)
+    now = utcnow()
+    team, user, agent = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO teams (id, name, slug, settings, created_at, updated_at)"
+                    " VALUES (:id, 'T', :slug, '{}', :now, :now)"
+                ).bindparams(sa.bindparam("id", type_=sa.Uuid()), sa.bindparam("now", type_=UTCDateTime())),
+                {"id": team, "slug": f"t-{team.hex[:8]}", "now": now},
+            )
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO users (id, team_id, email, password_hash, role, is_active, preferences, created_at,"
+                    " updated_at) VALUES (:id, :team, 'old@example.com', 'x', 'user', true, '{}', :now, :now)"
+                ).bindparams(
+                    sa.bindparam("id", type_=sa.Uuid()),
+                    sa.bindparam("team", type_=sa.Uuid()),
+                    sa.bindparam("now", type_=UTCDateTime()),
+                ),
+                {"id": user, "team": team, "now": now},
+            )
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO agents (id, team_id, name, webhook_url, config, avatar_version, is_active, created_at,"
+                    " updated_at) VALUES (:id, :team, 'A', 'http://127.0.0.1:1/x', '{}', 0, true, :now, :now)"
+                ).bindparams(
+                    sa.bindparam("id", type_=sa.Uuid()),
+                    sa.bindparam("team", type_=sa.Uuid()),
+                    sa.bindparam("now", type_=UTCDateTime()),
+                ),
+                {"id": agent, "team": team, "now": now},
+            )
+            await conn.execute(
+                OLD_CHATS.insert().values(
+                    id=chat_id,
+                    team_id=team,
+                    user_id=user,
+                    agent_id=agent,
+                    title="old",
+                    archived=False,
+                    pinned=False,
+                    messages=elements,
+                    message_count=len(elements),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    finally:
+        await engine.dispose()
+
+
+async def _rows(url: str, sql: str, **params: Any) -> list[Any]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return list((await conn.execute(sa.text(sql), params)).all())
+    finally:
+        await engine.dispose()
+
+
+async def _add_sibling_and_switch(url: str, chat_id: uuid.UUID, parent: str) -> uuid.UUID:
+    """An edit made after the migration: a second branch, shown."""
+    sibling = uuid.uuid4()
+    engine = create_async_engine(url)
+    now = utcnow()
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.insert(Message).values(
+                    id=sibling,
+                    chat_id=chat_id,
+                    parent_id=uuid.UUID(parent),
+                    role="user",
+                    content="edited",
+                    status="complete",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await conn.execute(sa.update(Chat).where(Chat.id == chat_id).values(current_message_id=sibling))
+    finally:
+        await engine.dispose()
+    return sibling
+
+
+def _old_elements() -> list[dict[str, Any]]:
+    worker = str(uuid.uuid4())
+    return [
+        {
+            "id": str(uuid.uuid4()),
+            "role": "user",
+            "content": "first",
+            "status": "complete",
+            "created_at": "2026-12-01T10:00:00Z",
+        },
+        {
+            "id": str(uuid.uuid4()),
+            "role": "assistant",
+            "content": "answer",
+            "status": "complete",
+            "created_at": "2026-12-01T10:00:01.500000Z",
+            "metadata": {"chunks": 2},
+        },
+        {
+            "id": str(uuid.uuid4()),
+            "role": "user",
+            "content": "second",
+            "status": "complete",
+            "created_at": "2026-12-01T10:01:00+00:00",
+        },
+        {
+            "id": str(uuid.uuid4()),
+            "role": "assistant",
+            "content": "half",
+            "status": "interrupted",
+            "created_at": "2026-12-01T10:01:01Z",
+            "error": {"message": "stopped", "code": "interrupted"},
+            "_worker": worker,
+        },
+    ]
+
+
+async def _check_migration_of_a_chat(url: str, tmp_path: Path) -> None:
+    chat_id = uuid.uuid4()
+    elements = _old_elements()
+    await asyncio.to_thread(run_migrations, url, "0004")
+    await _seed_before_the_tree(url, chat_id, elements)
+    await asyncio.to_thread(run_migrations, url)
+
+    # Read through the API: the same messages, in order, one branch.
+    app = create_app(make_settings(url, tmp_path))
+    try:
+        async with app_state(app).db.sessionmaker() as session:
+            user = (await session.execute(sa.select(User))).scalar_one()
+            headers = auth_headers(app_state(app).settings, user)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            body = (await c.get(f"/api/chats/{chat_id}", headers=headers)).json()
+            listed = await c.get(f"/api/chats/{chat_id}/messages", headers=headers)
+            found = await c.get("/api/chats", params={"q": "half"}, headers=headers)
+    finally:
+        await shutdown(app)
+    messages = body["messages"]
+    assert [m["id"] for m in messages] == [e["id"] for e in elements]
+    assert [m["content"] for m in messages] == ["first", "answer", "second", "half"]
+    assert [m["parent_id"] for m in messages] == [None] + [e["id"] for e in elements[:-1]]
+    assert [m["sibling_ids"] for m in messages] == [[e["id"]] for e in elements]
+    assert [m["created_at"] for m in messages] == [
+        "2026-12-01T10:00:00Z",
+        "2026-12-01T10:00:01.500000Z",
+        "2026-12-01T10:01:00Z",
+        "2026-12-01T10:01:01Z",
+    ]
+    assert messages[1]["metadata"] == {"chunks": 2}
+    assert (messages[3]["status"], messages[3]["error"]) == (
+        "interrupted",
+        {"message": "stopped", "code": "interrupted"},
+    )
+    assert body["current_message_id"] == elements[-1]["id"]
+    assert body["message_count"] == 4
+    assert [m["id"] for m in listed.json()] == [e["id"] for e in elements]
+    assert [c["id"] for c in found.json()] == [str(chat_id)]
+    workers = await _rows(url, "SELECT worker_id FROM messages WHERE worker_id IS NOT NULL")
+    assert [uuid.UUID(str(w[0])) for w in workers] == [uuid.UUID(elements[-1]["_worker"])]
+
+    # Down again: the current branch (here after an edit) becomes the array.
+    await _add_sibling_and_switch(url, chat_id, elements[1]["id"])
+    await asyncio.to_thread(run_migrations, url, "0004", downgrade=True)
+    stored = await _rows(url, "SELECT messages, message_count FROM chats")
+    array = stored[0][0] if isinstance(stored[0][0], list) else json.loads(stored[0][0])
+    assert [e["content"] for e in array] == ["first", "answer", "edited"]
+    assert array[0] == elements[0]
+    assert array[1] == elements[1] | {"created_at": "2026-12-01T10:00:01.500000Z"}
+    assert stored[0][1] == 3
+
+
+async def test_migration_0005_moves_a_chat_to_rows_and_back_on_postgresql(tmp_path: Path) -> None:
+    name = f"test_mig_{uuid.uuid4().hex[:8]}"
+    await _admin_execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        await _check_migration_of_a_chat(url, tmp_path)
+    finally:
+        await _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_migration_0005_moves_a_chat_to_rows_and_back_on_sqlite(tmp_path: Path) -> None:
+    await _check_migration_of_a_chat(f"sqlite+aiosqlite:///{tmp_path / 'tree.db'}", tmp_path)

@@ -197,7 +197,7 @@ async def test_validation_errors_never_echo_input_and_are_documented_as_sent(
         ("PATCH", f"/api/agents/{uuid.UUID(int=1)}", "DELETE, GET, PUT"),
         ("PUT", f"/api/agents/{uuid.UUID(int=1)}/avatar", "DELETE, GET, POST"),
         ("OPTIONS", "/api/auth/me", "GET, PATCH"),
-        ("GET", f"/api/chats/{uuid.UUID(int=1)}/messages", "POST"),
+        ("DELETE", f"/api/chats/{uuid.UUID(int=1)}/messages", "GET, POST"),
     ],
 )
 async def test_405_allow_lists_every_method_of_the_path(

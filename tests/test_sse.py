@@ -20,7 +20,6 @@ def _generation() -> Generation:
         team_id=uuid.uuid4(),
         user_id=uuid.uuid4(),
         agent_id=uuid.uuid4(),
-        index=1,
         assistant_id="a1",
         user_message={"id": "u1", "role": "user", "content": "hi", "status": "complete", "created_at": "t"},
         webhook_url="http://x",

@@ -20,10 +20,11 @@ from sqlalchemy.pool import QueuePool
 
 from app.config import Settings
 from app.db import utcnow
-from app.models import Chat, ErrorLog, Worker
+from app.models import ErrorLog, Worker
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import ROOT, TEST_ENCRYPTION_KEY, TEST_JWT_SECRET, make_settings
+from tests.factories import branch_of
 from tests.live import (
     ChatSetup,
     LiveServer,
@@ -52,9 +53,7 @@ def fast_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settin
 
 async def assistant_of(app: FastAPI, chat_id: uuid.UUID) -> dict[str, Any]:
     async with app_state(app).db.sessionmaker() as s:
-        chat = (await s.execute(select(Chat).where(Chat.id == chat_id))).scalar_one()
-        message: dict[str, Any] = chat.messages[-1]
-        return message
+        return (await branch_of(s, chat_id))[-1]
 
 
 async def settled(app: FastAPI, chat_id: uuid.UUID, within: float = 5) -> dict[str, Any]:
@@ -347,18 +346,24 @@ async def test_startup_marks_streams_of_missing_workers_interrupted(
         "role": "assistant",
         "content": "half",
         "status": "streaming",
-        "created_at": "x",
+        "created_at": "2026-01-01T00:00:01Z",
         "_worker": str(uuid.uuid4()),
     }
-    done = {"id": str(uuid.uuid4()), "role": "assistant", "content": "ok", "status": "complete", "created_at": "x"}
+    done = {
+        "id": str(uuid.uuid4()),
+        "role": "assistant",
+        "content": "ok",
+        "status": "complete",
+        "created_at": "2026-01-01T00:00:00Z",
+    }
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream", messages=[done, orphan])
     await app_state(app).generations.startup()
     await app_state(app).generations.shutdown()
     async with app_state(app).db.sessionmaker() as s:
-        chat = (await s.execute(select(Chat).where(Chat.id == setup.chat.id))).scalar_one()
-    assert chat.messages[0] == done
-    assert chat.messages[1]["status"] == "interrupted"
-    assert chat.messages[1]["content"] == "half"
+        messages = await branch_of(s, setup.chat.id)
+    assert messages[0] == done
+    assert messages[1]["status"] == "interrupted"
+    assert messages[1]["content"] == "half"
     assert await error_codes(app) == ["interrupted"]
 
 
@@ -400,7 +405,7 @@ async def test_running_worker_recovers_streams_of_a_worker_that_died_later(
         "role": "assistant",
         "content": "half",
         "status": "streaming",
-        "created_at": "x",
+        "created_at": "2026-01-01T00:00:00Z",
         "_worker": str(dead),
     }
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream", messages=[orphan])

@@ -24,7 +24,7 @@ from app.services.messages import finish_message, start_message
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
-from tests.factories import auth_headers, create_admin, create_agent, create_chat, create_team, create_user
+from tests.factories import auth_headers, branch_of, create_admin, create_agent, create_chat, create_team, create_user
 from tests.live import chat_with_agent
 from tools.fake_n8n import FakeN8n
 
@@ -91,8 +91,8 @@ async def test_ledger_keeps_the_token_usage_n8n_reports(
     await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": "hello there"}, headers=setup.headers)
     [row] = await ledger(app)
     assert (row.outcome, row.tokens_in, row.tokens_out) == ("complete", *tokens)
-    chat = await session.get_one(Chat, setup.chat.id, populate_existing=True)
-    assert chat.messages[-1]["metadata"]["tokens_in"] == tokens[0]
+    branch = await branch_of(session, setup.chat.id)
+    assert branch[-1]["metadata"]["tokens_in"] == tokens[0]
 
 
 async def test_failed_send_writes_error_row_with_its_code(

@@ -17,11 +17,11 @@ from yarl import URL
 
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers, encrypt_headers
-from app.models import Chat, ErrorLog
+from app.models import ErrorLog
 from app.state import app_state
 from app.webhooks import PolicyResolver, WebhookPolicyError, check_webhook_url, webhook_target
 from tests.conftest import count_rows, make_settings
-from tests.factories import auth_headers, create_admin, create_agent, create_team
+from tests.factories import auth_headers, branch_of, create_admin, create_agent, create_team
 from tests.live import chat_with_agent, data_events, parse_sse
 from tools.fake_n8n import FakeN8n
 
@@ -420,8 +420,8 @@ async def test_send_to_stored_unicode_host_is_refused_before_connecting(
     assert last["data"]["code"] == "upstream_blocked"
     assert fake.requests == []
     async with app_state(app).db.sessionmaker() as s:
-        chat = (await s.execute(select(Chat).where(Chat.id == setup.chat.id))).scalar_one()
+        messages = await branch_of(s, setup.chat.id)
         codes = list((await s.execute(select(ErrorLog.code))).scalars())
-    assert chat.messages[-1]["role"] == "assistant"
-    assert chat.messages[-1]["status"] == "error"
+    assert messages[-1]["role"] == "assistant"
+    assert messages[-1]["status"] == "error"
     assert codes == ["upstream_blocked"]

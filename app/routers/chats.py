@@ -1,4 +1,4 @@
-"""Chats of the caller: create, list (search, paging), read with every message, update, delete."""
+"""Chats of the caller: create, list (search, paging), read with its current branch, update, delete."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from app.deps import SessionDep
 from app.routers.responses import R401, Responses, error_doc, total_count
 from app.schemas import ChatCreate, ChatRead, ChatSummary, ChatUpdate
 from app.services import chats as chats_service
+from app.services import tree
 
 router = APIRouter(prefix="/api/chats", tags=["chats"])
 
@@ -63,30 +64,41 @@ async def list_chats(
 )
 async def create_chat(data: ChatCreate, session: SessionDep, user: CurrentUser) -> ChatRead:
     chat = await chats_service.create_chat(session=session, user=user, agent_id=data.agent_id, title=data.title)
-    return ChatRead.model_validate(chat)
+    summary = ChatSummary.model_validate(chat).model_dump()
+    return ChatRead(**summary, team_id=chat.team_id, user_id=chat.user_id, current_message_id=None, messages=[])
 
 
 @router.get(
     "/{chat_id}",
     response_model=ChatRead,
-    summary="Read one of my chats with all its messages (one query)",
+    summary="Read one of my chats with its current branch (one query)",
+    description="`messages` is the branch shown (root first), ending at `current_message_id`; without "
+    "edits or regenerations that is every message. `last=N` returns only its N newest messages, and "
+    "`has_more` says whether older ones were left out. Every message of every branch: "
+    "`GET /api/chats/{id}/messages`.",
     responses={**AUTH_ERRORS, **NOT_FOUND},
 )
-async def read_chat(chat_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> ChatRead:
-    chat = await chats_service.get_owned_chat(session=session, user=user, chat_id=chat_id)
-    return ChatRead.model_validate(chat)
+async def read_chat(
+    chat_id: uuid.UUID,
+    session: SessionDep,
+    user: CurrentUser,
+    last: Annotated[int | None, Query(ge=1, le=10_000, description="Only the N newest messages")] = None,
+) -> ChatRead:
+    return ChatRead.model_validate(await tree.read_chat(session=session, user=user, chat_id=chat_id, last=last))
 
 
 @router.put(
     "/{chat_id}",
     response_model=ChatRead,
-    summary="Rename, archive or pin one of my chats (only the fields sent change)",
+    summary="Rename, archive, pin one of my chats, or switch its branch (only the fields sent change)",
+    description="`current_message_id` (any message of the chat; another chat's: 422) shows the branch through "
+    "that message, continued through its newest descendants: the answer's `current_message_id` is that leaf.",
     responses={**AUTH_ERRORS, **NOT_FOUND},
 )
 async def update_chat(chat_id: uuid.UUID, data: ChatUpdate, session: SessionDep, user: CurrentUser) -> ChatRead:
     changes = data.model_dump(exclude_unset=True)
-    chat = await chats_service.update_chat(session=session, user=user, chat_id=chat_id, changes=changes)
-    return ChatRead.model_validate(chat)
+    await tree.update_chat(session=session, user=user, chat_id=chat_id, changes=changes)
+    return ChatRead.model_validate(await tree.read_chat(session=session, user=user, chat_id=chat_id))
 
 
 @router.delete(

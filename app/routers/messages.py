@@ -1,4 +1,5 @@
-"""POST /api/chats/{id}/messages: checks and the atomic append as a dependency, then the SSE stream."""
+"""A chat's messages: send (checks and the start transaction as a dependency, then the SSE stream), list every
+branch, feedback on an answer."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.sse import EventSourceResponse
 
-from app.auth import CurrentCaller
-from app.deps import AutocommitSessionDep, GenerationsDep, SettingsDep
-from app.routers.responses import R401, Responses, error_doc, json_only
-from app.schemas import MessageCreate
-from app.services import idempotency
+from app.auth import CurrentCaller, CurrentUser
+from app.deps import GenerationsDep, SessionDep, SettingsDep, ShortSessionDep
+from app.routers.responses import R401, Responses, error_doc, json_only, total_count
+from app.schemas import FeedbackUpdate, MessageCreate, MessageRead
+from app.services import idempotency, tree
 from app.services.chats import CHAT_NOT_FOUND
 from app.services.messages import AGENT_INACTIVE, start_message
 from app.services.usage import QUOTA_REACHED
@@ -80,7 +81,7 @@ async def start_generation(
     chat_id: uuid.UUID,
     body: MessageCreate,
     user: CurrentCaller,
-    session: AutocommitSessionDep,
+    session: ShortSessionDep,
     settings: SettingsDep,
     registry: GenerationsDep,
     idempotency_key: Annotated[
@@ -97,8 +98,8 @@ async def start_generation(
 ) -> AsyncIterator[bytes]:
     """Everything that can fail with a plain JSON error happens here, before the 200 and the stream.
 
-    Its session has no transaction: each statement (the user, the chat with its agent, the conditional
-    append of the two messages) is atomic on its own, and a transaction would only add two round trips.
+    Its session is closed when the endpoint returns; the new rows are stored in one transaction, committed
+    before n8n is called.
     An Idempotency-Key is looked up first: a retry answers the stream its key started, and nothing else runs.
     """
     key = idempotency_key
@@ -117,6 +118,8 @@ async def start_generation(
             user=user,
             chat_id=chat_id,
             content=body.content,
+            edit_of=body.edit_of,
+            regenerate_of=body.regenerate_of,
             worker_id=registry.worker_id,
         )
     except Exception:
@@ -141,7 +144,11 @@ async def start_generation(
     # names the media type; the endpoint returns the EventSourceResponse itself.
     response_class=EventStream,
     response_model=None,
-    summary="Send a message; the answer streams back as Server-Sent Events",
+    summary="Send a message, edit one or regenerate an answer; the answer streams back as Server-Sent Events",
+    description="`{content}` adds a message under the chat's current leaf; `{content, edit_of}` adds a new "
+    "version of a user message (its sibling); `{regenerate_of}` asks again for an answer to the question of "
+    "that assistant message (a new sibling of it; the `start` event's `user_message` is that question). The "
+    "new messages become the current branch, and n8n receives that branch only.",
     responses=RESPONSES,
 )
 async def send_message(stream: Annotated[AsyncIterator[bytes], Depends(start_generation)]) -> EventSourceResponse:
@@ -149,3 +156,43 @@ async def send_message(stream: Annotated[AsyncIterator[bytes], Depends(start_gen
     # of ServerSentEvent: that path runs two extra tasks, two memory streams and a timeout scope per event,
     # 5x the bare relay's CPU per chunk. Events available together go out in one write.
     return EventSourceResponse(stream, headers=SSE_HEADERS)
+
+
+@router.get(
+    "/{chat_id}/messages",
+    response_model=list[MessageRead],
+    summary="Every message of every branch of one of my chats, oldest first",
+    description="`parent_id` and `sibling_ids` give the tree; the total is in the `X-Total-Count` header.",
+    responses={**total_count(), **R401, 404: error_doc("No such chat, or not yours", CHAT_NOT_FOUND)},
+)
+async def list_messages(
+    chat_id: uuid.UUID,
+    response: Response,
+    session: SessionDep,
+    user: CurrentUser,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> list[MessageRead]:
+    page = await tree.list_messages(session=session, user=user, chat_id=chat_id, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(page.total)
+    return [MessageRead.model_validate(m) for m in page.messages]
+
+
+@router.put(
+    "/{chat_id}/messages/{message_id}/feedback",
+    response_model=MessageRead,
+    summary="Rate an answer of one of my chats (1, -1, or null to clear) with an optional comment",
+    description="On assistant messages only (a user message: 422). A null rating without a comment removes the "
+    "feedback (`feedback` becomes null).",
+    responses={
+        **R401,
+        404: error_doc("No such chat or message, or not yours", CHAT_NOT_FOUND),
+    },
+)
+async def set_feedback(
+    chat_id: uuid.UUID, message_id: uuid.UUID, data: FeedbackUpdate, session: SessionDep, user: CurrentUser
+) -> MessageRead:
+    message = await tree.set_feedback(
+        session=session, user=user, chat_id=chat_id, message_id=message_id, rating=data.rating, comment=data.comment
+    )
+    return MessageRead.model_validate(message)

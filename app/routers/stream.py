@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.sse import EventSourceResponse
 
 from app.auth import CurrentCaller
-from app.deps import AutocommitSessionDep, GenerationsDep
+from app.deps import GenerationsDep, ShortSessionDep
 from app.routers.messages import STREAM_GRAMMAR, EventStream
 from app.routers.responses import R401, error_doc, json_only
 from app.schemas import MessageRead
@@ -44,7 +44,7 @@ FOLLOW_DESCRIPTION = (
     ),
 )
 async def stop_generation(
-    chat_id: uuid.UUID, user: CurrentCaller, session: AutocommitSessionDep, registry: GenerationsDep
+    chat_id: uuid.UUID, user: CurrentCaller, session: ShortSessionDep, registry: GenerationsDep
 ) -> MessageRead:
     await streams_service.check_owned_chat(session=session, user=user, chat_id=chat_id)
     stored = await registry.stop_chat(chat_id)
@@ -76,7 +76,7 @@ async def stop_generation(
 async def follow_generation(
     chat_id: uuid.UUID,
     user: CurrentCaller,
-    session: AutocommitSessionDep,
+    session: ShortSessionDep,
     registry: GenerationsDep,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
     last_event_id: Annotated[

@@ -1,21 +1,19 @@
-"""Chats: ownership, listing, search and updates. Messages are appended by app/services/messages.py."""
+"""Chats: ownership, listing, search and updates. Messages are added by app/services/messages.py and read by
+app/services/tree.py."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, func, or_, select
+from sqlalchemy import ColumnElement, bindparam, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import defer
 
-from app.dialects import statements_of
 from app.errors import NotFound
-from app.models import Chat, User
+from app.models import Chat, Message, User
 from app.services.agents import get_active_team_agent
 
 logger = logging.getLogger(__name__)
@@ -72,7 +70,6 @@ async def create_chat(*, session: AsyncSession, user: User, agent_id: uuid.UUID,
         user_id=user.id,
         agent_id=agent.id,
         title=_clean_title(title),
-        messages=[],
         message_count=0,
     )
     session.add(chat)
@@ -111,16 +108,18 @@ async def list_chats(
     ]
     params: dict[str, str] = {}
     if q and q.strip():
-        needle = q.strip()
-        params["pattern"] = like_pattern(needle)
-        params["body_pattern"] = like_pattern(json.dumps(needle, ensure_ascii=False)[1:-1])
+        params["pattern"] = like_pattern(q.strip())
         title_match = Chat.title.ilike(bindparam("pattern"), escape="\\")
-        # Only the text of each message is searched, never the JSON around it (app/dialects.py).
-        conditions.append(or_(title_match, statements_of(session).message_text_matches))
+        # The text of any message of any branch (never ids or other columns).
+        text_match = (
+            exists()
+            .where(Message.chat_id == Chat.id, Message.content.ilike(bindparam("pattern"), escape="\\"))
+            .correlate(Chat)
+        )
+        conditions.append(or_(title_match, text_match))
     # One query for the page and the total (a window count), so a search scans the messages once.
     query = (
         select(Chat, func.count().over().label("total"))
-        .options(defer(Chat.messages))
         .where(*conditions)
         .order_by(Chat.pinned.desc(), LAST_ACTIVITY.desc(), Chat.id.desc())
         .limit(limit)
@@ -135,16 +134,14 @@ async def list_chats(
     return ChatPage(chats=[], total=int((await session.execute(count, params)).scalar_one()))
 
 
-async def update_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID, changes: dict[str, Any]) -> Chat:
-    """Rename, archive, pin: only the fields sent change; messages are never rewritten here."""
-    chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
+def apply_changes(chat: Chat, changes: dict[str, Any]) -> None:
+    """Rename, archive, pin: only the fields sent change (the caller commits; app.services.tree.update_chat,
+    which also switches branches)."""
     changes = dict(changes)
     if "title" in changes:
         chat.title = _clean_title(changes.pop("title"))
     for name, value in changes.items():
         setattr(chat, name, value)
-    await session.commit()
-    return chat
 
 
 async def delete_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> None:

@@ -1,7 +1,10 @@
-"""Chat messages in SQL: the atomic append that starts a generation, checkpoints, the final write.
+"""Chat messages in SQL: the transaction that starts a generation, checkpoints, the final write.
 
-Every write changes the `messages` JSON array in place with one conditional UPDATE (never a read-modify-
-write in Python), so concurrent sends, checkpoints and recovery can never lose or duplicate a message.
+Messages are rows of `messages` (one per message, a tree by `parent_id`, app/services/tree.py reads it).
+Starting a generation inserts the new rows and moves the chat's current leaf without reading or rewriting
+the rest of the chat, so its cost does not depend on the chat's length; the partial unique index on
+`streaming` rows makes "one generation per chat" hold across branches and server instances. A checkpoint
+and the final write each update one row.
 """
 
 from __future__ import annotations
@@ -9,33 +12,58 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import (
+    Integer,
+    Select,
+    String,
+    Text,
+    TextualSelect,
+    Uuid,
+    bindparam,
+    exists,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from app.chat_schemas import format_timestamp
 from app.config import Settings
 from app.db import execute_core, utcnow
-from app.dialects import statements_of
+from app.dialects import UTCDateTime, statements_of
 from app.errors import Conflict, NotFound, Unprocessable
-from app.models import Agent, Chat
+from app.models import IS_STREAMING, Agent, Chat, Message
 from app.schemas import MessageRead
 from app.security import Caller
 from app.services import error_logs
 from app.services import usage as usage_service
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params, title_from_message
+from app.services.tree import NOT_IN_CHAT, message_view, stored_views
 
 GENERATION_RUNNING = "A generation is already running in this chat"
 AGENT_INACTIVE = "This chat's agent is no longer active"
 EMPTY_CONTENT = "Message content must not be empty"
 
-#: The caller's own chat (the 404 rule of `get_owned_chat`) with what its agent needs, in one round trip.
+EDIT_NOT_USER = "edit_of must be a user message"
+REGENERATE_NOT_ASSISTANT = "regenerate_of must be an assistant message"
+
+_target = aliased(Message, name="target")
+_question = aliased(Message, name="question")
+
+#: The caller's own chat (the 404 rule of `get_owned_chat`) with what its agent needs, whether a generation
+#: runs in it (the partial index on `streaming` rows answers), and the message named by `edit_of` or
+#: `regenerate_of` (`:target`) with, for a regenerate, the question it answered: one round trip.
 _CHAT_AND_AGENT: Select[Any, Any] = (
     select(
-        Chat.messages,
+        Chat.current_message_id,
         Agent.id.label("agent_id"),
         Agent.team_id.label("agent_team_id"),
         Agent.is_active,
@@ -43,9 +71,78 @@ _CHAT_AND_AGENT: Select[Any, Any] = (
         Agent.webhook_headers_encrypted,
         Agent.system_prompt,
         Agent.config,
+        exists().where(Message.chat_id == Chat.id, IS_STREAMING).correlate(Chat).label("running"),
+        _target.role.label("target_role"),
+        _target.parent_id.label("target_parent_id"),
+        _question.id.label("q_id"),
+        _question.parent_id.label("q_parent_id"),
+        _question.role.label("q_role"),
+        _question.content.label("q_content"),
+        _question.status.label("q_status"),
+        _question.created_at.label("q_created_at"),
+        _question.error.label("q_error"),
+        _question.meta.label("q_metadata"),
+        _question.feedback.label("q_feedback"),
     )
     .join(Agent, Agent.id == Chat.agent_id)
+    .outerjoin(_target, (_target.id == bindparam("target", type_=Uuid())) & (_target.chat_id == Chat.id))
+    .outerjoin(_question, (_question.id == _target.parent_id) & (_target.role == "assistant"))
     .where(*OWNED_CHAT)
+)
+
+#: In one round trip after the insert: the branch above the new question (`:start` and its ancestors, at
+#: most `:depth` + 1, kind `h`: what n8n gets) and the children of the question's parent and of the question
+#: (`:p1`, `:p2`; `:root` for the chat's first messages; kind `c`: the new rows' siblings).
+_HISTORY_AND_SIBLINGS: TextualSelect = (
+    text(
+        "WITH RECURSIVE up(id, parent_id, depth) AS ("
+        " SELECT m.id, m.parent_id, 0 FROM messages m WHERE m.id = :start"
+        " UNION ALL"
+        " SELECT m.id, m.parent_id, u.depth + 1 FROM messages m JOIN up u ON m.id = u.parent_id"
+        " WHERE u.depth < :depth"
+        ") "
+        "SELECT 'h' AS kind, m.id, m.parent_id, m.role, m.content, m.status, m.created_at, up.depth"
+        " FROM up JOIN messages m ON m.id = up.id "
+        "UNION ALL "
+        # Three plain lookups (the parent index twice, the roots index), not one OR the planner may not split.
+        "SELECT 'c', s.id, s.parent_id, NULL, NULL, NULL, s.created_at, NULL FROM messages s WHERE s.parent_id = :p1 "
+        "UNION ALL "
+        "SELECT 'c', s.id, s.parent_id, NULL, NULL, NULL, s.created_at, NULL FROM messages s WHERE s.parent_id = :p2 "
+        "UNION ALL "
+        "SELECT 'c', s.id, s.parent_id, NULL, NULL, NULL, s.created_at, NULL FROM messages s"
+        " WHERE s.chat_id = :cid AND s.parent_id IS NULL AND :root = 1"
+    )
+    .bindparams(*(bindparam(name, type_=Uuid()) for name in ("start", "cid", "p1", "p2")))
+    .columns(
+        kind=String(),
+        id=Uuid(),
+        parent_id=Uuid(),
+        role=String(),
+        content=Text(),
+        status=String(),
+        created_at=UTCDateTime(),
+        depth=Integer(),
+    )
+)
+
+#: Prebuilt (docs/CONVENTIONS.md): the new rows (one or two, as one multi-row INSERT), and the chat's new
+#: current leaf, counters and, while it has none, its title.
+_INSERT_MESSAGES = insert(Message)
+_MOVE_LEAF = (
+    update(Chat)
+    .where(Chat.id == bindparam("cid"))
+    .values(
+        current_message_id=bindparam("leaf"),
+        message_count=Chat.message_count + bindparam("added", type_=Integer()),
+        last_message_at=bindparam("now"),
+        updated_at=bindparam("now"),
+        title=func.coalesce(Chat.title, bindparam("title", type_=String())),
+    )
+)
+_CHECKPOINT = (
+    update(Message)
+    .where(Message.id == bindparam("aid"), Message.status == "streaming")
+    .values(content=bindparam("content"), created_at=bindparam("created_at"))
 )
 
 
@@ -57,19 +154,24 @@ class NewGeneration:
     team_id: uuid.UUID
     user_id: uuid.UUID
     agent_id: uuid.UUID
-    index: int
     assistant_id: str
+    #: The question answered (new, or for a regenerate the existing one), as the `start` event shows it.
     user_message: dict[str, Any]
     webhook_url: str
     webhook_headers_encrypted: str | None
     payload: dict[str, Any]
-    #: When the user message was stored; the assistant message is stamped later, when generation starts.
+    #: When the rows were stored; the assistant message is stamped later, when generation starts.
     created_at: datetime
+    #: The assistant message's siblings (itself included, oldest first): fixed while it streams, since no
+    #: other generation can start in the chat meanwhile.
+    assistant_sibling_ids: list[str] = field(default_factory=list)
     assistant_created_at: str | None = None
+    assistant_started: datetime | None = None
 
     def stamp_assistant(self) -> None:
         """The generation starts now: the assistant message's `created_at`, strictly after the user's."""
         started = max(utcnow(), self.created_at + timedelta(microseconds=1))
+        self.assistant_started = started
         self.assistant_created_at = format_timestamp(started)
 
     def take_payload(self) -> dict[str, Any]:
@@ -79,8 +181,8 @@ class NewGeneration:
 
 
 def public_message(element: dict[str, Any]) -> dict[str, Any]:
-    """A stored element as the API's Message: through `MessageRead`, the schema REST answers with, so the
-    stream's start/done messages have the same keys (unset ones null) and timestamps (`...Z`) as REST."""
+    """A message as the API's Message: through `MessageRead`, the schema REST answers with, so the stream's
+    start/done messages have the same keys (unset ones null) and timestamps (`...Z`) as REST."""
     return MessageRead.model_validate(element).model_dump(mode="json")
 
 
@@ -108,70 +210,160 @@ def build_history(messages: list[dict[str, Any]], latest: str, settings: Setting
     return kept
 
 
-async def start_message(
-    *, session: AsyncSession, settings: Settings, user: Caller, chat_id: uuid.UUID, content: str, worker_id: uuid.UUID
-) -> NewGeneration:
-    """Check everything a stream needs, then append [user message, assistant placeholder] in one UPDATE.
-
-    Raises 422 (empty / too long), 404 (not the caller's chat), 409 (agent inactive, generation running).
-    Commits, so the request's connection goes back to the pool before n8n is called.
-    """
-    if not content.strip():
+def _check_content(content: str | None, settings: Settings) -> str:
+    if content is None or not content.strip():
         raise Unprocessable(EMPTY_CONTENT)
     # NUL and lone surrogates never get here: every request body refuses them (app.fields.InputModel).
     if len(content) > settings.MESSAGE_MAX_CHARS:
         raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
-    row = (await execute_core(session, _CHAT_AND_AGENT, owned_chat_params(chat_id, user.id, user.team_id))).first()
+    return content
+
+
+async def start_message(
+    *,
+    session: AsyncSession,
+    settings: Settings,
+    user: Caller,
+    chat_id: uuid.UUID,
+    content: str | None,
+    worker_id: uuid.UUID,
+    edit_of: uuid.UUID | None = None,
+    regenerate_of: uuid.UUID | None = None,
+) -> NewGeneration:
+    """Check everything a stream needs, then store [user message,] assistant placeholder in one transaction.
+
+    `{content}` answers under the chat's current leaf; `edit_of` (a user message) makes the new question its
+    sibling; `regenerate_of` (an assistant message) adds a new answer to the same question. The new
+    placeholder becomes the chat's current leaf. Raises 422 (empty / too long content; `edit_of` or
+    `regenerate_of` not a message of this chat, or of the wrong role), 404 (not the caller's chat), 409
+    (agent inactive, a generation running anywhere in the chat). Commits, so the request's connection goes
+    back to the pool before n8n is called.
+    """
+    regenerate = regenerate_of is not None
+    if not regenerate:
+        content = _check_content(content, settings)
+    target = regenerate_of if regenerate else edit_of
+    params: dict[str, Any] = {**owned_chat_params(chat_id, user.id, user.team_id), "target": target}
+    row = (await execute_core(session, _CHAT_AND_AGENT, params)).first()
     if row is None:
         raise NotFound(CHAT_NOT_FOUND)
     if not row.is_active or row.agent_team_id != user.team_id:
         raise Conflict(AGENT_INACTIVE)
-    prior = list(row.messages or [])
-    if any(isinstance(m, dict) and m.get("status") == "streaming" for m in prior):
+    if target is not None and row.target_role is None:
+        raise Unprocessable(NOT_IN_CHAT.format(field="regenerate_of" if regenerate else "edit_of"))
+    if edit_of is not None and row.target_role != "user":
+        raise Unprocessable(EDIT_NOT_USER)
+    if regenerate and (row.target_role != "assistant" or row.q_id is None or row.q_role != "user"):
+        raise Unprocessable(REGENERATE_NOT_ASSISTANT)
+    if row.running:
         raise Conflict(GENERATION_RUNNING)
 
     now = utcnow()
-    stamp = format_timestamp(now)
-    user_message = {
-        "id": str(uuid.uuid4()),
-        "role": "user",
-        "content": content,
-        "status": "complete",
-        "created_at": stamp,
-    }
-    assistant_id = str(uuid.uuid4())
-    placeholder = {
-        "id": assistant_id,
-        "role": "assistant",
-        "content": "",
-        "status": "streaming",
-        "created_at": stamp,
-        "_worker": str(worker_id),
-    }
+    assistant_id = uuid.uuid4()
+    rows: list[dict[str, Any]] = []
+    if regenerate:
+        question_id: uuid.UUID = row.q_id
+        question_parent: uuid.UUID | None = row.q_parent_id
+        latest = str(row.q_content)
+    else:
+        question_id = uuid.uuid4()
+        question_parent = row.target_parent_id if edit_of is not None else row.current_message_id
+        latest = str(content)
+        rows.append(
+            {
+                "id": question_id,
+                "chat_id": chat_id,
+                "parent_id": question_parent,
+                "role": "user",
+                "content": latest,
+                "status": "complete",
+                "worker_id": None,  # every row names every column: a multi-row INSERT takes the first's keys
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    # Strictly after the question, so "oldest first" puts a question before its answer.
+    placeholder_at = now + timedelta(microseconds=1)
+    rows.append(
+        {
+            "id": assistant_id,
+            "chat_id": chat_id,
+            "parent_id": question_id,
+            "role": "assistant",
+            "content": "",
+            "status": "streaming",
+            "worker_id": worker_id,
+            "created_at": placeholder_at,
+            "updated_at": placeholder_at,
+        }
+    )
     # Usage hook (app.services.usage): the daily quota, counted before anything is stored (429 past it).
     claimed = await usage_service.claim_generation(session=session, user=user)
-    statement, params = statements_of(session).append(user_message, placeholder)
-    params.update(now=now, title=title_from_message(content), id=chat_id, uid=user.id)
-    length = (await execute_core(session, statement, params)).scalar_one_or_none()
-    if length is None:
+    try:
+        await execute_core(session, _INSERT_MESSAGES, rows)
+    except IntegrityError:
+        # Another send won the race for this chat's one `streaming` row (the partial unique index).
         await session.rollback()
         if claimed is not None:  # usage hook: a refused send does not count
             await usage_service.release_generation(session=session, user=user, day=claimed)
-        raise Conflict(GENERATION_RUNNING)
+        raise Conflict(GENERATION_RUNNING) from None
+    leaf = {
+        "cid": chat_id,
+        "leaf": assistant_id,
+        "added": len(rows),
+        "now": now,
+        "title": None if regenerate else title_from_message(latest),
+    }
+    await execute_core(session, _MOVE_LEAF, leaf)
+    found = (
+        await execute_core(
+            session,
+            _HISTORY_AND_SIBLINGS,
+            {
+                "start": question_parent,
+                # Twice the message budget: messages without text (a failed answer) are skipped by
+                # `build_history` and should not shorten the history.
+                "depth": 2 * settings.N8N_HISTORY_MAX_MESSAGES,
+                "cid": chat_id,
+                "p1": question_parent,
+                "p2": question_id,
+                "root": int(question_parent is None),
+            },
+        )
+    ).all()
     await session.commit()
 
+    above = sorted((r for r in found if r.kind == "h"), key=lambda r: -r.depth)
+    prior = [{"role": r.role, "content": r.content, "status": r.status} for r in above]
+    history = build_history(prior, latest, settings)
+    siblings: dict[uuid.UUID | None, list[uuid.UUID]] = {}
+    for child in sorted((r for r in found if r.kind == "c"), key=lambda r: (r.created_at, r.id)):
+        siblings.setdefault(child.parent_id, []).append(child.id)
+    # A regenerate answers the stored question again: the start event shows it as stored.
+    user_message = message_view(
+        id=question_id,
+        parent_id=question_parent,
+        role="user",
+        content=latest,
+        status=row.q_status if regenerate else "complete",
+        created_at=row.q_created_at if regenerate else now,
+        error=row.q_error if regenerate else None,
+        metadata=row.q_metadata if regenerate else None,
+        feedback=row.q_feedback if regenerate else None,
+        sibling_ids=siblings.get(question_parent, [question_id]),
+    )
     payload = {
-        "messages": build_history(prior, content, settings),
+        "messages": history,
         "system_prompt": row.system_prompt or "",
         "config": row.config or {},
-        "chatInput": content,
+        "chatInput": latest,
         "sessionId": str(chat_id),
         "metadata": {
             "chat_id": str(chat_id),
             "agent_id": str(row.agent_id),
             "user_id": str(user.id),
             "team_id": str(user.team_id),
-            "message_id": assistant_id,
+            "message_id": str(assistant_id),
         },
     }
     return NewGeneration(
@@ -179,51 +371,27 @@ async def start_message(
         team_id=user.team_id,
         user_id=user.id,
         agent_id=row.agent_id,
-        index=int(length) - 1,
-        assistant_id=assistant_id,
+        assistant_id=str(assistant_id),
         user_message=public_message(user_message),
         webhook_url=row.webhook_url,
         webhook_headers_encrypted=row.webhook_headers_encrypted,
         payload=payload,
-        created_at=now,
+        created_at=placeholder_at,
+        assistant_sibling_ids=[str(i) for i in siblings.get(question_id, [assistant_id])],
     )
-
-
-async def patch_message(
-    session: AsyncSession,
-    *,
-    chat_id: uuid.UUID,
-    index: int,
-    message_id: str,
-    patch: dict[str, Any],
-    only_streaming: bool,
-    touch: bool,
-) -> bool:
-    """Merge `patch` into one element in SQL; False when the guard did not match (no write happened)."""
-    statement, params = statements_of(session).patch(index=index, only_streaming=only_streaming, touch=touch)
-    params.update(id=chat_id, mid=message_id, patch=json.dumps(patch))
-    if touch:
-        params["now"] = utcnow()
-    result = await execute_core(session, statement, params)
-    return bool(getattr(result, "rowcount", 0))
 
 
 async def checkpoint_message(*, session: AsyncSession, new: NewGeneration, content: str) -> bool:
     """Save the partial text of a still-streaming answer (so a crash loses at most one interval)."""
-    patch: dict[str, Any] = {"content": content}
-    if new.assistant_created_at is not None:
-        patch["created_at"] = new.assistant_created_at
-    written = await patch_message(
-        session,
-        chat_id=new.chat_id,
-        index=new.index,
-        message_id=new.assistant_id,
-        patch=patch,
-        only_streaming=True,
-        touch=False,
-    )
+    params = {
+        "aid": uuid.UUID(new.assistant_id),
+        "content": content,
+        # Until the generation is stamped, the placeholder keeps the time it was stored with.
+        "created_at": new.assistant_started or new.created_at,
+    }
+    result = await execute_core(session, _CHECKPOINT, params)
     await session.commit()
-    return written
+    return bool(getattr(result, "rowcount", 0))
 
 
 async def finish_message(
@@ -237,27 +405,26 @@ async def finish_message(
     failure_detail: dict[str, Any] | None,
     upstream_status: int | None,
 ) -> dict[str, Any]:
-    """The one final write of an answer, plus its error_logs row on failure and its usage ledger row, in one
-    transaction."""
-    if new.assistant_created_at is None:
+    """The one final write of an answer (its row, and its chat's activity time), plus its error_logs row on
+    failure and its usage ledger row, in one transaction."""
+    if new.assistant_started is None:
         new.stamp_assistant()
-    patch: dict[str, Any] = {
+    now = utcnow()
+    params = {
+        "aid": uuid.UUID(new.assistant_id),
+        "cid": new.chat_id,
         "content": content,
         "status": status,
-        "metadata": metadata,
-        "created_at": new.assistant_created_at,
+        "error": None if error is None else json.dumps(error),
+        "metadata": json.dumps(metadata),
+        "created_at": new.assistant_started,
+        "now": now,
     }
-    if error is not None:
-        patch["error"] = error
-    written = await patch_message(
-        session,
-        chat_id=new.chat_id,
-        index=new.index,
-        message_id=new.assistant_id,
-        patch=patch,
-        only_streaming=False,
-        touch=True,
-    )
+    written = False
+    for index, statement in enumerate(statements_of(session).finish):
+        result = await execute_core(session, statement, params)
+        if index == 0:
+            written = bool(getattr(result, "rowcount", 0))
     if error is not None:
         detail = dict(failure_detail or {})
         if not written:
@@ -287,18 +454,53 @@ async def finish_message(
         metadata=metadata,
     )
     await session.commit()
-    return public_message({"id": new.assistant_id, "role": "assistant", **patch})
+    return public_message(
+        message_view(
+            id=uuid.UUID(new.assistant_id),
+            parent_id=uuid.UUID(str(new.user_message["id"])),
+            role="assistant",
+            content=content,
+            status=status,
+            created_at=new.assistant_started,
+            error=error,
+            metadata=metadata,
+            feedback=None,
+            sibling_ids=[uuid.UUID(i) for i in new.assistant_sibling_ids],
+        )
+    )
 
 
-async def get_public_messages(
-    session: AsyncSession, chat_id: uuid.UUID, ids: Collection[str] | None = None
-) -> list[dict[str, Any]]:
-    """The chat's stored messages as the API shows them (those named by `ids` only, when given), oldest first.
+INTERRUPTED = {"message": "The server stopped before the answer was complete", "code": "interrupted"}
 
-    No ownership check: callers check the chat first. Used to rebuild a stream from what is stored.
+
+async def mark_interrupted(session: AsyncSession, *, message_id: uuid.UUID, chat_id: uuid.UUID) -> bool:
+    """A still-`streaming` answer whose worker is gone becomes `interrupted`, keeping its checkpointed text.
+
+    Guarded by the status, so an answer its live worker finished meanwhile is never overwritten. The caller
+    commits.
     """
-    stored = (await session.execute(select(Chat.messages).where(Chat.id == chat_id))).scalar_one_or_none()
-    wanted = None if ids is None else set(ids)
-    return [
-        public_message(m) for m in stored or [] if isinstance(m, dict) and (wanted is None or m.get("id") in wanted)
-    ]
+    now = utcnow()
+    result = await session.execute(
+        update(Message)
+        .where(Message.id == message_id, Message.status == "streaming")
+        .values(status="interrupted", error=INTERRUPTED, updated_at=now)
+    )
+    if not getattr(result, "rowcount", 0):
+        return False
+    await session.execute(update(Chat).where(Chat.id == chat_id).values(last_message_at=now, updated_at=now))
+    return True
+
+
+async def get_public_messages(session: AsyncSession, chat_id: uuid.UUID, ids: Collection[str]) -> list[dict[str, Any]]:
+    """These stored messages of the chat as the API shows them, oldest first (a stream rebuilt from storage).
+
+    No ownership check: callers check the chat first.
+    """
+    return [public_message(view) for view in await stored_views(session, chat_id, ids)]
+
+
+async def streaming_message_id(session: AsyncSession, chat_id: uuid.UUID) -> str | None:
+    """The chat's running answer, if any (at most one: the partial unique index on `streaming` rows)."""
+    query = select(Message.id).where(Message.chat_id == chat_id, IS_STREAMING).limit(1)
+    found = (await session.execute(query)).scalar_one_or_none()
+    return None if found is None else str(found)

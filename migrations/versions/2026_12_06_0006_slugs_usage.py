@@ -1,7 +1,7 @@
 """slugs and usage: agents gain a slug unique in their team; the usage ledger
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-06
 
 Agents made before this revision get a slug from their name, oldest first within each team, with `-2`,
@@ -16,7 +16,7 @@ from alembic import op
 from app.slugs import first_free, slugify
 
 revision: str = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
