@@ -305,6 +305,8 @@ async def test_usage_default_period_is_the_last_30_days(
         {"to": "0"},
         {"from": "1700000000"},
         {"group_by": "week"},
+        {"from": "9999-12-31", "to": "9999-12-31"},
+        {"to": "0001-01-10"},
     ],
 )
 async def test_usage_bad_query_is_422(

@@ -89,9 +89,12 @@ class UsageRow:
 
 
 def date_range(start: date | None, end: date | None) -> tuple[date, date]:
-    """The days asked for, both included; by default the last 30 days up to today (UTC). 422 when reversed
-    or longer than MAX_DAYS."""
+    """The days asked for, both included; by default the last 30 days up to today (UTC). 422 when reversed,
+    longer than MAX_DAYS, or at the very ends of the calendar (where the bounds cannot be computed)."""
     end = end or utcnow().date()
+    if end >= date.max or (start is None and end < date.min + timedelta(days=DEFAULT_DAYS - 1)):
+        # The half-open bound is the day after `to`, and the default `from` 29 days before it: both must exist.
+        raise Unprocessable("`to` is out of range", loc=("query", "to"))
     start = start or end - timedelta(days=DEFAULT_DAYS - 1)
     if start > end:
         raise Unprocessable("`from` must not be after `to`", loc=("query", "from"))
