@@ -13,13 +13,15 @@ from fastapi import FastAPI
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.chat_schemas import MessageCreate
 from app.db import utcnow
 from app.models import Chat, IdempotencyKey
+from app.services import idempotency
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
 from tests.factories import auth_headers, branch_of, create_chat, create_user
-from tests.live import SSE, chat_with_agent, live_server, parse_sse, streamed_text
+from tests.live import SSE, chat_with_agent, data_events, live_server, parse_sse, streamed_text
 from tests.test_stop_resume import LONG, has_text, live_settings, send
 from tools.fake_n8n import FakeN8n
 
@@ -152,6 +154,34 @@ async def test_refused_send_gives_the_key_back_and_an_expired_key_starts_anew(
     assert second.status_code == 200
     assert len(fake.requests) == 2
     assert len(await messages_of(app, setup.chat)) == 4
+
+
+async def test_a_claim_abandoned_before_its_message_was_stored_does_not_block_the_key(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, fake: FakeN8n
+) -> None:
+    """A request that claimed the key and died before recording its generation (a crash between the two):
+    a retry a minute later starts the generation instead of answering 409 "still starting" for 24 h."""
+    settings = app_state(app).settings
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+    url = f"/api/chats/{setup.chat.id}/messages"
+    body = {"content": "hi"}
+    claimed_at = utcnow() - timedelta(minutes=2)
+    session.add(
+        IdempotencyKey(
+            user_id=setup.user.id,
+            key="orphan",
+            request_hash=idempotency.request_hash(url, MessageCreate.model_validate(body).model_dump(mode="json")),
+            chat_id=setup.chat.id,
+            created_at=claimed_at,
+            expires_at=claimed_at + idempotency.KEY_LIFETIME,
+        )
+    )
+    await session.commit()
+    response = await client.post(url, json=body, headers={**setup.headers, "Idempotency-Key": "orphan"})
+    assert response.status_code == 200, response.text
+    assert data_events(parse_sse(response.text))[-1].type == "done"
+    assert len(fake.requests) == 1
+    assert len(await messages_of(app, setup.chat)) == 2
 
 
 async def test_retry_on_the_embedded_sqlite_database(tmp_path: Path, fake: FakeN8n) -> None:

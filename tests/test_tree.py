@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.models import Team
 from app.state import app_state
 from tests.factories import branch_of, create_chat, create_user
 from tests.live import ChatSetup, chat_with_agent, data_events, parse_sse
@@ -450,3 +451,38 @@ async def test_failed_regenerate_keeps_the_tree_consistent_and_the_switch_stored
     await switch_webhook(session, setup, fake.url + ECHO)
     retry = await sent(client, setup, {"regenerate_of": failed["id"]})
     assert retry["done"]["sibling_ids"] == [second["done"]["id"], failed["id"], retry["done"]["id"]]
+
+
+# --- the tree with the other second-wave features ---------------------------------------------------
+
+
+async def test_regenerate_with_an_idempotency_key_is_answered_again_and_counts_once_against_the_quota(
+    client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup, fake: FakeN8n
+) -> None:
+    """A retried regenerate starts nothing (no third answer, no n8n call, no second quota count); the quota
+    counts regenerates like sends; a retry past the quota is still answered (looked up before the 429)."""
+    team = await session.get_one(Team, setup.user.team_id)
+    team.settings = {**team.settings, "quota": {"messages_per_user_per_day": 2}}
+    await session.commit()
+    first = await sent(client, setup, {"content": "one"})
+    body = {"regenerate_of": first["done"]["id"]}
+    headers = {**setup.headers, "Idempotency-Key": "regen-1"}
+    url = f"/api/chats/{setup.chat.id}/messages"
+    original = await client.post(url, json=body, headers=headers)
+    again = await client.post(url, json=body, headers=headers)
+    refused = await post(client, setup, body)  # a third generation: past the quota of 2
+    assert original.status_code == again.status_code == 200
+    events, replayed = data_events(parse_sse(original.text)), data_events(parse_sse(again.text))
+    assert [(e.id, e.data) for e in replayed] == [(e.id, e.data) for e in events]
+    start = events[0].data["data"]  # type: ignore[index]
+    assert start["user_message"] == first["user_message"]
+    assert refused.status_code == 429
+    assert len(fake.requests) == 2
+    tree = await branch_of(session, setup.chat.id)
+    assert [m["role"] for m in tree] == ["user", "assistant"]
+    listed = await client.get(url, headers=setup.headers)
+    assert [m["role"] for m in listed.json()] == ["user", "assistant", "assistant"]
+    assert events[-1].data["data"]["message"]["sibling_ids"] == [  # type: ignore[index]
+        first["done"]["id"],
+        start["assistant_message_id"],
+    ]

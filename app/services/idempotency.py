@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
@@ -27,6 +27,9 @@ from app.models import IdempotencyKey
 KEY_LIFETIME = timedelta(hours=24)
 #: How long a retry waits for the request that claimed the key to store its message (seconds).
 CLAIM_WAIT = 10.0
+#: A claim still without its message after this long was abandoned (its process died or its request was cut
+#: between the claim and the record): it is dropped, so the key does not answer 409 for the rest of its 24 h.
+ABANDONED_AFTER = timedelta(seconds=60)
 KEY_MAX_LENGTH = 255
 #: Printable ASCII, space to tilde (checked by the route's header validation).
 KEY_PATTERN = r"^[ -~]+$"
@@ -63,7 +66,15 @@ async def claim(
         now = utcnow()
         await session.execute(
             delete(IdempotencyKey).where(
-                IdempotencyKey.user_id == user_id, IdempotencyKey.key == key, IdempotencyKey.expires_at <= now
+                IdempotencyKey.user_id == user_id,
+                IdempotencyKey.key == key,
+                or_(
+                    IdempotencyKey.expires_at <= now,
+                    and_(
+                        IdempotencyKey.assistant_message_id.is_(None),
+                        IdempotencyKey.created_at <= now - ABANDONED_AFTER,
+                    ),
+                ),
             )
         )
         insert = statements_of(session).insert_ignoring_conflict(
