@@ -132,6 +132,25 @@ async def test_interrupted_generation_writes_interrupted_row(
     assert row.chars_out == len(generation.stored["content"]) > 0
 
 
+async def test_generation_of_a_dead_worker_writes_interrupted_row_when_recovered(
+    app: FastAPI, session: AsyncSession
+) -> None:
+    """Its worker never wrote the final message: the recovery that does writes the ledger row with it."""
+    question = {"role": "user", "content": "question?"}
+    orphan = {"role": "assistant", "content": "half", "status": "streaming", "_worker": str(uuid.uuid4())}
+    team = await create_team(session)
+    user = await create_user(session, team=team)
+    agent = await create_agent(session, team=team)
+    await create_chat(session, user=user, agent=agent, messages=[question, orphan])
+    registry = app_state(app).generations
+    await registry.startup()
+    await registry.shutdown()
+    [row] = await ledger(app)
+    assert (row.outcome, row.error_code) == ("interrupted", "interrupted")
+    assert (row.team_id, row.user_id, row.agent_id) == (team.id, user.id, agent.id)
+    assert (row.chars_in, row.chars_out) == (len("question?"), len("half"))
+
+
 async def test_cancelled_final_write_writes_cancelled_row(
     app: FastAPI, session: AsyncSession, settings: Settings
 ) -> None:

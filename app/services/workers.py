@@ -7,12 +7,16 @@ from datetime import timedelta
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from app.config import Settings
 from app.db import utcnow
 from app.models import IS_STREAMING, Chat, Message, Worker
 from app.services import error_logs
+from app.services import usage as usage_service
 from app.services.messages import INTERRUPTED, mark_interrupted
+
+_question = aliased(Message, name="question")
 
 #: A worker whose heartbeat is older than this many intervals is considered dead by start-up recovery.
 STALE_HEARTBEATS = 3
@@ -38,7 +42,8 @@ async def recover_interrupted(
     worker_id: uuid.UUID,
     running: frozenset[str] = frozenset(),
 ) -> int:
-    """Mark `streaming` messages of dead workers `interrupted` (keeping their checkpointed text).
+    """Mark `streaming` messages of dead workers `interrupted` (keeping their checkpointed text), with the
+    error_logs row and the usage ledger row their own worker would have written with the final message.
 
     A worker is alive when its heartbeat is younger than STALE_HEARTBEATS intervals; its streams are left
     alone. This worker's own `streaming` messages that it no longer runs (`running`: assistant ids of its
@@ -60,8 +65,11 @@ async def recover_interrupted(
             Chat.team_id,
             Chat.user_id,
             Chat.agent_id,
+            Message.content,
+            _question.content.label("question"),
         )
         .join(Chat, Chat.id == Message.chat_id)
+        .outerjoin(_question, _question.id == Message.parent_id)
         .where(IS_STREAMING)
     )
     rows = (await session.execute(query)).all()
@@ -85,6 +93,19 @@ async def recover_interrupted(
                 message=INTERRUPTED["message"],
                 upstream_status=None,
                 detail={"reason": "its worker stopped", "worker": str(row.worker_id)},
+            )
+            # Its final write: the generation's usage ledger row, as its own worker would have written it.
+            await usage_service.record_generation(
+                session=session,
+                team_id=row.team_id,
+                user_id=row.user_id,
+                agent_id=row.agent_id,
+                chat_id=row.chat_id,
+                outcome="interrupted",
+                error_code="interrupted",
+                chars_in=len(row.question or ""),
+                chars_out=len(row.content or ""),
+                metadata={},
             )
         await session.commit()
     await session.execute(delete(Worker).where(Worker.heartbeat_at < cutoff, Worker.id != worker_id))
