@@ -301,7 +301,10 @@ class GenerationRegistry:
         task = generation.task
         if not generation.finishing and task is not None and not task.done():
             generation.stopping = True
-            task.cancel()
+            if generation.new.assistant_started is not None:
+                task.cancel()
+            # Else the task has not taken its first step: a cancel now would end it before its body (and its
+            # final write) runs. `_run` sees `stopping` as it starts, calls no one and stores `cancelled`.
         await generation.ended()
         return generation.stored
 
@@ -329,9 +332,12 @@ class GenerationRegistry:
                     "The agent's settings cannot be read; ask an admin to save its webhook headers again",
                     detail={"reason": "webhook headers cannot be decrypted with the configured key"},
                 ) from None
-            await self.streamer.run(
-                url=new.webhook_url, headers=headers, payload=new.take_payload(), on_chunks=on_chunks, stats=stats
-            )
+            if generation.stopping:  # stopped before it started (see `stop`)
+                stopped = True
+            else:
+                await self.streamer.run(
+                    url=new.webhook_url, headers=headers, payload=new.take_payload(), on_chunks=on_chunks, stats=stats
+                )
         except StreamFailure as exc:
             failure = exc
         except asyncio.CancelledError:

@@ -13,6 +13,8 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.security import Caller
+from app.services.messages import start_message
 from app.state import app_state
 from tests.conftest import count_rows, make_settings
 from tests.factories import auth_headers, create_user
@@ -167,6 +169,35 @@ async def test_stop_racing_the_natural_end_stores_exactly_one_final_state(
                 outcomes.add(stored["status"])
         await idle(server)
     assert outcomes <= {"cancelled", "complete"}
+
+
+async def test_stop_before_the_generation_task_ran_stores_cancelled_and_calls_no_one(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """A stop that lands between the task's creation and its first step (the same loop iteration: another
+    request's stop, or one from another instance): the task is cancelled before its body runs, so nothing
+    of `_run` (its final write included) would run. The answer is still stored `cancelled`, once."""
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+    registry = app_state(app).generations
+    async with app_state(app).db.sessionmaker() as s:
+        new = await start_message(
+            session=s,
+            settings=settings,
+            user=Caller(id=setup.user.id, team_id=setup.user.team_id),
+            chat_id=setup.chat.id,
+            content="hello",
+            worker_id=registry.worker_id,
+        )
+    generation = registry.start(new)
+    async with asyncio.timeout(10):
+        stored = await registry.stop(generation)  # no await in between: the task has not started
+    assert stored is not None
+    assert (stored["status"], stored["content"]) == ("cancelled", "")
+    assert (await assistant_of(app, setup.chat.id))["status"] == "cancelled"
+    assert generation.terminal == "done"
+    assert fake.requests == []
+    async with app_state(app).db.sessionmaker() as s:
+        assert await count_rows(s, "usage_records") == 1
 
 
 async def test_follow_after_a_reload_gives_the_rest_with_the_original_ids(
