@@ -14,12 +14,13 @@ from app import metrics
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
-from app.errors import ServiceUnavailable
+from app.errors import NotFound, ServiceUnavailable
 from app.eventlog import RedisEventLog, rebuilt_stream, wait_until_final
 from app.n8n_parser import StreamFailure, clean_text
 from app.services import idempotency
 from app.services import messages as message_service
 from app.services import workers as worker_service
+from app.services.chats import CHAT_NOT_FOUND
 from app.sse import Generation
 from app.upstream import StreamStats
 
@@ -266,7 +267,9 @@ class GenerationRegistry:
             if frames is not None:
                 return frames
         found = await message_service.get_public_messages(session, chat_id, [recorded.user_message_id])
-        return rebuilt_stream(self.db, chat_id, found[0] if found else None, assistant_id, ping)
+        if not found:  # the chat was deleted since: nothing to tell again
+            raise NotFound(CHAT_NOT_FOUND)
+        return rebuilt_stream(self.db, chat_id, found[0], assistant_id, ping)
 
     async def stop_chat(self, chat_id: uuid.UUID) -> dict[str, Any] | None:
         """Stop the chat's running generation, on this instance or (through Redis) on the one running it.

@@ -184,6 +184,26 @@ async def test_a_claim_abandoned_before_its_message_was_stored_does_not_block_th
     assert len(await messages_of(app, setup.chat)) == 2
 
 
+async def test_retry_after_the_chat_was_deleted_is_404(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, fake: FakeN8n
+) -> None:
+    """Once the live log is gone there is nothing to rebuild the stream from: the chat's 404, not a 200
+    stream whose `start` has no user message."""
+    settings = app_state(app).settings
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+    url = f"/api/chats/{setup.chat.id}/messages"
+    headers = {**setup.headers, "Idempotency-Key": "gone"}
+    assert (await client.post(url, json={"content": "hi"}, headers=headers)).status_code == 200
+    assert (await client.delete(f"/api/chats/{setup.chat.id}", headers=setup.headers)).status_code == 204
+    registry = app_state(app).generations
+    for generation in list(registry.logs.values()):
+        registry._forget(generation)
+    retry = await client.post(url, json={"content": "hi"}, headers=headers)
+    assert retry.status_code == 404
+    assert retry.json() == {"detail": "Chat not found"}
+    assert len(fake.requests) == 1
+
+
 async def test_retry_on_the_embedded_sqlite_database(tmp_path: Path, fake: FakeN8n) -> None:
     """The key's claim (INSERT ... ON CONFLICT DO NOTHING) and the replay work on SQLite too."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}"
