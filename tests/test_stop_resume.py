@@ -92,6 +92,11 @@ async def test_stop_stores_cancelled_before_answering_and_ends_every_stream_with
     # The follower's events are the same events with the same ids.
     assert [(e.id, e.data) for e in second] == [(e.id, e.data) for e in first[ids(second)[0] - 1 :]]
     assert len(fake.requests) == 1
+    # The request to n8n was closed: the fake's next write (20 ms later) found the connection gone, long
+    # before its 4 s answer would have ended on its own.
+    async with asyncio.timeout(1.5):
+        while not fake.requests[0]["client_closed"]:  # noqa: ASYNC110  # the fake records, it does not signal
+            await asyncio.sleep(0.02)
     async with app_state(app).db.sessionmaker() as s:
         assert await count_rows(s, "error_logs") == 0
 

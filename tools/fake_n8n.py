@@ -26,7 +26,8 @@ replays it faithfully (status, headers, body, one HTTP chunk per line with the r
 synthetic ones in `SCENARIOS` below. Query parameters tune them: `delay_ms` (per token), `chunks` and
 `interval_ms` (paced), `size` (oversized line), `after` (tokens before a fault), `hang` (seconds), `status`.
 
-`GET /__requests` lists what was received (method, path, query, headers, json body); `DELETE /__requests`
+`GET /__requests` lists what was received (method, path, query, headers, json body, and `client_closed`:
+whether the client closed the connection before the answer ended); `DELETE /__requests`
 forgets it. Tests running the server in-process read `FakeN8n.requests` directly.
 
 Without its recordings the fake is useless (every capture scenario would answer 400), so it refuses to
@@ -243,6 +244,7 @@ class FakeN8n:
             valid = True
         except ValueError:
             body, valid = raw.decode("utf-8", "replace"), False
+        index = len(self.requests)
         self.requests.append(
             {
                 "method": request.method,
@@ -250,6 +252,7 @@ class FakeN8n:
                 "query": dict(request.query),
                 "headers": dict(request.headers),
                 "json": body,
+                "client_closed": False,
             }
         )
         scenario = request.headers.get("X-Fake-Scenario") or request.query.get("scenario") or ""
@@ -265,7 +268,9 @@ class FakeN8n:
             response: web.StreamResponse = await handler(request, chat_input if isinstance(chat_input, str) else "")
             return response
         except ConnectionResetError:
-            # The client went away mid-answer (that is what several tests do); nothing to report.
+            # The client went away mid-answer (that is what several tests do, and what a stop must cause):
+            # recorded on the request, so a test can tell that the service closed its request to n8n.
+            self.requests[index]["client_closed"] = True
             started: web.StreamResponse | None = request.get(RESPONSE_KEY)
             return started if started is not None else web.Response(status=499)
 
