@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from app.fields import (
     AgentConfig,
@@ -311,8 +311,8 @@ class CallbackUsage(InputModel):
     """Tokens the workflow used; several usage callbacks add up."""
 
     type: Literal["usage"]
-    input_tokens: Annotated[int, Field(ge=0, le=1_000_000_000), StrictInt]
-    output_tokens: Annotated[int, Field(ge=0, le=1_000_000_000), StrictInt]
+    input_tokens: Annotated[int, Field(ge=0, le=1_000_000_000, strict=True)]
+    output_tokens: Annotated[int, Field(ge=0, le=1_000_000_000, strict=True)]
 
 
 class CallbackDone(InputModel):
