@@ -311,8 +311,8 @@ class CallbackUsage(InputModel):
     """Tokens the workflow used; several usage callbacks add up."""
 
     type: Literal["usage"]
-    input_tokens: Annotated[int, Field(ge=0, le=1_000_000_000, strict=True)]
-    output_tokens: Annotated[int, Field(ge=0, le=1_000_000_000, strict=True)]
+    input_tokens: Annotated[int, Field(ge=0, le=1_000_000_000)]
+    output_tokens: Annotated[int, Field(ge=0, le=1_000_000_000)]
 
 
 class CallbackDone(InputModel):

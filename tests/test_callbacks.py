@@ -222,7 +222,7 @@ async def test_signature_attacks_and_bad_bodies_are_refused_and_change_nothing(
                 {"type": "status", "description": "x", "extra": 1},
                 {"type": "tool", "input": {}},
                 {"type": "usage", "input_tokens": -1, "output_tokens": 1},
-                {"type": "usage", "input_tokens": "1", "output_tokens": 1},
+                {"type": "usage", "input_tokens": 1.5, "output_tokens": 1},
                 {"type": "message", "content": ""},
                 {"type": "message", "content": "nul\u0000"},
                 {"type": "error"},
