@@ -8,6 +8,7 @@ callback reaching another instance is relayed to the generation's owner.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -249,6 +250,31 @@ async def test_signature_attacks_and_bad_bodies_are_refused_and_change_nothing(
     assert "forged" not in str(stored["metadata"]["steps"])
 
 
+async def test_a_stop_ends_a_callback_mode_generation_and_its_url(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    async with served(database_url, tmp_path) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        setup = await agent_chat(session, server.settings, fake, "answer=ack&start_ms=2000", "callback")
+        reader = send(client, setup)
+        await reader.wait_for(lambda r: len(r.data) >= 2)
+        for _ in range(250):  # until n8n got the request (the events above come before it)
+            if fake.requests:
+                break
+            await asyncio.sleep(0.02)
+        url = sent_callback_url(fake)
+        step = await client.post(url, json={"type": "tool", "name": "lookup"})
+        stopped = await client.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
+        events = await reader.finish()
+        after = await client.post(url, json={"type": "message", "content": "too late"})
+    assert step.status_code == 202
+    assert stopped.status_code == 200
+    assert stopped.json()["status"] == "cancelled"
+    assert stopped.json()["metadata"]["steps"] == [{"type": "tool", "name": "lookup"}]
+    assert kinds(events)[-2:] == ["tool", "done"]
+    assert after.status_code == 404
+    assert (await assistant_of(app, setup.chat.id))["content"] == ""
+
+
 async def test_without_public_base_url_there_is_no_callback_url(
     session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:
@@ -318,3 +344,22 @@ async def test_a_callback_reaching_another_instance_is_relayed_to_the_owner(
     stored = await assistant_of(app, setup.chat.id)
     assert (stored["status"], stored["content"]) == ("complete", ECHO)
     assert len(stored["metadata"]["steps"]) == 2
+
+
+def test_the_documented_example_workflow_posts_to_the_callback_url() -> None:
+    """docs/n8n-callback-workflow.json: a Webhook answering at once, then HTTP Request nodes in one chain
+    posting to `metadata.callback_url`, ending with `done`."""
+    workflow = json.loads((ROOT / "docs" / "n8n-callback-workflow.json").read_text())
+    nodes = {node["name"]: node for node in workflow["nodes"]}
+    assert nodes["Webhook"]["parameters"]["responseMode"] == "onReceived"
+    posts = [n for n in workflow["nodes"] if n["type"] == "n8n-nodes-base.httpRequest"]
+    assert posts
+    for node in posts:
+        assert node["parameters"]["method"] == "POST"
+        assert "metadata.callback_url" in node["parameters"]["url"]
+    chain, name = [], "Webhook"
+    while name in workflow["connections"]:
+        name = workflow["connections"][name]["main"][0][0]["node"]
+        chain.append(name)
+    assert len(chain) == len(nodes) - 1
+    assert 'type: "done"' in nodes[chain[-1]]["parameters"]["jsonBody"]
