@@ -123,7 +123,9 @@ async def test_the_first_terminal_wins_and_later_callbacks_are_refused(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:
     async with served(database_url, tmp_path) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-        setup = await agent_chat(session, server.settings, fake, "answer=ack&end=both&extra=1", "callback")
+        setup = await agent_chat(
+            session, server.settings, fake, "answer=ack&end=both&extra=1&interval_ms=0", "callback"
+        )
         events = await send(client, setup).finish()
         async with asyncio.timeout(5):
             await fake.callbacks_posted()
