@@ -34,9 +34,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: In callback mode, webhook failures that mean "the proxy gave up waiting", not "the workflow did not run":
-#: the generation keeps waiting for callbacks after them.
-CUT_CODES = frozenset({"upstream_disconnected", "upstream_timeout"})
+#: In callback mode, webhook outcomes that do not mean "the workflow did not run": a proxy (or our own request
+#: timeouts) gave up waiting, or the immediate answer has no text (it is not the reply anyway). The
+#: generation keeps waiting for callbacks after them.
+CUT_CODES = frozenset({"upstream_disconnected", "upstream_timeout", "empty_response", "bad_upstream_response"})
 CUT_STATUSES = frozenset({502, 504, 524})
 CALLBACK_NOT_ACCEPTED = "No running generation has this callback URL"
 
@@ -631,7 +632,7 @@ class _Checkpointer:
 
 
 def _cut(exc: BaseException) -> bool:
-    """A webhook failure that means a proxy (or our own request timeouts) cut a still-running workflow."""
+    """A webhook failure that callback mode outlives (CUT_CODES, or a proxy's gateway status)."""
     if not isinstance(exc, StreamFailure):
         return False
     return exc.code in CUT_CODES or (exc.code == "upstream_error" and exc.upstream_status in CUT_STATUSES)

@@ -174,6 +174,31 @@ async def test_callback_mode_ends_after_its_silence_timeout(
     assert (await assistant_of(app, setup.chat.id))["status"] == "error"
 
 
+async def test_callback_mode_fails_at_once_when_the_workflow_did_not_run_and_waits_after_an_empty_answer(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """A 404 (workflow not active) ends the generation at once; an empty 200 is no reply yet, so the
+    generation waits for callbacks (here, none: the silence timeout ends it)."""
+    async with served(database_url, tmp_path, CALLBACK_SILENCE_TIMEOUT=1.0) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            outcomes = []
+            for scenario in ("notfound_post", "empty"):
+                setup = await chat_with_agent(
+                    session, server.settings, f"{fake.url}/webhook/agent-stream?scenario={scenario}"
+                )
+                setup.agent.response_mode = "callback"
+                await session.commit()
+                started = asyncio.get_running_loop().time()
+                events = await send(client, setup).finish()
+                outcomes.append((events[-1].data["data"]["code"], asyncio.get_running_loop().time() - started))  # type: ignore[index]
+    (missing, missing_s), (empty, empty_s) = outcomes
+    assert missing == "upstream_error"
+    assert missing_s < 1.0
+    assert empty == "upstream_timeout"
+    assert empty_s >= 1.0
+    assert (await assistant_of(app, setup.chat.id))["status"] == "error"
+
+
 async def test_steps_are_bounded_in_count_and_size(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:
