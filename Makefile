@@ -10,6 +10,8 @@ FAKE_N8N_PORT ?= 5678
 # Local plain-http development defaults for `make run` only (the environment still wins).
 run: export COOKIE_SECURE ?= false
 run: export WEBHOOK_ALLOW_PRIVATE_NETWORKS ?= true
+# n8n posts progress callbacks to this address (docs/CALLBACKS.md); without it there are no callbacks.
+run: export PUBLIC_BASE_URL ?= http://$(HOST):$(PORT)
 
 .PHONY: run test fake-n8n lint fmt schema install install-dev bench bench-quick bench-history bench-usage clean
 

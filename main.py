@@ -25,6 +25,7 @@ from app.ratelimit import RateLimiter
 from app.routers import (
     agents,
     auth,
+    callbacks,
     chats,
     error_logs,
     health,
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(error_logs.router)
     app.include_router(usage.router)
     app.include_router(metrics_route.router)
+    app.include_router(callbacks.router)
     install_docs(app)
     install_openapi(app, settings)
     return app

@@ -283,5 +283,11 @@ CREATE INDEX ix_idempotency_keys_expires_at ON idempotency_keys (expires_at);
 
 UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num = '0006';
 
+-- Running upgrade 0007 -> 0009
+
+ALTER TABLE agents ADD COLUMN response_mode VARCHAR(16) DEFAULT 'stream' NOT NULL;
+
+UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0007';
+
 COMMIT;
 

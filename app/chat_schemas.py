@@ -27,6 +27,13 @@ from app.fields import (
 
 # --- agents ----------------------------------------------------------------------------------
 
+#: `stream`: the webhook's answer is the reply; `callback`: the reply comes by callbacks (docs/CALLBACKS.md).
+ResponseMode = Literal["stream", "callback"]
+RESPONSE_MODE_DOC = (
+    "`stream` (default): the webhook's answer is the reply. `callback`: the webhook's answer is read for errors "
+    "only and the reply comes by callbacks to `metadata.callback_url`; needs PUBLIC_BASE_URL (422 without)."
+)
+
 
 class AgentCreate(InputModel):
     name: AgentName
@@ -37,6 +44,7 @@ class AgentCreate(InputModel):
     system_prompt: SystemPrompt | None = None
     config: AgentConfig = Field(default_factory=dict)
     is_active: StrictBool = True
+    response_mode: ResponseMode = Field("stream", description=RESPONSE_MODE_DOC)
 
     _headers = field_validator("webhook_headers")(check_webhook_headers)
     _config = field_validator("config")(check_agent_config)
@@ -53,6 +61,7 @@ class AgentUpdate(InputModel):
     system_prompt: SystemPrompt | None = None
     config: Annotated[AgentConfig | None, NotNull] = None
     is_active: Annotated[StrictBool | None, NotNull] = None
+    response_mode: Annotated[ResponseMode | None, NotNull] = Field(None, description=RESPONSE_MODE_DOC)
 
     _headers = field_validator("webhook_headers")(check_webhook_headers)
     _config = field_validator("config")(check_agent_config)
@@ -82,6 +91,7 @@ class AgentAdminRead(AgentRead):
 
     webhook_url: str
     webhook_header_names: list[str] = Field(description="Sorted names of the configured webhook headers.")
+    response_mode: ResponseMode = Field(description=RESPONSE_MODE_DOC)
 
 
 class AgentTestResult(ReadModel):
@@ -269,3 +279,56 @@ class ErrorLogRead(ReadModel):
     agent_id: uuid.UUID | None
     user_id: uuid.UUID | None
     created_at: datetime
+
+
+# --- progress callbacks (docs/CALLBACKS.md) ----------------------------------------------------
+
+CallbackText = Annotated[str, Field(min_length=1, max_length=1000), StorableText]
+
+
+class CallbackStatus(InputModel):
+    type: Literal["status"]
+    description: CallbackText
+
+
+class CallbackTool(InputModel):
+    """A tool step; `input` and `output` are any JSON (stored shortened, see CALLBACK_STEP_MAX_CHARS)."""
+
+    type: Literal["tool"]
+    name: Annotated[str, Field(min_length=1, max_length=200), StorableText]
+    input: Any = None
+    output: Any = None
+
+
+class CallbackMessage(InputModel):
+    """Text of the answer, appended like a streamed chunk."""
+
+    type: Literal["message"]
+    content: Annotated[str, Field(min_length=1), StorableText]
+
+
+class CallbackUsage(InputModel):
+    """Tokens the workflow used; several usage callbacks add up."""
+
+    type: Literal["usage"]
+    input_tokens: Annotated[int, Field(ge=0, le=1_000_000_000)]
+    output_tokens: Annotated[int, Field(ge=0, le=1_000_000_000)]
+
+
+class CallbackDone(InputModel):
+    type: Literal["done"]
+
+
+class CallbackError(InputModel):
+    type: Literal["error"]
+    message: CallbackText
+
+
+CallbackBody = Annotated[
+    CallbackStatus | CallbackTool | CallbackMessage | CallbackUsage | CallbackDone | CallbackError,
+    Field(discriminator="type"),
+]
+
+
+class CallbackAccepted(ReadModel):
+    accepted: bool = Field(True, description="Always true: a callback that is not accepted is an error status.")

@@ -88,6 +88,17 @@ class Settings(BaseSettings):
     SHUTDOWN_GRACE_SECONDS: float = Field(10.0, ge=0)
     WORKER_HEARTBEAT_INTERVAL: float = Field(10.0, gt=0)
 
+    #: This service's address as n8n reaches it (e.g. `https://chat.example.com`): callback URLs are built on
+    #: it. Unset: no generation gets a `metadata.callback_url`, and agents cannot use `response_mode: callback`.
+    PUBLIC_BASE_URL: str | None = None
+    CALLBACK_MAX_BODY_BYTES: int = Field(65_536, ge=1024)
+    #: Callback mode: the longest silence between two callbacks, and the longest whole generation (seconds).
+    CALLBACK_SILENCE_TIMEOUT: float = Field(600.0, gt=0)
+    CALLBACK_TOTAL_TIMEOUT: float = Field(3600.0, gt=0)
+    #: `metadata.steps` of a message: at most this many steps, each cut to this many characters per field.
+    CALLBACK_MAX_STEPS: int = Field(100, ge=1)
+    CALLBACK_STEP_MAX_CHARS: int = Field(2000, ge=100)
+
     METRICS_ENABLED: bool = False
     METRICS_TOKEN: str | None = None
 
@@ -111,6 +122,16 @@ class Settings(BaseSettings):
         # Credentials (cookies) are allowed, and browsers reject `*` with credentials anyway.
         if "*" in value:
             raise ValueError("'*' is not allowed; list the SPA origins explicitly")
+        return value
+
+    @field_validator("PUBLIC_BASE_URL")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")) or "?" in value or "#" in value:
+            raise ValueError("must be an http(s) URL without query or fragment, like https://chat.example.com")
         return value
 
     @field_validator("TRUSTED_PROXIES")

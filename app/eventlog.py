@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: Published with an assistant message id: the instance running that generation stops it.
 STOP_CHANNEL = "generations:stop"
+#: Published with `{"id": assistant message id, "body": callback}`: the instance running it applies it.
+CALLBACK_CHANNEL = "generations:callback"
 #: Polling the stored message while a stream is rebuilt from storage (seconds).
 STORAGE_POLL = 0.5
 #: How long the writer keeps retrying an unreachable Redis after the generation ended (seconds).
@@ -217,23 +220,52 @@ class RedisEventLog:
 
     async def listen_for_stops(self, on_stop: Callable[[str], Awaitable[None]]) -> None:
         """Subscribe to the stop channel for the life of the app, resubscribing after a Redis outage."""
+        await self._listen(STOP_CHANNEL, "stop", on_stop)
+
+    # --- progress callbacks between instances ------------------------------------------------------
+    async def publish_callback(self, assistant_id: str, body: dict[str, Any]) -> bool:
+        """Hand a validated callback to the instance running `assistant_id`; False when Redis is unreachable."""
+        try:
+            await self.redis.publish(CALLBACK_CHANNEL, json.dumps({"id": assistant_id, "body": body}))
+        except Exception as exc:
+            logger.warning("redis unreachable, callback not relayed (%s)", type(exc).__name__)
+            return False
+        return True
+
+    async def listen_for_callbacks(self, on_callback: Callable[[str, dict[str, Any]], Awaitable[None]]) -> None:
+        """Subscribe to the callback channel for the life of the app (as the stop channel)."""
+
+        async def relayed(data: str) -> None:
+            try:
+                message = json.loads(data)
+                assistant_id, body = str(message["id"]), message["body"]
+            except (ValueError, KeyError, TypeError):
+                logger.warning("ignored a malformed relayed callback")
+                return
+            await on_callback(assistant_id, body)
+
+        await self._listen(CALLBACK_CHANNEL, "callback", relayed)
+
+    async def _listen(self, channel: str, what: str, handle: Callable[[str], Awaitable[None]]) -> None:
         failing = False
         while True:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(STOP_CHANNEL)
+                await pubsub.subscribe(channel)
                 if failing:
-                    logger.warning("redis stop channel subscribed again")
+                    logger.warning("redis %s channel subscribed again", what)
                     failing = False
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         data = message["data"]
-                        await on_stop(data.decode() if isinstance(data, bytes) else str(data))
+                        await handle(data.decode() if isinstance(data, bytes) else str(data))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if not failing:
-                    logger.warning("redis stop channel lost, stop works on this instance only (%s)", type(exc).__name__)
+                    logger.warning(
+                        "redis %s channel lost, %s works on this instance only (%s)", what, what, type(exc).__name__
+                    )
                     failing = True
                 await asyncio.sleep(1.0)
             finally:
@@ -298,7 +330,9 @@ class _Mirror:
         redis = self.log.redis
         ttl = int(self.log.settings.STREAM_LOG_TTL)
         # While it runs, the chat's pointer outlives any answer; after the end both expire after the TTL.
-        running_ttl = int(self.log.settings.N8N_TOTAL_TIMEOUT) + ttl
+        # (A callback-mode generation may run up to CALLBACK_TOTAL_TIMEOUT.)
+        settings = self.log.settings
+        running_ttl = int(max(settings.N8N_TOTAL_TIMEOUT, settings.CALLBACK_TOTAL_TIMEOUT)) + ttl
         chat = chat_key(generation.new.chat_id)
         loop = asyncio.get_running_loop()
         delay = 0.2

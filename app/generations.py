@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from app import metrics
+from app.callbacks import CallbackInbox
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
@@ -34,6 +35,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: In callback mode, webhook outcomes that do not mean "the workflow did not run": a proxy (or our own request
+#: timeouts) gave up waiting, or the immediate answer has no text (it is not the reply anyway). The
+#: generation keeps waiting for callbacks after them.
+CUT_CODES = frozenset({"upstream_disconnected", "upstream_timeout", "empty_response", "bad_upstream_response"})
+CUT_STATUSES = frozenset({502, 504, 524})
+CALLBACK_NOT_ACCEPTED = "No running generation has this callback URL"
+
 WAITING = {"description": "Waiting for the agent", "done": False}
 
 
@@ -53,6 +61,7 @@ class GenerationRegistry:
         #: The shared event logs and the stop channel, with several instances (None: this process only).
         self.shared = RedisEventLog(redis, settings, db) if redis is not None else None
         self._stop_listener: asyncio.Task[None] | None = None
+        self._callback_listener: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[dict[str, Any] | None]] = set()
         self.worker_id = uuid.uuid4()
         self.streamer = streamer
@@ -80,6 +89,9 @@ class GenerationRegistry:
         if self.shared is not None:
             self._stop_listener = asyncio.create_task(
                 self.shared.listen_for_stops(self._stop_requested), name="generation-stop-listener"
+            )
+            self._callback_listener = asyncio.create_task(
+                self.shared.listen_for_callbacks(self._relayed_callback), name="generation-callback-listener"
             )
 
     async def _register_and_recover(self) -> None:
@@ -164,10 +176,11 @@ class GenerationRegistry:
         await self.begin_shutdown()
         if self.shared is not None:
             await self.shared.drain(within=2.0)
-        if self._stop_listener is not None:
-            self._stop_listener.cancel()
-            await asyncio.gather(self._stop_listener, return_exceptions=True)
-            self._stop_listener = None
+        for listener in (self._stop_listener, self._callback_listener):
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+        self._stop_listener = self._callback_listener = None
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -187,6 +200,8 @@ class GenerationRegistry:
 
     def start(self, new: message_service.NewGeneration) -> Generation:
         generation = Generation(new=new)
+        if new.callbacks:
+            generation.inbox = CallbackInbox(self.settings, asyncio.get_running_loop().time())
         generation.add_event("start", {"user_message": new.user_message, "assistant_message_id": new.assistant_id})
         generation.add_event("status", WAITING)
         task = asyncio.create_task(self._run(generation), name=f"generation-{new.assistant_id}")
@@ -298,6 +313,47 @@ class GenerationRegistry:
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
 
+    # --- progress callbacks (app.callbacks) -------------------------------------------------------
+    def deliver(self, assistant_id: str, body: dict[str, Any]) -> bool:
+        """Apply one validated callback to a generation of this instance; False when it is not running here
+        (or its outcome is already decided: the first terminal won)."""
+        generation = self.running.get(assistant_id)
+        inbox = None if generation is None else generation.inbox
+        if generation is None or inbox is None or not inbox.open or generation.finishing:
+            return False
+        inbox.last_at = asyncio.get_running_loop().time()
+        kind = body["type"]
+        if kind in ("status", "tool"):
+            generation.add_event(kind, inbox.step(body))
+        elif kind == "message":
+            if inbox.on_text is not None:
+                inbox.on_text([body["content"]])
+        elif kind == "usage":
+            inbox.add_usage(body["input_tokens"], body["output_tokens"])
+        else:
+            inbox.end(body.get("message") if kind == "error" else None)
+        return True
+
+    async def callback(self, assistant_id: str, body: dict[str, Any]) -> bool:
+        """A callback for `assistant_id`: applied here, or relayed (Redis) to the instance running it.
+
+        False when no instance runs it. Raises ServiceUnavailable when it runs elsewhere and Redis is down.
+        """
+        if assistant_id in self.running:
+            return self.deliver(assistant_id, body)
+        if self.shared is None:
+            return False
+        async with self.db.autocommit() as session:
+            if not await message_service.is_streaming(session, assistant_id):
+                return False
+        if not await self.shared.publish_callback(assistant_id, body):
+            raise ServiceUnavailable("The callback cannot be relayed right now; try again")
+        return True
+
+    async def _relayed_callback(self, assistant_id: str, body: dict[str, Any]) -> None:
+        """Another instance received a callback: this one applies it if it runs that generation."""
+        self.deliver(assistant_id, body)
+
     async def stop(self, generation: Generation) -> dict[str, Any] | None:
         """Stop a generation of this instance; the stored message once it ended (status `cancelled` unless
         the natural end got there first: exactly one final write happens either way)."""
@@ -325,6 +381,8 @@ class GenerationRegistry:
 
         failure: StreamFailure | None = None
         cancelled = stopped = False
+        if generation.inbox is not None:
+            generation.inbox.on_text = on_chunks
         new.stamp_assistant()
         try:
             try:
@@ -338,9 +396,7 @@ class GenerationRegistry:
             if generation.stopping:  # stopped before it started (see `stop`)
                 stopped = True
             else:
-                await self.streamer.run(
-                    url=new.webhook_url, headers=headers, payload=new.take_payload(), on_chunks=on_chunks, stats=stats
-                )
+                await self._call(generation, headers, on_chunks, stats)
         except StreamFailure as exc:
             failure = exc
         except asyncio.CancelledError:
@@ -364,6 +420,9 @@ class GenerationRegistry:
             )
         # From here on a stop no longer cancels the task: the outcome decided above is the one stored.
         generation.finishing = True
+        inbox = generation.inbox
+        if inbox is not None:
+            inbox.closed = True
         duration_ms = round((loop.time() - started) * 1000, 1)
         metadata = {
             "chunks": len(generation.chunks),
@@ -375,10 +434,106 @@ class GenerationRegistry:
             "tokens_in": None if stats.usage is None else stats.usage[0],
             "tokens_out": None if stats.usage is None else stats.usage[1],
         }
+        if inbox is not None:
+            # Callbacks: the steps, and token usage reported by the workflow (it wins over the webhook's).
+            metadata.update(inbox.metadata())
+            if inbox.usage is not None:
+                metadata["tokens_in"], metadata["tokens_out"] = inbox.usage
+            if new.response_mode == "callback":
+                metadata["response_mode"] = "callback"
         outcome = "cancelled" if stopped else "interrupted" if cancelled else "complete" if failure is None else "error"
         await _shielded(self._finish(generation, failure, metadata, checkpoint, outcome=outcome))
         if cancelled:
             raise asyncio.CancelledError
+
+    async def _call(
+        self,
+        generation: Generation,
+        headers: dict[str, str],
+        on_chunks: Callable[[list[str]], None],
+        stats: StreamStats,
+    ) -> None:
+        """Call the webhook and wait for the answer's end; raise StreamFailure for a failed one.
+
+        Without callbacks the webhook's answer is the whole story. With them, the first terminal wins: a
+        `done`/`error` callback ends the generation even while the webhook still streams (its request is then
+        closed), and in callback mode the webhook's answer only counts when it is an error that means the
+        workflow did not run; the answer then ends by callback, or by callback mode's own timeouts.
+        """
+        new = generation.new
+        inbox = generation.inbox
+        callback_mode = new.response_mode == "callback" and inbox is not None
+
+        def ignore(_chunks: list[str]) -> None:
+            return None
+
+        webhook = asyncio.ensure_future(
+            self.streamer.run(
+                url=new.webhook_url,
+                headers=headers,
+                payload=new.take_payload(),
+                on_chunks=ignore if callback_mode else on_chunks,
+                stats=stats,
+            )
+        )
+        if inbox is None:
+            await webhook
+            return
+        ended = asyncio.ensure_future(inbox.ended.wait())
+        try:
+            if callback_mode:
+                await self._await_callbacks(webhook, ended, inbox)
+            else:
+                await asyncio.wait({webhook, ended}, return_when=asyncio.FIRST_COMPLETED)
+                if not inbox.ended.is_set():
+                    inbox.closed = True
+                    webhook.result()  # the webhook's answer ended first: it is the outcome
+                    return
+            inbox.closed = True
+            if inbox.error is not None:
+                raise StreamFailure(
+                    "upstream_error", inbox.error, upstream_status=stats.upstream_status, detail={"via": "callback"}
+                )
+        finally:
+            for task in (webhook, ended):
+                task.cancel()
+            await asyncio.gather(webhook, ended, return_exceptions=True)
+
+    async def _await_callbacks(
+        self, webhook: asyncio.Future[None], ended: asyncio.Future[Any], inbox: CallbackInbox
+    ) -> None:
+        """Callback mode: until `done`/`error` arrives, a fatal webhook failure, or a callback-mode timeout."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + s.CALLBACK_TOTAL_TIMEOUT
+        while not inbox.ended.is_set():
+            now = loop.time()
+            silent_until = inbox.last_at + s.CALLBACK_SILENCE_TIMEOUT
+            if now >= give_up_at:
+                inbox.closed = True
+                raise StreamFailure(
+                    "upstream_timeout",
+                    "The agent's answer took too long",
+                    detail={"timeout": "callback_total", "seconds": s.CALLBACK_TOTAL_TIMEOUT},
+                )
+            if now >= silent_until:
+                inbox.closed = True
+                raise StreamFailure(
+                    "upstream_timeout",
+                    "The agent stopped reporting progress",
+                    detail={"timeout": "callback_silence", "seconds": s.CALLBACK_SILENCE_TIMEOUT},
+                )
+            waiting: set[asyncio.Future[Any]] = {ended}
+            if not webhook.done():
+                waiting.add(webhook)
+            await asyncio.wait(
+                waiting, timeout=min(silent_until, give_up_at) - now, return_when=asyncio.FIRST_COMPLETED
+            )
+            if webhook.done() and not webhook.cancelled() and not inbox.ended.is_set():
+                exc = webhook.exception()
+                if exc is not None and not _cut(exc):
+                    inbox.closed = True
+                    raise exc
 
     async def _finish(
         self,
@@ -483,6 +638,13 @@ class _Checkpointer:
             self.timer = None
         if self.task is not None:
             await asyncio.gather(self.task, return_exceptions=True)
+
+
+def _cut(exc: BaseException) -> bool:
+    """A webhook failure that callback mode outlives (CUT_CODES, or a proxy's gateway status)."""
+    if not isinstance(exc, StreamFailure):
+        return False
+    return exc.code in CUT_CODES or (exc.code == "upstream_error" and exc.upstream_status in CUT_STATUSES)
 
 
 async def _shielded(coro: Coroutine[Any, Any, None]) -> None:

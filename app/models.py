@@ -115,6 +115,8 @@ class Agent(Base):
     avatar_content_type: Mapped[str | None] = mapped_column(String(50))
     avatar_version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    #: `stream` (the webhook's answer is the reply) or `callback` (the reply comes by callbacks: app.callbacks).
+    response_mode: Mapped[str] = mapped_column(String(16), nullable=False, default="stream", server_default="stream")
     created_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()

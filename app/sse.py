@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
+from app.callbacks import CallbackInbox
 from app.services.messages import NewGeneration
 
 #: The event types that end a stream; exactly one of them is the last event of every generation.
@@ -49,6 +50,8 @@ class Generation:
     #: The stored message of the final write (or None when it failed), for stop's answer.
     stored: dict[str, Any] | None = None
     on_event: Callable[[Generation], None] | None = None
+    #: What came by progress callback (app.callbacks), when n8n was given a callback URL.
+    inbox: CallbackInbox | None = None
     _waiter: asyncio.Event | None = None
     _ended: asyncio.Event = field(default_factory=asyncio.Event)
 

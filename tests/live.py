@@ -96,9 +96,10 @@ async def chat_with_agent(
 class LiveServer:
     """`create_app(settings)` served by uvicorn in a background thread with its own event loop."""
 
-    def __init__(self, settings: Settings, *, graceful_timeout: int | None = None) -> None:
+    def __init__(self, settings: Settings, *, graceful_timeout: int | None = None, port: int | None = None) -> None:
         self.settings = settings
-        self.port = free_port()
+        #: Given when the settings must name the address beforehand (PUBLIC_BASE_URL).
+        self.port = port if port is not None else free_port()
         self.app = create_app(settings)
         # The production server options (no proxy-header rewriting, no uvicorn access line).
         config = uvicorn.Config(

@@ -35,7 +35,7 @@ MEMBER_FIELDS = {
     "created_at",
     "updated_at",
 }
-ADMIN_FIELDS = MEMBER_FIELDS | {"webhook_url", "webhook_header_names"}
+ADMIN_FIELDS = MEMBER_FIELDS | {"webhook_url", "webhook_header_names", "response_mode"}
 
 
 @dataclass
@@ -549,3 +549,47 @@ async def test_agent_endpoints_with_random_id_are_404_and_malformed_422(
     assert random_id.json() == {"detail": "Agent not found"}
     malformed = await client.request(method, path.format(id="nope"), headers=world.h(world.admin), json=body)
     assert malformed.status_code == 422
+
+
+# --- response_mode (callbacks) ---------------------------------------------------------------
+
+
+async def test_response_mode_defaults_to_stream_and_is_shown_to_admins_only(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    created = await _create(client, world)
+    assert created.status_code == 201
+    assert created.json()["response_mode"] == "stream"
+    member_view = await client.get(f"/api/agents/{created.json()['id']}", headers=world.h(world.member))
+    assert "response_mode" not in member_view.json()
+
+
+async def test_callback_mode_without_public_base_url_is_a_422_that_stores_nothing(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    refused = await _create(client, world, response_mode="callback")
+    assert refused.status_code == 422
+    assert "PUBLIC_BASE_URL" in refused.text
+    assert await count_rows(session, "agents") == 0
+    created = (await _create(client, world)).json()
+    update = await client.put(
+        f"/api/agents/{created['id']}", json={"response_mode": "callback"}, headers=world.h(world.admin)
+    )
+    assert update.status_code == 422
+    stored = await session.get(Agent, uuid.UUID(created["id"]))
+    assert stored is not None
+    await session.refresh(stored)
+    assert stored.response_mode == "stream"
+
+
+@pytest.mark.settings(PUBLIC_BASE_URL="https://chat.example.com/")
+async def test_callback_mode_with_public_base_url_is_saved(client: httpx.AsyncClient, world: World) -> None:
+    created = await _create(client, world, response_mode="callback")
+    assert created.status_code == 201
+    assert created.json()["response_mode"] == "callback"
+    agent_id = created.json()["id"]
+    back = await client.put(f"/api/agents/{agent_id}", json={"response_mode": "stream"}, headers=world.h(world.admin))
+    assert back.json()["response_mode"] == "stream"
+    for bad in ("push", None, 1):
+        wrong = await client.put(f"/api/agents/{agent_id}", json={"response_mode": bad}, headers=world.h(world.admin))
+        assert wrong.status_code == 422

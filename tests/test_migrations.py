@@ -456,3 +456,40 @@ async def test_migration_0005_moves_a_chat_to_rows_and_back_on_postgresql(tmp_pa
 
 async def test_migration_0005_moves_a_chat_to_rows_and_back_on_sqlite(tmp_path: Path) -> None:
     await _check_migration_of_a_chat(f"sqlite+aiosqlite:///{tmp_path / 'tree.db'}", tmp_path)
+
+
+# --- 0009: agents gain response_mode ------------------------------------------------------------------
+
+
+async def _response_modes(url: str) -> list[str]:
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        modes = list((await conn.execute(text("SELECT response_mode FROM agents"))).scalars())
+    await engine.dispose()
+    return modes
+
+
+def _check_0009(url: str) -> None:
+    run_migrations(url, "0004")
+    asyncio.run(_seed_agents_at_0004(url))
+    run_migrations(url, "0009")
+    assert asyncio.run(_response_modes(url)) == ["stream"] * 6  # existing agents keep answering by stream
+    run_migrations(url, "0007", downgrade=True)
+    assert "response_mode" not in asyncio.run(_columns(url, "agents"))
+    assert len(asyncio.run(_slugs_or_names(url))) == 6  # the agents themselves stay
+    run_migrations(url)
+    assert asyncio.run(_response_modes(url)) == ["stream"] * 6
+
+
+def test_0009_response_mode_down_and_up_on_postgresql() -> None:
+    name = f"test_mig_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        _check_0009(url)
+    finally:
+        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_0009_response_mode_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    _check_0009(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")

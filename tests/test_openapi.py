@@ -64,6 +64,11 @@ CONFIG = SchemathesisConfig.from_dict(
                 }
                 for name in ("GET /api/usage", "GET /api/usage/me")
             ),
+            {
+                # Without a running generation's own signature a valid callback is the documented 404.
+                "include-name": "POST /api/callbacks/{generation_id}/{signature}",
+                "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "404"]}},
+            },
         ],
     }
 )
@@ -97,7 +102,13 @@ async def _seed(settings: Settings) -> User:
 def seeded(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, User]]:
     """One team and its admin for the whole module; the rows go when it ends."""
     # Rate limits off: 25 logins per operation would otherwise be (rightly) refused with 429.
-    settings = make_settings(database_url, tmp_path_factory.mktemp("openapi"), RATE_LIMIT_ENABLED=False)
+    # With a public base URL, so agents may be saved in `callback` response mode.
+    settings = make_settings(
+        database_url,
+        tmp_path_factory.mktemp("openapi"),
+        RATE_LIMIT_ENABLED=False,
+        PUBLIC_BASE_URL="https://chat.example.com",
+    )
     try:
         yield settings, asyncio.run(_seed(settings))
     finally:

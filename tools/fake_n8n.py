@@ -25,6 +25,8 @@ replays it faithfully (status, headers, body, one HTTP chunk per line with the r
 `speed`, gzip per line when the request accepts it, and the keep-alive linger after the last chunk); and the
 synthetic ones in `SCENARIOS` below. Query parameters tune them: `delay_ms` (per token), `chunks` and
 `interval_ms` (paced), `size` (oversized line), `after` (tokens before a fault), `hang` (seconds), `status`.
+`callbacks` posts to the request's `metadata.callback_url` like an HTTP Request node; `FakeN8n.callbacks`
+records each post and the status it got.
 
 `GET /__requests` lists what was received (method, path, query, headers, json body, and `client_closed`:
 whether the client closed the connection before the answer ended); `DELETE /__requests`
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import BasicAuth, web
 
 #: Shipped with the repository (recordings/n8n/README.md), so a plain clone can run the fake.
@@ -91,6 +94,8 @@ SCENARIOS = {
     "html": "a proxy's HTML error page with status 200 (text/html)",
     "echo_usage": "echo, with `usage` {input_tokens, output_tokens} in the `end` item's metadata",
     "json_usage": '{"output": "Echo: ...", "usage": {"prompt_tokens", "completion_tokens"}}',
+    "callbacks": "POSTs progress callbacks to metadata.callback_url (see `_s_callbacks`); `answer` says what the "
+    "webhook itself does",
 }
 
 
@@ -198,6 +203,9 @@ class FakeN8n:
         self.speed = speed
         self.linger = linger
         self.requests: list[dict[str, Any]] = []
+        #: Every callback the `callbacks` scenario posted: `{"body", "status"}` (status None: not delivered).
+        self.callbacks: list[dict[str, Any]] = []
+        self._posting: set[asyncio.Task[None]] = set()
         self.app = web.Application()
         self.app.router.add_get("/__requests", self._list_requests)
         self.app.router.add_delete("/__requests", self._clear_requests)
@@ -219,9 +227,16 @@ class FakeN8n:
         return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
+        for task in list(self._posting):
+            task.cancel()
+        await asyncio.gather(*self._posting, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def callbacks_posted(self) -> None:
+        """Until every callback scenario started so far has posted its whole script."""
+        await asyncio.gather(*self._posting, return_exceptions=True)
 
     @property
     def url(self) -> str:
@@ -597,6 +612,71 @@ class FakeN8n:
         await response.write(ndjson(error))
         await response.write_eof()
         return response
+
+    # --- progress callbacks ----------------------------------------------------------------------
+    def _callback_script(self, request: web.Request, text: str) -> list[dict[str, Any]]:
+        """The callbacks to post: a status, a tool step, usage, the echo text word by word, then the end.
+
+        `end`: `done` (default), `error`, `both` (done, then error: the first must win) or `none`; `extra=1`
+        posts one more `message` after the end (it must be refused); `text=0` posts no text.
+        """
+        script: list[dict[str, Any]] = [
+            {"type": "status", "description": "Searching the knowledge base"},
+            {"type": "tool", "name": "search", "input": {"query": text}, "output": {"hits": 3}},
+            {"type": "usage", "input_tokens": 12, "output_tokens": 7},
+        ]
+        if request.query.get("text", "1") != "0":
+            script += [{"type": "message", "content": token} for token in echo_tokens(text)]
+        end = request.query.get("end", "done")
+        if end in ("done", "both"):
+            script.append({"type": "done"})
+        if end in ("error", "both"):
+            script.append({"type": "error", "message": "The workflow failed in node Search"})
+        if request.query.get("extra") == "1":
+            script.append({"type": "message", "content": " (late)"})
+        return script
+
+    async def _post_callbacks(self, url: str, script: list[dict[str, Any]], start: float, interval: float) -> None:
+        await asyncio.sleep(start)
+        async with aiohttp.ClientSession() as session:
+            for body in script:
+                record: dict[str, Any] = {"body": body, "status": None}
+                self.callbacks.append(record)
+                try:
+                    async with session.post(url, json=body) as response:
+                        record["status"] = response.status
+                        await response.read()
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(interval)
+
+    async def _s_callbacks(self, request: web.Request, text: str) -> web.StreamResponse:
+        """Posts `_callback_script` to `metadata.callback_url` in the background, `start_ms` after the request
+        and `interval_ms` apart (default 20), while the webhook answers as `answer` says: `ack` (default: at
+        once, `{"message": "Workflow was started"}`, like "Respond: Immediately"), `cut` (the connection is
+        dropped after `hang` seconds, default 0.1, as a proxy's time limit does), `stream` (the echo NDJSON,
+        slowly: `delay_ms`, default 200) or `stall` (two tokens, then nothing for `hang` seconds)."""
+        body = await request.json()
+        url = (body.get("metadata") or {}).get("callback_url")
+        if not isinstance(url, str):
+            return web.json_response({"message": "fake n8n: no metadata.callback_url"}, status=400)
+        script = self._callback_script(request, text)
+        start, interval = self._q(request, "start_ms", 0) / 1000, self._q(request, "interval_ms", 20) / 1000
+        task = asyncio.create_task(self._post_callbacks(url, script, start, interval))
+        self._posting.add(task)
+        task.add_done_callback(self._posting.discard)
+        answer = request.query.get("answer", "ack")
+        if answer == "cut":
+            await asyncio.sleep(self._q(request, "hang", 0.1))
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=499)
+        if answer == "stream":
+            delay = self._q(request, "delay_ms", 200) / 1000
+            return await self._stream(request, 200, self._n8n_headers(), self._echo_lines(text), delay)
+        if answer == "stall":
+            return await self._s_stall(request, text)
+        return self._json({"message": "Workflow was started"})
 
 
 async def _serve(fake: FakeN8n, host: str, port: int) -> None:

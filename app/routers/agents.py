@@ -76,6 +76,7 @@ async def create_agent(
         system_prompt=data.system_prompt,
         config=data.config,
         is_active=data.is_active,
+        response_mode=data.response_mode,
     )
     return agents_service.agent_view(agent, user=user, settings=settings)
 

@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 AGENT_NOT_FOUND = "Agent not found"
 AGENT_INACTIVE = "Agent is inactive; an admin must reactivate it before new chats can use it"
 SLUG_TAKEN = "Another agent of this team (active or not) already has this slug"
+CALLBACK_NEEDS_BASE_URL = (
+    "response_mode 'callback' needs PUBLIC_BASE_URL: without this service's public address n8n has no "
+    "callback URL to post to"
+)
 #: Tries at a generated slug when concurrent creates of same-named agents keep taking the free one.
 SLUG_ATTEMPTS = 5
 
@@ -51,6 +55,13 @@ async def list_agents(*, session: AsyncSession, user: User, include_inactive: bo
         query = query.where(Agent.is_active.is_(True))
     query = query.order_by(Agent.name, Agent.created_at, Agent.id)
     return list((await session.execute(query)).scalars())
+
+
+def checked_response_mode(mode: str, settings: Settings) -> str:
+    """`callback` only when callback URLs can be made (PUBLIC_BASE_URL), else a 422 on `response_mode`."""
+    if mode == "callback" and settings.PUBLIC_BASE_URL is None:
+        raise Unprocessable(CALLBACK_NEEDS_BASE_URL, loc=("body", "response_mode"))
+    return mode
 
 
 def checked_url(url: str, settings: Settings) -> str:
@@ -89,6 +100,7 @@ async def create_agent(
     system_prompt: str | None,
     config: dict[str, Any],
     is_active: bool,
+    response_mode: str = "stream",
 ) -> Agent:
     agent = Agent(
         team_id=user.team_id,
@@ -99,6 +111,7 @@ async def create_agent(
         system_prompt=system_prompt,
         config=config,
         is_active=is_active,
+        response_mode=checked_response_mode(response_mode, settings),
         created_by=user.id,
     )
     team_id = user.team_id
@@ -131,6 +144,8 @@ async def update_agent(
     changes = dict(changes)
     if "webhook_url" in changes:
         changes["webhook_url"] = checked_url(changes["webhook_url"], settings)
+    if "response_mode" in changes:
+        checked_response_mode(changes["response_mode"], settings)
     if "webhook_headers" in changes:
         headers = changes.pop("webhook_headers") or {}
         agent.webhook_headers_encrypted = encrypt_headers(headers, settings.ENCRYPTION_KEY)
@@ -193,6 +208,9 @@ def agent_view(agent: Agent, *, user: User, settings: Settings) -> AgentRead | A
     }
     if user.role == "admin":
         return AgentAdminRead(
-            **fields, webhook_url=agent.webhook_url, webhook_header_names=webhook_header_names(agent, settings)
+            **fields,
+            webhook_url=agent.webhook_url,
+            webhook_header_names=webhook_header_names(agent, settings),
+            response_mode=agent.response_mode,
         )
     return AgentRead(**fields)

@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from app import callbacks
 from app.chat_schemas import format_timestamp
 from app.config import Settings
 from app.db import execute_core, utcnow
@@ -71,6 +72,7 @@ _CHAT_AND_AGENT: Select[Any, Any] = (
         Agent.webhook_headers_encrypted,
         Agent.system_prompt,
         Agent.config,
+        Agent.response_mode,
         exists().where(Message.chat_id == Chat.id, IS_STREAMING).correlate(Chat).label("running"),
         _target.role.label("target_role"),
         _target.parent_id.label("target_parent_id"),
@@ -167,6 +169,9 @@ class NewGeneration:
     assistant_sibling_ids: list[str] = field(default_factory=list)
     assistant_created_at: str | None = None
     assistant_started: datetime | None = None
+    #: The agent's `response_mode` (`stream` or `callback`), and whether n8n got a callback URL (app.callbacks).
+    response_mode: str = "stream"
+    callbacks: bool = False
 
     def stamp_assistant(self) -> None:
         """The generation starts now: the assistant message's `created_at`, strictly after the user's."""
@@ -352,19 +357,23 @@ async def start_message(
         feedback=row.q_feedback if regenerate else None,
         sibling_ids=siblings.get(question_parent, [question_id]),
     )
+    metadata = {
+        "chat_id": str(chat_id),
+        "agent_id": str(row.agent_id),
+        "user_id": str(user.id),
+        "team_id": str(user.team_id),
+        "message_id": str(assistant_id),
+    }
+    url = callbacks.callback_url(settings, str(assistant_id))
+    if url is not None:
+        metadata["callback_url"] = url
     payload = {
         "messages": history,
         "system_prompt": row.system_prompt or "",
         "config": row.config or {},
         "chatInput": latest,
         "sessionId": str(chat_id),
-        "metadata": {
-            "chat_id": str(chat_id),
-            "agent_id": str(row.agent_id),
-            "user_id": str(user.id),
-            "team_id": str(user.team_id),
-            "message_id": str(assistant_id),
-        },
+        "metadata": metadata,
     }
     return NewGeneration(
         chat_id=chat_id,
@@ -378,6 +387,8 @@ async def start_message(
         payload=payload,
         created_at=placeholder_at,
         assistant_sibling_ids=[str(i) for i in siblings.get(question_id, [assistant_id])],
+        response_mode=row.response_mode,
+        callbacks=url is not None,
     )
 
 
@@ -504,3 +515,9 @@ async def streaming_message_id(session: AsyncSession, chat_id: uuid.UUID) -> str
     query = select(Message.id).where(Message.chat_id == chat_id, IS_STREAMING).limit(1)
     found = (await session.execute(query)).scalar_one_or_none()
     return None if found is None else str(found)
+
+
+async def is_streaming(session: AsyncSession, message_id: str) -> bool:
+    """Whether `message_id` is a running answer (of any chat: a callback relayed to its owner asks)."""
+    query = select(Message.id).where(Message.id == uuid.UUID(message_id), IS_STREAMING).limit(1)
+    return (await session.execute(query)).first() is not None

@@ -1,0 +1,131 @@
+"""Progress callbacks: the signed per-generation URL n8n posts to, and what a generation keeps of them.
+
+A callback URL is `{PUBLIC_BASE_URL}/api/callbacks/{generation id}/{signature}`, the signature an HMAC-SHA256
+of the generation id under a key derived from JWT_SECRET (no secret of its own to manage; a label keeps it
+apart from the tokens' use of that secret). It is accepted only while that generation runs (app.generations),
+so a URL leaked from n8n's execution log is worthless once the answer ended. No FastAPI here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from app.config import Settings
+
+#: The path callbacks are posted to (app/logs.py redacts everything after it).
+PATH_PREFIX = "/api/callbacks/"
+_KEY_LABEL = b"n8n-chat-relay callback url v1"
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _key(settings: Settings) -> bytes:
+    return hmac.new(settings.JWT_SECRET.encode(), _KEY_LABEL, hashlib.sha256).digest()
+
+
+def signature(settings: Settings, generation_id: str) -> str:
+    digest = hmac.new(_key(settings), f"callback:{generation_id}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def callback_url(settings: Settings, generation_id: str) -> str | None:
+    """The generation's callback URL, or None without PUBLIC_BASE_URL (n8n could not reach us)."""
+    if settings.PUBLIC_BASE_URL is None:
+        return None
+    return f"{settings.PUBLIC_BASE_URL}{PATH_PREFIX}{generation_id}/{signature(settings, generation_id)}"
+
+
+def verify(settings: Settings, generation_id: str, given: str) -> bool:
+    """Whether `given` is the signature of `generation_id` (constant-time; a malformed id never matches)."""
+    if not _UUID.match(generation_id):
+        return False
+    return hmac.compare_digest(signature(settings, generation_id).encode(), given.encode("utf-8", "replace"))
+
+
+def shortened(value: Any, limit: int) -> Any:
+    """`value` as sent when its JSON has at most `limit` characters, else that JSON cut to `limit` plus `…`."""
+    if value is None or (isinstance(value, str) and len(value) <= limit):
+        return value
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if len(text) <= limit:
+        return value
+    return text[:limit] + "…"
+
+
+class CallbackInbox:
+    """What one generation received by callback: its steps (bounded), token usage, and the first terminal.
+
+    `last_at` (loop time) is when the latest callback came, for callback mode's silence timeout; `ended` is
+    set by the first `done` or `error`; `closed` once the generation's outcome is decided otherwise, after
+    which nothing is accepted.
+    """
+
+    __slots__ = (
+        "closed",
+        "ended",
+        "error",
+        "last_at",
+        "limit",
+        "max_steps",
+        "on_text",
+        "steps",
+        "steps_dropped",
+        "usage",
+    )
+
+    def __init__(self, settings: Settings, now: float) -> None:
+        self.max_steps = settings.CALLBACK_MAX_STEPS
+        self.limit = settings.CALLBACK_STEP_MAX_CHARS
+        self.steps: list[dict[str, Any]] = []
+        self.steps_dropped = 0
+        self.usage: tuple[int, int] | None = None
+        self.error: str | None = None
+        self.last_at = now
+        self.ended = asyncio.Event()
+        self.closed = False
+        #: Set by the generation task: appends text exactly as a streamed chunk is appended.
+        self.on_text: Callable[[list[str]], None] | None = None
+
+    @property
+    def open(self) -> bool:
+        return not self.closed and not self.ended.is_set()
+
+    def step(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A `status` or `tool` callback as its SSE event data (shortened), kept in `steps` while room remains."""
+        if body["type"] == "status":
+            data: dict[str, Any] = {"description": shortened(body["description"], self.limit), "done": False}
+            stored: dict[str, Any] = {"type": "status", "description": data["description"]}
+        else:
+            data = {"name": body["name"]}
+            for name in ("input", "output"):
+                if body.get(name) is not None:
+                    data[name] = shortened(body[name], self.limit)
+            stored = {"type": "tool", **data}
+        if len(self.steps) < self.max_steps:
+            self.steps.append(stored)
+        else:
+            self.steps_dropped += 1
+        return data
+
+    def add_usage(self, input_tokens: int, output_tokens: int) -> None:
+        before = self.usage or (0, 0)
+        self.usage = (before[0] + input_tokens, before[1] + output_tokens)
+
+    def end(self, error: str | None) -> None:
+        self.error = error
+        self.ended.set()
+
+    def metadata(self) -> dict[str, Any]:
+        """What the stored message's metadata gains (nothing when no step came)."""
+        extra: dict[str, Any] = {}
+        if self.steps:
+            extra["steps"] = self.steps
+        if self.steps_dropped:
+            extra["steps_dropped"] = self.steps_dropped
+        return extra

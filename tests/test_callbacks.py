@@ -1,0 +1,392 @@
+"""Progress callbacks: the fake n8n posts to the signed `metadata.callback_url` of a live server.
+
+Steps become SSE events and `metadata.steps`, text appends in order, the first terminal wins, callback mode
+outlives a cut webhook, every signature attack and bad body is refused without changing anything, and a
+callback reaching another instance is relayed to the generation's owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import callbacks
+from app.config import Settings
+from app.models import UsageRecord
+from tests.conftest import ROOT
+from tests.live import SSE, ChatSetup, EventReader, LiveServer, chat_with_agent, free_port, streamed_text
+from tests.test_stop_resume import live_settings
+from tests.test_stream_live import _subprocess_env, assistant_of, settled
+from tools.fake_n8n import FakeN8n
+
+pytestmark = pytest.mark.slow
+WORDS = "alpha beta gamma delta"
+ECHO = "Echo: " + WORDS
+
+
+@asynccontextmanager
+async def served(database_url: str, tmp_path: Path, **overrides: Any) -> AsyncIterator[LiveServer]:
+    """A live server whose PUBLIC_BASE_URL is its own address, so the fake n8n can post back to it."""
+    port = free_port()
+    settings = live_settings(database_url, tmp_path, PUBLIC_BASE_URL=f"http://127.0.0.1:{port}", **overrides)
+    server = LiveServer(settings, port=port)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def agent_chat(session: AsyncSession, settings: Settings, fake: FakeN8n, query: str, mode: str) -> ChatSetup:
+    """A chat whose agent runs the fake's `callbacks` scenario with `query`, in response mode `mode`."""
+    url = f"{fake.url}/webhook/agent-stream?scenario=callbacks&{query}"
+    setup = await chat_with_agent(session, settings, url)
+    setup.agent.response_mode = mode
+    await session.commit()
+    return setup
+
+
+def send(client: httpx.AsyncClient, setup: ChatSetup, content: str = WORDS) -> EventReader:
+    return EventReader(
+        client, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": content}, headers=setup.headers
+    )
+
+
+def kinds(events: list[SSE]) -> list[str | None]:
+    return [e.type for e in events]
+
+
+def sent_callback_url(fake: FakeN8n) -> str:
+    return str(fake.requests[-1]["json"]["metadata"]["callback_url"])
+
+
+async def test_callback_mode_relays_steps_text_and_usage_and_stores_them(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    async with served(database_url, tmp_path) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        setup = await agent_chat(session, server.settings, fake, "answer=ack", "callback")
+        events = await send(client, setup).finish()
+        stored = await assistant_of(app, setup.chat.id)
+        # Replayed after the end: 404, and nothing changes.
+        replayed = await client.post(sent_callback_url(fake), json={"type": "message", "content": "x"})
+    assert replayed.status_code == 404
+    assert (await assistant_of(app, setup.chat.id)) == stored
+    start = events[0].data["data"]  # type: ignore[index]
+    url = sent_callback_url(fake)
+    generation = start["assistant_message_id"]
+    assert url.startswith(f"{server.url}/api/callbacks/{generation}/")
+    assert kinds(events) == ["start", "status", "status", "tool"] + ["message"] * len(ECHO.split()) + ["done"]
+    assert [e.id for e in events] == [str(i) for i in range(1, len(events) + 1)]
+    assert events[2].data["data"] == {"description": "Searching the knowledge base", "done": False}  # type: ignore[index]
+    assert events[3].data["data"] == {"name": "search", "input": {"query": WORDS}, "output": {"hits": 3}}  # type: ignore[index]
+    assert streamed_text(events) == ECHO  # the webhook's own answer ("Workflow was started") is not the reply
+    assert stored["status"] == "complete"
+    assert stored["content"] == ECHO
+    done = events[-1].data["data"]["message"]  # type: ignore[index]
+    assert (done["id"], done["content"], done["metadata"]) == (stored["id"], ECHO, stored["metadata"])
+    assert stored["metadata"]["steps"] == [
+        {"type": "status", "description": "Searching the knowledge base"},
+        {"type": "tool", "name": "search", "input": {"query": WORDS}, "output": {"hits": 3}},
+    ]
+    assert stored["metadata"]["response_mode"] == "callback"
+    assert {c["status"] for c in fake.callbacks} == {202}
+    usage = (await session.execute(select(UsageRecord).where(UsageRecord.chat_id == setup.chat.id))).scalar_one()
+    assert (usage.tokens_in, usage.tokens_out) == (12, 7)
+
+
+async def test_callback_mode_outlives_a_cut_webhook(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """The webhook's connection is dropped (a proxy's time limit); the callbacks come later and still stream."""
+    async with served(database_url, tmp_path) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        setup = await agent_chat(session, server.settings, fake, "answer=cut&hang=0.05&start_ms=600", "callback")
+        events = await send(client, setup).finish()
+    assert events[-1].type == "done"
+    assert streamed_text(events) == ECHO
+    stored = await settled(app, setup.chat.id)
+    assert (stored["status"], stored["content"]) == ("complete", ECHO)
+
+
+async def test_the_first_terminal_wins_and_later_callbacks_are_refused(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    async with served(database_url, tmp_path) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        setup = await agent_chat(
+            session, server.settings, fake, "answer=ack&end=both&extra=1&interval_ms=0", "callback"
+        )
+        events = await send(client, setup).finish()
+        async with asyncio.timeout(5):
+            await fake.callbacks_posted()
+    assert events[-1].type == "done"
+    assert [c["status"] for c in fake.callbacks[-3:]] == [202, 404, 404]  # done, then error and late text
+    stored = await assistant_of(app, setup.chat.id)
+    assert (stored["status"], stored["content"]) == ("complete", ECHO)
+
+
+async def test_an_error_callback_ends_the_generation_with_its_message(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    async with served(database_url, tmp_path) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        setup = await agent_chat(session, server.settings, fake, "answer=ack&end=error&text=0", "callback")
+        events = await send(client, setup).finish()
+    assert events[-1].data["data"] == {"message": "The workflow failed in node Search", "code": "upstream_error"}  # type: ignore[index]
+    stored = await assistant_of(app, setup.chat.id)
+    assert stored["status"] == "error"
+    assert len(stored["metadata"]["steps"]) == 2
+
+
+async def test_a_done_callback_ends_a_stream_mode_generation_whose_webhook_still_runs(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """Stream mode: the webhook's text streams, callbacks add steps, and their `done` ends it (the webhook,
+    stalled, would otherwise have failed on the read timeout)."""
+    async with served(database_url, tmp_path) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        setup = await agent_chat(session, server.settings, fake, "answer=stall&hang=30&text=0&start_ms=300", "stream")
+        events = await send(client, setup).finish()
+    assert "tool" in kinds(events)
+    assert events[-1].type == "done"
+    stored = await assistant_of(app, setup.chat.id)
+    assert (stored["status"], stored["content"]) == ("complete", "Echo: alpha")  # the stall's two tokens
+    assert [s["type"] for s in stored["metadata"]["steps"]] == ["status", "tool"]
+
+
+async def test_callback_mode_ends_after_its_silence_timeout(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    async with served(database_url, tmp_path, CALLBACK_SILENCE_TIMEOUT=0.6) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            setup = await agent_chat(session, server.settings, fake, "answer=ack&end=none&text=0", "callback")
+            events = await send(client, setup).finish()
+    assert kinds(events)[-2:] == ["tool", "error"]
+    assert events[-1].data["data"]["code"] == "upstream_timeout"  # type: ignore[index]
+    assert (await assistant_of(app, setup.chat.id))["status"] == "error"
+
+
+async def test_callback_mode_fails_at_once_when_the_workflow_did_not_run_and_waits_after_an_empty_answer(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """A 404 (workflow not active) ends the generation at once; an empty 200 is no reply yet, so the
+    generation waits for callbacks (here, none: the silence timeout ends it)."""
+    async with served(database_url, tmp_path, CALLBACK_SILENCE_TIMEOUT=1.0) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            outcomes = []
+            for scenario in ("notfound_post", "empty"):
+                setup = await chat_with_agent(
+                    session, server.settings, f"{fake.url}/webhook/agent-stream?scenario={scenario}"
+                )
+                setup.agent.response_mode = "callback"
+                await session.commit()
+                started = asyncio.get_running_loop().time()
+                events = await send(client, setup).finish()
+                outcomes.append((events[-1].data["data"]["code"], asyncio.get_running_loop().time() - started))  # type: ignore[index]
+    (missing, missing_s), (empty, empty_s) = outcomes
+    assert missing == "upstream_error"
+    assert missing_s < 1.0
+    assert empty == "upstream_timeout"
+    assert empty_s >= 1.0
+    assert (await assistant_of(app, setup.chat.id))["status"] == "error"
+
+
+async def test_steps_are_bounded_in_count_and_size(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    async with served(database_url, tmp_path, CALLBACK_MAX_STEPS=1, CALLBACK_STEP_MAX_CHARS=100) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            setup = await agent_chat(session, server.settings, fake, "answer=ack", "callback")
+            events = await send(client, setup, "long " * 60).finish()
+    tool = next(e.data for e in events if e.type == "tool")
+    assert tool is not None
+    shortened = tool["data"]["input"]
+    assert isinstance(shortened, str)
+    assert len(shortened) == 101
+    assert shortened.endswith("…")
+    metadata = (await assistant_of(app, setup.chat.id))["metadata"]
+    assert metadata["steps"] == [{"type": "status", "description": "Searching the knowledge base"}]
+    assert metadata["steps_dropped"] == 1
+
+
+async def test_signature_attacks_and_bad_bodies_are_refused_and_change_nothing(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """While a generation waits for callbacks (the fake posts its first only after 3 s)."""
+    async with served(database_url, tmp_path, CALLBACK_MAX_BODY_BYTES=1024) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            setup = await agent_chat(session, server.settings, fake, "answer=ack&start_ms=3000", "callback")
+            reader = send(client, setup)
+            await reader.wait_for(lambda r: len(r.data) >= 2)
+            for _ in range(250):  # until n8n got the request (the events above come before it)
+                if fake.requests:
+                    break
+                await asyncio.sleep(0.02)
+            url = sent_callback_url(fake).removeprefix(server.url)
+            prefix, generation, signature = url.rsplit("/", 2)
+            other = callbacks.signature(server.settings, str(uuid.uuid4()))
+            flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
+            good = {"type": "status", "description": "forged"}
+            attacks = {
+                "forged": f"{prefix}/{generation}/{'x' * len(signature)}",
+                "altered": f"{prefix}/{generation}/{flipped}",
+                "other generation's": f"{prefix}/{generation}/{other}",
+                "truncated": f"{prefix}/{generation}/{signature[:-1]}",
+                "not an id": f"{prefix}/{generation.upper()}/{signature}",
+                "no signature": f"{prefix}/{generation}",
+            }
+            answers = {name: (await client.post(path, json=good)).status_code for name, path in attacks.items()}
+            bodies: list[Any] = [
+                {"type": "unknown"},
+                {"type": "status"},
+                {"type": "status", "description": "x", "extra": 1},
+                {"type": "tool", "input": {}},
+                {"type": "usage", "input_tokens": -1, "output_tokens": 1},
+                {"type": "usage", "input_tokens": 1.5, "output_tokens": 1},
+                {"type": "message", "content": ""},
+                {"type": "message", "content": "nul\u0000"},
+                {"type": "error"},
+                ["not", "an", "object"],
+            ]
+            invalid = [(await client.post(url, json=body)).status_code for body in bodies]
+            not_json = await client.post(url, content=b"{", headers={"Content-Type": "application/json"})
+            too_large = await client.post(url, json={"type": "message", "content": "x" * 2000})
+            await asyncio.sleep(0.2)
+            seen = list(reader.data)
+            accepted = await client.post(url, json={"type": "status", "description": "real"})
+            await reader.wait_for(lambda r: len(r.data) > len(seen))
+            events = await reader.finish()
+    assert answers == dict.fromkeys(attacks, 404)
+    assert set(invalid) == {422}
+    assert not_json.status_code in (400, 422)
+    assert too_large.status_code == 413
+    assert kinds(seen) == ["start", "status"]  # nothing above reached the stream
+    assert accepted.status_code == 202
+    assert accepted.json() == {"accepted": True}
+    assert events[2].data["data"]["description"] == "real"  # type: ignore[index]
+    assert events[-1].type == "done"
+    stored = await assistant_of(app, setup.chat.id)
+    assert "forged" not in str(stored["metadata"]["steps"])
+
+
+async def test_a_stop_ends_a_callback_mode_generation_and_its_url(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    async with served(database_url, tmp_path) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        setup = await agent_chat(session, server.settings, fake, "answer=ack&start_ms=2000", "callback")
+        reader = send(client, setup)
+        await reader.wait_for(lambda r: len(r.data) >= 2)
+        for _ in range(250):  # until n8n got the request (the events above come before it)
+            if fake.requests:
+                break
+            await asyncio.sleep(0.02)
+        url = sent_callback_url(fake)
+        step = await client.post(url, json={"type": "tool", "name": "lookup"})
+        stopped = await client.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
+        events = await reader.finish()
+        after = await client.post(url, json={"type": "message", "content": "too late"})
+    assert step.status_code == 202
+    assert stopped.status_code == 200
+    assert stopped.json()["status"] == "cancelled"
+    assert stopped.json()["metadata"]["steps"] == [{"type": "tool", "name": "lookup"}]
+    assert kinds(events)[-2:] == ["tool", "done"]
+    assert after.status_code == 404
+    assert (await assistant_of(app, setup.chat.id))["content"] == ""
+
+
+async def test_without_public_base_url_there_is_no_callback_url(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    settings = live_settings(database_url, tmp_path)
+    server = LiveServer(settings)
+    await server.start()
+    try:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            events = await send(client, setup).finish()
+    finally:
+        await server.stop()
+    assert events[-1].type == "done"
+    assert "callback_url" not in fake.requests[-1]["json"]["metadata"]
+
+
+# --- several instances ------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def instance(settings: Settings, port: int, **env: str) -> AsyncIterator[str]:
+    """`uvicorn main:create_app` as its own process on `port`, sharing the database and Redis."""
+    command = ["-m", "uvicorn", "--factory", "main:create_app", "--port", str(port), "--no-access-log"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *command, cwd=ROOT, env={**_subprocess_env(settings), **env}
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client, asyncio.timeout(20):
+            while True:
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            async with asyncio.timeout(15):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def test_a_callback_reaching_another_instance_is_relayed_to_the_owner(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str
+) -> None:
+    """A runs the generation but tells n8n B's address (a load balancer would pick either): every callback
+    lands on B, which relays it through Redis; A streams and stores it."""
+    settings = live_settings(database_url, tmp_path)
+    port_a, port_b = free_port(), free_port()
+    common = {"REDIS_URL": redis_url, "STREAM_PING_INTERVAL": "0.2"}
+    async with (
+        instance(settings, port_b, **common, PUBLIC_BASE_URL=f"http://127.0.0.1:{port_b}") as url_b,
+        instance(settings, port_a, **common, PUBLIC_BASE_URL=url_b) as url_a,
+    ):
+        setup = await agent_chat(session, settings, fake, "answer=cut&hang=0.05", "callback")
+        async with httpx.AsyncClient(base_url=url_a, timeout=10) as a:
+            events = await send(a, setup).finish(within=15)
+    assert sent_callback_url(fake).startswith(f"{url_b}/api/callbacks/")
+    assert {c["status"] for c in fake.callbacks} == {202}
+    assert "tool" in kinds(events)
+    assert events[-1].type == "done"
+    assert streamed_text(events) == ECHO
+    stored = await assistant_of(app, setup.chat.id)
+    assert (stored["status"], stored["content"]) == ("complete", ECHO)
+    assert len(stored["metadata"]["steps"]) == 2
+
+
+def test_the_documented_example_workflow_posts_to_the_callback_url() -> None:
+    """docs/n8n-callback-workflow.json: a Webhook answering at once, then HTTP Request nodes in one chain
+    posting to `metadata.callback_url`, ending with `done`."""
+    workflow = json.loads((ROOT / "docs" / "n8n-callback-workflow.json").read_text())
+    nodes = {node["name"]: node for node in workflow["nodes"]}
+    assert nodes["Webhook"]["parameters"]["responseMode"] == "onReceived"
+    posts = [n for n in workflow["nodes"] if n["type"] == "n8n-nodes-base.httpRequest"]
+    assert posts
+    for node in posts:
+        assert node["parameters"]["method"] == "POST"
+        assert "metadata.callback_url" in node["parameters"]["url"]
+    chain, name = [], "Webhook"
+    while name in workflow["connections"]:
+        name = workflow["connections"][name]["main"][0][0]["node"]
+        chain.append(name)
+    assert len(chain) == len(nodes) - 1
+    assert 'type: "done"' in nodes[chain[-1]]["parameters"]["jsonBody"]
