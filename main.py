@@ -24,6 +24,7 @@ from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
 from app.routers import (
     agents,
+    api_keys,
     auth,
     chats,
     error_logs,
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(teams.router)
     app.include_router(invites.router)
     app.include_router(users.router)
+    app.include_router(api_keys.router)
     app.include_router(agents.router)
     app.include_router(chats.router)
     app.include_router(messages.router)
