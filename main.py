@@ -32,6 +32,7 @@ from app.routers import (
     invites,
     messages,
     metrics_route,
+    openai_api,
     stream,
     teams,
     usage,
@@ -123,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(error_logs.router)
     app.include_router(usage.router)
     app.include_router(metrics_route.router)
+    app.include_router(openai_api.router)
     install_docs(app)
     install_openapi(app, settings)
     return app

@@ -81,6 +81,7 @@ __all__ = [
     "MessageCreate",
     "MessageFeedback",
     "MessageRead",
+    "OpenAIErrorRead",
     "PasswordChange",
     "QuotaSettings",
     "QuotaSettingsUpdate",
@@ -480,3 +481,15 @@ class ApiKeyRead(ReadModel):
 
 class ApiKeyCreatedRead(ApiKeyRead):
     key: str = Field(description="The key itself, shown only in this answer; the server keeps only a keyed hash.")
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="e.g. invalid_request_error, authentication_error, rate_limit_error, server_error")
+    code: str | None = Field(description="e.g. model_not_found, invalid_api_key, or the agent's failure code")
+
+
+class OpenAIErrorRead(BaseModel):
+    """Every error of the `/v1` routes: OpenAI's shape, which its client libraries read."""
+
+    error: OpenAIError
