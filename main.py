@@ -24,6 +24,7 @@ from app.middleware import RequestContextMiddleware
 from app.ratelimit import RateLimiter
 from app.routers import (
     agents,
+    api_keys,
     auth,
     callbacks,
     chats,
@@ -32,6 +33,7 @@ from app.routers import (
     invites,
     messages,
     metrics_route,
+    openai_api,
     stream,
     teams,
     usage,
@@ -115,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(teams.router)
     app.include_router(invites.router)
     app.include_router(users.router)
+    app.include_router(api_keys.router)
     app.include_router(agents.router)
     app.include_router(chats.router)
     app.include_router(messages.router)
@@ -123,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.include_router(metrics_route.router)
     app.include_router(callbacks.router)
+    app.include_router(openai_api.router)
     install_docs(app)
     install_openapi(app, settings)
     return app

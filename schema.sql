@@ -283,11 +283,35 @@ CREATE INDEX ix_idempotency_keys_expires_at ON idempotency_keys (expires_at);
 
 UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num = '0006';
 
--- Running upgrade 0007 -> 0009
+-- Running upgrade 0007 -> 0008
+
+CREATE TABLE api_keys (
+    id UUID NOT NULL, 
+    user_id UUID NOT NULL, 
+    team_id UUID NOT NULL, 
+    name VARCHAR(100) NOT NULL, 
+    prefix VARCHAR(16) NOT NULL, 
+    key_hash VARCHAR(64) NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    expires_at TIMESTAMP WITH TIME ZONE, 
+    last_used_at TIMESTAMP WITH TIME ZONE, 
+    CONSTRAINT pk_api_keys PRIMARY KEY (id), 
+    CONSTRAINT fk_api_keys_team_id_teams FOREIGN KEY(team_id) REFERENCES teams (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_api_keys_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE, 
+    CONSTRAINT uq_api_keys_key_hash UNIQUE (key_hash)
+);
+
+CREATE INDEX ix_api_keys_user_id_created_at ON api_keys (user_id, created_at);
+
+CREATE INDEX ix_api_keys_team_id_created_at ON api_keys (team_id, created_at);
+
+UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
+
+-- Running upgrade 0008 -> 0009
 
 ALTER TABLE agents ADD COLUMN response_mode VARCHAR(16) DEFAULT 'stream' NOT NULL;
 
-UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0007';
+UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0008';
 
 COMMIT;
 

@@ -12,17 +12,37 @@ from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy import Row, Select, bindparam, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.config import Settings
-from app.db import execute_core
+from app.db import execute_core, utcnow
 from app.deps import RevocationsDep, SessionDep, SettingsDep, ShortSessionDep
 from app.errors import Forbidden, Unauthorized
 from app.models import User
-from app.security import INVALID_TOKEN, Caller, decode_token, family_key, issued_before
+from app.security import INVALID_TOKEN, Caller, decode_token, family_key, is_api_key, issued_before
+from app.services import api_keys as api_keys_service
 from app.services.revocation import REVOKED, RevocationStore, revoked_params
+from app.state import app_state
+
+KEY_CANNOT_MANAGE_KEYS = "An API key cannot manage API keys; sign in"
 
 # Documents the Bearer scheme for Swagger's Authorize button; we read the header ourselves.
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/auth/token", auto_error=False)
+
+
+def api_key_from_request(request: Request) -> str | None:
+    """An API key is only ever read from the Bearer header (never a cookie, never the query string)."""
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and is_api_key(value.strip()):
+            return value.strip()
+    return None
+
+
+def authenticated_by_key(request: Request) -> bool:
+    """True once the request's caller was found by an API key (set by `_key_account`)."""
+    return getattr(request.state, "api_key_id", None) is not None
 
 
 def token_from_request(request: Request) -> str | None:
@@ -112,6 +132,24 @@ async def _account_row(
     return row
 
 
+async def _key_account(request: Request, session: AsyncSession, settings: Settings, key: str, *, orm: bool) -> Row[Any]:
+    """The account of an API key. Failed attempts count against the client's login-rate limit, which is
+    checked before the lookup, so a refused client cannot tell a right key from a wrong one."""
+    state = app_state(request.app)
+    await state.limiter.check("api_key", request)
+    row = await api_keys_service.key_account(session, settings, key, orm=orm)
+    if row is None:
+        await state.limiter.hit("api_key", request)
+        raise Unauthorized(INVALID_TOKEN)
+    request.state.api_key_id = row.key_id
+    now = utcnow()
+    if api_keys_service.needs_touch(row.key_last_used_at, now):
+        # Its own short session: the request's session may be read-only or long-lived (a stream).
+        async with state.db.sessionmaker() as touch_session:
+            await api_keys_service.touch(touch_session, row.key_id, now)
+    return row
+
+
 def _check_account(
     claims: dict[str, Any], *, is_active: bool, team_id: uuid.UUID, tokens_valid_after: datetime | None
 ) -> None:
@@ -131,9 +169,17 @@ async def current_user(
 
     A deactivated user, a revoked token or family, or a token older than the user's `tokens_valid_after`
     is refused at once; roles are read fresh, so a demoted admin loses admin access on the next request.
+
+    An API key (`Authorization: Bearer n8nr_...`) authenticates as its user with the role `user`, whatever
+    the stored role: the role is set on the loaded object without marking it changed, so nothing writes it.
     """
+    key = api_key_from_request(request)
+    if key is not None:
+        user: User = (await _key_account(request, session, settings, key, orm=True))[0]
+        set_committed_value(user, "role", "user")
+        return user
     claims = access_claims(request, settings)
-    user: User = (await _account_row(revocations, session, claims, orm=True))[0]
+    user = (await _account_row(revocations, session, claims, orm=True))[0]
     _check_account(claims, is_active=user.is_active, team_id=user.team_id, tokens_valid_after=user.tokens_valid_after)
     return user
 
@@ -147,6 +193,10 @@ async def current_caller(
 ) -> Caller:
     """`current_user`'s checks, for the send route: its own short session (closed when the endpoint
     returns, before the stream), ids only."""
+    key = api_key_from_request(request)
+    if key is not None:
+        key_row = await _key_account(request, session, settings, key, orm=False)
+        return Caller(id=key_row.id, team_id=key_row.team_id)
     claims = access_claims(request, settings)
     row = await _account_row(revocations, session, claims, orm=False)
     _check_account(claims, is_active=row.is_active, team_id=row.team_id, tokens_valid_after=row.tokens_valid_after)
@@ -164,3 +214,13 @@ async def admin_user(user: CurrentUser) -> User:
 
 
 AdminUser = Annotated[User, Depends(admin_user)]
+
+
+async def session_user(request: Request, user: CurrentUser) -> User:
+    """The user of a signed-in session (cookie or JWT), not of an API key: a key cannot make or revoke keys."""
+    if authenticated_by_key(request):
+        raise Forbidden(KEY_CANNOT_MANAGE_KEYS)
+    return user
+
+
+SessionUser = Annotated[User, Depends(session_user)]

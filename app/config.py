@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     REFRESH_TOKEN_EXPIRE_DAYS: int = Field(7, ge=1)
     REFRESH_REUSE_GRACE_SECONDS: int = Field(10, ge=0, le=300)
     ENCRYPTION_KEY: str = ""
+    #: The HMAC secret of stored API keys; empty = JWT_SECRET (then rotating JWT_SECRET also voids every key).
+    API_KEY_SECRET: str = ""
     BCRYPT_ROUNDS: int = Field(12, ge=4, le=16)
 
     COOKIE_SECURE: bool = True

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import iter_route_contexts
 from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_exc
@@ -15,6 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from app.errors import AppError, Unprocessable
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 # The name these records have always had (they moved here from app/errors.py with the handlers).
 logger = logging.getLogger("app.errors")
@@ -97,10 +101,62 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     raise exc
 
 
+# --- the OpenAI-compatible API's shape --------------------------------------------------------------
+
+#: Paths answered in OpenAI's error shape, which its client libraries parse.
+OPENAI_PREFIX = "/v1/"
+#: OpenAI's error `type` (and, where it has one, `code`) by status.
+OPENAI_ERRORS: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", None),
+    404: ("invalid_request_error", "model_not_found"),
+    405: ("invalid_request_error", None),
+    409: ("invalid_request_error", None),
+    413: ("invalid_request_error", None),
+    422: ("invalid_request_error", "invalid_request"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    503: ("server_error", "service_unavailable"),
+}
+
+
+def openai_error(
+    status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    kind, default_code = OPENAI_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    body = {"error": {"message": message, "type": kind, "code": code or default_code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _as_message(detail: Any) -> str:
+    """A `detail` as one sentence: validation lists become `field: reason; ...`."""
+    if isinstance(detail, list):
+        parts = []
+        for err in detail:
+            loc = ".".join(str(p) for p in err.get("loc", []) if p != "body")
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return "; ".join(parts)
+    return str(detail)
+
+
+def _openai_shaped(handler: Handler) -> Handler:
+    """The same handler, its answer re-shaped as OpenAI's `{"error": {...}}` on the `/v1/` paths."""
+
+    async def shaped(request: Request, exc: Exception) -> Response:
+        response = await handler(request, exc)
+        if not request.scope["path"].startswith(OPENAI_PREFIX) or not isinstance(response, JSONResponse):
+            return response
+        detail = json.loads(bytes(response.body)).get("detail")
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return openai_error(response.status_code, _as_message(detail), headers=headers)
+
+    return shaped
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(AppError, _app_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(AppError, _openai_shaped(_app_error))
+    app.add_exception_handler(RequestValidationError, _openai_shaped(_validation_error))
+    app.add_exception_handler(StarletteHTTPException, _openai_shaped(_http_error))
     for exc_type in UNAVAILABLE_ERRORS:
-        app.add_exception_handler(exc_type, _unavailable)
-    app.add_exception_handler(sa_exc.DBAPIError, _database_error)
+        app.add_exception_handler(exc_type, _openai_shaped(_unavailable))
+    app.add_exception_handler(sa_exc.DBAPIError, _openai_shaped(_database_error))

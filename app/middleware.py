@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
+from app.error_handlers import OPENAI_PREFIX
 from app.logs import redact_path, redact_query, request_id_var
 from app.proxies import client_address, parse_networks
 
@@ -44,6 +45,13 @@ class BodyTooLarge(StarletteHTTPException):
 
     def __init__(self) -> None:
         super().__init__(status_code=413, detail="Request body too large")
+
+
+def too_large_body(path: str) -> dict[str, Any]:
+    """The 413 body: `{"detail"}`, or OpenAI's shape on the OpenAI-compatible routes."""
+    if path.startswith(OPENAI_PREFIX):
+        return {"error": {"message": "Request body too large", "type": "invalid_request_error", "code": None}}
+    return {"detail": "Request body too large"}
 
 
 class RequestContextMiddleware:
@@ -118,12 +126,12 @@ class RequestContextMiddleware:
         try:
             declared = _header(scope, b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                await self._send_json(send_wrapper, 413, {"detail": "Request body too large"})
+                await self._send_json(send_wrapper, 413, too_large_body(path))
                 return
             await self.app(scope, receive_wrapper, send_wrapper)
         except BodyTooLarge:
             if not state["started"]:
-                await self._send_json(send_wrapper, 413, {"detail": "Request body too large"})
+                await self._send_json(send_wrapper, 413, too_large_body(path))
         except Exception:
             error_logger.exception("unhandled error on %s %s", scope.get("method"), redact_path(path))
             if not state["started"]:

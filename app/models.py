@@ -359,3 +359,27 @@ class IdempotencyKey(Base):
     assistant_message_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = _created()
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+
+
+class ApiKey(Base):
+    """A member's personal API key. Only an HMAC of the key is stored (keys are 256 random bits, so a
+    fast keyed hash is enough), with a short `prefix` to recognise it in lists; deleting the row revokes it.
+
+    `last_used_at` is written at most once a minute per key (app.services.api_keys.touch), not per request.
+    """
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        Index("ix_api_keys_user_id_created_at", "user_id", "created_at"),
+        Index("ix_api_keys_team_id_created_at", "team_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    prefix: Mapped[str] = mapped_column(String(16), nullable=False)
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    created_at: Mapped[datetime] = _created()
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -30,7 +30,7 @@ from app.state import app_state
 
 logger = logging.getLogger(__name__)
 
-LimitName = Literal["login", "register", "team_signup", "invite_preview", "agent_test"]
+LimitName = Literal["login", "register", "team_signup", "invite_preview", "agent_test", "api_key"]
 
 
 class RateLimiter:
@@ -46,6 +46,8 @@ class RateLimiter:
             "invite_preview": parse(settings.RATE_LIMIT_REGISTER),
             # Keyed by the admin, not the address: each test makes an outbound request to n8n.
             "agent_test": parse(settings.RATE_LIMIT_AGENT_TEST),
+            # Failed API-key attempts per address, at the login rate (app.auth counts only failures).
+            "api_key": parse(settings.RATE_LIMIT_LOGIN),
         }
         #: In process memory: the only counters without Redis, the fallback while Redis is unreachable.
         self.local = MovingWindowRateLimiter(MemoryStorage())
@@ -59,32 +61,28 @@ class RateLimiter:
             self.shared = MovingWindowRateLimiter(storage)
         self.degraded = False
 
-    async def hit(self, name: LimitName, request: Request, *, key: str | None = None) -> None:
-        """Count one request against `name`, per client address unless a `key` (e.g. a user id) is given;
-        over the limit raises 429 with Retry-After."""
-        if not self.enabled:
-            return
-        item = self.items[name]
-        if key is None:
-            # The address app.middleware decided from TRUSTED_PROXIES (app.proxies), the one the access log shows.
-            key = (request.client.host if request.client else "") or "unknown"
-        strategy = self.local
-        allowed: bool | None = None
+    def _key(self, request: Request, key: str | None) -> str:
+        # The address app.middleware decided from TRUSTED_PROXIES (app.proxies), the one the access log shows.
+        if key is not None:
+            return key
+        return (request.client.host if request.client else "") or "unknown"
+
+    async def _shared_or_local(self, call: Callable[[MovingWindowRateLimiter], Awaitable[bool]]) -> tuple[bool, Any]:
+        """Run `call` on the Redis counters, or in process memory when there are none or Redis is down."""
         if self.shared is not None:
             try:
-                allowed = await self.shared.hit(item, name, key)
-                strategy = self.shared
+                allowed = await call(self.shared)
                 if self.degraded:
                     logger.warning("rate limits: redis reachable again, counting in redis")
                     self.degraded = False
+                return allowed, self.shared
             except Exception as exc:
                 if not self.degraded:
                     logger.warning("rate limits: redis unreachable, counting per process (%s)", type(exc).__name__)
                     self.degraded = True
-        if allowed is None:
-            allowed = await self.local.hit(item, name, key)
-        if allowed:
-            return
+        return await call(self.local), self.local
+
+    async def _refuse(self, name: LimitName, item: RateLimitItem, strategy: Any, key: str) -> None:
         metrics.refused(name)
         try:
             stats = await strategy.get_window_stats(item, name, key)
@@ -92,6 +90,26 @@ class RateLimiter:
         except Exception:  # Redis went away between the two calls: the window's length is a safe answer
             retry_after = item.get_expiry()
         raise RateLimited("Too many requests; retry in a moment", headers={"Retry-After": str(retry_after)})
+
+    async def hit(self, name: LimitName, request: Request, *, key: str | None = None) -> None:
+        """Count one request against `name`, per client address unless a `key` (e.g. a user id) is given;
+        over the limit raises 429 with Retry-After."""
+        if not self.enabled:
+            return
+        item, client = self.items[name], self._key(request, key)
+        allowed, strategy = await self._shared_or_local(lambda limiter: limiter.hit(item, name, client))
+        if not allowed:
+            await self._refuse(name, item, strategy, client)
+
+    async def check(self, name: LimitName, request: Request, *, key: str | None = None) -> None:
+        """Raise 429 when `name` is used up for this client, without counting: for limits that count only
+        failures (API keys), checked before the attempt so a refused client learns nothing from it."""
+        if not self.enabled:
+            return
+        item, client = self.items[name], self._key(request, key)
+        allowed, strategy = await self._shared_or_local(lambda limiter: limiter.test(item, name, client))
+        if not allowed:
+            await self._refuse(name, item, strategy, client)
 
 
 async def get_limiter(request: Request) -> RateLimiter:

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -60,6 +61,9 @@ __all__ = [
     "AgentTestResult",
     "AgentUpdate",
     "AmbiguousLoginRead",
+    "ApiKeyCreate",
+    "ApiKeyCreatedRead",
+    "ApiKeyRead",
     "CallbackAccepted",
     "CallbackBody",
     "ChatCreate",
@@ -81,6 +85,7 @@ __all__ = [
     "MessageCreate",
     "MessageFeedback",
     "MessageRead",
+    "OpenAIErrorRead",
     "PasswordChange",
     "QuotaSettings",
     "QuotaSettingsUpdate",
@@ -449,3 +454,46 @@ class UsageRowRead(ReadModel):
     tokens_out: int | None
     ttfc_ms_p50: float | None = Field(description="Median milliseconds to the first text chunk.")
     duration_ms_p50: float | None = Field(description="Median milliseconds from the call to n8n to the end.")
+
+
+# --- API keys ------------------------------------------------------------------------------------
+
+
+class ApiKeyCreate(InputModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "laptop scripts", "expires_at": "2027-06-30T00:00:00Z"}]},
+    )
+
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    expires_at: AwareDatetime | None = Field(
+        None, description="When the key stops working (with a time zone, in the future); null = never."
+    )
+
+
+class ApiKeyRead(ReadModel):
+    """A key as lists show it: its name and first characters, never the key."""
+
+    id: uuid.UUID
+    name: str
+    prefix: str = Field(description="The key's first characters, to recognise it (e.g. `n8nr_AbCd1234`).")
+    user_id: uuid.UUID
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None = Field(description="Updated at most once a minute.")
+
+
+class ApiKeyCreatedRead(ApiKeyRead):
+    key: str = Field(description="The key itself, shown only in this answer; the server keeps only a keyed hash.")
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="e.g. invalid_request_error, authentication_error, rate_limit_error, server_error")
+    code: str | None = Field(description="e.g. model_not_found, invalid_api_key, or the agent's failure code")
+
+
+class OpenAIErrorRead(BaseModel):
+    """Every error of the `/v1` routes: OpenAI's shape, which its client libraries read."""
+
+    error: OpenAIError

@@ -6,7 +6,9 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import hmac
 import os
+import secrets
 import threading
 import uuid
 from collections.abc import Callable
@@ -194,3 +196,29 @@ def family_key(family_id: str) -> str:
 def hash_refresh_token(token: str) -> str:
     """Refresh tokens are stored as SHA-256: a database leak does not hand out live sessions."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+# --- API keys --------------------------------------------------------------------------------
+
+#: Every key starts with this, so logs, secret scanners and people recognise one (and the auth path tells
+#: a key from a JWT without trying to decode it).
+API_KEY_PREFIX = "n8nr_"
+#: The characters of a key shown in lists: the prefix and the first 8 random characters.
+API_KEY_SHOWN = len(API_KEY_PREFIX) + 8
+#: We issue 48-character keys; anything much longer is refused before hashing.
+API_KEY_MAX_LENGTH = 128
+
+
+def new_api_key() -> str:
+    """256 random bits, URL-safe, behind the recognisable prefix."""
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def is_api_key(token: str) -> bool:
+    return token.startswith(API_KEY_PREFIX)
+
+
+def hash_api_key(key: str, settings: Settings) -> str:
+    """HMAC-SHA256 with a server secret: a leaked table neither opens anything nor can be checked offline."""
+    secret = (settings.API_KEY_SECRET or settings.JWT_SECRET).encode()
+    return hmac.new(secret, key.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()

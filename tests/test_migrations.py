@@ -43,6 +43,7 @@ EXPECTED_TABLES = {
     "usage_records",
     "usage_daily",
     "idempotency_keys",
+    "api_keys",
     "alembic_version",
 }
 
@@ -242,8 +243,85 @@ def test_idempotency_keys_migration_down_and_up_on_sqlite(tmp_path: Path) -> Non
     url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
     run_migrations(url)
     run_migrations(url, "0006", downgrade=True)
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"idempotency_keys"}
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"idempotency_keys", "api_keys"}
     run_migrations(url, "0007")
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"}
+
+
+async def _insert_api_key(url: str) -> None:
+    """A key row with its user and team, so the downgrade must drop a table that holds data."""
+    engine = create_async_engine(url)
+    team_id, user_id = uuid.uuid4(), uuid.uuid4()
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.table(
+                "teams",
+                sa.column("id", sa.Uuid()),
+                sa.column("name"),
+                sa.column("slug"),
+                sa.column("settings", JSONType),
+                sa.column("created_at", UTCDateTime()),
+                sa.column("updated_at", UTCDateTime()),
+            ).insert(),
+            {"id": team_id, "name": "T", "slug": "t", "settings": {}, "created_at": NOW, "updated_at": NOW},
+        )
+        await conn.execute(
+            sa.table(
+                "users",
+                sa.column("id", sa.Uuid()),
+                sa.column("team_id", sa.Uuid()),
+                sa.column("email"),
+                sa.column("password_hash"),
+                sa.column("role"),
+                sa.column("is_active", sa.Boolean()),
+                sa.column("preferences", JSONType),
+                sa.column("created_at", UTCDateTime()),
+                sa.column("updated_at", UTCDateTime()),
+            ).insert(),
+            {
+                "id": user_id,
+                "team_id": team_id,
+                "email": "a@example.com",
+                "password_hash": "x",
+                "role": "user",
+                "is_active": True,
+                "preferences": {},
+                "created_at": NOW,
+                "updated_at": NOW,
+            },
+        )
+        await conn.execute(
+            sa.table(
+                "api_keys",
+                sa.column("id", sa.Uuid()),
+                sa.column("user_id", sa.Uuid()),
+                sa.column("team_id", sa.Uuid()),
+                sa.column("name"),
+                sa.column("prefix"),
+                sa.column("key_hash"),
+                sa.column("created_at", UTCDateTime()),
+            ).insert(),
+            {
+                "id": uuid.uuid4(),
+                "user_id": user_id,
+                "team_id": team_id,
+                "name": "k",
+                "prefix": "n8nr_abcdefgh",
+                "key_hash": "0" * 64,
+                "created_at": NOW,
+            },
+        )
+    await engine.dispose()
+
+
+def test_api_keys_migration_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    """0008 alone, with a key stored: down drops only its table, up brings it back empty."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
+    run_migrations(url)
+    asyncio.run(_insert_api_key(url))
+    run_migrations(url, "0007", downgrade=True)
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"}
+    run_migrations(url, "0008")
     assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES
 
 
@@ -474,7 +552,7 @@ def _check_0009(url: str) -> None:
     asyncio.run(_seed_agents_at_0004(url))
     run_migrations(url, "0009")
     assert asyncio.run(_response_modes(url)) == ["stream"] * 6  # existing agents keep answering by stream
-    run_migrations(url, "0007", downgrade=True)
+    run_migrations(url, "0008", downgrade=True)
     assert "response_mode" not in asyncio.run(_columns(url, "agents"))
     assert len(asyncio.run(_slugs_or_names(url))) == 6  # the agents themselves stay
     run_migrations(url)

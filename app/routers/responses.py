@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.schemas import ErrorRead
+from app.schemas import ErrorRead, OpenAIErrorRead
 from app.services.auth import LOGIN_FAILED
 
 Responses = dict[int | str, dict[str, Any]]
@@ -16,6 +16,16 @@ def error_doc(description: str, example: str | None = None) -> dict[str, Any]:
         "model": ErrorRead,
         "description": description,
         "content": {"application/json": {"example": {"detail": example or description}}},
+    }
+
+
+def openai_error_doc(description: str, type_: str, code: str | None, message: str | None = None) -> dict[str, Any]:
+    """One documented error of the `/v1` routes, in OpenAI's shape `{"error": {message, type, code}}`."""
+    error = {"message": message or description, "type": type_, "code": code}
+    return {
+        "model": OpenAIErrorRead,
+        "description": description,
+        "content": {"application/json": {"example": {"error": error}}},
     }
 
 

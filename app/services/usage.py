@@ -39,7 +39,7 @@ async def record_generation(
     team_id: uuid.UUID,
     user_id: uuid.UUID,
     agent_id: uuid.UUID,
-    chat_id: uuid.UUID,
+    chat_id: uuid.UUID | None,
     outcome: str,
     error_code: str | None,
     chars_in: int,
@@ -47,6 +47,7 @@ async def record_generation(
     metadata: dict[str, Any],
 ) -> None:
     """Insert the generation's ledger row in the caller's transaction (the final message's; no commit).
+    `chat_id` is None for a completion of the OpenAI-compatible API, which stores no chat.
 
     Timings and token counts come from the message metadata the generation gathered: `ttfc_ms`,
     `duration_ms`, `tokens_in`/`tokens_out` (present only when n8n reported usage).

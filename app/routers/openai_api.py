@@ -1,0 +1,225 @@
+"""The OpenAI-compatible API: the team's agents as models, Chat Completions streamed or not.
+
+Errors on these paths have OpenAI's shape (app.error_handlers); the generation itself is
+app.services.completions (the chat stream's n8n client, limits and parser).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.auth import CurrentCaller
+from app.deps import DatabaseDep, SettingsDep, ShortSessionDep, StreamerDep
+from app.error_handlers import openai_error
+from app.n8n_parser import StreamFailure
+from app.routers.responses import openai_error_doc
+from app.services import completions as completions_service
+from app.services.completions import Completion
+from app.sse import SSE_HEADERS
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+R401_V1 = openai_error_doc(
+    "Missing, invalid, expired or revoked API key or token",
+    "authentication_error",
+    "invalid_api_key",
+    "Could not validate credentials",
+)
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's request; fields this service does not use (temperature, tools...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=64, description="The agent's slug (see /v1/models).")
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+    stream: bool = False
+
+
+class ModelRead(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelRead]
+
+
+@router.get(
+    "/models",
+    response_model=ModelList,
+    summary="The team's active agents as OpenAI models (id = agent slug)",
+    responses={401: R401_V1},
+)
+async def list_models(user: CurrentCaller, session: ShortSessionDep) -> ModelList:
+    models = await completions_service.list_models(session=session, user=user)
+    owner = f"team-{user.team_id}"
+    return ModelList(
+        data=[ModelRead(id=slug, created=int(created.timestamp()), owned_by=owner) for slug, created in models]
+    )
+
+
+#: Non-streaming failures: a timeout is a 504, any other failure of the agent a 502.
+def _failure_status(failure: StreamFailure) -> int:
+    return 504 if failure.code == "upstream_timeout" else 502
+
+
+def _usage(completion: Completion) -> dict[str, int] | None:
+    if completion.usage is None:
+        return None
+    prompt, answer = completion.usage
+    return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
+
+
+def _chunk(completion: Completion, delta: dict[str, Any], finish_reason: str | None, **extra: Any) -> bytes:
+    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason, **extra}
+    body = {
+        "id": completion.id,
+        "object": "chat.completion.chunk",
+        "created": completion.created,
+        "model": completion.model,
+        "choices": [choice],
+    }
+    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+@router.post(
+    "/chat/completions",
+    summary="OpenAI Chat Completions against an agent (stream true or false)",
+    description="`model` is the agent's slug; the last user message is the agent's `chatInput`, system messages "
+    "are put before the agent's system prompt. Nothing is stored but the usage row. `X-Session-Id` keeps n8n's "
+    "memory between calls (per user); without it every call is a new session.",
+    responses={
+        200: {
+            "description": "A `chat.completion`, or with `stream: true` `chat.completion.chunk` events then "
+            "`data: [DONE]`; a failure mid-stream ends with a chunk whose finish_reason is `error`.",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        },
+        400: openai_error_doc(
+            "The body cannot be parsed", "invalid_request_error", None, "There was an error parsing the body"
+        ),
+        401: R401_V1,
+        403: openai_error_doc(
+            "Cookie-authenticated write from an origin that is not allowed",
+            "permission_error",
+            None,
+            "Origin not allowed",
+        ),
+        413: openai_error_doc(
+            "The body is larger than MAX_REQUEST_BODY_BYTES", "invalid_request_error", None, "Request body too large"
+        ),
+        404: openai_error_doc(
+            "No active agent with this slug in your team",
+            "invalid_request_error",
+            "model_not_found",
+            "The model 'support' does not exist or you do not have access to it",
+        ),
+        422: openai_error_doc(
+            "Invalid request, e.g. the last message is not a user message with text",
+            "invalid_request_error",
+            "invalid_request",
+            "messages: The last message must be a user message with text content",
+        ),
+        429: openai_error_doc(
+            "Daily quota reached, or too many failed key attempts; see Retry-After",
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            "Daily message quota reached; it resets at midnight UTC",
+        ),
+        502: openai_error_doc(
+            "The agent failed (code: upstream_error, upstream_unreachable, bad_upstream_response, ...)",
+            "server_error",
+            "upstream_unreachable",
+            "The agent could not be reached",
+        ),
+        504: openai_error_doc(
+            "The agent took too long", "server_error", "upstream_timeout", "The agent did not answer in time"
+        ),
+    },
+)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    user: CurrentCaller,
+    session: ShortSessionDep,
+    settings: SettingsDep,
+    db: DatabaseDep,
+    streamer: StreamerDep,
+    x_session_id: Annotated[str | None, Header()] = None,
+) -> Any:
+    completion = await completions_service.prepare_completion(
+        session=session,
+        settings=settings,
+        user=user,
+        model=body.model,
+        messages=body.messages,
+        session_header=x_session_id,
+    )
+    if body.stream:
+        return StreamingResponse(
+            _stream(completion, call_agent=streamer.run, db=db, settings=settings),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    failure = await completions_service.run_completion(
+        call_agent=streamer.run, db=db, settings=settings, completion=completion
+    )
+    if failure is not None:
+        return openai_error(_failure_status(failure), failure.message, code=failure.code)
+    return JSONResponse(
+        {
+            "id": completion.id,
+            "object": "chat.completion",
+            "created": completion.created,
+            "model": completion.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(completion.chunks), "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": _usage(completion),
+        }
+    )
+
+
+async def _stream(completion: Completion, **run: Any) -> AsyncIterator[bytes]:
+    """The run as chunks: the role first, then each batch of text, then the finish reason and [DONE].
+
+    A client that goes away cancels the call to n8n (its usage row says `cancelled`)."""
+    queue: asyncio.Queue[list[str] | None] = asyncio.Queue()
+    task = asyncio.create_task(
+        completions_service.run_completion(completion=completion, on_chunks=queue.put_nowait, **run)
+    )
+    task.add_done_callback(lambda _task: queue.put_nowait(None))
+    try:
+        yield _chunk(completion, {"role": "assistant", "content": ""}, None)
+        while (batch := await queue.get()) is not None:
+            text = "".join(batch)
+            if text:
+                yield _chunk(completion, {"content": text}, None)
+        failure = task.result()
+        if failure is None:
+            yield _chunk(completion, {}, "stop")
+        else:
+            error = {"message": failure.message, "type": "server_error", "code": failure.code}
+            yield _chunk(completion, {}, "error", error=error)
+        yield b"data: [DONE]\n\n"
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,246 @@
+"""The OpenAI-compatible API's side of a generation: the team's agents as models, and one stateless
+completion run through the same n8n client, timeouts, caps and parser as a chat's answer.
+
+Nothing is stored but the usage ledger row: no chat, no message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import metrics
+from app.config import Settings
+from app.crypto import DecryptionError, decrypt_headers
+from app.db import Database
+from app.errors import NotFound, Unprocessable
+from app.models import Agent
+from app.n8n_parser import StreamFailure, clean_text
+from app.security import Caller
+from app.services.messages import build_history
+from app.services.usage import claim_generation, record_generation
+from app.upstream import StreamStats
+
+logger = logging.getLogger(__name__)
+
+NO_USER_MESSAGE = "The last message must be a user message with text content"
+#: X-Session-Id values longer than this, or with other characters, are refused (they go into n8n's memory key).
+SESSION_ID_MAX = 200
+
+
+def model_not_found(model: str) -> NotFound:
+    return NotFound(f"The model '{model[:100]}' does not exist or you do not have access to it")
+
+
+async def list_models(*, session: AsyncSession, user: Caller) -> list[tuple[str, datetime]]:
+    """(slug, created_at) of the team's active agents, by slug."""
+    query = (
+        select(Agent.slug, Agent.created_at)
+        .where(Agent.team_id == user.team_id, Agent.is_active.is_(True))
+        .order_by(Agent.slug)
+    )
+    rows = (await session.execute(query)).all()
+    await session.commit()
+    return [(row.slug, row.created_at) for row in rows]
+
+
+def message_text(content: Any) -> str | None:
+    """OpenAI's content: a string, or a list of parts of which the `text` ones count; None when neither."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if texts and all(isinstance(t, str) for t in texts):
+            return "\n".join(t for t in texts if isinstance(t, str))
+    return None
+
+
+@dataclass
+class Completion:
+    """One completion, checked and claimed against the quota, ready to call n8n."""
+
+    id: str
+    created: int
+    model: str
+    team_id: uuid.UUID
+    user_id: uuid.UUID
+    agent_id: uuid.UUID
+    webhook_url: str
+    webhook_headers_encrypted: str | None
+    payload: dict[str, Any]
+    chars_in: int
+    chunks: list[str] = field(default_factory=list)
+    usage: tuple[int, int] | None = None
+
+
+def session_id_for(user: Caller, header: str | None) -> str:
+    """n8n's memory key: per user and client-chosen id, else a fresh one, so no one reaches another's memory."""
+    if header is None:
+        return f"v1:{uuid.uuid4()}"
+    if not header or len(header) > SESSION_ID_MAX or not header.isprintable():
+        raise Unprocessable("X-Session-Id must be 1 to 200 printable characters", loc=("header", "X-Session-Id"))
+    return f"v1:{user.id}:{header}"
+
+
+async def prepare_completion(
+    *,
+    session: AsyncSession,
+    settings: Settings,
+    user: Caller,
+    model: str,
+    messages: list[dict[str, Any]],
+    session_header: str | None,
+) -> Completion:
+    """Check the request, find the agent (the team's active one with that slug, else 404) and claim the
+    quota, in this order, so a refused request counts nothing."""
+    system_parts: list[str] = []
+    prior: list[dict[str, Any]] = []
+    for message in messages:
+        text = message_text(message.get("content"))
+        role = message.get("role")
+        if role in ("system", "developer"):
+            if text:
+                system_parts.append(text)
+        elif role in ("user", "assistant") and text is not None:
+            prior.append({"role": role, "content": text, "status": "complete"})
+    if not prior or prior[-1]["role"] != "user" or not prior[-1]["content"].strip():
+        raise Unprocessable(NO_USER_MESSAGE, loc=("body", "messages"))
+    latest = prior.pop()["content"]
+    if len(latest) > settings.MESSAGE_MAX_CHARS:
+        raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
+    session_id = session_id_for(user, session_header)
+    query = select(Agent).where(Agent.team_id == user.team_id, Agent.slug == model, Agent.is_active.is_(True))
+    agent = (await session.execute(query)).scalar_one_or_none()
+    if agent is None:
+        await session.commit()
+        raise model_not_found(model)
+    await claim_generation(session=session, user=user)
+    completion_id = "chatcmpl-" + secrets.token_hex(12)
+    system_prompt = "\n\n".join([*system_parts, *([agent.system_prompt] if agent.system_prompt else [])])
+    payload = {
+        "messages": build_history(prior, latest, settings),
+        "system_prompt": system_prompt,
+        "config": agent.config or {},
+        "chatInput": latest,
+        "sessionId": session_id,
+        "metadata": {
+            "agent_id": str(agent.id),
+            "user_id": str(user.id),
+            "team_id": str(user.team_id),
+            "completion_id": completion_id,
+            "source": "openai",
+        },
+    }
+    return Completion(
+        id=completion_id,
+        created=int(time.time()),
+        model=agent.slug,
+        team_id=user.team_id,
+        user_id=user.id,
+        agent_id=agent.id,
+        webhook_url=agent.webhook_url,
+        webhook_headers_encrypted=agent.webhook_headers_encrypted,
+        payload=payload,
+        chars_in=len(latest),
+    )
+
+
+async def run_completion(
+    *,
+    call_agent: Callable[..., Awaitable[None]],
+    db: Database,
+    settings: Settings,
+    completion: Completion,
+    on_chunks: Callable[[list[str]], None] | None = None,
+) -> StreamFailure | None:
+    """Call the agent with `call_agent` (app.streaming's `N8nStreamer.run`: this layer imports no web code),
+    collecting its text in `completion.chunks` (and handing each batch to `on_chunks`);
+    write the usage row; return the failure, if any. A cancelled run (the client left) is recorded as
+    `cancelled` before the cancellation goes on."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    stats = StreamStats()
+
+    def collect(chunks: list[str]) -> None:
+        cleaned = [clean_text(c) for c in chunks]
+        completion.chunks.extend(cleaned)
+        if on_chunks is not None:
+            on_chunks(cleaned)
+
+    failure: StreamFailure | None = None
+    outcome = "complete"
+    try:
+        try:
+            headers = decrypt_headers(completion.webhook_headers_encrypted, settings.ENCRYPTION_KEY)
+        except DecryptionError:
+            raise StreamFailure(
+                "agent_misconfigured",
+                "The agent's settings cannot be read; ask an admin to save its webhook headers again",
+            ) from None
+        await call_agent(
+            url=completion.webhook_url, headers=headers, payload=completion.payload, on_chunks=collect, stats=stats
+        )
+    except StreamFailure as exc:
+        failure, outcome = exc, "error"
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+        await asyncio.shield(_record(db, completion, stats, outcome, None, loop.time() - started))
+        raise
+    except Exception as exc:
+        logger.exception("completion %s failed", completion.id)
+        failure = StreamFailure(
+            "internal_error", "The answer could not be completed", detail={"error": type(exc).__name__}
+        )
+        outcome = "error"
+    completion.usage = stats.usage
+    await asyncio.shield(_record(db, completion, stats, outcome, failure, loop.time() - started))
+    return failure
+
+
+async def _record(
+    db: Database,
+    completion: Completion,
+    stats: StreamStats,
+    outcome: str,
+    failure: StreamFailure | None,
+    seconds: float,
+) -> None:
+    """The ledger row (no chat), and the metrics a chat's answer would count."""
+    metadata = {
+        "duration_ms": round(seconds * 1000, 1),
+        "ttfc_ms": stats.ttfc_ms,
+        "ttfb_ms": stats.ttfb_ms,
+        "tokens_in": None if stats.usage is None else stats.usage[0],
+        "tokens_out": None if stats.usage is None else stats.usage[1],
+    }
+    code = None if failure is None else failure.code
+    try:
+        async with db.sessionmaker() as session:
+            await record_generation(
+                session=session,
+                team_id=completion.team_id,
+                user_id=completion.user_id,
+                agent_id=completion.agent_id,
+                chat_id=None,
+                outcome=outcome,
+                error_code=code,
+                chars_in=completion.chars_in,
+                chars_out=sum(len(c) for c in completion.chunks),
+                metadata=metadata,
+            )
+            await session.commit()
+    except Exception:
+        logger.exception("usage row of completion %s failed", completion.id)
+    metrics.generation_finished(
+        outcome=outcome, agent_id=completion.agent_id, error_code=code, metadata=metadata, pool_in_use=db.pool_in_use()
+    )

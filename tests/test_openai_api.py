@@ -1,0 +1,277 @@
+"""The OpenAI-compatible API, driven by the official `openai` client against a live server and the fake n8n:
+models, completions streamed and not, failures in OpenAI's shape, the usage row, n8n's session id."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.models import Agent, Team, UsageRecord, User
+from app.services.api_keys import create_key
+from tests.conftest import count_rows
+from tests.factories import auth_headers, create_agent, create_team, create_user
+from tests.live import LiveServer, live_server
+from tools.fake_n8n import FakeN8n
+
+
+@dataclass
+class Setup:
+    server: LiveServer
+    user: User
+    agent: Agent
+    key: str
+    client: openai.AsyncOpenAI
+
+
+@pytest.fixture
+async def setup(session: AsyncSession, settings: Settings, fake: FakeN8n) -> AsyncIterator[Setup]:
+    team = await create_team(session)
+    user = await create_user(session, team=team)
+    agent = await create_agent(session, team=team, slug="helper", webhook_url=f"{fake.url}/webhook/agent-stream")
+    _row, key = await create_key(session=session, settings=settings, user=user, name="sdk", expires_at=None)
+    async with live_server(settings) as server:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=20)
+        yield Setup(server, user, agent, key, client)
+        await client.close()
+
+
+def _frames(text: str) -> list[str]:
+    return [block.removeprefix("data: ") for block in text.split("\n\n") if block.strip()]
+
+
+async def test_models_are_the_teams_active_agents(session: AsyncSession, setup: Setup) -> None:
+    team = await session.get(Team, setup.user.team_id)
+    assert team is not None
+    await create_agent(session, team=team, slug="retired", is_active=False)
+    await create_agent(session, team=await create_team(session), slug="elsewhere")
+    models = await setup.client.models.list()
+    assert [m.id for m in models.data] == ["helper"]
+    assert models.data[0].object == "model"
+    assert models.data[0].owned_by == f"team-{setup.user.team_id}"
+    assert models.data[0].created == int(setup.agent.created_at.timestamp())
+
+
+async def test_non_streaming_completion(session: AsyncSession, setup: Setup, fake: FakeN8n) -> None:
+    answer = await setup.client.chat.completions.create(
+        model="helper",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "first answer"},
+            {"role": "user", "content": "hello there"},
+        ],
+    )
+    assert answer.object == "chat.completion"
+    assert answer.model == "helper"
+    assert answer.choices[0].message.content == "Echo: hello there"
+    assert answer.choices[0].finish_reason == "stop"
+    sent = fake.requests[-1]["json"]
+    assert sent["chatInput"] == "hello there"
+    assert sent["messages"] == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "hello there"},
+    ]
+    assert sent["system_prompt"].startswith("Be brief.")
+    assert sent["sessionId"].startswith("v1:")
+    assert str(setup.user.id) not in sent["sessionId"]  # no X-Session-Id: a fresh session each time
+    rows = (await session.execute(select(UsageRecord))).scalars().all()
+    assert len(rows) == 1
+    assert rows[0].chat_id is None
+    assert rows[0].outcome == "complete"
+    assert rows[0].user_id == setup.user.id
+    assert rows[0].chars_out == len("Echo: hello there")
+    assert await count_rows(session, "chats") == 0
+    assert await count_rows(session, "messages") == 0
+
+
+async def test_streaming_completion(session: AsyncSession, setup: Setup) -> None:
+    stream = await setup.client.chat.completions.create(
+        model="helper", messages=[{"role": "user", "content": "stream this please"}], stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == "Echo: stream this please"
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
+    assert len({c.id for c in chunks}) == 1
+    assert (await session.execute(select(UsageRecord.outcome))).scalars().all() == ["complete"]
+
+
+async def test_streaming_wire_ends_with_done(setup: Setup) -> None:
+    async with httpx.AsyncClient(base_url=setup.server.url, timeout=20) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": "helper", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {setup.key}"},
+        )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    frames = _frames(response.text)
+    assert frames[-1] == "[DONE]"
+    assert json.loads(frames[-2])["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_upstream_error_mid_stream_ends_with_an_error_chunk(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    await session.execute(
+        update(Agent)
+        .where(Agent.id == setup.agent.id)
+        .values(webhook_url=f"{fake.url}/webhook/agent-stream?scenario=reset&after=2")
+    )
+    await session.commit()
+    stream = await setup.client.chat.completions.create(
+        model="helper", messages=[{"role": "user", "content": "one two three four"}], stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == "Echo: one"  # the two tokens before the fault
+    last = chunks[-1].choices[0]
+    assert str(last.finish_reason) == "error"
+    error = (last.model_extra or {})["error"]
+    assert error["code"] == "upstream_disconnected"
+    row = (await session.execute(select(UsageRecord))).scalar_one()
+    assert row.outcome == "error"
+    assert row.error_code == "upstream_disconnected"
+    async with httpx.AsyncClient(base_url=setup.server.url, timeout=20) as http:
+        raw = await http.post(
+            "/v1/chat/completions",
+            json={"model": "helper", "stream": True, "messages": [{"role": "user", "content": "a b c"}]},
+            headers={"Authorization": f"Bearer {setup.key}"},
+        )
+    assert _frames(raw.text)[-1] == "[DONE]"
+
+
+async def test_upstream_failure_without_stream_is_a_502_in_openai_shape(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    await session.execute(
+        update(Agent).where(Agent.id == setup.agent.id).values(webhook_url=f"{fake.url}/webhook/does-not-exist")
+    )
+    await session.commit()
+    with pytest.raises(openai.APIStatusError) as caught:
+        await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    body: Any = caught.value.body
+    assert set(body) == {"message", "type", "code"}
+    assert body["type"] == "server_error"
+    assert body["code"] == "upstream_error"
+    assert (await session.execute(select(UsageRecord.outcome))).scalars().all() == ["error"]
+
+
+async def test_revoked_key_is_refused(session: AsyncSession, setup: Setup) -> None:
+    assert (await setup.client.models.list()).data
+    async with httpx.AsyncClient(base_url=setup.server.url) as http:
+        keys = (await http.get("/api/api-keys", headers=auth_headers(setup.server.settings, setup.user))).json()
+        deleted = await http.delete(
+            f"/api/api-keys/{keys[0]['id']}", headers=auth_headers(setup.server.settings, setup.user)
+        )
+    assert deleted.status_code == 204
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 401
+    assert caught.value.code == "invalid_api_key"
+    assert caught.value.body == {
+        "message": "Could not validate credentials",
+        "type": "authentication_error",
+        "code": "invalid_api_key",
+    }
+    assert await count_rows(session, "api_keys") == 0
+    assert await count_rows(session, "usage_records") == 0
+
+
+async def test_foreign_teams_slug_is_a_404_in_openai_shape(session: AsyncSession, setup: Setup, fake: FakeN8n) -> None:
+    await create_agent(
+        session, team=await create_team(session), slug="their-bot", webhook_url=f"{fake.url}/webhook/agent-stream"
+    )
+    for model in ("their-bot", "no-such-model"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            await setup.client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.code == "model_not_found"
+        body: Any = caught.value.body
+        assert body["type"] == "invalid_request_error"
+        assert model in body["message"]
+    assert fake.requests == []
+    assert await count_rows(session, "usage_records") == 0
+
+
+async def test_a_session_token_works_and_x_session_id_scopes_n8n_memory(
+    setup: Setup, fake: FakeN8n, settings: Settings
+) -> None:
+    token = auth_headers(settings, setup.user)["Authorization"].removeprefix("Bearer ")
+    client = openai.AsyncOpenAI(base_url=f"{setup.server.url}/v1", api_key=token, max_retries=0)
+    await client.chat.completions.create(
+        model="helper", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Session-Id": "conv-1"}
+    )
+    await client.close()
+    assert fake.requests[-1]["json"]["sessionId"] == f"v1:{setup.user.id}:conv-1"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"model": "helper", "messages": []}, 422),
+        ({"model": "helper"}, 422),
+        ({"model": "helper", "messages": [{"role": "assistant", "content": "no question"}]}, 422),
+        ({"model": "helper", "messages": [{"role": "user", "content": "   "}]}, 422),
+        ({"model": "helper", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 422),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 422),
+        ("not json", 422),
+    ],
+)
+async def test_bad_requests_are_4xx_in_openai_shape(
+    session: AsyncSession, setup: Setup, fake: FakeN8n, body: Any, status: int
+) -> None:
+    async with httpx.AsyncClient(base_url=setup.server.url) as http:
+        kwargs: dict[str, Any] = {"content": body} if isinstance(body, str) else {"json": body}
+        response = await http.post(
+            "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {setup.key}", "Content-Type": "application/json"},
+            **kwargs,
+        )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert fake.requests == []
+    assert await count_rows(session, "usage_records") == 0
+
+
+async def test_missing_credentials_and_unknown_routes_are_openai_shaped(setup: Setup) -> None:
+    async with httpx.AsyncClient(base_url=setup.server.url) as http:
+        anonymous = await http.get("/v1/models")
+        unknown = await http.get("/v1/nothing-here", headers={"Authorization": f"Bearer {setup.key}"})
+    assert anonymous.status_code == 401
+    assert anonymous.json()["error"]["type"] == "authentication_error"
+    assert unknown.status_code == 404
+    assert "error" in unknown.json()
+
+
+async def test_quota_applies_to_completions(session: AsyncSession, setup: Setup, fake: FakeN8n) -> None:
+    quota = {"open_registration": False, "quota": {"messages_per_user_per_day": 1}}
+    await session.execute(update(Team).where(Team.id == setup.user.team_id).values(settings=quota))
+    await session.commit()
+    await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "one"}])
+    with pytest.raises(openai.RateLimitError) as caught:
+        await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "two"}])
+    assert caught.value.response.headers["retry-after"]
+    assert len(fake.requests) == 1
+
+
+async def test_an_admins_key_lists_models_as_a_member(session: AsyncSession, setup: Setup, settings: Settings) -> None:
+    admin = await create_user(session, team=await session.get(Team, setup.user.team_id), role="admin")
+    _row, key = await create_key(session=session, settings=settings, user=admin, name="a", expires_at=None)
+    client = openai.AsyncOpenAI(base_url=f"{setup.server.url}/v1", api_key=key, max_retries=0)
+    assert [m.id for m in (await client.models.list()).data] == ["helper"]
+    await client.close()
