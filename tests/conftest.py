@@ -28,7 +28,9 @@ from tools.fake_n8n import FakeN8n
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+#: One Redis database per pytest-xdist worker (15, 14, ...), so workers never flush each other's keys.
+_XDIST_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+REDIS_URL = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{15 - _XDIST_INDEX % 8}")
 PG_HELP = (
     "PostgreSQL is not reachable at {url} ({error}). Start it with:\n"
     "  pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n"
