@@ -31,6 +31,20 @@ FEEDBACK_ON_USER_MESSAGE = "Feedback is for assistant messages only"
 MAX_DEPTH = 1_000_000
 JSON_COLUMN: TypeEngine[Any] = JSONType
 
+#: The chat's own columns, as both chat reads return them on every row.
+_CHAT_COLUMNS: dict[str, TypeEngine[Any]] = {
+    "id": Uuid(),
+    "team_id": Uuid(),
+    "user_id": Uuid(),
+    "agent_id": Uuid(),
+    "title": String(),
+    "archived": Boolean(),
+    "pinned": Boolean(),
+    "current_message_id": Uuid(),
+    "message_count": Integer(),
+    "created_at": UTCDateTime(),
+    "updated_at": UTCDateTime(),
+}
 _MESSAGE_COLUMNS: dict[str, TypeEngine[Any]] = {
     "m_id": Uuid(),
     "m_parent_id": Uuid(),
@@ -81,17 +95,7 @@ def _chat_view(statements: Statements) -> TextualSelect:
         text(_CHAT_VIEW_SQL.format(children_join=statements.children_join))
         .bindparams(*(bindparam(name, type_=Uuid()) for name in ("cid", "uid", "tid")))
         .columns(
-            id=Uuid(),
-            team_id=Uuid(),
-            user_id=Uuid(),
-            agent_id=Uuid(),
-            title=String(),
-            archived=Boolean(),
-            pinned=Boolean(),
-            current_message_id=Uuid(),
-            message_count=Integer(),
-            created_at=UTCDateTime(),
-            updated_at=UTCDateTime(),
+            **_CHAT_COLUMNS,
             **_MESSAGE_COLUMNS,
             b_depth=Integer(),
         )
@@ -172,17 +176,7 @@ _CHAT_TREE: TextualSelect = (
     )
     .bindparams(*(bindparam(name, type_=Uuid()) for name in ("cid", "uid", "tid")))
     .columns(
-        id=Uuid(),
-        team_id=Uuid(),
-        user_id=Uuid(),
-        agent_id=Uuid(),
-        title=String(),
-        archived=Boolean(),
-        pinned=Boolean(),
-        current_message_id=Uuid(),
-        message_count=Integer(),
-        created_at=UTCDateTime(),
-        updated_at=UTCDateTime(),
+        **_CHAT_COLUMNS,
         **_MESSAGE_COLUMNS,
     )
 )
