@@ -33,6 +33,7 @@ from app.routers import (
     invites,
     messages,
     metrics_route,
+    n8n_chat,
     openai_api,
     stream,
     teams,
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(users.router)
     app.include_router(api_keys.router)
     app.include_router(agents.router)
+    app.include_router(n8n_chat.router)
     app.include_router(chats.router)
     app.include_router(messages.router)
     app.include_router(stream.router)

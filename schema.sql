@@ -313,5 +313,22 @@ ALTER TABLE agents ADD COLUMN response_mode VARCHAR(16) DEFAULT 'stream' NOT NUL
 
 UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0008';
 
+-- Running upgrade 0009 -> 0010
+
+CREATE TABLE widget_sessions (
+    user_id UUID NOT NULL, 
+    agent_id UUID NOT NULL, 
+    session_id VARCHAR(200) NOT NULL, 
+    chat_id UUID NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_widget_sessions PRIMARY KEY (user_id, agent_id, session_id), 
+    CONSTRAINT fk_widget_sessions_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_widget_sessions_agent_id_agents FOREIGN KEY(agent_id) REFERENCES agents (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_widget_sessions_chat_id_chats FOREIGN KEY(chat_id) REFERENCES chats (id) ON DELETE CASCADE, 
+    CONSTRAINT uq_widget_sessions_chat_id UNIQUE (chat_id)
+);
+
+UPDATE alembic_version SET version_num='0010' WHERE alembic_version.version_num = '0009';
+
 COMMIT;
 

@@ -383,3 +383,19 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = _created()
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WidgetSession(Base):
+    """The chat that a session id of n8n's chat widget names, per caller and agent (POST /api/agents/{id}/n8n-chat).
+
+    The widget picks its own session id (kept in the browser's localStorage); the key includes the user, so
+    the same id sent by someone else names another chat (or none). The row goes with its chat.
+    """
+
+    __tablename__ = "widget_sessions"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    chat_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"), nullable=False, unique=True)
+    created_at: Mapped[datetime] = _created()

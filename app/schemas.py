@@ -85,6 +85,10 @@ __all__ = [
     "MessageCreate",
     "MessageFeedback",
     "MessageRead",
+    "N8nChatError",
+    "N8nChatHistory",
+    "N8nChatOutput",
+    "N8nChatRequest",
     "OpenAIErrorRead",
     "PasswordChange",
     "QuotaSettings",
@@ -497,3 +501,65 @@ class OpenAIErrorRead(BaseModel):
     """Every error of the `/v1` routes: OpenAI's shape, which its client libraries read."""
 
     error: OpenAIError
+
+
+# --- n8n's chat widget ---------------------------------------------------------------------------
+
+
+class N8nChatRequest(InputModel):
+    """What n8n's chat widget (@n8n/chat) sends to a Chat Trigger: `sendMessage` with `chatInput`, or
+    `loadPreviousSession`. `metadata` (the widget's option of that name) is accepted and not used."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"action": "sendMessage", "sessionId": "2f0c5a7e-7f61-4a43-9a0e-1f3c2b8d9e10", "chatInput": "Hi"},
+                {"action": "loadPreviousSession", "sessionId": "2f0c5a7e-7f61-4a43-9a0e-1f3c2b8d9e10"},
+            ]
+        },
+    )
+
+    action: Literal["sendMessage", "loadPreviousSession"]
+    session_id: str = Field(
+        alias="sessionId",
+        min_length=1,
+        max_length=200,
+        description="The widget's session id (a UUID it keeps in localStorage): names one chat of yours with "
+        "this agent, created by its first `sendMessage`",
+    )
+    chat_input: Annotated[str | None, NotNull] = Field(
+        None,
+        alias="chatInput",
+        description="The message (not blank; at most MESSAGE_MAX_CHARS characters): required with "
+        "`sendMessage`, refused with `loadPreviousSession`",
+        json_schema_extra={"minLength": 1, "pattern": r"\S"},
+    )
+    metadata: dict[str, Any] | None = Field(None, description="The widget's `metadata` option; not used")
+
+    @model_validator(mode="after")
+    def _input_for_send_only(self) -> Self:
+        if self.action == "sendMessage" and self.chat_input is None:
+            raise ValueError("chatInput is required with sendMessage")
+        if self.action == "loadPreviousSession" and self.chat_input is not None:
+            raise ValueError("chatInput is only sent with sendMessage")
+        return self
+
+
+class N8nChatOutput(BaseModel):
+    """The last-node answer of a `sendMessage` (without `Accept: text/plain`)."""
+
+    output: str
+
+
+class N8nChatHistory(BaseModel):
+    """`loadPreviousSession`: the chat's current branch as LangChain-serialized messages (`HumanMessage`,
+    `AIMessage`), as n8n's chat memory stores them."""
+
+    data: list[dict[str, Any]]
+
+
+class N8nChatError(BaseModel):
+    """A failed answer in last-node mode, as a Chat Trigger reports it (the widget shows `message`)."""
+
+    message: str

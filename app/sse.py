@@ -22,6 +22,14 @@ def frame(event_id: int, kind: str, data: Any) -> bytes:
     return format_sse_event(data_str=json.dumps({"type": kind, "data": data}, ensure_ascii=False), id=str(event_id))
 
 
+def event_of(encoded: bytes) -> tuple[str, Any]:
+    """The inverse of `frame`: (type, data) of one encoded event, for readers that speak another framing
+    (the Chat Trigger's NDJSON, app.chat_trigger)."""
+    line = encoded.split(b"\n", 1)[0]
+    event = json.loads(line.removeprefix(b"data:"))
+    return str(event["type"]), event["data"]
+
+
 PING = KEEPALIVE_COMMENT
 #: Sent with the stream. The response is FastAPI's `EventSourceResponse` over these pre-encoded bytes
 #: rather than a generator of `ServerSentEvent`s, whose per-event tasks and memory streams cost five times
@@ -84,6 +92,13 @@ class Generation:
         """The task is over: the text kept for storage goes (the frames stay for followers)."""
         self.chunks = []
         self._ended.set()
+
+    async def wait_beyond(self, index: int) -> None:
+        """Until there are more than `index` events, or the log ended (for readers other than `sse`)."""
+        while len(self.frames) <= index and self.terminal is None:
+            if self._waiter is None:
+                self._waiter = asyncio.Event()
+            await self._waiter.wait()
 
     def _notify(self) -> None:
         waiter = self._waiter

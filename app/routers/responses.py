@@ -123,7 +123,7 @@ def complete_openapi(schema: dict[str, Any], *, message_max_chars: int) -> dict[
     - 413 on routes with a body: the middleware's MAX_REQUEST_BODY_BYTES cap;
     - 401 on routes with a security requirement, and 403 on their writes (cookie writes from a foreign origin);
     - 422 as actually sent: FastAPI's validation shape without `input` and `ctx` (never echoed);
-    - the configured MESSAGE_MAX_CHARS as `maxLength` of a message's content.
+    - the configured MESSAGE_MAX_CHARS as `maxLength` of a message's content (and of the widget's chatInput).
     """
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.setdefault("ErrorRead", ErrorRead.model_json_schema())
@@ -131,9 +131,10 @@ def complete_openapi(schema: dict[str, Any], *, message_max_chars: int) -> dict[
     if validation is not None:
         for echoed in ("input", "ctx"):
             validation["properties"].pop(echoed, None)
-    message = components.get("MessageCreate")
-    if message is not None:
-        message["properties"]["content"]["maxLength"] = message_max_chars
+    for name, field in (("MessageCreate", "content"), ("N8nChatRequest", "chatInput")):
+        message = components.get(name)
+        if message is not None:
+            message["properties"][field]["maxLength"] = message_max_chars
     for methods in schema.get("paths", {}).values():
         for method, operation in methods.items():
             responses = operation.setdefault("responses", {})

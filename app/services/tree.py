@@ -22,6 +22,7 @@ from app.db import execute_core, utcnow
 from app.dialects import JSONType, Statements, UTCDateTime, statements_of
 from app.errors import NotFound, Unprocessable
 from app.models import Message, User
+from app.security import Caller
 from app.services.chats import CHAT_NOT_FOUND, apply_changes, get_owned_chat
 
 MESSAGE_NOT_FOUND = "Message not found"
@@ -195,7 +196,7 @@ def _branch_of_tree(rows: Sequence[Any], leaf: uuid.UUID | None) -> list[Any]:
 
 
 async def read_chat(
-    *, session: AsyncSession, user: User, chat_id: uuid.UUID, last: int | None = None
+    *, session: AsyncSession, user: User | Caller, chat_id: uuid.UUID, last: int | None = None
 ) -> dict[str, Any]:
     """The caller's chat with its current branch (or its `last` newest messages and `has_more`), one query.
 

@@ -1,0 +1,116 @@
+"""n8n's Chat Trigger protocol as its chat widget (@n8n/chat) reads it: a generation's events as the trigger's
+NDJSON lines, its last-node `{output}` body, and stored messages as the LangChain-serialized history.
+
+Byte shapes follow the recordings (recordings/n8n/chat_*): compact JSON, n8n's key order, one object per
+line ending in `\\n`, `Content-Type: application/json; charset=utf-8` for every answer, NDJSON included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from app.sse import TERMINAL, Generation, event_of
+
+#: What a Chat Trigger answers with, streamed or not.
+CONTENT_TYPE = "application/json; charset=utf-8"
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: `Accept` media types that ask for the streamed answer: the widget sends `text/plain` when its
+#: `enableStreaming` option is on (and nothing particular otherwise); `application/x-ndjson` says it plainly.
+STREAM_MEDIA_TYPES = frozenset({"text/plain", "application/x-ndjson"})
+UPSTREAM_FAILED = "The agent could not answer"
+
+
+def wants_stream(accept: str | None) -> bool:
+    """Whether the request asks for NDJSON: its `Accept` names one of STREAM_MEDIA_TYPES."""
+    if not accept:
+        return False
+    types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
+    return not types.isdisjoint(STREAM_MEDIA_TYPES)
+
+
+def dumps(value: Any) -> bytes:
+    """JSON as n8n writes it (JSON.stringify): compact, UTF-8, keys in the order given."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _line(kind: str, data: Any, node_id: str, node_name: str) -> bytes | None:
+    """One stream event as the trigger's line: `start` begins, each `message` is an item, `done` ends, and an
+    `error` is the trigger's in-band error (no `end` follows, as in chat_stream_llm_error.txt)."""
+    if kind == "error":
+        meta = {"nodeId": node_id, "nodeName": node_name, "runIndex": 0, "itemIndex": 0}
+        return dumps({"type": "error", "content": data.get("message") or UPSTREAM_FAILED, "metadata": meta}) + b"\n"
+    line: dict[str, Any]
+    if kind == "start":
+        line = {"type": "begin"}
+    elif kind == "message":
+        line = {"type": "item", "content": data["content"]}
+    elif kind == "done":
+        line = {"type": "end"}
+    else:  # status and tool steps have no place in the trigger's protocol
+        return None
+    line["metadata"] = {
+        "nodeId": node_id,
+        "nodeName": node_name,
+        "itemIndex": 0,
+        "runIndex": 0,
+        "timestamp": int(time.time() * 1000),
+    }
+    return dumps(line) + b"\n"
+
+
+async def ndjson(generation: Generation, node_name: str) -> AsyncIterator[bytes]:
+    """The generation's events from the first, live, as NDJSON up to its terminal event (lines available
+    together go out in one write). `nodeId` is the assistant message's id, so each answer is its own bubble."""
+    node_id = generation.new.assistant_id
+    index = 0
+    while True:
+        await generation.wait_beyond(index)
+        frames = generation.frames
+        available = len(frames)
+        lines = [_line(*event_of(encoded), node_id, node_name) for encoded in frames[index:available]]
+        index = available
+        out = b"".join(line for line in lines if line is not None)
+        if out:
+            yield out
+        if generation.terminal is not None and index >= len(generation.frames):
+            return
+
+
+async def last_node_answer(generation: Generation) -> tuple[int, bytes]:
+    """The last-node answer once the generation ended: 200 `{"output": text}`, or for a failure n8n's own
+    error body `{"message": ...}` with 502 (504 for a timeout; n8n itself says 500)."""
+    await generation.ended()
+    kind, data = event_of(generation.frames[-1])
+    if kind == "done":
+        return 200, dumps({"output": data["message"]["content"]})
+    if kind not in TERMINAL:
+        return 502, dumps({"message": UPSTREAM_FAILED})
+    return (504 if data.get("code") == "upstream_timeout" else 502), dumps({"message": data["message"]})
+
+
+def _langchain(message: dict[str, Any]) -> dict[str, Any]:
+    if message["role"] == "user":
+        kwargs: dict[str, Any] = {"content": message["content"], "additional_kwargs": {}, "response_metadata": {}}
+        return {"lc": 1, "type": "constructor", "id": ["langchain_core", "messages", "HumanMessage"], "kwargs": kwargs}
+    kwargs = {
+        "content": message["content"],
+        "tool_calls": [],
+        "invalid_tool_calls": [],
+        "additional_kwargs": {},
+        "response_metadata": {},
+    }
+    return {"lc": 1, "type": "constructor", "id": ["langchain_core", "messages", "AIMessage"], "kwargs": kwargs}
+
+
+def history(messages: list[dict[str, Any]]) -> bytes:
+    """`{"data": [...]}` as loadPreviousSession answers: the branch's questions, and its answers that have
+    text and are not still streaming (a failed answer's partial text included)."""
+    shown = [
+        m
+        for m in messages
+        if m["role"] == "user" or (m["role"] == "assistant" and m["status"] != "streaming" and m["content"])
+    ]
+    return dumps({"data": [_langchain(m) for m in shown]})

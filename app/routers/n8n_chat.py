@@ -1,0 +1,114 @@
+"""n8n's chat widget as a client: `POST /api/agents/{id}/n8n-chat` speaks the Chat Trigger's protocol
+(framing in app.chat_trigger, sessions and sends in app.services.widget)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header
+from fastapi.responses import Response, StreamingResponse
+
+from app import chat_trigger
+from app.auth import CurrentCaller
+from app.deps import GenerationsDep, SettingsDep, ShortSessionDep
+from app.routers.responses import R401, Responses, error_doc
+from app.schemas import N8nChatError, N8nChatHistory, N8nChatOutput, N8nChatRequest
+from app.services import widget
+from app.services.agents import AGENT_NOT_FOUND
+from app.services.messages import AGENT_INACTIVE
+from app.services.usage import QUOTA_REACHED
+
+router = APIRouter(prefix="/api/agents", tags=["n8n chat widget"])
+
+NDJSON_EXAMPLE = (
+    '{"type":"begin","metadata":{"nodeId":"…","nodeName":"Support bot","itemIndex":0,"runIndex":0,"timestamp":1}}\n'
+    '{"type":"item","content":"Hel","metadata":{"nodeId":"…","nodeName":"Support bot","itemIndex":0,"runIndex":0,'
+    '"timestamp":2}}\n'
+    '{"type":"end","metadata":{"nodeId":"…","nodeName":"Support bot","itemIndex":0,"runIndex":0,"timestamp":3}}\n'
+)
+RESPONSES: Responses = {
+    200: {
+        "description": "`sendMessage` with `Accept: text/plain` (the widget's `enableStreaming`) or "
+        "`application/x-ndjson`: the answer as it streams, one JSON object per line (`begin`, `item`..., then "
+        "`end`; a failure is an `error` line instead of `end`), under the same Content-Type n8n uses, "
+        "`application/json; charset=utf-8`. Otherwise `sendMessage` answers `{output}` once the answer is "
+        'complete, and `loadPreviousSession` answers `{data}` (`{"data": []}` for an unknown session).',
+        "model": N8nChatOutput | N8nChatHistory,
+        "content": {
+            "application/json": {
+                "examples": {
+                    "output": {"value": {"output": "Hello! How can I help?"}},
+                    "history": {"value": {"data": []}},
+                    "stream": {"summary": "NDJSON (Accept: text/plain)", "value": NDJSON_EXAMPLE},
+                },
+            }
+        },
+    },
+    **R401,
+    404: error_doc("No such agent in your team", AGENT_NOT_FOUND),
+    409: error_doc(
+        "The agent is inactive (sendMessage), or an answer is already being generated in this session",
+        AGENT_INACTIVE,
+    ),
+    429: error_doc(
+        "The team's daily message quota is used up for you (`Retry-After`: seconds until midnight UTC)", QUOTA_REACHED
+    ),
+    502: {
+        "model": N8nChatError,
+        "description": "Last-node mode only: the agent failed; `message` says why, as n8n's own Chat Trigger "
+        "reports it (the message is stored with its error)",
+        "content": {"application/json": {"example": {"message": "The agent could not be reached"}}},
+    },
+    503: error_doc("The server is shutting down; retry on another worker", "The server is shutting down; try again"),
+    504: {
+        "model": N8nChatError,
+        "description": "Last-node mode only: the agent took too long",
+        "content": {"application/json": {"example": {"message": "The agent did not answer in time"}}},
+    },
+}
+
+
+@router.post(
+    "/{agent_id}/n8n-chat",
+    response_model=None,
+    summary="n8n's chat widget (@n8n/chat) talking to an agent, as to a Chat Trigger",
+    description="Point the widget's `webhookUrl` here with `webhookConfig.method: 'POST'`. `sessionId` names a "
+    "chat of yours with this agent (created by its first message; another user's same id names their own "
+    "chat). Messages are stored and answered like any chat message (quota, usage, stop and follow on "
+    "`/api/chats/{id}`). See docs/CLIENTS.md.",
+    responses=RESPONSES,
+)
+async def n8n_chat(
+    agent_id: uuid.UUID,
+    body: N8nChatRequest,
+    user: CurrentCaller,
+    session: ShortSessionDep,
+    settings: SettingsDep,
+    registry: GenerationsDep,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Response:
+    if body.action == "loadPreviousSession":
+        messages = await widget.previous_session(
+            session=session, user=user, agent_id=agent_id, session_id=body.session_id
+        )
+        return Response(chat_trigger.history(messages), media_type=chat_trigger.CONTENT_TYPE)
+    registry.check_accepting()
+    send = await widget.start_widget_message(
+        session=session,
+        settings=settings,
+        user=user,
+        agent_id=agent_id,
+        session_id=body.session_id,
+        content=body.chat_input or "",
+        worker_id=registry.worker_id,
+    )
+    generation = registry.start(send.new)
+    if chat_trigger.wants_stream(accept):
+        return StreamingResponse(
+            chat_trigger.ndjson(generation, send.agent_name),
+            media_type=chat_trigger.CONTENT_TYPE,
+            headers=chat_trigger.STREAM_HEADERS,
+        )
+    status, content = await chat_trigger.last_node_answer(generation)
+    return Response(content, status_code=status, media_type=chat_trigger.CONTENT_TYPE)

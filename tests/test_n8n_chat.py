@@ -1,0 +1,401 @@
+"""n8n's chat widget as a client (`POST /api/agents/{id}/n8n-chat`): answers compared byte for byte in shape
+with what a real Chat Trigger sent (recordings/n8n/chat_*), the stored chat behind a widget session, failures
+in both modes, the quota, tenancy, both ways to authenticate, refused bodies and CORS."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.models import Agent, Chat, ErrorLog, Team, User, WidgetSession
+from app.services.api_keys import create_key
+from tests.authhelpers import login
+from tests.conftest import count_rows
+from tests.factories import auth_headers, branch_of, create_agent, create_team, create_user
+from tools.fake_n8n import FakeN8n
+
+RECORDINGS = Path(__file__).resolve().parent.parent / "recordings" / "n8n"
+STREAM = {"Accept": "text/plain"}  # what @n8n/chat sends with `enableStreaming: true`
+SESSION = "0b6f2d9e-3c41-4a8e-9f57-6d2b1a0c7e35"
+
+
+def recording(name: str) -> tuple[int, dict[str, str], bytes]:
+    """A recorded answer of a real Chat Trigger: status, headers (lower-case names), body."""
+    raw = (RECORDINGS / name).read_bytes()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def lines_of(body: bytes) -> list[dict[str, Any]]:
+    """NDJSON as the Chat Trigger frames it: every line one JSON object ending in `\\n`, nothing else."""
+    assert body.endswith(b"\n")
+    parsed = [json.loads(line) for line in body.split(b"\n")[:-1]]
+    assert all(isinstance(item, dict) for item in parsed)
+    return parsed
+
+
+def shape(item: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Key order of a line and of its metadata."""
+    return list(item), list(item.get("metadata", {}))
+
+
+def shapes_by_type(items: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[str]]]:
+    return {item["type"]: shape(item) for item in items}
+
+
+async def widget(
+    client: httpx.AsyncClient, agent_id: uuid.UUID, body: dict[str, Any], headers: dict[str, str]
+) -> httpx.Response:
+    return await client.post(f"/api/agents/{agent_id}/n8n-chat", json=body, headers=headers)
+
+
+def send(text: str, session_id: str = SESSION) -> dict[str, Any]:
+    return {"action": "sendMessage", "sessionId": session_id, "chatInput": text}
+
+
+def load(session_id: str = SESSION) -> dict[str, Any]:
+    return {"action": "loadPreviousSession", "sessionId": session_id}
+
+
+@pytest.fixture
+async def user(session: AsyncSession) -> User:
+    return await create_user(session)
+
+
+@pytest.fixture
+async def agent(session: AsyncSession, user: User, fake: FakeN8n) -> Agent:
+    team = await session.get(Team, user.team_id)
+    assert team is not None
+    return await create_agent(session, team=team, name="Support bot", webhook_url=f"{fake.url}/webhook/agent-stream")
+
+
+@pytest.fixture
+def headers(settings: Settings, user: User) -> dict[str, str]:
+    return auth_headers(settings, user)
+
+
+async def session_chat(session: AsyncSession, user: User, session_id: str = SESSION) -> uuid.UUID | None:
+    mapped = (WidgetSession.user_id == user.id, WidgetSession.session_id == session_id)
+    query = select(WidgetSession.chat_id).where(*mapped)
+    found: uuid.UUID | None = (await session.execute(query)).scalar_one_or_none()
+    return found
+
+
+# --- the protocol, against the recordings -----------------------------------------------------------------
+
+
+async def test_send_streaming_answers_the_chat_triggers_ndjson(
+    client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    response = await widget(client, agent.id, send("hello there"), {**headers, **STREAM})
+    assert response.status_code == 200, response.text
+    _status, recorded_headers, recorded = recording("chat_stream_send1.txt")
+    assert response.headers["content-type"] == recorded_headers["content-type"] == "application/json; charset=utf-8"
+    assert response.headers["cache-control"] == recorded_headers["cache-control"]
+    assert "content-length" not in response.headers  # streamed (chunked), as n8n does
+    ours, theirs = lines_of(response.content), lines_of(recorded)
+    assert ours[0]["type"] == "begin"
+    assert ours[-1]["type"] == "end"
+    assert {i["type"] for i in ours[1:-1]} == {"item"}
+    assert shapes_by_type(ours) == shapes_by_type(theirs)
+    text = "".join(i["content"] for i in ours if i["type"] == "item")
+    assert text == "".join(i["content"] for i in theirs if i["type"] == "item") == "Echo: hello there"
+    # Compact JSON, as JSON.stringify writes it.
+    assert b'{"type":"begin","metadata":{"nodeId":"' in response.content
+    chat_id = await session_chat(session, user)
+    assert chat_id is not None
+    assert {i["metadata"]["nodeName"] for i in ours} == {"Support bot"}
+    stored = await branch_of(session, chat_id)
+    assert [(m["role"], m["content"], m["status"]) for m in stored] == [
+        ("user", "hello there", "complete"),
+        ("assistant", "Echo: hello there", "complete"),
+    ]
+    assert {i["metadata"]["nodeId"] for i in ours} == {stored[1]["id"]}
+    sent = fake.requests[-1]["json"]
+    assert sent["chatInput"] == "hello there"
+    assert sent["sessionId"] == str(chat_id)  # n8n's memory key is the chat, as for any chat send
+    chat = await session.get(Chat, chat_id)
+    assert chat is not None
+    assert chat.user_id == user.id
+    assert chat.agent_id == agent.id
+    assert chat.title == "hello there"
+
+
+async def test_send_last_node_answers_output_exactly(
+    client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str]
+) -> None:
+    response = await widget(client, agent.id, {**send("hello there"), "metadata": {"page": "/pricing"}}, headers)
+    status, recorded_headers, recorded = recording("chat_lastnode_send.txt")
+    assert response.status_code == status == 200
+    assert response.headers["content-type"] == recorded_headers["content-type"]
+    assert response.content == recorded == b'{"output":"Echo: hello there"}'
+    chat_id = await session_chat(session, user)
+    assert chat_id is not None
+    assert [m["status"] for m in await branch_of(session, chat_id)] == ["complete", "complete"]
+
+
+async def test_the_same_session_continues_its_chat(
+    client: httpx.AsyncClient, session: AsyncSession, agent: Agent, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    assert (await widget(client, agent.id, send("hello there"), headers)).status_code == 200
+    assert (await widget(client, agent.id, send("second message"), headers)).status_code == 200
+    assert await count_rows(session, "chats") == 1
+    assert fake.requests[-1]["json"]["messages"] == [
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "Echo: hello there"},
+        {"role": "user", "content": "second message"},
+    ]
+
+
+async def test_load_previous_session_is_the_current_branch(
+    client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str]
+) -> None:
+    await widget(client, agent.id, send("hello there"), headers)
+    # The very bytes a Chat Trigger with memory answered, after one send and after two.
+    assert (await widget(client, agent.id, load(), headers)).content == recording("chat_lastnode_load.txt")[2]
+    await widget(client, agent.id, send("second message"), headers)
+    response = await widget(client, agent.id, load(), headers)
+    status, recorded_headers, recorded = recording("chat_stream_load.txt")
+    assert response.status_code == status
+    assert response.headers["content-type"] == recorded_headers["content-type"]
+    assert response.content == recorded
+    # Edit the second question through the chat API: the widget reloads the new branch only.
+    chat_id = await session_chat(session, user)
+    assert chat_id is not None
+    second = (await branch_of(session, chat_id))[2]
+    edited = await client.post(
+        f"/api/chats/{chat_id}/messages", json={"content": "edited question", "edit_of": second["id"]}, headers=headers
+    )
+    assert edited.status_code == 200
+    reloaded = json.loads((await widget(client, agent.id, load(), headers)).content)
+    assert [(m["id"][-1], m["kwargs"]["content"]) for m in reloaded["data"]] == [
+        ("HumanMessage", "hello there"),
+        ("AIMessage", "Echo: hello there"),
+        ("HumanMessage", "edited question"),
+        ("AIMessage", "Echo: edited question"),
+    ]
+
+
+async def test_load_of_an_unknown_session_is_empty_and_creates_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, agent: Agent, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    response = await widget(client, agent.id, load("never-used"), headers)
+    status, recorded_headers, recorded = recording("chat_stream_load_unknown.txt")
+    assert response.status_code == status
+    assert response.headers["content-type"] == recorded_headers["content-type"]
+    assert response.content == recorded == b'{"data":[]}'
+    assert await count_rows(session, "chats") == 0
+    assert await count_rows(session, "widget_sessions") == 0
+    assert fake.requests == []
+
+
+# --- failures ---------------------------------------------------------------------------------------------
+
+
+async def test_upstream_error_streaming_is_the_triggers_error_line(
+    client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str]
+) -> None:
+    response = await widget(client, agent.id, send("__llm_error__"), {**headers, **STREAM})
+    assert response.status_code == 200
+    ours = lines_of(response.content)
+    theirs = lines_of(recording("chat_stream_llm_error.txt")[2])
+    assert [i["type"] for i in ours] == [i["type"] for i in theirs] == ["begin", "error"]  # and no `end`
+    assert shapes_by_type(ours) == shapes_by_type(theirs)
+    chat_id = await session_chat(session, user)
+    assert chat_id is not None
+    answer = (await branch_of(session, chat_id))[-1]
+    assert answer["status"] == "error"
+    assert ours[-1]["content"] == answer["error"]["message"]
+    logged = (await session.execute(select(ErrorLog))).scalar_one()
+    assert (logged.chat_id, logged.code) == (chat_id, answer["error"]["code"])
+
+
+async def test_upstream_error_last_node_is_the_triggers_message_body(
+    client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    await session.execute(
+        update(Agent).where(Agent.id == agent.id).values(webhook_url=f"{fake.url}/webhook/does-not-exist")
+    )
+    await session.commit()
+    response = await widget(client, agent.id, send("hello there"), headers)
+    status, recorded_headers, recorded = recording("chat_lastnode_llm_error.txt")
+    assert status == 500
+    assert response.status_code == 502
+    assert response.headers["content-type"] == recorded_headers["content-type"]
+    assert list(json.loads(response.content)) == list(json.loads(recorded)) == ["message"]
+    chat_id = await session_chat(session, user)
+    assert chat_id is not None
+    answer = (await branch_of(session, chat_id))[-1]
+    assert answer["status"] == "error"
+    assert json.loads(response.content)["message"] == answer["error"]["message"]
+    assert (await session.execute(select(ErrorLog.code))).scalar_one() == "upstream_error"
+
+
+async def test_quota_refuses_with_429_and_stores_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    quota = {"open_registration": False, "quota": {"messages_per_user_per_day": 1}}
+    await session.execute(update(Team).where(Team.id == user.team_id).values(settings=quota))
+    await session.commit()
+    assert (await widget(client, agent.id, send("one"), headers)).status_code == 200
+    for session_id in (SESSION, "a-new-session"):
+        refused = await widget(client, agent.id, send("two", session_id), {**headers, **STREAM})
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) > 0
+        assert refused.json() == {"detail": "Daily message quota reached; it resets at midnight UTC"}
+    assert await count_rows(session, "chats") == 1  # the refused new session left no chat behind
+    assert await count_rows(session, "widget_sessions") == 1
+    assert await count_rows(session, "messages") == 2
+    assert len(fake.requests) == 1
+
+
+async def test_inactive_agent_is_409_and_stores_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, agent: Agent, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    await widget(client, agent.id, send("hello there"), headers)
+    await session.execute(update(Agent).where(Agent.id == agent.id).values(is_active=False))
+    await session.commit()
+    refused = await widget(client, agent.id, send("again"), headers)
+    assert refused.status_code == 409
+    assert refused.json() == {"detail": "This chat's agent is no longer active"}
+    assert await count_rows(session, "messages") == 2
+    # Its history stays readable.
+    assert len(json.loads((await widget(client, agent.id, load(), headers)).content)["data"]) == 2
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"action": "deleteEverything", "sessionId": SESSION, "chatInput": "hi"},
+        {"sessionId": SESSION, "chatInput": "hi"},
+        {"action": "sendMessage", "chatInput": "hi"},
+        {"action": "sendMessage", "sessionId": SESSION},
+        {"action": "sendMessage", "sessionId": SESSION, "chatInput": None},
+        {"action": "sendMessage", "sessionId": SESSION, "chatInput": "   "},
+        {"action": "sendMessage", "sessionId": SESSION, "chatInput": "x" * 32_001},
+        {"action": "sendMessage", "sessionId": "s" * 201, "chatInput": "hi"},
+        {"action": "sendMessage", "sessionId": "", "chatInput": "hi"},
+        {"action": "sendMessage", "sessionId": SESSION, "chatInput": "hi", "files": []},
+        {"action": "loadPreviousSession", "sessionId": SESSION, "chatInput": "hi"},
+        ["sendMessage"],
+    ],
+)
+async def test_bad_bodies_are_422_and_store_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, agent: Agent, headers: dict[str, str], fake: FakeN8n, body: Any
+) -> None:
+    response = await client.post(f"/api/agents/{agent.id}/n8n-chat", json=body, headers={**headers, **STREAM})
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert isinstance(response.json()["detail"], list)
+    assert "deleteEverything" not in response.text
+    assert await count_rows(session, "chats") == 0
+    assert await count_rows(session, "messages") == 0
+    assert fake.requests == []
+
+
+async def test_a_body_that_is_not_json_is_refused(
+    client: httpx.AsyncClient, session: AsyncSession, agent: Agent, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    response = await client.post(
+        f"/api/agents/{agent.id}/n8n-chat",
+        content=b'{"action": "sendMessage", "sessionId": ',
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["type"] == "json_invalid"
+    assert await count_rows(session, "chats") == 0
+    assert fake.requests == []
+
+
+# --- tenancy and authentication ---------------------------------------------------------------------------
+
+
+async def test_another_users_session_id_never_reaches_their_chat(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, user: User, agent: Agent
+) -> None:
+    await widget(client, agent.id, send("my secret plan"), auth_headers(settings, user))
+    team = await session.get(Team, user.team_id)
+    other = await create_user(session, team=team)
+    theirs = auth_headers(settings, other)
+    assert (await widget(client, agent.id, load(), theirs)).content == b'{"data":[]}'
+    answer = await widget(client, agent.id, send("hello there"), theirs)
+    assert answer.content == b'{"output":"Echo: hello there"}'
+    mine, their_chat = await session_chat(session, user), await session_chat(session, other)
+    assert mine is not None
+    assert their_chat is not None
+    assert mine != their_chat
+    assert [m["content"] for m in await branch_of(session, mine)] == ["my secret plan", "Echo: my secret plan"]
+    assert [m["content"] for m in await branch_of(session, their_chat)] == ["hello there", "Echo: hello there"]
+    history = json.loads((await widget(client, agent.id, load(), theirs)).content)["data"]
+    assert "my secret plan" not in json.dumps(history)
+
+
+async def test_another_teams_agent_is_404_for_both_actions(
+    client: httpx.AsyncClient, session: AsyncSession, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    foreign = await create_agent(
+        session, team=await create_team(session), webhook_url=f"{fake.url}/webhook/agent-stream"
+    )
+    for agent_id in (foreign.id, uuid.uuid4()):
+        for body in (send("hi"), load()):
+            response = await widget(client, agent_id, body, {**headers, **STREAM})
+            assert response.status_code == 404
+            assert response.json() == {"detail": "Agent not found"}
+    assert await count_rows(session, "chats") == 0
+    assert fake.requests == []
+
+
+async def test_an_api_key_works_and_acts_as_its_user(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, user: User, agent: Agent
+) -> None:
+    _row, key = await create_key(session=session, settings=settings, user=user, name="widget", expires_at=None)
+    response = await widget(client, agent.id, send("hello there"), {"Authorization": f"Bearer {key}", **STREAM})
+    assert response.status_code == 200
+    assert lines_of(response.content)[-1]["type"] == "end"
+    assert await session_chat(session, user) is not None
+    wrong = await widget(client, agent.id, send("hi"), {"Authorization": "Bearer n8nr_wrong"})
+    assert wrong.status_code == 401
+    assert (await client.post(f"/api/agents/{agent.id}/n8n-chat", json=send("hi"))).status_code == 401
+
+
+async def test_cookie_auth_checks_the_origin(
+    web: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, fake: FakeN8n
+) -> None:
+    assert (await login(web, user.email)).status_code == 200
+    url = f"/api/agents/{agent.id}/n8n-chat"
+    refused = await web.post(url, json=send("hi"), headers={"Origin": "https://evil.example"})
+    assert refused.status_code == 403
+    assert refused.json() == {"detail": "Origin not allowed"}
+    assert await count_rows(session, "chats") == 0
+    assert fake.requests == []
+    allowed = await web.post(url, json=send("hello there"), headers={"Origin": "http://spa.test"})
+    assert allowed.status_code == 200
+    assert allowed.content == b'{"output":"Echo: hello there"}'
+    assert allowed.headers["access-control-allow-origin"] == "http://spa.test"
+
+
+async def test_cors_follows_the_configured_origins(client: httpx.AsyncClient, agent: Agent) -> None:
+    """The widget's preflight (chat_cors_preflight.txt asks for content-type; a key adds authorization)."""
+    url = f"/api/agents/{agent.id}/n8n-chat"
+    asked = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    allowed = await client.options(url, headers={"Origin": "http://spa.test", **asked})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "http://spa.test"
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    granted = allowed.headers["access-control-allow-headers"].lower()
+    assert "authorization" in granted
+    assert "content-type" in granted
+    refused = await client.options(url, headers={"Origin": "http://elsewhere.test", **asked})
+    assert refused.status_code == 400
+    assert "access-control-allow-origin" not in refused.headers
