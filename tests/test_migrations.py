@@ -47,6 +47,8 @@ EXPECTED_TABLES = {
     "widget_sessions",
     "alembic_version",
 }
+#: Tables of revisions after 0009: a test that goes back before them and up to an older revision lacks them.
+TABLES_AFTER_0009 = {"widget_sessions"}
 
 
 async def _pg_tables(url: str) -> set[str]:
@@ -244,9 +246,9 @@ def test_idempotency_keys_migration_down_and_up_on_sqlite(tmp_path: Path) -> Non
     url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
     run_migrations(url)
     run_migrations(url, "0006", downgrade=True)
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"idempotency_keys", "api_keys"}
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"idempotency_keys", "api_keys"} - TABLES_AFTER_0009
     run_migrations(url, "0007")
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"}
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"} - TABLES_AFTER_0009
 
 
 async def _insert_api_key(url: str) -> None:
@@ -321,9 +323,9 @@ def test_api_keys_migration_down_and_up_on_sqlite(tmp_path: Path) -> None:
     run_migrations(url)
     asyncio.run(_insert_api_key(url))
     run_migrations(url, "0007", downgrade=True)
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"}
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"} - TABLES_AFTER_0009
     run_migrations(url, "0008")
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - TABLES_AFTER_0009
 
 
 # --- 0005: the JSON array of each chat becomes one branch of rows ---------------------------------------
@@ -572,3 +574,16 @@ def test_0009_response_mode_down_and_up_on_postgresql() -> None:
 
 def test_0009_response_mode_down_and_up_on_sqlite(tmp_path: Path) -> None:
     _check_0009(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+
+
+# --- 0010: widget sessions --------------------------------------------------------------------------------
+
+
+def test_widget_sessions_migration_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    """0010 alone: down drops only its table (the chats stay), up brings it back."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'w.db'}"
+    run_migrations(url)
+    run_migrations(url, "0009", downgrade=True)
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"widget_sessions"}
+    run_migrations(url, "0010")
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES

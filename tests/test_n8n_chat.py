@@ -399,3 +399,17 @@ async def test_cors_follows_the_configured_origins(client: httpx.AsyncClient, ag
     refused = await client.options(url, headers={"Origin": "http://elsewhere.test", **asked})
     assert refused.status_code == 400
     assert "access-control-allow-origin" not in refused.headers
+
+
+async def test_a_deleted_chat_frees_its_session_id(
+    client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str]
+) -> None:
+    await widget(client, agent.id, send("hello there"), headers)
+    first = await session_chat(session, user)
+    assert (await client.delete(f"/api/chats/{first}", headers=headers)).status_code == 204
+    assert await count_rows(session, "widget_sessions") == 0
+    assert (await widget(client, agent.id, load(), headers)).content == b'{"data":[]}'
+    await widget(client, agent.id, send("again"), headers)
+    second = await session_chat(session, user)
+    assert second is not None
+    assert second != first
