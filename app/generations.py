@@ -8,7 +8,7 @@ import logging
 import signal
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from app import metrics
 from app.callbacks import CallbackInbox
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from app.streaming import N8nStreamer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: In callback mode, webhook outcomes that do not mean "the workflow did not run": a proxy (or our own request
 #: timeouts) gave up waiting, or the immediate answer has no text (it is not the reply anyway). The
@@ -70,6 +71,10 @@ class GenerationRegistry:
         self.logs: dict[str, Generation] = {}
         #: The latest generation of each chat that has one in `logs`.
         self.by_chat: dict[uuid.UUID, str] = {}
+        #: Generations that keep no chat (the OpenAI-compatible API's completions), drained like the others.
+        self.detached: set[asyncio.Task[Any]] = set()
+        #: Set when the drain's grace is over: the cancels that follow mean "interrupted by the shutdown".
+        self.interrupting = False
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
         self._draining: asyncio.Task[None] | None = None
@@ -161,10 +166,12 @@ class GenerationRegistry:
         return self._draining
 
     async def _drain(self) -> None:
-        tasks = [g.task for g in self.running.values() if g.task is not None]
+        tasks: list[asyncio.Task[Any]] = [g.task for g in self.running.values() if g.task is not None]
+        tasks += self.detached
         if not tasks:
             return
         _done, pending = await asyncio.wait(tasks, timeout=self.settings.SHUTDOWN_GRACE_SECONDS)
+        self.interrupting = bool(pending)
         for task in pending:
             task.cancel()
         if pending:
@@ -197,6 +204,13 @@ class GenerationRegistry:
         """New generations are refused once shutdown began (they would only be interrupted)."""
         if self._closing:
             raise ServiceUnavailable("The server is shutting down; try again")
+
+    def track(self, task: asyncio.Task[T]) -> asyncio.Task[T]:
+        """A generation that stores no chat (a `/v1` completion): the shutdown drains it like the others, and
+        cancels it once the grace is over (`interrupting` tells that cancel from a client that left)."""
+        self.detached.add(task)
+        task.add_done_callback(self.detached.discard)
+        return task
 
     def start(self, new: message_service.NewGeneration) -> Generation:
         generation = Generation(new=new)

@@ -3,6 +3,7 @@ models, completions streamed and not, failures in OpenAI's shape, the usage row,
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -11,12 +12,14 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.models import Agent, Team, UsageRecord, User
+from app.models import Agent, ErrorLog, Team, UsageRecord, User
 from app.services.api_keys import create_key
+from app.state import app_state
 from tests.conftest import count_rows
 from tests.factories import auth_headers, create_agent, create_team, create_user
 from tests.live import LiveServer, live_server
@@ -144,6 +147,9 @@ async def test_upstream_error_mid_stream_ends_with_an_error_chunk(
     row = (await session.execute(select(UsageRecord))).scalar_one()
     assert row.outcome == "error"
     assert row.error_code == "upstream_disconnected"
+    logged = (await session.execute(select(ErrorLog))).scalar_one()
+    assert (logged.code, logged.chat_id, logged.agent_id) == ("upstream_disconnected", None, setup.agent.id)
+    assert logged.detail["source"] == "openai"
     async with httpx.AsyncClient(base_url=setup.server.url, timeout=20) as http:
         raw = await http.post(
             "/v1/chat/completions",
@@ -168,6 +174,12 @@ async def test_upstream_failure_without_stream_is_a_502_in_openai_shape(
     assert body["type"] == "server_error"
     assert body["code"] == "upstream_error"
     assert (await session.execute(select(UsageRecord.outcome))).scalars().all() == ["error"]
+    # The error log, as for a chat's answer: the code, n8n's status, no chat, nothing secret.
+    logged = (await session.execute(select(ErrorLog))).scalar_one()
+    assert (logged.code, logged.upstream_status, logged.chat_id) == ("upstream_error", 404, None)
+    assert (logged.user_id, logged.team_id) == (setup.user.id, setup.user.team_id)
+    assert logged.detail["completion_id"].startswith("chatcmpl-")
+    assert setup.key not in json.dumps(logged.detail)
 
 
 async def test_revoked_key_is_refused(session: AsyncSession, setup: Setup) -> None:
@@ -275,3 +287,70 @@ async def test_an_admins_key_lists_models_as_a_member(session: AsyncSession, set
     client = openai.AsyncOpenAI(base_url=f"{setup.server.url}/v1", api_key=key, max_retries=0)
     assert [m.id for m in (await client.models.list()).data] == ["helper"]
     await client.close()
+
+
+# --- shutdown: /v1 completions are drained like chat generations --------------------------------------------
+
+
+async def _completion_setup(session: AsyncSession, settings: Settings, url: str) -> dict[str, str]:
+    team = await create_team(session)
+    user = await create_user(session, team=team)
+    await create_agent(session, team=team, slug="helper", webhook_url=url)
+    _row, key = await create_key(session=session, settings=settings, user=user, name="k", expires_at=None)
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def _until_called(fake: FakeN8n, count: int = 1) -> None:
+    async with asyncio.timeout(5):
+        while True:
+            if len(fake.requests) >= count:
+                return
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.3, N8N_READ_TIMEOUT=30)
+async def test_shutdown_interrupts_running_completions_after_the_grace(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    headers = await _completion_setup(session, settings, f"{fake.url}/webhook/agent-stream?scenario=stall&hang=30")
+    body = {"model": "helper", "messages": [{"role": "user", "content": "hello there"}]}
+    plain = asyncio.create_task(client.post("/v1/chat/completions", json=body, headers=headers))
+    streamed = asyncio.create_task(client.post("/v1/chat/completions", json={**body, "stream": True}, headers=headers))
+    await _until_called(fake, 2)
+    registry = app_state(app).generations
+    assert len(registry.detached) == 2
+    await registry.begin_shutdown()
+    refused = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "service_unavailable"
+    answer, stream = await asyncio.gather(plain, streamed)
+    assert answer.status_code == 503
+    assert answer.json()["error"] == {
+        "message": "The server stopped before the answer was complete",
+        "type": "server_error",
+        "code": "interrupted",
+    }
+    frames = _frames(stream.text)
+    assert frames[-1] == "[DONE]"
+    last = json.loads(frames[-2])["choices"][0]
+    assert (last["finish_reason"], last["error"]["code"]) == ("error", "interrupted")
+    assert "".join(json.loads(f)["choices"][0]["delta"].get("content") or "" for f in frames[:-1]) == "Echo: hello"
+    assert sorted((await session.execute(select(UsageRecord.outcome))).scalars()) == ["interrupted", "interrupted"]
+    assert (await session.execute(select(ErrorLog.code))).scalars().all() == ["interrupted", "interrupted"]
+    assert len(fake.requests) == 2
+
+
+@pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=5)
+async def test_shutdown_lets_a_running_completion_finish(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    headers = await _completion_setup(session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=100")
+    body = {"model": "helper", "messages": [{"role": "user", "content": "a b c d"}]}
+    pending = asyncio.create_task(client.post("/v1/chat/completions", json=body, headers=headers))
+    await _until_called(fake)
+    await app_state(app).generations.begin_shutdown()
+    answer = await pending
+    assert answer.status_code == 200
+    assert answer.json()["choices"][0]["message"]["content"] == "Echo: a b c d"
+    assert (await session.execute(select(UsageRecord.outcome))).scalars().all() == ["complete"]
+    assert await count_rows(session, "error_logs") == 0

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
@@ -17,13 +18,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth import CurrentCaller
-from app.deps import DatabaseDep, SettingsDep, ShortSessionDep, StreamerDep
+from app.config import Settings
+from app.db import Database
+from app.deps import DatabaseDep, GenerationsDep, SettingsDep, ShortSessionDep
 from app.error_handlers import openai_error
 from app.n8n_parser import StreamFailure
 from app.routers.responses import openai_error_doc
 from app.services import completions as completions_service
 from app.services.completions import Completion
 from app.sse import SSE_HEADERS
+from app.streaming import GenerationRegistry
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -71,9 +75,9 @@ async def list_models(user: CurrentCaller, session: ShortSessionDep) -> ModelLis
     )
 
 
-#: Non-streaming failures: a timeout is a 504, any other failure of the agent a 502.
+#: Non-streaming failures: a timeout is a 504, a server stop 503, any other failure of the agent a 502.
 def _failure_status(failure: StreamFailure) -> int:
-    return 504 if failure.code == "upstream_timeout" else 502
+    return {"upstream_timeout": 504, "interrupted": 503}.get(failure.code, 502)
 
 
 def _usage(completion: Completion) -> dict[str, int] | None:
@@ -144,6 +148,13 @@ def _chunk(completion: Completion, delta: dict[str, Any], finish_reason: str | N
             "upstream_unreachable",
             "The agent could not be reached",
         ),
+        503: openai_error_doc(
+            "The server is shutting down: refused before it starts (code service_unavailable), or stopped "
+            "after the shutdown's grace period (code interrupted)",
+            "server_error",
+            "service_unavailable",
+            "The server is shutting down; try again",
+        ),
         504: openai_error_doc(
             "The agent took too long", "server_error", "upstream_timeout", "The agent did not answer in time"
         ),
@@ -155,9 +166,10 @@ async def chat_completions(
     session: ShortSessionDep,
     settings: SettingsDep,
     db: DatabaseDep,
-    streamer: StreamerDep,
+    registry: GenerationsDep,
     x_session_id: Annotated[str | None, Header()] = None,
 ) -> Any:
+    registry.check_accepting()
     completion = await completions_service.prepare_completion(
         session=session,
         settings=settings,
@@ -166,15 +178,10 @@ async def chat_completions(
         messages=body.messages,
         session_header=x_session_id,
     )
+    run = Run(registry, completion, db, settings)
     if body.stream:
-        return StreamingResponse(
-            _stream(completion, call_agent=streamer.run, db=db, settings=settings),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
-    failure = await completions_service.run_completion(
-        call_agent=streamer.run, db=db, settings=settings, completion=completion
-    )
+        return StreamingResponse(_stream(run), media_type="text/event-stream", headers=SSE_HEADERS)
+    failure = await run.start()
     if failure is not None:
         return openai_error(_failure_status(failure), failure.message, code=failure.code)
     return JSONResponse(
@@ -196,14 +203,35 @@ async def chat_completions(
     )
 
 
-async def _stream(completion: Completion, **run: Any) -> AsyncIterator[bytes]:
+@dataclass(slots=True)
+class Run:
+    """One completion to run as a task of the GenerationRegistry, so the shutdown drains it."""
+
+    registry: GenerationRegistry
+    completion: Completion
+    db: Database
+    settings: Settings
+
+    def start(self, on_chunks: Callable[[list[str]], None] | None = None) -> asyncio.Task[StreamFailure | None]:
+        registry = self.registry
+        run = completions_service.run_completion(
+            call_agent=registry.streamer.run,
+            db=self.db,
+            settings=self.settings,
+            completion=self.completion,
+            on_chunks=on_chunks,
+            interrupted=lambda: registry.interrupting,
+        )
+        return registry.track(asyncio.create_task(run, name=f"completion-{self.completion.id}"))
+
+
+async def _stream(run: Run) -> AsyncIterator[bytes]:
     """The run as chunks: the role first, then each batch of text, then the finish reason and [DONE].
 
     A client that goes away cancels the call to n8n (its usage row says `cancelled`)."""
+    completion = run.completion
     queue: asyncio.Queue[list[str] | None] = asyncio.Queue()
-    task = asyncio.create_task(
-        completions_service.run_completion(completion=completion, on_chunks=queue.put_nowait, **run)
-    )
+    task = run.start(on_chunks=queue.put_nowait)
     task.add_done_callback(lambda _task: queue.put_nowait(None))
     try:
         yield _chunk(completion, {"role": "assistant", "content": ""}, None)

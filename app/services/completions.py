@@ -27,12 +27,15 @@ from app.errors import NotFound, Unprocessable
 from app.models import Agent
 from app.n8n_parser import StreamFailure, clean_text
 from app.security import Caller
+from app.services.error_logs import record_error
 from app.services.messages import build_history
 from app.services.usage import claim_generation, record_generation
 from app.upstream import StreamStats
 
 logger = logging.getLogger(__name__)
 
+INTERRUPTED_CODE = "interrupted"
+INTERRUPTED = "The server stopped before the answer was complete"
 NO_USER_MESSAGE = "The last message must be a user message with text content"
 #: X-Session-Id values longer than this, or with other characters, are refused (they go into n8n's memory key).
 SESSION_ID_MAX = 200
@@ -162,11 +165,15 @@ async def run_completion(
     settings: Settings,
     completion: Completion,
     on_chunks: Callable[[list[str]], None] | None = None,
+    interrupted: Callable[[], bool] = lambda: False,
 ) -> StreamFailure | None:
     """Call the agent with `call_agent` (app.streaming's `N8nStreamer.run`: this layer imports no web code),
     collecting its text in `completion.chunks` (and handing each batch to `on_chunks`);
-    write the usage row; return the failure, if any. A cancelled run (the client left) is recorded as
-    `cancelled` before the cancellation goes on."""
+    write the usage row, and for a failure its error-log row; return the failure, if any.
+
+    A cancelled run is recorded as `cancelled` (the client left) before the cancellation goes on, unless
+    `interrupted()` says the cancel is the shutdown's (GenerationRegistry.interrupting): then the run ends
+    as the failure `interrupted`, returned so that the client still gets its terminal answer."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     stats = StreamStats()
@@ -193,9 +200,15 @@ async def run_completion(
     except StreamFailure as exc:
         failure, outcome = exc, "error"
     except asyncio.CancelledError:
-        outcome = "cancelled"
-        await asyncio.shield(_record(db, completion, stats, outcome, None, loop.time() - started))
-        raise
+        if not interrupted():
+            outcome = "cancelled"
+            await asyncio.shield(_record(db, completion, stats, outcome, None, loop.time() - started))
+            raise
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        failure = StreamFailure(INTERRUPTED_CODE, INTERRUPTED, upstream_status=stats.upstream_status)
+        outcome = "interrupted"
     except Exception as exc:
         logger.exception("completion %s failed", completion.id)
         failure = StreamFailure(
@@ -226,6 +239,19 @@ async def _record(
     code = None if failure is None else failure.code
     try:
         async with db.sessionmaker() as session:
+            if failure is not None:
+                # The error log as for a chat's answer (no chat to name): the same transaction as the usage row.
+                await record_error(
+                    session=session,
+                    team_id=completion.team_id,
+                    user_id=completion.user_id,
+                    chat_id=None,
+                    agent_id=completion.agent_id,
+                    code=failure.code,
+                    message=failure.message,
+                    upstream_status=failure.upstream_status,
+                    detail={**failure.detail, "source": "openai", "completion_id": completion.id},
+                )
             await record_generation(
                 session=session,
                 team_id=completion.team_id,
