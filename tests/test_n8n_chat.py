@@ -413,3 +413,18 @@ async def test_a_deleted_chat_frees_its_session_id(
     second = await session_chat(session, user)
     assert second is not None
     assert second != first
+
+
+async def test_file_uploads_and_get_are_refused_clearly(
+    client: httpx.AsyncClient, session: AsyncSession, agent: Agent, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    """What the widget sends with `allowFileUploads` (multipart) or `webhookConfig.method: 'GET'`."""
+    url = f"/api/agents/{agent.id}/n8n-chat"
+    form = {"action": "sendMessage", "sessionId": SESSION, "chatInput": "look"}
+    upload = await client.post(url, data=form, files={"files": ("a.txt", b"hello", "text/plain")}, headers=headers)
+    assert upload.status_code == 422
+    query = await client.get(url, params=load(), headers=headers)
+    assert query.status_code == 405
+    assert query.headers["allow"] == "POST"
+    assert await count_rows(session, "chats") == 0
+    assert fake.requests == []
