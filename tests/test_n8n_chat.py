@@ -4,6 +4,7 @@ in both modes, the quota, tenancy, both ways to authenticate, refused bodies and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -11,12 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.models import Agent, Chat, ErrorLog, Team, User, WidgetSession
 from app.services.api_keys import create_key
+from app.state import app_state
 from tests.authhelpers import login
 from tests.conftest import count_rows
 from tests.factories import auth_headers, branch_of, create_agent, create_team, create_user
@@ -428,3 +431,72 @@ async def test_file_uploads_and_get_are_refused_clearly(
     assert query.headers["allow"] == "POST"
     assert await count_rows(session, "chats") == 0
     assert fake.requests == []
+
+
+# --- the generation machinery: stop from the chat API, shutdown ---------------------------------------------
+
+
+async def _until_called(fake: FakeN8n) -> None:
+    async with asyncio.timeout(5):
+        while True:
+            if fake.requests:
+                return
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.settings(STREAM_CHECKPOINT_INTERVAL=0.05)
+async def test_stop_from_the_chat_api_ends_the_widgets_stream(
+    client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    await session.execute(
+        update(Agent)
+        .where(Agent.id == agent.id)
+        .values(webhook_url=f"{fake.url}/webhook/agent-stream?scenario=stall&hang=30&after=2")
+    )
+    await session.commit()
+    pending = asyncio.create_task(widget(client, agent.id, send("hello there"), {**headers, **STREAM}))
+    await _until_called(fake)
+    chat_id = await session_chat(session, user)
+    assert chat_id is not None
+    async with asyncio.timeout(5):
+        while True:  # the two tokens before the stall have been read (a checkpoint stored them)
+            if (await client.get(f"/api/chats/{chat_id}", headers=headers)).json()["messages"][-1]["content"]:
+                break
+            await asyncio.sleep(0.05)
+    stopped = await client.post(f"/api/chats/{chat_id}/stop", headers=headers)
+    assert stopped.status_code == 200
+    assert stopped.json()["status"] == "cancelled"
+    items = lines_of((await pending).content)
+    assert items[-1]["type"] == "end"
+    assert "".join(i["content"] for i in items if i["type"] == "item") == stopped.json()["content"] == "Echo: hello"
+
+
+@pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.3, N8N_READ_TIMEOUT=30)
+async def test_shutdown_interrupts_a_widget_answer_and_refuses_new_ones(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    user: User,
+    agent: Agent,
+    headers: dict[str, str],
+    fake: FakeN8n,
+) -> None:
+    await session.execute(
+        update(Agent)
+        .where(Agent.id == agent.id)
+        .values(webhook_url=f"{fake.url}/webhook/agent-stream?scenario=stall&hang=30&after=2")
+    )
+    await session.commit()
+    pending = asyncio.create_task(widget(client, agent.id, send("hello there"), {**headers, **STREAM}))
+    await _until_called(fake)
+    await app_state(app).generations.begin_shutdown()
+    refused = await widget(client, agent.id, send("another", "other-session"), headers)
+    assert refused.status_code == 503
+    items = lines_of((await pending).content)
+    assert [i["type"] for i in items][-1] == "error"
+    assert items[-1]["content"] == "The server stopped before the answer was complete"
+    chat_id = await session_chat(session, user)
+    assert chat_id is not None
+    answer = (await branch_of(session, chat_id))[-1]
+    assert (answer["status"], answer["content"]) == ("interrupted", "Echo: hello")
+    assert await count_rows(session, "chats") == 1
