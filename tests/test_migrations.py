@@ -44,6 +44,8 @@ EXPECTED_TABLES = {
     "usage_daily",
     "idempotency_keys",
     "api_keys",
+    "files",
+    "file_blobs",
     "alembic_version",
 }
 
