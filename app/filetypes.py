@@ -4,10 +4,10 @@ The rule (docs/FILES.md, "Types"):
 1. A binary type is recognised by its signature at offset 0 (PNG, JPEG, GIF, WebP, `%PDF-`) and its structure
    (Pillow parses and verifies the image's chunks; a PDF must end with `%%EOF`).
 2. Anything else is text: valid UTF-8 without NUL bytes. Its type is the declared one when that is one of the
-   text types (`text/plain`, `text/markdown`, `text/csv`, `application/json`), `text/plain` when nothing or
-   `application/octet-stream` was declared; JSON must parse.
+   text types (`text/plain`, `text/markdown`, `text/csv`, `application/json`), `text/plain` when nothing,
+   `application/octet-stream` or another harmless `text/*` (`text/x-log`) was declared; JSON must parse.
 3. The declared type must agree: an image or PDF declared as another type, text declared as an image, a PDF
-   or any type outside the list (HTML, SVG, JavaScript...) is refused.
+   or any other non-text type, and the active text types (HTML, XML, JavaScript, CSS) are refused.
 4. No polyglots: markup a browser would render (`<html`, `<script`, `<svg`, `<iframe`, `<!doctype`, `<?xml`,
    `<object`, `<embed`, `<body`) anywhere in the file, and in a PDF its active parts (`/JavaScript`, `/JS`,
    `/Launch`), refuse it whatever the type.
@@ -40,6 +40,8 @@ ALIASES = {
 }
 #: Declared types that say nothing about the content.
 GENERIC = ("", "application/octet-stream")
+#: Text types a browser renders or runs: never stored, not even as plain text.
+ACTIVE_TEXT_TYPES = ("text/html", "text/xml", "text/javascript", "text/ecmascript", "text/css", "text/xsl")
 _PILLOW_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 MARKUP_RE = re.compile(
     rb"<(?:script|html|body|iframe|object|embed|svg|\?xml|!doctype)[\s>/]|<(?:svg|html|script)$", re.IGNORECASE
@@ -108,7 +110,7 @@ def _text_type(data: bytes, declared: str) -> str:
         raise UnsupportedMediaType(UNSUPPORTED) from None
     if "\x00" in text:
         raise UnsupportedMediaType(UNSUPPORTED)
-    if declared in GENERIC:
+    if declared in GENERIC or (declared.startswith("text/") and declared not in ACTIVE_TEXT_TYPES + TEXT_TYPES):
         return "text/plain"
     if declared not in TEXT_TYPES:
         raise UnsupportedMediaType(MISMATCH)
