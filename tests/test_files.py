@@ -622,6 +622,24 @@ async def test_deleting_a_chat_deletes_its_files_and_the_bytes_no_one_else_uses(
     assert only_here["sha256"] not in hashes
 
 
+async def test_delete_an_unsent_upload_but_not_a_sent_one_nor_anyone_elses(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, setup: ChatSetup, fake: FakeN8n
+) -> None:
+    unsent = await uploaded(client, setup, b"draft")
+    sent = await uploaded(client, setup, b"sent one")
+    assert events_of(await send(client, setup, {"content": "x", "file_ids": [sent["id"]]}))[-1]["type"] == "done"
+    stranger = await chat_with_agent(session, settings, setup.agent.webhook_url)
+    assert (await client.delete(f"{url_of(setup)}/{unsent['id']}", headers=stranger.headers)).status_code == 404
+    refused = await client.delete(f"{url_of(setup)}/{sent['id']}", headers=setup.headers)
+    assert refused.status_code == 409
+    assert refused.json() == {"detail": files_service.FILE_SENT}
+    assert (await client.delete(f"{url_of(setup)}/{unsent['id']}", headers=setup.headers)).status_code == 204
+    assert (await client.get(f"{url_of(setup)}/{unsent['id']}", headers=setup.headers)).status_code == 404
+    assert [str(f.id) for f in await file_rows(app)] == [sent["id"]]
+    assert await count_rows(session, "file_blobs") == 1
+    assert len(fake.requests) == 1
+
+
 async def test_same_content_is_stored_once(client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup) -> None:
     a = await uploaded(client, setup, b"twice", filename="a.txt")
     b = await uploaded(client, setup, b"twice", filename="b.txt")

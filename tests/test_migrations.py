@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -589,7 +589,7 @@ async def _file_deliveries(url: str) -> list[str]:
     return modes
 
 
-def _check_0012(url: str, tables: Callable[[str], Awaitable[set[str]]]) -> None:
+def _check_0012(url: str, tables: Callable[[str], Coroutine[Any, Any, set[str]]]) -> None:
     run_migrations(url, "0004")
     asyncio.run(_seed_agents_at_0004(url))
     run_migrations(url, "0012")

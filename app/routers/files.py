@@ -113,6 +113,21 @@ async def download_file(chat_id: uuid.UUID, file_id: uuid.UUID, session: Session
     return file_response(download)
 
 
+@router.delete(
+    "/api/chats/{chat_id}/files/{file_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete an upload of one of my chats that no message carries yet",
+    responses={
+        **R401,
+        404: error_doc("No such file in this chat, or not yours", files_service.FILE_NOT_FOUND),
+        409: error_doc("The file was sent with a message", files_service.FILE_SENT),
+    },
+)
+async def delete_file(chat_id: uuid.UUID, file_id: uuid.UUID, session: SessionDep, user: CurrentCaller) -> Response:
+    await files_service.delete_unsent_file(session=session, user=user, chat_id=chat_id, file_id=file_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.get(
     files_service.PATH_PREFIX + "{generation_id}/{file_id}/{signature}",
     response_class=Response,

@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 import anyio
-from sqlalchemy import Uuid, bindparam, case, func, select, update
+from sqlalchemy import Uuid, bindparam, case, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import callbacks, filetypes
@@ -30,6 +30,7 @@ from app.dialects import statements_of
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Chat, File, FileBlob, Message
 from app.security import Caller
+from app.services import blobs
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params
 from app.uploads import UploadSlots, read_upload
 
@@ -165,6 +166,28 @@ async def read_file(*, session: AsyncSession, user: Caller, chat_id: uuid.UUID, 
     if row is None:
         raise NotFound(FILE_NOT_FOUND)
     return Download(filename=row.filename, content_type=row.content_type, data=row.data)
+
+
+FILE_SENT = "This file was sent with a message; it is deleted with its chat"
+
+
+async def delete_unsent_file(*, session: AsyncSession, user: Caller, chat_id: uuid.UUID, file_id: uuid.UUID) -> None:
+    """Remove an upload that no message carries (404 for anyone else's; 409 once sent), then its bytes if
+    no other file uses them."""
+    query = (
+        select(File.id, File.sha256, File.message_id)
+        .join(Chat, Chat.id == File.chat_id)
+        .where(File.id == bindparam("fid", type_=Uuid()), *OWNED_CHAT)
+        .with_for_update(of=File)
+    )
+    row = (await session.execute(query, {**owned_chat_params(chat_id, user.id, user.team_id), "fid": file_id})).first()
+    if row is None:
+        raise NotFound(FILE_NOT_FOUND)
+    if row.message_id is not None:
+        raise Conflict(FILE_SENT)
+    await session.execute(delete(File).where(File.id == file_id, File.message_id.is_(None)))
+    await session.commit()
+    await blobs.collect_blobs(session, [row.sha256])
 
 
 # --- signed links for n8n ------------------------------------------------------------------------
