@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response, status
+from starlette.requests import ClientDisconnect
 
 from app.auth import CurrentCaller
 from app.deps import SessionDep, SettingsDep, UploadSlotsDep
+from app.errors import BadRequest
 from app.filetypes import content_disposition
 from app.routers.responses import R401, Responses, error_doc
 from app.schemas import FileRead
@@ -16,6 +19,7 @@ from app.services.chats import CHAT_NOT_FOUND
 from app.uploads import NOT_MULTIPART, TOO_MANY_UPLOADS
 
 router = APIRouter(tags=["files"])
+UPLOAD_INTERRUPTED = "The upload was interrupted"
 
 UPLOAD_BODY = {
     "required": True,
@@ -42,6 +46,15 @@ DOWNLOAD_200: Responses = {
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
+
+
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client gone mid-upload is a plain 400, not an unhandled error."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise BadRequest(UPLOAD_INTERRUPTED) from None
 
 
 def file_response(download: files_service.Download) -> Response:
@@ -92,7 +105,7 @@ async def upload_file(
         slots=slots,
         user=user,
         chat_id=chat_id,
-        chunks=request.stream(),
+        chunks=body_chunks(request),
         content_type=request.headers.get("content-type"),
     )
     return FileRead.model_validate(view)
