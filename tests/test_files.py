@@ -673,3 +673,40 @@ async def test_agent_file_delivery_is_validated_and_shown_to_admins_only(
     member = await create_user(session, team=await session.get(Team, admin.team_id))
     seen = await client.get(f"/api/agents/{agent_id}", headers=auth_headers(settings, member))
     assert "file_delivery" not in seen.json()
+
+
+async def test_a_client_gone_mid_upload_is_a_400_and_stores_nothing(app: FastAPI, setup: ChatSetup) -> None:
+    """Raw ASGI: the body's first chunk, then the client disconnects."""
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="cut.txt"\r\n\r\npartial'
+    incoming: list[dict[str, Any]] = [
+        {"type": "http.request", "body": head, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send_message(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(k.lower().encode(), v.encode()) for k, v in setup.headers.items()]
+    headers.append((b"content-type", b"multipart/form-data; boundary=b"))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": url_of(setup),
+        "raw_path": url_of(setup).encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    await app(scope, receive, send_message)
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"]) == {"detail": "The upload was interrupted"}
+    assert await file_rows(app) == []
