@@ -264,7 +264,7 @@ async def test_upload_exactly_at_the_limit_is_accepted(client: httpx.AsyncClient
 # --- caps under concurrency ---------------------------------------------------------------------------
 
 
-@pytest.mark.settings(FILES_UNSENT_PER_CHAT_MAX=3)
+@pytest.mark.settings(FILES_UNSENT_PER_CHAT_MAX=3, FILE_UPLOADS_PER_USER=10)
 async def test_concurrent_uploads_never_pass_the_unsent_cap(
     app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup
 ) -> None:
