@@ -10,7 +10,7 @@ import io
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -682,12 +682,12 @@ async def test_a_client_gone_mid_upload_is_a_400_and_stores_nothing(app: FastAPI
         {"type": "http.request", "body": head, "more_body": True},
         {"type": "http.disconnect"},
     ]
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> MutableMapping[str, Any]:
         return incoming.pop(0) if incoming else {"type": "http.disconnect"}
 
-    async def send_message(message: dict[str, Any]) -> None:
+    async def send_message(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     headers = [(k.lower().encode(), v.encode()) for k, v in setup.headers.items()]
