@@ -40,12 +40,14 @@ from app.routers import (
     usage,
     users,
 )
+from app.routers import files as files_router
 from app.routers.responses import complete_openapi
 from app.serve import release_uvicorn_proxy_headers
 from app.services.health import migration_head
 from app.services.revocation import make_revocation_store
 from app.state import AppState, app_state
 from app.streaming import GenerationRegistry, N8nStreamer
+from app.uploads import UploadSlots
 
 logger = logging.getLogger("app")
 
@@ -123,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(n8n_chat.router)
     app.include_router(chats.router)
     app.include_router(messages.router)
+    app.include_router(files_router.router)
     app.include_router(stream.router)
     app.include_router(error_logs.router)
     app.include_router(usage.router)
@@ -146,6 +149,7 @@ def build_state(settings: Settings) -> AppState:
         limiter=RateLimiter(settings, redis),
         revocations=make_revocation_store(sessionmaker=db.sessionmaker),
         generations=GenerationRegistry(settings=settings, db=db, streamer=N8nStreamer(settings), redis=redis),
+        uploads=UploadSlots(settings.FILE_UPLOADS_PER_USER),
         migration_head=migration_head(),
     )
 

@@ -330,5 +330,43 @@ CREATE TABLE widget_sessions (
 
 UPDATE alembic_version SET version_num='0010' WHERE alembic_version.version_num = '0009';
 
+-- Running upgrade 0010 -> 0012
+
+ALTER TABLE agents ADD COLUMN file_delivery VARCHAR(16) DEFAULT 'url' NOT NULL;
+
+ALTER TABLE messages ADD COLUMN files JSONB;
+
+CREATE TABLE file_blobs (
+    sha256 VARCHAR(64) NOT NULL, 
+    size INTEGER NOT NULL, 
+    data BYTEA NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_file_blobs PRIMARY KEY (sha256)
+);
+
+CREATE TABLE files (
+    id UUID NOT NULL, 
+    chat_id UUID NOT NULL, 
+    team_id UUID NOT NULL, 
+    user_id UUID NOT NULL, 
+    message_id UUID, 
+    filename VARCHAR(255) NOT NULL, 
+    content_type VARCHAR(100) NOT NULL, 
+    size INTEGER NOT NULL, 
+    sha256 VARCHAR(64) NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_files PRIMARY KEY (id), 
+    CONSTRAINT fk_files_chat_id_chats FOREIGN KEY(chat_id) REFERENCES chats (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_files_team_id_teams FOREIGN KEY(team_id) REFERENCES teams (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_files_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_files_sha256_file_blobs FOREIGN KEY(sha256) REFERENCES file_blobs (sha256)
+);
+
+CREATE INDEX ix_files_chat_id_created_at ON files (chat_id, created_at);
+
+CREATE INDEX ix_files_sha256 ON files (sha256);
+
+UPDATE alembic_version SET version_num='0012' WHERE alembic_version.version_num = '0010';
+
 COMMIT;
 

@@ -29,9 +29,14 @@ def _key(settings: Settings) -> bytes:
     return hmac.new(settings.JWT_SECRET.encode(), _KEY_LABEL, hashlib.sha256).digest()
 
 
-def signature(settings: Settings, generation_id: str) -> str:
-    digest = hmac.new(_key(settings), f"callback:{generation_id}".encode(), hashlib.sha256).digest()
+def sign(settings: Settings, message: str) -> str:
+    """The URL-safe HMAC-SHA256 of `message` under the link key (callback links, signed file links)."""
+    digest = hmac.new(_key(settings), message.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def signature(settings: Settings, generation_id: str) -> str:
+    return sign(settings, f"callback:{generation_id}")
 
 
 def callback_url(settings: Settings, generation_id: str) -> str | None:

@@ -33,6 +33,13 @@ RESPONSE_MODE_DOC = (
     "`stream` (default): the webhook's answer is the reply. `callback`: the webhook's answer is read for errors "
     "only and the reply comes by callbacks to `metadata.callback_url`; needs PUBLIC_BASE_URL (422 without)."
 )
+#: How a message's files reach n8n (docs/FILES.md).
+FileDelivery = Literal["url", "multipart", "base64"]
+FILE_DELIVERY_DOC = (
+    "`url` (default): the JSON body's `files` carry signed download links (without PUBLIC_BASE_URL small files "
+    "go inline as base64); `multipart`: multipart/form-data as n8n's Chat Trigger receives it from its chat "
+    "widget; `base64`: inline in the JSON body (`files[].data`), small files only."
+)
 
 
 class AgentCreate(InputModel):
@@ -45,6 +52,7 @@ class AgentCreate(InputModel):
     config: AgentConfig = Field(default_factory=dict)
     is_active: StrictBool = True
     response_mode: ResponseMode = Field("stream", description=RESPONSE_MODE_DOC)
+    file_delivery: FileDelivery = Field("url", description=FILE_DELIVERY_DOC)
 
     _headers = field_validator("webhook_headers")(check_webhook_headers)
     _config = field_validator("config")(check_agent_config)
@@ -62,6 +70,7 @@ class AgentUpdate(InputModel):
     config: Annotated[AgentConfig | None, NotNull] = None
     is_active: Annotated[StrictBool | None, NotNull] = None
     response_mode: Annotated[ResponseMode | None, NotNull] = Field(None, description=RESPONSE_MODE_DOC)
+    file_delivery: Annotated[FileDelivery | None, NotNull] = Field(None, description=FILE_DELIVERY_DOC)
 
     _headers = field_validator("webhook_headers")(check_webhook_headers)
     _config = field_validator("config")(check_agent_config)
@@ -92,6 +101,7 @@ class AgentAdminRead(AgentRead):
     webhook_url: str
     webhook_header_names: list[str] = Field(description="Sorted names of the configured webhook headers.")
     response_mode: ResponseMode = Field(description=RESPONSE_MODE_DOC)
+    file_delivery: FileDelivery = Field(description=FILE_DELIVERY_DOC)
 
 
 class AgentTestResult(ReadModel):
@@ -164,6 +174,17 @@ class MessageFeedback(ReadModel):
     updated_at: Annotated[datetime, AfterValidator(_in_utc)]
 
 
+class FileRead(ReadModel):
+    """A file uploaded to a chat. `content_type` is the type judged from its bytes (docs/FILES.md)."""
+
+    id: uuid.UUID
+    filename: str = Field(examples=["report.pdf"])
+    content_type: str = Field(examples=["application/pdf"])
+    size: int = Field(description="Bytes", examples=[48213])
+    sha256: str = Field(description="Hex SHA-256 of the bytes", examples=["9f86d081884c7d65..."])
+    created_at: Annotated[datetime, AfterValidator(_in_utc)]
+
+
 class MessageRead(ReadModel):
     """One stored message, the same everywhere (REST and the stream's start/done events).
 
@@ -181,6 +202,14 @@ class MessageRead(ReadModel):
     parent_id: uuid.UUID | None = None
     sibling_ids: list[uuid.UUID] = Field(default_factory=list)
     feedback: MessageFeedback | None = None
+    files: list[FileRead] = Field(
+        default_factory=list, description="A user message's attachments, in the order sent; empty otherwise"
+    )
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _no_files(cls, value: Any) -> Any:
+        return [] if value is None else value
 
 
 class FeedbackUpdate(InputModel):
@@ -226,14 +255,17 @@ def _one_of_the_send_bodies(schema: dict[str, Any]) -> None:
     """The document says exactly which bodies are accepted: `content` (with `edit_of` or not), or
     `regenerate_of` alone; none of the three is ever null."""
     properties = schema["properties"]
-    for name in ("content", "edit_of", "regenerate_of"):
+    for name in ("content", "edit_of", "regenerate_of", "file_ids"):
         options = properties[name].pop("anyOf", None)
         if options:
             properties[name].update(next(o for o in options if o.get("type") != "null"))
         properties[name].pop("default", None)
     schema["oneOf"] = [
         {"required": ["content"], "not": {"required": ["regenerate_of"]}},
-        {"required": ["regenerate_of"], "not": {"anyOf": [{"required": ["content"]}, {"required": ["edit_of"]}]}},
+        {
+            "required": ["regenerate_of"],
+            "not": {"anyOf": [{"required": ["content"]}, {"required": ["edit_of"]}, {"required": ["file_ids"]}]},
+        },
     ]
 
 
@@ -253,18 +285,27 @@ class MessageCreate(InputModel):
     )
     edit_of: uuid.UUID | None = Field(None, description="A user message of this chat that this one replaces")
     regenerate_of: uuid.UUID | None = Field(None, description="An assistant message of this chat to answer again")
+    file_ids: list[uuid.UUID] | None = Field(
+        None,
+        description="Files of this chat to attach (uploaded and not yet sent; for an edit also the edited "
+        "message's files), at most FILES_PER_MESSAGE_MAX (default 5), no repeats; refused with `regenerate_of`, "
+        "which resends the question's own files",
+        max_length=100,
+    )
 
     model_config = ConfigDict(json_schema_extra=_one_of_the_send_bodies)
 
     @model_validator(mode="after")
     def _one_shape(self) -> Self:
         if self.regenerate_of is not None:
-            if "content" in self.model_fields_set or "edit_of" in self.model_fields_set:
-                raise ValueError("regenerate_of takes no content and no edit_of")
+            if self.model_fields_set & {"content", "edit_of", "file_ids"}:
+                raise ValueError("regenerate_of takes no content, edit_of or file_ids")
         elif self.content is None:
             raise ValueError("content is required")
         elif "edit_of" in self.model_fields_set and self.edit_of is None:
             raise ValueError("edit_of may be left out but not null")
+        elif "file_ids" in self.model_fields_set and self.file_ids is None:
+            raise ValueError("file_ids may be left out but not null")
         return self
 
 

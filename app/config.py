@@ -17,6 +17,18 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
+#: The file types a chat accepts unless FILE_ALLOWED_TYPES narrows them (app.filetypes judges every one).
+DEFAULT_FILE_TYPES = (
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "application/pdf",
+    "text/plain",
+    "text/markdown",
+    "text/csv",
+    "application/json",
+)
 logger = logging.getLogger("app")
 
 
@@ -70,6 +82,19 @@ class Settings(BaseSettings):
     AVATAR_MAX_PIXELS: int = Field(40_000_000, ge=1)
     AVATAR_MAX_SIDE: int = Field(512, ge=16)
 
+    #: Files in messages (docs/FILES.md): the largest upload, the types accepted (judged by content), how many
+    #: files one message, one chat, and one chat's unsent uploads may hold, how many uploads one user may run
+    #: at once (per process), the largest file sent inline as base64, and how long a signed file link outlives
+    #: its generation (seconds).
+    FILE_MAX_BYTES: int = Field(10_485_760, ge=1024)
+    FILE_ALLOWED_TYPES: CommaList = list(DEFAULT_FILE_TYPES)
+    FILES_PER_MESSAGE_MAX: int = Field(5, ge=1, le=100)
+    FILES_PER_CHAT_MAX: int = Field(200, ge=1)
+    FILES_UNSENT_PER_CHAT_MAX: int = Field(20, ge=1)
+    FILE_UPLOADS_PER_USER: int = Field(3, ge=1)
+    FILE_INLINE_MAX_BYTES: int = Field(1_048_576, ge=1024)
+    FILE_URL_GRACE_SECONDS: float = Field(300.0, ge=0)
+
     WEBHOOK_ALLOW_PRIVATE_NETWORKS: bool = False
     WEBHOOK_ALLOWED_HOSTS: CommaList = []
     N8N_CONNECT_TIMEOUT: float = Field(10.0, gt=0)
@@ -111,7 +136,7 @@ class Settings(BaseSettings):
     FIRST_ADMIN_EMAIL: str = "admin@example.com"
     FIRST_ADMIN_PASSWORD: str = ""
 
-    @field_validator("CORS_ORIGINS", "TRUSTED_PROXIES", "WEBHOOK_ALLOWED_HOSTS", mode="before")
+    @field_validator("CORS_ORIGINS", "TRUSTED_PROXIES", "WEBHOOK_ALLOWED_HOSTS", "FILE_ALLOWED_TYPES", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -125,6 +150,15 @@ class Settings(BaseSettings):
         if "*" in value:
             raise ValueError("'*' is not allowed; list the SPA origins explicitly")
         return value
+
+    @field_validator("FILE_ALLOWED_TYPES")
+    @classmethod
+    def _known_file_types(cls, value: list[str]) -> list[str]:
+        types = [item.lower() for item in value]
+        unknown = [item for item in types if item not in DEFAULT_FILE_TYPES]
+        if unknown:
+            raise ValueError(f"unknown file types {', '.join(unknown)}; choose among {', '.join(DEFAULT_FILE_TYPES)}")
+        return types
 
     @field_validator("PUBLIC_BASE_URL")
     @classmethod

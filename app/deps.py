@@ -18,6 +18,7 @@ from app.db import Database
 from app.services.revocation import RevocationStore
 from app.state import app_state
 from app.streaming import GenerationRegistry, N8nStreamer
+from app.uploads import UploadSlots
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -42,11 +43,16 @@ async def get_streamer(request: Request) -> N8nStreamer:
     return app_state(request.app).generations.streamer
 
 
+async def get_upload_slots(request: Request) -> UploadSlots:
+    return app_state(request.app).uploads
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 DatabaseDep = Annotated[Database, Depends(get_db)]
 RevocationsDep = Annotated[RevocationStore, Depends(get_revocations)]
 GenerationsDep = Annotated[GenerationRegistry, Depends(get_generations)]
 StreamerDep = Annotated[N8nStreamer, Depends(get_streamer)]
+UploadSlotsDep = Annotated[UploadSlots, Depends(get_upload_slots)]
 
 
 async def get_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:

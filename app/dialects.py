@@ -62,7 +62,9 @@ class Statements(ABC):
     - `finish`: the final write of an assistant message (`:aid`) and the activity stamp of its chat (`:cid`),
       one statement on PostgreSQL (a data-modifying CTE), two in one transaction on SQLite, which has none;
     - `children_join`: a join from parents `p` to their children `s`, forced to be index lookups;
-    - `insert_ignoring_conflict`: an INSERT that keeps the existing row on a unique conflict.
+    - `insert_ignoring_conflict`: an INSERT that keeps the existing row on a unique conflict;
+    - `insert_locking_existing`: an INSERT that, on a unique conflict, rewrites one column of the existing row
+      to itself: the row is then locked until commit (a concurrent DELETE waits, then fails on a reference).
     """
 
     name: str
@@ -78,6 +80,10 @@ class Statements(ABC):
     @abstractmethod
     def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
         """INSERT ... ON CONFLICT DO NOTHING into an ORM class's table, in the dialect's own construct."""
+
+    @abstractmethod
+    def insert_locking_existing(self, table: type[Any], key: str, column: str, **values: Any) -> Executable:
+        """INSERT ... ON CONFLICT (key) DO UPDATE SET column = excluded.column."""
 
 
 _FINISH_MESSAGE = (
@@ -105,6 +111,10 @@ class PostgresStatements(Statements):
     def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
         return pg_insert(table).values(**values).on_conflict_do_nothing(index_elements=index_elements)
 
+    def insert_locking_existing(self, table: type[Any], key: str, column: str, **values: Any) -> Executable:
+        statement = pg_insert(table).values(**values)
+        return statement.on_conflict_do_update(index_elements=[key], set_={column: statement.excluded[column]})
+
 
 class SqliteStatements(Statements):
     name = "sqlite"
@@ -117,6 +127,10 @@ class SqliteStatements(Statements):
 
     def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
         return sqlite_insert(table).values(**values).on_conflict_do_nothing(index_elements=index_elements)
+
+    def insert_locking_existing(self, table: type[Any], key: str, column: str, **values: Any) -> Executable:
+        statement = sqlite_insert(table).values(**values)
+        return statement.on_conflict_do_update(index_elements=[key], set_={column: statement.excluded[column]})
 
 
 _BY_DIALECT: dict[str, Statements] = {s.name: s for s in (PostgresStatements(), SqliteStatements())}

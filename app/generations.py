@@ -18,12 +18,13 @@ from app.db import Database
 from app.errors import NotFound, ServiceUnavailable
 from app.eventlog import RedisEventLog, rebuilt_stream, wait_until_final
 from app.n8n_parser import StreamFailure, clean_text
+from app.services import files as files_service
 from app.services import idempotency
 from app.services import messages as message_service
 from app.services import workers as worker_service
 from app.services.chats import CHAT_NOT_FOUND
 from app.sse import Generation
-from app.upstream import StreamStats
+from app.upstream import Attachment, StreamStats
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -481,13 +482,16 @@ class GenerationRegistry:
         def ignore(_chunks: list[str]) -> None:
             return None
 
+        payload = new.take_payload()
+        attachments = await self._file_bytes(new, payload)
         webhook = asyncio.ensure_future(
             self.streamer.run(
                 url=new.webhook_url,
                 headers=headers,
-                payload=new.take_payload(),
+                payload=payload,
                 on_chunks=ignore if callback_mode else on_chunks,
                 stats=stats,
+                attachments=attachments,
             )
         )
         if inbox is None:
@@ -512,6 +516,19 @@ class GenerationRegistry:
             for task in (webhook, ended):
                 task.cancel()
             await asyncio.gather(webhook, ended, return_exceptions=True)
+
+    async def _file_bytes(self, new: message_service.NewGeneration, payload: dict[str, Any]) -> list[Attachment] | None:
+        """Inline and multipart delivery read the files' bytes now (a short session), not while the request ran:
+        `base64` puts them in the JSON body's `files[].data`, `multipart` returns them as the request's parts."""
+        if not new.file_ids or new.file_delivery == "url":
+            return None
+        async with self.db.sessionmaker() as session:
+            data = await files_service.load_bytes(session, new.chat_id, new.file_ids)
+        entries: list[dict[str, Any]] = payload.get("files", [])
+        if new.file_delivery == "base64":
+            files_service.inline(entries, data)
+            return None
+        return [Attachment(e["filename"], e["mimeType"], data[e["id"]]) for e in entries]
 
     async def _await_callbacks(
         self, webhook: asyncio.Future[None], ended: asyncio.Future[Any], inbox: CallbackInbox

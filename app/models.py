@@ -117,6 +117,8 @@ class Agent(Base):
     is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     #: `stream` (the webhook's answer is the reply) or `callback` (the reply comes by callbacks: app.callbacks).
     response_mode: Mapped[str] = mapped_column(String(16), nullable=False, default="stream", server_default="stream")
+    #: How a message's files reach n8n: `url`, `multipart` or `base64` (docs/FILES.md).
+    file_delivery: Mapped[str] = mapped_column(String(16), nullable=False, default="url", server_default="url")
     created_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
@@ -191,9 +193,50 @@ class Message(Base):
     #: `metadata` is reserved on declarative classes; the column keeps the API's name.
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
     feedback: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    #: A user message's attachments as the API shows them (`[File]`, immutable once sent; null: none), kept on
+    #: the row so reading a message never joins `files` (app.services.files).
+    files: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
     worker_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
+
+
+class FileBlob(Base):
+    """A file's bytes, stored once per content (the key is their SHA-256): every `files` row with that hash
+    reads them, so copying a file (a share's copy) is a new `files` row, never a copy of the bytes. Blobs no
+    row references any more are removed by app.services.files.collect_blobs."""
+
+    __tablename__ = "file_blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False, deferred=True)
+    created_at: Mapped[datetime] = _created()
+
+
+class File(Base):
+    """A file uploaded to a chat. Unsent until a user message names it (`message_id`); goes with its chat."""
+
+    __tablename__ = "files"
+    __table_args__ = (
+        # A chat's files, and its unsent ones (the per-chat caps count them).
+        Index("ix_files_chat_id_created_at", "chat_id", "created_at"),
+        Index("ix_files_sha256", "sha256"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    chat_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"), nullable=False)
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), nullable=False)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    #: The user message that first carried it; null while unsent. No foreign key: the message row is inserted
+    #: in the same statement batch that sets it, and both go with the chat.
+    message_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    filename: Mapped[str] = mapped_column(String(255), nullable=False)
+    content_type: Mapped[str] = mapped_column(String(100), nullable=False)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    #: Restricting: a blob cannot go while a file names it (the collector's delete fails and keeps it).
+    sha256: Mapped[str] = mapped_column(ForeignKey("file_blobs.sha256"), nullable=False)
+    created_at: Mapped[datetime] = _created()
 
 
 class RefreshToken(Base):

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from app.ratelimit import RateLimiter
     from app.services.revocation import RevocationStore
     from app.streaming import GenerationRegistry
+    from app.uploads import UploadSlots
 
 
 @dataclass(slots=True)
@@ -28,6 +29,7 @@ class AppState:
     limiter: RateLimiter
     revocations: RevocationStore
     generations: GenerationRegistry
+    uploads: UploadSlots
     migration_head: str | None
 
 

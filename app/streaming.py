@@ -18,7 +18,16 @@ from app.config import Settings
 from app.generations import WAITING, GenerationRegistry
 from app.n8n_parser import BodyParser, StreamFailure, clean_text, excerpt
 from app.sse import PING, SSE_HEADERS, Generation
-from app.upstream import FirstByteTimeout, ReadTimeout, StreamStats, TotalTimeout, exchange, open_session
+from app.upstream import (
+    Attachment,
+    FirstByteTimeout,
+    ReadTimeout,
+    StreamStats,
+    TotalTimeout,
+    exchange,
+    multipart_body,
+    open_session,
+)
 from app.webhooks import WebhookPolicyError, webhook_target
 
 __all__ = [
@@ -165,10 +174,12 @@ class N8nStreamer:
         on_chunks: Callable[[list[str]], None],
         stats: StreamStats,
         limits: Settings | None = None,
+        attachments: list[Attachment] | None = None,
     ) -> None:
         """POST `payload` to `url` and hand every parsed text chunk to `on_chunks`; raise StreamFailure.
 
         `limits` replaces the settings' timeouts and caps for this call (the connection test's shorter ones).
+        With `attachments` the request is multipart/form-data (`upstream.multipart_body`), else JSON.
         """
         s = limits or self.settings
         try:
@@ -176,7 +187,11 @@ class N8nStreamer:
             target = webhook_target(url, s)
         except WebhookPolicyError as exc:
             raise _BLOCKED.of(exc, stats, s) from None
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        body: bytes | aiohttp.FormData
+        if attachments is not None:
+            body = multipart_body(payload, attachments)
+        else:
+            body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         del payload  # the encoded body is all that is needed from here on
         parser = BodyParser(max_line_bytes=s.N8N_MAX_LINE_BYTES, max_response_bytes=s.N8N_MAX_RESPONSE_BYTES)
         try:

@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import yarl
@@ -41,6 +41,37 @@ class StreamStats:
     body_format: str | None = None
     #: (tokens in, tokens out) when the workflow reported its usage.
     usage: tuple[int, int] | None = None
+
+
+class Attachment(NamedTuple):
+    """A file sent as a `files` part of a multipart request."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def multipart_body(payload: dict[str, Any], attachments: list[Attachment]) -> aiohttp.FormData:
+    """The request n8n's Chat Trigger gets from its own chat widget with files (@n8n/chat `sendWithFiles`):
+    `action`, `sessionId`, `chatInput`, `metadata` (JSON text), one `files` part per file; then what our JSON
+    body carries besides: `messages` and `config` as JSON text, `system_prompt` as text (docs/FILES.md)."""
+    form = aiohttp.FormData(quote_fields=False, charset="utf-8")
+    metadata = dict(payload.get("metadata") or {})
+    metadata["files"] = payload.get("files", [])
+    form.add_field("action", "sendMessage")
+    form.add_field("sessionId", str(payload.get("sessionId", "")))
+    form.add_field("chatInput", str(payload.get("chatInput", "")))
+    form.add_field("metadata", _json(metadata))
+    for attachment in attachments:
+        form.add_field("files", attachment.data, filename=attachment.filename, content_type=attachment.content_type)
+    form.add_field("messages", _json(payload.get("messages", [])))
+    form.add_field("system_prompt", str(payload.get("system_prompt", "")))
+    form.add_field("config", _json(payload.get("config", {})))
+    return form
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 class TotalTimeout(Exception):
@@ -81,16 +112,19 @@ async def exchange(
     session: aiohttp.ClientSession,
     *,
     target: yarl.URL,
-    body: bytes,
+    body: bytes | aiohttp.FormData,
     headers: dict[str, str],
     parser: BodyParser,
     on_chunks: Callable[[list[str]], None],
     stats: StreamStats,
     settings: Settings,
 ) -> None:
-    """POST `body` and feed the answer to `parser`; the three deadlines surface as their own exception types."""
+    """POST `body` (JSON bytes, or a multipart form that sets its own Content-Type) and feed the answer to
+    `parser`; the three deadlines surface as their own exception types."""
     s = settings
-    send_headers = {**headers, "Content-Type": "application/json", "Accept": ACCEPT}
+    send_headers = {**headers, "Accept": ACCEPT}
+    if isinstance(body, bytes):
+        send_headers["Content-Type"] = "application/json"
     loop = asyncio.get_running_loop()
     started = loop.time()
     got_first_byte = False

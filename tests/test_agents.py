@@ -35,7 +35,7 @@ MEMBER_FIELDS = {
     "created_at",
     "updated_at",
 }
-ADMIN_FIELDS = MEMBER_FIELDS | {"webhook_url", "webhook_header_names", "response_mode"}
+ADMIN_FIELDS = MEMBER_FIELDS | {"webhook_url", "webhook_header_names", "response_mode", "file_delivery"}
 
 
 @dataclass

@@ -38,6 +38,7 @@ MESSAGE_FIELDS = {
     "parent_id",
     "sibling_ids",
     "feedback",
+    "files",
 }
 
 

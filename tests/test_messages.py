@@ -39,6 +39,7 @@ MESSAGE_FIELDS = {
     "parent_id",
     "sibling_ids",
     "feedback",
+    "files",
 }
 TIMESTAMP_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 

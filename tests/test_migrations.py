@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,12 @@ EXPECTED_TABLES = {
     "idempotency_keys",
     "api_keys",
     "widget_sessions",
+    "files",
+    "file_blobs",
     "alembic_version",
 }
-#: Tables of revisions after 0009: a test that goes back before them and up to an older revision lacks them.
-TABLES_AFTER_0009 = {"widget_sessions"}
+#: The tables of migrations after 0009 (widget sessions 0010, files 0012), gone whenever a test goes below them.
+LATER_TABLES = {"widget_sessions", "files", "file_blobs"}
 
 
 async def _pg_tables(url: str) -> set[str]:
@@ -246,9 +249,9 @@ def test_idempotency_keys_migration_down_and_up_on_sqlite(tmp_path: Path) -> Non
     url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
     run_migrations(url)
     run_migrations(url, "0006", downgrade=True)
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"idempotency_keys", "api_keys"} - TABLES_AFTER_0009
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"idempotency_keys", "api_keys"} - LATER_TABLES
     run_migrations(url, "0007")
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"} - TABLES_AFTER_0009
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"} - LATER_TABLES
 
 
 async def _insert_api_key(url: str) -> None:
@@ -323,9 +326,9 @@ def test_api_keys_migration_down_and_up_on_sqlite(tmp_path: Path) -> None:
     run_migrations(url)
     asyncio.run(_insert_api_key(url))
     run_migrations(url, "0007", downgrade=True)
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"} - TABLES_AFTER_0009
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"} - LATER_TABLES
     run_migrations(url, "0008")
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - TABLES_AFTER_0009
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - LATER_TABLES
 
 
 # --- 0005: the JSON array of each chat becomes one branch of rows ---------------------------------------
@@ -580,10 +583,51 @@ def test_0009_response_mode_down_and_up_on_sqlite(tmp_path: Path) -> None:
 
 
 def test_widget_sessions_migration_down_and_up_on_sqlite(tmp_path: Path) -> None:
-    """0010 alone: down drops only its table (the chats stay), up brings it back."""
+    """0010: going down to 0009 drops the widget sessions (the chats stay); up to 0010 brings them back."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'w.db'}"
     run_migrations(url)
     run_migrations(url, "0009", downgrade=True)
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"widget_sessions"}
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - LATER_TABLES
     run_migrations(url, "0010")
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - (LATER_TABLES - {"widget_sessions"})
+
+
+# --- 0012: files, file_blobs, messages.files, agents.file_delivery ----------------------------------------
+
+
+async def _file_deliveries(url: str) -> list[str]:
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        modes = list((await conn.execute(text("SELECT file_delivery FROM agents"))).scalars())
+    await engine.dispose()
+    return modes
+
+
+def _check_0012(url: str, tables: Callable[[str], Coroutine[Any, Any, set[str]]]) -> None:
+    run_migrations(url, "0004")
+    asyncio.run(_seed_agents_at_0004(url))
+    run_migrations(url, "0012")
+    assert asyncio.run(_file_deliveries(url)) == ["url"] * 6  # existing agents get the default delivery
+    assert "files" in asyncio.run(_columns(url, "messages"))
+    run_migrations(url, "0009", downgrade=True)
+    assert asyncio.run(tables(url)) == EXPECTED_TABLES - LATER_TABLES
+    assert "file_delivery" not in asyncio.run(_columns(url, "agents"))
+    assert "files" not in asyncio.run(_columns(url, "messages"))
+    assert len(asyncio.run(_slugs_or_names(url))) == 6  # the agents themselves stay
+    run_migrations(url)
+    assert asyncio.run(tables(url)) == EXPECTED_TABLES
+    assert asyncio.run(_file_deliveries(url)) == ["url"] * 6
+
+
+def test_0012_files_down_and_up_on_postgresql() -> None:
+    name = f"test_mig_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        _check_0012(url, _pg_tables)
+    finally:
+        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_0012_files_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    _check_0012(f"sqlite+aiosqlite:///{tmp_path / 'f.db'}", _sqlite_tables)

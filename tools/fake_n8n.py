@@ -28,6 +28,10 @@ synthetic ones in `SCENARIOS` below. Query parameters tune them: `delay_ms` (per
 `callbacks` posts to the request's `metadata.callback_url` like an HTTP Request node; `FakeN8n.callbacks`
 records each post and the status it got.
 
+`fetch_files` downloads every `files[].url` of the JSON body like an HTTP Request node would (`FakeN8n.fetched`).
+A multipart request (an agent's `file_delivery: "multipart"`) is read as n8n's Chat Trigger reads it: `form`
+holds its text fields (and `chatInput` drives the scenario), `parts` every part (file bytes in `data`).
+
 `GET /__requests` lists what was received (method, path, query, headers, json body, and `client_closed`:
 whether the client closed the connection before the answer ended); `DELETE /__requests`
 forgets it. Tests running the server in-process read `FakeN8n.requests` directly.
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import itertools
 import json
 import re
@@ -205,6 +210,8 @@ class FakeN8n:
         self.requests: list[dict[str, Any]] = []
         #: Every callback the `callbacks` scenario posted: `{"body", "status"}` (status None: not delivered).
         self.callbacks: list[dict[str, Any]] = []
+        #: Every file URL the `fetch_files` scenario downloaded: `{"url", "status", "headers", "sha256"}`.
+        self.fetched: list[dict[str, Any]] = []
         self._posting: set[asyncio.Task[None]] = set()
         self.app = web.Application()
         self.app.router.add_get("/__requests", self._list_requests)
@@ -244,7 +251,12 @@ class FakeN8n:
 
     # --- recording ----------------------------------------------------------------------------
     async def _list_requests(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.requests)
+        # File bytes stay out of the JSON listing (their size and sha256 are there).
+        listed = [
+            {**r, "parts": [{k: v for k, v in p.items() if k != "data"} for p in r.get("parts", [])]}
+            for r in self.requests
+        ]
+        return web.json_response(listed)
 
     async def _clear_requests(self, _request: web.Request) -> web.Response:
         self.requests.clear()
@@ -252,13 +264,20 @@ class FakeN8n:
 
     # --- dispatch -----------------------------------------------------------------------------
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
         body: Any
-        try:
-            body = json.loads(raw) if raw else None
-            valid = True
-        except ValueError:
-            body, valid = raw.decode("utf-8", "replace"), False
+        form: dict[str, str] | None = None
+        parts: list[dict[str, Any]] = []
+        if request.content_type == "multipart/form-data":
+            # As n8n's Chat Trigger reads its widget's uploads: text fields, and file parts as binaries.
+            form, parts = await self._read_form(request)
+            body, valid = dict(form), True
+        else:
+            raw = await request.read()
+            try:
+                body = json.loads(raw) if raw else None
+                valid = True
+            except ValueError:
+                body, valid = raw.decode("utf-8", "replace"), False
         index = len(self.requests)
         self.requests.append(
             {
@@ -266,7 +285,9 @@ class FakeN8n:
                 "path": request.path,
                 "query": dict(request.query),
                 "headers": dict(request.headers),
-                "json": body,
+                "json": None if form is not None else body,
+                "form": form,
+                "parts": parts,
                 "client_closed": False,
             }
         )
@@ -288,6 +309,31 @@ class FakeN8n:
             self.requests[index]["client_closed"] = True
             started: web.StreamResponse | None = request.get(RESPONSE_KEY)
             return started if started is not None else web.Response(status=499)
+
+    @staticmethod
+    async def _read_form(request: web.Request) -> tuple[dict[str, str], list[dict[str, Any]]]:
+        """A multipart body: its text fields (`form`), and every part in order (`parts`: name, filename,
+        content type, size, sha256, and the bytes as `data`)."""
+        form: dict[str, str] = {}
+        parts: list[dict[str, Any]] = []
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, aiohttp.BodyPartReader):
+                continue
+            data = await part.read()
+            parts.append(
+                {
+                    "name": part.name,
+                    "filename": part.filename,
+                    "content_type": part.headers.get("Content-Type"),
+                    "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "data": bytes(data),
+                }
+            )
+            if part.filename is None and part.name is not None:
+                form[part.name] = data.decode("utf-8", "replace")
+        return form, parts
 
     def _default_scenario(self, request: web.Request, body: Any, valid: bool, chat_input: Any) -> str:
         path = request.path
@@ -612,6 +658,22 @@ class FakeN8n:
         await response.write(ndjson(error))
         await response.write_eof()
         return response
+
+    # --- files -------------------------------------------------------------------------------------
+    async def _s_fetch_files(self, request: web.Request, text: str) -> web.StreamResponse:
+        """Like a workflow's HTTP Request node on `{{$json.files[i].url}}`: downloads every file URL of the JSON
+        body (recorded in `FakeN8n.fetched`: url, status, headers, sha256), then echoes the message."""
+        body = await request.json()
+        async with aiohttp.ClientSession() as session:
+            for entry in body.get("files") or []:
+                record: dict[str, Any] = {"url": entry.get("url"), "status": None}
+                self.fetched.append(record)
+                async with session.get(entry["url"]) as response:
+                    data = await response.read()
+                    record.update(
+                        status=response.status, headers=dict(response.headers), sha256=hashlib.sha256(data).hexdigest()
+                    )
+        return await self._s_echo(request, text)
 
     # --- progress callbacks ----------------------------------------------------------------------
     def _callback_script(self, request: web.Request, text: str) -> list[dict[str, Any]]:

@@ -77,6 +77,7 @@ async def create_agent(
         config=data.config,
         is_active=data.is_active,
         response_mode=data.response_mode,
+        file_delivery=data.file_delivery,
     )
     return agents_service.agent_view(agent, user=user, settings=settings)
 

@@ -120,6 +120,7 @@ async def start_generation(
             content=body.content,
             edit_of=body.edit_of,
             regenerate_of=body.regenerate_of,
+            file_ids=body.file_ids,
             worker_id=registry.worker_id,
         )
     except Exception:

@@ -101,6 +101,7 @@ async def create_agent(
     config: dict[str, Any],
     is_active: bool,
     response_mode: str = "stream",
+    file_delivery: str = "url",
 ) -> Agent:
     agent = Agent(
         team_id=user.team_id,
@@ -112,6 +113,7 @@ async def create_agent(
         config=config,
         is_active=is_active,
         response_mode=checked_response_mode(response_mode, settings),
+        file_delivery=file_delivery,
         created_by=user.id,
     )
     team_id = user.team_id
@@ -212,5 +214,6 @@ def agent_view(agent: Agent, *, user: User, settings: Settings) -> AgentRead | A
             webhook_url=agent.webhook_url,
             webhook_header_names=webhook_header_names(agent, settings),
             response_mode=agent.response_mode,
+            file_delivery=agent.file_delivery,
         )
     return AgentRead(**fields)

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import NotFound
 from app.models import Chat, Message, User
+from app.services import blobs
 from app.services.agents import get_active_team_agent
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ def apply_changes(chat: Chat, changes: dict[str, Any]) -> None:
 
 async def delete_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> None:
     chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
-    await session.delete(chat)
+    hashes = await blobs.chat_blob_hashes(session, chat.id)
+    await session.delete(chat)  # its messages and files go by cascade
     await session.commit()
+    await blobs.collect_blobs(session, hashes)  # then the bytes no other file uses
     logger.info("chat %s deleted", chat.id)

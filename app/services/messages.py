@@ -45,6 +45,7 @@ from app.models import IS_STREAMING, Agent, Chat, Message
 from app.schemas import MessageRead
 from app.security import Caller
 from app.services import error_logs
+from app.services import files as files_service
 from app.services import usage as usage_service
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params, title_from_message
 from app.services.tree import NOT_IN_CHAT, message_view, stored_views
@@ -73,9 +74,11 @@ _CHAT_AND_AGENT: Select[Any, Any] = (
         Agent.system_prompt,
         Agent.config,
         Agent.response_mode,
+        Agent.file_delivery,
         exists().where(Message.chat_id == Chat.id, IS_STREAMING).correlate(Chat).label("running"),
         _target.role.label("target_role"),
         _target.parent_id.label("target_parent_id"),
+        _target.files.label("target_files"),
         _question.id.label("q_id"),
         _question.parent_id.label("q_parent_id"),
         _question.role.label("q_role"),
@@ -85,6 +88,7 @@ _CHAT_AND_AGENT: Select[Any, Any] = (
         _question.error.label("q_error"),
         _question.meta.label("q_metadata"),
         _question.feedback.label("q_feedback"),
+        _question.files.label("q_files"),
     )
     .join(Agent, Agent.id == Chat.agent_id)
     .outerjoin(_target, (_target.id == bindparam("target", type_=Uuid())) & (_target.chat_id == Chat.id))
@@ -172,6 +176,9 @@ class NewGeneration:
     #: The agent's `response_mode` (`stream` or `callback`), and whether n8n got a callback URL (app.callbacks).
     response_mode: str = "stream"
     callbacks: bool = False
+    #: The question's files (ids) and how they travel (`url`, `base64`, `multipart`; app.services.files).
+    file_ids: list[str] = field(default_factory=list)
+    file_delivery: str = "url"
 
     def stamp_assistant(self) -> None:
         """The generation starts now: the assistant message's `created_at`, strictly after the user's."""
@@ -234,6 +241,7 @@ async def start_message(
     worker_id: uuid.UUID,
     edit_of: uuid.UUID | None = None,
     regenerate_of: uuid.UUID | None = None,
+    file_ids: list[uuid.UUID] | None = None,
 ) -> NewGeneration:
     """Check everything a stream needs, then store [user message,] assistant placeholder in one transaction.
 
@@ -241,7 +249,9 @@ async def start_message(
     sibling; `regenerate_of` (an assistant message) adds a new answer to the same question. The new
     placeholder becomes the chat's current leaf. Raises 422 (empty / too long content; `edit_of` or
     `regenerate_of` not a message of this chat, or of the wrong role), 404 (not the caller's chat), 409
-    (agent inactive, a generation running anywhere in the chat). Commits, so the request's connection goes
+    (agent inactive, a generation running anywhere in the chat). `file_ids` attach files (app.services.files:
+    422 for a wrong one, or one too large for the agent's delivery); a regenerate resends the question's own.
+    Without `file_ids` nothing more than a send without files runs. Commits, so the request's connection goes
     back to the pool before n8n is called.
     """
     regenerate = regenerate_of is not None
@@ -266,14 +276,27 @@ async def start_message(
     now = utcnow()
     assistant_id = uuid.uuid4()
     rows: list[dict[str, Any]] = []
+    attached: list[dict[str, Any]] = []
     if regenerate:
         question_id: uuid.UUID = row.q_id
         question_parent: uuid.UUID | None = row.q_parent_id
         latest = str(row.q_content)
+        attached = list(row.q_files or [])
     else:
         question_id = uuid.uuid4()
         question_parent = row.target_parent_id if edit_of is not None else row.current_message_id
         latest = str(content)
+        if file_ids:
+            attached = await files_service.attach(
+                session=session,
+                settings=settings,
+                chat_id=chat_id,
+                file_ids=file_ids,
+                message_id=question_id,
+                reusable=[str(f["id"]) for f in row.target_files or []] if edit_of is not None else (),
+            )
+    delivery = files_service.delivery_for(settings, row.file_delivery, attached) if attached else "url"
+    if not regenerate:
         rows.append(
             {
                 "id": question_id,
@@ -282,6 +305,7 @@ async def start_message(
                 "role": "user",
                 "content": latest,
                 "status": "complete",
+                "files": attached or None,
                 "worker_id": None,  # every row names every column: a multi-row INSERT takes the first's keys
                 "created_at": now,
                 "updated_at": now,
@@ -297,6 +321,7 @@ async def start_message(
             "role": "assistant",
             "content": "",
             "status": "streaming",
+            "files": None,
             "worker_id": worker_id,
             "created_at": placeholder_at,
             "updated_at": placeholder_at,
@@ -356,6 +381,7 @@ async def start_message(
         metadata=row.q_metadata if regenerate else None,
         feedback=row.q_feedback if regenerate else None,
         sibling_ids=siblings.get(question_parent, [question_id]),
+        files=attached,
     )
     metadata = {
         "chat_id": str(chat_id),
@@ -375,6 +401,8 @@ async def start_message(
         "sessionId": str(chat_id),
         "metadata": metadata,
     }
+    if attached:
+        payload["files"] = files_service.payload_files(settings, delivery, attached, str(assistant_id))
     return NewGeneration(
         chat_id=chat_id,
         team_id=user.team_id,
@@ -389,6 +417,8 @@ async def start_message(
         assistant_sibling_ids=[str(i) for i in siblings.get(question_id, [assistant_id])],
         response_mode=row.response_mode,
         callbacks=url is not None,
+        file_ids=[str(f["id"]) for f in attached],
+        file_delivery=delivery,
     )
 
 

@@ -55,6 +55,7 @@ _MESSAGE_COLUMNS: dict[str, TypeEngine[Any]] = {
     "m_error": JSON_COLUMN,
     "m_metadata": JSON_COLUMN,
     "m_feedback": JSON_COLUMN,
+    "m_files": JSON_COLUMN,
     "m_created_at": UTCDateTime(),
 }
 
@@ -71,13 +72,14 @@ _CHAT_VIEW_SQL = (
     "FROM chats c LEFT JOIN ("
     " SELECT m.id AS m_id, m.parent_id AS m_parent_id, m.role AS m_role, m.content AS m_content,"
     "  m.status AS m_status, m.error AS m_error, m.metadata AS m_metadata, m.feedback AS m_feedback,"
+    "  m.files AS m_files,"
     "  m.created_at AS m_created_at, b.depth AS b_depth"
     "  FROM branch b JOIN messages m ON m.id = b.id"
     " UNION ALL"
-    " SELECT s.id, s.parent_id, NULL, NULL, NULL, NULL, NULL, NULL, s.created_at, NULL"
+    " SELECT s.id, s.parent_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, s.created_at, NULL"
     "  FROM (SELECT DISTINCT parent_id FROM branch WHERE parent_id IS NOT NULL) p {children_join}"
     " UNION ALL"
-    " SELECT s.id, s.parent_id, NULL, NULL, NULL, NULL, NULL, NULL, s.created_at, NULL"
+    " SELECT s.id, s.parent_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, s.created_at, NULL"
     "  FROM messages s WHERE s.chat_id = :cid AND s.parent_id IS NULL"
     "  AND EXISTS (SELECT 1 FROM branch WHERE branch.parent_id IS NULL)"
     ") x ON true "
@@ -131,6 +133,7 @@ def message_view(
     metadata: dict[str, Any] | None,
     feedback: dict[str, Any] | None,
     sibling_ids: Sequence[uuid.UUID],
+    files: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A message as MessageRead takes it (REST and the stream share it)."""
     return {
@@ -144,6 +147,7 @@ def message_view(
         "metadata": metadata,
         "feedback": feedback,
         "sibling_ids": list(sibling_ids),
+        "files": files or [],
     }
 
 
@@ -171,6 +175,7 @@ _CHAT_TREE: TextualSelect = (
         " c.message_count, c.created_at, c.updated_at,"
         " m.id AS m_id, m.parent_id AS m_parent_id, m.role AS m_role, m.content AS m_content,"
         " m.status AS m_status, m.error AS m_error, m.metadata AS m_metadata, m.feedback AS m_feedback,"
+        " m.files AS m_files,"
         " m.created_at AS m_created_at "
         "FROM chats c LEFT JOIN messages m ON m.chat_id = c.id "
         "WHERE c.id = :cid AND c.user_id = :uid AND c.team_id = :tid"
@@ -248,6 +253,7 @@ async def read_chat(
                 metadata=r.m_metadata,
                 feedback=r.m_feedback,
                 sibling_ids=siblings.get(r.m_parent_id, [r.m_id]),
+                files=r.m_files,
             )
             for r in shown
         ],
@@ -282,6 +288,7 @@ def _view(message: Message, siblings: dict[uuid.UUID | None, list[uuid.UUID]]) -
         metadata=message.meta,
         feedback=message.feedback,
         sibling_ids=siblings.get(message.parent_id, [message.id]),
+        files=message.files,
     )
 
 

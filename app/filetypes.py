@@ -1,0 +1,160 @@
+"""What an uploaded file is, judged by its bytes only: the allowlisted type, or a refusal (no FastAPI here).
+
+The rule (docs/FILES.md, "Types"):
+1. A binary type is recognised by its signature at offset 0 (PNG, JPEG, GIF, WebP, `%PDF-`) and its structure
+   (Pillow parses and verifies the image's chunks; a PDF must end with `%%EOF`).
+2. Anything else is text: valid UTF-8 without NUL bytes. Its type is the declared one when that is one of the
+   text types (`text/plain`, `text/markdown`, `text/csv`, `application/json`), `text/plain` when nothing,
+   `application/octet-stream` or another harmless `text/*` (`text/x-log`) was declared; JSON must parse.
+3. The declared type must agree: an image or PDF declared as another type, text declared as an image, a PDF
+   or any other non-text type, and the active text types (HTML, XML, JavaScript, CSS) are refused.
+4. No polyglots: markup a browser would render (`<html`, `<script`, `<svg`, `<iframe`, `<!doctype`, `<?xml`,
+   `<object`, `<embed`, `<body`) anywhere in the file, and in a PDF its active parts (`/JavaScript`, `/JS`,
+   `/Launch`), refuse it whatever the type.
+Everything refused is a 415; the type stored is the one judged here, never the client's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import unicodedata
+import urllib.parse
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from app.errors import UnsupportedMediaType
+
+TEXT_TYPES = ("text/plain", "text/markdown", "text/csv", "application/json")
+#: What clients commonly declare for the same thing.
+ALIASES = {
+    "image/jpg": "image/jpeg",
+    "image/pjpeg": "image/jpeg",
+    "text/x-markdown": "text/markdown",
+    "text/md": "text/markdown",
+    "application/csv": "text/csv",
+    "text/json": "application/json",
+}
+#: Declared types that say nothing about the content.
+GENERIC = ("", "application/octet-stream")
+#: Text types a browser renders or runs: never stored, not even as plain text.
+ACTIVE_TEXT_TYPES = ("text/html", "text/xml", "text/javascript", "text/ecmascript", "text/css", "text/xsl")
+_PILLOW_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
+MARKUP_RE = re.compile(
+    rb"<(?:script|html|body|iframe|object|embed|svg|\?xml|!doctype)[\s>/]|<(?:svg|html|script)$", re.IGNORECASE
+)
+PDF_ACTIVE_RE = re.compile(rb"/(?:JavaScript|JS|Launch)(?![A-Za-z0-9])")
+PDF_EOF_WINDOW = 1024
+FILENAME_MAX = 255
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f\"\\/]")
+
+UNSUPPORTED = "Unsupported file type: send an image (PNG, JPEG, GIF, WebP), a PDF, or UTF-8 text"
+MISMATCH = "The file's content does not match its declared type"
+POLYGLOT = "The file holds markup or active content a browser or reader could run"
+BAD_JSON = "The file is declared as JSON but does not parse"
+NOT_ALLOWED = "This file type is not accepted here"
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    content_type: str
+
+
+def _signature(data: bytes) -> str | None:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith(b"%PDF-"):
+        return "application/pdf"
+    return None
+
+
+def normalized(declared: str | None) -> str:
+    """The declared media type without parameters, lower-cased, common aliases resolved."""
+    value = (declared or "").split(";", 1)[0].strip().lower()
+    return ALIASES.get(value, value)
+
+
+def _check_image(data: bytes, expected: str) -> None:
+    with warnings.catch_warnings():
+        # The header's dimensions are not decoded here (no pixel is), so a large image is not a bomb for us.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data), formats=list(_PILLOW_FORMATS)) as image:
+                if _PILLOW_FORMATS.get(image.format or "") != expected:
+                    raise UnsupportedMediaType(UNSUPPORTED)
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            raise UnsupportedMediaType(UNSUPPORTED) from None
+
+
+def _check_pdf(data: bytes) -> None:
+    if b"%%EOF" not in data[-PDF_EOF_WINDOW:]:
+        raise UnsupportedMediaType(UNSUPPORTED)
+    if PDF_ACTIVE_RE.search(data):
+        raise UnsupportedMediaType(POLYGLOT)
+
+
+def _text_type(data: bytes, declared: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnsupportedMediaType(UNSUPPORTED) from None
+    if "\x00" in text:
+        raise UnsupportedMediaType(UNSUPPORTED)
+    if declared in GENERIC or (declared.startswith("text/") and declared not in ACTIVE_TEXT_TYPES + TEXT_TYPES):
+        return "text/plain"
+    if declared not in TEXT_TYPES:
+        raise UnsupportedMediaType(MISMATCH)
+    if declared == "application/json":
+        try:
+            json.loads(text)
+        except (ValueError, RecursionError):
+            raise UnsupportedMediaType(BAD_JSON) from None
+    return declared
+
+
+def judge(data: bytes, declared: str | None, allowed: list[str]) -> Judged:
+    """The file's type by content (the module's rule); raises UnsupportedMediaType (415). CPU-bound."""
+    claimed = normalized(declared)
+    if MARKUP_RE.search(data):
+        raise UnsupportedMediaType(POLYGLOT)
+    detected = _signature(data)
+    if detected is None:
+        content_type = _text_type(data, claimed)
+    else:
+        if claimed not in GENERIC and claimed != detected:
+            raise UnsupportedMediaType(MISMATCH)
+        if detected == "application/pdf":
+            _check_pdf(data)
+        else:
+            _check_image(data, detected)
+        content_type = detected
+    if content_type not in allowed:
+        raise UnsupportedMediaType(NOT_ALLOWED)
+    return Judged(content_type=content_type)
+
+
+def clean_filename(raw: str | None) -> str:
+    """A name safe to store and show: the last path segment, no control characters, quotes or slashes,
+    NFC, at most 255 characters; `file` when nothing is left."""
+    name = unicodedata.normalize("NFC", raw or "")
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE_NAME.sub("_", name)
+    name = "".join(ch for ch in name if not 0xD800 <= ord(ch) <= 0xDFFF).strip().strip(".")
+    return name[:FILENAME_MAX] or "file"
+
+
+def content_disposition(filename: str) -> str:
+    """`attachment` with an ASCII fallback name and the exact name as RFC 6266 / RFC 5987 `filename*`."""
+    fallback = filename.encode("ascii", "replace").decode().replace("?", "_").replace("%", "_")
+    quoted = urllib.parse.quote(filename, safe="")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quoted}"

@@ -1,0 +1,33 @@
+"""The bytes of files (`file_blobs`, one row per content): which a chat uses, and removing unused ones.
+
+Apart from app.services.files so that chats (deletion) and files (upload) both use it without a cycle.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import delete, exists, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.models import File, FileBlob
+
+
+async def chat_blob_hashes(session: AsyncSession, chat_id: uuid.UUID) -> list[str]:
+    """The contents a chat's files use, read before the chat goes (its files go with it by cascade)."""
+    return list((await session.execute(select(File.sha256).where(File.chat_id == chat_id).distinct())).scalars())
+
+
+async def collect_blobs(session: AsyncSession, hashes: Sequence[str]) -> None:
+    """Remove these blobs when no file uses them any more. A file written meanwhile makes the delete fail on
+    its reference (or wait for its lock): the blob then stays, as it must. Commits."""
+    if not hashes:
+        return
+    orphan = ~exists().where(File.sha256 == FileBlob.sha256)
+    try:
+        await session.execute(delete(FileBlob).where(FileBlob.sha256.in_(hashes), orphan))
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()

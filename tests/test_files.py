@@ -1,0 +1,712 @@
+"""Files in messages: upload limits and types, download headers, tenancy, attaching, the three deliveries to
+the fake n8n, signed links, deletion with the chat, and a send without files touching no file table."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from PIL import Image
+from sqlalchemy import event, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.models import File, FileBlob, Team
+from app.services import files as files_service
+from app.state import app_state
+from tests.conftest import count_rows
+from tests.factories import auth_headers, create_chat, create_user
+from tests.live import ChatSetup, LiveServer, chat_with_agent, data_events, free_port, parse_sse
+from tests.test_stop_resume import live_settings
+from tools.fake_n8n import FakeN8n
+
+
+def image_bytes(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 3), (200, 30, 30)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+PNG = image_bytes("PNG")
+JPEG = image_bytes("JPEG")
+GIF = image_bytes("GIF")
+WEBP = image_bytes("WEBP")
+PDF = b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\ntrailer\n<< /Root 1 0 R >>\n%%EOF\n"
+
+
+def url_of(setup: ChatSetup) -> str:
+    return f"/api/chats/{setup.chat.id}/files"
+
+
+async def upload(
+    client: httpx.AsyncClient,
+    setup: ChatSetup,
+    data: bytes,
+    filename: str = "f.bin",
+    content_type: str | None = "application/octet-stream",
+) -> httpx.Response:
+    part: tuple[Any, ...] = (filename, data) if content_type is None else (filename, data, content_type)
+    return await client.post(url_of(setup), files={"file": part}, headers=setup.headers)
+
+
+async def uploaded(
+    client: httpx.AsyncClient, setup: ChatSetup, data: bytes = b"hello file", **kw: Any
+) -> dict[str, Any]:
+    response = await upload(client, setup, data, **kw)
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def send(client: httpx.AsyncClient, setup: ChatSetup, body: dict[str, Any]) -> httpx.Response:
+    return await client.post(f"/api/chats/{setup.chat.id}/messages", json=body, headers=setup.headers)
+
+
+def events_of(response: httpx.Response) -> list[dict[str, Any]]:
+    return [e.data for e in data_events(parse_sse(response.text)) if isinstance(e.data, dict)]
+
+
+async def file_rows(app: FastAPI) -> list[File]:
+    async with app_state(app).db.sessionmaker() as s:
+        return list((await s.execute(select(File))).scalars())
+
+
+@pytest.fixture
+async def setup(session: AsyncSession, settings: Settings, fake: FakeN8n) -> ChatSetup:
+    return await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+
+
+# --- types -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "declared", "expected"),
+    [
+        (PNG, "image/png", "image/png"),
+        (JPEG, "image/jpeg", "image/jpeg"),
+        (JPEG, "image/jpg", "image/jpeg"),
+        (GIF, "application/octet-stream", "image/gif"),
+        (WEBP, "image/webp", "image/webp"),
+        (PDF, "application/pdf", "application/pdf"),
+        (b"plain words\n", "text/plain", "text/plain"),
+        (b"# Title\n\nsome *markdown*\n", "text/markdown", "text/markdown"),
+        (b"a,b\n1,2\n", "text/csv", "text/csv"),
+        (b'{"a": [1, 2]}', "application/json", "application/json"),
+        ("unicode ✓ text".encode(), None, "text/plain"),
+        (b"2026-12-06 started\n", "text/x-log", "text/plain"),
+    ],
+)
+async def test_upload_accepts_each_allowed_type_judged_by_content(
+    client: httpx.AsyncClient, setup: ChatSetup, data: bytes, declared: str | None, expected: str
+) -> None:
+    body = await uploaded(client, setup, data, filename="whatever.bin", content_type=declared)
+    assert body["content_type"] == expected
+    assert body["size"] == len(data)
+    assert body["sha256"] == hashlib.sha256(data).hexdigest()
+    assert body["filename"] == "whatever.bin"
+    assert set(body) == {"id", "filename", "content_type", "size", "sha256", "created_at"}
+    got = await client.get(f"{url_of(setup)}/{body['id']}", headers=setup.headers)
+    assert got.status_code == 200
+    assert got.content == data
+
+
+@pytest.mark.parametrize(
+    ("data", "declared"),
+    [
+        (b"PK\x03\x04" + b"\x00" * 40, "application/zip"),  # a zip: neither allowed signature nor UTF-8 text
+        (b"\xff\xfe\x00\x00binary", "application/octet-stream"),  # invalid UTF-8
+        (b"text with a \x00 NUL", "text/plain"),
+        (b"<!DOCTYPE html><html><body>hi</body></html>", "text/plain"),  # HTML declared as text
+        (b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>", "image/svg+xml"),
+        (b"notes\n<script>alert(1)</script>\n", "text/markdown"),  # script anywhere in text
+        (b"just some words", "text/html"),  # a type outside the list, even with harmless content
+        (b"just some words", "image/png"),  # declared an image, content is text
+        (b"alert(1)", "application/javascript"),
+        (b"body { color: red }", "text/css"),
+        (b"a,b\n1,2\n", "application/pdf"),  # declared a PDF, content is text
+        (PNG, "image/jpeg"),  # an image declared as another image
+        (PNG, "text/plain"),  # an image declared as text
+        (b"{not json", "application/json"),
+        (PNG + b"<html><script>alert(1)</script>", "image/png"),  # a PNG with HTML appended
+        (PDF.replace(b"%%EOF", b"<html><body>x</body></html>\n%%EOF"), "application/pdf"),  # HTML-sniffable PDF
+        (PDF.replace(b"/Catalog", b"/Catalog /OpenAction << /S /JavaScript /JS (app.alert(1)) >>"), None),
+        (b"%PDF-1.4\nno end marker", "application/pdf"),
+        (b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "image/png"),  # a PNG signature over no PNG structure
+        (b"<?xml version='1.0'?><x/>", "text/plain"),
+    ],
+)
+async def test_upload_refuses_other_types_and_polyglots_with_415(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup, data: bytes, declared: str | None
+) -> None:
+    response = await upload(client, setup, data, content_type=declared)
+    assert response.status_code == 415, response.text
+    assert await file_rows(app) == []
+
+
+@pytest.mark.settings(FILE_ALLOWED_TYPES="image/png,text/plain")
+async def test_upload_allowlist_setting_narrows_the_types(client: httpx.AsyncClient, setup: ChatSetup) -> None:
+    assert (await upload(client, setup, PDF, content_type="application/pdf")).status_code == 415
+    assert (await upload(client, setup, b"a,b", content_type="text/csv")).status_code == 415
+    assert (await upload(client, setup, b"a,b", content_type="text/plain")).status_code == 201
+
+
+def test_allowlist_setting_refuses_unknown_types(settings: Settings) -> None:
+    from app.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="FILE_ALLOWED_TYPES"):
+        load_settings(_env_file=None, **{**settings.model_dump(), "FILE_ALLOWED_TYPES": "text/html"})
+
+
+async def test_upload_bad_forms_are_refused_without_storing(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup
+) -> None:
+    not_multipart = await client.post(
+        url_of(setup), content=b"raw", headers={**setup.headers, "content-type": "text/plain"}
+    )
+    assert not_multipart.status_code == 415
+    wrong_field = await client.post(url_of(setup), files={"other": ("a.txt", b"x")}, headers=setup.headers)
+    assert wrong_field.status_code == 422
+    empty = await upload(client, setup, b"", content_type="text/plain")
+    assert empty.status_code == 422
+    two = await client.post(
+        url_of(setup), files=[("file", ("a.txt", b"x")), ("file", ("b.txt", b"y"))], headers=setup.headers
+    )
+    assert two.status_code == 422
+    assert two.json()["detail"][0]["msg"] == "Send one file per request"
+    assert await file_rows(app) == []
+
+
+async def test_upload_filename_is_cleaned_and_downloads_as_a_sandboxed_attachment(
+    client: httpx.AsyncClient, setup: ChatSetup
+) -> None:
+    # A raw part header (httpx would percent-encode the control character): a Windows path, a tab.
+    raw = (
+        '--b\r\nContent-Disposition: form-data; name="file"; filename="C:\\fakepath\\../ré\tport.txt"\r\n'
+        "Content-Type: text/plain\r\n\r\nhi\r\n--b--\r\n"
+    ).encode()
+    headers = {**setup.headers, "content-type": "multipart/form-data; boundary=b"}
+    response = await client.post(url_of(setup), content=raw, headers=headers)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["filename"] == "ré_port.txt"
+    got = await client.get(f"{url_of(setup)}/{body['id']}", headers=setup.headers)
+    assert (
+        got.headers["content-disposition"] == "attachment; filename=\"r__port.txt\"; filename*=UTF-8''r%C3%A9_port.txt"
+    )
+    assert got.headers["x-content-type-options"] == "nosniff"
+    assert got.headers["content-security-policy"] == "default-src 'none'; sandbox"
+    assert got.headers["content-type"].startswith("text/plain")
+    assert got.headers["cache-control"] == "private, no-store"
+
+
+# --- size limits ------------------------------------------------------------------------------------
+
+
+@pytest.mark.settings(FILE_MAX_BYTES=4096)
+async def test_upload_over_the_limit_by_content_length_is_413_before_reading(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup
+) -> None:
+    consumed = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal consumed
+        for _ in range(100):
+            consumed += 1
+            yield b"x" * 65536
+
+    headers = {**setup.headers, "content-type": "multipart/form-data; boundary=b", "content-length": str(100 * 65536)}
+    response = await client.post(url_of(setup), content=body(), headers=headers)
+    assert response.status_code == 413
+    assert response.json() == {"detail": "Request body too large"}
+    assert consumed <= 1  # refused on its Content-Length: the body was not read
+    assert await file_rows(app) == []
+
+
+@pytest.mark.settings(FILE_MAX_BYTES=4096)
+async def test_upload_chunked_body_is_counted_as_it_arrives_and_refused_early(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup
+) -> None:
+    sent = 0
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\nContent-Type: text/plain\r\n\r\n'
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield head
+        for _ in range(1000):  # 1 MB if it were all read
+            sent += 1024
+            yield b"y" * 1024
+
+    headers = {**setup.headers, "content-type": "multipart/form-data; boundary=b"}  # no length: chunked
+    response = await client.post(url_of(setup), content=body(), headers=headers)
+    assert response.status_code == 413
+    assert response.json() == {"detail": "The file is larger than 4096 bytes"}
+    assert sent <= 4096 + 2 * 1024  # stopped right after the file part passed the cap
+    assert await file_rows(app) == []
+
+
+@pytest.mark.settings(FILE_MAX_BYTES=4096)
+async def test_upload_exactly_at_the_limit_is_accepted(client: httpx.AsyncClient, setup: ChatSetup) -> None:
+    assert (await upload(client, setup, b"z" * 4096, content_type="text/plain")).status_code == 201
+    assert (await upload(client, setup, b"z" * 4097, content_type="text/plain")).status_code == 413
+
+
+# --- caps under concurrency ---------------------------------------------------------------------------
+
+
+@pytest.mark.settings(FILES_UNSENT_PER_CHAT_MAX=3, FILE_UPLOADS_PER_USER=10)
+async def test_concurrent_uploads_never_pass_the_unsent_cap(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup
+) -> None:
+    # Six at once, each its own content: the lock on the chat makes them count one after the other.
+    responses = await asyncio.gather(*(upload(client, setup, f"n{i}".encode(), content_type=None) for i in range(6)))
+    assert sorted(r.status_code for r in responses) == [201, 201, 201, 409, 409, 409]
+    assert len(await file_rows(app)) == 3
+
+
+@pytest.mark.settings(FILES_PER_CHAT_MAX=2, FILES_UNSENT_PER_CHAT_MAX=5)
+async def test_upload_past_the_chat_cap_is_409(client: httpx.AsyncClient, setup: ChatSetup) -> None:
+    for i in range(2):
+        await uploaded(client, setup, f"c{i}".encode())
+    refused = await upload(client, setup, b"c3")
+    assert refused.status_code == 409
+    assert refused.json() == {"detail": "This chat holds the most files allowed (2)"}
+
+
+@pytest.mark.settings(FILE_UPLOADS_PER_USER=2)
+async def test_concurrent_uploads_per_user_are_capped_with_429(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup
+) -> None:
+    release = asyncio.Event()
+    started = asyncio.Semaphore(0)
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="s.txt"\r\n\r\n'
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield head + b"slow"
+        started.release()
+        await release.wait()
+        yield b" upload\r\n--b--\r\n"
+
+    headers = {**setup.headers, "content-type": "multipart/form-data; boundary=b"}
+    slow = [asyncio.create_task(client.post(url_of(setup), content=slow_body(), headers=headers)) for _ in range(2)]
+    for _ in range(2):
+        await asyncio.wait_for(started.acquire(), 5)
+    await asyncio.sleep(0.05)  # both are now inside the upload, reading their bodies
+    third = await upload(client, setup, b"third")
+    assert third.status_code == 429
+    release.set()
+    assert [r.status_code for r in await asyncio.gather(*slow)] == [201, 201]
+    assert (await upload(client, setup, b"fourth")).status_code == 201  # slots are given back
+    assert len(await file_rows(app)) == 3
+
+
+# --- tenancy -------------------------------------------------------------------------------------------
+
+
+async def test_files_of_another_user_or_team_are_404(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, setup: ChatSetup
+) -> None:
+    mine = await uploaded(client, setup, b"secret notes")
+    team = await session.get(Team, setup.user.team_id)
+    assert team is not None
+    colleague = await create_user(session, team=team)
+    stranger_setup = await chat_with_agent(session, settings, setup.agent.webhook_url)
+    for other in (auth_headers(settings, colleague), stranger_setup.headers):
+        assert (await client.get(f"{url_of(setup)}/{mine['id']}", headers=other)).status_code == 404
+        refused = await client.post(url_of(setup), files={"file": ("x.txt", b"x")}, headers=other)
+        assert refused.status_code == 404
+    # My own file read through another of my chats: 404 too.
+    other_chat = await create_chat(session, user=setup.user, agent=setup.agent)
+    assert (
+        await client.get(f"/api/chats/{other_chat.id}/files/{mine['id']}", headers=setup.headers)
+    ).status_code == 404
+    assert (await client.get(f"{url_of(setup)}/{uuid.uuid4()}", headers=setup.headers)).status_code == 404
+    assert (
+        await client.post(f"/api/chats/{uuid.uuid4()}/files", files={"file": ("x", b"x")}, headers=setup.headers)
+    ).status_code == 404
+    assert len(await file_rows(app)) == 1
+
+
+async def test_sending_another_chats_file_is_422_and_stores_nothing(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup
+) -> None:
+    other_chat = await create_chat(session, user=setup.user, agent=setup.agent)
+    other = ChatSetup(setup.user, setup.agent, other_chat, setup.headers)
+    theirs = await uploaded(client, other, b"other chat's")
+    before = await count_rows(session, "messages")
+    response = await send(client, setup, {"content": "look", "file_ids": [theirs["id"]]})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["msg"] == files_service.FILE_IDS_INVALID
+    assert await count_rows(session, "messages") == before
+    assert all(f.message_id is None for f in await file_rows(app))
+
+
+# --- attaching to messages ----------------------------------------------------------------------------
+
+
+async def test_send_with_files_shows_them_everywhere_and_marks_them_sent(
+    client: httpx.AsyncClient, setup: ChatSetup
+) -> None:
+    first = await uploaded(client, setup, PNG, filename="a.png", content_type="image/png")
+    second = await uploaded(client, setup, b"a,b\n", filename="b.csv", content_type="text/csv")
+    response = await send(client, setup, {"content": "two files", "file_ids": [second["id"], first["id"]]})
+    assert response.status_code == 200
+    events = events_of(response)
+    user_message = events[0]["data"]["user_message"]
+    assert user_message["files"] == [second, first]  # in the order sent
+    assert events[-1]["type"] == "done"
+    assert events[-1]["data"]["message"]["files"] == []
+    chat = (await client.get(f"/api/chats/{setup.chat.id}", headers=setup.headers)).json()
+    assert chat["messages"][0]["files"] == [second, first]
+    listed = (await client.get(f"/api/chats/{setup.chat.id}/messages", headers=setup.headers)).json()
+    assert listed[0]["files"] == [second, first]
+    # Sent once: the same id again is refused, and nothing is stored.
+    again = await send(client, setup, {"content": "again", "file_ids": [first["id"]]})
+    assert again.status_code == 422
+    assert len((await client.get(f"/api/chats/{setup.chat.id}/messages", headers=setup.headers)).json()) == 2
+
+
+@pytest.mark.settings(FILES_PER_MESSAGE_MAX=2)
+async def test_send_file_ids_rules(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup, session: AsyncSession
+) -> None:
+    ids = [(await uploaded(client, setup, f"f{i}".encode()))["id"] for i in range(3)]
+    before = await count_rows(session, "messages")
+    too_many = await send(client, setup, {"content": "x", "file_ids": ids})
+    assert too_many.status_code == 422
+    assert too_many.json()["detail"][0]["msg"] == "A message carries at most 2 files"
+    repeated = await send(client, setup, {"content": "x", "file_ids": [ids[0], ids[0]]})
+    assert repeated.status_code == 422
+    assert (await send(client, setup, {"content": "x", "file_ids": None})).status_code == 422
+    assert (await send(client, setup, {"content": "x", "file_ids": ["not-a-uuid"]})).status_code == 422
+    answer = (await send(client, setup, {"content": "x"})).text
+    assistant = next(e for e in events_of_text(answer) if e["type"] == "done")["data"]["message"]["id"]
+    with_regenerate = await send(client, setup, {"regenerate_of": assistant, "file_ids": [ids[0]]})
+    assert with_regenerate.status_code == 422
+    assert await count_rows(session, "messages") == before + 2
+    assert all(f.message_id is None for f in await file_rows(app))
+
+
+def events_of_text(text: str) -> list[dict[str, Any]]:
+    return [e.data for e in data_events(parse_sse(text)) if isinstance(e.data, dict)]
+
+
+async def test_edit_may_keep_the_edited_messages_files_and_add_new_ones(
+    client: httpx.AsyncClient, setup: ChatSetup
+) -> None:
+    kept = await uploaded(client, setup, b"kept")
+    first = await send(client, setup, {"content": "v1", "file_ids": [kept["id"]]})
+    question = events_of(first)[0]["data"]["user_message"]
+    added = await uploaded(client, setup, b"added")
+    edit = await send(
+        client, setup, {"content": "v2", "edit_of": question["id"], "file_ids": [kept["id"], added["id"]]}
+    )
+    assert edit.status_code == 200
+    assert events_of(edit)[0]["data"]["user_message"]["files"] == [kept, added]
+    # An edit without file_ids carries none.
+    bare = await send(client, setup, {"content": "v3", "edit_of": question["id"]})
+    assert events_of(bare)[0]["data"]["user_message"]["files"] == []
+
+
+# --- delivery to n8n --------------------------------------------------------------------------------------
+
+
+async def agent_mode(session: AsyncSession, setup: ChatSetup, mode: str, url: str | None = None) -> None:
+    setup.agent.file_delivery = mode
+    if url is not None:
+        setup.agent.webhook_url = url
+    session.add(setup.agent)
+    await session.commit()
+
+
+async def test_base64_delivery_inlines_the_bytes_and_regenerate_resends_them(
+    client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup, fake: FakeN8n
+) -> None:
+    await agent_mode(session, setup, "base64")
+    sent = await uploaded(client, setup, PNG, filename="p.png", content_type="image/png")
+    response = await send(client, setup, {"content": "see image", "file_ids": [sent["id"]]})
+    done = events_of(response)[-1]
+    assert done["type"] == "done"
+    body = fake.requests[-1]["json"]
+    assert body["chatInput"] == "see image"
+    [entry] = body["files"]
+    assert {k: entry[k] for k in ("id", "filename", "mimeType", "size")} == {
+        "id": sent["id"],
+        "filename": "p.png",
+        "mimeType": "image/png",
+        "size": len(PNG),
+    }
+    assert base64.b64decode(entry["data"]) == PNG
+    assert "url" not in entry
+    regenerated = await send(client, setup, {"regenerate_of": done["data"]["message"]["id"]})
+    assert events_of(regenerated)[-1]["type"] == "done"
+    assert base64.b64decode(fake.requests[-1]["json"]["files"][0]["data"]) == PNG
+
+
+@pytest.mark.settings(FILE_INLINE_MAX_BYTES=1024)
+@pytest.mark.parametrize("mode", ["base64", "url"])  # `url` without PUBLIC_BASE_URL goes inline too
+async def test_inline_delivery_refuses_large_files_with_422_before_storing(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup, fake: FakeN8n, mode: str
+) -> None:
+    await agent_mode(session, setup, mode)
+    small = await uploaded(client, setup, b"s" * 1024)
+    large = await uploaded(client, setup, b"L" * 1025)
+    before = await count_rows(session, "messages")
+    refused = await send(client, setup, {"content": "x", "file_ids": [small["id"], large["id"]]})
+    assert refused.status_code == 422
+    assert "too large to send to this agent inline" in refused.json()["detail"][0]["msg"]
+    assert await count_rows(session, "messages") == before
+    assert all(f.message_id is None for f in await file_rows(app))
+    assert fake.requests == []
+    ok = await send(client, setup, {"content": "x", "file_ids": [small["id"]]})
+    assert events_of(ok)[-1]["type"] == "done"
+    assert base64.b64decode(fake.requests[-1]["json"]["files"][0]["data"]) == b"s" * 1024
+
+
+async def test_multipart_delivery_is_what_the_chat_trigger_gets_from_its_widget(
+    client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup, fake: FakeN8n
+) -> None:
+    await agent_mode(session, setup, "multipart", url=fake.url + "/webhook/abc/chat")
+    one = await uploaded(client, setup, PNG, filename="ré.png", content_type="image/png")
+    two = await uploaded(client, setup, b"a,b\n1,2\n", filename="t.csv", content_type="text/csv")
+    response = await send(client, setup, {"content": "read these", "file_ids": [one["id"], two["id"]]})
+    events = events_of(response)
+    assert events[-1]["type"] == "done"
+    assert events[-1]["data"]["message"]["content"] == "Echo: read these"  # the fake read chatInput from the form
+    request = fake.requests[-1]
+    assert request["headers"]["Content-Type"].startswith("multipart/form-data; boundary=")
+    form = request["form"]
+    assert form["action"] == "sendMessage"
+    assert form["sessionId"] == str(setup.chat.id)
+    assert form["chatInput"] == "read these"
+    metadata = json.loads(form["metadata"])
+    assert metadata["chat_id"] == str(setup.chat.id)
+    assert [f["id"] for f in metadata["files"]] == [one["id"], two["id"]]
+    assert json.loads(form["messages"])[-1] == {"role": "user", "content": "read these"}
+    assert form["system_prompt"] == "be brief"
+    assert json.loads(form["config"]) == {"model": "gpt-4"}
+    parts = [p for p in request["parts"] if p["name"] == "files"]
+    assert [(p["filename"], p["content_type"], p["sha256"]) for p in parts] == [
+        ("ré.png", "image/png", one["sha256"]),
+        ("t.csv", "text/csv", two["sha256"]),
+    ]
+    assert [p["name"] for p in request["parts"]][:4] == ["action", "sessionId", "chatInput", "metadata"]
+
+
+async def test_a_send_without_files_stays_json_and_touches_no_file_table(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup, fake: FakeN8n
+) -> None:
+    await agent_mode(session, setup, "multipart")
+    statements: list[str] = []
+    engine = app_state(app).db.engine.sync_engine
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        response = await send(client, setup, {"content": "no files"})
+        assert events_of(response)[-1]["type"] == "done"
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert statements  # the send did run its statements
+    touching = re.compile(r"\b(?:FROM|JOIN|UPDATE|INTO)\s+(?:files|file_blobs)\b", re.IGNORECASE)
+    assert not [s for s in statements if touching.search(s)]
+    assert fake.requests[-1]["json"]["chatInput"] == "no files"
+    assert "files" not in fake.requests[-1]["json"]
+
+
+# --- signed links (url delivery) ----------------------------------------------------------------------------
+
+
+def signed_path(url: str) -> str:
+    return url[url.index(files_service.PATH_PREFIX) :]
+
+
+@pytest.mark.settings(PUBLIC_BASE_URL="http://relay.test")
+async def test_url_delivery_sends_signed_links_that_only_open_their_file(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, setup: ChatSetup, fake: FakeN8n
+) -> None:
+    mine = await uploaded(client, setup, b"for the workflow", filename="w.txt", content_type="text/plain")
+    unsent = await uploaded(client, setup, b"not sent", content_type="text/plain")
+    response = await send(client, setup, {"content": "fetch it", "file_ids": [mine["id"]]})
+    assert events_of(response)[-1]["type"] == "done"
+    [entry] = fake.requests[-1]["json"]["files"]
+    assert set(entry) == {"id", "filename", "mimeType", "size", "url"}
+    assert entry["url"].startswith("http://relay.test/api/files/signed/")
+    path = signed_path(entry["url"])
+    got = await client.get(path)  # no credentials: the signature is the credential
+    assert got.status_code == 200
+    assert got.content == b"for the workflow"
+    assert got.headers["content-security-policy"] == "default-src 'none'; sandbox"
+    generation, file_id, signature = path.removeprefix(files_service.PATH_PREFIX).split("/")
+    forged = signature[:-2] + ("AA" if not signature.endswith("AA") else "BB")
+    assert (await client.get(f"{files_service.PATH_PREFIX}{generation}/{file_id}/{forged}")).status_code == 404
+    # The signature of one file does not open another, not even of the same chat.
+    assert (await client.get(f"{files_service.PATH_PREFIX}{generation}/{unsent['id']}/{signature}")).status_code == 404
+    assert (await client.get(f"{files_service.PATH_PREFIX}not-a-uuid/{file_id}/{signature}")).status_code == 404
+    # Correctly signed (with the server's key) but the file is another chat's, or another team's: 404.
+    other_chat = await create_chat(session, user=setup.user, agent=setup.agent)
+    theirs = await uploaded(client, ChatSetup(setup.user, setup.agent, other_chat, setup.headers), b"other chat")
+    stranger = await chat_with_agent(session, settings, setup.agent.webhook_url)
+    foreign = await uploaded(client, stranger, b"other team")
+    for other in (theirs, foreign):
+        valid = files_service.signed_url(settings, generation, other["id"])
+        assert (await client.get(signed_path(valid))).status_code == 404
+
+
+@pytest.mark.settings(PUBLIC_BASE_URL="http://relay.test", FILE_URL_GRACE_SECONDS=0)
+async def test_signed_link_expires_when_its_generation_has_ended(
+    client: httpx.AsyncClient, setup: ChatSetup, fake: FakeN8n
+) -> None:
+    mine = await uploaded(client, setup, b"short-lived")
+    response = await send(client, setup, {"content": "x", "file_ids": [mine["id"]]})
+    assert events_of(response)[-1]["type"] == "done"
+    path = signed_path(fake.requests[-1]["json"]["files"][0]["url"])
+    await asyncio.sleep(0.01)
+    assert (await client.get(path)).status_code == 404
+
+
+@pytest.mark.slow
+async def test_a_workflow_fetches_the_file_url_while_the_generation_runs(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """Live: the fake n8n downloads `files[0].url` over HTTP (as an HTTP Request node would) before answering."""
+    port = free_port()
+    settings = live_settings(database_url, tmp_path, PUBLIC_BASE_URL=f"http://127.0.0.1:{port}")
+    server = LiveServer(settings, port=port)
+    await server.start()
+    try:
+        setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream?scenario=fetch_files")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            sent = await uploaded(client, setup, PNG, filename="chart.png", content_type="image/png")
+            response = await send(client, setup, {"content": "describe", "file_ids": [sent["id"]]})
+        assert events_of(response)[-1]["type"] == "done"
+        [fetched] = fake.fetched
+        assert fetched["status"] == 200
+        assert fetched["sha256"] == sent["sha256"]
+        assert fetched["headers"]["Content-Type"] == "image/png"
+        assert fetched["headers"]["X-Content-Type-Options"] == "nosniff"
+    finally:
+        await server.stop()
+
+
+# --- deletion --------------------------------------------------------------------------------------------
+
+
+async def test_deleting_a_chat_deletes_its_files_and_the_bytes_no_one_else_uses(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup
+) -> None:
+    other_chat = await create_chat(session, user=setup.user, agent=setup.agent)
+    other = ChatSetup(setup.user, setup.agent, other_chat, setup.headers)
+    only_here = await uploaded(client, setup, b"only in the deleted chat")
+    await uploaded(client, setup, b"in both chats")
+    await uploaded(client, other, b"in both chats")
+    assert await count_rows(session, "file_blobs") == 2
+    assert (await client.delete(f"/api/chats/{setup.chat.id}", headers=setup.headers)).status_code == 204
+    rows = await file_rows(app)
+    assert [r.chat_id for r in rows] == [other_chat.id]
+    async with app_state(app).db.sessionmaker() as s:
+        hashes = set((await s.execute(select(FileBlob.sha256))).scalars())
+    assert hashes == {hashlib.sha256(b"in both chats").hexdigest()}
+    assert only_here["sha256"] not in hashes
+
+
+async def test_delete_an_unsent_upload_but_not_a_sent_one_nor_anyone_elses(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, setup: ChatSetup, fake: FakeN8n
+) -> None:
+    unsent = await uploaded(client, setup, b"draft")
+    sent = await uploaded(client, setup, b"sent one")
+    assert events_of(await send(client, setup, {"content": "x", "file_ids": [sent["id"]]}))[-1]["type"] == "done"
+    stranger = await chat_with_agent(session, settings, setup.agent.webhook_url)
+    assert (await client.delete(f"{url_of(setup)}/{unsent['id']}", headers=stranger.headers)).status_code == 404
+    refused = await client.delete(f"{url_of(setup)}/{sent['id']}", headers=setup.headers)
+    assert refused.status_code == 409
+    assert refused.json() == {"detail": files_service.FILE_SENT}
+    assert (await client.delete(f"{url_of(setup)}/{unsent['id']}", headers=setup.headers)).status_code == 204
+    assert (await client.get(f"{url_of(setup)}/{unsent['id']}", headers=setup.headers)).status_code == 404
+    assert [str(f.id) for f in await file_rows(app)] == [sent["id"]]
+    assert await count_rows(session, "file_blobs") == 1
+    assert len(fake.requests) == 1
+
+
+async def test_same_content_is_stored_once(client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup) -> None:
+    a = await uploaded(client, setup, b"twice", filename="a.txt")
+    b = await uploaded(client, setup, b"twice", filename="b.txt")
+    assert a["id"] != b["id"]
+    assert a["sha256"] == b["sha256"]
+    assert await count_rows(session, "files") == 2
+    assert await count_rows(session, "file_blobs") == 1
+
+
+# --- the agent field ------------------------------------------------------------------------------------
+
+
+async def test_agent_file_delivery_is_validated_and_shown_to_admins_only(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    from tests.factories import create_admin
+
+    admin = await create_admin(session)
+    headers = auth_headers(settings, admin)
+    base = {"name": "Files", "webhook_url": "http://127.0.0.1:5678/webhook/agent-stream"}
+    created = await client.post("/api/agents", json=base, headers=headers)
+    assert created.status_code == 201
+    assert created.json()["file_delivery"] == "url"
+    agent_id = created.json()["id"]
+    assert (await client.post("/api/agents", json={**base, "file_delivery": "ftp"}, headers=headers)).status_code == 422
+    patched = await client.put(f"/api/agents/{agent_id}", json={"file_delivery": "multipart"}, headers=headers)
+    assert patched.json()["file_delivery"] == "multipart"
+    assert (
+        await client.put(f"/api/agents/{agent_id}", json={"file_delivery": None}, headers=headers)
+    ).status_code == 422
+    member = await create_user(session, team=await session.get(Team, admin.team_id))
+    seen = await client.get(f"/api/agents/{agent_id}", headers=auth_headers(settings, member))
+    assert "file_delivery" not in seen.json()
+
+
+async def test_a_client_gone_mid_upload_is_a_400_and_stores_nothing(app: FastAPI, setup: ChatSetup) -> None:
+    """Raw ASGI: the body's first chunk, then the client disconnects."""
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="cut.txt"\r\n\r\npartial'
+    incoming: list[dict[str, Any]] = [
+        {"type": "http.request", "body": head, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> MutableMapping[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send_message(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(k.lower().encode(), v.encode()) for k, v in setup.headers.items()]
+    headers.append((b"content-type", b"multipart/form-data; boundary=b"))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": url_of(setup),
+        "raw_path": url_of(setup).encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    await app(scope, receive, send_message)
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"]) == {"detail": "The upload was interrupted"}
+    assert await file_rows(app) == []
