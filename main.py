@@ -29,11 +29,13 @@ from app.routers import (
     callbacks,
     chats,
     error_logs,
+    exports,
     health,
     invites,
     messages,
     metrics_route,
     openai_api,
+    shares,
     stream,
     teams,
     usage,
@@ -42,6 +44,7 @@ from app.routers import (
 from app.routers.responses import complete_openapi
 from app.serve import release_uvicorn_proxy_headers
 from app.services.health import migration_head
+from app.services.imports import ImportGate
 from app.services.revocation import make_revocation_store
 from app.state import AppState, app_state
 from app.streaming import GenerationRegistry, N8nStreamer
@@ -119,7 +122,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(users.router)
     app.include_router(api_keys.router)
     app.include_router(agents.router)
+    # Before `chats`: `/api/chats/export` and `/api/chats/import` are not chat ids.
+    app.include_router(exports.router)
     app.include_router(chats.router)
+    app.include_router(shares.router)
     app.include_router(messages.router)
     app.include_router(stream.router)
     app.include_router(error_logs.router)
@@ -144,6 +150,7 @@ def build_state(settings: Settings) -> AppState:
         limiter=RateLimiter(settings, redis),
         revocations=make_revocation_store(sessionmaker=db.sessionmaker),
         generations=GenerationRegistry(settings=settings, db=db, streamer=N8nStreamer(settings), redis=redis),
+        imports=ImportGate(settings.IMPORT_MAX_CONCURRENT),
         migration_head=migration_head(),
     )
 

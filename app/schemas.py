@@ -51,6 +51,7 @@ from app.fields import (
     canonical_email,
     check_storable_json,
 )
+from app.share_schemas import ExportedChat, ShareRead, ShareSummary
 
 #: Every request and response body; the conversation side is defined in app/chat_schemas.py.
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "ChatUpdate",
     "ErrorLogRead",
     "ErrorRead",
+    "ExportedChat",
     "FeedbackUpdate",
     "HealthRead",
     "InviteCreate",
@@ -92,6 +94,8 @@ __all__ = [
     "RefreshRead",
     "RefreshRequest",
     "RegisterRequest",
+    "ShareRead",
+    "ShareSummary",
     "TeamChoice",
     "TeamCreate",
     "TeamRead",

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from app.config import Settings
     from app.db import Database
     from app.ratelimit import RateLimiter
+    from app.services.imports import ImportGate
     from app.services.revocation import RevocationStore
     from app.streaming import GenerationRegistry
 
@@ -28,6 +29,7 @@ class AppState:
     limiter: RateLimiter
     revocations: RevocationStore
     generations: GenerationRegistry
+    imports: ImportGate
     migration_head: str | None
 
 

@@ -44,6 +44,7 @@ EXPECTED_TABLES = {
     "usage_daily",
     "idempotency_keys",
     "api_keys",
+    "shares",
     "alembic_version",
 }
 
