@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from app.auth import CurrentCaller, CurrentUser
 from app.db import utcnow
 from app.deps import DatabaseDep, ImportGateDep, SessionDep
+from app.errors import MethodNotAllowed
 from app.routers.responses import R401, Responses, error_doc, json_only
 from app.schemas import ChatSummary, ExportedChat
 from app.services import exports, imports
@@ -70,9 +71,22 @@ async def export_chat(
     return Response(body, media_type="application/json", headers=attachment(f"chat-{chat_id}.json"))
 
 
+@router.api_route("/export", methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False)
+async def export_other_methods() -> None:
+    """`/export` is a word, not a chat id: without this route, PUT /api/chats/export would be read as an update
+    of chat "export" (422 for a malformed id) instead of the 405 a path without that method gets."""
+    raise MethodNotAllowed(headers={"Allow": "GET"})
+
+
+@router.api_route("/import", methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False)
+async def import_other_methods() -> None:
+    """As `/export`: a word, not a chat id."""
+    raise MethodNotAllowed(headers={"Allow": "POST"})
+
+
 IMPORT_BODY_DOC = (
-    "An exported chat (`application/json`), or exported chats one per line (`application/x-ndjson` or "
-    "`application/jsonl`, as `GET /api/chats/export` sends them)."
+    "An exported chat (`GET /api/chats/{id}/export`), or exported chats one per line as `GET /api/chats/export` "
+    "sends them (JSON Lines, as `application/json`, `application/x-ndjson` or `application/jsonl`)."
 )
 
 
@@ -91,16 +105,18 @@ IMPORT_BODY_DOC = (
         "requestBody": {
             "required": True,
             "description": IMPORT_BODY_DOC,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/ExportedChat"}},
-                JSON_LINES: {"schema": {"type": "string"}},
-                "application/jsonl": {"schema": {"type": "string"}},
-            },
+            # JSON Lines bodies are described in words: one schema cannot say "one chat per line".
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ExportedChat"}}},
         }
     },
     responses={
         **AUTH_ERRORS,
         413: error_doc("The body is larger than IMPORT_MAX_BODY_BYTES", "Request body too large"),
+        422: {
+            "description": "A chat that is not a valid export (`loc` is `body`, the chat's position, then the "
+            "field), or whose agent slug your team lacks (the message names it); nothing was stored",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
+        },
         415: error_doc(imports.IMPORT_TYPES_ONLY),
         429: error_doc(imports.IMPORT_BUSY),
     },
