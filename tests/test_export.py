@@ -17,7 +17,7 @@ from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
-from app.models import Chat, User
+from app.models import Chat, Message, User
 from app.services.exports import EXPORT_PAGE_CHATS
 from app.state import app_state
 from tests.conftest import TeamWorld, count_rows
@@ -35,8 +35,8 @@ async def branchy_chat(session: AsyncSession, world: TeamWorld, user: User | Non
     def at(seconds: int) -> Any:
         return now + timedelta(seconds=seconds)
 
-    rows = {}
-    specs = [
+    rows: dict[str, Message] = {}
+    specs: list[tuple[str, str | None, str, str, str, dict[str, Any]]] = [
         ("q1", None, "user", "First question", "complete", {}),
         ("a1", "q1", "assistant", "First answer", "complete", {"metadata": {"format": "ndjson", "chunks": 3}}),
         ("q2", "a1", "user", "Second question", "complete", {}),
