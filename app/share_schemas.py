@@ -6,10 +6,10 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.chat_schemas import MessageError, MessageRead, MessageRole
-from app.fields import AgentSlug, ChatTitle, InputModel, ReadModel, StorableText, check_storable_json
+from app.fields import AgentSlug, ChatTitle, ReadModel, StorableText, check_storable_json
 
 # --- shares ----------------------------------------------------------------------------------
 
@@ -44,21 +44,32 @@ IMPORT_JSON_MAX_BYTES = 65_536
 #: Content of one imported message; far above what a send accepts (assistant answers are longer).
 IMPORT_CONTENT_MAX_CHARS = 1_000_000
 
+#: The guard of every string of an imported chat (keys of free JSON included): what PostgreSQL cannot store.
+IMPORT_DOCUMENT_MAX_BYTES = 1 << 40
+
+
+class ExportPart(BaseModel):
+    """Base of the export format's parts. Not an `InputModel`: a service reads them from the bytes of an import,
+    never as a request body; unknown keys are refused all the same."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 ImportedStatus = Literal["complete", "error", "cancelled", "interrupted", "streaming"]
 
 
-class ExportedAgent(InputModel):
+class ExportedAgent(ExportPart):
     slug: AgentSlug = Field(description="Matched against the importer's team on import")
     name: str | None = Field(None, description="Informative; not matched")
 
 
-class ExportedFeedback(InputModel):
+class ExportedFeedback(ExportPart):
     rating: Literal[1, -1] | None
     comment: Annotated[str, Field(max_length=2000), StorableText] | None = None
     updated_at: datetime | None = None
 
 
-class ExportedMessage(InputModel):
+class ExportedMessage(ExportPart):
     """One message of an exported chat, in the order of the export (a parent before its children)."""
 
     id: uuid.UUID = Field(description="Links the tree within this export; the import makes new ids")
@@ -79,7 +90,7 @@ class ExportedMessage(InputModel):
         return value
 
 
-class ExportedChat(InputModel):
+class ExportedChat(ExportPart):
     """One chat as exported (`GET /api/chats/{id}/export?format=json`, one line of `GET /api/chats/export`)
     and as imported (`POST /api/chats/import`)."""
 
@@ -99,3 +110,9 @@ class ExportedChat(InputModel):
         None, description="The ids of the branch shown, root first (informative; checked against the tree)"
     )
     messages: list[ExportedMessage] = Field(description="Every message of every branch, oldest first")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        """Text PostgreSQL cannot store (NUL, lone surrogates) anywhere in the chat is a 422, never a 500."""
+        return check_storable_json(data, max_bytes=IMPORT_DOCUMENT_MAX_BYTES, label="the chat")

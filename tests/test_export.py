@@ -360,6 +360,10 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         doc["owner"] = "someone"
     elif change == "nul_in_content":
         messages[0]["content"] = "a\x00b"
+    elif change == "nul_in_error":
+        messages[3]["error"]["message"] = "a\x00b"
+    elif change == "nul_in_metadata_key":
+        messages[1]["metadata"] = {"a\x00b": 1}
     return doc
 
 
@@ -379,6 +383,8 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         "version",
         "unknown_key",
         "nul_in_content",
+        "nul_in_error",
+        "nul_in_metadata_key",
     ],
 )
 async def test_import_one_bad_chat_among_many_stores_nothing(

@@ -244,9 +244,9 @@ def test_idempotency_keys_migration_down_and_up_on_sqlite(tmp_path: Path) -> Non
     url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
     run_migrations(url)
     run_migrations(url, "0006", downgrade=True)
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"idempotency_keys", "api_keys"}
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"idempotency_keys", "api_keys", "shares"}
     run_migrations(url, "0007")
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"}
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys", "shares"}
 
 
 async def _insert_api_key(url: str) -> None:
@@ -321,9 +321,9 @@ def test_api_keys_migration_down_and_up_on_sqlite(tmp_path: Path) -> None:
     run_migrations(url)
     asyncio.run(_insert_api_key(url))
     run_migrations(url, "0007", downgrade=True)
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys"}
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"api_keys", "shares"}
     run_migrations(url, "0008")
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"shares"}
 
 
 # --- 0005: the JSON array of each chat becomes one branch of rows ---------------------------------------
@@ -572,3 +572,13 @@ def test_0009_response_mode_down_and_up_on_postgresql() -> None:
 
 def test_0009_response_mode_down_and_up_on_sqlite(tmp_path: Path) -> None:
     _check_0009(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+
+
+def test_shares_migration_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    """0013 alone: down drops only the shares table, up brings it back."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 's.db'}"
+    run_migrations(url)
+    run_migrations(url, "0009", downgrade=True)
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"shares"}
+    run_migrations(url, "0013")
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES
