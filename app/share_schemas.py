@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from app.chat_schemas import MessageError, MessageRead, MessageRole
 from app.fields import AgentSlug, ChatTitle, ReadModel, StorableText, check_storable_json
@@ -39,12 +39,11 @@ class ShareRead(ShareSummary):
 #: What an export names itself; an import refuses any other `format` or `version`.
 EXPORT_FORMAT = "n8n-chat-relay/chat"
 EXPORT_VERSION = 1
-#: Caps on free JSON carried by an imported message (the body cap bounds the rest).
-IMPORT_JSON_MAX_BYTES = 65_536
 #: Content of one imported message; far above what a send accepts (assistant answers are longer).
 IMPORT_CONTENT_MAX_CHARS = 1_000_000
 
-#: The guard of every string of an imported chat (keys of free JSON included): what PostgreSQL cannot store.
+#: No size cap of its own on an imported chat's JSON: the body cap (IMPORT_MAX_BODY_BYTES) bounds it, and a
+#: message's metadata (tool steps) may be large; the guard is only for what PostgreSQL cannot store.
 IMPORT_DOCUMENT_MAX_BYTES = 1 << 40
 
 
@@ -82,13 +81,6 @@ class ExportedMessage(ExportPart):
     metadata: dict[str, Any] | None = None
     feedback: ExportedFeedback | None = None
 
-    @field_validator("metadata")
-    @classmethod
-    def _storable(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            check_storable_json(value, max_bytes=IMPORT_JSON_MAX_BYTES, label="metadata")
-        return value
-
 
 class ExportedChat(ExportPart):
     """One chat as exported (`GET /api/chats/{id}/export?format=json`, one line of `GET /api/chats/export`)
@@ -99,8 +91,8 @@ class ExportedChat(ExportPart):
     id: uuid.UUID | None = Field(None, description="The exported chat's id; informative, the import makes a new one")
     title: ChatTitle | None = None
     agent: ExportedAgent
-    archived: bool = False
-    pinned: bool = False
+    archived: StrictBool = False
+    pinned: StrictBool = False
     created_at: datetime | None = Field(None, description="Informative")
     updated_at: datetime | None = Field(None, description="Informative")
     current_message_id: uuid.UUID | None = Field(

@@ -71,7 +71,7 @@ async def export_chat(
     return Response(body, media_type="application/json", headers=attachment(f"chat-{chat_id}.json"))
 
 
-@router.api_route("/export", methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False)
+@router.api_route("/export", methods=["HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False)
 async def export_other_methods() -> None:
     """`/export` is a word, not a chat id: without this route, PUT /api/chats/export would be read as an update
     of chat "export" (422 for a malformed id) instead of the 405 a path without that method gets."""
