@@ -17,7 +17,7 @@ from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
-from app.models import Chat, Message, User
+from app.models import Agent, Chat, Message, User
 from app.services.exports import EXPORT_PAGE_CHATS
 from app.state import app_state
 from tests.conftest import TeamWorld, count_rows
@@ -543,3 +543,21 @@ async def test_export_and_import_paths_are_words_not_chat_ids(
     response = await client.request(method, path, headers=team_world.h(team_world.member))
     assert response.status_code == 405
     assert response.headers["Allow"] == allow
+
+
+async def test_import_keeps_large_metadata_and_accepts_an_inactive_agent(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """Tool steps can make metadata large: only the body cap bounds it. An inactive agent keeps its history."""
+    steps = [{"type": "tool", "name": f"step {i}", "output": "z" * 2000} for i in range(100)]
+    answer = {"role": "assistant", "content": "done", "metadata": {"steps": steps}}
+    messages: list[dict[str, Any]] = [{"content": "Q"}, answer]
+    chat = await create_chat(session, user=team_world.member, agent=team_world.agent, messages=messages)
+    first = await export_json(client, team_world, chat.id)
+    await session.execute(update(Agent).where(Agent.id == team_world.agent.id).values(is_active=False))
+    await session.commit()
+    response = await import_body(client, team_world, json.dumps(first))
+    assert response.status_code == 201
+    second = await export_json(client, team_world, response.json()[0]["id"])
+    assert comparable(second) == comparable(first)
+    assert second["messages"][1]["metadata"]["steps"][99]["output"] == "z" * 2000
