@@ -29,12 +29,14 @@ from app.routers import (
     callbacks,
     chats,
     error_logs,
+    exports,
     health,
     invites,
     messages,
     metrics_route,
     n8n_chat,
     openai_api,
+    shares,
     stream,
     teams,
     usage,
@@ -44,6 +46,7 @@ from app.routers import files as files_router
 from app.routers.responses import complete_openapi
 from app.serve import release_uvicorn_proxy_headers
 from app.services.health import migration_head
+from app.services.imports import ImportGate
 from app.services.revocation import make_revocation_store
 from app.state import AppState, app_state
 from app.streaming import GenerationRegistry, N8nStreamer
@@ -123,7 +126,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_keys.router)
     app.include_router(agents.router)
     app.include_router(n8n_chat.router)
+    # Before `chats`: `/api/chats/export` and `/api/chats/import` are not chat ids.
+    app.include_router(exports.router)
     app.include_router(chats.router)
+    app.include_router(shares.router)
     app.include_router(messages.router)
     app.include_router(files_router.router)
     app.include_router(stream.router)
@@ -150,6 +156,7 @@ def build_state(settings: Settings) -> AppState:
         revocations=make_revocation_store(sessionmaker=db.sessionmaker),
         generations=GenerationRegistry(settings=settings, db=db, streamer=N8nStreamer(settings), redis=redis),
         uploads=UploadSlots(settings.FILE_UPLOADS_PER_USER),
+        imports=ImportGate(settings.IMPORT_MAX_CONCURRENT),
         migration_head=migration_head(),
     )
 

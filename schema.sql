@@ -368,5 +368,30 @@ CREATE INDEX ix_files_sha256 ON files (sha256);
 
 UPDATE alembic_version SET version_num='0012' WHERE alembic_version.version_num = '0010';
 
+-- Running upgrade 0012 -> 0013
+
+CREATE TABLE shares (
+    id UUID NOT NULL, 
+    team_id UUID NOT NULL, 
+    chat_id UUID, 
+    user_id UUID, 
+    agent_id UUID, 
+    title VARCHAR(200), 
+    messages JSONB NOT NULL, 
+    message_count INTEGER NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_shares PRIMARY KEY (id), 
+    CONSTRAINT fk_shares_team_id_teams FOREIGN KEY(team_id) REFERENCES teams (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_shares_chat_id_chats FOREIGN KEY(chat_id) REFERENCES chats (id) ON DELETE SET NULL, 
+    CONSTRAINT fk_shares_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE SET NULL, 
+    CONSTRAINT fk_shares_agent_id_agents FOREIGN KEY(agent_id) REFERENCES agents (id) ON DELETE SET NULL, 
+    CONSTRAINT uq_shares_chat_id UNIQUE (chat_id)
+);
+
+CREATE INDEX ix_shares_team_id_updated_at ON shares (team_id, updated_at);
+
+UPDATE alembic_version SET version_num='0013' WHERE alembic_version.version_num = '0012';
+
 COMMIT;
 

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.db import Database
+from app.services.imports import ImportGate
 from app.services.revocation import RevocationStore
 from app.state import app_state
 from app.streaming import GenerationRegistry, N8nStreamer
@@ -45,6 +46,8 @@ async def get_streamer(request: Request) -> N8nStreamer:
 
 async def get_upload_slots(request: Request) -> UploadSlots:
     return app_state(request.app).uploads
+async def get_import_gate(request: Request) -> ImportGate:
+    return app_state(request.app).imports
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
@@ -53,6 +56,7 @@ RevocationsDep = Annotated[RevocationStore, Depends(get_revocations)]
 GenerationsDep = Annotated[GenerationRegistry, Depends(get_generations)]
 StreamerDep = Annotated[N8nStreamer, Depends(get_streamer)]
 UploadSlotsDep = Annotated[UploadSlots, Depends(get_upload_slots)]
+ImportGateDep = Annotated[ImportGate, Depends(get_import_gate)]
 
 
 async def get_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:

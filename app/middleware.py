@@ -27,6 +27,7 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 AVATAR_UPLOAD_RE = re.compile(r"^/api/agents/[^/]+/avatar/?$")
 FILE_UPLOAD_RE = re.compile(r"^/api/chats/[^/]+/files/?$")
 CALLBACK_PREFIX = "/api/callbacks/"
+IMPORT_PATH_RE = re.compile(r"^/api/chats/import/?$")
 #: Paths that carry a secret (an invite token): logged with the secret cut out.
 #: Room for multipart boundaries and part headers around the avatar file itself.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -70,6 +71,8 @@ class RequestContextMiddleware:
             return self.settings.AVATAR_MAX_BYTES + MULTIPART_OVERHEAD
         if scope.get("method") == "POST" and FILE_UPLOAD_RE.match(scope.get("path", "")):
             return self.settings.FILE_MAX_BYTES + MULTIPART_OVERHEAD
+        if scope.get("method") == "POST" and IMPORT_PATH_RE.match(scope.get("path", "")):
+            return self.settings.IMPORT_MAX_BODY_BYTES  # exported chats; counted as they arrive
         if scope.get("path", "").startswith(CALLBACK_PREFIX):
             return self.settings.CALLBACK_MAX_BODY_BYTES  # n8n's progress callbacks are small
         return self.settings.MAX_REQUEST_BODY_BYTES

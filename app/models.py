@@ -239,6 +239,31 @@ class File(Base):
     created_at: Mapped[datetime] = _created()
 
 
+class Share(Base):
+    """A read-only snapshot of a chat's current branch, readable by every member of the chat's team.
+
+    The snapshot belongs to the team: it outlives its chat (`chat_id` becomes null) and its sharer
+    (`user_id` becomes null). `messages` holds the branch as the API shows Messages (JSON), so a message's
+    later fields travel with it without a schema change. One share per chat: sharing again replaces the
+    snapshot under the same id, so a link already sent keeps working.
+    """
+
+    __tablename__ = "shares"
+    __table_args__ = (Index("ix_shares_team_id_updated_at", "team_id", "updated_at"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), nullable=False)
+    chat_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("chats.id", ondelete="SET NULL"), unique=True)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    agent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id", ondelete="SET NULL"))
+    title: Mapped[str | None] = mapped_column(String(200))
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, nullable=False)
+    message_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = _created()
+    #: When the snapshot was last taken (sharing again moves it): the team's list is newest first by it.
+    updated_at: Mapped[datetime] = _updated()
+
+
 class RefreshToken(Base):
     """A refresh token, stored hashed; rotation spends it, and reuse of a spent one kills its family."""
 

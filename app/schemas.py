@@ -52,6 +52,7 @@ from app.fields import (
     canonical_email,
     check_storable_json,
 )
+from app.share_schemas import ExportedChat, ShareRead, ShareSummary
 
 #: Every request and response body; the conversation side is defined in app/chat_schemas.py.
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "ChatUpdate",
     "ErrorLogRead",
     "ErrorRead",
+    "ExportedChat",
     "FeedbackUpdate",
     "FileRead",
     "HealthRead",
@@ -98,6 +100,8 @@ __all__ = [
     "RefreshRead",
     "RefreshRequest",
     "RegisterRequest",
+    "ShareRead",
+    "ShareSummary",
     "TeamChoice",
     "TeamCreate",
     "TeamRead",

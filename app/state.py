@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from app.config import Settings
     from app.db import Database
     from app.ratelimit import RateLimiter
+    from app.services.imports import ImportGate
     from app.services.revocation import RevocationStore
     from app.streaming import GenerationRegistry
     from app.uploads import UploadSlots
@@ -30,6 +31,7 @@ class AppState:
     revocations: RevocationStore
     generations: GenerationRegistry
     uploads: UploadSlots
+    imports: ImportGate
     migration_head: str | None
 
 

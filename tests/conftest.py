@@ -6,6 +6,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings, load_settings
 from app.migrations import alembic_config
-from app.models import Base
+from app.models import Agent, Base, Team, User
 from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import https_client
+from tests.factories import auth_headers, create_admin, create_agent, create_team, create_user
 from tools.fake_n8n import FakeN8n
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,3 +183,38 @@ async def redis_url() -> AsyncIterator[str]:
 
 async def count_rows(session: AsyncSession, table: str) -> int:
     return int((await session.execute(text(f'SELECT count(*) FROM "{table}"'))).scalar_one())
+
+
+@dataclass
+class TeamWorld:
+    """A team with an admin, two members and an agent, and a member of another team with an agent of the
+    same slug: what the sharing, export and import tests check tenancy against."""
+
+    team: Team
+    admin: User
+    member: User
+    colleague: User
+    foreigner: User
+    agent: Agent
+    foreign_agent: Agent
+    settings: Settings
+
+    def h(self, user: User) -> dict[str, str]:
+        return auth_headers(self.settings, user)
+
+
+@pytest.fixture
+async def team_world(session: AsyncSession, settings: Settings) -> TeamWorld:
+    team = await create_team(session)
+    other_team = await create_team(session)
+    agent = await create_agent(session, team=team, slug="helper", name="Helper")
+    return TeamWorld(
+        team=team,
+        admin=await create_admin(session, team=team),
+        member=await create_user(session, team=team),
+        colleague=await create_user(session, team=team),
+        foreigner=await create_user(session, team=other_team),
+        agent=agent,
+        foreign_agent=await create_agent(session, team=other_team, slug="helper", name="Their helper"),
+        settings=settings,
+    )

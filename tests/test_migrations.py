@@ -48,10 +48,12 @@ EXPECTED_TABLES = {
     "widget_sessions",
     "files",
     "file_blobs",
+    "shares",
     "alembic_version",
 }
-#: The tables of migrations after 0009 (widget sessions 0010, files 0012), gone whenever a test goes below them.
-LATER_TABLES = {"widget_sessions", "files", "file_blobs"}
+#: The tables of migrations after 0009 (widget sessions 0010, files 0012, shares 0013), gone whenever a test goes
+#: below them.
+LATER_TABLES = {"widget_sessions", "files", "file_blobs", "shares"}
 
 
 async def _pg_tables(url: str) -> set[str]:
@@ -631,3 +633,16 @@ def test_0012_files_down_and_up_on_postgresql() -> None:
 
 def test_0012_files_down_and_up_on_sqlite(tmp_path: Path) -> None:
     _check_0012(f"sqlite+aiosqlite:///{tmp_path / 'f.db'}", _sqlite_tables)
+
+
+# --- 0013: shares ---------------------------------------------------------------------------------------------
+
+
+def test_shares_migration_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    """0013: down to 0012 drops only the shares table, up brings it back."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 's.db'}"
+    run_migrations(url)
+    run_migrations(url, "0012", downgrade=True)
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"shares"}
+    run_migrations(url, "0013")
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES

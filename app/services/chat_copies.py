@@ -1,0 +1,85 @@
+"""Writing a whole message tree into a new chat of the caller (a fork of a share, an import): new ids, new times
+in the given order, the chat's counters and current leaf set in the same transaction."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import utcnow
+from app.models import Chat, Message, User
+
+
+@dataclass(frozen=True)
+class CopiedMessage:
+    """A message to write; `key` and `parent_key` link the tree within the copy (a parent comes first)."""
+
+    key: uuid.UUID
+    parent_key: uuid.UUID | None
+    role: str
+    content: str
+    status: str
+    error: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    feedback: dict[str, Any] | None = None
+
+
+async def create_chat_copy(
+    session: AsyncSession,
+    *,
+    user: User,
+    agent_id: uuid.UUID,
+    title: str | None,
+    messages: Sequence[CopiedMessage],
+    current_key: uuid.UUID | None,
+    archived: bool = False,
+    pinned: bool = False,
+) -> Chat:
+    """A new chat of `user` holding `messages` (parents before children) under new ids; the caller commits.
+
+    Times are stamped now, one microsecond apart in list order, so siblings keep their order (the API orders
+    children by time) and the chat's last activity is its last message.
+    """
+    now = utcnow()
+    ids = {m.key: uuid.uuid4() for m in messages}
+    stamps = [now - timedelta(microseconds=len(messages) - i) for i in range(len(messages))]
+    chat = Chat(
+        team_id=user.team_id,
+        user_id=user.id,
+        agent_id=agent_id,
+        title=title,
+        archived=archived,
+        pinned=pinned,
+        message_count=len(messages),
+        current_message_id=ids[current_key] if current_key is not None else None,
+        last_message_at=stamps[-1] if stamps else None,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(chat)
+    await session.flush()
+    if messages:
+        rows = [
+            {
+                "id": ids[m.key],
+                "chat_id": chat.id,
+                "parent_id": ids[m.parent_key] if m.parent_key is not None else None,
+                "role": m.role,
+                "content": m.content,
+                "status": m.status,
+                "error": m.error,
+                "meta": m.metadata,
+                "feedback": m.feedback,
+                "created_at": stamp,
+                "updated_at": stamp,
+            }
+            for m, stamp in zip(messages, stamps, strict=True)
+        ]
+        await session.execute(insert(Message), rows)
+    return chat

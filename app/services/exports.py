@@ -1,0 +1,158 @@
+"""Chat exports in the format of docs/SHARING.md (version 1): one chat as JSON (every branch) or Markdown (the
+branch shown), and every chat of a user as JSON Lines, read page by page while it is sent."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.chat_schemas import format_timestamp
+from app.db import Database, utcnow
+from app.errors import NotFound
+from app.models import Agent, Chat, Message, User
+from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, UNTITLED, owned_chat_params
+from app.share_schemas import EXPORT_FORMAT, EXPORT_VERSION
+
+#: Chats read per query by the JSON Lines export: its memory is one page, whatever the number of chats.
+EXPORT_PAGE_CHATS = 20
+
+
+def _message(m: Message) -> dict[str, Any]:
+    """One message as exported. A message still streaming is written as `interrupted` (its text so far), so
+    every export can be imported again."""
+    return {
+        "id": str(m.id),
+        "parent_id": str(m.parent_id) if m.parent_id else None,
+        "role": m.role,
+        "content": m.content,
+        "status": "interrupted" if m.status == "streaming" else m.status,
+        "created_at": format_timestamp(m.created_at),
+        "error": m.error,
+        "metadata": m.meta,
+        "feedback": m.feedback,
+    }
+
+
+def _oldest_first(messages: Sequence[Message]) -> list[Message]:
+    """Oldest first, and a parent always before its children (even when two share a timestamp)."""
+    children: dict[uuid.UUID | None, list[Message]] = {}
+    ids = {m.id for m in messages}
+    for m in messages:
+        children.setdefault(m.parent_id if m.parent_id in ids else None, []).append(m)
+    ready = [(m.created_at, m.id, m) for m in children.get(None, [])]
+    heapq.heapify(ready)
+    ordered: list[Message] = []
+    while ready:
+        _, _, m = heapq.heappop(ready)
+        ordered.append(m)
+        for child in children.get(m.id, []):
+            heapq.heappush(ready, (child.created_at, child.id, child))
+    return ordered
+
+
+def _branch(messages: Sequence[Message], leaf: uuid.UUID | None) -> list[Message]:
+    """The path from a first message to `leaf`, root first."""
+    by_id = {m.id: m for m in messages}
+    path: list[Message] = []
+    node = by_id.get(leaf) if leaf is not None else None
+    while node is not None and len(path) <= len(by_id):
+        path.append(node)
+        node = by_id.get(node.parent_id) if node.parent_id is not None else None
+    path.reverse()
+    return path
+
+
+def chat_document(chat: Chat, agent_slug: str, agent_name: str, messages: Sequence[Message]) -> dict[str, Any]:
+    """One chat in the export format: every message of every branch (oldest first, linked by `parent_id`),
+    `current_message_id` the leaf of the branch shown and `current_branch` that branch's ids."""
+    ordered = _oldest_first(messages)
+    return {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "id": str(chat.id),
+        "title": chat.title,
+        "agent": {"slug": agent_slug, "name": agent_name},
+        "archived": chat.archived,
+        "pinned": chat.pinned,
+        "created_at": format_timestamp(chat.created_at),
+        "updated_at": format_timestamp(chat.updated_at),
+        "current_message_id": str(chat.current_message_id) if chat.current_message_id else None,
+        "current_branch": [str(m.id) for m in _branch(ordered, chat.current_message_id)],
+        "messages": [_message(m) for m in ordered],
+    }
+
+
+async def export_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> dict[str, Any]:
+    """The caller's chat in the export format (missing, another user's or another team's: 404)."""
+    query = select(Chat, Agent.slug, Agent.name).join(Agent, Agent.id == Chat.agent_id).where(*OWNED_CHAT)
+    row = (await session.execute(query, owned_chat_params(chat_id, user.id, user.team_id))).first()
+    if row is None:
+        raise NotFound(CHAT_NOT_FOUND)
+    chat, slug, name = row
+    messages = (await session.execute(select(Message).where(Message.chat_id == chat.id))).scalars().all()
+    return chat_document(chat, slug, name, messages)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def chat_markdown(document: dict[str, Any]) -> str:
+    """The branch shown of an exported chat as Markdown: a title, who answered, then each message in turn."""
+    by_id = {m["id"]: m for m in document["messages"]}
+    agent = document["agent"]
+    lines = [
+        f"# {_one_line(document['title'] or '') or UNTITLED}",
+        "",
+        f"Agent: {_one_line(agent['name'])} (`{agent['slug']}`)  ",
+        f"Exported: {format_timestamp(utcnow())}",
+    ]
+    for message_id in document["current_branch"]:
+        message = by_id[message_id]
+        heading = "User" if message["role"] == "user" else "Assistant"
+        if message["status"] != "complete":
+            heading += f" ({message['status']})"
+        lines += ["", "---", "", f"## {heading}", "", f"_{message['created_at']}_", ""]
+        lines.append(message["content"] if message["content"] else "_(no text)_")
+        if message["error"]:
+            lines += ["", f"> Error: {_one_line(str(message['error'].get('message', '')))}"]
+    return "\n".join(lines) + "\n"
+
+
+async def export_lines(*, db: Database, user_id: uuid.UUID, team_id: uuid.UUID) -> AsyncIterator[bytes]:
+    """Every chat of the user, one JSON document per line, oldest chat first.
+
+    Chats are read EXPORT_PAGE_CHATS at a time (keyset paging on creation time and id), each page in its
+    own short session that is closed before its lines are sent: memory and connections stay constant
+    however many chats there are, and a slow reader holds no database connection.
+    """
+    after: tuple[Any, uuid.UUID] | None = None
+    while True:
+        async with db.sessionmaker() as session:
+            query = (
+                select(Chat, Agent.slug, Agent.name)
+                .join(Agent, Agent.id == Chat.agent_id)
+                .where(Chat.user_id == user_id, Chat.team_id == team_id)
+                .order_by(Chat.created_at, Chat.id)
+                .limit(EXPORT_PAGE_CHATS)
+            )
+            if after is not None:
+                query = query.where(tuple_(Chat.created_at, Chat.id) > tuple_(*after))
+            page = (await session.execute(query)).all()
+            by_chat: dict[uuid.UUID, list[Message]] = {row[0].id: [] for row in page}
+            if by_chat:
+                messages = await session.execute(select(Message).where(Message.chat_id.in_(list(by_chat))))
+                for m in messages.scalars():
+                    by_chat[m.chat_id].append(m)
+        for chat, slug, name in page:
+            document = chat_document(chat, slug, name, by_chat[chat.id])
+            yield json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        if len(page) < EXPORT_PAGE_CHATS:
+            return
+        after = (page[-1][0].created_at, page[-1][0].id)

@@ -1,0 +1,110 @@
+"""Bodies of sharing and of the chat export format (re-exported by app/schemas.py); docs/SHARING.md."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+from app.chat_schemas import MessageError, MessageRead, MessageRole
+from app.fields import AgentSlug, ChatTitle, ReadModel, StorableText, check_storable_json
+
+# --- shares ----------------------------------------------------------------------------------
+
+
+class ShareSummary(ReadModel):
+    """A share as the team's list shows it: everything but the messages."""
+
+    id: uuid.UUID
+    chat_id: uuid.UUID | None = Field(description="The shared chat; null once its owner deleted it")
+    user_id: uuid.UUID | None = Field(description="Who shared it; null once that account is gone")
+    agent_id: uuid.UUID | None
+    title: str | None
+    message_count: int = Field(description="Messages in the snapshot")
+    created_at: datetime = Field(description="When the chat was first shared")
+    updated_at: datetime = Field(description="When the snapshot was last taken (sharing again moves it)")
+
+
+class ShareRead(ShareSummary):
+    """A read-only snapshot of the chat's branch at `updated_at`: root first, each message's parent the one
+    before it, `sibling_ids` itself only, no feedback (ratings stay private to the chat's owner)."""
+
+    messages: list[MessageRead]
+
+
+# --- the export format (version 1) ------------------------------------------------------------
+
+#: What an export names itself; an import refuses any other `format` or `version`.
+EXPORT_FORMAT = "n8n-chat-relay/chat"
+EXPORT_VERSION = 1
+#: Content of one imported message; far above what a send accepts (assistant answers are longer).
+IMPORT_CONTENT_MAX_CHARS = 1_000_000
+
+#: No size cap of its own on an imported chat's JSON: the body cap (IMPORT_MAX_BODY_BYTES) bounds it, and a
+#: message's metadata (tool steps) may be large; the guard is only for what PostgreSQL cannot store.
+IMPORT_DOCUMENT_MAX_BYTES = 1 << 40
+
+
+class ExportPart(BaseModel):
+    """Base of the export format's parts. Not an `InputModel`: a service reads them from the bytes of an import,
+    never as a request body; unknown keys are refused all the same."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+ImportedStatus = Literal["complete", "error", "cancelled", "interrupted", "streaming"]
+
+
+class ExportedAgent(ExportPart):
+    slug: AgentSlug = Field(description="Matched against the importer's team on import")
+    name: str | None = Field(None, description="Informative; not matched")
+
+
+class ExportedFeedback(ExportPart):
+    rating: Literal[1, -1] | None
+    comment: Annotated[str, Field(max_length=2000), StorableText] | None = None
+    updated_at: datetime | None = None
+
+
+class ExportedMessage(ExportPart):
+    """One message of an exported chat, in the order of the export (a parent before its children)."""
+
+    id: uuid.UUID = Field(description="Links the tree within this export; the import makes new ids")
+    parent_id: uuid.UUID | None = Field(description="An earlier message of this chat, or null for a first message")
+    role: MessageRole
+    content: Annotated[str, Field(max_length=IMPORT_CONTENT_MAX_CHARS), StorableText]
+    status: ImportedStatus = Field(description="`streaming` is never exported and refused on import")
+    created_at: datetime | None = Field(None, description="Informative; the import stamps new times in order")
+    error: MessageError | None = None
+    metadata: dict[str, Any] | None = None
+    feedback: ExportedFeedback | None = None
+
+
+class ExportedChat(ExportPart):
+    """One chat as exported (`GET /api/chats/{id}/export?format=json`, one line of `GET /api/chats/export`)
+    and as imported (`POST /api/chats/import`)."""
+
+    format: Literal["n8n-chat-relay/chat"] = Field(description="Always `n8n-chat-relay/chat`")
+    version: Literal[1] = Field(description="The format's version; an import refuses versions it does not know")
+    id: uuid.UUID | None = Field(None, description="The exported chat's id; informative, the import makes a new one")
+    title: ChatTitle | None = None
+    agent: ExportedAgent
+    archived: StrictBool = False
+    pinned: StrictBool = False
+    created_at: datetime | None = Field(None, description="Informative")
+    updated_at: datetime | None = Field(None, description="Informative")
+    current_message_id: uuid.UUID | None = Field(
+        description="The leaf of the branch shown; null only for a chat without messages"
+    )
+    current_branch: list[uuid.UUID] | None = Field(
+        None, description="The ids of the branch shown, root first (informative; checked against the tree)"
+    )
+    messages: list[ExportedMessage] = Field(description="Every message of every branch, oldest first")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        """Text PostgreSQL cannot store (NUL, lone surrogates) anywhere in the chat is a 422, never a 500."""
+        return check_storable_json(data, max_bytes=IMPORT_DOCUMENT_MAX_BYTES, label="the chat")

@@ -1,0 +1,563 @@
+"""Export (JSON with every branch, Markdown, JSON Lines streamed page by page) and import (all or nothing, agents
+by slug, the body cap, concurrent imports), and the round trip export -> import -> export."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import event, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import utcnow
+from app.models import Agent, Chat, Message, User
+from app.services.exports import EXPORT_PAGE_CHATS
+from app.state import app_state
+from tests.conftest import TeamWorld, count_rows
+from tests.factories import create_chat, message_row
+
+FEEDBACK = {"rating": -1, "comment": "too short", "updated_at": "2026-12-01T10:00:00+00:00"}
+
+
+async def branchy_chat(session: AsyncSession, world: TeamWorld, user: User | None = None, title: str = "Tree") -> Chat:
+    """Q1 -> A1 -> {Q2 -> {A2 (error), A2b (regenerated)}, Q2' (an edit) -> A2'}; the branch shown is
+    Q1, A1, Q2, A2 (not the newest answer), so the export must keep which branch is current."""
+    now = utcnow() - timedelta(minutes=5)
+    chat = await create_chat(session, user=user or world.member, agent=world.agent, title=title)
+
+    def at(seconds: int) -> Any:
+        return now + timedelta(seconds=seconds)
+
+    rows: dict[str, Message] = {}
+    specs: list[tuple[str, str | None, str, str, str, dict[str, Any]]] = [
+        ("q1", None, "user", "First question", "complete", {}),
+        ("a1", "q1", "assistant", "First answer", "complete", {"metadata": {"format": "ndjson", "chunks": 3}}),
+        ("q2", "a1", "user", "Second question", "complete", {}),
+        ("a2", "q2", "assistant", "Half an ans", "error", {"error": {"message": "The agent failed", "code": "x"}}),
+        ("a2b", "q2", "assistant", "Regenerated answer", "complete", {"feedback": FEEDBACK}),
+        ("q2e", "a1", "user", "Second question, edited", "complete", {}),
+        ("a2e", "q2e", "assistant", "Answer to the edit", "interrupted", {}),
+    ]
+    for i, (key, parent, role, content, status, extra) in enumerate(specs):
+        element = {"role": role, "content": content, "status": status, "created_at": at(i), **extra}
+        row = message_row(chat.id, rows[parent].id if parent else None, element)
+        session.add(row)
+        await session.flush()
+        rows[key] = row
+    await session.execute(
+        update(Chat).where(Chat.id == chat.id).values(current_message_id=rows["a2"].id, message_count=len(specs))
+    )
+    await session.commit()
+    await session.refresh(chat)
+    return chat
+
+
+async def export_json(client: httpx.AsyncClient, world: TeamWorld, chat_id: Any, user: User | None = None) -> Any:
+    response = await client.get(f"/api/chats/{chat_id}/export", headers=world.h(user or world.member))
+    assert response.status_code == 200
+    return response.json()
+
+
+def comparable(document: dict[str, Any]) -> dict[str, Any]:
+    """An export without what an import renews (ids, times): ids become positions in the message list."""
+    position = {m["id"]: i for i, m in enumerate(document["messages"])}
+    messages = []
+    for m in document["messages"]:
+        kept = {k: v for k, v in m.items() if k not in ("id", "created_at")}
+        kept["parent_id"] = position.get(m["parent_id"])
+        if kept.get("feedback"):
+            kept["feedback"] = {k: v for k, v in kept["feedback"].items() if k != "updated_at"}
+        messages.append(kept)
+    drop = ("id", "created_at", "updated_at", "messages", "current_message_id", "current_branch")
+    return {
+        **{k: v for k, v in document.items() if k not in drop},
+        "messages": messages,
+        "current": position.get(document["current_message_id"]),
+        "current_branch": [position[i] for i in document["current_branch"]],
+    }
+
+
+async def import_body(
+    client: httpx.AsyncClient,
+    world: TeamWorld,
+    body: bytes | str,
+    user: User | None = None,
+    content_type: str = "application/json",
+) -> httpx.Response:
+    headers = {**world.h(user or world.member), "Content-Type": content_type}
+    return await client.post("/api/chats/import", content=body, headers=headers)
+
+
+# --- export one chat --------------------------------------------------------------------------
+
+
+async def test_export_json_carries_every_branch_and_the_current_one(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await branchy_chat(session, team_world)
+    response = await client.get(f"/api/chats/{chat.id}/export?format=json", headers=team_world.h(team_world.member))
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["content-disposition"] == f'attachment; filename="chat-{chat.id}.json"'
+    doc = response.json()
+    assert doc["format"] == "n8n-chat-relay/chat"
+    assert doc["version"] == 1
+    assert doc["title"] == "Tree"
+    assert doc["agent"] == {"slug": "helper", "name": "Helper"}
+    assert (doc["archived"], doc["pinned"]) == (False, False)
+    contents = [m["content"] for m in doc["messages"]]
+    assert contents == [
+        "First question",
+        "First answer",
+        "Second question",
+        "Half an ans",
+        "Regenerated answer",
+        "Second question, edited",
+        "Answer to the edit",
+    ]
+    by_content = {m["content"]: m for m in doc["messages"]}
+    assert by_content["Regenerated answer"]["parent_id"] == by_content["Second question"]["id"]
+    assert by_content["Second question, edited"]["parent_id"] == by_content["First answer"]["id"]
+    assert by_content["First question"]["parent_id"] is None
+    assert doc["current_message_id"] == by_content["Half an ans"]["id"]
+    assert doc["current_branch"] == [
+        by_content[c]["id"] for c in ("First question", "First answer", "Second question", "Half an ans")
+    ]
+    assert by_content["Half an ans"]["status"] == "error"
+    assert by_content["Half an ans"]["error"] == {"message": "The agent failed", "code": "x"}
+    assert by_content["First answer"]["metadata"] == {"format": "ndjson", "chunks": 3}
+    assert by_content["Regenerated answer"]["feedback"] == FEEDBACK
+    assert by_content["Answer to the edit"]["status"] == "interrupted"
+    assert set(doc["messages"][0]) == {
+        "id",
+        "parent_id",
+        "role",
+        "content",
+        "status",
+        "created_at",
+        "error",
+        "metadata",
+        "feedback",
+    }
+    assert all(m["created_at"].endswith("Z") for m in doc["messages"])
+
+
+async def test_export_markdown_is_the_current_branch(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await branchy_chat(session, team_world)
+    response = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=team_world.h(team_world.member))
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/markdown; charset=utf-8"
+    assert response.headers["content-disposition"] == f'attachment; filename="chat-{chat.id}.md"'
+    text = response.text
+    assert text.startswith("# Tree\n")
+    assert "Agent: Helper (`helper`)" in text
+    order = [text.index(s) for s in ("First question", "First answer", "Second question", "Half an ans")]
+    assert order == sorted(order)
+    assert "## User" in text
+    assert "## Assistant (error)" in text
+    assert "> Error: The agent failed" in text
+    for other_branch in ("Regenerated answer", "edited", "Answer to the edit"):
+        assert other_branch not in text
+
+
+async def test_export_streaming_message_is_written_as_interrupted(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    running = {"role": "assistant", "content": "so far", "status": "streaming", "_worker": str(uuid.uuid4())}
+    chat = await create_chat(
+        session, user=team_world.member, agent=team_world.agent, messages=[{"content": "Q"}, running]
+    )
+    doc = await export_json(client, team_world, chat.id)
+    assert [m["status"] for m in doc["messages"]] == ["complete", "interrupted"]
+    # ... so that the export can be imported again.
+    response = await import_body(client, team_world, json.dumps(doc))
+    assert response.status_code == 201
+
+
+async def test_export_someone_elses_chat_is_404(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await branchy_chat(session, team_world)
+    for intruder in (team_world.colleague, team_world.admin, team_world.foreigner):
+        for fmt in ("json", "markdown"):
+            response = await client.get(f"/api/chats/{chat.id}/export?format={fmt}", headers=team_world.h(intruder))
+            assert response.status_code == 404
+            assert response.json() == {"detail": "Chat not found"}
+    bad = await client.get(f"/api/chats/{chat.id}/export?format=pdf", headers=team_world.h(team_world.member))
+    assert bad.status_code == 422
+    assert (await client.get(f"/api/chats/{chat.id}/export")).status_code == 401
+
+
+# --- export all: JSON Lines -------------------------------------------------------------------
+
+
+@pytest.fixture
+def chat_selects(app: FastAPI) -> Iterator[list[str]]:
+    """The statements that read pages of chats (the export's keyset pages)."""
+    seen: list[str] = []
+    engine = app_state(app).db.engine.sync_engine
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM CHATS JOIN AGENTS" in statement.upper():
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(engine, "before_cursor_execute", record)
+
+
+async def test_export_all_streams_json_lines_page_by_page(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, chat_selects: list[str]
+) -> None:
+    count = 2 * EXPORT_PAGE_CHATS + 5
+    made = []
+    for i in range(count):
+        messages = [{"content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+        made.append(
+            await create_chat(
+                session, user=team_world.member, agent=team_world.agent, messages=messages, title=f"chat {i}"
+            )
+        )
+    await create_chat(session, user=team_world.colleague, agent=team_world.agent, title="not mine")
+    chat_selects.clear()
+    async with client.stream("GET", "/api/chats/export", headers=team_world.h(team_world.member)) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/x-ndjson"
+        assert response.headers["content-disposition"].startswith('attachment; filename="chats-')
+        assert "content-length" not in response.headers  # streamed, not built whole
+        lines = [line async for line in response.aiter_lines() if line]
+    assert len(lines) == count
+    documents = [json.loads(line) for line in lines]
+    assert [d["title"] for d in documents] == [f"chat {i}" for i in range(count)]
+    # Three pages of at most EXPORT_PAGE_CHATS chats, not one query for everything.
+    assert len(chat_selects) == 3
+    # Each line is the same JSON as the single export.
+    assert documents[7] == await export_json(client, team_world, made[7].id)
+
+
+async def test_export_all_with_no_chats_is_empty(client: httpx.AsyncClient, team_world: TeamWorld) -> None:
+    response = await client.get("/api/chats/export", headers=team_world.h(team_world.colleague))
+    assert response.status_code == 200
+    assert response.content == b""
+    assert (await client.get("/api/chats/export")).status_code == 401
+
+
+# --- import ---------------------------------------------------------------------------------
+
+
+async def test_round_trip_keeps_content_and_branches(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await branchy_chat(session, team_world)
+    await session.execute(update(Chat).where(Chat.id == chat.id).values(pinned=True))
+    await session.commit()
+    first = await export_json(client, team_world, chat.id)
+    response = await import_body(client, team_world, json.dumps(first))
+    assert response.status_code == 201
+    [summary] = response.json()
+    assert summary["id"] != str(chat.id)
+    assert summary["title"] == "Tree"
+    assert summary["message_count"] == 7
+    assert summary["pinned"] is True
+    second = await export_json(client, team_world, summary["id"])
+    assert comparable(second) == comparable(first)
+    assert not {m["id"] for m in second["messages"]} & {m["id"] for m in first["messages"]}
+    assert second["created_at"] != first["created_at"]
+    # The imported chat reads as the original: the same branch shown, the same siblings.
+    read = (await client.get(f"/api/chats/{summary['id']}", headers=team_world.h(team_world.member))).json()
+    assert [m["content"] for m in read["messages"]] == [
+        "First question",
+        "First answer",
+        "Second question",
+        "Half an ans",
+    ]
+    assert len(read["messages"][2]["sibling_ids"]) == 2
+    assert len(read["messages"][3]["sibling_ids"]) == 2
+
+
+async def test_round_trip_of_all_chats_as_json_lines(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    await branchy_chat(session, team_world, title="one")
+    await branchy_chat(session, team_world, title="two")
+    await create_chat(session, user=team_world.member, agent=team_world.agent, title="empty")
+    exported = (await client.get("/api/chats/export", headers=team_world.h(team_world.member))).content
+    # A colleague imports them: the chats become theirs, with the team's agent of that slug.
+    response = await import_body(client, team_world, exported, team_world.colleague, "application/x-ndjson")
+    assert response.status_code == 201
+    assert [c["title"] for c in response.json()] == ["one", "two", "empty"]
+    again = (await client.get("/api/chats/export", headers=team_world.h(team_world.colleague))).content
+    before = [comparable(json.loads(line)) for line in exported.splitlines()]
+    after = [comparable(json.loads(line)) for line in again.splitlines()]
+    assert after == before
+    listed = await client.get("/api/chats", headers=team_world.h(team_world.colleague))
+    assert {c["title"] for c in listed.json()} == {"one", "two", "empty"}
+
+
+async def test_import_matches_agents_in_the_callers_team(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await branchy_chat(session, team_world)
+    doc = await export_json(client, team_world, chat.id)
+    response = await import_body(client, team_world, json.dumps(doc), team_world.foreigner)
+    assert response.status_code == 201
+    assert response.json()[0]["agent_id"] == str(team_world.foreign_agent.id)
+    mine = await client.get(f"/api/chats/{response.json()[0]['id']}", headers=team_world.h(team_world.member))
+    assert mine.status_code == 404
+
+
+async def test_import_with_missing_agent_slug_is_422_naming_it(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await branchy_chat(session, team_world)
+    doc = await export_json(client, team_world, chat.id)
+    other = {**doc, "agent": {"slug": "gone-bot", "name": "Gone"}}
+    body = "\n".join(json.dumps(d) for d in (doc, other, doc))
+    chats, messages = await count_rows(session, "chats"), await count_rows(session, "messages")
+    response = await import_body(client, team_world, body, content_type="application/x-ndjson")
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert "gone-bot" in error["msg"]
+    assert error["loc"] == ["body", 1, "agent", "slug"]
+    assert (await count_rows(session, "chats"), await count_rows(session, "messages")) == (chats, messages)
+
+
+def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
+    doc = json.loads(json.dumps(doc))
+    messages = doc["messages"]
+    if change == "parent_elsewhere":
+        messages[3]["parent_id"] = str(uuid.uuid4())
+    elif change == "parent_later":
+        messages[1]["parent_id"] = messages[2]["id"]
+    elif change == "duplicate_id":
+        messages[4]["id"] = messages[3]["id"]
+    elif change == "root_answer":
+        messages[0]["role"] = "assistant"
+    elif change == "same_role_twice":
+        messages[2]["role"] = "assistant"
+    elif change == "streaming":
+        messages[6]["status"] = "streaming"
+    elif change == "feedback_on_question":
+        messages[0]["feedback"] = FEEDBACK
+    elif change == "current_elsewhere":
+        doc["current_message_id"] = str(uuid.uuid4())
+    elif change == "current_missing":
+        doc["current_message_id"] = None
+    elif change == "branch_mismatch":
+        doc["current_branch"] = doc["current_branch"][:2]
+    elif change == "version":
+        doc["version"] = 2
+    elif change == "unknown_key":
+        doc["owner"] = "someone"
+    elif change == "nul_in_content":
+        messages[0]["content"] = "a\x00b"
+    elif change == "nul_in_error":
+        messages[3]["error"]["message"] = "a\x00b"
+    elif change == "nul_in_metadata_key":
+        messages[1]["metadata"] = {"a\x00b": 1}
+    return doc
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "parent_elsewhere",
+        "parent_later",
+        "duplicate_id",
+        "root_answer",
+        "same_role_twice",
+        "streaming",
+        "feedback_on_question",
+        "current_elsewhere",
+        "current_missing",
+        "branch_mismatch",
+        "version",
+        "unknown_key",
+        "nul_in_content",
+        "nul_in_error",
+        "nul_in_metadata_key",
+    ],
+)
+async def test_import_one_bad_chat_among_many_stores_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, change: str
+) -> None:
+    chat = await branchy_chat(session, team_world)
+    doc = await export_json(client, team_world, chat.id)
+    lines = [doc] * 4 + [_broken(doc, change)] + [doc] * 2
+    body = "\n".join(json.dumps(d) for d in lines) + "\n"
+    chats, messages = await count_rows(session, "chats"), await count_rows(session, "messages")
+    response = await import_body(client, team_world, body, content_type="application/jsonl")
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"][:2] == ["body", 4]
+    assert error["msg"].startswith("Chat 5: ")
+    assert "\x00" not in response.text
+    assert (await count_rows(session, "chats"), await count_rows(session, "messages")) == (chats, messages)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b"", "application/json", 422),
+        (b"   \n\n", "application/x-ndjson", 422),
+        (b'{"format": "n8n-chat-relay/chat"}\nnot json\n', "application/x-ndjson", 422),
+        (b"\xff\xfe not utf-8", "application/json", 422),
+        (b"[" * 100_000, "application/json", 422),
+        (b"[1, 2]", "application/json", 422),
+        (b"{}", "text/plain", 415),
+        (b"{}", "application/x-www-form-urlencoded", 415),
+    ],
+)
+async def test_import_malformed_body_is_refused(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, body: bytes, content_type: str, status: int
+) -> None:
+    response = await import_body(client, team_world, body, content_type=content_type)
+    assert response.status_code == status
+    assert await count_rows(session, "chats") == 0
+
+
+async def test_import_without_auth_is_401(client: httpx.AsyncClient) -> None:
+    response = await client.post("/api/chats/import", content=b"{}", headers={"Content-Type": "application/json"})
+    assert response.status_code == 401
+
+
+async def test_import_empty_chat_and_interrupted_answer_are_kept(
+    client: httpx.AsyncClient, team_world: TeamWorld
+) -> None:
+    doc = {
+        "format": "n8n-chat-relay/chat",
+        "version": 1,
+        "title": "  ",
+        "agent": {"slug": "helper"},
+        "current_message_id": None,
+        "messages": [],
+    }
+    q, a = str(uuid.uuid4()), str(uuid.uuid4())
+    cut = {
+        **doc,
+        "title": "Cut",
+        "current_message_id": q,  # not a leaf: the newest descendant is shown, as when switching branches
+        "messages": [
+            {"id": q, "parent_id": None, "role": "user", "content": "Q", "status": "complete"},
+            {"id": a, "parent_id": q, "role": "assistant", "content": "A…", "status": "interrupted"},
+        ],
+    }
+    body = json.dumps(doc) + "\n" + json.dumps(cut)
+    response = await import_body(client, team_world, body, content_type="application/x-ndjson")
+    assert response.status_code == 201
+    empty, imported = response.json()
+    assert (empty["title"], empty["message_count"]) == (None, 0)
+    read = (await client.get(f"/api/chats/{imported['id']}", headers=team_world.h(team_world.member))).json()
+    assert [(m["content"], m["status"]) for m in read["messages"]] == [("Q", "complete"), ("A…", "interrupted")]
+
+
+# --- import limits --------------------------------------------------------------------------
+
+
+@pytest.mark.settings(IMPORT_MAX_BODY_BYTES=4096, MAX_REQUEST_BODY_BYTES=1024)
+async def test_import_over_the_body_cap_is_413_while_reading(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await create_chat(
+        session, user=team_world.member, agent=team_world.agent, messages=[{"content": "x" * 1500}]
+    )
+    small = await export_json(client, team_world, chat.id)
+    # Over the general body cap but under the import cap: accepted.
+    assert 1024 < len(json.dumps(small)) < 4096
+    assert (await import_body(client, team_world, json.dumps(small))).status_code == 201
+    before = await count_rows(session, "chats")
+
+    big = json.dumps({**small, "title": "big", "messages": [{**small["messages"][0], "content": "y" * 5000}]})
+    declared = await import_body(client, team_world, big)
+    assert declared.status_code == 413
+    assert declared.json() == {"detail": "Request body too large"}
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(big), 1000):
+            yield big[i : i + 1000].encode()
+
+    headers = {**team_world.h(team_world.member), "Content-Type": "application/json"}
+    streamed = await client.post("/api/chats/import", content=chunks(), headers=headers)
+    assert "content-length" not in {k.lower() for k in streamed.request.headers}
+    assert streamed.status_code == 413
+    assert await count_rows(session, "chats") == before
+
+
+@pytest.mark.settings(IMPORT_MAX_CONCURRENT=2)
+async def test_concurrent_imports_are_bounded_per_user_and_per_process(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await branchy_chat(session, team_world)
+    body = json.dumps(await export_json(client, team_world, chat.id)).encode()
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield body[:100]
+        started.set()
+        await release.wait()
+        yield body[100:]
+
+    async def send_slow(user: User) -> httpx.Response:
+        headers = {**team_world.h(user), "Content-Type": "application/json"}
+        return await client.post("/api/chats/import", content=slow(), headers=headers)
+
+    first = asyncio.create_task(send_slow(team_world.member))
+    await asyncio.wait_for(started.wait(), 5)
+    # The same user again while the first import is still arriving: 429, nothing stored.
+    same_user = await import_body(client, team_world, body)
+    assert same_user.status_code == 429
+    assert same_user.headers["Retry-After"] == "5"
+    started.clear()
+    second = asyncio.create_task(send_slow(team_world.colleague))
+    await asyncio.wait_for(started.wait(), 5)
+    # The process's two slots are taken: a third user waits for one.
+    third = await import_body(client, team_world, body, team_world.admin)
+    assert third.status_code == 429
+    release.set()
+    assert (await asyncio.wait_for(first, 10)).status_code == 201
+    assert (await asyncio.wait_for(second, 10)).status_code == 201
+    # Slots are given back, also after a refusal.
+    assert (await import_body(client, team_world, body, team_world.admin)).status_code == 201
+    assert (await import_body(client, team_world, b"{}", team_world.admin)).status_code == 422
+    assert (await import_body(client, team_world, body, team_world.admin)).status_code == 201
+    assert await count_rows(session, "chats") == 1 + 4
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [("PUT", "/api/chats/export", "GET"), ("DELETE", "/api/chats/export", "GET"), ("PUT", "/api/chats/import", "POST")],
+)
+async def test_export_and_import_paths_are_words_not_chat_ids(
+    client: httpx.AsyncClient, team_world: TeamWorld, method: str, path: str, allow: str
+) -> None:
+    response = await client.request(method, path, headers=team_world.h(team_world.member))
+    assert response.status_code == 405
+    assert response.headers["Allow"] == allow
+
+
+async def test_import_keeps_large_metadata_and_accepts_an_inactive_agent(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """Tool steps can make metadata large: only the body cap bounds it. An inactive agent keeps its history."""
+    steps = [{"type": "tool", "name": f"step {i}", "output": "z" * 2000} for i in range(100)]
+    answer = {"role": "assistant", "content": "done", "metadata": {"steps": steps}}
+    messages: list[dict[str, Any]] = [{"content": "Q"}, answer]
+    chat = await create_chat(session, user=team_world.member, agent=team_world.agent, messages=messages)
+    first = await export_json(client, team_world, chat.id)
+    await session.execute(update(Agent).where(Agent.id == team_world.agent.id).values(is_active=False))
+    await session.commit()
+    response = await import_body(client, team_world, json.dumps(first))
+    assert response.status_code == 201
+    second = await export_json(client, team_world, response.json()[0]["id"])
+    assert comparable(second) == comparable(first)
+    assert second["messages"][1]["metadata"]["steps"][99]["output"] == "z" * 2000

@@ -1,0 +1,324 @@
+"""Sharing within a team: snapshots, tenancy, replacing, revoking, listing, forking (sendable afterwards)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import delete, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import utcnow
+from app.models import Agent, Chat, Message, User
+from tests.conftest import TeamWorld, count_rows
+from tests.factories import create_chat, message_row
+from tests.live import data_events, parse_sse, streamed_text
+from tools.fake_n8n import FakeN8n
+
+SHARE_KEYS = {"id", "chat_id", "user_id", "agent_id", "title", "message_count", "created_at", "updated_at"}
+
+
+def msg(content: str, role: str = "user", **extra: Any) -> dict[str, Any]:
+    return {"role": role, "content": content, "status": "complete", "created_at": utcnow(), **extra}
+
+
+FEEDBACK = {"rating": 1, "comment": "ok", "updated_at": "2026-12-01T10:00:00+00:00"}
+CONVERSATION = [
+    msg("What is 2+2?"),
+    msg("4", "assistant", metadata={"format": "json"}, feedback=FEEDBACK),
+    msg("And 3+3?"),
+    msg("6", "assistant"),
+]
+
+
+async def chat_of(session: AsyncSession, world: TeamWorld, user: User | None = None, **overrides: Any) -> Chat:
+    messages = overrides.pop("messages", CONVERSATION)
+    return await create_chat(session, user=user or world.member, agent=world.agent, messages=messages, **overrides)
+
+
+async def add_sibling(session: AsyncSession, chat: Chat, parent_id: uuid.UUID | None, content: str, role: str) -> None:
+    """A message on another branch (not shown): the snapshot must leave it out."""
+    session.add(message_row(chat.id, parent_id, msg(content, role)))
+    await session.commit()
+
+
+async def share(client: httpx.AsyncClient, world: TeamWorld, chat: Chat, user: User | None = None) -> httpx.Response:
+    return await client.post(f"/api/chats/{chat.id}/share", headers=world.h(user or world.member))
+
+
+async def branch_ids(session: AsyncSession, chat: Chat) -> list[uuid.UUID]:
+    rows = {m.id: m for m in (await session.execute(Message.__table__.select().where(Message.chat_id == chat.id)))}
+    ids, node = [], chat.current_message_id
+    while node is not None:
+        ids.append(node)
+        node = rows[node].parent_id
+    return ids[::-1]
+
+
+# --- share -----------------------------------------------------------------------------------
+
+
+async def test_share_chat_is_snapshot_of_current_branch(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await chat_of(session, team_world)
+    shown = await branch_ids(session, chat)
+    await add_sibling(session, chat, shown[1], "Other question", "user")  # another branch, not shown
+    response = await share(client, team_world, chat)
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == SHARE_KEYS | {"messages"}
+    assert body["chat_id"] == str(chat.id)
+    assert body["agent_id"] == str(team_world.agent.id)
+    assert body["user_id"] == str(team_world.member.id)
+    assert body["title"] == "A chat"
+    assert body["message_count"] == 4
+    messages = body["messages"]
+    assert [(m["role"], m["content"]) for m in messages] == [(m["role"], m["content"]) for m in CONVERSATION]
+    assert [m["id"] for m in messages] == [str(i) for i in shown]
+    assert [m["parent_id"] for m in messages] == [None, *[str(i) for i in shown[:-1]]]
+    assert all(m["sibling_ids"] == [m["id"]] for m in messages)
+    assert all(m["feedback"] is None for m in messages)  # ratings stay private to the owner
+    assert messages[1]["metadata"] == {"format": "json"}
+    assert body["created_at"].endswith("Z")
+
+
+async def test_share_is_readable_by_the_team_only(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await chat_of(session, team_world)
+    share_id = (await share(client, team_world, chat)).json()["id"]
+    for reader in (team_world.colleague, team_world.admin, team_world.member):
+        response = await client.get(f"/api/shares/{share_id}", headers=team_world.h(reader))
+        assert response.status_code == 200
+        assert response.json()["messages"][0]["content"] == "What is 2+2?"
+    foreign = await client.get(f"/api/shares/{share_id}", headers=team_world.h(team_world.foreigner))
+    unknown = await client.get(f"/api/shares/{uuid.uuid4()}", headers=team_world.h(team_world.foreigner))
+    assert foreign.status_code == unknown.status_code == 404
+    assert foreign.json() == unknown.json() == {"detail": "Share not found"}
+    listed = await client.get("/api/shares", headers=team_world.h(team_world.foreigner))
+    assert listed.json() == []
+    assert listed.headers["X-Total-Count"] == "0"
+    fork = await client.post(f"/api/shares/{share_id}/fork", headers=team_world.h(team_world.foreigner))
+    assert fork.status_code == 404
+    assert (await client.get(f"/api/shares/{share_id}")).status_code == 401
+
+
+async def test_share_someone_elses_chat_is_404_and_stores_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await chat_of(session, team_world)
+    for intruder in (team_world.colleague, team_world.admin, team_world.foreigner):
+        response = await share(client, team_world, chat, intruder)
+        assert response.status_code == 404
+        assert response.json() == {"detail": "Chat not found"}
+        unshare = await client.delete(f"/api/chats/{chat.id}/share", headers=team_world.h(intruder))
+        assert unshare.status_code == 404
+    missing = await client.post(f"/api/chats/{uuid.uuid4()}/share", headers=team_world.h(team_world.member))
+    assert missing.status_code == 404
+    malformed = await client.post("/api/chats/not-a-uuid/share", headers=team_world.h(team_world.member))
+    assert malformed.status_code == 422
+    assert await count_rows(session, "shares") == 0
+
+
+async def test_share_again_replaces_snapshot_under_same_id(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await chat_of(session, team_world)
+    first = (await share(client, team_world, chat)).json()
+    # The chat goes on: a new question and answer, and a new title.
+    leaf = chat.current_message_id
+    question = message_row(chat.id, leaf, msg("And 4+4?"))
+    session.add(question)
+    await session.flush()
+    answer = message_row(chat.id, question.id, msg("8", "assistant"))
+    session.add(answer)
+    await session.flush()
+    await session.execute(
+        update(Chat).where(Chat.id == chat.id).values(current_message_id=answer.id, title="Arithmetic")
+    )
+    await session.commit()
+
+    second = await share(client, team_world, chat)
+    assert second.status_code == 201
+    again = second.json()
+    assert again["id"] == first["id"]
+    assert again["created_at"] == first["created_at"]
+    assert again["updated_at"] > first["updated_at"]
+    assert again["title"] == "Arithmetic"
+    assert [m["content"] for m in again["messages"]][-2:] == ["And 4+4?", "8"]
+    # The old link shows the new snapshot; the team has one share of this chat.
+    read = await client.get(f"/api/shares/{first['id']}", headers=team_world.h(team_world.colleague))
+    assert read.json()["message_count"] == 6
+    assert await count_rows(session, "shares") == 1
+
+
+async def test_share_while_an_answer_streams_is_409(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    running = msg("Thinking…", "assistant", status="streaming", _worker=str(uuid.uuid4()))
+    chat = await chat_of(session, team_world, messages=[msg("Question"), running])
+    response = await share(client, team_world, chat)
+    assert response.status_code == 409
+    assert "still being written" in response.json()["detail"]
+    assert await count_rows(session, "shares") == 0
+
+
+async def test_unshare_deletes_the_snapshot(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await chat_of(session, team_world)
+    share_id = (await share(client, team_world, chat)).json()["id"]
+    response = await client.delete(f"/api/chats/{chat.id}/share", headers=team_world.h(team_world.member))
+    assert response.status_code == 204
+    for path in (f"/api/shares/{share_id}",):
+        assert (await client.get(path, headers=team_world.h(team_world.colleague))).status_code == 404
+    fork = await client.post(f"/api/shares/{share_id}/fork", headers=team_world.h(team_world.colleague))
+    assert fork.status_code == 404
+    again = await client.delete(f"/api/chats/{chat.id}/share", headers=team_world.h(team_world.member))
+    assert again.status_code == 404
+    assert again.json() == {"detail": "This chat is not shared"}
+    assert await count_rows(session, "shares") == 0
+    # Sharing after a revocation makes a new link: the revoked one stays dead.
+    renewed = (await share(client, team_world, chat)).json()
+    assert renewed["id"] != share_id
+
+
+async def test_list_shares_newest_first_paged_without_messages(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    ids = []
+    for owner in (team_world.member, team_world.colleague, team_world.member):
+        chat = await chat_of(session, team_world, owner)
+        ids.append((await share(client, team_world, chat, owner)).json()["id"])
+    foreign_chat = await create_chat(
+        session, user=team_world.foreigner, agent=team_world.foreign_agent, messages=[msg("hi")]
+    )
+    await share(client, team_world, foreign_chat, team_world.foreigner)
+
+    page = await client.get("/api/shares", params={"limit": 2}, headers=team_world.h(team_world.admin))
+    assert page.status_code == 200
+    assert page.headers["X-Total-Count"] == "3"
+    assert [s["id"] for s in page.json()] == ids[::-1][:2]
+    assert all(set(s) == SHARE_KEYS for s in page.json())
+    rest = await client.get("/api/shares", params={"limit": 2, "offset": 2}, headers=team_world.h(team_world.admin))
+    assert [s["id"] for s in rest.json()] == [ids[0]]
+    beyond = await client.get("/api/shares", params={"offset": 10}, headers=team_world.h(team_world.admin))
+    assert beyond.json() == []
+    assert beyond.headers["X-Total-Count"] == "3"
+    bad = await client.get("/api/shares", params={"limit": 0}, headers=team_world.h(team_world.admin))
+    assert bad.status_code == 422
+
+
+async def test_share_survives_its_chat_and_is_deleted_by_sharer_or_admin(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await chat_of(session, team_world)
+    share_id = (await share(client, team_world, chat)).json()["id"]
+    deleted = await client.delete(f"/api/chats/{chat.id}", headers=team_world.h(team_world.member))
+    assert deleted.status_code == 204
+    read = await client.get(f"/api/shares/{share_id}", headers=team_world.h(team_world.colleague))
+    assert read.status_code == 200
+    assert read.json()["chat_id"] is None
+    assert read.json()["message_count"] == 4
+
+    colleague = await client.delete(f"/api/shares/{share_id}", headers=team_world.h(team_world.colleague))
+    assert colleague.status_code == 403
+    foreign = await client.delete(f"/api/shares/{share_id}", headers=team_world.h(team_world.foreigner))
+    assert foreign.status_code == 404
+    assert await count_rows(session, "shares") == 1
+    admin = await client.delete(f"/api/shares/{share_id}", headers=team_world.h(team_world.admin))
+    assert admin.status_code == 204
+    assert (await client.get(f"/api/shares/{share_id}", headers=team_world.h(team_world.member))).status_code == 404
+
+    # The sharer may delete their own share too.
+    other = await chat_of(session, team_world)
+    own_id = (await share(client, team_world, other)).json()["id"]
+    own = await client.delete(f"/api/shares/{own_id}", headers=team_world.h(team_world.member))
+    assert own.status_code == 204
+
+
+async def test_share_outlives_its_sharers_account(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await chat_of(session, team_world)
+    share_id = (await share(client, team_world, chat)).json()["id"]
+    await session.execute(delete(User).where(User.id == team_world.member.id))
+    await session.commit()
+    read = await client.get(f"/api/shares/{share_id}", headers=team_world.h(team_world.colleague))
+    assert read.status_code == 200
+    assert read.json()["user_id"] is None
+    assert read.json()["chat_id"] is None  # the account's chats went with it
+    assert len(read.json()["messages"]) == 4
+
+
+# --- fork ------------------------------------------------------------------------------------
+
+
+async def test_fork_makes_a_chat_of_the_caller_that_can_be_continued(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    await session.execute(
+        update(Agent).where(Agent.id == team_world.agent.id).values(webhook_url=fake.url + "/webhook/agent-stream")
+    )
+    await session.commit()
+    chat = await chat_of(session, team_world)
+    shared = (await share(client, team_world, chat)).json()
+    response = await client.post(f"/api/shares/{shared['id']}/fork", headers=team_world.h(team_world.colleague))
+    assert response.status_code == 201
+    fork = response.json()
+    assert fork["user_id"] == str(team_world.colleague.id)
+    assert fork["agent_id"] == str(team_world.agent.id)
+    assert fork["title"] == "A chat"
+    assert fork["message_count"] == 4
+    assert fork["id"] != str(chat.id)
+    messages = fork["messages"]
+    assert [(m["role"], m["content"], m["status"]) for m in messages] == [
+        (m["role"], m["content"], m["status"]) for m in shared["messages"]
+    ]
+    assert not {m["id"] for m in messages} & {m["id"] for m in shared["messages"]}
+    assert [m["parent_id"] for m in messages] == [None, *[m["id"] for m in messages[:-1]]]
+    assert fork["current_message_id"] == messages[-1]["id"]
+    assert [m["created_at"] for m in messages] == sorted(m["created_at"] for m in messages)
+
+    sent = await client.post(
+        f"/api/chats/{fork['id']}/messages", json={"content": "And 5+5?"}, headers=team_world.h(team_world.colleague)
+    )
+    assert sent.status_code == 200
+    events = data_events(parse_sse(sent.text))
+    assert events[-1].type == "done"
+    assert streamed_text(events) == "Echo: And 5+5?"
+    assert events[0].data["data"]["user_message"]["parent_id"] == messages[-1]["id"]  # type: ignore[index]
+    history = fake.requests[-1]["json"]["messages"]
+    assert [h["content"] for h in history] == ["What is 2+2?", "4", "And 3+3?", "6", "And 5+5?"]
+    after = (await client.get(f"/api/chats/{fork['id']}", headers=team_world.h(team_world.colleague))).json()
+    assert [m["content"] for m in after["messages"]][-2:] == ["And 5+5?", "Echo: And 5+5?"]
+    assert after["message_count"] == 6
+    # The original chat and the share are untouched.
+    original = (await client.get(f"/api/chats/{chat.id}", headers=team_world.h(team_world.member))).json()
+    assert original["message_count"] == 4
+
+
+async def test_fork_with_inactive_agent_is_409_and_stores_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    chat = await chat_of(session, team_world)
+    share_id = (await share(client, team_world, chat)).json()["id"]
+    await session.execute(update(Agent).where(Agent.id == team_world.agent.id).values(is_active=False))
+    await session.commit()
+    chats_before = await count_rows(session, "chats")
+    response = await client.post(f"/api/shares/{share_id}/fork", headers=team_world.h(team_world.colleague))
+    assert response.status_code == 409
+    assert await count_rows(session, "chats") == chats_before
+
+
+@pytest.mark.parametrize("path", ["/api/shares/{id}", "/api/shares/{id}/fork"])
+async def test_share_paths_with_malformed_id_are_422(
+    client: httpx.AsyncClient, team_world: TeamWorld, path: str
+) -> None:
+    url = path.format(id="nope")
+    method = client.post if url.endswith("fork") else client.get
+    response = await method(url, headers=team_world.h(team_world.member))
+    assert response.status_code == 422
