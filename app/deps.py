@@ -46,6 +46,8 @@ async def get_streamer(request: Request) -> N8nStreamer:
 
 async def get_upload_slots(request: Request) -> UploadSlots:
     return app_state(request.app).uploads
+
+
 async def get_import_gate(request: Request) -> ImportGate:
     return app_state(request.app).imports
 
