@@ -45,6 +45,7 @@ from app.services.health import migration_head
 from app.services.revocation import make_revocation_store
 from app.state import AppState, app_state
 from app.streaming import GenerationRegistry, N8nStreamer
+from app.webclient import install_web_client
 
 logger = logging.getLogger("app")
 
@@ -128,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(callbacks.router)
     app.include_router(openai_api.router)
     install_docs(app)
+    install_web_client(app, settings)
     install_openapi(app, settings)
     return app
 
