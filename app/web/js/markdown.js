@@ -10,8 +10,13 @@ const marked = new Marked({
   gfm: true,
   breaks: true,
   async: false,
-  // Raw HTML (block or inline) is an agent's markup, not ours: displayed literally, never parsed.
-  renderer: { html: ({ text }) => escapeHtml(text) },
+  renderer: {
+    // Raw HTML (block or inline) is an agent's markup, not ours: displayed literally, never parsed.
+    html: ({ text }) => escapeHtml(text),
+    // An image becomes a link to it: the page's CSP loads images from this server only, and an answer must
+    // not make the browser fetch anything (tracking pixels, requests with the user's cookies).
+    image: ({ href, text }) => `<a href="${escapeHtml(href || "")}">${escapeHtml(text || href || "image")}</a>`,
+  },
 });
 
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {

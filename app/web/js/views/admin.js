@@ -6,17 +6,18 @@ import { avatar } from "./messages.js";
 
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
 
+let fields = 0;
 function field(label, control) {
-  const id = `f-${control.name || Math.random().toString(36).slice(2)}`;
+  const id = `a-${control.name || "field"}-${++fields}`; // unique: several forms share field names
   control.id = id;
   return h("div", { class: "field" }, h("label", { for: id }, label), control);
 }
 
-function table(headers, rows) {
+function table(headers, rows, label = null) {
   return h(
     "div",
     { class: "table-wrap" },
-    h("table", {}, h("thead", {}, h("tr", {}, headers.map((x) => h("th", { scope: "col" }, x)))), h("tbody", {}, rows)),
+    h("table", { "aria-label": label }, h("thead", {}, h("tr", {}, headers.map((x) => h("th", { scope: "col" }, x)))), h("tbody", {}, rows)),
   );
 }
 
@@ -172,7 +173,7 @@ function avatarInput(agent, done) {
       URL.revokeObjectURL(url);
     }
   });
-  return h("div", { class: "field" }, h("label", {}, "Avatar (PNG, JPEG, WebP or GIF)"), h("div", { class: "row" }, preview, input));
+  return h("div", { class: "row" }, preview, field("Avatar (PNG, JPEG, WebP or GIF)", input));
 }
 
 async function agentsPage(main) {
@@ -249,6 +250,7 @@ async function usersPage(main, { user: me }) {
           active.addEventListener("change", () => patch(u, { is_active: active.checked }));
           return h("tr", {}, h("td", {}, u.email, u.id === me.id ? " (you)" : ""), h("td", {}, u.full_name || ""), h("td", {}, role), h("td", {}, active), h("td", {}, when(u.last_login_at)));
         }),
+        "Users",
       ),
     );
   }
@@ -280,6 +282,7 @@ async function usersPage(main, { user: me }) {
                 ),
               ),
             ),
+            "Invitations",
           )
         : h("p", { class: "muted" }, "No invitation yet."),
     );
