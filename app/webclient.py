@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from app.config import Settings
 
@@ -23,11 +23,9 @@ class RevalidatedStaticFiles(StaticFiles):
     """StaticFiles whose answers carry `Cache-Control: no-cache` (a cheap 304 on every load after the first)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def with_cache_control(message: dict[str, object]) -> None:
+        async def with_cache_control(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))  # type: ignore[call-overload]
-                headers.append((b"cache-control", CACHE_CONTROL.encode()))
-                message["headers"] = headers
+                message["headers"] = [*message.get("headers", []), (b"cache-control", CACHE_CONTROL.encode())]
             await send(message)
 
         await super().__call__(scope, receive, with_cache_control)

@@ -8,7 +8,7 @@ import re
 
 import httpx
 import pytest
-from playwright.sync_api import Request, Route, expect
+from playwright.sync_api import Page, Request, Response, Route, expect
 
 from tests.live import LiveServer
 from tests.web import Team, Watched, answer_text, create_team, log_in, send
@@ -85,7 +85,12 @@ def test_reload_mid_stream_continues_the_answer(web_page: Watched, team: Team) -
     send(page, f"[delay=100] {words}")
     expect(page.locator(".msg.assistant .content")).to_contain_text("w3")
     follows: list[Request] = []
-    page.on("request", lambda request: "/stream?" in request.url and follows.append(request))
+
+    def record(request: Request) -> None:
+        if "/stream?" in request.url:
+            follows.append(request)
+
+    page.on("request", record)
     page.reload()
     # The page follows the same generation from the last event it handled, and the answer completes whole.
     expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1, timeout=15_000)
@@ -210,7 +215,12 @@ def test_an_expired_access_cookie_is_refreshed_silently(web_page: Watched, team:
     log_in(page, team.email)
     page.context.clear_cookies(name="access_token")
     refreshed: list[int] = []
-    page.on("response", lambda r: r.url.endswith("/api/auth/refresh") and refreshed.append(r.status))
+
+    def record(response: Response) -> None:
+        if response.url.endswith("/api/auth/refresh"):
+            refreshed.append(response.status)
+
+    page.on("response", record)
     page.reload()
     expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
     assert refreshed == [200]
@@ -232,9 +242,8 @@ def test_logout_and_team_sign_up(web_page: Watched, web_server: LiveServer) -> N
     assert httpx.get(f"{web_server.url}/api/auth/me", cookies=dict_cookies(page)).status_code == 401
 
 
-def dict_cookies(page: object) -> dict[str, str]:
-    cookies = page.context.cookies()  # type: ignore[attr-defined]
-    return {c["name"]: c["value"] for c in cookies}
+def dict_cookies(page: Page) -> dict[str, str]:
+    return {c["name"]: c["value"] for c in page.context.cookies() if "name" in c and "value" in c}
 
 
 def test_status_and_tool_steps_show_live_and_stay_with_the_answer(

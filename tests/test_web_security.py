@@ -1,5 +1,5 @@
 """Agent answers are untrusted: in a real Chromium, markup in an answer renders inert (no dialog, no script,
-no javascript: link, no raw HTML element), live and after a reload; the page's CSP forbids eval and inline code."""
+no javascript: link, no raw HTML element), live and after a reload; the page's CSP stops inline code and styles."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_markdown_still_renders_and_links_open_safely(web_page: Watched, team: T
     expect(link).to_have_attribute("target", "_blank")
 
 
-def test_the_page_csp_refuses_eval_and_inline_script(web_page: Watched, web_server: LiveServer) -> None:
+def test_the_page_csp_refuses_inline_script_handlers_and_styles(web_page: Watched) -> None:
     page = web_page.page
     response = page.goto("/")
     assert response is not None
