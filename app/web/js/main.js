@@ -3,7 +3,6 @@ import { api, whenSignedOut } from "./api.js";
 import { fill, h } from "./dom.js";
 import { renderAuth } from "./views/auth.js";
 import { ChatsView } from "./views/chat.js";
-import { renderAdmin } from "./views/admin.js";
 
 const app = document.getElementById("app");
 const session = { user: null };
@@ -83,6 +82,8 @@ async function route() {
   if (section === "admin" && session.user.role === "admin") {
     chats?.leave();
     chats = null;
+    // Loaded on first use: members who are not admins never download the admin pages.
+    const { renderAdmin } = await import("./views/admin.js");
     renderAdmin(frame(), rest[0] || "agents", { user: session.user });
     return;
   }
