@@ -59,7 +59,7 @@ export function messageItem(message, actions) {
       "div",
       { class: "bubble" },
       steps,
-      h("p", { class: "live-status", hidden: true }),
+      h("p", { class: "live-status", role: "status", hidden: true }),
       content,
       STATUS_TEXT[message.status] && h("p", { class: "badge" }, STATUS_TEXT[message.status]),
       message.error?.message && h("p", { class: "error" }, message.error.message),
