@@ -268,3 +268,37 @@ def test_status_and_tool_steps_show_live_and_stay_with_the_answer(
     answer.get_by_text("search", exact=True).click()  # the tool step opens on its input and output
     expect(answer.locator(".steps pre").first).to_contain_text("find the invoices of may")
     assert json.loads(page.evaluate("JSON.stringify(sessionStorage)")) == {}
+
+
+def test_the_main_path_works_with_the_keyboard_alone(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    page.goto("/")
+    expect(page.get_by_label("Email")).to_be_focused()  # autofocus
+    page.keyboard.type(team.email)
+    page.keyboard.press("Tab")
+    page.keyboard.type(team.password)
+    page.keyboard.press("Enter")
+    page.get_by_role("link", name="+ New chat").wait_for()
+    for _ in range(30):  # Tab through the page until the agent's card has the focus
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.classList.contains('agent-card')"):
+            break
+    page.keyboard.press("Enter")
+    expect(page.get_by_label("Message", exact=True)).to_be_focused()
+    page.keyboard.type("typed only")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete] .content")).to_have_text("Echo: typed only")
+
+
+def test_a_refused_send_is_reported_and_the_chat_stays_usable(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    open_new_chat(web_page, team)
+    agent_id = team.get("/api/agents")[0]["id"]
+    with team.api() as client:
+        assert client.delete(f"/api/agents/{agent_id}").status_code == 204  # deactivated meanwhile
+    send(page, "anyone there?")
+    expect(page.get_by_role("alert")).to_be_visible()
+    expect(page.locator(".msg.streaming")).to_have_count(0)
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    chat_id = page.url.rsplit("/", 1)[1]
+    assert team.get(f"/api/chats/{chat_id}")["messages"] == []  # refused before anything was stored

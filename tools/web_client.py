@@ -130,8 +130,7 @@ def complete(page: Page) -> None:
 
 
 MARKDOWN_QUESTION = (
-    "Summarise: **three** steps, then `make run`\n\n1. clone\n2. configure\n3. serve\n\n"
-    "```bash\nmake run\n```"
+    "Summarise: **three** steps, then `make run`\n\n1. clone\n2. configure\n3. serve\n\n```bash\nmake run\n```"
 )
 
 
@@ -141,9 +140,14 @@ def screenshots(browser: Browser, url: str, fake: str) -> None:
         agent(client, "Support bot", f"{fake}/webhook/agent-stream", "Answers product questions", (36, 86, 214))
         agent(client, "Research", f"{fake}/webhook/agent-json", "Long-form answers from the wiki", (23, 128, 61))
         for title in ("Quarterly numbers", "Onboarding checklist", "API rate limits"):
-            chat = client.post("/api/chats", json={"agent_id": client.get("/api/agents").json()[0]["id"], "title": title})
+            chat = client.post(
+                "/api/chats", json={"agent_id": client.get("/api/agents").json()[0]["id"], "title": title}
+            )
             chat.raise_for_status()
-    for scheme, size, suffix in (("light", {"width": 1280, "height": 800}, ""), ("dark", {"width": 390, "height": 844}, "-phone-dark")):
+    for scheme, size, suffix in (
+        ("light", {"width": 1280, "height": 800}, ""),
+        ("dark", {"width": 390, "height": 844}, "-phone-dark"),
+    ):
         context = browser.new_context(base_url=url, viewport=size, color_scheme=scheme, device_scale_factor=1)  # type: ignore[arg-type]
         page = context.new_page()
         page.goto("/")
@@ -202,7 +206,15 @@ def measure(browser: Browser, url: str, fake: str, runs: int) -> None:
     kinds: dict[str, list[int]] = {}
     for entry in entries:
         path = entry["name"].removeprefix(url)
-        kind = "html" if entry["type"] == "navigation" else "css" if path.endswith(".css") else "js" if "/web/" in path else "api"
+        kind = (
+            "html"
+            if entry["type"] == "navigation"
+            else "css"
+            if path.endswith(".css")
+            else "js"
+            if "/web/" in path
+            else "api"
+        )
         totals = kinds.setdefault(kind, [0, 0, 0, 0])
         totals[0] += 1
         totals[1] += entry["transfer"]
@@ -212,8 +224,10 @@ def measure(browser: Browser, url: str, fake: str, runs: int) -> None:
     for kind, (count, transfer, body, decoded) in sorted(kinds.items()):
         print(f"  {kind:5} {count:3}  {transfer / 1024:7.1f} KiB  {body / 1024:7.1f} KiB  {decoded / 1024:7.1f} KiB")
     js_css = [sum(kinds.get(k, [0, 0, 0, 0])[i] for k in ("js", "css")) for i in (1, 2, 3)]
-    print(f"  JS+CSS: {js_css[0] / 1024:.1f} KiB transferred, {js_css[1] / 1024:.1f} KiB gzip bodies, "
-          f"{js_css[2] / 1024:.1f} KiB uncompressed")
+    print(
+        f"  JS+CSS: {js_css[0] / 1024:.1f} KiB transferred, {js_css[1] / 1024:.1f} KiB gzip bodies, "
+        f"{js_css[2] / 1024:.1f} KiB uncompressed"
+    )
     context.close()
 
     # 2. Time to the first streamed token: Enter -> the first token painted (the client's `first-token` measure).
@@ -239,7 +253,9 @@ def measure(browser: Browser, url: str, fake: str, runs: int) -> None:
         for i in range(runs + 2):
             started = time.perf_counter()
             first = None
-            with client.stream("POST", f"/api/chats/{chat['id']}/messages", json={"content": f"run {i} hello there"}) as response:
+            with client.stream(
+                "POST", f"/api/chats/{chat['id']}/messages", json={"content": f"run {i} hello there"}
+            ) as response:
                 for line in response.iter_lines():
                     if first is None and '"type": "message"' in line.replace('"type":"message"', '"type": "message"'):
                         first = (time.perf_counter() - started) * 1000
