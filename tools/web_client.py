@@ -45,7 +45,7 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
             return
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{process.args} did not start") from None
+                raise SystemExit(f"{process.args!r} did not start") from None
             time.sleep(0.1)
 
 
@@ -68,11 +68,11 @@ def stack() -> Iterator[tuple[str, str]]:
         }
         python = sys.executable
         subprocess.run([python, "-m", "app.cli", "init"], cwd=ROOT, env=env, check=True, capture_output=True)
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT}
-        server = subprocess.Popen([python, "-m", "app.cli", "serve", "--port", str(port)], env=env, **quiet)
-        fake = subprocess.Popen(
-            [python, "-m", "tools.fake_n8n", "--port", str(fake_port), "--speed", "0", "--linger", "0.1"], **quiet
-        )
+        quiet = subprocess.DEVNULL
+        serve = [python, "-m", "app.cli", "serve", "--port", str(port)]
+        server = subprocess.Popen(serve, env=env, cwd=ROOT, stdout=quiet, stderr=quiet)
+        fake_n8n = [python, "-m", "tools.fake_n8n", "--port", str(fake_port), "--speed", "0", "--linger", "0.1"]
+        fake = subprocess.Popen(fake_n8n, cwd=ROOT, stdout=quiet, stderr=quiet)
         try:
             wait_for_port(port, server)
             wait_for_port(fake_port, fake)
@@ -266,7 +266,10 @@ def measure(browser: Browser, url: str, fake: str, runs: int) -> None:
     def summary(values: list[float]) -> str:
         values = sorted(values)
         p90 = values[int(len(values) * 0.9) - 1]
-        return f"p50 {statistics.median(values):.1f} ms, p90 {p90:.1f} ms, min {values[0]:.1f}, max {values[-1]:.1f} (n={len(values)})"
+        low, high = values[0], values[-1]
+        return (
+            f"p50 {statistics.median(values):.1f} ms, p90 {p90:.1f} ms, min {low:.1f}, max {high:.1f} (n={len(values)})"
+        )
 
     print(f"browser, Enter -> first token painted: {summary(browser_ms)}")
     print(f"API client, POST -> first message event: {summary(api_ms)}")
