@@ -60,7 +60,7 @@ vendor:
 
 # The PNGs of docs/screenshots (README), taken with the same Chromium against a throwaway server.
 screenshots: $(VENV)/.dev chromium
-	$(PY) -m tools.screenshots
+	$(PY) -m bench.web_client screenshots
 
 # A fake n8n replaying recordings/n8n, e.g. http://127.0.0.1:5678/webhook/agent-stream (tools/fake_n8n.py).
 fake-n8n: $(VENV)/.runtime

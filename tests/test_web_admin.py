@@ -74,7 +74,7 @@ def test_create_an_agent_with_the_connection_test_hint_secret_headers_and_avatar
     expect(page.locator(".toast", has_text="Avatar saved")).to_be_visible()
     avatar = page.locator("tr", has_text="Support").locator("img.avatar")
     expect(avatar).to_have_attribute("src", re.compile(r"^/api/agents/[0-9a-f-]+/avatar\?v="))
-    assert avatar.evaluate("(img) => img.complete && img.naturalWidth") == 2
+    page.wait_for_function("(img) => img.complete && img.naturalWidth === 2", arg=avatar.element_handle())
     agent = team.get("/api/agents")[0]
     assert agent["avatar_url"] is not None
 

@@ -72,6 +72,7 @@ async function route() {
     chats?.leave();
     chats = null;
     fill(app, renderAuth(section, rest.join("/"), { signedIn }));
+    app.querySelector("[autofocus]")?.focus(); // `autofocus` alone is not honoured for inserted elements
     return;
   }
   if (!session.user) await loadUser();

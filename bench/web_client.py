@@ -1,8 +1,8 @@
 """The browser client seen from Chromium: `screenshots` (docs/screenshots/*.png) and `measure` (page weight and
 time to the first streamed token, docs/PERFORMANCE.md), against a throwaway server (SQLite) and the fake n8n.
 
-    python -m tools.web_client screenshots     # make screenshots
-    python -m tools.web_client measure --runs 30
+    python -m bench.web_client screenshots     # make screenshots
+    python -m bench.web_client measure --runs 30
 """
 
 from __future__ import annotations
