@@ -1,6 +1,6 @@
 // The chat screen: the chat list (search, pin, archive, rename, delete, load more) and the chat pane (agent
 // picker, messages, composer, streaming, stop, resume after reload, edit, regenerate, branches, feedback).
-// Attachments, sharing and export slot in as more composer buttons and chat actions (`chatActions`).
+// Attachments, sharing and export slot in as more composer buttons (`.composer-buttons`) and chat menu items (`chatRow`).
 import { ApiError, api, page } from "../api.js";
 import { fill, h, notify } from "../dom.js";
 import { Generation, saved, stopGeneration } from "../stream.js";
