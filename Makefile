@@ -18,7 +18,10 @@ run: export WEBHOOK_ALLOW_PRIVATE_NETWORKS ?= true
 # n8n posts progress callbacks to this address (docs/CALLBACKS.md); without it there are no callbacks.
 run: export PUBLIC_BASE_URL ?= http://$(HOST):$(PORT)
 
-.PHONY: run test fake-n8n lint fmt schema install install-dev bench bench-quick bench-history bench-usage clean
+# The browser tests (tests/test_web_*.py) drive Debian's Chromium through Playwright (no browser download).
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: run test fake-n8n lint fmt schema install install-dev bench bench-quick bench-history bench-usage clean chromium vendor screenshots
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,10 +44,23 @@ run: $(VENV)/.runtime
 	$(PY) -m app.cli serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 # Every test has a time limit (pytest-timeout, pyproject.toml), so a failure cannot hang the run.
-test: $(VENV)/.dev
+test: $(VENV)/.dev chromium
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=$(SCHEMA_TESTS)
 	$(PY) -m pytest $(SCHEMA_TESTS)
 	PYTHON=$(CURDIR)/$(PY) bash test_streaming.sh --ci
+
+# Installs Debian's chromium when it is missing (as root), else stops with the one command that does.
+chromium:
+	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| { echo "Chromium is needed by the browser tests: sudo apt-get install -y chromium"; exit 1; }
+
+# Re-vendor the browser client's pinned npm modules into app/web/vendor (needs npm; the result is committed).
+vendor:
+	bash tools/vendor_web.sh
+
+# The PNGs of docs/screenshots (README), taken with the same Chromium against a throwaway server.
+screenshots: $(VENV)/.dev chromium
+	$(PY) -m bench.web_client screenshots
 
 # A fake n8n replaying recordings/n8n, e.g. http://127.0.0.1:5678/webhook/agent-stream (tools/fake_n8n.py).
 fake-n8n: $(VENV)/.runtime

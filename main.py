@@ -51,6 +51,7 @@ from app.services.revocation import make_revocation_store
 from app.state import AppState, app_state
 from app.streaming import GenerationRegistry, N8nStreamer
 from app.uploads import UploadSlots
+from app.webclient import install_web_client
 
 logger = logging.getLogger("app")
 
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(callbacks.router)
     app.include_router(openai_api.router)
     install_docs(app)
+    install_web_client(app, settings)
     install_openapi(app, settings)
     return app
 

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     CALLBACK_MAX_STEPS: int = Field(100, ge=1)
     CALLBACK_STEP_MAX_CHARS: int = Field(2000, ge=100)
 
+    #: The browser client at `/` (app/web, docs/WEB_CLIENT.md); off: `/` and `/web/...` answer 404.
+    WEB_CLIENT_ENABLED: bool = True
+
     METRICS_ENABLED: bool = False
     METRICS_TOKEN: str | None = None
 

@@ -40,6 +40,14 @@ DOCS_CSP = (
     "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
 )
 DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
+#: The browser client (app/webclient.py): its own files only; no inline script or style, no eval. Images may be
+#: `data:`/`blob:` (a chosen avatar's preview); answers' images from other hosts are blocked (no tracking pixels).
+WEB_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+    "font-src 'self'; object-src 'none'; frame-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'self'"
+)
+WEB_PREFIX = "/web/"
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -63,8 +71,9 @@ class RequestContextMiddleware:
         self.hsts = settings.COOKIE_SECURE
         self.trusted = parse_networks(settings.TRUSTED_PROXIES)
         # Built once: these are the same for every request (per CSP), and an open stream holds its copy.
-        self._api_headers = self.security_headers(docs=False)
-        self._docs_headers = self.security_headers(docs=True)
+        self._api_headers = self.security_headers(csp=API_CSP)
+        self._docs_headers = self.security_headers(csp=DOCS_CSP)
+        self._web_headers = self.security_headers(csp=WEB_CSP)
 
     def body_limit(self, scope: Scope) -> int:
         if scope.get("method") == "POST" and AVATAR_UPLOAD_RE.match(scope.get("path", "")):
@@ -77,8 +86,7 @@ class RequestContextMiddleware:
             return self.settings.CALLBACK_MAX_BODY_BYTES  # n8n's progress callbacks are small
         return self.settings.MAX_REQUEST_BODY_BYTES
 
-    def security_headers(self, *, docs: bool) -> list[tuple[bytes, bytes]]:
-        csp = DOCS_CSP if docs else API_CSP
+    def security_headers(self, *, csp: str) -> list[tuple[bytes, bytes]]:
         headers = [
             (b"x-content-type-options", b"nosniff"),
             (b"x-frame-options", b"DENY"),
@@ -89,6 +97,14 @@ class RequestContextMiddleware:
         if self.hsts:
             headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
         return headers
+
+    def headers_for(self, path: str) -> list[tuple[bytes, bytes]]:
+        """The security headers of a path: the docs and the web client load their own assets, the API none."""
+        if path in DOCS_PATHS:
+            return self._docs_headers
+        if path == "/" or path.startswith(WEB_PREFIX):
+            return self._web_headers
+        return self._api_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,7 +121,7 @@ class RequestContextMiddleware:
         limit = self.body_limit(scope)
         extra_headers = [
             (b"x-request-id", request_id.encode()),
-            *(self._docs_headers if path in DOCS_PATHS else self._api_headers),
+            *self.headers_for(path),
         ]
 
         async def send_wrapper(message: Message) -> None:

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import httpx
@@ -27,6 +27,12 @@ from main import create_app, shutdown
 from tests.authhelpers import https_client
 from tests.factories import auth_headers, create_admin, create_agent, create_team, create_user
 from tools.fake_n8n import FakeN8n
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
+    from tests.live import LiveServer as LiveServerType
+    from tests.web import Watched
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -218,3 +224,46 @@ async def team_world(session: AsyncSession, settings: Settings) -> TeamWorld:
         foreign_agent=await create_agent(session, team=other_team, slug="helper", name="Their helper"),
         settings=settings,
     )
+
+
+# --- the browser tests (tests/test_web_*.py, helpers in tests/web.py): one server, fake n8n and Chromium per module
+
+
+@pytest.fixture(scope="module")
+def web_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServerType]:
+    from tests.live import free_port
+    from tests.web import serving, web_settings
+
+    port = free_port()
+    with serving(web_settings(database_url, tmp_path_factory.mktemp("web"), port), port) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fake_n8n_url() -> Iterator[str]:
+    from tests.web import fake_n8n_process
+
+    with fake_n8n_process() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    from tests.web import chromium
+
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture
+def web_page(browser: Browser, web_server: LiveServerType, database_url: str) -> Iterator[Watched]:
+    """A fresh browser context (no cookies, no storage) on the module's server; the tables are emptied after."""
+    from tests.web import truncate, watch
+
+    context = browser.new_context(base_url=web_server.url)
+    context.set_default_timeout(10_000)
+    try:
+        yield watch(context.new_page())
+    finally:
+        context.close()
+        truncate(database_url)

@@ -1,0 +1,56 @@
+// Building DOM nodes without innerHTML: text is always text (no markup parsed), handlers are listeners.
+
+/** h("button", {class: "x", onclick: fn, hidden: true}, "text", child) -> the element. */
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith("on") && typeof value === "function") el.addEventListener(name.slice(2), value);
+    else if (name === "class") el.className = value;
+    else if (name === "value") el.value = value;
+    else el.setAttribute(name, value === true ? "" : String(value));
+  }
+  append(el, children);
+  return el;
+}
+
+function append(el, children) {
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+}
+
+/** Replace an element's children. */
+export function fill(el, ...children) {
+  el.replaceChildren();
+  append(el, children);
+  return el;
+}
+
+/** A short date and time in the reader's locale. */
+export function when(iso) {
+  return iso ? new Date(iso).toLocaleString(undefined, { dateStyle: "short", timeStyle: "short" }) : "";
+}
+
+/** The values of a form's named fields, empty strings left out. */
+export function formValues(form) {
+  const values = {};
+  for (const [name, value] of new FormData(form)) if (typeof value === "string" && value.trim() !== "") values[name] = value.trim();
+  return values;
+}
+
+/** A message in the page's toast area (role=status, so screen readers announce it). */
+export function notify(text, kind = "info") {
+  const area = document.getElementById("toasts");
+  if (!area) return;
+  const toast = h("div", { class: `toast ${kind}`, role: kind === "error" ? "alert" : "status" }, text);
+  area.append(toast);
+  setTimeout(() => toast.remove(), kind === "error" ? 8000 : 4000);
+}
+
+/** An id from the browser's CSPRNG (crypto.randomUUID needs a secure context; this works on plain http too). */
+export function randomId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}

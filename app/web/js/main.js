@@ -1,0 +1,112 @@
+// The client's entry: who is signed in, the hash router, and the page frame (top bar, main area, toasts).
+import { api, whenSignedOut } from "./api.js";
+import { fill, h } from "./dom.js";
+import { renderAuth } from "./views/auth.js";
+import { ChatsView } from "./views/chat.js";
+
+const app = document.getElementById("app");
+const session = { user: null };
+let chats = null; // the chat list and chat pane, kept while moving between chats
+
+export function navigate(path) {
+  if (location.hash === `#${path}`) route();
+  else location.hash = path;
+}
+
+async function loadUser() {
+  try {
+    session.user = await api("/api/auth/me");
+  } catch {
+    session.user = null;
+  }
+}
+
+export async function signedIn() {
+  await loadUser();
+  navigate("/chats");
+}
+
+async function logout() {
+  chats?.leave();
+  chats = null;
+  await api("/api/auth/logout", { method: "POST" }).catch(() => {});
+  session.user = null;
+  navigate("/login");
+}
+
+function frame() {
+  const user = session.user;
+  const admin = user.role === "admin";
+  const link = (path, text) =>
+    h("a", { href: `#${path}`, "aria-current": location.hash.startsWith(`#${path}`) ? "page" : null }, text);
+  const main = h("main", { id: "main", tabindex: "-1" });
+  fill(
+    app,
+    h(
+      "header",
+      { class: "topbar" },
+      h("a", { class: "brand", href: "#/chats" }, "n8n Chat"),
+      h(
+        "nav",
+        { "aria-label": "Main" },
+        link("/chats", "Chats"),
+        admin && [
+          link("/admin/agents", "Agents"),
+          link("/admin/users", "Users"),
+          link("/admin/usage", "Usage"),
+          link("/admin/errors", "Errors"),
+        ],
+      ),
+      h("span", { class: "who" }, user.full_name || user.email),
+      h("button", { type: "button", class: "ghost", onclick: logout }, "Log out"),
+    ),
+    main,
+  );
+  return main;
+}
+
+async function route() {
+  const path = location.hash.replace(/^#/, "") || "/chats";
+  const [, section, ...rest] = path.split("/");
+  if (["login", "signup", "join"].includes(section)) {
+    chats?.leave();
+    chats = null;
+    fill(app, renderAuth(section, rest.join("/"), { signedIn }));
+    app.querySelector("[autofocus]")?.focus(); // `autofocus` alone is not honoured for inserted elements
+    return;
+  }
+  if (!session.user) await loadUser();
+  if (!session.user) {
+    navigate("/login");
+    return;
+  }
+  if (section === "admin" && session.user.role === "admin") {
+    chats?.leave();
+    chats = null;
+    // Loaded on first use: members who are not admins never download the admin pages.
+    const { renderAdmin } = await import("./views/admin.js");
+    renderAdmin(frame(), rest[0] || "agents", { user: session.user });
+    return;
+  }
+  if (chats && document.body.contains(chats.root)) markCurrent();
+  else {
+    chats?.leave();
+    chats = new ChatsView(frame(), { user: session.user, navigate });
+  }
+  await chats.open(section === "chats" ? rest[0] || null : null, section === "new");
+}
+
+function markCurrent() {
+  for (const a of app.querySelectorAll(".topbar nav a"))
+    a.setAttribute("aria-current", location.hash.startsWith(a.getAttribute("href")) ? "page" : "false");
+}
+
+whenSignedOut(() => {
+  session.user = null;
+  chats?.leave();
+  chats = null;
+  navigate("/login");
+});
+window.addEventListener("hashchange", route);
+document.body.append(h("div", { id: "toasts", class: "toasts" }));
+route();

@@ -1,0 +1,164 @@
+// The message stream (docs/STREAMING_API_GUIDE.md): send with an Idempotency-Key and retry on a lost
+// connection, follow a running answer after a reload with Last-Event-ID, stop it. Events are deduplicated by
+// their id, which belongs to the generation: a retry or a resume replays nothing twice.
+import { ApiError, api, errorOf } from "./api.js";
+import { randomId } from "./dom.js";
+
+const TERMINAL = new Set(["done", "error"]);
+const RETRIES = 3;
+
+/** Each `{id, event}` of an SSE body, in order; `: ping` comments are skipped. */
+export async function* sseEvents(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const lines = buffer.slice(0, end).split("\n");
+        buffer = buffer.slice(end + 2);
+        const id = lines.find((l) => l.startsWith("id:"))?.slice(3).trim();
+        const data = lines.filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+        if (data) yield { id: id === undefined ? null : Number(id), event: JSON.parse(data) };
+      }
+    }
+  } finally {
+    reader.releaseLock();
+  }
+}
+
+/** Where this tab is in a chat's running answer, kept in sessionStorage so a reload can continue it. */
+export const saved = {
+  key: (chatId) => `stream:${chatId}`,
+  read(chatId) {
+    try {
+      return JSON.parse(sessionStorage.getItem(this.key(chatId)) || "null");
+    } catch {
+      return null;
+    }
+  },
+  write(chatId, state) {
+    sessionStorage.setItem(this.key(chatId), JSON.stringify(state));
+  },
+  clear(chatId) {
+    sessionStorage.removeItem(this.key(chatId));
+  },
+};
+
+/**
+ * One generation as this tab sees it. `handlers`: onStart(data), onStatus(data), onTool(data),
+ * onText(fullText), onEnd(type, data). `from` resumes a saved position ({generation, last, text}).
+ */
+export class Generation {
+  constructor(chatId, handlers, from = null) {
+    this.chatId = chatId;
+    this.handlers = handlers;
+    this.generation = from?.generation ?? null;
+    this.last = from?.last ?? 0;
+    this.text = from?.text ?? "";
+    this.ended = false;
+    this.aborter = new AbortController(); // leave(): the page moved on; the server goes on regardless
+  }
+
+  leave() {
+    this.aborter.abort();
+  }
+
+  get left() {
+    return this.aborter.signal.aborted;
+  }
+
+  handle({ id, event }) {
+    if (id !== null) {
+      if (id <= this.last) return; // already handled (a retry or a resume replays from an earlier id)
+      this.last = id;
+    }
+    const { type, data } = event;
+    if (type === "start") {
+      this.generation = data.assistant_message_id;
+      this.handlers.onStart?.(data);
+    } else if (type === "status") this.handlers.onStatus?.(data);
+    else if (type === "tool") this.handlers.onTool?.(data);
+    else if (type === "message") {
+      this.text += data.content;
+      this.handlers.onText?.(this.text);
+    }
+    if (TERMINAL.has(type)) {
+      this.ended = true;
+      saved.clear(this.chatId);
+      this.handlers.onEnd?.(type, data);
+    } else if (this.generation) {
+      saved.write(this.chatId, { generation: this.generation, last: this.last, text: this.text });
+    }
+  }
+
+  async consume(response) {
+    for await (const item of sseEvents(response.body)) {
+      this.handle(item);
+      if (this.ended) return;
+    }
+  }
+
+  /**
+   * POST a message (`body`: {content} | {content, edit_of} | {regenerate_of}). A refusal (JSON 4xx/5xx) throws
+   * an ApiError; a lost connection is retried with the same Idempotency-Key (nothing is sent twice), then
+   * the answer is followed on /stream.
+   */
+  async send(body) {
+    const key = randomId();
+    for (let attempt = 0; attempt < RETRIES && !this.ended; attempt++) {
+      try {
+        const response = await api(`/api/chats/${this.chatId}/messages`, {
+          method: "POST",
+          body,
+          raw: true,
+          headers: { "Idempotency-Key": key, Accept: "text/event-stream" },
+          signal: this.aborter.signal,
+        });
+        if (!response.ok) throw await errorOf(response);
+        await this.consume(response);
+      } catch (err) {
+        if (err instanceof ApiError) throw err;
+        if (this.left) return;
+      }
+      if (!this.ended) await new Promise((r) => setTimeout(r, 400 * (attempt + 1)));
+    }
+    if (!this.ended && !this.left) await this.follow();
+  }
+
+  /** Follow the chat's running answer after `this.last` (204: it ended and the stored message is the answer). */
+  async follow() {
+    const query = this.generation ? `?assistant_message_id=${encodeURIComponent(this.generation)}` : "";
+    const headers = this.last ? { "Last-Event-ID": String(this.last) } : {};
+    const response = await api(`/api/chats/${this.chatId}/stream${query}`, {
+      raw: true,
+      headers,
+      signal: this.aborter.signal,
+    });
+    if (response.status === 204) {
+      this.ended = true;
+      saved.clear(this.chatId);
+      this.handlers.onEnd?.("gone", null);
+      return;
+    }
+    if (!response.ok) throw await errorOf(response);
+    await this.consume(response);
+    if (!this.ended && !this.left) {
+      this.ended = true;
+      this.handlers.onEnd?.("gone", null);
+    }
+  }
+}
+
+/** Stop the chat's running answer; null when nothing was running (409). */
+export async function stopGeneration(chatId) {
+  try {
+    return await api(`/api/chats/${chatId}/stop`, { method: "POST" });
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 409) return null;
+    throw err;
+  }
+}

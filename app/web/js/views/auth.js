@@ -1,0 +1,143 @@
+// Login, team sign-up and joining by invitation (#/join/<token>: the token stays in the fragment, which is
+// never sent to the server nor written to its logs).
+import { ApiError, api } from "../api.js";
+import { formValues, h } from "../dom.js";
+
+function field(label, name, attrs = {}) {
+  const id = `f-${name}`;
+  return h("div", { class: "field" }, h("label", { for: id }, label), h("input", { id, name, ...attrs }));
+}
+
+function errorLine() {
+  return h("p", { class: "error", role: "alert", hidden: true });
+}
+
+function showError(line, err) {
+  line.textContent = err instanceof ApiError ? err.message : "The server could not be reached.";
+  if (err instanceof ApiError && err.status === 429 && err.retryAfter) line.textContent += ` (retry in ${err.retryAfter} s)`;
+  line.hidden = false;
+}
+
+/** A form that disables its button while `action(values)` runs and shows what went wrong. */
+function authForm(title, fields, submitText, action, footer) {
+  const error = errorLine();
+  const button = h("button", { type: "submit" }, submitText);
+  const form = h(
+    "form",
+    {
+      class: "card auth",
+      onsubmit: async (event) => {
+        event.preventDefault();
+        error.hidden = true;
+        button.disabled = true;
+        try {
+          await action(formValues(form));
+        } catch (err) {
+          showError(error, err);
+        } finally {
+          button.disabled = false;
+        }
+      },
+    },
+    h("h1", {}, title),
+    fields,
+    error,
+    button,
+    footer,
+  );
+  return form;
+}
+
+async function login(values, signedIn) {
+  const body = { email: values.email, password: values.password };
+  if (values.team_id) body.team_id = values.team_id;
+  await api("/api/auth/login", { method: "POST", body });
+  await signedIn();
+}
+
+function loginPage({ signedIn }) {
+  return authForm(
+    "Log in",
+    [
+      field("Email", "email", { type: "email", autocomplete: "username", required: true, autofocus: true }),
+      field("Password", "password", { type: "password", autocomplete: "current-password", required: true }),
+      h(
+        "details",
+        {},
+        h("summary", {}, "My email is in several teams"),
+        field("Team id", "team_id", { autocomplete: "off", pattern: "[0-9a-fA-F-]{36}" }),
+      ),
+    ],
+    "Log in",
+    (values) => login(values, signedIn),
+    h("p", { class: "muted" }, "New team? ", h("a", { href: "#/signup" }, "Create one")),
+  );
+}
+
+function signupPage({ signedIn }) {
+  return authForm(
+    "Create a team",
+    [
+      field("Team name", "name", { required: true, maxlength: 100, autofocus: true }),
+      field("Your name", "admin_full_name", { autocomplete: "name", maxlength: 200 }),
+      field("Email", "admin_email", { type: "email", autocomplete: "username", required: true }),
+      field("Password (8 characters or more)", "admin_password", {
+        type: "password",
+        autocomplete: "new-password",
+        minlength: 8,
+        required: true,
+      }),
+    ],
+    "Create team",
+    async (values) => {
+      const { team } = await api("/api/teams", { method: "POST", body: values });
+      await login({ email: values.admin_email, password: values.admin_password, team_id: team.id }, signedIn);
+    },
+    h("p", { class: "muted" }, "Already have an account? ", h("a", { href: "#/login" }, "Log in")),
+  );
+}
+
+function joinPage(token, { signedIn }) {
+  const about = h("p", { class: "muted" }, "Checking the invitation…");
+  const email = field("Email", "email", { type: "email", autocomplete: "username", required: true });
+  const form = authForm(
+    "Join a team",
+    [
+      about,
+      field("Your name", "full_name", { autocomplete: "name", maxlength: 200 }),
+      email,
+      field("Password (8 characters or more)", "password", {
+        type: "password",
+        autocomplete: "new-password",
+        minlength: 8,
+        required: true,
+      }),
+    ],
+    "Join",
+    async (values) => {
+      const user = await api("/api/auth/register", { method: "POST", body: { invite_token: token, ...values } });
+      await login({ email: values.email, password: values.password, team_id: user.team_id }, signedIn);
+    },
+    h("p", { class: "muted" }, h("a", { href: "#/login" }, "Log in instead")),
+  );
+  api(`/api/invites/${encodeURIComponent(token)}`)
+    .then((invite) => {
+      about.textContent = `You are invited to ${invite.team_name} as ${invite.role}.`;
+      if (invite.email) {
+        const input = email.querySelector("input");
+        input.value = invite.email;
+        input.readOnly = true;
+      }
+    })
+    .catch(() => {
+      about.textContent = "This invitation is unknown, used up, expired or revoked.";
+      about.className = "error";
+      form.querySelector("button[type=submit]").disabled = true;
+    });
+  return form;
+}
+
+export function renderAuth(section, token, ctx) {
+  const page = section === "signup" ? signupPage(ctx) : section === "join" ? joinPage(token, ctx) : loginPage(ctx);
+  return h("main", { id: "main", class: "center" }, page);
+}

@@ -1,0 +1,439 @@
+// The chat screen: the chat list (search, pin, archive, rename, delete, load more) and the chat pane (agent
+// picker, messages, composer, streaming, stop, resume after reload, edit, regenerate, branches, feedback).
+// Attachments, sharing and export slot in as more composer buttons (`.composer-buttons`) and chat menu items (`chatRow`).
+import { ApiError, api, page } from "../api.js";
+import { fill, h, notify } from "../dom.js";
+import { Generation, saved, stopGeneration } from "../stream.js";
+import { avatar, messageItem, setContent, stepItem } from "./messages.js";
+
+const PAGE = 30;
+const LAST = 50; // messages shown when a chat opens; "Show earlier" doubles it
+
+const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
+
+export class ChatsView {
+  constructor(main, { navigate }) {
+    this.navigate = navigate;
+    this.agents = new Map();
+    this.chatId = null;
+    this.generation = null;
+    this.query = { q: "", archived: false, shown: 0 };
+    this.list = h("ul", { class: "chat-list", "aria-label": "Chats" });
+    this.more = h("button", { type: "button", class: "ghost more", hidden: true, onclick: () => this.loadChats(true) }, "Load more");
+    const search = h("input", { type: "search", placeholder: "Search chats", "aria-label": "Search chats" });
+    let timer;
+    search.addEventListener("input", () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => {
+        this.query.q = search.value.trim();
+        this.loadChats();
+      }, 250);
+    });
+    const archived = h("input", { type: "checkbox", id: "show-archived" });
+    archived.addEventListener("change", () => {
+      this.query.archived = archived.checked;
+      this.loadChats();
+    });
+    this.sidebar = h(
+      "aside",
+      { class: "sidebar" },
+      h("a", { class: "button new-chat", href: "#/new" }, "+ New chat"),
+      search,
+      h("label", { class: "check" }, archived, " Archived"),
+      this.list,
+      this.more,
+    );
+    this.pane = h("section", { class: "pane", "aria-label": "Chat" });
+    this.root = h("div", { class: "chats" }, this.sidebar, this.pane);
+    main.append(this.root);
+    this.ready = Promise.all([this.loadAgents(), this.loadChats()]);
+  }
+
+  leave() {
+    this.generation?.leave();
+    this.generation = null;
+  }
+
+  async loadAgents() {
+    try {
+      for (const agent of await api("/api/agents")) this.agents.set(agent.id, agent);
+    } catch (err) {
+      notify(errorText(err), "error");
+    }
+  }
+
+  // --- the list ---------------------------------------------------------------------------------
+
+  async loadChats(more = false) {
+    const offset = more ? this.query.shown : 0;
+    try {
+      const { items, total } = await page("/api/chats", {
+        limit: PAGE,
+        offset,
+        q: this.query.q,
+        archived: this.query.archived,
+      });
+      if (!more) this.list.replaceChildren();
+      if (!items.length && !more) this.list.append(h("li", { class: "muted" }, this.query.q ? "No chat matches." : "No chats yet."));
+      for (const chat of items) this.list.append(this.chatRow(chat));
+      this.query.shown = offset + items.length;
+      this.more.hidden = this.query.shown >= total;
+    } catch (err) {
+      notify(errorText(err), "error");
+    }
+  }
+
+  chatRow(chat) {
+    const agent = this.agents.get(chat.agent_id);
+    const title = chat.title || "New chat";
+    const link = h(
+      "a",
+      { href: `#/chats/${chat.id}`, class: "chat-link", "aria-current": chat.id === this.chatId ? "page" : null },
+      avatar(agent),
+      h("span", { class: "chat-title" }, chat.pinned ? h("span", { class: "pin", title: "Pinned" }, "★ ") : "", title),
+    );
+    const act = (text, handler) => h("button", { type: "button", class: "ghost", onclick: handler }, text);
+    const menu = h(
+      "details",
+      { class: "menu" },
+      h("summary", { "aria-label": `Actions for ${title}` }, "⋯"),
+      h(
+        "div",
+        { class: "menu-items" },
+        act(chat.pinned ? "Unpin" : "Pin", () => this.updateChat(chat.id, { pinned: !chat.pinned })),
+        act(chat.archived ? "Unarchive" : "Archive", () => this.updateChat(chat.id, { archived: !chat.archived })),
+        act("Rename", () => this.rename(row, chat)),
+        act("Delete", () => this.remove(chat)),
+      ),
+    );
+    const row = h("li", { "data-id": chat.id, class: chat.id === this.chatId ? "current" : "" }, link, menu);
+    return row;
+  }
+
+  async updateChat(chatId, changes) {
+    try {
+      const chat = await api(`/api/chats/${chatId}`, { method: "PUT", body: changes });
+      await this.loadChats();
+      if (chatId === this.chatId) this.renderHeader(chat);
+      return chat;
+    } catch (err) {
+      notify(errorText(err), "error");
+      return null;
+    }
+  }
+
+  rename(row, chat) {
+    const input = h("input", { class: "rename", "aria-label": "Chat title", maxlength: 200 });
+    input.value = chat.title || "";
+    const form = h(
+      "form",
+      {
+        onsubmit: async (event) => {
+          event.preventDefault();
+          await this.updateChat(chat.id, { title: input.value.trim() || null });
+        },
+      },
+      input,
+    );
+    input.addEventListener("keydown", (event) => event.key === "Escape" && this.loadChats());
+    row.replaceChildren(form);
+    input.focus();
+    input.select();
+  }
+
+  async remove(chat) {
+    if (!confirm(`Delete "${chat.title || "New chat"}" and all its messages?`)) return;
+    try {
+      await api(`/api/chats/${chat.id}`, { method: "DELETE" });
+      saved.clear(chat.id);
+      if (chat.id === this.chatId) this.navigate("/new");
+      await this.loadChats();
+    } catch (err) {
+      notify(errorText(err), "error");
+    }
+  }
+
+  // --- the pane ---------------------------------------------------------------------------------
+
+  /** Show a chat, or (null) the agent picker; `picker` shows it on a phone too, where it replaces the list. */
+  async open(chatId, picker = false) {
+    await this.ready;
+    this.root.classList.toggle("has-chat", Boolean(chatId) || picker);
+    if (chatId === this.chatId && chatId) return;
+    this.leave();
+    this.chatId = chatId;
+    for (const row of this.list.children) {
+      row.classList.toggle("current", row.dataset.id === chatId);
+      row.querySelector(".chat-link")?.setAttribute("aria-current", row.dataset.id === chatId ? "page" : "false");
+    }
+    if (!chatId) return this.renderPicker();
+    this.last = LAST;
+    await this.reload();
+    this.resumeIfRunning();
+  }
+
+  renderPicker() {
+    const agents = [...this.agents.values()];
+    fill(
+      this.pane,
+      h(
+        "div",
+        { class: "picker" },
+        h("h1", {}, "Start a chat"),
+        agents.length
+          ? h(
+              "ul",
+              { class: "agents", "aria-label": "Agents" },
+              agents.map((agent) =>
+                h(
+                  "li",
+                  {},
+                  h(
+                    "button",
+                    { type: "button", class: "agent-card", onclick: () => this.startChat(agent) },
+                    avatar(agent, "large"),
+                    h("strong", {}, agent.name),
+                    agent.description && h("span", { class: "muted" }, agent.description),
+                  ),
+                ),
+              ),
+            )
+          : h("p", { class: "muted" }, "No agent yet: an admin adds one under Agents."),
+      ),
+    );
+  }
+
+  async startChat(agent) {
+    try {
+      const chat = await api("/api/chats", { method: "POST", body: { agent_id: agent.id } });
+      await this.loadChats();
+      this.navigate(`/chats/${chat.id}`);
+    } catch (err) {
+      notify(errorText(err), "error");
+    }
+  }
+
+  async reload() {
+    const chatId = this.chatId;
+    let chat;
+    try {
+      chat = await api(`/api/chats/${chatId}?last=${this.last}`);
+    } catch (err) {
+      if (chatId !== this.chatId) return;
+      fill(this.pane, h("p", { class: "error center", role: "alert" }, err.status === 404 ? "This chat does not exist." : errorText(err)));
+      return;
+    }
+    if (chatId === this.chatId) this.render(chat);
+  }
+
+  render(chat) {
+    this.chat = chat;
+    this.agent = this.agents.get(chat.agent_id);
+    const draft = this.input?.value || "";
+    this.header = h("header", { class: "chat-header" });
+    this.messages = h("ol", { class: "messages", "aria-label": "Messages" });
+    this.input = h("textarea", {
+      rows: 2,
+      placeholder: "Message (Enter to send, Shift+Enter for a new line)",
+      "aria-label": "Message",
+      maxlength: 32000,
+    });
+    this.input.value = draft;
+    this.input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        this.composer.requestSubmit();
+      }
+    });
+    this.sendButton = h("button", { type: "submit", class: "send" }, "Send");
+    this.stopButton = h("button", { type: "button", class: "stop danger", hidden: true, onclick: () => this.stop() }, "Stop");
+    this.composer = h(
+      "form",
+      {
+        class: "composer",
+        onsubmit: (event) => {
+          event.preventDefault();
+          const content = this.input.value;
+          if (!content.trim() || this.generation) return;
+          performance.mark("send");
+          this.input.value = "";
+          this.stream({ content }, { appendUser: content });
+        },
+      },
+      this.input,
+      h("div", { class: "composer-buttons" }, this.sendButton, this.stopButton),
+    );
+    this.renderHeader(chat);
+    if (chat.has_more)
+      this.messages.append(
+        h("li", { class: "earlier" }, h("button", { type: "button", class: "ghost", onclick: () => { this.last *= 2; this.reload(); } }, "Show earlier messages")),
+      );
+    for (const message of chat.messages) this.messages.append(messageItem(message, this.actions()));
+    fill(this.pane, this.header, this.messages, this.composer);
+    this.scrollDown();
+    this.input.focus();
+  }
+
+  renderHeader(chat) {
+    if (!this.header) return;
+    fill(
+      this.header,
+      h("a", { class: "back ghost button", href: "#/chats", "aria-label": "Back to the chat list" }, "‹"),
+      avatar(this.agent),
+      h("div", {}, h("h1", {}, chat.title || "New chat"), h("span", { class: "muted" }, this.agent?.name || "Agent no longer active")),
+    );
+  }
+
+  actions() {
+    return {
+      agent: this.agent,
+      busy: () => Boolean(this.generation),
+      edit: (message, text) => {
+        this.truncateFrom(message.id);
+        this.stream({ content: text, edit_of: message.id }, { appendUser: text });
+      },
+      regenerate: (message) => {
+        if (this.generation) return;
+        this.truncateFrom(message.id);
+        this.stream({ regenerate_of: message.id }, {});
+      },
+      switchTo: async (messageId) => {
+        if (this.generation) return;
+        const chat = await this.updateChat(this.chatId, { current_message_id: messageId });
+        if (chat) this.render(chat);
+      },
+      feedback: async (message, rating) => {
+        try {
+          const updated = await api(`/api/chats/${this.chatId}/messages/${message.id}/feedback`, { method: "PUT", body: { rating } });
+          const item = this.messages.querySelector(`[data-id="${message.id}"]`);
+          item?.replaceWith(messageItem(updated, this.actions()));
+        } catch (err) {
+          notify(errorText(err), "error");
+        }
+      },
+    };
+  }
+
+  /** Remove a message and everything after it (an edit or a regenerate replaces that part of the branch). */
+  truncateFrom(messageId) {
+    const item = this.messages.querySelector(`[data-id="${messageId}"]`);
+    while (item?.nextSibling) item.nextSibling.remove();
+    item?.remove();
+  }
+
+  scrollDown() {
+    this.messages.lastElementChild?.scrollIntoView({ block: "end" });
+  }
+
+  /** A placeholder for the answer being written, with its live parts (steps, status, text). */
+  liveItem(messageId = null) {
+    const existing = messageId && this.messages.querySelector(`[data-id="${messageId}"]`);
+    const item = existing || messageItem({ id: messageId, role: "assistant", content: "", status: "streaming", sibling_ids: [] }, this.actions());
+    if (!existing) this.messages.append(item);
+    item.classList.add("streaming");
+    item.setAttribute("aria-busy", "true");
+    return item;
+  }
+
+  handlers(chatId, view) {
+    let painted = false;
+    let pending = null;
+    const q = (selector) => view.item.querySelector(selector);
+    return {
+      onStart: (data) => {
+        view.user?.setAttribute("data-id", data.user_message.id);
+        view.item.setAttribute("data-id", data.assistant_message_id);
+      },
+      onStatus: (data) => {
+        const line = q(".live-status");
+        line.textContent = data.description;
+        line.hidden = Boolean(data.done);
+      },
+      onTool: (data) => {
+        const steps = q(".steps");
+        steps.hidden = false;
+        steps.append(stepItem({ type: "tool", ...data }));
+      },
+      onText: (text) => {
+        pending = text;
+        requestAnimationFrame(() => {
+          if (pending === null) return;
+          setContent(q(".content"), "assistant", pending);
+          pending = null;
+          q(".live-status").hidden = true;
+          this.scrollDown();
+          if (!painted) {
+            painted = true;
+            // The next frame starts once this one (with the first token) is painted.
+            requestAnimationFrame(() => performance.getEntriesByName("send").length && performance.measure("first-token", "send"));
+          }
+        });
+      },
+      onEnd: (type, data) => {
+        if (type === "error") notify(data.message, "error");
+        if (chatId === this.chatId) this.finish();
+      },
+    };
+  }
+
+  /** Send a message (new, edit or regenerate) and stream its answer into the pane. */
+  async stream(body, { appendUser }) {
+    const chatId = this.chatId;
+    const view = {};
+    if (appendUser !== undefined) {
+      view.user = messageItem({ id: null, role: "user", content: appendUser, status: "complete", sibling_ids: [] }, this.actions());
+      this.messages.append(view.user);
+    }
+    view.item = this.liveItem();
+    this.scrollDown();
+    this.generation = new Generation(chatId, this.handlers(chatId, view));
+    this.setBusy(true);
+    try {
+      await this.generation.send(body);
+    } catch (err) {
+      notify(errorText(err), "error");
+      if (chatId === this.chatId) this.finish();
+    }
+  }
+
+  /** After a reload: follow the chat's running answer from where this tab was (or from its start). */
+  resumeIfRunning() {
+    const chatId = this.chatId;
+    const from = saved.read(chatId);
+    const last = this.chat.messages.at(-1);
+    const running = last?.role === "assistant" && last.status === "streaming" ? last.id : null;
+    if (!from && !running) return;
+    const start = from || { generation: running, last: 0, text: "" };
+    const view = { item: this.liveItem(start.generation) };
+    if (from) setContent(view.item.querySelector(".content"), "assistant", from.text);
+    this.generation = new Generation(chatId, this.handlers(chatId, view), start);
+    this.setBusy(true);
+    this.generation.follow().catch((err) => {
+      notify(errorText(err), "error");
+      if (chatId === this.chatId) this.finish();
+    });
+  }
+
+  async stop() {
+    this.stopButton.disabled = true;
+    try {
+      await stopGeneration(this.chatId); // the stream then ends with `done` (status cancelled)
+    } catch (err) {
+      notify(errorText(err), "error");
+    }
+  }
+
+  setBusy(busy) {
+    this.sendButton.hidden = busy;
+    this.stopButton.hidden = !busy;
+    this.stopButton.disabled = false;
+  }
+
+  /** The answer ended: show the chat as stored (ids, versions, final status) and refresh the list order. */
+  async finish() {
+    this.generation = null;
+    this.setBusy(false);
+    await this.reload();
+    this.loadChats();
+  }
+}

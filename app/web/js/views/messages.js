@@ -1,0 +1,153 @@
+// One message of a chat as an element: Markdown for answers, steps, status, errors, the branch switcher
+// and the actions (edit, regenerate, feedback). Actions call back into the chat view (views/chat.js).
+import { h } from "../dom.js";
+import { renderMarkdown } from "../markdown.js";
+
+const STATUS_TEXT = {
+  streaming: "Writing…",
+  cancelled: "Stopped",
+  error: "Failed",
+  interrupted: "Interrupted (the server stopped)",
+};
+
+export function avatar(agent, size = "small") {
+  if (agent?.avatar_url) return h("img", { class: `avatar ${size}`, src: agent.avatar_url, alt: "" });
+  const initials = (agent?.name || "?").split(/\s+/).map((w) => w[0]).join("").slice(0, 2).toUpperCase();
+  return h("span", { class: `avatar ${size} initials`, "aria-hidden": "true" }, initials);
+}
+
+const asText = (value) => (typeof value === "string" ? value : JSON.stringify(value, null, 2));
+
+/** A status or tool step (live event data or a stored `metadata.steps` item) as a list item. */
+export function stepItem(step) {
+  if (step.type === "status" || (step.description !== undefined && step.name === undefined))
+    return h("li", { class: "step status" }, step.description);
+  return h(
+    "li",
+    { class: "step tool" },
+    h(
+      "details",
+      {},
+      h("summary", {}, "Tool: ", h("code", {}, step.name)),
+      step.input !== undefined && h("pre", {}, "input: ", asText(step.input)),
+      step.output !== undefined && h("pre", {}, "output: ", asText(step.output)),
+    ),
+  );
+}
+
+/** Put text in a message's content element: Markdown for answers, plain text for the user's own words. */
+export function setContent(el, role, text) {
+  if (role === "assistant") el.replaceChildren(renderMarkdown(text));
+  else el.textContent = text;
+}
+
+/**
+ * The element of a stored Message. `actions`: {edit(message, newText), regenerate(message),
+ * switchTo(siblingId), feedback(message, rating), agent, busy()}.
+ */
+export function messageItem(message, actions) {
+  const { role } = message;
+  const content = h("div", { class: "content" });
+  setContent(content, role, message.content);
+  const steps = h("ol", { class: "steps", hidden: !message.metadata?.steps?.length });
+  for (const step of message.metadata?.steps || []) steps.append(stepItem(step));
+  const item = h(
+    "li",
+    { class: `msg ${role} ${message.status}`, "data-id": message.id, "data-status": message.status },
+    role === "assistant" ? avatar(actions.agent) : null,
+    h(
+      "div",
+      { class: "bubble" },
+      steps,
+      h("p", { class: "live-status", role: "status", hidden: true }),
+      content,
+      STATUS_TEXT[message.status] && h("p", { class: "badge" }, STATUS_TEXT[message.status]),
+      message.error?.message && h("p", { class: "error" }, message.error.message),
+      footer(message, actions),
+    ),
+  );
+  wireEdit(item, message, actions);
+  return item;
+}
+
+function branchSwitcher(message, actions) {
+  const ids = message.sibling_ids || [];
+  if (ids.length < 2) return null;
+  const at = ids.indexOf(message.id);
+  return h(
+    "span",
+    { class: "branches", role: "group", "aria-label": "Versions" },
+    h(
+      "button",
+      { type: "button", class: "ghost", "aria-label": "Previous version", disabled: at <= 0, onclick: () => actions.switchTo(ids[at - 1]) },
+      "‹",
+    ),
+    h("span", { class: "branch-pos" }, `${at + 1} / ${ids.length}`),
+    h(
+      "button",
+      { type: "button", class: "ghost", "aria-label": "Next version", disabled: at >= ids.length - 1, onclick: () => actions.switchTo(ids[at + 1]) },
+      "›",
+    ),
+  );
+}
+
+function footer(message, actions) {
+  const buttons = [];
+  if (message.role === "user") {
+    buttons.push(h("button", { type: "button", class: "ghost edit", "data-action": "edit" }, "Edit"));
+  } else if (message.status !== "streaming") {
+    buttons.push(h("button", { type: "button", class: "ghost", onclick: () => actions.regenerate(message) }, "Regenerate"));
+    const rating = message.feedback?.rating ?? null;
+    for (const [value, label, text] of [
+      [1, "Good answer", "Helpful"],
+      [-1, "Bad answer", "Not helpful"],
+    ])
+      buttons.push(
+        h(
+          "button",
+          {
+            type: "button",
+            class: "ghost rate",
+            "aria-label": label,
+            "aria-pressed": String(rating === value),
+            onclick: () => actions.feedback(message, rating === value ? null : value),
+          },
+          text,
+        ),
+      );
+  }
+  return h("div", { class: "msg-actions" }, branchSwitcher(message, actions), buttons);
+}
+
+/** The Edit button turns the user's message into a form; sending it creates a sibling (a new branch). */
+function wireEdit(item, message, actions) {
+  const button = item.querySelector("[data-action=edit]");
+  if (!button) return;
+  button.addEventListener("click", () => {
+    if (actions.busy()) return;
+    const content = item.querySelector(".content");
+    const text = h("textarea", { class: "edit-text", rows: 3, "aria-label": "Edited message" });
+    text.value = message.content;
+    const form = h(
+      "form",
+      {
+        class: "edit-form",
+        onsubmit: (event) => {
+          event.preventDefault();
+          if (text.value.trim()) actions.edit(message, text.value);
+        },
+      },
+      text,
+      h("div", { class: "row" }, h("button", { type: "submit" }, "Send"), h("button", { type: "button", class: "ghost", onclick: () => form.replaceWith(content) }, "Cancel")),
+    );
+    text.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") form.replaceWith(content);
+      if (event.key === "Enter" && !event.shiftKey) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+    content.replaceWith(form);
+    text.focus();
+  });
+}

@@ -1,0 +1,154 @@
+"""The admin pages in a real Chromium: an agent made and tested (the connection test's hint), its secret
+headers never shown again, its avatar; an invitation link that signs a colleague up; usage and the error log."""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, expect
+
+from app.services.connection_test import HINT_AUTH_WRONG, HINT_TEST_URL
+from tests.live import LiveServer
+from tests.web import PASSWORD, Team, Watched, create_team, log_in, send, watch
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+SECRET = "fake-header-secret"
+
+
+@pytest.fixture
+def team(web_server: LiveServer) -> Team:
+    return create_team(web_server.url)
+
+
+def png(path: Path) -> Path:
+    """A valid 2x2 PNG (the server judges uploads by their content)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + b"\xff\x00\x00" * 2 for _ in range(2))
+    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_create_an_agent_with_the_connection_test_hint_secret_headers_and_avatar(
+    web_page: Watched, team: Team, fake_n8n_url: str, tmp_path: Path
+) -> None:
+    page = web_page.page
+    log_in(page, team.email)
+    page.get_by_role("link", name="Agents").click()
+    page.get_by_role("button", name="+ New agent").click()
+    page.get_by_label("Name", exact=True).fill("Support")
+    url = page.get_by_label("Webhook URL (n8n production URL)")
+    # The editor's test URL: the probe says what to change.
+    url.fill(f"{fake_n8n_url}/webhook-test/support")
+    page.get_by_role("button", name="Test connection").click()
+    expect(page.locator(".test-result.bad .hint")).to_have_text(HINT_TEST_URL)
+    # A webhook with header auth and no header: the hint names the credential.
+    url.fill(f"{fake_n8n_url}/webhook/agent-header-auth")
+    page.get_by_role("button", name="Test connection").click()
+    expect(page.locator(".test-result.bad .hint")).to_have_text(HINT_AUTH_WRONG)
+    page.get_by_label(re.compile("^Secret headers")).fill(f"X-N8N-Auth: {SECRET}")
+    page.get_by_role("button", name="Test connection").click()
+    expect(page.locator(".test-result.ok")).to_contain_text("format ndjson")
+    page.get_by_role("button", name="Save").click()
+    row = page.locator("tr", has_text="Support")
+    expect(row).to_contain_text("x-n8n-auth", ignore_case=True)
+
+    # Editing: the header's name is shown, never its value; the stored agent is tested with its secret.
+    row.get_by_role("button", name="Edit").click()
+    expect(page.get_by_label(re.compile("^Secret headers"))).to_have_value("")
+    expect(page.locator(".agent-form")).to_contain_text("stored: x-n8n-auth", ignore_case=True)
+    assert SECRET not in page.content()
+    page.get_by_role("button", name="Test connection").click()
+    expect(page.locator(".test-result.ok")).to_contain_text("Echo: ping")
+
+    page.get_by_label("Avatar (PNG, JPEG, WebP or GIF)").set_input_files(png(tmp_path / "avatar.png"))
+    expect(page.locator(".toast", has_text="Avatar saved")).to_be_visible()
+    avatar = page.locator("tr", has_text="Support").locator("img.avatar")
+    expect(avatar).to_have_attribute("src", re.compile(r"^/api/agents/[0-9a-f-]+/avatar\?v="))
+    page.wait_for_function("(img) => img.complete && img.naturalWidth === 2", arg=avatar.element_handle())
+    agent = team.get("/api/agents")[0]
+    assert agent["avatar_url"] is not None
+
+    # A member sees the agent with its avatar in the picker and can chat with it.
+    page.get_by_role("link", name="Chats").click()
+    page.get_by_role("link", name="+ New chat").click()
+    expect(page.get_by_role("button", name=re.compile("Support")).locator("img.avatar")).to_be_visible()
+    page.get_by_role("button", name=re.compile("Support")).click()
+    send(page, "authenticated hello")
+    expect(page.locator(".msg.assistant[data-status=complete] .content")).to_have_text("Echo: authenticated hello")
+
+
+def test_an_invitation_link_signs_a_colleague_up(
+    web_page: Watched, team: Team, browser: Browser, web_server: LiveServer
+) -> None:
+    page = web_page.page
+    log_in(page, team.email)
+    page.get_by_role("link", name="Users").click()
+    page.get_by_label("Email (optional)").fill("bob@example.com")
+    page.get_by_role("button", name="Create invitation").click()
+    link = page.get_by_label("Invitation link").input_value()
+    assert re.fullmatch(rf"{re.escape(web_server.url)}/#/join/[\w-]{{20,}}", link)
+    invitations = page.get_by_role("table", name="Invitations")
+    expect(invitations.locator("tr", has_text="bob@example.com")).to_contain_text("active")
+
+    colleague = browser.new_context()
+    try:
+        other = watch(colleague.new_page())
+        other.page.goto(link)
+        expect(other.page.get_by_text("You are invited to Acme as user.")).to_be_visible()
+        expect(other.page.get_by_label("Email")).to_have_value("bob@example.com")
+        other.page.get_by_label("Your name").fill("Bob")
+        other.page.get_by_label("Password (8 characters or more)").fill(PASSWORD)
+        other.page.get_by_role("button", name="Join").click()
+        expect(other.page.locator(".who")).to_have_text("Bob")
+        expect(other.page.get_by_role("link", name="Agents")).to_have_count(0)  # a user, not an admin
+        # The link is used up: opening it again says so.
+        other.page.goto(link)
+        expect(other.page.get_by_text("This invitation is unknown, used up, expired or revoked.")).to_be_visible()
+    finally:
+        colleague.close()
+
+    page.reload()
+    expect(invitations.locator("tr", has_text="bob@example.com")).to_contain_text("used_up")
+    role = page.get_by_label("Role of bob@example.com")
+    role.select_option("admin")
+    expect(page.locator(".toast", has_text="Updated bob@example.com")).to_be_visible()
+    assert {u["email"]: u["role"] for u in team.get("/api/users")}["bob@example.com"] == "admin"
+
+
+def test_usage_and_the_error_log_show_what_happened(web_page: Watched, team: Team, fake_n8n_url: str) -> None:
+    page = web_page.page
+    team.create_agent(f"{fake_n8n_url}/webhook/agent-stream", name="Echo bot")
+    team.create_agent(f"{fake_n8n_url}/webhook/error-stream", name="Broken bot")
+    log_in(page, team.email)
+    for name, text in (("Echo bot", "hello"), ("Broken bot", "hello")):
+        page.get_by_role("link", name="+ New chat").click()
+        page.get_by_role("button", name=re.compile(name)).click()
+        send(page, text)
+        expect(page.locator(".msg.assistant:not([data-status=streaming])")).to_have_count(1)
+    failed = page.locator(".msg.assistant[data-status=error]")
+    expect(failed.locator(".badge")).to_have_text("Failed")
+    expect(failed.locator(".error")).not_to_be_empty()
+
+    page.get_by_role("link", name="Errors").click()
+    expect(page.locator("tbody tr")).to_have_count(1)
+    code = team.get("/api/error-logs")[0]["code"]
+    expect(page.locator("tbody tr code").first).to_have_text(code)
+
+    page.get_by_role("link", name="Usage").click()
+    page.get_by_label("By").select_option("agent")
+    page.get_by_role("button", name="Show").click()
+    expect(page.locator("tbody tr")).to_have_count(2)
+    echo = page.locator("tbody tr", has_text="Echo bot")
+    expect(echo.locator("td").nth(1)).to_have_text("1")  # completed
+    broken = page.locator("tbody tr", has_text="Broken bot")
+    expect(broken.locator("td").nth(2)).to_have_text("1")  # errors

@@ -1,0 +1,304 @@
+"""The browser client's chat in a real Chromium: login, streaming, stop, reload mid-stream, retry, branches,
+feedback, the chat list and the session refresh (the fake n8n echoes each message word by word)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+from playwright.sync_api import Page, Request, Response, Route, expect
+
+from tests.live import LiveServer
+from tests.web import Team, Watched, answer_text, create_team, log_in, send
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def team(web_server: LiveServer, fake_n8n_url: str) -> Team:
+    created = create_team(web_server.url)
+    created.create_agent(f"{fake_n8n_url}/webhook/agent-stream", description="Echoes you")
+    return created
+
+
+def open_new_chat(watched: Watched, team: Team) -> None:
+    log_in(watched.page, team.email)
+    watched.page.get_by_role("button", name=re.compile("Echo bot")).click()
+    expect(watched.page.get_by_label("Message", exact=True)).to_be_focused()
+
+
+def test_login_with_a_wrong_password_shows_the_error(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    page.goto("/")
+    page.get_by_label("Email").fill(team.email)
+    page.get_by_label("Password").fill("wrong password!")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("alert")).to_have_text("Incorrect email or password")
+    expect(page.get_by_role("link", name="+ New chat")).to_have_count(0)
+
+
+def test_chat_streams_the_answer_token_by_token(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    open_new_chat(web_page, team)
+    words = " ".join(f"w{i}" for i in range(12))
+    send(page, f"[delay=120] {words}")
+    answer = page.locator(".msg.assistant").last
+    # Part of the answer is painted while it is still being written...
+    expect(answer).to_have_attribute("data-status", "streaming")
+    expect(answer.locator(".content")).to_contain_text("w2")
+    assert "w11" not in answer_text(page)
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    # ...then the stored message replaces it: complete, same text.
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    assert answer_text(page) == f"Echo: [delay=120] {words}"
+    measured = page.evaluate("performance.getEntriesByName('first-token').map((e) => e.duration)")
+    assert len(measured) == 1
+    assert 0 < measured[0] < 5000
+    chat_id = page.url.rsplit("/", 1)[1]
+    stored = team.get(f"/api/chats/{chat_id}")["messages"]
+    assert [(m["role"], m["status"]) for m in stored] == [("user", "complete"), ("assistant", "complete")]
+    assert web_page.errors == []
+    assert web_page.dialogs == []
+
+
+def test_stop_ends_the_answer_as_cancelled(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "[delay=200] " + " ".join(f"w{i}" for i in range(60)))
+    expect(page.locator(".msg.assistant .content")).to_contain_text("w1")
+    page.get_by_role("button", name="Stop").click()
+    stopped = page.locator(".msg.assistant[data-status=cancelled]")
+    expect(stopped).to_have_count(1)
+    expect(stopped.locator(".badge")).to_have_text("Stopped")
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    assert "w59" not in answer_text(page)
+    chat_id = page.url.rsplit("/", 1)[1]
+    assert team.get(f"/api/chats/{chat_id}")["messages"][-1]["status"] == "cancelled"
+
+
+def test_reload_mid_stream_continues_the_answer(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    open_new_chat(web_page, team)
+    words = " ".join(f"w{i}" for i in range(25))
+    send(page, f"[delay=100] {words}")
+    expect(page.locator(".msg.assistant .content")).to_contain_text("w3")
+    follows: list[Request] = []
+
+    def record(request: Request) -> None:
+        if "/stream?" in request.url:
+            follows.append(request)
+
+    page.on("request", record)
+    page.reload()
+    # The page follows the same generation from the last event it handled, and the answer completes whole.
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1, timeout=15_000)
+    assert answer_text(page) == f"Echo: [delay=100] {words}"
+    assert len(follows) == 1
+    assert "assistant_message_id=" in follows[0].url
+    assert int(follows[0].headers["last-event-id"]) > 3
+    assert page.evaluate("Object.keys(sessionStorage).filter((k) => k.startsWith('stream:'))") == []
+
+
+def test_a_send_whose_connection_drops_is_retried_without_a_second_message(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    page = web_page.page
+    open_new_chat(web_page, team)
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    keys: list[str] = []
+
+    def drop_first(route: Route) -> None:
+        keys.append(route.request.headers["idempotency-key"])
+        if len(keys) == 1:
+            route.fetch()  # the server got it and answered in full...
+            route.abort("connectionreset")  # ...but the browser lost the answer
+        else:
+            route.continue_()
+
+    page.route("**/api/chats/*/messages", drop_first)
+    send(page, "only once")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    assert answer_text(page) == "Echo: only once"
+    assert len(keys) == 2
+    assert keys[0] == keys[1]
+    chat_id = page.url.rsplit("/", 1)[1]
+    assert len(team.get(f"/api/chats/{chat_id}/messages")) == 2  # one question, one answer
+    assert len([r for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]) == 1
+
+
+def test_edit_makes_a_branch_and_the_switcher_moves_between_them(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "first question")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    page.locator(".msg.user").get_by_role("button", name="Edit").click()
+    edited = page.get_by_label("Edited message")
+    edited.fill("second question")
+    edited.press("Enter")
+    expect(page.locator(".msg.assistant .content")).to_have_text("Echo: second question")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    user = page.locator(".msg.user")
+    expect(user.locator(".branch-pos")).to_have_text("2 / 2")
+    user.get_by_role("button", name="Previous version").click()
+    expect(user.locator(".content")).to_have_text("first question")
+    expect(page.locator(".msg.assistant .content")).to_have_text("Echo: first question")
+    expect(user.locator(".branch-pos")).to_have_text("1 / 2")
+    # The choice is the chat's: a reload shows the same branch.
+    page.reload()
+    expect(page.locator(".msg.user .content")).to_have_text("first question")
+
+
+def test_regenerate_and_feedback(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "again please")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    page.get_by_role("button", name="Regenerate").click()
+    expect(page.locator(".msg.assistant .branch-pos")).to_have_text("2 / 2")
+    expect(page.locator(".msg.user")).to_have_count(1)
+    page.get_by_role("button", name="Good answer").click()
+    expect(page.get_by_role("button", name="Good answer")).to_have_attribute("aria-pressed", "true")
+    chat_id = page.url.rsplit("/", 1)[1]
+    answer = team.get(f"/api/chats/{chat_id}")["messages"][-1]
+    assert answer["feedback"]["rating"] == 1
+    assert len(answer["sibling_ids"]) == 2
+
+
+def test_chat_list_search_pin_rename_archive_delete_and_load_more(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    for i in range(32):  # more than one page of the list (30)
+        team.create_chat(agent_id, title=f"Chat {i:02d}")
+    team.create_chat(agent_id, title="Quarterly numbers")
+    log_in(page, team.email)
+    rows = page.locator(".chat-list li")
+    expect(rows).to_have_count(30)
+    page.get_by_role("button", name="Load more").click()
+    expect(rows).to_have_count(33)
+    expect(page.get_by_role("button", name="Load more")).to_be_hidden()
+
+    page.get_by_label("Search chats").fill("quarterly")
+    expect(rows).to_have_count(1)
+    row = rows.first
+    row.get_by_label("Actions for Quarterly numbers").click()
+    row.get_by_role("button", name="Pin").click()
+    expect(rows.first.locator(".pin")).to_be_visible()
+
+    rows.first.get_by_label("Actions for Quarterly numbers").click()
+    rows.first.get_by_role("button", name="Rename").click()
+    title = page.get_by_label("Chat title")
+    title.fill("Q3 numbers")
+    title.press("Enter")
+    page.get_by_label("Search chats").fill("Q3")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("Q3 numbers")
+
+    rows.first.get_by_label("Actions for Q3 numbers").click()
+    rows.first.get_by_role("button", name="Archive").click()
+    expect(page.locator(".chat-list")).to_contain_text("No chat matches.")
+    page.get_by_label("Archived").check()
+    expect(rows).to_have_count(1)
+
+    web_page.accept_dialogs = True
+    rows.first.get_by_label("Actions for Q3 numbers").click()
+    rows.first.get_by_role("button", name="Delete").click()
+    expect(page.locator(".chat-list")).to_contain_text("No chat matches.")
+    assert web_page.dialogs == ['confirm: Delete "Q3 numbers" and all its messages?']
+    with team.api() as client:
+        assert client.get("/api/chats", params={"q": "Q3", "archived": True}).json() == []
+
+
+def test_an_expired_access_cookie_is_refreshed_silently(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    log_in(page, team.email)
+    page.context.clear_cookies(name="access_token")
+    refreshed: list[int] = []
+
+    def record(response: Response) -> None:
+        if response.url.endswith("/api/auth/refresh"):
+            refreshed.append(response.status)
+
+    page.on("response", record)
+    page.reload()
+    expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
+    assert refreshed == [200]
+    assert "access_token" in {c["name"] for c in page.context.cookies()}
+
+
+def test_logout_and_team_sign_up(web_page: Watched, web_server: LiveServer) -> None:
+    page = web_page.page
+    page.goto("/#/signup")
+    page.get_by_label("Team name").fill("Zeta")
+    page.get_by_label("Your name").fill("Zoe")
+    page.get_by_label("Email").fill("zoe@example.com")
+    page.get_by_label("Password (8 characters or more)").fill("a long password")
+    page.get_by_role("button", name="Create team").click()
+    expect(page.locator(".who")).to_have_text("Zoe")
+    expect(page.get_by_role("link", name="Agents")).to_be_visible()  # the team's first user is its admin
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    assert httpx.get(f"{web_server.url}/api/auth/me", cookies=dict_cookies(page)).status_code == 401
+
+
+def dict_cookies(page: Page) -> dict[str, str]:
+    return {c["name"]: c["value"] for c in page.context.cookies() if "name" in c and "value" in c}
+
+
+def test_status_and_tool_steps_show_live_and_stay_with_the_answer(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    page = web_page.page
+    # A workflow that reports progress by callback (docs/CALLBACKS.md), slowly enough to see it live.
+    team.create_agent(
+        f"{fake_n8n_url}/webhook/agent-stream?scenario=callbacks&interval_ms=150",
+        name="Steps bot",
+        response_mode="callback",
+    )
+    log_in(page, team.email)
+    page.get_by_role("button", name=re.compile("Steps bot")).click()
+    send(page, "find the invoices of may")
+    answer = page.locator(".msg.assistant").last
+    expect(answer.locator(".steps")).to_contain_text("search")
+    expect(answer).to_have_attribute("data-status", "streaming")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(answer.locator(".content")).to_have_text("Echo: find the invoices of may")
+    expect(answer.locator(".steps")).to_contain_text("Searching the knowledge base")
+    answer.get_by_text("search", exact=True).click()  # the tool step opens on its input and output
+    expect(answer.locator(".steps pre").first).to_contain_text("find the invoices of may")
+    assert json.loads(page.evaluate("JSON.stringify(sessionStorage)")) == {}
+
+
+def test_the_main_path_works_with_the_keyboard_alone(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    page.goto("/")
+    expect(page.get_by_label("Email")).to_be_focused()  # autofocus
+    page.keyboard.type(team.email)
+    page.keyboard.press("Tab")
+    page.keyboard.type(team.password)
+    page.keyboard.press("Enter")
+    page.get_by_role("link", name="+ New chat").wait_for()
+    for _ in range(30):  # Tab through the page until the agent's card has the focus
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.classList.contains('agent-card')"):
+            break
+    page.keyboard.press("Enter")
+    expect(page.get_by_label("Message", exact=True)).to_be_focused()
+    page.keyboard.type("typed only")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete] .content")).to_have_text("Echo: typed only")
+
+
+def test_a_refused_send_is_reported_and_the_chat_stays_usable(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    open_new_chat(web_page, team)
+    agent_id = team.get("/api/agents")[0]["id"]
+    with team.api() as client:
+        assert client.delete(f"/api/agents/{agent_id}").status_code == 204  # deactivated meanwhile
+    send(page, "anyone there?")
+    expect(page.get_by_role("alert")).to_be_visible()
+    expect(page.locator(".msg.streaming")).to_have_count(0)
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    chat_id = page.url.rsplit("/", 1)[1]
+    assert team.get(f"/api/chats/{chat_id}")["messages"] == []  # refused before anything was stored
