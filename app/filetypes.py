@@ -47,6 +47,8 @@ MARKUP_RE = re.compile(
     rb"<(?:script|html|body|iframe|object|embed|svg|\?xml|!doctype)[\s>/]|<(?:svg|html|script)$", re.IGNORECASE
 )
 PDF_ACTIVE_RE = re.compile(rb"/(?:JavaScript|JS|Launch)(?![A-Za-z0-9])")
+#: A PDF name may spell any byte as `#xx` (`/JavaScr#69pt` is `/JavaScript`): names are decoded before matching.
+_PDF_NAME_ESCAPE = re.compile(rb"#([0-9A-Fa-f]{2})")
 PDF_EOF_WINDOW = 1024
 FILENAME_MAX = 255
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f\"\\/]")
@@ -99,7 +101,8 @@ def _check_image(data: bytes, expected: str) -> None:
 def _check_pdf(data: bytes) -> None:
     if b"%%EOF" not in data[-PDF_EOF_WINDOW:]:
         raise UnsupportedMediaType(UNSUPPORTED)
-    if PDF_ACTIVE_RE.search(data):
+    decoded = _PDF_NAME_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), data)
+    if PDF_ACTIVE_RE.search(decoded):
         raise UnsupportedMediaType(POLYGLOT)
 
 

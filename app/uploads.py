@@ -74,6 +74,9 @@ class _Reader:
         self._value = b""
         self._in_file = False
         self._other = 0
+        #: Set by the closing boundary: python-multipart's `finalize()` checks nothing, so a body cut short
+        #: would otherwise pass as a complete (truncated) file.
+        self.ended = False
 
     def on_part_begin(self) -> None:
         self._headers = {}
@@ -116,6 +119,9 @@ class _Reader:
     def on_part_end(self) -> None:
         self._in_file = False
 
+    def on_end(self) -> None:
+        self.ended = True
+
 
 async def read_upload(chunks: AsyncIterator[bytes], content_type: str | None, max_bytes: int) -> Upload:
     """The `file` part of a multipart body read from `chunks`; 415 (not multipart), 413 (over `max_bytes`,
@@ -135,6 +141,7 @@ async def read_upload(chunks: AsyncIterator[bytes], content_type: str | None, ma
             "on_headers_finished",
             "on_part_data",
             "on_part_end",
+            "on_end",
         )
     }
     try:
@@ -145,6 +152,8 @@ async def read_upload(chunks: AsyncIterator[bytes], content_type: str | None, ma
         parser.finalize()
     except (MultipartParseError, ValueError):
         raise Unprocessable(MALFORMED, loc=("body", FIELD)) from None
+    if not reader.ended:
+        raise Unprocessable(MALFORMED, loc=("body", FIELD))
     if reader.upload is None:
         raise Unprocessable(NO_FILE, loc=("body", FIELD))
     if not reader.upload.data:

@@ -303,6 +303,25 @@ async def test_round_trip_of_all_chats_as_json_lines(
     assert {c["title"] for c in listed.json()} == {"one", "two", "empty"}
 
 
+async def test_round_trip_of_json_lines_keeps_unicode_line_separators(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """U+2028, U+2029 and U+0085 stay raw in the exported JSON: they must not split the import's lines."""
+    odd = "one\u2028two\u2029three\u0085four\r\nfive"
+    for title in ("first", "second"):
+        messages = [{"content": odd}, {"role": "assistant", "content": f"{title} {odd}"}]
+        await create_chat(session, user=team_world.member, agent=team_world.agent, messages=messages, title=title)
+    exported = (await client.get("/api/chats/export", headers=team_world.h(team_world.member))).content
+    assert "\u2028".encode() in exported
+    response = await import_body(client, team_world, exported, team_world.colleague, "application/x-ndjson")
+    assert response.status_code == 201, response.text
+    again = (await client.get("/api/chats/export", headers=team_world.h(team_world.colleague))).content
+    before = [comparable(json.loads(line)) for line in exported.split(b"\n") if line]
+    after = [comparable(json.loads(line)) for line in again.split(b"\n") if line]
+    assert after == before
+    assert after[0]["messages"][0]["content"] == odd
+
+
 async def test_import_matches_agents_in_the_callers_team(
     client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
 ) -> None:

@@ -141,6 +141,8 @@ async def test_upload_accepts_each_allowed_type_judged_by_content(
         (PNG + b"<html><script>alert(1)</script>", "image/png"),  # a PNG with HTML appended
         (PDF.replace(b"%%EOF", b"<html><body>x</body></html>\n%%EOF"), "application/pdf"),  # HTML-sniffable PDF
         (PDF.replace(b"/Catalog", b"/Catalog /OpenAction << /S /JavaScript /JS (app.alert(1)) >>"), None),
+        # The same with the names spelt through PDF's #xx escapes.
+        (PDF.replace(b"/Catalog", b"/Catalog /OpenAction << /S /JavaScr#69pt /J#53 (app.alert(1)) >>"), None),
         (b"%PDF-1.4\nno end marker", "application/pdf"),
         (b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "image/png"),  # a PNG signature over no PNG structure
         (b"<?xml version='1.0'?><x/>", "text/plain"),
@@ -184,6 +186,12 @@ async def test_upload_bad_forms_are_refused_without_storing(
     )
     assert two.status_code == 422
     assert two.json()["detail"][0]["msg"] == "Send one file per request"
+    # A body cut off before its closing boundary is not a complete file.
+    cut = b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\nhalf a fi'
+    truncated = await client.post(
+        url_of(setup), content=cut, headers={**setup.headers, "content-type": "multipart/form-data; boundary=B"}
+    )
+    assert truncated.status_code == 422
     assert await file_rows(app) == []
 
 
@@ -565,7 +573,7 @@ async def test_url_delivery_sends_signed_links_that_only_open_their_file(
         assert (await client.get(signed_path(valid))).status_code == 404
 
 
-@pytest.mark.settings(PUBLIC_BASE_URL="http://relay.test", FILE_URL_GRACE_SECONDS=0)
+@pytest.mark.settings(PUBLIC_BASE_URL="http://relay.test", FILE_URL_GRACE_SECONDS=1)
 async def test_signed_link_expires_when_its_generation_has_ended(
     client: httpx.AsyncClient, setup: ChatSetup, fake: FakeN8n
 ) -> None:
@@ -573,8 +581,47 @@ async def test_signed_link_expires_when_its_generation_has_ended(
     response = await send(client, setup, {"content": "x", "file_ids": [mine["id"]]})
     assert events_of(response)[-1]["type"] == "done"
     path = signed_path(fake.requests[-1]["json"]["files"][0]["url"])
-    await asyncio.sleep(0.01)
+    assert (await client.get(path)).status_code == 200  # within the grace after the end
+    await asyncio.sleep(1.1)
     assert (await client.get(path)).status_code == 404
+    # Rating the answer afterwards does not bring the link back.
+    answer = events_of(response)[-1]["data"]["message"]["id"]
+    rated = await client.put(
+        f"/api/chats/{setup.chat.id}/messages/{answer}/feedback", json={"rating": 1}, headers=setup.headers
+    )
+    assert rated.status_code == 200, rated.text
+    assert (await client.get(path)).status_code == 404
+
+
+async def set_quota(session: AsyncSession, setup: ChatSetup, value: int) -> None:
+    team = await session.get(Team, setup.user.team_id)
+    assert team is not None
+    team.settings = {**(team.settings or {}), "quota": {"messages_per_user_per_day": value}}
+    await session.commit()
+
+
+async def test_a_send_refused_by_the_quota_leaves_its_files_unsent(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup
+) -> None:
+    await set_quota(session, setup, 1)
+    assert (await send(client, setup, {"content": "the day's one"})).status_code == 200
+    mine = await uploaded(client, setup, b"kept for tomorrow")
+    refused = await send(client, setup, {"content": "with a file", "file_ids": [mine["id"]]})
+    assert refused.status_code == 429
+    assert all(f.message_id is None for f in await file_rows(app))
+    deleted = await client.delete(f"{url_of(setup)}/{mine['id']}", headers=setup.headers)
+    assert deleted.status_code == 204
+
+
+async def test_a_send_refused_for_its_files_gives_its_quota_claim_back(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup
+) -> None:
+    await set_quota(session, setup, 1)
+    refused = await send(client, setup, {"content": "a foreign file", "file_ids": [str(uuid.uuid4())]})
+    assert refused.status_code == 422
+    assert await count_rows(session, "messages") == 0
+    assert (await send(client, setup, {"content": "the day's one"})).status_code == 200
+    assert (await send(client, setup, {"content": "one too many"})).status_code == 429
 
 
 @pytest.mark.slow

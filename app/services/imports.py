@@ -72,7 +72,10 @@ def _documents(body: bytes) -> list[Any]:
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         pass
     documents = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by "\n" only: `str.splitlines` would also split at U+2028, U+2029 or U+0085,
+    # which JSON leaves raw inside strings (the export writes them so).
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

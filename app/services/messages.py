@@ -273,70 +273,74 @@ async def start_message(
     if row.running:
         raise Conflict(GENERATION_RUNNING)
 
-    now = utcnow()
-    assistant_id = uuid.uuid4()
-    rows: list[dict[str, Any]] = []
-    attached: list[dict[str, Any]] = []
-    if regenerate:
-        question_id: uuid.UUID = row.q_id
-        question_parent: uuid.UUID | None = row.q_parent_id
-        latest = str(row.q_content)
-        attached = list(row.q_files or [])
-    else:
-        question_id = uuid.uuid4()
-        question_parent = row.target_parent_id if edit_of is not None else row.current_message_id
-        latest = str(content)
-        if file_ids:
-            attached = await files_service.attach(
-                session=session,
-                settings=settings,
-                chat_id=chat_id,
-                file_ids=file_ids,
-                message_id=question_id,
-                reusable=[str(f["id"]) for f in row.target_files or []] if edit_of is not None else (),
-            )
-    delivery = files_service.delivery_for(settings, row.file_delivery, attached) if attached else "url"
-    if not regenerate:
-        rows.append(
-            {
-                "id": question_id,
-                "chat_id": chat_id,
-                "parent_id": question_parent,
-                "role": "user",
-                "content": latest,
-                "status": "complete",
-                "files": attached or None,
-                "worker_id": None,  # every row names every column: a multi-row INSERT takes the first's keys
-                "created_at": now,
-                "updated_at": now,
-            }
-        )
-    # Strictly after the question, so "oldest first" puts a question before its answer.
-    placeholder_at = now + timedelta(microseconds=1)
-    rows.append(
-        {
-            "id": assistant_id,
-            "chat_id": chat_id,
-            "parent_id": question_id,
-            "role": "assistant",
-            "content": "",
-            "status": "streaming",
-            "files": None,
-            "worker_id": worker_id,
-            "created_at": placeholder_at,
-            "updated_at": placeholder_at,
-        }
-    )
-    # Usage hook (app.services.usage): the daily quota, counted before anything is stored (429 past it).
+    # Usage hook (app.services.usage): the daily quota, claimed (and committed) before anything is stored, so a
+    # 429 stores nothing; every later refusal gives the claim back and rolls back what it wrote (files marked
+    # as sent, the messages).
     claimed = await usage_service.claim_generation(session=session, user=user)
     try:
+        now = utcnow()
+        assistant_id = uuid.uuid4()
+        rows: list[dict[str, Any]] = []
+        attached: list[dict[str, Any]] = []
+        if regenerate:
+            question_id: uuid.UUID = row.q_id
+            question_parent: uuid.UUID | None = row.q_parent_id
+            latest = str(row.q_content)
+            attached = list(row.q_files or [])
+        else:
+            question_id = uuid.uuid4()
+            question_parent = row.target_parent_id if edit_of is not None else row.current_message_id
+            latest = str(content)
+            if file_ids:
+                attached = await files_service.attach(
+                    session=session,
+                    settings=settings,
+                    chat_id=chat_id,
+                    file_ids=file_ids,
+                    message_id=question_id,
+                    reusable=[str(f["id"]) for f in row.target_files or []] if edit_of is not None else (),
+                )
+        delivery = files_service.delivery_for(settings, row.file_delivery, attached) if attached else "url"
+        if not regenerate:
+            rows.append(
+                {
+                    "id": question_id,
+                    "chat_id": chat_id,
+                    "parent_id": question_parent,
+                    "role": "user",
+                    "content": latest,
+                    "status": "complete",
+                    "files": attached or None,
+                    "worker_id": None,  # every row names every column: a multi-row INSERT takes the first's keys
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+        # Strictly after the question, so "oldest first" puts a question before its answer.
+        placeholder_at = now + timedelta(microseconds=1)
+        rows.append(
+            {
+                "id": assistant_id,
+                "chat_id": chat_id,
+                "parent_id": question_id,
+                "role": "assistant",
+                "content": "",
+                "status": "streaming",
+                "files": None,
+                "worker_id": worker_id,
+                "created_at": placeholder_at,
+                "updated_at": placeholder_at,
+            }
+        )
         await execute_core(session, _INSERT_MESSAGES, rows)
-    except IntegrityError:
-        # Another send won the race for this chat's one `streaming` row (the partial unique index).
+    except BaseException as exc:
         await session.rollback()
         if claimed is not None:  # usage hook: a refused send does not count
             await usage_service.release_generation(session=session, user=user, day=claimed)
-        raise Conflict(GENERATION_RUNNING) from None
+        if isinstance(exc, IntegrityError):
+            # Another send won the race for this chat's one `streaming` row (the partial unique index).
+            raise Conflict(GENERATION_RUNNING) from None
+        raise
     leaf = {
         "cid": chat_id,
         "leaf": assistant_id,

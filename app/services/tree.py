@@ -391,7 +391,12 @@ async def set_feedback(
     now = utcnow()
     feedback = None if rating is None and not comment else {"rating": rating, "comment": comment or None}
     stored = None if feedback is None else {**feedback, "updated_at": now.isoformat()}
-    await session.execute(update(Message).where(Message.id == message.id).values(feedback=stored, updated_at=now))
+    # The message's own `updated_at` stays when it ended: signed file links (app.services.files) expire from
+    # it, and a rating must not bring an ended generation's links back.
+    # (Given explicitly: the column's `onupdate` would otherwise set it.)
+    await session.execute(
+        update(Message).where(Message.id == message.id).values(feedback=stored, updated_at=Message.updated_at)
+    )
     await session.commit()
     await session.refresh(message)
     siblings = await _sibling_ids(session, chat.id, {message.parent_id})
