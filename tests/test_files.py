@@ -614,7 +614,7 @@ async def test_a_send_refused_by_the_quota_leaves_its_files_unsent(
 
 
 async def test_a_send_refused_for_its_files_gives_its_quota_claim_back(
-    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup
+    client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup
 ) -> None:
     await set_quota(session, setup, 1)
     refused = await send(client, setup, {"content": "a foreign file", "file_ids": [str(uuid.uuid4())]})
