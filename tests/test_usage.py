@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import statistics
 import uuid
-from datetime import UTC, date, datetime, timedelta
+from collections import Counter, defaultdict
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -21,6 +24,7 @@ from app.models import Agent, Chat, Team, UsageRecord, UsageRollup, User
 from app.security import Caller
 from app.services import usage as usage_service
 from app.services.messages import finish_message, start_message
+from app.services.usage_rollup import GONE, NIL, bucket, counts
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
@@ -45,8 +49,47 @@ ROW_FIELDS = {
 
 
 async def ledger(app: FastAPI) -> list[UsageRecord]:
+    """The ledger's rows, after checking that the roll-up equals a fresh aggregation of them."""
     async with app_state(app).db.sessionmaker() as s:
+        await assert_rollup_matches_ledger(s)
         return list((await s.execute(select(UsageRecord).order_by(UsageRecord.created_at))).scalars())
+
+
+def _fresh_group() -> dict[str, Any]:
+    return {"generations": 0, "completed": 0, "errors": 0, "cancelled": 0, "chars_in": 0, "chars_out": 0,
+            "tokens_in": None, "tokens_out": None, "ttfc": Counter(), "duration": Counter()}  # fmt: skip
+
+
+async def assert_rollup_matches_ledger(session: AsyncSession) -> None:
+    """The stored roll-up equals the ledger aggregated here, row by row (its four grains, bucket by bucket)."""
+    fresh: dict[tuple[Any, ...], dict[str, Any]] = defaultdict(_fresh_group)
+    for r in (await session.execute(select(UsageRecord))).scalars():
+        day = r.created_at.astimezone(UTC).date()
+        agent, user = r.agent_id or GONE, r.user_id or GONE
+        for key in ((r.team_id, day, NIL, NIL), (r.team_id, day, agent, NIL), (r.team_id, day, NIL, user),
+                    (r.team_id, day, agent, user)):  # fmt: skip
+            g = fresh[key]
+            g["generations"] += 1
+            g["completed"] += r.outcome == "complete"
+            g["errors"] += r.outcome in ("error", "interrupted")
+            g["cancelled"] += r.outcome == "cancelled"
+            g["chars_in"] += r.chars_in
+            g["chars_out"] += r.chars_out
+            for name in ("tokens_in", "tokens_out"):
+                if getattr(r, name) is not None:
+                    g[name] = (g[name] or 0) + getattr(r, name)
+            if r.ttfc_ms is not None:
+                g["ttfc"][bucket(r.ttfc_ms)] += 1
+            g["duration"][bucket(r.duration_ms)] += 1
+    stored = {
+        (x.team_id, x.day, x.agent_id, x.user_id): {
+            **{name: getattr(x, name) for name in _fresh_group() if name not in ("ttfc", "duration")},
+            "ttfc": Counter(dict(counts(x.ttfc_hist))),
+            "duration": Counter(dict(counts(x.duration_hist))),
+        }
+        for x in (await session.execute(select(UsageRollup))).scalars()
+    }
+    assert stored == dict(fresh)
 
 
 # --- one ledger row per generation, for every outcome -----------------------------------------------
@@ -381,6 +424,163 @@ async def test_usage_report_on_sqlite_matches_postgresql(
                 assert got.json() == rows, group
     finally:
         await shutdown(lite)
+
+
+# --- the roll-up the reports read -------------------------------------------------------------------
+
+
+async def test_rollup_equals_the_ledger_after_mixed_outcomes(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """Every outcome, with and without tokens and timings, across teams, days, agents and users (one of
+    them deleted before its row was written): the roll-up is the ledger summed, and the reports agree."""
+    w = await world(session)
+    rng = random.Random(7)
+    people = [(w["admin"].id, w["alpha"].id), (w["member"].id, w["beta"].id), (w["member"].id, None)]
+    rows = []
+    for i in range(120):
+        user_id, agent_id = people[i % 3]
+        tokens = rng.random() < 0.4
+        rows.append({
+            "team_id": w["team"].id, "user_id": user_id, "agent_id": agent_id,
+            "outcome": rng.choice(["complete", "complete", "error", "cancelled", "interrupted"]),
+            "chars_in": rng.randint(0, 500), "chars_out": rng.randint(0, 5000),
+            "tokens_in": rng.randint(1, 900) if tokens else None, "tokens_out": rng.randint(1, 900) if tokens else None,
+            "ttfc_ms": rng.choice([None, rng.randint(0, 90), rng.randint(100, 5000)]),
+            "duration_ms": rng.randint(0, 120_000), "created_at": at(DAY, 0) + timedelta(minutes=37 * i),
+        })  # fmt: skip
+    await seed_rows(session, rows)
+    await assert_rollup_matches_ledger(session)
+    headers = auth_headers(settings, w["admin"])
+    period = {"from": DAY.isoformat(), "to": (DAY + timedelta(days=3)).isoformat()}
+    by_day = (await client.get("/api/usage", params=period, headers=headers)).json()
+    in_period = [r for r in rows if r["created_at"].date() <= DAY + timedelta(days=3)]
+    assert sum(r["generations"] for r in by_day) == len(in_period) + 5  # and world()'s five rows of the team
+    assert sum(r["cancelled"] for r in by_day) == sum(r["outcome"] == "cancelled" for r in in_period) + 1
+    by_agent = (await client.get("/api/usage", params={**period, "group_by": "agent"}, headers=headers)).json()
+    gone = [r for r in by_agent if r["key"] is None]
+    assert [(r["label"], r["generations"]) for r in gone] == [("(deleted)", len(in_period) // 3)]
+
+
+@pytest.mark.timeout(60)
+async def test_concurrent_finishes_lose_no_counts(app: FastAPI, session: AsyncSession) -> None:
+    """Many transactions adding to the same roll-up rows at once (PostgreSQL, one connection each): the
+    upsert's row locks make them queue, so every count, sum and histogram entry is kept."""
+    team = await create_team(session)
+    user = await create_user(session, team=team)
+    agent = await create_agent(session, team=team)
+    start = asyncio.Event()
+
+    async def finish(i: int) -> None:
+        async with app_state(app).db.sessionmaker() as s:
+            await start.wait()
+            row = {**LEDGER_DEFAULTS, "team_id": team.id, "user_id": user.id, "agent_id": agent.id,
+                   "outcome": "complete", "chars_in": i, "ttfc_ms": 100 + i, "created_at": at(DAY)}  # fmt: skip
+            await usage_service.add_ledger_rows(session=s, rows=[row])
+            await s.commit()
+
+    tasks = [asyncio.create_task(finish(i)) for i in range(30)]
+    await asyncio.sleep(0.2)  # every task holds its connection, waiting
+    start.set()
+    await asyncio.gather(*tasks)
+    rollups = (await session.execute(select(UsageRollup))).scalars().all()
+    assert len(rollups) == 4  # the team's day, the agent's, the user's, the user's with the agent
+    assert {r.generations for r in rollups} == {30}
+    assert {r.chars_in for r in rollups} == {sum(range(30))}
+    assert {sum(c for _, c in counts(r.ttfc_hist)) for r in rollups} == {30}
+    await assert_rollup_matches_ledger(session)
+
+
+async def test_usage_days_end_at_midnight_utc(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """A row at 23:59:59.999999 UTC is its day's, one at 00:00 UTC the next day's, whatever the offset it
+    was written with."""
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    last_moment = datetime.combine(DAY + timedelta(days=1), datetime.min.time(), UTC) - timedelta(microseconds=1)
+    paris = timezone(timedelta(hours=1))
+    await seed_rows(
+        session,
+        [
+            {"team_id": team.id, "user_id": admin.id, "outcome": "complete", "created_at": last_moment},
+            {"team_id": team.id, "user_id": admin.id, "outcome": "error",
+             "created_at": last_moment + timedelta(microseconds=1)},
+            # 00:30 in Paris is 23:30 UTC the day before.
+            {"team_id": team.id, "user_id": admin.id, "outcome": "cancelled",
+             "created_at": datetime(2026, 11, 21, 0, 30, tzinfo=paris)},
+        ],
+    )  # fmt: skip
+    headers = auth_headers(settings, admin)
+    for day, expected in ((DAY, (2, 1, 0, 1)), (DAY + timedelta(days=1), (1, 0, 1, 0))):
+        params = {"from": day.isoformat(), "to": day.isoformat()}
+        [row] = (await client.get("/api/usage", params=params, headers=headers)).json()
+        assert row["key"] == day.isoformat()
+        assert (row["generations"], row["completed"], row["errors"], row["cancelled"]) == expected
+    before = {"from": (DAY - timedelta(days=5)).isoformat(), "to": (DAY - timedelta(days=1)).isoformat()}
+    assert (await client.get("/api/usage", params=before, headers=headers)).json() == []
+
+
+@pytest.mark.parametrize("group_by", ["day", "agent", "user"])
+async def test_usage_medians_are_within_the_stated_error(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, group_by: str
+) -> None:
+    """Against the exact median of the ledger's values (statistics.median: the middle two averaged, as
+    percentile_cont(0.5)): exact below 64 ms, within 2.5 % above, odd and even counts, wide spreads."""
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    users = [admin, *[await create_user(session, team=team) for _ in range(2)]]
+    agents = [await create_agent(session, team=team) for _ in range(3)]
+    rng = random.Random(group_by)
+    rows = []
+    for i in range(301):
+        spread = [rng.randint(0, 63), rng.randint(64, 3000), int(rng.lognormvariate(9, 2)) % 2**31][i % 3]
+        rows.append({
+            "team_id": team.id, "user_id": users[i % 3].id, "agent_id": agents[i // 3 % 3].id,
+            "outcome": "complete", "ttfc_ms": rng.choice([None, spread]), "duration_ms": spread + rng.randint(0, 99),
+            "created_at": at(DAY + timedelta(days=i % 4), i % 24),
+        })  # fmt: skip
+    await seed_rows(session, rows)
+    period = {"from": DAY.isoformat(), "to": (DAY + timedelta(days=3)).isoformat(), "group_by": group_by}
+    report = (await client.get("/api/usage", params=period, headers=auth_headers(settings, admin))).json()
+
+    def key_of(row: dict[str, Any]) -> str:
+        if group_by == "day":
+            return row["created_at"].date().isoformat()
+        return str(row["agent_id"] if group_by == "agent" else row["user_id"])
+
+    assert len(report) == (4 if group_by == "day" else 3)
+    for got in report:
+        mine = [r for r in rows if key_of(r) == got["key"]]
+        for field, column in (("ttfc_ms_p50", "ttfc_ms"), ("duration_ms_p50", "duration_ms")):
+            exact = statistics.median(r[column] for r in mine if r[column] is not None)
+            assert got[field] == pytest.approx(exact, rel=0.025, abs=0.05), (got["key"], field)
+
+
+async def test_usage_of_deleted_users_and_agents_is_kept_as_deleted(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """Deleting agents or users (in SQL: the API only deactivates them) keeps their usage: reported as one
+    `(deleted)` row with a null key, their counts and medians merged; deleting the team removes it all."""
+    w = await world(session)
+    await session.execute(delete(Agent).where(Agent.id.in_([w["alpha"].id, w["beta"].id])))
+    await session.execute(delete(User).where(User.id == w["member"].id))
+    await session.commit()
+    headers = auth_headers(settings, w["admin"])
+    by_agent = (await client.get("/api/usage", params={**PERIOD, "group_by": "agent"}, headers=headers)).json()
+    assert [(r["key"], r["label"], r["generations"], r["errors"]) for r in by_agent] == [(None, "(deleted)", 5, 2)]
+    assert by_agent[0]["ttfc_ms_p50"] == 25.0  # 10, 20, 30, 40 from both agents' histograms
+    by_user = (await client.get("/api/usage", params={**PERIOD, "group_by": "user"}, headers=headers)).json()
+    assert [(r["key"], r["label"], r["generations"]) for r in by_user] == [
+        (None, "(deleted)", 3),
+        (str(w["admin"].id), "Ada", 2),
+    ]
+    by_day = (await client.get("/api/usage", params=PERIOD, headers=headers)).json()
+    assert [r["generations"] for r in by_day] == [3, 2]
+    await session.execute(delete(Team).where(Team.id == w["team"].id))
+    await session.commit()
+    assert (await session.execute(select(UsageRollup.team_id).distinct())).scalars().all() == [w["stranger"].team_id]
+    await assert_rollup_matches_ledger(session)
 
 
 # --- quotas ----------------------------------------------------------------------------------------
