@@ -437,7 +437,7 @@ async def test_rollup_equals_the_ledger_after_mixed_outcomes(
     w = await world(session)
     rng = random.Random(7)
     people = [(w["admin"].id, w["alpha"].id), (w["member"].id, w["beta"].id), (w["member"].id, None)]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i in range(120):
         user_id, agent_id = people[i % 3]
         tokens = rng.random() < 0.4
@@ -532,7 +532,7 @@ async def test_usage_medians_are_within_the_stated_error(
     users = [admin, *[await create_user(session, team=team) for _ in range(2)]]
     agents = [await create_agent(session, team=team) for _ in range(3)]
     rng = random.Random(group_by)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i in range(301):
         spread = [rng.randint(0, 63), rng.randint(64, 3000), int(rng.lognormvariate(9, 2)) % 2**31][i % 3]
         rows.append({
@@ -546,14 +546,15 @@ async def test_usage_medians_are_within_the_stated_error(
 
     def key_of(row: dict[str, Any]) -> str:
         if group_by == "day":
-            return row["created_at"].date().isoformat()
+            return str(row["created_at"].date().isoformat())
         return str(row["agent_id"] if group_by == "agent" else row["user_id"])
 
     assert len(report) == (4 if group_by == "day" else 3)
     for got in report:
         mine = [r for r in rows if key_of(r) == got["key"]]
         for field, column in (("ttfc_ms_p50", "ttfc_ms"), ("duration_ms_p50", "duration_ms")):
-            exact = statistics.median(r[column] for r in mine if r[column] is not None)
+            values: list[int] = [r[column] for r in mine if r[column] is not None]
+            exact = statistics.median(values)
             assert got[field] == pytest.approx(exact, rel=0.025, abs=0.05), (got["key"], field)
 
 
