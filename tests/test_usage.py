@@ -6,7 +6,6 @@ import asyncio
 import random
 import statistics
 import uuid
-from collections import Counter, defaultdict
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,10 @@ from app.models import Agent, Chat, Team, UsageRecord, UsageRollup, User
 from app.security import Caller
 from app.services import usage as usage_service
 from app.services.messages import finish_message, start_message
-from app.services.usage_rollup import GONE, NIL, bucket, counts
+from app.services.usage_rollup import counts
 from app.state import app_state
 from main import create_app, shutdown
-from tests.conftest import count_rows, make_settings, run_migrations
+from tests.conftest import assert_rollup_matches_ledger, count_rows, make_settings, run_migrations
 from tests.factories import auth_headers, branch_of, create_admin, create_agent, create_chat, create_team, create_user
 from tests.live import chat_with_agent
 from tools.fake_n8n import FakeN8n
@@ -53,43 +52,6 @@ async def ledger(app: FastAPI) -> list[UsageRecord]:
     async with app_state(app).db.sessionmaker() as s:
         await assert_rollup_matches_ledger(s)
         return list((await s.execute(select(UsageRecord).order_by(UsageRecord.created_at))).scalars())
-
-
-def _fresh_group() -> dict[str, Any]:
-    return {"generations": 0, "completed": 0, "errors": 0, "cancelled": 0, "chars_in": 0, "chars_out": 0,
-            "tokens_in": None, "tokens_out": None, "ttfc": Counter(), "duration": Counter()}  # fmt: skip
-
-
-async def assert_rollup_matches_ledger(session: AsyncSession) -> None:
-    """The stored roll-up equals the ledger aggregated here, row by row (its four grains, bucket by bucket)."""
-    fresh: dict[tuple[Any, ...], dict[str, Any]] = defaultdict(_fresh_group)
-    for r in (await session.execute(select(UsageRecord))).scalars():
-        day = r.created_at.astimezone(UTC).date()
-        agent, user = r.agent_id or GONE, r.user_id or GONE
-        for key in ((r.team_id, day, NIL, NIL), (r.team_id, day, agent, NIL), (r.team_id, day, NIL, user),
-                    (r.team_id, day, agent, user)):  # fmt: skip
-            g = fresh[key]
-            g["generations"] += 1
-            g["completed"] += r.outcome == "complete"
-            g["errors"] += r.outcome in ("error", "interrupted")
-            g["cancelled"] += r.outcome == "cancelled"
-            g["chars_in"] += r.chars_in
-            g["chars_out"] += r.chars_out
-            for name in ("tokens_in", "tokens_out"):
-                if getattr(r, name) is not None:
-                    g[name] = (g[name] or 0) + getattr(r, name)
-            if r.ttfc_ms is not None:
-                g["ttfc"][bucket(r.ttfc_ms)] += 1
-            g["duration"][bucket(r.duration_ms)] += 1
-    stored = {
-        (x.team_id, x.day, x.agent_id, x.user_id): {
-            **{name: getattr(x, name) for name in _fresh_group() if name not in ("ttfc", "duration")},
-            "ttfc": Counter(dict(counts(x.ttfc_hist))),
-            "duration": Counter(dict(counts(x.duration_hist))),
-        }
-        for x in (await session.execute(select(UsageRollup))).scalars()
-    }
-    assert stored == dict(fresh)
 
 
 # --- one ledger row per generation, for every outcome -----------------------------------------------

@@ -34,7 +34,7 @@ BATCH = 5_000
 ledger = sa.table(
     "usage_records",
     sa.column("id", sa.Uuid()),
-    *(sa.column(name) for name in LEDGER_COLUMNS),
+    *(sa.column(name, sa.Uuid()) if name.endswith("_id") else sa.column(name) for name in LEDGER_COLUMNS),
     sa.column("created_at", UTCDateTime()),
 )
 rollups = sa.table(
