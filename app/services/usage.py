@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import metrics
-from app.db import utcnow
+from app.db import execute_core, utcnow
 from app.dialects import statements_of
 from app.errors import RateLimited, Unprocessable
 from app.models import Agent, Team, UsageDaily, UsageRecord, UsageRollup, User
@@ -192,7 +192,7 @@ async def usage_report(
         .group_by(key)
     )
     groups: dict[Any, _Group] = {}
-    found = (await session.execute(query)).all()
+    found: list[Any] = list(await execute_core(session, query, {}))  # plain rows: past the ORM's layer
     labels = await _labels(session, group_by, [r[0] for r in found])
     for k, *sums in found:
         counters = [int(v or 0) for v in sums[:6]]
@@ -242,10 +242,10 @@ def _rounded(value: float | None) -> float | None:
 async def _labels(session: AsyncSession, group_by: GroupBy, keys: list[Any]) -> dict[Any, str]:
     """The names of the agents or users that still exist among the keys (none for days)."""
     if group_by == "agent" and keys:
-        agents = await session.execute(select(Agent.id, Agent.name).where(Agent.id.in_(keys)))
-        return {row[0]: row[1] for row in agents}
+        agents = await execute_core(session, select(Agent.id, Agent.name).where(Agent.id.in_(keys)), {})
+        return {row.id: row.name for row in agents}
     if group_by == "user" and keys:
-        users = await session.execute(select(User.id, User.full_name, User.email).where(User.id.in_(keys)))
+        users = await execute_core(session, select(User.id, User.full_name, User.email).where(User.id.in_(keys)), {})
         return {row.id: row.full_name or row.email for row in users}
     return {}
 
