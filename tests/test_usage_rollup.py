@@ -98,3 +98,13 @@ def test_rollup_rows_sum_four_grains_and_key_deleted_ids_as_gone() -> None:
     assert by_key[(agent, GONE)]["tokens_in"] is None  # no count reported: null, as the ledger's sum
     assert counts(total["ttfc_hist"]) == [(3, 1)]
     assert counts(total["duration_hist"]) == [(10, 2)]
+
+
+def test_median_reads_chunk_totals_exactly_at_large_counts() -> None:
+    """Chunk totals come from casting out nines: exact up to 10**FIELD - 2 values in a group."""
+    many = 10**FIELD - 2
+    histogram = (many - 3) * histogram_of(5) + histogram_of(70) + histogram_of(5_000) + 2 * histogram_of(2**31 - 1)
+    assert median(histogram) == 5.0
+    assert median(histogram_of(5) + 2 * histogram_of(900_000)) == pytest.approx(900_000, rel=0.025)
+    # Middle values in two different chunks of buckets (an even count: their mean).
+    assert median(histogram_of(10) + histogram_of(1_000_000)) == pytest.approx((10 + 1_000_000) / 2, rel=0.025)
