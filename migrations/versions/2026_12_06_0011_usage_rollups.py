@@ -4,14 +4,14 @@ Revision ID: 0011
 Revises: 0009
 Create Date: 2026-12-06
 
-The roll-up is filled from the existing ledger rows, one team's day at a time, by the same function that
+The roll-up is filled from the existing ledger rows, one team's UTC day at a time, by the same function that
 sums each new ledger row (app.services.usage_rollup.rollup_rows). The ledger's `(team_id, created_at)`
 index loses the columns it carried for the reports (INCLUDE, PostgreSQL): they no longer read the ledger.
 Downgrading drops the roll-up (the ledger keeps everything) and gives the index its columns back.
 """
 
 from collections.abc import Iterator, Sequence
-from datetime import UTC, date
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -29,6 +29,7 @@ LEDGER_COLUMNS = ("team_id", "user_id", "agent_id", "outcome", "chars_in", "char
                   "ttfc_ms", "duration_ms")  # fmt: skip
 REPORT_COLUMNS = ["user_id", "agent_id", "outcome", "chars_in", "chars_out", "tokens_in", "tokens_out", "ttfc_ms",
                   "duration_ms"]  # fmt: skip
+#: Roll-up rows per INSERT of the back-fill.
 BATCH = 5_000
 
 ledger = sa.table(
@@ -51,30 +52,26 @@ rollups = sa.table(
 
 
 def _team_days(bind: sa.Connection) -> Iterator[list[dict[str, Any]]]:
-    """The ledger's rows, one team's UTC day at a time: read in index order, BATCH rows per query (keyset
-    pagination, so a big ledger is never held in memory and no cursor stays open)."""
-    order = (ledger.c.team_id, ledger.c.created_at, ledger.c.id)
-    day: list[dict[str, Any]] = []
-    last: tuple[Any, ...] | None = None
-    while True:
-        query = sa.select(ledger).order_by(*order).limit(BATCH)
-        if last is not None:
-            query = query.where(sa.tuple_(*order) > sa.tuple_(*last))
-        rows = [dict(row) for row in bind.execute(query).mappings()]
-        if not rows:
-            break
-        last = (rows[-1]["team_id"], rows[-1]["created_at"], rows[-1]["id"])
-        for record in rows:
-            if day and (record["team_id"], _day(record)) != (day[0]["team_id"], _day(day[0])):
-                yield day
-                day = []
-            day.append(record)
-    if day:
-        yield day
-
-
-def _day(record: dict[str, Any]) -> date:
-    return record["created_at"].astimezone(UTC).date()  # type: ignore[no-any-return]
+    """The ledger's rows, one team's UTC day at a time: one index range scan per team and day, so a big
+    ledger is never held in memory."""
+    spans = bind.execute(
+        sa.select(ledger.c.team_id, sa.func.min(ledger.c.created_at), sa.func.max(ledger.c.created_at)).group_by(
+            ledger.c.team_id
+        )
+    ).all()
+    for team_id, first, last in spans:
+        day = first.astimezone(UTC).date()
+        while day <= last.astimezone(UTC).date():
+            start = datetime.combine(day, time(), UTC)
+            query = sa.select(ledger).where(
+                ledger.c.team_id == team_id,
+                ledger.c.created_at >= start,
+                ledger.c.created_at < start + timedelta(days=1),
+            )
+            rows = [dict(row) for row in bind.execute(query).mappings()]
+            if rows:
+                yield rows
+            day += timedelta(days=1)
 
 
 def fill_rollups(bind: sa.Connection) -> None:
