@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, func, insert, select, update
+from sqlalchemy import ColumnElement, func, insert, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -174,41 +174,50 @@ async def usage_report(
     t = UsageRollup
     statements = statements_of(session)
     key, grain = _grain(group_by, user_id)
-    query = (
+    grouped = (
         select(
-            key,
-            func.sum(t.generations),
-            func.sum(t.completed),
-            func.sum(t.errors),
-            func.sum(t.cancelled),
-            func.sum(t.chars_in),
-            func.sum(t.chars_out),
-            func.sum(t.tokens_in),
-            func.sum(t.tokens_out),
-            statements.sum_histograms(t.ttfc_hist),
-            statements.sum_histograms(t.duration_hist),
+            key.label("k"),
+            func.sum(t.generations).label("generations"),
+            func.sum(t.completed).label("completed"),
+            func.sum(t.errors).label("errors"),
+            func.sum(t.cancelled).label("cancelled"),
+            func.sum(t.chars_in).label("chars_in"),
+            func.sum(t.chars_out).label("chars_out"),
+            func.sum(t.tokens_in).label("tokens_in"),
+            func.sum(t.tokens_out).label("tokens_out"),
+            statements.sum_histograms(t.ttfc_hist).label("ttfc"),
+            statements.sum_histograms(t.duration_hist).label("duration"),
         )
         .where(t.team_id == team_id, t.day >= start, t.day <= end, *grain)
         .group_by(key)
+        .subquery()
     )
+    # The names in the same round trip: a key with no agent or user row left is a deleted one's usage.
+    if group_by == "agent":
+        query = select(grouped, Agent.id.label("found"), Agent.name, null().label("email"))
+        query = query.outerjoin(Agent, Agent.id == grouped.c.k)
+    elif group_by == "user":
+        query = select(grouped, User.id.label("found"), User.full_name.label("name"), User.email)
+        query = query.outerjoin(User, User.id == grouped.c.k)
+    else:
+        query = select(grouped, grouped.c.k.label("found"), null().label("name"), null().label("email"))
     groups: dict[Any, _Group] = {}
-    found: list[Any] = list(await execute_core(session, query, {}))  # plain rows: past the ORM's layer
-    labels = await _labels(session, group_by, [r[0] for r in found])
-    for k, *sums in found:
-        counters = [int(v or 0) for v in sums[:6]]
+    labels: dict[Any, str] = {}
+    for r in await execute_core(session, query, {}):  # plain rows: past the ORM's layer
         group = _Group(
-            generations=counters[0],
-            completed=counters[1],
-            errors=counters[2],
-            cancelled=counters[3],
-            chars_in=counters[4],
-            chars_out=counters[5],
-            tokens_in=None if sums[6] is None else int(sums[6]),
-            tokens_out=None if sums[7] is None else int(sums[7]),
-            ttfc=summed_digits(sums[8]),
-            duration=summed_digits(sums[9]),
+            generations=int(r.generations),
+            completed=int(r.completed),
+            errors=int(r.errors),
+            cancelled=int(r.cancelled),
+            chars_in=int(r.chars_in),
+            chars_out=int(r.chars_out),
+            tokens_in=None if r.tokens_in is None else int(r.tokens_in),
+            tokens_out=None if r.tokens_out is None else int(r.tokens_out),
+            ttfc=summed_digits(r.ttfc),
+            duration=summed_digits(r.duration),
         )
-        k = k if group_by == "day" or k in labels else None  # a deleted user's or agent's usage: one row
+        k = None if r.found is None else r.k  # all the deleted agents' (or users') usage: one row
+        labels[k] = str(k) if group_by == "day" else "(deleted)" if k is None else (r.name or r.email)
         if k in groups:
             groups[k].add(group)
         else:
@@ -216,7 +225,7 @@ async def usage_report(
     out = [
         UsageRow(
             key=None if k is None else str(k),
-            label=str(k) if group_by == "day" else labels.get(k, "(deleted)"),
+            label=labels[k],
             generations=g.generations,
             completed=g.completed,
             errors=g.errors,
@@ -237,17 +246,6 @@ async def usage_report(
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
-
-
-async def _labels(session: AsyncSession, group_by: GroupBy, keys: list[Any]) -> dict[Any, str]:
-    """The names of the agents or users that still exist among the keys (none for days)."""
-    if group_by == "agent" and keys:
-        agents = await execute_core(session, select(Agent.id, Agent.name).where(Agent.id.in_(keys)), {})
-        return {row.id: row.name for row in agents}
-    if group_by == "user" and keys:
-        users = await execute_core(session, select(User.id, User.full_name, User.email).where(User.id.in_(keys)), {})
-        return {row.id: row.full_name or row.email for row in users}
-    return {}
 
 
 # --- the daily quota -----------------------------------------------------------------------------

@@ -56,6 +56,9 @@ _ONE = tuple(10 ** (FIELD * b) for b in range(BUCKETS))
 _CHUNK = 16
 _CHUNK_DIGITS = FIELD * _CHUNK
 _NINES = 10**FIELD - 1
+#: Slices of a histogram's digits: its chunks, then a chunk's fields, lowest first (counted from the right).
+_CHUNKS = tuple(slice(-end - _CHUNK_DIGITS, -end or None) for end in range(0, FIELD * BUCKETS, _CHUNK_DIGITS))
+_IN_CHUNK = tuple(slice(-end - FIELD, -end or None) for end in range(0, _CHUNK_DIGITS, FIELD))
 
 
 def bucket(value: int) -> int:
@@ -92,14 +95,14 @@ def counts(histogram: int | str) -> list[tuple[int, int]]:
 def median(histogram: int | str) -> float | None:
     """The median of the values in a histogram (None when it is empty); see the module's docstring.
 
-    It runs for every group of every report, so it reads few fields: the histogram is cut into chunks of
-    `_CHUNK` fields, and a chunk's total is its integer modulo 10**FIELD - 1 (the sum of its base-10**FIELD
-    digits, as casting out nines; exact while a group has fewer than 10**FIELD - 1 values). Only the chunks
-    holding the two middle values are read field by field.
+    It runs for every group of every report, so it reads few fields, and in C (map over slices): the
+    histogram is cut into chunks of `_CHUNK` fields, and a chunk's total is its integer modulo 10**FIELD - 1
+    (the sum of its base-10**FIELD digits, as casting out nines; exact while a group has fewer than
+    10**FIELD - 1 values). Only the chunks holding the two middle values are read field by field.
     """
-    digits = _digits(histogram, _CHUNK_DIGITS)
-    chunks = [digits[end - _CHUNK_DIGITS : end] for end in range(len(digits), 0, -_CHUNK_DIGITS)]
-    running = list(accumulate(int(chunk) % _NINES for chunk in chunks))
+    digits = histogram if isinstance(histogram, str) else str(histogram)
+    chunks = list(map(digits.__getitem__, _CHUNKS[: -(-len(digits) // _CHUNK_DIGITS)]))  # lowest first
+    running = list(accumulate(map(_NINES.__rmod__, map(int, chunks))))
     total = running[-1]
     if total == 0:
         return None
@@ -109,8 +112,7 @@ def median(histogram: int | str) -> float | None:
 def _middle(chunks: list[str], running: list[int], rank: int) -> float:
     """The midpoint of the bucket holding the value of this rank (0-based, in increasing order)."""
     c = bisect_right(running, rank)  # the first chunk whose running count passes the rank
-    chunk = chunks[c]
-    fields = accumulate(int(chunk[end - FIELD : end]) for end in range(_CHUNK_DIGITS, 0, -FIELD))
+    fields = accumulate(map(int, map(chunks[c].zfill(_CHUNK_DIGITS).__getitem__, _IN_CHUNK)))
     b = c * _CHUNK + bisect_right(list(fields), rank - (running[c - 1] if c else 0))
     return (BOUNDS[b] + BOUNDS[b + 1] - 1) / 2
 
