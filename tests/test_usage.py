@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -424,6 +424,9 @@ async def test_rollup_equals_the_ledger_after_mixed_outcomes(
     assert [(r["label"], r["generations"]) for r in gone] == [("(deleted)", len(in_period) // 3)]
 
 
+TASKS = 15  # within the pool (10 + 10 overflow), the test's own session included
+
+
 @pytest.mark.timeout(60)
 async def test_concurrent_finishes_lose_no_counts(app: FastAPI, session: AsyncSession) -> None:
     """Many transactions adding to the same roll-up rows at once (PostgreSQL, one connection each): the
@@ -431,25 +434,27 @@ async def test_concurrent_finishes_lose_no_counts(app: FastAPI, session: AsyncSe
     team = await create_team(session)
     user = await create_user(session, team=team)
     agent = await create_agent(session, team=team)
-    start = asyncio.Event()
+    ready, start = asyncio.Barrier(TASKS + 1), asyncio.Event()
 
     async def finish(i: int) -> None:
         async with app_state(app).db.sessionmaker() as s:
+            await s.execute(text("SELECT 1"))  # its own connection and transaction, open
+            await ready.wait()
             await start.wait()
             row = {**LEDGER_DEFAULTS, "team_id": team.id, "user_id": user.id, "agent_id": agent.id,
                    "outcome": "complete", "chars_in": i, "ttfc_ms": 100 + i, "created_at": at(DAY)}  # fmt: skip
             await usage_service.add_ledger_rows(session=s, rows=[row])
             await s.commit()
 
-    tasks = [asyncio.create_task(finish(i)) for i in range(30)]
-    await asyncio.sleep(0.2)  # every task holds its connection, waiting
+    tasks = [asyncio.create_task(finish(i)) for i in range(TASKS)]
+    await ready.wait()  # every task holds a connection of its own
     start.set()
     await asyncio.gather(*tasks)
     rollups = (await session.execute(select(UsageRollup))).scalars().all()
     assert len(rollups) == 4  # the team's day, the agent's, the user's, the user's with the agent
-    assert {r.generations for r in rollups} == {30}
-    assert {r.chars_in for r in rollups} == {sum(range(30))}
-    assert {sum(c for _, c in counts(r.ttfc_hist)) for r in rollups} == {30}
+    assert {r.generations for r in rollups} == {TASKS}
+    assert {r.chars_in for r in rollups} == {sum(range(TASKS))}
+    assert {sum(c for _, c in counts(r.ttfc_hist)) for r in rollups} == {TASKS}
     await assert_rollup_matches_ledger(session)
 
 
