@@ -160,6 +160,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.to_thread(command.upgrade, config, "head")
         conn = await asyncpg.connect(plain_url)
         await conn.execute("VACUUM ANALYZE usage_rollups")
+        # Write the load's dirty pages out now, not while the first report is being measured.
+        await conn.execute("CHECKPOINT")
         rollup_rows = await conn.fetchval("SELECT count(*) FROM usage_rollups")
         rollup_size = await conn.fetchval("SELECT pg_size_pretty(pg_total_relation_size('usage_rollups'))")
         print(
