@@ -330,7 +330,34 @@ CREATE TABLE widget_sessions (
 
 UPDATE alembic_version SET version_num='0010' WHERE alembic_version.version_num = '0009';
 
--- Running upgrade 0010 -> 0012
+-- Running upgrade 0010 -> 0011
+
+CREATE TABLE usage_rollups (
+    team_id UUID NOT NULL, 
+    day DATE NOT NULL, 
+    agent_id UUID NOT NULL, 
+    user_id UUID NOT NULL, 
+    generations BIGINT NOT NULL, 
+    completed BIGINT NOT NULL, 
+    errors BIGINT NOT NULL, 
+    cancelled BIGINT NOT NULL, 
+    chars_in BIGINT NOT NULL, 
+    chars_out BIGINT NOT NULL, 
+    tokens_in BIGINT, 
+    tokens_out BIGINT, 
+    ttfc_hist NUMERIC NOT NULL, 
+    duration_hist NUMERIC NOT NULL, 
+    CONSTRAINT pk_usage_rollups PRIMARY KEY (team_id, day, agent_id, user_id), 
+    CONSTRAINT fk_usage_rollups_team_id_teams FOREIGN KEY(team_id) REFERENCES teams (id) ON DELETE CASCADE
+);
+
+DROP INDEX ix_usage_records_team_id_created_at;
+
+CREATE INDEX ix_usage_records_team_id_created_at ON usage_records (team_id, created_at);
+
+UPDATE alembic_version SET version_num='0011' WHERE alembic_version.version_num = '0010';
+
+-- Running upgrade 0011 -> 0012
 
 ALTER TABLE agents ADD COLUMN file_delivery VARCHAR(16) DEFAULT 'url' NOT NULL;
 
@@ -366,7 +393,7 @@ CREATE INDEX ix_files_chat_id_created_at ON files (chat_id, created_at);
 
 CREATE INDEX ix_files_sha256 ON files (sha256);
 
-UPDATE alembic_version SET version_num='0012' WHERE alembic_version.version_num = '0010';
+UPDATE alembic_version SET version_num='0012' WHERE alembic_version.version_num = '0011';
 
 -- Running upgrade 0012 -> 0013
 

@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from app.config import Settings, narrow_to_owner, private_dir, private_file
-from app.dialects import session_info, statements_for
+from app.dialects import add_sqlite_histograms, session_info, statements_for
 
 
 async def execute_core(
@@ -77,6 +77,8 @@ def make_engine(settings: Settings) -> AsyncEngine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+            # The usage roll-up's histograms are integers larger than SQLite's 64 bits (app.dialects.Histogram).
+            dbapi_conn.create_function("usage_histogram_add", 2, add_sqlite_histograms, deterministic=True)
 
     return engine
 

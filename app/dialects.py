@@ -8,10 +8,25 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Executable, TextClause, Uuid, bindparam, text
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    DateTime,
+    Executable,
+    Numeric,
+    Text,
+    TextClause,
+    Uuid,
+    bindparam,
+    cast,
+    func,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -42,6 +57,32 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
+class Histogram(TypeDecorator[int]):
+    """A histogram packed into one non-negative integer (app.services.usage_rollup): NUMERIC on PostgreSQL,
+    whose `+` and `sum()` add histograms exactly; decimal text on SQLite, added by `usage_histogram_add`."""
+
+    impl = Numeric
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        return dialect.type_descriptor(Text() if dialect.name == "sqlite" else Numeric(asdecimal=True))
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        return str(value) if dialect.name == "sqlite" else Decimal(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:  # noqa: ARG002
+        return None if value is None else int(value)
+
+
+def add_sqlite_histograms(current: str | None, more: str | None) -> str | None:
+    """SQLite's `usage_histogram_add(a, b)` (registered on each connection by app.db): a + b, in decimal text."""
+    if current is None or more is None:
+        return current if more is None else more
+    return str(int(current) + int(more))
+
+
 def _typed(statement: str) -> TextClause:
     """A text() statement built once, with the types of the parameters it uses (`:now`, `:id`, `:aid`...)."""
     types: dict[str, TypeEngine[Any]] = {
@@ -65,6 +106,9 @@ class Statements(ABC):
     - `insert_ignoring_conflict`: an INSERT that keeps the existing row on a unique conflict;
     - `insert_locking_existing`: an INSERT that, on a unique conflict, rewrites one column of the existing row
       to itself: the row is then locked until commit (a concurrent DELETE waits, then fails on a reference).
+    - `upsert`: an INSERT whose conflicting rows are updated instead (`set_of(excluded)` says how);
+    - `add_histograms` / `sum_histograms`: histograms (`Histogram`) added in an UPDATE and summed in a GROUP BY
+      (the sum as decimal text, or comma-separated decimal terms to add: `histogram_total` reads either).
     """
 
     name: str
@@ -84,6 +128,24 @@ class Statements(ABC):
     @abstractmethod
     def insert_locking_existing(self, table: type[Any], key: str, column: str, **values: Any) -> Executable:
         """INSERT ... ON CONFLICT (key) DO UPDATE SET column = excluded.column."""
+
+    @abstractmethod
+    def upsert(
+        self,
+        table: type[Any],
+        rows: Sequence[dict[str, Any]],
+        index_elements: list[str],
+        set_of: Callable[[Any], dict[str, Any]],
+    ) -> Executable:
+        """INSERT ... ON CONFLICT (index_elements) DO UPDATE SET set_of(excluded), for several rows at once."""
+
+    @abstractmethod
+    def add_histograms(self, current: Any, more: Any) -> ColumnElement[Any]:
+        """The SQL sum of two `Histogram` values."""
+
+    @abstractmethod
+    def sum_histograms(self, column: Any) -> ColumnElement[str]:
+        """A GROUP BY aggregate of a `Histogram` column, as text that `histogram_total` reads."""
 
 
 _FINISH_MESSAGE = (
@@ -115,6 +177,22 @@ class PostgresStatements(Statements):
         statement = pg_insert(table).values(**values)
         return statement.on_conflict_do_update(index_elements=[key], set_={column: statement.excluded[column]})
 
+    def upsert(
+        self,
+        table: type[Any],
+        rows: Sequence[dict[str, Any]],
+        index_elements: list[str],
+        set_of: Callable[[Any], dict[str, Any]],
+    ) -> Executable:
+        statement = pg_insert(table).values(list(rows))
+        return statement.on_conflict_do_update(index_elements=index_elements, set_=set_of(statement.excluded))
+
+    def add_histograms(self, current: Any, more: Any) -> ColumnElement[Any]:
+        return current + more  # type: ignore[no-any-return]
+
+    def sum_histograms(self, column: Any) -> ColumnElement[str]:
+        return cast(func.sum(column), Text)
+
 
 class SqliteStatements(Statements):
     name = "sqlite"
@@ -131,6 +209,23 @@ class SqliteStatements(Statements):
     def insert_locking_existing(self, table: type[Any], key: str, column: str, **values: Any) -> Executable:
         statement = sqlite_insert(table).values(**values)
         return statement.on_conflict_do_update(index_elements=[key], set_={column: statement.excluded[column]})
+
+    def upsert(
+        self,
+        table: type[Any],
+        rows: Sequence[dict[str, Any]],
+        index_elements: list[str],
+        set_of: Callable[[Any], dict[str, Any]],
+    ) -> Executable:
+        statement = sqlite_insert(table).values(list(rows))
+        return statement.on_conflict_do_update(index_elements=index_elements, set_=set_of(statement.excluded))
+
+    def add_histograms(self, current: Any, more: Any) -> ColumnElement[Any]:
+        return func.usage_histogram_add(current, more, type_=Histogram())
+
+    def sum_histograms(self, column: Any) -> ColumnElement[str]:
+        # No big integers in SQLite: the terms, joined, are added in Python (`histogram_total`).
+        return func.group_concat(column, ",", type_=Text())
 
 
 _BY_DIALECT: dict[str, Statements] = {s.name: s for s in (PostgresStatements(), SqliteStatements())}

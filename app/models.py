@@ -7,6 +7,7 @@ from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     Date,
@@ -25,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.db import utcnow
-from app.dialects import JSONType, UTCDateTime
+from app.dialects import Histogram, JSONType, UTCDateTime
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -345,20 +346,6 @@ class Worker(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
 
-#: What GET /api/usage reads besides the key columns (the covering index's INCLUDE list on PostgreSQL).
-USAGE_REPORT_COLUMNS = [
-    "user_id",
-    "agent_id",
-    "outcome",
-    "chars_in",
-    "chars_out",
-    "tokens_in",
-    "tokens_out",
-    "ttfc_ms",
-    "duration_ms",
-]
-
-
 class UsageRecord(Base):
     """The usage ledger: one row per generation, written in the transaction of its final message.
 
@@ -368,15 +355,9 @@ class UsageRecord(Base):
     __tablename__ = "usage_records"
     __table_args__ = (
         CheckConstraint("outcome IN ('complete', 'error', 'cancelled', 'interrupted')", name="outcome"),
-        # The usage queries: a team's or a user's rows in a date range (app.services.usage). The team's index
-        # carries every column the report reads, so it is answered by an index-only scan: a team's rows of
-        # one month are spread over the whole heap (docs/PERFORMANCE.md, usage reports).
-        Index(
-            "ix_usage_records_team_id_created_at",
-            "team_id",
-            "created_at",
-            postgresql_include=USAGE_REPORT_COLUMNS,
-        ),
+        # A team's rows in time order (the roll-up's back-fill) and a user's rows of today (the daily quota).
+        # The reports read the roll-up (UsageRollup), not these rows.
+        Index("ix_usage_records_team_id_created_at", "team_id", "created_at"),
         Index("ix_usage_records_user_id_created_at", "user_id", "created_at"),
     )
 
@@ -395,6 +376,35 @@ class UsageRecord(Base):
     ttfc_ms: Mapped[int | None] = mapped_column(Integer)
     duration_ms: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     created_at: Mapped[datetime] = _created()
+
+
+class UsageRollup(Base):
+    """The usage ledger summed per team and UTC day, at four grains, kept in the transaction of each ledger row.
+
+    `agent_id` / `user_id` are `NIL` for "all": (NIL, NIL) is the team's day, (agent, NIL) an agent's, (NIL,
+    user) a user's, (agent, user) a user's with one agent. No foreign keys on them: usage outlives its users and
+    agents (an id no longer found is reported as deleted, as the ledger's nulled ids are; a ledger row whose id
+    was already nulled is rolled up under `GONE`). `*_hist` are histograms of `ttfc_ms` and `duration_ms`
+    (app.services.usage_rollup), summed like the counters; the reports take their medians from them.
+    """
+
+    __tablename__ = "usage_rollups"
+
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    generations: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    completed: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    errors: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cancelled: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    chars_in: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    chars_out: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    #: Null while no ledger row of the group has a count (as the ledger's sum would be).
+    tokens_in: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_out: Mapped[int | None] = mapped_column(BigInteger)
+    ttfc_hist: Mapped[int] = mapped_column(Histogram, nullable=False)
+    duration_hist: Mapped[int] = mapped_column(Histogram, nullable=False)
 
 
 class UsageDaily(Base):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,12 +18,13 @@ import pytest
 from alembic import command
 from cryptography.fernet import Fernet
 from fastapi import FastAPI
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings, load_settings
 from app.migrations import alembic_config
-from app.models import Agent, Base, Team, User
+from app.models import Agent, Base, Team, UsageRecord, UsageRollup, User
+from app.services.usage_rollup import GONE, NIL, bucket, counts
 from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import https_client
@@ -267,3 +270,40 @@ def web_page(browser: Browser, web_server: LiveServerType, database_url: str) ->
     finally:
         context.close()
         truncate(database_url)
+
+
+def _fresh_group() -> dict[str, Any]:
+    return {"generations": 0, "completed": 0, "errors": 0, "cancelled": 0, "chars_in": 0, "chars_out": 0,
+            "tokens_in": None, "tokens_out": None, "ttfc": Counter(), "duration": Counter()}  # fmt: skip
+
+
+async def assert_rollup_matches_ledger(session: AsyncSession) -> None:
+    """The stored roll-up equals the ledger aggregated here, row by row (its four grains, bucket by bucket)."""
+    fresh: dict[tuple[Any, ...], dict[str, Any]] = defaultdict(_fresh_group)
+    for r in (await session.execute(select(UsageRecord))).scalars():
+        day = r.created_at.astimezone(UTC).date()
+        agent, user = r.agent_id or GONE, r.user_id or GONE
+        for key in ((r.team_id, day, NIL, NIL), (r.team_id, day, agent, NIL), (r.team_id, day, NIL, user),
+                    (r.team_id, day, agent, user)):  # fmt: skip
+            g = fresh[key]
+            g["generations"] += 1
+            g["completed"] += r.outcome == "complete"
+            g["errors"] += r.outcome in ("error", "interrupted")
+            g["cancelled"] += r.outcome == "cancelled"
+            g["chars_in"] += r.chars_in
+            g["chars_out"] += r.chars_out
+            for name in ("tokens_in", "tokens_out"):
+                if getattr(r, name) is not None:
+                    g[name] = (g[name] or 0) + getattr(r, name)
+            if r.ttfc_ms is not None:
+                g["ttfc"][bucket(r.ttfc_ms)] += 1
+            g["duration"][bucket(r.duration_ms)] += 1
+    stored = {
+        (x.team_id, x.day, x.agent_id, x.user_id): {
+            **{name: getattr(x, name) for name in _fresh_group() if name not in ("ttfc", "duration")},
+            "ttfc": Counter(dict(counts(x.ttfc_hist))),
+            "duration": Counter(dict(counts(x.duration_hist))),
+        }
+        for x in (await session.execute(select(UsageRollup))).scalars()
+    }
+    assert stored == dict(fresh)

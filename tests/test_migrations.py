@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,10 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 import sqlalchemy as sa
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from app.db import utcnow
 from app.dialects import JSONType, UTCDateTime
@@ -25,7 +27,16 @@ from app.models import Chat, Message, User
 from app.services.health import migration_head
 from app.state import app_state
 from main import create_app, shutdown
-from tests.conftest import ADMIN_URL, ROOT, _admin_execute, _plain_url, _with_database, make_settings, run_migrations
+from tests.conftest import (
+    ADMIN_URL,
+    ROOT,
+    _admin_execute,
+    _plain_url,
+    _with_database,
+    assert_rollup_matches_ledger,
+    make_settings,
+    run_migrations,
+)
 from tests.factories import auth_headers
 from tools.schema_sql import render_schema
 
@@ -46,14 +57,15 @@ EXPECTED_TABLES = {
     "idempotency_keys",
     "api_keys",
     "widget_sessions",
+    "usage_rollups",
     "files",
     "file_blobs",
     "shares",
     "alembic_version",
 }
-#: The tables of migrations after 0009 (widget sessions 0010, files 0012, shares 0013), gone whenever a test goes
-#: below them.
-LATER_TABLES = {"widget_sessions", "files", "file_blobs", "shares"}
+#: The tables of migrations after 0009 (widget sessions 0010, usage roll-up 0011, files 0012, shares 0013), gone
+#: whenever a test goes below them.
+LATER_TABLES = {"widget_sessions", "usage_rollups", "files", "file_blobs", "shares"}
 
 
 async def _pg_tables(url: str) -> set[str]:
@@ -592,6 +604,131 @@ def test_widget_sessions_migration_down_and_up_on_sqlite(tmp_path: Path) -> None
     assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - LATER_TABLES
     run_migrations(url, "0010")
     assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - (LATER_TABLES - {"widget_sessions"})
+
+
+# --- 0011: the usage roll-up, back-filled from the ledger ------------------------------------------------
+
+
+async def _seed_ledger_at_0009(url: str) -> int:
+    """Two teams with users and agents, and more ledger rows than the back-fill reads per query (some of
+    them with their user or agent already deleted, with and without tokens, across midnight UTC)."""
+    engine = create_async_engine(url)
+    rng = random.Random(11)
+    rows: list[dict[str, Any]] = []
+    try:
+        async with engine.begin() as conn:
+            for t in range(2):
+                team = uuid.uuid4()
+                await conn.execute(teams.insert(), [{"id": team, "name": f"t{t}", "slug": f"t{t}", "settings": {},
+                                                     "created_at": NOW, "updated_at": NOW}])  # fmt: skip
+                users = [uuid.uuid4() for _ in range(3)]
+                await conn.execute(users_table.insert(), [
+                    {"id": u, "team_id": team, "email": f"u{i}@t{t}.example.com", "password_hash": "x",
+                     "role": "admin", "is_active": True, "preferences": {}, "created_at": NOW, "updated_at": NOW}
+                    for i, u in enumerate(users)
+                ])  # fmt: skip
+                agents = [uuid.uuid4() for _ in range(2)]
+                await conn.execute(agents_table.insert(), [
+                    {"id": a, "team_id": team, "name": f"A{i}", "slug": f"a{i}", "webhook_url": "http://n8n/x",
+                     "config": {}, "avatar_version": 0, "is_active": True, "created_at": NOW, "updated_at": NOW}
+                    for i, a in enumerate(agents)
+                ])  # fmt: skip
+                for i in range(3_100):
+                    tokens = rng.random() < 0.3
+                    rows.append({
+                        "id": uuid.uuid4(), "team_id": team, "user_id": rng.choice([*users, None]),
+                        "agent_id": rng.choice([*agents, None]), "chat_id": None,
+                        "outcome": rng.choice(["complete", "error", "cancelled", "interrupted"]), "error_code": None,
+                        "chars_in": rng.randint(0, 99), "chars_out": rng.randint(0, 999),
+                        "tokens_in": rng.randint(1, 99) if tokens else None,
+                        "tokens_out": rng.randint(1, 99) if tokens else None,
+                        "ttfc_ms": rng.choice([None, rng.randint(0, 4000)]), "duration_ms": rng.randint(0, 90_000),
+                        "created_at": NOW - timedelta(minutes=7 * i + rng.randint(0, 6)),
+                    })  # fmt: skip
+            await conn.execute(ledger_table.insert(), rows)
+    finally:
+        await engine.dispose()
+    return len(rows)
+
+
+def _table(name: str, *columns: str) -> sa.TableClause:
+    """A lightweight table for inserts at an old revision; column types follow the names."""
+
+    def typed(column: str) -> sa.ColumnClause[Any]:
+        if column == "id" or column.endswith("_id"):
+            return sa.column(column, sa.Uuid())
+        if column.endswith("_at"):
+            return sa.column(column, UTCDateTime())
+        return sa.column(column, JSONType) if column in ("settings", "preferences", "config") else sa.column(column)
+
+    return sa.table(name, *(typed(c) for c in columns))
+
+
+teams = _table("teams", "id", "name", "slug", "settings", "created_at", "updated_at")
+users_table = _table("users", "id", "team_id", "email", "password_hash", "role", "is_active", "preferences",
+                     "created_at", "updated_at")  # fmt: skip
+agents_table = _table("agents", "id", "team_id", "name", "slug", "webhook_url", "config", "avatar_version",
+                      "is_active", "created_at", "updated_at")  # fmt: skip
+ledger_table = _table("usage_records", "id", "team_id", "user_id", "agent_id", "chat_id", "outcome",
+                      "error_code", "chars_in", "chars_out", "tokens_in", "tokens_out", "ttfc_ms", "duration_ms",
+                      "created_at")  # fmt: skip
+
+
+async def _rollup_state(url: str) -> tuple[int, int]:
+    """(ledger rows, roll-up rows), after checking that the roll-up equals the ledger summed."""
+    engine = create_async_engine(url)
+    try:
+        async with AsyncSession(engine) as session:
+            await assert_rollup_matches_ledger(session)
+            ledger_rows = (await session.execute(text("SELECT count(*) FROM usage_records"))).scalar_one()
+            rollup_rows = (await session.execute(text("SELECT count(*) FROM usage_rollups"))).scalar_one()
+    finally:
+        await engine.dispose()
+    return int(ledger_rows), int(rollup_rows)
+
+
+async def _ledger_index(url: str) -> str:
+    conn = await asyncpg.connect(_plain_url(url))
+    try:
+        return str(await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_usage_records_team_id_created_at'"
+        ))  # fmt: skip
+    finally:
+        await conn.close()
+
+
+def _check_0011(url: str) -> None:
+    tables = _pg_tables if "postgresql" in url else _sqlite_tables
+    run_migrations(url, "0009")
+    seeded = asyncio.run(_seed_ledger_at_0009(url))
+    run_migrations(url, "0011")
+    ledger_rows, rollup_rows = asyncio.run(_rollup_state(url))
+    assert ledger_rows == seeded
+    assert rollup_rows > 2 * 4  # several days, agents and users per team
+    if "postgresql" in url:
+        assert "INCLUDE" not in asyncio.run(_ledger_index(url))
+    run_migrations(url, "0009", downgrade=True)
+    assert asyncio.run(tables(url)) == EXPECTED_TABLES - LATER_TABLES
+    if "postgresql" in url:
+        assert "INCLUDE (user_id, agent_id, outcome" in asyncio.run(_ledger_index(url))
+    run_migrations(url)
+    assert asyncio.run(_rollup_state(url)) == (seeded, rollup_rows)
+
+
+@pytest.mark.timeout(120)
+def test_0011_usage_rollup_back_filled_down_and_up_on_postgresql() -> None:
+    name = f"test_mig_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        _check_0011(url)
+    finally:
+        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.mark.timeout(120)
+def test_0011_usage_rollup_back_filled_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    _check_0011(f"sqlite+aiosqlite:///{tmp_path / 'u.db'}")
 
 
 # --- 0012: files, file_blobs, messages.files, agents.file_delivery ----------------------------------------

@@ -35,8 +35,8 @@ FROM = Query(alias="from", description="First day (UTC), included; default 29 da
 TO = Query(alias="to", description="Last day (UTC), included; default today")
 DESCRIPTION = (
     "One row per day, agent or user that has generations in the period, computed from the usage ledger "
-    "(one row per answer, written with it). Days are UTC; `tokens_*` are null when no workflow reported "
-    "token usage."
+    "(one row per answer, written with it) through its daily roll-up. Days are UTC; `tokens_*` are null when "
+    "no workflow reported token usage; the medians are exact below 64 ms and within 2.5 % above."
 )
 
 

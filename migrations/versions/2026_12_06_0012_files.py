@@ -1,7 +1,7 @@
 """files in messages: uploaded files, their content-addressed bytes, a message's files, agents' file_delivery
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-06
 
 Existing agents get `file_delivery = 'url'` and existing messages no files (null).
@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql
 JSON_TYPE = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
 
 revision: str = "0012"
-down_revision: str | None = "0010"
+down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,181 @@
+"""The usage roll-up: ledger rows summed per team, UTC day, agent and user, with histograms for the medians.
+
+A histogram is one non-negative integer: the count of bucket `b` is its decimal digits `FIELD * b` to
+`FIELD * (b + 1)`. Adding two histograms is adding the integers (no carry: a field holds up to 10**FIELD - 1
+values), so PostgreSQL adds and sums them as NUMERIC, in C, without unpacking anything; a report reads one
+integer per group and takes the median from it here.
+
+Buckets: one per millisecond below `EXACT_BELOW`, then each `RATIO` times wider than the one before, up to
+2**31 ms (the ledger's integer). A median is computed as PostgreSQL's `percentile_cont(0.5)` would (the
+mean of the two middle values for an even count), each middle value taken as its bucket's midpoint: exact
+below `EXACT_BELOW` ms, and otherwise off by less than (RATIO - 1) / 2 = 2.5 % of the true median.
+Changing the buckets changes what the stored integers mean: it needs a migration that rebuilds the roll-up.
+"""
+
+from __future__ import annotations
+
+import uuid
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping
+from datetime import UTC, date
+from itertools import accumulate
+from typing import Any
+
+from sqlalchemy import Executable, func
+
+from app.dialects import Statements
+from app.models import UsageRollup
+
+#: "All agents" / "all users" in a roll-up key.
+NIL = uuid.UUID(int=0)
+#: The key of a ledger row whose user or agent was already deleted (nulled) when it was rolled up.
+GONE = uuid.UUID(int=1)
+#: Outcomes the `errors` column counts: the answer failed, whether n8n or a stopped server ended it.
+ERROR_OUTCOMES = ("error", "interrupted")
+EXACT_BELOW = 64
+RATIO = 1.05
+#: Decimal digits per bucket: up to 999,999,999 values of one group in one bucket.
+FIELD = 9
+_INT_MAX = 2**31 - 1
+
+
+def _bounds() -> tuple[int, ...]:
+    """The buckets' lower bounds, and the upper bound (exclusive) of the last one."""
+    bounds = list(range(EXACT_BELOW))
+    low = EXACT_BELOW
+    while low <= _INT_MAX:
+        bounds.append(low)
+        low = max(low + 1, int(low * RATIO))
+    bounds.append(low)
+    return tuple(bounds)
+
+
+BOUNDS = _bounds()
+BUCKETS = len(BOUNDS) - 1
+_ONE = tuple(10 ** (FIELD * b) for b in range(BUCKETS))
+_CHUNK = 16
+_CHUNK_DIGITS = FIELD * _CHUNK
+_NINES = 10**FIELD - 1
+#: Slices of a histogram's digits: its chunks, then a chunk's fields, lowest first (counted from the right).
+_CHUNKS = tuple(slice(-end - _CHUNK_DIGITS, -end or None) for end in range(0, FIELD * BUCKETS, _CHUNK_DIGITS))
+_IN_CHUNK = tuple(slice(-end - FIELD, -end or None) for end in range(0, _CHUNK_DIGITS, FIELD))
+
+
+def bucket(value: int) -> int:
+    """The bucket of a value in milliseconds (negative values count as 0)."""
+    return min(max(bisect_right(BOUNDS, value) - 1, 0), BUCKETS - 1)
+
+
+def histogram_of(value: int | None) -> int:
+    """The histogram of one value (empty for None)."""
+    return 0 if value is None else _ONE[bucket(value)]
+
+
+def summed_digits(text: str | None) -> str:
+    """A histogram summed in SQL (`Statements.sum_histograms`) as decimal digits: PostgreSQL's sum is already
+    that text; SQLite's terms (joined by commas) are added here."""
+    if not text:
+        return "0"
+    return str(sum(int(part) for part in text.split(","))) if "," in text else text
+
+
+def _digits(histogram: int | str, multiple: int) -> str:
+    """A histogram's decimal digits, zero-padded on the left to a multiple of `multiple`."""
+    digits = histogram if isinstance(histogram, str) else str(histogram)  # under Python's 4,300-digit limit
+    return "0" * (-len(digits) % multiple) + digits
+
+
+def counts(histogram: int | str) -> list[tuple[int, int]]:
+    """(bucket, count) of the non-empty buckets, lowest first, of a histogram or of its decimal digits."""
+    digits = _digits(histogram, FIELD)
+    fields = [int(digits[end - FIELD : end]) for end in range(len(digits), 0, -FIELD)]
+    return [(b, count) for b, count in enumerate(fields) if count]
+
+
+def median(histogram: int | str) -> float | None:
+    """The median of the values in a histogram (None when it is empty); see the module's docstring.
+
+    It runs for every group of every report, so it reads few fields, and in C (map over slices): the
+    histogram is cut into chunks of `_CHUNK` fields, and a chunk's total is its integer modulo 10**FIELD - 1
+    (the sum of its base-10**FIELD digits, as casting out nines; exact while a group has fewer than
+    10**FIELD - 1 values). Only the chunks holding the two middle values are read field by field.
+    """
+    digits = histogram if isinstance(histogram, str) else str(histogram)
+    chunks = list(map(digits.__getitem__, _CHUNKS[: -(-len(digits) // _CHUNK_DIGITS)]))  # lowest first
+    running = list(accumulate(map(_NINES.__rmod__, map(int, chunks))))
+    total = running[-1]
+    if total == 0:
+        return None
+    return (_middle(chunks, running, (total - 1) // 2) + _middle(chunks, running, total // 2)) / 2
+
+
+def _middle(chunks: list[str], running: list[int], rank: int) -> float:
+    """The midpoint of the bucket holding the value of this rank (0-based, in increasing order)."""
+    c = bisect_right(running, rank)  # the first chunk whose running count passes the rank
+    fields = accumulate(map(int, map(chunks[c].zfill(_CHUNK_DIGITS).__getitem__, _IN_CHUNK)))
+    b = c * _CHUNK + bisect_right(list(fields), rank - (running[c - 1] if c else 0))
+    return (BOUNDS[b] + BOUNDS[b + 1] - 1) / 2
+
+
+# --- from ledger rows to roll-up rows ----------------------------------------------------------------
+
+Key = tuple[uuid.UUID, date, uuid.UUID, uuid.UUID]
+_COUNTERS = ("generations", "completed", "errors", "cancelled", "chars_in", "chars_out")
+_NULLABLE = ("tokens_in", "tokens_out")
+_HISTOGRAMS = ("ttfc_hist", "duration_hist")
+
+
+def rollup_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The roll-up rows (four grains) that ledger rows add up to, sorted by key.
+
+    A record has the ledger's columns (`team_id`, `user_id`, `agent_id`, `outcome`, `chars_in`, `chars_out`,
+    `tokens_in`, `tokens_out`, `ttfc_ms`, `duration_ms`, `created_at`). The sort gives concurrent upserts
+    one lock order (the team's day first), so they queue rather than deadlock.
+    """
+    rows: dict[Key, dict[str, Any]] = {}
+    for r in records:
+        day = r["created_at"].astimezone(UTC).date()
+        agent = r["agent_id"] or GONE
+        user = r["user_id"] or GONE
+        outcome = r["outcome"]
+        add: dict[str, Any] = {
+            "generations": 1,
+            "completed": int(outcome == "complete"),
+            "errors": int(outcome in ERROR_OUTCOMES),
+            "cancelled": int(outcome == "cancelled"),
+            "chars_in": r["chars_in"],
+            "chars_out": r["chars_out"],
+            "tokens_in": r["tokens_in"],
+            "tokens_out": r["tokens_out"],
+            "ttfc_hist": histogram_of(r["ttfc_ms"]),
+            "duration_hist": histogram_of(r["duration_ms"]),
+        }
+        for key in ((r["team_id"], day, NIL, NIL), (r["team_id"], day, agent, NIL),
+                    (r["team_id"], day, NIL, user), (r["team_id"], day, agent, user)):  # fmt: skip
+            row = rows.get(key)
+            if row is None:
+                rows[key] = {"team_id": key[0], "day": key[1], "agent_id": key[2], "user_id": key[3], **add}
+                continue
+            for name in (*_COUNTERS, *_HISTOGRAMS):
+                row[name] += add[name]
+            for name in _NULLABLE:
+                if add[name] is not None:
+                    row[name] = (row[name] or 0) + add[name]
+    return [rows[key] for key in sorted(rows, key=lambda k: (str(k[0]), k[1], str(k[2]), str(k[3])))]
+
+
+def add_to_rollup(statements: Statements, rows: list[dict[str, Any]]) -> Executable:
+    """One upsert adding roll-up rows to the stored ones (inserting the missing): safe under concurrency,
+    since each row's update is done under its row lock by the database."""
+
+    def set_of(excluded: Any) -> dict[str, Any]:
+        t = UsageRollup
+        changes: dict[str, Any] = {name: getattr(t, name) + getattr(excluded, name) for name in _COUNTERS}
+        for name in _NULLABLE:
+            mine, theirs = getattr(t, name), getattr(excluded, name)
+            changes[name] = func.coalesce(mine + theirs, mine, theirs)
+        for name in _HISTOGRAMS:
+            changes[name] = statements.add_histograms(getattr(t, name), getattr(excluded, name))
+        return changes
+
+    return statements.upsert(UsageRollup, rows, ["team_id", "day", "agent_id", "user_id"], set_of)
