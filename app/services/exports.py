@@ -36,6 +36,9 @@ def _message(m: Message) -> dict[str, Any]:
         "error": m.error,
         "metadata": m.meta,
         "feedback": m.feedback,
+        "files": [
+            {k: f[k] for k in ("filename", "content_type", "size", "sha256")} for f in m.files or []
+        ],  # metadata only: no bytes, no links, no ids (an import has nothing to point them at)
     }
 
 
