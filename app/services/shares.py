@@ -64,61 +64,59 @@ async def share_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -
     messages = snapshot(chat["messages"])
     share = (await session.execute(select(Share).where(Share.chat_id == chat_id))).scalar_one_or_none()
     now = utcnow()
+    copies = await _file_copies(session, chat_id, messages, now)
     replaced: list[str] = []
     if share is None:
         share = Share(team_id=user.team_id, chat_id=chat_id, created_at=now)
         session.add(share)
-        await session.flush()
     else:  # the new snapshot's copies replace the old ones
         replaced = await blobs.share_blob_hashes(session, share.id)
         await session.execute(delete(ShareFile).where(ShareFile.share_id == share.id))
-    await _copy_files(session, share.id, chat_id, messages, now)
     share.user_id = user.id
     share.agent_id = chat["agent_id"]
     share.title = chat["title"]
     share.messages = messages
     share.message_count = len(messages)
     share.updated_at = now
+    await session.flush()
+    if copies:
+        await session.execute(insert(ShareFile), [{**copy, "share_id": share.id} for copy in copies])
     await session.commit()
     await blobs.collect_blobs(session, replaced)
     logger.info("chat %s shared as %s (%d messages)", chat_id, share.id, len(messages))
     return share
 
 
-async def _copy_files(
-    session: AsyncSession, share_id: uuid.UUID, chat_id: uuid.UUID, messages: list[dict[str, Any]], now: datetime
-) -> None:
-    """Give the share its own copy of each file the snapshot's messages carry (a row over the same blob) and
-    rewrite the messages' file ids to the copies', which `GET /api/shares/{id}/files/{file_id}` serves. A file
-    without an id (an imported one: metadata only) stays so. The chat's row is locked by the caller, so its
-    files, and with them their blobs, cannot go meanwhile."""
+async def _file_copies(
+    session: AsyncSession, chat_id: uuid.UUID, messages: list[dict[str, Any]], now: datetime
+) -> list[dict[str, Any]]:
+    """The share's own copy of each file the snapshot's messages carry (`share_files` rows over the same blobs,
+    without their `share_id`), the messages' file ids rewritten to the copies', which
+    `GET /api/shares/{id}/files/{file_id}` serves. A file without an id (an imported one: metadata only) stays
+    so. The chat's row is locked by the caller, so its files, and with them their blobs, cannot go meanwhile."""
     named = {f["id"] for m in messages for f in m.get("files") or [] if f.get("id")}
     if not named:
-        return
+        return []
     query = select(File.id, File.filename, File.content_type, File.size, File.sha256).where(
         File.chat_id == chat_id, File.id.in_([uuid.UUID(i) for i in named])
     )
     originals = {str(row.id): row for row in (await session.execute(query)).all()}
     copies = {file_id: uuid.uuid4() for file_id in originals}
-    await session.execute(
-        insert(ShareFile),
-        [
-            {
-                "id": copies[file_id],
-                "share_id": share_id,
-                "filename": row.filename,
-                "content_type": row.content_type,
-                "size": row.size,
-                "sha256": row.sha256,
-                "created_at": now,
-            }
-            for file_id, row in originals.items()
-        ],
-    )
     for m in messages:
         for f in m.get("files") or []:
             copy = copies.get(f["id"]) if f.get("id") else None
             f["id"] = str(copy) if copy is not None else None
+    return [
+        {
+            "id": copies[file_id],
+            "filename": row.filename,
+            "content_type": row.content_type,
+            "size": row.size,
+            "sha256": row.sha256,
+            "created_at": now,
+        }
+        for file_id, row in originals.items()
+    ]
 
 
 async def unshare_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> None:
