@@ -537,3 +537,21 @@ async def test_fork_of_a_share_being_revoked_never_fails_on_missing_bytes(
             copy = fork.json()["messages"][0]["files"][0]["id"]
             own = await client.get(f"/api/chats/{fork.json()['id']}/files/{copy}", headers=colleague)
             assert own.content == NOTES[1]
+
+
+async def test_resharing_and_revoking_at_once_leave_no_orphan_copies(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    """A re-share and a revocation of one chat at once: whichever wins, no 500, and the copies match the
+    shares left (one set for a share, none without)."""
+    chat_id, _ = await chat_with_sent_files(client, session, team_world, fake, [NOTES, TABLE])
+    url, member = f"/api/chats/{chat_id}/share", team_world.h(team_world.member)
+    for _ in range(4):
+        assert (await client.post(url, headers=member)).status_code == 201
+        shared, revoked = await asyncio.gather(client.post(url, headers=member), client.delete(url, headers=member))
+        assert shared.status_code == 201
+        assert revoked.status_code in (204, 404)
+        shares = await count_rows(session, "shares")
+        assert await count_rows(session, "share_files") == 2 * shares
+        await client.delete(url, headers=member)
+    assert await count_rows(session, "share_files") == 0

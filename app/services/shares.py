@@ -62,7 +62,10 @@ async def share_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -
     if any(m["status"] == "streaming" for m in chat["messages"]):
         raise Conflict(SHARE_WHILE_STREAMING)
     messages = snapshot(chat["messages"])
-    share = (await session.execute(select(Share).where(Share.chat_id == chat_id))).scalar_one_or_none()
+    # Then the share's row (chat before share, as a chat's deletion takes them): a revocation running at the
+    # same time either ends first (a new share is made) or waits for this snapshot and deletes it whole.
+    existing = select(Share).where(Share.chat_id == chat_id).with_for_update()
+    share = (await session.execute(existing)).scalar_one_or_none()
     now = utcnow()
     copies = await _file_copies(session, chat_id, messages, now)
     replaced: list[str] = []
