@@ -420,5 +420,26 @@ CREATE INDEX ix_shares_team_id_updated_at ON shares (team_id, updated_at);
 
 UPDATE alembic_version SET version_num='0013' WHERE alembic_version.version_num = '0012';
 
+-- Running upgrade 0013 -> 0014
+
+CREATE TABLE share_files (
+    id UUID NOT NULL, 
+    share_id UUID NOT NULL, 
+    filename VARCHAR(255) NOT NULL, 
+    content_type VARCHAR(100) NOT NULL, 
+    size INTEGER NOT NULL, 
+    sha256 VARCHAR(64) NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_share_files PRIMARY KEY (id), 
+    CONSTRAINT fk_share_files_share_id_shares FOREIGN KEY(share_id) REFERENCES shares (id) ON DELETE CASCADE, 
+    CONSTRAINT fk_share_files_sha256_file_blobs FOREIGN KEY(sha256) REFERENCES file_blobs (sha256)
+);
+
+CREATE INDEX ix_share_files_share_id ON share_files (share_id);
+
+CREATE INDEX ix_share_files_sha256 ON share_files (sha256);
+
+UPDATE alembic_version SET version_num='0014' WHERE alembic_version.version_num = '0013';
+
 COMMIT;
 

@@ -177,7 +177,10 @@ class MessageFeedback(ReadModel):
 class FileRead(ReadModel):
     """A file uploaded to a chat. `content_type` is the type judged from its bytes (docs/FILES.md)."""
 
-    id: uuid.UUID
+    id: uuid.UUID | None = Field(
+        description="Null for metadata only (a file of an imported chat): its bytes are not stored here, so "
+        "there is nothing to download"
+    )
     filename: str = Field(examples=["report.pdf"])
     content_type: str = Field(examples=["application/pdf"])
     size: int = Field(description="Bytes", examples=[48213])

@@ -205,7 +205,7 @@ class Message(Base):
 class FileBlob(Base):
     """A file's bytes, stored once per content (the key is their SHA-256): every `files` row with that hash
     reads them, so copying a file (a share's copy) is a new `files` row, never a copy of the bytes. Blobs no
-    row references any more are removed by app.services.files.collect_blobs."""
+    row (a chat's file or a share's copy) references any more are removed by app.services.blobs.collect_blobs."""
 
     __tablename__ = "file_blobs"
 
@@ -263,6 +263,24 @@ class Share(Base):
     created_at: Mapped[datetime] = _created()
     #: When the snapshot was last taken (sharing again moves it): the team's list is newest first by it.
     updated_at: Mapped[datetime] = _updated()
+
+
+class ShareFile(Base):
+    """A share's own copy of a file its snapshot's messages carry: a row over the same blob (no byte copied),
+    owned by the share and gone with it, so the share keeps its files when the chat (and its files) go.
+    Readable at `GET /api/shares/{share_id}/files/{id}` by the share's team (app.services.shares)."""
+
+    __tablename__ = "share_files"
+    __table_args__ = (Index("ix_share_files_share_id", "share_id"), Index("ix_share_files_sha256", "sha256"))
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    share_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("shares.id", ondelete="CASCADE"), nullable=False)
+    filename: Mapped[str] = mapped_column(String(255), nullable=False)
+    content_type: Mapped[str] = mapped_column(String(100), nullable=False)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    #: Restricting, as `files.sha256`: the collector never removes bytes a share copy names.
+    sha256: Mapped[str] = mapped_column(ForeignKey("file_blobs.sha256"), nullable=False)
+    created_at: Mapped[datetime] = _created()
 
 
 class RefreshToken(Base):

@@ -68,6 +68,20 @@ class ExportedFeedback(ExportPart):
     updated_at: datetime | None = None
 
 
+#: Files one imported message may name (metadata only); far above what a send attaches.
+IMPORT_FILES_PER_MESSAGE_MAX = 100
+
+
+class ExportedFile(ExportPart):
+    """A message's file as exported: metadata only, never bytes or links. An import keeps it on the message as a
+    File with a null `id` (nothing to download)."""
+
+    filename: Annotated[str, Field(min_length=1, max_length=255), StorableText]
+    content_type: Annotated[str, Field(min_length=1, max_length=100), StorableText]
+    size: int = Field(ge=0, le=2**31 - 1, description="Bytes")
+    sha256: str = Field(pattern="^[0-9a-f]{64}$", description="Hex SHA-256 of the bytes (lower case)")
+
+
 class ExportedMessage(ExportPart):
     """One message of an exported chat, in the order of the export (a parent before its children)."""
 
@@ -80,6 +94,11 @@ class ExportedMessage(ExportPart):
     error: MessageError | None = None
     metadata: dict[str, Any] | None = None
     feedback: ExportedFeedback | None = None
+    files: list[ExportedFile] = Field(
+        default_factory=list,
+        max_length=IMPORT_FILES_PER_MESSAGE_MAX,
+        description="A user message's files, metadata only (no bytes, no links)",
+    )
 
 
 class ExportedChat(ExportPart):

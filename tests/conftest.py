@@ -18,7 +18,7 @@ import pytest
 from alembic import command
 from cryptography.fernet import Fernet
 from fastapi import FastAPI
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings, load_settings
@@ -28,7 +28,7 @@ from app.services.usage_rollup import GONE, NIL, bucket, counts
 from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import https_client
-from tests.factories import auth_headers, create_admin, create_agent, create_team, create_user
+from tests.factories import auth_headers, create_admin, create_agent, create_chat, create_team, create_user
 from tools.fake_n8n import FakeN8n
 
 if TYPE_CHECKING:
@@ -307,3 +307,36 @@ async def assert_rollup_matches_ledger(session: AsyncSession) -> None:
         for x in (await session.execute(select(UsageRollup))).scalars()
     }
     assert stored == dict(fresh)
+
+
+async def chat_with_sent_files(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    world: TeamWorld,
+    fake: FakeN8n,
+    files: list[tuple[str, bytes, str]],
+    content: str = "See the files",
+) -> tuple[uuid.UUID, list[dict[str, Any]]]:
+    """A chat of `world.member` whose first question carries `files` (name, bytes, type), uploaded and sent
+    through the API to the fake n8n, which answers; returns the chat's id and the sent Files."""
+    await session.execute(
+        update(Agent).where(Agent.id == world.agent.id).values(webhook_url=fake.url + "/webhook/agent-stream")
+    )
+    await session.commit()
+    chat = await create_chat(session, user=world.member, agent=world.agent)
+    headers = world.h(world.member)
+    ids = []
+    for name, data, content_type in files:
+        response = await client.post(
+            f"/api/chats/{chat.id}/files", files={"file": (name, data, content_type)}, headers=headers
+        )
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+    body = {"content": content, "file_ids": ids}
+    sent = await client.post(f"/api/chats/{chat.id}/messages", json=body, headers=headers)
+    assert sent.status_code == 200, sent.text
+    read = (await client.get(f"/api/chats/{chat.id}", headers=headers)).json()
+    assert [m["status"] for m in read["messages"]] == ["complete", "complete"]
+    question: dict[str, Any] = read["messages"][0]
+    assert [f["id"] for f in question["files"]] == ids
+    return chat.id, question["files"]

@@ -4,6 +4,7 @@ by slug, the body cap, concurrent imports), and the round trip export -> import 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,10 +21,15 @@ from app.db import utcnow
 from app.models import Agent, Chat, Message, User
 from app.services.exports import EXPORT_PAGE_CHATS
 from app.state import app_state
-from tests.conftest import TeamWorld, count_rows
+from tests.conftest import TeamWorld, chat_with_sent_files, count_rows
 from tests.factories import create_chat, message_row
+from tests.live import data_events, parse_sse
+from tools.fake_n8n import FakeN8n
 
 FEEDBACK = {"rating": -1, "comment": "too short", "updated_at": "2026-12-01T10:00:00+00:00"}
+NOTES = ("notes.txt", b"private notes 4242\n", "text/plain")
+TABLE = ("table.csv", b"a,b\n1,2\n", "text/csv")
+EXPORTED_FILE = {"filename": "a.txt", "content_type": "text/plain", "size": 2, "sha256": "a" * 64}
 
 
 async def branchy_chat(session: AsyncSession, world: TeamWorld, user: User | None = None, title: str = "Tree") -> Chat:
@@ -145,7 +151,9 @@ async def test_export_json_carries_every_branch_and_the_current_one(
         "error",
         "metadata",
         "feedback",
+        "files",
     }
+    assert all(m["files"] == [] for m in doc["messages"])
     assert all(m["created_at"].endswith("Z") for m in doc["messages"])
 
 
@@ -383,6 +391,14 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         messages[3]["error"]["message"] = "a\x00b"
     elif change == "nul_in_metadata_key":
         messages[1]["metadata"] = {"a\x00b": 1}
+    elif change == "files_on_answer":
+        messages[1]["files"] = [EXPORTED_FILE]
+    elif change == "file_bad_sha256":
+        messages[0]["files"] = [{**EXPORTED_FILE, "sha256": "not-a-hash"}]
+    elif change == "file_with_bytes":
+        messages[0]["files"] = [{**EXPORTED_FILE, "data": "aGk="}]
+    elif change == "file_negative_size":
+        messages[0]["files"] = [{**EXPORTED_FILE, "size": -1}]
     return doc
 
 
@@ -404,6 +420,10 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         "nul_in_content",
         "nul_in_error",
         "nul_in_metadata_key",
+        "files_on_answer",
+        "file_bad_sha256",
+        "file_with_bytes",
+        "file_negative_size",
     ],
 )
 async def test_import_one_bad_chat_among_many_stores_nothing(
@@ -580,3 +600,68 @@ async def test_import_keeps_large_metadata_and_accepts_an_inactive_agent(
     second = await export_json(client, team_world, response.json()[0]["id"])
     assert comparable(second) == comparable(first)
     assert second["messages"][1]["metadata"]["steps"][99]["output"] == "z" * 2000
+
+
+# --- files ----------------------------------------------------------------------------------------------
+
+
+def metadata_of(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: f[k] for k in ("filename", "content_type", "size", "sha256")} for f in files]
+
+
+async def test_export_carries_files_as_metadata_only(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    chat_id, sent = await chat_with_sent_files(client, session, team_world, fake, [NOTES, TABLE])
+    response = await client.get(f"/api/chats/{chat_id}/export", headers=team_world.h(team_world.member))
+    question, answer = response.json()["messages"]
+    assert question["files"] == metadata_of(sent)  # exactly these keys: no id, no url, no bytes
+    assert answer["files"] == []
+    assert b"private notes 4242" not in response.content
+    assert base64.b64encode(NOTES[1]) not in response.content
+    assert "/files/" not in response.text
+    assert sent[0]["id"] not in response.text
+    lines = (await client.get("/api/chats/export", headers=team_world.h(team_world.member))).content
+    assert json.loads(lines)["messages"][0]["files"] == metadata_of(sent)
+    markdown = await client.get(f"/api/chats/{chat_id}/export?format=markdown", headers=team_world.h(team_world.member))
+    assert "notes.txt" in markdown.text
+    assert "private notes 4242" not in markdown.text
+
+
+async def test_import_keeps_files_metadata_without_bytes_and_round_trips(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    chat_id, sent = await chat_with_sent_files(client, session, team_world, fake, [NOTES, TABLE])
+    first = await export_json(client, team_world, chat_id)
+    files_before = await count_rows(session, "files")
+    response = await import_body(client, team_world, json.dumps(first), team_world.colleague)
+    assert response.status_code == 201, response.text
+    imported = response.json()[0]["id"]
+    assert await count_rows(session, "files") == files_before  # no file row, no bytes
+    colleague = team_world.h(team_world.colleague)
+    read = (await client.get(f"/api/chats/{imported}", headers=colleague)).json()
+    shown = read["messages"][0]["files"]
+    assert [f["id"] for f in shown] == [None, None]  # metadata only: nothing to download
+    assert metadata_of(shown) == metadata_of(sent)
+    assert all(f["created_at"].endswith("Z") for f in shown)
+    # The original ids lead nowhere from the imported chat.
+    missing = await client.get(f"/api/chats/{imported}/files/{sent[0]['id']}", headers=colleague)
+    assert missing.status_code == 404
+    # Export -> import -> export gives the same content, files metadata included.
+    second = await export_json(client, team_world, imported, team_world.colleague)
+    assert comparable(second) == comparable(first)
+    # Regenerating the imported answer works; n8n gets no file (there are no bytes to send).
+    regenerated = await client.post(
+        f"/api/chats/{imported}/messages", json={"regenerate_of": read["messages"][1]["id"]}, headers=colleague
+    )
+    assert regenerated.status_code == 200
+    assert data_events(parse_sse(regenerated.text))[-1].type == "done"
+    assert "files" not in fake.requests[-1]["json"]
+    # Shared and forked, the metadata travels on without copies.
+    shared = (await client.post(f"/api/chats/{imported}/share", headers=colleague)).json()
+    assert [f["id"] for f in shared["messages"][0]["files"]] == [None, None]
+    assert await count_rows(session, "share_files") == 0
+    fork = (await client.post(f"/api/shares/{shared['id']}/fork", headers=team_world.h(team_world.member))).json()
+    assert metadata_of(fork["messages"][0]["files"]) == metadata_of(sent)
+    assert [f["id"] for f in fork["messages"][0]["files"]] == [None, None]
+    assert await count_rows(session, "files") == files_before

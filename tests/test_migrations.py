@@ -61,11 +61,12 @@ EXPECTED_TABLES = {
     "files",
     "file_blobs",
     "shares",
+    "share_files",
     "alembic_version",
 }
-#: The tables of migrations after 0009 (widget sessions 0010, usage roll-up 0011, files 0012, shares 0013), gone
-#: whenever a test goes below them.
-LATER_TABLES = {"widget_sessions", "usage_rollups", "files", "file_blobs", "shares"}
+#: The tables of migrations after 0009 (widget sessions 0010, usage roll-up 0011, files 0012, shares 0013, share
+#: files 0014), gone whenever a test goes below them.
+LATER_TABLES = {"widget_sessions", "usage_rollups", "files", "file_blobs", "shares", "share_files"}
 
 
 async def _pg_tables(url: str) -> set[str]:
@@ -780,6 +781,71 @@ def test_shares_migration_down_and_up_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 's.db'}"
     run_migrations(url)
     run_migrations(url, "0012", downgrade=True)
-    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"shares"}
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"shares", "share_files"}
     run_migrations(url, "0013")
+    assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES - {"share_files"}
+    run_migrations(url, "0014")
     assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES
+
+
+# --- 0014: share files ----------------------------------------------------------------------------------------
+
+
+async def _seed_share_copy(url: str) -> None:
+    """A team, a share and one share copy over a blob (what 0014 adds), by plain SQL."""
+    conn = await asyncpg.connect(_plain_url(url))
+    try:
+        team, share = uuid.uuid4(), uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO teams (id, name, slug, settings, created_at, updated_at) VALUES ($1, 't', $2, '{}', $3, $3)",
+            team,
+            f"t-{team.hex[:8]}",
+            NOW,
+        )
+        await conn.execute(
+            "INSERT INTO shares (id, team_id, messages, message_count, created_at, updated_at)"
+            " VALUES ($1, $2, '[]', 0, $3, $3)",
+            share,
+            team,
+            NOW,
+        )
+        await conn.execute(
+            "INSERT INTO file_blobs (sha256, size, data, created_at) VALUES ($1, 2, 'hi', $2)", "a" * 64, NOW
+        )
+        await conn.execute(
+            "INSERT INTO share_files (id, share_id, filename, content_type, size, sha256, created_at)"
+            " VALUES ($1, $2, 'a.txt', 'text/plain', 2, $3, $4)",
+            uuid.uuid4(),
+            share,
+            "a" * 64,
+            NOW,
+        )
+    finally:
+        await conn.close()
+
+
+async def _pg_count(url: str, table: str) -> int:
+    conn = await asyncpg.connect(_plain_url(url))
+    try:
+        return int(await conn.fetchval(f'SELECT count(*) FROM "{table}"'))
+    finally:
+        await conn.close()
+
+
+def test_0014_share_files_down_and_up_on_postgresql() -> None:
+    """0014 down drops only the share copies (the shares and the blobs stay); up brings the table back empty."""
+    name = f"test_mig_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        run_migrations(url)
+        asyncio.run(_seed_share_copy(url))
+        run_migrations(url, "0013", downgrade=True)
+        assert asyncio.run(_pg_tables(url)) == EXPECTED_TABLES - {"share_files"}
+        assert asyncio.run(_pg_count(url, "shares")) == 1
+        assert asyncio.run(_pg_count(url, "file_blobs")) == 1
+        run_migrations(url, "0014")
+        assert asyncio.run(_pg_tables(url)) == EXPECTED_TABLES
+        assert asyncio.run(_pg_count(url, "share_files")) == 0
+    finally:
+        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

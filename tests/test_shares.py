@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import uuid
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
-from app.models import Agent, Chat, Message, User
-from tests.conftest import TeamWorld, count_rows
+from app.models import Agent, Chat, File, FileBlob, Message, ShareFile, User
+from tests.conftest import TeamWorld, chat_with_sent_files, count_rows
 from tests.factories import create_chat, message_row
 from tests.live import data_events, parse_sse, streamed_text
 from tools.fake_n8n import FakeN8n
@@ -322,3 +324,234 @@ async def test_share_paths_with_malformed_id_are_422(
     method = client.post if url.endswith("fork") else client.get
     response = await method(url, headers=team_world.h(team_world.member))
     assert response.status_code == 422
+
+
+# --- files -----------------------------------------------------------------------------------
+
+NOTES = ("notes.txt", b"shared notes\n", "text/plain")
+TABLE = ("table.csv", b"a,b\n1,2\n", "text/csv")
+DOWNLOAD_HEADERS = (
+    "content-type",
+    "content-disposition",
+    "x-content-type-options",
+    "content-security-policy",
+    "cross-origin-resource-policy",
+    "cache-control",
+)
+
+
+def share_file_url(share_id: Any, file_id: Any) -> str:
+    return f"/api/shares/{share_id}/files/{file_id}"
+
+
+async def blob_hashes(session: AsyncSession) -> set[str]:
+    return set((await session.execute(select(FileBlob.sha256))).scalars())
+
+
+async def test_share_keeps_its_own_copies_of_files_when_the_chat_goes(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    chat_id, sent = await chat_with_sent_files(client, session, team_world, fake, [NOTES, TABLE])
+    shared = (await client.post(f"/api/chats/{chat_id}/share", headers=team_world.h(team_world.member))).json()
+    shown = shared["messages"][0]["files"]
+    # The snapshot's files are the share's copies: same metadata, new ids.
+    assert [{k: f[k] for k in ("filename", "content_type", "size", "sha256")} for f in shown] == [
+        {k: f[k] for k in ("filename", "content_type", "size", "sha256")} for f in sent
+    ]
+    assert not {f["id"] for f in shown} & {f["id"] for f in sent}
+    assert await count_rows(session, "share_files") == 2
+    assert await count_rows(session, "file_blobs") == 2  # no byte copied
+    # A colleague reads them exactly as the owner downloads the originals.
+    owner = await client.get(f"/api/chats/{chat_id}/files/{sent[0]['id']}", headers=team_world.h(team_world.member))
+    reader = await client.get(share_file_url(shared["id"], shown[0]["id"]), headers=team_world.h(team_world.colleague))
+    assert reader.status_code == 200
+    assert reader.content == NOTES[1]
+    assert {h: reader.headers[h] for h in DOWNLOAD_HEADERS} == {h: owner.headers[h] for h in DOWNLOAD_HEADERS}
+    assert reader.headers["content-disposition"].startswith("attachment;")
+    assert reader.headers["x-content-type-options"] == "nosniff"
+    assert reader.headers["content-security-policy"] == "default-src 'none'; sandbox"
+    # The chat (and its files) deleted: the share's copies and their bytes stay.
+    assert (await client.delete(f"/api/chats/{chat_id}", headers=team_world.h(team_world.member))).status_code == 204
+    assert await count_rows(session, "files") == 0
+    assert await blob_hashes(session) == {f["sha256"] for f in sent}
+    for copy, (_, data, _) in zip(shown, [NOTES, TABLE], strict=True):
+        again = await client.get(share_file_url(shared["id"], copy["id"]), headers=team_world.h(team_world.admin))
+        assert again.status_code == 200
+        assert again.content == data
+
+
+async def test_share_file_route_serves_only_this_shares_files_to_its_team(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    chat_id, sent = await chat_with_sent_files(client, session, team_world, fake, [NOTES])
+    other_id, _ = await chat_with_sent_files(client, session, team_world, fake, [TABLE])
+    mine = (await client.post(f"/api/chats/{chat_id}/share", headers=team_world.h(team_world.member))).json()
+    other = (await client.post(f"/api/chats/{other_id}/share", headers=team_world.h(team_world.member))).json()
+    copy = mine["messages"][0]["files"][0]["id"]
+    other_copy = other["messages"][0]["files"][0]["id"]
+    refused = [
+        (team_world.foreigner, share_file_url(mine["id"], copy)),  # another team
+        (team_world.colleague, share_file_url(mine["id"], sent[0]["id"])),  # the chat's own file id
+        (team_world.colleague, share_file_url(mine["id"], other_copy)),  # another share's copy
+        (team_world.colleague, share_file_url(other["id"], copy)),
+        (team_world.colleague, share_file_url(mine["id"], uuid.uuid4())),
+        (team_world.colleague, share_file_url(uuid.uuid4(), copy)),
+    ]
+    for user, url in refused:
+        response = await client.get(url, headers=team_world.h(user))
+        assert response.status_code == 404, url
+        assert response.json() == {"detail": "File not found"}
+        assert NOTES[1] not in response.content
+    # The original chat's download stays the owner's only: a share gives no way into it.
+    chat_file = f"/api/chats/{chat_id}/files/{sent[0]['id']}"
+    assert (await client.get(chat_file, headers=team_world.h(team_world.colleague))).status_code == 404
+    assert (await client.get(share_file_url(mine["id"], copy))).status_code == 401
+    assert (
+        await client.get(share_file_url(mine["id"], "nope"), headers=team_world.h(team_world.member))
+    ).status_code == 422
+
+
+async def test_revoking_a_share_removes_its_copies_at_once_and_collects_their_bytes(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    member = team_world.h(team_world.member)
+    chat_id, sent = await chat_with_sent_files(client, session, team_world, fake, [NOTES])
+    shared = (await client.post(f"/api/chats/{chat_id}/share", headers=member)).json()
+    copy = share_file_url(shared["id"], shared["messages"][0]["files"][0]["id"])
+    assert (await client.delete(f"/api/chats/{chat_id}/share", headers=member)).status_code == 204
+    assert (await client.get(copy, headers=team_world.h(team_world.colleague))).status_code == 404
+    assert await count_rows(session, "share_files") == 0
+    assert await blob_hashes(session) == {sent[0]["sha256"]}  # the chat still uses the bytes
+
+    # Shared again, the chat deleted: the share alone holds the bytes; deleting it collects them.
+    again = (await client.post(f"/api/chats/{chat_id}/share", headers=member)).json()
+    assert (await client.delete(f"/api/chats/{chat_id}", headers=member)).status_code == 204
+    assert await blob_hashes(session) == {sent[0]["sha256"]}
+    assert (
+        await client.delete(f"/api/shares/{again['id']}", headers=team_world.h(team_world.admin))
+    ).status_code == 204
+    assert await count_rows(session, "share_files") == 0
+    assert await count_rows(session, "file_blobs") == 0
+    gone = share_file_url(again["id"], again["messages"][0]["files"][0]["id"])
+    assert (await client.get(gone, headers=member)).status_code == 404
+
+
+async def test_sharing_again_replaces_the_copies(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    member = team_world.h(team_world.member)
+    chat_id, _ = await chat_with_sent_files(client, session, team_world, fake, [NOTES])
+    first = (await client.post(f"/api/chats/{chat_id}/share", headers=member)).json()
+    upload = await client.post(f"/api/chats/{chat_id}/files", files={"file": TABLE}, headers=member)
+    sent = await client.post(
+        f"/api/chats/{chat_id}/messages",
+        json={"content": "And this", "file_ids": [upload.json()["id"]]},
+        headers=member,
+    )
+    assert sent.status_code == 200
+    second = (await client.post(f"/api/chats/{chat_id}/share", headers=member)).json()
+    assert second["id"] == first["id"]
+    copies = [f["id"] for m in second["messages"] for f in m["files"]]
+    assert len(copies) == 2
+    assert await count_rows(session, "share_files") == 2  # the old copy replaced, not kept beside
+    old = share_file_url(first["id"], first["messages"][0]["files"][0]["id"])
+    assert (await client.get(old, headers=member)).status_code == 404
+    contents = [(await client.get(share_file_url(second["id"], c), headers=member)).content for c in copies]
+    assert contents == [NOTES[1], TABLE[1]]
+
+
+async def test_sharing_one_chat_twice_at_once_leaves_one_share_and_one_set_of_copies(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    chat_id, _ = await chat_with_sent_files(client, session, team_world, fake, [NOTES, TABLE])
+    url, member = f"/api/chats/{chat_id}/share", team_world.h(team_world.member)
+    responses = await asyncio.gather(*(client.post(url, headers=member) for _ in range(4)))
+    assert [r.status_code for r in responses] == [201] * 4
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert await count_rows(session, "shares") == 1
+    assert await count_rows(session, "share_files") == 2
+    final = (await client.get(f"/api/shares/{responses[0].json()['id']}", headers=member)).json()
+    rows = set((await session.execute(select(ShareFile.id))).scalars())
+    assert {uuid.UUID(f["id"]) for f in final["messages"][0]["files"]} == rows
+
+
+async def test_fork_copies_the_files_for_its_owner_and_sends_their_bytes(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    chat_id, sent = await chat_with_sent_files(client, session, team_world, fake, [NOTES, TABLE])
+    shared = (await client.post(f"/api/chats/{chat_id}/share", headers=team_world.h(team_world.member))).json()
+    colleague = team_world.h(team_world.colleague)
+    fork = (await client.post(f"/api/shares/{shared['id']}/fork", headers=colleague)).json()
+    forked = fork["messages"][0]["files"]
+    assert [f["sha256"] for f in forked] == [f["sha256"] for f in sent]
+    assert not {f["id"] for f in forked} & {f["id"] for f in sent + shared["messages"][0]["files"]}
+    rows = (await session.execute(select(File).where(File.chat_id == uuid.UUID(fork["id"])))).scalars().all()
+    assert {str(r.id) for r in rows} == {f["id"] for f in forked}
+    assert all(r.user_id == team_world.colleague.id for r in rows)
+    assert {r.message_id for r in rows} == {uuid.UUID(fork["messages"][0]["id"])}  # sent, not unsent uploads
+    assert await count_rows(session, "file_blobs") == 2
+    # The original chat and the share go: the fork's files stay its owner's.
+    assert (await client.delete(f"/api/chats/{chat_id}", headers=team_world.h(team_world.member))).status_code == 204
+    assert (
+        await client.delete(f"/api/shares/{shared['id']}", headers=team_world.h(team_world.admin))
+    ).status_code == 204
+    for copy, (_, data, _) in zip(forked, [NOTES, TABLE], strict=True):
+        own = await client.get(f"/api/chats/{fork['id']}/files/{copy['id']}", headers=colleague)
+        assert own.status_code == 200
+        assert own.content == data
+        assert own.headers["content-disposition"].startswith("attachment;")
+        other = f"/api/chats/{fork['id']}/files/{copy['id']}"
+        assert (await client.get(other, headers=team_world.h(team_world.member))).status_code == 404
+    # Regenerating the forked answer with base64 delivery sends n8n the copied bytes.
+    await session.execute(update(Agent).where(Agent.id == team_world.agent.id).values(file_delivery="base64"))
+    await session.commit()
+    regenerated = await client.post(
+        f"/api/chats/{fork['id']}/messages", json={"regenerate_of": fork["messages"][1]["id"]}, headers=colleague
+    )
+    assert regenerated.status_code == 200
+    assert data_events(parse_sse(regenerated.text))[-1].type == "done"
+    delivered = fake.requests[-1]["json"]["files"]
+    assert [(f["id"], f["filename"], base64.b64decode(f["data"])) for f in delivered] == [
+        (forked[0]["id"], "notes.txt", NOTES[1]),
+        (forked[1]["id"], "table.csv", TABLE[1]),
+    ]
+
+
+async def test_fork_of_a_share_being_revoked_never_fails_on_missing_bytes(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    """A fork and a revocation at once (the chat gone, so the share alone holds the bytes): either the fork
+    happens first and keeps its own rows on the bytes, or it finds no share (404); never a 500."""
+    member, colleague = team_world.h(team_world.member), team_world.h(team_world.colleague)
+    for _ in range(3):
+        chat_id, _ = await chat_with_sent_files(client, session, team_world, fake, [NOTES])
+        shared = (await client.post(f"/api/chats/{chat_id}/share", headers=member)).json()
+        assert (await client.delete(f"/api/chats/{chat_id}", headers=member)).status_code == 204
+        fork, revoke = await asyncio.gather(
+            client.post(f"/api/shares/{shared['id']}/fork", headers=colleague),
+            client.delete(f"/api/shares/{shared['id']}", headers=member),
+        )
+        assert revoke.status_code == 204
+        assert fork.status_code in (201, 404)
+        if fork.status_code == 201:
+            copy = fork.json()["messages"][0]["files"][0]["id"]
+            own = await client.get(f"/api/chats/{fork.json()['id']}/files/{copy}", headers=colleague)
+            assert own.content == NOTES[1]
+
+
+async def test_resharing_and_revoking_at_once_leave_no_orphan_copies(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    """A re-share and a revocation of one chat at once: whichever wins, no 500, and the copies match the
+    shares left (one set for a share, none without)."""
+    chat_id, _ = await chat_with_sent_files(client, session, team_world, fake, [NOTES, TABLE])
+    url, member = f"/api/chats/{chat_id}/share", team_world.h(team_world.member)
+    for _ in range(4):
+        assert (await client.post(url, headers=member)).status_code == 201
+        shared, revoked = await asyncio.gather(client.post(url, headers=member), client.delete(url, headers=member))
+        assert shared.status_code == 201
+        assert revoked.status_code in (204, 404)
+        shares = await count_rows(session, "shares")
+        assert await count_rows(session, "share_files") == 2 * shares
+        await client.delete(url, headers=member)
+    assert await count_rows(session, "share_files") == 0

@@ -9,12 +9,14 @@ from fastapi import APIRouter, Query, Response, status
 
 from app.auth import CurrentUser
 from app.deps import SessionDep
+from app.routers.files import DOWNLOAD_200, file_response
 from app.routers.responses import R401, Responses, error_doc, total_count
 from app.schemas import ChatRead, ShareRead, ShareSummary
 from app.services import shares as shares_service
 from app.services import tree
 from app.services.agents import AGENT_INACTIVE
 from app.services.chats import CHAT_NOT_FOUND
+from app.services.files import FILE_NOT_FOUND
 
 router = APIRouter(tags=["shares"])
 
@@ -74,6 +76,25 @@ async def list_shares(
 )
 async def read_share(share_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> ShareRead:
     return ShareRead.model_validate(await shares_service.get_share(session=session, user=user, share_id=share_id))
+
+
+@router.get(
+    "/api/shares/{share_id}/files/{file_id}",
+    response_class=Response,
+    summary="Download a file of a share of my team (by the id its snapshot's message shows)",
+    description="Served like the owner's download: an attachment, never rendered. The share keeps its own copy, "
+    "so this works after the chat is deleted, and answers 404 as soon as the share is revoked.",
+    responses={
+        **DOWNLOAD_200,
+        **AUTH_ERRORS,
+        404: error_doc("No such file in this share, or the share is not your team's", FILE_NOT_FOUND),
+    },
+)
+async def download_share_file(
+    share_id: uuid.UUID, file_id: uuid.UUID, session: SessionDep, user: CurrentUser
+) -> Response:
+    download = await shares_service.read_share_file(session=session, user=user, share_id=share_id, file_id=file_id)
+    return file_response(download)
 
 
 @router.delete(

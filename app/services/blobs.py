@@ -1,4 +1,5 @@
-"""The bytes of files (`file_blobs`, one row per content): which a chat uses, and removing unused ones.
+"""The bytes of files (`file_blobs`, one row per content): which a chat or a share uses, and removing unused
+ones. A blob is in use while a chat's file (`files`) or a share's copy (`share_files`) names it.
 
 Apart from app.services.files so that chats (deletion) and files (upload) both use it without a cycle.
 """
@@ -12,7 +13,7 @@ from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.models import File, FileBlob
+from app.models import File, FileBlob, ShareFile
 
 
 async def chat_blob_hashes(session: AsyncSession, chat_id: uuid.UUID) -> list[str]:
@@ -20,12 +21,18 @@ async def chat_blob_hashes(session: AsyncSession, chat_id: uuid.UUID) -> list[st
     return list((await session.execute(select(File.sha256).where(File.chat_id == chat_id).distinct())).scalars())
 
 
+async def share_blob_hashes(session: AsyncSession, share_id: uuid.UUID) -> list[str]:
+    """The contents a share's copies use, read before the share (or its copies) go."""
+    query = select(ShareFile.sha256).where(ShareFile.share_id == share_id).distinct()
+    return list((await session.execute(query)).scalars())
+
+
 async def collect_blobs(session: AsyncSession, hashes: Sequence[str]) -> None:
-    """Remove these blobs when no file uses them any more. A file written meanwhile makes the delete fail on
-    its reference (or wait for its lock): the blob then stays, as it must. Commits."""
+    """Remove these blobs when no file and no share copy uses them any more. A row written meanwhile makes the
+    delete fail on its reference (or wait for its lock): the blob then stays, as it must. Commits."""
     if not hashes:
         return
-    orphan = ~exists().where(File.sha256 == FileBlob.sha256)
+    orphan = ~exists().where(File.sha256 == FileBlob.sha256) & ~exists().where(ShareFile.sha256 == FileBlob.sha256)
     try:
         await session.execute(delete(FileBlob).where(FileBlob.sha256.in_(hashes), orphan))
         await session.commit()

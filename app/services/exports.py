@@ -36,6 +36,9 @@ def _message(m: Message) -> dict[str, Any]:
         "error": m.error,
         "metadata": m.meta,
         "feedback": m.feedback,
+        "files": [
+            {k: f[k] for k in ("filename", "content_type", "size", "sha256")} for f in m.files or []
+        ],  # metadata only: no bytes, no links, no ids (an import has nothing to point them at)
     }
 
 
@@ -120,6 +123,8 @@ def chat_markdown(document: dict[str, Any]) -> str:
             heading += f" ({message['status']})"
         lines += ["", "---", "", f"## {heading}", "", f"_{message['created_at']}_", ""]
         lines.append(message["content"] if message["content"] else "_(no text)_")
+        for f in message.get("files") or []:  # named only: an export never carries a file's bytes
+            lines += ["", f"Attached: {_one_line(f['filename'])} ({f['content_type']}, {f['size']} bytes)"]
         if message["error"]:
             lines += ["", f"> Error: {_one_line(str(message['error'].get('message', '')))}"]
     return "\n".join(lines) + "\n"

@@ -17,8 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
 from app.errors import RateLimited, Unprocessable, UnsupportedMediaType
+from app.filetypes import clean_filename
 from app.models import Agent, Chat, User
-from app.services.chat_copies import CopiedMessage, create_chat_copy
+from app.services.chat_copies import CopiedFile, CopiedMessage, create_chat_copy
 from app.share_schemas import ExportedChat, ExportedFeedback
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ def _plan(index: int, chat: ExportedChat) -> _Plan:
             raise refuse("an answer still streaming cannot be imported", "messages", j, "status")
         if m.feedback is not None and m.role != "assistant":
             raise refuse("feedback is for assistant messages only", "messages", j, "feedback")
+        if m.files and m.role != "user":
+            raise refuse("files are for user messages only", "messages", j, "files")
         parents[m.id] = m.parent_id
         roles[m.id] = m.role
         if m.parent_id is not None:
@@ -160,6 +163,9 @@ def _plan(index: int, chat: ExportedChat) -> _Plan:
                 error=m.error.model_dump() if m.error else None,
                 metadata=m.metadata,
                 feedback=_feedback(m.feedback),
+                files=tuple(
+                    CopiedFile(None, clean_filename(f.filename), f.content_type, f.size, f.sha256) for f in m.files
+                ),  # metadata only: no file row, nothing to download
             )
         )
     current = chat.current_message_id

@@ -286,7 +286,8 @@ async def start_message(
             question_id: uuid.UUID = row.q_id
             question_parent: uuid.UUID | None = row.q_parent_id
             latest = str(row.q_content)
-            attached = list(row.q_files or [])
+            # Metadata-only files (an imported chat's, without id) have no bytes to send again.
+            attached = [f for f in row.q_files or [] if f.get("id")]
         else:
             question_id = uuid.uuid4()
             question_parent = row.target_parent_id if edit_of is not None else row.current_message_id
@@ -298,7 +299,9 @@ async def start_message(
                     chat_id=chat_id,
                     file_ids=file_ids,
                     message_id=question_id,
-                    reusable=[str(f["id"]) for f in row.target_files or []] if edit_of is not None else (),
+                    reusable=[str(f["id"]) for f in row.target_files or [] if f.get("id")]
+                    if edit_of is not None
+                    else (),
                 )
         delivery = files_service.delivery_for(settings, row.file_delivery, attached) if attached else "url"
         if not regenerate:
