@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 from PIL import Image, ImageDraw
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, FilePayload, Page, sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "docs" / "screenshots"
@@ -135,9 +135,8 @@ MARKDOWN_QUESTION = (
 
 
 def attach(page: Page, *files: tuple[str, str, bytes]) -> None:
-    page.get_by_label("Files to attach").set_input_files(
-        [{"name": name, "mimeType": kind, "buffer": data} for name, kind, data in files]
-    )
+    payloads: list[FilePayload] = [{"name": name, "mimeType": kind, "buffer": data} for name, kind, data in files]
+    page.get_by_label("Files to attach").set_input_files(payloads)
 
 
 def attachments_and_sharing(page: Page) -> None:

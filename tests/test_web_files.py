@@ -116,7 +116,46 @@ def test_attach_remove_and_send_a_text_file(web_page: Watched, team: Team, fake_
         link.click()
     assert download.value.suggested_filename == "notes.txt"
     assert Path(download.value.path()).read_bytes() == b"hello from a file\n"
+    # An edit keeps the question's file in the new version.
+    page.locator(".msg.user").get_by_role("button", name="Edit").click()
+    edited = page.get_by_label("Edited message")
+    edited.fill("read this again")
+    edited.press("Enter")
+    expect(page.locator(".msg.user .branch-pos")).to_have_text("2 / 2")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".msg.user .files a")).to_have_text("notes.txt")
+    [question, _] = team.get(f"/api/chats/{chat_id}")["messages"]
+    assert question["content"] == "read this again"
+    assert [f["filename"] for f in question["files"]] == ["notes.txt"]
+    assert [b["files"][0]["filename"] for b in received(fake_n8n_url)] == ["notes.txt", "notes.txt"]
     assert web_page.errors == []
+
+
+def test_a_file_dropped_on_the_composer_or_pasted_is_attached(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    open_new_chat(page, team)
+    make = """([name, text]) => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([text], name, { type: "text/plain" }));
+        return transfer;
+    }"""
+    dropped = page.evaluate_handle(make, ["dropped.txt", "dropped\n"])
+    page.locator("form.composer").dispatch_event("drop", {"dataTransfer": dropped})
+    # A paste as the browser sends it: a ClipboardEvent whose clipboardData holds the file.
+    page.get_by_label("Message", exact=True).evaluate(
+        """(box) => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File(["pasted\\n"], "pasted.txt", { type: "text/plain" }));
+            const init = { clipboardData: transfer, bubbles: true, cancelable: true };
+            box.dispatchEvent(new ClipboardEvent("paste", init));
+        }"""
+    )
+    done = page.locator(".uploads .upload[data-state=done] .file-name")
+    expect(done).to_have_text(["dropped.txt", "pasted.txt"])
+    expect(page.get_by_label("Message", exact=True)).to_have_value("")  # the paste attached, it typed nothing
+    send(page, "two files")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".msg.user .files a")).to_have_text(["dropped.txt", "pasted.txt"])
 
 
 def test_refused_files_show_the_api_text_and_are_not_sent(web_page: Watched, team: Team, fake_n8n_url: str) -> None:

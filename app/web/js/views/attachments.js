@@ -28,7 +28,7 @@ export class Attachments {
   /** The attach button and its (hidden) file input. */
   button() {
     return [
-      h("button", { type: "button", class: "ghost attach", "aria-label": "Attach files", title: "Attach files", onclick: () => this.input.click() }, "📎"),
+      h("button", { type: "button", class: "secondary attach", "aria-label": "Attach files", title: "Attach files (or drop or paste them here)", onclick: () => this.input.click() }, "Attach"),
       this.input,
     ];
   }
@@ -81,8 +81,8 @@ export class Attachments {
     } catch (err) {
       if (err instanceof DOMException && err.name === "AbortError") return;
       item.state = "error";
+      // Shown on the file itself (role=alert, so it is announced), not in a toast that would go away.
       item.error = err instanceof ApiError ? err.message : "The server could not be reached.";
-      notify(`${item.file.name}: ${item.error}`, "error");
     }
     if (this.items.includes(item)) this.render();
     else if (item.record) this.discard(item.record); // removed while uploading: delete what arrived
