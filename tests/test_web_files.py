@@ -131,7 +131,7 @@ def test_attach_remove_and_send_a_text_file(web_page: Watched, team: Team, fake_
     assert web_page.errors == []
 
 
-def test_a_file_dropped_on_the_composer_or_pasted_is_attached(web_page: Watched, team: Team) -> None:
+def test_files_dropped_or_pasted_are_attached_and_stay_with_their_chat(web_page: Watched, team: Team) -> None:
     page = web_page.page
     open_new_chat(page, team)
     make = """([name, text]) => {
@@ -153,6 +153,11 @@ def test_a_file_dropped_on_the_composer_or_pasted_is_attached(web_page: Watched,
     done = page.locator(".uploads .upload[data-state=done] .file-name")
     expect(done).to_have_text(["dropped.txt", "pasted.txt"])
     expect(page.get_by_label("Message", exact=True)).to_have_value("")  # the paste attached, it typed nothing
+    # Pending files stay with their chat while moving to another screen and back.
+    page.get_by_role("link", name="+ New chat").click()
+    expect(page.locator(".uploads")).to_have_count(0)
+    page.locator(".chat-list .chat-link").first.click()
+    expect(done).to_have_text(["dropped.txt", "pasted.txt"])
     send(page, "two files")
     expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
     expect(page.locator(".msg.user .files a")).to_have_text(["dropped.txt", "pasted.txt"])

@@ -18,6 +18,7 @@ export class ChatsView {
   constructor(main, { navigate }) {
     this.navigate = navigate;
     this.agents = new Map();
+    this.pendingFiles = new Map(); // chat id -> its Attachments (files uploaded, not yet sent)
     this.chatId = null;
     this.generation = null;
     this.query = { q: "", archived: false, shown: 0 };
@@ -264,7 +265,9 @@ export class ChatsView {
     if (chatId === this.chatId && chatId) return;
     this.leave();
     this.chatId = chatId;
-    this.attachments = chatId ? new Attachments(chatId) : null;
+    // Pending files stay with their chat while the page lives: moving to another chat and back keeps them.
+    if (chatId && !this.pendingFiles.has(chatId)) this.pendingFiles.set(chatId, new Attachments(chatId));
+    this.attachments = chatId ? this.pendingFiles.get(chatId) : null;
     for (const row of this.list.children) {
       row.classList.toggle("current", row.dataset.id === chatId);
       row.querySelector(".chat-link")?.setAttribute("aria-current", row.dataset.id === chatId ? "page" : "false");
