@@ -28,13 +28,15 @@ XSS_TEXT = "<img src=x onerror=alert(2)> <script>alert(3)</script> [click](javas
 
 @pytest.fixture(scope="module")
 def web_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """This module's server has small caps, so the 413s are quick to reach from the page."""
+    """This module's server has small caps, so the 413s, the 409 and the 422 are quick to reach from the page."""
     port = free_port()
     settings = web_settings(
         database_url,
         tmp_path_factory.mktemp("web-files"),
         port,
         FILE_MAX_BYTES=FILE_MAX,
+        FILES_PER_MESSAGE_MAX=2,
+        FILES_UNSENT_PER_CHAT_MAX=3,
         IMPORT_MAX_BODY_BYTES=IMPORT_MAX,
     )
     with serving(settings, port) as server:
@@ -180,6 +182,30 @@ def test_refused_files_show_the_api_text_and_are_not_sent(web_page: Watched, tea
     expect(page.locator(".uploads .upload")).to_have_count(0)
     assert [body.get("files") for body in received(fake_n8n_url)] == [None]
     assert team.get(f"/api/chats/{chat_id}")["messages"][0]["files"] == []
+
+
+def test_too_many_files_show_the_409_and_the_422_and_the_files_stay_pending(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    page = web_page.page
+    chat_id = open_new_chat(page, team)
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    attach(page, *[(f"f{i}.txt", "text/plain", f"file {i}\n".encode()) for i in range(4)])
+    expect(page.locator(".uploads .upload[data-state=done]")).to_have_count(3)
+    over = page.locator(".uploads .upload[data-state=error]")
+    expect(over.locator(".file-name")).to_have_text("f3.txt")
+    expect(over.get_by_role("alert")).to_have_text(api_detail(team, chat_id, "f4.txt", "text/plain", b"x\n"))
+    send(page, "three at once")  # more than a message may carry: refused, nothing stored or sent
+    expect(page.get_by_role("alert").filter(has_text="file_ids: A message carries at most 2 files")).to_be_visible()
+    expect(page.locator(".uploads .upload[data-state=done]")).to_have_count(3)
+    expect(page.get_by_label("Message", exact=True)).to_have_value("three at once")  # back in the box
+    assert team.get(f"/api/chats/{chat_id}")["messages"] == []
+    assert received(fake_n8n_url) == []
+    page.get_by_role("button", name="Remove f2.txt").click()
+    send(page, "two then")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".msg.user .files a")).to_have_text(["f0.txt", "f1.txt"])
+    expect(page.locator(".uploads .upload")).to_have_count(0)
 
 
 def test_share_then_another_member_reads_it_inert_and_forks_it(

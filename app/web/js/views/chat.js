@@ -514,6 +514,8 @@ export class ChatsView {
       await this.generation.send(body);
     } catch (err) {
       notify(errorText(err), "error");
+      // A refused new message (nothing was stored) goes back to the box, to be fixed and sent again.
+      if (err instanceof ApiError && !body.edit_of && body.content && chatId === this.chatId && !this.input.value) this.input.value = body.content;
       if (chatId === this.chatId) this.finish();
     }
   }
