@@ -14,6 +14,16 @@ const errorText = (err) => (err instanceof ApiError ? err.message : "The server 
 /** What an import sends: JSON Lines (the "export all" file) or one JSON chat, told by the file's name. */
 const importType = (file) => (/\.(jsonl|ndjson)$/i.test(file.name) ? "application/x-ndjson" : "application/json");
 
+/** Copy a link; without the clipboard API (plain http is not a secure context) select it for Ctrl+C. */
+function copy(text, field) {
+  const manual = () => {
+    field.select();
+    notify("Selected: press Ctrl+C (⌘C) to copy.");
+  };
+  if (navigator.clipboard) navigator.clipboard.writeText(text).then(() => notify("Link copied."), manual);
+  else manual();
+}
+
 export class ChatsView {
   constructor(main, { navigate }) {
     this.navigate = navigate;
@@ -161,7 +171,7 @@ export class ChatsView {
         h(
           "div",
           { class: "row" },
-          h("button", { type: "button", onclick: () => navigator.clipboard?.writeText(link).then(() => notify("Link copied"), () => field.select()) }, "Copy link"),
+          h("button", { type: "button", onclick: () => copy(link, field) }, "Copy link"),
           h("a", { class: "button secondary", href: `#/shares/${share.id}` }, "Open"),
           h("button", { type: "button", class: "ghost", onclick: () => dialog.close() }, "Close"),
         ),
