@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 from PIL import Image, ImageDraw
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, FilePayload, Page, sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "docs" / "screenshots"
@@ -134,6 +134,30 @@ MARKDOWN_QUESTION = (
 )
 
 
+def attach(page: Page, *files: tuple[str, str, bytes]) -> None:
+    payloads: list[FilePayload] = [{"name": name, "mimeType": kind, "buffer": data} for name, kind, data in files]
+    page.get_by_label("Files to attach").set_input_files(payloads)
+
+
+def attachments_and_sharing(page: Page) -> None:
+    """A question with a file sent, two more pending (one refused), then the chat shared and its shared view."""
+    attach(page, ("q3-figures.csv", "text/csv", b"quarter,revenue\nQ2,1.8\nQ3,2.1\n"))
+    page.locator(".upload[data-state=done]").wait_for()
+    send(page, "What stands out in these figures?")
+    complete(page)
+    attach(page, ("notes.txt", "text/plain", b"to check\n"), ("slides.html", "text/html", b"<html></html>"))
+    page.locator(".upload[data-state=error]").wait_for()
+    page.locator(".upload[data-state=done]").wait_for()
+    page.screenshot(path=SHOTS / "attachments.png")
+    page.locator(".chat-header summary").click()
+    page.get_by_role("button", name="Share with team").click()
+    page.get_by_label("Link to the shared chat").wait_for()
+    page.screenshot(path=SHOTS / "share-dialog.png")
+    page.get_by_role("link", name="Open").click()
+    page.get_by_role("button", name="Fork into my chats").wait_for()
+    page.screenshot(path=SHOTS / "shared-chat.png")
+
+
 def screenshots(browser: Browser, url: str, fake: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     with api(url) as client:
@@ -176,6 +200,7 @@ def screenshots(browser: Browser, url: str, fake: str) -> None:
             complete(page)
             page.get_by_role("button", name="Good answer").last.click()
             page.screenshot(path=SHOTS / "branches.png")
+            attachments_and_sharing(page)
             page.get_by_role("link", name="Agents").click()
             page.locator("tr", has_text="Research").get_by_role("button", name="Edit").click()
             page.get_by_label("Webhook URL (n8n production URL)").fill(f"{fake}/webhook-test/research")

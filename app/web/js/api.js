@@ -42,15 +42,17 @@ export async function errorOf(response) {
 }
 
 /**
- * A request to the API. `body` is sent as JSON, `form` as multipart; `raw` returns the Response (streams).
+ * A request to the API. `body` is sent as JSON, `form` as multipart, `payload` (a Blob or File) as it is
+ * with the Content-Type given in `headers`; `raw` returns the Response (streams).
  * A 401 triggers one refresh and one retry (same headers, so an Idempotency-Key is kept).
  */
-export async function api(path, { method = "GET", body, form, headers = {}, raw = false, signal } = {}) {
+export async function api(path, { method = "GET", body, form, payload, headers = {}, raw = false, signal } = {}) {
   const init = { method, credentials: "same-origin", headers: { ...headers }, signal };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   } else if (form) init.body = form;
+  else if (payload !== undefined) init.body = payload;
   let response = await fetch(path, init);
   if (response.status === 401 && !NO_REFRESH.includes(path)) {
     if (await refreshSession()) response = await fetch(path, init);
@@ -67,4 +69,83 @@ export async function page(path, params = {}) {
   const response = await api(`${path}?${query}`, { raw: true });
   if (!response.ok) throw await errorOf(response);
   return { items: await response.json(), total: Number(response.headers.get("X-Total-Count") || 0) };
+}
+
+/**
+ * Upload one file as the multipart field `file`, reporting progress (fetch cannot: XMLHttpRequest can).
+ * Resolves with the JSON answer; rejects with an ApiError (the API's `detail`) or a TypeError (network).
+ * `abort` cancels it. A 401 triggers the same one refresh and one retry as `api`.
+ */
+export function upload(path, file, { onProgress = () => {} } = {}) {
+  let xhr = null;
+  let aborted = false;
+  const once = () =>
+    new Promise((resolve, reject) => {
+      xhr = new XMLHttpRequest();
+      xhr.open("POST", path);
+      xhr.withCredentials = true;
+      xhr.upload.addEventListener("progress", (event) => event.lengthComputable && onProgress(event.loaded / event.total));
+      xhr.addEventListener("load", () => resolve(xhr));
+      xhr.addEventListener("error", () => reject(new TypeError("The server could not be reached.")));
+      xhr.addEventListener("abort", () => reject(new DOMException("Upload cancelled", "AbortError")));
+      const form = new FormData();
+      form.append("file", file, file.name);
+      xhr.send(form);
+    });
+  const result = (async () => {
+    let done = await once();
+    if (done.status === 401 && !aborted && (await refreshSession())) done = await once();
+    if (done.status === 401) onSignedOut();
+    let body = null;
+    try {
+      body = JSON.parse(done.responseText);
+    } catch {
+      // not JSON: the status line below
+    }
+    if (done.status >= 200 && done.status < 300) return body;
+    let detail = `${done.status} ${done.statusText}`;
+    if (typeof body?.detail === "string") detail = body.detail;
+    else if (Array.isArray(body?.detail)) detail = body.detail.map((d) => d.msg).join("; ");
+    throw new ApiError(done.status, detail, done.getResponseHeader("Retry-After"));
+  })();
+  return {
+    result,
+    abort() {
+      aborted = true;
+      xhr?.abort();
+    },
+  };
+}
+
+/** The file name a `Content-Disposition: attachment` header gives (RFC 6266 `filename*` first), or null. */
+export function attachmentName(header) {
+  if (!header) return null;
+  const extended = /filename\*=UTF-8''([^;]+)/i.exec(header);
+  if (extended) {
+    try {
+      return decodeURIComponent(extended[1]);
+    } catch {
+      // a malformed encoding: fall back to the plain name
+    }
+  }
+  return /filename="([^"]*)"/i.exec(header)?.[1] ?? null;
+}
+
+/**
+ * Download an API attachment (a file, an export) through `api`, so the silent refresh applies and a refusal
+ * is an ApiError, then hand the bytes to the browser as a saved file (a blob: URL on a temporary link).
+ * The content is never displayed by the page.
+ */
+export async function download(path, fallbackName = "download") {
+  const response = await api(path, { raw: true });
+  if (!response.ok) throw await errorOf(response);
+  const blob = await response.blob();
+  const url = URL.createObjectURL(blob);
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = attachmentName(response.headers.get("Content-Disposition")) || fallbackName;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }

@@ -50,6 +50,7 @@ function frame() {
         "nav",
         { "aria-label": "Main" },
         link("/chats", "Chats"),
+        link("/shares", "Shared"),
         admin && [
           link("/admin/agents", "Agents"),
           link("/admin/users", "Users"),
@@ -86,6 +87,14 @@ async function route() {
     // Loaded on first use: members who are not admins never download the admin pages.
     const { renderAdmin } = await import("./views/admin.js");
     renderAdmin(frame(), rest[0] || "agents", { user: session.user });
+    return;
+  }
+  if (section === "shares") {
+    chats?.leave();
+    chats = null;
+    // Loaded on first use, like the admin pages.
+    const { renderShares } = await import("./views/shares.js");
+    await renderShares(frame(), rest[0] || null, { user: session.user, navigate });
     return;
   }
   if (chats && document.body.contains(chats.root)) markCurrent();

@@ -1,20 +1,34 @@
-// The chat screen: the chat list (search, pin, archive, rename, delete, load more) and the chat pane (agent
-// picker, messages, composer, streaming, stop, resume after reload, edit, regenerate, branches, feedback).
-// Attachments, sharing and export slot in as more composer buttons (`.composer-buttons`) and chat menu items (`chatRow`).
-import { ApiError, api, page } from "../api.js";
+// The chat screen: the chat list (search, pin, archive, rename, delete, load more, export all, import) and the
+// chat pane (agent picker, messages, composer with attachments, streaming, stop, resume after reload, edit,
+// regenerate, branches, feedback). Each chat's menu (in the list and in the chat's header) shares and exports it.
+import { ApiError, api, download, page } from "../api.js";
 import { fill, h, notify } from "../dom.js";
 import { Generation, saved, stopGeneration } from "../stream.js";
+import { Attachments } from "./attachments.js";
 import { avatar, messageItem, setContent, stepItem } from "./messages.js";
 
 const PAGE = 30;
 const LAST = 50; // messages shown when a chat opens; "Show earlier" doubles it
 
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
+/** What an import sends: JSON Lines (the "export all" file) or one JSON chat, told by the file's name. */
+const importType = (file) => (/\.(jsonl|ndjson)$/i.test(file.name) ? "application/x-ndjson" : "application/json");
+
+/** Copy a link; without the clipboard API (plain http is not a secure context) select it for Ctrl+C. */
+function copy(text, field) {
+  const manual = () => {
+    field.select();
+    notify("Selected: press Ctrl+C (⌘C) to copy.");
+  };
+  if (navigator.clipboard) navigator.clipboard.writeText(text).then(() => notify("Link copied."), manual);
+  else manual();
+}
 
 export class ChatsView {
   constructor(main, { navigate }) {
     this.navigate = navigate;
     this.agents = new Map();
+    this.pendingFiles = new Map(); // chat id -> its Attachments (files uploaded, not yet sent)
     this.chatId = null;
     this.generation = null;
     this.query = { q: "", archived: false, shown: 0 };
@@ -29,6 +43,12 @@ export class ChatsView {
         this.loadChats();
       }, 250);
     });
+    const importInput = h("input", { type: "file", accept: ".json,.jsonl,.ndjson,application/json", hidden: true, "aria-label": "Chats to import" });
+    importInput.addEventListener("change", () => {
+      const [file] = importInput.files;
+      importInput.value = "";
+      if (file) this.importChats(file);
+    });
     const archived = h("input", { type: "checkbox", id: "show-archived" });
     archived.addEventListener("change", () => {
       this.query.archived = archived.checked;
@@ -42,6 +62,14 @@ export class ChatsView {
       h("label", { class: "check" }, archived, " Archived"),
       this.list,
       this.more,
+      h(
+        "div",
+        { class: "sidebar-tools" },
+        h("a", { href: "#/shares" }, "Shared with team"),
+        h("button", { type: "button", class: "ghost", onclick: () => this.exportAll() }, "Export all"),
+        h("button", { type: "button", class: "ghost", onclick: () => importInput.click() }, "Import…"),
+        importInput,
+      ),
     );
     this.pane = h("section", { class: "pane", "aria-label": "Chat" });
     this.root = h("div", { class: "chats" }, this.sidebar, this.pane);
@@ -92,7 +120,19 @@ export class ChatsView {
       avatar(agent),
       h("span", { class: "chat-title" }, chat.pinned ? h("span", { class: "pin", title: "Pinned" }, "★ ") : "", title),
     );
-    const act = (text, handler) => h("button", { type: "button", class: "ghost", onclick: handler }, text);
+    const menu = this.chatMenu(chat, [
+      [chat.pinned ? "Unpin" : "Pin", () => this.updateChat(chat.id, { pinned: !chat.pinned })],
+      [chat.archived ? "Unarchive" : "Archive", () => this.updateChat(chat.id, { archived: !chat.archived })],
+      ["Rename", () => this.rename(row, chat)],
+      ["Delete", () => this.remove(chat)],
+    ]);
+    const row = h("li", { "data-id": chat.id, class: chat.id === this.chatId ? "current" : "" }, link, menu);
+    return row;
+  }
+
+  /** A chat's menu (a `<details>`, so the keyboard opens it): the given items, then share and export. */
+  chatMenu(chat, items) {
+    const title = chat.title || "New chat";
     const menu = h(
       "details",
       { class: "menu" },
@@ -100,14 +140,87 @@ export class ChatsView {
       h(
         "div",
         { class: "menu-items" },
-        act(chat.pinned ? "Unpin" : "Pin", () => this.updateChat(chat.id, { pinned: !chat.pinned })),
-        act(chat.archived ? "Unarchive" : "Archive", () => this.updateChat(chat.id, { archived: !chat.archived })),
-        act("Rename", () => this.rename(row, chat)),
-        act("Delete", () => this.remove(chat)),
+        [
+          ...items,
+          ["Share with team", () => this.share(chat)],
+          ["Stop sharing", () => this.unshare(chat)],
+          ["Export as JSON", () => this.exportChat(chat, "json")],
+          ["Export as Markdown", () => this.exportChat(chat, "markdown")],
+        ].map(([text, handler]) =>
+          h("button", { type: "button", class: "ghost", onclick: () => { menu.open = false; handler(); } }, text),
+        ),
       ),
     );
-    const row = h("li", { "data-id": chat.id, class: chat.id === this.chatId ? "current" : "" }, link, menu);
-    return row;
+    return menu;
+  }
+
+  // --- sharing, export, import ------------------------------------------------------------------
+
+  /** Share (or share again: the same link shows the new snapshot) and show the link in a dialog. */
+  async share(chat) {
+    try {
+      const share = await api(`/api/chats/${chat.id}/share`, { method: "POST" });
+      const link = `${location.origin}${location.pathname}#/shares/${share.id}`;
+      const field = h("input", { readonly: true, value: link, "aria-label": "Link to the shared chat" });
+      const dialog = h(
+        "dialog",
+        { class: "share-dialog", "aria-labelledby": "share-title" },
+        h("h2", { id: "share-title" }, "Shared with your team"),
+        h("p", { class: "muted" }, `Every member of your team can read this snapshot of "${chat.title || "New chat"}" (${share.message_count} messages) and fork it. Messages you write later appear once you share again.`),
+        field,
+        h(
+          "div",
+          { class: "row" },
+          h("button", { type: "button", onclick: () => copy(link, field) }, "Copy link"),
+          h("a", { class: "button secondary", href: `#/shares/${share.id}` }, "Open"),
+          h("button", { type: "button", class: "ghost", onclick: () => dialog.close() }, "Close"),
+        ),
+      );
+      dialog.addEventListener("close", () => dialog.remove());
+      dialog.addEventListener("click", (event) => event.target instanceof HTMLAnchorElement && dialog.close());
+      document.body.append(dialog);
+      dialog.showModal();
+      field.select();
+    } catch (err) {
+      notify(errorText(err), "error");
+    }
+  }
+
+  async unshare(chat) {
+    try {
+      await api(`/api/chats/${chat.id}/share`, { method: "DELETE" });
+      notify("No longer shared: the link now answers “not found”.");
+    } catch (err) {
+      notify(errorText(err), "error");
+    }
+  }
+
+  async exportChat(chat, format) {
+    try {
+      await download(`/api/chats/${chat.id}/export?format=${format}`, `chat-${chat.id}.${format === "json" ? "json" : "md"}`);
+    } catch (err) {
+      notify(errorText(err), "error");
+    }
+  }
+
+  async exportAll() {
+    try {
+      await download("/api/chats/export", "chats.jsonl");
+    } catch (err) {
+      notify(errorText(err), "error");
+    }
+  }
+
+  /** Import an export (one chat, or JSON Lines): all or nothing; the server's refusal names the problem. */
+  async importChats(file) {
+    try {
+      const imported = await api("/api/chats/import", { method: "POST", payload: file, headers: { "Content-Type": importType(file) } });
+      notify(imported.length === 1 ? "Imported 1 chat." : `Imported ${imported.length} chats.`);
+      await this.loadChats();
+      if (imported.length) this.navigate(`/chats/${imported[0].id}`);
+    } catch (err) {
+      notify(`Nothing was imported: ${errorText(err)}`, "error");
+    }
   }
 
   async updateChat(chatId, changes) {
@@ -162,6 +275,9 @@ export class ChatsView {
     if (chatId === this.chatId && chatId) return;
     this.leave();
     this.chatId = chatId;
+    // Pending files stay with their chat while the page lives: moving to another chat and back keeps them.
+    if (chatId && !this.pendingFiles.has(chatId)) this.pendingFiles.set(chatId, new Attachments(chatId));
+    this.attachments = chatId ? this.pendingFiles.get(chatId) : null;
     for (const row of this.list.children) {
       row.classList.toggle("current", row.dataset.id === chatId);
       row.querySelector(".chat-link")?.setAttribute("aria-current", row.dataset.id === chatId ? "page" : "false");
@@ -254,15 +370,24 @@ export class ChatsView {
         onsubmit: (event) => {
           event.preventDefault();
           const content = this.input.value;
-          if (!content.trim() || this.generation) return;
+          if (this.generation) return;
+          const files = this.attachments.ready();
+          if (files === null) return notify("Wait until the files are uploaded, or remove them.", "error");
+          if (!content.trim()) {
+            if (files.length) notify("Write a message to send with the files.", "error");
+            return;
+          }
           performance.mark("send");
           this.input.value = "";
-          this.stream({ content }, { appendUser: content });
+          const body = files.length ? { content, file_ids: files.map((f) => f.id) } : { content };
+          this.stream(body, { appendUser: content, files });
         },
       },
+      this.attachments.element(),
       this.input,
-      h("div", { class: "composer-buttons" }, this.sendButton, this.stopButton),
+      h("div", { class: "composer-buttons" }, this.attachments.button(), this.sendButton, this.stopButton),
     );
+    this.attachments.accept(this.composer, this.input);
     this.renderHeader(chat);
     if (chat.has_more)
       this.messages.append(
@@ -280,7 +405,8 @@ export class ChatsView {
       this.header,
       h("a", { class: "back ghost button", href: "#/chats", "aria-label": "Back to the chat list" }, "‹"),
       avatar(this.agent),
-      h("div", {}, h("h1", {}, chat.title || "New chat"), h("span", { class: "muted" }, this.agent?.name || "Agent no longer active")),
+      h("div", { class: "chat-heading" }, h("h1", {}, chat.title || "New chat"), h("span", { class: "muted" }, this.agent?.name || "Agent no longer active")),
+      this.chatMenu(chat, []),
     );
   }
 
@@ -288,9 +414,14 @@ export class ChatsView {
     return {
       agent: this.agent,
       busy: () => Boolean(this.generation),
+      fileUrl: (file) => `/api/chats/${this.chatId}/files/${file.id}`,
+      download: (file) => download(`/api/chats/${this.chatId}/files/${file.id}`, file.filename).catch((err) => notify(errorText(err), "error")),
       edit: (message, text) => {
         this.truncateFrom(message.id);
-        this.stream({ content: text, edit_of: message.id }, { appendUser: text });
+        // The new version keeps the question's files (an edit without `file_ids` would drop them).
+        const files = message.files || [];
+        const body = files.length ? { content: text, edit_of: message.id, file_ids: files.map((f) => f.id) } : { content: text, edit_of: message.id };
+        this.stream(body, { appendUser: text, files });
       },
       regenerate: (message) => {
         if (this.generation) return;
@@ -341,6 +472,7 @@ export class ChatsView {
     const q = (selector) => view.item.querySelector(selector);
     return {
       onStart: (data) => {
+        this.attachments?.sent(data.user_message.files || []); // stored with the message: no longer pending
         view.user?.setAttribute("data-id", data.user_message.id);
         view.item.setAttribute("data-id", data.assistant_message_id);
       },
@@ -377,11 +509,11 @@ export class ChatsView {
   }
 
   /** Send a message (new, edit or regenerate) and stream its answer into the pane. */
-  async stream(body, { appendUser }) {
+  async stream(body, { appendUser, files = [] }) {
     const chatId = this.chatId;
     const view = {};
     if (appendUser !== undefined) {
-      view.user = messageItem({ id: null, role: "user", content: appendUser, status: "complete", sibling_ids: [] }, this.actions());
+      view.user = messageItem({ id: null, role: "user", content: appendUser, status: "complete", sibling_ids: [], files }, this.actions());
       this.messages.append(view.user);
     }
     view.item = this.liveItem();
@@ -392,6 +524,8 @@ export class ChatsView {
       await this.generation.send(body);
     } catch (err) {
       notify(errorText(err), "error");
+      // A refused new message (nothing was stored) goes back to the box, to be fixed and sent again.
+      if (err instanceof ApiError && !body.edit_of && body.content && chatId === this.chatId && !this.input.value) this.input.value = body.content;
       if (chatId === this.chatId) this.finish();
     }
   }

@@ -1,5 +1,6 @@
-// One message of a chat as an element: Markdown for answers, steps, status, errors, the branch switcher
-// and the actions (edit, regenerate, feedback). Actions call back into the chat view (views/chat.js).
+// One message of a chat as an element: Markdown for answers, steps, status, errors, attached files, the branch
+// switcher and the actions (edit, regenerate, feedback). Actions call back into the chat view (views/chat.js);
+// a read-only view (a shared chat, views/shares.js) passes `readOnly` and gets none of them.
 import { h } from "../dom.js";
 import { renderMarkdown } from "../markdown.js";
 
@@ -14,6 +15,48 @@ export function avatar(agent, size = "small") {
   if (agent?.avatar_url) return h("img", { class: `avatar ${size}`, src: agent.avatar_url, alt: "" });
   const initials = (agent?.name || "?").split(/\s+/).map((w) => w[0]).join("").slice(0, 2).toUpperCase();
   return h("span", { class: `avatar ${size} initials`, "aria-hidden": "true" }, initials);
+}
+
+/** Bytes as people read them: 812 B, 4.2 KB, 1.3 MB. */
+export function size(bytes) {
+  if (bytes < 1000) return `${bytes} B`;
+  if (bytes < 1_000_000) return `${(bytes / 1000).toFixed(1)} KB`;
+  return `${(bytes / 1_000_000).toFixed(1)} MB`;
+}
+
+/**
+ * A message's files: names and sizes, each a download link when `actions.download` is given (the API sends
+ * them as attachments; the page never displays a file's content). The name is text, never markup.
+ */
+export function fileList(files, actions) {
+  if (!files?.length) return null;
+  return h(
+    "ul",
+    { class: "files", "aria-label": "Attached files" },
+    files.map((file) =>
+      h(
+        "li",
+        {},
+        actions.download
+          ? h(
+              "a",
+              {
+                href: actions.fileUrl(file),
+                download: file.filename,
+                class: "file-link",
+                onclick: (event) => {
+                  event.preventDefault();
+                  actions.download(file);
+                },
+              },
+              file.filename,
+            )
+          : h("span", { class: "file-name" }, file.filename),
+        " ",
+        h("span", { class: "muted" }, size(file.size)),
+      ),
+    ),
+  );
 }
 
 const asText = (value) => (typeof value === "string" ? value : JSON.stringify(value, null, 2));
@@ -43,7 +86,8 @@ export function setContent(el, role, text) {
 
 /**
  * The element of a stored Message. `actions`: {edit(message, newText), regenerate(message),
- * switchTo(siblingId), feedback(message, rating), agent, busy()}.
+ * switchTo(siblingId), feedback(message, rating), fileUrl(file), download(file), agent, busy()}, or
+ * {readOnly: true, agent} for a message that can only be read.
  */
 export function messageItem(message, actions) {
   const { role } = message;
@@ -61,11 +105,13 @@ export function messageItem(message, actions) {
       steps,
       h("p", { class: "live-status", role: "status", hidden: true }),
       content,
+      fileList(message.files, actions),
       STATUS_TEXT[message.status] && h("p", { class: "badge" }, STATUS_TEXT[message.status]),
       message.error?.message && h("p", { class: "error" }, message.error.message),
-      footer(message, actions),
+      !actions.readOnly && footer(message, actions),
     ),
   );
+  if (actions.readOnly) return item;
   wireEdit(item, message, actions);
   return item;
 }
@@ -134,7 +180,7 @@ function wireEdit(item, message, actions) {
         class: "edit-form",
         onsubmit: (event) => {
           event.preventDefault();
-          if (text.value.trim()) actions.edit(message, text.value);
+          if (text.value.trim()) actions.edit(message, text.value); // the message's files are kept (chat.js)
         },
       },
       text,

@@ -1,0 +1,139 @@
+// The composer's attachments: pick, drop or paste files, upload them one at a time with a progress bar, remove
+// an unsent one, show the API's refusal (415 type, 413 size, 409 too many, 429 busy) on the file it concerns.
+// The chat view sends the uploaded ones' ids with the message (`file_ids`, docs/FILES.md).
+import { ApiError, api, upload } from "../api.js";
+import { h, notify } from "../dom.js";
+import { size } from "./messages.js";
+
+let next = 0;
+
+export class Attachments {
+  constructor(chatId) {
+    this.chatId = chatId;
+    this.items = []; // {key, file, state: "waiting" | "uploading" | "done" | "error", progress, record, error, handle}
+    this.queue = Promise.resolve(); // one upload at a time: the server allows a user only a few at once
+    this.list = h("ul", { class: "uploads", "aria-label": "Files to send", hidden: true });
+    this.input = h("input", { type: "file", multiple: true, hidden: true, "aria-label": "Files to attach" });
+    this.input.addEventListener("change", () => {
+      this.add([...this.input.files]);
+      this.input.value = "";
+    });
+  }
+
+  /** The list of pending files (the same element across renders of the composer). */
+  element() {
+    return this.list;
+  }
+
+  /** The attach button and its (hidden) file input. */
+  button() {
+    return [
+      h("button", { type: "button", class: "secondary attach", "aria-label": "Attach files", title: "Attach files (or drop or paste them here)", onclick: () => this.input.click() }, "Attach"),
+      this.input,
+    ];
+  }
+
+  /** Files dropped on the composer or pasted into the message box are attached too. */
+  accept(form, textarea) {
+    form.addEventListener("dragover", (event) => {
+      if (!event.dataTransfer?.types.includes("Files")) return;
+      event.preventDefault();
+      form.classList.add("dropping");
+    });
+    form.addEventListener("dragleave", () => form.classList.remove("dropping"));
+    form.addEventListener("drop", (event) => {
+      form.classList.remove("dropping");
+      if (!event.dataTransfer?.files.length) return;
+      event.preventDefault();
+      this.add([...event.dataTransfer.files]);
+    });
+    textarea.addEventListener("paste", (event) => {
+      const files = [...(event.clipboardData?.files || [])];
+      if (!files.length) return; // plain text pastes as usual
+      event.preventDefault();
+      this.add(files);
+    });
+  }
+
+  add(files) {
+    for (const file of files) {
+      const item = { key: ++next, file, state: "waiting", progress: 0, record: null, error: null, handle: null };
+      this.items.push(item);
+      this.queue = this.queue.then(() => this.upload(item));
+    }
+    this.render();
+  }
+
+  async upload(item) {
+    if (!this.items.includes(item)) return; // removed while waiting
+    item.state = "uploading";
+    item.handle = upload(`/api/chats/${this.chatId}/files`, item.file, {
+      onProgress: (fraction) => {
+        item.progress = fraction;
+        const bar = this.list.querySelector(`[data-key="${item.key}"] progress`);
+        if (bar) bar.value = fraction;
+      },
+    });
+    this.render();
+    try {
+      item.record = await item.handle.result;
+      item.state = "done";
+    } catch (err) {
+      if (err instanceof DOMException && err.name === "AbortError") return;
+      item.state = "error";
+      // Shown on the file itself (role=alert, so it is announced), not in a toast that would go away.
+      item.error = err instanceof ApiError ? err.message : "The server could not be reached.";
+    }
+    if (this.items.includes(item)) this.render();
+    else if (item.record) this.discard(item.record); // removed while uploading: delete what arrived
+  }
+
+  /** The uploaded files to send, or null while one is still on its way. Refused ones are not sent. */
+  ready() {
+    if (this.items.some((item) => item.state === "waiting" || item.state === "uploading")) return null;
+    return this.items.filter((item) => item.state === "done").map((item) => item.record);
+  }
+
+  /** The message carrying `files` is stored: they leave the composer, and so do the refused ones. */
+  sent(files) {
+    const ids = new Set(files.map((file) => file.id));
+    this.items = this.items.filter((item) => item.state !== "error" && !(item.record && ids.has(item.record.id)));
+    this.render();
+  }
+
+  /** Remove a pending file: cancel its upload, or delete the unsent upload on the server. */
+  async remove(item) {
+    this.items = this.items.filter((other) => other !== item);
+    this.render();
+    if (item.state === "uploading") item.handle.abort();
+    if (item.record) await this.discard(item.record);
+  }
+
+  async discard(record) {
+    try {
+      await api(`/api/chats/${this.chatId}/files/${record.id}`, { method: "DELETE" });
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 404)) notify(`${record.filename}: ${err.message}`, "error");
+    }
+  }
+
+  render() {
+    this.list.hidden = this.items.length === 0;
+    this.list.replaceChildren(
+      ...this.items.map((item) => {
+        const name = item.record?.filename ?? item.file.name;
+        return h(
+          "li",
+          { class: `upload ${item.state}`, "data-key": item.key, "data-state": item.state },
+          h("span", { class: "file-name" }, name),
+          " ",
+          h("span", { class: "muted" }, size(item.record?.size ?? item.file.size)),
+          item.state === "uploading" && h("progress", { max: 1, value: item.progress, "aria-label": `Uploading ${name}` }),
+          item.state === "waiting" && h("span", { class: "muted" }, " waiting…"),
+          item.state === "error" && h("span", { class: "error", role: "alert" }, ` ${item.error}`),
+          h("button", { type: "button", class: "ghost remove", "aria-label": `Remove ${name}`, onclick: () => this.remove(item) }, "×"),
+        );
+      }),
+    );
+  }
+}

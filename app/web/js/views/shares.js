@@ -1,0 +1,115 @@
+// Chats shared with the team (docs/SHARING.md): the list (`#/shares`) and one shared chat, read-only
+// (`#/shares/<id>`), rendered with the same safe Markdown as a chat, with Fork (a new chat of mine) and, for its
+// sharer or an admin, Delete. Loaded on first use, like the admin pages.
+import { ApiError, api, page } from "../api.js";
+import { fill, h, notify, when } from "../dom.js";
+import { avatar, messageItem } from "./messages.js";
+
+const PAGE = 30;
+const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
+
+export async function renderShares(main, shareId, { user, navigate }) {
+  const root = h("div", { class: "shares" });
+  main.append(root);
+  const agents = new Map();
+  try {
+    for (const agent of await api("/api/agents")) agents.set(agent.id, agent);
+  } catch {
+    // names and avatars are a nicety: initials stand in
+  }
+  const context = { root, agents, user, navigate };
+  if (shareId) await showShare(context, shareId);
+  else await showList(context);
+}
+
+async function showList({ root, agents }) {
+  const list = h("ul", { class: "share-list", "aria-label": "Shared chats" });
+  const more = h("button", { type: "button", class: "ghost more", hidden: true }, "Load more");
+  let shown = 0;
+  const load = async () => {
+    try {
+      const { items, total } = await page("/api/shares", { limit: PAGE, offset: shown });
+      if (!items.length && !shown) list.append(h("li", { class: "muted" }, "Nothing is shared in your team yet. Share a chat from its ⋯ menu."));
+      for (const share of items) {
+        const agent = agents.get(share.agent_id);
+        list.append(
+          h(
+            "li",
+            {},
+            h(
+              "a",
+              { href: `#/shares/${share.id}`, class: "chat-link" },
+              avatar(agent),
+              h("span", { class: "chat-title" }, share.title || "New chat"),
+              h("span", { class: "muted" }, ` ${share.message_count} messages · ${when(share.updated_at)}`),
+            ),
+          ),
+        );
+      }
+      shown += items.length;
+      more.hidden = shown >= total;
+    } catch (err) {
+      notify(errorText(err), "error");
+    }
+  };
+  more.addEventListener("click", load);
+  fill(root, h("h1", {}, "Shared with team"), list, more);
+  await load();
+}
+
+async function showShare({ root, agents, user, navigate }, shareId) {
+  let share;
+  try {
+    share = await api(`/api/shares/${encodeURIComponent(shareId)}`);
+  } catch (err) {
+    fill(
+      root,
+      h("p", { class: "error center", role: "alert" }, err.status === 404 || err.status === 422 ? "This shared chat does not exist or is no longer shared." : errorText(err)),
+      h("p", { class: "center" }, h("a", { href: "#/shares" }, "All shared chats")),
+    );
+    return;
+  }
+  const agent = agents.get(share.agent_id);
+  const fork = h("button", { type: "button" }, "Fork into my chats");
+  fork.addEventListener("click", async () => {
+    fork.disabled = true;
+    try {
+      const chat = await api(`/api/shares/${share.id}/fork`, { method: "POST" });
+      navigate(`/chats/${chat.id}`);
+    } catch (err) {
+      notify(errorText(err), "error");
+      fork.disabled = false;
+    }
+  });
+  const mine = share.user_id === user.id || user.role === "admin";
+  const remove = h("button", { type: "button", class: "secondary", hidden: !mine }, "Delete share");
+  remove.addEventListener("click", async () => {
+    if (!confirm(`Delete the share of "${share.title || "New chat"}"? Its link stops working.`)) return;
+    try {
+      await api(`/api/shares/${share.id}`, { method: "DELETE" });
+      navigate("/shares");
+    } catch (err) {
+      notify(errorText(err), "error");
+    }
+  });
+  const messages = h("ol", { class: "messages", "aria-label": "Messages" });
+  // Read-only: no edit, regenerate or rating; files are listed by name and size (no download from a share yet).
+  for (const message of share.messages) messages.append(messageItem(message, { readOnly: true, agent }));
+  fill(
+    root,
+    h(
+      "header",
+      { class: "chat-header" },
+      h("a", { class: "ghost button", href: "#/shares", "aria-label": "All shared chats" }, "‹"),
+      avatar(agent),
+      h(
+        "div",
+        { class: "chat-heading" },
+        h("h1", {}, share.title || "New chat"),
+        h("span", { class: "muted" }, `${agent?.name || "Agent"} · shared ${when(share.updated_at)} · read-only`),
+      ),
+      h("div", { class: "row" }, fork, remove),
+    ),
+    messages,
+  );
+}

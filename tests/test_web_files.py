@@ -1,0 +1,313 @@
+"""The browser client's attachments, sharing, export and import in a real Chromium: attach, remove and send files
+(the fake n8n receives them), refusals shown and nothing sent, share read and forked by another member, exports
+downloaded, an import round trip and its refusals; untrusted names and answers render inert."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, FilePayload, Page, expect
+
+from tests.live import LiveServer, free_port
+from tests.web import PASSWORD, Team, Watched, create_team, log_in, send, serving, watch, web_settings
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+FILE_MAX = 4096
+IMPORT_MAX = 16_384
+XSS_NAME = "<img src=x onerror=alert(1)>.txt"
+XSS_TEXT = "<img src=x onerror=alert(2)> <script>alert(3)</script> [click](javascript:alert(4))"
+
+
+@pytest.fixture(scope="module")
+def web_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """This module's server has small caps, so the 413s, the 409 and the 422 are quick to reach from the page."""
+    port = free_port()
+    settings = web_settings(
+        database_url,
+        tmp_path_factory.mktemp("web-files"),
+        port,
+        FILE_MAX_BYTES=FILE_MAX,
+        FILES_PER_MESSAGE_MAX=2,
+        FILES_UNSENT_PER_CHAT_MAX=3,
+        IMPORT_MAX_BODY_BYTES=IMPORT_MAX,
+    )
+    with serving(settings, port) as server:
+        yield server
+
+
+@pytest.fixture
+def team(web_server: LiveServer, fake_n8n_url: str) -> Team:
+    created = create_team(web_server.url)
+    # base64: the fake n8n's recorded request holds the file's bytes, so a test can compare them.
+    created.create_agent(f"{fake_n8n_url}/webhook/agent-stream", slug="echo-bot", file_delivery="base64")
+    return created
+
+
+def received(fake_n8n_url: str) -> list[dict[str, Any]]:
+    return [r["json"] for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]
+
+
+def open_new_chat(page: Page, team: Team) -> str:
+    log_in(page, team.email)
+    page.get_by_role("button", name=re.compile("Echo bot")).click()
+    expect(page.get_by_label("Message", exact=True)).to_be_focused()
+    return page.url.rsplit("/", 1)[1]
+
+
+def attach(page: Page, *files: tuple[str, str, bytes]) -> None:
+    """Through the attach button and the browser's file chooser, as a user picks files."""
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Attach files").click()
+    payloads: list[FilePayload] = [{"name": n, "mimeType": t, "buffer": b} for n, t, b in files]
+    chooser.value.set_files(payloads)
+
+
+def menu_item(page: Page, item: str) -> None:
+    """An item of the open chat's menu, in its header."""
+    page.locator(".chat-header").get_by_label(re.compile("^Actions for ")).click()
+    page.locator(".chat-header").get_by_role("button", name=item).click()
+
+
+def api_detail(team: Team, chat_id: str, name: str, content_type: str, data: bytes) -> str:
+    """What the API itself answers for the same upload, so the page is checked against the real text."""
+    with team.api() as client:
+        response = client.post(f"/api/chats/{chat_id}/files", files={"file": (name, data, content_type)})
+    assert response.status_code >= 400
+    return str(response.json()["detail"])
+
+
+def add_member(team: Team, email: str = "bob@example.com") -> None:
+    with team.api() as client:
+        response = client.post("/api/users", json={"email": email, "password": PASSWORD, "full_name": "Bob"})
+        assert response.status_code == 201, response.text
+
+
+def test_attach_remove_and_send_a_text_file(web_page: Watched, team: Team, fake_n8n_url: str) -> None:
+    page = web_page.page
+    chat_id = open_new_chat(page, team)
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    attach(page, ("notes.txt", "text/plain", b"hello from a file\n"), ("drop-me.csv", "text/csv", b"a,b\n1,2\n"))
+    uploads = page.locator(".uploads .upload")
+    expect(uploads.and_(page.locator("[data-state=done]"))).to_have_count(2)
+    with page.expect_response(lambda r: r.request.method == "DELETE" and "/files/" in r.url) as deleted:
+        page.get_by_role("button", name="Remove drop-me.csv").click()
+    assert deleted.value.status == 204  # the unsent upload is gone from the server too
+    expect(uploads).to_have_count(1)
+    send(page, "read this")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(uploads).to_have_count(0)
+    link = page.locator(".msg.user .files a")
+    expect(link).to_have_text("notes.txt")
+    # n8n received the one file, with its bytes (base64 delivery)
+    [body] = received(fake_n8n_url)
+    [sent] = body["files"]
+    assert (sent["filename"], sent["mimeType"], sent["size"]) == ("notes.txt", "text/plain", 18)
+    assert base64.b64decode(sent["data"]) == b"hello from a file\n"
+    stored = team.get(f"/api/chats/{chat_id}")["messages"][0]["files"]
+    assert [f["filename"] for f in stored] == ["notes.txt"]
+    # The link downloads the file (an attachment: the page never displays it).
+    with page.expect_download() as download:
+        link.click()
+    assert download.value.suggested_filename == "notes.txt"
+    assert Path(download.value.path()).read_bytes() == b"hello from a file\n"
+    # An edit keeps the question's file in the new version.
+    page.locator(".msg.user").get_by_role("button", name="Edit").click()
+    edited = page.get_by_label("Edited message")
+    edited.fill("read this again")
+    edited.press("Enter")
+    expect(page.locator(".msg.user .branch-pos")).to_have_text("2 / 2")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".msg.user .files a")).to_have_text("notes.txt")
+    [question, _] = team.get(f"/api/chats/{chat_id}")["messages"]
+    assert question["content"] == "read this again"
+    assert [f["filename"] for f in question["files"]] == ["notes.txt"]
+    assert [b["files"][0]["filename"] for b in received(fake_n8n_url)] == ["notes.txt", "notes.txt"]
+    assert web_page.errors == []
+
+
+def test_files_dropped_or_pasted_are_attached_and_stay_with_their_chat(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    open_new_chat(page, team)
+    make = """([name, text]) => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([text], name, { type: "text/plain" }));
+        return transfer;
+    }"""
+    dropped = page.evaluate_handle(make, ["dropped.txt", "dropped\n"])
+    page.locator("form.composer").dispatch_event("drop", {"dataTransfer": dropped})
+    # A paste as the browser sends it: a ClipboardEvent whose clipboardData holds the file.
+    page.get_by_label("Message", exact=True).evaluate(
+        """(box) => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File(["pasted\\n"], "pasted.txt", { type: "text/plain" }));
+            const init = { clipboardData: transfer, bubbles: true, cancelable: true };
+            box.dispatchEvent(new ClipboardEvent("paste", init));
+        }"""
+    )
+    done = page.locator(".uploads .upload[data-state=done] .file-name")
+    expect(done).to_have_text(["dropped.txt", "pasted.txt"])
+    expect(page.get_by_label("Message", exact=True)).to_have_value("")  # the paste attached, it typed nothing
+    # Pending files stay with their chat while moving to another screen and back.
+    page.get_by_role("link", name="+ New chat").click()
+    expect(page.locator(".uploads")).to_have_count(0)
+    page.locator(".chat-list .chat-link").first.click()
+    expect(done).to_have_text(["dropped.txt", "pasted.txt"])
+    send(page, "two files")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".msg.user .files a")).to_have_text(["dropped.txt", "pasted.txt"])
+
+
+def test_refused_files_show_the_api_text_and_are_not_sent(web_page: Watched, team: Team, fake_n8n_url: str) -> None:
+    page = web_page.page
+    chat_id = open_new_chat(page, team)
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    html = b"<html><body><script>alert(1)</script></body></html>"
+    big = b"x" * (FILE_MAX + 1)
+    attach(page, ("page.html", "text/html", html), ("big.txt", "text/plain", big))
+    refused = page.locator(".uploads .upload[data-state=error]")
+    expect(refused).to_have_count(2)
+    expect(refused.nth(0).get_by_role("alert")).to_have_text(api_detail(team, chat_id, "page.html", "text/html", html))
+    expect(refused.nth(1).get_by_role("alert")).to_have_text(api_detail(team, chat_id, "big.txt", "text/plain", big))
+    assert "415" not in refused.nth(0).inner_text()  # the API's words, not a status line
+    send(page, "no files please")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".uploads .upload")).to_have_count(0)
+    assert [body.get("files") for body in received(fake_n8n_url)] == [None]
+    assert team.get(f"/api/chats/{chat_id}")["messages"][0]["files"] == []
+
+
+def test_too_many_files_show_the_409_and_the_422_and_the_files_stay_pending(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    page = web_page.page
+    chat_id = open_new_chat(page, team)
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    attach(page, *[(f"f{i}.txt", "text/plain", f"file {i}\n".encode()) for i in range(4)])
+    expect(page.locator(".uploads .upload[data-state=done]")).to_have_count(3)
+    over = page.locator(".uploads .upload[data-state=error]")
+    expect(over.locator(".file-name")).to_have_text("f3.txt")
+    expect(over.get_by_role("alert")).to_have_text(api_detail(team, chat_id, "f4.txt", "text/plain", b"x\n"))
+    send(page, "three at once")  # more than a message may carry: refused, nothing stored or sent
+    expect(page.get_by_role("alert").filter(has_text="file_ids: A message carries at most 2 files")).to_be_visible()
+    expect(page.locator(".uploads .upload[data-state=done]")).to_have_count(3)
+    expect(page.get_by_label("Message", exact=True)).to_have_value("three at once")  # back in the box
+    assert team.get(f"/api/chats/{chat_id}")["messages"] == []
+    assert received(fake_n8n_url) == []
+    page.get_by_role("button", name="Remove f2.txt").click()
+    send(page, "two then")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".msg.user .files a")).to_have_text(["f0.txt", "f1.txt"])
+    expect(page.locator(".uploads .upload")).to_have_count(0)
+
+
+def test_share_then_another_member_reads_it_inert_and_forks_it(
+    web_page: Watched, team: Team, browser: Browser, web_server: LiveServer
+) -> None:
+    page = web_page.page
+    chat_id = open_new_chat(page, team)
+    attach(page, (XSS_NAME, "text/plain", b"payload\n"))
+    expect(page.locator(".uploads .upload[data-state=done]")).to_have_count(1)
+    send(page, XSS_TEXT)
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".msg.user .files a")).to_have_text(XSS_NAME)
+    menu_item(page, "Share with team")
+    link = page.get_by_label("Link to the shared chat").input_value()
+    share_id = team.get("/api/shares")[0]["id"]
+    assert link == f"{web_server.url}/#/shares/{share_id}"
+    page.get_by_role("button", name="Close").click()
+
+    add_member(team)
+    context = browser.new_context(base_url=web_server.url)
+    try:
+        member = watch(context.new_page())
+        log_in(member.page, "bob@example.com")
+        member.page.get_by_role("link", name="Shared", exact=True).click()
+        member.page.locator(".share-list a").first.click()
+        view = member.page.locator(".shares")
+        expect(view.locator(".msg.assistant .content")).to_contain_text("Echo:")
+        expect(view.locator(".msg.user .content")).to_have_text(XSS_TEXT)  # plain text, as typed
+        expect(view.locator(".msg.user .files .file-name")).to_have_text(XSS_NAME)  # a name, no link
+        assert view.locator("img, script, iframe, svg, [onerror]").count() == 0
+        assert view.locator("a[href^='javascript:']").count() == 0
+        expect(view.get_by_role("button", name="Regenerate")).to_have_count(0)  # read-only
+        expect(view.get_by_role("button", name="Delete share")).to_be_hidden()  # not the sharer's
+        view.get_by_role("button", name="Fork into my chats").click()
+        expect(member.page).to_have_url(re.compile(r"#/chats/[0-9a-f-]{36}$"))
+        expect(member.page.locator(".msg.user .content")).to_have_text(XSS_TEXT)
+        fork_id = member.page.url.rsplit("/", 1)[1]
+        assert fork_id != chat_id
+        # The owner stops sharing: the member's link is dead.
+        menu_item(page, "Stop sharing")
+        expect(page.get_by_role("status").filter(has_text="No longer shared")).to_be_visible()
+        member.page.goto(f"/#/shares/{share_id}")
+        expect(member.page.get_by_role("alert")).to_have_text("This shared chat does not exist or is no longer shared.")
+        assert member.dialogs == []
+        assert member.errors == []
+    finally:
+        context.close()
+    assert web_page.dialogs == []
+    assert web_page.errors == []
+
+
+def test_export_markdown_json_and_all_then_import_round_trip(web_page: Watched, team: Team, tmp_path: Path) -> None:
+    page = web_page.page
+    chat_id = open_new_chat(page, team)
+    send(page, "remember *this*")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+
+    with page.expect_download() as markdown:
+        menu_item(page, "Export as Markdown")
+    assert markdown.value.suggested_filename == f"chat-{chat_id}.md"
+    with team.api() as client:
+        expected = client.get(f"/api/chats/{chat_id}/export", params={"format": "markdown"}).text
+    # The file is the API's export byte for byte, but for the line with the time it was made.
+    not_exported = re.compile(r"^Exported: .*$", re.M)
+    saved = Path(markdown.value.path()).read_text()
+    assert not_exported.sub("", saved) == not_exported.sub("", expected)
+    assert "## Assistant\n\n_" in saved
+    assert "Echo: remember *this*" in saved
+
+    with page.expect_download() as exported:
+        menu_item(page, "Export as JSON")
+    assert exported.value.suggested_filename == f"chat-{chat_id}.json"
+    document = json.loads(Path(exported.value.path()).read_text())
+    assert [m["content"] for m in document["messages"]] == ["remember *this*", "Echo: remember *this*"]
+
+    with page.expect_download() as everything:
+        page.get_by_role("button", name="Export all").click()
+    assert everything.value.suggested_filename.endswith(".jsonl")
+    lines = Path(everything.value.path()).read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [chat_id]
+
+    # Import what was exported: a new chat with the same messages opens.
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Import…").click()
+    chooser.value.set_files(exported.value.path())
+    expect(page.get_by_role("status").filter(has_text="Imported 1 chat.")).to_be_visible()
+    expect(page).not_to_have_url(re.compile(chat_id))
+    expect(page.locator(".msg.assistant .content")).to_have_text("Echo: remember this")  # Markdown: *this* → em
+    assert len(team.get("/api/chats")) == 2
+
+    # Refusals: an agent slug the team lacks (422, named), a file over the import cap (413); nothing stored.
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({**document, "agent": {"slug": "nobody", "name": "Nobody"}}))
+    too_big = tmp_path / "big.jsonl"
+    too_big.write_text((json.dumps(document) + "\n") * (IMPORT_MAX // len(json.dumps(document)) + 1))
+    for path, message in [
+        (unknown, "Chat 1: no agent with slug 'nobody' in your team"),
+        (too_big, "Request body too large"),
+    ]:
+        with page.expect_file_chooser() as chooser:
+            page.get_by_role("button", name="Import…").click()
+        chooser.value.set_files(str(path))
+        expect(page.get_by_role("alert").filter(has_text=message)).to_be_visible()
+    assert len(team.get("/api/chats")) == 2
+    assert web_page.errors == []
