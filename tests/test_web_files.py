@@ -234,7 +234,12 @@ def test_share_then_another_member_reads_it_inert_and_forks_it(
         view = member.page.locator(".shares")
         expect(view.locator(".msg.assistant .content")).to_contain_text("Echo:")
         expect(view.locator(".msg.user .content")).to_have_text(XSS_TEXT)  # plain text, as typed
-        expect(view.locator(".msg.user .files .file-name")).to_have_text(XSS_NAME)  # a name, no link
+        # The name as text, linking to the share's own copy of the file: it downloads the sent bytes.
+        shared_file = view.locator(".msg.user .files a")
+        expect(shared_file).to_have_text(XSS_NAME)
+        with member.page.expect_download() as got:
+            shared_file.click()
+        assert Path(got.value.path()).read_bytes() == b"payload\n"
         assert view.locator("img, script, iframe, svg, [onerror]").count() == 0
         assert view.locator("a[href^='javascript:']").count() == 0
         expect(view.get_by_role("button", name="Regenerate")).to_have_count(0)  # read-only
@@ -254,6 +259,26 @@ def test_share_then_another_member_reads_it_inert_and_forks_it(
     finally:
         context.close()
     assert web_page.dialogs == []
+    assert web_page.errors == []
+
+
+def test_an_imported_chats_files_show_as_names_without_links(web_page: Watched, team: Team) -> None:
+    """An import carries files as metadata only (their id is null): the page names them and links nothing."""
+    page = web_page.page
+    chat_id = open_new_chat(page, team)
+    attach(page, ("notes.txt", "text/plain", b"some notes\n"))
+    expect(page.locator(".uploads .upload[data-state=done]")).to_have_count(1)
+    send(page, "with a file")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    with team.api() as client:
+        exported = client.get(f"/api/chats/{chat_id}/export", params={"format": "json"}).content
+        imported = client.post("/api/chats/import", content=exported, headers={"content-type": "application/json"})
+    assert imported.status_code == 201, imported.text
+    page.goto(f"/#/chats/{imported.json()[0]['id']}")
+    files = page.locator(".msg.user .files")
+    expect(files.locator(".file-name")).to_have_text("notes.txt")
+    expect(files).to_contain_text("not stored here")
+    expect(files.locator("a")).to_have_count(0)
     assert web_page.errors == []
 
 

@@ -26,7 +26,8 @@ export function size(bytes) {
 
 /**
  * A message's files: names and sizes, each a download link when `actions.download` is given (the API sends
- * them as attachments; the page never displays a file's content). The name is text, never markup.
+ * them as attachments; the page never displays a file's content). The name is text, never markup. A file
+ * without an id came with an imported chat: its name and size travelled, its bytes did not.
  */
 export function fileList(files, actions) {
   if (!files?.length) return null;
@@ -37,7 +38,7 @@ export function fileList(files, actions) {
       h(
         "li",
         {},
-        actions.download
+        actions.download && file.id
           ? h(
               "a",
               {
@@ -53,7 +54,7 @@ export function fileList(files, actions) {
             )
           : h("span", { class: "file-name" }, file.filename),
         " ",
-        h("span", { class: "muted" }, size(file.size)),
+        h("span", { class: "muted" }, file.id ? size(file.size) : `${size(file.size)}, not stored here`),
       ),
     ),
   );

@@ -1,7 +1,7 @@
 // Chats shared with the team (docs/SHARING.md): the list (`#/shares`) and one shared chat, read-only
 // (`#/shares/<id>`), rendered with the same safe Markdown as a chat, with Fork (a new chat of mine) and, for its
 // sharer or an admin, Delete. Loaded on first use, like the admin pages.
-import { ApiError, api, page } from "../api.js";
+import { ApiError, api, download, page } from "../api.js";
 import { fill, h, notify, when } from "../dom.js";
 import { avatar, messageItem } from "./messages.js";
 
@@ -93,8 +93,15 @@ async function showShare({ root, agents, user, navigate }, shareId) {
     }
   });
   const messages = h("ol", { class: "messages", "aria-label": "Messages" });
-  // Read-only: no edit, regenerate or rating; files are listed by name and size (no download from a share yet).
-  for (const message of share.messages) messages.append(messageItem(message, { readOnly: true, agent }));
+  // Read-only: no edit, regenerate or rating. Files download through the share's own copies (the share's ids).
+  const fileUrl = (file) => `/api/shares/${share.id}/files/${file.id}`;
+  const actions = {
+    readOnly: true,
+    agent,
+    fileUrl,
+    download: (file) => download(fileUrl(file), file.filename).catch((err) => notify(errorText(err), "error")),
+  };
+  for (const message of share.messages) messages.append(messageItem(message, actions));
   fill(
     root,
     h(
