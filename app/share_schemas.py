@@ -77,7 +77,9 @@ class ExportedFile(ExportPart):
     File with a null `id` (nothing to download)."""
 
     filename: Annotated[str, Field(min_length=1, max_length=255), StorableText]
-    content_type: Annotated[str, Field(min_length=1, max_length=100), StorableText]
+    content_type: str = Field(
+        min_length=3, max_length=100, pattern=r"^[a-z0-9][a-z0-9.+-]*/[a-z0-9][a-z0-9.+-]*$", description="A MIME type"
+    )
     size: int = Field(ge=0, le=2**31 - 1, description="Bytes")
     sha256: str = Field(pattern="^[0-9a-f]{64}$", description="Hex SHA-256 of the bytes (lower case)")
 

@@ -399,6 +399,8 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         messages[0]["files"] = [{**EXPORTED_FILE, "data": "aGk="}]
     elif change == "file_negative_size":
         messages[0]["files"] = [{**EXPORTED_FILE, "size": -1}]
+    elif change == "file_type_not_a_mime_type":
+        messages[0]["files"] = [{**EXPORTED_FILE, "content_type": "text/plain\n## Injected heading"}]
     return doc
 
 
@@ -424,6 +426,7 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         "file_bad_sha256",
         "file_with_bytes",
         "file_negative_size",
+        "file_type_not_a_mime_type",
     ],
 )
 async def test_import_one_bad_chat_among_many_stores_nothing(

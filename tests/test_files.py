@@ -14,15 +14,17 @@ from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
 from PIL import Image
-from sqlalchemy import event, select
+from sqlalchemy import delete, event, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.models import File, FileBlob, Team
+from app.services import blobs
 from app.services import files as files_service
 from app.state import app_state
 from tests.conftest import count_rows
@@ -613,6 +615,33 @@ async def test_a_send_refused_by_the_quota_leaves_its_files_unsent(
     assert deleted.status_code == 204
 
 
+async def test_a_chat_deleted_under_a_send_is_404_and_gives_the_quota_claim_back(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup
+) -> None:
+    """The chat goes between the quota claim and the insert (simulated on the insert's own connection): the
+    send's foreign key fails, which is a 404 (not the 409 of a running generation), and the claim is returned."""
+    await set_quota(session, setup, 1)
+    engine = app_state(app).db.engine.sync_engine
+
+    done: list[bool] = []
+
+    def delete_chat_first(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if not done and statement.lstrip().upper().startswith("INSERT INTO MESSAGES"):
+            done.append(True)
+            cursor.execute(f"DELETE FROM chats WHERE id = '{setup.chat.id}'")
+
+    event.listen(engine, "before_cursor_execute", delete_chat_first)
+    try:
+        refused = await send(client, setup, {"content": "into a chat that goes"})
+    finally:
+        event.remove(engine, "before_cursor_execute", delete_chat_first)
+    assert done
+    assert refused.status_code == 404, refused.text
+    other = await create_chat(session, user=setup.user, agent=setup.agent)
+    again = ChatSetup(setup.user, setup.agent, other, setup.headers)
+    assert (await send(client, again, {"content": "the day's one"})).status_code == 200
+
+
 async def test_a_send_refused_for_its_files_gives_its_quota_claim_back(
     client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup
 ) -> None:
@@ -667,6 +696,37 @@ async def test_deleting_a_chat_deletes_its_files_and_the_bytes_no_one_else_uses(
         hashes = set((await s.execute(select(FileBlob.sha256))).scalars())
     assert hashes == {hashlib.sha256(b"in both chats").hexdigest()}
     assert only_here["sha256"] not in hashes
+
+
+async def test_collecting_keeps_bytes_used_meanwhile_and_still_removes_the_others(
+    app: FastAPI, client: httpx.AsyncClient, database_url: str, setup: ChatSetup
+) -> None:
+    """Two unused blobs; while the collector runs, another transaction makes one of them used again (it had
+    not committed when the collector looked). That one stays; the other still goes."""
+    gone = await uploaded(client, setup, b"nobody uses me")
+    reused = await uploaded(client, setup, b"uploaded again meanwhile")
+    async with app_state(app).db.sessionmaker() as s:
+        await s.execute(delete(File))  # both blobs unused now
+        await s.commit()
+    other = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        writing = other.transaction()
+        await writing.start()
+        await other.execute(
+            "INSERT INTO files (id, chat_id, team_id, user_id, filename, content_type, size, sha256, created_at)"
+            " VALUES ($1, $2, $3, $4, 'again.txt', 'text/plain', 1, $5, now())",
+            uuid.uuid4(), setup.chat.id, setup.user.team_id, setup.user.id, reused["sha256"],
+        )  # fmt: skip
+        async with app_state(app).db.sessionmaker() as s:
+            collecting = asyncio.create_task(blobs.collect_blobs(s, [reused["sha256"], gone["sha256"]]))
+            await asyncio.sleep(0.3)  # the collector waits on the uncommitted reference
+            await writing.commit()
+            await asyncio.wait_for(collecting, 10)
+    finally:
+        await other.close()
+    async with app_state(app).db.sessionmaker() as s:
+        hashes = set((await s.execute(select(FileBlob.sha256))).scalars())
+    assert hashes == {reused["sha256"]}
 
 
 async def test_delete_an_unsent_upload_but_not_a_sent_one_nor_anyone_elses(

@@ -6,14 +6,17 @@ Apart from app.services.files so that chats (deletion) and files (upload) both u
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 
 from sqlalchemy import delete, exists, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import File, FileBlob, ShareFile
+
+logger = logging.getLogger(__name__)
 
 
 async def chat_blob_hashes(session: AsyncSession, chat_id: uuid.UUID) -> list[str]:
@@ -28,13 +31,17 @@ async def share_blob_hashes(session: AsyncSession, share_id: uuid.UUID) -> list[
 
 
 async def collect_blobs(session: AsyncSession, hashes: Sequence[str]) -> None:
-    """Remove these blobs when no file and no share copy uses them any more. A row written meanwhile makes the
-    delete fail on its reference (or wait for its lock): the blob then stays, as it must. Commits."""
-    if not hashes:
-        return
+    """Remove these blobs when no file and no share copy uses them any more, each in its own transaction: a
+    row written meanwhile makes that one delete fail on its reference (or wait for its lock) and the blob
+    stays, as it must, while the others still go. A failed delete is logged, never raised: the caller's own
+    change is already committed. Commits."""
     orphan = ~exists().where(File.sha256 == FileBlob.sha256) & ~exists().where(ShareFile.sha256 == FileBlob.sha256)
-    try:
-        await session.execute(delete(FileBlob).where(FileBlob.sha256.in_(hashes), orphan))
-        await session.commit()
-    except IntegrityError:
-        await session.rollback()
+    for sha256 in sorted(set(hashes)):  # one order for every collector: no deadlock between two of them
+        try:
+            await session.execute(delete(FileBlob).where(FileBlob.sha256 == sha256, orphan))
+            await session.commit()
+        except IntegrityError:
+            await session.rollback()  # in use again: kept
+        except DBAPIError:
+            await session.rollback()
+            logger.warning("removing an unused file's bytes failed; they stay until the next collection", exc_info=True)

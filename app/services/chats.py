@@ -147,6 +147,9 @@ def apply_changes(chat: Chat, changes: dict[str, Any]) -> None:
 
 async def delete_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> None:
     chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
+    # The chat row locked first, as an upload locks it: an upload under way commits its file before the hashes
+    # are read, so its bytes are collected too (PostgreSQL; SQLite runs one writer at a time).
+    await session.execute(select(Chat.id).where(Chat.id == chat.id).with_for_update())
     hashes = await blobs.chat_blob_hashes(session, chat.id)
     await session.delete(chat)  # its messages and files go by cascade
     await session.commit()

@@ -124,7 +124,7 @@ def chat_markdown(document: dict[str, Any]) -> str:
         lines += ["", "---", "", f"## {heading}", "", f"_{message['created_at']}_", ""]
         lines.append(message["content"] if message["content"] else "_(no text)_")
         for f in message.get("files") or []:  # named only: an export never carries a file's bytes
-            lines += ["", f"Attached: {_one_line(f['filename'])} ({f['content_type']}, {f['size']} bytes)"]
+            lines += ["", f"Attached: {_one_line(f['filename'])} ({_one_line(f['content_type'])}, {f['size']} bytes)"]
         if message["error"]:
             lines += ["", f"> Error: {_one_line(str(message['error'].get('message', '')))}"]
     return "\n".join(lines) + "\n"

@@ -10,12 +10,14 @@ and the final write each update one row.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
+import anyio
 from sqlalchemy import (
     Integer,
     Select,
@@ -49,6 +51,8 @@ from app.services import files as files_service
 from app.services import usage as usage_service
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params, title_from_message
 from app.services.tree import NOT_IN_CHAT, message_view, stored_views
+
+logger = logging.getLogger(__name__)
 
 GENERATION_RUNNING = "A generation is already running in this chat"
 AGENT_INACTIVE = "This chat's agent is no longer active"
@@ -231,6 +235,20 @@ def _check_content(content: str | None, settings: Settings) -> str:
     return content
 
 
+async def _give_back(session: AsyncSession, user: Caller, claimed: date | None) -> None:
+    """Roll back a refused send and return its quota claim; each step's own failure is logged, not raised."""
+    try:
+        await session.rollback()
+    except Exception:
+        logger.exception("rolling back a refused send failed")
+    if claimed is None:
+        return
+    try:
+        await usage_service.release_generation(session=session, user=user, day=claimed)
+    except Exception:
+        logger.exception("giving back a refused send's quota claim failed")
+
+
 async def start_message(
     *,
     session: AsyncSession,
@@ -336,39 +354,42 @@ async def start_message(
             }
         )
         await execute_core(session, _INSERT_MESSAGES, rows)
+        leaf = {
+            "cid": chat_id,
+            "leaf": assistant_id,
+            "added": len(rows),
+            "now": now,
+            "title": None if regenerate else title_from_message(latest),
+        }
+        await execute_core(session, _MOVE_LEAF, leaf)
+        found = (
+            await execute_core(
+                session,
+                _HISTORY_AND_SIBLINGS,
+                {
+                    "start": question_parent,
+                    # Twice the message budget: messages without text (a failed answer) are skipped by
+                    # `build_history` and should not shorten the history.
+                    "depth": 2 * settings.N8N_HISTORY_MAX_MESSAGES,
+                    "cid": chat_id,
+                    "p1": question_parent,
+                    "p2": question_id,
+                    "root": int(question_parent is None),
+                },
+            )
+        ).all()
+        await session.commit()
     except BaseException as exc:
-        await session.rollback()
-        if claimed is not None:  # usage hook: a refused send does not count
-            await usage_service.release_generation(session=session, user=user, day=claimed)
+        # Nothing of this send is stored (rolled back, or never committed): give the quota claim back. Shielded,
+        # so a cancelled request still gives it back; a failure there is logged, never raised over `exc`.
+        with anyio.CancelScope(shield=True):
+            await _give_back(session, user, claimed)
         if isinstance(exc, IntegrityError):
+            if "foreign key" in str(exc.orig).lower():
+                raise NotFound(CHAT_NOT_FOUND) from None  # the chat was deleted meanwhile
             # Another send won the race for this chat's one `streaming` row (the partial unique index).
             raise Conflict(GENERATION_RUNNING) from None
         raise
-    leaf = {
-        "cid": chat_id,
-        "leaf": assistant_id,
-        "added": len(rows),
-        "now": now,
-        "title": None if regenerate else title_from_message(latest),
-    }
-    await execute_core(session, _MOVE_LEAF, leaf)
-    found = (
-        await execute_core(
-            session,
-            _HISTORY_AND_SIBLINGS,
-            {
-                "start": question_parent,
-                # Twice the message budget: messages without text (a failed answer) are skipped by
-                # `build_history` and should not shorten the history.
-                "depth": 2 * settings.N8N_HISTORY_MAX_MESSAGES,
-                "cid": chat_id,
-                "p1": question_parent,
-                "p2": question_id,
-                "root": int(question_parent is None),
-            },
-        )
-    ).all()
-    await session.commit()
 
     above = sorted((r for r in found if r.kind == "h"), key=lambda r: -r.depth)
     prior = [{"role": r.role, "content": r.content, "status": r.status} for r in above]

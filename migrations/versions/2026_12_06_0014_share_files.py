@@ -7,7 +7,8 @@ Create Date: 2026-12-06
 A separate table rather than `files` with a nullable `chat_id`: a share's copy has no chat, no sender whose
 account deletion would take it (files.user_id cascades) and is never "unsent", so none of the chat file's
 rules apply to it. Its `sha256` restricts like `files.sha256`: a blob cannot go while a share copy names it.
-Existing shares get no copies (their snapshots carried no files before this revision).
+Existing shares get no copies. A snapshot taken at 0013 alone lists its chat's file ids, which the share's file
+route does not serve (404); 0013 and 0014 were released together, so no such snapshot exists outside tests.
 """
 
 from collections.abc import Sequence
