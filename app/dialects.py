@@ -28,7 +28,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -122,14 +124,18 @@ class Statements(ABC):
         self.finish = tuple(_typed(sql) for sql in self._finish_sql)
 
     @abstractmethod
-    def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
-        """INSERT ... ON CONFLICT DO NOTHING into an ORM class's table, in the dialect's own construct."""
+    def _insert(self, table: type[Any]) -> PgInsert | SqliteInsert:
+        """The dialect's own INSERT construct (the one with ON CONFLICT) for an ORM class's table."""
 
-    @abstractmethod
+    def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
+        """INSERT ... ON CONFLICT DO NOTHING."""
+        return self._insert(table).values(**values).on_conflict_do_nothing(index_elements=index_elements)
+
     def insert_locking_existing(self, table: type[Any], key: str, column: str, **values: Any) -> Executable:
         """INSERT ... ON CONFLICT (key) DO UPDATE SET column = excluded.column."""
+        statement = self._insert(table).values(**values)
+        return statement.on_conflict_do_update(index_elements=[key], set_={column: statement.excluded[column]})
 
-    @abstractmethod
     def upsert(
         self,
         table: type[Any],
@@ -138,6 +144,8 @@ class Statements(ABC):
         set_of: Callable[[Any], dict[str, Any]],
     ) -> Executable:
         """INSERT ... ON CONFLICT (index_elements) DO UPDATE SET set_of(excluded), for several rows at once."""
+        statement = self._insert(table).values(list(rows))
+        return statement.on_conflict_do_update(index_elements=index_elements, set_=set_of(statement.excluded))
 
     @abstractmethod
     def add_histograms(self, current: Any, more: Any) -> ColumnElement[Any]:
@@ -170,22 +178,8 @@ class PostgresStatements(Statements):
         " WHERE c.parent_id = p.parent_id OFFSET 0) s"
     )
 
-    def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
-        return pg_insert(table).values(**values).on_conflict_do_nothing(index_elements=index_elements)
-
-    def insert_locking_existing(self, table: type[Any], key: str, column: str, **values: Any) -> Executable:
-        statement = pg_insert(table).values(**values)
-        return statement.on_conflict_do_update(index_elements=[key], set_={column: statement.excluded[column]})
-
-    def upsert(
-        self,
-        table: type[Any],
-        rows: Sequence[dict[str, Any]],
-        index_elements: list[str],
-        set_of: Callable[[Any], dict[str, Any]],
-    ) -> Executable:
-        statement = pg_insert(table).values(list(rows))
-        return statement.on_conflict_do_update(index_elements=index_elements, set_=set_of(statement.excluded))
+    def _insert(self, table: type[Any]) -> PgInsert:
+        return pg_insert(table)
 
     def add_histograms(self, current: Any, more: Any) -> ColumnElement[Any]:
         return current + more  # type: ignore[no-any-return]
@@ -203,22 +197,8 @@ class SqliteStatements(Statements):
     #: SQLite has no LATERAL and no hash join: its nested loop uses the parent index anyway.
     children_join = "JOIN messages s ON s.parent_id = p.parent_id"
 
-    def insert_ignoring_conflict(self, table: type[Any], index_elements: list[str], **values: Any) -> Executable:
-        return sqlite_insert(table).values(**values).on_conflict_do_nothing(index_elements=index_elements)
-
-    def insert_locking_existing(self, table: type[Any], key: str, column: str, **values: Any) -> Executable:
-        statement = sqlite_insert(table).values(**values)
-        return statement.on_conflict_do_update(index_elements=[key], set_={column: statement.excluded[column]})
-
-    def upsert(
-        self,
-        table: type[Any],
-        rows: Sequence[dict[str, Any]],
-        index_elements: list[str],
-        set_of: Callable[[Any], dict[str, Any]],
-    ) -> Executable:
-        statement = sqlite_insert(table).values(list(rows))
-        return statement.on_conflict_do_update(index_elements=index_elements, set_=set_of(statement.excluded))
+    def _insert(self, table: type[Any]) -> SqliteInsert:
+        return sqlite_insert(table)
 
     def add_histograms(self, current: Any, more: Any) -> ColumnElement[Any]:
         return func.usage_histogram_add(current, more, type_=Histogram())
