@@ -200,6 +200,10 @@ def echo_tokens(text: str) -> list[str]:
     return ["Echo:"] + [" " + w for w in words]
 
 
+#: Node's `server.keepAliveTimeout` default, which n8n keeps: an idle keep-alive connection is closed after it.
+NODE_KEEPALIVE_SECONDS = 5.0
+
+
 class FakeN8n:
     """The server; `requests` records every request received, in order."""
 
@@ -223,7 +227,10 @@ class FakeN8n:
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start listening (port 0 = a free one); return the base URL."""
-        self._runner = web.AppRunner(self.app, keepalive_timeout=max(self.linger, 0.1), shutdown_timeout=0.1)
+        # Idle keep-alive connections close after Node's default 5 s, as n8n's do, whatever the linger: the relay
+        # drops its idle ones after 4 s (app.upstream), so it never sends on a socket the server is closing. A
+        # shorter server timeout here made sends race the close and fail as `upstream_disconnected`.
+        self._runner = web.AppRunner(self.app, keepalive_timeout=NODE_KEEPALIVE_SECONDS, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
