@@ -36,6 +36,15 @@ async def streamer(tmp_path: Path, database_url: str) -> AsyncIterator[N8nStream
     await s.close()
 
 
+@pytest.fixture
+async def patient_streamer(tmp_path: Path, database_url: str) -> AsyncIterator[N8nStreamer]:
+    """For tests about what is relayed, not about timeouts: a loaded CI machine (a browser test on the other
+    worker) can delay a first byte past the 0.5 s the timeout tests use."""
+    s = N8nStreamer(stream_settings(database_url, tmp_path, N8N_READ_TIMEOUT=10, N8N_FIRST_BYTE_TIMEOUT=10))
+    yield s
+    await s.close()
+
+
 def stream_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"N8N_READ_TIMEOUT": 0.5, "N8N_FIRST_BYTE_TIMEOUT": 0.5, "N8N_CONNECT_TIMEOUT": 0.5}
     values.update(overrides)
@@ -90,10 +99,10 @@ def test_every_capture_has_an_expected_outcome() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CAPTURE_OUTCOMES))
-async def test_streamer_relays_capture(streamer: N8nStreamer, fake: FakeN8n, name: str) -> None:
-    text, stats, failure = await relay(streamer, f"{fake.url}/webhook/x?scenario={name}&speed=50")
+async def test_streamer_relays_capture(patient_streamer: N8nStreamer, fake: FakeN8n, name: str) -> None:
+    text, stats, failure = await relay(patient_streamer, f"{fake.url}/webhook/x?scenario={name}&speed=50")
     expected_text, expected_code = CAPTURE_OUTCOMES[name]
-    assert text == expected_text
+    assert text == expected_text, failure and (failure.code, failure.message)
     assert (failure.code if failure else None) == expected_code
     assert stats.upstream_status == CAPTURES[name].status
 
@@ -106,8 +115,8 @@ async def test_streamer_finishes_at_message_end_not_socket_close(streamer: N8nSt
     assert stats.format == "ndjson"
 
 
-async def test_streamer_decodes_gzip_incrementally(streamer: N8nStreamer, fake: FakeN8n) -> None:
-    text, _stats, failure = await relay(streamer, f"{fake.url}/webhook/agent-stream")
+async def test_streamer_decodes_gzip_incrementally(patient_streamer: N8nStreamer, fake: FakeN8n) -> None:
+    text, _stats, failure = await relay(patient_streamer, f"{fake.url}/webhook/agent-stream")
     assert failure is None
     assert text == "Echo: hello there"
     assert "gzip" in fake.requests[-1]["headers"]["Accept-Encoding"]
@@ -128,8 +137,8 @@ async def test_streamer_decodes_gzip_incrementally(streamer: N8nStreamer, fake: 
         ("batched", "Echo: hello there"),
     ],
 )
-async def test_streamer_formats(streamer: N8nStreamer, fake: FakeN8n, scenario: str, expected: str) -> None:
-    text, _stats, failure = await relay(streamer, f"{fake.url}/webhook/agent-stream?scenario={scenario}")
+async def test_streamer_formats(patient_streamer: N8nStreamer, fake: FakeN8n, scenario: str, expected: str) -> None:
+    text, _stats, failure = await relay(patient_streamer, f"{fake.url}/webhook/agent-stream?scenario={scenario}")
     assert failure is None
     assert text == expected
 
@@ -148,29 +157,29 @@ async def test_streamer_formats(streamer: N8nStreamer, fake: FakeN8n, scenario: 
     ],
 )
 async def test_streamer_honours_the_declared_charset(
-    streamer: N8nStreamer, fake: FakeN8n, query: str, said: str
+    patient_streamer: N8nStreamer, fake: FakeN8n, query: str, said: str
 ) -> None:
     url = f"{fake.url}/webhook/agent-stream?scenario=charset&{query}"
-    text, _stats, failure = await relay(streamer, url, chatInput=said)
+    text, _stats, failure = await relay(patient_streamer, url, chatInput=said)
     assert failure is None, failure and failure.detail
     assert text == f"Echo: {said}"
 
 
 @pytest.mark.parametrize("charset", ["x-no-such-charset", "base64", "rot13"])
 async def test_streamer_unknown_charset_is_bad_upstream_response(
-    streamer: N8nStreamer, fake: FakeN8n, charset: str
+    patient_streamer: N8nStreamer, fake: FakeN8n, charset: str
 ) -> None:
     url = f"{fake.url}/webhook/agent-stream?scenario=charset&charset={charset}"
-    text, _stats, failure = await relay(streamer, url, chatInput="café")
+    text, _stats, failure = await relay(patient_streamer, url, chatInput="café")
     assert failure is not None
     assert failure.code == "bad_upstream_response"
     assert "charset" in failure.detail["reason"]
     assert text == ""
 
 
-async def test_streamer_utf8_split_across_reads(streamer: N8nStreamer, fake: FakeN8n) -> None:
+async def test_streamer_utf8_split_across_reads(patient_streamer: N8nStreamer, fake: FakeN8n) -> None:
     url = f"{fake.url}/webhook/agent-stream?scenario=fragmented"
-    text, _stats, failure = await relay(streamer, url, chatInput="héllo wörld ✓")
+    text, _stats, failure = await relay(patient_streamer, url, chatInput="héllo wörld ✓")
     assert failure is None
     assert text == "Echo: héllo wörld ✓"
 
