@@ -11,6 +11,9 @@ TEST_WORKERS ?= 2
 # Schemathesis reports each API operation as an item of the same test id, which pytest-xdist counts (and
 # schedules) as one: its file runs on its own, without xdist, so every operation is run and reported.
 SCHEMA_TESTS := tests/test_openapi.py
+# The browser tests run in a phase of their own: two Chromiums beside the timing-sensitive stream tests made
+# those late on a 2-core machine.
+BROWSER_TESTS := $(wildcard tests/test_web_*.py)
 
 # Local plain-http development defaults for `make run` only (the environment still wins).
 run: export COOKIE_SECURE ?= false
@@ -45,7 +48,8 @@ run: $(VENV)/.runtime
 
 # Every test has a time limit (pytest-timeout, pyproject.toml), so a failure cannot hang the run.
 test: $(VENV)/.dev chromium
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=$(SCHEMA_TESTS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=$(SCHEMA_TESTS) $(addprefix --ignore=,$(BROWSER_TESTS))
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(BROWSER_TESTS)
 	$(PY) -m pytest $(SCHEMA_TESTS)
 	PYTHON=$(CURDIR)/$(PY) bash test_streaming.sh --ci
 
