@@ -201,6 +201,10 @@ class GenerationRegistry:
         await self.streamer.close()
 
     # --- generations ----------------------------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        return not self._closing
+
     def check_accepting(self) -> None:
         """New generations are refused once shutdown began (they would only be interrupted)."""
         if self._closing:

@@ -7,14 +7,14 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse
 
-from app.auth import CurrentCaller, CurrentUser
-from app.deps import GenerationsDep, SessionDep, SettingsDep, ShortSessionDep
+from app.auth import CurrentUser, access_claims, api_key_from_request, current_caller, oauth2_scheme
+from app.deps import DatabaseDep, GenerationsDep, RevocationsDep, SessionDep, SettingsDep, ShortSessionDep
 from app.routers.responses import R401, Responses, error_doc, json_only, total_count
 from app.schemas import FeedbackUpdate, MessageCreate, MessageRead
-from app.services import idempotency, tree
+from app.services import fast_start, idempotency, tree
 from app.services.chats import CHAT_NOT_FOUND
 from app.services.messages import AGENT_INACTIVE, start_message
 from app.services.usage import QUOTA_REACHED
@@ -78,11 +78,13 @@ class EventStream(Response):
 
 
 async def start_generation(
+    request: Request,
     chat_id: uuid.UUID,
     body: MessageCreate,
-    user: CurrentCaller,
     session: ShortSessionDep,
     settings: SettingsDep,
+    db: DatabaseDep,
+    revocations: RevocationsDep,
     registry: GenerationsDep,
     idempotency_key: Annotated[
         str | None,
@@ -95,16 +97,44 @@ async def start_generation(
             "stream and starts nothing",
         ),
     ] = None,
+    _bearer: Annotated[str | None, Depends(oauth2_scheme)] = None,
 ) -> AsyncIterator[bytes]:
     """Everything that can fail with a plain JSON error happens here, before the 200 and the stream.
 
-    Its session is closed when the endpoint returns; the new rows are stored in one transaction, committed
-    before n8n is called.
+    A plain send tries the one-statement start first (app.services.fast_start: one round trip); when it stores
+    nothing, or the send is not plain, the general path below runs the same checks one by one and raises the
+    error. Its session is closed when the endpoint returns; the new rows are committed before n8n is called.
     An Idempotency-Key is looked up first: a retry answers the stream its key started, and nothing else runs.
     """
     key = idempotency_key
+    fingerprint = None
     if key is not None:
         fingerprint = idempotency.request_hash(f"/api/chats/{chat_id}/messages", body.model_dump(mode="json"))
+    if registry.accepting and fast_start.applies(
+        settings,
+        api_key=api_key_from_request(request) is not None,
+        edit=body.edit_of is not None,
+        regenerate=body.regenerate_of is not None,
+        files=bool(body.file_ids),
+        content=body.content,
+    ):
+        claims = access_claims(request, settings)
+        assert body.content is not None  # applies() checked it
+        started = await fast_start.start(
+            db=db,
+            settings=settings,
+            claims=claims,
+            chat_id=chat_id,
+            content=body.content,
+            worker_id=registry.worker_id,
+            key=key,
+            fingerprint=fingerprint,
+        )
+        if started is not None:
+            return registry.start(started).sse(settings.STREAM_PING_INTERVAL)
+    user = await current_caller(request, session, settings, revocations)
+    if key is not None:
+        assert fingerprint is not None
         recorded = await idempotency.claim(
             session=session, user_id=user.id, key=key, fingerprint=fingerprint, chat_id=chat_id
         )

@@ -392,8 +392,6 @@ async def start_message(
         raise
 
     above = sorted((r for r in found if r.kind == "h"), key=lambda r: -r.depth)
-    prior = [{"role": r.role, "content": r.content, "status": r.status} for r in above]
-    history = build_history(prior, latest, settings)
     siblings: dict[uuid.UUID | None, list[uuid.UUID]] = {}
     for child in sorted((r for r in found if r.kind == "c"), key=lambda r: (r.created_at, r.id)):
         siblings.setdefault(child.parent_id, []).append(child.id)
@@ -411,9 +409,44 @@ async def start_message(
         sibling_ids=siblings.get(question_parent, [question_id]),
         files=attached,
     )
+    return new_generation(
+        settings=settings,
+        user=user,
+        chat_id=chat_id,
+        agent=row,
+        assistant_id=assistant_id,
+        user_message=user_message,
+        prior=[{"role": r.role, "content": r.content, "status": r.status} for r in above],
+        latest=latest,
+        created_at=placeholder_at,
+        assistant_sibling_ids=siblings.get(question_id, [assistant_id]),
+        attached=attached,
+        delivery=delivery,
+    )
+
+
+def new_generation(
+    *,
+    settings: Settings,
+    user: Caller,
+    chat_id: uuid.UUID,
+    agent: Any,
+    assistant_id: uuid.UUID,
+    user_message: dict[str, Any],
+    prior: list[dict[str, Any]],
+    latest: str,
+    created_at: datetime,
+    assistant_sibling_ids: list[uuid.UUID],
+    attached: list[dict[str, Any]],
+    delivery: str,
+) -> NewGeneration:
+    """The generation of stored rows: the n8n payload (history within its budgets) and the start event's
+    question. `agent` has the agent's columns as `_CHAT_AND_AGENT` names them; `prior` is the branch above
+    the question, oldest first."""
+    history = build_history(prior, latest, settings)
     metadata = {
         "chat_id": str(chat_id),
-        "agent_id": str(row.agent_id),
+        "agent_id": str(agent.agent_id),
         "user_id": str(user.id),
         "team_id": str(user.team_id),
         "message_id": str(assistant_id),
@@ -423,8 +456,8 @@ async def start_message(
         metadata["callback_url"] = url
     payload = {
         "messages": history,
-        "system_prompt": row.system_prompt or "",
-        "config": row.config or {},
+        "system_prompt": agent.system_prompt or "",
+        "config": agent.config or {},
         "chatInput": latest,
         "sessionId": str(chat_id),
         "metadata": metadata,
@@ -435,15 +468,15 @@ async def start_message(
         chat_id=chat_id,
         team_id=user.team_id,
         user_id=user.id,
-        agent_id=row.agent_id,
+        agent_id=agent.agent_id,
         assistant_id=str(assistant_id),
         user_message=public_message(user_message),
-        webhook_url=row.webhook_url,
-        webhook_headers_encrypted=row.webhook_headers_encrypted,
+        webhook_url=agent.webhook_url,
+        webhook_headers_encrypted=agent.webhook_headers_encrypted,
         payload=payload,
-        created_at=placeholder_at,
-        assistant_sibling_ids=[str(i) for i in siblings.get(question_id, [assistant_id])],
-        response_mode=row.response_mode,
+        created_at=created_at,
+        assistant_sibling_ids=[str(i) for i in assistant_sibling_ids],
+        response_mode=agent.response_mode,
         callbacks=url is not None,
         file_ids=[str(f["id"]) for f in attached],
         file_delivery=delivery,

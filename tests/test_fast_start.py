@@ -1,0 +1,248 @@
+"""The one-statement start of a plain send (app.services.fast_start): one round trip before n8n is called, the
+same rows, payload and events as the general path, and every refusal still the general path's."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import event, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.generations import GenerationRegistry
+from app.models import Chat, IdempotencyKey, Message, Team
+from app.security import create_token, decode_token
+from app.services import fast_start
+from app.state import app_state
+from tests.factories import auth_headers, create_chat, create_user
+from tests.live import ChatSetup, chat_with_agent, data_events, parse_sse
+from tools.fake_n8n import FakeN8n
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextmanager
+def statements_before_start(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, bool]]]:
+    """(SQL, in a transaction) of every statement the app runs until a generation starts (n8n is called after)."""
+    seen: list[tuple[str, bool]] = []
+    started: list[bool] = []
+    engine = app_state(app).db.engine.sync_engine
+
+    def before(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not started:
+            raw = conn.connection.driver_connection
+            seen.append((statement, bool(raw.is_in_transaction())))
+
+    real_start = GenerationRegistry.start
+
+    def start(self: GenerationRegistry, new: Any) -> Any:
+        started.append(True)
+        return real_start(self, new)
+
+    monkeypatch.setattr(GenerationRegistry, "start", start)
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+
+
+async def send(client: httpx.AsyncClient, setup: ChatSetup, body: dict[str, Any], **headers: str) -> httpx.Response:
+    return await client.post(f"/api/chats/{setup.chat.id}/messages", json=body, headers={**setup.headers, **headers})
+
+
+@pytest.mark.parametrize("key", [None, "key-1"])
+async def test_a_plain_send_is_one_statement_outside_a_transaction_before_n8n(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    monkeypatch: pytest.MonkeyPatch,
+    key: str | None,
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    assert (await send(client, setup, {"content": "first"})).status_code == 200
+    extra = {"Idempotency-Key": key} if key else {}
+    with statements_before_start(app, monkeypatch) as seen:
+        response = await send(client, setup, {"content": "second"}, **extra)
+    assert response.status_code == 200
+    assert data_events(parse_sse(response.text))[-1].type == "done"
+    assert len(seen) == 1, [s for s, _ in seen]
+    statement, in_transaction = seen[0]
+    assert statement.startswith("WITH RECURSIVE caller AS")
+    assert not in_transaction  # autocommit: no BEGIN, no COMMIT, the statement's own commit
+    # The counter works: the general path (an edit) makes several statements in a transaction.
+    first = (await session.execute(select(Message).where(Message.chat_id == setup.chat.id))).scalars().first()
+    assert first is not None
+    with statements_before_start(app, monkeypatch) as seen:
+        edited = await send(client, setup, {"content": "first, again", "edit_of": str(first.id)})
+    assert edited.status_code == 200
+    assert len(seen) >= 4
+    assert any(in_tx for _, in_tx in seen)
+
+
+def _shape(messages: list[Message]) -> list[tuple[Any, ...]]:
+    """What must be equal between two chats: each row but its ids and times, and the tree by position."""
+    ids = [m.id for m in messages]
+    return [
+        (
+            m.role,
+            m.content,
+            m.status,
+            m.error,
+            m.files,
+            m.worker_id is None,
+            ids.index(m.parent_id) if m.parent_id in ids else None,
+        )
+        for m in messages
+    ]
+
+
+async def test_the_fast_and_the_general_path_store_and_send_the_same(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fast = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream", title=None)
+    general_chat = await create_chat(session, user=fast.user, agent=fast.agent, title=None)
+    general = ChatSetup(fast.user, fast.agent, general_chat, fast.headers)
+    outcomes: dict[str, list[Any]] = {"fast": [], "general": []}
+    for name, setup in (("fast", fast), ("general", general)):
+        if name == "general":
+            monkeypatch.setattr(fast_start, "applies", lambda *_a, **_k: False)
+        for turn in ("What is 2 + 2?", "And 3 + 3?", "Thanks, bye"):
+            fake.requests.clear()
+            response = await send(client, setup, {"content": turn}, **{"Idempotency-Key": f"{name}-{turn}"})
+            assert response.status_code == 200
+            events = data_events(parse_sse(response.text))
+            start = events[0].data["data"]  # type: ignore[index]
+            question = start["user_message"]
+            payload = fake.requests[-1]["json"]
+            outcomes[name].append(
+                (
+                    {k: v for k, v in question.items() if k not in ("id", "created_at", "parent_id", "sibling_ids")},
+                    len(question["sibling_ids"]),
+                    question["parent_id"] is None,
+                    [e.type for e in events][:2] + [e.type for e in events][-1:],
+                    payload["messages"],
+                    payload["chatInput"],
+                    payload["system_prompt"],
+                    payload["config"],
+                    sorted(payload["metadata"]),
+                )
+            )
+    assert outcomes["fast"] == outcomes["general"]
+    rows = {}
+    chat_ids = {"fast": fast.chat.id, "general": general.chat.id}
+    await session.rollback()
+    for name, chat_id in chat_ids.items():
+        chat = await session.get(Chat, chat_id, populate_existing=True)
+        assert chat is not None
+        messages = list(
+            (
+                await session.execute(
+                    select(Message).where(Message.chat_id == chat.id).order_by(Message.created_at, Message.id)
+                )
+            ).scalars()
+        )
+        keys = list((await session.execute(select(IdempotencyKey).where(IdempotencyKey.chat_id == chat.id))).scalars())
+        assert {(k.user_message_id, k.assistant_message_id) for k in keys} == {
+            (str(q.id), str(a.id)) for q, a in zip(messages[::2], messages[1::2], strict=True)
+        }
+        assert chat.current_message_id == messages[-1].id
+        rows[name] = (_shape(messages), chat.title, chat.message_count)
+    assert rows["fast"] == rows["general"]
+    assert rows["fast"][1] == "What is 2 + 2?"
+    assert rows["fast"][2] == 6
+
+
+async def test_a_send_refused_by_any_check_stores_nothing_and_gives_the_general_paths_error(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """Each check of the statement, refused: the general path's status and message, and no row written."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    other = await create_user(session)
+    team = await session.get(Team, setup.user.team_id)
+    assert team is not None
+
+    async def refused(headers: dict[str, str], chat_id: uuid.UUID = setup.chat.id) -> tuple[int, Any]:
+        before = await session.scalar(text("SELECT count(*) FROM messages"))
+        response = await client.post(f"/api/chats/{chat_id}/messages", json={"content": "hi"}, headers=headers)
+        assert await session.scalar(text("SELECT count(*) FROM messages")) == before
+        await session.commit()  # ends the read's transaction; the objects stay loaded (no expiry on commit)
+        return response.status_code, response.json()
+
+    not_found = (404, {"detail": "Chat not found"})
+    assert await refused(auth_headers(settings, other)) == not_found  # another user's (and team's) chat
+    assert await refused(setup.headers, uuid.uuid4()) == not_found
+    # A token naming another team than the user's.
+    forged = create_token(settings=settings, user_id=setup.user.id, team_id=other.team_id, token_type="access")
+    assert (await refused({"Authorization": f"Bearer {forged.token}"}))[0] == 401
+    # The quota: 0, then reached.
+    team.settings = {"quota": {"messages_per_user_per_day": 0}}
+    await session.commit()
+    assert (await refused(setup.headers))[0] == 429
+    team.settings = {"quota": {"messages_per_user_per_day": 1}}
+    await session.commit()
+    assert (
+        await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers)
+    ).status_code == 200
+    assert (await refused(setup.headers))[0] == 429
+    # A quota that is not an integer is no quota (usage.quota_of), as on the general path.
+    team.settings = {"quota": {"messages_per_user_per_day": 1.5}}
+    await session.commit()
+    ok = await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers)
+    assert ok.status_code == 200
+    # The agent made inactive.
+    setup.agent.is_active = False
+    await session.commit()
+    assert await refused(setup.headers) == (409, {"detail": "This chat's agent is no longer active"})
+
+
+async def test_the_one_statement_claims_the_quota_counting_the_days_earlier_generations(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    for _ in range(2):  # two generations before any quota: the ledger has them
+        assert (await send(client, setup, {"content": "hi"})).status_code == 200
+    team = await session.get(Team, setup.user.team_id)
+    assert team is not None
+    team.settings = {"quota": {"messages_per_user_per_day": 3}}
+    await session.commit()
+    assert (await send(client, setup, {"content": "third"})).status_code == 200
+    day = await session.execute(text("SELECT generations FROM usage_daily WHERE user_id = :u"), {"u": setup.user.id})
+    assert day.scalar() == 3
+    fourth = await send(client, setup, {"content": "fourth"})
+    assert fourth.status_code == 429
+    assert int(fourth.headers["Retry-After"]) > 0
+
+
+async def test_a_token_issued_at_the_instant_of_tokens_valid_after_is_accepted(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """`issued_before` at microsecond precision, as SQL compares it: the same instant passes, one µs more fails."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    issued = create_token(settings=settings, user_id=setup.user.id, team_id=setup.user.team_id, token_type="access")
+    claims = decode_token(issued.token, settings=settings, expected_type="access")
+    instant = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(claims["iat_us"]))
+    headers = {"Authorization": f"Bearer {issued.token}"}
+    setup.user.tokens_valid_after = instant
+    await session.commit()
+    assert (
+        await send(client, ChatSetup(setup.user, setup.agent, setup.chat, headers), {"content": "hi"})
+    ).status_code == 200
+    setup.user.tokens_valid_after = instant + timedelta(microseconds=1)
+    await session.commit()
+    assert (
+        await send(client, ChatSetup(setup.user, setup.agent, setup.chat, headers), {"content": "hi"})
+    ).status_code == 401
