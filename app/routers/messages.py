@@ -9,14 +9,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import CurrentUser, access_claims, api_key_from_request, current_caller, oauth2_scheme
-from app.deps import DatabaseDep, GenerationsDep, RevocationsDep, SessionDep, SettingsDep, ShortSessionDep
+from app.config import Settings
+from app.deps import DatabaseDep, GenerationsDep, RevocationsDep, SessionDep, SettingsDep
+from app.generations import GenerationRegistry
 from app.routers.responses import R401, Responses, error_doc, json_only, total_count
 from app.schemas import FeedbackUpdate, MessageCreate, MessageRead
 from app.services import fast_start, idempotency, tree
 from app.services.chats import CHAT_NOT_FOUND
 from app.services.messages import AGENT_INACTIVE, start_message
+from app.services.revocation import RevocationStore
 from app.services.usage import QUOTA_REACHED
 from app.streaming import SSE_HEADERS
 
@@ -81,7 +85,6 @@ async def start_generation(
     request: Request,
     chat_id: uuid.UUID,
     body: MessageCreate,
-    session: ShortSessionDep,
     settings: SettingsDep,
     db: DatabaseDep,
     revocations: RevocationsDep,
@@ -132,6 +135,23 @@ async def start_generation(
         )
         if started is not None:
             return registry.start(started).sse(settings.STREAM_PING_INTERVAL)
+    # The general path's session: closed when the endpoint returns, before the stream (no open stream keeps one).
+    async with db.sessionmaker() as session:
+        return await _start_checked(request, chat_id, body, session, settings, revocations, registry, key, fingerprint)
+
+
+async def _start_checked(
+    request: Request,
+    chat_id: uuid.UUID,
+    body: MessageCreate,
+    session: AsyncSession,
+    settings: Settings,
+    revocations: RevocationStore,
+    registry: GenerationRegistry,
+    key: str | None,
+    fingerprint: str | None,
+) -> AsyncIterator[bytes]:
+    """The general path: `current_caller`, then each check and write of `start_message` in its transaction."""
     user = await current_caller(request, session, settings, revocations)
     if key is not None:
         assert fingerprint is not None
