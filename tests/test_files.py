@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.models import File, FileBlob, Team
-from app.services import blobs
+from app.services import blobs, fast_start
 from app.services import files as files_service
 from app.state import app_state
 from tests.conftest import count_rows
@@ -615,18 +615,29 @@ async def test_a_send_refused_by_the_quota_leaves_its_files_unsent(
     assert deleted.status_code == 204
 
 
+@pytest.mark.parametrize("path", ["general", "one statement"])
 async def test_a_chat_deleted_under_a_send_is_404_and_gives_the_quota_claim_back(
-    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    setup: ChatSetup,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
 ) -> None:
     """The chat goes between the quota claim and the insert (simulated on the insert's own connection): the
-    send's foreign key fails, which is a 404 (not the 409 of a running generation), and the claim is returned."""
+    send's foreign key fails, which is a 404 (not the 409 of a running generation), and the claim is returned.
+    On the one-statement path (app.services.fast_start) the chat goes just before its statement: the statement
+    stores and claims nothing, and the general path answers 404."""
     await set_quota(session, setup, 1)
     engine = app_state(app).db.engine.sync_engine
+    if path == "general":
+        monkeypatch.setattr(fast_start, "applies", lambda *_a, **_k: False)
+    first = "INSERT INTO MESSAGES" if path == "general" else "WITH RECURSIVE CALLER"
 
     done: list[bool] = []
 
     def delete_chat_first(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
-        if not done and statement.lstrip().upper().startswith("INSERT INTO MESSAGES"):
+        if not done and statement.lstrip().upper().startswith(first):
             done.append(True)
             cursor.execute(f"DELETE FROM chats WHERE id = '{setup.chat.id}'")
 
