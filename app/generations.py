@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,6 +46,8 @@ CUT_STATUSES = frozenset({502, 504, 524})
 CALLBACK_NOT_ACCEPTED = "No running generation has this callback URL"
 
 WAITING = {"description": "Waiting for the agent", "done": False}
+#: How many (user, chat) webhooks `GenerationRegistry.warm_for` remembers (~200 bytes each).
+WEBHOOK_MEMORY = 10_000
 
 
 class GenerationRegistry:
@@ -80,6 +83,9 @@ class GenerationRegistry:
         self._closing = False
         self._draining: asyncio.Task[None] | None = None
         self.recovered = False
+        #: The webhook each (user, chat)'s latest answered generation called, least recent first (bounded): the
+        #: next send in that chat opens its n8n connection while its statement runs (`warm_for`).
+        self._webhooks: OrderedDict[tuple[uuid.UUID, uuid.UUID], str] = OrderedDict()
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -204,6 +210,20 @@ class GenerationRegistry:
     @property
     def accepting(self) -> bool:
         return not self._closing
+
+    def warm_for(self, user_id: uuid.UUID, chat_id: uuid.UUID) -> None:
+        """Open a connection to the webhook this user's chat called last (N8nStreamer.warm), if known: the
+        connect then overlaps the send's database statement. Only the chat's own user's sends ever warm it."""
+        url = self._webhooks.get((user_id, chat_id))
+        if url is not None:
+            self.streamer.warm(url)
+
+    def _remember_webhook(self, new: message_service.NewGeneration) -> None:
+        key = (new.user_id, new.chat_id)
+        self._webhooks[key] = new.webhook_url
+        self._webhooks.move_to_end(key)
+        if len(self._webhooks) > WEBHOOK_MEMORY:
+            self._webhooks.popitem(last=False)
 
     def check_accepting(self) -> None:
         """New generations are refused once shutdown began (they would only be interrupted)."""
@@ -437,6 +457,8 @@ class GenerationRegistry:
             failure = StreamFailure(
                 "internal_error", "The answer could not be completed", detail={"error": type(exc).__name__}
             )
+        if stats.upstream_status is not None:  # n8n answered: worth connecting to ahead of the next send
+            self._remember_webhook(new)
         # From here on a stop no longer cancels the task: the outcome decided above is the one stored.
         generation.finishing = True
         inbox = generation.inbox

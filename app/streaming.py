@@ -7,12 +7,14 @@ worker's heartbeat and recovery); their public names are re-exported here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import yarl
 
 from app.config import Settings
 from app.generations import WAITING, GenerationRegistry
@@ -153,6 +155,9 @@ class N8nStreamer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        #: Connections being opened ahead of a request (`warm`), by origin: `run` waits for one rather than
+        #: opening a second.
+        self._warming: dict[tuple[str, str, int | None], asyncio.Task[None]] = {}
 
     def session(self) -> aiohttp.ClientSession:
         """The shared session, created on first use (inside the running loop)."""
@@ -164,6 +169,46 @@ class N8nStreamer:
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
+
+    def warm(self, url: str) -> None:
+        """Open a connection to `url`'s origin into the pool now, unless one is idle there or already opening.
+
+        Called while a send's statement (and its commit) is in flight, so the TCP (and TLS) connect overlaps
+        the database's WAL flush instead of following it; nothing is sent on it until `run` posts the request.
+        The connection goes through the same policy-checking resolver; a URL the policy refuses is left to
+        `run` to refuse. Best effort: any failure is dropped (`run` connects, and reports, by itself).
+        """
+        try:
+            target = webhook_target(url, self.settings)
+        except WebhookPolicyError:
+            return
+        origin = (target.scheme, target.host or "", target.port)
+        session = self.session()
+        connector = session.connector
+        if origin in self._warming or connector is None:
+            return
+        loop = asyncio.get_running_loop()
+        request = aiohttp.ClientRequest("POST", target, loop=loop, ssl=True)
+        if getattr(connector, "_conns", {}).get(request.connection_key):
+            return  # an idle pooled connection is there: the request will reuse it
+
+        async def connect() -> None:
+            try:
+                connection = await connector.connect(request, [], session.timeout)
+            except Exception:  # a warm-up never fails a send: `run` connects and reports by itself
+                return
+            connection.release()
+
+        task = loop.create_task(connect())
+        self._warming[origin] = task
+        task.add_done_callback(lambda _t: self._warming.pop(origin, None))
+
+    async def _warmed(self, target: yarl.URL) -> None:
+        """Wait for a warm-up of `target`'s origin still in flight, so the request takes its connection rather
+        than opening a second one. If it failed, the request connects (and reports a failure) by itself."""
+        task = self._warming.get((target.scheme, target.host or "", target.port))
+        if task is not None:
+            await asyncio.shield(task)
 
     async def run(
         self,
@@ -195,6 +240,7 @@ class N8nStreamer:
         del payload  # the encoded body is all that is needed from here on
         parser = BodyParser(max_line_bytes=s.N8N_MAX_LINE_BYTES, max_response_bytes=s.N8N_MAX_RESPONSE_BYTES)
         try:
+            await self._warmed(target)
             await exchange(
                 self.session(),
                 target=target,

@@ -22,7 +22,7 @@ from app.security import create_token, decode_token
 from app.services import fast_start
 from app.state import app_state
 from tests.factories import auth_headers, create_chat, create_user
-from tests.live import ChatSetup, chat_with_agent, data_events, parse_sse
+from tests.live import ChatSetup, chat_with_agent, data_events, free_port, parse_sse
 from tools.fake_n8n import FakeN8n
 
 pytestmark = pytest.mark.timeout(60)
@@ -246,3 +246,66 @@ async def test_a_token_issued_at_the_instant_of_tokens_valid_after_is_accepted(
     assert (
         await send(client, ChatSetup(setup.user, setup.agent, setup.chat, headers), {"content": "hi"})
     ).status_code == 401
+
+
+def _drop_idle_connections(app: FastAPI) -> None:
+    """Close the n8n pool's idle connections, as n8n's keep-alive does after a few quiet seconds."""
+    connector = app_state(app).generations.streamer.session().connector
+    assert connector is not None
+    conns = connector._conns
+    for idle in conns.values():
+        for protocol, _at in idle:
+            protocol.close()
+    conns.clear()
+
+
+def _pooled(app: FastAPI) -> int:
+    connector = app_state(app).generations.streamer.session().connector
+    assert connector is not None
+    return sum(len(idle) for idle in connector._conns.values())
+
+
+async def test_the_next_send_opens_its_n8n_connection_while_its_statement_runs(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """After an answered send, the chat's next send starts connecting to n8n before its statement goes to the
+    database, and the request then uses that connection (one connection, not two). Another user's send to the
+    same chat id warms nothing."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    assert (await send(client, setup, {"content": "first"})).status_code == 200
+    _drop_idle_connections(app)
+    streamer = app_state(app).generations.streamer
+    engine = app_state(app).db.engine.sync_engine
+    warming_at_statement: list[int] = []
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("WITH RECURSIVE caller"):
+            warming_at_statement.append(len(streamer._warming))
+
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        stranger = await create_user(session)
+        refused = await client.post(
+            f"/api/chats/{setup.chat.id}/messages", json={"content": "x"}, headers=auth_headers(settings, stranger)
+        )
+        assert refused.status_code == 404
+        response = await send(client, setup, {"content": "second"})
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+    assert response.status_code == 200
+    assert data_events(parse_sse(response.text))[-1].type == "done"
+    assert warming_at_statement == [0, 1]  # the stranger's send warmed nothing; the owner's was connecting
+    assert _pooled(app) == 1
+
+
+async def test_a_webhook_that_never_answered_is_not_warmed(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """Only a webhook that answered is remembered: a send to a dead one does not make the next send wait on it."""
+    setup = await chat_with_agent(session, settings, f"http://127.0.0.1:{free_port()}/webhook/x")
+    response = await send(client, setup, {"content": "hello?"})
+    assert data_events(parse_sse(response.text))[-1].type == "error"
+    registry = app_state(app).generations
+    assert registry._webhooks == {}
+    registry.warm_for(setup.user.id, setup.chat.id)
+    assert registry.streamer._warming == {}

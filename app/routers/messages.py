@@ -122,6 +122,7 @@ async def start_generation(
         content=body.content,
     ):
         claims = access_claims(request, settings)
+        registry.warm_for(uuid.UUID(claims["sub"]), chat_id)
         assert body.content is not None  # applies() checked it
         started = await fast_start.start(
             db=db,
