@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--session",
         choices=("autocommit", "transaction"),
-        default="transaction",
+        default="autocommit",
         help="the session factory of the final write (default: the one app/generations.py `_finish` uses)",
     )
     asyncio.run(run(parser.parse_args(argv)))
