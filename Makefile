@@ -24,7 +24,7 @@ run: export PUBLIC_BASE_URL ?= http://$(HOST):$(PORT)
 # The browser tests (tests/test_web_*.py) drive Debian's Chromium through Playwright (no browser download).
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test fake-n8n lint fmt schema install install-dev bench bench-quick bench-history bench-usage clean chromium vendor screenshots
+.PHONY: run test fake-n8n lint fmt schema install install-dev bench bench-quick bench-history bench-usage bench-finish clean chromium vendor screenshots
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +96,10 @@ bench-history: $(VENV)/.dev
 # The usage reports on a million-row ledger (bench/bench_usage.py), its own throwaway database, ~3 minutes.
 bench-usage: $(VENV)/.dev
 	$(PY) -m bench.bench_usage
+
+# The final write of an answer in-process (bench/bench_finish.py), its own throwaway database, ~30 seconds.
+bench-finish: $(VENV)/.dev
+	$(PY) -m bench.bench_finish
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -92,8 +92,8 @@ class Database:
         self.statements = statements_for(self.engine.dialect.name)
         info = session_info(self.statements)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False, info=info)
-        # Same pool, no BEGIN/COMMIT: for work that is one statement (a checkpoint, a successful final
-        # write), where a transaction only adds two round trips. PostgreSQL only: on SQLite (one file, a
+        # Same pool, no BEGIN/COMMIT: for work that is one statement (a checkpoint, the final write of an
+        # answer), where a transaction only adds two round trips. PostgreSQL only: on SQLite (one file, a
         # thread per connection) switching the isolation level costs more thread hops than it saves, so
         # there these sessions are ordinary ones.
         self.autocommit = (

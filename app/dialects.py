@@ -6,7 +6,6 @@ The set is chosen once, where the `Database` is created, and rides on every sess
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -16,16 +15,15 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     ColumnElement,
+    CompoundSelect,
     DateTime,
     Executable,
+    Insert,
     Numeric,
+    Select,
     Text,
-    TextClause,
-    Uuid,
-    bindparam,
     cast,
     func,
-    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import Insert as PgInsert
@@ -85,43 +83,28 @@ def add_sqlite_histograms(current: str | None, more: str | None) -> str | None:
     return str(int(current) + int(more))
 
 
-def _typed(statement: str) -> TextClause:
-    """A text() statement built once, with the types of the parameters it uses (`:now`, `:id`, `:aid`...)."""
-    types: dict[str, TypeEngine[Any]] = {
-        "now": UTCDateTime(),
-        "created_at": UTCDateTime(),
-        "id": Uuid(),
-        "uid": Uuid(),
-        "aid": Uuid(),
-        "cid": Uuid(),
-    }
-    used = set(re.findall(r":(\w+)", statement))
-    return text(statement).bindparams(*(bindparam(name, type_=type_) for name, type_ in types.items() if name in used))
-
-
 class Statements(ABC):
     """The statements whose SQL differs per dialect; each is built once (not one `text()` per write).
 
-    - `finish`: the final write of an assistant message (`:aid`) and the activity stamp of its chat (`:cid`),
-      one statement on PostgreSQL (a data-modifying CTE), two in one transaction on SQLite, which has none;
+    - `chains_writes`: whether one statement can hold several writes (data-modifying CTEs, PostgreSQL): the
+      final write of an answer is then one statement in autocommit (app.services.messages); SQLite has none,
+      so there it is several statements in one transaction;
     - `children_join`: a join from parents `p` to their children `s`, forced to be index lookups;
     - `insert_ignoring_conflict`: an INSERT that keeps the existing row on a unique conflict;
     - `insert_locking_existing`: an INSERT that, on a unique conflict, rewrites one column of the existing row
       to itself: the row is then locked until commit (a concurrent DELETE waits, then fails on a reference).
     - `upsert`: an INSERT whose conflicting rows are updated instead (`set_of(excluded)` says how);
+      `upsert_select` the same for the rows of a query;
     - `add_histograms` / `sum_histograms`: histograms (`Histogram`) added in an UPDATE and summed in a GROUP BY
       (the sum as decimal text, or comma-separated decimal terms to add: `histogram_total` reads either).
     """
 
     name: str
-    _finish_sql: tuple[str, ...]
+    chains_writes: bool
     #: `children_of(p)`: the rows `s` (id, parent_id, created_at) whose parent is `p.parent_id`, one index
     #: lookup per parent (a plain join lets PostgreSQL's planner pick a hash join over the whole table when
     #: its estimates are off).
     children_join: str
-
-    def __init__(self) -> None:
-        self.finish = tuple(_typed(sql) for sql in self._finish_sql)
 
     @abstractmethod
     def _insert(self, table: type[Any]) -> PgInsert | SqliteInsert:
@@ -142,9 +125,23 @@ class Statements(ABC):
         rows: Sequence[dict[str, Any]],
         index_elements: list[str],
         set_of: Callable[[Any], dict[str, Any]],
-    ) -> Executable:
+    ) -> Insert:
         """INSERT ... ON CONFLICT (index_elements) DO UPDATE SET set_of(excluded), for several rows at once."""
         statement = self._insert(table).values(list(rows))
+        return statement.on_conflict_do_update(index_elements=index_elements, set_=set_of(statement.excluded))
+
+    def upsert_select(
+        self,
+        table: type[Any],
+        columns: list[str],
+        rows: Select[Any] | CompoundSelect[Any],
+        index_elements: list[str],
+        set_of: Callable[[Any], dict[str, Any]],
+    ) -> Insert:
+        """INSERT ... SELECT ... ON CONFLICT (index_elements) DO UPDATE SET set_of(excluded): `upsert` of the
+        rows a query gives, in its order. For prebuilt statements, which select their parameters: SQLAlchemy
+        caches no multi-row VALUES (it would compile `upsert` again on every call)."""
+        statement = self._insert(table).from_select(columns, rows)
         return statement.on_conflict_do_update(index_elements=index_elements, set_=set_of(statement.excluded))
 
     @abstractmethod
@@ -156,22 +153,9 @@ class Statements(ABC):
         """A GROUP BY aggregate of a `Histogram` column, as text that `histogram_total` reads."""
 
 
-_FINISH_MESSAGE = (
-    "UPDATE messages SET content = :content, status = :status, error = {json_error}, metadata = {json_metadata}, "
-    "created_at = :created_at, updated_at = :now WHERE id = :aid"
-)
-_TOUCH_CHAT = "UPDATE chats SET last_message_at = :now, updated_at = :now"
-
-
 class PostgresStatements(Statements):
     name = "postgresql"
-    _finish_sql = (
-        "WITH m AS ("
-        + _FINISH_MESSAGE.format(json_error="CAST(:error AS jsonb)", json_metadata="CAST(:metadata AS jsonb)")
-        + " RETURNING chat_id) "
-        + _TOUCH_CHAT
-        + " FROM m WHERE chats.id = m.chat_id",
-    )
+    chains_writes = True
     #: `OFFSET 0` keeps the planner from flattening the subquery back into a (hash) join.
     children_join = (
         "CROSS JOIN LATERAL (SELECT c.id, c.parent_id, c.created_at FROM messages c"
@@ -190,10 +174,7 @@ class PostgresStatements(Statements):
 
 class SqliteStatements(Statements):
     name = "sqlite"
-    _finish_sql = (
-        _FINISH_MESSAGE.format(json_error=":error", json_metadata=":metadata"),
-        _TOUCH_CHAT + " WHERE id = :cid",
-    )
+    chains_writes = False
     #: SQLite has no LATERAL and no hash join: its nested loop uses the parent index anyway.
     children_join = "JOIN messages s ON s.parent_id = p.parent_id"
 
@@ -215,6 +196,11 @@ _KEY = "statements"
 def statements_for(dialect_name: str) -> Statements:
     """The statement set of an engine's dialect (called once, by `Database`)."""
     return _BY_DIALECT[dialect_name]
+
+
+def all_statements() -> tuple[Statements, ...]:
+    """Every dialect's statement set (for statements prebuilt once per set, at import)."""
+    return tuple(_BY_DIALECT.values())
 
 
 def session_info(statements: Statements) -> dict[str, Any]:

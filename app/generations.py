@@ -609,9 +609,10 @@ class GenerationRegistry:
         await checkpoint.close()
         new = generation.new
         error = None if failure is None else {"message": failure.message, "code": failure.code}
-        # One transaction: the message, its usage ledger row and, on failure, its error_logs row.
+        # The message, its usage ledger row and, on failure, its error_logs row: one statement in autocommit on
+        # PostgreSQL (one round trip), one transaction on SQLite (app.services.messages.finish_message).
         try:
-            async with self.db.sessionmaker() as session:
+            async with self.db.autocommit() as session:
                 stored = await message_service.finish_message(
                     session=session,
                     new=new,

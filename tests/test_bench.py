@@ -1,5 +1,5 @@
 """The benchmark's own parsers and contract checks (no benchmarking here: bench/ is run by `make bench`),
-and tiny runs of bench/bench_history.py and bench/bench_usage.py so they cannot rot."""
+and tiny runs of bench/bench_history.py, bench/bench_usage.py and bench/bench_finish.py so they cannot rot."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_history, bench_usage
+from bench import bench_finish, bench_history, bench_usage
 from bench.loadgen import ContractChecker, Event, NDJSONParser, SSEParser, StreamResult, percentile, summarize
 from bench.report import write
 from bench.run import admin
@@ -165,3 +165,14 @@ async def test_bench_usage_runs_at_tiny_sizes() -> None:
     assert all(q["runs"] == 2 and q["p50_ms"] > 0 for q in results["queries"])
     assert 0 < results["team_rows_30_days"] <= 200
     assert results["rollup_rows"] > 0  # the reports read the roll-up the migration back-filled
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_bench_finish_runs_at_tiny_sizes() -> None:
+    """A throwaway database, a few final writes of each kind timed, and one round trip each (autocommit)."""
+    args = argparse.Namespace(admin_url=_plain_url(ADMIN_URL), calls=6, warmup=4, trips=3, session="autocommit")
+    results = await bench_finish.run(args)
+    assert [(r["kind"], r["calls"]) for r in results["rounds"]] == [("complete", 6), ("error", 6)]
+    assert all(r["cpu_us"] > 0 and r["wall_p50_us"] > 0 for r in results["rounds"])
+    assert results["round_trips"] == {"complete": 1.0, "error": 1.0}

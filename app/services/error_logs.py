@@ -6,17 +6,24 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import BindParameter, ColumnElement, Insert, bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import utcnow
 from app.models import Agent, Chat, ErrorLog, User
 
 #: Keys whose values are never stored in `detail`, whatever a caller passes (defence in depth).
 SECRET_WORDS = ("authorization", "token", "password", "secret", "header", "cookie", "key")
 
 
-def _clean_detail(detail: dict[str, Any]) -> dict[str, Any]:
+def clean_detail(detail: dict[str, Any]) -> dict[str, Any]:
+    """`detail` without the keys that may hold a secret (SECRET_WORDS)."""
     return {k: v for k, v in detail.items() if not any(word in k.lower() for word in SECRET_WORDS)}
+
+
+def _existing(model: type[Chat] | type[Agent] | type[User], value: Any) -> Any:
+    """The id if its row still exists, else NULL (rows deleted meanwhile are stored as NULL)."""
+    return None if value is None else select(model.id).where(model.id == value).scalar_subquery()
 
 
 async def record_error(
@@ -32,22 +39,66 @@ async def record_error(
     detail: dict[str, Any],
 ) -> None:
     """Insert a row in the caller's transaction (no commit). Ids of rows deleted meanwhile are stored as NULL."""
-
-    def existing(model: type[Chat] | type[Agent] | type[User], value: uuid.UUID | None) -> Any:
-        return None if value is None else select(model.id).where(model.id == value).scalar_subquery()
-
     await session.execute(
         insert(ErrorLog).values(
             team_id=team_id,
-            user_id=existing(User, user_id),
-            chat_id=existing(Chat, chat_id),
-            agent_id=existing(Agent, agent_id),
+            user_id=_existing(User, user_id),
+            chat_id=_existing(Chat, chat_id),
+            agent_id=_existing(Agent, agent_id),
             code=code,
             message=message,
             upstream_status=upstream_status,
-            detail=_clean_detail(detail),
+            detail=clean_detail(detail),
         )
     )
+
+
+def prebuilt_insert(detail: ColumnElement[Any]) -> Insert:
+    """`record_error`'s row as a prebuilt INSERT, for a statement that chains writes
+    (`Statements.chains_writes`), bound by `prebuilt_params`; its `detail` is the caller's expression (of
+    parameters it binds itself, cleaned by `clean_detail`). `id` and `created_at` are bound too: a chained
+    INSERT gets no Python-side default."""
+    c = ErrorLog.__table__.columns
+
+    def bound(name: str) -> BindParameter[Any]:
+        return bindparam(f"e_{name}", type_=c[name].type)
+
+    return insert(ErrorLog).values(
+        id=bound("id"),
+        team_id=bound("team_id"),
+        user_id=_existing(User, bound("user_id")),
+        chat_id=_existing(Chat, bound("chat_id")),
+        agent_id=_existing(Agent, bound("agent_id")),
+        code=bound("code"),
+        message=bound("message"),
+        upstream_status=bound("upstream_status"),
+        detail=detail,
+        created_at=bound("created_at"),
+    )
+
+
+def prebuilt_params(
+    *,
+    team_id: uuid.UUID,
+    user_id: uuid.UUID | None,
+    chat_id: uuid.UUID | None,
+    agent_id: uuid.UUID | None,
+    code: str,
+    message: str,
+    upstream_status: int | None,
+) -> dict[str, Any]:
+    """The parameters of `prebuilt_insert` but its detail's."""
+    return {
+        "e_id": uuid.uuid4(),
+        "e_team_id": team_id,
+        "e_user_id": user_id,
+        "e_chat_id": chat_id,
+        "e_agent_id": agent_id,
+        "e_code": code,
+        "e_message": message,
+        "e_upstream_status": upstream_status,
+        "e_created_at": utcnow(),
+    }
 
 
 async def list_error_logs(

@@ -9,7 +9,6 @@ and the final write each update one row.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Collection
@@ -24,11 +23,14 @@ from sqlalchemy import (
     String,
     Text,
     TextualSelect,
+    Update,
     Uuid,
     bindparam,
+    case,
     exists,
     func,
     insert,
+    null,
     select,
     text,
     update,
@@ -41,9 +43,9 @@ from app import callbacks
 from app.chat_schemas import format_timestamp
 from app.config import Settings
 from app.db import execute_core, utcnow
-from app.dialects import UTCDateTime, statements_of
+from app.dialects import Statements, UTCDateTime, all_statements, statements_of
 from app.errors import Conflict, NotFound, Unprocessable
-from app.models import IS_STREAMING, Agent, Chat, Message
+from app.models import IS_STREAMING, Agent, Chat, ErrorLog, Message
 from app.schemas import MessageRead
 from app.security import Caller
 from app.services import error_logs
@@ -154,6 +156,58 @@ _CHECKPOINT = (
     .where(Message.id == bindparam("aid"), Message.status == "streaming")
     .values(content=bindparam("content"), created_at=bindparam("created_at"))
 )
+
+
+def _final_message(*, failed: bool) -> Update:
+    """The answer's final row (`:aid`), with its error (`:m_error`) when it failed, else none. No parameter is
+    named after a column: Core would add it to the SET clause of an UPDATE that leaves it out (the chat's)."""
+    return (
+        update(Message)
+        .where(Message.id == bindparam("aid"))
+        .values(
+            content=bindparam("m_content"),
+            status=bindparam("m_status"),
+            error=bindparam("m_error") if failed else null(),
+            meta=bindparam("m_metadata"),
+            created_at=bindparam("m_created_at"),
+            updated_at=bindparam("now"),
+        )
+    )
+
+
+def _touch_chat(chat_id: Any) -> Update:
+    """The chat's activity time (`:now`)."""
+    return update(Chat).where(Chat.id == chat_id).values(last_message_at=bindparam("now"), updated_at=bindparam("now"))
+
+
+#: Where one statement cannot chain writes (SQLite): the final write's statements of one transaction, by
+#: `failed`, before its error_logs and ledger rows.
+_FINAL_MESSAGE = (_final_message(failed=False), _final_message(failed=True))
+_TOUCH_CHAT = _touch_chat(bindparam("cid"))
+
+
+def _final_write(statements: Statements, *, failed: bool) -> Select[tuple[uuid.UUID]]:
+    """The whole final write as ONE statement, for a dialect that chains writes (PostgreSQL's data-modifying
+    CTEs): the answer's row (`m`, which returns its chat when the row still exists), its chat's activity time,
+    the ledger row and its roll-up (`usage.ledger_writes`), and when `failed` the error_logs row, whose detail
+    says `stored: false` when the answer's row was gone. One statement is atomic: all of it or nothing."""
+    message = _final_message(failed=failed).returning(Message.chat_id).cte("m")
+    ledger, rollup = usage_service.ledger_writes(statements)
+    writes = [_touch_chat(message.c.chat_id).cte("c"), ledger.cte("u"), rollup.cte("r")]
+    if failed:
+        detail = ErrorLog.__table__.columns["detail"].type
+        stored = exists(select(message.c.chat_id))
+        chosen = case((stored, bindparam("e_detail", type_=detail)), else_=bindparam("e_detail_gone", type_=detail))
+        writes.append(error_logs.prebuilt_insert(chosen).cte("e"))
+    return select(message.c.chat_id).add_cte(*writes)
+
+
+#: The final write of each statement set that chains writes (`_final_write`), by `failed`: built once, here.
+_FINAL_WRITES = {
+    statements: (_final_write(statements, failed=False), _final_write(statements, failed=True))
+    for statements in all_statements()
+    if statements.chains_writes
+}
 
 
 @dataclass(slots=True)
@@ -508,43 +562,23 @@ async def finish_message(
     upstream_status: int | None,
 ) -> dict[str, Any]:
     """The one final write of an answer (its row, and its chat's activity time), plus its error_logs row on
-    failure and its usage ledger row, in one transaction."""
+    failure and its usage ledger row: one statement where the dialect chains writes (PostgreSQL: then an
+    autocommit session makes it one round trip), else one transaction. A failed answer's error_logs row says
+    `stored: false` when its row was gone (its chat deleted meanwhile)."""
     if new.assistant_started is None:
         new.stamp_assistant()
-    now = utcnow()
-    params = {
+    failed = error is not None
+    params: dict[str, Any] = {
         "aid": uuid.UUID(new.assistant_id),
         "cid": new.chat_id,
-        "content": content,
-        "status": status,
-        "error": None if error is None else json.dumps(error),
-        "metadata": json.dumps(metadata),
-        "created_at": new.assistant_started,
-        "now": now,
+        "m_content": content,
+        "m_status": status,
+        "m_error": error,
+        "m_metadata": metadata,
+        "m_created_at": new.assistant_started,
+        "now": utcnow(),
     }
-    written = False
-    for index, statement in enumerate(statements_of(session).finish):
-        result = await execute_core(session, statement, params)
-        if index == 0:
-            written = bool(getattr(result, "rowcount", 0))
-    if error is not None:
-        detail = dict(failure_detail or {})
-        if not written:
-            detail["stored"] = False
-        await error_logs.record_error(
-            session=session,
-            team_id=new.team_id,
-            user_id=new.user_id,
-            chat_id=new.chat_id,
-            agent_id=new.agent_id,
-            code=error["code"],
-            message=error["message"],
-            upstream_status=upstream_status,
-            detail=detail,
-        )
-    # Usage hook (app.services.usage): the generation's ledger row, in this same transaction.
-    await usage_service.record_generation(
-        session=session,
+    ledger_row = usage_service.ledger_row(
         team_id=new.team_id,
         user_id=new.user_id,
         agent_id=new.agent_id,
@@ -555,6 +589,43 @@ async def finish_message(
         chars_out=len(content),
         metadata=metadata,
     )
+    detail = dict(failure_detail or {})
+    chained = _FINAL_WRITES.get(statements_of(session))
+    if chained is not None:
+        params.update(usage_service.ledger_params(ledger_row))
+        if error is not None:
+            params |= error_logs.prebuilt_params(
+                team_id=new.team_id,
+                user_id=new.user_id,
+                chat_id=new.chat_id,
+                agent_id=new.agent_id,
+                code=error["code"],
+                message=error["message"],
+                upstream_status=upstream_status,
+            )
+            # The statement picks one: `e_detail_gone` when the answer's row was gone (`_final_write`).
+            params["e_detail"] = error_logs.clean_detail(detail)
+            params["e_detail_gone"] = error_logs.clean_detail({**detail, "stored": False})
+        await execute_core(session, chained[failed], params)
+    else:
+        written = bool(getattr(await execute_core(session, _FINAL_MESSAGE[failed], params), "rowcount", 0))
+        await execute_core(session, _TOUCH_CHAT, params)
+        if error is not None:
+            if not written:
+                detail["stored"] = False
+            await error_logs.record_error(
+                session=session,
+                team_id=new.team_id,
+                user_id=new.user_id,
+                chat_id=new.chat_id,
+                agent_id=new.agent_id,
+                code=error["code"],
+                message=error["message"],
+                upstream_status=upstream_status,
+                detail=detail,
+            )
+        # Usage hook (app.services.usage): the generation's ledger row, in this same transaction.
+        await usage_service.add_ledger_rows(session=session, rows=[ledger_row])
     await session.commit()
     return public_message(
         message_view(

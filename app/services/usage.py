@@ -8,17 +8,25 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, func, insert, null, select, update
+from sqlalchemy import ColumnElement, Insert, bindparam, func, insert, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import metrics
 from app.db import execute_core, utcnow
-from app.dialects import statements_of
+from app.dialects import Statements, statements_of
 from app.errors import RateLimited, Unprocessable
 from app.models import Agent, Team, UsageDaily, UsageRecord, UsageRollup, User
 from app.security import Caller
-from app.services.usage_rollup import NIL, add_to_rollup, median, rollup_rows, summed_digits
+from app.services.usage_rollup import (
+    NIL,
+    add_to_rollup,
+    median,
+    prebuilt_add_to_rollup,
+    prebuilt_params,
+    rollup_rows,
+    summed_digits,
+)
 
 GroupBy = Literal["day", "agent", "user"]
 DEFAULT_DAYS = 30
@@ -31,6 +39,41 @@ QUOTA_REACHED = "Daily message quota reached; it resets at midnight UTC"
 
 def _ms(value: Any) -> int | None:
     return round(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def ledger_row(
+    *,
+    team_id: uuid.UUID,
+    user_id: uuid.UUID,
+    agent_id: uuid.UUID,
+    chat_id: uuid.UUID | None,
+    outcome: str,
+    error_code: str | None,
+    chars_in: int,
+    chars_out: int,
+    metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """A generation's ledger row (all its columns but `id`). `chat_id` is None for a completion of the
+    OpenAI-compatible API, which stores no chat.
+
+    Timings and token counts come from the message metadata the generation gathered: `ttfc_ms`,
+    `duration_ms`, `tokens_in`/`tokens_out` (present only when n8n reported usage).
+    """
+    return {
+        "team_id": team_id,
+        "user_id": user_id,
+        "agent_id": agent_id,
+        "chat_id": chat_id,
+        "outcome": outcome,
+        "error_code": error_code,
+        "chars_in": chars_in,
+        "chars_out": chars_out,
+        "tokens_in": _ms(metadata.get("tokens_in")),
+        "tokens_out": _ms(metadata.get("tokens_out")),
+        "ttfc_ms": _ms(metadata.get("ttfc_ms")),
+        "duration_ms": _ms(metadata.get("duration_ms")) or 0,
+        "created_at": utcnow(),
+    }
 
 
 async def record_generation(
@@ -46,35 +89,50 @@ async def record_generation(
     chars_out: int,
     metadata: dict[str, Any],
 ) -> None:
-    """Insert the generation's ledger row in the caller's transaction (the final message's; no commit).
-    `chat_id` is None for a completion of the OpenAI-compatible API, which stores no chat.
-
-    Timings and token counts come from the message metadata the generation gathered: `ttfc_ms`,
-    `duration_ms`, `tokens_in`/`tokens_out` (present only when n8n reported usage).
-    """
-    row = {
-        "team_id": team_id,
-        "user_id": user_id,
-        "agent_id": agent_id,
-        "chat_id": chat_id,
-        "outcome": outcome,
-        "error_code": error_code,
-        "chars_in": chars_in,
-        "chars_out": chars_out,
-        "tokens_in": _ms(metadata.get("tokens_in")),
-        "tokens_out": _ms(metadata.get("tokens_out")),
-        "ttfc_ms": _ms(metadata.get("ttfc_ms")),
-        "duration_ms": _ms(metadata.get("duration_ms")) or 0,
-        "created_at": utcnow(),
-    }
+    """Insert the generation's ledger row (`ledger_row`) in the caller's transaction (the final message's;
+    no commit)."""
+    row = ledger_row(
+        team_id=team_id,
+        user_id=user_id,
+        agent_id=agent_id,
+        chat_id=chat_id,
+        outcome=outcome,
+        error_code=error_code,
+        chars_in=chars_in,
+        chars_out=chars_out,
+        metadata=metadata,
+    )
     await add_ledger_rows(session=session, rows=[row])
 
 
 async def add_ledger_rows(*, session: AsyncSession, rows: list[dict[str, Any]]) -> None:
-    """Ledger rows (all their columns but `id`) and their roll-up, in the caller's transaction: the only way
-    rows enter the ledger, so the roll-up the reports read always equals the ledger."""
+    """Ledger rows (all their columns but `id`) and their roll-up, in the caller's transaction: with
+    `ledger_writes` (the same for one row, chained into a larger statement), the only way rows enter the
+    ledger, so the roll-up the reports read always equals the ledger."""
     await session.execute(insert(UsageRecord), rows)
     await session.execute(add_to_rollup(statements_of(session), rollup_rows(rows)))
+
+
+#: The roll-up rows of one ledger row: the team's day, the agent's, the user's, the user's with the agent.
+GRAINS = 4
+
+
+def ledger_writes(statements: Statements) -> tuple[Insert, Insert]:
+    """`add_ledger_rows` of ONE row as two prebuilt statements, for a statement that chains writes
+    (`Statements.chains_writes`), bound by `ledger_params`: the ledger's INSERT (its `id` bound too: a chained
+    INSERT gets no Python-side default) and the roll-up's upsert (`add_to_rollup`'s, its rows in the order
+    `rollup_rows` sorts them, so concurrent writers take the row locks in one order)."""
+    ledger = insert(UsageRecord).values(
+        {c.key: bindparam(f"u_{c.key}", type_=c.type) for c in UsageRecord.__table__.columns}
+    )
+    return ledger, prebuilt_add_to_rollup(statements, GRAINS)
+
+
+def ledger_params(row: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of `ledger_writes` for one ledger row (`ledger_row`)."""
+    params = {f"u_{name}": value for name, value in row.items()}
+    params["u_id"] = uuid.uuid4()
+    return params | prebuilt_params(rollup_rows([row]))
 
 
 # --- reports -------------------------------------------------------------------------------------

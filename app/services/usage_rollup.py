@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import uuid
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date
 from itertools import accumulate
 from typing import Any
 
-from sqlalchemy import Executable, func
+from sqlalchemy import Insert, bindparam, func, select, union_all
 
 from app.dialects import Statements
 from app.models import UsageRollup
@@ -164,9 +164,12 @@ def rollup_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [rows[key] for key in sorted(rows, key=lambda k: (str(k[0]), k[1], str(k[2]), str(k[3])))]
 
 
-def add_to_rollup(statements: Statements, rows: list[dict[str, Any]]) -> Executable:
-    """One upsert adding roll-up rows to the stored ones (inserting the missing): safe under concurrency,
-    since each row's update is done under its row lock by the database."""
+#: The roll-up's key: one row per team, UTC day, agent and user.
+_KEY = ["team_id", "day", "agent_id", "user_id"]
+
+
+def _adding(statements: Statements) -> Callable[[Any], dict[str, Any]]:
+    """The ON CONFLICT update of a roll-up row: the new row's counters, sums and histograms added to it."""
 
     def set_of(excluded: Any) -> dict[str, Any]:
         t = UsageRollup
@@ -178,4 +181,25 @@ def add_to_rollup(statements: Statements, rows: list[dict[str, Any]]) -> Executa
             changes[name] = statements.add_histograms(getattr(t, name), getattr(excluded, name))
         return changes
 
-    return statements.upsert(UsageRollup, rows, ["team_id", "day", "agent_id", "user_id"], set_of)
+    return set_of
+
+
+def add_to_rollup(statements: Statements, rows: list[dict[str, Any]]) -> Insert:
+    """One upsert adding roll-up rows to the stored ones (inserting the missing): safe under concurrency,
+    since each row's update is done under its row lock by the database."""
+    return statements.upsert(UsageRollup, rows, _KEY, _adding(statements))
+
+
+def prebuilt_add_to_rollup(statements: Statements, count: int) -> Insert:
+    """`add_to_rollup` of `count` rows as a prebuilt statement (SQLAlchemy caches its compiled form), bound
+    by `prebuilt_params`; it upserts the rows in their order (`rollup_rows`' lock order)."""
+    columns = list(UsageRollup.__table__.columns)
+    rows = union_all(
+        *(select(*(bindparam(f"r{i}_{c.key}", type_=c.type).label(c.key) for c in columns)) for i in range(count))
+    )
+    return statements.upsert_select(UsageRollup, [c.key for c in columns], rows, _KEY, _adding(statements))
+
+
+def prebuilt_params(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The parameters of `prebuilt_add_to_rollup` for these roll-up rows (`rollup_rows`)."""
+    return {f"r{i}_{name}": value for i, row in enumerate(rows) for name, value in row.items()}

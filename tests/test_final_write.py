@@ -1,0 +1,261 @@
+"""The final write of an answer (app.services.messages.finish_message): on PostgreSQL one statement in autocommit
+(one round trip, atomic), on SQLite one transaction; the same rows either way."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import delete, event, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.db import Database, utcnow
+from app.models import Chat, ErrorLog, Message, UsageRecord, UsageRollup
+from app.security import Caller
+from app.services.messages import NewGeneration, finish_message, start_message
+from app.state import app_state
+from bench.bench_finish import CountingProxy
+from main import create_app, shutdown
+from tests.conftest import assert_rollup_matches_ledger, count_rows, make_settings, run_migrations, truncate_all
+from tests.factories import create_agent, create_chat, create_team, create_user
+from tests.live import ChatSetup, chat_with_agent, data_events, parse_sse
+from tools.fake_n8n import FakeN8n
+
+FAILURE = {"message": "n8n answered 502", "code": "upstream_error"}
+METADATA = {"ttfc_ms": 40.4, "duration_ms": 900.6, "tokens_in": 7}
+
+
+async def started(db: Database, settings: Settings, setup: ChatSetup) -> NewGeneration:
+    """A generation started in the chat (its placeholder answer is `streaming`)."""
+    async with db.autocommit() as s:
+        return await start_message(
+            session=s,
+            settings=settings,
+            user=Caller(id=setup.user.id, team_id=setup.user.team_id),
+            chat_id=setup.chat.id,
+            content="question?",
+            worker_id=uuid.uuid4(),
+        )
+
+
+async def finish(db: Database, new: NewGeneration, *, failed: bool = False) -> dict[str, Any]:
+    """The final write as app/generations.py `_finish` makes it (an autocommit session)."""
+    async with db.autocommit() as s:
+        return await finish_message(
+            session=s,
+            new=new,
+            content="the answer",
+            status="error" if failed else "complete",
+            error=FAILURE if failed else None,
+            metadata=METADATA,
+            failure_detail={"n8n_error": "bad gateway", "api_token": "t0ken"} if failed else None,
+            upstream_status=502 if failed else None,
+        )
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def any_app(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> AsyncIterator[FastAPI]:
+    """The application on PostgreSQL (one statement; emptied after, as `app` is) and on SQLite (one
+    transaction; a fresh file)."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'final.db'}"
+        await asyncio.to_thread(run_migrations, url)
+        settings = make_settings(url, tmp_path)
+    application = create_app(settings)
+    try:
+        yield application
+    finally:
+        await shutdown(application)
+        if request.param == "postgresql":
+            await truncate_all(settings.DATABASE_URL)
+
+
+@pytest.mark.parametrize("failed", [False, True])
+async def test_final_write_stores_the_answer_its_chat_time_ledger_and_error_rows(
+    any_app: FastAPI, failed: bool
+) -> None:
+    """Both dialects write the same rows; the chat's other columns are left alone (no parameter of the
+    statement is taken for a column of the chat's UPDATE)."""
+    state = app_state(any_app)
+    async with state.db.sessionmaker() as s:
+        setup = await chat_with_agent(s, state.settings, "http://127.0.0.1:9/webhook/x")
+        chat_created = setup.chat.created_at
+    new = await started(state.db, state.settings, setup)
+    before = utcnow()
+    shown = await finish(state.db, new, failed=failed)
+    assert (shown["content"], shown["status"]) == ("the answer", "error" if failed else "complete")
+    async with state.db.sessionmaker() as s:
+        message = await s.get(Message, uuid.UUID(new.assistant_id))
+        chat = await s.get(Chat, setup.chat.id)
+        assert message is not None
+        assert chat is not None
+        assert (message.content, message.status, message.meta) == (shown["content"], shown["status"], METADATA)
+        assert message.error == (FAILURE if failed else None)
+        assert message.created_at == new.assistant_started
+        assert chat.last_message_at is not None
+        assert chat.last_message_at >= before
+        assert chat.updated_at == chat.last_message_at
+        assert (chat.created_at, chat.title) == (chat_created, "A chat")
+        [row] = (await s.execute(select(UsageRecord))).scalars().all()
+        assert (row.chat_id, row.user_id, row.agent_id, row.outcome) == (
+            setup.chat.id,
+            setup.user.id,
+            setup.agent.id,
+            shown["status"],
+        )
+        assert (row.error_code, row.chars_in, row.chars_out) == ("upstream_error" if failed else None, 9, 10)
+        assert (row.ttfc_ms, row.duration_ms, row.tokens_in, row.tokens_out) == (40, 901, 7, None)
+        await assert_rollup_matches_ledger(s)
+        assert await count_rows(s, "usage_rollups") == 4
+        logs = (await s.execute(select(ErrorLog))).scalars().all()
+        if not failed:
+            assert logs == []
+            return
+        [log] = logs
+        assert (log.team_id, log.user_id, log.chat_id, log.agent_id) == (
+            setup.user.team_id,
+            setup.user.id,
+            setup.chat.id,
+            setup.agent.id,
+        )
+        assert (log.code, log.message, log.upstream_status) == ("upstream_error", FAILURE["message"], 502)
+        assert log.detail == {"n8n_error": "bad gateway"}  # stored, and the token's key never kept
+
+
+async def test_failed_final_write_of_a_deleted_chat_logs_stored_false(any_app: FastAPI) -> None:
+    """The answer's row was gone when the final write ran (its chat deleted during the stream): the error log
+    row says `stored: false` and names no chat; the ledger keeps the generation, as for any other."""
+    state = app_state(any_app)
+    async with state.db.sessionmaker() as s:
+        setup = await chat_with_agent(s, state.settings, "http://127.0.0.1:9/webhook/x")
+    new = await started(state.db, state.settings, setup)
+    async with state.db.sessionmaker() as s:
+        await s.execute(delete(Chat).where(Chat.id == setup.chat.id))
+        await s.commit()
+    await finish(state.db, new, failed=True)
+    async with state.db.sessionmaker() as s:
+        [log] = (await s.execute(select(ErrorLog))).scalars().all()
+        assert log.detail == {"n8n_error": "bad gateway", "stored": False}
+        assert (log.chat_id, log.user_id, log.agent_id) == (None, setup.user.id, setup.agent.id)
+        [row] = (await s.execute(select(UsageRecord))).scalars().all()
+        assert (row.chat_id, row.outcome) == (setup.chat.id, "error")
+        await assert_rollup_matches_ledger(s)
+        assert await count_rows(s, "messages") == 0
+        assert await count_rows(s, "chats") == 0
+
+
+async def test_final_write_is_one_round_trip_on_postgresql(settings: Settings, session: AsyncSession) -> None:
+    """Through a proxy counting the frontend's Sync and Query messages: one statement, no BEGIN or COMMIT,
+    whether the answer completed or failed (the statements already prepared, as on a pooled connection)."""
+    setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
+    host_port = settings.DATABASE_URL.split("@", 1)[1].split("/", 1)[0]
+    host, _, port = host_port.partition(":")
+    proxy = CountingProxy(host, int(port or 5432))
+    proxied = settings.DATABASE_URL.replace(f"@{host_port}/", f"@127.0.0.1:{await proxy.start()}/")
+    db = Database(settings.model_copy(update={"DATABASE_URL": proxied, "DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0}))
+    statements: list[str] = []
+    event.listen(db.engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    try:
+        trips = []
+        for failed in (False, True, False, True):
+            new = await started(db, settings, setup)
+            statements.clear()
+            before = proxy.round_trips
+            await finish(db, new, failed=failed)
+            trips.append(proxy.round_trips - before)
+            assert len(statements) == 1, statements
+        assert trips[2:] == [1, 1], trips  # the first two also prepare their statement: one more round trip
+    finally:
+        await db.dispose()
+        await proxy.close()
+    await assert_rollup_matches_ledger(session)
+    assert await count_rows(session, "usage_records") == 4
+    assert await count_rows(session, "error_logs") == 2
+
+
+async def test_failed_final_write_stores_nothing_and_ends_the_stream_with_storage_error(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """The statement fails (here a trigger refuses the roll-up, its last part): nothing of the final write is
+    kept, not even the parts before it, and the stream ends as before, with `storage_error`."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    await session.execute(
+        text(
+            "CREATE FUNCTION refuse_rollup() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"
+        )
+    )
+    await session.execute(
+        text("CREATE TRIGGER refuse BEFORE INSERT ON usage_rollups FOR EACH ROW EXECUTE FUNCTION refuse_rollup()")
+    )
+    await session.commit()
+    try:
+        response = await client.post(
+            f"/api/chats/{setup.chat.id}/messages", json={"content": "hello there"}, headers=setup.headers
+        )
+    finally:
+        await session.execute(text("DROP TRIGGER refuse ON usage_rollups"))
+        await session.execute(text("DROP FUNCTION refuse_rollup()"))
+        await session.commit()
+    last = data_events(parse_sse(response.text))[-1]
+    assert (last.type, last.data["data"]["code"]) == ("error", "storage_error")  # type: ignore[index]
+    for table in ("usage_records", "usage_rollups", "error_logs"):
+        assert await count_rows(session, table) == 0, table
+    answer = (await session.execute(select(Message).where(Message.role == "assistant"))).scalar_one()
+    assert answer.status == "streaming"  # as a crash would leave it: recovery marks it interrupted
+
+
+CONCURRENT = 12  # within the pool (10 + 10 overflow), with the blocker and the test's session
+
+
+@pytest.mark.timeout(60)
+async def test_concurrent_final_writes_of_one_team_all_count(
+    app: FastAPI, session: AsyncSession, settings: Settings
+) -> None:
+    """Final writes of one team's users and agents queue on the roll-up rows they share (held locked here
+    until all of them wait): one lock order, so none deadlocks, and every count is kept."""
+    db = app_state(app).db
+    team = await create_team(session)
+    users = [await create_user(session, team=team) for _ in range(2)]
+    agents = [await create_agent(session, team=team) for _ in range(2)]
+    setups = []
+    for i in range(CONCURRENT):
+        user, agent = users[i % 2], agents[i // 2 % 2]
+        chat = await create_chat(session, user=user, agent=agent)
+        setups.append(ChatSetup(user, agent, chat, {}))
+    news = [await started(db, settings, setup) for setup in setups]
+    await finish(db, news[0])  # the team's roll-up rows of today exist: the others update them
+    async with db.sessionmaker() as blocker:
+        await blocker.execute(select(UsageRollup).where(UsageRollup.team_id == team.id).with_for_update())
+        tasks = [asyncio.create_task(finish(db, new, failed=i % 3 == 0)) for i, new in enumerate(news[1:])]
+        waiting = 0
+        for _ in range(300):
+            waiting = await _waiting_on_locks(session)
+            if waiting == len(tasks):
+                break
+            await asyncio.sleep(0.02)
+        assert waiting == len(tasks)
+        await blocker.commit()
+    await asyncio.gather(*tasks)
+    session.expire_all()
+    rollups = (await session.execute(select(UsageRollup))).scalars().all()
+    assert max(r.generations for r in rollups) == CONCURRENT  # the team's day
+    assert await count_rows(session, "usage_records") == CONCURRENT
+    assert await count_rows(session, "error_logs") == sum(i % 3 == 0 for i in range(CONCURRENT - 1))
+    await assert_rollup_matches_ledger(session)
+
+
+async def _waiting_on_locks(session: AsyncSession) -> int:
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    count = int((await session.execute(query)).scalar_one())
+    await session.commit()
+    return count
