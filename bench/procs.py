@@ -24,13 +24,19 @@ def free_port() -> int:
 class Proc:
     """One subprocess in its own session (process group); `stop()` kills the whole group."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path, cwd: Path | None = None) -> None:
         self.name = name
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     @property

@@ -25,13 +25,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import asyncpg
 from cryptography.fernet import Fernet
 
 from bench import loadgen
+from bench.affinity import Pinning, plan
 from bench.loadgen import Kind, Live, Request
 from bench.procs import Proc, cpu_seconds, free_port, machine, rss_kb, tree, wait_http
 
@@ -228,9 +229,15 @@ class Target:
     kind: Kind
     make: Callable[[dict[str, str], list[uuid.UUID]], loadgen.RequestFactory]
     proc: Proc | None = None
+    #: Further instances behind the same target (two instances: request i goes to instance i % 2).
+    others: list[Proc] = field(default_factory=list)
 
     def pids(self) -> list[int]:
-        return tree(self.proc.pid) if self.proc is not None else []
+        procs = ([self.proc] if self.proc is not None else []) + self.others
+        return [pid for proc in procs for pid in tree(proc.pid)]
+
+
+Role = Literal["server", "other"]
 
 
 @dataclass
@@ -246,11 +253,32 @@ class Bench:
     profile_dir: Path | None = None
     phase: str = ""
     chars_per_chunk: float | None = None
+    #: Set while the single-worker phases run pinned; None before, after and without pinning.
+    pinning: Pinning | None = None
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(name, cmd, {**self.env, **(env or {})}, self.log_dir)
+    def start(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        role: Role = "other",
+        cwd: Path | None = None,
+    ) -> Proc:
+        """Start a child; while pinned, a server under test goes to the server's CPU, anything else to the other."""
+        proc = Proc(name, cmd, {**self.env, **(env or {})}, self.log_dir, cwd)
         self.procs.append(proc)
+        self.pin(proc, role)
         return proc
+
+    def pin(self, proc: Proc, role: Role) -> None:
+        """(Re)pin `proc` and its descendants to its role's CPU; a no-op when not pinned."""
+        if self.pinning is None:
+            return
+        if role == "server":
+            self.pinning.pin_server(proc.pid)
+        else:
+            self.pinning.pin_other(proc.pid)
 
     def stop(self, proc: Proc) -> None:
         proc.stop()
@@ -290,23 +318,25 @@ def uvicorn_cmd(factory: str, port: int, workers: int = 1) -> list[str]:
     return cmd
 
 
-def service_target(url: str, token: str) -> Target:
+def service_target(urls: list[str], token: str, name: str = "service") -> Target:
+    """The service at one or more base URLs: request i goes to `urls[i % len(urls)]`."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json", "Accept": "text/event-stream"}
     body = json.dumps({"content": "Hello, benchmark"}).encode()
 
     def make(_params: dict[str, str], chats: list[uuid.UUID]) -> loadgen.RequestFactory:
-        return lambda i, _r: Request(f"{url}/api/chats/{chats[i]}/messages", body, headers)
+        return lambda i, _r: Request(f"{urls[i % len(urls)]}/api/chats/{chats[i]}/messages", body, headers)
 
-    return Target("service", "service", make)
+    return Target(name, "service", make)
 
 
-def bare_target(url: str) -> Target:
+def bare_target(urls: list[str]) -> Target:
+    """The bare relay at one or more base URLs: request i goes to `urls[i % len(urls)]`."""
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     body = json.dumps({"content": "Hello, benchmark"}).encode()
 
     def make(params: dict[str, str], _chats: list[uuid.UUID]) -> loadgen.RequestFactory:
-        request = Request(f"{url}/relay?{qs(params)}", body, headers)
-        return lambda _i, _r: request
+        requests = [Request(f"{url}/relay?{qs(params)}", body, headers) for url in urls]
+        return lambda i, _r: requests[i % len(requests)]
 
     return Target("bare relay", "bare", make)
 
@@ -382,14 +412,18 @@ async def run_closed(
     summary.update(extra)
     summary["wall_s"] = round(wall, 2)
     summary["chunks_per_s"] = round(summary["chunks"] / wall, 1) if wall > 0 else None
+    summary["chars_per_s"] = round(summary["chars"] / wall, 1) if wall > 0 else None
     if pids:
         summary["server_cpu_s"] = round(cpu, 3)
         summary["cpu_us_per_chunk"] = round(cpu / summary["chunks"] * 1e6, 1) if summary["chunks"] else None
+        summary["cpu_ms_per_stream"] = round(cpu / summary["complete"] * 1e3, 3) if summary["complete"] else None
     log(
         f"  {target.name:16} users={users:<5} streams={summary['streams']:<5} ok={summary['complete']:<5} "
         f"failed={summary['failed']} truncated={summary['truncated']} ttfc p50/p99="
         f"{summary['ttfc_p50_ms']}/{summary['ttfc_p99_ms']} ms  chunks/s={summary['chunks_per_s']}"
+        f"  text/s={summary['chars_per_s']}"
         + (f"  cpu/chunk={summary.get('cpu_us_per_chunk')} us" if pids else "")
+        + (f"  cpu/stream={summary.get('cpu_ms_per_stream')} ms" if pids else "")
         + (f"  {summary['reasons']}" if summary["reasons"] else "")
     )
     return summary
@@ -537,28 +571,101 @@ def base_env(tmp: Path, dbname: str) -> dict[str, str]:
 
 
 async def start_service(
-    bench: Bench, name: str, workers: int = 1, redis: bool = False, port: int = 0
+    bench: Bench,
+    name: str,
+    workers: int = 1,
+    redis: bool = False,
+    port: int = 0,
+    source: Path | None = None,
 ) -> tuple[Proc, int]:
+    """The service on `port` (a free one when 0); `source`: another source tree's (--before), same everything else."""
     port = port or free_port()
     env = {"REDIS_URL": REDIS_URL} if redis else {}
-    proc = bench.start(name, uvicorn_cmd("main:create_app", port, workers), env)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    proc = bench.start(name, uvicorn_cmd("main:create_app", port, workers), env, role="server", cwd=source)
     await wait_http(f"http://127.0.0.1:{port}/health", proc, limit_s=60)
+    bench.pin(proc, "server")  # again: uvicorn's worker processes exist now
     return proc, port
 
 
-async def start_bare(bench: Bench, port: int) -> Proc:
+async def start_bare(bench: Bench, port: int = 0, workers: int = 1) -> tuple[Proc, int]:
+    port = port or free_port()
     proc = bench.start(
-        "bare_relay", uvicorn_cmd("bench.bare_relay:create_app", port), {"BARE_UPSTREAM": bench.fake_url}
+        "bare_relay" if workers == 1 else f"bare_relay_w{workers}",
+        uvicorn_cmd("bench.bare_relay:create_app", port, workers),
+        {"BARE_UPSTREAM": bench.fake_url},
+        role="server",
     )
     await wait_http(f"http://127.0.0.1:{port}/", proc)
-    return proc
+    bench.pin(proc, "server")
+    return proc, port
+
+
+def alembic_heads(source: Path) -> set[str]:
+    """The head revision(s) of a source tree's migrations/versions (read, never run)."""
+    from alembic.script import ScriptDirectory
+
+    return set(ScriptDirectory(str(source / "migrations")).get_heads())
+
+
+def check_before(source: Path) -> Path:
+    """The --before tree, resolved; ValueError (a clear message) when it cannot share this tree's database."""
+    source = source.resolve()
+    if not (source / "main.py").is_file() or not (source / "migrations" / "versions").is_dir():
+        raise ValueError(f"--before {source}: not a source tree of this service (no main.py or migrations/versions)")
+    theirs, ours = alembic_heads(source), alembic_heads(ROOT)
+    if theirs != ours:
+        raise ValueError(
+            f"--before {source}: its alembic head {sorted(theirs)} differs from this tree's {sorted(ours)}; "
+            "both run on one database migrated by this tree, so export a commit with the same migrations"
+        )
+    found = subprocess.run(
+        [sys.executable, "-c", "import app, main; print(app.__file__)"],
+        cwd=source,
+        env={**os.environ, "PYTHONPATH": str(source)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if found.returncode != 0 or not Path(found.stdout.strip()).resolve().is_relative_to(source):
+        raise ValueError(f"--before {source}: `import app` does not load it from there:\n{found.stdout}{found.stderr}")
+    return source
 
 
 PHASES = ("ttfc", "throughput", "hold", "login", "multi")
 
 
+def start_pinning(bench: Bench) -> dict[str, Any]:
+    """Pin the load generator and PostgreSQL (children get pinned as they start); what was done, for the report."""
+    cpus = plan(frozenset(os.sched_getaffinity(0)))
+    if cpus is None:
+        return {"pinned": False, "why": f"fewer than 2 CPUs available ({sorted(os.sched_getaffinity(0))})"}
+    pinning = Pinning(*cpus)
+    bench.pinning = pinning
+    pinning.pin_self_and_postgres()
+    return {
+        "pinned": True,
+        "method": "os.sched_setaffinity (every thread)",
+        "server_cpus": sorted(pinning.server),
+        "other_cpus": sorted(pinning.others),
+        "postgres_processes": pinning.postgres,
+        "phases": "warm-up, ttfc, throughput, hold, login (multi: unpinned)",
+    }
+
+
+def stop_pinning(bench: Bench) -> None:
+    """Put every affinity back (idempotent): before the unpinned multi phase and in the `finally`."""
+    if bench.pinning is not None:
+        bench.pinning.restore()
+        bench.pinning = None
+
+
 async def benchmark(
-    profile: Profile, phases: tuple[str, ...] = PHASES, profile_dir: Path | None = None
+    profile: Profile,
+    phases: tuple[str, ...] = PHASES,
+    profile_dir: Path | None = None,
+    before: Path | None = None,
 ) -> dict[str, Any]:
     started = dt.datetime.now(dt.UTC)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -575,31 +682,43 @@ async def benchmark(
         "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "python": sys.version.split()[0],
     }
+    if before is not None:
+        report["before_source"] = str(before)
     try:
+        report["pinning"] = start_pinning(bench)
+        log(f"pinning: {report['pinning']}")
         await admin(f'CREATE DATABASE "{dbname}"')
         await asyncio.to_thread(migrate, _db_url(dbname, "postgresql+asyncpg"))
 
         _, seeded = await bench.start_fake_and_seed(tmp)
 
-        bare_port = free_port()
-        bare_proc = await start_bare(bench, bare_port)
+        bare_proc, bare_port = await start_bare(bench)
         service_proc, service_port = await start_service(bench, "service")
 
         direct = direct_target(bench.fake_url)
-        bare = bare_target(f"http://127.0.0.1:{bare_port}")
+        bare = bare_target([f"http://127.0.0.1:{bare_port}"])
         bare.proc = bare_proc
-        service = service_target(f"http://127.0.0.1:{service_port}", seeded.token)
+        service = service_target([f"http://127.0.0.1:{service_port}"], seeded.token)
         service.proc = service_proc
-        trio = (direct, bare, service)
+        targets = [direct, bare, service]
+        old: Target | None = None
+        if before is not None:
+            old_proc, old_port = await start_service(bench, "before", source=before)
+            old = service_target([f"http://127.0.0.1:{old_port}"], seeded.token, name="before")
+            old.proc = old_proc
+            targets.append(old)
 
         async def clear_fake() -> None:
             async with aiohttp.ClientSession(trust_env=False) as s, s.delete(f"{bench.fake_url}/__requests"):
                 pass
 
+        def key(target: Target) -> str:
+            return "before" if target is old else target.kind
+
         only = set(phases)
         log("warm-up")
         warm_rounds = 1 if profile is QUICK else 2
-        for target in trio:
+        for target in targets:
             await run_closed(bench, target, PACED, users=20, rounds=warm_rounds, seconds=20, stagger=0.2)
 
         bench.phase = "ttfc"
@@ -608,22 +727,22 @@ async def benchmark(
         pg: dict[str, Any] = {}
         for users, rounds in profile.ttfc_levels if "ttfc" in only else ():
             level: dict[str, Any] = {}
-            for target in trio:
+            for target in targets:
                 await clear_fake()
                 if target is service:
                     async with PgSampler(dbname) as sampler:
-                        level[target.kind] = await run_closed(
+                        level[key(target)] = await run_closed(
                             bench, target, PACED, users=users, rounds=rounds, seconds=90
                         )
                     pg[str(users)] = {
                         "max_connections": sampler.max_total,
                         "max_busy": sampler.max_busy,
                         "samples": sampler.samples,
-                        "streams": level[target.kind]["streams"],
-                        "complete": level[target.kind]["complete"],
+                        "streams": level[key(target)]["streams"],
+                        "complete": level[key(target)]["complete"],
                     }
                 else:
-                    level[target.kind] = await run_closed(bench, target, PACED, users=users, rounds=rounds, seconds=90)
+                    level[key(target)] = await run_closed(bench, target, PACED, users=users, rounds=rounds, seconds=90)
             ttfc[str(users)] = level
         report["ttfc"] = ttfc
         report["db_connections"] = pg
@@ -631,9 +750,9 @@ async def benchmark(
         log(f"unpaced throughput, {profile.throughput_users} streams of 2000 chunks, {profile.throughput_seconds} s")
         throughput: dict[str, Any] = {}
         bench.phase = "unpaced"
-        for target in trio if "throughput" in only else ():
+        for target in targets if "throughput" in only else ():
             await clear_fake()
-            throughput[target.kind] = await run_closed(
+            throughput[key(target)] = await run_closed(
                 bench,
                 target,
                 UNPACED,
@@ -651,6 +770,8 @@ async def benchmark(
         for summary in throughput.values():
             per_chunk(bench, summary)
         report["throughput"] = throughput
+        if old is not None and old.proc is not None:
+            bench.stop(old.proc)  # the hold, login and multi phases measure this tree only
 
         log("streams held open")
         hold: dict[str, Any] = {}
@@ -659,7 +780,8 @@ async def benchmark(
             # Fresh processes, so the figure is not hidden in memory a previous phase already grew into.
             bench.stop(bare_proc)
             bench.stop(service_proc)
-            bare.proc = bare_proc = await start_bare(bench, bare_port)
+            bare_proc, _ = await start_bare(bench, bare_port)
+            bare.proc = bare_proc
             service.proc, _ = await start_service(bench, "service", port=service_port)
             service_proc = service.proc
             for target in (bare, service):
@@ -673,9 +795,12 @@ async def benchmark(
             report["login_burst"] = await login_phase(bench, service, bare, service_port)
 
         bench.stop(service_proc)
+        bench.stop(bare_proc)
+        stop_pinning(bench)
         if "multi" in only:
-            report["multi_worker"] = await multi_phase(bench)
+            report["multi"] = await multi_phase(bench, direct)
     finally:
+        stop_pinning(bench)
         for proc in list(reversed(bench.procs)):
             proc.stop()
         if bench.seed is not None:
@@ -710,43 +835,68 @@ async def login_phase(bench: Bench, service: Target, bare: Target, service_port:
     return {"baseline": baseline, "burst": burst, "baseline_after": again, "bare_baseline": bare_base}
 
 
-async def multi_phase(bench: Bench) -> dict[str, Any]:
-    log("multi-worker (REDIS_URL set): 1 and 2 workers")
+#: The multi phase's configurations: (name, uvicorn workers per process, processes).
+MULTI_CONFIGS = (("1 worker", 1, 1), ("2 workers", 2, 1), ("2 instances", 1, 2))
+
+
+async def multi_phase(bench: Bench, direct: Target) -> dict[str, Any]:
+    """Unpinned, REDIS_URL set (event log, stop and follow across processes): each configuration of the
+    service beside the bare relay run the same way; added TTFC against the fake read directly in this phase."""
     assert bench.seed is not None
     profile = bench.profile
-    multi: dict[str, Any] = {}
-    for workers in (1, 2):
-        bench.phase = f"multi{workers}"
-        proc, port = await start_service(bench, f"service_w{workers}", workers=workers, redis=True)
-        try:
-            target = service_target(f"http://127.0.0.1:{port}", bench.seed.token)
-            target.proc = proc
-            if profile is not QUICK:
-                await run_closed(bench, target, PACED, users=20, rounds=1, seconds=10, stagger=0.2)
-            multi[str(workers)] = {
-                "ttfc": await run_closed(
-                    bench, target, PACED, users=profile.multi_ttfc_users, rounds=profile.multi_rounds, seconds=30
-                ),
-                "throughput": await run_closed(
-                    bench,
-                    target,
-                    UNPACED,
-                    users=profile.throughput_users * workers,
-                    rounds=40,
-                    seconds=profile.multi_seconds,
-                    stagger=0.1,
-                    fresh_chats=True,
-                ),
-                "processes": len(target.pids()),
-            }
-            per_chunk(bench, multi[str(workers)]["throughput"])
-        finally:
-            bench.stop(proc)
+    log("multi (unpinned, REDIS_URL set): 1 worker, 2 workers, 2 instances; each beside the bare relay")
+    bench.phase = "multi"
+    users = profile.multi_ttfc_users
+    multi: dict[str, Any] = {
+        "direct": await run_closed(bench, direct, PACED, users=users, rounds=profile.multi_rounds, seconds=30)
+    }
+    for name, workers, instances in MULTI_CONFIGS:
+        bench.phase = f"multi-{name.replace(' ', '')}"
+        config: dict[str, Any] = {"workers": workers, "instances": instances, "users": users}
+        for kind in ("bare", "service"):
+            procs: list[Proc] = []
+            try:
+                ports = []
+                for n in range(instances):
+                    if kind == "bare":
+                        proc, port = await start_bare(bench, workers=workers)
+                    else:
+                        label = f"service_w{workers}" + (f"_i{n + 1}" if instances > 1 else "")
+                        proc, port = await start_service(bench, label, workers=workers, redis=True)
+                    procs.append(proc)
+                    ports.append(port)
+                urls = [f"http://127.0.0.1:{port}" for port in ports]
+                target = service_target(urls, bench.seed.token) if kind == "service" else bare_target(urls)
+                target.proc, target.others = procs[0], procs[1:]
+                warm = 20 if profile is not QUICK else 10
+                await run_closed(bench, target, PACED, users=warm, rounds=1, seconds=10, stagger=0.2)
+                config[kind] = {
+                    "ttfc": await run_closed(
+                        bench, target, PACED, users=users, rounds=profile.multi_rounds, seconds=30
+                    ),
+                    "throughput": await run_closed(
+                        bench,
+                        target,
+                        UNPACED,
+                        users=profile.throughput_users * max(workers, instances),
+                        rounds=40,
+                        seconds=profile.multi_seconds,
+                        stagger=0.1,
+                        fresh_chats=True,
+                    ),
+                    "processes": len(target.pids()),
+                }
+                per_chunk(bench, config[kind]["throughput"])
+            finally:
+                for proc in procs:
+                    bench.stop(proc)
+        multi[name] = config
     return multi
 
 
 async def _cancellable(work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-    """SIGTERM (e.g. from `timeout`) cancels the run, so its `finally` still kills children and drops the DB."""
+    """SIGTERM (e.g. from `timeout`) cancels the run, so its `finally` still kills children, puts the CPU
+    affinities back and drops the DB."""
     task = asyncio.ensure_future(work)
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     return await task
@@ -757,14 +907,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the < 2 minute variant (make bench-quick)")
     parser.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases of {PHASES}")
     parser.add_argument("--profile", action="store_true", help="py-spy record the service during its runs")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="PATH",
+        help="also run the service from this source tree (e.g. a `git archive` export of an older commit) "
+        "in the ttfc and throughput phases, right after this tree's; same migrations required",
+    )
     args = parser.parse_args(argv)
     from bench.report import render, write
 
+    before = None
+    if args.before is not None:
+        try:
+            before = check_before(args.before)
+        except ValueError as exc:
+            parser.error(str(exc))
     profile = QUICK if args.quick else FULL
     phases = tuple(p for p in args.only.split(",") if p in PHASES)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     report = asyncio.run(
-        _cancellable(benchmark(profile, phases, RESULTS / f"profile-{stamp}" if args.profile else None))
+        _cancellable(benchmark(profile, phases, RESULTS / f"profile-{stamp}" if args.profile else None, before))
     )
     table = render(report)
     print(table, flush=True)
