@@ -52,9 +52,15 @@ def _compare(
 ) -> Row:
     """One figure of the service, the bare relay and (with --before) the other tree, each as a ratio to bare.
 
-    `ok(ratio)` judges the service's ratio when there is a target; no ratio (a missing figure) is a FAIL."""
+    `ok(ratio)` judges the service's ratio when there is a target; a missing figure is a FAIL, a bare figure
+    ≤ 0 (noise: the bare relay's p99 below the fake's own) leaves nothing to judge."""
     ratio = _ratio(service, bare)
-    verdict = "" if ok is None else _verdict(ratio is not None and ok(ratio))
+    if ok is None:
+        verdict = ""
+    elif ratio is None and service is not None and bare is not None and bare <= 0:
+        verdict = "n/a (bare ≤ 0)"  # the bare relay added nothing measurable: no ratio to judge
+    else:
+        verdict = _verdict(ratio is not None and ok(ratio))
     return Row(
         metric,
         _f(service, digits),
@@ -62,8 +68,8 @@ def _compare(
         _f(ratio, 2),
         target,
         verdict,
-        _f(before, digits),
-        _f(_ratio(before, bare), 2),
+        "" if before is None else _f(before, digits),
+        "" if before is None else _f(_ratio(before, bare), 2),
     )
 
 
@@ -385,7 +391,7 @@ def render(report: dict[str, Any]) -> str:
     """The markdown table (it reads fine as text too) with the machine, date and pinning above it."""
     m = report.get("machine", {})
     table = rows(report)
-    before = bool(report.get("before_source")) or any(row.before or row.before_ratio for row in table)
+    before = bool(report.get("before_source"))
     lines = [
         f"Streaming relay benchmark ({report.get('profile')}), {report.get('date')}, "
         f"{m.get('nproc')} cores ({m.get('cpu')}), {m.get('ram_gb')} GB RAM, kernel {m.get('kernel')}, "

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -34,7 +35,7 @@ from cryptography.fernet import Fernet
 from bench import loadgen
 from bench.affinity import Pinning, plan
 from bench.loadgen import Kind, Live, Request
-from bench.procs import Proc, cpu_seconds, free_port, machine, rss_kb, tree, wait_http
+from bench.procs import Proc, client_ports, cpu_seconds, free_port, machine, rss_kb, tree, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -64,7 +65,7 @@ class Profile:
 
 
 FULL = Profile("full", ((1, 10), (100, 3), (1000, 2)), 20, 8.0, (1000, 5000), 100, 100, 6.0, 15.0, 2)
-QUICK = Profile("quick", ((1, 3), (100, 2), (300, 1)), 20, 3.0, (500,), 100, 100, 3.0, 6.0, 1)
+QUICK = Profile("quick", ((1, 3), (100, 2), (300, 1)), 20, 2.0, (500,), 100, 100, 2.0, 3.0, 1)
 
 
 def qs(params: dict[str, str]) -> str:
@@ -176,35 +177,41 @@ async def set_upstream(seed_: Seed, fake_url: str, params: dict[str, str]) -> No
 
 async def db_in_use(dbname: str) -> tuple[int, int]:
     """(connections not idle, connections open) of the bench database right now."""
-    rows = await admin(PG_COUNT, dbname)
+    rows = await admin(PG_COUNT, dbname, [])
     return int(rows[0]["busy"]), int(rows[0]["total"])
 
 
+#: $2: client ports to leave out (the --before service's pool, idle while this tree's service is measured).
 PG_COUNT = (
     "SELECT count(*) AS total, count(*) FILTER (WHERE state IS DISTINCT FROM 'idle') AS busy "
     "FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' "
-    "AND application_name <> 'bench-seed'"
+    "AND application_name <> 'bench-seed' AND coalesce(client_port, -1) <> ALL($2::int[])"
 )
+PG_PORT = urlsplit(ADMIN_URL).port or 5432
 
 
 class PgSampler:
-    """Counts the bench database's connections in pg_stat_activity every 20 ms while running."""
+    """Counts the bench database's connections in pg_stat_activity every 20 ms while running, leaving out
+    those of the processes `exclude` (their ports are read once, at the start)."""
 
-    def __init__(self, dbname: str) -> None:
+    def __init__(self, dbname: str, exclude: list[int] | None = None) -> None:
         self.dbname = dbname
+        self.exclude = exclude or []
         self.max_total = 0
         self.max_busy = 0
         self.samples = 0
         self._task: asyncio.Task[None] | None = None
+        self._ports: list[int] = []
 
     async def __aenter__(self) -> PgSampler:
+        self._ports = client_ports(self.exclude, PG_PORT)
         self._conn = await asyncpg.connect(ADMIN_URL, timeout=5)
         self._task = asyncio.create_task(self._run())
         return self
 
     async def _run(self) -> None:
         while True:
-            row = await self._conn.fetchrow(PG_COUNT, self.dbname)
+            row = await self._conn.fetchrow(PG_COUNT, self.dbname, self._ports)
             assert row is not None
             self.max_total = max(self.max_total, int(row["total"]))
             self.max_busy = max(self.max_busy, int(row["busy"]))
@@ -730,7 +737,7 @@ async def benchmark(
             for target in targets:
                 await clear_fake()
                 if target is service:
-                    async with PgSampler(dbname) as sampler:
+                    async with PgSampler(dbname, old.pids() if old is not None else None) as sampler:
                         level[key(target)] = await run_closed(
                             bench, target, PACED, users=users, rounds=rounds, seconds=90
                         )
@@ -786,7 +793,7 @@ async def benchmark(
             service_proc = service.proc
             for target in (bare, service):
                 await clear_fake()
-                await run_closed(bench, target, PACED, users=20, rounds=2, seconds=20, stagger=0.2)
+                await run_closed(bench, target, PACED, users=20, rounds=warm_rounds, seconds=20, stagger=0.2)
                 hold[str(streams)][target.kind] = await run_hold(bench, target, streams)
         report["hold"] = hold
 
@@ -835,6 +842,13 @@ async def login_phase(bench: Bench, service: Target, bare: Target, service_port:
     return {"baseline": baseline, "burst": burst, "baseline_after": again, "bare_baseline": bare_base}
 
 
+async def _keep(procs: list[Proc], starting: Awaitable[tuple[Proc, int]]) -> tuple[Proc, int]:
+    """Await a server's start and remember its process (to stop it with its configuration)."""
+    proc, port = await starting
+    procs.append(proc)
+    return proc, port
+
+
 #: The multi phase's configurations: (name, uvicorn workers per process, processes).
 MULTI_CONFIGS = (("1 worker", 1, 1), ("2 workers", 2, 1), ("2 instances", 1, 2))
 
@@ -853,24 +867,23 @@ async def multi_phase(bench: Bench, direct: Target) -> dict[str, Any]:
     for name, workers, instances in MULTI_CONFIGS:
         bench.phase = f"multi-{name.replace(' ', '')}"
         config: dict[str, Any] = {"workers": workers, "instances": instances, "users": users}
-        for kind in ("bare", "service"):
-            procs: list[Proc] = []
-            try:
-                ports = []
-                for n in range(instances):
-                    if kind == "bare":
-                        proc, port = await start_bare(bench, workers=workers)
-                    else:
-                        label = f"service_w{workers}" + (f"_i{n + 1}" if instances > 1 else "")
-                        proc, port = await start_service(bench, label, workers=workers, redis=True)
-                    procs.append(proc)
-                    ports.append(port)
-                urls = [f"http://127.0.0.1:{port}" for port in ports]
-                target = service_target(urls, bench.seed.token) if kind == "service" else bare_target(urls)
-                target.proc, target.others = procs[0], procs[1:]
-                warm = 20 if profile is not QUICK else 10
+        procs: list[Proc] = []
+        try:
+            # All of a configuration's processes start at once (start-up is most of this phase's time);
+            # the idle ones wait while the others are measured.
+            labels = [f"service_w{workers}" + (f"_i{n + 1}" if instances > 1 else "") for n in range(instances)]
+            started = await asyncio.gather(
+                *(_keep(procs, start_bare(bench, workers=workers)) for _ in range(instances)),
+                *(_keep(procs, start_service(bench, label, workers=workers, redis=True)) for label in labels),
+            )
+            bares, services = started[:instances], started[instances:]
+            bare = bare_target([f"http://127.0.0.1:{port}" for _, port in bares])
+            service = service_target([f"http://127.0.0.1:{port}" for _, port in services], bench.seed.token)
+            for target, group in ((bare, bares), (service, services)):
+                target.proc, target.others = group[0][0], [proc for proc, _ in group[1:]]
+                warm = 20 if profile is not QUICK else 5
                 await run_closed(bench, target, PACED, users=warm, rounds=1, seconds=10, stagger=0.2)
-                config[kind] = {
+                config[target.kind] = {
                     "ttfc": await run_closed(
                         bench, target, PACED, users=users, rounds=profile.multi_rounds, seconds=30
                     ),
@@ -886,10 +899,10 @@ async def multi_phase(bench: Bench, direct: Target) -> dict[str, Any]:
                     ),
                     "processes": len(target.pids()),
                 }
-                per_chunk(bench, config[kind]["throughput"])
-            finally:
-                for proc in procs:
-                    bench.stop(proc)
+                per_chunk(bench, config[target.kind]["throughput"])
+        finally:
+            for proc in procs:
+                bench.stop(proc)
         multi[name] = config
     return multi
 
