@@ -46,6 +46,14 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def terminate(self) -> None:
+        """SIGTERM the group without waiting (`stop()` then waits): several processes shut down at once."""
+        try:
+            if self.alive():
+                os.killpg(self.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the group (uvicorn then runs its shutdown), SIGKILL whatever is left after `grace`."""
         try:

@@ -65,7 +65,7 @@ class Profile:
 
 
 FULL = Profile("full", ((1, 10), (100, 3), (1000, 2)), 20, 8.0, (1000, 5000), 100, 100, 6.0, 15.0, 2)
-QUICK = Profile("quick", ((1, 3), (100, 2), (300, 1)), 20, 2.0, (500,), 100, 100, 2.0, 3.0, 1)
+QUICK = Profile("quick", ((1, 3), (100, 2), (300, 1)), 20, 2.0, (500,), 100, 100, 1.5, 2.0, 1)
 
 
 def qs(params: dict[str, str]) -> str:
@@ -287,10 +287,14 @@ class Bench:
         else:
             self.pinning.pin_other(proc.pid)
 
-    def stop(self, proc: Proc) -> None:
-        proc.stop()
-        if proc in self.procs:
-            self.procs.remove(proc)
+    def stop(self, *procs: Proc) -> None:
+        """Stop these children, all shutting down at once."""
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.stop()
+            if proc in self.procs:
+                self.procs.remove(proc)
 
     async def chats(self, count: int) -> list[uuid.UUID]:
         assert self.seed is not None
@@ -699,8 +703,10 @@ async def benchmark(
 
         _, seeded = await bench.start_fake_and_seed(tmp)
 
-        bare_proc, bare_port = await start_bare(bench)
-        service_proc, service_port = await start_service(bench, "service")
+        starting = [start_bare(bench), start_service(bench, "service")]
+        if before is not None:
+            starting.append(start_service(bench, "before", source=before))
+        (bare_proc, bare_port), (service_proc, service_port), *older = await asyncio.gather(*starting)
 
         direct = direct_target(bench.fake_url)
         bare = bare_target([f"http://127.0.0.1:{bare_port}"])
@@ -709,8 +715,8 @@ async def benchmark(
         service.proc = service_proc
         targets = [direct, bare, service]
         old: Target | None = None
-        if before is not None:
-            old_proc, old_port = await start_service(bench, "before", source=before)
+        if older:
+            old_proc, old_port = older[0]
             old = service_target([f"http://127.0.0.1:{old_port}"], seeded.token, name="before")
             old.proc = old_proc
             targets.append(old)
@@ -785,12 +791,11 @@ async def benchmark(
         for streams in profile.hold_levels if "hold" in only else ():
             hold[str(streams)] = {}
             # Fresh processes, so the figure is not hidden in memory a previous phase already grew into.
-            bench.stop(bare_proc)
-            bench.stop(service_proc)
-            bare_proc, _ = await start_bare(bench, bare_port)
-            bare.proc = bare_proc
-            service.proc, _ = await start_service(bench, "service", port=service_port)
-            service_proc = service.proc
+            bench.stop(bare_proc, service_proc)
+            (bare_proc, _), (service_proc, _) = await asyncio.gather(
+                start_bare(bench, bare_port), start_service(bench, "service", port=service_port)
+            )
+            bare.proc, service.proc = bare_proc, service_proc
             for target in (bare, service):
                 await clear_fake()
                 await run_closed(bench, target, PACED, users=20, rounds=warm_rounds, seconds=20, stagger=0.2)
@@ -801,15 +806,13 @@ async def benchmark(
         if "login" in only:
             report["login_burst"] = await login_phase(bench, service, bare, service_port)
 
-        bench.stop(service_proc)
-        bench.stop(bare_proc)
+        bench.stop(service_proc, bare_proc)
         stop_pinning(bench)
         if "multi" in only:
             report["multi"] = await multi_phase(bench, direct)
     finally:
         stop_pinning(bench)
-        for proc in list(reversed(bench.procs)):
-            proc.stop()
+        bench.stop(*reversed(bench.procs))
         if bench.seed is not None:
             await bench.seed.conn.close()
         try:
@@ -901,8 +904,7 @@ async def multi_phase(bench: Bench, direct: Target) -> dict[str, Any]:
                 }
                 per_chunk(bench, config[target.kind]["throughput"])
         finally:
-            for proc in procs:
-                bench.stop(proc)
+            bench.stop(*procs)
         multi[name] = config
     return multi
 
