@@ -266,7 +266,9 @@ def rows(report: dict[str, Any]) -> list[Row]:
         out.append(
             Row(
                 f"chunk-gap p99 (paced 20 ms), no logins (ms; before {_f(base.get('gap_p99_ms'))}, "
-                f"after {_f(after.get('gap_p99_ms'))})",
+                f"after {_f(after.get('gap_p99_ms'))})"
+                if "baseline_after" in lb
+                else "chunk-gap p99 (paced 20 ms), no logins (ms; the run before the burst)",
                 _f(reference),
                 _f(bare.get("gap_p99_ms")),
                 _f(_ratio(base.get("gap_p99_ms"), bare.get("gap_p99_ms")), 2),

@@ -62,10 +62,12 @@ class Profile:
     multi_seconds: float
     hold_base_s: float  # a held stream stalls hold_base_s + N/80 s (time for the server to open all N)
     multi_rounds: int
+    #: The login phase's third run (the service again after the burst, to average out drift).
+    login_after: bool = True
 
 
 FULL = Profile("full", ((1, 10), (100, 3), (1000, 2)), 20, 8.0, (1000, 5000), 100, 100, 6.0, 15.0, 2)
-QUICK = Profile("quick", ((1, 3), (100, 2), (300, 1)), 20, 2.0, (500,), 100, 100, 1.5, 2.0, 1)
+QUICK = Profile("quick", ((1, 3), (100, 2), (300, 1)), 20, 2.0, (500,), 100, 100, 1.0, 2.0, 1, login_after=False)
 
 
 def qs(params: dict[str, str]) -> str:
@@ -731,8 +733,7 @@ async def benchmark(
         only = set(phases)
         log("warm-up")
         warm_rounds = 1 if profile is QUICK else 2
-        for target in targets:
-            await run_closed(bench, target, PACED, users=20, rounds=warm_rounds, seconds=20, stagger=0.2)
+        await warm_up(bench, targets, 20, warm_rounds)
 
         bench.phase = "ttfc"
         log("time to first chunk, paced 50 chunks x 20 ms")
@@ -796,9 +797,9 @@ async def benchmark(
                 start_bare(bench, bare_port), start_service(bench, "service", port=service_port)
             )
             bare.proc, service.proc = bare_proc, service_proc
+            await warm_up(bench, [bare, service], 20, warm_rounds)
             for target in (bare, service):
                 await clear_fake()
-                await run_closed(bench, target, PACED, users=20, rounds=warm_rounds, seconds=20, stagger=0.2)
                 hold[str(streams)][target.kind] = await run_hold(bench, target, streams)
         report["hold"] = hold
 
@@ -823,6 +824,17 @@ async def benchmark(
     return report
 
 
+async def warm_up(bench: Bench, targets: list[Target], users: int, rounds: int) -> None:
+    """Paced streams to wake fresh servers up (imports, pools), figures thrown away; at the same time, except
+    that the service-kind targets go one after another (they share the seed's database connection)."""
+    services = [t for t in targets if t.kind == "service"]
+    together = [t for t in targets if t.kind != "service"] + services[:1]
+    runs = (run_closed(bench, t, PACED, users=users, rounds=rounds, seconds=20, stagger=0.2) for t in together)
+    await asyncio.gather(*runs)
+    for target in services[1:]:
+        await run_closed(bench, target, PACED, users=users, rounds=rounds, seconds=20, stagger=0.2)
+
+
 async def login_phase(bench: Bench, service: Target, bare: Target, service_port: int) -> dict[str, Any]:
     log("chunk gaps while logins run at the rate limit (paced 100 chunks x 20 ms)")
     profile = bench.profile
@@ -839,10 +851,15 @@ async def login_phase(bench: Bench, service: Target, bare: Target, service_port:
         stagger=2.0,
         side=lambda: login_burst(bench, service_port, 2.5),
     )
-    again = await run_closed(bench, service, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=2.0)
+    again = (
+        await run_closed(bench, service, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=2.0)
+        if profile.login_after
+        else None
+    )
     bare_base = await run_closed(bench, bare, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=2.0)
     log(f"  logins: {burst.get('logins')}")
-    return {"baseline": baseline, "burst": burst, "baseline_after": again, "bare_baseline": bare_base}
+    result = {"baseline": baseline, "burst": burst, "bare_baseline": bare_base}
+    return result if again is None else {**result, "baseline_after": again}
 
 
 async def _keep(procs: list[Proc], starting: Awaitable[tuple[Proc, int]]) -> tuple[Proc, int]:
@@ -884,8 +901,8 @@ async def multi_phase(bench: Bench, direct: Target) -> dict[str, Any]:
             service = service_target([f"http://127.0.0.1:{port}" for _, port in services], bench.seed.token)
             for target, group in ((bare, bares), (service, services)):
                 target.proc, target.others = group[0][0], [proc for proc, _ in group[1:]]
-                warm = 20 if profile is not QUICK else 5
-                await run_closed(bench, target, PACED, users=warm, rounds=1, seconds=10, stagger=0.2)
+            await warm_up(bench, [bare, service], 20 if profile is not QUICK else 10, 1)
+            for target in (bare, service):
                 config[target.kind] = {
                     "ttfc": await run_closed(
                         bench, target, PACED, users=users, rounds=profile.multi_rounds, seconds=30
