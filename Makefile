@@ -84,10 +84,10 @@ schema: $(VENV)/.dev
 
 # Streaming benchmark (bench/README.md): PostgreSQL at 127.0.0.1:5432, loopback only; results in bench/results/.
 bench: $(VENV)/.dev
-	ulimit -n 65536 2>/dev/null || true; $(PY) -m bench.run
+	ulimit -n 65536 2>/dev/null || true; $(PY) -m bench.run $(if $(BEFORE),--before $(BEFORE))
 
 bench-quick: $(VENV)/.dev
-	ulimit -n 65536 2>/dev/null || true; $(PY) -m bench.run --quick
+	ulimit -n 65536 2>/dev/null || true; $(PY) -m bench.run --quick $(if $(BEFORE),--before $(BEFORE))
 
 # Send, open and list cost vs chat length (bench/bench_history.py), one worker, ~3 minutes.
 bench-history: $(VENV)/.dev

@@ -24,13 +24,19 @@ def free_port() -> int:
 class Proc:
     """One subprocess in its own session (process group); `stop()` kills the whole group."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path, cwd: Path | None = None) -> None:
         self.name = name
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     @property
@@ -39,6 +45,14 @@ class Proc:
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def terminate(self) -> None:
+        """SIGTERM the group without waiting (`stop()` then waits): several processes shut down at once."""
+        try:
+            if self.alive():
+                os.killpg(self.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the group (uvicorn then runs its shutdown), SIGKILL whatever is left after `grace`."""
@@ -103,15 +117,28 @@ def tree(pid: int) -> list[int]:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the processes, in seconds (children that already exited are not counted)."""
-    total = 0
+    """CPU time of the processes (all their threads), in seconds.
+
+    From `/proc/<pid>/task/<tid>/schedstat` (nanoseconds), since utime + stime of `/proc/<pid>/stat` count
+    whole 10 ms ticks, too coarse for a few streams of ~10 ms each; `stat` is the fallback when schedstat
+    is missing. Threads and children that already exited are not counted.
+    """
+    total = 0.0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+            tasks = os.listdir(f"/proc/{pid}/task")
+            total += sum(int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0]) for t in tasks) / 1e9
+        except (OSError, ValueError, IndexError):  # no schedstat, or a thread ended meanwhile: ticks then
+            total += _stat_seconds(pid)
+    return total
+
+
+def _stat_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def rss_kb(pids: list[int]) -> int:
@@ -142,3 +169,34 @@ def machine() -> dict[str, object]:
         "ram_gb": round(mem_kb / 1024 / 1024, 1),
         "kernel": os.uname().release,
     }
+
+
+def client_ports(pids: list[int], server_port: int) -> list[int]:
+    """Local ports of the processes' TCP connections to `server_port` (e.g. their PostgreSQL pool).
+
+    From the socket inodes in `/proc/<pid>/fd` and the loopback tables `/proc/<pid>/net/tcp{,6}`; lets the
+    database sampler leave out another process's connections (`pg_stat_activity.client_port`)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports: list[int] = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pids[0]}/net/{table}").read_text().splitlines()[1:] if pids else []
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[9] in inodes and int(fields[2].rsplit(":", 1)[1], 16) == server_port:
+                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

@@ -25,15 +25,17 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
 from cryptography.fernet import Fernet
 
 from bench import loadgen
+from bench.affinity import Pinning, plan
 from bench.loadgen import Kind, Live, Request
-from bench.procs import Proc, cpu_seconds, free_port, machine, rss_kb, tree, wait_http
+from bench.procs import Proc, client_ports, cpu_seconds, free_port, machine, rss_kb, tree, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -60,10 +62,12 @@ class Profile:
     multi_seconds: float
     hold_base_s: float  # a held stream stalls hold_base_s + N/80 s (time for the server to open all N)
     multi_rounds: int
+    #: The login phase's third run (the service again after the burst, to average out drift).
+    login_after: bool = True
 
 
 FULL = Profile("full", ((1, 10), (100, 3), (1000, 2)), 20, 8.0, (1000, 5000), 100, 100, 6.0, 15.0, 2)
-QUICK = Profile("quick", ((1, 3), (100, 2), (300, 1)), 20, 3.0, (500,), 100, 100, 3.0, 6.0, 1)
+QUICK = Profile("quick", ((1, 3), (100, 2), (300, 1)), 20, 2.0, (500,), 100, 100, 1.0, 2.0, 1, login_after=False)
 
 
 def qs(params: dict[str, str]) -> str:
@@ -175,35 +179,41 @@ async def set_upstream(seed_: Seed, fake_url: str, params: dict[str, str]) -> No
 
 async def db_in_use(dbname: str) -> tuple[int, int]:
     """(connections not idle, connections open) of the bench database right now."""
-    rows = await admin(PG_COUNT, dbname)
+    rows = await admin(PG_COUNT, dbname, [])
     return int(rows[0]["busy"]), int(rows[0]["total"])
 
 
+#: $2: client ports to leave out (the --before service's pool, idle while this tree's service is measured).
 PG_COUNT = (
     "SELECT count(*) AS total, count(*) FILTER (WHERE state IS DISTINCT FROM 'idle') AS busy "
     "FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' "
-    "AND application_name <> 'bench-seed'"
+    "AND application_name <> 'bench-seed' AND coalesce(client_port, -1) <> ALL($2::int[])"
 )
+PG_PORT = urlsplit(ADMIN_URL).port or 5432
 
 
 class PgSampler:
-    """Counts the bench database's connections in pg_stat_activity every 20 ms while running."""
+    """Counts the bench database's connections in pg_stat_activity every 20 ms while running, leaving out
+    those of the processes `exclude` (their ports are read once, at the start)."""
 
-    def __init__(self, dbname: str) -> None:
+    def __init__(self, dbname: str, exclude: list[int] | None = None) -> None:
         self.dbname = dbname
+        self.exclude = exclude or []
         self.max_total = 0
         self.max_busy = 0
         self.samples = 0
         self._task: asyncio.Task[None] | None = None
+        self._ports: list[int] = []
 
     async def __aenter__(self) -> PgSampler:
+        self._ports = client_ports(self.exclude, PG_PORT)
         self._conn = await asyncpg.connect(ADMIN_URL, timeout=5)
         self._task = asyncio.create_task(self._run())
         return self
 
     async def _run(self) -> None:
         while True:
-            row = await self._conn.fetchrow(PG_COUNT, self.dbname)
+            row = await self._conn.fetchrow(PG_COUNT, self.dbname, self._ports)
             assert row is not None
             self.max_total = max(self.max_total, int(row["total"]))
             self.max_busy = max(self.max_busy, int(row["busy"]))
@@ -228,9 +238,15 @@ class Target:
     kind: Kind
     make: Callable[[dict[str, str], list[uuid.UUID]], loadgen.RequestFactory]
     proc: Proc | None = None
+    #: Further instances behind the same target (two instances: request i goes to instance i % 2).
+    others: list[Proc] = field(default_factory=list)
 
     def pids(self) -> list[int]:
-        return tree(self.proc.pid) if self.proc is not None else []
+        procs = ([self.proc] if self.proc is not None else []) + self.others
+        return [pid for proc in procs for pid in tree(proc.pid)]
+
+
+Role = Literal["server", "other"]
 
 
 @dataclass
@@ -246,16 +262,41 @@ class Bench:
     profile_dir: Path | None = None
     phase: str = ""
     chars_per_chunk: float | None = None
+    #: Set while the single-worker phases run pinned; None before, after and without pinning.
+    pinning: Pinning | None = None
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(name, cmd, {**self.env, **(env or {})}, self.log_dir)
+    def start(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        role: Role = "other",
+        cwd: Path | None = None,
+    ) -> Proc:
+        """Start a child; while pinned, a server under test goes to the server's CPU, anything else to the other."""
+        proc = Proc(name, cmd, {**self.env, **(env or {})}, self.log_dir, cwd)
         self.procs.append(proc)
+        self.pin(proc, role)
         return proc
 
-    def stop(self, proc: Proc) -> None:
-        proc.stop()
-        if proc in self.procs:
-            self.procs.remove(proc)
+    def pin(self, proc: Proc, role: Role) -> None:
+        """(Re)pin `proc` and its descendants to its role's CPU; a no-op when not pinned."""
+        if self.pinning is None:
+            return
+        if role == "server":
+            self.pinning.pin_server(proc.pid)
+        else:
+            self.pinning.pin_other(proc.pid)
+
+    def stop(self, *procs: Proc) -> None:
+        """Stop these children, all shutting down at once."""
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.stop()
+            if proc in self.procs:
+                self.procs.remove(proc)
 
     async def chats(self, count: int) -> list[uuid.UUID]:
         assert self.seed is not None
@@ -290,23 +331,25 @@ def uvicorn_cmd(factory: str, port: int, workers: int = 1) -> list[str]:
     return cmd
 
 
-def service_target(url: str, token: str) -> Target:
+def service_target(urls: list[str], token: str, name: str = "service") -> Target:
+    """The service at one or more base URLs: request i goes to `urls[i % len(urls)]`."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json", "Accept": "text/event-stream"}
     body = json.dumps({"content": "Hello, benchmark"}).encode()
 
     def make(_params: dict[str, str], chats: list[uuid.UUID]) -> loadgen.RequestFactory:
-        return lambda i, _r: Request(f"{url}/api/chats/{chats[i]}/messages", body, headers)
+        return lambda i, _r: Request(f"{urls[i % len(urls)]}/api/chats/{chats[i]}/messages", body, headers)
 
-    return Target("service", "service", make)
+    return Target(name, "service", make)
 
 
-def bare_target(url: str) -> Target:
+def bare_target(urls: list[str]) -> Target:
+    """The bare relay at one or more base URLs: request i goes to `urls[i % len(urls)]`."""
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     body = json.dumps({"content": "Hello, benchmark"}).encode()
 
     def make(params: dict[str, str], _chats: list[uuid.UUID]) -> loadgen.RequestFactory:
-        request = Request(f"{url}/relay?{qs(params)}", body, headers)
-        return lambda _i, _r: request
+        requests = [Request(f"{url}/relay?{qs(params)}", body, headers) for url in urls]
+        return lambda i, _r: requests[i % len(requests)]
 
     return Target("bare relay", "bare", make)
 
@@ -382,14 +425,18 @@ async def run_closed(
     summary.update(extra)
     summary["wall_s"] = round(wall, 2)
     summary["chunks_per_s"] = round(summary["chunks"] / wall, 1) if wall > 0 else None
+    summary["chars_per_s"] = round(summary["chars"] / wall, 1) if wall > 0 else None
     if pids:
         summary["server_cpu_s"] = round(cpu, 3)
         summary["cpu_us_per_chunk"] = round(cpu / summary["chunks"] * 1e6, 1) if summary["chunks"] else None
+        summary["cpu_ms_per_stream"] = round(cpu / summary["complete"] * 1e3, 3) if summary["complete"] else None
     log(
         f"  {target.name:16} users={users:<5} streams={summary['streams']:<5} ok={summary['complete']:<5} "
         f"failed={summary['failed']} truncated={summary['truncated']} ttfc p50/p99="
         f"{summary['ttfc_p50_ms']}/{summary['ttfc_p99_ms']} ms  chunks/s={summary['chunks_per_s']}"
+        f"  text/s={summary['chars_per_s']}"
         + (f"  cpu/chunk={summary.get('cpu_us_per_chunk')} us" if pids else "")
+        + (f"  cpu/stream={summary.get('cpu_ms_per_stream')} ms" if pids else "")
         + (f"  {summary['reasons']}" if summary["reasons"] else "")
     )
     return summary
@@ -537,28 +584,101 @@ def base_env(tmp: Path, dbname: str) -> dict[str, str]:
 
 
 async def start_service(
-    bench: Bench, name: str, workers: int = 1, redis: bool = False, port: int = 0
+    bench: Bench,
+    name: str,
+    workers: int = 1,
+    redis: bool = False,
+    port: int = 0,
+    source: Path | None = None,
 ) -> tuple[Proc, int]:
+    """The service on `port` (a free one when 0); `source`: another source tree's (--before), same everything else."""
     port = port or free_port()
     env = {"REDIS_URL": REDIS_URL} if redis else {}
-    proc = bench.start(name, uvicorn_cmd("main:create_app", port, workers), env)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    proc = bench.start(name, uvicorn_cmd("main:create_app", port, workers), env, role="server", cwd=source)
     await wait_http(f"http://127.0.0.1:{port}/health", proc, limit_s=60)
+    bench.pin(proc, "server")  # again: uvicorn's worker processes exist now
     return proc, port
 
 
-async def start_bare(bench: Bench, port: int) -> Proc:
+async def start_bare(bench: Bench, port: int = 0, workers: int = 1) -> tuple[Proc, int]:
+    port = port or free_port()
     proc = bench.start(
-        "bare_relay", uvicorn_cmd("bench.bare_relay:create_app", port), {"BARE_UPSTREAM": bench.fake_url}
+        "bare_relay" if workers == 1 else f"bare_relay_w{workers}",
+        uvicorn_cmd("bench.bare_relay:create_app", port, workers),
+        {"BARE_UPSTREAM": bench.fake_url},
+        role="server",
     )
     await wait_http(f"http://127.0.0.1:{port}/", proc)
-    return proc
+    bench.pin(proc, "server")
+    return proc, port
+
+
+def alembic_heads(source: Path) -> set[str]:
+    """The head revision(s) of a source tree's migrations/versions (read, never run)."""
+    from alembic.script import ScriptDirectory
+
+    return set(ScriptDirectory(str(source / "migrations")).get_heads())
+
+
+def check_before(source: Path) -> Path:
+    """The --before tree, resolved; ValueError (a clear message) when it cannot share this tree's database."""
+    source = source.resolve()
+    if not (source / "main.py").is_file() or not (source / "migrations" / "versions").is_dir():
+        raise ValueError(f"--before {source}: not a source tree of this service (no main.py or migrations/versions)")
+    theirs, ours = alembic_heads(source), alembic_heads(ROOT)
+    if theirs != ours:
+        raise ValueError(
+            f"--before {source}: its alembic head {sorted(theirs)} differs from this tree's {sorted(ours)}; "
+            "both run on one database migrated by this tree, so export a commit with the same migrations"
+        )
+    found = subprocess.run(
+        [sys.executable, "-c", "import app, main; print(app.__file__)"],
+        cwd=source,
+        env={**os.environ, "PYTHONPATH": str(source)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if found.returncode != 0 or not Path(found.stdout.strip()).resolve().is_relative_to(source):
+        raise ValueError(f"--before {source}: `import app` does not load it from there:\n{found.stdout}{found.stderr}")
+    return source
 
 
 PHASES = ("ttfc", "throughput", "hold", "login", "multi")
 
 
+def start_pinning(bench: Bench) -> dict[str, Any]:
+    """Pin the load generator and PostgreSQL (children get pinned as they start); what was done, for the report."""
+    cpus = plan(frozenset(os.sched_getaffinity(0)))
+    if cpus is None:
+        return {"pinned": False, "why": f"fewer than 2 CPUs available ({sorted(os.sched_getaffinity(0))})"}
+    pinning = Pinning(*cpus)
+    bench.pinning = pinning
+    pinning.pin_self_and_postgres()
+    return {
+        "pinned": True,
+        "method": "os.sched_setaffinity (every thread)",
+        "server_cpus": sorted(pinning.server),
+        "other_cpus": sorted(pinning.others),
+        "postgres_processes": pinning.postgres,
+        "phases": "warm-up, ttfc, throughput, hold, login (multi: unpinned)",
+    }
+
+
+def stop_pinning(bench: Bench) -> None:
+    """Put every affinity back (idempotent): before the unpinned multi phase and in the `finally`."""
+    if bench.pinning is not None:
+        bench.pinning.restore()
+        bench.pinning = None
+
+
 async def benchmark(
-    profile: Profile, phases: tuple[str, ...] = PHASES, profile_dir: Path | None = None
+    profile: Profile,
+    phases: tuple[str, ...] = PHASES,
+    profile_dir: Path | None = None,
+    before: Path | None = None,
 ) -> dict[str, Any]:
     started = dt.datetime.now(dt.UTC)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -575,32 +695,45 @@ async def benchmark(
         "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "python": sys.version.split()[0],
     }
+    if before is not None:
+        report["before_source"] = str(before)
     try:
+        report["pinning"] = start_pinning(bench)
+        log(f"pinning: {report['pinning']}")
         await admin(f'CREATE DATABASE "{dbname}"')
         await asyncio.to_thread(migrate, _db_url(dbname, "postgresql+asyncpg"))
 
         _, seeded = await bench.start_fake_and_seed(tmp)
 
-        bare_port = free_port()
-        bare_proc = await start_bare(bench, bare_port)
-        service_proc, service_port = await start_service(bench, "service")
+        starting = [start_bare(bench), start_service(bench, "service")]
+        if before is not None:
+            starting.append(start_service(bench, "before", source=before))
+        (bare_proc, bare_port), (service_proc, service_port), *older = await asyncio.gather(*starting)
 
         direct = direct_target(bench.fake_url)
-        bare = bare_target(f"http://127.0.0.1:{bare_port}")
+        bare = bare_target([f"http://127.0.0.1:{bare_port}"])
         bare.proc = bare_proc
-        service = service_target(f"http://127.0.0.1:{service_port}", seeded.token)
+        service = service_target([f"http://127.0.0.1:{service_port}"], seeded.token)
         service.proc = service_proc
-        trio = (direct, bare, service)
+        targets = [direct, bare, service]
+        old: Target | None = None
+        if older:
+            old_proc, old_port = older[0]
+            old = service_target([f"http://127.0.0.1:{old_port}"], seeded.token, name="before")
+            old.proc = old_proc
+            targets.append(old)
 
         async def clear_fake() -> None:
             async with aiohttp.ClientSession(trust_env=False) as s, s.delete(f"{bench.fake_url}/__requests"):
                 pass
 
+        def key(target: Target) -> str:
+            return "before" if target is old else target.kind
+
         only = set(phases)
         log("warm-up")
         warm_rounds = 1 if profile is QUICK else 2
-        for target in trio:
-            await run_closed(bench, target, PACED, users=20, rounds=warm_rounds, seconds=20, stagger=0.2)
+        await warm_up(bench, targets, 20, warm_rounds)
 
         bench.phase = "ttfc"
         log("time to first chunk, paced 50 chunks x 20 ms")
@@ -608,22 +741,22 @@ async def benchmark(
         pg: dict[str, Any] = {}
         for users, rounds in profile.ttfc_levels if "ttfc" in only else ():
             level: dict[str, Any] = {}
-            for target in trio:
+            for target in targets:
                 await clear_fake()
                 if target is service:
-                    async with PgSampler(dbname) as sampler:
-                        level[target.kind] = await run_closed(
+                    async with PgSampler(dbname, old.pids() if old is not None else None) as sampler:
+                        level[key(target)] = await run_closed(
                             bench, target, PACED, users=users, rounds=rounds, seconds=90
                         )
                     pg[str(users)] = {
                         "max_connections": sampler.max_total,
                         "max_busy": sampler.max_busy,
                         "samples": sampler.samples,
-                        "streams": level[target.kind]["streams"],
-                        "complete": level[target.kind]["complete"],
+                        "streams": level[key(target)]["streams"],
+                        "complete": level[key(target)]["complete"],
                     }
                 else:
-                    level[target.kind] = await run_closed(bench, target, PACED, users=users, rounds=rounds, seconds=90)
+                    level[key(target)] = await run_closed(bench, target, PACED, users=users, rounds=rounds, seconds=90)
             ttfc[str(users)] = level
         report["ttfc"] = ttfc
         report["db_connections"] = pg
@@ -631,9 +764,9 @@ async def benchmark(
         log(f"unpaced throughput, {profile.throughput_users} streams of 2000 chunks, {profile.throughput_seconds} s")
         throughput: dict[str, Any] = {}
         bench.phase = "unpaced"
-        for target in trio if "throughput" in only else ():
+        for target in targets if "throughput" in only else ():
             await clear_fake()
-            throughput[target.kind] = await run_closed(
+            throughput[key(target)] = await run_closed(
                 bench,
                 target,
                 UNPACED,
@@ -651,20 +784,22 @@ async def benchmark(
         for summary in throughput.values():
             per_chunk(bench, summary)
         report["throughput"] = throughput
+        if old is not None and old.proc is not None:
+            bench.stop(old.proc)  # the hold, login and multi phases measure this tree only
 
         log("streams held open")
         hold: dict[str, Any] = {}
         for streams in profile.hold_levels if "hold" in only else ():
             hold[str(streams)] = {}
             # Fresh processes, so the figure is not hidden in memory a previous phase already grew into.
-            bench.stop(bare_proc)
-            bench.stop(service_proc)
-            bare.proc = bare_proc = await start_bare(bench, bare_port)
-            service.proc, _ = await start_service(bench, "service", port=service_port)
-            service_proc = service.proc
+            bench.stop(bare_proc, service_proc)
+            (bare_proc, _), (service_proc, _) = await asyncio.gather(
+                start_bare(bench, bare_port), start_service(bench, "service", port=service_port)
+            )
+            bare.proc, service.proc = bare_proc, service_proc
+            await warm_up(bench, [bare, service], 20, warm_rounds)
             for target in (bare, service):
                 await clear_fake()
-                await run_closed(bench, target, PACED, users=20, rounds=2, seconds=20, stagger=0.2)
                 hold[str(streams)][target.kind] = await run_hold(bench, target, streams)
         report["hold"] = hold
 
@@ -672,12 +807,13 @@ async def benchmark(
         if "login" in only:
             report["login_burst"] = await login_phase(bench, service, bare, service_port)
 
-        bench.stop(service_proc)
+        bench.stop(service_proc, bare_proc)
+        stop_pinning(bench)
         if "multi" in only:
-            report["multi_worker"] = await multi_phase(bench)
+            report["multi"] = await multi_phase(bench, direct)
     finally:
-        for proc in list(reversed(bench.procs)):
-            proc.stop()
+        stop_pinning(bench)
+        bench.stop(*reversed(bench.procs))
         if bench.seed is not None:
             await bench.seed.conn.close()
         try:
@@ -686,6 +822,17 @@ async def benchmark(
             log(f"could not drop {dbname}: {exc}")
     report["duration_s"] = round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)
     return report
+
+
+async def warm_up(bench: Bench, targets: list[Target], users: int, rounds: int) -> None:
+    """Paced streams to wake fresh servers up (imports, pools), figures thrown away; at the same time, except
+    that the service-kind targets go one after another (they share the seed's database connection)."""
+    services = [t for t in targets if t.kind == "service"]
+    together = [t for t in targets if t.kind != "service"] + services[:1]
+    runs = (run_closed(bench, t, PACED, users=users, rounds=rounds, seconds=20, stagger=0.2) for t in together)
+    await asyncio.gather(*runs)
+    for target in services[1:]:
+        await run_closed(bench, target, PACED, users=users, rounds=rounds, seconds=20, stagger=0.2)
 
 
 async def login_phase(bench: Bench, service: Target, bare: Target, service_port: int) -> dict[str, Any]:
@@ -704,49 +851,84 @@ async def login_phase(bench: Bench, service: Target, bare: Target, service_port:
         stagger=2.0,
         side=lambda: login_burst(bench, service_port, 2.5),
     )
-    again = await run_closed(bench, service, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=2.0)
+    again = (
+        await run_closed(bench, service, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=2.0)
+        if profile.login_after
+        else None
+    )
     bare_base = await run_closed(bench, bare, LOGIN_PACED, users=users, rounds=1, seconds=30, stagger=2.0)
     log(f"  logins: {burst.get('logins')}")
-    return {"baseline": baseline, "burst": burst, "baseline_after": again, "bare_baseline": bare_base}
+    result = {"baseline": baseline, "burst": burst, "bare_baseline": bare_base}
+    return result if again is None else {**result, "baseline_after": again}
 
 
-async def multi_phase(bench: Bench) -> dict[str, Any]:
-    log("multi-worker (REDIS_URL set): 1 and 2 workers")
+async def _keep(procs: list[Proc], starting: Awaitable[tuple[Proc, int]]) -> tuple[Proc, int]:
+    """Await a server's start and remember its process (to stop it with its configuration)."""
+    proc, port = await starting
+    procs.append(proc)
+    return proc, port
+
+
+#: The multi phase's configurations: (name, uvicorn workers per process, processes).
+MULTI_CONFIGS = (("1 worker", 1, 1), ("2 workers", 2, 1), ("2 instances", 1, 2))
+
+
+async def multi_phase(bench: Bench, direct: Target) -> dict[str, Any]:
+    """Unpinned, REDIS_URL set (event log, stop and follow across processes): each configuration of the
+    service beside the bare relay run the same way; added TTFC against the fake read directly in this phase."""
     assert bench.seed is not None
     profile = bench.profile
-    multi: dict[str, Any] = {}
-    for workers in (1, 2):
-        bench.phase = f"multi{workers}"
-        proc, port = await start_service(bench, f"service_w{workers}", workers=workers, redis=True)
+    log("multi (unpinned, REDIS_URL set): 1 worker, 2 workers, 2 instances; each beside the bare relay")
+    bench.phase = "multi"
+    users = profile.multi_ttfc_users
+    multi: dict[str, Any] = {
+        "direct": await run_closed(bench, direct, PACED, users=users, rounds=profile.multi_rounds, seconds=30)
+    }
+    for name, workers, instances in MULTI_CONFIGS:
+        bench.phase = f"multi-{name.replace(' ', '')}"
+        config: dict[str, Any] = {"workers": workers, "instances": instances, "users": users}
+        procs: list[Proc] = []
         try:
-            target = service_target(f"http://127.0.0.1:{port}", bench.seed.token)
-            target.proc = proc
-            if profile is not QUICK:
-                await run_closed(bench, target, PACED, users=20, rounds=1, seconds=10, stagger=0.2)
-            multi[str(workers)] = {
-                "ttfc": await run_closed(
-                    bench, target, PACED, users=profile.multi_ttfc_users, rounds=profile.multi_rounds, seconds=30
-                ),
-                "throughput": await run_closed(
-                    bench,
-                    target,
-                    UNPACED,
-                    users=profile.throughput_users * workers,
-                    rounds=40,
-                    seconds=profile.multi_seconds,
-                    stagger=0.1,
-                    fresh_chats=True,
-                ),
-                "processes": len(target.pids()),
-            }
-            per_chunk(bench, multi[str(workers)]["throughput"])
+            # All of a configuration's processes start at once (start-up is most of this phase's time);
+            # the idle ones wait while the others are measured.
+            labels = [f"service_w{workers}" + (f"_i{n + 1}" if instances > 1 else "") for n in range(instances)]
+            started = await asyncio.gather(
+                *(_keep(procs, start_bare(bench, workers=workers)) for _ in range(instances)),
+                *(_keep(procs, start_service(bench, label, workers=workers, redis=True)) for label in labels),
+            )
+            bares, services = started[:instances], started[instances:]
+            bare = bare_target([f"http://127.0.0.1:{port}" for _, port in bares])
+            service = service_target([f"http://127.0.0.1:{port}" for _, port in services], bench.seed.token)
+            for target, group in ((bare, bares), (service, services)):
+                target.proc, target.others = group[0][0], [proc for proc, _ in group[1:]]
+            await warm_up(bench, [bare, service], 20 if profile is not QUICK else 10, 1)
+            for target in (bare, service):
+                config[target.kind] = {
+                    "ttfc": await run_closed(
+                        bench, target, PACED, users=users, rounds=profile.multi_rounds, seconds=30
+                    ),
+                    "throughput": await run_closed(
+                        bench,
+                        target,
+                        UNPACED,
+                        users=profile.throughput_users * max(workers, instances),
+                        rounds=40,
+                        seconds=profile.multi_seconds,
+                        stagger=0.1,
+                        fresh_chats=True,
+                    ),
+                    "processes": len(target.pids()),
+                }
+                per_chunk(bench, config[target.kind]["throughput"])
         finally:
-            bench.stop(proc)
+            bench.stop(*procs)
+        multi[name] = config
     return multi
 
 
 async def _cancellable(work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-    """SIGTERM (e.g. from `timeout`) cancels the run, so its `finally` still kills children and drops the DB."""
+    """SIGTERM (e.g. from `timeout`) cancels the run, so its `finally` still kills children, puts the CPU
+    affinities back and drops the DB."""
     task = asyncio.ensure_future(work)
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     return await task
@@ -757,14 +939,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the < 2 minute variant (make bench-quick)")
     parser.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases of {PHASES}")
     parser.add_argument("--profile", action="store_true", help="py-spy record the service during its runs")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="PATH",
+        help="also run the service from this source tree (e.g. a `git archive` export of an older commit) "
+        "in the ttfc and throughput phases, right after this tree's; same migrations required",
+    )
     args = parser.parse_args(argv)
     from bench.report import render, write
 
+    before = None
+    if args.before is not None:
+        try:
+            before = check_before(args.before)
+        except ValueError as exc:
+            parser.error(str(exc))
     profile = QUICK if args.quick else FULL
     phases = tuple(p for p in args.only.split(",") if p in PHASES)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     report = asyncio.run(
-        _cancellable(benchmark(profile, phases, RESULTS / f"profile-{stamp}" if args.profile else None))
+        _cancellable(benchmark(profile, phases, RESULTS / f"profile-{stamp}" if args.profile else None, before))
     )
     table = render(report)
     print(table, flush=True)

@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from bench import bench_finish, bench_history, bench_usage
+from bench.affinity import Pinning, get_affinity, plan
 from bench.loadgen import ContractChecker, Event, NDJSONParser, SSEParser, StreamResult, percentile, summarize
-from bench.report import write
-from bench.run import admin
+from bench.procs import CLK_TCK, client_ports, cpu_seconds, tree
+from bench.report import render, rows, write
+from bench.run import ROOT, admin, bare_target, check_before, service_target
 from tests.conftest import ADMIN_URL, _plain_url
 
 
@@ -176,3 +186,193 @@ async def test_bench_finish_runs_at_tiny_sizes() -> None:
     assert [(r["kind"], r["calls"]) for r in results["rounds"]] == [("complete", 6), ("error", 6)]
     assert all(r["cpu_us"] > 0 and r["wall_p50_us"] > 0 for r in results["rounds"])
     assert results["round_trips"] == {"complete": 1.0, "error": 1.0}
+
+
+# --- pinning, CPU, the --before check, the new report rows -------------------------------------------
+
+
+@pytest.fixture
+def child() -> Iterator[subprocess.Popen[bytes]]:
+    """A shell with a sleeping child of its own (a process tree like uvicorn's), killed at the end."""
+    proc = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 5
+        while len(tree(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield proc
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(5)
+
+
+def test_plan_puts_the_server_on_the_first_cpu_and_the_rest_on_the_second() -> None:
+    assert plan(frozenset({0})) is None
+    assert plan(frozenset({3, 1, 2})) == (frozenset({1}), frozenset({2}))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs 2 CPUs")
+def test_pinning_a_child_tree_and_restoring_it(child: subprocess.Popen[bytes]) -> None:
+    cpus = plan(frozenset(os.sched_getaffinity(0)))
+    assert cpus is not None
+    pids = tree(child.pid)
+    assert len(pids) == 2
+    before = {pid: get_affinity(pid) for pid in pids}
+    pinning = Pinning(*cpus)
+    pinning.pin_server(child.pid)
+    assert {pid: get_affinity(pid) for pid in pids} == dict.fromkeys(pids, cpus[0])
+    pinning.pin_other(child.pid)  # re-pinning keeps the first recorded original
+    assert get_affinity(pids[1]) == cpus[1]
+    pinning.restore()
+    assert {pid: get_affinity(pid) for pid in pids} == before
+    assert not pinning.active
+    assert pinning.original == {}
+
+
+def test_cpu_seconds_is_finer_than_a_clock_tick() -> None:
+    """A child that burns 0.13 s of CPU: counted in nanoseconds, not in whole 10 ms ticks."""
+    code = "import time\nwhile time.process_time() < 0.13: pass\nprint('done', flush=True)\ntime.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"done\n"
+        used = cpu_seconds([proc.pid])
+        assert 0.13 <= used < 0.5
+        assert used * CLK_TCK != int(used * CLK_TCK)  # not whole ticks
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def test_client_ports_finds_this_process_connection_to_postgresql() -> None:
+    conn = await asyncpg.connect(_plain_url(ADMIN_URL), timeout=5)
+    try:
+        port = await conn.fetchval("SELECT client_port FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        server_port = await conn.fetchval("SELECT inet_server_port()")
+        assert port in client_ports([os.getpid()], server_port)
+        assert port not in client_ports([os.getpid()], server_port + 1)
+    finally:
+        await conn.close()
+
+
+def test_targets_send_request_i_to_instance_i_mod_2() -> None:
+    bare = bare_target(["http://a", "http://b"]).make({"x": "1"}, [])
+    assert [bare(i, 0).url for i in range(3)] == ["http://a/relay?x=1", "http://b/relay?x=1", "http://a/relay?x=1"]
+    chats: list[Any] = ["c0", "c1", "c2"]
+    service = service_target(["http://a", "http://b"], "t").make({}, chats)
+    assert [service(i, 0).url for i in range(3)] == [
+        "http://a/api/chats/c0/messages",
+        "http://b/api/chats/c1/messages",
+        "http://a/api/chats/c2/messages",
+    ]
+
+
+def _tree_with_versions(tmp_path: Path, drop_last: bool) -> Path:
+    tree_ = tmp_path / "old"
+    (tree_ / "migrations").mkdir(parents=True)
+    (tree_ / "main.py").write_text("")
+    versions = sorted((ROOT / "migrations" / "versions").glob("*.py"))
+    (tree_ / "migrations" / "versions").mkdir()
+    for path in versions[:-1] if drop_last else versions:
+        shutil.copy(path, tree_ / "migrations" / "versions" / path.name)
+    return tree_
+
+
+def test_before_is_refused_when_its_alembic_head_differs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="alembic head"):
+        check_before(_tree_with_versions(tmp_path, drop_last=True))
+    with pytest.raises(ValueError, match="not a source tree"):
+        check_before(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_before_accepts_a_tree_with_the_same_head_that_imports_from_itself(tmp_path: Path) -> None:
+    assert check_before(ROOT) == ROOT
+    # Same head, but `import app` cannot come from there (no app/ in it): refused, not silently this tree.
+    with pytest.raises(ValueError, match="does not load it from there"):
+        check_before(_tree_with_versions(tmp_path, drop_last=False))
+
+
+def _run(ttfc: float, head: float = 1.0, cpu: float | None = None, chars: float | None = None) -> dict[str, Any]:
+    return {
+        "ttfc_p50_ms": ttfc,
+        "ttfc_p99_ms": ttfc + 10,
+        "head_p50_ms": head,
+        "head_p99_ms": head,
+        "cpu_ms_per_stream": cpu,
+        "chars_per_s": chars,
+        "chunks_per_s": chars,
+        "cpu_us_per_chunk": 10.0,
+        "complete": 3,
+        "failed": 0,
+        "truncated": 0,
+        "streams": 3,
+    }
+
+
+REPORT: dict[str, Any] = {
+    "profile": "quick",
+    "pinning": {
+        "pinned": True,
+        "method": "os.sched_setaffinity (every thread)",
+        "server_cpus": [0],
+        "other_cpus": [1],
+        "postgres_processes": 6,
+        "phases": "ttfc",
+    },
+    "ttfc": {
+        "1": {"direct": _run(40), "bare": _run(42, cpu=5.0), "service": _run(43, cpu=7.0)},
+        "100": {"direct": _run(40), "bare": _run(44, cpu=4.0), "service": _run(50, cpu=8.0)},
+    },
+    "throughput": {"direct": _run(1, chars=1000.0), "bare": _run(1, chars=500.0), "service": _run(1, chars=400.0)},
+    "multi": {
+        "direct": _run(40),
+        "2 instances": {"users": 100, "bare": {"ttfc": _run(41, cpu=4.0)}, "service": {"ttfc": _run(45, cpu=9.0)}},
+    },
+}
+
+
+def _row(report: dict[str, Any], start: str) -> tuple[str, ...]:
+    return next(tuple(r) for r in rows(report) if r.metric.startswith(start))
+
+
+def test_report_judges_added_ttfc_at_1_and_100_cpu_per_stream_and_text_per_second() -> None:
+    assert _row(REPORT, "added TTFC p50 @1 ")[1:6] == ("3.0", "2.0", "1.50", "≤ 1.5x bare", "PASS")
+    assert _row(REPORT, "added TTFC p50 @100 ")[1:6] == ("10.0", "4.0", "2.50", "≤ 1.5x bare", "FAIL")
+    assert _row(REPORT, "server CPU per stream, paced @100")[1:6] == ("8.00", "4.00", "2.00", "≤ 1.5x bare", "FAIL")
+    assert _row(REPORT, "server CPU per stream, paced @1 ")[4:6] == ("", "")  # a figure, no target at 1
+    assert _row(REPORT, "unpaced answer text/s")[1:6] == ("400", "500", "0.80", "≥ 0.70x bare", "PASS")
+
+
+def test_report_leaves_a_target_unjudged_when_the_bare_relay_added_nothing() -> None:
+    report = json.loads(json.dumps(REPORT))
+    report["ttfc"]["1"]["bare"]["ttfc_p50_ms"] = 39.0
+    assert _row(report, "added TTFC p50 @1 ")[3:6] == ("—", "≤ 1.5x bare", "n/a (bare ≤ 0)")
+    del report["ttfc"]["100"]["service"]["cpu_ms_per_stream"]
+    assert _row(report, "server CPU per stream, paced @100")[5] == "FAIL"  # a missing figure never passes
+
+
+def test_report_without_before_keeps_six_columns_and_names_the_pinning() -> None:
+    table = render(REPORT)
+    assert "| metric | service | bare relay | ratio | target | result |" in table
+    assert "before" not in table.split("| metric |")[1].split("\n")[0]
+    assert "the server under test on CPU 0" in table
+    assert "PostgreSQL (6 processes" in table
+    assert "| 2 instances | added TTFC p50 @100 (ms; fake direct 40.0) | 5.0 | 1.0 | 5.00 |" in table
+    assert "| 2 instances | server CPU per stream, paced (ms) | 9.00 | 4.00 | 2.25 |" in table
+    unpinned = render({**REPORT, "pinning": {"pinned": False, "why": "fewer than 2 CPUs available ([0])"}})
+    assert "Pinning: none (fewer than 2 CPUs available ([0]))" in unpinned
+
+
+def test_report_with_before_adds_its_column_and_ratio() -> None:
+    report = json.loads(json.dumps(REPORT))
+    report["before_source"] = "/tmp/old"
+    report["ttfc"]["100"]["before"] = _run(60, cpu=12.0)
+    report["throughput"]["before"] = _run(1, chars=250.0)
+    table = render(report)
+    assert "| metric | service | before | bare relay | ratio | before ratio | target | result |" in table
+    assert "| added TTFC p50 @100 (ms) | 10.0 | 20.0 | 4.0 | 2.50 | 5.00 | ≤ 1.5x bare | FAIL |" in table
+    assert "| server CPU per stream, paced @100 (ms; 50 chunks) | 8.00 | 12.00 | 4.00 | 2.00 | 3.00 |" in table
+    assert "| 400 | 250 | 500 | 0.80 | 0.50 | ≥ 0.70x bare | PASS |" in table
+    assert "before = the service from /tmp/old" in table
