@@ -4,7 +4,7 @@ same rows, payload and events as the general path, and every refusal still the g
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,15 +12,18 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event, select, text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import db as db_module
 from app.config import Settings
 from app.generations import GenerationRegistry
 from app.models import Chat, IdempotencyKey, Message, Team
 from app.security import create_token, decode_token
 from app.services import fast_start
 from app.state import app_state
+from bench.bench_finish import CountingProxy
+from main import create_app, shutdown
 from tests.factories import auth_headers, create_chat, create_user
 from tests.live import ChatSetup, chat_with_agent, data_events, free_port, parse_sse
 from tools.fake_n8n import FakeN8n
@@ -29,29 +32,34 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @contextmanager
-def statements_before_start(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, bool]]]:
-    """(SQL, in a transaction) of every statement the app runs until a generation starts (n8n is called after)."""
-    seen: list[tuple[str, bool]] = []
-    started: list[bool] = []
-    engine = app_state(app).db.engine.sync_engine
-
-    def before(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if not started:
-            raw = conn.connection.driver_connection
-            seen.append((statement, bool(raw.is_in_transaction())))
-
+def round_trips_before_start(proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The database round trips (the proxy's count) made until a generation starts (n8n is called after it)."""
+    seen: list[int] = []
+    first = proxy.round_trips
     real_start = GenerationRegistry.start
 
     def start(self: GenerationRegistry, new: Any) -> Any:
-        started.append(True)
+        seen.append(proxy.round_trips - first)
         return real_start(self, new)
 
     monkeypatch.setattr(GenerationRegistry, "start", start)
-    event.listen(engine, "before_cursor_execute", before)
+    yield seen
+    monkeypatch.setattr(GenerationRegistry, "start", real_start)
+
+
+@pytest.fixture
+async def proxied(settings: Settings) -> AsyncIterator[tuple[FastAPI, CountingProxy]]:
+    """The app on one pooled connection through a proxy that counts round trips (Sync and Query messages)."""
+    host_port = settings.DATABASE_URL.split("@", 1)[1].split("/", 1)[0]
+    host, _, port = host_port.partition(":")
+    proxy = CountingProxy(host, int(port or 5432))
+    url = settings.DATABASE_URL.replace(f"@{host_port}/", f"@127.0.0.1:{await proxy.start()}/")
+    application = create_app(settings.model_copy(update={"DATABASE_URL": url, "DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0}))
     try:
-        yield seen
+        yield application, proxy
     finally:
-        event.remove(engine, "before_cursor_execute", before)
+        await shutdown(application)
+        await proxy.close()
 
 
 async def send(client: httpx.AsyncClient, setup: ChatSetup, body: dict[str, Any], **headers: str) -> httpx.Response:
@@ -59,34 +67,34 @@ async def send(client: httpx.AsyncClient, setup: ChatSetup, body: dict[str, Any]
 
 
 @pytest.mark.parametrize("key", [None, "key-1"])
-async def test_a_plain_send_is_one_statement_outside_a_transaction_before_n8n(
-    app: FastAPI,
-    client: httpx.AsyncClient,
+async def test_a_plain_send_is_one_round_trip_before_n8n(
+    proxied: tuple[FastAPI, CountingProxy],
     session: AsyncSession,
     settings: Settings,
     fake: FakeN8n,
     monkeypatch: pytest.MonkeyPatch,
     key: str | None,
 ) -> None:
+    """Counted on the wire: one round trip (the statement, its commit included: no BEGIN, no COMMIT) before
+    n8n is called, once the statement is prepared on the connection (the first send also prepares it)."""
+    app, proxy = proxied
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
-    assert (await send(client, setup, {"content": "first"})).status_code == 200
-    extra = {"Idempotency-Key": key} if key else {}
-    with statements_before_start(app, monkeypatch) as seen:
-        response = await send(client, setup, {"content": "second"}, **extra)
-    assert response.status_code == 200
-    assert data_events(parse_sse(response.text))[-1].type == "done"
-    assert len(seen) == 1, [s for s, _ in seen]
-    statement, in_transaction = seen[0]
-    assert statement.startswith("WITH RECURSIVE caller AS")
-    assert not in_transaction  # autocommit: no BEGIN, no COMMIT, the statement's own commit
-    # The counter works: the general path (an edit) makes several statements in a transaction.
-    first = (await session.execute(select(Message).where(Message.chat_id == setup.chat.id))).scalars().first()
-    assert first is not None
-    with statements_before_start(app, monkeypatch) as seen:
-        edited = await send(client, setup, {"content": "first, again", "edit_of": str(first.id)})
-    assert edited.status_code == 200
-    assert len(seen) >= 4
-    assert any(in_tx for _, in_tx in seen)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await send(client, setup, {"content": "first"})).status_code == 200
+        extra = {"Idempotency-Key": key} if key else {}
+        with round_trips_before_start(proxy, monkeypatch) as seen:
+            response = await send(client, setup, {"content": "second"}, **extra)
+        assert response.status_code == 200
+        assert data_events(parse_sse(response.text))[-1].type == "done"
+        assert seen == [1]
+        # The count is real: the general path (an edit) makes several round trips, in a transaction.
+        first = (await session.execute(select(Message).where(Message.chat_id == setup.chat.id))).scalars().first()
+        assert first is not None
+        with round_trips_before_start(proxy, monkeypatch) as seen:
+            edited = await send(client, setup, {"content": "first, again", "edit_of": str(first.id)})
+        assert edited.status_code == 200
+        assert seen[0] >= 5
 
 
 def _shape(messages: list[Message]) -> list[tuple[Any, ...]]:
@@ -266,7 +274,12 @@ def _pooled(app: FastAPI) -> int:
 
 
 async def test_the_next_send_opens_its_n8n_connection_while_its_statement_runs(
-    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """After an answered send, the chat's next send starts connecting to n8n before its statement goes to the
     database, and the request then uses that connection (one connection, not two). Another user's send to the
@@ -275,23 +288,20 @@ async def test_the_next_send_opens_its_n8n_connection_while_its_statement_runs(
     assert (await send(client, setup, {"content": "first"})).status_code == 200
     _drop_idle_connections(app)
     streamer = app_state(app).generations.streamer
-    engine = app_state(app).db.engine.sync_engine
     warming_at_statement: list[int] = []
+    real_execute = db_module.execute_direct
 
-    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.startswith("WITH RECURSIVE caller"):
-            warming_at_statement.append(len(streamer._warming))
+    async def execute(*args: Any) -> Any:
+        warming_at_statement.append(len(streamer._warming))
+        return await real_execute(*args)
 
-    event.listen(engine, "before_cursor_execute", before)
-    try:
-        stranger = await create_user(session)
-        refused = await client.post(
-            f"/api/chats/{setup.chat.id}/messages", json={"content": "x"}, headers=auth_headers(settings, stranger)
-        )
-        assert refused.status_code == 404
-        response = await send(client, setup, {"content": "second"})
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
+    monkeypatch.setattr(fast_start, "execute_direct", execute)
+    stranger = await create_user(session)
+    refused = await client.post(
+        f"/api/chats/{setup.chat.id}/messages", json={"content": "x"}, headers=auth_headers(settings, stranger)
+    )
+    assert refused.status_code == 404
+    response = await send(client, setup, {"content": "second"})
     assert response.status_code == 200
     assert data_events(parse_sse(response.text))[-1].type == "done"
     assert warming_at_statement == [0, 1]  # the stranger's send warmed nothing; the owner's was connecting

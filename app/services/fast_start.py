@@ -20,13 +20,13 @@ import uuid
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
+import asyncpg
 from sqlalchemy import Date, DateTime, Integer, String, Text, TextualSelect, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import Uuid
 
 from app.config import Settings
-from app.db import Database, execute_core, utcnow
+from app.db import Database, Direct, execute_direct, utcnow
 from app.security import Caller, family_key, token_issued_us
 from app.services.chats import title_from_message
 from app.services.idempotency import KEY_LIFETIME
@@ -140,6 +140,21 @@ _START = (
     )
 )
 START: TextualSelect = _START
+_DIRECT = Direct(_START)
+
+
+class _Agent:
+    """The agent's columns of the statement's row, by attribute (as `new_generation` reads them)."""
+
+    __slots__ = ("agent_id", "config", "response_mode", "system_prompt", "webhook_headers_encrypted", "webhook_url")
+
+    def __init__(self, row: asyncpg.Record) -> None:
+        self.agent_id: uuid.UUID = row["agent_id"]
+        self.webhook_url: str = row["webhook_url"]
+        self.webhook_headers_encrypted: str | None = row["webhook_headers_encrypted"]
+        self.system_prompt: str | None = row["system_prompt"]
+        self.config: dict[str, Any] | None = row["config"]
+        self.response_mode: str = row["response_mode"]
 
 
 def applies(
@@ -199,17 +214,22 @@ async def start(
     }
     try:
         async with db.autocommit() as session:
-            row = (await execute_core(session, START, params)).first()
-    except IntegrityError:
+            rows = await execute_direct(session, _DIRECT, params)
+    except asyncpg.IntegrityConstraintViolationError:
         return None  # a race lost (another send, the same key, the chat deleted): the general path says which
-    if row is None or not row.stored:
+    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError):
+        # The connection was lost (and invalidated): nothing or everything was stored; the general path runs on
+        # a fresh connection and answers as it does for any database fault.
+        return None
+    row = rows[0] if rows else None
+    if row is None or not row["stored"]:
         return None
     # The question's siblings as the general path orders them: by time, then id (the new one is normally last).
-    known = sorted([*zip(row.sibling_times, row.sibling_ids, strict=True), (now, question_id)])
+    known = sorted([*zip(row["sibling_times"], row["sibling_ids"], strict=True), (now, question_id)])
     siblings = [sibling for _at, sibling in known]
     user_message = message_view(
         id=question_id,
-        parent_id=row.parent,
+        parent_id=row["parent"],
         role="user",
         content=content,
         status="complete",
@@ -221,13 +241,13 @@ async def start(
     )
     prior = [
         {"role": role, "content": text_, "status": status}
-        for role, text_, status in zip(row.h_role, row.h_content, row.h_status, strict=True)
+        for role, text_, status in zip(row["h_role"], row["h_content"], row["h_status"], strict=True)
     ]
     return new_generation(
         settings=settings,
         user=user,
         chat_id=chat_id,
-        agent=row,
+        agent=_Agent(row),
         assistant_id=assistant_id,
         user_message=user_message,
         prior=prior,

@@ -42,7 +42,7 @@ from sqlalchemy.orm import aliased
 from app import callbacks
 from app.chat_schemas import format_timestamp
 from app.config import Settings
-from app.db import execute_core, utcnow
+from app.db import Direct, execute_core, execute_direct, utcnow
 from app.dialects import Statements, UTCDateTime, all_statements, statements_of
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import IS_STREAMING, Agent, Chat, ErrorLog, Message
@@ -202,9 +202,11 @@ def _final_write(statements: Statements, *, failed: bool) -> Select[tuple[uuid.U
     return select(message.c.chat_id).add_cte(*writes)
 
 
-#: The final write of each statement set that chains writes (`_final_write`), by `failed`: built once, here.
+#: The final write of each statement set that chains writes (`_final_write`), by `failed`: built and compiled
+#: once, here, and run through asyncpg itself (`Direct`: SQLAlchemy's execution layer cost more CPU than the
+#: rest of a stream's database work).
 _FINAL_WRITES = {
-    statements: (_final_write(statements, failed=False), _final_write(statements, failed=True))
+    statements: (Direct(_final_write(statements, failed=False)), Direct(_final_write(statements, failed=True)))
     for statements in all_statements()
     if statements.chains_writes
 }
@@ -606,7 +608,7 @@ async def finish_message(
             # The statement picks one: `e_detail_gone` when the answer's row was gone (`_final_write`).
             params["e_detail"] = error_logs.clean_detail(detail)
             params["e_detail_gone"] = error_logs.clean_detail({**detail, "stored": False})
-        await execute_core(session, chained[failed], params)
+        await execute_direct(session, chained[failed], params)
     else:
         written = bool(getattr(await execute_core(session, _FINAL_MESSAGE[failed], params), "rowcount", 0))
         await execute_core(session, _TOUCH_CHAT, params)

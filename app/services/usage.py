@@ -132,7 +132,7 @@ def ledger_params(row: dict[str, Any]) -> dict[str, Any]:
     """The parameters of `ledger_writes` for one ledger row (`ledger_row`)."""
     params = {f"u_{name}": value for name, value in row.items()}
     params["u_id"] = uuid.uuid4()
-    return params | prebuilt_params(rollup_rows([row]))
+    return params | prebuilt_params(row)
 
 
 # --- reports -------------------------------------------------------------------------------------
