@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.util import greenlet_spawn
 
 from app.config import Settings, narrow_to_owner, private_dir, private_file
 from app.dialects import add_sqlite_histograms, session_info, statements_for
@@ -36,7 +37,7 @@ class Direct:
     SQLAlchemy's execution layer each cost ~0.4-0.9 ms of CPU on the test machine (parameter processing,
     result wrapping, greenlet hops), several times asyncpg's own (docs/PERFORMANCE.md). The statement stays a
     SQLAlchemy construct, so its SQL and its parameters' types are SQLAlchemy's; asyncpg prepares it once per
-    connection (its statement cache).
+    connection (its statement cache). `Database.fetch_direct` runs one.
     """
 
     __slots__ = ("fixed", "names", "processors", "sql")
@@ -71,22 +72,6 @@ def _connection_lost(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         return isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.OperatorInterventionError)
     return True  # a lost socket, a protocol error, a cancel in the middle of the exchange
-
-
-async def execute_direct(session: AsyncSession, direct: Direct, params: dict[str, Any]) -> list[asyncpg.Record]:
-    """`direct` on the session's pooled connection, through asyncpg (one round trip; no BEGIN/COMMIT with an
-    autocommit session, `Database.autocommit`). A connection that may be broken is invalidated, so the pool
-    never hands it out again; the exception is asyncpg's own."""
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    driver: asyncpg.Connection = raw.driver_connection
-    try:
-        rows: list[asyncpg.Record] = await driver.fetch(direct.sql, *direct.arguments(params))
-        return rows
-    except BaseException as exc:
-        if _connection_lost(exc):
-            await connection.invalidate(exc if isinstance(exc, Exception) else None)
-        raise
 
 
 def utcnow() -> datetime:
@@ -169,6 +154,23 @@ class Database:
                 info=info,
             )
         )
+
+    async def fetch_direct(self, direct: Direct, params: dict[str, Any]) -> list[asyncpg.Record]:
+        """`direct` on a pooled connection, through asyncpg itself: one round trip, no BEGIN/COMMIT (no
+        transaction is open on it: the statement commits on its own). PostgreSQL only. A connection that may be
+        broken is invalidated, so the pool never hands it out again; the exception is asyncpg's own."""
+        pooled = await self.engine.raw_connection()
+        try:
+            driver: asyncpg.Connection = pooled.driver_connection
+            try:
+                rows: list[asyncpg.Record] = await driver.fetch(direct.sql, *direct.arguments(params))
+            except BaseException as exc:
+                if _connection_lost(exc):
+                    await greenlet_spawn(pooled.invalidate, exc if isinstance(exc, Exception) else None)
+                raise
+            return rows
+        finally:
+            await greenlet_spawn(pooled.close)
 
     def pool_in_use(self) -> int | None:
         """Connections checked out of the pool now (None for a pool that does not count them)."""

@@ -609,20 +609,19 @@ class GenerationRegistry:
         await checkpoint.close()
         new = generation.new
         error = None if failure is None else {"message": failure.message, "code": failure.code}
-        # The message, its usage ledger row and, on failure, its error_logs row: one statement in autocommit on
-        # PostgreSQL (one round trip), one transaction on SQLite (app.services.messages.finish_message).
+        # The message, its usage ledger row and, on failure, its error_logs row: one statement on PostgreSQL (one
+        # round trip, no transaction around it), one transaction on SQLite (app.services.messages.finish_message).
         try:
-            async with self.db.autocommit() as session:
-                stored = await message_service.finish_message(
-                    session=session,
-                    new=new,
-                    content="".join(generation.chunks),
-                    status=outcome,
-                    error=error,
-                    metadata={k: v for k, v in metadata.items() if v is not None},
-                    failure_detail=None if failure is None else {**failure.detail},
-                    upstream_status=None if failure is None else failure.upstream_status,
-                )
+            stored = await message_service.finish_message(
+                db=self.db,
+                new=new,
+                content="".join(generation.chunks),
+                status=outcome,
+                error=error,
+                metadata={k: v for k, v in metadata.items() if v is not None},
+                failure_detail=None if failure is None else {**failure.detail},
+                upstream_status=None if failure is None else failure.upstream_status,
+            )
         except Exception:
             logger.exception("final write of %s failed", new.assistant_id)
             generation.finish("error", {"message": "The answer could not be stored", "code": "storage_error"})

@@ -2,8 +2,8 @@
 
 Creates a throwaway database (migrated to the head, dropped at the end, also on failure), one team, user and
 agent, and one chat per call. Each round first starts `--calls` generations (start_message, not measured: one
-streaming answer per chat), then finishes them one after the other as app/generations.py `_finish` does (a
-session from the factory it uses, finish_message, close), and reports per final write: this process's CPU
+streaming answer per chat), then finishes them one after the other as app/generations.py `_finish` does
+(finish_message on the app's Database), and reports per final write: this process's CPU
 (time.process_time: the service's side, SQLAlchemy and asyncpg included), the wall time (p50/p99), and the
 PostgreSQL backends' CPU over the whole round (utime + stime from /proc: same host only). Rounds: answers that
 complete (the ledger row and roll-up), and answers that fail (plus their error_logs row). A last short pass
@@ -12,7 +12,6 @@ sends a few final writes of each kind through a counting proxy to PostgreSQL: ro
 
     .venv/bin/python -m bench.bench_finish                        # 300 calls per round
     .venv/bin/python -m bench.bench_finish --calls 20             # smoke
-    .venv/bin/python -m bench.bench_finish --session transaction  # in BEGIN/COMMIT, as before the one statement
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from typing import Any
 import asyncpg
 from alembic import command
 from cryptography.fernet import Fernet
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings, load_settings
 from app.db import Database
@@ -156,26 +154,24 @@ async def start_all(db: Database, settings: Settings, caller: Caller, chat_ids: 
     return started
 
 
-async def finish(factory: async_sessionmaker[AsyncSession], new: NewGeneration, *, failed: bool) -> None:
+async def finish(db: Database, new: NewGeneration, *, failed: bool) -> None:
     """One final write, as app/generations.py `_finish` makes it."""
-    async with factory() as session:
-        await finish_message(
-            session=session,
-            new=new,
-            content=CONTENT,
-            status="error" if failed else "complete",
-            error=FAILURE if failed else None,
-            metadata=METADATA,
-            failure_detail={"upstream_status": 502} if failed else None,
-            upstream_status=502 if failed else None,
-        )
+    await finish_message(
+        db=db,
+        new=new,
+        content=CONTENT,
+        status="error" if failed else "complete",
+        error=FAILURE if failed else None,
+        metadata=METADATA,
+        failure_detail={"upstream_status": 502} if failed else None,
+        upstream_status=502 if failed else None,
+    )
 
 
 async def measure_round(
-    db: Database, settings: Settings, caller: Caller, chat_ids: list[uuid.UUID], session: str, *, failed: bool
+    db: Database, settings: Settings, caller: Caller, chat_ids: list[uuid.UUID], *, failed: bool
 ) -> dict[str, Any]:
     news = await start_all(db, settings, caller, chat_ids)
-    factory = db.autocommit if session == "autocommit" else db.sessionmaker
     admin = await asyncpg.connect(settings.DATABASE_URL.replace("postgresql+asyncpg://", "postgresql://"))
     try:
         query = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
@@ -185,7 +181,7 @@ async def measure_round(
         cpu_before = time.process_time()
         for new in news:
             started = time.perf_counter()
-            await finish(factory, new, failed=failed)
+            await finish(db, new, failed=failed)
             walls.append(time.perf_counter() - started)
         cpu = time.process_time() - cpu_before
         backend = backends_cpu_s(pids) - backend_before
@@ -206,7 +202,7 @@ async def measure_round(
     }
 
 
-async def count_round_trips(settings: Settings, session: str, calls: int) -> dict[str, float]:
+async def count_round_trips(settings: Settings, calls: int) -> dict[str, float]:
     """Final writes through CountingProxy: round trips per call, of each kind."""
     url = settings.DATABASE_URL
     host_port = url.split("@", 1)[1].split("/", 1)[0]
@@ -218,13 +214,12 @@ async def count_round_trips(settings: Settings, session: str, calls: int) -> dic
     out: dict[str, float] = {}
     try:
         caller, chat_ids = await seed(db, 2 * calls)
-        factory = db.autocommit if session == "autocommit" else db.sessionmaker
         for failed, ids in ((False, chat_ids[:calls]), (True, chat_ids[calls:])):
             news = await start_all(db, proxied, caller, ids)
-            await finish(factory, news[0], failed=failed)  # statements prepared on this connection
+            await finish(db, news[0], failed=failed)  # statements prepared on this connection
             before = proxy.round_trips
             for new in news[1:]:
-                await finish(factory, new, failed=failed)
+                await finish(db, new, failed=failed)
             out["error" if failed else "complete"] = (proxy.round_trips - before) / (len(news) - 1)
     finally:
         await db.dispose()
@@ -250,7 +245,7 @@ async def throwaway_database(admin_url: str) -> AsyncIterator[str]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"session": args.session, "rounds": []}
+    results: dict[str, Any] = {"rounds": []}
     async with throwaway_database(args.admin_url) as url:
         with tempfile.TemporaryDirectory() as data_dir:
             settings = load_settings(
@@ -269,9 +264,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 warm, rest = chat_ids[: args.warmup], chat_ids[args.warmup :]
                 for failed in (False, True):  # compiled, prepared and cached on the pool's connection
                     half = warm[: len(warm) // 2] if failed else warm[len(warm) // 2 :]
-                    await measure_round(db, settings, caller, half, args.session, failed=failed)
+                    await measure_round(db, settings, caller, half, failed=failed)
                 for failed, ids in ((False, rest[: args.calls]), (True, rest[args.calls :])):
-                    row = await measure_round(db, settings, caller, ids, args.session, failed=failed)
+                    row = await measure_round(db, settings, caller, ids, failed=failed)
                     results["rounds"].append(row)
                     print(
                         f"{row['kind']:>8}: {row['calls']} final writes, {row['cpu_us']} µs CPU here and "
@@ -281,8 +276,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
             finally:
                 await db.dispose()
-            results["round_trips"] = await count_round_trips(settings, args.session, args.trips)
-            print(f"round trips per final write ({args.session} session): {results['round_trips']}", flush=True)
+            results["round_trips"] = await count_round_trips(settings, args.trips)
+            print(f"round trips per final write: {results['round_trips']}", flush=True)
     results["load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(f"load average at the end (1, 5, 15 min): {results['load_average']} on {os.cpu_count()} CPUs", flush=True)
     return results
@@ -296,12 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=300, help="final writes per round (complete, error)")
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--trips", type=int, default=6, help="final writes of each kind through the counting proxy")
-    parser.add_argument(
-        "--session",
-        choices=("autocommit", "transaction"),
-        default="autocommit",
-        help="the session factory of the final write (default: the one app/generations.py `_finish` uses)",
-    )
     asyncio.run(run(parser.parse_args(argv)))
     return 0
 

@@ -181,7 +181,7 @@ async def test_bench_usage_runs_at_tiny_sizes() -> None:
 @pytest.mark.timeout(60)
 async def test_bench_finish_runs_at_tiny_sizes() -> None:
     """A throwaway database, a few final writes of each kind timed, and one round trip each (autocommit)."""
-    args = argparse.Namespace(admin_url=_plain_url(ADMIN_URL), calls=6, warmup=4, trips=3, session="autocommit")
+    args = argparse.Namespace(admin_url=_plain_url(ADMIN_URL), calls=6, warmup=4, trips=3)
     results = await bench_finish.run(args)
     assert [(r["kind"], r["calls"]) for r in results["rounds"]] == [("complete", 6), ("error", 6)]
     assert all(r["cpu_us"] > 0 and r["wall_p50_us"] > 0 for r in results["rounds"])

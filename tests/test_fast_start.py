@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import db as db_module
 from app.config import Settings
+from app.db import Database
 from app.generations import GenerationRegistry
 from app.models import Chat, IdempotencyKey, Message, Team
 from app.security import create_token, decode_token
@@ -289,13 +289,14 @@ async def test_the_next_send_opens_its_n8n_connection_while_its_statement_runs(
     _drop_idle_connections(app)
     streamer = app_state(app).generations.streamer
     warming_at_statement: list[int] = []
-    real_execute = db_module.execute_direct
+    real_fetch = Database.fetch_direct
 
-    async def execute(*args: Any) -> Any:
-        warming_at_statement.append(len(streamer._warming))
-        return await real_execute(*args)
+    async def fetch(self: Database, direct: Any, params: Any) -> Any:
+        if direct is fast_start._DIRECT:  # the start's statement (the final write goes this way too)
+            warming_at_statement.append(len(streamer._warming))
+        return await real_fetch(self, direct, params)
 
-    monkeypatch.setattr(fast_start, "execute_direct", execute)
+    monkeypatch.setattr(Database, "fetch_direct", fetch)
     stranger = await create_user(session)
     refused = await client.post(
         f"/api/chats/{setup.chat.id}/messages", json={"content": "x"}, headers=auth_headers(settings, stranger)

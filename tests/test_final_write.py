@@ -46,18 +46,17 @@ async def started(db: Database, settings: Settings, setup: ChatSetup) -> NewGene
 
 
 async def finish(db: Database, new: NewGeneration, *, failed: bool = False) -> dict[str, Any]:
-    """The final write as app/generations.py `_finish` makes it (an autocommit session)."""
-    async with db.autocommit() as s:
-        return await finish_message(
-            session=s,
-            new=new,
-            content="the answer",
-            status="error" if failed else "complete",
-            error=FAILURE if failed else None,
-            metadata=METADATA,
-            failure_detail={"n8n_error": "bad gateway", "api_token": "t0ken"} if failed else None,
-            upstream_status=502 if failed else None,
-        )
+    """The final write as app/generations.py `_finish` makes it."""
+    return await finish_message(
+        db=db,
+        new=new,
+        content="the answer",
+        status="error" if failed else "complete",
+        error=FAILURE if failed else None,
+        metadata=METADATA,
+        failure_detail={"n8n_error": "bad gateway", "api_token": "t0ken"} if failed else None,
+        upstream_status=502 if failed else None,
+    )
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

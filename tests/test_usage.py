@@ -170,17 +170,16 @@ async def test_cancelled_final_write_writes_cancelled_row(
             content="abc",
             worker_id=uuid.uuid4(),
         )
-    async with app_state(app).db.sessionmaker() as s:
-        await finish_message(
-            session=s,
-            new=new,
-            content="par",
-            status="cancelled",
-            error=None,
-            metadata={"duration_ms": 12.4, "ttfc_ms": 3.6},
-            failure_detail=None,
-            upstream_status=None,
-        )
+    await finish_message(
+        db=app_state(app).db,
+        new=new,
+        content="par",
+        status="cancelled",
+        error=None,
+        metadata={"duration_ms": 12.4, "ttfc_ms": 3.6},
+        failure_detail=None,
+        upstream_status=None,
+    )
     [row] = await ledger(app)
     assert (row.outcome, row.chars_in, row.chars_out, row.ttfc_ms, row.duration_ms) == ("cancelled", 3, 3, 4, 12)
 

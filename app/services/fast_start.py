@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.types import Uuid
 
 from app.config import Settings
-from app.db import Database, Direct, execute_direct, utcnow
+from app.db import Database, Direct, utcnow
 from app.security import Caller, family_key, token_issued_us
 from app.services.chats import title_from_message
 from app.services.idempotency import KEY_LIFETIME
@@ -213,8 +213,7 @@ async def start(
         "depth": 2 * settings.N8N_HISTORY_MAX_MESSAGES,
     }
     try:
-        async with db.autocommit() as session:
-            rows = await execute_direct(session, _DIRECT, params)
+        rows = await db.fetch_direct(_DIRECT, params)
     except asyncpg.IntegrityConstraintViolationError:
         return None  # a race lost (another send, the same key, the chat deleted): the general path says which
     except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError):

@@ -42,8 +42,8 @@ from sqlalchemy.orm import aliased
 from app import callbacks
 from app.chat_schemas import format_timestamp
 from app.config import Settings
-from app.db import Direct, execute_core, execute_direct, utcnow
-from app.dialects import Statements, UTCDateTime, all_statements, statements_of
+from app.db import Database, Direct, execute_core, utcnow
+from app.dialects import Statements, UTCDateTime, all_statements
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import IS_STREAMING, Agent, Chat, ErrorLog, Message
 from app.schemas import MessageRead
@@ -554,7 +554,7 @@ async def checkpoint_message(*, session: AsyncSession, new: NewGeneration, conte
 
 async def finish_message(
     *,
-    session: AsyncSession,
+    db: Database,
     new: NewGeneration,
     content: str,
     status: str,
@@ -564,9 +564,9 @@ async def finish_message(
     upstream_status: int | None,
 ) -> dict[str, Any]:
     """The one final write of an answer (its row, and its chat's activity time), plus its error_logs row on
-    failure and its usage ledger row: one statement where the dialect chains writes (PostgreSQL: then an
-    autocommit session makes it one round trip), else one transaction. A failed answer's error_logs row says
-    `stored: false` when its row was gone (its chat deleted meanwhile)."""
+    failure and its usage ledger row: one statement where the dialect chains writes (PostgreSQL: sent
+    through asyncpg outside any transaction, one round trip: `Database.fetch_direct`), else one transaction.
+    A failed answer's error_logs row says `stored: false` when its row was gone (its chat deleted meanwhile)."""
     if new.assistant_started is None:
         new.stamp_assistant()
     failed = error is not None
@@ -592,7 +592,7 @@ async def finish_message(
         metadata=metadata,
     )
     detail = dict(failure_detail or {})
-    chained = _FINAL_WRITES.get(statements_of(session))
+    chained = _FINAL_WRITES.get(db.statements)
     if chained is not None:
         params.update(usage_service.ledger_params(ledger_row))
         if error is not None:
@@ -608,27 +608,10 @@ async def finish_message(
             # The statement picks one: `e_detail_gone` when the answer's row was gone (`_final_write`).
             params["e_detail"] = error_logs.clean_detail(detail)
             params["e_detail_gone"] = error_logs.clean_detail({**detail, "stored": False})
-        await execute_direct(session, chained[failed], params)
+        await db.fetch_direct(chained[failed], params)
     else:
-        written = bool(getattr(await execute_core(session, _FINAL_MESSAGE[failed], params), "rowcount", 0))
-        await execute_core(session, _TOUCH_CHAT, params)
-        if error is not None:
-            if not written:
-                detail["stored"] = False
-            await error_logs.record_error(
-                session=session,
-                team_id=new.team_id,
-                user_id=new.user_id,
-                chat_id=new.chat_id,
-                agent_id=new.agent_id,
-                code=error["code"],
-                message=error["message"],
-                upstream_status=upstream_status,
-                detail=detail,
-            )
-        # Usage hook (app.services.usage): the generation's ledger row, in this same transaction.
-        await usage_service.add_ledger_rows(session=session, rows=[ledger_row])
-    await session.commit()
+        async with db.sessionmaker() as session:
+            await _finish_in_transaction(session, new, params, ledger_row, error, detail, upstream_status)
     return public_message(
         message_view(
             id=uuid.UUID(new.assistant_id),
@@ -643,6 +626,37 @@ async def finish_message(
             sibling_ids=[uuid.UUID(i) for i in new.assistant_sibling_ids],
         )
     )
+
+
+async def _finish_in_transaction(
+    session: AsyncSession,
+    new: NewGeneration,
+    params: dict[str, Any],
+    ledger_row: dict[str, Any],
+    error: dict[str, str] | None,
+    detail: dict[str, Any],
+    upstream_status: int | None,
+) -> None:
+    """The final write as separate statements in one transaction (SQLite, which cannot chain writes)."""
+    written = bool(getattr(await execute_core(session, _FINAL_MESSAGE[error is not None], params), "rowcount", 0))
+    await execute_core(session, _TOUCH_CHAT, params)
+    if error is not None:
+        if not written:
+            detail["stored"] = False
+        await error_logs.record_error(
+            session=session,
+            team_id=new.team_id,
+            user_id=new.user_id,
+            chat_id=new.chat_id,
+            agent_id=new.agent_id,
+            code=error["code"],
+            message=error["message"],
+            upstream_status=upstream_status,
+            detail=detail,
+        )
+    # Usage hook (app.services.usage): the generation's ledger row, in this same transaction.
+    await usage_service.add_ledger_rows(session=session, rows=[ledger_row])
+    await session.commit()
 
 
 INTERRUPTED = {"message": "The server stopped before the answer was complete", "code": "interrupted"}
