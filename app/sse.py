@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
+from fastapi.sse import KEEPALIVE_COMMENT
 
 from app.callbacks import CallbackInbox
 from app.services.messages import NewGeneration
@@ -18,8 +18,18 @@ TERMINAL = frozenset({"done", "error"})
 
 
 def frame(event_id: int, kind: str, data: Any) -> bytes:
-    """One event in FastAPI's own SSE encoding (`fastapi.sse.format_sse_event`): `data:` then `id:`."""
-    return format_sse_event(data_str=json.dumps({"type": kind, "data": data}, ensure_ascii=False), id=str(event_id))
+    """One event in FastAPI's own SSE encoding (`fastapi.sse.format_sse_event`): `data:` then `id:`.
+
+    Written out here (the same bytes, tests/test_sse.py compares them): JSON text never holds the line breaks
+    that `format_sse_event` splits on (`json.dumps` escapes CR and LF), so the event is always these three lines.
+    """
+    return f"data: {json.dumps({'type': kind, 'data': data}, ensure_ascii=False)}\nid: {event_id}\n\n".encode()
+
+
+def message_frame(event_id: int, text: str) -> bytes:
+    """`frame(event_id, "message", {"content": text})`, without building the dicts: one per chunk relayed."""
+    content = json.dumps(text, ensure_ascii=False)
+    return f'data: {{"type": "message", "data": {{"content": {content}}}}}\nid: {event_id}\n\n'.encode()
 
 
 def event_of(encoded: bytes) -> tuple[str, Any]:
@@ -60,7 +70,8 @@ class Generation:
     on_event: Callable[[Generation], None] | None = None
     #: What came by progress callback (app.callbacks), when n8n was given a callback URL.
     inbox: CallbackInbox | None = None
-    _waiter: asyncio.Event | None = None
+    #: The readers waiting for the next event, one future each (an asyncio.Event per wait cost more per chunk).
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
     _ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -78,7 +89,10 @@ class Generation:
         self.chunks.extend(chunks)
         text = chunks[0] if len(chunks) == 1 else "".join(chunks)
         if text:
-            self.add_event("message", {"content": text})
+            self.frames.append(message_frame(len(self.frames) + 1, text))
+            if self.on_event is not None:
+                self.on_event(self)
+            self._notify()
 
     def finish(self, kind: str, data: dict[str, Any]) -> None:
         self.terminal = kind
@@ -96,15 +110,21 @@ class Generation:
     async def wait_beyond(self, index: int) -> None:
         """Until there are more than `index` events, or the log ended (for readers other than `sse`)."""
         while len(self.frames) <= index and self.terminal is None:
-            if self._waiter is None:
-                self._waiter = asyncio.Event()
-            await self._waiter.wait()
+            await self._next()
+
+    async def _next(self) -> None:
+        """Until the next `_notify` (a new event, the end, or a reader's ping timer)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter  # a reader cancelled here cancels only its own future, which `_notify` then skips
 
     def _notify(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            waiter.set()
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def sse(self, ping_interval: float, after: int = 0) -> AsyncIterator[bytes]:
         """The events after id `after`, then the live ones up to the terminal one; `: ping` while quiet.
@@ -143,9 +163,7 @@ class Generation:
                     continue
                 if timer is None:
                     timer = loop.call_at(ping_at, wake)
-                if self._waiter is None:
-                    self._waiter = asyncio.Event()
-                await self._waiter.wait()
+                await self._next()
         finally:
             if timer is not None:
                 timer.cancel()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
+from fastapi.sse import format_sse_event
+
 from app.db import utcnow
 from app.services.messages import NewGeneration
-from app.sse import Generation
+from app.sse import Generation, frame, message_frame
 from tests.live import parse_sse
 
 # --- Generation: what SSE readers see ------------------------------------------------------------
@@ -108,3 +111,39 @@ async def test_generation_pings_only_after_a_quiet_interval_and_leaves_no_timer(
     # The reader's timer is cancelled when the stream ends: nothing stays scheduled for it.
     loop = asyncio.get_running_loop()
     assert not [h for h in loop._scheduled if not h.cancelled() and "wake" in repr(h)]  # type: ignore[attr-defined]
+
+
+TEXTS = [
+    "",
+    "plain",
+    'quote " and \\ backslash',
+    "line\nbreak\r\ncrlf\rcr",
+    "\u2028\u2029\x85 separators",
+    "emoji 🚀 é",
+    "\x00\x1f control",
+    "</script>",
+]
+
+
+def test_frames_are_fastapis_own_sse_encoding() -> None:
+    """`frame` and `message_frame` write FastAPI's `format_sse_event` bytes by hand: the same, byte for byte."""
+    for n, text in enumerate(TEXTS, start=1):
+        for kind, data in (("message", {"content": text}), ("error", {"message": text, "code": "x"}), ("done", {})):
+            expected = format_sse_event(
+                data_str=json.dumps({"type": kind, "data": data}, ensure_ascii=False), id=str(n)
+            )
+            assert frame(n, kind, data) == expected
+        assert message_frame(n, text) == frame(n, "message", {"content": text})
+
+
+async def test_a_cancelled_reader_leaves_the_other_readers_waiting() -> None:
+    """Readers share no future: one cancelled while waiting, the others still get the next event."""
+    generation = _generation()
+    first = asyncio.create_task(generation.wait_beyond(0))
+    second = asyncio.create_task(generation.wait_beyond(0))
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.sleep(0)
+    generation.add_chunks(["hi"])
+    await asyncio.wait_for(second, 1)
+    assert first.cancelled()
