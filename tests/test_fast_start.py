@@ -292,7 +292,7 @@ async def test_the_next_send_opens_its_n8n_connection_while_its_statement_runs(
     real_fetch = Database.fetch_direct
 
     async def fetch(self: Database, direct: Any, params: Any) -> Any:
-        if direct is fast_start._DIRECT:  # the start's statement (the final write goes this way too)
+        if direct is fast_start.START_DIRECT:  # the start's statement (the final write goes this way too)
             warming_at_statement.append(len(streamer._warming))
         return await real_fetch(self, direct, params)
 

@@ -19,10 +19,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from PIL import Image
-from sqlalchemy import delete, event, select
+from sqlalchemy import delete, event, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.db import Database, Direct
 from app.models import File, FileBlob, Team
 from app.services import blobs, fast_start
 from app.services import files as files_service
@@ -514,7 +515,12 @@ async def test_multipart_delivery_is_what_the_chat_trigger_gets_from_its_widget(
 
 
 async def test_a_send_without_files_stays_json_and_touches_no_file_table(
-    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, setup: ChatSetup, fake: FakeN8n
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    setup: ChatSetup,
+    fake: FakeN8n,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await agent_mode(session, setup, "multipart")
     statements: list[str] = []
@@ -522,6 +528,14 @@ async def test_a_send_without_files_stays_json_and_touches_no_file_table(
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         statements.append(statement)
+
+    real_fetch = Database.fetch_direct
+
+    async def fetch(self: Database, direct: Direct, params: dict[str, Any]) -> Any:
+        statements.append(direct.sql)  # the statements run on asyncpg directly (the start, the final write)
+        return await real_fetch(self, direct, params)
+
+    monkeypatch.setattr(Database, "fetch_direct", fetch)
 
     event.listen(engine, "before_cursor_execute", record)
     try:
@@ -632,15 +646,25 @@ async def test_a_chat_deleted_under_a_send_is_404_and_gives_the_quota_claim_back
     engine = app_state(app).db.engine.sync_engine
     if path == "general":
         monkeypatch.setattr(fast_start, "applies", lambda *_a, **_k: False)
-    first = "INSERT INTO MESSAGES" if path == "general" else "WITH RECURSIVE CALLER"
 
     done: list[bool] = []
 
     def delete_chat_first(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
-        if not done and statement.lstrip().upper().startswith(first):
+        if not done and statement.lstrip().upper().startswith("INSERT INTO MESSAGES"):
             done.append(True)
             cursor.execute(f"DELETE FROM chats WHERE id = '{setup.chat.id}'")
 
+    real_fetch = Database.fetch_direct
+
+    async def delete_then_fetch(self: Database, direct: Direct, params: dict[str, Any]) -> Any:
+        if not done and direct is fast_start.START_DIRECT:
+            done.append(True)
+            async with self.sessionmaker() as s:
+                await s.execute(text("DELETE FROM chats WHERE id = :id"), {"id": setup.chat.id})
+                await s.commit()
+        return await real_fetch(self, direct, params)
+
+    monkeypatch.setattr(Database, "fetch_direct", delete_then_fetch)
     event.listen(engine, "before_cursor_execute", delete_chat_first)
     try:
         refused = await send(client, setup, {"content": "into a chat that goes"})

@@ -140,7 +140,7 @@ _START = (
     )
 )
 START: TextualSelect = _START
-_DIRECT = Direct(_START)
+START_DIRECT = Direct(_START)
 
 
 class _Agent:
@@ -213,7 +213,7 @@ async def start(
         "depth": 2 * settings.N8N_HISTORY_MAX_MESSAGES,
     }
     try:
-        rows = await db.fetch_direct(_DIRECT, params)
+        rows = await db.fetch_direct(START_DIRECT, params)
     except asyncpg.IntegrityConstraintViolationError:
         return None  # a race lost (another send, the same key, the chat deleted): the general path says which
     except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError):
