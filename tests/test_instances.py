@@ -11,9 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from tests.factories import DEFAULT_PASSWORD
 from tests.live import SSE, EventReader, chat_with_agent, streamed_text
 from tests.test_stop_resume import LONG, has_text, live_settings
 from tests.test_stream_live import _start_subprocess, assistant_of, settled
@@ -124,3 +126,36 @@ async def test_followers_on_another_instance_get_a_terminal_event_when_the_owner
     stored = await assistant_of(app, setup.chat.id)
     assert stored["status"] == "interrupted"
     assert streamed_text(events).startswith(stored["content"])
+
+
+async def test_after_logout_the_first_send_to_another_instance_is_refused(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str
+) -> None:
+    """A send checks the token in the statement that starts it (app.services.fast_start), so the promise
+    holds across instances: once logout's 204 came from A, the very next send to B with that token is 401 and
+    stores nothing, and its refresh token is dead there too."""
+    settings = live_settings(database_url, tmp_path)
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream")
+    messages = f"/api/chats/{setup.chat.id}/messages"
+    async with instance(settings, redis_url) as (url_a, _a), instance(settings, redis_url) as (url_b, _b):
+        async with (
+            httpx.AsyncClient(base_url=url_a, timeout=10) as a,
+            httpx.AsyncClient(base_url=url_b, timeout=10) as b,
+        ):
+            login = await a.post("/api/auth/login", json={"email": setup.user.email, "password": DEFAULT_PASSWORD})
+            assert login.status_code == 200
+            tokens = login.json()
+            bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
+            # Both instances have run (and prepared) the one-statement start with this token.
+            for client in (a, b):
+                sent = await client.post(messages, json={"content": "before"}, headers=bearer)
+                assert sent.status_code == 200, sent.text
+                assert '"type": "done"' in sent.text
+            logout = await a.post("/api/auth/logout", headers=bearer, json={"refresh_token": tokens["refresh_token"]})
+            assert logout.status_code == 204
+            after = await b.post(messages, json={"content": "after"}, headers=bearer)
+            refreshed = await b.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert after.status_code == 401
+    assert refreshed.status_code == 401
+    stored = await session.execute(text("SELECT content FROM messages WHERE role = 'user' ORDER BY created_at"))
+    assert [row.content for row in stored] == ["before", "before"]
