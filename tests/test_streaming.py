@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,23 @@ async def test_streamer_slow_tokens_within_read_timeout(streamer: N8nStreamer, f
     text, _stats, failure = await relay(streamer, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=100")
     assert failure is None
     assert text == "Echo: hello there"
+
+
+async def test_streamer_read_timeout_counts_from_the_last_read(streamer: N8nStreamer, fake: FakeN8n) -> None:
+    """N8N_READ_TIMEOUT (0.5 s here) is the quiet time allowed after each read, not a deadline set once:
+    chunks 0.3 s apart for 1.8 s all arrive; then the 3 s stall fails as a read timeout ~0.5 s after the
+    last chunk (the first byte's deadline is no longer in force once bytes came)."""
+    text, _stats, failure = await relay(
+        streamer, f"{fake.url}/webhook/agent-stream?scenario=paced&chunks=6&interval_ms=300"
+    )
+    assert failure is None
+    assert text.count("t") >= 6
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    _text, _stats, later = await relay(streamer, f"{fake.url}/webhook/agent-stream?scenario=stall&after=1&hang=3")
+    assert later is not None
+    assert later.detail["timeout"] == "read"
+    assert 0.45 <= loop.time() - started < 2.0
 
 
 async def test_streamer_refused_connection_is_unreachable_and_fast(streamer: N8nStreamer) -> None:
