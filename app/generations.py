@@ -241,7 +241,8 @@ class GenerationRegistry:
         generation = Generation(new=new)
         if new.callbacks:
             generation.inbox = CallbackInbox(self.settings, asyncio.get_running_loop().time())
-        generation.add_event("start", {"user_message": new.user_message, "assistant_message_id": new.assistant_id})
+        question = new.take_user_message()
+        generation.add_event("start", {"user_message": question, "assistant_message_id": new.assistant_id})
         generation.add_event("status", WAITING)
         task = asyncio.create_task(self._run(generation), name=f"generation-{new.assistant_id}")
         generation.task = task
@@ -510,19 +511,18 @@ class GenerationRegistry:
 
         payload = new.take_payload()
         attachments = await self._file_bytes(new, payload)
-        webhook = asyncio.ensure_future(
-            self.streamer.run(
-                url=new.webhook_url,
-                headers=headers,
-                payload=payload,
-                on_chunks=ignore if callback_mode else on_chunks,
-                stats=stats,
-                attachments=attachments,
-            )
+        call = self.streamer.run(
+            url=new.webhook_url,
+            headers=headers,
+            payload=payload,
+            on_chunks=ignore if callback_mode else on_chunks,
+            stats=stats,
+            attachments=attachments,
         )
         if inbox is None:
-            await webhook
+            await call  # in this task: a task of its own per stream cost memory and CPU for nothing
             return
+        webhook = asyncio.ensure_future(call)
         ended = asyncio.ensure_future(inbox.ended.wait())
         try:
             if callback_mode:

@@ -179,7 +179,7 @@ async def _start_checked(
             session=session,
             user_id=user.id,
             key=key,
-            user_message_id=str(new.user_message["id"]),
+            user_message_id=new.question_id,
             assistant_message_id=new.assistant_id,
         )
     return generation.sse(settings.STREAM_PING_INTERVAL)

@@ -221,7 +221,8 @@ class NewGeneration:
     user_id: uuid.UUID
     agent_id: uuid.UUID
     assistant_id: str
-    #: The question answered (new, or for a regenerate the existing one), as the `start` event shows it.
+    #: The question answered (new, or for a regenerate the existing one), as the `start` event shows it; handed
+    #: over once (`take_user_message`): while the answer runs only its id and length are kept.
     user_message: dict[str, Any]
     webhook_url: str
     webhook_headers_encrypted: str | None
@@ -239,6 +240,18 @@ class NewGeneration:
     #: The question's files (ids) and how they travel (`url`, `base64`, `multipart`; app.services.files).
     file_ids: list[str] = field(default_factory=list)
     file_delivery: str = "url"
+    #: The question's id and length in characters (the ledger's `chars_in`), set from `user_message`.
+    question_id: str = ""
+    question_chars: int = 0
+
+    def __post_init__(self) -> None:
+        self.question_id = str(self.user_message.get("id", ""))
+        self.question_chars = len(str(self.user_message.get("content") or ""))
+
+    def take_user_message(self) -> dict[str, Any]:
+        """The question for the `start` event, handed over once (an open stream keeps only id and length)."""
+        message, self.user_message = self.user_message, {}
+        return message
 
     def stamp_assistant(self) -> None:
         """The generation starts now: the assistant message's `created_at`, strictly after the user's."""
@@ -587,7 +600,7 @@ async def finish_message(
         chat_id=new.chat_id,
         outcome=status,
         error_code=None if error is None else error["code"],
-        chars_in=len(str(new.user_message.get("content") or "")),
+        chars_in=new.question_chars,
         chars_out=len(content),
         metadata=metadata,
     )
@@ -615,7 +628,7 @@ async def finish_message(
     return public_message(
         message_view(
             id=uuid.UUID(new.assistant_id),
-            parent_id=uuid.UUID(str(new.user_message["id"])),
+            parent_id=uuid.UUID(new.question_id),
             role="assistant",
             content=content,
             status=status,
