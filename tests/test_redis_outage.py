@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.eventlog import log_key
 from tests.authhelpers import bearer, login
 from tests.factories import create_chat
-from tests.live import SSE, EventReader, RedisProcess, chat_with_agent, live_server, streamed_text
+from tests.live import SSE, EventReader, RedisProcess, chat_with_agent, live_server, parse_sse, streamed_text
 from tests.test_stop_resume import LONG, has_text, live_settings, send
 from tests.test_stream_live import settled
 from tools.fake_n8n import FakeN8n
@@ -107,3 +107,40 @@ async def test_redis_stopped_and_started_mid_run_refuses_nothing_and_loses_nothi
     stored = await settled(app, setup.chat.id)
     assert stored["status"] == "complete"
     assert stored["content"] == streamed_text(after)
+
+
+async def test_the_redis_log_is_written_in_batches_and_ends_at_once(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """A streaming answer's events go to Redis at most every MIRROR_INTERVAL (one MULTI/EXEC per batch, not per
+    chunk), all of them, under their own ids; the terminal one is written at once, not a batch later."""
+    from app.eventlog import MIRROR_INTERVAL
+
+    own = RedisProcess(tmp_path)
+    await own.start()
+    client = aioredis.from_url(own.url)
+    try:
+        settings = live_settings(database_url, tmp_path, REDIS_URL=own.url)
+        async with live_server(settings) as server:
+            setup = await chat_with_agent(
+                session, settings, f"{fake.url}/webhook/agent-stream?scenario=paced&chunks=40&interval_ms=10"
+            )
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+                before: Any = await client.info("commandstats")
+                events = await send(http, setup).finish()
+                ended = asyncio.get_running_loop().time()
+                key = log_key(setup.chat.id, str(events[0].data["data"]["assistant_message_id"]))  # type: ignore[index]
+                logged = await redis_log(own.url, key, within=5)
+                in_redis_after = asyncio.get_running_loop().time() - ended
+                after: Any = await client.info("commandstats")
+    finally:
+        await client.aclose()
+        await own.stop()
+    assert events[-1].type == "done"
+    shown = [(e.id, e.data) for e in events if e.data is not None]
+    assert [(e.id, e.data) for f in logged for e in parse_sse(f.decode())] == shown  # every event, its own id
+    batches = after["cmdstat_exec"]["calls"] - before.get("cmdstat_exec", {"calls": 0})["calls"]
+    message_events = sum(e.type == "message" for e in events)
+    assert message_events >= 20  # the chunks came 10 ms apart: one event each
+    assert batches <= message_events // 3, (batches, message_events)
+    assert in_redis_after < MIRROR_INTERVAL + 0.5
