@@ -45,21 +45,15 @@ def hash_password_sync(password: str, rounds: int) -> str:
 #: bcrypt threads per process: all cores but one, so a login burst never takes the core the event loop
 #: (and every open stream) runs on. bcrypt releases the GIL; the contention is for CPU, not the lock.
 BCRYPT_THREADS = max(1, (os.cpu_count() or 2) - 1)
-#: ...and they yield the CPU at once to anything else that wakes up: on Linux they run under SCHED_IDLE, which
-#: the scheduler preempts as soon as a normal thread (the event loop with a chunk to relay) becomes runnable. A
-#: nice level is not enough: under EEVDF a nice-10 thread keeps the core for the rest of its slice (up to a few
-#: ms) before the woken loop gets it, which showed as chunk-gap spikes during login bursts (docs/PERFORMANCE.md).
-#: Where SCHED_IDLE is unavailable they run 10 nice levels lower instead.
+#: ...and they run 10 nice levels below the event loop, so when the machine is busy anyway (a small box
+#: shared with PostgreSQL, n8n or a load generator) the scheduler still gives the event loop the CPU first.
 BCRYPT_NICE = 10
 
 
 def _lower_thread_priority() -> None:
-    # On Linux a thread id is a valid target of both calls and changes only that thread; elsewhere no-op.
-    thread = threading.get_native_id()
+    # On Linux a thread id is a valid PRIO_PROCESS target and changes only that thread; elsewhere no-op.
     with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
-        return
-    with contextlib.suppress(AttributeError, OSError):
+        thread = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + BCRYPT_NICE))
 
 

@@ -649,8 +649,10 @@ def check_before(source: Path) -> Path:
 PHASES = ("ttfc", "throughput", "hold", "login", "multi")
 
 
-def start_pinning(bench: Bench) -> dict[str, Any]:
+def start_pinning(bench: Bench, *, unpinned: bool = False) -> dict[str, Any]:
     """Pin the load generator and PostgreSQL (children get pinned as they start); what was done, for the report."""
+    if unpinned:
+        return {"pinned": False, "why": "--unpinned"}
     cpus = plan(frozenset(os.sched_getaffinity(0)))
     if cpus is None:
         return {"pinned": False, "why": f"fewer than 2 CPUs available ({sorted(os.sched_getaffinity(0))})"}
@@ -679,6 +681,8 @@ async def benchmark(
     phases: tuple[str, ...] = PHASES,
     profile_dir: Path | None = None,
     before: Path | None = None,
+    *,
+    unpinned: bool = False,
 ) -> dict[str, Any]:
     started = dt.datetime.now(dt.UTC)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -698,7 +702,7 @@ async def benchmark(
     if before is not None:
         report["before_source"] = str(before)
     try:
-        report["pinning"] = start_pinning(bench)
+        report["pinning"] = start_pinning(bench, unpinned=unpinned)
         log(f"pinning: {report['pinning']}")
         await admin(f'CREATE DATABASE "{dbname}"')
         await asyncio.to_thread(migrate, _db_url(dbname, "postgresql+asyncpg"))
@@ -946,6 +950,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the service from this source tree (e.g. a `git archive` export of an older commit) "
         "in the ttfc and throughput phases, right after this tree's; same migrations required",
     )
+    parser.add_argument(
+        "--unpinned",
+        action="store_true",
+        help="pin nothing (every process shares every core), e.g. to see the login burst as on a busy machine",
+    )
     args = parser.parse_args(argv)
     from bench.report import render, write
 
@@ -959,7 +968,11 @@ def main(argv: list[str] | None = None) -> int:
     phases = tuple(p for p in args.only.split(",") if p in PHASES)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     report = asyncio.run(
-        _cancellable(benchmark(profile, phases, RESULTS / f"profile-{stamp}" if args.profile else None, before))
+        _cancellable(
+            benchmark(
+                profile, phases, RESULTS / f"profile-{stamp}" if args.profile else None, before, unpinned=args.unpinned
+            )
+        )
     )
     table = render(report)
     print(table, flush=True)
