@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -54,11 +55,12 @@ class Direct:
         self.fixed = {name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required}
 
     def arguments(self, params: dict[str, Any]) -> list[Any]:
+        """The positional arguments, converted by their types as SQLAlchemy converts them (None included)."""
+        fixed = self.fixed
         return [
-            value if process is None or value is None else process(value)
+            value if process is None else process(value)
             for process, value in (
-                (p, params[n] if n in params else self.fixed[n])
-                for p, n in zip(self.processors, self.names, strict=True)
+                (p, params[n] if n in params else fixed[n]) for p, n in zip(self.processors, self.names, strict=True)
             )
         ]
 
@@ -68,7 +70,8 @@ _ASYNCPG = asyncpg_dialect()  # type: ignore[no-untyped-call]
 
 def _connection_lost(exc: BaseException) -> bool:
     """Whether the connection may be unusable after `exc` (never handed out again then). A server error of
-    a statement (a constraint, a bad value) leaves an autocommit connection as good as before."""
+    a statement (a constraint, a bad value; asyncpg's own refusal of a value too) leaves an autocommit
+    connection as good as before."""
     if isinstance(exc, asyncpg.PostgresError):
         return isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.OperatorInterventionError)
     return True  # a lost socket, a protocol error, a cancel in the middle of the exchange
@@ -159,14 +162,21 @@ class Database:
         """`direct` on a pooled connection, through asyncpg itself: one round trip, no BEGIN/COMMIT (no
         transaction is open on it: the statement commits on its own). PostgreSQL only. A connection that may be
         broken is invalidated, so the pool never hands it out again; the exception is asyncpg's own."""
+        arguments = direct.arguments(params)
         pooled = await self.engine.raw_connection()
         try:
             driver: asyncpg.Connection = pooled.driver_connection
             try:
-                rows: list[asyncpg.Record] = await driver.fetch(direct.sql, *direct.arguments(params))
+                rows: list[asyncpg.Record] = await driver.fetch(direct.sql, *arguments)
             except BaseException as exc:
                 if _connection_lost(exc):
-                    await greenlet_spawn(pooled.invalidate, exc if isinstance(exc, Exception) else None)
+                    error = exc if isinstance(exc, Exception) else None
+                    if not isinstance(exc, asyncio.CancelledError | TimeoutError):
+                        # The database went away (a restart): every pooled connection is as dead as this one.
+                        # What SQLAlchemy does on a disconnect of its own: connections older than now are
+                        # replaced at their next checkout, so this costs one failed statement, not one each.
+                        self.engine.pool._invalidate(pooled, error, _checkin=False)
+                    await greenlet_spawn(pooled.invalidate, error)
                 raise
             return rows
         finally:

@@ -203,12 +203,11 @@ class N8nStreamer:
         self._warming[origin] = task
         task.add_done_callback(lambda _t: self._warming.pop(origin, None))
 
-    async def _warmed(self, target: yarl.URL) -> None:
-        """Wait for a warm-up of `target`'s origin still in flight, so the request takes its connection rather
-        than opening a second one. If it failed, the request connects (and reports a failure) by itself."""
-        task = self._warming.get((target.scheme, target.host or "", target.port))
-        if task is not None:
-            await asyncio.shield(task)
+    def _warming_for(self, target: yarl.URL) -> asyncio.Task[None] | None:
+        """A warm-up of `target`'s origin still in flight: the request waits for its connection (within its
+        first-byte deadline, `upstream.exchange`) rather than opening a second one. If it failed, the request
+        connects (and reports a failure) by itself."""
+        return self._warming.get((target.scheme, target.host or "", target.port))
 
     async def run(
         self,
@@ -240,7 +239,6 @@ class N8nStreamer:
         del payload  # the encoded body is all that is needed from here on
         parser = BodyParser(max_line_bytes=s.N8N_MAX_LINE_BYTES, max_response_bytes=s.N8N_MAX_RESPONSE_BYTES)
         try:
-            await self._warmed(target)
             await exchange(
                 self.session(),
                 target=target,
@@ -250,6 +248,7 @@ class N8nStreamer:
                 on_chunks=on_chunks,
                 stats=stats,
                 settings=s,
+                ready=self._warming_for(target),
             )
         except StreamFailure:
             raise

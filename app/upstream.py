@@ -118,9 +118,11 @@ async def exchange(
     on_chunks: Callable[[list[str]], None],
     stats: StreamStats,
     settings: Settings,
+    ready: asyncio.Future[None] | None = None,
 ) -> None:
     """POST `body` (JSON bytes, or a multipart form that sets its own Content-Type) and feed the answer to
-    `parser`; the three deadlines surface as their own exception types."""
+    `parser`; the three deadlines surface as their own exception types. `ready`: a connection being opened
+    to the same origin (N8nStreamer.warm), awaited first, within the first byte's deadline."""
     s = settings
     send_headers = {**headers, "Accept": ACCEPT}
     if isinstance(body, bytes):
@@ -134,6 +136,8 @@ async def exchange(
             try:
                 # One deadline object: the first byte's, then the one `_QuietWatch` moves on after each read.
                 async with asyncio.timeout(s.N8N_FIRST_BYTE_TIMEOUT) as idle:
+                    if ready is not None:
+                        await asyncio.shield(ready)  # never fails: a failed warm-up leaves the connecting to post
                     async with session.post(target, data=body, headers=send_headers, allow_redirects=False) as response:
                         stats.upstream_status = response.status
                         if not 200 <= response.status < 300:

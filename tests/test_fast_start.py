@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select, text
+from sqlalchemy import literal, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.db import Database
+from app.db import Database, Direct
 from app.generations import GenerationRegistry
 from app.models import Chat, IdempotencyKey, Message, Team
 from app.security import create_token, decode_token
@@ -320,3 +320,68 @@ async def test_a_webhook_that_never_answered_is_not_warmed(
     assert registry._webhooks == {}
     registry.warm_for(setup.user.id, setup.chat.id)
     assert registry.streamer._warming == {}
+
+
+async def test_a_database_restart_costs_one_direct_statement_not_one_per_pooled_connection(settings: Settings) -> None:
+    """Every pooled connection dies (what a restart does): the first statement through asyncpg directly fails
+    and marks the whole pool stale, as SQLAlchemy does on a disconnect; the next ones get fresh connections."""
+    import asyncpg
+
+    from tests.conftest import _plain_url
+
+    db = Database(settings.model_copy(update={"DB_POOL_SIZE": 3, "DB_MAX_OVERFLOW": 0}))
+    probe = Direct(select(literal(1)))
+    try:
+        # Three connections in the pool.
+        async with db.engine.connect() as a, db.engine.connect() as b, db.engine.connect() as c:
+            for conn in (a, b, c):
+                await conn.execute(select(literal(1)))
+        admin = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+        finally:
+            await admin.close()
+        assert killed >= 3
+        outcomes = []
+        for _ in range(4):
+            try:
+                rows = await db.fetch_direct(probe, {})
+                outcomes.append(rows[0][0])
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                outcomes.append("failed")
+        assert outcomes == ["failed", 1, 1, 1]
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status"),
+    [
+        ({}, {"content": 5}, 401),  # no token, a body that is not even valid
+        ({}, {}, 401),
+        ({"Authorization": "Bearer not-a-token"}, {}, 401),
+        ({"Authorization": "Bearer n8nr_" + "x" * 43}, {"content": 5}, 401),  # an unknown API key
+        ({"Cookie": "access_token=x", "Origin": "https://evil.example"}, {}, 403),  # the cookie's CSRF check
+        ({"Idempotency-Key": ""}, {"content": "hi"}, 401),  # an invalid header, no token
+    ],
+)
+async def test_the_send_route_authenticates_before_it_validates(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    headers: dict[str, str],
+    body: dict[str, Any],
+    status: int,
+) -> None:
+    """As on every authenticated route: 401 (or the cookie's 403) before any 422 of the body or headers, though
+    the send route resolves its credentials in one dependency of its own (no database work for a token)."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    response = await client.post(f"/api/chats/{setup.chat.id}/messages", json=body, headers=headers)
+    assert response.status_code == status, response.text
+    valid = await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": 5}, headers=setup.headers)
+    assert valid.status_code == 422
+    assert await session.scalar(text("SELECT count(*) FROM messages")) == 0

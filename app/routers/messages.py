@@ -7,20 +7,20 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import CurrentUser, access_claims, api_key_from_request, current_caller
+from app.auth import CurrentUser, current_caller, send_credentials
 from app.config import Settings
 from app.deps import SessionDep
 from app.generations import GenerationRegistry
 from app.routers.responses import R401, Responses, error_doc, json_only, total_count
 from app.schemas import FeedbackUpdate, MessageCreate, MessageRead
+from app.security import Caller
 from app.services import fast_start, idempotency, tree
 from app.services.chats import CHAT_NOT_FOUND
 from app.services.messages import AGENT_INACTIVE, start_message
-from app.services.revocation import RevocationStore
 from app.services.usage import QUOTA_REACHED
 from app.state import app_state
 from app.streaming import SSE_HEADERS
@@ -88,7 +88,11 @@ class EventStream(Response):
 
 
 async def start_generation(
-    request: Request, chat_id: uuid.UUID, body: MessageCreate, idempotency_key: str | None
+    request: Request,
+    chat_id: uuid.UUID,
+    body: MessageCreate,
+    idempotency_key: str | None,
+    credentials: dict[str, Any] | Caller,
 ) -> AsyncIterator[bytes]:
     """Everything that can fail with a plain JSON error happens here, before the 200 and the stream.
 
@@ -97,24 +101,29 @@ async def start_generation(
     error. Its session is closed when the endpoint returns; the new rows are committed before n8n is called.
     An Idempotency-Key is looked up first: a retry answers the stream its key started, and nothing else runs.
     """
-    # The route has no dependencies: FastAPI works out a cache key for every sub-dependency of every request,
-    # which here (settings, database, revocations, generations, the bearer scheme) cost ~0.2 ms of CPU per send
-    # (docs/PERFORMANCE.md). The route documents its Bearer security itself (`SECURITY`).
+    # One dependency only (`send_credentials`): FastAPI works out a cache key for every sub-dependency of every
+    # request, which with settings, database, revocations, generations and the bearer scheme cost ~0.2 ms of
+    # CPU per send (docs/PERFORMANCE.md). The route documents its Bearer security itself (`SECURITY`).
     state = app_state(request.app)
     settings, db, registry = state.settings, state.db, state.generations
     key = idempotency_key
     fingerprint = None
     if key is not None:
         fingerprint = idempotency.request_hash(f"/api/chats/{chat_id}/messages", body.model_dump(mode="json"))
-    if registry.accepting and fast_start.applies(
-        settings,
-        api_key=api_key_from_request(request) is not None,
-        edit=body.edit_of is not None,
-        regenerate=body.regenerate_of is not None,
-        files=bool(body.file_ids),
-        content=body.content,
+    claims = credentials if isinstance(credentials, dict) else None
+    if (
+        claims is not None
+        and registry.accepting
+        and state.revocations.in_database
+        and fast_start.applies(
+            settings,
+            api_key=False,
+            edit=body.edit_of is not None,
+            regenerate=body.regenerate_of is not None,
+            files=bool(body.file_ids),
+            content=body.content,
+        )
     ):
-        claims = access_claims(request, settings)
         registry.warm_for(uuid.UUID(claims["sub"]), chat_id)
         assert body.content is not None  # applies() checked it
         started = await fast_start.start(
@@ -131,24 +140,24 @@ async def start_generation(
             return registry.start(started).sse(settings.STREAM_PING_INTERVAL)
     # The general path's session: closed when the endpoint returns, before the stream (no open stream keeps one).
     async with db.sessionmaker() as session:
-        return await _start_checked(
-            request, chat_id, body, session, settings, state.revocations, registry, key, fingerprint
-        )
+        if isinstance(credentials, Caller):
+            user = credentials  # an API key, checked by `send_credentials`
+        else:
+            user = await current_caller(request, session, settings, state.revocations)
+        return await _start_checked(chat_id, body, session, settings, user, registry, key, fingerprint)
 
 
 async def _start_checked(
-    request: Request,
     chat_id: uuid.UUID,
     body: MessageCreate,
     session: AsyncSession,
     settings: Settings,
-    revocations: RevocationStore,
+    user: Caller,
     registry: GenerationRegistry,
     key: str | None,
     fingerprint: str | None,
 ) -> AsyncIterator[bytes]:
-    """The general path: `current_caller`, then each check and write of `start_message` in its transaction."""
-    user = await current_caller(request, session, settings, revocations)
+    """The general path: the Idempotency-Key, then each check and write of `start_message` in its transaction."""
     if key is not None:
         assert fingerprint is not None
         recorded = await idempotency.claim(
@@ -203,6 +212,7 @@ async def send_message(
     request: Request,
     chat_id: uuid.UUID,
     body: MessageCreate,
+    credentials: Annotated[dict[str, Any] | Caller, Depends(send_credentials)],
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -218,7 +228,7 @@ async def send_message(
     # FastAPI's EventSourceResponse over pre-encoded events (fastapi.sse.format_sse_event), not a generator
     # of ServerSentEvent: that path runs two extra tasks, two memory streams and a timeout scope per event,
     # 5x the bare relay's CPU per chunk. Events available together go out in one write.
-    stream = await start_generation(request, chat_id, body, idempotency_key)
+    stream = await start_generation(request, chat_id, body, idempotency_key, credentials)
     return EventSourceResponse(stream, headers=SSE_HEADERS)
 
 
