@@ -24,8 +24,9 @@ async def execute_core(
 ) -> Result[Any]:
     """A Core statement on the session's connection, past the ORM's execution layer.
 
-    For the per-stream statements (the chat lookup, the append, checkpoints, the final write): the ORM
-    layer adds ~300 µs of CPU per statement and these return plain rows anyway (docs/PERFORMANCE.md).
+    For the per-stream statements of the general send path, checkpoints and SQLite's final write: the ORM
+    layer adds ~300 µs of CPU per statement and these return plain rows anyway (docs/PERFORMANCE.md). The
+    two on every PostgreSQL stream's path go further (`Direct`).
     """
     connection = await session.connection()
     return await connection.execute(statement, params)

@@ -68,12 +68,8 @@ async def get_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:
 
 
 async def get_short_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:
-    """A request session for the send route, closed as soon as the endpoint returns (see ShortSessionDep).
-
-    Starting a generation is several statements (the caller, the chat with its agent and the message it
-    answers, the two new rows, the chat's current leaf, the history): one transaction, so either all of
-    them happen or none, and its connection goes back to the pool before n8n is called.
-    """
+    """A request session for the routes that answer with a stream (follow, the widget, `/v1`), closed as soon
+    as the endpoint returns (see ShortSessionDep), so its connection is back in the pool before the stream."""
     async with db.sessionmaker() as session:
         yield session
 

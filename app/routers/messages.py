@@ -117,7 +117,6 @@ async def start_generation(
         and state.revocations.in_database
         and fast_start.applies(
             settings,
-            api_key=False,
             edit=body.edit_of is not None,
             regenerate=body.regenerate_of is not None,
             files=bool(body.file_ids),

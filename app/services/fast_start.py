@@ -157,12 +157,10 @@ class _Agent:
         self.response_mode: str = row["response_mode"]
 
 
-def applies(
-    settings: Settings, *, api_key: bool, edit: bool, regenerate: bool, files: bool, content: str | None
-) -> bool:
+def applies(settings: Settings, *, edit: bool, regenerate: bool, files: bool, content: str | None) -> bool:
     """Whether a send may try the one-statement start: PostgreSQL, an access token, a plain `{content}` that
     passes the content checks (else the general path gives the 401 or 422 in its own order)."""
-    if settings.is_sqlite or api_key or edit or regenerate or files:
+    if settings.is_sqlite or edit or regenerate or files:
         return False
     return content is not None and bool(content.strip()) and len(content) <= settings.MESSAGE_MAX_CHARS
 
