@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -69,12 +68,19 @@ class Direct:
 _ASYNCPG = asyncpg_dialect()  # type: ignore[no-untyped-call]
 
 
+class ConnectionLost(ConnectionError):
+    """The database connection died under a statement run by `Database.fetch_direct`: a retryable 503 for a
+    request (a `ConnectionError`, app.error_handlers). Whether the statement committed is unknown."""
+
+
 def _connection_lost(exc: BaseException) -> bool:
     """Whether the connection may be unusable after `exc` (never handed out again then). A server error of
     a statement (a constraint, a bad value; asyncpg's own refusal of a value too) leaves an autocommit
     connection as good as before."""
     if isinstance(exc, asyncpg.PostgresError):
         return isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.OperatorInterventionError)
+    if isinstance(exc, asyncpg.DataError):
+        return False  # a value asyncpg could not encode: refused before anything was sent
     return True  # a lost socket, a protocol error, a cancel in the middle of the exchange
 
 
@@ -161,27 +167,46 @@ class Database:
 
     async def fetch_direct(self, direct: Direct, params: dict[str, Any]) -> list[asyncpg.Record]:
         """`direct` on a pooled connection, through asyncpg itself: one round trip, no BEGIN/COMMIT (no
-        transaction is open on it: the statement commits on its own). PostgreSQL only. A connection that may be
-        broken is invalidated, so the pool never hands it out again; the exception is asyncpg's own."""
+        transaction is open on it: the statement commits on its own). PostgreSQL only.
+
+        A pooled connection already known dead (asyncpg read the server's goodbye while it sat in the pool), or
+        one asyncpg refused to use before anything was sent, is replaced and the statement runs on a fresh one:
+        that costs nothing, since the statement never left. A connection lost while the statement ran raises
+        `ConnectionLost` (the statement may or may not have committed; the caller decides). Either way the
+        connection is invalidated, and so are the pool's older ones (a restart kills them all): as SQLAlchemy does
+        on a disconnect, they are replaced at their next checkout, so a restart costs at most one statement.
+        """
         arguments = direct.arguments(params)
-        pooled = await self.engine.raw_connection()
-        try:
-            driver: asyncpg.Connection = pooled.driver_connection
+        for attempt in range(2):
+            pooled = await self.engine.raw_connection()
             try:
-                rows: list[asyncpg.Record] = await driver.fetch(direct.sql, *arguments)
-            except BaseException as exc:
-                if _connection_lost(exc):
+                driver: asyncpg.Connection = pooled.driver_connection
+                if driver.is_closed():
+                    await self._drop_pool(pooled, None)
+                    continue
+                try:
+                    rows: list[asyncpg.Record] = await driver.fetch(direct.sql, *arguments)
+                except BaseException as exc:
+                    if not _connection_lost(exc):
+                        raise
                     error = exc if isinstance(exc, Exception) else None
-                    if not isinstance(exc, asyncio.CancelledError | TimeoutError):
-                        # The database went away (a restart): every pooled connection is as dead as this one.
-                        # What SQLAlchemy does on a disconnect of its own: connections older than now are
-                        # replaced at their next checkout, so this costs one failed statement, not one each.
-                        self.engine.pool._invalidate(pooled, error, _checkin=False)
-                    await greenlet_spawn(pooled.invalidate, error)
-                raise
-            return rows
-        finally:
-            await greenlet_spawn(pooled.close)
+                    if error is None or isinstance(exc, TimeoutError):
+                        # A cancel or a timeout in the middle of the exchange: this connection only.
+                        await greenlet_spawn(pooled.invalidate, error)
+                        raise
+                    await self._drop_pool(pooled, error)
+                    if attempt == 0 and isinstance(exc, asyncpg.InternalClientError):
+                        continue  # refused in the client before anything was sent (the goodbye was being read)
+                    raise ConnectionLost(type(exc).__name__) from exc
+                return rows
+            finally:
+                await greenlet_spawn(pooled.close)
+        raise ConnectionLost("no live connection")
+
+    async def _drop_pool(self, pooled: Any, error: Exception | None) -> None:
+        """`pooled` and every connection older than now are dead: never handed out again (`fetch_direct`)."""
+        self.engine.pool._invalidate(pooled, error, _checkin=False)
+        await greenlet_spawn(pooled.invalidate, error)
 
     def pool_in_use(self) -> int | None:
         """Connections checked out of the pool now (None for a pool that does not count them)."""

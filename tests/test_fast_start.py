@@ -3,20 +3,23 @@ same rows, payload and events as the general path, and every refusal still the g
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import literal, select, text
+from sqlalchemy import func, literal, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.db import Database, Direct
+from app.db import ConnectionLost, Database, Direct
 from app.generations import GenerationRegistry
 from app.models import Chat, IdempotencyKey, Message, Team
 from app.security import create_token, decode_token
@@ -322,39 +325,119 @@ async def test_a_webhook_that_never_answered_is_not_warmed(
     assert registry.streamer._warming == {}
 
 
-async def test_a_database_restart_costs_one_direct_statement_not_one_per_pooled_connection(settings: Settings) -> None:
-    """Every pooled connection dies (what a restart does): the first statement through asyncpg directly fails
-    and marks the whole pool stale, as SQLAlchemy does on a disconnect; the next ones get fresh connections."""
-    import asyncpg
+async def _pooled_pids(db: Database, count: int) -> set[int]:
+    """The server pids behind `count` connections of the pool, held at once (so they are distinct ones)."""
+    async with contextlib.AsyncExitStack() as stack:
+        pids = set()
+        for _ in range(count):
+            conn = await stack.enter_async_context(db.engine.connect())
+            pids.add(int((await conn.execute(select(func.pg_backend_pid()))).scalar_one()))
+        return pids
+
+
+async def _terminate(settings: Settings, pids: set[int]) -> None:
+    """What a database restart does to a pool: the server ends these backends (and they are gone when this returns)."""
 
     from tests.conftest import _plain_url
 
-    db = Database(settings.model_copy(update={"DB_POOL_SIZE": 3, "DB_MAX_OVERFLOW": 0}))
-    probe = Direct(select(literal(1)))
+    admin = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
     try:
-        # Three connections in the pool.
-        async with db.engine.connect() as a, db.engine.connect() as b, db.engine.connect() as c:
-            for conn in (a, b, c):
-                await conn.execute(select(literal(1)))
-        admin = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
-        try:
-            killed = await admin.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-            )
-        finally:
-            await admin.close()
-        assert killed >= 3
-        outcomes = []
-        for _ in range(4):
-            try:
-                rows = await db.fetch_direct(probe, {})
-                outcomes.append(rows[0][0])
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                outcomes.append("failed")
-        assert outcomes == ["failed", 1, 1, 1]
+        assert await admin.fetchval("SELECT count(pg_terminate_backend(p)) FROM unnest($1::int[]) p", list(pids)) == 3
+        for _ in range(100):
+            left = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])"
+            if await admin.fetchval(left, list(pids)) == 0:
+                break
+            await asyncio.sleep(0.02)
     finally:
-        await db.dispose()
+        await admin.close()
+
+
+@pytest.fixture
+async def small_pool(settings: Settings) -> AsyncIterator[Database]:
+    db = Database(settings.model_copy(update={"DB_POOL_SIZE": 3, "DB_MAX_OVERFLOW": 0}))
+    yield db
+    await db.dispose()
+
+
+PID = Direct(select(func.pg_backend_pid()))
+
+
+async def test_pooled_connections_killed_by_a_restart_cost_no_direct_statement(
+    settings: Settings, small_pool: Database
+) -> None:
+    """Every pooled connection dies while idle (a restart) and asyncpg has read the server's goodbye: the first
+    statement finds its connection closed before sending anything, drops the pool's older connections, and runs
+    on a fresh one. No statement fails; none runs on a killed backend."""
+    killed = await _pooled_pids(small_pool, 3)
+    await _terminate(settings, killed)
+    await asyncio.sleep(0.2)  # the event loop reads each connection's EOF
+    used = [int((await small_pool.fetch_direct(PID, {}))[0][0]) for _ in range(4)]
+    assert not killed & set(used)
+    assert not killed & await _pooled_pids(small_pool, 3)
+
+
+async def test_a_connection_lost_under_a_direct_statement_is_one_retryable_failure(small_pool: Database) -> None:
+    """The connection dies while the statement runs: `ConnectionLost` (a ConnectionError, so a request answers
+    503 and may retry), and the pool's other, older connections are replaced too (a restart kills them all)."""
+    before = await _pooled_pids(small_pool, 3)
+    suicide = Direct(select(func.pg_terminate_backend(func.pg_backend_pid())))
+    with pytest.raises(ConnectionLost) as lost:
+        await small_pool.fetch_direct(suicide, {})
+    assert isinstance(lost.value, ConnectionError)
+    assert isinstance(lost.value.__cause__, asyncpg.PostgresConnectionError | asyncpg.InterfaceError)
+    assert not before & await _pooled_pids(small_pool, 3)
+    assert (await small_pool.fetch_direct(Direct(select(literal(1))), {}))[0][0] == 1
+
+
+async def test_a_restart_racing_the_first_statement_costs_at_most_that_statement(
+    settings: Settings, small_pool: Database
+) -> None:
+    """Killed and used at once (asyncpg may still be reading the goodbye, or not have seen it): whatever the
+    timing, only the first statement may fail, as `ConnectionLost`, and the rest run on fresh connections."""
+    killed = await _pooled_pids(small_pool, 3)
+    await _terminate(settings, killed)
+    outcomes: list[object] = []
+    for _ in range(4):
+        try:
+            outcomes.append(int((await small_pool.fetch_direct(PID, {}))[0][0]))
+        except ConnectionLost:
+            outcomes.append("lost")
+    assert "lost" not in outcomes[1:]
+    assert not killed & {pid for pid in outcomes if isinstance(pid, int)}
+
+
+async def test_sends_after_a_database_restart_are_answered_and_stored(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """Every pooled connection of the service is killed between two sends: the first send afterwards is
+    answered in full (its statement never runs on a dead connection) or, if the kill raced it, is one 503 with
+    Retry-After that stored nothing; the next ones are answered, and every answer is stored."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    await session.close()
+    assert (await send(client, setup, {"content": "before"})).status_code == 200
+    async with contextlib.AsyncExitStack() as stack:
+        pool = app_state(app).db
+        pids = set()
+        for _ in range(3):
+            conn = await stack.enter_async_context(pool.engine.connect())
+            pids.add(int((await conn.execute(select(func.pg_backend_pid()))).scalar_one()))
+    await _terminate(settings, pids)
+    statuses = []
+    for turn in ("after 1", "after 2", "after 3"):
+        response = await send(client, setup, {"content": turn})
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            assert data_events(parse_sse(response.text))[-1].type == "done"
+        else:
+            assert response.headers["Retry-After"] == "5"
+    assert statuses[0] in (200, 503)
+    assert statuses[1:] == [200, 200]
+    rows = (
+        await session.execute(select(Message.content, Message.status).where(Message.chat_id == setup.chat.id))
+    ).all()
+    answered = 1 + statuses.count(200)
+    assert len(rows) == 2 * answered
+    assert all(status == "complete" for _content, status in rows)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.types import Uuid
 
 from app.config import Settings
-from app.db import Database, Direct, utcnow
+from app.db import ConnectionLost, Database, Direct, utcnow
 from app.security import Caller, family_key, token_issued_us
 from app.services.chats import title_from_message
 from app.services.idempotency import KEY_LIFETIME
@@ -214,9 +214,9 @@ async def start(
         rows = await db.fetch_direct(START_DIRECT, params)
     except asyncpg.IntegrityConstraintViolationError:
         return None  # a race lost (another send, the same key, the chat deleted): the general path says which
-    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError):
-        # The connection was lost (and invalidated): nothing or everything was stored; the general path runs on
-        # a fresh connection and answers as it does for any database fault.
+    except ConnectionLost:
+        # The connection died under the statement (and the pool's older ones are dropped): nothing or everything
+        # was stored; the general path runs on a fresh connection and answers as it does for any database fault.
         return None
     row = rows[0] if rows else None
     if row is None or not row["stored"]:
