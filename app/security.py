@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
 import secrets
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 import bcrypt
@@ -148,24 +151,45 @@ def create_token(
     return IssuedToken(token=token, jti=jti, expires_at=now + lifetime, expires_in=int(lifetime.total_seconds()))
 
 
+#: Tokens verified recently (`_verified`): a browser sends the same access token with every request of its
+#: lifetime, and checking its signature and claims again cost ~0.15 ms of CPU per request (docs/PERFORMANCE.md).
+VERIFIED_TOKENS_KEPT = 4096
+
+
+@functools.lru_cache(maxsize=VERIFIED_TOKENS_KEPT)
+def _verified(
+    token: str, expected_type: str, secret: str, algorithm: str, audience: str, issuer: str
+) -> Mapping[str, Any]:
+    """The claims of a token whose signature, algorithm, issuer, audience, required claims and type hold.
+
+    A pure function of its arguments but for the expiry, which `decode_token` checks again on every call. An
+    invalid token raises, and nothing is kept for it (the cache keeps results only), so garbage cannot crowd
+    valid tokens out. The key holds every setting the verdict depends on: a new secret verifies anew.
+    """
+    claims: dict[str, Any] = jwt.decode(
+        token, secret, algorithms=[algorithm], audience=audience, issuer=issuer, options={"require": REQUIRED_CLAIMS}
+    )
+    if claims.get("type") != expected_type:
+        raise ValueError("wrong token type")
+    uuid.UUID(str(claims["sub"]))
+    uuid.UUID(str(claims["team_id"]))
+    return MappingProxyType(claims)
+
+
 def decode_token(token: str, *, settings: Settings, expected_type: TokenType) -> dict[str, Any]:
-    """Verify signature, algorithm (pinned), issuer, audience, expiry, required claims and type."""
+    """Verify signature, algorithm (pinned), issuer, audience, expiry, required claims and type.
+
+    The verdict but for the expiry is remembered per token (`_verified`); the expiry is checked here on every
+    call, by PyJWT's rule (expired from the second `exp`). The caller gets its own copy of the claims.
+    """
     try:
-        claims: dict[str, Any] = jwt.decode(
-            token,
-            settings.JWT_SECRET,
-            algorithms=[settings.JWT_ALGORITHM],
-            audience=settings.JWT_AUDIENCE,
-            issuer=settings.JWT_ISSUER,
-            options={"require": REQUIRED_CLAIMS},
-        )
-        if claims.get("type") != expected_type:
-            raise Unauthorized(INVALID_TOKEN)
-        uuid.UUID(str(claims["sub"]))
-        uuid.UUID(str(claims["team_id"]))
+        s = settings
+        claims = _verified(token, expected_type, s.JWT_SECRET, s.JWT_ALGORITHM, s.JWT_AUDIENCE, s.JWT_ISSUER)
     except (jwt.PyJWTError, ValueError, TypeError) as exc:
         raise Unauthorized(INVALID_TOKEN) from exc
-    return claims
+    if int(claims["exp"]) <= time.time():
+        raise Unauthorized(INVALID_TOKEN)
+    return dict(claims)
 
 
 def token_issued_us(claims: dict[str, Any]) -> int:

@@ -20,8 +20,10 @@ from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import security
 from app.config import Settings
 from app.db import utcnow
+from app.errors import Unauthorized
 from app.models import RefreshToken, RevokedToken, User
 from app.security import create_token, hash_password, hash_refresh_token, issued_before, verify_password
 from app.services import auth as auth_service
@@ -416,6 +418,51 @@ async def test_forged_expired_wrong_type_and_alg_none_tokens_are_401(
         assert response.status_code == 401, name
         assert response.json() == INVALID, name
         assert response.headers["www-authenticate"] == "Bearer", name
+
+
+async def test_a_token_verified_before_still_expires_on_the_second(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """The verdict is remembered per token (`app.security._verified`), its expiry is not: a token accepted
+    while valid is refused from its `exp` second on, as PyJWT refuses it, however often it was used before."""
+    user = await create_user(session)
+    exp = int(time.time()) + 2
+    token = jwt.encode(_claims(settings, user, exp=exp), TEST_JWT_SECRET, algorithm="HS256")
+    for _ in range(3):
+        assert (await web.get("/api/auth/me", headers=bearer(token))).status_code == 200
+    assert security._verified.cache_info().currsize > 0
+    await asyncio.sleep(exp - time.time() + 0.05)
+    response = await web.get("/api/auth/me", headers=bearer(token))
+    assert response.status_code == 401
+    assert response.json() == INVALID
+    with pytest.raises(jwt.ExpiredSignatureError):
+        jwt.decode(token, TEST_JWT_SECRET, algorithms=["HS256"], audience=settings.JWT_AUDIENCE)
+
+
+async def test_a_remembered_token_is_judged_again_under_another_secret_and_its_claims_are_a_copy(
+    session: AsyncSession, settings: Settings
+) -> None:
+    """Every setting the verdict depends on is part of what is remembered: the same token, verified under one
+    secret, is refused under another (a rotated JWT_SECRET), issuer, audience or expected type. Each caller
+    gets its own claims: changing them changes nothing for the next one. Invalid tokens are not kept."""
+    user = await create_user(session)
+    token = create_token(settings=settings, user_id=user.id, team_id=user.team_id, token_type="access").token
+    claims = security.decode_token(token, settings=settings, expected_type="access")
+    claims["sub"] = str(uuid.uuid4())
+    assert security.decode_token(token, settings=settings, expected_type="access")["sub"] == str(user.id)
+    rotated = settings.model_copy(update={"JWT_SECRET": "another-secret-" + "z" * 40})
+    for other, expected in (
+        (rotated, "access"),
+        (settings.model_copy(update={"JWT_ISSUER": "elsewhere"}), "access"),
+        (settings.model_copy(update={"JWT_AUDIENCE": "elsewhere"}), "access"),
+        (settings, "refresh"),
+    ):
+        with pytest.raises(Unauthorized):
+            security.decode_token(token, settings=other, expected_type=expected)  # type: ignore[arg-type]
+    kept = security._verified.cache_info().currsize
+    with pytest.raises(Unauthorized):
+        security.decode_token(token + "x", settings=settings, expected_type="access")
+    assert security._verified.cache_info().currsize == kept
 
 
 async def test_access_token_is_refused_as_refresh_token(
