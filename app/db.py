@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import asyncpg
 from sqlalchemy import ClauseElement, Executable, Result, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -84,6 +85,20 @@ def _connection_lost(exc: BaseException) -> bool:
     return True  # a lost socket, a protocol error, a cancel in the middle of the exchange
 
 
+def _replace_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A pooled connection asyncpg already knows is closed (it read the server's goodbye while the connection sat
+    in the pool: a restart, an idle timeout) is replaced at checkout, before any statement fails on it. A local
+    check, no round trip; SQLAlchemy reconnects that one connection (pre-ping would cost a round trip each)."""
+    if dbapi_connection.driver_connection.is_closed():
+        raise sa_exc.DisconnectionError("the pooled connection was closed")
+
+
+def _refused_before_sending(exc: BaseException) -> bool:
+    """asyncpg would not start the exchange (its protocol was still reading the server's goodbye, for one): the
+    statement never left. Raised when an operation starts (`_set_state`), before anything is written."""
+    return isinstance(exc, asyncpg.InternalClientError) and str(exc).startswith("cannot switch to state")
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -130,6 +145,8 @@ def make_engine(settings: Settings) -> AsyncEngine:
             connect_args={"timeout": settings.DB_CONNECT_TIMEOUT},
         )
     engine = create_async_engine(url, **kwargs)
+    if not settings.is_sqlite:
+        event.listen(engine.sync_engine, "checkout", _replace_if_closed)
     if settings.is_sqlite:
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -150,6 +167,8 @@ class Database:
 
     def __init__(self, settings: Settings) -> None:
         self.engine = make_engine(settings)
+        #: The most connections the pool may hold at once (`fetch_direct` tries each at most once).
+        self.max_connections = settings.DB_POOL_SIZE + settings.DB_MAX_OVERFLOW
         #: Chosen once for the engine's dialect; every session made here carries it (`statements_of`).
         self.statements = statements_for(self.engine.dialect.name)
         info = session_info(self.statements)
@@ -173,44 +192,37 @@ class Database:
         """`direct` on a pooled connection, through asyncpg itself: one round trip, no BEGIN/COMMIT (no
         transaction is open on it: the statement commits on its own). PostgreSQL only.
 
-        A pooled connection already known dead (asyncpg read the server's goodbye while it sat in the pool), or
-        one asyncpg refused to use before anything was sent, is replaced and the statement runs on a fresh one:
-        that costs nothing, since the statement never left. A connection lost while the statement ran raises
-        `ConnectionLost` (the statement may or may not have committed; the caller decides). Either way the
-        connection is invalidated, and so are the pool's older ones (a restart kills them all): as SQLAlchemy does
-        on a disconnect, they are replaced at their next checkout, so a restart costs at most one statement.
+        The pool never hands out a connection asyncpg already knows is closed (`_replace_if_closed`). One that
+        asyncpg refuses to use before sending anything is dropped and the statement goes to the next: it never
+        left. A connection lost while the statement ran raises `ConnectionLost`: the statement may or may not
+        have committed, and the caller decides. Then the pool's older connections are dropped too, as
+        SQLAlchemy does on a disconnect (a restart kills them all), so a restart costs at most one statement.
         """
         arguments = direct.arguments(params)
-        for attempt in range(2):
+        for _ in range(self.max_connections + 1):
             pooled = await self.engine.raw_connection()
             try:
                 driver: asyncpg.Connection = pooled.driver_connection
-                if driver.is_closed():
-                    await self._drop_pool(pooled, None)
-                    continue
                 try:
                     rows: list[asyncpg.Record] = await driver.fetch(direct.sql, *arguments)
                 except BaseException as exc:
                     if not _connection_lost(exc):
                         raise
                     error = exc if isinstance(exc, Exception) else None
-                    if error is None or isinstance(exc, TimeoutError):
-                        # A cancel or a timeout in the middle of the exchange: this connection only.
+                    if error is None or isinstance(exc, TimeoutError) or _refused_before_sending(exc):
+                        # A cancel or a timeout in the middle of the exchange, or a refusal before it: this
+                        # connection only. The refused statement goes to the next connection.
                         await greenlet_spawn(pooled.invalidate, error)
+                        if error is not None and _refused_before_sending(exc):
+                            continue
                         raise
-                    await self._drop_pool(pooled, error)
-                    if attempt == 0 and isinstance(exc, asyncpg.InternalClientError):
-                        continue  # refused in the client before anything was sent (the goodbye was being read)
+                    self.engine.pool._invalidate(pooled, error, _checkin=False)
+                    await greenlet_spawn(pooled.invalidate, error)
                     raise ConnectionLost(type(exc).__name__) from exc
                 return rows
             finally:
                 await greenlet_spawn(pooled.close)
         raise ConnectionLost("no live connection")
-
-    async def _drop_pool(self, pooled: Any, error: Exception | None) -> None:
-        """`pooled` and every connection older than now are dead: never handed out again (`fetch_direct`)."""
-        self.engine.pool._invalidate(pooled, error, _checkin=False)
-        await greenlet_spawn(pooled.invalidate, error)
 
     def pool_in_use(self) -> int | None:
         """Connections checked out of the pool now (None for a pool that does not count them)."""

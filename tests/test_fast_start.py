@@ -374,9 +374,9 @@ async def test_the_pool_hands_out_the_connection_used_last(small_pool: Database)
 async def test_pooled_connections_killed_by_a_restart_cost_no_direct_statement(
     settings: Settings, small_pool: Database
 ) -> None:
-    """Every pooled connection dies while idle (a restart) and asyncpg has read the server's goodbye: the first
-    statement finds its connection closed before sending anything, drops the pool's older connections, and runs
-    on a fresh one. No statement fails; none runs on a killed backend."""
+    """Every pooled connection dies while idle (a restart) and asyncpg has read the server's goodbye: each is
+    replaced when the pool hands it out (`app.db._replace_if_closed`), before a statement is sent on it. No
+    statement fails, through asyncpg directly or through SQLAlchemy; none runs on a killed backend."""
     killed = await _pooled_pids(small_pool, 3)
     await _terminate(settings, killed)
     await asyncio.sleep(0.2)  # the event loop reads each connection's EOF
@@ -413,6 +413,83 @@ async def test_a_restart_racing_the_first_statement_costs_at_most_that_statement
             outcomes.append("lost")
     assert "lost" not in outcomes[1:]
     assert not killed & {pid for pid in outcomes if isinstance(pid, int)}
+
+
+class CuttingProxy(CountingProxy):
+    """The counting proxy, which can also lose a reply: once `armed`, PostgreSQL's next reply is dropped and
+    the connection closed. The statement ran and committed (autocommit: the server flushes its reply after the
+    commit); its client never learns it."""
+
+    armed = False
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(self.host, self.port)
+
+        async def replies() -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await server_r.read(65536):
+                    if self.armed:
+                        self.armed = False
+                        return
+                    client_w.write(data)
+                    await client_w.drain()
+
+        tasks = [asyncio.create_task(self._frontend(client_r, server_w)), asyncio.create_task(replies())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for writer in (client_w, server_w):
+                writer.close()
+
+
+async def test_a_start_committed_but_unanswered_is_closed_as_interrupted_and_the_send_is_a_503(
+    session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """The connection dies after the statement committed, before its reply arrived: the question and the
+    placeholder exist, but no task will write the answer. It is closed at once as `interrupted` (not left to
+    block the chat until the sweeper), the send is a 503 with Retry-After, a retry with the same key replays
+    that interrupted answer, and the next send is answered."""
+    host_port = settings.DATABASE_URL.split("@", 1)[1].split("/", 1)[0]
+    host, _, port = host_port.partition(":")
+    proxy = CuttingProxy(host, int(port or 5432))
+    url = settings.DATABASE_URL.replace(f"@{host_port}/", f"@127.0.0.1:{await proxy.start()}/")
+    app = create_app(settings.model_copy(update={"DATABASE_URL": url, "DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0}))
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    await session.close()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            assert (await send(client, setup, {"content": "first"})).status_code == 200
+            fake.requests.clear()
+            proxy.armed = True
+            cut = await send(client, setup, {"content": "lost reply"}, **{"Idempotency-Key": "k-cut"})
+            assert cut.status_code == 503
+            assert cut.headers["Retry-After"] == "5"
+            assert fake.requests == []  # n8n was never called
+            rows = (
+                await session.execute(
+                    select(Message.role, Message.content, Message.status, Message.error)
+                    .where(Message.chat_id == setup.chat.id)
+                    .order_by(Message.created_at)
+                )
+            ).all()
+            await session.close()
+            assert [(r.role, r.content, r.status) for r in rows[-2:]] == [
+                ("user", "lost reply", "complete"),
+                ("assistant", "", "interrupted"),
+            ]
+            assert rows[-1].error["code"] == "interrupted"
+            replay = await send(client, setup, {"content": "lost reply"}, **{"Idempotency-Key": "k-cut"})
+            assert replay.status_code == 200
+            assert data_events(parse_sse(replay.text))[-1].type == "error"
+            after = await send(client, setup, {"content": "next"})
+            assert after.status_code == 200
+            assert data_events(parse_sse(after.text))[-1].type == "done"
+    finally:
+        await shutdown(app)
+        await proxy.close()
 
 
 async def test_sends_after_a_database_restart_are_answered_and_stored(

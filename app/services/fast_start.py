@@ -30,7 +30,7 @@ from app.db import ConnectionLost, Database, Direct, utcnow
 from app.security import Caller, family_key, token_issued_us
 from app.services.chats import title_from_message
 from app.services.idempotency import KEY_LIFETIME
-from app.services.messages import NewGeneration, new_generation
+from app.services.messages import NewGeneration, mark_interrupted, new_generation
 from app.services.tree import message_view
 
 #: `quota.messages_per_user_per_day` as `usage.quota_of` reads it: a JSON integer (jsonb prints 1e2 as 100 and
@@ -215,9 +215,15 @@ async def start(
     except asyncpg.IntegrityConstraintViolationError:
         return None  # a race lost (another send, the same key, the chat deleted): the general path says which
     except ConnectionLost:
-        # The connection died under the statement (and the pool's older ones are dropped): nothing or everything
-        # was stored; the general path runs on a fresh connection and answers as it does for any database fault.
-        return None
+        # The connection died under the statement (the pool's older ones are dropped): it stored all or nothing.
+        # Nothing: the general path runs on a fresh connection. All: no task will ever write the answer, so it is
+        # closed now as `interrupted` (what the sweeper would do later) and the client gets the retryable 503; a
+        # retry with the same Idempotency-Key replays that answer, as for any stream cut short.
+        async with db.sessionmaker() as session:
+            if not await mark_interrupted(session, message_id=assistant_id, chat_id=chat_id):
+                return None
+            await session.commit()
+        raise
     row = rows[0] if rows else None
     if row is None or not row["stored"]:
         return None
