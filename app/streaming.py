@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 UNREACHABLE = "The agent could not be reached"
+#: Webhook URLs whose pool key `N8nStreamer.warm` keeps (all forgotten at once when full).
+POOL_KEYS_KEPT = 10_000
 
 
 def _error_name(exc: BaseException, _s: Settings) -> dict[str, Any]:
@@ -158,6 +160,8 @@ class N8nStreamer:
         #: Connections being opened ahead of a request (`warm`), by origin: `run` waits for one rather than
         #: opening a second.
         self._warming: dict[tuple[str, str, int | None], asyncio.Task[None]] = {}
+        #: Per webhook URL warmed: its origin, its checked `yarl.URL` and aiohttp's pool key (`warm`).
+        self._pool_keys: dict[str, tuple[tuple[str, str, int | None], yarl.URL, Any]] = {}
 
     def session(self) -> aiohttp.ClientSession:
         """The shared session, created on first use (inside the running loop)."""
@@ -178,19 +182,27 @@ class N8nStreamer:
         The connection goes through the same policy-checking resolver; a URL the policy refuses is left to
         `run` to refuse. Best effort: any failure is dropped (`run` connects, and reports, by itself).
         """
-        try:
-            target = webhook_target(url, self.settings)
-        except WebhookPolicyError:
-            return
-        origin = (target.scheme, target.host or "", target.port)
         session = self.session()
         connector = session.connector
+        known = self._pool_keys.get(url)
+        if known is None:
+            # Judged and keyed once per URL (both depend on the URL alone; no DNS): building the request that
+            # yields the pool key cost more CPU than the rest of the check, on every send.
+            try:
+                target = webhook_target(url, self.settings)
+            except WebhookPolicyError:
+                return
+            key = aiohttp.ClientRequest("POST", target, loop=asyncio.get_running_loop(), ssl=True).connection_key
+            if len(self._pool_keys) >= POOL_KEYS_KEPT:
+                self._pool_keys.clear()
+            known = self._pool_keys[url] = ((target.scheme, target.host or "", target.port), target, key)
+        origin, target, key = known
         if origin in self._warming or connector is None:
             return
+        if getattr(connector, "_conns", {}).get(key):
+            return  # an idle pooled connection is there: the request will reuse it
         loop = asyncio.get_running_loop()
         request = aiohttp.ClientRequest("POST", target, loop=loop, ssl=True)
-        if getattr(connector, "_conns", {}).get(request.connection_key):
-            return  # an idle pooled connection is there: the request will reuse it
 
         async def connect() -> None:
             try:
