@@ -148,7 +148,7 @@ asyncio.run(main())
 @pytest.mark.parametrize("app_env", ["development", "production", "test"])
 def test_a_server_process_freezes_what_startup_built_and_collects_less_often(tmp_path: Path, app_env: str) -> None:
     """`main.tune_gc` at startup (docs/PERFORMANCE.md): the startup objects frozen out of every collection and
-    the youngest generation collected every 10,000 allocations; not in the test suite's own process."""
+    the youngest generation collected every 2,000 allocations; not in the test suite's own process."""
     import json
     import subprocess
 
@@ -163,4 +163,4 @@ def test_a_server_process_freezes_what_startup_built_and_collects_less_often(tmp
         assert state == {"frozen": 0, "threshold": [700, 10, 10]}
     else:
         assert state["frozen"] > 50_000
-        assert state["threshold"] == [10_000, 10, 10]
+        assert state["threshold"] == [2_000, 10, 10]
