@@ -362,15 +362,6 @@ async def small_pool(settings: Settings) -> AsyncIterator[Database]:
 PID = Direct(select(func.pg_backend_pid()))
 
 
-async def test_the_pool_hands_out_the_connection_used_last(small_pool: Database) -> None:
-    """LIFO: one sequential sender keeps one connection busy, not each of the pool's in turn, so PostgreSQL's
-    plan cache for the hot statements warms on it (a prepared statement runs with a generic plan from its
-    sixth execution on a connection: 0.4 ms instead of 1.2 ms for the start, docs/PERFORMANCE.md)."""
-    assert len(await _pooled_pids(small_pool, 3)) == 3
-    used = {int((await small_pool.fetch_direct(PID, {}))[0][0]) for _ in range(6)}
-    assert len(used) == 1
-
-
 async def test_pooled_connections_killed_by_a_restart_cost_no_direct_statement(
     settings: Settings, small_pool: Database
 ) -> None:
