@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,11 +70,34 @@ DOCS_ASSETS_DIR = str(files("fastapi_offline") / "static")
 DOCS_ASSETS_URL = "/docs/assets"
 
 
+#: Container allocations (net of frees) between two collections of the youngest generation; CPython's is 700.
+GC_YOUNG_THRESHOLD = 2_000
+
+
+def tune_gc() -> None:
+    """Fewer garbage collections, none over what startup built (docs/PERFORMANCE.md, "Garbage collection").
+
+    Startup leaves ~185,000 long-lived objects (modules, SQLAlchemy, pydantic, the routes), which every full
+    collection walked again: 130 ms with the event loop stopped, every ~1,000 streams. Frozen, the collector
+    never looks at them. The youngest generation, collected every 700 allocations by default, walked what the
+    open streams hold each time: at 2,000 the collections cost ~0.09 ms per stream in total instead of ~0.16
+    ms, with shorter longest pauses (a larger threshold costs less in total but pauses longer each time).
+    """
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app_state(app)
     logger.info("starting (database: %s)", state.settings.DATABASE_URL.split(":", 1)[0])
     await state.generations.startup()
+    if state.settings.APP_ENV != "test":
+        # Not in the test suite's process: it builds and drops an app per test, and frozen objects are never
+        # collected, so their cycles would pile up there.
+        tune_gc()
     try:
         yield
     finally:

@@ -130,3 +130,37 @@ async def test_one_access_line_per_request_and_no_secret_in_it(
         lines = access_lines(log, ids[target])
         assert len(lines) == 1, lines
         assert f" GET {shown} " in lines[0]
+
+
+GC_PROBE = """
+import asyncio, gc, json
+from main import create_app
+
+async def main():
+    app = create_app()
+    async with app.router.lifespan_context(app):
+        print(json.dumps({"frozen": gc.get_freeze_count(), "threshold": gc.get_threshold()}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("app_env", ["development", "production", "test"])
+def test_a_server_process_freezes_what_startup_built_and_collects_less_often(tmp_path: Path, app_env: str) -> None:
+    """`main.tune_gc` at startup (docs/PERFORMANCE.md): the startup objects frozen out of every collection and
+    the youngest generation collected every 2,000 allocations; not in the test suite's own process."""
+    import json
+    import subprocess
+
+    env = server_env(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", tmp_path)
+    env["APP_ENV"] = app_env
+    done = subprocess.run(
+        [sys.executable, "-c", GC_PROBE], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = json.loads(done.stdout.strip().splitlines()[-1])
+    if app_env == "test":
+        assert state == {"frozen": 0, "threshold": [700, 10, 10]}
+    else:
+        assert state["frozen"] > 50_000
+        assert state["threshold"] == [2_000, 10, 10]
