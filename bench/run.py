@@ -64,12 +64,14 @@ class Profile:
     multi_rounds: int
     #: The login phase's third run (the service again after the burst, to average out drift).
     login_after: bool = True
+    #: Streams each server runs, unmeasured, right before each of its measured ttfc levels (0: none).
+    level_warm_up: int = 10
 
 
 FULL = Profile("full", ((1, 10), (100, 3), (1000, 2)), 20, 8.0, (1000, 5000), 100, 100, 6.0, 15.0, 2)
-#: Streams each target runs, unmeasured, right before each of its measured ttfc levels.
-LEVEL_WARM_UP = 10
-QUICK = Profile("quick", ((1, 3), (100, 2), (300, 1)), 20, 2.0, (500,), 100, 100, 1.0, 2.0, 1, login_after=False)
+QUICK = Profile(
+    "quick", ((1, 3), (100, 2), (300, 1)), 20, 2.0, (500,), 100, 100, 1.0, 2.0, 1, login_after=False, level_warm_up=0
+)
 
 
 def qs(params: dict[str, str]) -> str:
@@ -749,10 +751,11 @@ async def benchmark(
         for users, rounds in profile.ttfc_levels if "ttfc" in only else ():
             level: dict[str, Any] = {}
             for target in targets:
-                # Unmeasured streams first: a target that sat idle while the others ran paid for it in its first
-                # streams (the same code measured twice in a row had a p99 at one stream twice as high the
-                # first time: docs/PERFORMANCE.md).
-                await run_closed(bench, target, PACED, users=min(users, LEVEL_WARM_UP), rounds=1, seconds=30)
+                # Unmeasured streams first (full profile; the quick one has no time for them): a server that sat
+                # idle while the others ran pays for it in its first streams (docs/PERFORMANCE.md).
+                if profile.level_warm_up and target.proc is not None:
+                    warm = min(users, profile.level_warm_up)
+                    await run_closed(bench, target, PACED, users=warm, rounds=1, seconds=30)
                 await clear_fake()
                 if target.kind == "service" and users == top_level:
                     # The pool's use, counted at the top level only (the report shows that one), and for both
