@@ -368,9 +368,20 @@ async def test_pooled_connections_killed_by_a_restart_cost_no_direct_statement(
     """Every pooled connection dies while idle (a restart) and asyncpg has read the server's goodbye: each is
     replaced when the pool hands it out (`app.db._replace_if_closed`), before a statement is sent on it. No
     statement fails, through asyncpg directly or through SQLAlchemy; none runs on a killed backend."""
-    killed = await _pooled_pids(small_pool, 3)
+    idle: list[asyncpg.Connection] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            conn = await stack.enter_async_context(small_pool.engine.connect())
+            idle.append((await conn.get_raw_connection()).driver_connection)
+    killed = {conn.get_server_pid() for conn in idle}
+    assert len(killed) == 3
     await _terminate(settings, killed)
-    await asyncio.sleep(0.2)  # the event loop reads each connection's EOF
+    # The event loop reads each connection's goodbye (its EOF) while they sit in the pool.
+    for _ in range(250):
+        if all(conn.is_closed() for conn in idle):
+            break
+        await asyncio.sleep(0.02)
+    assert all(conn.is_closed() for conn in idle)
     used = [int((await small_pool.fetch_direct(PID, {}))[0][0]) for _ in range(4)]
     assert not killed & set(used)
     assert not killed & await _pooled_pids(small_pool, 3)
