@@ -205,11 +205,12 @@ class Database:
                     if not _connection_lost(exc):
                         raise
                     error = exc if isinstance(exc, Exception) else None
-                    if error is None or isinstance(exc, TimeoutError) or _refused_before_sending(exc):
+                    refused = _refused_before_sending(exc)
+                    if error is None or isinstance(exc, TimeoutError) or refused:
                         # A cancel or a timeout in the middle of the exchange, or a refusal before it: this
                         # connection only. The refused statement goes to the next connection.
                         await greenlet_spawn(pooled.invalidate, error)
-                        if error is not None and _refused_before_sending(exc):
+                        if refused:
                             continue
                         raise
                     self.engine.pool._invalidate(pooled, error, _checkin=False)

@@ -50,12 +50,30 @@ def round_trips_before_start(proxy: CountingProxy, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(GenerationRegistry, "start", real_start)
 
 
+class CuttingProxy(CountingProxy):
+    """The counting proxy, which can also lose a reply: once `armed`, PostgreSQL's next reply is dropped and
+    the connection closed. The statement ran and committed (autocommit: the server flushes its reply after the
+    commit); its client never learns it."""
+
+    armed = False
+
+    async def _replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if self.armed:
+                    self.armed = False
+                    return  # the proxy then closes both sides
+                writer.write(data)
+                await writer.drain()
+
+
 @pytest.fixture
-async def proxied(settings: Settings) -> AsyncIterator[tuple[FastAPI, CountingProxy]]:
-    """The app on one pooled connection through a proxy that counts round trips (Sync and Query messages)."""
+async def proxied(settings: Settings) -> AsyncIterator[tuple[FastAPI, CuttingProxy]]:
+    """The app on one pooled connection through a proxy that counts round trips (Sync and Query messages) and,
+    when armed, drops a reply (`CuttingProxy`)."""
     host_port = settings.DATABASE_URL.split("@", 1)[1].split("/", 1)[0]
     host, _, port = host_port.partition(":")
-    proxy = CountingProxy(host, int(port or 5432))
+    proxy = CuttingProxy(host, int(port or 5432))
     url = settings.DATABASE_URL.replace(f"@{host_port}/", f"@127.0.0.1:{await proxy.start()}/")
     application = create_app(settings.model_copy(update={"DATABASE_URL": url, "DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0}))
     try:
@@ -417,81 +435,43 @@ async def test_a_restart_racing_the_first_statement_costs_at_most_that_statement
     assert not killed & {pid for pid in outcomes if isinstance(pid, int)}
 
 
-class CuttingProxy(CountingProxy):
-    """The counting proxy, which can also lose a reply: once `armed`, PostgreSQL's next reply is dropped and
-    the connection closed. The statement ran and committed (autocommit: the server flushes its reply after the
-    commit); its client never learns it."""
-
-    armed = False
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection(self.host, self.port)
-
-        async def replies() -> None:
-            with contextlib.suppress(ConnectionError):
-                while data := await server_r.read(65536):
-                    if self.armed:
-                        self.armed = False
-                        return
-                    client_w.write(data)
-                    await client_w.drain()
-
-        tasks = [asyncio.create_task(self._frontend(client_r, server_w)), asyncio.create_task(replies())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for writer in (client_w, server_w):
-                writer.close()
-
-
 async def test_a_start_committed_but_unanswered_is_closed_as_interrupted_and_the_send_is_a_503(
-    session: AsyncSession, settings: Settings, fake: FakeN8n
+    proxied: tuple[FastAPI, CuttingProxy], session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
     """The connection dies after the statement committed, before its reply arrived: the question and the
     placeholder exist, but no task will write the answer. It is closed at once as `interrupted` (not left to
     block the chat until the sweeper), the send is a 503 with Retry-After, a retry with the same key replays
     that interrupted answer, and the next send is answered."""
-    host_port = settings.DATABASE_URL.split("@", 1)[1].split("/", 1)[0]
-    host, _, port = host_port.partition(":")
-    proxy = CuttingProxy(host, int(port or 5432))
-    url = settings.DATABASE_URL.replace(f"@{host_port}/", f"@127.0.0.1:{await proxy.start()}/")
-    app = create_app(settings.model_copy(update={"DATABASE_URL": url, "DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0}))
+    app, proxy = proxied
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
     await session.close()
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            assert (await send(client, setup, {"content": "first"})).status_code == 200
-            fake.requests.clear()
-            proxy.armed = True
-            cut = await send(client, setup, {"content": "lost reply"}, **{"Idempotency-Key": "k-cut"})
-            assert cut.status_code == 503
-            assert cut.headers["Retry-After"] == "5"
-            assert fake.requests == []  # n8n was never called
-            rows = (
-                await session.execute(
-                    select(Message.role, Message.content, Message.status, Message.error)
-                    .where(Message.chat_id == setup.chat.id)
-                    .order_by(Message.created_at)
-                )
-            ).all()
-            await session.close()
-            assert [(r.role, r.content, r.status) for r in rows[-2:]] == [
-                ("user", "lost reply", "complete"),
-                ("assistant", "", "interrupted"),
-            ]
-            assert rows[-1].error["code"] == "interrupted"
-            replay = await send(client, setup, {"content": "lost reply"}, **{"Idempotency-Key": "k-cut"})
-            assert replay.status_code == 200
-            assert data_events(parse_sse(replay.text))[-1].type == "error"
-            after = await send(client, setup, {"content": "next"})
-            assert after.status_code == 200
-            assert data_events(parse_sse(after.text))[-1].type == "done"
-    finally:
-        await shutdown(app)
-        await proxy.close()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        assert (await send(client, setup, {"content": "first"})).status_code == 200
+        fake.requests.clear()
+        proxy.armed = True
+        cut = await send(client, setup, {"content": "lost reply"}, **{"Idempotency-Key": "k-cut"})
+        assert cut.status_code == 503
+        assert cut.headers["Retry-After"] == "5"
+        assert fake.requests == []  # n8n was never called
+        rows = (
+            await session.execute(
+                select(Message.role, Message.content, Message.status, Message.error)
+                .where(Message.chat_id == setup.chat.id)
+                .order_by(Message.created_at)
+            )
+        ).all()
+        await session.close()
+        assert [(r.role, r.content, r.status) for r in rows[-2:]] == [
+            ("user", "lost reply", "complete"),
+            ("assistant", "", "interrupted"),
+        ]
+        assert rows[-1].error["code"] == "interrupted"
+        replay = await send(client, setup, {"content": "lost reply"}, **{"Idempotency-Key": "k-cut"})
+        assert replay.status_code == 200
+        assert data_events(parse_sse(replay.text))[-1].type == "error"
+        after = await send(client, setup, {"content": "next"})
+        assert after.status_code == 200
+        assert data_events(parse_sse(after.text))[-1].type == "done"
 
 
 async def test_sends_after_a_database_restart_are_answered_and_stored(

@@ -605,26 +605,19 @@ async def finish_message(
         metadata=metadata,
     )
     detail = dict(failure_detail or {})
+    logged = None if error is None else _error_log_fields(new, error, upstream_status)
     chained = _FINAL_WRITES.get(db.statements)
     if chained is not None:
         params.update(usage_service.ledger_params(ledger_row))
-        if error is not None:
-            params |= error_logs.prebuilt_params(
-                team_id=new.team_id,
-                user_id=new.user_id,
-                chat_id=new.chat_id,
-                agent_id=new.agent_id,
-                code=error["code"],
-                message=error["message"],
-                upstream_status=upstream_status,
-            )
+        if logged is not None:
+            params |= error_logs.prebuilt_params(**logged)
             # The statement picks one: `e_detail_gone` when the answer's row was gone (`_final_write`).
             params["e_detail"] = error_logs.clean_detail(detail)
             params["e_detail_gone"] = error_logs.clean_detail({**detail, "stored": False})
         await db.fetch_direct(chained[failed], params)
     else:
         async with db.sessionmaker() as session:
-            await _finish_in_transaction(session, new, params, ledger_row, error, detail, upstream_status)
+            await _finish_in_transaction(session, params, ledger_row, detail, logged)
     return public_message(
         message_view(
             id=uuid.UUID(new.assistant_id),
@@ -641,32 +634,35 @@ async def finish_message(
     )
 
 
+def _error_log_fields(new: NewGeneration, error: dict[str, str], upstream_status: int | None) -> dict[str, Any]:
+    """The error_logs row of a failed answer, as both final writes record it (`error_logs`)."""
+    return {
+        "team_id": new.team_id,
+        "user_id": new.user_id,
+        "chat_id": new.chat_id,
+        "agent_id": new.agent_id,
+        "code": error["code"],
+        "message": error["message"],
+        "upstream_status": upstream_status,
+    }
+
+
 async def _finish_in_transaction(
     session: AsyncSession,
-    new: NewGeneration,
     params: dict[str, Any],
     ledger_row: dict[str, Any],
-    error: dict[str, str] | None,
     detail: dict[str, Any],
-    upstream_status: int | None,
+    logged: dict[str, Any] | None,
 ) -> None:
-    """The final write as separate statements in one transaction (SQLite, which cannot chain writes)."""
-    written = bool(getattr(await execute_core(session, _FINAL_MESSAGE[error is not None], params), "rowcount", 0))
+    """The final write as separate statements in one transaction (SQLite, which cannot chain writes); `logged`:
+    the error_logs row of a failed answer (`_error_log_fields`), None for a successful one."""
+    failed = logged is not None
+    written = bool(getattr(await execute_core(session, _FINAL_MESSAGE[failed], params), "rowcount", 0))
     await execute_core(session, _TOUCH_CHAT, params)
-    if error is not None:
+    if logged is not None:
         if not written:
             detail["stored"] = False
-        await error_logs.record_error(
-            session=session,
-            team_id=new.team_id,
-            user_id=new.user_id,
-            chat_id=new.chat_id,
-            agent_id=new.agent_id,
-            code=error["code"],
-            message=error["message"],
-            upstream_status=upstream_status,
-            detail=detail,
-        )
+        await error_logs.record_error(session=session, detail=detail, **logged)
     # Usage hook (app.services.usage): the generation's ledger row, in this same transaction.
     await usage_service.add_ledger_rows(session=session, rows=[ledger_row])
     await session.commit()
