@@ -11,12 +11,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, literal, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette import types as asgi
 
 from app.config import Settings
 from app.db import ConnectionLost, Database, Direct
@@ -330,6 +332,37 @@ async def test_the_next_send_opens_its_n8n_connection_while_its_statement_runs(
     assert _pooled(app) == 1
 
 
+async def test_a_send_writes_its_request_to_n8n_before_its_response_head(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a kept-alive connection the request to n8n goes out before the response's own set-up and head:
+    the generation's task gets the loop first (before, n8n was called only after the head was sent)."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    order: list[str] = []
+    real_write = aiohttp.ClientRequest.write_bytes
+
+    async def write_bytes(self: aiohttp.ClientRequest, *args: Any, **kwargs: Any) -> None:
+        order.append("n8n request")  # the buffered request line and headers go out with the body, from here
+        await real_write(self, *args, **kwargs)
+
+    async def recording(scope: asgi.Scope, receive: asgi.Receive, send_: asgi.Send) -> None:
+        async def sending(message: asgi.Message) -> None:
+            if message["type"] == "http.response.start":
+                order.append("head")
+            await send_(message)
+
+        await app(scope, receive, sending)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=recording), base_url="http://test") as client:
+        assert (await send(client, setup, {"content": "first"})).status_code == 200  # kept alive from here
+        assert _pooled(app) == 1
+        monkeypatch.setattr(aiohttp.ClientRequest, "write_bytes", write_bytes)
+        order.clear()
+        response = await send(client, setup, {"content": "second"})
+    assert data_events(parse_sse(response.text))[-1].type == "done"
+    assert order == ["n8n request", "head"]
+
+
 async def test_a_webhook_that_never_answered_is_not_warmed(
     app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings
 ) -> None:
@@ -378,6 +411,17 @@ async def small_pool(settings: Settings) -> AsyncIterator[Database]:
 
 
 PID = Direct(select(func.pg_backend_pid()))
+
+
+async def test_a_quiet_pool_sends_its_statements_to_the_connection_used_last(small_pool: Database) -> None:
+    """Last in, first out: one request at a time keeps to one connection, whose prepared statements PostgreSQL
+    plans generically after their fifth run there (a first-in-first-out pool spread them over every
+    connection, each statement planned anew on each: docs/PERFORMANCE.md)."""
+    assert len(await _pooled_pids(small_pool, 3)) == 3  # three connections open, all idle now
+    used = [int((await small_pool.fetch_direct(PID, {}))[0][0]) for _ in range(6)]
+    async with small_pool.sessionmaker() as session:
+        used.append(int((await session.execute(select(func.pg_backend_pid()))).scalar_one()))
+    assert len(set(used)) == 1
 
 
 async def test_pooled_connections_killed_by_a_restart_cost_no_direct_statement(
