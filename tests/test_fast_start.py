@@ -414,9 +414,9 @@ PID = Direct(select(func.pg_backend_pid()))
 
 
 async def test_a_quiet_pool_sends_its_statements_to_the_connection_used_last(small_pool: Database) -> None:
-    """Last in, first out: one request at a time keeps to one connection, whose prepared statements PostgreSQL
-    plans generically after their fifth run there (a first-in-first-out pool spread them over every
-    connection, each statement planned anew on each: docs/PERFORMANCE.md)."""
+    """Last in, first out: one request at a time keeps to one connection, which prepares the statements once
+    and reaches PostgreSQL's generic plan after five runs (first-in-first-out spread a new pool's
+    preparations and first plans over every connection: docs/PERFORMANCE.md)."""
     assert len(await _pooled_pids(small_pool, 3)) == 3  # three connections open, all idle now
     used = [int((await small_pool.fetch_direct(PID, {}))[0][0]) for _ in range(6)]
     async with small_pool.sessionmaker() as session:
