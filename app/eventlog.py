@@ -126,6 +126,7 @@ class RedisEventLog:
         """Mirror every event of `generation` (from now on, and those already in its log) to Redis."""
         mirror = _Mirror(self, generation)
         generation.on_event = mirror.notify
+        generation.shared_until = mirror.until
         mirror.notify(generation)
 
     def _report(self, failing: bool, exc: BaseException | None = None) -> None:
@@ -308,7 +309,7 @@ class _Mirror:
     after a failure the writer asks Redis how far it got and goes on from there.
     """
 
-    __slots__ = ("gave_up", "generation", "key", "log", "task", "written")
+    __slots__ = ("gave_up", "generation", "key", "log", "task", "waiting", "written")
 
     def __init__(self, log: RedisEventLog, generation: Generation) -> None:
         self.log = log
@@ -317,6 +318,29 @@ class _Mirror:
         self.written = 0
         self.gave_up = False
         self.task: asyncio.Task[None] | None = None
+        #: `until` callers: (events awaited, their future).
+        self.waiting: list[tuple[int, asyncio.Future[None]]] = []
+
+    async def until(self, count: int) -> None:
+        """Until Redis holds the first `count` events, or at once while it cannot be written (then nothing
+        waits on it: followers elsewhere fall back to the stored message)."""
+        if self.written >= count or self.gave_up or self.log._failing:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting.append((count, waiter))
+        await waiter
+
+    def _release(self, everyone: bool = False) -> None:
+        if not self.waiting:
+            return
+        keep = []
+        for count, waiter in self.waiting:
+            if everyone or count <= self.written:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                keep.append((count, waiter))
+        self.waiting = keep
 
     def notify(self, _generation: Generation) -> None:
         if self.task is None and not self.gave_up:
@@ -327,7 +351,9 @@ class _Mirror:
     def _done(self, task: asyncio.Task[None]) -> None:
         self.log.writers.discard(task)
         self.task = None
-        if not task.cancelled() and self.written < len(self.generation.frames):
+        if task.cancelled() or self.gave_up:
+            self._release(everyone=True)
+        elif self.written < len(self.generation.frames):
             self.notify(self.generation)  # events that came during the last batch's final await
 
     async def _run(self) -> None:
@@ -362,6 +388,7 @@ class _Mirror:
                         pipe.expire(self.key, running_ttl)
                     await pipe.execute()
                 self.written = available
+                self._release()
                 self.log._report(False)
                 delay = 0.2
                 if generation.terminal is None:
@@ -372,6 +399,7 @@ class _Mirror:
                 raise
             except Exception as exc:
                 self.log._report(True, exc)
+                self._release(everyone=True)
                 if generation.terminal is not None:
                     ended_at = ended_at if ended_at is not None else loop.time()
                     if loop.time() - ended_at > RETRY_AFTER_END:

@@ -48,6 +48,9 @@ CALLBACK_NOT_ACCEPTED = "No running generation has this callback URL"
 WAITING = {"description": "Waiting for the agent", "done": False}
 #: How many (user, chat) webhooks `GenerationRegistry.warm_for` remembers (~200 bytes each).
 WEBHOOK_MEMORY = 10_000
+#: The longest a checkpoint waits for the shared log (Redis) to hold its events (seconds; it writes them every
+#: `eventlog.MIRROR_INTERVAL`).
+SHARED_LOG_WAIT = 1.0
 
 
 class GenerationRegistry:
@@ -648,7 +651,18 @@ class _Checkpointer:
     n8n never waits for the database. Text that arrives during a write arms the timer again afterwards.
     """
 
-    __slots__ = ("closed", "generation", "interval", "loop", "next_at", "registry", "saved", "task", "timer")
+    __slots__ = (
+        "closed",
+        "generation",
+        "interval",
+        "loop",
+        "next_at",
+        "registry",
+        "saved",
+        "sharing",
+        "task",
+        "timer",
+    )
 
     def __init__(self, registry: GenerationRegistry, generation: Generation) -> None:
         self.registry = registry
@@ -660,6 +674,8 @@ class _Checkpointer:
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.closed = False
+        #: The write in flight is still waiting for the shared log (nothing sent to the database yet).
+        self.sharing = False
 
     def touch(self) -> None:
         if self.timer is None and self.task is None and not self.closed:
@@ -673,10 +689,23 @@ class _Checkpointer:
         self.task = asyncio.create_task(self._write())
 
     async def _write(self) -> None:
-        chunks = self.generation.chunks
-        count = len(chunks)
-        new = self.generation.new
+        generation = self.generation
+        chunks = generation.chunks
+        count, events = len(chunks), len(generation.frames)
+        new = generation.new
         try:
+            if generation.shared_until is not None:
+                # The shared log first: a crash then leaves the stored text no further than what followers on
+                # other instances can read (their stream ends at the stored message). Bounded: a slow Redis
+                # delays checkpoints by SHARED_LOG_WAIT at most.
+                self.sharing = True
+                try:
+                    async with asyncio.timeout(SHARED_LOG_WAIT):
+                        await generation.shared_until(events)
+                except TimeoutError:
+                    pass
+                finally:
+                    self.sharing = False
             async with self.registry.db.autocommit() as session:
                 await message_service.checkpoint_message(session=session, new=new, content="".join(chunks[:count]))
             self.saved = count
@@ -694,6 +723,8 @@ class _Checkpointer:
             self.timer.cancel()
             self.timer = None
         if self.task is not None:
+            if self.sharing:
+                self.task.cancel()  # the final write stores all of it anyway
             await asyncio.gather(self.task, return_exceptions=True)
 
 

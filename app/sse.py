@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,9 @@ class Generation:
     #: The stored message of the final write (or None when it failed), for stop's answer.
     stored: dict[str, Any] | None = None
     on_event: Callable[[Generation], None] | None = None
+    #: With a shared log (app.eventlog): waits until it holds this log's first `n` events. The checkpointer
+    #: waits on it, so stored text is never ahead of what a follower on another instance can read.
+    shared_until: Callable[[int], Awaitable[None]] | None = None
     #: What came by progress callback (app.callbacks), when n8n was given a callback URL.
     inbox: CallbackInbox | None = None
     #: The readers waiting for the next event, one future each (an asyncio.Event per wait cost more per chunk).

@@ -16,6 +16,7 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.sse import EventSourceResponse
 from sqlalchemy import func, literal, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette import types as asgi
@@ -24,6 +25,7 @@ from app.config import Settings
 from app.db import ConnectionLost, Database, Direct
 from app.generations import GenerationRegistry
 from app.models import Chat, IdempotencyKey, Message, Team
+from app.routers import messages as messages_router
 from app.security import create_token, decode_token
 from app.services import fast_start
 from app.state import app_state
@@ -332,18 +334,29 @@ async def test_the_next_send_opens_its_n8n_connection_while_its_statement_runs(
     assert _pooled(app) == 1
 
 
-async def test_a_send_writes_its_request_to_n8n_before_its_response_head(
+async def test_a_send_calls_n8n_before_it_sets_up_its_response(
     app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Over a kept-alive connection the request to n8n goes out before the response's own set-up and head:
-    the generation's task gets the loop first (before, n8n was called only after the head was sent)."""
+    """The generation's task gets the loop first: it hands aiohttp its request before the send builds its
+    response, and over a kept-alive connection the request's bytes go out before the head. (Before, the task
+    first ran once the response was set up, and on Python 3.11, where aiohttp writes a request's bytes in a
+    task of their own, after the head.)"""
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
     order: list[str] = []
-    real_write = aiohttp.ClientRequest.write_bytes
+    real_send, real_write = aiohttp.ClientRequest.send, aiohttp.ClientRequest.write_bytes
+
+    async def sent(self: aiohttp.ClientRequest, *args: Any, **kwargs: Any) -> aiohttp.ClientResponse:
+        order.append("n8n called")
+        return await real_send(self, *args, **kwargs)
 
     async def write_bytes(self: aiohttp.ClientRequest, *args: Any, **kwargs: Any) -> None:
-        order.append("n8n request")  # the buffered request line and headers go out with the body, from here
+        order.append("n8n request written")  # the buffered request line and headers go out with the body
         await real_write(self, *args, **kwargs)
+
+    class Recorded(EventSourceResponse):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            order.append("response built")
+            super().__init__(*args, **kwargs)
 
     async def recording(scope: asgi.Scope, receive: asgi.Receive, send_: asgi.Send) -> None:
         async def sending(message: asgi.Message) -> None:
@@ -356,11 +369,14 @@ async def test_a_send_writes_its_request_to_n8n_before_its_response_head(
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=recording), base_url="http://test") as client:
         assert (await send(client, setup, {"content": "first"})).status_code == 200  # kept alive from here
         assert _pooled(app) == 1
+        monkeypatch.setattr(aiohttp.ClientRequest, "send", sent)
         monkeypatch.setattr(aiohttp.ClientRequest, "write_bytes", write_bytes)
+        monkeypatch.setattr(messages_router, "EventSourceResponse", Recorded)
         order.clear()
         response = await send(client, setup, {"content": "second"})
     assert data_events(parse_sse(response.text))[-1].type == "done"
-    assert order == ["n8n request", "head"]
+    assert order.index("n8n called") < order.index("response built")
+    assert order.index("n8n request written") < order.index("head")
 
 
 async def test_a_webhook_that_never_answered_is_not_warmed(
@@ -413,6 +429,23 @@ async def small_pool(settings: Settings) -> AsyncIterator[Database]:
 PID = Direct(select(func.pg_backend_pid()))
 
 
+async def _each_pooled(db: Database, count: int) -> list[int | str]:
+    """`PID` through `fetch_direct` once on each of `count` pooled connections in turn (its pid, or "lost"):
+    the connection a statement used is held after it (last in, first out: it is the next one handed out), so
+    the next statement takes another."""
+    outcomes: list[int | str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(count):
+            try:
+                outcomes.append(int((await db.fetch_direct(PID, {}))[0][0]))
+            except ConnectionLost:
+                outcomes.append("lost")
+            held = await stack.enter_async_context(db.engine.connect())
+            pid = int((await held.execute(select(func.pg_backend_pid()))).scalar_one())
+            assert outcomes[-1] in (pid, "lost")  # the walk is real: the one just used is the one held
+    return outcomes
+
+
 async def test_a_quiet_pool_sends_its_statements_to_the_connection_used_last(small_pool: Database) -> None:
     """Last in, first out: one request at a time keeps to one connection, which prepares the statements once
     and reaches PostgreSQL's generic plan after five runs (first-in-first-out spread a new pool's
@@ -444,7 +477,9 @@ async def test_pooled_connections_killed_by_a_restart_cost_no_direct_statement(
             break
         await asyncio.sleep(0.02)
     assert all(conn.is_closed() for conn in idle)
-    used = [int((await small_pool.fetch_direct(PID, {}))[0][0]) for _ in range(4)]
+    used = await _each_pooled(small_pool, 3)
+    assert "lost" not in used
+    assert len(set(used)) == 3
     assert not killed & set(used)
     assert not killed & await _pooled_pids(small_pool, 3)
 
@@ -469,12 +504,7 @@ async def test_a_restart_racing_the_first_statement_costs_at_most_that_statement
     timing, only the first statement may fail, as `ConnectionLost`, and the rest run on fresh connections."""
     killed = await _pooled_pids(small_pool, 3)
     await _terminate(settings, killed)
-    outcomes: list[object] = []
-    for _ in range(4):
-        try:
-            outcomes.append(int((await small_pool.fetch_direct(PID, {}))[0][0]))
-        except ConnectionLost:
-            outcomes.append("lost")
+    outcomes = await _each_pooled(small_pool, 3)  # each killed connection reached in turn
     assert "lost" not in outcomes[1:]
     assert not killed & {pid for pid in outcomes if isinstance(pid, int)}
 

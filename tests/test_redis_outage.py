@@ -4,6 +4,7 @@ lost and no request is refused for want of it."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,16 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import Settings
 from app.eventlog import log_key
+from app.generations import SHARED_LOG_WAIT
+from app.state import app_state
+from main import create_app, shutdown
 from tests.authhelpers import bearer, login
 from tests.factories import create_chat
 from tests.live import SSE, EventReader, RedisProcess, chat_with_agent, live_server, parse_sse, streamed_text
 from tests.test_stop_resume import LONG, has_text, live_settings, send
-from tests.test_stream_live import settled
+from tests.test_stream_live import assistant_of, settled
 from tools.fake_n8n import FakeN8n
 
 pytestmark = pytest.mark.slow
@@ -144,3 +149,69 @@ async def test_the_redis_log_is_written_in_batches_and_ends_at_once(
     assert message_events >= 20  # the chunks came 10 ms apart: one event each
     assert batches <= message_events // 3, (batches, message_events)
     assert in_redis_after < MIRROR_INTERVAL + 0.5
+
+
+async def test_a_checkpoint_stores_no_text_the_shared_log_does_not_hold_yet(
+    settings: Settings, session: AsyncSession, fake: FakeN8n, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpointer waits (at most SHARED_LOG_WAIT) until Redis holds the events of the text it stores: if
+    the instance dies, its followers elsewhere have read at least what the stored message says. Redis held back
+    here (its writes wait on a gate): no text is stored meanwhile; once Redis has it, the checkpoint follows."""
+    from redis.asyncio.client import Pipeline
+
+    own = RedisProcess(tmp_path)
+    await own.start()
+    gate = asyncio.Event()
+    real_execute = Pipeline.execute
+
+    async def held(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await real_execute(self, *args, **kwargs)
+
+    app = create_app(settings.model_copy(update={"REDIS_URL": own.url, "STREAM_CHECKPOINT_INTERVAL": 0.05}))
+    try:
+        async with app.router.lifespan_context(app):
+            setup = await chat_with_agent(
+                session, settings, f"{fake.url}/webhook/agent-stream?scenario=paced&chunks=150&interval_ms=20"
+            )
+            monkeypatch.setattr(Pipeline, "execute", held)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=20) as client:
+                reading = asyncio.create_task(send(client, setup).finish())
+                registry = app_state(app).generations
+                async with asyncio.timeout(10):
+                    while True:  # the first text has been read from n8n
+                        if any(g.chunks for g in registry.running.values()):
+                            break
+                        await asyncio.sleep(0.01)
+                started = asyncio.get_running_loop().time()
+                # Half the longest wait: with text arriving every 20 ms and a checkpoint due every 50 ms.
+                while asyncio.get_running_loop().time() - started < SHARED_LOG_WAIT / 2:
+                    assert (await assistant_of(app, setup.chat.id))["content"] == ""
+                    await asyncio.sleep(0.05)
+                gate.set()
+                async with asyncio.timeout(10):
+                    while True:  # the first checkpoint
+                        stored = await assistant_of(app, setup.chat.id)
+                        if stored["content"]:
+                            break
+                        await asyncio.sleep(0.02)
+                (assistant_id,) = [str(key) for key in registry.running]
+                reader = aioredis.from_url(own.url)
+                try:  # what Redis holds now, right after the checkpoint was seen
+                    rows: Any = await reader.xrange(log_key(setup.chat.id, assistant_id))
+                finally:
+                    await reader.aclose()
+                events = await reading
+    finally:
+        await shutdown(app)
+        await own.stop()
+    frames = [bytes(fields[b"f"]) for _id, fields in rows]
+    text_in_redis = "".join(
+        json.loads(f.removeprefix(b"data: ").split(b"\n", 1)[0])["data"]["content"]
+        for f in frames
+        if f.startswith(b'data: {"type": "message"')
+    )
+    assert stored["status"] == "streaming"
+    assert text_in_redis.startswith(stored["content"])
+    assert events[-1].type == "done"

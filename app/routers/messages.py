@@ -230,8 +230,9 @@ async def send_message(
     # 5x the bare relay's CPU per chunk. Events available together go out in one write.
     stream = await start_generation(request, chat_id, body, idempotency_key, credentials)
     # One turn of the loop before the response is set up: the new generation's task runs first, up to its
-    # request to n8n (sent at once over a kept-alive connection), and the head follows. The other order put
-    # the response's own set-up (~0.2 ms at one stream) before n8n was called (docs/PERFORMANCE.md).
+    # request to n8n (over a kept-alive connection its bytes go out before the head), and the head follows.
+    # The other order put the response's own set-up (~0.1-0.2 ms at one stream) before n8n was called
+    # (docs/PERFORMANCE.md).
     await asyncio.sleep(0)
     return EventSourceResponse(stream, headers=SSE_HEADERS)
 
