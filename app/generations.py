@@ -686,6 +686,8 @@ class _Checkpointer:
         if self.closed:
             return
         self.next_at = self.loop.time() + self.interval
+        # Set before the task's first step: `close` may come first, and cancels a write not yet in the database.
+        self.sharing = self.generation.shared_until is not None
         self.task = asyncio.create_task(self._write())
 
     async def _write(self) -> None:
@@ -694,11 +696,10 @@ class _Checkpointer:
         count, events = len(chunks), len(generation.frames)
         new = generation.new
         try:
-            if generation.shared_until is not None:
+            if self.sharing and generation.shared_until is not None:
                 # The shared log first: a crash then leaves the stored text no further than what followers on
                 # other instances can read (their stream ends at the stored message). Bounded: a slow Redis
                 # delays checkpoints by SHARED_LOG_WAIT at most.
-                self.sharing = True
                 try:
                     async with asyncio.timeout(SHARED_LOG_WAIT):
                         await generation.shared_until(events)
@@ -724,8 +725,9 @@ class _Checkpointer:
             self.timer = None
         if self.task is not None:
             if self.sharing:
-                self.task.cancel()  # the final write stores all of it anyway
+                self.task.cancel()  # not in the database yet: the final write stores all of it anyway
             await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None  # (a task cancelled before its first step never ran its own `finally`)
 
 
 def _cut(exc: BaseException) -> bool:

@@ -4,7 +4,10 @@ lost and no request is refused for want of it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +15,12 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from redis.asyncio.client import Pipeline
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import generations
 from app.config import Settings
 from app.eventlog import log_key
-from app.generations import SHARED_LOG_WAIT
 from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import bearer, login
@@ -151,14 +155,12 @@ async def test_the_redis_log_is_written_in_batches_and_ends_at_once(
     assert in_redis_after < MIRROR_INTERVAL + 0.5
 
 
-async def test_a_checkpoint_stores_no_text_the_shared_log_does_not_hold_yet(
-    settings: Settings, session: AsyncSession, fake: FakeN8n, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The checkpointer waits (at most SHARED_LOG_WAIT) until Redis holds the events of the text it stores: if
-    the instance dies, its followers elsewhere have read at least what the stored message says. Redis held back
-    here (its writes wait on a gate): no text is stored meanwhile; once Redis has it, the checkpoint follows."""
-    from redis.asyncio.client import Pipeline
-
+@contextlib.asynccontextmanager
+async def held_redis(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[FastAPI, str, asyncio.Event]]:
+    """An app on its own Redis whose writes (pipelines: the event log's batches) wait until the event is set;
+    checkpoints every 50 ms."""
     own = RedisProcess(tmp_path)
     await own.start()
     gate = asyncio.Event()
@@ -171,41 +173,61 @@ async def test_a_checkpoint_stores_no_text_the_shared_log_does_not_hold_yet(
     app = create_app(settings.model_copy(update={"REDIS_URL": own.url, "STREAM_CHECKPOINT_INTERVAL": 0.05}))
     try:
         async with app.router.lifespan_context(app):
-            setup = await chat_with_agent(
-                session, settings, f"{fake.url}/webhook/agent-stream?scenario=paced&chunks=150&interval_ms=20"
-            )
             monkeypatch.setattr(Pipeline, "execute", held)
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=20) as client:
-                reading = asyncio.create_task(send(client, setup).finish())
-                registry = app_state(app).generations
-                async with asyncio.timeout(10):
-                    while True:  # the first text has been read from n8n
-                        if any(g.chunks for g in registry.running.values()):
-                            break
-                        await asyncio.sleep(0.01)
-                started = asyncio.get_running_loop().time()
-                # Half the longest wait: with text arriving every 20 ms and a checkpoint due every 50 ms.
-                while asyncio.get_running_loop().time() - started < SHARED_LOG_WAIT / 2:
-                    assert (await assistant_of(app, setup.chat.id))["content"] == ""
-                    await asyncio.sleep(0.05)
+            try:
+                yield app, own.url, gate
+            finally:
                 gate.set()
-                async with asyncio.timeout(10):
-                    while True:  # the first checkpoint
-                        stored = await assistant_of(app, setup.chat.id)
-                        if stored["content"]:
-                            break
-                        await asyncio.sleep(0.02)
-                (assistant_id,) = [str(key) for key in registry.running]
-                reader = aioredis.from_url(own.url)
-                try:  # what Redis holds now, right after the checkpoint was seen
-                    rows: Any = await reader.xrange(log_key(setup.chat.id, assistant_id))
-                finally:
-                    await reader.aclose()
-                events = await reading
     finally:
         await shutdown(app)
         await own.stop()
+
+
+async def first_text(app: FastAPI) -> None:
+    """Until the running generation has read its first text from n8n."""
+    registry = app_state(app).generations
+    async with asyncio.timeout(10):
+        while True:
+            if any(g.chunks for g in registry.running.values()):
+                return
+            await asyncio.sleep(0.01)
+
+
+async def first_checkpoint_of(app: FastAPI, chat_id: uuid.UUID) -> dict[str, Any]:
+    async with asyncio.timeout(10):
+        while True:
+            stored = await assistant_of(app, chat_id)
+            if stored["content"]:
+                return stored
+            await asyncio.sleep(0.02)
+
+
+PACED_LONG = "scenario=paced&chunks=150&interval_ms=20"
+
+
+async def test_a_checkpoint_stores_no_text_the_shared_log_does_not_hold_yet(
+    settings: Settings, session: AsyncSession, fake: FakeN8n, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpointer waits until Redis holds the events of the text it stores: if the instance dies, its
+    followers elsewhere have read at least what the stored message says. Redis held back (and the wait's bound
+    out of reach): no text is stored meanwhile; once Redis has it, the checkpoint follows, within it."""
+    monkeypatch.setattr(generations, "SHARED_LOG_WAIT", 60.0)
+    async with held_redis(settings, tmp_path, monkeypatch) as (app, url, gate):
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{PACED_LONG}")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=20) as c:
+            reading = asyncio.create_task(send(c, setup).finish())
+            await first_text(app)
+            await asyncio.sleep(0.5)  # ten checkpoint intervals
+            assert (await assistant_of(app, setup.chat.id))["content"] == ""
+            gate.set()
+            stored = await first_checkpoint_of(app, setup.chat.id)
+            (assistant_id,) = [str(key) for key in app_state(app).generations.running]
+            reader = aioredis.from_url(url)
+            try:  # what Redis holds now, right after the checkpoint was seen
+                rows: Any = await reader.xrange(log_key(setup.chat.id, assistant_id))
+            finally:
+                await reader.aclose()
+            events = await reading
     frames = [bytes(fields[b"f"]) for _id, fields in rows]
     text_in_redis = "".join(
         json.loads(f.removeprefix(b"data: ").split(b"\n", 1)[0])["data"]["content"]
@@ -215,3 +237,26 @@ async def test_a_checkpoint_stores_no_text_the_shared_log_does_not_hold_yet(
     assert stored["status"] == "streaming"
     assert text_in_redis.startswith(stored["content"])
     assert events[-1].type == "done"
+
+
+async def test_a_checkpoint_waits_for_a_slow_shared_log_only_so_long(
+    settings: Settings, session: AsyncSession, fake: FakeN8n, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis that never takes the events: checkpoints still come, each after SHARED_LOG_WAIT, and the answer
+    ends as usual, its final write storing all of it."""
+    monkeypatch.setattr(generations, "SHARED_LOG_WAIT", 0.3)
+    async with held_redis(settings, tmp_path, monkeypatch) as (app, _url, _gate):
+        setup = await chat_with_agent(
+            session, settings, f"{fake.url}/webhook/agent-stream?scenario=paced&chunks=40&interval_ms=20"
+        )
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=20) as c:
+            reading = asyncio.create_task(send(c, setup).finish())
+            await first_text(app)
+            stored = await first_checkpoint_of(app, setup.chat.id)
+            assert stored["status"] == "streaming"
+            events = await reading
+            final = await settled(app, setup.chat.id)
+    assert events[-1].type == "done"
+    assert final["status"] == "complete"
+    assert final["content"].startswith(stored["content"])
+    assert streamed_text(events) == final["content"]
