@@ -69,7 +69,7 @@ class Generation:
     stored: dict[str, Any] | None = None
     on_event: Callable[[Generation], None] | None = None
     #: With a shared log (app.eventlog): waits until it holds this log's first `n` events. The checkpointer
-    #: waits on it, so stored text is never ahead of what a follower on another instance can read.
+    #: waits on it (boundedly), so stored text is not ahead of what a follower on another instance can read.
     shared_until: Callable[[int], Awaitable[None]] | None = None
     #: What came by progress callback (app.callbacks), when n8n was given a callback URL.
     inbox: CallbackInbox | None = None
