@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,13 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import generations
 from app.config import Settings
 from app.eventlog import log_key
+from app.sse import event_of
 from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import bearer, login
 from tests.factories import create_chat
 from tests.live import SSE, EventReader, RedisProcess, chat_with_agent, live_server, parse_sse, streamed_text
 from tests.test_stop_resume import LONG, has_text, live_settings, send
-from tests.test_stream_live import assistant_of, settled
+from tests.test_stream_live import assistant_of, first_checkpoint, settled
 from tools.fake_n8n import FakeN8n
 
 pytestmark = pytest.mark.slow
@@ -193,15 +192,6 @@ async def first_text(app: FastAPI) -> None:
             await asyncio.sleep(0.01)
 
 
-async def first_checkpoint_of(app: FastAPI, chat_id: uuid.UUID) -> dict[str, Any]:
-    async with asyncio.timeout(10):
-        while True:
-            stored = await assistant_of(app, chat_id)
-            if stored["content"]:
-                return stored
-            await asyncio.sleep(0.02)
-
-
 PACED_LONG = "scenario=paced&chunks=150&interval_ms=20"
 
 
@@ -220,7 +210,7 @@ async def test_a_checkpoint_stores_no_text_the_shared_log_does_not_hold_yet(
             await asyncio.sleep(0.5)  # ten checkpoint intervals
             assert (await assistant_of(app, setup.chat.id))["content"] == ""
             gate.set()
-            stored = await first_checkpoint_of(app, setup.chat.id)
+            stored = await first_checkpoint(app, setup.chat.id)
             (assistant_id,) = [str(key) for key in app_state(app).generations.running]
             reader = aioredis.from_url(url)
             try:  # what Redis holds now, right after the checkpoint was seen
@@ -228,12 +218,8 @@ async def test_a_checkpoint_stores_no_text_the_shared_log_does_not_hold_yet(
             finally:
                 await reader.aclose()
             events = await reading
-    frames = [bytes(fields[b"f"]) for _id, fields in rows]
-    text_in_redis = "".join(
-        json.loads(f.removeprefix(b"data: ").split(b"\n", 1)[0])["data"]["content"]
-        for f in frames
-        if f.startswith(b'data: {"type": "message"')
-    )
+    events_in_redis = [event_of(bytes(fields[b"f"])) for _id, fields in rows]
+    text_in_redis = "".join(data["content"] for kind, data in events_in_redis if kind == "message")
     assert stored["status"] == "streaming"
     assert text_in_redis.startswith(stored["content"])
     assert events[-1].type == "done"
@@ -252,7 +238,7 @@ async def test_a_checkpoint_waits_for_a_slow_shared_log_only_so_long(
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=20) as c:
             reading = asyncio.create_task(send(c, setup).finish())
             await first_text(app)
-            stored = await first_checkpoint_of(app, setup.chat.id)
+            stored = await first_checkpoint(app, setup.chat.id)
             assert stored["status"] == "streaming"
             events = await reading
             final = await settled(app, setup.chat.id)
