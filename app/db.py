@@ -128,7 +128,9 @@ def make_engine(settings: Settings) -> AsyncEngine:
     url = settings.DATABASE_URL
     # No pre-ping by default: it is a round trip on every checkout (two per stream). SQLAlchemy already
     # invalidates the whole pool when a statement fails on a dead connection (see DB_POOL_PRE_PING).
-    kwargs: dict[str, Any] = {"pool_pre_ping": settings.DB_POOL_PRE_PING}
+    # hide_parameters: SQLAlchemy's error text would carry every bound value (tokens, secret headers, message
+    # text) into the logged traceback of a failing statement.
+    kwargs: dict[str, Any] = {"pool_pre_ping": settings.DB_POOL_PRE_PING, "hide_parameters": True}
     if settings.is_sqlite:
         secure_sqlite_file(url)
         kwargs["connect_args"] = {"timeout": 30}

@@ -24,18 +24,32 @@ Handler = Callable[[Request, Exception], Awaitable[Response]]
 logger = logging.getLogger("app.errors")
 
 
-#: pydantic messages that quote a piece of the input (`uuid_parsing`: "... found `x` at 3"), replaced by
-#: their input-free first sentence.
-INPUT_FREE_MESSAGES = {"uuid_parsing": "Input should be a valid UUID"}
+#: pydantic messages that quote a piece of the input (`uuid_parsing`: "... found `x` at 3", `union_tag_invalid`:
+#: "Input tag 'x' found using ...", `timezone_offset` and `datetime_object_invalid`: the offset or object
+#: given), replaced by an input-free one (`pydantic_core.list_all_errors()` lists every template).
+INPUT_FREE_MESSAGES = {
+    "uuid_parsing": "Input should be a valid UUID",
+    "timezone_offset": "Input has the wrong timezone offset",
+    "datetime_object_invalid": "Invalid datetime object",
+}
+
+
+def _input_free_message(kind: Any, err: dict[str, Any]) -> Any:
+    if kind == "union_tag_invalid":
+        # The expected tags are the schema's own; the tag found is the client's.
+        expected = (err.get("ctx") or {}).get("expected_tags")
+        return "Input tag does not match any of the expected tags" + (f": {expected}" if expected else "")
+    return INPUT_FREE_MESSAGES.get(kind, err.get("msg"))
 
 
 def safe_validation_errors(errors: Any) -> list[dict[str, Any]]:
-    """FastAPI's 422 shape without `input` and `ctx`, which would echo what was sent (passwords, secrets)."""
+    """FastAPI's 422 shape without `input` and `ctx`, which would echo what was sent (passwords, secrets), and
+    without the few pydantic messages that quote the input. (Field names stay in `loc`, an unknown key's too:
+    they name what to fix.)"""
     cleaned = []
     for err in errors:
         kind = err.get("type")
-        msg = INPUT_FREE_MESSAGES.get(kind, err.get("msg"))
-        cleaned.append({"type": kind, "loc": list(err.get("loc", ())), "msg": msg})
+        cleaned.append({"type": kind, "loc": list(err.get("loc", ())), "msg": _input_free_message(kind, err)})
     return cleaned
 
 

@@ -390,3 +390,15 @@ def test_the_documented_example_workflow_posts_to_the_callback_url() -> None:
         chain.append(name)
     assert len(chain) == len(nodes) - 1
     assert 'type: "done"' in nodes[chain[-1]]["parameters"]["jsonBody"]
+
+
+async def test_a_callback_body_with_an_unknown_type_is_a_422_that_does_not_quote_it(client: httpx.AsyncClient) -> None:
+    """The body is judged before the signature, by anyone: its 422 names the expected types, not the one sent
+    (pydantic's own message for a discriminated union quotes the tag it found)."""
+    url = f"/api/callbacks/{uuid.uuid4()}/{'x' * 43}"
+    answer = await client.post(url, json={"type": "hunter2-SECRET", "description": "x"})
+    assert answer.status_code == 422
+    assert "hunter2" not in answer.text
+    (error,) = answer.json()["detail"]
+    assert error["type"] == "union_tag_invalid"
+    assert "'status'" in error["msg"]  # the expected tags are the schema's

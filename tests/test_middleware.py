@@ -39,7 +39,15 @@ def add_test_routes(app: FastAPI) -> None:
 
         raise sa_exc.ProgrammingError("SELECT secret_column", {}, Exception("secret sql detail"))
 
+    async def db_params() -> None:
+        from sqlalchemy import text
+
+        async with app_state(app).db.sessionmaker() as session:  # a real statement that fails with its values
+            value = 900_000_000 + 18_273_645  # not written out here: the traceback quotes this file's lines
+            await session.execute(text("SELECT 1 / (:secret - :secret)"), {"secret": value})
+
     app.add_api_route("/test/boom", boom, methods=["GET"])
+    app.add_api_route("/test/db-params", db_params, methods=["GET"])
     app.add_api_route("/api/callbacks/{signature}", boom, methods=["GET"])
     app.add_api_route("/test/db-bug", db_bug, methods=["GET"])
     app.add_api_route("/test/echo", echo, methods=["POST"])
@@ -122,6 +130,21 @@ async def test_database_error_on_a_live_connection_is_generic_500(tclient: httpx
     assert response.status_code == 500
     assert response.json() == {"detail": "Internal server error", "request_id": "req-db"}
     assert "secret" not in response.text
+
+
+async def test_a_failing_statement_logs_no_bound_values(
+    tclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLAlchemy's error text carries the statement's parameters (a token, a secret header...): the engine
+    hides them, so the 500's logged traceback holds the SQL but none of the values."""
+    response = await tclient.get("/test/db-params")
+    assert response.status_code == 500
+    logged = [r for r in caplog.records if "unhandled error" in r.getMessage()]
+    assert logged
+    assert logged[0].exc_info is not None
+    text = logging.Formatter().format(logged[0])
+    assert "SELECT 1 / (" in text  # the traceback and its statement are there
+    assert "918273645" not in text
 
 
 async def test_validation_error_does_not_echo_input(tclient: httpx.AsyncClient) -> None:

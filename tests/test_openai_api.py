@@ -218,6 +218,29 @@ async def test_foreign_teams_slug_is_a_404_in_openai_shape(session: AsyncSession
     assert await count_rows(session, "usage_records") == 0
 
 
+async def test_a_model_name_the_database_cannot_hold_is_a_422_in_openai_shape(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    """The model is looked up by slug: NUL or a lone surrogate is refused before the query (it made it fail)."""
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        await setup.client.chat.completions.create(model="hel\u0000per", messages=[{"role": "user", "content": "hi"}])
+    body: Any = caught.value.body
+    assert body["type"] == "invalid_request_error"
+    assert "model" in body["message"]
+    # A lone surrogate, as JSON text (the SDK cannot encode one).
+    raw = b'{"model": "hel\\ud800per", "messages": [{"role": "user", "content": "hi"}]}'
+    async with httpx.AsyncClient(base_url=setup.server.url, timeout=10) as http:
+        answer = await http.post(
+            "/v1/chat/completions",
+            content=raw,
+            headers={"Authorization": f"Bearer {setup.key}", "Content-Type": "application/json"},
+        )
+    assert answer.status_code == 422
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+    assert fake.requests == []
+    assert await count_rows(session, "usage_records") == 0
+
+
 async def test_a_session_token_works_and_x_session_id_scopes_n8n_memory(
     setup: Setup, fake: FakeN8n, settings: Settings
 ) -> None:

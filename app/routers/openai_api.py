@@ -22,6 +22,7 @@ from app.config import Settings
 from app.db import Database
 from app.deps import DatabaseDep, GenerationsDep, SettingsDep, ShortSessionDep
 from app.error_handlers import openai_error
+from app.fields import StorableText
 from app.n8n_parser import StreamFailure
 from app.routers.responses import openai_error_doc
 from app.services import completions as completions_service
@@ -44,7 +45,10 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=64, description="The agent's slug (see /v1/models).")
+    # Looked up in the database: NUL or a lone surrogate would fail there (a 500), so they are a 422 here.
+    model: Annotated[
+        str, Field(min_length=1, max_length=64, description="The agent's slug (see /v1/models)."), StorableText
+    ]
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
     stream: bool = False
 
