@@ -255,6 +255,32 @@ async def test_probe_of_stored_agent_with_unreadable_headers(
 def test_sample_masks_secret_header_values() -> None:
     text = "headers were X-Key: abcd-secret and token zz"
     assert ct.masked(text, ["abcd-secret", "zz"]) == "headers were X-Key: *** and token zz"
+    assert ct.masked("cut inside: abcd-se", ["abcd-secret"]) == "cut inside: ***"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "size=10",  # a long secret (a JWT's size) echoed in small pieces: it runs past what a short sample keeps
+        "size=10&cut=150",  # the answer ends inside the secret
+    ],
+)
+async def test_probe_never_shows_part_of_an_echoed_secret_header(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n, query: str
+) -> None:
+    admin = await create_admin(session)
+    team = await session.get_one(Team, admin.team_id)
+    secret = "Bearer " + "s3cr3tTOKEN" * 60
+    agent = await create_agent(
+        session,
+        team=team,
+        webhook_url=f"{fake.url}/webhook/agent?scenario=echo_header&header=X-Auth&{query}",
+        webhook_headers_encrypted=encrypt_headers({"X-Auth": secret}, settings.ENCRYPTION_KEY),
+    )
+    response = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
+    assert response.status_code == 200
+    assert response.json()["sample"] == "Your X-Auth header: ***"
+    assert not any(secret[i : i + 8] in response.text for i in range(len(secret) - 8))
 
 
 async def test_probe_stores_nothing(

@@ -99,6 +99,8 @@ SCENARIOS = {
     "html": "a proxy's HTML error page with status 200 (text/html)",
     "echo_usage": "echo, with `usage` {input_tokens, output_tokens} in the `end` item's metadata",
     "json_usage": '{"output": "Echo: ...", "usage": {"prompt_tokens", "completion_tokens"}}',
+    "echo_header": "n8n NDJSON echoing the request's `header` (default X-N8N-Auth), `size` characters (default 10) "
+    "per item; `cut` stops the answer after that many characters of the value",
     "callbacks": "POSTs progress callbacks to metadata.callback_url (see `_s_callbacks`); `answer` says what the "
     "webhook itself does",
 }
@@ -531,6 +533,20 @@ class FakeN8n:
         if (sent.login, sent.password) != BASIC_AUTH:
             return self._auth_refusal(403)
         return await self._s_echo(request, text)
+
+    async def _s_echo_header(self, request: web.Request, _text: str) -> web.StreamResponse:
+        """A workflow that echoes a request header (what the connection test's masking must catch)."""
+        name = request.query.get("header", HEADER_AUTH[0])
+        value = request.headers.get(name, "")
+        if "cut" in request.query:
+            value = value[: int(self._q(request, "cut", len(value)))]
+        text = f"Your {name} header: {value}"
+        size = max(1, int(self._q(request, "size", 10)))
+        lines = [ndjson({"type": "begin", "metadata": _meta()})]
+        pieces = [text[i : i + size] for i in range(0, len(text), size)]
+        lines += [ndjson({"type": "item", "content": piece, "metadata": _meta()}) for piece in pieces]
+        lines.append(ndjson({"type": "end", "metadata": _meta()}))
+        return await self._stream(request, 200, self._n8n_headers(), lines, 0.0)
 
     async def _s_wrong_method_post(self, _request: web.Request, _text: str) -> web.StreamResponse:
         capture = self.captures["wrong_method_get"]

@@ -197,10 +197,16 @@ def _status_hint(status: int, n8n_message: str, n8n_hint: str, url: str) -> str:
 
 
 def masked(text: str, secrets: list[str]) -> str:
-    """`text` with every secret header value replaced by `***` (a workflow may echo its request headers)."""
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= MIN_MASKED_SECRET:
-            text = text.replace(secret, "***")
+    """`text` with every secret header value replaced by `***` (a workflow may echo its request headers), and
+    a secret's beginning at the very end too (an answer, or what was kept of it, cut inside a secret)."""
+    secrets = sorted((secret for secret in secrets if len(secret) >= MIN_MASKED_SECRET), key=len, reverse=True)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    for secret in secrets:
+        for size in range(min(len(secret) - 1, len(text)), MIN_MASKED_SECRET - 1, -1):
+            if text.endswith(secret[:size]):
+                text = text[:-size] + "***"
+                break
     return text
 
 
@@ -217,11 +223,14 @@ async def run_probe(
     stats = StreamStats()
     pieces: list[str] = []
     size = 0
+    # Enough that a secret beginning inside the sample is whole in what is kept (else its start would show);
+    # masking may shorten the text, so twice the sample.
+    keep = SAMPLE_CHARS * 2 + max((len(value) for value in headers.values()), default=0)
 
     def on_chunks(chunks: list[str]) -> None:
         nonlocal size
         for chunk in chunks:
-            if size < SAMPLE_CHARS * 2:  # kept short; masking may shorten it, so keep some more
+            if size < keep:
                 pieces.append(clean_text(chunk))
                 size += len(chunk)
 
