@@ -441,5 +441,11 @@ CREATE INDEX ix_share_files_sha256 ON share_files (sha256);
 
 UPDATE alembic_version SET version_num='0014' WHERE alembic_version.version_num = '0013';
 
+-- Running upgrade 0014 -> 0015
+
+ALTER TABLE messages ADD COLUMN last_event_id INTEGER;
+
+UPDATE alembic_version SET version_num='0015' WHERE alembic_version.version_num = '0014';
+
 COMMIT;
 

@@ -18,9 +18,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
+from sqlalchemy import select
 
 from app.config import Settings
 from app.db import Database
+from app.models import Message
 from app.services.messages import get_public_messages
 from app.sse import PING, Generation, frame
 
@@ -82,11 +84,28 @@ async def wait_until_final(db: Database, chat_id: uuid.UUID, message_id: str, wi
         await asyncio.sleep(0.05)
 
 
+async def stored_last_event_id(db: Database, message_id: str) -> int | None:
+    """The terminal event id an answer's final write stored (None: none did, e.g. it was interrupted)."""
+    async with db.autocommit() as session:
+        found = await session.scalar(select(Message.last_event_id).where(Message.id == uuid.UUID(message_id)))
+    return found
+
+
+def rebuilt_ids(last_event_id: int | None, has_text: bool) -> tuple[int, int]:
+    """The ids of a rebuilt stream's `message` and terminal events. With the stored terminal id the stream ends
+    under the id it had (its text, one event, under the id before), so a client that skips the ids it has seen
+    still gets the end; else (an answer no final write ended) 2 and 3."""
+    if last_event_id is not None and last_event_id >= (4 if has_text else 3):
+        return last_event_id - 1, last_event_id
+    return 2, 3 if has_text else 2
+
+
 async def rebuilt_stream(
     db: Database, chat_id: uuid.UUID, user_message: dict[str, Any] | None, assistant_id: str, ping: float
 ) -> AsyncIterator[bytes]:
-    """A finished (or still running elsewhere) generation told again from storage: `start`, its text in one
-    `message` event, and its terminal event, ids 1, 2, 3. While it is still `streaming`, pings until it ends."""
+    """A finished (or still running elsewhere) generation told again from storage: `start` (id 1), its text in
+    one `message` event, and its terminal event under the id it had (`rebuilt_ids`). While it is still
+    `streaming`, pings until it ends."""
     yield frame(1, "start", {"user_message": user_message, "assistant_message_id": assistant_id})
     loop = asyncio.get_running_loop()
     ping_at = loop.time() + ping
@@ -97,12 +116,10 @@ async def rebuilt_stream(
             return
         terminal = terminal_of(message)
         if terminal is not None:
-            next_id = 2
-            chunks = []
-            if message["content"]:
-                chunks.append(frame(next_id, "message", {"content": message["content"]}))
-                next_id += 1
-            chunks.append(frame(next_id, *terminal))
+            text = message["content"]
+            text_id, terminal_id = rebuilt_ids(await stored_last_event_id(db, assistant_id), bool(text))
+            chunks = [frame(text_id, "message", {"content": text})] if text else []
+            chunks.append(frame(terminal_id, *terminal))
             yield b"".join(chunks)
             return
         await asyncio.sleep(STORAGE_POLL)
@@ -200,7 +217,8 @@ class RedisEventLog:
             yield b"".join(out)
 
     async def _storage_ended(self, chat_id: uuid.UUID, assistant_id: str, last: int) -> bytes | None:
-        """The terminal event (id `last + 1`) from storage when the message is final, else None."""
+        """The terminal event from storage when the message is final (under the id its final write stored, else
+        `last + 1`), else None."""
         message = await stored_message(self.db, chat_id, assistant_id)
         terminal = None if message is None else terminal_of(message)
         if message is None:
@@ -209,10 +227,16 @@ class RedisEventLog:
             return None
         with contextlib.suppress(Exception):
             # The owner may still write its own terminal event: prefer it when it is already there.
-            answer = await _read_after(self.redis, log_key(chat_id, assistant_id), last)
+            key = log_key(chat_id, assistant_id)
+            answer = await _read_after(self.redis, key, last)
             if answer and answer[-1][1].get(b"e"):
                 return b"".join(fields[b"f"] for _id, fields in answer)
-        return frame(last + 1, *terminal)
+            ended = await _last_entry(self.redis, key)
+            if ended is not None and ended[1].get(b"e"):
+                # A `Last-Event-ID` beyond this generation's end (an older answer's id): its own terminal event.
+                return bytes(ended[1][b"f"])
+        stored_id = None if message is None else await stored_last_event_id(self.db, assistant_id)
+        return frame(stored_id if stored_id is not None else last + 1, *terminal)
 
     # --- stop between instances -------------------------------------------------------------------
     async def publish_stop(self, assistant_id: str) -> bool:

@@ -624,6 +624,8 @@ class GenerationRegistry:
                 metadata={k: v for k, v in metadata.items() if v is not None},
                 failure_detail=None if failure is None else {**failure.detail},
                 upstream_status=None if failure is None else failure.upstream_status,
+                # The terminal event's id (nothing is added to the log from `finishing` on but it).
+                last_event_id=len(generation.frames) + 1,
             )
         except Exception:
             logger.exception("final write of %s failed", new.assistant_id)

@@ -198,6 +198,9 @@ class Message(Base):
     #: the row so reading a message never joins `files` (app.services.files).
     files: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
     worker_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    #: An answer's terminal SSE event id, written by its final write (null: not ended by it, e.g. interrupted):
+    #: a stream rebuilt from storage ends under the same id (app.eventlog.rebuilt_stream).
+    last_event_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 

@@ -145,7 +145,9 @@ class Generation:
             timer = None
             self._notify()
 
-        index = max(0, after)
+        # Ids are dense and this log is the generation's own: an id beyond its events is another generation's
+        # (an older answer's, remembered by a reconnecting EventSource), so this one is given from its start.
+        index = max(0, after) if after <= len(self.frames) else 0
         frames = self.frames
         ping_at = loop.time() + ping_interval
         try:

@@ -128,6 +128,31 @@ async def test_followers_on_another_instance_get_a_terminal_event_when_the_owner
     assert streamed_text(events).startswith(stored["content"])
 
 
+async def test_a_follower_on_another_instance_with_an_id_beyond_the_generation_gets_its_terminal_event(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str
+) -> None:
+    """A `Last-Event-ID` from an older, longer answer, sent to an instance that follows through Redis (where a
+    short lag behind the owner is normal, so the id cannot be judged at once): the stream still ends, with
+    the generation's own terminal event under its own id, not one it never had."""
+    settings = live_settings(database_url, tmp_path)
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=paced&chunks=40")
+    async with instance(settings, redis_url) as (url_a, _a), instance(settings, redis_url) as (url_b, _b):
+        async with (
+            httpx.AsyncClient(base_url=url_a, timeout=10) as a,
+            httpx.AsyncClient(base_url=url_b, timeout=10) as b,
+        ):
+            sender = EventReader(
+                a, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
+            )
+            await sender.wait_for(lambda r: len(r.data) >= 2)
+            follower = EventReader(
+                b, "GET", f"/api/chats/{setup.chat.id}/stream", headers={**setup.headers, "Last-Event-ID": "100000"}
+            )
+            first, followed = await sender.finish(), await follower.finish(within=20)
+    assert first[-1].type == "done"
+    assert pairs(followed) == pairs(first)[-1:]
+
+
 async def test_after_logout_the_first_send_to_another_instance_is_refused(
     session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str
 ) -> None:

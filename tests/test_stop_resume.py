@@ -238,6 +238,25 @@ async def test_follow_after_a_reload_gives_the_rest_with_the_original_ids(
     assert nothing.status_code == 204
 
 
+async def test_a_last_event_id_beyond_the_running_generation_gives_it_from_its_start(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """An EventSource reconnecting with an older, longer answer's id: this generation never had it, so it is
+    given whole, to its terminal event (a follower that skipped to that id waited and got no end)."""
+    settings = live_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            sender = send(client, setup)
+            await sender.wait_for(has_text)
+            tab = follow(client, setup, headers={"Last-Event-ID": "100000"})
+            first, followed = await sender.finish(), await tab.finish()
+        await idle(server)
+    assert tab.status_code == 200
+    assert first[-1].type == "done"
+    assert [(e.id, e.data) for e in followed] == [(e.id, e.data) for e in first]
+
+
 async def test_two_followers_get_the_same_events(
     session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:

@@ -169,6 +169,7 @@ def _final_message(*, failed: bool) -> Update:
             status=bindparam("m_status"),
             error=bindparam("m_error") if failed else null(),
             meta=bindparam("m_metadata"),
+            last_event_id=bindparam("m_last_event_id", type_=Integer()),
             created_at=bindparam("m_created_at"),
             updated_at=bindparam("now"),
         )
@@ -575,6 +576,7 @@ async def finish_message(
     metadata: dict[str, Any],
     failure_detail: dict[str, Any] | None,
     upstream_status: int | None,
+    last_event_id: int | None = None,
 ) -> dict[str, Any]:
     """The one final write of an answer (its row, and its chat's activity time), plus its error_logs row on
     failure and its usage ledger row: one statement where the dialect chains writes (PostgreSQL: sent
@@ -591,6 +593,7 @@ async def finish_message(
         "m_error": error,
         "m_metadata": metadata,
         "m_created_at": new.assistant_started,
+        "m_last_event_id": last_event_id,
         "now": utcnow(),
     }
     ledger_row = usage_service.ledger_row(
