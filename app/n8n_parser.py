@@ -211,6 +211,8 @@ class BodyParser:
                 self._fail_cap("line", self.max_line)
             return False
         head = bytes(buffer[start : start + 16])
+        if not final and any(len(head) < len(field) and field.startswith(head) for field in SSE_FIELDS):
+            return False  # `da` may become `data:`: reads may be cut anywhere, so wait for the field name
         if head.startswith(SSE_FIELDS):
             self.mode = "sse"
         elif head.startswith(b"{"):

@@ -147,6 +147,17 @@ def test_parse_sse_openai_deltas_and_done() -> None:
         assert parser.failure is None
 
 
+def test_parse_sse_starting_with_a_field_whose_name_is_cut_by_the_first_read() -> None:
+    """The format is judged on the first bytes: a first read of `d`, `da`, `dat` or `data` is not text yet."""
+    body = b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\ndata: {"choices":[{"delta":{"content":"lo"}}]}\n\n'
+    for first in (body, b"event: message\n" + body, b"id: 1\n" + body, b"retry: 5\n" + body):
+        for cut in range(1, 8):
+            text, parser = parse([first[:cut], first[cut:]])
+            assert (text, parser.mode, parser.failure) == ("Hello", "sse", None), (first[:cut], cut)
+    # A plain-text answer that merely starts like a field name is still text, once more bytes show it.
+    assert parse([b"da", b"ily report"])[0] == "daily report"
+
+
 def test_parse_sse_with_n8n_objects_and_plain_fields() -> None:
     body = (
         b'event: message\ndata: {"type":"item","content":"a"}\n\n'
