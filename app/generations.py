@@ -51,6 +51,10 @@ WEBHOOK_MEMORY = 10_000
 #: The longest a checkpoint waits for the shared log (Redis) to hold its events (seconds; it writes them every
 #: `eventlog.MIRROR_INTERVAL`).
 SHARED_LOG_WAIT = 1.0
+#: The final write, when it fails, is tried again after these pauses (seconds), within FINAL_WRITE_PATIENCE
+#: of the first try; then the stream ends with `storage_error` (and recovery marks the answer `interrupted`).
+FINAL_WRITE_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 3.0)
+FINAL_WRITE_PATIENCE = 10.0
 
 
 class GenerationRegistry:
@@ -612,25 +616,47 @@ class GenerationRegistry:
         await checkpoint.close()
         new = generation.new
         error = None if failure is None else {"message": failure.message, "code": failure.code}
+        content = "".join(generation.chunks)
+        kept = {k: v for k, v in metadata.items() if v is not None}
+        # The terminal event's id (nothing is added to the log from `finishing` on but it).
+        last_event_id = len(generation.frames) + 1
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + FINAL_WRITE_PATIENCE
+        delays = iter(FINAL_WRITE_RETRY_DELAYS)
         # The message, its usage ledger row and, on failure, its error_logs row: one statement on PostgreSQL (one
         # round trip, no transaction around it), one transaction on SQLite (app.services.messages.finish_message).
-        try:
-            stored = await message_service.finish_message(
-                db=self.db,
-                new=new,
-                content="".join(generation.chunks),
-                status=outcome,
-                error=error,
-                metadata={k: v for k, v in metadata.items() if v is not None},
-                failure_detail=None if failure is None else {**failure.detail},
-                upstream_status=None if failure is None else failure.upstream_status,
-                # The terminal event's id (nothing is added to the log from `finishing` on but it).
-                last_event_id=len(generation.frames) + 1,
-            )
-        except Exception:
-            logger.exception("final write of %s failed", new.assistant_id)
-            generation.finish("error", {"message": "The answer could not be stored", "code": "storage_error"})
-            return
+        # A database that is briefly away (a failover, a restart, dropped connections) must not lose the answer:
+        # the write is tried again a few times, first asking whether the last try committed after all.
+        while True:
+            try:
+                stored = await message_service.finish_message(
+                    db=self.db,
+                    new=new,
+                    content=content,
+                    status=outcome,
+                    error=error,
+                    metadata=kept,
+                    failure_detail=None if failure is None else {**failure.detail},
+                    upstream_status=None if failure is None else failure.upstream_status,
+                    last_event_id=last_event_id,
+                )
+                break
+            except Exception as exc:
+                delay = next(delays, None)
+                if delay is None or loop.time() + delay > give_up_at:
+                    logger.exception("final write of %s failed", new.assistant_id)
+                    generation.finish("error", {"message": "The answer could not be stored", "code": "storage_error"})
+                    return
+                logger.warning(
+                    "final write of %s failed (%s), trying again in %.1f s", new.assistant_id, type(exc).__name__, delay
+                )
+            await asyncio.sleep(delay)
+            landed = False
+            with contextlib.suppress(Exception):  # still unreachable: the next write says so
+                landed = await message_service.final_write_landed(self.db, new, last_event_id)
+            if landed:
+                stored = message_service.final_view(new, content=content, status=outcome, error=error, metadata=kept)
+                break
         generation.stored = stored
         # Metrics hook (app.metrics): the outcome, timings and error code of the stored answer.
         metrics.generation_finished(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ from fastapi import FastAPI
 from sqlalchemy import delete, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import generations
 from app.config import Settings
 from app.db import Database, utcnow
 from app.models import Chat, ErrorLog, Message, UsageRecord, UsageRollup
 from app.security import Caller
-from app.services.messages import NewGeneration, finish_message, start_message
+from app.services.messages import NewGeneration, final_write_landed, finish_message, start_message
 from app.state import app_state
 from bench.bench_finish import CountingProxy
 from main import create_app, shutdown
@@ -175,16 +177,16 @@ async def test_final_write_is_one_round_trip_on_postgresql(settings: Settings, s
     assert await count_rows(session, "error_logs") == 2
 
 
-async def test_failed_final_write_stores_nothing_and_ends_the_stream_with_storage_error(
-    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
-) -> None:
-    """The statement fails (here a trigger refuses the roll-up, its last part): nothing of the final write is
-    kept, not even the parts before it, and the stream ends as before, with `storage_error`."""
-    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+@asynccontextmanager
+async def refused_rollups(session: AsyncSession, times: int | None) -> AsyncIterator[None]:
+    """A trigger that refuses the final write's roll-up (its last part) the first `times` attempts (None:
+    always); `attempts` (a sequence, not rolled back with the statement) counts the refused ones."""
+    limit = "nextval('refused_attempts') > 0" if times is None else f"nextval('refused_attempts') <= {times}"
+    await session.execute(text("CREATE SEQUENCE refused_attempts"))
     await session.execute(
         text(
-            "CREATE FUNCTION refuse_rollup() RETURNS trigger LANGUAGE plpgsql AS"
-            " $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"
+            "CREATE FUNCTION refuse_rollup() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" IF {limit} THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$"
         )
     )
     await session.execute(
@@ -192,19 +194,84 @@ async def test_failed_final_write_stores_nothing_and_ends_the_stream_with_storag
     )
     await session.commit()
     try:
-        response = await client.post(
-            f"/api/chats/{setup.chat.id}/messages", json={"content": "hello there"}, headers=setup.headers
-        )
+        yield
     finally:
         await session.execute(text("DROP TRIGGER refuse ON usage_rollups"))
         await session.execute(text("DROP FUNCTION refuse_rollup()"))
+        await session.execute(text("DROP SEQUENCE refused_attempts"))
         await session.commit()
+
+
+async def test_failed_final_write_stores_nothing_and_ends_the_stream_with_storage_error(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The statement always fails: it is tried again a few times, nothing of it is kept, not even the parts
+    before the one refused, and the stream ends with `storage_error`."""
+    monkeypatch.setattr(generations, "FINAL_WRITE_RETRY_DELAYS", (0.05, 0.05))
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    async with refused_rollups(session, None):
+        response = await client.post(
+            f"/api/chats/{setup.chat.id}/messages", json={"content": "hello there"}, headers=setup.headers
+        )
+        attempts = (await session.execute(text("SELECT last_value FROM refused_attempts"))).scalar_one()
+        await session.commit()
+    assert attempts == 3  # the first try and the two retries
     last = data_events(parse_sse(response.text))[-1]
     assert (last.type, last.data["data"]["code"]) == ("error", "storage_error")  # type: ignore[index]
     for table in ("usage_records", "usage_rollups", "error_logs"):
         assert await count_rows(session, table) == 0, table
     answer = (await session.execute(select(Message).where(Message.role == "assistant"))).scalar_one()
     assert answer.status == "streaming"  # as a crash would leave it: recovery marks it interrupted
+
+
+async def test_a_final_write_that_fails_once_is_tried_again_and_loses_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """A database briefly refusing (a failover, dropped connections): the answer is still stored, once, with
+    its one ledger row, and the stream ends with `done` as if nothing happened."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    async with refused_rollups(session, 1):
+        response = await client.post(
+            f"/api/chats/{setup.chat.id}/messages", json={"content": "hello there"}, headers=setup.headers
+        )
+        refused = (await session.execute(text("SELECT last_value FROM refused_attempts"))).scalar_one()
+        await session.commit()
+    events = data_events(parse_sse(response.text))
+    assert refused >= 2  # the first try was refused, a later one passed the trigger
+    assert events[-1].type == "done"
+    answer = (await session.execute(select(Message).where(Message.role == "assistant"))).scalar_one()
+    assert (answer.status, answer.content) == ("complete", "Echo: hello there")
+    assert answer.last_event_id == int(events[-1].id or 0)
+    assert await count_rows(session, "usage_records") == 1
+    assert await count_rows(session, "error_logs") == 0
+    await assert_rollup_matches_ledger(session)
+
+
+async def test_final_write_landed_tells_a_committed_write_from_one_that_was_not(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """What a retry asks first when the last try's outcome is unknown, so it never counts an answer twice."""
+    db = app_state(app).db
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    new = await started(db, settings, setup)
+    assert not await final_write_landed(db, new, 7)
+    await finish_message(
+        db=db,
+        new=new,
+        content="the answer",
+        status="complete",
+        error=None,
+        metadata=METADATA,
+        failure_detail=None,
+        upstream_status=None,
+        last_event_id=7,
+    )
+    assert await final_write_landed(db, new, 7)
+    assert not await final_write_landed(db, new, 8)  # another write's (recovery's `interrupted` has none)
 
 
 CONCURRENT = 12  # within the pool (10 + 10 overflow), with the blocker and the test's session

@@ -621,6 +621,15 @@ async def finish_message(
     else:
         async with db.sessionmaker() as session:
             await _finish_in_transaction(session, params, ledger_row, detail, logged)
+    return final_view(new, content=content, status=status, error=error, metadata=metadata)
+
+
+def final_view(
+    new: NewGeneration, *, content: str, status: str, error: dict[str, str] | None, metadata: dict[str, Any]
+) -> dict[str, Any]:
+    """The stored answer as `finish_message` wrote it (the `done` event's message), built without a read."""
+    if new.assistant_started is None:
+        new.stamp_assistant()
     return public_message(
         message_view(
             id=uuid.UUID(new.assistant_id),
@@ -635,6 +644,19 @@ async def finish_message(
             sibling_ids=[uuid.UUID(i) for i in new.assistant_sibling_ids],
         )
     )
+
+
+async def final_write_landed(db: Database, new: NewGeneration, last_event_id: int) -> bool:
+    """Whether a final write whose outcome is unknown (its connection died under it) committed: one statement
+    (or one transaction), so its row tells. True too when the row is gone (its chat was deleted): then there
+    is nothing left to store, and writing again could count its usage twice."""
+    async with db.autocommit() as session:
+        row = (
+            await session.execute(
+                select(Message.status, Message.last_event_id).where(Message.id == uuid.UUID(new.assistant_id))
+            )
+        ).one_or_none()
+    return row is None or (row.status != "streaming" and row.last_event_id == last_event_id)
 
 
 def _error_log_fields(new: NewGeneration, error: dict[str, str], upstream_status: int | None) -> dict[str, Any]:
