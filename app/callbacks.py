@@ -78,9 +78,12 @@ class CallbackInbox:
         "last_at",
         "limit",
         "max_steps",
+        "max_text_bytes",
         "on_text",
         "steps",
         "steps_dropped",
+        "text_bytes",
+        "too_large",
         "usage",
     )
 
@@ -89,6 +92,11 @@ class CallbackInbox:
         self.limit = settings.CALLBACK_STEP_MAX_CHARS
         self.steps: list[dict[str, Any]] = []
         self.steps_dropped = 0
+        #: Text by callback counts against the answer cap as a streamed answer does (N8N_MAX_RESPONSE_BYTES).
+        self.max_text_bytes = settings.N8N_MAX_RESPONSE_BYTES
+        self.text_bytes = 0
+        #: Set with `ended` when a `message` would have passed the cap: the answer fails.
+        self.too_large = False
         self.usage: tuple[int, int] | None = None
         self.error: str | None = None
         self.last_at = now
@@ -101,8 +109,21 @@ class CallbackInbox:
     def open(self) -> bool:
         return not self.closed and not self.ended.is_set()
 
-    def step(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A `status` or `tool` callback as its SSE event data (shortened), kept in `steps` while room remains."""
+    def take_text(self, content: str) -> bool:
+        """Count a `message` callback's text; False (and the answer ends) when it would pass the answer cap."""
+        self.text_bytes += len(content.encode("utf-8", "surrogatepass"))
+        if self.text_bytes > self.max_text_bytes:
+            self.too_large = True
+            self.ended.set()
+            return False
+        return True
+
+    def step(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """A `status` or `tool` callback as its SSE event data (shortened), kept in `steps` while room remains;
+        None past CALLBACK_MAX_STEPS (only counted: the stream and the event log stay bounded too)."""
+        if len(self.steps) >= self.max_steps:
+            self.steps_dropped += 1
+            return None
         if body["type"] == "status":
             data: dict[str, Any] = {"description": shortened(body["description"], self.limit), "done": False}
             stored: dict[str, Any] = {"type": "status", "description": data["description"]}
@@ -112,10 +133,7 @@ class CallbackInbox:
                 if body.get(name) is not None:
                     data[name] = shortened(body[name], self.limit)
             stored = {"type": "tool", **data}
-        if len(self.steps) < self.max_steps:
-            self.steps.append(stored)
-        else:
-            self.steps_dropped += 1
+        self.steps.append(stored)
         return data
 
     def add_usage(self, input_tokens: int, output_tokens: int) -> None:

@@ -371,9 +371,11 @@ class GenerationRegistry:
         inbox.last_at = asyncio.get_running_loop().time()
         kind = body["type"]
         if kind in ("status", "tool"):
-            generation.add_event(kind, inbox.step(body))
+            data = inbox.step(body)
+            if data is not None:
+                generation.add_event(kind, data)
         elif kind == "message":
-            if inbox.on_text is not None:
+            if inbox.take_text(body["content"]) and inbox.on_text is not None:
                 inbox.on_text([body["content"]])
         elif kind == "usage":
             inbox.add_usage(body["input_tokens"], body["output_tokens"])
@@ -541,6 +543,14 @@ class GenerationRegistry:
                     webhook.result()  # the webhook's answer ended first: it is the outcome
                     return
             inbox.closed = True
+            if inbox.too_large:
+                limit = inbox.max_text_bytes
+                raise StreamFailure(
+                    "bad_upstream_response",
+                    "The agent's answer exceeded the answer size limit",
+                    upstream_status=stats.upstream_status,
+                    detail={"reason": f"answer > {limit}", "via": "callback"},
+                )
             if inbox.error is not None:
                 raise StreamFailure(
                     "upstream_error", inbox.error, upstream_status=stats.upstream_status, detail={"via": "callback"}

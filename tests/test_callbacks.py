@@ -199,22 +199,48 @@ async def test_callback_mode_fails_at_once_when_the_workflow_did_not_run_and_wai
     assert (await assistant_of(app, setup.chat.id))["status"] == "error"
 
 
+@pytest.mark.parametrize("max_steps", [1, 2])
 async def test_steps_are_bounded_in_count_and_size(
-    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, max_steps: int
 ) -> None:
-    async with served(database_url, tmp_path, CALLBACK_MAX_STEPS=1, CALLBACK_STEP_MAX_CHARS=100) as server:
+    """Steps past CALLBACK_MAX_STEPS are only counted: neither stored nor sent (the event log stays bounded)."""
+    async with served(database_url, tmp_path, CALLBACK_MAX_STEPS=max_steps, CALLBACK_STEP_MAX_CHARS=100) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             setup = await agent_chat(session, server.settings, fake, "answer=ack", "callback")
             events = await send(client, setup, "long " * 60).finish()
-    tool = next(e.data for e in events if e.type == "tool")
+    metadata = (await assistant_of(app, setup.chat.id))["metadata"]
+    assert events[-1].type == "done"
+    assert metadata["steps"][0] == {"type": "status", "description": "Searching the knowledge base"}
+    assert len(metadata["steps"]) == max_steps
+    tools = [e.data for e in events if e.type == "tool"]
+    if max_steps == 1:
+        assert tools == []
+        assert metadata["steps_dropped"] == 1
+        return
+    (tool,) = tools
     assert tool is not None
     shortened = tool["data"]["input"]
     assert isinstance(shortened, str)
     assert len(shortened) == 101
     assert shortened.endswith("…")
-    metadata = (await assistant_of(app, setup.chat.id))["metadata"]
-    assert metadata["steps"] == [{"type": "status", "description": "Searching the knowledge base"}]
-    assert metadata["steps_dropped"] == 1
+    assert metadata["steps"][1]["input"] == shortened
+    assert "steps_dropped" not in metadata
+
+
+async def test_text_by_callback_is_bounded_by_the_answer_cap(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """As a streamed answer is: past N8N_MAX_RESPONSE_BYTES the answer fails, keeping the text before it."""
+    async with served(database_url, tmp_path, N8N_MAX_RESPONSE_BYTES=1024) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            setup = await agent_chat(session, server.settings, fake, "answer=ack&interval_ms=1", "callback")
+            events = await send(client, setup, ("x" * 40 + " ") * 30).finish()
+    stored = await assistant_of(app, setup.chat.id)
+    assert events[-1].type == "error"
+    assert events[-1].data["data"]["code"] == "bad_upstream_response"  # type: ignore[index]
+    assert stored["status"] == "error"
+    assert 900 < len(stored["content"].encode()) <= 1024
+    assert streamed_text(events) == stored["content"]
 
 
 async def test_signature_attacks_and_bad_bodies_are_refused_and_change_nothing(
