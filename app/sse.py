@@ -18,24 +18,27 @@ TERMINAL = frozenset({"done", "error"})
 
 
 def frame(event_id: int, kind: str, data: Any) -> bytes:
-    """One event in FastAPI's own SSE encoding (`fastapi.sse.format_sse_event`): `data:` then `id:`.
+    """One event: `id:` then `data:` (the contract's order), then a blank line.
 
-    Written out here (the same bytes, tests/test_sse.py compares them): JSON text never holds the line breaks
-    that `format_sse_event` splits on (`json.dumps` escapes CR and LF), so the event is always these three lines.
+    The fields of FastAPI's `fastapi.sse.format_sse_event`, written out here (tests/test_sse.py parses both
+    alike): JSON text never holds a line break (`json.dumps` escapes CR and LF), so the event is always these
+    three lines. (`format_sse_event` writes `data:` first; the order means nothing to SSE parsers, but a client
+    written from the contract's example may read `id:` first.)
     """
-    return f"data: {json.dumps({'type': kind, 'data': data}, ensure_ascii=False)}\nid: {event_id}\n\n".encode()
+    return f"id: {event_id}\ndata: {json.dumps({'type': kind, 'data': data}, ensure_ascii=False)}\n\n".encode()
 
 
 def message_frame(event_id: int, text: str) -> bytes:
     """`frame(event_id, "message", {"content": text})`, without building the dicts: one per chunk relayed."""
     content = json.dumps(text, ensure_ascii=False)
-    return f'data: {{"type": "message", "data": {{"content": {content}}}}}\nid: {event_id}\n\n'.encode()
+    return f'id: {event_id}\ndata: {{"type": "message", "data": {{"content": {content}}}}}\n\n'.encode()
 
 
 def event_of(encoded: bytes) -> tuple[str, Any]:
     """The inverse of `frame`: (type, data) of one encoded event, for readers that speak another framing
-    (the Chat Trigger's NDJSON, app.chat_trigger)."""
-    line = encoded.split(b"\n", 1)[0]
+    (the Chat Trigger's NDJSON, app.chat_trigger). Either field order: a shared log may still hold events an
+    older version wrote `data:` first."""
+    line = next(line for line in encoded.split(b"\n") if line.startswith(b"data:"))
     event = json.loads(line.removeprefix(b"data:"))
     return str(event["type"]), event["data"]
 

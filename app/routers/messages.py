@@ -30,13 +30,15 @@ router = APIRouter(prefix="/api/chats", tags=["messages"])
 
 STREAM_EXAMPLE = (
     'id: 1\ndata: {"type": "start", "data": {"user_message": {"id": "…", "role": "user", "content": "Hi", '
-    '"status": "complete", "created_at": "2026-12-02T10:00:00+00:00"}, "assistant_message_id": "…"}}\n\n'
+    '"status": "complete", "created_at": "2026-12-02T10:00:00.120000Z", "error": null, "metadata": null, '
+    '"parent_id": null, "sibling_ids": ["…"], "feedback": null, "files": []}, "assistant_message_id": "…"}}\n\n'
     'id: 2\ndata: {"type": "status", "data": {"description": "Waiting for the agent", "done": false}}\n\n'
     ": ping\n\n"
     'id: 3\ndata: {"type": "message", "data": {"content": "Hel"}}\n\n'
     'id: 4\ndata: {"type": "message", "data": {"content": "lo"}}\n\n'
     'id: 5\ndata: {"type": "done", "data": {"message": {"id": "…", "role": "assistant", "content": "Hello", '
-    '"status": "complete", "created_at": "…", "metadata": {"chunks": 2}}}}\n\n'
+    '"status": "complete", "created_at": "2026-12-02T10:00:00.125000Z", "error": null, "metadata": {"chunks": 2}, '
+    '"parent_id": "…", "sibling_ids": ["…"], "feedback": null, "files": []}}}\n\n'
 )
 STREAM_GRAMMAR = (
     "Server-Sent Events (UTF-8). Each event is `id: <n>` then `data: <one JSON object>` and a blank line; "
