@@ -253,9 +253,10 @@ async def test_read_chat_malformed_id_is_422(client: httpx.AsyncClient, world: W
 # --- list ------------------------------------------------------------------------------------
 
 
-async def test_list_chats_orders_pinned_first_then_newest_activity(
+async def test_list_chats_orders_newest_activity_first_and_filters_pinned(
     client: httpx.AsyncClient, world: World, session: AsyncSession
 ) -> None:
+    """The contract's order, pinned or not; `pinned` narrows the list (and its total) to one kind."""
     now = utcnow()
     old = await create_chat(
         session, user=world.member, agent=world.agent, title="old", last_message_at=now - timedelta(2)
@@ -267,9 +268,16 @@ async def test_list_chats_orders_pinned_first_then_newest_activity(
     await create_chat(session, user=world.member, agent=world.agent, title="archived", archived=True)
     response = await client.get("/api/chats", headers=world.h(world.member))
     assert response.status_code == 200
-    assert [c["id"] for c in response.json()] == [str(pinned.id), str(new.id), str(old.id)]
+    assert [c["id"] for c in response.json()] == [str(new.id), str(old.id), str(pinned.id)]
     assert response.headers["x-total-count"] == "3"
     assert all(set(c) == SUMMARY_FIELDS for c in response.json())
+    only = await client.get("/api/chats", params={"pinned": "true"}, headers=world.h(world.member))
+    assert [c["id"] for c in only.json()] == [str(pinned.id)]
+    assert only.headers["x-total-count"] == "1"
+    others = await client.get("/api/chats", params={"pinned": "false"}, headers=world.h(world.member))
+    assert [c["id"] for c in others.json()] == [str(new.id), str(old.id)]
+    bad = await client.get("/api/chats", params={"pinned": "maybe"}, headers=world.h(world.member))
+    assert bad.status_code == 422
 
 
 async def test_list_chats_order_ignores_renames_pins_and_archiving(
@@ -291,13 +299,13 @@ async def test_list_chats_order_ignores_renames_pins_and_archiving(
     for changes in ({"title": "Renamed"}, {"pinned": True}, {"pinned": False}, {"archived": True}, {"archived": False}):
         response = await client.put(f"/api/chats/{oldest.id}", json=changes, headers=world.h(world.member))
         assert response.status_code == 200
-        if changes not in ({"pinned": True}, {"archived": True}):  # pinned: on top; archived: not listed
+        if changes != {"archived": True}:  # archived: not listed
             assert await order() == expected, changes
-    # Pinned chats come first, and among them the same activity order holds.
+    # Pinned chats keep their place too.
     for chat in (older, oldest):
         await client.put(f"/api/chats/{chat.id}", json={"pinned": True}, headers=world.h(world.member))
     await client.put(f"/api/chats/{older.id}", json={"title": "Renamed too"}, headers=world.h(world.member))
-    assert await order() == [str(older.id), str(oldest.id), str(newest.id), str(empty.id)]
+    assert await order() == expected
 
 
 async def test_list_chats_archived_filter(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:

@@ -25,8 +25,9 @@ NOT_FOUND: Responses = {404: error_doc(chats_service.CHAT_NOT_FOUND)}
     "",
     response_model=list[ChatSummary],
     summary="List my chats",
-    description="Pinned first, then newest activity: the last message (creation for an empty chat); a rename, pin "
-    "or archive never reorders chats within a group. `q` searches titles and message text (not JSON keys), "
+    description="Newest activity first: the last message (creation for an empty chat); a rename, pin or archive "
+    "never reorders chats. `pinned=true` lists only the pinned ones (to show them apart). `q` searches titles "
+    "and message text (not JSON keys), "
     "case-insensitively. The total number of matches is in the `X-Total-Count` header.",
     responses={
         **total_count(),
@@ -38,6 +39,9 @@ async def list_chats(
     session: SessionDep,
     user: CurrentUser,
     archived: Annotated[bool, Query(description="Archived chats instead of current ones")] = False,
+    pinned: Annotated[
+        bool | None, Query(description="Only the pinned chats (true) or only the others (false); all if left out")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     q: Annotated[
@@ -45,7 +49,7 @@ async def list_chats(
     ] = None,
 ) -> list[ChatSummary]:
     page = await chats_service.list_chats(
-        session=session, user=user, archived=archived, limit=limit, offset=offset, q=q
+        session=session, user=user, archived=archived, pinned=pinned, limit=limit, offset=offset, q=q
     )
     response.headers["X-Total-Count"] = str(page.total)
     return [ChatSummary.model_validate(chat) for chat in page.chats]

@@ -95,9 +95,17 @@ class ChatPage:
 
 
 async def list_chats(
-    *, session: AsyncSession, user: User, archived: bool = False, limit: int = 50, offset: int = 0, q: str | None = None
+    *,
+    session: AsyncSession,
+    user: User,
+    archived: bool = False,
+    pinned: bool | None = None,
+    limit: int = 50,
+    offset: int = 0,
+    q: str | None = None,
 ) -> ChatPage:
-    """The caller's chats, pinned first then newest activity, without loading any message.
+    """The caller's chats, newest activity first (the contract's order; `pinned` narrows the list to the pinned
+    or the other chats, so a client can show its pinned ones apart), without loading any message.
 
     Activity is the last message (creation for an empty chat), never `updated_at`: renaming, pinning or
     archiving a chat must not move it up the list.
@@ -107,6 +115,8 @@ async def list_chats(
         Chat.team_id == user.team_id,
         Chat.archived.is_(archived),
     ]
+    if pinned is not None:
+        conditions.append(Chat.pinned.is_(pinned))
     params: dict[str, str] = {}
     if q and q.strip():
         params["pattern"] = like_pattern(q.strip())
@@ -122,7 +132,7 @@ async def list_chats(
     query = (
         select(Chat, func.count().over().label("total"))
         .where(*conditions)
-        .order_by(Chat.pinned.desc(), LAST_ACTIVITY.desc(), Chat.id.desc())
+        .order_by(LAST_ACTIVITY.desc(), Chat.id.desc())
         .limit(limit)
         .offset(offset)
     )
