@@ -27,6 +27,9 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 AVATAR_UPLOAD_RE = re.compile(r"^/api/agents/[^/]+/avatar/?$")
 FILE_UPLOAD_RE = re.compile(r"^/api/chats/[^/]+/files/?$")
 CALLBACK_PREFIX = "/api/callbacks/"
+#: The auth routes (app.routers.auth): every answer, errors included, gets `Cache-Control: no-store`.
+AUTH_PATH = "/api/auth"
+AUTH_PREFIX = AUTH_PATH + "/"
 IMPORT_PATH_RE = re.compile(r"^/api/chats/import/?$")
 #: Paths that carry a secret (an invite token): logged with the secret cut out.
 #: Room for multipart boundaries and part headers around the avatar file itself.
@@ -74,6 +77,9 @@ class RequestContextMiddleware:
         self._api_headers = self.security_headers(csp=API_CSP)
         self._docs_headers = self.security_headers(csp=DOCS_CSP)
         self._web_headers = self.security_headers(csp=WEB_CSP)
+        # Auth answers carry tokens or personal data, and their errors say whether an account exists or is
+        # locked out: none is ever cached by a browser or a proxy, error answers included.
+        self._auth_headers = [*self._api_headers, (b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
 
     def body_limit(self, scope: Scope) -> int:
         if scope.get("method") == "POST" and AVATAR_UPLOAD_RE.match(scope.get("path", "")):
@@ -104,6 +110,8 @@ class RequestContextMiddleware:
             return self._docs_headers
         if path == "/" or path.startswith(WEB_PREFIX):
             return self._web_headers
+        if path == AUTH_PATH or path.startswith(AUTH_PREFIX):
+            return self._auth_headers
         return self._api_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -180,6 +180,7 @@ async def test_owner_revokes_and_the_key_stops_at_once(
     assert (await web.get("/api/auth/me", headers=bearer(created["key"]))).status_code == 200
     deleted = await web.delete(f"{KEYS}/{created['id']}", headers=auth_headers(settings, user))
     assert deleted.status_code == 204
+    assert "content-type" not in deleted.headers
     after = await web.get("/api/auth/me", headers=bearer(created["key"]))
     assert after.status_code == 401
     assert after.json() == INVALID

@@ -713,6 +713,7 @@ async def test_logout_revokes_both_tokens_and_clears_cookies(web: httpx.AsyncCli
     response = await web.post("/api/auth/logout")
     assert response.status_code == 204
     assert response.content == b""
+    assert "content-type" not in response.headers  # no body, so no type
     cookies = set_cookies(response)
     assert cookies["access_token"]["max-age"] == "0"
     assert cookies["refresh_token"]["max-age"] == "0"

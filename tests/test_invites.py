@@ -201,6 +201,7 @@ async def test_revoke_stops_the_token_at_once(
     revoked = await web.delete(f"{INVITES}/{invite['id']}", headers=headers)
     assert revoked.status_code == 204
     assert revoked.content == b""
+    assert "content-type" not in revoked.headers
     assert (await web.get(f"/api/invites/{invite['token']}")).json() == NOT_FOUND
     register = await _register(web, invite["token"], "late@example.com")
     assert register.status_code == 404

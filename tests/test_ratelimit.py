@@ -51,10 +51,14 @@ async def test_sixth_login_in_a_minute_is_429_other_ip_is_fine(make_app: AppFact
     await create_user(session, email="rl@example.com")
     app = make_app()
     async with client_for(app, "1.2.3.4") as attacker, client_for(app, "5.6.7.8") as other:
-        codes = [(await login(attacker, "rl@example.com", "wrong-password")).status_code for _ in range(5)]
-        assert codes == [401] * 5
+        refused = [await login(attacker, "rl@example.com", "wrong-password") for _ in range(5)]
+        assert [r.status_code for r in refused] == [401] * 5
         limited = await login(attacker, "rl@example.com")
         assert limited.status_code == 429
+        # Auth answers are never cached, the refusals included.
+        assert {(r.headers["cache-control"], r.headers["pragma"]) for r in [*refused, limited]} == {
+            ("no-store", "no-cache")
+        }
         assert limited.json()["detail"].startswith("Too many requests")
         assert 1 <= int(limited.headers["retry-after"]) <= 60
         # The token endpoint shares the login budget of that IP.

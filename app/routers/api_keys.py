@@ -60,6 +60,7 @@ async def list_api_keys(
 @router.delete(
     "/{key_id}",
     status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,  # a 204 has no body, so no Content-Type either
     summary="Revoke an API key (yours, or any of your team's as an admin): it stops working at once",
     responses={**R401, **R403_KEY, 404: error_doc("No such key of yours (or of your team, for admins)")},
 )

@@ -16,6 +16,7 @@ from app.config import Settings
 from app.deps import RevocationsDep, SessionDep, SettingsDep
 from app.errors import Unauthorized, Unprocessable
 from app.fields import EMAIL_MAX_LENGTH, PASSWORD_MAX_LENGTH
+from app.middleware import AUTH_PATH
 from app.ratelimit import rate_limit
 from app.routers.responses import R401, R401_LOGIN, R403_ORIGIN, R429, error_doc, error_examples
 from app.schemas import (
@@ -36,19 +37,13 @@ from app.services import invites as invites_service
 from app.services import users as users_service
 from app.services.auth import AmbiguousLogin, SessionTokens
 
-AUTH_PATH = "/api/auth"
 ACCESS_COOKIE = "access_token"
 REFRESH_COOKIE = "refresh_token"
 CLOSED = "Registration is closed for this team"
 
 
-def no_store(response: Response) -> None:
-    """Auth answers carry tokens or personal data: never cached by a browser or a proxy."""
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Pragma"] = "no-cache"
-
-
-router = APIRouter(prefix=AUTH_PATH, tags=["auth"], dependencies=[Depends(no_store)])
+# Every answer here, errors included, gets `Cache-Control: no-store` from the middleware (app.middleware).
+router = APIRouter(prefix=AUTH_PATH, tags=["auth"])
 
 
 def _cookie_flags(settings: Settings) -> dict[str, Any]:
@@ -79,8 +74,7 @@ def _ambiguous(exc: AmbiguousLogin) -> JSONResponse:
     body = AmbiguousLoginRead(
         detail=exc.detail, teams=[TeamChoice(id=t.id, name=t.name, slug=t.slug) for t in exc.teams]
     )
-    headers = {**(exc.headers or {}), "Cache-Control": "no-store"}
-    return JSONResponse(body.model_dump(mode="json"), status_code=401, headers=headers)
+    return JSONResponse(body.model_dump(mode="json"), status_code=401, headers=exc.headers)
 
 
 def _login_read(tokens: SessionTokens) -> LoginRead:
@@ -273,6 +267,7 @@ async def refresh(
 @router.post(
     "/logout",
     status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,  # a 204 has no body, so no Content-Type either
     summary="Revoke the presented access and refresh tokens and clear both cookies",
     responses={**R403_ORIGIN},
 )

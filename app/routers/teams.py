@@ -119,6 +119,7 @@ async def list_invites(admin: AdminUser, session: SessionDep) -> list[InviteRead
 @router.delete(
     "/current/invites/{invite_id}",
     status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,  # a 204 has no body, so no Content-Type either
     summary="Revoke an invite: its token stops working at once",
     responses={
         **R401,
