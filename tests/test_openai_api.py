@@ -241,6 +241,28 @@ async def test_a_model_name_the_database_cannot_hold_is_a_422_in_openai_shape(
     assert await count_rows(session, "usage_records") == 0
 
 
+@pytest.mark.settings(STREAM_PING_INTERVAL=0.2)
+async def test_a_streamed_completion_pings_while_the_agent_thinks(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    """While n8n is silent (here 0.6 s between its pieces), `: ping` comments keep proxies from closing the
+    connection; the official client skips them."""
+    slow = f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=600"
+    await session.execute(update(Agent).where(Agent.id == setup.agent.id).values(webhook_url=slow))
+    await session.commit()
+    body = {"model": "helper", "messages": [{"role": "user", "content": "hi there"}], "stream": True}
+    async with httpx.AsyncClient(base_url=setup.server.url, timeout=20) as http:
+        raw = await http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {setup.key}"})
+    blocks = [block for block in raw.text.split("\n\n") if block]
+    first_text = next(i for i, block in enumerate(blocks) if '"content":"' in block and '"content":""' not in block)
+    assert ": ping" in blocks[1:first_text]
+    stream = await setup.client.chat.completions.create(
+        model="helper", messages=[{"role": "user", "content": "hi there"}], stream=True
+    )
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+    assert text == "Echo: hi there"
+
+
 async def test_a_session_token_works_and_x_session_id_scopes_n8n_memory(
     setup: Setup, fake: FakeN8n, settings: Settings
 ) -> None:

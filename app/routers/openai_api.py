@@ -27,7 +27,7 @@ from app.n8n_parser import StreamFailure
 from app.routers.responses import openai_error_doc
 from app.services import completions as completions_service
 from app.services.completions import Completion
-from app.sse import SSE_HEADERS
+from app.sse import PING, SSE_HEADERS
 from app.streaming import GenerationRegistry
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -230,16 +230,27 @@ class Run:
 
 
 async def _stream(run: Run) -> AsyncIterator[bytes]:
-    """The run as chunks: the role first, then each batch of text, then the finish reason and [DONE].
+    """The run as chunks: the role first, then each batch of text, then the finish reason and [DONE]; a
+    `: ping` comment after STREAM_PING_INTERVAL without a write (an agent may think for minutes before its
+    first byte, longer than a proxy keeps a silent connection; SSE clients, OpenAI's included, skip comments).
 
     A client that goes away cancels the call to n8n (its usage row says `cancelled`)."""
     completion = run.completion
+    ping = run.settings.STREAM_PING_INTERVAL
     queue: asyncio.Queue[list[str] | None] = asyncio.Queue()
     task = run.start(on_chunks=queue.put_nowait)
     task.add_done_callback(lambda _task: queue.put_nowait(None))
     try:
         yield _chunk(completion, {"role": "assistant", "content": ""}, None)
-        while (batch := await queue.get()) is not None:
+        while True:
+            try:
+                async with asyncio.timeout(ping):  # Queue.get is cancel-safe: nothing is lost on a timeout
+                    batch = await queue.get()
+            except TimeoutError:
+                yield PING
+                continue
+            if batch is None:
+                break
             text = "".join(batch)
             if text:
                 yield _chunk(completion, {"content": text}, None)
