@@ -141,8 +141,8 @@ async def exchange(
                     async with session.post(target, data=body, headers=send_headers, allow_redirects=False) as response:
                         stats.upstream_status = response.status
                         if not 200 <= response.status < 300:
-                            idle.reschedule(loop.time() + s.N8N_READ_TIMEOUT)
-                            raise await status_failure(response)
+                            idle.reschedule(None)  # the error body has its own bound: the status is the answer
+                            raise await status_failure(response, within=s.N8N_READ_TIMEOUT)
                         parser.use_charset(response.charset)
                         content = response.content
                         while not parser.finished:
@@ -210,15 +210,19 @@ class _QuietWatch:
             self.handle = None
 
 
-async def status_failure(response: aiohttp.ClientResponse) -> StreamFailure:
-    """A non-2xx answer: n8n's `message`/`hint` (its own text, shortened) for admins, a safe line for users."""
+async def status_failure(response: aiohttp.ClientResponse, *, within: float) -> StreamFailure:
+    """A non-2xx answer: n8n's `message`/`hint` (its own text, shortened) for admins, a safe line for users.
+
+    Its body is read for at most `within` seconds: a silent one leaves the status as the whole answer (an
+    `upstream_error` with it, not a timeout that would hide it)."""
     status = response.status
     detail: dict[str, Any] = {}
     raw = b""
     try:
-        raw = await response.content.read(ERROR_BODY_EXCERPT)
+        async with asyncio.timeout(within):
+            raw = await response.content.read(ERROR_BODY_EXCERPT)
         parsed = json.loads(raw) if raw.strip().startswith(b"{") else None
-    except (aiohttp.ClientError, ValueError):
+    except (aiohttp.ClientError, ValueError, TimeoutError):
         parsed = None
     if parsed is None and raw.strip().decode("utf-8", "replace") in N8N_AUTH_REFUSALS:
         detail["n8n_message"] = raw.strip().decode()

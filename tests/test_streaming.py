@@ -289,6 +289,17 @@ async def test_streamer_does_not_follow_redirects(streamer: N8nStreamer, fake: F
     assert len(fake.requests) == 1
 
 
+async def test_a_status_with_a_silent_body_is_an_upstream_error_with_that_status(
+    streamer: N8nStreamer, fake: FakeN8n
+) -> None:
+    """The status says what happened: a body that does not come within the read timeout is left unread,
+    not turned into a timeout that hides the status."""
+    _text, stats, failure = await relay(streamer, f"{fake.url}/webhook/x?scenario=status&status=502&hang=3")
+    assert failure is not None
+    assert (failure.code, failure.upstream_status, stats.upstream_status) == ("upstream_error", 502, 502)
+    assert "HTTP 502" in failure.message
+
+
 async def test_streamer_404_keeps_n8n_hint_for_admins_only(streamer: N8nStreamer, fake: FakeN8n) -> None:
     _text, _stats, failure = await relay(streamer, f"{fake.url}/webhook/does-not-exist")
     assert failure is not None

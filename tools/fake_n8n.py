@@ -90,7 +90,8 @@ SCENARIOS = {
     "oversized": "sends `after` tokens (default 2), then one line of `size` bytes (default 2 MiB)",
     "slow": "echo with `delay_ms` (default 200) between tokens",
     "paced": "`chunks` tokens (default 100) every `interval_ms` (default 10), for benchmarks",
-    "status": 'answers HTTP `status` (default 500) with {"message": "Error in workflow"}',
+    "status": 'answers HTTP `status` (default 500) with {"message": "Error in workflow"} (`hang`: that many '
+    "seconds after the headers)",
     "in_band_error": 'begin, `after` tokens (default 2), then {"type":"error"}',
     "nul": "items and an in-band error containing U+0000 and a lone surrogate escape",
     "header_auth": "n8n's Header Auth: 403 `Authorization data is wrong!` unless HEADER_AUTH is sent, then echo",
@@ -597,8 +598,13 @@ class FakeN8n:
         return self._json(encoded, f"{media}; charset={charset}")
 
     async def _s_status(self, request: web.Request, _text: str) -> web.StreamResponse:
+        status = int(self._q(request, "status", 500))
+        if "hang" in request.query:  # the status line and headers at once, the body `hang` seconds later
+            headers = [("Content-Type", "application/json; charset=utf-8")]
+            body = [b'{"message": "Error in workflow"}']
+            return await self._stream(request, status, headers, body, self._q(request, "hang", 3.0))
         response = self._json({"message": "Error in workflow"})
-        response.set_status(int(self._q(request, "status", 500)))
+        response.set_status(status)
         return response
 
     async def _s_sse_openai(self, request: web.Request, text: str) -> web.StreamResponse:
