@@ -42,6 +42,19 @@ async def instance(settings: Settings, redis_url: str) -> AsyncIterator[tuple[st
                 await process.wait()
 
 
+@asynccontextmanager
+async def two_instances(
+    settings: Settings, redis_url: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, asyncio.subprocess.Process]]:
+    """Instances A and B (`instance`), a client for each, and A's process (to kill it)."""
+    async with instance(settings, redis_url) as (url_a, process_a), instance(settings, redis_url) as (url_b, _b):
+        async with (
+            httpx.AsyncClient(base_url=url_a, timeout=10) as a,
+            httpx.AsyncClient(base_url=url_b, timeout=10) as b,
+        ):
+            yield a, b, process_a
+
+
 def pairs(events: list[SSE]) -> list[tuple[str | None, object]]:
     return [(e.id, e.data) for e in events]
 
@@ -53,36 +66,32 @@ async def test_two_instances_follow_stop_and_retry_whichever_gets_the_request(
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
     messages = f"/api/chats/{setup.chat.id}/messages"
     keyed = {**setup.headers, "Idempotency-Key": "two-instances"}
-    async with instance(settings, redis_url) as (url_a, _a), instance(settings, redis_url) as (url_b, _b):
-        async with (
-            httpx.AsyncClient(base_url=url_a, timeout=10) as a,
-            httpx.AsyncClient(base_url=url_b, timeout=10) as b,
-        ):
-            sender = EventReader(a, "POST", messages, json={"content": "hi"}, headers=keyed)
-            await sender.wait_for(has_text)
-            start = sender.data[0].data["data"]  # type: ignore[index]
-            seen = sender.data[-1].id
-            # B follows A's generation from where the client was, and a retry sent to B answers A's stream.
-            follower = EventReader(
-                b,
-                "GET",
-                f"/api/chats/{setup.chat.id}/stream",
-                headers={**setup.headers, "Last-Event-ID": str(seen)},
-                params={"assistant_message_id": start["assistant_message_id"]},
-            )
-            await follower.wait_for(lambda r: len(r.data) > 0)
-            retry = EventReader(b, "POST", messages, json={"content": "hi"}, headers=keyed)
-            await retry.wait_for(has_text)
-            # A second send while it runs, to the other instance: 409, as on one instance.
-            running = await b.post(messages, json={"content": "another"}, headers=setup.headers)
-            # Stop sent to B stops the generation running on A.
-            stopped = await b.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
-            first, followed, retried = await sender.finish(), await follower.finish(), await retry.finish()
-            # Then a generation on B, followed from A from its start.
-            second = EventReader(b, "POST", messages, json={"content": "two"}, headers=setup.headers)
-            await second.wait_for(has_text)
-            tab = EventReader(a, "GET", f"/api/chats/{setup.chat.id}/stream", headers=setup.headers)
-            second_events, tab_events = await second.finish(), await tab.finish()
+    async with two_instances(settings, redis_url) as (a, b, _process_a):
+        sender = EventReader(a, "POST", messages, json={"content": "hi"}, headers=keyed)
+        await sender.wait_for(has_text)
+        start = sender.data[0].data["data"]  # type: ignore[index]
+        seen = sender.data[-1].id
+        # B follows A's generation from where the client was, and a retry sent to B answers A's stream.
+        follower = EventReader(
+            b,
+            "GET",
+            f"/api/chats/{setup.chat.id}/stream",
+            headers={**setup.headers, "Last-Event-ID": str(seen)},
+            params={"assistant_message_id": start["assistant_message_id"]},
+        )
+        await follower.wait_for(lambda r: len(r.data) > 0)
+        retry = EventReader(b, "POST", messages, json={"content": "hi"}, headers=keyed)
+        await retry.wait_for(has_text)
+        # A second send while it runs, to the other instance: 409, as on one instance.
+        running = await b.post(messages, json={"content": "another"}, headers=setup.headers)
+        # Stop sent to B stops the generation running on A.
+        stopped = await b.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
+        first, followed, retried = await sender.finish(), await follower.finish(), await retry.finish()
+        # Then a generation on B, followed from A from its start.
+        second = EventReader(b, "POST", messages, json={"content": "two"}, headers=setup.headers)
+        await second.wait_for(has_text)
+        tab = EventReader(a, "GET", f"/api/chats/{setup.chat.id}/stream", headers=setup.headers)
+        second_events, tab_events = await second.finish(), await tab.finish()
     assert running.status_code == 409
     assert stopped.status_code == 200
     answer = stopped.json()
@@ -104,21 +113,17 @@ async def test_followers_on_another_instance_get_a_terminal_event_when_the_owner
 ) -> None:
     settings = live_settings(database_url, tmp_path)
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
-    async with instance(settings, redis_url) as (url_a, process_a), instance(settings, redis_url) as (url_b, _b):
-        async with (
-            httpx.AsyncClient(base_url=url_a, timeout=10) as a,
-            httpx.AsyncClient(base_url=url_b, timeout=10) as b,
-        ):
-            sender = EventReader(
-                a, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
-            )
-            await sender.wait_for(has_text)
-            follower = EventReader(b, "GET", f"/api/chats/{setup.chat.id}/stream", headers=setup.headers)
-            await follower.wait_for(has_text)
-            process_a.send_signal(signal.SIGKILL)
-            await process_a.wait()
-            await sender.leave()
-            events = await follower.finish(within=20)
+    async with two_instances(settings, redis_url) as (a, b, process_a):
+        sender = EventReader(
+            a, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
+        )
+        await sender.wait_for(has_text)
+        follower = EventReader(b, "GET", f"/api/chats/{setup.chat.id}/stream", headers=setup.headers)
+        await follower.wait_for(has_text)
+        process_a.send_signal(signal.SIGKILL)
+        await process_a.wait()
+        await sender.leave()
+        events = await follower.finish(within=20)
     assert events[-1].type == "error"
     assert events[-1].data["data"]["code"] == "interrupted"  # type: ignore[index]
     ids = [int(e.id or 0) for e in events]
@@ -136,19 +141,15 @@ async def test_a_follower_on_another_instance_with_an_id_beyond_the_generation_g
     the generation's own terminal event under its own id, not one it never had."""
     settings = live_settings(database_url, tmp_path)
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=paced&chunks=40")
-    async with instance(settings, redis_url) as (url_a, _a), instance(settings, redis_url) as (url_b, _b):
-        async with (
-            httpx.AsyncClient(base_url=url_a, timeout=10) as a,
-            httpx.AsyncClient(base_url=url_b, timeout=10) as b,
-        ):
-            sender = EventReader(
-                a, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
-            )
-            await sender.wait_for(lambda r: len(r.data) >= 2)
-            follower = EventReader(
-                b, "GET", f"/api/chats/{setup.chat.id}/stream", headers={**setup.headers, "Last-Event-ID": "100000"}
-            )
-            first, followed = await sender.finish(), await follower.finish(within=20)
+    async with two_instances(settings, redis_url) as (a, b, _process_a):
+        sender = EventReader(
+            a, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
+        )
+        await sender.wait_for(lambda r: len(r.data) >= 2)
+        follower = EventReader(
+            b, "GET", f"/api/chats/{setup.chat.id}/stream", headers={**setup.headers, "Last-Event-ID": "100000"}
+        )
+        first, followed = await sender.finish(), await follower.finish(within=20)
     assert first[-1].type == "done"
     assert pairs(followed) == pairs(first)[-1:]
 
@@ -162,24 +163,20 @@ async def test_after_logout_the_first_send_to_another_instance_is_refused(
     settings = live_settings(database_url, tmp_path)
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream")
     messages = f"/api/chats/{setup.chat.id}/messages"
-    async with instance(settings, redis_url) as (url_a, _a), instance(settings, redis_url) as (url_b, _b):
-        async with (
-            httpx.AsyncClient(base_url=url_a, timeout=10) as a,
-            httpx.AsyncClient(base_url=url_b, timeout=10) as b,
-        ):
-            login = await a.post("/api/auth/login", json={"email": setup.user.email, "password": DEFAULT_PASSWORD})
-            assert login.status_code == 200
-            tokens = login.json()
-            bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
-            # Both instances have run (and prepared) the one-statement start with this token.
-            for client in (a, b):
-                sent = await client.post(messages, json={"content": "before"}, headers=bearer)
-                assert sent.status_code == 200, sent.text
-                assert '"type": "done"' in sent.text
-            logout = await a.post("/api/auth/logout", headers=bearer, json={"refresh_token": tokens["refresh_token"]})
-            assert logout.status_code == 204
-            after = await b.post(messages, json={"content": "after"}, headers=bearer)
-            refreshed = await b.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    async with two_instances(settings, redis_url) as (a, b, _process_a):
+        login = await a.post("/api/auth/login", json={"email": setup.user.email, "password": DEFAULT_PASSWORD})
+        assert login.status_code == 200
+        tokens = login.json()
+        bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
+        # Both instances have run (and prepared) the one-statement start with this token.
+        for client in (a, b):
+            sent = await client.post(messages, json={"content": "before"}, headers=bearer)
+            assert sent.status_code == 200, sent.text
+            assert '"type": "done"' in sent.text
+        logout = await a.post("/api/auth/logout", headers=bearer, json={"refresh_token": tokens["refresh_token"]})
+        assert logout.status_code == 204
+        after = await b.post(messages, json={"content": "after"}, headers=bearer)
+        refreshed = await b.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
     assert after.status_code == 401
     assert refreshed.status_code == 401
     stored = await session.execute(text("SELECT content FROM messages WHERE role = 'user' ORDER BY created_at"))
