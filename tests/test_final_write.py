@@ -47,7 +47,9 @@ async def started(db: Database, settings: Settings, setup: ChatSetup) -> NewGene
         )
 
 
-async def finish(db: Database, new: NewGeneration, *, failed: bool = False) -> dict[str, Any]:
+async def finish(
+    db: Database, new: NewGeneration, *, failed: bool = False, last_event_id: int | None = None
+) -> dict[str, Any]:
     """The final write as app/generations.py `_finish` makes it."""
     return await finish_message(
         db=db,
@@ -58,6 +60,7 @@ async def finish(db: Database, new: NewGeneration, *, failed: bool = False) -> d
         metadata=METADATA,
         failure_detail={"n8n_error": "bad gateway", "api_token": "t0ken"} if failed else None,
         upstream_status=502 if failed else None,
+        last_event_id=last_event_id,
     )
 
 
@@ -259,17 +262,7 @@ async def test_final_write_landed_tells_a_committed_write_from_one_that_was_not(
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
     new = await started(db, settings, setup)
     assert not await final_write_landed(db, new, 7)
-    await finish_message(
-        db=db,
-        new=new,
-        content="the answer",
-        status="complete",
-        error=None,
-        metadata=METADATA,
-        failure_detail=None,
-        upstream_status=None,
-        last_event_id=7,
-    )
+    await finish(db, new, last_event_id=7)
     assert await final_write_landed(db, new, 7)
     assert not await final_write_landed(db, new, 8)  # another write's (recovery's `interrupted` has none)
 
