@@ -17,7 +17,7 @@ from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
 from app.errors import NotFound, ServiceUnavailable
-from app.eventlog import RedisEventLog, rebuilt_stream, wait_until_final
+from app.eventlog import RedisEventLog, rebuilt_stream, stored_message, terminal_of, wait_until_final
 from app.n8n_parser import StreamFailure, clean_text
 from app.services import files as files_service
 from app.services import idempotency
@@ -628,58 +628,106 @@ class GenerationRegistry:
         error = None if failure is None else {"message": failure.message, "code": failure.code}
         content = "".join(generation.chunks)
         kept = {k: v for k, v in metadata.items() if v is not None}
-        # The terminal event's id (nothing is added to the log from `finishing` on but it).
-        last_event_id = len(generation.frames) + 1
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + FINAL_WRITE_PATIENCE
-        delays = iter(FINAL_WRITE_RETRY_DELAYS)
         # The message, its usage ledger row and, on failure, its error_logs row: one statement on PostgreSQL (one
         # round trip, no transaction around it), one transaction on SQLite (app.services.messages.finish_message).
-        # A database that is briefly away (a failover, a restart, dropped connections) must not lose the answer:
-        # the write is tried again a few times, first asking whether the last try committed after all.
-        while True:
-            try:
-                stored = await message_service.finish_message(
-                    db=self.db,
-                    new=new,
-                    content=content,
-                    status=outcome,
-                    error=error,
-                    metadata=kept,
-                    failure_detail=None if failure is None else {**failure.detail},
-                    upstream_status=None if failure is None else failure.upstream_status,
-                    last_event_id=last_event_id,
-                )
-                break
-            except Exception as exc:
-                delay = next(delays, None)
-                if delay is None or loop.time() + delay > give_up_at:
-                    logger.exception("final write of %s failed", new.assistant_id)
-                    generation.finish("error", {"message": "The answer could not be stored", "code": "storage_error"})
-                    return
-                logger.warning(
-                    "final write of %s failed (%s), trying again in %.1f s", new.assistant_id, type(exc).__name__, delay
-                )
-            await asyncio.sleep(delay)
-            landed = False
-            with contextlib.suppress(Exception):  # still unreachable: the next write says so
-                landed = await message_service.final_write_landed(self.db, new, last_event_id)
-            if landed:
-                stored = message_service.final_view(new, content=content, status=outcome, error=error, metadata=kept)
-                break
+        written = await self._write_final(
+            new,
+            content=content,
+            status=outcome,
+            error=error,
+            metadata=kept,
+            failure=failure,
+            # The terminal event's id (nothing is added to the log from `finishing` on but it).
+            last_event_id=len(generation.frames) + 1,
+        )
+        if written is None:
+            generation.finish("error", {"message": "The answer could not be stored", "code": "storage_error"})
+            return
+        stored, ours = written
         generation.stored = stored
         # Metrics hook (app.metrics): the outcome, timings and error code of the stored answer.
         metrics.generation_finished(
-            outcome=outcome,
+            outcome=stored["status"],
             agent_id=new.agent_id,
-            error_code=None if error is None else error["code"],
+            error_code=None if stored["error"] is None else stored["error"].get("code"),
             metadata=metadata,
             pool_in_use=self.db.pool_in_use(),
         )
-        if error is None:
+        if not ours:  # another writer ended it first (recovery, while this one could not reach the database)
+            kind, data = terminal_of(stored) or ("error", message_service.INTERRUPTED)
+            generation.finish(kind, data)
+        elif error is None:
             generation.finish("done", {"message": stored})
         else:
             generation.finish("error", error)
+
+    async def _write_final(
+        self,
+        new: message_service.NewGeneration,
+        *,
+        content: str,
+        status: str,
+        error: dict[str, str] | None,
+        metadata: dict[str, Any],
+        failure: StreamFailure | None,
+        last_event_id: int,
+    ) -> tuple[dict[str, Any], bool] | None:
+        """The final write, tried again while the database is briefly away (a failover, a restart, dropped
+        connections): (the stored message, whether this write stored it), or None once it gave up.
+
+        It is never written twice: a try whose connection died under it may have committed, so before each new
+        try the row is read, and only a row still `streaming` is written again. A row that is final already
+        holds this write (its terminal event id) or another writer's (recovery marked it `interrupted` while
+        this instance could not reach the database): the first final state wins, as everywhere. No new try
+        once the shutdown began (it must end within its grace).
+        """
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + FINAL_WRITE_PATIENCE
+        delays = iter(FINAL_WRITE_RETRY_DELAYS)
+        write = True
+        while True:
+            if write:
+                try:
+                    stored = await message_service.finish_message(
+                        db=self.db,
+                        new=new,
+                        content=content,
+                        status=status,
+                        error=error,
+                        metadata=metadata,
+                        failure_detail=None if failure is None else {**failure.detail},
+                        upstream_status=None if failure is None else failure.upstream_status,
+                        last_event_id=last_event_id,
+                    )
+                    return stored, True
+                except Exception as exc:
+                    problem: BaseException = exc
+            delay = next(delays, None)
+            if delay is None or loop.time() + delay > give_up_at or self._closing:
+                logger.error("final write of %s failed", new.assistant_id, exc_info=problem)
+                return None
+            logger.warning(
+                "final write of %s failed (%s), trying again in %.1f s", new.assistant_id, type(problem).__name__, delay
+            )
+            await asyncio.sleep(delay)
+            try:
+                state = await message_service.final_state(self.db, new)
+            except Exception as exc:
+                problem, write = exc, False  # still unreachable: read again later, never write blind
+                continue
+            if state is not None and state.status == "streaming":
+                write = True
+                continue
+            if state is None or state.last_event_id == last_event_id:
+                # The last try committed after all, or the row is gone (its chat deleted): nothing to store.
+                view = message_service.final_view(new, content=content, status=status, error=error, metadata=metadata)
+                return view, True
+            try:
+                found = await stored_message(self.db, new.chat_id, new.assistant_id)
+            except Exception as exc:
+                logger.error("final write of %s: the answer was ended elsewhere", new.assistant_id, exc_info=exc)
+                return None
+            return (found, False) if found is not None else None
 
 
 class _Checkpointer:

@@ -21,7 +21,7 @@ from app.config import Settings
 from app.db import Database, utcnow
 from app.models import Chat, ErrorLog, Message, UsageRecord, UsageRollup
 from app.security import Caller
-from app.services.messages import NewGeneration, final_write_landed, finish_message, start_message
+from app.services.messages import NewGeneration, final_state, finish_message, mark_interrupted, start_message
 from app.state import app_state
 from bench.bench_finish import CountingProxy
 from main import create_app, shutdown
@@ -254,17 +254,54 @@ async def test_a_final_write_that_fails_once_is_tried_again_and_loses_nothing(
     await assert_rollup_matches_ledger(session)
 
 
-async def test_final_write_landed_tells_a_committed_write_from_one_that_was_not(
+async def test_final_state_tells_a_committed_write_from_one_that_was_not(
     app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
-    """What a retry asks first when the last try's outcome is unknown, so it never counts an answer twice."""
+    """What a retry reads first when the last try's outcome is unknown, so it never writes an answer twice."""
     db = app_state(app).db
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
     new = await started(db, settings, setup)
-    assert not await final_write_landed(db, new, 7)
+    assert await final_state(db, new) == ("streaming", None)
     await finish(db, new, last_event_id=7)
-    assert await final_write_landed(db, new, 7)
-    assert not await final_write_landed(db, new, 8)  # another write's (recovery's `interrupted` has none)
+    assert await final_state(db, new) == ("complete", 7)
+    await session.execute(delete(Chat).where(Chat.id == setup.chat.id))
+    await session.commit()
+    assert await final_state(db, new) is None
+
+
+async def test_an_answer_recovery_ended_while_its_final_write_failed_is_not_written_again(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database away long enough for recovery (on another instance) to mark the answer `interrupted`: the
+    first final state wins. The retry reads the row, writes nothing (no second ledger row, no rewrite), and
+    the stream ends as the stored message says."""
+    monkeypatch.setattr(generations, "FINAL_WRITE_RETRY_DELAYS", (1.0, 1.0))
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    async with refused_rollups(session, None):
+        sending = asyncio.create_task(
+            client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": "hello there"}, headers=setup.headers)
+        )
+        async with asyncio.timeout(10):  # until the first try was refused
+            while not (await session.execute(text("SELECT is_called FROM refused_attempts"))).scalar_one():
+                await session.commit()
+                await asyncio.sleep(0.02)
+        answer_id = (await session.execute(select(Message.id).where(Message.role == "assistant"))).scalar_one()
+        assert await mark_interrupted(session, message_id=answer_id, chat_id=setup.chat.id)  # what recovery does
+        await session.commit()
+        response = await sending
+        attempts = (await session.execute(text("SELECT last_value FROM refused_attempts"))).scalar_one()
+        await session.commit()
+    last = data_events(parse_sse(response.text))[-1]
+    assert (last.type, last.data["data"]["code"]) == ("error", "interrupted")  # type: ignore[index]
+    assert attempts == 1  # never written again
+    session.expire_all()
+    stored = (await session.execute(select(Message).where(Message.id == answer_id))).scalar_one()
+    assert (stored.status, stored.last_event_id) == ("interrupted", None)
+    assert await count_rows(session, "usage_records") == 0
 
 
 CONCURRENT = 12  # within the pool (10 + 10 overflow), with the blocker and the test's session

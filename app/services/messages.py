@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 from sqlalchemy import (
@@ -646,17 +646,22 @@ def final_view(
     )
 
 
-async def final_write_landed(db: Database, new: NewGeneration, last_event_id: int) -> bool:
-    """Whether a final write whose outcome is unknown (its connection died under it) committed: one statement
-    (or one transaction), so its row tells. True too when the row is gone (its chat was deleted): then there
-    is nothing left to store, and writing again could count its usage twice."""
+class FinalState(NamedTuple):
+    status: str
+    last_event_id: int | None
+
+
+async def final_state(db: Database, new: NewGeneration) -> FinalState | None:
+    """The answer's row as a final write left it (None when the row is gone: its chat was deleted). Read before
+    a final write is tried again: a try whose connection died under it may have committed (its row then
+    carries that write's terminal event id), and a row no longer `streaming` is never written again."""
     async with db.autocommit() as session:
         row = (
             await session.execute(
                 select(Message.status, Message.last_event_id).where(Message.id == uuid.UUID(new.assistant_id))
             )
         ).one_or_none()
-    return row is None or (row.status != "streaming" and row.last_event_id == last_event_id)
+    return None if row is None else FinalState(row.status, row.last_event_id)
 
 
 def _error_log_fields(new: NewGeneration, error: dict[str, str], upstream_status: int | None) -> dict[str, Any]:
