@@ -169,14 +169,18 @@ def test_regenerate_and_feedback(web_page: Watched, team: Team) -> None:
 def test_chat_list_search_pin_rename_archive_delete_and_load_more(web_page: Watched, team: Team) -> None:
     page = web_page.page
     agent_id = team.get("/api/agents")[0]["id"]
-    for i in range(32):  # more than one page of the list (30)
-        team.create_chat(agent_id, title=f"Chat {i:02d}")
+    chats = [team.create_chat(agent_id, title=f"Chat {i:02d}") for i in range(32)]  # more than one page (30)
     team.create_chat(agent_id, title="Quarterly numbers")
+    with team.api() as client:  # the oldest chat, pinned: the API lists by activity, the list shows it first
+        assert client.put(f"/api/chats/{chats[0]['id']}", json={"pinned": True}).status_code == 200
     log_in(page, team.email)
     rows = page.locator(".chat-list li")
-    expect(rows).to_have_count(30)
+    expect(rows).to_have_count(31)  # the pinned one, then a page of the others
+    expect(rows.first).to_contain_text("Chat 00")
+    expect(rows.nth(1)).to_contain_text("Quarterly numbers")
     page.get_by_role("button", name="Load more").click()
     expect(rows).to_have_count(33)
+    expect(page.locator(".chat-list li", has_text="Chat 00")).to_have_count(1)
     expect(page.get_by_role("button", name="Load more")).to_be_hidden()
 
     page.get_by_label("Search chats").fill("quarterly")

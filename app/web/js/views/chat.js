@@ -8,6 +8,7 @@ import { Attachments } from "./attachments.js";
 import { avatar, messageItem, setContent, stepItem } from "./messages.js";
 
 const PAGE = 30;
+const PINNED_MAX = 100; // the most the API lists at once
 const LAST = 50; // messages shown when a chat opens; "Show earlier" doubles it
 
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
@@ -92,17 +93,21 @@ export class ChatsView {
 
   // --- the list ---------------------------------------------------------------------------------
 
+  // The API lists chats by activity only; the pinned ones (at most PINNED_MAX) are fetched apart and shown
+  // first, then the others page by page.
   async loadChats(more = false) {
     const offset = more ? this.query.shown : 0;
+    const filter = { q: this.query.q, archived: this.query.archived };
     try {
-      const { items, total } = await page("/api/chats", {
-        limit: PAGE,
-        offset,
-        q: this.query.q,
-        archived: this.query.archived,
-      });
-      if (!more) this.list.replaceChildren();
-      if (!items.length && !more) this.list.append(h("li", { class: "muted" }, this.query.q ? "No chat matches." : "No chats yet."));
+      const pinned = more ? null : await page("/api/chats", { ...filter, pinned: true, limit: PINNED_MAX });
+      const { items, total } = await page("/api/chats", { ...filter, pinned: false, limit: PAGE, offset });
+      if (!more) {
+        this.list.replaceChildren();
+        for (const chat of pinned.items) this.list.append(this.chatRow(chat));
+        if (!pinned.items.length && !items.length) {
+          this.list.append(h("li", { class: "muted" }, this.query.q ? "No chat matches." : "No chats yet."));
+        }
+      }
       for (const chat of items) this.list.append(this.chatRow(chat));
       this.query.shown = offset + items.length;
       this.more.hidden = this.query.shown >= total;
