@@ -675,59 +675,47 @@ class GenerationRegistry:
         """The final write, tried again while the database is briefly away (a failover, a restart, dropped
         connections): (the stored message, whether this write stored it), or None once it gave up.
 
-        It is never written twice: a try whose connection died under it may have committed, so before each new
-        try the row is read, and only a row still `streaming` is written again. A row that is final already
-        holds this write (its terminal event id) or another writer's (recovery marked it `interrupted` while
-        this instance could not reach the database): the first final state wins, as everywhere. No new try
-        once the shutdown began (it must end within its grace).
+        Sending it again is safe: it writes nothing once the row is final (`finish_message` answers None). That
+        row then holds this write (a try whose connection died under it had committed: its terminal event id
+        tells) or another writer's (recovery marked it `interrupted` while this instance could not reach the
+        database): the first final state wins, as everywhere. No new try once the shutdown began (it must
+        end within its grace).
         """
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + FINAL_WRITE_PATIENCE
         delays = iter(FINAL_WRITE_RETRY_DELAYS)
-        write = True
+        view = message_service.final_view(new, content=content, status=status, error=error, metadata=metadata)
         while True:
-            if write:
-                try:
-                    stored = await message_service.finish_message(
-                        db=self.db,
-                        new=new,
-                        content=content,
-                        status=status,
-                        error=error,
-                        metadata=metadata,
-                        failure_detail=None if failure is None else {**failure.detail},
-                        upstream_status=None if failure is None else failure.upstream_status,
-                        last_event_id=last_event_id,
-                    )
+            try:
+                stored = await message_service.finish_message(
+                    db=self.db,
+                    new=new,
+                    content=content,
+                    status=status,
+                    error=error,
+                    metadata=metadata,
+                    failure_detail=None if failure is None else {**failure.detail},
+                    upstream_status=None if failure is None else failure.upstream_status,
+                    last_event_id=last_event_id,
+                )
+                if stored is not None:
                     return stored, True
-                except Exception as exc:
-                    problem: BaseException = exc
-            delay = next(delays, None)
-            if delay is None or loop.time() + delay > give_up_at or self._closing:
-                logger.error("final write of %s failed", new.assistant_id, exc_info=problem)
-                return None
-            logger.warning(
-                "final write of %s failed (%s), trying again in %.1f s", new.assistant_id, type(problem).__name__, delay
-            )
-            await asyncio.sleep(delay)
-            try:
                 state = await message_service.final_state(self.db, new)
-            except Exception as exc:
-                problem, write = exc, False  # still unreachable: read again later, never write blind
-                continue
-            if state is not None and state.status == "streaming":
-                write = True
-                continue
-            if state is None or state.last_event_id == last_event_id:
-                # The last try committed after all, or the row is gone (its chat deleted): nothing to store.
-                view = message_service.final_view(new, content=content, status=status, error=error, metadata=metadata)
-                return view, True
-            try:
+                if state is None or state.last_event_id == last_event_id:
+                    return view, True  # an earlier try had committed (or the chat is gone since)
                 found = await stored_message(self.db, new.chat_id, new.assistant_id)
+                if found is not None:
+                    return found, False
+                return view, True  # deleted between the two reads: nothing left to store
             except Exception as exc:
-                logger.error("final write of %s: the answer was ended elsewhere", new.assistant_id, exc_info=exc)
-                return None
-            return (found, False) if found is not None else None
+                delay = next(delays, None)
+                if delay is None or loop.time() + delay > give_up_at or self._closing:
+                    logger.error("final write of %s failed", new.assistant_id, exc_info=exc)
+                    return None
+                logger.warning(
+                    "final write of %s failed (%s), trying again in %.1f s", new.assistant_id, type(exc).__name__, delay
+                )
+            await asyncio.sleep(delay)
 
 
 class _Checkpointer:

@@ -49,8 +49,8 @@ async def started(db: Database, settings: Settings, setup: ChatSetup) -> NewGene
 
 async def finish(
     db: Database, new: NewGeneration, *, failed: bool = False, last_event_id: int | None = None
-) -> dict[str, Any]:
-    """The final write as app/generations.py `_finish` makes it."""
+) -> dict[str, Any] | None:
+    """The final write as app/generations.py `_finish` makes it (None: the row was final already)."""
     return await finish_message(
         db=db,
         new=new,
@@ -94,6 +94,7 @@ async def test_final_write_stores_the_answer_its_chat_time_ledger_and_error_rows
     new = await started(state.db, state.settings, setup)
     before = utcnow()
     shown = await finish(state.db, new, failed=failed)
+    assert shown is not None
     assert (shown["content"], shown["status"]) == ("the answer", "error" if failed else "complete")
     async with state.db.sessionmaker() as s:
         message = await s.get(Message, uuid.UUID(new.assistant_id))
@@ -131,6 +132,34 @@ async def test_final_write_stores_the_answer_its_chat_time_ledger_and_error_rows
         )
         assert (log.code, log.message, log.upstream_status) == ("upstream_error", FAILURE["message"], 502)
         assert log.detail == {"n8n_error": "bad gateway"}  # stored, and the token's key never kept
+
+
+@pytest.mark.parametrize("failed", [False, True])
+async def test_a_final_write_sent_again_writes_nothing(any_app: FastAPI, failed: bool) -> None:
+    """Once the row is final (by this write, or by recovery's `interrupted`), the same write sent again changes
+    nothing and counts nothing: no second ledger or error-log row, the first final state kept. So a try whose
+    answer was lost can be sent again."""
+    state = app_state(any_app)
+    async with state.db.sessionmaker() as s:
+        setup = await chat_with_agent(s, state.settings, "http://127.0.0.1:9/webhook/x")
+    first = await started(state.db, state.settings, setup)
+    assert await finish(state.db, first, failed=failed, last_event_id=9) is not None
+    assert await finish(state.db, first, failed=not failed, last_event_id=12) is None
+    second = await started(state.db, state.settings, setup)
+    async with state.db.sessionmaker() as s:
+        assert await mark_interrupted(s, message_id=uuid.UUID(second.assistant_id), chat_id=setup.chat.id)
+        await s.commit()
+    assert await finish(state.db, second, failed=failed) is None
+    async with state.db.sessionmaker() as s:
+        one = await s.get(Message, uuid.UUID(first.assistant_id))
+        two = await s.get(Message, uuid.UUID(second.assistant_id))
+        assert one is not None
+        assert two is not None
+        assert (one.status, one.last_event_id) == ("error" if failed else "complete", 9)
+        assert (two.status, two.last_event_id, two.content) == ("interrupted", None, "")
+        assert await count_rows(s, "usage_records") == 1
+        assert await count_rows(s, "error_logs") == (1 if failed else 0)
+        await assert_rollup_matches_ledger(s)
 
 
 async def test_failed_final_write_of_a_deleted_chat_logs_stored_false(any_app: FastAPI) -> None:

@@ -53,28 +53,29 @@ async def record_error(
     )
 
 
-def prebuilt_insert(detail: ColumnElement[Any]) -> Insert:
+def prebuilt_insert(detail: ColumnElement[Any], where: ColumnElement[bool]) -> Insert:
     """`record_error`'s row as a prebuilt INSERT, for a statement that chains writes
     (`Statements.chains_writes`), bound by `prebuilt_params`; its `detail` is the caller's expression (of
     parameters it binds itself, cleaned by `clean_detail`). `id` and `created_at` are bound too: a chained
-    INSERT gets no Python-side default."""
+    INSERT gets no Python-side default. Only where `where` holds (the caller's condition)."""
     c = ErrorLog.__table__.columns
 
     def bound(name: str) -> BindParameter[Any]:
         return bindparam(f"e_{name}", type_=c[name].type)
 
-    return insert(ErrorLog).values(
-        id=bound("id"),
-        team_id=bound("team_id"),
-        user_id=_existing(User, bound("user_id")),
-        chat_id=_existing(Chat, bound("chat_id")),
-        agent_id=_existing(Agent, bound("agent_id")),
-        code=bound("code"),
-        message=bound("message"),
-        upstream_status=bound("upstream_status"),
-        detail=detail,
-        created_at=bound("created_at"),
-    )
+    values: dict[str, ColumnElement[Any]] = {
+        "id": bound("id"),
+        "team_id": bound("team_id"),
+        "user_id": _existing(User, bound("user_id")),
+        "chat_id": _existing(Chat, bound("chat_id")),
+        "agent_id": _existing(Agent, bound("agent_id")),
+        "code": bound("code"),
+        "message": bound("message"),
+        "upstream_status": bound("upstream_status"),
+        "detail": detail,
+        "created_at": bound("created_at"),
+    }
+    return insert(ErrorLog).from_select(list(values), select(*values.values()).where(where))
 
 
 def prebuilt_params(

@@ -159,11 +159,12 @@ _CHECKPOINT = (
 
 
 def _final_message(*, failed: bool) -> Update:
-    """The answer's final row (`:aid`), with its error (`:m_error`) when it failed, else none. No parameter is
-    named after a column: Core would add it to the SET clause of an UPDATE that leaves it out (the chat's)."""
+    """The answer's final row (`:aid`), with its error (`:m_error`) when it failed, else none; only while it is
+    `streaming` (the first final state wins: a try that committed, or recovery's `interrupted`). No parameter
+    is named after a column: Core would add it to the SET clause of an UPDATE that leaves it out (the chat's)."""
     return (
         update(Message)
-        .where(Message.id == bindparam("aid"))
+        .where(Message.id == bindparam("aid"), Message.status == "streaming")
         .values(
             content=bindparam("m_content"),
             status=bindparam("m_status"),
@@ -187,20 +188,26 @@ _FINAL_MESSAGE = (_final_message(failed=False), _final_message(failed=True))
 _TOUCH_CHAT = _touch_chat(bindparam("cid"))
 
 
-def _final_write(statements: Statements, *, failed: bool) -> Select[tuple[uuid.UUID]]:
+#: The answer's row is final already (before the statement that reads it: a data-modifying CTE's own change is
+#: not seen by the others): its final write happened, so nothing of it may happen again.
+_ALREADY_FINAL = exists(select(Message.id).where(Message.id == bindparam("aid"), Message.status != "streaming"))
+
+
+def _final_write(statements: Statements, *, failed: bool) -> Select[bool]:
     """The whole final write as ONE statement, for a dialect that chains writes (PostgreSQL's data-modifying
     CTEs): the answer's row (`m`, which returns its chat when the row still exists), its chat's activity time,
     the ledger row and its roll-up (`usage.ledger_writes`), and when `failed` the error_logs row, whose detail
-    says `stored: false` when the answer's row was gone. One statement is atomic: all of it or nothing."""
+    says `stored: false` when the answer's row was gone. One statement is atomic: all of it or nothing. None
+    of it when the row is final already (it answers `final`): written once, however often it is sent."""
     message = _final_message(failed=failed).returning(Message.chat_id).cte("m")
-    ledger, rollup = usage_service.ledger_writes(statements)
+    ledger, rollup = usage_service.ledger_writes(statements, ~_ALREADY_FINAL)
     writes = [_touch_chat(message.c.chat_id).cte("c"), ledger.cte("u"), rollup.cte("r")]
     if failed:
         detail = ErrorLog.__table__.columns["detail"].type
         stored = exists(select(message.c.chat_id))
         chosen = case((stored, bindparam("e_detail", type_=detail)), else_=bindparam("e_detail_gone", type_=detail))
-        writes.append(error_logs.prebuilt_insert(chosen).cte("e"))
-    return select(message.c.chat_id).add_cte(*writes)
+        writes.append(error_logs.prebuilt_insert(chosen, ~_ALREADY_FINAL).cte("e"))
+    return select(_ALREADY_FINAL.label("final")).add_cte(message, *writes)
 
 
 #: The final write of each statement set that chains writes (`_final_write`), by `failed`: built and compiled
@@ -577,11 +584,15 @@ async def finish_message(
     failure_detail: dict[str, Any] | None,
     upstream_status: int | None,
     last_event_id: int | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """The one final write of an answer (its row, and its chat's activity time), plus its error_logs row on
     failure and its usage ledger row: one statement where the dialect chains writes (PostgreSQL: sent
     through asyncpg outside any transaction, one round trip: `Database.fetch_direct`), else one transaction.
-    A failed answer's error_logs row says `stored: false` when its row was gone (its chat deleted meanwhile)."""
+    A failed answer's error_logs row says `stored: false` when its row was gone (its chat deleted meanwhile).
+
+    The stored message; None, and nothing written, when the row was final already (a try of this write that
+    committed though its answer was lost, or another writer's: recovery's `interrupted`), so it can be sent
+    again safely."""
     if new.assistant_started is None:
         new.stamp_assistant()
     failed = error is not None
@@ -617,11 +628,12 @@ async def finish_message(
             # The statement picks one: `e_detail_gone` when the answer's row was gone (`_final_write`).
             params["e_detail"] = error_logs.clean_detail(detail)
             params["e_detail_gone"] = error_logs.clean_detail({**detail, "stored": False})
-        await db.fetch_direct(chained[failed], params)
+        rows = await db.fetch_direct(chained[failed], params)
+        written = not rows[0]["final"]
     else:
         async with db.sessionmaker() as session:
-            await _finish_in_transaction(session, params, ledger_row, detail, logged)
-    return final_view(new, content=content, status=status, error=error, metadata=metadata)
+            written = await _finish_in_transaction(session, params, ledger_row, detail, logged)
+    return final_view(new, content=content, status=status, error=error, metadata=metadata) if written else None
 
 
 def final_view(
@@ -683,11 +695,15 @@ async def _finish_in_transaction(
     ledger_row: dict[str, Any],
     detail: dict[str, Any],
     logged: dict[str, Any] | None,
-) -> None:
+) -> bool:
     """The final write as separate statements in one transaction (SQLite, which cannot chain writes); `logged`:
-    the error_logs row of a failed answer (`_error_log_fields`), None for a successful one."""
+    the error_logs row of a failed answer (`_error_log_fields`), None for a successful one. False, and nothing
+    written, when the row was final already (as `_final_write`)."""
     failed = logged is not None
     written = bool(getattr(await execute_core(session, _FINAL_MESSAGE[failed], params), "rowcount", 0))
+    if not written and await session.scalar(select(_ALREADY_FINAL), {"aid": params["aid"]}):
+        await session.rollback()
+        return False
     await execute_core(session, _TOUCH_CHAT, params)
     if logged is not None:
         if not written:
@@ -696,6 +712,7 @@ async def _finish_in_transaction(
     # Usage hook (app.services.usage): the generation's ledger row, in this same transaction.
     await usage_service.add_ledger_rows(session=session, rows=[ledger_row])
     await session.commit()
+    return True
 
 
 INTERRUPTED = {"message": "The server stopped before the answer was complete", "code": "interrupted"}

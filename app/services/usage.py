@@ -117,15 +117,16 @@ async def add_ledger_rows(*, session: AsyncSession, rows: list[dict[str, Any]]) 
 GRAINS = 4
 
 
-def ledger_writes(statements: Statements) -> tuple[Insert, Insert]:
+def ledger_writes(statements: Statements, where: ColumnElement[bool]) -> tuple[Insert, Insert]:
     """`add_ledger_rows` of ONE row as two prebuilt statements, for a statement that chains writes
     (`Statements.chains_writes`), bound by `ledger_params`: the ledger's INSERT (its `id` bound too: a chained
     INSERT gets no Python-side default) and the roll-up's upsert (`add_to_rollup`'s, its rows in the order
-    `rollup_rows` sorts them, so concurrent writers take the row locks in one order)."""
-    ledger = insert(UsageRecord).values(
-        {c.key: bindparam(f"u_{c.key}", type_=c.type) for c in UsageRecord.__table__.columns}
-    )
-    return ledger, prebuilt_add_to_rollup(statements, GRAINS)
+    `rollup_rows` sorts them, so concurrent writers take the row locks in one order). Both write only `where`
+    holds (the final write's: the answer was not final already)."""
+    columns = list(UsageRecord.__table__.columns)
+    row = select(*(bindparam(f"u_{c.key}", type_=c.type) for c in columns)).where(where)
+    ledger = insert(UsageRecord).from_select([c.key for c in columns], row)
+    return ledger, prebuilt_add_to_rollup(statements, GRAINS, where)
 
 
 def ledger_params(row: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from datetime import UTC, date
 from itertools import accumulate
 from typing import Any
 
-from sqlalchemy import Insert, Integer, Numeric, bindparam, cast, func, literal, select, union_all
+from sqlalchemy import ColumnElement, Insert, Integer, Numeric, bindparam, cast, func, literal, select, union_all
 
 from app.dialects import Statements
 from app.models import UsageRollup
@@ -190,13 +190,14 @@ def add_to_rollup(statements: Statements, rows: list[dict[str, Any]]) -> Insert:
     return statements.upsert(UsageRollup, rows, _KEY, _adding(statements))
 
 
-def prebuilt_add_to_rollup(statements: Statements, count: int) -> Insert:
+def prebuilt_add_to_rollup(statements: Statements, count: int, where: ColumnElement[bool]) -> Insert:
     """`add_to_rollup` of the `count` rows of ONE ledger row as a prebuilt statement (SQLAlchemy caches its
     compiled form), bound by `prebuilt_params`; it upserts the rows in their order (`rollup_rows`' lock order).
 
     The rows' histograms are the same one-value histogram, 10**(FIELD * bucket): built in SQL from the bucket
     (`ttfc_bucket`, `duration_bucket`; NULL for no value) rather than sent as numbers of up to ~3,600 digits
-    each, whose encoding cost more CPU than the rest of the statement's parameters together."""
+    each, whose encoding cost more CPU than the rest of the statement's parameters together. Only where
+    `where` holds (the caller's condition, e.g. `true()`)."""
     columns = list(UsageRollup.__table__.columns)
 
     def value(i: int, column: Any) -> Any:
@@ -206,7 +207,7 @@ def prebuilt_add_to_rollup(statements: Statements, count: int) -> Insert:
             return cast(digits, Numeric()).label(column.key)
         return bindparam(f"r{i}_{column.key}", type_=column.type).label(column.key)
 
-    rows = union_all(*(select(*(value(i, c) for c in columns)) for i in range(count)))
+    rows = union_all(*(select(*(value(i, c) for c in columns)).where(where) for i in range(count)))
     return statements.upsert_select(UsageRollup, [c.key for c in columns], rows, _KEY, _adding(statements))
 
 
