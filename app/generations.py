@@ -684,7 +684,6 @@ class GenerationRegistry:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + FINAL_WRITE_PATIENCE
         delays = iter(FINAL_WRITE_RETRY_DELAYS)
-        view = message_service.final_view(new, content=content, status=status, error=error, metadata=metadata)
         while True:
             try:
                 stored = await message_service.finish_message(
@@ -700,13 +699,16 @@ class GenerationRegistry:
                 )
                 if stored is not None:
                     return stored, True
+                # The row was final already: an earlier try had committed, or another writer ended it.
                 state = await message_service.final_state(self.db, new)
-                if state is None or state.last_event_id == last_event_id:
-                    return view, True  # an earlier try had committed (or the chat is gone since)
-                found = await stored_message(self.db, new.chat_id, new.assistant_id)
+                found = None
+                if state is not None and state.last_event_id != last_event_id:
+                    found = await stored_message(self.db, new.chat_id, new.assistant_id)
                 if found is not None:
                     return found, False
-                return view, True  # deleted between the two reads: nothing left to store
+                # Ours (or the chat is gone since: nothing left to store either way).
+                view = message_service.final_view(new, content=content, status=status, error=error, metadata=metadata)
+                return view, True
             except Exception as exc:
                 delay = next(delays, None)
                 if delay is None or loop.time() + delay > give_up_at or self._closing:
