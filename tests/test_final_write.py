@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -25,7 +26,14 @@ from app.services.messages import NewGeneration, final_state, finish_message, ma
 from app.state import app_state
 from bench.bench_finish import CountingProxy
 from main import create_app, shutdown
-from tests.conftest import assert_rollup_matches_ledger, count_rows, make_settings, run_migrations, truncate_all
+from tests.conftest import (
+    _plain_url,
+    assert_rollup_matches_ledger,
+    count_rows,
+    make_settings,
+    run_migrations,
+    truncate_all,
+)
 from tests.factories import create_agent, create_chat, create_team, create_user
 from tests.live import ChatSetup, chat_with_agent, data_events, parse_sse
 from tools.fake_n8n import FakeN8n
@@ -160,6 +168,41 @@ async def test_a_final_write_sent_again_writes_nothing(any_app: FastAPI, failed:
         assert await count_rows(s, "usage_records") == 1
         assert await count_rows(s, "error_logs") == (1 if failed else 0)
         await assert_rollup_matches_ledger(s)
+
+
+async def test_a_final_write_waiting_for_recoverys_commit_writes_nothing(
+    app: FastAPI, session: AsyncSession, settings: Settings
+) -> None:
+    """Recovery marks the row `interrupted` in a transaction the final write has to wait for: once it commits,
+    the final write's UPDATE re-reads the row and leaves it, and so does everything else of the statement (a
+    check on the statement's snapshot, taken before that commit, would still have added the ledger row)."""
+    db = app_state(app).db
+    setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
+    new = await started(db, settings, setup)
+    recovery = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
+    try:
+        marking = recovery.transaction()
+        await marking.start()
+        await recovery.execute(
+            "UPDATE messages SET status = 'interrupted' WHERE id = $1 AND status = 'streaming'",
+            uuid.UUID(new.assistant_id),
+        )
+        writing = asyncio.create_task(finish(db, new, last_event_id=5))
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH m AS%'"
+        async with asyncio.timeout(10):  # until the final write waits for the row
+            while True:
+                if await recovery.fetchval(waiting):
+                    break
+                await asyncio.sleep(0.02)
+        await marking.commit()
+        assert await writing is None
+    finally:
+        await recovery.close()
+    answer = await session.get(Message, uuid.UUID(new.assistant_id))
+    assert answer is not None
+    assert (answer.status, answer.last_event_id) == ("interrupted", None)
+    assert await count_rows(session, "usage_records") == 0
+    assert await count_rows(session, "usage_rollups") == 0
 
 
 async def test_failed_final_write_of_a_deleted_chat_logs_stored_false(any_app: FastAPI) -> None:

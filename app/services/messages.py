@@ -31,6 +31,7 @@ from sqlalchemy import (
     func,
     insert,
     null,
+    or_,
     select,
     text,
     update,
@@ -188,26 +189,33 @@ _FINAL_MESSAGE = (_final_message(failed=False), _final_message(failed=True))
 _TOUCH_CHAT = _touch_chat(bindparam("cid"))
 
 
-#: The answer's row is final already (before the statement that reads it: a data-modifying CTE's own change is
-#: not seen by the others): its final write happened, so nothing of it may happen again.
+#: The answer's row is final already: its final write happened, so nothing of it may happen again (SQLite's
+#: transaction reads it after its guarded UPDATE changed nothing).
 _ALREADY_FINAL = exists(select(Message.id).where(Message.id == bindparam("aid"), Message.status != "streaming"))
 
 
 def _final_write(statements: Statements, *, failed: bool) -> Select[bool]:
     """The whole final write as ONE statement, for a dialect that chains writes (PostgreSQL's data-modifying
-    CTEs): the answer's row (`m`, which returns its chat when the row still exists), its chat's activity time,
+    CTEs): the answer's row (`m`, which returns its chat when it changed the row), its chat's activity time,
     the ledger row and its roll-up (`usage.ledger_writes`), and when `failed` the error_logs row, whose detail
-    says `stored: false` when the answer's row was gone. One statement is atomic: all of it or nothing. None
-    of it when the row is final already (it answers `final`): written once, however often it is sent."""
+    says `stored: false` when the answer's row was gone. One statement is atomic: all of it or nothing.
+
+    The rest follows the row's UPDATE: it is written when `m` changed the row, or when the row was gone (its
+    chat deleted: the usage still happened), never when the row exists and was not changed, i.e. was final
+    already (a try that committed, or recovery's `interrupted`, even one committed while this statement ran:
+    the UPDATE re-reads the row it waited for, a snapshot would not). The statement then answers `final`:
+    written once, however often it is sent."""
     message = _final_message(failed=failed).returning(Message.chat_id).cte("m")
-    ledger, rollup = usage_service.ledger_writes(statements, ~_ALREADY_FINAL)
+    updated = exists(select(message.c.chat_id))
+    gone = ~exists(select(Message.id).where(Message.id == bindparam("aid")))
+    proceed = or_(updated, gone)
+    ledger, rollup = usage_service.ledger_writes(statements, proceed)
     writes = [_touch_chat(message.c.chat_id).cte("c"), ledger.cte("u"), rollup.cte("r")]
     if failed:
         detail = ErrorLog.__table__.columns["detail"].type
-        stored = exists(select(message.c.chat_id))
-        chosen = case((stored, bindparam("e_detail", type_=detail)), else_=bindparam("e_detail_gone", type_=detail))
-        writes.append(error_logs.prebuilt_insert(chosen, ~_ALREADY_FINAL).cte("e"))
-    return select(_ALREADY_FINAL.label("final")).add_cte(message, *writes)
+        chosen = case((updated, bindparam("e_detail", type_=detail)), else_=bindparam("e_detail_gone", type_=detail))
+        writes.append(error_logs.prebuilt_insert(chosen, proceed).cte("e"))
+    return select((~proceed).label("final")).add_cte(message, *writes)
 
 
 #: The final write of each statement set that chains writes (`_final_write`), by `failed`: built and compiled
