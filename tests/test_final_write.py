@@ -170,6 +170,19 @@ async def test_a_final_write_sent_again_writes_nothing(any_app: FastAPI, failed:
         await assert_rollup_matches_ledger(s)
 
 
+async def until_the_final_write_waits(conn: asyncpg.Connection) -> None:
+    """Until a final write (`WITH m AS ...`) of this test's database waits for a lock."""
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND query LIKE 'WITH m AS%'"
+    )
+    async with asyncio.timeout(10):
+        while True:
+            if await conn.fetchval(waiting):
+                return
+            await asyncio.sleep(0.02)
+
+
 async def test_a_final_write_waiting_for_recoverys_commit_writes_nothing(
     app: FastAPI, session: AsyncSession, settings: Settings
 ) -> None:
@@ -188,12 +201,7 @@ async def test_a_final_write_waiting_for_recoverys_commit_writes_nothing(
             uuid.UUID(new.assistant_id),
         )
         writing = asyncio.create_task(finish(db, new, last_event_id=5))
-        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH m AS%'"
-        async with asyncio.timeout(10):  # until the final write waits for the row
-            while True:
-                if await recovery.fetchval(waiting):
-                    break
-                await asyncio.sleep(0.02)
+        await until_the_final_write_waits(recovery)
         await marking.commit()
         assert await writing is None
     finally:
@@ -203,6 +211,32 @@ async def test_a_final_write_waiting_for_recoverys_commit_writes_nothing(
     assert (answer.status, answer.last_event_id) == ("interrupted", None)
     assert await count_rows(session, "usage_records") == 0
     assert await count_rows(session, "usage_rollups") == 0
+
+
+async def test_a_final_write_waiting_for_its_chats_deletion_still_counts_the_usage(
+    app: FastAPI, session: AsyncSession, settings: Settings
+) -> None:
+    """The chat is deleted in a transaction the final write has to wait for: once it commits, the answer's row
+    is gone, and the usage is recorded as for any answer whose chat went (a snapshot check would have seen the
+    row and recorded nothing)."""
+    db = app_state(app).db
+    setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
+    new = await started(db, settings, setup)
+    deleter = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
+    try:
+        deleting = deleter.transaction()
+        await deleting.start()
+        await deleter.execute("DELETE FROM chats WHERE id = $1", setup.chat.id)
+        writing = asyncio.create_task(finish(db, new, last_event_id=5))
+        await until_the_final_write_waits(deleter)
+        await deleting.commit()
+        assert await writing is not None  # written: nothing was final, the row is gone
+    finally:
+        await deleter.close()
+    [row] = (await session.execute(select(UsageRecord))).scalars().all()
+    assert (row.chat_id, row.outcome) == (setup.chat.id, "complete")
+    await assert_rollup_matches_ledger(session)
+    assert await count_rows(session, "messages") == 0
 
 
 async def test_failed_final_write_of_a_deleted_chat_logs_stored_false(any_app: FastAPI) -> None:

@@ -207,7 +207,11 @@ def _final_write(statements: Statements, *, failed: bool) -> Select[bool]:
     written once, however often it is sent."""
     message = _final_message(failed=failed).returning(Message.chat_id).cte("m")
     updated = exists(select(message.c.chat_id))
-    gone = ~exists(select(Message.id).where(Message.id == bindparam("aid")))
+    # The row, locked and so read as it is now, like the UPDATE reads it: a chat deleted while this statement
+    # waited for the row leaves nothing here (the statement's snapshot would still show the row). A row the
+    # UPDATE changed is skipped here too (this command changed it): `updated` covers that case.
+    current = select(Message.id).where(Message.id == bindparam("aid")).with_for_update().cte("k")
+    gone = ~exists(select(current.c.id))
     proceed = or_(updated, gone)
     ledger, rollup = usage_service.ledger_writes(statements, proceed)
     writes = [_touch_chat(message.c.chat_id).cte("c"), ledger.cte("u"), rollup.cte("r")]
@@ -215,7 +219,7 @@ def _final_write(statements: Statements, *, failed: bool) -> Select[bool]:
         detail = ErrorLog.__table__.columns["detail"].type
         chosen = case((updated, bindparam("e_detail", type_=detail)), else_=bindparam("e_detail_gone", type_=detail))
         writes.append(error_logs.prebuilt_insert(chosen, proceed).cte("e"))
-    return select((~proceed).label("final")).add_cte(message, *writes)
+    return select((~proceed).label("final")).add_cte(message, current, *writes)
 
 
 #: The final write of each statement set that chains writes (`_final_write`), by `failed`: built and compiled
