@@ -233,8 +233,9 @@ class RedisEventLog:
                 return b"".join(fields[b"f"] for _id, fields in answer)
             ended = await _last_entry(self.redis, key)
             if ended is not None and ended[1].get(b"e"):
-                # A `Last-Event-ID` beyond this generation's end (an older answer's id): its own terminal event.
-                return bytes(ended[1][b"f"])
+                # A `Last-Event-ID` beyond this generation's end was an older answer's id: the generation is
+                # given whole, as its owner gives it (app.sse.Generation.sse).
+                return b"".join(fields[b"f"] for _id, fields in await _read_after(self.redis, key, 0))
         stored_id = None if message is None else await stored_last_event_id(self.db, assistant_id)
         return frame(stored_id if stored_id is not None else last + 1, *terminal)
 
