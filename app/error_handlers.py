@@ -104,13 +104,22 @@ async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+#: PostgreSQL errors that say "try again", not "this is wrong": a serialization failure, a deadlock (two
+#: requests took the same rows in opposite orders, e.g. a chat deleted while its answer's final write ran),
+#: a lock not available in time. The database rolled the transaction back; nothing of it happened.
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+
+
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    """A statement that failed because its pooled connection was dead (database restarted): retryable 503.
+    """A statement that failed because its pooled connection was dead (database restarted), or on a transient
+    conflict (`TRANSIENT_SQLSTATES`): retryable 503.
 
     SQLAlchemy has already dropped the pool's older connections, so the retry gets a fresh one. Any other
     database error is a bug and goes on to the last-resort 500.
     """
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+    if isinstance(exc, sa_exc.DBAPIError) and (
+        exc.connection_invalidated or getattr(exc.orig, "sqlstate", None) in TRANSIENT_SQLSTATES
+    ):
         return await _unavailable(request, exc)
     raise exc
 

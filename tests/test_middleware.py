@@ -46,7 +46,14 @@ def add_test_routes(app: FastAPI) -> None:
             value = 900_000_000 + 18_273_645  # not written out here: the traceback quotes this file's lines
             await session.execute(text("SELECT 1 / (:secret - :secret)"), {"secret": value})
 
+    async def db_conflict(sqlstate: str) -> None:
+        from sqlalchemy import text
+
+        async with app_state(app).db.sessionmaker() as session:  # PostgreSQL itself raising that error
+            await session.execute(text(f"DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '{sqlstate}'; END $$"))
+
     app.add_api_route("/test/boom", boom, methods=["GET"])
+    app.add_api_route("/test/db-conflict/{sqlstate}", db_conflict, methods=["GET"])
     app.add_api_route("/test/db-params", db_params, methods=["GET"])
     app.add_api_route("/api/callbacks/{signature}", boom, methods=["GET"])
     app.add_api_route("/test/db-bug", db_bug, methods=["GET"])
@@ -145,6 +152,17 @@ async def test_a_failing_statement_logs_no_bound_values(
     text = logging.Formatter().format(logged[0])
     assert "SELECT 1 / (" in text  # the traceback and its statement are there
     assert "918273645" not in text
+
+
+async def test_a_deadlock_or_serialization_failure_is_a_retryable_503(tclient: httpx.AsyncClient) -> None:
+    """The database rolled the request's transaction back and says to try again: 503 with Retry-After, not a
+    500; any other statement error stays a 500."""
+    for sqlstate in ("40P01", "40001", "55P03"):
+        response = await tclient.get(f"/test/db-conflict/{sqlstate}")
+        assert response.status_code == 503, sqlstate
+        assert response.headers["retry-after"] == "5"
+        assert response.json() == {"detail": "Service temporarily unavailable, try again shortly"}
+    assert (await tclient.get("/test/db-conflict/22012")).status_code == 500  # division_by_zero: a bug
 
 
 async def test_validation_error_does_not_echo_input(tclient: httpx.AsyncClient) -> None:
