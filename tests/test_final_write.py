@@ -170,6 +170,22 @@ async def test_a_final_write_sent_again_writes_nothing(any_app: FastAPI, failed:
         await assert_rollup_matches_ledger(s)
 
 
+async def final_write_behind(settings: Settings, db: Database, new: NewGeneration, sql: str, *args: Any) -> Any:
+    """`new`'s final write, sent while another transaction that ran `sql` holds its row; what it returned once
+    that transaction committed."""
+    other = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
+    try:
+        holding = other.transaction()
+        await holding.start()
+        await other.execute(sql, *args)
+        writing = asyncio.create_task(finish(db, new, last_event_id=5))
+        await until_the_final_write_waits(other)
+        await holding.commit()
+        return await writing
+    finally:
+        await other.close()
+
+
 async def until_the_final_write_waits(conn: asyncpg.Connection) -> None:
     """Until a final write (`WITH m AS ...`) of this test's database waits for a lock."""
     waiting = (
@@ -192,20 +208,8 @@ async def test_a_final_write_waiting_for_recoverys_commit_writes_nothing(
     db = app_state(app).db
     setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
     new = await started(db, settings, setup)
-    recovery = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
-    try:
-        marking = recovery.transaction()
-        await marking.start()
-        await recovery.execute(
-            "UPDATE messages SET status = 'interrupted' WHERE id = $1 AND status = 'streaming'",
-            uuid.UUID(new.assistant_id),
-        )
-        writing = asyncio.create_task(finish(db, new, last_event_id=5))
-        await until_the_final_write_waits(recovery)
-        await marking.commit()
-        assert await writing is None
-    finally:
-        await recovery.close()
+    recovery = "UPDATE messages SET status = 'interrupted' WHERE id = $1 AND status = 'streaming'"
+    assert await final_write_behind(settings, db, new, recovery, uuid.UUID(new.assistant_id)) is None
     answer = await session.get(Message, uuid.UUID(new.assistant_id))
     assert answer is not None
     assert (answer.status, answer.last_event_id) == ("interrupted", None)
@@ -222,17 +226,8 @@ async def test_a_final_write_waiting_for_its_chats_deletion_still_counts_the_usa
     db = app_state(app).db
     setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
     new = await started(db, settings, setup)
-    deleter = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
-    try:
-        deleting = deleter.transaction()
-        await deleting.start()
-        await deleter.execute("DELETE FROM chats WHERE id = $1", setup.chat.id)
-        writing = asyncio.create_task(finish(db, new, last_event_id=5))
-        await until_the_final_write_waits(deleter)
-        await deleting.commit()
-        assert await writing is not None  # written: nothing was final, the row is gone
-    finally:
-        await deleter.close()
+    deleted = "DELETE FROM chats WHERE id = $1"
+    assert await final_write_behind(settings, db, new, deleted, setup.chat.id) is not None  # the row is gone
     [row] = (await session.execute(select(UsageRecord))).scalars().all()
     assert (row.chat_id, row.outcome) == (setup.chat.id, "complete")
     await assert_rollup_matches_ledger(session)
