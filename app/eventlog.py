@@ -18,12 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
-from sqlalchemy import select
 
 from app.config import Settings
 from app.db import Database
-from app.models import Message
-from app.services.messages import get_public_messages
+from app.services.messages import final_state, get_public_messages
 from app.sse import PING, Generation, frame
 
 logger = logging.getLogger(__name__)
@@ -84,11 +82,10 @@ async def wait_until_final(db: Database, chat_id: uuid.UUID, message_id: str, wi
         await asyncio.sleep(0.05)
 
 
-async def stored_last_event_id(db: Database, message_id: str) -> int | None:
-    """The terminal event id an answer's final write stored (None: none did, e.g. it was interrupted)."""
-    async with db.autocommit() as session:
-        found = await session.scalar(select(Message.last_event_id).where(Message.id == uuid.UUID(message_id)))
-    return found
+async def _stored_terminal_id(db: Database, message_id: str) -> int | None:
+    """The terminal event id the answer's final write stored (None: none did, e.g. it was interrupted)."""
+    state = await final_state(db, message_id)
+    return None if state is None else state.last_event_id
 
 
 def rebuilt_ids(last_event_id: int | None, has_text: bool) -> tuple[int, int]:
@@ -117,7 +114,7 @@ async def rebuilt_stream(
         terminal = terminal_of(message)
         if terminal is not None:
             text = message["content"]
-            text_id, terminal_id = rebuilt_ids(await stored_last_event_id(db, assistant_id), bool(text))
+            text_id, terminal_id = rebuilt_ids(await _stored_terminal_id(db, assistant_id), bool(text))
             chunks = [frame(text_id, "message", {"content": text})] if text else []
             chunks.append(frame(terminal_id, *terminal))
             yield b"".join(chunks)
@@ -236,7 +233,7 @@ class RedisEventLog:
                 # A `Last-Event-ID` beyond this generation's end was an older answer's id: the generation is
                 # given whole, as its owner gives it (app.sse.Generation.sse).
                 return b"".join(fields[b"f"] for _id, fields in await _read_after(self.redis, key, 0))
-        stored_id = None if message is None else await stored_last_event_id(self.db, assistant_id)
+        stored_id = None if message is None else await _stored_terminal_id(self.db, assistant_id)
         return frame(stored_id if stored_id is not None else last + 1, *terminal)
 
     # --- stop between instances -------------------------------------------------------------------

@@ -700,7 +700,7 @@ class GenerationRegistry:
                 if stored is not None:
                     return stored, True
                 # The row was final already: an earlier try had committed, or another writer ended it.
-                state = await message_service.final_state(self.db, new)
+                state = await message_service.final_state(self.db, new.assistant_id)
                 found = None
                 if state is not None and state.last_event_id != last_event_id:
                     found = await stored_message(self.db, new.chat_id, new.assistant_id)

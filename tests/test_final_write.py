@@ -362,12 +362,12 @@ async def test_final_state_tells_a_committed_write_from_one_that_was_not(
     db = app_state(app).db
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
     new = await started(db, settings, setup)
-    assert await final_state(db, new) == ("streaming", None)
+    assert await final_state(db, new.assistant_id) == ("streaming", None)
     await finish(db, new, last_event_id=7)
-    assert await final_state(db, new) == ("complete", 7)
+    assert await final_state(db, new.assistant_id) == ("complete", 7)
     await session.execute(delete(Chat).where(Chat.id == setup.chat.id))
     await session.commit()
-    assert await final_state(db, new) is None
+    assert await final_state(db, new.assistant_id) is None
 
 
 async def test_an_answer_recovery_ended_while_its_final_write_failed_is_not_written_again(

@@ -237,23 +237,29 @@ async def _stream(run: Run) -> AsyncIterator[bytes]:
     A client that goes away cancels the call to n8n (its usage row says `cancelled`)."""
     completion = run.completion
     ping = run.settings.STREAM_PING_INTERVAL
+    loop = asyncio.get_running_loop()
     queue: asyncio.Queue[list[str] | None] = asyncio.Queue()
+    # One timer per quiet interval, not one timeout per batch (as app.sse.Generation.sse): when it fires it
+    # queues `ping_due`, and the loop pings if nothing went out since `ping_at`, else re-arms for it.
+    ping_due: list[str] = []
+    timer: asyncio.TimerHandle | None = None
     task = run.start(on_chunks=queue.put_nowait)
     task.add_done_callback(lambda _task: queue.put_nowait(None))
     try:
         yield _chunk(completion, {"role": "assistant", "content": ""}, None)
-        while True:
-            try:
-                async with asyncio.timeout(ping):  # Queue.get is cancel-safe: nothing is lost on a timeout
-                    batch = await queue.get()
-            except TimeoutError:
-                yield PING
+        ping_at = loop.time() + ping
+        timer = loop.call_at(ping_at, queue.put_nowait, ping_due)
+        while (batch := await queue.get()) is not None:
+            if batch is ping_due:
+                if loop.time() + 0.001 >= ping_at:  # a timer may fire within the clock's resolution of its time
+                    yield PING
+                    ping_at = loop.time() + ping
+                timer = loop.call_at(ping_at, queue.put_nowait, ping_due)
                 continue
-            if batch is None:
-                break
             text = "".join(batch)
             if text:
                 yield _chunk(completion, {"content": text}, None)
+                ping_at = loop.time() + ping
         failure = task.result()
         if failure is None:
             yield _chunk(completion, {}, "stop")
@@ -262,6 +268,8 @@ async def _stream(run: Run) -> AsyncIterator[bytes]:
             yield _chunk(completion, {}, "error", error=error)
         yield b"data: [DONE]\n\n"
     finally:
+        if timer is not None:
+            timer.cancel()
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

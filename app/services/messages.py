@@ -675,14 +675,14 @@ class FinalState(NamedTuple):
     last_event_id: int | None
 
 
-async def final_state(db: Database, new: NewGeneration) -> FinalState | None:
-    """The answer's row as a final write left it (None when the row is gone: its chat was deleted). Read before
-    a final write is tried again: a try whose connection died under it may have committed (its row then
-    carries that write's terminal event id), and a row no longer `streaming` is never written again."""
+async def final_state(db: Database, message_id: str) -> FinalState | None:
+    """The answer's row as a final write left it: its status and terminal event id (None when the row is gone:
+    its chat was deleted). Read when a final write found the row final already (was it an earlier try of its
+    own?), and when a stream is rebuilt from storage (under which id it ends)."""
     async with db.autocommit() as session:
         row = (
             await session.execute(
-                select(Message.status, Message.last_event_id).where(Message.id == uuid.UUID(new.assistant_id))
+                select(Message.status, Message.last_event_id).where(Message.id == uuid.UUID(message_id))
             )
         ).one_or_none()
     return None if row is None else FinalState(row.status, row.last_event_id)
