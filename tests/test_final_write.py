@@ -170,7 +170,9 @@ async def test_a_final_write_sent_again_writes_nothing(any_app: FastAPI, failed:
         await assert_rollup_matches_ledger(s)
 
 
-async def final_write_behind(settings: Settings, db: Database, new: NewGeneration, sql: str, *args: Any) -> Any:
+async def final_write_behind(
+    settings: Settings, db: Database, new: NewGeneration, sql: str, *args: Any, failed: bool = False
+) -> Any:
     """`new`'s final write, sent while another transaction that ran `sql` holds its row; what it returned once
     that transaction committed."""
     other = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
@@ -178,7 +180,7 @@ async def final_write_behind(settings: Settings, db: Database, new: NewGeneratio
         holding = other.transaction()
         await holding.start()
         await other.execute(sql, *args)
-        writing = asyncio.create_task(finish(db, new, last_event_id=5))
+        writing = asyncio.create_task(finish(db, new, failed=failed, last_event_id=5))
         await until_the_final_write_waits(other)
         await holding.commit()
         return await writing
@@ -186,15 +188,16 @@ async def final_write_behind(settings: Settings, db: Database, new: NewGeneratio
         await other.close()
 
 
-async def until_the_final_write_waits(conn: asyncpg.Connection) -> None:
-    """Until a final write (`WITH m AS ...`) of this test's database waits for a lock."""
+async def until_the_final_write_waits(conn: asyncpg.Connection, query: str = "WITH h AS%") -> None:
+    """Until a final write (`WITH h AS ...`), or another statement LIKE `query`, of this test's database waits
+    for a lock."""
     waiting = (
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND wait_event_type = 'Lock' AND query LIKE 'WITH m AS%'"
+        " AND wait_event_type = 'Lock' AND query LIKE $1"
     )
     async with asyncio.timeout(10):
         while True:
-            if await conn.fetchval(waiting):
+            if await conn.fetchval(waiting, query):
                 return
             await asyncio.sleep(0.02)
 
@@ -217,19 +220,23 @@ async def test_a_final_write_waiting_for_recoverys_commit_writes_nothing(
     assert await count_rows(session, "usage_rollups") == 0
 
 
+@pytest.mark.parametrize("failed", [False, True])
 async def test_a_final_write_waiting_for_its_chats_deletion_still_counts_the_usage(
-    app: FastAPI, session: AsyncSession, settings: Settings
+    app: FastAPI, session: AsyncSession, settings: Settings, failed: bool
 ) -> None:
     """The chat is deleted in a transaction the final write has to wait for: once it commits, the answer's row
     is gone, and the usage is recorded as for any answer whose chat went (a snapshot check would have seen the
-    row and recorded nothing)."""
+    row and recorded nothing). A failed answer's error_logs row names no chat: its snapshot still showed the
+    chat, which the foreign key would then refuse."""
     db = app_state(app).db
     setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
     new = await started(db, settings, setup)
     deleted = "DELETE FROM chats WHERE id = $1"
-    assert await final_write_behind(settings, db, new, deleted, setup.chat.id) is not None  # the row is gone
+    assert await final_write_behind(settings, db, new, deleted, setup.chat.id, failed=failed) is not None
     [row] = (await session.execute(select(UsageRecord))).scalars().all()
-    assert (row.chat_id, row.outcome) == (setup.chat.id, "complete")
+    assert (row.chat_id, row.outcome) == (setup.chat.id, "error" if failed else "complete")
+    logs = (await session.execute(select(ErrorLog.chat_id, ErrorLog.detail))).all()
+    assert logs == ([(None, {"n8n_error": "bad gateway", "stored": False})] if failed else [])
     await assert_rollup_matches_ledger(session)
     assert await count_rows(session, "messages") == 0
 
@@ -452,3 +459,58 @@ async def _waiting_on_locks(session: AsyncSession) -> int:
     count = int((await session.execute(query)).scalar_one())
     await session.commit()
     return count
+
+
+async def test_a_chat_deleted_while_its_final_write_runs_does_not_deadlock(
+    app: FastAPI, session: AsyncSession, settings: Settings
+) -> None:
+    """The chat's deletion locks the chat, then its messages (by cascade); the final write locks the chat before
+    the answer's row, in that same order, so the two queue rather than deadlock: the deletion commits, and the
+    final write, run once, records the usage of an answer whose chat went."""
+    db = app_state(app).db
+    setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
+    new = await started(db, settings, setup)
+    other = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT id FROM chats WHERE id = $1 FOR UPDATE", setup.chat.id)  # as delete_chat
+            writing = asyncio.create_task(finish(db, new, failed=True, last_event_id=5))
+            await until_the_final_write_waits(other)
+            await other.execute("DELETE FROM chats WHERE id = $1", setup.chat.id)  # deadlock_timeout is 1 s
+        assert await writing is not None  # the row was gone: written as such, not refused by a deadlock
+    finally:
+        await other.close()
+    [log] = (await session.execute(select(ErrorLog))).scalars().all()
+    assert (log.chat_id, log.detail) == (None, {"n8n_error": "bad gateway", "stored": False})
+    [row] = (await session.execute(select(UsageRecord))).scalars().all()
+    assert (row.chat_id, row.outcome) == (setup.chat.id, "error")
+    await assert_rollup_matches_ledger(session)
+    assert await count_rows(session, "messages") == 0
+
+
+async def test_recovery_marking_an_answer_while_its_chat_is_deleted_does_not_deadlock(
+    app: FastAPI, session: AsyncSession, settings: Settings
+) -> None:
+    """Recovery (`mark_interrupted`) locks the chat before the answer's row too: behind a deletion it waits,
+    then finds the row gone, and the deletion commits."""
+    db = app_state(app).db
+    setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
+    new = await started(db, settings, setup)
+
+    async def recover() -> bool:
+        async with db.sessionmaker() as s:
+            marked = await mark_interrupted(s, message_id=uuid.UUID(new.assistant_id), chat_id=setup.chat.id)
+            await s.commit()
+            return marked
+
+    other = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT id FROM chats WHERE id = $1 FOR UPDATE", setup.chat.id)  # as delete_chat
+            marking = asyncio.create_task(recover())
+            await until_the_final_write_waits(other, "%")  # any statement: only the recovery can wait
+            await other.execute("DELETE FROM chats WHERE id = $1", setup.chat.id)  # deadlock_timeout is 1 s
+        assert await marking is False
+    finally:
+        await other.close()
+    assert await count_rows(session, "chats") == 0

@@ -53,11 +53,14 @@ async def record_error(
     )
 
 
-def prebuilt_insert(detail: ColumnElement[Any], where: ColumnElement[bool]) -> Insert:
+def prebuilt_insert(
+    detail: ColumnElement[Any], where: ColumnElement[bool], *, chat_id: ColumnElement[Any] | None = None
+) -> Insert:
     """`record_error`'s row as a prebuilt INSERT, for a statement that chains writes
     (`Statements.chains_writes`), bound by `prebuilt_params`; its `detail` is the caller's expression (of
     parameters it binds itself, cleaned by `clean_detail`). `id` and `created_at` are bound too: a chained
-    INSERT gets no Python-side default. Only where `where` holds (the caller's condition)."""
+    INSERT gets no Python-side default. Only where `where` holds (the caller's condition). `chat_id`: the
+    caller's expression for the chat (one it holds locked), instead of the bound id if its row exists."""
     c = ErrorLog.__table__.columns
 
     def bound(name: str) -> BindParameter[Any]:
@@ -67,7 +70,7 @@ def prebuilt_insert(detail: ColumnElement[Any], where: ColumnElement[bool]) -> I
         "id": bound("id"),
         "team_id": bound("team_id"),
         "user_id": _existing(User, bound("user_id")),
-        "chat_id": _existing(Chat, bound("chat_id")),
+        "chat_id": _existing(Chat, bound("chat_id")) if chat_id is None else chat_id,
         "agent_id": _existing(Agent, bound("agent_id")),
         "code": bound("code"),
         "message": bound("message"),

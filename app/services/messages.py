@@ -205,7 +205,14 @@ def _final_write(statements: Statements, *, failed: bool) -> Select[bool]:
     already (a try that committed, or recovery's `interrupted`, even one committed while this statement ran:
     the UPDATE re-reads the row it waited for, a snapshot would not). The statement then answers `final`:
     written once, however often it is sent."""
-    message = _final_message(failed=failed).returning(Message.chat_id).cte("m")
+    # The chat, locked before the answer's row (the scalar subquery runs before the UPDATE locks the row it
+    # found): the order a chat's deletion takes them in (the chat, then its messages by cascade), so the two
+    # queue rather than deadlock. Empty once the chat is gone; the error_logs row names it from here, so it
+    # never names a chat deleted after this statement's snapshot (a foreign key failure).
+    # (`key_share` without `read`: FOR NO KEY UPDATE, the lock the chat's UPDATE below takes anyway.)
+    chat = select(Chat.id).where(Chat.id == bindparam("cid")).with_for_update(key_share=True).cte("h")
+    locked_chat = select(chat.c.id).scalar_subquery()
+    message = _final_message(failed=failed).where(Message.chat_id == locked_chat).returning(Message.chat_id).cte("m")
     updated = exists(select(message.c.chat_id))
     # The row, locked and so read as it is now, like the UPDATE reads it: a chat deleted while this statement
     # waited for the row leaves nothing here (the statement's snapshot would still show the row). A row the
@@ -218,8 +225,8 @@ def _final_write(statements: Statements, *, failed: bool) -> Select[bool]:
     if failed:
         detail = ErrorLog.__table__.columns["detail"].type
         chosen = case((updated, bindparam("e_detail", type_=detail)), else_=bindparam("e_detail_gone", type_=detail))
-        writes.append(error_logs.prebuilt_insert(chosen, proceed).cte("e"))
-    return select((~proceed).label("final")).add_cte(message, current, *writes)
+        writes.append(error_logs.prebuilt_insert(chosen, proceed, chat_id=locked_chat).cte("e"))
+    return select((~proceed).label("final")).add_cte(chat, message, current, *writes)
 
 
 #: The final write of each statement set that chains writes (`_final_write`), by `failed`: built and compiled
@@ -733,10 +740,12 @@ INTERRUPTED = {"message": "The server stopped before the answer was complete", "
 async def mark_interrupted(session: AsyncSession, *, message_id: uuid.UUID, chat_id: uuid.UUID) -> bool:
     """A still-`streaming` answer whose worker is gone becomes `interrupted`, keeping its checkpointed text.
 
-    Guarded by the status, so an answer its live worker finished meanwhile is never overwritten. The caller
-    commits.
+    Guarded by the status, so an answer its live worker finished meanwhile is never overwritten. The chat is
+    locked first, as its deletion and the final write lock it (then the message), so none of them deadlock.
+    The caller commits.
     """
     now = utcnow()
+    await session.execute(select(Chat.id).where(Chat.id == chat_id).with_for_update(key_share=True))
     result = await session.execute(
         update(Message)
         .where(Message.id == message_id, Message.status == "streaming")
