@@ -68,6 +68,19 @@ def _json_problem(value: Any) -> str | None:
     return None
 
 
+def _sendable_json(value: Any) -> Any:
+    """JSON that can be encoded to send on (to n8n, to the database): no lone surrogate, NaN or NUL, not too
+    deep. Its size is the request body's limit."""
+    problem = _json_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+#: Use for free-form JSON input (a list or object) that is sent on as it came.
+SendableJson = AfterValidator(_sendable_json)
+
+
 def check_storable_json(value: Any, *, max_bytes: int, label: str) -> Any:
     """JSON that PostgreSQL's JSONB accepts (no NaN/Infinity, NUL or lone surrogates) within size caps."""
     problem = _json_problem(value)

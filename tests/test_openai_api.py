@@ -241,6 +241,38 @@ async def test_a_model_name_the_database_cannot_hold_is_a_422_in_openai_shape(
     assert await count_rows(session, "usage_records") == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        '[{"role": "user", "content": "hi \\ud800"}]',
+        '[{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]',
+        '[{"role": "system", "content": "be \\ud800 brief"}, {"role": "user", "content": "hi"}]',
+    ],
+    ids=["content", "content-part", "system"],
+)
+async def test_messages_n8n_could_not_be_sent_are_a_422_in_openai_shape(
+    session: AsyncSession, setup: Setup, fake: FakeN8n, messages: str, stream: bool
+) -> None:
+    """A lone surrogate anywhere in `messages` cannot be encoded for n8n: a 422 before anything is counted (it
+    was a 500, or for a system message a 502 that used a quota slot and logged an error)."""
+    raw = f'{{"model": "helper", "stream": {str(stream).lower()}, "messages": {messages}}}'.encode()
+    async with httpx.AsyncClient(base_url=setup.server.url, timeout=10) as http:
+        answer = await http.post(
+            "/v1/chat/completions",
+            content=raw,
+            headers={"Authorization": f"Bearer {setup.key}", "Content-Type": "application/json"},
+        )
+    assert answer.status_code == 422
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "messages" in error["message"]
+    assert "Unicode" in error["message"]
+    assert fake.requests == []
+    assert await count_rows(session, "usage_records") == 0
+    assert await count_rows(session, "error_logs") == 0
+
+
 @pytest.mark.settings(STREAM_PING_INTERVAL=0.2)
 async def test_a_streamed_completion_pings_while_the_agent_thinks(
     session: AsyncSession, setup: Setup, fake: FakeN8n

@@ -22,7 +22,7 @@ from app.config import Settings
 from app.db import Database
 from app.deps import DatabaseDep, GenerationsDep, SettingsDep, ShortSessionDep
 from app.error_handlers import openai_error
-from app.fields import StorableText
+from app.fields import SendableJson, StorableText
 from app.n8n_parser import StreamFailure
 from app.routers.responses import openai_error_doc
 from app.services import completions as completions_service
@@ -49,7 +49,8 @@ class ChatCompletionRequest(BaseModel):
     model: Annotated[
         str, Field(min_length=1, max_length=64, description="The agent's slug (see /v1/models)."), StorableText
     ]
-    messages: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+    # Sent on to n8n (and their text into the error log): a lone surrogate could not be encoded (a 500).
+    messages: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=1000), SendableJson]
     stream: bool = False
 
 
