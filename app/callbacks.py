@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.config import Settings
+from app.n8n_parser import TOKENS_MAX
 
 #: The path callbacks are posted to (app/logs.py redacts everything after it).
 PATH_PREFIX = "/api/callbacks/"
@@ -137,8 +138,10 @@ class CallbackInbox:
         return data
 
     def add_usage(self, input_tokens: int, output_tokens: int) -> None:
+        """Summed over the callbacks, each sum held at TOKENS_MAX: the ledger could not store more, and its
+        final write would then fail (the answer lost)."""
         before = self.usage or (0, 0)
-        self.usage = (before[0] + input_tokens, before[1] + output_tokens)
+        self.usage = (min(before[0] + input_tokens, TOKENS_MAX), min(before[1] + output_tokens, TOKENS_MAX))
 
     def end(self, error: str | None) -> None:
         self.error = error

@@ -49,6 +49,10 @@ def excerpt(value: Any) -> str | None:
     return text[:EXCERPT_CHARS] + ("…" if len(text) > EXCERPT_CHARS else "")
 
 
+#: The most tokens one count may hold: the ledger's columns are 32-bit integers.
+TOKENS_MAX = 2**31 - 1
+
+
 def usage_of(value: Any) -> tuple[int, int] | None:
     """Token counts a workflow reported as `usage`: `{input_tokens, output_tokens}` or OpenAI's
     `{prompt_tokens, completion_tokens}`; None when absent or not two non-negative integers."""
@@ -56,7 +60,7 @@ def usage_of(value: Any) -> tuple[int, int] | None:
         return None
     for names in (("input_tokens", "output_tokens"), ("prompt_tokens", "completion_tokens")):
         pair = value.get(names[0]), value.get(names[1])
-        if all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in pair):
+        if all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= TOKENS_MAX for n in pair):
             return int(pair[0]), int(pair[1])  # type: ignore[arg-type]
     return None
 

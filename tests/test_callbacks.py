@@ -106,6 +106,27 @@ async def test_callback_mode_relays_steps_text_and_usage_and_stores_them(
     assert (usage.tokens_in, usage.tokens_out) == (12, 7)
 
 
+async def test_usage_callbacks_that_sum_past_what_the_ledger_holds_are_held_there(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """Each usage callback may report up to 10^9 tokens, and they add up: past the ledger's 32-bit column the
+    final write failed, the answer was lost and the chat stayed busy (409). The sum is held at the most the
+    column stores."""
+    async with served(database_url, tmp_path) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        setup = await agent_chat(session, server.settings, fake, "answer=ack&tokens=1000000000&usages=3", "callback")
+        events = await send(client, setup).finish()
+        stored = await assistant_of(app, setup.chat.id)
+        usage = (await session.execute(select(UsageRecord).where(UsageRecord.chat_id == setup.chat.id))).scalars()
+        counted = [(u.tokens_in, u.tokens_out) for u in usage]
+        again = await send(client, setup).finish()  # the chat is free again
+    assert {c["status"] for c in fake.callbacks} == {202}
+    assert kinds(events)[-1] == "done"
+    assert (stored["status"], stored["content"]) == ("complete", ECHO)
+    assert (stored["metadata"]["tokens_in"], stored["metadata"]["tokens_out"]) == (2**31 - 1, 21)
+    assert counted == [(2**31 - 1, 21)]
+    assert kinds(again)[-1] == "done"
+
+
 async def test_callback_mode_outlives_a_cut_webhook(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:

@@ -709,12 +709,14 @@ class FakeN8n:
         """The callbacks to post: a status, a tool step, usage, the echo text word by word, then the end.
 
         `end`: `done` (default), `error`, `both` (done, then error: the first must win) or `none`; `extra=1`
-        posts one more `message` after the end (it must be refused); `text=0` posts no text.
+        posts one more `message` after the end (it must be refused); `text=0` posts no text; `tokens=N` reports N
+        input tokens (default 12), `usages=K` reports them K times (default once).
         """
+        usage = {"type": "usage", "input_tokens": int(request.query.get("tokens", "12")), "output_tokens": 7}
         script: list[dict[str, Any]] = [
             {"type": "status", "description": "Searching the knowledge base"},
             {"type": "tool", "name": "search", "input": {"query": text}, "output": {"hits": 3}},
-            {"type": "usage", "input_tokens": 12, "output_tokens": 7},
+            *[usage] * int(request.query.get("usages", "1")),
         ]
         if request.query.get("text", "1") != "0":
             script += [{"type": "message", "content": token} for token in echo_tokens(text)]
