@@ -6,7 +6,7 @@ import json
 import math
 import re
 import unicodedata
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal, Self
 
 from email_validator import EmailNotValidError, validate_email
@@ -37,6 +37,19 @@ def _storable_text(value: str) -> str:
 
 #: Use for every free-text input field that is stored.
 StorableText = AfterValidator(_storable_text)
+
+
+def _in_utc(value: datetime) -> datetime:
+    """Converted to UTC (a naive value is UTC), as stored and shown; refused when the conversion leaves the
+    calendar (`9999-12-31T23:59:59-05:00`), which failed later as a 500."""
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC") from None
+
+
+#: Use for every input time that is stored: `Annotated[datetime, InUtc]` (or AwareDatetime).
+InUtc = AfterValidator(_in_utc)
 
 
 JSON_MAX_DEPTH = 32

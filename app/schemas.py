@@ -44,6 +44,7 @@ from app.fields import (
     Email,
     FullName,
     InputModel,
+    InUtc,
     JsonInt,
     NewPassword,
     NotNull,
@@ -476,7 +477,7 @@ class ApiKeyCreate(InputModel):
     )
 
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-    expires_at: AwareDatetime | None = Field(
+    expires_at: Annotated[AwareDatetime, InUtc] | None = Field(
         None, description="When the key stops working (with a time zone, in the future); null = never."
     )
 

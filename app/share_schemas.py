@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from app.chat_schemas import MessageError, MessageRead, MessageRole
-from app.fields import AgentSlug, ChatTitle, ReadModel, StorableText, check_storable_json
+from app.fields import AgentSlug, ChatTitle, InUtc, ReadModel, StorableText, check_storable_json
 
 # --- shares ----------------------------------------------------------------------------------
 
@@ -65,7 +65,7 @@ class ExportedAgent(ExportPart):
 class ExportedFeedback(ExportPart):
     rating: Literal[1, -1] | None
     comment: Annotated[str, Field(max_length=2000), StorableText] | None = None
-    updated_at: datetime | None = None
+    updated_at: Annotated[datetime, InUtc] | None = None
 
 
 #: Files one imported message may name (metadata only); far above what a send attaches.

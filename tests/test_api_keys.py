@@ -89,6 +89,7 @@ async def test_api_key_secret_setting_keys_the_hash(
         {"name": "k", "expires_at": "2099-01-01T00:00:00"},  # no time zone
         {"name": "k", "expires_at": "2001-01-01T00:00:00Z"},  # in the past
         {"name": "k", "expires_at": "soon"},
+        {"name": "k", "expires_at": "9999-12-31T23:59:59-14:00"},  # year 10000 in UTC (was a 500)
         {"name": "k", "user_id": str(uuid.uuid4())},
     ],
 )

@@ -139,7 +139,7 @@ async def test_export_json_carries_every_branch_and_the_current_one(
     assert by_content["Half an ans"]["status"] == "error"
     assert by_content["Half an ans"]["error"] == {"message": "The agent failed", "code": "x"}
     assert by_content["First answer"]["metadata"] == {"format": "ndjson", "chunks": 3}
-    assert by_content["Regenerated answer"]["feedback"] == FEEDBACK
+    assert by_content["Regenerated answer"]["feedback"] == {**FEEDBACK, "updated_at": "2026-12-01T10:00:00Z"}
     assert by_content["Answer to the edit"]["status"] == "interrupted"
     assert set(doc["messages"][0]) == {
         "id",
@@ -401,6 +401,10 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         messages[0]["files"] = [{**EXPORTED_FILE, "size": -1}]
     elif change == "file_type_not_a_mime_type":
         messages[0]["files"] = [{**EXPORTED_FILE, "content_type": "text/plain\n## Injected heading"}]
+    elif change == "feedback_time_past_the_calendar":  # year 10000 in UTC: stored, every read was a 500
+        messages[1]["feedback"] = {**FEEDBACK, "updated_at": "9999-12-31T23:59:59-05:00"}
+    elif change == "feedback_time_before_the_calendar":
+        messages[1]["feedback"] = {**FEEDBACK, "updated_at": "0001-01-01T00:00:00+05:00"}
     return doc
 
 
@@ -427,6 +431,8 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         "file_with_bytes",
         "file_negative_size",
         "file_type_not_a_mime_type",
+        "feedback_time_past_the_calendar",
+        "feedback_time_before_the_calendar",
     ],
 )
 async def test_import_one_bad_chat_among_many_stores_nothing(

@@ -7,6 +7,7 @@ import heapq
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, tuple_
@@ -23,6 +24,13 @@ from app.share_schemas import EXPORT_FORMAT, EXPORT_VERSION
 EXPORT_PAGE_CHATS = 20
 
 
+def _feedback(feedback: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Feedback as the API shows it: its time in UTC ending in `Z` (stored as Python's ISO text)."""
+    if feedback is None or feedback.get("updated_at") is None:
+        return feedback
+    return {**feedback, "updated_at": format_timestamp(datetime.fromisoformat(feedback["updated_at"]))}
+
+
 def _message(m: Message) -> dict[str, Any]:
     """One message as exported. A message still streaming is written as `interrupted` (its text so far), so
     every export can be imported again."""
@@ -35,7 +43,7 @@ def _message(m: Message) -> dict[str, Any]:
         "created_at": format_timestamp(m.created_at),
         "error": m.error,
         "metadata": m.meta,
-        "feedback": m.feedback,
+        "feedback": _feedback(m.feedback),
         "files": [
             {k: f[k] for k in ("filename", "content_type", "size", "sha256")} for f in m.files or []
         ],  # metadata only: no bytes, no links, no ids (an import has nothing to point them at)
