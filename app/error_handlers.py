@@ -14,6 +14,7 @@ from fastapi.routing import iter_route_contexts
 from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
 
 from app.errors import AppError, Unprocessable
@@ -104,8 +105,18 @@ async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+#: The answer to a request whose client went away while sending its body (nobody reads it; it is logged as
+#: that, not as a server error). Routes that read the body themselves may say more (an upload's).
+BODY_CUT = "The request body was not received in full"
+
+
+async def _client_gone(request: Request, _exc: Exception) -> JSONResponse:
+    logger.info("client disconnected while sending the body of %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": BODY_CUT}, status_code=400)
+
+
 #: PostgreSQL errors that say "try again", not "this is wrong": a serialization failure, a deadlock (two
-#: requests took the same rows in opposite orders, e.g. a chat deleted while its answer's final write ran),
+#: requests took the same rows in opposite orders),
 #: a lock not available in time. The database rolled the transaction back; nothing of it happened.
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
@@ -183,3 +194,4 @@ def install_error_handlers(app: FastAPI) -> None:
     for exc_type in UNAVAILABLE_ERRORS:
         app.add_exception_handler(exc_type, _openai_shaped(_unavailable))
     app.add_exception_handler(sa_exc.DBAPIError, _openai_shaped(_database_error))
+    app.add_exception_handler(ClientDisconnect, _openai_shaped(_client_gone))

@@ -284,3 +284,36 @@ class RedisProcess:
             self.process.terminate()
             await self.process.wait()
         self.process = None
+
+
+async def cut_off_request(app: Any, path: str, headers: dict[str, str], head: bytes) -> list[dict[str, Any]]:
+    """A POST whose client disconnects after the body's first chunk (raw ASGI: no HTTP client can do it on
+    purpose); the ASGI messages the application sent back."""
+    incoming: list[dict[str, Any]] = [
+        {"type": "http.request", "body": head, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send_message(message: dict[str, Any]) -> None:
+        sent.append(dict(message))
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    await app(scope, receive, send_message)
+    return sent

@@ -195,6 +195,34 @@ async def test_upload_avatar_refuses_non_images_with_415(
     assert await stored(session, world.agent) == (None, None, 0)
 
 
+def png_with(chunks: list[tuple[bytes, bytes]], size: tuple[int, int] = (4, 4)) -> bytes:
+    """A small PNG with these (type, data) chunks put right after its header chunk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = png_bytes(size)
+    return png[:33] + b"".join(chunk(kind, data) for kind, data in chunks) + png[33:]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # 80 compressed text chunks of 1 MiB each once inflated (85 kB): Pillow's ValueError "Too much memory
+        # used in text chunks", which was a 500.
+        png_with([(b"zTXt", b"k%d\x00\x00" % i + zlib.compress(b"A" * (1 << 20), 9)) for i in range(80)]),
+        png_bytes()[:20],  # a header chunk cut short
+    ],
+    ids=["text-chunks", "truncated-header"],
+)
+async def test_images_pillow_cannot_open_are_415(
+    client: httpx.AsyncClient, world: World, session: AsyncSession, data: bytes
+) -> None:
+    response = await upload(client, world, data)
+    assert response.status_code == 415
+    assert await stored(session, world.agent) == (None, None, 0)
+
+
 async def test_decompression_bomb_is_refused(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:
     bomb = png_bytes((8000, 8000), mode="1")  # 64 million pixels in a few kilobytes
     assert len(bomb) < 100_000

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -23,7 +24,7 @@ from app.services.exports import EXPORT_PAGE_CHATS
 from app.state import app_state
 from tests.conftest import TeamWorld, chat_with_sent_files, count_rows
 from tests.factories import create_chat, message_row
-from tests.live import data_events, parse_sse
+from tests.live import cut_off_request, data_events, parse_sse
 from tools.fake_n8n import FakeN8n
 
 FEEDBACK = {"rating": -1, "comment": "too short", "updated_at": "2026-12-01T10:00:00+00:00"}
@@ -674,3 +675,17 @@ async def test_import_keeps_files_metadata_without_bytes_and_round_trips(
     assert metadata_of(fork["messages"][0]["files"]) == metadata_of(sent)
     assert [f["id"] for f in fork["messages"][0]["files"]] == [None, None]
     assert await count_rows(session, "files") == files_before
+
+
+async def test_a_client_gone_mid_import_is_a_400_and_stores_nothing(
+    app: FastAPI, session: AsyncSession, team_world: TeamWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Raw ASGI: the body's first chunk, then the client disconnects: a plain 400, logged as that (it was a 500
+    with an error-level traceback)."""
+    headers = {**team_world.h(team_world.member), "Content-Type": "application/x-ndjson"}
+    chats = await count_rows(session, "chats")
+    sent = await cut_off_request(app, "/api/chats/import", headers, b'{"format": "n8n-chat-relay/chat", ')
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"]) == {"detail": "The request body was not received in full"}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert await count_rows(session, "chats") == chats

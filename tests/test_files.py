@@ -10,7 +10,7 @@ import io
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from app.services import files as files_service
 from app.state import app_state
 from tests.conftest import count_rows
 from tests.factories import auth_headers, create_chat, create_user
-from tests.live import ChatSetup, LiveServer, chat_with_agent, data_events, free_port, parse_sse
+from tests.live import ChatSetup, LiveServer, chat_with_agent, cut_off_request, data_events, free_port, parse_sse
 from tests.test_stop_resume import live_settings
 from tools.fake_n8n import FakeN8n
 
@@ -820,35 +820,8 @@ async def test_agent_file_delivery_is_validated_and_shown_to_admins_only(
 async def test_a_client_gone_mid_upload_is_a_400_and_stores_nothing(app: FastAPI, setup: ChatSetup) -> None:
     """Raw ASGI: the body's first chunk, then the client disconnects."""
     head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="cut.txt"\r\n\r\npartial'
-    incoming: list[dict[str, Any]] = [
-        {"type": "http.request", "body": head, "more_body": True},
-        {"type": "http.disconnect"},
-    ]
-    sent: list[MutableMapping[str, Any]] = []
-
-    async def receive() -> MutableMapping[str, Any]:
-        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
-
-    async def send_message(message: MutableMapping[str, Any]) -> None:
-        sent.append(message)
-
-    headers = [(k.lower().encode(), v.encode()) for k, v in setup.headers.items()]
-    headers.append((b"content-type", b"multipart/form-data; boundary=b"))
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": url_of(setup),
-        "raw_path": url_of(setup).encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
-    await app(scope, receive, send_message)
+    headers = {**setup.headers, "Content-Type": "multipart/form-data; boundary=b"}
+    sent = await cut_off_request(app, url_of(setup), headers, head)
     assert sent[0]["status"] == 400
     assert json.loads(sent[1]["body"]) == {"detail": "The upload was interrupted"}
     assert await file_rows(app) == []

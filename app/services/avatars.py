@@ -54,7 +54,9 @@ def process_avatar(raw: bytes, settings: Settings) -> StoredAvatar:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             # Pillow's own limit, hit by headers declaring far more pixels than ours: too large, not wrong.
             raise _too_many_pixels(settings) from None
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+            # Pillow's plugins also refuse malformed headers with ValueError ("Too much memory used in text
+            # chunks"), SyntaxError or EOFError; each means the bytes are not an image we take.
             raise UnsupportedMediaType(UNSUPPORTED) from None
         with image:
             fmt = image.format or ""
