@@ -19,6 +19,7 @@ from app.db import Database
 from app.errors import NotFound, ServiceUnavailable
 from app.eventlog import RedisEventLog, rebuilt_stream, stored_message, terminal_of, wait_until_final
 from app.n8n_parser import StreamFailure, clean_text
+from app.services import chats as chats_service
 from app.services import files as files_service
 from app.services import idempotency
 from app.services import messages as message_service
@@ -317,6 +318,10 @@ class GenerationRegistry:
         else the shared one), else rebuilt from what is stored once the live events are gone."""
         ping = self.settings.STREAM_PING_INTERVAL
         chat_id, assistant_id = recorded.chat_id, recorded.assistant_message_id
+        # Read first: a chat deleted since is a 404 at once, not its events again while they are kept.
+        found = await message_service.get_public_messages(session, chat_id, [recorded.user_message_id])
+        if not found:
+            raise NotFound(CHAT_NOT_FOUND)
         local = self.find(chat_id, assistant_id)
         if local is not None:
             return local.sse(ping)
@@ -328,9 +333,6 @@ class GenerationRegistry:
                 frames = None
             if frames is not None:
                 return frames
-        found = await message_service.get_public_messages(session, chat_id, [recorded.user_message_id])
-        if not found:  # the chat was deleted since: nothing to tell again
-            raise NotFound(CHAT_NOT_FOUND)
         return rebuilt_stream(self.db, chat_id, found[0], assistant_id, ping)
 
     async def stop_chat(self, chat_id: uuid.UUID) -> dict[str, Any] | None:
@@ -345,12 +347,23 @@ class GenerationRegistry:
         if self.shared is None:
             return None
         async with self.db.autocommit() as session:
-            running = await message_service.streaming_message_id(session, chat_id)
+            running = await chats_service.streaming_message_id(session, chat_id)
         if running is None or not await self.shared.publish_stop(running):
             return None
         within = self.settings.SHUTDOWN_GRACE_SECONDS + 5.0
         stored = await wait_until_final(self.db, chat_id, running, within)
         return stored if stored is not None and stored["status"] == "cancelled" else None
+
+    async def chat_deleted(self, assistant_id: str | None) -> None:
+        """A deleted chat's running answer (read before the deletion) is stopped here or, through Redis, where it
+        runs, as a stop would: n8n's request is closed, and its streams end `chat_deleted` (there is no message
+        to store). Not waited for: the deletion is done."""
+        if assistant_id is None:
+            return
+        if assistant_id in self.running:
+            await self._stop_requested(assistant_id)
+        elif self.shared is not None:
+            await self.shared.publish_stop(assistant_id)
 
     async def _stop_requested(self, assistant_id: str) -> None:
         """Another instance asked to stop a generation: this one stops it if it runs it."""
@@ -643,8 +656,8 @@ class GenerationRegistry:
         if written is None:
             generation.finish("error", {"message": "The answer could not be stored", "code": "storage_error"})
             return
-        stored, ours = written
-        generation.stored = stored
+        stored, ours, present = written
+        generation.stored = stored if present else None
         # Metrics hook (app.metrics): the outcome, timings and error code of the stored answer.
         metrics.generation_finished(
             outcome=stored["status"],
@@ -653,7 +666,9 @@ class GenerationRegistry:
             metadata=metadata,
             pool_in_use=self.db.pool_in_use(),
         )
-        if not ours:  # another writer ended it first (recovery, while this one could not reach the database)
+        if not present:  # its chat was deleted: the usage is counted, no message is (no `done` naming one)
+            generation.finish("error", message_service.CHAT_DELETED)
+        elif not ours:  # another writer ended it first (recovery, while this one could not reach the database)
             kind, data = terminal_of(stored) or ("error", message_service.INTERRUPTED)
             generation.finish(kind, data)
         elif error is None:
@@ -671,9 +686,10 @@ class GenerationRegistry:
         metadata: dict[str, Any],
         failure: StreamFailure | None,
         last_event_id: int,
-    ) -> tuple[dict[str, Any], bool] | None:
+    ) -> tuple[dict[str, Any], bool, bool] | None:
         """The final write, tried again while the database is briefly away (a failover, a restart, dropped
-        connections): (the stored message, whether this write stored it), or None once it gave up.
+        connections): (the stored message, whether this write stored it, whether its row was there: False when
+        its chat was deleted), or None once it gave up.
 
         Sending it again is safe: it writes nothing once the row is final (`finish_message` answers None). That
         row then holds this write (a try whose connection died under it had committed: its terminal event id
@@ -698,17 +714,17 @@ class GenerationRegistry:
                     last_event_id=last_event_id,
                 )
                 if stored is not None:
-                    return stored, True
+                    return stored.message, True, stored.kept
                 # The row was final already: an earlier try had committed, or another writer ended it.
                 state = await message_service.final_state(self.db, new.assistant_id)
                 found = None
                 if state is not None and state.last_event_id != last_event_id:
                     found = await stored_message(self.db, new.chat_id, new.assistant_id)
                 if found is not None:
-                    return found, False
-                # Ours (or the chat is gone since: nothing left to store either way).
+                    return found, False, True
+                # Ours (its row since gone with its chat when `state` is None).
                 view = message_service.final_view(new, content=content, status=status, error=error, metadata=metadata)
-                return view, True
+                return view, True, state is not None
             except Exception as exc:
                 delay = next(delays, None)
                 if delay is None or loop.time() + delay > give_up_at or self._closing:

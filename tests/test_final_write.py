@@ -22,7 +22,14 @@ from app.config import Settings
 from app.db import Database, utcnow
 from app.models import Chat, ErrorLog, Message, UsageRecord, UsageRollup
 from app.security import Caller
-from app.services.messages import NewGeneration, final_state, finish_message, mark_interrupted, start_message
+from app.services.messages import (
+    FinalWrite,
+    NewGeneration,
+    final_state,
+    finish_message,
+    mark_interrupted,
+    start_message,
+)
 from app.state import app_state
 from bench.bench_finish import CountingProxy
 from main import create_app, shutdown
@@ -57,7 +64,7 @@ async def started(db: Database, settings: Settings, setup: ChatSetup) -> NewGene
 
 async def finish(
     db: Database, new: NewGeneration, *, failed: bool = False, last_event_id: int | None = None
-) -> dict[str, Any] | None:
+) -> FinalWrite | None:
     """The final write as app/generations.py `_finish` makes it (None: the row was final already)."""
     return await finish_message(
         db=db,
@@ -101,8 +108,10 @@ async def test_final_write_stores_the_answer_its_chat_time_ledger_and_error_rows
         chat_created = setup.chat.created_at
     new = await started(state.db, state.settings, setup)
     before = utcnow()
-    shown = await finish(state.db, new, failed=failed)
-    assert shown is not None
+    written = await finish(state.db, new, failed=failed)
+    assert written is not None
+    assert written.kept
+    shown = written.message
     assert (shown["content"], shown["status"]) == ("the answer", "error" if failed else "complete")
     async with state.db.sessionmaker() as s:
         message = await s.get(Message, uuid.UUID(new.assistant_id))
@@ -232,7 +241,8 @@ async def test_a_final_write_waiting_for_its_chats_deletion_still_counts_the_usa
     setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
     new = await started(db, settings, setup)
     deleted = "DELETE FROM chats WHERE id = $1"
-    assert await final_write_behind(settings, db, new, deleted, setup.chat.id, failed=failed) is not None
+    written = await final_write_behind(settings, db, new, deleted, setup.chat.id, failed=failed)
+    assert (written is not None, written and written.kept) == (True, False)  # counted; the row was gone
     [row] = (await session.execute(select(UsageRecord))).scalars().all()
     assert (row.chat_id, row.outcome) == (setup.chat.id, "error" if failed else "complete")
     logs = (await session.execute(select(ErrorLog.chat_id, ErrorLog.detail))).all()
@@ -251,7 +261,8 @@ async def test_failed_final_write_of_a_deleted_chat_logs_stored_false(any_app: F
     async with state.db.sessionmaker() as s:
         await s.execute(delete(Chat).where(Chat.id == setup.chat.id))
         await s.commit()
-    await finish(state.db, new, failed=True)
+    written = await finish(state.db, new, failed=True)
+    assert (written is not None, written and written.kept) == (True, False)
     async with state.db.sessionmaker() as s:
         [log] = (await s.execute(select(ErrorLog))).scalars().all()
         assert log.detail == {"n8n_error": "bad gateway", "stored": False}
@@ -477,7 +488,8 @@ async def test_a_chat_deleted_while_its_final_write_runs_does_not_deadlock(
             writing = asyncio.create_task(finish(db, new, failed=True, last_event_id=5))
             await until_the_final_write_waits(other)
             await other.execute("DELETE FROM chats WHERE id = $1", setup.chat.id)  # deadlock_timeout is 1 s
-        assert await writing is not None  # the row was gone: written as such, not refused by a deadlock
+        written = await writing  # not refused by a deadlock
+        assert (written is not None, written and written.kept) == (True, False)  # the row was gone
     finally:
         await other.close()
     [log] = (await session.execute(select(ErrorLog))).scalars().all()

@@ -108,6 +108,30 @@ async def test_two_instances_follow_stop_and_retry_whichever_gets_the_request(
     assert stored["status"] == "complete"
 
 
+async def test_deleting_a_chat_on_another_instance_stops_its_answer(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str
+) -> None:
+    """The deletion, sent to B, stops the answer running on A (through Redis, as a stop would): n8n's request
+    closes and A's stream ends `chat_deleted`; a retry of the send, to either instance, is the chat's 404."""
+    settings = live_settings(database_url, tmp_path)
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+    messages = f"/api/chats/{setup.chat.id}/messages"
+    keyed = {**setup.headers, "Idempotency-Key": "deleted"}
+    async with two_instances(settings, redis_url) as (a, b, _process_a):
+        sender = EventReader(a, "POST", messages, json={"content": "hi"}, headers=keyed)
+        await sender.wait_for(has_text)
+        deleted = await b.delete(f"/api/chats/{setup.chat.id}", headers=setup.headers)
+        events = await sender.finish(within=5)
+        retries = [await client.post(messages, json={"content": "hi"}, headers=keyed) for client in (a, b)]
+    assert deleted.status_code == 204
+    assert events[-1].type == "error"
+    assert events[-1].data["data"]["code"] == "chat_deleted"  # type: ignore[index]
+    assert [r.status_code for r in retries] == [404, 404]
+    assert fake.requests[0]["client_closed"]
+    rows = (await session.execute(text("SELECT outcome FROM usage_records"))).all()
+    assert [r.outcome for r in rows] == ["cancelled"]
+
+
 async def test_followers_on_another_instance_get_a_terminal_event_when_the_owner_dies(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str
 ) -> None:

@@ -10,9 +10,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.models import UsageRecord
 from app.security import Caller
 from app.services.messages import start_message
 from app.state import app_state
@@ -99,6 +101,42 @@ async def test_stop_stores_cancelled_before_answering_and_ends_every_stream_with
             await asyncio.sleep(0.02)
     async with app_state(app).db.sessionmaker() as s:
         assert await count_rows(s, "error_logs") == 0
+
+
+async def test_deleting_a_chat_stops_its_answer_and_ends_its_streams_with_chat_deleted(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """The answer of a deleted chat went on to its end (nothing could stop it: the chat's stop is a 404), then
+    ended with a `done` naming a message that was never stored. Now the deletion stops it: n8n's request is
+    closed, every stream ends `chat_deleted`, the usage is counted as cancelled, and a retry is the chat's 404."""
+    settings = live_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+        url = f"/api/chats/{setup.chat.id}"
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            sender = send(client, setup, key="k1")
+            await sender.wait_for(has_text)
+            follower = follow(client, setup)
+            await follower.wait_for(lambda r: len(r.data) > 1)
+            assert (await client.delete(url, headers=setup.headers)).status_code == 204
+            first, second = await sender.finish(within=5), await follower.finish(within=5)
+            retry = await client.post(
+                f"{url}/messages", json={"content": "hello there"}, headers={**setup.headers, "Idempotency-Key": "k1"}
+            )
+        await idle(server)
+    for events in (first, second):
+        assert [e.type for e in events][-1] == "error"
+        assert events[-1].data["data"] == {"message": "The chat was deleted", "code": "chat_deleted"}  # type: ignore[index]
+        assert "done" not in [e.type for e in events]
+    assert (retry.status_code, retry.json()) == (404, {"detail": "Chat not found"})
+    async with asyncio.timeout(1.5):
+        while not fake.requests[0]["client_closed"]:  # noqa: ASYNC110  # the fake records, it does not signal
+            await asyncio.sleep(0.02)
+    async with app_state(app).db.sessionmaker() as s:
+        assert (await count_rows(s, "chats"), await count_rows(s, "messages")) == (0, 0)
+        [row] = (await s.execute(select(UsageRecord))).scalars().all()
+        assert (row.chat_id, row.outcome) == (setup.chat.id, "cancelled")
+        assert 0 < row.chars_out < len(" ".join(f"t{i}" for i in range(200)))
 
 
 async def test_stop_of_a_foreign_chat_is_404_and_changes_nothing(

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from app.auth import CurrentUser
-from app.deps import SessionDep
+from app.deps import GenerationsDep, SessionDep
 from app.routers.responses import R401, Responses, error_doc, total_count
 from app.schemas import ChatCreate, ChatRead, ChatSummary, ChatUpdate
 from app.services import chats as chats_service
@@ -109,8 +109,11 @@ async def update_chat(chat_id: uuid.UUID, data: ChatUpdate, session: SessionDep,
     "/{chat_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete one of my chats and its messages",
+    description="An answer running in the chat is stopped, on whichever instance runs it: its streams end with "
+    "the error `chat_deleted` (there is no message to store), and its usage is counted as `cancelled`.",
     responses={**AUTH_ERRORS, **NOT_FOUND},
 )
-async def delete_chat(chat_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> Response:
-    await chats_service.delete_chat(session=session, user=user, chat_id=chat_id)
+async def delete_chat(chat_id: uuid.UUID, session: SessionDep, user: CurrentUser, registry: GenerationsDep) -> Response:
+    running = await chats_service.delete_chat(session=session, user=user, chat_id=chat_id)
+    await registry.chat_deleted(running)  # its answer stops: n8n's request closes, its streams end
     return Response(status_code=status.HTTP_204_NO_CONTENT)

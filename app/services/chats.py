@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, bindparam, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import NotFound
-from app.models import Chat, Message, User
+from app.models import IS_STREAMING, Chat, Message, User
 from app.services import blobs
 from app.services.agents import get_active_team_agent
 
@@ -155,13 +155,25 @@ def apply_changes(chat: Chat, changes: dict[str, Any]) -> None:
         setattr(chat, name, value)
 
 
-async def delete_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> None:
+async def streaming_message_id(session: AsyncSession, chat_id: uuid.UUID) -> str | None:
+    """The chat's running answer, if any (at most one: the partial unique index on `streaming` rows)."""
+    query = select(Message.id).where(Message.chat_id == chat_id, IS_STREAMING).limit(1)
+    found = (await session.execute(query)).scalar_one_or_none()
+    return None if found is None else str(found)
+
+
+async def delete_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> str | None:
+    """Delete the chat, its messages and files (and the bytes no other file uses); the id of the answer that
+    was running in it, if any, for the caller to stop (`GenerationRegistry.chat_deleted`)."""
     chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
     # The chat row locked first, as an upload locks it: an upload under way commits its file before the hashes
-    # are read, so its bytes are collected too (PostgreSQL; SQLite runs one writer at a time).
+    # are read, so its bytes are collected too (PostgreSQL; SQLite runs one writer at a time). A final write
+    # locks it first too, so the two queue rather than deadlock.
     await session.execute(select(Chat.id).where(Chat.id == chat.id).with_for_update())
+    running = await streaming_message_id(session, chat.id)
     hashes = await blobs.chat_blob_hashes(session, chat.id)
     await session.delete(chat)  # its messages and files go by cascade
     await session.commit()
     await blobs.collect_blobs(session, hashes)  # then the bytes no other file uses
     logger.info("chat %s deleted", chat.id)
+    return running

@@ -194,7 +194,7 @@ _TOUCH_CHAT = _touch_chat(bindparam("cid"))
 _ALREADY_FINAL = exists(select(Message.id).where(Message.id == bindparam("aid"), Message.status != "streaming"))
 
 
-def _final_write(statements: Statements, *, failed: bool) -> Select[bool]:
+def _final_write(statements: Statements, *, failed: bool) -> Select[bool, bool]:
     """The whole final write as ONE statement, for a dialect that chains writes (PostgreSQL's data-modifying
     CTEs): the answer's row (`m`, which returns its chat when it changed the row), its chat's activity time,
     the ledger row and its roll-up (`usage.ledger_writes`), and when `failed` the error_logs row, whose detail
@@ -226,7 +226,7 @@ def _final_write(statements: Statements, *, failed: bool) -> Select[bool]:
         detail = ErrorLog.__table__.columns["detail"].type
         chosen = case((updated, bindparam("e_detail", type_=detail)), else_=bindparam("e_detail_gone", type_=detail))
         writes.append(error_logs.prebuilt_insert(chosen, proceed, chat_id=locked_chat).cte("e"))
-    return select((~proceed).label("final")).add_cte(chat, message, current, *writes)
+    return select((~proceed).label("final"), updated.label("kept")).add_cte(chat, message, current, *writes)
 
 
 #: The final write of each statement set that chains writes (`_final_write`), by `failed`: built and compiled
@@ -603,15 +603,16 @@ async def finish_message(
     failure_detail: dict[str, Any] | None,
     upstream_status: int | None,
     last_event_id: int | None = None,
-) -> dict[str, Any] | None:
+) -> FinalWrite | None:
     """The one final write of an answer (its row, and its chat's activity time), plus its error_logs row on
     failure and its usage ledger row: one statement where the dialect chains writes (PostgreSQL: sent
     through asyncpg outside any transaction, one round trip: `Database.fetch_direct`), else one transaction.
     A failed answer's error_logs row says `stored: false` when its row was gone (its chat deleted meanwhile).
 
-    The stored message; None, and nothing written, when the row was final already (a try of this write that
-    committed though its answer was lost, or another writer's: recovery's `interrupted`), so it can be sent
-    again safely."""
+    The answer as written, and whether its row was there (`kept`: False when its chat was deleted meanwhile, so
+    only the usage and error rows were written); None, and nothing written, when the row was final already (a
+    try of this write that committed though its answer was lost, or another writer's: recovery's
+    `interrupted`), so it can be sent again safely."""
     if new.assistant_started is None:
         new.stamp_assistant()
     failed = error is not None
@@ -647,12 +648,30 @@ async def finish_message(
             # The statement picks one: `e_detail_gone` when the answer's row was gone (`_final_write`).
             params["e_detail"] = error_logs.clean_detail(detail)
             params["e_detail_gone"] = error_logs.clean_detail({**detail, "stored": False})
-        rows = await db.fetch_direct(chained[failed], params)
-        written = not rows[0]["final"]
+        [row] = await db.fetch_direct(chained[failed], params)
+        if row["final"]:
+            return None
+        kept = bool(row["kept"])
     else:
         async with db.sessionmaker() as session:
             written = await _finish_in_transaction(session, params, ledger_row, detail, logged)
-    return final_view(new, content=content, status=status, error=error, metadata=metadata) if written else None
+        if written is False:
+            return None
+        kept = written is True
+    return FinalWrite(final_view(new, content=content, status=status, error=error, metadata=metadata), kept)
+
+
+class FinalWrite(NamedTuple):
+    """What `finish_message` wrote: the answer as stored (`final_view`), and whether its row was there to hold
+    it (`kept`; False: its chat was deleted before the final write, which then counted only the usage)."""
+
+    message: dict[str, Any]
+    kept: bool
+
+
+#: How a stream ends whose chat was deleted before its answer could be stored (nothing is: no `done` naming a
+#: message that does not exist).
+CHAT_DELETED = {"message": "The chat was deleted", "code": "chat_deleted"}
 
 
 def final_view(
@@ -714,10 +733,11 @@ async def _finish_in_transaction(
     ledger_row: dict[str, Any],
     detail: dict[str, Any],
     logged: dict[str, Any] | None,
-) -> bool:
+) -> bool | None:
     """The final write as separate statements in one transaction (SQLite, which cannot chain writes); `logged`:
     the error_logs row of a failed answer (`_error_log_fields`), None for a successful one. False, and nothing
-    written, when the row was final already (as `_final_write`)."""
+    written, when the row was final already (as `_final_write`); True when it wrote the row, None when the
+    row was gone (only the usage and error rows were written)."""
     failed = logged is not None
     written = bool(getattr(await execute_core(session, _FINAL_MESSAGE[failed], params), "rowcount", 0))
     if not written and await session.scalar(select(_ALREADY_FINAL), {"aid": params["aid"]}):
@@ -731,7 +751,7 @@ async def _finish_in_transaction(
     # Usage hook (app.services.usage): the generation's ledger row, in this same transaction.
     await usage_service.add_ledger_rows(session=session, rows=[ledger_row])
     await session.commit()
-    return True
+    return True if written else None
 
 
 INTERRUPTED = {"message": "The server stopped before the answer was complete", "code": "interrupted"}
@@ -763,13 +783,6 @@ async def get_public_messages(session: AsyncSession, chat_id: uuid.UUID, ids: Co
     No ownership check: callers check the chat first.
     """
     return [public_message(view) for view in await stored_views(session, chat_id, ids)]
-
-
-async def streaming_message_id(session: AsyncSession, chat_id: uuid.UUID) -> str | None:
-    """The chat's running answer, if any (at most one: the partial unique index on `streaming` rows)."""
-    query = select(Message.id).where(Message.chat_id == chat_id, IS_STREAMING).limit(1)
-    found = (await session.execute(query)).scalar_one_or_none()
-    return None if found is None else str(found)
 
 
 async def is_streaming(session: AsyncSession, message_id: str) -> bool:
