@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -371,6 +372,18 @@ async def test_feedback_refusals(
     assert foreign.status_code == 404
     assert foreign.json() == {"detail": "Chat not found"}
     assert (await chat(client, setup))["messages"][1]["feedback"]["rating"] == 1
+    # An answer still streaming: its stop's answer and its `done` would not show a rating given now.
+    await session.execute(
+        text("UPDATE messages SET status = 'streaming' WHERE id = :id"), {"id": uuid.UUID(first["done"]["id"])}
+    )
+    await session.commit()
+    streaming = await client.put(answer, json={"rating": -1, "comment": "meh"}, headers=setup.headers)
+    assert streaming.status_code == 409
+    assert streaming.json() == {"detail": "This answer is still being written; rate it once it has ended"}
+    stored = await session.scalar(
+        text("SELECT feedback FROM messages WHERE id = :id"), {"id": uuid.UUID(first["done"]["id"])}
+    )
+    assert (stored["rating"], stored["comment"]) == (1, "x" * 2000)
 
 
 # --- reading: ?last=N and every message -----------------------------------------------------------------

@@ -263,11 +263,12 @@ async def list_messages(
     "/{chat_id}/messages/{message_id}/feedback",
     response_model=MessageRead,
     summary="Rate an answer of one of my chats (1, -1, or null to clear) with an optional comment",
-    description="On assistant messages only (a user message: 422). A null rating without a comment removes the "
-    "feedback (`feedback` becomes null).",
+    description="On assistant messages only (a user message: 422), once they have ended (a streaming one: 409). "
+    "A null rating without a comment removes the feedback (`feedback` becomes null).",
     responses={
         **R401,
         404: error_doc("No such chat or message, or not yours", CHAT_NOT_FOUND),
+        409: error_doc("The answer is still streaming", tree.FEEDBACK_WHILE_STREAMING),
     },
 )
 async def set_feedback(

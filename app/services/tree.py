@@ -20,14 +20,15 @@ from sqlalchemy.types import TypeEngine
 
 from app.db import execute_core, utcnow
 from app.dialects import JSONType, Statements, UTCDateTime, statements_of
-from app.errors import NotFound, Unprocessable
-from app.models import Message, User
+from app.errors import Conflict, NotFound, Unprocessable
+from app.models import IS_STREAMING, Message, User
 from app.security import Caller
 from app.services.chats import CHAT_NOT_FOUND, apply_changes, get_owned_chat
 
 MESSAGE_NOT_FOUND = "Message not found"
 NOT_IN_CHAT = "{field} is not a message of this chat"
 FEEDBACK_ON_USER_MESSAGE = "Feedback is for assistant messages only"
+FEEDBACK_WHILE_STREAMING = "This answer is still being written; rate it once it has ended"
 #: Depth bound of the newest-descendant walk (a guard against a cycle that no write can make).
 MAX_DEPTH = 1_000_000
 JSON_COLUMN: TypeEngine[Any] = JSONType
@@ -394,9 +395,15 @@ async def set_feedback(
     # The message's own `updated_at` stays when it ended: signed file links (app.services.files) expire from
     # it, and a rating must not bring an ended generation's links back.
     # (Given explicitly: the column's `onupdate` would otherwise set it.)
-    await session.execute(
-        update(Message).where(Message.id == message.id).values(feedback=stored, updated_at=Message.updated_at)
+    # Not while it streams: its final write, and the stop's answer and `done` that show it, would not carry it.
+    result = await session.execute(
+        update(Message)
+        .where(Message.id == message.id, ~IS_STREAMING)
+        .values(feedback=stored, updated_at=Message.updated_at)
     )
+    if not getattr(result, "rowcount", 0):
+        await session.rollback()
+        raise Conflict(FEEDBACK_WHILE_STREAMING)
     await session.commit()
     await session.refresh(message)
     siblings = await _sibling_ids(session, chat.id, {message.parent_id})
