@@ -139,7 +139,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_origins=settings.CORS_ORIGINS,
         allow_credentials=True,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Last-Event-ID"],
+        # The headers the API documents: Last-Event-ID (follow), Idempotency-Key (send), X-Session-Id (/v1).
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "X-Request-ID",
+            "Last-Event-ID",
+            "Idempotency-Key",
+            "X-Session-Id",
+        ],
         expose_headers=["X-Total-Count", "X-Request-ID", "Retry-After"],
         max_age=600,
     )

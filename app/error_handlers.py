@@ -137,14 +137,15 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
 
 # --- the OpenAI-compatible API's shape --------------------------------------------------------------
 
-#: Paths answered in OpenAI's error shape, which its client libraries parse.
+#: Paths answered in OpenAI's error shape, which its client libraries parse (`/v1` and below).
 OPENAI_PREFIX = "/v1/"
-#: OpenAI's error `type` (and, where it has one, `code`) by status.
+#: OpenAI's error `type` (and, where it has one, `code`) by status; an AppError may name its own code
+#: (`openai_code`: `model_not_found` for an unknown model, where any other 404 has none, as OpenAI's).
 OPENAI_ERRORS: dict[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
     401: ("authentication_error", "invalid_api_key"),
     403: ("permission_error", None),
-    404: ("invalid_request_error", "model_not_found"),
+    404: ("invalid_request_error", None),
     405: ("invalid_request_error", None),
     409: ("invalid_request_error", None),
     413: ("invalid_request_error", None),
@@ -152,6 +153,10 @@ OPENAI_ERRORS: dict[int, tuple[str, str | None]] = {
     429: ("rate_limit_error", "rate_limit_exceeded"),
     503: ("server_error", "service_unavailable"),
 }
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PREFIX) or path == OPENAI_PREFIX.rstrip("/")
 
 
 def openai_error(
@@ -178,11 +183,12 @@ def _openai_shaped(handler: Handler) -> Handler:
 
     async def shaped(request: Request, exc: Exception) -> Response:
         response = await handler(request, exc)
-        if not request.scope["path"].startswith(OPENAI_PREFIX) or not isinstance(response, JSONResponse):
+        if not is_openai_path(request.scope["path"]) or not isinstance(response, JSONResponse):
             return response
         detail = json.loads(bytes(response.body)).get("detail")
         headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
-        return openai_error(response.status_code, _as_message(detail), headers=headers)
+        code = getattr(exc, "openai_code", None)
+        return openai_error(response.status_code, _as_message(detail), code=code, headers=headers)
 
     return shaped
 

@@ -8,10 +8,16 @@ class AppError(Exception):
 
     status_code = 400
     default_detail = "Bad request"
+    #: The `code` of OpenAI's error shape on /v1 (None: the status's default, app.error_handlers).
+    openai_code: str | None = None
 
-    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, detail: str | None = None, *, headers: dict[str, str] | None = None, openai_code: str | None = None
+    ) -> None:
         self.detail = detail or self.default_detail
         self.headers = headers
+        if openai_code is not None:
+            self.openai_code = openai_code
         super().__init__(self.detail)
 
 

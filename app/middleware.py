@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.error_handlers import OPENAI_PREFIX
+from app.error_handlers import is_openai_path
 from app.logs import redact_path, redact_query, request_id_var
 from app.proxies import client_address, parse_networks
 
@@ -62,9 +62,17 @@ class BodyTooLarge(StarletteHTTPException):
 
 def too_large_body(path: str) -> dict[str, Any]:
     """The 413 body: `{"detail"}`, or OpenAI's shape on the OpenAI-compatible routes."""
-    if path.startswith(OPENAI_PREFIX):
+    if is_openai_path(path):
         return {"error": {"message": "Request body too large", "type": "invalid_request_error", "code": None}}
     return {"detail": "Request body too large"}
+
+
+def _internal_error(path: str, request_id: str) -> dict[str, Any]:
+    """The 500 body (a bug): `{"detail", "request_id"}`, or OpenAI's shape on the OpenAI-compatible routes."""
+    if is_openai_path(path):
+        message = f"Internal server error (request id {request_id})"
+        return {"error": {"message": message, "type": "server_error", "code": None}}
+    return {"detail": "Internal server error", "request_id": request_id}
 
 
 class RequestContextMiddleware:
@@ -165,7 +173,7 @@ class RequestContextMiddleware:
         except Exception:
             error_logger.exception("unhandled error on %s %s", scope.get("method"), redact_path(path))
             if not state["started"]:
-                await self._send_json(send_wrapper, 500, {"detail": "Internal server error", "request_id": request_id})
+                await self._send_json(send_wrapper, 500, _internal_error(path, request_id))
         finally:
             query = scope.get("query_string", b"")
             logger.info(

@@ -53,6 +53,7 @@ def add_test_routes(app: FastAPI) -> None:
             await session.execute(text(f"DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '{sqlstate}'; END $$"))
 
     app.add_api_route("/test/boom", boom, methods=["GET"])
+    app.add_api_route("/v1/test/boom", boom, methods=["GET"])
     app.add_api_route("/test/db-conflict/{sqlstate}", db_conflict, methods=["GET"])
     app.add_api_route("/test/db-params", db_params, methods=["GET"])
     app.add_api_route("/api/callbacks/{signature}", boom, methods=["GET"])
@@ -129,6 +130,17 @@ async def test_unhandled_error_is_generic_500_without_trace(
     assert "Traceback" not in response.text
     assert response.headers["x-request-id"] == "req-500"
     assert any("unhandled error" in r.getMessage() for r in caplog.records)
+
+
+async def test_unhandled_error_on_v1_is_a_500_in_openai_shape(tclient: httpx.AsyncClient) -> None:
+    """The OpenAI-compatible paths answer every error in OpenAI's shape, the last-resort 500 included (its
+    clients read `error.message`); the request id is in the message, nothing of the error is."""
+    response = await tclient.get("/v1/test/boom", headers={"X-Request-ID": "req-v1"})
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {"message": "Internal server error (request id req-v1)", "type": "server_error", "code": None}
+    }
+    assert "secret internal detail" not in response.text
 
 
 async def test_database_error_on_a_live_connection_is_generic_500(tclient: httpx.AsyncClient) -> None:
@@ -229,6 +241,22 @@ async def test_cors_allows_listed_origin_with_credentials(tclient: httpx.AsyncCl
     assert response.headers["access-control-allow-credentials"] == "true"
     simple = await tclient.get("/health", headers={"Origin": "http://spa.test"})
     assert "x-total-count" in simple.headers["access-control-expose-headers"].lower()
+
+
+async def test_cors_allows_the_headers_the_api_documents(tclient: httpx.AsyncClient) -> None:
+    """A browser client may send Idempotency-Key (a send), Last-Event-ID (a follow) and X-Session-Id (/v1)."""
+    asked = "authorization,content-type,idempotency-key,last-event-id,x-session-id"
+    response = await tclient.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": "http://spa.test",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asked,
+        },
+    )
+    assert response.status_code == 200
+    granted = response.headers["access-control-allow-headers"].lower()
+    assert all(header in granted for header in asked.split(","))
 
 
 async def test_cors_ignores_other_origins(tclient: httpx.AsyncClient) -> None:

@@ -317,6 +317,16 @@ async def test_a_session_token_works_and_x_session_id_scopes_n8n_memory(
         ({"model": "helper", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 422),
         ({"messages": [{"role": "user", "content": "hi"}]}, 422),
         ("not json", 422),
+        ({"model": "helper", "n": 2, "messages": [{"role": "user", "content": "hi"}]}, 422),  # one answer a call
+        ({"model": "helper", "stream": "yes", "messages": [{"role": "user", "content": "hi"}]}, 422),
+        (
+            {
+                "model": "helper",
+                "stream_options": {"include_usage": "yes"},
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            422,
+        ),
     ],
 )
 async def test_bad_requests_are_4xx_in_openai_shape(
@@ -344,7 +354,84 @@ async def test_missing_credentials_and_unknown_routes_are_openai_shaped(setup: S
     assert anonymous.status_code == 401
     assert anonymous.json()["error"]["type"] == "authentication_error"
     assert unknown.status_code == 404
-    assert "error" in unknown.json()
+    # Not `model_not_found`: no model was named (OpenAI's own unknown URLs have no code either).
+    assert unknown.json() == {"error": {"message": "Not Found", "type": "invalid_request_error", "code": None}}
+    async with httpx.AsyncClient(base_url=setup.server.url) as http:
+        bare = await http.get("/v1", headers={"Authorization": f"Bearer {setup.key}"})
+    assert bare.status_code == 404
+    assert bare.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_streamed_usage_when_asked_for(session: AsyncSession, setup: Setup) -> None:
+    """`stream_options.include_usage`, as OpenAI sends it: every chunk has `usage: null`, then one more chunk,
+    before [DONE], with empty `choices` and the usage n8n reported."""
+    await session.execute(
+        update(Agent)
+        .where(Agent.id == setup.agent.id)
+        .values(webhook_url=f"{setup.agent.webhook_url}?scenario=echo_usage")
+    )
+    await session.commit()
+    stream = await setup.client.chat.completions.create(
+        model="helper",
+        messages=[{"role": "user", "content": "count these words"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert [c.usage for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert all(c.choices for c in chunks[:-1])
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (13, 4)
+    assert last.usage.total_tokens == 17
+    # Not asked for: no usage chunk, no `usage` key.
+    plain = await setup.client.chat.completions.create(
+        model="helper", messages=[{"role": "user", "content": "count these words"}], stream=True
+    )
+    assert all(c.choices and c.usage is None for c in [chunk async for chunk in plain])
+
+
+async def test_a_failed_completion_tells_the_official_client_not_to_send_it_again(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    """The client retries a 5xx twice by default: each retry ran the workflow again (its side effects, and a
+    quota slot). A failure after n8n was called says `x-should-retry: false`, which the client obeys."""
+    await session.execute(
+        update(Agent).where(Agent.id == setup.agent.id).values(webhook_url=f"{fake.url}/webhook/does-not-exist")
+    )
+    await session.commit()
+    client = openai.AsyncOpenAI(base_url=f"{setup.server.url}/v1", api_key=setup.key, timeout=20)  # default retries
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+    assert caught.value.status_code == 502
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(fake.requests) == 1
+    assert (await session.execute(select(UsageRecord.outcome))).scalars().all() == ["error"]
+
+
+async def test_an_agent_in_callback_mode_is_refused_clearly(session: AsyncSession, setup: Setup, fake: FakeN8n) -> None:
+    """Its webhook's own answer is n8n's "Workflow was started", and a completion has no callback URL to give:
+    a 400 that says so, before n8n is called or the quota counted (it returned the acknowledgement as the
+    answer)."""
+    await session.execute(
+        update(Agent)
+        .where(Agent.id == setup.agent.id)
+        .values(response_mode="callback", webhook_url=f"{fake.url}/webhook/agent-stream?scenario=callbacks&answer=ack")
+    )
+    await session.commit()
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await setup.client.chat.completions.create(
+                model="helper", messages=[{"role": "user", "content": "hi"}], stream=stream
+            )
+        assert caught.value.code == "model_not_supported"
+        assert "callback" in caught.value.message
+    assert fake.requests == []
+    assert await count_rows(session, "usage_records") == 0
+    assert await count_rows(session, "usage_daily") == 0
 
 
 async def test_quota_applies_to_completions(session: AsyncSession, setup: Setup, fake: FakeN8n) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from app.auth import CurrentCaller
 from app.config import Settings
@@ -40,6 +40,14 @@ R401_V1 = openai_error_doc(
 )
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool | None = Field(
+        None, description="A last chunk with empty `choices` and the usage; the others carry `usage: null`."
+    )
+
+
 class ChatCompletionRequest(BaseModel):
     """OpenAI's request; fields this service does not use (temperature, tools...) are accepted and ignored."""
 
@@ -51,7 +59,9 @@ class ChatCompletionRequest(BaseModel):
     ]
     # Sent on to n8n (and their text into the error log): a lone surrogate could not be encoded (a 500).
     messages: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=1000), SendableJson]
-    stream: bool = False
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=1, description="One answer per call: only 1 (or leaving it out).")
 
 
 class ModelRead(BaseModel):
@@ -92,15 +102,33 @@ def _usage(completion: Completion) -> dict[str, int] | None:
     return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
 
 
-def _chunk(completion: Completion, delta: dict[str, Any], finish_reason: str | None, **extra: Any) -> bytes:
-    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason, **extra}
-    body = {
+#: A failed completion's error response: the agent was called, so the official clients must not send it again
+#: on their own (they retry 5xx by default, running the workflow, and its side effects, up to three times).
+NO_RETRY = {"x-should-retry": "false"}
+
+
+def _chunk(
+    completion: Completion,
+    delta: dict[str, Any] | None,
+    finish_reason: str | None,
+    *,
+    usage: bool = False,
+    **extra: Any,
+) -> bytes:
+    """One `chat.completion.chunk`; `usage` (stream_options.include_usage): the chunk carries `usage: null`, and
+    a chunk without `delta` is the last one, with empty `choices` and the usage."""
+    choices: list[dict[str, Any]] = []
+    if delta is not None:
+        choices.append({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason, **extra})
+    body: dict[str, Any] = {
         "id": completion.id,
         "object": "chat.completion.chunk",
         "created": completion.created,
         "model": completion.model,
-        "choices": [choice],
+        "choices": choices,
     }
+    if usage:
+        body["usage"] = None if delta is not None else _usage(completion)
     return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
@@ -117,7 +145,11 @@ def _chunk(completion: Completion, delta: dict[str, Any], finish_reason: str | N
             "content": {"application/json": {}, "text/event-stream": {}},
         },
         400: openai_error_doc(
-            "The body cannot be parsed", "invalid_request_error", None, "There was an error parsing the body"
+            "The body cannot be parsed; or the agent answers by callback (code model_not_supported), which a "
+            "completion cannot receive",
+            "invalid_request_error",
+            None,
+            "There was an error parsing the body",
         ),
         401: R401_V1,
         403: openai_error_doc(
@@ -148,7 +180,8 @@ def _chunk(completion: Completion, delta: dict[str, Any], finish_reason: str | N
             "Daily message quota reached; it resets at midnight UTC",
         ),
         502: openai_error_doc(
-            "The agent failed (code: upstream_error, upstream_unreachable, bad_upstream_response, ...)",
+            "The agent failed (code: upstream_error, upstream_unreachable, bad_upstream_response, ...); "
+            "`x-should-retry: false`, as on 503 interrupted and 504: the workflow ran",
             "server_error",
             "upstream_unreachable",
             "The agent could not be reached",
@@ -185,10 +218,11 @@ async def chat_completions(
     )
     run = Run(registry, completion, db, settings)
     if body.stream:
-        return StreamingResponse(_stream(run), media_type="text/event-stream", headers=SSE_HEADERS)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(run, usage=usage), media_type="text/event-stream", headers=SSE_HEADERS)
     failure = await run.start()
     if failure is not None:
-        return openai_error(_failure_status(failure), failure.message, code=failure.code)
+        return openai_error(_failure_status(failure), failure.message, code=failure.code, headers=NO_RETRY)
     return JSONResponse(
         {
             "id": completion.id,
@@ -230,8 +264,9 @@ class Run:
         return registry.track(asyncio.create_task(run, name=f"completion-{self.completion.id}"))
 
 
-async def _stream(run: Run) -> AsyncIterator[bytes]:
-    """The run as chunks: the role first, then each batch of text, then the finish reason and [DONE]; a
+async def _stream(run: Run, *, usage: bool) -> AsyncIterator[bytes]:
+    """The run as chunks: the role first, then each batch of text, then the finish reason (then, with `usage`,
+    the usage chunk) and [DONE]; a
     `: ping` comment after STREAM_PING_INTERVAL without a write (an agent may think for minutes before its
     first byte, longer than a proxy keeps a silent connection; SSE clients, OpenAI's included, skip comments).
 
@@ -247,7 +282,7 @@ async def _stream(run: Run) -> AsyncIterator[bytes]:
     task = run.start(on_chunks=queue.put_nowait)
     task.add_done_callback(lambda _task: queue.put_nowait(None))
     try:
-        yield _chunk(completion, {"role": "assistant", "content": ""}, None)
+        yield _chunk(completion, {"role": "assistant", "content": ""}, None, usage=usage)
         ping_at = loop.time() + ping
         timer = loop.call_at(ping_at, queue.put_nowait, ping_due)
         while (batch := await queue.get()) is not None:
@@ -259,14 +294,16 @@ async def _stream(run: Run) -> AsyncIterator[bytes]:
                 continue
             text = "".join(batch)
             if text:
-                yield _chunk(completion, {"content": text}, None)
+                yield _chunk(completion, {"content": text}, None, usage=usage)
                 ping_at = loop.time() + ping
         failure = task.result()
         if failure is None:
-            yield _chunk(completion, {}, "stop")
+            yield _chunk(completion, {}, "stop", usage=usage)
         else:
             error = {"message": failure.message, "type": "server_error", "code": failure.code}
-            yield _chunk(completion, {}, "error", error=error)
+            yield _chunk(completion, {}, "error", usage=usage, error=error)
+        if usage:
+            yield _chunk(completion, None, None, usage=True)
         yield b"data: [DONE]\n\n"
     finally:
         if timer is not None:

@@ -23,7 +23,7 @@ from app import metrics
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
-from app.errors import NotFound, Unprocessable
+from app.errors import BadRequest, NotFound, Unprocessable
 from app.models import Agent
 from app.n8n_parser import StreamFailure, clean_text
 from app.security import Caller
@@ -42,7 +42,17 @@ SESSION_ID_MAX = 200
 
 
 def model_not_found(model: str) -> NotFound:
-    return NotFound(f"The model '{model[:100]}' does not exist or you do not have access to it")
+    return NotFound(
+        f"The model '{model[:100]}' does not exist or you do not have access to it", openai_code="model_not_found"
+    )
+
+
+#: An agent in callback mode answers by posting to a chat's generation (app.callbacks); a completion has none
+#: to post to, and n8n's own HTTP answer ("Workflow was started") is not the reply.
+CALLBACK_AGENT = (
+    "The model '{model}' answers by callback (a long workflow), which /v1/chat/completions does not support; "
+    "use it from a chat (POST /api/chats/{{id}}/messages)"
+)
 
 
 async def list_models(*, session: AsyncSession, user: Caller) -> list[tuple[str, datetime]]:
@@ -127,6 +137,9 @@ async def prepare_completion(
     if agent is None:
         await session.commit()
         raise model_not_found(model)
+    if agent.response_mode == "callback":
+        await session.commit()
+        raise BadRequest(CALLBACK_AGENT.format(model=agent.slug), openai_code="model_not_supported")
     await claim_generation(session=session, user=user)
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     system_prompt = "\n\n".join([*system_parts, *([agent.system_prompt] if agent.system_prompt else [])])
