@@ -81,10 +81,12 @@ class Settings(BaseSettings):
     AVATAR_MAX_BYTES: int = Field(2_097_152, ge=1024)
     AVATAR_MAX_PIXELS: int = Field(40_000_000, ge=1)
     AVATAR_MAX_SIDE: int = Field(512, ge=16)
-    #: POST /api/chats/import: the largest body (counted while it arrives, before any parsing), and how many
-    #: imports one server process reads at once (one per user); more are refused with 429.
+    #: POST /api/chats/import: the largest body (counted while it arrives, before any parsing), how many
+    #: imports one server process reads at once (one per user; more are refused with 429), and how many chats
+    #: one import may hold (they are stored in one transaction: 10 MB of empty chats was ~90,000 of them).
     IMPORT_MAX_BODY_BYTES: int = Field(10_485_760, ge=1024)
     IMPORT_MAX_CONCURRENT: int = Field(4, ge=1, le=1000)
+    IMPORT_MAX_CHATS: int = Field(1000, ge=1, le=100_000)
 
     #: Files in messages (docs/FILES.md): the largest upload, the types accepted (judged by content), how many
     #: files one message, one chat, and one chat's unsent uploads may hold, how many uploads one user may run

@@ -55,13 +55,13 @@ InUtc = AfterValidator(_in_utc)
 JSON_MAX_DEPTH = 32
 
 
-def _json_problem(value: Any) -> str | None:
+def _json_problem(value: Any, max_depth: int = JSON_MAX_DEPTH) -> str | None:
     """Walk the value without recursion: too deep, or a NUL in any key or string."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if depth > JSON_MAX_DEPTH:
-            return f"is nested deeper than {JSON_MAX_DEPTH} levels"
+        if depth > max_depth:
+            return f"is nested deeper than {max_depth} levels"
         if isinstance(item, str):
             if "\x00" in item:
                 return "must not contain NUL characters"
@@ -94,9 +94,9 @@ def _sendable_json(value: Any) -> Any:
 SendableJson = AfterValidator(_sendable_json)
 
 
-def check_storable_json(value: Any, *, max_bytes: int, label: str) -> Any:
+def check_storable_json(value: Any, *, max_bytes: int, label: str, max_depth: int = JSON_MAX_DEPTH) -> Any:
     """JSON that PostgreSQL's JSONB accepts (no NaN/Infinity, NUL or lone surrogates) within size caps."""
-    problem = _json_problem(value)
+    problem = _json_problem(value, max_depth)
     if problem:
         raise ValueError(f"{label} {problem}")
     try:

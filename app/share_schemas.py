@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from app.chat_schemas import MessageError, MessageRead, MessageRole
-from app.fields import AgentSlug, ChatTitle, InUtc, ReadModel, StorableText, check_storable_json
+from app.fields import JSON_MAX_DEPTH, AgentSlug, ChatTitle, InUtc, ReadModel, StorableText, check_storable_json
 
 # --- shares ----------------------------------------------------------------------------------
 
@@ -103,6 +103,12 @@ class ExportedMessage(ExportPart):
     )
 
 
+#: How deep a chat document may nest: what a callback's tool step may carry (JSON_MAX_DEPTH, from its body),
+#: plus the export's own levels above that step's `input` (chat, messages, message, metadata, steps, step),
+#: so every export can be imported again.
+IMPORT_MAX_DEPTH = JSON_MAX_DEPTH + 6
+
+
 class ExportedChat(ExportPart):
     """One chat as exported (`GET /api/chats/{id}/export?format=json`, one line of `GET /api/chats/export`)
     and as imported (`POST /api/chats/import`)."""
@@ -128,4 +134,6 @@ class ExportedChat(ExportPart):
     @classmethod
     def _storable(cls, data: Any) -> Any:
         """Text PostgreSQL cannot store (NUL, lone surrogates) anywhere in the chat is a 422, never a 500."""
-        return check_storable_json(data, max_bytes=IMPORT_DOCUMENT_MAX_BYTES, label="the chat")
+        return check_storable_json(
+            data, max_bytes=IMPORT_DOCUMENT_MAX_BYTES, label="the chat", max_depth=IMPORT_MAX_DEPTH
+        )

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -18,8 +19,11 @@ from fastapi import FastAPI
 from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.chat_schemas import CallbackTool
 from app.db import utcnow
+from app.fields import JSON_MAX_DEPTH
 from app.models import Agent, Chat, Message, User
+from app.services import imports
 from app.services.exports import EXPORT_PAGE_CHATS
 from app.state import app_state
 from tests.conftest import TeamWorld, chat_with_sent_files, count_rows
@@ -539,6 +543,65 @@ async def test_import_over_the_body_cap_is_413_while_reading(
     assert "content-length" not in {k.lower() for k in streamed.request.headers}
     assert streamed.status_code == 413
     assert await count_rows(session, "chats") == before
+
+
+async def test_an_export_holding_the_deepest_tool_step_a_callback_accepts_imports_again(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """A tool step's `input` may nest as deep as a callback's body allows; in an export it sits six levels
+    further down (chat, messages, message, metadata, steps, step). The import checked the whole document
+    against the callback's own depth limit and refused the server's own export."""
+    deep: Any = "leaf"
+    for _ in range(JSON_MAX_DEPTH - 2):  # with the body (1) and its `input` key (2): exactly the limit
+        deep = [deep]
+    body = CallbackTool.model_validate({"type": "tool", "name": "search", "input": deep}).model_dump(exclude_none=True)
+    step = {k: v for k, v in body.items() if k != "type"}
+    metadata = {"steps": [{"type": "tool", **step}]}
+    chat = await create_chat(
+        session,
+        user=team_world.member,
+        agent=team_world.agent,
+        messages=[{"content": "q"}, {"role": "assistant", "content": "a", "metadata": metadata}],
+    )
+    doc = await export_json(client, team_world, chat.id)
+    imported = await import_body(client, team_world, json.dumps(doc))
+    assert imported.status_code == 201, imported.text
+    again = await export_json(client, team_world, uuid.UUID(imported.json()[0]["id"]))
+    assert again["messages"][1]["metadata"] == metadata
+    # One level deeper than any export can hold is still refused.
+    for _ in range(7):
+        deep = [deep]
+    doc["messages"][1]["metadata"] = {"steps": [{"type": "tool", "name": "search", "input": deep}]}
+    refused = await import_body(client, team_world, json.dumps(doc))
+    assert refused.status_code == 422
+    assert "nested deeper" in refused.json()["detail"][0]["msg"]
+
+
+@pytest.mark.settings(IMPORT_MAX_CHATS=3)
+async def test_import_of_more_chats_than_the_cap_is_422_and_is_checked_off_the_event_loop(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10 MB of empty chats was ~90,000 chats in one transaction (a minute), checked on the event loop (a
+    3.5 s stall of every stream of the process). Now: at most IMPORT_MAX_CHATS, checked in a worker thread."""
+    chat = await create_chat(session, user=team_world.member, agent=team_world.agent, messages=[{"content": "hi"}])
+    doc = await export_json(client, team_world, chat.id)
+    threads: list[bool] = []
+    checked = imports.parse_import
+
+    def recorded(body: bytes, max_chats: int) -> Any:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return checked(body, max_chats)
+
+    monkeypatch.setattr(imports, "parse_import", recorded)
+    chats, messages = await count_rows(session, "chats"), await count_rows(session, "messages")
+    over = await import_body(client, team_world, "\n".join([json.dumps(doc)] * 4), content_type="application/jsonl")
+    assert over.status_code == 422
+    assert over.json()["detail"][0]["msg"] == "An import holds at most 3 chats; split the file"
+    assert (await count_rows(session, "chats"), await count_rows(session, "messages")) == (chats, messages)
+    at_cap = await import_body(client, team_world, "\n".join([json.dumps(doc)] * 3), content_type="application/jsonl")
+    assert at_cap.status_code == 201
+    assert len(at_cap.json()) == 3
+    assert threads == [False, False]  # never on the event loop's thread
 
 
 @pytest.mark.settings(IMPORT_MAX_CONCURRENT=2)

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from app.auth import CurrentCaller, CurrentUser
 from app.db import utcnow
-from app.deps import DatabaseDep, ImportGateDep, SessionDep
+from app.deps import DatabaseDep, ImportGateDep, SessionDep, SettingsDep
 from app.errors import MethodNotAllowed
 from app.routers.responses import R401, Responses, error_doc, json_only
 from app.schemas import ChatSummary, ExportedChat
@@ -114,7 +114,8 @@ IMPORT_BODY_DOC = (
         413: error_doc("The body is larger than IMPORT_MAX_BODY_BYTES", "Request body too large"),
         422: {
             "description": "A chat that is not a valid export (`loc` is `body`, the chat's position, then the "
-            "field), or whose agent slug your team lacks (the message names it); nothing was stored",
+            "field), or whose agent slug your team lacks (the message names it), or more chats than "
+            "IMPORT_MAX_CHATS; nothing was stored",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
         },
         415: error_doc(imports.IMPORT_TYPES_ONLY),
@@ -122,12 +123,12 @@ IMPORT_BODY_DOC = (
     },
 )
 async def import_chats(
-    request: Request, session: SessionDep, user: CurrentUser, gate: ImportGateDep
+    request: Request, session: SessionDep, user: CurrentUser, gate: ImportGateDep, settings: SettingsDep
 ) -> list[ChatSummary]:
     imports.check_import_type(request.headers.get("content-type"))
     # No database connection is held while the client sends its body (it may be slow and large).
     await session.close()
     with gate.slot(user.id):
         body = await request.body()
-        chats = await imports.import_chats(session=session, user=user, body=body)
+        chats = await imports.import_chats(session=session, user=user, body=body, max_chats=settings.IMPORT_MAX_CHATS)
     return [ChatSummary.model_validate(chat) for chat in chats]

@@ -3,6 +3,7 @@ transaction, or nothing at all (docs/SHARING.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -179,10 +180,18 @@ def _plan(index: int, chat: ExportedChat) -> _Plan:
     return _Plan(chat=chat, messages=copied, current_key=current)
 
 
-def parse_import(body: bytes) -> list[_Plan]:
-    """Every chat of the body, checked; the first problem is a 422 naming the chat (its position) and field."""
+def too_many_chats(limit: int) -> str:
+    return f"An import holds at most {limit} chats; split the file"
+
+
+def parse_import(body: bytes, max_chats: int) -> list[_Plan]:
+    """Every chat of the body, checked; the first problem is a 422 naming the chat (its position) and field.
+    CPU-bound (up to seconds for a large body): run it in a thread."""
+    documents = _documents(body)
+    if len(documents) > max_chats:
+        raise Unprocessable(too_many_chats(max_chats), loc=("body",))
     plans = []
-    for index, document in enumerate(_documents(body)):
+    for index, document in enumerate(documents):
         try:
             chat = ExportedChat.model_validate(document)
         except ValidationError as exc:
@@ -193,11 +202,12 @@ def parse_import(body: bytes) -> list[_Plan]:
     return plans
 
 
-async def import_chats(*, session: AsyncSession, user: User, body: bytes) -> list[Chat]:
+async def import_chats(*, session: AsyncSession, user: User, body: bytes, max_chats: int) -> list[Chat]:
     """Store every chat of the body as a new chat of the caller, or none: one transaction, after every chat
     was checked and every agent found. Agents are matched by slug in the caller's team (inactive ones too:
-    the history is kept, as for any chat of an inactive agent); a slug the team lacks is a 422 naming it."""
-    plans = parse_import(body)
+    the history is kept, as for any chat of an inactive agent); a slug the team lacks is a 422 naming it.
+    The body is checked in a worker thread: seconds of parsing on the event loop stalled every stream."""
+    plans = await asyncio.to_thread(parse_import, body, max_chats)
     slugs = {plan.chat.agent.slug for plan in plans}
     query = select(Agent.slug, Agent.id).where(Agent.team_id == user.team_id, Agent.slug.in_(slugs))
     agents: dict[str, uuid.UUID] = {slug: agent_id for slug, agent_id in (await session.execute(query)).all()}
