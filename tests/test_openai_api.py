@@ -61,6 +61,16 @@ async def test_models_are_the_teams_active_agents(session: AsyncSession, setup: 
     assert models.data[0].object == "model"
     assert models.data[0].owned_by == f"team-{setup.user.team_id}"
     assert models.data[0].created == int(setup.agent.created_at.timestamp())
+    one = await setup.client.models.retrieve("helper")
+    assert (one.id, one.owned_by, one.created) == ("helper", models.data[0].owned_by, models.data[0].created)
+    for hidden in ("retired", "elsewhere", "no-such-model"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            await setup.client.models.retrieve(hidden)
+        assert caught.value.code == "model_not_found"
+    async with httpx.AsyncClient(base_url=setup.server.url) as http:
+        nul = await http.get("/v1/models/a%00b", headers={"Authorization": f"Bearer {setup.key}"})
+    assert nul.status_code == 422
+    assert nul.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_non_streaming_completion(session: AsyncSession, setup: Setup, fake: FakeN8n) -> None:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Path
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
@@ -88,6 +88,30 @@ async def list_models(user: CurrentCaller, session: ShortSessionDep) -> ModelLis
     return ModelList(
         data=[ModelRead(id=slug, created=int(created.timestamp()), owned_by=owner) for slug, created in models]
     )
+
+
+@router.get(
+    "/models/{model}",
+    response_model=ModelRead,
+    summary="One of the team's active agents as an OpenAI model (the SDK's models.retrieve)",
+    responses={
+        401: R401_V1,
+        404: openai_error_doc(
+            "No active agent with this slug in your team",
+            "invalid_request_error",
+            "model_not_found",
+            "The model 'support' does not exist or you do not have access to it",
+        ),
+    },
+)
+async def read_model(
+    model: Annotated[str, Path(max_length=64), StorableText], user: CurrentCaller, session: ShortSessionDep
+) -> ModelRead:
+    found = await completions_service.list_models(session=session, user=user, slug=model)
+    if not found:
+        raise completions_service.model_not_found(model)
+    [(slug, created)] = found
+    return ModelRead(id=slug, created=int(created.timestamp()), owned_by=f"team-{user.team_id}")
 
 
 #: Non-streaming failures: a timeout is a 504, a server stop 503, any other failure of the agent a 502.

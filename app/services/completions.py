@@ -55,13 +55,17 @@ CALLBACK_AGENT = (
 )
 
 
-async def list_models(*, session: AsyncSession, user: Caller) -> list[tuple[str, datetime]]:
-    """(slug, created_at) of the team's active agents, by slug."""
+async def list_models(
+    *, session: AsyncSession, user: Caller, slug: str | None = None
+) -> list[tuple[str, datetime]]:
+    """(slug, created_at) of the team's active agents, by slug; only the one named `slug` when given."""
     query = (
         select(Agent.slug, Agent.created_at)
         .where(Agent.team_id == user.team_id, Agent.is_active.is_(True))
         .order_by(Agent.slug)
     )
+    if slug is not None:
+        query = query.where(Agent.slug == slug)
     rows = (await session.execute(query)).all()
     await session.commit()
     return [(row.slug, row.created_at) for row in rows]
