@@ -102,6 +102,12 @@ async def list_models(user: CurrentCaller, session: ShortSessionDep) -> ModelLis
             "model_not_found",
             "The model 'support' does not exist or you do not have access to it",
         ),
+        422: openai_error_doc(
+            "A model name longer than 64 characters, or with NUL or a lone surrogate",
+            "invalid_request_error",
+            "invalid_request",
+            "model: String should have at most 64 characters",
+        ),
     },
 )
 async def read_model(

@@ -55,9 +55,7 @@ CALLBACK_AGENT = (
 )
 
 
-async def list_models(
-    *, session: AsyncSession, user: Caller, slug: str | None = None
-) -> list[tuple[str, datetime]]:
+async def list_models(*, session: AsyncSession, user: Caller, slug: str | None = None) -> list[tuple[str, datetime]]:
     """(slug, created_at) of the team's active agents, by slug; only the one named `slug` when given."""
     query = (
         select(Agent.slug, Agent.created_at)
