@@ -256,6 +256,29 @@ def test_sample_masks_secret_header_values() -> None:
     text = "headers were X-Key: abcd-secret and token zz"
     assert ct.masked(text, ["abcd-secret", "zz"]) == "headers were X-Key: *** and token zz"
     assert ct.masked("cut inside: abcd-se", ["abcd-secret"]) == "cut inside: ***"
+    # As written inside a JSON string: quotes, backslashes (and with ensure_ascii, non-ASCII) escaped.
+    assert ct.masked('{"v": "pa\\"ss\\\\w0rd-TOP"}', ['pa"ss\\w0rd-TOP']) == '{"v": "***"}'
+    assert ct.masked('{"v": "caf\\u00e9-secret"}', ["café-secret"]) == '{"v": "***"}'
+
+
+async def test_probe_never_shows_a_secret_echoed_inside_a_json_object(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """An answer whose `output` is an object is shown as its JSON, where the secret's `"` and `\\` are escaped:
+    the raw value was not found in it, and the sample showed the secret."""
+    admin = await create_admin(session)
+    team = await session.get_one(Team, admin.team_id)
+    secret = 'pa"ss\\w0rd-TOPSECRET'
+    agent = await create_agent(
+        session,
+        team=team,
+        webhook_url=f"{fake.url}/webhook/agent?scenario=echo_header&header=X-Auth&as=object",
+        webhook_headers_encrypted=encrypt_headers({"X-Auth": secret}, settings.ENCRYPTION_KEY),
+    )
+    response = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
+    assert response.status_code == 200
+    assert response.json()["sample"] == '{"you_sent": "***"}'
+    assert "TOPSECRET" not in response.text
 
 
 @pytest.mark.parametrize(

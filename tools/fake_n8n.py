@@ -536,11 +536,15 @@ class FakeN8n:
         return await self._s_echo(request, text)
 
     async def _s_echo_header(self, request: web.Request, _text: str) -> web.StreamResponse:
-        """A workflow that echoes a request header (what the connection test's masking must catch)."""
+        """A workflow that echoes a request header (what the connection test's masking must catch): streamed in
+        pieces of `size`, cut after `cut` characters, or with `as=object` as a JSON answer whose `output` is an
+        object (shown as its JSON, the value escaped)."""
         name = request.query.get("header", HEADER_AUTH[0])
         value = request.headers.get(name, "")
         if "cut" in request.query:
             value = value[: int(self._q(request, "cut", len(value)))]
+        if request.query.get("as") == "object":  # n8n's Respond node with an object as `output`
+            return self._json({"output": {"you_sent": value}})
         text = f"Your {name} header: {value}"
         size = max(1, int(self._q(request, "size", 10)))
         lines = [ndjson({"type": "begin", "metadata": _meta()})]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -198,8 +199,15 @@ def _status_hint(status: int, n8n_message: str, n8n_hint: str, url: str) -> str:
 
 def masked(text: str, secrets: list[str]) -> str:
     """`text` with every secret header value replaced by `***` (a workflow may echo its request headers), and
-    a secret's beginning at the very end too (an answer, or what was kept of it, cut inside a secret)."""
-    secrets = sorted((secret for secret in secrets if len(secret) >= MIN_MASKED_SECRET), key=len, reverse=True)
+    a secret's beginning at the very end too (an answer, or what was kept of it, cut inside a secret). Each
+    secret as written inside a JSON string too: an answer whose `output` is an object is shown as its JSON,
+    where `"` and `\\` are escaped (and, from `ensure_ascii` encoders, any non-ASCII character)."""
+    forms = {
+        form
+        for secret in secrets
+        for form in (secret, json.dumps(secret, ensure_ascii=False)[1:-1], json.dumps(secret)[1:-1])
+    }
+    secrets = sorted((secret for secret in forms if len(secret) >= MIN_MASKED_SECRET), key=len, reverse=True)
     for secret in secrets:
         text = text.replace(secret, "***")
     for secret in secrets:
