@@ -253,6 +253,26 @@ async def test_invites_are_for_admins_only(web: httpx.AsyncClient, session: Asyn
 # --- registering with an invite ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("change", [{"is_active": False}, {"role": "user"}])
+async def test_an_admin_deactivated_or_demoted_takes_their_invites_along(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, change: dict[str, Any]
+) -> None:
+    """A removed admin's invite for an admin would bring them (or anyone holding it) back as admin until it
+    expired. Deactivating or demoting an admin revokes the invites they made; other admins' invites stay."""
+    team, admin = await _team_and_admin(session)
+    rogue = await create_admin(session, team=team)
+    theirs = await _invite(web, settings, rogue, role="admin", max_uses=1000, expires_in_days=30)
+    ours = await _invite(web, settings, admin, role="user")
+    changed = await web.patch(f"/api/users/{rogue.id}", json=change, headers=auth_headers(settings, admin))
+    assert changed.status_code == 200, changed.text
+    back = await _register(web, theirs["token"], "back@example.com")
+    assert (back.status_code, back.json()) == (404, NOT_FOUND)
+    assert (await _row(session, theirs["id"])).revoked_at is not None
+    assert (await _row(session, ours["id"])).revoked_at is None
+    assert (await _register(web, ours["token"], "welcome@example.com")).status_code == 201
+    assert await count_rows(session, "users") == 3
+
+
 async def test_register_with_invite_joins_its_team_with_its_role(
     web: httpx.AsyncClient, session: AsyncSession, settings: Settings
 ) -> None:

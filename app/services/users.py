@@ -5,14 +5,15 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.db import utcnow
 from app.errors import BadRequest, Conflict, Forbidden, NotFound
 from app.fields import canonical_email
-from app.models import Team, User
+from app.models import Invite, Team, User
 from app.security import hash_password, verify_password
 from app.services.auth import revoke_all_user_tokens
 
@@ -95,7 +96,8 @@ async def register(
 
 
 async def update_user(*, session: AsyncSession, admin: User, user_id: uuid.UUID, changes: dict[str, Any]) -> User:
-    """Apply an admin's changes; deactivation revokes every token of the user.
+    """Apply an admin's changes; deactivation revokes every token of the user, and deactivating or demoting an
+    admin revokes the invites they made.
 
     The team row is locked (SELECT ... FOR UPDATE) before counting admins, so two admins demoting each
     other at the same moment cannot leave the team without one: the second waits and then sees one left.
@@ -118,6 +120,12 @@ async def update_user(*, session: AsyncSession, admin: User, user_id: uuid.UUID,
             setattr(user, name, changes[name])
     if deactivating:
         await revoke_all_user_tokens(session=session, user=user)
+    if demoting or deactivating:
+        # An invite grants what its creator may grant: a removed admin's open invites stop working (one for an
+        # admin would otherwise bring them, or anyone, back as admin until it expires).
+        await session.execute(
+            update(Invite).where(Invite.created_by == user.id, Invite.revoked_at.is_(None)).values(revoked_at=utcnow())
+        )
     await session.commit()
     return user
 
