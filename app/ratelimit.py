@@ -11,6 +11,7 @@ dependency has neither problem.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import time
@@ -31,6 +32,20 @@ from app.state import app_state
 logger = logging.getLogger(__name__)
 
 LimitName = Literal["login", "register", "team_signup", "invite_preview", "agent_test", "api_key"]
+
+
+def client_key(host: str) -> str:
+    """Whom a limit counts: an IPv4 address, or an IPv6 address's /64 (one host normally holds a whole /64,
+    so counting single addresses gave it 2^64 budgets); an IPv4-mapped IPv6 address is its IPv4 address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return host
 
 
 class RateLimiter:
@@ -65,7 +80,7 @@ class RateLimiter:
         # The address app.middleware decided from TRUSTED_PROXIES (app.proxies), the one the access log shows.
         if key is not None:
             return key
-        return (request.client.host if request.client else "") or "unknown"
+        return client_key((request.client.host if request.client else "") or "unknown")
 
     async def _shared_or_local(self, call: Callable[[MovingWindowRateLimiter], Awaitable[bool]]) -> tuple[bool, Any]:
         """Run `call` on the Redis counters, or in process memory when there are none or Redis is down."""

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
 from app.proxies import client_address, parse_networks
+from app.ratelimit import client_key
 from app.services.revocation import DatabaseRevocationStore
 from app.state import app_state
 from main import create_app, shutdown
@@ -65,6 +66,32 @@ async def test_sixth_login_in_a_minute_is_429_other_ip_is_fine(make_app: AppFact
         form = {"username": "rl@example.com", "password": "whatever-pw"}
         assert (await attacker.post("/api/auth/token", data=form)).status_code == 429
         assert (await login(other, "rl@example.com")).status_code == 200
+
+
+async def test_an_ipv6_client_counts_as_its_slash_64(make_app: AppFactory, session: AsyncSession) -> None:
+    """One host holds a whole /64: counting single addresses gave it a fresh budget per address."""
+    await create_user(session, email="v6@example.com")
+    app = make_app()
+    codes = []
+    for i in range(7):
+        async with client_for(app, f"2001:db8:1:2::{i + 1:x}") as client:
+            codes.append((await login(client, "v6@example.com", "wrong-password")).status_code)
+    assert codes == [401] * 5 + [429] * 2
+    async with client_for(app, "2001:db8:1:3::1") as neighbour:  # the next /64 is someone else
+        assert (await login(neighbour, "v6@example.com")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_client_key(host: str, key: str) -> None:
+    assert client_key(host) == key
 
 
 async def test_login_limit_is_shared_by_two_instances_through_redis(
