@@ -181,15 +181,23 @@ class GenerationRegistry:
         return self._draining
 
     async def _drain(self) -> None:
-        tasks: list[asyncio.Task[Any]] = [g.task for g in self.running.values() if g.task is not None]
-        tasks += self.detached
-        if not tasks:
-            return
-        _done, pending = await asyncio.wait(tasks, timeout=self.settings.SHUTDOWN_GRACE_SECONDS)
-        self.interrupting = bool(pending)
-        for task in pending:
-            task.cancel()
-        if pending:
+        """Wait up to the grace for every running generation, then interrupt what is left. Looked at again
+        after each wait: a send whose check passed just before the shutdown began starts its generation
+        while this runs, and must be drained (or interrupted, with its terminal event) like the others."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.settings.SHUTDOWN_GRACE_SECONDS
+        while True:
+            tasks = {g.task for g in self.running.values() if g.task is not None} | self.detached
+            pending = {task for task in tasks if not task.done()}
+            if not pending:
+                return
+            remaining = give_up_at - loop.time()
+            if remaining > 0:
+                await asyncio.wait(pending, timeout=remaining)
+                continue
+            self.interrupting = True
+            for task in pending:
+                task.cancel()
             logger.warning("interrupting %d running generation(s) at shutdown", len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
 

@@ -137,6 +137,43 @@ async def test_interrupted_generation_writes_interrupted_row(
     assert row.chars_out == len(generation.stored["content"]) > 0
 
 
+@pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.3)
+async def test_a_generation_started_while_the_shutdown_drains_is_drained_too(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """A send whose check passed just before the shutdown began starts its generation after the drain took its
+    list: the drain waited for the others only, and the late one was cut when the loop closed, with no
+    terminal event and its row left `streaming`. The drain takes in generations that start while it runs."""
+    url = fake.url + "/webhook/agent-stream?scenario=stall&hang=30&after=2"
+    registry = app_state(app).generations
+
+    async def started() -> Any:
+        setup = await chat_with_agent(session, settings, url)
+        async with app_state(app).db.autocommit() as s:
+            new = await start_message(
+                session=s,
+                settings=settings,
+                user=Caller(id=setup.user.id, team_id=setup.user.team_id),
+                chat_id=setup.chat.id,
+                content="one two",
+                worker_id=registry.worker_id,
+            )
+        return new
+
+    first = registry.start(await started())
+    draining = registry.begin_shutdown()
+    late = registry.start(await started())  # its send was already past `check_accepting`
+    async with asyncio.timeout(10):
+        await draining
+    assert first.task is not None
+    assert first.task.done()
+    assert late.task is not None
+    assert late.task.done()
+    assert late.terminal is not None
+    rows = await ledger(app)
+    assert sorted((row.outcome, row.error_code) for row in rows) == [("interrupted", "interrupted")] * 2
+
+
 async def test_generation_of_a_dead_worker_writes_interrupted_row_when_recovered(
     app: FastAPI, session: AsyncSession
 ) -> None:
