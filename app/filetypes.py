@@ -51,7 +51,9 @@ PDF_ACTIVE_RE = re.compile(rb"/(?:JavaScript|JS|Launch)(?![A-Za-z0-9])")
 _PDF_NAME_ESCAPE = re.compile(rb"#([0-9A-Fa-f]{2})")
 PDF_EOF_WINDOW = 1024
 FILENAME_MAX = 255
-_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f\"\\/]")
+#: Control characters, quotes and slashes; and the bidirectional controls (U+200E/F, U+202A-U+202E,
+#: U+2066-U+2069) that display `invoice\u202efdp.exe` to colleagues as `invoiceexe.pdf`.
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f\"\\/\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 UNSUPPORTED = "Unsupported file type: send an image (PNG, JPEG, GIF, WebP), a PDF, or UTF-8 text"
 MISMATCH = "The file's content does not match its declared type"
@@ -147,8 +149,8 @@ def judge(data: bytes, declared: str | None, allowed: list[str]) -> Judged:
 
 
 def clean_filename(raw: str | None) -> str:
-    """A name safe to store and show: the last path segment, no control characters, quotes or slashes,
-    NFC, at most 255 characters; `file` when nothing is left."""
+    """A name safe to store and show: the last path segment, no control characters (bidirectional ones
+    included), quotes or slashes, NFC, at most 255 characters; `file` when nothing is left."""
     name = unicodedata.normalize("NFC", raw or "")
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = _UNSAFE_NAME.sub("_", name)

@@ -221,6 +221,16 @@ async def test_upload_filename_is_cleaned_and_downloads_as_a_sandboxed_attachmen
     assert got.headers["cache-control"] == "private, no-store"
 
 
+@pytest.mark.parametrize("control", ["\u202e", "\u202d", "\u2066", "\u2067", "\u2068", "\u2069", "\u200f"])
+async def test_a_filename_cannot_reorder_how_it_displays(
+    client: httpx.AsyncClient, setup: ChatSetup, control: str
+) -> None:
+    """A right-to-left override makes `invoice<RLO>fdp.exe` show as `invoiceexe.pdf` to whoever sees the file
+    (a share's readers too): bidirectional controls are replaced like other control characters."""
+    body = await uploaded(client, setup, b"hi", filename=f"invoice{control}fdp.txt", content_type="text/plain")
+    assert body["filename"] == "invoice_fdp.txt"
+
+
 # --- size limits ------------------------------------------------------------------------------------
 
 
