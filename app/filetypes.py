@@ -121,7 +121,7 @@ def _text_type(data: bytes, declared: str) -> str:
         raise UnsupportedMediaType(MISMATCH)
     if declared == "application/json":
         try:
-            json.loads(text)
+            json.loads(text.removeprefix("\ufeff"))  # a byte order mark may be ignored (RFC 8259, 8.1)
         except (ValueError, RecursionError):
             raise UnsupportedMediaType(BAD_JSON) from None
     return declared

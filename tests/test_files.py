@@ -106,6 +106,7 @@ async def setup(session: AsyncSession, settings: Settings, fake: FakeN8n) -> Cha
         (b"# Title\n\nsome *markdown*\n", "text/markdown", "text/markdown"),
         (b"a,b\n1,2\n", "text/csv", "text/csv"),
         (b'{"a": [1, 2]}', "application/json", "application/json"),
+        (b'\xef\xbb\xbf{"a": 1}', "application/json", "application/json"),  # a byte order mark (Windows tools)
         ("unicode ✓ text".encode(), None, "text/plain"),
         (b"2026-12-06 started\n", "text/x-log", "text/plain"),
     ],
