@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 STOP_CHANNEL = "generations:stop"
 #: Published with `{"id": assistant message id, "body": callback}`: the instance running it applies it.
 CALLBACK_CHANNEL = "generations:callback"
+#: Set while a `/v1` completion takes callbacks (`{key}{callback id}`), with its longest life as expiry.
+COMPLETION_KEY = "completion-callbacks:"
 #: Polling the stored message while a stream is rebuilt from storage (seconds).
 STORAGE_POLL = 0.5
 #: How long the writer keeps retrying an unreachable Redis after the generation ended (seconds).
@@ -259,6 +262,28 @@ class RedisEventLog:
             logger.warning("redis unreachable, callback not relayed (%s)", type(exc).__name__)
             return False
         return True
+
+    async def mark_callback_target(self, callback_id: str, seconds: float) -> bool:
+        """Say that a `/v1` completion (no stored row says it runs) takes callbacks for `callback_id` on some
+        instance, so another instance receiving one relays it; False when Redis is unreachable."""
+        try:
+            await self.redis.set(COMPLETION_KEY + callback_id, "1", ex=max(1, math.ceil(seconds)))
+        except Exception as exc:
+            logger.warning("redis unreachable, completion callbacks only on this instance (%s)", type(exc).__name__)
+            return False
+        return True
+
+    async def unmark_callback_target(self, callback_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.redis.delete(COMPLETION_KEY + callback_id)
+
+    async def is_callback_target(self, callback_id: str) -> bool:
+        """Whether a completion somewhere takes callbacks for `callback_id` (False when Redis is unreachable:
+        the caller then answers 503 or 404 as for a generation it cannot reach)."""
+        try:
+            return bool(await self.redis.exists(COMPLETION_KEY + callback_id))
+        except Exception:
+            return False
 
     async def listen_for_callbacks(self, on_callback: Callable[[str, dict[str, Any]], Awaitable[None]]) -> None:
         """Subscribe to the callback channel for the life of the app (as the stop channel)."""

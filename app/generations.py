@@ -79,6 +79,8 @@ class GenerationRegistry:
         self.worker_id = uuid.uuid4()
         self.streamer = streamer
         self.running: dict[str, Generation] = {}
+        #: `/v1` completions of this instance that take callbacks, by callback id (`call_completion`).
+        self.completion_inboxes: dict[str, CallbackInbox] = {}
         #: Every generation whose events can still be followed: running ones, and ended ones for STREAM_LOG_TTL.
         self.logs: dict[str, Generation] = {}
         #: The latest generation of each chat that has one in `logs`.
@@ -383,25 +385,20 @@ class GenerationRegistry:
 
     # --- progress callbacks (app.callbacks) -------------------------------------------------------
     def deliver(self, assistant_id: str, body: dict[str, Any]) -> bool:
-        """Apply one validated callback to a generation of this instance; False when it is not running here
-        (or its outcome is already decided: the first terminal won)."""
+        """Apply one validated callback to a generation (or `/v1` completion) of this instance; False when it
+        is not running here (or its outcome is already decided: the first terminal won)."""
         generation = self.running.get(assistant_id)
-        inbox = None if generation is None else generation.inbox
-        if generation is None or inbox is None or not inbox.open or generation.finishing:
+        if generation is None:
+            completion = self.completion_inboxes.get(assistant_id)
+            if completion is None or not completion.open:
+                return False
+            # A completion has no place for steps (OpenAI's chunks carry text only): they are not relayed.
+            _apply_callback(completion, body, None)
+            return True
+        inbox = generation.inbox
+        if inbox is None or not inbox.open or generation.finishing:
             return False
-        inbox.last_at = asyncio.get_running_loop().time()
-        kind = body["type"]
-        if kind in ("status", "tool"):
-            data = inbox.step(body)
-            if data is not None:
-                generation.add_event(kind, data)
-        elif kind == "message":
-            if inbox.take_text(body["content"]) and inbox.on_text is not None:
-                inbox.on_text([body["content"]])
-        elif kind == "usage":
-            inbox.add_usage(body["input_tokens"], body["output_tokens"])
-        else:
-            inbox.end(body.get("message") if kind == "error" else None)
+        _apply_callback(inbox, body, generation.add_event)
         return True
 
     async def callback(self, assistant_id: str, body: dict[str, Any]) -> bool:
@@ -409,13 +406,14 @@ class GenerationRegistry:
 
         False when no instance runs it. Raises ServiceUnavailable when it runs elsewhere and Redis is down.
         """
-        if assistant_id in self.running:
+        if assistant_id in self.running or assistant_id in self.completion_inboxes:
             return self.deliver(assistant_id, body)
         if self.shared is None:
             return False
-        async with self.db.autocommit() as session:
-            if not await message_service.is_streaming(session, assistant_id):
-                return False
+        if not await self.shared.is_callback_target(assistant_id):  # a `/v1` completion elsewhere, else:
+            async with self.db.autocommit() as session:
+                if not await message_service.is_streaming(session, assistant_id):
+                    return False
         if not await self.shared.publish_callback(assistant_id, body):
             raise ServiceUnavailable("The callback cannot be relayed right now; try again")
         return True
@@ -552,6 +550,49 @@ class GenerationRegistry:
         if inbox is None:
             await call  # in this task: a task of its own per stream cost memory and CPU for nothing
             return
+        await self._with_callbacks(call, inbox, callback_mode=callback_mode, stats=stats)
+
+    async def call_completion(
+        self,
+        callback_id: str,
+        *,
+        callback_mode: bool,
+        url: str,
+        headers: dict[str, str],
+        payload: dict[str, Any],
+        on_chunks: Callable[[list[str]], None],
+        stats: StreamStats,
+    ) -> None:
+        """A `/v1` completion whose n8n request carries a callback URL (`callback_id`): its callbacks append
+        text, report usage and end it, as for a chat's generation (`_call`); raise StreamFailure for a
+        failed one. Another instance receiving its callbacks relays them here (a Redis key says it runs)."""
+        inbox = CallbackInbox(self.settings, asyncio.get_running_loop().time())
+        inbox.on_text = on_chunks
+        self.completion_inboxes[callback_id] = inbox
+        s = self.settings
+        lifetime = (s.CALLBACK_TOTAL_TIMEOUT if callback_mode else s.N8N_TOTAL_TIMEOUT) + 60
+        marked = self.shared is not None and await self.shared.mark_callback_target(callback_id, lifetime)
+
+        def ignore(_chunks: list[str]) -> None:
+            return None
+
+        call = self.streamer.run(
+            url=url, headers=headers, payload=payload, on_chunks=ignore if callback_mode else on_chunks, stats=stats
+        )
+        try:
+            await self._with_callbacks(call, inbox, callback_mode=callback_mode, stats=stats)
+        finally:
+            inbox.closed = True
+            self.completion_inboxes.pop(callback_id, None)
+            if inbox.usage is not None:
+                stats.usage = inbox.usage
+            if marked and self.shared is not None:
+                await self.shared.unmark_callback_target(callback_id)
+
+    async def _with_callbacks(
+        self, call: Coroutine[Any, Any, None], inbox: CallbackInbox, *, callback_mode: bool, stats: StreamStats
+    ) -> None:
+        """The webhook's call and the callbacks together: the first terminal wins (`_call`)."""
         webhook = asyncio.ensure_future(call)
         ended = asyncio.ensure_future(inbox.ended.wait())
         try:
@@ -742,6 +783,25 @@ class GenerationRegistry:
                     "final write of %s failed (%s), trying again in %.1f s", new.assistant_id, type(exc).__name__, delay
                 )
             await asyncio.sleep(delay)
+
+
+def _apply_callback(inbox: CallbackInbox, body: dict[str, Any], on_step: Callable[[str, Any], Any] | None) -> None:
+    """One validated callback into an open inbox: a step (handed to `on_step`, a generation's `add_event`),
+    text, usage, or the end."""
+    inbox.last_at = asyncio.get_running_loop().time()
+    kind = body["type"]
+    if kind in ("status", "tool"):
+        if on_step is not None:
+            data = inbox.step(body)
+            if data is not None:
+                on_step(kind, data)
+    elif kind == "message":
+        if inbox.take_text(body["content"]) and inbox.on_text is not None:
+            inbox.on_text([body["content"]])
+    elif kind == "usage":
+        inbox.add_usage(body["input_tokens"], body["output_tokens"])
+    else:
+        inbox.end(body.get("message") if kind == "error" else None)
 
 
 class _Checkpointer:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
@@ -25,7 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import callbacks
 from app.config import Settings
 from app.models import UsageRecord
+from app.services.api_keys import create_key
 from tests.conftest import ROOT
+from tests.factories import create_agent, create_team, create_user
 from tests.live import SSE, ChatSetup, EventReader, LiveServer, chat_with_agent, free_port, streamed_text
 from tests.test_stop_resume import live_settings
 from tests.test_stream_live import _subprocess_env, assistant_of, settled
@@ -418,6 +421,34 @@ async def test_a_callback_reaching_another_instance_is_relayed_to_the_owner(
     stored = await assistant_of(app, setup.chat.id)
     assert (stored["status"], stored["content"]) == ("complete", ECHO)
     assert len(stored["metadata"]["steps"]) == 2
+
+
+async def test_a_completions_callbacks_reaching_another_instance_are_relayed_to_it(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str
+) -> None:
+    """A `/v1` completion has no stored row that says where it runs: while it takes callbacks a Redis key
+    says it runs somewhere, so B relays what it receives to A, which answers; afterwards B's answer is 404."""
+    settings = live_settings(database_url, tmp_path)
+    port_a, port_b = free_port(), free_port()
+    common = {"REDIS_URL": redis_url, "STREAM_PING_INTERVAL": "0.2"}
+    team = await create_team(session)
+    user = await create_user(session, team=team)
+    url = f"{fake.url}/webhook/agent-stream?scenario=callbacks&answer=cut&hang=0.05"
+    await create_agent(session, team=team, slug="slow", webhook_url=url, response_mode="callback")
+    _row, key = await create_key(session=session, settings=settings, user=user, name="k", expires_at=None)
+    async with (
+        instance(settings, port_b, **common, PUBLIC_BASE_URL=f"http://127.0.0.1:{port_b}") as url_b,
+        instance(settings, port_a, **common, PUBLIC_BASE_URL=url_b) as url_a,
+    ):
+        client = openai.AsyncOpenAI(base_url=f"{url_a}/v1", api_key=key, max_retries=0, timeout=20)
+        answer = await client.chat.completions.create(model="slow", messages=[{"role": "user", "content": WORDS}])
+        await client.close()
+        async with httpx.AsyncClient(timeout=10) as http:
+            late = await http.post(sent_callback_url(fake), json={"type": "done"})
+    assert sent_callback_url(fake).startswith(f"{url_b}/api/callbacks/")
+    assert {c["status"] for c in fake.callbacks} == {202}
+    assert answer.choices[0].message.content == ECHO
+    assert late.status_code == 404
 
 
 def test_the_documented_example_workflow_posts_to_the_callback_url() -> None:

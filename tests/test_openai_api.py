@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +25,7 @@ from app.state import app_state
 from tests.conftest import count_rows
 from tests.factories import auth_headers, create_agent, create_team, create_user
 from tests.live import LiveServer, live_server
+from tests.test_callbacks import ECHO, WORDS, served
 from tools.fake_n8n import FakeN8n
 
 
@@ -422,10 +425,12 @@ async def test_a_failed_completion_tells_the_official_client_not_to_send_it_agai
     assert (await session.execute(select(UsageRecord.outcome))).scalars().all() == ["error"]
 
 
-async def test_an_agent_in_callback_mode_is_refused_clearly(session: AsyncSession, setup: Setup, fake: FakeN8n) -> None:
-    """Its webhook's own answer is n8n's "Workflow was started", and a completion has no callback URL to give:
-    a 400 that says so, before n8n is called or the quota counted (it returned the acknowledgement as the
-    answer)."""
+async def test_an_agent_in_callback_mode_without_a_public_address_is_refused_clearly(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    """Without PUBLIC_BASE_URL there is no callback URL for its workflow to post the answer to, and the
+    webhook's own answer is n8n's "Workflow was started": a 400 that says so, before n8n is called or the
+    quota counted (the acknowledgement was returned as the answer)."""
     await session.execute(
         update(Agent)
         .where(Agent.id == setup.agent.id)
@@ -438,10 +443,84 @@ async def test_an_agent_in_callback_mode_is_refused_clearly(session: AsyncSessio
                 model="helper", messages=[{"role": "user", "content": "hi"}], stream=stream
             )
         assert caught.value.code == "model_not_supported"
-        assert "callback" in caught.value.message
+        assert "PUBLIC_BASE_URL" in caught.value.message
     assert fake.requests == []
     assert await count_rows(session, "usage_records") == 0
     assert await count_rows(session, "usage_daily") == 0
+
+
+@asynccontextmanager
+async def callback_client(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, query: str, mode: str = "callback"
+) -> AsyncIterator[tuple[openai.AsyncOpenAI, httpx.AsyncClient]]:
+    """The official client against a live server whose PUBLIC_BASE_URL is its own address, for a model whose
+    agent runs the fake's `callbacks` scenario with `query` in response mode `mode`; and a plain client."""
+    async with served(database_url, tmp_path) as server:
+        team = await create_team(session)
+        user = await create_user(session, team=team)
+        url = f"{fake.url}/webhook/agent-stream?scenario=callbacks&{query}"
+        await create_agent(session, team=team, slug="slow", webhook_url=url, response_mode=mode)
+        _row, key = await create_key(session=session, settings=server.settings, user=user, name="k", expires_at=None)
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=20)
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            yield client, http
+        await client.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_agent_in_callback_mode_answers_a_completion_by_callback(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, stream: bool
+) -> None:
+    """n8n gets the completion's own callback URL; the workflow posts the answer there (its steps have no
+    place in OpenAI's chunks), its usage, then `done`; the webhook's "Workflow was started" is not the reply.
+    The URL is dead once the completion ended."""
+    async with callback_client(session, database_url, tmp_path, fake, "answer=ack") as (client, http):
+        messages: Any = [{"role": "user", "content": WORDS}]
+        if stream:
+            chunks = [
+                c async for c in await client.chat.completions.create(model="slow", messages=messages, stream=True)
+            ]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert chunks[-1].choices[0].finish_reason == "stop"
+        else:
+            answer = await client.chat.completions.create(model="slow", messages=messages)
+            text = answer.choices[0].message.content or ""
+            assert answer.usage is not None
+            assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (12, 7)
+        replayed = await http.post(fake.requests[-1]["json"]["metadata"]["callback_url"], json={"type": "done"})
+    assert text == ECHO
+    url = fake.requests[-1]["json"]["metadata"]["callback_url"]
+    assert "/api/callbacks/" in url
+    assert {c["status"] for c in fake.callbacks} == {202}
+    assert replayed.status_code == 404
+    [row] = (await session.execute(select(UsageRecord))).scalars().all()
+    assert (row.outcome, row.chars_out, row.tokens_in, row.tokens_out) == ("complete", len(ECHO), 12, 7)
+
+
+async def test_a_completion_ended_by_an_error_callback_is_a_502_with_its_message(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    async with callback_client(session, database_url, tmp_path, fake, "answer=ack&end=error") as (client, _http):
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model="slow", messages=[{"role": "user", "content": WORDS}])
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_error"
+    body: Any = caught.value.body
+    assert body["message"] == "The workflow failed in node Search"
+    assert (await session.execute(select(UsageRecord.outcome))).scalars().all() == ["error"]
+
+
+async def test_a_stream_mode_agent_gets_a_callback_url_and_a_done_callback_ends_the_completion(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """As for a chat: with PUBLIC_BASE_URL every completion's request carries a callback URL; in stream mode
+    the webhook's text is the answer, and callback text joins it, until the first end wins."""
+    query = "answer=stall&hang=30"  # two tokens streamed, then silence: the `done` callback ends it
+    async with callback_client(session, database_url, tmp_path, fake, query, mode="stream") as (client, _http):
+        answer = await client.chat.completions.create(model="slow", messages=[{"role": "user", "content": WORDS}])
+    assert answer.choices[0].finish_reason == "stop"
+    assert ECHO in (answer.choices[0].message.content or "")
+    assert (await session.execute(select(UsageRecord.outcome))).scalars().all() == ["complete"]
 
 
 async def test_quota_applies_to_completions(session: AsyncSession, setup: Setup, fake: FakeN8n) -> None:

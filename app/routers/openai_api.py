@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -175,8 +176,8 @@ def _chunk(
             "content": {"application/json": {}, "text/event-stream": {}},
         },
         400: openai_error_doc(
-            "The body cannot be parsed; or the agent answers by callback (code model_not_supported), which a "
-            "completion cannot receive",
+            "The body cannot be parsed; or the agent answers by callback and the server has no "
+            "PUBLIC_BASE_URL for its workflow to post to (code model_not_supported)",
             "invalid_request_error",
             None,
             "There was an error parsing the body",
@@ -283,8 +284,14 @@ class Run:
 
     def start(self, on_chunks: Callable[[list[str]], None] | None = None) -> asyncio.Task[StreamFailure | None]:
         registry = self.registry
+        completion = self.completion
+        call_agent: Callable[..., Awaitable[None]] = registry.streamer.run
+        if completion.callback_id is not None:  # n8n may post to its callback URL: text, usage, the end
+            call_agent = functools.partial(
+                registry.call_completion, completion.callback_id, callback_mode=completion.callback_mode
+            )
         run = completions_service.run_completion(
-            call_agent=registry.streamer.run,
+            call_agent=call_agent,
             db=self.db,
             settings=self.settings,
             completion=self.completion,

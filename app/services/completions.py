@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import metrics
+from app import callbacks, metrics
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
@@ -47,11 +47,11 @@ def model_not_found(model: str) -> NotFound:
     )
 
 
-#: An agent in callback mode answers by posting to a chat's generation (app.callbacks); a completion has none
-#: to post to, and n8n's own HTTP answer ("Workflow was started") is not the reply.
+#: An agent in callback mode answers by posting to the completion's callback URL (app.callbacks), which only
+#: exists with PUBLIC_BASE_URL; n8n's own HTTP answer ("Workflow was started") is never the reply.
 CALLBACK_AGENT = (
-    "The model '{model}' answers by callback (a long workflow), which /v1/chat/completions does not support; "
-    "use it from a chat (POST /api/chats/{{id}}/messages)"
+    "The model '{model}' answers by callback, and this server has no public address (PUBLIC_BASE_URL) for its "
+    "workflow to post to"
 )
 
 
@@ -96,6 +96,10 @@ class Completion:
     chars_in: int
     chunks: list[str] = field(default_factory=list)
     usage: tuple[int, int] | None = None
+    #: The id its callback URL is signed for (None without PUBLIC_BASE_URL: no URL, no callbacks), and whether
+    #: the agent answers by callback only (`response_mode: "callback"`).
+    callback_id: str | None = None
+    callback_mode: bool = False
 
 
 def session_id_for(user: Caller, header: str | None) -> str:
@@ -139,11 +143,15 @@ async def prepare_completion(
     if agent is None:
         await session.commit()
         raise model_not_found(model)
-    if agent.response_mode == "callback":
+    callback_mode = agent.response_mode == "callback"
+    if callback_mode and settings.PUBLIC_BASE_URL is None:
         await session.commit()
         raise BadRequest(CALLBACK_AGENT.format(model=agent.slug), openai_code="model_not_supported")
     await claim_generation(session=session, user=user)
     completion_id = "chatcmpl-" + secrets.token_hex(12)
+    # As for a chat's generation: a callback URL whenever n8n can reach this service (progress, `done` early,
+    # or in callback mode the whole answer), signed for an id of its own (the URL carries a UUID).
+    callback_id = str(uuid.uuid4()) if settings.PUBLIC_BASE_URL is not None else None
     system_prompt = "\n\n".join([*system_parts, *([agent.system_prompt] if agent.system_prompt else [])])
     payload = {
         "messages": build_history(prior, latest, settings),
@@ -159,6 +167,8 @@ async def prepare_completion(
             "source": "openai",
         },
     }
+    if callback_id is not None:
+        payload["metadata"]["callback_url"] = callbacks.callback_url(settings, callback_id)
     return Completion(
         id=completion_id,
         created=int(time.time()),
@@ -170,6 +180,8 @@ async def prepare_completion(
         webhook_headers_encrypted=agent.webhook_headers_encrypted,
         payload=payload,
         chars_in=len(latest),
+        callback_id=callback_id,
+        callback_mode=callback_mode,
     )
 
 
