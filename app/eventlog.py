@@ -277,13 +277,14 @@ class RedisEventLog:
         with contextlib.suppress(Exception):
             await self.redis.delete(COMPLETION_KEY + callback_id)
 
-    async def is_callback_target(self, callback_id: str) -> bool:
-        """Whether a completion somewhere takes callbacks for `callback_id` (False when Redis is unreachable:
-        the caller then answers 503 or 404 as for a generation it cannot reach)."""
+    async def is_callback_target(self, callback_id: str) -> bool | None:
+        """Whether a completion somewhere takes callbacks for `callback_id`; None when Redis is unreachable
+        (nothing can be relayed then either)."""
         try:
             return bool(await self.redis.exists(COMPLETION_KEY + callback_id))
-        except Exception:
-            return False
+        except Exception as exc:
+            logger.warning("redis unreachable, callback not relayed (%s)", type(exc).__name__)
+            return None
 
     async def listen_for_callbacks(self, on_callback: Callable[[str, dict[str, Any]], Awaitable[None]]) -> None:
         """Subscribe to the callback channel for the life of the app (as the stop channel)."""

@@ -189,8 +189,8 @@ class GenerationRegistry:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.settings.SHUTDOWN_GRACE_SECONDS
         while True:
-            tasks = {g.task for g in self.running.values() if g.task is not None} | self.detached
-            pending = {task for task in tasks if not task.done()}
+            generations = {g.task: g for g in self.running.values() if g.task is not None}
+            pending = {task for task in [*generations, *self.detached] if not task.done()}
             if not pending:
                 return
             remaining = give_up_at - loop.time()
@@ -199,7 +199,11 @@ class GenerationRegistry:
                 continue
             self.interrupting = True
             for task in pending:
-                task.cancel()
+                # Not one whose task has not taken its first step: a cancel now would end it before its body
+                # (and its final write) runs; `_run` sees `interrupting` as it starts and stores it so.
+                generation = generations.get(task)
+                if generation is None or generation.new.assistant_started is not None:
+                    task.cancel()
             logger.warning("interrupting %d running generation(s) at shutdown", len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
 
@@ -410,7 +414,10 @@ class GenerationRegistry:
             return self.deliver(assistant_id, body)
         if self.shared is None:
             return False
-        if not await self.shared.is_callback_target(assistant_id):  # a `/v1` completion elsewhere, else:
+        completion = await self.shared.is_callback_target(assistant_id)  # a `/v1` completion elsewhere?
+        if completion is None:  # Redis is unreachable: neither known nor relayable (n8n may retry a 503)
+            raise ServiceUnavailable("The callback cannot be relayed right now; try again")
+        if not completion:
             async with self.db.autocommit() as session:
                 if not await message_service.is_streaming(session, assistant_id):
                     return False
@@ -463,6 +470,9 @@ class GenerationRegistry:
                 ) from None
             if generation.stopping:  # stopped before it started (see `stop`)
                 stopped = True
+            elif self.interrupting:  # started after the shutdown's grace ran out (see `_drain`): call no one
+                cancelled = True
+                failure = StreamFailure("interrupted", "The server stopped before the answer was complete")
             else:
                 await self._call(generation, headers, on_chunks, stats)
         except StreamFailure as exc:
@@ -568,18 +578,20 @@ class GenerationRegistry:
         failed one. Another instance receiving its callbacks relays them here (a Redis key says it runs)."""
         inbox = CallbackInbox(self.settings, asyncio.get_running_loop().time())
         inbox.on_text = on_chunks
-        self.completion_inboxes[callback_id] = inbox
         s = self.settings
         lifetime = (s.CALLBACK_TOTAL_TIMEOUT if callback_mode else s.N8N_TOTAL_TIMEOUT) + 60
-        marked = self.shared is not None and await self.shared.mark_callback_target(callback_id, lifetime)
+        marked = False
 
         def ignore(_chunks: list[str]) -> None:
             return None
 
-        call = self.streamer.run(
-            url=url, headers=headers, payload=payload, on_chunks=ignore if callback_mode else on_chunks, stats=stats
-        )
         try:
+            self.completion_inboxes[callback_id] = inbox
+            if self.shared is not None:
+                marked = await self.shared.mark_callback_target(callback_id, lifetime)
+            call = self.streamer.run(
+                url=url, headers=headers, payload=payload, on_chunks=ignore if callback_mode else on_chunks, stats=stats
+            )
             await self._with_callbacks(call, inbox, callback_mode=callback_mode, stats=stats)
         finally:
             inbox.closed = True

@@ -20,13 +20,18 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI
+from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import callbacks
 from app.config import Settings
+from app.db import Database
+from app.errors import ServiceUnavailable
+from app.generations import GenerationRegistry
 from app.models import UsageRecord
 from app.services.api_keys import create_key
+from app.upstream import StreamStats
 from tests.conftest import ROOT
 from tests.factories import create_agent, create_team, create_user
 from tests.live import SSE, ChatSetup, EventReader, LiveServer, chat_with_agent, free_port, streamed_text
@@ -449,6 +454,67 @@ async def test_a_completions_callbacks_reaching_another_instance_are_relayed_to_
     assert {c["status"] for c in fake.callbacks} == {202}
     assert answer.choices[0].message.content == ECHO
     assert late.status_code == 404
+
+
+class _SilentStreamer:
+    """An n8n that never answers (the completion waits for callbacks)."""
+
+    async def run(self, **_kw: Any) -> None:
+        await asyncio.sleep(3600)
+
+
+async def test_a_completion_cancelled_while_redis_answers_leaves_no_inbox_behind(
+    settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that leaves (or the shutdown) while the completion tells Redis it takes callbacks: its inbox
+    was left registered for good, holding its payload, and callbacks to its URL were still accepted."""
+    db = Database(settings)
+    registry = GenerationRegistry(settings=settings, db=db, streamer=_SilentStreamer(), redis=Redis.from_url(redis_url))  # type: ignore[arg-type]
+    assert registry.shared is not None
+    answering = asyncio.Event()
+
+    async def slow_mark(_callback_id: str, _seconds: float) -> bool:  # Redis slow to answer (a failover)
+        answering.set()
+        await asyncio.sleep(3600)
+        return True
+
+    monkeypatch.setattr(registry.shared, "mark_callback_target", slow_mark)
+    callback_id = str(uuid.uuid4())
+    task = asyncio.create_task(
+        registry.call_completion(
+            callback_id,
+            callback_mode=True,
+            url="http://127.0.0.1:9/webhook/x",
+            headers={},
+            payload={},
+            on_chunks=lambda _chunks: None,
+            stats=StreamStats(),
+        )
+    )
+    try:
+        await answering.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert callback_id not in registry.completion_inboxes
+        assert not registry.deliver(callback_id, {"type": "message", "content": "late"})
+    finally:
+        await registry.shared.redis.aclose()
+        await db.engine.dispose()
+
+
+async def test_a_callback_to_relay_while_redis_is_down_is_a_503(settings: Settings) -> None:
+    """Neither a running chat answer nor a completion elsewhere can be reached without Redis: 503, which n8n's
+    Retry On Fail retries (a completion's was a 404, final)."""
+    db = Database(settings)
+    down = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    registry = GenerationRegistry(settings=settings, db=db, streamer=_SilentStreamer(), redis=down)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(ServiceUnavailable):
+            await registry.callback(str(uuid.uuid4()), {"type": "message", "content": "hi"})
+    finally:
+        await down.aclose()
+        await db.engine.dispose()
 
 
 def test_the_documented_example_workflow_posts_to_the_callback_url() -> None:

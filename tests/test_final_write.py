@@ -526,3 +526,28 @@ async def test_recovery_marking_an_answer_while_its_chat_is_deleted_does_not_dea
     finally:
         await other.close()
     assert await count_rows(session, "chats") == 0
+
+
+async def test_a_final_write_of_an_answer_recovery_ended_does_not_deadlock_with_a_reply_to_it(
+    app: FastAPI, session: AsyncSession, settings: Settings
+) -> None:
+    """Recovery ended the answer `interrupted`; a send in the chat stores a question replying to it (its foreign
+    key check holds the answer's row FOR KEY SHARE), then moves the chat's leaf. The final write, holding the
+    chat, reads the answer's row with the weakest lock a deletion waits for, so it does not wait for that
+    check: no deadlock, and it writes nothing (the first final state won)."""
+    db = app_state(app).db
+    setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
+    new = await started(db, settings, setup)
+    answer = uuid.UUID(new.assistant_id)
+    send = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
+    try:
+        await send.execute("UPDATE messages SET status = 'interrupted' WHERE id = $1", answer)  # recovery
+        async with send.transaction():
+            await send.execute("SELECT 1 FROM messages WHERE id = $1 FOR KEY SHARE", answer)  # the reply's FK check
+            writing = asyncio.create_task(finish(db, new, last_event_id=5))
+            await asyncio.wait({writing}, timeout=0.5)  # done at once now; it waited for the row with FOR UPDATE
+            await send.execute("UPDATE chats SET updated_at = now() WHERE id = $1", setup.chat.id)  # the new leaf
+        assert await writing is None  # deadlock_timeout is 1 s: a deadlock would have failed one side by now
+    finally:
+        await send.close()
+    assert await count_rows(session, "usage_records") == 0

@@ -174,6 +174,49 @@ async def test_a_generation_started_while_the_shutdown_drains_is_drained_too(
     assert sorted((row.outcome, row.error_code) for row in rows) == [("interrupted", "interrupted")] * 2
 
 
+@pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.05)
+async def test_a_generation_started_after_the_grace_ran_out_is_stored_interrupted(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """A send resuming as the drain interrupts the others starts a generation whose task has not taken its
+    first step: a cancel then ended it before its body ran (no terminal event, its row left `streaming`).
+    It sees the interrupt as it starts, calls no one, and is stored `interrupted`."""
+    url = fake.url + "/webhook/agent-stream?scenario=stall&hang=30&after=2"
+    registry = app_state(app).generations
+
+    async def prepared() -> Any:
+        setup = await chat_with_agent(session, settings, url)
+        async with app_state(app).db.autocommit() as s:
+            return await start_message(
+                session=s,
+                settings=settings,
+                user=Caller(id=setup.user.id, team_id=setup.user.team_id),
+                chat_id=setup.chat.id,
+                content="one two",
+                worker_id=registry.worker_id,
+            )
+
+    first = registry.start(await prepared())
+    late_new = await prepared()  # a send already past `check_accepting`, its rows stored
+    late: list[Any] = []
+    draining = registry.begin_shutdown()
+    async with asyncio.timeout(5):
+        while not registry.interrupting:  # noqa: ASYNC110  # the drain sets it as the grace runs out
+            await asyncio.sleep(0.001)
+    assert first.task is not None
+    # The late send's handler resumes in the loop turn in which the interrupted one ends.
+    first.task.add_done_callback(lambda _task: late.append(registry.start(late_new)))
+    async with asyncio.timeout(10):
+        await draining
+    [generation] = late
+    assert generation.terminal == "error"
+    assert len(fake.requests) == 1  # the late one called no one
+    status = await session.scalar(
+        text("SELECT status FROM messages WHERE id = :id"), {"id": uuid.UUID(late_new.assistant_id)}
+    )
+    assert status == "interrupted"
+
+
 async def test_generation_of_a_dead_worker_writes_interrupted_row_when_recovered(
     app: FastAPI, session: AsyncSession
 ) -> None:

@@ -216,8 +216,13 @@ def _final_write(statements: Statements, *, failed: bool) -> Select[bool, bool]:
     updated = exists(select(message.c.chat_id))
     # The row, locked and so read as it is now, like the UPDATE reads it: a chat deleted while this statement
     # waited for the row leaves nothing here (the statement's snapshot would still show the row). A row the
-    # UPDATE changed is skipped here too (this command changed it): `updated` covers that case.
-    current = select(Message.id).where(Message.id == bindparam("aid")).with_for_update().cte("k")
+    # UPDATE changed is skipped here too (this command changed it): `updated` covers that case. FOR KEY SHARE,
+    # the weakest lock a DELETE waits for: it must not wait for a send's foreign-key check on this row (a
+    # question replying to an answer recovery ended), whose transaction then updates the chat this statement
+    # holds (a deadlock).
+    current = (
+        select(Message.id).where(Message.id == bindparam("aid")).with_for_update(read=True, key_share=True).cte("k")
+    )
     gone = ~exists(select(current.c.id))
     proceed = or_(updated, gone)
     ledger, rollup = usage_service.ledger_writes(statements, proceed)
