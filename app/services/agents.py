@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from yarl import URL
 
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers, encrypt_headers
@@ -137,6 +138,24 @@ async def create_agent(
     return agent
 
 
+#: The stored secret headers were given for one webhook origin: an admin who moves the webhook elsewhere
+#: gives them again (or `{}`), so no one can send another admin's secrets to a host of their own.
+HEADERS_FOR_NEW_ORIGIN = (
+    "The webhook moves to another host: send webhook_headers again ({} to drop them), so the stored secret "
+    "headers never go to a host they were not given for"
+)
+
+
+def _has_headers(agent: Agent, settings: Settings) -> bool:
+    """Whether the agent stores secret headers (unreadable ones count: they may hold secrets)."""
+    if agent.webhook_headers_encrypted is None:
+        return False
+    try:
+        return bool(decrypt_headers(agent.webhook_headers_encrypted, settings.ENCRYPTION_KEY))
+    except DecryptionError:
+        return True
+
+
 async def update_agent(
     *, session: AsyncSession, settings: Settings, user: User, agent_id: uuid.UUID, changes: dict[str, Any]
 ) -> Agent:
@@ -146,6 +165,9 @@ async def update_agent(
     changes = dict(changes)
     if "webhook_url" in changes:
         changes["webhook_url"] = checked_url(changes["webhook_url"], settings)
+        moved = URL(changes["webhook_url"]).origin() != URL(agent.webhook_url).origin()
+        if moved and "webhook_headers" not in changes and _has_headers(agent, settings):
+            raise Unprocessable(HEADERS_FOR_NEW_ORIGIN, loc=("body", "webhook_headers"))
     if "response_mode" in changes:
         checked_response_mode(changes["response_mode"], settings)
     if "webhook_headers" in changes:
