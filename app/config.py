@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     IMPORT_MAX_BODY_BYTES: int = Field(10_485_760, ge=1024)
     IMPORT_MAX_CONCURRENT: int = Field(4, ge=1, le=1000)
     IMPORT_MAX_CHATS: int = Field(1000, ge=1, le=100_000)
+    #: ... and how many messages, all its chats together (one chat of 60,000 was a 5 s transaction).
+    IMPORT_MAX_MESSAGES: int = Field(20_000, ge=1, le=1_000_000)
 
     #: Files in messages (docs/FILES.md): the largest upload, the types accepted (judged by content), how many
     #: files one message, one chat, and one chat's unsent uploads may hold, how many uploads one user may run

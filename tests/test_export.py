@@ -577,7 +577,7 @@ async def test_an_export_holding_the_deepest_tool_step_a_callback_accepts_import
     assert "nested deeper" in refused.json()["detail"][0]["msg"]
 
 
-@pytest.mark.settings(IMPORT_MAX_CHATS=3)
+@pytest.mark.settings(IMPORT_MAX_CHATS=3, IMPORT_MAX_MESSAGES=5)
 async def test_import_of_more_chats_than_the_cap_is_422_and_is_checked_off_the_event_loop(
     client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -588,9 +588,9 @@ async def test_import_of_more_chats_than_the_cap_is_422_and_is_checked_off_the_e
     threads: list[bool] = []
     checked = imports.parse_import
 
-    def recorded(body: bytes, max_chats: int) -> Any:
+    def recorded(body: bytes, max_chats: int, max_messages: int) -> Any:
         threads.append(threading.current_thread() is threading.main_thread())
-        return checked(body, max_chats)
+        return checked(body, max_chats, max_messages)
 
     monkeypatch.setattr(imports, "parse_import", recorded)
     chats, messages = await count_rows(session, "chats"), await count_rows(session, "messages")
@@ -598,10 +598,16 @@ async def test_import_of_more_chats_than_the_cap_is_422_and_is_checked_off_the_e
     assert over.status_code == 422
     assert over.json()["detail"][0]["msg"] == "An import holds at most 3 chats; split the file"
     assert (await count_rows(session, "chats"), await count_rows(session, "messages")) == (chats, messages)
-    at_cap = await import_body(client, team_world, "\n".join([json.dumps(doc)] * 3), content_type="application/jsonl")
+    # Messages count too, all chats together (one chat of 60,000 messages was a 5 s transaction).
+    long = {**doc, "messages": doc["messages"] * 6}  # 6 messages (refused before the tree is checked)
+    messages_over = await import_body(client, team_world, json.dumps(long))
+    assert messages_over.status_code == 422
+    assert messages_over.json()["detail"][0]["msg"] == "An import holds at most 5 messages; split the file"
+    assert (await count_rows(session, "chats"), await count_rows(session, "messages")) == (chats, messages)
+    at_cap = await import_body(client, team_world, "\n".join([json.dumps(doc)] * 2), content_type="application/jsonl")
     assert at_cap.status_code == 201
-    assert len(at_cap.json()) == 3
-    assert threads == [False, False]  # never on the event loop's thread
+    assert len(at_cap.json()) == 2
+    assert threads == [False, False, False]  # never on the event loop's thread
 
 
 @pytest.mark.settings(IMPORT_MAX_CONCURRENT=2)

@@ -115,7 +115,7 @@ IMPORT_BODY_DOC = (
         422: {
             "description": "A chat that is not a valid export (`loc` is `body`, the chat's position, then the "
             "field), or whose agent slug your team lacks (the message names it), or more chats than "
-            "IMPORT_MAX_CHATS; nothing was stored",
+            "IMPORT_MAX_CHATS or messages than IMPORT_MAX_MESSAGES; nothing was stored",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
         },
         415: error_doc(imports.IMPORT_TYPES_ONLY),
@@ -130,5 +130,11 @@ async def import_chats(
     await session.close()
     with gate.slot(user.id):
         body = await request.body()
-        chats = await imports.import_chats(session=session, user=user, body=body, max_chats=settings.IMPORT_MAX_CHATS)
+        chats = await imports.import_chats(
+            session=session,
+            user=user,
+            body=body,
+            max_chats=settings.IMPORT_MAX_CHATS,
+            max_messages=settings.IMPORT_MAX_MESSAGES,
+        )
     return [ChatSummary.model_validate(chat) for chat in chats]

@@ -184,12 +184,20 @@ def too_many_chats(limit: int) -> str:
     return f"An import holds at most {limit} chats; split the file"
 
 
-def parse_import(body: bytes, max_chats: int) -> list[_Plan]:
+def too_many_messages(limit: int) -> str:
+    return f"An import holds at most {limit} messages; split the file"
+
+
+def parse_import(body: bytes, max_chats: int, max_messages: int) -> list[_Plan]:
     """Every chat of the body, checked; the first problem is a 422 naming the chat (its position) and field.
-    CPU-bound (up to seconds for a large body): run it in a thread."""
+    CPU-bound (up to seconds for a large body): run it in a thread. The caps are checked first, on the raw
+    documents, before any of them is validated."""
     documents = _documents(body)
     if len(documents) > max_chats:
         raise Unprocessable(too_many_chats(max_chats), loc=("body",))
+    messages = sum(len(d["messages"]) for d in documents if isinstance(d, dict) and isinstance(d.get("messages"), list))
+    if messages > max_messages:
+        raise Unprocessable(too_many_messages(max_messages), loc=("body",))
     plans = []
     for index, document in enumerate(documents):
         try:
@@ -202,12 +210,14 @@ def parse_import(body: bytes, max_chats: int) -> list[_Plan]:
     return plans
 
 
-async def import_chats(*, session: AsyncSession, user: User, body: bytes, max_chats: int) -> list[Chat]:
+async def import_chats(
+    *, session: AsyncSession, user: User, body: bytes, max_chats: int, max_messages: int
+) -> list[Chat]:
     """Store every chat of the body as a new chat of the caller, or none: one transaction, after every chat
     was checked and every agent found. Agents are matched by slug in the caller's team (inactive ones too:
     the history is kept, as for any chat of an inactive agent); a slug the team lacks is a 422 naming it.
     The body is checked in a worker thread: seconds of parsing on the event loop stalled every stream."""
-    plans = await asyncio.to_thread(parse_import, body, max_chats)
+    plans = await asyncio.to_thread(parse_import, body, max_chats, max_messages)
     slugs = {plan.chat.agent.slug for plan in plans}
     query = select(Agent.slug, Agent.id).where(Agent.team_id == user.team_id, Agent.slug.in_(slugs))
     agents: dict[str, uuid.UUID] = {slug: agent_id for slug, agent_id in (await session.execute(query)).all()}
