@@ -34,18 +34,30 @@ logger = logging.getLogger(__name__)
 LimitName = Literal["login", "register", "team_signup", "invite_preview", "agent_test", "api_key"]
 
 
+#: IPv6 prefixes whose last 32 bits are an IPv4 client (NAT64's well-known and local-use prefixes, and the
+#: deprecated IPv4-compatible form): each such client counts as that IPv4 address, not as the prefix's /64.
+_EMBEDS_IPV4 = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
+
+
 def client_key(host: str) -> str:
     """Whom a limit counts: an IPv4 address, or an IPv6 address's /64 (one host normally holds a whole /64,
-    so counting single addresses gave it 2^64 budgets); an IPv4-mapped IPv6 address is its IPv4 address."""
+    so counting single addresses gave it 2^64 budgets). An IPv6 address that carries an IPv4 client (mapped,
+    6to4, Teredo, NAT64, IPv4-compatible) counts as that IPv4 address: its /64 is shared by many clients
+    (NAT64, Teredo), or one client holds many /64s (6to4). Loopback and unspecified stay themselves."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return host
+    if not isinstance(address, ipaddress.IPv6Address):
+        return host
+    if address.is_loopback or address.is_unspecified:
+        return str(address)
+    embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
+    if embedded is None and any(address in network for network in _EMBEDS_IPV4):
+        embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if embedded is not None:
+        return str(embedded)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
 class RateLimiter:
