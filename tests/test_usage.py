@@ -22,7 +22,7 @@ from app.errors import RateLimited
 from app.models import Agent, Chat, Team, UsageRecord, UsageRollup, User
 from app.security import Caller
 from app.services import usage as usage_service
-from app.services.messages import finish_message, start_message
+from app.services.messages import NewGeneration, finish_message, start_message
 from app.services.usage_rollup import counts
 from app.state import app_state
 from main import create_app, shutdown
@@ -110,22 +110,28 @@ async def test_failed_send_writes_error_row_with_its_code(
     assert await count_rows(session, "error_logs") == 1
 
 
-@pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.05)
-async def test_interrupted_generation_writes_interrupted_row(
-    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
-) -> None:
-    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream?scenario=stall&hang=30&after=2")
-    registry = app_state(app).generations
+async def stalling_send(app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n) -> NewGeneration:
+    """A send's rows stored (its question and `streaming` placeholder) in a new chat whose agent streams two
+    tokens and then stalls for 30 s; its generation not started yet (`registry.start` does)."""
+    url = fake.url + "/webhook/agent-stream?scenario=stall&hang=30&after=2"
+    setup = await chat_with_agent(session, settings, url)
     async with app_state(app).db.autocommit() as s:
-        new = await start_message(
+        return await start_message(
             session=s,
             settings=settings,
             user=Caller(id=setup.user.id, team_id=setup.user.team_id),
             chat_id=setup.chat.id,
             content="one two",
-            worker_id=registry.worker_id,
+            worker_id=app_state(app).generations.worker_id,
         )
-    generation = registry.start(new)
+
+
+@pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.05)
+async def test_interrupted_generation_writes_interrupted_row(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    registry = app_state(app).generations
+    generation = registry.start(await stalling_send(app, session, settings, fake))
     async with asyncio.timeout(10):
         while not generation.chunks:  # noqa: ASYNC110  # the registry exposes no event for "first chunk"
             await asyncio.sleep(0.01)
@@ -144,25 +150,10 @@ async def test_a_generation_started_while_the_shutdown_drains_is_drained_too(
     """A send whose check passed just before the shutdown began starts its generation after the drain took its
     list: the drain waited for the others only, and the late one was cut when the loop closed, with no
     terminal event and its row left `streaming`. The drain takes in generations that start while it runs."""
-    url = fake.url + "/webhook/agent-stream?scenario=stall&hang=30&after=2"
     registry = app_state(app).generations
-
-    async def started() -> Any:
-        setup = await chat_with_agent(session, settings, url)
-        async with app_state(app).db.autocommit() as s:
-            new = await start_message(
-                session=s,
-                settings=settings,
-                user=Caller(id=setup.user.id, team_id=setup.user.team_id),
-                chat_id=setup.chat.id,
-                content="one two",
-                worker_id=registry.worker_id,
-            )
-        return new
-
-    first = registry.start(await started())
+    first = registry.start(await stalling_send(app, session, settings, fake))
     draining = registry.begin_shutdown()
-    late = registry.start(await started())  # its send was already past `check_accepting`
+    late = registry.start(await stalling_send(app, session, settings, fake))  # already past `check_accepting`
     async with asyncio.timeout(10):
         await draining
     assert first.task is not None
@@ -181,23 +172,9 @@ async def test_a_generation_started_after_the_grace_ran_out_is_stored_interrupte
     """A send resuming as the drain interrupts the others starts a generation whose task has not taken its
     first step: a cancel then ended it before its body ran (no terminal event, its row left `streaming`).
     It sees the interrupt as it starts, calls no one, and is stored `interrupted`."""
-    url = fake.url + "/webhook/agent-stream?scenario=stall&hang=30&after=2"
     registry = app_state(app).generations
-
-    async def prepared() -> Any:
-        setup = await chat_with_agent(session, settings, url)
-        async with app_state(app).db.autocommit() as s:
-            return await start_message(
-                session=s,
-                settings=settings,
-                user=Caller(id=setup.user.id, team_id=setup.user.team_id),
-                chat_id=setup.chat.id,
-                content="one two",
-                worker_id=registry.worker_id,
-            )
-
-    first = registry.start(await prepared())
-    late_new = await prepared()  # a send already past `check_accepting`, its rows stored
+    first = registry.start(await stalling_send(app, session, settings, fake))
+    late_new = await stalling_send(app, session, settings, fake)  # a send already past `check_accepting`
     late: list[Any] = []
     draining = registry.begin_shutdown()
     async with asyncio.timeout(5):

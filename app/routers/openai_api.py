@@ -41,6 +41,14 @@ R401_V1 = openai_error_doc(
 )
 
 
+R404_MODEL = openai_error_doc(
+    "No active agent with this slug in your team",
+    "invalid_request_error",
+    "model_not_found",
+    "The model 'support' does not exist or you do not have access to it",
+)
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -97,12 +105,7 @@ async def list_models(user: CurrentCaller, session: ShortSessionDep) -> ModelLis
     summary="One of the team's active agents as an OpenAI model (the SDK's models.retrieve)",
     responses={
         401: R401_V1,
-        404: openai_error_doc(
-            "No active agent with this slug in your team",
-            "invalid_request_error",
-            "model_not_found",
-            "The model 'support' does not exist or you do not have access to it",
-        ),
+        404: R404_MODEL,
         422: openai_error_doc(
             "A model name longer than 64 characters, or with NUL or a lone surrogate",
             "invalid_request_error",
@@ -192,12 +195,7 @@ def _chunk(
         413: openai_error_doc(
             "The body is larger than MAX_REQUEST_BODY_BYTES", "invalid_request_error", None, "Request body too large"
         ),
-        404: openai_error_doc(
-            "No active agent with this slug in your team",
-            "invalid_request_error",
-            "model_not_found",
-            "The model 'support' does not exist or you do not have access to it",
-        ),
+        404: R404_MODEL,
         422: openai_error_doc(
             "Invalid request, e.g. the last message is not a user message with text",
             "invalid_request_error",
