@@ -50,6 +50,16 @@ async def setup(session: AsyncSession, settings: Settings, fake: FakeN8n) -> Asy
         await client.close()
 
 
+async def post_raw(setup: Setup, raw: bytes) -> httpx.Response:
+    """A completion request sent as these bytes (JSON the SDK cannot encode, e.g. a lone surrogate escape)."""
+    async with httpx.AsyncClient(base_url=setup.server.url, timeout=10) as http:
+        return await http.post(
+            "/v1/chat/completions",
+            content=raw,
+            headers={"Authorization": f"Bearer {setup.key}", "Content-Type": "application/json"},
+        )
+
+
 def _frames(text: str) -> list[str]:
     return [block.removeprefix("data: ") for block in text.split("\n\n") if block.strip()]
 
@@ -241,13 +251,7 @@ async def test_a_model_name_the_database_cannot_hold_is_a_422_in_openai_shape(
     assert body["type"] == "invalid_request_error"
     assert "model" in body["message"]
     # A lone surrogate, as JSON text (the SDK cannot encode one).
-    raw = b'{"model": "hel\\ud800per", "messages": [{"role": "user", "content": "hi"}]}'
-    async with httpx.AsyncClient(base_url=setup.server.url, timeout=10) as http:
-        answer = await http.post(
-            "/v1/chat/completions",
-            content=raw,
-            headers={"Authorization": f"Bearer {setup.key}", "Content-Type": "application/json"},
-        )
+    answer = await post_raw(setup, b'{"model": "hel\\ud800per", "messages": [{"role": "user", "content": "hi"}]}')
     assert answer.status_code == 422
     assert answer.json()["error"]["type"] == "invalid_request_error"
     assert fake.requests == []
@@ -269,13 +273,9 @@ async def test_messages_n8n_could_not_be_sent_are_a_422_in_openai_shape(
 ) -> None:
     """A lone surrogate anywhere in `messages` cannot be encoded for n8n: a 422 before anything is counted (it
     was a 500, or for a system message a 502 that used a quota slot and logged an error)."""
-    raw = f'{{"model": "helper", "stream": {str(stream).lower()}, "messages": {messages}}}'.encode()
-    async with httpx.AsyncClient(base_url=setup.server.url, timeout=10) as http:
-        answer = await http.post(
-            "/v1/chat/completions",
-            content=raw,
-            headers={"Authorization": f"Bearer {setup.key}", "Content-Type": "application/json"},
-        )
+    answer = await post_raw(
+        setup, f'{{"model": "helper", "stream": {str(stream).lower()}, "messages": {messages}}}'.encode()
+    )
     assert answer.status_code == 422
     error = answer.json()["error"]
     assert error["type"] == "invalid_request_error"
