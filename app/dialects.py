@@ -19,11 +19,13 @@ from sqlalchemy import (
     DateTime,
     Executable,
     Insert,
+    Interval,
     Numeric,
     Select,
     Text,
     cast,
     func,
+    literal_column,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import Insert as PgInsert
@@ -152,6 +154,10 @@ class Statements(ABC):
     def sum_histograms(self, column: Any) -> ColumnElement[str]:
         """A GROUP BY aggregate of a `Histogram` column, as text that `histogram_total` reads."""
 
+    @abstractmethod
+    def started_since(self, ended_at: Any, duration_ms: Any, moment: Any) -> ColumnElement[bool]:
+        """Whether what ended at `ended_at` after `duration_ms` milliseconds started at or after `moment`."""
+
 
 class PostgresStatements(Statements):
     name = "postgresql"
@@ -171,6 +177,9 @@ class PostgresStatements(Statements):
     def sum_histograms(self, column: Any) -> ColumnElement[str]:
         return cast(func.sum(column), Text)
 
+    def started_since(self, ended_at: Any, duration_ms: Any, moment: Any) -> ColumnElement[bool]:
+        return ended_at - duration_ms * literal_column("interval '1 millisecond'", Interval()) >= moment  # type: ignore[no-any-return]
+
 
 class SqliteStatements(Statements):
     name = "sqlite"
@@ -187,6 +196,10 @@ class SqliteStatements(Statements):
     def sum_histograms(self, column: Any) -> ColumnElement[str]:
         # No big integers in SQLite: the terms, joined, are added in Python (`histogram_total`).
         return func.group_concat(column, ",", type_=Text())
+
+    def started_since(self, ended_at: Any, duration_ms: Any, moment: Any) -> ColumnElement[bool]:
+        # Times are stored as UTC text; julianday() reads them as days.
+        return func.julianday(ended_at) - duration_ms / 86_400_000.0 >= func.julianday(moment)  # type: ignore[no-any-return]
 
 
 _BY_DIALECT: dict[str, Statements] = {s.name: s for s in (PostgresStatements(), SqliteStatements())}

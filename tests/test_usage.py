@@ -19,14 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.db import utcnow
 from app.errors import RateLimited
-from app.models import Agent, Chat, Team, UsageRecord, UsageRollup, User
+from app.models import Agent, Chat, Team, UsageDaily, UsageRecord, UsageRollup, User
 from app.security import Caller
 from app.services import usage as usage_service
 from app.services.messages import NewGeneration, finish_message, start_message
 from app.services.usage_rollup import counts
 from app.state import app_state
 from main import create_app, shutdown
-from tests.conftest import assert_rollup_matches_ledger, count_rows, make_settings, run_migrations
+from tests.conftest import assert_rollup_matches_ledger, count_rows, make_settings, run_migrations, truncate_all
 from tests.factories import auth_headers, branch_of, create_admin, create_agent, create_chat, create_team, create_user
 from tests.live import chat_with_agent
 from tools.fake_n8n import FakeN8n
@@ -668,6 +668,69 @@ async def test_quota_counts_generations_of_the_day_before_it_was_set(
     await client.post(url, json={"content": "hi"}, headers=setup.headers)
     await set_quota(client, settings, admin, 1)
     assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 429
+
+
+async def a_generation_over_midnight(session: AsyncSession, setup: Any, quota: int) -> date:
+    """The quota set to `quota`; yesterday's counter holding one generation that began before midnight and
+    ended a second after it (its ledger row dated today, after running two minutes). Returns today."""
+    team = await session.get_one(Team, setup.user.team_id)
+    team.settings = {**team.settings, "quota": {"messages_per_user_per_day": quota}}
+    today = utcnow().date()
+    midnight = datetime.combine(today, datetime.min.time(), UTC)
+    session.add(UsageDaily(user_id=setup.user.id, day=today - timedelta(days=1), generations=1))
+    session.add(
+        UsageRecord(
+            team_id=setup.user.team_id,
+            user_id=setup.user.id,
+            agent_id=setup.agent.id,
+            chat_id=setup.chat.id,
+            outcome="complete",
+            duration_ms=120_000,
+            created_at=midnight + timedelta(seconds=1),
+        )
+    )
+    await session.commit()
+    return today
+
+
+async def test_a_generation_over_midnight_counts_on_the_day_it_began(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """Its claim was yesterday's; the day's first claim counted it again from the ledger (dated by its end), so
+    a quota of one refused the user's first send of the day. The one-statement send path."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    today = await a_generation_over_midnight(session, setup, quota=1)
+    url = f"/api/chats/{setup.chat.id}/messages"
+    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 200
+    counted = await session.scalar(select(UsageDaily.generations).where(UsageDaily.day == today))
+    assert counted == 1
+    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 429
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+async def test_the_days_first_claim_skips_a_generation_that_began_yesterday(
+    settings: Settings, tmp_path: Path, dialect: str
+) -> None:
+    """The general path's claim (`claim_generation`), on both dialects: the same count as the one statement."""
+    if dialect == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}"
+        await asyncio.to_thread(run_migrations, url)
+        settings = make_settings(url, tmp_path)
+    application = create_app(settings)
+    try:
+        async with app_state(application).db.sessionmaker() as s:
+            setup = await chat_with_agent(s, settings, "http://127.0.0.1:9/webhook/x")
+            today = await a_generation_over_midnight(s, setup, quota=1)
+        caller = Caller(id=setup.user.id, team_id=setup.user.team_id)
+        async with app_state(application).db.sessionmaker() as s:
+            assert await usage_service.claim_generation(session=s, user=caller) == today
+        async with app_state(application).db.sessionmaker() as s:
+            with pytest.raises(RateLimited):
+                await usage_service.claim_generation(session=s, user=caller)
+    finally:
+        await shutdown(application)
+        if dialect == "postgresql":
+            await truncate_all(settings.DATABASE_URL)  # as the `app` fixture does
 
 
 async def test_quota_holds_under_concurrent_sends(

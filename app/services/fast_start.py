@@ -64,7 +64,9 @@ _START = (
         "), claim AS ("
         " INSERT INTO usage_daily AS d (user_id, day, generations)"
         " SELECT :uid, :day,"
-        " (SELECT count(*) FROM usage_records r WHERE r.user_id = :uid AND r.created_at >= :day_start) + 1"
+        # The day's generations so far: begun today (one that ended after midnight was claimed yesterday).
+        " (SELECT count(*) FROM usage_records r WHERE r.user_id = :uid AND r.created_at >= :day_start"
+        " AND r.created_at - r.duration_ms * interval '1 millisecond' >= :day_start) + 1"
         " FROM chat WHERE chat.quota > 0"
         " ON CONFLICT (user_id, day) DO UPDATE SET generations = d.generations + 1"
         " WHERE d.generations < (SELECT quota FROM chat)"

@@ -340,12 +340,16 @@ async def claim_generation(*, session: AsyncSession, user: Caller) -> date | Non
     if limit <= 0:
         metrics.refused("quota")
         raise refusal
+    day_start = datetime.combine(today, time(), UTC)
+    # The day's generations so far: those that started today (one begun before midnight and ended after it
+    # was claimed yesterday; counting it again refused a first send of the day at a tight quota).
     so_far = (
         select(func.count())
         .select_from(UsageRecord)
         .where(
             UsageRecord.user_id == user.id,
-            UsageRecord.created_at >= datetime.combine(today, time(), UTC),
+            UsageRecord.created_at >= day_start,
+            statements_of(session).started_since(UsageRecord.created_at, UsageRecord.duration_ms, day_start),
         )
         .scalar_subquery()
     )
