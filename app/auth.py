@@ -17,7 +17,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from app.config import Settings
 from app.db import execute_core, utcnow
 from app.deps import RevocationsDep, SessionDep, SettingsDep, ShortSessionDep
-from app.errors import Forbidden, Unauthorized
+from app.errors import ADMIN_REQUIRED, Forbidden, Unauthorized
 from app.models import User
 from app.security import INVALID_TOKEN, Caller, decode_token, family_key, is_api_key, issued_before
 from app.services import api_keys as api_keys_service
@@ -221,7 +221,7 @@ CurrentCaller = Annotated[Caller, Depends(current_caller)]
 
 async def admin_user(user: CurrentUser) -> User:
     if user.role != "admin":
-        raise Forbidden("Admin role required")
+        raise Forbidden(ADMIN_REQUIRED)
     return user
 
 

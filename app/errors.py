@@ -33,6 +33,10 @@ class Unauthorized(AppError):
         super().__init__(detail, headers={"WWW-Authenticate": "Bearer", **(headers or {})})
 
 
+#: The 403 of an admin route, whoever refuses it (the route's dependency, or a service re-checking the role).
+ADMIN_REQUIRED = "Admin role required"
+
+
 class Forbidden(AppError):
     status_code = 403
     default_detail = "Not allowed"

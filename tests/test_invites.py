@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy import select, update
@@ -25,7 +26,7 @@ from app.models import Invite, Team, User
 from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import https_client, login
-from tests.conftest import count_rows, make_settings, run_migrations
+from tests.conftest import _plain_url, count_rows, make_settings, run_migrations
 from tests.factories import auth_headers, create_admin, create_team, create_user
 from tests.test_teams import NO_QUOTA
 
@@ -271,6 +272,35 @@ async def test_an_admin_deactivated_or_demoted_takes_their_invites_along(
     assert (await _row(session, ours["id"])).revoked_at is None
     assert (await _register(web, ours["token"], "welcome@example.com")).status_code == 201
     assert await count_rows(session, "users") == 3
+
+
+async def test_an_invite_made_while_its_admin_is_being_removed_is_refused(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """The admin's request passed its role check before the demotion committed, and its invite was inserted
+    after the demotion's revocation ran: it stayed usable. The invite now waits for the team's row (the
+    demotion holds it) and checks the role again: 403, nothing stored."""
+    team, admin = await _team_and_admin(session)
+    rogue = await create_admin(session, team=team)
+    demotion = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
+    try:
+        async with demotion.transaction():  # as app.services.users.update_user runs it
+            await demotion.execute("SELECT id FROM teams WHERE id = $1 FOR UPDATE", team.id)
+            await demotion.execute("UPDATE users SET role = 'user' WHERE id = $1", rogue.id)
+            await demotion.execute(
+                "UPDATE invites SET revoked_at = now() WHERE created_by = $1 AND revoked_at IS NULL", rogue.id
+            )
+            creating = asyncio.create_task(
+                web.post(INVITES, json={"role": "admin"}, headers=auth_headers(settings, rogue))
+            )
+            await asyncio.wait({creating}, timeout=1.0)  # it answered at once before: 201
+        created = await creating
+    finally:
+        await demotion.close()
+    assert (created.status_code, created.json()) == (403, {"detail": "Admin role required"})
+    usable = select(Invite).where(Invite.created_by == rogue.id, Invite.revoked_at.is_(None))
+    assert (await session.execute(usable)).scalars().all() == []
+    assert (await web.post(INVITES, json={}, headers=auth_headers(settings, admin))).status_code == 201
 
 
 async def test_register_with_invite_joins_its_team_with_its_role(

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.db import utcnow
-from app.errors import Conflict, NotFound
+from app.errors import ADMIN_REQUIRED, Conflict, Forbidden, NotFound
 from app.fields import canonical_email
 from app.models import Invite, Team, User
 from app.security import hash_password
@@ -86,7 +86,18 @@ async def create_invite(
     expires_in_days: int,
     max_uses: int,
 ) -> tuple[Invite, str]:
-    """Store a new invite and return it with its token, which nothing can read back later."""
+    """Store a new invite and return it with its token, which nothing can read back later.
+
+    The team row is locked first, as demoting or deactivating an admin locks it (app.services.users), and
+    the creator is checked again under that lock: an admin removed while this request ran cannot leave an
+    invite behind that the removal's revocation missed."""
+    await session.execute(select(Team.id).where(Team.id == team_id).with_for_update(read=True))
+    still_admin = select(User.id).where(
+        User.id == created_by, User.team_id == team_id, User.role == "admin", User.is_active.is_(True)
+    )
+    if (await session.execute(still_admin)).first() is None:
+        await session.rollback()
+        raise Forbidden(ADMIN_REQUIRED)
     token = new_token()
     invite = Invite(
         team_id=team_id,
