@@ -23,6 +23,7 @@ from app.fields import (
     WebhookUrl,
     check_agent_config,
     check_webhook_headers,
+    to_utc,
 )
 
 # --- agents ----------------------------------------------------------------------------------
@@ -161,8 +162,13 @@ def format_timestamp(value: datetime) -> str:
 
 
 def _in_utc(value: datetime) -> datetime:
-    """Naive values are UTC; any other offset is converted, so every rendered timestamp ends in `Z`."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    """Naive values are UTC; any other offset is converted, so every rendered timestamp ends in `Z`. A stored
+    time that leaves the calendar once in UTC (a feedback time imported before imports refused them) is shown
+    as the calendar's first or last instant, not a 500 on every read of its chat."""
+    try:
+        return to_utc(value)
+    except OverflowError:
+        return (datetime.max if value.year == datetime.max.year else datetime.min).replace(tzinfo=UTC)
 
 
 FEEDBACK_COMMENT_MAX = 2000

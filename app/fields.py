@@ -39,11 +39,17 @@ def _storable_text(value: str) -> str:
 StorableText = AfterValidator(_storable_text)
 
 
+def to_utc(value: datetime) -> datetime:
+    """`value` in UTC (a naive value is UTC already); OverflowError when that leaves the calendar
+    (`9999-12-31T23:59:59-05:00`)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def _in_utc(value: datetime) -> datetime:
-    """Converted to UTC (a naive value is UTC), as stored and shown; refused when the conversion leaves the
-    calendar (`9999-12-31T23:59:59-05:00`), which failed later as a 500."""
+    """Converted to UTC, as stored and shown; refused when the conversion leaves the calendar (it failed
+    later, as a 500)."""
     try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return to_utc(value)
     except OverflowError:
         raise ValueError("is out of range once converted to UTC") from None
 

@@ -577,6 +577,25 @@ async def test_an_export_holding_the_deepest_tool_step_a_callback_accepts_import
     assert "nested deeper" in refused.json()["detail"][0]["msg"]
 
 
+async def test_a_stored_feedback_time_past_the_calendar_reads_and_exports(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """A feedback time stored before imports refused it (year 10000 once in UTC): every read of its chat, and
+    its export, were a 500. It shows as the calendar's last instant."""
+    feedback = {"rating": 1, "comment": None, "updated_at": "9999-12-31T23:59:59-05:00"}
+    chat = await create_chat(
+        session,
+        user=team_world.member,
+        agent=team_world.agent,
+        messages=[{"content": "q"}, {"role": "assistant", "content": "a", "feedback": feedback}],
+    )
+    read = await client.get(f"/api/chats/{chat.id}", headers=team_world.h(team_world.member))
+    assert read.status_code == 200
+    assert read.json()["messages"][1]["feedback"]["updated_at"] == "9999-12-31T23:59:59.999999Z"
+    exported = await export_json(client, team_world, chat.id)
+    assert exported["messages"][1]["feedback"]["updated_at"] == "9999-12-31T23:59:59.999999Z"
+
+
 @pytest.mark.settings(IMPORT_MAX_CHATS=3, IMPORT_MAX_MESSAGES=5)
 async def test_import_of_more_chats_than_the_cap_is_422_and_is_checked_off_the_event_loop(
     client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, monkeypatch: pytest.MonkeyPatch
