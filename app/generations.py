@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import uuid
@@ -189,8 +190,8 @@ class GenerationRegistry:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.settings.SHUTDOWN_GRACE_SECONDS
         while True:
-            generations = {g.task: g for g in self.running.values() if g.task is not None}
-            pending = {task for task in [*generations, *self.detached] if not task.done()}
+            tasks = [g.task for g in self.running.values() if g.task is not None]
+            pending = {task for task in [*tasks, *self.detached] if not task.done()}
             if not pending:
                 return
             remaining = give_up_at - loop.time()
@@ -200,9 +201,9 @@ class GenerationRegistry:
             self.interrupting = True
             for task in pending:
                 # Not one whose task has not taken its first step: a cancel now would end it before its body
-                # (and its final write) runs; `_run` sees `interrupting` as it starts and stores it so.
-                generation = generations.get(task)
-                if generation is None or generation.new.assistant_started is not None:
+                # (its final write, its usage row, its terminal event) runs. A generation's `_run` and a
+                # completion's `run_completion` see `interrupting` as they start, call no one, and end so.
+                if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:  # type: ignore[arg-type]
                     task.cancel()
             logger.warning("interrupting %d running generation(s) at shutdown", len(pending))
             await asyncio.gather(*pending, return_exceptions=True)

@@ -20,8 +20,10 @@ from app.config import Settings
 from app.db import utcnow
 from app.errors import RateLimited
 from app.models import Agent, Chat, Team, UsageDaily, UsageRecord, UsageRollup, User
+from app.routers.openai_api import Run
 from app.security import Caller
 from app.services import usage as usage_service
+from app.services.completions import prepare_completion
 from app.services.messages import NewGeneration, finish_message, start_message
 from app.services.usage_rollup import counts
 from app.state import app_state
@@ -192,6 +194,46 @@ async def test_a_generation_started_after_the_grace_ran_out_is_stored_interrupte
         text("SELECT status FROM messages WHERE id = :id"), {"id": uuid.UUID(late_new.assistant_id)}
     )
     assert status == "interrupted"
+
+
+@pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.05)
+async def test_a_completion_started_after_the_grace_ran_out_is_answered_interrupted(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """The same for a `/v1` completion: a cancel before its first step left its client with no answer and its
+    claimed quota with no usage row. It sees the interrupt as it starts, calls no one, and ends `interrupted`."""
+    state = app_state(app)
+    registry = state.generations
+    team = await create_team(session)
+    user = await create_user(session, team=team)
+    await create_agent(session, team=team, slug="helper", webhook_url=fake.url + "/webhook/agent-stream")
+    async with state.db.sessionmaker() as s:
+        completion = await prepare_completion(
+            session=s,
+            settings=settings,
+            user=Caller(id=user.id, team_id=user.team_id),
+            model="helper",
+            messages=[{"role": "user", "content": "hi"}],
+            session_header=None,
+        )
+    first = registry.start(await stalling_send(app, session, settings, fake))
+    late: list[asyncio.Task[Any]] = []
+    draining = registry.begin_shutdown()
+    async with asyncio.timeout(5):
+        while not registry.interrupting:  # noqa: ASYNC110  # the drain sets it as the grace runs out
+            await asyncio.sleep(0.001)
+    assert first.task is not None
+    first.task.add_done_callback(lambda _task: late.append(Run(registry, completion, state.db, settings).start()))
+    async with asyncio.timeout(10):
+        await draining
+    [task] = late
+    assert not task.cancelled()
+    failure = task.result()
+    assert failure is not None
+    assert failure.code == "interrupted"
+    assert len(fake.requests) == 1  # the chat's generation only: the completion called no one
+    rows = (await session.execute(select(UsageRecord.outcome, UsageRecord.chat_id))).all()
+    assert sorted(outcome for outcome, _chat in rows) == ["interrupted", "interrupted"]
 
 
 async def test_generation_of_a_dead_worker_writes_interrupted_row_when_recovered(

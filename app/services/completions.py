@@ -221,6 +221,8 @@ async def run_completion(
                 "agent_misconfigured",
                 "The agent's settings cannot be read; ask an admin to save its webhook headers again",
             ) from None
+        if interrupted():  # started after the shutdown's grace ran out: call no one, end as interrupted
+            raise asyncio.CancelledError
         await call_agent(
             url=completion.webhook_url, headers=headers, payload=completion.payload, on_chunks=collect, stats=stats
         )
