@@ -34,9 +34,11 @@ logger = logging.getLogger(__name__)
 LimitName = Literal["login", "register", "team_signup", "invite_preview", "agent_test", "api_key"]
 
 
-#: IPv6 prefixes whose last 32 bits are an IPv4 client (NAT64's well-known and local-use prefixes, and the
-#: deprecated IPv4-compatible form): each such client counts as that IPv4 address, not as the prefix's /64.
-_EMBEDS_IPV4 = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
+#: IPv6 prefixes whose last 32 bits are an IPv4 client (NAT64's well-known /96, and the deprecated
+#: IPv4-compatible form): each such client counts as that IPv4 address, not as the prefix's /64. NAT64's
+#: local-use block (64:ff9b:1::/48) is left out: its prefixes may be /48 to /96, each placing the IPv4
+#: elsewhere (RFC 6052), so its addresses count by /64 like any other.
+_EMBEDS_IPV4 = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "::/96"))
 
 
 def client_key(host: str) -> str:

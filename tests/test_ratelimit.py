@@ -89,6 +89,8 @@ async def test_an_ipv6_client_counts_as_its_slash_64(make_app: AppFactory, sessi
         ("::ffff:203.0.113.7", "203.0.113.7"),
         ("64:ff9b::203.0.113.7", "203.0.113.7"),  # NAT64: each IPv4 client, not one shared /64
         ("64:ff9b::198.51.100.9", "198.51.100.9"),
+        ("64:ff9b:1:c633:64:700::", "64:ff9b:1:c633::/64"),  # local-use NAT64 (RFC 8215): where the IPv4 sits
+        ("64:ff9b:1:cb00:71:900::", "64:ff9b:1:cb00::/64"),  # depends on its prefix length: by /64
         ("2002:cb00:7107:1::1", "203.0.113.7"),  # 6to4: the IPv4 host, not one of its 65,536 /64s
         ("2002:cb00:7107:2::1", "203.0.113.7"),
         ("2001:0:4136:e378:8000:63bf:34ff:fff8", "203.0.0.7"),  # Teredo: its (obfuscated) IPv4 client
