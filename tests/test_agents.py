@@ -350,34 +350,39 @@ async def test_update_agent_headers_replace_keep_and_clear(
     assert agent.webhook_headers_encrypted is None
 
 
-async def test_moving_the_webhook_to_another_host_needs_the_headers_again(
+async def test_moving_the_webhook_needs_the_headers_again(
     client: httpx.AsyncClient, world: World, session: AsyncSession
 ) -> None:
-    """The secret headers are write-only, but an admin could point the webhook at a host of their own and have
-    another admin's secrets sent there. Another scheme, host or port needs them given again ({} drops them);
-    another path on the same origin does not."""
+    """The secret headers are write-only, but an admin could point the webhook at a host of their own, or at a
+    workflow of their own on the same n8n, and have another admin's secrets sent there. Any other URL needs
+    them given again ({} drops them); the same URL sent again (an edit of other fields) does not."""
     created = await _create(client, world, webhook_headers={"X-A": SECRET})
     url = f"/api/agents/{created.json()['id']}"
     before = created.json()["webhook_url"]
-    for elsewhere in ("http://127.0.0.2:5678/webhook/x", "http://127.0.0.1:5679/webhook/x", "https://127.0.0.1:5678/x"):
+    for elsewhere in ("http://127.0.0.2:5678/webhook/x", "https://127.0.0.1:5678/x", before + "-mine"):
         refused = await client.put(url, json={"webhook_url": elsewhere}, headers=world.h(world.admin))
         assert refused.status_code == 422
         [error] = refused.json()["detail"]
         assert error["loc"] == ["body", "webhook_headers"]
-        assert error["msg"].startswith("The webhook moves to another host")
+        assert error["msg"].startswith("The webhook URL changes")
     agent = await session.get(Agent, uuid.UUID(created.json()["id"]), populate_existing=True)
     assert agent is not None
     assert agent.webhook_url == before
-    same_origin = await client.put(url, json={"webhook_url": before + "-v2"}, headers=world.h(world.admin))
-    assert same_origin.status_code == 200
-    assert same_origin.json()["webhook_header_names"] == ["X-A"]
+    same = await client.put(url, json={"webhook_url": before, "name": "Renamed"}, headers=world.h(world.admin))
+    assert same.status_code == 200
+    assert same.json()["webhook_header_names"] == ["X-A"]
     moved = await client.put(
+        url, json={"webhook_url": before + "-v2", "webhook_headers": {"X-A": "new"}}, headers=world.h(world.admin)
+    )
+    assert moved.status_code == 200
+    assert moved.json()["webhook_header_names"] == ["X-A"]
+    dropped = await client.put(
         url,
         json={"webhook_url": "http://127.0.0.2:5678/webhook/x", "webhook_headers": {}},
         headers=world.h(world.admin),
     )
-    assert moved.status_code == 200
-    assert moved.json()["webhook_header_names"] == []
+    assert dropped.status_code == 200
+    assert dropped.json()["webhook_header_names"] == []
     # Without stored headers there is nothing to protect.
     again = await client.put(url, json={"webhook_url": "http://127.0.0.3:5678/webhook/y"}, headers=world.h(world.admin))
     assert again.status_code == 200

@@ -9,7 +9,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from yarl import URL
 
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers, encrypt_headers
@@ -138,11 +137,12 @@ async def create_agent(
     return agent
 
 
-#: The stored secret headers were given for one webhook origin: an admin who moves the webhook elsewhere
-#: gives them again (or `{}`), so no one can send another admin's secrets to a host of their own.
-HEADERS_FOR_NEW_ORIGIN = (
-    "The webhook moves to another host: send webhook_headers again ({} to drop them), so the stored secret "
-    "headers never go to a host they were not given for"
+#: The stored secret headers were given for one webhook: an admin who points the agent elsewhere gives them
+#: again (or `{}`), so no one can send another admin's secrets to a host, or a workflow on a shared n8n, of
+#: their own.
+HEADERS_FOR_NEW_URL = (
+    "The webhook URL changes: send webhook_headers again ({} to drop them), so the stored secret headers "
+    "never go to a webhook they were not given for"
 )
 
 
@@ -165,9 +165,9 @@ async def update_agent(
     changes = dict(changes)
     if "webhook_url" in changes:
         changes["webhook_url"] = checked_url(changes["webhook_url"], settings)
-        moved = URL(changes["webhook_url"]).origin() != URL(agent.webhook_url).origin()
+        moved = changes["webhook_url"] != agent.webhook_url
         if moved and "webhook_headers" not in changes and _has_headers(agent, settings):
-            raise Unprocessable(HEADERS_FOR_NEW_ORIGIN, loc=("body", "webhook_headers"))
+            raise Unprocessable(HEADERS_FOR_NEW_URL, loc=("body", "webhook_headers"))
     if "response_mode" in changes:
         checked_response_mode(changes["response_mode"], settings)
     if "webhook_headers" in changes:

@@ -95,7 +95,7 @@ function agentForm(agent, done) {
     field("Description", text("description", agent?.description)),
     field("Webhook URL (n8n production URL)", text("webhook_url", agent?.webhook_url, { type: "url", required: true })),
     field(
-      names.length ? `Secret headers (stored: ${names.join(", ")}; empty keeps them)` : "Secret headers (one Name: value a line)",
+      names.length ? `Secret headers (stored: ${names.join(", ")}; empty keeps them, unless the URL changes)` : "Secret headers (one Name: value a line)",
       area("webhook_headers", "", { placeholder: "X-N8N-Auth: …", autocomplete: "off", spellcheck: "false" }),
     ),
     names.length ? h("label", { class: "check" }, h("input", { type: "checkbox", name: "clear_headers" }), " Remove the stored headers") : null,
