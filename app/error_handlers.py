@@ -159,12 +159,16 @@ def is_openai_path(path: str) -> bool:
     return path.startswith(OPENAI_PREFIX) or path == OPENAI_PREFIX.rstrip("/")
 
 
+def openai_error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body for `status`: its `type`, and `code` or the status's default (`OPENAI_ERRORS`)."""
+    kind, default_code = OPENAI_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    return {"error": {"message": message, "type": kind, "code": code or default_code}}
+
+
 def openai_error(
     status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    kind, default_code = OPENAI_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
-    body = {"error": {"message": message, "type": kind, "code": code or default_code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(openai_error_body(status, message, code), status_code=status, headers=headers)
 
 
 def _as_message(detail: Any) -> str:

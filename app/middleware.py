@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.error_handlers import is_openai_path
+from app.error_handlers import is_openai_path, openai_error_body
 from app.logs import redact_path, redact_query, request_id_var
 from app.proxies import client_address, parse_networks
 
@@ -63,7 +63,7 @@ class BodyTooLarge(StarletteHTTPException):
 def too_large_body(path: str) -> dict[str, Any]:
     """The 413 body: `{"detail"}`, or OpenAI's shape on the OpenAI-compatible routes."""
     if is_openai_path(path):
-        return {"error": {"message": "Request body too large", "type": "invalid_request_error", "code": None}}
+        return openai_error_body(413, "Request body too large")
     return {"detail": "Request body too large"}
 
 
@@ -71,7 +71,7 @@ def _internal_error(path: str, request_id: str) -> dict[str, Any]:
     """The 500 body (a bug): `{"detail", "request_id"}`, or OpenAI's shape on the OpenAI-compatible routes."""
     if is_openai_path(path):
         message = f"Internal server error (request id {request_id})"
-        return {"error": {"message": message, "type": "server_error", "code": None}}
+        return openai_error_body(500, message)
     return {"detail": "Internal server error", "request_id": request_id}
 
 

@@ -261,21 +261,27 @@ def test_sample_masks_secret_header_values() -> None:
     assert ct.masked('{"v": "caf\\u00e9-secret"}', ["café-secret"]) == '{"v": "***"}'
 
 
+async def probe_echoing(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n, secret: str, query: str
+) -> httpx.Response:
+    """An admin's connection test of an agent whose workflow echoes its `X-Auth` header (stored as `secret`),
+    answering as the fake's `echo_header` scenario with `query` says."""
+    admin = await create_admin(session)
+    agent = await create_agent(
+        session,
+        team=await session.get_one(Team, admin.team_id),
+        webhook_url=f"{fake.url}/webhook/agent?scenario=echo_header&header=X-Auth&{query}",
+        webhook_headers_encrypted=encrypt_headers({"X-Auth": secret}, settings.ENCRYPTION_KEY),
+    )
+    return await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
+
+
 async def test_probe_never_shows_a_secret_echoed_inside_a_json_object(
     client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
     """An answer whose `output` is an object is shown as its JSON, where the secret's `"` and `\\` are escaped:
     the raw value was not found in it, and the sample showed the secret."""
-    admin = await create_admin(session)
-    team = await session.get_one(Team, admin.team_id)
-    secret = 'pa"ss\\w0rd-TOPSECRET'
-    agent = await create_agent(
-        session,
-        team=team,
-        webhook_url=f"{fake.url}/webhook/agent?scenario=echo_header&header=X-Auth&as=object",
-        webhook_headers_encrypted=encrypt_headers({"X-Auth": secret}, settings.ENCRYPTION_KEY),
-    )
-    response = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
+    response = await probe_echoing(client, session, settings, fake, 'pa"ss\\w0rd-TOPSECRET', "as=object")
     assert response.status_code == 200
     assert response.json()["sample"] == '{"you_sent": "***"}'
     assert "TOPSECRET" not in response.text
@@ -291,16 +297,8 @@ async def test_probe_never_shows_a_secret_echoed_inside_a_json_object(
 async def test_probe_never_shows_part_of_an_echoed_secret_header(
     client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n, query: str
 ) -> None:
-    admin = await create_admin(session)
-    team = await session.get_one(Team, admin.team_id)
     secret = "Bearer " + "s3cr3tTOKEN" * 60
-    agent = await create_agent(
-        session,
-        team=team,
-        webhook_url=f"{fake.url}/webhook/agent?scenario=echo_header&header=X-Auth&{query}",
-        webhook_headers_encrypted=encrypt_headers({"X-Auth": secret}, settings.ENCRYPTION_KEY),
-    )
-    response = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
+    response = await probe_echoing(client, session, settings, fake, secret, query)
     assert response.status_code == 200
     assert response.json()["sample"] == "Your X-Auth header: ***"
     assert not any(secret[i : i + 8] in response.text for i in range(len(secret) - 8))
