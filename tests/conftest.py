@@ -55,6 +55,22 @@ def _plain_url(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://")
 
 
+async def until_a_statement_waits(conn: asyncpg.Connection, query: str) -> None:
+    """Until a statement LIKE `query` of this test's database waits for a lock (so a race's order is fixed).
+    `conn` may be inside a transaction: PostgreSQL keeps one snapshot of pg_stat_activity per transaction, which
+    each poll clears."""
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND query LIKE $1"
+    )
+    async with asyncio.timeout(10):
+        while True:
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            if await conn.fetchval(waiting, query):
+                return
+            await asyncio.sleep(0.02)
+
+
 def _with_database(url: str, name: str) -> str:
     base, _, _ = _plain_url(url).rpartition("/")
     return f"{base}/{name}"

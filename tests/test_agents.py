@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import uuid
 from dataclasses import dataclass
 
+import asyncpg
 import httpx
 import pytest
 from PIL import Image
@@ -15,9 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.crypto import decrypt_headers
+from app.crypto import decrypt_headers, encrypt_headers
 from app.models import Agent, Team, User
-from tests.conftest import count_rows
+from tests.conftest import _plain_url, count_rows, until_a_statement_waits
 from tests.factories import auth_headers, create_admin, create_agent, create_chat, create_team, create_user
 
 SECRET = "s3cr3t-header-value-DO-NOT-LEAK"
@@ -386,6 +388,39 @@ async def test_moving_the_webhook_needs_the_headers_again(
     # Without stored headers there is nothing to protect.
     again = await client.put(url, json={"webhook_url": "http://127.0.0.3:5678/webhook/y"}, headers=world.h(world.admin))
     assert again.status_code == 200
+
+
+async def test_moving_the_webhook_waits_for_a_concurrent_save_of_the_headers(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    """Another admin's save of secret headers is in flight (it holds the agent's row) when a move of the
+    webhook without headers arrives. The move read the agent before that commit, saw no headers and passed its
+    check: both writes landed, the secrets bound for the old webhook went to the new one. The move now reads
+    the agent under a row lock, so it sees the saved headers and is refused."""
+    created = await _create(client, world)
+    agent_id = uuid.UUID(created.json()["id"])
+    before = created.json()["webhook_url"]
+    secret = encrypt_headers({"X-A": SECRET}, world.settings.ENCRYPTION_KEY)
+    saving = await asyncpg.connect(_plain_url(world.settings.DATABASE_URL), timeout=5)
+    try:
+        async with saving.transaction():  # the other admin's save, as update_agent writes it
+            await saving.execute("UPDATE agents SET webhook_headers_encrypted = $1 WHERE id = $2", secret, agent_id)
+            moving = asyncio.create_task(
+                client.put(
+                    f"/api/agents/{agent_id}",
+                    json={"webhook_url": "http://127.0.0.2:5678/webhook/mine"},
+                    headers=world.h(world.admin),
+                )
+            )
+            await until_a_statement_waits(saving, "%agents%")
+        moved = await moving
+    finally:
+        await saving.close()
+    assert moved.status_code == 422, moved.text
+    assert moved.json()["detail"][0]["msg"].startswith("The webhook URL changes")
+    agent = await session.get(Agent, agent_id, populate_existing=True)
+    assert agent is not None
+    assert agent.webhook_url == before
 
 
 async def test_update_agent_clears_description_with_null(client: httpx.AsyncClient, world: World) -> None:

@@ -40,6 +40,7 @@ from tests.conftest import (
     make_settings,
     run_migrations,
     truncate_all,
+    until_a_statement_waits,
 )
 from tests.factories import create_agent, create_chat, create_team, create_user
 from tests.live import ChatSetup, chat_with_agent, data_events, parse_sse
@@ -47,6 +48,7 @@ from tools.fake_n8n import FakeN8n
 
 FAILURE = {"message": "n8n answered 502", "code": "upstream_error"}
 METADATA = {"ttfc_ms": 40.4, "duration_ms": 900.6, "tokens_in": 7}
+FINAL_WRITE = "WITH h AS%"  # the final write's statement, as pg_stat_activity shows it
 
 
 async def started(db: Database, settings: Settings, setup: ChatSetup) -> NewGeneration:
@@ -190,25 +192,11 @@ async def final_write_behind(
         await holding.start()
         await other.execute(sql, *args)
         writing = asyncio.create_task(finish(db, new, failed=failed, last_event_id=5))
-        await until_the_final_write_waits(other)
+        await until_a_statement_waits(other, FINAL_WRITE)
         await holding.commit()
         return await writing
     finally:
         await other.close()
-
-
-async def until_the_final_write_waits(conn: asyncpg.Connection, query: str = "WITH h AS%") -> None:
-    """Until a final write (`WITH h AS ...`), or another statement LIKE `query`, of this test's database waits
-    for a lock."""
-    waiting = (
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND wait_event_type = 'Lock' AND query LIKE $1"
-    )
-    async with asyncio.timeout(10):
-        while True:
-            if await conn.fetchval(waiting, query):
-                return
-            await asyncio.sleep(0.02)
 
 
 async def test_a_final_write_waiting_for_recoverys_commit_writes_nothing(
@@ -486,7 +474,7 @@ async def test_a_chat_deleted_while_its_final_write_runs_does_not_deadlock(
         async with other.transaction():
             await other.execute("SELECT id FROM chats WHERE id = $1 FOR UPDATE", setup.chat.id)  # as delete_chat
             writing = asyncio.create_task(finish(db, new, failed=True, last_event_id=5))
-            await until_the_final_write_waits(other)
+            await until_a_statement_waits(other, FINAL_WRITE)
             await other.execute("DELETE FROM chats WHERE id = $1", setup.chat.id)  # deadlock_timeout is 1 s
         written = await writing  # not refused by a deadlock
         assert (written is not None, written and written.kept) == (True, False)  # the row was gone
@@ -520,7 +508,7 @@ async def test_recovery_marking_an_answer_while_its_chat_is_deleted_does_not_dea
         async with other.transaction():
             await other.execute("SELECT id FROM chats WHERE id = $1 FOR UPDATE", setup.chat.id)  # as delete_chat
             marking = asyncio.create_task(recover())
-            await until_the_final_write_waits(other, "%")  # any statement: only the recovery can wait
+            await until_a_statement_waits(other, "%")  # any statement: only the recovery can wait
             await other.execute("DELETE FROM chats WHERE id = $1", setup.chat.id)  # deadlock_timeout is 1 s
         assert await marking is False
     finally:

@@ -31,9 +31,13 @@ CALLBACK_NEEDS_BASE_URL = (
 SLUG_ATTEMPTS = 5
 
 
-async def get_team_agent(*, session: AsyncSession, user: User, agent_id: uuid.UUID) -> Agent:
-    """An agent of the caller's team (active or not). Missing and foreign agents give the same 404."""
+async def get_team_agent(*, session: AsyncSession, user: User, agent_id: uuid.UUID, for_update: bool = False) -> Agent:
+    """An agent of the caller's team (active or not). Missing and foreign agents give the same 404.
+    `for_update` reads it fresh under a row lock (one that chats' foreign keys do not wait for), for writes
+    whose checks read other columns of the row."""
     query = select(Agent).where(Agent.id == agent_id, Agent.team_id == user.team_id)
+    if for_update:
+        query = query.with_for_update(key_share=True).execution_options(populate_existing=True)
     agent = (await session.execute(query)).scalar_one_or_none()
     if agent is None:
         raise NotFound(AGENT_NOT_FOUND)
@@ -159,8 +163,10 @@ def _has_headers(agent: Agent, settings: Settings) -> bool:
 async def update_agent(
     *, session: AsyncSession, settings: Settings, user: User, agent_id: uuid.UUID, changes: dict[str, Any]
 ) -> Agent:
-    """Only the fields sent change; `webhook_headers` sent replaces the whole set, `{}` or null clears it."""
-    agent = await get_team_agent(session=session, user=user, agent_id=agent_id)
+    """Only the fields sent change; `webhook_headers` sent replaces the whole set, `{}` or null clears it.
+    The row is locked first: the moved-webhook check reads the stored headers, which a concurrent save of
+    headers could otherwise change between that check and this write."""
+    agent = await get_team_agent(session=session, user=user, agent_id=agent_id, for_update=True)
     sent = ", ".join(sorted(changes)) or "no fields"
     changes = dict(changes)
     if "webhook_url" in changes:
