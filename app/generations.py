@@ -92,6 +92,7 @@ class GenerationRegistry:
         self.interrupting = False
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
+        self._give_up_at = 0.0  # the loop time at which the shutdown's grace runs out (`begin_shutdown`)
         self._draining: asyncio.Task[None] | None = None
         self.recovered = False
         #: The webhook each (user, chat)'s latest answered generation called, least recent first (bounded): the
@@ -180,15 +181,18 @@ class GenerationRegistry:
         """Refuse new generations; give running ones SHUTDOWN_GRACE_SECONDS, then store them interrupted."""
         self._closing = True
         if self._draining is None:
-            self._draining = asyncio.get_running_loop().create_task(self._drain(), name="generations-drain")
+            loop = asyncio.get_running_loop()
+            self._give_up_at = loop.time() + self.settings.SHUTDOWN_GRACE_SECONDS
+            self._draining = loop.create_task(self._drain(), name="generations-drain")
         return self._draining
 
     async def _drain(self) -> None:
         """Wait up to the grace for every running generation, then interrupt what is left. Looked at again
         after each wait: a send whose check passed just before the shutdown began starts its generation
-        while this runs, and must be drained (or interrupted, with its terminal event) like the others."""
+        while this runs, and must be drained (or interrupted, with its terminal event) like the others.
+        `shutdown` runs it once more, for one that started after this had returned."""
         loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self.settings.SHUTDOWN_GRACE_SECONDS
+        give_up_at = self._give_up_at
         while True:
             tasks = [g.task for g in self.running.values() if g.task is not None]
             pending = {task for task in [*tasks, *self.detached] if not task.done()}
@@ -211,6 +215,10 @@ class GenerationRegistry:
     async def shutdown(self) -> None:
         """Drain generations (if the signal hook did not start it already), stop the heartbeat, unregister."""
         await self.begin_shutdown()
+        # A send past its check may have started a generation after the drain found none left (the server
+        # waited for that send's connection, not for a generation its client left): drained within the same
+        # grace, else interrupted, before the HTTP client it needs is closed.
+        await self._drain()
         if self.shared is not None:
             await self.shared.drain(within=2.0)
         for listener in (self._stop_listener, self._callback_listener):

@@ -167,6 +167,25 @@ async def test_a_generation_started_while_the_shutdown_drains_is_drained_too(
     assert sorted((row.outcome, row.error_code) for row in rows) == [("interrupted", "interrupted")] * 2
 
 
+@pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.3)
+async def test_a_generation_started_after_the_drain_returned_is_drained_by_the_shutdown(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """The drain found nothing running and returned; then a send already past its check started its
+    generation, and its client left. The shutdown went on at once: its HTTP client closed under the
+    generation, which the loop then cut. The shutdown drains again, within the same grace."""
+    registry = app_state(app).generations
+    await registry.begin_shutdown()
+    late = registry.start(await stalling_send(app, session, settings, fake))  # already past `check_accepting`
+    async with asyncio.timeout(10):
+        await registry.shutdown()
+    assert late.task is not None
+    assert late.task.done()
+    assert late.terminal == "error"
+    [row] = await ledger(app)
+    assert (row.outcome, row.error_code) == ("interrupted", "interrupted")
+
+
 @pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.05)
 async def test_a_generation_started_after_the_grace_ran_out_is_stored_interrupted(
     app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
