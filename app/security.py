@@ -207,6 +207,13 @@ def issued_before(claims: dict[str, Any], instant: datetime | None) -> bool:
     return token_issued_us(claims) < _epoch_us(instant)
 
 
+def same_instant(a: datetime | None, b: datetime | None) -> bool:
+    """Both unset, or the same instant at microsecond precision (whatever their time zones)."""
+    if a is None or b is None:
+        return a is b
+    return _epoch_us(a) == _epoch_us(b)
+
+
 def _epoch_us(instant: datetime) -> int:
     delta = instant - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

@@ -773,6 +773,83 @@ async def test_update_me_changes_name_and_preferences_only(web: httpx.AsyncClien
     assert too_big.status_code == 422
 
 
+async def test_a_login_whose_password_changed_while_bcrypt_ran_is_refused(
+    web: httpx.AsyncClient, session: AsyncSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who knows the old password logs in; the owner changes it while that login's bcrypt runs. The
+    login issued a session dated after the change, which outlived it (a fresh 7-day refresh family). The
+    login reads the user's row again under a lock before issuing anything: 401."""
+    await create_user(session, email="victim@example.com")
+    owner = (await login(web, "victim@example.com")).json()
+    verified, release = asyncio.Event(), asyncio.Event()
+    verify = auth_service.verify_password
+
+    async def slow_verify(password: str, password_hash: str) -> bool:
+        matched = await verify(password, password_hash)
+        verified.set()
+        await release.wait()
+        return matched
+
+    monkeypatch.setattr(auth_service, "verify_password", slow_verify)
+    attempt = asyncio.create_task(login(web, "victim@example.com"))
+    async with asyncio.timeout(10):
+        await verified.wait()
+    changed = await web.post(
+        "/api/auth/password",
+        json={"current_password": DEFAULT_PASSWORD, "new_password": "brand-new-password"},
+        headers=bearer(owner["access_token"]),
+    )
+    assert changed.status_code == 200, changed.text
+    release.set()
+    refused = await attempt
+    assert (refused.status_code, refused.json()) == (401, {"detail": auth_service.LOGIN_FAILED})
+    live = await session.execute(select(RefreshToken.id).where(RefreshToken.revoked_at.is_(None)))
+    assert len(live.all()) == 1  # the owner's new session only
+
+
+async def test_a_refresh_racing_a_password_change_leaves_nothing_usable(
+    web: httpx.AsyncClient, session: AsyncSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thief's refresh has spent its token and holds the user's row when the owner's password change
+    arrives. The change used to take its instant first and then wait for the token's row: the refresh issued
+    an access token dated after that instant, which worked for an hour. The change now waits for the user's
+    row and takes its instant after, so the refresh's new tokens are refused both."""
+    await create_user(session, email="victim@example.com")
+    stolen = (await login(web, "victim@example.com")).json()
+    owner = (await login(web, "victim@example.com")).json()
+    holding, release = asyncio.Event(), asyncio.Event()
+    session_user = auth_service._session_user
+
+    async def held(db_session: AsyncSession, claims: dict[str, Any]) -> User:
+        user = await session_user(db_session, claims)
+        holding.set()
+        await release.wait()
+        return user
+
+    monkeypatch.setattr(auth_service, "_session_user", held)
+    refreshing = asyncio.create_task(web.post("/api/auth/refresh", json={"refresh_token": stolen["refresh_token"]}))
+    async with asyncio.timeout(10):
+        await holding.wait()
+    changing = asyncio.create_task(
+        web.post(
+            "/api/auth/password",
+            json={"current_password": DEFAULT_PASSWORD, "new_password": "brand-new-password"},
+            headers=bearer(owner["access_token"]),
+        )
+    )
+    await asyncio.wait({changing}, timeout=0.5)
+    assert not changing.done()  # waiting for the user's row
+    release.set()
+    refreshed = await refreshing
+    assert refreshed.status_code == 200, refreshed.text
+    assert (await changing).status_code == 200
+    monkeypatch.undo()
+    thief = refreshed.json()
+    assert (await web.get("/api/auth/me", headers=bearer(thief["access_token"]))).status_code == 401
+    again = await web.post("/api/auth/refresh", json={"refresh_token": thief["refresh_token"]})
+    assert again.status_code == 401
+
+
 async def test_change_password_revokes_other_sessions(web: httpx.AsyncClient, session: AsyncSession) -> None:
     await create_user(session, email="pw@example.com")
     other = (await login(web, "pw@example.com")).json()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.models import Team
+from app.models import Team, User
+from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import https_client, login
 from tests.conftest import count_rows, make_settings
@@ -142,3 +146,30 @@ async def test_update_team_as_member_is_403(web: httpx.AsyncClient, session: Asy
     refreshed = await session.get(Team, team.id, populate_existing=True)
     assert refreshed is not None
     assert refreshed.name == "Before"
+
+
+async def test_an_admin_demoted_while_their_team_change_waits_changes_nothing(
+    app: FastAPI, web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """The team's settings change waits for the row a demotion holds; the demoted admin is checked again
+    under it (403), so opening registration is not the removed admin's last act."""
+    team = await create_team(session)
+    await create_admin(session, team=team)
+    rogue = await create_admin(session, team=team)
+    async with app_state(app).db.sessionmaker() as demotion:
+        await demotion.execute(select(Team.id).where(Team.id == team.id).with_for_update())
+        opening = asyncio.create_task(
+            web.put(
+                "/api/teams/current",
+                json={"settings": {"open_registration": True}},
+                headers=auth_headers(settings, rogue),
+            )
+        )
+        await asyncio.wait({opening}, timeout=0.5)
+        assert not opening.done()  # waiting for the team's row
+        await demotion.execute(update(User).where(User.id == rogue.id).values(role="user"))
+        await demotion.commit()
+    refused = await opening
+    assert (refused.status_code, refused.json()) == (403, {"detail": "Admin role required"})
+    await session.refresh(team)
+    assert team.settings == {"open_registration": False}

@@ -299,8 +299,8 @@ async def test_cli_create_admin_validates_input(session: AsyncSession, settings:
 
 
 async def test_last_admin_check_waits_for_a_concurrent_change(app: FastAPI, session: AsyncSession) -> None:
-    """While another transaction holds the team lock and demotes admin B, deactivating admin A must wait,
-    then see that A is the last admin (409). Without the lock both changes would pass."""
+    """While another transaction holds the team lock and deactivates admin A, admin B stepping down must wait,
+    then see that B is the last admin (409). Without the lock both changes would pass."""
     team = await create_team(session)
     first = await create_admin(session, team=team)
     second = await create_admin(session, team=team)
@@ -310,13 +310,64 @@ async def test_last_admin_check_waits_for_a_concurrent_change(app: FastAPI, sess
         actor = await contender.get(User, second.id)
         assert actor is not None
         attempt = asyncio.create_task(
-            users_service.update_user(session=contender, admin=actor, user_id=first.id, changes={"is_active": False})
+            users_service.update_user(session=contender, admin=actor, user_id=second.id, changes={"role": "user"})
         )
         await asyncio.sleep(0.3)
         assert not attempt.done()  # blocked on the team row
-        await holder.execute(update(User).where(User.id == second.id).values(role="user"))
+        await holder.execute(update(User).where(User.id == first.id).values(is_active=False))
         await holder.commit()
         with pytest.raises(Conflict):
             await attempt
-    await session.refresh(first)
-    assert first.is_active is True
+    await session.refresh(second)
+    assert second.role == "admin"
+
+
+async def test_an_admin_demoted_while_their_change_waits_changes_nothing(
+    app: FastAPI, web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """Admin A demotes admin B (holding the team's row, as `update_user` does) while B's promotion of an
+    accomplice, authorised a moment before, waits for that row: it went through, and the removed admin left
+    an admin behind. B is checked again under the lock: 403, nothing changed."""
+    team = await create_team(session)
+    await create_admin(session, team=team)
+    rogue = await create_admin(session, team=team)
+    accomplice = await create_user(session, team=team)
+    async with app_state(app).db.sessionmaker() as demotion:
+        await demotion.execute(select(Team.id).where(Team.id == team.id).with_for_update())
+        promoting = asyncio.create_task(
+            web.patch(f"/api/users/{accomplice.id}", json={"role": "admin"}, headers=auth_headers(settings, rogue))
+        )
+        await asyncio.wait({promoting}, timeout=0.5)
+        assert not promoting.done()  # waiting for the team's row
+        await demotion.execute(update(User).where(User.id == rogue.id).values(role="user"))
+        await demotion.commit()
+    promoted = await promoting
+    assert (promoted.status_code, promoted.json()) == (403, {"detail": "Admin role required"})
+    await session.refresh(accomplice)
+    assert accomplice.role == "user"
+
+
+async def test_an_admin_demoted_while_their_new_users_password_hashes_creates_no_one(
+    app: FastAPI, web: httpx.AsyncClient, session: AsyncSession, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demotion lands while bcrypt hashes the new user's password (no lock is held then): the user, an
+    admin of the rogue's choosing, was created anyway. The creator is checked again before the insert."""
+    team = await create_team(session)
+    await create_admin(session, team=team)
+    rogue = await create_admin(session, team=team)
+    hashing = users_service.hash_password
+
+    async def demoted_meanwhile(password: str, rounds: int) -> str:
+        async with app_state(app).db.sessionmaker() as demotion:
+            await demotion.execute(update(User).where(User.id == rogue.id).values(role="user"))
+            await demotion.commit()
+        return await hashing(password, rounds)
+
+    monkeypatch.setattr(users_service, "hash_password", demoted_meanwhile)
+    created = await web.post(
+        "/api/users",
+        json={"email": "puppet@example.com", "password": "long-enough-password", "role": "admin"},
+        headers=auth_headers(settings, rogue),
+    )
+    assert (created.status_code, created.json()) == (403, {"detail": "Admin role required"})
+    assert (await session.execute(select(User).where(User.email == "puppet@example.com"))).first() is None

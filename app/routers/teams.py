@@ -71,7 +71,7 @@ async def current_team(user: CurrentUser, session: SessionDep) -> TeamRead:
 async def update_team(body: TeamUpdate, admin: AdminUser, session: SessionDep) -> TeamRead:
     """Unknown settings keys are a 422; settings left out keep their value."""
     changes = body.model_dump(exclude_unset=True)
-    team = await teams_service.update_team(session=session, team_id=admin.team_id, changes=changes)
+    team = await teams_service.update_team(session=session, team_id=admin.team_id, admin_id=admin.id, changes=changes)
     return TeamRead.model_validate(team)
 
 

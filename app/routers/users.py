@@ -44,6 +44,7 @@ async def create_user(body: UserCreate, admin: AdminUser, session: SessionDep, s
         password=body.password,
         full_name=body.full_name,
         role=body.role,
+        created_by=admin.id,
     )
     return UserRead.model_validate(user)
 

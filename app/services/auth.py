@@ -29,6 +29,7 @@ from app.security import (
     hash_refresh_token,
     issued_before,
     needs_rehash,
+    same_instant,
     verify_password,
 )
 from app.services.revocation import RevocationStore
@@ -115,7 +116,21 @@ async def _rehash_if_needed(*, session: AsyncSession, settings: Settings, user: 
 async def start_session(
     *, session: AsyncSession, settings: Settings, user: User, with_refresh: bool = True
 ) -> SessionTokens:
-    """Issue an access token and, for browser/API sessions, a refresh token opening a new family."""
+    """Issue an access token and, for browser/API sessions, a refresh token opening a new family.
+
+    The user's row is locked, and read again, first: a password change or a deactivation that committed while
+    this login's bcrypt ran (`tokens_valid_after` moved) gives the generic 401; one that comes later waits for
+    this commit, so its revocation covers these tokens too (`revoke_all_user_tokens`)."""
+    locked = (
+        await session.execute(
+            select(User.is_active, User.tokens_valid_after)
+            .where(User.id == user.id)
+            .with_for_update(key_share=True)  # the UPDATE of last_login_at below takes this lock anyway
+        )
+    ).first()
+    if locked is None or not locked.is_active or not same_instant(locked.tokens_valid_after, user.tokens_valid_after):
+        await session.rollback()
+        raise Unauthorized(LOGIN_FAILED)
     user.last_login_at = utcnow()
     if not with_refresh:
         access = create_token(settings=settings, user_id=user.id, team_id=user.team_id, token_type="access")
@@ -152,6 +167,10 @@ async def refresh_session(
     victim's chain, and the next rotation by either side makes the other's token a detected reuse.
     """
     claims = decode_token(token, settings=settings, expected_type="refresh")
+    # The user's row first (shared), then the token's: a password change or deactivation locks them in that
+    # order too (`revoke_all_user_tokens`), so it either came first (this is a 401) or waits for this commit
+    # and then revokes what it issues.
+    user = await _session_user(session, claims)
     now = utcnow()
     token_hash = hash_refresh_token(token)
     live = (
@@ -170,7 +189,6 @@ async def refresh_session(
         )
     ).first()
     if spent is not None:
-        user = await _session_user(session, claims)
         tokens = _issue_pair(session=session, settings=settings, user=user, family_id=spent.family_id)
         if settings.REFRESH_REUSE_GRACE_SECONDS > 0 and tokens.refresh is not None:
             successor = encrypt_text(tokens.refresh.token, settings.ENCRYPTION_KEY)
@@ -194,7 +212,7 @@ async def refresh_session(
             return await _hand_out_successor(
                 session=session,
                 settings=settings,
-                claims=claims,
+                user=user,
                 family_id=recent.family_id,
                 successor=decrypt_text(recent.successor_encrypted, settings.ENCRYPTION_KEY),
             )
@@ -207,8 +225,15 @@ async def refresh_session(
 
 
 async def _session_user(session: AsyncSession, claims: dict[str, Any]) -> User:
-    """The refresh token's user, still active, in its team, and not logged out everywhere since."""
-    user = await session.get(User, uuid.UUID(claims["sub"]), populate_existing=True)
+    """The refresh token's user, still active, in its team, and not logged out everywhere since; its row stays
+    share-locked until the refresh commits."""
+    query = (
+        select(User)
+        .where(User.id == uuid.UUID(claims["sub"]))
+        .with_for_update(read=True)
+        .execution_options(populate_existing=True)
+    )
+    user = (await session.execute(query)).scalar_one_or_none()
     if (
         user is None
         or not user.is_active
@@ -221,10 +246,9 @@ async def _session_user(session: AsyncSession, claims: dict[str, Any]) -> User:
 
 
 async def _hand_out_successor(
-    *, session: AsyncSession, settings: Settings, claims: dict[str, Any], family_id: uuid.UUID, successor: str
+    *, session: AsyncSession, settings: Settings, user: User, family_id: uuid.UUID, successor: str
 ) -> SessionTokens:
     """The grace answer: the successor refresh token again (if it still lives) and a new access token."""
-    user = await _session_user(session, claims)
     alive = (
         await session.execute(
             select(RefreshToken.id).where(
@@ -271,6 +295,14 @@ async def _revoke_settled(session: AsyncSession, which: ColumnElement[bool]) -> 
     new snapshot (READ COMMITTED), which sees and revokes it; the loop ends when a pass finds nothing.
     """
     for _ in range(REVOKE_PASSES):
+        # Rows locked in one order (by id) before the UPDATE, whose own order is the plan's: a logout and a
+        # deactivation revoking overlapping sets deadlocked.
+        await session.execute(
+            select(RefreshToken.id)
+            .where(which, RefreshToken.revoked_at.is_(None))
+            .order_by(RefreshToken.id)
+            .with_for_update()
+        )
         result = await session.execute(
             update(RefreshToken).where(which, RefreshToken.revoked_at.is_(None)).values(revoked_at=utcnow())
         )
@@ -321,8 +353,10 @@ async def revoke_all_user_tokens(*, session: AsyncSession, user: User) -> None:
     """Password change or deactivation: every token issued until now stops working (caller commits).
 
     Access tokens are refused by `tokens_valid_after` (compared at microsecond precision), refresh
-    tokens by their `revoked_at`.
+    tokens by their `revoked_at`. The user's row is locked before the instant is taken: a login or refresh
+    that holds it (`start_session`, `_session_user`) commits first, and its tokens are then older than the
+    instant and its refresh token is among those revoked.
     """
-    now = utcnow()
-    user.tokens_valid_after = now
+    await session.execute(select(User.id).where(User.id == user.id).with_for_update())
+    user.tokens_valid_after = utcnow()
     await _revoke_settled(session, RefreshToken.user_id == user.id)

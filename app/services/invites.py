@@ -14,11 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.db import utcnow
-from app.errors import ADMIN_REQUIRED, Conflict, Forbidden, NotFound
+from app.errors import Conflict, NotFound
 from app.fields import canonical_email
 from app.models import Invite, Team, User
 from app.security import hash_password
-from app.services.users import EMAIL_TAKEN, insert_user
+from app.services.users import EMAIL_TAKEN, insert_user, lock_team_as_admin
 
 #: Unknown, used up, expired, revoked and bound to another email: one answer tells a guesser nothing.
 INVITE_NOT_FOUND = "Invite not found or no longer valid"
@@ -91,13 +91,7 @@ async def create_invite(
     The team row is locked first, as demoting or deactivating an admin locks it (app.services.users), and
     the creator is checked again under that lock: an admin removed while this request ran cannot leave an
     invite behind that the removal's revocation missed."""
-    await session.execute(select(Team.id).where(Team.id == team_id).with_for_update(read=True))
-    still_admin = select(User.id).where(
-        User.id == created_by, User.team_id == team_id, User.role == "admin", User.is_active.is_(True)
-    )
-    if (await session.execute(still_admin)).first() is None:
-        await session.rollback()
-        raise Forbidden(ADMIN_REQUIRED)
+    await lock_team_as_admin(session, team_id=team_id, admin_id=created_by, exclusive=False)
     token = new_token()
     invite = Invite(
         team_id=team_id,

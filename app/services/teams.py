@@ -17,6 +17,7 @@ from app.errors import Conflict, NotFound
 from app.fields import canonical_email
 from app.models import Team, User, default_team_settings
 from app.security import hash_password
+from app.services.users import lock_team_as_admin
 
 #: Attempts at a free slug when concurrent sign-ups pick the same one.
 SLUG_ATTEMPTS = 5
@@ -82,9 +83,16 @@ async def get_team(*, session: AsyncSession, team_id: uuid.UUID) -> Team:
     return team
 
 
-async def update_team(*, session: AsyncSession, team_id: uuid.UUID, changes: dict[str, Any]) -> Team:
-    """Rename and/or change settings; settings keys are merged, so unspecified ones keep their value."""
-    team = await get_team(session=session, team_id=team_id)
+async def update_team(
+    *, session: AsyncSession, team_id: uuid.UUID, admin_id: uuid.UUID, changes: dict[str, Any]
+) -> Team:
+    """Rename and/or change settings; settings keys are merged, so unspecified ones keep their value. The row
+    is locked and read afresh first: two admins changing different settings at once both keep theirs, and an
+    admin removed while this ran changes nothing (403)."""
+    await lock_team_as_admin(session, team_id=team_id, admin_id=admin_id)
+    team = (
+        await session.execute(select(Team).where(Team.id == team_id).execution_options(populate_existing=True))
+    ).scalar_one()
     if "name" in changes:
         team.name = changes["name"]
     if changes.get("settings"):

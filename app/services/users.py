@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.db import utcnow
-from app.errors import BadRequest, Conflict, Forbidden, NotFound
+from app.errors import ADMIN_REQUIRED, BadRequest, Conflict, Forbidden, NotFound
 from app.fields import canonical_email
 from app.models import Invite, Team, User
 from app.security import hash_password, verify_password
@@ -36,6 +36,21 @@ async def get_team_user(*, session: AsyncSession, admin: User, user_id: uuid.UUI
     if user is None:
         raise NotFound(USER_NOT_FOUND)
     return user
+
+
+async def lock_team_as_admin(
+    session: AsyncSession, *, team_id: uuid.UUID, admin_id: uuid.UUID, exclusive: bool = True
+) -> None:
+    """Lock the team's row, as every change of a role or an activation does (`update_user`), and check the
+    caller again under it: an admin demoted or deactivated while this request ran (it passed its role check
+    before) changes nothing, 403. `exclusive=False` for writes that only need the roles to hold still."""
+    await session.execute(select(Team.id).where(Team.id == team_id).with_for_update(read=not exclusive))
+    still_admin = select(User.id).where(
+        User.id == admin_id, User.team_id == team_id, User.role == "admin", User.is_active.is_(True)
+    )
+    if (await session.execute(still_admin)).first() is None:
+        await session.rollback()
+        raise Forbidden(ADMIN_REQUIRED)
 
 
 async def insert_user(*, session: AsyncSession, user: User) -> User:
@@ -63,12 +78,16 @@ async def create_user(
     password: str,
     full_name: str | None,
     role: str = "user",
+    created_by: uuid.UUID | None = None,
 ) -> User:
-    """Insert a user; the unique index on (team_id, lower(email)) settles races as a 409."""
+    """Insert a user; the unique index on (team_id, lower(email)) settles races as a 409. `created_by`: the
+    admin creating it, checked again once bcrypt is done (`lock_team_as_admin`)."""
     if await _email_taken(session, team_id, email):
         raise Conflict(EMAIL_TAKEN)
     await session.commit()  # release the connection while bcrypt runs
     password_hash = await hash_password(password, settings.BCRYPT_ROUNDS)
+    if created_by is not None:
+        await lock_team_as_admin(session, team_id=team_id, admin_id=created_by, exclusive=False)
     user = User(
         team_id=team_id,
         email=canonical_email(email),
@@ -100,9 +119,9 @@ async def update_user(*, session: AsyncSession, admin: User, user_id: uuid.UUID,
     admin revokes the invites they made.
 
     The team row is locked (SELECT ... FOR UPDATE) before counting admins, so two admins demoting each
-    other at the same moment cannot leave the team without one: the second waits and then sees one left.
+    other at the same moment cannot leave the team without one: the second waits, and then is no admin (403).
     """
-    await session.execute(select(Team.id).where(Team.id == admin.team_id).with_for_update())
+    await lock_team_as_admin(session, team_id=admin.team_id, admin_id=admin.id)
     user = await get_team_user(session=session, admin=admin, user_id=user_id, lock=True)
     demoting = changes.get("role") == "user" and user.role == "admin"
     deactivating = changes.get("is_active") is False and user.is_active
