@@ -1098,3 +1098,38 @@ async def test_token_form_with_nul_is_422(web: httpx.AsyncClient, form: dict[str
     response = await web.post("/api/auth/token", data=form)
     assert response.status_code == 422
     assert "NUL" in response.json()["detail"][0]["msg"]
+
+
+async def test_logouts_refreshes_and_deactivations_at_once_never_deadlock(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """Each revokes a set of refresh tokens (a family, a user's), and a reused token's refresh revokes its family
+    while still holding one row of it: in different orders they deadlocked, and a logout or a refresh was a 503
+    (one to six per round). Rows are now locked in id order, nothing held before. Three rounds of three
+    users, each with eight refreshes and logouts of one session beside deactivations and role changes."""
+    team = await create_team(session)
+    admin = await create_user(session, team=team, role="admin", email="admin@example.com")
+    users = [await create_user(session, team=team, email=f"u{i}@example.com") for i in range(3)]
+    admin_headers = auth_headers(settings, admin)
+    failed: list[tuple[str, int]] = []
+    for _ in range(3):
+        await session.execute(update(User).where(User.id.in_([u.id for u in users])).values(is_active=True))
+        await session.commit()
+        sessions = [(await login(web, f"u{i}@example.com")).json() for i in range(3)]
+        jobs = []
+        for tokens in sessions:
+            for _ in range(8):
+                jobs.append(web.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]}))
+                jobs.append(
+                    web.post(
+                        "/api/auth/logout",
+                        json={"refresh_token": tokens["refresh_token"]},
+                        headers=bearer(tokens["access_token"]),
+                    )
+                )
+        for user in users:
+            jobs.append(web.patch(f"/api/users/{user.id}", json={"is_active": False}, headers=admin_headers))
+            jobs.append(web.patch(f"/api/users/{user.id}", json={"role": "admin"}, headers=admin_headers))
+        answers = await asyncio.gather(*jobs)
+        failed += [(a.request.url.path, a.status_code) for a in answers if a.status_code >= 500]
+    assert failed == []

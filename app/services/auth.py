@@ -216,11 +216,19 @@ async def refresh_session(
                 family_id=recent.family_id,
                 successor=decrypt_text(recent.successor_encrypted, settings.ENCRYPTION_KEY),
             )
-    row = (await session.execute(select(RefreshToken).where(RefreshToken.token_hash == token_hash))).scalar()
-    if row is not None and row.used_at is not None:
-        # Reuse of a spent token: whoever holds the newer one may be a thief. End the whole family.
-        await revoke_family(session=session, settings=settings, revocations=revocations, family_id=row.family_id)
+    spent_family = (
+        await session.execute(
+            select(RefreshToken.family_id).where(
+                RefreshToken.token_hash == token_hash, RefreshToken.used_at.is_not(None)
+            )
+        )
+    ).scalar()
+    # The locks taken so far go first (the grace check's row, the user's): the revocation then locks the
+    # family's rows in id order like every other, where holding one of them out of order deadlocked a logout.
     await session.rollback()
+    if spent_family is not None:
+        # Reuse of a spent token: whoever holds the newer one may be a thief. End the whole family.
+        await revoke_family(session=session, settings=settings, revocations=revocations, family_id=spent_family)
     raise Unauthorized(INVALID_TOKEN)
 
 
