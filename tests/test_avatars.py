@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import struct
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from PIL import Image, PngImagePlugin
@@ -20,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.models import Agent, Team, User
 from main import create_app, shutdown
-from tests.conftest import make_settings
+from tests.conftest import _plain_url, make_settings, until_a_statement_waits
 from tests.factories import auth_headers, create_admin, create_agent, create_team, create_user
 
 MB = 1024 * 1024
@@ -422,6 +424,31 @@ async def test_avatar_url_and_etag_change_with_the_avatar(client: httpx.AsyncCli
     assert fresh.headers["content-type"] == "image/jpeg"
     listed = await client.get("/api/agents", headers=world.h(world.member))
     assert listed.json()[0]["avatar_url"] == second.json()["avatar_url"]
+
+
+async def test_two_uploads_at_once_get_two_versions(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    """Another admin's upload is committing (it holds the agent's row) when this one is stored. Both computed
+    version + 1 from what they read, so both images went out as `?v=1`, which browsers keep for a year: the
+    first image stayed wherever it was seen. The version is now bumped under the row's lock."""
+    other = await asyncpg.connect(_plain_url(world.settings.DATABASE_URL), timeout=5)
+    try:
+        async with other.transaction():  # the other upload, as set_avatar writes it
+            await other.execute(
+                "UPDATE agents SET avatar = $1, avatar_content_type = 'image/png', avatar_version = 1 WHERE id = $2",
+                png_bytes((8, 8)),
+                world.agent.id,
+            )
+            uploading = asyncio.create_task(upload(client, world, image_bytes("JPEG"), ctype="image/jpeg"))
+            await until_a_statement_waits(other, "%agents%")
+        uploaded = await uploading
+    finally:
+        await other.close()
+    assert uploaded.status_code == 200, uploaded.text
+    assert uploaded.json()["avatar_url"].endswith("?v=2")
+    _data, content_type, version = await stored(session, world.agent)
+    assert (content_type, version) == ("image/jpeg", 2)
 
 
 async def test_read_avatar_when_none_is_404(client: httpx.AsyncClient, world: World) -> None:

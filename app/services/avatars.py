@@ -124,9 +124,12 @@ def _save_gif(frame: Image.Image, out: io.BytesIO) -> None:
 async def set_avatar(
     *, session: AsyncSession, settings: Settings, user: User, agent_id: uuid.UUID, raw: bytes
 ) -> Agent:
-    """Store a new avatar and bump `avatar_version`, so `avatar_url` (and every cache key) changes."""
-    agent = await get_team_agent(session=session, user=user, agent_id=agent_id)
+    """Store a new avatar and bump `avatar_version`, so `avatar_url` (and every cache key) changes. The version
+    is bumped under the row's lock: two uploads at once both wrote version + 1, and the first image, already
+    handed out under that version as immutable for a year, stayed in every cache that had it."""
+    await get_team_agent(session=session, user=user, agent_id=agent_id)  # a foreign id is a 404 before the work
     stored = await anyio.to_thread.run_sync(process_avatar, raw, settings)
+    agent = await get_team_agent(session=session, user=user, agent_id=agent_id, for_update=True)
     agent.avatar = stored.data
     agent.avatar_content_type = stored.content_type
     agent.avatar_version = agent.avatar_version + 1
@@ -137,7 +140,7 @@ async def set_avatar(
 
 async def remove_avatar(*, session: AsyncSession, user: User, agent_id: uuid.UUID) -> Agent:
     """Drop the avatar (idempotent); the version still grows so no cache keeps showing the old one."""
-    agent = await get_team_agent(session=session, user=user, agent_id=agent_id)
+    agent = await get_team_agent(session=session, user=user, agent_id=agent_id, for_update=True)
     if agent.avatar_content_type is not None:
         agent.avatar = None
         agent.avatar_content_type = None
@@ -175,7 +178,10 @@ async def read_avatar(
     etag = avatar_etag(agent_id, version)
     if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
         return AvatarFile(data=None, content_type=content_type, version=version, etag=etag)
-    data = (await session.execute(select(Agent.avatar).where(Agent.id == agent_id))).scalar_one()
-    if data is None:
+    # The bytes with their own version and type: an upload between the two reads must not send its image
+    # under the previous version's ETag.
+    current = select(Agent.avatar, Agent.avatar_content_type, Agent.avatar_version).where(Agent.id == agent_id)
+    data, content_type, version = (await session.execute(current)).one()
+    if data is None or content_type is None:
         raise NotFound(AVATAR_NOT_FOUND)
-    return AvatarFile(data=data, content_type=content_type, version=version, etag=etag)
+    return AvatarFile(data=data, content_type=content_type, version=version, etag=avatar_etag(agent_id, version))
