@@ -13,13 +13,14 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import delete, insert, select, text
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import metrics
 from app.config import Settings
 from app.db import utcnow
 from app.errors import RateLimited
-from app.models import Agent, Chat, Team, UsageDaily, UsageRecord, UsageRollup, User
+from app.models import Agent, Chat, Message, Team, UsageDaily, UsageRecord, UsageRollup, User
 from app.routers.openai_api import Run
 from app.security import Caller
 from app.services import usage as usage_service
@@ -272,6 +273,33 @@ async def test_generation_of_a_dead_worker_writes_interrupted_row_when_recovered
     assert (row.outcome, row.error_code) == ("interrupted", "interrupted")
     assert (row.team_id, row.user_id, row.agent_id) == (team.id, user.id, agent.id)
     assert (row.chars_in, row.chars_out) == (len("question?"), len("half"))
+
+
+async def test_a_recovered_generation_counts_from_its_start_and_in_the_metrics(
+    app: FastAPI, session: AsyncSession
+) -> None:
+    """Recovery wrote its ledger row with no duration: the quota, which dates a generation by its row's time
+    less its duration, took one from before midnight for today's and counted it again; and the metrics never
+    showed it. Its duration now runs from its start, and it counts as an `interrupted` generation."""
+    question = {"role": "user", "content": "question?"}
+    orphan = {"role": "assistant", "content": "half", "status": "streaming", "_worker": str(uuid.uuid4())}
+    team = await create_team(session)
+    user = await create_user(session, team=team)
+    agent = await create_agent(session, team=team)
+    chat = await create_chat(session, user=user, agent=agent, messages=[question, orphan])
+    began = datetime.now(UTC) - timedelta(hours=2)
+    await session.execute(update(Message).where(Message.chat_id == chat.id).values(created_at=began))
+    await session.commit()
+    labels = {"outcome": "interrupted", "agent": str(agent.id)}
+    before = metrics.REGISTRY.get_sample_value("relay_generations_total", labels) or 0
+    registry = app_state(app).generations
+    await registry.startup()
+    await registry.shutdown()
+    [row] = await ledger(app)
+    assert row.duration_ms is not None
+    started = row.created_at - timedelta(milliseconds=row.duration_ms)
+    assert abs((started - began).total_seconds()) < 1
+    assert metrics.REGISTRY.get_sample_value("relay_generations_total", labels) == before + 1
 
 
 async def test_cancelled_final_write_writes_cancelled_row(

@@ -9,6 +9,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from app import metrics
 from app.config import Settings
 from app.db import utcnow
 from app.models import IS_STREAMING, Chat, Message, Worker
@@ -74,6 +75,7 @@ async def recover_interrupted(
     )
     rows = (await session.execute(query)).all()
     await session.commit()
+    now = utcnow()
     marked = 0
     for row in rows:
         if row.worker_id == worker_id:
@@ -81,7 +83,8 @@ async def recover_interrupted(
                 continue
         elif row.worker_id in live:
             continue
-        if await mark_interrupted(session, message_id=row.id, chat_id=row.chat_id):
+        marked_now = await mark_interrupted(session, message_id=row.id, chat_id=row.chat_id)
+        if marked_now:
             marked += 1
             await error_logs.record_error(
                 session=session,
@@ -105,9 +108,16 @@ async def recover_interrupted(
                 error_code="interrupted",
                 chars_in=len(row.question or ""),
                 chars_out=len(row.content or ""),
-                metadata={},
+                # From its start (the placeholder's row): the quota counts a generation on the day it began, by
+                # the ledger row's time less its duration; without it, one from before midnight counted twice.
+                metadata={"duration_ms": max(0, round((now - row.created_at).total_seconds() * 1000))},
             )
         await session.commit()
+        if marked_now:
+            # Its timings are unknown (the duration above is its worker's absence, not n8n's time).
+            metrics.generation_finished(
+                outcome="interrupted", agent_id=row.agent_id, error_code="interrupted", metadata={}, pool_in_use=None
+            )
     await session.execute(delete(Worker).where(Worker.heartbeat_at < cutoff, Worker.id != worker_id))
     await session.commit()
     return marked
