@@ -158,6 +158,10 @@ class Statements(ABC):
     def started_since(self, ended_at: Any, duration_ms: Any, moment: Any) -> ColumnElement[bool]:
         """Whether what ended at `ended_at` after `duration_ms` milliseconds started at or after `moment`."""
 
+    @abstractmethod
+    def greatest(self, a: Any, b: Any) -> ColumnElement[Any]:
+        """The larger of two values."""
+
 
 class PostgresStatements(Statements):
     name = "postgresql"
@@ -176,6 +180,9 @@ class PostgresStatements(Statements):
 
     def sum_histograms(self, column: Any) -> ColumnElement[str]:
         return cast(func.sum(column), Text)
+
+    def greatest(self, a: Any, b: Any) -> ColumnElement[Any]:
+        return func.greatest(a, b)
 
     def started_since(self, ended_at: Any, duration_ms: Any, moment: Any) -> ColumnElement[bool]:
         return ended_at - duration_ms * literal_column("interval '1 millisecond'", Interval()) >= moment  # type: ignore[no-any-return]
@@ -196,6 +203,9 @@ class SqliteStatements(Statements):
     def sum_histograms(self, column: Any) -> ColumnElement[str]:
         # No big integers in SQLite: the terms, joined, are added in Python (`histogram_total`).
         return func.group_concat(column, ",", type_=Text())
+
+    def greatest(self, a: Any, b: Any) -> ColumnElement[Any]:
+        return func.max(a, b)  # SQLite's scalar max() of two arguments
 
     def started_since(self, ended_at: Any, duration_ms: Any, moment: Any) -> ColumnElement[bool]:
         # Times are stored as UTC text; julianday() reads them as days.

@@ -23,6 +23,7 @@ from app.errors import RateLimited
 from app.models import Agent, Chat, Message, Team, UsageDaily, UsageRecord, UsageRollup, User
 from app.routers.openai_api import Run
 from app.security import Caller
+from app.services import fast_start
 from app.services import usage as usage_service
 from app.services.completions import prepare_completion
 from app.services.messages import NewGeneration, finish_message, start_message
@@ -757,6 +758,33 @@ async def test_quota_counts_generations_of_the_day_before_it_was_set(
     await client.post(url, json={"content": "hi"}, headers=setup.headers)
     await set_quota(client, settings, admin, 1)
     assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 429
+
+
+@pytest.mark.parametrize("path", ["one statement", "general"])
+async def test_a_quota_lifted_and_set_again_counts_the_sends_in_between(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> None:
+    """Quota 2, one send; quota lifted, three sends (no counter moves); quota 2 again: the counter still said
+    one, so a fifth send went through. A claim now starts from the ledger when that is ahead of the counter."""
+    if path == "general":
+        monkeypatch.setattr(fast_start, "applies", lambda *_args, **_kwargs: False)
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    admin = await create_admin(session, team=await session.get_one(Team, setup.user.team_id))
+    url = f"/api/chats/{setup.chat.id}/messages"
+    await set_quota(client, settings, admin, 2)
+    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 200
+    await set_quota(client, settings, admin, None)
+    for _ in range(3):
+        assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 200
+    await set_quota(client, settings, admin, 2)
+    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 429
+    assert len(await ledger(app)) == 4
 
 
 async def a_generation_over_midnight(session: AsyncSession, setup: Any, quota: int) -> date:

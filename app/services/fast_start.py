@@ -68,8 +68,9 @@ _START = (
         " (SELECT count(*) FROM usage_records r WHERE r.user_id = :uid AND r.created_at >= :day_start"
         " AND r.created_at - r.duration_ms * interval '1 millisecond' >= :day_start) + 1"
         " FROM chat WHERE chat.quota > 0"
-        " ON CONFLICT (user_id, day) DO UPDATE SET generations = d.generations + 1"
-        " WHERE d.generations < (SELECT quota FROM chat)"
+        # The counter, or the ledger's count when ahead of it (sends made while the quota was lifted).
+        " ON CONFLICT (user_id, day) DO UPDATE SET generations = greatest(d.generations, EXCLUDED.generations - 1) + 1"
+        " WHERE greatest(d.generations, EXCLUDED.generations - 1) < (SELECT quota FROM chat)"
         " RETURNING d.generations"
         "), gate AS ("
         " SELECT chat.* FROM chat"

@@ -327,7 +327,8 @@ async def claim_generation(*, session: AsyncSession, user: Caller) -> date | Non
 
     One conditional upsert raises the user's counter for today only while it is under the quota, so
     concurrent sends cannot overshoot it. The day's first claim starts from the ledger's count of the day
-    (generations before the quota was set count too). Returns the day claimed (to `release_generation` a
+    (generations before the quota was set count too), and so does any claim that finds the ledger ahead of the
+    counter (the quota was lifted for a while). Returns the day claimed (to `release_generation` a
     send refused afterwards), None when the team has no quota.
     """
     team_settings = (await session.execute(select(Team.settings).where(Team.id == user.team_id))).scalar()
@@ -355,12 +356,16 @@ async def claim_generation(*, session: AsyncSession, user: Caller) -> date | Non
     )
     dialect = session.get_bind().dialect.name
     upsert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(UsageDaily)
+    statements = statements_of(session)
+    # The counter, or the ledger's count when that is higher: generations made while the team had no quota
+    # raised no counter, so a quota set again the same day must not start from the counter's old value.
+    ledger = upsert.excluded.generations - 1
     statement = (
         upsert.values(user_id=user.id, day=today, generations=so_far + 1)
         .on_conflict_do_update(
             index_elements=[UsageDaily.user_id, UsageDaily.day],
-            set_={"generations": UsageDaily.generations + 1},
-            where=UsageDaily.generations < limit,
+            set_={"generations": statements.greatest(UsageDaily.generations, ledger) + 1},
+            where=statements.greatest(UsageDaily.generations, ledger) < limit,
         )
         .returning(UsageDaily.generations)
     )
