@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,9 +14,12 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
-from app.models import Agent, Chat, File, FileBlob, Message, ShareFile, User
-from tests.conftest import TeamWorld, chat_with_sent_files, count_rows
-from tests.factories import create_chat, message_row
+from app.models import Agent, Chat, File, FileBlob, Message, ShareFile, Team, User
+from app.state import app_state
+from main import create_app, shutdown
+from tests.authhelpers import https_client
+from tests.conftest import TeamWorld, chat_with_sent_files, count_rows, make_settings, run_migrations
+from tests.factories import auth_headers, create_agent, create_chat, create_user, message_row
 from tests.live import data_events, parse_sse, streamed_text
 from tools.fake_n8n import FakeN8n
 
@@ -473,6 +477,34 @@ async def test_sharing_one_chat_twice_at_once_leaves_one_share_and_one_set_of_co
     final = (await client.get(f"/api/shares/{responses[0].json()['id']}", headers=member)).json()
     rows = set((await session.execute(select(ShareFile.id))).scalars())
     assert {uuid.UUID(f["id"]) for f in final["messages"][0]["files"]} == rows
+
+
+async def test_sharing_one_chat_twice_at_once_on_sqlite(tmp_path: Path) -> None:
+    """The embedded database takes no row locks: the second of two first shares met the unique key, a 500.
+    It is made again as a re-share of the first."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'shares.db'}"
+    await asyncio.to_thread(run_migrations, url)
+    settings = make_settings(url, tmp_path)
+    lite = create_app(settings)
+    try:
+        async with app_state(lite).db.sessionmaker() as s:
+            user = await create_user(s)
+            agent = await create_agent(s, team=await s.get_one(Team, user.team_id))
+            chat = await create_chat(
+                s,
+                user=user,
+                agent=agent,
+                messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            )
+        async with https_client(lite) as client:
+            share = f"/api/chats/{chat.id}/share"
+            answers = await asyncio.gather(
+                *(client.post(share, headers=auth_headers(settings, user)) for _ in range(4))
+            )
+        assert [a.status_code for a in answers] == [201] * 4
+        assert len({a.json()["id"] for a in answers}) == 1
+    finally:
+        await shutdown(lite)
 
 
 async def test_fork_copies_the_files_for_its_owner_and_sends_their_bytes(

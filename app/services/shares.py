@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
@@ -49,11 +50,30 @@ def snapshot(branch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
+#: Tries of a share whose first snapshot another share of the same chat inserted meanwhile (SQLite only).
+SHARE_ATTEMPTS = 3
+
+
 async def share_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> Share:
     """Snapshot the caller's chat for the team; sharing again replaces the snapshot under the same id.
 
     A branch with an answer still streaming is refused (409): a snapshot is a finished conversation.
+    On PostgreSQL the chat's row lock orders two shares of one chat. SQLite takes no row locks: the second
+    first share meets the unique key, and is made again as a re-share of the first (it was a 500).
     """
+    attempt = 1
+    while True:
+        try:
+            return await _share_chat(session=session, user=user, chat_id=chat_id)
+        except IntegrityError:
+            await session.rollback()
+            if attempt == SHARE_ATTEMPTS:
+                raise
+            attempt += 1
+            await session.refresh(user)  # the rollback expired it
+
+
+async def _share_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> Share:
     # The chat's row lock orders two shares of one chat (the second replaces the first, no duplicate).
     locked = select(Chat.id).where(*OWNED_CHAT).with_for_update()
     if (await session.execute(locked, owned_chat_params(chat_id, user.id, user.team_id))).first() is None:
