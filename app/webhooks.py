@@ -100,6 +100,11 @@ def _is_allowed_host(host: str, settings: Settings) -> bool:
     return any(key == _host_key(allowed) for allowed in settings.WEBHOOK_ALLOWED_HOSTS)
 
 
+#: Local-use NAT64 (RFC 8215): a translator of the operator's own, whose prefix may be of any length RFC 6052
+#: allows, so the IPv4 it reaches may sit in other bits than the last 32. A private network as a whole.
+LOCAL_USE_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
 def check_address(addr: IPAddress, *, host: str, settings: Settings) -> None:
     candidates: list[IPAddress] = [addr]
     if isinstance(addr, ipaddress.IPv6Address):
@@ -112,7 +117,16 @@ def check_address(addr: IPAddress, *, host: str, settings: Settings) -> None:
     if settings.WEBHOOK_ALLOW_PRIVATE_NETWORKS or _is_allowed_host(host, settings):
         return
     for candidate in candidates:
-        if candidate.is_loopback or candidate.is_private or candidate in ipaddress.ip_network("100.64.0.0/10"):
+        # Site-local IPv6 (fec0::/10) is deprecated, yet still routed inside some networks; Python calls it global.
+        local_v6 = isinstance(candidate, ipaddress.IPv6Address) and (
+            candidate.is_site_local or candidate in LOCAL_USE_NAT64
+        )
+        if (
+            candidate.is_loopback
+            or candidate.is_private
+            or local_v6
+            or candidate in ipaddress.ip_network("100.64.0.0/10")
+        ):
             raise WebhookPolicyError(
                 "webhook address is private or loopback; set WEBHOOK_ALLOW_PRIVATE_NETWORKS or WEBHOOK_ALLOWED_HOSTS"
             )

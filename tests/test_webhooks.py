@@ -66,6 +66,8 @@ PRIVATE = [
     "http://[::ffff:10.0.0.1]/webhook/x",
     "http://[::ffff:0:7f00:1]/webhook/x",
     "http://[64:ff9b:1::a00:1]/webhook/x",
+    "http://[64:ff9b:1:7f00:0:100:808:808]/webhook/x",  # 127.0.0.1 behind a /48 local-use NAT64 prefix
+    "http://[fec0::1]/webhook/x",  # site-local: deprecated, still routed inside some networks
 ]
 MALFORMED = [
     "ftp://n8n.example.com/webhook/x",
