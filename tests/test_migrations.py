@@ -849,3 +849,68 @@ def test_0014_share_files_down_and_up_on_postgresql() -> None:
         assert asyncio.run(_pg_count(url, "share_files")) == 0
     finally:
         asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _seed_sigma_users(url: str) -> None:
+    """Team A: one user whose email ends a word in ς. Team B: the same address stored both ways (two accounts)."""
+    engine = create_async_engine(url)
+    sqlite = "sqlite" in url
+
+    def ident(value: uuid.UUID) -> Any:
+        return value.hex if sqlite else value
+
+    team_a, team_b = uuid.uuid4(), uuid.uuid4()
+    async with engine.begin() as conn:
+        for team, slug in ((team_a, "a"), (team_b, "b")):
+            await conn.execute(
+                text(
+                    "INSERT INTO teams (id, name, slug, settings, created_at, updated_at) "
+                    "VALUES (:id, :name, :slug, '{}', :now, :now)"
+                ),
+                {"id": ident(team), "name": slug, "slug": slug, "now": NOW},
+            )
+        for team, email in (
+            (team_a, "οδυσσευς@example.com"),
+            (team_b, "αλεξης@example.com"),
+            (team_b, "αλεξησ@example.com"),
+        ):
+            await conn.execute(
+                text(
+                    "INSERT INTO users (id, team_id, email, password_hash, role, is_active, preferences, created_at,"
+                    " updated_at) VALUES (:id, :team, :email, 'x', 'user', true, '{}', :now, :now)"
+                ),
+                {"id": ident(uuid.uuid4()), "team": ident(team), "email": email, "now": NOW},
+            )
+    await engine.dispose()
+
+
+async def _emails(url: str) -> list[str]:
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        emails = sorted((await conn.execute(text("SELECT email FROM users"))).scalars())
+    await engine.dispose()
+    return emails
+
+
+def _check_0016(url: str) -> None:
+    run_migrations(url, "0015")
+    asyncio.run(_seed_sigma_users(url))
+    run_migrations(url)
+    # Folded where no other account of the team has the folded form; the pair in team B stays two accounts.
+    assert asyncio.run(_emails(url)) == sorted(["οδυσσευσ@example.com", "αλεξης@example.com", "αλεξησ@example.com"])
+    run_migrations(url, "0015", downgrade=True)
+    run_migrations(url)
+
+
+def test_0016_folds_final_sigma_in_emails_on_postgresql() -> None:
+    name = f"test_mig_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        _check_0016(url)
+    finally:
+        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_0016_folds_final_sigma_in_emails_on_sqlite(tmp_path: Path) -> None:
+    _check_0016(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
