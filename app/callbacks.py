@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.config import Settings
-from app.n8n_parser import TOKENS_MAX
+from app.n8n_parser import add_usages
 
 #: The path callbacks are posted to (app/logs.py redacts everything after it).
 PATH_PREFIX = "/api/callbacks/"
@@ -140,8 +140,7 @@ class CallbackInbox:
     def add_usage(self, input_tokens: int, output_tokens: int) -> None:
         """Summed over the callbacks, each sum held at TOKENS_MAX: the ledger could not store more, and its
         final write would then fail (the answer lost)."""
-        before = self.usage or (0, 0)
-        self.usage = (min(before[0] + input_tokens, TOKENS_MAX), min(before[1] + output_tokens, TOKENS_MAX))
+        self.usage = add_usages(self.usage, (input_tokens, output_tokens))
 
     def end(self, error: str | None) -> None:
         self.error = error

@@ -65,6 +65,24 @@ def usage_of(value: Any) -> tuple[int, int] | None:
     return None
 
 
+def add_usages(before: tuple[int, int] | None, more: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Two reports of token usage added up, each sum held at TOKENS_MAX: the ledger could not store more, and
+    the answer's final write would then fail (the answer lost)."""
+    if more is None:
+        return before
+    if before is None:
+        return more
+    return min(before[0] + more[0], TOKENS_MAX), min(before[1] + more[1], TOKENS_MAX)
+
+
+#: What a JSON parser may raise on text it cannot read: ValueError, or RecursionError for deep nesting.
+UNREADABLE_JSON = (ValueError, RecursionError)
+
+
+def _is_high_surrogate(char: str) -> bool:
+    return "\ud800" <= char <= "\udbff"
+
+
 def _text_of(value: Any) -> str | None:
     """The answer text of one JSON value: a string, or `output ?? text ?? message ?? content` of an object."""
     if isinstance(value, str):
@@ -106,6 +124,9 @@ class BodyParser:
         self._buffer = bytearray()
         self._sse_data: list[str] = []
         self._sse_event = ""
+        #: A chunk's last character when it is the first half of a UTF-16 surrogate pair: Node's JSON writes a
+        #: string cut inside a pair as two escaped halves, in two items. It goes before the next chunk's text.
+        self._half = ""
 
     @property
     def body_format(self) -> str | None:
@@ -144,6 +165,23 @@ class BodyParser:
 
     def _decode(self, raw: bytes, errors: str = "strict") -> str:
         return raw.decode(self.charset, errors)
+
+    def _emit(self, text: str, out: list[str]) -> None:
+        """One chunk of the answer's text, a surrogate pair cut between two chunks joined again."""
+        if not text:
+            return
+        self.chunks += 1
+        if self._half:
+            high, self._half = self._half, ""
+            if "\udc00" <= text[0] <= "\udfff":  # its other half: the pair is one character
+                text = chr(0x10000 + ((ord(high) - 0xD800) << 10) + (ord(text[0]) - 0xDC00)) + text[1:]
+            else:
+                text = high + text
+        if _is_high_surrogate(text[-1]):
+            self._half = text[-1]
+            text = text[:-1]
+        if text:
+            out.append(text)
 
     def feed(self, data: bytes) -> list[str]:
         if self.finished:
@@ -192,6 +230,9 @@ class BodyParser:
                 if self.mode == "sse" and not self.finished:
                     self._dispatch_sse(out)
         self.finished = True
+        if self._half:  # a half never completed: the caller's cleaning replaces it
+            out.append(self._half)
+            self._half = ""
         if self.failure is None and self.chunks == 0:
             self.failure = StreamFailure("empty_response", "The agent returned an empty answer")
         return out
@@ -235,7 +276,7 @@ class BodyParser:
     def _is_ndjson_line(self, line: bytes) -> bool:
         try:
             obj = json.loads(line if self.charset == "utf-8" else self._decode(line))
-        except ValueError:
+        except UNREADABLE_JSON:
             return False
         return isinstance(obj, dict) and obj.get("type") in NDJSON_TYPES
 
@@ -250,7 +291,7 @@ class BodyParser:
         try:
             # json.loads reads UTF-8 bytes itself; another declared charset is decoded first.
             obj = json.loads(line if self.charset == "utf-8" else self._decode(line))
-        except ValueError:
+        except UNREADABLE_JSON:
             self._fail("bad_upstream_response", "The agent sent an invalid line", reason="line is not JSON")
             return
         if not isinstance(obj, dict):
@@ -261,13 +302,13 @@ class BodyParser:
     def _n8n_object(self, obj: dict[str, Any], out: list[str]) -> None:
         kind = obj.get("type")
         if kind == "end":
+            # Each streaming node (or each run of one) ends its own block: their usages add up.
             end_meta = obj.get("metadata")
-            self.usage = usage_of(end_meta.get("usage") if isinstance(end_meta, dict) else None) or self.usage
+            self.usage = add_usages(self.usage, usage_of(end_meta.get("usage") if isinstance(end_meta, dict) else None))
         elif kind == "item":
             content = obj.get("content")
             if isinstance(content, str) and content:
-                out.append(content)
-                self.chunks += 1
+                self._emit(content, out)
         elif kind == "error":
             raw_meta = obj.get("metadata")
             meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
@@ -302,17 +343,17 @@ class BodyParser:
             return
         try:
             obj = json.loads(data)
-        except ValueError:
+        except UNREADABLE_JSON:
             obj = None
         if event == "error":
             detail = {"n8n_error": excerpt(_text_of(obj) if obj is not None else data)}
             self.failure = StreamFailure("upstream_error", "The agent reported an error", detail=detail)
             self.finished = True
             return
-        if obj is None:
+        if not isinstance(obj, dict | list | str):
+            # Not JSON, or JSON that holds no text of its own (`42`, `true`, `null`): the data is the text.
             if data:
-                out.append(data)
-                self.chunks += 1
+                self._emit(data, out)
             return
         if isinstance(obj, dict) and obj.get("type") in NDJSON_TYPES:
             self._n8n_object(obj, out)
@@ -327,8 +368,7 @@ class BodyParser:
             return
         text = self._sse_text(obj)
         if text:
-            out.append(text)
-            self.chunks += 1
+            self._emit(text, out)
 
     @staticmethod
     def _sse_text(obj: Any) -> str | None:
@@ -372,12 +412,19 @@ class BodyParser:
             if stripped[0] in "{[":
                 self._fail("bad_upstream_response", "The agent's answer could not be read", reason="invalid JSON")
                 return
-            out.append(text)
-            self.chunks += 1
+            self._emit(text, out)
+            return
+        if not isinstance(value, dict | list | str):
+            # Plain text that happens to be JSON (`42`, `true`, `null`): an answer as it is.
+            self._emit(text, out)
             return
         self._whole = "json"
         if isinstance(value, dict):
             self.usage = usage_of(value.get("usage"))
+        elif isinstance(value, list):
+            # One element per item: the usage each reports adds up.
+            for item in value:
+                self.usage = add_usages(self.usage, usage_of(item.get("usage") if isinstance(item, dict) else None))
         if isinstance(value, dict) and value.get("type") in NDJSON_TYPES:
             self._n8n_object(value, out)
             return
@@ -396,8 +443,7 @@ class BodyParser:
                 return
             answer = found
         if answer:
-            out.append(answer)
-            self.chunks += 1
+            self._emit(answer, out)
 
     # --- failures -------------------------------------------------------------------------------
     def _fail(self, code: str, message: str, *, reason: str) -> None:

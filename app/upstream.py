@@ -222,7 +222,7 @@ async def status_failure(response: aiohttp.ClientResponse, *, within: float) -> 
         async with asyncio.timeout(within):
             raw = await response.content.read(ERROR_BODY_EXCERPT)
         parsed = json.loads(raw) if raw.strip().startswith(b"{") else None
-    except (aiohttp.ClientError, ValueError, TimeoutError):
+    except (aiohttp.ClientError, ValueError, RecursionError, TimeoutError):
         parsed = None
     if parsed is None and raw.strip().decode("utf-8", "replace") in N8N_AUTH_REFUSALS:
         detail["n8n_message"] = raw.strip().decode()

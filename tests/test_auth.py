@@ -797,7 +797,7 @@ async def test_a_login_whose_password_changed_while_bcrypt_ran_is_refused(
     await create_user(session, email="victim@example.com")
     owner = (await login(web, "victim@example.com")).json()
     verified, release = asyncio.Event(), asyncio.Event()
-    verify = auth_service.verify_password
+    verify = security.verify_password
 
     async def slow_verify(password: str, password_hash: str) -> bool:
         matched = await verify(password, password_hash)

@@ -17,7 +17,7 @@ from app.models import Team
 from app.services import connection_test as ct
 from tests.conftest import count_rows
 from tests.factories import auth_headers, create_admin, create_agent, create_team, create_user
-from tools.fake_n8n import BASIC_AUTH, HEADER_AUTH, FakeN8n
+from tools.fake_n8n import BASIC_AUTH, HEADER_AUTH, FakeN8n, raw_answer
 
 RESULT_FIELDS = {"ok", "http_status", "format", "first_byte_ms", "total_ms", "sample", "code", "hint"}
 
@@ -381,3 +381,12 @@ async def test_other_methods_on_test_path_are_405(
     response = await client.request(method, "/api/agents/test", headers=auth_headers(settings, admin))
     assert response.status_code == 405
     assert response.headers["Allow"] == "POST"
+
+
+async def test_a_deeply_nested_answer_is_reported_not_a_500(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """RecursionError escaped the parser: the connection test answered 500."""
+    nested = b'{"type":"item","content":"x","m":' + b"[" * 5000 + b"]" * 5000 + b"}\n"
+    result = await probe(client, session, settings, raw_answer(fake.url, nested))
+    assert (result["ok"], result["code"]) == (False, "bad_upstream_response")

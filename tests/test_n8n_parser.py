@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.n8n_parser import BodyParser
+from app.n8n_parser import BodyParser, clean_text
 from tools.fake_n8n import load_captures
 
 CAPTURES = load_captures()
@@ -269,3 +269,89 @@ def test_parse_deeply_nested_json_is_bad_upstream_response() -> None:
     _text, parser = parse([b"[" * 100_000 + b"]" * 100_000])
     assert parser.failure is not None
     assert parser.failure.code == "bad_upstream_response"
+
+
+# --- parser: review of 2026-12-07 -----------------------------------------------------------------
+
+NESTED = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize("body", [b"42", b"true", b"null", b"-3.5", b" 7 \n"])
+def test_a_text_answer_that_is_also_a_json_scalar_is_the_answer(body: bytes) -> None:
+    """`42` read as JSON held no text, and the answer was refused ("has no text")."""
+    for pieces in every_cut(body):
+        text, parser = parse(pieces)
+        assert (text, parser.failure) == (body.decode(), None)
+
+
+def test_an_sse_token_that_is_also_a_json_scalar_is_text() -> None:
+    """`data:  42` read as JSON was dropped from the answer."""
+    text, parser = parse([b"data: The\n\ndata:  answer\n\ndata:  is\n\ndata:  42\n\ndata: true\n\n"])
+    assert (text, parser.failure) == ("The answer is 42true", None)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"type":"begin"}\n{"type":"item","content":"Hi"}\n{"type":"item","content":"x","m":' + NESTED + b"}\n",
+        b'{"a":' + NESTED + b"}\n",
+    ],
+    ids=["ndjson", "first-line"],
+)
+def test_a_deeply_nested_line_is_bad_upstream_response_and_keeps_the_text_before(body: bytes) -> None:
+    """RecursionError escaped the parser: the read's text was lost and the stream ended `internal_error`."""
+    parser = BodyParser(max_line_bytes=MB, max_response_bytes=10 * MB)
+    out = parser.feed(body)
+    out += parser.finish()
+    assert parser.failure is not None
+    assert parser.failure.code == "bad_upstream_response"
+    assert "".join(out) in ("Hi", "")
+
+
+def test_a_deeply_nested_sse_data_is_text_like_any_data_that_is_no_json() -> None:
+    text, parser = parse([b"data: Hi\n\ndata: " + NESTED + b"\n\n"])
+    assert (text, parser.failure) == ("Hi" + NESTED.decode(), None)
+
+
+def _block(text: str, usage: dict[str, int]) -> bytes:
+    item = json.dumps({"type": "item", "content": text}).encode()
+    end = json.dumps({"type": "end", "metadata": {"usage": usage}}).encode()
+    return b'{"type":"begin","metadata":{}}\n' + item + b"\n" + end + b"\n"
+
+
+def test_the_usage_of_every_streamed_block_adds_up() -> None:
+    """Two streaming nodes, each ending its block with its usage: only the last one counted."""
+    body = _block("a", {"input_tokens": 1, "output_tokens": 2}) + _block("b", {"input_tokens": 10, "output_tokens": 20})
+    text, parser = parse([body])
+    assert (text, parser.usage) == ("ab", (11, 22))
+    huge = {"input_tokens": 2**31 - 1, "output_tokens": 5}
+    _text, parser = parse([_block("a", huge) + _block("b", huge)])
+    assert parser.usage == (2**31 - 1, 10)  # held where the ledger's column ends
+
+
+def test_the_usage_of_an_all_items_array_adds_up() -> None:
+    body = json.dumps(
+        [
+            {"output": "hi", "usage": {"input_tokens": 3, "output_tokens": 4}},
+            {"output": "yo", "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+        ]
+    ).encode()
+    text, parser = parse([body])
+    assert (text, parser.usage) == ("hi\n\nyo", (4, 5))
+
+
+def test_a_surrogate_pair_cut_between_two_items_is_one_character() -> None:
+    """Node writes a string cut inside a surrogate pair as two escaped halves, in two items: each chunk was
+    cleaned on its own and the character became two U+FFFD."""
+    body = b'{"type":"begin"}\n{"type":"item","content":"Party \\ud83c"}\n{"type":"item","content":"\\udf89!"}\n'
+    for pieces in every_cut(body + b'{"type":"end"}\n'):
+        parser = BodyParser(max_line_bytes=MB, max_response_bytes=10 * MB)
+        chunks: list[str] = []
+        for piece in pieces:
+            chunks += parser.feed(piece)
+        chunks += parser.finish()
+        assert all(clean_text(c) == c for c in chunks)  # no chunk holds a half
+        assert "".join(chunks) == "Party \U0001f389!"
+    # A half that never gets its other half is given at the end, for the caller's cleaning to replace.
+    text, _parser = parse([b'{"type":"item","content":"cut \\ud83c"}\n'])
+    assert text == "cut \ud83c"

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import security
 from app.config import Settings
 from app.errors import Conflict
 from app.models import Team, User
@@ -355,7 +356,7 @@ async def test_an_admin_demoted_while_their_new_users_password_hashes_creates_no
     team = await create_team(session)
     await create_admin(session, team=team)
     rogue = await create_admin(session, team=team)
-    hashing = users_service.hash_password
+    hashing = security.hash_password
 
     async def demoted_meanwhile(password: str, rounds: int) -> str:
         async with app_state(app).db.sessionmaker() as demotion:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import itertools
 import json
@@ -54,6 +55,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import BasicAuth, web
@@ -104,7 +106,18 @@ SCENARIOS = {
     "per item; `cut` stops the answer after that many characters of the value",
     "callbacks": "POSTs progress callbacks to metadata.callback_url (see `_s_callbacks`); `answer` says what the "
     "webhook itself does",
+    "raw": "answers `body` (zlib-compressed, then base64url: `raw_answer` builds the URL) byte for byte as `type` "
+    "(default application/json), one HTTP chunk per line, with HTTP `status` (default 200)",
 }
+
+
+def raw_answer(
+    base_url: str, body: bytes, content_type: str = "application/json; charset=utf-8", status: int = 200
+) -> str:
+    """The URL of a webhook of the fake at `base_url` answering `body` byte for byte (the `raw` scenario)."""
+    encoded = base64.urlsafe_b64encode(zlib.compress(body)).decode().rstrip("=")  # short even for big bodies
+    query = urlencode({"scenario": "raw", "body": encoded, "type": content_type, "status": status})
+    return f"{base_url}/webhook/raw?{query}"
 
 
 class RecordingsMissing(RuntimeError):
@@ -584,6 +597,13 @@ class FakeN8n:
 
     async def _s_json_array(self, _request: web.Request, text: str) -> web.StreamResponse:
         return self._json([{"output": "".join(echo_tokens(text))}])
+
+    async def _s_raw(self, request: web.Request, _text: str) -> web.StreamResponse:
+        encoded = request.query.get("body", "")
+        body = zlib.decompress(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+        headers = [("Content-Type", request.query.get("type", "application/json; charset=utf-8"))]
+        status = int(request.query.get("status", "200"))
+        return await self._stream(request, status, headers, body.splitlines(keepends=True), 0.0)
 
     async def _s_plain(self, _request: web.Request, text: str) -> web.StreamResponse:
         return self._json("".join(echo_tokens(text)).encode(), "text/plain; charset=utf-8")
