@@ -15,6 +15,8 @@ from tests.web import Team, Watched, answer_text, create_team, log_in, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
+SLOW = "[delay=150] " + " ".join(f"w{i}" for i in range(30))  # an answer of about 4.5 s
+
 
 @pytest.fixture
 def team(web_server: LiveServer, fake_n8n_url: str) -> Team:
@@ -27,6 +29,15 @@ def open_new_chat(watched: Watched, team: Team) -> None:
     log_in(watched.page, team.email)
     watched.page.get_by_role("button", name=re.compile("Echo bot")).click()
     expect(watched.page.get_by_label("Message", exact=True)).to_be_focused()
+
+
+def start_elsewhere(team: Team, chat_id: str, content: str) -> None:
+    """Another tab (or client) starts an answer and goes away; the server keeps generating it."""
+    with team.api() as client, client.stream("POST", f"/api/chats/{chat_id}/messages", json={"content": content}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if '"type": "start"' in line:
+                break
 
 
 def test_login_with_a_wrong_password_shows_the_error(web_page: Watched, team: Team) -> None:
@@ -99,6 +110,47 @@ def test_reload_mid_stream_continues_the_answer(web_page: Watched, team: Team) -
     assert "assistant_message_id=" in follows[0].url
     assert int(follows[0].headers["last-event-id"]) > 3
     assert page.evaluate("Object.keys(sessionStorage).filter((k) => k.startsWith('stream:'))") == []
+
+
+def test_a_dropped_follow_after_reload_is_reconnected(web_page: Watched, team: Team) -> None:
+    """A follow that lost its connection used to end there, the answer frozen on "Writing…"; it is now
+    followed again from the last event handled, and completes whole."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, SLOW)
+    expect(page.locator(".msg.assistant .content")).to_contain_text("w2")
+    dropped: list[str] = []
+
+    def drop_once(route: Route) -> None:
+        if not dropped:
+            dropped.append(route.request.url)
+            route.abort("connectionreset")  # one network hiccup
+        else:
+            route.continue_()
+
+    page.route("**/api/chats/*/stream*", drop_once)
+    page.reload()
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1, timeout=15_000)
+    assert answer_text(page) == f"Echo: {SLOW}"
+    assert len(dropped) == 1
+
+
+def test_a_send_refused_with_409_follows_the_answer_running_in_another_tab(web_page: Watched, team: Team) -> None:
+    """A send refused because another tab's answer runs in the chat left that answer unseen, shown as
+    "Writing…" until a reload; the page now follows it to its end."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "hello")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    chat_id = page.url.rsplit("/", 1)[1]
+    start_elsewhere(team, chat_id, SLOW)
+    send(page, "me too")  # 409: a generation runs in this chat
+    expect(page.get_by_role("alert")).to_contain_text("already running")
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    expect(page.locator(".msg.assistant").last.locator(".content")).to_contain_text("w5")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(2, timeout=15_000)
+    assert answer_text(page) == f"Echo: {SLOW}"
+    expect(page.get_by_label("Message", exact=True)).to_have_value("me too")  # to send again, once it ended
 
 
 def test_a_send_whose_connection_drops_is_retried_without_a_second_message(

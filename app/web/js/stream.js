@@ -6,6 +6,7 @@ import { randomId } from "./dom.js";
 
 const TERMINAL = new Set(["done", "error"]);
 const RETRIES = 3;
+const FOLLOWS = 5; // follows in a row that bring no new event before giving up
 
 /** Each `{id, event}` of an SSE body, in order; `: ping` comments are skipped. */
 export async function* sseEvents(body) {
@@ -129,29 +130,52 @@ export class Generation {
     if (!this.ended && !this.left) await this.follow();
   }
 
-  /** Follow the chat's running answer after `this.last` (204: it ended and the stored message is the answer). */
+  /**
+   * Follow the chat's running answer after `this.last` (204: it ended and the stored message is the answer).
+   * A lost connection, a 5xx or a stream that closes before its terminal event is followed again from
+   * `this.last`, after a growing pause: FOLLOWS times in a row without a new event, then it ends as "gone".
+   */
   async follow() {
-    const query = this.generation ? `?assistant_message_id=${encodeURIComponent(this.generation)}` : "";
-    const headers = this.last ? { "Last-Event-ID": String(this.last) } : {};
-    const response = await api(`/api/chats/${this.chatId}/stream${query}`, {
-      raw: true,
-      headers,
-      signal: this.aborter.signal,
-    });
-    if (response.status === 204) {
-      this.ended = true;
-      saved.clear(this.chatId);
-      this.handlers.onEnd?.("gone", null);
-      return;
+    for (let failures = 0; !this.ended && !this.left; ) {
+      const before = this.last;
+      try {
+        const query = this.generation ? `?assistant_message_id=${encodeURIComponent(this.generation)}` : "";
+        const headers = this.last ? { "Last-Event-ID": String(this.last) } : {};
+        const response = await api(`/api/chats/${this.chatId}/stream${query}`, {
+          raw: true,
+          headers,
+          signal: this.aborter.signal,
+        });
+        if (response.status === 204) {
+          this.ended = true;
+          saved.clear(this.chatId);
+          this.handlers.onEnd?.("gone", null);
+          return;
+        }
+        if (!response.ok && response.status < 500) throw await errorOf(response);
+        if (response.ok) await this.consume(response);
+      } catch (err) {
+        if (err instanceof ApiError) throw err;
+        // a network error: followed again below
+      }
+      if (this.ended || this.left) return;
+      failures = this.last > before ? 0 : failures + 1; // new events: the connection worked, then dropped
+      if (failures >= FOLLOWS) break;
+      await pause(Math.min(500 * 2 ** failures, 8000), this.aborter.signal);
     }
-    if (!response.ok) throw await errorOf(response);
-    await this.consume(response);
     if (!this.ended && !this.left) {
       this.ended = true;
       this.handlers.onEnd?.("gone", null);
     }
   }
 }
+
+/** Wait `ms`, or less when `signal` aborts (the page moved on). */
+const pause = (ms, signal) =>
+  new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+  });
 
 /** Stop the chat's running answer; null when nothing was running (409). */
 export async function stopGeneration(chatId) {

@@ -334,17 +334,20 @@ export class ChatsView {
     }
   }
 
+  /** Read the chat again and show it; false when it could not be read (or another chat opened meanwhile). */
   async reload() {
     const chatId = this.chatId;
     let chat;
     try {
       chat = await api(`/api/chats/${chatId}?last=${this.last}`);
     } catch (err) {
-      if (chatId !== this.chatId) return;
+      if (chatId !== this.chatId) return false;
       fill(this.pane, h("p", { class: "error center", role: "alert" }, err.status === 404 ? "This chat does not exist." : errorText(err)));
-      return;
+      return false;
     }
-    if (chatId === this.chatId) this.render(chat);
+    if (chatId !== this.chatId) return false;
+    this.render(chat);
+    return true;
   }
 
   render(chat) {
@@ -535,12 +538,18 @@ export class ChatsView {
     }
   }
 
+  /** The id of the answer the shown chat is still writing, or null. */
+  running() {
+    const last = this.chat.messages.at(-1);
+    return last?.role === "assistant" && last.status === "streaming" ? last.id : null;
+  }
+
   /** After a reload: follow the chat's running answer from where this tab was (or from its start). */
   resumeIfRunning() {
     const chatId = this.chatId;
-    const from = saved.read(chatId);
-    const last = this.chat.messages.at(-1);
-    const running = last?.role === "assistant" && last.status === "streaming" ? last.id : null;
+    const running = this.running();
+    let from = saved.read(chatId);
+    if (from && running && from.generation !== running) from = null; // saved for an answer that ended since
     if (!from && !running) return;
     const start = from || { generation: running, last: 0, text: "" };
     const view = { item: this.liveItem(start.generation) };
@@ -568,11 +577,18 @@ export class ChatsView {
     this.stopButton.disabled = false;
   }
 
-  /** The answer ended: show the chat as stored (ids, versions, final status) and refresh the list order. */
+  /**
+   * The answer ended: show the chat as stored (ids, versions, final status) and refresh the list order. An
+   * answer running there that is not the one that ended (started in another tab, or the reason a send was
+   * refused with 409) is followed in turn; the one that ended is never followed again.
+   */
   async finish() {
+    const chatId = this.chatId;
+    const ended = this.generation?.generation ?? null;
     this.generation = null;
     this.setBusy(false);
-    await this.reload();
+    const shown = await this.reload();
     this.loadChats();
+    if (shown && chatId === this.chatId && !this.generation && this.running() && this.running() !== ended) this.resumeIfRunning();
   }
 }
