@@ -180,6 +180,30 @@ def test_a_send_whose_connection_drops_is_retried_without_a_second_message(
     assert len([r for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]) == 1
 
 
+def test_show_earlier_during_an_answer_keeps_the_live_answer_and_stop(web_page: Watched, team: Team) -> None:
+    """Clicking "Show earlier messages" while an answer was written rebuilt the list and the buttons: the answer went on
+    in a detached element and Stop was gone. The live answer now stays in the list, still growing, with Stop."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    chat_id = page.url.rsplit("/", 1)[1]
+    with team.api() as client:
+        for i in range(26):  # 52 messages: more than the 50 shown at first
+            assert client.post(f"/api/chats/{chat_id}/messages", json={"content": f"q{i}"}).status_code == 200
+    page.reload()
+    expect(page.get_by_role("button", name="Show earlier messages")).to_be_visible()
+    send(page, SLOW)
+    expect(page.locator(".msg.assistant .content").last).to_contain_text("w1")
+    page.get_by_role("button", name="Show earlier messages").click()
+    expect(page.locator(".msg.user .content").first).to_have_text("q0")
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    expect(page.get_by_role("button", name="Send")).to_be_hidden()
+    expect(page.locator(".msg.assistant .content").last).to_contain_text("w12")
+    expect(page.locator(".msg.streaming")).to_have_count(1)
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator(".msg.assistant[data-status=cancelled]")).to_have_count(1)
+    assert len(team.get(f"/api/chats/{chat_id}?last=100")["messages"]) == 54
+
+
 def test_edit_makes_a_branch_and_the_switcher_moves_between_them(web_page: Watched, team: Team) -> None:
     page = web_page.page
     open_new_chat(web_page, team)

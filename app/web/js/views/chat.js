@@ -401,8 +401,13 @@ export class ChatsView {
       this.messages.append(
         h("li", { class: "earlier" }, h("button", { type: "button", class: "ghost", onclick: () => { this.last *= 2; this.reload(); } }, "Show earlier messages")),
       );
-    for (const message of chat.messages) this.messages.append(messageItem(message, this.actions()));
+    // An answer being written keeps its elements (its handlers write into them), at the end of the branch.
+    const live = this.generation ? [this.live.user, this.live.item].filter(Boolean) : [];
+    const liveIds = new Set(live.map((item) => item.dataset.id).filter(Boolean));
+    for (const message of chat.messages) if (!liveIds.has(message.id)) this.messages.append(messageItem(message, this.actions()));
+    this.messages.append(...live);
     fill(this.pane, this.header, this.messages, this.composer);
+    if (this.generation) this.setBusy(true); // the new buttons: Stop, not Send
     this.scrollDown();
     this.input.focus();
   }
@@ -526,6 +531,7 @@ export class ChatsView {
     }
     view.item = this.liveItem();
     this.scrollDown();
+    this.live = view;
     this.generation = new Generation(chatId, this.handlers(chatId, view));
     this.setBusy(true);
     try {
@@ -554,6 +560,7 @@ export class ChatsView {
     const start = from || { generation: running, last: 0, text: "" };
     const view = { item: this.liveItem(start.generation) };
     if (from) setContent(view.item.querySelector(".content"), "assistant", from.text);
+    this.live = view;
     this.generation = new Generation(chatId, this.handlers(chatId, view), start);
     this.setBusy(true);
     this.generation.follow().catch((err) => {
