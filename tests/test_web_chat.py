@@ -226,6 +226,30 @@ def test_edit_makes_a_branch_and_the_switcher_moves_between_them(web_page: Watch
     expect(page.locator(".msg.user .content")).to_have_text("first question")
 
 
+def test_an_edit_form_opened_before_a_send_cannot_start_a_second_answer(web_page: Watched, team: Team) -> None:
+    """An edit form opened before an answer started sent its new version meanwhile (no busy check), cutting
+    the running answer from the page. Its Send is now disabled while an answer runs, and Enter does nothing."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "first question")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    page.locator(".msg.user").first.get_by_role("button", name="Edit").click()
+    edited = page.get_by_label("Edited message")
+    edited.fill("changed my mind")
+    send(page, SLOW)
+    expect(page.locator(".msg.assistant .content").last).to_contain_text("w1")
+    expect(page.locator(".edit-form").get_by_role("button", name="Send")).to_be_disabled()
+    edited.press("Enter")
+    page.wait_for_timeout(500)
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    expect(page.locator(".msg.assistant[data-status=streaming] .content")).to_contain_text("w5")
+    chat_id = page.url.rsplit("/", 1)[1]
+    assert [m["content"] for m in team.get(f"/api/chats/{chat_id}")["messages"] if m["role"] == "user"] == [
+        "first question",
+        SLOW,
+    ]
+
+
 def test_regenerate_and_feedback(web_page: Watched, team: Team) -> None:
     page = web_page.page
     open_new_chat(web_page, team)

@@ -430,6 +430,7 @@ export class ChatsView {
       fileUrl: (file) => `/api/chats/${this.chatId}/files/${file.id}`,
       download: (file) => download(`/api/chats/${this.chatId}/files/${file.id}`, file.filename).catch((err) => notify(errorText(err), "error")),
       edit: (message, text) => {
+        if (this.generation) return; // a form opened before an answer started: one answer at a time
         this.truncateFrom(message.id);
         // The new version keeps the question's files (an edit without `file_ids` would drop them).
         const files = message.files || [];
@@ -582,6 +583,8 @@ export class ChatsView {
     this.sendButton.hidden = busy;
     this.stopButton.hidden = !busy;
     this.stopButton.disabled = false;
+    // An edit form opened before the answer started waits for its end.
+    for (const button of this.messages.querySelectorAll(".edit-form [type=submit]")) button.disabled = busy;
   }
 
   /**
