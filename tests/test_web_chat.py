@@ -89,6 +89,31 @@ def test_stop_ends_the_answer_as_cancelled(web_page: Watched, team: Team) -> Non
     assert team.get(f"/api/chats/{chat_id}")["messages"][-1]["status"] == "cancelled"
 
 
+def test_stop_pressed_while_the_send_is_on_its_way_still_stops(web_page: Watched, team: Team) -> None:
+    """Stop pressed before the server had registered the answer got a 409 and did nothing, Stop staying
+    disabled while the answer ran to its end; the stop is now sent again on the answer's `start`."""
+    page = web_page.page
+    # A slow network: the send reaches the server 1 s after the click.
+    page.add_init_script(
+        """
+        const realFetch = window.fetch;
+        window.fetch = (url, init) => /\\/messages$/.test(String(url)) && init?.method === "POST"
+          ? new Promise((ok) => setTimeout(ok, 1000)).then(() => realFetch(url, init))
+          : realFetch(url, init);
+        """
+    )
+    open_new_chat(web_page, team)
+    stops: list[int] = []
+    page.on("response", lambda r: stops.append(r.status) if r.url.endswith("/stop") else None)
+    send(page, SLOW)
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator(".msg.assistant[data-status=cancelled]")).to_have_count(1)
+    assert "w29" not in answer_text(page)
+    assert stops == [409, 200]
+    chat_id = page.url.rsplit("/", 1)[1]
+    assert team.get(f"/api/chats/{chat_id}")["messages"][-1]["status"] == "cancelled"
+
+
 def test_reload_mid_stream_continues_the_answer(web_page: Watched, team: Team) -> None:
     page = web_page.page
     open_new_chat(web_page, team)

@@ -489,6 +489,7 @@ export class ChatsView {
         this.attachments?.sent(data.user_message.files || []); // stored with the message: no longer pending
         view.user?.setAttribute("data-id", data.user_message.id);
         view.item.setAttribute("data-id", data.assistant_message_id);
+        if (view.stopping && chatId === this.chatId) this.stop(); // Stop was pressed before the server had it
       },
       onStatus: (data) => {
         const line = q(".live-status");
@@ -571,18 +572,31 @@ export class ChatsView {
   }
 
   async stop() {
+    const { generation, live } = this;
+    if (!generation) return;
+    live.stopping = true;
     this.stopButton.disabled = true;
     try {
-      await stopGeneration(this.chatId); // the stream then ends with `done` (status cancelled)
+      // The stream then ends with `done` (status cancelled). A 409 (null) before the `start` event: the send
+      // is not registered yet, and its `start` sends the stop again (handlers).
+      const stopped = await stopGeneration(this.chatId);
+      if (stopped === null && generation.generation) this.stopUsable(live);
     } catch (err) {
       notify(errorText(err), "error");
+      this.stopUsable(live);
     }
+  }
+
+  /** A stop that did nothing: Stop can be pressed again (while that answer is still the one shown). */
+  stopUsable(live) {
+    live.stopping = false;
+    if (this.live === live && this.generation) this.stopButton.disabled = false;
   }
 
   setBusy(busy) {
     this.sendButton.hidden = busy;
     this.stopButton.hidden = !busy;
-    this.stopButton.disabled = false;
+    this.stopButton.disabled = Boolean(busy && this.live?.stopping);
     // An edit form opened before the answer started waits for its end.
     for (const button of this.messages.querySelectorAll(".edit-form [type=submit]")) button.disabled = busy;
   }
