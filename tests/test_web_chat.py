@@ -339,6 +339,25 @@ def test_chat_list_search_pin_rename_archive_delete_and_load_more(web_page: Watc
         assert client.get("/api/chats", params={"q": "Q3", "archived": True}).json() == []
 
 
+def test_a_draft_stays_with_its_chat(web_page: Watched, team: Team) -> None:
+    """Text typed in one chat's message box showed up in the next chat opened, ready to be sent to another
+    agent; the box of another chat now starts empty, and a draft stays while its own chat is shown again."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    a = team.create_chat(agent_id, title="Chat A")
+    b = team.create_chat(agent_id, title="Chat B")
+    log_in(page, team.email)
+    page.goto(f"/#/chats/{a['id']}")
+    page.get_by_label("Message", exact=True).fill("private note for A")
+    page.goto(f"/#/chats/{b['id']}")
+    expect(page.locator(".chat-heading h1")).to_have_text("Chat B")
+    expect(page.get_by_label("Message", exact=True)).to_have_value("")
+    send(page, "hello B")
+    page.get_by_label("Message", exact=True).fill("next question for B")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)  # the chat is shown again
+    expect(page.get_by_label("Message", exact=True)).to_have_value("next question for B")
+
+
 def test_an_expired_access_cookie_is_refreshed_silently(web_page: Watched, team: Team) -> None:
     page = web_page.page
     log_in(page, team.email)

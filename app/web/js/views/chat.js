@@ -351,9 +351,10 @@ export class ChatsView {
   }
 
   render(chat) {
+    // What is typed stays when the same chat is shown again (an answer's end, a version), not in another chat.
+    const draft = this.chat?.id === chat.id ? this.input?.value || "" : "";
     this.chat = chat;
     this.agent = this.agents.get(chat.agent_id);
-    const draft = this.input?.value || "";
     this.header = h("header", { class: "chat-header" });
     this.messages = h("ol", { class: "messages", "aria-label": "Messages" });
     this.input = h("textarea", {
