@@ -291,6 +291,39 @@ def test_regenerate_and_feedback(web_page: Watched, team: Team) -> None:
     assert len(answer["sibling_ids"]) == 2
 
 
+def test_switching_versions_with_the_keyboard_keeps_the_focus_on_the_switcher(web_page: Watched, team: Team) -> None:
+    """Every re-render put the focus in the message box, so a keyboard user lost the version switcher after
+    each step; the focus now stays on the switcher (the other arrow once the first version is reached)."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "again please")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    page.get_by_role("button", name="Regenerate").click()
+    expect(page.locator(".msg.assistant .branch-pos")).to_have_text("2 / 2")
+    page.get_by_role("button", name="Previous version").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg.assistant .branch-pos")).to_have_text("1 / 2")
+    expect(page.get_by_role("button", name="Next version")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg.assistant .branch-pos")).to_have_text("2 / 2")
+    expect(page.get_by_role("button", name="Previous version")).to_be_focused()
+
+
+def test_the_end_of_an_answer_does_not_steal_the_focus(web_page: Watched, team: Team) -> None:
+    """The chat shown again at the end of an answer took the focus from wherever it was (typing in the
+    search went into the message box); it now moves to the box only from within the chat pane."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "[delay=100] " + " ".join(f"w{i}" for i in range(10)))
+    search = page.get_by_label("Search chats")
+    search.click()
+    page.keyboard.type("abc")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    page.keyboard.type("def")
+    expect(search).to_have_value("abcdef")
+    expect(page.get_by_label("Message", exact=True)).to_have_value("")
+
+
 def test_chat_list_search_pin_rename_archive_delete_and_load_more(web_page: Watched, team: Team) -> None:
     page = web_page.page
     agent_id = team.get("/api/agents")[0]["id"]

@@ -353,6 +353,10 @@ export class ChatsView {
   render(chat) {
     // What is typed stays when the same chat is shown again (an answer's end, a version), not in another chat.
     const draft = this.chat?.id === chat.id ? this.input?.value || "" : "";
+    // The message box takes the focus when the chat opens, or when the focus was in the pane (or nowhere),
+    // never from the list, the search or the menus.
+    const active = document.activeElement;
+    const focus = this.chat?.id !== chat.id || !active || active === document.body || this.pane.contains(active);
     this.chat = chat;
     this.agent = this.agents.get(chat.agent_id);
     this.header = h("header", { class: "chat-header" });
@@ -410,7 +414,7 @@ export class ChatsView {
     fill(this.pane, this.header, this.messages, this.composer);
     if (this.generation) this.setBusy(true); // the new buttons: Stop, not Send
     this.scrollDown();
-    this.input.focus();
+    if (focus) this.input.focus();
   }
 
   renderHeader(chat) {
@@ -445,8 +449,13 @@ export class ChatsView {
       },
       switchTo: async (messageId) => {
         if (this.generation) return;
+        const label = document.activeElement?.getAttribute("aria-label");
         const chat = await this.updateChat(this.chatId, { current_message_id: messageId });
-        if (chat) this.render(chat);
+        if (!chat) return;
+        this.render(chat);
+        // A keyboard user stays on the switcher: on the same arrow, or the other one at the last version.
+        const buttons = [...this.messages.querySelectorAll(`[data-id="${messageId}"] .branches button:not(:disabled)`)];
+        (buttons.find((b) => b.getAttribute("aria-label") === label) || buttons[0])?.focus();
       },
       feedback: async (message, rating) => {
         try {
