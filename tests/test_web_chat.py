@@ -275,6 +275,23 @@ def test_an_edit_form_opened_before_a_send_cannot_start_a_second_answer(web_page
     ]
 
 
+def test_enter_confirming_an_ime_composition_does_not_send_an_edit(web_page: Watched, team: Team) -> None:
+    """The Enter that confirms an IME composition (Japanese, Chinese...) sent the edit form half written; it
+    is now left to the input method, as in the message box."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "first question")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    page.locator(".msg.user").get_by_role("button", name="Edit").click()
+    edited = page.get_by_label("Edited message")
+    edited.fill("にほんご")
+    edited.dispatch_event("keydown", {"key": "Enter", "isComposing": True, "bubbles": True, "cancelable": True})
+    page.wait_for_timeout(1000)
+    expect(page.locator(".edit-form")).to_be_visible()
+    chat_id = page.url.rsplit("/", 1)[1]
+    assert len(team.get(f"/api/chats/{chat_id}/messages")) == 2  # nothing was sent
+
+
 def test_regenerate_and_feedback(web_page: Watched, team: Team) -> None:
     page = web_page.page
     open_new_chat(web_page, team)

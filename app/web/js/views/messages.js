@@ -189,7 +189,7 @@ function wireEdit(item, message, actions) {
     );
     text.addEventListener("keydown", (event) => {
       if (event.key === "Escape") form.replaceWith(content);
-      if (event.key === "Enter" && !event.shiftKey) {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { // not the Enter ending an IME composition
         event.preventDefault();
         form.requestSubmit();
       }
