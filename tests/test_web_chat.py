@@ -389,6 +389,36 @@ def test_chat_list_search_pin_rename_archive_delete_and_load_more(web_page: Watc
         assert client.get("/api/chats", params={"q": "Q3", "archived": True}).json() == []
 
 
+def test_a_stale_search_answer_does_not_overwrite_a_newer_one(web_page: Watched, team: Team) -> None:
+    """A search whose answer came late replaced the list of a newer search; only the latest search's answer
+    is now shown."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    team.create_chat(agent_id, title="Alpha one")
+    team.create_chat(agent_id, title="Alpha two")
+    # The first search's answers are slow (a loaded server); the second's are fast.
+    page.add_init_script(
+        """
+        const realFetch = window.fetch;
+        window.fetch = (url, init) => {
+          const p = realFetch(url, init);
+          const slow = /[?&]q=Alpha&/.test(String(url));
+          return slow ? p.then((r) => new Promise((ok) => setTimeout(() => ok(r), 1500))) : p;
+        };
+        """
+    )
+    log_in(page, team.email)
+    search = page.get_by_label("Search chats")
+    search.fill("Alpha")
+    page.wait_for_timeout(400)  # past the 250 ms debounce: the slow search is on its way
+    search.fill("Alpha two")
+    rows = page.locator(".chat-list li")
+    expect(rows).to_have_count(1)
+    page.wait_for_timeout(3500)  # the slow answers are in (two requests of 1.5 s)
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("Alpha two")
+
+
 def test_a_draft_stays_with_its_chat(web_page: Watched, team: Team) -> None:
     """Text typed in one chat's message box showed up in the next chat opened, ready to be sent to another
     agent; the box of another chat now starts empty, and a draft stays while its own chat is shown again."""

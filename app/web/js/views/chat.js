@@ -33,6 +33,7 @@ export class ChatsView {
     this.chatId = null;
     this.generation = null;
     this.query = { q: "", archived: false, shown: 0 };
+    this.listSeq = 0; // the latest loadChats of a new list
     this.list = h("ul", { class: "chat-list", "aria-label": "Chats" });
     this.more = h("button", { type: "button", class: "ghost more", hidden: true, onclick: () => this.loadChats(true) }, "Load more");
     const search = h("input", { type: "search", placeholder: "Search chats", "aria-label": "Search chats" });
@@ -94,13 +95,17 @@ export class ChatsView {
   // --- the list ---------------------------------------------------------------------------------
 
   // The API lists chats by activity only; the pinned ones (at most PINNED_MAX) are fetched apart and shown
-  // first, then the others page by page.
+  // first, then the others page by page. Only the latest list asked for is shown: an answer to an older
+  // search (or a page of the list it replaced) that arrives late is dropped.
   async loadChats(more = false) {
+    const seq = more ? this.listSeq : ++this.listSeq;
     const offset = more ? this.query.shown : 0;
     const filter = { q: this.query.q, archived: this.query.archived };
     try {
       const pinned = more ? null : await page("/api/chats", { ...filter, pinned: true, limit: PINNED_MAX });
+      if (seq !== this.listSeq) return;
       const { items, total } = await page("/api/chats", { ...filter, pinned: false, limit: PAGE, offset });
+      if (seq !== this.listSeq) return;
       if (!more) {
         this.list.replaceChildren();
         for (const chat of pinned.items) this.list.append(this.chatRow(chat));
@@ -112,7 +117,7 @@ export class ChatsView {
       this.query.shown = offset + items.length;
       this.more.hidden = this.query.shown >= total;
     } catch (err) {
-      notify(errorText(err), "error");
+      if (seq === this.listSeq) notify(errorText(err), "error");
     }
   }
 
