@@ -11,7 +11,7 @@ import pytest
 from playwright.sync_api import Page, Request, Response, Route, expect
 
 from tests.live import LiveServer
-from tests.web import Team, Watched, answer_text, create_team, log_in, send
+from tests.web import PASSWORD, Team, Watched, answer_text, create_team, log_in, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -48,6 +48,31 @@ def test_login_with_a_wrong_password_shows_the_error(web_page: Watched, team: Te
     page.get_by_role("button", name="Log in").click()
     expect(page.get_by_role("alert")).to_have_text("Incorrect email or password")
     expect(page.get_by_role("link", name="+ New chat")).to_have_count(0)
+
+
+def test_a_user_in_two_teams_picks_the_team_by_name(web_page: Watched, web_server: LiveServer) -> None:
+    """An email and password valid in two teams could not log in from the page: the 401 listing the teams was
+    reduced to its text, and only a team id typed by hand helped. The page now offers the teams by name."""
+    page = web_page.page
+    ids = {}
+    for name in ("Acme", "Beta"):
+        body = {"name": name, "admin_email": "ada@example.com", "admin_password": PASSWORD}
+        created = httpx.post(f"{web_server.url}/api/teams", json=body)
+        assert created.status_code == 201, created.text
+        ids[name] = created.json()["team"]["id"]
+    page.goto("/")
+    page.get_by_label("Email").fill("ada@example.com")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("alert")).to_have_text("Your email is in several teams: choose one, then log in.")
+    team = page.get_by_label("Team")
+    expect(team).to_be_focused()
+    assert team.locator("option").all_inner_texts() == ["Acme", "Beta"]
+    team.select_option(label="Beta")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
+    me = httpx.get(f"{web_server.url}/api/auth/me", cookies=dict_cookies(page))
+    assert me.json()["team_id"] == ids["Beta"]
 
 
 def test_chat_streams_the_answer_token_by_token(web_page: Watched, team: Team) -> None:

@@ -1,10 +1,12 @@
 // The API client: same-origin fetch with the httpOnly cookies, JSON errors, and one silent refresh on 401.
 
 export class ApiError extends Error {
-  constructor(status, detail, retryAfter = null) {
+  /** `body`: the JSON error as sent, for what it carries besides `detail` (a login's `teams`). */
+  constructor(status, detail, retryAfter = null, body = null) {
     super(detail);
     this.status = status;
     this.retryAfter = retryAfter;
+    this.body = body;
   }
 }
 
@@ -30,15 +32,16 @@ const NO_REFRESH = ["/api/auth/login", "/api/auth/refresh", "/api/auth/logout", 
 /** The error an answer carries: FastAPI's `detail`, a string or the 422 list (field: message). */
 export async function errorOf(response) {
   let detail = `${response.status} ${response.statusText}`;
+  let body = null;
   try {
-    const body = await response.json();
+    body = await response.json();
     if (typeof body.detail === "string") detail = body.detail;
     else if (Array.isArray(body.detail))
       detail = body.detail.map((d) => `${(d.loc || []).slice(1).join(".") || "body"}: ${d.msg}`).join("; ");
   } catch {
     // not JSON: keep the status line
   }
-  return new ApiError(response.status, detail, response.headers.get("Retry-After"));
+  return new ApiError(response.status, detail, response.headers.get("Retry-After"), body);
 }
 
 /**

@@ -1,7 +1,7 @@
 // Login, team sign-up and joining by invitation (#/join/<token>: the token stays in the fragment, which is
 // never sent to the server nor written to its logs).
 import { ApiError, api } from "../api.js";
-import { formValues, h } from "../dom.js";
+import { fill, formValues, h } from "../dom.js";
 
 function field(label, name, attrs = {}) {
   const id = `f-${name}`;
@@ -55,21 +55,38 @@ async function login(values, signedIn) {
   await signedIn();
 }
 
+/**
+ * An email and password that match accounts in several teams get a 401 listing them (`teams`): the form then
+ * offers them by name, and the next login sends the chosen `team_id`.
+ */
 function loginPage({ signedIn }) {
+  const email = field("Email", "email", { type: "email", autocomplete: "username", required: true, autofocus: true });
+  const teams = h("div", { class: "field", hidden: true });
+  // Another email: the teams offered were the previous one's.
+  email.querySelector("input").addEventListener("input", () => {
+    fill(teams);
+    teams.hidden = true;
+  });
   return authForm(
     "Log in",
-    [
-      field("Email", "email", { type: "email", autocomplete: "username", required: true, autofocus: true }),
-      field("Password", "password", { type: "password", autocomplete: "current-password", required: true }),
-      h(
-        "details",
-        {},
-        h("summary", {}, "My email is in several teams"),
-        field("Team id", "team_id", { autocomplete: "off", pattern: "[0-9a-fA-F-]{36}" }),
-      ),
-    ],
+    [email, field("Password", "password", { type: "password", autocomplete: "current-password", required: true }), teams],
     "Log in",
-    (values) => login(values, signedIn),
+    async (values) => {
+      try {
+        await login(values, signedIn);
+      } catch (err) {
+        const choices = err instanceof ApiError && err.status === 401 && !values.team_id ? err.body?.teams : null;
+        if (!choices?.length) throw err;
+        fill(
+          teams,
+          h("label", { for: "f-team_id" }, "Team"),
+          h("select", { id: "f-team_id", name: "team_id", required: true }, choices.map((team) => h("option", { value: team.id }, team.name))),
+        );
+        teams.hidden = false;
+        teams.querySelector("select").focus();
+        throw new ApiError(401, "Your email is in several teams: choose one, then log in.");
+      }
+    },
     h("p", { class: "muted" }, "New team? ", h("a", { href: "#/signup" }, "Create one")),
   );
 }
