@@ -495,6 +495,23 @@ def test_logout_and_team_sign_up(web_page: Watched, web_server: LiveServer) -> N
     assert httpx.get(f"{web_server.url}/api/auth/me", cookies=dict_cookies(page)).status_code == 401
 
 
+def test_a_failed_logout_is_not_reported_as_done(web_page: Watched, team: Team) -> None:
+    """A logout that never reached the server showed the login page while the session stayed valid (a reload
+    showed the chats again); the page now says the logout failed and stays, and Log out can be tried again."""
+    page = web_page.page
+    log_in(page, team.email)
+    page.route("**/api/auth/logout", lambda route: route.abort("connectionreset"))
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_role("alert")).to_have_text("You are still logged in: the server could not be reached.")
+    expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
+    page.unroute("**/api/auth/logout")
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    page.goto("/#/chats")
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    expect(page.get_by_role("link", name="+ New chat")).to_have_count(0)
+
+
 def dict_cookies(page: Page) -> dict[str, str]:
     return {c["name"]: c["value"] for c in page.context.cookies() if "name" in c and "value" in c}
 

@@ -1,6 +1,6 @@
 // The client's entry: who is signed in, the hash router, and the page frame (top bar, main area, toasts).
-import { api, whenSignedOut } from "./api.js";
-import { fill, h } from "./dom.js";
+import { ApiError, api, whenSignedOut } from "./api.js";
+import { fill, h, notify } from "./dom.js";
 import { renderAuth } from "./views/auth.js";
 import { ChatsView } from "./views/chat.js";
 
@@ -26,10 +26,19 @@ export async function signedIn() {
   navigate("/chats");
 }
 
+// Only the server's 204 (or a 401: no session left) ends the session: after any other answer the cookies
+// may still be valid, so the page says so and stays.
 async function logout() {
+  try {
+    await api("/api/auth/logout", { method: "POST" });
+  } catch (err) {
+    if (!(err instanceof ApiError && err.status === 401)) {
+      notify(`You are still logged in: ${err instanceof ApiError ? err.message : "the server could not be reached."}`, "error");
+      return;
+    }
+  }
   chats?.leave();
   chats = null;
-  await api("/api/auth/logout", { method: "POST" }).catch(() => {});
   session.user = null;
   navigate("/login");
 }
