@@ -463,6 +463,36 @@ def test_a_draft_stays_with_its_chat(web_page: Watched, team: Team) -> None:
     expect(page.get_by_label("Message", exact=True)).to_have_value("next question for B")
 
 
+def test_opening_a_missing_chat_shows_it_without_an_error(web_page: Watched, team: Team) -> None:
+    """Opening a chat that does not exist threw a TypeError (or followed the previous chat's answer) after
+    showing "does not exist"; nothing is followed now when the chat could not be read."""
+    page = web_page.page
+    log_in(page, team.email)
+    page.goto("/#/chats/00000000-0000-4000-8000-000000000000")
+    expect(page.get_by_role("alert")).to_have_text("This chat does not exist.")
+    page.wait_for_timeout(500)
+    assert web_page.errors == []
+
+
+def test_a_missing_chat_opened_during_an_answer_does_not_follow_it(web_page: Watched, team: Team) -> None:
+    """Moving from a chat writing its answer to a missing chat followed the first chat's answer into the
+    missing one's pane; the missing chat now shows only that it does not exist."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, SLOW)
+    expect(page.locator(".msg.assistant .content")).to_contain_text("w1")
+    page.reload()  # the chat, read again, ends with the answer being written
+    expect(page.locator(".msg.assistant .content")).to_contain_text("w3")
+    follows: list[str] = []
+    page.on("request", lambda r: follows.append(r.url) if "/stream" in r.url else None)
+    page.goto("/#/chats/00000000-0000-4000-8000-000000000000")
+    expect(page.get_by_role("alert")).to_have_text("This chat does not exist.")
+    page.wait_for_timeout(500)
+    expect(page.locator(".msg")).to_have_count(0)
+    assert follows == []
+    assert web_page.errors == []
+
+
 def test_an_expired_access_cookie_is_refreshed_silently(web_page: Watched, team: Team) -> None:
     page = web_page.page
     log_in(page, team.email)

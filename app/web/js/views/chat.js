@@ -285,6 +285,7 @@ export class ChatsView {
     if (chatId === this.chatId && chatId) return;
     this.leave();
     this.chatId = chatId;
+    this.chat = null; // the previous chat's messages say nothing of this one (resumeIfRunning)
     // Pending files stay with their chat while the page lives: moving to another chat and back keeps them.
     if (chatId && !this.pendingFiles.has(chatId)) this.pendingFiles.set(chatId, new Attachments(chatId));
     this.attachments = chatId ? this.pendingFiles.get(chatId) : null;
@@ -294,8 +295,7 @@ export class ChatsView {
     }
     if (!chatId) return this.renderPicker();
     this.last = LAST;
-    await this.reload();
-    this.resumeIfRunning();
+    if (await this.reload()) this.resumeIfRunning(); // not on a chat that could not be read (404...)
   }
 
   renderPicker() {
