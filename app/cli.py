@@ -1,4 +1,4 @@
-"""Operator commands: `python -m app.cli init | migrate | serve | create-admin | reset-password`."""
+"""Operator commands: `python -m app.cli init | migrate | serve | create-admin | reset-password | rebuild-usage`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from app.fields import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, canonical_email
 from app.migrations import alembic_config
 from app.models import Team, User
 from app.serve import serve
+from app.services import usage as usage_service
 from app.services import users as users_service
 from app.services.teams import create_team_with_admin, database_is_empty
 
@@ -98,6 +99,16 @@ async def reset_password(settings: Settings, email: str, password: str, team_id:
         await db.dispose()
 
 
+async def rebuild_usage(settings: Settings) -> None:
+    db = Database(settings)
+    try:
+        async with db.sessionmaker() as session:
+            written = await usage_service.rebuild_rollups(session=session)
+            out(f"Usage roll-up rebuilt from the ledger: {written} rows")
+    finally:
+        await db.dispose()
+
+
 def password_problem(password: str) -> str | None:
     """The API's password rule, for operator commands."""
     if not PASSWORD_MIN_LENGTH <= len(password) <= PASSWORD_MAX_LENGTH:
@@ -122,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p_reset.add_argument("--email", required=True)
     p_reset.add_argument("--password", required=True)
     p_reset.add_argument("--team-id")
+    sub.add_parser(
+        "rebuild-usage", help="empty the usage roll-up and sum the ledger into it again (with the service stopped)"
+    )
     args = parser.parse_args(argv)
 
     settings = load_settings()
@@ -148,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             out(problem)
             return 2
         return asyncio.run(reset_password(settings, args.email, args.password, args.team_id))
+    elif args.cmd == "rebuild-usage":
+        asyncio.run(rebuild_usage(settings))
     return 0
 
 

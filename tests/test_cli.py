@@ -42,3 +42,10 @@ def test_reset_password_of_unknown_user_fails(tmp_path: Path) -> None:
     assert result.returncode == 1
     ok = _cli(tmp_path, "reset-password", "--email", "ADMIN@example.com", "--password", "long-enough-pw")
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_rebuild_usage_on_the_embedded_database(tmp_path: Path) -> None:
+    assert _cli(tmp_path, "init").returncode == 0
+    result = _cli(tmp_path, "rebuild-usage")
+    assert result.returncode == 0, result.stderr
+    assert "Usage roll-up rebuilt from the ledger: 0 rows" in result.stdout

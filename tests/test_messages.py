@@ -767,7 +767,7 @@ async def test_a_deeply_nested_line_ends_the_answer_with_its_text_kept(
     body = b'{"type":"begin"}\n{"type":"item","content":"Hi"}\n{"type":"item","content":"x","m":' + nested + b"}\n"
     setup = await chat_with_agent(session, settings, raw_answer(fake.url, body))
     events = data_events(parse_sse((await send(client, setup)).text))
-    assert (events[-1].type, events[-1].data["data"]["code"]) == ("error", "bad_upstream_response")
+    assert (events[-1].type, events[-1].data["data"]["code"]) == ("error", "bad_upstream_response")  # type: ignore[index]
     _question, answer = (await stored(app, setup.chat.id)).messages
     assert streamed_text(events) == answer["content"] == "Hi"
 
@@ -777,7 +777,7 @@ async def test_an_error_status_with_a_deeply_nested_body_is_an_upstream_error(
 ) -> None:
     setup = await chat_with_agent(session, settings, raw_answer(fake.url, b'{"message":' + b"[" * 3000, status=502))
     events = data_events(parse_sse((await send(client, setup)).text))
-    assert (events[-1].type, events[-1].data["data"]["code"]) == ("error", "upstream_error")
+    assert (events[-1].type, events[-1].data["data"]["code"]) == ("error", "upstream_error")  # type: ignore[index]
 
 
 async def test_the_usage_of_two_streaming_nodes_is_stored_summed(

@@ -27,7 +27,7 @@ from app.services import fast_start
 from app.services import usage as usage_service
 from app.services.completions import prepare_completion
 from app.services.messages import NewGeneration, finish_message, start_message
-from app.services.usage_rollup import counts
+from app.services.usage_rollup import NIL, counts
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import assert_rollup_matches_ledger, count_rows, make_settings, run_migrations, truncate_all
@@ -904,3 +904,25 @@ async def test_quota_counter_on_sqlite(tmp_path: Path) -> None:
                 await usage_service.claim_generation(session=s, user=caller)
     finally:
         await shutdown(lite)
+
+
+async def test_rebuilding_the_roll_up_sums_the_ledger_again_and_touches_nothing_else(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """The documented repair was to downgrade below migration 0011 and upgrade again, which also undid the
+    later migrations: every file, share and file copy was dropped. `rebuild_rollups` (`app.cli
+    rebuild-usage`) empties the roll-up and sums the ledger into it, and nothing else."""
+    await world(session)
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    upload = await client.post(
+        f"/api/chats/{setup.chat.id}/files", files={"file": ("a.txt", b"hello", "text/plain")}, headers=setup.headers
+    )
+    assert upload.status_code == 201, upload.text
+    await session.execute(delete(UsageRollup).where(UsageRollup.user_id == NIL))  # a roll-up in doubt
+    await session.execute(update(UsageRollup).values(generations=UsageRollup.generations + 5))
+    await session.commit()
+    async with app_state(app).db.sessionmaker() as s:
+        written = await usage_service.rebuild_rollups(session=s)
+    assert written == await count_rows(session, "usage_rollups") > 0
+    await assert_rollup_matches_ledger(session)
+    assert await count_rows(session, "files") == 1

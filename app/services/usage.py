@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Insert, bindparam, func, insert, null, select, update
+from sqlalchemy import ColumnElement, Insert, bindparam, delete, func, insert, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -385,3 +385,46 @@ async def release_generation(*, session: AsyncSession, user: Caller, day: date) 
         .values(generations=UsageDaily.generations - 1)
     )
     await session.commit()
+
+
+#: Roll-up rows per INSERT of a rebuild.
+REBUILD_BATCH = 5_000
+
+
+async def rebuild_rollups(*, session: AsyncSession) -> int:
+    """Empty the roll-up and sum the whole ledger into it again, in one transaction; the roll-up rows written.
+
+    The ledger is the record: this is the repair when the roll-up is in doubt (`python -m app.cli
+    rebuild-usage`, with the service stopped: an answer stored meanwhile could be counted twice or not at
+    all). Read one team's UTC day at a time, so a big ledger is never held in memory."""
+    await session.execute(delete(UsageRollup))
+    columns = [c for c in UsageRecord.__table__.columns if c.name != "id"]
+    spans = (
+        await session.execute(
+            select(UsageRecord.team_id, func.min(UsageRecord.created_at), func.max(UsageRecord.created_at)).group_by(
+                UsageRecord.team_id
+            )
+        )
+    ).all()
+    written = 0
+    pending: list[dict[str, Any]] = []
+    for team_id, first, last in spans:
+        day = first.astimezone(UTC).date()
+        while day <= last.astimezone(UTC).date():
+            start = datetime.combine(day, time(), UTC)
+            query = select(*columns).where(
+                UsageRecord.team_id == team_id,
+                UsageRecord.created_at >= start,
+                UsageRecord.created_at < start + timedelta(days=1),
+            )
+            pending += rollup_rows([dict(row) for row in (await session.execute(query)).mappings()])
+            if len(pending) >= REBUILD_BATCH:
+                await session.execute(insert(UsageRollup), pending)
+                written += len(pending)
+                pending = []
+            day += timedelta(days=1)
+    if pending:
+        await session.execute(insert(UsageRollup), pending)
+        written += len(pending)
+    await session.commit()
+    return written
