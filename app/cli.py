@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from alembic import command
-from sqlalchemy import func, select
+from sqlalchemy import func, make_url, select
+from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings, load_settings
 from app.db import Database, secure_sqlite_file
@@ -143,7 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         serve(settings, host=args.host, port=args.port, workers=max(1, args.workers))
         return 0
     if args.cmd in ("migrate", "init"):
-        migrate(settings)
+        try:
+            migrate(settings)
+        except (DBAPIError, OSError) as exc:
+            # One line naming the database, not a traceback (its password hidden): e.g. not created yet.
+            url = make_url(settings.DATABASE_URL).render_as_string(hide_password=True)
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+            out(f"Cannot migrate the database {url}: {reason}")
+            return 1
     if args.cmd == "init":
         asyncio.run(first_admin(settings))
     elif args.cmd == "create-admin":

@@ -49,3 +49,16 @@ def test_rebuild_usage_on_the_embedded_database(tmp_path: Path) -> None:
     result = _cli(tmp_path, "rebuild-usage")
     assert result.returncode == 0, result.stderr
     assert "Usage roll-up rebuilt from the ledger: 0 rows" in result.stdout
+
+
+def test_migrating_a_database_that_does_not_exist_says_so_in_one_line(tmp_path: Path) -> None:
+    """It was a SQLAlchemy traceback (the README's example names a database to create first)."""
+    url = "postgresql+asyncpg://postgres:not-shown@127.0.0.1:5432/no_such_database_here"
+    result = _cli(tmp_path, "migrate", DATABASE_URL=url)
+    assert result.returncode == 1
+    assert result.stdout.strip() == (
+        "Cannot migrate the database postgresql+asyncpg://postgres:***@127.0.0.1:5432/no_such_database_here: "
+        'database "no_such_database_here" does not exist'
+    )
+    assert "not-shown" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
