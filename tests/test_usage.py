@@ -303,6 +303,27 @@ async def test_a_recovered_generation_counts_from_its_start_and_in_the_metrics(
     assert metrics.REGISTRY.get_sample_value("relay_generations_total", labels) == before + 1
 
 
+async def test_a_generation_recovered_a_month_after_its_start_is_held_at_the_ledgers_limit(
+    app: FastAPI, session: AsyncSession
+) -> None:
+    """Its duration in milliseconds no longer fits the ledger's 32-bit column: held at its limit (the recovery
+    failed at each start, and the message stayed `streaming`)."""
+    question = {"role": "user", "content": "question?"}
+    orphan = {"role": "assistant", "content": "half", "status": "streaming", "_worker": str(uuid.uuid4())}
+    team = await create_team(session)
+    user = await create_user(session, team=team)
+    agent = await create_agent(session, team=team)
+    chat = await create_chat(session, user=user, agent=agent, messages=[question, orphan])
+    began = datetime.now(UTC) - timedelta(days=40)
+    await session.execute(update(Message).where(Message.chat_id == chat.id).values(created_at=began))
+    await session.commit()
+    registry = app_state(app).generations
+    await registry.startup()
+    await registry.shutdown()
+    [row] = await ledger(app)
+    assert (row.outcome, row.duration_ms) == ("interrupted", 2**31 - 1)
+
+
 async def test_cancelled_final_write_writes_cancelled_row(
     app: FastAPI, session: AsyncSession, settings: Settings
 ) -> None:

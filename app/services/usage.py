@@ -37,8 +37,15 @@ QUOTA_REACHED = "Daily message quota reached; it resets at midnight UTC"
 # --- the ledger ----------------------------------------------------------------------------------
 
 
+#: The ledger's millisecond columns are 32-bit integers (24.8 days): a generation recovered long after its start
+#: is held there, which still dates it before any day a quota counts.
+MS_MAX = 2**31 - 1
+
+
 def _ms(value: Any) -> int | None:
-    return round(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    return min(max(round(value), 0), MS_MAX)
 
 
 def ledger_row(
