@@ -1118,16 +1118,16 @@ async def test_token_form_with_nul_is_422(web: httpx.AsyncClient, form: dict[str
 async def test_logouts_refreshes_and_deactivations_at_once_never_deadlock(
     web: httpx.AsyncClient, session: AsyncSession, settings: Settings
 ) -> None:
-    """Each revokes a set of refresh tokens (a family, a user's), and a reused token's refresh revokes its family
-    while still holding one row of it: in different orders they deadlocked, and a logout or a refresh was a 503
-    (one to six per round). Rows are now locked in id order, nothing held before. Three rounds of three
-    users, each with eight refreshes and logouts of one session beside deactivations and role changes."""
+    """Each revokes a set of refresh tokens (a family, a user's) while refreshes add successors to them: the
+    token rows were locked in different orders and a logout or a refresh deadlocked, a 503 (one to six per
+    round). Every writer of a user's tokens now locks the user's row first. Six rounds of three users, each
+    with eight refreshes and logouts of one session beside deactivations and role changes."""
     team = await create_team(session)
     admin = await create_user(session, team=team, role="admin", email="admin@example.com")
     users = [await create_user(session, team=team, email=f"u{i}@example.com") for i in range(3)]
     admin_headers = auth_headers(settings, admin)
     failed: list[tuple[str, int]] = []
-    for _ in range(3):
+    for _ in range(6):
         await session.execute(update(User).where(User.id.in_([u.id for u in users])).values(is_active=True))
         await session.commit()
         sessions = [(await login(web, f"u{i}@example.com")).json() for i in range(3)]

@@ -287,7 +287,16 @@ async def _hand_out_successor(
 async def revoke_family(
     *, session: AsyncSession, settings: Settings, revocations: RevocationStore, family_id: uuid.UUID
 ) -> None:
-    """Revoke every refresh token of the family and, through the store, the access tokens it issued."""
+    """Revoke every refresh token of the family and, through the store, the access tokens it issued.
+
+    The family's user's row is locked first, as every other writer of a user's tokens does (a login, a refresh,
+    a password change, a deactivation): they queue on it instead of locking token rows in different orders
+    (a refresh's successor, committed meanwhile, was locked out of order and a logout deadlocked)."""
+    owner = (
+        await session.execute(select(RefreshToken.user_id).where(RefreshToken.family_id == family_id).limit(1))
+    ).scalar()
+    if owner is not None:
+        await session.execute(select(User.id).where(User.id == owner).with_for_update(key_share=True))
     await _revoke_settled(session, RefreshToken.family_id == family_id)
     await session.commit()
     # Access tokens of this family live at most one access lifetime from now.
