@@ -223,8 +223,8 @@ async def refresh_session(
             )
         )
     ).scalar()
-    # The locks taken so far go first (the grace check's row, the user's): the revocation then locks the
-    # family's rows in id order like every other, where holding one of them out of order deadlocked a logout.
+    # The locks taken so far go first (the grace check's row, the user's): the revocation then takes the user's
+    # row before the family's, like every other writer of tokens; holding a token first deadlocked a logout.
     await session.rollback()
     if spent_family is not None:
         # Reuse of a spent token: whoever holds the newer one may be a thief. End the whole family.
