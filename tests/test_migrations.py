@@ -9,7 +9,8 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -87,19 +88,25 @@ async def _sqlite_tables(url: str) -> set[str]:
     return names
 
 
-def test_upgrade_downgrade_upgrade_on_postgresql() -> None:
+@contextmanager
+def fresh_postgres() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped afterwards (for one migration test)."""
     name = f"test_mig_{uuid.uuid4().hex[:8]}"
     asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
     try:
+        yield _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
+    finally:
+        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_upgrade_downgrade_upgrade_on_postgresql() -> None:
+    with fresh_postgres() as url:
         run_migrations(url)
         assert asyncio.run(_pg_tables(url)) == EXPECTED_TABLES
         run_migrations(url, "base", downgrade=True)
         assert asyncio.run(_pg_tables(url)) == {"alembic_version"}
         run_migrations(url)
         assert asyncio.run(_pg_tables(url)) == EXPECTED_TABLES
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_upgrade_downgrade_upgrade_on_sqlite(tmp_path: Path) -> None:
@@ -246,13 +253,8 @@ async def _slugs_or_names(url: str) -> list[str]:
 
 
 def test_0006_gives_existing_agents_slugs_on_postgresql() -> None:
-    name = f"test_mig_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
-    try:
+    with fresh_postgres() as url:
         _check_0006(url)
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_0006_gives_existing_agents_slugs_on_sqlite(tmp_path: Path) -> None:
@@ -581,13 +583,8 @@ def _check_0009(url: str) -> None:
 
 
 def test_0009_response_mode_down_and_up_on_postgresql() -> None:
-    name = f"test_mig_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
-    try:
+    with fresh_postgres() as url:
         _check_0009(url)
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_0009_response_mode_down_and_up_on_sqlite(tmp_path: Path) -> None:
@@ -718,13 +715,8 @@ def _check_0011(url: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_0011_usage_rollup_back_filled_down_and_up_on_postgresql() -> None:
-    name = f"test_mig_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
-    try:
+    with fresh_postgres() as url:
         _check_0011(url)
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.mark.timeout(120)
@@ -760,13 +752,8 @@ def _check_0012(url: str, tables: Callable[[str], Coroutine[Any, Any, set[str]]]
 
 
 def test_0012_files_down_and_up_on_postgresql() -> None:
-    name = f"test_mig_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
-    try:
+    with fresh_postgres() as url:
         _check_0012(url, _pg_tables)
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_0012_files_down_and_up_on_sqlite(tmp_path: Path) -> None:
@@ -834,10 +821,7 @@ async def _pg_count(url: str, table: str) -> int:
 
 def test_0014_share_files_down_and_up_on_postgresql() -> None:
     """0014 down drops only the share copies (the shares and the blobs stay); up brings the table back empty."""
-    name = f"test_mig_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
-    try:
+    with fresh_postgres() as url:
         run_migrations(url)
         asyncio.run(_seed_share_copy(url))
         run_migrations(url, "0013", downgrade=True)
@@ -847,8 +831,6 @@ def test_0014_share_files_down_and_up_on_postgresql() -> None:
         run_migrations(url, "0014")
         assert asyncio.run(_pg_tables(url)) == EXPECTED_TABLES
         assert asyncio.run(_pg_count(url, "share_files")) == 0
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def _seed_sigma_users(url: str) -> None:
@@ -903,13 +885,8 @@ def _check_0016(url: str) -> None:
 
 
 def test_0016_folds_final_sigma_in_emails_on_postgresql() -> None:
-    name = f"test_mig_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    url = _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
-    try:
+    with fresh_postgres() as url:
         _check_0016(url)
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_0016_folds_final_sigma_in_emails_on_sqlite(tmp_path: Path) -> None:

@@ -276,27 +276,39 @@ async def test_generation_of_a_dead_worker_writes_interrupted_row_when_recovered
     assert (row.chars_in, row.chars_out) == (len("question?"), len("half"))
 
 
-async def test_a_recovered_generation_counts_from_its_start_and_in_the_metrics(
-    app: FastAPI, session: AsyncSession
-) -> None:
-    """Recovery wrote its ledger row with no duration: the quota, which dates a generation by its row's time
-    less its duration, took one from before midnight for today's and counted it again; and the metrics never
-    showed it. Its duration now runs from its start, and it counts as an `interrupted` generation."""
+async def orphan_begun_at(session: AsyncSession, began: datetime) -> Agent:
+    """A chat whose answer a vanished worker left `streaming`, begun at `began`; its agent."""
     question = {"role": "user", "content": "question?"}
     orphan = {"role": "assistant", "content": "half", "status": "streaming", "_worker": str(uuid.uuid4())}
     team = await create_team(session)
     user = await create_user(session, team=team)
     agent = await create_agent(session, team=team)
     chat = await create_chat(session, user=user, agent=agent, messages=[question, orphan])
-    began = datetime.now(UTC) - timedelta(hours=2)
     await session.execute(update(Message).where(Message.chat_id == chat.id).values(created_at=began))
     await session.commit()
-    labels = {"outcome": "interrupted", "agent": str(agent.id)}
-    before = metrics.REGISTRY.get_sample_value("relay_generations_total", labels) or 0
+    return agent
+
+
+async def recovered(app: FastAPI) -> UsageRecord:
+    """The ledger's one row, once a start-up recovered the orphan."""
     registry = app_state(app).generations
     await registry.startup()
     await registry.shutdown()
     [row] = await ledger(app)
+    return row
+
+
+async def test_a_recovered_generation_counts_from_its_start_and_in_the_metrics(
+    app: FastAPI, session: AsyncSession
+) -> None:
+    """Recovery wrote its ledger row with no duration: the quota, which dates a generation by its row's time
+    less its duration, took one from before midnight for today's and counted it again; and the metrics never
+    showed it. Its duration now runs from its start, and it counts as an `interrupted` generation."""
+    began = datetime.now(UTC) - timedelta(hours=2)
+    agent = await orphan_begun_at(session, began)
+    labels = {"outcome": "interrupted", "agent": str(agent.id)}
+    before = metrics.REGISTRY.get_sample_value("relay_generations_total", labels) or 0
+    row = await recovered(app)
     assert row.duration_ms is not None
     started = row.created_at - timedelta(milliseconds=row.duration_ms)
     assert abs((started - began).total_seconds()) < 1
@@ -308,19 +320,8 @@ async def test_a_generation_recovered_a_month_after_its_start_is_held_at_the_led
 ) -> None:
     """Its duration in milliseconds no longer fits the ledger's 32-bit column: held at its limit (the recovery
     failed at each start, and the message stayed `streaming`)."""
-    question = {"role": "user", "content": "question?"}
-    orphan = {"role": "assistant", "content": "half", "status": "streaming", "_worker": str(uuid.uuid4())}
-    team = await create_team(session)
-    user = await create_user(session, team=team)
-    agent = await create_agent(session, team=team)
-    chat = await create_chat(session, user=user, agent=agent, messages=[question, orphan])
-    began = datetime.now(UTC) - timedelta(days=40)
-    await session.execute(update(Message).where(Message.chat_id == chat.id).values(created_at=began))
-    await session.commit()
-    registry = app_state(app).generations
-    await registry.startup()
-    await registry.shutdown()
-    [row] = await ledger(app)
+    await orphan_begun_at(session, datetime.now(UTC) - timedelta(days=40))
+    row = await recovered(app)
     assert (row.outcome, row.duration_ms) == ("interrupted", 2**31 - 1)
 
 
