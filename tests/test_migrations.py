@@ -88,6 +88,15 @@ async def _sqlite_tables(url: str) -> set[str]:
     return names
 
 
+async def _column(url: str, sql: str) -> list[Any]:
+    """The one column `sql` selects, in its order."""
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        values = list((await conn.execute(text(sql))).scalars())
+    await engine.dispose()
+    return values
+
+
 @contextmanager
 def fresh_postgres() -> Iterator[str]:
     """The URL of a new, empty PostgreSQL database, dropped afterwards (for one migration test)."""
@@ -240,16 +249,8 @@ def _check_0006(url: str) -> None:
     )
     run_migrations(url, "0004", downgrade=True)
     assert "slug" not in asyncio.run(_columns(url, "agents"))
-    assert len(asyncio.run(_slugs_or_names(url))) == 6  # the agents themselves stay
+    assert len(asyncio.run(_column(url, "SELECT name FROM agents"))) == 6  # the agents themselves stay
     run_migrations(url)
-
-
-async def _slugs_or_names(url: str) -> list[str]:
-    engine = create_async_engine(url)
-    async with engine.connect() as conn:
-        names = list((await conn.execute(text("SELECT name FROM agents"))).scalars())
-    await engine.dispose()
-    return names
 
 
 def test_0006_gives_existing_agents_slugs_on_postgresql() -> None:
@@ -562,24 +563,18 @@ async def test_migration_0005_moves_a_chat_to_rows_and_back_on_sqlite(tmp_path: 
 # --- 0009: agents gain response_mode ------------------------------------------------------------------
 
 
-async def _response_modes(url: str) -> list[str]:
-    engine = create_async_engine(url)
-    async with engine.connect() as conn:
-        modes = list((await conn.execute(text("SELECT response_mode FROM agents"))).scalars())
-    await engine.dispose()
-    return modes
-
-
 def _check_0009(url: str) -> None:
     run_migrations(url, "0004")
     asyncio.run(_seed_agents_at_0004(url))
     run_migrations(url, "0009")
-    assert asyncio.run(_response_modes(url)) == ["stream"] * 6  # existing agents keep answering by stream
+    assert (
+        asyncio.run(_column(url, "SELECT response_mode FROM agents")) == ["stream"] * 6
+    )  # existing agents keep answering by stream
     run_migrations(url, "0008", downgrade=True)
     assert "response_mode" not in asyncio.run(_columns(url, "agents"))
-    assert len(asyncio.run(_slugs_or_names(url))) == 6  # the agents themselves stay
+    assert len(asyncio.run(_column(url, "SELECT name FROM agents"))) == 6  # the agents themselves stay
     run_migrations(url)
-    assert asyncio.run(_response_modes(url)) == ["stream"] * 6
+    assert asyncio.run(_column(url, "SELECT response_mode FROM agents")) == ["stream"] * 6
 
 
 def test_0009_response_mode_down_and_up_on_postgresql() -> None:
@@ -727,28 +722,22 @@ def test_0011_usage_rollup_back_filled_down_and_up_on_sqlite(tmp_path: Path) -> 
 # --- 0012: files, file_blobs, messages.files, agents.file_delivery ----------------------------------------
 
 
-async def _file_deliveries(url: str) -> list[str]:
-    engine = create_async_engine(url)
-    async with engine.connect() as conn:
-        modes = list((await conn.execute(text("SELECT file_delivery FROM agents"))).scalars())
-    await engine.dispose()
-    return modes
-
-
 def _check_0012(url: str, tables: Callable[[str], Coroutine[Any, Any, set[str]]]) -> None:
     run_migrations(url, "0004")
     asyncio.run(_seed_agents_at_0004(url))
     run_migrations(url, "0012")
-    assert asyncio.run(_file_deliveries(url)) == ["url"] * 6  # existing agents get the default delivery
+    assert (
+        asyncio.run(_column(url, "SELECT file_delivery FROM agents")) == ["url"] * 6
+    )  # existing agents get the default delivery
     assert "files" in asyncio.run(_columns(url, "messages"))
     run_migrations(url, "0009", downgrade=True)
     assert asyncio.run(tables(url)) == EXPECTED_TABLES - LATER_TABLES
     assert "file_delivery" not in asyncio.run(_columns(url, "agents"))
     assert "files" not in asyncio.run(_columns(url, "messages"))
-    assert len(asyncio.run(_slugs_or_names(url))) == 6  # the agents themselves stay
+    assert len(asyncio.run(_column(url, "SELECT name FROM agents"))) == 6  # the agents themselves stay
     run_migrations(url)
     assert asyncio.run(tables(url)) == EXPECTED_TABLES
-    assert asyncio.run(_file_deliveries(url)) == ["url"] * 6
+    assert asyncio.run(_column(url, "SELECT file_delivery FROM agents")) == ["url"] * 6
 
 
 def test_0012_files_down_and_up_on_postgresql() -> None:
@@ -866,20 +855,14 @@ async def _seed_sigma_users(url: str) -> None:
     await engine.dispose()
 
 
-async def _emails(url: str) -> list[str]:
-    engine = create_async_engine(url)
-    async with engine.connect() as conn:
-        emails = sorted((await conn.execute(text("SELECT email FROM users"))).scalars())
-    await engine.dispose()
-    return emails
-
-
 def _check_0016(url: str) -> None:
     run_migrations(url, "0015")
     asyncio.run(_seed_sigma_users(url))
     run_migrations(url)
     # Folded where no other account of the team has the folded form; the pair in team B stays two accounts.
-    assert asyncio.run(_emails(url)) == sorted(["οδυσσευσ@example.com", "αλεξης@example.com", "αλεξησ@example.com"])
+    assert sorted(asyncio.run(_column(url, "SELECT email FROM users"))) == sorted(
+        ["οδυσσευσ@example.com", "αλεξης@example.com", "αλεξησ@example.com"]
+    )
     run_migrations(url, "0015", downgrade=True)
     run_migrations(url)
 
