@@ -43,8 +43,10 @@ async def lock_team_as_admin(
 ) -> None:
     """Lock the team's row, as every change of a role or an activation does (`update_user`), and check the
     caller again under it: an admin demoted or deactivated while this request ran (it passed its role check
-    before) changes nothing, 403. `exclusive=False` for writes that only need the roles to hold still."""
-    await session.execute(select(Team.id).where(Team.id == team_id).with_for_update(read=not exclusive))
+    before) changes nothing, 403. `exclusive=False` for writes that only need the roles to hold still. Neither
+    lock waits for, nor holds up, the foreign-key checks of rows that name the team (chats, usage rows)."""
+    lock = select(Team.id).where(Team.id == team_id).with_for_update(read=not exclusive, key_share=exclusive)
+    await session.execute(lock)
     still_admin = select(User.id).where(
         User.id == admin_id, User.team_id == team_id, User.role == "admin", User.is_active.is_(True)
     )
