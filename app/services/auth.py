@@ -374,6 +374,6 @@ async def revoke_all_user_tokens(*, session: AsyncSession, user: User) -> None:
     that holds it (`start_session`, `_session_user`) commits first, and its tokens are then older than the
     instant and its refresh token is among those revoked.
     """
-    await session.execute(select(User.id).where(User.id == user.id).with_for_update())
+    await session.execute(select(User.id).where(User.id == user.id).with_for_update(key_share=True))
     user.tokens_valid_after = utcnow()
     await _revoke_settled(session, RefreshToken.user_id == user.id)

@@ -31,7 +31,7 @@ async def get_team_user(*, session: AsyncSession, admin: User, user_id: uuid.UUI
     """The ownership helper: a missing id and another team's user are the same 404."""
     query = select(User).where(User.id == user_id, User.team_id == admin.team_id)
     if lock:
-        query = query.with_for_update()
+        query = query.with_for_update(key_share=True)  # not held against foreign-key checks
     user = (await session.execute(query.execution_options(populate_existing=True))).scalar_one_or_none()
     if user is None:
         raise NotFound(USER_NOT_FOUND)
