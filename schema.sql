@@ -447,13 +447,5 @@ ALTER TABLE messages ADD COLUMN last_event_id INTEGER;
 
 UPDATE alembic_version SET version_num='0015' WHERE alembic_version.version_num = '0014';
 
--- Running upgrade 0015 -> 0016
-
-UPDATE users SET email = replace(email, 'ς', 'σ') WHERE email LIKE '%ς%' AND NOT EXISTS (SELECT 1 FROM users other WHERE other.team_id = users.team_id AND other.id <> users.id AND lower(other.email) = lower(replace(users.email, 'ς', 'σ')));
-
-UPDATE invites SET email = replace(email, 'ς', 'σ') WHERE email LIKE '%ς%';
-
-UPDATE alembic_version SET version_num='0016' WHERE alembic_version.version_num = '0015';
-
 COMMIT;
 

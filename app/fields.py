@@ -191,19 +191,12 @@ PREFERENCES_MAX_BYTES = 16_384
 
 
 def canonical_email(value: str) -> str:
-    """The form emails are stored and compared in: trimmed, Unicode NFC, lower-case, final sigma as sigma.
+    """The form emails are stored and compared in: trimmed, Unicode NFC, lower-case.
 
     NFC first, so `Ame\u0301lie` (e + combining accent) and `Amélie` (precomposed) are one address;
-    NFC again after lower-casing, which can decompose a few characters. Python lower-cases a capital sigma
-    that ends a word to the final form (U+03C2) and any other to U+03C3, so one Greek address typed in
-    capitals and in lower case differed: one form for both (migration 0016).
+    NFC again after lower-casing, which can decompose a few characters.
     """
-    lowered = unicodedata.normalize("NFC", unicodedata.normalize("NFC", value.strip()).lower())
-    return lowered.replace(FINAL_SIGMA, SIGMA)
-
-
-#: Greek small final sigma and small sigma (written as escapes: they look like Latin letters in an editor).
-FINAL_SIGMA, SIGMA = "\u03c2", "\u03c3"
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", value.strip()).lower())
 
 
 def normalize_email(value: str) -> str:
