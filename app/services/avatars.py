@@ -128,6 +128,7 @@ async def set_avatar(
     is bumped under the row's lock: two uploads at once both wrote version + 1, and the first image, already
     handed out under that version as immutable for a year, stayed in every cache that had it."""
     await get_team_agent(session=session, user=user, agent_id=agent_id)  # a foreign id is a 404 before the work
+    await session.commit()  # no connection held while the image is processed (it ends a read only)
     stored = await anyio.to_thread.run_sync(process_avatar, raw, settings)
     agent = await get_team_agent(session=session, user=user, agent_id=agent_id, for_update=True)
     agent.avatar = stored.data

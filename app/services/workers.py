@@ -75,7 +75,6 @@ async def recover_interrupted(
     )
     rows = (await session.execute(query)).all()
     await session.commit()
-    now = utcnow()
     marked = 0
     for row in rows:
         if row.worker_id == worker_id:
@@ -110,7 +109,7 @@ async def recover_interrupted(
                 chars_out=len(row.content or ""),
                 # From its start (the placeholder's row): the quota counts a generation on the day it began, by
                 # the ledger row's time less its duration; without it, one from before midnight counted twice.
-                metadata={"duration_ms": max(0, round((now - row.created_at).total_seconds() * 1000))},
+                metadata={"duration_ms": max(0, round((utcnow() - row.created_at).total_seconds() * 1000))},
             )
         await session.commit()
         if marked_now:

@@ -170,11 +170,16 @@ export class Generation {
   }
 }
 
-/** Wait `ms`, or less when `signal` aborts (the page moved on). */
+/** Wait `ms`, or less when `signal` aborts (the page moved on); no listener is left behind either way. */
 const pause = (ms, signal) =>
   new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener("abort", done, { once: true });
   });
 
 /** Stop the chat's running answer; null when nothing was running (409). */
