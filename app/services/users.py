@@ -120,7 +120,7 @@ async def update_user(*, session: AsyncSession, admin: User, user_id: uuid.UUID,
     """Apply an admin's changes; deactivation revokes every token of the user, and deactivating or demoting an
     admin revokes the invites they made.
 
-    The team row is locked (SELECT ... FOR UPDATE) before counting admins, so two admins demoting each
+    The team row is locked (`lock_team_as_admin`) before counting admins, so two admins demoting each
     other at the same moment cannot leave the team without one: the second waits, and then is no admin (403).
     """
     await lock_team_as_admin(session, team_id=admin.team_id, admin_id=admin.id)
