@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
 
-from app.errors import AppError, Unprocessable
+from app.errors import AppError, Unprocessable, short_loc
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -50,7 +50,7 @@ def safe_validation_errors(errors: Any) -> list[dict[str, Any]]:
     cleaned = []
     for err in errors:
         kind = err.get("type")
-        cleaned.append({"type": kind, "loc": list(err.get("loc", ())), "msg": _input_free_message(kind, err)})
+        cleaned.append({"type": kind, "loc": short_loc(err.get("loc", ())), "msg": _input_free_message(kind, err)})
     return cleaned
 
 

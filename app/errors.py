@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AppError(Exception):
     """Raised by services; the handler turns it into a JSON error with this status code."""
@@ -90,3 +92,12 @@ class RateLimited(AppError):
 class ServiceUnavailable(AppError):
     status_code = 503
     default_detail = "Service unavailable"
+
+
+#: The longest key of a `loc` given back whole: an unknown key is the client's own text, of any size.
+LOC_KEY_MAX = 64
+
+
+def short_loc(loc: Any) -> list[Any]:
+    """`loc` with each string longer than LOC_KEY_MAX cut there (marked with an ellipsis)."""
+    return [p[:LOC_KEY_MAX] + "…" if isinstance(p, str) and len(p) > LOC_KEY_MAX else p for p in loc]

@@ -23,7 +23,9 @@ from app.proxies import client_address, parse_networks
 logger = logging.getLogger("app.access")
 error_logger = logging.getLogger("app.errors")
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._\-]{1,128}")  # used with fullmatch (`$` lets a final newline in)
+#: A Content-Length as digits Python reads as such (bounded: a longer one is past any limit anyway).
+DECIMAL = re.compile(r"[0-9]{1,19}")
 AVATAR_UPLOAD_RE = re.compile(r"^/api/agents/[^/]+/avatar/?$")
 FILE_UPLOAD_RE = re.compile(r"^/api/chats/[^/]+/files/?$")
 CALLBACK_PREFIX = "/api/callbacks/"
@@ -129,7 +131,7 @@ class RequestContextMiddleware:
 
         client = self.resolve_client(scope)
         raw_id = _header(scope, b"x-request-id")
-        request_id = raw_id if raw_id and REQUEST_ID_RE.match(raw_id) else uuid.uuid4().hex
+        request_id = raw_id if raw_id and REQUEST_ID_RE.fullmatch(raw_id) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         path: str = scope.get("path", "")
         started = time.perf_counter()
@@ -163,7 +165,8 @@ class RequestContextMiddleware:
 
         try:
             declared = _header(scope, b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
+            # ASCII digits only: `str.isdigit` also takes `²` (a latin-1 byte), which int() refuses.
+            if declared is not None and DECIMAL.fullmatch(declared) and int(declared) > limit:
                 await self._send_json(send_wrapper, 413, too_large_body(path))
                 return
             await self.app(scope, receive_wrapper, send_wrapper)

@@ -777,3 +777,59 @@ async def test_a_client_gone_mid_import_is_a_400_and_stores_nothing(
     assert json.loads(sent[1]["body"]) == {"detail": "The request body was not received in full"}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert await count_rows(session, "chats") == chats
+
+
+# --- review of 2026-12-07 ---------------------------------------------------------------------------
+
+
+async def test_markdown_export_closes_a_code_block_an_answer_left_open_and_keeps_a_final_hash(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """An answer cut inside a code block (stopped, failed) left its fence open: every later heading of the
+    export read as code. And a title ending in `#` lost it (Markdown reads a final ` #` as a closing one)."""
+    chat = await create_chat(
+        session,
+        user=team_world.member,
+        agent=team_world.agent,
+        title="Ticket #",
+        messages=[
+            {"role": "user", "content": "Write code"},
+            {"role": "assistant", "content": "Sure:\n```python\nprint(1)", "status": "cancelled"},
+            {"role": "user", "content": "Thanks, go on"},
+            {"role": "assistant", "content": "Done:\n~~~~\nx\n~~~~\nend"},
+        ],
+    )
+    response = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=team_world.h(team_world.member))
+    text = response.text
+    assert text.startswith("# Ticket \\#\n")
+    assert "print(1)\n```\n" in text
+    fences = [line for line in text.split("\n") if line.startswith(("```", "~~~"))]
+    assert fences == ["```python", "```", "~~~~", "~~~~"]  # every block closed, the closed one left as it was
+    assert text.count("\n## ") == 4
+
+
+async def test_an_export_saved_with_a_byte_order_mark_imports(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """An editor on Windows saves the export with a UTF-8 byte order mark: it was "Line 1 is not valid JSON"."""
+    chat = await branchy_chat(session, team_world)
+    exported = (await client.get(f"/api/chats/{chat.id}/export", headers=team_world.h(team_world.member))).content
+    response = await import_body(client, team_world, b"\xef\xbb\xbf" + exported)
+    assert response.status_code == 201, response.text
+    assert response.json()[0]["title"] == "Tree"
+
+
+async def test_an_unknown_key_is_named_in_the_422_but_not_given_back_whole(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """A 1 MB unknown key came back whole in the 422's `loc`, on the API and in an import's error."""
+    chat = await branchy_chat(session, team_world)
+    key = "k" * 900_000
+    response = await client.put(f"/api/chats/{chat.id}", json={key: 1}, headers=team_world.h(team_world.member))
+    assert response.status_code == 422
+    assert len(response.content) < 1_000
+    assert response.json()["detail"][0]["loc"] == ["body", "k" * 64 + "…"]
+    exported = await export_json(client, team_world, chat.id)
+    imported = await import_body(client, team_world, json.dumps({**exported, key: 1}))
+    assert imported.status_code == 422
+    assert len(imported.content) < 1_000

@@ -423,3 +423,20 @@ def test_setup_logging_leaves_uvicorn_no_access_handler() -> None:
         assert logging.getLogger("uvicorn.error").hasHandlers()
     finally:
         access.handlers, access.propagate = saved
+
+
+@pytest.mark.parametrize("declared", [b"\xb2", b"1" * 5000])
+async def test_a_content_length_python_cannot_read_as_a_number_is_no_500(
+    tclient: httpx.AsyncClient, declared: bytes
+) -> None:
+    """`²` (a latin-1 byte) passed `str.isdigit` and failed `int()`; so did 5,000 digits (Python's int limit).
+    uvicorn's parsers refuse such headers first; the middleware no longer depends on that."""
+    response = await tclient.get("/health", headers={b"content-length": declared})
+    assert response.status_code != 500
+
+
+async def test_a_request_id_with_a_final_newline_is_replaced(tclient: httpx.AsyncClient) -> None:
+    """`$` also matches before a final newline: `abc\\n` was kept and written into the response's header."""
+    response = await tclient.get("/health", headers={"X-Request-ID": "abc\n"})
+    assert response.headers["x-request-id"] != "abc\n"
+    assert len(response.headers["x-request-id"]) == 32

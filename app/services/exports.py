@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
@@ -114,12 +115,38 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+#: A code fence's opening or closing line (CommonMark): up to three spaces, then 3+ backticks or tildes.
+FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+
+
+def _fences_closed(text: str) -> str:
+    """`text` with a code fence it leaves open closed: an answer cut inside a code block (a stop, an error)
+    would otherwise turn every later heading of the export into code."""
+    opened: str | None = None
+    for line in text.split("\n"):
+        found = FENCE.match(line)
+        if found is None:
+            continue
+        run, rest = found.group(1), line[found.end() :]
+        if opened is None:
+            if not (run[0] == "`" and "`" in rest):  # a backtick fence's info string holds no backtick
+                opened = run
+        elif run[0] == opened[0] and len(run) >= len(opened) and not rest.strip():
+            opened = None
+    return text if opened is None else text + "\n" + opened
+
+
+def _heading_text(title: str) -> str:
+    """A title as an ATX heading's text: a final `#` escaped, which Markdown would take for a closing one."""
+    return title[:-1] + "\\#" if title.endswith("#") else title
+
+
 def chat_markdown(document: dict[str, Any]) -> str:
     """The branch shown of an exported chat as Markdown: a title, who answered, then each message in turn."""
     by_id = {m["id"]: m for m in document["messages"]}
     agent = document["agent"]
     lines = [
-        f"# {_one_line(document['title'] or '') or UNTITLED}",
+        f"# {_heading_text(_one_line(document['title'] or '') or UNTITLED)}",
         "",
         f"Agent: {_one_line(agent['name'])} (`{agent['slug']}`)  ",
         f"Exported: {format_timestamp(utcnow())}",
@@ -130,7 +157,7 @@ def chat_markdown(document: dict[str, Any]) -> str:
         if message["status"] != "complete":
             heading += f" ({message['status']})"
         lines += ["", "---", "", f"## {heading}", "", f"_{message['created_at']}_", ""]
-        lines.append(message["content"] if message["content"] else "_(no text)_")
+        lines.append(_fences_closed(message["content"]) if message["content"] else "_(no text)_")
         for f in message.get("files") or []:  # named only: an export never carries a file's bytes
             lines += ["", f"Attached: {_one_line(f['filename'])} ({_one_line(f['content_type'])}, {f['size']} bytes)"]
         if message["error"]:

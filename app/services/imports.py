@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
-from app.errors import RateLimited, Unprocessable, UnsupportedMediaType
+from app.errors import RateLimited, Unprocessable, UnsupportedMediaType, short_loc
 from app.filetypes import clean_filename
 from app.models import Agent, Chat, User
 from app.services.chat_copies import CopiedFile, CopiedMessage, create_chat_copy
@@ -64,7 +64,7 @@ def check_import_type(content_type: str | None) -> None:
 def _documents(body: bytes) -> list[Any]:
     """The body's JSON values: the whole body when it is one JSON value, else one per non-blank line."""
     try:
-        text = body.decode("utf-8")
+        text = body.decode("utf-8-sig")  # an export re-saved by an editor may start with a byte order mark
     except UnicodeDecodeError:
         raise Unprocessable("The body must be UTF-8") from None
     if not text.strip():
@@ -90,7 +90,7 @@ def _documents(body: bytes) -> list[Any]:
 def _first_error(index: int, exc: ValidationError) -> Unprocessable:
     error = exc.errors(include_url=False, include_input=False, include_context=False)[0]
     message = _INPUT_FREE.get(error["type"], error["msg"])
-    return Unprocessable(f"Chat {index + 1}: {message}", loc=("body", index, *error["loc"]))
+    return Unprocessable(f"Chat {index + 1}: {message}", loc=("body", index, *short_loc(error["loc"])))
 
 
 def _feedback(feedback: ExportedFeedback | None) -> dict[str, Any] | None:
