@@ -6,7 +6,7 @@ import asyncio
 import os
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
@@ -69,6 +69,19 @@ async def until_a_statement_waits(conn: asyncpg.Connection, query: str) -> None:
             if await conn.fetchval(waiting, query):
                 return
             await asyncio.sleep(0.02)
+
+
+async def sent_during_a_demotion(app: FastAPI, admin: User, request: Awaitable[httpx.Response]) -> httpx.Response:
+    """`request` (one of `admin`'s) sent while another transaction holds the team's row, as a demotion does;
+    once it waits for that row, `admin` is demoted and the demotion commits. Its answer."""
+    async with app_state(app).db.sessionmaker() as demotion:
+        await demotion.execute(select(Team.id).where(Team.id == admin.team_id).with_for_update())
+        sending = asyncio.ensure_future(request)
+        await asyncio.wait({sending}, timeout=0.5)
+        assert not sending.done()  # waiting for the team's row
+        await demotion.execute(update(User).where(User.id == admin.id).values(role="user"))
+        await demotion.commit()
+    return await sending
 
 
 def _with_database(url: str, name: str) -> str:

@@ -25,7 +25,7 @@ from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
 from tests.factories import StoredChat, auth_headers, create_admin, create_user, stored_chat
-from tests.live import ChatSetup, chat_with_agent, data_events, parse_sse, streamed_text
+from tests.live import SSE, ChatSetup, chat_with_agent, data_events, parse_sse, streamed_text
 from tools.fake_n8n import FakeN8n, load_captures, raw_answer
 
 CAPTURES = load_captures()
@@ -737,14 +737,29 @@ async def test_send_message_with_lone_surrogate_is_422(
 # --- what n8n may answer: review of 2026-12-07 ----------------------------------------------------
 
 
+async def answered(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    url: str,
+    content: str = "hello there",
+) -> tuple[list[SSE], dict[str, Any]]:
+    """One send in a new chat whose agent is `url`: the stream's events and the answer as stored."""
+    setup = await chat_with_agent(session, settings, url)
+    events = data_events(parse_sse((await send(client, setup, content)).text))
+    _question, answer = (await stored(app, setup.chat.id)).messages
+    return events, answer
+
+
 async def test_a_plain_text_answer_that_is_also_json_is_the_answer(
     app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
     """Respond to Webhook with the text `42` was refused ("has no text"): JSON that holds no text is text."""
-    setup = await chat_with_agent(session, settings, raw_answer(fake.url, b"42", "text/plain; charset=utf-8"))
-    events = data_events(parse_sse((await send(client, setup, "What is 6 times 7?")).text))
+    events, answer = await answered(
+        app, client, session, settings, raw_answer(fake.url, b"42", "text/plain; charset=utf-8"), "What is 6 times 7?"
+    )
     assert events[-1].type == "done"
-    _question, answer = (await stored(app, setup.chat.id)).messages
     assert streamed_text(events) == answer["content"] == "42"
 
 
@@ -752,10 +767,8 @@ async def test_a_surrogate_pair_cut_between_two_items_is_streamed_and_stored_who
     app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
     body = b'{"type":"begin"}\n{"type":"item","content":"Party \\ud83c"}\n{"type":"item","content":"\\udf89!"}\n'
-    setup = await chat_with_agent(session, settings, raw_answer(fake.url, body + b'{"type":"end"}\n'))
-    events = data_events(parse_sse((await send(client, setup)).text))
+    events, answer = await answered(app, client, session, settings, raw_answer(fake.url, body + b'{"type":"end"}\n'))
     assert events[-1].type == "done"
-    _question, answer = (await stored(app, setup.chat.id)).messages
     assert streamed_text(events) == answer["content"] == "Party \U0001f389!"
 
 
@@ -765,10 +778,8 @@ async def test_a_deeply_nested_line_ends_the_answer_with_its_text_kept(
     """RecursionError escaped the parser: the text of the same read was lost, and the code was internal_error."""
     nested = b"[" * 5000 + b"]" * 5000
     body = b'{"type":"begin"}\n{"type":"item","content":"Hi"}\n{"type":"item","content":"x","m":' + nested + b"}\n"
-    setup = await chat_with_agent(session, settings, raw_answer(fake.url, body))
-    events = data_events(parse_sse((await send(client, setup)).text))
+    events, answer = await answered(app, client, session, settings, raw_answer(fake.url, body))
     assert (events[-1].type, events[-1].data["data"]["code"]) == ("error", "bad_upstream_response")  # type: ignore[index]
-    _question, answer = (await stored(app, setup.chat.id)).messages
     assert streamed_text(events) == answer["content"] == "Hi"
 
 
@@ -793,8 +804,8 @@ async def test_the_usage_of_two_streaming_nodes_is_stored_summed(
             + b"\n"
         )
 
-    setup = await chat_with_agent(session, settings, raw_answer(fake.url, block("a", 1, 2) + block("b", 10, 20)))
-    events = data_events(parse_sse((await send(client, setup)).text))
+    events, answer = await answered(
+        app, client, session, settings, raw_answer(fake.url, block("a", 1, 2) + block("b", 10, 20))
+    )
     assert events[-1].type == "done"
-    _question, answer = (await stored(app, setup.chat.id)).messages
     assert (answer["metadata"]["tokens_in"], answer["metadata"]["tokens_out"]) == (11, 22)

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.models import Team, User
-from app.state import app_state
+from app.models import Team
 from main import create_app, shutdown
 from tests.authhelpers import https_client, login
-from tests.conftest import count_rows, make_settings
+from tests.conftest import count_rows, make_settings, sent_during_a_demotion
 from tests.factories import auth_headers, create_admin, create_team, create_user
 
 SIGNUP = {"name": "Acme Support", "admin_email": " Boss@Acme.example.com ", "admin_password": "long-enough-pw"}
@@ -156,20 +153,10 @@ async def test_an_admin_demoted_while_their_team_change_waits_changes_nothing(
     team = await create_team(session)
     await create_admin(session, team=team)
     rogue = await create_admin(session, team=team)
-    async with app_state(app).db.sessionmaker() as demotion:
-        await demotion.execute(select(Team.id).where(Team.id == team.id).with_for_update())
-        opening = asyncio.create_task(
-            web.put(
-                "/api/teams/current",
-                json={"settings": {"open_registration": True}},
-                headers=auth_headers(settings, rogue),
-            )
-        )
-        await asyncio.wait({opening}, timeout=0.5)
-        assert not opening.done()  # waiting for the team's row
-        await demotion.execute(update(User).where(User.id == rogue.id).values(role="user"))
-        await demotion.commit()
-    refused = await opening
+    opening = web.put(
+        "/api/teams/current", json={"settings": {"open_registration": True}}, headers=auth_headers(settings, rogue)
+    )
+    refused = await sent_during_a_demotion(app, rogue, opening)
     assert (refused.status_code, refused.json()) == (403, {"detail": "Admin role required"})
     await session.refresh(team)
     assert team.settings == {"open_registration": False}

@@ -23,7 +23,7 @@ from app.models import Team, User
 from app.services import users as users_service
 from app.state import app_state
 from tests.authhelpers import bearer, https_client, login
-from tests.conftest import ROOT, count_rows
+from tests.conftest import ROOT, count_rows, sent_during_a_demotion
 from tests.factories import auth_headers, create_admin, create_team, create_user
 
 pytestmark = pytest.mark.settings(RATE_LIMIT_ENABLED=False)
@@ -333,16 +333,8 @@ async def test_an_admin_demoted_while_their_change_waits_changes_nothing(
     await create_admin(session, team=team)
     rogue = await create_admin(session, team=team)
     accomplice = await create_user(session, team=team)
-    async with app_state(app).db.sessionmaker() as demotion:
-        await demotion.execute(select(Team.id).where(Team.id == team.id).with_for_update())
-        promoting = asyncio.create_task(
-            web.patch(f"/api/users/{accomplice.id}", json={"role": "admin"}, headers=auth_headers(settings, rogue))
-        )
-        await asyncio.wait({promoting}, timeout=0.5)
-        assert not promoting.done()  # waiting for the team's row
-        await demotion.execute(update(User).where(User.id == rogue.id).values(role="user"))
-        await demotion.commit()
-    promoted = await promoting
+    promoting = web.patch(f"/api/users/{accomplice.id}", json={"role": "admin"}, headers=auth_headers(settings, rogue))
+    promoted = await sent_during_a_demotion(app, rogue, promoting)
     assert (promoted.status_code, promoted.json()) == (403, {"detail": "Admin role required"})
     await session.refresh(accomplice)
     assert accomplice.role == "user"

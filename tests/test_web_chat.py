@@ -8,7 +8,7 @@ import re
 
 import httpx
 import pytest
-from playwright.sync_api import Page, Request, Response, Route, expect
+from playwright.sync_api import Locator, Page, Request, Response, Route, expect
 
 from tests.live import LiveServer
 from tests.web import PASSWORD, Team, Watched, answer_text, create_team, log_in, send
@@ -254,13 +254,19 @@ def test_show_earlier_during_an_answer_keeps_the_live_answer_and_stop(web_page: 
     assert len(team.get(f"/api/chats/{chat_id}?last=100")["messages"]) == 54
 
 
-def test_edit_makes_a_branch_and_the_switcher_moves_between_them(web_page: Watched, team: Team) -> None:
+def editing_the_first_question(web_page: Watched, team: Team) -> Locator:
+    """A new chat with one question answered, its Edit form open; the form's text box."""
     page = web_page.page
     open_new_chat(web_page, team)
     send(page, "first question")
     expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
-    page.locator(".msg.user").get_by_role("button", name="Edit").click()
-    edited = page.get_by_label("Edited message")
+    page.locator(".msg.user").first.get_by_role("button", name="Edit").click()
+    return page.get_by_label("Edited message")
+
+
+def test_edit_makes_a_branch_and_the_switcher_moves_between_them(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    edited = editing_the_first_question(web_page, team)
     edited.fill("second question")
     edited.press("Enter")
     expect(page.locator(".msg.assistant .content")).to_have_text("Echo: second question")
@@ -280,11 +286,7 @@ def test_an_edit_form_opened_before_a_send_cannot_start_a_second_answer(web_page
     """An edit form opened before an answer started sent its new version meanwhile (no busy check), cutting
     the running answer from the page. Its Send is now disabled while an answer runs, and Enter does nothing."""
     page = web_page.page
-    open_new_chat(web_page, team)
-    send(page, "first question")
-    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
-    page.locator(".msg.user").first.get_by_role("button", name="Edit").click()
-    edited = page.get_by_label("Edited message")
+    edited = editing_the_first_question(web_page, team)
     edited.fill("changed my mind")
     send(page, SLOW)
     expect(page.locator(".msg.assistant .content").last).to_contain_text("w1")
@@ -304,11 +306,7 @@ def test_enter_confirming_an_ime_composition_does_not_send_an_edit(web_page: Wat
     """The Enter that confirms an IME composition (Japanese, Chinese...) sent the edit form half written; it
     is now left to the input method, as in the message box."""
     page = web_page.page
-    open_new_chat(web_page, team)
-    send(page, "first question")
-    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
-    page.locator(".msg.user").get_by_role("button", name="Edit").click()
-    edited = page.get_by_label("Edited message")
+    edited = editing_the_first_question(web_page, team)
     edited.fill("にほんご")
     edited.dispatch_event("keydown", {"key": "Enter", "isComposing": True, "bubbles": True, "cancelable": True})
     page.wait_for_timeout(1000)
