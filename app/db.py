@@ -16,7 +16,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
 
 from app.config import Settings, narrow_to_owner, private_dir, private_file
-from app.dialects import add_sqlite_histograms, session_info, statements_for
+from app.dialects import add_sqlite_histograms, session_info, statements_for, unicode_lower
 
 
 async def execute_core(
@@ -162,6 +162,8 @@ def make_engine(settings: Settings) -> AsyncEngine:
             cursor.close()
             # The usage roll-up's histograms are integers larger than SQLite's 64 bits (app.dialects.Histogram).
             dbapi_conn.create_function("usage_histogram_add", 2, add_sqlite_histograms, deterministic=True)
+            # Chat search ignores case beyond ASCII (app.dialects.SqliteStatements.matches_ignoring_case).
+            dbapi_conn.create_function("unicode_lower", 1, unicode_lower, deterministic=True)
 
     return engine
 

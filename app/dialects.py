@@ -78,6 +78,11 @@ class Histogram(TypeDecorator[int]):
         return None if value is None else int(value)
 
 
+def unicode_lower(text: str | None) -> str | None:
+    """SQLite's `unicode_lower()`: its built-in lower() leaves every letter outside ASCII as it is."""
+    return None if text is None else text.lower()
+
+
 def add_sqlite_histograms(current: str | None, more: str | None) -> str | None:
     """SQLite's `usage_histogram_add(a, b)` (registered on each connection by app.db): a + b, in decimal text."""
     if current is None or more is None:
@@ -162,6 +167,10 @@ class Statements(ABC):
     def greatest(self, a: Any, b: Any) -> ColumnElement[Any]:
         """The larger of two values."""
 
+    @abstractmethod
+    def matches_ignoring_case(self, text: Any, pattern: Any) -> ColumnElement[bool]:
+        """`text` LIKE `pattern` (escape character `\\`), case ignored for every letter, not ASCII's alone."""
+
 
 class PostgresStatements(Statements):
     name = "postgresql"
@@ -183,6 +192,9 @@ class PostgresStatements(Statements):
 
     def greatest(self, a: Any, b: Any) -> ColumnElement[Any]:
         return func.greatest(a, b)
+
+    def matches_ignoring_case(self, text: Any, pattern: Any) -> ColumnElement[bool]:
+        return text.ilike(pattern, escape="\\")  # type: ignore[no-any-return]
 
     def started_since(self, ended_at: Any, duration_ms: Any, moment: Any) -> ColumnElement[bool]:
         return ended_at - duration_ms * literal_column("interval '1 millisecond'", Interval()) >= moment  # type: ignore[no-any-return]
@@ -206,6 +218,11 @@ class SqliteStatements(Statements):
 
     def greatest(self, a: Any, b: Any) -> ColumnElement[Any]:
         return func.max(a, b)  # SQLite's scalar max() of two arguments
+
+    def matches_ignoring_case(self, text: Any, pattern: Any) -> ColumnElement[bool]:
+        # SQLite's own lower() and LIKE fold ASCII letters only: both sides are lowered by Python's str.lower
+        # (`unicode_lower`, registered on each connection), as PostgreSQL's ILIKE does under a UTF-8 locale.
+        return func.unicode_lower(text).like(func.unicode_lower(pattern), escape="\\")
 
     def started_since(self, ended_at: Any, duration_ms: Any, moment: Any) -> ColumnElement[bool]:
         # Times are stored as UTC text; julianday() reads them as days.

@@ -443,7 +443,7 @@ async def test_search_finds_quotes_backslashes_newlines_and_accents_in_messages(
         messages=[message('Open C:\\temp\\"quoted" file\nthen the café')],
     )
     await create_chat(session, user=world.member, agent=world.agent, title="u", messages=[message("temp quoted")])
-    for q in ('\\temp\\"quoted"', "file\nthen", "café", '"QUOTED"'):
+    for q in ('\\temp\\"quoted"', "file\nthen", "café", "CAFÉ", '"QUOTED"'):
         response = await client.get("/api/chats", params={"q": q}, headers=world.h(world.member))
         assert [c["id"] for c in response.json()] == [str(hit.id)], q
 
@@ -613,6 +613,11 @@ def test_title_from_blank_message_is_placeholder() -> None:
 # --- the embedded SQLite database -----------------------------------------------------------
 
 
+async def create_chat_in(app: FastAPI, user: User, agent: Agent, *, title: str, text: str) -> Chat:
+    async with app_state(app).db.sessionmaker() as session:
+        return await create_chat(session, user=user, agent=agent, title=title, messages=[message(text)])
+
+
 async def test_list_and_search_work_on_sqlite(tmp_path: Path) -> None:
     """The default embedded database runs the same list and search (json_each instead of jsonb)."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
@@ -636,6 +641,11 @@ async def test_list_and_search_work_on_sqlite(tmp_path: Path) -> None:
             assert [ch["id"] for ch in body_only.json()] == [str(hit.id)]
             percent = await c.get("/api/chats", params={"q": "50%"}, headers=headers)
             assert [ch["title"] for ch in percent.json()] == ["50% walrus-free"]
+            # Case is ignored beyond ASCII, as on PostgreSQL (SQLite's own LIKE folds ASCII letters only).
+            accented = await create_chat_in(app, user, agent, title="École d'ÉTÉ", text="ΣΟΦΊΑ und Straße")
+            for q in ("école", "ÉCOLE D'été", "σοφία", "sTRAße"):
+                unicode_case = await c.get("/api/chats", params={"q": q}, headers=headers)
+                assert [ch["id"] for ch in unicode_case.json()] == [str(accented.id)], q
             for q in (",", '"', "content", "role"):
                 json_only = await c.get("/api/chats", params={"q": q}, headers=headers)
                 assert json_only.json() == [], q

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, bindparam, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.dialects import statements_of
 from app.errors import NotFound
 from app.models import IS_STREAMING, Chat, Message, User
 from app.services import blobs
@@ -120,12 +121,11 @@ async def list_chats(
     params: dict[str, str] = {}
     if q and q.strip():
         params["pattern"] = like_pattern(q.strip())
-        title_match = Chat.title.ilike(bindparam("pattern"), escape="\\")
+        matches = statements_of(session).matches_ignoring_case
+        title_match = matches(Chat.title, bindparam("pattern"))
         # The text of any message of any branch (never ids or other columns).
         text_match = (
-            exists()
-            .where(Message.chat_id == Chat.id, Message.content.ilike(bindparam("pattern"), escape="\\"))
-            .correlate(Chat)
+            exists().where(Message.chat_id == Chat.id, matches(Message.content, bindparam("pattern"))).correlate(Chat)
         )
         conditions.append(or_(title_match, text_match))
     # One query for the page and the total (a window count), so a search scans the messages once.
