@@ -230,6 +230,40 @@ def test_a_send_whose_connection_drops_is_retried_without_a_second_message(
     assert len([r for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]) == 1
 
 
+def test_a_send_that_drops_after_its_start_follows_from_the_last_event(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """Once the `start` event came, a lost connection is followed on /stream from the last event handled, not
+    sent again: a retried send answers the whole stream again, rebuilt from storage (its text in one event,
+    added to the text already shown) once the live events are gone."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    posts: list[str] = []
+    follows: list[Request] = []
+    page.on("request", lambda r: follows.append(r) if "/stream" in r.url else None)
+
+    def cut_after_three_events(route: Route) -> None:
+        posts.append(route.request.url)
+        if len(posts) > 1:
+            route.continue_()
+            return
+        response = route.fetch()  # the whole answer, of which the browser gets the first three events only
+        events = response.body().split(b"\n\n")
+        assert len(events) > 5
+        route.fulfill(status=200, headers=response.headers, body=b"\n\n".join(events[:3]) + b"\n\n")
+
+    page.route("**/api/chats/*/messages", cut_after_three_events)
+    send(page, "one two three four five six")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    assert answer_text(page) == "Echo: one two three four five six"
+    assert len(posts) == 1
+    assert len(follows) == 1
+    assert follows[0].headers["last-event-id"] == "3"
+    assert "assistant_message_id=" in follows[0].url
+    assert len([r for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]) == 1
+
+
 def test_show_earlier_during_an_answer_keeps_the_live_answer_and_stop(web_page: Watched, team: Team) -> None:
     """Clicking "Show earlier messages" while an answer was written rebuilt the list and the buttons: the answer went on
     in a detached element and Stop was gone. The live answer now stays in the list, still growing, with Stop."""

@@ -105,12 +105,14 @@ export class Generation {
 
   /**
    * POST a message (`body`: {content} | {content, edit_of} | {regenerate_of}). A refusal (JSON 4xx/5xx) throws
-   * an ApiError; a lost connection is retried with the same Idempotency-Key (nothing is sent twice), then
-   * the answer is followed on /stream.
+   * an ApiError; a connection lost before the `start` event is retried with the same Idempotency-Key
+   * (nothing is sent twice). Once `start` came, the answer is followed on /stream from the last event
+   * handled: a retried send answers the whole stream again, and once its live events are gone it is rebuilt
+   * from storage with the text in one event, which would be added to the text already shown.
    */
   async send(body) {
     const key = randomId();
-    for (let attempt = 0; attempt < RETRIES && !this.ended; attempt++) {
+    for (let attempt = 0; attempt < RETRIES && !this.ended && !this.generation; attempt++) {
       try {
         const response = await api(`/api/chats/${this.chatId}/messages`, {
           method: "POST",
@@ -125,7 +127,7 @@ export class Generation {
         if (err instanceof ApiError) throw err;
         if (this.left) return;
       }
-      if (!this.ended) await new Promise((r) => setTimeout(r, 400 * (attempt + 1)));
+      if (!this.ended && !this.generation) await new Promise((r) => setTimeout(r, 400 * (attempt + 1)));
     }
     if (!this.ended && !this.left) await this.follow();
   }
