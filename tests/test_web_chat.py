@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -262,6 +263,50 @@ def test_a_send_that_drops_after_its_start_follows_from_the_last_event(
     assert follows[0].headers["last-event-id"] == "3"
     assert "assistant_message_id=" in follows[0].url
     assert len([r for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]) == 1
+
+
+def guide_example() -> str:
+    """The JavaScript of docs/STREAMING_API_GUIDE.md's "Resume after a reload" section, as a reader copies it."""
+    guide = (Path(__file__).parents[1] / "docs" / "STREAMING_API_GUIDE.md").read_text()
+    section = guide.split("## Resume after a reload", 1)[1]
+    return section.split("```js\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_streaming_guides_example_shows_a_send_cut_after_its_start_once(web_page: Watched, team: Team) -> None:
+    """The guide's send() read the retried stream from its start, so the chunks already shown were shown again
+    (and, once the live events are gone, the whole text was added to them)."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "hello")  # the chat, made by the page
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    chat_id = page.url.rsplit("/", 1)[1]
+    posts: list[str] = []
+
+    def cut_after_four_events(route: Route) -> None:
+        posts.append(route.request.url)
+        if len(posts) > 1:
+            route.continue_()
+            return
+        response = route.fetch()
+        events = response.body().split(b"\n\n")
+        route.fulfill(status=200, headers=response.headers, body=b"\n\n".join(events[:4]) + b"\n\n")
+
+    page.route("**/api/chats/*/messages", cut_after_four_events)
+    page.evaluate(guide_example())
+    result = page.evaluate(
+        """(chatId) => new Promise((resolve) => {
+            let text = "";
+            setTimeout(() => resolve({ text, ended: false }), 15000);
+            send(chatId, "one two three four five six", {
+              onChunk: (chunk) => { text += chunk; },
+              onDone: (message) => resolve({ text, stored: message.content }),
+              onError: (error) => resolve({ text, error }),
+            });
+        })""",
+        chat_id,
+    )
+    assert result == {"text": "Echo: one two three four five six", "stored": "Echo: one two three four five six"}
+    assert len(posts) == 1
 
 
 def test_show_earlier_during_an_answer_keeps_the_live_answer_and_stop(web_page: Watched, team: Team) -> None:
