@@ -10,11 +10,11 @@ from main import create_app, shutdown
 from tests.conftest import make_settings
 
 
-async def _get(settings, path: str) -> httpx.Response:
+async def _get(settings, path: str, method: str = "GET") -> httpx.Response:
     app = create_app(settings)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
-            return await c.get(path)
+            return await c.request(method, path)
     finally:
         await shutdown(app)
 
@@ -44,6 +44,17 @@ async def test_ready_is_503_when_database_not_migrated(tmp_path: Path) -> None:
     response = await _get(settings, "/ready")
     assert response.status_code == 503
     assert "not migrated" in response.json()["detail"]
+    assert (await _get(settings, "/ready", "HEAD")).status_code == 503
+
+
+async def test_monitors_may_probe_with_head(client: httpx.AsyncClient) -> None:
+    """A monitor set to HEAD got 405 from both probes."""
+    for path in ("/health", "/ready"):
+        response = await client.head(path)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"] == "application/json"
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    assert set(paths["/health"]) == set(paths["/ready"]) == {"get"}
 
 
 async def test_ready_is_degraded_but_200_while_redis_is_unreachable(

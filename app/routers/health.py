@@ -13,11 +13,14 @@ from app.state import StateDep
 router = APIRouter(tags=["operations"])
 
 
+# HEAD too, for monitors that probe with it (the server sends the head alone); not in the schema.
+@router.head("/health", response_model=HealthRead, include_in_schema=False)
 @router.get("/health", response_model=HealthRead, summary="The process is running")
 async def health() -> HealthRead:
     return HealthRead(status="ok")
 
 
+@router.head("/ready", response_model=HealthRead, include_in_schema=False)
 @router.get(
     "/ready",
     response_model=HealthRead,
