@@ -333,6 +333,34 @@ def test_show_earlier_during_an_answer_keeps_the_live_answer_and_stop(web_page: 
     assert len(team.get(f"/api/chats/{chat_id}?last=100")["messages"]) == 54
 
 
+def test_show_earlier_before_the_answer_started_shows_the_question_once(web_page: Watched, team: Team) -> None:
+    """"Show earlier messages" pressed after the server stored a send but before the page had its `start` event
+    drew the new question and the running answer twice (stored, and live) until the answer ended."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    chat_id = page.url.rsplit("/", 1)[1]
+    with team.api() as client:
+        for i in range(26):  # 52 messages: more than the 50 shown at first
+            assert client.post(f"/api/chats/{chat_id}/messages", json={"content": f"q{i}"}).status_code == 200
+    page.reload()
+    expect(page.get_by_role("button", name="Show earlier messages")).to_be_visible()
+    # The answer's events reach the page only once it has ended (about 4.5 s after the send).
+    page.route("**/api/chats/*/messages", lambda route: route.fulfill(response=route.fetch()))
+    send(page, SLOW)
+    for _ in range(100):
+        if team.get(f"/api/chats/{chat_id}?last=1")["messages"][-1]["status"] == "streaming":
+            break
+        page.wait_for_timeout(50)
+    page.get_by_role("button", name="Show earlier messages").click()
+    expect(page.locator(".msg.user .content").first).to_have_text("q0")
+    assert page.locator(".msg.user").count() == 27
+    assert page.locator(".msg.assistant").count() == 27
+    assert page.locator(".msg.streaming").count() == 1
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(27, timeout=15_000)
+    assert page.locator(".msg.user").count() == 27
+    assert answer_text(page) == f"Echo: {SLOW}"
+
+
 def editing_the_first_question(web_page: Watched, team: Team) -> Locator:
     """A new chat with one question answered, its Edit form open; the form's text box."""
     page = web_page.page

@@ -414,6 +414,13 @@ export class ChatsView {
     // An answer being written keeps its elements (its handlers write into them), at the end of the branch.
     const live = this.generation ? [this.live.user, this.live.item].filter(Boolean) : [];
     const liveIds = new Set(live.map((item) => item.dataset.id).filter(Boolean));
+    // Before its `start` event the live answer has no id yet: the running answer the server already stored
+    // (with the question this page sent, if it sent one) is that answer, drawn once, by the live elements.
+    const stored = chat.messages.at(-1);
+    if (this.generation && !this.live.item.dataset.id && stored?.role === "assistant" && stored.status === "streaming") {
+      liveIds.add(stored.id);
+      if (this.live.user) liveIds.add(stored.parent_id);
+    }
     for (const message of chat.messages) if (!liveIds.has(message.id)) this.messages.append(messageItem(message, this.actions()));
     this.messages.append(...live);
     fill(this.pane, this.header, this.messages, this.composer);
