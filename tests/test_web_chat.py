@@ -140,6 +140,43 @@ def test_stop_pressed_while_the_send_is_on_its_way_still_stops(web_page: Watched
     assert team.get(f"/api/chats/{chat_id}")["messages"][-1]["status"] == "cancelled"
 
 
+def test_stop_stays_disabled_while_the_stop_resent_on_start_is_on_its_way(web_page: Watched, team: Team) -> None:
+    """The first stop's 409 (sent before the server had the answer) arrived after `start` had sent the stop
+    again: Stop was enabled until that second stop ended the answer."""
+    page = web_page.page
+    # A slow network: the send reaches the server 1 s after the click; the first stop's answer comes back
+    # 1.5 s late (after `start`), the second stop reaches the server 1.5 s late.
+    page.add_init_script(
+        """
+        const realFetch = window.fetch;
+        const later = (ms) => new Promise((ok) => setTimeout(ok, ms));
+        let stops = 0;
+        window.stopEnabled = [];
+        window.fetch = (url, init) => {
+          const send = /\\/messages$/.test(String(url)) && init?.method === "POST";
+          if (send) return later(1000).then(() => realFetch(url, init));
+          if (!/\\/stop$/.test(String(url))) return realFetch(url, init);
+          if (++stops === 1) {
+            setInterval(() => {
+              const button = document.querySelector("button.stop");
+              if (button && !button.hidden && !button.disabled) window.stopEnabled.push(performance.now());
+            }, 20);
+            return realFetch(url, init).then((response) => later(1500).then(() => response));
+          }
+          return later(1500).then(() => realFetch(url, init));
+        };
+        """
+    )
+    open_new_chat(web_page, team)
+    stops: list[int] = []
+    page.on("response", lambda r: stops.append(r.status) if r.url.endswith("/stop") else None)
+    send(page, SLOW)
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator(".msg.assistant[data-status=cancelled]")).to_have_count(1, timeout=15_000)
+    assert stops == [409, 200]
+    assert page.evaluate("window.stopEnabled") == []
+
+
 def test_reload_mid_stream_continues_the_answer(web_page: Watched, team: Team) -> None:
     page = web_page.page
     open_new_chat(web_page, team)

@@ -597,20 +597,26 @@ export class ChatsView {
     const { generation, live } = this;
     if (!generation) return;
     live.stopping = true;
+    live.stops = (live.stops || 0) + 1; // in flight: a stop resent on `start` while the first is on its way
     this.stopButton.disabled = true;
+    let usable = false;
     try {
       // The stream then ends with `done` (status cancelled). A 409 (null) before the `start` event: the send
       // is not registered yet, and its `start` sends the stop again (handlers).
       const stopped = await stopGeneration(this.chatId);
-      if (stopped === null && generation.generation) this.stopUsable(live);
+      usable = stopped === null && Boolean(generation.generation);
     } catch (err) {
       notify(errorText(err), "error");
-      this.stopUsable(live);
+      usable = true;
     }
+    live.stops -= 1;
+    if (usable) this.stopUsable(live);
   }
 
-  /** A stop that did nothing: Stop can be pressed again (while that answer is still the one shown). */
+  /** A stop that did nothing: Stop can be pressed again (while that answer is still the one shown), once no
+   * other stop of it is on its way. */
   stopUsable(live) {
+    if (live.stops) return;
     live.stopping = false;
     if (this.live === live && this.generation) this.stopButton.disabled = false;
   }
