@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -11,7 +13,8 @@ from sqlalchemy import ClauseElement, Executable, Result, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
 
@@ -172,7 +175,9 @@ class Database:
     """The engine, session factories and statement set of one application instance (held by `AppState`)."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.engine = make_engine(settings)
+        self._probe_engine: AsyncEngine | None = None
         #: The most connections the pool may hold at once (`fetch_direct` tries each at most once).
         self.max_connections = settings.DB_POOL_SIZE + settings.DB_MAX_OVERFLOW
         #: Chosen once for the engine's dialect; every session made here carries it (`statements_of`).
@@ -236,5 +241,28 @@ class Database:
         checkedout = getattr(self.engine.pool, "checkedout", None)
         return int(checkedout()) if callable(checkedout) else None
 
+    @asynccontextmanager
+    async def probe(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for the readiness check: a pooled one while the pool has one to give, else one of its
+        own, opened for the check (PostgreSQL). A busy instance is not a broken one: waiting for a pooled
+        connection made the check time out and report the database unreachable when every connection was
+        merely in use."""
+        in_use = self.pool_in_use()
+        if self.settings.is_sqlite or in_use is None or in_use < self.max_connections:
+            async with self.engine.connect() as conn:
+                yield conn
+            return
+        if self._probe_engine is None:
+            self._probe_engine = create_async_engine(
+                self.settings.DATABASE_URL,
+                poolclass=NullPool,
+                hide_parameters=True,
+                connect_args={"timeout": self.settings.DB_CONNECT_TIMEOUT},
+            )
+        async with self._probe_engine.connect() as conn:
+            yield conn
+
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._probe_engine is not None:
+            await self._probe_engine.dispose()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
+from sqlalchemy import text
 
+from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import make_settings
 
@@ -64,3 +67,24 @@ async def test_ready_is_degraded_but_200_while_redis_is_unreachable(
     assert (good.status_code, good.json()) == (200, {"status": "ready"})
     bad = await _get(make_settings(database_url, tmp_path, REDIS_URL="redis://127.0.0.1:1/0"), "/ready")
     assert (bad.status_code, bad.json()) == (200, {"status": "degraded"})
+
+
+async def test_ready_while_every_pooled_connection_is_busy(database_url: str, tmp_path: Path) -> None:
+    """A busy instance is not a broken one: with every pooled connection checked out, /ready waited its 3 s
+    for one and answered 503 "database unreachable", so a load balancer took the instance out when it was
+    merely busy (and, with one instance, the whole service). It now asks the database on a connection of
+    its own."""
+    settings = make_settings(database_url, tmp_path, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
+    app = create_app(settings)
+    db = app_state(app).db
+    try:
+        async with db.engine.connect() as held:  # the pool's only connection, busy
+            await held.execute(text("SELECT 1"))
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+                started = time.monotonic()
+                response = await c.get("/ready")
+                elapsed = time.monotonic() - started
+        assert (response.status_code, response.json()) == (200, {"status": "ready"})
+        assert elapsed < 2.0
+    finally:
+        await shutdown(app)

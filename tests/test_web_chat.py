@@ -371,7 +371,7 @@ def test_show_earlier_during_an_answer_keeps_the_live_answer_and_stop(web_page: 
 
 
 def test_show_earlier_before_the_answer_started_shows_the_question_once(web_page: Watched, team: Team) -> None:
-    """"Show earlier messages" pressed after the server stored a send but before the page had its `start` event
+    """Clicking "Show earlier messages" after the server stored a send but before the page had its `start` event
     drew the new question and the running answer twice (stored, and live) until the answer ended."""
     page = web_page.page
     open_new_chat(web_page, team)

@@ -26,7 +26,7 @@ async def readiness_problem(*, db: Database, expected_revision: str | None) -> s
     """None when ready, else a short reason (no connection strings, no driver messages)."""
     try:
         async with asyncio.timeout(CHECK_TIMEOUT):
-            async with db.engine.connect() as conn:
+            async with db.probe() as conn:
                 revision = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
     except Exception as exc:
         logger.warning("readiness: database check failed: %s", type(exc).__name__)
