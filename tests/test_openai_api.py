@@ -328,6 +328,28 @@ async def test_a_session_token_works_and_x_session_id_scopes_n8n_memory(
         ({"model": "helper", "messages": [{"role": "assistant", "content": "no question"}]}, 422),
         ({"model": "helper", "messages": [{"role": "user", "content": "   "}]}, 422),
         ({"model": "helper", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 422),
+        # The last message has no text: not the earlier question answered again in its place.
+        (
+            {
+                "model": "helper",
+                "messages": [
+                    {"role": "user", "content": "first question"},
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}]},
+                ],
+            },
+            422,
+        ),
+        (
+            {
+                "model": "helper",
+                "messages": [
+                    {"role": "user", "content": "the weather?"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                ],
+            },
+            422,
+        ),
         ({"messages": [{"role": "user", "content": "hi"}]}, 422),
         ("not json", 422),
         ({"model": "helper", "n": 2, "messages": [{"role": "user", "content": "hi"}]}, 422),  # one answer a call

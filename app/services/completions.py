@@ -124,15 +124,20 @@ async def prepare_completion(
     quota, in this order, so a refused request counts nothing."""
     system_parts: list[str] = []
     prior: list[dict[str, Any]] = []
+    # Whether the last message that is not an instruction is a user one with text: a final image-only
+    # question or tool result must not leave an earlier question to be answered (and run) again in its place.
+    asks = False
     for message in messages:
         text = message_text(message.get("content"))
         role = message.get("role")
         if role in ("system", "developer"):
             if text:
                 system_parts.append(text)
-        elif role in ("user", "assistant") and text is not None:
+            continue
+        asks = role == "user" and text is not None and bool(text.strip())
+        if role in ("user", "assistant") and text is not None:
             prior.append({"role": role, "content": text, "status": "complete"})
-    if not prior or prior[-1]["role"] != "user" or not prior[-1]["content"].strip():
+    if not asks:
         raise Unprocessable(NO_USER_MESSAGE, loc=("body", "messages"))
     latest = prior.pop()["content"]
     if len(latest) > settings.MESSAGE_MAX_CHARS:
