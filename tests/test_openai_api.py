@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -17,6 +17,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.pool import QueuePool
 
 from app.config import Settings
 from app.models import Agent, ErrorLog, Team, UsageRecord, User
@@ -629,3 +630,30 @@ async def test_shutdown_lets_a_running_completion_finish(
     assert answer.json()["choices"][0]["message"]["content"] == "Echo: a b c d"
     assert (await session.execute(select(UsageRecord.outcome))).scalars().all() == ["complete"]
     assert await count_rows(session, "error_logs") == 0
+
+
+async def test_a_completion_holds_no_database_connection_while_the_agent_thinks(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    """The request's session is done once the completion is prepared: a long non-streamed answer (or many at
+    once) must not keep a pooled connection idle in its transaction until n8n answers."""
+    stall = f"{fake.url}/webhook/agent-stream?scenario=stall&hang=1.5"
+    await session.execute(update(Agent).where(Agent.id == setup.agent.id).values(webhook_url=stall))
+    await session.commit()
+    pool = cast(QueuePool, app_state(setup.server.app).db.engine.pool)
+    for stream in (False, True):
+        pending = asyncio.create_task(
+            setup.client.chat.completions.create(
+                model="helper", messages=[{"role": "user", "content": "hello there"}], stream=stream
+            )
+        )
+        await _until_called(fake, 1 + stream)
+        await asyncio.sleep(0.3)
+        assert pool.checkedout() == 0, f"stream={stream}"
+        answer = await pending
+        if stream:
+            assert isinstance(answer, openai.AsyncStream)
+            assert "".join([c.choices[0].delta.content or "" async for c in answer]) == "Echo: hello"
+        else:
+            assert isinstance(answer, openai.types.chat.ChatCompletion)
+            assert answer.choices[0].message.content == "Echo: hello"  # two tokens, the silence, the end

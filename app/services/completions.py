@@ -121,7 +121,7 @@ async def prepare_completion(
     session_header: str | None,
 ) -> Completion:
     """Check the request, find the agent (the team's active one with that slug, else 404) and claim the
-    quota, in this order, so a refused request counts nothing."""
+    quota, in this order, so a refused request counts nothing; the session's transaction is over on return."""
     system_parts: list[str] = []
     prior: list[dict[str, Any]] = []
     # Whether the last message that is not an instruction is a user one with text: a final image-only
@@ -153,6 +153,10 @@ async def prepare_completion(
         await session.commit()
         raise BadRequest(CALLBACK_AGENT.format(model=agent.slug), openai_code="model_not_supported")
     await claim_generation(session=session, user=user)
+    # The request's reads end here (claim_generation commits only for a team with a quota): a completion that
+    # is not streamed keeps its request session until n8n has answered, minutes perhaps, and must not hold a
+    # pooled connection idle in its transaction all that time.
+    await session.commit()
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     # As for a chat's generation: a callback URL whenever n8n can reach this service (progress, `done` early,
     # or in callback mode the whole answer), signed for an id of its own (the URL carries a UUID).
