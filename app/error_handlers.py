@@ -182,6 +182,20 @@ def _as_message(detail: Any) -> str:
     return str(detail)
 
 
+#: The longest Retry-After the official OpenAI clients wait for; past it they retry at once, with their own short
+#: backoff (openai-python's `_calculate_retry_timeout`), so each retry is refused again.
+CLIENT_RETRY_AFTER_MAX = 60
+#: The header those clients obey over their own retry rules (also on a completion that failed after the agent was
+#: called: app.routers.openai_api).
+NO_RETRY = {"x-should-retry": "false"}
+
+
+def _waits_longer_than_clients_do(headers: dict[str, str]) -> bool:
+    """A 429 whose Retry-After (e.g. the daily quota's, hours to midnight UTC) the official clients ignore."""
+    value = headers.get("retry-after", "")
+    return value.isdecimal() and int(value) > CLIENT_RETRY_AFTER_MAX
+
+
 def _openai_shaped(handler: Handler) -> Handler:
     """The same handler, its answer re-shaped as OpenAI's `{"error": {...}}` on the `/v1/` paths."""
 
@@ -192,6 +206,8 @@ def _openai_shaped(handler: Handler) -> Handler:
         detail = json.loads(bytes(response.body)).get("detail")
         headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
         code = getattr(exc, "openai_code", None)
+        if response.status_code == 429 and _waits_longer_than_clients_do(headers):
+            headers.update(NO_RETRY)
         return openai_error(response.status_code, _as_message(detail), code=code, headers=headers)
 
     return shaped

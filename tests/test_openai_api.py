@@ -20,8 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.pool import QueuePool
 
 from app.config import Settings
+from app.db import utcnow
 from app.models import Agent, ErrorLog, Team, UsageRecord, User
 from app.services.api_keys import create_key
+from app.services.usage import seconds_to_midnight
 from app.state import app_state
 from tests.conftest import count_rows
 from tests.factories import auth_headers, create_agent, create_team, create_user
@@ -555,6 +557,31 @@ async def test_quota_applies_to_completions(session: AsyncSession, setup: Setup,
         await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "two"}])
     assert caught.value.response.headers["retry-after"]
     assert len(fake.requests) == 1
+
+
+@pytest.mark.timeout(200)
+async def test_a_quota_429_tells_the_official_client_not_to_retry(session: AsyncSession, setup: Setup) -> None:
+    """The quota's Retry-After (hours, to midnight UTC) is over the 60 s the client honours, so it retried
+    twice at once, each retry refused again: `x-should-retry: false` where waiting cannot help."""
+    if (wait := seconds_to_midnight(utcnow())) < 120:
+        await asyncio.sleep(wait + 1)  # the day's last two minutes: its Retry-After would be one the client honours
+    quota = {"open_registration": False, "quota": {"messages_per_user_per_day": 1}}
+    await session.execute(update(Team).where(Team.id == setup.user.team_id).values(settings=quota))
+    await session.commit()
+    await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "one"}])
+    sent: list[httpx.Request] = []
+
+    async def record(request: httpx.Request) -> None:
+        sent.append(request)
+
+    http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [record]})
+    client = openai.AsyncOpenAI(base_url=f"{setup.server.url}/v1", api_key=setup.key, http_client=http)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "two"}])
+    await client.close()
+    assert int(caught.value.response.headers["retry-after"]) > 60
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(sent) == 1
 
 
 async def test_an_admins_key_lists_models_as_a_member(session: AsyncSession, setup: Setup, settings: Settings) -> None:

@@ -22,7 +22,7 @@ from app.auth import CurrentCaller
 from app.config import Settings
 from app.db import Database
 from app.deps import DatabaseDep, GenerationsDep, SettingsDep, ShortSessionDep
-from app.error_handlers import openai_error
+from app.error_handlers import NO_RETRY, openai_error
 from app.fields import SendableJson, StorableText
 from app.n8n_parser import StreamFailure
 from app.routers.responses import openai_error_doc
@@ -136,11 +136,6 @@ def _usage(completion: Completion) -> dict[str, int] | None:
     return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
 
 
-#: A failed completion's error response: the agent was called, so the official clients must not send it again
-#: on their own (they retry 5xx by default, running the workflow, and its side effects, up to three times).
-NO_RETRY = {"x-should-retry": "false"}
-
-
 def _chunk(
     completion: Completion,
     delta: dict[str, Any] | None,
@@ -251,6 +246,8 @@ async def chat_completions(
         return StreamingResponse(_stream(run, usage=usage), media_type="text/event-stream", headers=SSE_HEADERS)
     failure = await run.start()
     if failure is not None:
+        # The agent was called: the official clients must not send it again on their own (they retry a 5xx by
+        # default, running the workflow, and its side effects, up to three times).
         return openai_error(_failure_status(failure), failure.message, code=failure.code, headers=NO_RETRY)
     return JSONResponse(
         {
