@@ -189,8 +189,8 @@ class GenerationRegistry:
     async def _drain(self) -> None:
         """Wait up to the grace for every running generation, then interrupt what is left. Looked at again
         after each wait: a send whose check passed just before the shutdown began starts its generation
-        while this runs, and must be drained (or interrupted, with its terminal event) like the others.
-        `shutdown` runs it once more, for one that started after this had returned."""
+        while this runs, and must be drained (or interrupted, with its terminal event) like the others. One
+        that starts after this had returned runs it again (`_drain_late`), and `shutdown` runs it once more."""
         loop = asyncio.get_running_loop()
         give_up_at = self._give_up_at
         while True:
@@ -266,7 +266,17 @@ class GenerationRegistry:
         cancels it once the grace is over (`interrupting` tells that cancel from a client that left)."""
         self.detached.add(task)
         task.add_done_callback(self.detached.discard)
+        self._drain_late()
         return task
+
+    def _drain_late(self) -> None:
+        """A generation (or completion) started once the shutdown began (its send was past its check): when the
+        drain already returned, having found nothing to wait for, it runs again, within the same grace. Else
+        nothing would end this one when the grace runs out: the server waits for its open connection (longer
+        than the grace) before the application shutdown drains again, and then cuts the stream, with no
+        terminal event."""
+        if self._closing and self._draining is not None and self._draining.done():
+            self._draining = asyncio.get_running_loop().create_task(self._drain(), name="generations-drain")
 
     def start(self, new: message_service.NewGeneration) -> Generation:
         generation = Generation(new=new)
@@ -285,6 +295,7 @@ class GenerationRegistry:
         if self.shared is not None:
             self.shared.attach(generation)
         task.add_done_callback(lambda _t: self._ended(generation))
+        self._drain_late()
         return generation
 
     def _ended(self, generation: Generation) -> None:

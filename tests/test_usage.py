@@ -188,6 +188,27 @@ async def test_a_generation_started_after_the_drain_returned_is_drained_by_the_s
     assert (row.outcome, row.error_code) == ("interrupted", "interrupted")
 
 
+@pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.3)
+async def test_a_generation_started_after_the_drain_returned_ends_when_the_grace_ends(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """The drain found nothing running and returned; then a send already past its check started its
+    generation, and its client stayed. The server waits for that connection (longer than the grace) before
+    the application shutdown runs: nothing interrupted the generation when the grace ran out, and the
+    server's own timeout then cut its stream with no terminal event. The drain runs again for it."""
+    registry = app_state(app).generations
+    await registry.begin_shutdown()
+    late = registry.start(await stalling_send(app, session, settings, fake))  # already past `check_accepting`
+    received = b""
+    async with asyncio.timeout(5):  # the agent stalls for 30 s: only the grace's end can end it this soon
+        async for chunk in late.sse(settings.STREAM_PING_INTERVAL):
+            received += chunk
+    assert late.terminal == "error"
+    assert b'"code": "interrupted"' in received.rstrip().rsplit(b"\n\n", 1)[-1]
+    [row] = await ledger(app)
+    assert (row.outcome, row.error_code) == ("interrupted", "interrupted")
+
+
 @pytest.mark.settings(SHUTDOWN_GRACE_SECONDS=0.05)
 async def test_a_generation_started_after_the_grace_ran_out_is_stored_interrupted(
     app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
