@@ -226,16 +226,17 @@ class RedisEventLog:
         if terminal is None:
             return None
         with contextlib.suppress(Exception):
-            # The owner may still write its own terminal event: prefer it when it is already there.
+            # The owner may still write its own terminal event: prefer it when it is already there. Every
+            # event up to it, however many (not one XREAD's `count`: the stream would end cut, with no end).
             key = log_key(chat_id, assistant_id)
-            answer = await _read_after(self.redis, key, last)
+            answer = await _all_after(self.redis, key, last)
             if answer and answer[-1][1].get(b"e"):
                 return b"".join(fields[b"f"] for _id, fields in answer)
             ended = await _last_entry(self.redis, key)
             if ended is not None and ended[1].get(b"e"):
                 # A `Last-Event-ID` beyond this generation's end was an older answer's id: the generation is
                 # given whole, as its owner gives it (app.sse.Generation.sse).
-                return b"".join(fields[b"f"] for _id, fields in await _read_after(self.redis, key, 0))
+                return b"".join(fields[b"f"] for _id, fields in await _all_after(self.redis, key, 0))
         stored_id = None if message is None else await _stored_terminal_id(self.db, assistant_id)
         return frame(stored_id if stored_id is not None else last + 1, *terminal)
 
@@ -343,6 +344,11 @@ def _entries(rows: Any) -> list[Entry]:
 async def _last_entry(redis: Redis, key: str) -> Entry | None:
     entries = _entries(await redis.xrevrange(key, count=1))
     return entries[0] if entries else None
+
+
+async def _all_after(redis: Redis, key: str, after: int) -> list[Entry]:
+    """Every event after id `after` (a generation's log is bounded by the answer size cap)."""
+    return _entries(await redis.xrange(key, min=f"{after + 1}-0"))
 
 
 async def _read_after(redis: Redis, key: str, after: int, block_ms: int | None = None) -> list[Entry]:

@@ -157,14 +157,23 @@ async def test_followers_on_another_instance_get_a_terminal_event_when_the_owner
     assert streamed_text(events).startswith(stored["content"])
 
 
+@pytest.mark.parametrize(("chunks", "interval_ms"), [(40, 10), (1500, 2)])
 async def test_a_follower_on_another_instance_with_an_id_beyond_the_generation_gets_it_whole(
-    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str
+    session: AsyncSession,
+    database_url: str,
+    tmp_path: Path,
+    fake: FakeN8n,
+    redis_url: str,
+    chunks: int,
+    interval_ms: int,
 ) -> None:
     """A `Last-Event-ID` from an older, longer answer, sent to an instance that follows through Redis (where a
     short lag behind the owner is normal, so the id cannot be judged at once): once the generation ended
-    below that id, it is given whole, under its own ids, as its owner gives it; never an id it never had."""
+    below that id, it is given whole, under its own ids, as its owner gives it; never an id it never had.
+    Whole also past 1000 events (one XREAD's count): it was cut there, with no terminal event."""
     settings = live_settings(database_url, tmp_path)
-    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=paced&chunks=40")
+    url = f"{fake.url}/webhook/agent-stream?scenario=paced&chunks={chunks}&interval_ms={interval_ms}"
+    setup = await chat_with_agent(session, settings, url)
     async with two_instances(settings, redis_url) as (a, b, _process_a):
         sender = EventReader(
             a, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
@@ -173,8 +182,9 @@ async def test_a_follower_on_another_instance_with_an_id_beyond_the_generation_g
         follower = EventReader(
             b, "GET", f"/api/chats/{setup.chat.id}/stream", headers={**setup.headers, "Last-Event-ID": "100000"}
         )
-        first, followed = await sender.finish(), await follower.finish(within=20)
+        first, followed = await sender.finish(within=20), await follower.finish(within=20)
     assert first[-1].type == "done"
+    assert chunks < 1000 or len(first) > 1000  # (reads may join chunks into one event)
     assert pairs(followed) == pairs(first)
 
 
