@@ -9,14 +9,13 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from app import metrics
+from app import eventlog, metrics
 from app.config import Settings, get_settings
 from app.db import Database
 from app.error_handlers import install_error_handlers
@@ -170,8 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def build_state(settings: Settings) -> AppState:
     """What the app holds, built once; its stores share the one database and the one Redis client."""
     db = Database(settings)
-    # A short connect timeout: while Redis is down, the fallbacks answer at once instead of waiting on it.
-    redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=2) if settings.REDIS_URL else None
+    redis = eventlog.connect(settings)
     return AppState(
         settings=settings,
         db=db,

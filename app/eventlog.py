@@ -42,6 +42,28 @@ RETRY_AFTER_END = 30.0
 #: The first batch (the `start` event and the chat's pointer) and the terminal event are written at once; a
 #: follower on another instance sees the text at most this much later than one on the generating instance.
 MIRROR_INTERVAL = 0.1
+#: How long any Redis reply may take before its connection counts as dead and is replaced (`connect`). A
+#: follow's blocking read waits at most READ_BLOCK_MAX at a time, within it.
+REPLY_TIMEOUT = 5.0
+READ_BLOCK_MAX = 4.0
+#: The stop and callback channels wait for a message this long at a time (seconds); after LISTEN_IDLE without
+#: hearing Redis they ping it, and a connection whose pong has not come within PONG_WAIT is given up.
+LISTEN_POLL = 1.0
+LISTEN_IDLE = 10.0
+PONG_WAIT = 5.0
+
+
+def connect(settings: Settings) -> Redis | None:
+    """The one Redis client of an app instance (None without REDIS_URL).
+
+    Every reply has a deadline (REPLY_TIMEOUT, set here rather than left to the client library's default): a
+    connection dropped silently on the way (a NAT's or load balancer's idle timeout, a failover that drops
+    packets instead of refusing them) fails and is replaced instead of hanging what waits on it. The short
+    connect timeout lets the fallbacks answer at once while Redis is down.
+    """
+    if not settings.REDIS_URL:
+        return None
+    return Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=REPLY_TIMEOUT)
 
 
 def log_key(chat_id: uuid.UUID, assistant_id: str) -> str:
@@ -187,17 +209,27 @@ class RedisEventLog:
         self, key: str, chat_id: uuid.UUID, assistant_id: str, after: int, ping: float
     ) -> AsyncIterator[bytes]:
         last = after
-        block_ms = max(1, int(ping * 1000))
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
         while True:
+            # Blocking reads shorter than the reply deadline: one waiting a whole ping interval (15 s) timed out
+            # at the client's 5 s and was reported as Redis unreachable, every 5 s of a quiet answer.
+            wait = min(quiet_since + ping - loop.time(), READ_BLOCK_MAX)
             try:
-                answer = await _read_after(self.redis, key, last, block_ms)
+                answer = await _read_after(self.redis, key, last, max(1, int(wait * 1000)))
             except Exception as exc:
                 logger.warning("redis unreachable while following %s (%s)", assistant_id, type(exc).__name__)
-                answer = []
-                if not await self._storage_ended(chat_id, assistant_id, last):
-                    await asyncio.sleep(STORAGE_POLL)
-                    yield PING
-                    continue
+                ended = await self._storage_ended(chat_id, assistant_id, last)
+                if ended is not None:
+                    yield ended
+                    return
+                await asyncio.sleep(STORAGE_POLL)
+                quiet_since = loop.time()
+                yield PING
+                continue
+            if not answer and loop.time() - quiet_since < ping:
+                continue
+            quiet_since = loop.time()
             if not answer:
                 # Quiet for a ping interval: is the generation still alive? Its owner may have died, or Redis
                 # may have lost the log; then the stored message (interrupted by recovery) ends the stream.
@@ -302,7 +334,14 @@ class RedisEventLog:
         await self._listen(CALLBACK_CHANNEL, "callback", relayed)
 
     async def _listen(self, channel: str, what: str, handle: Callable[[str], Awaitable[None]]) -> None:
+        """Subscribe to `channel` and hand each message to `handle`, subscribing again after a lost connection.
+
+        A subscription hears nothing while no one publishes, so a connection dropped silently on the way would
+        look the same, and the stops of other instances would be lost without a word: after LISTEN_IDLE of
+        silence it pings Redis, and a pong that does not come within PONG_WAIT ends the connection.
+        """
         failing = False
+        loop = asyncio.get_running_loop()
         while True:
             pubsub = self.redis.pubsub()
             try:
@@ -310,10 +349,20 @@ class RedisEventLog:
                 if failing:
                     logger.warning("redis %s channel subscribed again", what)
                     failing = False
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        data = message["data"]
-                        await handle(data.decode() if isinstance(data, bytes) else str(data))
+                heard, pinged = loop.time(), None
+                while True:
+                    message = await pubsub.get_message(timeout=LISTEN_POLL)
+                    now = loop.time()
+                    if message is not None:
+                        heard, pinged = now, None
+                        if message.get("type") == "message":
+                            data = message["data"]
+                            await handle(data.decode() if isinstance(data, bytes) else str(data))
+                    elif pinged is not None and now - pinged > PONG_WAIT:
+                        raise TimeoutError("no pong")
+                    elif pinged is None and now - heard > LISTEN_IDLE:
+                        await pubsub.ping()
+                        pinged = now
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

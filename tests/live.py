@@ -286,6 +286,56 @@ class RedisProcess:
         self.process = None
 
 
+class FreezingProxy:
+    """A TCP proxy to `port` whose connections can be frozen: `freeze()` makes every open connection drop what
+    either side sends, without closing it, as a NAT or a load balancer that forgot the connection does (or a
+    failover that drops packets). Connections opened afterwards pass as before."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.frozen: set[int] = set()
+        self.connections = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    @property
+    def redis_url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    def freeze(self) -> None:
+        self.frozen.update(range(self.connections))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for writer in self.writers:
+                writer.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        number = self.connections
+        self.connections += 1
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writers += [client_w, server_w]
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with suppress(ConnectionError):
+                while data := await reader.read(65536):
+                    if number not in self.frozen:
+                        writer.write(data)
+                        await writer.drain()
+
+        try:
+            await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+        finally:
+            for writer in (client_w, server_w):
+                writer.close()
+
+
 async def cut_off_request(app: Any, path: str, headers: dict[str, str], head: bytes) -> list[dict[str, Any]]:
     """A POST whose client disconnects after the body's first chunk (raw ASGI: no HTTP client can do it on
     purpose); the ASGI messages the application sent back."""

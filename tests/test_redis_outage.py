@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,17 +15,28 @@ import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import generations
+from app import eventlog, generations
 from app.config import Settings
+from app.db import Database
 from app.eventlog import log_key
-from app.sse import event_of
+from app.sse import event_of, frame
 from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import bearer, login
 from tests.factories import create_chat
-from tests.live import SSE, EventReader, RedisProcess, chat_with_agent, live_server, parse_sse, streamed_text
+from tests.live import (
+    SSE,
+    EventReader,
+    FreezingProxy,
+    RedisProcess,
+    chat_with_agent,
+    live_server,
+    parse_sse,
+    streamed_text,
+)
 from tests.test_stop_resume import LONG, has_text, live_settings, send
 from tests.test_stream_live import assistant_of, first_checkpoint, settled
 from tools.fake_n8n import FakeN8n
@@ -246,3 +258,121 @@ async def test_a_checkpoint_waits_for_a_slow_shared_log_only_so_long(
     assert final["status"] == "complete"
     assert final["content"].startswith(stored["content"])
     assert streamed_text(events) == final["content"]
+
+
+# --- a connection dropped silently on the way -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[RedisProcess]:
+    """A redis-server of the test's own: its channels hear no other test's instances."""
+    own = RedisProcess(tmp_path)
+    await own.start()
+    try:
+        yield own
+    finally:
+        await own.stop()
+
+
+@pytest.fixture
+async def freezing(own_redis: RedisProcess) -> AsyncIterator[FreezingProxy]:
+    proxy = FreezingProxy(own_redis.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_reply_lost_on_a_silently_dropped_connection_does_not_hang(
+    settings: Settings, freezing: FreezingProxy
+) -> None:
+    """Without a reply deadline, a command on a connection a NAT had forgotten would wait forever (a follower's
+    read, the event log's writer, a rate-limit count). The client sets its own (the library's default is the
+    same 5 s today): the command fails, and the next one gets a new connection."""
+    client = eventlog.connect(settings.model_copy(update={"REDIS_URL": freezing.redis_url}))
+    assert client is not None
+    try:
+        assert await client.ping()
+        freezing.freeze()
+        async with asyncio.timeout(15):
+            with contextlib.suppress(RedisError):
+                await client.get("anything")
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_the_stop_channel_subscribes_again_after_its_connection_dropped_silently(
+    settings: Settings, own_redis: RedisProcess, freezing: FreezingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscription hears nothing while no one publishes, so a connection dropped on the way went unnoticed
+    and every stop sent from another instance was lost, with no word in the log. The listener now pings Redis
+    when it has heard nothing for a while, and subscribes again on a new connection when no pong comes."""
+    monkeypatch.setattr(eventlog, "LISTEN_POLL", 0.1)
+    monkeypatch.setattr(eventlog, "LISTEN_IDLE", 0.5)
+    monkeypatch.setattr(eventlog, "PONG_WAIT", 0.5)
+    listening = eventlog.connect(settings.model_copy(update={"REDIS_URL": freezing.redis_url}))
+    publisher = aioredis.from_url(own_redis.url)
+    assert listening is not None
+    heard: list[str] = []
+
+    async def on_stop(assistant_id: str) -> None:
+        heard.append(assistant_id)
+
+    async def published_until_heard(assistant_id: str) -> None:
+        async with asyncio.timeout(10):
+            while assistant_id not in heard:
+                await publisher.publish(eventlog.STOP_CHANNEL, assistant_id)
+                await asyncio.sleep(0.1)
+
+    db = Database(settings)  # unused by the channels
+    log = eventlog.RedisEventLog(listening, settings, db)
+    listener = asyncio.create_task(log.listen_for_stops(on_stop))
+    try:
+        await published_until_heard("before")
+        freezing.freeze()
+        await published_until_heard("after")
+        assert freezing.connections >= 2  # heard on a new connection
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await listening.aclose()
+        await publisher.aclose()
+        await db.dispose()
+
+
+@pytest.mark.timeout(30)
+async def test_a_quiet_answer_followed_through_redis_is_not_reported_as_an_outage(
+    settings: Settings, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A follow's blocking read waited a whole ping interval (15 s), longer than the client's 5 s reply deadline:
+    every 5 s of a quiet answer it failed, was logged as "redis unreachable", and its connection was replaced.
+    Reads now block within the deadline, and the ping (and the storage check) still come once per interval."""
+    ping = eventlog.REPLY_TIMEOUT + 1.5
+    client = eventlog.connect(settings.model_copy(update={"REDIS_URL": redis_url}))
+    assert client is not None
+    db = Database(settings)
+    chat_id, assistant_id = uuid.uuid4(), str(uuid.uuid4())
+    key = eventlog.log_key(chat_id, assistant_id)
+    await client.xadd(key, {"f": frame(1, "start", {"assistant_message_id": assistant_id})}, id="1-0")
+    try:
+        log = eventlog.RedisEventLog(client, settings, db)
+        frames = await log.follow(chat_id, assistant_id, 0, ping)
+        assert frames is not None
+        assert event_of(await anext(frames))[0] == "start"
+        started = asyncio.get_running_loop().time()
+        # Nothing more comes: after one ping interval the storage check finds no such answer, which ends it.
+        assert event_of(await anext(frames)) == (
+            "error",
+            {"message": "The answer is no longer stored", "code": "not_found"},
+        )
+        assert asyncio.get_running_loop().time() - started >= ping - 0.1
+        assert not [r for r in caplog.records if "redis unreachable" in r.getMessage()]
+    finally:
+        await client.delete(key)
+        await client.aclose()
+        await db.dispose()
