@@ -46,6 +46,7 @@ T = TypeVar("T")
 CUT_CODES = frozenset({"upstream_disconnected", "upstream_timeout", "empty_response", "bad_upstream_response"})
 CUT_STATUSES = frozenset({502, 504, 524})
 CALLBACK_NOT_ACCEPTED = "No running generation has this callback URL"
+STOP_UNREACHABLE = "The instance running this answer cannot be reached right now; try again"
 
 WAITING = {"description": "Waiting for the agent", "done": False}
 #: How many (user, chat) webhooks `GenerationRegistry.warm_for` remembers (~200 bytes each).
@@ -372,7 +373,8 @@ class GenerationRegistry:
     async def stop_chat(self, chat_id: uuid.UUID) -> dict[str, Any] | None:
         """Stop the chat's running generation, on this instance or (through Redis) on the one running it.
 
-        The stored message once it ended as `cancelled`; None when nothing was running to be stopped.
+        The stored message once it ended as `cancelled`; None when nothing was running to be stopped. Raises
+        ServiceUnavailable when it runs on another instance that the stop cannot reach.
         """
         local = self.running_in(chat_id)
         if local is not None:
@@ -382,10 +384,17 @@ class GenerationRegistry:
             return None
         async with self.db.autocommit() as session:
             running = await chats_service.streaming_message_id(session, chat_id)
-        if running is None or not await self.shared.publish_stop(running):
+        if running is None:
             return None
+        # An answer runs elsewhere; a stop that cannot reach it (Redis down, or no instance acted on it in time:
+        # its owner died, or a stop lost while the owner subscribed again) is no "nothing runs" 409.
+        unreachable = ServiceUnavailable(STOP_UNREACHABLE, headers={"Retry-After": "5"})
+        if not await self.shared.publish_stop(running):
+            raise unreachable
         within = self.settings.SHUTDOWN_GRACE_SECONDS + 5.0
         stored = await wait_until_final(self.db, chat_id, running, within)
+        if stored is not None and stored["status"] == "streaming":
+            raise unreachable
         return stored if stored is not None and stored["status"] == "cancelled" else None
 
     async def chat_deleted(self, assistant_id: str | None) -> None:

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from tests.factories import DEFAULT_PASSWORD
-from tests.live import SSE, EventReader, chat_with_agent, streamed_text
+from tests.live import SSE, EventReader, RedisProcess, chat_with_agent, streamed_text
 from tests.test_stop_resume import LONG, has_text, live_settings
 from tests.test_stream_live import _start_subprocess, assistant_of, settled
 from tools.fake_n8n import FakeN8n
@@ -215,3 +215,31 @@ async def test_after_logout_the_first_send_to_another_instance_is_refused(
     assert refreshed.status_code == 401
     stored = await session.execute(text("SELECT content FROM messages WHERE role = 'user' ORDER BY created_at"))
     assert [row.content for row in stored] == ["before", "before"]
+
+
+async def test_a_stop_that_cannot_reach_the_instance_running_the_answer_is_a_503(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """With Redis down, a stop sent to an instance that does not run the answer cannot reach the one that does:
+    it said 409 "No generation is running in this chat" while the answer ran on. It is now a 503 to retry."""
+    own = RedisProcess(tmp_path)
+    await own.start()
+    settings = live_settings(database_url, tmp_path)
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+    try:
+        async with two_instances(settings, own.url) as (a, b, _process_a):
+            sender = EventReader(
+                a, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
+            )
+            await sender.wait_for(has_text)
+            await own.stop()
+            refused = await b.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
+            assert (await assistant_of(app, setup.chat.id))["status"] == "streaming"  # it runs on
+            stopped = await a.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)  # on its own instance
+            await sender.finish()
+    finally:
+        await own.stop()
+    assert refused.status_code == 503
+    assert refused.json() == {"detail": "The instance running this answer cannot be reached right now; try again"}
+    assert refused.headers["retry-after"] == "5"
+    assert stopped.status_code == 200

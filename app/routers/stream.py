@@ -10,6 +10,7 @@ from fastapi.sse import EventSourceResponse
 
 from app.auth import CurrentCaller
 from app.deps import GenerationsDep, ShortSessionDep
+from app.generations import STOP_UNREACHABLE
 from app.routers.messages import STREAM_GRAMMAR, EventStream
 from app.routers.responses import R401, error_doc, json_only
 from app.schemas import MessageRead
@@ -40,6 +41,10 @@ FOLLOW_DESCRIPTION = (
             **R401,
             404: error_doc("No such chat, or not yours", CHAT_NOT_FOUND),
             409: error_doc("No generation is running in this chat", streams_service.NOTHING_RUNNING),
+            503: error_doc(
+                "The answer runs on another instance, which the stop cannot reach now (Redis down); retry",
+                STOP_UNREACHABLE,
+            ),
         }
     ),
 )
