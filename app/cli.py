@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import secrets
 import sys
+import uuid
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from sqlalchemy import func, make_url, select
@@ -23,6 +27,8 @@ from app.services import users as users_service
 from app.services.teams import create_team_with_admin, database_is_empty
 
 ROOT = Path(__file__).resolve().parent.parent
+#: A table the statement needs is missing: SQLite's and PostgreSQL's words for it.
+_NOT_MIGRATED = re.compile(r"no such table|relation \S+ does not exist")
 
 
 def out(text: str) -> None:
@@ -79,12 +85,12 @@ async def create_admin(settings: Settings, team_name: str, email: str, password:
         await db.dispose()
 
 
-async def reset_password(settings: Settings, email: str, password: str, team_id: str | None) -> int:
+async def reset_password(settings: Settings, email: str, password: str, team_id: uuid.UUID | None) -> int:
     db = Database(settings)
     try:
         async with db.sessionmaker() as session:
             query = select(User).where(func.lower(User.email) == canonical_email(email))
-            if team_id:
+            if team_id is not None:
                 query = query.where(User.team_id == team_id)
             users = list((await session.execute(query)).scalars())
             if len(users) != 1:
@@ -108,6 +114,25 @@ async def rebuild_usage(settings: Settings) -> None:
             out(f"Usage roll-up rebuilt from the ledger: {written} rows")
     finally:
         await db.dispose()
+
+
+def database_problem(settings: Settings, exc: BaseException) -> str:
+    """The database (its password hidden) and the first line of the driver's reason, for a one-line error."""
+    url = make_url(settings.DATABASE_URL).render_as_string(hide_password=True)
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+    return f"{url}: {reason}"
+
+
+def run_on_database(settings: Settings, name: str, work: Coroutine[Any, Any, int | None]) -> int:
+    """Run a command's database work: its exit status (0 for None), or 1 with one line (not a traceback) when
+    the database is unreachable or not migrated yet."""
+    try:
+        return asyncio.run(work) or 0
+    except (DBAPIError, OSError) as exc:
+        problem = database_problem(settings, exc)
+        hint = " (run `python -m app.cli migrate` first?)" if _NOT_MIGRATED.search(problem) else ""
+        out(f"{name} failed: database {problem}{hint}")
+        return 1
 
 
 def password_problem(password: str) -> str | None:
@@ -148,13 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             migrate(settings)
         except (DBAPIError, OSError) as exc:
             # One line naming the database, not a traceback (its password hidden): e.g. not created yet.
-            url = make_url(settings.DATABASE_URL).render_as_string(hide_password=True)
-            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
-            out(f"Cannot migrate the database {url}: {reason}")
+            out(f"Cannot migrate the database {database_problem(settings, exc)}")
             return 1
     if args.cmd == "init":
-        asyncio.run(first_admin(settings))
-    elif args.cmd == "create-admin":
+        return run_on_database(settings, args.cmd, first_admin(settings))
+    if args.cmd == "create-admin":
         problem = password_problem(args.password)
         try:
             email = normalize_email(args.email)
@@ -163,15 +186,20 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             out(problem)
             return 2
-        asyncio.run(create_admin(settings, args.team, email, args.password))
-    elif args.cmd == "reset-password":
+        return run_on_database(settings, args.cmd, create_admin(settings, args.team, email, args.password))
+    if args.cmd == "reset-password":
         problem = password_problem(args.password)
+        team_id = None
+        try:
+            team_id = None if args.team_id is None else uuid.UUID(args.team_id)
+        except ValueError:
+            problem = problem or "--team-id must be a team id (a UUID, as `init` and `create-admin` print it)"
         if problem:
             out(problem)
             return 2
-        return asyncio.run(reset_password(settings, args.email, args.password, args.team_id))
-    elif args.cmd == "rebuild-usage":
-        asyncio.run(rebuild_usage(settings))
+        return run_on_database(settings, args.cmd, reset_password(settings, args.email, args.password, team_id))
+    if args.cmd == "rebuild-usage":
+        return run_on_database(settings, args.cmd, rebuild_usage(settings))
     return 0
 
 

@@ -62,3 +62,39 @@ def test_migrating_a_database_that_does_not_exist_says_so_in_one_line(tmp_path: 
     )
     assert "not-shown" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_reset_password_with_a_team_id_that_is_not_an_id_says_so_in_one_line(tmp_path: Path) -> None:
+    """It was a SQLAlchemy traceback (the id is bound as a UUID)."""
+    assert _cli(tmp_path, "init").returncode == 0
+    result = _cli(
+        tmp_path, "reset-password", "--email", "admin@example.com", "--password", "long-enough-pw", "--team-id", "acme"
+    )
+    assert result.returncode == 2
+    assert result.stdout.strip() == "--team-id must be a team id (a UUID, as `init` and `create-admin` print it)"
+    assert "Traceback" not in result.stderr
+
+
+def test_commands_on_a_database_not_migrated_or_unreachable_say_so_in_one_line(tmp_path: Path) -> None:
+    """create-admin, reset-password and rebuild-usage were SQLAlchemy (or socket) tracebacks."""
+    commands = [
+        ("create-admin", "--team", "T", "--email", "a@example.com", "--password", "long-enough-pw"),
+        ("reset-password", "--email", "a@example.com", "--password", "long-enough-pw"),
+        ("rebuild-usage",),
+    ]
+    for args in commands:
+        result = _cli(tmp_path, *args)  # DATA_DIR's SQLite file, never migrated
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+        line = result.stdout.strip()
+        assert line.startswith(f"{args[0]} failed: database sqlite+aiosqlite:///"), line
+        assert line.endswith("(run `python -m app.cli migrate` first?)"), line
+        assert "\n" not in line
+    url = "postgresql+asyncpg://postgres:not-shown@127.0.0.1:9/relay"  # nothing listens on port 9
+    result = _cli(tmp_path, "rebuild-usage", DATABASE_URL=url)
+    assert result.returncode == 1
+    assert result.stdout.strip().startswith(
+        "rebuild-usage failed: database postgresql+asyncpg://postgres:***@127.0.0.1:9/relay: "
+    ), result.stdout
+    assert "not-shown" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
