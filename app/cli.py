@@ -27,6 +27,7 @@ from app.services import users as users_service
 from app.services.teams import create_team_with_admin, database_is_empty
 
 ROOT = Path(__file__).resolve().parent.parent
+TEAM_NAME_MAX = 100
 #: A table the statement needs is missing: SQLite's and PostgreSQL's words for it.
 _NOT_MIGRATED = re.compile(r"no such table|relation \S+ does not exist")
 
@@ -178,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "init":
         return run_on_database(settings, args.cmd, first_admin(settings))
     if args.cmd == "create-admin":
+        team_name = args.team.strip()
         problem = password_problem(args.password)
+        if not 1 <= len(team_name) <= TEAM_NAME_MAX:
+            problem = f"Team name must be 1 to {TEAM_NAME_MAX} characters"
         try:
             email = normalize_email(args.email)
         except ValueError:
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             out(problem)
             return 2
-        return run_on_database(settings, args.cmd, create_admin(settings, args.team, email, args.password))
+        return run_on_database(settings, args.cmd, create_admin(settings, team_name, email, args.password))
     if args.cmd == "reset-password":
         problem = password_problem(args.password)
         team_id = None

@@ -75,6 +75,18 @@ def test_reset_password_with_a_team_id_that_is_not_an_id_says_so_in_one_line(tmp
     assert "Traceback" not in result.stderr
 
 
+def test_create_admin_refuses_a_team_name_the_api_would_refuse(tmp_path: Path) -> None:
+    """An empty (or blank) name made a team without a name; one over 100 characters was a traceback on
+    PostgreSQL (the column holds 100)."""
+    for name in ("", "   ", "x" * 101):
+        args = ("--team", name, "--email", "a@example.com", "--password", "long-enough-pw")
+        result = _cli(tmp_path, "create-admin", *args)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stdout.strip() == "Team name must be 1 to 100 characters"
+    ok = _cli(tmp_path, "init")
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_commands_on_a_database_not_migrated_or_unreachable_say_so_in_one_line(tmp_path: Path) -> None:
     """create-admin, reset-password and rebuild-usage were SQLAlchemy (or socket) tracebacks."""
     commands = [
