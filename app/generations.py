@@ -267,6 +267,7 @@ class GenerationRegistry:
         cancels it once the grace is over (`interrupting` tells that cancel from a client that left)."""
         self.detached.add(task)
         task.add_done_callback(self.detached.discard)
+        metrics.generation_started(task)  # an open stream until it ends, as a chat's generation
         self._drain_late()
         return task
 

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.pool import QueuePool
@@ -684,3 +685,40 @@ async def test_a_completion_holds_no_database_connection_while_the_agent_thinks(
         else:
             assert isinstance(answer, openai.types.chat.ChatCompletion)
             assert answer.choices[0].message.content == "Echo: hello"  # two tokens, the silence, the end
+
+
+@pytest.mark.settings(METRICS_ENABLED=True)
+async def test_a_running_completion_counts_as_an_open_stream(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    """`relay_open_streams` is every generation streaming from n8n: a `/v1` completion was never counted (its
+    outcome was, in `relay_generations_total`), so the gauge read 0 while API clients kept n8n busy."""
+    slow = f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=400"
+    await session.execute(update(Agent).where(Agent.id == setup.agent.id).values(webhook_url=slow))
+    await session.commit()
+
+    async def open_streams(http: httpx.AsyncClient) -> float:
+        text = (await http.get("/metrics")).text
+        return next(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "relay_open_streams"
+        )
+
+    async with httpx.AsyncClient(base_url=setup.server.url, timeout=20) as http:
+        before = await open_streams(http)
+        for stream in (False, True):
+            body = {"model": "helper", "messages": [{"role": "user", "content": "hi there"}], "stream": stream}
+            sent = asyncio.create_task(
+                http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {setup.key}"})
+            )
+            seen = []
+            while not sent.done():
+                seen.append(await open_streams(http) - before)
+                await asyncio.sleep(0.05)
+            assert (await sent).status_code == 200
+            assert 1 in seen, seen
+            async with asyncio.timeout(5):
+                while await open_streams(http) != before:  # noqa: ASYNC110  # the task ends just after the answer
+                    await asyncio.sleep(0.02)
