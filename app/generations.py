@@ -749,14 +749,15 @@ class GenerationRegistry:
             return
         stored, ours, present = written
         generation.stored = stored if present else None
-        # Metrics hook (app.metrics): the outcome, timings and error code of the stored answer.
-        metrics.generation_finished(
-            outcome=stored["status"],
-            agent_id=new.agent_id,
-            error_code=None if stored["error"] is None else stored["error"].get("code"),
-            metadata=metadata,
-            pool_in_use=self.db.pool_in_use(),
-        )
+        if ours:  # Metrics hook (app.metrics): the outcome, timings and error code of the stored answer.
+            # Not when another writer ended it: recovery counted it, as it wrote its ledger row.
+            metrics.generation_finished(
+                outcome=stored["status"],
+                agent_id=new.agent_id,
+                error_code=None if stored["error"] is None else stored["error"].get("code"),
+                metadata=metadata,
+                pool_in_use=self.db.pool_in_use(),
+            )
         if not present:  # its chat was deleted: the usage is counted, no message is (no `done` naming one)
             generation.finish("error", message_service.CHAT_DELETED)
         elif not ours:  # another writer ended it first (recovery, while this one could not reach the database)

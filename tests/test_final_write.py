@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from sqlalchemy import delete, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import generations
+from app import generations, metrics
 from app.config import Settings
 from app.db import Database, utcnow
 from app.models import Chat, ErrorLog, Message, UsageRecord, UsageRollup
@@ -385,9 +385,12 @@ async def test_an_answer_recovery_ended_while_its_final_write_failed_is_not_writ
 ) -> None:
     """The database away long enough for recovery (on another instance) to mark the answer `interrupted`: the
     first final state wins. The retry reads the row, writes nothing (no second ledger row, no rewrite), and
-    the stream ends as the stored message says."""
+    the stream ends as the stored message says. Nor does it count the generation in the metrics: recovery did
+    (it counted twice in `relay_generations_total` and `relay_upstream_errors_total`)."""
     monkeypatch.setattr(generations, "FINAL_WRITE_RETRY_DELAYS", (1.0, 1.0))
     setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    counted = {"outcome": "interrupted", "agent": str(setup.agent.id)}
+    errors_before = metrics.REGISTRY.get_sample_value("relay_upstream_errors_total", {"code": "interrupted"})
     async with refused_rollups(session, None):
         sending = asyncio.create_task(
             client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": "hello there"}, headers=setup.headers)
@@ -409,6 +412,9 @@ async def test_an_answer_recovery_ended_while_its_final_write_failed_is_not_writ
     stored = (await session.execute(select(Message).where(Message.id == answer_id))).scalar_one()
     assert (stored.status, stored.last_event_id) == ("interrupted", None)
     assert await count_rows(session, "usage_records") == 0
+    assert metrics.REGISTRY.get_sample_value("relay_generations_total", counted) is None
+    errors_after = metrics.REGISTRY.get_sample_value("relay_upstream_errors_total", {"code": "interrupted"})
+    assert errors_after == errors_before
 
 
 CONCURRENT = 12  # within the pool (10 + 10 overflow), with the blocker and the test's session
