@@ -830,6 +830,33 @@ async def test_a_quota_lifted_and_set_again_counts_the_sends_in_between(
     assert len(await ledger(app)) == 4
 
 
+@pytest.mark.parametrize("path", ["one statement", "general"])
+async def test_a_send_refused_by_a_quota_set_below_the_days_count_is_not_counted(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> None:
+    """Two sends, then a quota of one: the day's first claim stored the ledger's count plus one (3) although it
+    refused the send, so with the quota raised to 3 the user's third generation was refused too."""
+    if path == "general":
+        monkeypatch.setattr(fast_start, "applies", lambda *_args, **_kwargs: False)
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    admin = await create_admin(session, team=await session.get_one(Team, setup.user.team_id))
+    url = f"/api/chats/{setup.chat.id}/messages"
+    for _ in range(2):
+        assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 200
+    await set_quota(client, settings, admin, 1)
+    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 429
+    await set_quota(client, settings, admin, 3)
+    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 200
+    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 429
+    assert len(await ledger(app)) == 3
+
+
 async def a_generation_over_midnight(session: AsyncSession, setup: Any, quota: int) -> date:
     """The quota set to `quota`; yesterday's counter holding one generation that began before midnight and
     ended a second after it (its ledger row dated today, after running two minutes). Returns today."""

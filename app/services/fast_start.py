@@ -63,11 +63,13 @@ _START = (
         " AND (q.v IS NULL OR q.v !~ '^-?[0-9]{19,}$')"
         "), claim AS ("
         " INSERT INTO usage_daily AS d (user_id, day, generations)"
-        " SELECT :uid, :day,"
+        " SELECT :uid, :day, so_far.n + 1"
         # The day's generations so far: begun today (one that ended after midnight was claimed yesterday).
-        " (SELECT count(*) FROM usage_records r WHERE r.user_id = :uid AND r.created_at >= :day_start"
-        " AND r.created_at - r.duration_ms * interval '1 millisecond' >= :day_start) + 1"
-        " FROM chat WHERE chat.quota > 0"
+        " FROM chat CROSS JOIN LATERAL (SELECT count(*) AS n FROM usage_records r WHERE r.user_id = :uid"
+        " AND r.created_at >= :day_start AND r.created_at - r.duration_ms * interval '1 millisecond' >= :day_start)"
+        " so_far"
+        # Nothing when the ledger alone reaches the quota: a refused send must not be counted.
+        " WHERE chat.quota > 0 AND so_far.n < chat.quota"
         # The counter, or the ledger's count when ahead of it (sends made while the quota was lifted).
         " ON CONFLICT (user_id, day) DO UPDATE SET generations = greatest(d.generations, EXCLUDED.generations - 1) + 1"
         " WHERE greatest(d.generations, EXCLUDED.generations - 1) < (SELECT quota FROM chat)"

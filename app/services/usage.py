@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Insert, bindparam, delete, func, insert, null, select, update
+from sqlalchemy import ColumnElement, Insert, bindparam, delete, func, insert, literal, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -352,15 +352,20 @@ async def claim_generation(*, session: AsyncSession, user: Caller) -> date | Non
     # The day's generations so far: those that started today (one begun before midnight and ended after it
     # was claimed yesterday; counting it again refused a first send of the day at a tight quota).
     so_far = (
-        select(func.count())
+        select(func.count().label("n"))
         .select_from(UsageRecord)
         .where(
             UsageRecord.user_id == user.id,
             UsageRecord.created_at >= day_start,
             statements_of(session).started_since(UsageRecord.created_at, UsageRecord.duration_ms, day_start),
         )
-        .scalar_subquery()
+        .subquery()
     )
+    # No row at all when the ledger alone reaches the quota: the send is refused, and must not be counted (the
+    # day's first claim stored the ledger's count plus one, a generation short once the quota was raised).
+    claim = select(
+        literal(user.id, UsageDaily.user_id.type), literal(today, UsageDaily.day.type), so_far.c.n + 1
+    ).where(so_far.c.n < limit)
     dialect = session.get_bind().dialect.name
     upsert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(UsageDaily)
     statements = statements_of(session)
@@ -368,7 +373,7 @@ async def claim_generation(*, session: AsyncSession, user: Caller) -> date | Non
     # raised no counter, so a quota set again the same day must not start from the counter's old value.
     ledger = upsert.excluded.generations - 1
     statement = (
-        upsert.values(user_id=user.id, day=today, generations=so_far + 1)
+        upsert.from_select(["user_id", "day", "generations"], claim)
         .on_conflict_do_update(
             index_elements=[UsageDaily.user_id, UsageDaily.day],
             set_={"generations": statements.greatest(UsageDaily.generations, ledger) + 1},
