@@ -62,7 +62,7 @@ DB_POOL_IN_USE = Gauge(
 )
 RATE_LIMITED = Counter(
     "relay_rate_limit_refusals",
-    "Requests refused with 429, by limit (login, register, team_signup, invite_preview, agent_test, quota)",
+    "Requests refused with 429, by limit (login, register, team_signup, invite_preview, agent_test, api_key, quota)",
     ["limit"],
     registry=REGISTRY,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import get_args
 
 import httpx
 import pytest
@@ -12,14 +13,18 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import metrics
 from app.config import Settings
+from app.ratelimit import LimitName
 from app.state import app_state
+from tests.conftest import ROOT
 from tests.factories import auth_headers, create_admin
 from tests.live import chat_with_agent, server_process
 from tests.test_serve import attempt, server_env
 from tools.fake_n8n import FakeN8n
 
 TOKEN = "metrics-token-0123456789"
+OPERATIONS = ROOT / "docs" / "OPERATIONS.md"
 SERIES = {
     "relay_open_streams",
     "relay_generations",
@@ -146,3 +151,13 @@ async def test_two_workers_answer_with_the_sum_of_both(database_url: str, tmp_pa
             seen.append(value(response.text, "relay_rate_limit_refusals_total", limit="login"))
         assert seen == [refused] * 6
     assert (tmp_path / "data" / "metrics").is_dir()
+
+
+def test_every_refusal_label_is_documented() -> None:
+    """`api_key` (failed API-key attempts over their budget) was counted but named neither in the series'
+    help nor in docs/OPERATIONS.md, so an operator's alert or panel listing the documented limits missed it."""
+    labels = [*get_args(LimitName), "quota"]
+    row = next(line for line in OPERATIONS.read_text().splitlines() if "`relay_rate_limit_refusals_total`" in line)
+    for label in labels:
+        assert f"`{label}`" in row, label
+        assert label in metrics.RATE_LIMITED._documentation, label
