@@ -47,6 +47,10 @@ CUT_CODES = frozenset({"upstream_disconnected", "upstream_timeout", "empty_respo
 CUT_STATUSES = frozenset({502, 504, 524})
 CALLBACK_NOT_ACCEPTED = "No running generation has this callback URL"
 STOP_UNREACHABLE = "The instance running this answer cannot be reached right now; try again"
+CALLBACK_WITHOUT_URL = (
+    "The agent answers by callback, which this server cannot receive; ask an admin to set PUBLIC_BASE_URL "
+    "or switch the agent to stream mode"
+)
 
 WAITING = {"description": "Waiting for the agent", "done": False}
 #: How many (user, chat) webhooks `GenerationRegistry.warm_for` remembers (~200 bytes each).
@@ -498,6 +502,14 @@ class GenerationRegistry:
                     "The agent's settings cannot be read; ask an admin to save its webhook headers again",
                     detail={"reason": "webhook headers cannot be decrypted with the configured key"},
                 ) from None
+            if new.response_mode == "callback" and generation.inbox is None:
+                # Saved while PUBLIC_BASE_URL was set, run by a server without it: the workflow has nowhere to
+                # post its answer, and its immediate acknowledgement is no answer. n8n is not called.
+                raise StreamFailure(
+                    "agent_misconfigured",
+                    CALLBACK_WITHOUT_URL,
+                    detail={"reason": "response_mode callback without PUBLIC_BASE_URL"},
+                )
             if generation.stopping:  # stopped before it started (see `stop`)
                 stopped = True
             elif self.interrupting:  # started after the shutdown's grace ran out (see `_drain`): call no one

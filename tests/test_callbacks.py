@@ -34,10 +34,20 @@ from app.services.api_keys import create_key
 from app.upstream import StreamStats
 from tests.conftest import ROOT
 from tests.factories import create_agent, create_team, create_user
-from tests.live import SSE, ChatSetup, EventReader, LiveServer, chat_with_agent, free_port, streamed_text
+from tests.live import (
+    SSE,
+    ChatSetup,
+    EventReader,
+    LiveServer,
+    chat_with_agent,
+    data_events,
+    free_port,
+    parse_sse,
+    streamed_text,
+)
 from tests.test_stop_resume import live_settings
 from tests.test_stream_live import _subprocess_env, assistant_of, settled
-from tools.fake_n8n import FakeN8n
+from tools.fake_n8n import FakeN8n, raw_answer
 
 pytestmark = pytest.mark.slow
 WORDS = "alpha beta gamma delta"
@@ -371,6 +381,25 @@ async def test_without_public_base_url_there_is_no_callback_url(
         await server.stop()
     assert events[-1].type == "done"
     assert "callback_url" not in fake.requests[-1]["json"]["metadata"]
+
+
+async def test_a_callback_mode_agent_on_a_server_without_public_base_url_fails_without_calling_n8n(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """An agent saved in callback mode while PUBLIC_BASE_URL was set, answered by a server without it (the
+    setting removed, or one instance of several without it): its workflow could never post the answer. It ran
+    as a stream agent instead, and the webhook's immediate acknowledgement was stored as the complete answer."""
+    assert settings.PUBLIC_BASE_URL is None
+    setup = await chat_with_agent(session, settings, raw_answer(fake.url, b'{"message": "Workflow was started"}'))
+    setup.agent.response_mode = "callback"
+    await session.commit()
+    response = await client.post(f"/api/chats/{setup.chat.id}/messages", json={"content": WORDS}, headers=setup.headers)
+    events = data_events(parse_sse(response.text))
+    assert events[-1].type == "error"
+    assert events[-1].data["data"]["code"] == "agent_misconfigured"  # type: ignore[index]
+    assert fake.requests == []
+    stored = await assistant_of(app, setup.chat.id)
+    assert (stored["status"], stored["content"]) == ("error", "")
 
 
 # --- several instances ------------------------------------------------------------------------------
