@@ -28,6 +28,8 @@ MALFORMED = "The multipart body could not be read"
 
 
 TOO_MANY_UPLOADS = "Too many uploads at once; wait for one to finish"
+#: The 429's `Retry-After` (seconds): an upload in flight usually ends within that.
+TOO_MANY_UPLOADS_RETRY_SECONDS = "1"
 
 
 class UploadSlots:
@@ -40,10 +42,10 @@ class UploadSlots:
         self._running: dict[object, int] = {}
 
     def take(self, user_id: object) -> None:
-        """Claim a slot (429 when the user has none left); give it back with `give_back`."""
+        """Claim a slot (429 with `Retry-After` when the user has none left); give it back with `give_back`."""
         running = self._running.get(user_id, 0)
         if running >= self.per_user:
-            raise RateLimited(TOO_MANY_UPLOADS)
+            raise RateLimited(TOO_MANY_UPLOADS, headers={"Retry-After": TOO_MANY_UPLOADS_RETRY_SECONDS})
         self._running[user_id] = running + 1
 
     def give_back(self, user_id: object) -> None:

@@ -326,6 +326,7 @@ async def test_concurrent_uploads_per_user_are_capped_with_429(
     await asyncio.sleep(0.05)  # both are now inside the upload, reading their bodies
     third = await upload(client, setup, b"third")
     assert third.status_code == 429
+    assert third.headers["Retry-After"] == "1"  # every 429 says when to come back (was missing here)
     release.set()
     assert [r.status_code for r in await asyncio.gather(*slow)] == [201, 201]
     assert (await upload(client, setup, b"fourth")).status_code == 201  # slots are given back

@@ -88,7 +88,10 @@ def file_response(download: files_service.Download) -> Response:
         ),
         413: error_doc("The file is larger than FILE_MAX_BYTES", "The file is larger than 10485760 bytes"),
         415: error_doc("Not multipart, or a file type that is not accepted", NOT_MULTIPART),
-        429: error_doc("Too many uploads of yours at once", TOO_MANY_UPLOADS),
+        429: {
+            **error_doc("Too many uploads of yours at once; see the Retry-After header", TOO_MANY_UPLOADS),
+            "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+        },
     },
 )
 async def upload_file(
