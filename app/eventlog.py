@@ -405,6 +405,12 @@ async def _read_after(redis: Redis, key: str, after: int, block_ms: int | None =
     return _entries(answer[0][1]) if answer else []  # XREAD answers [[key, rows]] for the one key
 
 
+#: EXPIRE KEYS[1] ARGV[2] while KEYS[1] holds ARGV[1].
+EXPIRE_IF_OURS = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end return 0"
+)
+
+
 class _Mirror:
     """Writes one generation's new events to its Redis Stream, in batches, from one task at a time.
 
@@ -486,7 +492,9 @@ class _Mirror:
                         pipe.xadd(self.key, fields, id=f"{n + 1}-0")  # type: ignore[arg-type]
                     if ending:
                         pipe.expire(self.key, ttl)
-                        pipe.expire(chat, ttl)
+                        # Only while the pointer is still this answer's: a last batch that comes late (its
+                        # writer retried) may find the chat's next answer there, which must keep its own.
+                        pipe.eval(EXPIRE_IF_OURS, 1, chat, generation.new.assistant_id, ttl)
                     else:
                         pipe.expire(self.key, running_ttl)
                     await pipe.execute()

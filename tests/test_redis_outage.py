@@ -8,6 +8,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -22,7 +23,7 @@ from app import eventlog, generations
 from app.config import Settings
 from app.db import Database
 from app.eventlog import log_key
-from app.sse import event_of, frame
+from app.sse import Generation, event_of, frame
 from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import bearer, login
@@ -374,5 +375,43 @@ async def test_a_quiet_answer_followed_through_redis_is_not_reported_as_an_outag
         assert not [r for r in caplog.records if "redis unreachable" in r.getMessage()]
     finally:
         await client.delete(key)
+        await client.aclose()
+        await db.dispose()
+
+
+@pytest.mark.timeout(30)
+async def test_an_answers_late_last_batch_leaves_the_chats_newer_pointer_alone(
+    settings: Settings, own_redis: RedisProcess
+) -> None:
+    """An answer's last batch (the terminal event) reached Redis after the chat's next answer had started (its
+    writer was retrying a failed batch): its `EXPIRE genchat:<chat> 60` cut the newer answer's pointer to a
+    minute, after which followers on other instances that name no answer got 204 while it still ran."""
+    client = eventlog.connect(settings.model_copy(update={"REDIS_URL": own_redis.url}))
+    assert client is not None
+    db = Database(settings)
+    chat_id = uuid.uuid4()
+    pointer = eventlog.chat_key(chat_id)
+    first = Generation(new=SimpleNamespace(chat_id=chat_id, assistant_id="first"))  # type: ignore[arg-type]
+    try:
+        eventlog.RedisEventLog(client, settings, db).attach(first)
+        first.add_event("start", {"assistant_message_id": "first"})
+        async with asyncio.timeout(5):
+            while True:  # the first batch is in
+                if await client.get(pointer) == b"first":
+                    break
+                await asyncio.sleep(0.02)
+        await client.set(pointer, "second", ex=3600)  # the chat's next answer started, on another instance
+        first.finish("done", {"message": {}})
+        await redis_log(own_redis.url, eventlog.log_key(chat_id, "first"))
+        assert await client.get(pointer) == b"second"
+        assert await client.ttl(pointer) > settings.STREAM_LOG_TTL
+        # The answer that ended still expires its own pointer.
+        second = Generation(new=SimpleNamespace(chat_id=chat_id, assistant_id="second"))  # type: ignore[arg-type]
+        eventlog.RedisEventLog(client, settings, db).attach(second)
+        second.add_event("start", {"assistant_message_id": "second"})
+        second.finish("done", {"message": {}})
+        await redis_log(own_redis.url, eventlog.log_key(chat_id, "second"))
+        assert 0 < await client.ttl(pointer) <= settings.STREAM_LOG_TTL
+    finally:
         await client.aclose()
         await db.dispose()
