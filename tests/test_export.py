@@ -513,6 +513,33 @@ async def test_import_empty_chat_and_interrupted_answer_are_kept(
     assert [(m["content"], m["status"]) for m in read["messages"]] == [("Q", "complete"), ("A…", "interrupted")]
 
 
+async def test_import_of_a_question_without_an_answer_is_422_and_stores_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """A send stores a question with its answer, so no export holds a question without one. An imported one
+    was shown as the branch's end: the next send then followed it with a second question (n8n got two in a
+    row), and the chat's own export was refused on import (a message with the role of its parent)."""
+    q1, a1, q2 = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    answered = [
+        {"id": q1, "parent_id": None, "role": "user", "content": "Q", "status": "complete"},
+        {"id": a1, "parent_id": q1, "role": "assistant", "content": "A", "status": "complete"},
+    ]
+    unanswered = {"id": q2, "parent_id": a1, "role": "user", "content": "Q2", "status": "complete"}
+    doc = {"format": "n8n-chat-relay/chat", "version": 1, "title": "Cut", "agent": {"slug": "helper"}}
+    for current, messages in ((q2, [*answered, unanswered]), (a1, [*answered, unanswered])):
+        response = await import_body(
+            client, team_world, json.dumps({**doc, "current_message_id": current, "messages": messages})
+        )
+        assert response.status_code == 422, response.text
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["body", 0, "messages", 2, "id"]
+        assert error["msg"] == "Chat 1: a user message must have an answer"
+    assert await count_rows(session, "chats") == 0
+    assert (
+        await import_body(client, team_world, json.dumps({**doc, "current_message_id": a1, "messages": answered}))
+    ).status_code == 201
+
+
 # --- import limits --------------------------------------------------------------------------
 
 
@@ -521,7 +548,10 @@ async def test_import_over_the_body_cap_is_413_while_reading(
     client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
 ) -> None:
     chat = await create_chat(
-        session, user=team_world.member, agent=team_world.agent, messages=[{"content": "x" * 1500}]
+        session,
+        user=team_world.member,
+        agent=team_world.agent,
+        messages=[{"content": "x" * 1500}, {"role": "assistant", "content": "ok"}],
     )
     small = await export_json(client, team_world, chat.id)
     # Over the general body cap but under the import cap: accepted.
@@ -602,7 +632,8 @@ async def test_import_of_more_chats_than_the_cap_is_422_and_is_checked_off_the_e
 ) -> None:
     """10 MB of empty chats was ~90,000 chats in one transaction (a minute), checked on the event loop (a
     3.5 s stall of every stream of the process). Now: at most IMPORT_MAX_CHATS, checked in a worker thread."""
-    chat = await create_chat(session, user=team_world.member, agent=team_world.agent, messages=[{"content": "hi"}])
+    answered = [{"content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chat = await create_chat(session, user=team_world.member, agent=team_world.agent, messages=answered)
     doc = await export_json(client, team_world, chat.id)
     threads: list[bool] = []
     checked = imports.parse_import
@@ -618,7 +649,7 @@ async def test_import_of_more_chats_than_the_cap_is_422_and_is_checked_off_the_e
     assert over.json()["detail"][0]["msg"] == "An import holds at most 3 chats; split the file"
     assert (await count_rows(session, "chats"), await count_rows(session, "messages")) == (chats, messages)
     # Messages count too, all chats together (one chat of 60,000 messages was a 5 s transaction).
-    long = {**doc, "messages": doc["messages"] * 6}  # 6 messages (refused before the tree is checked)
+    long = {**doc, "messages": doc["messages"] * 3}  # 6 messages (refused before the tree is checked)
     messages_over = await import_body(client, team_world, json.dumps(long))
     assert messages_over.status_code == 422
     assert messages_over.json()["detail"][0]["msg"] == "An import holds at most 5 messages; split the file"

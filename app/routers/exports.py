@@ -96,7 +96,8 @@ IMPORT_BODY_DOC = (
     status_code=status.HTTP_201_CREATED,
     summary="Import exported chats as new chats of mine (all or nothing)",
     description="Every chat is checked before anything is stored (one transaction): its tree (each `parent_id` "
-    "an earlier message of the same chat, roles alternating from a user message, no `streaming` message, a "
+    "an earlier message of the same chat, roles alternating from a user message, every user message answered, "
+    "no `streaming` message, a "
     "`current_message_id` of the chat) and its agent, matched by `agent.slug` in your team (a missing slug is a "
     "422 naming it). Ids and times are new; titles, roles, contents, order, branches and the branch shown are "
     "kept. The body may not exceed IMPORT_MAX_BODY_BYTES (413, counted while it arrives); a server process "

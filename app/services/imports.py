@@ -125,7 +125,8 @@ def _path(parents: dict[uuid.UUID, uuid.UUID | None], leaf: uuid.UUID) -> list[u
 
 def _plan(index: int, chat: ExportedChat) -> _Plan:
     """Check one chat's tree: unique ids, each parent an earlier message of the same chat, roles alternating
-    from a user message, no answer still streaming, feedback on answers only, a current message of the chat."""
+    from a user message, every user message answered, no answer still streaming, feedback on answers only, a
+    current message of the chat."""
 
     def refuse(message: str, *loc: str | int) -> Unprocessable:
         return Unprocessable(f"Chat {index + 1}: {message}", loc=("body", index, *loc))
@@ -169,6 +170,12 @@ def _plan(index: int, chat: ExportedChat) -> _Plan:
                 ),  # metadata only: no file row, nothing to download
             )
         )
+    # Every question has an answer (a send stores both at once, so every export has one): a question without
+    # one could be shown, and the next send would then follow it with a second question, which n8n would get
+    # as history and which no import would take back.
+    for j, m in enumerate(chat.messages):
+        if m.role == "user" and m.id not in newest_child:
+            raise refuse("a user message must have an answer", "messages", j, "id")
     current = chat.current_message_id
     if (current is None) != (not copied) or (current is not None and current not in parents):
         raise refuse("current_message_id is not a message of this chat", "current_message_id")
