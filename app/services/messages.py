@@ -508,7 +508,8 @@ async def start_message(
         metadata=row.q_metadata if regenerate else None,
         feedback=row.q_feedback if regenerate else None,
         sibling_ids=siblings.get(question_parent, [question_id]),
-        files=attached,
+        # Its files as stored: an imported question's metadata-only ones too, which are not sent again.
+        files=row.q_files if regenerate else attached,
     )
     return new_generation(
         settings=settings,
