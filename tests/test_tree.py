@@ -197,6 +197,28 @@ async def test_switch_to_another_chats_message_is_422_and_changes_nothing(
     assert await chat(client, setup) == before
 
 
+@pytest.mark.parametrize("body", [{"title": "renamed"}, {"pinned": True}, {"current_message_id": "replaced"}])
+async def test_update_of_a_chat_being_deleted_is_404_not_500(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup, body: dict[str, Any]
+) -> None:
+    """A rename, pin or branch switch read the chat, then wrote it: a deletion committed in between (another
+    tab, a client deleting what it just renamed) left its UPDATE matching no row, a 500. It now waits for the
+    deletion and answers 404, as after it."""
+    _, second = await two_turns(client, setup)
+    await sent(client, setup, {"content": "TWO again", "edit_of": second["user_message"]["id"]})
+    if "current_message_id" in body:
+        body = {"current_message_id": second["done"]["id"]}  # back to the branch the edit replaced
+    async with app_state(app).db.sessionmaker() as deletion:
+        await deletion.execute(text("DELETE FROM chats WHERE id = :id"), {"id": setup.chat.id})
+        updating = asyncio.ensure_future(client.put(f"/api/chats/{setup.chat.id}", json=body, headers=setup.headers))
+        await asyncio.wait({updating}, timeout=0.5)
+        assert not updating.done()  # waiting for the deleted chat's row
+        await deletion.commit()
+    response = await updating
+    assert response.status_code == 404, response.text
+    assert response.json() == {"detail": "Chat not found"}
+
+
 # --- one generation per chat, across branches ------------------------------------------------------
 
 

@@ -21,9 +21,9 @@ from sqlalchemy.types import TypeEngine
 from app.db import execute_core, utcnow
 from app.dialects import JSONType, Statements, UTCDateTime, statements_of
 from app.errors import Conflict, NotFound, Unprocessable
-from app.models import IS_STREAMING, Message, User
+from app.models import IS_STREAMING, Chat, Message, User
 from app.security import Caller
-from app.services.chats import CHAT_NOT_FOUND, apply_changes, get_owned_chat
+from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, apply_changes, get_owned_chat, owned_chat_params
 
 MESSAGE_NOT_FOUND = "Message not found"
 NOT_IN_CHAT = "{field} is not a message of this chat"
@@ -361,7 +361,14 @@ async def update_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID, 
     `current_message_id` (any message of the chat, else 422 and nothing changes) shows the branch through
     it, continued through its newest descendants: the chat's current leaf becomes that descendant.
     """
-    chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
+    # Locked (FOR NO KEY UPDATE, the lock its UPDATE takes anyway, so a send's inserts are not held up): a
+    # deletion under way is waited for, then this is a 404; one read before it committed left the UPDATE
+    # matching no row (a 500). A deletion that comes later waits for this commit.
+    locked = select(Chat).where(*OWNED_CHAT).with_for_update(key_share=True)
+    found = await session.execute(locked, owned_chat_params(chat_id, user.id, user.team_id))
+    chat = found.scalar_one_or_none()
+    if chat is None:
+        raise NotFound(CHAT_NOT_FOUND)
     changes = dict(changes)
     if "current_message_id" in changes:
         message_id = changes.pop("current_message_id")
