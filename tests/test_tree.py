@@ -219,6 +219,25 @@ async def test_update_of_a_chat_being_deleted_is_404_not_500(
     assert response.json() == {"detail": "Chat not found"}
 
 
+async def test_feedback_on_a_chat_being_deleted_is_404_not_still_streaming(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup
+) -> None:
+    """A rating read the answer, then wrote it: a deletion committed in between left its UPDATE matching no row,
+    which was answered as an answer still streaming (409, "rate it once it has ended"). It now waits for the
+    deletion and answers 404, as after it."""
+    first, _ = await two_turns(client, setup)
+    rate = f"/api/chats/{setup.chat.id}/messages/{first['done']['id']}/feedback"
+    async with app_state(app).db.sessionmaker() as deletion:
+        await deletion.execute(text("DELETE FROM chats WHERE id = :id"), {"id": setup.chat.id})
+        rating = asyncio.ensure_future(client.put(rate, json={"rating": 1}, headers=setup.headers))
+        await asyncio.wait({rating}, timeout=0.5)
+        assert not rating.done()  # waiting for the deleted chat's rows
+        await deletion.commit()
+    response = await rating
+    assert response.status_code == 404, response.text
+    assert response.json() == {"detail": "Chat not found"}
+
+
 # --- one generation per chat, across branches ------------------------------------------------------
 
 

@@ -355,20 +355,27 @@ async def newest_leaf(session: AsyncSession, message_id: uuid.UUID) -> uuid.UUID
     return leaf
 
 
+async def _locked_chat(session: AsyncSession, user: User, chat_id: uuid.UUID, *, writes: bool) -> Chat:
+    """The caller's own chat (`get_owned_chat`'s 404 rule), its row locked until the caller commits: a deletion
+    under way is waited for (then 404), and a later one waits for this commit, so what is read here is still
+    there to write. `writes`: the chat's row is changed (FOR NO KEY UPDATE, the lock its UPDATE takes), else
+    only its messages (FOR KEY SHARE). Neither holds up a send's inserts or a final write."""
+    query = select(Chat).where(*OWNED_CHAT).with_for_update(read=not writes, key_share=True)
+    chat = (await session.execute(query, owned_chat_params(chat_id, user.id, user.team_id))).scalar_one_or_none()
+    if chat is None:
+        raise NotFound(CHAT_NOT_FOUND)
+    return chat
+
+
 async def update_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID, changes: dict[str, Any]) -> None:
     """Rename, archive, pin, and switch branches: only the fields sent change, in one commit.
 
     `current_message_id` (any message of the chat, else 422 and nothing changes) shows the branch through
     it, continued through its newest descendants: the chat's current leaf becomes that descendant.
     """
-    # Locked (FOR NO KEY UPDATE, the lock its UPDATE takes anyway, so a send's inserts are not held up): a
-    # deletion under way is waited for, then this is a 404; one read before it committed left the UPDATE
-    # matching no row (a 500). A deletion that comes later waits for this commit.
-    locked = select(Chat).where(*OWNED_CHAT).with_for_update(key_share=True)
-    found = await session.execute(locked, owned_chat_params(chat_id, user.id, user.team_id))
-    chat = found.scalar_one_or_none()
-    if chat is None:
-        raise NotFound(CHAT_NOT_FOUND)
+    # Locked as its UPDATE locks it anyway: a deletion read before it committed left the UPDATE matching no row
+    # (a 500).
+    chat = await _locked_chat(session, user, chat_id, writes=True)
     changes = dict(changes)
     if "current_message_id" in changes:
         message_id = changes.pop("current_message_id")
@@ -389,7 +396,9 @@ async def set_feedback(
     comment: str | None,
 ) -> dict[str, Any]:
     """Rate an assistant message of the caller's chat; a null rating without a comment clears the feedback."""
-    chat = await get_owned_chat(session=session, user=user, chat_id=chat_id)
+    # Locked: a deletion read before it committed left the UPDATE below matching no row, answered as a
+    # streaming answer's 409.
+    chat = await _locked_chat(session, user, chat_id, writes=False)
     message = await _chat_message(session, chat.id, message_id)
     if message is None:
         raise NotFound(MESSAGE_NOT_FOUND)
