@@ -1,8 +1,9 @@
 """The message tree of a chat: the branch shown, every message, switching branches, feedback on answers.
 
 Messages are rows of `messages` linked by `parent_id`; a chat's `current_message_id` is the leaf of the
-branch shown. Reads walk `parent_id` with a recursive CTE from that leaf, so they read what they show
-(the branch, or its last N messages), never the whole tree.
+branch shown. A chat read with `last=N` walks `parent_id` with a recursive CTE from that leaf, so it reads
+what it shows (the branch's last N messages and their siblings' ids); without `last` it reads the chat's
+whole tree in one range scan and walks the branch in Python (`read_chat`).
 """
 
 from __future__ import annotations
