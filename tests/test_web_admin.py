@@ -152,3 +152,35 @@ def test_usage_and_the_error_log_show_what_happened(web_page: Watched, team: Tea
     expect(echo.locator("td").nth(1)).to_have_text("1")  # completed
     broken = page.locator("tbody tr", has_text="Broken bot")
     expect(broken.locator("td").nth(2)).to_have_text("1")  # errors
+
+
+def test_a_double_click_creates_one_agent_one_invitation_and_one_user(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    page = web_page.page
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url.split("/api/", 1)[1]) if r.method == "POST" else None)
+    log_in(page, team.email)
+    page.get_by_role("link", name="Agents").click()
+    page.get_by_role("button", name="+ New agent").click()
+    page.get_by_label("Name", exact=True).fill("Support")
+    page.get_by_label("Webhook URL (n8n production URL)").fill(f"{fake_n8n_url}/webhook/agent-stream")
+    page.get_by_role("button", name="Save").dblclick()
+    # The list shows the saved agent after the answer: a second click's request was sent before it.
+    expect(page.locator("tr", has_text="Support")).to_have_count(1)
+    assert posts.count("agents") == 1
+    assert [a["slug"] for a in team.get("/api/agents")] == ["support"]  # no "support-2"
+
+    page.get_by_role("link", name="Users").click()
+    page.get_by_role("button", name="Create invitation").dblclick()
+    expect(page.get_by_role("table", name="Invitations").locator("tbody tr")).to_have_count(1)
+    assert posts.count("teams/current/invites") == 1
+    assert len(team.get("/api/teams/current/invites")) == 1
+
+    page.get_by_text("Add a user directly").click()
+    page.get_by_label("Email", exact=True).fill("carl@example.com")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Add user").dblclick()
+    expect(page.get_by_role("table", name="Users").locator("tr", has_text="carl@example.com")).to_have_count(1)
+    assert posts.count("users") == 1  # a second one would be refused with 409: email taken
+    assert web_page.errors == []

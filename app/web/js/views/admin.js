@@ -86,6 +86,7 @@ function agentForm(agent, done) {
   const names = agent?.webhook_header_names || [];
   const result = h("div", { class: "test-slot", "aria-live": "polite" });
   const error = h("p", { class: "error", role: "alert", hidden: true });
+  const submit = h("button", { type: "submit" }, "Save");
   const form = h(
     "form",
     { class: "card agent-form", onsubmit: (event) => save(event) },
@@ -108,7 +109,7 @@ function agentForm(agent, done) {
     h(
       "div",
       { class: "row" },
-      h("button", { type: "submit" }, "Save"),
+      submit,
       h("button", { type: "button", class: "secondary", onclick: () => test() }, "Test connection"),
       h("button", { type: "button", class: "ghost", onclick: () => done(null) }, "Cancel"),
     ),
@@ -120,9 +121,12 @@ function agentForm(agent, done) {
     error.hidden = false;
   };
 
+  // Disabled while the request runs: a second click (or Enter) would create the agent twice.
   async function save(event) {
     event.preventDefault();
+    if (submit.disabled) return;
     error.hidden = true;
+    submit.disabled = true;
     try {
       const body = agentBody(form, agent);
       const saved = agent
@@ -132,6 +136,8 @@ function agentForm(agent, done) {
       done(saved);
     } catch (err) {
       fail(err);
+    } finally {
+      submit.disabled = false;
     }
   }
 
@@ -288,12 +294,15 @@ async function usersPage(main, { user: me }) {
     );
   }
 
+  const inviteButton = h("button", { type: "submit" }, "Create invitation");
   const inviteForm = h(
     "form",
     {
       class: "card inline-form",
       onsubmit: async (event) => {
         event.preventDefault();
+        if (inviteButton.disabled) return; // one invitation per click, however fast the second
+        inviteButton.disabled = true;
         const v = formValues(inviteForm);
         const body = { role: v.role, expires_in_days: Number(v.expires_in_days), max_uses: Number(v.max_uses) };
         if (v.email) body.email = v.email;
@@ -309,6 +318,8 @@ async function usersPage(main, { user: me }) {
           await loadInvites();
         } catch (err) {
           notify(errorText(err), "error");
+        } finally {
+          inviteButton.disabled = false;
         }
       },
     },
@@ -316,21 +327,26 @@ async function usersPage(main, { user: me }) {
     field("Role", h("select", { name: "role" }, h("option", { value: "user" }, "user"), h("option", { value: "admin" }, "admin"))),
     field("Days valid", h("input", { name: "expires_in_days", type: "number", min: 1, max: 30, value: 7 })),
     field("Uses", h("input", { name: "max_uses", type: "number", min: 1, max: 1000, value: 1 })),
-    h("button", { type: "submit" }, "Create invitation"),
+    inviteButton,
   );
 
+  const userButton = h("button", { type: "submit" }, "Add user");
   const userForm = h(
     "form",
     {
       class: "card inline-form",
       onsubmit: async (event) => {
         event.preventDefault();
+        if (userButton.disabled) return;
+        userButton.disabled = true;
         try {
           await api("/api/users", { method: "POST", body: formValues(userForm) });
           userForm.reset();
           await loadUsers();
         } catch (err) {
           notify(errorText(err), "error");
+        } finally {
+          userButton.disabled = false;
         }
       },
     },
@@ -338,7 +354,7 @@ async function usersPage(main, { user: me }) {
     field("Name", h("input", { name: "full_name" })),
     field("Password", h("input", { name: "password", type: "password", minlength: 8, required: true, autocomplete: "new-password" })),
     field("Role", h("select", { name: "role" }, h("option", { value: "user" }, "user"), h("option", { value: "admin" }, "admin"))),
-    h("button", { type: "submit" }, "Add user"),
+    userButton,
   );
 
   fill(main, h("div", { class: "admin" }, h("h1", {}, "Users"), users, h("details", {}, h("summary", {}, "Add a user directly"), userForm), h("h2", {}, "Invitations"), inviteForm, created, invites));
