@@ -8,6 +8,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, expect
 
@@ -183,4 +184,36 @@ def test_a_double_click_creates_one_agent_one_invitation_and_one_user(
     page.get_by_role("button", name="Add user").dblclick()
     expect(page.get_by_role("table", name="Users").locator("tr", has_text="carl@example.com")).to_have_count(1)
     assert posts.count("users") == 1  # a second one would be refused with 409: email taken
+    assert web_page.errors == []
+
+
+def test_an_admin_who_loses_the_role_leaves_the_admin_pages(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    with team.api() as client:
+        added = client.post("/api/users", json={"email": "eve@example.com", "password": PASSWORD, "role": "admin"})
+        assert added.status_code == 201, added.text
+    log_in(page, team.email)
+    page.get_by_role("link", name="Users").click()
+    # Demoting oneself (another admin remains): the top bar and the page become a member's.
+    page.get_by_label("Role of ada@example.com").select_option("user")
+    expect(page).to_have_url(re.compile(r"#/chats$"))
+    expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
+    expect(page.get_by_role("link", name="Agents")).to_have_count(0)
+    expect(page.get_by_role("link", name="Users")).to_have_count(0)
+    assert web_page.errors == []  # the users list read again by a member: 403, uncaught
+
+    # Promoted again, then demoted by the other admin while the page is open: an admin link no longer opens
+    # admin pages whose every call is refused.
+    with httpx.Client(base_url=team.base_url, timeout=10) as eve:
+        token = eve.post("/api/auth/login", json={"email": "eve@example.com", "password": PASSWORD}).json()
+        headers = {"Authorization": f"Bearer {token['access_token']}"}
+        ada = next(u for u in eve.get("/api/users", headers=headers).json() if u["email"] == team.email)
+        assert eve.patch(f"/api/users/{ada['id']}", json={"role": "admin"}, headers=headers).status_code == 200
+        page.reload()
+        expect(page.get_by_role("link", name="Agents")).to_be_visible()
+        assert eve.patch(f"/api/users/{ada['id']}", json={"role": "user"}, headers=headers).status_code == 200
+    page.get_by_role("link", name="Agents").click()
+    expect(page).to_have_url(re.compile(r"#/chats$"))
+    expect(page.get_by_role("link", name="Agents")).to_have_count(0)
+    expect(page.locator(".toast.error")).to_have_count(0)
     assert web_page.errors == []

@@ -91,11 +91,18 @@ async function route() {
     return;
   }
   if (section === "admin" && session.user.role === "admin") {
+    // Read again: another admin (or this one, on the Users page) may have changed the role since; a demoted
+    // admin gets the member's top bar and chats, not admin pages whose every call is refused.
+    await loadUser();
     chats?.leave();
-    chats = null;
+    chats = null; // the frame is drawn again, with the top bar of the role read
+    if (session.user?.role !== "admin") {
+      navigate(session.user ? "/chats" : "/login");
+      return;
+    }
     // Loaded on first use: members who are not admins never download the admin pages.
     const { renderAdmin } = await import("./views/admin.js");
-    renderAdmin(frame(), rest[0] || "agents", { user: session.user });
+    renderAdmin(frame(), rest[0] || "agents", { user: session.user, navigate });
     return;
   }
   if (section === "shares") {

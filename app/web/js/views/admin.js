@@ -226,7 +226,7 @@ async function agentsPage(main) {
 
 // --- users and invitations -------------------------------------------------------------------------
 
-async function usersPage(main, { user: me }) {
+async function usersPage(main, { user: me, navigate }) {
   const users = h("div");
   const invites = h("div");
   const created = h("div", { "aria-live": "polite" });
@@ -235,10 +235,15 @@ async function usersPage(main, { user: me }) {
     try {
       await api(`/api/users/${user.id}`, { method: "PATCH", body: changes });
       notify(`Updated ${user.email}`);
+      // My own role or activation: the route reads me again (a demoted admin leaves the admin pages).
+      if (user.id === me.id) {
+        navigate("/admin/users");
+        return;
+      }
     } catch (err) {
       notify(errorText(err), "error");
     }
-    await loadUsers();
+    await loadUsers().catch((err) => notify(errorText(err), "error"));
   }
 
   async function loadUsers() {
