@@ -217,3 +217,30 @@ def test_an_admin_who_loses_the_role_leaves_the_admin_pages(web_page: Watched, t
     expect(page.get_by_role("link", name="Agents")).to_have_count(0)
     expect(page.locator(".toast.error")).to_have_count(0)
     assert web_page.errors == []
+
+
+def test_copy_puts_the_invitation_link_on_the_clipboard_or_selects_it(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    log_in(page, team.email)
+    page.get_by_role("link", name="Users").click()
+    page.get_by_role("button", name="Create invitation").click()
+    link = page.get_by_label("Invitation link").input_value()
+    page.evaluate("() => navigator.clipboard.writeText('')")
+    page.get_by_role("button", name="Copy", exact=True).click()
+    expect(page.get_by_role("status").filter(has_text=re.compile("copied", re.IGNORECASE))).to_be_visible()
+    assert page.evaluate("() => navigator.clipboard.readText()") == link
+
+    # Plain http on another host is no secure context: no clipboard API. Copy selects the link for Ctrl+C
+    # and says so (it did nothing at all).
+    page.add_init_script("Object.defineProperty(Navigator.prototype, 'clipboard', { get: () => undefined })")
+    page.reload()
+    page.get_by_role("button", name="Create invitation").click()
+    field = page.get_by_label("Invitation link")
+    link = field.input_value()
+    page.get_by_role("button", name="Create invitation").focus()  # the field loses its selection
+    page.get_by_role("button", name="Copy", exact=True).click()
+    expect(page.get_by_role("status").filter(has_text="Selected: press Ctrl+C")).to_be_visible()
+    expect(field).to_be_focused()
+    assert field.evaluate("(el) => el.value.slice(el.selectionStart, el.selectionEnd)") == link
+    assert web_page.errors == []

@@ -49,6 +49,16 @@ export function notify(text, kind = "info") {
   setTimeout(() => toast.remove(), kind === "error" ? 8000 : 4000);
 }
 
+/** Copy a link; without the clipboard API (plain http is not a secure context) select it for Ctrl+C. */
+export function copy(text, field) {
+  const manual = () => {
+    field.select();
+    notify("Selected: press Ctrl+C (⌘C) to copy.");
+  };
+  if (navigator.clipboard) navigator.clipboard.writeText(text).then(() => notify("Link copied."), manual);
+  else manual();
+}
+
 /** An id from the browser's CSPRNG (crypto.randomUUID needs a secure context; this works on plain http too). */
 export function randomId() {
   const bytes = crypto.getRandomValues(new Uint8Array(16));

@@ -1,7 +1,7 @@
 // The admin pages: agents (create, edit, write-only secret headers, avatar, connection test), users and
 // invitations, usage, and the error log. Every write goes through the same API a script would use.
 import { ApiError, api, page } from "../api.js";
-import { fill, formValues, h, notify, when } from "../dom.js";
+import { copy, fill, formValues, h, notify, when } from "../dom.js";
 import { avatar } from "./messages.js";
 
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
@@ -317,7 +317,7 @@ async function usersPage(main, { user: me, navigate }) {
           const out = h("input", { class: "invite-link", readonly: true, "aria-label": "Invitation link", value: link });
           fill(
             created,
-            h("div", { class: "card" }, h("p", {}, "Send this link (shown only now):"), h("div", { class: "row" }, out, h("button", { type: "button", class: "secondary", onclick: () => navigator.clipboard?.writeText(link).then(() => notify("Copied")) }, "Copy"))),
+            h("div", { class: "card" }, h("p", {}, "Send this link (shown only now):"), h("div", { class: "row" }, out, h("button", { type: "button", class: "secondary", onclick: () => copy(link, out) }, "Copy"))),
           );
           out.select();
           await loadInvites();

@@ -2,7 +2,7 @@
 // chat pane (agent picker, messages, composer with attachments, streaming, stop, resume after reload, edit,
 // regenerate, branches, feedback). Each chat's menu (in the list and in the chat's header) shares and exports it.
 import { ApiError, api, download, page } from "../api.js";
-import { fill, h, notify } from "../dom.js";
+import { copy, fill, h, notify } from "../dom.js";
 import { Generation, saved, stopGeneration } from "../stream.js";
 import { Attachments } from "./attachments.js";
 import { avatar, messageItem, setContent, stepItem } from "./messages.js";
@@ -14,16 +14,6 @@ const LAST = 50; // messages shown when a chat opens; "Show earlier" doubles it
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
 /** What an import sends: JSON Lines (the "export all" file) or one JSON chat, told by the file's name. */
 const importType = (file) => (/\.(jsonl|ndjson)$/i.test(file.name) ? "application/x-ndjson" : "application/json");
-
-/** Copy a link; without the clipboard API (plain http is not a secure context) select it for Ctrl+C. */
-function copy(text, field) {
-  const manual = () => {
-    field.select();
-    notify("Selected: press Ctrl+C (⌘C) to copy.");
-  };
-  if (navigator.clipboard) navigator.clipboard.writeText(text).then(() => notify("Link copied."), manual);
-  else manual();
-}
 
 export class ChatsView {
   constructor(main, { navigate }) {
