@@ -244,3 +244,22 @@ def test_copy_puts_the_invitation_link_on_the_clipboard_or_selects_it(web_page: 
     expect(field).to_be_focused()
     assert field.evaluate("(el) => el.value.slice(el.selectionStart, el.selectionEnd)") == link
     assert web_page.errors == []
+
+
+def test_joining_leaves_the_invitation_token_out_of_the_tabs_history(web_page: Watched, team: Team) -> None:
+    with team.api() as client:
+        created = client.post("/api/teams/current/invites", json={"max_uses": 5})  # still valid after one use
+        assert created.status_code == 201, created.text
+    token = created.json()["token"]
+    page = web_page.page
+    page.goto(f"/#/join/{token}")
+    expect(page.get_by_text("You are invited to Acme as user.")).to_be_visible()
+    page.get_by_label("Email").fill("bob@example.com")
+    page.get_by_label("Password (8 characters or more)").fill(PASSWORD)
+    page.get_by_role("button", name="Join").click()
+    expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
+    assert token not in page.url
+    # Back does not return to the join page (a sign-up form for a signed-in user, the token in the address).
+    page.go_back()
+    assert token not in page.url
+    expect(page.get_by_role("button", name="Join")).to_have_count(0)

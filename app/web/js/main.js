@@ -8,8 +8,10 @@ const app = document.getElementById("app");
 const session = { user: null };
 let chats = null; // the chat list and chat pane, kept while moving between chats
 
-export function navigate(path) {
+/** Show `path`; `replace`: in place of the current history entry (Back does not return to it). */
+export function navigate(path, { replace = false } = {}) {
   if (location.hash === `#${path}`) route();
+  else if (replace) location.replace(`#${path}`);
   else location.hash = path;
 }
 
@@ -21,9 +23,11 @@ async function loadUser() {
   }
 }
 
+// The login, sign-up or join page is replaced in the history: Back does not show a form for a session that
+// exists, and an invitation's token (#/join/<token>, still valid while it has uses left) leaves the tab's history.
 export async function signedIn() {
   await loadUser();
-  navigate("/chats");
+  navigate("/chats", { replace: true });
 }
 
 // Only the server's 204 (or a 401: no session left) ends the session: after any other answer the cookies
