@@ -336,3 +336,21 @@ def test_export_markdown_json_and_all_then_import_round_trip(web_page: Watched, 
         expect(page.get_by_role("alert").filter(has_text=message)).to_be_visible()
     assert len(team.get("/api/chats")) == 2
     assert web_page.errors == []
+
+
+def test_a_double_click_on_load_more_lists_each_share_once(web_page: Watched, team: Team) -> None:
+    agent_id = team.get("/api/agents")[0]["id"]
+    with team.api() as client:
+        for i in range(31):  # one more than a page
+            chat = client.post("/api/chats", json={"agent_id": agent_id, "title": f"Chat {i:02}"}).json()
+            assert client.post(f"/api/chats/{chat['id']}/share").status_code == 201
+    page = web_page.page
+    log_in(page, team.email)
+    page.get_by_role("link", name="Shared", exact=True).click()
+    shares = page.locator(".share-list li")
+    expect(shares).to_have_count(30)
+    page.get_by_role("button", name="Load more").dblclick()
+    expect(page.get_by_role("button", name="Load more")).to_be_hidden()
+    expect(shares).to_have_count(31)
+    titles = shares.locator(".chat-title").all_inner_texts()
+    assert sorted(titles) == [f"Chat {i:02}" for i in range(31)]

@@ -406,6 +406,7 @@ async function errorsPage(main) {
   const more = h("button", { type: "button", class: "ghost", hidden: true, onclick: () => load() }, "Load more");
   let shown = 0;
   async function load() {
+    more.disabled = true; // one page at a time: a second click would list the same page twice
     try {
       const { items, total } = await page("/api/error-logs", { limit: 50, offset: shown });
       for (const e of items)
@@ -415,6 +416,8 @@ async function errorsPage(main) {
       if (!total) body.append(h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No error logged.")));
     } catch (err) {
       notify(errorText(err), "error");
+    } finally {
+      more.disabled = false;
     }
   }
   fill(

@@ -26,7 +26,9 @@ async function showList({ root, agents }) {
   const list = h("ul", { class: "share-list", "aria-label": "Shared chats" });
   const more = h("button", { type: "button", class: "ghost more", hidden: true }, "Load more");
   let shown = 0;
+  // Disabled while a page loads: a second click would ask for the same offset and list that page twice.
   const load = async () => {
+    more.disabled = true;
     try {
       const { items, total } = await page("/api/shares", { limit: PAGE, offset: shown });
       if (!items.length && !shown) list.append(h("li", { class: "muted" }, "Nothing is shared in your team yet. Share a chat from its ⋯ menu."));
@@ -50,6 +52,8 @@ async function showList({ root, agents }) {
       more.hidden = shown >= total;
     } catch (err) {
       notify(errorText(err), "error");
+    } finally {
+      more.disabled = false;
     }
   };
   more.addEventListener("click", load);
