@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -667,6 +668,23 @@ def test_logout_and_team_sign_up(web_page: Watched, web_server: LiveServer) -> N
     assert httpx.get(f"{web_server.url}/api/auth/me", cookies=dict_cookies(page)).status_code == 401
 
 
+def test_logging_out_mid_answer_leaves_no_answer_text_in_the_tab(web_page: Watched, team: Team) -> None:
+    """The text of an answer being written is kept in sessionStorage (to resume it after a reload); logging
+    out left it there, readable by whoever uses the tab next."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    words = " ".join(f"w{i}" for i in range(20))
+    send(page, f"[delay=100] {words}")
+    expect(page.locator(".msg.assistant .content")).to_contain_text("w3")
+    stored = "Object.keys(sessionStorage).filter((k) => k.startsWith('stream:'))"
+    assert len(page.evaluate(stored)) == 1
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    page.wait_for_timeout(300)  # events that were on their way when the page left the answer
+    assert page.evaluate(stored) == []
+    wait_until_stored(team)  # the server goes on with the answer: let it end before the tables are emptied
+
+
 def test_a_failed_logout_is_not_reported_as_done(web_page: Watched, team: Team) -> None:
     """A logout that never reached the server showed the login page while the session stayed valid (a reload
     showed the chats again); the page now says the logout failed and stays, and Log out can be tried again."""
@@ -682,6 +700,15 @@ def test_a_failed_logout_is_not_reported_as_done(web_page: Watched, team: Team) 
     page.goto("/#/chats")
     expect(page.get_by_role("button", name="Log in")).to_be_visible()
     expect(page.get_by_role("link", name="+ New chat")).to_have_count(0)
+
+
+def wait_until_stored(team: Team) -> None:
+    """Every answer of the team's admin has ended (none is still `streaming`)."""
+    deadline = time.monotonic() + 15
+    chats = [c["id"] for c in team.get("/api/chats")]
+    while any(m["status"] == "streaming" for c in chats for m in team.get(f"/api/chats/{c}")["messages"]):
+        assert time.monotonic() < deadline, "the answer did not end"
+        time.sleep(0.1)
 
 
 def dict_cookies(page: Page) -> dict[str, str]:

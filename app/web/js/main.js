@@ -1,6 +1,7 @@
 // The client's entry: who is signed in, the hash router, and the page frame (top bar, main area, toasts).
 import { ApiError, api, whenSignedOut } from "./api.js";
 import { fill, h, notify } from "./dom.js";
+import { saved } from "./stream.js";
 import { renderAuth } from "./views/auth.js";
 import { ChatsView } from "./views/chat.js";
 
@@ -41,9 +42,15 @@ async function logout() {
       return;
     }
   }
+  signedOut();
+}
+
+/** The session is over: leave the chats and forget what this tab kept of them. */
+function signedOut() {
   chats?.leave();
   chats = null;
   session.user = null;
+  saved.clearAll();
   navigate("/login");
 }
 
@@ -130,12 +137,7 @@ function markCurrent() {
     a.setAttribute("aria-current", location.hash.startsWith(a.getAttribute("href")) ? "page" : "false");
 }
 
-whenSignedOut(() => {
-  session.user = null;
-  chats?.leave();
-  chats = null;
-  navigate("/login");
-});
+whenSignedOut(signedOut);
 window.addEventListener("hashchange", route);
 document.body.append(h("div", { id: "toasts", class: "toasts" }));
 route();

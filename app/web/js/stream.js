@@ -47,6 +47,10 @@ export const saved = {
   clear(chatId) {
     sessionStorage.removeItem(this.key(chatId));
   },
+  /** Every chat's (the session ends: an answer's text is not left in the tab for whoever signs in next). */
+  clearAll() {
+    for (const key of Object.keys(sessionStorage)) if (key.startsWith("stream:")) sessionStorage.removeItem(key);
+  },
 };
 
 /**
