@@ -509,6 +509,20 @@ def test_the_end_of_an_answer_does_not_steal_the_focus(web_page: Watched, team: 
     expect(page.get_by_label("Message", exact=True)).to_have_value("")
 
 
+def test_a_double_click_on_load_more_lists_each_chat_once(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    for i in range(31):  # one more than a page
+        team.create_chat(agent_id, title=f"Chat {i:02d}")
+    log_in(page, team.email)
+    rows = page.locator(".chat-list li")
+    expect(rows).to_have_count(30)
+    page.get_by_role("button", name="Load more").dblclick()
+    expect(page.get_by_role("button", name="Load more")).to_be_hidden()
+    expect(rows).to_have_count(31)
+    assert sorted(rows.locator(".chat-title").all_inner_texts()) == [f"Chat {i:02d}" for i in range(31)]
+
+
 def test_chat_list_search_pin_rename_archive_delete_and_load_more(web_page: Watched, team: Team) -> None:
     page = web_page.page
     agent_id = team.get("/api/agents")[0]["id"]

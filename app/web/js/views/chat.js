@@ -88,9 +88,13 @@ export class ChatsView {
   // first, then the others page by page. Only the latest list asked for is shown: an answer to an older
   // search (or a page of the list it replaced) that arrives late is dropped.
   async loadChats(more = false) {
+    // Load more is disabled while its page loads: a second click would ask for the same offset and list that
+    // page twice.
+    if (more && this.more.disabled) return;
     const seq = more ? this.listSeq : ++this.listSeq;
     const offset = more ? this.query.shown : 0;
     const filter = { q: this.query.q, archived: this.query.archived };
+    if (more) this.more.disabled = true;
     try {
       const pinned = more ? null : await page("/api/chats", { ...filter, pinned: true, limit: PINNED_MAX });
       if (seq !== this.listSeq) return;
@@ -108,6 +112,8 @@ export class ChatsView {
       this.more.hidden = this.query.shown >= total;
     } catch (err) {
       if (seq === this.listSeq) notify(errorText(err), "error");
+    } finally {
+      if (more) this.more.disabled = false;
     }
   }
 
