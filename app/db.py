@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -178,6 +179,8 @@ class Database:
         self.settings = settings
         self.engine = make_engine(settings)
         self._probe_engine: AsyncEngine | None = None
+        #: The readiness checks of a busy instance take turns on one connection of their own (`probe`).
+        self._probe_turn = asyncio.Lock()
         #: The most connections the pool may hold at once (`fetch_direct` tries each at most once).
         self.max_connections = settings.DB_POOL_SIZE + settings.DB_MAX_OVERFLOW
         #: Chosen once for the engine's dialect; every session made here carries it (`statements_of`).
@@ -246,7 +249,9 @@ class Database:
         """A connection for the readiness check: a pooled one while the pool has one to give, else one of its
         own, opened for the check (PostgreSQL). A busy instance is not a broken one: waiting for a pooled
         connection made the check time out and report the database unreachable when every connection was
-        merely in use."""
+        merely in use. One such connection at a time: /ready is public, and a burst of checks opening one each
+        would go past the pool's bound, towards the database's own connection limit (shared by every
+        instance); they wait their turn, within the check's timeout."""
         in_use = self.pool_in_use()
         if self.settings.is_sqlite or in_use is None or in_use < self.max_connections:
             async with self.engine.connect() as conn:
@@ -259,7 +264,7 @@ class Database:
                 hide_parameters=True,
                 connect_args={"timeout": self.settings.DB_CONNECT_TIMEOUT},
             )
-        async with self._probe_engine.connect() as conn:
+        async with self._probe_turn, self._probe_engine.connect() as conn:
             yield conn
 
     async def dispose(self) -> None:
