@@ -409,6 +409,13 @@ async def _read_after(redis: Redis, key: str, after: int, block_ms: int | None =
 EXPIRE_IF_OURS = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end return 0"
 )
+#: SET KEYS[1] ARGV[1] EX ARGV[2], unless KEYS[1] names another answer that has not ended: a pointer with more
+#: than the end's TTL (ARGV[2]) left was set by a running answer (an ended one's expires within that TTL).
+SET_UNLESS_ANOTHER_RUNS = (
+    "local held = redis.call('get', KEYS[1]) "
+    "if held and held ~= ARGV[1] and redis.call('ttl', KEYS[1]) > tonumber(ARGV[2]) then return 0 end "
+    "return redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])"
+)
 
 
 class _Mirror:
@@ -483,7 +490,11 @@ class _Mirror:
             ending = generation.terminal is not None and available == len(generation.frames)
             try:
                 async with redis.pipeline(transaction=True) as pipe:
-                    if self.written == 0:
+                    if self.written == 0 and ending:
+                        # The whole answer at once, ended already (quickly, or late: its writer retried while
+                        # the chat's next answer may have started, whose pointer must stay).
+                        pipe.eval(SET_UNLESS_ANOTHER_RUNS, 1, chat, generation.new.assistant_id, ttl)
+                    elif self.written == 0:
                         pipe.set(chat, generation.new.assistant_id, ex=running_ttl)
                     for n in range(self.written, available):
                         fields: dict[str, bytes] = {"f": frames[n]}

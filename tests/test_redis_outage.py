@@ -415,3 +415,52 @@ async def test_an_answers_late_last_batch_leaves_the_chats_newer_pointer_alone(
     finally:
         await client.aclose()
         await db.dispose()
+
+
+@pytest.mark.timeout(30)
+async def test_an_answer_that_reaches_redis_only_after_its_end_leaves_the_chats_newer_pointer_alone(
+    settings: Settings, own_redis: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same late write, when the answer's first batch failed too (it ran while Redis could not be written):
+    its retried batch, the whole answer, began with `SET genchat:<chat> <this answer>`. It named the ended
+    answer as the chat's current one in place of the next answer, already running, and then expired it: on
+    other instances followers that name no answer followed the old answer, then got 204, while the new one ran."""
+    client = eventlog.connect(settings.model_copy(update={"REDIS_URL": own_redis.url}))
+    assert client is not None
+    db = Database(settings)
+    chat_id = uuid.uuid4()
+    pointer = eventlog.chat_key(chat_id)
+    real_execute = Pipeline.execute
+    failed: list[bool] = []
+
+    async def fails_once(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            # Meanwhile the chat's next answer starts, on an instance that reaches Redis.
+            await client.set(pointer, "second", ex=3600)
+            raise RedisError("connection lost")
+        return await real_execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "execute", fails_once)
+    first = Generation(new=SimpleNamespace(chat_id=chat_id, assistant_id="first"))  # type: ignore[arg-type]
+    try:
+        eventlog.RedisEventLog(client, settings, db).attach(first)
+        first.add_event("start", {"assistant_message_id": "first"})
+        first.finish("done", {"message": {}})
+        await redis_log(own_redis.url, eventlog.log_key(chat_id, "first"))
+        assert failed
+        assert await client.get(pointer) == b"second"
+        assert await client.ttl(pointer) > settings.STREAM_LOG_TTL
+        # With no other answer running, an answer that ended before its first write still names itself, until
+        # its log expires (a previous answer's pointer, already ended, gives way to it).
+        await client.set(pointer, "second", ex=int(settings.STREAM_LOG_TTL))
+        third = Generation(new=SimpleNamespace(chat_id=chat_id, assistant_id="third"))  # type: ignore[arg-type]
+        eventlog.RedisEventLog(client, settings, db).attach(third)
+        third.add_event("start", {"assistant_message_id": "third"})
+        third.finish("done", {"message": {}})
+        await redis_log(own_redis.url, eventlog.log_key(chat_id, "third"))
+        assert await client.get(pointer) == b"third"
+        assert 0 < await client.ttl(pointer) <= settings.STREAM_LOG_TTL
+    finally:
+        await client.aclose()
+        await db.dispose()
