@@ -263,3 +263,17 @@ def test_joining_leaves_the_invitation_token_out_of_the_tabs_history(web_page: W
     page.go_back()
     assert token not in page.url
     expect(page.get_by_role("button", name="Join")).to_have_count(0)
+
+
+def test_an_admin_page_opened_while_the_server_is_unreachable_keeps_the_session(web_page: Watched, team: Team) -> None:
+    """Each admin page reads the user again (a demoted admin leaves them): a read that failed for want of the
+    server (a dropped connection, a restart) counted as signed out and showed the login page, though the session
+    was valid and a reload showed the chats again. Only the server's word on the role changes the page."""
+    page = web_page.page
+    log_in(page, team.email)
+    expect(page.get_by_role("link", name="Agents")).to_be_visible()
+    page.route("**/api/auth/me", lambda route: route.abort(), times=1)
+    page.get_by_role("link", name="Users").click()
+    expect(page.get_by_role("heading", name="Users")).to_be_visible()
+    expect(page.get_by_role("button", name="Log in")).to_have_count(0)
+    expect(page.get_by_role("link", name="Agents")).to_be_visible()

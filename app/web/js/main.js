@@ -16,11 +16,13 @@ export function navigate(path, { replace = false } = {}) {
   else location.hash = path;
 }
 
-async function loadUser() {
+/** Who is signed in; `again`: the user is known, and only the server's 401 (no session left) forgets them, not a
+ * failure to reach it (a dropped connection, a restart), which is no sign-out. */
+async function loadUser({ again = false } = {}) {
   try {
     session.user = await api("/api/auth/me");
-  } catch {
-    session.user = null;
+  } catch (err) {
+    if (!again || (err instanceof ApiError && err.status === 401)) session.user = null;
   }
 }
 
@@ -104,7 +106,7 @@ async function route() {
   if (section === "admin" && session.user.role === "admin") {
     // Read again: another admin (or this one, on the Users page) may have changed the role since; a demoted
     // admin gets the member's top bar and chats, not admin pages whose every call is refused.
-    await loadUser();
+    await loadUser({ again: true });
     chats?.leave();
     chats = null; // the frame is drawn again, with the top bar of the role read
     if (session.user?.role !== "admin") {
