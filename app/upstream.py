@@ -87,7 +87,10 @@ class ReadTimeout(Exception):
 
 
 def open_session(s: Settings) -> aiohttp.ClientSession:
-    """The shared session: policy-checking resolver, bounded pool, no hidden total timeout."""
+    """The shared session: policy-checking resolver, bounded pool, no hidden total timeout, no cookies.
+
+    One session serves every agent of every team: a cookie jar would send what one workflow (or a proxy in
+    front of its n8n) set to every other webhook on that host, another team's included."""
     connector = aiohttp.TCPConnector(
         resolver=PolicyResolver(s),
         limit=s.N8N_POOL_LIMIT,
@@ -104,6 +107,7 @@ def open_session(s: Settings) -> aiohttp.ClientSession:
         timeout=timeout,
         auto_decompress=True,
         trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": USER_AGENT},
     )
 

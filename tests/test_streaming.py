@@ -325,6 +325,19 @@ async def test_streamer_sends_body_and_headers(streamer: N8nStreamer, fake: Fake
     assert received["headers"]["Content-Type"] == "application/json"
 
 
+async def test_cookies_one_webhook_sets_are_not_sent_to_another(patient_streamer: N8nStreamer, fake: FakeN8n) -> None:
+    """The session is shared by every agent of every team: a cookie one workflow (or a proxy) sets must not
+    reach another team's workflow on the same n8n. `localhost`, not an IP: aiohttp's jar keeps cookies of names."""
+    base = fake.url.replace("127.0.0.1", "localhost")
+    setter = f"{base}/webhook/team-a?scenario=set_cookie&cookie=sid=a-secret"
+    text, _stats, failure = await relay(patient_streamer, setter)
+    assert (text, failure) == ("Echo: hello there", None)
+    text, _stats, failure = await relay(patient_streamer, f"{base}/webhook/team-b?scenario=echo_json")
+    assert (text, failure) == ("Echo: hello there", None)
+    assert fake.requests[-1]["path"] == "/webhook/team-b"
+    assert "Cookie" not in fake.requests[-1]["headers"]
+
+
 async def test_streamer_session_has_no_hidden_total_timeout(streamer: N8nStreamer) -> None:
     session = streamer.session()
     assert session is streamer.session()

@@ -77,6 +77,8 @@ SCENARIOS = {
     "json_message": '{"message": "Echo: ..."}',
     "json_content": '{"content": "Echo: ..."}',
     "json_array": '[{"output": "Echo: ..."}]',
+    "set_cookie": '{"output": "Echo: ..."} with `Set-Cookie: cookie` (default n8n-session=fake-cookie), as a Respond '
+    "to Webhook node (or a proxy in front of n8n) may set",
     "plain": "text/plain body 'Echo: ...'",
     "charset": "'Echo: ...' encoded in and declared as `charset` (default latin-1); text/plain, or `type=json`",
     "sse_openai": "text/event-stream, OpenAI chat.completion.chunk deltas, then data: [DONE]",
@@ -597,6 +599,11 @@ class FakeN8n:
 
     async def _s_json_array(self, _request: web.Request, text: str) -> web.StreamResponse:
         return self._json([{"output": "".join(echo_tokens(text))}])
+
+    async def _s_set_cookie(self, request: web.Request, text: str) -> web.StreamResponse:
+        response = self._json({"output": "".join(echo_tokens(text))})
+        response.headers["Set-Cookie"] = request.query.get("cookie", "n8n-session=fake-cookie")
+        return response
 
     async def _s_raw(self, request: web.Request, _text: str) -> web.StreamResponse:
         encoded = request.query.get("body", "")
