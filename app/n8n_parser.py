@@ -144,7 +144,8 @@ class BodyParser:
     def use_charset(self, declared: str | None) -> None:
         """Decode the answer in the charset its Content-Type declares (none declared: UTF-8).
 
-        An unknown name, or a codec that is not a text encoding (`base64`), fails the answer as unreadable.
+        An unknown name, a codec that is not a text encoding (`base64`), or one without the `replace` error
+        handling SSE lines are read with (`idna`, `undefined`), fails the answer as unreadable.
         """
         if not declared or not declared.strip(" \t\"'"):
             return
@@ -152,6 +153,7 @@ class BodyParser:
         try:
             codec = codecs.lookup(name).name
             b"".decode(codec)  # LookupError for bytes-to-bytes codecs, which are no text encoding
+            b"a".decode(codec, "replace")  # UnicodeError (a ValueError) for codecs that cannot replace
             probe = '\n{"a": 1}:'
             self.ascii_lines = probe.encode(codec) == probe.encode("ascii")
         except (LookupError, ValueError):
@@ -395,7 +397,7 @@ class BodyParser:
         self._buffer.clear()
         try:
             text = self._decode(raw)
-        except UnicodeDecodeError:
+        except UnicodeError:  # not only UnicodeDecodeError: `punycode` raises its base class
             self._fail("bad_upstream_response", "The agent's answer could not be read", reason=f"not {self.charset}")
             return
         stripped = text.strip()

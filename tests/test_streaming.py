@@ -14,7 +14,7 @@ from app.config import Settings
 from app.streaming import N8nStreamer, StreamFailure, StreamStats
 from app.webhooks import WebhookPolicyError
 from tests.conftest import make_settings
-from tools.fake_n8n import FakeN8n, load_captures
+from tools.fake_n8n import FakeN8n, load_captures, raw_answer
 
 CAPTURES = load_captures()
 
@@ -175,6 +175,24 @@ async def test_streamer_unknown_charset_is_bad_upstream_response(
     assert failure is not None
     assert failure.code == "bad_upstream_response"
     assert "charset" in failure.detail["reason"]
+    assert text == ""
+
+
+@pytest.mark.parametrize(
+    ("charset", "body"),
+    [
+        ("idna", b'data: {"content": "hi"}\n\n'),  # no `replace` error handling: its SSE lines could not be read
+        ("punycode", b'{"output": "hi"}'),  # strict decoding fails with UnicodeError, not UnicodeDecodeError
+    ],
+)
+async def test_streamer_charset_its_codec_cannot_read_is_bad_upstream_response(
+    patient_streamer: N8nStreamer, fake: FakeN8n, charset: str, body: bytes
+) -> None:
+    """n8n answered (200): an answer in a codec that fails as no other does is unreadable, not unreachable."""
+    url = raw_answer(fake.url, body, f"text/plain; charset={charset}")
+    text, stats, failure = await relay(patient_streamer, url)
+    assert failure is not None
+    assert (failure.code, failure.upstream_status, stats.upstream_status) == ("bad_upstream_response", 200, 200)
     assert text == ""
 
 
