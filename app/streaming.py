@@ -22,6 +22,7 @@ from app.n8n_parser import BodyParser, StreamFailure, clean_text, excerpt
 from app.sse import PING, SSE_HEADERS, Generation
 from app.upstream import (
     Attachment,
+    ConnectTimeout,
     FirstByteTimeout,
     ReadTimeout,
     StreamStats,
@@ -110,10 +111,9 @@ FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], _Fa
         ),
     ),
     (WebhookPolicyError, _BLOCKED),
-    # aiohttp's connect timeout is a TimeoutError, which `exchange` already reports as FirstByteTimeout
-    # (connecting counts toward the first byte); this row only applies if it ever escapes that deadline.
+    # aiohttp's connect deadline (TCP and TLS, N8N_CONNECT_TIMEOUT), which `exchange` names ConnectTimeout.
     (
-        aiohttp.ConnectionTimeoutError,
+        (ConnectTimeout, aiohttp.ConnectionTimeoutError),
         _Failure(
             "upstream_timeout",
             "The agent could not be reached in time",

@@ -78,6 +78,10 @@ class TotalTimeout(Exception):
     """N8N_TOTAL_TIMEOUT passed before the answer was complete."""
 
 
+class ConnectTimeout(Exception):
+    """No connection to n8n (TCP and TLS) within N8N_CONNECT_TIMEOUT."""
+
+
 class FirstByteTimeout(Exception):
     """n8n sent nothing within N8N_FIRST_BYTE_TIMEOUT (connecting included)."""
 
@@ -125,8 +129,9 @@ async def exchange(
     ready: asyncio.Future[None] | None = None,
 ) -> None:
     """POST `body` (JSON bytes, or a multipart form that sets its own Content-Type) and feed the answer to
-    `parser`; the three deadlines surface as their own exception types. `ready`: a connection being opened
-    to the same origin (N8nStreamer.warm), awaited first, within the first byte's deadline."""
+    `parser`; the deadlines (connect, first byte, read, total) surface as their own exception types. `ready`:
+    a connection being opened to the same origin (N8nStreamer.warm), awaited first, within the first byte's
+    deadline."""
     s = settings
     send_headers = {**headers, "Accept": ACCEPT}
     if isinstance(body, bytes):
@@ -169,9 +174,11 @@ async def exchange(
                             if stats.ttfc_ms is None:
                                 stats.ttfc_ms = round((loop.time() - started) * 1000, 1)
                             on_chunks(chunks)
-            except TimeoutError:
+            except TimeoutError as exc:
                 if wall.expired():
                     raise
+                if isinstance(exc, aiohttp.ConnectionTimeoutError) and not idle.expired():
+                    raise ConnectTimeout from None  # aiohttp's own connect deadline, shorter than the first byte's
                 raise (ReadTimeout() if got_first_byte else FirstByteTimeout()) from None
             finally:
                 if quiet is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import socket
 import uuid
@@ -130,6 +131,31 @@ async def test_probe_unreachable(client: httpx.AsyncClient, session: AsyncSessio
     assert result["ok"] is False
     assert (result["http_status"], result["format"], result["code"]) == (None, None, "upstream_unreachable")
     assert result["hint"] == ct.HINT_UNREACHABLE
+
+
+@pytest.mark.settings(AGENT_TEST_TIMEOUT=5, N8N_CONNECT_TIMEOUT=0.5)
+async def test_probe_connect_timeout_says_nothing_accepted_the_connection(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """No connection in time (here a TLS handshake nobody answers) is no slow workflow: the hint names the
+    connection, as for a refused one."""
+    silent = asyncio.Event()
+
+    async def accept_and_say_nothing(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await silent.wait()
+        writer.close()
+
+    server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        result = await probe(client, session, settings, f"https://127.0.0.1:{port}/webhook/x")
+    finally:
+        silent.set()
+        server.close()
+        await server.wait_closed()
+    assert (result["ok"], result["http_status"], result["code"]) == (False, None, "upstream_timeout")
+    assert result["hint"] == ct.HINT_UNREACHABLE
+    assert result["total_ms"] < 4000
 
 
 @pytest.mark.settings(AGENT_TEST_TIMEOUT=0.5)

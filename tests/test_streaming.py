@@ -279,6 +279,40 @@ async def test_streamer_refused_connection_is_unreachable_and_fast(streamer: N8n
     assert time.monotonic() - started < 0.5
 
 
+async def test_streamer_connect_timeout_is_named_as_such(database_url: str, tmp_path: Path) -> None:
+    """A TLS handshake that never completes (a port that accepts and stays silent) ends at N8N_CONNECT_TIMEOUT,
+    as "could not be reached in time": not as the first byte's much longer deadline, which it did not wait for."""
+    import time
+
+    silent = asyncio.Event()
+
+    async def accept_and_say_nothing(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await silent.wait()
+        writer.close()
+
+    server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    streamer = N8nStreamer(stream_settings(database_url, tmp_path, N8N_CONNECT_TIMEOUT=0.5, N8N_FIRST_BYTE_TIMEOUT=30))
+    try:
+        started = time.monotonic()
+        _text, stats, failure = await relay(streamer, f"https://127.0.0.1:{port}/webhook/x")
+        elapsed = time.monotonic() - started
+    finally:
+        silent.set()
+        await streamer.close()
+        server.close()
+        await server.wait_closed()
+    assert failure is not None
+    assert (failure.code, failure.message, failure.upstream_status) == (
+        "upstream_timeout",
+        "The agent could not be reached in time",
+        None,
+    )
+    assert failure.detail == {"timeout": "connect", "seconds": 0.5}
+    assert stats.upstream_status is None
+    assert elapsed < 5
+
+
 async def test_streamer_dns_failure_is_unreachable(streamer: N8nStreamer) -> None:
     _text, _stats, failure = await relay(streamer, "http://no-such-host.invalid/webhook/x")
     assert failure is not None
@@ -431,9 +465,9 @@ FAILURE_TABLE = [
         aiohttp.ConnectionTimeoutError(),
         "post",
         "upstream_timeout",
-        "The agent did not answer in time",
+        "The agent could not be reached in time",
         None,
-        TIMEOUT_FIRST,
+        {"timeout": "connect", "seconds": 0.5},
     ),
     (
         WebhookPolicyError("no private addresses"),

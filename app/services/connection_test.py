@@ -169,7 +169,11 @@ def hint_for(failure: StreamFailure | None, stats: StreamStats, *, url: str, tim
         if reason.startswith("no text") or reason.startswith("array item")
         else HINT_UNREADABLE,
         "upstream_unreachable": HINT_UNREACHABLE,
-        "upstream_timeout": HINT_TIMEOUT.format(seconds=timeout),
+        # No connection in time (N8N_CONNECT_TIMEOUT: a firewall dropping it, a TLS handshake nobody answers)
+        # is the unreachable case, not a slow workflow.
+        "upstream_timeout": HINT_UNREACHABLE
+        if detail.get("timeout") == "connect"
+        else HINT_TIMEOUT.format(seconds=timeout),
         "upstream_disconnected": HINT_DISCONNECTED,
         "upstream_blocked": HINT_BLOCKED,
         "agent_misconfigured": HINT_MISCONFIGURED,
