@@ -49,6 +49,31 @@ def excerpt(value: Any) -> str | None:
     return text[:EXCERPT_CHARS] + ("…" if len(text) > EXCERPT_CHARS else "")
 
 
+#: Secret header values shorter than this are not masked (they would mask ordinary words).
+MIN_MASKED_SECRET = 4
+
+
+def masked(text: str, secrets: list[str]) -> str:
+    """`text` with every secret header value replaced by `***` (a workflow may echo its request headers), and
+    a secret's beginning at the very end too (an answer, or what was kept of it, cut inside a secret). Each
+    secret as written inside a JSON string too: an answer whose `output` is an object is shown as its JSON,
+    where `"` and `\\` are escaped (and, from `ensure_ascii` encoders, any non-ASCII character)."""
+    forms = {
+        form
+        for secret in secrets
+        for form in (secret, json.dumps(secret, ensure_ascii=False)[1:-1], json.dumps(secret)[1:-1])
+    }
+    secrets = sorted((secret for secret in forms if len(secret) >= MIN_MASKED_SECRET), key=len, reverse=True)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    for secret in secrets:
+        for size in range(min(len(secret) - 1, len(text)), MIN_MASKED_SECRET - 1, -1):
+            if text.endswith(secret[:size]):
+                text = text[:-size] + "***"
+                break
+    return text
+
+
 #: The most tokens one count may hold: the ledger's columns are 32-bit integers.
 TOKENS_MAX = 2**31 - 1
 

@@ -18,9 +18,10 @@ import yarl
 
 from app.config import Settings
 from app.generations import WAITING, GenerationRegistry
-from app.n8n_parser import BodyParser, StreamFailure, clean_text, excerpt
+from app.n8n_parser import BodyParser, StreamFailure, clean_text, excerpt, masked
 from app.sse import PING, SSE_HEADERS, Generation
 from app.upstream import (
+    N8N_AUTH_REFUSALS,
     Attachment,
     ConnectTimeout,
     FirstByteTimeout,
@@ -140,6 +141,20 @@ def _policy_refusal(exc: BaseException) -> BaseException:
         if isinstance(cause, WebhookPolicyError) or isinstance(cause.__cause__, WebhookPolicyError):
             return WebhookPolicyError(str(cause))
     return exc
+
+
+def without_secrets(failure: StreamFailure, headers: dict[str, str]) -> StreamFailure:
+    """`failure` (changed in place) with every secret header value masked in its detail's texts: n8n's
+    `message`, `hint` or in-band error may be built from the request's headers (an API refusing the key it
+    was handed), and the error log shows them to admins, who never see header values. n8n's fixed refusals
+    carry none and stay whole (the connection test's hint is chosen by them; a wrong value may be their word)."""
+    if headers and failure.detail:
+        secrets = list(headers.values())
+        failure.detail = {
+            k: masked(v, secrets) if isinstance(v, str) and v not in N8N_AUTH_REFUSALS else v
+            for k, v in failure.detail.items()
+        }
+    return failure
 
 
 def failure_for(exc: BaseException, stats: StreamStats, settings: Settings) -> StreamFailure | None:
@@ -262,7 +277,8 @@ class N8nStreamer:
                 settings=s,
                 ready=self._warming_for(target),
             )
-        except StreamFailure:
+        except StreamFailure as answered:
+            without_secrets(answered, headers)
             raise
         except Exception as exc:
             failure = failure_for(exc, stats, s)
@@ -277,4 +293,4 @@ class N8nStreamer:
         if parser.failure is not None:
             parser.failure.upstream_status = stats.upstream_status
             parser.failure.detail.setdefault("format", parser.mode)
-            raise parser.failure
+            raise without_secrets(parser.failure, headers)

@@ -390,6 +390,33 @@ async def test_cookies_one_webhook_sets_are_not_sent_to_another(patient_streamer
     assert "Cookie" not in fake.requests[-1]["headers"]
 
 
+@pytest.mark.parametrize(
+    ("body", "status", "key"),
+    [
+        (b'{"type":"begin"}\n{"type":"error","content":"upstream refused key sk-live-123456"}\n', 200, "n8n_error"),
+        (b'{"message":"Bad credential sk-live-123456","hint":"check sk-live-123456"}', 500, "n8n_message"),
+    ],
+)
+async def test_error_details_never_hold_a_secret_header_value(
+    patient_streamer: N8nStreamer, fake: FakeN8n, body: bytes, status: int, key: str
+) -> None:
+    """n8n's error texts go to the error log, shown to admins, who never see header values: a workflow that
+    builds its error from its request headers (an API refusing the key it was handed) gets them masked there,
+    as in the connection test's sample."""
+    stats = StreamStats()
+    with pytest.raises(StreamFailure) as caught:
+        await patient_streamer.run(
+            url=raw_answer(fake.url, body, status=status),
+            headers={"X-Api-Key": "sk-live-123456"},
+            payload={"chatInput": "hi"},
+            on_chunks=lambda _chunks: None,
+            stats=stats,
+        )
+    detail = caught.value.detail
+    assert "***" in detail[key]
+    assert "sk-live-123456" not in repr(detail)
+
+
 async def test_streamer_session_has_no_hidden_total_timeout(streamer: N8nStreamer) -> None:
     session = streamer.session()
     assert session is streamer.session()

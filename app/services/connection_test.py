@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -15,7 +14,7 @@ from yarl import URL
 from app.config import Settings
 from app.crypto import DecryptionError
 from app.models import Agent, User
-from app.n8n_parser import StreamFailure, clean_text
+from app.n8n_parser import StreamFailure, clean_text, masked
 from app.services.agents import checked_url, webhook_headers_of
 from app.upstream import StreamStats
 
@@ -38,8 +37,6 @@ class N8nStreamer(Protocol):
 
 PROBE_TEXT = "ping"
 SAMPLE_CHARS = 200
-#: Secret header values shorter than this are not masked in the sample (they would mask ordinary words).
-MIN_MASKED_SECRET = 4
 
 # One sentence each, naming what to change in n8n (or here). The n8n texts they are chosen by are the
 # recorded answers of n8n 1.123 (recordings/n8n) and its Webhook node's authentication refusals.
@@ -199,27 +196,6 @@ def _status_hint(status: int, n8n_message: str, n8n_hint: str, url: str) -> str:
     if status == 500:
         return HINT_WORKFLOW_FAILED
     return HINT_STATUS.format(status=status)
-
-
-def masked(text: str, secrets: list[str]) -> str:
-    """`text` with every secret header value replaced by `***` (a workflow may echo its request headers), and
-    a secret's beginning at the very end too (an answer, or what was kept of it, cut inside a secret). Each
-    secret as written inside a JSON string too: an answer whose `output` is an object is shown as its JSON,
-    where `"` and `\\` are escaped (and, from `ensure_ascii` encoders, any non-ASCII character)."""
-    forms = {
-        form
-        for secret in secrets
-        for form in (secret, json.dumps(secret, ensure_ascii=False)[1:-1], json.dumps(secret)[1:-1])
-    }
-    secrets = sorted((secret for secret in forms if len(secret) >= MIN_MASKED_SECRET), key=len, reverse=True)
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    for secret in secrets:
-        for size in range(min(len(secret) - 1, len(text)), MIN_MASKED_SECRET - 1, -1):
-            if text.endswith(secret[:size]):
-                text = text[:-size] + "***"
-                break
-    return text
 
 
 async def run_probe(
