@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.crypto import encrypt_headers
 from app.models import Team
+from app.n8n_parser import masked
 from app.services import connection_test as ct
 from tests.conftest import count_rows
 from tests.factories import auth_headers, create_admin, create_agent, create_team, create_user
@@ -280,11 +281,11 @@ async def test_probe_of_stored_agent_with_unreadable_headers(
 
 def test_sample_masks_secret_header_values() -> None:
     text = "headers were X-Key: abcd-secret and token zz"
-    assert ct.masked(text, ["abcd-secret", "zz"]) == "headers were X-Key: *** and token zz"
-    assert ct.masked("cut inside: abcd-se", ["abcd-secret"]) == "cut inside: ***"
+    assert masked(text, ["abcd-secret", "zz"]) == "headers were X-Key: *** and token zz"
+    assert masked("cut inside: abcd-se", ["abcd-secret"]) == "cut inside: ***"
     # As written inside a JSON string: quotes, backslashes (and with ensure_ascii, non-ASCII) escaped.
-    assert ct.masked('{"v": "pa\\"ss\\\\w0rd-TOP"}', ['pa"ss\\w0rd-TOP']) == '{"v": "***"}'
-    assert ct.masked('{"v": "caf\\u00e9-secret"}', ["café-secret"]) == '{"v": "***"}'
+    assert masked('{"v": "pa\\"ss\\\\w0rd-TOP"}', ['pa"ss\\w0rd-TOP']) == '{"v": "***"}'
+    assert masked('{"v": "caf\\u00e9-secret"}', ["café-secret"]) == '{"v": "***"}'
 
 
 async def probe_echoing(
