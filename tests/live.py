@@ -286,6 +286,24 @@ class RedisProcess:
         self.process = None
 
 
+@asynccontextmanager
+async def silent_port() -> AsyncIterator[int]:
+    """A local port that accepts connections and never says a word (a TLS handshake there never completes)."""
+    silent = asyncio.Event()
+
+    async def accept_and_say_nothing(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await silent.wait()
+        writer.close()
+
+    server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        silent.set()
+        server.close()
+        await server.wait_closed()
+
+
 class FreezingProxy:
     """A TCP proxy to `port` whose connections can be frozen: `freeze()` makes every open connection drop what
     either side sends, without closing it, as a NAT or a load balancer that forgot the connection does (or a

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import socket
 import uuid
@@ -19,6 +18,7 @@ from app.n8n_parser import masked
 from app.services import connection_test as ct
 from tests.conftest import count_rows
 from tests.factories import auth_headers, create_admin, create_agent, create_team, create_user
+from tests.live import silent_port
 from tools.fake_n8n import BASIC_AUTH, HEADER_AUTH, FakeN8n, raw_answer
 
 RESULT_FIELDS = {"ok", "http_status", "format", "first_byte_ms", "total_ms", "sample", "code", "hint"}
@@ -140,20 +140,8 @@ async def test_probe_connect_timeout_says_nothing_accepted_the_connection(
 ) -> None:
     """No connection in time (here a TLS handshake nobody answers) is no slow workflow: the hint names the
     connection, as for a refused one."""
-    silent = asyncio.Event()
-
-    async def accept_and_say_nothing(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await silent.wait()
-        writer.close()
-
-    server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async with silent_port() as port:
         result = await probe(client, session, settings, f"https://127.0.0.1:{port}/webhook/x")
-    finally:
-        silent.set()
-        server.close()
-        await server.wait_closed()
     assert (result["ok"], result["http_status"], result["code"]) == (False, None, "upstream_timeout")
     assert result["hint"] == ct.HINT_UNREACHABLE
     assert result["total_ms"] < 4000

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 from sqlalchemy import event, text
 
+from app.db import Database
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import make_settings
@@ -70,25 +73,31 @@ async def test_ready_is_degraded_but_200_while_redis_is_unreachable(
     assert (bad.status_code, bad.json()) == (200, {"status": "degraded"})
 
 
+@asynccontextmanager
+async def busy_instance(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[Database, httpx.AsyncClient]]:
+    """An app whose pool's only connection is checked out (busy), its database and a client."""
+    app = create_app(make_settings(database_url, tmp_path, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0))
+    db = app_state(app).db
+    try:
+        async with db.engine.connect() as held:
+            await held.execute(text("SELECT 1"))
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                yield db, client
+    finally:
+        await shutdown(app)
+
+
 async def test_ready_while_every_pooled_connection_is_busy(database_url: str, tmp_path: Path) -> None:
     """A busy instance is not a broken one: with every pooled connection checked out, /ready waited its 3 s
     for one and answered 503 "database unreachable", so a load balancer took the instance out when it was
     merely busy (and, with one instance, the whole service). It now asks the database on a connection of
     its own."""
-    settings = make_settings(database_url, tmp_path, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
-    app = create_app(settings)
-    db = app_state(app).db
-    try:
-        async with db.engine.connect() as held:  # the pool's only connection, busy
-            await held.execute(text("SELECT 1"))
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
-                started = time.monotonic()
-                response = await c.get("/ready")
-                elapsed = time.monotonic() - started
-        assert (response.status_code, response.json()) == (200, {"status": "ready"})
-        assert elapsed < 2.0
-    finally:
-        await shutdown(app)
+    async with busy_instance(database_url, tmp_path) as (_db, client):
+        started = time.monotonic()
+        response = await client.get("/ready")
+        elapsed = time.monotonic() - started
+    assert (response.status_code, response.json()) == (200, {"status": "ready"})
+    assert elapsed < 2.0
 
 
 async def test_ready_on_a_busy_instance_opens_one_connection_of_its_own_at_a_time(
@@ -98,31 +107,23 @@ async def test_ready_on_a_busy_instance_opens_one_connection_of_its_own_at_a_tim
     of its own, all at once, so a burst of probes (a few monitors, or anyone) opened as many PostgreSQL
     connections as requests, past the pool's bound, towards the server's max_connections that every instance
     shares. The probes of a busy instance take turns on one extra connection."""
-    settings = make_settings(database_url, tmp_path, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
-    app = create_app(settings)
-    db = app_state(app).db
-    try:
-        async with db.engine.connect() as held:  # the pool's only connection, busy
-            await held.execute(text("SELECT 1"))
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
-                assert (await c.get("/ready")).status_code == 200  # the probe's own engine exists now
-                probe = db._probe_engine
-                assert probe is not None
-                open_now, most = 0, 0
+    async with busy_instance(database_url, tmp_path) as (db, client):
+        assert (await client.get("/ready")).status_code == 200  # the probe's own engine exists now
+        probe = db._probe_engine
+        assert probe is not None
+        open_now, most = 0, 0
 
-                def checkout(*_args: object) -> None:
-                    nonlocal open_now, most
-                    open_now += 1
-                    most = max(most, open_now)
+        def checkout(*_args: object) -> None:
+            nonlocal open_now, most
+            open_now += 1
+            most = max(most, open_now)
 
-                def checkin(*_args: object) -> None:
-                    nonlocal open_now
-                    open_now -= 1
+        def checkin(*_args: object) -> None:
+            nonlocal open_now
+            open_now -= 1
 
-                event.listen(probe.sync_engine, "checkout", checkout)
-                event.listen(probe.sync_engine, "checkin", checkin)
-                answers = await asyncio.gather(*(c.get("/ready") for _ in range(20)))
-        assert [(r.status_code, r.json()) for r in answers] == [(200, {"status": "ready"})] * 20
-        assert most == 1
-    finally:
-        await shutdown(app)
+        event.listen(probe.sync_engine, "checkout", checkout)
+        event.listen(probe.sync_engine, "checkin", checkin)
+        answers = await asyncio.gather(*(client.get("/ready") for _ in range(20)))
+    assert [(r.status_code, r.json()) for r in answers] == [(200, {"status": "ready"})] * 20
+    assert most == 1

@@ -14,6 +14,7 @@ from app.config import Settings
 from app.streaming import N8nStreamer, StreamFailure, StreamStats
 from app.webhooks import WebhookPolicyError
 from tests.conftest import make_settings
+from tests.live import silent_port
 from tools.fake_n8n import FakeN8n, load_captures, raw_answer
 
 CAPTURES = load_captures()
@@ -284,24 +285,14 @@ async def test_streamer_connect_timeout_is_named_as_such(database_url: str, tmp_
     as "could not be reached in time": not as the first byte's much longer deadline, which it did not wait for."""
     import time
 
-    silent = asyncio.Event()
-
-    async def accept_and_say_nothing(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await silent.wait()
-        writer.close()
-
-    server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     streamer = N8nStreamer(stream_settings(database_url, tmp_path, N8N_CONNECT_TIMEOUT=0.5, N8N_FIRST_BYTE_TIMEOUT=30))
     try:
-        started = time.monotonic()
-        _text, stats, failure = await relay(streamer, f"https://127.0.0.1:{port}/webhook/x")
-        elapsed = time.monotonic() - started
+        async with silent_port() as port:
+            started = time.monotonic()
+            _text, stats, failure = await relay(streamer, f"https://127.0.0.1:{port}/webhook/x")
+            elapsed = time.monotonic() - started
     finally:
-        silent.set()
         await streamer.close()
-        server.close()
-        await server.wait_closed()
     assert failure is not None
     assert (failure.code, failure.message, failure.upstream_status) == (
         "upstream_timeout",

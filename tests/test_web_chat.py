@@ -347,17 +347,24 @@ def test_the_streaming_guides_example_shows_a_send_cut_after_its_start_once(web_
     assert len(posts) == 1
 
 
-def test_show_earlier_during_an_answer_keeps_the_live_answer_and_stop(web_page: Watched, team: Team) -> None:
-    """Clicking "Show earlier messages" while an answer was written rebuilt the list and the buttons: the answer went on
-    in a detached element and Stop was gone. The live answer now stays in the list, still growing, with Stop."""
+def a_chat_longer_than_shown(web_page: Watched, team: Team) -> str:
+    """A new chat of 52 messages (more than the 50 shown at first), open with its "Show earlier" button; its id."""
     page = web_page.page
     open_new_chat(web_page, team)
     chat_id = page.url.rsplit("/", 1)[1]
     with team.api() as client:
-        for i in range(26):  # 52 messages: more than the 50 shown at first
+        for i in range(26):
             assert client.post(f"/api/chats/{chat_id}/messages", json={"content": f"q{i}"}).status_code == 200
     page.reload()
     expect(page.get_by_role("button", name="Show earlier messages")).to_be_visible()
+    return chat_id
+
+
+def test_show_earlier_during_an_answer_keeps_the_live_answer_and_stop(web_page: Watched, team: Team) -> None:
+    """Clicking "Show earlier messages" while an answer was written rebuilt the list and the buttons: the answer went on
+    in a detached element and Stop was gone. The live answer now stays in the list, still growing, with Stop."""
+    page = web_page.page
+    chat_id = a_chat_longer_than_shown(web_page, team)
     send(page, SLOW)
     expect(page.locator(".msg.assistant .content").last).to_contain_text("w1")
     page.get_by_role("button", name="Show earlier messages").click()
@@ -375,13 +382,7 @@ def test_show_earlier_before_the_answer_started_shows_the_question_once(web_page
     """Clicking "Show earlier messages" after the server stored a send but before the page had its `start` event
     drew the new question and the running answer twice (stored, and live) until the answer ended."""
     page = web_page.page
-    open_new_chat(web_page, team)
-    chat_id = page.url.rsplit("/", 1)[1]
-    with team.api() as client:
-        for i in range(26):  # 52 messages: more than the 50 shown at first
-            assert client.post(f"/api/chats/{chat_id}/messages", json={"content": f"q{i}"}).status_code == 200
-    page.reload()
-    expect(page.get_by_role("button", name="Show earlier messages")).to_be_visible()
+    chat_id = a_chat_longer_than_shown(web_page, team)
     # The answer's events reach the page only once it has ended (about 4.5 s after the send).
     page.route("**/api/chats/*/messages", lambda route: route.fulfill(response=route.fetch()))
     send(page, SLOW)
