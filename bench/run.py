@@ -66,13 +66,29 @@ class Profile:
     login_after: bool = True
     #: Streams each server runs, unmeasured, right before each of its measured ttfc levels (0: none).
     level_warm_up: int = 10
+    #: The multi phase's configurations: (name, uvicorn workers, instances).
+    multi_configs: tuple[tuple[str, int, int], ...] = (("1 worker", 1, 1), ("2 workers", 2, 1), ("2 instances", 1, 2))
 
 
 FULL = Profile("full", ((1, 10), (100, 3), (1000, 2)), 20, 8.0, (1000, 5000), 100, 100, 6.0, 15.0, 2)
 #: Smaller than at first (3 rounds at one stream, 500 held open, 2 s runs and base): that one took 120 s on the
-#: AMD machine of 2026-12-07, at the edge of its 2-minute budget.
+#: AMD machine of 2026-12-07, at the edge of its 2-minute budget. Without the 2-worker configuration of the
+#: multi phase (the full profile has it): 115-120 s with it later that day, most of it process start-up,
+#: which smaller runs did not shorten.
 QUICK = Profile(
-    "quick", ((1, 2), (100, 2), (300, 1)), 20, 1.5, (400,), 100, 100, 1.0, 1.0, 1, login_after=False, level_warm_up=0
+    "quick",
+    ((1, 2), (100, 2), (300, 1)),
+    20,
+    1.5,
+    (400,),
+    100,
+    100,
+    1.0,
+    1.0,
+    1,
+    login_after=False,
+    level_warm_up=0,
+    multi_configs=(("1 worker", 1, 1), ("2 instances", 1, 2)),
 )
 
 
@@ -891,21 +907,19 @@ async def _keep(procs: list[Proc], starting: Awaitable[tuple[Proc, int]]) -> tup
 
 
 #: The multi phase's configurations: (name, uvicorn workers per process, processes).
-MULTI_CONFIGS = (("1 worker", 1, 1), ("2 workers", 2, 1), ("2 instances", 1, 2))
-
-
 async def multi_phase(bench: Bench, direct: Target) -> dict[str, Any]:
     """Unpinned, REDIS_URL set (event log, stop and follow across processes): each configuration of the
     service beside the bare relay run the same way; added TTFC against the fake read directly in this phase."""
     assert bench.seed is not None
     profile = bench.profile
-    log("multi (unpinned, REDIS_URL set): 1 worker, 2 workers, 2 instances; each beside the bare relay")
+    names = ", ".join(name for name, _workers, _instances in profile.multi_configs)
+    log(f"multi (unpinned, REDIS_URL set): {names}; each beside the bare relay")
     bench.phase = "multi"
     users = profile.multi_ttfc_users
     multi: dict[str, Any] = {
         "direct": await run_closed(bench, direct, PACED, users=users, rounds=profile.multi_rounds, seconds=30)
     }
-    for name, workers, instances in MULTI_CONFIGS:
+    for name, workers, instances in profile.multi_configs:
         bench.phase = f"multi-{name.replace(' ', '')}"
         config: dict[str, Any] = {"workers": workers, "instances": instances, "users": users}
         procs: list[Proc] = []
