@@ -6,6 +6,7 @@ import asyncio
 import random
 import statistics
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -803,6 +804,30 @@ async def test_quota_counts_generations_of_the_day_before_it_was_set(
     assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 429
 
 
+async def quota_chat(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> tuple[User, Callable[[], Awaitable[int]]]:
+    """A chat and an admin of its team, sends taking `path` ("one statement", or the general path); the admin,
+    and a send's status code."""
+    if path == "general":
+        monkeypatch.setattr(fast_start, "applies", lambda *_args, **_kwargs: False)
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    admin = await create_admin(session, team=await session.get_one(Team, setup.user.team_id))
+
+    async def send() -> int:
+        response = await client.post(
+            f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
+        )
+        return response.status_code
+
+    return admin, send
+
+
 @pytest.mark.parametrize("path", ["one statement", "general"])
 async def test_a_quota_lifted_and_set_again_counts_the_sends_in_between(
     app: FastAPI,
@@ -815,18 +840,14 @@ async def test_a_quota_lifted_and_set_again_counts_the_sends_in_between(
 ) -> None:
     """Quota 2, one send; quota lifted, three sends (no counter moves); quota 2 again: the counter still said
     one, so a fifth send went through. A claim now starts from the ledger when that is ahead of the counter."""
-    if path == "general":
-        monkeypatch.setattr(fast_start, "applies", lambda *_args, **_kwargs: False)
-    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
-    admin = await create_admin(session, team=await session.get_one(Team, setup.user.team_id))
-    url = f"/api/chats/{setup.chat.id}/messages"
+    admin, send = await quota_chat(client, session, settings, fake, monkeypatch, path)
     await set_quota(client, settings, admin, 2)
-    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 200
+    assert await send() == 200
     await set_quota(client, settings, admin, None)
     for _ in range(3):
-        assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 200
+        assert await send() == 200
     await set_quota(client, settings, admin, 2)
-    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 429
+    assert await send() == 429
     assert len(await ledger(app)) == 4
 
 
@@ -842,18 +863,14 @@ async def test_a_send_refused_by_a_quota_set_below_the_days_count_is_not_counted
 ) -> None:
     """Two sends, then a quota of one: the day's first claim stored the ledger's count plus one (3) although it
     refused the send, so with the quota raised to 3 the user's third generation was refused too."""
-    if path == "general":
-        monkeypatch.setattr(fast_start, "applies", lambda *_args, **_kwargs: False)
-    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
-    admin = await create_admin(session, team=await session.get_one(Team, setup.user.team_id))
-    url = f"/api/chats/{setup.chat.id}/messages"
+    admin, send = await quota_chat(client, session, settings, fake, monkeypatch, path)
     for _ in range(2):
-        assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 200
+        assert await send() == 200
     await set_quota(client, settings, admin, 1)
-    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 429
+    assert await send() == 429
     await set_quota(client, settings, admin, 3)
-    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 200
-    assert (await client.post(url, json={"content": "hi"}, headers=setup.headers)).status_code == 429
+    assert await send() == 200
+    assert await send() == 429
     assert len(await ledger(app)) == 3
 
 
