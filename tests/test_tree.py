@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Coroutine
 from typing import Any
 
 import httpx
@@ -197,6 +198,20 @@ async def test_switch_to_another_chats_message_is_422_and_changes_nothing(
     assert await chat(client, setup) == before
 
 
+async def sent_during_a_deletion(
+    app: FastAPI, chat_id: uuid.UUID, request: Coroutine[Any, Any, httpx.Response]
+) -> httpx.Response:
+    """`request`'s answer, sent while the chat's deletion is under way (uncommitted): it must wait for the
+    deletion's commit (the chat's row is locked), not read the chat before it goes."""
+    async with app_state(app).db.sessionmaker() as deletion:
+        await deletion.execute(text("DELETE FROM chats WHERE id = :id"), {"id": chat_id})
+        sent = asyncio.ensure_future(request)
+        await asyncio.wait({sent}, timeout=0.5)
+        assert not sent.done()  # waiting for the deleted chat's row
+        await deletion.commit()
+    return await sent
+
+
 @pytest.mark.parametrize("body", [{"title": "renamed"}, {"pinned": True}, {"current_message_id": "replaced"}])
 async def test_update_of_a_chat_being_deleted_is_404_not_500(
     app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup, body: dict[str, Any]
@@ -208,13 +223,9 @@ async def test_update_of_a_chat_being_deleted_is_404_not_500(
     await sent(client, setup, {"content": "TWO again", "edit_of": second["user_message"]["id"]})
     if "current_message_id" in body:
         body = {"current_message_id": second["done"]["id"]}  # back to the branch the edit replaced
-    async with app_state(app).db.sessionmaker() as deletion:
-        await deletion.execute(text("DELETE FROM chats WHERE id = :id"), {"id": setup.chat.id})
-        updating = asyncio.ensure_future(client.put(f"/api/chats/{setup.chat.id}", json=body, headers=setup.headers))
-        await asyncio.wait({updating}, timeout=0.5)
-        assert not updating.done()  # waiting for the deleted chat's row
-        await deletion.commit()
-    response = await updating
+    response = await sent_during_a_deletion(
+        app, setup.chat.id, client.put(f"/api/chats/{setup.chat.id}", json=body, headers=setup.headers)
+    )
     assert response.status_code == 404, response.text
     assert response.json() == {"detail": "Chat not found"}
 
@@ -227,13 +238,9 @@ async def test_feedback_on_a_chat_being_deleted_is_404_not_still_streaming(
     deletion and answers 404, as after it."""
     first, _ = await two_turns(client, setup)
     rate = f"/api/chats/{setup.chat.id}/messages/{first['done']['id']}/feedback"
-    async with app_state(app).db.sessionmaker() as deletion:
-        await deletion.execute(text("DELETE FROM chats WHERE id = :id"), {"id": setup.chat.id})
-        rating = asyncio.ensure_future(client.put(rate, json={"rating": 1}, headers=setup.headers))
-        await asyncio.wait({rating}, timeout=0.5)
-        assert not rating.done()  # waiting for the deleted chat's rows
-        await deletion.commit()
-    response = await rating
+    response = await sent_during_a_deletion(
+        app, setup.chat.id, client.put(rate, json={"rating": 1}, headers=setup.headers)
+    )
     assert response.status_code == 404, response.text
     assert response.json() == {"detail": "Chat not found"}
 
