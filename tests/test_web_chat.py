@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Locator, Page, Request, Response, Route, expect
+from playwright.sync_api import Locator, Page, Request, Route, expect
 
 from tests.live import LiveServer
 from tests.web import PASSWORD, Team, Watched, answer_text, create_team, log_in, send
@@ -655,16 +655,11 @@ def test_an_expired_access_cookie_is_refreshed_silently(web_page: Watched, team:
     page = web_page.page
     log_in(page, team.email)
     page.context.clear_cookies(name="access_token")
-    refreshed: list[int] = []
-
-    def record(response: Response) -> None:
-        if response.url.endswith("/api/auth/refresh"):
-            refreshed.append(response.status)
-
-    page.on("response", record)
-    page.reload()
+    # Waited for as such: a listener's record of the response could arrive after the page had drawn the chats.
+    with page.expect_response(lambda r: r.url.endswith("/api/auth/refresh")) as refreshed:
+        page.reload()
     expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
-    assert refreshed == [200]
+    assert refreshed.value.status == 200
     assert "access_token" in {c["name"] for c in page.context.cookies()}
 
 
