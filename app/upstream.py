@@ -133,7 +133,10 @@ async def exchange(
     a connection being opened to the same origin (N8nStreamer.warm), awaited first, within the first byte's
     deadline."""
     s = settings
-    send_headers = {**headers, "Accept": ACCEPT}
+    # The admin's own `Accept`, in whatever case, replaces the relay's: one Accept line, the one configured.
+    send_headers = dict(headers)
+    if not any(name.lower() == "accept" for name in headers):
+        send_headers["Accept"] = ACCEPT
     if isinstance(body, bytes):
         send_headers["Content-Type"] = "application/json"
     loop = asyncio.get_running_loop()

@@ -22,6 +22,7 @@ from app.models import ErrorLog, Team, User
 from app.security import create_token, family_key
 from app.services.messages import build_history, public_message
 from app.state import app_state
+from app.upstream import ACCEPT
 from main import create_app, shutdown
 from tests.conftest import count_rows, make_settings, run_migrations
 from tests.factories import StoredChat, auth_headers, create_admin, create_user, stored_chat
@@ -271,6 +272,24 @@ async def test_payload_n8n_receives(
         "message_id": start["assistant_message_id"],
     }
     assert "top-secret-value" not in response.text
+
+
+async def test_a_configured_accept_header_replaces_the_relays_own(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """An admin's `Accept` (any case) is the one n8n gets: never two Accept lines, the relay's dropped."""
+    setup = await chat_with_agent(
+        session, settings, fake.url + "/webhook/agent-stream", webhook_headers={"accept": "application/json"}
+    )
+    response = await send(client, setup, "hi")
+    assert response.status_code == 200
+    sent = [value for name, value in fake.requests[-1]["header_lines"] if name.lower() == "accept"]
+    assert sent == ["application/json"]
+    # Without one, the relay's own list of the formats it reads.
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    await send(client, setup, "hi")
+    sent = [value for name, value in fake.requests[-1]["header_lines"] if name.lower() == "accept"]
+    assert sent == [ACCEPT]
 
 
 def test_history_budget_keeps_newest(database_url: str, tmp_path: Path) -> None:

@@ -310,6 +310,8 @@ class FakeN8n:
                 "path": request.path,
                 "query": dict(request.query),
                 "headers": dict(request.headers),
+                # Every header line as sent, repeated names included (the dict above keeps one of each).
+                "header_lines": list(request.headers.items()),
                 "json": None if form is not None else body,
                 "form": form,
                 "parts": parts,
