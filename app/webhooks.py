@@ -16,7 +16,7 @@ import re
 import socket
 
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
+from aiohttp.resolver import AsyncResolver
 from yarl import URL
 
 from app.config import Settings
@@ -184,11 +184,14 @@ def check_webhook_url(url: str, settings: Settings) -> str:
 
 
 class PolicyResolver(AbstractResolver):
-    """aiohttp resolver that refuses any resolved address the policy forbids (DNS rebinding included)."""
+    """aiohttp resolver that refuses any resolved address the policy forbids (DNS rebinding included).
+
+    Lookups go through aiodns (c-ares), not threads: one that hangs held one of asyncio's few default threads,
+    so a team's agents on names whose DNS never answers could stall every lookup of every team."""
 
     def __init__(self, settings: Settings, inner: AbstractResolver | None = None) -> None:
         self.settings = settings
-        self.inner = inner or DefaultResolver()
+        self.inner = inner or AsyncResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -272,6 +274,29 @@ async def test_payload_n8n_receives(
         "message_id": start["assistant_message_id"],
     }
     assert "top-secret-value" not in response.text
+
+
+@pytest.mark.settings(N8N_CONNECT_TIMEOUT=3)
+async def test_a_hanging_name_lookup_holds_up_no_other_send(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """Webhook host names are looked up without threads (aiodns). A name lookup in a thread that hangs (a DNS
+    server that never answers: up to its resolver timeout) held one of asyncio's few default threads, and
+    enough of them (a team's agents on such names) stopped every other team's sends that need a lookup."""
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        loop.set_default_executor(pool)
+        busy = loop.run_in_executor(None, release.wait, 30)  # the one default thread, held as a hung lookup
+        try:
+            url = fake.url.replace("127.0.0.1", "localhost") + "/webhook/agent-stream"
+            setup = await chat_with_agent(session, settings, url)
+            response = await send(client, setup, "hi")
+        finally:
+            release.set()
+            await busy
+    assert response.status_code == 200
+    assert [event.type for event in data_events(parse_sse(response.text))][-1] == "done"
 
 
 async def test_a_configured_accept_header_replaces_the_relays_own(
