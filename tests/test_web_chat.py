@@ -680,17 +680,50 @@ def test_logout_and_team_sign_up(web_page: Watched, web_server: LiveServer) -> N
 
 def test_logging_out_mid_answer_leaves_no_answer_text_in_the_tab(web_page: Watched, team: Team) -> None:
     """The text of an answer being written is kept in sessionStorage (to resume it after a reload); logging
-    out left it there, readable by whoever uses the tab next."""
+    out left it there, readable by whoever uses the tab next. Events still buffered in the stream when the
+    page left the answer wrote it back after the logout had removed it: here the send's body holds back what
+    arrives once `holding` is set and hands it over when the page aborts the request, as a buffer would."""
     page = web_page.page
+    page.add_init_script(
+        """
+        window.holding = false;
+        window.held = [];
+        const realFetch = window.fetch;
+        window.fetch = async (url, init) => {
+          const response = await realFetch(url, init);
+          if (!/\\/messages$/.test(String(url)) || init?.method !== "POST") return response;
+          const reader = response.body.getReader();
+          const body = new ReadableStream({
+            start(controller) {
+              init.signal.addEventListener("abort", () => {
+                for (const chunk of window.held) controller.enqueue(chunk);
+                controller.close();
+              });
+              (async () => {
+                for (;;) {
+                  const { value, done } = await reader.read().catch(() => ({ done: true }));
+                  if (done || init.signal.aborted) return;
+                  if (window.holding) window.held.push(value);
+                  else controller.enqueue(value);
+                }
+              })();
+            },
+          });
+          return new Response(body, { status: response.status, headers: response.headers });
+        };
+        """
+    )
     open_new_chat(web_page, team)
     words = " ".join(f"w{i}" for i in range(20))
     send(page, f"[delay=100] {words}")
     expect(page.locator(".msg.assistant .content")).to_contain_text("w3")
     stored = "Object.keys(sessionStorage).filter((k) => k.startsWith('stream:'))"
     assert len(page.evaluate(stored)) == 1
+    page.evaluate("window.holding = true")
+    page.wait_for_function("() => window.held.length > 0")
     page.get_by_role("button", name="Log out").click()
+    # The held events reach the page right after the logout's clean-up, before the login page is drawn.
     expect(page.get_by_role("button", name="Log in")).to_be_visible()
-    page.wait_for_timeout(300)  # events that were on their way when the page left the answer
     assert page.evaluate(stored) == []
     wait_until_stored(team)  # the server goes on with the answer: let it end before the tables are emptied
 

@@ -77,6 +77,9 @@ export class Generation {
   }
 
   handle({ id, event }) {
+    // Left (another chat, a logout): events still buffered in the stream are not this page's any more, and
+    // writing their position would put back what a logout removed from sessionStorage.
+    if (this.left) return;
     if (id !== null) {
       if (id <= this.last) return; // already handled (a retry or a resume replays from an earlier id)
       this.last = id;
