@@ -678,6 +678,35 @@ def test_logout_and_team_sign_up(web_page: Watched, web_server: LiveServer) -> N
     assert httpx.get(f"{web_server.url}/api/auth/me", cookies=dict_cookies(page)).status_code == 401
 
 
+def test_a_page_chosen_while_the_first_route_reads_the_user_stays(web_page: Watched) -> None:
+    """The first route waits for /api/auth/me; a visitor who went to the sign-up page meanwhile was sent to
+    the login page when that request's 401 came back (the refresh refused, then the route's own redirect)."""
+    page = web_page.page
+    # Which of the page's requests were answered (the page's own handling of each answer follows at once).
+    page.add_init_script(
+        """
+        window.answered = [];
+        const realFetch = window.fetch;
+        window.fetch = (url, init) => {
+          const response = realFetch(url, init);
+          response.then(() => window.answered.push(String(url)), () => {});
+          return response;
+        };
+        """
+    )
+    held: list[Route] = []
+    page.route("**/api/auth/me", lambda route: held.append(route))
+    with page.expect_request("**/api/auth/me"):
+        page.goto("/")
+    page.evaluate("() => { location.hash = '#/signup'; }")
+    expect(page.get_by_role("button", name="Create team")).to_be_visible()
+    held[0].continue_()
+    page.wait_for_function("() => window.answered.includes('/api/auth/refresh')")  # the 401's refresh, refused
+    assert page.evaluate("() => location.hash") == "#/signup"
+    expect(page.get_by_role("button", name="Create team")).to_be_visible()
+    expect(page.get_by_role("button", name="Log in")).to_have_count(0)
+
+
 def test_logging_out_mid_answer_leaves_no_answer_text_in_the_tab(web_page: Watched, team: Team) -> None:
     """The text of an answer being written is kept in sessionStorage (to resume it after a reload); logging
     out left it there, readable by whoever uses the tab next. Events still buffered in the stream when the

@@ -8,6 +8,9 @@ import { ChatsView } from "./views/chat.js";
 const app = document.getElementById("app");
 const session = { user: null };
 let chats = null; // the chat list and chat pane, kept while moving between chats
+let routes = 0; // the latest route(): an earlier one still waiting (for /api/auth/me...) draws nothing
+const AUTH_PAGES = ["login", "signup", "join"];
+const currentSection = () => location.hash.replace(/^#\/?/, "").split("/")[0];
 
 /** Show `path`; `replace`: in place of the current history entry (Back does not return to it). */
 export function navigate(path, { replace = false } = {}) {
@@ -47,13 +50,14 @@ async function logout() {
   signedOut();
 }
 
-/** The session is over: leave the chats and forget what this tab kept of them. */
+/** The session is over: leave the chats and forget what this tab kept of them. A user already on the login,
+ * sign-up or join page stays there (a 401 of a request sent before they went there is no reason to move). */
 function signedOut() {
   chats?.leave();
   chats = null;
   session.user = null;
   saved.clearAll();
-  navigate("/login");
+  if (!AUTH_PAGES.includes(currentSection())) navigate("/login");
 }
 
 function frame() {
@@ -88,10 +92,15 @@ function frame() {
   return main;
 }
 
+// Each await is followed by a check that no later route() started meanwhile (the user went elsewhere while
+// /api/auth/me or a page's module loaded): the latest one draws the page, an earlier one neither draws nor
+// redirects over it.
 async function route() {
+  const seq = ++routes;
+  const current = () => seq === routes;
   const path = location.hash.replace(/^#/, "") || "/chats";
   const [, section, ...rest] = path.split("/");
-  if (["login", "signup", "join"].includes(section)) {
+  if (AUTH_PAGES.includes(section)) {
     chats?.leave();
     chats = null;
     fill(app, renderAuth(section, rest.join("/"), { signedIn }));
@@ -99,6 +108,7 @@ async function route() {
     return;
   }
   if (!session.user) await loadUser();
+  if (!current()) return;
   if (!session.user) {
     navigate("/login");
     return;
@@ -107,6 +117,7 @@ async function route() {
     // Read again: another admin (or this one, on the Users page) may have changed the role since; a demoted
     // admin gets the member's top bar and chats, not admin pages whose every call is refused.
     await loadUser({ again: true });
+    if (!current()) return;
     chats?.leave();
     chats = null; // the frame is drawn again, with the top bar of the role read
     if (session.user?.role !== "admin") {
@@ -115,6 +126,7 @@ async function route() {
     }
     // Loaded on first use: members who are not admins never download the admin pages.
     const { renderAdmin } = await import("./views/admin.js");
+    if (!current()) return;
     renderAdmin(frame(), rest[0] || "agents", { user: session.user, navigate });
     return;
   }
@@ -123,6 +135,7 @@ async function route() {
     chats = null;
     // Loaded on first use, like the admin pages.
     const { renderShares } = await import("./views/shares.js");
+    if (!current()) return;
     await renderShares(frame(), rest[0] || null, { user: session.user, navigate });
     return;
   }
