@@ -71,7 +71,17 @@ def test_create_an_agent_with_the_connection_test_hint_secret_headers_and_avatar
     page.get_by_role("button", name="Test connection").click()
     expect(page.locator(".test-result.ok")).to_contain_text("Echo: ping")
 
-    page.get_by_label("Avatar (PNG, JPEG, WebP or GIF)").set_input_files(png(tmp_path / "avatar.png"))
+    # A refused file does not stay chosen (picked again, it would be sent again): the input is empty.
+    picker = page.get_by_label("Avatar (PNG, JPEG, WebP or GIF)")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with page.expect_response(re.compile(r"/avatar$")) as refused:
+        picker.set_input_files(text)
+    assert refused.value.status == 415
+    expect(page.locator(".toast.error")).to_be_visible()
+    expect(picker).to_have_value("")
+    expect(page.locator(".avatar-preview .initials")).to_be_visible()
+    picker.set_input_files(png(tmp_path / "avatar.png"))
     expect(page.locator(".toast", has_text="Avatar saved")).to_be_visible()
     avatar = page.locator("tr", has_text="Support").locator("img.avatar")
     expect(avatar).to_have_attribute("src", re.compile(r"^/api/agents/[0-9a-f-]+/avatar\?v="))

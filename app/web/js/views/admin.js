@@ -177,6 +177,8 @@ function avatarInput(agent, done) {
       fill(preview, avatar(agent, "large"));
     } finally {
       URL.revokeObjectURL(url);
+      // The input only picks: a refused file does not stay chosen, and picking it again uploads it again.
+      input.value = "";
     }
   });
   return h("div", { class: "row" }, preview, field("Avatar (PNG, JPEG, WebP or GIF)", input));
