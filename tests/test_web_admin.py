@@ -136,6 +136,28 @@ def test_an_invitation_link_signs_a_colleague_up(
     assert {u["email"]: u["role"] for u in team.get("/api/users")}["bob@example.com"] == "admin"
 
 
+def test_revoking_the_invitation_whose_link_is_shown_removes_the_link(web_page: Watched, team: Team) -> None:
+    """The one-time link stayed on the page after its invitation was revoked, as if it could still be sent."""
+    page = web_page.page
+    log_in(page, team.email)
+    page.get_by_role("link", name="Users").click()
+    invitations = page.get_by_role("table", name="Invitations")
+    link = page.get_by_label("Invitation link")
+    for email in ("old@example.com", "new@example.com"):
+        page.get_by_label("Email (optional)").fill(email)
+        page.get_by_role("button", name="Create invitation").click()
+        expect(invitations.locator("tr", has_text=email)).to_contain_text("active")
+    shown = link.input_value()
+    # Another invitation revoked: the link shown is still valid and stays.
+    invitations.locator("tr", has_text="old@example.com").get_by_role("button", name="Revoke").click()
+    expect(invitations.locator("tr", has_text="old@example.com")).to_contain_text("revoked")
+    expect(link).to_have_value(shown)
+    invitations.locator("tr", has_text="new@example.com").get_by_role("button", name="Revoke").click()
+    expect(invitations.locator("tr", has_text="new@example.com")).to_contain_text("revoked")
+    expect(link).to_have_count(0)
+    assert web_page.errors == []
+
+
 def test_usage_and_the_error_log_show_what_happened(web_page: Watched, team: Team, fake_n8n_url: str) -> None:
     page = web_page.page
     team.create_agent(f"{fake_n8n_url}/webhook/agent-stream", name="Echo bot")

@@ -232,6 +232,7 @@ async function usersPage(main, { user: me, navigate }) {
   const users = h("div");
   const invites = h("div");
   const created = h("div", { "aria-live": "polite" });
+  let shownInvite = null; // the invitation whose one-time link `created` shows
 
   async function patch(user, changes) {
     try {
@@ -289,8 +290,17 @@ async function usersPage(main, { user: me, navigate }) {
                   {},
                   i.status === "active" &&
                     h("button", { type: "button", class: "ghost", onclick: async () => {
-                      await api(`/api/teams/current/invites/${i.id}`, { method: "DELETE" }).catch((err) => notify(errorText(err), "error"));
-                      await loadInvites();
+                      try {
+                        await api(`/api/teams/current/invites/${i.id}`, { method: "DELETE" });
+                        // Its link no longer works: it leaves the page.
+                        if (i.id === shownInvite) {
+                          fill(created);
+                          shownInvite = null;
+                        }
+                      } catch (err) {
+                        notify(errorText(err), "error");
+                      }
+                      await loadInvites().catch((err) => notify(errorText(err), "error"));
                     } }, "Revoke"),
                 ),
               ),
@@ -315,6 +325,7 @@ async function usersPage(main, { user: me, navigate }) {
         if (v.email) body.email = v.email;
         try {
           const invite = await api("/api/teams/current/invites", { method: "POST", body });
+          shownInvite = invite.id;
           const link = `${location.origin}/#/join/${invite.token}`;
           const out = h("input", { class: "invite-link", readonly: true, "aria-label": "Invitation link", value: link });
           fill(
