@@ -171,11 +171,16 @@ def test_refused_files_show_the_api_text_and_are_not_sent(web_page: Watched, tea
     httpx.delete(f"{fake_n8n_url}/__requests")
     html = b"<html><body><script>alert(1)</script></body></html>"
     big = b"x" * (FILE_MAX + 1)
-    attach(page, ("page.html", "text/html", html), ("big.txt", "text/plain", big))
+    attach(page, ("page.html", "text/html", html), ("big.txt", "text/plain", big), ("empty.txt", "text/plain", b""))
     refused = page.locator(".uploads .upload[data-state=error]")
-    expect(refused).to_have_count(2)
+    expect(refused).to_have_count(3)
     expect(refused.nth(0).get_by_role("alert")).to_have_text(api_detail(team, chat_id, "page.html", "text/html", html))
     expect(refused.nth(1).get_by_role("alert")).to_have_text(api_detail(team, chat_id, "big.txt", "text/plain", big))
+    # A 422 names the field it is about, as every other 422 the page shows does.
+    with team.api() as client:
+        response = client.post(f"/api/chats/{chat_id}/files", files={"file": ("empty.txt", b"", "text/plain")})
+    [empty] = response.json()["detail"]
+    expect(refused.nth(2).get_by_role("alert")).to_have_text(f"{empty['loc'][-1]}: {empty['msg']}")
     assert "415" not in refused.nth(0).inner_text()  # the API's words, not a status line
     send(page, "no files please")
     expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)

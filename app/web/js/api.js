@@ -29,15 +29,20 @@ export function refreshSession() {
 
 const NO_REFRESH = ["/api/auth/login", "/api/auth/refresh", "/api/auth/logout", "/api/auth/register"];
 
+/** FastAPI's `detail` as text: a string as it is, the 422 list as "field: message" items; else `fallback`. */
+function detailText(detail, fallback) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) return detail.map((d) => `${(d.loc || []).slice(1).join(".") || "body"}: ${d.msg}`).join("; ");
+  return fallback;
+}
+
 /** The error an answer carries: FastAPI's `detail`, a string or the 422 list (field: message). */
 export async function errorOf(response) {
   let detail = `${response.status} ${response.statusText}`;
   let body = null;
   try {
     body = await response.json();
-    if (typeof body.detail === "string") detail = body.detail;
-    else if (Array.isArray(body.detail))
-      detail = body.detail.map((d) => `${(d.loc || []).slice(1).join(".") || "body"}: ${d.msg}`).join("; ");
+    detail = detailText(body.detail, detail);
   } catch {
     // not JSON: keep the status line
   }
@@ -106,10 +111,8 @@ export function upload(path, file, { onProgress = () => {} } = {}) {
       // not JSON: the status line below
     }
     if (done.status >= 200 && done.status < 300) return body;
-    let detail = `${done.status} ${done.statusText}`;
-    if (typeof body?.detail === "string") detail = body.detail;
-    else if (Array.isArray(body?.detail)) detail = body.detail.map((d) => d.msg).join("; ");
-    throw new ApiError(done.status, detail, done.getResponseHeader("Retry-After"));
+    const detail = detailText(body?.detail, `${done.status} ${done.statusText}`); // a 422 names its field, as in `api`
+    throw new ApiError(done.status, detail, done.getResponseHeader("Retry-After"), body);
   })();
   return {
     result,
