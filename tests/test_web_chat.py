@@ -510,6 +510,18 @@ def test_the_end_of_an_answer_does_not_steal_the_focus(web_page: Watched, team: 
     expect(page.get_by_label("Message", exact=True)).to_have_value("")
 
 
+def test_a_double_click_on_an_agent_starts_one_chat(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    log_in(page, team.email)
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.get_by_role("button", name=re.compile("Echo bot")).dblclick()
+    # The chat opens after the first answer: a second click's request was sent before it.
+    expect(page.get_by_label("Message", exact=True)).to_be_focused()
+    assert [p.split("/api/", 1)[1] for p in posts] == ["chats"]
+    assert len(team.get("/api/chats")) == 1
+
+
 def test_a_double_click_on_load_more_lists_each_chat_once(web_page: Watched, team: Team) -> None:
     page = web_page.page
     agent_id = team.get("/api/agents")[0]["id"]

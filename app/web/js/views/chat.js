@@ -325,13 +325,18 @@ export class ChatsView {
     );
   }
 
+  // One chat per click: a double click on an agent's card created two chats.
   async startChat(agent) {
+    if (this.starting) return;
+    this.starting = true;
     try {
       const chat = await api("/api/chats", { method: "POST", body: { agent_id: agent.id } });
       await this.loadChats();
       this.navigate(`/chats/${chat.id}`);
     } catch (err) {
       notify(errorText(err), "error");
+    } finally {
+      this.starting = false;
     }
   }
 
