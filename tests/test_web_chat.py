@@ -769,6 +769,27 @@ def test_logging_out_mid_answer_leaves_no_answer_text_in_the_tab(web_page: Watch
     wait_until_stored(team)  # the server goes on with the answer: let it end before the tables are emptied
 
 
+def test_signing_in_over_a_session_mid_answer_leaves_no_answer_text_in_the_tab(web_page: Watched, team: Team) -> None:
+    """The login page opened without logging out, mid-answer: the next user signed in with the previous one's
+    answer text still in sessionStorage."""
+    with team.api() as client:
+        added = client.post("/api/users", json={"email": "bob@example.com", "password": PASSWORD})
+        assert added.status_code == 201, added.text
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "[delay=100] " + " ".join(f"w{i}" for i in range(20)))
+    expect(page.locator(".msg.assistant .content")).to_contain_text("w3")
+    stored = "Object.keys(sessionStorage).filter((k) => k.startsWith('stream:'))"
+    assert len(page.evaluate(stored)) == 1
+    page.evaluate("() => { location.hash = '#/login'; }")
+    page.get_by_label("Email").fill("bob@example.com")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator(".who")).to_have_text("bob@example.com")
+    assert page.evaluate(stored) == []
+    wait_until_stored(team)  # the server goes on with the answer: let it end before the tables are emptied
+
+
 def test_a_failed_logout_is_not_reported_as_done(web_page: Watched, team: Team) -> None:
     """A logout that never reached the server showed the login page while the session stayed valid (a reload
     showed the chats again); the page now says the logout failed and stays, and Log out can be tried again."""

@@ -32,6 +32,9 @@ async function loadUser({ again = false } = {}) {
 // The login, sign-up or join page is replaced in the history: Back does not show a form for a session that
 // exists, and an invitation's token (#/join/<token>, still valid while it has uses left) leaves the tab's history.
 export async function signedIn() {
+  // Signed in over another session (the login page opened without logging out): what the tab kept of that
+  // user's answers goes, as a logout would remove it.
+  saved.clearAll();
   await loadUser();
   navigate("/chats", { replace: true });
 }
