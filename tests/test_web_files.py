@@ -267,6 +267,23 @@ def test_share_then_another_member_reads_it_inert_and_forks_it(
     assert web_page.errors == []
 
 
+def test_the_share_dialog_goes_with_the_page_it_was_opened_on(web_page: Watched, team: Team) -> None:
+    """The dialog sits on <body>, outside the page's frame: a session that ended under it (the next request a
+    401) showed the previous user's share link over the login page, and Back kept it over another page."""
+    page = web_page.page
+    open_new_chat(page, team)
+    send(page, "to share")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    menu_item(page, "Share with team")
+    expect(page.get_by_label("Link to the shared chat")).to_be_visible()
+    page.context.clear_cookies()  # the session ends; the page learns it from its next request
+    page.evaluate("location.hash = '#/shares'")
+    expect(page).to_have_url(re.compile(r"#/login$"))
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    expect(page.locator("dialog")).to_have_count(0)
+    assert web_page.errors == []
+
+
 def test_an_imported_chats_files_show_as_names_without_links(web_page: Watched, team: Team) -> None:
     """An import carries files as metadata only (their id is null): the page names them and links nothing."""
     page = web_page.page

@@ -100,6 +100,9 @@ function frame() {
 // redirects over it.
 async function route() {
   const seq = ++routes;
+  // A dialog (the share link) sits on <body> and belongs to the page it was opened on: it goes with it (a
+  // session ending under it, Back), never staying over the next page or the login form.
+  for (const dialog of document.querySelectorAll("dialog[open]")) dialog.close();
   const current = () => seq === routes;
   const path = location.hash.replace(/^#/, "") || "/chats";
   const [, section, ...rest] = path.split("/");
