@@ -60,6 +60,7 @@ function signedOut() {
   chats = null;
   session.user = null;
   saved.clearAll();
+  document.getElementById("toasts")?.replaceChildren(); // the signed-out user's messages go with the session
   if (!AUTH_PAGES.includes(currentSection())) navigate("/login");
 }
 
