@@ -175,7 +175,8 @@ class InputModel(BaseModel):
     def _refuse_nulls(self) -> Self:
         for name in self.null_refused():
             if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} may be left out but not null")
+                # The name the client sent (the widget's `chatInput`), not the attribute's.
+                raise ValueError(f"{type(self).model_fields[name].alias or name} may be left out but not null")
         return self
 
 

@@ -302,9 +302,22 @@ async def test_bad_bodies_are_422_and_store_nothing(
     assert response.headers["content-type"] == "application/json"
     assert isinstance(response.json()["detail"], list)
     assert "deleteEverything" not in response.text
+    assert "chat_input" not in response.text  # the widget's names (chatInput), not the server's field names
+    assert "session_id" not in response.text
     assert await count_rows(session, "chats") == 0
     assert await count_rows(session, "messages") == 0
     assert fake.requests == []
+
+
+async def test_a_null_chat_input_is_refused_by_its_wire_name(
+    client: httpx.AsyncClient, agent: Agent, headers: dict[str, str]
+) -> None:
+    body = {"action": "sendMessage", "sessionId": SESSION, "chatInput": None}
+    response = await client.post(f"/api/agents/{agent.id}/n8n-chat", json=body, headers=headers)
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {"type": "value_error", "loc": ["body"], "msg": "Value error, chatInput may be left out but not null"}
+    ]
 
 
 async def test_a_body_that_is_not_json_is_refused(
