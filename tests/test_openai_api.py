@@ -432,6 +432,39 @@ async def test_streamed_usage_when_asked_for(session: AsyncSession, setup: Setup
     assert all(c.choices and c.usage is None for c in [chunk async for chunk in plain])
 
 
+async def test_stream_options_without_stream_is_refused_as_openai_does(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    """OpenAI refuses `stream_options` unless `stream` is true (it was ignored here: a reply without the usage
+    the caller asked for); this API's status for an invalid body is 422, before n8n is called or anything counts."""
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        await setup.client.chat.completions.create(
+            model="helper",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=False,
+            stream_options={"include_usage": True},
+        )
+    body: Any = caught.value.body
+    assert body == {
+        "message": "stream_options: The 'stream_options' parameter is only allowed when 'stream' is enabled",
+        "type": "invalid_request_error",
+        "code": "invalid_request",
+    }
+    # `stream` left out is `false` too; `stream_options: null` is no option at all.
+    left_out = await post_raw(
+        setup, b'{"model": "helper", "stream_options": {}, "messages": [{"role": "user", "content": "hi"}]}'
+    )
+    assert left_out.status_code == 422
+    assert left_out.json()["error"]["code"] == "invalid_request"
+    assert fake.requests == []
+    assert await count_rows(session, "usage_records") == 0
+    plain = await post_raw(
+        setup, b'{"model": "helper", "stream_options": null, "messages": [{"role": "user", "content": "hi"}]}'
+    )
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["object"] == "chat.completion"
+
+
 async def test_a_failed_completion_tells_the_official_client_not_to_send_it_again(
     session: AsyncSession, setup: Setup, fake: FakeN8n
 ) -> None:

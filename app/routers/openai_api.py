@@ -23,6 +23,7 @@ from app.config import Settings
 from app.db import Database
 from app.deps import DatabaseDep, GenerationsDep, SettingsDep, ShortSessionDep
 from app.error_handlers import NO_RETRY, openai_error
+from app.errors import Unprocessable
 from app.fields import SendableJson, StorableText
 from app.n8n_parser import StreamFailure
 from app.routers.responses import openai_error_doc
@@ -39,6 +40,10 @@ R401_V1 = openai_error_doc(
     "invalid_api_key",
     "Could not validate credentials",
 )
+
+
+#: OpenAI's own words (it answers 400; an invalid body is a 422 on this API, as every other one).
+STREAM_OPTIONS_WITHOUT_STREAM = "The 'stream_options' parameter is only allowed when 'stream' is enabled"
 
 
 R404_MODEL = openai_error_doc(
@@ -69,7 +74,7 @@ class ChatCompletionRequest(BaseModel):
     # Sent on to n8n (and their text into the error log): a lone surrogate could not be encoded (a 500).
     messages: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=1000), SendableJson]
     stream: StrictBool | None = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="Only with `stream: true` (422 otherwise).")
     n: int | None = Field(None, ge=1, le=1, description="One answer per call: only 1 (or leaving it out).")
 
 
@@ -192,7 +197,8 @@ def _chunk(
         ),
         404: R404_MODEL,
         422: openai_error_doc(
-            "Invalid request, e.g. the last message is not a user message with text",
+            "Invalid request, e.g. the last message is not a user message with text, or `stream_options` "
+            "without `stream: true`",
             "invalid_request_error",
             "invalid_request",
             "messages: The last message must be a user message with text content",
@@ -231,6 +237,9 @@ async def chat_completions(
     registry: GenerationsDep,
     x_session_id: Annotated[str | None, Header()] = None,
 ) -> Any:
+    if body.stream_options is not None and not body.stream:
+        # Not ignored: the caller asked for something (the usage chunk) that a non-streamed answer cannot have.
+        raise Unprocessable(STREAM_OPTIONS_WITHOUT_STREAM, loc=("body", "stream_options"))
     registry.check_accepting()
     completion = await completions_service.prepare_completion(
         session=session,
