@@ -138,7 +138,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_origins=settings.CORS_ORIGINS,
         allow_credentials=True,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-        # The headers the API documents: Last-Event-ID (follow), Idempotency-Key (send), X-Session-Id (/v1).
+        # The headers the API documents: Last-Event-ID (follow), Idempotency-Key (send), X-Session-Id (/v1), and
+        # those OpenAI's SDKs send on every call (a browser page using one could not call /v1 without them).
         allow_headers=[
             "Authorization",
             "Content-Type",
@@ -146,6 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Last-Event-ID",
             "Idempotency-Key",
             "X-Session-Id",
+            *openai_api.SDK_HEADERS,
         ],
         expose_headers=["X-Total-Count", "X-Request-ID", "Retry-After"],
         max_age=600,

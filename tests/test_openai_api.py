@@ -401,6 +401,76 @@ async def test_missing_credentials_and_unknown_routes_are_openai_shaped(setup: S
     assert bare.json()["error"]["type"] == "invalid_request_error"
 
 
+#: What OpenAI's JavaScript SDK sends from a browser (`dangerouslyAllowBrowser`), besides the safelisted
+#: `Accept`: its client's `buildHeaders` and `getPlatformHeaders`, `OpenAI-Organization`/`OpenAI-Project` when
+#: set, `X-Stainless-Helper-Method` from `chat.completions.stream()`; `User-Agent` is asked for by Firefox and
+#: Safari (Chromium drops it). As a browser lists them in `Access-Control-Request-Headers`.
+JS_SDK_HEADERS = (
+    "authorization,content-type,openai-organization,openai-project,user-agent,x-stainless-arch,"
+    "x-stainless-helper-method,x-stainless-lang,x-stainless-os,x-stainless-package-version,"
+    "x-stainless-retry-count,x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout"
+)
+#: Set by the HTTP layer, never by a script: a browser never asks for them.
+TRANSPORT_HEADERS = {"host", "content-length", "accept-encoding", "connection", "accept"}
+
+
+async def _preflight(setup: Setup, path: str, method: str, asked: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=setup.server.url) as http:
+        return await http.options(
+            path,
+            headers={
+                "Origin": "http://spa.test",  # in CORS_ORIGINS (tests.conftest)
+                "Access-Control-Request-Method": method,
+                "Access-Control-Request-Headers": asked,
+            },
+        )
+
+
+async def test_the_official_sdks_pass_the_cors_preflight_from_an_allowed_origin(setup: Setup) -> None:
+    """A browser page using OpenAI's SDK: its preflight asks for the `x-stainless-*` family and the organization
+    and project headers; refused, the browser never sent the request (with any CORS_ORIGINS)."""
+    sent: list[httpx.Headers] = []
+
+    async def record(request: httpx.Request) -> None:
+        sent.append(request.headers)
+
+    sdk = openai.AsyncOpenAI(
+        base_url=f"{setup.server.url}/v1",
+        api_key=setup.key,
+        organization="org-1",
+        project="proj-1",
+        max_retries=0,
+        http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [record]}),
+    )
+    await sdk.models.list()
+    await sdk.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
+    await sdk.close()
+    # The Python client's own names (the same family: it adds -async and -read-timeout), as a browser would ask.
+    python_sdk = ",".join(sorted({name.lower() for headers in sent for name in headers} - TRANSPORT_HEADERS))
+    assert "x-stainless-os" in python_sdk
+    assert "openai-project" in python_sdk
+    for asked in (JS_SDK_HEADERS, python_sdk):
+        for path, method in (("/v1/chat/completions", "POST"), ("/v1/models", "GET"), ("/v1/models/helper", "GET")):
+            allowed = await _preflight(setup, path, method, asked)
+            assert allowed.status_code == 200, (path, asked, allowed.text)
+            assert allowed.headers["access-control-allow-origin"] == "http://spa.test"
+            granted = {h.strip().lower() for h in allowed.headers["access-control-allow-headers"].split(",")}
+            assert set(asked.split(",")) <= granted
+    # Still an allow-list: a header no client of this API sends is refused, and so is an origin not listed.
+    assert (await _preflight(setup, "/v1/models", "GET", "authorization,x-anything")).status_code == 400
+    async with httpx.AsyncClient(base_url=setup.server.url) as http:
+        stranger = await http.options(
+            "/v1/models",
+            headers={
+                "Origin": "http://elsewhere.test",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": JS_SDK_HEADERS,
+            },
+        )
+    assert stranger.status_code == 400
+    assert "access-control-allow-origin" not in stranger.headers
+
+
 async def test_streamed_usage_when_asked_for(session: AsyncSession, setup: Setup) -> None:
     """`stream_options.include_usage`, as OpenAI sends it: every chunk has `usage: null`, then one more chunk,
     before [DONE], with empty `choices` and the usage n8n reported."""

@@ -34,6 +34,28 @@ from app.streaming import GenerationRegistry
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
+#: What OpenAI's official SDKs send on every call besides `Authorization` and `Content-Type`: the JavaScript one
+#: from a browser page too (`dangerouslyAllowBrowser`), whose CORS preflight fails unless each is allowed (main.py).
+#: Named one by one, not `*`: the `x-stainless-*` family (the Python client adds -async and -read-timeout;
+#: -helper-method comes from `chat.completions.stream()`), the organization and project when set, and the
+#: `User-Agent` it sets, which Firefox and Safari send (Chromium drops it). None of them is read here.
+SDK_HEADERS = (
+    "OpenAI-Organization",
+    "OpenAI-Project",
+    "User-Agent",
+    "X-Stainless-Arch",
+    "X-Stainless-Async",
+    "X-Stainless-Helper-Method",
+    "X-Stainless-Lang",
+    "X-Stainless-OS",
+    "X-Stainless-Package-Version",
+    "X-Stainless-Read-Timeout",
+    "X-Stainless-Retry-Count",
+    "X-Stainless-Runtime",
+    "X-Stainless-Runtime-Version",
+    "X-Stainless-Timeout",
+)
+
 R401_V1 = openai_error_doc(
     "Missing, invalid, expired or revoked API key or token",
     "authentication_error",
