@@ -93,11 +93,13 @@ class CallbackInbox:
         self.limit = settings.CALLBACK_STEP_MAX_CHARS
         self.steps: list[dict[str, Any]] = []
         self.steps_dropped = 0
-        #: Text by callback counts against the answer cap as a streamed answer does (N8N_MAX_RESPONSE_BYTES).
+        #: The answer's text, by callback and (stream mode) from the webhook together, counts against one cap,
+        #: the one a streamed answer has (N8N_MAX_RESPONSE_BYTES): each path alone let an answer hold twice it.
         self.max_text_bytes = settings.N8N_MAX_RESPONSE_BYTES
         self.text_bytes = 0
-        #: Set with `ended` when a `message` would have passed the cap: the answer fails.
-        self.too_large = False
+        #: Set with `ended` when a piece of text would have passed the cap: the path it came by ("callback" or
+        #: "webhook"). The answer fails.
+        self.too_large: str | None = None
         self.usage: tuple[int, int] | None = None
         self.error: str | None = None
         self.last_at = now
@@ -110,14 +112,29 @@ class CallbackInbox:
     def open(self) -> bool:
         return not self.closed and not self.ended.is_set()
 
-    def take_text(self, content: str) -> bool:
-        """Count a `message` callback's text; False (and the answer ends) when it would pass the answer cap."""
-        self.text_bytes += len(content.encode("utf-8", "surrogatepass"))
-        if self.text_bytes > self.max_text_bytes:
-            self.too_large = True
-            self.ended.set()
-            return False
-        return True
+    def within_cap(self, chunks: list[str], via: str) -> list[str]:
+        """The leading `chunks` that keep the answer's text within the cap, counted; when one would pass it, the
+        answer ends (`too_large`) and neither it nor any later piece, by either path, is kept."""
+        if self.too_large is not None:
+            return []
+        for index, chunk in enumerate(chunks):
+            self.text_bytes += len(chunk.encode("utf-8", "surrogatepass"))
+            if self.text_bytes > self.max_text_bytes:
+                self.too_large = via
+                self.ended.set()
+                return chunks[:index]
+        return chunks
+
+    def counting(self, on_chunks: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+        """`on_chunks` for the webhook's streamed text (stream mode): counted against the same cap as the
+        callbacks' text, so the answer's total stays within it whichever path each piece came by."""
+
+        def counted(chunks: list[str]) -> None:
+            kept = self.within_cap(chunks, "webhook")
+            if kept:
+                on_chunks(kept)
+
+        return counted
 
     def step(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """A `status` or `tool` callback as its SSE event data (shortened), kept in `steps` while room remains;

@@ -595,7 +595,7 @@ class GenerationRegistry:
             url=new.webhook_url,
             headers=headers,
             payload=payload,
-            on_chunks=ignore if callback_mode else on_chunks,
+            on_chunks=ignore if callback_mode else on_chunks if inbox is None else inbox.counting(on_chunks),
             stats=stats,
             attachments=attachments,
         )
@@ -632,7 +632,11 @@ class GenerationRegistry:
             if self.shared is not None:
                 marked = await self.shared.mark_callback_target(callback_id, lifetime)
             call = self.streamer.run(
-                url=url, headers=headers, payload=payload, on_chunks=ignore if callback_mode else on_chunks, stats=stats
+                url=url,
+                headers=headers,
+                payload=payload,
+                on_chunks=ignore if callback_mode else inbox.counting(on_chunks),
+                stats=stats,
             )
             await self._with_callbacks(call, inbox, callback_mode=callback_mode, stats=stats)
         finally:
@@ -659,13 +663,13 @@ class GenerationRegistry:
                     webhook.result()  # the webhook's answer ended first: it is the outcome
                     return
             inbox.closed = True
-            if inbox.too_large:
+            if inbox.too_large is not None:
                 limit = inbox.max_text_bytes
                 raise StreamFailure(
                     "bad_upstream_response",
                     "The agent's answer exceeded the answer size limit",
                     upstream_status=stats.upstream_status,
-                    detail={"reason": f"answer > {limit}", "via": "callback"},
+                    detail={"reason": f"answer > {limit}", "via": inbox.too_large},
                 )
             if inbox.error is not None:
                 raise StreamFailure(
@@ -851,8 +855,9 @@ def _apply_callback(inbox: CallbackInbox, body: dict[str, Any], on_step: Callabl
             if data is not None:
                 on_step(kind, data)
     elif kind == "message":
-        if inbox.take_text(body["content"]) and inbox.on_text is not None:
-            inbox.on_text([body["content"]])
+        kept = inbox.within_cap([body["content"]], "callback")
+        if kept and inbox.on_text is not None:
+            inbox.on_text(kept)
     elif kind == "usage":
         inbox.add_usage(body["input_tokens"], body["output_tokens"])
     else:

@@ -282,6 +282,36 @@ async def test_text_by_callback_is_bounded_by_the_answer_cap(
     assert streamed_text(events) == stored["content"]
 
 
+@pytest.mark.parametrize("first", ["callbacks", "webhook"])
+async def test_one_answers_text_is_bounded_by_the_cap_whichever_path_it_came_through(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, first: str
+) -> None:
+    """Stream mode: the webhook's answer and the `message` callbacks each stayed under N8N_MAX_RESPONSE_BYTES,
+    so one answer could hold twice the cap. Their text counts together now: the piece that would pass the cap,
+    from either path, ends the answer with `bad_upstream_response`, keeping the text before it."""
+    cap = 2600
+    text = ("x" * 750 + " ") * 2  # 1,507 bytes of echo from each path; the webhook's whole body < cap
+    query = {
+        # All the callbacks' text first (no `done`), then the webhook's pieces, 0.4 s apart, pass the cap.
+        "callbacks": "answer=stream&delay_ms=400&end=none&interval_ms=1",
+        # The webhook's text first (it then stalls), then the callbacks' pass the cap.
+        "webhook": "answer=stall&after=3&hang=30&start_ms=800&end=none&interval_ms=1",
+    }[first]
+    async with served(database_url, tmp_path, N8N_MAX_RESPONSE_BYTES=cap, N8N_FIRST_BYTE_TIMEOUT=30) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            setup = await agent_chat(session, server.settings, fake, query, "stream")
+            events = await send(client, setup, text).finish()
+    stored = await assistant_of(app, setup.chat.id)
+    assert events[-1].data["data"] == {  # type: ignore[index]
+        "message": "The agent's answer exceeded the answer size limit",
+        "code": "bad_upstream_response",
+    }
+    assert stored["status"] == "error"
+    word = " " + "x" * 750
+    assert stored["content"] == "Echo:" + word + word + "Echo:" + word  # the next piece would pass the cap
+    assert streamed_text(events) == stored["content"]
+
+
 async def test_signature_attacks_and_bad_bodies_are_refused_and_change_nothing(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:
