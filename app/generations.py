@@ -19,7 +19,7 @@ from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
 from app.errors import NotFound, ServiceUnavailable
 from app.eventlog import RedisEventLog, rebuilt_stream, stored_message, terminal_of, wait_until_final
-from app.n8n_parser import StreamFailure, clean_text
+from app.n8n_parser import EMPTY_ANSWER, StreamFailure, clean_text
 from app.services import chats as chats_service
 from app.services import files as files_service
 from app.services import idempotency
@@ -674,6 +674,11 @@ class GenerationRegistry:
             if inbox.error is not None:
                 raise StreamFailure(
                     "upstream_error", inbox.error, upstream_status=stats.upstream_status, detail={"via": "callback"}
+                )
+            if inbox.text_bytes == 0:
+                # `done` with no text by either path: an empty answer, as a streamed one without text is.
+                raise StreamFailure(
+                    "empty_response", EMPTY_ANSWER, upstream_status=stats.upstream_status, detail={"via": "callback"}
                 )
         finally:
             for task in (webhook, ended):

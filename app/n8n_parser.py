@@ -12,6 +12,11 @@ UTF8_BOM = b"\xef\xbb\xbf"
 EXCERPT_CHARS = 300
 
 
+#: The `empty_response` failure's message: an answer that ended without any text (app.generations too, for one
+#: ended by a `done` callback).
+EMPTY_ANSWER = "The agent returned an empty answer"
+
+
 class StreamFailure(Exception):
     """One terminal failure of a generation: `code` and a short `message` safe to show the client.
 
@@ -261,7 +266,7 @@ class BodyParser:
             out.append(self._half)
             self._half = ""
         if self.failure is None and self.chunks == 0:
-            self.failure = StreamFailure("empty_response", "The agent returned an empty answer")
+            self.failure = StreamFailure("empty_response", EMPTY_ANSWER)
         return out
 
     # --- format detection -----------------------------------------------------------------------

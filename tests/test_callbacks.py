@@ -282,6 +282,33 @@ async def test_text_by_callback_is_bounded_by_the_answer_cap(
     assert streamed_text(events) == stored["content"]
 
 
+@pytest.mark.parametrize(
+    ("mode", "query"),
+    [("callback", "answer=ack&text=0"), ("stream", "answer=cut&hang=30&text=0")],
+    ids=["callback mode", "stream mode, webhook silent"],
+)
+async def test_a_done_callback_with_no_text_at_all_ends_the_answer_as_empty(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, mode: str, query: str
+) -> None:
+    """`done` before any text, by callback or from the webhook: it was stored as an empty `complete` answer,
+    where an empty streamed answer ends with `empty_response`. It ends so now, steps and usage kept."""
+    async with (
+        served(database_url, tmp_path, N8N_FIRST_BYTE_TIMEOUT=30) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=10) as client,
+    ):
+        setup = await agent_chat(session, server.settings, fake, query, mode)
+        events = await send(client, setup).finish()
+        stored = await assistant_of(app, setup.chat.id)
+        again = await send(client, setup).finish()  # the chat is free again
+    error = {"message": "The agent returned an empty answer", "code": "empty_response"}
+    assert kinds(events)[-2:] == ["tool", "error"]
+    assert events[-1].data["data"] == error  # type: ignore[index]
+    assert (stored["status"], stored["content"], stored["error"]) == ("error", "", error)
+    assert [step["type"] for step in stored["metadata"]["steps"]] == ["status", "tool"]
+    assert (stored["metadata"]["tokens_in"], stored["metadata"]["tokens_out"]) == (12, 7)
+    assert kinds(again)[-1] == "error"
+
+
 @pytest.mark.parametrize("first", ["callbacks", "webhook"])
 async def test_one_answers_text_is_bounded_by_the_cap_whichever_path_it_came_through(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, first: str
