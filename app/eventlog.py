@@ -29,8 +29,18 @@ logger = logging.getLogger(__name__)
 
 #: Published with an assistant message id: the instance running that generation stops it.
 STOP_CHANNEL = "generations:stop"
-#: Published with `{"id": assistant message id, "body": callback}`: the instance running it applies it.
+#: Published with `{"id": assistant message id, "body": callback, "reply": token}`: the instance running it
+#: applies it, then pushes "1" (applied) or "0" (refused: its outcome was decided) to `{CALLBACK_REPLY}{token}`.
 CALLBACK_CHANNEL = "generations:callback"
+CALLBACK_REPLY = "callback-reply:"
+#: How long the instance that received a callback waits for its owner to apply it (seconds, within
+#: REPLY_TIMEOUT): n8n posts the next callback only once this one is answered, so answering before the owner
+#: applied it let the next one, received by the owner itself, be applied first.
+RELAY_WAIT = 3.0
+#: Whoever sets `{CALLBACK_CLAIM}{token}` first decides a relayed callback's fate: the owner, before applying
+#: it, or the receiving instance, once it stopped waiting (it then answers 503, and n8n's retry must not find
+#: the callback applied late as well).
+CALLBACK_CLAIM = "callback-claim:"
 #: Set while a `/v1` completion takes callbacks (`{key}{callback id}`), with its longest life as expiry.
 COMPLETION_KEY = "completion-callbacks:"
 #: Polling the stored message while a stream is rebuilt from storage (seconds).
@@ -287,14 +297,44 @@ class RedisEventLog:
         await self._listen(STOP_CHANNEL, "stop", on_stop)
 
     # --- progress callbacks between instances ------------------------------------------------------
-    async def publish_callback(self, assistant_id: str, body: dict[str, Any]) -> bool:
-        """Hand a validated callback to the instance running `assistant_id`; False when Redis is unreachable."""
+    async def relay_callback(self, assistant_id: str, body: dict[str, Any]) -> bool | None:
+        """Hand a validated callback to the instance running `assistant_id` and wait until it applied it: True
+        applied, False refused (its outcome was decided meanwhile), None when Redis is unreachable or no owner
+        answered within RELAY_WAIT (none runs it any more, or its subscription is away: the message is lost)."""
+        token = uuid.uuid4().hex
+        reply = CALLBACK_REPLY + token
         try:
-            await self.redis.publish(CALLBACK_CHANNEL, json.dumps({"id": assistant_id, "body": body}))
+            await self.redis.publish(CALLBACK_CHANNEL, json.dumps({"id": assistant_id, "body": body, "reply": token}))
+            answer = await self.redis.blpop([reply], timeout=RELAY_WAIT)
+            if answer is None:
+                if await self.redis.set(CALLBACK_CLAIM + token, "0", nx=True, ex=math.ceil(RELAY_WAIT) * 4):
+                    return None  # the owner will not apply it now: it is n8n's to send again
+                # The owner claimed it just now, and applies it at once: its answer is on the way.
+                answer = await self.redis.blpop([reply], timeout=RELAY_WAIT)
         except Exception as exc:
             logger.warning("redis unreachable, callback not relayed (%s)", type(exc).__name__)
+            return None
+        return answer is None or bool(answer[1] == b"1")
+
+    async def claim_callback(self, token: str) -> bool:
+        """The owner's claim on a relayed callback, before applying it: False when the instance that received it
+        gave up waiting (or Redis is unreachable: it cannot be told either), and it must not be applied."""
+        try:
+            return bool(await self.redis.set(CALLBACK_CLAIM + token, "1", nx=True, ex=math.ceil(RELAY_WAIT) * 4))
+        except Exception as exc:
+            logger.warning("redis unreachable, relayed callback dropped (%s)", type(exc).__name__)
             return False
-        return True
+
+    async def answer_callback(self, token: str, applied: bool) -> None:
+        """The owner's word on a relayed callback to the instance waiting for it (`relay_callback`)."""
+        key = CALLBACK_REPLY + token
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.lpush(key, "1" if applied else "0")
+                pipe.expire(key, math.ceil(RELAY_WAIT) + 1)
+                await pipe.execute()
+        except Exception as exc:
+            logger.warning("redis unreachable, relayed callback not answered (%s)", type(exc).__name__)
 
     async def mark_callback_target(self, callback_id: str, seconds: float) -> bool:
         """Say that a `/v1` completion (no stored row says it runs) takes callbacks for `callback_id` on some
@@ -319,17 +359,19 @@ class RedisEventLog:
             logger.warning("redis unreachable, callback not relayed (%s)", type(exc).__name__)
             return None
 
-    async def listen_for_callbacks(self, on_callback: Callable[[str, dict[str, Any]], Awaitable[None]]) -> None:
+    async def listen_for_callbacks(
+        self, on_callback: Callable[[str, dict[str, Any], str | None], Awaitable[None]]
+    ) -> None:
         """Subscribe to the callback channel for the life of the app (as the stop channel)."""
 
         async def relayed(data: str) -> None:
             try:
                 message = json.loads(data)
-                assistant_id, body = str(message["id"]), message["body"]
-            except (ValueError, KeyError, TypeError):
+                assistant_id, body, reply = str(message["id"]), message["body"], message.get("reply")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 logger.warning("ignored a malformed relayed callback")
                 return
-            await on_callback(assistant_id, body)
+            await on_callback(assistant_id, body, reply if isinstance(reply, str) else None)
 
         await self._listen(CALLBACK_CHANNEL, "callback", relayed)
 

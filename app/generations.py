@@ -46,6 +46,7 @@ T = TypeVar("T")
 CUT_CODES = frozenset({"upstream_disconnected", "upstream_timeout", "empty_response", "bad_upstream_response"})
 CUT_STATUSES = frozenset({502, 504, 524})
 CALLBACK_NOT_ACCEPTED = "No running generation has this callback URL"
+CALLBACK_UNRELAYED = "The callback cannot be relayed right now; try again"
 STOP_UNREACHABLE = "The instance running this answer cannot be reached right now; try again"
 CALLBACK_WITHOUT_URL = (
     "The agent answers by callback, which this server cannot receive; ask an admin to set PUBLIC_BASE_URL "
@@ -450,18 +451,39 @@ class GenerationRegistry:
             return False
         completion = await self.shared.is_callback_target(assistant_id)  # a `/v1` completion elsewhere?
         if completion is None:  # Redis is unreachable: neither known nor relayable (n8n may retry a 503)
-            raise ServiceUnavailable("The callback cannot be relayed right now; try again")
-        if not completion:
-            async with self.db.autocommit() as session:
-                if not await message_service.is_streaming(session, assistant_id):
-                    return False
-        if not await self.shared.publish_callback(assistant_id, body):
-            raise ServiceUnavailable("The callback cannot be relayed right now; try again")
-        return True
+            raise ServiceUnavailable(CALLBACK_UNRELAYED)
+        if not completion and not await self._streaming(assistant_id):
+            return False
+        # Answered once the owner applied it: n8n posts the next callback only then, and it may reach the owner
+        # directly (a `done` overtaking the relayed text it follows).
+        applied = await self.shared.relay_callback(assistant_id, body)
+        if applied is None:
+            # No owner answered: its generation ended meanwhile (404, as any later post), or it (or Redis) cannot
+            # be reached now; n8n's Retry On Fail sends it again.
+            if completion:
+                gone = await self.shared.is_callback_target(assistant_id) is False
+            else:
+                gone = not await self._streaming(assistant_id)
+            if gone:
+                return False
+            raise ServiceUnavailable(CALLBACK_UNRELAYED, headers={"Retry-After": "5"})
+        return applied
 
-    async def _relayed_callback(self, assistant_id: str, body: dict[str, Any]) -> None:
-        """Another instance received a callback: this one applies it if it runs that generation."""
-        self.deliver(assistant_id, body)
+    async def _streaming(self, assistant_id: str) -> bool:
+        async with self.db.autocommit() as session:
+            return await message_service.is_streaming(session, assistant_id)
+
+    async def _relayed_callback(self, assistant_id: str, body: dict[str, Any], reply: str | None) -> None:
+        """Another instance received a callback: this one applies it if it runs that generation, and tells the
+        instance waiting to answer n8n whether it did (the others stay silent)."""
+        if assistant_id not in self.running and assistant_id not in self.completion_inboxes:
+            return
+        if reply is None or self.shared is None:  # relayed by an instance that waits for no answer
+            self.deliver(assistant_id, body)
+            return
+        if not await self.shared.claim_callback(reply):
+            return  # too late: it was answered 503, and n8n sends it again
+        await self.shared.answer_callback(reply, self.deliver(assistant_id, body))
 
     async def stop(self, generation: Generation) -> dict[str, Any] | None:
         """Stop a generation of this instance; the stored message once it ended (status `cancelled` unless

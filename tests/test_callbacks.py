@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from app import callbacks
 from app.config import Settings
 from app.db import Database
 from app.errors import ServiceUnavailable
+from app.eventlog import RELAY_WAIT
 from app.generations import GenerationRegistry
 from app.models import UsageRecord
 from app.services.api_keys import create_key
@@ -463,8 +465,9 @@ async def test_a_callback_mode_agent_on_a_server_without_public_base_url_fails_w
 
 
 @asynccontextmanager
-async def instance(settings: Settings, port: int, **env: str) -> AsyncIterator[str]:
-    """`uvicorn main:create_app` as its own process on `port`, sharing the database and Redis."""
+async def instance(settings: Settings, port: int, **env: str) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """`uvicorn main:create_app` as its own process on `port`, sharing the database and Redis: its URL, and
+    the process."""
     command = ["-m", "uvicorn", "--factory", "main:create_app", "--port", str(port), "--no-access-log"]
     process = await asyncio.create_subprocess_exec(
         sys.executable, *command, cwd=ROOT, env={**_subprocess_env(settings), **env}
@@ -478,8 +481,10 @@ async def instance(settings: Settings, port: int, **env: str) -> AsyncIterator[s
                         break
                 except httpx.TransportError:
                     await asyncio.sleep(0.05)
-        yield url
+        yield url, process
     finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGCONT)  # a test may have paused it
         process.terminate()
         try:
             async with asyncio.timeout(15):
@@ -498,8 +503,8 @@ async def test_a_callback_reaching_another_instance_is_relayed_to_the_owner(
     port_a, port_b = free_port(), free_port()
     common = {"REDIS_URL": redis_url, "STREAM_PING_INTERVAL": "0.2"}
     async with (
-        instance(settings, port_b, **common, PUBLIC_BASE_URL=f"http://127.0.0.1:{port_b}") as url_b,
-        instance(settings, port_a, **common, PUBLIC_BASE_URL=url_b) as url_a,
+        instance(settings, port_b, **common, PUBLIC_BASE_URL=f"http://127.0.0.1:{port_b}") as (url_b, _b),
+        instance(settings, port_a, **common, PUBLIC_BASE_URL=url_b) as (url_a, _a),
     ):
         setup = await agent_chat(session, settings, fake, "answer=cut&hang=0.05", "callback")
         async with httpx.AsyncClient(base_url=url_a, timeout=10) as a:
@@ -528,8 +533,8 @@ async def test_a_completions_callbacks_reaching_another_instance_are_relayed_to_
     await create_agent(session, team=team, slug="slow", webhook_url=url, response_mode="callback")
     _row, key = await create_key(session=session, settings=settings, user=user, name="k", expires_at=None)
     async with (
-        instance(settings, port_b, **common, PUBLIC_BASE_URL=f"http://127.0.0.1:{port_b}") as url_b,
-        instance(settings, port_a, **common, PUBLIC_BASE_URL=url_b) as url_a,
+        instance(settings, port_b, **common, PUBLIC_BASE_URL=f"http://127.0.0.1:{port_b}") as (url_b, _b),
+        instance(settings, port_a, **common, PUBLIC_BASE_URL=url_b) as (url_a, _a),
     ):
         client = openai.AsyncOpenAI(base_url=f"{url_a}/v1", api_key=key, max_retries=0, timeout=20)
         answer = await client.chat.completions.create(model="slow", messages=[{"role": "user", "content": WORDS}])
@@ -632,3 +637,62 @@ async def test_a_callback_body_with_an_unknown_type_is_a_422_that_does_not_quote
     (error,) = answer.json()["detail"]
     assert error["type"] == "union_tag_invalid"
     assert "'status'" in error["msg"]  # the expected tags are the schema's
+
+
+@pytest.mark.parametrize("paused", [1.0, RELAY_WAIT + 1.0], ids=["briefly", "past the relay's wait"])
+async def test_a_relayed_callback_is_answered_once_its_owner_applied_it(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str, paused: float
+) -> None:
+    """n8n posts one callback after the other, each once the previous one was answered, and a load balancer
+    may send them to different instances: a `message` relayed by B, then `done` straight to A, the owner. B
+    answered 202 as soon as Redis took the message, before A applied it (here A is paused meanwhile), so the
+    `done` could be applied first and the answer end without that text; and a message A's subscription missed
+    was lost unseen. B answers once A applied it now; when A does not within RELAY_WAIT, a 503 (n8n's Retry On
+    Fail sends it again), and A, resumed, does not apply it late: the retry's text is there once."""
+    settings = live_settings(database_url, tmp_path)
+    port_a, port_b = free_port(), free_port()
+    # Heartbeats far apart: paused for seconds, A is not taken for dead (its answer marked interrupted).
+    common = {"REDIS_URL": redis_url, "STREAM_PING_INTERVAL": "0.2", "WORKER_HEARTBEAT_INTERVAL": "5"}
+    async with (
+        instance(settings, port_b, **common, PUBLIC_BASE_URL=f"http://127.0.0.1:{port_b}") as (url_b, _b),
+        instance(settings, port_a, **common, PUBLIC_BASE_URL=f"http://127.0.0.1:{port_a}") as (url_a, process_a),
+    ):
+        setup = await chat_with_agent(session, settings, raw_answer(fake.url, b'{"message": "Workflow was started"}'))
+        setup.agent.response_mode = "callback"
+        await session.commit()
+        loop = asyncio.get_running_loop()
+        message = {"type": "message", "content": "text"}
+        async with httpx.AsyncClient(base_url=url_a, timeout=10) as a, httpx.AsyncClient(timeout=10) as http:
+            reader = send(a, setup)
+            await reader.wait_for(lambda r: len(r.data) >= 2)
+            for _ in range(250):  # until n8n got the request (the events above come before it)
+                if fake.requests:
+                    break
+                await asyncio.sleep(0.02)
+            path = sent_callback_url(fake).removeprefix(url_a)
+            process_a.send_signal(signal.SIGSTOP)
+            try:
+                relayed = asyncio.create_task(http.post(url_b + path, json=message))
+                await asyncio.sleep(min(paused, 1.0))
+                answered_early = relayed.done()
+                await asyncio.sleep(paused - min(paused, 1.0))
+            finally:
+                resumed_at = loop.time()
+                process_a.send_signal(signal.SIGCONT)
+            answer = await relayed
+            answered_at = loop.time()
+            retried = None
+            if answer.status_code == 503:
+                await asyncio.sleep(0.5)  # A, resumed, has read the relayed message by now
+                retried = (await http.post(url_b + path, json=message)).status_code
+            done = await http.post(url_a + path, json={"type": "done"})
+            events = await reader.finish()
+    assert not answered_early
+    if paused < RELAY_WAIT:
+        assert (answer.status_code, answered_at > resumed_at, retried) == (202, True, None)
+    else:
+        assert (answer.status_code, answer.headers.get("Retry-After"), retried) == (503, "5", 202)
+    assert done.status_code == 202
+    assert (events[-1].type, streamed_text(events)) == ("done", "text")
+    stored = await assistant_of(app, setup.chat.id)
+    assert (stored["status"], stored["content"]) == ("complete", "text")

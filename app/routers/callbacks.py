@@ -23,12 +23,16 @@ router = APIRouter(prefix="/api/callbacks", tags=["callbacks"])
     summary="Report progress of a running generation (posted by n8n)",
     description="The URL is the generation's `metadata.callback_url`, as n8n received it. `status` and `tool` "
     "become stream events and are stored in the answer's `metadata.steps`; `message` appends text; `usage` "
-    "counts tokens; `done` or `error` ends the generation (the first end wins). Valid only while the "
+    "counts tokens; `done` or `error` ends the generation (the first end wins). Answered once applied, also "
+    "when relayed to the instance running the generation. Valid only while the "
     "generation runs: any other signature, or one used after the end, is a 404 that changes nothing.",
     responses={
         404: error_doc("Unknown, wrongly signed or already ended generation", CALLBACK_NOT_ACCEPTED),
         413: error_doc("The body is larger than CALLBACK_MAX_BODY_BYTES", "Request body too large"),
-        503: error_doc("The generation runs on another instance and Redis is unreachable"),
+        503: error_doc(
+            "The generation runs on another instance that Redis cannot reach, or that did not take the callback "
+            "within 3 seconds (not applied: send it again)"
+        ),
     },
 )
 async def post_callback(
