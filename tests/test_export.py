@@ -540,6 +540,57 @@ async def test_import_of_a_question_without_an_answer_is_422_and_stores_nothing(
     ).status_code == 201
 
 
+def two_messages(question: str, answer: str, **question_fields: Any) -> dict[str, Any]:
+    """A chat of one question and its answer, as a hand-made export."""
+    q, a = str(uuid.uuid4()), str(uuid.uuid4())
+    messages = [
+        {"id": q, "parent_id": None, "role": "user", "content": question, "status": "complete", **question_fields},
+        {"id": a, "parent_id": q, "role": "assistant", "content": answer, "status": "complete"},
+    ]
+    return {
+        "format": "n8n-chat-relay/chat",
+        "version": 1,
+        "agent": {"slug": "helper"},
+        "current_message_id": a,
+        "messages": messages,
+    }
+
+
+@pytest.mark.settings(MESSAGE_MAX_CHARS=20)
+async def test_import_refuses_a_question_a_send_would_refuse_but_not_a_long_answer(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    """A send refuses a question over MESSAGE_MAX_CHARS, or a blank one; an imported one was stored, and
+    regenerating its answer then sent it to n8n. Answers are not limited by MESSAGE_MAX_CHARS."""
+    for question, problem in (
+        ("q" * 21, "a user message must be at most 20 characters (MESSAGE_MAX_CHARS)"),
+        (" \n\t", "a user message must not be empty"),
+    ):
+        body = json.dumps(two_messages("fine", "ok")) + "\n" + json.dumps(two_messages(question, "ok"))
+        response = await import_body(client, team_world, body, content_type="application/x-ndjson")
+        assert response.status_code == 422, response.text
+        [error] = response.json()["detail"]
+        assert error["msg"] == f"Chat 2: {problem}"
+        assert error["loc"] == ["body", 1, "messages", 0, "content"]
+        assert await count_rows(session, "chats") == 0
+    await session.execute(
+        update(Agent).where(Agent.id == team_world.agent.id).values(webhook_url=fake.url + "/webhook/agent-stream")
+    )
+    await session.commit()
+    at_the_limit = await import_body(client, team_world, json.dumps(two_messages("q" * 20, "a" * 500)))
+    assert at_the_limit.status_code == 201, at_the_limit.text
+    chat_id = at_the_limit.json()[0]["id"]
+    read = (await client.get(f"/api/chats/{chat_id}", headers=team_world.h(team_world.member))).json()
+    assert read["messages"][1]["content"] == "a" * 500
+    regenerated = await client.post(
+        f"/api/chats/{chat_id}/messages",
+        json={"regenerate_of": read["messages"][1]["id"]},
+        headers=team_world.h(team_world.member),
+    )
+    assert regenerated.status_code == 200
+    assert fake.requests[-1]["json"]["chatInput"] == "q" * 20
+
+
 # --- import limits --------------------------------------------------------------------------
 
 
@@ -638,9 +689,9 @@ async def test_import_of_more_chats_than_the_cap_is_422_and_is_checked_off_the_e
     threads: list[bool] = []
     checked = imports.parse_import
 
-    def recorded(body: bytes, max_chats: int, max_messages: int) -> Any:
+    def recorded(body: bytes, limits: imports.ImportLimits) -> Any:
         threads.append(threading.current_thread() is threading.main_thread())
-        return checked(body, max_chats, max_messages)
+        return checked(body, limits)
 
     monkeypatch.setattr(imports, "parse_import", recorded)
     chats, messages = await count_rows(session, "chats"), await count_rows(session, "messages")

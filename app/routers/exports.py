@@ -96,7 +96,8 @@ IMPORT_BODY_DOC = (
     status_code=status.HTTP_201_CREATED,
     summary="Import exported chats as new chats of mine (all or nothing)",
     description="Every chat is checked before anything is stored (one transaction): its tree (each `parent_id` "
-    "an earlier message of the same chat, roles alternating from a user message, every user message answered, "
+    "an earlier message of the same chat, roles alternating from a user message, every user message answered "
+    "and as a send takes it (not blank, at most MESSAGE_MAX_CHARS characters), "
     "no `streaming` message, a "
     "`current_message_id` of the chat) and its agent, matched by `agent.slug` in your team (a missing slug is a "
     "422 naming it). Ids and times are new; titles, roles, contents, order, branches and the branch shown are "
@@ -135,7 +136,6 @@ async def import_chats(
             session=session,
             user=user,
             body=body,
-            max_chats=settings.IMPORT_MAX_CHATS,
-            max_messages=settings.IMPORT_MAX_MESSAGES,
+            limits=imports.ImportLimits.of(settings),
         )
     return [ChatSummary.model_validate(chat) for chat in chats]

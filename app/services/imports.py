@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import Settings
 from app.db import utcnow
 from app.errors import RateLimited, Unprocessable, UnsupportedMediaType, short_loc
 from app.filetypes import clean_filename
@@ -105,6 +106,25 @@ def _feedback(feedback: ExportedFeedback | None) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
+class ImportLimits:
+    """What one import may hold (chats and messages, all its chats together), and how long its user messages
+    may be: what a send accepts (MESSAGE_MAX_CHARS), since regenerating an imported answer sends its question
+    to n8n again."""
+
+    chats: int
+    messages: int
+    question_chars: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> ImportLimits:
+        return cls(
+            chats=settings.IMPORT_MAX_CHATS,
+            messages=settings.IMPORT_MAX_MESSAGES,
+            question_chars=settings.MESSAGE_MAX_CHARS,
+        )
+
+
+@dataclass(frozen=True)
 class _Plan:
     """One checked chat, ready to store."""
 
@@ -123,10 +143,10 @@ def _path(parents: dict[uuid.UUID, uuid.UUID | None], leaf: uuid.UUID) -> list[u
     return path
 
 
-def _plan(index: int, chat: ExportedChat) -> _Plan:
+def _plan(index: int, chat: ExportedChat, limits: ImportLimits) -> _Plan:
     """Check one chat's tree: unique ids, each parent an earlier message of the same chat, roles alternating
-    from a user message, every user message answered, no answer still streaming, feedback on answers only, a
-    current message of the chat."""
+    from a user message, every user message answered and one a send would take, no answer still streaming,
+    feedback on answers only, a current message of the chat."""
 
     def refuse(message: str, *loc: str | int) -> Unprocessable:
         return Unprocessable(f"Chat {index + 1}: {message}", loc=("body", index, *loc))
@@ -147,6 +167,15 @@ def _plan(index: int, chat: ExportedChat) -> _Plan:
             raise refuse("a message must not have the role of its parent", "messages", j, "role")
         if m.status == "streaming":
             raise refuse("an answer still streaming cannot be imported", "messages", j, "status")
+        if m.role == "user" and not m.content.strip():
+            raise refuse("a user message must not be empty", "messages", j, "content")
+        if m.role == "user" and len(m.content) > limits.question_chars:
+            raise refuse(
+                f"a user message must be at most {limits.question_chars} characters (MESSAGE_MAX_CHARS)",
+                "messages",
+                j,
+                "content",
+            )
         if m.feedback is not None and m.role != "assistant":
             raise refuse("feedback is for assistant messages only", "messages", j, "feedback")
         if m.files and m.role != "user":
@@ -195,36 +224,34 @@ def too_many_messages(limit: int) -> str:
     return f"An import holds at most {limit} messages; split the file"
 
 
-def parse_import(body: bytes, max_chats: int, max_messages: int) -> list[_Plan]:
+def parse_import(body: bytes, limits: ImportLimits) -> list[_Plan]:
     """Every chat of the body, checked; the first problem is a 422 naming the chat (its position) and field.
     CPU-bound (up to seconds for a large body): run it in a thread. The caps are checked first, on the raw
     documents, before any of them is validated."""
     documents = _documents(body)
-    if len(documents) > max_chats:
-        raise Unprocessable(too_many_chats(max_chats), loc=("body",))
+    if len(documents) > limits.chats:
+        raise Unprocessable(too_many_chats(limits.chats), loc=("body",))
     messages = sum(len(d["messages"]) for d in documents if isinstance(d, dict) and isinstance(d.get("messages"), list))
-    if messages > max_messages:
-        raise Unprocessable(too_many_messages(max_messages), loc=("body",))
+    if messages > limits.messages:
+        raise Unprocessable(too_many_messages(limits.messages), loc=("body",))
     plans = []
     for index, document in enumerate(documents):
         try:
             chat = ExportedChat.model_validate(document)
         except ValidationError as exc:
             raise _first_error(index, exc) from None
-        plans.append(_plan(index, chat))
+        plans.append(_plan(index, chat, limits))
     if not plans:
         raise Unprocessable(EMPTY_IMPORT)
     return plans
 
 
-async def import_chats(
-    *, session: AsyncSession, user: User, body: bytes, max_chats: int, max_messages: int
-) -> list[Chat]:
+async def import_chats(*, session: AsyncSession, user: User, body: bytes, limits: ImportLimits) -> list[Chat]:
     """Store every chat of the body as a new chat of the caller, or none: one transaction, after every chat
     was checked and every agent found. Agents are matched by slug in the caller's team (inactive ones too:
     the history is kept, as for any chat of an inactive agent); a slug the team lacks is a 422 naming it.
     The body is checked in a worker thread: seconds of parsing on the event loop stalled every stream."""
-    plans = await asyncio.to_thread(parse_import, body, max_chats, max_messages)
+    plans = await asyncio.to_thread(parse_import, body, limits)
     slugs = {plan.chat.agent.slug for plan in plans}
     query = select(Agent.slug, Agent.id).where(Agent.team_id == user.team_id, Agent.slug.in_(slugs))
     agents: dict[str, uuid.UUID] = {slug: agent_id for slug, agent_id in (await session.execute(query)).all()}
