@@ -39,9 +39,6 @@ class ShareRead(ShareSummary):
 #: What an export names itself; an import refuses any other `format` or `version`.
 EXPORT_FORMAT = "n8n-chat-relay/chat"
 EXPORT_VERSION = 1
-#: Content of one imported message; far above what a send accepts (assistant answers are longer).
-IMPORT_CONTENT_MAX_CHARS = 1_000_000
-
 #: No size cap of its own on an imported chat's JSON: the body cap (IMPORT_MAX_BODY_BYTES) bounds it, and a
 #: message's metadata (tool steps) may be large; the guard is only for what PostgreSQL cannot store.
 IMPORT_DOCUMENT_MAX_BYTES = 1 << 40
@@ -90,7 +87,11 @@ class ExportedMessage(ExportPart):
     id: uuid.UUID = Field(description="Links the tree within this export; the import makes new ids")
     parent_id: uuid.UUID | None = Field(description="An earlier message of this chat, or null for a first message")
     role: MessageRole
-    content: Annotated[str, Field(max_length=IMPORT_CONTENT_MAX_CHARS), StorableText]
+    content: Annotated[
+        str,
+        Field(description="At most MESSAGE_MAX_CHARS characters (user) or N8N_MAX_RESPONSE_BYTES (assistant)"),
+        StorableText,
+    ]
     status: ImportedStatus = Field(description="`streaming` is never exported and refused on import")
     created_at: datetime | None = Field(None, description="Informative; the import stamps new times in order")
     error: MessageError | None = None

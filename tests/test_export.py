@@ -591,6 +591,35 @@ async def test_import_refuses_a_question_a_send_would_refuse_but_not_a_long_answ
     assert fake.requests[-1]["json"]["chatInput"] == "q" * 20
 
 
+async def test_an_answer_as_long_as_a_stored_one_can_be_imports_again(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """A stored answer is bounded by N8N_MAX_RESPONSE_BYTES (10 MiB by default), not by the 1,000,000
+    characters the import allowed: such an answer's export was refused on import."""
+    answer = "a" * 1_000_001
+    messages: list[dict[str, Any]] = [{"content": "Q"}, {"role": "assistant", "content": answer}]
+    chat = await create_chat(session, user=team_world.member, agent=team_world.agent, messages=messages)
+    first = await export_json(client, team_world, chat.id)
+    response = await import_body(client, team_world, json.dumps(first))
+    assert response.status_code == 201, response.text
+    second = await export_json(client, team_world, response.json()[0]["id"])
+    assert second["messages"][1]["content"] == answer
+
+
+@pytest.mark.settings(N8N_MAX_RESPONSE_BYTES=2048)
+async def test_an_answer_longer_than_any_stored_one_is_refused(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """No answer n8n sends is longer than N8N_MAX_RESPONSE_BYTES characters (its bytes bound them)."""
+    assert (await import_body(client, team_world, json.dumps(two_messages("Q", "a" * 2048)))).status_code == 201
+    response = await import_body(client, team_world, json.dumps(two_messages("Q", "a" * 2049)))
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["msg"] == "Chat 1: an answer must be at most 2048 characters (N8N_MAX_RESPONSE_BYTES)"
+    assert error["loc"] == ["body", 0, "messages", 1, "content"]
+    assert await count_rows(session, "chats") == 1
+
+
 # --- import limits --------------------------------------------------------------------------
 
 

@@ -107,13 +107,15 @@ def _feedback(feedback: ExportedFeedback | None) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class ImportLimits:
-    """What one import may hold (chats and messages, all its chats together), and how long its user messages
-    may be: what a send accepts (MESSAGE_MAX_CHARS), since regenerating an imported answer sends its question
-    to n8n again."""
+    """What one import may hold (chats and messages, all its chats together), and how long its messages may
+    be: a question what a send accepts (MESSAGE_MAX_CHARS), since regenerating an imported answer sends it to
+    n8n again; an answer what n8n may send (N8N_MAX_RESPONSE_BYTES bytes hold at most as many characters), so
+    every export of a stored answer imports again."""
 
     chats: int
     messages: int
     question_chars: int
+    answer_chars: int
 
     @classmethod
     def of(cls, settings: Settings) -> ImportLimits:
@@ -121,6 +123,7 @@ class ImportLimits:
             chats=settings.IMPORT_MAX_CHATS,
             messages=settings.IMPORT_MAX_MESSAGES,
             question_chars=settings.MESSAGE_MAX_CHARS,
+            answer_chars=settings.N8N_MAX_RESPONSE_BYTES,
         )
 
 
@@ -172,6 +175,13 @@ def _plan(index: int, chat: ExportedChat, limits: ImportLimits) -> _Plan:
         if m.role == "user" and len(m.content) > limits.question_chars:
             raise refuse(
                 f"a user message must be at most {limits.question_chars} characters (MESSAGE_MAX_CHARS)",
+                "messages",
+                j,
+                "content",
+            )
+        if m.role == "assistant" and len(m.content) > limits.answer_chars:
+            raise refuse(
+                f"an answer must be at most {limits.answer_chars} characters (N8N_MAX_RESPONSE_BYTES)",
                 "messages",
                 j,
                 "content",
