@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-from app.chat_schemas import MessageError, MessageRead, MessageRole
+from app.chat_schemas import MessageRead, MessageRole
 from app.fields import JSON_MAX_DEPTH, AgentSlug, ChatTitle, InUtc, ReadModel, StorableText, check_storable_json
 
 # --- shares ----------------------------------------------------------------------------------
@@ -81,6 +81,14 @@ class ExportedFile(ExportPart):
     sha256: str = Field(pattern="^[0-9a-f]{64}$", description="Hex SHA-256 of the bytes (lower case)")
 
 
+class ExportedError(ExportPart):
+    """A failed answer's error, as a Message shows it: exactly `message` and `code` (an unknown key is refused,
+    not dropped: the chat stored would differ from the file)."""
+
+    message: str
+    code: str | None = None
+
+
 class ExportedMessage(ExportPart):
     """One message of an exported chat, in the order of the export (a parent before its children)."""
 
@@ -94,8 +102,8 @@ class ExportedMessage(ExportPart):
     ]
     status: ImportedStatus = Field(description="`streaming` is never exported and refused on import")
     created_at: datetime | None = Field(None, description="Informative; the import stamps new times in order")
-    error: MessageError | None = None
-    metadata: dict[str, Any] | None = None
+    error: ExportedError | None = Field(None, description="An answer's only: a user message has none")
+    metadata: dict[str, Any] | None = Field(None, description="An answer's only: a user message has none")
     feedback: ExportedFeedback | None = None
     files: list[ExportedFile] = Field(
         default_factory=list,

@@ -25,6 +25,7 @@ from app.fields import JSON_MAX_DEPTH
 from app.models import Agent, Chat, Message, User
 from app.services import imports
 from app.services.exports import EXPORT_PAGE_CHATS
+from app.services.messages import INTERRUPTED
 from app.state import app_state
 from tests.conftest import TeamWorld, chat_with_sent_files, count_rows
 from tests.factories import create_chat, message_row
@@ -316,6 +317,40 @@ async def test_round_trip_of_all_chats_as_json_lines(
     assert {c["title"] for c in listed.json()} == {"one", "two", "empty"}
 
 
+async def test_round_trip_of_every_kind_of_answer_a_chat_holds(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, fake: FakeN8n
+) -> None:
+    """What real chats hold imports again as it was: files, an answer that failed (with its error), one stopped
+    (`cancelled`), one cut by a restart (`interrupted` with its error), one still streaming (exported as
+    `interrupted`), and their metadata."""
+    chat_id, _ = await chat_with_sent_files(client, session, team_world, fake, [NOTES, TABLE])
+    failed = await client.post(
+        f"/api/chats/{chat_id}/messages", json={"content": "__llm_error__"}, headers=team_world.h(team_world.member)
+    )
+    assert data_events(parse_sse(failed.text))[-1].type == "error"
+    stopped = {"role": "assistant", "content": "Half", "status": "cancelled", "metadata": {"format": "ndjson"}}
+    interrupted = {"role": "assistant", "content": "Cut", "status": "interrupted", "error": INTERRUPTED}
+    running = {"role": "assistant", "content": "Still", "status": "streaming"}
+    messages: list[dict[str, Any]] = [
+        {"content": "Q1"},
+        stopped,
+        {"content": "Q2"},
+        interrupted,
+        {"content": "Q3"},
+        running,
+    ]
+    await create_chat(session, user=team_world.member, agent=team_world.agent, messages=messages)
+    exported = (await client.get("/api/chats/export", headers=team_world.h(team_world.member))).content
+    first = [json.loads(line) for line in exported.splitlines()]
+    assert [m["status"] for m in first[0]["messages"]] == ["complete", "complete", "complete", "error"]
+    assert first[0]["messages"][3]["error"]["code"]
+    assert first[0]["messages"][0]["files"]
+    response = await import_body(client, team_world, exported, team_world.colleague, "application/x-ndjson")
+    assert response.status_code == 201, response.text
+    again = (await client.get("/api/chats/export", headers=team_world.h(team_world.colleague))).content
+    assert [comparable(json.loads(line)) for line in again.splitlines()] == [comparable(d) for d in first]
+
+
 async def test_round_trip_of_json_lines_keeps_unicode_line_separators(
     client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
 ) -> None:
@@ -406,6 +441,18 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         messages[0]["files"] = [{**EXPORTED_FILE, "size": -1}]
     elif change == "file_type_not_a_mime_type":
         messages[0]["files"] = [{**EXPORTED_FILE, "content_type": "text/plain\n## Injected heading"}]
+    elif change == "unknown_key_in_error":  # was dropped silently: the chat stored differed from the file
+        messages[3]["error"]["detail"] = "kept nowhere"
+    elif change == "error_on_question":
+        messages[2]["error"] = {"message": "The agent failed", "code": "x"}
+    elif change == "metadata_on_question":
+        messages[2]["metadata"] = {"format": "json"}
+    elif change == "question_not_complete":
+        messages[2]["status"] = "interrupted"
+    elif change == "blank_question":
+        messages[2]["content"] = " \n "
+    elif change == "question_too_long":  # over MESSAGE_MAX_CHARS (32,000 by default)
+        messages[2]["content"] = "q" * 32_001
     elif change == "feedback_time_past_the_calendar":  # year 10000 in UTC: stored, every read was a 500
         messages[1]["feedback"] = {**FEEDBACK, "updated_at": "9999-12-31T23:59:59-05:00"}
     elif change == "feedback_time_before_the_calendar":
@@ -438,6 +485,12 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         "file_type_not_a_mime_type",
         "feedback_time_past_the_calendar",
         "feedback_time_before_the_calendar",
+        "unknown_key_in_error",
+        "error_on_question",
+        "metadata_on_question",
+        "question_not_complete",
+        "blank_question",
+        "question_too_long",
     ],
 )
 async def test_import_one_bad_chat_among_many_stores_nothing(

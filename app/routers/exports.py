@@ -97,7 +97,7 @@ IMPORT_BODY_DOC = (
     summary="Import exported chats as new chats of mine (all or nothing)",
     description="Every chat is checked before anything is stored (one transaction): its tree (each `parent_id` "
     "an earlier message of the same chat, roles alternating from a user message, every user message answered "
-    "and as a send takes it (not blank, at most MESSAGE_MAX_CHARS characters), "
+    "and as a send stores it (complete, no error or metadata, not blank, at most MESSAGE_MAX_CHARS characters), "
     "no `streaming` message, a "
     "`current_message_id` of the chat) and its agent, matched by `agent.slug` in your team (a missing slug is a "
     "422 naming it). Ids and times are new; titles, roles, contents, order, branches and the branch shown are "

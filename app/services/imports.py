@@ -22,7 +22,7 @@ from app.errors import RateLimited, Unprocessable, UnsupportedMediaType, short_l
 from app.filetypes import clean_filename
 from app.models import Agent, Chat, User
 from app.services.chat_copies import CopiedFile, CopiedMessage, create_chat_copy
-from app.share_schemas import ExportedChat, ExportedFeedback
+from app.share_schemas import ExportedChat, ExportedFeedback, ExportedMessage
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +146,32 @@ def _path(parents: dict[uuid.UUID, uuid.UUID | None], leaf: uuid.UUID) -> list[u
     return path
 
 
+def _stored_as(m: ExportedMessage, limits: ImportLimits) -> tuple[str, str] | None:
+    """Why no chat of this service could hold `m` (the problem and its field), or None. A user message is as a
+    send stores it: complete, without error or metadata, a text the send takes (regenerating its answer sends
+    it to n8n again). An answer is no longer than n8n may send."""
+    if m.role == "assistant":
+        if len(m.content) > limits.answer_chars:
+            return f"an answer must be at most {limits.answer_chars} characters (N8N_MAX_RESPONSE_BYTES)", "content"
+        return None
+    if m.status != "complete":
+        return "a user message's status must be complete", "status"
+    if m.error is not None:
+        return "a user message has no error", "error"
+    if m.metadata is not None:
+        return "a user message has no metadata", "metadata"
+    if not m.content.strip():
+        return "a user message must not be empty", "content"
+    if len(m.content) > limits.question_chars:
+        return f"a user message must be at most {limits.question_chars} characters (MESSAGE_MAX_CHARS)", "content"
+    return None
+
+
 def _plan(index: int, chat: ExportedChat, limits: ImportLimits) -> _Plan:
     """Check one chat's tree: unique ids, each parent an earlier message of the same chat, roles alternating
-    from a user message, every user message answered and one a send would take, no answer still streaming,
-    feedback on answers only, a current message of the chat."""
+    from a user message, every user message answered and as a send stores one (complete, no error or metadata,
+    a text it takes), no answer still streaming or too long, feedback on answers only, a current message of
+    the chat."""
 
     def refuse(message: str, *loc: str | int) -> Unprocessable:
         return Unprocessable(f"Chat {index + 1}: {message}", loc=("body", index, *loc))
@@ -168,24 +190,11 @@ def _plan(index: int, chat: ExportedChat, limits: ImportLimits) -> _Plan:
             raise refuse("parent_id is not an earlier message of this chat", "messages", j, "parent_id")
         elif roles[m.parent_id] == m.role:
             raise refuse("a message must not have the role of its parent", "messages", j, "role")
+        problem = _stored_as(m, limits)
+        if problem is not None:
+            raise refuse(problem[0], "messages", j, problem[1])
         if m.status == "streaming":
             raise refuse("an answer still streaming cannot be imported", "messages", j, "status")
-        if m.role == "user" and not m.content.strip():
-            raise refuse("a user message must not be empty", "messages", j, "content")
-        if m.role == "user" and len(m.content) > limits.question_chars:
-            raise refuse(
-                f"a user message must be at most {limits.question_chars} characters (MESSAGE_MAX_CHARS)",
-                "messages",
-                j,
-                "content",
-            )
-        if m.role == "assistant" and len(m.content) > limits.answer_chars:
-            raise refuse(
-                f"an answer must be at most {limits.answer_chars} characters (N8N_MAX_RESPONSE_BYTES)",
-                "messages",
-                j,
-                "content",
-            )
         if m.feedback is not None and m.role != "assistant":
             raise refuse("feedback is for assistant messages only", "messages", j, "feedback")
         if m.files and m.role != "user":
