@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import Settings
 from app.db import utcnow
 from app.models import Agent, Chat, File, FileBlob, Message, ShareFile, Team, User
 from app.state import app_state
@@ -547,6 +548,37 @@ async def test_fork_copies_the_files_for_its_owner_and_sends_their_bytes(
         (forked[0]["id"], "notes.txt", NOTES[1]),
         (forked[1]["id"], "table.csv", TABLE[1]),
     ]
+
+
+async def test_a_fork_keeps_every_file_of_its_snapshot_past_a_lowered_chat_cap(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    team_world: TeamWorld,
+    fake: FakeN8n,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A snapshot holds no more files than its chat was allowed, so a fork passes FILES_PER_CHAT_MAX only when
+    the cap was lowered since. The fork then keeps every file, as the chat does (a lower cap removes nothing,
+    and a fork without some files would be a silently different chat); the cap refuses the next upload (409)."""
+    chat_id, sent = await chat_with_sent_files(client, session, team_world, fake, [NOTES, TABLE])
+    shared = (await client.post(f"/api/chats/{chat_id}/share", headers=team_world.h(team_world.member))).json()
+    monkeypatch.setattr(settings, "FILES_PER_CHAT_MAX", 1)
+    colleague = team_world.h(team_world.colleague)
+    response = await client.post(f"/api/shares/{shared['id']}/fork", headers=colleague)
+    assert response.status_code == 201, response.text
+    fork = response.json()
+    forked = fork["messages"][0]["files"]
+    assert [f["sha256"] for f in forked] == [f["sha256"] for f in sent]
+    assert await count_rows(session, "files") == 4  # the chat's two and the fork's two
+    for chat, headers in ((fork["id"], colleague), (chat_id, team_world.h(team_world.member))):
+        refused = await client.post(
+            f"/api/chats/{chat}/files", files={"file": ("more.txt", b"more", "text/plain")}, headers=headers
+        )
+        assert refused.status_code == 409
+        assert refused.json() == {"detail": "This chat holds the most files allowed (1)"}
+    own = await client.get(f"/api/chats/{fork['id']}/files/{forked[1]['id']}", headers=colleague)
+    assert own.content == TABLE[1]
 
 
 async def test_fork_of_a_share_being_revoked_never_fails_on_missing_bytes(

@@ -216,7 +216,9 @@ async def fork_share(*, session: AsyncSession, user: User, share_id: uuid.UUID) 
     """A new chat of the caller holding the snapshot's messages (new ids and times), with the share's agent.
 
     The agent must still be active in the team (like starting a chat: inactive 409), so the fork can be
-    continued at once. Returns the new chat's id.
+    continued at once. Every file of the snapshot is copied, even past a FILES_PER_CHAT_MAX lowered since the
+    snapshot (the cap bounds uploads; a fork missing files would differ from its share unsaid). Returns the
+    new chat's id.
     """
     # Locked for share: a revocation or a re-share waits for this fork, so the copies' blobs stay until the
     # fork's own file rows hold them.
