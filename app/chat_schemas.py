@@ -221,6 +221,13 @@ class MessageRead(ReadModel):
         return [] if value is None else value
 
 
+def integer_rating(value: Any) -> Any:
+    """Only the JSON integers 1 and -1 (not `true`, `1.0` or `"1"`, which lax mode would take for 1)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError("rating must be 1, -1 or null")
+    return value
+
+
 class FeedbackUpdate(InputModel):
     """A rating of an assistant message: 1 (good), -1 (bad) or null (none), with an optional comment."""
 
@@ -229,13 +236,7 @@ class FeedbackUpdate(InputModel):
         None, description=f"At most {FEEDBACK_COMMENT_MAX} characters; blank is no comment"
     )
 
-    @field_validator("rating", mode="before")
-    @classmethod
-    def _integer_rating(cls, value: Any) -> Any:
-        """Only the JSON integers 1 and -1 (not `true`, `1.0` or `"1"`, which lax mode would take for 1)."""
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError("rating must be 1, -1 or null")
-        return value
+    _rating = field_validator("rating", mode="before")(integer_rating)
 
 
 class ChatSummary(ReadModel):

@@ -6,9 +6,9 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
-from app.chat_schemas import MessageRead, MessageRole
+from app.chat_schemas import MessageRead, MessageRole, integer_rating
 from app.fields import JSON_MAX_DEPTH, AgentSlug, ChatTitle, InUtc, ReadModel, StorableText, check_storable_json
 
 # --- shares ----------------------------------------------------------------------------------
@@ -64,6 +64,8 @@ class ExportedFeedback(ExportPart):
     comment: Annotated[str, Field(max_length=2000), StorableText] | None = None
     updated_at: Annotated[datetime, InUtc] | None = None
 
+    _rating = field_validator("rating", mode="before")(integer_rating)  # as rating a message takes it
+
 
 #: Files one imported message may name (metadata only); far above what a send attaches.
 IMPORT_FILES_PER_MESSAGE_MAX = 100
@@ -77,7 +79,7 @@ class ExportedFile(ExportPart):
     content_type: str = Field(
         min_length=3, max_length=100, pattern=r"^[a-z0-9][a-z0-9.+-]*/[a-z0-9][a-z0-9.+-]*$", description="A MIME type"
     )
-    size: int = Field(ge=0, le=2**31 - 1, description="Bytes")
+    size: StrictInt = Field(ge=0, le=2**31 - 1, description="Bytes (an integer, not `true` or text)")
     sha256: str = Field(pattern="^[0-9a-f]{64}$", description="Hex SHA-256 of the bytes (lower case)")
 
 

@@ -453,6 +453,12 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         messages[2]["content"] = " \n "
     elif change == "question_too_long":  # over MESSAGE_MAX_CHARS (32,000 by default)
         messages[2]["content"] = "q" * 32_001
+    elif change == "rating_true":  # lax mode took it for 1; rating a message refuses it
+        messages[1]["feedback"] = {**FEEDBACK, "rating": True}
+    elif change == "file_size_as_text":
+        messages[0]["files"] = [{**EXPORTED_FILE, "size": "2"}]
+    elif change == "file_size_true":
+        messages[0]["files"] = [{**EXPORTED_FILE, "size": True}]
     elif change == "feedback_time_past_the_calendar":  # year 10000 in UTC: stored, every read was a 500
         messages[1]["feedback"] = {**FEEDBACK, "updated_at": "9999-12-31T23:59:59-05:00"}
     elif change == "feedback_time_before_the_calendar":
@@ -491,6 +497,9 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         "question_not_complete",
         "blank_question",
         "question_too_long",
+        "rating_true",
+        "file_size_as_text",
+        "file_size_true",
     ],
 )
 async def test_import_one_bad_chat_among_many_stores_nothing(
