@@ -197,6 +197,7 @@ async def test_requests_are_recorded(fake: FakeN8n, http: aiohttp.ClientSession)
     assert recorded == fake.requests
     assert recorded[0]["json"] == payload
     assert recorded[0]["headers"]["X-Key"] == "k"
+    assert ["X-Key", "k"] in recorded[0]["header_lines"]
     assert recorded[0]["query"] == {"x": "1"}
     async with http.delete(fake.url + "/__requests") as resp:
         assert resp.status == 204

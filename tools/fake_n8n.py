@@ -311,7 +311,7 @@ class FakeN8n:
                 "query": dict(request.query),
                 "headers": dict(request.headers),
                 # Every header line as sent, repeated names included (the dict above keeps one of each).
-                "header_lines": list(request.headers.items()),
+                "header_lines": [[name, value] for name, value in request.headers.items()],
                 "json": None if form is not None else body,
                 "form": form,
                 "parts": parts,
