@@ -92,6 +92,15 @@ def sent_callback_url(fake: FakeN8n) -> str:
     return str(fake.requests[-1]["json"]["metadata"]["callback_url"])
 
 
+async def callback_url_once_sent(fake: FakeN8n) -> str:
+    """The callback URL n8n got, once it got the request (a send's first events come before it)."""
+    for _ in range(250):
+        if fake.requests:
+            break
+        await asyncio.sleep(0.02)
+    return sent_callback_url(fake)
+
+
 async def test_callback_mode_relays_steps_text_and_usage_and_stores_them(
     app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
 ) -> None:
@@ -350,11 +359,7 @@ async def test_signature_attacks_and_bad_bodies_are_refused_and_change_nothing(
             setup = await agent_chat(session, server.settings, fake, "answer=ack&start_ms=3000", "callback")
             reader = send(client, setup)
             await reader.wait_for(lambda r: len(r.data) >= 2)
-            for _ in range(250):  # until n8n got the request (the events above come before it)
-                if fake.requests:
-                    break
-                await asyncio.sleep(0.02)
-            url = sent_callback_url(fake).removeprefix(server.url)
+            url = (await callback_url_once_sent(fake)).removeprefix(server.url)
             prefix, generation, signature = url.rsplit("/", 2)
             other = callbacks.signature(server.settings, str(uuid.uuid4()))
             flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
@@ -408,11 +413,7 @@ async def test_a_stop_ends_a_callback_mode_generation_and_its_url(
         setup = await agent_chat(session, server.settings, fake, "answer=ack&start_ms=2000", "callback")
         reader = send(client, setup)
         await reader.wait_for(lambda r: len(r.data) >= 2)
-        for _ in range(250):  # until n8n got the request (the events above come before it)
-            if fake.requests:
-                break
-            await asyncio.sleep(0.02)
-        url = sent_callback_url(fake)
+        url = await callback_url_once_sent(fake)
         step = await client.post(url, json={"type": "tool", "name": "lookup"})
         stopped = await client.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
         events = await reader.finish()
@@ -665,11 +666,7 @@ async def test_a_relayed_callback_is_answered_once_its_owner_applied_it(
         async with httpx.AsyncClient(base_url=url_a, timeout=10) as a, httpx.AsyncClient(timeout=10) as http:
             reader = send(a, setup)
             await reader.wait_for(lambda r: len(r.data) >= 2)
-            for _ in range(250):  # until n8n got the request (the events above come before it)
-                if fake.requests:
-                    break
-                await asyncio.sleep(0.02)
-            path = sent_callback_url(fake).removeprefix(url_a)
+            path = (await callback_url_once_sent(fake)).removeprefix(url_a)
             process_a.send_signal(signal.SIGSTOP)
             try:
                 relayed = asyncio.create_task(http.post(url_b + path, json=message))
