@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from markdown_it import MarkdownIt
 from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -984,6 +985,41 @@ async def test_markdown_export_closes_a_code_block_an_answer_left_open_and_keeps
     fences = [line for line in text.split("\n") if line.startswith(("```", "~~~"))]
     assert fences == ["```python", "```", "~~~~", "~~~~"]  # every block closed, the closed one left as it was
     assert text.count("\n## ") == 4
+
+
+@pytest.mark.parametrize(
+    ("cut", "closer"),
+    [
+        ("Here:\n<!-- a note the stop cut", "-->"),
+        ("<pre>\nline one", "</pre>"),
+        ("Styled:\n<STYLE>\np { color: red }", "</style>"),
+        ("<?php echo 1;", "?>"),
+    ],
+)
+async def test_markdown_export_closes_an_html_block_an_answer_left_open(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, cut: str, closer: str
+) -> None:
+    """A comment, `<pre>`, `<style>`... block runs until its closing text, not a blank line: one an answer left
+    open (a stop, an error) hid every later message of the export when the file was rendered."""
+    chat = await create_chat(
+        session,
+        user=team_world.member,
+        agent=team_world.agent,
+        messages=[
+            {"role": "user", "content": "Go"},
+            {"role": "assistant", "content": cut, "status": "cancelled"},
+            {"role": "user", "content": "And then?"},
+            {"role": "assistant", "content": "<!-- closed --> <pre>fine</pre>\n\nThe end"},
+        ],
+    )
+    response = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=team_world.h(team_world.member))
+    text = response.text
+    assert f"{cut}\n{closer}\n" in text
+    assert "The end\n" in text  # a block closed on its own line is left as it was
+    # As a CommonMark renderer reads the file: every message's heading is a heading again.
+    tokens = MarkdownIt("commonmark").parse(text)
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open" and t.tag == "h2"]
+    assert headings == ["User", "Assistant (cancelled)", "User", "Assistant"]
 
 
 async def test_an_export_saved_with_a_byte_order_mark_imports(

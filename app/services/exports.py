@@ -117,23 +117,52 @@ def _one_line(text: str) -> str:
 
 #: A code fence's opening or closing line (CommonMark): up to three spaces, then 3+ backticks or tildes.
 FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+#: The HTML blocks (CommonMark kinds 1-5) that run until a closing text, not until a blank line: left open at
+#: an answer's end, each swallows every later message of the export when rendered. Each with its closer.
+HTML_BLOCKS = (
+    (re.compile(r" {0,3}<(pre|script|style|textarea)(\s|>|$)", re.IGNORECASE), None),
+    (re.compile(r" {0,3}<!--"), "-->"),
+    (re.compile(r" {0,3}<\?"), "?>"),
+    (re.compile(r" {0,3}<![A-Za-z]"), ">"),
+    (re.compile(r" {0,3}<!\[CDATA\["), "]]>"),
+)
 
 
-def _fences_closed(text: str) -> str:
-    """`text` with a code fence it leaves open closed: an answer cut inside a code block (a stop, an error)
-    would otherwise turn every later heading of the export into code."""
-    opened: str | None = None
-    for line in text.split("\n"):
-        found = FENCE.match(line)
+def _html_block(line: str) -> str | None:
+    """The closer of the HTML block `line` opens and leaves open, if it does."""
+    for start, closer in HTML_BLOCKS:
+        found = start.match(line)
         if found is None:
             continue
-        run, rest = found.group(1), line[found.end() :]
-        if opened is None:
-            if not (run[0] == "`" and "`" in rest):  # a backtick fence's info string holds no backtick
-                opened = run
-        elif run[0] == opened[0] and len(run) >= len(opened) and not rest.strip():
-            opened = None
-    return text if opened is None else text + "\n" + opened
+        closer = closer or f"</{found.group(1).lower()}>"
+        rest = line[found.end() :] if closer != ">" else line[found.end() - 1 :]
+        return None if closer in rest.lower() else closer
+    return None
+
+
+def _blocks_closed(text: str) -> str:
+    """`text` with a code fence or an HTML block it leaves open closed: an answer cut inside one (a stop, an
+    error) would otherwise turn every later message of the export into code, or hide it in HTML."""
+    fence: str | None = None
+    html: str | None = None
+    for line in text.split("\n"):
+        if html is not None:
+            if html in line.lower():
+                html = None
+            continue
+        found = FENCE.match(line)
+        if found is not None:
+            run, rest = found.group(1), line[found.end() :]
+            if fence is None:
+                if not (run[0] == "`" and "`" in rest):  # a backtick fence's info string holds no backtick
+                    fence = run
+            elif run[0] == fence[0] and len(run) >= len(fence) and not rest.strip():
+                fence = None
+        elif fence is None:
+            html = _html_block(line)
+    if fence is not None:
+        return text + "\n" + fence
+    return text if html is None else text + "\n" + html
 
 
 def _heading_text(title: str) -> str:
@@ -157,7 +186,7 @@ def chat_markdown(document: dict[str, Any]) -> str:
         if message["status"] != "complete":
             heading += f" ({message['status']})"
         lines += ["", "---", "", f"## {heading}", "", f"_{message['created_at']}_", ""]
-        lines.append(_fences_closed(message["content"]) if message["content"] else "_(no text)_")
+        lines.append(_blocks_closed(message["content"]) if message["content"] else "_(no text)_")
         for f in message.get("files") or []:  # named only: an export never carries a file's bytes
             lines += ["", f"Attached: {_one_line(f['filename'])} ({_one_line(f['content_type'])}, {f['size']} bytes)"]
         if message["error"]:
