@@ -7,13 +7,13 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, FilePayload, Page, expect
+from playwright.sync_api import Browser, FilePayload, Page, Route, expect
 
 from tests.live import LiveServer, free_port
 from tests.web import PASSWORD, Team, Watched, create_team, log_in, send, serving, watch, web_settings
@@ -163,6 +163,52 @@ def test_files_dropped_or_pasted_are_attached_and_stay_with_their_chat(web_page:
     send(page, "two files")
     expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
     expect(page.locator(".msg.user .files a")).to_have_text(["dropped.txt", "pasted.txt"])
+
+
+def test_leaving_the_chats_stops_the_uploads_under_way_and_waiting(web_page: Watched, team: Team) -> None:
+    """Uploads went on after the page left the chats: a file still waiting was sent once the one before it
+    ended, after going to the Shared page as after a logout (refused with 401 then, or sent with the cookies
+    of whoever signed in next in the tab). Each upload is counted as the page sends it; an upload's end is
+    marked one task after its events, once the page's handling of it (starting the next) has run."""
+    page = web_page.page
+    page.add_init_script(
+        """
+        window.uploads = { sent: 0, ended: 0 };
+        const realSend = XMLHttpRequest.prototype.send;
+        XMLHttpRequest.prototype.send = function (body) {
+          window.uploads.sent += 1;
+          this.addEventListener("loadend", () => setTimeout(() => { window.uploads.ended += 1; }));
+          return realSend.call(this, body);
+        };
+        """
+    )
+    chat_id = open_new_chat(page, team)
+    held: list[Route] = []
+    page.route("**/api/chats/*/files", lambda route: held.append(route))
+    record = {"id": "00000000-0000-0000-0000-000000000000", "filename": "first.txt", "size": 6}
+
+    def leave_mid_upload(leave: Callable[[], None], uploads: int) -> None:
+        attach(page, ("first.txt", "text/plain", b"first\n"), ("second.txt", "text/plain", b"second\n"))
+        expect(page.locator(".uploads .upload[data-state=waiting]")).to_have_count(1)
+        page.wait_for_function(f"() => window.uploads.sent === {uploads}")
+        leave()
+        # The held upload is answered (the page has aborted it: nothing arrives), and the page handles its end.
+        held[-1].fulfill(status=201, json=record)
+        page.wait_for_function(f"() => window.uploads.ended === {uploads}")
+        assert page.evaluate("() => window.uploads.sent") == uploads  # the waiting file was never sent
+
+    leave_mid_upload(lambda: page.get_by_role("link", name="Shared with team").click(), 1)
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat_id}'; }}")
+    expect(page.get_by_label("Message", exact=True)).to_be_visible()
+    expect(page.locator(".uploads .upload")).to_have_count(0)  # the files left behind went with the chats
+
+    def log_out() -> None:
+        page.get_by_role("button", name="Log out").click()
+        expect(page.get_by_role("button", name="Log in")).to_be_visible()
+
+    leave_mid_upload(log_out, 2)
+    assert len(held) == 2
+    assert web_page.errors == []
 
 
 def test_refused_files_show_the_api_text_and_are_not_sent(web_page: Watched, team: Team, fake_n8n_url: str) -> None:

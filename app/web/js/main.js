@@ -53,11 +53,17 @@ async function logout() {
   signedOut();
 }
 
+/** The chats are left for good (another page, the session over): the answer followed and the attachments'
+ * uploads stop with them, rather than going on for a page that no longer shows them. */
+function leaveChats() {
+  chats?.close();
+  chats = null;
+}
+
 /** The session is over: leave the chats and forget what this tab kept of them. A user already on the login,
  * sign-up or join page stays there (a 401 of a request sent before they went there is no reason to move). */
 function signedOut() {
-  chats?.leave();
-  chats = null;
+  leaveChats();
   session.user = null;
   saved.clearAll();
   document.getElementById("toasts")?.replaceChildren(); // the signed-out user's messages go with the session
@@ -108,8 +114,7 @@ async function route() {
   const path = location.hash.replace(/^#/, "") || "/chats";
   const [, section, ...rest] = path.split("/");
   if (AUTH_PAGES.includes(section)) {
-    chats?.leave();
-    chats = null;
+    leaveChats();
     fill(app, renderAuth(section, rest.join("/"), { signedIn }));
     app.querySelector("[autofocus]")?.focus(); // `autofocus` alone is not honoured for inserted elements
     return;
@@ -125,8 +130,7 @@ async function route() {
     // admin gets the member's top bar and chats, not admin pages whose every call is refused.
     await loadUser({ again: true });
     if (!current()) return;
-    chats?.leave();
-    chats = null; // the frame is drawn again, with the top bar of the role read
+    leaveChats(); // the frame is drawn again, with the top bar of the role read
     if (session.user?.role !== "admin") {
       navigate(session.user ? "/chats" : "/login");
       return;
@@ -138,8 +142,7 @@ async function route() {
     return;
   }
   if (section === "shares") {
-    chats?.leave();
-    chats = null;
+    leaveChats();
     // Loaded on first use, like the admin pages.
     const { renderShares } = await import("./views/shares.js");
     if (!current()) return;
@@ -148,7 +151,7 @@ async function route() {
   }
   if (chats && document.body.contains(chats.root)) markCurrent();
   else {
-    chats?.leave();
+    leaveChats();
     chats = new ChatsView(frame(), { user: session.user, navigate });
   }
   await chats.open(section === "chats" ? rest[0] || null : null, section === "new");

@@ -12,6 +12,7 @@ export class Attachments {
     this.chatId = chatId;
     this.items = []; // {key, file, state: "waiting" | "uploading" | "done" | "error", progress, record, error, handle}
     this.queue = Promise.resolve(); // one upload at a time: the server allows a user only a few at once
+    this.closed = false; // close(): the chats were left, nothing more is sent
     this.list = h("ul", { class: "uploads", "aria-label": "Files to send", hidden: true });
     this.input = h("input", { type: "file", multiple: true, hidden: true, "aria-label": "Files to attach" });
     this.input.addEventListener("change", () => {
@@ -56,6 +57,7 @@ export class Attachments {
   }
 
   add(files) {
+    if (this.closed) return; // a composer still on screen while the next page loads
     for (const file of files) {
       const item = { key: ++next, file, state: "waiting", progress: 0, record: null, error: null, handle: null };
       this.items.push(item);
@@ -85,7 +87,18 @@ export class Attachments {
       item.error = err instanceof ApiError ? err.message : "The server could not be reached.";
     }
     if (this.items.includes(item)) this.render();
-    else if (item.record) this.discard(item.record); // removed while uploading: delete what arrived
+    else if (item.record && !this.closed) this.discard(item.record); // removed while uploading: delete what arrived
+  }
+
+  /** The page leaves the chats for good (a logout, a session that ends, another page): the upload under way
+   * is cancelled and the waiting ones never start, so no file goes out later, refused with 401 or with the
+   * cookies of whoever signs in next in the tab. Uploads already stored stay on the server unsent, as after
+   * a reload (docs/FILES.md): no request is made for them, since the session may be gone. */
+  close() {
+    this.closed = true;
+    const running = this.items.find((item) => item.state === "uploading");
+    this.items = [];
+    running?.handle.abort();
   }
 
   /** The uploaded files to send, or null while one is still on its way. Refused ones are not sent. */

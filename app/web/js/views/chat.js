@@ -74,6 +74,13 @@ export class ChatsView {
     this.generation = null;
   }
 
+  /** The view is dropped (a logout, another page): what `leave` does, and the pending files' uploads stop. */
+  close() {
+    this.leave();
+    for (const attachments of this.pendingFiles.values()) attachments.close();
+    this.pendingFiles.clear();
+  }
+
   async loadAgents() {
     try {
       for (const agent of await api("/api/agents")) this.agents.set(agent.id, agent);
