@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import Browser, Route, expect
 
 from app.services.connection_test import HINT_AUTH_WRONG, HINT_TEST_URL
 from tests.live import LiveServer
@@ -309,3 +309,42 @@ def test_an_admin_page_opened_while_the_server_is_unreachable_keeps_the_session(
     expect(page.get_by_role("heading", name="Users")).to_be_visible()
     expect(page.get_by_role("button", name="Log in")).to_have_count(0)
     expect(page.get_by_role("link", name="Agents")).to_be_visible()
+
+
+def test_the_chats_chosen_while_an_admin_page_reads_the_user_stay(web_page: Watched, team: Team) -> None:
+    """An admin page reads the user again before it draws; a user who went back to the chats meanwhile keeps
+    them when that answer comes (the later route draws, the earlier one neither draws nor leaves the chats).
+    The answer's end is marked one task after the page read it, once the route waiting for it has gone on."""
+    page = web_page.page
+    page.add_init_script(
+        """
+        window.meRead = 0;
+        const realFetch = window.fetch;
+        window.fetch = (url, init) => {
+          const response = realFetch(url, init);
+          if (String(url) === "/api/auth/me")
+            response.then((answer) => {
+              const json = answer.json.bind(answer);
+              answer.json = () => json().finally(() => setTimeout(() => { window.meRead += 1; }));
+            }, () => {});
+          return response;
+        };
+        """
+    )
+    log_in(page, team.email)
+    page.get_by_role("link", name="Users").click()  # the admin pages' module is loaded: it would draw at once
+    expect(page.get_by_role("heading", name="Users")).to_be_visible()
+    page.get_by_role("link", name="Chats").click()
+    expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
+    read = page.evaluate("() => window.meRead")
+    held: list[Route] = []
+    page.route("**/api/auth/me", lambda route: held.append(route))
+    with page.expect_request("**/api/auth/me"):
+        page.get_by_role("link", name="Agents").click()
+    page.get_by_role("link", name="Chats").click()
+    held[0].continue_()
+    page.wait_for_function(f"() => window.meRead > {read}")
+    expect(page).to_have_url(re.compile(r"#/chats$"))
+    expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
+    expect(page.get_by_role("heading", name="Agents")).to_have_count(0)
+    assert web_page.errors == []
