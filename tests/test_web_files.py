@@ -173,12 +173,19 @@ def test_leaving_the_chats_stops_the_uploads_under_way_and_waiting(web_page: Wat
     page = web_page.page
     page.add_init_script(
         """
-        window.uploads = { sent: 0, ended: 0 };
+        window.uploads = { sent: 0, ended: 0, refreshed: 0 };
         const realSend = XMLHttpRequest.prototype.send;
         XMLHttpRequest.prototype.send = function (body) {
           window.uploads.sent += 1;
           this.addEventListener("loadend", () => setTimeout(() => { window.uploads.ended += 1; }));
           return realSend.call(this, body);
+        };
+        const realFetch = window.fetch;
+        window.fetch = (url, init) => {
+          const response = realFetch(url, init);
+          const mark = () => setTimeout(() => { window.uploads.refreshed += 1; });
+          if (String(url) === "/api/auth/refresh") response.then(mark, mark);
+          return response;
         };
         """
     )
@@ -187,13 +194,20 @@ def test_leaving_the_chats_stops_the_uploads_under_way_and_waiting(web_page: Wat
     page.route("**/api/chats/*/files", lambda route: held.append(route))
     record = {"id": "00000000-0000-0000-0000-000000000000", "filename": "first.txt", "size": 6}
 
+    def upload_held(count: int) -> Route:
+        """The `count`th upload, once the route holding it has it (Playwright hands it over on its own time)."""
+        page.wait_for_function(f"() => window.uploads.sent === {count}")
+        while len(held) < count:
+            page.wait_for_timeout(10)
+        return held[count - 1]
+
     def leave_mid_upload(leave: Callable[[], None], uploads: int) -> None:
         attach(page, ("first.txt", "text/plain", b"first\n"), ("second.txt", "text/plain", b"second\n"))
         expect(page.locator(".uploads .upload[data-state=waiting]")).to_have_count(1)
-        page.wait_for_function(f"() => window.uploads.sent === {uploads}")
+        upload = upload_held(uploads)
         leave()
         # The held upload is answered (the page has aborted it: nothing arrives), and the page handles its end.
-        held[-1].fulfill(status=201, json=record)
+        upload.fulfill(status=201, json=record)
         page.wait_for_function(f"() => window.uploads.ended === {uploads}")
         assert page.evaluate("() => window.uploads.sent") == uploads  # the waiting file was never sent
 
@@ -202,12 +216,26 @@ def test_leaving_the_chats_stops_the_uploads_under_way_and_waiting(web_page: Wat
     expect(page.get_by_label("Message", exact=True)).to_be_visible()
     expect(page.locator(".uploads .upload")).to_have_count(0)  # the files left behind went with the chats
 
+    # An upload refused with 401 waits for the session's refresh, then is sent again: not once it was cancelled.
+    refreshed = page.evaluate("() => window.uploads.refreshed")  # the one before logging in
+    refreshes: list[Route] = []
+    page.route("**/api/auth/refresh", lambda route: refreshes.append(route))
+    attach(page, ("third.txt", "text/plain", b"third\n"))
+    with page.expect_request("**/api/auth/refresh"):
+        upload_held(2).fulfill(status=401, json={"detail": "Not authenticated"})
+    page.get_by_role("link", name="Shared with team").click()
+    refreshes[0].continue_()
+    page.wait_for_function(f"() => window.uploads.refreshed > {refreshed}")
+    assert page.evaluate("() => window.uploads.sent") == 2
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat_id}'; }}")
+    expect(page.get_by_label("Message", exact=True)).to_be_visible()
+
     def log_out() -> None:
         page.get_by_role("button", name="Log out").click()
         expect(page.get_by_role("button", name="Log in")).to_be_visible()
 
-    leave_mid_upload(log_out, 2)
-    assert len(held) == 2
+    leave_mid_upload(log_out, 3)
+    assert len(held) == 3
     assert web_page.errors == []
 
 

@@ -102,7 +102,11 @@ export function upload(path, file, { onProgress = () => {} } = {}) {
     });
   const result = (async () => {
     let done = await once();
-    if (done.status === 401 && !aborted && (await refreshSession())) done = await once();
+    if (done.status === 401 && !aborted && (await refreshSession())) {
+      // Cancelled while the session was refreshed (removed, or the chats left): not sent again.
+      if (aborted) throw new DOMException("Upload cancelled", "AbortError");
+      done = await once();
+    }
     if (done.status === 401) onSignedOut();
     let body = null;
     try {
