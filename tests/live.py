@@ -307,22 +307,27 @@ async def silent_port() -> AsyncIterator[int]:
 class FreezingProxy:
     """A TCP proxy to `port` whose connections can be frozen: `freeze()` makes every open connection drop what
     either side sends, without closing it, as a NAT or a load balancer that forgot the connection does (or a
-    failover that drops packets). Connections opened afterwards pass as before."""
+    failover that drops packets). Connections opened afterwards pass as before. `close()` ends every connection
+    and refuses new ones (Redis unreachable from this side only) until `start()` opens the same port again.
+    With `delay`, whatever either side sends reaches the other that much later (a slow network)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, delay: float = 0.0) -> None:
         self.port = port
+        self.delay = delay
+        self.listening = 0  # the proxy's own port, once started (kept across `close` and `start`)
         self.frozen: set[int] = set()
         self.connections = 0
         self.writers: list[asyncio.StreamWriter] = []
         self.server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.listening)
+        self.listening = int(self.server.sockets[0].getsockname()[1])
 
     @property
     def redis_url(self) -> str:
-        assert self.server is not None
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+        assert self.listening
+        return f"redis://127.0.0.1:{self.listening}/0"
 
     def freeze(self) -> None:
         self.frozen.update(range(self.connections))
@@ -332,7 +337,9 @@ class FreezingProxy:
             self.server.close()
             for writer in self.writers:
                 writer.close()
+            self.writers = []
             await self.server.wait_closed()
+            self.server = None
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         number = self.connections
@@ -343,6 +350,8 @@ class FreezingProxy:
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             with suppress(ConnectionError):
                 while data := await reader.read(65536):
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
                     if number not in self.frozen:
                         writer.write(data)
                         await writer.drain()

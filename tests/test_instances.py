@@ -26,9 +26,12 @@ FAST_INSTANCE = {"STREAM_PING_INTERVAL": "0.2", "N8N_READ_TIMEOUT": "5", "SHUTDO
 
 
 @asynccontextmanager
-async def instance(settings: Settings, redis_url: str) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """`uvicorn main:create_app` as its own process, sharing the test database and the given Redis."""
-    process, port = await _start_subprocess(settings, REDIS_URL=redis_url, **FAST_INSTANCE)
+async def instance(
+    settings: Settings, redis_url: str, **env: str
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """`uvicorn main:create_app` as its own process, sharing the test database and the given Redis (`env`: more
+    settings, over FAST_INSTANCE)."""
+    process, port = await _start_subprocess(settings, REDIS_URL=redis_url, **{**FAST_INSTANCE, **env})
     try:
         yield f"http://127.0.0.1:{port}", process
     finally:
