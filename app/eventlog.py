@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 from app.config import Settings
 from app.db import Database
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 #: Published with an assistant message id: the instance running that generation stops it.
 STOP_CHANNEL = "generations:stop"
+#: Set (`{STOP_REQUEST}{assistant id}`, for a while) with every stop published: pub/sub delivers a message only
+#: to the subscriptions alive when it is published, so an owner whose subscription was away (its connection
+#: lost, or dropped silently and not found out yet) reads these keys when it subscribes again.
+STOP_REQUEST = "stop-request:"
 #: Published with `{"id": assistant message id, "body": callback, "reply": token}`: the instance running it
 #: applies it, then pushes "1" (applied) or "0" (refused: its outcome was decided) to `{CALLBACK_REPLY}{token}`.
 CALLBACK_CHANNEL = "generations:callback"
@@ -61,6 +66,16 @@ READ_BLOCK_MAX = 4.0
 LISTEN_POLL = 1.0
 LISTEN_IDLE = 10.0
 PONG_WAIT = 5.0
+#: A lost subscription is tried again after this pause (seconds); a new connection may take CONNECT_TIMEOUT.
+RESUBSCRIBE_PAUSE = 1.0
+CONNECT_TIMEOUT = 2.0
+
+
+def resubscribed_within() -> float:
+    """The longest a listener goes without a subscription when its connection dropped silently (the slowest
+    case to find out): LISTEN_IDLE of silence, a ping, PONG_WAIT for its pong (each seen within a LISTEN_POLL),
+    the pause and a new connection. A stop request's key outlives its publish by at least this much."""
+    return LISTEN_IDLE + PONG_WAIT + 2 * LISTEN_POLL + RESUBSCRIBE_PAUSE + CONNECT_TIMEOUT
 
 
 def connect(settings: Settings) -> Redis | None:
@@ -73,7 +88,7 @@ def connect(settings: Settings) -> Redis | None:
     """
     if not settings.REDIS_URL:
         return None
-    return Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=REPLY_TIMEOUT)
+    return Redis.from_url(settings.REDIS_URL, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=REPLY_TIMEOUT)
 
 
 def log_key(chat_id: uuid.UUID, assistant_id: str) -> str:
@@ -283,18 +298,37 @@ class RedisEventLog:
         return frame(stored_id if stored_id is not None else last + 1, *terminal)
 
     # --- stop between instances -------------------------------------------------------------------
-    async def publish_stop(self, assistant_id: str) -> bool:
-        """Ask every instance to stop `assistant_id`; False when Redis is unreachable."""
+    async def publish_stop(self, assistant_id: str, lasting: float) -> bool:
+        """Ask every instance to stop `assistant_id`; False when Redis is unreachable.
+
+        The request is also kept `lasting` seconds under `{STOP_REQUEST}{assistant id}`, set before the publish
+        in the same round trip: an owner that was not subscribed when it was published acts on it once it
+        subscribes again (`stops_requested`, and why no stop falls between the two in `_listen`).
+        """
         try:
-            await self.redis.publish(STOP_CHANNEL, assistant_id)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(STOP_REQUEST + assistant_id, "1", ex=max(1, math.ceil(lasting)))
+                pipe.publish(STOP_CHANNEL, assistant_id)
+                await pipe.execute()
         except Exception as exc:
             logger.warning("redis unreachable, stop not published (%s)", type(exc).__name__)
             return False
         return True
 
-    async def listen_for_stops(self, on_stop: Callable[[str], Awaitable[None]]) -> None:
-        """Subscribe to the stop channel for the life of the app, resubscribing after a Redis outage."""
-        await self._listen(STOP_CHANNEL, "stop", on_stop)
+    async def stops_requested(self, assistant_ids: list[str]) -> list[str]:
+        """Those of `assistant_ids` whose stop request is still kept (one MGET; raises when Redis fails)."""
+        if not assistant_ids:
+            return []
+        found = await self.redis.mget([STOP_REQUEST + assistant_id for assistant_id in assistant_ids])
+        return [assistant_id for assistant_id, value in zip(assistant_ids, found, strict=True) if value is not None]
+
+    async def listen_for_stops(
+        self, on_stop: Callable[[str], Awaitable[None]], on_subscribed: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Subscribe to the stop channel for the life of the app, resubscribing after a Redis outage;
+        `on_subscribed` runs after each subscription (the first too), to act on the stops published while
+        there was none (`stops_requested`)."""
+        await self._listen(STOP_CHANNEL, "stop", on_stop, on_subscribed)
 
     # --- progress callbacks between instances ------------------------------------------------------
     async def relay_callback(self, assistant_id: str, body: dict[str, Any]) -> bool | None:
@@ -375,12 +409,30 @@ class RedisEventLog:
 
         await self._listen(CALLBACK_CHANNEL, "callback", relayed)
 
-    async def _listen(self, channel: str, what: str, handle: Callable[[str], Awaitable[None]]) -> None:
+    async def _listen(
+        self,
+        channel: str,
+        what: str,
+        handle: Callable[[str], Awaitable[None]],
+        on_subscribed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Subscribe to `channel` and hand each message to `handle`, subscribing again after a lost connection.
 
         A subscription hears nothing while no one publishes, so a connection dropped silently on the way would
         look the same, and the stops of other instances would be lost without a word: after LISTEN_IDLE of
         silence it pings Redis, and a pong that does not come within PONG_WAIT ends the connection.
+
+        What is published while there is no subscription (from the connection's loss, or its silent drop,
+        until Redis has confirmed the next SUBSCRIBE) is lost: `on_subscribed` runs once Redis has confirmed
+        each subscription, before any message is handled, to read what the publishers also kept in keys. No
+        message falls between the two: Redis runs commands one at a time, a publisher sets its key before it
+        publishes (`publish_stop`, in that order on one connection), and the key is read only after the
+        SUBSCRIBE has run (its confirmation awaited, not just sent). A message published after the SUBSCRIBE
+        ran is delivered on the subscription; one published before it had its key set before it too, so
+        before the read, which finds it (while the key lives). It may come both ways: acting on it is
+        idempotent. Any failure here (the read's too) counts as a lost connection and is tried again in full.
+        The client is given no retries (`connect`), so a lost connection's error always reaches this loop,
+        which subscribes on a new connection and reads: never a subscription renewed only inside the client.
         """
         failing = False
         loop = asyncio.get_running_loop()
@@ -388,6 +440,9 @@ class RedisEventLog:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(channel)
+                await _subscription_confirmed(pubsub)
+                if on_subscribed is not None:
+                    await on_subscribed()
                 if failing:
                     logger.warning("redis %s channel subscribed again", what)
                     failing = False
@@ -413,10 +468,20 @@ class RedisEventLog:
                         "redis %s channel lost, %s works on this instance only (%s)", what, what, type(exc).__name__
                     )
                     failing = True
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(RESUBSCRIBE_PAUSE)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def _subscription_confirmed(pubsub: PubSub) -> None:
+    """Until Redis confirms the subscription: `subscribe` only sends the command, and its reply is the first
+    message to read (within REPLY_TIMEOUT, else TimeoutError: a lost connection)."""
+    async with asyncio.timeout(REPLY_TIMEOUT):
+        while True:
+            message = await pubsub.get_message(timeout=LISTEN_POLL)
+            if message is not None and message.get("type") == "subscribe":
+                return
 
 
 def _event_id(entry_id: Any) -> int:

@@ -18,7 +18,14 @@ from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
 from app.errors import NotFound, ServiceUnavailable
-from app.eventlog import RedisEventLog, rebuilt_stream, stored_message, terminal_of, wait_until_final
+from app.eventlog import (
+    RedisEventLog,
+    rebuilt_stream,
+    resubscribed_within,
+    stored_message,
+    terminal_of,
+    wait_until_final,
+)
 from app.n8n_parser import EMPTY_ANSWER, StreamFailure, clean_text
 from app.services import chats as chats_service
 from app.services import files as files_service
@@ -118,7 +125,7 @@ class GenerationRegistry:
         self._heartbeat = asyncio.create_task(self._beat(), name="worker-heartbeat")
         if self.shared is not None:
             self._stop_listener = asyncio.create_task(
-                self.shared.listen_for_stops(self._stop_requested), name="generation-stop-listener"
+                self.shared.listen_for_stops(self._stop_requested, self._stops_missed), name="generation-stop-listener"
             )
             self._callback_listener = asyncio.create_task(
                 self.shared.listen_for_callbacks(self._relayed_callback), name="generation-callback-listener"
@@ -393,11 +400,13 @@ class GenerationRegistry:
         if running is None:
             return None
         # An answer runs elsewhere; a stop that cannot reach it (Redis down, or no instance acted on it in time:
-        # its owner died, or a stop lost while the owner subscribed again) is no "nothing runs" 409.
+        # its owner died, or has not subscribed again yet after losing its connection) is no "nothing runs" 409.
         unreachable = ServiceUnavailable(STOP_UNREACHABLE, headers={"Retry-After": "5"})
-        if not await self.shared.publish_stop(running):
-            raise unreachable
         within = self.settings.SHUTDOWN_GRACE_SECONDS + 5.0
+        # Kept until an owner whose subscription was away (however it was lost) has subscribed again, even past
+        # this wait: a stop that comes after its 503 still stops what was asked to stop.
+        if not await self.shared.publish_stop(running, lasting=within + resubscribed_within()):
+            raise unreachable
         stored = await wait_until_final(self.db, chat_id, running, within)
         if stored is not None and stored["status"] == "streaming":
             raise unreachable
@@ -412,7 +421,9 @@ class GenerationRegistry:
         if assistant_id in self.running:
             await self._stop_requested(assistant_id)
         elif self.shared is not None:
-            await self.shared.publish_stop(assistant_id)
+            # Kept for the answer's longest life: whenever its owner subscribes again, nothing of it is wanted.
+            s = self.settings
+            await self.shared.publish_stop(assistant_id, lasting=max(s.N8N_TOTAL_TIMEOUT, s.CALLBACK_TOTAL_TIMEOUT))
 
     async def _stop_requested(self, assistant_id: str) -> None:
         """Another instance asked to stop a generation: this one stops it if it runs it."""
@@ -421,6 +432,13 @@ class GenerationRegistry:
             task = asyncio.create_task(self.stop(generation), name=f"stop-{assistant_id}")
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
+
+    async def _stops_missed(self) -> None:
+        """The stop channel is subscribed (again): stop the generations of this instance whose stop was published
+        while it was not (their stop requests are still kept). Runs only then, never on a send."""
+        if self.shared is not None and self.running:
+            for assistant_id in await self.shared.stops_requested(list(self.running)):
+                await self._stop_requested(assistant_id)
 
     # --- progress callbacks (app.callbacks) -------------------------------------------------------
     def deliver(self, assistant_id: str, body: dict[str, Any]) -> bool:

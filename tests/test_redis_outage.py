@@ -464,3 +464,195 @@ async def test_an_answer_that_reaches_redis_only_after_its_end_leaves_the_chats_
     finally:
         await client.aclose()
         await db.dispose()
+
+
+# --- a stop published while its owner's subscription is away ----------------------------------------------------
+
+
+async def stop_subscribers(client: aioredis.Redis) -> int:
+    """How many connections Redis has subscribed to the stop channel."""
+    answer: Any = await client.pubsub_numsub(eventlog.STOP_CHANNEL)
+    return int(answer[0][1])
+
+
+@pytest.mark.timeout(30)
+async def test_a_stop_published_while_no_one_was_subscribed_is_acted_on_once_the_owner_subscribes(
+    settings: Settings, own_redis: RedisProcess
+) -> None:
+    """Pub/sub delivers a message only to the subscriptions alive when it is published: a stop sent while the
+    owner's subscription was away (being restored after a lost connection) was lost. The stop is now also kept
+    in a key that the owner reads after each subscription, once Redis has run its SUBSCRIBE (the listener here
+    is on a slow network, where the SUBSCRIBE reaches Redis well after it was sent: a read that did not wait
+    for its confirmation would come first, and a stop published between the two would be missed both ways)."""
+    slow = FreezingProxy(own_redis.port, delay=0.3)
+    await slow.start()
+    listening = eventlog.connect(settings.model_copy(update={"REDIS_URL": slow.redis_url}))
+    direct = eventlog.connect(settings.model_copy(update={"REDIS_URL": own_redis.url}))
+    assert listening is not None
+    assert direct is not None
+    db = Database(settings)  # unused by the channels
+    owner = eventlog.RedisEventLog(listening, settings, db)
+    asker = eventlog.RedisEventLog(direct, settings, db)
+    heard: list[str] = []
+    subscribed_when_read: list[int] = []
+
+    news = asyncio.Event()
+
+    async def on_stop(assistant_id: str) -> None:
+        heard.append(assistant_id)
+        news.set()
+
+    async def on_subscribed() -> None:
+        subscribed_when_read.append(await stop_subscribers(direct))
+        heard.extend(await owner.stops_requested(["missed", "running-on"]))
+        news.set()
+
+    async def until_heard(assistant_id: str) -> None:
+        async with asyncio.timeout(10):
+            while assistant_id not in heard:
+                await news.wait()
+                news.clear()
+
+    try:
+        assert await asker.publish_stop("missed", lasting=30)  # no one subscribed
+        listener = asyncio.create_task(owner.listen_for_stops(on_stop, on_subscribed))
+        try:
+            await until_heard("missed")
+            assert subscribed_when_read == [1]  # read after Redis ran the SUBSCRIBE
+            assert await asker.publish_stop("live", lasting=30)  # from now on, through the channel
+            await until_heard("live")
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        assert heard == ["missed", "live"]
+        assert 0 < await direct.ttl(eventlog.STOP_REQUEST + "live") <= 30
+    finally:
+        await listening.aclose()
+        await direct.aclose()
+        await slow.close()
+        await db.dispose()
+
+
+#: An answer of 20 s: it runs on while the owner's subscription is away, unless a stop ends it.
+VERY_LONG = "scenario=paced&chunks=1000&interval_ms=20"
+
+
+class OwnerAway:
+    """Instance A runs an answer, its Redis connections through `proxy` (B's and the watcher's go straight to
+    Redis); `away()` closes the proxy, so A's subscription ends and cannot be renewed until `back()`."""
+
+    def __init__(self, a: httpx.AsyncClient, b: httpx.AsyncClient, redis_url: str, proxy: FreezingProxy) -> None:
+        self.a, self.b, self.proxy = a, b, proxy
+        self.watcher = aioredis.from_url(redis_url)
+        self.heard = self.watcher.pubsub()
+
+    async def subscribers_become(self, count: int) -> None:
+        async with asyncio.timeout(10):
+            while await stop_subscribers(self.watcher) != count:  # noqa: ASYNC110  # Redis, not this process, changes it
+                await asyncio.sleep(0.05)
+
+    async def away(self) -> None:
+        await self.heard.subscribe(eventlog.STOP_CHANNEL)
+        await self.subscribers_become(3)  # A, B and the watcher
+        await self.proxy.close()
+        await self.subscribers_become(2)
+
+    async def published(self) -> str:
+        """The next stop published (by B), once A could not have heard it."""
+        async with asyncio.timeout(10):
+            while True:
+                message = await self.heard.get_message(timeout=1.0)
+                if message is not None and message["type"] == "message":
+                    break
+        assert await stop_subscribers(self.watcher) == 2  # A was not subscribed
+        return bytes(message["data"]).decode()
+
+    async def back(self) -> None:
+        await self.proxy.start()
+
+    async def aclose(self) -> None:
+        await self.heard.aclose()  # type: ignore[no-untyped-call]
+        await self.watcher.aclose()
+
+
+@contextlib.asynccontextmanager
+async def owner_away(
+    database_url: str, tmp_path: Path, own_redis: RedisProcess, freezing: FreezingProxy
+) -> AsyncIterator[OwnerAway]:
+    from tests.test_instances import instance
+
+    settings = live_settings(database_url, tmp_path)
+    # The asker waits the grace + 5 s for the owner's stop; 8 s leave room for a loaded machine.
+    async with (
+        instance(settings, freezing.redis_url, SHUTDOWN_GRACE_SECONDS="3") as (url_a, _a),
+        instance(settings, own_redis.url, SHUTDOWN_GRACE_SECONDS="3") as (url_b, _b),
+        httpx.AsyncClient(base_url=url_a, timeout=20) as a,
+        httpx.AsyncClient(base_url=url_b, timeout=20) as b,
+    ):
+        owner = OwnerAway(a, b, own_redis.url, freezing)
+        try:
+            yield owner
+        finally:
+            await owner.aclose()
+
+
+@pytest.mark.timeout(90)
+async def test_a_stop_sent_while_the_owners_subscription_is_away_stops_the_answer(
+    session: AsyncSession,
+    database_url: str,
+    tmp_path: Path,
+    fake: FakeN8n,
+    own_redis: RedisProcess,
+    freezing: FreezingProxy,
+) -> None:
+    """The instance running the answer lost its Redis connection; a stop sent to another instance before it had
+    subscribed again was published to no one: the asker waited the grace + 5 s and answered 503 while the
+    answer ran on. The owner now reads the stop requests kept in Redis when it subscribes again, and stops it."""
+    setup = await chat_with_agent(
+        session, live_settings(database_url, tmp_path), f"{fake.url}/webhook/agent-stream?{VERY_LONG}"
+    )
+    async with owner_away(database_url, tmp_path, own_redis, freezing) as owner:
+        sender = send(owner.a, setup)
+        await sender.wait_for(has_text)
+        assistant_id = sender.data[0].data["data"]["assistant_message_id"]  # type: ignore[index]
+        await owner.away()
+        stopping = asyncio.create_task(owner.b.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers))
+        assert await owner.published() == assistant_id
+        await owner.back()
+        stopped = await stopping
+        assert stopped.status_code == 200, stopped.text
+        events = await sender.finish()
+    assert stopped.json()["status"] == "cancelled"
+    assert events[-1].type == "done"
+    assert events[-1].data["data"]["message"] == stopped.json()  # type: ignore[index]
+    assert fake.requests[0]["client_closed"]
+
+
+@pytest.mark.timeout(90)
+async def test_a_chat_deleted_while_the_owners_subscription_is_away_stops_its_answer(
+    session: AsyncSession,
+    database_url: str,
+    tmp_path: Path,
+    fake: FakeN8n,
+    own_redis: RedisProcess,
+    freezing: FreezingProxy,
+) -> None:
+    """The same window for a deletion, whose stop no one waits for: it was lost entirely, and the answer ran on in
+    n8n until its end. The owner now stops it once it has subscribed again: its stream ends `chat_deleted`."""
+    setup = await chat_with_agent(
+        session, live_settings(database_url, tmp_path), f"{fake.url}/webhook/agent-stream?{VERY_LONG}"
+    )
+    async with owner_away(database_url, tmp_path, own_redis, freezing) as owner:
+        sender = send(owner.a, setup)
+        await sender.wait_for(has_text)
+        assistant_id = sender.data[0].data["data"]["assistant_message_id"]  # type: ignore[index]
+        await owner.away()
+        deleted = await owner.b.delete(f"/api/chats/{setup.chat.id}", headers=setup.headers)
+        assert await owner.published() == assistant_id
+        await owner.back()
+        events = await sender.finish(within=10)  # the answer alone would take 20 s
+    assert deleted.status_code == 204
+    assert events[-1].type == "error"
+    assert events[-1].data["data"]["code"] == "chat_deleted"  # type: ignore[index]
+    assert fake.requests[0]["client_closed"]
