@@ -74,9 +74,18 @@ def check_cookie_origin(request: Request, settings: Settings) -> None:
     if origin.rstrip("/").lower() in {allowed.rstrip("/").lower() for allowed in settings.CORS_ORIGINS}:
         return
     host = request.headers.get("host", "").lower()
-    if host and urlsplit(origin).netloc.lower() == host:
+    if host and _netloc(origin) == host:
         return
     raise Forbidden("Origin not allowed")
+
+
+def _netloc(origin: str) -> str | None:
+    """The host[:port] of an `Origin` value; None when it is no URL at all (`http://[::1` made urlsplit raise,
+    a 500 instead of the 403 any other foreign origin gets)."""
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        return None
 
 
 def _account_query(*columns: Any, revocation_in_query: bool) -> Select[Any]:

@@ -931,6 +931,19 @@ async def test_cookie_write_from_foreign_origin_is_403(web: httpx.AsyncClient, s
     assert me["full_name"] == "bearer"
 
 
+async def test_cookie_write_with_an_unparsable_origin_is_403(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    """An `Origin` that is no URL (an unclosed IPv6 bracket made urlsplit raise) is a foreign origin, not a 500."""
+    await create_user(session, email="o@example.com")
+    assert (await login(web, "o@example.com")).status_code == 200
+    for origin in ("http://[::1", "https://[", "http://[test]"):
+        headers = {"Origin": origin}
+        refused = await web.patch("/api/auth/me", json={"full_name": "pwned"}, headers=headers)
+        assert (refused.status_code, refused.json()) == (403, {"detail": "Origin not allowed"}), origin
+        assert (await web.post("/api/auth/refresh", headers=headers)).status_code == 403
+        assert (await web.post("/api/auth/logout", headers=headers)).status_code == 403
+    assert (await web.get("/api/auth/me")).json()["full_name"] != "pwned"
+
+
 async def test_bcrypt_runs_off_the_event_loop(database_url: str, tmp_path: Path, session: AsyncSession) -> None:
     """At cost 12 a verification takes ~250 ms; meanwhile the loop keeps ticking every few ms."""
     app = create_app(make_settings(database_url, tmp_path, BCRYPT_ROUNDS=12, RATE_LIMIT_ENABLED=False))
