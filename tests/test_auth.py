@@ -1034,6 +1034,40 @@ async def test_login_with_wrong_password_keeps_a_hash_of_another_cost(
         await shutdown(app)
 
 
+@pytest.mark.parametrize("how", ["login", "token"])
+async def test_a_failure_on_a_hash_of_a_lower_cost_costs_what_an_unknown_email_costs(
+    database_url: str, tmp_path: Path, session: AsyncSession, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """BCRYPT_ROUNDS raised to 8 over cost-4 hashes: a wrong password (or an inactive user) still does the bcrypt
+    work of one cost-8 hash, as an unknown email does. It did 1/16 of it (~10 ms against ~250 ms at cost 12),
+    which told anyone which emails had an account not logged into since the raise."""
+    app = create_app(make_settings(database_url, tmp_path, BCRYPT_ROUNDS=8, RATE_LIMIT_ENABLED=False))
+    work: list[int] = []
+    real_verify = verify_password
+
+    async def counting_verify(password: str, password_hash: str) -> bool:
+        work.append(2 ** (security.hash_cost(password_hash) or 0))
+        return await real_verify(password, password_hash)
+
+    monkeypatch.setattr(auth_service, "verify_password", counting_verify)
+    try:
+        await create_user(session, email="dormant@example.com")
+        await create_user(session, email="gone@example.com", is_active=False)
+        async with https_client(app) as c:
+            spent: dict[str, int] = {}
+            for email, password in (
+                ("nobody@example.com", "not-the-password"),
+                ("dormant@example.com", "not-the-password"),
+                ("gone@example.com", DEFAULT_PASSWORD),
+            ):
+                work.clear()
+                assert (await log_in(c, how, email, password)).json() == GENERIC_401
+                spent[email] = sum(work)
+        assert spent == dict.fromkeys(spent, 2**8)
+    finally:
+        await shutdown(app)
+
+
 async def test_rehash_runs_in_the_bcrypt_pool(
     database_url: str, tmp_path: Path, session: AsyncSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,6 +24,7 @@ from app.security import (
     create_token,
     decode_token,
     family_key,
+    hash_cost,
     hash_password,
     hash_password_sync,
     hash_refresh_token,
@@ -37,6 +38,9 @@ from app.services.revocation import RevocationStore
 LOGIN_FAILED = "Incorrect email or password"
 #: Bounds the bcrypt work of one login without team_id (an email registered in many teams).
 MAX_LOGIN_CANDIDATES = 10
+
+#: bcrypt's lowest cost: a stored hash claiming less is no bcrypt hash of ours.
+BCRYPT_MIN_ROUNDS = 4
 
 #: Bound on revoke passes: each pass catches the successors of refreshes that raced the previous one.
 REVOKE_PASSES = 10
@@ -65,6 +69,25 @@ def _dummy_hash(rounds: int) -> str:
     return hash_password_sync("no-such-user-dummy-password", rounds)
 
 
+async def _verify_at_cost(password: str, password_hash: str, rounds: int) -> bool:
+    """Check `password` against a stored hash with the bcrypt work of a hash at cost `rounds`, so that a failure
+    costs what an unknown email costs (one dummy hash at BCRYPT_ROUNDS).
+
+    A hash made at a lower cost (before BCRYPT_ROUNDS was raised; rehashed only at the user's next login) is
+    checked in 2^-k of the time: a wrong password took ~10 ms where an unknown email took ~250 ms, which told
+    anyone which emails have a dormant account. The difference is made up with dummy hashes at the costs
+    c, c+1, ..., rounds-1, whose work adds up to exactly that of one hash at `rounds` minus one at c.
+    """
+    matched = await verify_password(password, password_hash)
+    cost = hash_cost(password_hash)
+    if cost is None or cost < BCRYPT_MIN_ROUNDS:
+        await verify_password(password, await anyio.to_thread.run_sync(_dummy_hash, rounds))
+        return matched
+    for padding in range(cost, rounds):
+        await verify_password(password, await anyio.to_thread.run_sync(_dummy_hash, padding))
+    return matched
+
+
 async def authenticate(
     *, session: AsyncSession, settings: Settings, email: str, password: str, team_id: uuid.UUID | None
 ) -> User:
@@ -83,7 +106,8 @@ async def authenticate(
         dummy = await anyio.to_thread.run_sync(_dummy_hash, settings.BCRYPT_ROUNDS)
         await verify_password(password, dummy)
         raise Unauthorized(LOGIN_FAILED)
-    matches = [user for user in candidates if await verify_password(password, user.password_hash)]
+    rounds = settings.BCRYPT_ROUNDS
+    matches = [user for user in candidates if await _verify_at_cost(password, user.password_hash, rounds)]
     active = [user for user in matches if user.is_active]
     if not active:
         raise Unauthorized(LOGIN_FAILED)
