@@ -56,6 +56,13 @@ def token_from_request(request: Request) -> str | None:
     return request.cookies.get("access_token") or None
 
 
+def authenticated_by_cookie(request: Request) -> bool:
+    """True when `token_from_request` reads the cookie: no `Authorization` header, or an empty one (which is
+    no credential, so the cookie is read; a check keyed on the header's mere presence skipped the Origin
+    check for such a cookie-authenticated write)."""
+    return not request.headers.get("authorization")
+
+
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -110,7 +117,7 @@ def access_claims(request: Request, settings: Settings) -> dict[str, Any]:
     token = token_from_request(request)
     if not token:
         raise Unauthorized()
-    if "authorization" not in request.headers:
+    if authenticated_by_cookie(request):
         check_cookie_origin(request, settings)
     claims = decode_token(token, settings=settings, expected_type="access")
     return claims

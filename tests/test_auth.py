@@ -931,6 +931,26 @@ async def test_cookie_write_from_foreign_origin_is_403(web: httpx.AsyncClient, s
     assert me["full_name"] == "bearer"
 
 
+async def test_an_empty_authorization_header_does_not_skip_the_origin_check(
+    web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """An empty `Authorization` header is no credential, so the cookie authenticates: the Origin check applies
+    (it was skipped because a header was present). Logout is checked whenever it revokes a cookie's session."""
+    await create_user(session, email="o@example.com")
+    assert (await login(web, "o@example.com")).status_code == 200
+    evil = {"Origin": "https://evil.example", "Authorization": ""}
+    refused = await web.patch("/api/auth/me", json={"full_name": "pwned"}, headers=evil)
+    assert (refused.status_code, refused.json()) == (403, {"detail": "Origin not allowed"})
+    assert (await web.post("/api/auth/logout", headers=evil)).status_code == 403
+    # Another header (no Bearer token) still leaves the refresh cookie to be revoked: checked too.
+    basic = {"Origin": "https://evil.example", "Authorization": "Basic eDp5"}
+    assert (await web.post("/api/auth/logout", headers=basic)).status_code == 403
+    me = await web.get("/api/auth/me")
+    assert me.status_code == 200
+    assert me.json()["full_name"] != "pwned"
+    assert (await web.post("/api/auth/refresh")).status_code == 200  # the session was never logged out
+
+
 async def test_cookie_write_with_an_unparsable_origin_is_403(web: httpx.AsyncClient, session: AsyncSession) -> None:
     """An `Origin` that is no URL (an unclosed IPv6 bracket made urlsplit raise) is a foreign origin, not a 500."""
     await create_user(session, email="o@example.com")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Form, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordRequestForm
 
-from app.auth import CurrentUser, check_cookie_origin, token_from_request
+from app.auth import CurrentUser, authenticated_by_cookie, check_cookie_origin, token_from_request
 from app.config import Settings
 from app.deps import RevocationsDep, SessionDep, SettingsDep
 from app.errors import Unauthorized, Unprocessable
@@ -280,11 +280,11 @@ async def logout(
     body: RefreshRequest | None = None,
 ) -> None:
     """Always 204, also with expired or no tokens, so a client can always get back to a clean state."""
-    if "authorization" not in request.headers and (
-        request.cookies.get(ACCESS_COOKIE) or request.cookies.get(REFRESH_COOKIE)
-    ):
-        check_cookie_origin(request, settings)
     refresh_token = body.refresh_token if body is not None and body.refresh_token else None
+    # Checked whenever a cookie is what gets revoked: the access cookie (no Bearer header) or the refresh cookie.
+    uses_access_cookie = authenticated_by_cookie(request) and request.cookies.get(ACCESS_COOKIE)
+    if uses_access_cookie or (refresh_token is None and request.cookies.get(REFRESH_COOKIE)):
+        check_cookie_origin(request, settings)
     await auth_service.logout(
         session=session,
         settings=settings,
