@@ -160,6 +160,10 @@ class Settings(BaseSettings):
         # Credentials (cookies) are allowed, and browsers reject `*` with credentials anyway.
         if "*" in value:
             raise ValueError("'*' is not allowed; list the SPA origins explicitly")
+        # `null` is the origin of sandboxed frames, data: URLs and local files: any site can send it, so listing
+        # it would let every site past CORS and the cookie Origin check (app.auth.check_cookie_origin).
+        if any(origin.rstrip("/").lower() == "null" for origin in value):
+            raise ValueError("'null' is not allowed (any site can send it); list the SPA origins explicitly")
         return value
 
     @field_validator("FILE_ALLOWED_TYPES")

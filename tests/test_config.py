@@ -94,6 +94,14 @@ def test_wildcard_cors_origin_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_pa
         load_settings(DATA_DIR=tmp_path)
 
 
+@pytest.mark.parametrize("origins", ["null", "https://spa.test,NULL"])
+def test_null_cors_origin_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, origins: str) -> None:
+    """Any site can send `Origin: null` (a sandboxed iframe): listed, it would pass CORS and the Origin check."""
+    monkeypatch.setenv("CORS_ORIGINS", origins)
+    with pytest.raises(ConfigError, match="CORS_ORIGINS"):
+        load_settings(DATA_DIR=tmp_path)
+
+
 def test_env_example_lists_every_setting() -> None:
     from app.config import Settings
 
