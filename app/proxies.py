@@ -7,6 +7,7 @@ handling is turned off (`app.serve`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
@@ -36,11 +37,19 @@ def client_address(peer: str, forwarded_for: Iterable[str], trusted: list[Networ
     return str(first) if first is not None else peer
 
 
+#: A hop with a port, as some gateways (Azure Application Gateway) write it: `203.0.113.5:41234`, `[2001:db8::1]:443`.
+_WITH_PORT = re.compile(r"\[(?P<v6>[^\]]+)\]:[0-9]{1,5}|(?P<v4>[0-9.]+):[0-9]{1,5}")
+
+
 def _parse_ip(value: str) -> Address | None:
     """An address in its one canonical spelling (so `::1` and `0::1` are one rate-limit key); no scope ids
-    (`fe80::1%anything` would let a client write any text into the key and the log)."""
+    (`fe80::1%anything` would let a client write any text into the key and the log). A port is dropped: the
+    hop a proxy wrote with one was not parsed, so every client behind that proxy counted as the proxy."""
     if "%" in value:
         return None
+    with_port = _WITH_PORT.fullmatch(value)
+    if with_port is not None:
+        value = with_port.group("v6") or with_port.group("v4")
     try:
         return ip_address(value)
     except ValueError:

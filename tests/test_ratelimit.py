@@ -192,6 +192,18 @@ def test_client_address_is_one_canonical_spelling_without_scope_ids() -> None:
     assert client_address("127.0.0.1", ["fe80::1%x"], trusted) == "127.0.0.1"
 
 
+def test_client_address_drops_a_port_a_proxy_wrote() -> None:
+    """Gateways that append `ip:port` (Azure Application Gateway) separate their clients too: such a hop was
+    unparsable, so every client behind the proxy counted as the proxy and shared one login budget."""
+    trusted = parse_networks(["10.0.0.0/8"])
+    assert client_address("10.0.0.1", ["203.0.113.5:41234"], trusted) == "203.0.113.5"
+    assert client_address("10.0.0.1", ["198.51.100.9, 203.0.113.5:443"], trusted) == "203.0.113.5"
+    assert client_address("10.0.0.1", ["[2001:DB8::1]:443"], trusted) == "2001:db8::1"
+    assert client_address("10.0.0.1", ["6.6.6.6, 10.0.0.2:80"], trusted) == "6.6.6.6"  # a trusted hop, skipped
+    for garbage in ("203.0.113.5:", "203.0.113.5:123456", "[fe80::1%eth0]:443", "[2001:db8::1]", "host:80"):
+        assert client_address("10.0.0.1", [garbage], trusted) == "10.0.0.1", garbage
+
+
 async def test_limiter_and_access_log_see_the_address_decided_once(
     make_app: AppFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
