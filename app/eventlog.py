@@ -341,14 +341,25 @@ class RedisEventLog:
             await self.redis.publish(CALLBACK_CHANNEL, json.dumps({"id": assistant_id, "body": body, "reply": token}))
             answer = await self.redis.blpop([reply], timeout=RELAY_WAIT)
             if answer is None:
-                if await self.redis.set(CALLBACK_CLAIM + token, "0", nx=True, ex=math.ceil(RELAY_WAIT) * 4):
+                if await self._give_up(token):
                     return None  # the owner will not apply it now: it is n8n's to send again
                 # The owner claimed it just now, and applies it at once: its answer is on the way.
                 answer = await self.redis.blpop([reply], timeout=RELAY_WAIT)
         except Exception as exc:
             logger.warning("redis unreachable, callback not relayed (%s)", type(exc).__name__)
-            return None
+            # Published, perhaps applied, its reply lost with the connection (a silently dropped one fails
+            # only at the reply deadline): claimed now, on a new connection, the owner will not apply it
+            # late; claimed by the owner already, it was applied, and a 503 would have n8n send it twice.
+            try:
+                return None if await self._give_up(token) else True
+            except Exception:
+                return None  # Redis cannot be reached from here: its fate cannot be known
         return answer is None or bool(answer[1] == b"1")
+
+    async def _give_up(self, token: str) -> bool:
+        """The receiving instance's claim on a relayed callback: True when the owner has not claimed it (and now
+        never will), False when it did (it applied it)."""
+        return bool(await self.redis.set(CALLBACK_CLAIM + token, "0", nx=True, ex=math.ceil(RELAY_WAIT) * 4))
 
     async def claim_callback(self, token: str) -> bool:
         """The owner's claim on a relayed callback, before applying it: False when the instance that received it

@@ -656,3 +656,58 @@ async def test_a_chat_deleted_while_the_owners_subscription_is_away_stops_its_an
     assert events[-1].type == "error"
     assert events[-1].data["data"]["code"] == "chat_deleted"  # type: ignore[index]
     assert fake.requests[0]["client_closed"]
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("owner", ["applies it at once", "takes it only later"])
+async def test_a_relayed_callback_whose_reply_is_lost_is_never_applied_twice(
+    settings: Settings, own_redis: RedisProcess, freezing: FreezingProxy, owner: str
+) -> None:
+    """The instance that received a callback waits for its owner's reply on a connection that a NAT drops
+    silently (frozen here as soon as the owner hears the callback): its read fails. It answered 503 without
+    claiming the callback, so an owner that had applied it (its reply lost) left n8n's retry to add the text
+    a second time, and an owner that took it only afterwards applied it late, then the retry again. It now
+    claims the callback on a new connection: applied already, it answers as applied; else the owner drops it."""
+    receiving = eventlog.connect(settings.model_copy(update={"REDIS_URL": freezing.redis_url}))
+    owning = aioredis.from_url(own_redis.url)
+    assert receiving is not None
+    db = Database(settings)  # unused by the channels
+    receiver = eventlog.RedisEventLog(receiving, settings, db)
+    owner_log = eventlog.RedisEventLog(owning, settings, db)
+    relayed: asyncio.Future[bool | None] | None = None
+    claims: list[bool] = []
+    heard, claimed = asyncio.Event(), asyncio.Event()
+
+    async def on_callback(_assistant_id: str, _body: dict[str, Any], reply: str | None) -> None:
+        assert reply is not None
+        freezing.freeze()  # the receiver's connection, waiting for the reply, is gone from now on
+        heard.set()
+        if owner == "takes it only later":
+            assert relayed is not None
+            await asyncio.wait({relayed})
+        claims.append(await owner_log.claim_callback(reply))
+        claimed.set()
+        if claims[-1]:
+            await owner_log.answer_callback(reply, True)
+
+    listener = asyncio.create_task(owner_log.listen_for_callbacks(on_callback))
+    try:
+        await asyncio.sleep(0.5)  # subscribed
+        relayed = asyncio.ensure_future(receiver.relay_callback(str(uuid.uuid4()), {"type": "message", "content": "x"}))
+        async with asyncio.timeout(25):
+            await heard.wait()
+            outcome = await relayed
+            await claimed.wait()
+        if owner == "applies it at once":
+            assert (claims, outcome) == ([True], True)  # applied once: no 503, no retry
+        else:
+            assert (claims, outcome) == ([False], None)  # a 503, and the owner does not apply it late
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        if relayed is not None and not relayed.done():
+            relayed.cancel()
+        await receiving.aclose()
+        await owning.aclose()
+        await db.dispose()
