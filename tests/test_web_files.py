@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, FilePayload, Page, Route, expect
+from playwright.sync_api import APIResponse, Browser, FilePayload, Page, Route, expect
 
 from tests.live import LiveServer, free_port
 from tests.web import PASSWORD, Team, Watched, create_team, log_in, send, serving, watch, web_settings
@@ -355,6 +355,28 @@ def test_the_share_dialog_goes_with_the_page_it_was_opened_on(web_page: Watched,
     expect(page).to_have_url(re.compile(r"#/login$"))
     expect(page.get_by_role("button", name="Log in")).to_be_visible()
     expect(page.locator("dialog")).to_have_count(0)
+    assert web_page.errors == []
+
+
+def test_a_share_answered_after_a_logout_shows_no_link_over_the_login_form(web_page: Watched, team: Team) -> None:
+    """The share dialog opened when the share's request came back, whatever page was shown by then: a logout
+    while it was on its way (a slow network) showed the previous user's share link over the login form."""
+    page = web_page.page
+    open_new_chat(page, team)
+    send(page, "to share")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    held: list[tuple[Route, APIResponse]] = []  # the share made at once, its answer handed over later
+    page.route("**/api/chats/*/share", lambda route: held.append((route, route.fetch())))
+    with page.expect_request("**/api/chats/*/share"):
+        menu_item(page, "Share with team")
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    route, response = held[0]
+    assert response.status == 201
+    route.fulfill(response=response)
+    page.wait_for_timeout(300)  # the page has handled the answer
+    expect(page.locator("dialog")).to_have_count(0)
+    expect(page.get_by_label("Link to the shared chat")).to_have_count(0)
     assert web_page.errors == []
 
 

@@ -173,6 +173,8 @@ export class ChatsView {
   async share(chat) {
     try {
       const share = await api(`/api/chats/${chat.id}/share`, { method: "POST" });
+      // The page moved on while the share was made (a logout: the login form): its link is not shown there.
+      if (!document.body.contains(this.root)) return;
       const link = `${location.origin}${location.pathname}#/shares/${share.id}`;
       const field = h("input", { readonly: true, value: link, "aria-label": "Link to the shared chat" });
       const dialog = h(
