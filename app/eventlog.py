@@ -46,6 +46,10 @@ RELAY_WAIT = 3.0
 #: it, or the receiving instance, once it stopped waiting (it then answers 503, and n8n's retry must not find
 #: the callback applied late as well).
 CALLBACK_CLAIM = "callback-claim:"
+#: At most this share of the Redis client's connections (100 by default, shared with the rate limits, the
+#: event logs, stops and follows) waits for relayed callbacks' replies at once: one each, and owners that do
+#: not answer (one died with its answers still running) would take them all. Past it, a 503 at once.
+RELAY_POOL_SHARE = 0.25
 #: Set while a `/v1` completion takes callbacks (`{key}{callback id}`), with its longest life as expiry.
 COMPLETION_KEY = "completion-callbacks:"
 #: Polling the stored message while a stream is rebuilt from storage (seconds).
@@ -184,6 +188,9 @@ class RedisEventLog:
         self.db = db
         self.writers: set[asyncio.Task[None]] = set()
         self._failing = False
+        #: Relayed callbacks waiting for their owner's reply now (`relay_callback`), and how many may.
+        self.relays_waiting = 0
+        self.relays_max = max(1, int(redis.connection_pool.max_connections * RELAY_POOL_SHARE))
 
     # --- writing ---------------------------------------------------------------------------------
     def attach(self, generation: Generation) -> None:
@@ -334,7 +341,17 @@ class RedisEventLog:
     async def relay_callback(self, assistant_id: str, body: dict[str, Any]) -> bool | None:
         """Hand a validated callback to the instance running `assistant_id` and wait until it applied it: True
         applied, False refused (its outcome was decided meanwhile), None when Redis is unreachable or no owner
-        answered within RELAY_WAIT (none runs it any more, or its subscription is away: the message is lost)."""
+        answered within RELAY_WAIT (none runs it any more, or its subscription is away: the message is lost), and
+        at once, unsent, while `relays_max` others wait."""
+        if self.relays_waiting >= self.relays_max:
+            return None
+        self.relays_waiting += 1
+        try:
+            return await self._relay(assistant_id, body)
+        finally:
+            self.relays_waiting -= 1
+
+    async def _relay(self, assistant_id: str, body: dict[str, Any]) -> bool | None:
         token = uuid.uuid4().hex
         reply = CALLBACK_REPLY + token
         try:

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import callbacks
+from app import callbacks, eventlog
 from app.config import Settings
 from app.db import Database
 from app.errors import ServiceUnavailable
@@ -693,3 +693,34 @@ async def test_a_relayed_callback_is_answered_once_its_owner_applied_it(
     assert (events[-1].type, streamed_text(events)) == ("done", "text")
     stored = await assistant_of(app, setup.chat.id)
     assert (stored["status"], stored["content"]) == ("complete", "text")
+
+
+async def test_callbacks_waiting_for_their_owner_leave_the_instances_redis_connections_to_the_rest(
+    settings: Settings, redis_url: str
+) -> None:
+    """A relayed callback waits for its owner's reply on one of the Redis client's connections (100, shared
+    with the rate limits, the event logs, stops and follows). When no owner answers (it died with its answers
+    still running, and their workflows keep posting), 100 callbacks waiting took every one, and all other
+    Redis work of this instance failed at once ("Too many connections"), its rate limits falling back to
+    per-process counts. Only a quarter of them wait now; past that a callback is a 503 at once."""
+    client = eventlog.connect(settings.model_copy(update={"REDIS_URL": redis_url}))
+    assert client is not None
+    db = Database(settings)
+    registry = GenerationRegistry(settings=settings, db=db, streamer=_SilentStreamer(), redis=client)  # type: ignore[arg-type]
+    assert registry.shared is not None
+    ids = [str(uuid.uuid4()) for _ in range(100)]
+    for callback_id in ids:  # `/v1` completions said to run elsewhere, on an instance that is gone
+        assert await registry.shared.mark_callback_target(callback_id, 60)
+    relays = [asyncio.create_task(registry.callback(i, {"type": "message", "content": "x"})) for i in ids]
+    try:
+        refused, _waiting = await asyncio.wait(relays, timeout=RELAY_WAIT / 2)  # before any wait ends
+        assert await client.ping()  # this instance's other Redis work goes on
+        assert len(refused) >= 50  # at once, not waiting
+        outcomes = await asyncio.gather(*relays, return_exceptions=True)
+        assert all(isinstance(outcome, ServiceUnavailable) for outcome in outcomes)
+    finally:
+        for relay in relays:
+            relay.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        await client.aclose()
+        await db.engine.dispose()

@@ -31,7 +31,8 @@ router = APIRouter(prefix="/api/callbacks", tags=["callbacks"])
         413: error_doc("The body is larger than CALLBACK_MAX_BODY_BYTES", "Request body too large"),
         503: error_doc(
             "The generation runs on another instance that Redis cannot reach, or that did not take the callback "
-            "within 3 seconds (not applied: send it again)"
+            "within 3 seconds, or too many callbacks wait for their instances already (not applied: send it "
+            "again)"
         ),
     },
 )
