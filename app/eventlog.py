@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from redis.asyncio import Redis
@@ -50,9 +50,14 @@ CALLBACK_CLAIM = "callback-claim:"
 #: event logs, stops and follows) waits for relayed callbacks' replies at once: one each, and owners that do
 #: not answer (one died with its answers still running) would take them all. Past it, a 503 at once.
 RELAY_POOL_SHARE = 0.25
+#: At most this share of them blocks in followers' reads (`XREAD BLOCK`, up to READ_BLOCK_MAX each): one per
+#: follower, and 100 browser tabs following answers of another instance took them all. Past it, a follower
+#: polls (`_PoolShare`). With the relays' share, a quarter is always left to the short commands.
+FOLLOW_POOL_SHARE = 0.5
 #: Set while a `/v1` completion takes callbacks (`{key}{callback id}`), with its longest life as expiry.
 COMPLETION_KEY = "completion-callbacks:"
-#: Polling the stored message while a stream is rebuilt from storage (seconds).
+#: Polling the stored message while a stream is rebuilt from storage, and the Redis log while a follower
+#: finds no share of the pool free to block in (seconds).
 STORAGE_POLL = 0.5
 #: How long the writer keeps retrying an unreachable Redis after the generation ended (seconds).
 RETRY_AFTER_END = 30.0
@@ -179,6 +184,31 @@ async def rebuilt_stream(
             ping_at = loop.time() + ping
 
 
+class _PoolShare:
+    """A share of the Redis client's connections that one kind of long wait may hold at once. Each wait holds
+    one connection of the client's one pool (it cannot be shared while it blocks); without a cap, enough of
+    them took every connection, and all other Redis work of the instance (rate limits, event-log writers,
+    stops) failed at once with 'Too many connections'. Counted here, in the one event loop: no lock."""
+
+    __slots__ = ("most", "taken")
+
+    def __init__(self, redis: Redis, share: float) -> None:
+        self.most = max(1, int(redis.connection_pool.max_connections * share))
+        self.taken = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[bool]:
+        """One of the share for the block's life (True), or False, taking nothing, while all are held."""
+        if self.taken >= self.most:
+            yield False
+            return
+        self.taken += 1
+        try:
+            yield True
+        finally:
+            self.taken -= 1
+
+
 class RedisEventLog:
     """The generations' events in Redis Streams (one per generation), and the stop channel between instances."""
 
@@ -188,9 +218,9 @@ class RedisEventLog:
         self.db = db
         self.writers: set[asyncio.Task[None]] = set()
         self._failing = False
-        #: Relayed callbacks waiting for their owner's reply now (`relay_callback`), and how many may.
-        self.relays_waiting = 0
-        self.relays_max = max(1, int(redis.connection_pool.max_connections * RELAY_POOL_SHARE))
+        #: Relayed callbacks waiting for their owner's reply (`relay_callback`), followers blocking in a read.
+        self.relays = _PoolShare(redis, RELAY_POOL_SHARE)
+        self.follows = _PoolShare(redis, FOLLOW_POOL_SHARE)
 
     # --- writing ---------------------------------------------------------------------------------
     def attach(self, generation: Generation) -> None:
@@ -248,7 +278,7 @@ class RedisEventLog:
             # at the client's 5 s and was reported as Redis unreachable, every 5 s of a quiet answer.
             wait = min(quiet_since + ping - loop.time(), READ_BLOCK_MAX)
             try:
-                answer = await _read_after(self.redis, key, last, max(1, int(wait * 1000)))
+                answer = await self._read(key, last, wait)
             except Exception as exc:
                 logger.warning("redis unreachable while following %s (%s)", assistant_id, type(exc).__name__)
                 ended = await self._storage_ended(chat_id, assistant_id, last)
@@ -279,6 +309,18 @@ class RedisEventLog:
                     yield b"".join(out)
                     return
             yield b"".join(out)
+
+    async def _read(self, key: str, after: int, wait: float) -> list[Entry]:
+        """The events after `after`, blocking up to `wait` seconds for them while the followers' share of the
+        pool has a connection free; else polling: a read that does not block, and when it found nothing, a
+        pause of up to STORAGE_POLL before the next (the follower sees new events that much later)."""
+        with self.follows.hold() as held:
+            if held:
+                return await _read_after(self.redis, key, after, max(1, int(wait * 1000)))
+        answer = await _read_after(self.redis, key, after)
+        if not answer:
+            await asyncio.sleep(min(max(wait, 0.0), STORAGE_POLL))
+        return answer
 
     async def _storage_ended(self, chat_id: uuid.UUID, assistant_id: str, last: int) -> bytes | None:
         """The terminal event from storage when the message is final (under the id its final write stored, else
@@ -342,14 +384,9 @@ class RedisEventLog:
         """Hand a validated callback to the instance running `assistant_id` and wait until it applied it: True
         applied, False refused (its outcome was decided meanwhile), None when Redis is unreachable or no owner
         answered within RELAY_WAIT (none runs it any more, or its subscription is away: the message is lost), and
-        at once, unsent, while `relays_max` others wait."""
-        if self.relays_waiting >= self.relays_max:
-            return None
-        self.relays_waiting += 1
-        try:
-            return await self._relay(assistant_id, body)
-        finally:
-            self.relays_waiting -= 1
+        at once, unsent, while the relays' share of the pool waits already."""
+        with self.relays.hold() as held:
+            return await self._relay(assistant_id, body) if held else None
 
     async def _relay(self, assistant_id: str, body: dict[str, Any]) -> bool | None:
         token = uuid.uuid4().hex

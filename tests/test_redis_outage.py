@@ -711,3 +711,78 @@ async def test_a_relayed_callback_whose_reply_is_lost_is_never_applied_twice(
         await receiving.aclose()
         await owning.aclose()
         await db.dispose()
+
+
+@pytest.mark.timeout(60)
+async def test_followers_of_another_instances_answer_leave_the_instances_redis_connections_to_the_rest(
+    settings: Settings, redis_url: str
+) -> None:
+    """Each follower of an answer running on another instance blocks in a read (`XREAD BLOCK`, up to 4 s) on one
+    of the Redis client's connections (100, shared with the rate limits, the event-log writers, stops and
+    callbacks). 100 followers (browser tabs a load balancer sent to another instance) took every one: all other
+    Redis work of the instance failed at once ("Too many connections"), the next followers' too. Only half of
+    them block now; the others poll the log, and every follower gets the whole answer."""
+    redis_settings = settings.model_copy(update={"REDIS_URL": redis_url})
+    owner_client, client = eventlog.connect(redis_settings), eventlog.connect(redis_settings)
+    assert owner_client is not None
+    assert client is not None
+    pool = client.connection_pool.max_connections
+    db = Database(settings)
+    chat_id, assistant_id = uuid.uuid4(), str(uuid.uuid4())
+    running = Generation(new=SimpleNamespace(chat_id=chat_id, assistant_id=assistant_id))  # type: ignore[arg-type]
+    local = Generation(new=SimpleNamespace(chat_id=uuid.uuid4(), assistant_id=str(uuid.uuid4())))  # type: ignore[arg-type]
+    keys = [log_key(g.new.chat_id, g.new.assistant_id) for g in (running, local)]
+    log = eventlog.RedisEventLog(client, redis_settings, db)
+    eventlog.RedisEventLog(owner_client, redis_settings, db).attach(running)  # the owner, another instance
+    running.add_event("start", {"assistant_message_id": assistant_id})
+    await redis_log_holds(redis_url, keys[0], 1)
+
+    async def follower() -> list[bytes]:
+        frames = await log.follow(chat_id, assistant_id, 0, 15.0)
+        assert frames is not None
+        return [chunk async for chunk in frames]
+
+    followers: list[asyncio.Task[list[bytes]]] = []
+    try:
+        for _ in range(pool + 20):  # tabs opened one after another
+            followers.append(asyncio.create_task(follower()))
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.5)  # every follower has read `start` and waits for more
+        # This instance's other Redis work goes on: a ping, a stop, a writer's batch.
+        assert await client.ping()
+        assert not [f.exception() for f in followers if f.done()]
+        assert await log.publish_stop(str(uuid.uuid4()), 5)
+        log.attach(local)
+        local.add_event("start", {"assistant_message_id": local.new.assistant_id})
+        local.finish("done", {"message": {}})
+        assert len(await redis_log(redis_url, keys[1], within=3)) == 2
+        # The answer goes on and ends: every follower gets all of it, the terminal event last.
+        running.add_chunks(["Hello, "])
+        running.add_chunks(["world"])
+        running.finish("done", {"message": {"content": "Hello, world"}})
+        async with asyncio.timeout(10):
+            streams = await asyncio.gather(*followers)
+        whole = [(e.id, e.data) for f in running.frames for e in parse_sse(f.decode())]
+        for stream in streams:
+            assert [(e.id, e.data) for chunk in stream for e in parse_sse(chunk.decode())] == whole
+    finally:
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+        await client.delete(*keys)
+        await client.aclose()
+        await owner_client.aclose()
+        await db.dispose()
+
+
+async def redis_log_holds(url: str, key: str, count: int) -> None:
+    """Until the generation's Redis log holds `count` events."""
+    client = aioredis.from_url(url)
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                if await client.xlen(key) >= count:
+                    return
+                await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
