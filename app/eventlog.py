@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 STOP_CHANNEL = "generations:stop"
 #: Set (`{STOP_REQUEST}{assistant id}`, for a while) with every stop published: pub/sub delivers a message only
 #: to the subscriptions alive when it is published, so an owner whose subscription was away (its connection
-#: lost, or dropped silently and not found out yet) reads these keys when it subscribes again.
+#: lost, or dropped silently and not found out yet) reads these keys when it subscribes again, and a generation's
+#: first write to its log reads its own key (a stop published after its row was stored but before this instance
+#: knew it ran it).
 STOP_REQUEST = "stop-request:"
 #: Published with `{"id": assistant message id, "body": callback, "reply": token}`: the instance running it
 #: applies it, then pushes "1" (applied) or "0" (refused: its outcome was decided) to `{CALLBACK_REPLY}{token}`.
@@ -223,6 +225,9 @@ class RedisEventLog:
         #: Relayed callbacks waiting for their owner's reply (`relay_callback`), followers blocking in a read.
         self.relays = _PoolShare(redis, RELAY_POOL_SHARE)
         self.follows = _PoolShare(redis, FOLLOW_POOL_SHARE)
+        #: The stop listener's handler (`listen_for_stops`), also given a stop kept for a generation that this
+        #: instance did not run yet when it was published (`_Mirror`'s first batch reads it).
+        self.on_stop: Callable[[str], Awaitable[None]] | None = None
 
     # --- writing ---------------------------------------------------------------------------------
     def attach(self, generation: Generation) -> None:
@@ -379,6 +384,7 @@ class RedisEventLog:
         """Subscribe to the stop channel for the life of the app, resubscribing after a Redis outage;
         `on_subscribed` runs after each subscription (the first too), to act on the stops published while
         there was none (`stops_requested`)."""
+        self.on_stop = on_stop
         await self._listen(STOP_CHANNEL, "stop", on_stop, on_subscribed)
 
     # --- progress callbacks between instances ------------------------------------------------------
@@ -667,6 +673,7 @@ class _Mirror:
             frames = generation.frames
             available = len(frames)
             ending = generation.terminal is not None and available == len(generation.frames)
+            first = False
             try:
                 async with redis.pipeline(transaction=True) as pipe:
                     if self.written == 0 and ending:
@@ -675,6 +682,11 @@ class _Mirror:
                         pipe.eval(SET_UNLESS_ANOTHER_RUNS, 1, chat, generation.new.assistant_id, ttl)
                     elif self.written == 0:
                         pipe.set(chat, generation.new.assistant_id, ex=running_ttl)
+                        # A stop from another instance that read this answer's row before this one registered
+                        # it was published to no one who ran it; it was kept first, so read here, in the
+                        # same round trip, after the registration: one of the two finds every stop.
+                        pipe.exists(STOP_REQUEST + generation.new.assistant_id)
+                        first = True
                     for n in range(self.written, available):
                         fields: dict[str, bytes] = {"f": frames[n]}
                         if ending and n == available - 1:
@@ -687,8 +699,10 @@ class _Mirror:
                         pipe.eval(EXPIRE_IF_OURS, 1, chat, generation.new.assistant_id, ttl)
                     else:
                         pipe.expire(self.key, running_ttl)
-                    await pipe.execute()
+                    results = await pipe.execute()
                 self.written = available
+                if first and results[1] and self.log.on_stop is not None:
+                    await self.log.on_stop(generation.new.assistant_id)
                 self._release()
                 self.log._report(False)
                 delay = 0.2

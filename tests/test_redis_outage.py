@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -531,6 +531,64 @@ async def test_a_stop_published_while_no_one_was_subscribed_is_acted_on_once_the
         await listening.aclose()
         await direct.aclose()
         await slow.close()
+        await db.dispose()
+
+
+@pytest.mark.timeout(30)
+async def test_a_stop_published_before_its_owner_registered_the_generation_is_acted_on_at_its_first_write(
+    settings: Settings, own_redis: RedisProcess
+) -> None:
+    """Another instance asks to stop an answer once its row is stored (it reads the row), which can be before
+    the instance that stored it has registered the generation: the owner's listener hears the stop and finds
+    nothing of its own to stop (as `Generations._stop_requested` does here). The generation's first write to
+    its log reads the kept request in the same round trip and hands it to the same handler; an answer no one
+    asked to stop is left alone."""
+    client = eventlog.connect(settings.model_copy(update={"REDIS_URL": own_redis.url}))
+    assert client is not None
+    db = Database(settings)  # unused by the log and the channel
+    owner = eventlog.RedisEventLog(client, settings, db)
+    asker = eventlog.RedisEventLog(client, settings, db)
+    chat_id = uuid.uuid4()
+    registered: set[str] = set()
+    ignored: list[str] = []
+    stopped: list[str] = []
+    news = asyncio.Event()
+
+    async def on_stop(assistant_id: str) -> None:
+        (stopped if assistant_id in registered else ignored).append(assistant_id)
+        news.set()
+
+    async def until(found: list[str], assistant_id: str) -> None:
+        async with asyncio.timeout(10):
+            while assistant_id not in found:
+                await news.wait()
+                news.clear()
+
+    async def until_true(value: Callable[[], Awaitable[int]]) -> None:
+        async with asyncio.timeout(10):
+            while True:
+                if await value():
+                    return
+                await asyncio.sleep(0.02)
+
+    listener = asyncio.create_task(owner.listen_for_stops(on_stop))
+    try:
+        await until_true(lambda: stop_subscribers(client))
+        assert await asker.publish_stop("early", lasting=30)
+        await until(ignored, "early")  # heard before the generation was registered: nothing stopped
+        for assistant_id in ("early", "unasked"):
+            registered.add(assistant_id)
+            generation = Generation(new=SimpleNamespace(chat_id=chat_id, assistant_id=assistant_id))  # type: ignore[arg-type]
+            owner.attach(generation)
+            generation.add_event("start", {"assistant_message_id": assistant_id})
+        await until(stopped, "early")
+        await until_true(lambda: client.xlen(eventlog.log_key(chat_id, "unasked")))  # its first write is done
+        assert stopped == ["early"]
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await client.aclose()
         await db.dispose()
 
 
