@@ -607,7 +607,8 @@ class _Mirror:
     """Writes one generation's new events to its Redis Stream, in batches, from one task at a time.
 
     Events are written with their own ids (`XADD key <n>-0`) in a MULTI/EXEC, so a batch is all or nothing;
-    after a failure the writer asks Redis how far it got and goes on from there.
+    after a failure the writer asks Redis how far it got (before any other batch, until Redis answers) and goes on
+    from there.
     """
 
     __slots__ = ("gave_up", "generation", "key", "log", "task", "waiting", "written")
@@ -669,12 +670,20 @@ class _Mirror:
         loop = asyncio.get_running_loop()
         delay = 0.2
         ended_at: float | None = None
+        unsure = False  # after a failure: how far Redis got is read before the next batch
         while self.written < len(generation.frames):
             frames = generation.frames
             available = len(frames)
             ending = generation.terminal is not None and available == len(generation.frames)
             first = False
             try:
+                if unsure:
+                    # The failed batch may have been applied, or Redis may have come back empty (restarted): a
+                    # count kept from before would leave a hole at the start of the log, or write twice.
+                    last = await _last_entry(redis, self.key)
+                    self.written = last[0] if last is not None else 0
+                    unsure = False
+                    continue
                 async with redis.pipeline(transaction=True) as pipe:
                     if self.written == 0 and ending:
                         # The whole answer at once, ended already (quickly, or late: its writer retried while
@@ -720,8 +729,6 @@ class _Mirror:
                     if loop.time() - ended_at > RETRY_AFTER_END:
                         self.gave_up = True
                         return
+                unsure = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                with contextlib.suppress(Exception):
-                    last = await _last_entry(redis, self.key)
-                    self.written = last[0] if last is not None else 0

@@ -466,6 +466,55 @@ async def test_an_answer_that_reaches_redis_only_after_its_end_leaves_the_chats_
         await db.dispose()
 
 
+@pytest.mark.timeout(30)
+async def test_a_writer_whose_read_after_a_failure_failed_too_reads_again_before_writing(
+    settings: Settings, own_redis: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed batch the writer reads how far Redis got. When that read failed too, it went on from the
+    count it had: Redis back empty (restarted without its data) got the answer from the next event on, and
+    followers elsewhere a log without its `start`. It reads before its next batch now, until a read succeeds."""
+    client = eventlog.connect(settings.model_copy(update={"REDIS_URL": own_redis.url}))
+    assert client is not None
+    db = Database(settings)
+    chat_id = uuid.uuid4()
+    key = eventlog.log_key(chat_id, "restarted")
+    real_execute = Pipeline.execute
+    real_last_entry = eventlog._last_entry
+    failures = {"batch": 0, "read": 0}
+
+    async def execute_fails_once(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        if not failures["batch"]:
+            failures["batch"] += 1
+            await client.flushdb()  # Redis restarted empty meanwhile
+            raise RedisError("connection lost")
+        return await real_execute(self, *args, **kwargs)
+
+    async def read_fails_once(redis: aioredis.Redis, log: str) -> Any:
+        if not failures["read"]:
+            failures["read"] += 1
+            raise RedisError("connection lost")
+        return await real_last_entry(redis, log)
+
+    generation = Generation(new=SimpleNamespace(chat_id=chat_id, assistant_id="restarted"))  # type: ignore[arg-type]
+    try:
+        eventlog.RedisEventLog(client, settings, db).attach(generation)
+        generation.add_event("start", {"assistant_message_id": "restarted"})
+        async with asyncio.timeout(10):  # the first batch is in Redis
+            while True:
+                if await client.xlen(key):
+                    break
+                await asyncio.sleep(0.02)
+        monkeypatch.setattr(Pipeline, "execute", execute_fails_once)
+        monkeypatch.setattr(eventlog, "_last_entry", read_fails_once)
+        generation.add_chunks(["Hello"])
+        generation.finish("done", {"message": {}})
+        assert await redis_log(own_redis.url, key) == list(generation.frames)
+        assert failures == {"batch": 1, "read": 1}
+    finally:
+        await client.aclose()
+        await db.dispose()
+
+
 # --- a stop published while its owner's subscription is away ----------------------------------------------------
 
 
