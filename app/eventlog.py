@@ -48,7 +48,9 @@ RELAY_WAIT = 3.0
 #: it, or the receiving instance, once it stopped waiting (it then answers 503, and n8n's retry must not find
 #: the callback applied late as well).
 CALLBACK_CLAIM = "callback-claim:"
-#: How long a claim is kept (seconds): past the receiving instance's two waits and its claim.
+#: How long the owner's claim is kept (seconds): past the receiving instance's two waits and its claim. The
+#: receiving instance's claim (it gave up) is kept for the answer's longest life instead: an owner that hears the
+#: relayed message late (its listener behind) must still find it, however late, while it runs the answer.
 CLAIM_TTL = math.ceil(RELAY_WAIT) * 4
 #: At most this share of the Redis client's connections (100 by default, shared with the rate limits, the
 #: event logs, stops and follows) waits for relayed callbacks' replies at once: one each, and owners that do
@@ -418,21 +420,22 @@ class RedisEventLog:
                 return None  # Redis cannot be reached from here: its fate cannot be known
         return answer is None or bool(answer[1] == b"1")
 
-    async def _claim(self, token: str, by: str) -> bool:
+    async def _claim(self, token: str, by: str, lasting: int) -> bool:
         """Claim a relayed callback (`by`: "1" the owner, "0" the receiving instance): True for the first claim,
         False when the other side claimed it already (raises when Redis fails)."""
-        return bool(await self.redis.set(CALLBACK_CLAIM + token, by, nx=True, ex=CLAIM_TTL))
+        return bool(await self.redis.set(CALLBACK_CLAIM + token, by, nx=True, ex=lasting))
 
     async def _give_up(self, token: str) -> bool:
         """The receiving instance's claim on a relayed callback: True when the owner has not claimed it (and now
-        never will), False when it did (it applied it)."""
-        return await self._claim(token, "0")
+        never will, however late it hears it), False when it did (it applied it)."""
+        s = self.settings
+        return await self._claim(token, "0", math.ceil(max(s.N8N_TOTAL_TIMEOUT, s.CALLBACK_TOTAL_TIMEOUT)))
 
     async def claim_callback(self, token: str) -> bool:
         """The owner's claim on a relayed callback, before applying it: False when the instance that received it
         gave up waiting (or Redis is unreachable: it cannot be told either), and it must not be applied."""
         try:
-            return await self._claim(token, "1")
+            return await self._claim(token, "1", CLAIM_TTL)
         except Exception as exc:
             logger.warning("redis unreachable, relayed callback dropped (%s)", type(exc).__name__)
             return False

@@ -820,6 +820,47 @@ async def test_a_relayed_callback_whose_reply_is_lost_is_never_applied_twice(
         await db.dispose()
 
 
+@pytest.mark.timeout(30)
+async def test_a_relayed_callback_given_up_on_stays_unclaimable_while_its_answer_can_run(
+    settings: Settings, own_redis: RedisProcess
+) -> None:
+    """An owner whose callback listener is behind hears a relayed callback after its receiver gave up waiting
+    (and answered n8n 503, which sends it again). The receiver's claim lived 12 s: an owner later than that
+    claimed it and applied it, and n8n's retry applied it again. The claim now lives as long as the answer can."""
+    client = aioredis.from_url(own_redis.url)
+    db = Database(settings)  # unused by the channels
+    receiver = eventlog.RedisEventLog(client, settings, db)
+    owner = eventlog.RedisEventLog(client, settings, db)
+    replies: list[str] = []
+    heard = asyncio.Event()
+
+    async def on_callback(_assistant_id: str, _body: dict[str, Any], reply: str | None) -> None:
+        assert reply is not None
+        replies.append(reply)  # and says nothing: it is behind
+        heard.set()
+
+    listener = asyncio.create_task(owner.listen_for_callbacks(on_callback))
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                answer: Any = await client.pubsub_numsub(eventlog.CALLBACK_CHANNEL)
+                if answer[0][1]:
+                    break
+                await asyncio.sleep(0.02)
+        outcome = await receiver.relay_callback(str(uuid.uuid4()), {"type": "message", "content": "x"})
+        await heard.wait()
+        assert outcome is None  # answered 503
+        kept = await client.ttl(eventlog.CALLBACK_CLAIM + replies[0])
+        assert kept >= max(settings.N8N_TOTAL_TIMEOUT, settings.CALLBACK_TOTAL_TIMEOUT) - 5
+        assert not await owner.claim_callback(replies[0])
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await client.aclose()
+        await db.dispose()
+
+
 @pytest.mark.timeout(60)
 async def test_followers_of_another_instances_answer_leave_the_instances_redis_connections_to_the_rest(
     settings: Settings, redis_url: str
