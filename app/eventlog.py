@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 
 from app.config import Settings
@@ -84,6 +84,11 @@ PONG_WAIT = 5.0
 #: A lost subscription is tried again after this pause (seconds); a new connection may take CONNECT_TIMEOUT.
 RESUBSCRIBE_PAUSE = 1.0
 CONNECT_TIMEOUT = 2.0
+#: The one client's connections (redis-py's default count), and how long a command waits for one of them while
+#: all are in use (a burst of short commands: every stream's writer batch at once on a loaded instance) before
+#: it fails as a connection that could not be made would.
+POOL_SIZE = 100
+POOL_WAIT = CONNECT_TIMEOUT
 
 
 def resubscribed_within() -> float:
@@ -100,10 +105,22 @@ def connect(settings: Settings) -> Redis | None:
     connection dropped silently on the way (a NAT's or load balancer's idle timeout, a failover that drops
     packets instead of refusing them) fails and is replaced instead of hanging what waits on it. The short
     connect timeout lets the fallbacks answer at once while Redis is down.
+
+    A command finding every connection in use waits for one (POOL_WAIT): redis-py's default pool refuses it at
+    once ("Too many connections"): a burst of a few hundred commands in the same instant (a loaded instance's
+    writer batches, its rate-limit counts) failed as if Redis were down, and the writers backed off while
+    followers elsewhere fell back to storage, the rate limits to per-process counts.
     """
     if not settings.REDIS_URL:
         return None
-    return Redis.from_url(settings.REDIS_URL, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=REPLY_TIMEOUT)
+    pool = BlockingConnectionPool.from_url(
+        settings.REDIS_URL,
+        max_connections=POOL_SIZE,
+        timeout=POOL_WAIT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_timeout=REPLY_TIMEOUT,
+    )
+    return Redis.from_pool(pool)
 
 
 def log_key(chat_id: uuid.UUID, assistant_id: str) -> str:

@@ -861,6 +861,25 @@ async def test_a_relayed_callback_given_up_on_stays_unclaimable_while_its_answer
         await db.dispose()
 
 
+@pytest.mark.timeout(30)
+async def test_a_burst_of_commands_beyond_the_pool_waits_for_connections_instead_of_failing(
+    settings: Settings, redis_url: str
+) -> None:
+    """The instance's one Redis client has 100 connections. A few hundred commands in the same instant (every
+    stream's writer batch on a loaded instance, each request's rate-limit count) failed past the 100th with
+    "Too many connections", as if Redis were down. They wait for a connection now, briefly."""
+    client = eventlog.connect(settings.model_copy(update={"REDIS_URL": redis_url}))
+    assert client is not None
+    assert client.connection_pool.max_connections == eventlog.POOL_SIZE
+    try:
+        key = f"burst:{uuid.uuid4()}"
+        answers = await asyncio.gather(*(client.incr(key) for _ in range(3 * eventlog.POOL_SIZE)))
+        assert sorted(answers) == list(range(1, 3 * eventlog.POOL_SIZE + 1))
+        await client.delete(key)
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.timeout(60)
 async def test_followers_of_another_instances_answer_leave_the_instances_redis_connections_to_the_rest(
     settings: Settings, redis_url: str
