@@ -10,6 +10,8 @@ NDJSON_TYPES = {"begin", "item", "end", "error"}
 SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
 UTF8_BOM = b"\xef\xbb\xbf"
 EXCERPT_CHARS = 300
+#: What ends an excerpt that was cut.
+CUT_MARK = "…"
 
 
 #: The `empty_response` failure's message: an answer that ended without any text (app.generations too, for one
@@ -51,7 +53,7 @@ def excerpt(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
     text = " ".join(clean_text(value).replace("\ufffd", "").split())
-    return text[:EXCERPT_CHARS] + ("…" if len(text) > EXCERPT_CHARS else "")
+    return text[:EXCERPT_CHARS] + (CUT_MARK if len(text) > EXCERPT_CHARS else "")
 
 
 #: Secret header values shorter than this are not masked (they would mask ordinary words).
@@ -60,23 +62,32 @@ MIN_MASKED_SECRET = 4
 
 def masked(text: str, secrets: list[str]) -> str:
     """`text` with every secret header value replaced by `***` (a workflow may echo its request headers), and
-    a secret's beginning at the very end too (an answer, or what was kept of it, cut inside a secret). Each
-    secret as written inside a JSON string too: an answer whose `output` is an object is shown as its JSON,
-    where `"` and `\\` are escaped (and, from `ensure_ascii` encoders, any non-ASCII character)."""
+    a secret's beginning at the very end too (an answer, or what was kept of it, cut inside a secret), or
+    just before the `…` of a cut `excerpt`. Each secret as written inside a JSON string too (an answer whose
+    `output` is an object is shown as its JSON, where `"` and `\\` are escaped, and, from `ensure_ascii`
+    encoders, any non-ASCII character), and as `excerpt` writes it (a value may hold tabs and runs of spaces,
+    which it folds into one space)."""
     forms = {
         form
         for secret in secrets
-        for form in (secret, json.dumps(secret, ensure_ascii=False)[1:-1], json.dumps(secret)[1:-1])
+        for form in (
+            secret,
+            json.dumps(secret, ensure_ascii=False)[1:-1],
+            json.dumps(secret)[1:-1],
+            " ".join(secret.split()),
+        )
     }
     secrets = sorted((secret for secret in forms if len(secret) >= MIN_MASKED_SECRET), key=len, reverse=True)
     for secret in secrets:
         text = text.replace(secret, "***")
+    mark = CUT_MARK if text.endswith(CUT_MARK) else ""
+    text = text.removesuffix(mark)
     for secret in secrets:
         for size in range(min(len(secret) - 1, len(text)), MIN_MASKED_SECRET - 1, -1):
             if text.endswith(secret[:size]):
                 text = text[:-size] + "***"
                 break
-    return text
+    return text + mark
 
 
 #: The most tokens one count may hold: the ledger's columns are 32-bit integers.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -406,6 +407,49 @@ async def test_error_details_never_hold_a_secret_header_value(
     detail = caught.value.detail
     assert "***" in detail[key]
     assert "sk-live-123456" not in repr(detail)
+
+
+#: A header value with a tab and a run of spaces (both allowed inside a value, app.fields).
+SPACED_SECRET = "Bearer\tsk-live  9f8e7d6c5b4a"
+IN_JSON = json.dumps(SPACED_SECRET)[1:-1].encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "key"),
+    [
+        # n8n's text is shortened to EXCERPT_CHARS and ends in "…": the secret's start must not stay before it.
+        (b'{"message":"' + b"x" * 286 + b" k=" + IN_JSON + b'"}', 500, "n8n_message"),
+        (
+            b'{"type":"begin"}\n{"type":"error","content":"' + b"y" * 286 + b" k=" + IN_JSON + b'"}\n',
+            200,
+            "n8n_error",
+        ),
+        # The excerpt folds whitespace: the tab and the double space become single spaces.
+        (b'{"message":"refused ' + IN_JSON + b'"}', 500, "n8n_message"),
+        (
+            b'{"type":"begin"}\n{"type":"error","content":"refused ' + IN_JSON + b' here"}\n',
+            200,
+            "n8n_error",
+        ),
+    ],
+)
+async def test_error_details_hold_no_part_of_a_secret_as_the_excerpt_writes_it(
+    patient_streamer: N8nStreamer, fake: FakeN8n, body: bytes, status: int, key: str
+) -> None:
+    """The error log's n8n texts are excerpts (app.n8n_parser.excerpt: whitespace folded, cut with "…"): the
+    secret is masked in the form the excerpt gives it, and its beginning before the "…" of a cut text."""
+    with pytest.raises(StreamFailure) as caught:
+        await patient_streamer.run(
+            url=raw_answer(fake.url, body, status=status),
+            headers={"Authorization": SPACED_SECRET},
+            payload={"chatInput": "hi"},
+            on_chunks=lambda _chunks: None,
+            stats=StreamStats(),
+        )
+    text = caught.value.detail[key]
+    assert "***" in text
+    assert "Bearer" not in text
+    assert "sk-l" not in text
 
 
 async def test_streamer_session_has_no_hidden_total_timeout(streamer: N8nStreamer) -> None:
