@@ -9,10 +9,11 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -28,7 +29,7 @@ from app.services import imports
 from app.services.exports import EXPORT_PAGE_CHATS
 from app.services.messages import INTERRUPTED
 from app.state import app_state
-from tests.conftest import TeamWorld, chat_with_sent_files, count_rows
+from tests.conftest import TeamWorld, _plain_url, chat_with_sent_files, count_rows, until_a_statement_waits
 from tests.factories import create_chat, message_row
 from tests.live import cut_off_request, data_events, parse_sse
 from tools.fake_n8n import FakeN8n
@@ -264,6 +265,62 @@ async def test_export_all_with_no_chats_is_empty(client: httpx.AsyncClient, team
     assert response.status_code == 200
     assert response.content == b""
     assert (await client.get("/api/chats/export")).status_code == 401
+
+
+async def exported_while_messages_change(
+    world: TeamWorld, export: Coroutine[Any, Any, httpx.Response], change: str, *args: Any
+) -> httpx.Response:
+    """`export`'s answer, its messages read only once `change` (SQL with `args`) has committed: the messages'
+    table is locked until then, so an export that read the chat before its messages reads them changed."""
+    conn = await asyncpg.connect(_plain_url(world.settings.DATABASE_URL))
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            exporting = asyncio.ensure_future(export)
+            await until_a_statement_waits(conn, "%messages%")
+            await conn.execute(change, *args)
+        return await exporting
+    finally:
+        await conn.close()
+
+
+FIRST_SEND = (
+    "WITH q AS (INSERT INTO messages (id, chat_id, parent_id, role, content, status, created_at, updated_at)"
+    " VALUES ($2, $1, NULL, 'user', 'Hi', 'complete', now(), now()),"
+    " ($3, $1, $2, 'assistant', '', 'streaming', now() + interval '1 microsecond', now()) RETURNING id)"
+    " UPDATE chats SET current_message_id = $3, message_count = 2 WHERE id = $1"
+)
+
+
+async def test_an_export_taken_while_a_chats_first_send_commits_imports_again(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """An export read the chat, then its messages: a first send committed in between gave a chat without a
+    current message holding two messages, which no import takes (422). It reads them in one snapshot now."""
+    chat = await create_chat(session, user=team_world.member, agent=team_world.agent, title="new")
+    export = client.get(f"/api/chats/{chat.id}/export", headers=team_world.h(team_world.member))
+    response = await exported_while_messages_change(team_world, export, FIRST_SEND, chat.id, uuid.uuid4(), uuid.uuid4())
+    assert response.status_code == 200
+    document = response.json()
+    assert (document["current_message_id"] is None) == (document["messages"] == [])
+    assert (await import_body(client, team_world, response.content)).status_code == 201
+
+
+async def test_an_export_of_all_chats_taken_while_one_is_deleted_imports_again(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """The JSON Lines export read a page of chats, then their messages: a chat deleted in between was exported
+    with its current message but none of its messages, and the file then imported nothing at all (422)."""
+    kept = await branchy_chat(session, team_world, title="kept")
+    gone = await branchy_chat(session, team_world, title="gone")
+    export = client.get("/api/chats/export", headers=team_world.h(team_world.member))
+    response = await exported_while_messages_change(team_world, export, "DELETE FROM chats WHERE id = $1", gone.id)
+    assert response.status_code == 200
+    documents = [json.loads(line) for line in response.content.splitlines()]
+    assert documents[0]["id"] == str(kept.id)
+    assert all(len(d["messages"]) == 7 for d in documents)  # the deleted chat whole, or not at all
+    imported = await import_body(client, team_world, response.content, content_type="application/x-ndjson")
+    assert imported.status_code == 201, imported.text
 
 
 # --- import ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import Select, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.chat_schemas import format_timestamp
@@ -102,13 +102,24 @@ def chat_document(chat: Chat, agent_slug: str, agent_name: str, messages: Sequen
 
 async def export_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> dict[str, Any]:
     """The caller's chat in the export format (missing, another user's or another team's: 404)."""
-    query = select(Chat, Agent.slug, Agent.name).join(Agent, Agent.id == Chat.agent_id).where(*OWNED_CHAT)
-    row = (await session.execute(query, owned_chat_params(chat_id, user.id, user.team_id))).first()
-    if row is None:
+    query = _chats_with_messages().where(*OWNED_CHAT)
+    rows = (await session.execute(query, owned_chat_params(chat_id, user.id, user.team_id))).all()
+    if not rows:
         raise NotFound(CHAT_NOT_FOUND)
-    chat, slug, name = row
-    messages = (await session.execute(select(Message).where(Message.chat_id == chat.id))).scalars().all()
-    return chat_document(chat, slug, name, messages)
+    chat, slug, name, _ = rows[0]
+    return chat_document(chat, slug, name, [row[3] for row in rows if row[3] is not None])
+
+
+def _chats_with_messages() -> Select[Chat, str, str, Message]:
+    """Chats with their agent and every message (one row each; one with no message for an empty chat), in ONE
+    statement: its one snapshot keeps a chat and its messages consistent. Read in two, a send committing in
+    between gave a chat's first messages without its current message, and a deletion its current message
+    without any message: exports no import takes back."""
+    return (
+        select(Chat, Agent.slug, Agent.name, Message)
+        .join(Agent, Agent.id == Chat.agent_id)
+        .outerjoin(Message, Message.chat_id == Chat.id)
+    )
 
 
 def _one_line(text: str) -> str:
@@ -204,24 +215,24 @@ async def export_lines(*, db: Database, user_id: uuid.UUID, team_id: uuid.UUID) 
     after: tuple[Any, uuid.UUID] | None = None
     while True:
         async with db.sessionmaker() as session:
-            query = (
-                select(Chat, Agent.slug, Agent.name)
-                .join(Agent, Agent.id == Chat.agent_id)
+            ids = (
+                select(Chat.id)
                 .where(Chat.user_id == user_id, Chat.team_id == team_id)
                 .order_by(Chat.created_at, Chat.id)
                 .limit(EXPORT_PAGE_CHATS)
             )
             if after is not None:
-                query = query.where(tuple_(Chat.created_at, Chat.id) > tuple_(*after))
-            page = (await session.execute(query)).all()
-            by_chat: dict[uuid.UUID, list[Message]] = {row[0].id: [] for row in page}
-            if by_chat:
-                messages = await session.execute(select(Message).where(Message.chat_id.in_(list(by_chat))))
-                for m in messages.scalars():
-                    by_chat[m.chat_id].append(m)
-        for chat, slug, name in page:
-            document = chat_document(chat, slug, name, by_chat[chat.id])
+                ids = ids.where(tuple_(Chat.created_at, Chat.id) > tuple_(*after))
+            query = _chats_with_messages().where(Chat.id.in_(ids))
+            page: dict[uuid.UUID, tuple[Chat, str, str, list[Message]]] = {}
+            for chat, slug, name, message in (await session.execute(query)).all():
+                messages = page.setdefault(chat.id, (chat, slug, name, []))[3]
+                if message is not None:
+                    messages.append(message)
+        chats = sorted(page.values(), key=lambda entry: (entry[0].created_at, entry[0].id))
+        for chat, slug, name, messages in chats:
+            document = chat_document(chat, slug, name, messages)
             yield json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        if len(page) < EXPORT_PAGE_CHATS:
+        if len(chats) < EXPORT_PAGE_CHATS:
             return
-        after = (page[-1][0].created_at, page[-1][0].id)
+        after = (chats[-1][0].created_at, chats[-1][0].id)
