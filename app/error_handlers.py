@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
 
 from app.errors import AppError, Unprocessable, short_loc
+from app.logs import redact_path
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -111,7 +112,8 @@ BODY_CUT = "The request body was not received in full"
 
 
 async def _client_gone(request: Request, _exc: Exception) -> JSONResponse:
-    logger.info("client disconnected while sending the body of %s %s", request.method, request.url.path)
+    # Redacted as the access log is: a secret-carrying route (a callback's token, an invite) may read its own body.
+    logger.info("client disconnected while sending the body of %s %s", request.method, redact_path(request.url.path))
     return JSONResponse({"detail": BODY_CUT}, status_code=400)
 
 

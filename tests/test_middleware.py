@@ -46,6 +46,11 @@ def add_test_routes(app: FastAPI) -> None:
             value = 900_000_000 + 18_273_645  # not written out here: the traceback quotes this file's lines
             await session.execute(text("SELECT 1 / (:secret - :secret)"), {"secret": value})
 
+    async def body_cut() -> None:
+        from starlette.requests import ClientDisconnect
+
+        raise ClientDisconnect  # as reading the body of a client that left raises it
+
     async def db_conflict(sqlstate: str) -> None:
         from sqlalchemy import text
 
@@ -57,6 +62,7 @@ def add_test_routes(app: FastAPI) -> None:
     app.add_api_route("/test/db-conflict/{sqlstate}", db_conflict, methods=["GET"])
     app.add_api_route("/test/db-params", db_params, methods=["GET"])
     app.add_api_route("/api/callbacks/{signature}", boom, methods=["GET"])
+    app.add_api_route("/api/invites/{token}", body_cut, methods=["POST"])
     app.add_api_route("/test/db-bug", db_bug, methods=["GET"])
     app.add_api_route("/test/echo", echo, methods=["POST"])
 
@@ -66,6 +72,16 @@ async def tclient(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     add_test_routes(app)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
         yield c
+
+
+async def test_a_body_cut_on_a_secret_route_logs_its_path_redacted(
+    tclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    response = await tclient.post("/api/invites/inv-token-not-to-log")
+    assert response.status_code == 400
+    logged = [r.getMessage() for r in caplog.records if "client disconnected" in r.getMessage()]
+    assert logged == ["client disconnected while sending the body of POST /api/invites/***"]
 
 
 async def test_request_id_is_generated(tclient: httpx.AsyncClient) -> None:
