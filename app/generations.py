@@ -9,7 +9,7 @@ import logging
 import signal
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from app import metrics
@@ -70,6 +70,11 @@ SHARED_LOG_WAIT = 1.0
 #: of the first try; then the stream ends with `storage_error` (and recovery marks the answer `interrupted`).
 FINAL_WRITE_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 3.0)
 FINAL_WRITE_PATIENCE = 10.0
+#: At shutdown, streams this instance relays from elsewhere (a follower or a retry of another instance's answer,
+#: read from Redis or storage) end this long after the grace (seconds): enough for an owner told to stop at the
+#: same moment (the other workers of one server) to write its terminal event, well within the server's own
+#: graceful-shutdown timeout (the grace + 5 s).
+RELAYED_MARGIN = 2.0
 
 
 class GenerationRegistry:
@@ -107,6 +112,8 @@ class GenerationRegistry:
         self._closing = False
         self._give_up_at = 0.0  # the loop time at which the shutdown's grace runs out (`begin_shutdown`)
         self._draining: asyncio.Task[None] | None = None
+        #: Set RELAYED_MARGIN after the shutdown's grace: streams of other instances' answers end (`_relayed`).
+        self._leaving = asyncio.Event()
         self.recovered = False
         #: The webhook each (user, chat)'s latest answered generation called, least recent first (bounded): the
         #: next send in that chat opens its n8n connection while its statement runs (`warm_for`).
@@ -197,6 +204,7 @@ class GenerationRegistry:
             loop = asyncio.get_running_loop()
             self._give_up_at = loop.time() + self.settings.SHUTDOWN_GRACE_SECONDS
             self._draining = loop.create_task(self._drain(), name="generations-drain")
+            loop.call_at(self._give_up_at + RELAYED_MARGIN, self._leaving.set)
         return self._draining
 
     async def _drain(self) -> None:
@@ -356,10 +364,11 @@ class GenerationRegistry:
         if self.shared is None:
             return None
         try:
-            return await self.shared.follow(chat_id, assistant_id, after, ping)
+            frames = await self.shared.follow(chat_id, assistant_id, after, ping)
         except Exception as exc:
             logger.warning("redis unreachable, following on this instance only (%s)", type(exc).__name__)
             return None
+        return None if frames is None else self._relayed(frames)
 
     async def replay(self, recorded: idempotency.Recorded, *, session: AsyncSession) -> AsyncIterator[bytes]:
         """A retried send's answer: the same stream again, every event with its id (from this instance's log,
@@ -380,8 +389,39 @@ class GenerationRegistry:
                 logger.warning("redis unreachable, retry answered from storage (%s)", type(exc).__name__)
                 frames = None
             if frames is not None:
-                return frames
-        return rebuilt_stream(self.db, chat_id, found[0], assistant_id, ping)
+                return self._relayed(frames)
+        return self._relayed(rebuilt_stream(self.db, chat_id, found[0], assistant_id, ping))
+
+    async def _relayed(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """`frames` of an answer this instance does not run, until this instance leaves (`_leaving`).
+
+        The drain ends this instance's own answers, not another's, and the server waits for every open
+        response before it stops: such a stream held it until its graceful-shutdown timeout (for ever without
+        one: a callback-mode answer may run an hour), which then cut it mid-response. Ended cleanly instead,
+        without a terminal event (the answer goes on elsewhere), the client follows it again after the last
+        id it got, on an instance that stays.
+        """
+        leaving = asyncio.ensure_future(self._leaving.wait())
+        step: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(frames))
+                await asyncio.wait({step, leaving}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    return
+                try:
+                    chunk = step.result()
+                except StopAsyncIteration:
+                    return
+                step = None
+                yield chunk
+        finally:
+            leaving.cancel()
+            if step is not None and not step.done():
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
+            if isinstance(frames, AsyncGenerator):
+                await frames.aclose()
 
     async def stop_chat(self, chat_id: uuid.UUID) -> dict[str, Any] | None:
         """Stop the chat's running generation, on this instance or (through Redis) on the one running it.

@@ -248,3 +248,56 @@ async def test_a_stop_that_cannot_reach_the_instance_running_the_answer_is_a_503
     assert refused.json() == {"detail": "The instance running this answer cannot be reached right now; try again"}
     assert refused.headers["retry-after"] == "5"
     assert stopped.status_code == 200
+
+
+async def test_followers_of_another_instances_answer_do_not_hold_a_stopping_instance(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, redis_url: str
+) -> None:
+    """SIGTERM to B while B relays A's answer to a follower and to an idempotent retry: B's drain has nothing of
+    its own to wait for, yet uvicorn waited for those two streams until its graceful-shutdown timeout (for ever
+    without one), then cut them mid-response. They now end cleanly once B's grace is over (no terminal event:
+    the answer runs on), B stops within it, and each client resumes on A after the last id it got."""
+    settings = live_settings(database_url, tmp_path)
+    setup = await chat_with_agent(
+        session, settings, f"{fake.url}/webhook/agent-stream?scenario=paced&chunks=200&interval_ms=50"
+    )
+    messages = f"/api/chats/{setup.chat.id}/messages"
+    keyed = {**setup.headers, "Idempotency-Key": "leaving"}
+    async with instance(settings, redis_url) as (url_a, _process_a):
+        process_b, port_b = await _start_subprocess(
+            settings, "--timeout-graceful-shutdown", "20", REDIS_URL=redis_url, **FAST_INSTANCE
+        )
+        try:
+            async with (
+                httpx.AsyncClient(base_url=url_a, timeout=30) as a,
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port_b}", timeout=30) as b,
+            ):
+                sender = EventReader(a, "POST", messages, json={"content": "hi"}, headers=keyed)
+                await sender.wait_for(has_text)
+                follower = EventReader(b, "GET", f"/api/chats/{setup.chat.id}/stream", headers=setup.headers)
+                retry = EventReader(b, "POST", messages, json={"content": "hi"}, headers=keyed)
+                await follower.wait_for(has_text)
+                await retry.wait_for(has_text)
+                signalled = asyncio.get_running_loop().time()
+                process_b.send_signal(signal.SIGTERM)
+                followed, retried = await follower.finish(within=10), await retry.finish(within=10)
+                async with asyncio.timeout(10):
+                    await process_b.wait()
+                stopped_after = asyncio.get_running_loop().time() - signalled
+                resumed = EventReader(
+                    a,
+                    "GET",
+                    f"/api/chats/{setup.chat.id}/stream",
+                    headers={**setup.headers, "Last-Event-ID": str(followed[-1].id)},
+                )
+                first, rest = await sender.finish(within=60), await resumed.finish(within=60)
+        finally:
+            if process_b.returncode is None:
+                process_b.kill()
+                await process_b.wait()
+    assert stopped_after < 0.5 + 5  # the grace (0.5 s) and the followers' margin, not uvicorn's 20 s
+    for events in (followed, retried):
+        assert events[-1].type == "message"  # no terminal event: the answer was still running on A
+        assert pairs(events) == pairs(first)[int(events[0].id or 0) - 1 : int(events[-1].id or 0)]
+    assert first[-1].type == "done"
+    assert pairs(followed) + pairs(rest) == pairs(first)[int(followed[0].id or 0) - 1 :]
