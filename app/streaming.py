@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import yarl
+from aiohttp.http_exceptions import ContentEncodingError
 
 from app.config import Settings
 from app.generations import WAITING, GenerationRegistry
@@ -122,6 +123,11 @@ FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], _Fa
         ),
     ),
     (aiohttp.ClientConnectorError, _Failure("upstream_unreachable", UNREACHABLE, _unreachable)),
+    # A body whose gzip or deflate cannot be decoded (`_underlying` finds it inside aiohttp's payload error).
+    (
+        ContentEncodingError,
+        _Failure("bad_upstream_response", "The agent's answer could not be read", _error_name, with_status=True),
+    ),
     (
         (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError),
         _Failure("upstream_disconnected", "The connection to the agent was lost", _error_name, with_status=True),
@@ -134,12 +140,16 @@ FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], _Fa
 )
 
 
-def _policy_refusal(exc: BaseException) -> BaseException:
-    """The resolver's policy refusal inside a connector error (the address a name resolved to), else `exc`."""
+def _underlying(exc: BaseException) -> BaseException:
+    """What aiohttp's wrapper hides when it decides the failure, else `exc`: the resolver's policy refusal inside
+    a connector error (the address a name resolved to), and a body that cannot be decompressed inside the
+    ClientPayloadError a cut connection raises too (the answer arrived, unreadable: nothing was lost)."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         cause = exc.os_error
         if isinstance(cause, WebhookPolicyError) or isinstance(cause.__cause__, WebhookPolicyError):
             return WebhookPolicyError(str(cause))
+    if isinstance(exc, aiohttp.ClientPayloadError) and isinstance(exc.__cause__, ContentEncodingError):
+        return exc.__cause__
     return exc
 
 
@@ -159,7 +169,7 @@ def without_secrets(failure: StreamFailure, headers: dict[str, str]) -> StreamFa
 
 def failure_for(exc: BaseException, stats: StreamStats, settings: Settings) -> StreamFailure | None:
     """The StreamFailure that `exc` means (FAILURES), or None for an exception that is a bug, not n8n's doing."""
-    exc = _policy_refusal(exc)
+    exc = _underlying(exc)
     for types, failure in FAILURES:
         if isinstance(exc, types):
             return failure.of(exc, stats, settings)

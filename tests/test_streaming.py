@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -714,3 +716,119 @@ async def test_streamer_unreachable_and_blocked_errors_are_exact(
             "reason": "webhook address is private or loopback; "
             "set WEBHOOK_ALLOW_PRIVATE_NETWORKS or WEBHOOK_ALLOWED_HOSTS"
         }
+
+
+# --- byte-level HTTP answers (a raw socket server: what n8n's proxies send, beyond the fake's aiohttp) ----------
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def raw_http(handler: Handler) -> AsyncIterator[str]:
+    """A local server that runs `handler` on each connection, writing its answer byte for byte; yields its URL.
+    Handlers still running at the end are stopped."""
+    running: set[asyncio.Task[Any]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        running.add(task)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the relay left, or the test is over
+        finally:
+            running.discard(task)
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/webhook/x"
+    finally:
+        server.close()
+        for task in list(running):
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request (head and Content-Length body) from the relay; its body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    return await reader.readexactly(length)
+
+
+def http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def ndjson_items(*texts: str) -> bytes:
+    items = b"".join(b'{"type":"item","content":"%s"}\n' % text.encode() for text in texts)
+    return b'{"type":"begin"}\n' + items + b'{"type":"end"}\n'
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        ("gzip", b"\x1f\x8b\x08\x00" + b"not a deflate stream"),
+        ("deflate", b"\xff" * 20),
+    ],
+    ids=["gzip", "deflate"],
+)
+async def test_a_body_that_cannot_be_decompressed_is_unreadable_not_a_lost_connection(
+    patient_streamer: N8nStreamer, encoding: str, body: bytes
+) -> None:
+    """A corrupt gzip or deflate body (a proxy that compressed badly, or cut and re-framed the stream) arrived
+    whole: the answer could not be read. It was reported as `upstream_disconnected` ("the connection was lost"),
+    because aiohttp wraps the decoding error in the ClientPayloadError a cut connection raises too."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+            % (encoding.encode(), len(body))
+            + body
+        )
+        await writer.drain()
+        await asyncio.sleep(1)  # the connection stays open: nothing was cut
+
+    async with raw_http(answer) as url:
+        text, stats, failure = await relay(patient_streamer, url)
+    assert failure is not None
+    assert (failure.code, failure.message, failure.upstream_status) == (
+        "bad_upstream_response",
+        "The agent's answer could not be read",
+        200,
+    )
+    assert failure.detail == {"error": "ContentEncodingError"}
+    assert (text, stats.upstream_status) == ("", 200)
+
+
+async def test_a_gzip_stream_corrupt_after_some_tokens_keeps_them_and_is_unreadable(
+    patient_streamer: N8nStreamer,
+) -> None:
+    """n8n's gzip stream is flushed per line (FORMATS.md): the tokens before the corrupt block were shown and
+    are kept; the end is `bad_upstream_response`, not a lost connection."""
+    compressor = zlib.compressobj(wbits=31)  # gzip
+    start = compressor.compress(b'{"type":"begin"}\n{"type":"item","content":"Hello"}\n')
+    start += compressor.flush(zlib.Z_SYNC_FLUSH)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(http_chunk(start))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(http_chunk(b"\xfe\xff\xff\xff"))  # a deflate block of the reserved type 3: invalid
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with raw_http(answer) as url:
+        text, _stats, failure = await relay(patient_streamer, url)
+    assert failure is not None
+    assert (failure.code, failure.upstream_status) == ("bad_upstream_response", 200)
+    assert text == "Hello"
