@@ -10,6 +10,9 @@ from typing import Any, NamedTuple
 
 import aiohttp
 import yarl
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 
 from app.config import Settings
 from app.n8n_parser import BodyParser, StreamFailure, excerpt
@@ -90,12 +93,29 @@ class ReadTimeout(Exception):
     """n8n went quiet for N8N_READ_TIMEOUT after its first byte."""
 
 
+class PoolConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, except that a pooled connection which received anything while idle is not reused.
+
+    aiohttp keeps reading an idle kept-alive connection and queues a whole response that arrives on it (a server
+    or proxy writing past its own Content-Length, a response sent twice); the next request on that connection,
+    for any agent on that host (another team's too), was answered with it, and every later answer there went to
+    the request after its own. Such a protocol says `should_close` (a message queued, a body pending, an error):
+    it is closed, and the pool asked for the next one (or a new connection)."""
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        while True:
+            connection = await super()._get(key, traces)
+            if connection is None or connection.protocol is None or not connection.protocol.should_close:
+                return connection
+            connection.close()
+
+
 def open_session(s: Settings) -> aiohttp.ClientSession:
     """The shared session: policy-checking resolver, bounded pool, no hidden total timeout, no cookies.
 
     One session serves every agent of every team: a cookie jar would send what one workflow (or a proxy in
     front of its n8n) set to every other webhook on that host, another team's included."""
-    connector = aiohttp.TCPConnector(
+    connector = PoolConnector(
         resolver=PolicyResolver(s),
         limit=s.N8N_POOL_LIMIT,
         limit_per_host=0,

@@ -832,3 +832,40 @@ async def test_a_gzip_stream_corrupt_after_some_tokens_keeps_them_and_is_unreada
     assert failure is not None
     assert (failure.code, failure.upstream_status) == ("bad_upstream_response", 200)
     assert text == "Hello"
+
+
+def ok(body: bytes) -> bytes:
+    """A whole 200 answer with a Content-Length, kept alive."""
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+async def test_bytes_an_idle_pooled_connection_received_never_answer_the_next_request(
+    patient_streamer: N8nStreamer,
+) -> None:
+    """A kept-alive connection back in the pool that receives a response nobody asked for (a server or proxy
+    writing past its own Content-Length, a response sent twice) must not be reused: aiohttp queued it, the next
+    request on that connection (any agent on that host, another team's too) got it as its answer, and from then
+    on every answer went to the request after its own. Now the connection is dropped and the next request
+    opens another: each request gets its own answer, and n8n got each request once."""
+    served = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        while True:
+            await read_request(reader)
+            served += 1
+            writer.write(ok(ndjson_items(f"answer {served}")))
+            await writer.drain()
+            if served == 1:
+                await asyncio.sleep(0.1)
+                writer.write(ok(ndjson_items("unasked")))  # on the idle connection, after the answer
+                await writer.drain()
+
+    async with raw_http(answer) as url:
+        answers = []
+        for _ in range(3):
+            text, _stats, failure = await relay(patient_streamer, url)
+            answers.append((text, failure))
+            await asyncio.sleep(0.3)
+    assert answers == [("answer 1", None), ("answer 2", None), ("answer 3", None)]
+    assert served == 3
