@@ -869,3 +869,30 @@ async def test_bytes_an_idle_pooled_connection_received_never_answer_the_next_re
             await asyncio.sleep(0.3)
     assert answers == [("answer 1", None), ("answer 2", None), ("answer 3", None)]
     assert served == 3
+
+
+async def test_a_pooled_connection_the_server_closed_while_idle_is_not_used_nor_the_request_sent_twice(
+    patient_streamer: N8nStreamer,
+) -> None:
+    """A proxy in front of n8n whose keep-alive is shorter than the pool's 4 s closes the idle connection: the
+    next send opens another and succeeds (no `upstream_disconnected`), and n8n gets each request once (a POST is
+    never retried by aiohttp). Pins behaviour aiohttp already has."""
+    served = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        while True:
+            try:
+                await asyncio.wait_for(read_request(reader), 0.2)
+            except TimeoutError:
+                return  # idle for 0.2 s: the connection is closed (FIN)
+            served += 1
+            writer.write(ok(ndjson_items(f"answer {served}")))
+            await writer.drain()
+
+    async with raw_http(answer) as url:
+        first = await relay(patient_streamer, url)
+        await asyncio.sleep(0.5)
+        second = await relay(patient_streamer, url)
+    assert [(text, failure) for text, _stats, failure in (first, second)] == [("answer 1", None), ("answer 2", None)]
+    assert served == 2
