@@ -75,6 +75,9 @@ FINAL_WRITE_PATIENCE = 10.0
 #: same moment (the other workers of one server) to write its terminal event, well within the server's own
 #: graceful-shutdown timeout (the grace + 5 s).
 RELAYED_MARGIN = 2.0
+#: How long a deleted chat's answer not registered yet is remembered (seconds): far longer than the moment
+#: between a send's commit and its `start`; a deletion of an answer running elsewhere is kept as long, unused.
+DELETED_EARLY_KEPT = 60.0
 
 
 class GenerationRegistry:
@@ -115,6 +118,9 @@ class GenerationRegistry:
         #: Set RELAYED_MARGIN after the shutdown's grace: streams of other instances' answers end (`_relayed`).
         self._leaving = asyncio.Event()
         self.recovered = False
+        #: Answers whose chat was deleted before this instance registered them (the deletion read the answer's
+        #: row between its start statement's commit and `start`): they start stopped. Loop time of the deletion.
+        self._deleted_early: dict[str, float] = {}
         #: The webhook each (user, chat)'s latest answered generation called, least recent first (bounded): the
         #: next send in that chat opens its n8n connection while its statement runs (`warm_for`).
         self._webhooks: OrderedDict[tuple[uuid.UUID, uuid.UUID], str] = OrderedDict()
@@ -302,6 +308,8 @@ class GenerationRegistry:
 
     def start(self, new: message_service.NewGeneration) -> Generation:
         generation = Generation(new=new)
+        if self._deleted_early and self._deleted_early.pop(new.assistant_id, None) is not None:
+            generation.stopping = True  # `_run` calls no one; the final write finds no row: `chat_deleted`
         if new.callbacks:
             generation.inbox = CallbackInbox(self.settings, asyncio.get_running_loop().time())
         question = new.take_user_message()
@@ -460,7 +468,14 @@ class GenerationRegistry:
             return
         if assistant_id in self.running:
             await self._stop_requested(assistant_id)
-        elif self.shared is not None:
+            return
+        # Not running here (yet): perhaps its send, on this instance, has stored its rows but not registered it.
+        now = asyncio.get_running_loop().time()
+        for early, at in list(self._deleted_early.items()):
+            if now - at > DELETED_EARLY_KEPT:
+                del self._deleted_early[early]
+        self._deleted_early[assistant_id] = now
+        if self.shared is not None:
             # Kept for the answer's longest life: whenever its owner subscribes again, nothing of it is wanted.
             s = self.settings
             await self.shared.publish_stop(assistant_id, lasting=max(s.N8N_TOTAL_TIMEOUT, s.CALLBACK_TOTAL_TIMEOUT))

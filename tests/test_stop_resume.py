@@ -17,6 +17,7 @@ from app.config import Settings
 from app.models import UsageRecord
 from app.security import Caller
 from app.services.messages import start_message
+from app.sse import event_of
 from app.state import app_state
 from tests.conftest import count_rows, make_settings
 from tests.factories import auth_headers, create_user
@@ -242,6 +243,34 @@ async def test_stop_before_the_generation_task_ran_stores_cancelled_and_calls_no
     assert fake.requests == []
     async with app_state(app).db.sessionmaker() as s:
         assert await count_rows(s, "usage_records") == 1
+
+
+async def test_a_chat_deleted_before_its_answer_was_registered_stops_it_before_n8n_is_called(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """A deletion reads the chat's running answer as soon as the send's rows are committed, which can be before
+    the send registered its generation (one instance, no Redis): there was nothing to stop, and the answer ran
+    on in n8n to its end. Remembered for a moment, the generation starts stopped: n8n is not called, and its
+    stream ends `chat_deleted`."""
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+    registry = app_state(app).generations
+    async with app_state(app).db.sessionmaker() as s:
+        new = await start_message(
+            session=s,
+            settings=settings,
+            user=Caller(id=setup.user.id, team_id=setup.user.team_id),
+            chat_id=setup.chat.id,
+            content="hello",
+            worker_id=registry.worker_id,
+        )
+    deleted = await client.delete(f"/api/chats/{setup.chat.id}", headers=setup.headers)
+    assert deleted.status_code == 204
+    generation = registry.start(new)
+    async with asyncio.timeout(10):
+        await generation.ended()
+    assert generation.terminal == "error"
+    assert event_of(generation.frames[-1])[1]["code"] == "chat_deleted"
+    assert fake.requests == []
 
 
 async def test_follow_after_a_reload_gives_the_rest_with_the_original_ids(
