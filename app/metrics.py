@@ -9,7 +9,9 @@ must be set before this module is imported, which is why the serve command, not 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,36 @@ def worker_exited() -> None:
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
+#: A live gauge's file in the multiprocess directory, named after the process that writes it.
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
+
+
+def forget_dead_workers(directory: str) -> None:
+    """The live gauges of workers that died without their shutdown (SIGKILL, the OOM killer, uvicorn killing one
+    that stopped answering) stop counting: `worker_exited` never ran for them, and their open streams and pool
+    connections would be added to every scrape for as long as the server runs. Their counters and histograms
+    stay: what they counted happened."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    pids = {int(m.group(1)) for name in names if (m := _LIVE_GAUGE_FILE.fullmatch(name))}
+    for pid in pids - {os.getpid()}:
+        if not _alive(pid):
+            with contextlib.suppress(FileNotFoundError):  # another worker's scrape removed it first
+                multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
 def generation_started(task: asyncio.Task[Any]) -> None:
     """One more open stream until `task` ends, however it ends."""
     OPEN_STREAMS.inc()
@@ -117,6 +149,7 @@ def scrape(pool_in_use: int | None) -> bytes:
     if pool_in_use is not None:
         DB_POOL_IN_USE.set(pool_in_use)
     if multiprocess_enabled():
+        forget_dead_workers(os.environ[MULTIPROC_ENV])
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import get_args
@@ -19,8 +21,9 @@ from app.ratelimit import LimitName
 from app.state import app_state
 from tests.conftest import ROOT
 from tests.factories import auth_headers, create_admin
-from tests.live import chat_with_agent, server_process
+from tests.live import EventReader, chat_with_agent, server_process
 from tests.test_serve import attempt, server_env
+from tests.test_stop_resume import has_text
 from tools.fake_n8n import FakeN8n
 
 TOKEN = "metrics-token-0123456789"
@@ -151,6 +154,47 @@ async def test_two_workers_answer_with_the_sum_of_both(database_url: str, tmp_pa
             seen.append(value(response.text, "relay_rate_limit_refusals_total", limit="login"))
         assert seen == [refused] * 6
     assert (tmp_path / "data" / "metrics").is_dir()
+
+
+def worker_pids(directory: Path) -> set[int]:
+    """The workers that wrote live gauges in the multiprocess directory (`gauge_livesum_<pid>.db`)."""
+    return {int(f.stem.rsplit("_", 1)[1]) for f in directory.glob("gauge_livesum_*.db")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_killed_worker_leaves_no_open_stream_behind(
+    database_url: str, tmp_path: Path, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """A worker killed mid-answer (the OOM killer, or uvicorn killing one that stopped answering its health
+    check) never runs its shutdown, so nothing removed its live gauges: uvicorn started a replacement, and every
+    scrape went on counting the dead worker's open stream and pool connections, for as long as the server ran."""
+    log = tmp_path / "server.log"
+    env = server_env(database_url, tmp_path, METRICS_ENABLED="true", WEBHOOK_ALLOW_PRIVATE_NETWORKS="true")
+    paced = f"{fake.url}/webhook/agent-stream?scenario=paced&chunks=2000&interval_ms=20"
+    setup = await chat_with_agent(session, settings, paced)
+    directory = tmp_path / "data" / "metrics"
+    command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--workers", "2"]
+    async with server_process(command, env, log) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        reader = EventReader(
+            client, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
+        )
+        await reader.wait_for(has_text)
+        assert value((await client.get("/metrics")).text, "relay_open_streams") == 1
+        killed = worker_pids(directory)
+        assert len(killed) == 2
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        await reader.leave()
+        async with asyncio.timeout(60):  # until uvicorn has replaced both
+            while len(worker_pids(directory) - killed) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        for _ in range(4):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as scraper:  # either worker
+                response = await scraper.get("/metrics")
+            assert response.status_code == 200
+            assert value(response.text, "relay_open_streams") == 0
+            assert value(response.text, "relay_db_pool_in_use") <= 2  # the scraping worker's own, at most
 
 
 def test_every_refusal_label_is_documented() -> None:
