@@ -15,6 +15,7 @@ from app.db import Database
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import make_settings
+from tests.live import silent_port
 
 
 async def _get(settings, path: str, method: str = "GET") -> httpx.Response:
@@ -71,6 +72,19 @@ async def test_ready_is_degraded_but_200_while_redis_is_unreachable(
     assert (good.status_code, good.json()) == (200, {"status": "ready"})
     bad = await _get(make_settings(database_url, tmp_path, REDIS_URL="redis://127.0.0.1:1/0"), "/ready")
     assert (bad.status_code, bad.json()) == (200, {"status": "degraded"})
+
+
+async def test_ready_answers_degraded_at_once_while_redis_hangs(database_url: str, tmp_path: Path) -> None:
+    """A Redis that takes connections and answers nothing (hung, or a failover dropping packets) made every /ready
+    wait its 3 s check: a probe with a shorter timeout (Kubernetes' default is 1 s) failed on every instance at
+    once, though a degraded instance serves everything."""
+    async with silent_port() as port:
+        settings = make_settings(database_url, tmp_path, REDIS_URL=f"redis://127.0.0.1:{port}/0")
+        started = time.perf_counter()
+        response = await _get(settings, "/ready")
+        elapsed = time.perf_counter() - started
+    assert (response.status_code, response.json()) == (200, {"status": "degraded"})
+    assert elapsed < 0.9
 
 
 @asynccontextmanager

@@ -26,13 +26,13 @@ async def health() -> HealthRead:
     response_model=HealthRead,
     summary="Database reachable and migrated",
     description='`{"status": "ready"}`, or `{"status": "degraded"}` (still 200: every request is served) while '
-    "a configured Redis is unreachable.",
+    "a configured Redis does not answer within half a second.",
     responses={503: error_doc("Not ready; `detail` says why", "database unreachable")},
 )
 async def ready(state: StateDep) -> HealthRead | JSONResponse:
-    problem = await health_service.readiness_problem(db=state.db, expected_revision=state.migration_head)
+    problem, status = await health_service.readiness(
+        db=state.db, expected_revision=state.migration_head, redis=state.redis
+    )
     if problem:
         return JSONResponse({"detail": problem}, status_code=503)
-    if state.redis is not None and not await health_service.redis_reachable(state.redis):
-        return HealthRead(status="degraded")
-    return HealthRead(status="ready")
+    return HealthRead(status=status)

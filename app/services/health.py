@@ -16,6 +16,10 @@ from app.migrations import alembic_config
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent.parent
 CHECK_TIMEOUT = 3.0
+#: Redis only decides between "ready" and "degraded" (both 200), so it gets less: a Redis that takes connections
+#: and answers nothing (hung, a failover dropping packets) must not hold /ready past a probe's own timeout
+#: (Kubernetes' default is 1 s), or every instance sharing it would be taken out at once.
+REDIS_CHECK_TIMEOUT = 0.5
 
 
 def migration_head() -> str | None:
@@ -39,11 +43,21 @@ async def readiness_problem(*, db: Database, expected_revision: str | None) -> s
     return None
 
 
+async def readiness(*, db: Database, expected_revision: str | None, redis: Any) -> tuple[str | None, str]:
+    """(the database's problem, None when ready; "ready" or "degraded"): both checks at once, so /ready answers
+    within the database's check even while Redis hangs."""
+    database = readiness_problem(db=db, expected_revision=expected_revision)
+    if redis is None:
+        return await database, "ready"
+    problem, reachable = await asyncio.gather(database, redis_reachable(redis))
+    return problem, "ready" if reachable else "degraded"
+
+
 async def redis_reachable(redis: Any) -> bool:
-    """Whether the configured Redis answers. Without it the service still serves everything (degraded:
-    per-process rate limits, stop and follow on the instance that runs the generation)."""
+    """Whether the configured Redis answers within REDIS_CHECK_TIMEOUT. Without it the service still serves
+    everything (degraded: per-process rate limits, stop and follow on the instance that runs the generation)."""
     try:
-        async with asyncio.timeout(CHECK_TIMEOUT):
+        async with asyncio.timeout(REDIS_CHECK_TIMEOUT):
             await redis.ping()
     except Exception as exc:
         logger.warning("readiness: redis check failed: %s", type(exc).__name__)
