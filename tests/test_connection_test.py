@@ -71,6 +71,17 @@ CASES: list[tuple[str, dict[str, str], dict[str, Any]]] = [
         {"ok": False, "http_status": 404, "format": None, "code": "upstream_error", "hint": ct.HINT_INACTIVE},
     ),
     ("/webhook-test/agent-stream", {}, {"ok": False, "http_status": 404, "hint": ct.HINT_TEST_URL}),
+    # The editor was listening: it answered this once, and would refuse every later message.
+    (
+        "/webhook-test/agent-stream?scenario=echo",
+        {},
+        {"ok": True, "format": "ndjson", "hint": ct.HINT_TEST_URL_LISTENING},
+    ),
+    (
+        "/webhook-test/agent-json?scenario=echo_json",
+        {},
+        {"ok": True, "format": "json", "hint": ct.HINT_TEST_URL_LISTENING},
+    ),
     ("/webhook/agent-get-only", {}, {"ok": False, "http_status": 404, "hint": ct.HINT_METHOD}),
     ("/webhook/x?scenario=status&status=404", {}, {"http_status": 404, "hint": ct.HINT_NOT_FOUND}),
     (

@@ -52,6 +52,10 @@ HINT_TEST_URL = (
     "This is the editor's test URL, which only listens right after 'Execute workflow': use the Webhook node's "
     "Production URL (/webhook/...) and activate the workflow."
 )
+HINT_TEST_URL_LISTENING = (
+    "This is the editor's test URL: it answered because the editor was listening, but it answers only once after "
+    "'Execute workflow': use the Webhook node's Production URL (/webhook/...) and activate the workflow."
+)
 HINT_INACTIVE = (
     "n8n has no active webhook at this path: activate the workflow with the toggle in the editor and check that "
     "the URL is the Webhook node's Production URL."
@@ -151,6 +155,8 @@ def probe_payload(
 def hint_for(failure: StreamFailure | None, stats: StreamStats, *, url: str, timeout: float) -> str | None:
     """One sentence on what to change, from what n8n answered; None when there is nothing to change."""
     if failure is None:
+        if _is_test_url(url):  # it works now, and fails every message once the editor stops listening
+            return HINT_TEST_URL_LISTENING
         return HINT_NOT_STREAMING if stats.body_format in ("json", "text") else None
     code, status, detail = failure.code, failure.upstream_status, failure.detail
     n8n_message = str(detail.get("n8n_message") or "")
@@ -178,11 +184,16 @@ def hint_for(failure: StreamFailure | None, stats: StreamStats, *, url: str, tim
     return by_code.get(code, HINT_UNREADABLE)
 
 
+def _is_test_url(url: str) -> bool:
+    """n8n's editor URL of a Webhook node (`/webhook-test/...`), which listens only after 'Execute workflow'."""
+    return "/webhook-test/" in URL(url).path
+
+
 def _status_hint(status: int, n8n_message: str, n8n_hint: str, url: str) -> str:
     if status == 404:
         if _WRONG_METHOD.search(n8n_message):
             return HINT_METHOD
-        if "/webhook-test/" in URL(url).path or "Execute workflow" in n8n_hint:
+        if _is_test_url(url) or "Execute workflow" in n8n_hint:
             return HINT_TEST_URL
         if "is not registered" in n8n_message:
             return HINT_INACTIVE
