@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from alembic import command
+from alembic.util import CommandError
 from sqlalchemy import func, make_url, select
 from sqlalchemy.exc import DBAPIError
 
@@ -175,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         except (DBAPIError, OSError) as exc:
             # One line naming the database, not a traceback (its password hidden): e.g. not created yet.
             out(f"Cannot migrate the database {database_problem(settings, exc)}")
+            return 1
+        except CommandError as exc:
+            # Alembic's own refusal, e.g. a revision this release does not know: one line, not a traceback.
+            reason = str(exc).splitlines()[0][:200]
+            hint = " (was it migrated by a newer release of the service?)" if "Can't locate revision" in reason else ""
+            out(f"Cannot migrate the database: {reason}{hint}")
             return 1
     if args.cmd == "init":
         return run_on_database(settings, args.cmd, first_admin(settings))

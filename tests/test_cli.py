@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,19 @@ def test_commands_on_a_database_not_migrated_or_unreachable_say_so_in_one_line(t
     ), result.stdout
     assert "not-shown" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_migrating_a_database_a_newer_release_migrated_says_so_in_one_line(tmp_path: Path) -> None:
+    """A database at a revision this code does not know (migrated by a newer release, then the code rolled back)
+    made `migrate` and `init` end in Alembic's traceback."""
+    assert _cli(tmp_path, "init").returncode == 0
+    with sqlite3.connect(tmp_path / "data" / "app.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+    for command in ("migrate", "init"):
+        result = _cli(tmp_path, command)
+        assert result.returncode == 1, command
+        assert result.stdout.strip().splitlines()[-1] == (
+            "Cannot migrate the database: Can't locate revision identified by '9999' "
+            "(was it migrated by a newer release of the service?)"
+        )
+        assert "Traceback" not in result.stderr
