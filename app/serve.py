@@ -38,8 +38,9 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
     if workers > 1 and not settings.REDIS_URL:
         logger.warning("%d workers without REDIS_URL: each worker counts rate limits on its own", workers)
     if settings.METRICS_ENABLED and workers > 1 and not os.environ.get(metrics.MULTIPROC_ENV):
-        # Before the workers start (they inherit it): one directory their metric values are merged from.
-        metrics.prepare_multiprocess_dir(settings.DATA_DIR / "metrics")
+        # Before the workers start (they inherit it): one directory their metric values are merged from, of this
+        # server's own (by its port): another server started beside it with the same DATA_DIR would empty it.
+        metrics.prepare_multiprocess_dir(settings.DATA_DIR / "metrics" / str(port))
     uvicorn.run(
         FACTORY,
         factory=True,

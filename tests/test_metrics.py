@@ -153,7 +153,30 @@ async def test_two_workers_answer_with_the_sum_of_both(database_url: str, tmp_pa
             assert response.status_code == 200
             seen.append(value(response.text, "relay_rate_limit_refusals_total", limit="login"))
         assert seen == [refused] * 6
-    assert (tmp_path / "data" / "metrics").is_dir()
+        assert (tmp_path / "data" / "metrics" / url.rsplit(":", 1)[1]).is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_two_servers_sharing_a_data_dir_keep_their_own_metrics(database_url: str, tmp_path: Path) -> None:
+    """Two `serve --workers 2` on one host with one DATA_DIR (a new release started on another port beside the
+    old one, from the same checkout): the second emptied the first's multiprocess directory and then wrote its
+    own files there, so the first's scrapes lost its counts and reported the second's instead."""
+    env = {**server_env(database_url, tmp_path, METRICS_ENABLED="true"), "RATE_LIMIT_LOGIN": "1/minute"}
+    command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--workers", "2"]
+
+    async def refusals(url: str) -> float:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            return value((await client.get("/metrics")).text, "relay_rate_limit_refusals_total", limit="login")
+
+    async with server_process(command, env, tmp_path / "a.log") as first:
+        codes = [await attempt(first) for _ in range(8)]
+        refused = codes.count(429)
+        assert refused >= 4
+        async with server_process(command, env, tmp_path / "b.log") as second:
+            for _ in range(4):  # whichever worker answers
+                assert await refusals(first) == refused
+                assert await refusals(second) == 0
 
 
 def worker_pids(directory: Path) -> set[int]:
@@ -173,9 +196,9 @@ async def test_a_killed_worker_leaves_no_open_stream_behind(
     env = server_env(database_url, tmp_path, METRICS_ENABLED="true", WEBHOOK_ALLOW_PRIVATE_NETWORKS="true")
     paced = f"{fake.url}/webhook/agent-stream?scenario=paced&chunks=2000&interval_ms=20"
     setup = await chat_with_agent(session, settings, paced)
-    directory = tmp_path / "data" / "metrics"
     command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--workers", "2"]
     async with server_process(command, env, log) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        directory = tmp_path / "data" / "metrics" / url.rsplit(":", 1)[1]
         reader = EventReader(
             client, "POST", f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=setup.headers
         )
