@@ -43,18 +43,28 @@ def migrate(settings: Settings) -> None:
     command.upgrade(alembic_config(settings.DATABASE_URL, configure_logging=True), "head")
 
 
-async def first_admin(settings: Settings) -> None:
+async def first_admin(settings: Settings) -> int | None:
     db = Database(settings)
     try:
         async with db.sessionmaker() as session:
             if not await database_is_empty(session):
                 out("Database already has data: keeping it (no first admin created).")
-                return
-            password = settings.FIRST_ADMIN_PASSWORD or secrets.token_urlsafe(12)
+                return None
+            # The rules create-admin and the API apply; checked only now, as the settings are unused afterwards.
+            given = settings.FIRST_ADMIN_PASSWORD
+            for name, problem in (
+                ("FIRST_TEAM_NAME", team_name_problem(settings.FIRST_TEAM_NAME)),
+                ("FIRST_ADMIN_EMAIL", email_problem(settings.FIRST_ADMIN_EMAIL)),
+                ("FIRST_ADMIN_PASSWORD", password_problem(given) if given else None),
+            ):
+                if problem:
+                    out(f"{name}: {problem}")
+                    return 2
+            password = given or secrets.token_urlsafe(12)
             team, user = await create_team_with_admin(
                 session=session,
-                name=settings.FIRST_TEAM_NAME,
-                admin_email=settings.FIRST_ADMIN_EMAIL,
+                name=settings.FIRST_TEAM_NAME.strip(),
+                admin_email=normalize_email(settings.FIRST_ADMIN_EMAIL),
                 admin_password=password,
                 admin_full_name="Administrator",
                 settings=settings,
@@ -66,6 +76,7 @@ async def first_admin(settings: Settings) -> None:
                 out("  password: (from FIRST_ADMIN_PASSWORD)")
             else:
                 out(f"  password: {password}   <- shown once; change it or set FIRST_ADMIN_PASSWORD")
+        return None
     finally:
         await db.dispose()
 
@@ -144,6 +155,22 @@ def password_problem(password: str) -> str | None:
     return None
 
 
+def team_name_problem(name: str) -> str | None:
+    """The API's team name rule (surrounding spaces dropped), for operator commands."""
+    if not 1 <= len(name.strip()) <= TEAM_NAME_MAX:
+        return f"Team name must be 1 to {TEAM_NAME_MAX} characters"
+    return None
+
+
+def email_problem(email: str) -> str | None:
+    """The API's email rule (syntax, no DNS), for operator commands."""
+    try:
+        normalize_email(email)
+    except ValueError:
+        return "Not a valid email address"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.cli")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -186,17 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "init":
         return run_on_database(settings, args.cmd, first_admin(settings))
     if args.cmd == "create-admin":
-        team_name = args.team.strip()
-        problem = password_problem(args.password)
-        if not 1 <= len(team_name) <= TEAM_NAME_MAX:
-            problem = f"Team name must be 1 to {TEAM_NAME_MAX} characters"
-        try:
-            email = normalize_email(args.email)
-        except ValueError:
-            problem = problem or "Not a valid email address"
+        problem = team_name_problem(args.team) or password_problem(args.password) or email_problem(args.email)
         if problem:
             out(problem)
             return 2
+        team_name, email = args.team.strip(), normalize_email(args.email)
         return run_on_database(settings, args.cmd, create_admin(settings, team_name, email, args.password))
     if args.cmd == "reset-password":
         problem = password_problem(args.password)

@@ -127,3 +127,26 @@ def test_migrating_a_database_a_newer_release_migrated_says_so_in_one_line(tmp_p
             "(was it migrated by a newer release of the service?)"
         )
         assert "Traceback" not in result.stderr
+
+
+def test_init_refuses_a_first_admin_the_api_would_refuse(tmp_path: Path) -> None:
+    """create-admin checked its team name, email and password, but init took FIRST_TEAM_NAME, FIRST_ADMIN_EMAIL and
+    FIRST_ADMIN_PASSWORD as given: a blank team name, an email the API refuses everywhere else, a password shorter
+    than the API allows. Nothing is created; once the database has data the settings are not used, so they are
+    not checked."""
+    cases = [
+        ({"FIRST_TEAM_NAME": "  "}, "FIRST_TEAM_NAME: Team name must be 1 to 100 characters"),
+        ({"FIRST_ADMIN_EMAIL": "not-an-email"}, "FIRST_ADMIN_EMAIL: Not a valid email address"),
+        ({"FIRST_ADMIN_PASSWORD": "short"}, "FIRST_ADMIN_PASSWORD: Password must be 8 to 1024 characters"),
+    ]
+    for env, message in cases:
+        result = _cli(tmp_path, "init", **env)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stdout.strip().splitlines()[-1] == message
+        assert "short" not in result.stdout.replace("FIRST_ADMIN_PASSWORD", "")
+    ok = _cli(tmp_path, "init", FIRST_ADMIN_EMAIL=" Admin@Example.COM ")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "email:    admin@example.com" in ok.stdout
+    again = _cli(tmp_path, "init", FIRST_ADMIN_PASSWORD="short")
+    assert again.returncode == 0
+    assert "already has data" in again.stdout
