@@ -416,3 +416,20 @@ async def test_a_deeply_nested_answer_is_reported_not_a_500(
     nested = b'{"type":"item","content":"x","m":' + b"[" * 5000 + b"]" * 5000 + b"}\n"
     result = await probe(client, session, settings, raw_answer(fake.url, nested))
     assert (result["ok"], result["code"]) == (False, "bad_upstream_response")
+
+
+async def test_a_workflow_n8n_could_not_start_names_the_webhook_node(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """n8n answers 500 'Workflow could not be started!' when the Webhook node itself refuses its configuration:
+    most often Respond set to 'Using Respond to Webhook Node' with no such node in the workflow (or one present
+    with another Respond option). The hint said the workflow ran and a node broke, sending the admin through the
+    workflow's nodes instead of to the Webhook node's Respond option."""
+    body = b'{"code":0,"message":"Workflow Webhook Error: Workflow could not be started!"}'
+    result = await probe(client, session, settings, raw_answer(fake.url, body, status=500))
+    assert (result["ok"], result["http_status"], result["code"]) == (False, 500, "upstream_error")
+    assert result["hint"] == ct.HINT_NOT_STARTED
+    failed = await probe(
+        client, session, settings, raw_answer(fake.url, b'{"message":"Error in workflow"}', status=500)
+    )
+    assert failed["hint"] == ct.HINT_WORKFLOW_FAILED

@@ -77,6 +77,11 @@ HINT_REDIRECT = (
 HINT_WORKFLOW_FAILED = (
     "The workflow ran and failed: open the failed execution in n8n's Executions list to see which node broke."
 )
+HINT_NOT_STARTED = (
+    "n8n could not start the workflow: check the Webhook node's Respond option ('Using Respond to Webhook Node' "
+    "needs that node in the workflow, and a Respond to Webhook node needs that option or 'Streaming'); the "
+    "execution in n8n's Executions list names the error."
+)
 HINT_IN_BAND = "The workflow started answering and then a node failed: open the execution in n8n's Executions list."
 HINT_STATUS = "n8n (or a proxy in front of it) answered HTTP {status}: check n8n's log for that request."
 HINT_HTML = "An HTML page answered instead of n8n (a proxy's login or error page): use n8n's own webhook URL."
@@ -205,7 +210,8 @@ def _status_hint(status: int, n8n_message: str, n8n_hint: str, url: str) -> str:
     if 300 <= status < 400:
         return HINT_REDIRECT
     if status == 500:
-        return HINT_WORKFLOW_FAILED
+        # n8n's answer when the trigger node refused to run (WebhookHelpers): no node of the workflow ran.
+        return HINT_NOT_STARTED if "could not be started" in n8n_message else HINT_WORKFLOW_FAILED
     return HINT_STATUS.format(status=status)
 
 
