@@ -405,6 +405,60 @@ async def test_send_message_to_other_users_chat_is_404_like_random_id(
     assert fake.requests == []
 
 
+async def test_send_message_to_a_teammates_chat_is_404_and_stores_nothing(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """A chat of the caller's own team but of another user: the agent's team matches, so only the owner check
+    of the one-statement start (app.services.fast_start) refuses it. A stranger of another team never reached
+    that check (the agent join refused them first)."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    team = await session.get(Team, setup.user.team_id)
+    assert team is not None
+    teammate = await create_user(session, team=team)
+    response = await client.post(
+        f"/api/chats/{setup.chat.id}/messages", json={"content": "hi"}, headers=auth_headers(settings, teammate)
+    )
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Chat not found"}
+    assert (await stored(app, setup.chat.id)).messages == []
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("kind", ["plain", "edit"])
+async def test_the_question_is_stored_before_n8n_is_called(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    """The question and the answer's placeholder are committed before the webhook is called (a plain send's one
+    statement, an edit's general path): read on another connection as the call starts, they are there, so an
+    instance lost during the call loses no question."""
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    body: dict[str, Any] = {"content": "the question"}
+    if kind == "edit":
+        assert (await send(client, setup, "a first draft")).status_code == 200
+        draft = (await stored(app, setup.chat.id)).messages[0]
+        body["edit_of"] = draft["id"]
+    streamer = app_state(app).generations.streamer
+    real_run = streamer.run
+    seen: list[list[tuple[str, str, str]]] = []
+
+    async def watched(**kwargs: Any) -> None:
+        branch = (await stored(app, setup.chat.id)).messages
+        seen.append([(m["role"], m["content"], m["status"]) for m in branch])
+        await real_run(**kwargs)
+
+    monkeypatch.setattr(streamer, "run", watched)
+    response = await client.post(f"/api/chats/{setup.chat.id}/messages", json=body, headers=setup.headers)
+    assert response.status_code == 200
+    assert data_events(parse_sse(response.text))[-1].type == "done"
+    assert seen == [[("user", "the question", "complete"), ("assistant", "", "streaming")]]
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -833,6 +887,31 @@ async def test_an_error_status_with_a_deeply_nested_body_is_an_upstream_error(
     setup = await chat_with_agent(session, settings, raw_answer(fake.url, b'{"message":' + b"[" * 3000, status=502))
     events = data_events(parse_sse((await send(client, setup)).text))
     assert (events[-1].type, events[-1].data["data"]["code"]) == ("error", "upstream_error")  # type: ignore[index]
+
+
+async def test_a_bug_in_the_relay_still_ends_the_stream_and_stores_the_answer(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    fake: FakeN8n,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception that is no upstream failure (a bug, app.streaming lets it through) still gives the client
+    a terminal `error` event and stores the answer as `error`, not a stream that never ends and a row left
+    `streaming` until recovery."""
+    streamer = app_state(app).generations.streamer
+
+    async def broken(**_kwargs: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(streamer, "run", broken)
+    events, answer = await asyncio.wait_for(
+        answered(app, client, session, settings, fake.url + "/webhook/agent-stream"), 10
+    )
+    assert (events[-1].type, events[-1].data["data"]["code"]) == ("error", "internal_error")  # type: ignore[index]
+    assert answer["status"] == "error"
+    assert answer["error"]["code"] == "internal_error"
 
 
 async def test_the_usage_of_two_streaming_nodes_is_stored_summed(
