@@ -233,14 +233,15 @@ async def test_read_chat_reads_chat_and_messages_in_one_query(
     assert "messages" in chat_queries[0]
 
 
+@pytest.mark.parametrize("query", ["", "?last=2"])  # the whole branch, and the newest messages (another query)
 @pytest.mark.parametrize("who", ["other_member", "admin", "foreigner"])
 async def test_read_chat_of_someone_else_is_same_404_as_random(
-    client: httpx.AsyncClient, world: World, session: AsyncSession, who: str
+    client: httpx.AsyncClient, world: World, session: AsyncSession, who: str, query: str
 ) -> None:
     chat = await create_chat(session, user=world.member, agent=world.agent)
     caller = getattr(world, who)
-    a = await client.get(f"/api/chats/{chat.id}", headers=world.h(caller))
-    b = await client.get(f"/api/chats/{uuid.uuid4()}", headers=world.h(caller))
+    a = await client.get(f"/api/chats/{chat.id}{query}", headers=world.h(caller))
+    b = await client.get(f"/api/chats/{uuid.uuid4()}{query}", headers=world.h(caller))
     assert a.status_code == b.status_code == 404
     assert a.json() == b.json() == {"detail": "Chat not found"}
 
