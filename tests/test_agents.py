@@ -352,6 +352,30 @@ async def test_update_agent_headers_replace_keep_and_clear(
     assert agent.webhook_headers_encrypted is None
 
 
+async def test_a_refused_update_changes_nothing_not_even_the_headers(
+    client: httpx.AsyncClient, world: World, session: AsyncSession
+) -> None:
+    """A PUT refused for its slug (409) stores none of its fields: the new headers are encrypted before the slug
+    is checked, and must not be kept by a refusal (bad input changes nothing)."""
+    taken = (await _create(client, world, name="Taken")).json()["slug"]
+    created = await _create(client, world, name="Mine", webhook_headers={"X-A": SECRET})
+    agent_id = uuid.UUID(created.json()["id"])
+    before = await session.get(Agent, agent_id)
+    assert before is not None
+    stored = (before.name, before.slug, before.webhook_headers_encrypted)
+    refused = await client.put(
+        f"/api/agents/{agent_id}",
+        json={"slug": taken, "name": "Renamed", "webhook_headers": {"X-B": "replaced"}},
+        headers=world.h(world.admin),
+    )
+    assert refused.status_code == 409
+    after = await session.get(Agent, agent_id, populate_existing=True)
+    assert after is not None
+    assert (after.name, after.slug, after.webhook_headers_encrypted) == stored
+    shown = await client.get(f"/api/agents/{agent_id}", headers=world.h(world.admin))
+    assert shown.json()["webhook_header_names"] == ["X-A"]
+
+
 async def test_moving_the_webhook_needs_the_headers_again(
     client: httpx.AsyncClient, world: World, session: AsyncSession
 ) -> None:
