@@ -23,7 +23,7 @@ from app.db import utcnow
 from app.errors import RateLimited
 from app.models import Agent, Chat, Message, Team, UsageDaily, UsageRecord, UsageRollup, User
 from app.routers.openai_api import Run
-from app.security import Caller
+from app.security import Caller, create_token, decode_token
 from app.services import fast_start
 from app.services import usage as usage_service
 from app.services.completions import prepare_completion
@@ -872,6 +872,40 @@ async def test_a_send_refused_by_a_quota_set_below_the_days_count_is_not_counted
     assert await send() == 200
     assert await send() == 429
     assert len(await ledger(app)) == 3
+
+
+@pytest.mark.parametrize("path", ["one statement", "general"])
+async def test_claims_refused_while_a_generation_runs_leave_the_counter_alone(
+    app: FastAPI, session: AsyncSession, settings: Settings, path: str
+) -> None:
+    """Quota 1, claimed by a generation still running (counted by the day's counter, not yet in the ledger): the
+    next claims are refused and leave the counter at 1. Counted, they used up generations the user never had
+    once the quota was raised the same day."""
+    setup = await chat_with_agent(session, settings, "http://127.0.0.1:9/webhook/x")
+    team = await session.get_one(Team, setup.user.team_id)
+    team.settings = {"quota": {"messages_per_user_per_day": 1}}
+    await session.commit()
+    db = app_state(app).db
+    chats = [setup.chat] + [await create_chat(session, user=setup.user, agent=setup.agent) for _ in range(2)]
+    started = []
+    for chat in chats:
+        if path == "general":
+            async with db.sessionmaker() as s:
+                try:
+                    await usage_service.claim_generation(session=s, user=Caller(id=setup.user.id, team_id=team.id))
+                    started.append(True)
+                except RateLimited:
+                    started.append(False)
+        else:
+            issued = create_token(settings=settings, user_id=setup.user.id, team_id=team.id, token_type="access")
+            claims = decode_token(issued.token, settings=settings, expected_type="access")
+            new = await fast_start.start(
+                db=db, settings=settings, claims=claims, chat_id=chat.id, content="hi", worker_id=uuid.uuid4()
+            )
+            started.append(new is not None)
+    assert started == [True, False, False]
+    counter = await session.scalar(select(UsageDaily.generations).where(UsageDaily.user_id == setup.user.id))
+    assert counter == 1
 
 
 async def a_generation_over_midnight(session: AsyncSession, setup: Any, quota: int) -> date:
