@@ -931,6 +931,19 @@ async def test_cookie_write_from_foreign_origin_is_403(web: httpx.AsyncClient, s
     assert me["full_name"] == "bearer"
 
 
+async def test_cookie_write_from_another_port_of_the_servers_host_is_403(
+    web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """Another port is another origin (another application on the same host): only the host with the server's
+    own port passes."""
+    await create_user(session, email="o@example.com")
+    assert (await login(web, "o@example.com")).status_code == 200
+    for origin in ("https://test:8443", "http://test:8080"):
+        refused = await web.patch("/api/auth/me", json={"full_name": "pwned"}, headers={"Origin": origin})
+        assert (refused.status_code, refused.json()) == (403, {"detail": "Origin not allowed"}), origin
+    assert (await web.get("/api/auth/me")).json()["full_name"] != "pwned"
+
+
 async def test_an_empty_authorization_header_does_not_skip_the_origin_check(
     web: httpx.AsyncClient, session: AsyncSession
 ) -> None:
