@@ -7,7 +7,8 @@ The rule (docs/FILES.md, "Types"):
    text types (`text/plain`, `text/markdown`, `text/csv`, `application/json`), `text/plain` when nothing,
    `application/octet-stream` or another harmless `text/*` (`text/x-log`) was declared; JSON must parse.
 3. The declared type must agree: an image or PDF declared as another type, text declared as an image, a PDF
-   or any other non-text type, and the active text types (HTML, XML, JavaScript, CSS) are refused.
+   or any other non-text type, and the active text types (HTML, XML, JavaScript, CSS) are refused. So must the
+   file name's extension when it names a type (EXTENSION_TYPES): a download is saved under that name.
 4. No polyglots: markup a browser would render (`<html`, `<script`, `<svg`, `<iframe`, `<!doctype`, `<?xml`,
    `<object`, `<embed`, `<body`) anywhere in the file, and in a PDF its active parts (`/JavaScript`, `/JS`,
    `/Launch`), refuse it whatever the type.
@@ -43,6 +44,31 @@ GENERIC = ("", "application/octet-stream")
 #: Text types a browser renders or runs: never stored, not even as plain text.
 ACTIVE_TEXT_TYPES = ("text/html", "text/xml", "text/javascript", "text/ecmascript", "text/css", "text/xsl")
 _PILLOW_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
+#: What a file name's extension says the file is: the allowed types, and the types a browser, a PDF reader or
+#: Windows opens as a page, an image with scripts or a program when the download is opened under that name.
+#: The name is kept and a download is saved under it, so it may only narrow the type: an extension listed
+#: here must agree with the content. Any other extension (`.py`, `.log`, none) says nothing.
+EXTENSION_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "jpeg": "image/jpeg",
+    "jpe": "image/jpeg",
+    "jfif": "image/jpeg",
+    "gif": "image/gif",
+    "webp": "image/webp",
+    "pdf": "application/pdf",
+    "txt": "text/plain",
+    "text": "text/plain",
+    "md": "text/markdown",
+    "markdown": "text/markdown",
+    "csv": "text/csv",
+    "json": "application/json",
+    **dict.fromkeys(("html", "htm", "xhtml", "xht", "shtml", "mht", "mhtml", "hta"), "text/html"),
+    **dict.fromkeys(("svg", "svgz"), "image/svg+xml"),
+    **dict.fromkeys(("xml", "xsl", "xslt"), "text/xml"),
+    **dict.fromkeys(("js", "mjs"), "text/javascript"),
+    "css": "text/css",
+}
 MARKUP_RE = re.compile(
     rb"<(?:script|html|body|iframe|object|embed|svg|\?xml|!doctype)[\s>/]|<(?:svg|html|script)$", re.IGNORECASE
 )
@@ -127,15 +153,27 @@ def _text_type(data: bytes, declared: str) -> str:
     return declared
 
 
-def judge(data: bytes, declared: str | None, allowed: list[str]) -> Judged:
-    """The file's type by content (the module's rule); raises UnsupportedMediaType (415). CPU-bound."""
+def named_type(filename: str) -> str | None:
+    """The type a file name's extension says (EXTENSION_TYPES), or None when it says nothing we know."""
+    stem, dot, extension = filename.rpartition(".")
+    return EXTENSION_TYPES.get(extension.lower()) if dot and stem else None
+
+
+def judge(data: bytes, declared: str | None, allowed: list[str], filename: str = "") -> Judged:
+    """The file's type by content (the module's rule); raises UnsupportedMediaType (415). CPU-bound. `filename`
+    is the name kept (cleaned): its extension may only narrow the type, like the declared type."""
     claimed = normalized(declared)
     if MARKUP_RE.search(data):
         raise UnsupportedMediaType(POLYGLOT)
     detected = _signature(data)
+    named = named_type(filename)
     if detected is None:
         content_type = _text_type(data, claimed)
+        if named is not None and named not in TEXT_TYPES:
+            raise UnsupportedMediaType(MISMATCH)
     else:
+        if named is not None and named != detected:
+            raise UnsupportedMediaType(MISMATCH)
         if claimed not in GENERIC and claimed != detected:
             raise UnsupportedMediaType(MISMATCH)
         if detected == "application/pdf":

@@ -160,6 +160,61 @@ async def test_upload_refuses_other_types_and_polyglots_with_415(
     assert await file_rows(app) == []
 
 
+#: A PDF with an action, its header a byte late: text to us, yet a PDF reader takes a header anywhere in the
+#: first KiB and runs the action.
+TEXT_PDF = b"\n%PDF-1.4\n1 0 obj << /OpenAction << /S /JavaScript /JS (app.alert(1)) >> >> endobj\n%%EOF\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "filename", "declared"),
+    [
+        (b"<img src=x onerror=alert(1)>", "page.html", "text/plain"),  # HTML without the listed tags
+        (b"<p onclick=alert(1)>hi", "Page.HTM", "application/octet-stream"),
+        (b"<b>hi</b>", "run.hta", "application/octet-stream"),  # an HTML application: mshta runs it
+        # A namespaced SVG (no `<svg` in it).
+        (b'<s:svg xmlns:s="http://www.w3.org/2000/svg" onload="alert(1)"/>', "logo.svg", "text/plain"),
+        (b"<x:a xmlns:x='urn:x'/>", "feed.xml", "text/plain"),
+        (b"alert(1)", "run.js", "text/plain"),
+        (b"body { color: red }", "style.css", "text/plain"),
+        (TEXT_PDF, "invoice.pdf", "application/octet-stream"),  # a PDF with JavaScript posing as text
+        (PNG, "photo.html", "image/png"),  # an image named as a page
+        (PNG, "report.pdf", "application/octet-stream"),  # an image named as another type
+        (PDF, "report.png", "application/pdf"),
+        (b"plain words", "photo.jpg", "text/plain"),  # text named as an image
+    ],
+)
+async def test_a_filename_naming_another_type_is_refused(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup, data: bytes, filename: str, declared: str | None
+) -> None:
+    """The name is kept and a download is saved under it: text saved as `page.html` or `logo.svg` opens as a
+    page or an image that runs its script, a text PDF saved as `invoice.pdf` opens in a PDF reader. So the
+    name's extension, when it names a type, must agree with the content, as the declared type must."""
+    # (Always a declared type: httpx would otherwise declare one from the name.)
+    response = await upload(client, setup, data, filename=filename, content_type=declared)
+    assert response.status_code == 415, response.text
+    assert await file_rows(app) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "filename", "expected"),
+    [
+        (PNG, "Photo.PNG", "image/png"),
+        (JPEG, "photo.jpeg", "image/jpeg"),
+        (PDF, "report.pdf", "application/pdf"),
+        (b"print(1)\n", "main.py", "text/plain"),  # an extension we do not know says nothing
+        (b"a,b\n1,2\n", "data.csv", "text/plain"),  # any text extension suits text
+        (b"# notes", "notes.txt", "text/plain"),
+        (b"no extension", "README", "text/plain"),
+        (PNG, "scan", "image/png"),
+    ],
+)
+async def test_a_filename_of_the_same_or_an_unknown_type_is_accepted(
+    client: httpx.AsyncClient, setup: ChatSetup, data: bytes, filename: str, expected: str
+) -> None:
+    body = await uploaded(client, setup, data, filename=filename, content_type="application/octet-stream")
+    assert (body["filename"], body["content_type"]) == (filename, expected)
+
+
 @pytest.mark.settings(FILE_ALLOWED_TYPES="image/png,text/plain")
 async def test_upload_allowlist_setting_narrows_the_types(client: httpx.AsyncClient, setup: ChatSetup) -> None:
     assert (await upload(client, setup, PDF, content_type="application/pdf")).status_code == 415

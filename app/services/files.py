@@ -91,10 +91,10 @@ async def upload_file(
         upload = await read_upload(chunks, content_type, settings.FILE_MAX_BYTES)
         data = bytes(upload.data)
         del upload.data
-        judged, digest = await anyio.to_thread.run_sync(_judge_and_hash, data, upload.declared_type, settings)
+        filename = filetypes.clean_filename(upload.filename)
+        judged, digest = await anyio.to_thread.run_sync(_judge_and_hash, data, upload.declared_type, filename, settings)
     finally:
         slots.give_back(user.id)
-    filename = filetypes.clean_filename(upload.filename)
     # The chat again, locked: concurrent uploads to it count one after the other.
     locked = select(Chat.id).where(*OWNED_CHAT).with_for_update()
     if (await session.execute(locked, owned_chat_params(chat_id, user.id, user.team_id))).first() is None:
@@ -133,8 +133,10 @@ async def upload_file(
     return file_view(row)
 
 
-def _judge_and_hash(data: bytes, declared: str | None, settings: Settings) -> tuple[filetypes.Judged, str]:
-    judged = filetypes.judge(data, declared, settings.FILE_ALLOWED_TYPES)
+def _judge_and_hash(
+    data: bytes, declared: str | None, filename: str, settings: Settings
+) -> tuple[filetypes.Judged, str]:
+    judged = filetypes.judge(data, declared, settings.FILE_ALLOWED_TYPES, filename)
     return judged, hashlib.sha256(data).hexdigest()
 
 
