@@ -41,8 +41,28 @@ ALIASES = {
 }
 #: Declared types that say nothing about the content.
 GENERIC = ("", "application/octet-stream")
-#: Text types a browser renders or runs: never stored, not even as plain text.
-ACTIVE_TEXT_TYPES = ("text/html", "text/xml", "text/javascript", "text/ecmascript", "text/css", "text/xsl")
+#: Text types a browser renders or runs: never stored, not even as plain text. JavaScript by every name a
+#: browser runs as JavaScript (WHATWG MIME Sniffing, "JavaScript MIME type"; the `application/` ones are
+#: refused as non-text types anyway).
+ACTIVE_TEXT_TYPES = (
+    "text/html",
+    "text/xml",
+    "text/xml-external-parsed-entity",
+    "text/xsl",
+    "text/css",
+    "text/ecmascript",
+    "text/javascript",
+    "text/javascript1.0",
+    "text/javascript1.1",
+    "text/javascript1.2",
+    "text/javascript1.3",
+    "text/javascript1.4",
+    "text/javascript1.5",
+    "text/jscript",
+    "text/livescript",
+    "text/x-ecmascript",
+    "text/x-javascript",
+)
 _PILLOW_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 #: What a file name's extension says the file is: the allowed types, and the types a browser, a PDF reader or
 #: Windows opens as a page, an image with scripts or a program when the download is opened under that name.

@@ -215,6 +215,19 @@ async def test_a_filename_of_the_same_or_an_unknown_type_is_accepted(
     assert (body["filename"], body["content_type"]) == (filename, expected)
 
 
+@pytest.mark.parametrize(
+    "declared",
+    ["text/x-javascript", "text/jscript", "text/livescript", "text/x-ecmascript", "text/javascript1.5"],
+)
+async def test_text_declared_as_any_javascript_type_is_refused(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup, declared: str
+) -> None:
+    """Browsers run each of these as JavaScript (WHATWG's JavaScript MIME types), like `text/javascript`."""
+    response = await upload(client, setup, b"alert(1)", filename="a.bin", content_type=declared)
+    assert response.status_code == 415, response.text
+    assert await file_rows(app) == []
+
+
 @pytest.mark.settings(FILE_ALLOWED_TYPES="image/png,text/plain")
 async def test_upload_allowlist_setting_narrows_the_types(client: httpx.AsyncClient, setup: ChatSetup) -> None:
     assert (await upload(client, setup, PDF, content_type="application/pdf")).status_code == 415
