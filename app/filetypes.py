@@ -97,9 +97,10 @@ PDF_ACTIVE_RE = re.compile(rb"/(?:JavaScript|JS|Launch)(?![A-Za-z0-9])")
 _PDF_NAME_ESCAPE = re.compile(rb"#([0-9A-Fa-f]{2})")
 PDF_EOF_WINDOW = 1024
 FILENAME_MAX = 255
-#: Control characters, quotes and slashes; and the bidirectional controls (U+200E/F, U+202A-U+202E,
-#: U+2066-U+2069) that display `invoice\u202efdp.exe` to colleagues as `invoiceexe.pdf`.
-_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f\"\\/\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+#: Control characters (C0, DEL and C1: U+0085 breaks a line, U+009B starts a terminal escape), quotes and
+#: slashes; and the bidirectional controls (U+061C, U+200E/F, U+202A-U+202E, U+2066-U+2069: Unicode's
+#: Bidi_Control) that display `invoice\u202efdp.exe` to colleagues as `invoiceexe.pdf`.
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\"\\/\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 UNSUPPORTED = "Unsupported file type: send an image (PNG, JPEG, GIF, WebP), a PDF, or UTF-8 text"
 MISMATCH = "The file's content does not match its declared type"

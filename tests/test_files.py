@@ -290,7 +290,7 @@ async def test_upload_filename_is_cleaned_and_downloads_as_a_sandboxed_attachmen
     assert got.headers["cache-control"] == "private, no-store"
 
 
-@pytest.mark.parametrize("control", ["\u202e", "\u202d", "\u2066", "\u2067", "\u2068", "\u2069", "\u200f"])
+@pytest.mark.parametrize("control", ["\u202e", "\u202d", "\u2066", "\u2067", "\u2068", "\u2069", "\u200f", "\u061c"])
 async def test_a_filename_cannot_reorder_how_it_displays(
     client: httpx.AsyncClient, setup: ChatSetup, control: str
 ) -> None:
@@ -298,6 +298,16 @@ async def test_a_filename_cannot_reorder_how_it_displays(
     (a share's readers too): bidirectional controls are replaced like other control characters."""
     body = await uploaded(client, setup, b"hi", filename=f"invoice{control}fdp.txt", content_type="text/plain")
     assert body["filename"] == "invoice_fdp.txt"
+
+
+@pytest.mark.parametrize("control", ["\x80", "\x85", "\x9b", "\x9f"])
+async def test_a_filename_loses_c1_control_characters_too(
+    client: httpx.AsyncClient, setup: ChatSetup, control: str
+) -> None:
+    """U+0080-U+009F are control characters as much as U+0000-U+001F (U+0085 is a line break, U+009B a
+    terminal's escape sequence start): replaced like them."""
+    body = await uploaded(client, setup, b"hi", filename=f"a{control}b.txt", content_type="text/plain")
+    assert body["filename"] == "a_b.txt"
 
 
 # --- size limits ------------------------------------------------------------------------------------
