@@ -157,6 +157,36 @@ async def test_avatar_metadata_is_stripped(client: httpx.AsyncClient, world: Wor
     assert "Comment" not in Image.open(io.BytesIO(data)).info
 
 
+def jpeg_turned(broken: bool = False) -> bytes:
+    """A 64x48 JPEG whose EXIF says "rotate 90 degrees clockwise to show" (Orientation 6), with a GPS directory;
+    `broken`: that directory claims 7 entries where it holds 2, so Pillow reads tags of impossible types."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Cam"
+    exif[0x8825] = {1: "N", 2: (1.0, 2.0, 3.0)}
+    jpeg = bytearray(image_bytes("JPEG", exif=exif.tobytes()))
+    gps_count = jpeg.index(b"Exif\x00\x00") + 6 + 0x32  # the GPS directory's entry count (after the TIFF header)
+    assert jpeg[gps_count : gps_count + 2] == b"\x00\x02"
+    if broken:
+        jpeg[gps_count + 1] = 7
+    return bytes(jpeg)
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["exif", "malformed-exif"])
+async def test_jpeg_orientation_is_applied_even_with_malformed_exif(
+    client: httpx.AsyncClient, world: World, session: AsyncSession, broken: bool
+) -> None:
+    """Pillow's exif_transpose writes the EXIF back into the turned image, and its writer raised TypeError or
+    struct.error on tags a camera or an editor got wrong (a 500); the orientation is all we need of it."""
+    response = await upload(client, world, jpeg_turned(broken), filename="a.jpg", ctype="image/jpeg")
+    assert response.status_code == 200, response.text
+    data, _, _ = await stored(session, world.agent)
+    assert data is not None
+    stored_image = Image.open(io.BytesIO(data))
+    assert stored_image.size == (48, 64)
+    assert not stored_image.getexif()
+
+
 async def test_animated_gif_keeps_its_first_frame(
     client: httpx.AsyncClient, world: World, session: AsyncSession
 ) -> None:

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 import anyio
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -83,9 +83,30 @@ def _too_many_pixels(settings: Settings) -> PayloadTooLarge:
     return PayloadTooLarge(f"Avatar has more than {settings.AVATAR_MAX_PIXELS} pixels")
 
 
+#: EXIF orientation -> the turn that shows the pixels upright (as Pillow's ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The JPEG turned as its EXIF orientation says. Not ImageOps.exif_transpose: it writes the EXIF back into
+    the result, and Pillow's writer raises TypeError or struct.error on malformed tags (which were a 500), for
+    metadata the re-encoding drops anyway."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation)
+    turn = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image if turn is None else image.transpose(turn)
+
+
 def _reencode(image: Image.Image, fmt: str, max_side: int) -> bytes:
     if fmt == "JPEG":
-        image = ImageOps.exif_transpose(image)
+        image = _upright(image)
     if fmt == "GIF":
         frame = image.convert("RGBA")
     elif image.mode in ("1", "L", "LA", "RGB", "RGBA"):
