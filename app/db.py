@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
-from sqlalchemy import ClauseElement, Executable, Result, event
+from sqlalchemy import ClauseElement, Connection, Executable, Result, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
@@ -128,6 +128,20 @@ def secure_sqlite_file(url: str) -> None:
             narrow_to_owner(sidecar)
 
 
+def _sqlite_lock_for_update(conn: Connection, statement: Any, *_args: Any) -> None:
+    """SQLite ignores FOR UPDATE and FOR SHARE, and its driver opens a transaction only at the first write: two
+    requests could both read a row "locked" and both act on what they read (two admins demoting each other
+    left a team without one). A locking read there starts the transaction with BEGIN IMMEDIATE instead: the
+    database's one write lock, held until commit or rollback, so the second request waits for the first and
+    reads what it wrote, as it would behind PostgreSQL's row lock. Inside a transaction that already wrote,
+    the lock is held already."""
+    if getattr(statement, "_for_update_arg", None) is None:
+        return
+    driver: Any = conn.connection.driver_connection  # aiosqlite's Connection
+    if not driver.in_transaction:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def make_engine(settings: Settings) -> AsyncEngine:
     url = settings.DATABASE_URL
     # No pre-ping by default: it is a round trip on every checkout (two per stream). SQLAlchemy already
@@ -168,6 +182,8 @@ def make_engine(settings: Settings) -> AsyncEngine:
             dbapi_conn.create_function("usage_histogram_add", 2, add_sqlite_histograms, deterministic=True)
             # Chat search ignores case beyond ASCII (app.dialects.SqliteStatements.matches_ignoring_case).
             dbapi_conn.create_function("unicode_lower", 1, unicode_lower, deterministic=True)
+
+        event.listen(engine.sync_engine, "before_execute", _sqlite_lock_for_update)
 
     return engine
 

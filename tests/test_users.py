@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import security
@@ -22,8 +22,9 @@ from app.errors import Conflict
 from app.models import Team, User
 from app.services import users as users_service
 from app.state import app_state
+from main import create_app, shutdown
 from tests.authhelpers import bearer, https_client, login
-from tests.conftest import ROOT, count_rows, sent_during_a_demotion
+from tests.conftest import ROOT, count_rows, make_settings, run_migrations, sent_during_a_demotion
 from tests.factories import auth_headers, create_admin, create_team, create_user
 
 pytestmark = pytest.mark.settings(RATE_LIMIT_ENABLED=False)
@@ -364,3 +365,29 @@ async def test_an_admin_demoted_while_their_new_users_password_hashes_creates_no
     )
     assert (created.status_code, created.json()) == (403, {"detail": "Admin role required"})
     assert (await session.execute(select(User).where(User.email == "puppet@example.com"))).first() is None
+
+
+async def test_admins_demoting_each_other_at_once_leave_one_admin_on_sqlite(tmp_path: Path) -> None:
+    """SQLite ignores FOR UPDATE: both demotions counted the other admin, and the team was left with none. A
+    locking read there takes the database's write lock first, so the second waits and then is no admin."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'users.db'}"
+    await asyncio.to_thread(run_migrations, url)
+    settings = make_settings(url, tmp_path)
+    lite = create_app(settings)
+    try:
+        for _ in range(3):
+            async with app_state(lite).db.sessionmaker() as s:
+                team = await create_team(s)
+                first = await create_admin(s, team=team)
+                second = await create_admin(s, team=team)
+            async with https_client(lite) as a, https_client(lite) as b:
+                responses = await asyncio.gather(
+                    a.patch(f"/api/users/{second.id}", json={"role": "user"}, headers=auth_headers(settings, first)),
+                    b.patch(f"/api/users/{first.id}", json={"role": "user"}, headers=auth_headers(settings, second)),
+                )
+            assert sorted(r.status_code for r in responses) in ([200, 403], [200, 409])
+            async with app_state(lite).db.sessionmaker() as s:
+                admins = select(func.count()).select_from(User).where(User.team_id == team.id, User.role == "admin")
+                assert (await s.execute(admins)).scalar_one() == 1
+    finally:
+        await shutdown(lite)
