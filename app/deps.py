@@ -69,7 +69,9 @@ async def get_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:
 
 async def get_short_session(db: DatabaseDep) -> AsyncIterator[AsyncSession]:
     """A request session for the routes that answer with a stream (follow, the widget, `/v1`), closed as soon
-    as the endpoint returns (see ShortSessionDep), so its connection is back in the pool before the stream."""
+    as the endpoint returns (see ShortSessionDep), so its connection is back in the pool before the stream. It
+    is `current_caller`'s session too: every route taking `CurrentCaller` works in it (the file routes), so a
+    request holds one connection, not a second beside the caller's."""
     async with db.sessionmaker() as session:
         yield session
 

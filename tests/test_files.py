@@ -411,6 +411,44 @@ async def test_concurrent_uploads_per_user_are_capped_with_429(
     assert len(await file_rows(app)) == 3
 
 
+@pytest.mark.settings(DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
+async def test_a_file_request_holds_one_pooled_connection_and_none_while_its_body_arrives(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup
+) -> None:
+    """The caller's lookup and the file's work ran in two sessions, the first holding its connection to the end:
+    two connections a request, one of them held while an upload's body arrived. Once every connection was
+    held by a lookup, every request waited for a second one: 503s after the pool timeout (on SQLite's pool of
+    15, sixteen uploads or downloads at once). With a pool of one, each must still answer at once."""
+    release = asyncio.Event()
+    started = asyncio.Event()
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="s.txt"\r\n\r\n'
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield head + b"slow"
+        started.set()
+        await release.wait()
+        yield b" upload\r\n--b--\r\n"
+
+    headers = {**setup.headers, "content-type": "multipart/form-data; boundary=b"}
+    slow = asyncio.create_task(client.post(url_of(setup), content=slow_body(), headers=headers))
+    try:
+        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.sleep(0.05)  # inside the upload, reading its body
+        assert app_state(app).db.pool_in_use() == 0
+    finally:
+        release.set()
+        if not started.is_set():
+            slow.cancel()  # stuck waiting for a second connection: not left behind
+    stored = await asyncio.wait_for(slow, 5)
+    assert stored.status_code == 201, stored.text
+    file_url = f"{url_of(setup)}/{stored.json()['id']}"
+    downloaded = await asyncio.wait_for(client.get(file_url, headers=setup.headers), 5)
+    assert downloaded.content == b"slow upload"
+    deleted = await asyncio.wait_for(client.delete(file_url, headers=setup.headers), 5)
+    assert deleted.status_code == 204
+    assert await file_rows(app) == []
+
+
 # --- tenancy -------------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response, status
 from starlette.requests import ClientDisconnect
 
 from app.auth import CurrentCaller
-from app.deps import SessionDep, SettingsDep, UploadSlotsDep
+from app.deps import SessionDep, SettingsDep, ShortSessionDep, UploadSlotsDep
 from app.errors import BadRequest
 from app.filetypes import content_disposition
 from app.routers.responses import R401, Responses, error_doc
@@ -98,7 +98,7 @@ async def upload_file(
     chat_id: uuid.UUID,
     request: Request,
     user: CurrentCaller,
-    session: SessionDep,
+    session: ShortSessionDep,
     settings: SettingsDep,
     slots: UploadSlotsDep,
 ) -> FileRead:
@@ -124,7 +124,9 @@ async def upload_file(
         404: error_doc("No such file in this chat, or not yours", files_service.FILE_NOT_FOUND),
     },
 )
-async def download_file(chat_id: uuid.UUID, file_id: uuid.UUID, session: SessionDep, user: CurrentCaller) -> Response:
+async def download_file(
+    chat_id: uuid.UUID, file_id: uuid.UUID, session: ShortSessionDep, user: CurrentCaller
+) -> Response:
     download = await files_service.read_file(session=session, user=user, chat_id=chat_id, file_id=file_id)
     return file_response(download)
 
@@ -139,7 +141,9 @@ async def download_file(chat_id: uuid.UUID, file_id: uuid.UUID, session: Session
         409: error_doc("The file was sent with a message", files_service.FILE_SENT),
     },
 )
-async def delete_file(chat_id: uuid.UUID, file_id: uuid.UUID, session: SessionDep, user: CurrentCaller) -> Response:
+async def delete_file(
+    chat_id: uuid.UUID, file_id: uuid.UUID, session: ShortSessionDep, user: CurrentCaller
+) -> Response:
     await files_service.delete_unsent_file(session=session, user=user, chat_id=chat_id, file_id=file_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
