@@ -28,8 +28,10 @@ from app.models import File, FileBlob, Team
 from app.services import blobs, fast_start
 from app.services import files as files_service
 from app.state import app_state
-from tests.conftest import count_rows
-from tests.factories import auth_headers, create_chat, create_user
+from main import create_app, shutdown
+from tests.authhelpers import https_client
+from tests.conftest import count_rows, make_settings, run_migrations
+from tests.factories import auth_headers, create_agent, create_chat, create_user
 from tests.live import ChatSetup, LiveServer, chat_with_agent, cut_off_request, data_events, free_port, parse_sse
 from tests.test_stop_resume import live_settings
 from tools.fake_n8n import FakeN8n
@@ -372,6 +374,38 @@ async def test_concurrent_uploads_never_pass_the_unsent_cap(
     responses = await asyncio.gather(*(upload(client, setup, f"n{i}".encode(), content_type=None) for i in range(6)))
     assert sorted(r.status_code for r in responses) == [201, 201, 201, 409, 409, 409]
     assert len(await file_rows(app)) == 3
+
+
+@pytest.mark.parametrize(
+    "caps", [{"FILES_UNSENT_PER_CHAT_MAX": 3}, {"FILES_PER_CHAT_MAX": 3}], ids=["unsent-cap", "chat-cap"]
+)
+async def test_concurrent_uploads_never_pass_a_cap_on_sqlite(tmp_path: Path, caps: dict[str, int]) -> None:
+    """The embedded database takes no row locks (SELECT ... FOR UPDATE is a plain read there): eight uploads
+    at once all counted the chat before any stored, and all eight were stored past a cap of 3."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'files.db'}"
+    await asyncio.to_thread(run_migrations, url)
+    settings = make_settings(url, tmp_path, FILE_UPLOADS_PER_USER=20, **caps)
+    lite = create_app(settings)
+    try:
+        async with app_state(lite).db.sessionmaker() as s:
+            user = await create_user(s)
+            agent = await create_agent(s, team=await s.get_one(Team, user.team_id))
+            chat = await create_chat(s, user=user, agent=agent)
+        async with https_client(lite) as client:
+            answers = await asyncio.gather(
+                *(
+                    client.post(
+                        f"/api/chats/{chat.id}/files",
+                        files={"file": ("a.txt", f"n{i}".encode(), "text/plain")},
+                        headers=auth_headers(settings, user),
+                    )
+                    for i in range(8)
+                )
+            )
+        assert sorted(a.status_code for a in answers) == [201] * 3 + [409] * 5
+        assert len(await file_rows(lite)) == 3
+    finally:
+        await shutdown(lite)
 
 
 @pytest.mark.settings(FILES_PER_CHAT_MAX=2, FILES_UNSENT_PER_CHAT_MAX=5)
