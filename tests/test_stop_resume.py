@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.models import UsageRecord
 from app.security import Caller
-from app.services.messages import start_message
+from app.services.messages import NewGeneration, start_message
 from app.sse import event_of
 from app.state import app_state
 from tests.conftest import count_rows, make_settings
@@ -216,6 +216,20 @@ async def test_stop_racing_the_natural_end_stores_exactly_one_final_state(
     assert outcomes <= {"cancelled", "complete"}
 
 
+async def stored_send(app: FastAPI, settings: Settings, setup: ChatSetup) -> NewGeneration:
+    """A send's rows committed (the question and the answer's `streaming` placeholder), its generation not
+    registered yet: `registry.start` does that."""
+    async with app_state(app).db.sessionmaker() as s:
+        return await start_message(
+            session=s,
+            settings=settings,
+            user=Caller(id=setup.user.id, team_id=setup.user.team_id),
+            chat_id=setup.chat.id,
+            content="hello",
+            worker_id=app_state(app).generations.worker_id,
+        )
+
+
 async def test_stop_before_the_generation_task_ran_stores_cancelled_and_calls_no_one(
     app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
@@ -224,15 +238,7 @@ async def test_stop_before_the_generation_task_ran_stores_cancelled_and_calls_no
     of `_run` (its final write included) would run. The answer is still stored `cancelled`, once."""
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
     registry = app_state(app).generations
-    async with app_state(app).db.sessionmaker() as s:
-        new = await start_message(
-            session=s,
-            settings=settings,
-            user=Caller(id=setup.user.id, team_id=setup.user.team_id),
-            chat_id=setup.chat.id,
-            content="hello",
-            worker_id=registry.worker_id,
-        )
+    new = await stored_send(app, settings, setup)
     generation = registry.start(new)
     async with asyncio.timeout(10):
         stored = await registry.stop(generation)  # no await in between: the task has not started
@@ -254,15 +260,7 @@ async def test_a_chat_deleted_before_its_answer_was_registered_stops_it_before_n
     stream ends `chat_deleted`."""
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
     registry = app_state(app).generations
-    async with app_state(app).db.sessionmaker() as s:
-        new = await start_message(
-            session=s,
-            settings=settings,
-            user=Caller(id=setup.user.id, team_id=setup.user.team_id),
-            chat_id=setup.chat.id,
-            content="hello",
-            worker_id=registry.worker_id,
-        )
+    new = await stored_send(app, settings, setup)
     deleted = await client.delete(f"/api/chats/{setup.chat.id}", headers=setup.headers)
     assert deleted.status_code == 204
     generation = registry.start(new)
