@@ -100,6 +100,8 @@ FILENAME_MAX = 255
 #: Control characters (C0, DEL and C1: U+0085 breaks a line, U+009B starts a terminal escape), quotes and
 #: slashes; and the bidirectional controls (U+061C, U+200E/F, U+202A-U+202E, U+2066-U+2069: Unicode's
 #: Bidi_Control) that display `invoice\u202efdp.exe` to colleagues as `invoiceexe.pdf`.
+#: What a name may end with that a browser or Windows drops when it saves the file.
+_NAME_END = re.compile(r"[\s.]+$")
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\"\\/\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 UNSUPPORTED = "Unsupported file type: send an image (PNG, JPEG, GIF, WebP), a PDF, or UTF-8 text"
@@ -175,9 +177,12 @@ def _text_type(data: bytes, declared: str) -> str:
 
 
 def named_type(filename: str) -> str | None:
-    """The type a file name's extension says (EXTENSION_TYPES), or None when it says nothing we know."""
-    stem, dot, extension = filename.rpartition(".")
-    return EXTENSION_TYPES.get(extension.lower()) if dot and stem else None
+    """The type a file name's extension says (EXTENSION_TYPES), or None when it says nothing we know. Read as a
+    browser saving the download, or Windows, would: without invisible characters (U+200B, U+FEFF, U+180E...)
+    and the dots and spaces it ends with, which they drop (`page.html .` is kept, and saved as `page.html`)."""
+    visible = "".join(ch for ch in filename if unicodedata.category(ch) != "Cf")
+    _, dot, extension = _NAME_END.sub("", visible).rpartition(".")
+    return EXTENSION_TYPES.get(extension.lower()) if dot else None
 
 
 def judge(data: bytes, declared: str | None, allowed: list[str], filename: str = "") -> Judged:

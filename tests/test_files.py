@@ -183,6 +183,15 @@ TEXT_PDF = b"\n%PDF-1.4\n1 0 obj << /OpenAction << /S /JavaScript /JS (app.alert
         (PNG, "report.pdf", "application/octet-stream"),  # an image named as another type
         (PDF, "report.png", "application/pdf"),
         (b"plain words", "photo.jpg", "text/plain"),  # text named as an image
+        # Kept as `page.html ` (dots and spaces at the ends are stripped once each) or with an invisible
+        # character at the end: a browser saving it, or Windows, drops what it ends with, and it is page.html.
+        (b"<img src=x onerror=alert(1)>", "page.html .", "text/plain"),
+        (b"<img src=x onerror=alert(1)>", "page.html. .", "text/plain"),
+        (b"<img src=x onerror=alert(1)>", "page.html\u3000.", "text/plain"),
+        (b"<img src=x onerror=alert(1)>", "page.html\ufeff", "text/plain"),
+        (b"<img src=x onerror=alert(1)>", "page.html\u180e", "text/plain"),
+        (b"<img src=x onerror=alert(1)>", "page.htm\u200bl", "text/plain"),
+        (b"<img src=x onerror=alert(1)>", "\u200b.html", "text/plain"),  # only an invisible stem
     ],
 )
 async def test_a_filename_naming_another_type_is_refused(
