@@ -160,9 +160,11 @@ async def _key_account(request: Request, session: AsyncSession, settings: Settin
     request.state.api_key_id = row.key_id
     now = utcnow()
     if api_keys_service.needs_touch(row.key_last_used_at, now):
-        # Its own short session: the request's session may be read-only or long-lived (a stream).
-        async with state.db.sessionmaker() as touch_session:
-            await api_keys_service.touch(touch_session, row.key_id, now)
+        # In the request's session, committed at once (its lookup ended with it; nothing is held for the rest
+        # of the request). Not a session of its own: that took a second connection while this one held the
+        # first, and a pool full of such lookups (parallel requests on a key's first use in a minute) waited
+        # for a second one until the pool timed out.
+        await api_keys_service.touch(session, row.key_id, now)
     return row
 
 

@@ -3,6 +3,7 @@ optional expiry, `last_used_at` without a write per request, failed attempts rat
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -285,6 +286,26 @@ async def test_last_used_at_is_written_at_most_once_a_minute(
     assert row.last_used_at > first
     listed = (await web.get(KEYS, headers=auth_headers(settings, user))).json()
     assert listed[0]["last_used_at"] is not None
+
+
+@pytest.mark.settings(DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
+@pytest.mark.parametrize("path", ["/api/auth/me", "/v1/models"])
+async def test_a_key_use_that_writes_last_used_at_holds_one_pooled_connection(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, path: str
+) -> None:
+    """The key's row was read in the request's session, which kept its connection, and `last_used_at` written
+    in a second session: two connections at once. With every connection held by such a lookup (a script's
+    parallel requests after a quiet minute, each key's first use), each waited for a second until the pool
+    timed out (30 s, then an error). With a pool of one, the use that writes it must answer at once."""
+    user = await create_user(session)
+    created = await _create(web, settings, user)
+    await session.close()  # the test's own session holds no connection either
+    answered = await asyncio.wait_for(web.get(path, headers=bearer(created["key"])), 5)
+    assert answered.status_code == 200, answered.text
+    row = await _row(session, created["id"])
+    assert row is not None
+    assert row.last_used_at is not None
+    await session.close()
 
 
 @pytest.mark.settings(RATE_LIMIT_LOGIN="3/minute")
