@@ -48,10 +48,9 @@ RELAY_WAIT = 3.0
 #: it, or the receiving instance, once it stopped waiting (it then answers 503, and n8n's retry must not find
 #: the callback applied late as well).
 CALLBACK_CLAIM = "callback-claim:"
-#: How long the owner's claim is kept (seconds): past the receiving instance's two waits and its claim. The
-#: receiving instance's claim (it gave up) is kept for the answer's longest life instead: an owner that hears the
-#: relayed message late (its listener behind) must still find it, however late, while it runs the answer.
-CLAIM_TTL = math.ceil(RELAY_WAIT) * 4
+#: The receiving instance's claim (it gave up) is kept for the answer's longest life: an owner that hears the
+#: relayed message late (its listener behind) must still find it, however late, while it runs the answer. The
+#: owner's is kept CLAIM_TTL (below).
 #: At most this share of the Redis client's connections (100 by default, shared with the rate limits, the
 #: event logs, stops and follows) waits for relayed callbacks' replies at once: one each, and owners that do
 #: not answer (one died with its answers still running) would take them all. Past it, a 503 at once.
@@ -89,6 +88,12 @@ CONNECT_TIMEOUT = 2.0
 #: it fails as a connection that could not be made would.
 POOL_SIZE = 100
 POOL_WAIT = CONNECT_TIMEOUT
+#: How long the owner's claim on a relayed callback is kept (seconds): past the receiving instance's longest way
+#: from its publish to its own claim, when Redis is slow or its connection lost (the publish, the wait for the
+#: reply, a claim and, the owner's claim found, a second wait and a claim; each allowed a pool wait, a new
+#: connection and a reply deadline: ~42 s), twice over. A claim gone before then let a receiving instance whose
+#: wait failed claim a callback the owner had applied, answer 503, and n8n's retry apply it again.
+CLAIM_TTL = 2 * math.ceil(2 * RELAY_WAIT + 4 * (POOL_WAIT + CONNECT_TIMEOUT + REPLY_TIMEOUT))
 
 
 def resubscribed_within() -> float:

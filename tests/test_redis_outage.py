@@ -861,6 +861,28 @@ async def test_a_relayed_callback_given_up_on_stays_unclaimable_while_its_answer
         await db.dispose()
 
 
+async def test_the_owners_claim_outlives_the_receiving_instances_longest_way_to_its_own(
+    settings: Settings, own_redis: RedisProcess
+) -> None:
+    """The owner claims a relayed callback, applies it and answers; the receiving instance, its wait for that
+    answer failed (Redis slow, its connection lost), claims it too, to learn its fate. Each of its steps may take a
+    pool wait, a new connection and a reply deadline: ~42 s from its publish in the worst case, and the owner's
+    claim lived 12 s. Gone by then, the receiver's claim succeeded: 503 for a callback applied, which n8n's retry
+    applied again."""
+    client = aioredis.from_url(own_redis.url)
+    db = Database(settings)  # unused by the claims
+    log = eventlog.RedisEventLog(client, settings, db)
+    longest = 2 * eventlog.RELAY_WAIT + 4 * (eventlog.POOL_WAIT + eventlog.CONNECT_TIMEOUT + eventlog.REPLY_TIMEOUT)
+    try:
+        token = uuid.uuid4().hex
+        assert await log.claim_callback(token)  # the owner
+        assert await client.ttl(eventlog.CALLBACK_CLAIM + token) > longest
+        assert not await log._give_up(token)  # the receiving instance learns it was applied
+    finally:
+        await client.aclose()
+        await db.dispose()
+
+
 @pytest.mark.timeout(30)
 async def test_a_burst_of_commands_beyond_the_pool_waits_for_connections_instead_of_failing(
     settings: Settings, redis_url: str
