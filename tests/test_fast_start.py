@@ -24,13 +24,14 @@ from starlette import types as asgi
 from app.config import Settings
 from app.db import ConnectionLost, Database, Direct
 from app.generations import GenerationRegistry
-from app.models import Chat, IdempotencyKey, Message, Team
+from app.models import Chat, ErrorLog, IdempotencyKey, Message, Team, UsageDaily, UsageRecord
 from app.routers import messages as messages_router
 from app.security import create_token, decode_token
 from app.services import fast_start
 from app.state import app_state
 from bench.bench_finish import CountingProxy
 from main import create_app, shutdown
+from tests.conftest import assert_rollup_matches_ledger
 from tests.factories import auth_headers, create_chat, create_user
 from tests.live import ChatSetup, chat_with_agent, data_events, free_port, parse_sse
 from tools.fake_n8n import FakeN8n
@@ -546,6 +547,34 @@ async def test_a_start_committed_but_unanswered_is_closed_as_interrupted_and_the
         after = await send(client, setup, {"content": "next"})
         assert after.status_code == 200
         assert data_events(parse_sse(after.text))[-1].type == "done"
+
+
+async def test_a_start_closed_as_interrupted_is_counted_as_the_sweeper_counts_it(
+    proxied: tuple[FastAPI, CuttingProxy], session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """The answer closed as `interrupted` after its start's reply was lost is a generation the quota counted:
+    it gets the ledger row (and roll-up) and the error_logs row the sweeper writes for any answer it closes.
+    Without them the report showed one generation fewer than the quota counted, and the error log nothing."""
+    app, proxy = proxied
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    team = await session.get_one(Team, setup.user.team_id)
+    team.settings = {**team.settings, "quota": {"messages_per_user_per_day": 5}}
+    await session.commit()
+    await session.close()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        assert (await send(client, setup, {"content": "first"})).status_code == 200
+        proxy.armed = True
+        assert (await send(client, setup, {"content": "lost reply"})).status_code == 503
+    interrupted = await session.scalar(
+        select(Message.id).where(Message.chat_id == setup.chat.id, Message.status == "interrupted")
+    )
+    assert interrupted is not None
+    rows = (await session.execute(select(UsageRecord.outcome, UsageRecord.error_code, UsageRecord.chars_in))).all()
+    assert sorted(rows) == [("complete", None, 5), ("interrupted", "interrupted", 10)]
+    assert await session.scalar(select(UsageDaily.generations)) == 2  # what the quota counted
+    logged = (await session.execute(select(ErrorLog.code, ErrorLog.chat_id))).all()
+    assert logged == [("interrupted", setup.chat.id)]
+    await assert_rollup_matches_ledger(session)
 
 
 async def test_sends_after_a_database_restart_are_answered_and_stored(

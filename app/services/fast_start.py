@@ -21,16 +21,18 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import asyncpg
-from sqlalchemy import Date, DateTime, Integer, String, Text, TextualSelect, bindparam, text
+from sqlalchemy import Date, DateTime, Integer, String, Text, TextualSelect, bindparam, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.types import Uuid
 
+from app import metrics
 from app.config import Settings
 from app.db import ConnectionLost, Database, Direct, utcnow
+from app.models import Chat
 from app.security import Caller, family_key, token_issued_us
 from app.services.chats import title_from_message
 from app.services.idempotency import KEY_LIFETIME
-from app.services.messages import NewGeneration, mark_interrupted, new_generation
+from app.services.messages import NewGeneration, close_interrupted, new_generation
 from app.services.tree import message_view
 
 #: `quota.messages_per_user_per_day` as `usage.quota_of` reads it: a JSON integer (jsonb prints 1e2 as 100 and
@@ -224,10 +226,28 @@ async def start(
         # Nothing: the general path runs on a fresh connection. All: no task will ever write the answer, so it is
         # closed now as `interrupted` (what the sweeper would do later) and the client gets the retryable 503; a
         # retry with the same Idempotency-Key replays that answer, as for any stream cut short.
+        # Closed as the sweeper closes an answer: with its error_logs row and its usage ledger row (the quota
+        # counted it).
         async with db.sessionmaker() as session:
-            if not await mark_interrupted(session, message_id=assistant_id, chat_id=chat_id):
+            agent_id = await session.scalar(select(Chat.agent_id).where(Chat.id == chat_id))
+            closed = agent_id is not None and await close_interrupted(
+                session,
+                message_id=assistant_id,
+                chat_id=chat_id,
+                team_id=user.team_id,
+                user_id=user.id,
+                agent_id=agent_id,
+                question_chars=len(content),
+                answer_chars=0,
+                started_at=placeholder_at,
+                detail={"reason": "the reply to its start was lost"},
+            )
+            if not closed:
                 return None
             await session.commit()
+        metrics.generation_finished(
+            outcome="interrupted", agent_id=agent_id, error_code="interrupted", metadata={}, pool_in_use=None
+        )
         raise
     row = rows[0] if rows else None
     if row is None or not row["stored"]:

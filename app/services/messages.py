@@ -783,6 +783,52 @@ async def mark_interrupted(session: AsyncSession, *, message_id: uuid.UUID, chat
     return True
 
 
+async def close_interrupted(
+    session: AsyncSession,
+    *,
+    message_id: uuid.UUID,
+    chat_id: uuid.UUID,
+    team_id: uuid.UUID,
+    user_id: uuid.UUID,
+    agent_id: uuid.UUID,
+    question_chars: int,
+    answer_chars: int,
+    started_at: datetime,
+    detail: dict[str, Any],
+) -> bool:
+    """`mark_interrupted`, with the error_logs row and the usage ledger row its final write would have written:
+    every answer closed without one (its worker gone, its start's reply lost) is a generation the quota
+    counted, so the ledger and the reports count it too. The caller commits."""
+    if not await mark_interrupted(session, message_id=message_id, chat_id=chat_id):
+        return False
+    await error_logs.record_error(
+        session=session,
+        team_id=team_id,
+        user_id=user_id,
+        chat_id=chat_id,
+        agent_id=agent_id,
+        code="interrupted",
+        message=INTERRUPTED["message"],
+        upstream_status=None,
+        detail=detail,
+    )
+    await usage_service.record_generation(
+        session=session,
+        team_id=team_id,
+        user_id=user_id,
+        agent_id=agent_id,
+        chat_id=chat_id,
+        outcome="interrupted",
+        error_code="interrupted",
+        chars_in=question_chars,
+        chars_out=answer_chars,
+        # From its start (the placeholder's row): the quota counts a generation on the day it began, by the
+        # ledger row's time less its duration; without it, one from before midnight counted twice.
+        metadata={"duration_ms": max(0, round((utcnow() - started_at).total_seconds() * 1000))},
+    )
+    return True
+
+
 async def get_public_messages(session: AsyncSession, chat_id: uuid.UUID, ids: Collection[str]) -> list[dict[str, Any]]:
     """These stored messages of the chat as the API shows them, oldest first (a stream rebuilt from storage).
 

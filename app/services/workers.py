@@ -13,9 +13,7 @@ from app import metrics
 from app.config import Settings
 from app.db import utcnow
 from app.models import IS_STREAMING, Chat, Message, Worker
-from app.services import error_logs
-from app.services import usage as usage_service
-from app.services.messages import INTERRUPTED, mark_interrupted
+from app.services.messages import close_interrupted
 
 _question = aliased(Message, name="question")
 
@@ -82,38 +80,23 @@ async def recover_interrupted(
                 continue
         elif row.worker_id in live:
             continue
-        marked_now = await mark_interrupted(session, message_id=row.id, chat_id=row.chat_id)
+        marked_now = await close_interrupted(
+            session,
+            message_id=row.id,
+            chat_id=row.chat_id,
+            team_id=row.team_id,
+            user_id=row.user_id,
+            agent_id=row.agent_id,
+            question_chars=len(row.question or ""),
+            answer_chars=len(row.content or ""),
+            started_at=row.created_at,
+            detail={"reason": "its worker stopped", "worker": str(row.worker_id)},
+        )
         if marked_now:
             marked += 1
-            await error_logs.record_error(
-                session=session,
-                team_id=row.team_id,
-                user_id=row.user_id,
-                chat_id=row.chat_id,
-                agent_id=row.agent_id,
-                code="interrupted",
-                message=INTERRUPTED["message"],
-                upstream_status=None,
-                detail={"reason": "its worker stopped", "worker": str(row.worker_id)},
-            )
-            # Its final write: the generation's usage ledger row, as its own worker would have written it.
-            await usage_service.record_generation(
-                session=session,
-                team_id=row.team_id,
-                user_id=row.user_id,
-                agent_id=row.agent_id,
-                chat_id=row.chat_id,
-                outcome="interrupted",
-                error_code="interrupted",
-                chars_in=len(row.question or ""),
-                chars_out=len(row.content or ""),
-                # From its start (the placeholder's row): the quota counts a generation on the day it began, by
-                # the ledger row's time less its duration; without it, one from before midnight counted twice.
-                metadata={"duration_ms": max(0, round((utcnow() - row.created_at).total_seconds() * 1000))},
-            )
         await session.commit()
         if marked_now:
-            # Its timings are unknown (the duration above is its worker's absence, not n8n's time).
+            # Its timings are unknown (the ledger's duration is its worker's absence, not n8n's time).
             metrics.generation_finished(
                 outcome="interrupted", agent_id=row.agent_id, error_code="interrupted", metadata={}, pool_in_use=None
             )
