@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import generations, metrics
 from app.config import Settings
 from app.db import Database, utcnow
-from app.models import Chat, ErrorLog, Message, UsageRecord, UsageRollup
+from app.models import Agent, Chat, ErrorLog, Message, UsageRecord, UsageRollup, User
 from app.security import Caller
 from app.services.messages import (
     FinalWrite,
@@ -30,6 +30,7 @@ from app.services.messages import (
     mark_interrupted,
     start_message,
 )
+from app.services.usage_rollup import NIL
 from app.state import app_state
 from bench.bench_finish import CountingProxy
 from main import create_app, shutdown
@@ -545,3 +546,33 @@ async def test_a_final_write_of_an_answer_recovery_ended_does_not_deadlock_with_
     finally:
         await send.close()
     assert await count_rows(session, "usage_records") == 0
+
+
+@pytest.mark.parametrize("gone", ["user", "agent"])
+async def test_the_usage_of_an_answer_whose_user_or_agent_was_deleted_meanwhile_is_kept(
+    any_app: FastAPI, gone: str
+) -> None:
+    """A user or an agent deleted (in SQL) while an answer streams takes the chat with it; the final write then
+    counts the usage as for any deleted chat, the ledger's id NULL as the deletion would have made it, as the
+    error log stores it. The ledger's foreign key refused the row: the write failed on every try, the answer
+    ended `storage_error` and its usage was lost."""
+    state = app_state(any_app)
+    async with state.db.sessionmaker() as s:
+        setup = await chat_with_agent(s, state.settings, "http://127.0.0.1:9/webhook/x")
+    new = await started(state.db, state.settings, setup)
+    model = User if gone == "user" else Agent
+    async with state.db.sessionmaker() as s:
+        await s.execute(delete(model).where(model.id == (setup.user.id if gone == "user" else setup.agent.id)))
+        await s.commit()
+    written = await finish(state.db, new, failed=True)
+    assert (written is not None, written and written.kept) == (True, False)
+    async with state.db.sessionmaker() as s:
+        [row] = (await s.execute(select(UsageRecord))).scalars().all()
+        assert (row.user_id, row.agent_id, row.outcome) == (
+            (None, setup.agent.id, "error") if gone == "user" else (setup.user.id, None, "error")
+        )
+        [log] = (await s.execute(select(ErrorLog))).scalars().all()
+        assert (log.user_id, log.agent_id) == (row.user_id, row.agent_id)
+        # The roll-up keeps the id, as when the row is deleted after its final write (a "(deleted)" row).
+        keys = {(r.agent_id, r.user_id) for r in (await s.execute(select(UsageRollup))).scalars()}
+        assert keys == {(NIL, NIL), (setup.agent.id, NIL), (NIL, setup.user.id), (setup.agent.id, setup.user.id)}

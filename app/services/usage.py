@@ -116,8 +116,24 @@ async def add_ledger_rows(*, session: AsyncSession, rows: list[dict[str, Any]]) 
     """Ledger rows (all their columns but `id`) and their roll-up, in the caller's transaction: with
     `ledger_writes` (the same for one row, chained into a larger statement), the only way rows enter the
     ledger, so the roll-up the reports read always equals the ledger."""
-    await session.execute(insert(UsageRecord), rows)
+    ledger = insert(UsageRecord).values(
+        user_id=_existing(User, bindparam("l_user_id", type_=UsageRecord.user_id.type)),
+        agent_id=_existing(Agent, bindparam("l_agent_id", type_=UsageRecord.agent_id.type)),
+    )
+    params = [
+        {k: v for k, v in row.items() if k not in ("user_id", "agent_id")}
+        | {"l_user_id": row["user_id"], "l_agent_id": row["agent_id"]}
+        for row in rows
+    ]
+    await session.execute(ledger, params)
     await session.execute(add_to_rollup(statements_of(session), rollup_rows(rows)))
+
+
+def _existing(model: type[Agent] | type[User], value: Any) -> Any:
+    """The id while its row exists, else NULL: a user or agent deleted (in SQL) while its answer ran is stored
+    as the deletion leaves the ledger's older rows (the foreign key refused the row, and the usage was lost).
+    The roll-up keeps the id, as it does for those rows."""
+    return select(model.id).where(model.id == value).scalar_subquery()
 
 
 #: The roll-up rows of one ledger row: the team's day, the agent's, the user's, the user's with the agent.
@@ -131,7 +147,13 @@ def ledger_writes(statements: Statements, where: ColumnElement[bool]) -> tuple[I
     `rollup_rows` sorts them, so concurrent writers take the row locks in one order). Both write only `where`
     holds (the final write's: the answer was not final already)."""
     columns = list(UsageRecord.__table__.columns)
-    row = select(*(bindparam(f"u_{c.key}", type_=c.type) for c in columns)).where(where)
+    owners: dict[str, type[Agent] | type[User]] = {"user_id": User, "agent_id": Agent}
+
+    def value(c: Any) -> Any:
+        bound = bindparam(f"u_{c.key}", type_=c.type)
+        return _existing(owners[c.key], bound) if c.key in owners else bound
+
+    row = select(*(value(c) for c in columns)).where(where)
     ledger = insert(UsageRecord).from_select([c.key for c in columns], row)
     return ledger, prebuilt_add_to_rollup(statements, GRAINS, where)
 
