@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Final
@@ -40,6 +41,10 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
     if settings.METRICS_ENABLED and workers > 1 and not os.environ.get(metrics.MULTIPROC_ENV):
         # Before the workers start (they inherit it): one directory their metric values are merged from, of this
         # server's own (by its port): another server started beside it with the same DATA_DIR would empty it.
+        # A server already on this port owns that directory: this one would fail to bind after emptying it.
+        if port_taken(host, port):
+            logger.error("%s:%d is in use by another server: not started", host, port)
+            raise SystemExit(1)
         metrics.prepare_multiprocess_dir(settings.DATA_DIR / "metrics" / str(port))
     uvicorn.run(
         FACTORY,
@@ -54,6 +59,26 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
         log_config=None,  # ours (setup_logging), in this process and in every worker through the factory
         **SERVER_OPTIONS,
     )
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether binding `host:port` fails as uvicorn's bind would (SO_REUSEADDR, as uvicorn sets it): a server
+    listens there already. An unresolvable host is left to uvicorn to report."""
+    if port == 0:
+        return False
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError:
+        return False
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return True
+    return False
 
 
 def release_uvicorn_proxy_headers() -> bool:

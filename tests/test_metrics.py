@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+from asyncio.subprocess import PIPE, STDOUT
 from pathlib import Path
 from typing import get_args
 
@@ -177,6 +178,33 @@ async def test_two_servers_sharing_a_data_dir_keep_their_own_metrics(database_ur
             for _ in range(4):  # whichever worker answers
                 assert await refusals(first) == refused
                 assert await refusals(second) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_server_started_on_a_port_in_use_leaves_the_running_servers_metrics_alone(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A second `serve --workers 2` started by mistake on the port of a running one, with the same DATA_DIR,
+    emptied that server's multiprocess directory (its own, by port) and only then failed to bind: the running
+    server's scrapes lost every count. It now stops first, saying the port is in use."""
+    env = {**server_env(database_url, tmp_path, METRICS_ENABLED="true"), "RATE_LIMIT_LOGIN": "1/minute"}
+    command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--workers", "2"]
+    async with server_process(command, env, tmp_path / "a.log") as first:
+        codes = [await attempt(first) for _ in range(8)]
+        refused = codes.count(429)
+        assert refused >= 4
+        port = first.rsplit(":", 1)[1]
+        second = await asyncio.create_subprocess_exec(
+            *command, "--port", port, cwd=ROOT, env=env, stdout=PIPE, stderr=STDOUT
+        )
+        output, _ = await asyncio.wait_for(second.communicate(), 60)
+        assert second.returncode == 1
+        assert f"127.0.0.1:{port} is in use" in output.decode()
+        for _ in range(4):  # whichever worker answers
+            async with httpx.AsyncClient(base_url=first, timeout=10) as client:
+                scraped = (await client.get("/metrics")).text
+            assert value(scraped, "relay_rate_limit_refusals_total", limit="login") == refused
 
 
 def worker_pids(directory: Path) -> set[int]:
