@@ -14,6 +14,7 @@ import functools
 import ipaddress
 import re
 import socket
+import unicodedata
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import AsyncResolver
@@ -134,6 +135,23 @@ def check_address(addr: IPAddress, *, host: str, settings: Settings) -> None:
             raise WebhookPolicyError("webhook address is not a public address")
 
 
+#: ASCII controls, space and DEL; beyond ASCII, what `_has_unseen_characters` judges by category.
+_UNSEEN_ASCII = re.compile(r"[\x00-\x20\x7f]")
+#: Controls (C1, NEL among them), format characters (zero-width, BOM, bidi) and separators (spaces, lines).
+UNSEEN_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def _has_unseen_characters(url: str) -> bool:
+    """Whitespace, controls or invisible format characters (NBSP, U+2028, zero-width space, BOM, bidi
+    overrides): yarl percent-encodes them into the path, so a URL pasted with one looks right on the admin
+    page and 404s at n8n on every message. None of them belongs in a host either."""
+    if _UNSEEN_ASCII.search(url):
+        return True
+    if url.isascii():
+        return False
+    return any(not c.isascii() and (c.isspace() or unicodedata.category(c) in UNSEEN_CATEGORIES) for c in url)
+
+
 def webhook_target(url: str, settings: Settings) -> URL:
     """The `yarl.URL` aiohttp will connect to for `url`, judged by its folded host (no DNS).
 
@@ -142,8 +160,8 @@ def webhook_target(url: str, settings: Settings) -> URL:
     """
     if len(url) > MAX_URL_LENGTH:
         raise WebhookPolicyError(f"webhook_url is longer than {MAX_URL_LENGTH} characters")
-    if any(c in url for c in "\r\n\t\x00 "):
-        raise WebhookPolicyError("webhook_url contains whitespace or control characters")
+    if _has_unseen_characters(url):
+        raise WebhookPolicyError("webhook_url contains whitespace, control or invisible characters")
     try:
         target = URL(url)
         scheme, host, port = target.scheme, target.raw_host, target.port
@@ -161,6 +179,11 @@ def webhook_target(url: str, settings: Settings) -> URL:
     if port == 0:
         raise WebhookPolicyError("webhook_url has an invalid port")
     name = host.rstrip(".").lower()
+    if ":" in name and "%" in name:
+        raise WebhookPolicyError(
+            "webhook_url has an IPv6 zone id (%...), which names a network interface of this server: "
+            "use the address alone"
+        )
     literal = parse_ip_literal(name)
     if literal is None and not HOST_NAME.fullmatch(name):
         raise WebhookPolicyError("webhook_url has an invalid host")

@@ -286,7 +286,7 @@ def test_unicode_metadata_always_refused(url: str, permissive: Settings) -> None
 
 @pytest.mark.parametrize("url", UNPARSEABLE)
 def test_url_yarl_cannot_use_is_refused(url: str, permissive: Settings) -> None:
-    with pytest.raises(WebhookPolicyError, match=r"not a valid URL|invalid host|invalid port"):
+    with pytest.raises(WebhookPolicyError, match=r"not a valid URL|invalid host|invalid port|invisible"):
         check_webhook_url(url, permissive)
 
 
@@ -375,6 +375,47 @@ async def test_update_agent_with_unicode_host_is_422_and_changes_nothing(
     )
     assert response.status_code == 422
     assert reason in response.json()["detail"][0]["msg"]
+    await session.refresh(agent)
+    assert agent.webhook_url == "https://n8n.example.com/webhook/x"
+
+
+#: Characters that cannot be seen (or read) in the admin page, which yarl percent-encodes into the request
+#: path: a URL pasted with a trailing no-break space looks right and 404s at n8n on every message. And an IPv6
+#: zone id names an interface of this server, meaningful for link-local addresses only (always refused).
+UNSEEN_OR_ZONED = [
+    ("https://n8n.example.com/webhook/x\u00a0", "whitespace"),
+    ("https://n8n.example.com/webhook/x\u2028", "whitespace"),
+    ("https://n8n.example.com/webhook/x\u3000", "whitespace"),
+    ("https://n8n.example.com/webhook/x\u200b", "invisible"),
+    ("https://n8n.example.com/webhook/x\ufeff", "invisible"),
+    ("https://n8n.example.com/web\u202ehook/x", "invisible"),
+    ("https://n8n.example.com/webhook/x\x0b", "control"),
+    ("https://n8n.example.com/webhook/x\x1b", "control"),
+    ("https://n8n.example.com/webhook/x\x7f", "control"),
+    ("https://n8n.example.com/webhook/x?q=\x85", "control"),
+    ("http://[2606:4700:4700::1111%25eth0]/webhook/x", "zone"),
+    ("http://[2606:4700:4700::1111%eth0]/webhook/x", "zone"),
+]
+
+
+@pytest.mark.parametrize(("url", "reason"), UNSEEN_OR_ZONED)
+async def test_unseen_characters_and_zone_ids_in_the_url_are_422_and_change_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, url: str, reason: str
+) -> None:
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    agent = await create_agent(session, team=team, webhook_url="https://n8n.example.com/webhook/x")
+    created = await client.post(
+        "/api/agents", json={"name": "Pasted", "webhook_url": url}, headers=auth_headers(settings, admin)
+    )
+    assert created.status_code == 422
+    assert reason in created.json()["detail"][0]["msg"]
+    updated = await client.put(
+        f"/api/agents/{agent.id}", json={"webhook_url": url}, headers=auth_headers(settings, admin)
+    )
+    assert updated.status_code == 422
+    assert reason in updated.json()["detail"][0]["msg"]
+    assert await count_rows(session, "agents") == 1
     await session.refresh(agent)
     assert agent.webhook_url == "https://n8n.example.com/webhook/x"
 
