@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.config import Settings
-from app.n8n_parser import add_usages
+from app.n8n_parser import StreamFailure, add_usages
 
 #: The path callbacks are posted to (app/logs.py redacts everything after it).
 PATH_PREFIX = "/api/callbacks/"
@@ -52,6 +52,20 @@ def verify(settings: Settings, generation_id: str, given: str) -> bool:
     if not _UUID.match(generation_id):
         return False
     return hmac.compare_digest(signature(settings, generation_id).encode(), given.encode("utf-8", "replace"))
+
+
+#: In callback mode, webhook outcomes that do not mean "the workflow did not run": a proxy (or our own request
+#: timeouts) gave up waiting, or the immediate answer has no text (it is not the reply anyway). A generation
+#: keeps waiting for callbacks after them; the connection test reports them as a started workflow.
+CUT_CODES = frozenset({"upstream_disconnected", "upstream_timeout", "empty_response", "bad_upstream_response"})
+CUT_STATUSES = frozenset({502, 504, 524})
+
+
+def outlived_in_callback_mode(exc: BaseException) -> bool:
+    """A webhook failure that callback mode outlives (CUT_CODES, or a proxy's gateway status)."""
+    if not isinstance(exc, StreamFailure):
+        return False
+    return exc.code in CUT_CODES or (exc.code == "upstream_error" and exc.upstream_status in CUT_STATUSES)
 
 
 def shortened(value: Any, limit: int) -> Any:

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from app import metrics
-from app.callbacks import CallbackInbox
+from app.callbacks import CallbackInbox, outlived_in_callback_mode
 from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
@@ -47,11 +47,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: In callback mode, webhook outcomes that do not mean "the workflow did not run": a proxy (or our own request
-#: timeouts) gave up waiting, or the immediate answer has no text (it is not the reply anyway). The
-#: generation keeps waiting for callbacks after them.
-CUT_CODES = frozenset({"upstream_disconnected", "upstream_timeout", "empty_response", "bad_upstream_response"})
-CUT_STATUSES = frozenset({502, 504, 524})
 CALLBACK_NOT_ACCEPTED = "No running generation has this callback URL"
 CALLBACK_UNRELAYED = "The callback cannot be relayed right now; try again"
 STOP_UNREACHABLE = "The instance running this answer cannot be reached right now; try again"
@@ -825,7 +820,7 @@ class GenerationRegistry:
             )
             if webhook.done() and not webhook.cancelled() and not inbox.ended.is_set():
                 exc = webhook.exception()
-                if exc is not None and not _cut(exc):
+                if exc is not None and not outlived_in_callback_mode(exc):
                     inbox.closed = True
                     raise exc
 
@@ -1048,13 +1043,6 @@ class _Checkpointer:
                 self.task.cancel()  # not in the database yet: the final write stores all of it anyway
             await asyncio.gather(self.task, return_exceptions=True)
             self.task = None  # (a task cancelled before its first step never ran its own `finally`)
-
-
-def _cut(exc: BaseException) -> bool:
-    """A webhook failure that callback mode outlives (CUT_CODES, or a proxy's gateway status)."""
-    if not isinstance(exc, StreamFailure):
-        return False
-    return exc.code in CUT_CODES or (exc.code == "upstream_error" and exc.upstream_status in CUT_STATUSES)
 
 
 async def _shielded(coro: Coroutine[Any, Any, None]) -> None:

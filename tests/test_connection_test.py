@@ -433,3 +433,62 @@ async def test_a_workflow_n8n_could_not_start_names_the_webhook_node(
         client, session, settings, raw_answer(fake.url, b'{"message":"Error in workflow"}', status=500)
     )
     assert failed["hint"] == ct.HINT_WORKFLOW_FAILED
+
+
+# --- callback mode: the webhook's answer is not the reply ---------------------------------------------
+
+#: A callback-mode workflow answers at once ("Respond: Immediately", an empty body or any JSON) and posts the
+#: reply later: a real message waits for the callbacks, so none of these answers is a failure, and the advice to
+#: stream (the answer of a stream-mode agent in one piece) would undo what callback mode is for.
+CALLBACK_STARTED = [
+    "/webhook/agent-json?scenario=json_ok",
+    "/webhook/agent-stream-off",
+    "/webhook/x?scenario=chat_stream_load",
+    "/webhook/agent-stream",
+]
+
+
+@pytest.mark.settings(PUBLIC_BASE_URL="https://chat.example.com")
+@pytest.mark.parametrize("path", CALLBACK_STARTED)
+async def test_probe_of_a_callback_agent_judges_the_webhook_as_a_callback_message_does(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n, path: str
+) -> None:
+    unsaved = await probe(client, session, settings, fake.url + path, response_mode="callback")
+    admin = await create_admin(session)
+    agent = await create_agent(
+        session, team=await session.get_one(Team, admin.team_id), webhook_url=fake.url + path, response_mode="callback"
+    )
+    response = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
+    for result in (unsaved, response.json()):
+        assert (result["ok"], result["http_status"], result["code"]) == (True, 200, None)
+        assert result["hint"] == ct.HINT_CALLBACK
+    assert len(fake.requests) == 2
+    # A refusal that means the workflow did not start is still one.
+    refused = await probe(client, session, settings, fake.url + "/webhook/does-not-exist", response_mode="callback")
+    assert (refused["ok"], refused["code"], refused["hint"]) == (False, "upstream_error", ct.HINT_INACTIVE)
+
+
+async def test_probe_of_a_callback_agent_without_public_base_url_calls_no_one(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """As a real message: a stored callback agent is not called (`agent_misconfigured`); a body is the 422 of
+    saving it."""
+    admin = await create_admin(session)
+    agent = await create_agent(
+        session,
+        team=await session.get_one(Team, admin.team_id),
+        webhook_url=fake.url + "/webhook/agent-json",
+        response_mode="callback",
+    )
+    stored = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
+    assert stored.status_code == 200
+    result = stored.json()
+    assert (result["ok"], result["code"], result["hint"]) == (False, "agent_misconfigured", ct.HINT_CALLBACK_NO_URL)
+    unsaved = await client.post(
+        "/api/agents/test",
+        json={"name": "Probe", "webhook_url": fake.url + "/webhook/agent-json", "response_mode": "callback"},
+        headers=auth_headers(settings, admin),
+    )
+    assert unsaved.status_code == 422
+    assert unsaved.json()["detail"][0]["loc"] == ["body", "response_mode"]
+    assert fake.requests == []

@@ -106,6 +106,7 @@ async def test_agent_body(
         webhook_headers=data.webhook_headers,
         system_prompt=data.system_prompt,
         config=data.config,
+        response_mode=data.response_mode,
     )
 
 

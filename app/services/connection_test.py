@@ -11,11 +11,12 @@ from typing import Any, Protocol
 
 from yarl import URL
 
+from app.callbacks import outlived_in_callback_mode
 from app.config import Settings
 from app.crypto import DecryptionError
 from app.models import Agent, User
 from app.n8n_parser import StreamFailure, clean_text, masked
-from app.services.agents import checked_url, webhook_headers_of
+from app.services.agents import checked_response_mode, checked_url, webhook_headers_of
 from app.upstream import StreamStats
 
 
@@ -103,6 +104,14 @@ HINT_BLOCKED = (
     "its host in WEBHOOK_ALLOWED_HOSTS."
 )
 HINT_MISCONFIGURED = "The stored webhook headers cannot be decrypted: save the agent's webhook headers again."
+HINT_CALLBACK = (
+    "n8n started the workflow; in callback mode the reply comes by callbacks to `metadata.callback_url`, which a "
+    "test does not carry, so send a message in a chat to see the whole answer."
+)
+HINT_CALLBACK_NO_URL = (
+    "The agent answers by callback, which needs this server's PUBLIC_BASE_URL: have the operator set it, or "
+    "switch the agent to stream mode."
+)
 
 _WRONG_METHOD = re.compile(r"not registered for \w+ requests")
 
@@ -222,8 +231,13 @@ async def run_probe(
     url: str,
     headers: dict[str, str],
     payload: dict[str, Any],
+    callback_mode: bool = False,
 ) -> ProbeResult:
-    """Send one probe under the relay's policy and parser with the test's timeouts; never raises for n8n."""
+    """Send one probe under the relay's policy and parser with the test's timeouts; never raises for n8n.
+
+    In callback mode the webhook's answer is judged as a real message judges it: only a failure that means the
+    workflow did not start counts (an immediate acknowledgement, empty or without text, is no failure, and no
+    reason to stream); a connection never accepted is one."""
     limits = probe_limits(settings)
     stats = StreamStats()
     pieces: list[str] = []
@@ -247,6 +261,10 @@ async def run_probe(
         failure = exc
     total_ms = round((time.perf_counter() - started) * 1000, 1)
     sample = masked("".join(pieces), list(headers.values()))[:SAMPLE_CHARS] or None
+    hint = hint_for(failure, stats, url=url, timeout=limits.N8N_TOTAL_TIMEOUT)
+    if callback_mode and (failure is None or _started(failure)):
+        failure = None
+        hint = HINT_TEST_URL_LISTENING if _is_test_url(url) else HINT_CALLBACK
     return ProbeResult(
         ok=failure is None,
         http_status=stats.upstream_status,
@@ -255,8 +273,13 @@ async def run_probe(
         total_ms=total_ms,
         sample=sample,
         code=None if failure is None else failure.code,
-        hint=hint_for(failure, stats, url=url, timeout=limits.N8N_TOTAL_TIMEOUT),
+        hint=hint,
     )
+
+
+def _started(failure: StreamFailure) -> bool:
+    """Callback mode: the workflow was reached and may be running (a connection never made is no start)."""
+    return outlived_in_callback_mode(failure) and failure.detail.get("timeout") != "connect"
 
 
 async def probe_unsaved_agent(
@@ -268,22 +291,39 @@ async def probe_unsaved_agent(
     webhook_headers: dict[str, str] | None,
     system_prompt: str | None,
     config: dict[str, Any],
+    response_mode: str = "stream",
 ) -> ProbeResult:
-    """Probe an agent body the admin has not saved (nothing is stored); a URL saving would refuse is a 422."""
+    """Probe an agent body the admin has not saved (nothing is stored); a URL or a response mode saving would
+    refuse is a 422."""
     checked_url(webhook_url, settings)
+    checked_response_mode(response_mode, settings)
     payload = probe_payload(user=user, agent_id=None, system_prompt=system_prompt, config=config)
     return await run_probe(
-        streamer=streamer, settings=settings, url=webhook_url, headers=webhook_headers or {}, payload=payload
+        streamer=streamer,
+        settings=settings,
+        url=webhook_url,
+        headers=webhook_headers or {},
+        payload=payload,
+        callback_mode=response_mode == "callback",
     )
 
 
 async def probe_stored_agent(*, streamer: N8nStreamer, settings: Settings, user: User, agent: Agent) -> ProbeResult:
-    """Probe a saved agent with its stored (decrypted) webhook headers."""
+    """Probe a saved agent with its stored (decrypted) webhook headers. Like a real message, a callback-mode
+    agent is not called by a server without PUBLIC_BASE_URL."""
     try:
         headers = webhook_headers_of(agent, settings)
     except DecryptionError:
         return ProbeResult(False, None, None, None, 0.0, None, "agent_misconfigured", HINT_MISCONFIGURED)
+    callback_mode = agent.response_mode == "callback"
+    if callback_mode and settings.PUBLIC_BASE_URL is None:
+        return ProbeResult(False, None, None, None, 0.0, None, "agent_misconfigured", HINT_CALLBACK_NO_URL)
     payload = probe_payload(user=user, agent_id=agent.id, system_prompt=agent.system_prompt, config=agent.config)
     return await run_probe(
-        streamer=streamer, settings=settings, url=agent.webhook_url, headers=headers, payload=payload
+        streamer=streamer,
+        settings=settings,
+        url=agent.webhook_url,
+        headers=headers,
+        payload=payload,
+        callback_mode=callback_mode,
     )
