@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     StrictInt,
+    StringConstraints,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -324,7 +325,13 @@ def check_agent_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
     return config
 
 
-AgentName = Annotated[str, Field(min_length=1, max_length=AGENT_NAME_MAX, examples=["Support bot"]), StorableText]
+#: Trimmed before the length check, as a team's name: a blank name would be an empty entry in the agent picker.
+AgentName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True),
+    Field(min_length=1, max_length=AGENT_NAME_MAX, examples=["Support bot"]),
+    StorableText,
+]
 AgentSlug = Annotated[
     str,
     Field(

@@ -117,6 +117,8 @@ async def test_create_agent_without_token_is_401(client: httpx.AsyncClient) -> N
     "body",
     [
         {"name": ""},
+        {"name": "   "},
+        {"name": "\t\n"},
         {"name": "x" * 101},
         {"description": "x" * 2001},
         {"system_prompt": "x" * 20_001},
@@ -133,6 +135,17 @@ async def test_create_agent_bad_field_is_422_and_stores_nothing(
     response = await _create(client, world, **body)
     assert response.status_code == 422
     assert await count_rows(session, "agents") == 0
+
+
+async def test_agent_name_is_stored_without_surrounding_whitespace(client: httpx.AsyncClient, world: World) -> None:
+    """A blank name (the picker's empty entry, slug `agent`) is refused like a team's; spaces around are dropped."""
+    created = await _create(client, world, name="  Support  ")
+    assert created.status_code == 201
+    assert (created.json()["name"], created.json()["slug"]) == ("Support", "support")
+    updated = await client.put(
+        f"/api/agents/{created.json()['id']}", json={"name": " Help desk\n"}, headers=world.h(world.admin)
+    )
+    assert updated.json()["name"] == "Help desk"
 
 
 async def test_create_agent_missing_required_field_is_422(client: httpx.AsyncClient, world: World) -> None:
@@ -460,6 +473,7 @@ async def test_update_agent_clears_description_with_null(client: httpx.AsyncClie
     "body",
     [
         {"name": None},
+        {"name": "  "},
         {"webhook_url": None},
         {"config": None},
         {"is_active": None},
