@@ -14,13 +14,13 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.models import UsageRecord
+from app.models import Team, UsageRecord
 from app.security import Caller
 from app.services.messages import NewGeneration, start_message
 from app.sse import event_of
 from app.state import app_state
 from tests.conftest import count_rows, make_settings
-from tests.factories import auth_headers, create_user
+from tests.factories import auth_headers, create_admin, create_user
 from tests.live import SSE, ChatSetup, EventReader, chat_with_agent, live_server, streamed_text
 from tests.test_stream_live import FAST, assistant_of, idle, settled
 from tools.fake_n8n import FakeN8n
@@ -373,3 +373,46 @@ async def test_follow_refusals_and_nothing_to_follow(
             )
             assert foreign.status_code == 204
         await idle(server)
+
+
+async def test_an_agent_edited_and_deactivated_while_it_answers_finishes_that_answer_as_it_started(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """The running answer keeps the agent as it was when it started (URL, secret headers): an admin's edit
+    or deactivation meanwhile changes the next send, which an inactive agent refuses (409), not this one.
+    Following it and stopping it work as for any answer."""
+    settings = live_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(
+            session, settings, f"{fake.url}/webhook/agent-stream?{LONG}", webhook_headers={"X-Auth": "first"}
+        )
+        admin = auth_headers(
+            settings, await create_admin(session, team=await session.get_one(Team, setup.user.team_id))
+        )
+        agent_url = f"/api/agents/{setup.agent.id}"
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            sender = send(client, setup)
+            await sender.wait_for(has_text)
+            edited = await client.put(
+                agent_url,
+                json={"webhook_url": f"{fake.url}/webhook/other", "webhook_headers": {"X-Auth": "second"}},
+                headers=admin,
+            )
+            assert edited.status_code == 200
+            assert (await client.delete(agent_url, headers=admin)).status_code == 204
+            follower = follow(client, setup)
+            await follower.wait_for(lambda r: len(r.data) > 1)
+            stopped = await client.post(f"/api/chats/{setup.chat.id}/stop", headers=setup.headers)
+            first, second = await sender.finish(), await follower.finish()
+            refused = await client.post(
+                f"/api/chats/{setup.chat.id}/messages", json={"content": "again"}, headers=setup.headers
+            )
+        await idle(server)
+    assert stopped.status_code == 200
+    for events in (first, second):
+        assert events[-1].type == "done"
+        assert events[-1].data["data"]["message"] == stopped.json()  # type: ignore[index]
+    assert (await assistant_of(app, setup.chat.id))["status"] == "cancelled"
+    assert refused.status_code == 409
+    [request] = fake.requests
+    assert (request["path"], request["headers"]["X-Auth"]) == ("/webhook/agent-stream", "first")
