@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from cryptography.fernet import Fernet
 from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -670,6 +671,31 @@ async def test_refresh_at_the_same_moment_gives_both_callers_a_session(
     rows = list((await session.execute(select(RefreshToken).execution_options(populate_existing=True))).scalars())
     assert len({row.family_id for row in rows}) == 1
     assert all(row.revoked_at is None for row in rows)
+
+
+async def test_refresh_reuse_within_grace_on_an_instance_with_another_encryption_key_is_a_plain_401(
+    web: httpx.AsyncClient, session: AsyncSession, database_url: str, tmp_path: Path
+) -> None:
+    """A key change (a rolling restart, one instance on the new ENCRYPTION_KEY): the late tab's presentation
+    reaches an instance that cannot read the successor the other wrote. It was a 500; it is a 401 that
+    revokes nothing (this is the benign race the window is for), so the first tab keeps its session."""
+    await create_user(session, email="rekeyed@example.com")
+    first = (await login(web, "rekeyed@example.com")).json()
+    tab_a = await web.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert tab_a.status_code == 200
+    other_key = make_settings(
+        database_url, tmp_path, RATE_LIMIT_ENABLED=False, ENCRYPTION_KEY=Fernet.generate_key().decode()
+    )
+    rekeyed = create_app(other_key)
+    try:
+        async with https_client(rekeyed) as other:
+            tab_b = await other.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    finally:
+        await shutdown(rekeyed)
+    assert (tab_b.status_code, tab_b.json()) == (401, INVALID)
+    rows = list((await session.execute(select(RefreshToken).execution_options(populate_existing=True))).scalars())
+    assert all(row.revoked_at is None for row in rows)
+    await _assert_working_session(web, tab_a.json())
 
 
 async def test_refresh_reuse_with_grace_disabled_revokes_the_family(

@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.crypto import decrypt_text, encrypt_text
+from app.crypto import DecryptionError, decrypt_text, encrypt_text
 from app.db import utcnow
 from app.errors import Unauthorized
 from app.fields import canonical_email
@@ -233,12 +233,15 @@ async def refresh_session(
             )
         ).first()
         if recent is not None and recent.successor_encrypted is not None:
+            try:
+                successor = decrypt_text(recent.successor_encrypted, settings.ENCRYPTION_KEY)
+            except DecryptionError:
+                # Written by an instance with another ENCRYPTION_KEY (a key change under way): it cannot be handed
+                # out, yet this is the benign race the window is for, so nothing is revoked; this tab signs in again.
+                await session.rollback()
+                raise Unauthorized(INVALID_TOKEN) from None
             return await _hand_out_successor(
-                session=session,
-                settings=settings,
-                user=user,
-                family_id=recent.family_id,
-                successor=decrypt_text(recent.successor_encrypted, settings.ENCRYPTION_KEY),
+                session=session, settings=settings, user=user, family_id=recent.family_id, successor=successor
             )
     spent_family = (
         await session.execute(
