@@ -344,12 +344,12 @@ AgentSlug = Annotated[
 #: What check_webhook_url accepts by syntax, for the schema: http(s) in any case, no user info, no control,
 #: whitespace or invisible format character anywhere (the pattern lists the common ones), a port 1-65535,
 #: and a host name of the characters a resolver is handed (letters, digits, `.`, `_`, `-`, as
-#: app.webhooks.HOST_NAME). The host must not start with a digit: numeric hosts are
+#: app.webhooks.HOST_NAME) in labels of 1-63 characters. The host must not start with a digit: numeric hosts are
 #: IP literals, and which addresses are allowed is policy, not syntax (a 422 with the reason, like metadata
 #: host names). A Unicode host name is accepted too (it is IDNA-encoded as the HTTP client will), but the
 #: schema documents its ASCII (`xn--`) form: no pattern can say which Unicode IDNA accepts.
 _URL_BANNED = r"\x00-\x20\x7f-\xa0\u00ad\u2000-\u200f\u2028-\u202f\u2060-\u2064\u3000\ufeff"
-_HOST = r"[A-Za-z_-][A-Za-z0-9._-]*"
+_HOST = r"[A-Za-z_-][A-Za-z0-9_-]{0,62}(\.[A-Za-z0-9_-]{1,63})*\.?"
 _PORT = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 WEBHOOK_URL_PATTERN = rf"^[Hh][Tt][Tt][Pp][Ss]?://{_HOST}(:{_PORT}?)?([/?#][^{_URL_BANNED}]*)?$"
 WebhookUrl = Annotated[

@@ -50,6 +50,18 @@ TRANSLATED_IPV4 = (
 HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
+#: DNS limits (RFC 1035): a name no resolver looks up is refused at save, not found unreachable at every send.
+MAX_LABEL = 63
+MAX_NAME = 253
+
+
+def _is_host_name(name: str) -> bool:
+    """A name a resolver is handed: its characters, no empty label (`n8n..example.com`), DNS lengths."""
+    if not HOST_NAME.fullmatch(name) or len(name) > MAX_NAME:
+        return False
+    return all(0 < len(label) <= MAX_LABEL for label in name.split("."))
+
+
 class WebhookPolicyError(ValueError):
     """The URL or one of its addresses is not allowed; the message is safe to show an admin."""
 
@@ -185,7 +197,7 @@ def webhook_target(url: str, settings: Settings) -> URL:
             "use the address alone"
         )
     literal = parse_ip_literal(name)
-    if literal is None and not HOST_NAME.fullmatch(name):
+    if literal is None and not _is_host_name(name):
         raise WebhookPolicyError("webhook_url has an invalid host")
     if name in BLOCKED_NAMES:
         raise WebhookPolicyError("webhook host is a cloud metadata service, which is never allowed")

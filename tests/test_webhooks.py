@@ -81,6 +81,12 @@ MALFORMED = [
     "http://n8n.example.com/webhook\r\nX-Injected: 1",
     "https://n8n.example.com/" + "a" * 2100,
     "n8n.example.com/webhook/x",
+    # Names no resolver takes (a typo's double dot, a label over 63 or a name over 253 characters): a 422 at
+    # save, not an agent whose every message ends upstream_unreachable.
+    "http://n8n..example.com/webhook/x",
+    "http://.n8n.example.com/webhook/x",
+    "http://" + "a" * 64 + ".example.com/webhook/x",
+    "http://" + ("a" * 63 + ".") * 4 + "com/webhook/x",
 ]
 
 
