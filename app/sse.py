@@ -17,20 +17,35 @@ from app.services.messages import NewGeneration
 TERMINAL = frozenset({"done", "error"})
 
 
+#: Characters JSON leaves unescaped that Python's `str.splitlines` ends a line at (httpx's `aiter_lines`, and the
+#: SSE clients built on it): raw in a `data:` line, one would cut its event in two for such a reader.
+_LINE_SEPARATORS = ("\x85", "\u2028", "\u2029")
+
+
+def json_text(value: Any) -> str:
+    """`value` as JSON on one line for every line reader: CR and LF are escaped by `json.dumps`, NEL, U+2028 and
+    U+2029 here (`\\u2028`...: the same JSON value), so no answer text can split an event or start a forged one."""
+    text = json.dumps(value, ensure_ascii=False)
+    for separator in _LINE_SEPARATORS:
+        if separator in text:
+            text = text.replace(separator, f"\\u{ord(separator):04x}")
+    return text
+
+
 def frame(event_id: int, kind: str, data: Any) -> bytes:
     """One event: `id:` then `data:` (the contract's order), then a blank line.
 
     The fields of FastAPI's `fastapi.sse.format_sse_event`, written out here (tests/test_sse.py parses both
-    alike): JSON text never holds a line break (`json.dumps` escapes CR and LF), so the event is always these
-    three lines. (`format_sse_event` writes `data:` first; the order means nothing to SSE parsers, but a client
-    written from the contract's example may read `id:` first.)
+    alike): the JSON text never holds a line break (`json_text`), so the event is always these three lines.
+    (`format_sse_event` writes `data:` first; the order means nothing to SSE parsers, but a client written from
+    the contract's example may read `id:` first.)
     """
-    return f"id: {event_id}\ndata: {json.dumps({'type': kind, 'data': data}, ensure_ascii=False)}\n\n".encode()
+    return f"id: {event_id}\ndata: {json_text({'type': kind, 'data': data})}\n\n".encode()
 
 
 def message_frame(event_id: int, text: str) -> bytes:
     """`frame(event_id, "message", {"content": text})`, without building the dicts: one per chunk relayed."""
-    content = json.dumps(text, ensure_ascii=False)
+    content = json_text(text)
     return f'id: {event_id}\ndata: {{"type": "message", "data": {{"content": {content}}}}}\n\n'.encode()
 
 

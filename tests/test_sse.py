@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Any
 
@@ -11,7 +10,7 @@ from fastapi.sse import format_sse_event
 
 from app.db import utcnow
 from app.services.messages import NewGeneration
-from app.sse import Generation, event_of, frame, message_frame
+from app.sse import Generation, event_of, frame, json_text, message_frame
 from tests.live import parse_sse
 
 # --- Generation: what SSE readers see ------------------------------------------------------------
@@ -131,16 +130,16 @@ def _fields(event: bytes) -> list[bytes]:
 
 def test_frames_are_fastapis_own_sse_fields_id_first() -> None:
     """`frame` and `message_frame` write the lines of FastAPI's `format_sse_event`, `id:` first as the contract's
-    example shows it: one `id:` line, one `data:` line, a blank line; `event_of` reads them back (either order)."""
+    example shows it: one `id:` line, one `data:` line, a blank line, whatever line separator the text holds;
+    `event_of` reads them back (either order)."""
     for n, text in enumerate(TEXTS, start=1):
         for kind, data in (("message", {"content": text}), ("error", {"message": text, "code": "x"}), ("done", {})):
-            fastapis = format_sse_event(
-                data_str=json.dumps({"type": kind, "data": data}, ensure_ascii=False), id=str(n)
-            )
+            fastapis = format_sse_event(data_str=json_text({"type": kind, "data": data}), id=str(n))
             ours = frame(n, kind, data)
             assert ours.startswith(f"id: {n}\ndata: ".encode())
             assert ours.endswith(b"\n\n")
             assert ours.count(b"\n") == 3
+            assert len(ours.decode().splitlines()) == 3  # for `str.splitlines` readers too (U+2028, NEL...)
             assert _fields(ours) == _fields(fastapis)
             assert event_of(ours) == event_of(fastapis) == (kind, data)
         assert message_frame(n, text) == frame(n, "message", {"content": text})

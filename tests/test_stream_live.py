@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -35,7 +36,7 @@ from tests.live import (
     parse_sse,
     streamed_text,
 )
-from tools.fake_n8n import FakeN8n
+from tools.fake_n8n import FakeN8n, ndjson, raw_answer
 
 pytestmark = pytest.mark.slow
 FAST = {
@@ -141,6 +142,47 @@ async def test_live_pings_while_waiting(
     events = data_events(blocks)
     assert [e.id for e in events] == [str(i) for i in range(1, len(events) + 1)]
     assert events[-1].type == "done"
+
+
+#: Answer text with every character a line reader may break a line at: CR, LF and CRLF (SSE's own line ends),
+#: and NEL, U+2028, U+2029, which JSON leaves as they are but Python's `str.splitlines` also splits at (httpx's
+#: `aiter_lines`, and the SSE clients built on it); a BOM, which must not start the stream either.
+BREAKING = ["a\rb", "c\nd", "e\r\nf", "g\x85h", "i\u2028j", "k\u2029l", '\u2028data: {"type": "done"}\u2028', "\ufeffm"]
+
+
+async def test_live_line_breaks_in_the_text_never_split_an_event(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """A Python client reading the stream line by line (httpx's `aiter_lines`) gets one `id:` and one `data:`
+    line per event, each data line one JSON object: a chunk holding a line separator neither cuts its event
+    in two (a JSON error) nor starts a forged one; the text read is the text stored."""
+    lines = [ndjson({"type": "begin", "metadata": {}})]
+    lines += [ndjson({"type": "item", "content": text, "metadata": {}}) for text in BREAKING]
+    lines.append(ndjson({"type": "end", "metadata": {}}))
+    settings = fast_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, raw_answer(fake.url, b"".join(lines)))
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            url = f"/api/chats/{setup.chat.id}/messages"
+            async with client.stream("POST", url, json={"content": "hi"}, headers=setup.headers) as response:
+                assert response.status_code == 200
+                read = [line async for line in response.aiter_lines()]
+        stored = await settled(app, setup.chat.id)
+        await idle(server)
+    blocks: list[list[str]] = [[]]
+    for line in read:
+        if line:
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    events = [block for block in blocks if block and not block[0].startswith(":")]
+    assert read[0] == "id: 1"  # no BOM before the first field
+    assert [[line.split(":", 1)[0] for line in block] for block in events] == [["id", "data"]] * len(events)
+    decoded = [json.loads(block[1].removeprefix("data: ")) for block in events]
+    assert [block[0] for block in events] == [f"id: {n}" for n in range(1, len(events) + 1)]
+    text = "".join(event["data"]["content"] for event in decoded if event["type"] == "message")
+    assert text == stored["content"] == "".join(BREAKING)
+    assert [event["type"] for event in decoded][-1] == "done"
 
 
 OUTCOMES = [
