@@ -353,6 +353,11 @@ async def test_follow_refusals_and_nothing_to_follow(
                 response = await client.get(url, headers={**setup.headers, "Last-Event-ID": bad})
                 assert response.status_code == 422
                 assert bad not in response.text
+                assert response.json()["detail"][0]["loc"] == ["header", "last-event-id"]
+                # The same in the query: the refusal names the query parameter, the field that was sent.
+                response = await client.get(url, headers=setup.headers, params={"last_event_id": bad})
+                assert response.status_code == 422
+                assert response.json()["detail"][0]["loc"] == ["query", "last_event_id"]
             # A non-ASCII digit (Arabic-Indic one) in the query form: refused too, not read as 1.
             arabic_one = await client.get(url, headers=setup.headers, params={"last_event_id": "\u0661"})
             assert arabic_one.status_code == 422

@@ -26,14 +26,17 @@ async def check_owned_chat(*, session: AsyncSession, user: Caller, chat_id: uuid
         raise NotFound(CHAT_NOT_FOUND)
 
 
-def parse_last_event_id(*values: str | None) -> int:
-    """The first given Last-Event-ID (header, then query) as an event id; 0 (from the start) when none."""
-    for value in values:
+def parse_last_event_id(header: str | None, query: str | None) -> int:
+    """The first given Last-Event-ID (header, then query) as an event id; 0 (from the start) when none.
+
+    A refusal names the field the id came in (`loc`), so a client using the query is not sent to the header.
+    """
+    for value, loc in ((header, ("header", "last-event-id")), (query, ("query", "last_event_id"))):
         if value is None or not value.strip():
             continue
         text = value.strip()
         if not text.isascii() or not text.isdigit() or len(text) > 9:
-            raise Unprocessable(BAD_LAST_EVENT_ID, loc=("header", "last-event-id"))
+            raise Unprocessable(BAD_LAST_EVENT_ID, loc=loc)
         return int(text)
     return 0
 
