@@ -61,8 +61,10 @@ def event_of(encoded: bytes) -> tuple[str, Any]:
 PING = KEEPALIVE_COMMENT
 #: Sent with the stream. The response is FastAPI's `EventSourceResponse` over these pre-encoded bytes
 #: rather than a generator of `ServerSentEvent`s, whose per-event tasks and memory streams cost five times
-#: the bare relay's CPU per chunk (docs/PERFORMANCE.md).
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: the bare relay's CPU per chunk (docs/PERFORMANCE.md). `no-transform`: a compressing proxy or dev server (Node's
+#: `compression`, as webpack-dev-server and Next.js use it) leaves the stream alone; it would otherwise gzip it and
+#: hold the events back until its buffer fills. `X-Accel-Buffering: no` does the same for nginx's buffer.
+SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
 
 @dataclass(slots=True)

@@ -72,7 +72,7 @@ async def test_send_message_streams_events_and_stores_answer(
     response = await send(client, setup)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["cache-control"] == "no-cache, no-transform"
     assert response.headers["x-accel-buffering"] == "no"
     events = data_events(parse_sse(response.text))
     assert [e.id for e in events] == [str(i) for i in range(1, len(events) + 1)]

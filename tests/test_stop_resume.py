@@ -368,6 +368,13 @@ async def test_follow_refusals_and_nothing_to_follow(
             ).status_code == 422
             assert (await client.get(url)).status_code == 401
             events = await send(client, setup).finish()
+            # A follow is the same stream for proxies: not cached, not compressed, not buffered.
+            tail = await client.get(url, headers={**setup.headers, "Last-Event-ID": "1"})
+            assert tail.status_code == 200
+            assert tail.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert tail.headers["cache-control"] == "no-cache, no-transform"
+            assert tail.headers["x-accel-buffering"] == "no"
+            assert "content-length" not in tail.headers
             # Another chat's generation id never answers under this chat.
             other = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
             assistant_id = events[0].data["data"]["assistant_message_id"]  # type: ignore[index]

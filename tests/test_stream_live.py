@@ -107,7 +107,7 @@ async def read_events(server: LiveServer, setup: ChatSetup, content: str = "hell
         url = f"/api/chats/{setup.chat.id}/messages"
         response = await client.post(url, json={"content": content}, headers=setup.headers, **kw)
         assert response.status_code == 200
-        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["cache-control"] == "no-cache, no-transform"
         assert response.headers["x-accel-buffering"] == "no"
         return response.text
 
