@@ -26,6 +26,11 @@ def json_text(value: Any) -> str:
     """`value` as JSON on one line for every line reader: CR and LF are escaped by `json.dumps`, NEL, U+2028 and
     U+2029 here (`\\u2028`...: the same JSON value), so no answer text can split an event or start a forged one."""
     text = json.dumps(value, ensure_ascii=False)
+    return text if text.isascii() else _escape_separators(text)
+
+
+def _escape_separators(text: str) -> str:
+    """(Only for non-ASCII text: `str.isascii` takes constant time, so most chunks never scan for them.)"""
     for separator in _LINE_SEPARATORS:
         if separator in text:
             text = text.replace(separator, f"\\u{ord(separator):04x}")
@@ -45,7 +50,9 @@ def frame(event_id: int, kind: str, data: Any) -> bytes:
 
 def message_frame(event_id: int, text: str) -> bytes:
     """`frame(event_id, "message", {"content": text})`, without building the dicts: one per chunk relayed."""
-    content = json_text(text)
+    content = json.dumps(text, ensure_ascii=False)  # `json_text`, inlined: this runs once per chunk
+    if not content.isascii():
+        content = _escape_separators(content)
     return f'id: {event_id}\ndata: {{"type": "message", "data": {{"content": {content}}}}}\n\n'.encode()
 
 
