@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from app.sse import TERMINAL, Generation, event_of
+from app.sse import TERMINAL, Generation, event_of, line_safe
 
 #: What a Chat Trigger answers with, streamed or not.
 CONTENT_TYPE = "application/json; charset=utf-8"
@@ -32,8 +32,9 @@ def wants_stream(accept: str | None) -> bool:
 
 
 def dumps(value: Any) -> bytes:
-    """JSON as n8n writes it (JSON.stringify): compact, UTF-8, keys in the order given."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    """JSON as n8n writes it (JSON.stringify): compact, UTF-8, keys in the order given; NEL, U+2028 and U+2029
+    escaped (JSON.stringify leaves them raw, and a Python reader's `splitlines` would cut the line there)."""
+    return line_safe(json.dumps(value, ensure_ascii=False, separators=(",", ":"))).encode()
 
 
 def _line(kind: str, data: Any, node_id: str, node_name: str) -> bytes | None:

@@ -25,12 +25,16 @@ _LINE_SEPARATORS = ("\x85", "\u2028", "\u2029")
 def json_text(value: Any) -> str:
     """`value` as JSON on one line for every line reader: CR and LF are escaped by `json.dumps`, NEL, U+2028 and
     U+2029 here (`\\u2028`...: the same JSON value), so no answer text can split an event or start a forged one."""
-    text = json.dumps(value, ensure_ascii=False)
+    return line_safe(json.dumps(value, ensure_ascii=False))
+
+
+def line_safe(text: str) -> str:
+    """JSON text with NEL, U+2028 and U+2029 escaped: for every JSON line the service writes (SSE `data:`, the
+    Chat Trigger's NDJSON, `/v1`'s chunks). `str.isascii` takes constant time, so ASCII text is never scanned."""
     return text if text.isascii() else _escape_separators(text)
 
 
 def _escape_separators(text: str) -> str:
-    """(Only for non-ASCII text: `str.isascii` takes constant time, so most chunks never scan for them.)"""
     for separator in _LINE_SEPARATORS:
         if separator in text:
             text = text.replace(separator, f"\\u{ord(separator):04x}")

@@ -23,7 +23,7 @@ from app.state import app_state
 from tests.authhelpers import login
 from tests.conftest import count_rows
 from tests.factories import auth_headers, branch_of, create_agent, create_team, create_user
-from tools.fake_n8n import FakeN8n
+from tools.fake_n8n import FakeN8n, ndjson, raw_answer
 
 RECORDINGS = Path(__file__).resolve().parent.parent / "recordings" / "n8n"
 STREAM = {"Accept": "text/plain"}  # what @n8n/chat sends with `enableStreaming: true`
@@ -203,6 +203,27 @@ async def test_load_of_an_unknown_session_is_empty_and_creates_nothing(
 
 
 # --- failures ---------------------------------------------------------------------------------------------
+
+
+async def test_line_separators_in_the_answer_never_split_an_ndjson_line(
+    client: httpx.AsyncClient, session: AsyncSession, user: User, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    """NEL, U+2028 and U+2029 in the answer were written raw (JSON.stringify leaves them so, and n8n's widget
+    splits on `\\n` only), but a Python reader's `iter_lines` (`str.splitlines`) cut the line there: a JSON error,
+    or a forged line. They are escaped: the same JSON values."""
+    texts = ["a\x85b", "c\u2028d", "e\u2029f", '\u2028{"type":"end"}\u2028']
+    body = ndjson({"type": "begin", "metadata": {}})
+    body += b"".join(ndjson({"type": "item", "content": text, "metadata": {}}) for text in texts)
+    body += ndjson({"type": "end", "metadata": {}})
+    team = await session.get(Team, user.team_id)
+    assert team is not None
+    agent = await create_agent(session, team=team, webhook_url=raw_answer(fake.url, body))
+    response = await widget(client, agent.id, send("hello"), {**headers, **STREAM})
+    assert response.status_code == 200
+    read = [json.loads(line) for line in response.text.splitlines()]
+    assert (read[0]["type"], read[-1]["type"]) == ("begin", "end")
+    assert {item["type"] for item in read[1:-1]} == {"item"}
+    assert "".join(item["content"] for item in read if item["type"] == "item") == "".join(texts)
 
 
 async def test_upstream_error_streaming_is_the_triggers_error_line(

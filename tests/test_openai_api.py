@@ -30,7 +30,7 @@ from tests.conftest import count_rows
 from tests.factories import auth_headers, create_agent, create_team, create_user
 from tests.live import LiveServer, live_server
 from tests.test_callbacks import ECHO, WORDS, served
-from tools.fake_n8n import FakeN8n
+from tools.fake_n8n import FakeN8n, ndjson, raw_answer
 
 
 @dataclass
@@ -150,6 +150,32 @@ async def test_streaming_wire_ends_with_done(setup: Setup) -> None:
     frames = _frames(response.text)
     assert frames[-1] == "[DONE]"
     assert json.loads(frames[-2])["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_line_separators_in_the_answer_never_split_a_streamed_chunk(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    """A streamed chunk's `data:` line held NEL, U+2028 and U+2029 raw: the official SDKs split on bytes, but a
+    reader on `str.splitlines` (httpx's `aiter_lines`) cut the line there. They are escaped: the same JSON."""
+    texts = ["a\x85b", "c\u2028d", "e\u2029f"]
+    body = ndjson({"type": "begin", "metadata": {}})
+    body += b"".join(ndjson({"type": "item", "content": text, "metadata": {}}) for text in texts)
+    body += ndjson({"type": "end", "metadata": {}})
+    url = raw_answer(fake.url, body)
+    await session.execute(update(Agent).where(Agent.id == setup.agent.id).values(webhook_url=url))
+    await session.commit()
+    async with httpx.AsyncClient(base_url=setup.server.url, timeout=20) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": "helper", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {setup.key}"},
+        )
+    assert response.status_code == 200
+    lines = [line for line in response.text.splitlines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "".join(texts)
 
 
 async def test_upstream_error_mid_stream_ends_with_an_error_chunk(

@@ -29,7 +29,7 @@ from app.n8n_parser import StreamFailure
 from app.routers.responses import openai_error_doc
 from app.services import completions as completions_service
 from app.services.completions import Completion
-from app.sse import PING, SSE_HEADERS
+from app.sse import PING, SSE_HEADERS, line_safe
 from app.streaming import GenerationRegistry
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -185,7 +185,7 @@ def _chunk(
     }
     if usage:
         body["usage"] = None if delta is not None else _usage(completion)
-    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + line_safe(json.dumps(body, ensure_ascii=False, separators=(",", ":"))).encode() + b"\n\n"
 
 
 @router.post(
