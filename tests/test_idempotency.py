@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import update
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.chat_schemas import MessageCreate
 from app.db import utcnow
-from app.models import Chat, IdempotencyKey
+from app.models import Chat, IdempotencyKey, Message
 from app.services import idempotency
 from app.state import app_state
 from main import create_app, shutdown
@@ -185,6 +185,59 @@ async def test_a_claim_abandoned_before_its_message_was_stored_does_not_block_th
     assert data_events(parse_sse(response.text))[-1].type == "done"
     assert len(fake.requests) == 1
     assert len(await messages_of(app, setup.chat)) == 2
+
+
+async def test_a_send_whose_key_could_not_be_recorded_stores_nothing_so_a_retry_calls_n8n_once(
+    app: FastAPI, session: AsyncSession, fake: FakeN8n
+) -> None:
+    """The key names its generation in the transaction that stores the messages: a send cannot have stored
+    (and called n8n) while its claim still looks unused. Before, the general path recorded the key in a commit
+    of its own after n8n was called; when that write failed (here a trigger refuses it; a crash does the same),
+    the claim stayed empty, the send answered an error, and the retry a minute later, finding it abandoned,
+    started a second generation: two answers, two calls to n8n, two quota counts."""
+    settings = app_state(app).settings
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+    url = f"/api/chats/{setup.chat.id}/messages"
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        first = await client.post(url, json={"content": "one"}, headers=setup.headers)
+        answer = data_events(parse_sse(first.text))[-1].data["data"]["message"]["id"]  # type: ignore[index]
+        # A regenerate takes the general path (the one-statement start takes plain sends only).
+        body, headers = {"regenerate_of": answer}, {**setup.headers, "Idempotency-Key": "unrecorded"}
+        await session.execute(
+            text(
+                "CREATE FUNCTION refuse_key_update() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN RAISE EXCEPTION 'the write failed'; END $$"
+            )
+        )
+        await session.execute(
+            text(
+                "CREATE TRIGGER refuse_key_update BEFORE UPDATE ON idempotency_keys"
+                " FOR EACH ROW EXECUTE FUNCTION refuse_key_update()"
+            )
+        )
+        await session.commit()
+        try:
+            failed = await client.post(url, json=body, headers=headers)
+        finally:
+            await session.execute(text("DROP TRIGGER refuse_key_update ON idempotency_keys"))
+            await session.execute(text("DROP FUNCTION refuse_key_update()"))
+            await session.commit()
+        assert failed.status_code >= 500
+        for _ in range(100):  # whatever the failed send started has ended
+            if not app_state(app).generations.running:
+                break
+            await asyncio.sleep(0.05)
+        # A minute later (the claim of a request that stored nothing is then free again).
+        await session.execute(update(IdempotencyKey).values(created_at=utcnow() - timedelta(minutes=2)))
+        await session.commit()
+        retry = await client.post(url, json=body, headers=headers)
+        again = await client.post(url, json=body, headers=headers)
+    assert retry.status_code == again.status_code == 200, retry.text
+    assert same_events(parse_sse(again.text)) == same_events(parse_sse(retry.text))
+    assert len(fake.requests) == 2  # the first send and one regenerate
+    roles = await session.scalars(select(Message.role).where(Message.chat_id == setup.chat.id))
+    assert sorted(roles) == ["assistant", "assistant", "user"]
 
 
 async def test_retry_after_the_chat_was_deleted_is_404(

@@ -179,21 +179,13 @@ async def _start_checked(
             regenerate_of=body.regenerate_of,
             file_ids=body.file_ids,
             worker_id=registry.worker_id,
+            idempotency_key=key,
         )
     except Exception:
         if key is not None:
             await idempotency.release(session=session, user_id=user.id, key=key)
         raise
-    generation = registry.start(new)
-    if key is not None:
-        await idempotency.record(
-            session=session,
-            user_id=user.id,
-            key=key,
-            user_message_id=new.question_id,
-            assistant_message_id=new.assistant_id,
-        )
-    return generation.sse(settings.STREAM_PING_INTERVAL)
+    return registry.start(new).sse(settings.STREAM_PING_INTERVAL)
 
 
 @router.post(

@@ -113,13 +113,14 @@ async def claim(
 async def record(
     *, session: AsyncSession, user_id: uuid.UUID, key: str, user_message_id: str, assistant_message_id: str
 ) -> None:
-    """The claimed key now names the generation its request started."""
+    """The claimed key now names the generation its request started: written in the transaction that stores
+    its messages (`start_message`), never committed alone, so a claim without ids means nothing was stored
+    and n8n was not called (what lets `claim` drop an abandoned one without starting a second generation)."""
     await session.execute(
         update(IdempotencyKey)
         .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key)
         .values(user_message_id=user_message_id, assistant_message_id=assistant_message_id)
     )
-    await session.commit()
 
 
 async def release(*, session: AsyncSession, user_id: uuid.UUID, key: str) -> None:

@@ -49,7 +49,7 @@ from app.errors import Conflict, NotFound, Unprocessable
 from app.models import IS_STREAMING, Agent, Chat, ErrorLog, Message
 from app.schemas import MessageRead
 from app.security import Caller
-from app.services import error_logs
+from app.services import error_logs, idempotency
 from app.services import files as files_service
 from app.services import usage as usage_service
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, owned_chat_params, title_from_message
@@ -361,6 +361,7 @@ async def start_message(
     edit_of: uuid.UUID | None = None,
     regenerate_of: uuid.UUID | None = None,
     file_ids: list[uuid.UUID] | None = None,
+    idempotency_key: str | None = None,
 ) -> NewGeneration:
     """Check everything a stream needs, then store [user message,] assistant placeholder in one transaction.
 
@@ -370,8 +371,9 @@ async def start_message(
     `regenerate_of` not a message of this chat, or of the wrong role), 404 (not the caller's chat), 409
     (agent inactive, a generation running anywhere in the chat). `file_ids` attach files (app.services.files:
     422 for a wrong one, or one too large for the agent's delivery); a regenerate resends the question's own.
-    Without `file_ids` nothing more than a send without files runs. Commits, so the request's connection goes
-    back to the pool before n8n is called.
+    Without `file_ids` nothing more than a send without files runs. `idempotency_key` (claimed by the caller)
+    is recorded with the new ids in the same transaction. Commits, so the request's connection goes back to
+    the pool before n8n is called.
     """
     regenerate = regenerate_of is not None
     if not regenerate:
@@ -479,6 +481,14 @@ async def start_message(
                 },
             )
         ).all()
+        if idempotency_key is not None:
+            await idempotency.record(
+                session=session,
+                user_id=user.id,
+                key=idempotency_key,
+                user_message_id=str(question_id),
+                assistant_message_id=str(assistant_id),
+            )
         await session.commit()
     except BaseException as exc:
         # Nothing of this send is stored (rolled back, or never committed): give the quota claim back. Shielded,
