@@ -12,12 +12,15 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Route, expect
 
-from app.services.connection_test import HINT_AUTH_WRONG, HINT_TEST_URL
+from app.services.connection_test import HINT_AUTH_WRONG, HINT_CALLBACK, HINT_NOT_STARTED, HINT_TEST_URL
 from tests.live import LiveServer
 from tests.web import PASSWORD, Team, Watched, create_team, log_in, send, watch
+from tools.fake_n8n import raw_answer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 SECRET = "fake-header-secret"
+#: n8n's 500 when the Webhook node refuses its own settings (its WebhookHelpers' text).
+NOT_STARTED = b'{"code":0,"message":"Workflow Webhook Error: Workflow could not be started!"}'
 
 
 @pytest.fixture
@@ -96,6 +99,57 @@ def test_create_an_agent_with_the_connection_test_hint_secret_headers_and_avatar
     page.get_by_role("button", name=re.compile("Support")).click()
     send(page, "authenticated hello")
     expect(page.locator(".msg.assistant[data-status=complete] .content")).to_have_text("Echo: authenticated hello")
+
+
+def test_the_agent_forms_refusals_name_the_field_and_keep_what_was_typed(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """Save and Test connection show the API's reason for each refused name or webhook URL under the form, which
+    keeps what was typed; Chromium's own check of the URL field (a zone id is no URL to it) must not stand in
+    with a bare 'Please enter a URL.' that names no reason. The connection test's hints show as they come."""
+    page = web_page.page
+    log_in(page, team.email)
+    page.get_by_role("link", name="Agents").click()
+    page.get_by_role("button", name="+ New agent").click()
+    name = page.get_by_label("Name", exact=True)
+    url = page.get_by_label("Webhook URL (n8n production URL)")
+    error = page.locator(".agent-form p.error")
+    good = f"{fake_n8n_url}/webhook/agent-stream"
+    cases = [
+        ("   ", good, "name: Field required"),
+        ("Bot", f"{fake_n8n_url}/webhook/agent\u200b-stream", "webhook_url: webhook_url contains whitespace, control"),
+        ("Bot", f"{good}\u202e", "webhook_url: webhook_url contains whitespace, control"),
+        ("Bot", "http://[fe80::1%25eth0]/webhook/x", "webhook_url: webhook_url has an IPv6 zone id"),
+        ("Bot", "http://[2606:4700::1%25eth0]/webhook/x", "webhook_url: webhook_url has an IPv6 zone id"),
+        ("Bot", "http://n8n..example.com/webhook/x", "webhook_url: webhook_url has an invalid host"),
+    ]
+    for typed_name, typed_url, reason in cases:
+        for button in ("Save", "Test connection"):
+            page.get_by_role("button", name="Cancel").click()  # a fresh form: no earlier message left on it
+            page.get_by_role("button", name="+ New agent").click()
+            name.fill(typed_name)
+            url.fill(typed_url)
+            page.get_by_role("button", name=button).click()
+            expect(error, f"{button} with {typed_name!r}, {typed_url!r}").to_be_visible()
+            expect(error).to_contain_text(reason)
+            expect(page.locator(".test-slot")).to_have_text("")  # no spinner left
+            expect(name).to_have_value(typed_name)
+            expect(url).to_have_value(typed_url)
+    assert [agent["name"] for agent in team.get("/api/agents?include_inactive=true")] == []
+
+    name.fill("Later")
+    for typed_url, mode, hint in [
+        (good, "callback", HINT_CALLBACK),
+        (f"{fake_n8n_url}/webhook-test/x", "stream", HINT_TEST_URL),
+        (raw_answer(fake_n8n_url, NOT_STARTED, status=500), "stream", HINT_NOT_STARTED),
+    ]:
+        url.fill(typed_url)
+        page.get_by_label("Response mode").select_option(mode)
+        page.get_by_role("button", name="Test connection").click()
+        expect(page.locator(".test-result .hint")).to_have_text(hint)
+        expect(error).to_be_hidden()
+    assert web_page.dialogs == []
+    assert web_page.errors == []
 
 
 def test_an_invitation_link_signs_a_colleague_up(

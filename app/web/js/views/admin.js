@@ -87,9 +87,12 @@ function agentForm(agent, done) {
   const result = h("div", { class: "test-slot", "aria-live": "polite" });
   const error = h("p", { class: "error", role: "alert", hidden: true });
   const submit = h("button", { type: "submit" }, "Save");
+  // novalidate: the API checks every field and its 422 says why (Test connection, a plain button, shows the
+  // same); Chromium's own URL check would block Save with a bare "Please enter a URL." for what it cannot
+  // parse (an IPv6 zone id), and the reason, naming what to change, would never show.
   const form = h(
     "form",
-    { class: "card agent-form", onsubmit: (event) => save(event) },
+    { class: "card agent-form", novalidate: true, onsubmit: (event) => save(event) },
     h("h2", {}, agent ? `Edit ${agent.name}` : "New agent"),
     field("Name", text("name", agent?.name, { required: true, maxlength: 100 })),
     field("Slug (model name; empty: made from the name)", text("slug", agent?.slug, { pattern: "[a-z0-9-]{1,64}" })),
