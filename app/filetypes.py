@@ -109,6 +109,12 @@ MISMATCH = "The file's content does not match its declared type"
 POLYGLOT = "The file holds markup or active content a browser or reader could run"
 BAD_JSON = "The file is declared as JSON but does not parse"
 NOT_ALLOWED = "This file type is not accepted here"
+#: The name's refusals say so: a browser declares the type the name says, so "declared type" named nothing the
+#: user chose. `{extension}` is one of EXTENSION_TYPES' keys, never other text from the name.
+NAME_REFUSED = "The file name's extension .{extension} is not accepted (it opens as a page or script): rename the file"
+NAME_MISMATCH = "The file name's extension .{extension} does not match the file's content: rename the file"
+#: What the refused extensions say: a page, an image with scripts, a stylesheet or a script.
+ACTIVE_NAMED_TYPES = ("text/html", "image/svg+xml", "text/xml", "text/javascript", "text/css")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,13 +182,26 @@ def _text_type(data: bytes, declared: str) -> str:
     return declared
 
 
-def named_type(filename: str) -> str | None:
-    """The type a file name's extension says (EXTENSION_TYPES), or None when it says nothing we know. Read as a
-    browser saving the download, or Windows, would: without invisible characters (U+200B, U+FEFF, U+180E...)
-    and the dots and spaces it ends with, which they drop (`page.html .` is kept, and saved as `page.html`)."""
+def _extension(filename: str) -> str:
+    """The name's extension, lower-cased ('' when there is none). Read as a browser saving the download, or
+    Windows, would: without invisible characters (U+200B, U+FEFF, U+180E...) and the dots and spaces it ends
+    with, which they drop (`page.html .` is kept, and saved as `page.html`)."""
     visible = "".join(ch for ch in filename if unicodedata.category(ch) != "Cf")
     _, dot, extension = _NAME_END.sub("", visible).rpartition(".")
-    return EXTENSION_TYPES.get(extension.lower()) if dot else None
+    return extension.lower() if dot else ""
+
+
+def _check_name(filename: str, detected: str | None) -> None:
+    """Refuse a name whose extension is an active type's or another type's than the content's (text suits any
+    text extension). Checked before the declared type, which a browser takes from this same name."""
+    extension = _extension(filename)
+    named = EXTENSION_TYPES.get(extension)
+    if named is None:
+        return
+    if named in ACTIVE_NAMED_TYPES:
+        raise UnsupportedMediaType(NAME_REFUSED.format(extension=extension))
+    if named != detected and not (detected is None and named in TEXT_TYPES):
+        raise UnsupportedMediaType(NAME_MISMATCH.format(extension=extension))
 
 
 def judge(data: bytes, declared: str | None, allowed: list[str], filename: str = "") -> Judged:
@@ -192,14 +211,10 @@ def judge(data: bytes, declared: str | None, allowed: list[str], filename: str =
     if MARKUP_RE.search(data):
         raise UnsupportedMediaType(POLYGLOT)
     detected = _signature(data)
-    named = named_type(filename)
+    _check_name(filename, detected)
     if detected is None:
         content_type = _text_type(data, claimed)
-        if named is not None and named not in TEXT_TYPES:
-            raise UnsupportedMediaType(MISMATCH)
     else:
-        if named is not None and named != detected:
-            raise UnsupportedMediaType(MISMATCH)
         if claimed not in GENERIC and claimed != detected:
             raise UnsupportedMediaType(MISMATCH)
         if detected == "application/pdf":

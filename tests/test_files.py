@@ -203,6 +203,9 @@ async def test_a_filename_naming_another_type_is_refused(
     # (Always a declared type: httpx would otherwise declare one from the name.)
     response = await upload(client, setup, data, filename=filename, content_type=declared)
     assert response.status_code == 415, response.text
+    # The reason names the extension and what to do (a browser declares the type the name says).
+    assert response.json()["detail"].startswith("The file name's extension ."), response.text
+    assert response.json()["detail"].endswith(": rename the file")
     assert await file_rows(app) == []
 
 

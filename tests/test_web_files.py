@@ -263,6 +263,44 @@ def test_refused_files_show_the_api_text_and_are_not_sent(web_page: Watched, tea
     assert team.get(f"/api/chats/{chat_id}")["messages"][0]["files"] == []
 
 
+#: A valid 1x1 PNG (the server verifies images with Pillow).
+PNG_1X1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+def test_a_refused_file_name_says_to_rename_it_and_the_draft_stays(web_page: Watched, team: Team) -> None:
+    """A file name's extension that names another type than the content, or an HTML/SVG/XML/JavaScript/CSS one
+    (also behind trailing dots and spaces or an invisible character), is refused with a reason naming the
+    extension and what to do, not "does not match its declared type": a user picking a file declared
+    nothing (the browser declares the type its name says). The typed message stays in the box."""
+    page = web_page.page
+    open_new_chat(page, team)
+    box = page.get_by_label("Message", exact=True)
+    box.fill("my draft")
+    # The types Chromium declares for such names (from the extension; none for one it does not know).
+    files = [
+        ("notes.html", "text/html", b"hello", ".html"),
+        ("logo.svg", "image/svg+xml", b"hello", ".svg"),
+        ("app.js", "text/javascript", b"hello", ".js"),
+        ("page.html .", "application/octet-stream", b"hello", ".html"),
+        ("page.htm\u200bl", "application/octet-stream", b"hello", ".html"),
+        ("report.pdf", "application/pdf", b"hello", ".pdf"),
+        ("photo.txt", "text/plain", PNG_1X1, ".txt"),
+        ("photo.jpg", "image/jpeg", PNG_1X1, ".jpg"),
+    ]
+    attach(page, *[(name, kind, data) for name, kind, data, _ in files])
+    refused = page.locator(".uploads .upload[data-state=error]")
+    expect(refused).to_have_count(len(files))
+    for index, (name, _, _, extension) in enumerate(files):
+        alert = refused.nth(index).get_by_role("alert")
+        expect(alert).to_contain_text(f"name's extension {extension} ")
+        expect(alert).to_contain_text("rename the file")
+        expect(refused.nth(index).locator(".file-name")).to_have_text(name)
+    expect(box).to_have_value("my draft")
+    assert web_page.errors == []
+
+
 def test_too_many_files_show_the_409_and_the_422_and_the_files_stay_pending(
     web_page: Watched, team: Team, fake_n8n_url: str
 ) -> None:
