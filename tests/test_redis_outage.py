@@ -49,6 +49,22 @@ def pairs(events: list[SSE]) -> list[tuple[str | None, object]]:
     return [(e.id, e.data) for e in events]
 
 
+async def until_true(value: Callable[[], Awaitable[Any]], within: float = 10) -> None:
+    """Until `value()` is truthy (polled), within `within` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            if await value():
+                return
+            await asyncio.sleep(0.02)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel a listener task and wait for it to end."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def redis_log(url: str, key: str, *, within: float = 10) -> list[bytes]:
     """The frames of a generation's Redis log once it holds its terminal event."""
     client = aioredis.from_url(url)
@@ -338,9 +354,7 @@ async def test_the_stop_channel_subscribes_again_after_its_connection_dropped_si
         await published_until_heard("after")
         assert freezing.connections >= 2  # heard on a new connection
     finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        await cancel_and_wait(listener)
         await listening.aclose()
         await publisher.aclose()
         await db.dispose()
@@ -499,11 +513,7 @@ async def test_a_writer_whose_read_after_a_failure_failed_too_reads_again_before
     try:
         eventlog.RedisEventLog(client, settings, db).attach(generation)
         generation.add_event("start", {"assistant_message_id": "restarted"})
-        async with asyncio.timeout(10):  # the first batch is in Redis
-            while True:
-                if await client.xlen(key):
-                    break
-                await asyncio.sleep(0.02)
+        await until_true(lambda: client.xlen(key))  # the first batch is in Redis
         monkeypatch.setattr(Pipeline, "execute", execute_fails_once)
         monkeypatch.setattr(eventlog, "_last_entry", read_fails_once)
         generation.add_chunks(["Hello"])
@@ -518,9 +528,9 @@ async def test_a_writer_whose_read_after_a_failure_failed_too_reads_again_before
 # --- a stop published while its owner's subscription is away ----------------------------------------------------
 
 
-async def stop_subscribers(client: aioredis.Redis) -> int:
-    """How many connections Redis has subscribed to the stop channel."""
-    answer: Any = await client.pubsub_numsub(eventlog.STOP_CHANNEL)
+async def subscribers(client: aioredis.Redis, channel: str = eventlog.STOP_CHANNEL) -> int:
+    """How many connections Redis has subscribed to `channel` (the stop channel unless named)."""
+    answer: Any = await client.pubsub_numsub(channel)
     return int(answer[0][1])
 
 
@@ -552,7 +562,7 @@ async def test_a_stop_published_while_no_one_was_subscribed_is_acted_on_once_the
         news.set()
 
     async def on_subscribed() -> None:
-        subscribed_when_read.append(await stop_subscribers(direct))
+        subscribed_when_read.append(await subscribers(direct))
         heard.extend(await owner.stops_requested(["missed", "running-on"]))
         news.set()
 
@@ -571,9 +581,7 @@ async def test_a_stop_published_while_no_one_was_subscribed_is_acted_on_once_the
             assert await asker.publish_stop("live", lasting=30)  # from now on, through the channel
             await until_heard("live")
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            await cancel_and_wait(listener)
         assert heard == ["missed", "live"]
         assert 0 < await direct.ttl(eventlog.STOP_REQUEST + "live") <= 30
     finally:
@@ -600,11 +608,11 @@ async def test_a_stop_published_before_its_owner_registered_the_generation_is_ac
     chat_id = uuid.uuid4()
     registered: set[str] = set()
     ignored: list[str] = []
-    stopped: list[str] = []
+    acted_on: list[str] = []
     news = asyncio.Event()
 
     async def on_stop(assistant_id: str) -> None:
-        (stopped if assistant_id in registered else ignored).append(assistant_id)
+        (acted_on if assistant_id in registered else ignored).append(assistant_id)
         news.set()
 
     async def until(found: list[str], assistant_id: str) -> None:
@@ -613,16 +621,9 @@ async def test_a_stop_published_before_its_owner_registered_the_generation_is_ac
                 await news.wait()
                 news.clear()
 
-    async def until_true(value: Callable[[], Awaitable[int]]) -> None:
-        async with asyncio.timeout(10):
-            while True:
-                if await value():
-                    return
-                await asyncio.sleep(0.02)
-
     listener = asyncio.create_task(owner.listen_for_stops(on_stop))
     try:
-        await until_true(lambda: stop_subscribers(client))
+        await until_true(lambda: subscribers(client))
         assert await asker.publish_stop("early", lasting=30)
         await until(ignored, "early")  # heard before the generation was registered: nothing stopped
         for assistant_id in ("early", "unasked"):
@@ -630,13 +631,11 @@ async def test_a_stop_published_before_its_owner_registered_the_generation_is_ac
             generation = Generation(new=SimpleNamespace(chat_id=chat_id, assistant_id=assistant_id))  # type: ignore[arg-type]
             owner.attach(generation)
             generation.add_event("start", {"assistant_message_id": assistant_id})
-        await until(stopped, "early")
+        await until(acted_on, "early")
         await until_true(lambda: client.xlen(eventlog.log_key(chat_id, "unasked")))  # its first write is done
-        assert stopped == ["early"]
+        assert acted_on == ["early"]
     finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        await cancel_and_wait(listener)
         await client.aclose()
         await db.dispose()
 
@@ -656,7 +655,7 @@ class OwnerAway:
 
     async def subscribers_become(self, count: int) -> None:
         async with asyncio.timeout(10):
-            while await stop_subscribers(self.watcher) != count:  # noqa: ASYNC110  # Redis, not this process, changes it
+            while await subscribers(self.watcher) != count:  # noqa: ASYNC110  # Redis, not this process, changes it
                 await asyncio.sleep(0.05)
 
     async def away(self) -> None:
@@ -672,7 +671,7 @@ class OwnerAway:
                 message = await self.heard.get_message(timeout=1.0)
                 if message is not None and message["type"] == "message":
                     break
-        assert await stop_subscribers(self.watcher) == 2  # A was not subscribed
+        assert await subscribers(self.watcher) == 2  # A was not subscribed
         return bytes(message["data"]).decode()
 
     async def back(self) -> None:
@@ -810,9 +809,7 @@ async def test_a_relayed_callback_whose_reply_is_lost_is_never_applied_twice(
         else:
             assert (claims, outcome) == ([False], None)  # a 503, and the owner does not apply it late
     finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        await cancel_and_wait(listener)
         if relayed is not None and not relayed.done():
             relayed.cancel()
         await receiving.aclose()
@@ -841,12 +838,7 @@ async def test_a_relayed_callback_given_up_on_stays_unclaimable_while_its_answer
 
     listener = asyncio.create_task(owner.listen_for_callbacks(on_callback))
     try:
-        async with asyncio.timeout(10):
-            while True:
-                answer: Any = await client.pubsub_numsub(eventlog.CALLBACK_CHANNEL)
-                if answer[0][1]:
-                    break
-                await asyncio.sleep(0.02)
+        await until_true(lambda: subscribers(client, eventlog.CALLBACK_CHANNEL))
         outcome = await receiver.relay_callback(str(uuid.uuid4()), {"type": "message", "content": "x"})
         await heard.wait()
         assert outcome is None  # answered 503
@@ -854,9 +846,7 @@ async def test_a_relayed_callback_given_up_on_stays_unclaimable_while_its_answer
         assert kept >= max(settings.N8N_TOTAL_TIMEOUT, settings.CALLBACK_TOTAL_TIMEOUT) - 5
         assert not await owner.claim_callback(replies[0])
     finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        await cancel_and_wait(listener)
         await client.aclose()
         await db.dispose()
 
