@@ -62,8 +62,11 @@ CUT_STATUSES = frozenset({502, 504, 524})
 
 
 def outlived_in_callback_mode(exc: BaseException) -> bool:
-    """A webhook failure that callback mode outlives (CUT_CODES, or a proxy's gateway status)."""
+    """A webhook failure that callback mode outlives (CUT_CODES, or a proxy's gateway status). A connection
+    never made (N8N_CONNECT_TIMEOUT) sent no request: the workflow did not run, and nothing will post."""
     if not isinstance(exc, StreamFailure):
+        return False
+    if exc.code == "upstream_timeout" and exc.detail.get("timeout") == "connect":
         return False
     return exc.code in CUT_CODES or (exc.code == "upstream_error" and exc.upstream_status in CUT_STATUSES)
 

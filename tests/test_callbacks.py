@@ -45,6 +45,7 @@ from tests.live import (
     data_events,
     free_port,
     parse_sse,
+    silent_port,
     streamed_text,
 )
 from tests.test_stop_resume import live_settings
@@ -246,6 +247,28 @@ async def test_callback_mode_fails_at_once_when_the_workflow_did_not_run_and_wai
     assert missing_s < 1.0
     assert empty == "upstream_timeout"
     assert empty_s >= 1.0
+    assert (await assistant_of(app, setup.chat.id))["status"] == "error"
+
+
+async def test_callback_mode_fails_at_once_when_n8n_could_not_be_connected_to(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path
+) -> None:
+    """A connection to n8n never made within N8N_CONNECT_TIMEOUT (TCP and TLS) sent no request: the workflow
+    did not run and will post nothing. Callback mode counted it as a cut webhook (a proxy giving up after the
+    workflow started) and waited for callbacks until the silence timeout (10 minutes by default)."""
+    overrides = {"N8N_CONNECT_TIMEOUT": 0.5, "N8N_FIRST_BYTE_TIMEOUT": 20.0, "CALLBACK_SILENCE_TIMEOUT": 30.0}
+    async with served(database_url, tmp_path, **overrides) as server, silent_port() as port:
+        async with httpx.AsyncClient(base_url=server.url, timeout=40) as client:
+            setup = await chat_with_agent(session, server.settings, f"https://127.0.0.1:{port}/webhook/x")
+            setup.agent.response_mode = "callback"
+            await session.commit()
+            started = asyncio.get_running_loop().time()
+            events = await send(client, setup).finish(within=40)
+            elapsed = asyncio.get_running_loop().time() - started
+    assert events[-1].type == "error"
+    assert events[-1].data["data"]["code"] == "upstream_timeout"  # type: ignore[index]
+    assert events[-1].data["data"]["message"] == "The agent could not be reached in time"  # type: ignore[index]
+    assert elapsed < 10
     assert (await assistant_of(app, setup.chat.id))["status"] == "error"
 
 
@@ -701,7 +724,7 @@ async def _fill_pool(client: Redis) -> None:
     the db) by a loaded machine's one event loop passed their 2 s connect deadline, and the test measured that
     instead of the relays' share."""
     pool = client.connection_pool
-    held = [await pool.get_connection() for _ in range(pool.max_connections)]
+    held = [await pool.get_connection() for _ in range(pool.max_connections)]  # type: ignore[no-untyped-call]
     for connection in held:
         await pool.release(connection)
 

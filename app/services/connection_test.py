@@ -279,7 +279,7 @@ async def run_probe(
 
 def _started(failure: StreamFailure) -> bool:
     """Callback mode: the workflow was reached and may be running (a connection never made is no start)."""
-    return outlived_in_callback_mode(failure) and failure.detail.get("timeout") != "connect"
+    return outlived_in_callback_mode(failure)
 
 
 async def probe_unsaved_agent(
