@@ -447,5 +447,11 @@ ALTER TABLE messages ADD COLUMN last_event_id INTEGER;
 
 UPDATE alembic_version SET version_num='0015' WHERE alembic_version.version_num = '0014';
 
+-- Running upgrade 0015 -> 0016
+
+CREATE INDEX ix_error_logs_created_at ON error_logs (created_at);
+
+UPDATE alembic_version SET version_num='0016' WHERE alembic_version.version_num = '0015';
+
 COMMIT;
 

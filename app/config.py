@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     STREAM_LOG_TTL: float = Field(60.0, ge=60)
     SHUTDOWN_GRACE_SECONDS: float = Field(10.0, ge=0)
     WORKER_HEARTBEAT_INTERVAL: float = Field(10.0, gt=0)
+    #: Error-log rows (GET /api/error-logs) are deleted this many days after they were written, by the
+    #: heartbeat's periodic sweep (app.services.retention); 0 keeps them for ever.
+    ERROR_LOG_RETENTION_DAYS: int = Field(90, ge=0, le=36_500)
 
     #: This service's address as n8n reaches it (e.g. `https://chat.example.com`): callback URLs are built on
     #: it. Unset: no generation gets a `metadata.callback_url`, and agents cannot use `response_mode: callback`.

@@ -29,7 +29,7 @@ from app.eventlog import (
 from app.n8n_parser import EMPTY_ANSWER, StreamFailure, clean_text
 from app.services import chats as chats_service
 from app.services import files as files_service
-from app.services import idempotency
+from app.services import idempotency, retention
 from app.services import messages as message_service
 from app.services import workers as worker_service
 from app.services.chats import CHAT_NOT_FOUND
@@ -156,6 +156,16 @@ class GenerationRegistry:
         self.recovered = True
         if recovered:
             logger.warning("marked %d message(s) of stopped workers as interrupted", recovered)
+        await self.sweep_retention()
+
+    async def sweep_retention(self) -> None:
+        """Delete rows past their retention (app.services.retention), with the periodic recovery: a bounded
+        amount per call, so a backlog never delays the heartbeat; a failure waits for the next recovery."""
+        try:
+            async with self.db.sessionmaker() as session:
+                await retention.sweep(session=session, settings=self.settings)
+        except Exception as exc:
+            logger.warning("retention sweep postponed (%s)", type(exc).__name__)
 
     async def _beat(self) -> None:
         """Heartbeat; every few beats also recover streams of workers that died since (a worker restarted

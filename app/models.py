@@ -342,8 +342,14 @@ class Invite(Base):
 
 
 class ErrorLog(Base):
+    """A failed generation's diagnostics (n8n's status and message), for the team's admins. Rows older than
+    ERROR_LOG_RETENTION_DAYS are deleted by app.services.retention (`ix_error_logs_created_at` serves it)."""
+
     __tablename__ = "error_logs"
-    __table_args__ = (Index("ix_error_logs_team_id_created_at", "team_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_error_logs_team_id_created_at", "team_id", "created_at"),
+        Index("ix_error_logs_created_at", "created_at"),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), nullable=False)

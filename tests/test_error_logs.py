@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.db import utcnow
 from app.models import ErrorLog, Team
+from app.services import retention
+from app.state import app_state
+from main import create_app, shutdown
+from tests.conftest import make_settings, run_migrations
 from tests.factories import auth_headers, create_admin, create_team, create_user
 
 
@@ -129,3 +138,118 @@ async def test_read_error_logs_offset_out_of_range_is_422(
     for offset in ("9223372036854775808", "1000001", "-1"):
         response = await client.get(f"/api/error-logs?offset={offset}", headers=auth_headers(settings, admin))
         assert response.status_code == 422, offset
+
+
+# --- retention: ERROR_LOG_RETENTION_DAYS, applied by the heartbeat's periodic sweep (app.services.retention) ---
+
+
+async def aged_rows(session: AsyncSession, team: Team, ages_in_days: list[float]) -> None:
+    """One row per age, its message naming the age ("age 91")."""
+    now = utcnow()
+    session.add_all(
+        ErrorLog(team_id=team.id, code="upstream_error", message=f"age {age:g}", created_at=now - timedelta(days=age))
+        for age in ages_in_days
+    )
+    await session.commit()
+
+
+async def messages_left(session: AsyncSession) -> list[str]:
+    rows = await session.execute(select(ErrorLog.message).order_by(ErrorLog.created_at))
+    return list(rows.scalars())
+
+
+@pytest.mark.settings(ERROR_LOG_RETENTION_DAYS=30)
+async def test_the_heartbeat_sweep_deletes_error_logs_past_their_retention(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """Rows were never deleted: a year of failed calls stayed in the table and in every admin's list. A worker's
+    start-up recovery (and every 3rd heartbeat) now deletes rows older than the retention, of every team."""
+    team, other = await create_team(session), await create_team(session)
+    admin = await create_admin(session, team=team)
+    await aged_rows(session, team, [400, 31, 29.9, 1])
+    await aged_rows(session, other, [45])
+    registry = app_state(app).generations
+    await registry.startup()
+    assert registry.recovered
+    assert await messages_left(session) == ["age 29.9", "age 1"]
+    response = await client.get("/api/error-logs", headers=auth_headers(settings, admin))
+    assert [row["message"] for row in response.json()] == ["age 1", "age 29.9"]
+    assert response.headers["X-Total-Count"] == "2"
+
+
+@pytest.mark.settings(ERROR_LOG_RETENTION_DAYS=0)
+async def test_retention_zero_keeps_error_logs_for_ever(session: AsyncSession, settings: Settings) -> None:
+    team = await create_team(session)
+    await aged_rows(session, team, [3650, 1])
+    assert await retention.sweep(session=session, settings=settings) == retention.Swept()
+    assert await messages_left(session) == ["age 3650", "age 1"]
+
+
+async def test_default_retention_is_90_days(session: AsyncSession, settings: Settings) -> None:
+    assert settings.ERROR_LOG_RETENTION_DAYS == 90
+    team = await create_team(session)
+    await aged_rows(session, team, [91, 89])
+    assert (await retention.sweep(session=session, settings=settings)).error_logs == 1
+    assert await messages_left(session) == ["age 89"]
+
+
+async def test_a_backlog_goes_oldest_first_in_bounded_sweeps(
+    session: AsyncSession, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first sweep after an upgrade may find years of rows: each sweep deletes at most SWEEP_MAX_BATCHES
+    batches (so the heartbeat that runs it is not held up), the oldest first; the next sweep goes on."""
+    monkeypatch.setattr(retention, "SWEEP_BATCH", 3)
+    monkeypatch.setattr(retention, "SWEEP_MAX_BATCHES", 2)
+    team = await create_team(session)
+    await aged_rows(session, team, [float(age) for age in range(200, 90, -10)])  # 11 rows past 90 days
+    await aged_rows(session, team, [5])
+    assert (await retention.sweep(session=session, settings=settings)).error_logs == 6
+    assert await messages_left(session) == ["age 140", "age 130", "age 120", "age 110", "age 100", "age 5"]
+    assert (await retention.sweep(session=session, settings=settings)).error_logs == 5
+    assert (await retention.sweep(session=session, settings=settings)).error_logs == 0
+    assert await messages_left(session) == ["age 5"]
+
+
+async def test_sweepers_of_several_workers_at_once_skip_each_others_rows(
+    app: FastAPI, session: AsyncSession, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker of every instance sweeps. A row another transaction holds (another sweeper's batch, a chat
+    deletion nulling its chat_id) is skipped, not waited for: the sweeps end at once, a later one takes it."""
+    monkeypatch.setattr(retention, "SWEEP_BATCH", 5)
+    team = await create_team(session)
+    await aged_rows(session, team, [float(age) for age in range(100, 140)])
+    oldest = await session.scalar(select(ErrorLog.id).where(ErrorLog.message == "age 139"))
+    sessionmaker = app_state(app).db.sessionmaker
+    async with sessionmaker() as holder:
+        await holder.execute(select(ErrorLog.id).where(ErrorLog.id == oldest).with_for_update())
+        sweepers = [sessionmaker() for _ in range(4)]
+        try:
+            async with asyncio.timeout(10):  # waiting for the held row (the first of every batch) hung here
+                swept = await asyncio.gather(*(retention.sweep(session=s, settings=settings) for s in sweepers))
+                while (await retention.sweep(session=session, settings=settings)).error_logs:
+                    pass
+        finally:
+            for s in sweepers:
+                await s.close()
+        assert await messages_left(session) == ["age 139"]
+        await holder.rollback()
+    assert 0 < sum(result.error_logs for result in swept) <= 39
+    assert (await retention.sweep(session=session, settings=settings)).error_logs == 1
+    assert await messages_left(session) == []
+
+
+async def test_error_log_retention_on_sqlite(tmp_path: Path) -> None:
+    """The embedded database runs the same batched DELETE (no row locks to skip: one writer at a time)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'retention.db'}"
+    await asyncio.to_thread(run_migrations, url)
+    lite = create_app(make_settings(url, tmp_path, ERROR_LOG_RETENTION_DAYS=7))
+    try:
+        registry = app_state(lite).generations
+        async with app_state(lite).db.sessionmaker() as s:
+            team = await create_team(s)
+            await aged_rows(s, team, [8, 6.5])
+            await registry.startup()
+            assert registry.recovered
+            assert await messages_left(s) == ["age 6.5"]
+    finally:
+        await shutdown(lite)
