@@ -453,5 +453,11 @@ CREATE INDEX ix_error_logs_created_at ON error_logs (created_at);
 
 UPDATE alembic_version SET version_num='0016' WHERE alembic_version.version_num = '0015';
 
+-- Running upgrade 0016 -> 0017
+
+CREATE INDEX ix_refresh_tokens_expires_at ON refresh_tokens (expires_at);
+
+UPDATE alembic_version SET version_num='0017' WHERE alembic_version.version_num = '0016';
+
 COMMIT;
 

@@ -287,7 +287,10 @@ class ShareFile(Base):
 
 
 class RefreshToken(Base):
-    """A refresh token, stored hashed; rotation spends it, and reuse of a spent one kills its family."""
+    """A refresh token, stored hashed; rotation spends it, and reuse of a spent one kills its family.
+
+    A row past its expiry serves nothing (the token's own `exp` is refused before any lookup): the retention
+    sweep (app.services.retention) deletes it a day later."""
 
     __tablename__ = "refresh_tokens"
 
@@ -295,7 +298,7 @@ class RefreshToken(Base):
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
     family_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False, index=True)
     token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
-    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: The pair's refresh token this one was rotated into (Fernet), handed again to a caller that presents
@@ -436,7 +439,8 @@ class UsageRollup(Base):
 
 class UsageDaily(Base):
     """Generations started per user and UTC day: the quota's counter, raised by one conditional upsert
-    (app.services.usage.claim_generation), so concurrent sends can never overshoot the quota."""
+    (app.services.usage.claim_generation), so concurrent sends can never overshoot the quota. Only today's
+    row is read (and yesterday's given back): older ones are deleted by app.services.retention."""
 
     __tablename__ = "usage_daily"
 

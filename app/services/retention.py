@@ -2,6 +2,10 @@
 
 - `error_logs`: ERROR_LOG_RETENTION_DAYS after they were written (0: kept for ever). Failed generations'
   diagnostics; the messages and the usage ledger keep what happened.
+- `refresh_tokens`: a day past their expiry. An expired token is refused by its own `exp` before any lookup,
+  so its row (and a spent one's reuse detection) serves nothing after that.
+- `usage_daily`: days before yesterday. The quota counts today only; yesterday's row may still be given back
+  by a send refused just after midnight (`usage.release_generation`).
 
 Expired idempotency keys go with `idempotency.prune` and expired revocations whenever something is revoked.
 
@@ -26,13 +30,15 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from app.config import Settings
 from app.db import utcnow
-from app.models import Base, ErrorLog
+from app.models import Base, ErrorLog, RefreshToken, UsageDaily
 
 logger = logging.getLogger(__name__)
 
 #: Rows deleted per transaction, and batches per table and sweep (a sweep runs every 3 heartbeats).
 SWEEP_BATCH = 1000
 SWEEP_MAX_BATCHES = 10
+#: How long a refresh token's row outlives its expiry: a margin for clocks that differ between instances.
+REFRESH_KEPT_AFTER_EXPIRY = timedelta(days=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +46,8 @@ class Swept:
     """Rows deleted by one sweep, per table."""
 
     error_logs: int = 0
+    refresh_tokens: int = 0
+    usage_daily: int = 0
 
 
 async def _delete_in_batches(
@@ -74,7 +82,23 @@ async def sweep(*, session: AsyncSession, settings: Settings) -> Swept:
         error_logs = await _delete_in_batches(
             session, ErrorLog, [ErrorLog.id], ErrorLog.created_at, ErrorLog.created_at < cutoff
         )
-    swept = Swept(error_logs=error_logs)
-    if error_logs:
-        logger.info("retention sweep deleted %d error-log row(s)", error_logs)
+    refresh_tokens = await _delete_in_batches(
+        session,
+        RefreshToken,
+        [RefreshToken.id],
+        RefreshToken.expires_at,
+        RefreshToken.expires_at < now - REFRESH_KEPT_AFTER_EXPIRY,
+    )
+    yesterday = now.date() - timedelta(days=1)
+    usage_daily = await _delete_in_batches(
+        session, UsageDaily, [UsageDaily.user_id, UsageDaily.day], UsageDaily.day, UsageDaily.day < yesterday
+    )
+    swept = Swept(error_logs=error_logs, refresh_tokens=refresh_tokens, usage_daily=usage_daily)
+    if error_logs or refresh_tokens or usage_daily:
+        logger.info(
+            "retention sweep deleted %d error-log row(s), %d expired refresh token(s), %d old quota counter(s)",
+            error_logs,
+            refresh_tokens,
+            usage_daily,
+        )
     return swept
