@@ -379,6 +379,32 @@ def test_share_then_another_member_reads_it_inert_and_forks_it(
     assert web_page.errors == []
 
 
+def test_a_share_link_opened_signed_out_shows_the_share_once_logged_in(web_page: Watched, team: Team) -> None:
+    """A teammate's share link is opened in a browser without a session: the login form, then the shared chat.
+    Logging in went to the chat list instead, so the link was lost and the reader had to look for the share."""
+    agent = team.get("/api/agents")[0]
+    chat = team.create_chat(agent["id"], title="Quarterly plan")
+    with team.api() as client:
+        share_id = client.post(f"/api/chats/{chat['id']}/share").json()["id"]
+    add_member(team)
+    page = web_page.page
+    page.goto(f"/#/shares/{share_id}")
+    expect(page).to_have_url(re.compile(r"#/login$"))
+    page.get_by_label("Email").fill("bob@example.com")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(re.compile(f"#/shares/{share_id}$"))
+    expect(page.locator(".shares h1")).to_have_text("Quarterly plan")
+    # Only the page asked for while signed out: after a logout, logging in again shows the chats.
+    page.get_by_role("button", name="Log out").click()
+    page.get_by_label("Email").fill("bob@example.com")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(re.compile(r"#/chats$"))
+    assert web_page.dialogs == []
+    assert web_page.errors == []
+
+
 def test_the_share_dialog_goes_with_the_page_it_was_opened_on(web_page: Watched, team: Team) -> None:
     """The dialog sits on <body>, outside the page's frame: a session that ended under it (the next request a
     401) showed the previous user's share link over the login page, and Back kept it over another page."""

@@ -10,6 +10,11 @@ const session = { user: null };
 let chats = null; // the chat list and chat pane, kept while moving between chats
 let routes = 0; // the latest route(): an earlier one still waiting (for /api/auth/me...) draws nothing
 const AUTH_PAGES = ["login", "signup", "join"];
+// The page opened without a session (a teammate's share link, a bookmarked chat): shown once signed in, instead of
+// the chat list. Only a page opened while no one was signed in: a session that ends under a page (a logout, the
+// refresh refused) does not keep it, so whoever signs in next does not land on the previous user's page.
+let afterSignIn = null;
+const currentPath = () => location.hash.replace(/^#/, "") || "/chats";
 const currentSection = () => location.hash.replace(/^#\/?/, "").split("/")[0];
 
 /** Show `path`; `replace`: in place of the current history entry (Back does not return to it). */
@@ -36,7 +41,9 @@ export async function signedIn() {
   // user's answers goes, as a logout would remove it.
   saved.clearAll();
   await loadUser();
-  navigate("/chats", { replace: true });
+  const next = afterSignIn || "/chats";
+  afterSignIn = null;
+  navigate(next, { replace: true });
 }
 
 // Only the server's 204 (or a 401: no session left) ends the session: after any other answer the cookies
@@ -63,6 +70,9 @@ function leaveChats() {
 /** The session is over: leave the chats and forget what this tab kept of them. A user already on the login,
  * sign-up or join page stays there (a 401 of a request sent before they went there is no reason to move). */
 function signedOut() {
+  // No one was signed in: the page being opened is the one to show after the login (its first request, for
+  // /api/auth/me, ends here, and the login page it moves to supersedes that route()).
+  afterSignIn = session.user === null && !AUTH_PAGES.includes(currentSection()) ? currentPath() : null;
   leaveChats();
   session.user = null;
   saved.clearAll();
@@ -111,7 +121,7 @@ async function route() {
   // session ending under it, Back), never staying over the next page or the login form.
   for (const dialog of document.querySelectorAll("dialog[open]")) dialog.close();
   const current = () => seq === routes;
-  const path = location.hash.replace(/^#/, "") || "/chats";
+  const path = currentPath();
   const [, section, ...rest] = path.split("/");
   if (AUTH_PAGES.includes(section)) {
     leaveChats();
@@ -122,6 +132,7 @@ async function route() {
   if (!session.user) await loadUser();
   if (!current()) return;
   if (!session.user) {
+    afterSignIn = path;
     navigate("/login");
     return;
   }
