@@ -193,6 +193,29 @@ async def test_unshare_deletes_the_snapshot(
     assert renewed["id"] != share_id
 
 
+async def test_no_copy_of_a_snapshot_outlives_its_revocation_in_a_cache(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """A share is another member's conversation, which its sharer may revoke at any time: the answers that carry
+    it (or its title) had no Cache-Control, so a browser's disk cache or a proxy could keep the snapshot after
+    the link answered 404. Each now says `no-store`."""
+    chat = await chat_of(session, team_world)
+    made = await share(client, team_world, chat)
+    share_id = made.json()["id"]
+    reader = team_world.h(team_world.colleague)
+    answers = [
+        made,
+        await client.get(f"/api/shares/{share_id}", headers=reader),
+        await client.get("/api/shares", headers=reader),
+    ]
+    assert [a.status_code for a in answers] == [201, 200, 200]
+    assert [a.headers.get("Cache-Control") for a in answers] == ["no-store"] * 3
+    assert "ETag" not in answers[1].headers
+    assert "Last-Modified" not in answers[1].headers
+    await client.delete(f"/api/chats/{chat.id}/share", headers=team_world.h(team_world.member))
+    assert (await client.get(f"/api/shares/{share_id}", headers=reader)).status_code == 404
+
+
 async def test_list_shares_newest_first_paged_without_messages(
     client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
 ) -> None:

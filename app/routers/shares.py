@@ -23,6 +23,9 @@ router = APIRouter(tags=["shares"])
 AUTH_ERRORS: Responses = R401
 CHAT_404: Responses = {404: error_doc(CHAT_NOT_FOUND)}
 SHARE_404: Responses = {404: error_doc(shares_service.SHARE_NOT_FOUND)}
+#: A snapshot is another member's conversation, and its sharer may revoke it at any time: no browser or proxy
+#: keeps a copy of an answer that carries one (or its title) past the revocation.
+NO_STORE = "no-store"
 
 
 @router.post(
@@ -35,7 +38,8 @@ SHARE_404: Responses = {404: error_doc(shares_service.SHARE_NOT_FOUND)}
     "is still being written: 409.",
     responses={**AUTH_ERRORS, **CHAT_404, 409: error_doc(shares_service.SHARE_WHILE_STREAMING)},
 )
-async def share_chat(chat_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> ShareRead:
+async def share_chat(chat_id: uuid.UUID, response: Response, session: SessionDep, user: CurrentUser) -> ShareRead:
+    response.headers["Cache-Control"] = NO_STORE
     return ShareRead.model_validate(await shares_service.share_chat(session=session, user=user, chat_id=chat_id))
 
 
@@ -65,6 +69,7 @@ async def list_shares(
 ) -> list[ShareSummary]:
     page = await shares_service.list_shares(session=session, user=user, limit=limit, offset=offset)
     response.headers["X-Total-Count"] = str(page.total)
+    response.headers["Cache-Control"] = NO_STORE
     return [ShareSummary.model_validate(share) for share in page.shares]
 
 
@@ -74,7 +79,8 @@ async def list_shares(
     summary="Read a share of my team",
     responses={**AUTH_ERRORS, **SHARE_404},
 )
-async def read_share(share_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> ShareRead:
+async def read_share(share_id: uuid.UUID, response: Response, session: SessionDep, user: CurrentUser) -> ShareRead:
+    response.headers["Cache-Control"] = NO_STORE
     return ShareRead.model_validate(await shares_service.get_share(session=session, user=user, share_id=share_id))
 
 
