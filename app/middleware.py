@@ -84,12 +84,14 @@ class RequestContextMiddleware:
         self.hsts = settings.COOKIE_SECURE
         self.trusted = parse_networks(settings.TRUSTED_PROXIES)
         # Built once: these are the same for every request (per CSP), and an open stream holds its copy.
-        self._api_headers = self.security_headers(csp=API_CSP)
+        # An API answer holds a team's data for whoever asked: no browser or proxy keeps a copy (past a logout,
+        # a deletion, a revoked share) unless the route set its own policy (avatars, SSE streams, files).
+        self._api_headers = [*self.security_headers(csp=API_CSP), (b"cache-control", b"no-store")]
         self._docs_headers = self.security_headers(csp=DOCS_CSP)
         self._web_headers = self.security_headers(csp=WEB_CSP)
         # Auth answers carry tokens or personal data, and their errors say whether an account exists or is
         # locked out: none is ever cached by a browser or a proxy, error answers included.
-        self._auth_headers = [*self._api_headers, (b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+        self._auth_headers = [*self._api_headers, (b"pragma", b"no-cache")]
 
     def body_limit(self, scope: Scope) -> int:
         if scope.get("method") == "POST" and AVATAR_UPLOAD_RE.match(scope.get("path", "")):

@@ -18,7 +18,7 @@ from app.logs import JsonFormatter, RequestIdFilter, redact_path, redact_query, 
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import make_settings
-from tests.factories import auth_headers, create_user
+from tests.factories import auth_headers, create_agent, create_chat, create_team, create_user
 
 
 class Secretive(BaseModel):
@@ -108,6 +108,28 @@ async def test_security_headers_on_every_response(tclient: httpx.AsyncClient) ->
         assert response.headers["referrer-policy"] == "no-referrer"
         assert response.headers["content-security-policy"].startswith("default-src 'none'")
         assert "max-age" in response.headers["strict-transport-security"]
+
+
+async def test_api_answers_are_never_stored_by_a_cache_unless_they_say_otherwise(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """An API answer holds a team's data (chats, agents, usage) for whoever asked: with no Cache-Control, a
+    browser's disk cache or a proxy could keep it past a logout or a deletion, and serve it to the next person
+    on a shared computer. Every answer outside the docs and the web client's files says no-store, errors too;
+    an answer with its own policy (an avatar's revalidation, an SSE stream's no-cache: test_messages) keeps it."""
+    team = await create_team(session)
+    user = await create_user(session, team=team)
+    agent = await create_agent(session, team=team)
+    chat = await create_chat(session, user=user, agent=agent)
+    headers = auth_headers(settings, user)
+    for path in ("/api/chats", f"/api/chats/{chat.id}", f"/api/chats/{uuid.uuid4()}", "/api/agents", "/v1/models"):
+        response = await client.get(path, headers=headers)
+        assert response.status_code in (200, 404), path
+        assert response.headers["cache-control"] == "no-store", path
+    avatar = await client.get(f"/api/agents/{agent.id}/avatar", headers=headers)
+    assert avatar.headers["cache-control"] == "no-store"  # a 404 (no avatar)
+    for path in ("/docs", "/"):
+        assert "no-store" not in (await client.get(path)).headers.get("cache-control", ""), path
 
 
 async def test_docs_page_has_a_csp_that_lets_swagger_load(tclient: httpx.AsyncClient) -> None:
