@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 from app.error_handlers import is_openai_path, openai_error_body
-from app.logs import redact_path, redact_query, request_id_var
+from app.logs import SECRET_PATH_PREFIXES, redact_path, redact_query, request_id_var
 from app.proxies import client_address, parse_networks
 
 logger = logging.getLogger("app.access")
@@ -29,7 +29,8 @@ DECIMAL = re.compile(r"[0-9]{1,19}")
 AVATAR_UPLOAD_RE = re.compile(r"^/api/agents/[^/]+/avatar/?$")
 FILE_UPLOAD_RE = re.compile(r"^/api/chats/[^/]+/files/?$")
 CALLBACK_PREFIX = "/api/callbacks/"
-#: The auth routes (app.routers.auth): every answer, errors included, gets `Cache-Control: no-store`.
+#: The auth routes (app.routers.auth), and the paths holding a secret (app.logs.SECRET_PATH_PREFIXES): every
+#: answer, errors included, gets `Cache-Control: no-store`.
 AUTH_PATH = "/api/auth"
 AUTH_PREFIX = AUTH_PATH + "/"
 IMPORT_PATH_RE = re.compile(r"^/api/chats/import/?$")
@@ -122,7 +123,8 @@ class RequestContextMiddleware:
             return self._docs_headers
         if path == "/" or path.startswith(WEB_PREFIX):
             return self._web_headers
-        if path == AUTH_PATH or path.startswith(AUTH_PREFIX):
+        if path == AUTH_PATH or path.startswith(AUTH_PREFIX) or path.startswith(SECRET_PATH_PREFIXES):
+            # A URL holding a secret (an invite token, a signed link) is kept out of every cache too.
             return self._auth_headers
         return self._api_headers
 

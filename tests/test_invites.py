@@ -484,6 +484,29 @@ async def test_preview_shows_what_the_invite_joins(
     assert too_long.json() == NOT_FOUND
 
 
+async def test_answers_to_a_url_holding_a_token_are_never_cached(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """The preview's URL holds the token: a stored answer kept it (and the bound email) in the browser's cache
+    after the web client had taken it out of the tab's history, and let a proxy show a revoked invite."""
+    _, admin = await _team_and_admin(session)
+    invite = await _invite(web, settings, admin, email="cached@example.com")
+    shown = await web.get(f"/api/invites/{invite['token']}")
+    assert shown.status_code == 200
+    unknown = await web.get("/api/invites/no-such-token")
+    assert unknown.status_code == 404
+    # Every path that carries a secret, errors included (a signed file link, a callback link).
+    for path in ("/api/files/signed/x/y/z", "/api/callbacks/x/y"):
+        answer = await web.get(path)
+        assert answer.status_code in (404, 405), path
+        assert answer.headers["cache-control"] == "no-store", path
+    for answer in (shown, unknown):
+        assert answer.headers["cache-control"] == "no-store"
+        assert answer.headers["pragma"] == "no-cache"
+    # Other API answers are left as they were.
+    assert "cache-control" not in (await web.get("/api/teams/current", headers=auth_headers(settings, admin))).headers
+
+
 @pytest.mark.usefixtures("app")  # its teardown truncates what this test's own app wrote
 async def test_preview_is_rate_limited_per_client_ip(database_url: str, tmp_path: Path) -> None:
     app = create_app(make_settings(database_url, tmp_path, RATE_LIMIT_REGISTER="2/minute"))
