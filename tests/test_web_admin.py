@@ -305,6 +305,36 @@ def test_an_admin_who_loses_the_role_leaves_the_admin_pages(web_page: Watched, t
     assert web_page.errors == []
 
 
+def test_removing_an_admin_shows_their_invitations_revoked(web_page: Watched, team: Team) -> None:
+    """Demoting or deactivating an admin revokes the invitations they made, but the page read only the users
+    again: those invitations still showed `active`, with a Revoke button, until the page was reloaded."""
+    page = web_page.page
+    with team.api() as client:
+        for email in ("eve@example.com", "mallory@example.com"):
+            added = client.post("/api/users", json={"email": email, "password": PASSWORD, "role": "admin"})
+            assert added.status_code == 201, added.text
+    with httpx.Client(base_url=team.base_url, timeout=10) as other:
+        pairs = (("eve@example.com", "from-eve@example.com"), ("mallory@example.com", "from-mal@example.com"))
+        for admin, invited in pairs:
+            token = other.post("/api/auth/login", json={"email": admin, "password": PASSWORD}).json()["access_token"]
+            made = other.post(
+                "/api/teams/current/invites", json={"email": invited}, headers={"Authorization": f"Bearer {token}"}
+            )
+            assert made.status_code == 201, made.text
+    log_in(page, team.email)
+    page.get_by_role("link", name="Users").click()
+    invitations = page.get_by_role("table", name="Invitations")
+    for invited in ("from-eve@example.com", "from-mal@example.com"):
+        expect(invitations.locator("tr", has_text=invited)).to_contain_text("active")
+    page.get_by_label("Role of eve@example.com").select_option("user")
+    expect(invitations.locator("tr", has_text="from-eve@example.com")).to_contain_text("revoked")
+    expect(invitations.locator("tr", has_text="from-eve@example.com").get_by_role("button")).to_have_count(0)
+    page.get_by_label("mallory@example.com active").uncheck()
+    expect(invitations.locator("tr", has_text="from-mal@example.com")).to_contain_text("revoked")
+    expect(page.locator(".toast.error")).to_have_count(0)
+    assert web_page.errors == []
+
+
 def test_copy_puts_the_invitation_link_on_the_clipboard_or_selects_it(web_page: Watched, team: Team) -> None:
     page = web_page.page
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])

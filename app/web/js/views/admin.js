@@ -249,7 +249,8 @@ async function usersPage(main, { user: me, navigate }) {
     } catch (err) {
       notify(errorText(err), "error");
     }
-    await loadUsers().catch((err) => notify(errorText(err), "error"));
+    // The invitations too: demoting or deactivating an admin revokes the ones they made.
+    await Promise.all([loadUsers(), loadInvites()]).catch((err) => notify(errorText(err), "error"));
   }
 
   async function loadUsers() {
