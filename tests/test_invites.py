@@ -410,6 +410,26 @@ async def test_taken_email_is_409_and_does_not_use_the_invite(
     assert (await _register(web, invite["token"], "free@example.com")).status_code == 201
 
 
+async def test_an_invite_for_a_members_email_is_refused_when_made(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """An invite bound to the email of someone already in the team (active or not) could never be used: every
+    registration with it is a 409. It was made (201) and the admin learnt nothing until the invitee wrote back."""
+    team, admin = await _team_and_admin(session)
+    await create_user(session, team=team, email="member@example.com")
+    await create_user(session, team=team, email="gone@example.com", is_active=False)
+    other_team, _ = await _team_and_admin(session)
+    await create_user(session, team=other_team, email="elsewhere@example.com")
+    for email in (" MEMBER@example.com", "gone@example.com"):
+        response = await web.post(INVITES, json={"email": email}, headers=auth_headers(settings, admin))
+        assert response.status_code == 409, email
+        assert response.json() == {"detail": "This email is already registered in this team"}
+    assert await count_rows(session, "invites") == 0
+    # Another team's member may be invited: emails are unique per team.
+    invite = await _invite(web, settings, admin, email="elsewhere@example.com")
+    assert (await _register(web, invite["token"], "elsewhere@example.com")).status_code == 201
+
+
 async def test_racing_duplicate_email_gives_the_use_back(
     web: httpx.AsyncClient, session: AsyncSession, settings: Settings
 ) -> None:

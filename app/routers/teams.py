@@ -23,6 +23,7 @@ from app.schemas import (
 )
 from app.services import invites as invites_service
 from app.services import teams as teams_service
+from app.services import users as users_service
 
 router = APIRouter(prefix="/api/teams", tags=["teams"])
 
@@ -89,7 +90,11 @@ def no_store(response: Response) -> None:
     response_model=InviteCreatedRead,
     summary="Invite people into your team; the token is shown only in this answer",
     dependencies=[Depends(no_store)],
-    responses={**R401, **R403_ADMIN},
+    responses={
+        **R401,
+        **R403_ADMIN,
+        409: error_doc("The email is already registered in this team (active or not)", users_service.EMAIL_TAKEN),
+    },
 )
 async def create_invite(body: InviteCreate, admin: AdminUser, session: SessionDep) -> InviteCreatedRead:
     """Send the token to the invitee (e.g. in a sign-up link); they register with `invite_token`."""

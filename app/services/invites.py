@@ -18,7 +18,7 @@ from app.errors import Conflict, NotFound
 from app.fields import canonical_email
 from app.models import Invite, Team, User
 from app.security import hash_password
-from app.services.users import EMAIL_TAKEN, insert_user, lock_team_as_admin
+from app.services.users import EMAIL_TAKEN, email_taken, insert_user, lock_team_as_admin
 
 #: Unknown, used up, expired, revoked and bound to another email: one answer tells a guesser nothing.
 INVITE_NOT_FOUND = "Invite not found or no longer valid"
@@ -90,8 +90,14 @@ async def create_invite(
 
     The team row is locked first, as demoting or deactivating an admin locks it (app.services.users), and
     the creator is checked again under that lock: an admin removed while this request ran cannot leave an
-    invite behind that the removal's revocation missed."""
+    invite behind that the removal's revocation missed.
+
+    An email already registered in the team (active or not) is a 409: no registration could ever use the invite.
+    """
     await lock_team_as_admin(session, team_id=team_id, admin_id=created_by, exclusive=False)
+    if email and await email_taken(session, team_id, email):
+        await session.rollback()
+        raise Conflict(EMAIL_TAKEN)
     token = new_token()
     invite = Invite(
         team_id=team_id,

@@ -66,7 +66,7 @@ async def insert_user(*, session: AsyncSession, user: User) -> User:
     return user
 
 
-async def _email_taken(session: AsyncSession, team_id: uuid.UUID, email: str) -> bool:
+async def email_taken(session: AsyncSession, team_id: uuid.UUID, email: str) -> bool:
     query = select(User.id).where(User.team_id == team_id, func.lower(User.email) == canonical_email(email))
     return (await session.execute(query)).first() is not None
 
@@ -84,7 +84,7 @@ async def create_user(
 ) -> User:
     """Insert a user; the unique index on (team_id, lower(email)) settles races as a 409. `created_by`: the
     admin creating it, checked again once bcrypt is done (`lock_team_as_admin`)."""
-    if await _email_taken(session, team_id, email):
+    if await email_taken(session, team_id, email):
         raise Conflict(EMAIL_TAKEN)
     await session.commit()  # release the connection while bcrypt runs
     password_hash = await hash_password(password, settings.BCRYPT_ROUNDS)
