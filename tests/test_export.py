@@ -57,7 +57,7 @@ async def branchy_chat(session: AsyncSession, world: TeamWorld, user: User | Non
         ("a2", "q2", "assistant", "Half an ans", "error", {"error": {"message": "The agent failed", "code": "x"}}),
         ("a2b", "q2", "assistant", "Regenerated answer", "complete", {"feedback": FEEDBACK}),
         ("q2e", "a1", "user", "Second question, edited", "complete", {}),
-        ("a2e", "q2e", "assistant", "Answer to the edit", "interrupted", {}),
+        ("a2e", "q2e", "assistant", "Answer to the edit", "interrupted", {"error": INTERRUPTED}),
     ]
     for i, (key, parent, role, content, status, extra) in enumerate(specs):
         element = {"role": role, "content": content, "status": status, "created_at": at(i), **extra}
@@ -194,9 +194,19 @@ async def test_export_streaming_message_is_written_as_interrupted(
     )
     doc = await export_json(client, team_world, chat.id)
     assert [m["status"] for m in doc["messages"]] == ["complete", "interrupted"]
-    # ... so that the export can be imported again.
+    # With an error saying why it stops there, as every interrupted answer has (it had none).
+    assert doc["messages"][1]["error"] == {
+        "message": "The answer was still being written when the chat was exported",
+        "code": "interrupted",
+    }
+    markdown = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=team_world.h(team_world.member))
+    assert "## Assistant (interrupted)" in markdown.text
+    assert "> Error: The answer was still being written when the chat was exported" in markdown.text
+    # ... so that the export can be imported again, and exported again the same.
     response = await import_body(client, team_world, json.dumps(doc))
     assert response.status_code == 201
+    again = await export_json(client, team_world, response.json()[0]["id"])
+    assert comparable(again) == comparable(doc)
 
 
 async def test_export_someone_elses_chat_is_404(
@@ -674,6 +684,50 @@ def two_messages(question: str, answer: str, **question_fields: Any) -> dict[str
         "current_message_id": a,
         "messages": messages,
     }
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "problem"),
+    [
+        ("complete", {"message": "The agent failed", "code": "x"}, "a complete or cancelled answer has no error"),
+        ("cancelled", {"message": "The agent failed", "code": "x"}, "a complete or cancelled answer has no error"),
+        ("error", None, "a failed answer must have its error"),
+    ],
+)
+async def test_import_refuses_an_answer_whose_status_and_error_disagree(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    team_world: TeamWorld,
+    status: str,
+    error: dict[str, Any] | None,
+    problem: str,
+) -> None:
+    """An answer's status says whether it failed and its error why: the service stores an error exactly on
+    `error` and `interrupted` answers. Imported, a `complete` answer with an error was shown with an error line
+    under it (and `> Error:` in its Markdown), a failed one without any reason."""
+    doc = two_messages("Q", "A")
+    doc["messages"][1].update(status=status, error=error)
+    response = await import_body(client, team_world, json.dumps(doc))
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["detail"]
+    assert detail["loc"] == ["body", 0, "messages", 1, "error"]
+    assert detail["msg"] == f"Chat 1: {problem}"
+    assert await count_rows(session, "chats") == 0
+    assert await count_rows(session, "messages") == 0
+
+
+async def test_an_interrupted_answer_without_its_error_is_imported_with_it(
+    client: httpx.AsyncClient, team_world: TeamWorld
+) -> None:
+    """Exports written before interrupted answers carried their error (a message still streaming) import as
+    the service stores an interrupted answer: with the `interrupted` error."""
+    doc = two_messages("Q", "A so far")
+    doc["messages"][1]["status"] = "interrupted"
+    response = await import_body(client, team_world, json.dumps(doc))
+    assert response.status_code == 201, response.text
+    read = await client.get(f"/api/chats/{response.json()[0]['id']}", headers=team_world.h(team_world.member))
+    answer = read.json()["messages"][1]
+    assert (answer["status"], answer["error"]) == ("interrupted", INTERRUPTED)
 
 
 @pytest.mark.settings(MESSAGE_MAX_CHARS=20)

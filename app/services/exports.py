@@ -32,17 +32,25 @@ def _feedback(feedback: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**feedback, "updated_at": format_timestamp(datetime.fromisoformat(feedback["updated_at"]))}
 
 
+#: The error of a message exported while it was still being written (exported as `interrupted`).
+EXPORTED_WHILE_STREAMING = {
+    "message": "The answer was still being written when the chat was exported",
+    "code": "interrupted",
+}
+
+
 def _message(m: Message) -> dict[str, Any]:
-    """One message as exported. A message still streaming is written as `interrupted` (its text so far), so
-    every export can be imported again."""
+    """One message as exported. A message still streaming is written as `interrupted` (its text saved so far)
+    with an error saying why, as every interrupted answer has one, so every export can be imported again."""
+    streaming = m.status == "streaming"
     return {
         "id": str(m.id),
         "parent_id": str(m.parent_id) if m.parent_id else None,
         "role": m.role,
         "content": m.content,
-        "status": "interrupted" if m.status == "streaming" else m.status,
+        "status": "interrupted" if streaming else m.status,
         "created_at": format_timestamp(m.created_at),
-        "error": m.error,
+        "error": EXPORTED_WHILE_STREAMING if streaming else m.error,
         "metadata": m.meta,
         "feedback": _feedback(m.feedback),
         "files": [

@@ -22,6 +22,7 @@ from app.errors import RateLimited, Unprocessable, UnsupportedMediaType, short_l
 from app.filetypes import clean_filename
 from app.models import Agent, Chat, User
 from app.services.chat_copies import CopiedFile, CopiedMessage, create_chat_copy
+from app.services.messages import INTERRUPTED
 from app.share_schemas import ExportedChat, ExportedFeedback, ExportedMessage
 
 logger = logging.getLogger(__name__)
@@ -149,10 +150,17 @@ def _path(parents: dict[uuid.UUID, uuid.UUID | None], leaf: uuid.UUID) -> list[u
 def _stored_as(m: ExportedMessage, limits: ImportLimits) -> tuple[str, str] | None:
     """Why no chat of this service could hold `m` (the problem and its field), or None. A user message is as a
     send stores it: complete, without error or metadata, a text the send takes (regenerating its answer sends
-    it to n8n again). An answer is no longer than n8n may send."""
+    it to n8n again). An answer is no longer than n8n may send, and has an error when, and only when, it
+    did not complete."""
     if m.role == "assistant":
         if len(m.content) > limits.answer_chars:
             return f"an answer must be at most {limits.answer_chars} characters (N8N_MAX_RESPONSE_BYTES)", "content"
+        # The service stores an error on `error` and `interrupted` answers only (an interrupted one without is
+        # given INTERRUPTED: older exports wrote a message still streaming so).
+        if m.status in ("complete", "cancelled") and m.error is not None:
+            return "a complete or cancelled answer has no error", "error"
+        if m.status == "error" and m.error is None:
+            return "a failed answer must have its error", "error"
         return None
     if m.status != "complete":
         return "a user message's status must be complete", "status"
@@ -210,7 +218,7 @@ def _plan(index: int, chat: ExportedChat, limits: ImportLimits) -> _Plan:
                 role=m.role,
                 content=m.content,
                 status=m.status,
-                error=m.error.model_dump() if m.error else None,
+                error=m.error.model_dump() if m.error else INTERRUPTED if m.status == "interrupted" else None,
                 metadata=m.metadata,
                 feedback=_feedback(m.feedback),
                 files=tuple(
