@@ -209,6 +209,19 @@ async def test_export_streaming_message_is_written_as_interrupted(
     assert comparable(again) == comparable(doc)
 
 
+async def test_exports_are_not_kept_by_caches(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """An export is the user's whole conversation: like a file download, no cache (a browser's disk cache, a
+    proxy in front of the service) keeps a copy of it."""
+    chat = await branchy_chat(session, team_world)
+    for path in (f"/api/chats/{chat.id}/export", f"/api/chats/{chat.id}/export?format=markdown", "/api/chats/export"):
+        response = await client.get(path, headers=team_world.h(team_world.member))
+        assert response.status_code == 200
+        assert response.headers["cache-control"] == "private, no-store"
+        assert response.headers["content-disposition"].startswith("attachment; ")
+
+
 async def test_export_someone_elses_chat_is_404(
     client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
 ) -> None:

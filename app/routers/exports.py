@@ -26,7 +26,8 @@ MARKDOWN = "text/markdown; charset=utf-8"
 
 
 def attachment(filename: str) -> dict[str, str]:
-    return {"Content-Disposition": f'attachment; filename="{filename}"'}
+    """A download of the user's conversations: kept by no cache, as a file download is not."""
+    return {"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "private, no-store"}
 
 
 @router.get(
