@@ -141,6 +141,14 @@ class ExportedChat(ExportPart):
     )
     messages: list[ExportedMessage] = Field(description="Every message of every branch, oldest first")
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _integer_version(cls, value: Any) -> Any:
+        """Only the JSON integer 1: lax mode took `true` and `1.0` for it, a file no export wrote."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("version must be the integer 1")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _storable(cls, data: Any) -> Any:

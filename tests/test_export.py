@@ -540,6 +540,10 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         messages[0]["files"] = [{**EXPORTED_FILE, "size": "2"}]
     elif change == "file_size_true":
         messages[0]["files"] = [{**EXPORTED_FILE, "size": True}]
+    elif change == "version_true":  # lax mode took `true` and `1.0` for version 1
+        doc["version"] = True
+    elif change == "version_float":
+        doc["version"] = 1.0
     elif change == "feedback_time_past_the_calendar":  # year 10000 in UTC: stored, every read was a 500
         messages[1]["feedback"] = {**FEEDBACK, "updated_at": "9999-12-31T23:59:59-05:00"}
     elif change == "feedback_time_before_the_calendar":
@@ -581,6 +585,8 @@ def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
         "rating_true",
         "file_size_as_text",
         "file_size_true",
+        "version_true",
+        "version_float",
     ],
 )
 async def test_import_one_bad_chat_among_many_stores_nothing(
