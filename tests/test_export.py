@@ -25,7 +25,7 @@ from app.chat_schemas import CallbackTool
 from app.db import utcnow
 from app.fields import JSON_MAX_DEPTH
 from app.models import Agent, Chat, Message, User
-from app.services import imports
+from app.services import exports, imports
 from app.services.exports import EXPORT_PAGE_CHATS
 from app.services.messages import INTERRUPTED
 from app.state import app_state
@@ -281,6 +281,31 @@ async def test_export_all_streams_json_lines_page_by_page(
     assert len(chat_selects) == 3
     # Each line is the same JSON as the single export.
     assert documents[7] == await export_json(client, team_world, made[7].id)
+
+
+async def test_export_all_pages_hold_a_bounded_number_of_messages(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    team_world: TeamWorld,
+    chat_selects: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A page is EXPORT_PAGE_CHATS chats only while they are small: 20 chats of thousands of messages were one
+    page, held whole in memory while it was sent. A page stops before EXPORT_PAGE_MESSAGES, but always holds
+    one chat (a larger one alone)."""
+    monkeypatch.setattr(exports, "EXPORT_PAGE_MESSAGES", 5)
+    sizes = [4, 4, 6, 0, 2, 2]  # pages: [4], [4], [6], [0, 2, 2]
+    for i, size in enumerate(sizes):
+        messages = [
+            {"content": f"q{i}.{j}"} if j % 2 == 0 else {"role": "assistant", "content": f"a{i}.{j}"}
+            for j in range(size)
+        ]
+        await create_chat(session, user=team_world.member, agent=team_world.agent, messages=messages, title=f"c{i}")
+    chat_selects.clear()
+    response = await client.get("/api/chats/export", headers=team_world.h(team_world.member))
+    documents = [json.loads(line) for line in response.content.splitlines()]
+    assert [(d["title"], len(d["messages"])) for d in documents] == [(f"c{i}", n) for i, n in enumerate(sizes)]
+    assert len(chat_selects) == 4
 
 
 async def test_export_all_with_no_chats_is_empty(client: httpx.AsyncClient, team_world: TeamWorld) -> None:

@@ -23,6 +23,9 @@ from app.share_schemas import EXPORT_FORMAT, EXPORT_VERSION
 
 #: Chats read per query by the JSON Lines export: its memory is one page, whatever the number of chats.
 EXPORT_PAGE_CHATS = 20
+#: ... and at most this many messages (but always one chat): 20 chats of thousands of messages each were one
+#: page, held whole (about four times their text) while it was sent.
+EXPORT_PAGE_MESSAGES = 1000
 
 
 def _feedback(feedback: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -216,21 +219,34 @@ def chat_markdown(document: dict[str, Any]) -> str:
 async def export_lines(*, db: Database, user_id: uuid.UUID, team_id: uuid.UUID) -> AsyncIterator[bytes]:
     """Every chat of the user, one JSON document per line, oldest chat first.
 
-    Chats are read EXPORT_PAGE_CHATS at a time (keyset paging on creation time and id), each page in its
-    own short session that is closed before its lines are sent: memory and connections stay constant
-    however many chats there are, and a slow reader holds no database connection.
+    Chats are read EXPORT_PAGE_CHATS at a time, fewer when they hold more than EXPORT_PAGE_MESSAGES messages
+    together (keyset paging on creation time and id), each page in its own short session that is closed
+    before its lines are sent: memory and connections stay bounded however many chats there are (by one
+    chat when a chat alone is larger), and a slow reader holds no database connection.
     """
     after: tuple[Any, uuid.UUID] | None = None
     while True:
         async with db.sessionmaker() as session:
-            ids = (
-                select(Chat.id)
+            candidates = (
+                select(Chat.id, Chat.created_at, Chat.message_count)
                 .where(Chat.user_id == user_id, Chat.team_id == team_id)
                 .order_by(Chat.created_at, Chat.id)
                 .limit(EXPORT_PAGE_CHATS)
             )
             if after is not None:
-                ids = ids.where(tuple_(Chat.created_at, Chat.id) > tuple_(*after))
+                candidates = candidates.where(tuple_(Chat.created_at, Chat.id) > tuple_(*after))
+            rows = (await session.execute(candidates)).all()
+            if not rows:
+                return
+            ids: list[uuid.UUID] = []
+            total = 0
+            for chat_id, created_at, message_count in rows:
+                total += message_count
+                if ids and total > EXPORT_PAGE_MESSAGES:
+                    break
+                ids.append(chat_id)
+                after = (created_at, chat_id)
+            # The chats and their messages in one statement (one snapshot); a chat deleted since is left out.
             query = _chats_with_messages().where(Chat.id.in_(ids))
             page: dict[uuid.UUID, tuple[Chat, str, str, list[Message]]] = {}
             for chat, slug, name, message in (await session.execute(query)).all():
@@ -241,6 +257,5 @@ async def export_lines(*, db: Database, user_id: uuid.UUID, team_id: uuid.UUID) 
         for chat, slug, name, messages in chats:
             document = chat_document(chat, slug, name, messages)
             yield json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        if len(chats) < EXPORT_PAGE_CHATS:
+        if len(rows) < EXPORT_PAGE_CHATS and len(ids) == len(rows):
             return
-        after = (chats[-1][0].created_at, chats[-1][0].id)
