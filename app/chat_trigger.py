@@ -12,11 +12,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from app.sse import TERMINAL, Generation, event_of, line_safe
+from app.sse import SSE_HEADERS, TERMINAL, Generation, event_of, line_safe
 
 #: What a Chat Trigger answers with, streamed or not.
 CONTENT_TYPE = "application/json; charset=utf-8"
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: The streamed answer's headers are the SSE streams' (app.sse.SSE_HEADERS), not n8n's bare `no-cache`: its
+#: `application/json` is what every compressing proxy gzips by default (Node's `compression`, nginx's
+#: `gzip_types`), which would hold the lines back until its buffer fills; `no-transform` leaves it alone.
+STREAM_HEADERS = SSE_HEADERS
 #: `Accept` media types that ask for the streamed answer: the widget sends `text/plain` when its
 #: `enableStreaming` option is on (and nothing particular otherwise); `application/x-ndjson` says it plainly.
 STREAM_MEDIA_TYPES = frozenset({"text/plain", "application/x-ndjson"})

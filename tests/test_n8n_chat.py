@@ -104,7 +104,11 @@ async def test_send_streaming_answers_the_chat_triggers_ndjson(
     assert response.status_code == 200, response.text
     _status, recorded_headers, recorded = recording("chat_stream_send1.txt")
     assert response.headers["content-type"] == recorded_headers["content-type"] == "application/json; charset=utf-8"
-    assert response.headers["cache-control"] == recorded_headers["cache-control"]
+    # n8n says `no-cache`; `no-transform` keeps a compressing proxy from gzip-ing this `application/json`
+    # stream and holding its lines back (as for the SSE streams), and X-Accel-Buffering keeps nginx's buffer off.
+    assert recorded_headers["cache-control"] == "no-cache"
+    assert response.headers["cache-control"] == "no-cache, no-transform"
+    assert response.headers["x-accel-buffering"] == "no"
     assert "content-length" not in response.headers  # streamed (chunked), as n8n does
     ours, theirs = lines_of(response.content), lines_of(recorded)
     assert ours[0]["type"] == "begin"
