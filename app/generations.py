@@ -886,6 +886,10 @@ class GenerationRegistry:
             generation.finish(kind, data)
         elif error is None:
             generation.finish("done", {"message": stored})
+        elif failure is not None and failure.retry_after is not None:
+            # The wait n8n asked for is the event's only (the stored error is `message` and `code`): it is
+            # relative to now, and would be stale in a message read later.
+            generation.finish("error", {**error, "retry_after": failure.retry_after})
         else:
             generation.finish("error", error)
 

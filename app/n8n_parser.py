@@ -27,13 +27,22 @@ class StreamFailure(Exception):
     """
 
     def __init__(
-        self, code: str, message: str, *, upstream_status: int | None = None, detail: dict[str, Any] | None = None
+        self,
+        code: str,
+        message: str,
+        *,
+        upstream_status: int | None = None,
+        detail: dict[str, Any] | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.upstream_status = upstream_status
         self.detail = detail or {}
+        #: Seconds n8n (or a proxy in front of it) asked to wait before trying again: its `Retry-After` on a
+        #: 429 or 503 (app.upstream.retry_after_seconds); the terminal event and `/v1` pass it on.
+        self.retry_after = retry_after
 
 
 def clean_text(text: str) -> str:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -25,6 +28,10 @@ ERROR_BODY_EXCERPT = 4096
 #: The plain-text refusals of n8n's Webhook node authentication (Basic, Header, JWT auth), kept as n8n's
 #: message: they carry no secret and tell "no credentials sent" (401) from "wrong credentials" (403).
 N8N_AUTH_REFUSALS = ("Authorization is required!", "Authorization data is wrong!")
+#: The statuses whose `Retry-After` says when to try again (RFC 9110): too many requests, unavailable.
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+#: The longest wait passed on from a `Retry-After` (a day); a longer one is shown as this.
+RETRY_AFTER_MAX = 86_400
 #: Idle pooled connections to n8n are dropped before n8n (Node's 5 s keep-alive) closes them; reusing one
 #: n8n is closing fails the POST with ServerDisconnectedError (seen under load in the benchmark).
 N8N_KEEPALIVE_SECONDS = 4.0
@@ -244,8 +251,29 @@ class _QuietWatch:
             self.handle = None
 
 
+def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> int | None:
+    """A `Retry-After` value as whole seconds to wait, 0 to RETRY_AFTER_MAX: delta-seconds (ASCII digits only)
+    or an HTTP-date (the seconds until then, rounded up; a date already past is 0). None for anything else
+    (a sign, a fraction, a list, a date that does not exist): a garbled header is no wait at all."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if text.isascii() and text.isdigit():
+        # More digits than a day has never mean less than a day; int() refuses over 4,300 of them.
+        return RETRY_AFTER_MAX if len(text) > len(str(RETRY_AFTER_MAX)) else min(int(text), RETRY_AFTER_MAX)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # `-0000`: UTC, as an HTTP-date always is
+        when = when.replace(tzinfo=UTC)
+    wait = math.ceil((when - (now or datetime.now(UTC))).total_seconds())
+    return max(0, min(wait, RETRY_AFTER_MAX))
+
+
 async def status_failure(response: aiohttp.ClientResponse, *, within: float) -> StreamFailure:
-    """A non-2xx answer: n8n's `message`/`hint` (its own text, shortened) for admins, a safe line for users.
+    """A non-2xx answer: n8n's `message`/`hint` (its own text, shortened) for admins, a safe line for users,
+    and on a 429 or 503 the wait its `Retry-After` asks for (`retry_after_seconds`).
 
     Its body is read for at most `within` seconds: a silent one leaves the status as the whole answer (an
     `upstream_error` with it, not a timeout that would hide it)."""
@@ -271,4 +299,9 @@ async def status_failure(response: aiohttp.ClientResponse, *, within: float) -> 
         message = f"The agent answered with a redirect (HTTP {status}), which is not followed"
     else:
         message = f"The agent answered with an error (HTTP {status})"
-    return StreamFailure("upstream_error", message, upstream_status=status, detail=detail)
+    retry_after = None
+    if status in RETRY_AFTER_STATUSES:
+        retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+        if retry_after is not None:
+            detail["retry_after"] = retry_after
+    return StreamFailure("upstream_error", message, upstream_status=status, detail=detail, retry_after=retry_after)

@@ -637,6 +637,49 @@ async def test_not_registered_404_hint_goes_to_error_log(
     assert "activate the workflow" in row.detail["n8n_hint"]
 
 
+async def test_a_rate_limited_agents_retry_after_is_in_the_error_event(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """n8n (or a proxy in front of it) answers 429 with Retry-After: the terminal event says how long to wait;
+    the stored error stays `message` and `code` (a wait counted from then would be stale when read later)."""
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/x?scenario=status&status=429&retry_after=30")
+    response = await send(client, setup)
+    assert response.status_code == 200
+    terminal = data_events(parse_sse(response.text))[-1]
+    assert terminal.type == "error"
+    assert terminal.data["data"] == {  # type: ignore[index]
+        "message": "The agent answered with an error (HTTP 429)",
+        "code": "upstream_error",
+        "retry_after": 30,
+    }
+    assistant = (await stored(app, setup.chat.id)).messages[1]
+    assert assistant["error"] == {"message": "The agent answered with an error (HTTP 429)", "code": "upstream_error"}
+    (row,) = await error_rows(app)
+    assert (row.code, row.upstream_status, row.detail["retry_after"]) == ("upstream_error", 429, 30)
+    # A follower of the ended answer gets the same event, under the same id.
+    followed = await client.get(
+        f"/api/chats/{setup.chat.id}/stream",
+        params={"assistant_message_id": assistant["id"]},
+        headers={**setup.headers, "Last-Event-ID": str(int(terminal.id) - 1)},  # type: ignore[arg-type]
+    )
+    assert followed.status_code == 200
+    (again,) = data_events(parse_sse(followed.text))
+    assert (again.id, again.data) == (terminal.id, terminal.data)
+
+
+@pytest.mark.parametrize("retry_after", ["soon", "-1", None])
+async def test_a_rate_limit_without_a_usable_retry_after_is_the_plain_error_event(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n, retry_after: str | None
+) -> None:
+    query = "" if retry_after is None else f"&retry_after={retry_after}"
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/x?scenario=status&status=429{query}")
+    terminal = data_events(parse_sse((await send(client, setup)).text))[-1]
+    assert terminal.data == {
+        "type": "error",
+        "data": {"message": "The agent answered with an error (HTTP 429)", "code": "upstream_error"},
+    }
+
+
 @pytest.mark.parametrize(
     ("scenario", "code", "partial"),
     [

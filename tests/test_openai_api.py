@@ -235,6 +235,65 @@ async def test_upstream_failure_without_stream_is_a_502_in_openai_shape(
     assert setup.key not in json.dumps(logged.detail)
 
 
+async def _point_agent(session: AsyncSession, setup: Setup, url: str) -> None:
+    await session.execute(update(Agent).where(Agent.id == setup.agent.id).values(webhook_url=url))
+    await session.commit()
+
+
+@pytest.mark.parametrize(("retry_after", "should_retry"), [("30", None), ("3600", "false")])
+async def test_an_agents_429_with_retry_after_is_openais_rate_limit_error(
+    session: AsyncSession, setup: Setup, fake: FakeN8n, retry_after: str, should_retry: str | None
+) -> None:
+    """n8n refused the request (its or a proxy's rate limit): the official clients may wait as told and send it
+    again, unless the wait is longer than they honour (then they would retry at once, to be refused again)."""
+    await _point_agent(session, setup, f"{fake.url}/webhook/x?scenario=status&status=429&retry_after={retry_after}")
+    with pytest.raises(openai.RateLimitError) as caught:
+        await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 429
+    assert caught.value.body == {
+        "message": "The agent answered with an error (HTTP 429)",
+        "type": "rate_limit_error",
+        "code": "upstream_error",
+    }
+    assert caught.value.response.headers["retry-after"] == retry_after
+    assert caught.value.response.headers.get("x-should-retry") == should_retry
+    logged = (await session.execute(select(ErrorLog))).scalar_one()
+    assert (logged.code, logged.upstream_status, logged.detail["retry_after"]) == (
+        "upstream_error",
+        429,
+        int(retry_after),
+    )
+
+
+async def test_an_agents_429_without_a_usable_retry_after_stays_a_502(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    await _point_agent(session, setup, f"{fake.url}/webhook/x?scenario=status&status=429&retry_after=later")
+    with pytest.raises(openai.APIStatusError) as caught:
+        await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    assert "retry-after" not in caught.value.response.headers
+    assert caught.value.response.headers["x-should-retry"] == "false"
+
+
+async def test_an_agents_retry_after_ends_a_stream_in_its_error_chunk(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    await _point_agent(session, setup, f"{fake.url}/webhook/x?scenario=status&status=429&retry_after=30")
+    stream = await setup.client.chat.completions.create(
+        model="helper", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    last = chunks[-1].choices[0]
+    assert str(last.finish_reason) == "error"
+    assert (last.model_extra or {})["error"] == {
+        "message": "The agent answered with an error (HTTP 429)",
+        "type": "server_error",
+        "code": "upstream_error",
+        "retry_after": 30,
+    }
+
+
 async def test_revoked_key_is_refused(session: AsyncSession, setup: Setup) -> None:
     assert (await setup.client.models.list()).data
     async with httpx.AsyncClient(base_url=setup.server.url) as http:

@@ -7,14 +7,18 @@ import json
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 
 from app.config import Settings
 from app.streaming import N8nStreamer, StreamFailure, StreamStats
+from app.upstream import RETRY_AFTER_MAX, retry_after_seconds
 from app.webhooks import WebhookPolicyError
 from tests.conftest import make_settings
 from tests.live import silent_port
@@ -896,3 +900,74 @@ async def test_a_pooled_connection_the_server_closed_while_idle_is_not_used_nor_
         second = await relay(patient_streamer, url)
     assert [(text, failure) for text, _stats, failure in (first, second)] == [("answer 1", None), ("answer 2", None)]
     assert served == 2
+
+
+# --- Retry-After of a refusal (n8n's or a proxy's rate limiting) -------------------------------------------
+
+RETRY_NOW = datetime(2026, 11, 24, 13, 52, 53, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("30", 30),
+        (" 7 ", 7),
+        ("0", 0),
+        ("86400", RETRY_AFTER_MAX),
+        ("86401", RETRY_AFTER_MAX),
+        ("9" * 5000, RETRY_AFTER_MAX),  # past int()'s digit limit: still just "very long"
+        ("Tue, 24 Nov 2026 13:54:53 GMT", 120),  # an HTTP-date: the seconds until then
+        ("Tue, 24 Nov 2026 13:52:53.5 GMT", None),
+        ("Tuesday, 24-Nov-26 13:53:23 GMT", 30),  # RFC 850's obsolete form, which RFC 9110 still accepts
+        ("Tue, 24 Nov 2026 13:50:00 GMT", 0),  # a date already past: retry now
+        ("Fri, 31 Dec 9999 23:59:59 GMT", RETRY_AFTER_MAX),
+        ("-5", None),
+        ("1.5", None),
+        ("+3", None),
+        ("\uff13\uff10", None),  # full-width digits are digits to str.isdigit, not to HTTP
+        ("soon", None),
+        ("", None),
+        (None, None),
+        ("Tue, 31 Feb 2026 13:54:53 GMT", None),
+        ("30, 40", None),
+    ],
+)
+def test_retry_after_is_parsed_safely(value: str | None, seconds: int | None) -> None:
+    assert retry_after_seconds(value, now=RETRY_NOW) == seconds
+
+
+@pytest.mark.parametrize(
+    ("query", "retry_after"),
+    [
+        ("status=429&retry_after=30", 30),
+        ("status=503&retry_after=5", 5),
+        ("status=429&retry_after=86401", RETRY_AFTER_MAX),
+        ("status=429&retry_after=soon", None),  # garbage: ignored, the failure is the same otherwise
+        ("status=429", None),
+        ("status=502&retry_after=30", None),  # not a "try later" status: no wait to pass on
+        ("status=429&retry_after=30&hang=3", 30),  # the header counts even when the body never comes
+    ],
+)
+async def test_a_refusals_retry_after_is_kept_with_its_failure(
+    streamer: N8nStreamer, fake: FakeN8n, query: str, retry_after: int | None
+) -> None:
+    _text, _stats, failure = await relay(streamer, f"{fake.url}/webhook/x?scenario=status&{query}")
+    assert failure is not None
+    status = int(query.split("&")[0].removeprefix("status="))
+    assert (failure.code, failure.message, failure.upstream_status) == (
+        "upstream_error",
+        f"The agent answered with an error (HTTP {status})",
+        status,
+    )
+    assert failure.retry_after == retry_after
+    assert failure.detail.get("retry_after") == retry_after
+
+
+async def test_a_retry_after_date_is_counted_from_now(streamer: N8nStreamer, fake: FakeN8n) -> None:
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=90), usegmt=True)
+    _text, _stats, failure = await relay(
+        streamer, f"{fake.url}/webhook/x?scenario=status&status=429&retry_after={quote(when)}"
+    )
+    assert failure is not None
+    assert failure.retry_after is not None
+    assert 85 <= failure.retry_after <= 91

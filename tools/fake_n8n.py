@@ -95,7 +95,8 @@ SCENARIOS = {
     "slow": "echo with `delay_ms` (default 200) between tokens",
     "paced": "`chunks` tokens (default 100) every `interval_ms` (default 10), for benchmarks",
     "status": 'answers HTTP `status` (default 500) with {"message": "Error in workflow"} (`hang`: that many '
-    "seconds after the headers)",
+    "seconds after the headers; `retry_after`: a Retry-After header with that value, as n8n's or a proxy's "
+    "rate limiting sends it)",
     "in_band_error": 'begin, `after` tokens (default 2), then {"type":"error"}',
     "nul": "items and an in-band error containing U+0000 and a lone surrogate escape",
     "header_auth": "n8n's Header Auth: 403 `Authorization data is wrong!` unless HEADER_AUTH is sent, then echo",
@@ -632,12 +633,17 @@ class FakeN8n:
 
     async def _s_status(self, request: web.Request, _text: str) -> web.StreamResponse:
         status = int(self._q(request, "status", 500))
+        retry_after = request.query.get("retry_after")
         if "hang" in request.query:  # the status line and headers at once, the body `hang` seconds later
             headers = [("Content-Type", "application/json; charset=utf-8")]
+            if retry_after is not None:
+                headers.append(("Retry-After", retry_after))
             body = [b'{"message": "Error in workflow"}']
             return await self._stream(request, status, headers, body, self._q(request, "hang", 3.0))
         response = self._json({"message": "Error in workflow"})
         response.set_status(status)
+        if retry_after is not None:
+            response.headers["Retry-After"] = retry_after
         return response
 
     async def _s_sse_openai(self, request: web.Request, text: str) -> web.StreamResponse:

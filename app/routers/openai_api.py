@@ -22,7 +22,7 @@ from app.auth import CurrentCaller
 from app.config import Settings
 from app.db import Database
 from app.deps import DatabaseDep, GenerationsDep, SettingsDep, ShortSessionDep
-from app.error_handlers import NO_RETRY, openai_error
+from app.error_handlers import CLIENT_RETRY_AFTER_MAX, NO_RETRY, openai_error
 from app.errors import Unprocessable
 from app.fields import SendableJson, StorableText
 from app.n8n_parser import StreamFailure
@@ -156,6 +156,19 @@ def _failure_status(failure: StreamFailure) -> int:
     return {"upstream_timeout": 504, "interrupted": 503}.get(failure.code, 502)
 
 
+def _failure_response(failure: StreamFailure) -> JSONResponse:
+    """A failed completion in OpenAI's shape. n8n's 429 with a usable Retry-After (its or a proxy's rate limit)
+    is OpenAI's `rate_limit_error` with that Retry-After: n8n refused the request, so the official clients may
+    wait and send it again (not past the longest wait they honour: then `x-should-retry: false`). Any other
+    failure means the workflow may have run: they must not send it again on their own (they retry a 5xx by
+    default, running the workflow, and its side effects, up to three times)."""
+    wait = failure.retry_after
+    if failure.upstream_status == 429 and wait is not None:
+        headers = {"Retry-After": str(wait), **(NO_RETRY if wait > CLIENT_RETRY_AFTER_MAX else {})}
+        return openai_error(429, failure.message, code=failure.code, headers=headers)
+    return openai_error(_failure_status(failure), failure.message, code=failure.code, headers=NO_RETRY)
+
+
 def _usage(completion: Completion) -> dict[str, int] | None:
     if completion.usage is None:
         return None
@@ -226,7 +239,8 @@ def _chunk(
             "messages: The last message must be a user message with text content",
         ),
         429: openai_error_doc(
-            "Daily quota reached, or too many failed key attempts; see Retry-After",
+            "Daily quota reached, or too many failed key attempts; or the agent's n8n (or a proxy in front of "
+            "it) answered 429 with a Retry-After (code upstream_error); see Retry-After",
             "rate_limit_error",
             "rate_limit_exceeded",
             "Daily message quota reached; it resets at midnight UTC",
@@ -277,9 +291,7 @@ async def chat_completions(
         return StreamingResponse(_stream(run, usage=usage), media_type="text/event-stream", headers=SSE_HEADERS)
     failure = await run.start()
     if failure is not None:
-        # The agent was called: the official clients must not send it again on their own (they retry a 5xx by
-        # default, running the workflow, and its side effects, up to three times).
-        return openai_error(_failure_status(failure), failure.message, code=failure.code, headers=NO_RETRY)
+        return _failure_response(failure)
     return JSONResponse(
         {
             "id": completion.id,
@@ -363,7 +375,9 @@ async def _stream(run: Run, *, usage: bool) -> AsyncIterator[bytes]:
         if failure is None:
             yield _chunk(completion, {}, "stop", usage=usage)
         else:
-            error = {"message": failure.message, "type": "server_error", "code": failure.code}
+            error: dict[str, Any] = {"message": failure.message, "type": "server_error", "code": failure.code}
+            if failure.retry_after is not None:  # n8n's Retry-After, as the chat stream's error event has it
+                error["retry_after"] = failure.retry_after
             yield _chunk(completion, {}, "error", usage=usage, error=error)
         if usage:
             yield _chunk(completion, None, None, usage=True)
