@@ -461,9 +461,23 @@ async def test_file_uploads_and_get_are_refused_clearly(
 ) -> None:
     """What the widget sends with `allowFileUploads` (multipart) or `webhookConfig.method: 'GET'`."""
     url = f"/api/agents/{agent.id}/n8n-chat"
-    form = {"action": "sendMessage", "sessionId": SESSION, "chatInput": "look"}
-    upload = await client.post(url, data=form, files={"files": ("a.txt", b"hello", "text/plain")}, headers=headers)
-    assert upload.status_code == 422
+    # As @n8n/chat sends it: `metadata` as JSON text, one `files` part per file; `Accept: text/plain` when streaming.
+    form = {"action": "sendMessage", "sessionId": SESSION, "chatInput": "look", "metadata": "{}"}
+    files = {"files": ("a.txt", b"hello", "text/plain")}
+    for accept in ({}, STREAM):
+        upload = await client.post(url, data=form, files=files, headers={**headers, **accept})
+        assert upload.status_code == 422
+        # Said by name (the widget without streaming shows this body in its answer bubble), not as a body that
+        # "should be a valid dictionary".
+        assert upload.json()["detail"] == [
+            {
+                "type": "value_error",
+                "loc": ["body", "files"],
+                "msg": "File uploads are not supported by this endpoint; turn the widget's allowFileUploads off",
+            }
+        ]
+    anonymous = await client.post(url, data=form, files=files)
+    assert anonymous.status_code == 401  # who asks is checked first, as for every other refusal
     query = await client.get(url, params=load(), headers=headers)
     assert query.status_code == 405
     assert query.headers["allow"] == "POST"

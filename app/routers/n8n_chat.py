@@ -6,12 +6,13 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Depends, Header
 from fastapi.responses import Response, StreamingResponse
 
 from app import chat_trigger
 from app.auth import CurrentCaller
 from app.deps import GenerationsDep, SettingsDep, ShortSessionDep
+from app.errors import Unprocessable
 from app.routers.responses import R401, Responses, error_doc
 from app.schemas import N8nChatError, N8nChatHistory, N8nChatOutput, N8nChatRequest
 from app.services import widget
@@ -69,6 +70,13 @@ RESPONSES: Responses = {
 }
 
 
+def _not_a_form(content_type: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
+    """The widget sends its file uploads (`allowFileUploads`) as multipart/form-data: refused by name (this runs
+    before the body's validation), where that validation would say the body "should be a valid dictionary"."""
+    if widget.is_form(content_type):
+        raise Unprocessable(widget.FILE_UPLOADS_REFUSED, loc=("body", "files"))
+
+
 @router.post(
     "/{agent_id}/n8n-chat",
     response_model=None,
@@ -83,6 +91,7 @@ async def n8n_chat(
     agent_id: uuid.UUID,
     body: N8nChatRequest,
     user: CurrentCaller,
+    _form: Annotated[None, Depends(_not_a_form)],
     session: ShortSessionDep,
     settings: SettingsDep,
     registry: GenerationsDep,

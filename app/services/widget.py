@@ -28,6 +28,13 @@ logger = logging.getLogger(__name__)
 
 #: The widget's session ids are UUIDs; a page may set its own (`sessionId` option), within this length.
 SESSION_ID_MAX = 200
+#: What a widget with `allowFileUploads` is told (the widget without streaming shows the body it gets).
+FILE_UPLOADS_REFUSED = "File uploads are not supported by this endpoint; turn the widget's allowFileUploads off"
+
+
+def is_form(content_type: str | None) -> bool:
+    """Whether a request's Content-Type is multipart/form-data: how the widget sends a message with files."""
+    return (content_type or "").split(";", 1)[0].strip().lower() == "multipart/form-data"
 
 
 @dataclass(slots=True)
