@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tools.fake_n8n import CAPTURES_DIR, FakeN8n, RecordingsMissing, load_captures
+from tools.fake_n8n import CAPTURES_DIR, FakeN8n, RecordingsMissing, load_captures, paced_text
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = load_captures()
@@ -251,6 +251,14 @@ async def test_fault_paced_counts_chunks(fake: FakeN8n, http: aiohttp.ClientSess
     async with http.post(url, json={}) as resp:
         lines = (await resp.read()).splitlines()
     assert len(lines) == 22
+
+
+async def test_fault_paced_pads_tokens_to_size(fake: FakeN8n, http: aiohttp.ClientSession) -> None:
+    url = fake.url + "/webhook/agent-stream?scenario=paced&chunks=3&interval_ms=0&size=6"
+    async with http.post(url, json={}) as resp:
+        items = [json.loads(line) for line in (await resp.read()).splitlines()][1:-1]
+    assert [item["content"] for item in items] == [" t0...", " t1...", " t2..."]
+    assert "".join(item["content"] for item in items) == paced_text(3, 6)
 
 
 async def test_unknown_scenario_is_400(fake: FakeN8n, http: aiohttp.ClientSession) -> None:

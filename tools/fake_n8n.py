@@ -24,7 +24,8 @@ Scenarios: the stem of any recording in recordings/n8n (`stream_ok`, `json_ok`, 
 replays it faithfully (status, headers, body, one HTTP chunk per line with the recorded pacing scaled by
 `speed`, gzip per line when the request accepts it, and the keep-alive linger after the last chunk); and the
 synthetic ones in `SCENARIOS` below. Query parameters tune them: `delay_ms` (per token), `chunks` and
-`interval_ms` (paced), `size` (oversized line), `after` (tokens before a fault), `hang` (seconds), `status`.
+`interval_ms` (paced), `size` (oversized line, paced tokens), `after` (tokens before a fault), `hang` (seconds),
+`status`.
 `callbacks` posts to the request's `metadata.callback_url` like an HTTP Request node; `FakeN8n.callbacks`
 records each post and the status it got.
 
@@ -93,7 +94,8 @@ SCENARIOS = {
     "malformed": "sends `after` tokens (default 2), then a line that is not JSON, then end",
     "oversized": "sends `after` tokens (default 2), then one line of `size` bytes (default 2 MiB)",
     "slow": "echo with `delay_ms` (default 200) between tokens",
-    "paced": "`chunks` tokens (default 100) every `interval_ms` (default 10), for benchmarks",
+    "paced": "`chunks` tokens (default 100) every `interval_ms` (default 10), for benchmarks; `size` pads each "
+    "token to that many characters (`paced_text` is the answer)",
     "status": 'answers HTTP `status` (default 500) with {"message": "Error in workflow"} (`hang`: that many '
     "seconds after the headers; `retry_after`: a Retry-After header with that value, as n8n's or a proxy's "
     "rate limiting sends it)",
@@ -211,6 +213,16 @@ def _meta(run: int = 0, *, timestamp: bool = True) -> dict[str, Any]:
 
 def ndjson(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def paced_tokens(count: int, size: int = 0) -> list[str]:
+    """The `paced` scenario's tokens: ` t0`, ` t1`..., each padded with dots to `size` characters."""
+    return [f" t{i}".ljust(size, ".") for i in range(count)]
+
+
+def paced_text(count: int, size: int = 0) -> str:
+    """The whole answer of `scenario=paced&chunks=count&size=size`."""
+    return "".join(paced_tokens(count, size))
 
 
 def echo_tokens(text: str) -> list[str]:
@@ -487,8 +499,9 @@ class FakeN8n:
     async def _s_paced(self, request: web.Request, _text: str) -> web.StreamResponse:
         count = int(self._q(request, "chunks", 100))
         delay = self._q(request, "interval_ms", 10) / 1000
+        size = int(self._q(request, "size", 0))
         lines = [ndjson({"type": "begin", "metadata": _meta()})]
-        lines += [ndjson({"type": "item", "content": f" t{i}", "metadata": _meta()}) for i in range(count)]
+        lines += [ndjson({"type": "item", "content": t, "metadata": _meta()}) for t in paced_tokens(count, size)]
         lines.append(ndjson({"type": "end", "metadata": _meta()}))
         return await self._stream(request, 200, self._n8n_headers(), lines, delay)
 
