@@ -44,7 +44,7 @@ from app.routers import (
 )
 from app.routers import files as files_router
 from app.routers.responses import complete_openapi
-from app.serve import release_uvicorn_proxy_headers
+from app.serve import limit_uvicorn_write_stalls, release_uvicorn_proxy_headers
 from app.services.health import migration_head
 from app.services.imports import ImportGate
 from app.services.revocation import make_revocation_store
@@ -118,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     setup_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     release_uvicorn_proxy_headers()  # when uvicorn calls us as a factory: TRUSTED_PROXIES alone decides
+    limit_uvicorn_write_stalls(settings)  # ... and a client that stops reading is cut off (app.write_stall)
     app = FastAPI(
         title="n8n Chat Relay",
         version="1.0.0",

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     STREAM_CHECKPOINT_INTERVAL: float = Field(5.0, gt=0)
     #: How long a generation's events stay followable after its end (GET /api/chats/{id}/stream).
     STREAM_LOG_TTL: float = Field(60.0, ge=60)
+    #: A response whose client has taken none of its buffered bytes for this long is cut off (the connection is
+    #: reset; app.write_stall): a phone asleep or a NAT that forgot the connection otherwise holds the connection,
+    #: its coroutine and its buffers for good. The answer is stored either way. 0 = no limit.
+    STREAM_WRITE_TIMEOUT: float = Field(60.0, ge=0)
     SHUTDOWN_GRACE_SECONDS: float = Field(10.0, ge=0)
     WORKER_HEARTBEAT_INTERVAL: float = Field(10.0, gt=0)
     #: Error-log rows (GET /api/error-logs) are deleted this many days after they were written, by the

@@ -1,15 +1,17 @@
-"""Serving the app with uvicorn so that TRUSTED_PROXIES alone decides the client address.
+"""Serving the app with uvicorn so that TRUSTED_PROXIES alone decides the client address, and a client that
+stops reading is cut off after STREAM_WRITE_TIMEOUT (app.write_stall).
 
 uvicorn believes X-Forwarded-For from 127.0.0.1 by default (`--proxy-headers`, FORWARDED_ALLOW_IPS) and
 rewrites the client address before the app sees it: a client on the same host could then rotate the
 header and never meet a rate limit. Every way of starting the service goes through here instead:
-`python -m app.cli serve` (Makefile, README), the tests' live servers (`SERVER_OPTIONS`), and a plain
-`uvicorn --factory main:create_app`, whose proxy handling `create_app` turns off
-(`release_uvicorn_proxy_headers`).
+`python -m app.cli serve` (Makefile, README), the tests' live servers (`SERVER_OPTIONS`, `http_protocol`),
+and a plain `uvicorn --factory main:create_app`, whose proxy handling and HTTP protocol `create_app` adjusts
+(`release_uvicorn_proxy_headers`, `limit_uvicorn_write_stalls`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -19,11 +21,13 @@ from pathlib import Path
 from typing import Any, Final
 
 import uvicorn
-from uvicorn.config import Config
+from uvicorn.config import HTTP_PROTOCOLS, Config
+from uvicorn.importer import import_from_string
 
 from app import metrics
 from app.config import Settings
 from app.logs import setup_logging
+from app.write_stall import with_write_stall_limit
 
 logger = logging.getLogger("app")
 
@@ -89,16 +93,44 @@ def release_uvicorn_proxy_headers() -> bool:
     (with or without --workers) as safe as `app.cli serve`. An app instance handed to uvicorn or gunicorn
     by other means is not reached: run those with --no-proxy-headers / --forwarded-allow-ips ''.
     """
+    config = _config_being_loaded()
+    if config is not None and config.proxy_headers:
+        config.proxy_headers = False
+        logger.info("uvicorn's proxy headers are off: TRUSTED_PROXIES alone decides the client address")
+        return True
+    return False
+
+
+def limit_uvicorn_write_stalls(settings: Settings) -> bool:
+    """Called by `create_app`: when uvicorn is loading it as a factory (`app.cli serve`, a plain `uvicorn
+    --factory`, each worker of `--workers N`), its connections get the STREAM_WRITE_TIMEOUT limit.
+
+    uvicorn has resolved its HTTP protocol class before it calls the factory, and builds every connection's
+    protocol from `config.http_protocol_class`: the limited class replaces it there. An app instance handed to a
+    server by other means is not reached (the tests' live servers pass `http_protocol(settings)` themselves).
+    """
+    config = _config_being_loaded()
+    if config is None or settings.STREAM_WRITE_TIMEOUT <= 0:
+        return False
+    config.http_protocol_class = with_write_stall_limit(config.http_protocol_class, settings.STREAM_WRITE_TIMEOUT)
+    return True
+
+
+def http_protocol(settings: Settings) -> type[asyncio.Protocol]:
+    """uvicorn's default HTTP protocol class with the STREAM_WRITE_TIMEOUT limit, for `uvicorn.Config(http=...)`
+    around an app instance (the factory gets it from `limit_uvicorn_write_stalls`)."""
+    protocol: type[asyncio.Protocol] = import_from_string(HTTP_PROTOCOLS["auto"])
+    return with_write_stall_limit(protocol, settings.STREAM_WRITE_TIMEOUT)
+
+
+def _config_being_loaded() -> Config | None:
+    """The uvicorn Config whose `load` is calling the factory up the stack (None when not called so)."""
     frame = sys._getframe(1)
-    for _ in range(10):
+    for _ in range(12):
         if frame.f_code is Config.load.__code__:
             config = frame.f_locals.get("self")
-            if isinstance(config, Config) and config.proxy_headers:
-                config.proxy_headers = False
-                logger.info("uvicorn's proxy headers are off: TRUSTED_PROXIES alone decides the client address")
-                return True
-            return False
+            return config if isinstance(config, Config) else None
         if frame.f_back is None:
-            return False
+            return None
         frame = frame.f_back
-    return False
+    return None

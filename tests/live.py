@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.crypto import encrypt_headers
 from app.models import Agent, Chat, Team, User
-from app.serve import SERVER_OPTIONS
+from app.serve import SERVER_OPTIONS, http_protocol
 from app.state import app_state
 from main import create_app
 from tests.conftest import ROOT
@@ -109,6 +109,7 @@ class LiveServer:
             lifespan="on",
             log_level="warning",
             timeout_graceful_shutdown=graceful_timeout,
+            http=http_protocol(settings),  # STREAM_WRITE_TIMEOUT, as the factory gets it (app.write_stall)
             **SERVER_OPTIONS,
         )
         self.server = uvicorn.Server(config)
