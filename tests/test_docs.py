@@ -80,8 +80,9 @@ async def test_missing_docs_asset_is_json_404(client: httpx.AsyncClient) -> None
 MANUAL = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: A name in the style of a setting (`N8N_READ_TIMEOUT`), not part of a longer word, path or `$VARIABLE`.
 SETTING_LIKE = re.compile(r"(?<![\w$./-])[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")
-#: Names of that style the manual may use that are no setting and defined nowhere here: uvicorn's, Linux's, typing's.
-OTHER_PROGRAMS = {"FORWARDED_ALLOW_IPS", "SCHED_IDLE", "TYPE_CHECKING"}
+#: Names of that style the manual may use that are no setting and defined nowhere here: uvicorn's, Linux's, the
+#: socket option the write-stall limit sets, typing's.
+OTHER_PROGRAMS = {"FORWARDED_ALLOW_IPS", "SCHED_IDLE", "SO_LINGER", "TYPE_CHECKING"}
 #: `GET /api/...`, `GET/POST /api/chats`, `POST /api/agents/{agent id}/n8n-chat`: a route with its method(s).
 ROUTE = re.compile(
     r"\b((?:GET|POST|PUT|PATCH|DELETE|HEAD)(?:/(?:GET|POST|PUT|PATCH|DELETE|HEAD))*) "
