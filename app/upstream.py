@@ -259,8 +259,10 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> in
     if not text:
         return None
     if text.isascii() and text.isdigit():
-        # More digits than a day has never mean less than a day; int() refuses over 4,300 of them.
-        return RETRY_AFTER_MAX if len(text) > len(str(RETRY_AFTER_MAX)) else min(int(text), RETRY_AFTER_MAX)
+        # More significant digits than a day has never mean less than a day (int() refuses over 4,300 of them);
+        # leading zeros are not significant: "000000000030" is 30 s.
+        digits = text.lstrip("0") or "0"
+        return RETRY_AFTER_MAX if len(digits) > len(str(RETRY_AFTER_MAX)) else min(int(digits), RETRY_AFTER_MAX)
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):

@@ -916,6 +916,9 @@ RETRY_NOW = datetime(2026, 11, 24, 13, 52, 53, tzinfo=UTC)
         ("86400", RETRY_AFTER_MAX),
         ("86401", RETRY_AFTER_MAX),
         ("9" * 5000, RETRY_AFTER_MAX),  # past int()'s digit limit: still just "very long"
+        ("00000000000030", 30),  # leading zeros are still delta-seconds (RFC 9110: 1*DIGIT), not "very long"
+        ("0" * 5000 + "5", 5),
+        ("000000", 0),
         ("Tue, 24 Nov 2026 13:54:53 GMT", 120),  # an HTTP-date: the seconds until then
         ("Tue, 24 Nov 2026 13:52:53.5 GMT", None),
         ("Tuesday, 24-Nov-26 13:53:23 GMT", 30),  # RFC 850's obsolete form, which RFC 9110 still accepts
