@@ -107,6 +107,8 @@ class GenerationRegistry:
         #: Set when the drain's grace is over: the cancels that follow mean "interrupted by the shutdown".
         self.interrupting = False
         self._heartbeat: asyncio.Task[None] | None = None
+        #: The retention sweep under way (`sweep_retention`), on its own task: never the heartbeat's wait.
+        self.sweeping: asyncio.Task[None] | None = None
         self._closing = False
         self._give_up_at = 0.0  # the loop time at which the shutdown's grace runs out (`begin_shutdown`)
         self._draining: asyncio.Task[None] | None = None
@@ -156,11 +158,14 @@ class GenerationRegistry:
         self.recovered = True
         if recovered:
             logger.warning("marked %d message(s) of stopped workers as interrupted", recovered)
-        await self.sweep_retention()
+        if not self._closing and (self.sweeping is None or self.sweeping.done()):
+            self.sweeping = asyncio.create_task(self.sweep_retention(), name="retention-sweep")
 
     async def sweep_retention(self) -> None:
-        """Delete rows past their retention (app.services.retention), with the periodic recovery: a bounded
-        amount per call, so a backlog never delays the heartbeat; a failure waits for the next recovery."""
+        """Delete rows past their retention (app.services.retention), started with the periodic recovery (one
+        sweep at a time per worker). On a task of its own: a batch waiting on the database (a table lock, a
+        backlog's scan) held up the heartbeat, and past STALE_HEARTBEATS intervals other workers took this one's
+        live answers for a dead worker's. A failure waits for the next recovery."""
         try:
             async with self.db.sessionmaker() as session:
                 await retention.sweep(session=session, settings=self.settings)
@@ -258,6 +263,10 @@ class GenerationRegistry:
                 listener.cancel()
                 await asyncio.gather(listener, return_exceptions=True)
         self._stop_listener = self._callback_listener = None
+        if self.sweeping is not None:  # its deletes are bounded and committed per batch: the next start goes on
+            self.sweeping.cancel()
+            await asyncio.gather(self.sweeping, return_exceptions=True)
+            self.sweeping = None
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)

@@ -171,6 +171,8 @@ async def test_the_heartbeat_sweep_deletes_error_logs_past_their_retention(
     registry = app_state(app).generations
     await registry.startup()
     assert registry.recovered
+    assert registry.sweeping is not None
+    await registry.sweeping  # on its own task (a slow sweep holds up nothing)
     assert await messages_left(session) == ["age 29.9", "age 1"]
     response = await client.get("/api/error-logs", headers=auth_headers(settings, admin))
     assert [row["message"] for row in response.json()] == ["age 1", "age 29.9"]
@@ -250,6 +252,8 @@ async def test_error_log_retention_on_sqlite(tmp_path: Path) -> None:
             await aged_rows(s, team, [8, 6.5])
             await registry.startup()
             assert registry.recovered
+            assert registry.sweeping is not None
+            await registry.sweeping  # on its own task (a slow sweep holds up nothing)
             assert await messages_left(s) == ["age 6.5"]
     finally:
         await shutdown(lite)

@@ -7,23 +7,26 @@ import asyncio
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.db import utcnow
 from app.errors import RateLimited
-from app.models import RefreshToken, UsageDaily, User
+from app.models import RefreshToken, UsageDaily, User, Worker
 from app.security import Caller
 from app.services import retention
 from app.services import usage as usage_service
 from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import bearer, login
-from tests.conftest import make_settings, run_migrations
+from tests.conftest import _plain_url, make_settings, run_migrations, until_a_statement_waits
 from tests.factories import create_team, create_user
 
 
@@ -113,7 +116,56 @@ async def test_retention_on_sqlite(tmp_path: Path) -> None:
             registry = app_state(lite).generations
             await registry.startup()
             assert registry.recovered
+            assert registry.sweeping is not None
+            await registry.sweeping  # on its own task (a slow sweep holds up nothing)
             assert len(await token_rows(s)) == 1
             assert list((await s.execute(select(UsageDaily.day))).scalars()) == [today - timedelta(days=1)]
     finally:
         await shutdown(lite)
+
+
+@pytest.mark.settings(WORKER_HEARTBEAT_INTERVAL=0.2)
+async def test_a_slow_sweep_holds_up_neither_start_up_nor_the_heartbeat(
+    app: FastAPI, session: AsyncSession, settings: Settings
+) -> None:
+    """The sweep ran inside the heartbeat's loop (and the start-up's recovery): while a batch waited on the
+    database (here a table lock, as a migration's CREATE INDEX takes), the worker stopped beating, and past
+    STALE_HEARTBEATS intervals another worker's recovery marked its live answers interrupted. It now runs on a
+    task of its own: start-up and heartbeats go on, the sweep finishes once the table is free, and a shutdown
+    does not wait for it."""
+    user = await create_user(session)
+    session.add(UsageDaily(user_id=user.id, day=utcnow().date() - timedelta(days=5), generations=1))
+    await session.commit()
+    registry = app_state(app).generations
+
+    async def beat_of_worker() -> Any:
+        session.expire_all()
+        return await session.scalar(select(Worker.heartbeat_at).where(Worker.id == registry.worker_id))
+
+    holder = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
+    try:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE usage_daily IN ACCESS EXCLUSIVE MODE")
+            async with asyncio.timeout(5):  # held here until the lock went
+                await registry.startup()
+            assert registry.recovered
+            await until_a_statement_waits(holder, "DELETE FROM usage_daily%")
+            first = await beat_of_worker()
+            await asyncio.sleep(1.0)  # five heartbeats, while the sweep still waits
+            assert await beat_of_worker() > first
+            assert registry.sweeping is not None
+            assert not registry.sweeping.done()
+            await session.rollback()
+        async with asyncio.timeout(10):
+            await registry.sweeping
+        assert list((await session.execute(select(UsageDaily.day))).scalars()) == []
+        await session.rollback()
+
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE error_logs IN ACCESS EXCLUSIVE MODE")
+            await until_a_statement_waits(holder, "DELETE FROM error_logs%")  # the next sweep, three beats on
+            async with asyncio.timeout(5):
+                await registry.shutdown()  # cancels it: the worker is unregistered in time
+            assert registry.sweeping is None
+    finally:
+        await holder.close()
