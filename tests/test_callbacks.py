@@ -43,6 +43,7 @@ from tests.live import (
     LiveServer,
     chat_with_agent,
     data_events,
+    fill_pool,
     free_port,
     parse_sse,
     silent_port,
@@ -718,17 +719,6 @@ async def test_a_relayed_callback_is_answered_once_its_owner_applied_it(
     assert (stored["status"], stored["content"]) == ("complete", "text")
 
 
-async def _fill_pool(client: Redis) -> None:
-    """Open every connection of the client's pool, one at a time, as a busy instance's pool would be: 100
-    connections opened in the same instant (each a connect and three commands: the library's name and version,
-    the db) by a loaded machine's one event loop passed their 2 s connect deadline, and the test measured that
-    instead of the relays' share."""
-    pool = client.connection_pool
-    held = [await pool.get_connection() for _ in range(pool.max_connections)]  # type: ignore[no-untyped-call]
-    for connection in held:
-        await pool.release(connection)
-
-
 async def test_callbacks_waiting_for_their_owner_leave_the_instances_redis_connections_to_the_rest(
     settings: Settings, redis_url: str
 ) -> None:
@@ -745,7 +735,7 @@ async def test_callbacks_waiting_for_their_owner_leave_the_instances_redis_conne
     ids = [str(uuid.uuid4()) for _ in range(100)]
     for callback_id in ids:  # `/v1` completions said to run elsewhere, on an instance that is gone
         assert await registry.shared.mark_callback_target(callback_id, 60)
-    await _fill_pool(client)
+    await fill_pool(client)
     relays = [asyncio.create_task(registry.callback(i, {"type": "message", "content": "x"})) for i in ids]
     try:
         refused, _waiting = await asyncio.wait(relays, timeout=RELAY_WAIT / 2)  # before any wait ends

@@ -34,6 +34,7 @@ from tests.live import (
     FreezingProxy,
     RedisProcess,
     chat_with_agent,
+    fill_pool,
     live_server,
     parse_sse,
     streamed_text,
@@ -884,6 +885,7 @@ async def test_a_burst_of_commands_beyond_the_pool_waits_for_connections_instead
     assert client is not None
     assert client.connection_pool.max_connections == eventlog.POOL_SIZE
     try:
+        await fill_pool(client)
         key = f"burst:{uuid.uuid4()}"
         answers = await asyncio.gather(*(client.incr(key) for _ in range(3 * eventlog.POOL_SIZE)))
         assert sorted(answers) == list(range(1, 3 * eventlog.POOL_SIZE + 1))
