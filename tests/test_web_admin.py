@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Route, expect
+from playwright.sync_api import Browser, Locator, Route, expect
 
 from app.services.connection_test import HINT_AUTH_WRONG, HINT_CALLBACK, HINT_NOT_STARTED, HINT_TEST_URL
 from tests.live import LiveServer
@@ -104,34 +104,42 @@ def test_create_an_agent_with_the_connection_test_hint_secret_headers_and_avatar
 def test_the_agent_forms_refusals_name_the_field_and_keep_what_was_typed(
     web_page: Watched, team: Team, fake_n8n_url: str
 ) -> None:
-    """Save and Test connection show the API's reason for each refused name or webhook URL under the form, which
-    keeps what was typed; Chromium's own check of the URL field (a zone id is no URL to it) must not stand in
-    with a bare 'Please enter a URL.' that names no reason. The connection test's hints show as they come."""
+    """Save and Test connection show the reason for each refused name or webhook URL under that field, once (not
+    'webhook_url: webhook_url contains ...'), and keep what was typed; a blank name or URL is the form's own
+    'Name is required' (it was left out of the body, so the API said 'name: Field required'). Chromium's own check
+    of the URL field (a zone id is no URL to it) must not stand in with a bare 'Please enter a URL.' that names
+    no reason. The connection test's hints show as they come."""
     page = web_page.page
     log_in(page, team.email)
     page.get_by_role("link", name="Agents").click()
     page.get_by_role("button", name="+ New agent").click()
     name = page.get_by_label("Name", exact=True)
     url = page.get_by_label("Webhook URL (n8n production URL)")
-    error = page.locator(".agent-form p.error")
+    error = page.locator(".agent-form p.error:not(.field-error)")
     good = f"{fake_n8n_url}/webhook/agent-stream"
-    cases = [
-        ("   ", good, "name: Field required"),
-        ("Bot", f"{fake_n8n_url}/webhook/agent\u200b-stream", "webhook_url: webhook_url contains whitespace, control"),
-        ("Bot", f"{good}\u202e", "webhook_url: webhook_url contains whitespace, control"),
-        ("Bot", "http://[fe80::1%25eth0]/webhook/x", "webhook_url: webhook_url has an IPv6 zone id"),
-        ("Bot", "http://[2606:4700::1%25eth0]/webhook/x", "webhook_url: webhook_url has an IPv6 zone id"),
-        ("Bot", "http://n8n..example.com/webhook/x", "webhook_url: webhook_url has an invalid host"),
+    invisible = "webhook_url contains whitespace, control or invisible characters"
+    cases: list[tuple[str, str, Locator, str | re.Pattern[str]]] = [
+        ("   ", good, name, "Name is required"),
+        ("Bot", "  ", url, "Webhook URL is required"),
+        ("Bot", f"{fake_n8n_url}/webhook/agent\u200b-stream", url, invisible),
+        ("Bot", f"{good}\u202e", url, invisible),
+        ("Bot", "http://[fe80::1%25eth0]/webhook/x", url, re.compile("^webhook_url has an IPv6 zone id")),
+        ("Bot", "http://[2606:4700::1%25eth0]/webhook/x", url, re.compile("^webhook_url has an IPv6 zone id")),
+        ("Bot", "http://n8n..example.com/webhook/x", url, "webhook_url has an invalid host"),
     ]
-    for typed_name, typed_url, reason in cases:
+    for typed_name, typed_url, control, reason in cases:
         for button in ("Save", "Test connection"):
             page.get_by_role("button", name="Cancel").click()  # a fresh form: no earlier message left on it
             page.get_by_role("button", name="+ New agent").click()
             name.fill(typed_name)
             url.fill(typed_url)
             page.get_by_role("button", name=button).click()
-            expect(error, f"{button} with {typed_name!r}, {typed_url!r}").to_be_visible()
-            expect(error).to_contain_text(reason)
+            note = page.locator(".field", has=control).locator(".field-error")
+            expect(note, f"{button} with {typed_name!r}, {typed_url!r}").to_have_text(reason)
+            expect(page.locator(".agent-form .field-error")).to_have_count(1)  # the other field is not marked
+            expect(control).to_have_attribute("aria-invalid", "true")
+            expect(control).to_be_focused()
+            expect(error).to_be_hidden()  # said once, under its field
             expect(page.locator(".test-slot")).to_have_text("")  # no spinner left
             expect(name).to_have_value(typed_name)
             expect(url).to_have_value(typed_url)
@@ -148,6 +156,20 @@ def test_the_agent_forms_refusals_name_the_field_and_keep_what_was_typed(
         page.get_by_role("button", name="Test connection").click()
         expect(page.locator(".test-result .hint")).to_have_text(hint)
         expect(error).to_be_hidden()
+
+    # An edit that blanks the name: it was left out of the PUT, which kept the stored name and said "Saved".
+    url.fill(good)
+    page.get_by_label("Response mode").select_option("stream")
+    page.get_by_role("button", name="Save").click()
+    page.locator("tr", has_text="Later").get_by_role("button", name="Edit").click()
+    name.fill(" ")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator(".field", has=name).locator(".field-error")).to_have_text("Name is required")
+    assert [agent["name"] for agent in team.get("/api/agents")] == ["Later"]
+    name.fill("Later still")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator(".agent-form")).to_have_count(0)
+    assert [agent["name"] for agent in team.get("/api/agents")] == ["Later still"]
     assert web_page.dialogs == []
     assert web_page.errors == []
 
@@ -239,6 +261,12 @@ def test_usage_and_the_error_log_show_what_happened(web_page: Watched, team: Tea
     expect(echo.locator("td").nth(1)).to_have_text("1")  # completed
     broken = page.locator("tbody tr", has_text="Broken bot")
     expect(broken.locator("td").nth(2)).to_have_text("1")  # errors
+
+    # A refused range: the API's reason, which names its field itself, is not prefixed with it again ("from:").
+    page.get_by_label("From").fill("2030-01-02")
+    page.get_by_label("To").fill("2030-01-01")
+    page.get_by_role("button", name="Show").click()
+    expect(page.locator(".toast.error", has_text="must not be after")).to_have_text("`from` must not be after `to`")
 
 
 def test_a_double_click_creates_one_agent_one_invitation_and_one_user(

@@ -29,10 +29,36 @@ export function refreshSession() {
 
 const NO_REFRESH = ["/api/auth/login", "/api/auth/refresh", "/api/auth/logout", "/api/auth/register"];
 
-/** FastAPI's `detail` as text: a string as it is, the 422 list as "field: message" items; else `fallback`. */
+/**
+ * One entry of a 422 `detail` list as a reader wants it: `field`, the body's (or query's) field it concerns
+ * (`loc` past `body`, `query`...: null for the whole body or an item of a list body), `path` (all of `loc`
+ * past its first element, dotted) and `msg` without pydantic's "Value error, " prefix.
+ */
+export function problem(d) {
+  const loc = (Array.isArray(d?.loc) ? d.loc : []).slice(1).map(String);
+  const msg = String(d?.msg ?? "").replace(/^(Value error|Assertion failed), /, "");
+  return { field: loc.length && !/^\d+$/.test(loc[0]) ? loc[0] : null, path: loc.join("."), msg };
+}
+
+const escaped = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+/**
+ * A 422 entry as one line, naming its field once: "name: String should have at least 1 character", but
+ * "webhook_url contains whitespace…" (the message already starts with the field), and "Chat 1: …" alone for
+ * an item of a list body (an import: the message names the item itself).
+ */
+export function problemText(d) {
+  const { path, msg } = problem(d);
+  if (/^\d+(\.|$)/.test(path)) return msg;
+  const last = path.split(".").at(-1);
+  if (last && new RegExp(`^\`?${escaped(last)}\`? `).test(msg)) return msg;
+  return `${path || "body"}: ${msg}`;
+}
+
+/** FastAPI's `detail` as text: a string as it is, the 422 list as its lines (`problemText`); else `fallback`. */
 function detailText(detail, fallback) {
   if (typeof detail === "string") return detail;
-  if (Array.isArray(detail)) return detail.map((d) => `${(d.loc || []).slice(1).join(".") || "body"}: ${d.msg}`).join("; ");
+  if (Array.isArray(detail)) return detail.map(problemText).join("; ");
   return fallback;
 }
 

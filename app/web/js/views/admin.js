@@ -1,10 +1,63 @@
 // The admin pages: agents (create, edit, write-only secret headers, avatar, connection test), users and
 // invitations, usage, and the error log. Every write goes through the same API a script would use.
-import { ApiError, api, page } from "../api.js";
+import { ApiError, api, page, problem, problemText } from "../api.js";
 import { copy, fill, formValues, h, notify, when } from "../dom.js";
 import { avatar } from "./messages.js";
 
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
+
+/** What the form itself finds wrong before sending: `problems` as a 422's `detail` would list them. */
+class FormProblems extends ApiError {
+  constructor(problems) {
+    super(0, problems.map((p) => p.msg).join("; "), null, { detail: problems });
+  }
+}
+const formProblem = (field, msg) => new FormProblems([{ loc: ["body", field], msg }]);
+
+/** Remove what `showProblems` marked: the fields' messages and `aria-invalid`, and the form's line. */
+function clearProblems(form, line) {
+  for (const note of form.querySelectorAll(".field-error")) note.remove();
+  for (const control of form.querySelectorAll("[aria-invalid]")) {
+    control.removeAttribute("aria-invalid");
+    control.removeAttribute("aria-describedby");
+  }
+  line.hidden = true;
+}
+
+/**
+ * A refusal shown where it applies: each 422 entry (the API's or the form's own) under the field it names (the
+ * control of that name), in its words without the field's name; the rest, and any other error, in `line` under
+ * the form. The first field concerned takes the focus; nothing typed is changed.
+ */
+function showProblems(form, line, err) {
+  clearProblems(form, line);
+  const entries = err instanceof ApiError && Array.isArray(err.body?.detail) ? err.body.detail : null;
+  const rest = entries ? [] : [errorText(err)];
+  let first = null;
+  for (const entry of entries || []) {
+    const { field, msg } = problem(entry);
+    const control = field ? form.elements.namedItem(field) : null;
+    const box = control instanceof HTMLElement ? control.closest(".field") : null;
+    if (!box) {
+      rest.push(problemText(entry));
+      continue;
+    }
+    let note = box.querySelector(".field-error");
+    if (!note) {
+      note = h("p", { class: "field-error error", id: `${control.id}-error`, role: "alert" });
+      box.append(note);
+    } else note.append(h("br"));
+    note.append(msg);
+    control.setAttribute("aria-invalid", "true");
+    control.setAttribute("aria-describedby", note.id);
+    first ??= control;
+  }
+  if (rest.length) {
+    line.textContent = rest.join("; ");
+    line.hidden = false;
+  }
+  first?.focus();
+}
 
 let fields = 0;
 function field(label, control) {
@@ -28,14 +81,21 @@ function parseHeaders(text) {
   const headers = {};
   for (const line of text.split("\n").map((l) => l.trim()).filter(Boolean)) {
     const at = line.indexOf(":");
-    if (at <= 0) throw new ApiError(0, `Header line "${line.slice(0, 40)}" needs the form Name: value`);
+    if (at <= 0) throw formProblem("webhook_headers", `Header line "${line.slice(0, 40)}" needs the form Name: value`);
     headers[line.slice(0, at).trim()] = line.slice(at + 1).trim();
   }
   return headers;
 }
 
+/** The form's required fields, as the form's own check names them (the form is `novalidate`: see agentForm). */
+const REQUIRED = { name: "Name is required", webhook_url: "Webhook URL is required" };
+
 function agentBody(form, agent) {
   const v = formValues(form);
+  // Left blank, a field would not be sent at all: a new agent got "Field required", an edit kept the stored
+  // name or URL while saying "Saved".
+  const blank = Object.entries(REQUIRED).filter(([name]) => !v[name]);
+  if (blank.length) throw new FormProblems(blank.map(([name, msg]) => ({ loc: ["body", name], msg })));
   const body = {
     name: v.name,
     webhook_url: v.webhook_url,
@@ -48,7 +108,7 @@ function agentBody(form, agent) {
   try {
     body.config = v.config ? JSON.parse(v.config) : {};
   } catch {
-    throw new ApiError(0, "Config must be JSON, like {\"model\": \"gpt-4\"}");
+    throw formProblem("config", "Config must be JSON, like {\"model\": \"gpt-4\"}");
   }
   // Write-only: the values are never shown; empty keeps the stored ones (unless "remove" is ticked).
   if (v.webhook_headers) body.webhook_headers = parseHeaders(v.webhook_headers);
@@ -119,16 +179,13 @@ function agentForm(agent, done) {
     result,
   );
 
-  const fail = (err) => {
-    error.textContent = errorText(err);
-    error.hidden = false;
-  };
+  const fail = (err) => showProblems(form, error, err);
 
   // Disabled while the request runs: a second click (or Enter) would create the agent twice.
   async function save(event) {
     event.preventDefault();
     if (submit.disabled) return;
-    error.hidden = true;
+    clearProblems(form, error);
     submit.disabled = true;
     try {
       const body = agentBody(form, agent);
@@ -146,7 +203,7 @@ function agentForm(agent, done) {
 
   // A saved agent is tested as stored (its secret headers included); a new one with the form's values.
   async function test() {
-    error.hidden = true;
+    clearProblems(form, error);
     fill(result, h("p", { class: "muted" }, "Testing…"));
     try {
       const outcome = agent
