@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import APIResponse, Browser, FilePayload, Page, Route, expect
+from playwright.sync_api import APIResponse, Browser, FilePayload, Locator, Page, Route, expect
 
 from tests.live import LiveServer, free_port
 from tests.web import PASSWORD, Team, Watched, create_team, log_in, send, serving, watch, web_settings
@@ -376,6 +376,40 @@ def test_share_then_another_member_reads_it_inert_and_forks_it(
     finally:
         context.close()
     assert web_page.dialogs == []
+    assert web_page.errors == []
+
+
+def test_a_chats_menu_offers_only_the_sharing_action_that_applies(web_page: Watched, team: Team) -> None:
+    """The menu always offered both "Share with team" and "Stop sharing"; on a chat not shared, the second only
+    said "This chat is not shared". Now the team's shares tell which applies, in the chat's header and in the
+    list, and the page's own share and unshare keep it up to date."""
+    agent_id = team.get("/api/agents")[0]["id"]
+    shared = team.create_chat(agent_id, title="Shared before")
+    with team.api() as client:
+        assert client.post(f"/api/chats/{shared['id']}/share").status_code == 201
+    page = web_page.page
+    chat_id = open_new_chat(page, team)
+    header = page.locator(".chat-header")
+
+    def offered(where: Locator) -> list[str]:
+        where.get_by_label(re.compile("^Actions for ")).click()
+        items = where.locator(".menu-items button")
+        expect(items.first).to_be_visible()
+        texts = [text for text in items.all_inner_texts() if "shar" in text.lower()]
+        where.get_by_label(re.compile("^Actions for ")).click()  # closed again
+        return texts
+
+    expect(page.locator(".chat-list li[data-id]")).to_have_count(2)
+    assert offered(header) == ["Share with team"]
+    assert offered(page.locator(f".chat-list li[data-id='{shared['id']}']")) == ["Update share", "Stop sharing"]
+    menu_item(page, "Share with team")
+    page.get_by_role("button", name="Close").click()
+    assert offered(header) == ["Update share", "Stop sharing"]
+    assert offered(page.locator(f".chat-list li[data-id='{chat_id}']")) == ["Update share", "Stop sharing"]
+    menu_item(page, "Stop sharing")
+    expect(page.get_by_role("status").filter(has_text="No longer shared")).to_be_visible()
+    assert offered(header) == ["Share with team"]
+    assert [share["chat_id"] for share in team.get("/api/shares")] == [shared["id"]]
     assert web_page.errors == []
 
 

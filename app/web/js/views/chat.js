@@ -10,6 +10,8 @@ import { avatar, messageItem, setContent, stepItem } from "./messages.js";
 const PAGE = 30;
 const PINNED_MAX = 100; // the most the API lists at once
 const LAST = 50; // messages shown when a chat opens; "Show earlier" doubles it
+const SHARES_PAGE = 100; // the most GET /api/shares lists at once
+const SHARES_READ = 10; // pages read to learn which chats are shared; past that, menus offer both actions
 
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
 /** What an import sends: JSON Lines (the "export all" file) or one JSON chat, told by the file's name. */
@@ -67,6 +69,8 @@ export class ChatsView {
     this.root = h("div", { class: "chats" }, this.sidebar, this.pane);
     main.append(this.root);
     this.ready = Promise.all([this.loadAgents(), this.loadChats()]);
+    this.sharedIds = undefined; // my chats that are shared: a Set, null when unknown, undefined while read
+    this.sharedRead = this.loadShared();
   }
 
   leave() {
@@ -87,6 +91,35 @@ export class ChatsView {
     } catch (err) {
       notify(errorText(err), "error");
     }
+  }
+
+  /**
+   * Which chats are shared, so a chat's menu offers only the action that applies. The API says it in the team's
+   * shares list only (a share names its chat), read here once per view and kept up to date by this page's own
+   * share and unshare. A team with more shares than SHARES_READ pages, or a list that cannot be read: unknown,
+   * and the menus offer both actions, as a share made or removed in another tab may still make one of them moot.
+   */
+  async loadShared() {
+    const ids = new Set();
+    try {
+      for (let offset = 0, total = 1; offset < total; offset += SHARES_PAGE) {
+        if (offset >= SHARES_PAGE * SHARES_READ) {
+          this.sharedIds = null;
+          return;
+        }
+        const { items, total: all } = await page("/api/shares", { limit: SHARES_PAGE, offset });
+        for (const share of items) if (share.chat_id) ids.add(share.chat_id);
+        total = items.length ? all : 0;
+      }
+      this.sharedIds = ids;
+    } catch {
+      this.sharedIds = null;
+    }
+  }
+
+  /** true, false, or null when it is not known whether the chat is shared. */
+  isShared(chatId) {
+    return this.sharedIds ? this.sharedIds.has(chatId) : null;
   }
 
   // --- the list ---------------------------------------------------------------------------------
@@ -143,27 +176,41 @@ export class ChatsView {
     return row;
   }
 
-  /** A chat's menu (a `<details>`, so the keyboard opens it): the given items, then share and export. */
+  /**
+   * A chat's menu (a `<details>`, so the keyboard opens it): the given items, then share and export. Sharing
+   * offers what applies, as known when the menu opens: "Share with team" for a chat not shared, "Update share"
+   * (a new snapshot under the same link, and the link again) and "Stop sharing" for a shared one.
+   */
   chatMenu(chat, items) {
     const title = chat.title || "New chat";
-    const menu = h(
-      "details",
-      { class: "menu" },
-      h("summary", { "aria-label": `Actions for ${title}` }, "⋯"),
-      h(
-        "div",
-        { class: "menu-items" },
+    const list = h("div", { class: "menu-items" });
+    const menu = h("details", { class: "menu" }, h("summary", { "aria-label": `Actions for ${title}` }, "⋯"), list);
+    const fillItems = () => {
+      const reading = this.sharedIds === undefined; // a moment: the items follow once the shares are read
+      const shared = this.isShared(chat.id);
+      fill(
+        list,
         [
           ...items,
-          ["Share with team", () => this.share(chat)],
-          ["Stop sharing", () => this.unshare(chat)],
+          !reading && shared !== true && ["Share with team", () => this.share(chat)],
+          !reading && shared === true && ["Update share", () => this.share(chat)],
+          !reading && shared !== false && ["Stop sharing", () => this.unshare(chat)],
           ["Export as JSON", () => this.exportChat(chat, "json")],
           ["Export as Markdown", () => this.exportChat(chat, "markdown")],
-        ].map(([text, handler]) =>
-          h("button", { type: "button", class: "ghost", onclick: () => { menu.open = false; handler(); } }, text),
-        ),
-      ),
-    );
+        ]
+          .filter(Boolean)
+          .map(([text, handler]) =>
+            h("button", { type: "button", class: "ghost", onclick: () => { menu.open = false; handler(); } }, text),
+          ),
+      );
+    };
+    fillItems();
+    // Opened before the shares were read: the items once they are (they are then known for every menu).
+    menu.addEventListener("toggle", () => {
+      if (!menu.open) return;
+      fillItems();
+      if (this.sharedIds === undefined) this.sharedRead.then(() => menu.open && fillItems());
+    });
     return menu;
   }
 
@@ -173,6 +220,7 @@ export class ChatsView {
   async share(chat) {
     try {
       const share = await api(`/api/chats/${chat.id}/share`, { method: "POST" });
+      this.sharedIds?.add(chat.id);
       // The page moved on while the share was made (a logout: the login form): its link is not shown there.
       if (!document.body.contains(this.root)) return;
       const link = `${location.origin}${location.pathname}#/shares/${share.id}`;
@@ -204,8 +252,10 @@ export class ChatsView {
   async unshare(chat) {
     try {
       await api(`/api/chats/${chat.id}/share`, { method: "DELETE" });
+      this.sharedIds?.delete(chat.id);
       notify("No longer shared: the link now answers “not found”.");
     } catch (err) {
+      if (err instanceof ApiError && err.status === 404) this.sharedIds?.delete(chat.id); // unshared elsewhere
       notify(errorText(err), "error");
     }
   }
