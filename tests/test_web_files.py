@@ -413,6 +413,32 @@ def test_a_chats_menu_offers_only_the_sharing_action_that_applies(web_page: Watc
     assert web_page.errors == []
 
 
+def test_a_deactivated_agents_chats_and_shares_show_its_name(web_page: Watched, team: Team, fake_n8n_url: str) -> None:
+    """Members list only active agents, so a share (and a chat) whose agent was deactivated showed "Agent" (the
+    chat "Agent no longer active") with "?" initials. The agent is read by id, as the API allows for old chats:
+    its name, marked deactivated, and its avatar."""
+    agent = team.create_agent(f"{fake_n8n_url}/webhook/agent-stream", name="Old bot")
+    chat = team.create_chat(agent["id"], title="Before the change")
+    with team.api() as client:
+        share_id = client.post(f"/api/chats/{chat['id']}/share").json()["id"]
+        assert client.put(f"/api/agents/{agent['id']}", json={"is_active": False}).status_code == 200
+    page = web_page.page
+    log_in(page, team.email)
+    expect(page.locator(f".chat-list li[data-id='{chat['id']}'] .initials")).to_have_text("OB")
+    page.get_by_role("link", name="Shared", exact=True).click()
+    row = page.locator(".share-list li", has_text="Before the change")
+    expect(row).to_contain_text("Old bot (deactivated)")
+    expect(row.locator(".initials")).to_have_text("OB")
+    row.get_by_role("link").click()
+    expect(page).to_have_url(re.compile(f"#/shares/{share_id}$"))
+    expect(page.locator(".shares .chat-header .muted")).to_contain_text("Old bot (deactivated) · shared")
+    expect(page.locator(".shares .chat-header .initials")).to_have_text("OB")
+    page.goto(f"/#/chats/{chat['id']}")
+    expect(page.locator(".pane .chat-header .muted")).to_have_text("Old bot (deactivated)")
+    expect(page.locator(".pane .chat-header .initials")).to_have_text("OB")
+    assert web_page.errors == []
+
+
 def test_a_share_link_opened_signed_out_shows_the_share_once_logged_in(web_page: Watched, team: Team) -> None:
     """A teammate's share link is opened in a browser without a session: the login form, then the shared chat.
     Logging in went to the chat list instead, so the link was lost and the reader had to look for the share."""

@@ -5,7 +5,7 @@ import { ApiError, api, download, page } from "../api.js";
 import { copy, fill, h, notify } from "../dom.js";
 import { Generation, saved, stopGeneration } from "../stream.js";
 import { Attachments } from "./attachments.js";
-import { avatar, messageItem, setContent, stepItem } from "./messages.js";
+import { agentById, agentLabel, avatar, messageItem, setContent, stepItem } from "./messages.js";
 
 const PAGE = 30;
 const PINNED_MAX = 100; // the most the API lists at once
@@ -20,7 +20,9 @@ const importType = (file) => (/\.(jsonl|ndjson)$/i.test(file.name) ? "applicatio
 export class ChatsView {
   constructor(main, { navigate }) {
     this.navigate = navigate;
-    this.agents = new Map();
+    this.agents = new Map(); // the active agents (the picker's)
+    this.agentReads = new Map(); // deactivated agents read by id (agentById), their promises
+    this.otherAgents = new Map(); // and those read, by id
     this.pendingFiles = new Map(); // chat id -> its Attachments (files uploaded, not yet sent)
     this.chatId = null;
     this.generation = null;
@@ -68,7 +70,8 @@ export class ChatsView {
     this.pane = h("section", { class: "pane", "aria-label": "Chat" });
     this.root = h("div", { class: "chats" }, this.sidebar, this.pane);
     main.append(this.root);
-    this.ready = Promise.all([this.loadAgents(), this.loadChats()]);
+    this.agentsRead = this.loadAgents();
+    this.ready = Promise.all([this.agentsRead, this.loadChats()]);
     this.sharedIds = undefined; // my chats that are shared: a Set, null when unknown, undefined while read
     this.sharedRead = this.loadShared();
   }
@@ -122,6 +125,18 @@ export class ChatsView {
     return this.sharedIds ? this.sharedIds.has(chatId) : null;
   }
 
+  /** A chat's agent as known now: active, or deactivated and already read (`agentOf`). */
+  knownAgent(id) {
+    return this.agents.get(id) ?? this.otherAgents.get(id);
+  }
+
+  /** A chat's agent, a deactivated one read by id (members list only active agents), so its name shows. */
+  async agentOf(id) {
+    const agent = await agentById(id, this.agents, this.agentReads);
+    if (agent && !this.agents.has(id)) this.otherAgents.set(id, agent);
+    return agent;
+  }
+
   // --- the list ---------------------------------------------------------------------------------
 
   // The API lists chats by activity only; the pinned ones (at most PINNED_MAX) are fetched apart and shown
@@ -158,14 +173,18 @@ export class ChatsView {
   }
 
   chatRow(chat) {
-    const agent = this.agents.get(chat.agent_id);
+    const agent = this.knownAgent(chat.agent_id);
     const title = chat.title || "New chat";
+    const face = avatar(agent);
     const link = h(
       "a",
       { href: `#/chats/${chat.id}`, class: "chat-link", "aria-current": chat.id === this.chatId ? "page" : null },
-      avatar(agent),
+      face,
       h("span", { class: "chat-title" }, chat.pinned ? h("span", { class: "pin", title: "Pinned" }, "★ ") : "", title),
     );
+    // Not known yet (the agents still being read) or deactivated: the avatar once it is known.
+    if (!agent)
+      this.agentsRead.then(() => this.agentOf(chat.agent_id)).then((found) => found && face.isConnected && face.replaceWith(avatar(found)));
     const menu = this.chatMenu(chat, [
       [chat.pinned ? "Unpin" : "Pin", () => this.updateChat(chat.id, { pinned: !chat.pinned })],
       [chat.archived ? "Unarchive" : "Archive", () => this.updateChat(chat.id, { archived: !chat.archived })],
@@ -411,6 +430,8 @@ export class ChatsView {
       return false;
     }
     if (chatId !== this.chatId) return false;
+    await this.agentOf(chat.agent_id); // at once for an active agent; a deactivated one is read once
+    if (chatId !== this.chatId) return false;
     this.render(chat);
     return true;
   }
@@ -423,7 +444,7 @@ export class ChatsView {
     const active = document.activeElement;
     const focus = this.chat?.id !== chat.id || !active || active === document.body || this.pane.contains(active);
     this.chat = chat;
-    this.agent = this.agents.get(chat.agent_id);
+    this.agent = this.knownAgent(chat.agent_id);
     this.header = h("header", { class: "chat-header" });
     this.messages = h("ol", { class: "messages", "aria-label": "Messages" });
     this.input = h("textarea", {
@@ -495,7 +516,7 @@ export class ChatsView {
       this.header,
       h("a", { class: "back ghost button", href: "#/chats", "aria-label": "Back to the chat list" }, "‹"),
       avatar(this.agent),
-      h("div", { class: "chat-heading" }, h("h1", {}, chat.title || "New chat"), h("span", { class: "muted" }, this.agent?.name || "Agent no longer active")),
+      h("div", { class: "chat-heading" }, h("h1", {}, chat.title || "New chat"), h("span", { class: "muted" }, agentLabel(this.agent))),
       this.chatMenu(chat, []),
     );
   }

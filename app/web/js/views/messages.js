@@ -1,6 +1,7 @@
 // One message of a chat as an element: Markdown for answers, steps, status, errors, attached files, the branch
 // switcher and the actions (edit, regenerate, feedback). Actions call back into the chat view (views/chat.js);
 // a read-only view (a shared chat, views/shares.js) passes `readOnly` and gets none of them.
+import { api } from "../api.js";
 import { h } from "../dom.js";
 import { renderMarkdown } from "../markdown.js";
 
@@ -15,6 +16,25 @@ export function avatar(agent, size = "small") {
   if (agent?.avatar_url) return h("img", { class: `avatar ${size}`, src: agent.avatar_url, alt: "" });
   const initials = (agent?.name || "?").split(/\s+/).map((w) => w[0]).join("").slice(0, 2).toUpperCase();
   return h("span", { class: `avatar ${size} initials`, "aria-hidden": "true" }, initials);
+}
+
+/**
+ * An agent by id, for a chat or share whose agent may be deactivated: members list only active agents
+ * (`known`, from `GET /api/agents`), while `GET /api/agents/{id}` answers for a deactivated one too, so its
+ * name and avatar can show. Each id is read once per `reads` map; null for no agent (removed, or no longer
+ * readable).
+ */
+export function agentById(id, known, reads) {
+  if (!id) return Promise.resolve(null);
+  if (known.has(id)) return Promise.resolve(known.get(id));
+  if (!reads.has(id)) reads.set(id, api(`/api/agents/${encodeURIComponent(id)}`).catch(() => null));
+  return reads.get(id);
+}
+
+/** The agent's name as a chat or share shows it: marked when deactivated, a label when there is none. */
+export function agentLabel(agent) {
+  if (!agent) return "(agent removed)";
+  return agent.is_active === false ? `${agent.name} (deactivated)` : agent.name;
 }
 
 /** Bytes as people read them: 812 B, 4.2 KB, 1.3 MB. */

@@ -3,7 +3,7 @@
 // sharer or an admin, Delete. Loaded on first use, like the admin pages.
 import { ApiError, api, download, page } from "../api.js";
 import { fill, h, notify, when } from "../dom.js";
-import { avatar, messageItem } from "./messages.js";
+import { agentById, agentLabel, avatar, messageItem } from "./messages.js";
 
 const PAGE = 30;
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
@@ -17,12 +17,14 @@ export async function renderShares(main, shareId, { user, navigate }) {
   } catch {
     // names and avatars are a nicety: initials stand in
   }
-  const context = { root, agents, user, navigate };
+  const reads = new Map(); // deactivated agents, read once each (agentById)
+  const agentOf = (id) => agentById(id, agents, reads);
+  const context = { root, agentOf, user, navigate };
   if (shareId) await showShare(context, shareId);
   else await showList(context);
 }
 
-async function showList({ root, agents }) {
+async function showList({ root, agentOf }) {
   const list = h("ul", { class: "share-list", "aria-label": "Shared chats" });
   const more = h("button", { type: "button", class: "ghost more", hidden: true }, "Load more");
   let shown = 0;
@@ -32,8 +34,10 @@ async function showList({ root, agents }) {
     try {
       const { items, total } = await page("/api/shares", { limit: PAGE, offset: shown });
       if (!items.length && !shown) list.append(h("li", { class: "muted" }, "Nothing is shared in your team yet. Share a chat from its ⋯ menu."));
-      for (const share of items) {
-        const agent = agents.get(share.agent_id);
+      // A deactivated agent is not in the members' list: read by id, so its avatar and name show.
+      const pageAgents = await Promise.all(items.map((share) => agentOf(share.agent_id)));
+      for (const [index, share] of items.entries()) {
+        const agent = pageAgents[index];
         list.append(
           h(
             "li",
@@ -43,7 +47,7 @@ async function showList({ root, agents }) {
               { href: `#/shares/${share.id}`, class: "chat-link" },
               avatar(agent),
               h("span", { class: "chat-title" }, share.title || "New chat"),
-              h("span", { class: "muted" }, ` ${share.message_count} messages · ${when(share.updated_at)}`),
+              h("span", { class: "muted" }, ` ${agentLabel(agent)} · ${share.message_count} messages · ${when(share.updated_at)}`),
             ),
           ),
         );
@@ -61,7 +65,7 @@ async function showList({ root, agents }) {
   await load();
 }
 
-async function showShare({ root, agents, user, navigate }, shareId) {
+async function showShare({ root, agentOf, user, navigate }, shareId) {
   let share;
   try {
     share = await api(`/api/shares/${encodeURIComponent(shareId)}`);
@@ -73,7 +77,7 @@ async function showShare({ root, agents, user, navigate }, shareId) {
     );
     return;
   }
-  const agent = agents.get(share.agent_id);
+  const agent = await agentOf(share.agent_id);
   const fork = h("button", { type: "button" }, "Fork into my chats");
   fork.addEventListener("click", async () => {
     fork.disabled = true;
@@ -117,7 +121,7 @@ async function showShare({ root, agents, user, navigate }, shareId) {
         "div",
         { class: "chat-heading" },
         h("h1", {}, share.title || "New chat"),
-        h("span", { class: "muted" }, `${agent?.name || "Agent"} · shared ${when(share.updated_at)} · read-only`),
+        h("span", { class: "muted" }, `${agentLabel(agent)} · shared ${when(share.updated_at)} · read-only`),
       ),
       h("div", { class: "row" }, fork, remove),
     ),
