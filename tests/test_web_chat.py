@@ -881,3 +881,36 @@ def test_a_refused_send_is_reported_and_the_chat_stays_usable(web_page: Watched,
     expect(page.get_by_role("button", name="Send")).to_be_visible()
     chat_id = page.url.rsplit("/", 1)[1]
     assert team.get(f"/api/chats/{chat_id}")["messages"] == []  # refused before anything was stored
+
+
+def test_an_answer_refused_with_retry_after_says_when_to_try_again(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """n8n (or a proxy) refused with 429 or 503 and a Retry-After: the error event's `retry_after` was not shown,
+    so the user read "HTTP 429" and nothing about when to send again. Now the toast and the answer's error line
+    say it the way people do; a chat drawn again later says what is left, or nothing once the wait is over
+    (no timer ticks)."""
+    team.create_agent(f"{fake_n8n_url}/webhook/x?scenario=status&status=429&retry_after=90", name="Busy bot")
+    team.create_agent(f"{fake_n8n_url}/webhook/x?scenario=status&status=503&retry_after=30", name="Down bot")
+    page = web_page.page
+    log_in(page, team.email)
+    failed = page.locator(".msg.assistant[data-status=error] .error")
+    chats = {}
+    for name, wait in (("Busy bot", "2 min"), ("Down bot", "30 s")):
+        page.get_by_role("link", name="+ New chat").click()
+        page.get_by_role("button", name=re.compile(name)).click()
+        send(page, "hello")
+        expect(failed).to_have_text(
+            re.compile(rf"^The agent answered with an error \(HTTP \d+\)\. Try again in {wait}\.$")
+        )
+        expect(page.locator(".toast.error", has_text=f"Try again in {wait}.")).to_be_visible()
+        chats[name] = page.url.rsplit("/", 1)[1]
+    # 31 s later (the page's clock moved on): the 90 s wait has about a minute left, the 30 s one is over.
+    page.evaluate("const now = Date.now(); Date.now = () => now + 31_000")
+    page.locator(f".chat-list li[data-id='{chats['Busy bot']}'] .chat-link").click()
+    expect(failed).to_have_text(
+        re.compile(r"^The agent answered with an error \(HTTP 429\)\. Try again in [45]\d s\.$")
+    )
+    page.locator(f".chat-list li[data-id='{chats['Down bot']}'] .chat-link").click()
+    expect(failed).to_have_text("The agent answered with an error (HTTP 503)")
+    assert web_page.errors == []

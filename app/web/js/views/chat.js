@@ -5,7 +5,7 @@ import { ApiError, api, download, page } from "../api.js";
 import { copy, fill, h, notify } from "../dom.js";
 import { Generation, saved, stopGeneration } from "../stream.js";
 import { Attachments } from "./attachments.js";
-import { agentById, agentLabel, avatar, messageItem, setContent, stepItem } from "./messages.js";
+import { agentById, agentLabel, avatar, messageItem, setContent, stepItem, waitText } from "./messages.js";
 
 const PAGE = 30;
 const PINNED_MAX = 100; // the most the API lists at once
@@ -23,6 +23,9 @@ export class ChatsView {
     this.agents = new Map(); // the active agents (the picker's)
     this.agentReads = new Map(); // deactivated agents read by id (agentById), their promises
     this.otherAgents = new Map(); // and those read, by id
+    // Failed answers whose n8n asked to wait (the error event's retry_after): id -> when the wait ends (ms).
+    // Read when a message is drawn; no timer, so nothing keeps a chat that was left alive.
+    this.retryAt = new Map();
     this.pendingFiles = new Map(); // chat id -> its Attachments (files uploaded, not yet sent)
     this.chatId = null;
     this.generation = null;
@@ -525,6 +528,11 @@ export class ChatsView {
     return {
       agent: this.agent,
       busy: () => Boolean(this.generation),
+      waitFor: (messageId) => {
+        const left = ((this.retryAt.get(messageId) ?? 0) - Date.now()) / 1000;
+        if (left <= 0) this.retryAt.delete(messageId);
+        return left > 0 ? left : null;
+      },
       fileUrl: (file) => `/api/chats/${this.chatId}/files/${file.id}`,
       download: (file) => download(`/api/chats/${this.chatId}/files/${file.id}`, file.filename).catch((err) => notify(errorText(err), "error")),
       edit: (message, text) => {
@@ -620,7 +628,14 @@ export class ChatsView {
         });
       },
       onEnd: (type, data) => {
-        if (type === "error") notify(data.message, "error");
+        if (type === "error") {
+          // n8n refused with 429/503 and a Retry-After: when to try again, in the toast and the error line
+          // (the stored message has no retry_after: a wait counted from the refusal would be stale later).
+          const wait = waitText(data.retry_after);
+          const id = view.item.dataset.id;
+          if (wait && id) this.retryAt.set(id, Date.now() + data.retry_after * 1000);
+          notify(wait ? `${String(data.message).replace(/\.$/, "")}. Try again in ${wait}.` : data.message, "error");
+        }
         if (chatId === this.chatId) this.finish();
       },
     };

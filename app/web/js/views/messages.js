@@ -37,6 +37,22 @@ export function agentLabel(agent) {
   return agent.is_active === false ? `${agent.name} (deactivated)` : agent.name;
 }
 
+/** A wait as people say it: "30 s", "2 min", "1 h 30 min" (minutes rounded up); null for none. */
+export function waitText(seconds) {
+  if (!(seconds > 0)) return null;
+  if (seconds < 60) return `${Math.ceil(seconds)} s`;
+  const minutes = Math.ceil(seconds / 60);
+  if (minutes < 60) return `${minutes} min`;
+  const rest = minutes % 60;
+  return `${Math.floor(minutes / 60)} h${rest ? ` ${rest} min` : ""}`;
+}
+
+/** A failed answer's error line, with "Try again in …" while n8n's Retry-After (`actions.waitFor`) runs. */
+function errorLine(message, actions) {
+  const wait = waitText(actions.waitFor?.(message.id));
+  return wait ? `${message.error.message.replace(/\.$/, "")}. Try again in ${wait}.` : message.error.message;
+}
+
 /** Bytes as people read them: 812 B, 4.2 KB, 1.3 MB. */
 export function size(bytes) {
   if (bytes < 1000) return `${bytes} B`;
@@ -107,7 +123,8 @@ export function setContent(el, role, text) {
 
 /**
  * The element of a stored Message. `actions`: {edit(message, newText), regenerate(message),
- * switchTo(siblingId), feedback(message, rating), fileUrl(file), download(file), agent, busy()}, or
+ * switchTo(siblingId), feedback(message, rating), fileUrl(file), download(file), agent, busy(), waitFor(messageId):
+ * seconds left before the answer may be tried again, or null}, or
  * {readOnly: true, agent} for a message that can only be read.
  */
 export function messageItem(message, actions) {
@@ -128,7 +145,7 @@ export function messageItem(message, actions) {
       content,
       fileList(message.files, actions),
       STATUS_TEXT[message.status] && h("p", { class: "badge" }, STATUS_TEXT[message.status]),
-      message.error?.message && h("p", { class: "error" }, message.error.message),
+      message.error?.message && h("p", { class: "error" }, errorLine(message, actions)),
       !actions.readOnly && footer(message, actions),
     ),
   );
