@@ -914,3 +914,24 @@ def test_an_answer_refused_with_retry_after_says_when_to_try_again(
     page.locator(f".chat-list li[data-id='{chats['Down bot']}'] .chat-link").click()
     expect(failed).to_have_text("The agent answered with an error (HTTP 503)")
     assert web_page.errors == []
+
+
+def test_a_long_unbroken_word_keeps_the_chat_within_a_phones_width(web_page: Watched, team: Team) -> None:
+    """A first message of one long word becomes the chat's title: the header's title did not wrap or shorten,
+    so on a phone the page scrolled sideways and the chat's ⋯ menu was pushed off the screen. The title is now
+    cut with an ellipsis (whole in its tooltip); the messages wrap as before."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    page.set_viewport_size({"width": 400, "height": 800})  # a phone: the chat alone
+    word = "a" * 400
+    send(page, word)
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".pane .chat-header h1")).to_have_attribute("title", re.compile("^a{50}"))
+    assert page.evaluate("document.documentElement.scrollWidth") <= 400
+    menu = page.locator(".pane .chat-header").get_by_label(re.compile("^Actions for "))
+    box = menu.bounding_box()
+    assert box is not None
+    assert box["x"] + box["width"] <= 400
+    menu.click()
+    expect(page.locator(".pane .chat-header").get_by_role("button", name="Export as JSON")).to_be_in_viewport()
+    assert web_page.errors == []
