@@ -533,7 +533,9 @@ async def test_send_message_while_generation_runs_is_409(
 async def test_concurrent_sends_give_one_200_and_409s(
     app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
-    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream?scenario=slow&delay_ms=20")
+    # The answer lasts ~1 s: at 20 ms a token it ended within ~60 ms, and on a loaded machine the last of the six
+    # sends could come after it (a second 200).
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream?scenario=slow&delay_ms=300")
     responses = await asyncio.gather(*(send(client, setup, f"message {i}") for i in range(6)))
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] + [409] * 5
