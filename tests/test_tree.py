@@ -282,7 +282,8 @@ async def test_send_on_another_branch_while_one_streams_is_409(
 async def test_racing_edit_regenerate_and_send_give_one_200_and_409s(
     client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
-    setup = await chat_with_agent(session, settings, fake.url + ECHO + "?scenario=slow&delay_ms=30")
+    # The answers last ~1 s: at 30 ms a token the winner could end before a loaded machine sent the others.
+    setup = await chat_with_agent(session, settings, fake.url + ECHO + "?scenario=slow&delay_ms=300")
     first, _ = await two_turns(client, setup)
     responses = await asyncio.gather(
         post(client, setup, {"regenerate_of": first["done"]["id"]}),
