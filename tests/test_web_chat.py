@@ -461,6 +461,28 @@ def test_enter_confirming_an_ime_composition_does_not_send_an_edit(web_page: Wat
     assert len(team.get(f"/api/chats/{chat_id}/messages")) == 2  # nothing was sent
 
 
+def test_safaris_composition_enter_with_key_code_229_sends_nothing(web_page: Watched, team: Team) -> None:
+    """Some Safari versions mark the Enter that confirms an IME composition with keyCode 229, not `isComposing`:
+    the message box sent the half-written text, and the edit form its edit. Both now leave it to the input
+    method; the same Enter without 229 still sends (the control that the dispatched event reaches the page)."""
+    page = web_page.page
+    edited = editing_the_first_question(web_page, team)
+    chat_id = page.url.rsplit("/", 1)[1]
+    safari = {"key": "Enter", "keyCode": 229, "bubbles": True, "cancelable": True}
+    edited.fill("にほんご")
+    edited.dispatch_event("keydown", safari)
+    box = page.get_by_label("Message", exact=True)
+    box.fill("かんじ")
+    box.dispatch_event("keydown", safari)
+    page.wait_for_timeout(1000)
+    expect(page.locator(".edit-form")).to_be_visible()
+    expect(box).to_have_value("かんじ")
+    assert len(team.get(f"/api/chats/{chat_id}/messages")) == 2  # nothing was sent
+    box.dispatch_event("keydown", {"key": "Enter", "bubbles": True, "cancelable": True})
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(2)
+    assert answer_text(page) == "Echo: かんじ"
+
+
 def test_regenerate_and_feedback(web_page: Watched, team: Team) -> None:
     page = web_page.page
     open_new_chat(web_page, team)

@@ -40,6 +40,12 @@ export function formValues(form) {
   return values;
 }
 
+/**
+ * A keydown that belongs to an IME composition (Japanese, Chinese...), whose Enter confirms the text rather than
+ * sends it: `isComposing`, or keyCode 229, which some Safari versions send instead for the composition's Enter.
+ */
+export const composing = (event) => event.isComposing || event.keyCode === 229;
+
 /** A message in the page's toast area (role=status, so screen readers announce it). */
 export function notify(text, kind = "info") {
   const area = document.getElementById("toasts");

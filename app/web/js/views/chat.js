@@ -2,7 +2,7 @@
 // chat pane (agent picker, messages, composer with attachments, streaming, stop, resume after reload, edit,
 // regenerate, branches, feedback). Each chat's menu (in the list and in the chat's header) shares and exports it.
 import { ApiError, api, download, page } from "../api.js";
-import { copy, fill, h, notify } from "../dom.js";
+import { composing, copy, fill, h, notify } from "../dom.js";
 import { Generation, saved, stopGeneration } from "../stream.js";
 import { Attachments } from "./attachments.js";
 import { agentById, agentLabel, avatar, messageItem, setContent, stepItem, waitText } from "./messages.js";
@@ -458,7 +458,7 @@ export class ChatsView {
     });
     this.input.value = draft;
     this.input.addEventListener("keydown", (event) => {
-      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      if (event.key === "Enter" && !event.shiftKey && !composing(event)) {
         event.preventDefault();
         this.composer.requestSubmit();
       }

@@ -2,7 +2,7 @@
 // switcher and the actions (edit, regenerate, feedback). Actions call back into the chat view (views/chat.js);
 // a read-only view (a shared chat, views/shares.js) passes `readOnly` and gets none of them.
 import { api } from "../api.js";
-import { h } from "../dom.js";
+import { composing, h } from "../dom.js";
 import { renderMarkdown } from "../markdown.js";
 
 const STATUS_TEXT = {
@@ -226,7 +226,7 @@ function wireEdit(item, message, actions) {
     );
     text.addEventListener("keydown", (event) => {
       if (event.key === "Escape") form.replaceWith(content);
-      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { // not the Enter ending an IME composition
+      if (event.key === "Enter" && !event.shiftKey && !composing(event)) { // not the Enter ending an IME composition
         event.preventDefault();
         form.requestSubmit();
       }
