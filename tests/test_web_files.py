@@ -444,6 +444,45 @@ def test_a_deactivated_agents_chats_and_shares_show_its_name(web_page: Watched, 
     assert web_page.errors == []
 
 
+def test_fork_of_a_share_whose_agent_is_inactive_is_disabled_with_the_reason(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """ "Fork into my chats" on a share whose agent was deactivated stayed enabled, and each click got the API's
+    409 in a toast that faded, the button enabled again. It is now disabled with the reason beside it; an agent
+    deactivated after the share was opened gets the same from the API's refusal."""
+    old = team.create_agent(f"{fake_n8n_url}/webhook/agent-stream", name="Old bot")
+    later = team.create_agent(f"{fake_n8n_url}/webhook/agent-stream", name="Later bot")
+    with team.api() as client:
+        share_ids = [
+            client.post(f"/api/chats/{team.create_chat(agent['id'])['id']}/share").json()["id"]
+            for agent in (old, later)
+        ]
+        assert client.put(f"/api/agents/{old['id']}", json={"is_active": False}).status_code == 200
+    page = web_page.page
+    forks: list[int] = []
+    page.on("response", lambda r: forks.append(r.status) if r.url.endswith("/fork") else None)
+    log_in(page, team.email)
+    page.goto(f"/#/shares/{share_ids[0]}")
+    fork = page.get_by_role("button", name="Fork into my chats")
+    expect(fork).to_be_disabled()
+    expect(page.locator(".fork-why")).to_have_text(
+        "Fork is unavailable: Old bot was deactivated, and a fork continues with it. An admin can reactivate it."
+    )
+    expect(fork).to_have_accessible_description(re.compile("Old bot was deactivated"))
+    # The other share's agent is deactivated once its share is open: the API's refusal, and Fork stays disabled.
+    page.goto(f"/#/shares/{share_ids[1]}")
+    expect(page.locator(".shares .chat-header h1")).to_be_visible()
+    expect(page.locator(".fork-why")).to_be_hidden()
+    with team.api() as client:
+        assert client.put(f"/api/agents/{later['id']}", json={"is_active": False}).status_code == 200
+    fork.click()
+    expect(page.locator(".fork-why")).to_contain_text("Fork is unavailable: Agent is inactive")
+    expect(fork).to_be_disabled()
+    assert forks == [409]
+    assert len(team.get("/api/chats")) == 2  # no fork was made
+    assert web_page.errors == []
+
+
 def test_a_share_link_opened_signed_out_shows_the_share_once_logged_in(web_page: Watched, team: Team) -> None:
     """A teammate's share link is opened in a browser without a session: the login form, then the shared chat.
     Logging in went to the chat list instead, so the link was lost and the reader had to look for the share."""

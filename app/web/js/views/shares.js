@@ -78,7 +78,19 @@ async function showShare({ root, agentOf, user, navigate }, shareId) {
     return;
   }
   const agent = await agentOf(share.agent_id);
-  const fork = h("button", { type: "button" }, "Fork into my chats");
+  // A fork continues with the share's agent, which the API requires active (409 otherwise): Fork is disabled
+  // with the reason beside it, rather than offered only to be refused. An agent deactivated after the page
+  // read it gets the same treatment from the API's refusal.
+  const forkWhy = h("p", { id: "fork-why", class: "muted fork-why", role: "status", hidden: true });
+  const fork = h("button", { type: "button", "aria-describedby": "fork-why" }, "Fork into my chats");
+  const noFork = (reason) => {
+    fork.disabled = true;
+    forkWhy.textContent = reason;
+    forkWhy.hidden = false;
+  };
+  if (!share.agent_id) noFork("Fork is unavailable: this chat's agent was removed, and a fork needs an agent to continue with.");
+  else if (agent?.is_active === false)
+    noFork(`Fork is unavailable: ${agent.name} was deactivated, and a fork continues with it. An admin can reactivate it.`);
   fork.addEventListener("click", async () => {
     fork.disabled = true;
     try {
@@ -86,7 +98,9 @@ async function showShare({ root, agentOf, user, navigate }, shareId) {
       navigate(`/chats/${chat.id}`);
     } catch (err) {
       notify(errorText(err), "error");
-      fork.disabled = false;
+      // 409: the agent is inactive or gone, which a retry does not change.
+      if (err instanceof ApiError && err.status === 409) noFork(`Fork is unavailable: ${err.message}`);
+      else fork.disabled = false;
     }
   });
   const mine = share.user_id === user.id || user.role === "admin";
@@ -125,6 +139,7 @@ async function showShare({ root, agentOf, user, navigate }, shareId) {
       ),
       h("div", { class: "row" }, fork, remove),
     ),
+    forkWhy,
     messages,
   );
 }
