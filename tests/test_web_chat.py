@@ -224,6 +224,126 @@ def test_a_dropped_follow_after_reload_is_reconnected(web_page: Watched, team: T
     assert len(dropped) == 1
 
 
+LONG = "[delay=150] " + " ".join(f"w{i}" for i in range(40))  # an answer of about 6 s
+
+# The network drops under the send's stream: `dropNetwork()` errors its body as a lost connection does (the
+# page's reader gets a TypeError) and cancels the real one (the server sees the client go). Chromium's offline
+# mode fails new requests but leaves a stream already open running, so a test sets both.
+CUTTABLE_SEND = """
+  const realFetch = window.fetch;
+  window.fetch = async (url, init) => {
+    const response = await realFetch(url, init);
+    if (!/\\/messages$/.test(String(url)) || init?.method !== "POST" || !response.body) return response;
+    const reader = response.body.getReader();
+    const body = new ReadableStream({
+      start(controller) {
+        window.dropNetwork = () => {
+          reader.cancel();
+          controller.error(new TypeError("network error"));
+        };
+      },
+      async pull(controller) {
+        try {
+          const { value, done } = await reader.read();
+          if (done) controller.close();
+          else controller.enqueue(value);
+        } catch {
+          // cut: the controller is already errored
+        }
+      },
+    });
+    return new Response(body, { status: response.status, headers: response.headers });
+  };
+"""
+
+
+def drop_the_network(page: Page) -> None:
+    page.context.set_offline(True)
+    page.evaluate("window.dropNetwork()")
+
+
+def follows_of(page: Page) -> list[Request]:
+    follows: list[Request] = []
+    page.on("request", lambda r: follows.append(r) if "/stream" in r.url else None)
+    return follows
+
+
+def test_stop_works_while_a_dropped_answer_is_followed(web_page: Watched, team: Team) -> None:
+    """Stop pressed while the network is down cannot reach the server: it says so and stays usable; pressed
+    again once the page follows the answer again, it stops it."""
+    page = web_page.page
+    page.add_init_script(CUTTABLE_SEND)
+    open_new_chat(web_page, team)
+    send(page, LONG)
+    answer = page.locator(".msg.assistant").last
+    expect(answer.locator(".content")).to_contain_text("w3")
+    drop_the_network(page)
+    stop = page.get_by_role("button", name="Stop")
+    stop.click()
+    expect(page.locator(".toast.error", has_text="The server could not be reached.")).to_be_visible()
+    expect(stop).to_be_enabled()
+    shown = len(answer_text(page))
+    page.context.set_offline(False)
+    expect(answer.locator(".content")).not_to_have_text(answer_text(page), timeout=15_000)  # followed again
+    assert len(answer_text(page)) > shown
+    stop.click()
+    expect(page.locator(".msg.assistant[data-status=cancelled]")).to_have_count(1)
+    expect(stop).to_be_hidden()
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    assert "w39" not in answer_text(page)
+    chat_id = page.url.rsplit("/", 1)[1]
+    assert team.get(f"/api/chats/{chat_id}")["messages"][-1]["status"] == "cancelled"
+
+
+def test_an_answer_that_ended_while_the_network_was_down_is_shown_as_stored(web_page: Watched, team: Team) -> None:
+    """Back online after the answer ended: there is nothing left to follow, and the stored answer is shown."""
+    page = web_page.page
+    page.add_init_script(CUTTABLE_SEND)
+    open_new_chat(web_page, team)
+    send(page, SLOW)
+    expect(page.locator(".msg.assistant .content")).to_contain_text("w3")
+    drop_the_network(page)
+    chat_id = page.url.rsplit("/", 1)[1]
+    deadline = time.monotonic() + 15
+    while team.get(f"/api/chats/{chat_id}")["messages"][-1]["status"] == "streaming":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    page.context.set_offline(False)
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1, timeout=15_000)
+    assert answer_text(page) == f"Echo: {SLOW}"  # nothing lost, nothing twice
+    expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+    send(page, "and then")  # the composer is usable
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(2)
+    assert answer_text(page) == "Echo: and then"
+    assert web_page.errors == []
+
+
+def test_a_long_network_outage_mid_answer_does_not_give_up_following(web_page: Watched, team: Team) -> None:
+    """Five failed follows in a row (about 15 s) ended the answer as "gone", and the chat read again while
+    offline failed: the pane said "The server could not be reached." and stayed so once the network was
+    back. While the browser knows it is offline, the page now waits for the network instead of counting."""
+    page = web_page.page
+    page.add_init_script(CUTTABLE_SEND)
+    open_new_chat(web_page, team)
+    send(page, "[delay=400] " + " ".join(f"w{i}" for i in range(60)))  # about 24 s
+    expect(page.locator(".msg.assistant .content")).to_contain_text("w1")
+    follows = follows_of(page)
+    drop_the_network(page)
+    page.wait_for_timeout(17_000)
+    expect(page.get_by_role("button", name="Stop")).to_be_enabled()
+    page.context.set_offline(False)
+    expect(page.locator(".msg.assistant .content")).to_contain_text("w50", timeout=15_000)
+    # The same generation, from the last event shown: the text grew without repeating.
+    resumed = [r for r in follows if r.headers.get("last-event-id")]
+    assert resumed
+    assert all("assistant_message_id=" in r.url and int(r.headers["last-event-id"]) > 2 for r in resumed)
+    assert answer_text(page).startswith("Echo: [delay=400] w0 w1 w2 ")
+    assert answer_text(page).count(" w1 ") == 1
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator(".msg.assistant[data-status=cancelled]")).to_have_count(1)
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+
+
 def test_a_send_refused_with_409_follows_the_answer_running_in_another_tab(web_page: Watched, team: Team) -> None:
     """A send refused because another tab's answer runs in the chat left that answer unseen, shown as
     "Writing…" until a reload; the page now follows it to its end."""

@@ -143,6 +143,7 @@ export class Generation {
    * Follow the chat's running answer after `this.last` (204: it ended and the stored message is the answer).
    * A lost connection, a 5xx or a stream that closes before its terminal event is followed again from
    * `this.last`, after a growing pause: FOLLOWS times in a row without a new event, then it ends as "gone".
+   * While the browser is offline it waits for the network instead, and follows again once it is back.
    */
   async follow() {
     for (let failures = 0; !this.ended && !this.left; ) {
@@ -168,6 +169,13 @@ export class Generation {
         // a network error: followed again below
       }
       if (this.ended || this.left) return;
+      if (offline()) {
+        // The browser has no network: the server is not at fault, so nothing is counted, and the answer is
+        // followed as soon as the network is back (giving up would leave a chat that cannot be read either).
+        await online(this.aborter.signal);
+        failures = 0;
+        continue;
+      }
       failures = this.last > before ? 0 : failures + 1; // new events: the connection worked, then dropped
       if (failures >= FOLLOWS) break;
       await pause(Math.min(500 * 2 ** failures, 8000), this.aborter.signal);
@@ -178,6 +186,22 @@ export class Generation {
     }
   }
 }
+
+/** The browser knows it has no network (`navigator.onLine` false is certain; true may not be). */
+const offline = () => navigator.onLine === false;
+
+/** Wait until the browser is online again, or `signal` aborts (the page moved on). */
+const online = (signal) =>
+  new Promise((resolve) => {
+    const done = () => {
+      window.removeEventListener("online", done);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    window.addEventListener("online", done);
+    signal.addEventListener("abort", done, { once: true });
+    if (!offline() || signal.aborted) done();
+  });
 
 /** Wait `ms`, or less when `signal` aborts (the page moved on); no listener is left behind either way. */
 const pause = (ms, signal) =>
