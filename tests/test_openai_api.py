@@ -265,6 +265,40 @@ async def test_an_agents_429_with_retry_after_is_openais_rate_limit_error(
     )
 
 
+async def test_an_agents_503_with_retry_after_is_a_503_the_client_may_retry(
+    session: AsyncSession, setup: Setup, fake: FakeN8n
+) -> None:
+    """n8n (or a proxy) answered 503 "unavailable" with a Retry-After: it ran nothing, as on a 429. It was a 502
+    with `x-should-retry: false` and no Retry-After, so the SDK user never learnt the wait (a streamed completion
+    had it in its error chunk). Now a 503 with that Retry-After, which the official client waits for and retries
+    (each try counting against the quota); past 60 s it says `x-should-retry: false`."""
+    await _point_agent(session, setup, f"{fake.url}/webhook/x?scenario=status&status=503&retry_after=1")
+    client = openai.AsyncOpenAI(base_url=f"{setup.server.url}/v1", api_key=setup.key, max_retries=1, timeout=20)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+    assert caught.value.status_code == 503
+    assert caught.value.body == {
+        "message": "The agent answered with an error (HTTP 503)",
+        "type": "server_error",
+        "code": "upstream_error",
+    }
+    assert caught.value.response.headers["retry-after"] == "1"
+    assert "x-should-retry" not in caught.value.response.headers
+    assert len(fake.requests) == 2  # waited as told, then sent again once
+    await _point_agent(session, setup, f"{fake.url}/webhook/x?scenario=status&status=503&retry_after=3600")
+    with pytest.raises(openai.InternalServerError) as caught:
+        await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
+    assert (caught.value.status_code, caught.value.response.headers["retry-after"]) == (503, "3600")
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    # Without a usable Retry-After a 503 is the agent's failure like any other: 502, not to be sent again.
+    await _point_agent(session, setup, f"{fake.url}/webhook/x?scenario=status&status=503")
+    with pytest.raises(openai.APIStatusError) as caught:
+        await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    assert caught.value.response.headers["x-should-retry"] == "false"
+
+
 async def test_an_agents_429_without_a_usable_retry_after_stays_a_502(
     session: AsyncSession, setup: Setup, fake: FakeN8n
 ) -> None:

@@ -157,15 +157,16 @@ def _failure_status(failure: StreamFailure) -> int:
 
 
 def _failure_response(failure: StreamFailure) -> JSONResponse:
-    """A failed completion in OpenAI's shape. n8n's 429 with a usable Retry-After (its or a proxy's rate limit)
-    is OpenAI's `rate_limit_error` with that Retry-After: n8n refused the request, so the official clients may
-    wait and send it again (not past the longest wait they honour: then `x-should-retry: false`). Any other
-    failure means the workflow may have run: they must not send it again on their own (they retry a 5xx by
-    default, running the workflow, and its side effects, up to three times)."""
+    """A failed completion in OpenAI's shape. n8n's 429 or 503 with a usable Retry-After (its or a proxy's rate
+    limit or unavailability) keeps its status (429 is OpenAI's `rate_limit_error`) with that Retry-After: n8n
+    refused the request, so the official clients may wait and send it again (not past the longest wait they
+    honour: then `x-should-retry: false`). Any other failure means the workflow may have run: they must not
+    send it again on their own (they retry a 5xx by default, running the workflow, and its side effects, up to
+    three times)."""
     wait = failure.retry_after
-    if failure.upstream_status == 429 and wait is not None:
+    if failure.upstream_status in (429, 503) and wait is not None:
         headers = {"Retry-After": str(wait), **(NO_RETRY if wait > CLIENT_RETRY_AFTER_MAX else {})}
-        return openai_error(429, failure.message, code=failure.code, headers=headers)
+        return openai_error(failure.upstream_status, failure.message, code=failure.code, headers=headers)
     return openai_error(_failure_status(failure), failure.message, code=failure.code, headers=NO_RETRY)
 
 
@@ -254,7 +255,8 @@ def _chunk(
         ),
         503: openai_error_doc(
             "The server is shutting down: refused before it starts (code service_unavailable), or stopped "
-            "after the shutdown's grace period (code interrupted)",
+            "after the shutdown's grace period (code interrupted); or the agent's n8n (or a proxy in front of "
+            "it) answered 503 with a Retry-After (code upstream_error; see Retry-After)",
             "server_error",
             "service_unavailable",
             "The server is shutting down; try again",
