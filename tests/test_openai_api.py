@@ -476,6 +476,40 @@ async def test_a_session_token_works_and_x_session_id_scopes_n8n_memory(
         ({"messages": [{"role": "user", "content": "hi"}]}, 422),
         ("not json", 422),
         ({"model": "helper", "n": 2, "messages": [{"role": "user", "content": "hi"}]}, 422),  # one answer a call
+        # OpenAI's ranges: a client's bug is told, not hidden by a parameter that is not used anyway.
+        ({"model": "helper", "temperature": 5, "messages": [{"role": "user", "content": "hi"}]}, 422),
+        ({"model": "helper", "top_p": -0.5, "messages": [{"role": "user", "content": "hi"}]}, 422),
+        ({"model": "helper", "max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]}, 422),
+        # What the answer cannot carry: the client would read logprobs that are not there.
+        ({"model": "helper", "logprobs": True, "messages": [{"role": "user", "content": "hi"}]}, 422),
+        ({"model": "helper", "top_logprobs": 3, "messages": [{"role": "user", "content": "hi"}]}, 422),
+        # An image beside the question (or earlier in the history) was dropped: the agent answered about a
+        # picture it never saw.
+        (
+            {
+                "model": "helper",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "what is in this picture?"},
+                            {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}},
+                        ],
+                    }
+                ],
+            },
+            422,
+        ),
+        (
+            {
+                "model": "helper",
+                "messages": [
+                    {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AA=="}}]},
+                    {"role": "user", "content": "and now?"},
+                ],
+            },
+            422,
+        ),
         ({"model": "helper", "stream": "yes", "messages": [{"role": "user", "content": "hi"}]}, 422),
         (
             {
@@ -503,6 +537,30 @@ async def test_bad_requests_are_4xx_in_openai_shape(
     assert error["type"] == "invalid_request_error"
     assert fake.requests == []
     assert await count_rows(session, "usage_records") == 0
+
+
+async def test_parameters_in_openais_ranges_and_text_parts_are_accepted(setup: Setup, fake: FakeN8n) -> None:
+    """What the SDK sends for a text-only chat still works: sampling parameters in range (not used), `tools` (not
+    used), content as a list of text parts, a `developer` message (an instruction, as `system`)."""
+    answer = await setup.client.chat.completions.create(
+        model="helper",
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+        ],
+        temperature=2,
+        top_p=0,
+        max_tokens=1,
+        max_completion_tokens=5,
+        presence_penalty=-2,
+        frequency_penalty=2,
+        logprobs=False,
+        top_logprobs=0,
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    )
+    assert answer.choices[0].message.content == "Echo: one two"
+    sent = fake.requests[0]["json"]
+    assert (sent["chatInput"], sent["system_prompt"][:8]) == ("one\ntwo", "be brief")
 
 
 async def test_missing_credentials_and_unknown_routes_are_openai_shaped(setup: Setup) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from app.auth import CurrentCaller
 from app.config import Settings
@@ -85,7 +85,9 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """OpenAI's request; fields this service does not use (temperature, tools...) are accepted and ignored."""
+    """OpenAI's request; fields this service does not use (temperature, tools...) are accepted and ignored, but
+    the sampling ones must lie in OpenAI's ranges (a client's bug is told, not hidden), and what would change the
+    answer's shape (`n` > 1, `logprobs`) is refused: the client would read what is not there."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -98,6 +100,21 @@ class ChatCompletionRequest(BaseModel):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = Field(None, description="Only with `stream: true` (422 otherwise).")
     n: int | None = Field(None, ge=1, le=1, description="One answer per call: only 1 (or leaving it out).")
+    logprobs: StrictBool | None = Field(None, description="Not available: only `false` (or leaving it out).")
+    top_logprobs: int | None = Field(None, ge=0, le=0, description="Not available: only 0 (or leaving it out).")
+    temperature: float | None = Field(None, ge=0, le=2, description="Accepted (0-2) and not used.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Accepted (0-1) and not used.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Accepted (-2 to 2) and not used.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Accepted (-2 to 2) and not used.")
+    max_tokens: int | None = Field(None, ge=1, description="Accepted (at least 1) and not used.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Accepted (at least 1) and not used.")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("logprobs are not available: the agent's answer has none")
+        return value
 
 
 class ModelRead(BaseModel):

@@ -69,6 +69,22 @@ async def list_models(*, session: AsyncSession, user: Caller, slug: str | None =
     return [(row.slug, row.created_at) for row in rows]
 
 
+#: Content parts that carry text: an assistant turn's `refusal` part is skipped like any turn without text.
+TEXT_PARTS = frozenset({"text", "refusal"})
+NON_TEXT_CONTENT = "Only text content is supported: image, audio and file parts cannot be sent to the agent"
+
+
+def check_text_only(messages: list[dict[str, Any]]) -> None:
+    """422 for a message with an image, audio or file part: dropping it would have the agent answer a question
+    about a picture it never saw."""
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list) and any(
+            not isinstance(part, dict) or part.get("type") not in TEXT_PARTS for part in content
+        ):
+            raise Unprocessable(NON_TEXT_CONTENT, loc=("body", "messages", index, "content"))
+
+
 def message_text(content: Any) -> str | None:
     """OpenAI's content: a string, or a list of parts of which the `text` ones count; None when neither."""
     if isinstance(content, str):
@@ -122,6 +138,7 @@ async def prepare_completion(
 ) -> Completion:
     """Check the request, find the agent (the team's active one with that slug, else 404) and claim the
     quota, in this order, so a refused request counts nothing; the session's transaction is over on return."""
+    check_text_only(messages)
     system_parts: list[str] = []
     prior: list[dict[str, Any]] = []
     # Whether the last message that is not an instruction is a user one with text: a final image-only
