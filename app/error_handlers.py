@@ -161,16 +161,32 @@ def is_openai_path(path: str) -> bool:
     return path.startswith(OPENAI_PREFIX) or path == OPENAI_PREFIX.rstrip("/")
 
 
-def openai_error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error body for `status`: its `type`, and `code` or the status's default (`OPENAI_ERRORS`)."""
+def openai_error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body for `status`: its `type`, `code` or the status's default (`OPENAI_ERRORS`), and `param`,
+    the field at fault (null when none), which the official clients expose as `error.param`."""
     kind, default_code = OPENAI_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
-    return {"error": {"message": message, "type": kind, "code": code or default_code}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
 
 
 def openai_error(
-    status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
-    return JSONResponse(openai_error_body(status, message, code), status_code=status, headers=headers)
+    return JSONResponse(openai_error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def _param(detail: Any) -> str | None:
+    """The first invalid field of a validation `detail`, written as OpenAI writes it: `messages.[0].content`."""
+    if not isinstance(detail, list) or not detail or not isinstance(detail[0], dict):
+        return None
+    loc = list(detail[0].get("loc", []))
+    if loc and loc[0] in ("body", "path", "query", "header"):
+        loc = loc[1:]
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc) or None
 
 
 def _as_message(detail: Any) -> str:
@@ -210,7 +226,7 @@ def _openai_shaped(handler: Handler) -> Handler:
         code = getattr(exc, "openai_code", None)
         if response.status_code == 429 and _waits_longer_than_clients_do(headers):
             headers.update(NO_RETRY)
-        return openai_error(response.status_code, _as_message(detail), code=code, headers=headers)
+        return openai_error(response.status_code, _as_message(detail), code=code, headers=headers, param=_param(detail))
 
     return shaped
 

@@ -501,6 +501,7 @@ class ApiKeyCreatedRead(ApiKeyRead):
 class OpenAIError(BaseModel):
     message: str
     type: str = Field(description="e.g. invalid_request_error, authentication_error, rate_limit_error, server_error")
+    param: str | None = Field(description="The request field at fault, e.g. `temperature`, `messages.[0].content`")
     code: str | None = Field(description="e.g. model_not_found, invalid_api_key, or the agent's failure code")
 
 

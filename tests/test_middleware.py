@@ -176,7 +176,12 @@ async def test_unhandled_error_on_v1_is_a_500_in_openai_shape(tclient: httpx.Asy
     response = await tclient.get("/v1/test/boom", headers={"X-Request-ID": "req-v1"})
     assert response.status_code == 500
     assert response.json() == {
-        "error": {"message": "Internal server error (request id req-v1)", "type": "server_error", "code": None}
+        "error": {
+            "message": "Internal server error (request id req-v1)",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
     }
     assert "secret internal detail" not in response.text
 

@@ -223,7 +223,7 @@ async def test_upstream_failure_without_stream_is_a_502_in_openai_shape(
         await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.status_code == 502
     body: Any = caught.value.body
-    assert set(body) == {"message", "type", "code"}
+    assert set(body) == {"message", "type", "param", "code"}
     assert body["type"] == "server_error"
     assert body["code"] == "upstream_error"
     assert (await session.execute(select(UsageRecord.outcome))).scalars().all() == ["error"]
@@ -253,6 +253,7 @@ async def test_an_agents_429_with_retry_after_is_openais_rate_limit_error(
     assert caught.value.body == {
         "message": "The agent answered with an error (HTTP 429)",
         "type": "rate_limit_error",
+        "param": None,
         "code": "upstream_error",
     }
     assert caught.value.response.headers["retry-after"] == retry_after
@@ -281,6 +282,7 @@ async def test_an_agents_503_with_retry_after_is_a_503_the_client_may_retry(
     assert caught.value.body == {
         "message": "The agent answered with an error (HTTP 503)",
         "type": "server_error",
+        "param": None,
         "code": "upstream_error",
     }
     assert caught.value.response.headers["retry-after"] == "1"
@@ -343,6 +345,7 @@ async def test_revoked_key_is_refused(session: AsyncSession, setup: Setup) -> No
     assert caught.value.body == {
         "message": "Could not validate credentials",
         "type": "authentication_error",
+        "param": None,
         "code": "invalid_api_key",
     }
     assert await count_rows(session, "api_keys") == 0
@@ -533,7 +536,7 @@ async def test_bad_requests_are_4xx_in_openai_shape(
         )
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "code"}
+    assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error"
     assert fake.requests == []
     assert await count_rows(session, "usage_records") == 0
@@ -563,6 +566,30 @@ async def test_parameters_in_openais_ranges_and_text_parts_are_accepted(setup: S
     assert (sent["chatInput"], sent["system_prompt"][:8]) == ("one\ntwo", "be brief")
 
 
+async def test_an_invalid_request_names_its_param_as_openai_does(setup: Setup, fake: FakeN8n) -> None:
+    """OpenAI's errors carry `param`, the field at fault, which the SDK exposes as `error.param`: a client (or its
+    user) learns what to fix without parsing the message. Null where no field is at fault."""
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"temperature": 3}, "temperature"),
+        ({"messages": []}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.[0].content",
+        ),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
+        ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+    ]
+    for change, param in cases:
+        request: dict[str, Any] = {"model": "helper", "messages": [{"role": "user", "content": "hi"}], **change}
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            await setup.client.chat.completions.create(**request)
+        assert caught.value.param == param, change
+    with pytest.raises(openai.NotFoundError) as missing:
+        await setup.client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert (missing.value.code, missing.value.param) == ("model_not_found", None)
+    assert fake.requests == []
+
+
 async def test_missing_credentials_and_unknown_routes_are_openai_shaped(setup: Setup) -> None:
     async with httpx.AsyncClient(base_url=setup.server.url) as http:
         anonymous = await http.get("/v1/models")
@@ -571,7 +598,9 @@ async def test_missing_credentials_and_unknown_routes_are_openai_shaped(setup: S
     assert anonymous.json()["error"]["type"] == "authentication_error"
     assert unknown.status_code == 404
     # Not `model_not_found`: no model was named (OpenAI's own unknown URLs have no code either).
-    assert unknown.json() == {"error": {"message": "Not Found", "type": "invalid_request_error", "code": None}}
+    assert unknown.json() == {
+        "error": {"message": "Not Found", "type": "invalid_request_error", "param": None, "code": None}
+    }
     async with httpx.AsyncClient(base_url=setup.server.url) as http:
         bare = await http.get("/v1", headers={"Authorization": f"Bearer {setup.key}"})
     assert bare.status_code == 404
@@ -695,6 +724,7 @@ async def test_stream_options_without_stream_is_refused_as_openai_does(
     assert body == {
         "message": "stream_options: The 'stream_options' parameter is only allowed when 'stream' is enabled",
         "type": "invalid_request_error",
+        "param": "stream_options",
         "code": "invalid_request",
     }
     # `stream` left out is `false` too; `stream_options: null` is no option at all.

@@ -20,8 +20,8 @@ def error_doc(description: str, example: str | None = None) -> dict[str, Any]:
 
 
 def openai_error_doc(description: str, type_: str, code: str | None, message: str | None = None) -> dict[str, Any]:
-    """One documented error of the `/v1` routes, in OpenAI's shape `{"error": {message, type, code}}`."""
-    error = {"message": message or description, "type": type_, "code": code}
+    """One documented error of the `/v1` routes, in OpenAI's shape `{"error": {message, type, param, code}}`."""
+    error = {"message": message or description, "type": type_, "param": None, "code": code}
     return {
         "model": OpenAIErrorRead,
         "description": description,
