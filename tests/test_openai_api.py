@@ -942,6 +942,7 @@ async def test_shutdown_interrupts_running_completions_after_the_grace(
     assert answer.json()["error"] == {
         "message": "The server stopped before the answer was complete",
         "type": "server_error",
+        "param": None,
         "code": "interrupted",
     }
     frames = _frames(stream.text)
