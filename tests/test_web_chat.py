@@ -389,6 +389,98 @@ def test_a_send_whose_connection_drops_is_retried_without_a_second_message(
     assert len([r for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]) == 1
 
 
+def test_a_message_sent_while_offline_is_sent_once_the_network_is_back(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """A send made offline was tried 3 times within about 1 s, then the page followed an answer that never
+    started, got a 204 and showed the chat without the question: the message was lost. While the browser is
+    offline the send now waits for the network, says so, and is sent once it is back."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    keys: list[str] = []
+    page.on("request", lambda r: keys.append(r.headers["idempotency-key"]) if "idempotency-key" in r.headers else None)
+    page.context.set_offline(True)
+    send(page, "sent when back")
+    waiting = page.locator(".msg.assistant .live-status")
+    expect(waiting).to_have_text("Waiting for the network: sent as soon as it is back.")
+    page.wait_for_timeout(3_000)  # longer than the send's retries took
+    expect(waiting).to_be_visible()
+    expect(page.locator(".msg.user .content")).to_have_text("sent when back")
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    page.context.set_offline(False)
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1, timeout=15_000)
+    assert answer_text(page) == "Echo: sent when back"
+    expect(page.locator(".msg.user")).to_have_count(1)
+    chat_id = page.url.rsplit("/", 1)[1]
+    stored = team.get(f"/api/chats/{chat_id}")["messages"]
+    assert [m["content"] for m in stored] == ["sent when back", "Echo: sent when back"]
+    assert len(set(keys)) == 1
+    send(page, "and then")  # the composer is usable
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(2)
+    assert web_page.errors == []
+
+
+def test_a_send_that_reached_the_server_while_it_could_not_answer_is_not_stored_twice(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """The server got the send, but no HTTP answer came back to it or to its retries (a proxy dropping them):
+    the text went nowhere, as above. It now goes back into the message box with an error; sent again, the same
+    Idempotency-Key gets the stored answer replayed, and the question is not stored a second time."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    keys: list[str] = []
+
+    def unreachable(route: Route) -> None:
+        keys.append(route.request.headers["idempotency-key"])
+        if len(keys) == 1:
+            route.fetch()  # the server got it and answered in full...
+        route.abort("connectionrefused")  # ...but no answer reaches the browser
+
+    page.route("**/api/chats/*/messages", unreachable)
+    send(page, "only once")
+    not_sent = "Your message was not sent: the server could not be reached."
+    expect(page.locator(".toast.error", has_text=not_sent)).to_be_visible()
+    box = page.get_by_label("Message", exact=True)
+    expect(box).to_have_value("only once")
+    expect(page.locator(".msg.streaming")).to_have_count(0)
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    assert len(keys) == 3
+    page.unroute("**/api/chats/*/messages")
+    box.press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    assert answer_text(page) == "Echo: only once"
+    expect(page.locator(".msg.user")).to_have_count(1)
+    chat_id = page.url.rsplit("/", 1)[1]
+    assert len(team.get(f"/api/chats/{chat_id}/messages")) == 2  # one question, one answer
+    assert len([r for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]) == 1
+    expect(box).to_have_value("")
+    send(page, "and then")  # a new message: a new key
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(2)
+    assert answer_text(page) == "Echo: and then"
+
+
+def test_an_edit_that_cannot_reach_the_server_stays_in_its_form(web_page: Watched, team: Team) -> None:
+    """An edit sent while the server cannot be reached: the chat shows as stored, and the edit form again holds
+    the edited text, to send once the server is back."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "hello")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    page.route("**/api/chats/*/messages", lambda route: route.abort("connectionrefused"))
+    page.locator(".msg.user [data-action=edit]").click()
+    page.get_by_label("Edited message").fill("hello again")
+    page.get_by_label("Edited message").press("Enter")
+    expect(page.locator(".toast.error", has_text="Your message was not sent")).to_be_visible()
+    expect(page.get_by_label("Edited message")).to_have_value("hello again")
+    assert answer_text(page) == "Echo: hello"
+    page.unroute("**/api/chats/*/messages")
+    page.get_by_label("Edited message").press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete] .content")).to_have_text("Echo: hello again")
+    expect(page.locator(".branches").first).to_contain_text("2 / 2")
+
+
 def test_a_send_that_drops_after_its_start_follows_from_the_last_event(
     web_page: Watched, team: Team, fake_n8n_url: str
 ) -> None:

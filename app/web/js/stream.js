@@ -53,9 +53,20 @@ export const saved = {
   },
 };
 
+/** A send that never reached an answer: the server could not be reached (no HTTP answer at all). `key` is its
+ * Idempotency-Key, to send the same message again with: if it did reach the server, it is answered, not stored
+ * twice. */
+export class NotSent extends Error {
+  constructor(key) {
+    super("Your message was not sent: the server could not be reached.");
+    this.key = key;
+  }
+}
+
 /**
  * One generation as this tab sees it. `handlers`: onStart(data), onStatus(data), onTool(data),
- * onText(fullText), onEnd(type, data). `from` resumes a saved position ({generation, last, text}).
+ * onText(fullText), onEnd(type, data), onWaiting(waiting) (a send waiting for the network). `from` resumes a
+ * saved position ({generation, last, text}).
  */
 export class Generation {
   constructor(chatId, handlers, from = null) {
@@ -111,15 +122,19 @@ export class Generation {
   }
 
   /**
-   * POST a message (`body`: {content} | {content, edit_of} | {regenerate_of}). A refusal (JSON 4xx/5xx) throws
-   * an ApiError; a connection lost before the `start` event is retried with the same Idempotency-Key
-   * (nothing is sent twice). Once `start` came, the answer is followed on /stream from the last event
-   * handled: a retried send answers the whole stream again, and once its live events are gone it is rebuilt
-   * from storage with the text in one event, which would be added to the text already shown.
+   * POST a message (`body`: {content} | {content, edit_of} | {regenerate_of}) with Idempotency-Key `key`. A
+   * refusal (JSON 4xx/5xx) throws an ApiError; a connection lost before the `start` event is retried with the
+   * same key (the server answers a request it already has with the same generation: nothing is stored or sent
+   * to n8n twice). While the browser is offline nothing is counted: the send waits for the network
+   * (onWaiting(true), then onWaiting(false)) and is tried again. RETRIES failures in a row while online, and
+   * no `start`: the server cannot be reached, and NotSent is thrown, so the caller gives the text back to the
+   * user (sent again with the same key, a request that did reach the server is answered, not stored twice).
+   * Once `start` came, the answer is followed on /stream from the last event handled: a retried send answers
+   * the whole stream again, and once its live events are gone it is rebuilt from storage with the text in one
+   * event, which would be added to the text already shown.
    */
-  async send(body) {
-    const key = randomId();
-    for (let attempt = 0; attempt < RETRIES && !this.ended && !this.generation; attempt++) {
+  async send(body, key = randomId()) {
+    for (let failures = 0; !this.ended && !this.generation && !this.left; ) {
       try {
         const response = await api(`/api/chats/${this.chatId}/messages`, {
           method: "POST",
@@ -132,9 +147,17 @@ export class Generation {
         await this.consume(response);
       } catch (err) {
         if (err instanceof ApiError) throw err;
-        if (this.left) return;
+        // a network error: tried again below
       }
-      if (!this.ended && !this.generation) await new Promise((r) => setTimeout(r, 400 * (attempt + 1)));
+      if (this.ended || this.generation || this.left) break;
+      if (offline()) {
+        this.handlers.onWaiting?.(true);
+        await online(this.aborter.signal);
+        if (!this.left) this.handlers.onWaiting?.(false);
+        continue;
+      }
+      if (++failures >= RETRIES) throw new NotSent(key);
+      await pause(400 * failures, this.aborter.signal);
     }
     if (!this.ended && !this.left) await this.follow();
   }

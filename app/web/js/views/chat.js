@@ -3,7 +3,7 @@
 // regenerate, branches, feedback). Each chat's menu (in the list and in the chat's header) shares and exports it.
 import { ApiError, api, download, page } from "../api.js";
 import { composing, copy, fill, h, notify } from "../dom.js";
-import { Generation, saved, stopGeneration } from "../stream.js";
+import { Generation, NotSent, saved, stopGeneration } from "../stream.js";
 import { Attachments } from "./attachments.js";
 import { agentById, agentLabel, avatar, messageItem, setContent, stepItem, waitText } from "./messages.js";
 
@@ -29,6 +29,7 @@ export class ChatsView {
     this.pendingFiles = new Map(); // chat id -> its Attachments (files uploaded, not yet sent)
     this.chatId = null;
     this.generation = null;
+    this.unsent = null; // {chatId, body (JSON), key} of the send that could not reach the server, to reuse its key
     this.query = { q: "", archived: false, shown: 0 };
     this.listSeq = 0; // the latest loadChats of a new list
     this.list = h("ul", { class: "chat-list", "aria-label": "Chats" });
@@ -602,6 +603,11 @@ export class ChatsView {
         view.item.setAttribute("data-id", data.assistant_message_id);
         if (view.stopping && chatId === this.chatId) this.stop(); // Stop was pressed before the server had it
       },
+      onWaiting: (waiting) => {
+        const line = q(".live-status");
+        line.textContent = "Waiting for the network: sent as soon as it is back.";
+        line.hidden = !waiting;
+      },
       onStatus: (data) => {
         const line = q(".live-status");
         line.textContent = data.description;
@@ -654,14 +660,42 @@ export class ChatsView {
     this.live = view;
     this.generation = new Generation(chatId, this.handlers(chatId, view));
     this.setBusy(true);
+    // The same message sent again after the server could not be reached: the same Idempotency-Key, so that
+    // one which did reach it is answered (replayed), not stored a second time.
+    const json = JSON.stringify(body);
+    const unsent = this.unsent?.chatId === chatId && this.unsent.body === json ? this.unsent : null;
+    this.unsent = null;
     try {
-      await this.generation.send(body);
+      await this.generation.send(body, unsent?.key);
     } catch (err) {
+      if (err instanceof NotSent) return this.notSent(chatId, body, json, err.key);
       notify(errorText(err), "error");
       // A refused new message (nothing was stored) goes back to the box, to be fixed and sent again.
       if (err instanceof ApiError && !body.edit_of && body.content && chatId === this.chatId && !this.input.value) this.input.value = body.content;
       if (chatId === this.chatId) this.finish();
     }
+  }
+
+  /**
+   * The server could not be reached (no HTTP answer, while the browser was online): the chat is drawn again as
+   * last read, without the question, whose text goes back where it was typed (the message box, or the edit
+   * form), its files still pending; and its key is kept for the same message sent again. Not read again
+   * from the server, which cannot be reached: the pane would show only that error.
+   */
+  notSent(chatId, body, json, key) {
+    if (chatId !== this.chatId) return;
+    this.unsent = { chatId, body: json, key };
+    this.generation = null;
+    this.render(this.chat);
+    if (body.edit_of) {
+      const item = this.messages.querySelector(`[data-id="${body.edit_of}"]`);
+      item?.querySelector("[data-action=edit]")?.click();
+      const box = item?.querySelector(".edit-text");
+      if (box) box.value = body.content;
+    } else if (body.content) {
+      this.input.value = this.input.value ? `${body.content}\n${this.input.value}` : body.content;
+    }
+    notify(body.content ? "Your message was not sent: the server could not be reached. Send it again." : "Nothing was sent: the server could not be reached.", "error");
   }
 
   /** The id of the answer the shown chat is still writing, or null. */
