@@ -53,6 +53,17 @@ def test_stream_log_ttl_is_at_least_a_minute(monkeypatch: pytest.MonkeyPatch, tm
     assert load_settings(DATA_DIR=tmp_path).STREAM_LOG_TTL == 60
 
 
+@pytest.mark.parametrize("days", ["-1", "36501"])
+def test_error_log_retention_out_of_range_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, days: str
+) -> None:
+    """A negative retention would silently keep every row for ever (only 0 means that); 100 years is the most."""
+    monkeypatch.setenv("ERROR_LOG_RETENTION_DAYS", days)
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(DATA_DIR=tmp_path)
+    assert "ERROR_LOG_RETENTION_DAYS" in str(excinfo.value)
+
+
 def test_invalid_secret_is_not_echoed(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as excinfo:
         load_settings(DATA_DIR=tmp_path, ENCRYPTION_KEY="not-a-fernet-key-SECRET")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -203,13 +204,30 @@ async def test_a_backlog_goes_oldest_first_in_bounded_sweeps(
     monkeypatch.setattr(retention, "SWEEP_BATCH", 3)
     monkeypatch.setattr(retention, "SWEEP_MAX_BATCHES", 2)
     team = await create_team(session)
-    await aged_rows(session, team, [float(age) for age in range(200, 90, -10)])  # 11 rows past 90 days
+    # 11 rows past 90 days, written youngest first: the table's own order is not the age order.
+    await aged_rows(session, team, [float(age) for age in range(100, 210, 10)])
     await aged_rows(session, team, [5])
     assert (await retention.sweep(session=session, settings=settings)).error_logs == 6
     assert await messages_left(session) == ["age 140", "age 130", "age 120", "age 110", "age 100", "age 5"]
     assert (await retention.sweep(session=session, settings=settings)).error_logs == 5
     assert (await retention.sweep(session=session, settings=settings)).error_logs == 0
     assert await messages_left(session) == ["age 5"]
+
+
+async def test_a_sweep_deletes_ten_thousand_rows_in_batches_of_a_thousand(
+    session: AsyncSession, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What OPERATIONS.md says a sweep does to a backlog: at most 10,000 rows per table, the rest the next time."""
+    team = await create_team(session)
+    old = utcnow() - timedelta(days=200)
+    rows = [{"team_id": team.id, "code": "upstream_error", "message": "old", "created_at": old}] * 10_050
+    await session.execute(insert(ErrorLog), rows)
+    await session.commit()
+    caplog.set_level(logging.INFO, logger="app.services.retention")
+    assert (await retention.sweep(session=session, settings=settings)).error_logs == 10_000
+    assert "retention sweep deleted 10000 error-log row(s)" in caplog.text
+    assert (await retention.sweep(session=session, settings=settings)).error_logs == 50
+    assert await messages_left(session) == []
 
 
 async def test_sweepers_of_several_workers_at_once_skip_each_others_rows(

@@ -151,10 +151,17 @@ async def test_a_slow_sweep_holds_up_neither_start_up_nor_the_heartbeat(
             assert registry.recovered
             await until_a_statement_waits(holder, "DELETE FROM usage_daily%")
             first = await beat_of_worker()
-            await asyncio.sleep(1.0)  # five heartbeats, while the sweep still waits
+            await asyncio.sleep(1.0)  # five heartbeats (a recovery among them), while the sweep still waits
             assert await beat_of_worker() > first
             assert registry.sweeping is not None
             assert not registry.sweeping.done()
+            # One sweep at a time: the recovery meanwhile started no second one (each would hold a connection).
+            await holder.execute("SELECT pg_stat_clear_snapshot()")
+            waiting = await holder.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM usage_daily%'"
+            )
+            assert waiting == 1
             await session.rollback()
         async with asyncio.timeout(10):
             await registry.sweeping
@@ -169,3 +176,29 @@ async def test_a_slow_sweep_holds_up_neither_start_up_nor_the_heartbeat(
             assert registry.sweeping is None
     finally:
         await holder.close()
+
+
+async def test_a_failed_sweep_is_logged_and_the_next_recovery_sweeps_again(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sweep that fails (the database is down) logs `retention sweep postponed` (OPERATIONS.md) and ends its
+    task quietly (no "exception was never retrieved"); the next recovery starts another."""
+    registry = app_state(app).generations
+    sweeps = 0
+
+    async def failing(**_kwargs: Any) -> retention.Swept:
+        nonlocal sweeps
+        sweeps += 1
+        raise ConnectionRefusedError("database down")
+
+    monkeypatch.setattr(retention, "sweep", failing)
+    await registry.startup()
+    assert registry.sweeping is not None
+    first = registry.sweeping
+    await first
+    assert first.exception() is None
+    assert "retention sweep postponed (ConnectionRefusedError)" in caplog.text
+    await registry._register_and_recover()  # the periodic recovery, as every 3rd heartbeat runs it
+    assert registry.sweeping is not first
+    await registry.sweeping
+    assert sweeps == 2
