@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import select
 import socket
 import uuid
@@ -70,14 +71,16 @@ def request_of(route: str, setup: ChatSetup) -> tuple[str, dict[str, str], dict[
     return f"/api/agents/{setup.agent.id}/n8n-chat", {**setup.headers, "Accept": "text/plain"}, body
 
 
-def raw_request(port: int, path: str, headers: dict[str, str], body: dict[str, Any], *, rcvbuf: int) -> socket.socket:
+def raw_request(
+    port: int, path: str, headers: dict[str, str], body: dict[str, Any], *, rcvbuf: int, connection: str = "close"
+) -> socket.socket:
     """A POST on a plain socket with a receive buffer of `rcvbuf` bytes (set before connecting: it bounds the
     window the client offers); the caller decides whether anything is ever read."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", port))
     payload = json.dumps(body).encode()
-    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", "Content-Type: application/json"]
+    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Connection: {connection}", "Content-Type: application/json"]
     head += [f"Content-Length: {len(payload)}", *(f"{name}: {value}" for name, value in headers.items())]
     sock.sendall("\r\n".join(head).encode() + b"\r\n\r\n" + payload)
     return sock
@@ -199,6 +202,60 @@ async def test_a_slow_client_that_keeps_reading_is_not_cut_off(
     assert streamed_text(events) == paced_text(SLOW_CHUNKS, SIZE)
     # The case the limit must tell apart: paused for longer than the limit, the client reading meanwhile.
     assert spans.longest > SLOW_LIMIT
+
+
+async def test_a_client_that_caught_up_keeps_its_connection(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n
+) -> None:
+    """A client that let the stream pause (reading nothing for a moment), then read it all, is keeping up:
+    its connection is not reset afterwards, neither while the answer goes on nor idle on keep-alive for a
+    few limits before its next request (the pause's timer ends with the pause)."""
+    settings = stall_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+        path, headers, body = request_of(SEND, setup)
+        sock = raw_request(server.port, path, headers, body, rcvbuf=4096, connection="keep-alive")
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await until(lambda: paused_connections(server) > 0, within=30)
+            received = bytearray()
+            async with asyncio.timeout(30):
+                while not received.endswith(b"\r\n0\r\n\r\n"):
+                    data = await loop.sock_recv(sock, 1 << 20)
+                    assert data, "connection closed before the answer's end"
+                    received += data
+            head, _, chunked = bytes(received).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            assert data_events(parse_sse(dechunked(chunked).decode()))[-1].type == "done"
+            await asyncio.sleep(3 * LIMIT)  # idle, well within uvicorn's keep-alive (5 s)
+            assert not reset_seen(sock)
+            await loop.sock_sendall(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            async with asyncio.timeout(10):
+                answer = await loop.sock_recv(sock, 65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+        finally:
+            sock.close()
+
+
+async def test_a_client_that_leaves_while_paused_is_no_write_stall(
+    session: AsyncSession, database_url: str, tmp_path: Path, fake: FakeN8n, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes its connection while the stream is paused has left, not stalled: the pause's
+    timer ends with the connection, and no `write stall` line (nor reset) follows a limit later."""
+    caplog.set_level(logging.INFO, logger="app")
+    settings = stall_settings(database_url, tmp_path)
+    async with live_server(settings) as server:
+        setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+        path, headers, body = request_of(SEND, setup)
+        sock = raw_request(server.port, path, headers, body, rcvbuf=4096)
+        try:
+            await until(lambda: paused_connections(server) > 0, within=30)
+        finally:
+            sock.close()  # unread bytes: the close is a reset, and uvicorn loses the connection at once
+        await until(lambda: not server.server.server_state.connections, within=LIMIT / 2)
+        await asyncio.sleep(3 * LIMIT)
+    assert not [r for r in caplog.records if r.getMessage().startswith("write stall")]
 
 
 class PausedSpans:
