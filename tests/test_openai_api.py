@@ -240,7 +240,9 @@ async def _point_agent(session: AsyncSession, setup: Setup, url: str) -> None:
     await session.commit()
 
 
-@pytest.mark.parametrize(("retry_after", "should_retry"), [("30", None), ("3600", "false")])
+@pytest.mark.parametrize(
+    ("retry_after", "should_retry"), [("30", None), ("60", None), ("61", "false"), ("3600", "false")]
+)
 async def test_an_agents_429_with_retry_after_is_openais_rate_limit_error(
     session: AsyncSession, setup: Setup, fake: FakeN8n, retry_after: str, should_retry: str | None
 ) -> None:
@@ -304,6 +306,7 @@ async def test_an_agents_503_with_retry_after_is_a_503_the_client_may_retry(
 async def test_an_agents_429_without_a_usable_retry_after_stays_a_502(
     session: AsyncSession, setup: Setup, fake: FakeN8n
 ) -> None:
+    """A 429 whose Retry-After cannot be read says no wait: the agent's failure like any other, not resent."""
     await _point_agent(session, setup, f"{fake.url}/webhook/x?scenario=status&status=429&retry_after=later")
     with pytest.raises(openai.APIStatusError) as caught:
         await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])

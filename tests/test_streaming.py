@@ -915,11 +915,13 @@ RETRY_NOW = datetime(2026, 11, 24, 13, 52, 53, tzinfo=UTC)
         ("0", 0),
         ("86400", RETRY_AFTER_MAX),
         ("86401", RETRY_AFTER_MAX),
+        ("43200", 43200),  # as many digits as a day's 86400: its value decides, not its length
         ("9" * 5000, RETRY_AFTER_MAX),  # past int()'s digit limit: still just "very long"
         ("00000000000030", 30),  # leading zeros are still delta-seconds (RFC 9110: 1*DIGIT), not "very long"
         ("0" * 5000 + "5", 5),
         ("000000", 0),
         ("Tue, 24 Nov 2026 13:54:53 GMT", 120),  # an HTTP-date: the seconds until then
+        ("Tue, 24 Nov 2026 13:54:53 -0000", 120),  # "-0000" (no zone given) parses naive: taken as UTC
         ("Tue, 24 Nov 2026 13:52:53.5 GMT", None),
         ("Tuesday, 24-Nov-26 13:53:23 GMT", 30),  # RFC 850's obsolete form, which RFC 9110 still accepts
         ("Tue, 24 Nov 2026 13:50:00 GMT", 0),  # a date already past: retry now
@@ -937,6 +939,12 @@ RETRY_NOW = datetime(2026, 11, 24, 13, 52, 53, tzinfo=UTC)
 )
 def test_retry_after_is_parsed_safely(value: str | None, seconds: int | None) -> None:
     assert retry_after_seconds(value, now=RETRY_NOW) == seconds
+
+
+def test_a_retry_after_date_is_rounded_up() -> None:
+    """119.5 s to the date is 120 (waiting 119 would be refused again), never a second short."""
+    later = RETRY_NOW + timedelta(milliseconds=500)
+    assert retry_after_seconds("Tue, 24 Nov 2026 13:54:53 GMT", now=later) == 120
 
 
 @pytest.mark.parametrize(
