@@ -468,6 +468,24 @@ async def test_probe_of_a_callback_agent_judges_the_webhook_as_a_callback_messag
     assert (refused["ok"], refused["code"], refused["hint"]) == (False, "upstream_error", ct.HINT_INACTIVE)
 
 
+@pytest.mark.settings(PUBLIC_BASE_URL="https://chat.example.com", AGENT_TEST_TIMEOUT=1.0, N8N_CONNECT_TIMEOUT=0.3)
+async def test_probe_of_a_callback_agent_tells_a_slow_webhook_from_one_never_reached(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """A webhook that took the request and answers nothing in time may be running the workflow (a message
+    waits for its callbacks): started. A connection never made sent nothing: not started, as a message fails
+    at once (test_callbacks)."""
+    slow = await probe(
+        client, session, settings, fake.url + "/webhook/x?scenario=hang_headers&hang=5", response_mode="callback"
+    )
+    assert (slow["ok"], slow["code"], slow["hint"]) == (True, None, ct.HINT_CALLBACK)
+    async with silent_port() as port:
+        unreached = await probe(
+            client, session, settings, f"https://127.0.0.1:{port}/webhook/x", response_mode="callback"
+        )
+    assert (unreached["ok"], unreached["code"], unreached["hint"]) == (False, "upstream_timeout", ct.HINT_UNREACHABLE)
+
+
 async def test_probe_of_a_callback_agent_without_public_base_url_calls_no_one(
     client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:

@@ -294,7 +294,7 @@ async def test_export_all_pages_hold_a_bounded_number_of_messages(
     page, held whole in memory while it was sent. A page stops before EXPORT_PAGE_MESSAGES, but always holds
     one chat (a larger one alone)."""
     monkeypatch.setattr(exports, "EXPORT_PAGE_MESSAGES", 5)
-    sizes = [4, 4, 6, 0, 2, 2]  # pages: [4], [4], [6], [0, 2, 2]
+    sizes = [4, 4, 6, 0, 2, 3]  # pages: [4], [4], [6], [0, 2, 3] (as many as the cap: still one page)
     for i, size in enumerate(sizes):
         messages = [
             {"content": f"q{i}.{j}"} if j % 2 == 0 else {"role": "assistant", "content": f"a{i}.{j}"}
@@ -306,6 +306,22 @@ async def test_export_all_pages_hold_a_bounded_number_of_messages(
     documents = [json.loads(line) for line in response.content.splitlines()]
     assert [(d["title"], len(d["messages"])) for d in documents] == [(f"c{i}", n) for i, n in enumerate(sizes)]
     assert len(chat_selects) == 4
+
+
+async def test_export_all_pages_stop_at_a_thousand_messages(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, chat_selects: list[str]
+) -> None:
+    """The cap as shipped (SHARING.md: 1,000 messages together): chats of 600 and 400 messages are one page,
+    the next chat another; a page of them all (or of 100 messages) is what the cap is there to prevent."""
+    sizes = [600, 400, 1]
+    for i, size in enumerate(sizes):
+        messages = [{"content": f"q{i}.{j}"} for j in range(size)]
+        await create_chat(session, user=team_world.member, agent=team_world.agent, messages=messages, title=f"c{i}")
+    chat_selects.clear()
+    response = await client.get("/api/chats/export", headers=team_world.h(team_world.member))
+    documents = [json.loads(line) for line in response.content.splitlines()]
+    assert [len(d["messages"]) for d in documents] == sizes
+    assert len(chat_selects) == 2
 
 
 async def test_export_all_with_no_chats_is_empty(client: httpx.AsyncClient, team_world: TeamWorld) -> None:
