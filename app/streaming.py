@@ -29,6 +29,7 @@ from app.upstream import (
     ReadTimeout,
     StreamStats,
     TotalTimeout,
+    client_timeout,
     exchange,
     multipart_body,
     open_session,
@@ -286,6 +287,7 @@ class N8nStreamer:
                 stats=stats,
                 settings=s,
                 ready=self._warming_for(target),
+                deadlines=None if limits is None else client_timeout(s),
             )
         except StreamFailure as answered:
             without_secrets(answered, headers)

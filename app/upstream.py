@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -117,6 +118,14 @@ class PoolConnector(aiohttp.TCPConnector):
             connection.close()
 
 
+def client_timeout(s: Settings) -> aiohttp.ClientTimeout:
+    """aiohttp's deadlines: the connect one (TCP and TLS) from `s`; the others are `exchange`'s own.
+    total=None: no hidden cap shorter than N8N_TOTAL_TIMEOUT (aiohttp's default total is 300 s)."""
+    return aiohttp.ClientTimeout(
+        total=None, connect=s.N8N_CONNECT_TIMEOUT, sock_connect=s.N8N_CONNECT_TIMEOUT, sock_read=None
+    )
+
+
 def open_session(s: Settings) -> aiohttp.ClientSession:
     """The shared session: policy-checking resolver, bounded pool, no hidden total timeout, no cookies.
 
@@ -129,10 +138,7 @@ def open_session(s: Settings) -> aiohttp.ClientSession:
         ttl_dns_cache=10,
         keepalive_timeout=N8N_KEEPALIVE_SECONDS,
     )
-    # total=None: no hidden cap shorter than N8N_TOTAL_TIMEOUT (aiohttp's default total is 300 s).
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=s.N8N_CONNECT_TIMEOUT, sock_connect=s.N8N_CONNECT_TIMEOUT, sock_read=None
-    )
+    timeout = client_timeout(s)
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
@@ -154,11 +160,13 @@ async def exchange(
     stats: StreamStats,
     settings: Settings,
     ready: asyncio.Future[None] | None = None,
+    deadlines: aiohttp.ClientTimeout | None = None,
 ) -> None:
     """POST `body` (JSON bytes, or a multipart form that sets its own Content-Type) and feed the answer to
     `parser`; the deadlines (connect, first byte, read, total) surface as their own exception types. `ready`:
     a connection being opened to the same origin (N8nStreamer.warm), awaited first, within the first byte's
-    deadline."""
+    deadline. `deadlines`: aiohttp's deadlines for this request instead of the session's (`client_timeout`; the
+    connection test's shorter connect deadline)."""
     s = settings
     # The admin's own `Accept`, in whatever case, replaces the relay's: one Accept line, the one configured.
     send_headers = dict(headers)
@@ -177,7 +185,8 @@ async def exchange(
                 async with asyncio.timeout(s.N8N_FIRST_BYTE_TIMEOUT) as idle:
                     if ready is not None:
                         await asyncio.shield(ready)  # never fails: a failed warm-up leaves the connecting to post
-                    async with session.post(target, data=body, headers=send_headers, allow_redirects=False) as response:
+                    post = session.post if deadlines is None else functools.partial(session.post, timeout=deadlines)
+                    async with post(target, data=body, headers=send_headers, allow_redirects=False) as response:
                         stats.upstream_status = response.status
                         if not 200 <= response.status < 300:
                             idle.reschedule(None)  # the error body has its own bound: the status is the answer

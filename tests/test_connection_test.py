@@ -486,6 +486,21 @@ async def test_probe_of_a_callback_agent_tells_a_slow_webhook_from_one_never_rea
     assert (unreached["ok"], unreached["code"], unreached["hint"]) == (False, "upstream_timeout", ct.HINT_UNREACHABLE)
 
 
+@pytest.mark.settings(PUBLIC_BASE_URL="https://chat.example.com", AGENT_TEST_TIMEOUT=0.5, N8N_CONNECT_TIMEOUT=30)
+async def test_probe_of_an_unreachable_callback_agent_fails_when_the_test_timeout_is_below_the_connect_one(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """AGENT_TEST_TIMEOUT capped the first-byte, read and total deadlines but not the connect one: set below
+    N8N_CONNECT_TIMEOUT, the probe's total deadline ended a connection never made, a timeout callback mode
+    outlives, and an n8n nobody could reach was reported working ("the workflow started"). The connect deadline
+    is capped too: a connection not made in time is no start."""
+    async with silent_port() as port:
+        unreached = await probe(
+            client, session, settings, f"https://127.0.0.1:{port}/webhook/x", response_mode="callback"
+        )
+    assert (unreached["ok"], unreached["code"], unreached["hint"]) == (False, "upstream_timeout", ct.HINT_UNREACHABLE)
+
+
 async def test_probe_of_a_callback_agent_without_public_base_url_calls_no_one(
     client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:

@@ -131,10 +131,13 @@ class ProbeResult:
 
 
 def probe_limits(settings: Settings) -> Settings:
-    """The settings with AGENT_TEST_TIMEOUT capping the first-byte, read and total timeouts."""
+    """The settings with AGENT_TEST_TIMEOUT capping every timeout. The connect one at half of it: left longer
+    (or equal), the total or first-byte deadline ended a connection never made, which callback mode reads as a
+    started workflow."""
     cap = settings.AGENT_TEST_TIMEOUT
     return settings.model_copy(
         update={
+            "N8N_CONNECT_TIMEOUT": min(cap / 2, settings.N8N_CONNECT_TIMEOUT),
             "N8N_FIRST_BYTE_TIMEOUT": min(cap, settings.N8N_FIRST_BYTE_TIMEOUT),
             "N8N_READ_TIMEOUT": min(cap, settings.N8N_READ_TIMEOUT),
             "N8N_TOTAL_TIMEOUT": min(cap, settings.N8N_TOTAL_TIMEOUT),
