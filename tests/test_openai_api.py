@@ -297,10 +297,10 @@ async def test_an_agents_503_with_retry_after_is_a_503_the_client_may_retry(
     assert caught.value.response.headers["x-should-retry"] == "false"
     # Without a usable Retry-After a 503 is the agent's failure like any other: 502, not to be sent again.
     await _point_agent(session, setup, f"{fake.url}/webhook/x?scenario=status&status=503")
-    with pytest.raises(openai.APIStatusError) as caught:
+    with pytest.raises(openai.APIStatusError) as failed:
         await setup.client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
-    assert caught.value.status_code == 502
-    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert failed.value.status_code == 502
+    assert failed.value.response.headers["x-should-retry"] == "false"
 
 
 async def test_an_agents_429_without_a_usable_retry_after_stays_a_502(
