@@ -391,29 +391,25 @@ def test_a_chats_menu_offers_only_the_sharing_action_that_applies(web_page: Watc
     chat_id = open_new_chat(page, team)
     header = page.locator(".chat-header")
 
-    def offered(where: Locator) -> list[str]:
+    def expect_offered(where: Locator, actions: list[str]) -> None:
+        """The menu's sharing actions, opened and closed again. Retried: the menu fills its items on its `toggle`
+        event, a task after the click, and until then shows what it offered when last opened."""
         where.get_by_label(re.compile("^Actions for ")).click()
-        items = where.locator(".menu-items button")
-        expect(items.first).to_be_visible()
-        texts = [text for text in items.all_inner_texts() if "shar" in text.lower()]
+        sharing = where.locator(".menu-items button").filter(has_text=re.compile("shar", re.IGNORECASE))
+        # Until the team's shares are read (a request of its own, late on a loaded machine) both actions show.
+        expect(sharing).to_have_text(actions, timeout=10_000)
         where.get_by_label(re.compile("^Actions for ")).click()  # closed again
-        return texts
 
     expect(page.locator(".chat-list li[data-id]")).to_have_count(2)
-    # Until the team's shares are read (a request of its own, late on a loaded machine) both actions show.
-    for _ in range(50):
-        if offered(header) == ["Share with team"]:
-            break
-        page.wait_for_timeout(100)
-    assert offered(header) == ["Share with team"]
-    assert offered(page.locator(f".chat-list li[data-id='{shared['id']}']")) == ["Update share", "Stop sharing"]
+    expect_offered(header, ["Share with team"])
+    expect_offered(page.locator(f".chat-list li[data-id='{shared['id']}']"), ["Update share", "Stop sharing"])
     menu_item(page, "Share with team")
     page.get_by_role("button", name="Close").click()
-    assert offered(header) == ["Update share", "Stop sharing"]
-    assert offered(page.locator(f".chat-list li[data-id='{chat_id}']")) == ["Update share", "Stop sharing"]
+    expect_offered(header, ["Update share", "Stop sharing"])
+    expect_offered(page.locator(f".chat-list li[data-id='{chat_id}']"), ["Update share", "Stop sharing"])
     menu_item(page, "Stop sharing")
     expect(page.get_by_role("status").filter(has_text="No longer shared")).to_be_visible()
-    assert offered(header) == ["Share with team"]
+    expect_offered(header, ["Share with team"])
     assert [share["chat_id"] for share in team.get("/api/shares")] == [shared["id"]]
     assert web_page.errors == []
 
