@@ -179,3 +179,14 @@ async def branch_of(session: AsyncSession, chat_id: uuid.UUID) -> list[dict[str,
 def auth_headers(settings: Settings, user: User) -> dict[str, str]:
     issued = create_token(settings=settings, user_id=user.id, team_id=user.team_id, token_type="access")
     return {"Authorization": f"Bearer {issued.token}"}
+
+
+def email_of_length(length: int) -> str:
+    """`a…a@b…b.com` of exactly `length` characters (7 or more), its labels within DNS's 63."""
+    local = "a" * min(64, length - 6)
+    left = length - len(local) - 1 - len(".com")
+    labels: list[str] = []
+    while left > 63:
+        labels.append("b" * min(63, left - 2))
+        left -= len(labels[-1]) + 1
+    return f"{local}@{'.'.join([*labels, 'b' * left])}.com"

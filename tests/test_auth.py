@@ -25,6 +25,7 @@ from app import security
 from app.config import Settings
 from app.db import utcnow
 from app.errors import Unauthorized
+from app.fields import EMAIL_MAX_LENGTH
 from app.models import RefreshToken, RevokedToken, User
 from app.security import create_token, hash_password, hash_refresh_token, issued_before, verify_password
 from app.services import auth as auth_service
@@ -32,7 +33,7 @@ from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import bearer, https_client, login, set_cookies
 from tests.conftest import TEST_JWT_SECRET, count_rows, make_settings
-from tests.factories import DEFAULT_PASSWORD, auth_headers, create_team, create_user
+from tests.factories import DEFAULT_PASSWORD, auth_headers, create_team, create_user, email_of_length
 
 GENERIC_401 = {"detail": "Incorrect email or password"}
 #: Teams are closed by default; registering by team id needs an admin to have opened it.
@@ -301,6 +302,23 @@ async def test_team_signup_admin_email_is_stored_in_nfc(web: httpx.AsyncClient) 
     assert created.status_code == 201, created.text
     assert created.json()["user"]["email"] == "am\u00e9lie@example.com"
     assert (await login(web, "Am\u00e9lie@example.com", "long-enough")).status_code == 200
+
+
+async def test_the_documented_email_length_is_the_accepted_one(app: FastAPI, web: httpx.AsyncClient) -> None:
+    """The schema said 320 characters (RFC 3696's sum of the parts), but email-validator refuses an address
+    over 254 (RFC 5321), so a documented-valid address of 255-320 was refused. The two agree now."""
+    signup = app.openapi()["components"]["schemas"]["TeamCreate"]["properties"]["admin_email"]
+    assert signup["maxLength"] == EMAIL_MAX_LENGTH == 254
+    longest, too_long = email_of_length(EMAIL_MAX_LENGTH), email_of_length(EMAIL_MAX_LENGTH + 1)
+    assert (len(longest), len(too_long)) == (254, 255)
+    body = {"name": "Long", "admin_email": longest, "admin_password": "long-enough"}
+    created = await web.post("/api/teams", json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["user"]["email"] == longest
+    refused = await web.post("/api/teams", json={**body, "name": "Longer", "admin_email": too_long})
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body", "admin_email"]
+    assert (await login(web, longest, "long-enough")).status_code == 200
 
 
 # --- OAuth2 token endpoint -------------------------------------------------------------------
