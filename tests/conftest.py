@@ -162,14 +162,20 @@ async def app(settings: Settings) -> AsyncIterator[FastAPI]:
         yield application
     finally:
         await shutdown(application)
-        await truncate_all(settings.DATABASE_URL)
+        await clear_tables(settings.DATABASE_URL)
 
 
-async def truncate_all(database_url: str) -> None:
-    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+#: Children first, so no foreign key is in the way.
+_CLEAR_TABLES = "; ".join(f'DELETE FROM "{table.name}"' for table in reversed(Base.metadata.sorted_tables))
+
+
+async def clear_tables(database_url: str) -> None:
+    """Empty every table, in one transaction and one round trip. DELETE rather than TRUNCATE: on the few rows a
+    test leaves it takes ~1 ms where TRUNCATE, which gives each table new files, takes ~45 ms, and this runs after
+    nearly every test."""
     conn = await asyncpg.connect(_plain_url(database_url), timeout=5)
     try:
-        await conn.execute(f"TRUNCATE {tables} CASCADE")
+        await conn.execute(f"BEGIN; {_CLEAR_TABLES}; COMMIT")
     finally:
         await conn.close()
 

@@ -37,10 +37,10 @@ from main import create_app, shutdown
 from tests.conftest import (
     _plain_url,
     assert_rollup_matches_ledger,
+    clear_tables,
     count_rows,
     make_settings,
     run_migrations,
-    truncate_all,
     until_a_statement_waits,
 )
 from tests.factories import create_agent, create_chat, create_team, create_user
@@ -96,7 +96,7 @@ async def any_app(request: pytest.FixtureRequest, settings: Settings, tmp_path: 
     finally:
         await shutdown(application)
         if request.param == "postgresql":
-            await truncate_all(settings.DATABASE_URL)
+            await clear_tables(settings.DATABASE_URL)
 
 
 @pytest.mark.parametrize("failed", [False, True])

@@ -30,7 +30,7 @@ from app.config import Settings
 from app.fields import EMAIL_MAX_LENGTH, normalize_email
 from app.models import User
 from main import create_app, shutdown
-from tests.conftest import make_settings, truncate_all
+from tests.conftest import clear_tables, make_settings
 from tests.factories import auth_headers, create_admin, create_user, email_of_length
 
 #: The schema comes from an app that never touches a database (routes alone make the OpenAPI document).
@@ -139,7 +139,7 @@ def seeded(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     try:
         yield settings, asyncio.run(_seed(settings))
     finally:
-        asyncio.run(truncate_all(database_url))
+        asyncio.run(clear_tables(database_url))
 
 
 @pytest.fixture

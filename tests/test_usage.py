@@ -31,7 +31,7 @@ from app.services.messages import NewGeneration, finish_message, start_message
 from app.services.usage_rollup import NIL, counts
 from app.state import app_state
 from main import create_app, shutdown
-from tests.conftest import assert_rollup_matches_ledger, count_rows, make_settings, run_migrations, truncate_all
+from tests.conftest import assert_rollup_matches_ledger, clear_tables, count_rows, make_settings, run_migrations
 from tests.factories import auth_headers, branch_of, create_admin, create_agent, create_chat, create_team, create_user
 from tests.live import chat_with_agent
 from tools.fake_n8n import FakeN8n
@@ -968,7 +968,7 @@ async def test_the_days_first_claim_skips_a_generation_that_began_yesterday(
     finally:
         await shutdown(application)
         if dialect == "postgresql":
-            await truncate_all(settings.DATABASE_URL)  # as the `app` fixture does
+            await clear_tables(settings.DATABASE_URL)  # as the `app` fixture does
 
 
 async def test_quota_holds_under_concurrent_sends(

@@ -20,7 +20,7 @@ import httpx
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Playwright, expect, sync_playwright
 
 from app.config import Settings
-from tests.conftest import ROOT, make_settings, truncate_all
+from tests.conftest import ROOT, clear_tables, make_settings
 from tests.live import LiveServer, free_port
 
 #: Debian's chromium: Playwright drives it through `executable_path` (no browser download; `make chromium`).
@@ -64,7 +64,7 @@ def serving(settings: Settings, port: int) -> Iterator[LiveServer]:
 def truncate(database_url: str) -> None:
     """Empty the tables; in a thread of its own, since Playwright's sync API runs an event loop in this one."""
     with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, truncate_all(database_url)).result(30)
+        pool.submit(asyncio.run, clear_tables(database_url)).result(30)
 
 
 @contextmanager

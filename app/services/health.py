@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ CHECK_TIMEOUT = 3.0
 REDIS_CHECK_TIMEOUT = 0.5
 
 
+@functools.cache
 def migration_head() -> str | None:
+    """The head of the migrations shipped with this code, read once: reading it walks every migration file."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
