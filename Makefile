@@ -6,13 +6,17 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 1
 FAKE_N8N_PORT ?= 5678
-# Test files run in parallel on this many processes (pytest-xdist; each has its own database and Redis db).
-TEST_WORKERS ?= 2
+# Test files run in parallel on this many processes (pytest-xdist; each has its own database and Redis db). Three
+# on two cores: many tests wait on live servers, timers and PostgreSQL, which left a core a quarter idle with two.
+TEST_WORKERS ?= 3
+# The browser tests' processes (each drives a Chromium).
+BROWSER_WORKERS ?= 2
 # Schemathesis reports each API operation as an item of the same test id, which pytest-xdist counts (and
 # schedules) as one: its file runs on its own, without xdist, so every operation is run and reported.
 SCHEMA_TESTS := tests/test_openapi.py
 # The browser tests run in a phase of their own: two Chromiums beside the timing-sensitive stream tests made
-# those late on a 2-core machine.
+# those late on a 2-core machine. The schema tests run beside them (a core was idle a quarter of the browser
+# phase and half of the schema one's); their report follows the browser tests'.
 BROWSER_TESTS := $(wildcard tests/test_web_*.py)
 
 # Local plain-http development defaults for `make run` only (the environment still wins).
@@ -49,8 +53,12 @@ run: $(VENV)/.runtime
 # Every test has a time limit (pytest-timeout, pyproject.toml), so a failure cannot hang the run.
 test: $(VENV)/.dev chromium
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=$(SCHEMA_TESTS) $(addprefix --ignore=,$(BROWSER_TESTS))
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(BROWSER_TESTS)
-	$(PY) -m pytest $(SCHEMA_TESTS)
+	@log=$$(mktemp); trap 'kill $$schema 2>/dev/null; rm -f $$log' EXIT INT TERM; \
+	echo "$(PY) -m pytest $(SCHEMA_TESTS)  (beside the browser tests; its report follows theirs)"; \
+	$(PY) -m pytest $(SCHEMA_TESTS) >$$log 2>&1 & schema=$$!; \
+	echo "$(PY) -m pytest -n $(BROWSER_WORKERS) --dist loadfile $(BROWSER_TESTS)"; \
+	$(PY) -m pytest -n $(BROWSER_WORKERS) --dist loadfile $(BROWSER_TESTS); browser=$$?; \
+	wait $$schema; status=$$?; cat $$log; test $$browser = 0 && test $$status = 0
 	PYTHON=$(CURDIR)/$(PY) bash test_streaming.sh --ci
 
 # Installs Debian's chromium when it is missing (as root), else stops with the one command that does.
