@@ -83,16 +83,21 @@ async def ndjson(generation: Generation, node_name: str) -> AsyncIterator[bytes]
             return
 
 
-async def last_node_answer(generation: Generation) -> tuple[int, bytes]:
-    """The last-node answer once the generation ended: 200 `{"output": text}`, or for a failure n8n's own
-    error body `{"message": ...}` with 502 (504 for a timeout; n8n itself says 500)."""
+async def last_node_answer(generation: Generation) -> tuple[int, bytes, dict[str, str]]:
+    """The last-node answer once the generation ended (status, body, headers): 200 `{"output": text}`, or for a
+    failure n8n's own error body `{"message": ...}` with 502 (504 for a timeout; n8n itself says 500). When n8n
+    refused with 429 or 503 and a usable Retry-After, that status with that `Retry-After`: nothing ran, and the
+    page may send again once the wait is over."""
     await generation.ended()
     kind, data = event_of(generation.frames[-1])
     if kind == "done":
-        return 200, dumps({"output": data["message"]["content"]})
+        return 200, dumps({"output": data["message"]["content"]}), {}
     if kind not in TERMINAL:
-        return 502, dumps({"message": UPSTREAM_FAILED})
-    return (504 if data.get("code") == "upstream_timeout" else 502), dumps({"message": data["message"]})
+        return 502, dumps({"message": UPSTREAM_FAILED}), {}
+    body = dumps({"message": data["message"]})
+    if generation.refused_with is not None and data.get("retry_after") is not None:
+        return generation.refused_with, body, {"Retry-After": str(data["retry_after"])}
+    return (504 if data.get("code") == "upstream_timeout" else 502), body, {}
 
 
 def _langchain(message: dict[str, Any]) -> dict[str, Any]:

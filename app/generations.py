@@ -898,6 +898,7 @@ class GenerationRegistry:
         elif failure is not None and failure.retry_after is not None:
             # The wait n8n asked for is the event's only (the stored error is `message` and `code`): it is
             # relative to now, and would be stale in a message read later.
+            generation.refused_with = failure.upstream_status
             generation.finish("error", {**error, "retry_after": failure.retry_after})
         else:
             generation.finish("error", error)

@@ -104,6 +104,9 @@ class Generation:
     shared_until: Callable[[int], Awaitable[None]] | None = None
     #: What came by progress callback (app.callbacks), when n8n was given a callback URL.
     inbox: CallbackInbox | None = None
+    #: n8n's 429 or 503 when it refused with a usable Retry-After (the wait is the terminal event's
+    #: `retry_after`): the widget's last-node answer keeps that status (app.chat_trigger).
+    refused_with: int | None = None
     #: The readers waiting for the next event, one future each (an asyncio.Event per wait cost more per chunk).
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
     _ended: asyncio.Event = field(default_factory=asyncio.Event)

@@ -269,6 +269,47 @@ async def test_upstream_error_last_node_is_the_triggers_message_body(
     assert (await session.execute(select(ErrorLog.code))).scalar_one() == "upstream_error"
 
 
+@pytest.mark.parametrize("status", [429, 503])
+async def test_an_agents_refusal_with_retry_after_keeps_its_status_and_wait(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    user: User,
+    agent: Agent,
+    headers: dict[str, str],
+    fake: FakeN8n,
+    status: int,
+) -> None:
+    """n8n (or a proxy in front of it) refused with 429 or 503 and a usable Retry-After: the last-node answer
+    keeps that status and wait (it was a 502 without Retry-After, so the page could not tell "try again in
+    30 s" from a broken agent), in the widget's error shape. The streamed answer said 200 before n8n was called:
+    its error line has the message only."""
+    refusing = f"{fake.url}/webhook/x?scenario=status&status={status}&retry_after=30"
+    await session.execute(update(Agent).where(Agent.id == agent.id).values(webhook_url=refusing))
+    await session.commit()
+    response = await widget(client, agent.id, send("hello there"), headers)
+    assert response.status_code == status
+    assert response.headers["retry-after"] == "30"
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+    assert response.json() == {"message": f"The agent answered with an error (HTTP {status})"}
+    chat_id = await session_chat(session, user)
+    assert chat_id is not None
+    answer = (await branch_of(session, chat_id))[-1]
+    assert (answer["status"], answer["error"]["code"]) == ("error", "upstream_error")
+    streamed = await widget(client, agent.id, send("again"), {**headers, **STREAM})
+    assert streamed.status_code == 200
+    assert "retry-after" not in streamed.headers
+    items = lines_of(streamed.content)
+    assert [i["type"] for i in items] == ["begin", "error"]
+    assert items[-1]["content"] == f"The agent answered with an error (HTTP {status})"
+    # Without a usable Retry-After the refusal is the agent's failure like any other: 502.
+    garbled = refusing.replace("retry_after=30", "retry_after=later")
+    await session.execute(update(Agent).where(Agent.id == agent.id).values(webhook_url=garbled))
+    await session.commit()
+    failed = await widget(client, agent.id, send("once more"), headers)
+    assert failed.status_code == 502
+    assert "retry-after" not in failed.headers
+
+
 async def test_quota_refuses_with_429_and_stores_nothing(
     client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str], fake: FakeN8n
 ) -> None:

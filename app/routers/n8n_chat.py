@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import Response, StreamingResponse
@@ -14,7 +14,7 @@ from app.auth import CurrentCaller
 from app.deps import GenerationsDep, SettingsDep, ShortSessionDep
 from app.errors import Unprocessable
 from app.routers.responses import R401, Responses, error_doc
-from app.schemas import N8nChatError, N8nChatHistory, N8nChatOutput, N8nChatRequest
+from app.schemas import ErrorRead, N8nChatError, N8nChatHistory, N8nChatOutput, N8nChatRequest
 from app.services import widget
 from app.services.agents import AGENT_NOT_FOUND
 from app.services.messages import AGENT_INACTIVE
@@ -28,6 +28,12 @@ NDJSON_EXAMPLE = (
     '"timestamp":2}}\n'
     '{"type":"end","metadata":{"nodeId":"…","nodeName":"Support bot","itemIndex":0,"runIndex":0,"timestamp":3}}\n'
 )
+
+
+def _retry_after(description: str) -> dict[str, Any]:
+    return {"Retry-After": {"description": description, "schema": {"type": "integer"}}}
+
+
 RESPONSES: Responses = {
     200: {
         "description": "`sendMessage` with `Accept: text/plain` (the widget's `enableStreaming`) or "
@@ -52,16 +58,45 @@ RESPONSES: Responses = {
         "The agent is inactive (sendMessage), or an answer is already being generated in this session",
         AGENT_INACTIVE,
     ),
-    429: error_doc(
-        "The team's daily message quota is used up for you (`Retry-After`: seconds until midnight UTC)", QUOTA_REACHED
-    ),
+    429: {
+        "model": ErrorRead | N8nChatError,
+        "description": "The team's daily message quota is used up for you (`Retry-After`: seconds until midnight "
+        "UTC; refused before anything is stored, `{detail}`). Or, last-node mode only, the agent's n8n (or a proxy "
+        "in front of it) answered 429 with a usable `Retry-After`, passed on: `{message}` as for 502, the message "
+        "is stored with its error. Streamed, that refusal is the NDJSON `error` line (the 200 went out before n8n "
+        "was called), without the wait",
+        "headers": _retry_after("Seconds to wait: until midnight UTC (the quota), or as n8n asked"),
+        "content": {
+            "application/json": {
+                "examples": {
+                    "quota": {"value": {"detail": QUOTA_REACHED}},
+                    "agent_refused": {"value": {"message": "The agent answered with an error (HTTP 429)"}},
+                }
+            }
+        },
+    },
     502: {
         "model": N8nChatError,
         "description": "Last-node mode only: the agent failed; `message` says why, as n8n's own Chat Trigger "
-        "reports it (the message is stored with its error)",
+        "reports it (the message is stored with its error). n8n's 429 or 503 without a usable `Retry-After` is "
+        "such a failure too",
         "content": {"application/json": {"example": {"message": "The agent could not be reached"}}},
     },
-    503: error_doc("The server is shutting down; retry on another worker", "The server is shutting down; try again"),
+    503: {
+        "model": ErrorRead | N8nChatError,
+        "description": "The server is shutting down; retry on another worker (`{detail}`, nothing stored). Or, "
+        "last-node mode only, the agent's n8n (or a proxy in front of it) answered 503 with a usable "
+        "`Retry-After`, passed on, as for 429",
+        "headers": _retry_after("Seconds to wait, as n8n asked (none on a shutdown)"),
+        "content": {
+            "application/json": {
+                "examples": {
+                    "shutting_down": {"value": {"detail": "The server is shutting down; try again"}},
+                    "agent_unavailable": {"value": {"message": "The agent answered with an error (HTTP 503)"}},
+                }
+            }
+        },
+    },
     504: {
         "model": N8nChatError,
         "description": "Last-node mode only: the agent took too long",
@@ -119,5 +154,5 @@ async def n8n_chat(
             media_type=chat_trigger.CONTENT_TYPE,
             headers=chat_trigger.STREAM_HEADERS,
         )
-    status, content = await chat_trigger.last_node_answer(generation)
-    return Response(content, status_code=status, media_type=chat_trigger.CONTENT_TYPE)
+    status, content, headers = await chat_trigger.last_node_answer(generation)
+    return Response(content, status_code=status, media_type=chat_trigger.CONTENT_TYPE, headers=headers)
