@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.error_handlers import is_openai_path, openai_error_body
+from app.error_handlers import NO_RETRY, is_openai_path, openai_error_body
 from app.logs import SECRET_PATH_PREFIXES, redact_path, redact_query, request_id_var
 from app.proxies import client_address, parse_networks
 
@@ -70,12 +70,15 @@ def too_large_body(path: str) -> dict[str, Any]:
     return {"detail": "Request body too large"}
 
 
-def _internal_error(path: str, request_id: str) -> dict[str, Any]:
-    """The 500 body (a bug): `{"detail", "request_id"}`, or OpenAI's shape on the OpenAI-compatible routes."""
+def _internal_error(path: str, request_id: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The 500 (a bug) and its headers: `{"detail", "request_id"}`, or OpenAI's shape on the OpenAI-compatible
+    routes with `x-should-retry: false`. OpenAI's own 500s are transient and its clients retry them (twice by
+    default); this one is not (a database or Redis that is away is a 503 with Retry-After, app.error_handlers),
+    and each retry could take another quota slot."""
     if is_openai_path(path):
         message = f"Internal server error (request id {request_id})"
-        return openai_error_body(500, message)
-    return {"detail": "Internal server error", "request_id": request_id}
+        return openai_error_body(500, message), NO_RETRY
+    return {"detail": "Internal server error", "request_id": request_id}, {}
 
 
 class RequestContextMiddleware:
@@ -180,7 +183,8 @@ class RequestContextMiddleware:
         except Exception:
             error_logger.exception("unhandled error on %s %s", scope.get("method"), redact_path(path))
             if not state["started"]:
-                await self._send_json(send_wrapper, 500, _internal_error(path, request_id))
+                body, headers = _internal_error(path, request_id)
+                await self._send_json(send_wrapper, 500, body, headers)
         finally:
             query = scope.get("query_string", b"")
             logger.info(
@@ -213,13 +217,18 @@ class RequestContextMiddleware:
         return resolved
 
     @staticmethod
-    async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         payload = json.dumps(body).encode()
+        extra = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    *extra,
+                ],
             }
         )
         await send({"type": "http.response.body", "body": payload})

@@ -167,6 +167,7 @@ async def test_unhandled_error_is_generic_500_without_trace(
     assert "secret internal detail" not in response.text
     assert "Traceback" not in response.text
     assert response.headers["x-request-id"] == "req-500"
+    assert "x-should-retry" not in response.headers  # OpenAI's clients' header, for /v1 only
     assert any("unhandled error" in r.getMessage() for r in caplog.records)
 
 
@@ -184,6 +185,7 @@ async def test_unhandled_error_on_v1_is_a_500_in_openai_shape(tclient: httpx.Asy
         }
     }
     assert "secret internal detail" not in response.text
+    assert response.headers["x-should-retry"] == "false"  # a bug: the official clients must not resend it
 
 
 async def test_database_error_on_a_live_connection_is_generic_500(tclient: httpx.AsyncClient) -> None:

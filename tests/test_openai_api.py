@@ -22,6 +22,7 @@ from sqlalchemy.pool import QueuePool
 
 from app.config import Settings
 from app.db import utcnow
+from app.deps import get_generations
 from app.models import Agent, ErrorLog, Team, UsageRecord, User
 from app.services.api_keys import create_key
 from app.services.usage import seconds_to_midnight
@@ -762,6 +763,33 @@ async def test_a_failed_completion_tells_the_official_client_not_to_send_it_agai
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert len(fake.requests) == 1
     assert (await session.execute(select(UsageRecord.outcome))).scalars().all() == ["error"]
+
+
+async def test_a_server_bug_tells_the_official_client_not_to_send_it_again(setup: Setup) -> None:
+    """The last-resort 500 is only ever a bug (a database or Redis that is away is a 503 with Retry-After),
+    which a retry does not cure: the client retried it twice by default, each try possibly a quota slot (and,
+    past the quota, the workflow). It says `x-should-retry: false` on /v1, which the official client obeys."""
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in the completion route")
+
+    setup.server.app.dependency_overrides[get_generations] = broken  # a fault in the route, provoked
+    sent: list[httpx.Request] = []
+
+    async def record(request: httpx.Request) -> None:
+        sent.append(request)
+
+    http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [record]})
+    client = openai.AsyncOpenAI(base_url=f"{setup.server.url}/v1", api_key=setup.key, http_client=http)
+    with pytest.raises(openai.InternalServerError) as caught:  # default retries
+        await client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+    assert caught.value.status_code == 500
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert caught.value.type == "server_error"
+    assert "Internal server error (request id " in caught.value.message
+    assert "a bug" not in caught.value.message
+    assert len(sent) == 1
 
 
 async def test_an_agent_in_callback_mode_without_a_public_address_is_refused_clearly(
