@@ -7,6 +7,7 @@ line ending in `\\n`, `Content-Type: application/json; charset=utf-8` for every 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +25,8 @@ STREAM_HEADERS = SSE_HEADERS
 #: `enableStreaming` option is on (and nothing particular otherwise); `application/x-ndjson` says it plainly.
 STREAM_MEDIA_TYPES = frozenset({"text/plain", "application/x-ndjson"})
 UPSTREAM_FAILED = "The agent could not answer"
+#: The streamed answer's keep-alive while nothing else goes out: an empty line, which the widget's reader skips.
+KEEPALIVE = b"\n"
 
 
 def wants_stream(accept: str | None) -> bool:
@@ -65,22 +68,51 @@ def _line(kind: str, data: Any, node_id: str, node_name: str) -> bytes | None:
     return dumps(line) + b"\n"
 
 
-async def ndjson(generation: Generation, node_name: str) -> AsyncIterator[bytes]:
+async def ndjson(generation: Generation, node_name: str, ping_interval: float) -> AsyncIterator[bytes]:
     """The generation's events from the first, live, as NDJSON up to its terminal event (lines available
-    together go out in one write). `nodeId` is the assistant message's id, so each answer is its own bubble."""
+    together go out in one write). `nodeId` is the assistant message's id, so each answer is its own bubble.
+
+    After `ping_interval` seconds without a write (an agent thinking, a callback-mode workflow between two
+    callbacks) an empty line goes out (KEEPALIVE), so a proxy's idle timeout does not cut the answer. n8n sends
+    none, but the widget skips blank lines before parsing (@n8n/chat's `createLineParser`: `if (line.trim())`),
+    as NDJSON allows readers to. Timer as in Generation.sse: one per quiet interval, not one per wait.
+    """
+    loop = asyncio.get_running_loop()
     node_id = generation.new.assistant_id
+    frames = generation.frames
     index = 0
-    while True:
-        await generation.wait_beyond(index)
-        frames = generation.frames
-        available = len(frames)
-        lines = [_line(*event_of(encoded), node_id, node_name) for encoded in frames[index:available]]
-        index = available
-        out = b"".join(line for line in lines if line is not None)
-        if out:
-            yield out
-        if generation.terminal is not None and index >= len(generation.frames):
-            return
+    timer: asyncio.TimerHandle | None = None
+
+    def wake() -> None:
+        nonlocal timer
+        timer = None
+        generation.wake()
+
+    ping_at = loop.time() + ping_interval
+    try:
+        while True:
+            available = len(frames)
+            if index < available:
+                lines = [_line(*event_of(encoded), node_id, node_name) for encoded in frames[index:available]]
+                index = available
+                out = b"".join(line for line in lines if line is not None)
+                if out:
+                    yield out
+                    ping_at = loop.time() + ping_interval
+                continue  # new events may have arrived while the write was awaited
+            if generation.terminal is not None:
+                return
+            # (A ping 1 ms early counts: a timer may fire within the loop's clock resolution of its deadline.)
+            if loop.time() + 0.001 >= ping_at:
+                yield KEEPALIVE
+                ping_at = loop.time() + ping_interval
+                continue
+            if timer is None:
+                timer = loop.call_at(ping_at, wake)
+            await generation.next_change()
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 async def last_node_answer(generation: Generation) -> tuple[int, bytes, dict[str, str]]:

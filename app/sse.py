@@ -149,6 +149,15 @@ class Generation:
         while len(self.frames) <= index and self.terminal is None:
             await self._next()
 
+    async def next_change(self) -> None:
+        """Until the next event, the end, or a `wake` (a reader's keep-alive timer): for readers that keep their
+        own index and ping (`sse`, app.chat_trigger.ndjson)."""
+        await self._next()
+
+    def wake(self) -> None:
+        """Wake every reader waiting in `next_change` (it then finds no new event: its keep-alive is due)."""
+        self._notify()
+
     async def _next(self) -> None:
         """Until the next `_notify` (a new event, the end, or a reader's ping timer)."""
         waiter = asyncio.get_running_loop().create_future()

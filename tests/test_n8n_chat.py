@@ -230,6 +230,31 @@ async def test_line_separators_in_the_answer_never_split_an_ndjson_line(
     assert "".join(item["content"] for item in read if item["type"] == "item") == "".join(texts)
 
 
+@pytest.mark.settings(STREAM_PING_INTERVAL=0.2)
+async def test_a_quiet_agent_gets_keep_alive_lines_the_widget_skips(
+    client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    """While the agent is silent (here 0.6 s between its pieces) an empty line goes out every
+    STREAM_PING_INTERVAL, so a proxy's idle timeout does not cut the answer (nothing went out before). The
+    widget's reader skips blank lines (@n8n/chat's createLineParser: `if (line.trim())`); the JSON lines are
+    unchanged."""
+    slow = f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=600"
+    await session.execute(update(Agent).where(Agent.id == agent.id).values(webhook_url=slow))
+    await session.commit()
+    response = await widget(client, agent.id, send("hi there"), {**headers, **STREAM})
+    assert response.status_code == 200
+    raw = response.content.split(b"\n")[:-1]
+    assert b"" in raw[1:]  # keep-alive lines: after `begin`, while n8n is quiet
+    items = [json.loads(line) for line in raw if line]
+    assert items[0]["type"] == "begin"
+    assert items[-1]["type"] == "end"
+    assert {i["type"] for i in items[1:-1]} == {"item"}
+    assert "".join(i["content"] for i in items if i["type"] == "item") == "Echo: hi there"
+    chat_id = await session_chat(session, user)
+    assert chat_id is not None
+    assert (await branch_of(session, chat_id))[-1]["content"] == "Echo: hi there"
+
+
 async def test_upstream_error_streaming_is_the_triggers_error_line(
     client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str]
 ) -> None:

@@ -38,7 +38,8 @@ RESPONSES: Responses = {
     200: {
         "description": "`sendMessage` with `Accept: text/plain` (the widget's `enableStreaming`) or "
         "`application/x-ndjson`: the answer as it streams, one JSON object per line (`begin`, `item`..., then "
-        "`end`; a failure is an `error` line instead of `end`), under the same Content-Type n8n uses, "
+        "`end`; a failure is an `error` line instead of `end`; an empty line every STREAM_PING_INTERVAL while "
+        "nothing else goes out, which the widget skips), under the same Content-Type n8n uses, "
         "`application/json; charset=utf-8`. Otherwise `sendMessage` answers `{output}` once the answer is "
         'complete, and `loadPreviousSession` answers `{data}` (`{"data": []}` for an unknown session).',
         "model": N8nChatOutput | N8nChatHistory,
@@ -150,7 +151,7 @@ async def n8n_chat(
     generation = registry.start(send.new)
     if chat_trigger.wants_stream(accept):
         return StreamingResponse(
-            chat_trigger.ndjson(generation, send.agent_name),
+            chat_trigger.ndjson(generation, send.agent_name, settings.STREAM_PING_INTERVAL),
             media_type=chat_trigger.CONTENT_TYPE,
             headers=chat_trigger.STREAM_HEADERS,
         )
