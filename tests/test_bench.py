@@ -16,14 +16,16 @@ from typing import Any
 
 import asyncpg
 import pytest
+from starlette.routing import Match
 
-from bench import bench_finish, bench_history, bench_usage
+from bench import bench_finish, bench_history, bench_routing, bench_usage
 from bench.affinity import Pinning, get_affinity, plan
 from bench.loadgen import ContractChecker, Event, NDJSONParser, SSEParser, StreamResult, percentile, summarize
 from bench.procs import CLK_TCK, client_ports, cpu_seconds, tree
 from bench.report import render, rows, write
 from bench.run import ROOT, admin, bare_target, check_before, service_target
-from tests.conftest import ADMIN_URL, _plain_url
+from main import create_app
+from tests.conftest import ADMIN_URL, _plain_url, make_settings
 
 
 def frame(event_id: int, kind: str, data: object) -> bytes:
@@ -186,6 +188,19 @@ async def test_bench_finish_runs_at_tiny_sizes() -> None:
     assert [(r["kind"], r["calls"]) for r in results["rounds"]] == [("complete", 6), ("error", 6)]
     assert all(r["cpu_us"] > 0 and r["wall_p50_us"] > 0 for r in results["rounds"])
     assert results["round_trips"] == {"complete": 1.0, "error": 1.0}
+
+
+def test_bench_routing_matches_every_path_it_names(tmp_path: Path) -> None:
+    """Each path of the routing benchmark reaches a route (a 404 only for the one meant to), so its figures are
+    those of the routes named."""
+    app = create_app(make_settings("postgresql+asyncpg://postgres@127.0.0.1:5432/unused", tmp_path))
+    for method, path in bench_routing.PATHS:
+        scope = bench_routing._scope(app, method, path)
+        matched = [route for route in app.router.routes if route.matches(scope)[0] == Match.FULL]
+        assert bool(matched) == (path != "/no/such/path"), (method, path)
+    results = bench_routing.run(rounds=5)
+    assert [name for name, _ in results] == [f"{method} {path}" for method, path in bench_routing.PATHS]
+    assert all(micros > 0 for _, micros in results)
 
 
 # --- pinning, CPU, the --before check, the new report rows -------------------------------------------
