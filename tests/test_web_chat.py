@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Locator, Page, Request, Route, expect
+from playwright.sync_api import FilePayload, Locator, Page, Request, Route, expect
 
 from tests.live import LiveServer
 from tests.web import PASSWORD, Team, Watched, answer_text, create_team, log_in, send
@@ -419,6 +419,127 @@ def test_a_message_sent_while_offline_is_sent_once_the_network_is_back(
     send(page, "and then")  # the composer is usable
     expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(2)
     assert web_page.errors == []
+
+
+WAITING = "Your message was not sent: it was waiting for the network when the chat was left. Send it again."
+UNSENT_KEPT = "Object.keys(sessionStorage).filter((k) => k.startsWith('unsent:'))"
+
+
+def message_keys(page: Page) -> list[str]:
+    """The Idempotency-Key of every send the page makes (those failing offline included)."""
+    keys: list[str] = []
+    page.on("request", lambda r: keys.append(r.headers["idempotency-key"]) if "idempotency-key" in r.headers else None)
+    return keys
+
+
+def test_a_message_waiting_for_the_network_is_given_back_after_a_reload(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """A send waiting for the network lived only in the page: the chat left (here for the agent picker) and the
+    page reloaded once the network was back, its text and files were gone. The chat opened again now gives them
+    back in the composer, and sent again it carries the same Idempotency-Key."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    chat_id = page.url.rsplit("/", 1)[1]
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Attach files").click()
+    notes: FilePayload = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello from a file\n"}
+    chooser.value.set_files(notes)
+    expect(page.locator(".uploads .upload[data-state=done]")).to_have_count(1)
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    keys = message_keys(page)
+    page.context.set_offline(True)
+    send(page, "kept for later")
+    expect(page.locator(".msg.assistant .live-status")).to_have_text(re.compile("^Waiting for the network"))
+    page.evaluate("() => { location.hash = '#/new'; }")
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    page.context.set_offline(False)
+    page.reload()
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    assert team.get(f"/api/chats/{chat_id}")["messages"] == []  # nothing went out when the network came back
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat_id}'; }}")
+    box = page.get_by_label("Message", exact=True)
+    expect(box).to_have_value("kept for later")
+    expect(page.locator(".toast.error", has_text=WAITING)).to_be_visible()
+    expect(page.locator(".uploads .upload[data-state=done]")).to_have_text(re.compile("notes.txt"))
+    expect(page.locator(".msg")).to_have_count(0)
+    assert page.evaluate(UNSENT_KEPT) == []  # given back once: now a draft like any other
+    box.press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    assert answer_text(page) == "Echo: kept for later"
+    expect(page.locator(".msg.user .files a")).to_have_text("notes.txt")
+    expect(page.locator(".uploads .upload")).to_have_count(0)
+    assert len(keys) >= 2  # tried offline, then sent again from the box
+    assert len(set(keys)) == 1  # with the same key: a send that had reached the server would be replayed
+    stored = team.get(f"/api/chats/{chat_id}")["messages"]
+    assert [m["content"] for m in stored] == ["kept for later", "Echo: kept for later"]
+    assert len([r for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]) == 1
+    assert web_page.errors == []
+
+
+def test_a_message_waiting_for_the_network_comes_back_with_its_chat_and_leaves_with_the_session(
+    web_page: Watched, team: Team
+) -> None:
+    """Another chat opened and this one opened again (no reload): the waiting send's text is back in the box.
+    Left waiting again, it is not kept past a logout, for whoever signs in next in the tab."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    chat_id = page.url.rsplit("/", 1)[1]
+    other = team.create_chat(team.get("/api/agents")[0]["id"], title="Other chat")
+    page.context.set_offline(True)
+    send(page, "not lost")
+    expect(page.locator(".msg.assistant .live-status")).to_be_visible()
+    page.evaluate(f"() => {{ location.hash = '#/chats/{other['id']}'; }}")
+    expect(page.get_by_role("alert").filter(has_text="The server could not be reached.")).to_have_count(1)
+    page.context.set_offline(False)
+    page.wait_for_timeout(500)  # the left send would be on its way by now
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat_id}'; }}")
+    box = page.get_by_label("Message", exact=True)
+    expect(box).to_have_value("not lost")
+    expect(page.locator(".toast.error", has_text=WAITING)).to_be_visible()
+    expect(page.locator(".msg")).to_have_count(0)
+    assert team.get(f"/api/chats/{chat_id}")["messages"] == []
+    # Waiting again, then left: kept in the tab until the logout.
+    page.context.set_offline(True)
+    box.press("Enter")
+    expect(page.locator(".msg.assistant .live-status")).to_be_visible()
+    page.evaluate("() => { location.hash = '#/new'; }")
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    page.context.set_offline(False)
+    assert len(page.evaluate(UNSENT_KEPT)) == 1
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    assert page.evaluate(UNSENT_KEPT) == []
+    log_in(page, team.email)
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat_id}'; }}")
+    expect(page.locator(".chat-header h1")).to_have_text("New chat")
+    expect(page.get_by_label("Message", exact=True)).to_have_value("")
+    assert team.get(f"/api/chats/{chat_id}")["messages"] == []
+
+
+def test_an_edit_waiting_for_the_network_comes_back_in_its_form(web_page: Watched, team: Team) -> None:
+    """An edit waiting for the network when its chat was left: opened again, the chat shows the edit form
+    holding the edited text, to send as an edit (a new version), not as a new message."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    chat_id = page.url.rsplit("/", 1)[1]
+    send(page, "hello")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    page.context.set_offline(True)
+    page.locator(".msg.user [data-action=edit]").click()
+    page.get_by_label("Edited message").fill("hello again")
+    page.get_by_label("Edited message").press("Enter")
+    expect(page.locator(".msg.assistant .live-status")).to_be_visible()
+    page.evaluate("() => { location.hash = '#/new'; }")
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    page.context.set_offline(False)
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat_id}'; }}")
+    expect(page.get_by_label("Edited message")).to_have_value("hello again")
+    expect(page.locator(".toast.error", has_text=WAITING)).to_be_visible()
+    expect(page.get_by_label("Message", exact=True)).to_have_value("")
+    page.get_by_label("Edited message").press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete] .content")).to_have_text("Echo: hello again")
+    expect(page.locator(".branches").first).to_contain_text("2 / 2")
 
 
 def test_a_send_that_reached_the_server_while_it_could_not_answer_is_not_stored_twice(

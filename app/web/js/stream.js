@@ -47,9 +47,32 @@ export const saved = {
   clear(chatId) {
     sessionStorage.removeItem(this.key(chatId));
   },
-  /** Every chat's (the session ends: an answer's text is not left in the tab for whoever signs in next). */
+  /** Every chat's, and the sends kept in `waiting` (the session ends: neither an answer's text nor a message
+   * waiting to be sent is left in the tab for whoever signs in next). */
   clearAll() {
-    for (const key of Object.keys(sessionStorage)) if (key.startsWith("stream:")) sessionStorage.removeItem(key);
+    for (const key of Object.keys(sessionStorage)) if (/^(stream|unsent):/.test(key)) sessionStorage.removeItem(key);
+  },
+};
+
+/**
+ * A send waiting for the network ({user, body, key, files}), kept in sessionStorage while it waits: a chat left
+ * meanwhile (another chat, a reload) stops the send, and its text would otherwise be gone. Given back when the
+ * chat opens again (chat.js), to the same user only; `saved.clearAll` removes it with the session.
+ */
+export const waiting = {
+  key: (chatId) => `unsent:${chatId}`,
+  read(chatId) {
+    try {
+      return JSON.parse(sessionStorage.getItem(this.key(chatId)) || "null");
+    } catch {
+      return null;
+    }
+  },
+  write(chatId, state) {
+    sessionStorage.setItem(this.key(chatId), JSON.stringify(state));
+  },
+  clear(chatId) {
+    sessionStorage.removeItem(this.key(chatId));
   },
 };
 

@@ -101,6 +101,17 @@ export class Attachments {
     running?.handle.abort();
   }
 
+  /** Files already uploaded (`records`) pending again: a send given back after a reload (chat.js). Those still
+   * pending (the chat was left and opened again in the same page) are not listed twice. */
+  restore(records) {
+    if (this.closed) return;
+    const pending = new Set(this.items.map((item) => item.record?.id));
+    for (const record of records) {
+      if (!pending.has(record.id)) this.items.push({ key: ++next, file: null, state: "done", progress: 1, record, error: null, handle: null });
+    }
+    this.render();
+  }
+
   /** The uploaded files to send, or null while one is still on its way. Refused ones are not sent. */
   ready() {
     if (this.items.some((item) => item.state === "waiting" || item.state === "uploading")) return null;

@@ -2,8 +2,8 @@
 // chat pane (agent picker, messages, composer with attachments, streaming, stop, resume after reload, edit,
 // regenerate, branches, feedback). Each chat's menu (in the list and in the chat's header) shares and exports it.
 import { ApiError, api, download, page } from "../api.js";
-import { composing, copy, fill, h, notify } from "../dom.js";
-import { Generation, NotSent, saved, stopGeneration } from "../stream.js";
+import { composing, copy, fill, h, notify, randomId } from "../dom.js";
+import { Generation, NotSent, saved, stopGeneration, waiting } from "../stream.js";
 import { Attachments } from "./attachments.js";
 import { agentById, agentLabel, avatar, messageItem, setContent, stepItem, waitText } from "./messages.js";
 
@@ -18,8 +18,9 @@ const errorText = (err) => (err instanceof ApiError ? err.message : "The server 
 const importType = (file) => (/\.(jsonl|ndjson)$/i.test(file.name) ? "application/x-ndjson" : "application/json");
 
 export class ChatsView {
-  constructor(main, { navigate }) {
+  constructor(main, { user, navigate }) {
     this.navigate = navigate;
+    this.userId = user.id; // whose sends waiting for the network this tab may give back (`waiting`)
     this.agents = new Map(); // the active agents (the picker's)
     this.agentReads = new Map(); // deactivated agents read by id (agentById), their promises
     this.otherAgents = new Map(); // and those read, by id
@@ -347,6 +348,7 @@ export class ChatsView {
     try {
       await api(`/api/chats/${chat.id}`, { method: "DELETE" });
       saved.clear(chat.id);
+      waiting.clear(chat.id);
       if (chat.id === this.chatId) this.navigate("/new");
       await this.loadChats();
     } catch (err) {
@@ -373,7 +375,9 @@ export class ChatsView {
     }
     if (!chatId) return this.renderPicker();
     this.last = LAST;
-    if (await this.reload()) this.resumeIfRunning(); // not on a chat that could not be read (404...)
+    if (!(await this.reload())) return; // not on a chat that could not be read (404...)
+    this.giveBackWaiting();
+    this.resumeIfRunning();
   }
 
   renderPicker() {
@@ -599,14 +603,17 @@ export class ChatsView {
     return {
       onStart: (data) => {
         this.attachments?.sent(data.user_message.files || []); // stored with the message: no longer pending
+        if (view.send) waiting.clear(chatId); // the server has it: nothing to give back
         view.user?.setAttribute("data-id", data.user_message.id);
         view.item.setAttribute("data-id", data.assistant_message_id);
         if (view.stopping && chatId === this.chatId) this.stop(); // Stop was pressed before the server had it
       },
-      onWaiting: (waiting) => {
+      onWaiting: (offline) => {
         const line = q(".live-status");
         line.textContent = "Waiting for the network: sent as soon as it is back.";
-        line.hidden = !waiting;
+        line.hidden = !offline;
+        // Kept for a chat left (or a page reloaded) before the network is back, which stops this send.
+        if (offline && view.send) waiting.write(chatId, view.send);
       },
       onStatus: (data) => {
         const line = q(".live-status");
@@ -657,18 +664,22 @@ export class ChatsView {
     }
     view.item = this.liveItem();
     this.scrollDown();
-    this.live = view;
-    this.generation = new Generation(chatId, this.handlers(chatId, view));
-    this.setBusy(true);
     // The same message sent again after the server could not be reached: the same Idempotency-Key, so that
     // one which did reach it is answered (replayed), not stored a second time.
     const json = JSON.stringify(body);
     const unsent = this.unsent?.chatId === chatId && this.unsent.body === json ? this.unsent : null;
     this.unsent = null;
+    const key = unsent?.key ?? randomId();
+    // What to give back if the chat is left while this send waits for the network (a regenerate has no text).
+    if (body.content) view.send = { user: this.userId, body, key, files };
+    this.live = view;
+    this.generation = new Generation(chatId, this.handlers(chatId, view));
+    this.setBusy(true);
     try {
-      await this.generation.send(body, unsent?.key);
+      await this.generation.send(body, key);
     } catch (err) {
-      if (err instanceof NotSent) return this.notSent(chatId, body, json, err.key);
+      waiting.clear(chatId); // not sent, or refused: given back below, not on the next opening
+      if (err instanceof NotSent) return this.notSent(chatId, body, err.key);
       notify(errorText(err), "error");
       // A refused new message (nothing was stored) goes back to the box, to be fixed and sent again.
       if (err instanceof ApiError && !body.edit_of && body.content && chatId === this.chatId && !this.input.value) this.input.value = body.content;
@@ -682,20 +693,37 @@ export class ChatsView {
    * form), its files still pending; and its key is kept for the same message sent again. Not read again
    * from the server, which cannot be reached: the pane would show only that error.
    */
-  notSent(chatId, body, json, key) {
+  notSent(chatId, body, key) {
     if (chatId !== this.chatId) return;
-    this.unsent = { chatId, body: json, key };
+    this.giveBack(body, key, body.content ? "Your message was not sent: the server could not be reached. Send it again." : "Nothing was sent: the server could not be reached.");
+  }
+
+  /**
+   * A send that was waiting for the network when its chat was left (another chat, a reload: `waiting`), given
+   * back as one the server could not be reached for, its files pending again; only to the user who wrote it.
+   */
+  giveBackWaiting() {
+    const kept = waiting.read(this.chatId);
+    waiting.clear(this.chatId);
+    if (!kept?.body?.content || kept.user !== this.userId) return;
+    if (!kept.body.edit_of) this.attachments.restore(kept.files || []);
+    this.giveBack(kept.body, kept.key, "Your message was not sent: it was waiting for the network when the chat was left. Send it again.");
+  }
+
+  /** The chat as last read, and the text of a send that did not go back where it was typed, `key` kept for the
+   * same message sent again; `message` says why. */
+  giveBack(body, key, message) {
+    this.unsent = { chatId: this.chatId, body: JSON.stringify(body), key };
     this.generation = null;
     this.render(this.chat);
-    if (body.edit_of) {
-      const item = this.messages.querySelector(`[data-id="${body.edit_of}"]`);
-      item?.querySelector("[data-action=edit]")?.click();
-      const box = item?.querySelector(".edit-text");
-      if (box) box.value = body.content;
-    } else if (body.content) {
-      this.input.value = this.input.value ? `${body.content}\n${this.input.value}` : body.content;
-    }
-    notify(body.content ? "Your message was not sent: the server could not be reached. Send it again." : "Nothing was sent: the server could not be reached.", "error");
+    // An edit goes back into its form; into the message box when that message is not shown (not among the
+    // messages read), rather than be lost.
+    const item = body.edit_of ? this.messages.querySelector(`[data-id="${body.edit_of}"]`) : null;
+    item?.querySelector("[data-action=edit]")?.click();
+    const box = item?.querySelector(".edit-text");
+    if (box) box.value = body.content;
+    else if (body.content) this.input.value = this.input.value ? `${body.content}\n${this.input.value}` : body.content;
+    notify(message, "error");
   }
 
   /** The id of the answer the shown chat is still writing, or null. */
