@@ -542,6 +542,40 @@ def test_an_edit_waiting_for_the_network_comes_back_in_its_form(web_page: Watche
     expect(page.locator(".branches").first).to_contain_text("2 / 2")
 
 
+def test_stop_cancels_a_send_waiting_for_the_network(web_page: Watched, team: Team, fake_n8n_url: str) -> None:
+    """Stop pressed while a send waited for the network tried to reach the server (it could not), said so, and the
+    send still went out when the network came back. It now cancels the send, which never goes out, and the text
+    goes back into the box."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    chat_id = page.url.rsplit("/", 1)[1]
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    keys = message_keys(page)
+    page.context.set_offline(True)
+    send(page, "changed my mind")
+    expect(page.locator(".msg.assistant .live-status")).to_be_visible()
+    page.get_by_role("button", name="Stop").click()
+    box = page.get_by_label("Message", exact=True)
+    expect(box).to_have_value("changed my mind")
+    expect(page.locator(".toast", has_text="Stopped: your message was not sent.")).to_be_visible()
+    expect(page.locator(".msg")).to_have_count(0)
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+    tried = len(keys)
+    page.context.set_offline(False)
+    page.wait_for_timeout(1_500)  # a send still waiting would have gone out by now
+    assert len(keys) == tried
+    assert team.get(f"/api/chats/{chat_id}")["messages"] == []
+    assert page.evaluate(UNSENT_KEPT) == []
+    box.press("Enter")  # sent when the user chooses to
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    assert answer_text(page) == "Echo: changed my mind"
+    stored = team.get(f"/api/chats/{chat_id}")["messages"]
+    assert [m["content"] for m in stored] == ["changed my mind", "Echo: changed my mind"]
+    assert len([r for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]) == 1
+    assert web_page.errors == []
+
+
 def test_a_send_that_reached_the_server_while_it_could_not_answer_is_not_stored_twice(
     web_page: Watched, team: Team, fake_n8n_url: str
 ) -> None:

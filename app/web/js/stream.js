@@ -99,6 +99,7 @@ export class Generation {
     this.last = from?.last ?? 0;
     this.text = from?.text ?? "";
     this.ended = false;
+    this.waiting = false; // the send waits for the network: the server has nothing yet (Stop cancels it)
     this.aborter = new AbortController(); // leave(): the page moved on; the server goes on regardless
   }
 
@@ -174,8 +175,10 @@ export class Generation {
       }
       if (this.ended || this.generation || this.left) break;
       if (offline()) {
+        this.waiting = true;
         this.handlers.onWaiting?.(true);
         await online(this.aborter.signal);
+        this.waiting = false;
         if (!this.left) this.handlers.onWaiting?.(false);
         continue;
       }

@@ -670,6 +670,7 @@ export class ChatsView {
     const unsent = this.unsent?.chatId === chatId && this.unsent.body === json ? this.unsent : null;
     this.unsent = null;
     const key = unsent?.key ?? randomId();
+    view.request = { body, key };
     // What to give back if the chat is left while this send waits for the network (a regenerate has no text).
     if (body.content) view.send = { user: this.userId, body, key, files };
     this.live = view;
@@ -710,9 +711,9 @@ export class ChatsView {
     this.giveBack(kept.body, kept.key, "Your message was not sent: it was waiting for the network when the chat was left. Send it again.");
   }
 
-  /** The chat as last read, and the text of a send that did not go back where it was typed, `key` kept for the
-   * same message sent again; `message` says why. */
-  giveBack(body, key, message) {
+  /** A send that was not sent: the chat as last read, and its text back where it was typed, `key` kept for the
+   * same message sent again; `message` says why (a toast of `kind`). */
+  giveBack(body, key, message, kind = "error") {
     this.unsent = { chatId: this.chatId, body: JSON.stringify(body), key };
     this.generation = null;
     this.render(this.chat);
@@ -723,7 +724,7 @@ export class ChatsView {
     const box = item?.querySelector(".edit-text");
     if (box) box.value = body.content;
     else if (body.content) this.input.value = this.input.value ? `${body.content}\n${this.input.value}` : body.content;
-    notify(message, "error");
+    notify(message, kind);
   }
 
   /** The id of the answer the shown chat is still writing, or null. */
@@ -754,6 +755,7 @@ export class ChatsView {
   async stop() {
     const { generation, live } = this;
     if (!generation) return;
+    if (generation.waiting) return this.cancelWaiting(generation, live);
     live.stopping = true;
     live.stops = (live.stops || 0) + 1; // in flight: a stop resent on `start` while the first is on its way
     this.stopButton.disabled = true;
@@ -769,6 +771,15 @@ export class ChatsView {
     }
     live.stops -= 1;
     if (usable) this.stopUsable(live);
+  }
+
+  /** Stop pressed while the send waits for the network: nothing reaches the server once the network is back
+   * (no stop request either: it could not), and the text goes back where it was typed, as a send not sent. */
+  cancelWaiting(generation, live) {
+    generation.leave();
+    waiting.clear(this.chatId);
+    const { body, key } = live.request;
+    this.giveBack(body, key, body.content ? "Stopped: your message was not sent." : "Stopped: nothing was sent.", "info");
   }
 
   /** A stop that did nothing: Stop can be pressed again (while that answer is still the one shown), once no
