@@ -10,10 +10,18 @@ const session = { user: null };
 let chats = null; // the chat list and chat pane, kept while moving between chats
 let routes = 0; // the latest route(): an earlier one still waiting (for /api/auth/me...) draws nothing
 const AUTH_PAGES = ["login", "signup", "join"];
-// The page opened without a session (a teammate's share link, a bookmarked chat): shown once signed in, instead of
-// the chat list. Only a page opened while no one was signed in: a session that ends under a page (a logout, the
-// refresh refused) does not keep it, so whoever signs in next does not land on the previous user's page.
+// The page opened without a session (a teammate's share link, a bookmarked chat, a tab restored after the session
+// expired), or the one a session expired under: shown once signed in, instead of the chat list, but only to the
+// user this tab was last signed in as (`tabUser`), or in a tab that never had one. A logout does not keep the page,
+// and someone else signing in (a restored tab of the previous user's) gets their chat list, not a 404 for a chat of
+// the previous user's.
 let afterSignIn = null;
+// Who this tab was last signed in as (their id, per tab like the tab's own history): kept past the session's end,
+// to tell whether the page to show after the login is theirs.
+const tabUser = {
+  read: () => sessionStorage.getItem("tab-user"),
+  write: (id) => sessionStorage.setItem("tab-user", id),
+};
 const currentPath = () => location.hash.replace(/^#/, "") || "/chats";
 const currentSection = () => location.hash.replace(/^#\/?/, "").split("/")[0];
 
@@ -29,6 +37,7 @@ export function navigate(path, { replace = false } = {}) {
 async function loadUser({ again = false } = {}) {
   try {
     session.user = await api("/api/auth/me");
+    tabUser.write(session.user.id);
   } catch (err) {
     if (!again || (err instanceof ApiError && err.status === 401)) session.user = null;
   }
@@ -40,8 +49,10 @@ export async function signedIn() {
   // Signed in over another session (the login page opened without logging out): what the tab kept of that
   // user's answers goes, as a logout would remove it.
   saved.clearAll();
+  const previous = tabUser.read();
   await loadUser();
-  const next = afterSignIn || "/chats";
+  const theirs = !previous || previous === session.user?.id;
+  const next = (theirs && afterSignIn) || "/chats";
   afterSignIn = null;
   navigate(next, { replace: true });
 }
@@ -57,7 +68,7 @@ async function logout() {
       return;
     }
   }
-  signedOut();
+  signedOut({ logout: true });
 }
 
 /** The chats are left for good (another page, the session over): the answer followed and the attachments'
@@ -67,12 +78,14 @@ function leaveChats() {
   chats = null;
 }
 
-/** The session is over: leave the chats and forget what this tab kept of them. A user already on the login,
- * sign-up or join page stays there (a 401 of a request sent before they went there is no reason to move). */
-function signedOut() {
-  // No one was signed in: the page being opened is the one to show after the login (its first request, for
-  // /api/auth/me, ends here, and the login page it moves to supersedes that route()).
-  afterSignIn = session.user === null && !AUTH_PAGES.includes(currentSection()) ? currentPath() : null;
+/** The session is over (`logout`: the user ended it): leave the chats and forget what this tab kept of them. A
+ * user already on the login, sign-up or join page stays there (a 401 of a request sent before they went there is
+ * no reason to move). */
+function signedOut({ logout = false } = {}) {
+  // The page being opened (its first request, for /api/auth/me, ends here, and the login page it moves to
+  // supersedes that route()), or the one the session expired under, is the one to show after the login, to the
+  // same user (signedIn); not after a logout.
+  afterSignIn = !logout && !AUTH_PAGES.includes(currentSection()) ? currentPath() : null;
   leaveChats();
   session.user = null;
   saved.clearAll();
