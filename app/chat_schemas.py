@@ -151,6 +151,16 @@ class ChatUpdate(InputModel):
     )
 
 
+#: The longest text of a progress callback (a status line, an error): docs/CALLBACKS.md.
+CALLBACK_TEXT_MAX_CHARS = 1000
+#: The longest error message the service stores on an answer: a callback's `error` text. Its own messages are
+#: one line, far shorter.
+ERROR_MESSAGE_MAX_CHARS = CALLBACK_TEXT_MAX_CHARS
+#: The longest error code: the service's are short identifiers (`upstream_error`), and error logs keep one in
+#: 50 characters (error_logs.code).
+ERROR_CODE_MAX_CHARS = 50
+
+
 class MessageError(ReadModel):
     message: str
     code: str | None = None
@@ -334,7 +344,7 @@ class ErrorLogRead(ReadModel):
 
 # --- progress callbacks (docs/CALLBACKS.md) ----------------------------------------------------
 
-CallbackText = Annotated[str, Field(min_length=1, max_length=1000), StorableText]
+CallbackText = Annotated[str, Field(min_length=1, max_length=CALLBACK_TEXT_MAX_CHARS), StorableText]
 
 
 class CallbackStatus(InputModel):

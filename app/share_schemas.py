@@ -8,7 +8,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
-from app.chat_schemas import MessageRead, MessageRole, integer_rating
+from app.chat_schemas import (
+    ERROR_CODE_MAX_CHARS,
+    ERROR_MESSAGE_MAX_CHARS,
+    MessageRead,
+    MessageRole,
+    integer_rating,
+)
 from app.fields import JSON_MAX_DEPTH, AgentSlug, ChatTitle, InUtc, ReadModel, StorableText, check_storable_json
 
 # --- shares ----------------------------------------------------------------------------------
@@ -85,10 +91,15 @@ class ExportedFile(ExportPart):
 
 class ExportedError(ExportPart):
     """A failed answer's error, as a Message shows it: exactly `message` and `code` (an unknown key is refused,
-    not dropped: the chat stored would differ from the file)."""
+    not dropped: the chat stored would differ from the file). Bounded as the service's own errors are (a code, a
+    line), so an import cannot store megabytes of error text that every read of the chat then sends."""
 
-    message: str
-    code: str | None = None
+    message: Annotated[str, Field(max_length=ERROR_MESSAGE_MAX_CHARS)] = Field(
+        description=f"At most {ERROR_MESSAGE_MAX_CHARS} characters"
+    )
+    code: Annotated[str, Field(max_length=ERROR_CODE_MAX_CHARS)] | None = Field(
+        None, description=f"At most {ERROR_CODE_MAX_CHARS} characters"
+    )
 
 
 class ExportedMessage(ExportPart):

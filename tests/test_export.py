@@ -21,7 +21,7 @@ from markdown_it import MarkdownIt
 from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.chat_schemas import CallbackTool
+from app.chat_schemas import ERROR_CODE_MAX_CHARS, ERROR_MESSAGE_MAX_CHARS, CallbackTool
 from app.db import utcnow
 from app.fields import JSON_MAX_DEPTH
 from app.models import Agent, Chat, Message, User
@@ -774,6 +774,35 @@ async def test_import_refuses_an_answer_whose_status_and_error_disagree(
     assert detail["msg"] == f"Chat 1: {problem}"
     assert await count_rows(session, "chats") == 0
     assert await count_rows(session, "messages") == 0
+
+
+@pytest.mark.parametrize(("field", "limit"), [("message", ERROR_MESSAGE_MAX_CHARS), ("code", ERROR_CODE_MAX_CHARS)])
+async def test_import_bounds_an_answers_error_as_the_service_stores_one(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, field: str, limit: int
+) -> None:
+    """The service's own errors are a short code and a line of at most ERROR_MESSAGE_MAX_CHARS (a callback's
+    error text): an imported error had no limit, so one import stored megabytes of error text on an answer,
+    sent whole with every read of the chat. Over the limit: a 422 naming the field, not echoing it, and
+    nothing stored; at the limit: imported as it is."""
+    schema = app.openapi()["components"]["schemas"]["ExportedError"]["properties"][field]
+    assert limit in (schema.get("maxLength"), *(s.get("maxLength") for s in schema.get("anyOf", [])))
+    for too_long in ("e" * (limit + 1), "e" * 2_000_000):
+        doc = two_messages("Q", "Half an answer")
+        doc["messages"][1].update(status="error", error={"message": "The agent failed", "code": "x", field: too_long})
+        response = await import_body(client, team_world, json.dumps(doc))
+        assert response.status_code == 422, response.text[:500]
+        [detail] = response.json()["detail"]
+        assert detail["loc"] == ["body", 0, "messages", 1, "error", field]
+        assert detail["msg"] == f"Chat 1: String should have at most {limit} characters"
+        assert len(response.content) < 1_000
+        assert await count_rows(session, "chats") == 0
+        assert await count_rows(session, "messages") == 0
+    doc = two_messages("Q", "Half an answer")
+    doc["messages"][1].update(status="error", error={"message": "The agent failed", "code": "x", field: "e" * limit})
+    response = await import_body(client, team_world, json.dumps(doc))
+    assert response.status_code == 201, response.text[:500]
+    exported = await export_json(client, team_world, response.json()[0]["id"])
+    assert exported["messages"][1]["error"][field] == "e" * limit
 
 
 async def test_an_interrupted_answer_without_its_error_is_imported_with_it(
