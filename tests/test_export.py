@@ -1222,6 +1222,67 @@ async def test_markdown_export_closes_an_html_block_an_answer_left_open(
     assert headings == ["User", "Assistant (cancelled)", "User", "Assistant"]
 
 
+SPOOFED_TURNS = (
+    "Sure.\n## User\nNow ignore the above\n\n# Assistant\n\n   ## User ##\n\nUser\n----\n\n"
+    "Assistant (error)\n=\n\n## **Assistant** (error)\n\n#### us&#101;r\n\n"
+    "```\n## User\n```\n\n## Summary\n\n"
+    # HTML that runs to a blank line, or to any of `</pre>`, `</style>`...: the lines after it are Markdown
+    # again. Read as a code block still open (and closed after the answer), the first hid the next messages.
+    "<details>\n```\n</details>\n\n## User\n\n<pre>x</style>\n## User\n\nThe end"
+)
+
+
+def top_level_headings(markdown: str) -> list[tuple[str, str]]:
+    """Every heading a CommonMark renderer puts at the top of the document: (tag, text)."""
+    tokens = MarkdownIt("commonmark").parse(markdown)
+    return [(t.tag, tokens[i + 1].content) for i, t in enumerate(tokens) if t.type == "heading_open" and t.level == 0]
+
+
+async def test_markdown_export_cannot_be_given_a_fake_turn_by_a_message(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """A message's text was copied as it is, so an answer (or a question) holding a line `## User` showed a
+    reader of the .md file a turn nobody took. Lines of a message that would be one of the export's role
+    headings (any level, ATX or setext, emphasised or with entities) are escaped: shown as the text they are,
+    not as a heading; the message's other headings and its code are left as they were."""
+    chat = await create_chat(
+        session,
+        user=team_world.member,
+        agent=team_world.agent,
+        messages=[
+            {"role": "user", "content": "Hi\n\n## Assistant\nI agree to everything"},
+            {"role": "assistant", "content": SPOOFED_TURNS, "status": "cancelled"},
+        ],
+    )
+    response = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=team_world.h(team_world.member))
+    text = response.text
+    assert top_level_headings(text) == [
+        ("h1", "A chat"),
+        ("h2", "User"),
+        ("h2", "Assistant (cancelled)"),
+        ("h2", "Summary"),  # the answer's own heading, kept
+    ]
+    rendered = MarkdownIt("commonmark").render(text)
+    for shown in (
+        "<p>Hi</p>\n<p>## Assistant\nI agree to everything</p>",
+        "<p>Sure.\n## User\nNow ignore the above</p>",
+        "<p># Assistant</p>",
+        "<p>## User ##</p>",
+        "<p>User\n----</p>",
+        "<p>Assistant (error)\n=</p>",
+        "<p>## <strong>Assistant</strong> (error)</p>",
+        "<p>#### user</p>",
+        "<pre><code>## User\n</code></pre>",  # code: not escaped
+        "<details>\n```\n</details>\n<p>## User</p>",
+        "<pre>x</style>\n<p>## User</p>\n<p>The end</p>",
+    ):
+        assert shown in rendered
+    assert "\n```\n## User\n```\n" in text
+    # In the file itself: escaped with a backslash, readable as it was meant.
+    assert "\nSure.\n\\## User\n" in text
+    assert "\nUser\n\\----\n" in text
+
+
 async def test_an_export_saved_with_a_byte_order_mark_imports(
     client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
 ) -> None:

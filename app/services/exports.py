@@ -4,6 +4,7 @@ branch shown), and every chat of a user as JSON Lines, read page by page while i
 from __future__ import annotations
 
 import heapq
+import html
 import json
 import re
 import uuid
@@ -149,6 +150,31 @@ HTML_BLOCKS = (
     (re.compile(r" {0,3}<!\[CDATA\["), "]]>"),
 )
 
+#: The HTML blocks that run until a blank line: kind 6 (a block tag such as `<div>` or `</p>`, which may
+#: start inside a paragraph) and kind 7 (any other tag alone on its line, which may not). Inside one nothing is
+#: Markdown: no heading, no code fence.
+HTML_UNTIL_BLANK = re.compile(
+    r" {0,3}</?(address|article|aside|base|basefont|blockquote|body|caption|center|col|colgroup|dd|details|"
+    r"dialog|dir|div|dl|dt|fieldset|figcaption|figure|footer|form|frame|frameset|h[1-6]|head|header|hr|html|"
+    r"iframe|legend|li|link|main|menu|menuitem|nav|noframes|ol|optgroup|option|p|param|search|section|summary|"
+    r"table|tbody|td|tfoot|th|thead|title|tr|track|ul)(?:[ \t>]|/>|$)",
+    re.IGNORECASE,
+)
+HTML_TAG_LINE = re.compile(
+    r" {0,3}(?:<[A-Za-z][A-Za-z0-9-]*(?:[ \t]+[A-Za-z_:][A-Za-z0-9_.:-]*"
+    r"(?:[ \t]*=[ \t]*(?:[^ \t\"'=<>`]+|'[^']*'|\"[^\"]*\"))?)*[ \t]*/?>|</[A-Za-z][A-Za-z0-9-]*[ \t]*>)[ \t]*"
+)
+
+
+#: Any of these ends a `<pre>`, `<script>`, `<style>` or `<textarea>` block, not only its own.
+RAW_CLOSERS = ("</pre>", "</script>", "</style>", "</textarea>")
+
+
+def _closes(closer: str, text: str) -> bool:
+    """Whether `text` ends the HTML block whose closer is `closer`."""
+    text = text.lower()
+    return any(c in text for c in RAW_CLOSERS) if closer in RAW_CLOSERS else closer in text
+
 
 def _html_block(line: str) -> str | None:
     """The closer of the HTML block `line` opens and leaves open, if it does."""
@@ -158,19 +184,111 @@ def _html_block(line: str) -> str | None:
             continue
         closer = closer or f"</{found.group(1).lower()}>"
         rest = line[found.end() :] if closer != ">" else line[found.end() - 1 :]
-        return None if closer in rest.lower() else closer
+        return None if _closes(closer, rest) else closer
     return None
 
 
-def _blocks_closed(text: str) -> str:
-    """`text` with a code fence or an HTML block it leaves open closed: an answer cut inside one (a stop, an
-    error) would otherwise turn every later message of the export into code, or hide it in HTML."""
+#: What the export's own role headings read once rendered (`User`, `Assistant (error)`), in any case.
+ROLE_HEADING = re.compile(r"(user|assistant)( ?\([^()]{0,40}\))?:?", re.IGNORECASE)
+#: Longer text (with its marks, tags and entities) does not read as one.
+ROLE_HEADING_MAX_CHARS = 1000
+#: An ATX heading (CommonMark): up to three spaces, one to six `#`, then its text after a space or tab (or
+#: none), an optional closing run of `#` dropped.
+ATX_HEADING = re.compile(r" {0,3}#{1,6}(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*")
+#: A setext heading's underline: it makes the paragraph just above it a heading.
+SETEXT_UNDERLINE = re.compile(r" {0,3}(?:=+|-+)[ \t]*")
+#: A thematic break (`* * *`): it ends a paragraph, so no underline below makes that paragraph a heading.
+THEMATIC_BREAK = re.compile(r" {0,3}(?:(?:\*[ \t]*){3,}|(?:-[ \t]*){3,}|(?:_[ \t]*){3,})")
+#: A block quote's or list item's first line: what follows it on the line is not at the document's top level.
+CONTAINER_START = re.compile(r" {0,3}(?:>|[-+*](?:[ \t]|$)|[0-9]{1,9}[.)](?:[ \t]|$))")
+#: What a heading's text loses once rendered: emphasis, code and escape marks, and inline HTML tags.
+_MARKS = re.compile(r"[*_`\\]")
+_TAGS = re.compile(r"</?[A-Za-z][^>]*>")
+
+
+def _reads_as_role(text: str) -> bool:
+    """Whether a heading of this text would read as one of the export's role headings (`## User`)."""
+    shown = " ".join(_MARKS.sub("", html.unescape(_TAGS.sub("", text))).split())
+    return ROLE_HEADING.fullmatch(shown.lstrip("# ")) is not None  # `\## User` over `===` reads as one too
+
+
+def _ends_as_role(paragraph: list[str]) -> bool:
+    """Whether the paragraph's last lines read as a role heading: the paragraph as tracked may start before the
+    heading's (after a quote or a list item), so each of its ends is checked, up to a heading's length."""
+    text = ""
+    for line in reversed(paragraph):
+        text = line + " " + text
+        if len(text) > ROLE_HEADING_MAX_CHARS:
+            return False
+        if _reads_as_role(text):
+            return True
+    return False
+
+
+def _escaped(line: str) -> str:
+    """`line` with a backslash before its first mark (`#`, `=`, `-`): shown as the text it is, not a heading."""
+    indent = len(line) - len(line.lstrip(" "))
+    return line[:indent] + "\\" + line[indent:]
+
+
+def _outside_blocks(line: str, paragraph: list[str]) -> str:
+    """A line outside code and HTML, escaped if it would make a role heading; `paragraph` (the lines of the
+    paragraph open, which an underline would make a heading) is updated in place. When unsure whether a line
+    is in a paragraph, the guess is the one that escapes more: a role's name shown with a backslash, never a
+    fake turn."""
+    heading = ATX_HEADING.fullmatch(line)
+    if heading is not None:
+        if _reads_as_role(heading.group(1) or ""):
+            paragraph.append(line)  # now a line of text: an underline below could make it a heading
+            return _escaped(line)
+        paragraph.clear()
+    elif paragraph and SETEXT_UNDERLINE.fullmatch(line):
+        if _ends_as_role(paragraph):
+            paragraph.append(line)
+            return _escaped(line)
+        if "-" in line:
+            paragraph.clear()  # a heading, or a thematic break: the paragraph ends either way
+        else:
+            paragraph.append(line)  # a heading, or text if no paragraph was open: guessed text
+    elif not line.strip() or THEMATIC_BREAK.fullmatch(line):
+        paragraph.clear()
+    elif (container := CONTAINER_START.match(line)) is not None:
+        # A quote's or list item's text is not at the top level, but the lines after it may continue it (lazily)
+        # if it is a paragraph: then a paragraph of its own, which no role reads as.
+        rest = line[container.end() :]
+        while (inner := CONTAINER_START.match(rest)) is not None:
+            rest = rest[inner.end() :]
+        paragraph.clear()
+        if rest.strip() and not (ATX_HEADING.fullmatch(rest) or THEMATIC_BREAK.fullmatch(rest) or FENCE.match(rest)):
+            paragraph.append(line)
+    elif paragraph or not line.startswith(("    ", "\t")):  # not indented code
+        paragraph.append(line)
+    return line
+
+
+def _message_markdown(text: str) -> str:
+    """A message's text as the export writes it, as a reader sees it but unable to change the export's outline:
+
+    - a line that would render as one of the export's role headings (`## User`, `# assistant`, `User` over
+      `---`...) is escaped, so it shows as the text it is: a message cannot show a reader a turn nobody took
+      (its other headings, and any line inside code or an HTML block, are left as they are);
+    - a code fence or an HTML block it leaves open is closed: an answer cut inside one (a stop, an error)
+      would otherwise turn every later message of the export into code, or hide it in HTML.
+    """
     fence: str | None = None
-    html: str | None = None
+    html_closer: str | None = None
+    html_until_blank = False
+    paragraph: list[str] = []  # the lines of the paragraph so far: a setext underline makes them a heading
+    out: list[str] = []
     for line in text.split("\n"):
-        if html is not None:
-            if html in line.lower():
-                html = None
+        if html_closer is not None:
+            if _closes(html_closer, line):
+                html_closer = None
+            out.append(line)
+            continue
+        if html_until_blank:
+            html_until_blank = bool(line.strip())
+            out.append(line)
             continue
         found = FENCE.match(line)
         if found is not None:
@@ -180,11 +298,24 @@ def _blocks_closed(text: str) -> str:
                     fence = run
             elif run[0] == fence[0] and len(run) >= len(fence) and not rest.strip():
                 fence = None
+            paragraph.clear()
         elif fence is None:
-            html = _html_block(line)
+            html_closer = _html_block(line)
+            if html_closer is not None:
+                paragraph.clear()
+            elif HTML_UNTIL_BLANK.match(line) or (
+                not paragraph and HTML_TAG_LINE.fullmatch(line) and not HTML_BLOCKS[0][0].match(line)
+            ):
+                html_until_blank = True
+                paragraph.clear()
+            else:
+                line = _outside_blocks(line, paragraph)
+        out.append(line)
     if fence is not None:
-        return text + "\n" + fence
-    return text if html is None else text + "\n" + html
+        out.append(fence)
+    elif html_closer is not None:
+        out.append(html_closer)
+    return "\n".join(out)
 
 
 def _heading_text(title: str) -> str:
@@ -208,7 +339,7 @@ def chat_markdown(document: dict[str, Any]) -> str:
         if message["status"] != "complete":
             heading += f" ({message['status']})"
         lines += ["", "---", "", f"## {heading}", "", f"_{message['created_at']}_", ""]
-        lines.append(_blocks_closed(message["content"]) if message["content"] else "_(no text)_")
+        lines.append(_message_markdown(message["content"]) if message["content"] else "_(no text)_")
         for f in message.get("files") or []:  # named only: an export never carries a file's bytes
             lines += ["", f"Attached: {_one_line(f['filename'])} ({_one_line(f['content_type'])}, {f['size']} bytes)"]
         if message["error"]:
