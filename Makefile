@@ -18,6 +18,11 @@ SCHEMA_TESTS := tests/test_openapi.py
 # those late on a 2-core machine. The schema tests run beside them (a core was idle a quarter of the browser
 # phase and half of the schema one's); their report follows the browser tests'.
 BROWSER_TESTS := $(wildcard tests/test_web_*.py)
+# Runs Python with Ctrl-C's default again: the shell starts a background command with SIGINT ignored, so the
+# schema tests (beside the browser tests) would never see a Ctrl-C, and a kill skips their teardown (their
+# database stays behind). With it, a Ctrl-C stops them as it stops the browser tests: `make test` waits for
+# their teardown. (The PID is cleared once reaped, so no trap signals a process that reused it.)
+INTERRUPTIBLE := -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])'
 
 # Local plain-http development defaults for `make run` only (the environment still wins).
 run: export COOKIE_SECURE ?= false
@@ -53,12 +58,12 @@ run: $(VENV)/.runtime
 # Every test has a time limit (pytest-timeout, pyproject.toml), so a failure cannot hang the run.
 test: $(VENV)/.dev chromium
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=$(SCHEMA_TESTS) $(addprefix --ignore=,$(BROWSER_TESTS))
-	@log=$$(mktemp); trap 'kill $$schema 2>/dev/null; rm -f $$log' EXIT INT TERM; \
+	@log=$$(mktemp); trap 'rm -f $$log' EXIT; trap 'wait $$schema; exit 130' INT; trap 'kill $$schema 2>/dev/null; exit 143' TERM; \
 	echo "$(PY) -m pytest $(SCHEMA_TESTS)  (beside the browser tests; its report follows theirs)"; \
-	$(PY) -m pytest $(SCHEMA_TESTS) >$$log 2>&1 & schema=$$!; \
+	$(PY) $(INTERRUPTIBLE) -m pytest $(SCHEMA_TESTS) >$$log 2>&1 & schema=$$!; \
 	echo "$(PY) -m pytest -n $(BROWSER_WORKERS) --dist loadfile $(BROWSER_TESTS)"; \
 	$(PY) -m pytest -n $(BROWSER_WORKERS) --dist loadfile $(BROWSER_TESTS); browser=$$?; \
-	wait $$schema; status=$$?; cat $$log; test $$browser = 0 && test $$status = 0
+	wait $$schema; status=$$?; schema=; cat $$log; test $$browser = 0 && test $$status = 0
 	PYTHON=$(CURDIR)/$(PY) bash test_streaming.sh --ci
 
 # Installs Debian's chromium when it is missing (as root), else stops with the one command that does.
