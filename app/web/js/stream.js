@@ -31,22 +31,29 @@ export async function* sseEvents(body) {
   }
 }
 
-/** Where this tab is in a chat's running answer, kept in sessionStorage so a reload can continue it. */
+/** A value per chat in this tab's sessionStorage, under `<prefix>:<chatId>` (JSON; unreadable reads as null). */
+function perChat(prefix) {
+  return {
+    key: (chatId) => `${prefix}:${chatId}`,
+    read(chatId) {
+      try {
+        return JSON.parse(sessionStorage.getItem(this.key(chatId)) || "null");
+      } catch {
+        return null;
+      }
+    },
+    write(chatId, state) {
+      sessionStorage.setItem(this.key(chatId), JSON.stringify(state));
+    },
+    clear(chatId) {
+      sessionStorage.removeItem(this.key(chatId));
+    },
+  };
+}
+
+/** Where this tab is in a chat's running answer, kept so a reload can continue it. */
 export const saved = {
-  key: (chatId) => `stream:${chatId}`,
-  read(chatId) {
-    try {
-      return JSON.parse(sessionStorage.getItem(this.key(chatId)) || "null");
-    } catch {
-      return null;
-    }
-  },
-  write(chatId, state) {
-    sessionStorage.setItem(this.key(chatId), JSON.stringify(state));
-  },
-  clear(chatId) {
-    sessionStorage.removeItem(this.key(chatId));
-  },
+  ...perChat("stream"),
   /** Every chat's, and the sends kept in `waiting` (the session ends: neither an answer's text nor a message
    * waiting to be sent is left in the tab for whoever signs in next). */
   clearAll() {
@@ -55,26 +62,11 @@ export const saved = {
 };
 
 /**
- * A send waiting for the network ({user, body, key, files}), kept in sessionStorage while it waits: a chat left
- * meanwhile (another chat, a reload) stops the send, and its text would otherwise be gone. Given back when the
- * chat opens again (chat.js), to the same user only; `saved.clearAll` removes it with the session.
+ * A send waiting for the network ({user, body, key, files}), kept while it waits: a chat left meanwhile (another
+ * chat, a reload) stops the send, and its text would otherwise be gone. Given back when the chat opens again
+ * (chat.js), to the same user only; `saved.clearAll` removes it with the session.
  */
-export const waiting = {
-  key: (chatId) => `unsent:${chatId}`,
-  read(chatId) {
-    try {
-      return JSON.parse(sessionStorage.getItem(this.key(chatId)) || "null");
-    } catch {
-      return null;
-    }
-  },
-  write(chatId, state) {
-    sessionStorage.setItem(this.key(chatId), JSON.stringify(state));
-  },
-  clear(chatId) {
-    sessionStorage.removeItem(this.key(chatId));
-  },
-};
+export const waiting = perChat("unsent");
 
 /** A send that never reached an answer: the server could not be reached (no HTTP answer at all). `key` is its
  * Idempotency-Key, to send the same message again with: if it did reach the server, it is answered, not stored
