@@ -9,7 +9,7 @@ import unicodedata
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal, Self
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -203,14 +203,47 @@ def canonical_email(value: str) -> str:
     return unicodedata.normalize("NFC", unicodedata.normalize("NFC", value.strip()).lower())
 
 
-def normalize_email(value: str) -> str:
-    """Canonical form (`canonical_email`), then check the syntax (no DNS lookup)."""
-    value = canonical_email(value)
+def _validated(canonical: str) -> ValidatedEmail | None:
+    """email-validator's reading of an address already in canonical form (syntax only, no DNS), or None."""
     try:
-        validate_email(value, check_deliverability=False)
-    except EmailNotValidError as exc:
-        raise ValueError("not a valid email address") from exc
-    return value
+        return validate_email(canonical, check_deliverability=False)
+    except EmailNotValidError:
+        return None
+
+
+def email_forms(value: str) -> tuple[str, ...]:
+    """Every stored form that names the same mailbox as `value`, the form a new row is stored in first.
+
+    An internationalised domain has two spellings, `bücher.de` and its ASCII (IDNA) form `xn--bcher-kva.de`:
+    the first form has the domain in Unicode (email-validator's `normalized`, so also folded as IDNA folds
+    it: `BÜCHER.de`, full-width letters), the next in ASCII, then `value` only put in canonical form, which is
+    how rows were stored before the folding. Each canonical (`canonical_email`), without repeats. A value that
+    is no valid address (a mistyped login) has only its canonical form, so it matches what it always did.
+    Compare with `func.lower(column).in_(email_forms(value))`.
+    """
+    canonical = canonical_email(value)
+    valid = _validated(canonical)
+    if valid is None:
+        return (canonical,)
+    unicode_form = canonical_email(valid.normalized)
+    # Built from the parts, not `ascii_email`: that is None when the local part is not ASCII (`ü@bücher.de`),
+    # and the domain still has its ASCII spelling (`ü@xn--bcher-kva.de`).
+    ascii_form = canonical_email(f"{valid.local_part}@{valid.ascii_domain}")
+    return tuple(dict.fromkeys((unicode_form, ascii_form, canonical)))
+
+
+def stored_email(value: str) -> str:
+    """The form a new address is stored in: `email_forms`' first (the domain in Unicode, canonical)."""
+    return email_forms(value)[0]
+
+
+def normalize_email(value: str) -> str:
+    """Check the syntax (no DNS lookup), then the stored form (`stored_email`): `a@xn--bcher-kva.de` and
+    `A@Bücher.de` both become `a@bücher.de`."""
+    valid = _validated(canonical_email(value))
+    if valid is None:
+        raise ValueError("not a valid email address")
+    return canonical_email(valid.normalized)
 
 
 def _clean_name(value: str | None) -> str | None:
@@ -225,7 +258,8 @@ Email = Annotated[
     Field(
         max_length=EMAIL_MAX_LENGTH,
         description="Checked with email-validator (no DNS): special-use domains such as `.test` or `.local` "
-        "are refused. Stored lower-case.",
+        "are refused. Stored lower-case, an internationalised domain in Unicode (`xn--bcher-kva.de` is stored as "
+        "`bücher.de`).",
         examples=["ada@example.com"],
         json_schema_extra={"format": "email"},
     ),

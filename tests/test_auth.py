@@ -304,6 +304,63 @@ async def test_team_signup_admin_email_is_stored_in_nfc(web: httpx.AsyncClient) 
     assert (await login(web, "Am\u00e9lie@example.com", "long-enough")).status_code == 200
 
 
+#: One mailbox, two spellings of its internationalised domain: Unicode and ASCII (IDNA).
+IDN_UNICODE = "a@b\u00fccher.de"
+IDN_ASCII = "a@xn--bcher-kva.de"
+
+
+async def test_an_idn_domain_in_either_spelling_is_one_email(web: httpx.AsyncClient, session: AsyncSession) -> None:
+    """`a@bücher.de` and `a@xn--bcher-kva.de` are one mailbox but were stored as two strings: one team
+    could hold two users for it, and a login had to use the spelling registered."""
+    team = await create_team(session, settings=OPEN)
+    body = {"team_id": str(team.id), "email": IDN_UNICODE, "password": "long-enough"}
+    created = await web.post("/api/auth/register", json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["email"] == IDN_UNICODE
+    for other in (IDN_ASCII, "A@XN--BCHER-KVA.DE", "A@B\u00dcCHER.DE"):
+        body["email"] = other
+        duplicate = await web.post("/api/auth/register", json=body)
+        assert duplicate.status_code == 409, other
+        assert duplicate.json() == {"detail": "This email is already registered in this team"}
+    assert await count_rows(session, "users") == 1
+    for form in (IDN_UNICODE, IDN_ASCII, "A@XN--BCHER-KVA.DE"):
+        assert (await login(web, form, "long-enough")).status_code == 200, form
+        token = await web.post("/api/auth/token", data={"username": form, "password": "long-enough"})
+        assert token.status_code == 200, form
+    # Given in ASCII, the address is stored with its domain in Unicode.
+    other_team = await create_team(session, settings=OPEN)
+    body = {"team_id": str(other_team.id), "email": IDN_ASCII, "password": "long-enough"}
+    assert (await web.post("/api/auth/register", json=body)).json()["email"] == IDN_UNICODE
+    signup = {"name": "IDN", "admin_email": "Boss@XN--BCHER-KVA.de", "admin_password": "long-enough"}
+    assert (await web.post("/api/teams", json=signup)).json()["user"]["email"] == "boss@b\u00fccher.de"
+
+
+async def test_a_user_stored_with_an_ascii_domain_before_the_folding_still_counts(
+    web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """Rows stored before the folding keep the spelling they were registered with; lookups try both."""
+    team = await create_team(session, settings=OPEN)
+    legacy = await create_user(session, team=team, email=IDN_ASCII)
+    for form in (IDN_UNICODE, IDN_ASCII):
+        response = await login(web, form)
+        assert response.status_code == 200, form
+        assert response.json()["user"]["id"] == str(legacy.id)
+    body = {"team_id": str(team.id), "email": IDN_UNICODE, "password": "long-enough"}
+    duplicate = await web.post("/api/auth/register", json=body)
+    assert duplicate.status_code == 409
+    assert await count_rows(session, "users") == 1
+    # The same for a local part that is not ASCII: its ASCII spelling keeps the local part.
+    accented = await create_user(session, team=team, email="\u00fc@xn--bcher-kva.de")
+    assert (await login(web, "\u00dc@B\u00fccher.de")).json()["user"]["id"] == str(accented.id)
+    body["email"] = "\u00fc@b\u00fccher.de"
+    assert (await web.post("/api/auth/register", json=body)).status_code == 409
+    # A login that is no address at all still just fails, and matches a row only as typed.
+    for malformed in ("a@xn--bcher-kva..de", "a@b\u00fccher", "@b\u00fccher.de", "a@xn--"):
+        response = await login(web, malformed)
+        assert response.status_code == 401, malformed
+        assert response.json() == GENERIC_401
+
+
 async def test_the_documented_email_length_is_the_accepted_one(app: FastAPI, web: httpx.AsyncClient) -> None:
     """The schema said 320 characters (RFC 3696's sum of the parts), but email-validator refuses an address
     over 254 (RFC 5321), so a documented-valid address of 255-320 was refused. The two agree now."""

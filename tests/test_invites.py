@@ -344,6 +344,33 @@ async def test_email_bound_invite_compares_emails_case_insensitively(
     assert response.json()["email"] == "grace@example.com"
 
 
+async def test_email_bound_invite_accepts_its_domain_in_either_spelling(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """`a@bücher.de` and `a@xn--bcher-kva.de` are one mailbox: an invite bound to one spelling refused the
+    other. Bound emails are stored with the domain in Unicode; one stored in ASCII before (set directly here)
+    accepts the Unicode spelling too."""
+    team, admin = await _team_and_admin(session)
+    invite = await _invite(web, settings, admin, email="A@XN--BCHER-KVA.de")
+    assert invite["email"] == "a@b\u00fccher.de"
+    response = await _register(web, invite["token"], "a@xn--bcher-kva.de")
+    assert response.status_code == 201, response.text
+    assert response.json()["email"] == "a@b\u00fccher.de"
+    legacy = await _invite(web, settings, admin, email="b@b\u00fccher.de")
+    await session.execute(update(Invite).where(Invite.id == uuid.UUID(legacy["id"])).values(email="b@xn--bcher-kva.de"))
+    await session.commit()
+    response = await _register(web, legacy["token"], "B@B\u00fcCHER.de")
+    assert response.status_code == 201, response.text
+    assert response.json()["email"] == "b@b\u00fccher.de"
+    # A member stored in ASCII before the folding (inserted directly) is taken in either spelling.
+    await create_user(session, team=team, email="c@xn--bcher-kva.de")
+    made = await web.post(INVITES, json={"email": "c@b\u00fccher.de"}, headers=auth_headers(settings, admin))
+    assert made.status_code == 409
+    open_invite = await _invite(web, settings, admin)
+    assert (await _register(web, open_invite["token"], "c@b\u00fccher.de")).status_code == 409
+    assert (await _row(session, open_invite["id"])).uses == 0
+
+
 async def _make_invalid(
     case: str, web: httpx.AsyncClient, session: AsyncSession, settings: Settings
 ) -> tuple[str, str]:

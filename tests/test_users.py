@@ -95,6 +95,31 @@ async def test_create_user_email_in_another_unicode_form_is_409(
         assert (await login(web, form, "long-enough")).status_code == 200, form
 
 
+async def test_create_user_email_with_its_domain_in_the_other_spelling_is_409(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """`a@bücher.de` and `a@xn--bcher-kva.de` are one mailbox: stored with the domain in Unicode, and a row
+    stored in ASCII before that (inserted directly here) counts as taken too."""
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    headers = auth_headers(settings, admin)
+    first = await web.post(
+        "/api/users", json={"email": "A@XN--BCHER-KVA.de", "password": "long-enough"}, headers=headers
+    )
+    assert first.status_code == 201, first.text
+    assert first.json()["email"] == "a@b\u00fccher.de"
+    again = await web.post(
+        "/api/users", json={"email": "a@xn--bcher-kva.de", "password": "long-enough"}, headers=headers
+    )
+    assert again.status_code == 409
+    await create_user(session, team=team, email="legacy@xn--bcher-kva.de")
+    legacy = await web.post(
+        "/api/users", json={"email": "legacy@b\u00fccher.de", "password": "long-enough"}, headers=headers
+    )
+    assert legacy.status_code == 409
+    assert await count_rows(session, "users") == 3
+
+
 async def test_create_user_concurrent_duplicates_give_one_409(
     web: httpx.AsyncClient, session: AsyncSession, settings: Settings
 ) -> None:

@@ -16,7 +16,7 @@ from app.config import Settings
 from app.crypto import DecryptionError, decrypt_text, encrypt_text
 from app.db import utcnow
 from app.errors import Unauthorized
-from app.fields import canonical_email
+from app.fields import email_forms
 from app.models import RefreshToken, Team, User
 from app.security import (
     INVALID_TOKEN,
@@ -96,7 +96,7 @@ async def authenticate(
     Every candidate's hash is checked (an unknown email checks a dummy hash), so a wrong password,
     an unknown email and an inactive user cost the same bcrypt work and give the same answer.
     """
-    query = select(User).where(func.lower(User.email) == canonical_email(email))
+    query = select(User).where(func.lower(User.email).in_(email_forms(email)))
     if team_id is not None:
         query = query.where(User.team_id == team_id)
     candidates = list((await session.execute(query.order_by(User.created_at).limit(MAX_LOGIN_CANDIDATES))).scalars())

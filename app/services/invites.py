@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.db import utcnow
 from app.errors import Conflict, NotFound
-from app.fields import canonical_email
+from app.fields import email_forms, stored_email
 from app.models import Invite, Team, User
 from app.security import hash_password
 from app.services.users import EMAIL_TAKEN, email_taken, insert_user, lock_team_as_admin
@@ -66,7 +66,7 @@ def _usable(token_hash: str, now: datetime, email: str | None = None) -> ColumnE
         Invite.uses < Invite.max_uses,
     ]
     if email is not None:
-        conditions.append(or_(Invite.email.is_(None), func.lower(Invite.email) == canonical_email(email)))
+        conditions.append(or_(Invite.email.is_(None), func.lower(Invite.email).in_(email_forms(email))))
     return and_(*conditions)
 
 
@@ -102,7 +102,7 @@ async def create_invite(
     invite = Invite(
         team_id=team_id,
         token_hash=hash_invite_token(token),
-        email=canonical_email(email) if email else None,
+        email=stored_email(email) if email else None,
         role=role,
         expires_at=utcnow() + timedelta(days=expires_in_days),
         max_uses=max_uses,
@@ -159,14 +159,13 @@ async def register_with_invite(
     token_hash = _hash_or_none(token)
     if token_hash is None:
         raise NotFound(INVITE_NOT_FOUND)
-    email = canonical_email(email)
+    email = stored_email(email)
     invite = (await session.execute(select(Invite).where(_usable(token_hash, utcnow(), email)))).scalar_one_or_none()
     if invite is None:
         await session.rollback()
         raise NotFound(INVITE_NOT_FOUND)
     team_id = invite.team_id
-    taken = select(User.id).where(User.team_id == team_id, func.lower(User.email) == email)
-    if (await session.execute(taken)).first() is not None:
+    if await email_taken(session, team_id, email):
         await session.rollback()
         raise Conflict(EMAIL_TAKEN)
     await session.commit()  # release the connection while bcrypt runs

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.errors import Conflict, NotFound
-from app.fields import canonical_email
+from app.fields import stored_email
 from app.models import Team, User, default_team_settings
 from app.security import hash_password
 from app.services.users import lock_team_as_admin
@@ -63,7 +63,7 @@ async def create_team_with_admin(
             continue
         user = User(
             team_id=team.id,
-            email=canonical_email(admin_email),
+            email=stored_email(admin_email),
             password_hash=password_hash,
             full_name=admin_full_name,
             role="admin",

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.db import utcnow
 from app.errors import ADMIN_REQUIRED, BadRequest, Conflict, Forbidden, NotFound
-from app.fields import canonical_email
+from app.fields import email_forms, stored_email
 from app.models import Invite, Team, User
 from app.security import hash_password, verify_password
 from app.services.auth import revoke_all_user_tokens
@@ -67,7 +67,8 @@ async def insert_user(*, session: AsyncSession, user: User) -> User:
 
 
 async def email_taken(session: AsyncSession, team_id: uuid.UUID, email: str) -> bool:
-    query = select(User.id).where(User.team_id == team_id, func.lower(User.email) == canonical_email(email))
+    """Any row of the team naming this mailbox, in whichever form it was stored (`email_forms`)."""
+    query = select(User.id).where(User.team_id == team_id, func.lower(User.email).in_(email_forms(email)))
     return (await session.execute(query)).first() is not None
 
 
@@ -92,7 +93,7 @@ async def create_user(
         await lock_team_as_admin(session, team_id=team_id, admin_id=created_by, exclusive=False)
     user = User(
         team_id=team_id,
-        email=canonical_email(email),
+        email=stored_email(email),
         password_hash=password_hash,
         full_name=full_name,
         role=role,
