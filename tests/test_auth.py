@@ -361,6 +361,43 @@ async def test_a_user_stored_with_an_ascii_domain_before_the_folding_still_count
         assert response.json() == GENERIC_401
 
 
+async def test_an_email_stored_in_both_spellings_in_one_team_still_logs_in(
+    web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """Before the folding, one team could store both spellings (two users). A login in either spelling now
+    finds both rows: the one whose password matches signs in, the one spelled as typed when both match, and
+    the team is never offered as a choice against itself."""
+    team = await create_team(session, name="Alpha")
+    unicode_row = await create_user(session, team=team, email=IDN_UNICODE, password="password-one")
+    ascii_row = await create_user(session, team=team, email=IDN_ASCII, password="password-two")
+    for form in (IDN_UNICODE, IDN_ASCII):
+        for password, row in (("password-one", unicode_row), ("password-two", ascii_row)):
+            response = await login(web, form, password)
+            assert response.status_code == 200, (form, password)
+            assert response.json()["user"]["id"] == str(row.id)
+    same = await create_team(session, name="Beta")
+    first = await create_user(session, team=same, email=IDN_ASCII)
+    second = await create_user(session, team=same, email=IDN_UNICODE)
+    for form, row in ((IDN_UNICODE, second), (IDN_ASCII, first), ("A@B\u00dcCHER.de", second)):
+        for team_id in (None, same.id):
+            response = await login(web, form, team_id=team_id)
+            assert response.status_code == 200, (form, team_id, response.text)
+            assert response.json()["user"]["id"] == str(row.id)
+        token = await web.post("/api/auth/token", data={"username": form, "password": DEFAULT_PASSWORD})
+        assert token.status_code == 200, form
+    # Spelled neither way (full-width letters fold to the same domain): the older row.
+    response = await login(web, "a@\uff42\u00fccher.de")
+    assert response.status_code == 200
+    assert response.json()["user"]["id"] == str(first.id)
+    # The same pair in another team as well: the choice lists each team once.
+    third = await create_team(session, name="Gamma")
+    await create_user(session, team=third, email=IDN_UNICODE)
+    await create_user(session, team=third, email=IDN_ASCII)
+    ambiguous = await login(web, IDN_UNICODE)
+    assert ambiguous.status_code == 401
+    assert [choice["id"] for choice in ambiguous.json()["teams"]] == [str(same.id), str(third.id)]
+
+
 async def test_the_documented_email_length_is_the_accepted_one(app: FastAPI, web: httpx.AsyncClient) -> None:
     """The schema said 320 characters (RFC 3696's sum of the parts), but email-validator refuses an address
     over 254 (RFC 5321), so a documented-valid address of 255-320 was refused. The two agree now."""

@@ -16,7 +16,7 @@ from app.config import Settings
 from app.crypto import DecryptionError, decrypt_text, encrypt_text
 from app.db import utcnow
 from app.errors import Unauthorized
-from app.fields import email_forms
+from app.fields import canonical_email, email_forms
 from app.models import RefreshToken, Team, User
 from app.security import (
     INVALID_TOKEN,
@@ -108,7 +108,7 @@ async def authenticate(
         raise Unauthorized(LOGIN_FAILED)
     rounds = settings.BCRYPT_ROUNDS
     matches = [user for user in candidates if await _verify_at_cost(password, user.password_hash, rounds)]
-    active = [user for user in matches if user.is_active]
+    active = _one_per_team([user for user in matches if user.is_active], canonical_email(email))
     if not active:
         raise Unauthorized(LOGIN_FAILED)
     if len(active) > 1:
@@ -116,6 +116,18 @@ async def authenticate(
         raise AmbiguousLogin(sorted(teams, key=lambda team: team.name))
     await _rehash_if_needed(session=session, settings=settings, user=active[0], password=password)
     return active[0]
+
+
+def _one_per_team(users: list[User], typed: str) -> list[User]:
+    """At most one user per team, so a team is never offered twice and team_id always settles a login.
+
+    Two rows of one team can name one mailbox only if stored before domains were folded (`a@bücher.de` and
+    `a@xn--bcher-kva.de`): the row spelled as typed wins, else the oldest (`users` come oldest first).
+    """
+    chosen: dict[uuid.UUID, User] = {}
+    for user in sorted(users, key=lambda user: canonical_email(user.email) != typed):  # stable: oldest first
+        chosen.setdefault(user.team_id, user)
+    return list(chosen.values())
 
 
 async def _rehash_if_needed(*, session: AsyncSession, settings: Settings, user: User, password: str) -> None:
