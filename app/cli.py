@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings, load_settings
 from app.db import Database, secure_sqlite_file
-from app.fields import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, canonical_email, normalize_email
+from app.fields import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, canonical_email, email_forms, normalize_email
 from app.migrations import alembic_config
 from app.models import Team, User
 from app.serve import serve
@@ -102,13 +102,25 @@ async def reset_password(settings: Settings, email: str, password: str, team_id:
     db = Database(settings)
     try:
         async with db.sessionmaker() as session:
-            query = select(User).where(func.lower(User.email) == canonical_email(email))
+            query = select(User).where(func.lower(User.email).in_(email_forms(email)))
             if team_id is not None:
                 query = query.where(User.team_id == team_id)
-            users = list((await session.execute(query)).scalars())
-            if len(users) != 1:
-                out("No such user" if not users else "Email exists in several teams: pass --team-id")
+            users = list((await session.execute(query.order_by(User.created_at))).scalars())
+            if not users:
+                out("No such user")
                 return 1
+            if len({user.team_id for user in users}) > 1:
+                out("Email exists in several teams: pass --team-id")
+                return 1
+            if len(users) > 1:
+                # Stored twice in one team before domains were folded (`a@bücher.de`, `a@xn--bcher-kva.de`):
+                # the row spelled as typed, never a guess.
+                typed = [user for user in users if canonical_email(user.email) == canonical_email(email)]
+                if len(typed) != 1:
+                    stored = ", ".join(user.email for user in users)
+                    out(f"Email is stored in several forms in this team ({stored}): pass one as stored")
+                    return 1
+                users = typed
             user = await users_service.reset_password(
                 session=session, settings=settings, user=users[0], new_password=password
             )

@@ -150,3 +150,16 @@ def test_init_refuses_a_first_admin_the_api_would_refuse(tmp_path: Path) -> None
     again = _cli(tmp_path, "init", FIRST_ADMIN_PASSWORD="short")
     assert again.returncode == 0
     assert "already has data" in again.stdout
+
+
+def test_init_stores_the_first_admins_idn_domain_in_unicode(tmp_path: Path) -> None:
+    """`admin@xn--bcher-kva.de` and `admin@bücher.de` are one mailbox, stored with the domain in Unicode (as the
+    API stores it), and reset-password finds it in either spelling."""
+    result = _cli(tmp_path, "init", FIRST_ADMIN_EMAIL="Admin@XN--BCHER-KVA.de")
+    assert result.returncode == 0, result.stderr
+    assert "email:    admin@b\u00fccher.de" in result.stdout
+    with sqlite3.connect(tmp_path / "data" / "app.db") as db:
+        assert db.execute("SELECT email FROM users").fetchall() == [("admin@b\u00fccher.de",)]
+    for email in ("admin@xn--bcher-kva.de", "ADMIN@B\u00dcCHER.DE"):
+        reset = _cli(tmp_path, "reset-password", "--email", email, "--password", "long-enough-pw")
+        assert reset.returncode == 0, reset.stdout + reset.stderr

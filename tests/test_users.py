@@ -305,6 +305,55 @@ async def test_cli_reset_password_revokes_sessions(
     assert (await login(web, "ops@example.com", "new-pw-123")).status_code == 200
 
 
+async def test_cli_stores_and_finds_an_idn_email_in_either_spelling(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, tmp_path: Path
+) -> None:
+    """create-admin stores the domain in Unicode; reset-password finds a row in either spelling, and of a pair
+    stored in both spellings in one team (before the folding) only the one spelled as typed."""
+    url = settings.DATABASE_URL
+    created = await asyncio.to_thread(
+        _cli,
+        tmp_path,
+        url,
+        "create-admin",
+        "--team",
+        "T",
+        "--email",
+        "Ops@XN--BCHER-KVA.de",
+        "--password",
+        "long-enough",
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+    admin = (await session.execute(select(User))).scalar_one()
+    assert admin.email == "ops@b\u00fccher.de"
+    team = await create_team(session)
+    legacy = await create_user(session, team=team, email="old@xn--bcher-kva.de")
+    reset = await asyncio.to_thread(
+        _cli, tmp_path, url, "reset-password", "--email", "old@b\u00fccher.de", "--password", "new-pw-123"
+    )
+    assert reset.returncode == 0, reset.stdout + reset.stderr
+    assert (await login(web, "old@xn--bcher-kva.de", "new-pw-123")).json()["user"]["id"] == str(legacy.id)
+    # A pair in one team: the spelling typed picks the row; a third spelling is refused, naming both.
+    ascii_row = await create_user(session, team=team, email="two@xn--bcher-kva.de")
+    unicode_row = await create_user(session, team=team, email="two@b\u00fccher.de")
+    for email, row, password in (
+        ("TWO@xn--bcher-kva.de", ascii_row, "ascii-pw-123"),
+        ("two@B\u00dccher.de", unicode_row, "unicode-pw-1"),
+    ):
+        result = await asyncio.to_thread(
+            _cli, tmp_path, url, "reset-password", "--email", email, "--password", password
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        response = await login(web, email, password, team_id=team.id)
+        assert response.json()["user"]["id"] == str(row.id)
+    fullwidth = await asyncio.to_thread(
+        _cli, tmp_path, url, "reset-password", "--email", "two@\uff42\u00fccher.de", "--password", "other-pw-123"
+    )
+    assert fullwidth.returncode == 1
+    assert "two@xn--bcher-kva.de, two@b\u00fccher.de" in fullwidth.stdout
+    assert (await login(web, "two@b\u00fccher.de", "other-pw-123")).status_code == 401
+
+
 async def test_cli_create_admin_validates_input(session: AsyncSession, settings: Settings, tmp_path: Path) -> None:
     url = settings.DATABASE_URL
     bad_email = await asyncio.to_thread(
