@@ -361,6 +361,19 @@ async def test_a_user_stored_with_an_ascii_domain_before_the_folding_still_count
         assert response.json() == GENERIC_401
 
 
+async def test_a_user_stored_in_a_spelling_the_folding_changes_still_logs_in_as_typed(
+    web: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """Before the folding a domain with full-width letters was stored as typed (U+FF42 for `b` here), neither
+    spelling of the folded domain: that user still signs in typing it as registered (the value's own canonical
+    form is one of `email_forms`)."""
+    team = await create_team(session, settings=OPEN)
+    legacy = await create_user(session, team=team, email="a@\uff42\u00fccher.de")
+    response = await login(web, "A@\uff42\u00fcCHER.de")
+    assert response.status_code == 200, response.text
+    assert response.json()["user"]["id"] == str(legacy.id)
+
+
 async def test_an_email_stored_in_both_spellings_in_one_team_still_logs_in(
     web: httpx.AsyncClient, session: AsyncSession
 ) -> None:
