@@ -354,6 +354,42 @@ async def test_cli_stores_and_finds_an_idn_email_in_either_spelling(
     assert (await login(web, "two@b\u00fccher.de", "other-pw-123")).status_code == 401
 
 
+async def test_cli_reset_password_of_an_email_in_several_teams_asks_for_the_team(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, tmp_path: Path
+) -> None:
+    """One address in two teams (in either spelling of its domain): without --team-id nothing is reset and the
+    message says to pass one (not that the address is stored in several forms); with it, only that team's
+    user."""
+    url = settings.DATABASE_URL
+    first, second = await create_team(session, name="One"), await create_team(session, name="Two")
+    await create_user(session, team=first, email="ops@b\u00fccher.de")
+    other = await create_user(session, team=second, email="ops@xn--bcher-kva.de")
+    refused = await asyncio.to_thread(
+        _cli, tmp_path, url, "reset-password", "--email", "ops@b\u00fccher.de", "--password", "new-pw-123"
+    )
+    assert refused.returncode == 1
+    assert refused.stdout.strip() == "Email exists in several teams: pass --team-id"
+    for team in (first, second):
+        assert (await login(web, "ops@b\u00fccher.de", "new-pw-123", team_id=team.id)).status_code == 401
+    chosen = await asyncio.to_thread(
+        _cli,
+        tmp_path,
+        url,
+        "reset-password",
+        "--email",
+        "ops@b\u00fccher.de",
+        "--password",
+        "new-pw-123",
+        "--team-id",
+        str(second.id),
+    )
+    assert chosen.returncode == 0, chosen.stdout + chosen.stderr
+    assert (await login(web, "ops@b\u00fccher.de", "new-pw-123", team_id=second.id)).json()["user"]["id"] == str(
+        other.id
+    )
+    assert (await login(web, "ops@b\u00fccher.de", "new-pw-123", team_id=first.id)).status_code == 401
+
+
 async def test_cli_create_admin_validates_input(session: AsyncSession, settings: Settings, tmp_path: Path) -> None:
     url = settings.DATABASE_URL
     bad_email = await asyncio.to_thread(
