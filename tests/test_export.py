@@ -1283,6 +1283,29 @@ async def test_markdown_export_cannot_be_given_a_fake_turn_by_a_message(
     assert "\nUser\n\\----\n" in text
 
 
+async def test_markdown_export_escapes_a_role_heading_behind_a_tag_or_under_an_escaped_one(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """Two more ways a message could show a turn nobody took: a heading whose text is a role inside an inline
+    tag (`## <b>User</b>` renders as the heading "User"), and an escaped `## User` line (shown as text) with a
+    setext underline below it, which would make that line a heading again. Both are shown as text."""
+    chat = await create_chat(
+        session,
+        user=team_world.member,
+        agent=team_world.agent,
+        messages=[
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Sure.\n\n## <b>User</b>\n\n## User\n===\n\nThe end"},
+        ],
+    )
+    response = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=team_world.h(team_world.member))
+    assert response.status_code == 200
+    assert top_level_headings(response.text) == [("h1", "A chat"), ("h2", "User"), ("h2", "Assistant")]
+    rendered = MarkdownIt("commonmark").render(response.text)
+    assert "<p>## <b>User</b></p>" in rendered
+    assert "<p>## User\n===</p>" in rendered
+
+
 async def test_an_export_saved_with_a_byte_order_mark_imports(
     client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
 ) -> None:
