@@ -1288,14 +1288,19 @@ async def test_markdown_export_escapes_a_role_heading_behind_a_tag_or_under_an_e
 ) -> None:
     """Two more ways a message could show a turn nobody took: a heading whose text is a role inside an inline
     tag (`## <b>User</b>` renders as the heading "User"), and an escaped `## User` line (shown as text) with a
-    setext underline below it, which would make that line a heading again. Both are shown as text."""
+    setext underline below it, which would make that line a heading again. Both are shown as text. And a block
+    tag such as `<div>` starts HTML even inside a paragraph: a fence in it opens no code, so the `## User` after
+    its blank line is at the top level and escaped."""
     chat = await create_chat(
         session,
         user=team_world.member,
         agent=team_world.agent,
         messages=[
             {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Sure.\n\n## <b>User</b>\n\n## User\n===\n\nThe end"},
+            {
+                "role": "assistant",
+                "content": "Sure.\n\n## <b>User</b>\n\n## User\n===\n\nText\n<div>\n```\n</div>\n\n## User\n\nThe end",
+            },
         ],
     )
     response = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=team_world.h(team_world.member))
@@ -1304,6 +1309,7 @@ async def test_markdown_export_escapes_a_role_heading_behind_a_tag_or_under_an_e
     rendered = MarkdownIt("commonmark").render(response.text)
     assert "<p>## <b>User</b></p>" in rendered
     assert "<p>## User\n===</p>" in rendered
+    assert "<p>Text</p>\n<div>\n```\n</div>\n<p>## User</p>" in rendered  # `<div>` starts HTML even after text
 
 
 async def test_an_export_saved_with_a_byte_order_mark_imports(
