@@ -185,6 +185,7 @@ async def exchange(
                 async with asyncio.timeout(s.N8N_FIRST_BYTE_TIMEOUT) as idle:
                     if ready is not None:
                         await asyncio.shield(ready)  # never fails: a failed warm-up leaves the connecting to post
+                    deadlines = _connect_first(idle, deadlines or session.timeout, loop.time()) or deadlines
                     post = session.post if deadlines is None else functools.partial(session.post, timeout=deadlines)
                     async with post(target, data=body, headers=send_headers, allow_redirects=False) as response:
                         stats.upstream_status = response.status
@@ -216,14 +217,50 @@ async def exchange(
             except TimeoutError as exc:
                 if wall.expired():
                     raise
-                if isinstance(exc, aiohttp.ConnectionTimeoutError) and not idle.expired():
-                    raise ConnectTimeout from None  # aiohttp's own connect deadline, shorter than the first byte's
+                if (isinstance(exc, aiohttp.ConnectionTimeoutError) and not idle.expired()) or (
+                    ready is not None and not ready.done()
+                ):
+                    # aiohttp's own connect deadline, or the first byte's while the warm-up was still connecting:
+                    # either way no request left, which callback mode must know (nothing will post).
+                    raise ConnectTimeout from None
                 raise (ReadTimeout() if got_first_byte else FirstByteTimeout()) from None
             finally:
                 if quiet is not None:
                     quiet.close()
     except TimeoutError:
         raise TotalTimeout from None
+
+
+#: How much earlier than the first byte's deadline a connect deadline cut to fit under it falls: the two timers
+#: must not fire in the same turn of the loop, or the connect one might lose and be reported as the first byte's.
+CONNECT_MARGIN = 0.05
+
+
+def _connect_first(idle: asyncio.Timeout, deadlines: aiohttp.ClientTimeout, now: float) -> aiohttp.ClientTimeout | None:
+    """The request's aiohttp deadlines when its connect deadline must be cut to end before the first byte's
+    (`idle`), else None (the session's, or the caller's, as they are).
+
+    A first-byte deadline that ends while aiohttp is still connecting (N8N_FIRST_BYTE_TIMEOUT set below
+    N8N_CONNECT_TIMEOUT, or a warm-up wait that used the time) cannot tell whether the request left, so it was
+    reported as n8n's silence, and callback mode waited for callbacks from a workflow that never ran. Cut, the
+    connect deadline ends first and is reported as what it is. aiohttp rounds a connect deadline over
+    `ceil_threshold` up to a whole second of the loop's clock; the cut one is taken back by that second too.
+    One float comparison on the usual path (the first byte's deadline far beyond the connect one)."""
+    when, connect, threshold = idle.when(), deadlines.connect, deadlines.ceil_threshold
+    if when is None or connect is None:
+        return None
+    left = when - now - CONNECT_MARGIN
+    if connect + (1.0 if connect > threshold else 0.0) < left:
+        return None
+    cut = max(left - 1.0 if left - 1.0 > threshold else min(left, threshold), 0.001)
+    sock_connect = deadlines.sock_connect
+    return aiohttp.ClientTimeout(
+        total=deadlines.total,
+        connect=cut,
+        sock_connect=cut if sock_connect is None else min(sock_connect, cut),
+        sock_read=deadlines.sock_read,
+        ceil_threshold=threshold,
+    )
 
 
 class _QuietWatch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -251,25 +252,124 @@ async def test_callback_mode_fails_at_once_when_the_workflow_did_not_run_and_wai
     assert (await assistant_of(app, setup.chat.id))["status"] == "error"
 
 
+@pytest.mark.parametrize(
+    ("connect_timeout", "first_byte_timeout"),
+    [(0.5, 20.0), (20.0, 0.8), (20.0, 6.5)],
+    ids=["connect-deadline-first", "first-byte-deadline-first", "first-byte-deadline-over-ceil-threshold"],
+)
 async def test_callback_mode_fails_at_once_when_n8n_could_not_be_connected_to(
-    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path
+    app: FastAPI,
+    session: AsyncSession,
+    database_url: str,
+    tmp_path: Path,
+    connect_timeout: float,
+    first_byte_timeout: float,
 ) -> None:
     """A connection to n8n never made within N8N_CONNECT_TIMEOUT (TCP and TLS) sent no request: the workflow
     did not run and will post nothing. Callback mode counted it as a cut webhook (a proxy giving up after the
-    workflow started) and waited for callbacks until the silence timeout (10 minutes by default)."""
-    overrides = {"N8N_CONNECT_TIMEOUT": 0.5, "N8N_FIRST_BYTE_TIMEOUT": 20.0, "CALLBACK_SILENCE_TIMEOUT": 30.0}
+    workflow started) and waited for callbacks until the silence timeout (10 minutes by default).
+
+    The same when N8N_FIRST_BYTE_TIMEOUT is the shorter one: its end while still connecting was reported as
+    n8n's silence (a cut webhook) and waited for the silence timeout too; the connect deadline is now cut to
+    end first, including past aiohttp's rounding of deadlines over 5 s up to a whole second. The second send
+    in the chat waits for a warm-up connecting to the same origin (opened while its statement ran): a first
+    byte's deadline ending during that wait is a connection never made too."""
+    overrides = {
+        "N8N_CONNECT_TIMEOUT": connect_timeout,
+        "N8N_FIRST_BYTE_TIMEOUT": first_byte_timeout,
+        "CALLBACK_SILENCE_TIMEOUT": 30.0,
+    }
     async with served(database_url, tmp_path, **overrides) as server, silent_port() as port:
         async with httpx.AsyncClient(base_url=server.url, timeout=40) as client:
             setup = await chat_with_agent(session, server.settings, f"https://127.0.0.1:{port}/webhook/x")
             setup.agent.response_mode = "callback"
             await session.commit()
-            started = asyncio.get_running_loop().time()
-            events = await send(client, setup).finish(within=40)
-            elapsed = asyncio.get_running_loop().time() - started
-    assert events[-1].type == "error"
-    assert events[-1].data["data"]["code"] == "upstream_timeout"  # type: ignore[index]
-    assert events[-1].data["data"]["message"] == "The agent could not be reached in time"  # type: ignore[index]
-    assert elapsed < 10
+            for _ in ("first send", "second send, after a warm-up"):
+                started = asyncio.get_running_loop().time()
+                events = await send(client, setup).finish(within=40)
+                elapsed = asyncio.get_running_loop().time() - started
+                assert events[-1].type == "error"
+                error = events[-1].data["data"]  # type: ignore[index]
+                assert error["code"] == "upstream_timeout"
+                assert error["message"] == "The agent could not be reached in time"
+                assert elapsed < min(connect_timeout, first_byte_timeout) + 3
+                assert (await assistant_of(app, setup.chat.id))["status"] == "error"
+
+
+class AnswersOnceThenUnreachable:
+    """A port whose first connection is answered with HTTP 500, after which `go_away` fills its listen backlog
+    and nothing is ever accepted again: the kernel drops later SYNs, so a connect there never completes (a host
+    that went away), over plain HTTP."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.listener.setblocking(False)
+        self.port = int(self.listener.getsockname()[1])
+        self.fillers: list[socket.socket] = []
+        self.answered = asyncio.get_running_loop().create_task(self._answer_once())
+
+    async def _answer_once(self) -> None:
+        loop = asyncio.get_running_loop()
+        conn, _ = await loop.sock_accept(self.listener)
+        with conn:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += await loop.sock_recv(conn, 65536)
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            while len(body) < length:
+                body += await loop.sock_recv(conn, 65536)
+            await loop.sock_sendall(
+                conn, b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+
+    def go_away(self) -> None:
+        for _ in range(2):  # the first fills the accept queue (backlog 0 holds one); the second stays unanswered
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(filler)
+
+    def close(self) -> None:
+        self.answered.cancel()
+        for sock in (*self.fillers, self.listener):
+            sock.close()
+
+
+async def test_callback_mode_fails_at_once_when_the_first_byte_deadline_ends_during_a_warm_up(
+    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path
+) -> None:
+    """The second send in a chat whose n8n answered before opens its connection while its statement runs
+    (a warm-up) and waits for it within the first byte's deadline. When that deadline (shorter than the connect
+    one) ended during the wait, no request had left, yet it was reported as n8n's silence, and callback mode
+    waited for callbacks (here the 30 s silence timeout) from a workflow that never ran."""
+    overrides = {"N8N_CONNECT_TIMEOUT": 20.0, "N8N_FIRST_BYTE_TIMEOUT": 0.8, "CALLBACK_SILENCE_TIMEOUT": 30.0}
+    host = AnswersOnceThenUnreachable()
+    try:
+        async with served(database_url, tmp_path, **overrides) as server:
+            async with httpx.AsyncClient(base_url=server.url, timeout=40) as client:
+                setup = await chat_with_agent(session, server.settings, f"http://127.0.0.1:{host.port}/webhook/x")
+                setup.agent.response_mode = "callback"
+                await session.commit()
+                first = await send(client, setup).finish(within=10)
+                assert first[-1].data["data"]["code"] == "upstream_error"  # type: ignore[index]
+                await host.answered
+                host.go_away()
+                started = asyncio.get_running_loop().time()
+                events = await send(client, setup).finish(within=10)
+                elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        host.close()
+    error = events[-1].data["data"]  # type: ignore[index]
+    assert (events[-1].type, error["code"]) == ("error", "upstream_timeout")
+    assert error["message"] == "The agent could not be reached in time"
+    assert elapsed < 3
     assert (await assistant_of(app, setup.chat.id))["status"] == "error"
 
 

@@ -506,6 +506,8 @@ class _FailingSession:
     """Stands in for the pooled aiohttp session: aiohttp's own exceptions, without a network."""
 
     closed = False
+    #: As `upstream.open_session` sets it, with the default N8N_CONNECT_TIMEOUT.
+    timeout = aiohttp.ClientTimeout(total=None, connect=10.0, sock_connect=10.0)
 
     def __init__(self, exc: BaseException, at: str) -> None:
         self.exc = exc
