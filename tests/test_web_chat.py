@@ -517,6 +517,45 @@ def test_a_message_waiting_for_the_network_comes_back_with_its_chat_and_leaves_w
     assert team.get(f"/api/chats/{chat_id}")["messages"] == []
 
 
+def test_a_chat_and_the_list_read_while_offline_are_read_again_once_the_network_is_back(
+    web_page: Watched, team: Team
+) -> None:
+    """A chat opened while offline said "The server could not be reached." and stayed so once the network was
+    back, and a list search made offline kept the list it had: only a reload of the page read them. Both are
+    read again when the browser is online again."""
+    page = web_page.page
+    chat = team.create_chat(team.get("/api/agents")[0]["id"], title="Read later")
+    log_in(page, team.email)
+    expect(page.locator(".chat-list")).to_contain_text("Read later")
+    page.context.set_offline(True)
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat['id']}'; }}")
+    expect(page.get_by_role("alert").filter(has_text="The chat could not be read")).to_be_visible()
+    page.get_by_placeholder("Search chats").fill("no such chat")
+    expect(page.locator(".toast.error", has_text="The server could not be reached.")).to_be_visible()
+    expect(page.locator(".chat-list")).to_contain_text("Read later")  # the search could not run
+    page.context.set_offline(False)
+    expect(page.locator(".chat-header h1")).to_have_text("Read later")
+    expect(page.get_by_label("Message", exact=True)).to_be_editable()
+    expect(page.locator(".chat-list")).to_have_text("No chat matches.")
+    assert web_page.errors == []
+
+
+def test_a_chat_the_server_did_not_answer_for_is_read_again_on_request(web_page: Watched, team: Team) -> None:
+    """The browser online but the server not answering (down, a proxy dropping the connection): no `online`
+    event will come, so the pane offers to read the chat again."""
+    page = web_page.page
+    chat = team.create_chat(team.get("/api/agents")[0]["id"], title="Read on request")
+    log_in(page, team.email)
+    page.route(f"**/api/chats/{chat['id']}?*", lambda route: route.abort("connectionreset"))
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat['id']}'; }}")
+    alert = page.get_by_role("alert").filter(has_text="The chat could not be read")
+    expect(alert).to_be_visible()
+    page.unroute(f"**/api/chats/{chat['id']}?*")
+    alert.get_by_role("button", name="Try again").click()
+    expect(page.locator(".chat-header h1")).to_have_text("Read on request")
+    expect(page.get_by_role("alert")).to_have_count(0)
+
+
 def test_an_edit_waiting_for_the_network_comes_back_in_its_form(web_page: Watched, team: Team) -> None:
     """An edit waiting for the network when its chat was left: opened again, the chat shows the edit form
     holding the edited text, to send as an edit (a new version), not as a new message."""

@@ -31,6 +31,14 @@ export class ChatsView {
     this.chatId = null;
     this.generation = null;
     this.unsent = null; // {chatId, body (JSON), key} of the send that could not reach the server, to reuse its key
+    // Read again when the network is back: the chat (its id) and the list whose reading got no HTTP answer.
+    this.unread = null;
+    this.listUnread = false;
+    this.onOnline = () => {
+      if (this.listUnread) this.loadChats();
+      if (this.unread) this.readAgain(this.unread);
+    };
+    window.addEventListener("online", this.onOnline);
     this.query = { q: "", archived: false, shown: 0 };
     this.listSeq = 0; // the latest loadChats of a new list
     this.list = h("ul", { class: "chat-list", "aria-label": "Chats" });
@@ -89,6 +97,7 @@ export class ChatsView {
   /** The view is dropped (a logout, another page): what `leave` does, and the pending files' uploads stop. */
   close() {
     this.leave();
+    window.removeEventListener("online", this.onOnline);
     for (const attachments of this.pendingFiles.values()) attachments.close();
     this.pendingFiles.clear();
   }
@@ -170,8 +179,11 @@ export class ChatsView {
       for (const chat of items) this.list.append(this.chatRow(chat));
       this.query.shown = offset + items.length;
       this.more.hidden = this.query.shown >= total;
+      if (!more) this.listUnread = false;
     } catch (err) {
-      if (seq === this.listSeq) notify(errorText(err), "error");
+      if (seq !== this.listSeq) return;
+      this.listUnread = !(err instanceof ApiError);
+      notify(errorText(err), "error");
     } finally {
       if (more) this.more.disabled = false;
     }
@@ -434,7 +446,21 @@ export class ChatsView {
       chat = await api(`/api/chats/${chatId}?last=${this.last}`);
     } catch (err) {
       if (chatId !== this.chatId) return false;
-      fill(this.pane, h("p", { class: "error center", role: "alert" }, err.status === 404 ? "This chat does not exist." : errorText(err)));
+      if (err instanceof ApiError) {
+        fill(this.pane, h("p", { class: "error center", role: "alert" }, err.status === 404 ? "This chat does not exist." : errorText(err)));
+        return false;
+      }
+      // No HTTP answer (offline, the server down): read again when the network is back, or on request.
+      this.unread = chatId;
+      fill(
+        this.pane,
+        h(
+          "div",
+          { class: "error center", role: "alert" },
+          h("p", {}, "The chat could not be read: the server could not be reached. It is read again when the network is back."),
+          h("button", { type: "button", onclick: () => this.readAgain(chatId) }, "Try again"),
+        ),
+      );
       return false;
     }
     if (chatId !== this.chatId) return false;
@@ -442,6 +468,16 @@ export class ChatsView {
     if (chatId !== this.chatId) return false;
     this.render(chat);
     return true;
+  }
+
+  /** The chat whose reading got no HTTP answer, read again (the network is back, or "Try again"), then what
+   * opening it does after reading: a send left waiting given back, a running answer followed. */
+  async readAgain(chatId) {
+    if (chatId !== this.chatId || this.unread !== chatId) return;
+    this.unread = null;
+    if (!(await this.reload())) return;
+    this.giveBackWaiting();
+    this.resumeIfRunning();
   }
 
   render(chat) {
