@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import re
 import secrets
 import sys
@@ -183,7 +184,16 @@ def email_problem(email: str) -> str | None:
     return None
 
 
+def never_fail_on_encoding() -> None:
+    """Write what the terminal's encoding lacks (a team name, an internationalised domain on a Latin-1 or
+    ASCII terminal) as `\\u…` escapes: a UnicodeEncodeError was raised after the command had committed."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    never_fail_on_encoding()
     parser = argparse.ArgumentParser(prog="python -m app.cli")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("migrate", help="apply migrations (alembic upgrade head)")

@@ -11,11 +11,16 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 
-def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def _cli(tmp_path: Path, *args: str, encoding: str = "utf-8", **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "JWT_SECRET", "FIRST_ADMIN_PASSWORD"}}
     full_env.update({"DATA_DIR": str(tmp_path / "data"), "BCRYPT_ROUNDS": "4", **env})
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        encoding=encoding,
+        timeout=60,
     )
 
 
@@ -163,3 +168,24 @@ def test_init_stores_the_first_admins_idn_domain_in_unicode(tmp_path: Path) -> N
     for email in ("admin@xn--bcher-kva.de", "ADMIN@B\u00dcCHER.DE"):
         reset = _cli(tmp_path, "reset-password", "--email", email, "--password", "long-enough-pw")
         assert reset.returncode == 0, reset.stdout + reset.stderr
+
+
+def test_output_never_fails_on_a_terminal_that_cannot_encode_it(tmp_path: Path) -> None:
+    """`żółw.pl` has letters Latin-1 lacks: printing the admin after the commit raised UnicodeEncodeError (exit 1,
+    a traceback, the team made all the same). Now what the terminal cannot show is written as `\\u…` escapes."""
+    latin1 = {"PYTHONIOENCODING": "latin-1", "encoding": "latin-1"}
+    assert _cli(tmp_path, "migrate").returncode == 0
+    created = _cli(
+        tmp_path, "create-admin", "--team", "Żółw", "--email", "Admin@\u017c\u00f3\u0142w.pl", "--password",
+        "long-enough-pw", **latin1,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert "Traceback" not in created.stderr
+    assert "Created team \\u017b\u00f3\\u0142w (" in created.stdout
+    assert "with admin admin@\\u017c\u00f3\\u0142w.pl (" in created.stdout
+    reset = _cli(tmp_path, "reset-password", "--email", "admin@\u017c\u00f3\u0142w.pl", "--password", "another-pw-1",
+                 **latin1)  # fmt: skip
+    assert reset.returncode == 0, reset.stderr
+    assert reset.stdout == "Password reset for admin@\\u017c\u00f3\\u0142w.pl in team \\u017b\u00f3\\u0142w\n"
+    with sqlite3.connect(tmp_path / "data" / "app.db") as db:
+        assert db.execute("SELECT email FROM users").fetchall() == [("admin@\u017c\u00f3\u0142w.pl",)]
