@@ -186,8 +186,11 @@ class ReadModel(BaseModel):
 
 
 #: The longest address email-validator accepts (RFC 5321's 254); the schema said 320 (RFC 3696's sum of the
-#: parts), so a documented-valid address of 255-320 characters was refused.
+#: parts), so a documented-valid address of 255-320 characters was refused. Counted once trimmed and normalized
+#: (`email_too_long`), so the schema states it as `maxLength` without pydantic checking the value as sent.
 EMAIL_MAX_LENGTH = 254
+#: What every email field's description says of the limit (the schema's `maxLength` cannot say it).
+EMAIL_LENGTH_NOTE = f"At most {EMAIL_MAX_LENGTH} characters once trimmed: whitespace around the address is not counted."
 PASSWORD_MIN_LENGTH = 8
 #: Passwords are pre-hashed (SHA-256) before bcrypt, so length never truncates; this cap bounds the work.
 PASSWORD_MAX_LENGTH = 1024
@@ -201,6 +204,12 @@ def canonical_email(value: str) -> str:
     NFC again after lower-casing, which can decompose a few characters.
     """
     return unicodedata.normalize("NFC", unicodedata.normalize("NFC", value.strip()).lower())
+
+
+def email_too_long(value: str) -> bool:
+    """Longer than EMAIL_MAX_LENGTH once trimmed and normalized (`canonical_email`): the longest address with a
+    space or a newline around it was refused, though it is stored, and signs in, trimmed."""
+    return len(canonical_email(value)) > EMAIL_MAX_LENGTH
 
 
 def _validated(canonical: str) -> ValidatedEmail | None:
@@ -240,6 +249,8 @@ def stored_email(value: str) -> str:
 def normalize_email(value: str) -> str:
     """Check the syntax (no DNS lookup), then the stored form (`stored_email`): `a@xn--bcher-kva.de` and
     `A@Bücher.de` both become `a@bücher.de`."""
+    if email_too_long(value):
+        raise ValueError(f"must be at most {EMAIL_MAX_LENGTH} characters once trimmed")
     valid = _validated(canonical_email(value))
     if valid is None:
         raise ValueError("not a valid email address")
@@ -256,12 +267,11 @@ def _clean_name(value: str | None) -> str | None:
 Email = Annotated[
     str,
     Field(
-        max_length=EMAIL_MAX_LENGTH,
         description="Checked with email-validator (no DNS): special-use domains such as `.test` or `.local` "
         "are refused. Stored lower-case, an internationalised domain in Unicode (`xn--bcher-kva.de` is stored as "
-        "`bücher.de`).",
+        f"`bücher.de`). {EMAIL_LENGTH_NOTE}",
         examples=["ada@example.com"],
-        json_schema_extra={"format": "email"},
+        json_schema_extra={"format": "email", "maxLength": EMAIL_MAX_LENGTH},
     ),
     AfterValidator(normalize_email),
 ]

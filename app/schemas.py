@@ -38,6 +38,7 @@ from app.chat_schemas import (
     MessageRead,
 )
 from app.fields import (
+    EMAIL_LENGTH_NOTE,
     EMAIL_MAX_LENGTH,
     PASSWORD_MAX_LENGTH,
     PREFERENCES_MAX_BYTES,
@@ -52,6 +53,7 @@ from app.fields import (
     Role,
     canonical_email,
     check_storable_json,
+    email_too_long,
 )
 from app.share_schemas import ExportedChat, ShareRead, ShareSummary
 
@@ -392,13 +394,23 @@ class LoginRequest(InputModel):
     )
 
     # Not syntax-checked: a malformed email is simply a failed login (the same 401 as any other).
-    email: Annotated[str, Field(min_length=1, max_length=EMAIL_MAX_LENGTH, examples=["ada@example.com"])]
+    email: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description=EMAIL_LENGTH_NOTE,
+            examples=["ada@example.com"],
+            json_schema_extra={"maxLength": EMAIL_MAX_LENGTH},
+        ),
+    ]
     password: str = Field(min_length=1, max_length=PASSWORD_MAX_LENGTH, examples=["correct-horse-battery"])
     team_id: uuid.UUID | None = Field(None, description="Needed only when the email exists in several teams.")
 
     @field_validator("email")
     @classmethod
     def _normalize(cls, value: str) -> str:
+        if email_too_long(value):
+            raise ValueError(f"must be at most {EMAIL_MAX_LENGTH} characters once trimmed")
         return canonical_email(value)
 
 

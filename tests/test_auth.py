@@ -428,6 +428,37 @@ async def test_the_documented_email_length_is_the_accepted_one(app: FastAPI, web
     assert (await login(web, longest, "long-enough")).status_code == 200
 
 
+async def test_the_email_length_is_counted_once_trimmed(app: FastAPI, web: httpx.AsyncClient) -> None:
+    """The 254 was checked on the address as sent, before trimming: the longest address with a space (or a
+    newline) around it was a 422 everywhere, though it is stored, and signs in, trimmed. The schema still says
+    254, the length of the address a client should send; surrounding whitespace is not counted."""
+    schemas = app.openapi()["components"]["schemas"]
+    for prop in (
+        schemas["TeamCreate"]["properties"]["admin_email"],
+        schemas["LoginRequest"]["properties"]["email"],
+        schemas["Body_token_api_auth_token_post"]["properties"]["username"],
+    ):
+        assert prop["maxLength"] == EMAIL_MAX_LENGTH
+        assert "trimm" in prop["description"]
+    longest = email_of_length(EMAIL_MAX_LENGTH)
+    body = {"name": "Padded", "admin_email": f" {longest}\n", "admin_password": "long-enough"}
+    created = await web.post("/api/teams", json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["user"]["email"] == longest
+    for padded in (f"{longest} ", f"\t{longest.upper()}"):
+        assert (await login(web, padded, "long-enough")).status_code == 200, padded
+        token = await web.post("/api/auth/token", data={"username": padded, "password": "long-enough"})
+        assert token.status_code == 200, token.text
+    # Too long once trimmed is refused as before, by the same field.
+    too_long = f" {email_of_length(EMAIL_MAX_LENGTH + 1)} "
+    refused = await web.post("/api/teams", json={**body, "name": "Longer", "admin_email": too_long})
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body", "admin_email"]
+    assert (await login(web, too_long, "long-enough")).status_code == 422
+    token = await web.post("/api/auth/token", data={"username": too_long, "password": "long-enough"})
+    assert token.status_code == 422
+
+
 # --- OAuth2 token endpoint -------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from app.auth import CurrentUser, authenticated_by_cookie, check_cookie_origin, 
 from app.config import Settings
 from app.deps import RevocationsDep, SessionDep, SettingsDep
 from app.errors import Unauthorized, Unprocessable
-from app.fields import EMAIL_MAX_LENGTH, PASSWORD_MAX_LENGTH
+from app.fields import EMAIL_LENGTH_NOTE, EMAIL_MAX_LENGTH, PASSWORD_MAX_LENGTH, email_too_long
 from app.middleware import AUTH_PATH
 from app.ratelimit import rate_limit
 from app.routers.responses import R401, R401_LOGIN, R403_ORIGIN, R429, error_doc, error_examples
@@ -170,7 +170,9 @@ class TokenForm(OAuth2PasswordRequestForm):
         self,
         *,
         grant_type: Annotated[str | None, Form(pattern="^password$")] = None,
-        username: Annotated[str, Form(json_schema_extra={"maxLength": EMAIL_MAX_LENGTH})],
+        username: Annotated[
+            str, Form(description=f"Your email. {EMAIL_LENGTH_NOTE}", json_schema_extra={"maxLength": EMAIL_MAX_LENGTH})
+        ],
         password: Annotated[str, Form(json_schema_extra={"format": "password", "maxLength": PASSWORD_MAX_LENGTH})],
         scope: Annotated[str, Form()] = "",
         client_id: Annotated[str | None, Form(description="Your team id, when your email is in several teams")] = None,
@@ -200,7 +202,7 @@ async def token(
     settings: SettingsDep,
 ) -> TokenRead | JSONResponse:
     """Returns an access token only (no cookies, no refresh token): for Swagger and scripts."""
-    if len(form.password) > PASSWORD_MAX_LENGTH or len(form.username) > EMAIL_MAX_LENGTH:
+    if len(form.password) > PASSWORD_MAX_LENGTH or email_too_long(form.username):
         raise Unprocessable("username or password too long")
     if "\x00" in f"{form.username}{form.password}{form.client_id or ''}":
         raise Unprocessable("username, password and client_id must not contain NUL characters")
