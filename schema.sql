@@ -459,5 +459,9 @@ CREATE INDEX ix_refresh_tokens_expires_at ON refresh_tokens (expires_at);
 
 UPDATE alembic_version SET version_num='0017' WHERE alembic_version.version_num = '0016';
 
+-- Running upgrade 0017 -> 0018
+
+UPDATE alembic_version SET version_num='0018' WHERE alembic_version.version_num = '0017';
+
 COMMIT;
 

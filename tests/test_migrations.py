@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import shutil
 import subprocess
@@ -820,3 +821,139 @@ def test_0014_share_files_down_and_up_on_postgresql() -> None:
         run_migrations(url, "0014")
         assert asyncio.run(_pg_tables(url)) == EXPECTED_TABLES
         assert asyncio.run(_pg_count(url, "share_files")) == 0
+
+
+# --- 0018: stored emails folded ---------------------------------------------------------------------------
+
+#: `example.com` in full-width letters, which IDNA folds to `example.com`.
+FULL_WIDTH_EXAMPLE = "\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com"
+invites_table = _table("invites", "id", "team_id", "token_hash", "email", "role", "expires_at", "max_uses", "uses",
+                       "created_at")  # fmt: skip
+#: Spread over several of the migration's batches (1,000 rows), a few of them stored unfolded.
+BULK_USERS = 2_400
+
+
+def _bulk_email(i: int) -> str:
+    return f"u{i}@\uff42\uff55\uff4c\uff4b.example.com" if i % 200 == 7 else f"u{i}@bulk.example.com"
+
+
+async def _seed_emails_at_0017(url: str) -> dict[str, uuid.UUID]:
+    """Users and invites stored as before the folding, by plain SQL: their ids by name."""
+    ids = {name: uuid.uuid4() for name in ("one", "two", "alone", "idn", "pair_ascii", "pair_unicode", "twin_a",
+                                           "twin_b", "upper", "invalid", "plain", "other", "inv_ascii", "inv_wide",
+                                           "inv_none")}  # fmt: skip
+    emails = {
+        "alone": f"a@{FULL_WIDTH_EXAMPLE}",
+        "idn": "b@xn--bcher-kva.de",
+        "pair_ascii": "c@xn--bcher-kva.de",  # its folded form is taken by pair_unicode: left
+        "pair_unicode": "c@b\u00fccher.de",
+        "twin_a": "d@\uff42\u00fccher.de",  # both fold to d@bücher.de, held by neither: one of them takes it
+        "twin_b": "d@xn--bcher-kva.de",
+        "upper": "E@Example.COM",
+        "invalid": "not-an-address",
+        "plain": "f@example.com",
+        "other": "c@xn--bcher-kva.de",  # another team: pair_unicode's form is no collision there
+    }
+    user = {"password_hash": "x", "role": "user", "is_active": True, "preferences": {}, "created_at": NOW,
+            "updated_at": NOW}  # fmt: skip
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(teams.insert(), [
+                {"id": ids[t], "name": t, "slug": t, "settings": {}, "created_at": NOW, "updated_at": NOW}
+                for t in ("one", "two")
+            ])  # fmt: skip
+            await conn.execute(users_table.insert(), [
+                {**user, "id": ids[name], "team_id": ids["two" if name == "other" else "one"], "email": email}
+                for name, email in emails.items()
+            ])  # fmt: skip
+            await conn.execute(users_table.insert(), [
+                {**user, "id": uuid.uuid4(), "team_id": ids["two"], "email": _bulk_email(i)} for i in range(BULK_USERS)
+            ])  # fmt: skip
+            await conn.execute(invites_table.insert(), [
+                {"id": ids[name], "team_id": ids["one"], "token_hash": name.ljust(64, "0"), "email": email,
+                 "role": "user", "expires_at": NOW, "max_uses": 1, "uses": 0, "created_at": NOW}
+                for name, email in (("inv_ascii", "c@xn--bcher-kva.de"), ("inv_wide", f"x@{FULL_WIDTH_EXAMPLE}"),
+                                    ("inv_none", None))
+            ])  # fmt: skip
+    finally:
+        await engine.dispose()
+    return ids
+
+
+async def _taken(url: str, team_id: uuid.UUID, *emails: str) -> list[bool]:
+    """The "email taken" check of registration, user creation and invites, for each email."""
+    from app.services.users import email_taken
+
+    engine = create_async_engine(url)
+    try:
+        async with AsyncSession(engine) as session:
+            return [await email_taken(session, team_id, email) for email in emails]
+    finally:
+        await engine.dispose()
+
+
+def _check_0018(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    run_migrations(url, "0017")
+    ids = asyncio.run(_seed_emails_at_0017(url))
+    # The hole: a row stored unfolded does not make its folded form taken, so a second account could be made.
+    assert asyncio.run(_taken(url, ids["one"], "a@example.com", "b@b\u00fccher.de")) == [False, True]
+    caplog.set_level(logging.INFO, logger="alembic.runtime.migration")
+    run_migrations(url, "0018")
+    by_id = {row[0]: row[1] for row in asyncio.run(_rows(url, "SELECT id, email FROM users"))}
+    by_id = {uuid.UUID(str(key)): email for key, email in by_id.items()}
+    assert by_id[ids["alone"]] == "a@example.com"
+    assert by_id[ids["idn"]] == "b@b\u00fccher.de"
+    assert by_id[ids["pair_ascii"]] == "c@xn--bcher-kva.de"
+    assert by_id[ids["pair_unicode"]] == "c@b\u00fccher.de"
+    twins = {by_id[ids["twin_a"]], by_id[ids["twin_b"]]}
+    assert "d@b\u00fccher.de" in twins
+    assert twins & {"d@\uff42\u00fccher.de", "d@xn--bcher-kva.de"}
+    twin_left = ids["twin_a"] if by_id[ids["twin_a"]] != "d@b\u00fccher.de" else ids["twin_b"]
+    assert (by_id[ids["upper"]], by_id[ids["invalid"]], by_id[ids["plain"]]) == (
+        "e@example.com",
+        "not-an-address",
+        "f@example.com",
+    )
+    assert by_id[ids["other"]] == "c@b\u00fccher.de"
+    bulk = sorted(email for email in by_id.values() if email.endswith("example.com") and email.startswith("u"))
+    assert bulk == sorted(f"u{i}@bulk.example.com" for i in range(BULK_USERS))
+    invites = {uuid.UUID(str(row[0])): row[1] for row in asyncio.run(_rows(url, "SELECT id, email FROM invites"))}
+    assert invites == {ids["inv_ascii"]: "c@b\u00fccher.de", ids["inv_wide"]: "x@example.com", ids["inv_none"]: None}
+
+    # Each row left is logged by its id and the holder's, never by address.
+    messages = [r.getMessage() for r in caplog.records if r.name == "alembic.runtime.migration"]
+    left = [m for m in messages if m.startswith("users row")]
+    twin_holder = ids["twin_b"] if twin_left == ids["twin_a"] else ids["twin_a"]
+    assert sorted(left) == sorted(
+        f"users row {row} keeps its email as stored: user {holder} of the same team holds its folded form "
+        "(merge them, see docs/OPERATIONS.md)"
+        for row, holder in ((ids["pair_ascii"], ids["pair_unicode"]), (twin_left, twin_holder))
+    )
+    assert "Folded the emails of 17 users and 2 invites; 2 users left as stored (logged above by id)" in messages
+    assert not [m for m in messages if "@" in m]
+    # Closed: after the migration every spelling of a mailbox of the team is taken.
+    spellings = ["a@example.com", f"A@{FULL_WIDTH_EXAMPLE}", "c@b\u00fccher.de", "c@xn--bcher-kva.de",
+                 "d@b\u00fccher.de", "d@xn--bcher-kva.de", "e@example.com"]  # fmt: skip
+    assert asyncio.run(_taken(url, ids["one"], *spellings)) == [True] * len(spellings)
+
+    # Idempotent: down (which changes nothing) and up again leaves every row as it was, the same two logged.
+    caplog.clear()
+    run_migrations(url, "0017", downgrade=True)
+    assert {uuid.UUID(str(k)): v for k, v in asyncio.run(_rows(url, "SELECT id, email FROM users"))} == by_id
+    run_migrations(url)
+    assert {uuid.UUID(str(k)): v for k, v in asyncio.run(_rows(url, "SELECT id, email FROM users"))} == by_id
+    messages = [r.getMessage() for r in caplog.records if r.name == "alembic.runtime.migration"]
+    assert sorted(m for m in messages if m.startswith("users row")) == sorted(left)
+    assert "Folded the emails of 0 users and 0 invites; 2 users left as stored (logged above by id)" in messages
+
+
+@pytest.mark.timeout(120)
+def test_0018_folds_stored_emails_on_postgresql(caplog: pytest.LogCaptureFixture) -> None:
+    with fresh_postgres() as url:
+        _check_0018(url, caplog)
+
+
+@pytest.mark.timeout(120)
+def test_0018_folds_stored_emails_on_sqlite(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _check_0018(f"sqlite+aiosqlite:///{tmp_path / 'e.db'}", caplog)
