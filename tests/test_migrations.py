@@ -930,7 +930,7 @@ def _check_0018(url: str, caplog: pytest.LogCaptureFixture) -> None:
         "(merge them, see docs/OPERATIONS.md)"
         for row, holder in ((ids["pair_ascii"], ids["pair_unicode"]), (twin_left, twin_holder))
     )
-    assert "Folded the emails of 17 users and 2 invites; 2 users left as stored (logged above by id)" in messages
+    assert "Emails folded: 17 of users, 2 of invites; users left as stored (logged above by id): 2" in messages
     assert not [m for m in messages if "@" in m]
     # Closed: after the migration every spelling of a mailbox of the team is taken.
     spellings = ["a@example.com", f"A@{FULL_WIDTH_EXAMPLE}", "c@b\u00fccher.de", "c@xn--bcher-kva.de",
@@ -945,7 +945,7 @@ def _check_0018(url: str, caplog: pytest.LogCaptureFixture) -> None:
     assert {uuid.UUID(str(k)): v for k, v in asyncio.run(_rows(url, "SELECT id, email FROM users"))} == by_id
     messages = [r.getMessage() for r in caplog.records if r.name == "alembic.runtime.migration"]
     assert sorted(m for m in messages if m.startswith("users row")) == sorted(left)
-    assert "Folded the emails of 0 users and 0 invites; 2 users left as stored (logged above by id)" in messages
+    assert "Emails folded: 0 of users, 0 of invites; users left as stored (logged above by id): 2" in messages
 
 
 @pytest.mark.timeout(120)

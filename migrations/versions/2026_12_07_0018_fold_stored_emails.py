@@ -102,7 +102,7 @@ def upgrade() -> None:
     folded, left = fold_users(bind)
     invites_folded = fold_invites(bind)
     log.info(
-        "Folded the emails of %d users and %d invites; %d users left as stored (logged above by id)",
+        "Emails folded: %d of users, %d of invites; users left as stored (logged above by id): %d",
         folded,
         invites_folded,
         left,
