@@ -27,6 +27,7 @@ from app.db import utcnow
 from app.dialects import JSONType, UTCDateTime
 from app.models import Chat, Message, User
 from app.services.health import migration_head
+from app.services.users import email_taken
 from app.state import app_state
 from main import create_app, shutdown
 from tests.conftest import (
@@ -883,8 +884,6 @@ async def _seed_emails_at_0017(url: str) -> dict[str, uuid.UUID]:
 
 async def _taken(url: str, team_id: uuid.UUID, *emails: str) -> list[bool]:
     """The "email taken" check of registration, user creation and invites, for each email."""
-    from app.services.users import email_taken
-
     engine = create_async_engine(url)
     try:
         async with AsyncSession(engine) as session:
