@@ -6,15 +6,17 @@ import logging
 import os
 import secrets
 import time
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
-from cryptography.fernet import Fernet
+from cryptography.fernet import Fernet, MultiFernet
 from limits import parse as parse_limit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.crypto import KeyListError, key_ring
 
 CommaList = Annotated[list[str], NoDecode]
 #: The file types a chat accepts unless FILE_ALLOWED_TYPES narrows them (app.filetypes judges every one).
@@ -58,6 +60,8 @@ class Settings(BaseSettings):
     ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(60, ge=1)
     REFRESH_TOKEN_EXPIRE_DAYS: int = Field(7, ge=1)
     REFRESH_REUSE_GRACE_SECONDS: int = Field(10, ge=0, le=300)
+    #: Fernet keys, comma-separated: the first encrypts, every one decrypts (a rotation lists the new key first
+    #: and the old one after it until `python -m app.cli rotate-encryption-key` has run: docs/OPERATIONS.md).
     ENCRYPTION_KEY: str = ""
     #: The HMAC secret of stored API keys; empty = JWT_SECRET (then rotating JWT_SECRET also voids every key).
     API_KEY_SECRET: str = ""
@@ -228,12 +232,27 @@ class Settings(BaseSettings):
                     self.DATA_DIR / "encryption_key", lambda: Fernet.generate_key().decode()
                 )
         try:
-            Fernet(self.ENCRYPTION_KEY.encode())
-        except (ValueError, TypeError) as exc:
-            raise ValueError("ENCRYPTION_KEY must be a url-safe base64 32-byte Fernet key") from exc
+            _ = self.fernet  # built now: a bad key stops the start-up, and the first send finds it built
+        except KeyListError as exc:
+            raise ValueError(str(exc)) from None
         if self.COOKIE_SAMESITE == "none" and not self.COOKIE_SECURE:
             raise ValueError("COOKIE_SAMESITE=none requires COOKIE_SECURE=true")
         return self
+
+    @cached_property
+    def _built_keys(self) -> tuple[str, MultiFernet]:
+        return self.ENCRYPTION_KEY, key_ring(self.ENCRYPTION_KEY)
+
+    @property
+    def fernet(self) -> MultiFernet:
+        """The keys of ENCRYPTION_KEY (the first encrypts, every one decrypts), built once per settings object:
+        every send decrypts with them. A cached_property, not a private attribute: pydantic reads those through
+        `__getattr__`, ~2 us a read."""
+        built = self._built_keys
+        if built[0] != self.ENCRYPTION_KEY:  # a `model_copy(update=...)` copies the built keys, not the check
+            del self.__dict__["_built_keys"]
+            built = self._built_keys
+        return built[1]
 
     @property
     def is_sqlite(self) -> bool:

@@ -604,7 +604,7 @@ class GenerationRegistry:
         new.stamp_assistant()
         try:
             try:
-                headers = decrypt_headers(new.webhook_headers_encrypted, s.ENCRYPTION_KEY)
+                headers = decrypt_headers(new.webhook_headers_encrypted, s.fernet)
             except DecryptionError:
                 raise StreamFailure(
                     "agent_misconfigured",

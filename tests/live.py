@@ -86,7 +86,7 @@ async def chat_with_agent(
     session: AsyncSession, settings: Settings, url: str, *, webhook_headers: dict[str, str] | None = None, **chat: Any
 ) -> ChatSetup:
     user = await create_user(session)
-    encrypted = encrypt_headers(webhook_headers or {}, settings.ENCRYPTION_KEY)
+    encrypted = encrypt_headers(webhook_headers or {}, settings.fernet)
     team = await session.get(Team, user.team_id)
     assert team is not None
     agent = await create_agent(session, team=team, webhook_url=url, webhook_headers_encrypted=encrypted)

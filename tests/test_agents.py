@@ -99,7 +99,7 @@ async def test_create_agent_stores_headers_encrypted(
     assert agent is not None
     assert agent.webhook_headers_encrypted is not None
     assert SECRET not in agent.webhook_headers_encrypted
-    assert decrypt_headers(agent.webhook_headers_encrypted, world.settings.ENCRYPTION_KEY) == {"X-N8N-Auth": SECRET}
+    assert decrypt_headers(agent.webhook_headers_encrypted, world.settings.fernet) == {"X-N8N-Auth": SECRET}
 
 
 async def test_create_agent_by_member_is_403(client: httpx.AsyncClient, world: World, session: AsyncSession) -> None:
@@ -437,7 +437,7 @@ async def test_moving_the_webhook_waits_for_a_concurrent_save_of_the_headers(
     created = await _create(client, world)
     agent_id = uuid.UUID(created.json()["id"])
     before = created.json()["webhook_url"]
-    secret = encrypt_headers({"X-A": SECRET}, world.settings.ENCRYPTION_KEY)
+    secret = encrypt_headers({"X-A": SECRET}, world.settings.fernet)
     saving = await asyncpg.connect(_plain_url(world.settings.DATABASE_URL), timeout=5)
     try:
         async with saving.transaction():  # the other admin's save, as update_agent writes it

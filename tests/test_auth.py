@@ -854,6 +854,32 @@ async def test_refresh_reuse_within_grace_on_an_instance_with_another_encryption
     await _assert_working_session(web, tab_a.json())
 
 
+async def test_refresh_reuse_within_grace_on_an_instance_listing_the_old_key_second_gets_the_successor(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, database_url: str, tmp_path: Path
+) -> None:
+    """A key rotation's first step (instances restarted with `NEW,OLD` one by one): a successor an instance on
+    OLD alone wrote is read by one on `NEW,OLD`, so the late tab joins the chain instead of signing in again."""
+    await create_user(session, email="rotating@example.com")
+    first = (await login(web, "rotating@example.com")).json()
+    tab_a = await web.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert tab_a.status_code == 200
+    both = make_settings(
+        database_url,
+        tmp_path,
+        RATE_LIMIT_ENABLED=False,
+        ENCRYPTION_KEY=f"{Fernet.generate_key().decode()},{settings.ENCRYPTION_KEY}",
+    )
+    rotating = create_app(both)
+    try:
+        async with https_client(rotating) as other:
+            tab_b = await other.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    finally:
+        await shutdown(rotating)
+    assert tab_b.status_code == 200, tab_b.text
+    assert tab_b.json()["refresh_token"] == tab_a.json()["refresh_token"]
+    await _assert_working_session(web, tab_b.json())
+
+
 async def test_refresh_reuse_with_grace_disabled_revokes_the_family(
     database_url: str, tmp_path: Path, session: AsyncSession
 ) -> None:

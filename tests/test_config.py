@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import text
 
 from app.config import ConfigError, Settings, _persistent_secret, load_settings
@@ -69,6 +70,59 @@ def test_invalid_secret_is_not_echoed(tmp_path: Path) -> None:
         load_settings(DATA_DIR=tmp_path, ENCRYPTION_KEY="not-a-fernet-key-SECRET")
     assert "ENCRYPTION_KEY" in str(excinfo.value)
     assert "not-a-fernet-key-SECRET" not in str(excinfo.value)
+
+
+def test_encryption_key_lists_several_keys_the_first_encrypting(tmp_path: Path) -> None:
+    """A rotation lists the new key first and the old one after it (spaces around a comma are fine): what the
+    old key wrote stays readable, and what is written now only the new key needs."""
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    written_before = load_settings(DATA_DIR=tmp_path, ENCRYPTION_KEY=old).fernet.encrypt(b"before")
+    both = load_settings(DATA_DIR=tmp_path, ENCRYPTION_KEY=f" {new} , {old} ")
+    assert both.fernet.decrypt(written_before) == b"before"
+    written_now = both.fernet.encrypt(b"now")
+    assert load_settings(DATA_DIR=tmp_path, ENCRYPTION_KEY=new).fernet.decrypt(written_now) == b"now"
+    with pytest.raises(InvalidToken):
+        load_settings(DATA_DIR=tmp_path, ENCRYPTION_KEY=old).fernet.decrypt(written_now)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ("{good},not-a-fernet-key-SECRET", "ENCRYPTION_KEY: key 2 of 2 is not a Fernet key"),
+        ("not-a-fernet-key-SECRET,{good},{good}", "ENCRYPTION_KEY: key 1 of 3 is not a Fernet key"),
+        ("{good},", "ENCRYPTION_KEY: key 2 of 2 is empty"),
+        ("{good},,{good}", "ENCRYPTION_KEY: key 2 of 3 is empty"),
+        ("not-a-fernet-key-SECRET", "ENCRYPTION_KEY: the key is not a Fernet key"),
+    ],
+)
+def test_invalid_key_in_the_list_is_named_by_position_never_echoed(tmp_path: Path, keys: str, message: str) -> None:
+    """An empty entry is refused, not skipped: `NEW,$OLD` with OLD unset would drop the key of every stored
+    secret. No key, good or bad, is in the message."""
+    good = Fernet.generate_key().decode()
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(DATA_DIR=tmp_path, ENCRYPTION_KEY=keys.format(good=good))
+    assert message in str(excinfo.value)
+    assert "SECRET" not in str(excinfo.value)
+    assert good not in str(excinfo.value)
+
+
+def test_generated_development_key_encrypts_and_is_kept(tmp_path: Path) -> None:
+    """No ENCRYPTION_KEY outside production: one key is generated into DATA_DIR, and a restart reads what the
+    previous process wrote."""
+    written = load_settings(DATA_DIR=tmp_path).fernet.encrypt(b"kept")
+    assert (tmp_path / "encryption_key").stat().st_mode & 0o077 == 0
+    assert load_settings(DATA_DIR=tmp_path).fernet.decrypt(written) == b"kept"
+
+
+def test_keys_are_built_once_per_settings_object(tmp_path: Path) -> None:
+    """Every send decrypts with them; a copy with another ENCRYPTION_KEY gets its own."""
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    settings = load_settings(DATA_DIR=tmp_path, ENCRYPTION_KEY=old)
+    assert settings.fernet is settings.fernet
+    copy = settings.model_copy(update={"ENCRYPTION_KEY": new})
+    assert copy.fernet is not settings.fernet
+    assert load_settings(DATA_DIR=tmp_path, ENCRYPTION_KEY=new).fernet.decrypt(copy.fernet.encrypt(b"x")) == b"x"
+    assert settings.fernet.decrypt(settings.fernet.encrypt(b"y")) == b"y"
 
 
 def test_production_refuses_missing_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

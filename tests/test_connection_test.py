@@ -235,7 +235,7 @@ async def test_probe_of_stored_agent_uses_its_secret_headers_and_never_echoes_th
         session,
         team=team,
         webhook_url=fake.url + "/webhook/agent-header-auth",
-        webhook_headers_encrypted=encrypt_headers(dict([HEADER_AUTH]), settings.ENCRYPTION_KEY),
+        webhook_headers_encrypted=encrypt_headers(dict([HEADER_AUTH]), settings.fernet),
     )
     response = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
     assert response.status_code == 200
@@ -257,7 +257,7 @@ async def test_probe_of_stored_agent_with_refused_secret_names_no_value(
         session,
         team=team,
         webhook_url=fake.url + "/webhook/agent-header-auth",
-        webhook_headers_encrypted=encrypt_headers({HEADER_AUTH[0]: "old-secret-value"}, settings.ENCRYPTION_KEY),
+        webhook_headers_encrypted=encrypt_headers({HEADER_AUTH[0]: "old-secret-value"}, settings.fernet),
     )
     response = await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
     assert response.json()["hint"] == ct.HINT_AUTH_WRONG
@@ -297,7 +297,7 @@ async def probe_echoing(
         session,
         team=await session.get_one(Team, admin.team_id),
         webhook_url=f"{fake.url}/webhook/agent?scenario=echo_header&header=X-Auth&{query}",
-        webhook_headers_encrypted=encrypt_headers({"X-Auth": secret}, settings.ENCRYPTION_KEY),
+        webhook_headers_encrypted=encrypt_headers({"X-Auth": secret}, settings.fernet),
     )
     return await client.post(f"/api/agents/{agent.id}/test", headers=auth_headers(settings, admin))
 

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from yarl import URL
 
 from app.config import Settings
-from app.crypto import DecryptionError, decrypt_headers, encrypt_headers
+from app.crypto import DecryptionError, decrypt_headers, encrypt_headers, key_ring
 from app.models import ErrorLog
 from app.state import app_state
 from app.webhooks import PolicyResolver, WebhookPolicyError, check_webhook_url, webhook_target
@@ -196,7 +196,7 @@ async def test_resolver_refuses_metadata_name(permissive: Settings) -> None:
 def test_headers_roundtrip_and_ciphertext_hides_them() -> None:
     from cryptography.fernet import Fernet
 
-    key = Fernet.generate_key().decode()
+    key = key_ring(Fernet.generate_key().decode())
     token = encrypt_headers({"X-N8N-Auth": "s3cret-value"}, key)
     assert token is not None
     assert "s3cret-value" not in token
@@ -204,7 +204,7 @@ def test_headers_roundtrip_and_ciphertext_hides_them() -> None:
     assert encrypt_headers({}, key) is None
     assert decrypt_headers(None, key) == {}
     with pytest.raises(DecryptionError):
-        decrypt_headers(token, Fernet.generate_key().decode())
+        decrypt_headers(token, key_ring(Fernet.generate_key().decode()))
 
 
 # --- Unicode hosts: judged as yarl (the URL library aiohttp connects with) folds them ----------------

@@ -112,7 +112,7 @@ async def create_agent(
         name=name,
         description=description,
         webhook_url=checked_url(webhook_url, settings),
-        webhook_headers_encrypted=encrypt_headers(webhook_headers or {}, settings.ENCRYPTION_KEY),
+        webhook_headers_encrypted=encrypt_headers(webhook_headers or {}, settings.fernet),
         system_prompt=system_prompt,
         config=config,
         is_active=is_active,
@@ -155,7 +155,7 @@ def _has_headers(agent: Agent, settings: Settings) -> bool:
     if agent.webhook_headers_encrypted is None:
         return False
     try:
-        return bool(decrypt_headers(agent.webhook_headers_encrypted, settings.ENCRYPTION_KEY))
+        return bool(decrypt_headers(agent.webhook_headers_encrypted, settings.fernet))
     except DecryptionError:
         return True
 
@@ -178,7 +178,7 @@ async def update_agent(
         checked_response_mode(changes["response_mode"], settings)
     if "webhook_headers" in changes:
         headers = changes.pop("webhook_headers") or {}
-        agent.webhook_headers_encrypted = encrypt_headers(headers, settings.ENCRYPTION_KEY)
+        agent.webhook_headers_encrypted = encrypt_headers(headers, settings.fernet)
     if changes.get("slug", agent.slug) != agent.slug and await _slug_taken(session, agent.team_id, changes["slug"]):
         raise Conflict(SLUG_TAKEN)
     for name, value in changes.items():
@@ -203,7 +203,7 @@ async def deactivate_agent(*, session: AsyncSession, user: User, agent_id: uuid.
 
 def webhook_headers_of(agent: Agent, settings: Settings) -> dict[str, str]:
     """The clear headers to send to n8n (the stream uses this); never log or return them."""
-    return decrypt_headers(agent.webhook_headers_encrypted, settings.ENCRYPTION_KEY)
+    return decrypt_headers(agent.webhook_headers_encrypted, settings.fernet)
 
 
 def webhook_header_names(agent: Agent, settings: Settings) -> list[str]:

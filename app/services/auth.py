@@ -227,7 +227,7 @@ async def refresh_session(
     if spent is not None:
         tokens = _issue_pair(session=session, settings=settings, user=user, family_id=spent.family_id)
         if settings.REFRESH_REUSE_GRACE_SECONDS > 0 and tokens.refresh is not None:
-            successor = encrypt_text(tokens.refresh.token, settings.ENCRYPTION_KEY)
+            successor = encrypt_text(tokens.refresh.token, settings.fernet)
             await session.execute(
                 update(RefreshToken).where(RefreshToken.id == spent.id).values(successor_encrypted=successor)
             )
@@ -246,7 +246,7 @@ async def refresh_session(
         ).first()
         if recent is not None and recent.successor_encrypted is not None:
             try:
-                successor = decrypt_text(recent.successor_encrypted, settings.ENCRYPTION_KEY)
+                successor = decrypt_text(recent.successor_encrypted, settings.fernet)
             except DecryptionError:
                 # Written by an instance with another ENCRYPTION_KEY (a key change under way): it cannot be handed
                 # out, yet this is the benign race the window is for, so nothing is revoked; this tab signs in again.

@@ -241,7 +241,7 @@ async def run_completion(
     outcome = "complete"
     try:
         try:
-            headers = decrypt_headers(completion.webhook_headers_encrypted, settings.ENCRYPTION_KEY)
+            headers = decrypt_headers(completion.webhook_headers_encrypted, settings.fernet)
         except DecryptionError:
             raise StreamFailure(
                 "agent_misconfigured",
