@@ -1,4 +1,5 @@
-"""Operator commands: `python -m app.cli init | migrate | serve | create-admin | reset-password | rebuild-usage`."""
+"""Operator commands: `python -m app.cli init | migrate | serve | create-admin | reset-password | rebuild-usage |
+rotate-encryption-key`."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from sqlalchemy import func, make_url, select
 from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings, load_settings
+from app.crypto import parse_keys
 from app.db import Database, secure_sqlite_file
 from app.fields import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, canonical_email, email_forms, normalize_email
 from app.migrations import alembic_config
 from app.models import Team, User
 from app.serve import serve
+from app.services import key_rotation
 from app.services import usage as usage_service
 from app.services import users as users_service
 from app.services.teams import create_team_with_admin, database_is_empty
@@ -142,6 +145,47 @@ async def rebuild_usage(settings: Settings) -> None:
         await db.dispose()
 
 
+async def rotate_encryption_key(settings: Settings, batch_size: int) -> int:
+    """Exit status 1 while a secret is not under the first key (unreadable, or rewritten throughout the run):
+    the older keys must stay until it is."""
+    keys = parse_keys(settings.ENCRYPTION_KEY)
+    db = Database(settings)
+    try:
+        async with db.sessionmaker() as session:
+            result = await key_rotation.rotate_secrets(
+                session=session, current=keys[0], keys=settings.fernet, batch_size=batch_size
+            )
+    finally:
+        await db.dispose()
+    out(f"Stored secrets re-encrypted with key 1 of {len(keys)} in ENCRYPTION_KEY (batches of {batch_size}):")
+    unreadable: list[str] = []
+    for label, tally in (
+        ("agents' webhook headers", result.agents),
+        ("refresh-token successors", result.refresh_successors),
+    ):
+        changed = f", {tally.changed} changed during the run (run again)" if tally.changed else ""
+        out(
+            f"{label}: {tally.rotated} rotated, {tally.current} already current, "
+            f"{tally.unreadable_count} unreadable{changed}"
+        )
+        unreadable += tally.unreadable
+        if tally.unreadable_count > len(tally.unreadable):
+            unreadable.append(f"... and {tally.unreadable_count - len(tally.unreadable)} more {label}")
+    if unreadable:
+        out("Unreadable with every key in ENCRYPTION_KEY (left as they are):")
+        for name in unreadable:
+            out(f"  {name}")
+        out(
+            "An admin saves such an agent's webhook headers again (PUT /api/agents/{id}); a refresh-token "
+            "successor is only read in its reuse window, and its row is deleted a day after the token expires."
+        )
+    if result.complete:
+        others = ": the other keys may be dropped from ENCRYPTION_KEY" if len(keys) > 1 else ""
+        out(f"Every stored secret is under key 1{others}.")
+        return 0
+    return 1
+
+
 def database_problem(settings: Settings, exc: BaseException) -> str:
     """The database (its password hidden) and the first line of the driver's reason, for a one-line error."""
     url = make_url(settings.DATABASE_URL).render_as_string(hide_password=True)
@@ -213,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "rebuild-usage", help="empty the usage roll-up and sum the ledger into it again (with the service stopped)"
     )
+    p_rotate = sub.add_parser(
+        "rotate-encryption-key",
+        help="re-encrypt every stored secret with the first key of ENCRYPTION_KEY (safe while the service runs)",
+    )
+    p_rotate.add_argument("--batch-size", type=int, default=key_rotation.BATCH_SIZE, help="rows per transaction")
     args = parser.parse_args(argv)
 
     settings = load_settings()
@@ -254,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_on_database(settings, args.cmd, reset_password(settings, args.email, args.password, team_id))
     if args.cmd == "rebuild-usage":
         return run_on_database(settings, args.cmd, rebuild_usage(settings))
+    if args.cmd == "rotate-encryption-key":
+        if not 1 <= args.batch_size <= 10_000:
+            out("--batch-size must be 1 to 10000")
+            return 2
+        return run_on_database(settings, args.cmd, rotate_encryption_key(settings, args.batch_size))
     return 0
 
 

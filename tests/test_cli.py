@@ -99,6 +99,7 @@ def test_commands_on_a_database_not_migrated_or_unreachable_say_so_in_one_line(t
         ("create-admin", "--team", "T", "--email", "a@example.com", "--password", "long-enough-pw"),
         ("reset-password", "--email", "a@example.com", "--password", "long-enough-pw"),
         ("rebuild-usage",),
+        ("rotate-encryption-key",),
     ]
     for args in commands:
         result = _cli(tmp_path, *args)  # DATA_DIR's SQLite file, never migrated
