@@ -329,21 +329,33 @@ class GenerationRegistry:
         question = new.take_user_message()
         generation.add_event("start", {"user_message": question, "assistant_message_id": new.assistant_id})
         generation.add_event("status", WAITING)
-        task = asyncio.create_task(self._run(generation), name=f"generation-{new.assistant_id}")
-        generation.task = task
-        metrics.generation_started(task)  # metrics hook (app.metrics): an open stream until the task ends
         key = new.assistant_id
         self.running[key] = generation
         self.logs[key] = generation
         self.by_chat[new.chat_id] = key
         if self.shared is not None:
             self.shared.attach(generation)
-        task.add_done_callback(lambda _t: self._ended(generation))
-        self._drain_late()
+        self._launch(generation)
         return generation
 
-    def _ended(self, generation: Generation) -> None:
-        """The task is over: its log stays followable for STREAM_LOG_TTL, without the text kept for storage."""
+    def _launch(self, generation: Generation, *, cut: bool = False) -> None:
+        """The generation's task (`_run`); `cut`: its first task was cancelled before it started (`_ended`)."""
+        task = asyncio.create_task(self._run(generation, cut=cut), name=f"generation-{generation.new.assistant_id}")
+        generation.task = task
+        metrics.generation_started(task)  # metrics hook (app.metrics): an open stream until the task ends
+        task.add_done_callback(lambda t: self._ended(generation, t))
+        self._drain_late()
+
+    def _ended(self, generation: Generation, task: asyncio.Task[None]) -> None:
+        """The task is over: its log stays followable for STREAM_LOG_TTL, without the text kept for storage.
+
+        A task cancelled before its first step never ran its coroutine: nothing of `_run` (its final write, its
+        terminal event) ran, its readers got keep-alives only and its row stayed `streaming` until recovery. The
+        registry's own stop and drain never do that; whatever did, a new task runs `_run` once more, which calls
+        no one and ends `interrupted` (`cancelled` after a stop). A check per ended task, nothing per send."""
+        if task.cancelled() and not generation.finishing:
+            self._launch(generation, cut=True)
+            return
         key = generation.new.assistant_id
         self.running.pop(key, None)
         generation.release()
@@ -585,7 +597,7 @@ class GenerationRegistry:
         await generation.ended()
         return generation.stored
 
-    async def _run(self, generation: Generation) -> None:
+    async def _run(self, generation: Generation, *, cut: bool = False) -> None:
         new = generation.new
         s = self.settings
         loop = asyncio.get_running_loop()
@@ -621,7 +633,9 @@ class GenerationRegistry:
                 )
             if generation.stopping:  # stopped before it started (see `stop`)
                 stopped = True
-            elif self.interrupting:  # started after the shutdown's grace ran out (see `_drain`): call no one
+            elif self.interrupting or cut:
+                # Started after the shutdown's grace ran out (see `_drain`), or again for a task cancelled before
+                # its first step (see `_ended`): call no one, end as a cancelled one does.
                 cancelled = True
                 failure = StreamFailure("interrupted", "The server stopped before the answer was complete")
             else:

@@ -19,7 +19,7 @@ from app.security import Caller
 from app.services.messages import NewGeneration, start_message
 from app.sse import event_of
 from app.state import app_state
-from tests.conftest import count_rows, make_settings
+from tests.conftest import REDIS_URL, count_rows, make_settings
 from tests.factories import auth_headers, create_admin, create_user
 from tests.live import SSE, ChatSetup, EventReader, chat_with_agent, live_server, streamed_text
 from tests.test_stream_live import FAST, assistant_of, idle, settled
@@ -249,6 +249,44 @@ async def test_stop_before_the_generation_task_ran_stores_cancelled_and_calls_no
     assert fake.requests == []
     async with app_state(app).db.sessionmaker() as s:
         assert await count_rows(s, "usage_records") == 1
+
+
+@pytest.mark.usefixtures("redis_url")  # flushed before and after
+@pytest.mark.settings(REDIS_URL=REDIS_URL, STREAM_PING_INTERVAL=0.2)
+async def test_a_generation_task_cancelled_before_its_first_step_still_ends_its_streams_and_its_row(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """asyncio cancels a task that has not taken its first step without ever starting its coroutine: none of
+    `_run` ran (no final write, no terminal event), so every reader got keep-alives until its connection closed
+    and the answer stayed `streaming` until recovery. Whoever cancels it (the registry's own stop and drain do
+    not), the answer now ends `interrupted`, with n8n not called, for the sender's stream, a follower on this
+    instance and one reading the shared log (as another instance does)."""
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+    registry = app_state(app).generations
+    assert registry.shared is not None
+    new = await stored_send(app, settings, setup)
+    generation = registry.start(new)
+    assert generation.task is not None
+    generation.task.cancel()  # no await since `start`: the coroutine has not started
+    sender = b""
+    async with asyncio.timeout(10):
+        async for chunk in generation.sse(settings.STREAM_PING_INTERVAL):
+            sender += chunk
+        followed = await client.get(f"/api/chats/{setup.chat.id}/stream", headers=setup.headers)
+        shared = await registry.shared.follow(setup.chat.id, new.assistant_id, 0, settings.STREAM_PING_INTERVAL)
+        assert shared is not None
+        relayed = b"".join([chunk async for chunk in shared])
+    interrupted = {"message": "The server stopped before the answer was complete", "code": "interrupted"}
+    for stream in (sender, followed.content, relayed):
+        events = [event_of(block) for block in stream.split(b"\n\n") if b"data:" in block]
+        assert [kind for kind, _data in events] == ["start", "status", "error"], stream
+        assert events[-1][1] == interrupted
+    stored = await assistant_of(app, setup.chat.id)
+    assert (stored["status"], stored["error"]) == ("interrupted", interrupted)
+    assert fake.requests == []
+    async with app_state(app).db.sessionmaker() as s:
+        assert await count_rows(s, "usage_records") == 1
+    assert registry.running_in(setup.chat.id) is None
 
 
 async def test_a_chat_deleted_before_its_answer_was_registered_stops_it_before_n8n_is_called(
