@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import asyncpg
@@ -72,13 +72,34 @@ class CuttingProxy(CountingProxy):
                 await writer.drain()
 
 
+class CommitCuttingProxy(CuttingProxy):
+    """Once `cut_commit` is set, cuts the connection at the first COMMIT sent after an INSERT into messages (the
+    general path's start, which commits its transaction): `reply`: PostgreSQL committed, its reply is lost;
+    `commit`: the COMMIT never reaches PostgreSQL, which rolls the transaction back."""
+
+    cut_commit: Literal["", "reply", "commit"] = ""
+    inserted = False
+
+    def _passes(self, head: bytes, body: bytes) -> bool:
+        if not self.cut_commit:
+            return True
+        self.inserted = self.inserted or b"INSERT INTO messages" in body
+        if not (self.inserted and head[:1] == b"Q" and body.startswith(b"COMMIT")):
+            return True
+        cut, self.cut_commit, self.inserted = self.cut_commit, "", False
+        if cut == "commit":
+            return False
+        self.armed = True  # its reply (sent once committed) is dropped, the connection closed
+        return True
+
+
 @pytest.fixture
-async def proxied(settings: Settings) -> AsyncIterator[tuple[FastAPI, CuttingProxy]]:
+async def proxied(settings: Settings) -> AsyncIterator[tuple[FastAPI, CommitCuttingProxy]]:
     """The app on one pooled connection through a proxy that counts round trips (Sync and Query messages) and,
-    when armed, drops a reply (`CuttingProxy`)."""
+    when armed, drops a reply (`CuttingProxy`, `CommitCuttingProxy`)."""
     host_port = settings.DATABASE_URL.split("@", 1)[1].split("/", 1)[0]
     host, _, port = host_port.partition(":")
-    proxy = CuttingProxy(host, int(port or 5432))
+    proxy = CommitCuttingProxy(host, int(port or 5432))
     url = settings.DATABASE_URL.replace(f"@{host_port}/", f"@127.0.0.1:{await proxy.start()}/")
     application = create_app(settings.model_copy(update={"DATABASE_URL": url, "DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0}))
     try:
@@ -574,6 +595,86 @@ async def test_a_start_closed_as_interrupted_is_counted_as_the_sweeper_counts_it
     assert await session.scalar(select(UsageDaily.generations)) == 2  # what the quota counted
     logged = (await session.execute(select(ErrorLog.code, ErrorLog.chat_id))).all()
     assert logged == [("interrupted", setup.chat.id)]
+    await assert_rollup_matches_ledger(session)
+
+
+async def test_a_general_start_committed_but_unanswered_is_closed_as_interrupted_and_counted(
+    proxied: tuple[FastAPI, CommitCuttingProxy], session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """The same on the general path (here a regenerate): its transaction's COMMIT succeeded, its reply was lost
+    with the connection. The placeholder stayed `streaming` until the sweeper (the chat's sends 409 meanwhile)
+    and the quota claim was given back for an answer that was stored. It is closed at once as `interrupted`, with
+    its ledger and error_logs rows, the claim kept; the send is a 503, a retry with its key replays that answer,
+    and the next send is answered."""
+    app, proxy = proxied
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    team = await session.get_one(Team, setup.user.team_id)
+    team.settings = {**team.settings, "quota": {"messages_per_user_per_day": 5}}
+    await session.commit()
+    await session.close()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        first = await send(client, setup, {"content": "first"})
+        assert first.status_code == 200
+        answer = data_events(parse_sse(first.text))[0].data["data"]["assistant_message_id"]  # type: ignore[index]
+        fake.requests.clear()
+        proxy.cut_commit = "reply"
+        cut = await send(client, setup, {"regenerate_of": answer}, **{"Idempotency-Key": "k-cut"})
+        assert (cut.status_code, proxy.cut_commit) == (503, "")  # the COMMIT's reply was the one lost
+        assert cut.headers["Retry-After"] == "5"
+        assert fake.requests == []
+        rows = (
+            await session.execute(
+                select(Message.role, Message.status, Message.error)
+                .where(Message.chat_id == setup.chat.id)
+                .order_by(Message.created_at)
+            )
+        ).all()
+        await session.close()
+        assert [(r.role, r.status) for r in rows] == [
+            ("user", "complete"),
+            ("assistant", "complete"),
+            ("assistant", "interrupted"),
+        ]
+        assert rows[-1].error["code"] == "interrupted"
+        replay = await send(client, setup, {"regenerate_of": answer}, **{"Idempotency-Key": "k-cut"})
+        assert replay.status_code == 200
+        assert data_events(parse_sse(replay.text))[-1].type == "error"
+        after = await send(client, setup, {"content": "next"})
+        assert after.status_code == 200
+        assert data_events(parse_sse(after.text))[-1].type == "done"
+    ledger = (await session.execute(select(UsageRecord.outcome, UsageRecord.error_code))).all()
+    assert sorted(ledger, key=str) == [("complete", None), ("complete", None), ("interrupted", "interrupted")]
+    assert await session.scalar(select(UsageDaily.generations)) == 3  # the lost one's claim was kept
+    logged = (await session.execute(select(ErrorLog.code, ErrorLog.chat_id))).all()
+    assert logged == [("interrupted", setup.chat.id)]
+    await assert_rollup_matches_ledger(session)
+
+
+async def test_a_general_start_whose_commit_never_arrived_stores_nothing_and_gives_its_claim_back(
+    proxied: tuple[FastAPI, CommitCuttingProxy], session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """The other side of the same failure: the connection died before PostgreSQL got the COMMIT. The check for a
+    committed start finds no answer, so nothing is closed or counted: the claim is given back, the send is a
+    503, and a retry with its key starts the answer anew."""
+    app, proxy = proxied
+    setup = await chat_with_agent(session, settings, fake.url + "/webhook/agent-stream")
+    team = await session.get_one(Team, setup.user.team_id)
+    team.settings = {**team.settings, "quota": {"messages_per_user_per_day": 5}}
+    await session.commit()
+    await session.close()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        first = await send(client, setup, {"content": "first"})
+        answer = data_events(parse_sse(first.text))[0].data["data"]["assistant_message_id"]  # type: ignore[index]
+        proxy.cut_commit = "commit"
+        cut = await send(client, setup, {"regenerate_of": answer}, **{"Idempotency-Key": "k-cut"})
+        assert (cut.status_code, proxy.cut_commit) == (503, "")
+        assert await session.scalar(select(func.count()).select_from(Message)) == 2
+        assert await session.scalar(select(UsageDaily.generations)) == 1  # the claim was given back
+        await session.close()
+        retry = await send(client, setup, {"regenerate_of": answer}, **{"Idempotency-Key": "k-cut"})
+        assert retry.status_code == 200
+        assert data_events(parse_sse(retry.text))[-1].type == "done"
+    assert await session.scalar(select(func.count()).select_from(ErrorLog)) == 0
     await assert_rollup_matches_ledger(session)
 
 

@@ -40,7 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from app import callbacks
+from app import callbacks, metrics
 from app.chat_schemas import format_timestamp
 from app.config import Settings
 from app.db import Database, Direct, execute_core, utcnow
@@ -350,6 +350,46 @@ async def _give_back(session: AsyncSession, user: Caller, claimed: date | None) 
         logger.exception("giving back a refused send's quota claim failed")
 
 
+async def _close_if_committed(
+    session: AsyncSession,
+    *,
+    user: Caller,
+    chat_id: uuid.UUID,
+    agent_id: uuid.UUID,
+    assistant_id: uuid.UUID,
+    question_chars: int,
+    started_at: datetime,
+) -> bool:
+    """The start's COMMIT failed, which need not mean it did not commit (its connection died after the server
+    committed, before the reply came): then no task will ever write the answer. Closed now as `interrupted`,
+    as the one-statement start (app.services.fast_start) and later the sweeper would close it, rather than left
+    `streaming` (the chat's sends 409) until the sweeper comes. True when it had committed. Only on this error:
+    nothing is added to a send that commits. A failure here is logged; the sweeper then closes it."""
+    try:
+        await session.rollback()
+        closed = await close_interrupted(
+            session,
+            message_id=assistant_id,
+            chat_id=chat_id,
+            team_id=user.team_id,
+            user_id=user.id,
+            agent_id=agent_id,
+            question_chars=question_chars,
+            answer_chars=0,
+            started_at=started_at,
+            detail={"reason": "the reply to its start was lost"},
+        )
+        await session.commit()
+    except Exception as exc:
+        logger.warning("could not check whether a failed start committed (%s)", type(exc).__name__)
+        return False
+    if closed:
+        metrics.generation_finished(
+            outcome="interrupted", agent_id=agent_id, error_code="interrupted", metadata={}, pool_in_use=None
+        )
+    return closed
+
+
 async def start_message(
     *,
     session: AsyncSession,
@@ -398,6 +438,7 @@ async def start_message(
     # 429 stores nothing; every later refusal gives the claim back and rolls back what it wrote (files marked
     # as sent, the messages).
     claimed = await usage_service.claim_generation(session=session, user=user)
+    stored = False  # set when the commit failed but had committed: the claim then counts a stored answer
     try:
         now = utcnow()
         assistant_id = uuid.uuid4()
@@ -489,12 +530,24 @@ async def start_message(
                 user_message_id=str(question_id),
                 assistant_message_id=str(assistant_id),
             )
-        await session.commit()
+        try:
+            await session.commit()
+        except Exception:
+            stored = await _close_if_committed(
+                session,
+                user=user,
+                chat_id=chat_id,
+                agent_id=row.agent_id,
+                assistant_id=assistant_id,
+                question_chars=len(latest),
+                started_at=placeholder_at,
+            )
+            raise
     except BaseException as exc:
         # Nothing of this send is stored (rolled back, or never committed): give the quota claim back. Shielded,
         # so a cancelled request still gives it back; a failure there is logged, never raised over `exc`.
         with anyio.CancelScope(shield=True):
-            await _give_back(session, user, claimed)
+            await _give_back(session, user, None if stored else claimed)
         if isinstance(exc, IntegrityError):
             if "foreign key" in str(exc.orig).lower():
                 raise NotFound(CHAT_NOT_FOUND) from None  # the chat was deleted meanwhile
