@@ -289,6 +289,27 @@ async def test_a_generation_task_cancelled_before_its_first_step_still_ends_its_
     assert registry.running_in(setup.chat.id) is None
 
 
+async def test_a_stop_after_a_cancel_before_the_first_step_stores_cancelled(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """A stop that comes while the task cancelled before its first step is being run again: the new task sees
+    `stopping` as it starts, and the answer is `cancelled` (`done`), as for any stop, stored once."""
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+    registry = app_state(app).generations
+    new = await stored_send(app, settings, setup)
+    generation = registry.start(new)
+    assert generation.task is not None
+    generation.task.cancel()
+    async with asyncio.timeout(10):
+        stored = await registry.stop(generation)
+    assert stored is not None
+    assert (stored["status"], stored["content"]) == ("cancelled", "")
+    assert generation.terminal == "done"
+    assert fake.requests == []
+    async with app_state(app).db.sessionmaker() as s:
+        assert await count_rows(s, "usage_records") == 1
+
+
 async def test_a_chat_deleted_before_its_answer_was_registered_stops_it_before_n8n_is_called(
     app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
