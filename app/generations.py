@@ -343,17 +343,18 @@ class GenerationRegistry:
         task = asyncio.create_task(self._run(generation, cut=cut), name=f"generation-{generation.new.assistant_id}")
         generation.task = task
         metrics.generation_started(task)  # metrics hook (app.metrics): an open stream until the task ends
-        task.add_done_callback(lambda t: self._ended(generation, t))
+        task.add_done_callback(lambda t: self._ended(generation, t, relaunched=cut))
         self._drain_late()
 
-    def _ended(self, generation: Generation, task: asyncio.Task[None]) -> None:
+    def _ended(self, generation: Generation, task: asyncio.Task[None], *, relaunched: bool = False) -> None:
         """The task is over: its log stays followable for STREAM_LOG_TTL, without the text kept for storage.
 
         A task cancelled before its first step never ran its coroutine: nothing of `_run` (its final write, its
         terminal event) ran, its readers got keep-alives only and its row stayed `streaming` until recovery. The
         registry's own stop and drain never do that; whatever did, a new task runs `_run` once more, which calls
-        no one and ends `interrupted` (`cancelled` after a stop). A check per ended task, nothing per send."""
-        if task.cancelled() and not generation.finishing:
+        no one and ends `interrupted` (`cancelled` after a stop). A check per ended task, nothing per send. Once
+        only: whatever cancels every task it meets (a loop being closed) must not meet a new one for ever."""
+        if task.cancelled() and not generation.finishing and not relaunched:
             self._launch(generation, cut=True)
             return
         key = generation.new.assistant_id

@@ -310,6 +310,37 @@ async def test_a_stop_after_a_cancel_before_the_first_step_stores_cancelled(
         assert await count_rows(s, "usage_records") == 1
 
 
+async def test_a_task_cancelled_before_its_first_step_is_run_again_once_only(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """Whatever cancels every task it meets before it starts (a loop being closed does) must not meet a new one
+    for ever: the task run again for a first cancel is not run again when it is cancelled before its first
+    step too. The registry lets the generation go as for any ended task."""
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?{LONG}")
+    registry = app_state(app).generations
+    new = await stored_send(app, settings, setup)
+    generation = registry.start(new)
+    first = generation.task
+    assert first is not None
+    # After the registry's own done-callback (added first) has run the generation again, and before that new
+    # task's first step: cancel it too.
+    first.add_done_callback(lambda _t: generation.task.cancel() if generation.task is not None else None)
+    first.cancel()
+    async with asyncio.timeout(5):
+        await asyncio.wait([first])
+    second = generation.task
+    assert second is not None
+    assert second is not first
+    async with asyncio.timeout(5):
+        await asyncio.wait([second])
+    for _ in range(10):  # a third task would be on its way by now
+        await asyncio.sleep(0)
+    assert new.assistant_id not in registry.running  # let go, as any ended task's generation
+    assert generation.task is second
+    assert second.cancelled()
+    assert fake.requests == []
+
+
 async def test_a_chat_deleted_before_its_answer_was_registered_stops_it_before_n8n_is_called(
     app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
