@@ -463,5 +463,13 @@ UPDATE alembic_version SET version_num='0017' WHERE alembic_version.version_num 
 
 UPDATE alembic_version SET version_num='0018' WHERE alembic_version.version_num = '0017';
 
+-- Running upgrade 0018 -> 0019
+
+CREATE INDEX ix_files_unsent_created_at ON files (created_at) WHERE message_id IS NULL;
+
+ALTER TABLE invites ADD COLUMN used_up_at TIMESTAMP WITH TIME ZONE;
+
+UPDATE alembic_version SET version_num='0019' WHERE alembic_version.version_num = '0018';
+
 COMMIT;
 

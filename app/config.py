@@ -133,6 +133,13 @@ class Settings(BaseSettings):
     #: Error-log rows (GET /api/error-logs) are deleted this many days after they were written, by the
     #: heartbeat's periodic sweep (app.services.retention); 0 keeps them for ever.
     ERROR_LOG_RETENTION_DAYS: int = Field(90, ge=0, le=36_500)
+    #: Uploads no message carries are deleted this many hours after their upload, by the same sweep (their bytes
+    #: with them when nothing else uses them): otherwise a user can store bytes at will without ever sending.
+    #: 0 keeps them for ever.
+    UPLOAD_RETENTION_HOURS: int = Field(24, ge=0, le=876_000)
+    #: Invites that ended (expired, revoked or used up) are deleted this many days later, by the same sweep, so
+    #: the admin's list keeps recent ones with their status and does not grow for ever; 0 keeps them for ever.
+    INVITE_RETENTION_DAYS: int = Field(30, ge=0, le=36_500)
 
     #: This service's address as n8n reaches it (e.g. `https://chat.example.com`): callback URLs are built on
     #: it. Unset: no generation gets a `metadata.callback_url`, and agents cannot use `response_mode: callback`.

@@ -98,8 +98,9 @@ class Statements(ABC):
       so there it is several statements in one transaction;
     - `children_join`: a join from parents `p` to their children `s`, forced to be index lookups;
     - `insert_ignoring_conflict`: an INSERT that keeps the existing row on a unique conflict;
-    - `insert_locking_existing`: an INSERT that, on a unique conflict, rewrites one column of the existing row
-      to itself: the row is then locked until commit (a concurrent DELETE waits, then fails on a reference).
+    - `insert_locking_existing`: an INSERT that, on a unique conflict, sets one column of the existing row to
+      the value inserted: the row is then locked until commit (a concurrent DELETE waits, then fails on a
+      reference).
     - `upsert`: an INSERT whose conflicting rows are updated instead (`set_of(excluded)` says how);
       `upsert_select` the same for the rows of a query;
     - `add_histograms` / `sum_histograms`: histograms (`Histogram`) added in an UPDATE and summed in a GROUP BY

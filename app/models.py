@@ -157,6 +157,8 @@ STREAMING_ONLY = text("status = 'streaming'")
 #: a prepared statement's generic plan (which knows no parameter values).
 IS_STREAMING = literal_column("messages.status") == literal_column("'streaming'")
 ROOTS_ONLY = text("parent_id IS NULL")
+#: Uploads no message carries yet: the retention sweep finds the old ones by a partial index on this.
+UNSENT_ONLY = text("message_id IS NULL")
 
 
 class Message(Base):
@@ -219,13 +221,16 @@ class FileBlob(Base):
 
 
 class File(Base):
-    """A file uploaded to a chat. Unsent until a user message names it (`message_id`); goes with its chat."""
+    """A file uploaded to a chat. Unsent until a user message names it (`message_id`); goes with its chat, or
+    UPLOAD_RETENTION_HOURS after its upload while still unsent (app.services.retention)."""
 
     __tablename__ = "files"
     __table_args__ = (
         # A chat's files, and its unsent ones (the per-chat caps count them).
         Index("ix_files_chat_id_created_at", "chat_id", "created_at"),
         Index("ix_files_sha256", "sha256"),
+        # Unsent uploads, oldest first: the retention sweep (UPLOAD_RETENTION_HOURS) reads only these.
+        Index("ix_files_unsent_created_at", "created_at", postgresql_where=UNSENT_ONLY, sqlite_where=UNSENT_ONLY),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
@@ -320,7 +325,8 @@ class Invite(Base):
     """An invitation into a team; only the SHA-256 of its token is stored, so a database leak opens no team.
 
     `uses` is only ever raised by one conditional UPDATE (see app.services.invites.consume), and the check
-    constraint backs it: a team can never be joined more often than `max_uses`.
+    constraint backs it: a team can never be joined more often than `max_uses`. INVITE_RETENTION_DAYS after it
+    ended (expired, revoked or used up) app.services.retention deletes it.
     """
 
     __tablename__ = "invites"
@@ -340,6 +346,9 @@ class Invite(Base):
     max_uses: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     uses: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When the last allowed use was made (`uses` reached `max_uses`); null before, and for invites used up
+    #: before migration 0018, which the retention sweep then dates by their expiry.
+    used_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = _created()
 

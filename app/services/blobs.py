@@ -30,18 +30,22 @@ async def share_blob_hashes(session: AsyncSession, share_id: uuid.UUID) -> list[
     return list((await session.execute(query)).scalars())
 
 
-async def collect_blobs(session: AsyncSession, hashes: Sequence[str]) -> None:
+async def collect_blobs(session: AsyncSession, hashes: Sequence[str]) -> int:
     """Remove these blobs when no file and no share copy uses them any more, each in its own transaction: a
     row written meanwhile makes that one delete fail on its reference (or wait for its lock) and the blob
     stays, as it must, while the others still go. A failed delete is logged, never raised: the caller's own
-    change is already committed. Commits."""
+    change is already committed. Commits; returns how many went. (The retention sweep removes those a crash
+    left behind: app.services.retention.)"""
     orphan = ~exists().where(File.sha256 == FileBlob.sha256) & ~exists().where(ShareFile.sha256 == FileBlob.sha256)
+    removed = 0
     for sha256 in sorted(set(hashes)):  # one order for every collector: no deadlock between two of them
         try:
-            await session.execute(delete(FileBlob).where(FileBlob.sha256 == sha256, orphan))
+            result = await session.execute(delete(FileBlob).where(FileBlob.sha256 == sha256, orphan))
             await session.commit()
+            removed += int(getattr(result, "rowcount", 0) or 0)
         except IntegrityError:
             await session.rollback()  # in use again: kept
         except DBAPIError:
             await session.rollback()
             logger.warning("removing an unused file's bytes failed; they stay until the next collection", exc_info=True)
+    return removed

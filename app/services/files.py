@@ -111,10 +111,12 @@ async def upload_file(
     if counts[1] >= settings.FILES_UNSENT_PER_CHAT_MAX:
         raise Conflict(TOO_MANY_UNSENT.format(limit=settings.FILES_UNSENT_PER_CHAT_MAX))
     now = utcnow()
-    # The blob row is written or locked: a concurrent collector cannot remove it before this commit.
+    # The blob row is written, or locked and its `created_at` moved to now: a concurrent collector cannot remove
+    # it before this commit, and the retention sweep, which takes only blobs older than an hour, re-reads the
+    # time once this commits and leaves it (app.services.retention). The file row commits with it.
     await session.execute(
         statements_of(session).insert_locking_existing(
-            FileBlob, "sha256", "size", sha256=digest, size=len(data), data=data, created_at=now
+            FileBlob, "sha256", "created_at", sha256=digest, size=len(data), data=data, created_at=now
         )
     )
     row = File(

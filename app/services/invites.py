@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.db import utcnow
+from app.dialects import UTCDateTime
 from app.errors import Conflict, NotFound
 from app.fields import email_forms, stored_email
 from app.models import Invite, Team, User
@@ -115,7 +116,8 @@ async def create_invite(
 
 
 async def list_invites(*, session: AsyncSession, team_id: uuid.UUID) -> list[Invite]:
-    """Every invite of the team, newest first, revoked and spent ones included (their status says so)."""
+    """Every invite of the team, newest first, revoked and spent ones included (their status says so) until
+    the retention sweep deletes them, INVITE_RETENTION_DAYS after they ended."""
     query = select(Invite).where(Invite.team_id == team_id).order_by(Invite.created_at.desc(), Invite.id)
     return list((await session.execute(query)).scalars())
 
@@ -171,10 +173,15 @@ async def register_with_invite(
     await session.commit()  # release the connection while bcrypt runs
     password_hash = await hash_password(password, settings.BCRYPT_ROUNDS)
 
+    now = utcnow()
     spent = await session.execute(
         update(Invite)
-        .where(_usable(token_hash, utcnow(), email))
-        .values(uses=Invite.uses + 1)
+        .where(_usable(token_hash, now, email))
+        # The last allowed use dates the invite's end, from which the retention sweep counts.
+        .values(
+            uses=Invite.uses + 1,
+            used_up_at=case((Invite.uses + 1 >= Invite.max_uses, literal(now, UTCDateTime)), else_=None),
+        )
         .returning(Invite.team_id, Invite.role)
         .execution_options(synchronize_session=False)
     )
