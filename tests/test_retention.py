@@ -575,3 +575,28 @@ async def test_no_invite_retention_keeps_ended_invites(session: AsyncSession, se
     )
     await session.commit()
     assert (await retention.sweep(session=session, settings=settings)).invites == 0
+
+
+async def test_revoking_an_invite_the_sweep_is_deleting_is_a_404(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """An admin revoking an ended invite just as the sweep deletes it: the revocation read the row, then its
+    UPDATE found it gone, and the ORM's "0 rows matched" was a 500. The revocation now locks the row it reads:
+    it waits for the sweep's transaction and answers the 404 of an invite that does not exist."""
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    ended = invite_row(team.id, expires_at=utcnow() - timedelta(days=31))
+    session.add(ended)
+    await session.commit()
+    invite_id, headers = ended.id, auth_headers(settings, admin)
+    holder = await asyncpg.connect(_plain_url(settings.DATABASE_URL), timeout=5)
+    try:
+        async with holder.transaction():  # the sweep's batch, deleting the invite
+            assert await holder.execute("DELETE FROM invites WHERE id = $1", invite_id) == "DELETE 1"
+            revoking = asyncio.ensure_future(web.delete(f"/api/teams/current/invites/{invite_id}", headers=headers))
+            await until_a_statement_waits(holder, "%invites%")
+        async with asyncio.timeout(10):
+            revoked = await revoking
+        assert revoked.status_code == 404, revoked.text
+    finally:
+        await holder.close()

@@ -123,8 +123,11 @@ async def list_invites(*, session: AsyncSession, team_id: uuid.UUID) -> list[Inv
 
 
 async def revoke_invite(*, session: AsyncSession, team_id: uuid.UUID, invite_id: uuid.UUID) -> None:
-    """Revoke at once; revoking twice keeps the first instant. Another team's invite is the same 404."""
-    query = select(Invite).where(Invite.id == invite_id, Invite.team_id == team_id)
+    """Revoke at once; revoking twice keeps the first instant. Another team's invite is the same 404.
+
+    The row is read locked: the retention sweep deleting it meanwhile makes this wait, then find nothing (404),
+    never update a row that is gone."""
+    query = select(Invite).where(Invite.id == invite_id, Invite.team_id == team_id).with_for_update()
     invite = (await session.execute(query)).scalar_one_or_none()
     if invite is None:
         raise NotFound(INVITE_ID_NOT_FOUND)
