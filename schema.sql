@@ -471,5 +471,9 @@ ALTER TABLE invites ADD COLUMN used_up_at TIMESTAMP WITH TIME ZONE;
 
 UPDATE alembic_version SET version_num='0019' WHERE alembic_version.version_num = '0018';
 
+-- Running upgrade 0019 -> 0020
+
+UPDATE alembic_version SET version_num='0020' WHERE alembic_version.version_num = '0019';
+
 COMMIT;
 

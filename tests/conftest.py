@@ -8,7 +8,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -316,7 +316,8 @@ async def assert_rollup_matches_ledger(session: AsyncSession) -> None:
     """The stored roll-up equals the ledger aggregated here, row by row (its four grains, bucket by bucket)."""
     fresh: dict[tuple[Any, ...], dict[str, Any]] = defaultdict(_fresh_group)
     for r in (await session.execute(select(UsageRecord))).scalars():
-        day = r.created_at.astimezone(UTC).date()
+        # The day it began, as the quota counts it: its final write less its duration.
+        day = (r.created_at - timedelta(milliseconds=r.duration_ms)).astimezone(UTC).date()
         agent, user = r.agent_id or GONE, r.user_id or GONE
         for key in ((r.team_id, day, NIL, NIL), (r.team_id, day, agent, NIL), (r.team_id, day, NIL, user),
                     (r.team_id, day, agent, user)):  # fmt: skip

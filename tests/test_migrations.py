@@ -721,6 +721,67 @@ def test_0011_usage_rollup_back_filled_down_and_up_on_sqlite(tmp_path: Path) -> 
     _check_0011(f"sqlite+aiosqlite:///{tmp_path / 'u.db'}")
 
 
+# --- 0020: the usage roll-up dated by each generation's start -------------------------------------------
+
+
+async def _team_days(url: str) -> dict[str, int]:
+    """The roll-up's team-day rows: {'team day': generations}."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            t = sa.table("usage_rollups", *(sa.column(c, sa.Uuid()) for c in ("team_id", "agent_id", "user_id")),
+                         sa.column("day", sa.Date()), sa.column("generations"))  # fmt: skip
+            nil = uuid.UUID(int=0)
+            query = sa.select(t.c.team_id, t.c.day, t.c.generations).where(t.c.agent_id == nil, t.c.user_id == nil)
+            return {f"{r.team_id} {r.day}": int(r.generations) for r in await conn.execute(query)}
+    finally:
+        await engine.dispose()
+
+
+async def _ledger_days(url: str, *, by_end: bool) -> dict[str, int]:
+    """The ledger's generations per team and UTC day, dated by the final write or by the start."""
+    engine = create_async_engine(url)
+    found: dict[str, int] = {}
+    try:
+        async with engine.connect() as conn:
+            for r in await conn.execute(sa.select(ledger_table.c.team_id, ledger_table.c.created_at,
+                                                  sa.column("duration_ms")).select_from(ledger_table)):  # fmt: skip
+                moment = r.created_at if by_end else r.created_at - timedelta(milliseconds=r.duration_ms)
+                key = f"{r.team_id} {moment.astimezone(UTC).date()}"
+                found[key] = found.get(key, 0) + 1
+    finally:
+        await engine.dispose()
+    return found
+
+
+def _check_0020(url: str) -> None:
+    run_migrations(url, "0009")
+    seeded = asyncio.run(_seed_ledger_at_0009(url))  # answers across midnight UTC among them
+    run_migrations(url)
+    by_start = asyncio.run(_ledger_days(url, by_end=False))
+    by_end = asyncio.run(_ledger_days(url, by_end=True))
+    assert by_start != by_end
+    assert asyncio.run(_team_days(url)) == by_start
+    ledger_rows, rollup_rows = asyncio.run(_rollup_state(url))
+    assert ledger_rows == seeded
+    run_migrations(url, "0019", downgrade=True)  # as the code before 0020 kept it: dated by the final write
+    assert asyncio.run(_team_days(url)) == by_end
+    run_migrations(url)
+    assert asyncio.run(_rollup_state(url)) == (seeded, rollup_rows)
+    assert asyncio.run(_team_days(url)) == by_start
+
+
+@pytest.mark.timeout(120)
+def test_0020_usage_rollup_dated_by_start_down_and_up_on_postgresql() -> None:
+    with fresh_postgres() as url:
+        _check_0020(url)
+
+
+@pytest.mark.timeout(120)
+def test_0020_usage_rollup_dated_by_start_down_and_up_on_sqlite(tmp_path: Path) -> None:
+    _check_0020(f"sqlite+aiosqlite:///{tmp_path / 'u.db'}")
+
+
 # --- 0012: files, file_blobs, messages.files, agents.file_delivery ----------------------------------------
 
 

@@ -403,8 +403,14 @@ LEDGER_DEFAULTS: dict[str, Any] = {
     "tokens_in": None,
     "tokens_out": None,
     "ttfc_ms": None,
-    "duration_ms": 100,
+    "duration_ms": 0,  # unless a row says otherwise, it began at its `created_at`
 }
+
+
+def began(row: dict[str, Any]) -> date:
+    """The UTC day a seeded row's generation began: the day the reports (and the quota) count it on."""
+    moment: datetime = row["created_at"] - timedelta(milliseconds=row["duration_ms"])
+    return moment.astimezone(UTC).date()
 
 
 async def seed_rows(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
@@ -428,7 +434,7 @@ async def world(session: AsyncSession) -> dict[str, Any]:
         session,
         [
             {**a, "user_id": admin.id, "agent_id": alpha.id, "outcome": "complete", "ttfc_ms": 10, "duration_ms": 100,
-             "tokens_in": 5, "tokens_out": 7, "created_at": at(DAY, 0)},
+             "tokens_in": 5, "tokens_out": 7, "created_at": at(DAY, 0) + timedelta(milliseconds=100)},  # began at 0:00
             {**a, "user_id": admin.id, "agent_id": alpha.id, "outcome": "complete", "ttfc_ms": 30, "duration_ms": 300,
              "created_at": at(DAY, 23)},
             {**a, "user_id": member.id, "agent_id": beta.id, "outcome": "error", "error_code": "upstream_error",
@@ -606,12 +612,12 @@ async def test_rollup_equals_the_ledger_after_mixed_outcomes(
     headers = auth_headers(settings, w["admin"])
     period = {"from": DAY.isoformat(), "to": (DAY + timedelta(days=3)).isoformat()}
     by_day = (await client.get("/api/usage", params=period, headers=headers)).json()
-    in_period = [r for r in rows if r["created_at"].date() <= DAY + timedelta(days=3)]
+    in_period = [r for r in rows if DAY <= began(r) <= DAY + timedelta(days=3)]
     assert sum(r["generations"] for r in by_day) == len(in_period) + 5  # and world()'s five rows of the team
     assert sum(r["cancelled"] for r in by_day) == sum(r["outcome"] == "cancelled" for r in in_period) + 1
     by_agent = (await client.get("/api/usage", params={**period, "group_by": "agent"}, headers=headers)).json()
     gone = [r for r in by_agent if r["key"] is None]
-    assert [(r["label"], r["generations"]) for r in gone] == [("(deleted)", len(in_period) // 3)]
+    assert [(r["label"], r["generations"]) for r in gone] == [("(deleted)", sum(not r["agent_id"] for r in in_period))]
 
 
 TASKS = 15  # within the pool (10 + 10 overflow), the test's own session included
@@ -651,8 +657,8 @@ async def test_concurrent_finishes_lose_no_counts(app: FastAPI, session: AsyncSe
 async def test_usage_days_end_at_midnight_utc(
     client: httpx.AsyncClient, session: AsyncSession, settings: Settings
 ) -> None:
-    """A row at 23:59:59.999999 UTC is its day's, one at 00:00 UTC the next day's, whatever the offset it
-    was written with."""
+    """A generation begun at 23:59:59.999999 UTC is its day's, one begun at 00:00 UTC the next day's, whatever
+    the offset it was written with (these took no time: their final write is their start)."""
     team = await create_team(session)
     admin = await create_admin(session, team=team)
     last_moment = datetime.combine(DAY + timedelta(days=1), datetime.min.time(), UTC) - timedelta(microseconds=1)
@@ -660,11 +666,12 @@ async def test_usage_days_end_at_midnight_utc(
     await seed_rows(
         session,
         [
-            {"team_id": team.id, "user_id": admin.id, "outcome": "complete", "created_at": last_moment},
-            {"team_id": team.id, "user_id": admin.id, "outcome": "error",
+            {"team_id": team.id, "user_id": admin.id, "outcome": "complete", "duration_ms": 0,
+             "created_at": last_moment},
+            {"team_id": team.id, "user_id": admin.id, "outcome": "error", "duration_ms": 0,
              "created_at": last_moment + timedelta(microseconds=1)},
             # 00:30 in Paris is 23:30 UTC the day before.
-            {"team_id": team.id, "user_id": admin.id, "outcome": "cancelled",
+            {"team_id": team.id, "user_id": admin.id, "outcome": "cancelled", "duration_ms": 0,
              "created_at": datetime(2026, 11, 21, 0, 30, tzinfo=paris)},
         ],
     )  # fmt: skip
@@ -676,6 +683,81 @@ async def test_usage_days_end_at_midnight_utc(
         assert (row["generations"], row["completed"], row["errors"], row["cancelled"]) == expected
     before = {"from": (DAY - timedelta(days=5)).isoformat(), "to": (DAY - timedelta(days=1)).isoformat()}
     assert (await client.get("/api/usage", params=before, headers=headers)).json() == []
+
+
+async def test_an_answer_over_midnight_is_reported_on_the_day_the_quota_counted_it(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """Begun at 23:59:59 UTC, ended at 00:00:02: the quota counted it yesterday (its claim, and the day's first
+    claim skips it), so the report is yesterday's too; it was today's (dated by its final write), and a
+    report of today disagreed with what the quota let through. The rebuild dates it the same way."""
+    team = await create_team(session, settings={"quota": {"messages_per_user_per_day": 1}})
+    admin = await create_admin(session, team=team)
+    today = utcnow().date()
+    midnight = datetime.combine(today, datetime.min.time(), UTC)
+    await seed_rows(
+        session,
+        [{"team_id": team.id, "user_id": admin.id, "outcome": "complete", "duration_ms": 3_000,
+          "created_at": midnight + timedelta(seconds=2)}],
+    )  # fmt: skip
+    headers = auth_headers(settings, admin)
+
+    async def report(day: date) -> list[tuple[str, int]]:
+        params = {"from": day.isoformat(), "to": day.isoformat()}
+        response = await client.get("/api/usage/me", params=params, headers=headers)
+        assert response.status_code == 200
+        return [(r["key"], r["generations"]) for r in response.json()]
+
+    yesterday = today - timedelta(days=1)
+    for rebuilt in (False, True):
+        if rebuilt:
+            await usage_service.rebuild_rollups(session=session)
+        assert await report(yesterday) == [(yesterday.isoformat(), 1)]
+        assert await report(today) == []
+    # The quota agrees: none of today's one generation is used.
+    caller = Caller(id=admin.id, team_id=team.id)
+    assert await usage_service.claim_generation(session=session, user=caller) == today
+
+
+async def test_rebuilding_gives_the_live_roll_up_with_answers_over_midnight_and_recovered_weeks_later(
+    session: AsyncSession,
+) -> None:
+    """Read one day of final writes at a time, the rebuild met the same day's key again on the next day (an
+    answer begun before midnight, one recovered weeks after its start): a duplicate key. It now writes each
+    roll-up row once, equal to the one each ledger row's own write built."""
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    agent = await create_agent(session, team=team)
+    a = {"team_id": team.id, "user_id": admin.id, "agent_id": agent.id}
+    midnight = datetime.combine(DAY, datetime.min.time(), UTC)
+    await seed_rows(
+        session,
+        [
+            {**a, "outcome": "complete", "duration_ms": 100, "created_at": midnight - timedelta(hours=1)},
+            {**a, "outcome": "error", "duration_ms": 5_000, "created_at": midnight + timedelta(seconds=1)},
+            {**a, "outcome": "complete", "duration_ms": 100, "created_at": midnight + timedelta(hours=1)},
+            # Recovered a month after its start: its duration held at the ledger's limit (24.8 days).
+            {**a, "outcome": "interrupted", "duration_ms": 2**31 - 1, "created_at": midnight + timedelta(days=30)},
+            {**a, "outcome": "complete", "duration_ms": 100,
+             "created_at": midnight + timedelta(days=30) - timedelta(milliseconds=2**31 - 1)},
+        ],
+    )  # fmt: skip
+
+    async def rollup() -> list[tuple[Any, ...]]:
+        rows = (await session.execute(select(UsageRollup).where(UsageRollup.team_id == team.id))).scalars().all()
+        return sorted(
+            (r.day, str(r.agent_id), str(r.user_id), r.generations, r.completed, r.errors, r.duration_hist)
+            for r in rows
+        )
+
+    live = await rollup()
+    await usage_service.rebuild_rollups(session=session)
+    session.expunge_all()
+    assert await rollup() == live
+    await assert_rollup_matches_ledger(session)
+    team_days = [(r[0], r[3]) for r in live if r[1] == r[2] == str(NIL)]
+    recovered_on = (midnight + timedelta(days=30) - timedelta(milliseconds=2**31 - 1)).date()
+    assert team_days == [(DAY - timedelta(days=1), 2), (DAY, 1), (recovered_on, 2)]
 
 
 @pytest.mark.parametrize("group_by", ["day", "agent", "user"])
@@ -692,10 +774,12 @@ async def test_usage_medians_are_within_the_stated_error(
     rows: list[dict[str, Any]] = []
     for i in range(301):
         spread = [rng.randint(0, 63), rng.randint(64, 3000), int(rng.lognormvariate(9, 2)) % 2**31][i % 3]
+        duration = min(spread + rng.randint(0, 99), 2**31 - 1)
         rows.append({
             "team_id": team.id, "user_id": users[i % 3].id, "agent_id": agents[i // 3 % 3].id,
-            "outcome": "complete", "ttfc_ms": rng.choice([None, spread]), "duration_ms": spread + rng.randint(0, 99),
-            "created_at": at(DAY + timedelta(days=i % 4), i % 24),
+            "outcome": "complete", "ttfc_ms": rng.choice([None, spread]), "duration_ms": duration,
+            # Begun at that hour (the day a report counts it on), ended `duration` later.
+            "created_at": at(DAY + timedelta(days=i % 4), i % 24) + timedelta(milliseconds=duration),
         })  # fmt: skip
     await seed_rows(session, rows)
     period = {"from": DAY.isoformat(), "to": (DAY + timedelta(days=3)).isoformat(), "group_by": group_by}
@@ -703,7 +787,7 @@ async def test_usage_medians_are_within_the_stated_error(
 
     def key_of(row: dict[str, Any]) -> str:
         if group_by == "day":
-            return str(row["created_at"].date().isoformat())
+            return began(row).isoformat()
         return str(row["agent_id"] if group_by == "agent" else row["user_id"])
 
     assert len(report) == (4 if group_by == "day" else 3)

@@ -6,7 +6,8 @@ import itertools
 import random
 import statistics
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -17,11 +18,13 @@ from app.services.usage_rollup import (
     FIELD,
     GONE,
     NIL,
+    RollupBuilder,
     bucket,
     counts,
     histogram_of,
     median,
     rollup_rows,
+    started_on,
     summed_digits,
 )
 
@@ -108,3 +111,33 @@ def test_median_reads_chunk_totals_exactly_at_large_counts() -> None:
     assert median(histogram_of(5) + 2 * histogram_of(900_000)) == pytest.approx(900_000, rel=0.025)
     # Middle values in two different chunks of buckets (an even count: their mean).
     assert median(histogram_of(10) + histogram_of(1_000_000)) == pytest.approx((10 + 1_000_000) / 2, rel=0.025)
+
+
+def test_the_builder_of_a_rebuild_gives_each_roll_up_row_once_as_rollup_rows_does() -> None:
+    """Ledger rows read one UTC day of final writes at a time (a rebuild, a migration's back-fill), begun up to
+    24.8 days before (the ledger's longest duration): every key handed out once, summed as `rollup_rows` sums
+    them all at once, and none before its last row was read."""
+    rng = random.Random(18)
+    team = uuid.uuid4()
+    start = datetime(2026, 10, 1, tzinfo=UTC)
+    records: list[dict[str, Any]] = [
+        {"team_id": team, "user_id": rng.choice([None, uuid.uuid4()]), "agent_id": None, "outcome": "complete",
+         "chars_in": 1, "chars_out": 2, "tokens_in": None, "tokens_out": None, "ttfc_ms": None,
+         "duration_ms": rng.choice([0, 5_000, 3_600_000, 2**31 - 1]),
+         "created_at": start + timedelta(hours=rng.randint(0, 60 * 24))}
+        for _ in range(400)
+    ]  # fmt: skip
+    builder = RollupBuilder()
+    handed: list[dict[str, object]] = []
+    day = start.date()
+    while day <= (start + timedelta(days=60)).date():
+        written = [r for r in records if r["created_at"].date() == day]
+        out = builder.add(written, written_on=day)
+        later = [r for r in records if r["created_at"].date() > day]
+        assert not {row["day"] for row in out} & {started_on(r["created_at"], r["duration_ms"]) for r in later}
+        handed += out
+        day += timedelta(days=1)
+    handed += builder.rest()
+    keys = [(row["day"], row["agent_id"], row["user_id"]) for row in handed]
+    assert len(keys) == len(set(keys))
+    assert sorted(handed, key=str) == sorted(rollup_rows(records), key=str)

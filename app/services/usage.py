@@ -19,7 +19,9 @@ from app.errors import RateLimited, Unprocessable
 from app.models import Agent, Team, UsageDaily, UsageRecord, UsageRollup, User
 from app.security import Caller
 from app.services.usage_rollup import (
+    MS_MAX,
     NIL,
+    RollupBuilder,
     add_to_rollup,
     median,
     prebuilt_add_to_rollup,
@@ -37,9 +39,8 @@ QUOTA_REACHED = "Daily message quota reached; it resets at midnight UTC"
 # --- the ledger ----------------------------------------------------------------------------------
 
 
-#: The ledger's millisecond columns are 32-bit integers (24.8 days): a generation recovered long after its start
-#: is held there, which still dates it before any day a quota counts.
-MS_MAX = 2**31 - 1
+#: The ledger's millisecond columns are 32-bit integers (24.8 days, `usage_rollup.MS_MAX`): a generation
+#: recovered long after its start is held there, which still dates it before any day a quota counts.
 
 
 def _ms(value: Any) -> int | None:
@@ -430,7 +431,8 @@ async def rebuild_rollups(*, session: AsyncSession) -> int:
 
     The ledger is the record: this is the repair when the roll-up is in doubt (`python -m app.cli
     rebuild-usage`, with the service stopped: an answer stored meanwhile could be counted twice or not at
-    all). Read one team's UTC day at a time, so a big ledger is never held in memory."""
+    all). Read one team's UTC day of final writes at a time, so a big ledger is never held in memory; the
+    rows are dated by their start as the live roll-up dates them (`RollupBuilder`)."""
     await session.execute(delete(UsageRollup))
     columns = [c for c in UsageRecord.__table__.columns if c.name != "id"]
     spans = (
@@ -443,6 +445,7 @@ async def rebuild_rollups(*, session: AsyncSession) -> int:
     written = 0
     pending: list[dict[str, Any]] = []
     for team_id, first, last in spans:
+        builder = RollupBuilder()
         day = first.astimezone(UTC).date()
         while day <= last.astimezone(UTC).date():
             start = datetime.combine(day, time(), UTC)
@@ -451,12 +454,14 @@ async def rebuild_rollups(*, session: AsyncSession) -> int:
                 UsageRecord.created_at >= start,
                 UsageRecord.created_at < start + timedelta(days=1),
             )
-            pending += rollup_rows([dict(row) for row in (await session.execute(query)).mappings()])
+            records = [dict(row) for row in (await session.execute(query)).mappings()]
+            pending += builder.add(records, written_on=day)
             if len(pending) >= REBUILD_BATCH:
                 await session.execute(insert(UsageRollup), pending)
                 written += len(pending)
                 pending = []
             day += timedelta(days=1)
+        pending += builder.rest()
     if pending:
         await session.execute(insert(UsageRollup), pending)
         written += len(pending)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, date
+from datetime import UTC, date, datetime, timedelta
 from itertools import accumulate
 from typing import Any
 
@@ -32,18 +32,19 @@ NIL = uuid.UUID(int=0)
 GONE = uuid.UUID(int=1)
 #: Outcomes the `errors` column counts: the answer failed, whether n8n or a stopped server ended it.
 ERROR_OUTCOMES = ("error", "interrupted")
+#: The ledger's millisecond columns are 32-bit integers (24.8 days); a longer duration is held there.
+MS_MAX = 2**31 - 1
 EXACT_BELOW = 64
 RATIO = 1.05
 #: Decimal digits per bucket: up to 999,999,999 values of one group in one bucket.
 FIELD = 9
-_INT_MAX = 2**31 - 1
 
 
 def _bounds() -> tuple[int, ...]:
     """The buckets' lower bounds, and the upper bound (exclusive) of the last one."""
     bounds = list(range(EXACT_BELOW))
     low = EXACT_BELOW
-    while low <= _INT_MAX:
+    while low <= MS_MAX:
         bounds.append(low)
         low = max(low + 1, int(low * RATIO))
     bounds.append(low)
@@ -125,16 +126,35 @@ _NULLABLE = ("tokens_in", "tokens_out")
 _HISTOGRAMS = ("ttfc_hist", "duration_hist")
 
 
+def started_on(created_at: datetime, duration_ms: int) -> date:
+    """The UTC day a ledger row's generation began: its final write's time less its duration. The quota counts
+    a generation on that day (`usage.claim_generation` reads the ledger the same way), so the reports do too:
+    an answer begun before midnight and ended after it is the day before's in both."""
+    return (created_at - timedelta(milliseconds=duration_ms)).astimezone(UTC).date()
+
+
 def rollup_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The roll-up rows (four grains) that ledger rows add up to, sorted by key.
 
     A record has the ledger's columns (`team_id`, `user_id`, `agent_id`, `outcome`, `chars_in`, `chars_out`,
-    `tokens_in`, `tokens_out`, `ttfc_ms`, `duration_ms`, `created_at`). The sort gives concurrent upserts
-    one lock order (the team's day first), so they queue rather than deadlock.
+    `tokens_in`, `tokens_out`, `ttfc_ms`, `duration_ms`, `created_at`); its day is the one it began on
+    (`started_on`). The sort gives concurrent upserts one lock order (the team's day first), so they queue
+    rather than deadlock.
     """
     rows: dict[Key, dict[str, Any]] = {}
+    _accumulate(rows, records)
+    return _sorted(rows)
+
+
+def _sorted(rows: Mapping[Key, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [rows[key] for key in sorted(rows, key=lambda k: (str(k[0]), k[1], str(k[2]), str(k[3])))]
+
+
+def _accumulate(rows: dict[Key, dict[str, Any]], records: Iterable[Mapping[str, Any]], *, by_end: bool = False) -> None:
+    """Add ledger rows to roll-up rows (`rollup_rows`), by key; `by_end`: dated by the final write instead
+    (the roll-up before migration 0020, which its downgrade restores)."""
     for r in records:
-        day = r["created_at"].astimezone(UTC).date()
+        day = r["created_at"].astimezone(UTC).date() if by_end else started_on(r["created_at"], r["duration_ms"] or 0)
         agent = r["agent_id"] or GONE
         user = r["user_id"] or GONE
         outcome = r["outcome"]
@@ -161,7 +181,37 @@ def rollup_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             for name in _NULLABLE:
                 if add[name] is not None:
                     row[name] = (row[name] or 0) + add[name]
-    return [rows[key] for key in sorted(rows, key=lambda k: (str(k[0]), k[1], str(k[2]), str(k[3])))]
+
+
+#: Whole UTC days a generation may begin before the day of its final write (its duration is held at MS_MAX).
+_START_LAG_DAYS = -(-MS_MAX // 86_400_000)
+
+
+class RollupBuilder:
+    """The roll-up of a ledger read one team's UTC day of final writes at a time (a rebuild, a migration's
+    back-fill), in rows ready to insert: a row is dated by its start (`started_on`), up to `_START_LAG_DAYS`
+    before its final write, so a roll-up row is handed out once no later final write can add to it, and each
+    key exactly once (the reads of two days added to one key; a second INSERT of it was a duplicate key). Only
+    the roll-up of the last few weeks of one team is held in memory."""
+
+    def __init__(self, *, by_end: bool = False) -> None:
+        self._rows: dict[Key, dict[str, Any]] = {}
+        self._by_end = by_end
+
+    def add(self, records: Iterable[Mapping[str, Any]], *, written_on: date) -> list[dict[str, Any]]:
+        """Add the ledger rows whose final write was on `written_on` (the days of a team read in order);
+        return the roll-up rows no later day can change."""
+        _accumulate(self._rows, records, by_end=self._by_end)
+        settled = written_on - timedelta(days=_START_LAG_DAYS)
+        done = {key: row for key, row in self._rows.items() if key[1] < settled}
+        for key in done:
+            del self._rows[key]
+        return _sorted(done)
+
+    def rest(self) -> list[dict[str, Any]]:
+        """The roll-up rows still held (the team's last days are read): all of them, once."""
+        rows, self._rows = self._rows, {}
+        return _sorted(rows)
 
 
 #: The roll-up's key: one row per team, UTC day, agent and user.

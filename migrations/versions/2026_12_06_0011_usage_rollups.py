@@ -11,14 +11,14 @@ Downgrading drops the roll-up (the ledger keeps everything) and gives the index 
 """
 
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
 
 from app.dialects import Histogram, UTCDateTime
-from app.services.usage_rollup import rollup_rows
+from app.services.usage_rollup import RollupBuilder
 
 revision: str = "0011"
 down_revision: str | None = "0010"
@@ -51,34 +51,36 @@ rollups = sa.table(
 )  # fmt: skip
 
 
-def _team_days(bind: sa.Connection) -> Iterator[list[dict[str, Any]]]:
-    """The ledger's rows, one team's UTC day at a time: one index range scan per team and day, so a big
-    ledger is never held in memory."""
+def _team_days(bind: sa.Connection) -> Iterator[tuple[bool, date, list[dict[str, Any]]]]:
+    """The ledger's rows, one team's UTC day of final writes at a time (whether it is the team's last day, the
+    day, its rows): one index range scan per team and day, so a big ledger is never held in memory."""
     spans = bind.execute(
         sa.select(ledger.c.team_id, sa.func.min(ledger.c.created_at), sa.func.max(ledger.c.created_at)).group_by(
             ledger.c.team_id
         )
     ).all()
     for team_id, first, last in spans:
-        day = first.astimezone(UTC).date()
-        while day <= last.astimezone(UTC).date():
+        day, end = first.astimezone(UTC).date(), last.astimezone(UTC).date()
+        while day <= end:
             start = datetime.combine(day, time(), UTC)
             query = sa.select(ledger).where(
                 ledger.c.team_id == team_id,
                 ledger.c.created_at >= start,
                 ledger.c.created_at < start + timedelta(days=1),
             )
-            rows = [dict(row) for row in bind.execute(query).mappings()]
-            if rows:
-                yield rows
+            yield day == end, day, [dict(row) for row in bind.execute(query).mappings()]
             day += timedelta(days=1)
 
 
 def fill_rollups(bind: sa.Connection) -> None:
-    """Sum the existing ledger into the (empty) roll-up."""
+    """Sum the existing ledger into the (empty) roll-up (as migration 0020 does: its rows dated by the day each
+    generation began, each roll-up row written once)."""
     pending: list[dict[str, Any]] = []
-    for records in _team_days(bind):
-        pending += rollup_rows(records)
+    builder = RollupBuilder()
+    for last, day, records in _team_days(bind):
+        pending += builder.add(records, written_on=day)
+        if last:
+            pending += builder.rest()
         if len(pending) >= BATCH:
             bind.execute(rollups.insert(), pending)
             pending = []
