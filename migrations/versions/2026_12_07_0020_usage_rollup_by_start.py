@@ -9,7 +9,8 @@ began (its final write less its duration): an answer begun before midnight and e
 for the quota and the next day's in the usage reports. The roll-up is emptied and summed from the ledger
 again, each row dated by its start (app.services.usage_rollup.RollupBuilder), reading one team's UTC day of
 final writes at a time as migration 0011's back-fill does. Downgrading sums it again dated by the final
-write, as the code before this revision kept it. Nothing else changes (no schema change).
+write, as the code before this revision kept it. Nothing else changes (no schema change). It takes as long
+as 0011's back-fill (about a minute per million ledger rows: docs/PERFORMANCE.md, usage reports).
 """
 
 from collections.abc import Iterator, Sequence
