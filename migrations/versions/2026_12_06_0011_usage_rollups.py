@@ -6,7 +6,7 @@ Create Date: 2026-12-06
 
 The roll-up is filled from the existing ledger rows, one team's UTC day at a time, as each new ledger row is
 summed (app.services.usage_rollup: `RollupBuilder`, which writes each roll-up row once, the day of a row being
-the one its generation began, since migration 0018). The ledger's `(team_id, created_at)`
+the one its generation began, since migration 0020). The ledger's `(team_id, created_at)`
 index loses the columns it carried for the reports (INCLUDE, PostgreSQL): they no longer read the ledger.
 Downgrading drops the roll-up (the ledger keeps everything) and gives the index its columns back.
 """
