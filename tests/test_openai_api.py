@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +20,15 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.pool import QueuePool
 
+from app import metrics
 from app.config import Settings
 from app.db import utcnow
 from app.deps import get_generations
 from app.models import Agent, ErrorLog, Team, UsageRecord, User
+from app.routers.openai_api import Run, _stream
+from app.security import Caller
 from app.services.api_keys import create_key
+from app.services.completions import prepare_completion
 from app.services.usage import seconds_to_midnight
 from app.state import app_state
 from tests.conftest import count_rows
@@ -1064,3 +1068,83 @@ async def test_a_running_completion_counts_as_an_open_stream(
             async with asyncio.timeout(5):
                 while await open_streams(http) != before:  # noqa: ASYNC110  # the task ends just after the answer
                     await asyncio.sleep(0.02)
+
+
+# --- a client that leaves: its usage row says `cancelled`, however early it left --------------------------------
+
+
+async def _prepared(app: FastAPI, session: AsyncSession, settings: Settings, url: str) -> Run:
+    """A completion claimed against the quota (as the route does before it answers), not started yet."""
+    state = app_state(app)
+    team = await create_team(session)
+    user = await create_user(session, team=team)
+    await create_agent(session, team=team, slug="helper", webhook_url=url)
+    async with state.db.sessionmaker() as s:
+        completion = await prepare_completion(
+            session=s,
+            settings=settings,
+            user=Caller(id=user.id, team_id=user.team_id),
+            model="helper",
+            messages=[{"role": "user", "content": "a b c d"}],
+            session_header=None,
+        )
+    return Run(state.generations, completion, state.db, settings)
+
+
+async def _until_ended(app: FastAPI) -> None:
+    async with asyncio.timeout(5):
+        while app_state(app).generations.detached:  # noqa: ASYNC110  # each completion's task leaves it as it ends
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("chunks_read", [1, 2], ids=["before-its-task-started", "mid-stream"])
+async def test_a_stream_whose_client_left_writes_its_cancelled_usage_row(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n, chunks_read: int
+) -> None:
+    """The server closes the stream's body when the client left (or sending to it failed). Mid-stream that
+    cancels the call to n8n, and the usage row says `cancelled`. Closed just after its first chunk (the role,
+    sent before any await), the stream cancelled a task that had not taken its first step: its coroutine never
+    ran, so the quota's claim had no usage row (and the metrics no outcome). It now has the same row, with n8n
+    not called."""
+    run = await _prepared(app, session, settings, f"{fake.url}/webhook/agent-stream?scenario=slow&delay_ms=200")
+    labels = {"outcome": "cancelled", "agent": str(run.completion.agent_id)}
+    before = metrics.REGISTRY.get_sample_value("relay_generations_total", labels) or 0
+    stream = cast(AsyncGenerator[bytes, None], _stream(run, usage=False))  # a generator, closed as the server does
+    async with asyncio.timeout(5):
+        read = [await anext(stream) for _ in range(chunks_read)]
+        await stream.aclose()
+    assert b'"role":"assistant"' in read[0]
+    await _until_ended(app)
+    rows = (await session.execute(select(UsageRecord.outcome, UsageRecord.error_code, UsageRecord.chat_id))).all()
+    assert [tuple(row) for row in rows] == [("cancelled", None, None)]
+    assert await count_rows(session, "error_logs") == 0
+    assert metrics.REGISTRY.get_sample_value("relay_generations_total", labels) == before + 1
+    assert len(fake.requests) == chunks_read - 1
+
+
+async def test_a_completion_cancelled_before_its_first_step_is_run_again_once_only(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """Whatever cancels every task it meets before it starts (a loop being closed does) must not meet a new one
+    for ever: the task run again for a first cancel is not run again when it is cancelled before its first step
+    too (no row then: nothing of it ran)."""
+    run = await _prepared(app, session, settings, f"{fake.url}/webhook/agent-stream")
+    registry = app_state(app).generations
+    first = run.start()
+    again: list[asyncio.Task[Any]] = []
+
+    def cancel_the_next(_task: asyncio.Task[Any]) -> None:  # after the run's own done-callback (added first)
+        again.extend(task for task in registry.detached if task is not first)
+        for task in again:
+            task.cancel()
+
+    first.add_done_callback(cancel_the_next)
+    first.cancel()
+    await _until_ended(app)
+    for _ in range(10):  # a third task would be on its way by now
+        await asyncio.sleep(0)
+    assert not registry.detached
+    assert len(again) == 1
+    assert again[0].cancelled()
+    assert fake.requests == []
+    assert await count_rows(session, "usage_records") == 0

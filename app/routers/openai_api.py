@@ -340,6 +340,21 @@ class Run:
     settings: Settings
 
     def start(self, on_chunks: Callable[[list[str]], None] | None = None) -> asyncio.Task[StreamFailure | None]:
+        task = self._launch(on_chunks)
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Task[StreamFailure | None]) -> None:
+        """A task cancelled before its first step (its stream closed as it began: the client left, or sending
+        the first chunk failed) never ran `run_completion`: its quota claim would have no usage row. A new task
+        runs it once more, which calls no one and records `cancelled`, as for a client that left mid-stream.
+        One check per ended task, nothing per request; once only (`_launch(cut=True)` adds no callback)."""
+        if task.cancelled() and not self.completion.started:
+            self._launch(None, cut=True)
+
+    def _launch(
+        self, on_chunks: Callable[[list[str]], None] | None, *, cut: bool = False
+    ) -> asyncio.Task[StreamFailure | None]:
         registry = self.registry
         completion = self.completion
         call_agent: Callable[..., Awaitable[None]] = registry.streamer.run
@@ -354,6 +369,7 @@ class Run:
             completion=self.completion,
             on_chunks=on_chunks,
             interrupted=lambda: registry.interrupting,
+            cut=cut,
         )
         return registry.track(asyncio.create_task(run, name=f"completion-{self.completion.id}"))
 
@@ -364,7 +380,8 @@ async def _stream(run: Run, *, usage: bool) -> AsyncIterator[bytes]:
     `: ping` comment after STREAM_PING_INTERVAL without a write (an agent may think for minutes before its
     first byte, longer than a proxy keeps a silent connection; SSE clients, OpenAI's included, skip comments).
 
-    A client that goes away cancels the call to n8n (its usage row says `cancelled`)."""
+    A client that goes away cancels the call to n8n (its usage row says `cancelled`), even before the task took
+    its first step (`Run._ended`)."""
     completion = run.completion
     ping = run.settings.STREAM_PING_INTERVAL
     loop = asyncio.get_running_loop()

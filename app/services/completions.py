@@ -116,6 +116,9 @@ class Completion:
     #: the agent answers by callback only (`response_mode: "callback"`).
     callback_id: str | None = None
     callback_mode: bool = False
+    #: Set as `run_completion` starts: a task cancelled before its first step never ran it (app.routers.openai_api
+    #: `Run`), and nothing of it (its usage row) was written.
+    started: bool = False
 
 
 def session_id_for(user: Caller, header: str | None) -> str:
@@ -219,6 +222,7 @@ async def run_completion(
     completion: Completion,
     on_chunks: Callable[[list[str]], None] | None = None,
     interrupted: Callable[[], bool] = lambda: False,
+    cut: bool = False,
 ) -> StreamFailure | None:
     """Call the agent with `call_agent` (app.streaming's `N8nStreamer.run`: this layer imports no web code),
     collecting its text in `completion.chunks` (and handing each batch to `on_chunks`);
@@ -226,7 +230,9 @@ async def run_completion(
 
     A cancelled run is recorded as `cancelled` (the client left) before the cancellation goes on, unless
     `interrupted()` says the cancel is the shutdown's (GenerationRegistry.interrupting): then the run ends
-    as the failure `interrupted`, returned so that the client still gets its terminal answer."""
+    as the failure `interrupted`, returned so that the client still gets its terminal answer. `cut`: run again
+    for a task cancelled before its first step (its client left as it began): call no one, end as `cancelled`."""
+    completion.started = True
     loop = asyncio.get_running_loop()
     started = loop.time()
     stats = StreamStats()
@@ -240,6 +246,8 @@ async def run_completion(
     failure: StreamFailure | None = None
     outcome = "complete"
     try:
+        if cut:
+            raise asyncio.CancelledError
         try:
             headers = decrypt_headers(completion.webhook_headers_encrypted, settings.fernet)
         except DecryptionError:
@@ -255,7 +263,7 @@ async def run_completion(
     except StreamFailure as exc:
         failure, outcome = exc, "error"
     except asyncio.CancelledError:
-        if not interrupted():
+        if cut or not interrupted():
             outcome = "cancelled"
             await asyncio.shield(_record(db, completion, stats, outcome, None, loop.time() - started))
             raise
