@@ -475,5 +475,11 @@ UPDATE alembic_version SET version_num='0019' WHERE alembic_version.version_num 
 
 UPDATE alembic_version SET version_num='0020' WHERE alembic_version.version_num = '0019';
 
+-- Running upgrade 0020 -> 0021
+
+CREATE INDEX ix_refresh_tokens_successor_used_at ON refresh_tokens (used_at) WHERE successor_encrypted IS NOT NULL;
+
+UPDATE alembic_version SET version_num='0021' WHERE alembic_version.version_num = '0020';
+
 COMMIT;
 

@@ -159,6 +159,8 @@ IS_STREAMING = literal_column("messages.status") == literal_column("'streaming'"
 ROOTS_ONLY = text("parent_id IS NULL")
 #: Uploads no message carries yet: the retention sweep finds the old ones by a partial index on this.
 UNSENT_ONLY = text("message_id IS NULL")
+#: Spent refresh tokens still holding their successor: the retention sweep finds the old ones by a partial index.
+WITH_SUCCESSOR = text("successor_encrypted IS NOT NULL")
 
 
 class Message(Base):
@@ -298,6 +300,15 @@ class RefreshToken(Base):
     sweep (app.services.retention) deletes it a day later."""
 
     __tablename__ = "refresh_tokens"
+    __table_args__ = (
+        # Spent tokens still holding their successor, by use: the retention sweep clears it past the reuse window.
+        Index(
+            "ix_refresh_tokens_successor_used_at",
+            "used_at",
+            postgresql_where=WITH_SUCCESSOR,
+            sqlite_where=WITH_SUCCESSOR,
+        ),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
@@ -307,7 +318,8 @@ class RefreshToken(Base):
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: The pair's refresh token this one was rotated into (Fernet), handed again to a caller that presents
-    #: this token within REFRESH_REUSE_GRACE_SECONDS of its use: two tabs share one chain, never fork it.
+    #: this token within REFRESH_REUSE_GRACE_SECONDS of its use: two tabs share one chain, never fork it. The
+    #: retention sweep clears it a minute after that window (it is a live token: nothing keeps it longer).
     successor_encrypted: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _created()
 

@@ -23,7 +23,7 @@ from app.config import Settings
 from app.db import utcnow
 from app.errors import RateLimited
 from app.models import Chat, File, FileBlob, Invite, Message, RefreshToken, Share, ShareFile, UsageDaily, User, Worker
-from app.security import Caller
+from app.security import Caller, hash_refresh_token
 from app.services import retention
 from app.services import usage as usage_service
 from app.services.files import FILE_IDS_INVALID
@@ -31,7 +31,7 @@ from app.services.invites import hash_invite_token, new_token
 from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import bearer, login
-from tests.conftest import _plain_url, make_settings, run_migrations, until_a_statement_waits
+from tests.conftest import _plain_url, count_rows, make_settings, run_migrations, until_a_statement_waits
 from tests.factories import auth_headers, create_admin, create_agent, create_chat, create_team, create_user
 from tests.live import ChatSetup, chat_with_agent
 from tools.fake_n8n import FakeN8n
@@ -85,6 +85,50 @@ async def test_refresh_tokens_go_a_day_after_their_expiry(
     assert (await web.post("/api/auth/refresh", json={"refresh_token": second["refresh_token"]})).status_code == 401
 
 
+async def used(session: AsyncSession, token: str, ago: timedelta) -> None:
+    """Date the spending of this refresh token `ago`."""
+    where = RefreshToken.token_hash == hash_refresh_token(token)
+    await session.execute(update(RefreshToken).where(where).values(used_at=utcnow() - ago))
+    await session.commit()
+
+
+async def test_a_spent_tokens_successor_is_cleared_a_minute_after_its_reuse_window(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """A spent refresh token kept the token it was rotated into (live, encrypted with ENCRYPTION_KEY) until its
+    row went, a day past its expiry: that key and a copy of the database gave live refresh tokens for days. It
+    serves only a second tab within REFRESH_REUSE_GRACE_SECONDS (10) of the use: the sweep now clears it a
+    minute after that window. One spent more recently keeps it and still serves; both chains go on, and
+    presenting the cleared one again is the reuse it always was."""
+    await create_user(session, email="idle@example.com")
+    await create_user(session, email="busy@example.com")
+    idle = (await login(web, "idle@example.com")).json()
+    idle_next = (await web.post("/api/auth/refresh", json={"refresh_token": idle["refresh_token"]})).json()
+    busy = (await login(web, "busy@example.com")).json()
+    busy_next = (await web.post("/api/auth/refresh", json={"refresh_token": busy["refresh_token"]})).json()
+    await used(session, idle["refresh_token"], timedelta(seconds=10 + 61))  # past the window and the minute
+    await used(session, busy["refresh_token"], timedelta(seconds=10 + 50))  # within the minute
+
+    assert await retention.sweep(session=session, settings=settings) == retention.Swept(refresh_successors=1)
+    successors = {row.token_hash: row.successor_encrypted for row in await token_rows(session)}
+    assert successors[hash_refresh_token(idle["refresh_token"])] is None
+    assert successors[hash_refresh_token(busy["refresh_token"])] is not None
+    assert await retention.sweep(session=session, settings=settings) == retention.Swept()
+    assert await count_rows(session, "refresh_tokens") == 4  # the rows stay, for reuse detection
+    # The kept successor still serves a second tab within the window.
+    await used(session, busy["refresh_token"], timedelta(seconds=5))
+    tab = await web.post("/api/auth/refresh", json={"refresh_token": busy["refresh_token"]})
+    assert tab.status_code == 200
+    assert tab.json()["refresh_token"] == busy_next["refresh_token"]
+    # Both chains go on; the cleared token presented again is a reuse: its family is revoked.
+    for pair in (idle_next, busy_next):
+        assert (await web.post("/api/auth/refresh", json={"refresh_token": pair["refresh_token"]})).status_code == 200
+    assert (await web.post("/api/auth/refresh", json={"refresh_token": idle["refresh_token"]})).status_code == 401
+    revoked = {row.token_hash: row.revoked_at is not None for row in await token_rows(session)}
+    assert revoked[hash_refresh_token(idle_next["refresh_token"])]
+    assert not revoked[hash_refresh_token(busy_next["refresh_token"])]
+
+
 async def test_quota_counters_of_days_before_yesterday_go(session: AsyncSession, settings: Settings) -> None:
     """`usage_daily` kept a row per member and day for ever; only today's is read (the day's first send starts
     from the ledger) and yesterday's may be given back just after midnight. Older ones now go."""
@@ -110,7 +154,8 @@ async def test_quota_counters_of_days_before_yesterday_go(session: AsyncSession,
 
 async def test_retention_on_sqlite(tmp_path: Path) -> None:
     """The embedded database runs the same batched deletes (a two-column key picked by a row value), unsent
-    uploads and unused contents (the same statements, which lock nothing there) and ended invites included."""
+    uploads and unused contents (the same statements, which lock nothing there) and ended invites included,
+    and clears spent refresh tokens' successors."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'retention.db'}"
     await asyncio.to_thread(run_migrations, url)
     lite = create_app(make_settings(url, tmp_path))
@@ -121,6 +166,9 @@ async def test_retention_on_sqlite(tmp_path: Path) -> None:
             chat = await create_chat(s, user=user, agent=await create_agent(s, team=team))
             today = utcnow().date()
             s.add_all([expired_token(user, ago=timedelta(days=3)), expired_token(user, ago=timedelta(hours=1))])
+            spent = expired_token(user, ago=-timedelta(days=5))  # expires in 5 days, spent an hour ago
+            spent.used_at, spent.successor_encrypted = utcnow() - timedelta(hours=1), "a successor"
+            s.add(spent)
             s.add_all(UsageDaily(user_id=user.id, day=today - timedelta(days=age), generations=1) for age in (5, 1))
             s.add_all([invite_row(team.id, revoked_at=utcnow() - timedelta(days=31)), invite_row(team.id)])
             s.add_all(blob(content, ago=timedelta(days=2)) for content in (b"unsent", b"sent", b"unused"))
@@ -145,7 +193,7 @@ async def test_retention_on_sqlite(tmp_path: Path) -> None:
             assert registry.recovered
             assert registry.sweeping is not None
             await registry.sweeping  # on its own task (a slow sweep holds up nothing)
-            assert len(await token_rows(s)) == 1
+            assert [row.successor_encrypted for row in await token_rows(s)] == [None, None]
             assert list((await s.execute(select(UsageDaily.day))).scalars()) == [today - timedelta(days=1)]
             assert list((await s.execute(select(Invite.revoked_at))).scalars()) == [None]
             assert [sent is not None for sent in (await s.execute(select(File.message_id))).scalars()] == [True]

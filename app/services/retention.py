@@ -3,7 +3,10 @@
 - `error_logs`: ERROR_LOG_RETENTION_DAYS after they were written (0: kept for ever). Failed generations'
   diagnostics; the messages and the usage ledger keep what happened.
 - `refresh_tokens`: a day past their expiry. An expired token is refused by its own `exp` before any lookup,
-  so its row (and a spent one's reuse detection) serves nothing after that.
+  so its row (and a spent one's reuse detection) serves nothing after that. Before that, a spent token's
+  `successor_encrypted` (the live refresh token it was rotated into, under ENCRYPTION_KEY) is cleared once its
+  reuse window (REFRESH_REUSE_GRACE_SECONDS) is over by SUCCESSOR_KEPT_AFTER_GRACE: it is never read after the
+  window, and kept it let anyone with that key and a copy of the database sign in as its user for days.
 - `usage_daily`: days before yesterday. The quota counts today only; yesterday's row may still be given back
   by a send refused just after midnight (`usage.release_generation`).
 - `invites`: INVITE_RETENTION_DAYS after they ended (expired, revoked, or used up: `used_up_at`, or the expiry
@@ -23,11 +26,12 @@
 
 Expired idempotency keys go with `idempotency.prune` and expired revocations whenever something is revoked.
 
-Every worker of every instance sweeps (no leader to elect): each batch is one short transaction deleting at
-most SWEEP_BATCH rows, oldest first, picked with FOR UPDATE SKIP LOCKED on PostgreSQL, so two sweepers at once
-take different rows and never wait for (or deadlock with) each other or a request; SQLite, one writer at a
-time, renders no locking clause. At most SWEEP_MAX_BATCHES batches per table and sweep: a backlog (the first
-sweep after an upgrade) is worked off over several sweeps instead of delaying the heartbeat that runs them.
+Every worker of every instance sweeps (no leader to elect): each batch is one short transaction deleting (or
+clearing) at most SWEEP_BATCH rows, oldest first, picked with FOR UPDATE SKIP LOCKED on PostgreSQL, so two
+sweepers at once take different rows and never wait for (or deadlock with) each other or a request; SQLite,
+one writer at a time, renders no locking clause. At most SWEEP_MAX_BATCHES batches per table and sweep: a
+backlog (the first sweep after an upgrade) is worked off over several sweeps instead of delaying the heartbeat
+that runs them.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from dataclasses import astuple, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, exists, or_, select, tuple_
+from sqlalchemy import ColumnElement, and_, delete, exists, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
@@ -56,6 +60,9 @@ SWEEP_BATCH = 1000
 SWEEP_MAX_BATCHES = 10
 #: How long a refresh token's row outlives its expiry: a margin for clocks that differ between instances.
 REFRESH_KEPT_AFTER_EXPIRY = timedelta(days=1)
+#: How long a spent refresh token's successor outlives its reuse window: clocks that differ between instances
+#: (one whose clock is behind still hands it out a little longer; cleared, that refresh would revoke the family).
+SUCCESSOR_KEPT_AFTER_GRACE = timedelta(minutes=1)
 #: How old an unused blob must be to be swept. An upload writes (or claims, moving `created_at` to now) its blob
 #: and its `files` row in one transaction, so no committed blob waits for its file; the margin keeps that true
 #: for any writer that commits the bytes first, and covers clocks that differ between instances (`created_at`
@@ -75,6 +82,8 @@ class Swept:
     invites: int = 0
     unsent_files: int = 0
     file_blobs: int = 0
+    #: Spent refresh tokens whose successor was cleared (the rows stay, for reuse detection).
+    refresh_successors: int = 0
 
 
 async def _delete_batch(
@@ -116,6 +125,35 @@ async def _delete_in_batches(
         if count < SWEEP_BATCH:
             break
     return deleted
+
+
+async def _clear_successors(session: AsyncSession, cutoff: datetime) -> int:
+    """Clear the successor of refresh tokens spent before `cutoff`, as `_delete_in_batches` deletes: batches of
+    SWEEP_BATCH rows picked by `ix_refresh_tokens_successor_used_at` (which holds only rows with a successor:
+    the few spent within the last minutes), skipping rows a refresh holds, each committed."""
+    stale = and_(RefreshToken.successor_encrypted.is_not(None), RefreshToken.used_at < cutoff)
+    cleared = 0
+    for _ in range(SWEEP_MAX_BATCHES):
+        batch = (
+            select(RefreshToken.id)
+            .where(stale)
+            .order_by(RefreshToken.used_at)
+            .limit(SWEEP_BATCH)
+            .with_for_update(skip_locked=True)
+        )
+        statement = (
+            update(RefreshToken)
+            .where(RefreshToken.id.in_(batch), stale)
+            .values(successor_encrypted=None)
+            .returning(RefreshToken.id)
+            .execution_options(synchronize_session=False)
+        )
+        count = len((await session.execute(statement)).all())
+        await session.commit()
+        cleared += count
+        if count < SWEEP_BATCH:
+            break
+    return cleared
 
 
 def _unused_blob(window: ColumnElement[bool], cutoff: datetime) -> ColumnElement[bool]:
@@ -199,6 +237,8 @@ async def sweep(*, session: AsyncSession, settings: Settings) -> Swept:
         RefreshToken.expires_at,
         RefreshToken.expires_at < now - REFRESH_KEPT_AFTER_EXPIRY,
     )
+    grace = timedelta(seconds=settings.REFRESH_REUSE_GRACE_SECONDS)
+    refresh_successors = await _clear_successors(session, now - grace - SUCCESSOR_KEPT_AFTER_GRACE)
     yesterday = now.date() - timedelta(days=1)
     usage_daily = await _delete_in_batches(
         session, UsageDaily, [UsageDaily.user_id, UsageDaily.day], UsageDaily.day, UsageDaily.day < yesterday
@@ -221,11 +261,13 @@ async def sweep(*, session: AsyncSession, settings: Settings) -> Swept:
         invites=invites,
         unsent_files=unsent_files,
         file_blobs=file_blobs,
+        refresh_successors=refresh_successors,
     )
     if any(astuple(swept)):
         logger.info(
             "retention sweep deleted %d error-log row(s), %d expired refresh token(s), %d old quota counter(s),"
-            " %d ended invite(s), %d unsent upload(s), %d unused file content(s)",
+            " %d ended invite(s), %d unsent upload(s), %d unused file content(s), and cleared %d spent refresh"
+            " token(s)' successor",
             *astuple(swept),
         )
     return swept
