@@ -6,7 +6,7 @@
   so its row (and a spent one's reuse detection) serves nothing after that. Before that, a spent token's
   `successor_encrypted` (the live refresh token it was rotated into, under ENCRYPTION_KEY) is cleared once its
   reuse window (REFRESH_REUSE_GRACE_SECONDS) is over by SUCCESSOR_KEPT_AFTER_GRACE: it is never read after the
-  window, and kept it let anyone with that key and a copy of the database sign in as its user for days.
+  window, and kept, it let anyone with that key and a copy of the database sign in as its user for days.
 - `usage_daily`: days before yesterday. The quota counts today only; yesterday's row may still be given back
   by a send refused just after midnight (`usage.release_generation`).
 - `invites`: INVITE_RETENTION_DAYS after they ended (expired, revoked, or used up: `used_up_at`, or the expiry
