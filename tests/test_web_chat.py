@@ -556,6 +556,35 @@ def test_a_chat_the_server_did_not_answer_for_is_read_again_on_request(web_page:
     expect(page.get_by_role("alert")).to_have_count(0)
 
 
+def test_a_chat_read_since_its_failed_read_is_followed_once_when_the_network_comes_back(
+    web_page: Watched, team: Team
+) -> None:
+    """A chat whose read got no answer, then opened again and read (its running answer followed): the
+    `online` event read it again and followed that answer a second time, drawn twice in the pane."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    chat = team.create_chat(agent_id, title="Running")
+    team.create_chat(agent_id, title="Elsewhere")
+    log_in(page, team.email)
+    page.route(f"**/api/chats/{chat['id']}?*", lambda route: route.abort("connectionreset"))
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat['id']}'; }}")
+    expect(page.get_by_role("alert").filter(has_text="The chat could not be read")).to_be_visible()
+    page.unroute(f"**/api/chats/{chat['id']}?*")
+    page.locator(".chat-link", has_text="Elsewhere").click()
+    expect(page.locator(".chat-header h1")).to_have_text("Elsewhere")
+    start_elsewhere(team, chat["id"], SLOW)
+    follows: list[str] = []
+    page.on("request", lambda request: follows.append(request.url) if "/stream" in request.url else None)
+    page.locator(".chat-link", has_text="Running").click()
+    expect(page.locator(".msg.assistant").last.locator(".content")).to_contain_text("w3")
+    page.evaluate("() => window.dispatchEvent(new Event('online'))")  # the network is back (it never left)
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1, timeout=15_000)
+    expect(page.locator(".msg.assistant")).to_have_count(1)
+    assert answer_text(page) == f"Echo: {SLOW}"
+    assert len(follows) == 1, follows
+    assert web_page.errors == []
+
+
 def test_an_edit_waiting_for_the_network_comes_back_in_its_form(web_page: Watched, team: Team) -> None:
     """An edit waiting for the network when its chat was left: opened again, the chat shows the edit form
     holding the edited text, to send as an edit (a new version), not as a new message."""

@@ -464,6 +464,7 @@ export class ChatsView {
       return false;
     }
     if (chatId !== this.chatId) return false;
+    if (this.unread === chatId) this.unread = null; // read now: the network's return has nothing left to read
     await this.agentOf(chat.agent_id); // at once for an active agent; a deactivated one is read once
     if (chatId !== this.chatId) return false;
     this.render(chat);
@@ -471,13 +472,14 @@ export class ChatsView {
   }
 
   /** The chat whose reading got no HTTP answer, read again (the network is back, or "Try again"), then what
-   * opening it does after reading: a send left waiting given back, a running answer followed. */
+   * opening it does after reading: a send left waiting given back, a running answer followed unless this tab
+   * already follows one (a read that failed while an answer ran, "Show earlier messages" offline). */
   async readAgain(chatId) {
     if (chatId !== this.chatId || this.unread !== chatId) return;
     this.unread = null;
     if (!(await this.reload())) return;
     this.giveBackWaiting();
-    this.resumeIfRunning();
+    if (!this.generation) this.resumeIfRunning();
   }
 
   render(chat) {
