@@ -835,6 +835,30 @@ def test_show_earlier_before_the_answer_started_shows_the_question_once(web_page
     assert answer_text(page) == f"Echo: {SLOW}"
 
 
+def test_show_earlier_offline_while_a_send_waits_for_the_network_leaves_that_send_to_go_on(
+    web_page: Watched, team: Team
+) -> None:
+    """Clicking "Show earlier messages" offline while a send waited for the network could not read the chat; the
+    `online` event then read it again and gave that send back as never sent ("waiting for the network when the
+    chat was left", its text back in the box) while it was being sent, and its answer ran unseen."""
+    page = web_page.page
+    chat_id = a_chat_longer_than_shown(web_page, team)
+    page.context.set_offline(True)
+    send(page, SLOW)
+    expect(page.get_by_text("Waiting for the network: sent as soon as it is back.")).to_be_visible()
+    page.get_by_role("button", name="Show earlier messages").click()
+    expect(page.get_by_role("alert").filter(has_text="The chat could not be read")).to_be_visible()
+    # The answer's events reach the page only once it has ended, well after the chat has been read again.
+    page.route("**/api/chats/*/messages", lambda route: route.fulfill(response=route.fetch()))
+    page.context.set_offline(False)
+    expect(page.locator(".msg.user .content").first).to_have_text("q0")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(27, timeout=15_000)
+    assert answer_text(page) == f"Echo: {SLOW}"
+    expect(page.get_by_label("Message", exact=True)).to_have_value("")
+    expect(page.locator(".toast", has_text="was not sent")).to_have_count(0)
+    assert len(team.get(f"/api/chats/{chat_id}?last=100")["messages"]) == 54
+
+
 def editing_the_first_question(web_page: Watched, team: Team) -> Locator:
     """A new chat with one question answered, its Edit form open; the form's text box."""
     page = web_page.page

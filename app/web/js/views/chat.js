@@ -472,14 +472,15 @@ export class ChatsView {
   }
 
   /** The chat whose reading got no HTTP answer, read again (the network is back, or "Try again"), then what
-   * opening it does after reading: a send left waiting given back, a running answer followed unless this tab
-   * already follows one (a read that failed while an answer ran, "Show earlier messages" offline). */
+   * opening it does after reading: a send left waiting given back, a running answer followed. Not while this tab
+   * still sends or follows in it ("Show earlier messages" clicked offline): that send goes on, not given back,
+   * and that answer is followed once. */
   async readAgain(chatId) {
     if (chatId !== this.chatId || this.unread !== chatId) return;
     this.unread = null;
-    if (!(await this.reload())) return;
+    if (!(await this.reload()) || this.generation) return;
     this.giveBackWaiting();
-    if (!this.generation) this.resumeIfRunning();
+    this.resumeIfRunning();
   }
 
   render(chat) {
