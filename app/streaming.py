@@ -114,13 +114,14 @@ FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], _Fa
         ),
     ),
     (WebhookPolicyError, _BLOCKED),
-    # aiohttp's connect deadline (TCP and TLS, N8N_CONNECT_TIMEOUT), which `exchange` names ConnectTimeout.
+    # aiohttp's connect deadline (TCP and TLS, N8N_CONNECT_TIMEOUT, or cut under the first byte's: its seconds then),
+    # which `exchange` names ConnectTimeout.
     (
         (ConnectTimeout, aiohttp.ConnectionTimeoutError),
         _Failure(
             "upstream_timeout",
             "The agent could not be reached in time",
-            lambda _e, s: {"timeout": "connect", "seconds": s.N8N_CONNECT_TIMEOUT},
+            lambda e, s: {"timeout": "connect", "seconds": getattr(e, "seconds", None) or s.N8N_CONNECT_TIMEOUT},
         ),
     ),
     (aiohttp.ClientConnectorError, _Failure("upstream_unreachable", UNREACHABLE, _unreachable)),

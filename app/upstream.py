@@ -90,7 +90,12 @@ class TotalTimeout(Exception):
 
 
 class ConnectTimeout(Exception):
-    """No connection to n8n (TCP and TLS) within N8N_CONNECT_TIMEOUT."""
+    """No connection to n8n (TCP and TLS) within N8N_CONNECT_TIMEOUT, or within the first byte's shorter deadline
+    (`seconds`: the deadline that ended it, when that was the first byte's)."""
+
+    def __init__(self, seconds: float | None = None) -> None:
+        super().__init__()
+        self.seconds = seconds
 
 
 class FirstByteTimeout(Exception):
@@ -178,6 +183,7 @@ async def exchange(
     started = loop.time()
     got_first_byte = False
     quiet: _QuietWatch | None = None
+    cut: aiohttp.ClientTimeout | None = None
     try:
         async with asyncio.timeout(s.N8N_TOTAL_TIMEOUT) as wall:
             try:
@@ -185,7 +191,8 @@ async def exchange(
                 async with asyncio.timeout(s.N8N_FIRST_BYTE_TIMEOUT) as idle:
                     if ready is not None:
                         await asyncio.shield(ready)  # never fails: a failed warm-up leaves the connecting to post
-                    deadlines = _connect_first(idle, deadlines or session.timeout, loop.time()) or deadlines
+                    cut = _connect_first(idle, deadlines or session.timeout, loop.time())
+                    deadlines = cut or deadlines
                     post = session.post if deadlines is None else functools.partial(session.post, timeout=deadlines)
                     async with post(target, data=body, headers=send_headers, allow_redirects=False) as response:
                         stats.upstream_status = response.status
@@ -221,8 +228,10 @@ async def exchange(
                     ready is not None and not ready.done()
                 ):
                     # aiohttp's own connect deadline, or the first byte's while the warm-up was still connecting:
-                    # either way no request left, which callback mode must know (nothing will post).
-                    raise ConnectTimeout from None
+                    # either way no request left, which callback mode must know (nothing will post). Named by the
+                    # first byte's seconds when that deadline is what ended it (the connect one cut under it).
+                    cut_short = cut is not None or not isinstance(exc, aiohttp.ConnectionTimeoutError)
+                    raise ConnectTimeout(s.N8N_FIRST_BYTE_TIMEOUT if cut_short else None) from None
                 raise (ReadTimeout() if got_first_byte else FirstByteTimeout()) from None
             finally:
                 if quiet is not None:

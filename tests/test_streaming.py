@@ -311,6 +311,22 @@ async def test_streamer_connect_timeout_is_named_as_such(database_url: str, tmp_
     assert elapsed < 5
 
 
+async def test_streamer_connect_cut_under_the_first_byte_deadline_names_that_deadline(
+    database_url: str, tmp_path: Path
+) -> None:
+    """With N8N_FIRST_BYTE_TIMEOUT below N8N_CONNECT_TIMEOUT the connect deadline is cut to end just before the
+    first byte's. The error log then named N8N_CONNECT_TIMEOUT (20 s) for a connection given up after 0.8 s."""
+    streamer = N8nStreamer(stream_settings(database_url, tmp_path, N8N_CONNECT_TIMEOUT=20, N8N_FIRST_BYTE_TIMEOUT=0.8))
+    try:
+        async with silent_port() as port, asyncio.timeout(10):
+            _text, _stats, failure = await relay(streamer, f"https://127.0.0.1:{port}/webhook/x")
+    finally:
+        await streamer.close()
+    assert failure is not None
+    assert (failure.code, failure.message) == ("upstream_timeout", "The agent could not be reached in time")
+    assert failure.detail == {"timeout": "connect", "seconds": 0.8}
+
+
 async def test_streamer_dns_failure_is_unreachable(streamer: N8nStreamer) -> None:
     _text, _stats, failure = await relay(streamer, "http://no-such-host.invalid/webhook/x")
     assert failure is not None
