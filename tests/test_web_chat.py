@@ -1017,6 +1017,32 @@ def test_a_double_click_on_load_more_lists_each_chat_once(web_page: Watched, tea
     assert sorted(rows.locator(".chat-title").all_inner_texts()) == [f"Chat {i:02d}" for i in range(31)]
 
 
+def test_a_load_more_that_failed_offline_keeps_the_pages_shown_when_the_network_is_back(
+    web_page: Watched, team: Team
+) -> None:
+    """A "Load more" that got no answer marked the list to be read again on the `online` event, which read it
+    from its first page: the pages already loaded went. It keeps them now, and its button, to click again."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    for i in range(61):  # two pages and one more
+        team.create_chat(agent_id, title=f"Chat {i:02d}")
+    log_in(page, team.email)
+    rows = page.locator(".chat-list li")
+    expect(rows).to_have_count(30)
+    more = page.get_by_role("button", name="Load more")
+    more.click()
+    expect(rows).to_have_count(60)
+    page.context.set_offline(True)
+    more.click()
+    expect(page.locator(".toast.error", has_text="The server could not be reached.")).to_be_visible()
+    page.context.set_offline(False)
+    page.wait_for_timeout(1_000)  # a list read again from its first page would have shown by now
+    expect(rows).to_have_count(60)
+    more.click()
+    expect(rows).to_have_count(61)
+    expect(more).to_be_hidden()
+
+
 def test_chat_list_search_pin_rename_archive_delete_and_load_more(web_page: Watched, team: Team) -> None:
     page = web_page.page
     agent_id = team.get("/api/agents")[0]["id"]

@@ -182,7 +182,9 @@ export class ChatsView {
       if (!more) this.listUnread = false;
     } catch (err) {
       if (seq !== this.listSeq) return;
-      this.listUnread = !(err instanceof ApiError);
+      // A failed "Load more" keeps the pages shown and its button (to click again): only a whole list read is
+      // read again when the network is back.
+      if (!more) this.listUnread = !(err instanceof ApiError);
       notify(errorText(err), "error");
     } finally {
       if (more) this.more.disabled = false;
