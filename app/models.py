@@ -336,7 +336,7 @@ class RevokedToken(Base):
 class Invite(Base):
     """An invitation into a team; only the SHA-256 of its token is stored, so a database leak opens no team.
 
-    `uses` is only ever raised by one conditional UPDATE (see app.services.invites.consume), and the check
+    `uses` is only ever raised by one conditional UPDATE (see app.services.invites.register_with_invite), and the check
     constraint backs it: a team can never be joined more often than `max_uses`. INVITE_RETENTION_DAYS after it
     ended (expired, revoked or used up) app.services.retention deletes it.
     """
