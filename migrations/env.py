@@ -44,6 +44,9 @@ def do_run_migrations(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
+        # A transaction each: an index built CONCURRENTLY (app.migrations) commits what came before it anyway,
+        # and a long migration holds its locks no longer than itself.
+        transaction_per_migration=True,
     )
     with context.begin_transaction():
         context.run_migrations()
