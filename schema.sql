@@ -449,13 +449,21 @@ UPDATE alembic_version SET version_num='0015' WHERE alembic_version.version_num 
 
 -- Running upgrade 0015 -> 0016
 
-CREATE INDEX ix_error_logs_created_at ON error_logs (created_at);
+COMMIT;
+
+CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_error_logs_created_at ON error_logs (created_at);
+
+BEGIN;
 
 UPDATE alembic_version SET version_num='0016' WHERE alembic_version.version_num = '0015';
 
 -- Running upgrade 0016 -> 0017
 
-CREATE INDEX ix_refresh_tokens_expires_at ON refresh_tokens (expires_at);
+COMMIT;
+
+CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_refresh_tokens_expires_at ON refresh_tokens (expires_at);
+
+BEGIN;
 
 UPDATE alembic_version SET version_num='0017' WHERE alembic_version.version_num = '0016';
 
@@ -465,7 +473,11 @@ UPDATE alembic_version SET version_num='0018' WHERE alembic_version.version_num 
 
 -- Running upgrade 0018 -> 0019
 
-CREATE INDEX ix_files_unsent_created_at ON files (created_at) WHERE message_id IS NULL;
+COMMIT;
+
+CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_files_unsent_created_at ON files (created_at) WHERE message_id IS NULL;
+
+BEGIN;
 
 ALTER TABLE invites ADD COLUMN used_up_at TIMESTAMP WITH TIME ZONE;
 
@@ -477,7 +489,11 @@ UPDATE alembic_version SET version_num='0020' WHERE alembic_version.version_num 
 
 -- Running upgrade 0020 -> 0021
 
-CREATE INDEX ix_refresh_tokens_successor_used_at ON refresh_tokens (used_at) WHERE successor_encrypted IS NOT NULL;
+COMMIT;
+
+CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_refresh_tokens_successor_used_at ON refresh_tokens (used_at) WHERE successor_encrypted IS NOT NULL;
+
+BEGIN;
 
 UPDATE alembic_version SET version_num='0021' WHERE alembic_version.version_num = '0020';
 

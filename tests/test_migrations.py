@@ -39,6 +39,7 @@ from tests.conftest import (
     assert_rollup_matches_ledger,
     make_settings,
     run_migrations,
+    until_a_statement_waits,
 )
 from tests.factories import auth_headers
 from tools.schema_sql import render_schema
@@ -1017,3 +1018,126 @@ def test_0018_folds_stored_emails_on_postgresql(caplog: pytest.LogCaptureFixture
 @pytest.mark.timeout(120)
 def test_0018_folds_stored_emails_on_sqlite(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _check_0018(f"sqlite+aiosqlite:///{tmp_path / 'e.db'}", caplog)
+
+
+# --- 0016, 0017, 0019, 0021: indexes on tables that may be large, built CONCURRENTLY on PostgreSQL --------
+
+#: (revision, index, table, column, its definition after the table)
+LATE_INDEXES = [
+    ("0016", "ix_error_logs_created_at", "error_logs", "created_at", "(created_at)"),
+    ("0017", "ix_refresh_tokens_expires_at", "refresh_tokens", "expires_at", "(expires_at)"),
+    ("0019", "ix_files_unsent_created_at", "files", "created_at", "(created_at) WHERE (message_id IS NULL)"),
+    ("0021", "ix_refresh_tokens_successor_used_at", "refresh_tokens", "used_at",
+     "(used_at) WHERE (successor_encrypted IS NOT NULL)"),
+]  # fmt: skip
+
+
+async def _indexes(url: str) -> dict[str, tuple[bool, str]]:
+    """The late indexes present: whether each is valid (usable and kept up), and its definition."""
+    conn = await asyncpg.connect(_plain_url(url))
+    try:
+        rows = await conn.fetch(
+            "SELECT c.relname, i.indisvalid AND i.indisready AS valid, pg_get_indexdef(i.indexrelid) AS definition"
+            " FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = ANY($1::text[])",
+            [name for _, name, _, _, _ in LATE_INDEXES],
+        )
+    finally:
+        await conn.close()
+    return {r["relname"]: (r["valid"], r["definition"]) for r in rows}
+
+
+def _built(name: str, table: str, definition: str) -> tuple[bool, str]:
+    return True, f"CREATE INDEX {name} ON public.{table} USING btree {definition}"
+
+
+async def _fail_a_concurrent_build(url: str, name: str, table: str, column: str) -> None:
+    """What a concurrent build cancelled midway leaves (a timeout, a Ctrl-C, a lost connection): an INVALID
+    index of that name. It is cancelled while it waits for a write in flight on the table."""
+    writing = await asyncpg.connect(_plain_url(url))
+    building = await asyncpg.connect(_plain_url(url))
+    try:
+        async with writing.transaction():
+            await writing.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")  # as an INSERT in flight holds
+            await building.execute("SET statement_timeout = '300ms'")
+            with pytest.raises(asyncpg.QueryCanceledError):
+                await building.execute(f"CREATE INDEX CONCURRENTLY {name} ON {table} ({column})")
+    finally:
+        await building.close()
+        await writing.close()
+
+
+def test_late_indexes_built_valid_and_dropped_on_postgresql() -> None:
+    """Upgraded past them the indexes are whole; downgraded below 0016 they are gone, and they come back."""
+    expected = {name: _built(name, table, definition) for _, name, table, _, definition in LATE_INDEXES}
+    with fresh_postgres() as url:
+        run_migrations(url)
+        assert asyncio.run(_indexes(url)) == expected
+        run_migrations(url, "0015", downgrade=True)
+        assert asyncio.run(_indexes(url)) == {}
+        run_migrations(url)
+        assert asyncio.run(_indexes(url)) == expected
+        run_migrations(url)  # at the head already: nothing to do
+        assert asyncio.run(_indexes(url)) == expected
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_concurrent_build_is_built_again_by_the_next_run() -> None:
+    """`migrate` run again after a concurrent build failed replaces the INVALID index it left (IF NOT EXISTS
+    alone would keep it: never used, yet slowing every write), for each of the four migrations."""
+    with fresh_postgres() as url:
+        for revision, name, table, column, definition in LATE_INDEXES:
+            run_migrations(url, f"{int(revision) - 1:04d}")
+            asyncio.run(_fail_a_concurrent_build(url, name, table, column))
+            assert asyncio.run(_indexes(url))[name][0] is False
+            run_migrations(url, revision)
+            assert asyncio.run(_indexes(url))[name] == _built(name, table, definition)
+
+
+async def _writes_go_on_while_the_index_changes(url: str, revision: str, *, downgrade: bool) -> None:
+    """Migrate to `revision` (0016's index built or dropped) while a write to error_logs is in flight, which
+    holds up the index's change; meanwhile another INSERT into error_logs completes at once."""
+    team = uuid.uuid4()
+    insert = (
+        "INSERT INTO error_logs (id, team_id, code, message, detail, created_at)"
+        " VALUES (gen_random_uuid(), $1, 'n8n_error', 'x', '{}', now())"
+    )
+    in_flight = await asyncpg.connect(_plain_url(url))
+    writer = await asyncpg.connect(_plain_url(url))
+    watcher = await asyncpg.connect(_plain_url(url))
+    migrating: asyncio.Future[None] | None = None
+    try:
+        await writer.execute(
+            "INSERT INTO teams (id, name, slug, settings, created_at, updated_at)"
+            " VALUES ($1::uuid, 't', $1::text, '{}', now(), now())",
+            team,
+        )
+        await in_flight.execute("BEGIN")
+        await in_flight.execute(insert, team)
+        migrating = asyncio.ensure_future(asyncio.to_thread(run_migrations, url, revision, downgrade=downgrade))
+        await until_a_statement_waits(watcher, "%INDEX%ix_error_logs_created_at%")
+        # A plain CREATE or DROP INDEX waits for the write in flight holding a lock every INSERT waits behind.
+        await writer.execute("SET lock_timeout = '3s'")
+        await writer.execute(insert, team)
+        assert not migrating.done()  # the index's change still waits for the write in flight
+        await in_flight.execute("COMMIT")
+        await asyncio.wait_for(migrating, 30)
+    finally:
+        await in_flight.close()  # a failed test's migration goes on, then ends
+        if migrating is not None:
+            await asyncio.wait({migrating}, timeout=30)
+        await writer.close()
+        await watcher.close()
+    assert await _column(url, f"SELECT count(*) FROM error_logs WHERE team_id = '{team}'") == [2]
+
+
+@pytest.mark.timeout(120)
+def test_writes_go_on_while_a_late_index_is_built_or_dropped_on_postgresql() -> None:
+    """An upgrade on a busy database blocks no send, upload or sign-in for the build's duration: 0016's index
+    is built (and its downgrade drops it) CONCURRENTLY, as are those of 0017, 0019 and 0021."""
+    with fresh_postgres() as url:
+        run_migrations(url, "0015")
+        asyncio.run(_writes_go_on_while_the_index_changes(url, "0016", downgrade=False))
+        built = _built("ix_error_logs_created_at", "error_logs", "(created_at)")
+        assert asyncio.run(_indexes(url)) == {"ix_error_logs_created_at": built}
+        asyncio.run(_writes_go_on_while_the_index_changes(url, "0015", downgrade=True))
+        assert asyncio.run(_indexes(url)) == {}

@@ -6,11 +6,13 @@ Create Date: 2026-12-06
 
 The heartbeat's sweep (app.services.retention) deletes error-log rows older than ERROR_LOG_RETENTION_DAYS, oldest
 first in bounded batches; without this index each batch scanned the whole table. Nothing else changes.
+Built CONCURRENTLY on PostgreSQL (app.migrations.create_index_concurrently): the table's writes go on during
+the build; an INVALID index left by a failed build is dropped and built again when `migrate` runs again.
 """
 
 from collections.abc import Sequence
 
-from alembic import op
+from app.migrations import create_index_concurrently, drop_index_concurrently
 
 revision: str = "0016"
 down_revision: str | None = "0015"
@@ -19,8 +21,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_error_logs_created_at", "error_logs", ["created_at"])
+    create_index_concurrently("ix_error_logs_created_at", "error_logs", ["created_at"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_error_logs_created_at", table_name="error_logs")
+    drop_index_concurrently("ix_error_logs_created_at", "error_logs")

@@ -10,31 +10,25 @@ copy of the database plus that key gave live refresh tokens for days. The heartb
 (app.services.retention) now clears it a minute after the window, in bounded batches; the partial index holds
 only the rows still holding one (those spent in the last minutes, once the first sweeps have worked off the
 rows written before this revision), so a batch reads no other token.
+Built CONCURRENTLY on PostgreSQL (app.migrations.create_index_concurrently): the table's writes go on during
+the build; an INVALID index left by a failed build is dropped and built again when `migrate` runs again.
 """
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
-from alembic import op
+from app.migrations import create_index_concurrently, drop_index_concurrently
 
 revision: str = "0021"
 down_revision: str | None = "0020"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-WITH_SUCCESSOR = sa.text("successor_encrypted IS NOT NULL")
-
 
 def upgrade() -> None:
-    op.create_index(
-        "ix_refresh_tokens_successor_used_at",
-        "refresh_tokens",
-        ["used_at"],
-        unique=False,
-        postgresql_where=WITH_SUCCESSOR,
-        sqlite_where=WITH_SUCCESSOR,
+    create_index_concurrently(
+        "ix_refresh_tokens_successor_used_at", "refresh_tokens", ["used_at"], where="successor_encrypted IS NOT NULL"
     )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_refresh_tokens_successor_used_at", table_name="refresh_tokens")
+    drop_index_concurrently("ix_refresh_tokens_successor_used_at", "refresh_tokens")
