@@ -20,11 +20,13 @@ import asyncpg
 import httpx
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from app.db import utcnow
 from app.dialects import JSONType, UTCDateTime
+from app.migrations import alembic_config
 from app.models import Chat, Message, User
 from app.services.health import migration_head
 from app.services.users import email_taken
@@ -129,6 +131,24 @@ def test_upgrade_downgrade_upgrade_on_sqlite(tmp_path: Path) -> None:
     assert asyncio.run(_sqlite_tables(url)) == {"alembic_version"}
     run_migrations(url)
     assert asyncio.run(_sqlite_tables(url)) == EXPECTED_TABLES
+
+
+def test_a_failed_migration_keeps_those_before_it_on_postgresql(tmp_path: Path) -> None:
+    """Each migration commits by itself: one that fails leaves the database at the last one that succeeded, and
+    `migrate` run again goes on from there (0021's index, built outside a transaction, is not built twice)."""
+    migrations = tmp_path / "migrations"
+    shutil.copytree(ROOT / "migrations", migrations, ignore=shutil.ignore_patterns("__pycache__"))
+    (migrations / "versions" / "2099_01_01_9999_fails.py").write_text(
+        '"""fails"""\nfrom alembic import op\n\n'
+        f"revision = '9999'\ndown_revision = '{migration_head()}'\nbranch_labels = None\ndepends_on = None\n\n\n"
+        "def upgrade() -> None:\n    op.execute('SELECT 1 / 0')\n\n\n"
+        "def downgrade() -> None:\n    pass\n"
+    )
+    with fresh_postgres() as url:
+        with pytest.raises(sa.exc.DBAPIError, match="division by zero"):
+            command.upgrade(alembic_config(url, script_location=migrations), "head")
+        assert asyncio.run(_column(url, "SELECT version_num FROM alembic_version")) == [migration_head()]
+        assert asyncio.run(_pg_tables(url)) == EXPECTED_TABLES
 
 
 def test_schema_sql_matches_migrations() -> None:
