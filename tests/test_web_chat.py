@@ -1502,3 +1502,191 @@ def test_a_long_unbroken_word_keeps_the_chat_within_a_phones_width(web_page: Wat
     menu.click()
     expect(page.locator(".pane .chat-header").get_by_role("button", name="Export as JSON")).to_be_in_viewport()
     assert web_page.errors == []
+
+
+DRAFTS_KEPT = "Object.keys(sessionStorage).filter((k) => k.startsWith('draft:'))"
+
+
+def test_a_draft_comes_back_after_a_reload_and_goes_once_sent(web_page: Watched, team: Team) -> None:
+    """What was typed in the message box and not sent was lost on a reload (or a crashed tab restored): it is
+    kept per chat in the tab's sessionStorage and back in the box; sent (the server has it), it goes, and a box
+    emptied by hand keeps nothing either."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    box = page.get_by_label("Message", exact=True)
+    box.press_sequentially("half a thought")
+    page.reload()
+    expect(box).to_have_value("half a thought")
+    expect(box).to_be_focused()
+    box.press("End")
+    box.press_sequentially(", finished")
+    box.press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    assert answer_text(page) == "Echo: half a thought, finished"
+    assert page.evaluate(DRAFTS_KEPT) == []
+    page.reload()
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(box).to_have_value("")
+    box.fill("second thoughts")
+    assert len(page.evaluate(DRAFTS_KEPT)) == 1
+    box.fill("")
+    assert page.evaluate(DRAFTS_KEPT) == []
+    page.reload()
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(box).to_have_value("")
+    assert web_page.errors == []
+
+
+def test_each_chat_keeps_its_own_draft(web_page: Watched, team: Team) -> None:
+    """Another chat opened and this one opened again: the text typed here was gone. Each chat now gets back its
+    own draft, and a draft never shows in another chat, neither after switching nor after a reload."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    a = team.create_chat(agent_id, title="Chat A")
+    b = team.create_chat(agent_id, title="Chat B")
+    log_in(page, team.email)
+    box = page.get_by_label("Message", exact=True)
+    heading = page.locator(".chat-heading h1")
+
+    def show(chat: dict[str, str]) -> None:
+        page.evaluate(f"() => {{ location.hash = '#/chats/{chat['id']}'; }}")
+        expect(heading).to_have_text(chat["title"])
+
+    show(a)
+    box.press_sequentially("only for A")
+    show(b)
+    expect(box).to_have_value("")
+    box.fill("only for B")
+    show(a)
+    expect(box).to_have_value("only for A")
+    page.evaluate("() => { location.hash = '#/new'; }")
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    show(b)
+    expect(box).to_have_value("only for B")
+    page.reload()
+    expect(heading).to_have_text("Chat B")
+    expect(box).to_have_value("only for B")
+    show(a)
+    expect(box).to_have_value("only for A")
+    assert web_page.errors == []
+
+
+def test_a_draft_is_only_for_the_user_who_wrote_it(web_page: Watched, team: Team) -> None:
+    """A logout removes the drafts from the tab, so whoever signs in next in it sees none; and a draft found
+    in the tab for another user (written before their session ended) is not shown, and goes."""
+    with team.api() as client:
+        added = client.post("/api/users", json={"email": "bob@example.com", "password": PASSWORD})
+        assert added.status_code == 201, added.text
+    bob_id = added.json()["id"]
+    agent_id = team.get("/api/agents")[0]["id"]
+    chat = team.create_chat(agent_id, title="Ada's plan")
+    page = web_page.page
+    log_in(page, team.email)
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat['id']}'; }}")
+    box = page.get_by_label("Message", exact=True)
+    box.press_sequentially("my secret plan")
+    assert len(page.evaluate(DRAFTS_KEPT)) == 1
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    assert page.evaluate(DRAFTS_KEPT) == []
+    fill_login(page, "bob@example.com")
+    expect(page.locator(".who")).to_have_text("bob@example.com")
+    page.get_by_role("button", name=re.compile("Echo bot")).click()
+    expect(box).to_be_focused()
+    expect(box).to_have_value("")
+    assert "my secret plan" not in page.content()
+    # Bob's own chat, with a draft left in the tab by someone else (Ada's id on it): not shown, and removed.
+    bobs = page.url.rsplit("/", 1)[1]
+    ada_id = team.get("/api/auth/me")["id"]
+    page.evaluate(
+        "([key, user]) => sessionStorage.setItem(key, JSON.stringify({ user, text: 'not yours' }))",
+        [f"draft:{bobs}", ada_id],
+    )
+    page.reload()
+    expect(page.locator(".chat-heading h1")).to_have_text("New chat")
+    expect(box).to_have_value("")
+    assert page.evaluate(DRAFTS_KEPT) == []
+    # Bob's own draft is his.
+    box.press_sequentially("bob's words")
+    assert page.evaluate(f"() => JSON.parse(sessionStorage.getItem('draft:{bobs}')).user") == bob_id
+    page.reload()
+    expect(box).to_have_value("bob's words")
+    page.evaluate("() => { location.hash = '#/login'; }")  # over Bob's session, without a logout
+    fill_login(page, team.email)
+    expect(page.locator(".who")).to_have_text("Ada Admin")
+    assert page.evaluate(DRAFTS_KEPT) == []
+    assert web_page.errors == []
+
+
+def test_a_waiting_send_given_back_and_the_draft_typed_after_it_show_once(web_page: Watched, team: Team) -> None:
+    """The waiting send's give-back puts its text in the box; the draft kept while it waited is that same text
+    (kept until the server has it), so it is not given twice, and a draft typed after it stays, below it.
+    Given back, it is the chat's draft: a reload keeps it; sent, it goes."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    chat_id = page.url.rsplit("/", 1)[1]
+    box = page.get_by_label("Message", exact=True)
+    page.context.set_offline(True)
+    send(page, "sent offline")
+    expect(page.locator(".msg.assistant .live-status")).to_have_text(re.compile("^Waiting for the network"))
+    page.evaluate("() => { location.hash = '#/new'; }")
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    page.context.set_offline(False)
+    page.reload()
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat_id}'; }}")
+    expect(box).to_have_value("sent offline")
+    expect(page.locator(".toast.error", has_text=WAITING)).to_be_visible()
+    # Waiting again, with a new draft typed under it, then left.
+    page.context.set_offline(True)
+    box.press("Enter")
+    expect(page.locator(".msg.assistant .live-status")).to_be_visible()
+    box.press_sequentially("typed meanwhile")
+    page.evaluate("() => { location.hash = '#/new'; }")
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    page.context.set_offline(False)
+    page.evaluate(f"() => {{ location.hash = '#/chats/{chat_id}'; }}")
+    expect(box).to_have_value("sent offline\ntyped meanwhile")
+    page.reload()
+    expect(box).to_have_value("sent offline\ntyped meanwhile")
+    assert page.evaluate(UNSENT_KEPT) == []
+    box.press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    stored = team.get(f"/api/chats/{chat_id}")["messages"]
+    assert [m["content"] for m in stored if m["role"] == "user"] == ["sent offline\ntyped meanwhile"]
+    page.reload()
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(box).to_have_value("")
+    assert page.evaluate(DRAFTS_KEPT) == []
+    assert web_page.errors == []
+
+
+def test_a_draft_whose_send_was_on_its_way_at_a_reload_keeps_its_key(web_page: Watched, team: Team) -> None:
+    """Reloaded before the server answered the send: the text is still the chat's draft (the server may not
+    have it), back in the box, and sent again it carries the same Idempotency-Key, so a send that did reach
+    the server would be answered from what it stored, not stored twice."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    chat_id = page.url.rsplit("/", 1)[1]
+    keys = message_keys(page)
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)  # never answered
+
+    page.route("**/api/chats/*/messages", hold)
+    send(page, "on its way")
+    key_kept = f"() => !!JSON.parse(sessionStorage.getItem('draft:{chat_id}') || '{{}}').key"
+    page.wait_for_function(key_kept)  # stream() ran: the draft has the send's key
+    page.unroute("**/api/chats/*/messages")
+    page.reload()
+    box = page.get_by_label("Message", exact=True)
+    expect(box).to_have_value("on its way")
+    box.press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    assert len(keys) == 2
+    assert len(set(keys)) == 1
+    assert [m["content"] for m in team.get(f"/api/chats/{chat_id}")["messages"]] == ["on its way", "Echo: on its way"]
+    expect(box).to_have_value("")
+    assert page.evaluate(DRAFTS_KEPT) == []
+    assert web_page.errors == []

@@ -54,10 +54,10 @@ function perChat(prefix) {
 /** Where this tab is in a chat's running answer, kept so a reload can continue it. */
 export const saved = {
   ...perChat("stream"),
-  /** Every chat's, and the sends kept in `waiting` (the session ends: neither an answer's text nor a message
-   * waiting to be sent is left in the tab for whoever signs in next). */
+  /** Every chat's, the sends kept in `waiting` and the `drafts` (the session ends: neither an answer's text nor
+   * a message waiting to be sent or being written is left in the tab for whoever signs in next). */
   clearAll() {
-    for (const key of Object.keys(sessionStorage)) if (/^(stream|unsent):/.test(key)) sessionStorage.removeItem(key);
+    for (const key of Object.keys(sessionStorage)) if (/^(stream|unsent|draft):/.test(key)) sessionStorage.removeItem(key);
   },
 };
 
@@ -67,6 +67,13 @@ export const saved = {
  * (chat.js), to the same user only; `saved.clearAll` removes it with the session.
  */
 export const waiting = perChat("unsent");
+
+/**
+ * What the message box holds and the server does not have yet ({user, text}), kept on each input so a reload,
+ * a crashed tab restored or another chat opened loses nothing; given back when the chat opens, to the same user
+ * only (chat.js). `saved.clearAll` removes it with the session.
+ */
+export const drafts = perChat("draft");
 
 /** A send that never reached an answer: the server could not be reached (no HTTP answer at all). `key` is its
  * Idempotency-Key, to send the same message again with: if it did reach the server, it is answered, not stored

@@ -3,7 +3,7 @@
 // regenerate, branches, feedback). Each chat's menu (in the list and in the chat's header) shares and exports it.
 import { ApiError, api, download, page } from "../api.js";
 import { composing, copy, fill, h, notify, randomId } from "../dom.js";
-import { Generation, NotSent, saved, stopGeneration, waiting } from "../stream.js";
+import { Generation, NotSent, drafts, saved, stopGeneration, waiting } from "../stream.js";
 import { Attachments } from "./attachments.js";
 import { agentById, agentLabel, avatar, messageItem, setContent, stepItem, waitText } from "./messages.js";
 
@@ -363,6 +363,7 @@ export class ChatsView {
       await api(`/api/chats/${chat.id}`, { method: "DELETE" });
       saved.clear(chat.id);
       waiting.clear(chat.id);
+      drafts.clear(chat.id);
       if (chat.id === this.chatId) this.navigate("/new");
       await this.loadChats();
     } catch (err) {
@@ -486,8 +487,9 @@ export class ChatsView {
   }
 
   render(chat) {
-    // What is typed stays when the same chat is shown again (an answer's end, a version), not in another chat.
-    const draft = this.chat?.id === chat.id ? this.input?.value || "" : "";
+    // What is typed stays when the same chat is shown again (an answer's end, a version); a chat opened gets
+    // its own draft back (`drafts`), never another chat's.
+    const draft = this.chat?.id === chat.id ? this.input?.value || "" : this.draftOf(chat.id);
     // The message box takes the focus when the chat opens, or when the focus was in the pane (or nowhere),
     // never from the list, the search or the menus.
     const active = document.activeElement;
@@ -503,6 +505,7 @@ export class ChatsView {
       maxlength: 32000,
     });
     this.input.value = draft;
+    this.input.addEventListener("input", () => this.keepDraft(chat.id));
     this.input.addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey && !composing(event)) {
         event.preventDefault();
@@ -557,6 +560,28 @@ export class ChatsView {
     if (this.generation) this.setBusy(true); // the new buttons: Stop, not Send
     this.scrollDown();
     if (focus) this.input.focus();
+  }
+
+  /**
+   * The chat's draft kept in the tab, if this user wrote it (another user's goes). One whose send was on its way
+   * when the page left it (`key`: a reload before the server answered) keeps that send's Idempotency-Key: sent
+   * again, a message that did reach the server is answered, not stored twice.
+   */
+  draftOf(chatId) {
+    const kept = drafts.read(chatId);
+    if (kept?.user !== this.userId || typeof kept.text !== "string") {
+      if (kept) drafts.clear(chatId);
+      return "";
+    }
+    if (kept.key) this.unsent = { chatId, body: JSON.stringify({ content: kept.text }), key: kept.key };
+    return kept.text;
+  }
+
+  /** What the box holds is the chat's draft, kept on each input (cheap: one small sessionStorage write); an
+   * empty box keeps none. */
+  keepDraft(chatId) {
+    if (this.input.value) drafts.write(chatId, { user: this.userId, text: this.input.value });
+    else drafts.clear(chatId);
   }
 
   renderHeader(chat) {
@@ -645,6 +670,8 @@ export class ChatsView {
       onStart: (data) => {
         this.attachments?.sent(data.user_message.files || []); // stored with the message: no longer pending
         if (view.send) waiting.clear(chatId); // the server has it: nothing to give back
+        // Nor to keep as a draft (unless the box holds something else since: that is the draft now).
+        if (view.draft !== undefined && drafts.read(chatId)?.text === view.draft) drafts.clear(chatId);
         view.user?.setAttribute("data-id", data.user_message.id);
         view.item.setAttribute("data-id", data.assistant_message_id);
         if (view.stopping && chatId === this.chatId) this.stop(); // Stop was pressed before the server had it
@@ -714,6 +741,11 @@ export class ChatsView {
     view.request = { body, key };
     // What to give back if the chat is left while this send waits for the network (a regenerate has no text).
     if (body.content) view.send = { user: this.userId, body, key, files };
+    // A new message's text stays the chat's draft until the server has it (onStart), with its key (draftOf).
+    if (body.content && !body.edit_of) {
+      view.draft = body.content;
+      if (drafts.read(chatId)?.text === body.content) drafts.write(chatId, { user: this.userId, text: body.content, key });
+    }
     this.live = view;
     this.generation = new Generation(chatId, this.handlers(chatId, view));
     this.setBusy(true);
@@ -724,7 +756,10 @@ export class ChatsView {
       if (err instanceof NotSent) return this.notSent(chatId, body, err.key);
       notify(errorText(err), "error");
       // A refused new message (nothing was stored) goes back to the box, to be fixed and sent again.
-      if (err instanceof ApiError && !body.edit_of && body.content && chatId === this.chatId && !this.input.value) this.input.value = body.content;
+      if (err instanceof ApiError && !body.edit_of && body.content && chatId === this.chatId && !this.input.value) {
+        this.input.value = body.content;
+        this.keepDraft(chatId);
+      }
       if (chatId === this.chatId) this.finish();
     }
   }
@@ -749,6 +784,8 @@ export class ChatsView {
     waiting.clear(this.chatId);
     if (!kept?.body?.content || kept.user !== this.userId) return;
     if (!kept.body.edit_of) this.attachments.restore(kept.files || []);
+    // The draft restored in the box is that same message (kept until the server has it): given back once.
+    if (this.input.value === kept.body.content) this.input.value = "";
     this.giveBack(kept.body, kept.key, "Your message was not sent: it was waiting for the network when the chat was left. Send it again.");
   }
 
@@ -764,7 +801,10 @@ export class ChatsView {
     item?.querySelector("[data-action=edit]")?.click();
     const box = item?.querySelector(".edit-text");
     if (box) box.value = body.content;
-    else if (body.content) this.input.value = this.input.value ? `${body.content}\n${this.input.value}` : body.content;
+    else if (body.content) {
+      this.input.value = this.input.value ? `${body.content}\n${this.input.value}` : body.content;
+      this.keepDraft(this.chatId); // back in the box: the chat's draft, which a reload keeps
+    }
     notify(message, kind);
   }
 
