@@ -1690,3 +1690,29 @@ def test_a_draft_whose_send_was_on_its_way_at_a_reload_keeps_its_key(web_page: W
     expect(box).to_have_value("")
     assert page.evaluate(DRAFTS_KEPT) == []
     assert web_page.errors == []
+
+
+def test_a_full_session_storage_loses_the_draft_not_the_message(web_page: Watched, team: Team) -> None:
+    """The tab's sessionStorage full (its quota): the draft cannot be kept, but typing and sending work as
+    before, without an error in the page, and no older draft is given back in its place."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    box = page.get_by_label("Message", exact=True)
+    box.fill("an older draft")
+    page.evaluate(
+        """() => {
+          const chunk = "x".repeat(256 * 1024);
+          for (let i = 0; ; i++) {
+            try { sessionStorage.setItem(`filler:${i}`, chunk); } catch { break; }
+          }
+          for (let i = 0; ; i++) {
+            try { sessionStorage.setItem(`small:${i}`, "x".repeat(64)); } catch { break; }
+          }
+        }"""
+    )
+    box.fill("a longer text than the storage has room for " + "y" * 1000)
+    assert page.evaluate(DRAFTS_KEPT) == []
+    box.press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    assert answer_text(page).startswith("Echo: a longer text")
+    assert web_page.errors == []

@@ -73,7 +73,17 @@ export const waiting = perChat("unsent");
  * a crashed tab restored or another chat opened loses nothing; given back when the chat opens, to the same user
  * only (chat.js). `saved.clearAll` removes it with the session.
  */
-export const drafts = perChat("draft");
+export const drafts = {
+  ...perChat("draft"),
+  /** A full sessionStorage (its quota) loses the draft, never the typing or the send it comes from. */
+  write(chatId, state) {
+    try {
+      sessionStorage.setItem(this.key(chatId), JSON.stringify(state));
+    } catch {
+      this.clear(chatId); // not an older text, given back later as if it were the latest
+    }
+  },
+};
 
 /** A send that never reached an answer: the server could not be reached (no HTTP answer at all). `key` is its
  * Idempotency-Key, to send the same message again with: if it did reach the server, it is answered, not stored
