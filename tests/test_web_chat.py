@@ -1678,10 +1678,10 @@ def test_a_draft_whose_send_was_on_its_way_at_a_reload_keeps_its_key(web_page: W
     send(page, "on its way")
     key_kept = f"() => !!JSON.parse(sessionStorage.getItem('draft:{chat_id}') || '{{}}').key"
     page.wait_for_function(key_kept)  # stream() ran: the draft has the send's key
-    page.unroute("**/api/chats/*/messages")
-    page.reload()
+    page.reload()  # the route still holds the send: it never reaches the server before the page is gone
     box = page.get_by_label("Message", exact=True)
     expect(box).to_have_value("on its way")
+    page.unroute("**/api/chats/*/messages")
     box.press("Enter")
     expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
     assert len(keys) == 2
