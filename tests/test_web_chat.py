@@ -1716,3 +1716,41 @@ def test_a_full_session_storage_loses_the_draft_not_the_message(web_page: Watche
     expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
     assert answer_text(page).startswith("Echo: a longer text")
     assert web_page.errors == []
+
+
+def test_a_send_given_back_keeps_its_key_in_the_draft_across_a_reload(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """A send the server got but never answered is given back into the box; reloaded before it is sent again,
+    the draft still carries its Idempotency-Key, so sending it is answered from what the server stored."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    chat_id = page.url.rsplit("/", 1)[1]
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    keys: list[str] = []
+
+    def unreachable(route: Route) -> None:
+        keys.append(route.request.headers["idempotency-key"])
+        if len(keys) == 1:
+            route.fetch()  # the server got it and answered in full...
+        route.abort("connectionrefused")  # ...but no answer reaches the browser
+
+    page.route("**/api/chats/*/messages", unreachable)
+    send(page, "only once")
+    expect(page.locator(".toast.error", has_text="Your message was not sent")).to_be_visible()
+    page.unroute("**/api/chats/*/messages")
+    page.reload()
+    box = page.get_by_label("Message", exact=True)
+    expect(box).to_have_value("only once")
+    keys_after = message_keys(page)
+    box.press("Enter")
+    expect(box).to_have_value("")
+    page.wait_for_function("() => !document.querySelector('.msg.streaming')")
+    assert keys_after == [keys[0]]
+    assert len(team.get(f"/api/chats/{chat_id}/messages")) == 2  # one question, one answer
+    assert len([r for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]) == 1
+    page.reload()
+    expect(page.locator(".msg.user")).to_have_count(1)
+    expect(box).to_have_value("")
+    assert page.evaluate(DRAFTS_KEPT) == []
+    assert web_page.errors == []

@@ -578,9 +578,9 @@ export class ChatsView {
   }
 
   /** What the box holds is the chat's draft, kept on each input (cheap: one small sessionStorage write); an
-   * empty box keeps none. */
-  keepDraft(chatId) {
-    if (this.input.value) drafts.write(chatId, { user: this.userId, text: this.input.value });
+   * empty box keeps none. `key`: the box holds a send given back, which keeps its Idempotency-Key (draftOf). */
+  keepDraft(chatId, key = undefined) {
+    if (this.input.value) drafts.write(chatId, { user: this.userId, text: this.input.value, key });
     else drafts.clear(chatId);
   }
 
@@ -785,7 +785,7 @@ export class ChatsView {
     if (!kept?.body?.content || kept.user !== this.userId) return;
     if (!kept.body.edit_of) this.attachments.restore(kept.files || []);
     // The draft restored in the box is that same message (kept until the server has it): given back once.
-    if (this.input.value === kept.body.content) this.input.value = "";
+    if (!kept.body.edit_of && this.input.value === kept.body.content) this.input.value = "";
     this.giveBack(kept.body, kept.key, "Your message was not sent: it was waiting for the network when the chat was left. Send it again.");
   }
 
@@ -803,7 +803,8 @@ export class ChatsView {
     if (box) box.value = body.content;
     else if (body.content) {
       this.input.value = this.input.value ? `${body.content}\n${this.input.value}` : body.content;
-      this.keepDraft(this.chatId); // back in the box: the chat's draft, which a reload keeps
+      // Back in the box: the chat's draft, which a reload keeps (with the send's key while it is that text alone).
+      this.keepDraft(this.chatId, !body.edit_of && this.input.value === body.content ? key : undefined);
     }
     notify(message, kind);
   }
