@@ -1694,7 +1694,8 @@ def test_a_draft_whose_send_was_on_its_way_at_a_reload_keeps_its_key(web_page: W
 
 def test_a_full_session_storage_loses_the_draft_not_the_message(web_page: Watched, team: Team) -> None:
     """The tab's sessionStorage full (its quota): the draft cannot be kept, but typing and sending work as
-    before, without an error in the page, and no older draft is given back in its place."""
+    before, without an error in the page, and no older draft is given back in its place; nor can the answer's
+    position be kept, and the answer streams as usual."""
     page = web_page.page
     open_new_chat(web_page, team)
     box = page.get_by_label("Message", exact=True)
@@ -1712,10 +1713,16 @@ def test_a_full_session_storage_loses_the_draft_not_the_message(web_page: Watche
     )
     box.fill("a longer text than the storage has room for " + "y" * 1000)
     assert page.evaluate(DRAFTS_KEPT) == []
+    follows = follows_of(page)
+    sends: list[Request] = []
+    page.on("request", lambda r: sends.append(r) if r.method == "POST" and r.url.endswith("/messages") else None)
     box.press("Enter")
     expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
     assert answer_text(page).startswith("Echo: a longer text")
     assert web_page.errors == []
+    # The answer streamed on its send: an event's position that could not be kept was taken for a network
+    # failure, and the page sent again and followed instead.
+    assert (len(sends), follows) == (1, [])
 
 
 def test_a_send_given_back_keeps_its_key_in_the_draft_across_a_reload(

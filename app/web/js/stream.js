@@ -31,7 +31,12 @@ export async function* sseEvents(body) {
   }
 }
 
-/** A value per chat in this tab's sessionStorage, under `<prefix>:<chatId>` (JSON; unreadable reads as null). */
+/**
+ * A value per chat in this tab's sessionStorage, under `<prefix>:<chatId>` (JSON; unreadable reads as null).
+ * A full sessionStorage (its quota) loses the value, never what writes it: an answer's position that could not
+ * be kept was taken for a network failure (the send made again, then followed), a draft's stopped the typing.
+ * The older value goes too: it would be read later as if it were the latest.
+ */
 function perChat(prefix) {
   return {
     key: (chatId) => `${prefix}:${chatId}`,
@@ -43,7 +48,11 @@ function perChat(prefix) {
       }
     },
     write(chatId, state) {
-      sessionStorage.setItem(this.key(chatId), JSON.stringify(state));
+      try {
+        sessionStorage.setItem(this.key(chatId), JSON.stringify(state));
+      } catch {
+        this.clear(chatId);
+      }
     },
     clear(chatId) {
       sessionStorage.removeItem(this.key(chatId));
@@ -73,17 +82,7 @@ export const waiting = perChat("unsent");
  * a crashed tab restored or another chat opened loses nothing; given back when the chat opens, to the same user
  * only (chat.js). `saved.clearAll` removes it with the session.
  */
-export const drafts = {
-  ...perChat("draft"),
-  /** A full sessionStorage (its quota) loses the draft, never the typing or the send it comes from. */
-  write(chatId, state) {
-    try {
-      sessionStorage.setItem(this.key(chatId), JSON.stringify(state));
-    } catch {
-      this.clear(chatId); // not an older text, given back later as if it were the latest
-    }
-  },
-};
+export const drafts = perChat("draft");
 
 /** A send that never reached an answer: the server could not be reached (no HTTP answer at all). `key` is its
  * Idempotency-Key, to send the same message again with: if it did reach the server, it is answered, not stored
