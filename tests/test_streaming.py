@@ -18,7 +18,7 @@ import pytest
 
 from app.config import Settings
 from app.streaming import N8nStreamer, StreamFailure, StreamStats
-from app.upstream import RETRY_AFTER_MAX, retry_after_seconds
+from app.upstream import CONNECT_MARGIN, RETRY_AFTER_MAX, _connect_first, retry_after_seconds
 from app.webhooks import WebhookPolicyError
 from tests.conftest import make_settings
 from tests.live import silent_port
@@ -1000,3 +1000,49 @@ async def test_a_retry_after_date_is_counted_from_now(streamer: N8nStreamer, fak
     assert failure is not None
     assert failure.retry_after is not None
     assert 85 <= failure.retry_after <= 91
+
+
+def _latest_end(seconds: float | None, threshold: float) -> float | None:
+    """How long after it starts a deadline of `seconds` may fire: aiohttp rounds one over `ceil_threshold` up
+    to the next whole second of the loop's clock (up to a second later)."""
+    return None if seconds is None else seconds + (1.0 if seconds > threshold else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("connect", "sock_connect", "first_byte", "threshold"),
+    [
+        (20.0, 20.0, 0.8, 5.0),  # N8N_FIRST_BYTE_TIMEOUT below the connect one
+        (20.0, 20.0, 6.5, 5.0),  # the cut one is over the threshold: rounded up by a second
+        (6.0, 6.0, 6.5, 5.0),  # shorter than the first byte's, yet over it once rounded up
+        (20.0, None, 6.5, 5.0),
+        (20.0, 30.0, 5.8, 5.0),
+        (20.0, 20.0, 6.5, 2.0),
+    ],
+)
+def test_a_connect_deadline_is_cut_to_end_before_the_first_bytes(
+    connect: float, sock_connect: float | None, first_byte: float, threshold: float
+) -> None:
+    """The connect deadline, as aiohttp rounds it, must fire before the first byte's (less CONNECT_MARGIN), or
+    a connection never made is reported as n8n's silence and callback mode waits for a workflow that never
+    ran. The live test (tests/test_callbacks.py) meets only some of these cases."""
+    now = 1000.0
+    deadlines = aiohttp.ClientTimeout(
+        total=None, connect=connect, sock_connect=sock_connect, sock_read=None, ceil_threshold=threshold
+    )
+    cut = _connect_first(asyncio.Timeout(now + first_byte), deadlines, now)
+    assert cut is not None
+    assert cut.connect is not None
+    assert 0 < cut.connect
+    assert cut.total is None
+    assert cut.sock_read is None
+    left = first_byte - CONNECT_MARGIN + 1e-9
+    for seconds in (cut.connect, cut.sock_connect):
+        end = _latest_end(seconds, cut.ceil_threshold)
+        assert end is None or end <= left
+
+
+def test_a_connect_deadline_well_before_the_first_bytes_is_kept() -> None:
+    """The usual path: nothing is built (the session's deadlines serve as they are)."""
+    deadlines = aiohttp.ClientTimeout(total=None, connect=0.5, sock_connect=0.5, sock_read=None)
+    assert _connect_first(asyncio.Timeout(1020.0), deadlines, 1000.0) is None
+    assert _connect_first(asyncio.Timeout(None), deadlines, 1000.0) is None
