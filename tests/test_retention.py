@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -227,7 +228,7 @@ async def test_a_slow_sweep_holds_up_neither_start_up_nor_the_heartbeat(
             async with asyncio.timeout(5):  # held here until the lock went
                 await registry.startup()
             assert registry.recovered
-            await until_a_statement_waits(holder, "DELETE FROM usage_daily%")
+            await until_a_statement_waits(holder, "SELECT usage_daily.%")  # picking a batch
             first = await beat_of_worker()
             await asyncio.sleep(1.0)  # five heartbeats (a recovery among them), while the sweep still waits
             assert await beat_of_worker() > first
@@ -237,7 +238,7 @@ async def test_a_slow_sweep_holds_up_neither_start_up_nor_the_heartbeat(
             await holder.execute("SELECT pg_stat_clear_snapshot()")
             waiting = await holder.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM usage_daily%'"
+                " AND wait_event_type = 'Lock' AND query LIKE 'SELECT usage_daily.%'"
             )
             assert waiting == 1
             await session.rollback()
@@ -248,7 +249,7 @@ async def test_a_slow_sweep_holds_up_neither_start_up_nor_the_heartbeat(
 
         async with holder.transaction():
             await holder.execute("LOCK TABLE error_logs IN ACCESS EXCLUSIVE MODE")
-            await until_a_statement_waits(holder, "DELETE FROM error_logs%")  # the next sweep, three beats on
+            await until_a_statement_waits(holder, "SELECT error_logs.%")  # the next sweep, three beats on
             async with asyncio.timeout(5):
                 await registry.shutdown()  # cancels it: the worker is unregistered in time
             assert registry.sweeping is None
@@ -365,6 +366,43 @@ async def test_no_upload_retention_keeps_unsent_uploads(
     assert (await retention.sweep(session=session, settings=settings)) == retention.Swept()
     assert await file_ids_left(session) == {kept}
     assert await hashes_left(session) == {sha(b"kept for ever")}
+
+
+async def test_a_backlog_of_unsent_uploads_goes_in_batches_over_sweeps(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    setup: ChatSetup,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sweep deletes unsent uploads SWEEP_BATCH at a time, batch after batch while they fill one, at most
+    SWEEP_MAX_BATCHES (here 2 of 2): a backlog (the first sweep after an upgrade) goes over a few sweeps."""
+    monkeypatch.setattr(retention, "SWEEP_BATCH", 2)
+    monkeypatch.setattr(retention, "SWEEP_MAX_BATCHES", 2)
+    backlog = [await upload(client, setup, f"never sent {i}".encode()) for i in range(5)]
+    await age(session, backlog, timedelta(hours=25))
+    assert (await retention.sweep(session=session, settings=settings)).unsent_files == 4
+    assert (await retention.sweep(session=session, settings=settings)).unsent_files == 1
+    assert await file_ids_left(session) == set()
+
+
+async def test_unsent_uploads_bytes_go_with_them_whatever_share_of_the_contents_a_sweep_examines(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    setup: ChatSetup,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bytes of the unsent uploads a batch deleted are collected right after it, not left to the sweep's
+    bounded examination of unused contents, which on a big table reaches them only some sweeps later (here it
+    examines nothing: one window, starting past every key)."""
+    monkeypatch.setattr(retention, "SWEEP_MAX_BATCHES", 1)
+    unsent = [await upload(client, setup, f"never sent {i}".encode()) for i in range(3)]
+    await age(session, unsent, timedelta(hours=25))
+    monkeypatch.setattr(secrets, "token_hex", lambda _n: "f" * 64)
+    swept = await retention.sweep(session=session, settings=settings)
+    assert (swept.unsent_files, swept.file_blobs) == (3, 3)
+    assert await hashes_left(session) == set()
 
 
 async def test_a_send_attaching_an_upload_the_sweep_is_deleting_is_refused_whole(

@@ -98,7 +98,14 @@ async def _delete_batch(
     its primary key (rows are picked by it). `where` is checked again by the DELETE on the rows it locked.
     Returns the deleted rows' `returning` (by default their key's first column): one per row."""
     batch = select(*key).where(where).order_by(order).limit(SWEEP_BATCH).with_for_update(skip_locked=True)
-    picked = key[0].in_(batch) if len(key) == 1 else tuple_(*key).in_(batch)
+    # Picked by a statement of its own, not `IN (subquery)`: PostgreSQL may run that subquery again for each row
+    # (a nested-loop semi-join), where the rows this DELETE removed no longer count against its LIMIT, so one
+    # batch deleted every matching row in one transaction. The locks hold until the commit below.
+    rows = (await session.execute(batch)).all()
+    if not rows:
+        await session.commit()
+        return []
+    picked = key[0].in_([row[0] for row in rows]) if len(key) == 1 else tuple_(*key).in_([tuple(row) for row in rows])
     statement = (
         delete(model)
         .where(picked, where)
@@ -141,9 +148,13 @@ async def _clear_successors(session: AsyncSession, cutoff: datetime) -> int:
             .limit(SWEEP_BATCH)
             .with_for_update(skip_locked=True)
         )
+        ids = list((await session.execute(batch)).scalars())  # its own statement: see `_delete_batch`
+        if not ids:
+            await session.commit()
+            break
         statement = (
             update(RefreshToken)
-            .where(RefreshToken.id.in_(batch), stale)
+            .where(RefreshToken.id.in_(ids), stale)
             .values(successor_encrypted=None)
             .returning(RefreshToken.id)
             .execution_options(synchronize_session=False)
