@@ -21,6 +21,7 @@ from sqlalchemy import func, literal, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette import types as asgi
 
+from app import metrics
 from app.config import Settings
 from app.db import ConnectionLost, Database, Direct
 from app.generations import GenerationRegistry
@@ -618,10 +619,15 @@ async def test_a_general_start_committed_but_unanswered_is_closed_as_interrupted
         answer = data_events(parse_sse(first.text))[0].data["data"]["assistant_message_id"]  # type: ignore[index]
         fake.requests.clear()
         proxy.cut_commit = "reply"
+        counted = {"outcome": "interrupted", "agent": str(setup.agent.id)}
+        before = metrics.REGISTRY.get_sample_value("relay_generations_total", counted) or 0
         cut = await send(client, setup, {"regenerate_of": answer}, **{"Idempotency-Key": "k-cut"})
         assert (cut.status_code, proxy.cut_commit) == (503, "")  # the COMMIT's reply was the one lost
         assert cut.headers["Retry-After"] == "5"
         assert fake.requests == []
+        # Kept at once, not only once the next claim reads the ledger; and counted in the metrics.
+        assert await session.scalar(select(UsageDaily.generations)) == 2
+        assert metrics.REGISTRY.get_sample_value("relay_generations_total", counted) == before + 1
         rows = (
             await session.execute(
                 select(Message.role, Message.status, Message.error)
