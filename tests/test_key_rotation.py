@@ -213,6 +213,15 @@ async def test_unreadable_secrets_are_named_by_ids_and_left_as_they_are(
     assert decrypt_headers(await stored_headers(session, fine.id), key_ring(NEW)) == {"X": "ok"}
 
 
+def test_a_rotation_with_a_secret_rewritten_throughout_is_not_complete() -> None:
+    """A row the service rewrote at every try (`changed`) was judged under no key: it may still be under an old
+    one, so the run is not complete (the CLI exits 1 and never says the other keys may go)."""
+    Tally, Rotation = key_rotation.Tally, key_rotation.Rotation
+    assert Rotation(agents=Tally(rotated=3, current=2), refresh_successors=Tally(rotated=1)).complete
+    assert not Rotation(agents=Tally(rotated=3, changed=1), refresh_successors=Tally()).complete
+    assert not Rotation(agents=Tally(), refresh_successors=Tally(changed=1)).complete
+
+
 async def test_a_secret_saved_after_it_was_read_is_judged_again_never_overwritten(
     session: AsyncSession, settings: Settings
 ) -> None:
