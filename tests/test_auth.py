@@ -454,6 +454,8 @@ async def test_the_email_length_is_counted_once_trimmed(app: FastAPI, web: httpx
     refused = await web.post("/api/teams", json={**body, "name": "Longer", "admin_email": too_long})
     assert refused.status_code == 422
     assert refused.json()["detail"][0]["loc"] == ["body", "admin_email"]
+    # Said as the length, checked before email-validator reads it (not "not a valid email address").
+    assert f"at most {EMAIL_MAX_LENGTH} characters" in refused.json()["detail"][0]["msg"]
     assert (await login(web, too_long, "long-enough")).status_code == 422
     token = await web.post("/api/auth/token", data={"username": too_long, "password": "long-enough"})
     assert token.status_code == 422
