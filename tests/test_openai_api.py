@@ -1122,6 +1122,24 @@ async def test_a_stream_whose_client_left_writes_its_cancelled_usage_row(
     assert len(fake.requests) == chunks_read - 1
 
 
+async def test_a_completion_cut_before_its_first_step_during_a_shutdown_is_recorded_cancelled(
+    app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
+) -> None:
+    """Run again for a task cancelled before its first step, the completion is `cancelled` (its client left as it
+    began) even while the registry interrupts: that run never called n8n, so no answer was cut short by the
+    shutdown (`interrupted` counts as an error in the reports)."""
+    run = await _prepared(app, session, settings, f"{fake.url}/webhook/agent-stream")
+    registry = app_state(app).generations
+    registry.interrupting = True
+    try:
+        run.start().cancel()
+        await _until_ended(app)
+    finally:
+        registry.interrupting = False
+    assert fake.requests == []
+    assert list((await session.execute(select(UsageRecord.outcome))).scalars()) == ["cancelled"]
+
+
 async def test_a_completion_cancelled_before_its_first_step_is_run_again_once_only(
     app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
