@@ -184,6 +184,7 @@ async def exchange(
     got_first_byte = False
     quiet: _QuietWatch | None = None
     cut: aiohttp.ClientTimeout | None = None
+    by_total = False  # the connect deadline is cut under the whole answer's (not the first byte's)
     try:
         async with asyncio.timeout(s.N8N_TOTAL_TIMEOUT) as wall:
             try:
@@ -191,7 +192,11 @@ async def exchange(
                 async with asyncio.timeout(s.N8N_FIRST_BYTE_TIMEOUT) as idle:
                     if ready is not None:
                         await asyncio.shield(ready)  # never fails: a failed warm-up leaves the connecting to post
-                    cut = _connect_first(idle, deadlines or session.timeout, loop.time())
+                    # The connect deadline must end before whichever of the first byte's and the whole answer's
+                    # ends first (`_connect_first`).
+                    first, whole = idle.when(), wall.when()
+                    by_total = whole is not None and (first is None or whole < first)
+                    cut = _connect_first(whole if by_total else first, deadlines or session.timeout, loop.time())
                     deadlines = cut or deadlines
                     post = session.post if deadlines is None else functools.partial(session.post, timeout=deadlines)
                     async with post(target, data=body, headers=send_headers, allow_redirects=False) as response:
@@ -229,14 +234,17 @@ async def exchange(
                 ):
                     # aiohttp's own connect deadline, or the first byte's while the warm-up was still connecting:
                     # either way no request left, which callback mode must know (nothing will post). Named by the
-                    # first byte's seconds when that deadline is what ended it (the connect one cut under it).
-                    cut_short = cut is not None or not isinstance(exc, aiohttp.ConnectionTimeoutError)
-                    raise ConnectTimeout(s.N8N_FIRST_BYTE_TIMEOUT if cut_short else None) from None
+                    # deadline that ended it when that is another one (the connect one cut under it).
+                    if cut is None and isinstance(exc, aiohttp.ConnectionTimeoutError):
+                        raise ConnectTimeout(None) from None
+                    raise ConnectTimeout(s.N8N_TOTAL_TIMEOUT if by_total else s.N8N_FIRST_BYTE_TIMEOUT) from None
                 raise (ReadTimeout() if got_first_byte else FirstByteTimeout()) from None
             finally:
                 if quiet is not None:
                     quiet.close()
     except TimeoutError:
+        if ready is not None and not ready.done():  # ended while the warm-up was still connecting: nothing left
+            raise ConnectTimeout(s.N8N_TOTAL_TIMEOUT) from None
         raise TotalTimeout from None
 
 
@@ -245,17 +253,17 @@ async def exchange(
 CONNECT_MARGIN = 0.05
 
 
-def _connect_first(idle: asyncio.Timeout, deadlines: aiohttp.ClientTimeout, now: float) -> aiohttp.ClientTimeout | None:
-    """The request's aiohttp deadlines when its connect deadline must be cut to end before the first byte's
-    (`idle`), else None (the session's, or the caller's, as they are).
+def _connect_first(when: float | None, deadlines: aiohttp.ClientTimeout, now: float) -> aiohttp.ClientTimeout | None:
+    """The request's aiohttp deadlines when its connect deadline must be cut to end before `when` (the loop time
+    the first byte's or the whole answer's deadline ends), else None (the session's, or the caller's, as they are).
 
-    A first-byte deadline that ends while aiohttp is still connecting (N8N_FIRST_BYTE_TIMEOUT set below
-    N8N_CONNECT_TIMEOUT, or a warm-up wait that used the time) cannot tell whether the request left, so it was
-    reported as n8n's silence, and callback mode waited for callbacks from a workflow that never ran. Cut, the
-    connect deadline ends first and is reported as what it is. aiohttp rounds a connect deadline over
+    A first-byte (or total) deadline that ends while aiohttp is still connecting (N8N_FIRST_BYTE_TIMEOUT set
+    below N8N_CONNECT_TIMEOUT, or a warm-up wait that used the time) cannot tell whether the request left, so it
+    was reported as n8n's silence, and callback mode waited for callbacks from a workflow that never ran. Cut,
+    the connect deadline ends first and is reported as what it is. aiohttp rounds a connect deadline over
     `ceil_threshold` up to a whole second of the loop's clock; the cut one is taken back by that second too.
-    One float comparison on the usual path (the first byte's deadline far beyond the connect one)."""
-    when, connect, threshold = idle.when(), deadlines.connect, deadlines.ceil_threshold
+    A few float operations on the usual path (both deadlines far beyond the connect one)."""
+    connect, threshold = deadlines.connect, deadlines.ceil_threshold
     if when is None or connect is None:
         return None
     left = when - now - CONNECT_MARGIN

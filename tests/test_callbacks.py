@@ -253,9 +253,14 @@ async def test_callback_mode_fails_at_once_when_the_workflow_did_not_run_and_wai
 
 
 @pytest.mark.parametrize(
-    ("connect_timeout", "first_byte_timeout"),
-    [(0.5, 20.0), (20.0, 0.8), (20.0, 6.5)],
-    ids=["connect-deadline-first", "first-byte-deadline-first", "first-byte-deadline-over-ceil-threshold"],
+    ("connect_timeout", "first_byte_timeout", "total_timeout"),
+    [(0.5, 20.0, 900.0), (20.0, 0.8, 900.0), (20.0, 6.5, 900.0), (20.0, 20.0, 0.8)],
+    ids=[
+        "connect-deadline-first",
+        "first-byte-deadline-first",
+        "first-byte-deadline-over-ceil-threshold",
+        "total-deadline-first",
+    ],
 )
 async def test_callback_mode_fails_at_once_when_n8n_could_not_be_connected_to(
     app: FastAPI,
@@ -264,19 +269,20 @@ async def test_callback_mode_fails_at_once_when_n8n_could_not_be_connected_to(
     tmp_path: Path,
     connect_timeout: float,
     first_byte_timeout: float,
+    total_timeout: float,
 ) -> None:
     """A connection to n8n never made within N8N_CONNECT_TIMEOUT (TCP and TLS) sent no request: the workflow
     did not run and will post nothing. Callback mode counted it as a cut webhook (a proxy giving up after the
     workflow started) and waited for callbacks until the silence timeout (10 minutes by default).
 
-    The same when N8N_FIRST_BYTE_TIMEOUT is the shorter one: its end while still connecting was reported as
-    n8n's silence (a cut webhook) and waited for the silence timeout too; the connect deadline is now cut to
-    end first, including past aiohttp's rounding of deadlines over 5 s up to a whole second. The second send
-    in the chat waits for a warm-up connecting to the same origin (opened while its statement ran): a first
-    byte's deadline ending during that wait is a connection never made too."""
+    The same when N8N_FIRST_BYTE_TIMEOUT (or N8N_TOTAL_TIMEOUT) is the shorter one: its end while still
+    connecting was reported as n8n's silence (or the whole answer's time), and callback mode waited for the
+    silence timeout too; the connect deadline is now cut to end first, including past aiohttp's rounding of
+    deadlines over 5 s up to a whole second."""
     overrides = {
         "N8N_CONNECT_TIMEOUT": connect_timeout,
         "N8N_FIRST_BYTE_TIMEOUT": first_byte_timeout,
+        "N8N_TOTAL_TIMEOUT": total_timeout,
         "CALLBACK_SILENCE_TIMEOUT": 30.0,
     }
     async with served(database_url, tmp_path, **overrides) as server, silent_port() as port:
@@ -284,16 +290,16 @@ async def test_callback_mode_fails_at_once_when_n8n_could_not_be_connected_to(
             setup = await chat_with_agent(session, server.settings, f"https://127.0.0.1:{port}/webhook/x")
             setup.agent.response_mode = "callback"
             await session.commit()
-            for _ in ("first send", "second send, after a warm-up"):
-                started = asyncio.get_running_loop().time()
-                events = await send(client, setup).finish(within=40)
-                elapsed = asyncio.get_running_loop().time() - started
-                assert events[-1].type == "error"
-                error = events[-1].data["data"]  # type: ignore[index]
-                assert error["code"] == "upstream_timeout"
-                assert error["message"] == "The agent could not be reached in time"
-                assert elapsed < min(connect_timeout, first_byte_timeout) + 3
-                assert (await assistant_of(app, setup.chat.id))["status"] == "error"
+            started = asyncio.get_running_loop().time()
+            events = await send(client, setup).finish(within=40)
+            elapsed = asyncio.get_running_loop().time() - started
+    assert events[-1].type == "error"
+    error = events[-1].data["data"]  # type: ignore[index]
+    assert error["code"] == "upstream_timeout"
+    assert error["message"] == "The agent could not be reached in time"
+    shortest = min(connect_timeout, first_byte_timeout, total_timeout)
+    assert elapsed < shortest + 3
+    assert (await assistant_of(app, setup.chat.id))["status"] == "error"
 
 
 class AnswersOnceThenUnreachable:
@@ -342,14 +348,28 @@ class AnswersOnceThenUnreachable:
             sock.close()
 
 
+@pytest.mark.parametrize(
+    ("first_byte_timeout", "total_timeout"), [(0.8, 900.0), (20.0, 0.8)], ids=["first-byte", "total"]
+)
 async def test_callback_mode_fails_at_once_when_the_first_byte_deadline_ends_during_a_warm_up(
-    app: FastAPI, session: AsyncSession, database_url: str, tmp_path: Path
+    app: FastAPI,
+    session: AsyncSession,
+    database_url: str,
+    tmp_path: Path,
+    first_byte_timeout: float,
+    total_timeout: float,
 ) -> None:
     """The second send in a chat whose n8n answered before opens its connection while its statement runs
     (a warm-up) and waits for it within the first byte's deadline. When that deadline (shorter than the connect
     one) ended during the wait, no request had left, yet it was reported as n8n's silence, and callback mode
-    waited for callbacks (here the 30 s silence timeout) from a workflow that never ran."""
-    overrides = {"N8N_CONNECT_TIMEOUT": 20.0, "N8N_FIRST_BYTE_TIMEOUT": 0.8, "CALLBACK_SILENCE_TIMEOUT": 30.0}
+    waited for callbacks (here the 30 s silence timeout) from a workflow that never ran; the same for the whole
+    answer's deadline (reported as the total timeout)."""
+    overrides = {
+        "N8N_CONNECT_TIMEOUT": 20.0,
+        "N8N_FIRST_BYTE_TIMEOUT": first_byte_timeout,
+        "N8N_TOTAL_TIMEOUT": total_timeout,
+        "CALLBACK_SILENCE_TIMEOUT": 30.0,
+    }
     host = AnswersOnceThenUnreachable()
     try:
         async with served(database_url, tmp_path, **overrides) as server:

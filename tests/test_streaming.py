@@ -327,6 +327,26 @@ async def test_streamer_connect_cut_under_the_first_byte_deadline_names_that_dea
     assert failure.detail == {"timeout": "connect", "seconds": 0.8}
 
 
+async def test_streamer_connect_cut_under_the_total_deadline_names_that_deadline(
+    database_url: str, tmp_path: Path
+) -> None:
+    """With N8N_TOTAL_TIMEOUT the shortest, a connection never made ended with the whole answer's deadline:
+    reported as the total timeout (which callback mode outlives, waiting for callbacks from a workflow that
+    never ran). The connect deadline is cut under it as under the first byte's, and named by it."""
+    settings = stream_settings(
+        database_url, tmp_path, N8N_CONNECT_TIMEOUT=20, N8N_FIRST_BYTE_TIMEOUT=20, N8N_TOTAL_TIMEOUT=0.8
+    )
+    streamer = N8nStreamer(settings)
+    try:
+        async with silent_port() as port, asyncio.timeout(10):
+            _text, _stats, failure = await relay(streamer, f"https://127.0.0.1:{port}/webhook/x")
+    finally:
+        await streamer.close()
+    assert failure is not None
+    assert (failure.code, failure.message) == ("upstream_timeout", "The agent could not be reached in time")
+    assert failure.detail == {"timeout": "connect", "seconds": 0.8}
+
+
 async def test_streamer_dns_failure_is_unreachable(streamer: N8nStreamer) -> None:
     _text, _stats, failure = await relay(streamer, "http://no-such-host.invalid/webhook/x")
     assert failure is not None
@@ -1029,7 +1049,7 @@ def test_a_connect_deadline_is_cut_to_end_before_the_first_bytes(
     deadlines = aiohttp.ClientTimeout(
         total=None, connect=connect, sock_connect=sock_connect, sock_read=None, ceil_threshold=threshold
     )
-    cut = _connect_first(asyncio.Timeout(now + first_byte), deadlines, now)
+    cut = _connect_first(now + first_byte, deadlines, now)
     assert cut is not None
     assert cut.connect is not None
     assert 0 < cut.connect
@@ -1044,5 +1064,5 @@ def test_a_connect_deadline_is_cut_to_end_before_the_first_bytes(
 def test_a_connect_deadline_well_before_the_first_bytes_is_kept() -> None:
     """The usual path: nothing is built (the session's deadlines serve as they are)."""
     deadlines = aiohttp.ClientTimeout(total=None, connect=0.5, sock_connect=0.5, sock_read=None)
-    assert _connect_first(asyncio.Timeout(1020.0), deadlines, 1000.0) is None
-    assert _connect_first(asyncio.Timeout(None), deadlines, 1000.0) is None
+    assert _connect_first(1020.0, deadlines, 1000.0) is None
+    assert _connect_first(None, deadlines, 1000.0) is None
