@@ -357,6 +357,26 @@ async def test_unsent_uploads_go_after_the_retention_with_their_bytes(
     assert (await retention.sweep(session=session, settings=settings)) == retention.Swept()
 
 
+async def test_an_old_sent_file_and_its_bytes_stay_while_an_old_unsent_one_goes(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, setup: ChatSetup
+) -> None:
+    """Only uploads no message carries are swept: a file attached to a message as old as an unsent upload
+    (bytes of its own, shared with no other file) stays with its bytes and still downloads, while the unsent
+    one goes with its bytes. (A sweep dropping the `message_id IS NULL` condition was caught only on SQLite.)"""
+    sent = await upload(client, setup, b"sent long ago")
+    assert (await send(client, setup, [sent])).status_code == 200
+    unsent = await upload(client, setup, b"never sent either")
+    await age(session, [sent, unsent], timedelta(days=30))
+
+    swept = await retention.sweep(session=session, settings=settings)
+    assert (swept.unsent_files, swept.file_blobs) == (1, 1)
+    assert await file_ids_left(session) == {sent}
+    assert await hashes_left(session) == {sha(b"sent long ago")}
+    download = await client.get(f"/api/chats/{setup.chat.id}/files/{sent}", headers=setup.headers)
+    assert download.status_code == 200
+    assert download.content == b"sent long ago"
+
+
 @pytest.mark.settings(UPLOAD_RETENTION_HOURS=0)
 async def test_no_upload_retention_keeps_unsent_uploads(
     client: httpx.AsyncClient, session: AsyncSession, settings: Settings, setup: ChatSetup
