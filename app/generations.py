@@ -109,6 +109,8 @@ class GenerationRegistry:
         self._heartbeat: asyncio.Task[None] | None = None
         #: The retention sweep under way (`sweep_retention`), on its own task: never the heartbeat's wait.
         self.sweeping: asyncio.Task[None] | None = None
+        #: Sweeps this worker started: the unused-blob pass runs on one in retention.UNUSED_BLOBS_EVERY.
+        self.sweeps = 0
         self._closing = False
         self._give_up_at = 0.0  # the loop time at which the shutdown's grace runs out (`begin_shutdown`)
         self._draining: asyncio.Task[None] | None = None
@@ -165,10 +167,13 @@ class GenerationRegistry:
         """Delete rows past their retention (app.services.retention), started with the periodic recovery (one
         sweep at a time per worker). On a task of its own: a batch waiting on the database (a table lock, a
         backlog's scan) held up the heartbeat, and past STALE_HEARTBEATS intervals other workers took this one's
-        live answers for a dead worker's. A failure waits for the next recovery."""
+        live answers for a dead worker's. A failure waits for the next recovery. The unused-blob pass, a
+        backstop examining up to 10,000 blobs, runs on the first sweep and then on every UNUSED_BLOBS_EVERY-th."""
+        unused_blobs = self.sweeps % retention.UNUSED_BLOBS_EVERY == 0
+        self.sweeps += 1
         try:
             async with self.db.sessionmaker() as session:
-                await retention.sweep(session=session, settings=self.settings)
+                await retention.sweep(session=session, settings=self.settings, unused_blobs=unused_blobs)
         except Exception as exc:
             logger.warning("retention sweep postponed (%s)", type(exc).__name__)
 

@@ -551,6 +551,41 @@ async def test_a_sweep_examines_a_bounded_share_of_the_contents(
     assert sum(sweeps) == 20
 
 
+async def test_a_sweep_without_the_unused_content_pass_still_takes_the_bytes_of_the_uploads_it_deletes(
+    client: httpx.AsyncClient, session: AsyncSession, settings: Settings, setup: ChatSetup
+) -> None:
+    """`unused_blobs=False` (most of a worker's sweeps) skips the examination of contents nothing names: an old
+    unused content stays for a later sweep, while the unsent uploads the sweep deletes still take their bytes."""
+    unsent = await upload(client, setup, b"never sent")
+    await age(session, [unsent], timedelta(hours=25))
+    session.add(blob(b"left over by a crash", ago=timedelta(hours=2)))
+    await session.commit()
+
+    swept = await retention.sweep(session=session, settings=settings, unused_blobs=False)
+    assert (swept.unsent_files, swept.file_blobs) == (1, 1)
+    assert await hashes_left(session) == {sha(b"left over by a crash")}
+    assert (await retention.sweep(session=session, settings=settings)).file_blobs == 1
+    assert await hashes_left(session) == set()
+
+
+async def test_a_worker_looks_for_unused_contents_on_its_first_sweep_and_one_sweep_in_ten_after(
+    app: FastAPI, session: AsyncSession
+) -> None:
+    """The examination of contents nothing names (a backstop: deletions collect their own bytes) ran on every
+    sweep of every worker, up to 10,000 contents every 30 s, mostly finding nothing. A worker now runs it on its
+    first sweep and then on every UNUSED_BLOBS_EVERY-th (10) only."""
+    registry = app_state(app).generations
+    found = []
+    for _ in range(2 * retention.UNUSED_BLOBS_EVERY + 1):
+        if not await hashes_left(session):
+            session.add(blob(b"left over by a crash", ago=timedelta(hours=2)))
+        await session.commit()
+        await registry.sweep_retention()
+        found.append(not await hashes_left(session))
+        await session.rollback()
+    assert [i for i, gone in enumerate(found) if gone] == [0, 10, 20]
+
+
 async def test_bytes_named_again_while_a_batch_deletes_them_stay_and_the_rest_still_go(
     session: AsyncSession,
     settings: Settings,
