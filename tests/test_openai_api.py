@@ -1122,12 +1122,15 @@ async def test_a_stream_whose_client_left_writes_its_cancelled_usage_row(
     assert len(fake.requests) == chunks_read - 1
 
 
-async def test_a_completion_cut_before_its_first_step_during_a_shutdown_is_recorded_cancelled(
+async def test_a_completion_cut_before_its_first_step_during_a_shutdown_is_recorded_interrupted(
     app: FastAPI, session: AsyncSession, settings: Settings, fake: FakeN8n
 ) -> None:
-    """Run again for a task cancelled before its first step, the completion is `cancelled` (its client left as it
-    began) even while the registry interrupts: that run never called n8n, so no answer was cut short by the
-    shutdown (`interrupted` counts as an error in the reports)."""
+    """Run again for a task cancelled before its first step while the registry interrupts (the shutdown's grace
+    is over), the completion is `interrupted`, as a chat's generation run again then is (`_run` with `cut`) and
+    as a completion cancelled mid-stream then is: a cancel at that point is taken for the shutdown's. It was
+    recorded `cancelled` (a client that left) although nothing tells the two apart; that run never calls n8n
+    either way. Outside a shutdown the same cut is `cancelled` (the client left as it began:
+    test_a_stream_whose_client_left_writes_its_cancelled_usage_row)."""
     run = await _prepared(app, session, settings, f"{fake.url}/webhook/agent-stream")
     registry = app_state(app).generations
     registry.interrupting = True
@@ -1137,7 +1140,8 @@ async def test_a_completion_cut_before_its_first_step_during_a_shutdown_is_recor
     finally:
         registry.interrupting = False
     assert fake.requests == []
-    assert list((await session.execute(select(UsageRecord.outcome))).scalars()) == ["cancelled"]
+    rows = (await session.execute(select(UsageRecord.outcome, UsageRecord.error_code))).all()
+    assert [tuple(row) for row in rows] == [("interrupted", "interrupted")]
 
 
 async def test_a_completion_cancelled_before_its_first_step_is_run_again_once_only(

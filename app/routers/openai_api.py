@@ -347,7 +347,8 @@ class Run:
     def _ended(self, task: asyncio.Task[StreamFailure | None]) -> None:
         """A task cancelled before its first step (its stream closed as it began: the client left, or sending
         the first chunk failed) never ran `run_completion`: its quota claim would have no usage row. A new task
-        runs it once more, which calls no one and records `cancelled`, as for a client that left mid-stream.
+        runs it once more, which calls no one and records `cancelled`, as for a client that left mid-stream
+        (`interrupted` if the registry is interrupting then: the cancel is taken for the shutdown's, as mid-stream).
         One check per ended task, nothing per request; once only (`_launch(cut=True)` adds no callback)."""
         if task.cancelled() and not self.completion.started:
             self._launch(None, cut=True)

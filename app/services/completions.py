@@ -231,7 +231,8 @@ async def run_completion(
     A cancelled run is recorded as `cancelled` (the client left) before the cancellation goes on, unless
     `interrupted()` says the cancel is the shutdown's (GenerationRegistry.interrupting): then the run ends
     as the failure `interrupted`, returned so that the client still gets its terminal answer. `cut`: run again
-    for a task cancelled before its first step (its client left as it began): call no one, end as `cancelled`."""
+    for a task cancelled before its first step: call no one and end as that cancel says, `cancelled` (its client
+    left as it began) or, while the registry interrupts, `interrupted` (as a chat's generation run again does)."""
     completion.started = True
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -263,7 +264,7 @@ async def run_completion(
     except StreamFailure as exc:
         failure, outcome = exc, "error"
     except asyncio.CancelledError:
-        if cut or not interrupted():
+        if not interrupted():
             outcome = "cancelled"
             await asyncio.shield(_record(db, completion, stats, outcome, None, loop.time() - started))
             raise
