@@ -3,6 +3,7 @@ under the old key, and `rotate-encryption-key` (app.services.key_rotation) putti
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -11,9 +12,11 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from cryptography.fernet import Fernet
+from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -31,9 +34,11 @@ from app.db import utcnow
 from app.models import Agent, RefreshToken, User
 from app.services import key_rotation
 from app.services.api_keys import create_key
+from app.state import app_state
 from main import create_app, shutdown
-from tests.conftest import ROOT, TEST_ENCRYPTION_KEY, make_settings
-from tests.factories import auth_headers, create_admin, create_agent, create_team, create_user
+from tests.authhelpers import bearer, login
+from tests.conftest import ROOT, TEST_ENCRYPTION_KEY, make_settings, until_a_statement_waits
+from tests.factories import DEFAULT_PASSWORD, auth_headers, create_admin, create_agent, create_team, create_user
 from tests.live import chat_with_agent, data_events, parse_sse
 from tools.fake_n8n import FakeN8n
 
@@ -244,6 +249,87 @@ async def test_a_secret_saved_after_it_was_read_is_judged_again_never_overwritte
 
     gone = await key_rotation.settle(session, key_rotation.AGENTS, uuid.uuid4(), read_then, current=current, keys=ring)
     assert gone is None
+
+
+@pytest.mark.parametrize("revocation", ["reuse", "password"])
+async def test_a_revocation_of_tokens_a_rotation_batch_holds_waits_for_it_and_never_deadlocks(
+    app: FastAPI, web: httpx.AsyncClient, session: AsyncSession, database_url: str, revocation: str
+) -> None:
+    """A guard, not a fix: they cannot deadlock, and this fails if that stops being true.
+
+    A rotation batch holds the rows it wrote until it commits; a revocation (a reuse revoking the family, a
+    password change revoking the user's tokens; a logout and a deactivation run the same `_revoke_settled`)
+    locks the same rows. Both take them in one order, by id: the rotation writes its batch read `ORDER BY id`,
+    the revocation locks with `SELECT ... ORDER BY id FOR UPDATE` before its UPDATE. The rotation takes no
+    other lock (its UPDATE leaves `user_id`, so not even a key-share lock on the user), and the revocation
+    takes the user's row before any token. So whichever reaches the lowest row both want waits for the other
+    there holding nothing the other needs: a queue, never a cycle.
+
+    Made to happen in the worst order: a third connection share-locks the family's second successor, so the
+    rotation has written (and holds) the first and waits; the revocation then starts and waits for the first;
+    the third lets go. Were either side to lock in another order (the revocation by its UPDATE's plan, the
+    rotation writing a batch out of id order), each would hold a row the other waits for and PostgreSQL would
+    abort one: a failed rotation, or the refresh or password change answered 503 (as reversing either does)."""
+    await create_user(session, email="rotating@example.com")
+    tokens = (await login(web, "rotating@example.com")).json()
+    first = tokens["refresh_token"]
+    for _ in range(3):  # four tokens in one family: three spent, each holding its successor under OLD
+        refreshed = await web.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+        assert refreshed.status_code == 200, refreshed.text
+        tokens = refreshed.json()
+    # Spent long ago: presenting the first again is a reuse, not a second tab inside the grace window.
+    await session.execute(
+        update(RefreshToken).where(RefreshToken.used_at.is_not(None)).values(used_at=utcnow() - timedelta(minutes=5))
+    )
+    await session.commit()
+    query = select(RefreshToken.id).where(RefreshToken.successor_encrypted.is_not(None)).order_by(RefreshToken.id)
+    spent = list((await session.execute(query)).scalars())
+    assert len(spent) == 3
+    family_id = (await session.execute(select(RefreshToken.family_id).distinct())).scalar_one()
+
+    url = database_url.replace("postgresql+asyncpg://", "postgresql://")
+    holder, watcher = await asyncpg.connect(url, timeout=5), await asyncpg.connect(url, timeout=5)
+    rotation: asyncio.Task[key_rotation.Rotation] | None = None
+    revoking: asyncio.Future[httpx.Response] | None = None
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM refresh_tokens WHERE id = $1 FOR SHARE", spent[1])
+
+        async def rotate() -> key_rotation.Rotation:
+            async with app_state(app).db.sessionmaker() as own:
+                return await rotate_all(own, f"{NEW},{OLD}", batch_size=100)
+
+        rotation = asyncio.create_task(rotate())
+        await until_a_statement_waits(watcher, "UPDATE refresh_tokens SET successor_encrypted%")  # holds spent[0]
+        if revocation == "reuse":
+            request = web.post("/api/auth/refresh", json={"refresh_token": first})
+        else:
+            body = {"current_password": DEFAULT_PASSWORD, "new_password": "another-password-1"}
+            request = web.post("/api/auth/password", json=body, headers=bearer(tokens["access_token"]))
+        revoking = asyncio.ensure_future(request)
+        await until_a_statement_waits(watcher, "SELECT refresh_tokens.id %FOR UPDATE")  # waits for spent[0]
+        await holder.execute("ROLLBACK")
+        async with asyncio.timeout(10):
+            answer = await revoking
+            result = await rotation
+    finally:
+        for pending in (rotation, revoking):
+            if pending is not None and not pending.done():
+                pending.cancel()
+        await holder.close()
+        await watcher.close()
+
+    assert answer.status_code == (401 if revocation == "reuse" else 200), answer.text
+    assert result.refresh_successors.rotated == 3
+    assert result.complete
+    rows = (await session.execute(select(RefreshToken).execution_options(populate_existing=True))).scalars().all()
+    family = [row for row in rows if row.family_id == family_id]
+    assert len(family) == 4
+    assert all(row.revoked_at is not None for row in family)  # the revocation's, kept by the rotation's write
+    for row in family:
+        if row.id in spent:  # and the rotation's write, kept by the revocation's
+            assert row.successor_encrypted is not None
+            decrypt_text(row.successor_encrypted, key_ring(NEW))
 
 
 # --- the command ---------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ Run by `python -m app.cli rotate-encryption-key` while the service runs (docs/OP
 BATCH_SIZE at a time in id order (no lock), and each one written with the new key is a conditional UPDATE
 (`WHERE the column still holds what was read`), committed per batch: the row locks last one short batch, and a
 value an admin saved meanwhile is never overwritten with the old one (it is read again and judged instead).
+A batch writes its rows in id order, the order every revocation of refresh tokens locks them in
+(`auth._revoke_settled`), and takes no other lock: a revocation waits for the batch, never deadlocks with it.
 Sends take no lock on agents, so they never wait. A second run writes nothing.
 """
 
