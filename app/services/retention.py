@@ -98,10 +98,12 @@ async def _delete_batch(
     order: InstrumentedAttribute[Any],
     where: ColumnElement[bool],
     returning: InstrumentedAttribute[Any] | None = None,
+    values: dict[str, Any] | None = None,
 ) -> list[Any]:
     """Delete at most SWEEP_BATCH rows of `model` matching `where`, oldest (`order`) first, and commit; `key` is
     its primary key (rows are picked by it). `where` is checked again by the DELETE on the rows it locked.
-    Returns the deleted rows' `returning` (by default their key's first column): one per row."""
+    Returns the deleted rows' `returning` (by default their key's first column): one per row. With `values`
+    the rows are updated with them instead of deleted (the same picking, locks and re-check)."""
     batch = select(*key).where(where).order_by(order).limit(SWEEP_BATCH).with_for_update(skip_locked=True)
     # Picked by a statement of its own, not `IN (subquery)`: PostgreSQL may run that subquery again for each row
     # (a nested-loop semi-join), where the rows this DELETE removed no longer count against its LIMIT, so one
@@ -111,15 +113,15 @@ async def _delete_batch(
         await session.commit()
         return []
     picked = key[0].in_([row[0] for row in rows]) if len(key) == 1 else tuple_(*key).in_([tuple(row) for row in rows])
+    change = delete(model) if values is None else update(model).values(values)
     statement = (
-        delete(model)
-        .where(picked, where)
+        change.where(picked, where)
         .returning(returning if returning is not None else key[0])
         .execution_options(synchronize_session=False)
     )
-    deleted = list((await session.execute(statement)).scalars())
+    changed = list((await session.execute(statement)).scalars())
     await session.commit()
-    return deleted
+    return changed
 
 
 async def _delete_in_batches(
@@ -128,11 +130,12 @@ async def _delete_in_batches(
     key: Sequence[InstrumentedAttribute[Any]],
     order: InstrumentedAttribute[Any],
     where: ColumnElement[bool],
+    values: dict[str, Any] | None = None,
 ) -> int:
     """`_delete_batch` until fewer than SWEEP_BATCH rows are left, at most SWEEP_MAX_BATCHES times."""
     deleted = 0
     for _ in range(SWEEP_MAX_BATCHES):
-        count = len(await _delete_batch(session, model, key, order, where))
+        count = len(await _delete_batch(session, model, key, order, where, values=values))
         deleted += count
         if count < SWEEP_BATCH:
             break
@@ -140,36 +143,13 @@ async def _delete_in_batches(
 
 
 async def _clear_successors(session: AsyncSession, cutoff: datetime) -> int:
-    """Clear the successor of refresh tokens spent before `cutoff`, as `_delete_in_batches` deletes: batches of
-    SWEEP_BATCH rows picked by `ix_refresh_tokens_successor_used_at` (which holds only rows with a successor:
-    the few spent within the last minutes), skipping rows a refresh holds, each committed."""
+    """Clear the successor of refresh tokens spent before `cutoff`, in `_delete_in_batches`'s batches (updated,
+    not deleted: the rows stay for reuse detection), picked by `ix_refresh_tokens_successor_used_at` (which
+    holds only rows with a successor: the few spent within the last minutes), skipping rows a refresh holds."""
     stale = and_(RefreshToken.successor_encrypted.is_not(None), RefreshToken.used_at < cutoff)
-    cleared = 0
-    for _ in range(SWEEP_MAX_BATCHES):
-        batch = (
-            select(RefreshToken.id)
-            .where(stale)
-            .order_by(RefreshToken.used_at)
-            .limit(SWEEP_BATCH)
-            .with_for_update(skip_locked=True)
-        )
-        ids = list((await session.execute(batch)).scalars())  # its own statement: see `_delete_batch`
-        if not ids:
-            await session.commit()
-            break
-        statement = (
-            update(RefreshToken)
-            .where(RefreshToken.id.in_(ids), stale)
-            .values(successor_encrypted=None)
-            .returning(RefreshToken.id)
-            .execution_options(synchronize_session=False)
-        )
-        count = len((await session.execute(statement)).all())
-        await session.commit()
-        cleared += count
-        if count < SWEEP_BATCH:
-            break
-    return cleared
+    return await _delete_in_batches(
+        session, RefreshToken, [RefreshToken.id], RefreshToken.used_at, stale, values={"successor_encrypted": None}
+    )
 
 
 def _unused_blob(window: ColumnElement[bool], cutoff: datetime) -> ColumnElement[bool]:
