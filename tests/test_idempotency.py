@@ -7,6 +7,7 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.chat_schemas import MessageCreate
 from app.db import utcnow
-from app.models import Chat, IdempotencyKey, Message
+from app.models import Chat, IdempotencyKey, Message, Team, UsageDaily
 from app.services import idempotency
 from app.state import app_state
 from main import create_app, shutdown
@@ -281,3 +282,95 @@ async def test_retry_on_the_embedded_sqlite_database(tmp_path: Path, fake: FakeN
     assert parse_sse(again.text) == parse_sse(first.text)
     assert other.status_code == 422
     assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("cancel", ["task", "cancel scope"])
+async def test_a_send_cancelled_before_its_commit_frees_its_key_and_its_quota_claim_at_once(
+    app: FastAPI, session: AsyncSession, fake: FakeN8n, cancel: str
+) -> None:
+    """A shutdown cancels the requests still running. A general-path send cancelled after claiming its key
+    (and its quota slot) and before its commit stores nothing, so both are given back then and there: before,
+    the key was given back on errors only, and the client's retry with it (the browser client retries a send
+    that got no answer) answered 409 "still starting" for a minute. A cancel scope (anyio's, as Starlette's
+    task groups use) cancels every later wait too: the give-backs are shielded from it."""
+    settings = app_state(app).settings
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+    team = await session.get_one(Team, setup.user.team_id)
+    team.settings = {"quota": {"messages_per_user_per_day": 5}}
+    await session.commit()
+    url = f"/api/chats/{setup.chat.id}/messages"
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        first = await client.post(url, json={"content": "one"}, headers=setup.headers)
+        answer = data_events(parse_sse(first.text))[-1].data["data"]["message"]["id"]  # type: ignore[index]
+        # A regenerate takes the general path; the key's record (the last write before the commit) waits for a
+        # lock this test holds, so the request is cancelled with its claims made and its messages written.
+        body, headers = {"regenerate_of": answer}, {**setup.headers, "Idempotency-Key": "cut"}
+        await session.execute(
+            text(
+                "CREATE FUNCTION hold_key_update() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN PERFORM pg_advisory_xact_lock(424242); RETURN NEW; END $$"
+            )
+        )
+        await session.execute(
+            text(
+                "CREATE TRIGGER hold_key_update BEFORE UPDATE ON idempotency_keys"
+                " FOR EACH ROW EXECUTE FUNCTION hold_key_update()"
+            )
+        )
+        await session.commit()
+        try:
+            await session.execute(text("SELECT pg_advisory_lock(424242)"))
+            scope = anyio.CancelScope()
+
+            async def post() -> httpx.Response | None:
+                with scope:
+                    return await client.post(url, json=body, headers=headers)
+                return None
+
+            send = asyncio.create_task(post())
+            for _ in range(200):
+                waiting = await session.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 424242 AND NOT granted"
+                        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                    )
+                )
+                if waiting:
+                    break
+                await asyncio.sleep(0.025)
+            assert waiting == 1
+            counted = await session.scalar(select(UsageDaily.generations).where(UsageDaily.user_id == setup.user.id))
+            assert counted == 2  # the first send's and this one's claim
+            send.cancel() if cancel == "task" else scope.cancel()
+            # The lock goes with the cancel: a cancel scope's cancel may also cut asyncpg's request to cancel the
+            # waiting statement, which then runs on until it has its lock (as it would at a shutdown).
+            await session.execute(text("SELECT pg_advisory_unlock(424242)"))
+            await session.commit()
+            if cancel == "task":
+                with pytest.raises(asyncio.CancelledError):
+                    await send
+            else:
+                assert await send is None
+            for _ in range(200):  # the shielded give-back runs on after the cancel
+                if await count_rows(session, "idempotency_keys") == 0:
+                    break
+                await asyncio.sleep(0.025)
+        finally:
+            await session.execute(text("SELECT pg_advisory_unlock_all()"))
+            await session.execute(text("DROP TRIGGER hold_key_update ON idempotency_keys"))
+            await session.execute(text("DROP FUNCTION hold_key_update()"))
+            await session.commit()
+        assert await count_rows(session, "idempotency_keys") == 0
+        counted = await session.scalar(
+            select(UsageDaily.generations)
+            .where(UsageDaily.user_id == setup.user.id)
+            .execution_options(populate_existing=True)
+        )
+        assert counted == 1
+        assert len(await messages_of(app, setup.chat)) == 2
+        # The retry starts at once (not a 409 after waiting for the claim), and stores one answer.
+        retry = await asyncio.wait_for(client.post(url, json=body, headers=headers), 5)
+    assert retry.status_code == 200, retry.text
+    assert data_events(parse_sse(retry.text))[-1].type == "done"
+    assert len(fake.requests) == 2

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -181,9 +182,12 @@ async def _start_checked(
             worker_id=registry.worker_id,
             idempotency_key=key,
         )
-    except Exception:
+    except BaseException:
         if key is not None:
-            await idempotency.release(session=session, user_id=user.id, key=key)
+            # Shielded, as the quota's give-back: a send cancelled here (a shutdown) frees its key too, or the
+            # client's retry with it would answer 409 "still starting" until the claim counts as abandoned.
+            with anyio.CancelScope(shield=True):
+                await idempotency.release(session=session, user_id=user.id, key=key)
         raise
     return registry.start(new).sse(settings.STREAM_PING_INTERVAL)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +37,8 @@ KEY_PATTERN = r"^[ -~]+$"
 KEY_REUSED = "This Idempotency-Key was used with another request; use a new key for a new message"
 STILL_STARTING = "The request with this Idempotency-Key is still starting; retry in a moment"
 _LOC = ("header", "Idempotency-Key")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,16 +127,21 @@ async def record(
 
 
 async def release(*, session: AsyncSession, user_id: uuid.UUID, key: str) -> None:
-    """The request was refused before anything was stored: the key is free again, so a retry is judged anew."""
-    await session.rollback()
-    await session.execute(
-        delete(IdempotencyKey).where(
-            IdempotencyKey.user_id == user_id,
-            IdempotencyKey.key == key,
-            IdempotencyKey.assistant_message_id.is_(None),
+    """The request was refused (or cancelled) before anything was stored: the key is free again, so a retry is
+    judged anew. Called while another exception propagates: a failure here is logged, never raised over it (the
+    claim is then dropped as abandoned after `ABANDONED_AFTER`)."""
+    try:
+        await session.rollback()
+        await session.execute(
+            delete(IdempotencyKey).where(
+                IdempotencyKey.user_id == user_id,
+                IdempotencyKey.key == key,
+                IdempotencyKey.assistant_message_id.is_(None),
+            )
         )
-    )
-    await session.commit()
+        await session.commit()
+    except Exception:
+        logger.exception("giving back a refused send's Idempotency-Key failed")
 
 
 async def prune(*, session: AsyncSession) -> int:
