@@ -51,11 +51,17 @@ def _parse_ip(value: str) -> Address | None:
     if with_port is not None:
         value = with_port.group("v6") or with_port.group("v4")
     try:
-        return ip_address(value)
+        address = ip_address(value)
     except ValueError:
         return None
+    # An IPv4 address as a dual-stack socket (`--host ::`) reports it, or a proxy wrote it: that IPv4 address.
+    return address.ipv4_mapped or address if isinstance(address, IPv6Address) else address
 
 
 def _is_trusted(value: str, trusted: list[Network]) -> bool:
+    """`value` is in TRUSTED_PROXIES, an IPv4 address whether the list spells it as IPv4 or IPv4-mapped IPv6."""
     address = _parse_ip(value)
-    return address is not None and any(address in network for network in trusted)
+    if address is None:
+        return False
+    spellings = [address, IPv6Address(f"::ffff:{address}")] if isinstance(address, IPv4Address) else [address]
+    return any(spelling in network for spelling in spellings for network in trusted)

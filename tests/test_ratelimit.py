@@ -147,6 +147,24 @@ async def test_forwarded_for_from_trusted_proxy_separates_clients(make_app: AppF
         assert other.status_code == 200
 
 
+async def test_a_trusted_proxy_seen_as_an_ipv4_mapped_address_is_trusted(
+    make_app: AppFactory, session: AsyncSession
+) -> None:
+    """A server on a dual-stack socket (`--host ::`, with `--workers`) sees an IPv4 proxy as `::ffff:10.1.2.3`: it
+    is the proxy listed as `10.0.0.0/8` all the same. It was not trusted, so every client behind it shared the
+    proxy's one login budget (5 a minute for everyone)."""
+    await create_user(session, email="mapped@example.com")
+    app = make_app(TRUSTED_PROXIES=["10.0.0.0/8"])
+    async with client_for(app, "::ffff:10.1.2.3") as proxy:
+        for _ in range(5):
+            headers = {"X-Forwarded-For": "198.51.100.1"}
+            assert (await login(proxy, "mapped@example.com", "wrong-pw", headers=headers)).status_code == 401
+        again = await login(proxy, "mapped@example.com", headers={"X-Forwarded-For": "198.51.100.1"})
+        assert again.status_code == 429
+        other = await login(proxy, "mapped@example.com", headers={"X-Forwarded-For": "198.51.100.2"})
+        assert other.status_code == 200
+
+
 async def test_register_and_team_signup_have_their_own_limits(make_app: AppFactory, session: AsyncSession) -> None:
     team = await create_team(session, settings={"open_registration": True})
     app = make_app(RATE_LIMIT_REGISTER="2/minute", RATE_LIMIT_TEAM_SIGNUP="1/minute")
@@ -190,6 +208,17 @@ def test_client_address_is_one_canonical_spelling_without_scope_ids() -> None:
     assert client_address("127.0.0.1", ["2001:DB8::1"], trusted) == "2001:db8::1"
     assert client_address("127.0.0.1", ["fe80::1%eth0 forged"], trusted) == "127.0.0.1"
     assert client_address("127.0.0.1", ["fe80::1%x"], trusted) == "127.0.0.1"
+
+
+def test_client_address_reads_ipv4_mapped_addresses_as_ipv4() -> None:
+    """`::ffff:a.b.c.d` is the IPv4 address a.b.c.d (a dual-stack socket's peer, a hop a proxy wrote so): a listed
+    proxy is trusted in either spelling, whichever of the two the list uses, and a client is named in one."""
+    trusted = parse_networks(["10.0.0.0/8"])
+    assert client_address("::ffff:10.0.0.1", ["203.0.113.5"], trusted) == "203.0.113.5"
+    assert client_address("10.0.0.1", ["203.0.113.5, ::ffff:10.0.0.2"], trusted) == "203.0.113.5"
+    assert client_address("10.0.0.1", ["::ffff:203.0.113.5"], trusted) == "203.0.113.5"
+    assert client_address("::ffff:10.0.0.1", ["203.0.113.5"], parse_networks(["::ffff:10.0.0.0/104"])) == "203.0.113.5"
+    assert client_address("::ffff:203.0.113.9", ["6.6.6.6"], trusted) == "::ffff:203.0.113.9"  # not a proxy
 
 
 def test_client_address_drops_a_port_a_proxy_wrote() -> None:
