@@ -92,6 +92,25 @@ async def test_serve_behind_trusted_proxy_keys_on_the_rightmost_untrusted_hop(
     assert "203.0.113.9" not in text
 
 
+async def test_serve_on_a_dual_stack_socket_trusts_an_ipv4_proxy_it_sees_as_ipv4_mapped(
+    database_url: str, tmp_path: Path, redis_url: str
+) -> None:
+    """`--host ::` with `--workers`: uvicorn binds one dual-stack socket, on which a proxy connecting over IPv4
+    from 127.0.0.1 is the peer `::ffff:127.0.0.1`. It is the proxy TRUSTED_PROXIES lists all the same: each
+    client behind it has its own budget (they shared the proxy's one before)."""
+    log = tmp_path / "server.log"
+    env = server_env(database_url, tmp_path, REDIS_URL=redis_url, TRUSTED_PROXIES="127.0.0.1")
+    dual_stack = [sys.executable, "-m", "app.cli", "serve", "--host", "::", "--workers", "2"]
+    async with server_process(dual_stack, env, log) as url:  # reached at 127.0.0.1, over IPv4
+        first = [await attempt(url, "198.51.100.1") for _ in range(LIMIT + 1)]
+        other = await attempt(url, "198.51.100.2")
+    assert first == [401] * LIMIT + [429]
+    assert other == 401
+    text = log.read_text()
+    assert re.search(r"app\.access: 198\.51\.100\.1 POST /api/auth/login 429", text)
+    assert re.search(r"app\.access: 198\.51\.100\.2 POST /api/auth/login 401", text)
+
+
 async def test_live_test_server_ignores_forwarded_for_from_localhost(database_url: str, tmp_path: Path) -> None:
     settings = make_settings(database_url, tmp_path, RATE_LIMIT_LOGIN=f"{LIMIT}/minute")
     async with live_server(settings) as server:
