@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
-from sqlalchemy import Row, Select, bindparam, literal, select
+from sqlalchemy import Row, Select, bindparam, event, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -175,6 +175,24 @@ def _check_account(
         raise Unauthorized(INVALID_TOKEN)
 
 
+#: Set on a `User` loaded for an API key (an attribute of the object, not a column: a reload keeps it).
+_KEY_USER = "_acts_for_api_key"
+
+
+def act_as_key_user(user: User) -> None:
+    """The role `user` for an API key's user, set without marking it changed (nothing writes it), and kept
+    through any reload of the object in the request (a rollback's expiry then a `refresh`, a query with
+    `populate_existing`): a check of the role after one would otherwise see the stored role, an admin's."""
+    setattr(user, _KEY_USER, True)
+    set_committed_value(user, "role", "user")
+
+
+@event.listens_for(User, "refresh")
+def _keep_key_role(user: User, _context: object, _attrs: object) -> None:
+    if getattr(user, _KEY_USER, False):
+        set_committed_value(user, "role", "user")
+
+
 async def current_user(
     request: Request,
     session: SessionDep,
@@ -189,12 +207,12 @@ async def current_user(
     is refused at once; roles are read fresh, so a demoted admin loses admin access on the next request.
 
     An API key (`Authorization: Bearer n8nr_...`) authenticates as its user with the role `user`, whatever
-    the stored role: the role is set on the loaded object without marking it changed, so nothing writes it.
+    the stored role (`act_as_key_user`): nothing writes it, and no reload of the object in the request undoes it.
     """
     key = api_key_from_request(request)
     if key is not None:
         user: User = (await _key_account(request, session, settings, key, orm=True))[0]
-        set_committed_value(user, "role", "user")
+        act_as_key_user(user)
         return user
     claims = access_claims(request, settings)
     user = (await _account_row(revocations, session, claims, orm=True))[0]

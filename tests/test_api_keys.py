@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.auth import act_as_key_user
 from app.config import Settings
 from app.db import utcnow
 from app.models import ApiKey, User
@@ -341,3 +342,31 @@ async def test_keys_never_reach_the_logs(
     assert logged  # the access log saw the requests
     assert key not in logged
     assert key[13:] not in logged
+
+
+async def test_an_api_keys_user_stays_role_user_through_any_reload_in_the_request(session: AsyncSession) -> None:
+    """An admin's key acts as role `user`. That role is set on the loaded object only; a service that reloads
+    the object (a rollback expires it, then `refresh`, or a query with `populate_existing`, as a retry after a
+    unique violation does) read the stored `admin` back, and a role check after it would have passed."""
+    team = await create_team(session)
+    owner = await create_admin(session, team=team)
+    other = await create_admin(session, team=team)
+    act_as_key_user(owner)
+    assert owner.role == "user"
+    await session.rollback()
+    await session.refresh(owner)
+    assert owner.role == "user"
+    again = (
+        await session.execute(select(User).where(User.id == owner.id).execution_options(populate_existing=True))
+    ).scalar_one()
+    assert again is owner
+    assert owner.role == "user"
+    # Nothing writes it, even when the user is saved for another change; another user keeps its own role.
+    owner.full_name = "Renamed"
+    await session.commit()
+    await session.refresh(other)
+    assert other.role == "admin"
+    stored = await session.scalar(
+        select(User.role).where(User.id == owner.id).execution_options(populate_existing=True)
+    )
+    assert stored == "admin"
