@@ -23,6 +23,7 @@ from app.config import Settings, load_settings
 from app.crypto import parse_keys
 from app.db import Database, secure_sqlite_file
 from app.fields import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, canonical_email, email_forms, normalize_email
+from app.migration_lock import migration_lock
 from app.migrations import alembic_config
 from app.models import Team, User
 from app.serve import serve
@@ -42,9 +43,51 @@ def out(text: str) -> None:
     sys.stdout.flush()
 
 
-def migrate(settings: Settings) -> None:
-    secure_sqlite_file(settings.DATABASE_URL)  # before Alembic's engine creates the file world-readable
-    command.upgrade(alembic_config(settings.DATABASE_URL, configure_logging=True), "head")
+def migrate(settings: Settings) -> int:
+    """Alembic's upgrade to the head: 0, or 1 with one line (not a traceback) saying why it failed."""
+    try:
+        command.upgrade(alembic_config(settings.DATABASE_URL, configure_logging=True), "head")
+    except (DBAPIError, OSError) as exc:
+        # One line naming the database, not a traceback (its password hidden): e.g. not created yet.
+        out(f"Cannot migrate the database {database_problem(settings, exc)}")
+        return 1
+    except CommandError as exc:
+        # Alembic's own refusal, e.g. a revision this release does not know: one line, not a traceback.
+        reason = str(exc).splitlines()[0][:200]
+        hint = " (was it migrated by a newer release of the service?)" if "Can't locate revision" in reason else ""
+        out(f"Cannot migrate the database: {reason}{hint}")
+        return 1
+    return 0
+
+
+def migrate_and_init(settings: Settings, *, init: bool) -> int:
+    """`migrate`, and `init`'s first admin after it, under the database's migration lock (app.migration_lock):
+    runs started at once (replicas each running `init`) take turns, so the later ones find the database at the
+    head and initialised, and do nothing twice."""
+    try:
+        secure_sqlite_file(settings.DATABASE_URL)  # before the lock file beside it, or Alembic, creates the file
+        return asyncio.run(_locked(settings, init=init))
+    except (DBAPIError, OSError) as exc:  # the lock's own connection (or file)
+        out(f"Cannot migrate the database {database_problem(settings, exc)}")
+        return 1
+
+
+async def _locked(settings: Settings, *, init: bool) -> int:
+    async with migration_lock(settings.DATABASE_URL, out):
+        # In a thread: migrations/env.py runs its own event loop. Shielded: an interrupt (Ctrl-C) cannot stop
+        # the thread, so the lock is kept until the upgrade has ended, never released under it.
+        upgrade = asyncio.ensure_future(asyncio.to_thread(migrate, settings))
+        try:
+            status = await asyncio.shield(upgrade)
+        except asyncio.CancelledError:
+            await upgrade
+            raise
+        if status or not init:
+            return status
+        try:
+            return await first_admin(settings) or 0
+        except (DBAPIError, OSError) as exc:
+            return database_failed(settings, "init", exc)
 
 
 async def first_admin(settings: Settings) -> int | None:
@@ -199,10 +242,15 @@ def run_on_database(settings: Settings, name: str, work: Coroutine[Any, Any, int
     try:
         return asyncio.run(work) or 0
     except (DBAPIError, OSError) as exc:
-        problem = database_problem(settings, exc)
-        hint = " (run `python -m app.cli migrate` first?)" if _NOT_MIGRATED.search(problem) else ""
-        out(f"{name} failed: database {problem}{hint}")
-        return 1
+        return database_failed(settings, name, exc)
+
+
+def database_failed(settings: Settings, name: str, exc: BaseException) -> int:
+    """Say in one line that a command's database work failed, and why: exit status 1."""
+    problem = database_problem(settings, exc)
+    hint = " (run `python -m app.cli migrate` first?)" if _NOT_MIGRATED.search(problem) else ""
+    out(f"{name} failed: database {problem}{hint}")
+    return 1
 
 
 def password_problem(password: str) -> str | None:
@@ -269,20 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(settings, host=args.host, port=args.port, workers=max(1, args.workers))
         return 0
     if args.cmd in ("migrate", "init"):
-        try:
-            migrate(settings)
-        except (DBAPIError, OSError) as exc:
-            # One line naming the database, not a traceback (its password hidden): e.g. not created yet.
-            out(f"Cannot migrate the database {database_problem(settings, exc)}")
-            return 1
-        except CommandError as exc:
-            # Alembic's own refusal, e.g. a revision this release does not know: one line, not a traceback.
-            reason = str(exc).splitlines()[0][:200]
-            hint = " (was it migrated by a newer release of the service?)" if "Can't locate revision" in reason else ""
-            out(f"Cannot migrate the database: {reason}{hint}")
-            return 1
-    if args.cmd == "init":
-        return run_on_database(settings, args.cmd, first_admin(settings))
+        return migrate_and_init(settings, init=args.cmd == "init")
     if args.cmd == "create-admin":
         problem = team_name_problem(args.team) or password_problem(args.password) or email_problem(args.email)
         if problem:
