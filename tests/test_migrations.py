@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import logging
@@ -149,6 +150,45 @@ def test_a_failed_migration_keeps_those_before_it_on_postgresql(tmp_path: Path) 
             command.upgrade(alembic_config(url, script_location=migrations), "head")
         assert asyncio.run(_column(url, "SELECT version_num FROM alembic_version")) == [migration_head()]
         assert asyncio.run(_pg_tables(url)) == EXPECTED_TABLES
+
+
+#: What a migration may import from the application: the index helpers of app.migrations, which say how an index
+#: is built on PostgreSQL (CONCURRENTLY, outside a transaction), not what a migration changes: a fix to them is
+#: meant for every migration that builds an index.
+MIGRATIONS_MAY_IMPORT = {"app.migrations": {"create_index_concurrently", "drop_index_concurrently"}}
+#: The project's own top-level packages and modules (migrations/frozen holds what migrations need of them).
+PROJECT_MODULES = {"app", "main", "tools", "tests", "bench"}
+
+
+def _project_imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) of each import of a project module in a file (name "*" for `import module`)."""
+    found: list[tuple[str, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, "*") for alias in node.names if alias.name.split(".")[0] in PROJECT_MODULES]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PROJECT_MODULES:
+            found += [(node.module, alias.name) for alias in node.names]
+    return found
+
+
+def test_migrations_import_no_application_code() -> None:
+    """A migration that imports app code (a slug, an email's stored form, the usage roll-up) does something else
+    on a fresh database whenever that code changes: they use frozen copies (migrations/frozen), which import
+    nothing of the project either."""
+    versions = sorted((ROOT / "migrations" / "versions").glob("*.py"))
+    frozen = sorted((ROOT / "migrations" / "frozen").glob("*.py"))
+    assert len(versions) >= 21
+    assert frozen
+    wrong = [
+        f"{path.relative_to(ROOT)}: {module}.{name}"
+        for path in versions
+        for module, name in _project_imports(path)
+        if name not in MIGRATIONS_MAY_IMPORT.get(module, set())
+    ]
+    wrong += [
+        f"{path.relative_to(ROOT)}: {module}.{name}" for path in frozen for module, name in _project_imports(path)
+    ]
+    assert wrong == []
 
 
 def test_schema_sql_matches_migrations() -> None:

@@ -9,7 +9,8 @@ Buckets: one per millisecond below `EXACT_BELOW`, then each `RATIO` times wider 
 2**31 ms (the ledger's integer). A median is computed as PostgreSQL's `percentile_cont(0.5)` would (the
 mean of the two middle values for an even count), each middle value taken as its bucket's midpoint: exact
 below `EXACT_BELOW` ms, and otherwise off by less than (RATIO - 1) / 2 = 2.5 % of the true median.
-Changing the buckets changes what the stored integers mean: it needs a migration that rebuilds the roll-up.
+Changing the buckets changes what the stored integers mean: it needs a migration that rebuilds the roll-up
+(with a frozen copy of the new code of its own: migrations 0011 and 0020 use theirs, migrations/frozen).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from app.slugs import first_free, slugify
+# Frozen copies (migrations/frozen): app.slugs may change, what this migration does must not.
+from migrations.frozen.slugs import first_free, slugify
 
 revision: str = "0006"
 down_revision: str | None = "0005"

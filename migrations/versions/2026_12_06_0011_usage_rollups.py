@@ -5,8 +5,8 @@ Revises: 0010
 Create Date: 2026-12-06
 
 The roll-up is filled from the existing ledger rows, one team's UTC day at a time, as each new ledger row is
-summed (app.services.usage_rollup: `RollupBuilder`, which writes each roll-up row once, the day of a row being
-the one its generation began, since migration 0020). The ledger's `(team_id, created_at)`
+summed (`RollupBuilder`, frozen in migrations/frozen/usage_rollup.py as of migration 0020: it writes each
+roll-up row once, the day of a row being the one its generation began). The ledger's `(team_id, created_at)`
 index loses the columns it carried for the reports (INCLUDE, PostgreSQL): they no longer read the ledger.
 Downgrading drops the roll-up (the ledger keeps everything) and gives the index its columns back.
 """
@@ -18,8 +18,9 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from app.dialects import Histogram, UTCDateTime
-from app.services.usage_rollup import RollupBuilder
+# Frozen copies (migrations/frozen): app.services.usage_rollup and app.dialects may change, what this
+# migration does must not.
+from migrations.frozen.usage_rollup import Histogram, RollupBuilder, UTCDateTime
 
 revision: str = "0011"
 down_revision: str | None = "0010"

@@ -6,10 +6,10 @@ Create Date: 2026-12-07
 
 A row stored before emails were folded keeps the spelling it was registered with (`a@xn--bcher-kva.de`,
 full-width letters in a domain, upper case): lookups reach it only as typed, and its folded form could be
-registered again in the same team. Each `users.email` becomes `stored_email` of itself (imported from app, as
-0006 and 0011 import theirs), unless another user of its team already holds that form (the unique index on
-`team_id, lower(email)`): that row is left as it is and logged by id, never by address, for the operator to
-merge (docs/OPERATIONS.md). Of two old rows that fold to one form no one holds yet, the first met takes it.
+registered again in the same team. Each `users.email` becomes `stored_email` of itself (app.fields' as of this
+revision, frozen in migrations/frozen/emails.py), unless another user of its team already holds that form (the
+unique index on `team_id, lower(email)`): that row is left as it is and logged by id, never by address, for the
+operator to merge (docs/OPERATIONS.md). Of two old rows that fold to one form no one holds yet, the first met takes it.
 `invites.email` has no such index: every bound email is folded. Idempotent: a folded row folds to itself.
 
 Downgrade changes nothing: the old spellings are not kept (nothing could restore them), and the folded form is
@@ -23,7 +23,8 @@ from collections.abc import Iterator, Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from app.fields import stored_email
+# A frozen copy (migrations/frozen): app.fields may change, what this migration does must not.
+from migrations.frozen.emails import stored_email
 
 revision: str = "0018"
 down_revision: str | None = "0017"

@@ -7,10 +7,10 @@ Create Date: 2026-12-07
 The roll-up dated a ledger row by its final write, while the daily quota counts a generation on the UTC day it
 began (its final write less its duration): an answer begun before midnight and ended after it was one day's
 for the quota and the next day's in the usage reports. The roll-up is emptied and summed from the ledger
-again, each row dated by its start (app.services.usage_rollup.RollupBuilder), reading one team's UTC day of
-final writes at a time as migration 0011's back-fill does. Downgrading sums it again dated by the final
-write, as the code before this revision kept it. Nothing else changes (no schema change). It takes as long
-as 0011's back-fill (about a minute per million ledger rows: docs/PERFORMANCE.md, usage reports).
+again, each row dated by its start (`RollupBuilder`, frozen in migrations/frozen/usage_rollup.py), reading one
+team's UTC day of final writes at a time as migration 0011's back-fill does. Downgrading sums it again dated by
+the final write, as the code before this revision kept it. Nothing else changes (no schema change). It takes as
+long as 0011's back-fill (about a minute per million ledger rows: docs/PERFORMANCE.md, usage reports).
 """
 
 from collections.abc import Iterator, Sequence
@@ -20,8 +20,9 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from app.dialects import Histogram, UTCDateTime
-from app.services.usage_rollup import RollupBuilder
+# Frozen copies (migrations/frozen): app.services.usage_rollup and app.dialects may change, what this
+# migration does must not.
+from migrations.frozen.usage_rollup import Histogram, RollupBuilder, UTCDateTime
 
 revision: str = "0020"
 down_revision: str | None = "0019"
