@@ -6,7 +6,8 @@ is never inside a transaction: an index built CONCURRENTLY by a migration (app.m
 transaction of the database older than itself, so a lock held in an open transaction, or a waiter blocked
 in `pg_advisory_lock` (a statement with a snapshot), would stop the build of the run that holds the lock,
 and with it the run. A waiter therefore polls `pg_try_advisory_lock`, each try a statement of a moment. The
-lock is the session's: it ends with the connection, also when the process dies.
+lock is the session's: it ends with the connection, also when the process dies (and so the session sets no
+`idle_session_timeout`, which would end it midway).
 
 SQLite (one file, on one machine): an exclusive `flock` of a file beside the database, `<file>.migrate-lock`,
 which the kernel releases when the process ends; never the database file itself (closing a second descriptor
@@ -59,6 +60,10 @@ async def _advisory_lock(url: str, waiting: Callable[[str], None]) -> AsyncItera
     engine = create_async_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
     try:
         async with engine.connect() as connection:
+            if await connection.scalar(text("SELECT current_setting('server_version_num')::int")) >= 140000:
+                # Idle all through the run: an `idle_session_timeout` of the role or database would end the
+                # session, and the lock with it, midway.
+                await connection.execute(text("SET idle_session_timeout = 0"))
             statement = text("SELECT pg_try_advisory_lock(:key)").bindparams(key=MIGRATION_LOCK_KEY)
             if not await connection.scalar(statement):
                 waiting(WAITING)

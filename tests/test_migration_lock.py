@@ -15,7 +15,7 @@ import pytest
 
 from app.migration_lock import MIGRATION_LOCK_KEY, WAITING
 from app.services.health import migration_head
-from tests.conftest import ROOT, _plain_url
+from tests.conftest import ROOT, _admin_execute, _plain_url
 from tests.test_migrations import fresh_postgres
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -167,3 +167,14 @@ async def test_migrate_waits_while_another_run_holds_the_lock_on_sqlite(tmp_path
     finally:
         os.close(lock)
     assert database.stat().st_size > 0
+
+
+def test_the_lock_outlives_an_idle_session_timeout_on_postgresql(tmp_path: Path) -> None:
+    """The lock's connection is idle through the whole run: the database's `idle_session_timeout` (1 s here)
+    ended its session, and with it the lock, while the run that held it was still migrating."""
+    with fresh_postgres() as url:
+        name = url.rpartition("/")[2]
+        asyncio.run(_admin_execute(f"ALTER DATABASE \"{name}\" SET idle_session_timeout = '1s'"))
+        results = _at_once(tmp_path, url, "init", 3)
+        _check_one_initialised(results)
+        assert asyncio.run(_pg_state(url)) == (migration_head(), 1, 1)
