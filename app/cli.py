@@ -16,8 +16,9 @@ from typing import Any
 
 from alembic import command
 from alembic.util import CommandError
-from sqlalchemy import func, make_url, select
+from sqlalchemy import Connection, func, make_url, select
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.config import Settings, load_settings
 from app.crypto import parse_keys
@@ -43,10 +44,16 @@ def out(text: str) -> None:
     sys.stdout.flush()
 
 
-def migrate(settings: Settings) -> int:
-    """Alembic's upgrade to the head: 0, or 1 with one line (not a traceback) saying why it failed."""
+async def migrate(settings: Settings) -> int:
+    """Alembic's upgrade to the head: 0, or 1 with one line (not a traceback) saying why it failed.
+
+    On a connection made here, in this event loop (migrations/env.py uses the one it is given, as it does its own
+    otherwise), so an interrupt (Ctrl-C) stops the migration running, rolled back, before the lock is released.
+    """
+    engine = create_async_engine(settings.DATABASE_URL)
     try:
-        command.upgrade(alembic_config(settings.DATABASE_URL, configure_logging=True), "head")
+        async with engine.connect() as connection:
+            await connection.run_sync(_upgrade, settings)
     except (DBAPIError, OSError) as exc:
         # One line naming the database, not a traceback (its password hidden): e.g. not created yet.
         out(f"Cannot migrate the database {database_problem(settings, exc)}")
@@ -57,7 +64,15 @@ def migrate(settings: Settings) -> int:
         hint = " (was it migrated by a newer release of the service?)" if "Can't locate revision" in reason else ""
         out(f"Cannot migrate the database: {reason}{hint}")
         return 1
+    finally:
+        await engine.dispose()
     return 0
+
+
+def _upgrade(connection: Connection, settings: Settings) -> None:
+    config = alembic_config(settings.DATABASE_URL, configure_logging=True)
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
 
 
 def migrate_and_init(settings: Settings, *, init: bool) -> int:
@@ -74,14 +89,7 @@ def migrate_and_init(settings: Settings, *, init: bool) -> int:
 
 async def _locked(settings: Settings, *, init: bool) -> int:
     async with migration_lock(settings.DATABASE_URL, out):
-        # In a thread: migrations/env.py runs its own event loop. Shielded: an interrupt (Ctrl-C) cannot stop
-        # the thread, so the lock is kept until the upgrade has ended, never released under it.
-        upgrade = asyncio.ensure_future(asyncio.to_thread(migrate, settings))
-        try:
-            status = await asyncio.shield(upgrade)
-        except asyncio.CancelledError:
-            await upgrade
-            raise
+        status = await migrate(settings)
         if status or not init:
             return status
         try:

@@ -62,6 +62,7 @@ async def run_async_migrations() -> None:
 
 
 def run_migrations_online() -> None:
+    # `python -m app.cli migrate` passes its connection (made in its event loop, under the migration lock).
     connection = config.attributes.get("connection")
     if connection is not None:
         do_run_migrations(connection)
