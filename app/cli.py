@@ -311,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     p_reset.add_argument("--password", required=True)
     p_reset.add_argument("--team-id")
     sub.add_parser(
-        "rebuild-usage", help="empty the usage roll-up and sum the ledger into it again (with the service stopped)"
+        "rebuild-usage",
+        help="empty the usage roll-up and sum the ledger into it again (safe while the service runs on PostgreSQL; "
+        "answers ending meanwhile wait for it)",
     )
     p_rotate = sub.add_parser(
         "rotate-encryption-key",

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Insert, bindparam, delete, func, insert, literal, null, select, update
+from sqlalchemy import ColumnElement, Insert, bindparam, delete, func, insert, literal, null, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import metrics
@@ -19,6 +21,7 @@ from app.errors import RateLimited, Unprocessable
 from app.models import Agent, Team, UsageDaily, UsageRecord, UsageRollup, User
 from app.security import Caller
 from app.services.usage_rollup import (
+    LEDGER_ROLLUP_SQL,
     MS_MAX,
     NIL,
     RollupBuilder,
@@ -34,6 +37,8 @@ GroupBy = Literal["day", "agent", "user"]
 DEFAULT_DAYS = 30
 MAX_DAYS = 366
 QUOTA_REACHED = "Daily message quota reached; it resets at midnight UTC"
+#: PostgreSQL's `lock_not_available`: a lock not granted within `lock_timeout`.
+LOCK_NOT_AVAILABLE = "55P03"
 
 
 # --- the ledger ----------------------------------------------------------------------------------
@@ -422,17 +427,42 @@ async def release_generation(*, session: AsyncSession, user: Caller, day: date) 
     await session.commit()
 
 
-#: Roll-up rows per INSERT of a rebuild.
+#: Roll-up rows per INSERT of a rebuild (SQLite's, built here).
 REBUILD_BATCH = 5_000
+#: How long one try of a rebuild waits for the ledger's lock (seconds): the final writes begun meanwhile
+#: queue behind that request, so a rebuild that cannot start (a VACUUM, an index build holds the ledger) stops
+#: asking after this, lets them through, and asks again after `LEDGER_LOCK_PAUSE`.
+LEDGER_LOCK_WAIT = 1.0
+LEDGER_LOCK_PAUSE = 1.0
+#: A rebuild gives up after trying for this long (seconds).
+LEDGER_LOCK_PATIENCE = 300.0
+#: SHARE ROW EXCLUSIVE: conflicts with ROW EXCLUSIVE (any INSERT, UPDATE, DELETE) and with itself (two
+#: rebuilds take turns), not with ACCESS SHARE (the quota's and the reports' reads).
+_LOCK_LEDGER = f'LOCK TABLE "{UsageRecord.__tablename__}" IN SHARE ROW EXCLUSIVE MODE'
 
 
 async def rebuild_rollups(*, session: AsyncSession) -> int:
     """Empty the roll-up and sum the whole ledger into it again, in one transaction; the roll-up rows written.
 
     The ledger is the record: this is the repair when the roll-up is in doubt (`python -m app.cli
-    rebuild-usage`, with the service stopped: an answer stored meanwhile could be counted twice or not at
-    all). Read one team's UTC day of final writes at a time, so a big ledger is never held in memory; the
-    rows are dated by their start as the live roll-up dates them (`RollupBuilder`)."""
+    rebuild-usage`), safe while the service runs. Before it touches the roll-up it locks the ledger against
+    writers (`_lock_the_ledger`): a final write that inserted its ledger row already commits first (its
+    roll-up upsert takes no lock this transaction holds yet) and is read here; any later one waits for this
+    commit, holding no roll-up row (its ledger INSERT, or its one statement, takes the table lock before any
+    row), then adds to the rebuilt roll-up. So every answer is counted once, and nothing deadlocks: the final
+    write locks the ledger, then the roll-up; this, the ledger, then the roll-up.
+
+    On PostgreSQL the database sums the ledger (`LEDGER_ROLLUP_SQL`): the final writes wait for it. On SQLite
+    (one writer at a time: the DELETE takes the database's write lock, once a writer begun before has
+    committed) the ledger is read one team's UTC day of final writes at a time, so a big ledger is never held
+    in memory; the rows are dated by their start as the live roll-up dates them (`RollupBuilder`)."""
+    statements = statements_of(session)
+    if statements.name == "postgresql":
+        await _lock_the_ledger(session)
+        await session.execute(delete(UsageRollup))
+        result = await session.execute(text(LEDGER_ROLLUP_SQL))
+        await session.commit()
+        return int(getattr(result, "rowcount", 0))
     await session.execute(delete(UsageRollup))
     columns = [c for c in UsageRecord.__table__.columns if c.name != "id"]
     spans = (
@@ -467,3 +497,25 @@ async def rebuild_rollups(*, session: AsyncSession) -> int:
         written += len(pending)
     await session.commit()
     return written
+
+
+async def _lock_the_ledger(session: AsyncSession) -> None:
+    """Begin the rebuild's transaction with the ledger locked against writers (PostgreSQL), waiting for the
+    transactions writing it now. A try waits `LEDGER_LOCK_WAIT` at most (the final writes begun meanwhile
+    queue behind it), then the transaction is rolled back (nothing was done) and tried again."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + LEDGER_LOCK_PATIENCE
+    while True:
+        await session.execute(text(f"SET LOCAL lock_timeout = '{round(LEDGER_LOCK_WAIT * 1000)}ms'"))
+        try:
+            await session.execute(text(_LOCK_LEDGER))
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE or loop.time() > give_up_at:
+                raise
+            await session.rollback()
+            await asyncio.sleep(LEDGER_LOCK_PAUSE)
+            continue
+        # The rest of the transaction waits as the role's settings say (no lock of the ledger's writers is in
+        # its way now).
+        await session.execute(text("SET LOCAL lock_timeout TO DEFAULT"))
+        return

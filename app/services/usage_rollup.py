@@ -275,3 +275,48 @@ def prebuilt_params(record: Mapping[str, Any]) -> dict[str, Any]:
     for ms in ("ttfc_ms", "duration_ms"):
         params[ms.replace("_ms", "_bucket")] = None if record[ms] is None else bucket(record[ms])
     return params
+
+
+def _ledger_rollup_sql() -> str:
+    """The whole roll-up of the ledger as one INSERT ... SELECT (PostgreSQL): the rows `rollup_rows` gives for
+    all of it, summed by the database, where a rebuild in Python spent its time sending each roll-up row's
+    histograms (numbers of up to ~3,800 digits) back. A row's bucket is `bucket`'s (`width_bucket` over
+    `BOUNDS` is `bisect_right`), its histogram `prebuilt_add_to_rollup`'s `10**(FIELD * bucket)`; each
+    ledger row is added to its (user, agent) group once, and those groups summed into the four grains."""
+    bounds = "ARRAY[" + ",".join(map(str, BOUNDS)) + "]::bigint[]"
+
+    def one(ms: str) -> str:
+        # NULL (no value: an empty histogram, skipped by sum) stays NULL: greatest() and least() ignore it.
+        b = f"least(greatest(width_bucket({ms}::bigint, {bounds}) - 1, 0), {BUCKETS - 1})"
+        return f"CASE WHEN {ms} IS NOT NULL THEN (SELECT ones FROM histograms)[{b} + 1] END"
+
+    counters = ", ".join(_COUNTERS + _NULLABLE + _HISTOGRAMS)
+    sums = ", ".join(f"sum({name})" for name in _COUNTERS + _NULLABLE + _HISTOGRAMS)
+    return f"""
+INSERT INTO usage_rollups (team_id, day, agent_id, user_id, {counters})
+WITH histograms AS MATERIALIZED (
+  SELECT array_agg(CAST('1' || repeat('0', {FIELD} * b) AS numeric) ORDER BY b) AS ones
+  FROM generate_series(0, {BUCKETS - 1}) b
+)
+SELECT team_id, day, coalesce(agent_id, '{NIL}'), coalesce(user_id, '{NIL}'), {sums}
+FROM (
+  SELECT team_id, ((created_at - duration_ms * interval '1 millisecond') AT TIME ZONE 'UTC')::date AS day,
+         coalesce(agent_id, '{GONE}'::uuid) AS agent_id, coalesce(user_id, '{GONE}'::uuid) AS user_id,
+         count(*) AS generations,
+         count(*) FILTER (WHERE outcome = 'complete') AS completed,
+         count(*) FILTER (WHERE outcome IN ({", ".join(f"'{o}'" for o in ERROR_OUTCOMES)})) AS errors,
+         count(*) FILTER (WHERE outcome = 'cancelled') AS cancelled,
+         sum(chars_in) AS chars_in, sum(chars_out) AS chars_out,
+         sum(tokens_in) AS tokens_in, sum(tokens_out) AS tokens_out,
+         coalesce(sum({one("ttfc_ms")}), 0) AS ttfc_hist,
+         sum({one("duration_ms")}) AS duration_hist
+  FROM usage_records
+  GROUP BY 1, 2, 3, 4
+) pairs
+GROUP BY GROUPING SETS ((team_id, day), (team_id, day, agent_id), (team_id, day, user_id),
+                        (team_id, day, agent_id, user_id))
+"""
+
+
+#: `_ledger_rollup_sql`, built once.
+LEDGER_ROLLUP_SQL = _ledger_rollup_sql()
