@@ -256,3 +256,47 @@ async def test_a_rebuild_that_cannot_lock_the_ledger_lets_the_final_writes_throu
         await watcher.close()
     assert await count_rows(session, "usage_records") == 4
     await assert_rollup_matches_ledger(session)
+
+
+async def test_the_database_sums_the_ledger_into_the_roll_up_the_final_writes_build(
+    app: FastAPI, session: AsyncSession
+) -> None:
+    """On PostgreSQL the rebuild sums the ledger in SQL (`LEDGER_ROLLUP_SQL`), the final writes add rows built
+    in Python (`rollup_rows`): the same roll-up, bucket by bucket, at the edges too (no time to first chunk, 0
+    ms, the ledger's largest value, a deleted user's and agent's rows, tokens on some rows only, every
+    outcome, answers begun days before their final write)."""
+    db = app_state(app).db
+    setup = await chat_with_agent(session, db.settings, "http://127.0.0.1:9/webhook/x")
+    team = await session.get(Team, setup.user.team_id)
+    assert team is not None
+    agents = [setup.agent.id, (await create_agent(session, team=team)).id, None]  # None: deleted
+    users = [setup.user.id, (await create_user(session, team=team)).id, None]
+    now = utcnow()
+    timings = [None, 0, 1, 63, 64, 65, 999, 60_000, 2**31 - 1]
+    rows = [
+        ledger_row(
+            setup,
+            user_id=users[i % 3],
+            agent_id=agents[i // 3 % 3],
+            outcome=("complete", "error", "cancelled", "interrupted")[i % 4],
+            tokens_in=None if i % 5 else i,
+            tokens_out=None if i % 7 else 2 * i,
+            ttfc_ms=timings[i % len(timings)],
+            duration_ms=timings[(i * 5 + 1) % len(timings)] or 0,
+            created_at=now - timedelta(hours=7 * i),
+        )
+        for i in range(120)
+    ]
+    await usage_service.add_ledger_rows(session=session, rows=rows)
+    await session.commit()
+
+    async def stored() -> dict[tuple[Any, ...], tuple[Any, ...]]:
+        result = await session.execute(select(*UsageRollup.__table__.columns))
+        rollup = {tuple(r[:4]): tuple(r) for r in result}
+        await session.commit()
+        return rollup
+
+    live = await stored()
+    assert await rebuilt(db) == len(live)
+    assert await stored() == live
+    await assert_rollup_matches_ledger(session)
