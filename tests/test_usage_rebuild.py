@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,7 +24,8 @@ from app.services import usage as usage_service
 from app.services.messages import NewGeneration, finish_message, start_message
 from app.services.usage_rollup import NIL, add_to_rollup, rollup_rows
 from app.state import app_state
-from tests.conftest import _plain_url, assert_rollup_matches_ledger, count_rows
+from main import create_app, shutdown
+from tests.conftest import _plain_url, assert_rollup_matches_ledger, count_rows, make_settings, run_migrations
 from tests.factories import create_agent, create_user
 from tests.live import ChatSetup, chat_with_agent
 
@@ -300,3 +302,44 @@ async def test_the_database_sums_the_ledger_into_the_roll_up_the_final_writes_bu
     assert await rebuilt(db) == len(live)
     assert await stored() == live
     await assert_rollup_matches_ledger(session)
+
+
+async def test_on_sqlite_answers_stored_while_the_roll_up_is_rebuilt_are_each_counted_once(tmp_path: Path) -> None:
+    """SQLite (the embedded database: one process, one writer at a time): the rebuild's first statement takes the
+    write lock, so a final write ends before it (and is read) or waits for its commit (and adds to the rebuilt
+    roll-up). Three rebuilds while two chats store answers in a loop (which wait for each, up to SQLite's busy
+    timeout); a rebuild that let a final write commit between its DELETE and its INSERT summed that answer
+    along with the final write's own row (a duplicate key)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'rebuild.db'}"
+    await asyncio.to_thread(run_migrations, url)
+    lite = create_app(make_settings(url, tmp_path))
+    try:
+        db = app_state(lite).db
+        async with db.sessionmaker() as s:
+            setups = [await chat_with_agent(s, db.settings, "http://127.0.0.1:9/webhook/x") for _ in range(2)]
+            now = utcnow()
+            for setup in setups:
+                rows = [ledger_row(setup, created_at=now - timedelta(days=i % 40, minutes=i)) for i in range(200)]
+                await usage_service.add_ledger_rows(session=s, rows=rows)
+            await s.commit()
+        done = asyncio.Event()
+        stored = [0] * len(setups)
+
+        async def writer(i: int) -> None:
+            while not done.is_set() or stored[i] < 3:
+                await answered(db, setups[i], duration_ms=(stored[i] % 20) * DAY_MS + 30)
+                stored[i] += 1
+
+        writers = [asyncio.create_task(writer(i)) for i in range(len(setups))]
+        try:
+            await asyncio.sleep(0.05)
+            for _ in range(3):
+                assert await rebuilt(db) > 0
+        finally:
+            done.set()
+            await asyncio.gather(*writers)
+        async with db.sessionmaker() as s:
+            assert await count_rows(s, "usage_records") == 400 + sum(stored)
+            await assert_rollup_matches_ledger(s)
+    finally:
+        await shutdown(lite)
