@@ -189,8 +189,8 @@ _START_LAG_DAYS = -(-MS_MAX // 86_400_000)
 
 
 class RollupBuilder:
-    """The roll-up of a ledger read one team's UTC day of final writes at a time (a rebuild, a migration's
-    back-fill), in rows ready to insert: a row is dated by its start (`started_on`), up to `_START_LAG_DAYS`
+    """The roll-up of a ledger read one team's UTC day of final writes at a time (a rebuild on SQLite, a
+    migration's back-fill), in rows ready to insert: a row is dated by its start (`started_on`), up to `_START_LAG_DAYS`
     before its final write, so a roll-up row is handed out once no later final write can add to it, and each
     key exactly once (the reads of two days added to one key; a second INSERT of it was a duplicate key). Only
     the roll-up of the last few weeks of one team is held in memory."""
