@@ -5,7 +5,8 @@ ledger rows through COPY (spread evenly over `--teams` teams of 20 users and 10 
 `--days` days, with realistic outcomes, timings and, for a third of the rows, token counts), migrates to
 the head (0011 back-fills the roll-up from the ledger), runs VACUUM ANALYZE as autovacuum would, then calls
 the real application (httpx ASGITransport, no network) for the default 30-day period and prints
-p50/p99 latencies. The database is dropped at the end, also on failure.
+p50/p99 latencies, then times one rebuild of the roll-up (`app.cli rebuild-usage`). The database is dropped
+at the end, also on failure.
 
     .venv/bin/python -m bench.bench_usage                       # 1,000,000 rows, 10 teams, 90 days
     .venv/bin/python -m bench.bench_usage --rows 5000 --runs 5  # smoke
@@ -34,6 +35,8 @@ from cryptography.fernet import Fernet
 from app.config import load_settings
 from app.migrations import alembic_config
 from app.security import create_token, hash_password_sync
+from app.services import usage as usage_service
+from app.state import app_state
 from bench.bench_chats import measure
 from main import create_app, shutdown
 
@@ -207,6 +210,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         ("me, 30 days, by agent", "/api/usage/me?group_by=agent"),
                     ):
                         results["queries"].append(await measure(label, args.runs, _getter(c, path)))
+                # `app.cli rebuild-usage`: how long the final writes of a running service would wait for it.
+                started = time.perf_counter()
+                async with app_state(app).db.sessionmaker() as session:
+                    results["rebuild_rows"] = await usage_service.rebuild_rollups(session=session)
+                results["rebuild_s"] = round(time.perf_counter() - started, 2)
+                print(f"rebuild-usage: {results['rebuild_rows']} roll-up rows in {results['rebuild_s']} s", flush=True)
             finally:
                 await shutdown(app)
         results["load_average"] = [round(x, 2) for x in os.getloadavg()]

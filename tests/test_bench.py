@@ -177,6 +177,8 @@ async def test_bench_usage_runs_at_tiny_sizes() -> None:
     assert all(q["runs"] == 2 and q["p50_ms"] > 0 for q in results["queries"])
     assert 0 < results["team_rows_30_days"] <= 200
     assert results["rollup_rows"] > 0  # the reports read the roll-up the migration back-filled
+    assert results["rebuild_rows"] == results["rollup_rows"]  # and rebuilt it, timed
+    assert results["rebuild_s"] >= 0
 
 
 @pytest.mark.slow
