@@ -292,8 +292,8 @@ def never_fail_on_encoding() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-def main(argv: list[str] | None = None) -> int:
-    never_fail_on_encoding()
+def build_parser() -> argparse.ArgumentParser:
+    """The commands and their options (the manual's command tables are checked against it: tests/test_docs.py)."""
     parser = argparse.ArgumentParser(prog="python -m app.cli")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("migrate", help="apply migrations (alembic upgrade head)")
@@ -320,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         help="re-encrypt every stored secret with the first key of ENCRYPTION_KEY (safe while the service runs)",
     )
     p_rotate.add_argument("--batch-size", type=int, default=key_rotation.BATCH_SIZE, help="rows per transaction")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    never_fail_on_encoding()
+    args = build_parser().parse_args(argv)
 
     settings = load_settings()
     if args.cmd == "serve":

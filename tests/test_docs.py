@@ -3,12 +3,14 @@ docs/) names only settings and routes that exist, and its links reach their page
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
 import httpx
 import pytest
 
+from app.cli import build_parser
 from app.config import Settings
 from app.middleware import DOCS_CSP
 from main import create_app
@@ -200,3 +202,251 @@ def test_the_manuals_links_reach_a_file_and_heading() -> None:
 def test_readme_starts_with_make_run_and_make_test() -> None:
     first_block = (ROOT / "README.md").read_text().split("```", 2)[1]
     assert [line.split()[:2] for line in first_block.strip().splitlines()] == [["make", "run"], ["make", "test"]]
+
+
+# --- the settings' defaults, ranges and choices in .env.example (the settings' reference) --------------
+
+#: Settings whose line in .env.example is not their built-in default, and what their comment says instead.
+EXAMPLE_OVERRIDES = {"WEBHOOK_ALLOW_PRIVATE_NETWORKS": "Built-in default: false"}
+
+
+def env_example() -> dict[str, tuple[str, str, bool]]:
+    """Each setting of .env.example: (its value, the comment lines above it or above the run of settings it is
+    in, whether the line itself is commented out as an example)."""
+    entries: dict[str, tuple[str, str, bool]] = {}
+    comment: list[str] = []
+    previous_was_setting = False
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        setting = re.match(r"^(#? ?)([A-Z][A-Z0-9_]*)=(.*)$", line)
+        if setting:
+            entries[setting[2]] = (setting[3], "\n".join(comment), bool(setting[1]))
+            previous_was_setting = True
+        elif line.startswith("#"):
+            comment = [*([] if previous_was_setting else comment), line.lstrip("# ")]
+            previous_was_setting = False
+        else:
+            comment, previous_was_setting = [], False
+    return entries
+
+
+def default_text(name: str) -> str:
+    default = Settings.model_fields[name].default
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, list):
+        return ",".join(default)
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    if isinstance(default, Path):
+        return f"./{default}"
+    return "" if default is None else str(default)
+
+
+def range_text(name: str) -> str | None:
+    """The range of a bounded setting as .env.example states it: `(1-1000)`, `(>= 1024)`, `(> 0)`."""
+    bounds = {
+        kind: getattr(item, kind)
+        for item in Settings.model_fields[name].metadata
+        for kind in ("ge", "gt", "le")
+        if hasattr(item, kind)
+    }
+    plain = {kind: int(value) if float(value).is_integer() else value for kind, value in bounds.items()}
+    if "ge" in plain and "le" in plain:
+        return f"{plain['ge']}-{plain['le']}"
+    if "ge" in plain:
+        return f">= {plain['ge']}"
+    if "gt" in plain:
+        return f"> {plain['gt']}"
+    return None
+
+
+def test_env_example_gives_every_settings_default() -> None:
+    """.env.example is the settings' reference (the README says so): each line holds the built-in default, so a
+    default changed in app/config.py and not there is caught."""
+    entries = env_example()
+    wrong = []
+    for name in Settings.model_fields:
+        value, comment, example = entries[name]
+        if name in EXAMPLE_OVERRIDES:
+            if EXAMPLE_OVERRIDES[name] not in comment or EXAMPLE_OVERRIDES[name].split(": ")[1] != default_text(name):
+                wrong.append(f"{name}: the comment must say {EXAMPLE_OVERRIDES[name]!r}, the real default")
+        elif example:  # `# PUBLIC_BASE_URL=https://...`: an example of a setting that is unset by default
+            if default_text(name):
+                wrong.append(f"{name}: commented out, but its default is {default_text(name)!r}")
+        elif value != default_text(name):
+            wrong.append(f"{name}={value}, default {default_text(name)!r}")
+    assert not wrong, wrong
+
+
+def test_env_example_gives_every_settings_range_and_choices() -> None:
+    """A bounded setting's comment states its range as the service checks it, and a setting with a fixed set
+    of values lists them (`strict | lax | none`): an operator learns the limits before start-up refuses them."""
+    entries = env_example()
+    missing = []
+    for name, field in Settings.model_fields.items():
+        comment = entries[name][1]
+        bound = range_text(name)
+        if bound and not re.search(rf"\({re.escape(bound)}(?![\d.])", comment):
+            missing.append(f"{name}: ({bound})")
+        choices = getattr(field.annotation, "__args__", ()) if "Literal" in str(field.annotation) else ()
+        if choices and " | ".join(choices) not in comment:
+            missing.append(f"{name}: {' | '.join(choices)}")
+    assert not missing, missing
+
+
+#: `STREAM_WRITE_TIMEOUT` (60 s), `FILE_MAX_BYTES` (default 10 MiB), `AGENT_TEST_TIMEOUT`, 15 s: a default in prose.
+PROSE_DEFAULT = re.compile(
+    r"`([A-Z][A-Z0-9_]+)`(?:,| \()\s*(?:default\s+)?(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)"
+    r"(?:\s?(KiB|MiB|MB|million|px|s|seconds?|minutes?|hours?|days?)\b)?(?=[);,:]|\s)"
+)
+UNITS = {"KiB": 1024, "MiB": 1024 * 1024, "MB": 1_000_000, "million": 1_000_000, "px": 1, "s": 1}
+SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def stated_default(name: str, number: str, unit: str) -> float:
+    """A default as the manual states it, in the setting's own unit (the one its name ends with, else seconds or
+    bytes): `(10 minutes)` of CALLBACK_SILENCE_TIMEOUT is 600."""
+    value = float(number.replace(",", ""))
+    if unit.rstrip("s") in SECONDS:
+        own = next((SECONDS[u] for u in SECONDS if name.endswith(f"_{u.upper()}S")), 1)
+        return value * SECONDS[unit.rstrip("s")] / own
+    return value * UNITS.get(unit, 1)
+
+
+def test_the_manuals_stated_defaults_are_the_settings() -> None:
+    """A default the prose states beside a setting's name is its default in app/config.py (and a size in MB is
+    a size in MB, not MiB)."""
+    wrong = set()
+    for page in MANUAL:
+        for name, number, unit in PROSE_DEFAULT.findall(page.read_text()):
+            if name not in Settings.model_fields:
+                continue
+            default = Settings.model_fields[name].default
+            if isinstance(default, bool) or not isinstance(default, int | float):
+                continue
+            if stated_default(name, number, unit) != default:
+                wrong.add(f"{page.name}: {name} ({number} {unit}), default {default}")
+    assert not wrong, sorted(wrong)
+
+
+# --- every route, make target and command is in the manual, and the manual names no other --------------
+
+
+def test_every_route_is_in_the_api_reference(tmp_path: Path) -> None:
+    """The other direction of test_every_route_the_manual_names_exists: each operation of the OpenAPI document
+    has its row (`METHOD /path`) in docs/API_REFERENCE.md, so a new route cannot ship undocumented."""
+    text = (ROOT / "docs" / "API_REFERENCE.md").read_text()
+    documented = [
+        (method, _segments(route.split("?")[0]))
+        for methods, route in ROUTE.findall(text)
+        if not route.endswith("…")
+        for method in methods.split("/")
+    ]
+    missing = [
+        f"{method} /{'/'.join(route)}"
+        for method, route in schema_routes(tmp_path)
+        if not any(m == method and _starts(d, route, whole=True) for m, d in documented)
+    ]
+    assert not missing, missing
+
+
+def make_targets() -> set[str]:
+    return set(re.findall(r"^([a-z][\w-]*):(?!=)", (ROOT / "Makefile").read_text(), re.M))
+
+
+#: A make command: `make bench-quick`, `TEST_WORKERS=1 make test`, a line of a code block.
+MAKE_COMMAND = re.compile(r"^\s*(?:[A-Z_]+=\S* )*make ([a-z][\w-]*)", re.M)
+
+
+def test_every_make_target_the_manual_names_exists_and_the_readme_lists_each() -> None:
+    """`make X` in the manual (a code span or a line of a code block) is a target of the Makefile, and each target
+    of the Makefile is named in the README."""
+    targets = make_targets()
+    assert {"run", "test", "lint"} <= targets
+    unknown = set()
+    for page in MANUAL:
+        text = page.read_text()
+        blocks = re.findall(r"^```.*?^```", text, re.M | re.S)
+        for code in [*backticked(text), *blocks]:
+            unknown |= {f"{page.name}: make {target}" for target in MAKE_COMMAND.findall(code) if target not in targets}
+    assert not unknown, sorted(unknown)
+    readme = (ROOT / "README.md").read_text()
+    unlisted = sorted(target for target in targets if f"`make {target}" not in readme)
+    assert not unlisted, unlisted
+
+
+def cli_commands() -> dict[str, set[str]]:
+    """Each subcommand of `python -m app.cli` with its options."""
+    parser = build_parser()
+    sub = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return {
+        name: {option for action in command._actions for option in action.option_strings}
+        for name, command in sub.choices.items()
+    }
+
+
+def test_every_cli_command_the_manual_names_exists_and_the_readme_lists_each() -> None:
+    """`app.cli NAME --option` in the manual is a subcommand with that option, and each subcommand has its row
+    in the README's command table (`.venv/bin/python -m app.cli NAME`)."""
+    commands = cli_commands()
+    assert {"serve", "migrate", "init"} <= set(commands)
+    wrong = set()
+    for page in MANUAL:
+        for name, rest in re.findall(r"app\.cli ([a-z][a-z-]*)((?: \[?--?[a-z][^`|)\n]*)?)", page.read_text()):
+            if name not in commands:
+                wrong.add(f"{page.name}: app.cli {name}")
+                continue
+            wrong |= {
+                f"{page.name}: app.cli {name} {opt}"
+                for opt in re.findall(r"--[a-z][\w-]*", rest)
+                if opt not in commands[name]
+            }
+    assert not wrong, sorted(wrong)
+    readme = (ROOT / "README.md").read_text()
+    unlisted = sorted(name for name in commands if f"`.venv/bin/python -m app.cli {name}" not in readme)
+    assert not unlisted, unlisted
+
+
+#: The objects of docs/API_REFERENCE.md (its `### Name` headings): the schema whose keys each lists, and the keys
+#: documented elsewhere (a Chat is a ChatSummary plus its own table).
+OBJECT_SCHEMAS = {
+    "Team": ("TeamRead", set()),
+    "User": ("UserRead", set()),
+    "Agent": ("AgentAdminRead", set()),
+    "ChatSummary": ("ChatSummary", set()),
+    "Chat": (
+        "ChatRead",
+        {"id", "agent_id", "title", "archived", "pinned", "message_count", "created_at", "updated_at"},
+    ),
+    "Message": ("MessageRead", set()),
+    "File": ("FileRead", set()),
+    "ErrorLog": ("ErrorLogRead", set()),
+    "Invite": ("InviteCreatedRead", set()),
+    "The connection test": ("AgentTestResult", set()),
+}
+
+
+def documented_keys(section: str) -> set[str]:
+    """The keys of a section's key tables (`| key | type | notes |`): the first column's names (`id`, `team_id`)."""
+    tables = re.findall(r"^\| key \|.*\n((?:\|.*\n)+)", section, re.M)
+    rows = [row for table in tables for row in re.findall(r"^\| ((?:`\w+`(?:, )?)+) \|", table, re.M)]
+    return {key for row in rows for key in re.findall(r"`(\w+)`", row)}
+
+
+def test_every_object_lists_the_keys_of_its_schema(tmp_path: Path) -> None:
+    """An object's table in docs/API_REFERENCE.md names exactly the keys the service returns: a key added to or
+    dropped from a response schema shows up here."""
+    app = create_app(make_settings("postgresql+asyncpg://postgres@127.0.0.1:5432/unused", tmp_path))
+    schemas = app.openapi()["components"]["schemas"]
+    text = (ROOT / "docs" / "API_REFERENCE.md").read_text()
+    wrong = []
+    for heading, (schema, elsewhere) in OBJECT_SCHEMAS.items():
+        section = re.search(rf"^### {re.escape(heading)}\n(.*?)(?=^#)", text, re.M | re.S)
+        assert section, heading
+        expected = set(schemas[schema]["properties"]) - elsewhere
+        documented = documented_keys(section[1])
+        if documented != expected:
+            wrong.append(
+                f"{heading}: missing {sorted(expected - documented)}, not returned {sorted(documented - expected)}"
+            )
+    assert not wrong, wrong
