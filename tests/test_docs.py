@@ -450,3 +450,36 @@ def test_every_object_lists_the_keys_of_its_schema(tmp_path: Path) -> None:
                 f"{heading}: missing {sorted(expected - documented)}, not returned {sorted(documented - expected)}"
             )
     assert not wrong, wrong
+
+
+def cells(row: str) -> int:
+    """The cells of a Markdown table row; a `|` escaped or inside a code span is text."""
+    return re.sub(r"``.*?``|`[^`]*`", "", row.replace("\\|", "")).count("|") - 1
+
+
+def test_the_manuals_tables_are_whole() -> None:
+    """Each table has its header, a delimiter row of as many cells, and rows of as many cells, one after the
+    other: a row left after a paragraph, or a delimiter with a cell too many, renders as plain text."""
+    broken = []
+    for page in MANUAL:
+        text = re.sub(r"^```.*?^```", lambda block: "\n" * block[0].count("\n"), page.read_text(), flags=re.M | re.S)
+        lines = text.splitlines()
+        start = 0
+        while start < len(lines):
+            if not lines[start].startswith("|"):
+                start += 1
+                continue
+            end = start
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            table = lines[start:end]
+            if len(table) < 2 or not re.fullmatch(r"\|(?:\s*:?-+:?\s*\|)+\s*", table[1]):
+                broken.append(f"{page.name}:{start + 1}: no header and delimiter row")
+            else:
+                broken += [
+                    f"{page.name}:{start + number + 1}: {cells(row)} cells, the header has {cells(table[0])}"
+                    for number, row in enumerate(table)
+                    if cells(row) != cells(table[0])
+                ]
+            start = end
+    assert not broken, broken
