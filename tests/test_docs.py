@@ -313,19 +313,32 @@ def stated_default(name: str, number: str, unit: str) -> float:
     return value * UNITS.get(unit, 1)
 
 
+def numeric_values() -> dict[str, float]:
+    """Every setting's numeric default, and every constant of app/ set to a plain number in one place only
+    (`STORAGE_POLL = 0.5`)."""
+    found: dict[str, set[float]] = {}
+    for path in (ROOT / "app").rglob("*.py"):
+        assignments = re.findall(
+            r"^([A-Z][A-Z0-9_]+)(?:: [^=\n]+)? = (\d[\d_]*(?:\.\d+)?)\s*(?:#.*)?$", path.read_text(), re.M
+        )
+        for name, value in assignments:
+            found.setdefault(name, set()).add(float(value.replace("_", "")))
+    values = {name: next(iter(numbers)) for name, numbers in found.items() if len(numbers) == 1}
+    for name, field in Settings.model_fields.items():
+        if isinstance(field.default, int | float) and not isinstance(field.default, bool):
+            values[name] = float(field.default)
+    return values
+
+
 def test_the_manuals_stated_defaults_are_the_settings() -> None:
     """A default the prose states beside a setting's name is its default in app/config.py (and a size in MB is
-    a size in MB, not MiB)."""
+    a size in MB, not MiB); so is a value stated beside a constant of the code (`STORAGE_POLL` (0.5 s))."""
+    values = numeric_values()
     wrong = set()
     for page in MANUAL:
         for name, number, unit in PROSE_DEFAULT.findall(page.read_text()):
-            if name not in Settings.model_fields:
-                continue
-            default = Settings.model_fields[name].default
-            if isinstance(default, bool) or not isinstance(default, int | float):
-                continue
-            if stated_default(name, number, unit) != default:
-                wrong.add(f"{page.name}: {name} ({number} {unit}), default {default}")
+            if name in values and stated_default(name, number, unit) != values[name]:
+                wrong.add(f"{page.name}: {name} ({number} {unit}), in the code {values[name]:g}")
     assert not wrong, sorted(wrong)
 
 
