@@ -496,3 +496,22 @@ def test_the_manuals_tables_are_whole() -> None:
                 ]
             start = end
     assert not broken, broken
+
+
+def test_every_repository_path_the_manual_names_exists() -> None:
+    """`app/services/retention.py`, `tools/fake_n8n.py`, `recordings/n8n/`: a module moved or renamed leaves no
+    stale path in the manual (README's layout table included). A pattern (`profile-*`, `<rev>`, `YYYY`) is no
+    path; `app/services/blobs.collect_blobs` names a function of that module."""
+    missing = set()
+    for page in MANUAL:
+        for span in backticked(page.read_text()):
+            for path in re.findall(
+                r"(?<![\w/.-])((?:app|tools|tests|bench|migrations|docs|recordings|\.ci)/[\w./-]*)", span
+            ):
+                path = path.rstrip(".,:")
+                if re.search(r"[*<]|YYYY", span) and not (ROOT / path).exists():
+                    continue
+                module = re.fullmatch(r"(.+)\.\w+", path)
+                if not (ROOT / path).exists() and not (module and (ROOT / f"{module[1]}.py").exists()):
+                    missing.add(f"{page.name}: {path}")
+    assert not missing, sorted(missing)
