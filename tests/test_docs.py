@@ -4,6 +4,7 @@ docs/) names only settings and routes that exist, and its links reach their page
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 from pathlib import Path
 
@@ -515,3 +516,54 @@ def test_every_repository_path_the_manual_names_exists() -> None:
                 if not (ROOT / path).exists() and not (module and (ROOT / f"{module[1]}.py").exists()):
                     missing.add(f"{page.name}: {path}")
     assert not missing, sorted(missing)
+
+
+def code_strings() -> list[str]:
+    """Every string literal of app/, an f-string's fields as `{}` (adjacent literals are one string)."""
+    strings = []
+    for path in (ROOT / "app").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                strings.append(
+                    "".join(part.value if isinstance(part, ast.Constant) else "{}" for part in node.values)  # type: ignore[misc]
+                )
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                strings.append(node.value)
+    return strings
+
+
+def said_by_the_code(text: str, corpus: str, templates: list[re.Pattern[str]]) -> bool:
+    """A documented error text is one of the code's: `N`, `n` and `…` stand for what the code fills in, and a
+    field of the code's (`{limit}`, `{}`) for the documented example (`.html`, `line`, `32000`). `corpus` holds
+    the code's strings, each between NULs (a text is a whole string); `templates`, those with fields as patterns."""
+    documented = re.escape(text).replace("…", "[^\x00]*")
+    documented = re.sub(r"\\?\b[Nn]\b", "[^\x00]+", documented)
+    return bool(re.search(f"\x00{documented}\x00", corpus)) or any(template.fullmatch(text) for template in templates)
+
+
+def test_the_error_tables_quote_the_codes_texts() -> None:
+    """The error texts of docs/API_REFERENCE.md's error tables (`| status | detail | when |`, the stream's
+    `| code | message shown | cause |`) are texts the code gives, so a reworded error cannot leave a stale one."""
+    strings = code_strings()
+    corpus = "\x00" + "\x00".join(strings) + "\x00"
+    #: Strings with fields, as patterns; only those with some words of their own (not `{}: {}`).
+    templates = [
+        re.compile(re.sub(r"\\\{[^}]*\\\}", ".+", re.escape(string)))
+        for string in set(strings)
+        if "{" in string and len(re.sub(r"\{[^}]*\}", "", string)) >= 20
+    ]
+    text = (ROOT / "docs" / "API_REFERENCE.md").read_text()
+    tables = re.findall(r"^\| (?:status \| detail|code \| message shown) \|.*\n\|[-|]+\n((?:\|.*\n)+)", text, re.M)
+    assert len(tables) >= 3
+    stale = []
+    for table in tables:
+        for row in table.splitlines():
+            second = re.split(r"(?<!\\)\|", row)[2]
+            texts = re.findall(r"``(.+?)``|`([^`]+)`", second)
+            stale += [
+                quoted
+                for pair in texts
+                for quoted in pair
+                if quoted and quoted[0] not in "[{" and not said_by_the_code(quoted.strip(), corpus, templates)
+            ]
+    assert not stale, stale
