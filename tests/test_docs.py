@@ -567,3 +567,11 @@ def test_the_error_tables_quote_the_codes_texts() -> None:
                 if quoted and quoted[0] not in "[{" and not said_by_the_code(quoted.strip(), corpus, templates)
             ]
     assert not stale, stale
+
+
+def test_the_readme_indexes_every_page_of_docs() -> None:
+    """Each page of docs/ has its row in the README's Documentation table: a new page is found from the README."""
+    readme = (ROOT / "README.md").read_text()
+    index = readme.split("## Documentation", 1)[1].split("\n## ", 1)[0]
+    linked = set(re.findall(r"^\| \[[^]]*\]\(docs/([\w.-]+\.md)\)", index, re.M))
+    assert linked == {page.name for page in (ROOT / "docs").glob("*.md")}
