@@ -295,9 +295,10 @@ def test_env_example_gives_every_settings_range_and_choices() -> None:
     assert not missing, missing
 
 
-#: `STREAM_WRITE_TIMEOUT` (60 s), `FILE_MAX_BYTES` (default 10 MiB), `AGENT_TEST_TIMEOUT`, 15 s: a default in prose.
+#: `STREAM_WRITE_TIMEOUT` (60 s), `FILE_MAX_BYTES` (default 10 MiB), `AGENT_TEST_TIMEOUT`, 15 s, a table's
+#: | `N8N_READ_TIMEOUT` | 120 s |: a default stated beside the setting's name.
 PROSE_DEFAULT = re.compile(
-    r"`([A-Z][A-Z0-9_]+)`(?:,| \()\s*(?:default\s+)?(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)"
+    r"`([A-Z][A-Z0-9_]+)`(?:,| \(| \| )\s*(?:default\s+)?(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)"
     r"(?:\s?(KiB|MiB|MB|million|px|s|seconds?|minutes?|hours?|days?)\b)?(?=[);,:]|\s)"
 )
 UNITS = {"KiB": 1024, "MiB": 1024 * 1024, "MB": 1_000_000, "million": 1_000_000, "px": 1, "s": 1}
@@ -340,6 +341,9 @@ def test_the_manuals_stated_defaults_are_the_settings() -> None:
         for name, number, unit in PROSE_DEFAULT.findall(page.read_text()):
             if name in values and stated_default(name, number, unit) != values[name]:
                 wrong.add(f"{page.name}: {name} ({number} {unit}), in the code {values[name]:g}")
+        for name, limit in re.findall(r"^\| `(RATE_LIMIT_\w+)`.* \| (\d+/\w+) \|$", page.read_text(), re.M):
+            if Settings.model_fields[name].default != limit:
+                wrong.add(f"{page.name}: {name} {limit}, default {Settings.model_fields[name].default}")
     assert not wrong, sorted(wrong)
 
 
