@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import threading
+import tracemalloc
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator, MutableMapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -18,20 +21,29 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from markdown_it import MarkdownIt
-from sqlalchemy import event, update
+from sqlalchemy import delete, event, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.chat_schemas import ERROR_CODE_MAX_CHARS, ERROR_MESSAGE_MAX_CHARS, CallbackTool
-from app.db import utcnow
+from app.config import Settings
+from app.db import Database, utcnow
 from app.fields import JSON_MAX_DEPTH
-from app.models import Agent, Chat, Message, User
+from app.models import Agent, Base, Chat, Message, User
 from app.services import exports, imports
+from app.services.chats import UNTITLED
 from app.services.exports import EXPORT_PAGE_CHATS
 from app.services.messages import INTERRUPTED
 from app.state import app_state
-from tests.conftest import TeamWorld, _plain_url, chat_with_sent_files, count_rows, until_a_statement_waits
-from tests.factories import create_chat, message_row
-from tests.live import cut_off_request, data_events, parse_sse
+from tests.conftest import (
+    TeamWorld,
+    _plain_url,
+    chat_with_sent_files,
+    count_rows,
+    make_settings,
+    until_a_statement_waits,
+)
+from tests.factories import create_agent, create_chat, create_team, create_user, message_row
+from tests.live import cut_off_request, data_events, live_server, parse_sse
 from tools.fake_n8n import FakeN8n
 
 FEEDBACK = {"rating": -1, "comment": "too short", "updated_at": "2026-12-01T10:00:00+00:00"}
@@ -1337,3 +1349,445 @@ async def test_an_unknown_key_is_named_in_the_422_but_not_given_back_whole(
     imported = await import_body(client, team_world, json.dumps({**exported, key: 1}))
     assert imported.status_code == 422
     assert len(imported.content) < 1_000
+
+
+# --- one chat's export, streamed batch by batch in one snapshot -------------------------------------------------
+
+
+async def export_built_whole(session: AsyncSession, chat_id: uuid.UUID) -> bytes:
+    """The JSON export as the route built it before it streamed: the chat and every message read in one
+    statement, the document made whole, dumped at once."""
+    query = exports._chats_with_messages().where(Chat.id == chat_id)
+    rows = (await session.execute(query.execution_options(populate_existing=True))).all()  # as stored now
+    chat, slug, name, _ = rows[0]
+    document = exports.chat_document(chat, slug, name, [row[3] for row in rows if row[3] is not None])
+    return (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode()
+
+
+def markdown_built_whole(document: dict[str, Any]) -> str:
+    """The Markdown export as the code before streaming wrote it (its `chat_markdown`, copied as it was)."""
+    by_id = {m["id"]: m for m in document["messages"]}
+    agent = document["agent"]
+    lines = [
+        f"# {exports._heading_text(exports._one_line(document['title'] or '') or UNTITLED)}",
+        "",
+        f"Agent: {exports._one_line(agent['name'])} (`{agent['slug']}`)  ",
+        "Exported: (time)",
+    ]
+    for message_id in document["current_branch"]:
+        message = by_id[message_id]
+        heading = "User" if message["role"] == "user" else "Assistant"
+        if message["status"] != "complete":
+            heading += f" ({message['status']})"
+        lines += ["", "---", "", f"## {heading}", "", f"_{message['created_at']}_", ""]
+        lines.append(exports._message_markdown(message["content"]) if message["content"] else "_(no text)_")
+        for f in message.get("files") or []:
+            name, kind = exports._one_line(f["filename"]), exports._one_line(f["content_type"])
+            lines += ["", f"Attached: {name} ({kind}, {f['size']} bytes)"]
+        if message["error"]:
+            lines += ["", f"> Error: {exports._one_line(str(message['error'].get('message', '')))}"]
+    return "\n".join(lines) + "\n"
+
+
+def without_export_time(markdown: str) -> str:
+    head, exported, rest = markdown.partition("\nExported: ")
+    assert exported, "no export time"
+    return head + "\nExported: (time)" + rest[rest.index("\n") :]
+
+
+@pytest.fixture
+def batch_selects(app: FastAPI) -> Iterator[list[str]]:
+    """The statements that read a batch of one chat's messages (keyset paging)."""
+    seen: list[str] = []
+    engine = app_state(app).db.engine.sync_engine
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        flat = " ".join(statement.split()).upper()
+        if flat.startswith("SELECT") and "ORDER BY MESSAGES.CREATED_AT, MESSAGES.ID LIMIT" in flat:
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(engine, "before_cursor_execute", record)
+
+
+async def tangled_chat(session: AsyncSession, world: TeamWorld) -> tuple[Chat, int]:
+    """A chat whose order takes more than sorting by time: 24 turns on one branch (each question and its
+    answer written at the same instant, so their random ids order them), an edit every fifth turn starting
+    a branch of its own, an answer older than its question (a clock set back), a first message whose parent is
+    another chat's (taken for a first message), an answer still streaming, text JSON and Markdown must escape."""
+    now = utcnow() - timedelta(hours=1)
+    chat = await create_chat(session, user=world.member, agent=world.agent, title='Tangled ☃ \u2028 "q" #')
+    other = await create_chat(session, user=world.member, agent=world.agent, messages=[{"content": "elsewhere"}])
+    elsewhere = (await session.execute(select(Message.id).where(Message.chat_id == other.id))).scalar_one()
+    rows: list[Message] = []
+
+    def add(parent: Message | None, element: dict[str, Any], parent_id: uuid.UUID | None = None) -> Message:
+        row = message_row(chat.id, parent.id if parent is not None else parent_id, element)
+        if element.get("files"):
+            row.files = element["files"]
+        rows.append(row)
+        return row
+
+    parent: Message | None = None
+    for turn in range(24):
+        at = now + timedelta(seconds=10 * turn)
+        text = f'question {turn}: é ☃ \u2028 tab\t "quoted" \\ line\nbreak ## User'
+        question = add(parent, {"content": text, "created_at": at, "files": [EXPORTED_FILE] if turn == 3 else None})
+        if turn % 5 == 4:
+            edit = add(parent, {"content": f"edit {turn}", "created_at": at + timedelta(seconds=1)})
+            add(edit, {"role": "assistant", "content": f"answer {turn}'", "created_at": at + timedelta(seconds=1)})
+        meta = {"format": "ndjson", "chunks": turn, "steps": [{"tool": "t", "input": {"nested": [1, {"x": None}]}}]}
+        answer = add(
+            question,
+            {"role": "assistant", "content": f"answer {turn}\n```py\nopen", "created_at": at, "metadata": meta},
+        )
+        if turn == 7:
+            add(question, {"role": "assistant", "content": "from the past", "created_at": at - timedelta(seconds=30)})
+        if turn == 11:
+            failed = {"message": "failed", "code": "x"}
+            add(
+                question,
+                {"role": "assistant", "status": "error", "created_at": at, "error": failed, "feedback": FEEDBACK},
+            )
+        parent = answer
+    stray = add(None, {"content": "parent elsewhere", "created_at": now + timedelta(seconds=5)}, parent_id=elsewhere)
+    running = {"role": "assistant", "content": "so far", "status": "streaming", "_worker": str(uuid.uuid4())}
+    add(stray, {**running, "created_at": now + timedelta(seconds=5)})
+    session.add_all(rows)
+    await session.flush()
+    assert parent is not None
+    await session.execute(
+        update(Chat).where(Chat.id == chat.id).values(current_message_id=parent.id, message_count=len(rows))
+    )
+    await session.commit()
+    return chat, len(rows)
+
+
+@pytest.mark.parametrize(("messages", "weight"), [(4, 10**9), (100, 300)], ids=["by-count", "by-weight"])
+async def test_an_export_streamed_in_batches_is_the_export_built_whole_byte_for_byte(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    team_world: TeamWorld,
+    batch_selects: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    messages: int,
+    weight: int,
+) -> None:
+    """Read four messages at a time, or as few as weigh 300 bytes, the JSON is the same bytes as the document
+    built whole and dumped at once (order: oldest first, a parent before its children, ties and a clock set
+    back included; escapes; layout), and the Markdown is what the whole-document code wrote; so are an empty
+    chat's and a first message's."""
+    monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", messages)
+    monkeypatch.setattr(exports, "EXPORT_BATCH_BYTES", weight)
+    chat, count = await tangled_chat(session, team_world)
+    empty = await create_chat(session, user=team_world.member, agent=team_world.agent, title=None)
+    one = await create_chat(session, user=team_world.member, agent=team_world.agent, messages=[{"content": "Hi"}])
+    for target in (chat, empty, one):
+        batch_selects.clear()
+        response = await client.get(f"/api/chats/{target.id}/export", headers=team_world.h(team_world.member))
+        assert response.status_code == 200
+        assert "content-length" not in response.headers  # streamed, not built whole
+        assert len(batch_selects) >= (count // 4 if target is chat else 1)
+        assert response.content == await export_built_whole(session, target.id)
+        document = response.json()
+        markdown = await client.get(
+            f"/api/chats/{target.id}/export?format=markdown", headers=team_world.h(team_world.member)
+        )
+        assert without_export_time(markdown.text) == markdown_built_whole(document)
+    assert len(document["messages"]) == 1
+    tangled = json.loads(await export_built_whole(session, chat.id))
+    assert len(tangled["messages"]) == count
+    assert len(tangled["current_branch"]) == 48
+    assert markdown_built_whole(tangled).count("\n## ") == 48
+
+
+LONG_CHAT = (
+    "INSERT INTO messages (id, chat_id, parent_id, role, content, status, created_at, updated_at)"
+    " SELECT md5($1::uuid::text || i)::uuid, $1::uuid, CASE WHEN i > 0 THEN md5($1::uuid::text || (i - 1))::uuid END,"
+    " CASE WHEN i % 2 = 0 THEN 'user' ELSE 'assistant' END,"
+    " left(repeat(md5(i::text) || ' é ', $3::integer / 35 + 1), $3::integer), 'complete',"
+    " now() - interval '1 day' + i * interval '1 millisecond', now()"
+    " FROM generate_series(0, $2::integer - 1) AS i"
+)
+LONG_CHAT_BRANCH = (
+    "UPDATE chats SET current_message_id = md5($1::uuid::text || ($2::integer - 1))::uuid, message_count = $2"
+    " WHERE id = $1::uuid"
+)
+
+
+async def long_chat(world: TeamWorld, session: AsyncSession, count: int, chars: int) -> Chat:
+    """A chat of `count` messages of `chars` characters each (35 of them `é`), one branch, written by the
+    database itself (for speed)."""
+    chat = await create_chat(session, user=world.member, agent=world.agent, title="Long")
+    conn = await asyncpg.connect(_plain_url(world.settings.DATABASE_URL))
+    try:
+        await conn.execute(LONG_CHAT, chat.id, count, chars)
+        await conn.execute(LONG_CHAT_BRANCH, chat.id, count)
+    finally:
+        await conn.close()
+    return chat
+
+
+async def downloaded(app: FastAPI, path: str, headers: dict[str, str]) -> tuple[int, int, bytes]:
+    """A GET served as a server serves it (raw ASGI: each piece of the body handed on and dropped, which no
+    test client does: httpx's keeps the whole body): the status, the body's size, its last bytes."""
+    base, _, query = path.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": base,
+        "raw_path": base.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    status, size, tail = 0, 0, b""
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # the client stays until the end
+        raise AssertionError
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal status, size, tail
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        else:
+            size += len(message.get("body", b""))
+            tail = (tail + message.get("body", b""))[-16:]
+
+    await app(scope, receive, send)
+    return status, size, tail
+
+
+@pytest.mark.timeout(120)
+async def test_the_export_of_a_long_chat_holds_a_batch_not_the_chat(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """4,000 messages of 4,000 characters (16 MB of text): built whole, the export held several times the chat at
+    its peak (about 80 MB); streamed, a few batches, however long the chat (under 3 MB). Measured with
+    tracemalloc around the whole request, served as a server serves it, for the JSON and for the Markdown (the
+    branch shown: here every message). Both downloads are whole, and the Markdown is what the whole-document
+    code wrote."""
+    count, chars = 4000, 4000
+    chat = await long_chat(team_world, session, count, chars)
+    text_bytes = count * (chars + chars // 35)  # UTF-8: each `é` is two bytes
+    headers = team_world.h(team_world.member)
+    small = await create_chat(session, user=team_world.member, agent=team_world.agent, messages=[{"content": "Hi"}])
+    peaks = {}
+    for fmt, end in (("json", b"\n  ]\n}\n"), ("markdown", b"\n")):
+        await downloaded(app, f"/api/chats/{small.id}/export?format={fmt}", headers)  # warm: caches, statements
+        gc.collect()
+        tracemalloc.start()
+        try:
+            status, size, tail = await downloaded(app, f"/api/chats/{chat.id}/export?format={fmt}", headers)
+            peaks[fmt] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (status, tail.endswith(end)) == (200, True), tail
+        assert size > text_bytes
+    assert peaks["json"] < text_bytes / 4, peaks
+    assert peaks["markdown"] < text_bytes / 4, peaks
+    whole = json.loads(await export_built_whole(session, chat.id))
+    markdown = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=headers)
+    assert without_export_time(markdown.text) == markdown_built_whole(whole)
+
+
+async def test_an_export_is_the_chat_as_it_was_when_the_download_began(
+    app: FastAPI, session: AsyncSession, team_world: TeamWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All batches are read in one snapshot: a send committed after the first batch was sent is not in the
+    export (neither its messages nor its branch), nor is a deletion; the export is the one taken before either,
+    and imports again. Read batch by batch without one, the send's messages came in the later batches while
+    the branch shown was the old one, and the deletion left the export without its last messages."""
+    monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", 2)
+    db = app_state(app).db
+    member = team_world.member
+    chat = await branchy_chat(session, team_world)
+    leaf = chat.current_message_id
+    for change in ("send", "delete"):
+        before = await export_built_whole(session, chat.id)
+        body = exports.chat_export(db=db, user_id=member.id, team_id=member.team_id, chat_id=chat.id, markdown=False)
+        received = [await anext(body), await anext(body)]  # the chat, its branch, then a first batch
+        conn = await asyncpg.connect(_plain_url(team_world.settings.DATABASE_URL))
+        try:
+            if change == "send":
+                question, answer = uuid.uuid4(), uuid.uuid4()
+                await conn.execute(
+                    "WITH q AS (INSERT INTO messages (id, chat_id, parent_id, role, content, status, created_at,"
+                    " updated_at) VALUES ($2, $1, $4, 'user', 'Late', 'complete', now(), now()),"
+                    " ($3, $1, $2, 'assistant', 'Late answer', 'complete', now(), now()) RETURNING id)"
+                    " UPDATE chats SET current_message_id = $3, message_count = 9 WHERE id = $1",
+                    chat.id,
+                    question,
+                    answer,
+                    leaf,
+                )
+            else:
+                await conn.execute("DELETE FROM chats WHERE id = $1", chat.id)
+        finally:
+            await conn.close()
+        received += [piece async for piece in body]
+        assert b"".join(received) == before, change
+        assert (b"Late" in before) == (change == "delete")  # the send is in the next export
+    assert (await count_rows(session, "chats")) == 0
+
+
+async def read_into(pieces: list[bytes], response: httpx.Response) -> None:
+    async for piece in response.aiter_bytes():
+        pieces.append(piece)
+
+
+@pytest.mark.timeout(60)
+async def test_an_export_cut_by_a_lost_database_is_a_broken_download_and_is_logged(
+    settings: Settings,
+    session: AsyncSession,
+    team_world: TeamWorld,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database connection dies between two batches, after the 200 and the first messages were sent: the
+    server (uvicorn, as deployed) cuts the connection without the response's last chunk, so the client's
+    download fails (httpx: "incomplete chunked read"; curl: exit 18; a browser: a failed download), never a
+    file that ends like a whole export. The failure is logged with the chat and how far it got."""
+    monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", 2)
+    chat = await branchy_chat(session, team_world)
+    await session.close()
+    first_batch_sent, cut = threading.Event(), threading.Event()
+    read_in_order = exports._messages_in_order
+
+    async def pausing(*args: Any, **kwargs: Any) -> AsyncIterator[list[Message]]:
+        async for batch in read_in_order(*args, **kwargs):
+            yield batch
+            if not first_batch_sent.is_set():  # asked for the next batch: the first one is on its way
+                first_batch_sent.set()
+                await asyncio.to_thread(cut.wait, 10)
+
+    monkeypatch.setattr(exports, "_messages_in_order", pausing)
+    async with live_server(settings) as server, httpx.AsyncClient(base_url=server.url) as http:
+        path = f"/api/chats/{chat.id}/export"
+        async with http.stream("GET", path, headers=team_world.h(team_world.member)) as response:
+            assert response.status_code == 200
+            assert response.headers["content-disposition"] == f'attachment; filename="chat-{chat.id}.json"'
+            assert await asyncio.to_thread(first_batch_sent.wait, 10)
+            conn = await asyncpg.connect(_plain_url(settings.DATABASE_URL))
+            try:
+                killed = await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid() AND state = 'idle in transaction' AND query LIKE '%LIMIT%'"
+                )
+            finally:
+                await conn.close()
+            assert killed == 1
+            cut.set()
+            pieces: list[bytes] = []
+            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+                await read_into(pieces, response)
+    received = b"".join(pieces)
+    assert received.startswith(b'{\n  "format": "n8n-chat-relay/chat"')
+    assert b'"content": "First question"' in received
+    assert not received.endswith(b"\n  ]\n}\n")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(received)
+    logged = [r for r in caplog.records if r.name == "app.services.exports"]
+    assert [r.levelno for r in logged] == [logging.ERROR]
+    assert f"the export of chat {chat.id} failed after" in logged[0].getMessage()
+
+
+async def test_a_download_left_by_its_client_gives_its_database_connection_back_at_once(
+    app: FastAPI, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """The export's transaction is opened before the 200 (its first read decides the 404): a client gone when
+    the body starts (the server's write fails) left the started generator, and its connection, to the garbage
+    collector, which a logged error's traceback kept from it. The response closes it as it ends."""
+    chat = await branchy_chat(session, team_world)
+    await session.close()
+    db = app_state(app).db
+    headers = [(k.lower().encode(), v.encode()) for k, v in team_world.h(team_world.member).items()]
+    path = f"/api/chats/{chat.id}/export"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    started: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            started.append(message["status"])
+            return
+        raise OSError("the client is gone")
+
+    await app(scope, receive, send)
+    assert started == [200]
+    assert db.pool_in_use() == 0
+
+
+async def test_an_export_on_sqlite_is_read_in_batches_in_one_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite (its own statements: a message's weight, typed keys, an explicit BEGIN): the same bytes as the
+    document built whole, read a few messages at a time, with the chat deleted after the first batch."""
+    monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", 3)
+    monkeypatch.setattr(exports, "EXPORT_BATCH_BYTES", 200)
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", tmp_path)
+    db = Database(settings)
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        async with db.sessionmaker() as session:
+            team = await create_team(session)
+            user = await create_user(session, team=team)
+            agent = await create_agent(session, team=team)
+            chat = await create_chat(session, user=user, agent=agent, title="On SQLite")
+            now, parent, rows = utcnow(), None, []
+            for i in range(20):  # two messages a second: ties, ordered by id
+                role = "user" if i % 2 == 0 else "assistant"
+                element = {"role": role, "content": f"m{i} é " * 10, "created_at": now + timedelta(seconds=i // 2)}
+                parent = message_row(chat.id, parent.id if parent else None, {**element, "metadata": {"i": i}})
+                rows.append(parent)
+            session.add_all(rows)
+            await session.flush()
+            await session.execute(
+                update(Chat).where(Chat.id == chat.id).values(current_message_id=rows[-1].id, message_count=20)
+            )
+            await session.commit()
+            whole = await export_built_whole(session, chat.id)
+        documents = []
+        for markdown in (False, True):
+            body = exports.chat_export(db=db, user_id=user.id, team_id=user.team_id, chat_id=chat.id, markdown=markdown)
+            pieces = [await anext(body), await anext(body)]
+            if markdown:
+                async with db.sessionmaker() as session:
+                    await session.execute(delete(Chat).where(Chat.id == chat.id))
+                    await session.commit()
+            pieces += [piece async for piece in body]
+            assert len(pieces) > 6
+            documents.append(b"".join(pieces))
+        assert documents[0] == whole
+        assert without_export_time(documents[1].decode()) == markdown_built_whole(json.loads(whole))
+    finally:
+        await db.dispose()

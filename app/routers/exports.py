@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from app.auth import CurrentCaller, CurrentUser
 from app.db import utcnow
-from app.deps import DatabaseDep, ImportGateDep, SessionDep, SettingsDep
+from app.deps import DatabaseDep, ImportGateDep, SessionDep, SettingsDep, ShortSessionDep
 from app.errors import MethodNotAllowed
 from app.routers.responses import R401, Responses, error_doc, json_only
 from app.schemas import ChatSummary, ExportedChat
@@ -28,6 +29,29 @@ MARKDOWN = "text/markdown; charset=utf-8"
 def attachment(filename: str) -> dict[str, str]:
     """A download of the user's conversations: kept by no cache, as a file download is not."""
     return {"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "private, no-store"}
+
+
+class Download(StreamingResponse):
+    """A streamed download whose body is a generator already started (its first piece read, so its errors came
+    before the 200): the generator is closed when the response ends, however it ends. It holds a database
+    transaction, and a generator never resumed (a client gone before the first byte) would otherwise keep it
+    until the garbage collector found it."""
+
+    def __init__(self, first: bytes, rest: AsyncGenerator[bytes], *, media_type: str, headers: dict[str, str]) -> None:
+        self.rest = rest
+        super().__init__(self._body(first, rest), media_type=media_type, headers=headers)
+
+    @staticmethod
+    async def _body(first: bytes, rest: AsyncGenerator[bytes]) -> AsyncIterator[bytes]:
+        yield first
+        async for piece in rest:
+            yield piece
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.rest.aclose()
 
 
 @router.get(
@@ -53,7 +77,9 @@ async def export_all(user: CurrentCaller, db: DatabaseDep) -> StreamingResponse:
     summary="Export one of my chats as a download",
     description="`format=json` (default): every message of every branch, linked by `parent_id`, with the "
     "branch shown (`current_message_id`, `current_branch`); importable with `POST /api/chats/import`. "
-    "`format=markdown`: the branch shown, for reading. The format is described in docs/SHARING.md.",
+    "`format=markdown`: the branch shown, for reading. The format is described in docs/SHARING.md. Sent while "
+    "it is read, a batch of messages at a time, all from one snapshot of the chat; a download cut short by a "
+    "server-side failure ends without its final chunk (docs/SHARING.md).",
     responses={
         200: {"model": ExportedChat, "content": {MARKDOWN: {}}, "description": "The chat, as an attachment"},
         **json_only({**AUTH_ERRORS, 404: error_doc(CHAT_NOT_FOUND)}),
@@ -61,15 +87,20 @@ async def export_all(user: CurrentCaller, db: DatabaseDep) -> StreamingResponse:
 )
 async def export_chat(
     chat_id: uuid.UUID,
-    session: SessionDep,
-    user: CurrentUser,
+    user: CurrentCaller,
+    session: ShortSessionDep,
+    db: DatabaseDep,
     export_format: Annotated[Literal["json", "markdown"], Query(alias="format")] = "json",
 ) -> Response:
-    document = await exports.export_chat(session=session, user=user, chat_id=chat_id)
-    if export_format == "markdown":
-        return Response(exports.chat_markdown(document), media_type=MARKDOWN, headers=attachment(f"chat-{chat_id}.md"))
-    body = json.dumps(document, ensure_ascii=False, indent=2) + "\n"
-    return Response(body, media_type="application/json", headers=attachment(f"chat-{chat_id}.json"))
+    # The caller is checked: its session's connection goes back before the export takes one of its own, so a
+    # request never waits for a second connection while holding a first.
+    await session.close()
+    markdown = export_format == "markdown"
+    body = exports.chat_export(db=db, user_id=user.id, team_id=user.team_id, chat_id=chat_id, markdown=markdown)
+    first = await anext(body)  # 404 (or a database error) here, before anything is sent
+    if markdown:
+        return Download(first, body, media_type=MARKDOWN, headers=attachment(f"chat-{chat_id}.md"))
+    return Download(first, body, media_type="application/json", headers=attachment(f"chat-{chat_id}.json"))
 
 
 @router.api_route("/export", methods=["HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False)

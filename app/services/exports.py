@@ -1,24 +1,27 @@
 """Chat exports in the format of docs/SHARING.md (version 1): one chat as JSON (every branch) or Markdown (the
-branch shown), and every chat of a user as JSON Lines, read page by page while it is sent."""
+branch shown), read batch by batch in one snapshot while it is sent, and every chat of a user as JSON Lines,
+read page by page while it is sent."""
 
 from __future__ import annotations
 
 import heapq
 import html
 import json
+import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, select, tuple_
+from sqlalchemy import ColumnElement, LargeBinary, Select, and_, bindparam, cast, func, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from app.chat_schemas import format_timestamp
 from app.db import Database, utcnow
 from app.errors import NotFound
-from app.models import Agent, Chat, Message, User
+from app.models import Agent, Chat, Message
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, UNTITLED, owned_chat_params
 from app.share_schemas import EXPORT_FORMAT, EXPORT_VERSION
 
@@ -27,6 +30,15 @@ EXPORT_PAGE_CHATS = 20
 #: ... and at most this many messages (but always one chat): 20 chats of thousands of messages each were one
 #: page, held whole (about four times their text) while it was sent.
 EXPORT_PAGE_MESSAGES = 1000
+#: Messages read per query by the export of one chat (JSON or Markdown), each batch written out before the next
+#: is read: its memory is one batch, however long the chat. Built whole, a chat of 20,000 long messages took
+#: hundreds of MB, and a few such exports at once could take an instance down.
+EXPORT_BATCH_MESSAGES = 100
+#: ... and fewer when their text and metadata pass this many bytes together (a message larger alone is read
+#: alone): an answer may hold up to N8N_MAX_RESPONSE_BYTES (10 MiB), so a count alone bounds nothing.
+EXPORT_BATCH_BYTES = 256 * 1024
+
+logger = logging.getLogger(__name__)
 
 
 def _feedback(feedback: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -112,14 +124,273 @@ def chat_document(chat: Chat, agent_slug: str, agent_name: str, messages: Sequen
     }
 
 
-async def export_chat(*, session: AsyncSession, user: User, chat_id: uuid.UUID) -> dict[str, Any]:
-    """The caller's chat in the export format (missing, another user's or another team's: 404)."""
-    query = _chats_with_messages().where(*OWNED_CHAT)
-    rows = (await session.execute(query, owned_chat_params(chat_id, user.id, user.team_id))).all()
-    if not rows:
-        raise NotFound(CHAT_NOT_FOUND)
-    chat, slug, name, _ = rows[0]
-    return chat_document(chat, slug, name, [row[3] for row in rows if row[3] is not None])
+async def chat_export(
+    *, db: Database, user_id: uuid.UUID, team_id: uuid.UUID, chat_id: uuid.UUID, markdown: bool
+) -> AsyncGenerator[bytes]:
+    """The caller's chat as a download (JSON, or the branch shown as Markdown), in pieces as it is read.
+
+    The first piece (the chat's fields and its branch shown, or the Markdown's title) comes once the chat is
+    known to be the caller's: a missing one, another user's or another team's raises NotFound from the first
+    `anext`, before anything is sent. The rest is read a batch at a time (keyset paging: EXPORT_BATCH_MESSAGES
+    messages, fewer past EXPORT_BATCH_BYTES), each batch written out before the next is read, all in ONE
+    read-only transaction (REPEATABLE READ on PostgreSQL, a read transaction on SQLite): every batch sees the
+    chat as it was at the first read, so a send, an edit or a deletion committing meanwhile is not in the
+    export at all, and the export is always one that imports again. The transaction, and its connection, are
+    held until the last byte is written: a slow download holds one database connection.
+
+    A failure once the download has begun (the database gone) is logged and raised: the server then cuts the
+    response before its end (no final chunk), so the client sees a broken download, never a short file that
+    looks whole.
+    """
+    async with db.sessionmaker() as session:
+        await _begin_snapshot(session, sqlite=db.settings.is_sqlite)
+        params = owned_chat_params(chat_id, user_id, team_id)
+        head = (await session.execute(_CHAT_HEAD, params)).first()
+        if head is None:
+            raise NotFound(CHAT_NOT_FOUND)
+        chat, slug, name, count = head
+        branch = await _branch_weights(session, chat, count, sqlite=db.settings.is_sqlite)
+        pieces: AsyncIterator[bytes]
+        if markdown:
+            yield _markdown_head(chat.title, name, slug).encode()
+            pieces = _markdown_pieces(session, chat.id, branch)
+        else:
+            yield _json_head(chat, slug, name, [message_id for message_id, _ in branch]).encode()
+            pieces = _json_pieces(session, chat.id, sqlite=db.settings.is_sqlite)
+        del branch  # the Markdown's pieces keep their own reference
+        written = 0
+        try:
+            async for piece in pieces:
+                written += len(piece)
+                yield piece
+                del piece  # not held while the next batch is read
+        except Exception:
+            logger.exception(
+                "the export of chat %s failed after %d bytes of messages; its download is cut short",
+                chat_id,
+                written,
+            )
+            raise
+
+
+async def _begin_snapshot(session: AsyncSession, *, sqlite: bool) -> None:
+    """Start the session's transaction as one snapshot for all its reads. PostgreSQL: REPEATABLE READ, read only.
+    SQLite: its driver starts a transaction only at a write, so each SELECT would read on its own; an explicit
+    BEGIN makes the reads one read transaction (in WAL mode, one snapshot from the first read on)."""
+    if sqlite:
+        connection = await session.connection()
+        await connection.exec_driver_sql("BEGIN")
+        return
+    await session.connection(execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True})
+
+
+#: The caller's chat with its agent and its number of messages (the bound of the branch walk).
+_CHAT_HEAD = (
+    select(
+        Chat,
+        Agent.slug,
+        Agent.name,
+        select(func.count()).select_from(Message).where(Message.chat_id == Chat.id).scalar_subquery(),
+    )
+    .join(Agent, Agent.id == Chat.agent_id)
+    .where(*OWNED_CHAT)
+)
+
+
+def _weight(message: type[Message], *, sqlite: bool) -> ColumnElement[int]:
+    """What a message weighs in a batch, read without reading its text: its text's bytes and its metadata's
+    (PostgreSQL: the text's length from its stored header, the metadata's stored size)."""
+    if sqlite:
+        meta: ColumnElement[int] = func.length(cast(message.meta, LargeBinary))
+        return func.length(cast(message.content, LargeBinary)) + func.coalesce(meta, 0)
+    return func.octet_length(message.content) + func.coalesce(func.pg_column_size(message.meta), 0)
+
+
+class _Statements:
+    """The single chat export's reads, built once per dialect (the weight of a message is written differently)."""
+
+    def __init__(self, *, sqlite: bool) -> None:
+        # The branch shown, from its first message to the leaf, each id with its weight: the walk up `parent_id`
+        # from the leaf, within the chat, at most one step more than the chat has messages (as `_branch` stops).
+        leaf = (
+            select(Message.id, Message.parent_id, literal(1).label("depth"), _weight(Message, sqlite=sqlite))
+            .where(Message.id == bindparam("leaf"), Message.chat_id == bindparam("cid"))
+            .cte("branch", recursive=True)
+        )
+        parent = aliased(Message)
+        step = (
+            select(parent.id, parent.parent_id, leaf.c.depth + 1, _weight(parent, sqlite=sqlite))
+            .join(leaf, parent.id == leaf.c.parent_id)
+            .where(parent.chat_id == bindparam("cid"), leaf.c.depth <= bindparam("cap"))
+        )
+        walk = leaf.union_all(step)
+        self.branch = select(walk.c[0], walk.c[3]).order_by(walk.c.depth.desc())
+        self.first = self._batch(after=False, sqlite=sqlite)
+        self.next = self._batch(after=True, sqlite=sqlite)
+
+    @staticmethod
+    def _batch(*, after: bool, sqlite: bool) -> Select[Message, datetime | None, uuid.UUID | None, int]:
+        """A batch of the chat's messages in (created_at, id) order after a key: at most `batch` of them, and
+        those only while the ones before weigh less than `budget` (always the first). Each comes with its
+        parent's key (null for a first message, or for a parent outside the chat, which the export takes for a
+        first message too) and the weight of the batch through it."""
+        weight = _weight(Message, sqlite=sqlite)
+        through = func.sum(weight).over(order_by=(Message.created_at, Message.id))
+        keys = (
+            select(Message.id, (through - weight).label("before"), through.label("through"))
+            .where(Message.chat_id == bindparam("cid"))
+            .order_by(Message.created_at, Message.id)
+            .limit(bindparam("batch"))
+        )
+        if after:
+            after_at = bindparam("after_at", type_=Message.created_at.type)
+            after_id = bindparam("after_id", type_=Message.id.type)
+            keys = keys.where(
+                Message.created_at >= after_at,  # the index's column, for the scan to start there
+                tuple_(Message.created_at, Message.id) > tuple_(after_at, after_id),
+            )
+        batch = keys.subquery()
+        parent = aliased(Message)
+        return (
+            select(Message, parent.created_at, parent.id, batch.c.through)
+            .join(batch, batch.c.id == Message.id)
+            .outerjoin(parent, and_(parent.id == Message.parent_id, parent.chat_id == Message.chat_id))
+            .where(batch.c.before < bindparam("budget"))
+            .order_by(Message.created_at, Message.id)
+        )
+
+
+_STATEMENTS = {False: _Statements(sqlite=False), True: _Statements(sqlite=True)}
+
+
+async def _branch_weights(
+    session: AsyncSession, chat: Chat, count: int, *, sqlite: bool
+) -> list[tuple[uuid.UUID, int]]:
+    """The branch shown as ids with their weights (a few dozen bytes a message, whatever their text)."""
+    if chat.current_message_id is None:
+        return []
+    params = {"leaf": chat.current_message_id, "cid": chat.id, "cap": count}
+    return [(row[0], row[1] or 0) for row in await session.execute(_STATEMENTS[sqlite].branch, params)]
+
+
+async def _messages_in_order(
+    session: AsyncSession, chat_id: uuid.UUID, *, sqlite: bool
+) -> AsyncIterator[list[Message]]:
+    """Every message of the chat in `_oldest_first`'s order, read a batch at a time in (created_at, id) order.
+
+    `_oldest_first` takes, again and again, the oldest message whose parent is already out. Read in this
+    order, every message not read yet is newer than every one read, so the oldest of those read whose parent
+    is out is that message: each batch gives out all it can, and what waits for a parent not given out yet (a
+    parent newer than its child, or as old with a larger id) is held until it is. Memory: one batch, plus
+    such waiting messages (none in a chat this service wrote: a parent is always older).
+    """
+    statements = _STATEMENTS[sqlite]
+    ready: list[tuple[datetime, uuid.UUID, Message]] = []
+    waiting: dict[uuid.UUID, list[Message]] = {}
+    held: set[uuid.UUID] = set()  # read, not given out yet
+    query = statements.first
+    params: dict[str, Any] = {"cid": chat_id, "batch": EXPORT_BATCH_MESSAGES, "budget": EXPORT_BATCH_BYTES}
+    while True:
+        rows = (await session.execute(query, params)).all()
+        for message, parent_at, parent_id, _ in rows:
+            held.add(message.id)
+            if parent_id is None or (
+                parent_id not in held and (parent_at, parent_id) < (message.created_at, message.id)
+            ):
+                heapq.heappush(ready, (message.created_at, message.id, message))
+            else:
+                waiting.setdefault(parent_id, []).append(message)
+        out: list[Message] = []
+        while ready:
+            _, _, message = heapq.heappop(ready)
+            held.discard(message.id)
+            out.append(message)
+            for child in waiting.pop(message.id, ()):
+                heapq.heappush(ready, (child.created_at, child.id, child))
+        if out:
+            yield out
+        del out
+        if not rows or (len(rows) < EXPORT_BATCH_MESSAGES and (rows[-1][3] or 0) < EXPORT_BATCH_BYTES):
+            return  # the last batch (not one cut by its weight). What still waits is in a cycle: left out, as
+            # `_oldest_first` leaves it
+        last = rows[-1][0]
+        del rows
+        query = statements.next
+        params = {**params, "after_at": last.created_at, "after_id": last.id}
+
+
+def _json_head(chat: Chat, slug: str, name: str, branch: list[uuid.UUID]) -> str:
+    """`chat_document`'s JSON (as `json.dumps(..., indent=2)` writes it) up to its `messages` array."""
+    document = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "id": str(chat.id),
+        "title": chat.title,
+        "agent": {"slug": slug, "name": name},
+        "archived": chat.archived,
+        "pinned": chat.pinned,
+        "created_at": format_timestamp(chat.created_at),
+        "updated_at": format_timestamp(chat.updated_at),
+        "current_message_id": str(chat.current_message_id) if chat.current_message_id else None,
+        "current_branch": [str(i) for i in branch],
+        "messages": [],
+    }
+    text = json.dumps(document, ensure_ascii=False, indent=2)
+    return text.removesuffix("[]\n}")
+
+
+#: How `json.dumps(indent=2)` lays out a message inside the document's `messages`: two levels in.
+_IN_MESSAGES = "\n    "
+
+
+async def _json_pieces(session: AsyncSession, chat_id: uuid.UUID, *, sqlite: bool) -> AsyncIterator[bytes]:
+    """The `messages` array and the document's end, as `json.dumps(document, indent=2) + "\\n"` writes them: the
+    same bytes as the export built whole. A message's JSON has no raw line break (JSON escapes it in strings),
+    so indenting its lines is indenting it."""
+    separator = "[" + _IN_MESSAGES
+    empty = True
+    async for batch in _messages_in_order(session, chat_id, sqlite=sqlite):
+        parts: list[str] = []
+        for message in batch:
+            parts.append(separator)
+            parts.append(json.dumps(_message(message), ensure_ascii=False, indent=2).replace("\n", _IN_MESSAGES))
+            separator = "," + _IN_MESSAGES
+        del batch
+        empty = False
+        piece = "".join(parts).encode()
+        del parts
+        yield piece
+        del piece
+    yield b"[]\n}\n" if empty else b"\n  ]\n}\n"
+
+
+def _weighed(branch: list[tuple[uuid.UUID, int]]) -> Iterator[list[uuid.UUID]]:
+    """The branch's ids in batches of at most EXPORT_BATCH_MESSAGES weighing at most EXPORT_BATCH_BYTES (a
+    heavier message alone)."""
+    batch: list[uuid.UUID] = []
+    weight = 0
+    for message_id, size in branch:
+        if batch and (len(batch) == EXPORT_BATCH_MESSAGES or weight + size > EXPORT_BATCH_BYTES):
+            yield batch
+            batch, weight = [], 0
+        batch.append(message_id)
+        weight += size
+    if batch:
+        yield batch
+
+
+async def _markdown_pieces(
+    session: AsyncSession, chat_id: uuid.UUID, branch: list[tuple[uuid.UUID, int]]
+) -> AsyncIterator[bytes]:
+    """The Markdown's messages (the branch shown, read by id a batch at a time) and its final line break."""
+    for ids in _weighed(branch):
+        query = select(Message).where(Message.chat_id == chat_id, Message.id.in_(ids))
+        by_id = {m.id: m for m in (await session.execute(query)).scalars()}
+        piece = "".join(_markdown_message(_message(by_id[i])) for i in ids if i in by_id).encode()
+        del by_id
+        yield piece
+        del piece
+    yield b"\n"
 
 
 def _chats_with_messages() -> Select[Chat, str, str, Message]:
@@ -323,28 +594,29 @@ def _heading_text(title: str) -> str:
     return title[:-1] + "\\#" if title.endswith("#") else title
 
 
-def chat_markdown(document: dict[str, Any]) -> str:
-    """The branch shown of an exported chat as Markdown: a title, who answered, then each message in turn."""
-    by_id = {m["id"]: m for m in document["messages"]}
-    agent = document["agent"]
+def _markdown_head(title: str | None, agent_name: str, agent_slug: str) -> str:
+    """The Markdown's title, agent and export time (each message adds its own lines after)."""
     lines = [
-        f"# {_heading_text(_one_line(document['title'] or '') or UNTITLED)}",
+        f"# {_heading_text(_one_line(title or '') or UNTITLED)}",
         "",
-        f"Agent: {_one_line(agent['name'])} (`{agent['slug']}`)  ",
+        f"Agent: {_one_line(agent_name)} (`{agent_slug}`)  ",
         f"Exported: {format_timestamp(utcnow())}",
     ]
-    for message_id in document["current_branch"]:
-        message = by_id[message_id]
-        heading = "User" if message["role"] == "user" else "Assistant"
-        if message["status"] != "complete":
-            heading += f" ({message['status']})"
-        lines += ["", "---", "", f"## {heading}", "", f"_{message['created_at']}_", ""]
-        lines.append(_message_markdown(message["content"]) if message["content"] else "_(no text)_")
-        for f in message.get("files") or []:  # named only: an export never carries a file's bytes
-            lines += ["", f"Attached: {_one_line(f['filename'])} ({_one_line(f['content_type'])}, {f['size']} bytes)"]
-        if message["error"]:
-            lines += ["", f"> Error: {_one_line(str(message['error'].get('message', '')))}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
+
+
+def _markdown_message(message: dict[str, Any]) -> str:
+    """One exported message as the Markdown shows it, each of its lines after a line break."""
+    heading = "User" if message["role"] == "user" else "Assistant"
+    if message["status"] != "complete":
+        heading += f" ({message['status']})"
+    lines = ["", "---", "", f"## {heading}", "", f"_{message['created_at']}_", ""]
+    lines.append(_message_markdown(message["content"]) if message["content"] else "_(no text)_")
+    for f in message.get("files") or []:  # named only: an export never carries a file's bytes
+        lines += ["", f"Attached: {_one_line(f['filename'])} ({_one_line(f['content_type'])}, {f['size']} bytes)"]
+    if message["error"]:
+        lines += ["", f"> Error: {_one_line(str(message['error'].get('message', '')))}"]
+    return "".join("\n" + line for line in lines)
 
 
 async def export_lines(*, db: Database, user_id: uuid.UUID, team_id: uuid.UUID) -> AsyncIterator[bytes]:
