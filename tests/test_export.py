@@ -1791,3 +1791,53 @@ async def test_an_export_on_sqlite_is_read_in_batches_in_one_snapshot(
         assert without_export_time(documents[1].decode()) == markdown_built_whole(json.loads(whole))
     finally:
         await db.dispose()
+
+
+async def test_a_client_gone_mid_download_gives_its_database_connection_back(
+    app: FastAPI, session: AsyncSession, team_world: TeamWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client leaves after the first batch (the server is told: `http.disconnect`, which cancels the write in
+    progress, not the export's generator, then suspended between two pieces): the export is closed with the
+    response, its transaction ends and its connection goes back to the pool at once, not whenever the garbage
+    collector finds the generator."""
+    monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", 2)
+    chat = await branchy_chat(session, team_world)
+    await session.close()
+    db = app_state(app).db
+    path = f"/api/chats/{chat.id}/export"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in team_world.h(team_world.member).items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    bodies: list[bytes] = []
+    gone = asyncio.Event()
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            bodies.append(message["body"])
+            if len(bodies) == 2:  # the head, then a first batch: the client leaves while the next is asked for
+                gone.set()
+                await asyncio.sleep(0.2)
+
+    await app(scope, receive, send)
+    assert len(bodies) == 2
+    assert db.pool_in_use() == 0
