@@ -34,8 +34,9 @@ def attachment(filename: str) -> dict[str, str]:
 class Download(StreamingResponse):
     """A streamed download whose body is a generator already started (its first piece read, so its errors came
     before the 200): the generator is closed when the response ends, however it ends. It holds a database
-    transaction, and a generator never resumed (a client gone before the first byte) would otherwise keep it
-    until the garbage collector found it."""
+    transaction, and when the client goes, what fails or is cancelled is Starlette's write, not the generator,
+    which stays suspended between two pieces: it would keep its connection until the garbage collector found
+    it (never, while a logged error's traceback refers to it)."""
 
     def __init__(self, first: bytes, rest: AsyncGenerator[bytes], *, media_type: str, headers: dict[str, str]) -> None:
         self.rest = rest
