@@ -1487,7 +1487,7 @@ async def test_an_export_streamed_in_batches_is_the_export_built_whole_byte_for_
         batch_selects.clear()
         response = await client.get(f"/api/chats/{target.id}/export", headers=team_world.h(team_world.member))
         assert response.status_code == 200
-        assert "content-length" not in response.headers  # streamed, not built whole
+        assert response.headers["content-length"] == str(len(response.content))  # spooled whole: its length known
         assert len(batch_selects) >= (count // 4 if target is chat else 1)
         assert response.content == await export_built_whole(session, target.id)
         document = response.json()
@@ -1649,67 +1649,132 @@ async def read_into(pieces: list[bytes], response: httpx.Response) -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_an_export_cut_by_a_lost_database_is_a_broken_download_and_is_logged(
+async def test_an_export_whose_database_is_lost_while_it_is_read_is_a_plain_503_and_is_logged(
     settings: Settings,
     session: AsyncSession,
     team_world: TeamWorld,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The database connection dies between two batches, after the 200 and the first messages were sent: the
-    server (uvicorn, as deployed) cuts the connection without the response's last chunk, so the client's
-    download fails (httpx: "incomplete chunked read"; curl: exit 18; a browser: a failed download), never a
-    file that ends like a whole export. The failure is logged with the chat and how far it got."""
+    """The database connection dies between two batches (a restart, a killed connection): the export is read
+    whole before the 200, so the client gets the plain JSON 503 with `Retry-After` (try again), never a 200
+    whose download is cut short or a file that ends like a whole export. The failure is logged with the chat
+    and how far it got. Served by uvicorn, as deployed."""
     monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", 2)
     chat = await branchy_chat(session, team_world)
     await session.close()
-    first_batch_sent, cut = threading.Event(), threading.Event()
+    first_batch_read, cut = threading.Event(), threading.Event()
     read_in_order = exports._messages_in_order
 
     async def pausing(*args: Any, **kwargs: Any) -> AsyncIterator[list[Message]]:
         async for batch in read_in_order(*args, **kwargs):
             yield batch
-            if not first_batch_sent.is_set():  # asked for the next batch: the first one is on its way
-                first_batch_sent.set()
+            if not first_batch_read.is_set():  # asked for the next batch: the first one is in the spool
+                first_batch_read.set()
                 await asyncio.to_thread(cut.wait, 10)
 
     monkeypatch.setattr(exports, "_messages_in_order", pausing)
     async with live_server(settings) as server, httpx.AsyncClient(base_url=server.url) as http:
         path = f"/api/chats/{chat.id}/export"
-        async with http.stream("GET", path, headers=team_world.h(team_world.member)) as response:
-            assert response.status_code == 200
-            assert response.headers["content-disposition"] == f'attachment; filename="chat-{chat.id}.json"'
-            assert await asyncio.to_thread(first_batch_sent.wait, 10)
-            conn = await asyncpg.connect(_plain_url(settings.DATABASE_URL))
-            try:
-                killed = await conn.fetchval(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND pid <> pg_backend_pid() AND state = 'idle in transaction' AND query LIKE '%LIMIT%'"
-                )
-            finally:
-                await conn.close()
-            assert killed == 1
-            cut.set()
-            pieces: list[bytes] = []
-            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
-                await read_into(pieces, response)
-    received = b"".join(pieces)
-    assert received.startswith(b'{\n  "format": "n8n-chat-relay/chat"')
-    assert b'"content": "First question"' in received
-    assert not received.endswith(b"\n  ]\n}\n")
-    with pytest.raises(json.JSONDecodeError):
-        json.loads(received)
+        answer = asyncio.create_task(http.get(path, headers=team_world.h(team_world.member)))
+        assert await asyncio.to_thread(first_batch_read.wait, 10)
+        assert not answer.done()  # nothing answered yet: the export is still being read
+        conn = await asyncpg.connect(_plain_url(settings.DATABASE_URL))
+        try:
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND state = 'idle in transaction' AND query LIKE '%LIMIT%'"
+            )
+        finally:
+            await conn.close()
+        assert killed == 1
+        cut.set()
+        response = await answer
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.json() == {"detail": "Service temporarily unavailable, try again shortly"}
+    assert "content-disposition" not in response.headers
     logged = [r for r in caplog.records if r.name == "app.services.exports"]
     assert [r.levelno for r in logged] == [logging.ERROR]
     assert f"the export of chat {chat.id} failed after" in logged[0].getMessage()
 
 
+async def test_a_slow_download_holds_no_database_connection_and_says_its_length(
+    app: FastAPI, session: AsyncSession, team_world: TeamWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export is read into a spool (memory, then a temporary file) before the 200: its snapshot's connection
+    is back in the pool before the first byte goes out, so downloads however slow (a client reading a byte a
+    second is never cut by the write-stall limit) cannot use up the pool that sends need. Streamed straight
+    from the snapshot, each download held a connection to its last byte. The length is known: a
+    `Content-Length`, so a client can tell a whole download from a cut one (Markdown has no end mark). A spool
+    past its memory goes to a temporary file, deleted with the response."""
+    monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", 2)
+    monkeypatch.setattr(exports, "SPOOL_MEMORY_BYTES", 1024)  # this chat's export goes to a file
+    monkeypatch.setattr(exports, "SPOOL_PIECE_BYTES", 256)
+    chat = await branchy_chat(session, team_world)
+    await session.close()
+    db = app_state(app).db
+    whole = await export_built_whole(session, chat.id)
+    await session.close()
+    path = f"/api/chats/{chat.id}/export"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in team_world.h(team_world.member).items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    heads: list[dict[bytes, bytes]] = []
+    bodies: list[bytes] = []
+    in_use: list[int | None] = []
+    spools: list[exports.Spool] = []
+    spooled = exports.spooled
+
+    async def recorded(body: Any) -> exports.Spool:
+        spools.append(await spooled(body))
+        return spools[-1]
+
+    monkeypatch.setattr(exports, "spooled", recorded)
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            heads.append(dict(message["headers"]))
+        elif message["body"]:
+            in_use.append(db.pool_in_use())
+            bodies.append(message["body"])
+            await asyncio.sleep(0.01)  # a slow reader
+
+    await app(scope, receive, send)
+    assert len(bodies) > 4
+    assert set(in_use) == {0}
+    assert b"".join(bodies) == whole
+    assert heads[0][b"content-length"] == str(len(whole)).encode()
+    assert vars(spools[0])["_rolled"]  # it went to a temporary file
+    assert spools[0].closed
+
+
 async def test_a_download_left_by_its_client_gives_its_database_connection_back_at_once(
     app: FastAPI, session: AsyncSession, team_world: TeamWorld
 ) -> None:
-    """The export's transaction is opened before the 200 (its first read decides the 404): a client gone when
-    the body starts (the server's write fails) left the started generator, and its connection, to the garbage
-    collector, which a logged error's traceback kept from it. The response closes it as it ends."""
+    """A client gone when the body starts (the server's write fails): no database connection is left behind
+    (streamed from the snapshot, the started generator kept its connection until the garbage collector found
+    it; spooled, the export is read whole and its connection back before the 200) and the spool is closed."""
     chat = await branchy_chat(session, team_world)
     await session.close()
     db = app_state(app).db
@@ -1796,10 +1861,9 @@ async def test_an_export_on_sqlite_is_read_in_batches_in_one_snapshot(
 async def test_a_client_gone_mid_download_gives_its_database_connection_back(
     app: FastAPI, session: AsyncSession, team_world: TeamWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The client leaves after the first batch (the server is told: `http.disconnect`, which cancels the write in
-    progress, not the export's generator, then suspended between two pieces): the export is closed with the
-    response, its transaction ends and its connection goes back to the pool at once, not whenever the garbage
-    collector finds the generator."""
+    """The client leaves after the first pieces (the server is told: `http.disconnect`, which cancels the write
+    in progress): nothing of the export keeps a database connection (streamed from the snapshot, the suspended
+    generator kept one until the garbage collector found it; spooled, it was back before the 200)."""
     monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", 2)
     chat = await branchy_chat(session, team_world)
     await session.close()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
@@ -31,28 +32,26 @@ def attachment(filename: str) -> dict[str, str]:
     return {"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "private, no-store"}
 
 
-class Download(StreamingResponse):
-    """A streamed download whose body is a generator already started (its first piece read, so its errors came
-    before the 200): the generator is closed when the response ends, however it ends. It holds a database
-    transaction, and when the client goes, what fails or is cancelled is Starlette's write, not the generator,
-    which stays suspended between two pieces: it would keep its connection until the garbage collector found
-    it (never, while a logged error's traceback refers to it)."""
+class SpooledDownload(StreamingResponse):
+    """A download read whole into a spool first (`exports.spooled`), sent from it with its `Content-Length`,
+    the spool closed (its temporary file deleted) when the response ends, however it ends."""
 
-    def __init__(self, first: bytes, rest: AsyncGenerator[bytes], *, media_type: str, headers: dict[str, str]) -> None:
-        self.rest = rest
-        super().__init__(self._body(first, rest), media_type=media_type, headers=headers)
+    def __init__(self, spool: exports.Spool, *, media_type: str, headers: dict[str, str]) -> None:
+        self.spool = spool
+        size = spool.seek(0, os.SEEK_END)
+        spool.seek(0)
+        super().__init__(self._pieces(spool), media_type=media_type, headers={**headers, "Content-Length": str(size)})
 
     @staticmethod
-    async def _body(first: bytes, rest: AsyncGenerator[bytes]) -> AsyncIterator[bytes]:
-        yield first
-        async for piece in rest:
+    async def _pieces(spool: exports.Spool) -> AsyncIterator[bytes]:
+        while piece := spool.read(exports.SPOOL_PIECE_BYTES):
             yield piece
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.rest.aclose()
+            self.spool.close()
 
 
 @router.get(
@@ -78,9 +77,9 @@ async def export_all(user: CurrentCaller, db: DatabaseDep) -> StreamingResponse:
     summary="Export one of my chats as a download",
     description="`format=json` (default): every message of every branch, linked by `parent_id`, with the "
     "branch shown (`current_message_id`, `current_branch`); importable with `POST /api/chats/import`. "
-    "`format=markdown`: the branch shown, for reading. The format is described in docs/SHARING.md. Sent while "
-    "it is read, a batch of messages at a time, all from one snapshot of the chat; a download cut short by a "
-    "server-side failure ends without its final chunk (docs/SHARING.md).",
+    "`format=markdown`: the branch shown, for reading. The format is described in docs/SHARING.md. Read a "
+    "batch of messages at a time, all from one snapshot of the chat, into a spool (memory, then a temporary "
+    "file), then sent with its `Content-Length` (docs/SHARING.md).",
     responses={
         200: {"model": ExportedChat, "content": {MARKDOWN: {}}, "description": "The chat, as an attachment"},
         **json_only({**AUTH_ERRORS, 404: error_doc(CHAT_NOT_FOUND)}),
@@ -98,10 +97,10 @@ async def export_chat(
     await session.close()
     markdown = export_format == "markdown"
     body = exports.chat_export(db=db, user_id=user.id, team_id=user.team_id, chat_id=chat_id, markdown=markdown)
-    first = await anext(body)  # 404 (or a database error) here, before anything is sent
+    spool = await exports.spooled(body)  # 404, or a database error, here: before anything is sent
     if markdown:
-        return Download(first, body, media_type=MARKDOWN, headers=attachment(f"chat-{chat_id}.md"))
-    return Download(first, body, media_type="application/json", headers=attachment(f"chat-{chat_id}.json"))
+        return SpooledDownload(spool, media_type=MARKDOWN, headers=attachment(f"chat-{chat_id}.md"))
+    return SpooledDownload(spool, media_type="application/json", headers=attachment(f"chat-{chat_id}.json"))
 
 
 @router.api_route("/export", methods=["HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False)

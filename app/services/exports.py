@@ -10,11 +10,12 @@ import io
 import json
 import logging
 import re
+import tempfile
 import uuid
 from array import array
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import ColumnElement, LargeBinary, Select, and_, bindparam, cast, func, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -138,11 +139,9 @@ async def chat_export(
     read-only transaction (REPEATABLE READ on PostgreSQL, a read transaction on SQLite): every batch sees the
     chat as it was at the first read, so a send, an edit or a deletion committing meanwhile is not in the
     export at all, and the export is always one that imports again. The transaction, and its connection, are
-    held until the last byte is written: a slow download holds one database connection.
+    held until the last piece is taken: the route takes them all into a spool (`spooled`) before it answers.
 
-    A failure once the download has begun (the database gone) is logged and raised: the server then cuts the
-    response before its end (no final chunk), so the client sees a broken download, never a short file that
-    looks whole.
+    A failure once the messages are being read (the database gone) is logged, with how far it got, and raised.
     """
     async with db.sessionmaker() as session:
         await _begin_snapshot(session, sqlite=db.settings.is_sqlite)
@@ -168,11 +167,36 @@ async def chat_export(
                 del piece  # not held while the next batch is read
         except Exception:
             logger.exception(
-                "the export of chat %s failed after %d bytes of messages; its download is cut short",
+                "the export of chat %s failed after %d bytes of messages",
                 chat_id,
                 written,
             )
             raise
+
+
+#: An export kept in memory up to this size while it is read; past it, in a temporary file.
+SPOOL_MEMORY_BYTES = 1_048_576
+#: A spooled export is sent this much at a time.
+SPOOL_PIECE_BYTES = 65_536
+Spool: TypeAlias = tempfile.SpooledTemporaryFile[bytes]
+
+
+async def spooled(body: AsyncGenerator[bytes]) -> Spool:
+    """The whole of `chat_export`, read at the database's pace into a spool (memory up to SPOOL_MEMORY_BYTES,
+    then a temporary file), before anything is sent: the snapshot's connection goes back before the first
+    byte, so a slow download holds a file, never a database connection; and a failure while reading (the
+    database gone) is a plain error answer, never a download cut short. Memory stays a batch or two however
+    long the chat; the disk holds the export until the response ends."""
+    spool: Spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
+    try:
+        async for piece in body:
+            spool.write(piece)
+    except BaseException:
+        spool.close()
+        raise
+    finally:
+        await body.aclose()
+    return spool
 
 
 async def _begin_snapshot(session: AsyncSession, *, sqlite: bool) -> None:
