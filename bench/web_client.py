@@ -198,7 +198,7 @@ def screenshots(browser: Browser, url: str, fake: str) -> None:
             edited.press("Enter")
             page.locator(".msg.user").last.locator(".branch-pos").filter(has_text="2 / 2").wait_for()
             complete(page)
-            page.get_by_role("button", name="Good answer").last.click()
+            page.get_by_role("button", name="Helpful", exact=True).last.click()
             page.screenshot(path=SHOTS / "branches.png")
             attachments_and_sharing(page)
             page.get_by_role("link", name="Agents").click()

@@ -950,12 +950,40 @@ def test_regenerate_and_feedback(web_page: Watched, team: Team) -> None:
     page.get_by_role("button", name="Regenerate").click()
     expect(page.locator(".msg.assistant .branch-pos")).to_have_text("2 / 2")
     expect(page.locator(".msg.user")).to_have_count(1)
-    page.get_by_role("button", name="Good answer").click()
-    expect(page.get_by_role("button", name="Good answer")).to_have_attribute("aria-pressed", "true")
+    # Named by their visible words (they were "Good answer" / "Bad answer" to a screen reader or voice control,
+    # which read "Helpful" / "Not helpful" on the screen); pressed from the keyboard, the focus stays on it.
+    helpful = page.get_by_role("button", name="Helpful", exact=True)
+    helpful.focus()
+    page.keyboard.press("Enter")
+    expect(helpful).to_have_attribute("aria-pressed", "true")
+    expect(helpful).to_be_focused()
+    expect(page.get_by_role("button", name="Not helpful", exact=True)).to_have_attribute("aria-pressed", "false")
     chat_id = page.url.rsplit("/", 1)[1]
     answer = team.get(f"/api/chats/{chat_id}")["messages"][-1]
     assert answer["feedback"]["rating"] == 1
     assert len(answer["sibling_ids"]) == 2
+
+
+def test_a_cancelled_edit_gives_the_focus_back_to_its_edit_button(web_page: Watched, team: Team) -> None:
+    """Escape or Cancel in an edit form dropped the focus to the page's start (a keyboard user Tabbed from the top
+    bar again); it now goes back to the message's Edit button. A second click on Edit while its form was open
+    threw a TypeError (no content left to swap); it now puts the focus in the form."""
+    page = web_page.page
+    edited = editing_the_first_question(web_page, team)
+    edit = page.locator(".msg.user").first.get_by_role("button", name="Edit")
+    edited.press("Escape")
+    expect(page.locator(".edit-form")).to_have_count(0)
+    expect(page.locator(".msg.user .content")).to_have_text("first question")
+    expect(edit).to_be_focused()
+    page.keyboard.press("Enter")  # the Edit button again, from the keyboard
+    expect(edited).to_be_focused()
+    page.get_by_role("button", name="Cancel").click()
+    expect(edit).to_be_focused()
+    edit.dblclick()
+    expect(page.locator(".edit-form")).to_have_count(1)
+    expect(edited).to_be_focused()
+    expect(edited).to_have_value("first question")
+    assert web_page.errors == []
 
 
 def test_switching_versions_with_the_keyboard_keeps_the_focus_on_the_switcher(web_page: Watched, team: Team) -> None:
@@ -1041,6 +1069,94 @@ def test_a_load_more_that_failed_offline_keeps_the_pages_shown_when_the_network_
     more.click()
     expect(rows).to_have_count(61)
     expect(more).to_be_hidden()
+
+
+def test_load_more_from_the_keyboard_goes_on_from_the_first_chat_it_added(web_page: Watched, team: Team) -> None:
+    """Load more is disabled while its page loads, which dropped its focus to the page's start: a keyboard user
+    pressing it had to Tab through the top bar and the whole list again. The focus now moves to the first chat
+    the page added (the button is gone once everything is listed)."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    for i in range(31):  # one more than a page
+        team.create_chat(agent_id, title=f"Chat {i:02d}")
+    log_in(page, team.email)
+    rows = page.locator(".chat-list li")
+    expect(rows).to_have_count(30)
+    page.get_by_role("button", name="Load more").focus()
+    page.keyboard.press("Enter")
+    expect(rows).to_have_count(31)
+    expect(rows.nth(30).locator(".chat-link")).to_be_focused()
+    expect(rows.nth(30)).to_contain_text("Chat 00")  # the oldest
+
+
+def test_a_rename_gives_the_focus_back_to_the_chats_menu(web_page: Watched, team: Team) -> None:
+    """The list drawn again after a rename (saved with Enter, or cancelled with Escape) dropped the focus to the
+    page's start; it now goes back to the renamed chat's ⋯, where the rename began."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    team.create_chat(agent_id, title="Old title")
+    log_in(page, team.email)
+    menu = page.locator(".chat-list").get_by_label("Actions for Old title")
+    menu.focus()
+    page.keyboard.press("Enter")
+    page.locator(".chat-list").get_by_role("button", name="Rename").click()
+    title = page.get_by_label("Chat title")
+    expect(title).to_be_focused()
+    title.press("Escape")
+    expect(menu).to_be_focused()
+    page.keyboard.press("Enter")
+    page.locator(".chat-list").get_by_role("button", name="Rename").click()
+    title.fill("New title")
+    title.press("Enter")
+    renamed = page.locator(".chat-list").get_by_label("Actions for New title")
+    expect(renamed).to_be_focused()
+    # And an item chosen in the menu (Pin draws the list again) leaves the focus on the chat's ⋯ too.
+    page.keyboard.press("Enter")
+    page.locator(".chat-list").get_by_role("button", name="Pin").click()
+    expect(page.locator(".chat-list .pin")).to_have_count(1)
+    expect(renamed).to_be_focused()
+
+
+def test_escape_or_a_click_elsewhere_closes_a_chats_menu(web_page: Watched, team: Team) -> None:
+    """A chat's ⋯ menu stayed open until its ⋯ was pressed again: Escape did nothing and menus opened one after
+    another piled up over the list. Escape now closes it (the focus back on its ⋯), and so does a click
+    anywhere else."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    team.create_chat(agent_id, title="First")
+    team.create_chat(agent_id, title="Second")
+    log_in(page, team.email)
+    first = page.locator(".chat-list").get_by_label("Actions for First")
+    first.click()
+    expect(page.locator(".chat-list details.menu[open]")).to_have_count(1)
+    page.locator(".chat-list").get_by_role("button", name="Rename").focus()  # inside the menu
+    page.keyboard.press("Escape")
+    expect(page.locator(".chat-list details.menu[open]")).to_have_count(0)
+    expect(first).to_be_focused()
+    first.click()
+    page.locator(".chat-list").get_by_label("Actions for Second").click()
+    expect(page.locator(".chat-list details.menu[open]")).to_have_count(1)
+    expect(page.locator(".chat-list details.menu[open]")).to_contain_text("Rename")
+    page.get_by_label("Search chats").click()
+    expect(page.locator(".chat-list details.menu[open]")).to_have_count(0)
+
+
+def test_a_page_from_the_top_bar_keeps_the_keyboards_place(web_page: Watched, team: Team) -> None:
+    """Every page of the top bar is drawn anew, the link that was pressed with it: the focus fell to the page's
+    start and the next Tab went to the brand link again. It now goes to the main area, so Tab goes on in the
+    page."""
+    page = web_page.page
+    log_in(page, team.email)
+    page.get_by_role("link", name="Shared", exact=True).focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_text("Nothing is shared in your team yet.")).to_be_visible()
+    expect(page.locator("main")).to_be_focused()
+    page.get_by_role("link", name="Chats", exact=True).focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
+    expect(page.locator("main")).to_be_focused()
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="+ New chat")).to_be_focused()
 
 
 def test_chat_list_search_pin_rename_archive_delete_and_load_more(web_page: Watched, team: Team) -> None:

@@ -636,3 +636,24 @@ def test_a_double_click_on_load_more_lists_each_share_once(web_page: Watched, te
     expect(shares).to_have_count(31)
     titles = shares.locator(".chat-title").all_inner_texts()
     assert sorted(titles) == [f"Chat {i:02}" for i in range(31)]
+
+
+def test_load_more_shares_from_the_keyboard_goes_on_from_the_first_share_it_added(
+    web_page: Watched, team: Team
+) -> None:
+    """The shared chats' Load more is disabled while its page loads, which dropped its focus to the page's start;
+    the focus now moves to the first share the page added."""
+    agent_id = team.get("/api/agents")[0]["id"]
+    with team.api() as client:
+        for i in range(31):  # one more than a page
+            chat = client.post("/api/chats", json={"agent_id": agent_id, "title": f"Chat {i:02}"}).json()
+            assert client.post(f"/api/chats/{chat['id']}/share").status_code == 201
+    page = web_page.page
+    log_in(page, team.email)
+    page.get_by_role("link", name="Shared", exact=True).click()
+    shares = page.locator(".share-list li")
+    expect(shares).to_have_count(30)
+    page.get_by_role("button", name="Load more").focus()
+    page.keyboard.press("Enter")
+    expect(shares).to_have_count(31)
+    expect(shares.nth(30).locator("a")).to_be_focused()

@@ -163,6 +163,7 @@ async function route() {
     const { renderAdmin } = await import("./views/admin.js");
     if (!current()) return;
     renderAdmin(frame(), rest[0] || "agents", { user: session.user, navigate });
+    keepFocus();
     return;
   }
   if (section === "shares") {
@@ -171,6 +172,7 @@ async function route() {
     const { renderShares } = await import("./views/shares.js");
     if (!current()) return;
     await renderShares(frame(), rest[0] || null, { user: session.user, navigate });
+    if (current()) keepFocus();
     return;
   }
   if (chats && document.body.contains(chats.root)) markCurrent();
@@ -179,6 +181,13 @@ async function route() {
     chats = new ChatsView(frame(), { user: session.user, navigate });
   }
   await chats.open(section === "chats" ? rest[0] || null : null, section === "new");
+  if (current()) keepFocus();
+}
+
+/** A page drawn anew (the top bar's link that was pressed went with the old one) leaves the focus nowhere: it goes
+ * to the page's main area, so the next Tab continues in the page, not from the top of the document again. */
+function keepFocus() {
+  if (!document.activeElement || document.activeElement === document.body) document.getElementById("main")?.focus({ preventScroll: true });
 }
 
 function markCurrent() {

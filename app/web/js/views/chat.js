@@ -39,6 +39,11 @@ export class ChatsView {
       if (this.unread) this.readAgain(this.unread);
     };
     window.addEventListener("online", this.onOnline);
+    // A chat's ⋯ menu (a <details>) stays open until told otherwise: a click anywhere else closes it.
+    this.closeMenus = (event) => {
+      for (const menu of this.root.querySelectorAll("details.menu[open]")) if (!menu.contains(event.target)) menu.open = false;
+    };
+    document.addEventListener("click", this.closeMenus);
     this.query = { q: "", archived: false, shown: 0 };
     this.listSeq = 0; // the latest loadChats of a new list
     this.list = h("ul", { class: "chat-list", "aria-label": "Chats" });
@@ -98,6 +103,7 @@ export class ChatsView {
   close() {
     this.leave();
     window.removeEventListener("online", this.onOnline);
+    document.removeEventListener("click", this.closeMenus);
     for (const attachments of this.pendingFiles.values()) attachments.close();
     this.pendingFiles.clear();
   }
@@ -163,6 +169,8 @@ export class ChatsView {
     const seq = more ? this.listSeq : ++this.listSeq;
     const offset = more ? this.query.shown : 0;
     const filter = { q: this.query.q, archived: this.query.archived };
+    // Disabling the button drops its focus: a keyboard user goes on from the first chat the page adds instead.
+    const focusAdded = more && document.activeElement === this.more;
     if (more) this.more.disabled = true;
     try {
       const pinned = more ? null : await page("/api/chats", { ...filter, pinned: true, limit: PINNED_MAX });
@@ -176,7 +184,9 @@ export class ChatsView {
           this.list.append(h("li", { class: "muted" }, this.query.q ? "No chat matches." : "No chats yet."));
         }
       }
-      for (const chat of items) this.list.append(this.chatRow(chat));
+      const rows = items.map((chat) => this.chatRow(chat));
+      this.list.append(...rows);
+      if (focusAdded) rows[0]?.querySelector(".chat-link").focus();
       this.query.shown = offset + items.length;
       this.more.hidden = this.query.shown >= total;
       if (!more) this.listUnread = false;
@@ -188,6 +198,8 @@ export class ChatsView {
       notify(errorText(err), "error");
     } finally {
       if (more) this.more.disabled = false;
+      // Nothing added (the page could not be read): back on the button, to press again.
+      if (focusAdded && document.activeElement === document.body && !this.more.hidden) this.more.focus();
     }
   }
 
@@ -222,7 +234,26 @@ export class ChatsView {
   chatMenu(chat, items) {
     const title = chat.title || "New chat";
     const list = h("div", { class: "menu-items" });
-    const menu = h("details", { class: "menu" }, h("summary", { "aria-label": `Actions for ${title}` }, "⋯"), list);
+    const summary = h("summary", { "aria-label": `Actions for ${title}` }, "⋯");
+    const menu = h("details", { class: "menu" }, summary, list);
+    // Escape closes it, back on its ⋯ (a click elsewhere closes it too: `closeMenus`).
+    menu.addEventListener("keydown", (event) => {
+      if (event.key !== "Escape" || !menu.open) return;
+      event.preventDefault();
+      menu.open = false;
+      summary.focus();
+    });
+    // An item's action draws the list (or the header) again, taking the menu with it: the focus goes to the same
+    // chat's ⋯ as drawn again, unless the action put it somewhere (the rename's field, the share dialog).
+    const act = async (handler) => {
+      menu.open = false;
+      summary.focus();
+      const inList = this.list.contains(menu);
+      await handler();
+      if (document.activeElement && document.activeElement !== document.body) return;
+      const again = inList ? this.list.querySelector(`li[data-id="${chat.id}"] summary`) : this.header?.querySelector("summary");
+      again?.focus();
+    };
     const fillItems = () => {
       const reading = this.sharedIds === undefined; // a moment: the items follow once the shares are read
       const shared = this.isShared(chat.id);
@@ -238,7 +269,7 @@ export class ChatsView {
         ]
           .filter(Boolean)
           .map(([text, handler]) =>
-            h("button", { type: "button", class: "ghost", onclick: () => { menu.open = false; handler(); } }, text),
+            h("button", { type: "button", class: "ghost", onclick: () => act(handler) }, text),
           ),
       );
     };
@@ -341,17 +372,20 @@ export class ChatsView {
   rename(row, chat) {
     const input = h("input", { class: "rename", "aria-label": "Chat title", maxlength: 200 });
     input.value = chat.title || "";
+    // The list is drawn again once the title is saved (or the rename cancelled): the focus goes back to the chat's
+    // ⋯ menu, where the rename began, not to the page's start.
+    const back = () => this.list.querySelector(`li[data-id="${chat.id}"] summary`)?.focus();
     const form = h(
       "form",
       {
         onsubmit: async (event) => {
           event.preventDefault();
-          await this.updateChat(chat.id, { title: input.value.trim() || null });
+          if (await this.updateChat(chat.id, { title: input.value.trim() || null })) back();
         },
       },
       input,
     );
-    input.addEventListener("keydown", (event) => event.key === "Escape" && this.loadChats());
+    input.addEventListener("keydown", (event) => event.key === "Escape" && this.loadChats().then(back));
     row.replaceChildren(form);
     input.focus();
     input.select();
@@ -633,7 +667,12 @@ export class ChatsView {
         try {
           const updated = await api(`/api/chats/${this.chatId}/messages/${message.id}/feedback`, { method: "PUT", body: { rating } });
           const item = this.messages.querySelector(`[data-id="${message.id}"]`);
-          item?.replaceWith(messageItem(updated, this.actions()));
+          if (!item) return;
+          // The message is drawn again with its new rating: a keyboard user stays on the button they pressed.
+          const pressed = item.contains(document.activeElement) ? document.activeElement.textContent : null;
+          const drawn = messageItem(updated, this.actions());
+          item.replaceWith(drawn);
+          if (pressed) [...drawn.querySelectorAll(".rate")].find((b) => b.textContent === pressed)?.focus();
         } catch (err) {
           notify(errorText(err), "error");
         }

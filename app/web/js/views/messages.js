@@ -182,9 +182,11 @@ function footer(message, actions) {
   } else if (message.status !== "streaming") {
     buttons.push(h("button", { type: "button", class: "ghost", onclick: () => actions.regenerate(message) }, "Regenerate"));
     const rating = message.feedback?.rating ?? null;
-    for (const [value, label, text] of [
-      [1, "Good answer", "Helpful"],
-      [-1, "Bad answer", "Not helpful"],
+    // Named by their visible words (no other aria-label): what a screen reader says is what voice control and
+    // sighted users go by.
+    for (const [value, text] of [
+      [1, "Helpful"],
+      [-1, "Not helpful"],
     ])
       buttons.push(
         h(
@@ -192,7 +194,6 @@ function footer(message, actions) {
           {
             type: "button",
             class: "ghost rate",
-            "aria-label": label,
             "aria-pressed": String(rating === value),
             onclick: () => actions.feedback(message, rating === value ? null : value),
           },
@@ -208,8 +209,16 @@ function wireEdit(item, message, actions) {
   const button = item.querySelector("[data-action=edit]");
   if (!button) return;
   button.addEventListener("click", () => {
+    // Open already (a second click, a double click): its text box takes the focus; there is no content to swap.
+    const open = item.querySelector(".edit-form textarea");
+    if (open) return open.focus();
     if (actions.busy()) return;
     const content = item.querySelector(".content");
+    // Cancelled (Escape or Cancel): the message again, and the focus back on its Edit button, not lost to the page.
+    const cancel = () => {
+      form.replaceWith(content);
+      button.focus();
+    };
     const text = h("textarea", { class: "edit-text", rows: 3, "aria-label": "Edited message" });
     text.value = message.content;
     const form = h(
@@ -222,10 +231,10 @@ function wireEdit(item, message, actions) {
         },
       },
       text,
-      h("div", { class: "row" }, h("button", { type: "submit" }, "Send"), h("button", { type: "button", class: "ghost", onclick: () => form.replaceWith(content) }, "Cancel")),
+      h("div", { class: "row" }, h("button", { type: "submit" }, "Send"), h("button", { type: "button", class: "ghost", onclick: cancel }, "Cancel")),
     );
     text.addEventListener("keydown", (event) => {
-      if (event.key === "Escape") form.replaceWith(content);
+      if (event.key === "Escape") cancel();
       if (event.key === "Enter" && !event.shiftKey && !composing(event)) { // not the Enter ending an IME composition
         event.preventDefault();
         form.requestSubmit();

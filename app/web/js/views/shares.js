@@ -30,6 +30,8 @@ async function showList({ root, agentOf }) {
   let shown = 0;
   // Disabled while a page loads: a second click would ask for the same offset and list that page twice.
   const load = async () => {
+    // Disabling the button drops its focus: a keyboard user goes on from the first share the page adds instead.
+    const focusAdded = document.activeElement === more;
     more.disabled = true;
     try {
       const { items, total } = await page("/api/shares", { limit: PAGE, offset: shown });
@@ -38,7 +40,7 @@ async function showList({ root, agentOf }) {
       const pageAgents = await Promise.all(items.map((share) => agentOf(share.agent_id)));
       for (const [index, share] of items.entries()) {
         const agent = pageAgents[index];
-        list.append(
+        const row = list.appendChild(
           h(
             "li",
             {},
@@ -51,6 +53,7 @@ async function showList({ root, agentOf }) {
             ),
           ),
         );
+        if (focusAdded && index === 0) row.querySelector("a").focus();
       }
       shown += items.length;
       more.hidden = shown >= total;
@@ -58,6 +61,8 @@ async function showList({ root, agentOf }) {
       notify(errorText(err), "error");
     } finally {
       more.disabled = false;
+      // Nothing added (the page could not be read): back on the button, to press again.
+      if (focusAdded && document.activeElement === document.body && !more.hidden) more.focus();
     }
   };
   more.addEventListener("click", load);
