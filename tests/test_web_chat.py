@@ -14,6 +14,7 @@ from playwright.sync_api import FilePayload, Locator, Page, Request, Route, expe
 
 from tests.live import LiveServer
 from tests.web import PASSWORD, Team, Watched, answer_text, create_team, log_in, send
+from tools.fake_n8n import raw_answer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -1618,6 +1619,55 @@ def test_a_long_unbroken_word_keeps_the_chat_within_a_phones_width(web_page: Wat
     menu.click()
     expect(page.locator(".pane .chat-header").get_by_role("button", name="Export as JSON")).to_be_in_viewport()
     assert web_page.errors == []
+
+
+def test_a_toast_does_not_block_the_chat_menu_under_it(web_page: Watched, team: Team, fake_n8n_url: str) -> None:
+    """A failed answer's toast sits over the chat header's ⋯ for 8 s and took its clicks: the menu could not be
+    opened until the toast went. Clicks now go through the toasts."""
+    team.create_agent(f"{fake_n8n_url}/webhook/x?scenario=status&status=500", name="Broken bot")
+    page = web_page.page
+    log_in(page, team.email)
+    page.get_by_role("button", name=re.compile("Broken bot")).click()
+    send(page, "hello")
+    toast = page.locator(".toast.error")
+    expect(toast).to_be_visible()
+    menu = page.locator(".pane .chat-header summary")
+    toast_box, menu_box = toast.bounding_box(), menu.bounding_box()
+    assert toast_box is not None
+    assert menu_box is not None
+    # The layout this is about: the toast covers the ⋯ (else the test would prove nothing).
+    assert toast_box["x"] <= menu_box["x"] + menu_box["width"] / 2 <= toast_box["x"] + toast_box["width"]
+    assert toast_box["y"] <= menu_box["y"] + menu_box["height"] / 2 <= toast_box["y"] + toast_box["height"]
+    menu.click(timeout=3_000)
+    expect(page.locator(".pane .chat-header").get_by_role("button", name="Export as JSON")).to_be_visible()
+    expect(toast).to_be_visible()  # it was still there
+
+
+def test_a_wide_table_in_an_answer_scrolls_within_it_on_a_phone(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """A Markdown table in an answer was squeezed into a phone's width by cutting its words anywhere ("more" in
+    three lines: m / or / e). It now keeps its words whole and scrolls sideways inside the message; the page
+    itself does not."""
+    header = "| " + " | ".join(f"column {i}" for i in range(6)) + " |"
+    rows = "\n".join(["|" + "---|" * 6, "| " + " | ".join(["more"] * 6) + " |"])
+    answer = json.dumps({"output": f"A table:\n\n{header}\n{rows}\n\nThe end."}).encode()
+    team.create_agent(raw_answer(fake_n8n_url, answer), name="Table bot")
+    page = web_page.page
+    page.set_viewport_size({"width": 380, "height": 800})
+    log_in(page, team.email)
+    page.get_by_role("link", name="+ New chat").click()  # a phone shows the list alone first
+    page.get_by_role("button", name=re.compile("Table bot")).click()
+    send(page, "a table please")
+    table = page.locator(".msg.assistant[data-status=complete] table")
+    expect(table).to_be_visible()
+    lines = table.locator("td").first.evaluate(
+        "(cell) => { const r = document.createRange(); r.selectNodeContents(cell); return r.getClientRects().length }"
+    )
+    assert lines == 1  # "more" on one line
+    assert table.evaluate("(t) => t.scrollWidth > t.clientWidth")  # wider than the message: it scrolls
+    assert page.evaluate("document.documentElement.scrollWidth") <= 380
+    expect(page.locator(".msg.assistant .content")).to_contain_text("The end.")
 
 
 DRAFTS_KEPT = "Object.keys(sessionStorage).filter((k) => k.startsWith('draft:'))"
