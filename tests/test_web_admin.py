@@ -301,6 +301,60 @@ def test_a_double_click_creates_one_agent_one_invitation_and_one_user(
     assert web_page.errors == []
 
 
+def test_the_admin_tables_name_their_buttons_and_keep_the_keyboards_place(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """Each agent's button was "Edit" to a screen reader (a list of "Edit, Edit, Edit") and each invitation's
+    "Revoke"; they now name their agent or invitation. A closed agent form (saved or cancelled) and a user's role
+    or activation changed (the table drawn again) dropped the focus to the page's start: it now goes back to the
+    agent's Edit, "+ New agent", or the control just changed."""
+    team.create_agent(f"{fake_n8n_url}/webhook/agent-stream", name="Echo bot")
+    with team.api() as client:
+        added = client.post("/api/users", json={"email": "bob@example.com", "password": PASSWORD})
+        assert added.status_code == 201, added.text
+        invited = client.post("/api/teams/current/invites", json={"email": "carl@example.com"})
+        assert invited.status_code == 201, invited.text
+    page = web_page.page
+    log_in(page, team.email)
+    page.get_by_role("link", name="Agents").click()
+    edit = page.get_by_role("button", name="Edit Echo bot", exact=True)
+    edit.click()
+    expect(page.get_by_label("Name", exact=True)).to_be_focused()
+    page.get_by_role("button", name="Cancel").click()
+    expect(edit).to_be_focused()
+    page.keyboard.press("Enter")
+    page.get_by_label("Description").fill("Echoes")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("tr", has_text="Echo bot")).to_be_visible()
+    expect(page.locator(".agent-form")).to_have_count(0)
+    expect(edit).to_be_focused()
+    new_agent = page.get_by_role("button", name="+ New agent")
+    new_agent.click()
+    page.get_by_role("button", name="Cancel").click()
+    expect(new_agent).to_be_focused()
+
+    page.get_by_role("link", name="Users").click()
+    revoke = re.compile("^Revoke the invitation for carl@example.com, user")
+    expect(page.get_by_role("button", name=revoke)).to_be_visible()
+    users = page.get_by_role("table", name="Users")
+    # Each change draws the table again: the old one is marked, to know when it is gone.
+    active = page.get_by_label("bob@example.com active")
+    users.evaluate("(table) => table.dataset.old = 'yes'")
+    active.focus()
+    page.keyboard.press("Space")
+    expect(page.locator("table[data-old]")).to_have_count(0)
+    expect(active).not_to_be_checked()
+    expect(active).to_be_focused()
+    role = page.get_by_label("Role of bob@example.com")
+    users.evaluate("(table) => table.dataset.old = 'yes'")
+    role.focus()
+    role.select_option("admin")
+    expect(page.locator("table[data-old]")).to_have_count(0)
+    expect(role).to_have_value("admin")
+    expect(role).to_be_focused()
+    assert web_page.errors == []
+
+
 def test_an_admin_who_loses_the_role_leaves_the_admin_pages(web_page: Watched, team: Team) -> None:
     page = web_page.page
     with team.api() as client:

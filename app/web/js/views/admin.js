@@ -247,10 +247,14 @@ function avatarInput(agent, done) {
 async function agentsPage(main) {
   const list = h("div", { class: "agent-admin-list" });
   const slot = h("div");
+  const newAgent = h("button", { type: "button", onclick: () => show(null) }, "+ New agent");
   const show = async (editing) => {
     fill(slot, editing === undefined ? null : agentForm(editing, async (saved, opts) => {
       if (!opts?.stay) fill(slot);
       await load();
+      // The form went (saved or cancelled) with the focus in it: back to the agent's Edit (the new agent's, once
+      // saved), or to "+ New agent", rather than to the page's start.
+      if (!opts?.stay) (list.querySelector(`tr[data-id="${(saved || editing)?.id}"] button`) || newAgent).focus();
     }));
     slot.querySelector("input")?.focus();
   };
@@ -265,14 +269,15 @@ async function agentsPage(main) {
               agents.map((a) =>
                 h(
                   "tr",
-                  {},
+                  { "data-id": a.id },
                   h("td", {}, avatar(a)),
                   h("td", {}, a.name),
                   h("td", {}, h("code", {}, a.slug)),
                   h("td", { class: "wrap" }, a.webhook_url),
                   h("td", {}, a.webhook_header_names.join(", ") || "—"),
                   h("td", {}, a.is_active ? "yes" : "no"),
-                  h("td", {}, h("button", { type: "button", class: "ghost", onclick: () => show(a) }, "Edit")),
+                  // Named with its agent: a screen reader's list of buttons is not "Edit, Edit, Edit".
+                  h("td", {}, h("button", { type: "button", class: "ghost", "aria-label": `Edit ${a.name}`, onclick: () => show(a) }, "Edit")),
                 ),
               ),
             )
@@ -282,7 +287,7 @@ async function agentsPage(main) {
       notify(errorText(err), "error");
     }
   }
-  fill(main, h("div", { class: "admin" }, h("div", { class: "row spread" }, h("h1", {}, "Agents"), h("button", { type: "button", onclick: () => show(null) }, "+ New agent")), slot, list));
+  fill(main, h("div", { class: "admin" }, h("div", { class: "row spread" }, h("h1", {}, "Agents"), newAgent), slot, list));
   await load();
 }
 
@@ -295,6 +300,8 @@ async function usersPage(main, { user: me, navigate }) {
   let shownInvite = null; // the invitation whose one-time link `created` shows
 
   async function patch(user, changes) {
+    // The table is drawn again below: the control just changed (its label names the user) keeps the focus.
+    const label = document.activeElement?.getAttribute("aria-label");
     try {
       await api(`/api/users/${user.id}`, { method: "PATCH", body: changes });
       notify(`Updated ${user.email}`);
@@ -308,6 +315,8 @@ async function usersPage(main, { user: me, navigate }) {
     }
     // The invitations too: demoting or deactivating an admin revokes the ones they made.
     await Promise.all([loadUsers(), loadInvites()]).catch((err) => notify(errorText(err), "error"));
+    if (label && (!document.activeElement || document.activeElement === document.body))
+      [...users.querySelectorAll("[aria-label]")].find((control) => control.getAttribute("aria-label") === label)?.focus();
   }
 
   async function loadUsers() {
@@ -350,7 +359,7 @@ async function usersPage(main, { user: me, navigate }) {
                   "td",
                   {},
                   i.status === "active" &&
-                    h("button", { type: "button", class: "ghost", onclick: async () => {
+                    h("button", { type: "button", class: "ghost", "aria-label": `Revoke the invitation for ${i.email || "anyone"}, ${i.role}, expires ${when(i.expires_at)}`, onclick: async () => {
                       try {
                         await api(`/api/teams/current/invites/${i.id}`, { method: "DELETE" });
                         // Its link no longer works: it leaves the page.
