@@ -1414,6 +1414,27 @@ def test_signing_in_over_a_session_mid_answer_leaves_no_answer_text_in_the_tab(w
     wait_until_stored(team)  # the server goes on with the answer: let it end before the tables are emptied
 
 
+def test_a_session_ended_elsewhere_shows_the_login_form_without_the_401s_toast(web_page: Watched, team: Team) -> None:
+    """A session ended elsewhere (a logout in another tab, cookies gone): the next send's 401, its refresh refused,
+    showed the login form as it should, and then the send's error on it, "Not authenticated", in a toast that
+    stayed 8 s over the form (the toasts had just been cleared with the session). Nothing shows now."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    page.context.clear_cookies()  # as another tab's logout leaves this one
+    send(page, "anyone?")
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+    page.wait_for_timeout(1_000)  # the send's error comes after the login form
+    assert page.locator(".toast").all_inner_texts() == []  # now, not after waiting (a toast goes after 8 s)
+    # A message of the next session shows as ever.
+    fill_login(page, team.email)
+    expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
+    page.context.set_offline(True)
+    page.get_by_label("Search chats").fill("x")
+    expect(page.locator(".toast.error", has_text="The server could not be reached.")).to_be_visible()
+    page.context.set_offline(False)
+    assert web_page.errors == []
+
+
 def test_a_failed_logout_is_not_reported_as_done(web_page: Watched, team: Team) -> None:
     """A logout that never reached the server showed the login page while the session stayed valid (a reload
     showed the chats again); the page now says the logout failed and stays, and Log out can be tried again.

@@ -46,10 +46,17 @@ export function formValues(form) {
  */
 export const composing = (event) => event.isComposing || event.keyCode === 229;
 
+// Whether a message may show now: main.js says not while nobody is signed in, so the error of a request that the
+// ended session left behind (its 401, "Not authenticated") does not show over the login form.
+let showing = () => true;
+export function toastsWhen(predicate) {
+  showing = predicate;
+}
+
 /** A message in the page's toast area (role=status, so screen readers announce it). */
 export function notify(text, kind = "info") {
   const area = document.getElementById("toasts");
-  if (!area) return;
+  if (!area || !showing()) return;
   const toast = h("div", { class: `toast ${kind}`, role: kind === "error" ? "alert" : "status" }, text);
   area.append(toast);
   setTimeout(() => toast.remove(), kind === "error" ? 8000 : 4000);

@@ -1,6 +1,6 @@
 // The client's entry: who is signed in, the hash router, and the page frame (top bar, main area, toasts).
 import { ApiError, api, whenSignedOut } from "./api.js";
-import { fill, h, notify } from "./dom.js";
+import { fill, h, notify, toastsWhen } from "./dom.js";
 import { saved } from "./stream.js";
 import { renderAuth } from "./views/auth.js";
 import { ChatsView } from "./views/chat.js";
@@ -196,6 +196,7 @@ function markCurrent() {
 }
 
 whenSignedOut(signedOut);
+toastsWhen(() => session.user !== null);
 window.addEventListener("hashchange", route);
 document.body.append(h("div", { id: "toasts", class: "toasts" }));
 route();
