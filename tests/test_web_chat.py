@@ -53,6 +53,41 @@ def test_login_with_a_wrong_password_shows_the_error(web_page: Watched, team: Te
     expect(page.get_by_role("link", name="+ New chat")).to_have_count(0)
 
 
+def test_a_refused_login_pressed_from_the_keyboard_keeps_the_focus_on_its_button(web_page: Watched, team: Team) -> None:
+    """The button is disabled while the login runs, which dropped its focus: after "Incorrect email or password"
+    a keyboard user's next Tab started from the page's start. The focus now goes back on the button."""
+    page = web_page.page
+    page.goto("/")
+    page.get_by_label("Email").fill(team.email)
+    page.get_by_label("Password").fill("wrong password!")
+    button = page.get_by_role("button", name="Log in")
+    button.focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("alert")).to_have_text("Incorrect email or password")
+    expect(button).to_be_enabled()
+    expect(button).to_be_focused()
+    page.keyboard.press("Shift+Tab")
+    expect(page.get_by_label("Password")).to_be_focused()
+
+
+def test_the_agent_picker_and_an_empty_archive_say_where_you_are(web_page: Watched, team: Team) -> None:
+    """The agent picker (#/new) marked no page of the top bar as current (it is the chats'), and the Archived
+    switch with nothing archived said "No chats yet." to someone who has chats."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    team.create_chat(agent_id, title="Not archived")
+    log_in(page, team.email)
+    chats = page.get_by_role("navigation", name="Main").get_by_role("link", name="Chats")
+    expect(chats).to_have_attribute("aria-current", "page")
+    page.get_by_role("link", name="+ New chat").click()
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    expect(chats).to_have_attribute("aria-current", "page")
+    page.get_by_role("checkbox", name="Archived").check()
+    expect(page.locator(".chat-list")).to_have_text("No archived chats.")
+    page.get_by_role("checkbox", name="Archived").uncheck()
+    expect(page.locator(".chat-list")).to_contain_text("Not archived")
+
+
 def test_a_user_in_two_teams_picks_the_team_by_name(web_page: Watched, web_server: LiveServer) -> None:
     """An email and password valid in two teams could not log in from the page: the 401 listing the teams was
     reduced to its text, and only a team id typed by hand helped. The page now offers the teams by name."""

@@ -24,6 +24,11 @@ const tabUser = {
 };
 const currentPath = () => location.hash.replace(/^#/, "") || "/chats";
 const currentSection = () => location.hash.replace(/^#\/?/, "").split("/")[0];
+// The top bar's link of the page shown: the agent picker (#/new) and the bare address are the chats too.
+const navCurrent = (href) => {
+  const hash = !location.hash || location.hash.startsWith("#/new") ? "#/chats" : location.hash;
+  return hash.startsWith(href);
+};
 
 /** Show `path`; `replace`: in place of the current history entry (Back does not return to it). */
 export function navigate(path, { replace = false } = {}) {
@@ -97,7 +102,7 @@ function frame() {
   const user = session.user;
   const admin = user.role === "admin";
   const link = (path, text) =>
-    h("a", { href: `#${path}`, "aria-current": location.hash.startsWith(`#${path}`) ? "page" : null }, text);
+    h("a", { href: `#${path}`, "aria-current": navCurrent(`#${path}`) ? "page" : null }, text);
   const main = h("main", { id: "main", tabindex: "-1" });
   fill(
     app,
@@ -192,7 +197,7 @@ function keepFocus() {
 
 function markCurrent() {
   for (const a of app.querySelectorAll(".topbar nav a"))
-    a.setAttribute("aria-current", location.hash.startsWith(a.getAttribute("href")) ? "page" : "false");
+    a.setAttribute("aria-current", navCurrent(a.getAttribute("href")) ? "page" : "false");
 }
 
 whenSignedOut(signedOut);

@@ -36,6 +36,9 @@ function authForm(title, fields, submitText, action, footer) {
           showError(error, err);
         } finally {
           button.disabled = false;
+          // Disabled while it ran, the button dropped the focus (pressed from the keyboard): a refusal leaves the
+          // form shown, and the focus goes back on its button, by the message, not to the page's start.
+          if (form.isConnected && (!document.activeElement || document.activeElement === document.body)) button.focus();
         }
       },
     },

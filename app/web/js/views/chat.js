@@ -181,7 +181,7 @@ export class ChatsView {
         this.list.replaceChildren();
         for (const chat of pinned.items) this.list.append(this.chatRow(chat));
         if (!pinned.items.length && !items.length) {
-          this.list.append(h("li", { class: "muted" }, this.query.q ? "No chat matches." : "No chats yet."));
+          this.list.append(h("li", { class: "muted" }, this.query.q ? "No chat matches." : this.query.archived ? "No archived chats." : "No chats yet."));
         }
       }
       const rows = items.map((chat) => this.chatRow(chat));
