@@ -1699,6 +1699,29 @@ def test_a_toast_does_not_block_the_chat_menu_under_it(web_page: Watched, team: 
     expect(toast).to_be_visible()  # it was still there
 
 
+def test_a_long_agent_name_takes_one_line_in_the_chats_header_on_a_phone(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """The chat's title was cut with an ellipsis on a phone, but its agent's name under it wrapped: a long name
+    (up to 100 characters) took three lines of the header above the messages. It is cut too, whole in its
+    tooltip."""
+    name = "A very long agent name that goes on and on and on without any end in sight really, truly"
+    team.create_agent(f"{fake_n8n_url}/webhook/agent-stream", name=name)
+    page = web_page.page
+    page.set_viewport_size({"width": 380, "height": 800})
+    log_in(page, team.email)
+    page.get_by_role("link", name="+ New chat").click()
+    page.get_by_role("button", name=re.compile("^A very long agent")).click()
+    label = page.locator(".pane .chat-heading .muted")
+    expect(label).to_contain_text("A very long agent")
+    title_box, label_box = page.locator(".pane .chat-header h1").bounding_box(), label.bounding_box()
+    assert title_box is not None
+    assert label_box is not None
+    assert label_box["height"] < 1.5 * title_box["height"]  # one line
+    expect(label).to_have_attribute("title", name)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 380
+
+
 def test_a_wide_table_in_an_answer_scrolls_within_it_on_a_phone(
     web_page: Watched, team: Team, fake_n8n_url: str
 ) -> None:

@@ -624,7 +624,7 @@ export class ChatsView {
       this.header,
       h("a", { class: "back ghost button", href: "#/chats", "aria-label": "Back to the chat list" }, "‹"),
       avatar(this.agent),
-      h("div", { class: "chat-heading" }, h("h1", { title: chat.title || null }, chat.title || "New chat"), h("span", { class: "muted" }, agentLabel(this.agent))),
+      h("div", { class: "chat-heading" }, h("h1", { title: chat.title || null }, chat.title || "New chat"), h("span", { class: "muted agent-name", title: agentLabel(this.agent) }, agentLabel(this.agent))),
       this.chatMenu(chat, []),
     );
   }
