@@ -53,6 +53,24 @@ def test_login_with_a_wrong_password_shows_the_error(web_page: Watched, team: Te
     expect(page.get_by_role("link", name="+ New chat")).to_have_count(0)
 
 
+def test_new_chat_from_the_keyboard_puts_the_focus_on_the_first_agent(web_page: Watched, team: Team) -> None:
+    """ "+ New chat" showed the agent picker but kept the focus on itself: after it in the page come the search,
+    the switch and two stops per chat of the list, so a keyboard user with a page of chats pressed Tab 60 times
+    to reach an agent. The first agent now takes the focus."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    for i in range(30):
+        team.create_chat(agent_id, title=f"Chat {i:02d}")
+    log_in(page, team.email)
+    expect(page.locator(".chat-list li")).to_have_count(30)
+    page.get_by_role("link", name="+ New chat").focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("button", name=re.compile("Echo bot"))).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.get_by_label("Message", exact=True)).to_be_focused()
+    assert len(team.get("/api/chats")) == 31
+
+
 def test_a_refused_login_pressed_from_the_keyboard_keeps_the_focus_on_its_button(web_page: Watched, team: Team) -> None:
     """The button is disabled while the login runs, which dropped its focus: after "Incorrect email or password"
     a keyboard user's next Tab started from the page's start. The focus now goes back on the button."""

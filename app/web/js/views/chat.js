@@ -422,7 +422,13 @@ export class ChatsView {
       row.classList.toggle("current", row.dataset.id === chatId);
       row.querySelector(".chat-link")?.setAttribute("aria-current", row.dataset.id === chatId ? "page" : "false");
     }
-    if (!chatId) return this.renderPicker();
+    if (!chatId) {
+      this.renderPicker();
+      // Asked for (+ New chat): the first agent takes the focus, so the keyboard does not Tab through the whole
+      // chat list to reach the picker. The chats' page shown by default (after the login) leaves it as it is.
+      if (picker) this.pane.querySelector(".agent-card")?.focus();
+      return;
+    }
     this.last = LAST;
     if (!(await this.reload())) return; // not on a chat that could not be read (404...)
     this.giveBackWaiting();
