@@ -849,6 +849,20 @@ def a_chat_longer_than_shown(web_page: Watched, team: Team) -> str:
     return chat_id
 
 
+def test_show_earlier_keeps_the_reader_where_they_were(web_page: Watched, team: Team) -> None:
+    """ "Show earlier messages" drew the chat again, which scrolls to its end: the earlier messages came in above,
+    out of sight, and the reader had to scroll back up past the whole chat to find them. The oldest message shown
+    before now stays in view, the earlier ones just above it."""
+    page = web_page.page
+    a_chat_longer_than_shown(web_page, team)
+    oldest = page.locator(".msg.user .content").filter(has_text=re.compile(r"^q1$"))
+    expect(page.locator(".msg")).to_have_count(50)
+    page.get_by_role("button", name="Show earlier messages").click()
+    expect(page.locator(".msg")).to_have_count(52)
+    expect(oldest).to_be_in_viewport()
+    expect(page.locator(".msg").last).not_to_be_in_viewport()
+
+
 def test_show_earlier_during_an_answer_keeps_the_live_answer_and_stop(web_page: Watched, team: Team) -> None:
     """Clicking "Show earlier messages" while an answer was written rebuilt the list and the buttons: the answer went on
     in a detached element and Stop was gone. The live answer now stays in the list, still growing, with Stop."""

@@ -582,7 +582,7 @@ export class ChatsView {
     this.renderHeader(chat);
     if (chat.has_more)
       this.messages.append(
-        h("li", { class: "earlier" }, h("button", { type: "button", class: "ghost", onclick: () => { this.last *= 2; this.reload(); } }, "Show earlier messages")),
+        h("li", { class: "earlier" }, h("button", { type: "button", class: "ghost", onclick: () => this.showEarlier() }, "Show earlier messages")),
       );
     // An answer being written keeps its elements (its handlers write into them), at the end of the branch.
     const live = this.generation ? [this.live.user, this.live.item].filter(Boolean) : [];
@@ -691,6 +691,17 @@ export class ChatsView {
     const item = this.messages.querySelector(`[data-id="${messageId}"]`);
     while (item?.nextSibling) item.nextSibling.remove();
     item?.remove();
+  }
+
+  /** More of the chat's history: the reader stays where they were (the oldest message shown so far stays in view,
+   * the earlier ones above it), not at the end of the chat, where drawing the chat again puts them. */
+  async showEarlier() {
+    const oldest = this.messages.querySelector(".msg[data-id]")?.dataset.id;
+    this.last *= 2;
+    if (!(await this.reload()) || !oldest) return;
+    this.messages.querySelector(`.msg[data-id="${oldest}"]`)?.scrollIntoView({ block: "start" });
+    // More still to show: the button keeps the focus, to press again.
+    this.messages.querySelector(".earlier button")?.focus({ preventScroll: true });
   }
 
   scrollDown() {
