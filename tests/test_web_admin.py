@@ -192,6 +192,8 @@ def test_an_invitation_link_signs_a_colleague_up(
         other = watch(colleague.new_page())
         other.page.goto(link)
         expect(other.page.get_by_text("You are invited to Acme as user.")).to_be_visible()
+        # The first field has the focus, as on the login and sign-up pages (it had none: Tab began at the top).
+        expect(other.page.get_by_label("Your name")).to_be_focused()
         expect(other.page.get_by_label("Email")).to_have_value("bob@example.com")
         other.page.get_by_label("Your name").fill("Bob")
         other.page.get_by_label("Password (8 characters or more)").fill(PASSWORD)
@@ -353,6 +355,29 @@ def test_the_admin_tables_name_their_buttons_and_keep_the_keyboards_place(
     expect(role).to_have_value("admin")
     expect(role).to_be_focused()
     assert web_page.errors == []
+
+
+def test_load_more_errors_from_the_keyboard_goes_on_from_the_first_row_it_added(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """The error log's Load more is disabled while its page loads, which dropped its focus to the page's start;
+    the focus now moves to the first row the page added."""
+    agent = team.create_agent(f"{fake_n8n_url}/webhook/x?scenario=status&status=500", name="Broken bot")
+    chat = team.create_chat(agent["id"])
+    with team.api() as client:
+        for i in range(51):  # one more than a page
+            assert client.post(f"/api/chats/{chat['id']}/messages", json={"content": f"q{i}"}).status_code == 200
+    assert len(team.get("/api/error-logs?limit=100")) == 51
+    page = web_page.page
+    log_in(page, team.email)
+    page.get_by_role("link", name="Errors").click()
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(50)
+    page.get_by_role("button", name="Load more").focus()
+    page.keyboard.press("Enter")
+    expect(rows).to_have_count(51)
+    expect(rows.nth(50)).to_be_focused()
+    expect(page.get_by_role("button", name="Load more")).to_be_hidden()
 
 
 def test_an_admin_who_loses_the_role_leaves_the_admin_pages(web_page: Watched, team: Team) -> None:

@@ -489,11 +489,17 @@ async function errorsPage(main) {
   const more = h("button", { type: "button", class: "ghost", hidden: true, onclick: () => load() }, "Load more");
   let shown = 0;
   async function load() {
+    // Disabling the button drops its focus: a keyboard user goes on from the first row the page adds instead.
+    const focusAdded = document.activeElement === more;
     more.disabled = true; // one page at a time: a second click would list the same page twice
     try {
       const { items, total } = await page("/api/error-logs", { limit: 50, offset: shown });
-      for (const e of items)
-        body.append(h("tr", {}, h("td", {}, when(e.created_at)), h("td", {}, h("code", {}, e.code)), h("td", { class: "wrap" }, e.message), h("td", {}, e.upstream_status ?? "—"), h("td", {}, e.chat_id ? h("code", { title: e.chat_id }, e.chat_id.slice(0, 8)) : "—")));
+      const rows = items.map((e) => h("tr", {}, h("td", {}, when(e.created_at)), h("td", {}, h("code", {}, e.code)), h("td", { class: "wrap" }, e.message), h("td", {}, e.upstream_status ?? "—"), h("td", {}, e.chat_id ? h("code", { title: e.chat_id }, e.chat_id.slice(0, 8)) : "—")));
+      body.append(...rows);
+      if (focusAdded && rows.length) {
+        rows[0].tabIndex = -1; // focusable from the script only, not a Tab stop
+        rows[0].focus();
+      }
       shown += items.length;
       more.hidden = shown >= total;
       if (!total) body.append(h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No error logged.")));
@@ -501,6 +507,7 @@ async function errorsPage(main) {
       notify(errorText(err), "error");
     } finally {
       more.disabled = false;
+      if (focusAdded && document.activeElement === document.body && !more.hidden) more.focus();
     }
   }
   fill(

@@ -124,7 +124,8 @@ function joinPage(token, { signedIn }) {
     "Join a team",
     [
       about,
-      field("Your name", "full_name", { autocomplete: "name", maxlength: 200 }),
+      // The page's first field takes the focus, as on the login and sign-up pages.
+      field("Your name", "full_name", { autocomplete: "name", maxlength: 200, autofocus: true }),
       email,
       field("Password (8 characters or more)", "password", {
         type: "password",
