@@ -657,3 +657,49 @@ def test_load_more_shares_from_the_keyboard_goes_on_from_the_first_share_it_adde
     page.keyboard.press("Enter")
     expect(shares).to_have_count(31)
     expect(shares.nth(30).locator("a")).to_be_focused()
+
+
+def test_removing_a_pending_file_keeps_the_keyboard_in_the_files(web_page: Watched, team: Team) -> None:
+    """The pending files were drawn anew on every change, so a file's Remove pressed from the keyboard dropped the
+    focus to the page's start. It now goes to the next file's Remove, then (the last one gone) to the message box."""
+    page = web_page.page
+    open_new_chat(page, team)
+    attach(page, ("one.txt", "text/plain", b"1"), ("two.txt", "text/plain", b"2"))
+    uploads = page.locator(".uploads .upload")
+    expect(uploads.and_(page.locator("[data-state=done]"))).to_have_count(2)
+    page.get_by_role("button", name="Remove one.txt").focus()
+    page.keyboard.press("Enter")
+    expect(uploads).to_have_count(1)
+    expect(page.get_by_role("button", name="Remove two.txt")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(uploads).to_have_count(0)
+    expect(page.get_by_label("Message", exact=True)).to_be_focused()
+
+
+def test_a_refused_file_is_announced_once(web_page: Watched, team: Team) -> None:
+    """A refusal shows on its file with `role="alert"`, which a screen reader announces when it is added: the list
+    was drawn anew on every change of any file (each upload's start, progress and end), adding the same alert
+    again each time, so it was announced again and again. A file's element now stays while its state does."""
+    page = web_page.page
+    open_new_chat(page, team)
+    page.evaluate(
+        """() => {
+        window.alertsAdded = 0;
+        const alerts = (node) => node.matches('[role=alert]') + node.querySelectorAll('[role=alert]').length;
+        new MutationObserver((changes) => {
+          for (const change of changes)
+            for (const node of change.addedNodes) if (node.nodeType === 1) window.alertsAdded += alerts(node);
+        }).observe(document.querySelector('.uploads'), { childList: true, subtree: true });
+        }"""
+    )
+    # Uploaded one at a time: the refused page first, then two files whose uploads change the list after it.
+    attach(
+        page,
+        ("page.html", "text/html", b"<p>hi</p>"),
+        ("one.txt", "text/plain", b"1"),
+        ("two.txt", "text/plain", b"2"),
+    )
+    uploads = page.locator(".uploads .upload")
+    expect(uploads.and_(page.locator("[data-state=done]"))).to_have_count(2)
+    expect(uploads.and_(page.locator("[data-state=error]")).get_by_role("alert")).to_be_visible()
+    assert page.evaluate("window.alertsAdded") == 1

@@ -141,23 +141,56 @@ export class Attachments {
     }
   }
 
+  /**
+   * Draw the pending files, changing only what changed: a file's element stays while its state does (an upload's
+   * progress only moves its bar), so the focus on its × stays, and a refusal (`role="alert"`) is announced once,
+   * not again on every progress event of another upload. The focus on the × of a file that went (removed, or
+   * drawn anew in another state) goes to that file's new ×, else the next file's, else the previous one's, else
+   * the message box.
+   */
   render() {
     this.list.hidden = this.items.length === 0;
-    this.list.replaceChildren(
-      ...this.items.map((item) => {
-        const name = item.record?.filename ?? item.file.name;
-        return h(
-          "li",
-          { class: `upload ${item.state}`, "data-key": item.key, "data-state": item.state },
-          h("span", { class: "file-name" }, name),
-          " ",
-          h("span", { class: "muted" }, size(item.record?.size ?? item.file.size)),
-          item.state === "uploading" && h("progress", { max: 1, value: item.progress, "aria-label": `Uploading ${name}` }),
-          item.state === "waiting" && h("span", { class: "muted" }, " waiting…"),
-          item.state === "error" && h("span", { class: "error", role: "alert" }, ` ${item.error}`),
-          h("button", { type: "button", class: "ghost remove", "aria-label": `Remove ${name}`, onclick: () => this.remove(item) }, "×"),
-        );
-      }),
+    const shown = new Map([...this.list.children].map((li) => [li.dataset.key, li]));
+    const focused = this.list.contains(document.activeElement) ? document.activeElement.closest("li") : null;
+    const focusedAt = focused ? [...this.list.children].indexOf(focused) : -1;
+    let previous = null;
+    for (const item of this.items) {
+      let li = shown.get(String(item.key));
+      shown.delete(String(item.key));
+      if (li?.dataset.state === item.state) {
+        const bar = li.querySelector("progress");
+        if (bar) bar.value = item.progress;
+      } else {
+        const fresh = this.itemElement(item);
+        li?.remove();
+        li = fresh;
+      }
+      if (previous ? previous.nextSibling !== li : this.list.firstChild !== li) {
+        if (previous) previous.after(li);
+        else this.list.prepend(li);
+      }
+      previous = li;
+    }
+    for (const li of shown.values()) li.remove();
+    if (focused && !focused.isConnected) {
+      const same = this.list.querySelector(`li[data-key="${focused.dataset.key}"]`);
+      const near = same || this.list.children[focusedAt] || this.list.children[focusedAt - 1];
+      (near?.querySelector(".remove") || this.list.closest("form")?.querySelector("textarea"))?.focus();
+    }
+  }
+
+  itemElement(item) {
+    const name = item.record?.filename ?? item.file.name;
+    return h(
+      "li",
+      { class: `upload ${item.state}`, "data-key": item.key, "data-state": item.state },
+      h("span", { class: "file-name" }, name),
+      " ",
+      h("span", { class: "muted" }, size(item.record?.size ?? item.file.size)),
+      item.state === "uploading" && h("progress", { max: 1, value: item.progress, "aria-label": `Uploading ${name}` }),
+      item.state === "waiting" && h("span", { class: "muted" }, " waiting…"),
+      item.state === "error" && h("span", { class: "error", role: "alert" }, ` ${item.error}`),
+      h("button", { type: "button", class: "ghost remove", "aria-label": `Remove ${name}`, onclick: () => this.remove(item) }, "×"),
     );
   }
 }
