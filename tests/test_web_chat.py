@@ -1185,6 +1185,34 @@ def test_a_rename_gives_the_focus_back_to_the_chats_menu(web_page: Watched, team
     expect(renamed).to_be_focused()
 
 
+def test_a_chat_archived_or_deleted_from_its_menu_leaves_the_focus_on_the_next_chat(
+    web_page: Watched, team: Team
+) -> None:
+    """Archive or Delete chosen in a chat's menu took the chat, its ⋯ with the focus, out of the list: the focus
+    fell to the page's start. It now goes to the ⋯ of the chat that took its place (or of the one before it)."""
+    page = web_page.page
+    web_page.accept_dialogs = True  # the deletion's confirm()
+    agent_id = team.get("/api/agents")[0]["id"]
+    for title in ("Oldest", "Middle", "Newest"):
+        team.create_chat(agent_id, title=title)
+    log_in(page, team.email)
+    in_list = page.locator(".chat-list")
+    expect(in_list.locator("li")).to_have_count(3)
+    in_list.get_by_label("Actions for Newest").focus()
+    page.keyboard.press("Enter")
+    in_list.get_by_role("button", name="Archive").click()
+    expect(in_list.locator("li")).to_have_count(2)
+    expect(in_list.get_by_label("Actions for Middle")).to_be_focused()
+    page.keyboard.press("Enter")
+    in_list.get_by_role("button", name="Delete").click()
+    expect(in_list.locator("li")).to_have_count(1)
+    expect(in_list.get_by_label("Actions for Oldest")).to_be_focused()
+    page.keyboard.press("Enter")
+    in_list.get_by_role("button", name="Delete").click()
+    expect(in_list).to_have_text("No chats yet.")
+    assert [c["title"] for c in team.get("/api/chats?archived=true")] == ["Newest"]
+
+
 def test_escape_or_a_click_elsewhere_closes_a_chats_menu(web_page: Watched, team: Team) -> None:
     """A chat's ⋯ menu stayed open until its ⋯ was pressed again: Escape did nothing and menus opened one after
     another piled up over the list. Escape now closes it (the focus back on its ⋯), and so does a click

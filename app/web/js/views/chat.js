@@ -245,13 +245,18 @@ export class ChatsView {
     });
     // An item's action draws the list (or the header) again, taking the menu with it: the focus goes to the same
     // chat's ⋯ as drawn again, unless the action put it somewhere (the rename's field, the share dialog).
+    // A chat that left the list (archived, deleted): the ⋯ of the chat now in its place, else of the one before.
     const act = async (handler) => {
       menu.open = false;
       summary.focus();
       const inList = this.list.contains(menu);
+      const at = inList ? [...this.list.children].indexOf(menu.closest("li")) : -1;
       await handler();
       if (document.activeElement && document.activeElement !== document.body) return;
-      const again = inList ? this.list.querySelector(`li[data-id="${chat.id}"] summary`) : this.header?.querySelector("summary");
+      const rows = this.list.children;
+      const again = inList
+        ? this.list.querySelector(`li[data-id="${chat.id}"] summary`) || (rows[at] || rows[at - 1])?.querySelector("summary")
+        : this.header?.querySelector("summary");
       again?.focus();
     };
     const fillItems = () => {
