@@ -849,6 +849,31 @@ def a_chat_longer_than_shown(web_page: Watched, team: Team) -> str:
     return chat_id
 
 
+def test_a_reader_scrolled_up_during_an_answer_stays_where_they_are(web_page: Watched, team: Team) -> None:
+    """Every painted token of an answer scrolled the chat to its end, and so did the chat drawn again when the
+    answer ended: a reader who scrolled up to read an earlier message was pulled down again and again. The chat
+    now follows the answer only while the reader is at its end."""
+    page = web_page.page
+    page.set_viewport_size({"width": 1000, "height": 500})
+    open_new_chat(web_page, team)
+    chat_id = page.url.rsplit("/", 1)[1]
+    with team.api() as client:
+        for i in range(8):
+            assert client.post(f"/api/chats/{chat_id}/messages", json={"content": f"q{i}"}).status_code == 200
+    page.reload()
+    messages = page.locator(".messages")
+    expect(page.locator(".msg")).to_have_count(16)
+    send(page, SLOW)
+    answer = page.locator(".msg.assistant").last
+    expect(answer.locator(".content")).to_contain_text("w1")
+    assert messages.evaluate("(m) => m.scrollHeight - m.scrollTop - m.clientHeight") < 48  # followed while at the end
+    messages.evaluate("(m) => { m.scrollTop = 0 }")  # the reader goes back up
+    expect(answer.locator(".content")).to_contain_text("w8")
+    assert messages.evaluate("(m) => m.scrollTop") == 0
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(9)
+    assert messages.evaluate("(m) => m.scrollTop") == 0
+
+
 def test_show_earlier_keeps_the_reader_where_they_were(web_page: Watched, team: Team) -> None:
     """ "Show earlier messages" drew the chat again, which scrolls to its end: the earlier messages came in above,
     out of sight, and the reader had to scroll back up past the whole chat to find them. The oldest message shown

@@ -539,6 +539,8 @@ export class ChatsView {
     // never from the list, the search or the menus.
     const active = document.activeElement;
     const focus = this.chat?.id !== chat.id || !active || active === document.body || this.pane.contains(active);
+    // The same chat drawn again (an answer's end, a version chosen): a reader scrolled up stays where they were.
+    const kept = this.chat?.id === chat.id && this.messages?.isConnected && !this.atEnd() ? this.messages.scrollTop : null;
     this.chat = chat;
     this.agent = this.knownAgent(chat.agent_id);
     this.header = h("header", { class: "chat-header" });
@@ -603,8 +605,9 @@ export class ChatsView {
     this.messages.append(...live);
     fill(this.pane, this.header, this.messages, this.composer);
     if (this.generation) this.setBusy(true); // the new buttons: Stop, not Send
-    this.scrollDown();
-    if (focus) this.input.focus();
+    if (kept === null) this.scrollDown();
+    else this.messages.scrollTop = kept;
+    if (focus) this.input.focus({ preventScroll: kept !== null });
   }
 
   /**
@@ -713,6 +716,12 @@ export class ChatsView {
     this.messages.lastElementChild?.scrollIntoView({ block: "end" });
   }
 
+  /** Whether the reader is at the end of the messages (give or take a line): only then does the chat follow what
+   * is added there; a reader who scrolled up to read stays where they are. */
+  atEnd(list = this.messages) {
+    return !list || list.scrollHeight - list.scrollTop - list.clientHeight < 48;
+  }
+
   /** A placeholder for the answer being written, with its live parts (steps, status, text). */
   liveItem(messageId = null) {
     const existing = messageId && this.messages.querySelector(`[data-id="${messageId}"]`);
@@ -758,10 +767,11 @@ export class ChatsView {
         pending = text;
         requestAnimationFrame(() => {
           if (pending === null) return;
+          const follow = this.atEnd();
           setContent(q(".content"), "assistant", pending);
           pending = null;
           q(".live-status").hidden = true;
-          this.scrollDown();
+          if (follow) this.scrollDown();
           if (!painted) {
             painted = true;
             // The next frame starts once this one (with the first token) is painted.
