@@ -1079,6 +1079,36 @@ def test_a_cancelled_edit_gives_the_focus_back_to_its_edit_button(web_page: Watc
     assert web_page.errors == []
 
 
+def test_regenerate_or_an_edit_sent_from_the_keyboard_leaves_the_focus_in_the_message_box(
+    web_page: Watched, team: Team
+) -> None:
+    """Regenerate and an edit's Send are removed with the messages they replace, which dropped the focus to the
+    page's start while the new answer was written (Stop was a long way off). The focus now goes to the message
+    box, as after a send from it."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, SLOW)
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    box = page.get_by_label("Message", exact=True)
+    page.get_by_role("button", name="Regenerate").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg.assistant[data-status=streaming]")).to_have_count(1)
+    expect(box).to_be_focused()
+    assert page.locator(".msg.assistant[data-status=streaming]").count() == 1  # at once, not at the answer's end
+    page.keyboard.press("Tab")  # past Attach...
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("button", name="Stop")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg.assistant[data-status=cancelled]")).to_have_count(1)
+    page.locator(".msg.user").get_by_role("button", name="Edit").click()
+    page.get_by_label("Edited message").fill(SLOW + " again")
+    page.locator(".edit-form").get_by_role("button", name="Send").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg.assistant[data-status=streaming]")).to_have_count(1)
+    expect(box).to_be_focused()
+    assert page.locator(".msg.assistant[data-status=streaming]").count() == 1
+
+
 def test_switching_versions_with_the_keyboard_keeps_the_focus_on_the_switcher(web_page: Watched, team: Team) -> None:
     """Every re-render put the focus in the message box, so a keyboard user lost the version switcher after
     each step; the focus now stays on the switcher (the other arrow once the first version is reached)."""

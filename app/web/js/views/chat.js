@@ -803,6 +803,9 @@ export class ChatsView {
     }
     view.item = this.liveItem();
     this.scrollDown();
+    // Regenerate or an edit's Send went with the messages they were on: the focus goes to the message box (as
+    // after a send from it), where Stop is next, not to the page's start.
+    if (!document.activeElement || document.activeElement === document.body) this.input?.focus();
     // The same message sent again after the server could not be reached: the same Idempotency-Key, so that
     // one which did reach it is answered (replayed), not stored a second time.
     const json = JSON.stringify(body);
