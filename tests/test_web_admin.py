@@ -208,6 +208,7 @@ def test_an_invitation_link_signs_a_colleague_up(
 
     page.reload()
     expect(invitations.locator("tr", has_text="bob@example.com")).to_contain_text("used_up")
+    web_page.accept_dialogs = True  # "Make bob@example.com an admin?"
     role = page.get_by_label("Role of bob@example.com")
     role.select_option("admin")
     expect(page.locator(".toast", has_text="Updated bob@example.com")).to_be_visible()
@@ -349,6 +350,7 @@ def test_the_admin_tables_name_their_buttons_and_keep_the_keyboards_place(
     expect(active).to_be_focused()
     role = page.get_by_label("Role of bob@example.com")
     users.evaluate("(table) => table.dataset.old = 'yes'")
+    web_page.accept_dialogs = True  # "Make bob@example.com an admin?"
     role.focus()
     role.select_option("admin")
     expect(page.locator("table[data-old]")).to_have_count(0)
@@ -380,6 +382,33 @@ def test_load_more_errors_from_the_keyboard_goes_on_from_the_first_row_it_added(
     expect(page.get_by_role("button", name="Load more")).to_be_hidden()
 
 
+def test_an_arrow_key_on_a_users_role_changes_nothing_without_confirmation(web_page: Watched, team: Team) -> None:
+    """An arrow key on the focused role list changes its value and fires `change` at once (Chromium on Linux and
+    Windows): a keyboard user looking at the choices made a colleague an admin (PATCH sent, "Updated"), or
+    demoted themselves out of the admin pages. A role change is now confirmed first; declined, nothing is sent
+    and the list shows the role as it is."""
+    with team.api() as client:
+        added = client.post("/api/users", json={"email": "bob@example.com", "password": PASSWORD})
+        assert added.status_code == 201, added.text
+    page = web_page.page
+    patches: list[str] = []
+    page.on("request", lambda r: patches.append(r.url) if r.method == "PATCH" else None)
+    log_in(page, team.email)
+    page.get_by_role("link", name="Users").click()
+    role = page.get_by_label("Role of bob@example.com")
+    role.focus()
+    page.keyboard.press("ArrowDown")
+    expect(role).to_have_value("user")
+    assert web_page.dialogs == ["confirm: Make bob@example.com an admin?"]
+    page.wait_for_timeout(500)
+    assert patches == []
+    assert {u["email"]: u["role"] for u in team.get("/api/users")}["bob@example.com"] == "user"
+    web_page.accept_dialogs = True
+    page.keyboard.press("ArrowDown")
+    expect(page.locator(".toast", has_text="Updated bob@example.com")).to_be_visible()
+    assert {u["email"]: u["role"] for u in team.get("/api/users")}["bob@example.com"] == "admin"
+
+
 def test_an_admin_who_loses_the_role_leaves_the_admin_pages(web_page: Watched, team: Team) -> None:
     page = web_page.page
     with team.api() as client:
@@ -388,6 +417,7 @@ def test_an_admin_who_loses_the_role_leaves_the_admin_pages(web_page: Watched, t
     log_in(page, team.email)
     page.get_by_role("link", name="Users").click()
     # Demoting oneself (another admin remains): the top bar and the page become a member's.
+    web_page.accept_dialogs = True  # "Make yourself a user?..."
     page.get_by_label("Role of ada@example.com").select_option("user")
     expect(page).to_have_url(re.compile(r"#/chats$"))
     expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
@@ -433,6 +463,7 @@ def test_removing_an_admin_shows_their_invitations_revoked(web_page: Watched, te
     invitations = page.get_by_role("table", name="Invitations")
     for invited in ("from-eve@example.com", "from-mal@example.com"):
         expect(invitations.locator("tr", has_text=invited)).to_contain_text("active")
+    web_page.accept_dialogs = True  # "Make eve@example.com a user?..."
     page.get_by_label("Role of eve@example.com").select_option("user")
     expect(invitations.locator("tr", has_text="from-eve@example.com")).to_contain_text("revoked")
     expect(invitations.locator("tr", has_text="from-eve@example.com").get_by_role("button")).to_have_count(0)

@@ -328,7 +328,19 @@ async function usersPage(main, { user: me, navigate }) {
         list.map((u) => {
           const role = h("select", { "aria-label": `Role of ${u.email}` }, h("option", { value: "user" }, "user"), h("option", { value: "admin" }, "admin"));
           role.value = u.role;
-          role.addEventListener("change", () => patch(u, { role: role.value }));
+          // Asked first: an arrow key on the focused list (Chromium, Firefox on Windows and Linux) changes its value
+          // and fires `change` at once, so a keyboard user looking at the choices made the user an admin, or
+          // demoted themselves out of the admin pages. Cancelled, the list shows the role as it is.
+          role.addEventListener("change", () => {
+            const question =
+              role.value === "admin"
+                ? `Make ${u.email} an admin?`
+                : u.id === me.id
+                  ? "Make yourself a user? You will no longer see the admin pages."
+                  : `Make ${u.email} a user? The invitations they made are revoked.`;
+            if (confirm(question)) patch(u, { role: role.value });
+            else role.value = u.role;
+          });
           const active = h("input", { type: "checkbox", "aria-label": `${u.email} active` });
           active.checked = u.is_active;
           active.addEventListener("change", () => patch(u, { is_active: active.checked }));
