@@ -15,8 +15,7 @@ import pytest
 
 from app.migration_lock import MIGRATION_LOCK_KEY, WAITING
 from app.services.health import migration_head
-from tests.conftest import ROOT, _admin_execute, _plain_url
-from tests.test_migrations import fresh_postgres
+from tests.conftest import ROOT, _admin_execute, _plain_url, fresh_postgres
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

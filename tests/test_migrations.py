@@ -11,8 +11,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from tests.conftest import (
     _plain_url,
     _with_database,
     assert_rollup_matches_ledger,
+    fresh_postgres,
     make_settings,
     run_migrations,
     until_a_statement_waits,
@@ -101,17 +101,6 @@ async def _column(url: str, sql: str) -> list[Any]:
         values = list((await conn.execute(text(sql))).scalars())
     await engine.dispose()
     return values
-
-
-@contextmanager
-def fresh_postgres() -> Iterator[str]:
-    """The URL of a new, empty PostgreSQL database, dropped afterwards (for one migration test)."""
-    name = f"test_mig_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    try:
-        yield _with_database(ADMIN_URL, name).replace("postgresql://", "postgresql+asyncpg://")
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_upgrade_downgrade_upgrade_on_postgresql() -> None:
