@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import struct
+import warnings
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -327,6 +329,85 @@ async def test_upload_avatar_without_file_field_is_422(client: httpx.AsyncClient
         f"/api/agents/{world.agent.id}/avatar", files={"image": ("a.png", png_bytes())}, headers=world.h(world.admin)
     )
     assert response.status_code == 422
+
+
+def raw_multipart(part_headers: bytes, data: bytes, *, closed: bool = True) -> bytes:
+    body = b"--XyZ\r\n" + part_headers + b"\r\n\r\n" + data
+    return body + b"\r\n--XyZ--\r\n" if closed else body
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        # Cut short before its closing boundary: Starlette's parser left the file part's spooled temporary file
+        # unclosed (a ResourceWarning) and the answer said the field was missing.
+        (
+            raw_multipart(b'Content-Disposition: form-data; name="file"; filename="a.png"', png_bytes(), closed=False),
+            "The multipart body could not be read",
+        ),
+        # No `filename` (or only RFC 5987's `filename*`): the part is a file all the same. It was a 422
+        # saying "Expected UploadFile, received: <class 'str'>".
+        (
+            raw_multipart(b'Content-Disposition: form-data; name="file"', b"GIF89a"),
+            "Unsupported image: send a PNG, JPEG, WebP or GIF file",
+        ),
+        (
+            raw_multipart(b"Content-Disposition: form-data; name=\"file\"; filename*=UTF-8''%E2%82%AC.gif", b"GIF89a"),
+            "Unsupported image: send a PNG, JPEG, WebP or GIF file",
+        ),
+        # Two `file` parts: one of them was stored, silently.
+        (
+            raw_multipart(b'Content-Disposition: form-data; name="file"; filename="a.png"', png_bytes())[:-9]
+            + raw_multipart(b'Content-Disposition: form-data; name="file"; filename="b.png"', png_bytes()),
+            "Send one file per request",
+        ),
+    ],
+    ids=["truncated", "no-filename", "rfc5987-filename", "two-files"],
+)
+async def test_upload_avatar_reads_odd_multipart_bodies_as_file_uploads_do(
+    client: httpx.AsyncClient, world: World, session: AsyncSession, body: bytes, detail: str
+) -> None:
+    """The avatar's body is read as a chat file's is (app.uploads): one `file` part, a clear 4xx for anything
+    else, and nothing left open."""
+    headers = {**world.h(world.admin), "Content-Type": "multipart/form-data; boundary=XyZ"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        response = await client.post(f"/api/agents/{world.agent.id}/avatar", content=body, headers=headers)
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert response.status_code in (415, 422), response.text
+    assert detail in response.text
+    assert "<class" not in response.text
+    assert await stored(session, world.agent) == (None, None, 0)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [("application/json", b'{"file": "x"}'), ("application/x-www-form-urlencoded", b"file=x"), ("text/plain", b"x")],
+)
+async def test_upload_avatar_that_is_not_multipart_is_415(
+    client: httpx.AsyncClient, world: World, content_type: str, body: bytes
+) -> None:
+    """As a chat file upload: 415 naming what to send (it was a 422 "Field required", or "Expected UploadFile")."""
+    response = await client.post(
+        f"/api/agents/{world.agent.id}/avatar",
+        content=body,
+        headers={**world.h(world.admin), "Content-Type": content_type},
+    )
+    assert response.status_code == 415
+    assert response.json() == {"detail": "Send the file as multipart/form-data with a field named `file`"}
+
+
+async def test_upload_avatar_of_a_foreign_agent_is_404_before_the_body_is_read(app: Any, world: World) -> None:
+    counting = CountingApp(app)
+    produced = [0]
+    headers = {**world.h(world.foreigner), "Content-Type": "multipart/form-data; boundary=XyZ"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=counting), base_url="http://test") as c:
+        response = await c.post(
+            f"/api/agents/{world.agent.id}/avatar", content=multipart_stream(MB, produced), headers=headers
+        )
+    assert response.status_code == 404
+    assert counting.received == 0
 
 
 # --- size cap while the body arrives ------------------------------------------------------------

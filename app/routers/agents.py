@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, File, Header, Query, Request, Response, UploadFile, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from app.auth import AdminUser, CurrentUser
 from app.deps import SessionDep, SettingsDep, StreamerDep
-from app.errors import MethodNotAllowed, PayloadTooLarge
+from app.errors import MethodNotAllowed
 from app.ratelimit import LimiterDep
+from app.routers.files import body_chunks
 from app.routers.responses import R401, R403_ADMIN, R422_WEBHOOK, Responses, error_doc
 from app.schemas import AgentAdminRead, AgentCreate, AgentRead, AgentTestResult, AgentUpdate
 from app.services import agents as agents_service
@@ -184,38 +185,54 @@ async def delete_agent(agent_id: uuid.UUID, session: SessionDep, user: AdminUser
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+#: Read by app.uploads as a chat file's body is, not by FastAPI's form parsing: so the schema is written here.
+AVATAR_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "minLength": 1,
+                        "description": "The image (one per request): PNG, JPEG, WebP or GIF, judged by its bytes "
+                        "(anything else, an empty file included, is a 415)",
+                    }
+                },
+            }
+        }
+    },
+}
+
+
 @router.post(
     "/{agent_id}/avatar",
     response_model=AgentAdminRead,
     summary="Upload the agent's avatar (PNG, JPEG, WebP or GIF, judged by content)",
     description="Multipart field `file`. Re-encoded with metadata stripped and the longest side at most "
     "AVATAR_MAX_SIDE pixels; GIFs keep their first frame.",
+    openapi_extra={"requestBody": AVATAR_BODY},
     responses={
         **ADMIN_ERRORS,
         **NOT_FOUND,
         413: error_doc("Avatar is larger than AVATAR_MAX_BYTES (or has more than AVATAR_MAX_PIXELS pixels)"),
-        415: error_doc(avatars_service.UNSUPPORTED),
+        415: error_doc("Not multipart, or not a PNG, JPEG, WebP or GIF image", avatars_service.UNSUPPORTED),
     },
 )
 async def upload_avatar(
-    agent_id: uuid.UUID,
-    file: Annotated[
-        UploadFile,
-        File(
-            description="The image: PNG, JPEG, WebP or GIF, judged by its bytes (anything else, an empty file "
-            "included, is a 415)",
-            json_schema_extra={"minLength": 1},
-        ),
-    ],
-    session: SessionDep,
-    settings: SettingsDep,
-    user: AdminUser,
+    agent_id: uuid.UUID, request: Request, session: SessionDep, settings: SettingsDep, user: AdminUser
 ) -> AgentRead | AgentAdminRead:
-    # The middleware already capped the whole body while it arrived; this caps the file part itself.
-    raw = await file.read(settings.AVATAR_MAX_BYTES + 1)
-    if len(raw) > settings.AVATAR_MAX_BYTES:
-        raise PayloadTooLarge(f"Avatar is larger than {settings.AVATAR_MAX_BYTES} bytes")
-    agent = await avatars_service.set_avatar(session=session, settings=settings, user=user, agent_id=agent_id, raw=raw)
+    agent = await avatars_service.set_avatar(
+        session=session,
+        settings=settings,
+        user=user,
+        agent_id=agent_id,
+        chunks=body_chunks(request),
+        content_type=request.headers.get("content-type"),
+    )
     return agents_service.agent_view(agent, user=user, settings=settings)
 
 

@@ -13,6 +13,7 @@ import logging
 import re
 import uuid
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
@@ -24,6 +25,7 @@ from app.config import Settings
 from app.errors import NotFound, PayloadTooLarge, UnsupportedMediaType
 from app.models import Agent, User
 from app.services.agents import AGENT_NOT_FOUND, get_team_agent
+from app.uploads import read_upload
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +145,24 @@ def _save_gif(frame: Image.Image, out: io.BytesIO) -> None:
 
 
 async def set_avatar(
-    *, session: AsyncSession, settings: Settings, user: User, agent_id: uuid.UUID, raw: bytes
+    *,
+    session: AsyncSession,
+    settings: Settings,
+    user: User,
+    agent_id: uuid.UUID,
+    chunks: AsyncIterator[bytes],
+    content_type: str | None,
 ) -> Agent:
-    """Store a new avatar and bump `avatar_version`, so `avatar_url` (and every cache key) changes. The version
-    is bumped under the row's lock: two uploads at once both wrote version + 1, and the first image, already
-    handed out under that version as immutable for a year, stayed in every cache that had it."""
-    await get_team_agent(session=session, user=user, agent_id=agent_id)  # a foreign id is a 404 before the work
-    await session.commit()  # no connection held while the image is processed (it ends a read only)
-    stored = await anyio.to_thread.run_sync(process_avatar, raw, settings)
+    """Read the multipart body's `file` part as a chat file's is (app.uploads: 415 not multipart, 413 past
+    AVATAR_MAX_BYTES while it arrives, 422 malformed or no or two `file` parts), store it as the new avatar and
+    bump `avatar_version`, so `avatar_url` (and every cache key) changes. The version is bumped under the row's
+    lock: two uploads at once both wrote version + 1, and the first image, already handed out under that
+    version as immutable for a year, stayed in every cache that had it."""
+    await get_team_agent(session=session, user=user, agent_id=agent_id)  # a foreign id is a 404 before the body
+    await session.commit()  # no connection held while the body arrives and the image is processed
+    # An empty file is the judge's 415, as any other non-image.
+    upload = await read_upload(chunks, content_type, settings.AVATAR_MAX_BYTES, allow_empty=True)
+    stored = await anyio.to_thread.run_sync(process_avatar, bytes(upload.data), settings)
     agent = await get_team_agent(session=session, user=user, agent_id=agent_id, for_update=True)
     agent.avatar = stored.data
     agent.avatar_content_type = stored.content_type
