@@ -83,6 +83,12 @@ CONFIG = SchemathesisConfig.from_dict(
                 "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "422", "429"]}},
             },
             {
+                # An `expires_at` in the past is a documented 422 (the field's description says "in the future"),
+                # which no JSON schema of a date-time can express.
+                "include-name": "POST /api/api-keys",
+                "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "422", "429"]}},
+            },
+            {
                 # Without a running generation's own signature a valid callback is the documented 404.
                 "include-name": "POST /api/callbacks/{generation_id}/{signature}",
                 "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "404"]}},
