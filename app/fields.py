@@ -18,7 +18,6 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     StrictInt,
-    StringConstraints,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -371,13 +370,27 @@ def check_agent_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
     return config
 
 
-#: Trimmed before the length check, as a team's name: a blank name would be an empty entry in the agent picker.
-AgentName = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True),
-    Field(min_length=1, max_length=AGENT_NAME_MAX, examples=["Support bot"]),
-    StorableText,
-]
+def _trimmed_name(value: str) -> str:
+    """A name's surrounding whitespace goes once its length, as sent, is checked; a blank one is refused (str's
+    whitespace, which includes \x1c-\x1f where the schema's regex `\\S` may not)."""
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be blank")
+    return value
+
+
+def name_field(max_length: int, **field: Any) -> Any:
+    """A name's `Field`: 1 to `max_length` characters as sent (the schema's `minLength` and `maxLength` count them
+    so, as JSON Schema does), at least one not whitespace (its `pattern`). With `TRIMMED` after it: a limit
+    counted after trimming accepted a body its schema refuses (100 characters and a space), and a blank name,
+    which the schema allowed, was refused."""
+    return Field(min_length=1, max_length=max_length, json_schema_extra={"pattern": r"\S"}, **field)
+
+
+#: A name is stored trimmed; a blank one would be an empty entry in a list (the agent picker).
+TRIMMED = AfterValidator(_trimmed_name)
+
+AgentName = Annotated[str, name_field(AGENT_NAME_MAX, examples=["Support bot"]), TRIMMED, StorableText]
 AgentSlug = Annotated[
     str,
     Field(

@@ -13,7 +13,6 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
-    StringConstraints,
     field_validator,
     model_validator,
 )
@@ -42,6 +41,7 @@ from app.fields import (
     EMAIL_MAX_LENGTH,
     PASSWORD_MAX_LENGTH,
     PREFERENCES_MAX_BYTES,
+    TRIMMED,
     Email,
     FullName,
     InputModel,
@@ -54,6 +54,7 @@ from app.fields import (
     canonical_email,
     check_storable_json,
     email_too_long,
+    name_field,
 )
 from app.share_schemas import ExportedChat, ShareRead, ShareSummary
 
@@ -121,7 +122,7 @@ __all__ = [
 
 
 #: A team's name as typed: surrounding spaces dropped, 1-100 characters.
-TeamName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+TeamName = Annotated[str, name_field(100), TRIMMED]
 
 
 class HealthRead(ReadModel):
@@ -488,7 +489,7 @@ class ApiKeyCreate(InputModel):
         json_schema_extra={"examples": [{"name": "laptop scripts", "expires_at": "2027-06-30T00:00:00Z"}]},
     )
 
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    name: Annotated[str, name_field(100), TRIMMED]
     expires_at: Annotated[AwareDatetime, InUtc] | None = Field(
         None, description="When the key stops working (with a time zone, in the future); null = never."
     )

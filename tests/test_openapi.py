@@ -327,3 +327,39 @@ async def test_message_length_limit_in_the_schema_follows_the_settings(database_
     assert content["maxLength"] == 100
     assert content["minLength"] == 1
     assert content["pattern"] == r"\S"
+
+
+NAMED_BODIES = [
+    ("post", "/api/teams", "TeamCreate", {"admin_email": "ada@example.com", "admin_password": "correct-horse-battery"}),
+    ("put", "/api/teams/current", "TeamUpdate", {}),
+    ("post", "/api/agents", "AgentCreate", {"webhook_url": "https://n8n.example.com/webhook/a"}),
+    ("post", "/api/api-keys", "ApiKeyCreate", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "model", "body"), NAMED_BODIES, ids=[b[2] for b in NAMED_BODIES])
+async def test_a_trimmed_name_is_refused_as_its_schema_says(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    settings: Settings,
+    method: str,
+    path: str,
+    model: str,
+    body: dict[str, Any],
+) -> None:
+    """The schema's `maxLength` counts the name as sent and its `pattern` says it is not blank; surrounding
+    whitespace is trimmed only once both hold. 100 characters and a space were accepted (schemathesis: a
+    schema-violating body accepted), and a space alone was refused though the schema allowed it."""
+    name = app.openapi()["components"]["schemas"][model]["properties"]["name"]
+    assert (name["minLength"], name["maxLength"], name["pattern"]) == (1, 100, r"\S")
+    headers = auth_headers(settings, await create_admin(session))
+    for refused in (" " + "x" * 100, "x" * 100 + "\n", " ", "\x1c\x1d"):
+        response = await client.request(method, path, json={**body, "name": refused}, headers=headers)
+        assert response.status_code == 422, (refused, response.text)
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["body", "name"], response.text
+    accepted = await client.request(method, path, json={**body, "name": " " + "x" * 98 + " "}, headers=headers)
+    assert accepted.status_code in (200, 201), accepted.text
+    returned = accepted.json()
+    assert (returned.get("team") or returned)["name"] == "x" * 98
