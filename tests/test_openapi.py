@@ -72,9 +72,29 @@ CONFIG = SchemathesisConfig.from_dict(
             ),
             {
                 # The seeded team has no agents (404); `chatInput` is required with one action and refused with
-                # the other, a documented 422 that one JSON schema for both actions cannot express.
+                # the other, a documented 422 that one JSON schema for both actions cannot express. With an agent
+                # (a deeper local run), an inactive one or a session already answering is the documented 409, and
+                # the agent's own failure the documented 502/503/504.
                 "include-name": "POST /api/agents/{agent_id}/n8n-chat",
-                "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "422", "429"]}},
+                "checks": {
+                    "positive_data_acceptance": {
+                        "expected-statuses": ["2xx", "401", "404", "409", "422", "429", "502", "503", "504"]
+                    }
+                },
+            },
+            {
+                # With an agent (a deeper local run): bytes that are no image are the documented 415, judged by
+                # content, which no schema of a binary field can express.
+                "include-name": "POST /api/agents/{agent_id}/avatar",
+                "checks": {
+                    "positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "404", "413", "415"]}
+                },
+            },
+            {
+                # With a chat (a deeper local run): a `current_message_id` that is no message of the chat is the
+                # documented 422, which no schema of an id can express.
+                "include-name": "PUT /api/chats/{chat_id}",
+                "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "404", "422"]}},
             },
             {
                 # An exported chat names its agent by slug, and the seeded team has no agents: the documented
