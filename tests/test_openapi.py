@@ -97,6 +97,21 @@ CONFIG = SchemathesisConfig.from_dict(
                 "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "404", "422"]}},
             },
             {
+                # With a chat (a deeper local run): an `edit_of`/`regenerate_of`/`file_ids` naming nothing of this
+                # chat (or of the wrong role) is the documented 422, a running generation the documented 409.
+                "include-name": "POST /api/chats/{chat_id}/messages",
+                "checks": {
+                    "positive_data_acceptance": {
+                        "expected-statuses": ["2xx", "401", "403", "404", "409", "422", "429", "503"]
+                    }
+                },
+            },
+            {
+                # With a chat (a deeper local run): feedback on a user message is the documented 422.
+                "include-name": "PUT /api/chats/{chat_id}/messages/{message_id}/feedback",
+                "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "404", "422"]}},
+            },
+            {
                 # An exported chat names its agent by slug, and the seeded team has no agents: the documented
                 # 422 naming the slug (a tree whose parent ids do not link up is one too).
                 "include-name": "POST /api/chats/import",
