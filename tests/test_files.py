@@ -304,6 +304,31 @@ async def test_upload_filename_is_cleaned_and_downloads_as_a_sandboxed_attachmen
     assert got.headers["cache-control"] == "private, no-store"
 
 
+@pytest.mark.parametrize(
+    ("data", "declared"),
+    [(PNG, "image/png"), (PDF, "application/pdf"), (b"a,b\n1,2\n", "text/csv"), (b'{"a": 1}', "application/json")],
+)
+async def test_a_download_is_served_under_a_media_type_its_schema_documents(
+    app: FastAPI, client: httpx.AsyncClient, setup: ChatSetup, data: bytes, declared: str
+) -> None:
+    """The downloads (the owner's, a share's, n8n's signed link) answer the file's own type; their 200 documented
+    `application/octet-stream` only (schemathesis: an undocumented Content-Type)."""
+    body = await uploaded(client, setup, data, content_type=declared)
+    got = await client.get(f"{url_of(setup)}/{body['id']}", headers=setup.headers)
+    assert got.status_code == 200
+    sent = got.headers["content-type"].split(";", 1)[0]
+    assert sent == declared
+    paths = app.openapi()["paths"]
+    for path in (
+        "/api/chats/{chat_id}/files/{file_id}",
+        "/api/shares/{share_id}/files/{file_id}",
+        "/api/files/signed/{generation_id}/{file_id}/{signature}",
+    ):
+        documented = paths[path]["get"]["responses"]["200"]["content"]
+        assert sent in documented, (path, list(documented))
+        assert documented[sent]["schema"] == {"type": "string", "format": "binary"}
+
+
 @pytest.mark.parametrize("control", ["\u202e", "\u202d", "\u2066", "\u2067", "\u2068", "\u2069", "\u200f", "\u061c"])
 async def test_a_filename_cannot_reorder_how_it_displays(
     client: httpx.AsyncClient, setup: ChatSetup, control: str

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response, status
 from starlette.requests import ClientDisconnect
 
 from app.auth import CurrentCaller
+from app.config import DEFAULT_FILE_TYPES
 from app.deps import SessionDep, SettingsDep, ShortSessionDep, UploadSlotsDep
 from app.errors import BadRequest
 from app.filetypes import content_disposition
@@ -41,9 +42,13 @@ UPLOAD_BODY = {
 }
 DOWNLOAD_200: Responses = {
     200: {
-        "description": "The bytes, as an attachment (`Content-Disposition`), with `X-Content-Type-Options: "
-        "nosniff` and `Content-Security-Policy: default-src 'none'; sandbox`",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The bytes under the file's own type, as an attachment (`Content-Disposition`), with "
+        "`X-Content-Type-Options: nosniff` and `Content-Security-Policy: default-src 'none'; sandbox`",
+        # Each type a file may have been stored as (FILE_ALLOWED_TYPES only narrows these): the answer carries
+        # the file's own, which a single `application/octet-stream` left undocumented.
+        "content": {
+            media_type: {"schema": {"type": "string", "format": "binary"}} for media_type in DEFAULT_FILE_TYPES
+        },
     }
 }
 
