@@ -85,7 +85,15 @@ async def follow_generation(
     registry: GenerationsDep,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
     last_event_id: Annotated[
-        str | None, Query(max_length=32, description="For clients that cannot set the Last-Event-ID header")
+        str | None,
+        Query(
+            max_length=32,
+            description="For clients that cannot set the Last-Event-ID header: an event id (1-9 digits; "
+            "whitespace around it and an empty value are ignored)",
+            # What app.services.streams.parse_last_event_id takes, documented only: checked there, with the
+            # message the header's refusal has.
+            json_schema_extra={"pattern": r"^\s*([0-9]{1,9})?\s*$"},
+        ),
     ] = None,
     assistant_message_id: Annotated[
         uuid.UUID | None, Query(description="The generation to follow (the `start` event's assistant_message_id)")
