@@ -12,14 +12,16 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import ClientDisconnect
 
 from app.config import Settings
 from app.db import Database
+from app.errors import BadRequest
 from app.services.imports import ImportGate
 from app.services.revocation import RevocationStore
 from app.state import app_state
 from app.streaming import GenerationRegistry, N8nStreamer
-from app.uploads import UploadSlots
+from app.uploads import UPLOAD_INTERRUPTED, UploadSlots
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -80,3 +82,13 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 #: scope="function": closed as soon as the endpoint returns, not when its (possibly hour-long) stream ends,
 #: so an open stream keeps no session, identity map or loaded user alive.
 ShortSessionDep = Annotated[AsyncSession, Depends(get_short_session, scope="function")]
+
+
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """An upload's body as it arrives (files, avatars); a client gone mid-upload is a plain 400, not an
+    unhandled error."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise BadRequest(UPLOAD_INTERRUPTED) from None

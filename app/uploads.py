@@ -25,6 +25,7 @@ NO_FILE = "The form has no field `file`"
 ONE_FILE = "Send one file per request"
 EMPTY = "The file is empty"
 MALFORMED = "The multipart body could not be read"
+UPLOAD_INTERRUPTED = "The upload was interrupted"
 
 
 TOO_MANY_UPLOADS = "Too many uploads at once; wait for one to finish"

@@ -8,10 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from app.auth import AdminUser, CurrentUser
-from app.deps import SessionDep, SettingsDep, StreamerDep
+from app.deps import SessionDep, SettingsDep, StreamerDep, body_chunks
 from app.errors import MethodNotAllowed
 from app.ratelimit import LimiterDep
-from app.routers.files import body_chunks
 from app.routers.responses import R401, R403_ADMIN, R422_WEBHOOK, Responses, error_doc
 from app.schemas import AgentAdminRead, AgentCreate, AgentRead, AgentTestResult, AgentUpdate
 from app.services import agents as agents_service

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response, status
-from starlette.requests import ClientDisconnect
 
 from app.auth import CurrentCaller
 from app.config import DEFAULT_FILE_TYPES
-from app.deps import SessionDep, SettingsDep, ShortSessionDep, UploadSlotsDep
-from app.errors import BadRequest
+from app.deps import SessionDep, SettingsDep, ShortSessionDep, UploadSlotsDep, body_chunks
 from app.filetypes import content_disposition
 from app.routers.responses import R401, Responses, error_doc
 from app.schemas import FileRead
@@ -20,7 +17,6 @@ from app.services.chats import CHAT_NOT_FOUND
 from app.uploads import NOT_MULTIPART, TOO_MANY_UPLOADS
 
 router = APIRouter(tags=["files"])
-UPLOAD_INTERRUPTED = "The upload was interrupted"
 
 UPLOAD_BODY = {
     "required": True,
@@ -51,15 +47,6 @@ DOWNLOAD_200: Responses = {
         },
     }
 }
-
-
-async def body_chunks(request: Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives; a client gone mid-upload is a plain 400, not an unhandled error."""
-    try:
-        async for chunk in request.stream():
-            yield chunk
-    except ClientDisconnect:
-        raise BadRequest(UPLOAD_INTERRUPTED) from None
 
 
 def file_response(download: files_service.Download) -> Response:
