@@ -233,6 +233,16 @@ def test_client_address_drops_a_port_a_proxy_wrote() -> None:
         assert client_address("10.0.0.1", [garbage], trusted) == "10.0.0.1", garbage
 
 
+def test_an_unreadable_hop_is_never_skipped_as_a_trusted_proxy() -> None:
+    """The walk from the right stops at the first hop that is not a listed proxy; a hop that is no address
+    (`unknown`, a scope id) is not one: the peer is the client then, never a hop further left, which the client
+    itself may have written (one key per request, the login limit gone)."""
+    trusted = parse_networks(["10.0.0.0/8"])
+    for unreadable in ("unknown", "fe80::1%eth0", "host:80"):
+        assert client_address("10.0.0.1", [f"6.6.6.6, {unreadable}"], trusted) == "10.0.0.1", unreadable
+        assert client_address("10.0.0.1", ["6.6.6.6", unreadable, "10.0.0.2"], trusted) == "10.0.0.1", unreadable
+
+
 async def test_limiter_and_access_log_see_the_address_decided_once(
     make_app: AppFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
