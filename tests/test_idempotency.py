@@ -160,6 +160,48 @@ async def test_refused_send_gives_the_key_back_and_an_expired_key_starts_anew(
     assert len(await messages_of(app, setup.chat)) == 4
 
 
+async def test_a_refused_send_whose_key_cannot_be_given_back_still_answers_its_refusal(
+    app: FastAPI, session: AsyncSession, fake: FakeN8n, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Giving the key back runs while the refusal propagates: when that write fails (the database refuses
+    it here), the client still gets its 404, not a 500 raised over it, and the failure is logged; the claim
+    then stays until it counts as abandoned."""
+    settings = app_state(app).settings
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+    stranger = await create_user(session)
+    url = f"/api/chats/{setup.chat.id}/messages"
+    await session.execute(
+        text(
+            "CREATE FUNCTION refuse_key_delete() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'the delete failed'; END $$"
+        )
+    )
+    await session.execute(
+        text(
+            "CREATE TRIGGER refuse_key_delete BEFORE DELETE ON idempotency_keys"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_key_delete()"
+        )
+    )
+    await session.commit()
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            refused = await client.post(
+                url,
+                json={"content": "hi"},
+                headers={**auth_headers(settings, stranger), "Idempotency-Key": "kept"},
+            )
+    finally:
+        await session.execute(text("DROP TRIGGER refuse_key_delete ON idempotency_keys"))
+        await session.execute(text("DROP FUNCTION refuse_key_delete()"))
+        await session.commit()
+    assert refused.status_code == 404, refused.text
+    assert refused.json() == {"detail": "Chat not found"}
+    assert "giving back a refused send's Idempotency-Key failed" in caplog.text
+    assert await count_rows(session, "idempotency_keys") == 1
+    assert fake.requests == []
+
+
 async def test_a_claim_abandoned_before_its_message_was_stored_does_not_block_the_key(
     app: FastAPI, client: httpx.AsyncClient, session: AsyncSession, fake: FakeN8n
 ) -> None:
