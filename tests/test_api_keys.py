@@ -13,12 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import APIRouter, FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import act_as_key_user
+from app.auth import CurrentUser, act_as_key_user
 from app.config import Settings
 from app.db import utcnow
+from app.deps import SessionDep
 from app.models import ApiKey, User
 from tests.authhelpers import bearer
 from tests.conftest import count_rows
@@ -370,3 +372,27 @@ async def test_an_api_keys_user_stays_role_user_through_any_reload_in_the_reques
         select(User.role).where(User.id == owner.id).execution_options(populate_existing=True)
     )
     assert stored == "admin"
+
+
+async def test_a_request_on_an_api_key_keeps_role_user_after_reloading_its_user(
+    app: FastAPI, web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """`current_user` marks a key's user so that any reload in the request keeps role `user` (the test above
+    checks the marking itself): a route that rolls back and refreshes the caller, as a retry after a unique
+    violation does, still sees `user` for an admin's key, and `admin` for the same admin's session token."""
+
+    async def reloaded_role(user: CurrentUser, request_session: SessionDep) -> dict[str, str]:
+        await request_session.rollback()
+        await request_session.refresh(user)
+        return {"role": user.role}
+
+    probe = APIRouter()
+    probe.add_api_route("/api/test-probe/reloaded-role", reloaded_role, methods=["GET"])
+    app.router.routes[:0] = probe.routes  # before any catch-all route
+    admin = await create_admin(session)
+    key = (await _create(web, settings, admin))["key"]
+    via_key = await web.get("/api/test-probe/reloaded-role", headers=bearer(key))
+    assert via_key.status_code == 200, via_key.text
+    assert via_key.json() == {"role": "user"}
+    via_token = await web.get("/api/test-probe/reloaded-role", headers=auth_headers(settings, admin))
+    assert via_token.json() == {"role": "admin"}
