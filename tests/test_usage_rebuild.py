@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Database, utcnow
@@ -302,6 +302,38 @@ async def test_the_database_sums_the_ledger_into_the_roll_up_the_final_writes_bu
     assert await rebuilt(db) == len(live)
     assert await stored() == live
     await assert_rollup_matches_ledger(session)
+
+
+@pytest.mark.parametrize("zone", ["Pacific/Kiritimati", "America/Los_Angeles"])
+async def test_the_database_dates_roll_up_rows_by_the_utc_day_whatever_the_sessions_time_zone(
+    app: FastAPI, session: AsyncSession, zone: str
+) -> None:
+    """A roll-up row's day is the UTC day its answer began, as the final writes date it, not that day in the
+    database session's TimeZone (a server, database or role set to local time): a rebuild in SQL that read the
+    day in the session's time zone moved the answers of part of each day to the day before or after."""
+    db = app_state(app).db
+    setup = await chat_with_agent(session, db.settings, "http://127.0.0.1:9/webhook/x")
+    midnight = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+    rows = [ledger_row(setup, created_at=midnight - timedelta(hours=hours, minutes=30)) for hours in range(24)]
+    await usage_service.add_ledger_rows(session=session, rows=rows)
+    await session.commit()
+
+    async def stored() -> dict[tuple[Any, ...], tuple[Any, ...]]:
+        result = await session.execute(select(*UsageRollup.__table__.columns))
+        rollup = {tuple(r[:4]): tuple(r) for r in result}
+        await session.commit()
+        return rollup
+
+    live = await stored()
+    async with db.sessionmaker() as s:
+        await s.execute(text(f"SET TIME ZONE '{zone}'"))
+        await s.commit()
+        try:
+            assert await usage_service.rebuild_rollups(session=s) == len(live)
+        finally:
+            await s.execute(text("RESET TIME ZONE"))
+            await s.commit()
+    assert await stored() == live
 
 
 async def test_on_sqlite_answers_stored_while_the_roll_up_is_rebuilt_are_each_counted_once(tmp_path: Path) -> None:
