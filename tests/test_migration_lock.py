@@ -20,19 +20,20 @@ from tests.conftest import ROOT, _admin_execute, _plain_url, fresh_postgres
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
-def _env(tmp_path: Path, url: str) -> dict[str, str]:
+def _env(tmp_path: Path, url: str, bcrypt_rounds: int = 4) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "JWT_SECRET", "FIRST_ADMIN_PASSWORD"}}
-    env.update({"DATA_DIR": str(tmp_path / "data"), "BCRYPT_ROUNDS": "4", "DATABASE_URL": url})
+    env.update({"DATA_DIR": str(tmp_path / "data"), "BCRYPT_ROUNDS": str(bcrypt_rounds), "DATABASE_URL": url})
     return env
 
 
-def _at_once(tmp_path: Path, url: str, command: str, count: int) -> list[tuple[int, str]]:
-    """Start `count` runs of `python -m app.cli <command>` together: each one's exit status and output."""
+def _at_once(tmp_path: Path, url: str, command: str, count: int, bcrypt_rounds: int = 4) -> list[tuple[int, str]]:
+    """Start `count` runs of `python -m app.cli <command>` together: each one's exit status and output.
+    `bcrypt_rounds`: 13 or more makes the first admin's password hash take a second or more."""
     runs = [
         subprocess.Popen(
             [sys.executable, "-m", "app.cli", command],
             cwd=ROOT,
-            env=_env(tmp_path, url),
+            env=_env(tmp_path, url, bcrypt_rounds),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -76,9 +77,11 @@ def _check_one_initialised(results: list[tuple[int, str]]) -> None:
 
 def test_inits_started_at_once_on_postgresql_migrate_and_create_one_admin(tmp_path: Path) -> None:
     """Without the lock, the runs applied the same migrations at once: all but one failed (a duplicate
-    `pg_type` key, exit 1), and runs that both found the database empty made two first teams."""
+    `pg_type` key, exit 1), and runs that both found the database empty made two first teams. The first admin
+    is created under the lock too: its password's hash takes a second here, and a run that released the lock
+    after migrating let the next one find the database still empty (two first teams)."""
     with fresh_postgres() as url:
-        results = _at_once(tmp_path, url, "init", 3)
+        results = _at_once(tmp_path, url, "init", 3, bcrypt_rounds=13)
         _check_one_initialised(results)
         assert asyncio.run(_pg_state(url)) == (migration_head(), 1, 1)
 
@@ -170,10 +173,12 @@ async def test_migrate_waits_while_another_run_holds_the_lock_on_sqlite(tmp_path
 
 def test_the_lock_outlives_an_idle_session_timeout_on_postgresql(tmp_path: Path) -> None:
     """The lock's connection is idle through the whole run: the database's `idle_session_timeout` (1 s here)
-    ended its session, and with it the lock, while the run that held it was still migrating."""
+    ended its session, and with it the lock, while the run that held it was still migrating. The run here holds
+    the lock for well over a second (the first admin's password hash takes that long alone): with a fast run,
+    the lock was never idle long enough to be lost, and the test passed without the fix."""
     with fresh_postgres() as url:
         name = url.rpartition("/")[2]
         asyncio.run(_admin_execute(f"ALTER DATABASE \"{name}\" SET idle_session_timeout = '1s'"))
-        results = _at_once(tmp_path, url, "init", 3)
+        results = _at_once(tmp_path, url, "init", 3, bcrypt_rounds=14)
         _check_one_initialised(results)
         assert asyncio.run(_pg_state(url)) == (migration_head(), 1, 1)
