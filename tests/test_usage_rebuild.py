@@ -260,6 +260,36 @@ async def test_a_rebuild_that_cannot_lock_the_ledger_lets_the_final_writes_throu
     await assert_rollup_matches_ledger(session)
 
 
+async def test_once_it_holds_the_ledger_the_rebuild_waits_for_roll_up_rows_as_long_as_it_takes(
+    app: FastAPI, session: AsyncSession
+) -> None:
+    """Only the request for the ledger's lock gives up after `LEDGER_LOCK_WAIT`. Once granted, the rebuild
+    waits as the role's settings say: a transaction holding roll-up rows (an operator's fix-up in psql) for
+    longer than that delays the rebuild, and it then succeeds, where a rebuild still under the short
+    `lock_timeout` failed with "canceling statement due to lock timeout"."""
+    db = app_state(app).db
+    setup = await chat_with_agent(session, db.settings, "http://127.0.0.1:9/webhook/x")
+    await usage_service.add_ledger_rows(session=session, rows=[ledger_row(setup) for _ in range(3)])
+    await session.commit()
+    holder = await asyncpg.connect(_plain_url(db.settings.DATABASE_URL))
+    watcher = await asyncpg.connect(_plain_url(db.settings.DATABASE_URL))
+    try:
+        fixup = holder.transaction()
+        await fixup.start()
+        await holder.execute("SELECT 1 FROM usage_rollups FOR UPDATE")
+        rebuild = asyncio.create_task(rebuilt(db))
+        await waiting_for_locks(watcher, 1)  # the rebuild's DELETE waits for the held rows
+        await asyncio.sleep(usage_service.LEDGER_LOCK_WAIT + 1)
+        assert not rebuild.done()
+        await fixup.commit()
+        async with asyncio.timeout(10):
+            assert await rebuild == 4
+    finally:
+        await holder.close()
+        await watcher.close()
+    await assert_rollup_matches_ledger(session)
+
+
 async def test_the_database_sums_the_ledger_into_the_roll_up_the_final_writes_build(
     app: FastAPI, session: AsyncSession
 ) -> None:
