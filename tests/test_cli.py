@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+import asyncpg
+
+from tests.conftest import ROOT, _plain_url, run_migrations
+from tests.test_migrations import fresh_postgres
 
 
 def _cli(tmp_path: Path, *args: str, encoding: str = "utf-8", **env: str) -> subprocess.CompletedProcess[str]:
@@ -190,3 +194,33 @@ def test_output_never_fails_on_a_terminal_that_cannot_encode_it(tmp_path: Path) 
     assert reset.stdout == "Password reset for admin@\\u017c\u00f3\\u0142w.pl in team \\u017b\u00f3\\u0142w\n"
     with sqlite3.connect(tmp_path / "data" / "app.db") as db:
         assert db.execute("SELECT email FROM users").fetchall() == [("admin@\u017c\u00f3\u0142w.pl",)]
+
+
+def test_init_whose_first_admin_the_database_refuses_says_so_in_one_line(tmp_path: Path) -> None:
+    """`init` migrates, then makes the first admin; a database error in that second step (here a trigger refuses
+    the team) is one line naming the database, exit 1, as every command's database error is: not a traceback."""
+    with fresh_postgres() as url:
+        run_migrations(url)
+        asyncio.run(
+            _execute_on(
+                url,
+                "CREATE FUNCTION refuse_team() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN RAISE EXCEPTION 'no new team'; END $$",
+                "CREATE TRIGGER refuse_team BEFORE INSERT ON teams FOR EACH ROW EXECUTE FUNCTION refuse_team()",
+            )
+        )
+        result = _cli(tmp_path, "init", DATABASE_URL=url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("init failed: database postgresql+asyncpg://"), result.stdout
+    assert line.endswith("no new team"), line
+
+
+async def _execute_on(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(_plain_url(url))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
