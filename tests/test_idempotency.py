@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 import pytest
+from asyncpg.exceptions import ConnectionDoesNotExistError
 from fastapi import FastAPI
 from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.chat_schemas import MessageCreate
@@ -279,6 +283,54 @@ async def test_a_send_whose_key_could_not_be_recorded_stores_nothing_so_a_retry_
     assert retry.status_code == again.status_code == 200, retry.text
     assert same_events(parse_sse(again.text)) == same_events(parse_sse(retry.text))
     assert len(fake.requests) == 2  # the first send and one regenerate
+    roles = await session.scalars(select(Message.role).where(Message.chat_id == setup.chat.id))
+    assert sorted(roles) == ["assistant", "assistant", "user"]
+
+
+async def test_a_send_whose_commit_answered_an_error_but_was_stored_keeps_its_key(
+    app: FastAPI, session: AsyncSession, fake: FakeN8n, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start's COMMIT can fail on the client's side after the server committed (the connection died before
+    the reply): the messages and the key's record are stored, the request answers an error. The key is not given
+    back then (only a claim without a generation is): the client's retry replays that send instead of starting
+    a second generation (a second call to n8n, a second quota count)."""
+    settings = app_state(app).settings
+    setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
+    url = f"/api/chats/{setup.chat.id}/messages"
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    recorded = idempotency.record
+    committed: Callable[[AsyncAdapt_asyncpg_connection], None] = AsyncAdapt_asyncpg_connection.commit
+    armed: list[object] = []
+
+    async def record_then_lose_the_commits_reply(**kwargs: Any) -> None:
+        await recorded(**kwargs)
+        armed.append(True)  # the start's COMMIT comes next
+
+    def commit_and_lose_the_reply(connection: AsyncAdapt_asyncpg_connection) -> None:
+        committed(connection)
+        if armed:
+            armed.clear()
+            connection._handle_exception(
+                ConnectionDoesNotExistError("connection was closed in the middle of operation")
+            )
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        first = await client.post(url, json={"content": "one"}, headers=setup.headers)
+        answer = data_events(parse_sse(first.text))[-1].data["data"]["message"]["id"]  # type: ignore[index]
+        # A regenerate takes the general path (the one-statement start takes plain sends only).
+        body, headers = {"regenerate_of": answer}, {**setup.headers, "Idempotency-Key": "lost reply"}
+        monkeypatch.setattr(idempotency, "record", record_then_lose_the_commits_reply)
+        monkeypatch.setattr(AsyncAdapt_asyncpg_connection, "commit", commit_and_lose_the_reply)
+        failed = await client.post(url, json=body, headers=headers)
+        monkeypatch.undo()
+        assert failed.status_code >= 500
+        stored = await session.scalar(
+            select(IdempotencyKey.assistant_message_id).execution_options(populate_existing=True)
+        )
+        assert stored is not None
+        retry = await client.post(url, json=body, headers=headers)
+    assert retry.status_code == 200, retry.text
+    assert len(fake.requests) == 1  # the first send's only: the stored regenerate is replayed, not started again
     roles = await session.scalars(select(Message.role).where(Message.chat_id == setup.chat.id))
     assert sorted(roles) == ["assistant", "assistant", "user"]
 
