@@ -690,6 +690,18 @@ async def _seed_ledger_at_0009(url: str) -> int:
                         "ttfc_ms": rng.choice([None, rng.randint(0, 4000)]), "duration_ms": rng.randint(0, 90_000),
                         "created_at": NOW - timedelta(minutes=7 * i + rng.randint(0, 6)),
                     })  # fmt: skip
+                # Answers closed long after they began (recovered days later; the ledger's longest duration):
+                # dated by their start, they add to days whose own final writes were read days before (the
+                # last, to the day of an answer written at the moment it began, 24.9 days before).
+                longest = timedelta(milliseconds=2**31 - 1)
+                for duration_ms, ended in ((3 * 86_400_000, NOW), (14 * 86_400_000, NOW), (2**31 - 1, NOW),
+                                           (0, NOW - longest)):  # fmt: skip
+                    rows.append({
+                        "id": uuid.uuid4(), "team_id": team, "user_id": users[0], "agent_id": agents[0],
+                        "chat_id": None, "outcome": "interrupted", "error_code": None, "chars_in": 1,
+                        "chars_out": 0, "tokens_in": None, "tokens_out": None, "ttfc_ms": None,
+                        "duration_ms": duration_ms, "created_at": ended - timedelta(hours=5),
+                    })  # fmt: skip
             await conn.execute(ledger_table.insert(), rows)
     finally:
         await engine.dispose()
