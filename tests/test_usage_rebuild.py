@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import insert, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Database, utcnow
@@ -257,6 +258,31 @@ async def test_a_rebuild_that_cannot_lock_the_ledger_lets_the_final_writes_throu
         await holder.close()
         await watcher.close()
     assert await count_rows(session, "usage_records") == 4
+    await assert_rollup_matches_ledger(session)
+
+
+async def test_a_rebuild_that_never_gets_the_ledger_gives_up_after_its_patience(
+    app: FastAPI, session: AsyncSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock on the ledger that never ends (a VACUUM FULL, a forgotten transaction): the rebuild stops asking
+    after `LEDGER_LOCK_PATIENCE` (5 min; 1.5 s here) with the lock's error, having changed nothing, rather than
+    trying forever."""
+    monkeypatch.setattr(usage_service, "LEDGER_LOCK_PATIENCE", 1.5)
+    db = app_state(app).db
+    setup = await chat_with_agent(session, db.settings, "http://127.0.0.1:9/webhook/x")
+    await answered(db, setup)
+    holder = await asyncpg.connect(_plain_url(db.settings.DATABASE_URL))
+    try:
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("LOCK TABLE usage_records IN SHARE UPDATE EXCLUSIVE MODE")
+        async with asyncio.timeout(6):
+            with pytest.raises(DBAPIError) as refused:
+                await rebuilt(db)
+        assert getattr(refused.value.orig, "sqlstate", None) == usage_service.LOCK_NOT_AVAILABLE
+        await held.commit()
+    finally:
+        await holder.close()
     await assert_rollup_matches_ledger(session)
 
 
