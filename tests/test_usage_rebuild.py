@@ -120,7 +120,7 @@ async def test_answers_stored_while_the_roll_up_is_rebuilt_are_each_counted_once
         for days_back in range(1, 25):  # a new day each time: one new roll-up row per grain
             await answered(db, setups[i], duration_ms=days_back * DAY_MS + 3_600_000)
             stored[i] += 1
-            if stored[i] == 2:
+            if min(stored) >= 2:  # every writer has stored some answers before the rebuild (a busy machine)
                 rebuilding.set()
             after += done.is_set()
             if after == 2:
