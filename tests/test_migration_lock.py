@@ -131,6 +131,7 @@ async def _finish(process: asyncio.subprocess.Process) -> None:
         async with asyncio.timeout(120):
             rest = (await process.stdout.read()).decode()
             assert await process.wait() == 0, rest
+        assert WAITING not in rest  # said once, not at every try
     finally:
         await _stop(process)
 
