@@ -11,8 +11,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tests.conftest import ROOT, _plain_url, run_migrations
-from tests.test_migrations import fresh_postgres
+from tests.conftest import ROOT, _plain_url, fresh_postgres, run_migrations
 
 
 def _cli(tmp_path: Path, *args: str, encoding: str = "utf-8", **env: str) -> subprocess.CompletedProcess[str]:
