@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import FilePayload, Locator, Page, Request, Route, expect
+from playwright.sync_api import Browser, FilePayload, Locator, Page, Request, Route, expect
 
 from tests.live import LiveServer
 from tests.web import PASSWORD, Team, Watched, answer_text, create_team, log_in, send
@@ -2121,3 +2121,139 @@ def test_a_send_given_back_keeps_its_key_in_the_draft_across_a_reload(
     expect(box).to_have_value("")
     assert page.evaluate(DRAFTS_KEPT) == []
     assert web_page.errors == []
+
+
+def test_enter_while_another_tabs_answer_is_followed_says_why_and_keeps_the_text(web_page: Watched, team: Team) -> None:
+    """A tab following an answer another tab started did nothing on Enter: no send, no word, the text left in the
+    box with no reason given. It now says an answer is still being written (politely: a status), keeps the text,
+    and sends nothing; the same as Enter while this tab's own answer runs."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    send(page, "hello")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    chat_id = page.url.rsplit("/", 1)[1]
+    start_elsewhere(team, chat_id, SLOW)
+    page.reload()  # this tab now follows the other tab's answer
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    send(page, "me too")
+    expect(page.locator(".toast[role=status]")).to_have_text(
+        "An answer is still being written in this chat: send your message when it ends, or press Stop."
+    )
+    expect(page.get_by_label("Message", exact=True)).to_have_value("me too")
+    assert posts == []
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(2, timeout=15_000)
+    expect(page.get_by_label("Message", exact=True)).to_have_value("me too")
+
+
+def test_each_messages_buttons_say_which_message_they_act_on(web_page: Watched, team: Team) -> None:
+    """Edit, Regenerate, Helpful and Not helpful had the same name on every message: moving between buttons, a
+    screen reader could not tell which message one acted on. Named by their words still, they are now described
+    by the message's first words."""
+    page = web_page.page
+    open_new_chat(web_page, team)
+    for text in ("first question", "second question"):
+        send(page, text)
+        expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1 if text.startswith("f") else 2)
+    edits = page.get_by_role("button", name="Edit", exact=True)
+    expect(edits).to_have_count(2)
+    expect(edits.nth(0)).to_have_accessible_description("Your message: first question")
+    expect(edits.nth(1)).to_have_accessible_description("Your message: second question")
+    for name in ("Regenerate", "Helpful", "Not helpful"):
+        buttons = page.get_by_role("button", name=name, exact=True)
+        expect(buttons.nth(0)).to_have_accessible_description("The answer: Echo: first question")
+        expect(buttons.nth(1)).to_have_accessible_description("The answer: Echo: second question")
+
+
+def test_the_tabs_title_names_the_open_chat_and_long_titles_have_a_tooltip(web_page: Watched, team: Team) -> None:
+    """The browser's tab said "n8n Chat" whatever was open, and a chat title cut with an ellipsis in the list had
+    no tooltip to read it whole. The tab now names the open chat (an admin page: its name), and the list's titles
+    carry the whole title."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    long_title = "A very long chat title about the quarterly planning of the support team's rota " * 2
+    team.create_chat(agent_id, title=long_title.strip())
+    team.create_chat(agent_id, title="Quarterly plan")
+    log_in(page, team.email)
+    expect(page).to_have_title("Chats \N{EN DASH} n8n Chat")
+    cut = page.locator(".chat-list .chat-title", has_text="A very long")
+    expect(cut).to_have_attribute("title", long_title.strip())
+    assert cut.evaluate("(el) => el.scrollWidth > el.clientWidth")  # shown cut, whole in the tooltip
+    page.get_by_role("link", name="Quarterly plan", exact=True).click()
+    expect(page).to_have_title("Quarterly plan \N{EN DASH} n8n Chat")
+    page.get_by_role("link", name=re.compile("A very long")).click()
+    expect(page).to_have_title(f"{long_title.strip()} \N{EN DASH} n8n Chat")
+    page.get_by_role("link", name="Usage").click()
+    expect(page).to_have_title("Usage \N{EN DASH} n8n Chat")
+
+
+CODE = "print('" + "x" * 150 + "')"
+
+
+def test_code_blocks_scroll_and_copy_and_quotes_are_styled(web_page: Watched, team: Team, fake_n8n_url: str) -> None:
+    """A code block in an answer wrapped its lines (a long line of code read as several), had no Copy button, and
+    a quote looked like any paragraph. Code now keeps its lines and scrolls sideways, with a Copy button that
+    says "Copied" and is not part of the message's copied text; a quote has a bar and muted text, in both
+    themes."""
+    output = f"Here:\n\n```python\n{CODE}\n```\n\n> a quoted line\n\nThe end."
+    team.create_agent(raw_answer(fake_n8n_url, json.dumps({"output": output}).encode()), name="Code bot")
+    page = web_page.page
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.set_viewport_size({"width": 380, "height": 800})
+    log_in(page, team.email)
+    page.get_by_role("link", name="+ New chat").click()
+    page.get_by_role("button", name=re.compile("Code bot")).click()
+    send(page, "code please")
+    content = page.locator(".msg.assistant[data-status=complete] .content")
+    pre = content.locator("pre")
+    expect(pre).to_be_visible()
+    assert pre.evaluate("(p) => getComputedStyle(p).whiteSpace") == "pre"
+    assert pre.evaluate("(p) => p.scrollWidth > p.clientWidth")  # one long line, scrolled sideways
+    assert page.evaluate("document.documentElement.scrollWidth") <= 380
+
+    copy = content.get_by_role("button", name="Copy code")
+    expect(copy).to_have_text("")  # its word "Copy" is drawn by CSS: no text of the message
+    assert copy.evaluate("(b) => getComputedStyle(b, '::before').content") == '"Copy"'
+    assert "Copy" not in content.inner_text()
+    selected = content.evaluate("(c) => { getSelection().selectAllChildren(c); return getSelection().toString() }")
+    assert CODE in selected
+    assert "Copy" not in selected
+    copy.click()
+    expect(page.locator(".toast[role=status]")).to_have_text("Copied.")
+    expect(content.get_by_role("button", name="Copied")).to_be_visible()
+    assert page.evaluate("() => navigator.clipboard.readText()").strip() == CODE
+    assert web_page.errors == []
+    assert not [line for line in web_page.console if "Content Security Policy" in line]
+
+    quote = content.locator("blockquote")
+    style = "(q) => { const s = getComputedStyle(q); return [s.borderLeftStyle, s.borderLeftWidth, s.color] }"
+    assert quote.evaluate(style) == ["solid", "4px", "rgb(93, 102, 117)"]  # --muted, light
+    page.emulate_media(color_scheme="dark")
+    assert quote.evaluate(style) == ["solid", "4px", "rgb(154, 163, 178)"]  # --muted, dark
+
+
+@pytest.mark.usefixtures("web_page")  # the tables emptied after
+def test_on_a_touch_screen_enter_adds_a_line_and_send_sends(
+    browser: Browser, web_server: LiveServer, team: Team
+) -> None:
+    """A phone's keyboard has no Shift+Enter: Enter sent the message, so it could hold one line only. On a touch
+    screen (a coarse pointer) Enter now adds a line and the Send button sends; a desktop is unchanged (the other
+    tests send with Enter)."""
+    context = browser.new_context(base_url=web_server.url, has_touch=True)
+    try:
+        page = context.new_page()
+        log_in(page, team.email)
+        page.get_by_role("link", name="+ New chat").click()
+        page.get_by_role("button", name=re.compile("Echo bot")).click()
+        box = page.get_by_label("Message", exact=True)
+        box.fill("line one")
+        box.press("Enter")
+        box.press_sequentially("line two")
+        expect(box).to_have_value("line one\nline two")
+        expect(page.locator(".msg.user")).to_have_count(0)
+        page.get_by_role("button", name="Send").click()
+        expect(page.locator(".msg.user .content")).to_have_text("line one\nline two")
+        expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    finally:
+        context.close()

@@ -77,3 +77,10 @@ export function randomId() {
   const bytes = crypto.getRandomValues(new Uint8Array(16));
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
+
+export const APP_NAME = "n8n Chat";
+
+/** The browser tab's title: the page's own name (the open chat's title, an admin page's name), then the app's. */
+export function pageTitle(name) {
+  document.title = name ? `${name} – ${APP_NAME}` : APP_NAME;
+}

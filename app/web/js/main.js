@@ -1,6 +1,6 @@
 // The client's entry: who is signed in, the hash router, and the page frame (top bar, main area, toasts).
 import { ApiError, api, whenSignedOut } from "./api.js";
-import { fill, h, notify, toastsWhen } from "./dom.js";
+import { fill, h, notify, pageTitle, toastsWhen } from "./dom.js";
 import { saved } from "./stream.js";
 import { renderAuth } from "./views/auth.js";
 import { ChatsView } from "./views/chat.js";
@@ -143,6 +143,7 @@ async function route() {
   const [, section, ...rest] = path.split("/");
   if (AUTH_PAGES.includes(section)) {
     leaveChats();
+    pageTitle({ login: "Log in", signup: "Create a team", join: "Join a team" }[section]);
     fill(app, renderAuth(section, rest.join("/"), { signedIn }));
     app.querySelector("[autofocus]")?.focus(); // `autofocus` alone is not honoured for inserted elements
     return;

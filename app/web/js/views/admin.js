@@ -1,7 +1,7 @@
 // The admin pages: agents (create, edit, write-only secret headers, avatar, connection test), users and
 // invitations, usage, and the error log. Every write goes through the same API a script would use.
 import { ApiError, api, page, problem, problemText } from "../api.js";
-import { copy, fill, formValues, h, notify, when } from "../dom.js";
+import { copy, fill, formValues, h, notify, pageTitle, when } from "../dom.js";
 import { avatar } from "./messages.js";
 
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
@@ -475,9 +475,14 @@ async function usagePage(main) {
     field("By", h("select", { name: "group_by" }, ["day", "agent", "user"].map((g) => h("option", { value: g }, g)))),
     h("button", { type: "submit" }, "Show"),
   );
+  // A refused query (422: `from` after `to`...) says why under the form, and the previous period's table goes: a
+  // table left in place would read as the answer to the dates now in the form.
+  const error = h("p", { class: "field-error error", role: "alert", hidden: true });
   async function load() {
     try {
       const rows = await api(`/api/usage?${new URLSearchParams(formValues(form))}`);
+      error.hidden = true;
+      error.textContent = "";
       const num = (x) => (x === null || x === undefined ? "—" : String(x));
       fill(
         out,
@@ -489,10 +494,12 @@ async function usagePage(main) {
           : h("p", { class: "muted" }, "No usage in this period."),
       );
     } catch (err) {
-      notify(errorText(err), "error");
+      out.replaceChildren();
+      error.textContent = errorText(err);
+      error.hidden = false;
     }
   }
-  fill(main, h("div", { class: "admin" }, h("h1", {}, "Usage"), form, out));
+  fill(main, h("div", { class: "admin" }, h("h1", {}, "Usage"), form, error, out));
   await load();
 }
 
@@ -537,6 +544,9 @@ async function errorsPage(main) {
 
 const PAGES = { agents: agentsPage, users: usersPage, usage: usagePage, errors: errorsPage };
 
+const TITLES = { agents: "Agents", users: "Users", usage: "Usage", errors: "Error log" };
+
 export function renderAdmin(main, name, ctx) {
+  pageTitle(TITLES[PAGES[name] ? name : "agents"]);
   (PAGES[name] || agentsPage)(main, ctx);
 }

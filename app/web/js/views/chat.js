@@ -2,7 +2,7 @@
 // chat pane (agent picker, messages, composer with attachments, streaming, stop, resume after reload, edit,
 // regenerate, branches, feedback). Each chat's menu (in the list and in the chat's header) shares and exports it.
 import { ApiError, api, download, page } from "../api.js";
-import { composing, copy, fill, h, notify, randomId } from "../dom.js";
+import { composing, copy, fill, h, notify, pageTitle, randomId } from "../dom.js";
 import { Generation, NotSent, drafts, saved, stopGeneration, waiting } from "../stream.js";
 import { Attachments } from "./attachments.js";
 import { agentById, agentLabel, avatar, messageItem, setContent, stepItem, waitText } from "./messages.js";
@@ -13,6 +13,8 @@ const LAST = 50; // messages shown when a chat opens; "Show earlier" doubles it
 const SHARES_PAGE = 100; // the most GET /api/shares lists at once
 const SHARES_READ = 10; // pages read to learn which chats are shared; past that, menus offer both actions
 
+/** A touch screen as the main pointer (a phone, a tablet): Enter in the message box adds a line there. */
+const touchScreen = () => window.matchMedia("(pointer: coarse)").matches;
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
 /** What an import sends: JSON Lines (the "export all" file) or one JSON chat, told by the file's name. */
 const importType = (file) => (/\.(jsonl|ndjson)$/i.test(file.name) ? "application/x-ndjson" : "application/json");
@@ -211,7 +213,7 @@ export class ChatsView {
       "a",
       { href: `#/chats/${chat.id}`, class: "chat-link", "aria-current": chat.id === this.chatId ? "page" : null },
       face,
-      h("span", { class: "chat-title" }, chat.pinned ? h("span", { class: "pin", title: "Pinned" }, "★ ") : "", title),
+      h("span", { class: "chat-title", title }, chat.pinned ? h("span", { class: "pin", title: "Pinned" }, "★ ") : "", title),
     );
     // Not known yet (the agents still being read) or deactivated: the avatar once it is known.
     if (!agent)
@@ -428,6 +430,7 @@ export class ChatsView {
       row.querySelector(".chat-link")?.setAttribute("aria-current", row.dataset.id === chatId ? "page" : "false");
     }
     if (!chatId) {
+      pageTitle(picker ? "New chat" : "Chats");
       this.renderPicker();
       // Asked for (+ New chat): the first agent takes the focus, so the keyboard does not Tab through the whole
       // chat list to reach the picker. The chats' page shown by default (after the login) leaves it as it is.
@@ -435,6 +438,7 @@ export class ChatsView {
       return;
     }
     this.last = LAST;
+    pageTitle(null); // the chat's title once it is read (renderHeader)
     if (!(await this.reload())) return; // not on a chat that could not be read (404...)
     this.giveBackWaiting();
     this.resumeIfRunning();
@@ -547,14 +551,15 @@ export class ChatsView {
     this.messages = h("ol", { class: "messages", "aria-label": "Messages" });
     this.input = h("textarea", {
       rows: 2,
-      placeholder: "Message (Enter to send, Shift+Enter for a new line)",
+      placeholder: touchScreen() ? "Message" : "Message (Enter to send, Shift+Enter for a new line)",
       "aria-label": "Message",
       maxlength: 32000,
     });
     this.input.value = draft;
     this.input.addEventListener("input", () => this.keepDraft(chat.id));
     this.input.addEventListener("keydown", (event) => {
-      if (event.key === "Enter" && !event.shiftKey && !composing(event)) {
+      // On a touch screen (a coarse pointer: a phone's keyboard has no Shift+Enter) Enter adds a line and Send sends.
+      if (event.key === "Enter" && !event.shiftKey && !composing(event) && !touchScreen()) {
         event.preventDefault();
         this.composer.requestSubmit();
       }
@@ -568,7 +573,12 @@ export class ChatsView {
         onsubmit: (event) => {
           event.preventDefault();
           const content = this.input.value;
-          if (this.generation) return;
+          // One answer at a time in a chat (the API refuses a second with 409), this tab's or one another tab
+          // started that this tab follows: the text stays in the box, and the page says why nothing was sent.
+          if (this.generation) {
+            if (content.trim()) notify("An answer is still being written in this chat: send your message when it ends, or press Stop.");
+            return;
+          }
           const files = this.attachments.ready();
           if (files === null) return notify("Wait until the files are uploaded, or remove them.", "error");
           if (!content.trim()) {
@@ -634,6 +644,7 @@ export class ChatsView {
 
   renderHeader(chat) {
     if (!this.header) return;
+    if (chat.id === this.chatId) pageTitle(chat.title || "New chat");
     fill(
       this.header,
       h("a", { class: "back ghost button", href: "#/chats", "aria-label": "Back to the chat list" }, "‹"),

@@ -2,7 +2,7 @@
 // switcher and the actions (edit, regenerate, feedback). Actions call back into the chat view (views/chat.js);
 // a read-only view (a shared chat, views/shares.js) passes `readOnly` and gets none of them.
 import { api } from "../api.js";
-import { composing, h } from "../dom.js";
+import { composing, h, notify, randomId } from "../dom.js";
 import { renderMarkdown } from "../markdown.js";
 
 const STATUS_TEXT = {
@@ -117,8 +117,47 @@ export function stepItem(step) {
 
 /** Put text in a message's content element: Markdown for answers, plain text for the user's own words. */
 export function setContent(el, role, text) {
-  if (role === "assistant") el.replaceChildren(renderMarkdown(text));
-  else el.textContent = text;
+  if (role === "assistant") {
+    el.replaceChildren(renderMarkdown(text));
+    for (const pre of el.querySelectorAll("pre")) codeBlock(pre);
+  } else el.textContent = text;
+}
+
+/**
+ * A code block of an answer gets a Copy button (added after DOMPurify, with a listener: nothing inline for the
+ * CSP to refuse). Its visible word is CSS-generated (`data-label`), so selecting and copying the whole message
+ * takes the code, not "Copy". Without the clipboard API (plain http other than localhost) the code is selected
+ * for Ctrl+C, as the share dialog's Copy link does.
+ */
+function codeBlock(pre) {
+  const button = h("button", { type: "button", class: "ghost copy-code", "aria-label": "Copy code", "data-label": "Copy" });
+  const copied = () => {
+    button.dataset.label = "Copied";
+    button.setAttribute("aria-label", "Copied");
+    notify("Copied.");
+    setTimeout(() => {
+      button.dataset.label = "Copy";
+      button.setAttribute("aria-label", "Copy code");
+    }, 2000);
+  };
+  const manual = () => {
+    getSelection().selectAllChildren(pre);
+    notify("Selected: press Ctrl+C (⌘C) to copy.");
+  };
+  button.addEventListener("click", () => {
+    const text = pre.textContent;
+    if (navigator.clipboard) navigator.clipboard.writeText(text).then(copied, manual);
+    else manual();
+  });
+  const block = h("div", { class: "code-block" });
+  pre.replaceWith(block);
+  block.append(button, pre);
+}
+
+/** A few words of a message, for its buttons' description (which message an Edit or Helpful is for). */
+function gist(text) {
+  const words = (text || "").replace(/\s+/g, " ").trim();
+  return words.length > 80 ? `${words.slice(0, 80)}…` : words;
 }
 
 /**
@@ -133,9 +172,14 @@ export function messageItem(message, actions) {
   setContent(content, role, message.content);
   const steps = h("ol", { class: "steps", hidden: !message.metadata?.steps?.length });
   for (const step of message.metadata?.steps || []) steps.append(stepItem(step));
+  // The message's buttons (Edit, Regenerate, Helpful, Not helpful) are named by their words, the same on every
+  // message: their description says which message they act on (a screen reader reads it on the button).
+  const about = `about-${randomId()}`;
   const item = h(
     "li",
     { class: `msg ${role} ${message.status}`, "data-id": message.id, "data-status": message.status },
+    !actions.readOnly &&
+      h("span", { id: about, class: "about", hidden: true }, role === "user" ? `Your message: ${gist(message.content)}` : `The answer: ${gist(message.content)}`),
     role === "assistant" ? avatar(actions.agent) : null,
     h(
       "div",
@@ -146,7 +190,7 @@ export function messageItem(message, actions) {
       fileList(message.files, actions),
       STATUS_TEXT[message.status] && h("p", { class: "badge" }, STATUS_TEXT[message.status]),
       message.error?.message && h("p", { class: "error" }, errorLine(message, actions)),
-      !actions.readOnly && footer(message, actions),
+      !actions.readOnly && footer(message, actions, about),
     ),
   );
   if (actions.readOnly) return item;
@@ -175,12 +219,12 @@ function branchSwitcher(message, actions) {
   );
 }
 
-function footer(message, actions) {
+function footer(message, actions, about) {
   const buttons = [];
   if (message.role === "user") {
-    buttons.push(h("button", { type: "button", class: "ghost edit", "data-action": "edit" }, "Edit"));
+    buttons.push(h("button", { type: "button", class: "ghost edit", "data-action": "edit", "aria-describedby": about }, "Edit"));
   } else if (message.status !== "streaming") {
-    buttons.push(h("button", { type: "button", class: "ghost", onclick: () => actions.regenerate(message) }, "Regenerate"));
+    buttons.push(h("button", { type: "button", class: "ghost", "aria-describedby": about, onclick: () => actions.regenerate(message) }, "Regenerate"));
     const rating = message.feedback?.rating ?? null;
     // Named by their visible words (no other aria-label): what a screen reader says is what voice control and
     // sighted users go by.
@@ -194,6 +238,7 @@ function footer(message, actions) {
           {
             type: "button",
             class: "ghost rate",
+            "aria-describedby": about,
             "aria-pressed": String(rating === value),
             onclick: () => actions.feedback(message, rating === value ? null : value),
           },

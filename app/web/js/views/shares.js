@@ -2,7 +2,7 @@
 // (`#/shares/<id>`), rendered with the same safe Markdown as a chat, with Fork (a new chat of mine) and, for its
 // sharer or an admin, Delete. Loaded on first use, like the admin pages.
 import { ApiError, api, download, page } from "../api.js";
-import { fill, h, notify, when } from "../dom.js";
+import { fill, h, notify, pageTitle, when } from "../dom.js";
 import { agentById, agentLabel, avatar, messageItem } from "./messages.js";
 
 const PAGE = 30;
@@ -48,7 +48,7 @@ async function showList({ root, agentOf }) {
               "a",
               { href: `#/shares/${share.id}`, class: "chat-link" },
               avatar(agent),
-              h("span", { class: "chat-title" }, share.title || "New chat"),
+              h("span", { class: "chat-title", title: share.title || "New chat" }, share.title || "New chat"),
               h("span", { class: "muted" }, ` ${agentLabel(agent)} · ${share.message_count} messages · ${when(share.updated_at)}`),
             ),
           ),
@@ -66,6 +66,7 @@ async function showList({ root, agentOf }) {
     }
   };
   more.addEventListener("click", load);
+  pageTitle("Shared with team");
   fill(root, h("h1", {}, "Shared with team"), list, more);
   await load();
 }
@@ -129,6 +130,7 @@ async function showShare({ root, agentOf, user, navigate }, shareId) {
     download: (file) => download(fileUrl(file), file.filename).catch((err) => notify(errorText(err), "error")),
   };
   for (const message of share.messages) messages.append(messageItem(message, actions));
+  pageTitle(share.title || "New chat");
   fill(
     root,
     h(
