@@ -2255,5 +2255,15 @@ def test_on_a_touch_screen_enter_adds_a_line_and_send_sends(
         page.get_by_role("button", name="Send").click()
         expect(page.locator(".msg.user .content")).to_have_text("line one\nline two")
         expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+        # An edit's box alike: Enter adds a line, its Send sends.
+        page.get_by_role("button", name="Edit", exact=True).click()
+        edited = page.get_by_label("Edited message")
+        edited.press("Control+End")
+        edited.press("Enter")
+        edited.press_sequentially("line three")
+        expect(edited).to_have_value("line one\nline two\nline three")
+        page.locator(".edit-form").get_by_role("button", name="Send").click()
+        expect(page.locator(".msg.user .content")).to_have_text("line one\nline two\nline three")
+        expect(page.locator(".msg.user .branch-pos")).to_have_text("2 / 2")
     finally:
         context.close()

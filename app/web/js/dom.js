@@ -46,6 +46,10 @@ export function formValues(form) {
  */
 export const composing = (event) => event.isComposing || event.keyCode === 229;
 
+/** A touch screen as the main pointer (a phone, a tablet), whose keyboard has no Shift+Enter: there Enter in a
+ * message box (the composer, an edit) adds a line and the form's button sends. */
+export const touchScreen = () => window.matchMedia("(pointer: coarse)").matches;
+
 // Whether a message may show now: main.js says not while nobody is signed in, so the error of a request that the
 // ended session left behind (its 401, "Not authenticated") does not show over the login form.
 let showing = () => true;

@@ -2,7 +2,7 @@
 // chat pane (agent picker, messages, composer with attachments, streaming, stop, resume after reload, edit,
 // regenerate, branches, feedback). Each chat's menu (in the list and in the chat's header) shares and exports it.
 import { ApiError, api, download, page } from "../api.js";
-import { composing, copy, fill, h, notify, pageTitle, randomId } from "../dom.js";
+import { composing, copy, fill, h, notify, pageTitle, randomId, touchScreen } from "../dom.js";
 import { Generation, NotSent, drafts, saved, stopGeneration, waiting } from "../stream.js";
 import { Attachments } from "./attachments.js";
 import { agentById, agentLabel, avatar, messageItem, setContent, stepItem, waitText } from "./messages.js";
@@ -13,8 +13,6 @@ const LAST = 50; // messages shown when a chat opens; "Show earlier" doubles it
 const SHARES_PAGE = 100; // the most GET /api/shares lists at once
 const SHARES_READ = 10; // pages read to learn which chats are shared; past that, menus offer both actions
 
-/** A touch screen as the main pointer (a phone, a tablet): Enter in the message box adds a line there. */
-const touchScreen = () => window.matchMedia("(pointer: coarse)").matches;
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
 /** What an import sends: JSON Lines (the "export all" file) or one JSON chat, told by the file's name. */
 const importType = (file) => (/\.(jsonl|ndjson)$/i.test(file.name) ? "application/x-ndjson" : "application/json");

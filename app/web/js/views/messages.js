@@ -2,7 +2,7 @@
 // switcher and the actions (edit, regenerate, feedback). Actions call back into the chat view (views/chat.js);
 // a read-only view (a shared chat, views/shares.js) passes `readOnly` and gets none of them.
 import { api } from "../api.js";
-import { composing, h, notify, randomId } from "../dom.js";
+import { composing, h, notify, randomId, touchScreen } from "../dom.js";
 import { renderMarkdown } from "../markdown.js";
 
 const STATUS_TEXT = {
@@ -280,7 +280,8 @@ function wireEdit(item, message, actions) {
     );
     text.addEventListener("keydown", (event) => {
       if (event.key === "Escape") cancel();
-      if (event.key === "Enter" && !event.shiftKey && !composing(event)) { // not the Enter ending an IME composition
+      // Not the Enter ending an IME composition; on a touch screen Enter adds a line (the form's Send sends).
+      if (event.key === "Enter" && !event.shiftKey && !composing(event) && !touchScreen()) {
         event.preventDefault();
         form.requestSubmit();
       }
