@@ -2128,9 +2128,15 @@ def test_enter_while_another_tabs_answer_is_followed_says_why_and_keeps_the_text
     box with no reason given. It now says an answer is still being written (politely: a status), keeps the text,
     and sends nothing; the same as Enter while this tab's own answer runs."""
     page = web_page.page
+    notice = "An answer is still being written in this chat: send your message when it ends, or press Stop."
     open_new_chat(web_page, team)
-    send(page, "hello")
+    send(page, "[delay=100] " + " ".join(f"w{i}" for i in range(20)))
+    expect(page.locator(".msg.assistant .content")).to_contain_text("w1")
+    send(page, "next")  # this tab's own answer runs
+    expect(page.locator(".toast[role=status]")).to_have_text(notice)
+    expect(page.get_by_label("Message", exact=True)).to_have_value("next")
     expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    page.get_by_label("Message", exact=True).fill("")
     chat_id = page.url.rsplit("/", 1)[1]
     start_elsewhere(team, chat_id, SLOW)
     page.reload()  # this tab now follows the other tab's answer
@@ -2138,9 +2144,7 @@ def test_enter_while_another_tabs_answer_is_followed_says_why_and_keeps_the_text
     posts: list[str] = []
     page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
     send(page, "me too")
-    expect(page.locator(".toast[role=status]")).to_have_text(
-        "An answer is still being written in this chat: send your message when it ends, or press Stop."
-    )
+    expect(page.locator(".toast[role=status]", has_text="still being written")).to_have_text(notice)
     expect(page.get_by_label("Message", exact=True)).to_have_value("me too")
     assert posts == []
     expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(2, timeout=15_000)
