@@ -55,21 +55,9 @@ BRANCH = (
 
 async def served(app: FastAPI, path: str, headers: dict[str, str]) -> tuple[int, int]:
     """The status and the body's size of a GET served through the app, each body piece dropped."""
-    base, _, query = path.partition("?")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": base,
-        "raw_path": base.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 50000),
-        "server": ("bench", 80),
-    }
+    from tests.live import http_scope
+
+    scope = http_scope("GET", path, headers)
     status, size, asked = 0, 0, False
 
     async def receive() -> dict[str, Any]:

@@ -43,7 +43,7 @@ from tests.conftest import (
     until_a_statement_waits,
 )
 from tests.factories import create_agent, create_chat, create_team, create_user, message_row
-from tests.live import cut_off_request, data_events, live_server, parse_sse
+from tests.live import cut_off_request, data_events, http_scope, live_server, parse_sse
 from tools.fake_n8n import FakeN8n
 
 FEEDBACK = {"rating": -1, "comment": "too short", "updated_at": "2026-12-01T10:00:00+00:00"}
@@ -1532,21 +1532,7 @@ async def long_chat(world: TeamWorld, session: AsyncSession, count: int, chars: 
 async def downloaded(app: FastAPI, path: str, headers: dict[str, str]) -> tuple[int, int, bytes]:
     """A GET served as a server serves it (raw ASGI: each piece of the body handed on and dropped, which no
     test client does: httpx's keeps the whole body): the status, the body's size, its last bytes."""
-    base, _, query = path.partition("?")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": base,
-        "raw_path": base.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    scope = http_scope("GET", path, headers)
     status, size, tail = 0, 0, b""
     asked = False
 
@@ -1717,20 +1703,7 @@ async def test_a_slow_download_holds_no_database_connection_and_says_its_length(
     whole = await export_built_whole(session, chat.id)
     await session.close()
     path = f"/api/chats/{chat.id}/export"
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in team_world.h(team_world.member).items()],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    scope = http_scope("GET", path, team_world.h(team_world.member))
     heads: list[dict[bytes, bytes]] = []
     bodies: list[bytes] = []
     in_use: list[int | None] = []
@@ -1778,22 +1751,8 @@ async def test_a_download_left_by_its_client_gives_its_database_connection_back_
     chat = await branchy_chat(session, team_world)
     await session.close()
     db = app_state(app).db
-    headers = [(k.lower().encode(), v.encode()) for k, v in team_world.h(team_world.member).items()]
     path = f"/api/chats/{chat.id}/export"
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    scope = http_scope("GET", path, team_world.h(team_world.member))
     started: list[int] = []
 
     async def receive() -> dict[str, Any]:
@@ -1869,20 +1828,7 @@ async def test_a_client_gone_mid_download_gives_its_database_connection_back(
     await session.close()
     db = app_state(app).db
     path = f"/api/chats/{chat.id}/export"
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in team_world.h(team_world.member).items()],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    scope = http_scope("GET", path, team_world.h(team_world.member))
     bodies: list[bytes] = []
     gone = asyncio.Event()
     asked = False
