@@ -11,7 +11,7 @@ from app.auth import AdminUser, CurrentUser
 from app.deps import SessionDep, SettingsDep, StreamerDep, body_chunks
 from app.errors import MethodNotAllowed
 from app.ratelimit import LimiterDep
-from app.routers.responses import R401, R403_ADMIN, R422_WEBHOOK, Responses, error_doc
+from app.routers.responses import R401, R403_ADMIN, R422_WEBHOOK, Responses, error_doc, file_upload_body
 from app.schemas import AgentAdminRead, AgentCreate, AgentRead, AgentTestResult, AgentUpdate
 from app.services import agents as agents_service
 from app.services import avatars as avatars_service
@@ -184,27 +184,11 @@ async def delete_agent(agent_id: uuid.UUID, session: SessionDep, user: AdminUser
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-#: Read by app.uploads as a chat file's body is, not by FastAPI's form parsing: so the schema is written here.
-AVATAR_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "file": {
-                        "type": "string",
-                        "format": "binary",
-                        "minLength": 1,
-                        "description": "The image (one per request): PNG, JPEG, WebP or GIF, judged by its bytes "
-                        "(anything else, an empty file included, is a 415)",
-                    }
-                },
-            }
-        }
-    },
-}
+AVATAR_BODY = file_upload_body(
+    "The image (one per request): PNG, JPEG, WebP or GIF, judged by its bytes (anything else, an empty file "
+    "included, is a 415)",
+    minLength=1,
+)
 
 
 @router.post(

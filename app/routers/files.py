@@ -10,7 +10,7 @@ from app.auth import CurrentCaller
 from app.config import DEFAULT_FILE_TYPES
 from app.deps import SessionDep, SettingsDep, ShortSessionDep, UploadSlotsDep, body_chunks
 from app.filetypes import content_disposition
-from app.routers.responses import R401, Responses, error_doc
+from app.routers.responses import R401, Responses, error_doc, file_upload_body
 from app.schemas import FileRead
 from app.services import files as files_service
 from app.services.chats import CHAT_NOT_FOUND
@@ -18,24 +18,7 @@ from app.uploads import NOT_MULTIPART, TOO_MANY_UPLOADS
 
 router = APIRouter(tags=["files"])
 
-UPLOAD_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "file": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "The file (one per request); its type is judged by its bytes",
-                    }
-                },
-            }
-        }
-    },
-}
+UPLOAD_BODY = file_upload_body("The file (one per request); its type is judged by its bytes")
 DOWNLOAD_200: Responses = {
     200: {
         "description": "The bytes under the file's own type, as an attachment (`Content-Disposition`), with "

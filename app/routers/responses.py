@@ -150,3 +150,11 @@ def complete_openapi(schema: dict[str, Any], *, message_max_chars: int) -> dict[
                     elif _FOREIGN_ORIGIN not in responses["403"]["description"]:
                         responses["403"]["description"] += f"; or: {_FOREIGN_ORIGIN}"
     return schema
+
+
+def file_upload_body(description: str, **file_schema: Any) -> dict[str, Any]:
+    """The OpenAPI request body of an upload read by app.uploads (one multipart field `file`), not by FastAPI's
+    form parsing, which would write it: `file_schema` adds to the field's schema (e.g. `minLength`)."""
+    field = {"type": "string", "format": "binary", **file_schema, "description": description}
+    schema = {"type": "object", "required": ["file"], "properties": {"file": field}}
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
