@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,24 @@ KEY = "send-1 retry"
 
 def same_events(events: list[SSE]) -> list[tuple[str | None, object]]:
     return [(e.id, e.data) for e in events]
+
+
+@asynccontextmanager
+async def key_trigger(session: AsyncSession, when: str, body: str) -> AsyncIterator[None]:
+    """A trigger on idempotency_keys (`when`: e.g. "BEFORE UPDATE") running `body` (PL/pgSQL) for the block:
+    a write of the key that fails, or waits, where a test needs it to."""
+    await session.execute(text(f"CREATE FUNCTION key_trigger() RETURNS trigger LANGUAGE plpgsql AS $$ {body} $$"))
+    await session.execute(
+        text(f"CREATE TRIGGER key_trigger {when} ON idempotency_keys FOR EACH ROW EXECUTE FUNCTION key_trigger()")
+    )
+    await session.commit()
+    try:
+        yield
+    finally:
+        await session.rollback()
+        await session.execute(text("DROP TRIGGER key_trigger ON idempotency_keys"))
+        await session.execute(text("DROP FUNCTION key_trigger()"))
+        await session.commit()
 
 
 async def messages_of(app: FastAPI, setup_chat: Chat) -> list[dict[str, object]]:
@@ -174,31 +193,15 @@ async def test_a_refused_send_whose_key_cannot_be_given_back_still_answers_its_r
     setup = await chat_with_agent(session, settings, f"{fake.url}/webhook/agent-stream?scenario=echo")
     stranger = await create_user(session)
     url = f"/api/chats/{setup.chat.id}/messages"
-    await session.execute(
-        text(
-            "CREATE FUNCTION refuse_key_delete() RETURNS trigger LANGUAGE plpgsql AS"
-            " $$ BEGIN RAISE EXCEPTION 'the delete failed'; END $$"
-        )
-    )
-    await session.execute(
-        text(
-            "CREATE TRIGGER refuse_key_delete BEFORE DELETE ON idempotency_keys"
-            " FOR EACH ROW EXECUTE FUNCTION refuse_key_delete()"
-        )
-    )
-    await session.commit()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    try:
+    body = "BEGIN RAISE EXCEPTION 'the delete failed'; END"
+    async with key_trigger(session, "BEFORE DELETE", body):
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             refused = await client.post(
                 url,
                 json={"content": "hi"},
                 headers={**auth_headers(settings, stranger), "Idempotency-Key": "kept"},
             )
-    finally:
-        await session.execute(text("DROP TRIGGER refuse_key_delete ON idempotency_keys"))
-        await session.execute(text("DROP FUNCTION refuse_key_delete()"))
-        await session.commit()
     assert refused.status_code == 404, refused.text
     assert refused.json() == {"detail": "Chat not found"}
     assert "giving back a refused send's Idempotency-Key failed" in caplog.text
@@ -251,25 +254,8 @@ async def test_a_send_whose_key_could_not_be_recorded_stores_nothing_so_a_retry_
         answer = data_events(parse_sse(first.text))[-1].data["data"]["message"]["id"]  # type: ignore[index]
         # A regenerate takes the general path (the one-statement start takes plain sends only).
         body, headers = {"regenerate_of": answer}, {**setup.headers, "Idempotency-Key": "unrecorded"}
-        await session.execute(
-            text(
-                "CREATE FUNCTION refuse_key_update() RETURNS trigger LANGUAGE plpgsql AS"
-                " $$ BEGIN RAISE EXCEPTION 'the write failed'; END $$"
-            )
-        )
-        await session.execute(
-            text(
-                "CREATE TRIGGER refuse_key_update BEFORE UPDATE ON idempotency_keys"
-                " FOR EACH ROW EXECUTE FUNCTION refuse_key_update()"
-            )
-        )
-        await session.commit()
-        try:
+        async with key_trigger(session, "BEFORE UPDATE", "BEGIN RAISE EXCEPTION 'the write failed'; END"):
             failed = await client.post(url, json=body, headers=headers)
-        finally:
-            await session.execute(text("DROP TRIGGER refuse_key_update ON idempotency_keys"))
-            await session.execute(text("DROP FUNCTION refuse_key_update()"))
-            await session.commit()
         assert failed.status_code >= 500
         for _ in range(100):  # whatever the failed send started has ended
             if not app_state(app).generations.running:
@@ -400,61 +386,51 @@ async def test_a_send_cancelled_before_its_commit_frees_its_key_and_its_quota_cl
         # A regenerate takes the general path; the key's record (the last write before the commit) waits for a
         # lock this test holds, so the request is cancelled with its claims made and its messages written.
         body, headers = {"regenerate_of": answer}, {**setup.headers, "Idempotency-Key": "cut"}
-        await session.execute(
-            text(
-                "CREATE FUNCTION hold_key_update() RETURNS trigger LANGUAGE plpgsql AS"
-                " $$ BEGIN PERFORM pg_advisory_xact_lock(424242); RETURN NEW; END $$"
-            )
-        )
-        await session.execute(
-            text(
-                "CREATE TRIGGER hold_key_update BEFORE UPDATE ON idempotency_keys"
-                " FOR EACH ROW EXECUTE FUNCTION hold_key_update()"
-            )
-        )
-        await session.commit()
-        try:
-            await session.execute(text("SELECT pg_advisory_lock(424242)"))
-            scope = anyio.CancelScope()
+        hold = "BEGIN PERFORM pg_advisory_xact_lock(424242); RETURN NEW; END"
+        async with key_trigger(session, "BEFORE UPDATE", hold):
+            try:
+                await session.execute(text("SELECT pg_advisory_lock(424242)"))
+                scope = anyio.CancelScope()
 
-            async def post() -> httpx.Response | None:
-                with scope:
-                    return await client.post(url, json=body, headers=headers)
-                return None
+                async def post() -> httpx.Response | None:
+                    with scope:
+                        return await client.post(url, json=body, headers=headers)
+                    return None
 
-            send = asyncio.create_task(post())
-            for _ in range(200):
-                waiting = await session.scalar(
-                    text(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 424242 AND NOT granted"
-                        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                send = asyncio.create_task(post())
+                for _ in range(200):
+                    waiting = await session.scalar(
+                        text(
+                            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 424242"
+                            " AND NOT granted"
+                            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                        )
                     )
+                    if waiting:
+                        break
+                    await asyncio.sleep(0.025)
+                assert waiting == 1
+                counted = await session.scalar(
+                    select(UsageDaily.generations).where(UsageDaily.user_id == setup.user.id)
                 )
-                if waiting:
-                    break
-                await asyncio.sleep(0.025)
-            assert waiting == 1
-            counted = await session.scalar(select(UsageDaily.generations).where(UsageDaily.user_id == setup.user.id))
-            assert counted == 2  # the first send's and this one's claim
-            send.cancel() if cancel == "task" else scope.cancel()
-            # The lock goes with the cancel: a cancel scope's cancel may also cut asyncpg's request to cancel the
-            # waiting statement, which then runs on until it has its lock (as it would at a shutdown).
-            await session.execute(text("SELECT pg_advisory_unlock(424242)"))
-            await session.commit()
-            if cancel == "task":
-                with pytest.raises(asyncio.CancelledError):
-                    await send
-            else:
-                assert await send is None
-            for _ in range(200):  # the shielded give-back runs on after the cancel
-                if await count_rows(session, "idempotency_keys") == 0:
-                    break
-                await asyncio.sleep(0.025)
-        finally:
-            await session.execute(text("SELECT pg_advisory_unlock_all()"))
-            await session.execute(text("DROP TRIGGER hold_key_update ON idempotency_keys"))
-            await session.execute(text("DROP FUNCTION hold_key_update()"))
-            await session.commit()
+                assert counted == 2  # the first send's and this one's claim
+                send.cancel() if cancel == "task" else scope.cancel()
+                # The lock goes with the cancel: a cancel scope's cancel may also cut asyncpg's request to cancel the
+                # waiting statement, which then runs on until it has its lock (as it would at a shutdown).
+                await session.execute(text("SELECT pg_advisory_unlock(424242)"))
+                await session.commit()
+                if cancel == "task":
+                    with pytest.raises(asyncio.CancelledError):
+                        await send
+                else:
+                    assert await send is None
+                for _ in range(200):  # the shielded give-back runs on after the cancel
+                    if await count_rows(session, "idempotency_keys") == 0:
+                        break
+                    await asyncio.sleep(0.025)
+            finally:
+                await session.execute(text("SELECT pg_advisory_unlock_all()"))
+                await session.commit()
         assert await count_rows(session, "idempotency_keys") == 0
         counted = await session.scalar(
             select(UsageDaily.generations)
