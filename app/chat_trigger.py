@@ -30,11 +30,26 @@ KEEPALIVE = b"\n"
 
 
 def wants_stream(accept: str | None) -> bool:
-    """Whether the request asks for NDJSON: its `Accept` names one of STREAM_MEDIA_TYPES."""
+    """Whether the request asks for NDJSON: its `Accept` names one of STREAM_MEDIA_TYPES, other than with
+    `q=0` (RFC 9110: "not acceptable")."""
     if not accept:
         return False
-    types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
-    return not types.isdisjoint(STREAM_MEDIA_TYPES)
+    return any(
+        media.strip().lower() in STREAM_MEDIA_TYPES and not _refused(params)
+        for media, _, params in (part.partition(";") for part in accept.split(","))
+    )
+
+
+def _refused(params: str) -> bool:
+    """Whether a media range's parameters hold `q=0` (0, 0.0, 0.000); an unreadable weight counts as 1."""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return float(value.strip()) == 0
+            except ValueError:
+                return False
+    return False
 
 
 def dumps(value: Any) -> bytes:

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import chat_trigger
 from app.config import Settings
 from app.models import Agent, Chat, ErrorLog, Team, User, WidgetSession
 from app.services.api_keys import create_key
@@ -618,3 +619,28 @@ async def test_shutdown_interrupts_a_widget_answer_and_refuses_new_ones(
     answer = (await branch_of(session, chat_id))[-1]
     assert (answer["status"], answer["content"]) == ("interrupted", "Echo: hello")
     assert await count_rows(session, "chats") == 1
+
+
+@pytest.mark.parametrize(
+    ("accept", "streamed"),
+    [
+        (None, False),
+        ("", False),
+        ("text/plain", True),
+        ("application/x-ndjson", True),
+        ("application/json, text/plain; charset=utf-8", True),
+        ("TEXT/PLAIN;q=0.5", True),
+        ("text/plain;q=0", False),  # "not acceptable" (RFC 9110): the one-body answer
+        ("text/plain; q=0.000, application/json", False),
+        ("application/x-ndjson;q=0, text/plain", True),
+        ("text/plain;q=x", True),  # an unreadable weight is ignored
+        ("application/json", False),
+        ("*/*", False),
+    ],
+)
+def test_the_streamed_answer_is_chosen_by_accept_and_never_when_refused_with_q_0(
+    accept: str | None, streamed: bool
+) -> None:
+    """The widget sends `text/plain` for its streamed answer; a client saying a type is not acceptable
+    (`q=0`) got it all the same."""
+    assert chat_trigger.wants_stream(accept) is streamed
