@@ -876,11 +876,14 @@ async def test_the_owners_claim_outlives_the_receiving_instances_longest_way_to_
 
 @pytest.mark.timeout(30)
 async def test_a_burst_of_commands_beyond_the_pool_waits_for_connections_instead_of_failing(
-    settings: Settings, redis_url: str
+    settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The instance's one Redis client has 100 connections. A few hundred commands in the same instant (every
     stream's writer batch on a loaded instance, each request's rate-limit count) failed past the 100th with
-    "Too many connections", as if Redis were down. They wait for a connection now, briefly."""
+    "Too many connections", as if Redis were down. They wait for a connection now, briefly. The wait is
+    lengthened here: in a full test run on two cores another test's processes could hold this event loop back
+    past the 2 s wait ("No connection available"), while the pool this guards against refuses at once."""
+    monkeypatch.setattr(eventlog, "POOL_WAIT", 20.0)
     client = eventlog.connect(settings.model_copy(update={"REDIS_URL": redis_url}))
     assert client is not None
     assert client.connection_pool.max_connections == eventlog.POOL_SIZE
