@@ -55,18 +55,11 @@ BRANCH = (
 
 async def served(app: FastAPI, path: str, headers: dict[str, str]) -> tuple[int, int]:
     """The status and the body's size of a GET served through the app, each body piece dropped."""
-    from tests.live import http_scope
+    from tests.live import bodyless_request, http_scope
 
     scope = http_scope("GET", path, headers)
-    status, size, asked = 0, 0, False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal asked
-        if not asked:
-            asked = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.Event().wait()
-        raise AssertionError
+    receive = bodyless_request()
+    status, size = 0, 0
 
     async def send(message: MutableMapping[str, Any]) -> None:
         nonlocal status, size

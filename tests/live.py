@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,6 +382,22 @@ async def cut_off_request(app: Any, path: str, headers: dict[str, str], head: by
 
     await app(http_scope("POST", path, headers), receive, send_message)
     return sent
+
+
+def bodyless_request(gone: asyncio.Event | None = None) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An ASGI `receive` for a request without a body (a GET): the empty body, then nothing until `gone` is set
+    (never, without one: a client that stays to the end), then the client's disconnect."""
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await (gone or asyncio.Event()).wait()
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 def http_scope(method: str, path: str, headers: dict[str, str]) -> dict[str, Any]:

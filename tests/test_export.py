@@ -43,7 +43,7 @@ from tests.conftest import (
     until_a_statement_waits,
 )
 from tests.factories import create_agent, create_chat, create_team, create_user, message_row
-from tests.live import cut_off_request, data_events, http_scope, live_server, parse_sse
+from tests.live import bodyless_request, cut_off_request, data_events, http_scope, live_server, parse_sse
 from tools.fake_n8n import FakeN8n
 
 FEEDBACK = {"rating": -1, "comment": "too short", "updated_at": "2026-12-01T10:00:00+00:00"}
@@ -1534,15 +1534,7 @@ async def downloaded(app: FastAPI, path: str, headers: dict[str, str]) -> tuple[
     test client does: httpx's keeps the whole body): the status, the body's size, its last bytes."""
     scope = http_scope("GET", path, headers)
     status, size, tail = 0, 0, b""
-    asked = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal asked
-        if not asked:
-            asked = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.Event().wait()  # the client stays until the end
-        raise AssertionError
+    receive = bodyless_request()  # the client stays until the end
 
     async def send(message: MutableMapping[str, Any]) -> None:
         nonlocal status, size, tail
@@ -1715,15 +1707,7 @@ async def test_a_slow_download_holds_no_database_connection_and_says_its_length(
         return spools[-1]
 
     monkeypatch.setattr(exports, "spooled", recorded)
-    asked = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal asked
-        if not asked:
-            asked = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.Event().wait()
-        raise AssertionError
+    receive = bodyless_request()  # the client stays until the end
 
     async def send(message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -1831,15 +1815,7 @@ async def test_a_client_gone_mid_download_gives_its_database_connection_back(
     scope = http_scope("GET", path, team_world.h(team_world.member))
     bodies: list[bytes] = []
     gone = asyncio.Event()
-    asked = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal asked
-        if not asked:
-            asked = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
+    receive = bodyless_request(gone)
 
     async def send(message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.body":
