@@ -24,7 +24,7 @@ from app.config import Settings, load_settings
 from app.crypto import parse_keys
 from app.db import Database, secure_sqlite_file
 from app.fields import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH, canonical_email, email_forms, normalize_email
-from app.migration_lock import migration_lock
+from app.migration_lock import LockWaitExceeded, migration_lock
 from app.migrations import alembic_config
 from app.models import Team, User
 from app.serve import serve
@@ -82,13 +82,20 @@ def migrate_and_init(settings: Settings, *, init: bool) -> int:
     try:
         secure_sqlite_file(settings.DATABASE_URL)  # before the lock file beside it, or Alembic, creates the file
         return asyncio.run(_locked(settings, init=init))
+    except LockWaitExceeded:
+        out(
+            f"Gave up after {settings.MIGRATION_LOCK_WAIT_SECONDS:g} s waiting for the migration lock "
+            "(MIGRATION_LOCK_WAIT_SECONDS): another migrate or init of this database still holds it; nothing was "
+            "changed (docs/OPERATIONS.md, Upgrades, shows who holds it)"
+        )
+        return 1
     except (DBAPIError, OSError) as exc:  # the lock's own connection (or file)
         out(f"Cannot migrate the database {database_problem(settings, exc)}")
         return 1
 
 
 async def _locked(settings: Settings, *, init: bool) -> int:
-    async with migration_lock(settings.DATABASE_URL, out):
+    async with migration_lock(settings.DATABASE_URL, out, settings.MIGRATION_LOCK_WAIT_SECONDS or None):
         status = await migrate(settings)
         if status or not init:
             return status

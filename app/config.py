@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     DB_CONNECT_TIMEOUT: float = Field(5.0, gt=0)
     DB_POOL_PRE_PING: bool = False
     DB_POOL_RECYCLE_SECONDS: int = Field(1800, ge=0)
+    #: Seconds `migrate` and `init` wait for another run's migration lock before they give up (exit 1); 0 = as
+    #: long as it takes.
+    MIGRATION_LOCK_WAIT_SECONDS: float = Field(0, ge=0)
     REDIS_URL: str | None = None
 
     JWT_SECRET: str = ""

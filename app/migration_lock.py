@@ -38,24 +38,31 @@ WAITING = (
 )
 
 
+class LockWaitExceeded(Exception):
+    """Another run held the lock for longer than this run's wait limit (`MIGRATION_LOCK_WAIT_SECONDS`)."""
+
+
 @asynccontextmanager
-async def migration_lock(url: str, waiting: Callable[[str], None]) -> AsyncIterator[None]:
+async def migration_lock(
+    url: str, waiting: Callable[[str], None], wait_limit: float | None = None
+) -> AsyncIterator[None]:
     """Hold the database's migration lock inside the block; `waiting` is told (`WAITING`) once when another run
-    holds it, before this one waits for it."""
+    holds it, before this one waits for it: for `wait_limit` seconds at most (None: as long as it takes), then
+    `LockWaitExceeded` (so a run stuck behind a hung one fails, and its orchestrator can say so)."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "postgresql":
-        async with _advisory_lock(url, waiting):
+        async with _advisory_lock(url, waiting, wait_limit):
             yield
     elif backend == "sqlite" and parsed.database not in (None, "", ":memory:") and not parsed.query.get("uri"):
-        async with _file_lock(Path(parsed.database), waiting):
+        async with _file_lock(Path(parsed.database), waiting, wait_limit):
             yield
     else:
         yield
 
 
 @asynccontextmanager
-async def _advisory_lock(url: str, waiting: Callable[[str], None]) -> AsyncIterator[None]:
+async def _advisory_lock(url: str, waiting: Callable[[str], None], wait_limit: float | None) -> AsyncIterator[None]:
     # NullPool: closing the connection really closes it, which ends the session and releases its lock.
     engine = create_async_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
     try:
@@ -67,8 +74,9 @@ async def _advisory_lock(url: str, waiting: Callable[[str], None]) -> AsyncItera
             statement = text("SELECT pg_try_advisory_lock(:key)").bindparams(key=MIGRATION_LOCK_KEY)
             if not await connection.scalar(statement):
                 waiting(WAITING)
+                deadline = _deadline(wait_limit)
                 while True:  # polled: a statement blocked in pg_advisory_lock would stop the holder (see above)
-                    await asyncio.sleep(POLL_SECONDS)
+                    await _pause(deadline)
                     if await connection.scalar(statement):
                         break
             yield
@@ -77,19 +85,35 @@ async def _advisory_lock(url: str, waiting: Callable[[str], None]) -> AsyncItera
 
 
 @asynccontextmanager
-async def _file_lock(database: Path, waiting: Callable[[str], None]) -> AsyncIterator[None]:
+async def _file_lock(database: Path, waiting: Callable[[str], None], wait_limit: float | None) -> AsyncIterator[None]:
     path = database.with_name(database.name + ".migrate-lock")
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if not _try_flock(descriptor):
             waiting(WAITING)
+            deadline = _deadline(wait_limit)
             while True:  # polled, so the event loop is never blocked (a Ctrl-C stops the wait)
-                await asyncio.sleep(POLL_SECONDS)
+                await _pause(deadline)
                 if _try_flock(descriptor):
                     break
         yield
     finally:
         os.close(descriptor)  # releases the lock (the file stays, empty: deleting it could let two runs in)
+
+
+def _deadline(wait_limit: float | None) -> float | None:
+    return None if wait_limit is None else asyncio.get_running_loop().time() + wait_limit
+
+
+async def _pause(deadline: float | None) -> None:
+    """Sleep until the next try; `LockWaitExceeded` once the deadline has passed (a last try falls on it)."""
+    if deadline is None:
+        await asyncio.sleep(POLL_SECONDS)
+        return
+    left = deadline - asyncio.get_running_loop().time()
+    if left <= 0:
+        raise LockWaitExceeded
+    await asyncio.sleep(min(POLL_SECONDS, left))
 
 
 def _try_flock(descriptor: int) -> bool:

@@ -183,3 +183,51 @@ def test_the_lock_outlives_an_idle_session_timeout_on_postgresql(tmp_path: Path)
         results = _at_once(tmp_path, url, "init", 3, bcrypt_rounds=14)
         _check_one_initialised(results)
         assert asyncio.run(_pg_state(url)) == (migration_head(), 1, 1)
+
+
+async def _migrate_gives_up(tmp_path: Path, url: str) -> None:
+    """`migrate` with `MIGRATION_LOCK_WAIT_SECONDS=1` while the lock stays held: it says it waits, then gives up
+    with status 1 and one line naming the setting, within a few seconds, having migrated nothing."""
+    env = _env(tmp_path, url) | {"MIGRATION_LOCK_WAIT_SECONDS": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.cli", "migrate", cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(60):
+            output = (await process.stdout.read()).decode() if process.stdout else ""
+            status = await process.wait()
+    finally:
+        await _stop(process)
+    lines = output.splitlines()
+    assert status == 1, output
+    assert lines[0] == WAITING, output
+    assert lines[1].startswith("Gave up after 1 s waiting for the migration lock"), output
+    assert "MIGRATION_LOCK_WAIT_SECONDS" in lines[1], output
+    assert "Traceback" not in output, output
+
+
+def test_migrate_gives_up_after_its_wait_limit_on_postgresql(tmp_path: Path) -> None:
+    async def held() -> None:
+        holder = await asyncpg.connect(_plain_url(url))
+        try:
+            await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+            await _migrate_gives_up(tmp_path, url)
+            tables = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+            assert await holder.fetchval(tables) == 0
+        finally:
+            await holder.close()
+
+    with fresh_postgres() as url:
+        asyncio.run(held())
+
+
+async def test_migrate_gives_up_after_its_wait_limit_on_sqlite(tmp_path: Path) -> None:
+    database = tmp_path / "data" / "app.db"
+    database.parent.mkdir()
+    lock = os.open(database.with_name("app.db.migrate-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        await _migrate_gives_up(tmp_path, f"sqlite+aiosqlite:///{database}")
+        assert not database.exists() or database.stat().st_size == 0
+    finally:
+        os.close(lock)
