@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.db import utcnow
 from app.models import Invite, Team, User
+from app.services.invites import hash_invite_token, new_token
 from app.state import app_state
 from main import create_app, shutdown
 from tests.authhelpers import https_client, login
@@ -190,6 +191,83 @@ async def test_list_shows_the_teams_invites_never_tokens(
     assert listed[1]["email"] == "a@example.com"
     assert {item["status"] for item in listed} == {"active"}
     assert listed[0]["revoked_at"] is None
+
+
+async def _invites_of(session: AsyncSession, team: Team, count: int) -> list[str]:
+    """`count` invites of the team, every one with the same `created_at`, so only the tie-breaker orders
+    them; ids in the list's order (newest first, then by id)."""
+    session.add_all(
+        Invite(
+            team_id=team.id,
+            token_hash=hash_invite_token(new_token()),
+            role="user",
+            expires_at=utcnow() + timedelta(days=7),
+            max_uses=1,
+            uses=0,
+        )
+        for _ in range(count)
+    )
+    await session.commit()
+    await session.execute(update(Invite).where(Invite.team_id == team.id).values(created_at=utcnow()))
+    await session.commit()
+    ids = (await session.execute(select(Invite.id).where(Invite.team_id == team.id).order_by(Invite.id))).scalars()
+    return [str(i) for i in ids]
+
+
+async def test_list_without_limit_is_complete_with_its_total(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """Existing clients (the web client's admin page) send no parameters and expect every invite: no default
+    page size applies (here over the 100 a page may hold)."""
+    team, admin = await _team_and_admin(session)
+    ids = await _invites_of(session, team, 110)
+    await _invite(web, settings, (await _team_and_admin(session))[1])  # another team's: neither listed nor counted
+    response = await web.get(INVITES, headers=auth_headers(settings, admin))
+    assert response.status_code == 200
+    assert [i["id"] for i in response.json()] == ids
+    assert response.headers["X-Total-Count"] == "110"
+
+
+async def test_list_pages_in_a_stable_order(web: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
+    """Pages of equal `created_at` rows never repeat or skip one: the id breaks ties."""
+    team, admin = await _team_and_admin(session)
+    ids = await _invites_of(session, team, 8)
+    newest = await _invite(web, settings, admin)
+    ids.insert(0, newest["id"])
+    headers = auth_headers(settings, admin)
+    paged: list[str] = []
+    for offset in range(0, 9, 2):
+        page = await web.get(INVITES, params={"limit": 2, "offset": offset}, headers=headers)
+        assert page.status_code == 200, page.text
+        assert page.headers["X-Total-Count"] == "9"
+        paged += [i["id"] for i in page.json()]
+    assert paged == ids
+    rest = await web.get(INVITES, params={"offset": 7}, headers=headers)  # `offset` alone: the rest
+    assert [i["id"] for i in rest.json()] == ids[7:]
+    beyond = await web.get(INVITES, params={"limit": 100, "offset": 9}, headers=headers)
+    assert (beyond.json(), beyond.headers["X-Total-Count"]) == ([], "9")
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"offset": -1}, "offset"),
+        ({"offset": 1_000_001}, "offset"),
+        ({"offset": "x"}, "offset"),
+    ],
+)
+async def test_list_bad_paging_is_422(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, params: dict[str, Any], field: str
+) -> None:
+    _, admin = await _team_and_admin(session)
+    response = await web.get(INVITES, params=params, headers=auth_headers(settings, admin))
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["query", field]
+    assert set(error) == {"type", "loc", "msg"}
 
 
 async def test_revoke_stops_the_token_at_once(
@@ -592,7 +670,11 @@ async def test_token_never_reaches_the_logs(
 async def test_openapi_documents_the_invite_routes_and_their_errors(web: httpx.AsyncClient) -> None:
     paths = (await web.get("/openapi.json")).json()["paths"]
     assert {"201", "401", "403", "422"} <= set(paths[INVITES]["post"]["responses"])
-    assert {"200", "401", "403"} <= set(paths[INVITES]["get"]["responses"])
+    assert {"200", "401", "403", "422"} <= set(paths[INVITES]["get"]["responses"])
+    assert "X-Total-Count" in paths[INVITES]["get"]["responses"]["200"]["headers"]
+    params = {p["name"]: p for p in paths[INVITES]["get"]["parameters"]}
+    assert (params["limit"]["required"], params["offset"]["required"]) == (False, False)
+    assert "every invite" in params["limit"]["description"]
     assert {"204", "401", "403", "404", "422"} <= set(paths[f"{INVITES}/{{invite_id}}"]["delete"]["responses"])
     assert {"200", "404", "429"} <= set(paths["/api/invites/{token}"]["get"]["responses"])
     register = paths["/api/auth/register"]["post"]["responses"]

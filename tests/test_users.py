@@ -54,6 +54,96 @@ async def test_users_endpoints_need_admin(web: httpx.AsyncClient, session: Async
     assert member.role == "user"
 
 
+# --- the list: complete without `limit`, paged with it -----------------------------------------------
+
+
+async def _team_of(session: AsyncSession, members: int) -> tuple[User, list[str]]:
+    """An admin and `members` users of one team, every row with the same `created_at` (as rows made in one
+    transaction have), so only the tie-breaker orders them; ids in the list's order."""
+    team = await create_team(session)
+    admin = await create_admin(session, team=team)
+    password_hash = admin.password_hash
+    session.add_all(
+        User(team_id=team.id, email=f"m{n:03}-{uuid.uuid4().hex[:6]}@example.com", password_hash=password_hash)
+        for n in range(members)
+    )
+    await session.commit()
+    await session.execute(update(User).where(User.team_id == team.id).values(created_at=admin.created_at))
+    await session.commit()
+    ids = (await session.execute(select(User.id).where(User.team_id == team.id).order_by(User.id))).scalars()
+    return admin, [str(i) for i in ids]
+
+
+async def test_list_users_without_limit_is_complete_with_its_total(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """Existing clients (the web client's admin page, scripts) send no parameters and expect every user: no
+    default page size applies, however large the team (here over the 100 a page may hold)."""
+    admin, ids = await _team_of(session, 120)
+    await create_user(session)  # another team: neither listed nor counted
+    response = await web.get("/api/users", headers=auth_headers(settings, admin))
+    assert response.status_code == 200
+    assert [u["id"] for u in response.json()] == ids
+    assert response.headers["X-Total-Count"] == "121"
+
+
+async def test_list_users_pages_in_a_stable_order(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """Pages of equal `created_at` rows never repeat or skip one: the id breaks ties."""
+    admin, ids = await _team_of(session, 9)
+    headers = auth_headers(settings, admin)
+    paged: list[str] = []
+    for offset in range(0, 10, 3):
+        page = await web.get("/api/users", params={"limit": 3, "offset": offset}, headers=headers)
+        assert page.status_code == 200, page.text
+        assert page.headers["X-Total-Count"] == "10"
+        paged += [u["id"] for u in page.json()]
+    assert paged == ids
+    rest = await web.get("/api/users", params={"offset": 8}, headers=headers)  # `offset` alone: the rest
+    assert [u["id"] for u in rest.json()] == ids[8:]
+    beyond = await web.get("/api/users", params={"limit": 100, "offset": 50}, headers=headers)
+    assert (beyond.json(), beyond.headers["X-Total-Count"]) == ([], "10")
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"limit": -1}, "limit"),
+        ({"limit": "all"}, "limit"),
+        ({"limit": ""}, "limit"),
+        ({"offset": -1}, "offset"),
+        ({"offset": 1_000_001}, "offset"),
+        ({"offset": "9223372036854775808"}, "offset"),
+        ({"offset": "x"}, "offset"),
+    ],
+)
+async def test_list_users_bad_paging_is_422(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings, params: dict[str, Any], field: str
+) -> None:
+    admin = await create_admin(session)
+    response = await web.get("/api/users", params=params, headers=auth_headers(settings, admin))
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["query", field]
+    assert set(error) == {"type", "loc", "msg"}  # the project's one 422 shape: what was sent is not echoed
+    assert "X-Total-Count" not in response.headers
+
+
+async def test_openapi_documents_the_users_paging(web: httpx.AsyncClient) -> None:
+    operation = (await web.get("/openapi.json")).json()["paths"]["/api/users"]["get"]
+    params = {p["name"]: p for p in operation["parameters"]}
+    assert (params["limit"]["required"], params["offset"]["required"]) == (False, False)
+    limit = params["limit"]["schema"]["anyOf"][0]
+    assert (limit["minimum"], limit["maximum"]) == (1, 100)
+    assert "every user" in params["limit"]["description"]
+    assert (params["offset"]["schema"]["minimum"], params["offset"]["schema"]["default"]) == (0, 0)
+    assert "X-Total-Count" in operation["responses"]["200"]["headers"]
+    assert "422" in operation["responses"]
+
+
 async def test_create_user(web: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> None:
     admin = await create_admin(session)
     body = {"email": " New@Example.com", "password": "long-enough", "full_name": "New", "role": "admin"}

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response, status
+from fastapi import APIRouter, Depends, Query, Response, status
 
 from app.auth import AdminUser, CurrentUser
 from app.deps import SessionDep, SettingsDep
 from app.errors import Forbidden
 from app.ratelimit import rate_limit
-from app.routers.responses import R401, R403_ADMIN, R429, error_doc
+from app.routers.responses import R401, R403_ADMIN, R429, error_doc, total_count
 from app.schemas import (
     InviteCreate,
     InviteCreatedRead,
@@ -114,10 +115,25 @@ async def create_invite(body: InviteCreate, admin: AdminUser, session: SessionDe
     "/current/invites",
     response_model=list[InviteRead],
     summary="Your team's invites, newest first (never their tokens)",
-    responses={**R401, **R403_ADMIN},
+    description="Every invite unless `limit` is given, so clients that do not page still get them all; the "
+    "total is in the `X-Total-Count` header either way.",
+    responses={
+        **total_count("Invites of this page; the total is in the `X-Total-Count` header"),
+        **R401,
+        **R403_ADMIN,
+    },
 )
-async def list_invites(admin: AdminUser, session: SessionDep) -> list[InviteRead]:
-    invites = await invites_service.list_invites(session=session, team_id=admin.team_id)
+async def list_invites(
+    response: Response,
+    admin: AdminUser,
+    session: SessionDep,
+    limit: Annotated[int | None, Query(ge=1, le=100, description="Invites per page; without it, every invite")] = None,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="Invites to skip")] = 0,
+) -> list[InviteRead]:
+    invites, total = await invites_service.list_invites(
+        session=session, team_id=admin.team_id, limit=limit, offset=offset
+    )
+    response.headers["X-Total-Count"] = str(total)
     return [InviteRead(**invites_service.invite_fields(invite)) for invite in invites]
 
 

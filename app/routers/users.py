@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, Response, status
 
 from app.auth import AdminUser
 from app.deps import SessionDep, SettingsDep
-from app.routers.responses import R401, R403_ADMIN, Responses, error_doc
+from app.routers.responses import R401, R403_ADMIN, Responses, error_doc, total_count
 from app.schemas import UserCreate, UserRead, UserUpdate
 from app.services import users as users_service
 
@@ -19,9 +20,24 @@ R404: Responses = {
 }
 
 
-@router.get("", response_model=list[UserRead], summary="Users of your team", responses={**R401, **R403_ADMIN})
-async def list_users(admin: AdminUser, session: SessionDep) -> list[UserRead]:
-    return [UserRead.model_validate(u) for u in await users_service.list_users(session=session, admin=admin)]
+@router.get(
+    "",
+    response_model=list[UserRead],
+    summary="Users of your team, oldest first",
+    description="Every user unless `limit` is given, so clients that do not page still get them all; the "
+    "total is in the `X-Total-Count` header either way.",
+    responses={**total_count("Users of this page; the total is in the `X-Total-Count` header"), **R401, **R403_ADMIN},
+)
+async def list_users(
+    response: Response,
+    admin: AdminUser,
+    session: SessionDep,
+    limit: Annotated[int | None, Query(ge=1, le=100, description="Users per page; without it, every user")] = None,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="Users to skip")] = 0,
+) -> list[UserRead]:
+    users, total = await users_service.list_users(session=session, admin=admin, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return [UserRead.model_validate(u) for u in users]
 
 
 @router.post(

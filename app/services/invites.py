@@ -115,11 +115,19 @@ async def create_invite(
     return invite, token
 
 
-async def list_invites(*, session: AsyncSession, team_id: uuid.UUID) -> list[Invite]:
-    """Every invite of the team, newest first, revoked and spent ones included (their status says so) until
-    the retention sweep deletes them, INVITE_RETENTION_DAYS after they ended."""
-    query = select(Invite).where(Invite.team_id == team_id).order_by(Invite.created_at.desc(), Invite.id)
-    return list((await session.execute(query)).scalars())
+async def list_invites(
+    *, session: AsyncSession, team_id: uuid.UUID, limit: int | None = None, offset: int = 0
+) -> tuple[list[Invite], int]:
+    """The team's invites, newest first (the id breaks ties, so pages never repeat or skip a row), and their
+    total; revoked and spent ones included (their status says so) until the retention sweep deletes them,
+    INVITE_RETENTION_DAYS after they ended. No `limit` is every invite from `offset` on, as before paging."""
+    where = Invite.team_id == team_id
+    query = select(Invite).where(where).order_by(Invite.created_at.desc(), Invite.id).offset(offset).limit(limit)
+    invites = list((await session.execute(query)).scalars())
+    if limit is None and offset == 0:
+        return invites, len(invites)
+    total = (await session.execute(select(func.count()).select_from(Invite).where(where))).scalar_one()
+    return invites, int(total)
 
 
 async def revoke_invite(*, session: AsyncSession, team_id: uuid.UUID, invite_id: uuid.UUID) -> None:

@@ -22,9 +22,18 @@ USER_NOT_FOUND = "User not found"
 LAST_ADMIN = "The team's last active admin cannot be demoted or deactivated"
 
 
-async def list_users(*, session: AsyncSession, admin: User) -> list[User]:
-    query = select(User).where(User.team_id == admin.team_id).order_by(User.created_at, User.id)
-    return list((await session.execute(query)).scalars())
+async def list_users(
+    *, session: AsyncSession, admin: User, limit: int | None = None, offset: int = 0
+) -> tuple[list[User], int]:
+    """The team's users, oldest first (the id breaks ties, so pages never repeat or skip a row), and their
+    total. No `limit` is every user from `offset` on: clients written before paging expect them all."""
+    where = User.team_id == admin.team_id
+    query = select(User).where(where).order_by(User.created_at, User.id).offset(offset).limit(limit)
+    users = list((await session.execute(query)).scalars())
+    if limit is None and offset == 0:
+        return users, len(users)
+    total = (await session.execute(select(func.count()).select_from(User).where(where))).scalar_one()
+    return users, int(total)
 
 
 async def get_team_user(*, session: AsyncSession, admin: User, user_id: uuid.UUID, lock: bool = False) -> User:
