@@ -53,13 +53,19 @@ TEXT = b"meeting notes"
 @dataclass(frozen=True)
 class Probe:
     """How a route is called: the Tenant fields its path parameters name (in order), who may call it, and a
-    plausible valid request (JSON, or a multipart `file`); `also` are more bodies, each tried as well."""
+    plausible valid request (JSON, or a multipart `file`); `also` are more bodies, each tried as well. `busy`:
+    also on a chat whose answer is still streaming, where the owner gets a 409 that no one else may see."""
 
     ids: tuple[str, ...]
     who: Who
     json: dict[str, Any] | None = None
     upload: tuple[str, bytes, str] | None = None
     also: tuple[dict[str, Any], ...] = ()
+    busy: bool = False
+
+
+#: The Tenant fields a `busy` probe names instead.
+BUSY = {"chat": "busy", "answer": "busy_answer"}
 
 
 CHAT = ("chat",)
@@ -75,12 +81,12 @@ ROUTES: dict[tuple[str, str], Probe] = {
     ("PUT", "/api/chats/{chat_id}"): Probe(CHAT, "owner", {"title": "Taken", "archived": True, "pinned": True}),
     ("DELETE", "/api/chats/{chat_id}"): Probe(CHAT, "owner"),
     ("GET", "/api/chats/{chat_id}/export"): Probe(CHAT, "owner"),
-    ("POST", "/api/chats/{chat_id}/share"): Probe(CHAT, "owner"),
+    ("POST", "/api/chats/{chat_id}/share"): Probe(CHAT, "owner", busy=True),
     ("DELETE", "/api/chats/{chat_id}/share"): Probe(CHAT, "owner"),
-    ("POST", "/api/chats/{chat_id}/messages"): Probe(CHAT, "owner", {"content": "Hello"}),
+    ("POST", "/api/chats/{chat_id}/messages"): Probe(CHAT, "owner", {"content": "Hello"}, busy=True),
     ("GET", "/api/chats/{chat_id}/messages"): Probe(CHAT, "owner"),
     ("PUT", "/api/chats/{chat_id}/messages/{message_id}/feedback"): Probe(
-        ("chat", "answer"), "owner", {"rating": -1, "comment": "wrong"}
+        ("chat", "answer"), "owner", {"rating": -1, "comment": "wrong"}, busy=True
     ),
     ("POST", "/api/chats/{chat_id}/stop"): Probe(CHAT, "owner"),
     ("GET", "/api/chats/{chat_id}/stream"): Probe(CHAT, "owner"),
@@ -153,6 +159,8 @@ class Tenant:
     model: str
     chat: str
     answer: str
+    busy: str  # another chat of the owner, its answer still streaming
+    busy_answer: str
     file: str  # sent with the chat's question
     upload: str  # uploaded, not sent yet
     share: str
@@ -180,6 +188,8 @@ async def make_tenant(client: httpx.AsyncClient, session: AsyncSession, settings
     question, answer = uuid.uuid4(), uuid.uuid4()
     branch = [{"id": question, "content": "Hi"}, {"id": answer, "role": "assistant", "content": "Hello"}]
     chat = await create_chat(session, user=owner, agent=agent, messages=branch)
+    streaming = {"id": uuid.uuid4(), "role": "assistant", "status": "streaming", "_worker": uuid.uuid4()}
+    busy = await create_chat(session, user=owner, agent=agent, messages=[{"content": "Hi"}, streaming])
     as_admin, as_owner = auth_headers(settings, admin), auth_headers(settings, owner)
     upload = f"/api/chats/{chat.id}/files"
     sent = await _created(client.post(upload, files={"file": ("a.txt", TEXT, "text/plain")}, headers=as_owner))
@@ -203,6 +213,8 @@ async def make_tenant(client: httpx.AsyncClient, session: AsyncSession, settings
         model=agent.slug,
         chat=str(chat.id),
         answer=str(answer),
+        busy=str(busy.id),
+        busy_answer=str(streaming["id"]),
         file=sent["id"],
         upload=unsent["id"],
         share=share["id"],
@@ -284,15 +296,24 @@ async def test_another_teams_or_members_id_is_the_404_of_a_missing_one_and_chang
 ) -> None:
     """Each caller gets, for team A's id, exactly the answer a random id gets (a 404 with the generic message,
     the id put back), and every row of the database is as it was. For a route with two ids, a member of team B
-    also names their own parent (chat, share) with team A's child (message, file)."""
+    also names their own parent (chat, share) with team A's child (message, file). A `busy` probe runs again on a
+    chat whose answer is streaming: the owner's 409 there must not show through to anyone else."""
     a, b = tenants
     probe = ROUTES[method, path]
-    mine = tuple(getattr(a, name) for name in probe.ids)
+    targets = {"": tuple(getattr(a, name) for name in probe.ids)}
+    if probe.busy:
+        targets[" (answer streaming)"] = tuple(getattr(a, BUSY[name]) for name in probe.ids)
     missing = tuple("no-such-agent" if name == "model" else str(uuid.uuid4()) for name in probe.ids)
-    cases = [(who, headers, mine, missing) for who, headers in callers(probe, a, b).items()]
+    cases = [
+        (who + state, headers, mine, missing)
+        for state, mine in targets.items()
+        for who, headers in callers(probe, a, b).items()
+    ]
     if len(probe.ids) == 2:
         theirs = getattr(b, probe.ids[0])
-        cases.append(("another team's member, in their own", b.owner, (theirs, mine[1]), (theirs, missing[1])))
+        for state, mine in targets.items():
+            who = "another team's member, in their own" + state
+            cases.append((who, b.owner, (theirs, mine[1]), (theirs, missing[1])))
     failures = []
     for body in (probe.json, *probe.also):
         for who, headers, ids, random_ids in cases:
@@ -310,12 +331,12 @@ async def test_another_teams_or_members_id_is_the_404_of_a_missing_one_and_chang
                 failures.append(f"{who}: {answer.status_code} {shown[:200]}{' (changed rows)' if changed else ''}")
     # Last (it may change what it names): the same request by the rightful caller reaches the resource, so the
     # 404s above were not those of a probe naming nothing.
-    for body in (probe.json, *probe.also):
-        rightful = await call(
-            client, method, fill(path, mine), probe, body, a.owner if probe.who == "owner" else a.admin
-        )
-        if rightful.status_code in (404, 422):
-            failures.append(f"the rightful caller: {rightful.status_code} {rightful.text[:200]}")
+    rightful = a.owner if probe.who == "owner" else a.admin
+    for state, mine in targets.items():
+        for body in (probe.json, *probe.also):
+            answer = await call(client, method, fill(path, mine), probe, body, rightful)
+            if answer.status_code in (404, 422):
+                failures.append(f"the rightful caller{state}: {answer.status_code} {answer.text[:200]}")
     assert not failures, "\n".join(failures)
 
 
