@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import re
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -170,14 +171,15 @@ class Tenant:
     user: str  # the owner
 
 
-async def _created(response: Any) -> dict[str, Any]:
-    answer = await response
+async def _created(request: Awaitable[httpx.Response]) -> dict[str, Any]:
+    answer = await request
     assert answer.status_code in (200, 201), answer.text
     body: dict[str, Any] = answer.json()
     return body
 
 
 async def make_tenant(client: httpx.AsyncClient, session: AsyncSession, settings: Settings) -> Tenant:
+    """Rows from the factories; what has its own rules (files, the share, invite, key, avatar) through the API."""
     team = await create_team(session)
     admin, owner, colleague = (
         await create_admin(session, team=team),
