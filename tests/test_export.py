@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import heapq
 import json
 import logging
 import threading
 import tracemalloc
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Coroutine, Iterator, MutableMapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from markdown_it import MarkdownIt
-from sqlalchemy import delete, event, select, update
+from sqlalchemy import Select, delete, event, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.chat_schemas import ERROR_CODE_MAX_CHARS, ERROR_MESSAGE_MAX_CHARS, CallbackTool
+from app.chat_schemas import ERROR_CODE_MAX_CHARS, ERROR_MESSAGE_MAX_CHARS, CallbackTool, format_timestamp
 from app.config import Settings
 from app.db import Database, utcnow
 from app.fields import JSON_MAX_DEPTH
@@ -33,6 +34,7 @@ from app.services import exports, imports
 from app.services.chats import UNTITLED
 from app.services.exports import EXPORT_PAGE_CHATS
 from app.services.messages import INTERRUPTED
+from app.share_schemas import EXPORT_FORMAT, EXPORT_VERSION
 from app.state import app_state
 from tests.conftest import (
     TeamWorld,
@@ -253,12 +255,12 @@ async def test_export_someone_elses_chat_is_404(
 
 @pytest.fixture
 def chat_selects(app: FastAPI) -> Iterator[list[str]]:
-    """The statements that read pages of chats (the export's keyset pages)."""
+    """The statements that read pages of chats (the export's keyset pages of chat ids)."""
     seen: list[str] = []
     engine = app_state(app).db.engine.sync_engine
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "FROM CHATS JOIN AGENTS" in statement.upper():
+        if " ".join(statement.split()).upper().startswith("SELECT CHATS.ID, CHATS.CREATED_AT FROM CHATS"):
             seen.append(statement)
 
     event.listen(engine, "before_cursor_execute", record)
@@ -293,47 +295,6 @@ async def test_export_all_streams_json_lines_page_by_page(
     assert len(chat_selects) == 3
     # Each line is the same JSON as the single export.
     assert documents[7] == await export_json(client, team_world, made[7].id)
-
-
-async def test_export_all_pages_hold_a_bounded_number_of_messages(
-    client: httpx.AsyncClient,
-    session: AsyncSession,
-    team_world: TeamWorld,
-    chat_selects: list[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A page is EXPORT_PAGE_CHATS chats only while they are small: 20 chats of thousands of messages were one
-    page, held whole in memory while it was sent. A page stops before EXPORT_PAGE_MESSAGES, but always holds
-    one chat (a larger one alone)."""
-    monkeypatch.setattr(exports, "EXPORT_PAGE_MESSAGES", 5)
-    sizes = [4, 4, 6, 0, 2, 3]  # pages: [4], [4], [6], [0, 2, 3] (as many as the cap: still one page)
-    for i, size in enumerate(sizes):
-        messages = [
-            {"content": f"q{i}.{j}"} if j % 2 == 0 else {"role": "assistant", "content": f"a{i}.{j}"}
-            for j in range(size)
-        ]
-        await create_chat(session, user=team_world.member, agent=team_world.agent, messages=messages, title=f"c{i}")
-    chat_selects.clear()
-    response = await client.get("/api/chats/export", headers=team_world.h(team_world.member))
-    documents = [json.loads(line) for line in response.content.splitlines()]
-    assert [(d["title"], len(d["messages"])) for d in documents] == [(f"c{i}", n) for i, n in enumerate(sizes)]
-    assert len(chat_selects) == 4
-
-
-async def test_export_all_pages_stop_at_a_thousand_messages(
-    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, chat_selects: list[str]
-) -> None:
-    """The cap as shipped (SHARING.md: 1,000 messages together): chats of 600 and 400 messages are one page,
-    the next chat another; a page of them all (or of 100 messages) is what the cap is there to prevent."""
-    sizes = [600, 400, 1]
-    for i, size in enumerate(sizes):
-        messages = [{"content": f"q{i}.{j}"} for j in range(size)]
-        await create_chat(session, user=team_world.member, agent=team_world.agent, messages=messages, title=f"c{i}")
-    chat_selects.clear()
-    response = await client.get("/api/chats/export", headers=team_world.h(team_world.member))
-    documents = [json.loads(line) for line in response.content.splitlines()]
-    assert [len(d["messages"]) for d in documents] == sizes
-    assert len(chat_selects) == 2
 
 
 async def test_export_all_with_no_chats_is_empty(client: httpx.AsyncClient, team_world: TeamWorld) -> None:
@@ -1354,13 +1315,75 @@ async def test_an_unknown_key_is_named_in_the_422_but_not_given_back_whole(
 # --- one chat's export, streamed batch by batch in one snapshot -------------------------------------------------
 
 
+# --- the export as it was built whole: the reference every streamed export is compared with ----------------
+
+
+def oldest_first(messages: Sequence[Message]) -> list[Message]:
+    """Oldest first, and a parent always before its children (even when two share a timestamp)."""
+    children: dict[uuid.UUID | None, list[Message]] = {}
+    ids = {m.id for m in messages}
+    for m in messages:
+        children.setdefault(m.parent_id if m.parent_id in ids else None, []).append(m)
+    ready = [(m.created_at, m.id, m) for m in children.get(None, [])]
+    heapq.heapify(ready)
+    ordered: list[Message] = []
+    while ready:
+        _, _, m = heapq.heappop(ready)
+        ordered.append(m)
+        for child in children.get(m.id, []):
+            heapq.heappush(ready, (child.created_at, child.id, child))
+    return ordered
+
+
+def branch_to(messages: Sequence[Message], leaf: uuid.UUID | None) -> list[Message]:
+    """The path from a first message to `leaf`, root first."""
+    by_id = {m.id: m for m in messages}
+    path: list[Message] = []
+    node = by_id.get(leaf) if leaf is not None else None
+    while node is not None and len(path) <= len(by_id):
+        path.append(node)
+        node = by_id.get(node.parent_id) if node.parent_id is not None else None
+    path.reverse()
+    return path
+
+
+def chat_document(chat: Chat, agent_slug: str, agent_name: str, messages: Sequence[Message]) -> dict[str, Any]:
+    """One chat in the export format, built whole: every message of every branch (oldest first, linked by
+    `parent_id`), `current_message_id` the leaf of the branch shown and `current_branch` that branch's ids."""
+    ordered = oldest_first(messages)
+    return {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "id": str(chat.id),
+        "title": chat.title,
+        "agent": {"slug": agent_slug, "name": agent_name},
+        "archived": chat.archived,
+        "pinned": chat.pinned,
+        "created_at": format_timestamp(chat.created_at),
+        "updated_at": format_timestamp(chat.updated_at),
+        "current_message_id": str(chat.current_message_id) if chat.current_message_id else None,
+        "current_branch": [str(m.id) for m in branch_to(ordered, chat.current_message_id)],
+        "messages": [exports._message(m) for m in ordered],
+    }
+
+
+def chats_with_messages() -> Select[Chat, str, str, Message]:
+    """Chats with their agent and every message (one row each; one with no message for an empty chat), in one
+    statement."""
+    return (
+        select(Chat, Agent.slug, Agent.name, Message)
+        .join(Agent, Agent.id == Chat.agent_id)
+        .outerjoin(Message, Message.chat_id == Chat.id)
+    )
+
+
 async def export_built_whole(session: AsyncSession, chat_id: uuid.UUID) -> bytes:
     """The JSON export as the route built it before it streamed: the chat and every message read in one
     statement, the document made whole, dumped at once."""
-    query = exports._chats_with_messages().where(Chat.id == chat_id)
+    query = chats_with_messages().where(Chat.id == chat_id)
     rows = (await session.execute(query.execution_options(populate_existing=True))).all()  # as stored now
     chat, slug, name, _ = rows[0]
-    document = exports.chat_document(chat, slug, name, [row[3] for row in rows if row[3] is not None])
+    document = chat_document(chat, slug, name, [row[3] for row in rows if row[3] is not None])
     return (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode()
 
 
@@ -1595,7 +1618,9 @@ async def test_an_export_is_the_chat_as_it_was_when_the_download_began(
     leaf = chat.current_message_id
     for change in ("send", "delete"):
         before = await export_built_whole(session, chat.id)
-        body = exports.chat_export(db=db, user_id=member.id, team_id=member.team_id, chat_id=chat.id, markdown=False)
+        body = exports.chat_export(
+            db=db, user_id=member.id, team_id=member.team_id, chat_id=chat.id, export_format="json"
+        )
         received = [await anext(body), await anext(body)]  # the chat, its branch, then a first batch
         conn = await asyncpg.connect(_plain_url(team_world.settings.DATABASE_URL))
         try:
@@ -1785,10 +1810,12 @@ async def test_an_export_on_sqlite_is_read_in_batches_in_one_snapshot(
             await session.commit()
             whole = await export_built_whole(session, chat.id)
         documents = []
-        for markdown in (False, True):
-            body = exports.chat_export(db=db, user_id=user.id, team_id=user.team_id, chat_id=chat.id, markdown=markdown)
+        for export_format in ("json", "markdown"):
+            body = exports.chat_export(
+                db=db, user_id=user.id, team_id=user.team_id, chat_id=chat.id, export_format=export_format
+            )
             pieces = [await anext(body), await anext(body)]
-            if markdown:
+            if export_format == "markdown":
                 async with db.sessionmaker() as session:
                     await session.execute(delete(Chat).where(Chat.id == chat.id))
                     await session.commit()
@@ -1827,3 +1854,81 @@ async def test_a_client_gone_mid_download_gives_its_database_connection_back(
     await app(scope, receive, send)
     assert len(bodies) == 2
     assert db.pool_in_use() == 0
+
+
+# --- export all, a chat at a time --------------------------------------------------------------
+
+
+async def lines_built_whole(session: AsyncSession, user: User) -> bytes:
+    """The JSON Lines export as it was built before its chats were read in batches: a page of chats and every
+    message of theirs in one statement, each chat's document made whole and dumped on one line."""
+    query = chats_with_messages().where(Chat.user_id == user.id, Chat.team_id == user.team_id)
+    rows = (await session.execute(query.execution_options(populate_existing=True))).all()  # as stored now
+    chats: dict[uuid.UUID, tuple[Chat, str, str, list[Message]]] = {}
+    for chat, slug, name, message in rows:
+        messages = chats.setdefault(chat.id, (chat, slug, name, []))[3]
+        if message is not None:
+            messages.append(message)
+    lines = [
+        json.dumps(chat_document(chat, slug, name, messages), ensure_ascii=False, separators=(",", ":"))
+        for chat, slug, name, messages in sorted(chats.values(), key=lambda c: (c[0].created_at, c[0].id))
+    ]
+    return "".join(line + "\n" for line in lines).encode()
+
+
+@pytest.mark.parametrize(("messages", "weight"), [(4, 10**9), (100, 300)], ids=["by-count", "by-weight"])
+async def test_the_export_of_all_chats_read_in_batches_is_the_export_built_whole_byte_for_byte(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    team_world: TeamWorld,
+    batch_selects: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    messages: int,
+    weight: int,
+) -> None:
+    """Each chat's line is read a batch of messages at a time (as one chat's export is), four messages or 300
+    bytes here: the file is the same bytes as each chat built whole and dumped on one line (order of chats and
+    of messages, a clock set back, escapes, an untitled and an empty chat, a message still streaming), and
+    only the caller's chats are in it."""
+    monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", messages)
+    monkeypatch.setattr(exports, "EXPORT_BATCH_BYTES", weight)
+    await branchy_chat(session, team_world, title="first")
+    _, count = await tangled_chat(session, team_world)
+    await create_chat(session, user=team_world.member, agent=team_world.agent, title=None)
+    await create_chat(session, user=team_world.member, agent=team_world.agent, messages=[{"content": "Hi"}])
+    await branchy_chat(session, team_world, user=team_world.colleague, title="not mine")
+    batch_selects.clear()
+    response = await client.get("/api/chats/export", headers=team_world.h(team_world.member))
+    assert response.status_code == 200
+    whole = await lines_built_whole(session, team_world.member)
+    assert response.content == whole
+    titles = [json.loads(line)["title"] for line in whole.splitlines()]
+    assert titles == ["first", 'Tangled ☃ \u2028 "q" #', "A chat", None, "A chat"]  # `other`: the tangled one's
+    assert len(batch_selects) >= count // 4  # read in batches, not a chat at once
+
+
+@pytest.mark.timeout(120)
+async def test_the_export_of_all_chats_holds_a_batch_not_a_chat(
+    app: FastAPI, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """A chat of 4,000 messages of 4,000 characters (16 MB of text) among others: each line of the JSON Lines
+    export was one chat built whole, several times its text at the peak; read a batch at a time into a spool,
+    a line costs a batch or two and the spool's memory, however long the chat. Measured with tracemalloc around
+    the whole request, served as a server serves it; the download is whole."""
+    count, chars = 4000, 4000
+    await create_chat(session, user=team_world.member, agent=team_world.agent, messages=[{"content": "Before"}])
+    await long_chat(team_world, session, count, chars)
+    await create_chat(session, user=team_world.member, agent=team_world.agent, messages=[{"content": "After"}])
+    await create_chat(session, user=team_world.colleague, agent=team_world.agent, messages=[{"content": "Hi"}])
+    text_bytes = count * (chars + chars // 35)  # UTF-8: each `é` is two bytes
+    await downloaded(app, "/api/chats/export", team_world.h(team_world.colleague))  # warm: caches, statements
+    gc.collect()
+    tracemalloc.start()
+    try:
+        status, size, tail = await downloaded(app, "/api/chats/export", team_world.h(team_world.member))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (status, tail) == (200, tail[:-3] + b"]}\n")
+    assert size == len(await lines_built_whole(session, team_world.member))
+    assert peak < text_bytes / 4, peak

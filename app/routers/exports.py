@@ -44,7 +44,7 @@ class SpooledDownload(StreamingResponse):
 
     @staticmethod
     async def _pieces(spool: exports.Spool) -> AsyncIterator[bytes]:
-        while piece := spool.read(exports.SPOOL_PIECE_BYTES):
+        for piece in exports.spool_pieces(spool):
             yield piece
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,8 +57,9 @@ class SpooledDownload(StreamingResponse):
 @router.get(
     "/export",
     summary="Export all my chats as JSON Lines (streamed)",
-    description="One chat per line, each the same JSON as `GET /api/chats/{id}/export?format=json`, oldest "
-    "chat first; archived chats included. Sent while it is read, a page of chats at a time "
+    description="One chat per line, each the same JSON as `GET /api/chats/{id}/export?format=json` (on one "
+    "line), oldest chat first; archived chats included. Sent while it is read: each chat read as that export "
+    "reads it (a batch of messages at a time, one snapshot of the chat, into a spool), then sent "
     "(docs/SHARING.md).",
     response_class=StreamingResponse,
     responses={
@@ -95,10 +96,11 @@ async def export_chat(
     # The caller is checked: its session's connection goes back before the export takes one of its own, so a
     # request never waits for a second connection while holding a first.
     await session.close()
-    markdown = export_format == "markdown"
-    body = exports.chat_export(db=db, user_id=user.id, team_id=user.team_id, chat_id=chat_id, markdown=markdown)
+    body = exports.chat_export(
+        db=db, user_id=user.id, team_id=user.team_id, chat_id=chat_id, export_format=export_format
+    )
     spool = await exports.spooled(body)  # 404, or a database error, here: before anything is sent
-    if markdown:
+    if export_format == "markdown":
         return SpooledDownload(spool, media_type=MARKDOWN, headers=attachment(f"chat-{chat_id}.md"))
     return SpooledDownload(spool, media_type="application/json", headers=attachment(f"chat-{chat_id}.json"))
 

@@ -1,6 +1,6 @@
 """Chat exports in the format of docs/SHARING.md (version 1): one chat as JSON (every branch) or Markdown (the
-branch shown), read batch by batch in one snapshot while it is sent, and every chat of a user as JSON Lines,
-read page by page while it is sent."""
+branch shown), read batch by batch in one snapshot into a spool before it is sent, and every chat of a user as
+JSON Lines, each chat read that same way, then sent, while the next is read."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import re
 import tempfile
 import uuid
 from array import array
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from sqlalchemy import ColumnElement, LargeBinary, Select, and_, bindparam, cast, func, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -28,14 +29,11 @@ from app.models import Agent, Chat, Message
 from app.services.chats import CHAT_NOT_FOUND, OWNED_CHAT, UNTITLED, owned_chat_params
 from app.share_schemas import EXPORT_FORMAT, EXPORT_VERSION
 
-#: Chats read per query by the JSON Lines export: its memory is one page, whatever the number of chats.
+#: Chat ids read per query by the JSON Lines export (each chat then read as one chat's export is).
 EXPORT_PAGE_CHATS = 20
-#: ... and at most this many messages (but always one chat): 20 chats of thousands of messages each were one
-#: page, held whole (about four times their text) while it was sent.
-EXPORT_PAGE_MESSAGES = 1000
-#: Messages read per query by the export of one chat (JSON or Markdown), each batch written out before the next
-#: is read: its memory is one batch, however long the chat. Built whole, a chat of 20,000 long messages took
-#: hundreds of MB, and a few such exports at once could take an instance down.
+#: Messages read per query by the export of a chat (JSON, Markdown, or a line of the JSON Lines), each batch
+#: written out before the next is read: its memory is one batch, however long the chat. Built whole, a chat of
+#: 20,000 long messages took hundreds of MB, and a few such exports at once could take an instance down.
 EXPORT_BATCH_MESSAGES = 100
 #: ... and fewer when their text and metadata pass this many bytes together (a message larger alone is read
 #: alone): an answer may hold up to N8N_MAX_RESPONSE_BYTES (10 MiB), so a count alone bounds nothing.
@@ -78,59 +76,15 @@ def _message(m: Message) -> dict[str, Any]:
     }
 
 
-def _oldest_first(messages: Sequence[Message]) -> list[Message]:
-    """Oldest first, and a parent always before its children (even when two share a timestamp)."""
-    children: dict[uuid.UUID | None, list[Message]] = {}
-    ids = {m.id for m in messages}
-    for m in messages:
-        children.setdefault(m.parent_id if m.parent_id in ids else None, []).append(m)
-    ready = [(m.created_at, m.id, m) for m in children.get(None, [])]
-    heapq.heapify(ready)
-    ordered: list[Message] = []
-    while ready:
-        _, _, m = heapq.heappop(ready)
-        ordered.append(m)
-        for child in children.get(m.id, []):
-            heapq.heappush(ready, (child.created_at, child.id, child))
-    return ordered
-
-
-def _branch(messages: Sequence[Message], leaf: uuid.UUID | None) -> list[Message]:
-    """The path from a first message to `leaf`, root first."""
-    by_id = {m.id: m for m in messages}
-    path: list[Message] = []
-    node = by_id.get(leaf) if leaf is not None else None
-    while node is not None and len(path) <= len(by_id):
-        path.append(node)
-        node = by_id.get(node.parent_id) if node.parent_id is not None else None
-    path.reverse()
-    return path
-
-
-def chat_document(chat: Chat, agent_slug: str, agent_name: str, messages: Sequence[Message]) -> dict[str, Any]:
-    """One chat in the export format: every message of every branch (oldest first, linked by `parent_id`),
-    `current_message_id` the leaf of the branch shown and `current_branch` that branch's ids."""
-    ordered = _oldest_first(messages)
-    return {
-        "format": EXPORT_FORMAT,
-        "version": EXPORT_VERSION,
-        "id": str(chat.id),
-        "title": chat.title,
-        "agent": {"slug": agent_slug, "name": agent_name},
-        "archived": chat.archived,
-        "pinned": chat.pinned,
-        "created_at": format_timestamp(chat.created_at),
-        "updated_at": format_timestamp(chat.updated_at),
-        "current_message_id": str(chat.current_message_id) if chat.current_message_id else None,
-        "current_branch": [str(m.id) for m in _branch(ordered, chat.current_message_id)],
-        "messages": [_message(m) for m in ordered],
-    }
+#: What `chat_export` writes: the JSON export, the Markdown, or one line of the JSON Lines (the JSON on one line).
+ExportFormat: TypeAlias = Literal["json", "markdown", "line"]
 
 
 async def chat_export(
-    *, db: Database, user_id: uuid.UUID, team_id: uuid.UUID, chat_id: uuid.UUID, markdown: bool
+    *, db: Database, user_id: uuid.UUID, team_id: uuid.UUID, chat_id: uuid.UUID, export_format: ExportFormat
 ) -> AsyncGenerator[bytes]:
-    """The caller's chat as a download (JSON, or the branch shown as Markdown), in pieces as it is read.
+    """The caller's chat as a download (JSON, the branch shown as Markdown, or a line of the JSON Lines), in
+    pieces as it is read.
 
     The first piece (the chat's fields and its branch shown, or the Markdown's title) comes once the chat is
     known to be the caller's: a missing one, another user's or another team's raises NotFound from the first
@@ -139,7 +93,7 @@ async def chat_export(
     read-only transaction (REPEATABLE READ on PostgreSQL, a read transaction on SQLite): every batch sees the
     chat as it was at the first read, so a send, an edit or a deletion committing meanwhile is not in the
     export at all, and the export is always one that imports again. The transaction, and its connection, are
-    held until the last piece is taken: the route takes them all into a spool (`spooled`) before it answers.
+    held until the last piece is taken: the callers take them all into a spool (`spooled`) before sending any.
 
     A failure once the messages are being read (the database gone) is logged, with how far it got, and raised.
     """
@@ -152,12 +106,13 @@ async def chat_export(
         chat, slug, name, count = head
         branch = await _branch_shown(session, chat, count, sqlite=db.settings.is_sqlite)
         pieces: AsyncIterator[bytes]
-        if markdown:
+        if export_format == "markdown":
             yield _markdown_head(chat.title, name, slug).encode()
             pieces = _markdown_pieces(session, chat.id, branch)
         else:
-            yield _json_head(chat, slug, name, branch).encode()
-            pieces = _json_pieces(session, chat.id, sqlite=db.settings.is_sqlite)
+            layout = _LINE if export_format == "line" else _INDENTED
+            yield _json_head(chat, slug, name, branch, layout).encode()
+            pieces = _json_pieces(session, chat.id, layout, sqlite=db.settings.is_sqlite)
         del branch  # the Markdown's pieces keep their own reference
         written = 0
         try:
@@ -197,6 +152,13 @@ async def spooled(body: AsyncGenerator[bytes]) -> Spool:
     finally:
         await body.aclose()
     return spool
+
+
+def spool_pieces(spool: Spool) -> Iterator[bytes]:
+    """A spool's bytes from its start, SPOOL_PIECE_BYTES at a time."""
+    spool.seek(0)
+    while piece := spool.read(SPOOL_PIECE_BYTES):
+        yield piece
 
 
 async def _begin_snapshot(session: AsyncSession, *, sqlite: bool) -> None:
@@ -324,9 +286,11 @@ async def _branch_shown(session: AsyncSession, chat: Chat, count: int, *, sqlite
 async def _messages_in_order(
     session: AsyncSession, chat_id: uuid.UUID, *, sqlite: bool
 ) -> AsyncIterator[list[Message]]:
-    """Every message of the chat in `_oldest_first`'s order, read a batch at a time in (created_at, id) order.
+    """Every message of the chat in the export's order, read a batch at a time in (created_at, id) order.
 
-    `_oldest_first` takes, again and again, the oldest message whose parent is already out. Read in this
+    The export's order (the format's "oldest first, a parent before its children"; the order the export built
+    whole had, which tests/test_export.py keeps as `oldest_first`) takes, again and again, the oldest message
+    whose parent is already out (a message whose parent is not in the chat counts as a first one). Read in this
     order, every message not read yet is newer than every one read, so the oldest of those read whose parent
     is out is that message: each batch gives out all it can, and what waits for a parent not given out yet (a
     parent newer than its child, or as old with a larger id) is held until it is. Memory: one batch, plus
@@ -360,15 +324,62 @@ async def _messages_in_order(
         del out
         if not rows or (len(rows) < EXPORT_BATCH_MESSAGES and (rows[-1][3] or 0) < EXPORT_BATCH_BYTES):
             return  # the last batch (not one cut by its weight). What still waits is in a cycle: left out, as
-            # `_oldest_first` leaves it
+            # the export built whole left it
         last = rows[-1][0]
         del rows
         query = statements.next
         params = {**params, "after_at": last.created_at, "after_id": last.id}
 
 
-def _json_head(chat: Chat, slug: str, name: str, branch: _Branch) -> str:
-    """`chat_document`'s JSON (as `json.dumps(..., indent=2)` writes it) up to its `messages` array."""
+@dataclass(frozen=True)
+class _Layout:
+    """How `json.dumps` lays out a chat's document: every separator the export writes itself, as it writes it."""
+
+    dumps: dict[str, Any]  # `json.dumps`' layout arguments
+    no_branch: str  # how an empty `current_branch` ends up written, key included
+    branch_open: str  # the ids of the branch shown: opened, separated, closed
+    branch_separator: str
+    branch_close: str
+    no_messages_end: str  # the head ends with an empty `messages` and the document's end: this
+    messages_open: str  # the messages: opened, separated, each message's line breaks replaced by this
+    messages_separator: str
+    message_line_break: str
+    messages_close: str  # `]` and the document's end, with its final line break
+    empty_close: str  # what closes a document without messages
+
+
+#: The JSON export: `json.dumps(document, indent=2) + "\n"`. A message is two levels in.
+_INDENTED = _Layout(
+    dumps={"indent": 2},
+    no_branch='"current_branch": []',
+    branch_open="[\n    ",
+    branch_separator=",\n    ",
+    branch_close="\n  ]",
+    no_messages_end="[]\n}",
+    messages_open="[\n    ",
+    messages_separator=",\n    ",
+    message_line_break="\n    ",
+    messages_close="\n  ]\n}\n",
+    empty_close="[]\n}\n",
+)
+#: A line of the JSON Lines: `json.dumps(document, separators=(",", ":")) + "\n"`, no space, no line break.
+_LINE = _Layout(
+    dumps={"separators": (",", ":")},
+    no_branch='"current_branch":[]',
+    branch_open="[",
+    branch_separator=",",
+    branch_close="]",
+    no_messages_end="[]}",
+    messages_open="[",
+    messages_separator=",",
+    message_line_break="\n",
+    messages_close="]}\n",
+    empty_close="[]}\n",
+)
+
+
+def _json_head(chat: Chat, slug: str, name: str, branch: _Branch, layout: _Layout) -> str:
+    """The chat's document (as `json.dumps` writes it in `layout`) up to its `messages` array."""
     document = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -383,43 +394,42 @@ def _json_head(chat: Chat, slug: str, name: str, branch: _Branch) -> str:
         "current_branch": [],
         "messages": [],
     }
-    text = json.dumps(document, ensure_ascii=False, indent=2)
+    text = json.dumps(document, ensure_ascii=False, **layout.dumps)
     if branch.weights:
-        # The ids written as `json.dumps` lays out a list of strings one level in, without a string per id held
-        # at once. Every other text of the document is quoted with its quotes escaped: only the key matches.
+        # The ids written as `json.dumps` lays out a list of strings, without a string per id held at once.
+        # Every other text of the document is quoted with its quotes escaped: only the key matches.
         ids = io.StringIO()
-        separator = "[\n    "
+        separator = layout.branch_open
         for message_id, _ in branch:
             ids.write(f'{separator}"{message_id}"')
-            separator = ",\n    "
-        ids.write("\n  ]")
-        text = text.replace('"current_branch": []', '"current_branch": ' + ids.getvalue(), 1)
-    return text.removesuffix("[]\n}")
+            separator = layout.branch_separator
+        ids.write(layout.branch_close)
+        text = text.replace(layout.no_branch, layout.no_branch.removesuffix("[]") + ids.getvalue(), 1)
+    return text.removesuffix(layout.no_messages_end)
 
 
-#: How `json.dumps(indent=2)` lays out a message inside the document's `messages`: two levels in.
-_IN_MESSAGES = "\n    "
-
-
-async def _json_pieces(session: AsyncSession, chat_id: uuid.UUID, *, sqlite: bool) -> AsyncIterator[bytes]:
-    """The `messages` array and the document's end, as `json.dumps(document, indent=2) + "\\n"` writes them: the
-    same bytes as the export built whole. A message's JSON has no raw line break (JSON escapes it in strings),
-    so indenting its lines is indenting it."""
-    separator = "[" + _IN_MESSAGES
+async def _json_pieces(
+    session: AsyncSession, chat_id: uuid.UUID, layout: _Layout, *, sqlite: bool
+) -> AsyncIterator[bytes]:
+    """The `messages` array and the document's end, as `json.dumps(document, ...) + "\\n"` writes them in
+    `layout`: the same bytes as the export built whole. A message's JSON has no raw line break (JSON escapes it
+    in strings), so indenting its lines is indenting it."""
+    separator = layout.messages_open
     empty = True
     async for batch in _messages_in_order(session, chat_id, sqlite=sqlite):
         parts: list[str] = []
         for message in batch:
             parts.append(separator)
-            parts.append(json.dumps(_message(message), ensure_ascii=False, indent=2).replace("\n", _IN_MESSAGES))
-            separator = "," + _IN_MESSAGES
+            text = json.dumps(_message(message), ensure_ascii=False, **layout.dumps)
+            parts.append(text.replace("\n", layout.message_line_break))
+            separator = layout.messages_separator
         del batch
         empty = False
         piece = "".join(parts).encode()
         del parts
         yield piece
         del piece
-    yield b"[]\n}\n" if empty else b"\n  ]\n}\n"
+    yield (layout.empty_close if empty else layout.messages_close).encode()
 
 
 def _weighed(branch: _Branch) -> Iterator[list[uuid.UUID]]:
@@ -447,18 +457,6 @@ async def _markdown_pieces(session: AsyncSession, chat_id: uuid.UUID, branch: _B
         yield piece
         del piece
     yield b"\n"
-
-
-def _chats_with_messages() -> Select[Chat, str, str, Message]:
-    """Chats with their agent and every message (one row each; one with no message for an empty chat), in ONE
-    statement: its one snapshot keeps a chat and its messages consistent. Read in two, a send committing in
-    between gave a chat's first messages without its current message, and a deletion its current message
-    without any message: exports no import takes back."""
-    return (
-        select(Chat, Agent.slug, Agent.name, Message)
-        .join(Agent, Agent.id == Chat.agent_id)
-        .outerjoin(Message, Message.chat_id == Chat.id)
-    )
 
 
 def _one_line(text: str) -> str:
@@ -678,43 +676,36 @@ def _markdown_message(message: dict[str, Any]) -> str:
 async def export_lines(*, db: Database, user_id: uuid.UUID, team_id: uuid.UUID) -> AsyncIterator[bytes]:
     """Every chat of the user, one JSON document per line, oldest chat first.
 
-    Chats are read EXPORT_PAGE_CHATS at a time, fewer when they hold more than EXPORT_PAGE_MESSAGES messages
-    together (keyset paging on creation time and id), each page in its own short session that is closed
-    before its lines are sent: memory and connections stay bounded however many chats there are (by one
-    chat when a chat alone is larger), and a slow reader holds no database connection.
+    The chats' ids are read EXPORT_PAGE_CHATS at a time (keyset paging on creation time and id), each page in
+    its own short session. Each chat is then read as one chat's export is (`chat_export`: a batch of messages
+    at a time, in one snapshot of that chat) into a spool, its session closed, and only then sent: memory
+    stays a batch or two however long a chat and however many chats, and a slow reader holds no database
+    connection. A chat deleted since its page was read is left out.
     """
-    after: tuple[Any, uuid.UUID] | None = None
+    after: tuple[datetime, uuid.UUID] | None = None
     while True:
         async with db.sessionmaker() as session:
-            candidates = (
-                select(Chat.id, Chat.created_at, Chat.message_count)
+            query = (
+                select(Chat.id, Chat.created_at)
                 .where(Chat.user_id == user_id, Chat.team_id == team_id)
                 .order_by(Chat.created_at, Chat.id)
                 .limit(EXPORT_PAGE_CHATS)
             )
             if after is not None:
-                candidates = candidates.where(tuple_(Chat.created_at, Chat.id) > tuple_(*after))
-            rows = (await session.execute(candidates)).all()
-            if not rows:
-                return
-            ids: list[uuid.UUID] = []
-            total = 0
-            for chat_id, created_at, message_count in rows:
-                total += message_count
-                if ids and total > EXPORT_PAGE_MESSAGES:
-                    break
-                ids.append(chat_id)
-                after = (created_at, chat_id)
-            # The chats and their messages in one statement (one snapshot); a chat deleted since is left out.
-            query = _chats_with_messages().where(Chat.id.in_(ids))
-            page: dict[uuid.UUID, tuple[Chat, str, str, list[Message]]] = {}
-            for chat, slug, name, message in (await session.execute(query)).all():
-                messages = page.setdefault(chat.id, (chat, slug, name, []))[3]
-                if message is not None:
-                    messages.append(message)
-        chats = sorted(page.values(), key=lambda entry: (entry[0].created_at, entry[0].id))
-        for chat, slug, name, messages in chats:
-            document = chat_document(chat, slug, name, messages)
-            yield json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        if len(rows) < EXPORT_PAGE_CHATS and len(ids) == len(rows):
+                query = query.where(tuple_(Chat.created_at, Chat.id) > tuple_(*after))
+            page = [(chat_id, created_at) for chat_id, created_at in (await session.execute(query)).all()]
+        for chat_id, _ in page:
+            line = chat_export(db=db, user_id=user_id, team_id=team_id, chat_id=chat_id, export_format="line")
+            try:
+                spool = await spooled(line)
+            except NotFound:
+                continue
+            try:
+                for piece in spool_pieces(spool):
+                    yield piece
+            finally:
+                spool.close()
+        if len(page) < EXPORT_PAGE_CHATS:
             return
+        chat_id, created_at = page[-1]
+        after = (created_at, chat_id)
