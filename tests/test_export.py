@@ -1160,20 +1160,32 @@ async def test_markdown_export_closes_a_code_block_an_answer_left_open_and_keeps
     assert text.count("\n## ") == 4
 
 
+def html_in(markdown: str) -> list[str]:
+    """The raw HTML a CommonMark renderer would pass through from `markdown` (blocks and inline tags)."""
+    found, tokens = [], MarkdownIt("commonmark").parse(markdown)
+    while tokens:
+        token = tokens.pop()
+        if token.type in ("html_block", "html_inline"):
+            found.append(token.content)
+        tokens += token.children or []
+    return found
+
+
 @pytest.mark.parametrize(
-    ("cut", "closer"),
+    ("cut", "shown"),
     [
-        ("Here:\n<!-- a note the stop cut", "-->"),
-        ("<pre>\nline one", "</pre>"),
-        ("Styled:\n<STYLE>\np { color: red }", "</style>"),
-        ("<?php echo 1;", "?>"),
+        ("Here:\n<!-- a note the stop cut", "<p>Here:\n&lt;!-- a note the stop cut</p>"),
+        ("<pre>\nline one", "<p>&lt;pre&gt;\nline one</p>"),
+        ("Styled:\n<STYLE>\np { color: red }", "<p>Styled:\n&lt;STYLE&gt;\np { color: red }</p>"),
+        ("<?php echo 1;", "<p>&lt;?php echo 1;</p>"),
     ],
 )
-async def test_markdown_export_closes_an_html_block_an_answer_left_open(
-    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, cut: str, closer: str
+async def test_markdown_export_shows_an_html_block_an_answer_left_open_as_text(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, cut: str, shown: str
 ) -> None:
     """A comment, `<pre>`, `<style>`... block runs until its closing text, not a blank line: one an answer left
-    open (a stop, an error) hid every later message of the export when the file was rendered."""
+    open (a stop, an error) hid every later message of the export when the file was rendered. Raw HTML is shown
+    as text (as the web client shows it), so it hides nothing and needs no closing."""
     chat = await create_chat(
         session,
         user=team_world.member,
@@ -1187,21 +1199,91 @@ async def test_markdown_export_closes_an_html_block_an_answer_left_open(
     )
     response = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=team_world.h(team_world.member))
     text = response.text
-    assert f"{cut}\n{closer}\n" in text
-    assert "The end\n" in text  # a block closed on its own line is left as it was
-    # As a CommonMark renderer reads the file: every message's heading is a heading again.
+    written = cut.replace("<", "\\<")
+    assert f"\n\n{written}\n\n---\n" in text  # escaped, and nothing added after it
+    rendered = MarkdownIt("commonmark").render(text)
+    assert shown in rendered
+    assert "<p>&lt;!-- closed --&gt; &lt;pre&gt;fine&lt;/pre&gt;</p>\n<p>The end</p>" in rendered
+    assert html_in(text) == []
+    # As a CommonMark renderer reads the file: every message's heading is a heading.
     tokens = MarkdownIt("commonmark").parse(text)
     headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open" and t.tag == "h2"]
     assert headings == ["User", "Assistant (cancelled)", "User", "Assistant"]
+
+
+RAW_HTML_ANSWER = (
+    '<h1>Big news</h1>\n\n<h2>User</h2>\n\nA pixel <img src="https://tracker.example/p.gif"> and '
+    "<b>bold</b>, <script>alert(1)</script>\n\n<details><summary>More</summary>\n\nHidden?\n\n"
+    "Kept: `<div>` in code, <https://example.com>, a < b, \\<i> escaped already.\n\n"
+    "```html\n<p>in a fence</p>\n```\n\nA chart: ![chart](https://tracker.example/c.png)\n\n<!-- left open"
+)
+
+
+async def test_markdown_export_shows_raw_html_as_text(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
+) -> None:
+    """Raw HTML in a message was copied as it is, so the .md file, rendered, showed an answer's `<h1>` as a
+    heading, `<h2>User</h2>` as a turn nobody took, fetched the image an `<img>` named (a tracking pixel), and
+    a `<details>` or a comment hid what followed. The web client shows raw HTML as text (docs/WEB_CLIENT.md): so
+    does the export now, in messages, the title, file names and error messages; and a Markdown image as a link
+    to it, as the client shows it too (no request to wherever an answer points). Code, autolinks and the rest
+    of the Markdown are left as they are."""
+    chat = await create_chat(
+        session,
+        user=team_world.member,
+        agent=team_world.agent,
+        title="<i>Styled</i> title",
+        messages=[
+            {"role": "user", "content": "What is <b>this</b>?"},
+            {"role": "assistant", "content": RAW_HTML_ANSWER},
+            {"role": "user", "content": "Again"},
+            {"role": "assistant", "status": "error", "error": {"message": "<b>n8n</b> failed", "code": "x"}},
+        ],
+    )
+    attached = {**EXPORTED_FILE, "filename": "<img src=x onerror=alert(1)>.txt"}
+    await session.execute(
+        update(Message).where(Message.chat_id == chat.id, Message.content == "Again").values(files=[attached])
+    )
+    await session.commit()
+    response = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=team_world.h(team_world.member))
+    text = response.text
+    assert html_in(text) == []
+    assert top_level_headings(text) == [
+        ("h1", "\\<i>Styled\\</i> title"),
+        ("h2", "User"),
+        ("h2", "Assistant"),
+        ("h2", "User"),
+        ("h2", "Assistant (error)"),
+    ]
+    rendered = MarkdownIt("commonmark").render(text)
+    assert "<img" not in rendered
+    for shown in (
+        "<h1>&lt;i&gt;Styled&lt;/i&gt; title</h1>",
+        "<p>What is &lt;b&gt;this&lt;/b&gt;?</p>",
+        "<p>&lt;h1&gt;Big news&lt;/h1&gt;</p>\n<p>&lt;h2&gt;User&lt;/h2&gt;</p>",
+        "<p>A pixel &lt;img src=&quot;https://tracker.example/p.gif&quot;&gt; and &lt;b&gt;bold&lt;/b&gt;, "
+        "&lt;script&gt;alert(1)&lt;/script&gt;</p>",
+        "<p>&lt;details&gt;&lt;summary&gt;More&lt;/summary&gt;</p>\n<p>Hidden?</p>",
+        '<p>Kept: <code>&lt;div&gt;</code> in code, <a href="https://example.com">https://example.com</a>, '
+        "a &lt; b, &lt;i&gt; escaped already.</p>",
+        '<pre><code class="language-html">&lt;p&gt;in a fence&lt;/p&gt;\n</code></pre>',
+        '<p>A chart: !<a href="https://tracker.example/c.png">chart</a></p>',  # a link, as the client shows it
+        "<p>&lt;!-- left open</p>",
+        "<p>Attached: &lt;img src=x onerror=alert(1)&gt;.txt (text/plain, 2 bytes)</p>",
+        "<blockquote>\n<p>Error: &lt;b&gt;n8n&lt;/b&gt; failed</p>\n</blockquote>",
+    ):
+        assert shown in rendered, shown
+    # In the file itself: a backslash before each tag, the fence's code as written.
+    assert "\n\\<h2>User\\</h2>\n" in text
+    assert "\n<p>in a fence</p>\n" in text
 
 
 SPOOFED_TURNS = (
     "Sure.\n## User\nNow ignore the above\n\n# Assistant\n\n   ## User ##\n\nUser\n----\n\n"
     "Assistant (error)\n=\n\n## **Assistant** (error)\n\n#### us&#101;r\n\n"
     "```\n## User\n```\n\n## Summary\n\n"
-    # HTML that runs to a blank line, or to any of `</pre>`, `</style>`...: the lines after it are Markdown
-    # again. Read as a code block still open (and closed after the answer), the first hid the next messages.
-    "<details>\n```\n</details>\n\n## User\n\n<pre>x</style>\n## User\n\nThe end"
+    # HTML is shown as text: a heading in HTML is none, and a block tag hides nothing after it.
+    "<h2>User</h2>\n\n<details>\n\n## User\n\n<pre>x\n## User\n\nThe end"
 )
 
 
@@ -1246,8 +1328,8 @@ async def test_markdown_export_cannot_be_given_a_fake_turn_by_a_message(
         "<p>## <strong>Assistant</strong> (error)</p>",
         "<p>#### user</p>",
         "<pre><code>## User\n</code></pre>",  # code: not escaped
-        "<details>\n```\n</details>\n<p>## User</p>",
-        "<pre>x</style>\n<p>## User</p>\n<p>The end</p>",
+        "<p>&lt;h2&gt;User&lt;/h2&gt;</p>\n<p>&lt;details&gt;</p>\n<p>## User</p>",
+        "<p>&lt;pre&gt;x\n## User</p>\n<p>The end</p>",
     ):
         assert shown in rendered
     assert "\n```\n## User\n```\n" in text
@@ -1261,9 +1343,8 @@ async def test_markdown_export_escapes_a_role_heading_behind_a_tag_or_under_an_e
 ) -> None:
     """Two more ways a message could show a turn nobody took: a heading whose text is a role inside an inline
     tag (`## <b>User</b>` renders as the heading "User"), and an escaped `## User` line (shown as text) with a
-    setext underline below it, which would make that line a heading again. Both are shown as text. And a block
-    tag such as `<div>` starts HTML even inside a paragraph: a fence in it opens no code, so the `## User` after
-    its blank line is at the top level and escaped."""
+    setext underline below it, which would make that line a heading again. Both are shown as text (the tag
+    too, as all raw HTML)."""
     chat = await create_chat(
         session,
         user=team_world.member,
@@ -1272,7 +1353,7 @@ async def test_markdown_export_escapes_a_role_heading_behind_a_tag_or_under_an_e
             {"role": "user", "content": "Hi"},
             {
                 "role": "assistant",
-                "content": "Sure.\n\n## <b>User</b>\n\n## User\n===\n\nText\n<div>\n```\n</div>\n\n## User\n\nThe end",
+                "content": "Sure.\n\n## <b>User</b>\n\n## User\n===\n\nThe end",
             },
         ],
     )
@@ -1280,9 +1361,8 @@ async def test_markdown_export_escapes_a_role_heading_behind_a_tag_or_under_an_e
     assert response.status_code == 200
     assert top_level_headings(response.text) == [("h1", "A chat"), ("h2", "User"), ("h2", "Assistant")]
     rendered = MarkdownIt("commonmark").render(response.text)
-    assert "<p>## <b>User</b></p>" in rendered
+    assert "<p>## &lt;b&gt;User&lt;/b&gt;</p>" in rendered
     assert "<p>## User\n===</p>" in rendered
-    assert "<p>Text</p>\n<div>\n```\n</div>\n<p>## User</p>" in rendered  # `<div>` starts HTML even after text
 
 
 async def test_an_export_saved_with_a_byte_order_mark_imports(

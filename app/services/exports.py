@@ -4,6 +4,7 @@ JSON Lines, each chat read that same way, then sent, while the next is read."""
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import html
 import io
@@ -460,59 +461,64 @@ async def _markdown_pieces(session: AsyncSession, chat_id: uuid.UUID, branch: _B
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """A name, title or error on one line of the Markdown, its HTML shown as text (`_html_as_text`)."""
+    return _html_as_text(" ".join(text.split()))
+
+
+#: In Markdown outside code, what `_html_as_text` escapes: a `<` that starts raw HTML (CommonMark's tags,
+#: comments, declarations, processing instructions: `<` then a letter, `/`, `!` or `?`), and the `!` that makes
+#: a link an image (`![alt](url)`); and what it keeps (group 1): a backslash escape (a backslash before ASCII
+#: punctuation: `\\<` is shown as `<` already), or an autolink (`<https://example.com>`, `<me@example.com>`),
+#: a link rather than HTML.
+_HTML_OUTSIDE_CODE = re.compile(
+    r"(\\[!-/:-@\[-`{-~]"
+    r"|<[A-Za-z][A-Za-z0-9+.-]{1,31}:[^\x00-\x20<>]*>"
+    r"|<[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*>)"
+    r"|<(?=[A-Za-z/!?])|!(?=\[)"
+)
+#: What may open a code span: a run of backticks not escaped (a backslash escape is matched first, and skipped).
+_CODE_OPENING = re.compile(r"\\[!-/:-@\[-`{-~]|`+")
+_BACKTICKS = re.compile("`+")
+
+
+def _escape_html(found: re.Match[str]) -> str:
+    return found.group(1) or "\\" + found.group()
+
+
+def _html_as_text(line: str) -> str:
+    """A line of Markdown with its raw HTML escaped (`\\<h1>`), so a renderer shows it as the text it is, and
+    its images as links to them (`\\![alt](url)`), as the web client does (docs/WEB_CLIENT.md): not a heading,
+    no image fetched (a tracking pixel), no `<details>` or comment hiding what follows, nor a block swallowing
+    the next messages. Left as written: code spans (a backslash is text there), autolinks, what is escaped
+    already, and a `<` that starts no HTML (`a < b`). A code span is looked for on its line only: one spanning
+    lines shows a backslash before a `<` in it, which is safer than a tag taken for code."""
+    if "<" not in line and "![" not in line:
+        return line
+    if "`" not in line:
+        return _HTML_OUTSIDE_CODE.sub(_escape_html, line)
+    runs: dict[int, list[int]] = {}  # where each run of backticks starts, by its length: a code span's closings
+    for run in _BACKTICKS.finditer(line):
+        runs.setdefault(len(run.group()), []).append(run.start())
+    out: list[str] = []
+    at = 0
+    for opening in _CODE_OPENING.finditer(line):
+        text = opening.group()
+        if opening.start() < at or text[0] != "`":  # inside a code span already copied, or an escape
+            continue
+        closings = runs[len(text)]  # a code span runs to the next run of as many backticks, if there is one
+        closing = bisect.bisect_left(closings, opening.end())
+        if closing < len(closings):
+            end = closings[closing] + len(text)
+            out.append(_HTML_OUTSIDE_CODE.sub(_escape_html, line[at : opening.start()]))
+            out.append(line[opening.start() : end])
+            at = end
+    out.append(_HTML_OUTSIDE_CODE.sub(_escape_html, line[at:]))
+    return "".join(out)
 
 
 #: A code fence's opening or closing line (CommonMark): up to three spaces, then 3+ backticks or tildes.
 FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
-#: The HTML blocks (CommonMark kinds 1-5) that run until a closing text, not until a blank line: left open at
-#: an answer's end, each swallows every later message of the export when rendered. Each with its closer.
-HTML_BLOCKS = (
-    (re.compile(r" {0,3}<(pre|script|style|textarea)(\s|>|$)", re.IGNORECASE), None),
-    (re.compile(r" {0,3}<!--"), "-->"),
-    (re.compile(r" {0,3}<\?"), "?>"),
-    (re.compile(r" {0,3}<![A-Za-z]"), ">"),
-    (re.compile(r" {0,3}<!\[CDATA\["), "]]>"),
-)
-
-#: The HTML blocks that run until a blank line: kind 6 (a block tag such as `<div>` or `</p>`, which may
-#: start inside a paragraph) and kind 7 (any other tag alone on its line, which may not). Inside one nothing is
-#: Markdown: no heading, no code fence.
-HTML_UNTIL_BLANK = re.compile(
-    r" {0,3}</?(address|article|aside|base|basefont|blockquote|body|caption|center|col|colgroup|dd|details|"
-    r"dialog|dir|div|dl|dt|fieldset|figcaption|figure|footer|form|frame|frameset|h[1-6]|head|header|hr|html|"
-    r"iframe|legend|li|link|main|menu|menuitem|nav|noframes|ol|optgroup|option|p|param|search|section|summary|"
-    r"table|tbody|td|tfoot|th|thead|title|tr|track|ul)(?:[ \t>]|/>|$)",
-    re.IGNORECASE,
-)
-HTML_TAG_LINE = re.compile(
-    r" {0,3}(?:<[A-Za-z][A-Za-z0-9-]*(?:[ \t]+[A-Za-z_:][A-Za-z0-9_.:-]*"
-    r"(?:[ \t]*=[ \t]*(?:[^ \t\"'=<>`]+|'[^']*'|\"[^\"]*\"))?)*[ \t]*/?>|</[A-Za-z][A-Za-z0-9-]*[ \t]*>)[ \t]*"
-)
-
-
-#: Any of these ends a `<pre>`, `<script>`, `<style>` or `<textarea>` block, not only its own.
-RAW_CLOSERS = ("</pre>", "</script>", "</style>", "</textarea>")
-
-
-def _closes(closer: str, text: str) -> bool:
-    """Whether `text` ends the HTML block whose closer is `closer`."""
-    text = text.lower()
-    return any(c in text for c in RAW_CLOSERS) if closer in RAW_CLOSERS else closer in text
-
-
-def _html_block(line: str) -> str | None:
-    """The closer of the HTML block `line` opens and leaves open, if it does."""
-    for start, closer in HTML_BLOCKS:
-        found = start.match(line)
-        if found is None:
-            continue
-        closer = closer or f"</{found.group(1).lower()}>"
-        rest = line[found.end() :] if closer != ">" else line[found.end() - 1 :]
-        return None if _closes(closer, rest) else closer
-    return None
-
-
 #: What the export's own role headings read once rendered (`User`, `Assistant (error)`), in any case.
 ROLE_HEADING = re.compile(r"(user|assistant)( ?\([^()]{0,40}\))?:?", re.IGNORECASE)
 #: Longer text (with its marks, tags and entities) does not read as one.
@@ -526,7 +532,8 @@ SETEXT_UNDERLINE = re.compile(r" {0,3}(?:=+|-+)[ \t]*")
 THEMATIC_BREAK = re.compile(r" {0,3}(?:(?:\*[ \t]*){3,}|(?:-[ \t]*){3,}|(?:_[ \t]*){3,})")
 #: A block quote's or list item's first line: what follows it on the line is not at the document's top level.
 CONTAINER_START = re.compile(r" {0,3}(?:>|[-+*](?:[ \t]|$)|[0-9]{1,9}[.)](?:[ \t]|$))")
-#: What a heading's text loses once rendered: emphasis, code and escape marks, and inline HTML tags.
+#: What a heading's text loses once rendered: emphasis, code and escape marks; and tags, which are shown as text
+#: (`_html_as_text`) but still name the role they wrap (`## <b>User</b>`): when unsure, escape.
 _MARKS = re.compile(r"[*_`\\]")
 _TAGS = re.compile(r"</?[A-Za-z][^>]*>")
 
@@ -594,27 +601,17 @@ def _outside_blocks(line: str, paragraph: list[str]) -> str:
 def _message_markdown(text: str) -> str:
     """A message's text as the export writes it, as a reader sees it but unable to change the export's outline:
 
+    - its raw HTML is shown as text (`_html_as_text`), as the web client shows it;
     - a line that would render as one of the export's role headings (`## User`, `# assistant`, `User` over
       `---`...) is escaped, so it shows as the text it is: a message cannot show a reader a turn nobody took
-      (its other headings, and any line inside code or an HTML block, are left as they are);
-    - a code fence or an HTML block it leaves open is closed: an answer cut inside one (a stop, an error)
-      would otherwise turn every later message of the export into code, or hide it in HTML.
+      (its other headings, and any line inside code, are left as they are);
+    - a code fence it leaves open is closed: an answer cut inside one (a stop, an error) would otherwise turn
+      every later message of the export into code.
     """
     fence: str | None = None
-    html_closer: str | None = None
-    html_until_blank = False
     paragraph: list[str] = []  # the lines of the paragraph so far: a setext underline makes them a heading
     out: list[str] = []
     for line in text.split("\n"):
-        if html_closer is not None:
-            if _closes(html_closer, line):
-                html_closer = None
-            out.append(line)
-            continue
-        if html_until_blank:
-            html_until_blank = bool(line.strip())
-            out.append(line)
-            continue
         found = FENCE.match(line)
         if found is not None:
             run, rest = found.group(1), line[found.end() :]
@@ -625,21 +622,10 @@ def _message_markdown(text: str) -> str:
                 fence = None
             paragraph.clear()
         elif fence is None:
-            html_closer = _html_block(line)
-            if html_closer is not None:
-                paragraph.clear()
-            elif HTML_UNTIL_BLANK.match(line) or (
-                not paragraph and HTML_TAG_LINE.fullmatch(line) and not HTML_BLOCKS[0][0].match(line)
-            ):
-                html_until_blank = True
-                paragraph.clear()
-            else:
-                line = _outside_blocks(line, paragraph)
+            line = _outside_blocks(_html_as_text(line), paragraph)
         out.append(line)
     if fence is not None:
         out.append(fence)
-    elif html_closer is not None:
-        out.append(html_closer)
     return "\n".join(out)
 
 
