@@ -2012,3 +2012,88 @@ async def test_the_export_of_all_chats_holds_a_batch_not_a_chat(
     assert (status, tail) == (200, tail[:-3] + b"]}\n")
     assert size == len(await lines_built_whole(session, team_world.member))
     assert peak < text_bytes / 4, peak
+
+
+async def test_the_export_of_all_chats_holds_no_database_connection_while_a_line_is_sent(
+    app: FastAPI, session: AsyncSession, team_world: TeamWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each chat is read into a spool and its session closed before its line goes out: however slowly the client
+    reads, no database connection is held while a piece is sent (streamed from its snapshot, each line would hold
+    one until its last byte). Served as a server serves it, a batch of two messages at a time."""
+    monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", 2)
+    for title in ("one", "two", "three"):
+        await branchy_chat(session, team_world, title=title)
+    await session.close()
+    db = app_state(app).db
+    scope = http_scope("GET", "/api/chats/export", team_world.h(team_world.member))
+    held: list[int | None] = []
+    body = b""
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal body
+        if message["type"] == "http.response.body" and message.get("body"):
+            held.append(db.pool_in_use())
+            body += message["body"]
+            await asyncio.sleep(0.05)  # a slow client
+
+    await app(scope, bodyless_request(), send)
+    assert [json.loads(line)["title"] for line in body.splitlines()] == ["one", "two", "three"]
+    assert len(held) >= 3
+    assert held == [0] * len(held)
+
+
+@pytest.mark.timeout(60)
+async def test_an_export_of_all_chats_whose_database_is_lost_ends_after_its_last_whole_line(
+    settings: Settings,
+    session: AsyncSession,
+    team_world: TeamWorld,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database connection dies while the second chat is read (its first batch spooled): the first chat's
+    line is already sent, the second is never sent in part, and the download ends without its end (a chunked
+    body cut: httpx raises, curl exits with code 18), so a client cannot take it for a whole export. The
+    failure is logged with the chat. Served by uvicorn, as deployed."""
+    monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", 2)
+    first = await branchy_chat(session, team_world, title="first")
+    second = await branchy_chat(session, team_world, title="second")
+    await session.close()
+    batch_read, cut = threading.Event(), threading.Event()
+    read_in_order = exports._messages_in_order
+
+    async def pausing(s: AsyncSession, chat_id: uuid.UUID, **kwargs: Any) -> AsyncIterator[list[Message]]:
+        async for batch in read_in_order(s, chat_id, **kwargs):
+            yield batch
+            if chat_id == second.id and not batch_read.is_set():
+                batch_read.set()
+                await asyncio.to_thread(cut.wait, 10)
+
+    monkeypatch.setattr(exports, "_messages_in_order", pausing)
+    received = bytearray()
+    async with live_server(settings) as server, httpx.AsyncClient(base_url=server.url) as http:
+
+        async def download() -> None:
+            async with http.stream("GET", "/api/chats/export", headers=team_world.h(team_world.member)) as response:
+                assert response.status_code == 200
+                async for piece in response.aiter_bytes():
+                    received.extend(piece)
+
+        answer = asyncio.create_task(download())
+        assert await asyncio.to_thread(batch_read.wait, 10)
+        conn = await asyncpg.connect(_plain_url(settings.DATABASE_URL))
+        try:
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND state = 'idle in transaction' AND query LIKE '%LIMIT%'"
+            )
+        finally:
+            await conn.close()
+        assert killed == 1
+        cut.set()
+        with pytest.raises(httpx.RemoteProtocolError):
+            await answer
+    [line] = bytes(received).splitlines()
+    assert json.loads(line)["id"] == str(first.id)
+    assert received.endswith(b"\n")
+    logged = [r for r in caplog.records if r.name == "app.services.exports"]
+    assert f"the export of chat {second.id} failed after" in logged[0].getMessage()
