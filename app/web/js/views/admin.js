@@ -1,70 +1,9 @@
 // The admin pages: agents (create, edit, write-only secret headers, avatar, connection test), users and
 // invitations, usage, and the error log. Every write goes through the same API a script would use.
-import { ApiError, api, page, problem, problemText } from "../api.js";
+import { api, page } from "../api.js";
 import { copy, fill, formValues, h, notify, pageTitle, when } from "../dom.js";
+import { FormProblems, clearProblems, errorText, field, formProblem, showProblems } from "../forms.js";
 import { avatar } from "./messages.js";
-
-const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
-
-/** What the form itself finds wrong before sending: `problems` as a 422's `detail` would list them. */
-class FormProblems extends ApiError {
-  constructor(problems) {
-    super(0, problems.map((p) => p.msg).join("; "), null, { detail: problems });
-  }
-}
-const formProblem = (field, msg) => new FormProblems([{ loc: ["body", field], msg }]);
-
-/** Remove what `showProblems` marked: the fields' messages and `aria-invalid`, and the form's line. */
-function clearProblems(form, line) {
-  for (const note of form.querySelectorAll(".field-error")) note.remove();
-  for (const control of form.querySelectorAll("[aria-invalid]")) {
-    control.removeAttribute("aria-invalid");
-    control.removeAttribute("aria-describedby");
-  }
-  line.hidden = true;
-}
-
-/**
- * A refusal shown where it applies: each 422 entry (the API's or the form's own) under the field it names (the
- * control of that name), in its words without the field's name; the rest, and any other error, in `line` under
- * the form. The first field concerned takes the focus; nothing typed is changed.
- */
-function showProblems(form, line, err) {
-  clearProblems(form, line);
-  const entries = err instanceof ApiError && Array.isArray(err.body?.detail) ? err.body.detail : null;
-  const rest = entries ? [] : [errorText(err)];
-  let first = null;
-  for (const entry of entries || []) {
-    const { field, msg } = problem(entry);
-    const control = field ? form.elements.namedItem(field) : null;
-    const box = control instanceof HTMLElement ? control.closest(".field") : null;
-    if (!box) {
-      rest.push(problemText(entry));
-      continue;
-    }
-    let note = box.querySelector(".field-error");
-    if (!note) {
-      note = h("p", { class: "field-error error", id: `${control.id}-error`, role: "alert" });
-      box.append(note);
-    } else note.append(h("br"));
-    note.append(msg);
-    control.setAttribute("aria-invalid", "true");
-    control.setAttribute("aria-describedby", note.id);
-    first ??= control;
-  }
-  if (rest.length) {
-    line.textContent = rest.join("; ");
-    line.hidden = false;
-  }
-  first?.focus();
-}
-
-let fields = 0;
-function field(label, control) {
-  const id = `a-${control.name || "field"}-${++fields}`; // unique: several forms share field names
-  control.id = id;
-  return h("div", { class: "field" }, h("label", { for: id }, label), control);
-}
 
 function table(headers, rows, label = null) {
   return h(
