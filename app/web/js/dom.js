@@ -66,13 +66,13 @@ export function notify(text, kind = "info") {
   setTimeout(() => toast.remove(), kind === "error" ? 8000 : 4000);
 }
 
-/** Copy a link; without the clipboard API (plain http is not a secure context) select it for Ctrl+C. */
-export function copy(text, field) {
+/** Copy a link (or `what` else); without the clipboard API (plain http is not a secure context) select it for Ctrl+C. */
+export function copy(text, field, what = "Link") {
   const manual = () => {
     field.select();
     notify("Selected: press Ctrl+C (⌘C) to copy.");
   };
-  if (navigator.clipboard) navigator.clipboard.writeText(text).then(() => notify("Link copied."), manual);
+  if (navigator.clipboard) navigator.clipboard.writeText(text).then(() => notify(`${what} copied.`), manual);
   else manual();
 }
 

@@ -115,6 +115,7 @@ function frame() {
         { "aria-label": "Main" },
         link("/chats", "Chats"),
         link("/shares", "Shared"),
+        link("/keys", "API keys"),
         admin && [
           link("/admin/agents", "Agents"),
           link("/admin/users", "Users"),
@@ -178,6 +179,14 @@ async function route() {
     const { renderShares } = await import("./views/shares.js");
     if (!current()) return;
     await renderShares(frame(), rest[0] || null, { user: session.user, navigate });
+    if (current()) keepFocus();
+    return;
+  }
+  if (section === "keys") {
+    leaveChats();
+    const { renderKeys } = await import("./views/keys.js"); // on first use, like the shared chats
+    if (!current()) return;
+    await renderKeys(frame(), { user: session.user });
     if (current()) keepFocus();
     return;
   }
