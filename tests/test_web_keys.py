@@ -97,7 +97,7 @@ def test_a_key_is_shown_once_works_on_v1_and_stops_when_revoked(
     row = page.get_by_role("table", name="Your API keys").locator("tr", has_text="laptop scripts")
     expect(row).to_contain_text(key[:13] + "…")
     assert key not in row.inner_text()
-    expect(row.locator("td").nth(3)).to_have_text("never")  # last used: not by the list's clock
+    expect(row.locator("td").nth(3)).to_have_text("never")  # last used: the list was read before the call above
     assert key not in kept_by_the_tab(page)
 
     # Left and come back (Back), then reloaded: the key is gone from the page.
@@ -110,6 +110,7 @@ def test_a_key_is_shown_once_works_on_v1_and_stops_when_revoked(
     page.reload()
     expect(page.get_by_role("table", name="Your API keys")).to_contain_text("laptop scripts")
     assert key not in on_the_page(page) + kept_by_the_tab(page)
+    expect(row.locator("td").nth(3)).not_to_have_text("never")  # read again: its use on /v1 shows
 
     # Revoked after a confirmation: the key is refused, the row goes, the focus stays in the page.
     web_page.accept_dialogs = True
@@ -178,6 +179,15 @@ def test_refusals_show_under_the_field_and_create_nothing(web_page: Watched, tea
     expect(page.get_by_text("Name is required")).to_be_visible()
     expect(name).to_be_focused()
     expect(name).to_have_attribute("aria-invalid", "true")
+
+    # A date typed in part is no date to the browser (an empty value): refused, not sent as a key that never expires.
+    name.fill("half a date")
+    expires.click()
+    page.keyboard.type("06")
+    page.get_by_role("button", name="Create key").click()
+    expect(page.get_by_text("Enter the whole date, or none for a key that does not expire")).to_be_visible()
+    expect(expires).to_be_focused()
+    assert team.get("/api/api-keys") == []
 
     name.fill("from the past")
     expires.fill("2020-01-01")
