@@ -107,7 +107,7 @@ export async function renderKeys(main, { user }) {
   const list = h("div", { "aria-busy": "true" });
   const all = admin ? h("input", { type: "checkbox", name: "all", onchange: () => load() }) : null;
   const allBox = all && h("label", { class: "check" }, all, "Show the whole team's keys, with their owners");
-  let owners = null; // user id -> email, read once for the whole team's list
+  let owners = null; // user id -> email, for the whole team's list
   let loads = 0; // the latest load(): an earlier one (the switch flipped twice) draws nothing
 
   async function ownerNames() {
@@ -123,9 +123,11 @@ export async function renderKeys(main, { user }) {
     const whole = all?.checked ?? false;
     list.setAttribute("aria-busy", "true");
     try {
-      const keys = await api(`/api/api-keys${whole ? "?all=true" : ""}`);
-      if (whole) owners ??= await ownerNames();
-      if (seq === loads) draw(keys, whole);
+      // The owners are read with each list: a member added since has their email, not an id.
+      const [keys, names] = await Promise.all([api(`/api/api-keys${whole ? "?all=true" : ""}`), whole ? ownerNames() : owners]);
+      if (seq !== loads) return;
+      owners = names;
+      draw(keys, whole);
     } catch (err) {
       if (seq !== loads) return;
       // No longer an admin (demoted since the page was drawn): the switch goes, and the own keys show.
