@@ -41,8 +41,10 @@ def models_status(base_url: str, key: str) -> int:
 
 
 def open_keys(page: Page) -> None:
-    page.get_by_role("navigation", name="Main").get_by_role("link", name="API keys").click()
+    link = page.get_by_role("navigation", name="Main").get_by_role("link", name="API keys")
+    link.click()
     expect(page.get_by_role("heading", name="API keys", exact=True)).to_be_visible()
+    expect(link).to_have_attribute("aria-current", "page")
 
 
 def create_key(page: Page, name: str, expires: str | None = None) -> str:
@@ -289,4 +291,27 @@ def test_an_admin_demoted_under_the_page_gets_the_refusal_and_their_own_keys(web
     expect(page.locator(".toast.error")).to_have_text("Admin role required")
     expect(switch).to_be_hidden()
     expect(page.get_by_role("table", name="Your API keys")).to_contain_text("ada's laptop")
+    assert web_page.errors == []
+
+
+def test_copy_key_puts_it_on_the_clipboard_or_selects_it(web_page: Watched, team: Team) -> None:
+    page = web_page.page
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    log_in(page, team.email)
+    open_keys(page)
+    key = create_key(page, "copied")
+    page.get_by_role("button", name="Copy key").click()
+    expect(page.get_by_role("status").filter(has_text="Key copied.")).to_be_visible()
+    assert page.evaluate("() => navigator.clipboard.readText()") == key
+
+    # No clipboard API (plain http on another host): the key is selected for Ctrl+C, and the page says so.
+    page.add_init_script("Object.defineProperty(Navigator.prototype, 'clipboard', { get: () => undefined })")
+    page.reload()
+    key = create_key(page, "selected")
+    page.get_by_role("button", name="Create key").focus()  # the field loses its selection
+    page.get_by_role("button", name="Copy key").click()
+    expect(page.get_by_role("status").filter(has_text="Selected: press Ctrl+C")).to_be_visible()
+    shown = page.get_by_label("New API key selected")
+    expect(shown).to_be_focused()
+    assert shown.evaluate("(el) => el.value.slice(el.selectionStart, el.selectionEnd)") == key
     assert web_page.errors == []
