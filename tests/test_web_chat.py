@@ -2271,3 +2271,20 @@ def test_on_a_touch_screen_enter_adds_a_line_and_send_sends(
         expect(page.locator(".msg.user .branch-pos")).to_have_text("2 / 2")
     finally:
         context.close()
+
+
+def test_a_page_that_cannot_be_shown_names_itself_in_the_tab(web_page: Watched, team: Team) -> None:
+    """A chat that 404s (a deleted chat's bookmark, another user's link, a mistyped address) left the tab named
+    "n8n Chat", as if nothing were open; so did a share that is gone. The tab now says what happened."""
+    page = web_page.page
+    log_in(page, team.email)
+    page.goto("/#/chats/00000000-0000-0000-0000-000000000000")
+    expect(page.get_by_role("alert")).to_have_text("This chat does not exist.")
+    expect(page).to_have_title("Chat not found \N{EN DASH} n8n Chat")
+    page.goto("/#/chats/not-a-chat-id")
+    expect(page.get_by_role("alert")).to_have_text("This chat does not exist.")
+    expect(page).to_have_title("Chat not found \N{EN DASH} n8n Chat")
+    page.goto("/#/shares/00000000-0000-0000-0000-000000000000")
+    expect(page.get_by_role("alert")).to_have_text("This shared chat does not exist or is no longer shared.")
+    expect(page).to_have_title("Shared chat not found \N{EN DASH} n8n Chat")
+    assert web_page.errors == []

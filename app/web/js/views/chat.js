@@ -497,11 +497,15 @@ export class ChatsView {
     } catch (err) {
       if (chatId !== this.chatId) return false;
       if (err instanceof ApiError) {
-        fill(this.pane, h("p", { class: "error center", role: "alert" }, err.status === 404 ? "This chat does not exist." : errorText(err)));
+        // A 422 is an address that is no chat id at all (mistyped, cut): to a reader, a chat that does not exist.
+        const missing = err.status === 404 || err.status === 422;
+        pageTitle(missing ? "Chat not found" : "Chat unavailable"); // not the bare app name, as if nothing were open
+        fill(this.pane, h("p", { class: "error center", role: "alert" }, missing ? "This chat does not exist." : errorText(err)));
         return false;
       }
       // No HTTP answer (offline, the server down): read again when the network is back, or on request.
       this.unread = chatId;
+      pageTitle("Chat unavailable");
       fill(
         this.pane,
         h(

@@ -76,9 +76,11 @@ async function showShare({ root, agentOf, user, navigate }, shareId) {
   try {
     share = await api(`/api/shares/${encodeURIComponent(shareId)}`);
   } catch (err) {
+    const missing = err.status === 404 || err.status === 422;
+    pageTitle(missing ? "Shared chat not found" : "Shared chat unavailable");
     fill(
       root,
-      h("p", { class: "error center", role: "alert" }, err.status === 404 || err.status === 422 ? "This shared chat does not exist or is no longer shared." : errorText(err)),
+      h("p", { class: "error center", role: "alert" }, missing ? "This shared chat does not exist or is no longer shared." : errorText(err)),
       h("p", { class: "center" }, h("a", { href: "#/shares" }, "All shared chats")),
     );
     return;
