@@ -3,6 +3,7 @@ headers never shown again, its avatar; an invitation link that signs a colleague
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import zlib
@@ -576,4 +577,41 @@ def test_the_chats_chosen_while_an_admin_page_reads_the_user_stay(web_page: Watc
     expect(page).to_have_url(re.compile(r"#/chats$"))
     expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
     expect(page.get_by_role("heading", name="Agents")).to_have_count(0)
+    assert web_page.errors == []
+
+
+def test_the_admin_top_bar_fits_one_line_on_a_phone(web_page: Watched, team: Team) -> None:
+    """On a phone (390 x 844) an admin's top bar (brand, six links, Log out) wrapped onto three lines, taking a
+    fifth of the screen on every page. It now stays one line: the links scroll sideways inside their bar, the
+    page itself never scrolls sideways, and every link stays reachable (the keyboard's focus scrolls it in)."""
+    page = web_page.page
+    page.set_viewport_size({"width": 390, "height": 844})
+    log_in(page, team.email)
+    page.get_by_role("link", name="Errors").click()
+    expect(page.get_by_role("heading", name="Error log")).to_be_visible()
+    if shots := os.environ.get("WEB_SHOTS"):
+        page.screenshot(path=f"{shots}/topbar-phone.png")
+    bar = page.locator(".topbar")
+    heights = [
+        page.locator(selector).evaluate("(el) => el.getBoundingClientRect().height")
+        for selector in (".topbar .brand", ".topbar nav a >> nth=0", ".topbar button")
+    ]
+    box = bar.bounding_box()
+    assert box is not None
+    # One line: the bar is no taller than its tallest item plus its padding.
+    assert box["height"] <= max(heights) + 24, (box, heights)
+    assert box["width"] <= 390
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    logout = page.get_by_role("button", name="Log out").bounding_box()
+    assert logout is not None and logout["x"] + logout["width"] <= 390 and logout["y"] < box["y"] + box["height"]
+    # The current page's link is in view, and every link can be reached and pressed.
+    current = page.locator(".topbar nav a[aria-current=page]")
+    expect(current).to_have_text("Errors")
+    expect(current).to_be_in_viewport(ratio=0.9)
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Chats").click()
+    expect(page.get_by_role("link", name="+ New chat")).to_be_visible()
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Usage").click()
+    expect(page.get_by_role("heading", name="Usage")).to_be_visible()
+    expect(page.locator(".topbar nav a[aria-current=page]")).to_be_in_viewport(ratio=0.9)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
     assert web_page.errors == []

@@ -128,6 +128,8 @@ function frame() {
     ),
     main,
   );
+  // On a phone the links scroll sideways in their bar (app.css): the page shown is brought into it.
+  app.querySelector(".topbar nav [aria-current=page]")?.scrollIntoView({ block: "nearest", inline: "nearest" });
   return main;
 }
 
