@@ -615,3 +615,54 @@ def test_the_admin_top_bar_fits_one_line_on_a_phone(web_page: Watched, team: Tea
     expect(page.locator(".topbar nav a[aria-current=page]")).to_be_in_viewport(ratio=0.9)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     assert web_page.errors == []
+
+
+def test_the_error_log_names_agent_user_and_links_only_the_admins_own_chats(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """The error log's Chat column was an id cut to 8 characters (the whole id only in a mouse tooltip), with
+    no word of whose chat or which agent. It now names the agent and the user, links the admin's own chat (the
+    only ones an admin can open), and gives another user's chat id whole, with a Copy button."""
+    agent = team.create_agent(f"{fake_n8n_url}/webhook/x?scenario=status&status=500", name="Broken bot")
+    mine = team.create_chat(agent["id"], title="My failing chat")
+    with team.api() as client:
+        added = client.post("/api/users", json={"email": "bob@example.com", "password": PASSWORD, "full_name": "Bob"})
+        assert added.status_code == 201, added.text
+        assert client.post(f"/api/chats/{mine['id']}/messages", json={"content": "mine"}).status_code == 200
+    with httpx.Client(base_url=team.base_url, timeout=10) as bob:
+        login = bob.post("/api/auth/login", json={"email": "bob@example.com", "password": PASSWORD})
+        assert login.status_code == 200, login.text
+        bob.headers["Authorization"] = f"Bearer {login.json()['access_token']}"
+        theirs = bob.post("/api/chats", json={"agent_id": agent["id"]}).json()
+        assert bob.post(f"/api/chats/{theirs['id']}/messages", json={"content": "theirs"}).status_code == 200
+    page = web_page.page
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    log_in(page, team.email)
+    page.get_by_role("link", name="Errors").click()
+    headers = page.locator("thead th")
+    expect(headers).to_have_text(["When", "Code", "Message", "HTTP", "Agent", "User", "Chat"])
+    bob_row = page.locator("tbody tr", has_text="Bob")
+    expect(bob_row.locator("td").nth(4)).to_have_text("Broken bot")
+    # Another user's chat: no link (the admin would get a 404), the whole id, copied by its button.
+    expect(bob_row.get_by_role("link")).to_have_count(0)
+    expect(bob_row.locator("td").nth(6).locator("code")).to_have_text(theirs["id"])
+    bob_row.get_by_role("button", name=f"Copy id of chat {theirs['id'][:8]}").click()
+    expect(page.get_by_role("status").filter(has_text="Chat id copied.")).to_be_visible()
+    assert page.evaluate("() => navigator.clipboard.readText()") == theirs["id"]
+    if shots := os.environ.get("WEB_SHOTS"):
+        page.screenshot(path=f"{shots}/errors.png")
+    # The admin's own chat: named "You", linked, and the link opens it.
+    my_row = page.locator("tbody tr", has_text="You")
+    expect(my_row.locator("td").nth(4)).to_have_text("Broken bot")
+    link = my_row.get_by_role("link", name="Open the chat")
+    expect(link).to_have_attribute("href", f"#/chats/{mine['id']}")
+    link.click()
+    expect(page.locator(".chat-header h1")).to_have_text("My failing chat")
+    # Without the clipboard API (plain http on another host): the whole id is selected, for Ctrl+C.
+    page.add_init_script("Object.defineProperty(Navigator.prototype, 'clipboard', { get: () => undefined })")
+    page.goto("/#/admin/errors")
+    page.reload()
+    page.locator("tbody tr", has_text="Bob").get_by_role("button", name=re.compile("^Copy id")).click()
+    expect(page.get_by_role("status").filter(has_text="Selected: press Ctrl+C")).to_be_visible()
+    assert page.evaluate("() => getSelection().toString()") == theirs["id"]
+    assert web_page.errors == []

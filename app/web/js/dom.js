@@ -69,7 +69,9 @@ export function notify(text, kind = "info") {
 /** Copy a link (or `what` else); without the clipboard API (plain http is not a secure context) select it for Ctrl+C. */
 export function copy(text, field, what = "Link") {
   const manual = () => {
-    field.select();
+    // A form field selects its value; any other element (an id in a table) its text.
+    if (field.select) field.select();
+    else getSelection().selectAllChildren(field);
     notify("Selected: press Ctrl+C (⌘C) to copy.");
   };
   if (navigator.clipboard) navigator.clipboard.writeText(text).then(() => notify(`${what} copied.`), manual);

@@ -442,7 +442,26 @@ async function usagePage(main) {
   await load();
 }
 
-async function errorsPage(main) {
+/**
+ * The error log's chat: the admin's own is a link (an admin opens only their own chats: another user's would be a
+ * 404), another user's is its whole id (cut to fit, whole when selected or copied) with a Copy button, so it can
+ * be quoted to support or searched for in the logs.
+ */
+function errorChat(entry, me) {
+  if (!entry.chat_id) return "—";
+  if (entry.user_id === me.id) return h("a", { href: `#/chats/${entry.chat_id}`, title: entry.chat_id }, "Open the chat");
+  const id = h("code", { class: "id-cut", title: entry.chat_id }, entry.chat_id);
+  return [id, " ", h("button", { type: "button", class: "ghost", "aria-label": `Copy id of chat ${entry.chat_id.slice(0, 8)}`, onclick: () => copy(entry.chat_id, id, "Chat id") }, "Copy id")];
+}
+
+async function errorsPage(main, { user: me }) {
+  // Who and which agent, by name: read once per visit (every agent, deactivated ones too). A list that cannot be
+  // read leaves the ids' start, as before.
+  const names = Promise.all([api("/api/agents?include_inactive=true"), api("/api/users")]).then(
+    ([agents, users]) => ({ agents: new Map(agents.map((a) => [a.id, a.name])), users: new Map(users.map((u) => [u.id, u.full_name || u.email])) }),
+    () => ({ agents: new Map(), users: new Map() }),
+  );
+  const short = (id) => h("code", { title: id }, id.slice(0, 8));
   const body = h("tbody");
   const more = h("button", { type: "button", class: "ghost", hidden: true, onclick: () => load() }, "Load more");
   let shown = 0;
@@ -451,8 +470,22 @@ async function errorsPage(main) {
     const focusAdded = document.activeElement === more;
     more.disabled = true; // one page at a time: a second click would list the same page twice
     try {
-      const { items, total } = await page("/api/error-logs", { limit: 50, offset: shown });
-      const rows = items.map((e) => h("tr", {}, h("td", {}, when(e.created_at)), h("td", {}, h("code", {}, e.code)), h("td", { class: "wrap" }, e.message), h("td", {}, e.upstream_status ?? "—"), h("td", {}, e.chat_id ? h("code", { title: e.chat_id }, e.chat_id.slice(0, 8)) : "—")));
+      const [{ items, total }, { agents, users }] = await Promise.all([page("/api/error-logs", { limit: 50, offset: shown }), names]);
+      const agentCell = (id) => (id ? agents.get(id) ?? short(id) : "—");
+      const userCell = (id) => (!id ? "—" : id === me.id ? "You" : users.get(id) ?? short(id));
+      const rows = items.map((e) =>
+        h(
+          "tr",
+          {},
+          h("td", {}, when(e.created_at)),
+          h("td", {}, h("code", {}, e.code)),
+          h("td", { class: "wrap" }, e.message),
+          h("td", {}, e.upstream_status ?? "—"),
+          h("td", {}, agentCell(e.agent_id)),
+          h("td", {}, userCell(e.user_id)),
+          h("td", { class: "nowrap" }, errorChat(e, me)),
+        ),
+      );
       body.append(...rows);
       if (focusAdded && rows.length) {
         rows[0].tabIndex = -1; // focusable from the script only, not a Tab stop
@@ -460,7 +493,7 @@ async function errorsPage(main) {
       }
       shown += items.length;
       more.hidden = shown >= total;
-      if (!total) body.append(h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No error logged.")));
+      if (!total) body.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No error logged.")));
     } catch (err) {
       notify(errorText(err), "error");
     } finally {
@@ -474,7 +507,7 @@ async function errorsPage(main) {
       "div",
       { class: "admin" },
       h("h1", {}, "Error log"),
-      h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, ["When", "Code", "Message", "HTTP", "Chat"].map((x) => h("th", { scope: "col" }, x)))), body)),
+      h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, ["When", "Code", "Message", "HTTP", "Agent", "User", "Chat"].map((x) => h("th", { scope: "col" }, x)))), body)),
       more,
     ),
   );
