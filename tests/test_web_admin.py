@@ -3,7 +3,6 @@ headers never shown again, its avatar; an invitation link that signs a colleague
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import zlib
@@ -589,8 +588,6 @@ def test_the_admin_top_bar_fits_one_line_on_a_phone(web_page: Watched, team: Tea
     log_in(page, team.email)
     page.get_by_role("link", name="Errors").click()
     expect(page.get_by_role("heading", name="Error log")).to_be_visible()
-    if shots := os.environ.get("WEB_SHOTS"):
-        page.screenshot(path=f"{shots}/topbar-phone.png")
     bar = page.locator(".topbar")
     heights = [
         page.locator(selector).evaluate("(el) => el.getBoundingClientRect().height")
@@ -649,8 +646,6 @@ def test_the_error_log_names_agent_user_and_links_only_the_admins_own_chats(
     bob_row.get_by_role("button", name=f"Copy id of chat {theirs['id'][:8]}").click()
     expect(page.get_by_role("status").filter(has_text="Chat id copied.")).to_be_visible()
     assert page.evaluate("() => navigator.clipboard.readText()") == theirs["id"]
-    if shots := os.environ.get("WEB_SHOTS"):
-        page.screenshot(path=f"{shots}/errors.png")
     # The admin's own chat: named "You", linked, and the link opens it.
     my_row = page.locator("tbody tr", has_text="You")
     expect(my_row.locator("td").nth(4)).to_have_text("Broken bot")
