@@ -600,7 +600,9 @@ def test_the_admin_top_bar_fits_one_line_on_a_phone(web_page: Watched, team: Tea
     assert box["width"] <= 390
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     logout = page.get_by_role("button", name="Log out").bounding_box()
-    assert logout is not None and logout["x"] + logout["width"] <= 390 and logout["y"] < box["y"] + box["height"]
+    assert logout is not None
+    assert logout["x"] + logout["width"] <= 390
+    assert logout["y"] < box["y"] + box["height"]
     # The current page's link is in view, and every link can be reached and pressed.
     current = page.locator(".topbar nav a[aria-current=page]")
     expect(current).to_have_text("Errors")
