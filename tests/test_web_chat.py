@@ -29,8 +29,13 @@ def team(web_server: LiveServer, fake_n8n_url: str) -> Team:
 
 
 def open_new_chat(watched: Watched, team: Team) -> None:
+    """An empty chat with Echo bot, open in the page. Made through the API: the page makes a chat only with its
+    first message (test_a_new_chat_is_made_by_its_first_message_not_by_picking_an_agent), and many tests here
+    need the chat to exist before that message (its id, a first send made while offline)."""
+    [agent] = [a for a in team.get("/api/agents") if a["name"] == "Echo bot"]
+    chat = team.create_chat(agent["id"])
     log_in(watched.page, team.email)
-    watched.page.get_by_role("button", name=re.compile("Echo bot")).click()
+    watched.page.locator(f'.chat-list a[href="#/chats/{chat["id"]}"]').click()
     expect(watched.page.get_by_label("Message", exact=True)).to_be_focused()
 
 
@@ -68,7 +73,7 @@ def test_new_chat_from_the_keyboard_puts_the_focus_on_the_first_agent(web_page: 
     expect(page.get_by_role("button", name=re.compile("Echo bot"))).to_be_focused()
     page.keyboard.press("Enter")
     expect(page.get_by_label("Message", exact=True)).to_be_focused()
-    assert len(team.get("/api/chats")) == 31
+    assert len(team.get("/api/chats")) == 30  # made by its first message only
 
 
 def test_a_refused_login_pressed_from_the_keyboard_keeps_the_focus_on_its_button(web_page: Watched, team: Team) -> None:
@@ -1148,10 +1153,15 @@ def test_a_double_click_on_an_agent_starts_one_chat(web_page: Watched, team: Tea
     posts: list[str] = []
     page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
     page.get_by_role("button", name=re.compile("Echo bot")).dblclick()
-    # The chat opens after the first answer: a second click's request was sent before it.
+    # The second click opens the same new chat, keeping it; nothing is made before the first message.
     expect(page.get_by_label("Message", exact=True)).to_be_focused()
-    assert [p.split("/api/", 1)[1] for p in posts] == ["chats"]
+    page.get_by_label("Message", exact=True).fill("hi")
+    page.get_by_label("Message", exact=True).press("Enter")
+    page.get_by_label("Message", exact=True).press("Enter")  # while the chat is being made: sends nothing more
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    assert [p.split("/api/", 1)[1].split("/")[0] for p in posts] == ["chats", "chats"]  # the chat, its message
     assert len(team.get("/api/chats")) == 1
+    expect(page.locator(".msg.user")).to_have_count(1)
 
 
 def test_a_double_click_on_load_more_lists_each_chat_once(web_page: Watched, team: Team) -> None:
@@ -1955,8 +1965,9 @@ def test_a_draft_is_only_for_the_user_who_wrote_it(web_page: Watched, team: Team
     expect(box).to_be_focused()
     expect(box).to_have_value("")
     assert "my secret plan" not in page.content()
-    # Bob's own chat, with a draft left in the tab by someone else (Ada's id on it): not shown, and removed.
-    bobs = page.url.rsplit("/", 1)[1]
+    # Bob's new chat (not made until its first message: its draft is kept under its agent's id), with a draft
+    # left in the tab by someone else (Ada's id on it): not shown, and removed.
+    bobs = "new-" + page.url.rsplit("/new/", 1)[1]
     ada_id = team.get("/api/auth/me")["id"]
     page.evaluate(
         "([key, user]) => sessionStorage.setItem(key, JSON.stringify({ user, text: 'not yours' }))",
@@ -2287,4 +2298,56 @@ def test_a_page_that_cannot_be_shown_names_itself_in_the_tab(web_page: Watched, 
     page.goto("/#/shares/00000000-0000-0000-0000-000000000000")
     expect(page.get_by_role("alert")).to_have_text("This shared chat does not exist or is no longer shared.")
     expect(page).to_have_title("Shared chat not found \N{EN DASH} n8n Chat")
+    assert web_page.errors == []
+
+
+def test_a_new_chat_is_made_by_its_first_message_not_by_picking_an_agent(web_page: Watched, team: Team) -> None:
+    """Picking an agent created the chat on the server at once: every agent picked and left without a message
+    left an empty "New chat" in the list. The chat now exists from its first message on: until then the page
+    shows it under #/new/<agent id> (a reload keeps it and its draft), and nothing is stored."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    log_in(page, team.email)
+    for _ in range(3):  # picked, and left for another page without a word
+        page.get_by_role("navigation", name="Main").get_by_role("link", name="Chats").click()
+        page.get_by_role("link", name="+ New chat").click()
+        page.get_by_role("button", name=re.compile("Echo bot")).click()
+        expect(page).to_have_url(re.compile(f"#/new/{agent_id}$"))
+        expect(page.get_by_label("Message", exact=True)).to_be_focused()
+        expect(page).to_have_title("New chat \N{EN DASH} n8n Chat")
+        expect(page.locator(".chat-header h1")).to_have_text("New chat")
+        expect(page.locator(".chat-header .agent-name")).to_have_text("Echo bot")
+        page.get_by_role("navigation", name="Main").get_by_role("link", name="Shared").click()
+        expect(page.get_by_role("heading", name="Shared with team")).to_be_visible()
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Chats").click()
+    expect(page.locator(".chat-list")).to_have_text("No chats yet.")
+    assert team.get("/api/chats") == []
+    # The address is the unsaved chat's: reloaded, it shows again, with what was typed.
+    page.get_by_role("link", name="+ New chat").click()
+    page.get_by_role("button", name=re.compile("Echo bot")).click()
+    page.get_by_label("Message", exact=True).fill("hello there")
+    page.reload()
+    expect(page.get_by_label("Message", exact=True)).to_have_value("hello there")
+    assert team.get("/api/chats") == []
+    # The first message makes the chat: its address replaces the unsaved one's, and it shows in the list.
+    page.get_by_label("Message", exact=True).press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    assert answer_text(page) == "Echo: hello there"
+    [chat] = team.get("/api/chats")
+    expect(page).to_have_url(re.compile(f"#/chats/{chat['id']}$"))
+    expect(page.locator(f'.chat-list li[data-id="{chat["id"]}"] .chat-link')).to_have_attribute("aria-current", "page")
+    expect(page.get_by_label("Message", exact=True)).to_have_value("")
+    messages = team.get(f"/api/chats/{chat['id']}")["messages"]
+    assert [m["content"] for m in messages] == ["hello there", "Echo: hello there"]
+    # Back goes to the agent picker, before the unsaved chat (now this one): not to a second unsaved chat.
+    page.go_back()
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    assert len(team.get("/api/chats")) == 1
+    page.reload()
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    expect(page.locator(".chat-list li")).to_have_count(1)
+    # An agent that does not exist (or is no longer active): said so, in the page and the tab.
+    page.goto("/#/new/00000000-0000-0000-0000-000000000000")
+    expect(page.get_by_role("alert")).to_have_text("This agent does not exist or is not active: pick another one.")
+    expect(page).to_have_title("Agent not found \N{EN DASH} n8n Chat")
     assert web_page.errors == []

@@ -56,10 +56,14 @@ def received(fake_n8n_url: str) -> list[dict[str, Any]]:
 
 
 def open_new_chat(page: Page, team: Team) -> str:
+    """An empty chat with Echo bot, made through the API (the page makes one only with its first message or
+    file), open in the page; its id."""
+    [agent] = [a for a in team.get("/api/agents") if a["name"] == "Echo bot"]
+    chat_id = str(team.create_chat(agent["id"])["id"])
     log_in(page, team.email)
-    page.get_by_role("button", name=re.compile("Echo bot")).click()
+    page.locator(f'.chat-list a[href="#/chats/{chat_id}"]').click()
     expect(page.get_by_label("Message", exact=True)).to_be_focused()
-    return page.url.rsplit("/", 1)[1]
+    return chat_id
 
 
 def attach(page: Page, *files: tuple[str, str, bytes]) -> None:
@@ -703,3 +707,28 @@ def test_a_refused_file_is_announced_once(web_page: Watched, team: Team) -> None
     expect(uploads.and_(page.locator("[data-state=done]"))).to_have_count(2)
     expect(uploads.and_(page.locator("[data-state=error]")).get_by_role("alert")).to_be_visible()
     assert page.evaluate("window.alertsAdded") == 1
+
+
+def test_a_file_attached_to_a_new_chat_makes_the_chat(web_page: Watched, team: Team) -> None:
+    """A new chat is made on the server by its first message (picking an agent stores nothing); a file attached
+    before that message needs the chat (the server keeps files in one), so the first file makes it, and the
+    address, list and upload are that chat's from then on."""
+    page = web_page.page
+    log_in(page, team.email)
+    page.get_by_role("button", name=re.compile("Echo bot")).click()
+    expect(page).to_have_url(re.compile("#/new/"))
+    page.get_by_label("Message", exact=True).fill("read this")
+    assert team.get("/api/chats") == []
+    attach(page, ("notes.txt", "text/plain", b"hello from a file\n"))
+    expect(page.locator(".uploads .upload[data-state=done]")).to_have_count(1)
+    [chat] = team.get("/api/chats")
+    expect(page).to_have_url(re.compile(f"#/chats/{chat['id']}$"))
+    expect(page.locator(f'.chat-list li[data-id="{chat["id"]}"]')).to_have_count(1)
+    expect(page.get_by_label("Message", exact=True)).to_have_value("read this")  # what was typed stays
+    page.get_by_label("Message", exact=True).press("Enter")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".msg.user .files a")).to_have_text("notes.txt")
+    [question, _] = team.get(f"/api/chats/{chat['id']}")["messages"]
+    assert [f["filename"] for f in question["files"]] == ["notes.txt"]
+    assert len(team.get("/api/chats")) == 1
+    assert web_page.errors == []

@@ -197,7 +197,8 @@ async function route() {
     leaveChats();
     chats = new ChatsView(frame(), { user: session.user, navigate });
   }
-  await chats.open(section === "chats" ? rest[0] || null : null, section === "new");
+  // #/new: the agent picker; #/new/<agent id>: a new chat with that agent, made on the server by its first message.
+  await chats.open(section === "chats" ? rest[0] || null : null, section === "new", section === "new" ? rest[0] || null : null);
   if (current()) keepFocus();
 }
 

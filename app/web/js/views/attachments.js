@@ -8,8 +8,10 @@ import { size } from "./messages.js";
 let next = 0;
 
 export class Attachments {
-  constructor(chatId) {
+  /** `chatId`: null for a new chat not made yet; `create` makes it (the first upload waits for it) and gives its id. */
+  constructor(chatId, create = null) {
     this.chatId = chatId;
+    this.create = create;
     this.items = []; // {key, file, state: "waiting" | "uploading" | "done" | "error", progress, record, error, handle}
     this.queue = Promise.resolve(); // one upload at a time: the server allows a user only a few at once
     this.closed = false; // close(): the chats were left, nothing more is sent
@@ -68,6 +70,17 @@ export class Attachments {
 
   async upload(item) {
     if (!this.items.includes(item)) return; // removed while waiting
+    if (!this.chatId) {
+      try {
+        this.chatId = await this.create();
+      } catch (err) {
+        item.state = "error";
+        item.error = err instanceof ApiError ? err.message : "The server could not be reached.";
+        if (this.items.includes(item)) this.render();
+        return;
+      }
+      if (!this.items.includes(item) || this.closed) return;
+    }
     item.state = "uploading";
     item.handle = upload(`/api/chats/${this.chatId}/files`, item.file, {
       onProgress: (fraction) => {

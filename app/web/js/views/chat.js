@@ -13,6 +13,9 @@ const LAST = 50; // messages shown when a chat opens; "Show earlier" doubles it
 const SHARES_PAGE = 100; // the most GET /api/shares lists at once
 const SHARES_READ = 10; // pages read to learn which chats are shared; past that, menus offer both actions
 
+/** The key of a chat's draft and pending files: its id, or for a chat not made yet (#/new/<agent id>) its agent's. */
+const unsavedKey = (agentId) => `new-${agentId}`;
+const draftKey = (chat) => chat.id ?? unsavedKey(chat.agent_id);
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
 /** What an import sends: JSON Lines (the "export all" file) or one JSON chat, told by the file's name. */
 const importType = (file) => (/\.(jsonl|ndjson)$/i.test(file.name) ? "application/x-ndjson" : "application/json");
@@ -29,6 +32,10 @@ export class ChatsView {
     this.retryAt = new Map();
     this.pendingFiles = new Map(); // chat id -> its Attachments (files uploaded, not yet sent)
     this.chatId = null;
+    // A chat not made yet (#/new/<agent id>): its agent's id. The chat is made by its first message (or its first
+    // file, which the server keeps in a chat): picking an agent and leaving stores nothing.
+    this.newAgentId = null;
+    this.creation = null; // the POST /api/chats under way for it
     this.generation = null;
     this.unsent = null; // {chatId, body (JSON), key} of the send that could not reach the server, to reuse its key
     // Read again when the network is back: the chat (its id) and the list whose reading got no HTTP answer.
@@ -101,6 +108,7 @@ export class ChatsView {
 
   /** The view is dropped (a logout, another page): what `leave` does, and the pending files' uploads stop. */
   close() {
+    this.closed = true;
     this.leave();
     window.removeEventListener("online", this.onOnline);
     document.removeEventListener("click", this.closeMenus);
@@ -412,21 +420,30 @@ export class ChatsView {
 
   // --- the pane ---------------------------------------------------------------------------------
 
-  /** Show a chat, or (null) the agent picker; `picker` shows it on a phone too, where it replaces the list. */
-  async open(chatId, picker = false) {
+  /**
+   * Show a chat, or (null) the agent picker; `picker` shows it on a phone too, where it replaces the list.
+   * `agentId` (with no chat): a new chat with that agent, not made on the server until its first message.
+   */
+  async open(chatId, picker = false, agentId = null) {
     await this.ready;
     this.root.classList.toggle("has-chat", Boolean(chatId) || picker);
     if (chatId === this.chatId && chatId) return;
+    if (!chatId && agentId && agentId === this.newAgentId) return; // the same new chat: what is typed stays
     this.leave();
     this.chatId = chatId;
+    this.newAgentId = chatId ? null : agentId;
+    this.creation = null;
     this.chat = null; // the previous chat's messages say nothing of this one (resumeIfRunning)
-    // Pending files stay with their chat while the page lives: moving to another chat and back keeps them.
-    if (chatId && !this.pendingFiles.has(chatId)) this.pendingFiles.set(chatId, new Attachments(chatId));
-    this.attachments = chatId ? this.pendingFiles.get(chatId) : null;
+    // Pending files stay with their chat while the page lives: moving to another chat and back keeps them. A new
+    // chat's first file makes the chat (the server keeps files in a chat), then goes on uploading into it.
+    const key = chatId ?? (agentId ? unsavedKey(agentId) : null);
+    if (key && !this.pendingFiles.has(key)) this.pendingFiles.set(key, new Attachments(chatId, chatId ? null : () => this.ensureChat(agentId)));
+    this.attachments = key ? this.pendingFiles.get(key) : null;
     for (const row of this.list.children) {
       row.classList.toggle("current", row.dataset.id === chatId);
       row.querySelector(".chat-link")?.setAttribute("aria-current", row.dataset.id === chatId ? "page" : "false");
     }
+    if (!chatId && agentId) return this.openNew(agentId);
     if (!chatId) {
       pageTitle(picker ? "New chat" : "Chats");
       this.renderPicker();
@@ -440,6 +457,66 @@ export class ChatsView {
     if (!(await this.reload())) return; // not on a chat that could not be read (404...)
     this.giveBackWaiting();
     this.resumeIfRunning();
+  }
+
+  /** A new chat with the agent, shown as an empty chat (its draft kept, files attachable) until its first message. */
+  openNew(agentId) {
+    const agent = this.agents.get(agentId); // active agents only: a chat cannot be made with another
+    if (!agent) {
+      pageTitle("Agent not found");
+      fill(
+        this.pane,
+        h(
+          "div",
+          { class: "center" },
+          h("p", { class: "error", role: "alert" }, "This agent does not exist or is not active: pick another one."),
+          h("a", { href: "#/new" }, "Start a chat"),
+        ),
+      );
+      return;
+    }
+    this.render({ id: null, agent_id: agentId, title: null, messages: [], has_more: false });
+  }
+
+  /**
+   * The new chat on the server (its first message is being sent, or its first file attached): made once, then it
+   * takes the new chat's place: its address replaces #/new/<agent id> in the history (Back does not come to an
+   * empty new chat again), the draft and files are its own, the list shows it. Resolves to its id.
+   */
+  ensureChat(agentId) {
+    if (this.chatId && !this.newAgentId) return Promise.resolve(this.chatId);
+    this.creation ??= api("/api/chats", { method: "POST", body: { agent_id: agentId } }).then(
+      (chat) => this.adopt(chat, agentId),
+      (err) => {
+        if (this.newAgentId === agentId) this.creation = null; // to try again with the next send
+        throw err;
+      },
+    );
+    return this.creation;
+  }
+
+  adopt(chat, agentId) {
+    const key = unsavedKey(agentId);
+    const attachments = this.pendingFiles.get(key);
+    this.pendingFiles.delete(key);
+    if (attachments && !this.closed) {
+      attachments.chatId = chat.id;
+      this.pendingFiles.set(chat.id, attachments);
+    }
+    const draft = drafts.read(key);
+    drafts.clear(key);
+    if (draft && !this.closed) drafts.write(chat.id, draft);
+    if (this.closed) return chat.id;
+    if (this.newAgentId === agentId && !this.chatId) {
+      this.chatId = chat.id;
+      this.newAgentId = null;
+      this.creation = null;
+      this.last = LAST;
+      history.replaceState(history.state, "", `#/chats/${chat.id}`); // no hashchange: the chat stays as it is
+      this.render({ ...chat, messages: chat.messages ?? [], has_more: false });
+    }
+    this.loadChats();
+    return chat.id;
   }
 
   renderPicker() {
@@ -473,19 +550,10 @@ export class ChatsView {
     );
   }
 
-  // One chat per click: a double click on an agent's card created two chats.
-  async startChat(agent) {
-    if (this.starting) return;
-    this.starting = true;
-    try {
-      const chat = await api("/api/chats", { method: "POST", body: { agent_id: agent.id } });
-      await this.loadChats();
-      this.navigate(`/chats/${chat.id}`);
-    } catch (err) {
-      notify(errorText(err), "error");
-    } finally {
-      this.starting = false;
-    }
+  // Nothing is made on the server yet: the new chat is, by its first message (ensureChat). A double click opens
+  // the same new chat twice, which keeps it as it is.
+  startChat(agent) {
+    this.navigate(`/new/${agent.id}`);
   }
 
   /** Read the chat again and show it; false when it could not be read (or another chat opened meanwhile). */
@@ -540,13 +608,16 @@ export class ChatsView {
   render(chat) {
     // What is typed stays when the same chat is shown again (an answer's end, a version); a chat opened gets
     // its own draft back (`drafts`), never another chat's.
-    const draft = this.chat?.id === chat.id ? this.input?.value || "" : this.draftOf(chat.id);
+    // A new chat not made yet keeps its draft under its agent's id (draftKey).
+    const key = draftKey(chat);
+    const same = Boolean(this.chat) && draftKey(this.chat) === key;
+    const draft = same ? this.input?.value || "" : this.draftOf(key);
     // The message box takes the focus when the chat opens, or when the focus was in the pane (or nowhere),
     // never from the list, the search or the menus.
     const active = document.activeElement;
-    const focus = this.chat?.id !== chat.id || !active || active === document.body || this.pane.contains(active);
+    const focus = !same || !active || active === document.body || this.pane.contains(active);
     // The same chat drawn again (an answer's end, a version chosen): a reader scrolled up stays where they were.
-    const kept = this.chat?.id === chat.id && this.messages?.isConnected && !this.atEnd() ? this.messages.scrollTop : null;
+    const kept = same && this.messages?.isConnected && !this.atEnd() ? this.messages.scrollTop : null;
     this.chat = chat;
     this.agent = this.knownAgent(chat.agent_id);
     this.header = h("header", { class: "chat-header" });
@@ -558,7 +629,7 @@ export class ChatsView {
       maxlength: 32000,
     });
     this.input.value = draft;
-    this.input.addEventListener("input", () => this.keepDraft(chat.id));
+    this.input.addEventListener("input", () => this.keepDraft(key));
     this.input.addEventListener("keydown", (event) => {
       // On a touch screen (a coarse pointer: a phone's keyboard has no Shift+Enter) Enter adds a line and Send sends.
       if (event.key === "Enter" && !event.shiftKey && !composing(event) && !touchScreen()) {
@@ -585,6 +656,15 @@ export class ChatsView {
           if (files === null) return notify("Wait until the files are uploaded, or remove them.", "error");
           if (!content.trim()) {
             if (files.length) notify("Write a message to send with the files.", "error");
+            return;
+          }
+          // A new chat is made by its first message: made, it is drawn as itself and the message sent from there.
+          if (!this.chatId) {
+            const agentId = this.newAgentId;
+            this.ensureChat(agentId).then(
+              (id) => id === this.chatId && this.composer.requestSubmit(),
+              (err) => this.newAgentId === agentId && notify(errorText(err), "error"), // the text stays in the box
+            );
             return;
           }
           performance.mark("send");
@@ -614,6 +694,7 @@ export class ChatsView {
       if (this.live.user) liveIds.add(stored.parent_id);
     }
     for (const message of chat.messages) if (!liveIds.has(message.id)) this.messages.append(messageItem(message, this.actions()));
+    if (!chat.id) this.messages.append(h("li", { class: "muted center" }, "Your first message starts the chat."));
     this.messages.append(...live);
     fill(this.pane, this.header, this.messages, this.composer);
     if (this.generation) this.setBusy(true); // the new buttons: Stop, not Send
@@ -652,7 +733,7 @@ export class ChatsView {
       h("a", { class: "back ghost button", href: "#/chats", "aria-label": "Back to the chat list" }, "‹"),
       avatar(this.agent),
       h("div", { class: "chat-heading" }, h("h1", { title: chat.title || null }, chat.title || "New chat"), h("span", { class: "muted agent-name", title: agentLabel(this.agent) }, agentLabel(this.agent))),
-      this.chatMenu(chat, []),
+      chat.id && this.chatMenu(chat, []), // nothing to share or export before the first message
     );
   }
 
