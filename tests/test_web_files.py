@@ -732,3 +732,96 @@ def test_a_file_attached_to_a_new_chat_makes_the_chat(web_page: Watched, team: T
     assert [f["filename"] for f in question["files"]] == ["notes.txt"]
     assert len(team.get("/api/chats")) == 1
     assert web_page.errors == []
+
+
+FILES_KEPT = "() => Object.keys(sessionStorage).filter((key) => key.startsWith('files:'))"
+
+
+def test_pending_files_survive_a_reload_with_the_draft_and_go_with_the_session(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """The draft came back after a reload but the files attached to it did not, though they were still on the
+    server (unsent, counted against the chat's cap): the message went without them unless attached again. The
+    uploaded pending files are now kept in the tab with the draft and are pending again after a reload (or the
+    Shared page and back), for the same user; a logout forgets them."""
+    page = web_page.page
+    chat_id = open_new_chat(page, team)
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    attach(page, ("notes.txt", "text/plain", b"hello from a file\n"), ("more.txt", "text/plain", b"more\n"))
+    done = page.locator(".uploads .upload[data-state=done] .file-name")
+    expect(done).to_have_text(["notes.txt", "more.txt"])
+    page.get_by_label("Message", exact=True).press_sequentially("read these")
+    page.reload()
+    expect(page.get_by_label("Message", exact=True)).to_have_value("read these")
+    expect(done).to_have_text(["notes.txt", "more.txt"])
+    # Removed after the reload: removed on the server too, and no longer kept.
+    with page.expect_response(lambda r: r.request.method == "DELETE" and "/files/" in r.url) as deleted:
+        page.get_by_role("button", name="Remove more.txt").click()
+    assert deleted.value.status == 204
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Shared").click()
+    expect(page.get_by_role("heading", name="Shared with team")).to_be_visible()
+    page.go_back()
+    expect(done).to_have_text(["notes.txt"])
+    send(page, "read these")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".msg.user .files a")).to_have_text("notes.txt")
+    [body] = [r["json"] for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]
+    assert [f["filename"] for f in body["files"]] == ["notes.txt"]
+    # Sent: nothing pending is kept, a reload shows none.
+    assert page.evaluate(FILES_KEPT) == []
+    page.reload()
+    expect(page.locator(".msg.user")).to_have_count(1)
+    expect(page.locator(".uploads .upload")).to_have_count(0)
+    # A logout forgets the pending files, as it forgets the drafts.
+    attach(page, ("later.txt", "text/plain", b"later\n"))
+    expect(done).to_have_text(["later.txt"])
+    assert page.evaluate(FILES_KEPT) == [f"files:{chat_id}"]
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    assert page.evaluate(FILES_KEPT) == []
+    # Files kept in the tab for another user (before their session ended) are not shown, and go.
+    log_in(page, team.email)
+    page.evaluate(
+        "([key, file]) => sessionStorage.setItem(key, JSON.stringify({ user: 'someone else', files: [file] }))",
+        [f"files:{chat_id}", {"id": "00000000-0000-0000-0000-000000000000", "filename": "theirs.txt", "size": 6}],
+    )
+    page.locator(f'.chat-list a[href="#/chats/{chat_id}"]').click()
+    expect(page.locator(".msg.user")).to_have_count(1)
+    expect(page.locator(".uploads .upload")).to_have_count(0)
+    assert page.evaluate(FILES_KEPT) == []
+    assert web_page.errors == []
+
+
+def test_a_file_attached_to_a_new_chat_goes_to_that_chat_when_another_is_opened_meanwhile(
+    web_page: Watched, team: Team
+) -> None:
+    """The first file of a new chat waits for the chat to be made; another chat opened meanwhile must not take the
+    upload (the file would then be stored in that chat, and the new chat's send refused)."""
+    page = web_page.page
+    [agent] = team.get("/api/agents")
+    other = team.create_chat(agent["id"], title="Other")
+    log_in(page, team.email)
+    page.get_by_role("link", name="+ New chat").click()
+    page.get_by_role("button", name=re.compile("Echo bot")).click()
+    held: list[Route] = []
+    page.route(
+        re.compile(r"/api/chats$"),
+        lambda route: held.append(route) if route.request.method == "POST" else route.continue_(),
+    )
+    attach(page, ("notes.txt", "text/plain", b"hello from a file\n"))
+    expect(page.locator(".uploads .upload")).to_have_count(1)
+    page.get_by_role("link", name="Other").click()
+    expect(page.locator(".chat-header h1")).to_have_text("Other")
+    while not held:
+        page.wait_for_timeout(50)
+    held[0].continue_()
+    expect(page.locator(".chat-list li")).to_have_count(2)
+    expect(page).to_have_url(re.compile(f"#/chats/{other['id']}$"))
+    expect(page.locator(".uploads .upload")).to_have_count(0)
+    [made] = [c for c in team.get("/api/chats") if c["id"] != other["id"]]
+    page.locator(f'.chat-list a[href="#/chats/{made["id"]}"]').click()
+    expect(page.locator(".uploads .upload[data-state=done] .file-name")).to_have_text("notes.txt")
+    send(page, "read this")
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1)
+    expect(page.locator(".msg.user .files a")).to_have_text("notes.txt")
+    assert web_page.errors == []

@@ -63,10 +63,10 @@ function perChat(prefix) {
 /** Where this tab is in a chat's running answer, kept so a reload can continue it. */
 export const saved = {
   ...perChat("stream"),
-  /** Every chat's, the sends kept in `waiting` and the `drafts` (the session ends: neither an answer's text nor
+  /** Every chat's, the sends kept in `waiting`, the `drafts` and `pendingUploads` (the session ends: neither an answer's text nor
    * a message waiting to be sent or being written is left in the tab for whoever signs in next). */
   clearAll() {
-    for (const key of Object.keys(sessionStorage)) if (/^(stream|unsent|draft):/.test(key)) sessionStorage.removeItem(key);
+    for (const key of Object.keys(sessionStorage)) if (/^(stream|unsent|draft|files):/.test(key)) sessionStorage.removeItem(key);
   },
 };
 
@@ -83,6 +83,13 @@ export const waiting = perChat("unsent");
  * only (chat.js). `saved.clearAll` removes it with the session.
  */
 export const drafts = perChat("draft");
+
+/**
+ * A chat's uploaded files not sent yet ({user, files: [File]}), kept with its draft so a reload or the chats left
+ * and opened again gives them back pending, to the same user only (attachments.js). Uploads still under way are
+ * not: their bytes are the browser's. `saved.clearAll` removes them with the session.
+ */
+export const pendingUploads = perChat("files");
 
 /** A send that never reached an answer: the server could not be reached (no HTTP answer at all). `key` is its
  * Idempotency-Key, to send the same message again with: if it did reach the server, it is answered, not stored

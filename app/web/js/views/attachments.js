@@ -3,15 +3,20 @@
 // The chat view sends the uploaded ones' ids with the message (`file_ids`, docs/FILES.md).
 import { ApiError, api, upload } from "../api.js";
 import { h, notify } from "../dom.js";
+import { pendingUploads } from "../stream.js";
 import { size } from "./messages.js";
 
 let next = 0;
 
 export class Attachments {
-  /** `chatId`: null for a new chat not made yet; `create` makes it (the first upload waits for it) and gives its id. */
-  constructor(chatId, create = null) {
+  /**
+   * `chatId`: null for a new chat not made yet; `create` makes it (the first upload waits for it) and gives its id.
+   * `user`: whose pending files the tab keeps (`pendingUploads`): those kept for this chat are pending again.
+   */
+  constructor(chatId, create = null, user = null) {
     this.chatId = chatId;
     this.create = create;
+    this.user = user;
     this.items = []; // {key, file, state: "waiting" | "uploading" | "done" | "error", progress, record, error, handle}
     this.queue = Promise.resolve(); // one upload at a time: the server allows a user only a few at once
     this.closed = false; // close(): the chats were left, nothing more is sent
@@ -21,6 +26,20 @@ export class Attachments {
       this.add([...this.input.files]);
       this.input.value = "";
     });
+    if (chatId) {
+      const kept = pendingUploads.read(chatId);
+      if (kept?.user === user && Array.isArray(kept.files)) this.restore(kept.files);
+      else if (kept) pendingUploads.clear(chatId); // another user's: not shown, and gone
+    }
+  }
+
+  /** The uploaded files still pending, kept in the tab (on each change of state: a few ids and names), so a
+   * reload gives them back with the draft; none kept once they are sent or removed. */
+  keep() {
+    if (!this.chatId || this.closed) return;
+    const files = this.items.filter((item) => item.state === "done").map((item) => item.record);
+    if (files.length) pendingUploads.write(this.chatId, { user: this.user, files });
+    else pendingUploads.clear(this.chatId);
   }
 
   /** The list of pending files (the same element across renders of the composer). */
@@ -162,6 +181,7 @@ export class Attachments {
    * the message box.
    */
   render() {
+    this.keep();
     this.list.hidden = this.items.length === 0;
     const shown = new Map([...this.list.children].map((li) => [li.dataset.key, li]));
     const focused = this.list.contains(document.activeElement) ? document.activeElement.closest("li") : null;

@@ -3,7 +3,7 @@
 // regenerate, branches, feedback). Each chat's menu (in the list and in the chat's header) shares and exports it.
 import { ApiError, api, download, page } from "../api.js";
 import { composing, copy, fill, h, notify, pageTitle, randomId, touchScreen } from "../dom.js";
-import { Generation, NotSent, drafts, saved, stopGeneration, waiting } from "../stream.js";
+import { Generation, NotSent, drafts, pendingUploads, saved, stopGeneration, waiting } from "../stream.js";
 import { Attachments } from "./attachments.js";
 import { agentById, agentLabel, avatar, messageItem, setContent, stepItem, waitText } from "./messages.js";
 
@@ -35,7 +35,7 @@ export class ChatsView {
     // A chat not made yet (#/new/<agent id>): its agent's id. The chat is made by its first message (or its first
     // file, which the server keeps in a chat): picking an agent and leaving stores nothing.
     this.newAgentId = null;
-    this.creation = null; // the POST /api/chats under way for it
+    this.creations = new Map(); // agent id -> the POST /api/chats under way for its new chat
     this.generation = null;
     this.unsent = null; // {chatId, body (JSON), key} of the send that could not reach the server, to reuse its key
     // Read again when the network is back: the chat (its id) and the list whose reading got no HTTP answer.
@@ -411,6 +411,7 @@ export class ChatsView {
       saved.clear(chat.id);
       waiting.clear(chat.id);
       drafts.clear(chat.id);
+      pendingUploads.clear(chat.id);
       if (chat.id === this.chatId) this.navigate("/new");
       await this.loadChats();
     } catch (err) {
@@ -432,12 +433,11 @@ export class ChatsView {
     this.leave();
     this.chatId = chatId;
     this.newAgentId = chatId ? null : agentId;
-    this.creation = null;
     this.chat = null; // the previous chat's messages say nothing of this one (resumeIfRunning)
     // Pending files stay with their chat while the page lives: moving to another chat and back keeps them. A new
     // chat's first file makes the chat (the server keeps files in a chat), then goes on uploading into it.
     const key = chatId ?? (agentId ? unsavedKey(agentId) : null);
-    if (key && !this.pendingFiles.has(key)) this.pendingFiles.set(key, new Attachments(chatId, chatId ? null : () => this.ensureChat(agentId)));
+    if (key && !this.pendingFiles.has(key)) this.pendingFiles.set(key, new Attachments(chatId, chatId ? null : () => this.ensureChat(agentId), this.userId));
     this.attachments = key ? this.pendingFiles.get(key) : null;
     for (const row of this.list.children) {
       row.classList.toggle("current", row.dataset.id === chatId);
@@ -484,18 +484,23 @@ export class ChatsView {
    * empty new chat again), the draft and files are its own, the list shows it. Resolves to its id.
    */
   ensureChat(agentId) {
-    if (this.chatId && !this.newAgentId) return Promise.resolve(this.chatId);
-    this.creation ??= api("/api/chats", { method: "POST", body: { agent_id: agentId } }).then(
-      (chat) => this.adopt(chat, agentId),
-      (err) => {
-        if (this.newAgentId === agentId) this.creation = null; // to try again with the next send
-        throw err;
-      },
-    );
-    return this.creation;
+    // Per agent, not per page shown: a file attached just before another chat was opened goes to its own new chat.
+    let creation = this.creations.get(agentId);
+    if (!creation) {
+      creation = api("/api/chats", { method: "POST", body: { agent_id: agentId } }).then(
+        (chat) => this.adopt(chat, agentId),
+        (err) => {
+          this.creations.delete(agentId); // to try again with the next send
+          throw err;
+        },
+      );
+      this.creations.set(agentId, creation);
+    }
+    return creation;
   }
 
   adopt(chat, agentId) {
+    this.creations.delete(agentId); // the agent's next new chat is another one
     const key = unsavedKey(agentId);
     const attachments = this.pendingFiles.get(key);
     this.pendingFiles.delete(key);
@@ -510,7 +515,6 @@ export class ChatsView {
     if (this.newAgentId === agentId && !this.chatId) {
       this.chatId = chat.id;
       this.newAgentId = null;
-      this.creation = null;
       this.last = LAST;
       history.replaceState(history.state, "", `#/chats/${chat.id}`); // no hashchange: the chat stays as it is
       this.render({ ...chat, messages: chat.messages ?? [], has_more: false });
