@@ -2,7 +2,7 @@
 // chat pane (agent picker, messages, composer with attachments, streaming, stop, resume after reload, edit,
 // regenerate, branches, feedback). Each chat's menu (in the list and in the chat's header) shares and exports it.
 import { ApiError, api, download, page } from "../api.js";
-import { composing, copy, fill, h, notify, pageTitle, randomId, touchScreen } from "../dom.js";
+import { composing, fill, h, notify, pageTitle, randomId, touchScreen } from "../dom.js";
 import { Generation, NotSent, drafts, pendingUploads, saved, stopGeneration, waiting } from "../stream.js";
 import { Attachments } from "./attachments.js";
 import { agentById, agentLabel, avatar, messageItem, setContent, stepItem, waitText } from "./messages.js";
@@ -303,29 +303,10 @@ export class ChatsView {
     try {
       const share = await api(`/api/chats/${chat.id}/share`, { method: "POST" });
       this.sharedIds?.add(chat.id);
+      const { showShareLink } = await import("./shares.js"); // on first use, like the shared chats
       // The page moved on while the share was made (a logout: the login form): its link is not shown there.
       if (!document.body.contains(this.root)) return;
-      const link = `${location.origin}${location.pathname}#/shares/${share.id}`;
-      const field = h("input", { readonly: true, value: link, "aria-label": "Link to the shared chat" });
-      const dialog = h(
-        "dialog",
-        { class: "share-dialog", "aria-labelledby": "share-title" },
-        h("h2", { id: "share-title" }, "Shared with your team"),
-        h("p", { class: "muted" }, `Every member of your team can read this snapshot of "${chat.title || "New chat"}" (${share.message_count} messages) and fork it. Messages you write later appear once you share again.`),
-        field,
-        h(
-          "div",
-          { class: "row" },
-          h("button", { type: "button", onclick: () => copy(link, field) }, "Copy link"),
-          h("a", { class: "button secondary", href: `#/shares/${share.id}` }, "Open"),
-          h("button", { type: "button", class: "ghost", onclick: () => dialog.close() }, "Close"),
-        ),
-      );
-      dialog.addEventListener("close", () => dialog.remove());
-      dialog.addEventListener("click", (event) => event.target instanceof HTMLAnchorElement && dialog.close());
-      document.body.append(dialog);
-      dialog.showModal();
-      field.select();
+      showShareLink(chat, share);
     } catch (err) {
       notify(errorText(err), "error");
     }

@@ -2,11 +2,36 @@
 // (`#/shares/<id>`), rendered with the same safe Markdown as a chat, with Fork (a new chat of mine) and, for its
 // sharer or an admin, Delete. Loaded on first use, like the admin pages.
 import { ApiError, api, download, page } from "../api.js";
-import { fill, h, notify, pageTitle, when } from "../dom.js";
+import { copy, fill, h, notify, pageTitle, when } from "../dom.js";
 import { agentById, agentLabel, avatar, messageItem } from "./messages.js";
 
 const PAGE = 30;
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
+
+/** The link of a chat just shared (or shared again: the same link shows the new snapshot), in a dialog. */
+export function showShareLink(chat, share) {
+  const link = `${location.origin}${location.pathname}#/shares/${share.id}`;
+  const field = h("input", { readonly: true, value: link, "aria-label": "Link to the shared chat" });
+  const dialog = h(
+    "dialog",
+    { class: "share-dialog", "aria-labelledby": "share-title" },
+    h("h2", { id: "share-title" }, "Shared with your team"),
+    h("p", { class: "muted" }, `Every member of your team can read this snapshot of "${chat.title || "New chat"}" (${share.message_count} messages) and fork it. Messages you write later appear once you share again.`),
+    field,
+    h(
+      "div",
+      { class: "row" },
+      h("button", { type: "button", onclick: () => copy(link, field) }, "Copy link"),
+      h("a", { class: "button secondary", href: `#/shares/${share.id}` }, "Open"),
+      h("button", { type: "button", class: "ghost", onclick: () => dialog.close() }, "Close"),
+    ),
+  );
+  dialog.addEventListener("close", () => dialog.remove());
+  dialog.addEventListener("click", (event) => event.target instanceof HTMLAnchorElement && dialog.close());
+  document.body.append(dialog);
+  dialog.showModal();
+  field.select();
+}
 
 export async function renderShares(main, shareId, { user, navigate }) {
   const root = h("div", { class: "shares" });
