@@ -540,18 +540,21 @@ class RedisEventLog:
         failing = False
         loop = asyncio.get_running_loop()
         while True:
+            _end_if_cancelled()
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(channel)
                 await _subscription_confirmed(pubsub)
                 if on_subscribed is not None:
                     await on_subscribed()
+                _end_if_cancelled()
                 if failing:
                     logger.warning("redis %s channel subscribed again", what)
                     failing = False
                 heard, pinged = loop.time(), None
                 while True:
                     message = await pubsub.get_message(timeout=LISTEN_POLL)
+                    _end_if_cancelled()
                     now = loop.time()
                     if message is not None:
                         heard, pinged = now, None
@@ -577,12 +580,23 @@ class RedisEventLog:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
+def _end_if_cancelled() -> None:
+    """Raise CancelledError when the task was cancelled and still carries the request: a cancel landing while
+    redis-py opens a connection on uvloop can be swallowed below us, and a listener polling on after it held
+    up the shutdown for ever (`app.cli serve` on a port in use hung after "Waiting for application shutdown").
+    Inside `asyncio.timeout`, a timeout's own cancel raised here becomes its TimeoutError, as it should."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def _subscription_confirmed(pubsub: PubSub) -> None:
     """Until Redis confirms the subscription: `subscribe` only sends the command, and its reply is the first
     message to read (within REPLY_TIMEOUT, else TimeoutError: a lost connection)."""
     async with asyncio.timeout(REPLY_TIMEOUT):
         while True:
             message = await pubsub.get_message(timeout=LISTEN_POLL)
+            _end_if_cancelled()
             if message is not None and message.get("type") == "subscribe":
                 return
 

@@ -970,3 +970,36 @@ async def redis_log_holds(url: str, key: str, count: int) -> None:
                 await asyncio.sleep(0.02)
     finally:
         await client.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_a_listener_whose_cancel_a_library_swallowed_still_ends(settings: Settings, redis_url: str) -> None:
+    """A cancel landing while redis-py opens a pub/sub connection on uvloop can be swallowed below the listener
+    (the task is left `cancelling` and polls on): a shutdown right after start-up, as `app.cli serve` on a port
+    already in use does, then hung for ever after "Waiting for application shutdown". The listener honours a
+    cancel still pending at its next poll; a swallowing `on_subscribed` stands in for the library here."""
+    client = eventlog.connect(settings.model_copy(update={"REDIS_URL": redis_url}))
+    assert client is not None
+    db = Database(settings)  # unused by the channel
+    log = eventlog.RedisEventLog(client, settings, db)
+    reading = asyncio.Event()
+
+    async def on_stop(assistant_id: str) -> None:
+        pass
+
+    async def swallowing() -> None:
+        reading.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+
+    listener = asyncio.create_task(log.listen_for_stops(on_stop, swallowing))
+    try:
+        await reading.wait()
+        listener.cancel()
+        done, _ = await asyncio.wait([listener], timeout=3 * eventlog.LISTEN_POLL)
+        assert done, "the listener polled on after its cancel"
+        assert listener.cancelled()
+    finally:
+        await cancel_and_wait(listener)
+        await client.aclose()
+        await db.dispose()
