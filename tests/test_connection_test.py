@@ -445,6 +445,10 @@ CALLBACK_STARTED = [
     "/webhook/agent-stream-off",
     "/webhook/x?scenario=chat_stream_load",
     "/webhook/agent-stream",
+    # The fake's own callback workflow (docs/CALLBACKS.md): a probe carries no callback URL, and a real n8n
+    # answers as its Webhook node says all the same (the HTTP Request nodes fail later, in n8n).
+    "/webhook/agent-stream?scenario=callbacks",
+    "/webhook/agent-stream?scenario=callbacks&answer=stream&delay_ms=1",
 ]
 
 

@@ -800,16 +800,17 @@ class FakeN8n:
         and `interval_ms` apart (default 20), while the webhook answers as `answer` says: `ack` (default: at
         once, `{"message": "Workflow was started"}`, like "Respond: Immediately"), `cut` (the connection is
         dropped after `hang` seconds, default 0.1, as a proxy's time limit does), `stream` (the echo NDJSON,
-        slowly: `delay_ms`, default 200) or `stall` (two tokens, then nothing for `hang` seconds)."""
+        slowly: `delay_ms`, default 200) or `stall` (two tokens, then nothing for `hang` seconds). Without a
+        callback URL (the connection test's probe) it posts nothing and answers all the same, as n8n does: its
+        Webhook node answers before the HTTP Request nodes run, and those then fail in n8n."""
         body = await request.json()
         url = (body.get("metadata") or {}).get("callback_url")
-        if not isinstance(url, str):
-            return web.json_response({"message": "fake n8n: no metadata.callback_url"}, status=400)
-        script = self._callback_script(request, text)
-        start, interval = self._q(request, "start_ms", 0) / 1000, self._q(request, "interval_ms", 20) / 1000
-        task = asyncio.create_task(self._post_callbacks(url, script, start, interval))
-        self._posting.add(task)
-        task.add_done_callback(self._posting.discard)
+        if isinstance(url, str):
+            script = self._callback_script(request, text)
+            start, interval = self._q(request, "start_ms", 0) / 1000, self._q(request, "interval_ms", 20) / 1000
+            task = asyncio.create_task(self._post_callbacks(url, script, start, interval))
+            self._posting.add(task)
+            task.add_done_callback(self._posting.discard)
         answer = request.query.get("answer", "ack")
         if answer == "cut":
             await asyncio.sleep(self._q(request, "hang", 0.1))
