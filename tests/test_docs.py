@@ -295,6 +295,21 @@ def test_env_example_gives_every_settings_range_and_choices() -> None:
     assert not missing, missing
 
 
+def test_operations_lists_every_setting_with_its_built_in_default() -> None:
+    """docs/OPERATIONS.md's Settings table has one row per setting of app/config.py, with its built-in default (not
+    the value `make run` or .env.example picks): a setting added, renamed or given a new default shows up here."""
+    section = (ROOT / "docs" / "OPERATIONS.md").read_text().split("\n## Settings\n", 1)
+    assert len(section) == 2, "docs/OPERATIONS.md has no ## Settings section"
+    rows = dict(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \| (`[^`]*`|unset) \|", section[1].split("\n## ", 1)[0], re.M))
+    wrong = sorted(set(Settings.model_fields) ^ set(rows))
+    wrong += [
+        f"{name}: {rows[name]}, default {default_text(name)!r}"
+        for name in sorted(set(Settings.model_fields) & set(rows))
+        if ("" if rows[name] == "unset" else rows[name][1:-1]) != default_text(name) or rows[name] == "``"
+    ]
+    assert not wrong, wrong
+
+
 #: `STREAM_WRITE_TIMEOUT` (60 s), `FILE_MAX_BYTES` (default 10 MiB), `AGENT_TEST_TIMEOUT`, 15 s, a table's
 #: | `N8N_READ_TIMEOUT` | 120 s |: a default stated beside the setting's name.
 PROSE_DEFAULT = re.compile(
