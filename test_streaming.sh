@@ -379,6 +379,6 @@ ci() {
 case "${1:-}" in
   --ci) ci ;;
   "") interactive ;;
-  -h | --help) sed -n '2,10p' "$0" ;;
+  -h | --help) sed -n '2,12p' "$0" ;;
   *) echo "usage: $0 [--ci]" >&2; exit 2 ;;
 esac

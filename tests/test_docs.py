@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -594,3 +595,13 @@ def test_the_readme_indexes_every_page_of_docs() -> None:
     index = readme.split("## Documentation", 1)[1].split("\n## ", 1)[0]
     linked = set(re.findall(r"^\| \[[^]]*\]\(docs/([\w.-]+\.md)\)", index, re.M))
     assert linked == {page.name for page in (ROOT / "docs").glob("*.md")}
+
+
+def test_the_streaming_scripts_help_names_every_knob_it_reads() -> None:
+    """`bash test_streaming.sh --help` prints its header: every environment variable the script reads with a
+    default (`${CI_DATABASE_URL:-...}`) is named there, so `--help` alone tells how to point `--ci` elsewhere."""
+    script = ROOT / "test_streaming.sh"
+    read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):-", script.read_text())) - {"STREAM_HEADERS", "WORK", "SERVER"}  # set by the script itself
+    assert {"CI_DATABASE_URL", "PYTHON", "CURL_MAX"} <= read
+    shown = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert not sorted(name for name in read if name not in shown)
