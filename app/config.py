@@ -326,8 +326,11 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_input=False, include_url=False):
-            name = ".".join(str(part) for part in err["loc"]) or "configuration"
-            lines.append(f"  {name}: {err['msg']}")
+            # Our validators' own sentences, without pydantic's "Value error, "; a check of several settings
+            # (the model's) names them itself ("JWT_SECRET, ENCRYPTION_KEY must be set when APP_ENV=production").
+            message = err["msg"].removeprefix("Value error, ")
+            name = ".".join(str(part) for part in err["loc"])
+            lines.append(f"  {name}: {message}" if name else f"  {message}")
         raise ConfigError("Invalid configuration:\n" + "\n".join(lines)) from None
 
 

@@ -44,6 +44,23 @@ def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert "ACCESS_TOKEN_EXPIRE_MINUTES" in str(excinfo.value)
 
 
+def test_a_refused_value_reads_as_the_services_sentence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The line an operator reads names the variable and says what is wrong, without pydantic's "Value error, "
+    prefix: `CORS_ORIGINS: '*' is not allowed; ...`, as docs/OPERATIONS.md quotes ENCRYPTION_KEY's."""
+    monkeypatch.setenv("CORS_ORIGINS", "*")
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(DATA_DIR=tmp_path)
+    assert str(excinfo.value) == (
+        "Invalid configuration:\n  CORS_ORIGINS: '*' is not allowed; list the SPA origins explicitly"
+    )
+    monkeypatch.delenv("CORS_ORIGINS")
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(DATA_DIR=tmp_path, ENCRYPTION_KEY="not-a-key")
+    assert str(excinfo.value).endswith(
+        "\n  ENCRYPTION_KEY: the key is not a Fernet key (url-safe base64 of 32 bytes)"
+    ), str(excinfo.value)
+
+
 def test_stream_log_ttl_is_at_least_a_minute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Followers that lost their connection just before the end must still find the rest."""
     monkeypatch.setenv("STREAM_LOG_TTL", "59")
