@@ -468,5 +468,21 @@ AgentDescription = Annotated[str, Field(max_length=AGENT_DESCRIPTION_MAX), Stora
 SystemPrompt = Annotated[str, Field(max_length=AGENT_SYSTEM_PROMPT_MAX, examples=["You answer briefly."]), StorableText]
 
 
+#: A client's own session id (`/v1`'s X-Session-Id header, the chat widget's `sessionId`): a key into n8n's
+#: memory or into the stored widget sessions, which may also end up in a log line or an admin's query.
+SESSION_ID_MAX = 200
+SESSION_ID_RULE = f"must be 1 to {SESSION_ID_MAX} printable characters"
+
+
+def check_session_id(value: str) -> str:
+    """1-SESSION_ID_MAX printable characters (`str.isprintable`: no control, format or line/paragraph separator,
+    no space but U+0020). A newline or an escape sequence in a key would forge or garble the lines it is logged
+    in, and an invisible character makes two ids that look the same name different chats; a UUID, as the widget
+    and most clients make, is always fine. One rule for both ways in (ValueError: the caller says where)."""
+    if not value or len(value) > SESSION_ID_MAX or not value.isprintable():
+        raise ValueError(SESSION_ID_RULE)
+    return value
+
+
 CHAT_TITLE_MAX = 200
 ChatTitle = Annotated[str, Field(max_length=CHAT_TITLE_MAX, examples=["Quarterly report questions"]), StorableText]

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -42,6 +43,7 @@ from app.fields import (
     EMAIL_MAX_LENGTH,
     PASSWORD_MAX_LENGTH,
     PREFERENCES_MAX_BYTES,
+    SESSION_ID_MAX,
     TRIMMED,
     Email,
     FullName,
@@ -53,6 +55,7 @@ from app.fields import (
     ReadModel,
     Role,
     canonical_email,
+    check_session_id,
     check_storable_json,
     email_too_long,
     name_field,
@@ -559,12 +562,13 @@ class N8nChatRequest(InputModel):
     )
 
     action: Literal["sendMessage", "loadPreviousSession"]
-    session_id: str = Field(
+    session_id: Annotated[str, AfterValidator(check_session_id)] = Field(
         alias="sessionId",
         min_length=1,
-        max_length=200,
+        max_length=SESSION_ID_MAX,
         description="The widget's session id (a UUID it keeps in localStorage): names one chat of yours with "
-        "this agent, created by its first `sendMessage`",
+        "this agent, created by its first `sendMessage`. Printable characters only, as `/v1`'s `X-Session-Id`: "
+        "a control, format or separator character other than the space is a 422",
     )
     chat_input: Annotated[str | None, NotNull] = Field(
         None,

@@ -401,6 +401,51 @@ async def test_bad_bodies_are_422_and_store_nothing(
     assert fake.requests == []
 
 
+#: Control, format and separator characters: `/v1`'s X-Session-Id refuses each (app.fields.check_session_id).
+UNPRINTABLE_SESSION_IDS = ["a\nb", "tab\there", "del\x7f", "esc\x1b[2J", "nel\x85", "line\u2028sep", "zero\u200bwidth"]
+
+
+@pytest.mark.parametrize("session_id", UNPRINTABLE_SESSION_IDS)
+@pytest.mark.parametrize("action", ["sendMessage", "loadPreviousSession"])
+async def test_a_session_id_with_control_characters_is_refused_as_x_session_id_is(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    agent: Agent,
+    headers: dict[str, str],
+    fake: FakeN8n,
+    session_id: str,
+    action: str,
+) -> None:
+    """The id names a stored chat (and shows in the logs of whoever reads the table): the widget's refuses what
+    `/v1`'s X-Session-Id does, with the same words, by its wire name, before anything is stored or n8n called."""
+    body = send("hi", session_id) if action == "sendMessage" else load(session_id)
+    response = await client.post(f"/api/agents/{agent.id}/n8n-chat", json=body, headers={**headers, **STREAM})
+    assert response.status_code == 422, response.text
+    rule = "Value error, must be 1 to 200 printable characters"
+    assert response.json()["detail"] == [{"type": "value_error", "loc": ["body", "sessionId"], "msg": rule}]
+    assert await count_rows(session, "chats") == 0
+    assert await count_rows(session, "widget_sessions") == 0
+    assert fake.requests == []
+
+
+async def test_a_session_id_with_nul_is_refused_and_stores_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, agent: Agent, headers: dict[str, str], fake: FakeN8n
+) -> None:
+    response = await widget(client, agent.id, send("hi", "a\x00b"), headers)
+    assert response.status_code == 422, response.text
+    assert await count_rows(session, "chats") == 0
+    assert fake.requests == []
+
+
+async def test_a_session_id_of_any_printable_text_still_names_its_chat(
+    client: httpx.AsyncClient, session: AsyncSession, user: User, agent: Agent, headers: dict[str, str]
+) -> None:
+    """Spaces and letters beyond ASCII are printable: a page's own ids keep working."""
+    session_id = "Bestellung 42 für Müller"
+    assert (await widget(client, agent.id, send("hi", session_id), headers)).status_code == 200
+    assert await session_chat(session, user, session_id) is not None
+
+
 async def test_a_null_chat_input_is_refused_by_its_wire_name(
     client: httpx.AsyncClient, agent: Agent, headers: dict[str, str]
 ) -> None:

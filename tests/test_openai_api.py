@@ -454,6 +454,29 @@ async def test_a_session_token_works_and_x_session_id_scopes_n8n_memory(
     assert fake.requests[-1]["json"]["sessionId"] == f"v1:{setup.user.id}:conv-1"
 
 
+@pytest.mark.parametrize("value", [b"tab\there", b"nel\x85", b"x" * 201])
+async def test_an_x_session_id_that_is_not_printable_is_refused_with_the_widgets_words(
+    session: AsyncSession, setup: Setup, fake: FakeN8n, value: bytes
+) -> None:
+    """The rule the chat widget's `sessionId` follows (app.fields.check_session_id), said the same way; the
+    bytes an HTTP client may put in a header (a tab, obs-text) but that no key of n8n's memory should hold."""
+    async with httpx.AsyncClient(base_url=setup.server.url) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": "helper", "messages": [{"role": "user", "content": "hi"}]},
+            headers=[(b"Authorization", f"Bearer {setup.key}".encode()), (b"X-Session-Id", value)],
+        )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == {
+        "message": "header.X-Session-Id: X-Session-Id must be 1 to 200 printable characters",
+        "type": "invalid_request_error",
+        "param": "X-Session-Id",
+        "code": "invalid_request",
+    }
+    assert fake.requests == []
+    assert await count_rows(session, "usage_records") == 0
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [

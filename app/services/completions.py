@@ -24,6 +24,7 @@ from app.config import Settings
 from app.crypto import DecryptionError, decrypt_headers
 from app.db import Database
 from app.errors import BadRequest, NotFound, Unprocessable
+from app.fields import check_session_id
 from app.models import Agent
 from app.n8n_parser import StreamFailure, clean_text
 from app.security import Caller
@@ -37,8 +38,6 @@ logger = logging.getLogger(__name__)
 INTERRUPTED_CODE = "interrupted"
 INTERRUPTED = "The server stopped before the answer was complete"
 NO_USER_MESSAGE = "The last message must be a user message with text content"
-#: X-Session-Id values longer than this, or with other characters, are refused (they go into n8n's memory key).
-SESSION_ID_MAX = 200
 
 
 def model_not_found(model: str) -> NotFound:
@@ -125,8 +124,10 @@ def session_id_for(user: Caller, header: str | None) -> str:
     """n8n's memory key: per user and client-chosen id, else a fresh one, so no one reaches another's memory."""
     if header is None:
         return f"v1:{uuid.uuid4()}"
-    if not header or len(header) > SESSION_ID_MAX or not header.isprintable():
-        raise Unprocessable("X-Session-Id must be 1 to 200 printable characters", loc=("header", "X-Session-Id"))
+    try:
+        check_session_id(header)
+    except ValueError as exc:  # the rule the chat widget's `sessionId` follows too
+        raise Unprocessable(f"X-Session-Id {exc}", loc=("header", "X-Session-Id")) from None
     return f"v1:{user.id}:{header}"
 
 

@@ -26,8 +26,6 @@ from app.services.tree import read_chat
 
 logger = logging.getLogger(__name__)
 
-#: The widget's session ids are UUIDs; a page may set its own (`sessionId` option), within this length.
-SESSION_ID_MAX = 200
 #: What a widget with `allowFileUploads` is told (the widget without streaming shows the body it gets).
 FILE_UPLOADS_REFUSED = "File uploads are not supported by this endpoint; turn the widget's allowFileUploads off"
 
