@@ -597,6 +597,68 @@ async def test_parameters_in_openais_ranges_and_text_parts_are_accepted(setup: S
     assert (sent["chatInput"], sent["system_prompt"][:8]) == ("one\ntwo", "be brief")
 
 
+async def test_system_text_parts_are_joined_as_a_user_messages_are(setup: Setup, fake: FakeN8n) -> None:
+    """What OpenAI's SDK types allow for an instruction: a string, or a list of `text` parts, joined by newlines
+    as the question's parts are, before the agent's own system prompt."""
+    await setup.client.chat.completions.create(
+        model="helper",
+        messages=[
+            {"role": "system", "content": [{"type": "text", "text": "be brief"}, {"type": "text", "text": "be kind"}]},
+            {"role": "developer", "content": [{"type": "text", "text": "answer in English"}]},
+            {"role": "user", "content": "hi"},
+        ],
+    )
+    assert fake.requests[0]["json"]["system_prompt"].startswith("be brief\nbe kind\n\nanswer in English")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        [{"type": "refusal", "refusal": "no"}],  # an assistant's part, not an instruction's
+        [{"type": "text", "text": "be brief"}, {"type": "refusal", "refusal": "no"}],
+        [],
+        [{"type": "text", "text": 5}],
+        [{"type": "text"}],
+        {"type": "text", "text": "be brief"},  # a part, not a list of them
+        None,
+        42,
+    ],
+)
+@pytest.mark.parametrize("role", ["system", "developer"])
+async def test_an_instruction_without_text_is_refused_naming_it_never_dropped(
+    session: AsyncSession, setup: Setup, fake: FakeN8n, content: Any, role: str
+) -> None:
+    """An instruction the agent would never see was dropped silently: the answer ignored it and the caller could
+    not tell. It is a 422 naming the message (its index, as `param` too), before n8n is called or anything counts."""
+    messages: Any = [
+        {"role": "user", "content": "first"},
+        {"role": role, "content": content},
+        {"role": "user", "content": "hi"},
+    ]
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        await setup.client.chat.completions.create(model="helper", messages=messages)
+    assert caught.value.param == "messages.[1].content"
+    assert cast(dict[str, Any], caught.value.body)["message"] == (
+        f"messages.1.content: A {role} message must have text content: a string or a list of text parts"
+    )
+    assert fake.requests == []
+    assert await count_rows(session, "usage_records") == 0
+
+
+async def test_a_text_part_without_a_string_is_refused_in_any_message(setup: Setup, fake: FakeN8n) -> None:
+    """A malformed part of an earlier question was dropped with the rest of that question: the agent saw a
+    history the caller did not send."""
+    messages: Any = [
+        {"role": "user", "content": [{"type": "text", "text": ["not", "a", "string"]}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "hi"},
+    ]
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        await setup.client.chat.completions.create(model="helper", messages=messages)
+    assert caught.value.param == "messages.[0].content"
+    assert fake.requests == []
+
+
 async def test_an_invalid_request_names_its_param_as_openai_does(setup: Setup, fake: FakeN8n) -> None:
     """OpenAI's errors carry `param`, the field at fault, which the SDK exposes as `error.param`: a client (or its
     user) learns what to fix without parsing the message. Null where no field is at fault."""
@@ -605,6 +667,15 @@ async def test_an_invalid_request_names_its_param_as_openai_does(setup: Setup, f
         ({"messages": []}, "messages"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.[0].content",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                    {"role": "user", "content": "hi"},
+                ]
+            },
             "messages.[0].content",
         ),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),

@@ -250,7 +250,8 @@ def _chunk(
         ),
         404: R404_MODEL,
         422: openai_error_doc(
-            "Invalid request, e.g. the last message is not a user message with text, or `stream_options` "
+            "Invalid request, e.g. the last message is not a user message with text, a message's content is "
+            "not text (an image part, a system message without text: `param` names it), or `stream_options` "
             "without `stream: true`",
             "invalid_request_error",
             "invalid_request",

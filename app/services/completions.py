@@ -70,18 +70,42 @@ async def list_models(*, session: AsyncSession, user: Caller, slug: str | None =
 
 #: Content parts that carry text: an assistant turn's `refusal` part is skipped like any turn without text.
 TEXT_PARTS = frozenset({"text", "refusal"})
-NON_TEXT_CONTENT = "Only text content is supported: image, audio and file parts cannot be sent to the agent"
+#: Roles whose content is all the message is: a string or a list of `text` parts, as OpenAI's types say (an
+#: assistant turn may be only tool calls, with no content, or carry `refusal` parts).
+TEXT_ROLES = frozenset({"system", "developer", "user"})
+NON_TEXT_CONTENT = (
+    "Only text content is supported: image, audio, file and other non-text parts cannot be sent to the agent"
+)
+NO_TEXT = "A {role} message must have text content: a string or a list of text parts"
+TEXT_NOT_STRING = "Each text part must have its text as a string"
 
 
-def check_text_only(messages: list[dict[str, Any]]) -> None:
-    """422 for a message with an image, audio or file part: dropping it would have the agent answer a question
-    about a picture it never saw."""
+def _is_text(content: Any) -> bool:
+    """A string, or a non-empty list of `text` parts each with a string `text`."""
+    if isinstance(content, str):
+        return True
+    return (
+        isinstance(content, list)
+        and bool(content)
+        and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
+    )
+
+
+def check_content(messages: list[dict[str, Any]]) -> None:
+    """422 naming the message (`messages.<index>.content`) for content that would not reach the agent as sent:
+    an image, audio, file or unknown part (the agent would answer about a picture it never saw), a system,
+    developer or user message without text (an instruction or question silently left out), a text part whose
+    text is not a string. Nothing of a request is dropped without the caller knowing."""
     for index, message in enumerate(messages):
-        content = message.get("content")
-        if isinstance(content, list) and any(
-            not isinstance(part, dict) or part.get("type") not in TEXT_PARTS for part in content
-        ):
-            raise Unprocessable(NON_TEXT_CONTENT, loc=("body", "messages", index, "content"))
+        content, role = message.get("content"), message.get("role")
+        loc = ("body", "messages", index, "content")
+        parts = content if isinstance(content, list) else []
+        if any(not isinstance(part, dict) or part.get("type") not in TEXT_PARTS for part in parts):
+            raise Unprocessable(NON_TEXT_CONTENT, loc=loc)
+        if role in TEXT_ROLES and not _is_text(content):
+            raise Unprocessable(NO_TEXT.format(role=role), loc=loc)
+        if any(part["type"] == "text" and not isinstance(part.get("text"), str) for part in parts):
+            raise Unprocessable(TEXT_NOT_STRING, loc=loc)
 
 
 def message_text(content: Any) -> str | None:
@@ -142,7 +166,7 @@ async def prepare_completion(
 ) -> Completion:
     """Check the request, find the agent (the team's active one with that slug, else 404) and claim the
     quota, in this order, so a refused request counts nothing; the session's transaction is over on return."""
-    check_text_only(messages)
+    check_content(messages)
     system_parts: list[str] = []
     prior: list[dict[str, Any]] = []
     # Whether the last message that is not an instruction is a user one with text: a final image-only
