@@ -179,23 +179,41 @@ def openai_error(
     return JSONResponse(openai_error_body(status, message, code, param), status_code=status, headers=headers)
 
 
+#: Where a validation error's `loc` starts with its place in the request, a name of the server's own.
+_PLACES = ("body", "path", "query", "header")
+#: pydantic's wording around a validator's own message (`ValueError("...")`), which OpenAI's never has.
+_VALUE_ERROR = "Value error, "
+#: OpenAI's words for a body that is not JSON (its `loc` is a position in the bytes, not a field).
+UNREADABLE_JSON = "We could not parse the JSON body of your request"
+
+
+def _field(err: dict[str, Any]) -> list[Any]:
+    """The field a validation error names: its `loc` without the place (body, path, query, header); nothing for
+    an unreadable body, whose `loc` is the offset where parsing stopped."""
+    if err.get("type") == "json_invalid":
+        return []
+    loc = list(err.get("loc", []))
+    return loc[1:] if loc and loc[0] in _PLACES else loc
+
+
 def _param(detail: Any) -> str | None:
     """The first invalid field of a validation `detail`, written as OpenAI writes it: `messages.[0].content`."""
     if not isinstance(detail, list) or not detail or not isinstance(detail[0], dict):
         return None
-    loc = list(detail[0].get("loc", []))
-    if loc and loc[0] in ("body", "path", "query", "header"):
-        loc = loc[1:]
-    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc) or None
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in _field(detail[0])) or None
 
 
 def _as_message(detail: Any) -> str:
-    """A `detail` as one sentence: validation lists become `field: reason; ...`."""
+    """A `detail` as one sentence: validation lists become `field: reason; ...` (`messages.0.content: ...`)."""
     if isinstance(detail, list):
         parts = []
         for err in detail:
-            loc = ".".join(str(p) for p in err.get("loc", []) if p != "body")
-            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+            if err.get("type") == "json_invalid":
+                parts.append(UNREADABLE_JSON)
+                continue
+            loc = ".".join(str(p) for p in _field(err))
+            msg = str(err.get("msg")).removeprefix(_VALUE_ERROR)
+            parts.append(f"{loc}: {msg}" if loc else msg)
         return "; ".join(parts)
     return str(detail)
 

@@ -468,7 +468,7 @@ async def test_an_x_session_id_that_is_not_printable_is_refused_with_the_widgets
         )
     assert response.status_code == 422, response.text
     assert response.json()["error"] == {
-        "message": "header.X-Session-Id: X-Session-Id must be 1 to 200 printable characters",
+        "message": "X-Session-Id: must be 1 to 200 printable characters",
         "type": "invalid_request_error",
         "param": "X-Session-Id",
         "code": "invalid_request",
@@ -595,6 +595,64 @@ async def test_parameters_in_openais_ranges_and_text_parts_are_accepted(setup: S
     assert answer.choices[0].message.content == "Echo: one two"
     sent = fake.requests[0]["json"]
     assert (sent["chatInput"], sent["system_prompt"][:8]) == ("one\ntwo", "be brief")
+
+
+@pytest.mark.settings(MESSAGE_MAX_CHARS=10)
+async def test_refusals_read_as_an_sdk_user_reads_them(setup: Setup, fake: FakeN8n) -> None:
+    """The message the SDK shows (`error.message`) and the field it names (`error.param`), as OpenAI words them:
+    no pydantic wrapper ("Value error, "), no location prefix of the server's own (`path.`, `header.`), no
+    position in an unreadable body taken for a field, the message that is too long named."""
+    hi = [{"role": "user", "content": "hi"}]
+    cases: list[tuple[dict[str, Any], dict[str, str], str, str | None]] = [
+        (
+            {"model": "helper", "messages": hi, "logprobs": True},
+            {},
+            "logprobs: only false is accepted: the agent's answer has no log probabilities",
+            "logprobs",
+        ),
+        ({"model": "a\x00", "messages": hi}, {}, "model: must not contain NUL characters", "model"),
+        (
+            {"model": "helper", "messages": hi},
+            {"X-Session-Id": "a\tb"},
+            "X-Session-Id: must be 1 to 200 printable characters",
+            "X-Session-Id",
+        ),
+        (
+            {"model": "helper", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "x" * 11}]},
+            {},
+            "messages.1.content: A user message must be at most 10 characters",
+            "messages.[1].content",
+        ),
+        (
+            {"model": "helper", "messages": [{"role": "assistant", "content": "x"}]},
+            {},
+            "messages: The last message must be a user message with text (only system or developer messages may "
+            "follow it)",
+            "messages",
+        ),
+    ]
+    async with httpx.AsyncClient(base_url=setup.server.url) as http:
+        for body, headers, message, param in cases:
+            response = await http.post(
+                "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {setup.key}", **headers}
+            )
+            assert response.status_code == 422, response.text
+            assert (response.json()["error"]["message"], response.json()["error"]["param"]) == (message, param)
+        unreadable = await http.post(
+            "/v1/chat/completions",
+            content=b'{"model": "helper", "messages": ',
+            headers={"Authorization": f"Bearer {setup.key}", "Content-Type": "application/json"},
+        )
+        assert unreadable.status_code == 422
+        assert unreadable.json()["error"] == {
+            "message": "We could not parse the JSON body of your request",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_request",
+        }
+        too_long = await http.get("/v1/models/" + "m" * 65, headers={"Authorization": f"Bearer {setup.key}"})
+        assert too_long.json()["error"]["message"] == "model: String should have at most 64 characters"
+    assert fake.requests == []
 
 
 async def test_system_text_parts_are_joined_as_a_user_messages_are(setup: Setup, fake: FakeN8n) -> None:

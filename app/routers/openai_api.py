@@ -113,7 +113,7 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _no_logprobs(cls, value: bool | None) -> bool | None:
         if value:
-            raise ValueError("logprobs are not available: the agent's answer has none")
+            raise ValueError("only false is accepted: the agent's answer has no log probabilities")
         return value
 
 
@@ -255,7 +255,7 @@ def _chunk(
             "without `stream: true`",
             "invalid_request_error",
             "invalid_request",
-            "messages: The last message must be a user message with text content",
+            f"messages: {completions_service.NO_USER_MESSAGE}",
         ),
         429: openai_error_doc(
             "Daily quota reached, or too many failed key attempts; or the agent's n8n (or a proxy in front of "

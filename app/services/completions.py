@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 INTERRUPTED_CODE = "interrupted"
 INTERRUPTED = "The server stopped before the answer was complete"
-NO_USER_MESSAGE = "The last message must be a user message with text content"
+NO_USER_MESSAGE = "The last message must be a user message with text (only system or developer messages may follow it)"
 
 
 def model_not_found(model: str) -> NotFound:
@@ -151,7 +151,7 @@ def session_id_for(user: Caller, header: str | None) -> str:
     try:
         check_session_id(header)
     except ValueError as exc:  # the rule the chat widget's `sessionId` follows too
-        raise Unprocessable(f"X-Session-Id {exc}", loc=("header", "X-Session-Id")) from None
+        raise Unprocessable(str(exc), loc=("header", "X-Session-Id")) from None
     return f"v1:{user.id}:{header}"
 
 
@@ -172,21 +172,25 @@ async def prepare_completion(
     # Whether the last message that is not an instruction is a user one with text: a final image-only
     # question or tool result must not leave an earlier question to be answered (and run) again in its place.
     asks = False
-    for message in messages:
+    asked_at = 0  # the index of that question, named when it is too long
+    for index, message in enumerate(messages):
         text = message_text(message.get("content"))
         role = message.get("role")
         if role in ("system", "developer"):
             if text:
                 system_parts.append(text)
             continue
-        asks = role == "user" and text is not None and bool(text.strip())
+        asks, asked_at = role == "user" and text is not None and bool(text.strip()), index
         if role in ("user", "assistant") and text is not None:
             prior.append({"role": role, "content": text, "status": "complete"})
     if not asks:
         raise Unprocessable(NO_USER_MESSAGE, loc=("body", "messages"))
     latest = prior.pop()["content"]
     if len(latest) > settings.MESSAGE_MAX_CHARS:
-        raise Unprocessable(f"Message content must be at most {settings.MESSAGE_MAX_CHARS} characters")
+        raise Unprocessable(
+            f"A user message must be at most {settings.MESSAGE_MAX_CHARS} characters",
+            loc=("body", "messages", asked_at, "content"),
+        )
     session_id = session_id_for(user, session_header)
     query = select(Agent).where(Agent.team_id == user.team_id, Agent.slug == model, Agent.is_active.is_(True))
     agent = (await session.execute(query)).scalar_one_or_none()
