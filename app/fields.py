@@ -23,6 +23,8 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from app.webhooks import MAX_NAME, MAX_URL_LENGTH
+
 
 def _storable_text(value: str) -> str:
     """PostgreSQL text and JSONB cannot hold NUL or lone surrogates: refuse them as a 422, not a 500."""
@@ -401,13 +403,33 @@ AgentSlug = Annotated[
     ),
 ]
 #: What check_webhook_url accepts by syntax, for the schema: http(s) in any case, no user info, no control,
-#: whitespace or invisible format character anywhere (the pattern lists the common ones), a port 1-65535,
-#: and a host name of the characters a resolver is handed (letters, digits, `.`, `_`, `-`, as
-#: app.webhooks.HOST_NAME) in labels of 1-63 characters. The host must not start with a digit: numeric hosts are
-#: IP literals, and which addresses are allowed is policy, not syntax (a 422 with the reason, like metadata
-#: host names). A Unicode host name is accepted too (it is IDNA-encoded as the HTTP client will), but the
-#: schema documents its ASCII (`xn--`) form: no pattern can say which Unicode IDNA accepts.
-_URL_BANNED = r"\x00-\x20\x7f-\xa0\u00ad\u2000-\u200f\u2028-\u202f\u2060-\u2064\u3000\ufeff"
+#: whitespace or invisible format character anywhere, a port 1-65535, and a host name of the characters a
+#: resolver is handed (letters, digits, `.`, `_`, `-`, as app.webhooks.HOST_NAME) in labels of 1-63 characters.
+#: At most MAX_NAME characters in all is said in the description only: a lookahead could state it, but made
+#: schemathesis's boundary-length search take minutes per operation (tests/test_openapi.py collected in 270 s,
+#: not 12).
+#: The host must not start with a digit: numeric hosts are IP literals, and which addresses are allowed is
+#: policy, not syntax (a 422 with the reason, like metadata host names). A Unicode host name is accepted too
+#: (it is IDNA-encoded as the HTTP client will), but the schema documents its ASCII (`xn--`) form: no pattern
+#: can say which Unicode IDNA accepts, nor which `xn--` labels are valid Punycode.
+#: The unseen characters are app.webhooks' `_has_unseen_characters` as code point ranges (ASCII controls and
+#: space; Unicode's Cc, Cf, Zs, Zl and Zp, this Python's Unicode data; tests/test_schemas.py compares them code
+#: point by code point): `\uXXXX` in the BMP, the character itself beyond it (neither dialect has an escape
+#: for it the other reads; JSON Schema reads patterns with Unicode semantics).
+_UNSEEN_RANGES = (
+    (0x0000, 0x0020), (0x007F, 0x00A0), (0x00AD, 0x00AD), (0x0600, 0x0605), (0x061C, 0x061C), (0x06DD, 0x06DD),
+    (0x070F, 0x070F), (0x0890, 0x0891), (0x08E2, 0x08E2), (0x1680, 0x1680), (0x180E, 0x180E), (0x2000, 0x200F),
+    (0x2028, 0x202F), (0x205F, 0x2064), (0x2066, 0x206F), (0x3000, 0x3000), (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB),
+    (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x13438), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+    (0xE0001, 0xE0001), (0xE0020, 0xE007F),
+)  # fmt: skip
+
+
+def _in_class(code: int) -> str:
+    return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+
+_URL_BANNED = "".join(_in_class(a) + (f"-{_in_class(b)}" if b != a else "") for a, b in _UNSEEN_RANGES)
 _HOST = r"[A-Za-z_-][A-Za-z0-9_-]{0,62}(\.[A-Za-z0-9_-]{1,63})*\.?"
 _PORT = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 WEBHOOK_URL_PATTERN = rf"^[Hh][Tt][Tt][Pp][Ss]?://{_HOST}(:{_PORT}?)?([/?#][^{_URL_BANNED}]*)?$"
@@ -415,9 +437,11 @@ WebhookUrl = Annotated[
     str,
     Field(
         min_length=1,
-        max_length=2048,
+        max_length=MAX_URL_LENGTH,
         description="http(s) URL of the n8n Webhook (or Chat Trigger) node; checked against the SSRF policy "
-        "(an IP literal, a private address without WEBHOOK_ALLOW_PRIVATE_NETWORKS, a metadata host: 422).",
+        "(an IP literal, a private address without WEBHOOK_ALLOW_PRIVATE_NETWORKS, a metadata host: 422). The "
+        f"pattern states its syntax but for two rules: the host name is at most {MAX_NAME} characters (a trailing dot "
+        "not counted), and an `xn--` label must be valid Punycode (IDNA); else 422.",
         examples=["https://n8n.example.com/webhook/support-agent"],
         # Documented, not enforced here: check_webhook_url enforces it with a reason a person can act on.
         json_schema_extra={"pattern": WEBHOOK_URL_PATTERN},

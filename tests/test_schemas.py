@@ -23,7 +23,7 @@ from app.schemas import (
     TeamUpdate,
     UserUpdate,
 )
-from app.webhooks import WebhookPolicyError, check_webhook_url
+from app.webhooks import WebhookPolicyError, _has_unseen_characters, check_webhook_url
 from tests.conftest import count_rows, make_settings
 from tests.factories import auth_headers, create_user
 
@@ -155,6 +155,23 @@ WEBHOOK_URLS = [
     "http://n8n.example.com/\tx",
     "http://n8n.example.com/é\x0b",
     "http://n8n.example.com:99999/",
+    # DNS's 253 characters for a whole name, a trailing dot not counted (longer ones: the description's rule).
+    "http://" + ("a" * 63 + ".") * 3 + "a" * 61 + "/x",
+    "http://" + ("a" * 63 + ".") * 3 + "a" * 61 + "./x",
+    # Every invisible character the policy refuses, not only the common ones: format characters of other
+    # scripts, rarer spaces, bidi isolates, interlinear annotation, tags beyond the BMP...
+    "http://n8n.example.com/\u0600",
+    "http://n8n.example.com/a\u061cb",
+    "http://n8n.example.com/\u1680",
+    "http://n8n.example.com/\u180e",
+    "http://n8n.example.com/\u205f",
+    "http://n8n.example.com/\u2066",
+    "http://n8n.example.com/x#\ufff9",
+    "http://n8n.example.com/?q=\U000110bd",
+    "http://n8n.example.com/\U000e0001",
+    # ...while visible text beyond the BMP is fine.
+    "http://n8n.example.com/\U0001f600",
+    "http://n8n.example.com/\U00020000",
 ]
 
 
@@ -170,6 +187,22 @@ def test_webhook_url_pattern_agrees_with_the_policy(url: str) -> None:
     except WebhookPolicyError:
         accepted = False
     assert (re.search(pattern, url) is not None) is accepted
+    # As a JSON Schema validator (ECMA-262 regular expressions, Unicode-aware) reads the schema.
+    assert jsonschema_rs.validator_for({"type": "string", "pattern": pattern}).is_valid(url) is accepted
+
+
+def test_webhook_url_pattern_refuses_every_character_the_policy_calls_unseen() -> None:
+    """The path's character class is the policy's `_has_unseen_characters`, code point by code point (this
+    Python's Unicode data: a newer one moving a character into a format category fails here first)."""
+    pattern = AgentCreate.model_json_schema()["properties"]["webhook_url"]["pattern"]
+    path_allowed = re.compile(pattern.rsplit("[/?#]", 1)[1].removesuffix("*)?$"))
+    differ = [
+        f"U+{code:04X}"
+        for code in range(0x110000)
+        if not 0xD800 <= code <= 0xDFFF
+        and (path_allowed.fullmatch(chr(code)) is None) is not _has_unseen_characters(chr(code))
+    ]
+    assert differ == []
 
 
 @pytest.mark.parametrize(
