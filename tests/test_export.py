@@ -1365,6 +1365,45 @@ async def test_markdown_export_escapes_a_role_heading_behind_a_tag_or_under_an_e
     assert "<p>## User\n===</p>" in rendered
 
 
+#: Messages whose raw HTML a line-by-line reading of code took for code: a backtick a link's destination, title or
+#: reference label takes, a code span opened on an earlier line, a list item's fence its item ends, a
+#: line starting like a fence that is none, a carriage return read as a line break; and an escaped backtick
+#: before a run (a 500).
+CODE_LOOK_ALIKES = [
+    "[a](`)<img src=x>`",
+    '[x](y "`")<img src=x>`',
+    "[a](<`>)<img src=x>`",
+    "[a][`]<img src=x>`\n\n[`]: /u",
+    "a `x\ny` <img src=x> `z`",
+    "- a\n  ```\n<img src=x>\n\n```\ncode\n```\n<img src=y>",
+    "1. a\n   ```\n<img src=x>",
+    "```a`<img src=x>",
+    "~~~\r~~~\r<img src=x>",
+    "\\``<img src=x>",
+]
+
+
+@pytest.mark.parametrize(
+    ("title", "content"), [*(("A chat", content) for content in CODE_LOOK_ALIKES), ("[t](`)<img src=t>`", "Hi")]
+)
+async def test_markdown_export_shows_html_beside_code_look_alikes_as_text(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, title: str, content: str
+) -> None:
+    """Raw HTML next to what looks like code but is not (or not any more) was copied as it is, so the rendered
+    .md showed the `<img>` (or the export was a 500): it is shown as text, as all raw HTML."""
+    chat = await create_chat(
+        session,
+        user=team_world.member,
+        agent=team_world.agent,
+        title=title,
+        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}],
+    )
+    response = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=team_world.h(team_world.member))
+    assert response.status_code == 200
+    assert html_in(response.text) == []
+    assert "<img" not in MarkdownIt("commonmark").render(response.text)
+
+
 async def test_an_export_saved_with_a_byte_order_mark_imports(
     client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld
 ) -> None:

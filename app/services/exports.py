@@ -480,22 +480,29 @@ _HTML_OUTSIDE_CODE = re.compile(
 #: What may open a code span: a run of backticks not escaped (a backslash escape is matched first, and skipped).
 _CODE_OPENING = re.compile(r"\\[!-/:-@\[-`{-~]|`+")
 _BACKTICKS = re.compile("`+")
+#: A link's destination or title (`[a](`)`) and a reference's label (`[a][`]`, `[`]: /u`) take backticks before a
+#: code span can: a line with one of these is read with no code span (`_html_as_text`).
+_LINK_PARTS = ("](", "][", "]:")
+#: Line endings as CommonMark reads them: a carriage return alone ends a line too.
+_LINE_ENDING = re.compile(r"\r\n|\r|\n")
 
 
 def _escape_html(found: re.Match[str]) -> str:
     return found.group(1) or "\\" + found.group()
 
 
-def _html_as_text(line: str) -> str:
+def _html_as_text(line: str, *, code_spans: bool = True) -> str:
     """A line of Markdown with its raw HTML escaped (`\\<h1>`), so a renderer shows it as the text it is, and
     its images as links to them (`\\![alt](url)`), as the web client does (docs/WEB_CLIENT.md): not a heading,
     no image fetched (a tracking pixel), no `<details>` or comment hiding what follows, nor a block swallowing
     the next messages. Left as written: code spans (a backslash is text there), autolinks, what is escaped
     already, and a `<` that starts no HTML (`a < b`). A code span is looked for on its line only: one spanning
-    lines shows a backslash before a `<` in it, which is safer than a tag taken for code."""
+    lines shows a backslash before a `<` in it, which is safer than a tag taken for code; and so does a code
+    span when the caller cannot vouch for it (`code_spans=False`: a backtick on an earlier line of the
+    paragraph) or a link's or reference's parts could take its backticks (`_LINK_PARTS`)."""
     if "<" not in line and "![" not in line:
         return line
-    if "`" not in line:
+    if "`" not in line or not code_spans or any(part in line for part in _LINK_PARTS):
         return _HTML_OUTSIDE_CODE.sub(_escape_html, line)
     runs: dict[int, list[int]] = {}  # where each run of backticks starts, by its length: a code span's closings
     for run in _BACKTICKS.finditer(line):
@@ -506,7 +513,9 @@ def _html_as_text(line: str) -> str:
         text = opening.group()
         if opening.start() < at or text[0] != "`":  # inside a code span already copied, or an escape
             continue
-        closings = runs[len(text)]  # a code span runs to the next run of as many backticks, if there is one
+        # A code span runs to the next run of as many backticks, if there is one (an opening after an escaped
+        # backtick may be shorter than any run: `\\``).
+        closings = runs.get(len(text), [])
         closing = bisect.bisect_left(closings, opening.end())
         if closing < len(closings):
             end = closings[closing] + len(text)
@@ -607,22 +616,34 @@ def _message_markdown(text: str) -> str:
       (its other headings, and any line inside code, are left as they are);
     - a code fence it leaves open is closed: an answer cut inside one (a stop, an error) would otherwise turn
       every later message of the export into code.
+
+    Code is read line by line, so only where that reading is sure: a code span whose paragraph has no backtick
+    on an earlier line (one may open a span that this line closes), and a fence at the line's start. A fence
+    indented 1-3 spaces may be a list item's, ended by a line its item does not hold: from there on every
+    line, fences' included, has its raw HTML escaped (a backslash shown in code, never a tag taken for code).
     """
     fence: str | None = None
+    trusted = True  # whether the fences seen so far are read as a renderer reads them
+    ticked = False  # a backtick (or a link's parts) on an earlier line of this paragraph, as far as known
     paragraph: list[str] = []  # the lines of the paragraph so far: a setext underline makes them a heading
     out: list[str] = []
-    for line in text.split("\n"):
+    for line in _LINE_ENDING.split(text):
         found = FENCE.match(line)
-        if found is not None:
+        if found is not None and (fence is not None or not (found.group(1)[0] == "`" and "`" in line[found.end() :])):
+            # A fence's line (a backtick fence's info string holds no backtick, else it is a line of text).
             run, rest = found.group(1), line[found.end() :]
             if fence is None:
-                if not (run[0] == "`" and "`" in rest):  # a backtick fence's info string holds no backtick
-                    fence = run
-            elif run[0] == fence[0] and len(run) >= len(fence) and not rest.strip():
+                fence = run
+                trusted = trusted and found.start(1) == 0
+            elif run[0] == fence[0] and len(run) >= len(fence) and not rest.strip(" \t"):
                 fence = None
             paragraph.clear()
-        elif fence is None:
-            line = _outside_blocks(_html_as_text(line), paragraph)
+            ticked = False
+            if not trusted:
+                line = _html_as_text(line, code_spans=False)
+        elif fence is None or not trusted:
+            line = _outside_blocks(_html_as_text(line, code_spans=trusted and not ticked), paragraph)
+            ticked = bool(line.strip()) and (ticked or "`" in line or any(part in line for part in _LINK_PARTS))
         out.append(line)
     if fence is not None:
         out.append(fence)
