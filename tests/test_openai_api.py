@@ -717,6 +717,31 @@ async def test_a_text_part_without_a_string_is_refused_in_any_message(setup: Set
     assert fake.requests == []
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": ["user"], "content": "earlier"},
+        {"role": {"name": "user"}, "content": "earlier"},
+        {"role": "user", "content": [{"type": ["text"], "text": "earlier"}]},
+        {"role": "user", "content": [{"type": {"kind": "text"}, "text": "earlier"}]},
+    ],
+)
+async def test_a_role_or_part_type_that_is_no_string_is_never_a_500(
+    session: AsyncSession, setup: Setup, fake: FakeN8n, message: dict[str, Any]
+) -> None:
+    """A role or a part's type given as a list or an object was looked up in a set (unhashable: a 500). A role
+    that is none of OpenAI's is left out as any unknown role is; a part that is not text is refused, naming it."""
+    body = {"model": "helper", "messages": [message, {"role": "user", "content": "hi"}]}
+    response = await post_raw(setup, json.dumps(body).encode())
+    if isinstance(message["role"], str):
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"] == "messages.[0].content"
+        assert fake.requests == []
+        assert await count_rows(session, "usage_records") == 0
+    else:
+        assert response.status_code == 200, response.text
+
+
 async def test_an_invalid_request_names_its_param_as_openai_does(setup: Setup, fake: FakeN8n) -> None:
     """OpenAI's errors carry `param`, the field at fault, which the SDK exposes as `error.param`: a client (or its
     user) learns what to fix without parsing the message. Null where no field is at fault."""

@@ -80,6 +80,11 @@ NO_TEXT = "A {role} message must have text content: a string or a list of text p
 TEXT_NOT_STRING = "Each text part must have its text as a string"
 
 
+def _named(value: Any, names: frozenset[str]) -> bool:
+    """Whether `value` is one of `names`: False for anything but a string (unhashable JSON included)."""
+    return isinstance(value, str) and value in names
+
+
 def _is_text(content: Any) -> bool:
     """A string, or a non-empty list of `text` parts each with a string `text`."""
     if isinstance(content, str):
@@ -100,9 +105,10 @@ def check_content(messages: list[dict[str, Any]]) -> None:
         content, role = message.get("content"), message.get("role")
         loc = ("body", "messages", index, "content")
         parts = content if isinstance(content, list) else []
-        if any(not isinstance(part, dict) or part.get("type") not in TEXT_PARTS for part in parts):
+        # Looked up only as strings: a list or an object (JSON the caller chose) is no key of a set.
+        if any(not isinstance(part, dict) or not _named(part.get("type"), TEXT_PARTS) for part in parts):
             raise Unprocessable(NON_TEXT_CONTENT, loc=loc)
-        if role in TEXT_ROLES and not _is_text(content):
+        if _named(role, TEXT_ROLES) and not _is_text(content):
             raise Unprocessable(NO_TEXT.format(role=role), loc=loc)
         if any(part["type"] == "text" and not isinstance(part.get("text"), str) for part in parts):
             raise Unprocessable(TEXT_NOT_STRING, loc=loc)
