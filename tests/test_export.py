@@ -1380,6 +1380,8 @@ CODE_LOOK_ALIKES = [
     "```a`<img src=x>",
     "~~~\r~~~\r<img src=x>",
     "\\``<img src=x>",
+    "- ```\n  x\n  ```\n  <img src=x>",
+    "- a\n  ```\n```\n<img src=x>",
 ]
 
 
@@ -1396,12 +1398,18 @@ async def test_markdown_export_shows_html_beside_code_look_alikes_as_text(
         user=team_world.member,
         agent=team_world.agent,
         title=title,
-        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}],
+        messages=[
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": content},
+            # A message after it starts where the export's outline is, whatever the one before left open.
+            {"role": "user", "content": "```\n<img src=z>\n```\n<img src=z>"},
+        ],
     )
     response = await client.get(f"/api/chats/{chat.id}/export?format=markdown", headers=team_world.h(team_world.member))
     assert response.status_code == 200
     assert html_in(response.text) == []
     assert "<img" not in MarkdownIt("commonmark").render(response.text)
+    assert [text for _, text in top_level_headings(response.text)][1:] == ["User", "Assistant", "User"]
 
 
 async def test_an_export_saved_with_a_byte_order_mark_imports(

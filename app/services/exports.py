@@ -619,34 +619,39 @@ def _message_markdown(text: str) -> str:
 
     Code is read line by line, so only where that reading is sure: a code span whose paragraph has no backtick
     on an earlier line (one may open a span that this line closes), and a fence at the line's start. A fence
-    indented 1-3 spaces may be a list item's, ended by a line its item does not hold: from there on every
-    line, fences' included, has its raw HTML escaped (a backslash shown in code, never a tag taken for code).
+    indented 1-3 spaces may be a list item's, which a line less indented ends (it leaves the item): its lines
+    have their raw HTML escaped all the same (a backslash shown in code, never a tag taken for code), and it is
+    closed at its own indentation before such a line, and at the message's end, which closes it either way.
     """
     fence: str | None = None
-    trusted = True  # whether the fences seen so far are read as a renderer reads them
+    indent = 0  # the open fence's indentation: more than 0, it may be a list item's
     ticked = False  # a backtick (or a link's parts) on an earlier line of this paragraph, as far as known
     paragraph: list[str] = []  # the lines of the paragraph so far: a setext underline makes them a heading
     out: list[str] = []
     for line in _LINE_ENDING.split(text):
+        if fence is not None and indent and line.strip() and len(line) - len(line.lstrip(" ")) < indent:
+            out.append(" " * indent + fence)  # a list item's fence would end here with its item: both end now
+            fence, indent, ticked = None, 0, False
+            paragraph.clear()
         found = FENCE.match(line)
         if found is not None and (fence is not None or not (found.group(1)[0] == "`" and "`" in line[found.end() :])):
             # A fence's line (a backtick fence's info string holds no backtick, else it is a line of text).
             run, rest = found.group(1), line[found.end() :]
             if fence is None:
-                fence = run
-                trusted = trusted and found.start(1) == 0
+                fence, indent = run, found.start(1)
+                line = _html_as_text(line, code_spans=False) if indent else line  # its info string
             elif run[0] == fence[0] and len(run) >= len(fence) and not rest.strip(" \t"):
-                fence = None
+                fence, indent = None, 0
+            elif indent:
+                line = _html_as_text(line, code_spans=False)
             paragraph.clear()
             ticked = False
-            if not trusted:
-                line = _html_as_text(line, code_spans=False)
-        elif fence is None or not trusted:
-            line = _outside_blocks(_html_as_text(line, code_spans=trusted and not ticked), paragraph)
+        elif fence is None or indent:
+            line = _outside_blocks(_html_as_text(line, code_spans=not (ticked or indent)), paragraph)
             ticked = bool(line.strip()) and (ticked or "`" in line or any(part in line for part in _LINK_PARTS))
         out.append(line)
     if fence is not None:
-        out.append(fence)
+        out.append(" " * indent + fence)
     return "\n".join(out)
 
 
