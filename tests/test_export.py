@@ -9,6 +9,7 @@ import gc
 import heapq
 import json
 import logging
+import random
 import threading
 import tracemalloc
 import uuid
@@ -1410,6 +1411,33 @@ async def test_markdown_export_shows_html_beside_code_look_alikes_as_text(
     assert html_in(response.text) == []
     assert "<img" not in MarkdownIt("commonmark").render(response.text)
     assert [text for _, text in top_level_headings(response.text)][1:] == ["User", "Assistant", "User"]
+
+
+#: Pieces an answer may hold that the export's reading of code, links and fences must read as a renderer does.
+MARKDOWN_PIECES = (
+    *("`", "``", "```", "~~~", "\\", "\\`", "<img src=x>", "![a](x)", "a", " ", "\n", "\r", "\t", "\n\n"),
+    *("](", "][", "]:", "(", ")", '"', "<http://x>", "<a@b.c>", "\n- ", "\n1. ", "\n2. ```", "\n> ", "\n    "),
+    *("\n- ```", "\n ```", "\n  ```", "\n   ~~~", "\n```", "\n~~~", "## User", "\n---", "\n===", "<!--", "&lt;"),
+)
+
+
+def test_markdown_export_of_random_answers_has_no_raw_html_and_no_fake_turn() -> None:
+    """Thousands of answers made of the pieces that fooled the export (seeded, so a failure is the same on every
+    run), two messages a document: a CommonMark renderer finds no raw HTML, no image, and exactly the export's
+    own turns."""
+    rng = random.Random(20261207)
+    for _ in range(3000):
+        contents = ["".join(rng.choice(MARKDOWN_PIECES) for _ in range(rng.randint(1, 14))) for _ in range(2)]
+        document = exports._markdown_head("Chat", "Agent", "agent")
+        for role, content in zip(("user", "assistant"), contents, strict=True):
+            message = {"role": role, "status": "complete", "created_at": "now", "content": content, "files": []}
+            document += exports._markdown_message({**message, "error": None})
+        document += "\n"
+        tokens = MarkdownIt("commonmark").parse(document)
+        assert html_in(document) == [], contents
+        assert not [c for t in tokens for c in t.children or [] if c.type == "image"], contents
+        roles = [h for _, h in top_level_headings(document) if exports.ROLE_HEADING.fullmatch(h.strip())]
+        assert roles == ["User", "Assistant"], contents
 
 
 async def test_an_export_saved_with_a_byte_order_mark_imports(
