@@ -14,7 +14,6 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -303,30 +302,14 @@ class InviteCreate(InputModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [
-                {"email": "grace@example.com", "role": "user", "expires_in_days": 7, "max_uses": 1},
-                {"role": "user", "expires_in_days": 7, "max_uses": 20},
-            ],
-            # `_one_use_per_email`, stated for clients: no email (absent or null), or a single use.
-            "anyOf": [{"properties": {"email": {"type": "null"}}}, {"properties": {"max_uses": {"const": 1}}}],
+            "examples": [{"email": "grace@example.com", "role": "user", "expires_in_days": 7, "max_uses": 1}]
         },
     )
 
     email: Email | None = Field(None, description="When set, only this email (any case) may use the invite.")
     role: Role = "user"
     expires_in_days: JsonInt = Field(7, ge=1, le=30)
-    max_uses: JsonInt = Field(
-        1, ge=1, le=1000, description="How many people may register with it; only 1 when `email` is set."
-    )
-
-    @field_validator("max_uses")
-    @classmethod
-    def _one_use_per_email(cls, value: int, info: ValidationInfo) -> int:
-        """Only that address may use the invite, and an address registers once per team: a second use could
-        never happen, so asking for one is a mistake worth saying (not clamped in silence)."""
-        if value > 1 and info.data.get("email") is not None:
-            raise ValueError("must be 1 when email is set: only that one address can use the invite")
-        return value
+    max_uses: JsonInt = Field(1, ge=1, le=1000)
 
 
 class InviteRead(ReadModel):
