@@ -708,3 +708,18 @@ async def test_invites_work_on_sqlite(tmp_path: Path) -> None:
             assert (await c.get(f"/api/invites/{invite['token']}")).status_code == 404
     finally:
         await shutdown(app)
+
+
+async def test_an_email_bound_invite_with_several_uses_is_accepted_and_used_once(
+    web: httpx.AsyncClient, session: AsyncSession, settings: Settings
+) -> None:
+    """The contract lets `max_uses` be 1-1000 with or without an `email`: such an invite is made, and its one
+    address registers once (a second registration is the 409 of an email taken; the invite is not used again)."""
+    _, admin = await _team_and_admin(session)
+    invite = await _invite(web, settings, admin, email="once@example.com", max_uses=3)
+    assert (invite["email"], invite["max_uses"]) == ("once@example.com", 3)
+    assert (await _register(web, invite["token"], "once@example.com")).status_code == 201
+    again = await _register(web, invite["token"], "Once@Example.com")
+    assert again.status_code == 409, again.text
+    row = await _row(session, invite["id"])
+    assert row.uses == 1
