@@ -256,12 +256,13 @@ async def test_export_someone_elses_chat_is_404(
 
 @pytest.fixture
 def chat_selects(app: FastAPI) -> Iterator[list[str]]:
-    """The statements that read pages of chats (the export's keyset pages of chat ids)."""
+    """The statements that read pages of chats (the export's keyset pages of chats, with their agents)."""
     seen: list[str] = []
     engine = app_state(app).db.engine.sync_engine
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if " ".join(statement.split()).upper().startswith("SELECT CHATS.ID, CHATS.CREATED_AT FROM CHATS"):
+        flat = " ".join(statement.split()).upper()
+        if flat.startswith("SELECT CHATS.ID") and "ORDER BY CHATS.CREATED_AT, CHATS.ID LIMIT" in flat:
             seen.append(statement)
 
     event.listen(engine, "before_cursor_execute", record)
@@ -1938,7 +1939,8 @@ async def test_an_export_on_sqlite_is_read_in_batches_in_one_snapshot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On SQLite (its own statements: a message's weight, typed keys, an explicit BEGIN): the same bytes as the
-    document built whole, read a few messages at a time, with the chat deleted after the first batch."""
+    document built whole, read a few messages at a time, with the chat deleted after the first batch; and the
+    JSON Lines export (a page's snapshot) its line."""
     monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", 3)
     monkeypatch.setattr(exports, "EXPORT_BATCH_BYTES", 200)
     settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", tmp_path)
@@ -1964,6 +1966,8 @@ async def test_an_export_on_sqlite_is_read_in_batches_in_one_snapshot(
             )
             await session.commit()
             whole = await export_built_whole(session, chat.id)
+        lines = b"".join([piece async for piece in exports.export_lines(db=db, user_id=user.id, team_id=team.id)])
+        assert lines == json.dumps(json.loads(whole), ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
         documents = []
         for export_format in ("json", "markdown"):
             body = exports.chat_export(
@@ -2092,10 +2096,12 @@ async def test_the_export_of_all_chats_holds_a_batch_not_a_chat(
 async def test_the_export_of_all_chats_holds_no_database_connection_while_a_line_is_sent(
     app: FastAPI, session: AsyncSession, team_world: TeamWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each chat is read into a spool and its session closed before its line goes out: however slowly the client
-    reads, no database connection is held while a piece is sent (streamed from its snapshot, each line would hold
-    one until its last byte). Served as a server serves it, a batch of two messages at a time."""
+    """Each page of chats is read into a spool and its session closed before its lines go out: however slowly the
+    client reads, no database connection is held while a piece is sent (streamed from its snapshot, each line
+    would hold one until its last byte). Served as a server serves it, a batch of two messages and a page of
+    two chats at a time."""
     monkeypatch.setattr(exports, "EXPORT_BATCH_MESSAGES", 2)
+    monkeypatch.setattr(exports, "EXPORT_PAGE_CHATS", 2)
     for title in ("one", "two", "three"):
         await branchy_chat(session, team_world, title=title)
     await session.close()
@@ -2113,8 +2119,40 @@ async def test_the_export_of_all_chats_holds_no_database_connection_while_a_line
 
     await app(scope, bodyless_request(), send)
     assert [json.loads(line)["title"] for line in body.splitlines()] == ["one", "two", "three"]
-    assert len(held) >= 3
+    assert len(held) >= 2
     assert held == [0] * len(held)
+
+
+async def test_the_export_of_all_chats_reads_a_page_of_chats_in_one_snapshot(
+    client: httpx.AsyncClient, session: AsyncSession, team_world: TeamWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of chats is one read-only transaction, not one a chat (most of what many small chats cost): the
+    chats renamed together once the first one's messages are read show, in that page, their old titles (one
+    consistent view; read each in its own snapshot, the second showed its new title beside the first's old
+    one). The next page is a snapshot of its own, taken later: it shows the change."""
+    monkeypatch.setattr(exports, "EXPORT_PAGE_CHATS", 2)
+    first = await branchy_chat(session, team_world, title="first")
+    second = await branchy_chat(session, team_world, title="second")
+    third = await branchy_chat(session, team_world, title="third")
+    await session.close()
+    read_in_order = exports._messages_in_order
+
+    async def renaming(s: AsyncSession, chat_id: uuid.UUID, **kwargs: Any) -> AsyncIterator[list[Message]]:
+        async for batch in read_in_order(s, chat_id, **kwargs):
+            yield batch
+        if chat_id == first.id:
+            conn = await asyncpg.connect(_plain_url(team_world.settings.DATABASE_URL))
+            try:
+                rename = "UPDATE chats SET title = title || ' renamed' WHERE id = ANY($1::uuid[])"
+                await conn.execute(rename, [first.id, second.id, third.id])
+            finally:
+                await conn.close()
+
+    monkeypatch.setattr(exports, "_messages_in_order", renaming)
+    response = await client.get("/api/chats/export", headers=team_world.h(team_world.member))
+    assert response.status_code == 200
+    titles = [json.loads(line)["title"] for line in response.content.splitlines()]
+    assert titles == ["first", "second", "third renamed"]
 
 
 @pytest.mark.timeout(60)

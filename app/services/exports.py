@@ -100,34 +100,38 @@ async def chat_export(
     """
     async with db.sessionmaker() as session:
         await _begin_snapshot(session, sqlite=db.settings.is_sqlite)
-        params = owned_chat_params(chat_id, user_id, team_id)
-        head = (await session.execute(_CHAT_HEAD, params)).first()
+        head = (await session.execute(_CHAT_HEAD, owned_chat_params(chat_id, user_id, team_id))).first()
         if head is None:
             raise NotFound(CHAT_NOT_FOUND)
         chat, slug, name, count = head
-        branch = await _branch_shown(session, chat, count, sqlite=db.settings.is_sqlite)
-        pieces: AsyncIterator[bytes]
-        if export_format == "markdown":
-            yield _markdown_head(chat.title, name, slug).encode()
-            pieces = _markdown_pieces(session, chat.id, branch)
-        else:
-            layout = _LINE if export_format == "line" else _INDENTED
-            yield _json_head(chat, slug, name, branch, layout).encode()
-            pieces = _json_pieces(session, chat.id, layout, sqlite=db.settings.is_sqlite)
-        del branch  # the Markdown's pieces keep their own reference
-        written = 0
-        try:
-            async for piece in pieces:
-                written += len(piece)
-                yield piece
-                del piece  # not held while the next batch is read
-        except Exception:
-            logger.exception(
-                "the export of chat %s failed after %d bytes of messages",
-                chat_id,
-                written,
-            )
-            raise
+        async for piece in _chat_pieces(session, chat, slug, name, count, export_format, sqlite=db.settings.is_sqlite):
+            yield piece
+
+
+async def _chat_pieces(
+    session: AsyncSession, chat: Chat, slug: str, name: str, count: int, export_format: ExportFormat, *, sqlite: bool
+) -> AsyncGenerator[bytes]:
+    """`chat_export` of a chat read (with its agent's slug and name, and its number of messages) in the snapshot
+    the caller began (`_begin_snapshot`), which it goes on reading in: one chat's, or each of a page's."""
+    branch = await _branch_shown(session, chat, count, sqlite=sqlite)
+    pieces: AsyncIterator[bytes]
+    if export_format == "markdown":
+        yield _markdown_head(chat.title, name, slug).encode()
+        pieces = _markdown_pieces(session, chat.id, branch)
+    else:
+        layout = _LINE if export_format == "line" else _INDENTED
+        yield _json_head(chat, slug, name, branch, layout).encode()
+        pieces = _json_pieces(session, chat.id, layout, sqlite=sqlite)
+    del branch  # the Markdown's pieces keep their own reference
+    written = 0
+    try:
+        async for piece in pieces:
+            written += len(piece)
+            yield piece
+            del piece  # not held while the next batch is read
+    except Exception:
+        logger.exception("the export of chat %s failed after %d bytes of messages", chat.id, written)
+        raise
 
 
 #: An export kept in memory up to this size while it is read; past it, in a temporary file.
@@ -173,17 +177,15 @@ async def _begin_snapshot(session: AsyncSession, *, sqlite: bool) -> None:
     await session.connection(execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True})
 
 
-#: The caller's chat with its agent and its number of messages (the bound of the branch walk).
-_CHAT_HEAD = (
-    select(
-        Chat,
-        Agent.slug,
-        Agent.name,
-        select(func.count()).select_from(Message).where(Message.chat_id == Chat.id).scalar_subquery(),
-    )
-    .join(Agent, Agent.id == Chat.agent_id)
-    .where(*OWNED_CHAT)
-)
+#: Chats with their agent and their number of messages (the bound of the branch walk).
+_HEADS = select(
+    Chat,
+    Agent.slug,
+    Agent.name,
+    select(func.count()).select_from(Message).where(Message.chat_id == Chat.id).scalar_subquery(),
+).join(Agent, Agent.id == Chat.agent_id)
+#: The caller's chat, so.
+_CHAT_HEAD = _HEADS.where(*OWNED_CHAT)
 
 
 def _weight(message: type[Message], *, sqlite: bool) -> ColumnElement[int]:
@@ -271,14 +273,24 @@ class _Branch:
             yield uuid.UUID(bytes=bytes(self.ids[16 * i : 16 * i + 16])), weight
 
 
+#: The branch shown is read this many rows at a time (a server-side cursor), when it can be longer.
+BRANCH_ROWS = 1000
+
+
 async def _branch_shown(session: AsyncSession, chat: Chat, count: int, *, sqlite: bool) -> _Branch:
-    """The branch shown with its messages' weights, its rows read a thousand at a time."""
+    """The branch shown with its messages' weights, its rows read BRANCH_ROWS at a time: in one plain query when
+    the walk cannot give more (at most one row more than the chat has messages), which is most chats, and saves
+    a cursor's round trips each (docs/PERFORMANCE.md); through a cursor otherwise."""
     branch = _Branch()
     if chat.current_message_id is None:
         return branch
     params = {"leaf": chat.current_message_id, "cid": chat.id, "cap": count}
+    if count < BRANCH_ROWS:
+        for message_id, weight in (await session.execute(_STATEMENTS[sqlite].branch, params)).all():
+            branch.append(message_id, weight or 0)
+        return branch
     rows = await session.stream(_STATEMENTS[sqlite].branch, params)
-    async for partition in rows.partitions(1000):
+    async for partition in rows.partitions(BRANCH_ROWS):
         for message_id, weight in partition:
             branch.append(message_id, weight or 0)
     return branch
@@ -688,35 +700,53 @@ def _markdown_message(message: dict[str, Any]) -> str:
 async def export_lines(*, db: Database, user_id: uuid.UUID, team_id: uuid.UUID) -> AsyncIterator[bytes]:
     """Every chat of the user, one JSON document per line, oldest chat first.
 
-    The chats' ids are read EXPORT_PAGE_CHATS at a time (keyset paging on creation time and id), each page in
-    its own short session. Each chat is then read as one chat's export is (`chat_export`: a batch of messages
-    at a time, in one snapshot of that chat) into a spool, its session closed, and only then sent: memory
-    stays a batch or two however long a chat and however many chats, and a slow reader holds no database
-    connection. A chat deleted since its page was read is left out.
+    A page of EXPORT_PAGE_CHATS chats at a time (keyset paging on creation time and id): the chats with their
+    agents and numbers of messages in one query, then each chat as one chat's export reads it (`_chat_pieces`:
+    a batch of messages at a time), all in ONE read-only snapshot (as `chat_export`'s), into one spool (memory
+    up to SPOOL_MEMORY_BYTES, then a temporary file); the session is closed, and only then is the page sent.
+    Memory stays a batch or two and the spool's first MiB however long a chat and however many; a slow reader
+    holds no database connection; and a transaction a page rather than a chat takes much of the cost of many
+    small chats away (docs/PERFORMANCE.md). Each page is one consistent view of its chats; a chat created or
+    deleted between two pages is in the export or not, whole either way.
+
+    If reading fails (the database gone), the page's lines read whole before the failure are sent, then the
+    error is raised: the download ends after its last whole line, cut, never with a line in part.
     """
+    sqlite = db.settings.is_sqlite
     after: tuple[datetime, uuid.UUID] | None = None
     while True:
-        async with db.sessionmaker() as session:
-            query = (
-                select(Chat.id, Chat.created_at)
-                .where(Chat.user_id == user_id, Chat.team_id == team_id)
-                .order_by(Chat.created_at, Chat.id)
-                .limit(EXPORT_PAGE_CHATS)
-            )
-            if after is not None:
-                query = query.where(tuple_(Chat.created_at, Chat.id) > tuple_(*after))
-            page = [(chat_id, created_at) for chat_id, created_at in (await session.execute(query)).all()]
-        for chat_id, _ in page:
-            line = chat_export(db=db, user_id=user_id, team_id=team_id, chat_id=chat_id, export_format="line")
-            try:
-                spool = await spooled(line)
-            except NotFound:
-                continue
-            try:
-                for piece in spool_pieces(spool):
-                    yield piece
-            finally:
-                spool.close()
+        spool: Spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
+        try:
+            whole = 0  # the spool's bytes up to the end of its last whole line
+            failure: Exception | None = None
+            page: list[tuple[uuid.UUID, datetime]] = []
+            async with db.sessionmaker() as session:
+                await _begin_snapshot(session, sqlite=sqlite)
+                query = (
+                    _HEADS.where(Chat.user_id == user_id, Chat.team_id == team_id)
+                    .order_by(Chat.created_at, Chat.id)
+                    .limit(EXPORT_PAGE_CHATS)
+                )
+                if after is not None:
+                    query = query.where(tuple_(Chat.created_at, Chat.id) > tuple_(*after))
+                heads = (await session.execute(query)).all()
+                page = [(chat.id, chat.created_at) for chat, *_ in heads]
+                try:
+                    for chat, slug, name, count in heads:
+                        async for piece in _chat_pieces(session, chat, slug, name, count, "line", sqlite=sqlite):
+                            spool.write(piece)
+                            del piece
+                        whole = spool.tell()
+                except Exception as error:  # sent below, after the lines read whole: not raised in the session
+                    failure = error
+                del heads
+            spool.truncate(whole)
+            for piece in spool_pieces(spool):
+                yield piece
+            if failure is not None:
+                raise failure
+        finally:
+            spool.close()
         if len(page) < EXPORT_PAGE_CHATS:
             return
         chat_id, created_at = page[-1]
