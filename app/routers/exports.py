@@ -58,8 +58,8 @@ class SpooledDownload(StreamingResponse):
     "/export",
     summary="Export all my chats as JSON Lines (streamed)",
     description="One chat per line, each the same JSON as `GET /api/chats/{id}/export?format=json` (on one "
-    "line), oldest chat first; archived chats included. Sent while it is read: each chat read as that export "
-    "reads it (a batch of messages at a time, one snapshot of the chat, into a spool), then sent "
+    "line), oldest chat first; archived chats included. Sent while it is read, 20 chats at a time: each chat read "
+    "as that export reads it (a batch of messages at a time), the 20 in one snapshot, into a spool, then sent "
     "(docs/SHARING.md).",
     response_class=StreamingResponse,
     responses={
