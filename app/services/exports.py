@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeAlias
 
-from sqlalchemy import ColumnElement, LargeBinary, Select, and_, bindparam, cast, func, literal, select, tuple_
+from sqlalchemy import ColumnElement, LargeBinary, Row, Select, and_, bindparam, cast, func, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -113,18 +113,27 @@ async def _chat_pieces(
 ) -> AsyncGenerator[bytes]:
     """`chat_export` of a chat read (with its agent's slug and name, and its number of messages) in the snapshot
     the caller began (`_begin_snapshot`), which it goes on reading in: one chat's, or each of a page's."""
-    branch = await _branch_shown(session, chat, count, sqlite=sqlite)
-    pieces: AsyncIterator[bytes]
-    if export_format == "markdown":
-        yield _markdown_head(chat.title, name, slug).encode()
-        pieces = _markdown_pieces(session, chat.id, branch)
-    else:
-        layout = _LINE if export_format == "line" else _INDENTED
-        yield _json_head(chat, slug, name, branch, layout).encode()
-        pieces = _json_pieces(session, chat.id, layout, sqlite=sqlite)
-    del branch  # the Markdown's pieces keep their own reference
+    # A chat of fewer messages than a batch is read as its first batch first: if that is all of it (not cut by
+    # its weight), its branch shown is walked from those rows, one query fewer (docs/PERFORMANCE.md).
+    first: list[_BatchRow] | None = None
+    branch: _Branch | None = None
     written = 0
     try:
+        if export_format != "markdown" and count < EXPORT_BATCH_MESSAGES:
+            first = await _first_batch(session, chat.id, sqlite=sqlite)
+            if _last_batch(first):
+                branch = _branch_of(first, chat, count)
+        if branch is None:
+            branch = await _branch_shown(session, chat, count, sqlite=sqlite)
+        pieces: AsyncIterator[bytes]
+        if export_format == "markdown":
+            yield _markdown_head(chat.title, name, slug).encode()
+            pieces = _markdown_pieces(session, chat.id, branch)
+        else:
+            layout = _LINE if export_format == "line" else _INDENTED
+            yield _json_head(chat, slug, name, branch, layout).encode()
+            pieces = _json_pieces(session, chat.id, layout, sqlite=sqlite, first=first)
+        del branch, first  # the Markdown's pieces keep their own reference to the branch, the JSON's to the rows
         async for piece in pieces:
             written += len(piece)
             yield piece
@@ -296,10 +305,50 @@ async def _branch_shown(session: AsyncSession, chat: Chat, count: int, *, sqlite
     return branch
 
 
+#: A row of a batch of messages: the message, its parent's key (`_Statements._batch`), the batch's weight through it.
+_BatchRow: TypeAlias = Row[Message, datetime | None, uuid.UUID | None, int]
+_BatchQuery: TypeAlias = Select[Message, datetime | None, uuid.UUID | None, int]
+
+
+async def _first_batch(session: AsyncSession, chat_id: uuid.UUID, *, sqlite: bool) -> list[_BatchRow]:
+    """The chat's first batch of messages (`_Statements._batch`)."""
+    params = {"cid": chat_id, "batch": EXPORT_BATCH_MESSAGES, "budget": EXPORT_BATCH_BYTES}
+    return await _rows(session, _STATEMENTS[sqlite].first, params)
+
+
+def _last_batch(rows: list[_BatchRow]) -> bool:
+    """Whether a batch is the chat's last: fewer rows than a batch holds, and not cut by its weight."""
+    return not rows or (len(rows) < EXPORT_BATCH_MESSAGES and (rows[-1][3] or 0) < EXPORT_BATCH_BYTES)
+
+
+def _branch_of(rows: list[_BatchRow], chat: Chat, count: int) -> _Branch:
+    """The branch shown walked from all of the chat's rows, as `_Statements.branch` walks it in the database: up
+    `parent_id` from the current message, within the chat, at most `count` steps (a cycle walked round again),
+    root first, each with its weight."""
+    by_id: dict[uuid.UUID, tuple[Message, int]] = {}
+    before = 0
+    for message, _, _, through in rows:
+        by_id[message.id] = (message, (through or 0) - before)
+        before = through or 0
+    walked: list[tuple[uuid.UUID, int]] = []
+    found = by_id.get(chat.current_message_id) if chat.current_message_id else None
+    while found is not None:
+        message, weight = found
+        walked.append((message.id, weight))
+        if len(walked) > count:
+            break
+        found = by_id.get(message.parent_id) if message.parent_id else None
+    branch = _Branch()
+    for message_id, weight in reversed(walked):
+        branch.append(message_id, weight)
+    return branch
+
+
 async def _messages_in_order(
-    session: AsyncSession, chat_id: uuid.UUID, *, sqlite: bool
+    session: AsyncSession, chat_id: uuid.UUID, *, sqlite: bool, first: list[_BatchRow] | None = None
 ) -> AsyncIterator[list[Message]]:
-    """Every message of the chat in the export's order, read a batch at a time in (created_at, id) order.
+    """Every message of the chat in the export's order, read a batch at a time in (created_at, id) order (the
+    first batch given when it was read already).
 
     The export's order (the format's "oldest first, a parent before its children"; the order the export built
     whole had, which tests/test_export.py keeps as `oldest_first`) takes, again and again, the oldest message
@@ -316,7 +365,8 @@ async def _messages_in_order(
     query = statements.first
     params: dict[str, Any] = {"cid": chat_id, "batch": EXPORT_BATCH_MESSAGES, "budget": EXPORT_BATCH_BYTES}
     while True:
-        rows = (await session.execute(query, params)).all()
+        rows: list[_BatchRow] = first if first is not None else await _rows(session, query, params)
+        first = None
         for message, parent_at, parent_id, _ in rows:
             held.add(message.id)
             if parent_id is None or (
@@ -335,7 +385,7 @@ async def _messages_in_order(
         if out:
             yield out
         del out
-        if not rows or (len(rows) < EXPORT_BATCH_MESSAGES and (rows[-1][3] or 0) < EXPORT_BATCH_BYTES):
+        if _last_batch(rows):
             return  # the last batch (not one cut by its weight). What still waits is in a cycle: left out, as
             # the export built whole left it
         last = rows[-1][0]
@@ -421,15 +471,20 @@ def _json_head(chat: Chat, slug: str, name: str, branch: _Branch, layout: _Layou
     return text.removesuffix(layout.no_messages_end)
 
 
+async def _rows(session: AsyncSession, query: _BatchQuery, params: dict[str, Any]) -> list[_BatchRow]:
+    """A batch's rows."""
+    return list((await session.execute(query, params)).all())
+
+
 async def _json_pieces(
-    session: AsyncSession, chat_id: uuid.UUID, layout: _Layout, *, sqlite: bool
+    session: AsyncSession, chat_id: uuid.UUID, layout: _Layout, *, sqlite: bool, first: list[_BatchRow] | None = None
 ) -> AsyncIterator[bytes]:
     """The `messages` array and the document's end, as `json.dumps(document, ...) + "\\n"` writes them in
     `layout`: the same bytes as the export built whole. A message's JSON has no raw line break (JSON escapes it
     in strings), so indenting its lines is indenting it."""
     separator = layout.messages_open
     empty = True
-    async for batch in _messages_in_order(session, chat_id, sqlite=sqlite):
+    async for batch in _messages_in_order(session, chat_id, sqlite=sqlite, first=first):
         parts: list[str] = []
         for message in batch:
             parts.append(separator)
