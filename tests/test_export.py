@@ -1760,7 +1760,7 @@ async def test_a_chat_read_in_one_batch_has_the_branch_the_database_walk_gives(
     await session.execute(update(Chat).where(Chat.id == elsewhere.id).values(current_message_id=their))
     await session.execute(update(Chat).where(Chat.id == stray.id).values(current_message_id=orphan.id, message_count=1))
     await session.commit()
-    exported = {}
+    exported: dict[tuple[int, uuid.UUID | None], bytes] = {}
     walks: dict[int, int] = {}
     engine = app_state(app).db.engine.sync_engine
 
