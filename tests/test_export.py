@@ -495,6 +495,20 @@ async def test_import_with_missing_agent_slug_is_422_naming_it(
     assert (await count_rows(session, "chats"), await count_rows(session, "messages")) == (chats, messages)
 
 
+async def _end_the_reading_session(settings: Settings) -> int:
+    """Terminate the export's database session, paused between two batches (idle in its snapshot's transaction,
+    its last statement a batch's `LIMIT`): how many sessions were ended."""
+    conn = await asyncpg.connect(_plain_url(settings.DATABASE_URL))
+    try:
+        killed: int = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND state = 'idle in transaction' AND query LIKE '%LIMIT%'"
+        )
+    finally:
+        await conn.close()
+    return killed
+
+
 def _broken(doc: dict[str, Any], change: str) -> dict[str, Any]:
     doc = json.loads(json.dumps(doc))
     messages = doc["messages"]
@@ -1899,15 +1913,7 @@ async def test_an_export_whose_database_is_lost_while_it_is_read_is_a_plain_503_
         answer = asyncio.create_task(http.get(path, headers=team_world.h(team_world.member)))
         assert await asyncio.to_thread(first_batch_read.wait, 10)
         assert not answer.done()  # nothing answered yet: the export is still being read
-        conn = await asyncpg.connect(_plain_url(settings.DATABASE_URL))
-        try:
-            killed = await conn.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> pg_backend_pid() AND state = 'idle in transaction' AND query LIKE '%LIMIT%'"
-            )
-        finally:
-            await conn.close()
-        assert killed == 1
+        assert await _end_the_reading_session(settings) == 1
         cut.set()
         response = await answer
     assert response.status_code == 503
@@ -2255,15 +2261,7 @@ async def test_an_export_of_all_chats_whose_database_is_lost_ends_after_its_last
 
         answer = asyncio.create_task(download())
         assert await asyncio.to_thread(batch_read.wait, 10)
-        conn = await asyncpg.connect(_plain_url(settings.DATABASE_URL))
-        try:
-            killed = await conn.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> pg_backend_pid() AND state = 'idle in transaction' AND query LIKE '%LIMIT%'"
-            )
-        finally:
-            await conn.close()
-        assert killed == 1
+        assert await _end_the_reading_session(settings) == 1
         cut.set()
         with pytest.raises(httpx.RemoteProtocolError):
             await answer
