@@ -31,7 +31,7 @@ from app.config import Settings
 from app.db import Database, utcnow
 from app.fields import JSON_MAX_DEPTH
 from app.models import Agent, Base, Chat, Message, User
-from app.services import exports, imports
+from app.services import export_markdown, exports, imports
 from app.services.chats import UNTITLED
 from app.services.exports import EXPORT_PAGE_CHATS
 from app.services.messages import INTERRUPTED
@@ -1443,15 +1443,15 @@ def test_markdown_export_of_random_answers_has_no_raw_html_and_no_fake_turn() ->
     rng = random.Random(20261207)
     for _ in range(3000):
         contents = ["".join(rng.choice(MARKDOWN_PIECES) for _ in range(rng.randint(1, 14))) for _ in range(2)]
-        document = exports._markdown_head("Chat", "Agent", "agent")
+        document = export_markdown.markdown_head("Chat", "Agent", "agent")
         for role, content in zip(("user", "assistant"), contents, strict=True):
             message = {"role": role, "status": "complete", "created_at": "now", "content": content, "files": []}
-            document += exports._markdown_message({**message, "error": None})
+            document += export_markdown.markdown_message({**message, "error": None})
         document += "\n"
         tokens = MarkdownIt("commonmark").parse(document)
         assert html_in(document) == [], contents
         assert not [c for t in tokens for c in t.children or [] if c.type == "image"], contents
-        roles = [h for _, h in top_level_headings(document) if exports.ROLE_HEADING.fullmatch(h.strip())]
+        roles = [h for _, h in top_level_headings(document) if export_markdown.ROLE_HEADING.fullmatch(h.strip())]
         assert roles == ["User", "Assistant"], contents
 
 
@@ -1562,9 +1562,9 @@ def markdown_built_whole(document: dict[str, Any]) -> str:
     by_id = {m["id"]: m for m in document["messages"]}
     agent = document["agent"]
     lines = [
-        f"# {exports._heading_text(exports._one_line(document['title'] or '') or UNTITLED)}",
+        f"# {export_markdown.heading_text(export_markdown.one_line(document['title'] or '') or UNTITLED)}",
         "",
-        f"Agent: {exports._one_line(agent['name'])} (`{agent['slug']}`)  ",
+        f"Agent: {export_markdown.one_line(agent['name'])} (`{agent['slug']}`)  ",
         "Exported: (time)",
     ]
     for message_id in document["current_branch"]:
@@ -1573,12 +1573,12 @@ def markdown_built_whole(document: dict[str, Any]) -> str:
         if message["status"] != "complete":
             heading += f" ({message['status']})"
         lines += ["", "---", "", f"## {heading}", "", f"_{message['created_at']}_", ""]
-        lines.append(exports._message_markdown(message["content"]) if message["content"] else "_(no text)_")
+        lines.append(export_markdown.message_markdown(message["content"]) if message["content"] else "_(no text)_")
         for f in message.get("files") or []:
-            name, kind = exports._one_line(f["filename"]), exports._one_line(f["content_type"])
+            name, kind = export_markdown.one_line(f["filename"]), export_markdown.one_line(f["content_type"])
             lines += ["", f"Attached: {name} ({kind}, {f['size']} bytes)"]
         if message["error"]:
-            lines += ["", f"> Error: {exports._one_line(str(message['error'].get('message', '')))}"]
+            lines += ["", f"> Error: {export_markdown.one_line(str(message['error'].get('message', '')))}"]
     return "\n".join(lines) + "\n"
 
 
