@@ -2351,3 +2351,71 @@ def test_a_new_chat_is_made_by_its_first_message_not_by_picking_an_agent(web_pag
     expect(page.get_by_role("alert")).to_have_text("This agent does not exist or is not active: pick another one.")
     expect(page).to_have_title("Agent not found \N{EN DASH} n8n Chat")
     assert web_page.errors == []
+
+
+def test_a_new_chats_first_message_sent_offline_waits_for_the_network(
+    web_page: Watched, team: Team, fake_n8n_url: str
+) -> None:
+    """The first message of a chat not made yet, sent offline, said "The server could not be reached." and
+    stayed in the box, where a send in a made chat waits for the network. It now waits the same way: shown
+    sent, "Waiting for the network", Stop; once the network is back the chat is made once and the message
+    sent once. Left meanwhile (a reload), it is given back as a waiting send is."""
+    page = web_page.page
+    agent_id = team.get("/api/agents")[0]["id"]
+    log_in(page, team.email)
+    page.goto(f"/#/new/{agent_id}")
+    box = page.get_by_label("Message", exact=True)
+    expect(box).to_be_focused()
+    httpx.delete(f"{fake_n8n_url}/__requests")
+    creations: list[str] = []
+
+    def made(request: Request) -> None:
+        if request.method == "POST" and request.url.endswith("/api/chats"):
+            creations.append(request.url)
+
+    page.on("request", made)
+    page.context.set_offline(True)
+    box.fill("first words")
+    box.press("Enter")
+    waiting = page.locator(".msg.assistant .live-status")
+    expect(waiting).to_have_text("Waiting for the network: sent as soon as it is back.")
+    expect(page.locator(".msg.user .content")).to_have_text("first words")
+    expect(box).to_have_value("")
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    box.press("Enter")  # nothing more is sent
+    page.wait_for_timeout(1_000)
+    page.context.set_offline(False)
+    expect(page.locator(".msg.assistant[data-status=complete]")).to_have_count(1, timeout=15_000)
+    assert answer_text(page) == "Echo: first words"
+    expect(page.locator(".msg.user")).to_have_count(1)
+    [chat] = team.get("/api/chats")
+    expect(page).to_have_url(re.compile(f"#/chats/{chat['id']}$"))
+    stored = team.get(f"/api/chats/{chat['id']}")["messages"]
+    assert [m["content"] for m in stored] == ["first words", "Echo: first words"]
+    assert len([r for r in httpx.get(f"{fake_n8n_url}/__requests").json() if r["method"] == "POST"]) == 1
+    expect(box).to_have_value("")
+    # Left while it waits (the agent picker): given back in the box when opened again, nothing made or sent.
+    page.goto(f"/#/new/{agent_id}")
+    expect(box).to_be_focused()
+    page.context.set_offline(True)
+    box.fill("second chat")
+    box.press("Enter")
+    expect(waiting).to_be_visible()
+    page.evaluate("() => { location.hash = '#/new'; }")
+    expect(page.get_by_role("heading", name="Start a chat")).to_be_visible()
+    page.context.set_offline(False)
+    page.wait_for_timeout(500)  # the left send would be on its way by now
+    page.evaluate(f"() => {{ location.hash = '#/new/{agent_id}'; }}")
+    expect(page.locator(".toast.error", has_text=WAITING)).to_be_visible()
+    expect(box).to_have_value("second chat")
+    page.context.set_offline(True)
+    box.press("Enter")
+    expect(waiting).to_be_visible()
+    page.get_by_role("button", name="Stop").click()
+    expect(box).to_have_value("second chat")
+    expect(page.locator(".msg")).to_have_count(0)
+    page.context.set_offline(False)
+    page.wait_for_timeout(500)
+    assert len(team.get("/api/chats")) == 1
+    assert len(creations) >= 2  # tried offline, then made once the network was back
+    assert web_page.errors == []

@@ -255,7 +255,7 @@ export class Generation {
 const offline = () => navigator.onLine === false;
 
 /** Wait until the browser is online again, or `signal` aborts (the page moved on). */
-const online = (signal) =>
+export const online = (signal) =>
   new Promise((resolve) => {
     const done = () => {
       window.removeEventListener("online", done);

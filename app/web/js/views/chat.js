@@ -3,7 +3,7 @@
 // regenerate, branches, feedback). Each chat's menu (in the list and in the chat's header) shares and exports it.
 import { ApiError, api, download, page } from "../api.js";
 import { composing, fill, h, notify, pageTitle, randomId, touchScreen } from "../dom.js";
-import { Generation, NotSent, drafts, pendingUploads, saved, stopGeneration, waiting } from "../stream.js";
+import { Generation, NotSent, drafts, online, pendingUploads, saved, stopGeneration, waiting } from "../stream.js";
 import { Attachments } from "./attachments.js";
 import { agentById, agentLabel, avatar, messageItem, setContent, stepItem, waitText } from "./messages.js";
 
@@ -17,8 +17,6 @@ const SHARES_READ = 10; // pages read to learn which chats are shared; past that
 const unsavedKey = (agentId) => `new-${agentId}`;
 const draftKey = (chat) => chat.id ?? unsavedKey(chat.agent_id);
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
-/** What an import sends: JSON Lines (the "export all" file) or one JSON chat, told by the file's name. */
-const importType = (file) => (/\.(jsonl|ndjson)$/i.test(file.name) ? "application/x-ndjson" : "application/json");
 
 export class ChatsView {
   constructor(main, { user, navigate }) {
@@ -68,7 +66,7 @@ export class ChatsView {
     importInput.addEventListener("change", () => {
       const [file] = importInput.files;
       importInput.value = "";
-      if (file) this.importChats(file);
+      if (file) this.later("importChats", file);
     });
     const archived = h("input", { type: "checkbox", id: "show-archived" });
     archived.addEventListener("change", () => {
@@ -87,7 +85,7 @@ export class ChatsView {
         "div",
         { class: "sidebar-tools" },
         h("a", { href: "#/shares" }, "Shared with team"),
-        h("button", { type: "button", class: "ghost", onclick: () => this.exportAll() }, "Export all"),
+        h("button", { type: "button", class: "ghost", onclick: () => this.later("exportAll") }, "Export all"),
         h("button", { type: "button", class: "ghost", onclick: () => importInput.click() }, "Import…"),
         importInput,
       ),
@@ -274,11 +272,11 @@ export class ChatsView {
         list,
         [
           ...items,
-          !reading && shared !== true && ["Share with team", () => this.share(chat)],
-          !reading && shared === true && ["Update share", () => this.share(chat)],
-          !reading && shared !== false && ["Stop sharing", () => this.unshare(chat)],
-          ["Export as JSON", () => this.exportChat(chat, "json")],
-          ["Export as Markdown", () => this.exportChat(chat, "markdown")],
+          !reading && shared !== true && ["Share with team", () => this.later("share", chat)],
+          !reading && shared === true && ["Update share", () => this.later("share", chat)],
+          !reading && shared !== false && ["Stop sharing", () => this.later("unshare", chat)],
+          ["Export as JSON", () => this.later("exportChat", chat, "json")],
+          ["Export as Markdown", () => this.later("exportChat", chat, "markdown")],
         ]
           .filter(Boolean)
           .map(([text, handler]) =>
@@ -298,56 +296,12 @@ export class ChatsView {
 
   // --- sharing, export, import ------------------------------------------------------------------
 
-  /** Share (or share again: the same link shows the new snapshot) and show the link in a dialog. */
-  async share(chat) {
+  /** Sharing, an export, an import: rarely used, so in shares.js, loaded on first use. */
+  async later(name, ...args) {
     try {
-      const share = await api(`/api/chats/${chat.id}/share`, { method: "POST" });
-      this.sharedIds?.add(chat.id);
-      const { showShareLink } = await import("./shares.js"); // on first use, like the shared chats
-      // The page moved on while the share was made (a logout: the login form): its link is not shown there.
-      if (!document.body.contains(this.root)) return;
-      showShareLink(chat, share);
+      await (await import("./shares.js"))[name](this, ...args);
     } catch (err) {
-      notify(errorText(err), "error");
-    }
-  }
-
-  async unshare(chat) {
-    try {
-      await api(`/api/chats/${chat.id}/share`, { method: "DELETE" });
-      this.sharedIds?.delete(chat.id);
-      notify("No longer shared: the link now answers “not found”.");
-    } catch (err) {
-      if (err instanceof ApiError && err.status === 404) this.sharedIds?.delete(chat.id); // unshared elsewhere
-      notify(errorText(err), "error");
-    }
-  }
-
-  async exportChat(chat, format) {
-    try {
-      await download(`/api/chats/${chat.id}/export?format=${format}`, `chat-${chat.id}.${format === "json" ? "json" : "md"}`);
-    } catch (err) {
-      notify(errorText(err), "error");
-    }
-  }
-
-  async exportAll() {
-    try {
-      await download("/api/chats/export", "chats.jsonl");
-    } catch (err) {
-      notify(errorText(err), "error");
-    }
-  }
-
-  /** Import an export (one chat, or JSON Lines): all or nothing; the server's refusal names the problem. */
-  async importChats(file) {
-    try {
-      const imported = await api("/api/chats/import", { method: "POST", payload: file, headers: { "Content-Type": importType(file) } });
-      notify(imported.length === 1 ? "Imported 1 chat." : `Imported ${imported.length} chats.`);
-      await this.loadChats();
-      if (imported.length) this.navigate(`/chats/${imported[0].id}`);
-    } catch (err) {
-      notify(`Nothing was imported: ${errorText(err)}`, "error");
+      notify(errorText(err), "error"); // the module could not be loaded
     }
   }
 
@@ -457,6 +411,7 @@ export class ChatsView {
       return;
     }
     this.render({ id: null, agent_id: agentId, title: null, messages: [], has_more: false });
+    this.giveBackWaiting();
   }
 
   /**
@@ -502,6 +457,49 @@ export class ChatsView {
     }
     this.loadChats();
     return chat.id;
+  }
+
+  /** A new chat's first message: the chat made (once), then the message sent in it. Offline, it waits for the
+   * network as a send in a made chat does (waitFirst); another error leaves it in the box. */
+  async sendFirst(body, files) {
+    const agentId = this.newAgentId;
+    const key = unsavedKey(agentId);
+    for (let waited = false; ; ) {
+      try {
+        const id = await this.ensureChat(agentId);
+        if (id !== this.chatId) return;
+        waiting.clear(key);
+        if (this.input.value === body.content) this.input.value = ""; // its draft, given back by adopt()
+        return this.stream(body, { appendUser: body.content, files });
+      } catch (err) {
+        if (this.newAgentId !== agentId) return;
+        if (err instanceof ApiError || navigator.onLine !== false) return waited ? this.giveBack(body, null, errorText(err)) : notify(errorText(err), "error");
+        const wait = this.waitFirst(key, body, files);
+        waited = true;
+        await online(wait.aborter.signal);
+        if (wait.left) return;
+        this.generation = null;
+        this.live.user.remove();
+        this.live.item.remove();
+        this.setBusy(false);
+      }
+    }
+  }
+
+  /** The first message shown waiting, Stop to give it back; its Generation sends nothing, a chat left ends it. */
+  waitFirst(key, body, files) {
+    const view = { request: { body, key: null }, send: { user: this.userId, body, key: null, files } };
+    view.user = messageItem({ id: null, role: "user", content: body.content, status: "complete", sibling_ids: [], files }, this.actions());
+    this.messages.append(view.user);
+    view.item = this.liveItem();
+    this.input.value = ""; // its draft stays
+    this.live = view;
+    this.generation = new Generation(null, this.handlers(key, view));
+    this.generation.waiting = true;
+    this.generation.handlers.onWaiting(true);
+    this.setBusy(true);
+    this.scrollDown();
+    return this.generation;
   }
 
   renderPicker() {
@@ -643,18 +641,10 @@ export class ChatsView {
             if (files.length) notify("Write a message to send with the files.", "error");
             return;
           }
-          // A new chat is made by its first message: made, it is drawn as itself and the message sent from there.
-          if (!this.chatId) {
-            const agentId = this.newAgentId;
-            this.ensureChat(agentId).then(
-              (id) => id === this.chatId && this.composer.requestSubmit(),
-              (err) => this.newAgentId === agentId && notify(errorText(err), "error"), // the text stays in the box
-            );
-            return;
-          }
+          const body = files.length ? { content, file_ids: files.map((f) => f.id) } : { content };
+          if (!this.chatId) return this.sendFirst(body, files);
           performance.mark("send");
           this.input.value = "";
-          const body = files.length ? { content, file_ids: files.map((f) => f.id) } : { content };
           this.stream(body, { appendUser: content, files });
         },
       },
@@ -933,8 +923,8 @@ export class ChatsView {
    * back as one the server could not be reached for, its files pending again; only to the user who wrote it.
    */
   giveBackWaiting() {
-    const kept = waiting.read(this.chatId);
-    waiting.clear(this.chatId);
+    const kept = waiting.read(draftKey(this.chat));
+    waiting.clear(draftKey(this.chat));
     if (!kept?.body?.content || kept.user !== this.userId) return;
     if (!kept.body.edit_of) this.attachments.restore(kept.files || []);
     // The draft restored in the box is that same message (kept until the server has it): given back once.
@@ -957,7 +947,7 @@ export class ChatsView {
     else if (body.content) {
       this.input.value = this.input.value ? `${body.content}\n${this.input.value}` : body.content;
       // Back in the box: the chat's draft, which a reload keeps (with the send's key while it is that text alone).
-      this.keepDraft(this.chatId, !body.edit_of && this.input.value === body.content ? key : undefined);
+      this.keepDraft(draftKey(this.chat), !body.edit_of && this.input.value === body.content ? key : undefined);
     }
     notify(message, kind);
   }
@@ -1012,7 +1002,7 @@ export class ChatsView {
    * (no stop request either: it could not), and the text goes back where it was typed, as a send not sent. */
   cancelWaiting(generation, live) {
     generation.leave();
-    waiting.clear(this.chatId);
+    waiting.clear(draftKey(this.chat));
     const { body, key } = live.request;
     this.giveBack(body, key, body.content ? "Stopped: your message was not sent." : "Stopped: nothing was sent.", "info");
   }

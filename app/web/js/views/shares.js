@@ -1,12 +1,70 @@
 // Chats shared with the team (docs/SHARING.md): the list (`#/shares`) and one shared chat, read-only
 // (`#/shares/<id>`), rendered with the same safe Markdown as a chat, with Fork (a new chat of mine) and, for its
-// sharer or an admin, Delete. Loaded on first use, like the admin pages.
+// sharer or an admin, Delete; the share dialog, stop sharing, export and import. Loaded on first use, like the
+// admin pages.
 import { ApiError, api, download, page } from "../api.js";
 import { copy, fill, h, notify, pageTitle, when } from "../dom.js";
 import { agentById, agentLabel, avatar, messageItem } from "./messages.js";
 
 const PAGE = 30;
 const errorText = (err) => (err instanceof ApiError ? err.message : "The server could not be reached.");
+
+// The chat screen's rarely used actions (ChatsView.later): here, loaded on first use, not with every page.
+
+/** Share (or share again: the same link shows the new snapshot) and show the link in a dialog. */
+export async function share(view, chat) {
+  try {
+    const shared = await api(`/api/chats/${chat.id}/share`, { method: "POST" });
+    view.sharedIds?.add(chat.id);
+    // The page moved on while the share was made (a logout: the login form): its link is not shown there.
+    if (document.body.contains(view.root)) showShareLink(chat, shared);
+  } catch (err) {
+    notify(errorText(err), "error");
+  }
+}
+
+/** Stop sharing `chat` (a link already gone, unshared elsewhere, is no longer shared either). */
+export async function unshare(view, chat) {
+  try {
+    await api(`/api/chats/${chat.id}/share`, { method: "DELETE" });
+    view.sharedIds?.delete(chat.id);
+    notify("No longer shared: the link now answers “not found”.");
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 404) view.sharedIds?.delete(chat.id); // unshared elsewhere
+    notify(errorText(err), "error");
+  }
+}
+
+export async function exportChat(view, chat, format) {
+  try {
+    await download(`/api/chats/${chat.id}/export?format=${format}`, `chat-${chat.id}.${format === "json" ? "json" : "md"}`);
+  } catch (err) {
+    notify(errorText(err), "error");
+  }
+}
+
+export async function exportAll() {
+  try {
+    await download("/api/chats/export", "chats.jsonl");
+  } catch (err) {
+    notify(errorText(err), "error");
+  }
+}
+
+/** What an import sends: JSON Lines (the "export all" file) or one JSON chat, told by the file's name. */
+const importType = (file) => (/\.(jsonl|ndjson)$/i.test(file.name) ? "application/x-ndjson" : "application/json");
+
+/** Import an export (one chat, or JSON Lines): all or nothing; the server's refusal names the problem. */
+export async function importChats(view, file) {
+  try {
+    const imported = await api("/api/chats/import", { method: "POST", payload: file, headers: { "Content-Type": importType(file) } });
+    notify(imported.length === 1 ? "Imported 1 chat." : `Imported ${imported.length} chats.`);
+    await view.loadChats();
+    if (imported.length) view.navigate(`/chats/${imported[0].id}`);
+  } catch (err) {
+    notify(`Nothing was imported: ${errorText(err)}`, "error");
+  }
+}
 
 /** The link of a chat just shared (or shared again: the same link shows the new snapshot), in a dialog. */
 export function showShareLink(chat, share) {
