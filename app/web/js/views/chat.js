@@ -467,12 +467,12 @@ export class ChatsView {
     for (let waited = false; ; ) {
       try {
         const id = await this.ensureChat(agentId);
-        if (id !== this.chatId) return;
+        if (id !== this.chatId || this.generation) return; // Enter pressed twice: sent by the first
         waiting.clear(key);
         if (this.input.value === body.content) this.input.value = ""; // its draft, given back by adopt()
         return this.stream(body, { appendUser: body.content, files });
       } catch (err) {
-        if (this.newAgentId !== agentId) return;
+        if (this.newAgentId !== agentId || this.generation) return;
         if (err instanceof ApiError || navigator.onLine !== false) return waited ? this.giveBack(body, null, errorText(err)) : notify(errorText(err), "error");
         const wait = this.waitFirst(key, body, files);
         waited = true;
