@@ -414,8 +414,8 @@ AgentSlug = Annotated[
 #: can say which Unicode IDNA accepts, nor which `xn--` labels are valid Punycode.
 #: The unseen characters are app.webhooks' `_has_unseen_characters` as code point ranges (ASCII controls and
 #: space; Unicode's Cc, Cf, Zs, Zl and Zp, this Python's Unicode data; tests/test_schemas.py compares them code
-#: point by code point): `\uXXXX` in the BMP, the character itself beyond it (neither dialect has an escape
-#: for it the other reads; JSON Schema reads patterns with Unicode semantics).
+#: point by code point): a `\u` escape of four hex digits in the BMP, the character itself beyond it (neither
+#: dialect has an escape for it the other reads; JSON Schema reads patterns with Unicode semantics).
 _UNSEEN_RANGES = (
     (0x0000, 0x0020), (0x007F, 0x00A0), (0x00AD, 0x00AD), (0x0600, 0x0605), (0x061C, 0x061C), (0x06DD, 0x06DD),
     (0x070F, 0x070F), (0x0890, 0x0891), (0x08E2, 0x08E2), (0x1680, 0x1680), (0x180E, 0x180E), (0x2000, 0x200F),

@@ -37,6 +37,7 @@ from app.services.exports import EXPORT_PAGE_CHATS
 from app.services.messages import INTERRUPTED
 from app.share_schemas import EXPORT_FORMAT, EXPORT_VERSION
 from app.state import app_state
+from bench import bench_export
 from tests.conftest import (
     TeamWorld,
     _plain_url,
@@ -254,20 +255,26 @@ async def test_export_someone_elses_chat_is_404(
 # --- export all: JSON Lines -------------------------------------------------------------------
 
 
-@pytest.fixture
-def chat_selects(app: FastAPI) -> Iterator[list[str]]:
-    """The statements that read pages of chats (the export's keyset pages of chats, with their agents)."""
+def _statements(app: FastAPI, start: str, holding: str) -> Iterator[list[str]]:
+    """For a fixture: the statements the app runs meanwhile that start with `start` and hold `holding` (upper
+    case, whitespace folded)."""
     seen: list[str] = []
     engine = app_state(app).db.engine.sync_engine
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         flat = " ".join(statement.split()).upper()
-        if flat.startswith("SELECT CHATS.ID") and "ORDER BY CHATS.CREATED_AT, CHATS.ID LIMIT" in flat:
+        if flat.startswith(start) and holding in flat:
             seen.append(statement)
 
     event.listen(engine, "before_cursor_execute", record)
     yield seen
     event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.fixture
+def chat_selects(app: FastAPI) -> Iterator[list[str]]:
+    """The statements that read pages of chats (the export's keyset pages of chats, with their agents)."""
+    yield from _statements(app, "SELECT CHATS.ID", "ORDER BY CHATS.CREATED_AT, CHATS.ID LIMIT")
 
 
 async def test_export_all_streams_json_lines_page_by_page(
@@ -1596,17 +1603,7 @@ BATCHINGS = ["by-count", "by-weight", "one-batch"]
 @pytest.fixture
 def batch_selects(app: FastAPI) -> Iterator[list[str]]:
     """The statements that read a batch of one chat's messages (keyset paging)."""
-    seen: list[str] = []
-    engine = app_state(app).db.engine.sync_engine
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        flat = " ".join(statement.split()).upper()
-        if flat.startswith("SELECT") and "ORDER BY MESSAGES.CREATED_AT, MESSAGES.ID LIMIT" in flat:
-            seen.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    yield seen
-    event.remove(engine, "before_cursor_execute", record)
+    yield from _statements(app, "SELECT", "ORDER BY MESSAGES.CREATED_AT, MESSAGES.ID LIMIT")
 
 
 async def tangled_chat(session: AsyncSession, world: TeamWorld) -> tuple[Chat, int]:
@@ -1700,18 +1697,9 @@ async def test_an_export_streamed_in_batches_is_the_export_built_whole_byte_for_
     assert markdown_built_whole(tangled).count("\n## ") == 48
 
 
-LONG_CHAT = (
-    "INSERT INTO messages (id, chat_id, parent_id, role, content, status, created_at, updated_at)"
-    " SELECT md5($1::uuid::text || i)::uuid, $1::uuid, CASE WHEN i > 0 THEN md5($1::uuid::text || (i - 1))::uuid END,"
-    " CASE WHEN i % 2 = 0 THEN 'user' ELSE 'assistant' END,"
-    " left(repeat(md5(i::text) || ' é ', $3::integer / 35 + 1), $3::integer), 'complete',"
-    " now() - interval '1 day' + i * interval '1 millisecond', now()"
-    " FROM generate_series(0, $2::integer - 1) AS i"
-)
-LONG_CHAT_BRANCH = (
-    "UPDATE chats SET current_message_id = md5($1::uuid::text || ($2::integer - 1))::uuid, message_count = $2"
-    " WHERE id = $1::uuid"
-)
+#: A long chat written by PostgreSQL itself (the export benchmark's own statements: one branch, each message
+#: the child of the one before).
+LONG_CHAT, LONG_CHAT_BRANCH = bench_export.FILL, bench_export.BRANCH
 
 
 async def long_chat(world: TeamWorld, session: AsyncSession, count: int, chars: int) -> Chat:
